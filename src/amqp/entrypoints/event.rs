@@ -1,0 +1,133 @@
+//! [`EventListener`]: handle events that another service dispatches.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::amqp::consumer::{serve_queue, Accept};
+use crate::amqp::naming::{dead_letter_queue, event_exchange, event_queue, HandlerType};
+use crate::amqp::transport::BindingSpec;
+use crate::entrypoints::Entrypoint;
+use crate::error::Result;
+use crate::message::Message;
+use crate::workers::RouteHandle;
+
+type PayloadFilter = Arc<dyn Fn(&Value) -> bool + Send + Sync>;
+
+/// Handles the events `event_name` that `source_service` dispatches, through a queue bound to
+/// the exchange `{source_service}.events` (Nameko's `@event_handler`).
+///
+/// ```
+/// use micro_framework::prelude::*;
+/// use micro_framework::amqp::entrypoints::EventListener;
+/// use micro_framework::amqp::naming::HandlerType;
+/// use serde_json::Value;
+///
+/// fn on_paid(Payload(order): Payload<Value>) {}
+///
+/// let route = Route::new(on_paid).entrypoint(
+///     EventListener::new("shop", "order_paid")
+///         .handler_type(HandlerType::ServicePool)
+///         .filter(|payload| payload["amount"].as_f64().unwrap_or(0.0) > 100.0),
+/// );
+/// ```
+#[derive(Clone)]
+pub struct EventListener {
+    source_service: String,
+    event_name: String,
+    handler_type: HandlerType,
+    filter: Option<PayloadFilter>,
+    queue: Option<String>,
+}
+
+impl EventListener {
+    /// Listen to `source_service`'s events named `event_name`.
+    pub fn new(source_service: impl Into<String>, event_name: impl Into<String>) -> Self {
+        EventListener {
+            source_service: source_service.into(),
+            event_name: event_name.into(),
+            handler_type: HandlerType::default(),
+            filter: None,
+            queue: None,
+        }
+    }
+
+    /// How instances share the events (default: service pool).
+    pub fn handler_type(mut self, handler_type: HandlerType) -> Self {
+        self.handler_type = handler_type;
+        self
+    }
+
+    /// Handle only events whose payload passes `filter`; others are acknowledged and skipped.
+    /// Payloads that cannot be decoded are not skipped: they are bad input.
+    pub fn filter(mut self, filter: impl Fn(&Value) -> bool + Send + Sync + 'static) -> Self {
+        self.filter = Some(Arc::new(filter));
+        self
+    }
+}
+
+impl std::fmt::Debug for EventListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventListener")
+            .field("source_service", &self.source_service)
+            .field("event_name", &self.event_name)
+            .field("handler_type", &self.handler_type)
+            .field("filtered", &self.filter.is_some())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Entrypoint for EventListener {
+    fn describe(&self) -> String {
+        format!("EventListener({}.{})", self.source_service, self.event_name)
+    }
+
+    async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
+        let config = route.config();
+        let transport = route.transport();
+        let exchange = event_exchange(config, &self.source_service);
+        let queue = event_queue(
+            config,
+            &self.handler_type,
+            &self.source_service,
+            &self.event_name,
+            route.name(),
+        );
+        transport.declare_exchange(&exchange).await?;
+        transport.declare_queue(&queue).await?;
+        transport
+            .bind_queue(&BindingSpec {
+                queue: queue.name.clone(),
+                exchange: exchange.name.clone(),
+                routing_key: self.event_name.clone(),
+                arguments: Default::default(),
+            })
+            .await?;
+        transport.declare_queue(&dead_letter_queue(config, &queue.name)).await?;
+        tracing::info!(
+            route = route.name(),
+            "listening to {} on queue {}",
+            self.describe(),
+            queue.name
+        );
+        self.queue = Some(queue.name);
+        Ok(())
+    }
+
+    async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
+        let queue = self
+            .queue
+            .clone()
+            .ok_or_else(|| crate::Error::Startup(format!("{} was not set up", self.describe())))?;
+        let accept: Accept = match self.filter.clone() {
+            None => Arc::new(|_: &Message| true),
+            Some(filter) => Arc::new(move |message: &Message| match message.decode() {
+                Ok(payload) => filter(&payload),
+                Err(_) => true,
+            }),
+        };
+        serve_queue(route, queue, accept).await
+    }
+}

@@ -1,0 +1,5 @@
+//! AMQP entrypoints.
+
+mod event;
+
+pub use event::EventListener;

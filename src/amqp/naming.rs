@@ -1,0 +1,113 @@
+//! Names and flags of exchanges and queues, per wire profile (protocol.md section 1).
+
+use crate::amqp::transport::{ExchangeSpec, HeaderValue, QueueSpec};
+use crate::config::{Config, Protocol, QueueType};
+
+/// How an event handler shares its queue (Nameko's handler types).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HandlerType {
+    /// One queue per service and method: each event goes to one instance (the default).
+    #[default]
+    ServicePool,
+    /// One queue for every service listening: each event goes to one handler in the cluster.
+    Singleton,
+    /// One queue per instance: every instance gets every event. With an identifier the queue
+    /// is durable and reused across restarts; without, each start makes a new exclusive queue.
+    Broadcast(Option<String>),
+}
+
+/// The exchange `{source}.events` that `source` dispatches its events to.
+pub fn event_exchange(config: &Config, source: &str) -> ExchangeSpec {
+    let mut exchange = ExchangeSpec::topic(format!("{source}.events"));
+    exchange.auto_delete = match config.protocol {
+        Protocol::Nameko => config.auto_delete_event_exchanges,
+        Protocol::MicroFramework => true,
+    };
+    exchange
+}
+
+/// The queue of an event handler `method` of `service` for `source`'s `event`.
+pub fn event_queue(
+    config: &Config,
+    handler: &HandlerType,
+    source: &str,
+    event: &str,
+    method: &str,
+) -> QueueSpec {
+    let service = &config.service_name;
+    match (config.protocol, handler) {
+        (Protocol::MicroFramework, _) => {
+            work_queue(config, format!("{source}.{event}__{service}.{method}"))
+        }
+        (Protocol::Nameko, HandlerType::ServicePool) => {
+            work_queue(config, format!("evt-{source}-{event}--{service}.{method}"))
+        }
+        (Protocol::Nameko, HandlerType::Singleton) => {
+            work_queue(config, format!("evt-{source}-{event}"))
+        }
+        (Protocol::Nameko, HandlerType::Broadcast(Some(id))) => {
+            work_queue(config, format!("evt-{source}-{event}--{service}.{method}-{id}"))
+        }
+        (Protocol::Nameko, HandlerType::Broadcast(None)) => {
+            let id = uuid::Uuid::new_v4();
+            QueueSpec {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueSpec::durable(format!("evt-{source}-{event}--{service}.{method}-{id}"))
+            }
+        }
+    }
+}
+
+/// A durable work queue of the configured queue type. Classic queues get no arguments, as the
+/// Python peers declare them, so an existing queue can be taken over.
+pub fn work_queue(config: &Config, name: String) -> QueueSpec {
+    let mut queue = QueueSpec::durable(name);
+    if config.queue_type == QueueType::Quorum {
+        queue.arguments.insert("x-queue-type".into(), HeaderValue::from("quorum"));
+    }
+    queue
+}
+
+/// The dead-letter queue of a work queue: `{queue}.dlq`, same queue type.
+pub fn dead_letter_queue(config: &Config, queue: &str) -> QueueSpec {
+    work_queue(config, format!("{queue}.dlq"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nameko_and_micro_framework_names() {
+        let mut config = Config::new("orders");
+        let pool = event_queue(&config, &HandlerType::ServicePool, "shop", "paid", "on_paid");
+        assert_eq!(pool.name, "evt-shop-paid--orders.on_paid");
+        assert!(pool.durable && pool.arguments.is_empty());
+        assert_eq!(
+            event_queue(&config, &HandlerType::Singleton, "shop", "paid", "m").name,
+            "evt-shop-paid"
+        );
+        let broadcast = HandlerType::Broadcast(Some("b1".into()));
+        assert_eq!(
+            event_queue(&config, &broadcast, "shop", "paid", "m").name,
+            "evt-shop-paid--orders.m-b1"
+        );
+        assert!(!event_exchange(&config, "shop").auto_delete);
+
+        config.protocol = Protocol::MicroFramework;
+        assert_eq!(
+            event_queue(&config, &HandlerType::ServicePool, "shop", "paid", "on_paid").name,
+            "shop.paid__orders.on_paid"
+        );
+        assert!(event_exchange(&config, "shop").auto_delete);
+    }
+
+    #[test]
+    fn quorum_queues_are_declared_as_such() {
+        let config = Config { queue_type: QueueType::Quorum, ..Config::new("svc") };
+        let dlq = dead_letter_queue(&config, "q");
+        assert_eq!(dlq.name, "q.dlq");
+        assert_eq!(dlq.arguments.get("x-queue-type"), Some(&HeaderValue::from("quorum")));
+    }
+}

@@ -1,0 +1,416 @@
+//! The transport trait: the AMQP 0-9-1 operations the framework needs, implemented by
+//! RabbitMQ (lapin) and by the in-process broker.
+//!
+//! Every operation is confirmed: `publish` resolves once the broker has taken
+//! responsibility for the message (publisher confirm), and fails with
+//! [`TransportError::Unroutable`] when a `mandatory` message reaches no queue.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// AMQP message headers (a field table), ordered by key.
+pub type Headers = BTreeMap<String, HeaderValue>;
+
+/// One AMQP field value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum HeaderValue {
+    /// No value (AMQP `void`).
+    Void,
+    /// A boolean.
+    Bool(bool),
+    /// Any signed or unsigned integer that fits in 64 bits.
+    Int(i64),
+    /// A float or double.
+    Float(f64),
+    /// A UTF-8 string (AMQP long string).
+    String(String),
+    /// Raw bytes (AMQP byte array, or a long string that is not UTF-8).
+    Bytes(Vec<u8>),
+    /// Seconds since the Unix epoch.
+    Timestamp(u64),
+    /// An array of values.
+    Array(Vec<HeaderValue>),
+    /// A nested field table.
+    Table(Headers),
+}
+
+impl HeaderValue {
+    /// The string inside, if this is a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            HeaderValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer inside, if this is an integer.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            HeaderValue::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
+impl From<&str> for HeaderValue {
+    fn from(value: &str) -> Self {
+        HeaderValue::String(value.to_owned())
+    }
+}
+
+impl From<String> for HeaderValue {
+    fn from(value: String) -> Self {
+        HeaderValue::String(value)
+    }
+}
+
+impl From<i64> for HeaderValue {
+    fn from(value: i64) -> Self {
+        HeaderValue::Int(value)
+    }
+}
+
+impl From<bool> for HeaderValue {
+    fn from(value: bool) -> Self {
+        HeaderValue::Bool(value)
+    }
+}
+
+/// The basic properties of a message.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Properties {
+    /// MIME type of the body, e.g. `application/json`.
+    pub content_type: Option<String>,
+    /// Encoding of the body, e.g. `utf-8`.
+    pub content_encoding: Option<String>,
+    /// Application headers.
+    pub headers: Headers,
+    /// 1 = transient, 2 = persistent.
+    pub delivery_mode: Option<u8>,
+    /// Message priority.
+    pub priority: Option<u8>,
+    /// RPC correlation id.
+    pub correlation_id: Option<String>,
+    /// RPC reply routing key.
+    pub reply_to: Option<String>,
+    /// Per-message TTL in milliseconds, as a decimal string.
+    pub expiration: Option<String>,
+    /// Application message id.
+    pub message_id: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub timestamp: Option<u64>,
+    /// Application message type (AMQP `type`).
+    pub kind: Option<String>,
+    /// Creating user id (checked by RabbitMQ when set).
+    pub user_id: Option<String>,
+    /// Creating application id.
+    pub app_id: Option<String>,
+}
+
+/// A message to publish.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OutgoingMessage {
+    /// The body.
+    pub body: Bytes,
+    /// The properties.
+    pub properties: Properties,
+}
+
+/// Exchange types.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExchangeKind {
+    /// Routes on exact routing key.
+    Direct,
+    /// Routes to every bound queue.
+    Fanout,
+    /// Routes on dotted routing-key patterns with `*` (one word) and `#` (zero or more words).
+    Topic,
+    /// Routes on header values (`x-match`).
+    Headers,
+    /// A plugin exchange type such as `x-delayed-message`.
+    Custom(String),
+}
+
+impl ExchangeKind {
+    /// The AMQP name of the type.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Headers => "headers",
+            ExchangeKind::Custom(name) => name,
+        }
+    }
+}
+
+/// An exchange to declare.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExchangeSpec {
+    /// Exchange name.
+    pub name: String,
+    /// Exchange type.
+    pub kind: ExchangeKind,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Deleted when its last binding goes away.
+    pub auto_delete: bool,
+    /// Extra arguments, e.g. `x-delayed-type`.
+    pub arguments: Headers,
+}
+
+impl ExchangeSpec {
+    /// A durable topic exchange, not auto-deleted, without arguments.
+    pub fn topic(name: impl Into<String>) -> Self {
+        ExchangeSpec {
+            name: name.into(),
+            kind: ExchangeKind::Topic,
+            durable: true,
+            auto_delete: false,
+            arguments: Headers::new(),
+        }
+    }
+}
+
+/// A queue to declare.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueSpec {
+    /// Queue name (never empty: the framework always names its queues).
+    pub name: String,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Used by only one connection and deleted when it closes.
+    pub exclusive: bool,
+    /// Deleted when its last consumer is cancelled.
+    pub auto_delete: bool,
+    /// `x-message-ttl`, `x-dead-letter-exchange`, `x-dead-letter-routing-key`, `x-expires`,
+    /// `x-queue-type`, `x-max-length`, ...
+    pub arguments: Headers,
+}
+
+impl QueueSpec {
+    /// A durable, shared, non-auto-delete queue without arguments.
+    pub fn durable(name: impl Into<String>) -> Self {
+        QueueSpec {
+            name: name.into(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: Headers::new(),
+        }
+    }
+}
+
+/// A queue-to-exchange binding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BindingSpec {
+    /// The queue.
+    pub queue: String,
+    /// The exchange.
+    pub exchange: String,
+    /// Routing key or pattern.
+    pub routing_key: String,
+    /// Binding arguments (headers exchanges).
+    pub arguments: Headers,
+}
+
+/// Counters of a queue, as `queue.declare-ok` returns them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// Messages ready for delivery (not counting unacknowledged ones).
+    pub message_count: u32,
+    /// Consumers attached.
+    pub consumer_count: u32,
+}
+
+/// Options of a publish.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// Fail with [`TransportError::Unroutable`] when no queue receives the message.
+    pub mandatory: bool,
+}
+
+/// Options of a consumer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumeOptions {
+    /// How many unacknowledged deliveries this consumer may hold (per-consumer QoS).
+    pub prefetch: u16,
+    /// Exclusive consumer (no other consumer may attach to the queue).
+    pub exclusive: bool,
+    /// Consumer tag; generated when empty.
+    pub consumer_tag: String,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> Self {
+        ConsumeOptions { prefetch: 10, exclusive: false, consumer_tag: String::new() }
+    }
+}
+
+/// Errors of the transport layer.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+pub enum TransportError {
+    /// The connection is down or could not be opened (credentials masked).
+    #[error("broker connection error: {0}")]
+    Connection(String),
+    /// The broker refused a declaration whose arguments differ from the existing entity
+    /// (`406 PRECONDITION_FAILED`).
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
+    /// An exchange or queue does not exist (`404 NOT_FOUND`).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The queue is used exclusively by another connection or consumer (`405 RESOURCE_LOCKED`
+    /// or `403 ACCESS_REFUSED` on exclusive consume).
+    #[error("resource locked: {0}")]
+    ResourceLocked(String),
+    /// A mandatory message reached no queue (`basic.return`).
+    #[error("message to exchange '{exchange}' with routing key '{routing_key}' reached no queue")]
+    Unroutable {
+        /// The exchange published to.
+        exchange: String,
+        /// The routing key used.
+        routing_key: String,
+    },
+    /// The broker negatively acknowledged a publish.
+    #[error("broker refused the message (publisher nack)")]
+    Nacked,
+    /// The consumer, channel or transport was closed.
+    #[error("closed: {0}")]
+    Closed(String),
+    /// Anything else the broker reported.
+    #[error("broker error: {0}")]
+    Other(String),
+}
+
+/// How a delivery is settled with the broker. Implemented by each transport.
+///
+/// Dropping an acker without settling must hand the message back to the queue
+/// (as a channel close does on RabbitMQ).
+#[async_trait]
+pub trait Acker: Send + Sync + fmt::Debug {
+    /// Acknowledge: the message is done and removed.
+    async fn ack(&self) -> Result<(), TransportError>;
+    /// Negative acknowledgement; `requeue = false` dead-letters or drops it.
+    async fn nack(&self, requeue: bool) -> Result<(), TransportError>;
+    /// Reject (single-message nack).
+    async fn reject(&self, requeue: bool) -> Result<(), TransportError>;
+}
+
+/// A message delivered to a consumer.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Exchange the message was published to (empty for the default exchange).
+    pub exchange: String,
+    /// Routing key it was published with.
+    pub routing_key: String,
+    /// True when the message was delivered before and handed back.
+    pub redelivered: bool,
+    /// The body.
+    pub body: Bytes,
+    /// The properties.
+    pub properties: Properties,
+    /// Settles the delivery.
+    pub acker: Box<dyn Acker>,
+}
+
+/// A stream of deliveries from one queue.
+///
+/// Deliveries arrive through [`Consumer::next`]. [`Consumer::cancel`] stops new deliveries
+/// (`basic.cancel`); deliveries already handed out stay valid until settled.
+pub struct Consumer {
+    deliveries: mpsc::Receiver<Delivery>,
+    canceller: Option<Box<dyn FnOnce() + Send>>,
+    tag: String,
+}
+
+impl Consumer {
+    /// Build a consumer from a channel of deliveries and a function that cancels it at the
+    /// broker. Transports call this.
+    pub fn new(
+        tag: impl Into<String>,
+        deliveries: mpsc::Receiver<Delivery>,
+        canceller: impl FnOnce() + Send + 'static,
+    ) -> Self {
+        Consumer { deliveries, canceller: Some(Box::new(canceller)), tag: tag.into() }
+    }
+
+    /// The consumer tag.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The next delivery, or `None` once the consumer is cancelled (by us or the broker)
+    /// or its connection is lost.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        self.deliveries.recv().await
+    }
+
+    /// Stop new deliveries. Deliveries already buffered are still returned by
+    /// [`Consumer::next`] until it yields `None`.
+    pub fn cancel(&mut self) {
+        if let Some(cancel) = self.canceller.take() {
+            cancel();
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer").field("tag", &self.tag).finish()
+    }
+}
+
+/// The AMQP operations the framework uses. Implemented by RabbitMQ and the in-process broker.
+#[async_trait]
+pub trait Transport: Send + Sync + fmt::Debug + 'static {
+    /// Declare an exchange; fails with `PreconditionFailed` if it exists with other flags.
+    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError>;
+    /// Declare a queue; fails with `PreconditionFailed` if it exists with other flags or arguments.
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError>;
+    /// Counters of an existing queue (passive declare); `NotFound` if it does not exist.
+    async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError>;
+    /// Bind a queue to an exchange.
+    async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError>;
+    /// Delete a queue, returning how many messages it held.
+    async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError>;
+    /// Delete an exchange.
+    async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError>;
+    /// Remove every ready message of a queue, returning how many.
+    async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError>;
+    /// Publish and wait for the broker's confirm.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+        options: PublishOptions,
+    ) -> Result<(), TransportError>;
+    /// Start consuming a queue.
+    async fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, TransportError>;
+    /// Fetch one message without a consumer (`basic.get`, manual ack).
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError>;
+    /// True while the transport is connected to its broker (used for readiness).
+    fn is_connected(&self) -> bool;
+    /// Close the transport; consumers end and unsettled deliveries go back to their queues.
+    async fn close(&self);
+}
+
+/// A shared handle to a transport.
+pub type SharedTransport = Arc<dyn Transport>;

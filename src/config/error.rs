@@ -1,0 +1,134 @@
+//! [`ConfigError`] and the masking of secrets in what the configuration shows.
+
+use serde_json::Value;
+
+/// What a masked secret is replaced with.
+const MASK: &str = "***";
+
+/// Key names containing one of these (case-insensitively) hold secrets.
+const SECRET_MARKERS: [&str; 3] = ["PASSWORD", "SECRET", "TOKEN"];
+
+/// An invalid configuration value, or a configuration source that cannot be read.
+///
+/// Displays as `invalid config KEY="VALUE": REASON`, for example
+/// `invalid config WORKER_MODE="fibers": expected one of thread, greedy_thread, process,
+/// greedy_process`.
+///
+/// * `key` is the key as the source spelled it (`METRICS_PORT` from the environment,
+///   `METRICS.PORT` from a file), the name of an environment variable used in a file,
+///   or, for errors about a whole file, its path (`<yaml>` / `<toml>` for text).
+/// * `value` is the raw value, with secrets masked when built by [`ConfigError::new`]:
+///   the password of `AMQP_URI` (and of any URI in it) becomes `***`, and the whole value
+///   of a key whose name contains `PASSWORD`, `SECRET` or `TOKEN` becomes `***`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config {key}=\"{value}\": {reason}")]
+pub struct ConfigError {
+    /// The offending key (or file path, or environment variable name).
+    pub key: String,
+    /// The offending raw value, secrets masked; empty when there is none.
+    pub value: String,
+    /// What is wrong, or what was expected.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// Builds an error, masking secrets in `value` (see [`ConfigError`]) and passwords of
+    /// URIs quoted in `reason`.
+    pub fn new(
+        key: impl Into<String>,
+        value: impl AsRef<str>,
+        reason: impl AsRef<str>,
+    ) -> ConfigError {
+        let key = key.into();
+        let value = value.as_ref();
+        let value = if is_secret_key(&key) {
+            if value.is_empty() {
+                String::new()
+            } else {
+                MASK.to_string()
+            }
+        } else if key == "AMQP_URI" {
+            mask_uri(value)
+        } else {
+            mask_text(value)
+        };
+        ConfigError { key, value, reason: mask_text(reason.as_ref()) }
+    }
+}
+
+/// Replaces the password of a URI such as `amqp://user:password@host:5672/vhost` with `***`
+/// (`amqp://user:***@host:5672/vhost`); returns anything else unchanged.
+///
+/// The password is everything between the first `:` after `scheme://` and the last `@`, so
+/// passwords that contain unescaped `@`, `/` or `:` are masked whole. A URI without
+/// `user:password@` is returned as is.
+///
+/// ```
+/// use micro_framework::config::mask_uri;
+///
+/// assert_eq!(mask_uri("amqps://svc:s3cr3t@mq:5671/prod"), "amqps://svc:***@mq:5671/prod");
+/// assert_eq!(mask_uri("amqp://localhost"), "amqp://localhost");
+/// ```
+pub fn mask_uri(uri: &str) -> String {
+    let Some(scheme_end) = uri.find("://") else {
+        return uri.to_string();
+    };
+    let start = scheme_end + 3;
+    let rest = &uri[start..];
+    let Some(at) = rest.rfind('@') else {
+        return uri.to_string();
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return uri.to_string();
+    };
+    format!("{}{MASK}{}", &uri[..start + colon + 1], &rest[at..])
+}
+
+/// Whether values of `key` are secrets that are never shown.
+pub(super) fn is_secret_key(key: &str) -> bool {
+    let upper = key.to_ascii_uppercase();
+    SECRET_MARKERS.iter().any(|marker| upper.contains(marker))
+}
+
+/// Applies [`mask_uri`] to every whitespace- or quote-delimited word of `text`.
+pub(super) fn mask_text(text: &str) -> String {
+    if !text.contains("://") {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut word_start = 0;
+    for (index, c) in text.char_indices() {
+        if c.is_whitespace() || matches!(c, '"' | '\'' | '`') {
+            out.push_str(&mask_uri(&text[word_start..index]));
+            out.push(c);
+            word_start = index + c.len_utf8();
+        }
+    }
+    out.push_str(&mask_uri(&text[word_start..]));
+    out
+}
+
+/// A copy of `value` (found under `key`) with secrets masked: everything under a secret key
+/// name, and URI passwords in strings.
+pub(super) fn mask_json(key: &str, value: &Value) -> Value {
+    match value {
+        Value::Null => Value::Null,
+        _ if is_secret_key(key) => Value::String(MASK.to_string()),
+        Value::String(text) => Value::String(mask_text(text)),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|item| mask_json(key, item)).collect())
+        }
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), mask_json(k, v))).collect())
+        }
+        Value::Bool(_) | Value::Number(_) => value.clone(),
+    }
+}
+
+/// The text of a raw value as an error shows it: strings as they are, anything else as JSON.
+pub(super) fn raw_text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,348 @@
+//! Building a [`Config`] from raw sources: environment variables and parsed YAML/TOML.
+//!
+//! Every source is first turned into `serde_json::Value`s, then each known key is coerced
+//! leniently (numbers may be strings, strings may be numbers) by [`apply`], so all sources
+//! report errors the same way.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::error::raw_text;
+use super::substitute::substitute;
+use super::{Config, ConfigError};
+
+/// The section holding `HOST` and `PORT` of the metrics server in files.
+const METRICS: &str = "METRICS";
+
+const U16: &str = "expected an integer from 0 to 65535";
+const U32: &str = "expected an integer from 0 to 4294967295";
+const USIZE: &str = "expected a non-negative integer";
+const BOOL: &str = "expected one of true, false, 1, 0, yes, no";
+
+/// A known configuration key.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    AmqpUri,
+    AmqpHeartbeat,
+    ServiceName,
+    MaxWorkers,
+    WorkerMode,
+    MaxTasksPerChild,
+    EnableMetrics,
+    MetricsHost,
+    MetricsPort,
+    WebsocketIp,
+    WebsocketPort,
+    PrefetchCount,
+    Protocol,
+    QueueType,
+    AutoDeleteEventExchanges,
+    ParentCallsTracked,
+    RpcExchange,
+    RpcTimeout,
+    ShutdownTimeout,
+}
+
+impl Field {
+    /// The field of a top-level key of a file (everything but the `METRICS` section).
+    fn top_level(key: &str) -> Option<Field> {
+        Some(match key {
+            "AMQP_URI" => Field::AmqpUri,
+            "AMQP_HEARTBEAT" => Field::AmqpHeartbeat,
+            "SERVICE_NAME" => Field::ServiceName,
+            "MAX_WORKERS" => Field::MaxWorkers,
+            "WORKER_MODE" => Field::WorkerMode,
+            "MAX_TASKS_PER_CHILD" => Field::MaxTasksPerChild,
+            "ENABLE_METRICS" => Field::EnableMetrics,
+            "WEBSOCKET_IP" => Field::WebsocketIp,
+            "WEBSOCKET_PORT" => Field::WebsocketPort,
+            "PREFETCH_COUNT" => Field::PrefetchCount,
+            "PROTOCOL" => Field::Protocol,
+            "QUEUE_TYPE" => Field::QueueType,
+            "AUTO_DELETE_EVENT_EXCHANGES" => Field::AutoDeleteEventExchanges,
+            "PARENT_CALLS_TRACKED" => Field::ParentCallsTracked,
+            "RPC_EXCHANGE" => Field::RpcExchange,
+            "RPC_TIMEOUT" => Field::RpcTimeout,
+            "SHUTDOWN_TIMEOUT" => Field::ShutdownTimeout,
+            _ => return None,
+        })
+    }
+
+    /// The field of an environment variable: nested keys are joined with `_`.
+    fn from_env_name(name: &str) -> Option<Field> {
+        match name {
+            "METRICS_HOST" => Some(Field::MetricsHost),
+            "METRICS_PORT" => Some(Field::MetricsPort),
+            _ => Field::top_level(name),
+        }
+    }
+}
+
+/// Sets `field` of `config` from `value`, found under `key` in its source.
+fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<(), ConfigError> {
+    let result = match field {
+        Field::AmqpUri => text(value).map(|v| config.amqp_uri = v),
+        Field::AmqpHeartbeat => uint(value, U16).map(|v| config.amqp_heartbeat = v),
+        Field::ServiceName => text(value).map(|v| config.service_name = v),
+        Field::MaxWorkers => uint(value, USIZE).map(|v| config.max_workers = v),
+        Field::WorkerMode => choice(value).map(|v| config.worker_mode = v),
+        Field::MaxTasksPerChild => {
+            optional(value, |v| uint(v, U32)).map(|v| config.max_tasks_per_child = v)
+        }
+        Field::EnableMetrics => boolean(value).map(|v| config.enable_metrics = v),
+        Field::MetricsHost => text(value).map(|v| config.metrics.host = v),
+        Field::MetricsPort => uint(value, U16).map(|v| config.metrics.port = v),
+        Field::WebsocketIp => text(value).map(|v| config.websocket_ip = v),
+        Field::WebsocketPort => uint(value, U16).map(|v| config.websocket_port = v),
+        Field::PrefetchCount => {
+            optional(value, |v| uint(v, U16)).map(|v| config.prefetch_count = v)
+        }
+        Field::Protocol => choice(value).map(|v| config.protocol = v),
+        Field::QueueType => choice(value).map(|v| config.queue_type = v),
+        Field::AutoDeleteEventExchanges => {
+            boolean(value).map(|v| config.auto_delete_event_exchanges = v)
+        }
+        Field::ParentCallsTracked => uint(value, USIZE).map(|v| config.parent_calls_tracked = v),
+        Field::RpcExchange => text(value).map(|v| config.rpc_exchange = v),
+        Field::RpcTimeout => seconds(value).map(|v| config.rpc_timeout = v),
+        Field::ShutdownTimeout => seconds(value).map(|v| config.shutdown_timeout = v),
+    };
+    result.map_err(|reason| ConfigError::new(key, raw_text(value), reason))
+}
+
+/// A string; numbers are taken as their decimal text.
+fn text(value: &Value) -> Result<String, String> {
+    match value {
+        Value::String(text) => Ok(text.clone()),
+        Value::Number(number) => Ok(number.to_string()),
+        _ => Err("expected a string".to_string()),
+    }
+}
+
+/// A non-negative integer fitting `T`, as a number or a string; `expected` is the reason
+/// given otherwise.
+fn uint<T: TryFrom<u64>>(value: &Value, expected: &str) -> Result<T, String> {
+    let number = match value {
+        Value::Number(number) => number.as_u64(),
+        Value::String(text) => text.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    number.and_then(|n| T::try_from(n).ok()).ok_or_else(|| expected.to_string())
+}
+
+/// `None` for null or a blank string, else what `parse` makes of `value`.
+fn optional<T>(
+    value: &Value,
+    parse: impl FnOnce(&Value) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(text) if text.trim().is_empty() => Ok(None),
+        other => parse(other).map(Some),
+    }
+}
+
+/// A boolean: `true`/`false`, `1`/`0` or `yes`/`no` (strings case-insensitive).
+fn boolean(value: &Value) -> Result<bool, String> {
+    let flag = match value {
+        Value::Bool(flag) => Some(*flag),
+        Value::Number(number) => match number.as_u64() {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
+            _ => None,
+        },
+        Value::String(text) => match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => Some(true),
+            "false" | "0" | "no" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    };
+    flag.ok_or_else(|| BOOL.to_string())
+}
+
+/// A duration given as a number of seconds (fractions allowed), as a number or a string.
+/// Zero is accepted here and rejected by [`Config::validate`].
+fn seconds(value: &Value) -> Result<Duration, String> {
+    let secs = match value {
+        Value::Number(number) => number.as_f64(),
+        Value::String(text) => text.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| "expected a number of seconds".to_string())?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| "must be a positive, finite number of seconds".to_string())
+}
+
+/// One of an enum's words (see [`super::modes`]).
+fn choice<T: std::str::FromStr<Err = ConfigError>>(value: &Value) -> Result<T, String> {
+    text(value)?.parse().map_err(|err: ConfigError| err.reason)
+}
+
+/// [`Config::from_vars`]: known variables set their field, all others are ignored.
+pub(super) fn from_vars(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut config = Config::default();
+    for (name, value) in vars {
+        if let Some(field) = Field::from_env_name(&name) {
+            apply(&mut config, field, &name, &Value::String(value))?;
+        }
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// The process environment as UTF-8 pairs. Variables that are not UTF-8 are skipped, unless
+/// they are configuration keys, which is an error.
+pub(super) fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => vars.push((name, value)),
+            (Ok(name), Err(value)) if Field::from_env_name(&name).is_some() => {
+                return Err(ConfigError::new(name, value.to_string_lossy(), "is not valid UTF-8"));
+            }
+            _ => {}
+        }
+    }
+    Ok(vars)
+}
+
+/// The format of a configuration file.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Format {
+    Yaml,
+    Toml,
+}
+
+impl Format {
+    /// The format named by the extension of `path` (case-insensitive).
+    pub(super) fn of(path: &Path) -> Result<Format, ConfigError> {
+        let extension = path.extension().and_then(|ext| ext.to_str()).map(str::to_ascii_lowercase);
+        match extension.as_deref() {
+            Some("yaml" | "yml") => Ok(Format::Yaml),
+            Some("toml") => Ok(Format::Toml),
+            _ => Err(ConfigError::new(
+                path.display().to_string(),
+                "",
+                "unsupported config file extension: expected .yaml, .yml or .toml",
+            )),
+        }
+    }
+}
+
+/// Substitutes `${VAR}` references in `text`, parses it as `format` and builds the
+/// configuration. Syntax errors name `origin` (a path, `<yaml>` or `<toml>`) as their key.
+pub(super) fn from_text(
+    text: &str,
+    format: Format,
+    origin: &str,
+    vars: &impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let text = substitute(text, vars)?;
+    let document = match format {
+        Format::Yaml => parse_yaml(&text, origin)?,
+        Format::Toml => parse_toml(&text, origin)?,
+    };
+    let map = match document {
+        Value::Object(map) => map,
+        Value::Null => Map::new(),
+        _ => {
+            return Err(ConfigError::new(origin, "", "expected a mapping of keys at the top level"))
+        }
+    };
+    from_map(map)
+}
+
+/// Parses YAML text into a JSON value.
+fn parse_yaml(text: &str, origin: &str) -> Result<Value, ConfigError> {
+    serde_yaml_ng::from_str(text).map_err(|err| ConfigError::new(origin, "", err.to_string()))
+}
+
+/// Parses TOML text into a JSON value. The error gives the parser's message and position,
+/// never the offending line (it may hold a secret).
+fn parse_toml(text: &str, origin: &str) -> Result<Value, ConfigError> {
+    match toml::from_str::<toml::Table>(text) {
+        Ok(table) => Ok(toml_to_json(toml::Value::Table(table))),
+        Err(err) => {
+            let message = err.message().trim_end();
+            let reason = match err.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.rsplit('\n').next().map_or(0, |s| s.chars().count()) + 1;
+                    format!("{message} at line {line} column {column}")
+                }
+                None => message.to_string(),
+            };
+            Err(ConfigError::new(origin, "", reason))
+        }
+    }
+}
+
+/// Converts TOML to JSON: date-times and non-finite floats become strings.
+fn toml_to_json(value: toml::Value) -> Value {
+    match value {
+        toml::Value::String(text) => Value::String(text),
+        toml::Value::Integer(number) => Value::from(number),
+        toml::Value::Float(number) => serde_json::Number::from_f64(number)
+            .map_or_else(|| Value::String(number.to_string()), Value::Number),
+        toml::Value::Boolean(flag) => Value::Bool(flag),
+        toml::Value::Datetime(datetime) => Value::String(datetime.to_string()),
+        toml::Value::Array(items) => Value::Array(items.into_iter().map(toml_to_json).collect()),
+        toml::Value::Table(table) => Value::Object(
+            table.into_iter().map(|(key, value)| (key, toml_to_json(value))).collect(),
+        ),
+    }
+}
+
+/// Builds the configuration from a file's top-level mapping: known keys set their field,
+/// `METRICS` holds `HOST` and `PORT`, unknown keys go to [`Config::extra`].
+fn from_map(map: Map<String, Value>) -> Result<Config, ConfigError> {
+    let mut config = Config::default();
+    for (key, value) in map {
+        if key == METRICS {
+            apply_metrics(&mut config, &value)?;
+        } else if let Some(field) = Field::top_level(&key) {
+            apply(&mut config, field, &key, &value)?;
+        } else {
+            config.extra.insert(key, value);
+        }
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Applies the `METRICS` section (`HOST`, `PORT`; null leaves the defaults).
+fn apply_metrics(config: &mut Config, section: &Value) -> Result<(), ConfigError> {
+    let entries = match section {
+        Value::Null => return Ok(()),
+        Value::Object(entries) => entries,
+        other => {
+            return Err(ConfigError::new(
+                METRICS,
+                raw_text(other),
+                "expected a mapping with HOST and PORT",
+            ))
+        }
+    };
+    for (name, value) in entries {
+        let key = format!("{METRICS}.{name}");
+        let field = match name.as_str() {
+            "HOST" => Field::MetricsHost,
+            "PORT" => Field::MetricsPort,
+            _ => {
+                return Err(ConfigError::new(
+                    key,
+                    raw_text(value),
+                    "unknown key in METRICS: expected HOST or PORT",
+                ))
+            }
+        };
+        apply(config, field, &key, value)?;
+    }
+    Ok(())
+}

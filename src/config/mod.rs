@@ -1,0 +1,401 @@
+//! Service configuration, with the keys of the Python `micro-framework` package (and
+//! Nameko): `AMQP_URI`, `SERVICE_NAME`, `MAX_WORKERS`, ...
+//!
+//! A [`Config`] is a plain struct with public fields. Build it in code with
+//! [`Config::new`] and struct-update syntax, from environment variables with
+//! [`Config::from_env`] / [`Config::from_vars`], or from a YAML or TOML file with
+//! [`Config::from_file`] / [`Config::from_yaml_str`] / [`Config::from_toml_str`], whose text
+//! may refer to environment variables as `${VAR}` or `${VAR:default}`.
+//!
+//! ```
+//! use std::time::Duration;
+//! use micro_framework::config::{Config, ConfigError, WorkerMode};
+//!
+//! // In code: defaults, overridden with struct-update syntax.
+//! let config = Config { max_workers: 8, ..Config::new("orders") };
+//! assert_eq!(config.effective_prefetch(), 8); // PREFETCH_COUNT defaults to MAX_WORKERS
+//!
+//! // From environment variables; `from_env` does the same with the process environment.
+//! // Nested keys are joined with `_`, and unknown variables are ignored.
+//! let vars = [
+//!     ("SERVICE_NAME", "orders"),
+//!     ("WORKER_MODE", "greedy_process"),
+//!     ("METRICS_PORT", "9100"),
+//!     ("HOME", "/root"),
+//! ];
+//! let config = Config::from_vars(vars.map(|(k, v)| (k.to_string(), v.to_string())))?;
+//! assert_eq!(config.worker_mode, WorkerMode::GreedyProcess);
+//! assert_eq!(config.metrics.port, 9100);
+//! assert!(config.extra.is_empty());
+//!
+//! // From YAML (or TOML) text, after `${VAR}` / `${VAR:default}` substitution.
+//! let yaml = "
+//! SERVICE_NAME: orders
+//! AMQP_URI: ${AMQP_URI:amqp://guest:guest@rabbitmq:5672/}
+//! MAX_WORKERS: ${MAX_WORKERS:4}
+//! RPC_TIMEOUT: 2.5
+//! METRICS:
+//!   HOST: 127.0.0.1
+//!   PORT: 9100
+//! FEATURES: [beta]
+//! ";
+//! let env = |name: &str| (name == "MAX_WORKERS").then(|| "6".to_string());
+//! let config = Config::from_yaml_str(yaml, &env)?;
+//! assert_eq!(config.max_workers, 6);
+//! assert_eq!(config.masked_amqp_uri(), "amqp://guest:***@rabbitmq:5672/");
+//! assert_eq!(config.rpc_timeout, Duration::from_millis(2500));
+//! assert_eq!(config.metrics.host, "127.0.0.1");
+//! assert_eq!(config.get::<Vec<String>>("FEATURES").transpose()?, Some(vec!["beta".into()]));
+//!
+//! // Errors name the key and the raw value.
+//! let err = Config::from_yaml_str("SERVICE_NAME: orders\nWORKER_MODE: fibers", &env);
+//! assert_eq!(
+//!     err.map_err(|e| e.to_string()).err().as_deref(),
+//!     Some(r#"invalid config WORKER_MODE="fibers": expected one of thread, greedy_thread, process, greedy_process"#),
+//! );
+//! # Ok::<(), ConfigError>(())
+//! ```
+//!
+//! Keys are UPPERCASE and matched exactly. In environment variables the nested keys are
+//! `METRICS_HOST` and `METRICS_PORT`; in files they sit in a `METRICS` mapping (`HOST`,
+//! `PORT`). Numbers may be given as strings and strings (ports, names) as numbers. Optional
+//! numbers (`MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT`) are unset when null or blank.
+//!
+//! Substitution works on the raw file text, comments included, and inserts values
+//! verbatim: quote references whose values may hold YAML syntax such as `: ` or ` #`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use url::Url;
+
+mod error;
+mod load;
+mod modes;
+mod substitute;
+#[cfg(test)]
+mod tests;
+
+pub use error::{mask_uri, ConfigError};
+pub use modes::{Protocol, QueueType, WorkerMode};
+
+use error::{mask_json, raw_text};
+use load::Format;
+
+/// The URI schemes `AMQP_URI` may use (`memory` is the in-process test broker).
+const AMQP_SCHEMES: [&str; 3] = ["amqp", "amqps", "memory"];
+
+/// The configuration of a service. See the [module documentation](self) for how to load it.
+///
+/// Each field documents its key and default. [`Config::default`] has all defaults and an
+/// empty (so invalid) `service_name`; [`Config::new`] sets it.
+#[derive(Clone, PartialEq)]
+pub struct Config {
+    /// `AMQP_URI`: the broker, `amqp://`, `amqps://` or `memory://`.
+    /// Default: `amqp://guest:guest@localhost:5672/`.
+    pub amqp_uri: String,
+    /// `AMQP_HEARTBEAT`: the AMQP heartbeat interval in seconds. Default: 60.
+    pub amqp_heartbeat: u16,
+    /// `SERVICE_NAME`: the name of the service, used in queue names. Required: not empty,
+    /// no whitespace.
+    pub service_name: String,
+    /// `MAX_WORKERS`: how many workers run at once; at least 1. Default: 3.
+    pub max_workers: usize,
+    /// `WORKER_MODE`: how workers run. Default: [`WorkerMode::Thread`].
+    pub worker_mode: WorkerMode,
+    /// `MAX_TASKS_PER_CHILD`: tasks a worker process runs before it is replaced; at least 1.
+    /// Default: `None` (no limit).
+    pub max_tasks_per_child: Option<u32>,
+    /// `ENABLE_METRICS`: whether to serve metrics. Default: `false`.
+    pub enable_metrics: bool,
+    /// `METRICS`: where the metrics server listens.
+    pub metrics: MetricsConfig,
+    /// `WEBSOCKET_IP`: the address the websocket server listens on. Default: `0.0.0.0`.
+    pub websocket_ip: String,
+    /// `WEBSOCKET_PORT`: the port the websocket server listens on. Default: 8765.
+    pub websocket_port: u16,
+    /// `PREFETCH_COUNT`: the AMQP prefetch count; at least 1. Default: `None`, meaning
+    /// `MAX_WORKERS` (see [`Config::effective_prefetch`]).
+    pub prefetch_count: Option<u16>,
+    /// `PROTOCOL`: the message protocol. Default: [`Protocol::Nameko`].
+    pub protocol: Protocol,
+    /// `QUEUE_TYPE`: the type of queues declared. Default: [`QueueType::Classic`].
+    pub queue_type: QueueType,
+    /// `AUTO_DELETE_EVENT_EXCHANGES`: whether event exchanges are declared auto-delete.
+    /// Default: `false`.
+    pub auto_delete_event_exchanges: bool,
+    /// `PARENT_CALLS_TRACKED`: how many parent call ids are kept in a call-id stack.
+    /// Default: 10.
+    pub parent_calls_tracked: usize,
+    /// `RPC_EXCHANGE`: the exchange RPC requests are published to. Default: `nameko-rpc`.
+    pub rpc_exchange: String,
+    /// `RPC_TIMEOUT`: how long an RPC call waits for its reply; positive. Given in seconds
+    /// (fractions allowed). Default: 30 s.
+    pub rpc_timeout: Duration,
+    /// `SHUTDOWN_TIMEOUT`: how long a stopping service waits for running workers; positive.
+    /// Given in seconds (fractions allowed). Default: 30 s.
+    pub shutdown_timeout: Duration,
+    /// Every other top-level key of a configuration file, as is (see [`Config::get`]).
+    /// Environment variables never land here. Default: empty.
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// Where the metrics server listens (`METRICS.HOST` / `METRICS.PORT` in files,
+/// `METRICS_HOST` / `METRICS_PORT` in the environment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// `HOST`: the address to listen on. Default: `0.0.0.0`.
+    pub host: String,
+    /// `PORT`: the port to listen on. Default: 8000.
+    pub port: u16,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> MetricsConfig {
+        MetricsConfig { host: "0.0.0.0".to_string(), port: 8000 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            amqp_uri: "amqp://guest:guest@localhost:5672/".to_string(),
+            amqp_heartbeat: 60,
+            service_name: String::new(),
+            max_workers: 3,
+            worker_mode: WorkerMode::default(),
+            max_tasks_per_child: None,
+            enable_metrics: false,
+            metrics: MetricsConfig::default(),
+            websocket_ip: "0.0.0.0".to_string(),
+            websocket_port: 8765,
+            prefetch_count: None,
+            protocol: Protocol::default(),
+            queue_type: QueueType::default(),
+            auto_delete_event_exchanges: false,
+            parent_calls_tracked: 10,
+            rpc_exchange: "nameko-rpc".to_string(),
+            rpc_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// All defaults, with `SERVICE_NAME` set. Not validated: see [`Config::validate`].
+    pub fn new(service_name: impl Into<String>) -> Config {
+        Config { service_name: service_name.into(), ..Config::default() }
+    }
+
+    /// Reads the process environment: see [`Config::from_vars`].
+    ///
+    /// # Errors
+    /// As [`Config::from_vars`]; also a configuration variable whose value is not UTF-8.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_vars(load::process_env()?)
+    }
+
+    /// Reads configuration from `(name, value)` pairs such as environment variables, with the
+    /// key names (`METRICS_HOST` and `METRICS_PORT` for the nested ones), then validates it.
+    /// Other variables are ignored; a variable given twice takes its last value.
+    ///
+    /// # Errors
+    /// A value that does not parse, or a configuration that fails [`Config::validate`].
+    pub fn from_vars<I: IntoIterator<Item = (String, String)>>(
+        vars: I,
+    ) -> Result<Config, ConfigError> {
+        load::from_vars(vars)
+    }
+
+    /// Reads a `.yaml` / `.yml` or `.toml` file (chosen by extension), substituting
+    /// `${VAR}` and `${VAR:default}` from the process environment, then validates it.
+    ///
+    /// # Errors
+    /// Another extension or an unreadable file (key: the path), a syntax error (key: the
+    /// path), an unset variable without default (key: the variable), a value that does not
+    /// parse, or a configuration that fails [`Config::validate`].
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let format = Format::of(path)?;
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError::new(&origin, "", format!("cannot read file: {err}")))?;
+        load::from_text(&text, format, &origin, &|name: &str| std::env::var(name).ok())
+    }
+
+    /// Reads YAML text after substituting `${VAR}` and `${VAR:default}` with `vars`, then
+    /// validates it. Known keys set their field (nested `METRICS: {HOST, PORT}`); other
+    /// top-level keys go to [`Config::extra`].
+    ///
+    /// # Errors
+    /// As [`Config::from_file`]; syntax errors have the key `<yaml>`.
+    pub fn from_yaml_str(
+        text: &str,
+        vars: &impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        load::from_text(text, Format::Yaml, "<yaml>", vars)
+    }
+
+    /// Reads TOML text like [`Config::from_yaml_str`] (`METRICS` is a table).
+    ///
+    /// # Errors
+    /// As [`Config::from_file`]; syntax errors have the key `<toml>`.
+    pub fn from_toml_str(
+        text: &str,
+        vars: &impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        load::from_text(text, Format::Toml, "<toml>", vars)
+    }
+
+    /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace,
+    /// `AMQP_URI` is an `amqp://`, `amqps://` or `memory://` URI, `MAX_WORKERS`,
+    /// `MAX_TASKS_PER_CHILD` and `PREFETCH_COUNT` are not 0, and `RPC_TIMEOUT` and
+    /// `SHUTDOWN_TIMEOUT` are not zero. Every `from_*` calls it; [`Config::new`] does not.
+    ///
+    /// # Errors
+    /// The first failing check, naming its key and value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.service_name.is_empty() {
+            return Err(ConfigError::new("SERVICE_NAME", "", "is required"));
+        }
+        if self.service_name.chars().any(char::is_whitespace) {
+            return Err(ConfigError::new(
+                "SERVICE_NAME",
+                &self.service_name,
+                "must not contain whitespace",
+            ));
+        }
+        self.validate_amqp_uri()?;
+        let at_least_one = [
+            ("MAX_WORKERS", self.max_workers == 0, ""),
+            ("MAX_TASKS_PER_CHILD", self.max_tasks_per_child == Some(0), " (or unset: no limit)"),
+            ("PREFETCH_COUNT", self.prefetch_count == Some(0), " (or unset: MAX_WORKERS)"),
+        ];
+        for (key, is_zero, hint) in at_least_one {
+            if is_zero {
+                return Err(ConfigError::new(key, "0", format!("must be at least 1{hint}")));
+            }
+        }
+        for (key, duration) in
+            [("RPC_TIMEOUT", self.rpc_timeout), ("SHUTDOWN_TIMEOUT", self.shutdown_timeout)]
+        {
+            if duration.is_zero() {
+                return Err(ConfigError::new(
+                    key,
+                    "0",
+                    "must be a positive, finite number of seconds",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `AMQP_URI` is a `scheme://...` URI with an accepted scheme.
+    fn validate_amqp_uri(&self) -> Result<(), ConfigError> {
+        let uri = &self.amqp_uri;
+        let expected = "expected an amqp://, amqps:// or memory:// URI";
+        let url = Url::parse(uri).map_err(|err| {
+            ConfigError::new("AMQP_URI", uri, format!("is not a valid URI ({err}): {expected}"))
+        })?;
+        if url.cannot_be_a_base() || !AMQP_SCHEMES.contains(&url.scheme()) {
+            return Err(ConfigError::new("AMQP_URI", uri, expected));
+        }
+        Ok(())
+    }
+
+    /// The AMQP prefetch count to use: `PREFETCH_COUNT`, or `MAX_WORKERS` (capped at 65535)
+    /// when unset.
+    pub fn effective_prefetch(&self) -> u16 {
+        self.prefetch_count.unwrap_or_else(|| u16::try_from(self.max_workers).unwrap_or(u16::MAX))
+    }
+
+    /// `AMQP_URI` with its password replaced by `***` (see [`mask_uri`]), for logs.
+    pub fn masked_amqp_uri(&self) -> String {
+        mask_uri(&self.amqp_uri)
+    }
+
+    /// Reads the extra key `key` (see [`Config::extra`]) as a `T`; `None` when absent.
+    ///
+    /// A string that does not deserialize as `T` is also tried as JSON text, so values that
+    /// substitution turned into strings (`"4"`, `"true"`) still read as numbers or booleans.
+    ///
+    /// # Errors
+    /// The value (secrets masked) and the deserializer's message.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Option<Result<T, ConfigError>> {
+        let value = self.extra.get(key)?;
+        let parsed = T::deserialize(value).or_else(|err| match value {
+            Value::String(text) => serde_json::from_str(text).map_err(|_| err),
+            _ => Err(err),
+        });
+        Some(parsed.map_err(|err| ConfigError::new(key, raw_text(value), err.to_string())))
+    }
+
+    /// The effective configuration with UPPERCASE keys as files spell them (`METRICS` a
+    /// nested mapping, durations in seconds, `PREFETCH_COUNT` as [`effective_prefetch`],
+    /// unset `MAX_TASKS_PER_CHILD` as null) plus the extra keys, with secrets masked: the
+    /// password of every URI, and whole values under keys containing `PASSWORD`, `SECRET` or
+    /// `TOKEN`.
+    ///
+    /// [`effective_prefetch`]: Config::effective_prefetch
+    pub fn to_masked_map(&self) -> BTreeMap<String, Value> {
+        let mut map: BTreeMap<String, Value> =
+            self.extra.iter().map(|(key, value)| (key.clone(), mask_json(key, value))).collect();
+        let metrics = serde_json::json!({ "HOST": self.metrics.host, "PORT": self.metrics.port });
+        let known = [
+            ("AMQP_URI", Value::from(self.masked_amqp_uri())),
+            ("AMQP_HEARTBEAT", Value::from(self.amqp_heartbeat)),
+            ("SERVICE_NAME", Value::from(self.service_name.as_str())),
+            ("MAX_WORKERS", Value::from(self.max_workers)),
+            ("WORKER_MODE", Value::from(self.worker_mode.as_str())),
+            ("MAX_TASKS_PER_CHILD", Value::from(self.max_tasks_per_child)),
+            ("ENABLE_METRICS", Value::from(self.enable_metrics)),
+            ("METRICS", metrics),
+            ("WEBSOCKET_IP", Value::from(self.websocket_ip.as_str())),
+            ("WEBSOCKET_PORT", Value::from(self.websocket_port)),
+            ("PREFETCH_COUNT", Value::from(self.effective_prefetch())),
+            ("PROTOCOL", Value::from(self.protocol.as_str())),
+            ("QUEUE_TYPE", Value::from(self.queue_type.as_str())),
+            ("AUTO_DELETE_EVENT_EXCHANGES", Value::from(self.auto_delete_event_exchanges)),
+            ("PARENT_CALLS_TRACKED", Value::from(self.parent_calls_tracked)),
+            ("RPC_EXCHANGE", Value::from(self.rpc_exchange.as_str())),
+            ("RPC_TIMEOUT", Value::from(self.rpc_timeout.as_secs_f64())),
+            ("SHUTDOWN_TIMEOUT", Value::from(self.shutdown_timeout.as_secs_f64())),
+        ];
+        map.extend(known.into_iter().map(|(key, value)| (key.to_string(), value)));
+        map
+    }
+}
+
+/// Like a derived `Debug`, but with the AMQP password and secret extra values masked.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let extra: BTreeMap<&str, Value> =
+            self.extra.iter().map(|(key, value)| (key.as_str(), mask_json(key, value))).collect();
+        f.debug_struct("Config")
+            .field("amqp_uri", &self.masked_amqp_uri())
+            .field("amqp_heartbeat", &self.amqp_heartbeat)
+            .field("service_name", &self.service_name)
+            .field("max_workers", &self.max_workers)
+            .field("worker_mode", &self.worker_mode)
+            .field("max_tasks_per_child", &self.max_tasks_per_child)
+            .field("enable_metrics", &self.enable_metrics)
+            .field("metrics", &self.metrics)
+            .field("websocket_ip", &self.websocket_ip)
+            .field("websocket_port", &self.websocket_port)
+            .field("prefetch_count", &self.prefetch_count)
+            .field("protocol", &self.protocol)
+            .field("queue_type", &self.queue_type)
+            .field("auto_delete_event_exchanges", &self.auto_delete_event_exchanges)
+            .field("parent_calls_tracked", &self.parent_calls_tracked)
+            .field("rpc_exchange", &self.rpc_exchange)
+            .field("rpc_timeout", &self.rpc_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("extra", &extra)
+            .finish()
+    }
+}

@@ -1,0 +1,670 @@
+//! Tests of loading, validation and masking.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::*;
+
+/// No environment variables.
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn ok(result: Result<Config, ConfigError>) -> Config {
+    match result {
+        Ok(config) => config,
+        Err(err) => panic!("unexpected error: {err}"),
+    }
+}
+
+fn err(result: Result<Config, ConfigError>) -> ConfigError {
+    match result {
+        Ok(config) => panic!("expected an error, got {config:?}"),
+        Err(err) => err,
+    }
+}
+
+fn env_err(pairs: &[(&str, &str)]) -> ConfigError {
+    err(Config::from_vars(vars(pairs)))
+}
+
+fn yaml_err(text: &str) -> ConfigError {
+    err(Config::from_yaml_str(text, &no_env))
+}
+
+/// The configuration with every key changed from its default, as the tests load it.
+fn everything_changed() -> Config {
+    Config {
+        amqp_uri: "amqps://svc:pw@mq.example:5671/prod".to_string(),
+        amqp_heartbeat: 15,
+        service_name: "orders".to_string(),
+        max_workers: 7,
+        worker_mode: WorkerMode::GreedyProcess,
+        max_tasks_per_child: Some(100),
+        enable_metrics: true,
+        metrics: MetricsConfig { host: "127.0.0.1".to_string(), port: 9100 },
+        websocket_ip: "127.0.0.2".to_string(),
+        websocket_port: 9000,
+        prefetch_count: Some(20),
+        protocol: Protocol::MicroFramework,
+        queue_type: QueueType::Quorum,
+        auto_delete_event_exchanges: true,
+        parent_calls_tracked: 25,
+        rpc_exchange: "my-rpc".to_string(),
+        rpc_timeout: Duration::from_millis(2500),
+        shutdown_timeout: Duration::from_secs(5),
+        extra: BTreeMap::new(),
+    }
+}
+
+const ALL_ENV: &[(&str, &str)] = &[
+    ("AMQP_URI", "amqps://svc:pw@mq.example:5671/prod"),
+    ("AMQP_HEARTBEAT", "15"),
+    ("SERVICE_NAME", "orders"),
+    ("MAX_WORKERS", "7"),
+    ("WORKER_MODE", "greedy_process"),
+    ("MAX_TASKS_PER_CHILD", "100"),
+    ("ENABLE_METRICS", "yes"),
+    ("METRICS_HOST", "127.0.0.1"),
+    ("METRICS_PORT", "9100"),
+    ("WEBSOCKET_IP", "127.0.0.2"),
+    ("WEBSOCKET_PORT", "9000"),
+    ("PREFETCH_COUNT", "20"),
+    ("PROTOCOL", "micro_framework"),
+    ("QUEUE_TYPE", "quorum"),
+    ("AUTO_DELETE_EVENT_EXCHANGES", "TRUE"),
+    ("PARENT_CALLS_TRACKED", "25"),
+    ("RPC_EXCHANGE", "my-rpc"),
+    ("RPC_TIMEOUT", "2.5"),
+    ("SHUTDOWN_TIMEOUT", "5"),
+];
+
+const ALL_YAML: &str = r#"
+AMQP_URI: amqps://svc:pw@mq.example:5671/prod
+AMQP_HEARTBEAT: 15
+SERVICE_NAME: orders
+MAX_WORKERS: "7"
+WORKER_MODE: greedy_process
+MAX_TASKS_PER_CHILD: 100
+ENABLE_METRICS: true
+METRICS:
+  HOST: 127.0.0.1
+  PORT: "9100"
+WEBSOCKET_IP: 127.0.0.2
+WEBSOCKET_PORT: 9000
+PREFETCH_COUNT: 20
+PROTOCOL: micro_framework
+QUEUE_TYPE: quorum
+AUTO_DELETE_EVENT_EXCHANGES: "yes"
+PARENT_CALLS_TRACKED: 25
+RPC_EXCHANGE: my-rpc
+RPC_TIMEOUT: 2.5
+SHUTDOWN_TIMEOUT: "5"
+"#;
+
+const ALL_TOML: &str = r#"
+AMQP_URI = "amqps://svc:pw@mq.example:5671/prod"
+AMQP_HEARTBEAT = 15
+SERVICE_NAME = "orders"
+MAX_WORKERS = "7"
+WORKER_MODE = "greedy_process"
+MAX_TASKS_PER_CHILD = 100
+ENABLE_METRICS = true
+WEBSOCKET_IP = "127.0.0.2"
+WEBSOCKET_PORT = 9000
+PREFETCH_COUNT = 20
+PROTOCOL = "micro_framework"
+QUEUE_TYPE = "quorum"
+AUTO_DELETE_EVENT_EXCHANGES = "1"
+PARENT_CALLS_TRACKED = 25
+RPC_EXCHANGE = "my-rpc"
+RPC_TIMEOUT = 2.5
+SHUTDOWN_TIMEOUT = 5
+
+[METRICS]
+HOST = "127.0.0.1"
+PORT = 9100
+"#;
+
+// ---------------------------------------------------------------- defaults
+
+#[test]
+fn defaults() {
+    let config = Config::new("svc");
+    assert_eq!(config.amqp_uri, "amqp://guest:guest@localhost:5672/");
+    assert_eq!(config.amqp_heartbeat, 60);
+    assert_eq!(config.service_name, "svc");
+    assert_eq!(config.max_workers, 3);
+    assert_eq!(config.worker_mode, WorkerMode::Thread);
+    assert_eq!(config.max_tasks_per_child, None);
+    assert!(!config.enable_metrics);
+    assert_eq!(config.metrics, MetricsConfig { host: "0.0.0.0".to_string(), port: 8000 });
+    assert_eq!(config.websocket_ip, "0.0.0.0");
+    assert_eq!(config.websocket_port, 8765);
+    assert_eq!(config.prefetch_count, None);
+    assert_eq!(config.effective_prefetch(), 3);
+    assert_eq!(config.protocol, Protocol::Nameko);
+    assert_eq!(config.queue_type, QueueType::Classic);
+    assert!(!config.auto_delete_event_exchanges);
+    assert_eq!(config.parent_calls_tracked, 10);
+    assert_eq!(config.rpc_exchange, "nameko-rpc");
+    assert_eq!(config.rpc_timeout, Duration::from_secs(30));
+    assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+    assert!(config.extra.is_empty());
+    assert_eq!(config.validate(), Ok(()));
+    assert_eq!(Config::default(), Config { service_name: String::new(), ..config });
+}
+
+#[test]
+fn minimal_sources_give_the_defaults() {
+    let expected = Config::new("svc");
+    assert_eq!(ok(Config::from_vars(vars(&[("SERVICE_NAME", "svc")]))), expected);
+    assert_eq!(ok(Config::from_yaml_str("SERVICE_NAME: svc", &no_env)), expected);
+    assert_eq!(ok(Config::from_toml_str("SERVICE_NAME = 'svc'", &no_env)), expected);
+}
+
+#[test]
+fn effective_prefetch() {
+    let config = Config { max_workers: 8, ..Config::new("svc") };
+    assert_eq!(config.effective_prefetch(), 8);
+    assert_eq!(Config { prefetch_count: Some(2), ..config.clone() }.effective_prefetch(), 2);
+    assert_eq!(Config { max_workers: 100_000, ..config }.effective_prefetch(), u16::MAX);
+}
+
+// ---------------------------------------------------------------- environment
+
+#[test]
+fn every_key_from_env() {
+    assert_eq!(ok(Config::from_vars(vars(ALL_ENV))), everything_changed());
+}
+
+#[test]
+fn unknown_env_vars_are_ignored() {
+    let config = ok(Config::from_vars(vars(&[
+        ("SERVICE_NAME", "svc"),
+        ("PATH", "/usr/bin"),
+        ("METRICS", "junk"),
+        ("service_name", "lowercase is another variable"),
+        ("SOME_TOKEN", "t0k3n"),
+    ])));
+    assert_eq!(config, Config::new("svc"));
+}
+
+#[test]
+fn last_env_var_wins() {
+    let config = ok(Config::from_vars(vars(&[("SERVICE_NAME", "a"), ("SERVICE_NAME", "b")])));
+    assert_eq!(config.service_name, "b");
+}
+
+#[test]
+fn env_booleans_and_optionals() {
+    for (text, expected) in
+        [("1", true), ("Yes", true), ("TRUE", true), ("0", false), ("no", false)]
+    {
+        let config =
+            ok(Config::from_vars(vars(&[("SERVICE_NAME", "s"), ("ENABLE_METRICS", text)])));
+        assert_eq!(config.enable_metrics, expected, "{text}");
+    }
+    let config = ok(Config::from_vars(vars(&[
+        ("SERVICE_NAME", "s"),
+        ("PREFETCH_COUNT", ""),
+        ("MAX_TASKS_PER_CHILD", " "),
+    ])));
+    assert_eq!((config.prefetch_count, config.max_tasks_per_child), (None, None));
+}
+
+#[test]
+fn from_env_reads_the_process_environment() {
+    // The tests do not change the environment; only check what it must give.
+    match (std::env::var("SERVICE_NAME"), Config::from_env()) {
+        (Err(_), Err(err)) => assert_eq!(err.key, "SERVICE_NAME"),
+        (Ok(name), Ok(config)) => assert_eq!(config.service_name, name),
+        (Ok(_), Err(err)) => assert_ne!(err.key, "SERVICE_NAME"),
+        (Err(_), Ok(config)) => panic!("no SERVICE_NAME, yet {config:?}"),
+    }
+}
+
+// ---------------------------------------------------------------- files
+
+#[test]
+fn every_key_from_yaml() {
+    assert_eq!(ok(Config::from_yaml_str(ALL_YAML, &no_env)), everything_changed());
+}
+
+#[test]
+fn every_key_from_toml() {
+    assert_eq!(ok(Config::from_toml_str(ALL_TOML, &no_env)), everything_changed());
+}
+
+#[test]
+fn numbers_and_strings_are_interchangeable() {
+    let yaml = "SERVICE_NAME: 42\nWEBSOCKET_IP: '10'\nWEBSOCKET_PORT: '80'\nRPC_TIMEOUT: '0.5'";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    assert_eq!(config.service_name, "42");
+    assert_eq!(config.websocket_port, 80);
+    assert_eq!(config.rpc_timeout, Duration::from_millis(500));
+}
+
+#[test]
+fn null_optionals_and_metrics_in_yaml() {
+    let yaml = "SERVICE_NAME: s\nPREFETCH_COUNT: ~\nMAX_TASKS_PER_CHILD:\nMETRICS:\n";
+    assert_eq!(ok(Config::from_yaml_str(yaml, &no_env)), Config::new("s"));
+}
+
+#[test]
+fn extra_keys_from_files() {
+    let yaml = r#"
+SERVICE_NAME: s
+DATABASE:
+  URL: postgres://db/app
+  POOL: 5
+FEATURES: [a, b]
+RETRIES: "${RETRIES:3}"
+service_name: lowercase is an extra key
+"#;
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    assert_eq!(
+        config.extra.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["DATABASE", "FEATURES", "RETRIES", "service_name"]
+    );
+    assert_eq!(config.extra["DATABASE"], json!({"URL": "postgres://db/app", "POOL": 5}));
+    assert_eq!(config.get::<Vec<String>>("FEATURES"), Some(Ok(vec!["a".into(), "b".into()])));
+    // A string from substitution still reads as a number.
+    assert_eq!(config.get::<u32>("RETRIES"), Some(Ok(3)));
+    assert_eq!(config.get::<String>("RETRIES"), Some(Ok("3".to_string())));
+    assert_eq!(config.get::<u32>("MISSING"), None);
+    let wrong = config.get::<u32>("FEATURES").map(|r| r.map_err(|e| (e.key, e.value)));
+    assert_eq!(wrong, Some(Err(("FEATURES".to_string(), r#"["a","b"]"#.to_string()))));
+
+    let toml = "SERVICE_NAME = 's'\nWHEN = 1979-05-27T07:32:00Z\n[DATABASE]\nPOOL = 5\n";
+    let config = ok(Config::from_toml_str(toml, &no_env));
+    assert_eq!(config.extra["DATABASE"], json!({"POOL": 5}));
+    assert_eq!(config.get::<String>("WHEN"), Some(Ok("1979-05-27T07:32:00Z".to_string())));
+}
+
+#[test]
+fn unknown_metrics_key_is_an_error() {
+    let err = yaml_err("SERVICE_NAME: s\nMETRICS:\n  HOSTNAME: x\n");
+    assert_eq!(
+        err.to_string(),
+        r#"invalid config METRICS.HOSTNAME="x": unknown key in METRICS: expected HOST or PORT"#
+    );
+    let err = yaml_err("SERVICE_NAME: s\nMETRICS: 9100\n");
+    assert_eq!((err.key.as_str(), err.value.as_str()), ("METRICS", "9100"));
+}
+
+#[test]
+fn empty_or_non_mapping_documents() {
+    assert_eq!(yaml_err("").key, "SERVICE_NAME");
+    assert_eq!(err(Config::from_toml_str("", &no_env)).key, "SERVICE_NAME");
+    let err = yaml_err("- a\n- b\n");
+    assert_eq!(
+        err.to_string(),
+        r#"invalid config <yaml>="": expected a mapping of keys at the top level"#
+    );
+}
+
+#[test]
+fn syntax_errors_name_the_source() {
+    let err = yaml_err("SERVICE_NAME: [unclosed\n");
+    assert_eq!((err.key.as_str(), err.value.as_str()), ("<yaml>", ""));
+    assert!(!err.reason.is_empty());
+
+    let err = err_toml("SERVICE_NAME = 's'\nAMQP_URI = amqp://u:hunter2@h\n");
+    assert_eq!((err.key.as_str(), err.value.as_str()), ("<toml>", ""));
+    assert!(err.reason.contains("line 2"), "{}", err.reason);
+    assert!(!err.reason.contains("hunter2"), "{}", err.reason);
+}
+
+fn err_toml(text: &str) -> ConfigError {
+    err(Config::from_toml_str(text, &no_env))
+}
+
+// ---------------------------------------------------------------- substitution
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "SVC" => Some("billing".to_string()),
+        "WORKERS" => Some("6".to_string()),
+        _ => None,
+    }
+}
+
+#[test]
+fn substitution_in_yaml_and_toml() {
+    let yaml = "SERVICE_NAME: ${SVC}\nMAX_WORKERS: ${WORKERS:2}\nPREFETCH_COUNT: ${PREFETCH:9}\n\
+                AMQP_URI: ${BROKER:amqp://guest:guest@rabbit:5672/}\nCOST: $5\n";
+    let config = ok(Config::from_yaml_str(yaml, &env));
+    assert_eq!(config.service_name, "billing");
+    assert_eq!(config.max_workers, 6);
+    assert_eq!(config.prefetch_count, Some(9));
+    assert_eq!(config.amqp_uri, "amqp://guest:guest@rabbit:5672/");
+    assert_eq!(config.extra["COST"], json!("$5"));
+
+    let toml = "SERVICE_NAME = '${SVC}'\nMAX_WORKERS = ${WORKERS:2}\n\
+                AMQP_URI = '${BROKER:amqp://guest:guest@rabbit:5672/}'\n";
+    let config = ok(Config::from_toml_str(toml, &env));
+    assert_eq!(
+        (config.service_name.as_str(), config.max_workers, config.amqp_uri.as_str()),
+        ("billing", 6, "amqp://guest:guest@rabbit:5672/")
+    );
+}
+
+#[test]
+fn unset_variable_without_default() {
+    for result in [
+        Config::from_yaml_str("SERVICE_NAME: ${SERVICE}\n", &env),
+        Config::from_toml_str("SERVICE_NAME = '${SERVICE}'\n", &env),
+    ] {
+        assert_eq!(
+            err(result).to_string(),
+            r#"invalid config SERVICE="": environment variable SERVICE is not set (used in config file)"#
+        );
+    }
+}
+
+// ---------------------------------------------------------------- from_file
+
+/// A file in the temporary directory, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        let path =
+            std::env::temp_dir().join(format!("config-scratch-{}-{name}", std::process::id()));
+        if let Err(err) = std::fs::write(&path, text) {
+            panic!("cannot write {}: {err}", path.display());
+        }
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A variable no test environment sets.
+const UNSET: &str = "CONFIG_SCRATCH_SURELY_UNSET_VARIABLE";
+
+#[test]
+fn from_file_by_extension() {
+    let yaml = format!("SERVICE_NAME: svc\nMAX_WORKERS: ${{{UNSET}:5}}\n");
+    for name in ["a.yaml", "b.yml", "c.YAML"] {
+        let file = TempFile::new(name, &yaml);
+        let config = ok(Config::from_file(&file.0));
+        assert_eq!((config.service_name.as_str(), config.max_workers), ("svc", 5), "{name}");
+    }
+    let file =
+        TempFile::new("d.toml", &format!("SERVICE_NAME = 'svc'\nMAX_WORKERS = ${{{UNSET}:5}}\n"));
+    assert_eq!(ok(Config::from_file(&file.0)).max_workers, 5);
+}
+
+#[test]
+fn from_file_errors() {
+    let file = TempFile::new("e.json", "{}");
+    let e = err(Config::from_file(&file.0));
+    assert_eq!(e.key, file.0.display().to_string());
+    assert!(e.reason.contains(".yaml, .yml or .toml"), "{e}");
+
+    let missing = std::env::temp_dir().join("config-scratch-missing.yaml");
+    let e = err(Config::from_file(&missing));
+    assert_eq!(e.key, missing.display().to_string());
+    assert!(e.reason.starts_with("cannot read file"), "{e}");
+
+    let file = TempFile::new("f.yaml", "SERVICE_NAME: [\n");
+    assert_eq!(err(Config::from_file(&file.0)).key, file.0.display().to_string());
+
+    let file = TempFile::new("g.toml", "SERVICE_NAME = \n");
+    assert_eq!(err(Config::from_file(&file.0)).key, file.0.display().to_string());
+
+    let file = TempFile::new("h.yaml", &format!("SERVICE_NAME: ${{{UNSET}}}\n"));
+    let e = err(Config::from_file(&file.0));
+    assert_eq!(e.key, UNSET);
+    assert_eq!(e.reason, format!("environment variable {UNSET} is not set (used in config file)"));
+}
+
+// ---------------------------------------------------------------- parse errors
+
+#[test]
+fn enum_errors_list_the_accepted_values() {
+    assert_eq!(
+        env_err(&[("SERVICE_NAME", "s"), ("WORKER_MODE", "fibers")]).to_string(),
+        r#"invalid config WORKER_MODE="fibers": expected one of thread, greedy_thread, process, greedy_process"#
+    );
+    assert_eq!(
+        yaml_err("SERVICE_NAME: s\nPROTOCOL: amqp").to_string(),
+        r#"invalid config PROTOCOL="amqp": expected one of nameko, micro_framework"#
+    );
+    assert_eq!(
+        err_toml("SERVICE_NAME = 's'\nQUEUE_TYPE = 3").to_string(),
+        r#"invalid config QUEUE_TYPE="3": expected one of classic, quorum"#
+    );
+}
+
+#[test]
+fn enums_parse_display_and_serde() {
+    for mode in WorkerMode::ALL {
+        assert_eq!(mode.as_str().parse::<WorkerMode>(), Ok(*mode));
+        assert_eq!(mode.to_string(), mode.as_str());
+        assert_eq!(serde_json::to_value(mode).ok(), Some(json!(mode.as_str())));
+    }
+    assert_eq!(" Greedy_Thread ".parse::<WorkerMode>(), Ok(WorkerMode::GreedyThread));
+    assert_eq!("MICRO_FRAMEWORK".parse::<Protocol>(), Ok(Protocol::MicroFramework));
+    assert_eq!(serde_json::from_value::<QueueType>(json!("quorum")).ok(), Some(QueueType::Quorum));
+    let err = serde_json::from_value::<QueueType>(json!("lazy")).err().map(|e| e.to_string());
+    assert_eq!(
+        err.as_deref(),
+        Some(r#"invalid value: string "lazy", expected one of classic, quorum"#)
+    );
+    assert_eq!("x".parse::<Protocol>().map_err(|e| e.key), Err("PROTOCOL".to_string()));
+}
+
+#[test]
+fn value_errors_name_key_and_value() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("MAX_WORKERS", "four", "expected a non-negative integer"),
+        ("MAX_WORKERS", "-1", "expected a non-negative integer"),
+        ("AMQP_HEARTBEAT", "70000", "expected an integer from 0 to 65535"),
+        ("METRICS_PORT", "http", "expected an integer from 0 to 65535"),
+        ("WEBSOCKET_PORT", "1.5", "expected an integer from 0 to 65535"),
+        ("MAX_TASKS_PER_CHILD", "5000000000", "expected an integer from 0 to 4294967295"),
+        ("PREFETCH_COUNT", "x", "expected an integer from 0 to 65535"),
+        ("PARENT_CALLS_TRACKED", "ten", "expected a non-negative integer"),
+        ("ENABLE_METRICS", "maybe", "expected one of true, false, 1, 0, yes, no"),
+        ("AUTO_DELETE_EVENT_EXCHANGES", "2", "expected one of true, false, 1, 0, yes, no"),
+        ("RPC_TIMEOUT", "30s", "expected a number of seconds"),
+        ("RPC_TIMEOUT", "-1", "must be a positive, finite number of seconds"),
+        ("SHUTDOWN_TIMEOUT", "inf", "must be a positive, finite number of seconds"),
+        ("SHUTDOWN_TIMEOUT", "NaN", "must be a positive, finite number of seconds"),
+    ];
+    for (key, value, reason) in cases {
+        let e = env_err(&[("SERVICE_NAME", "s"), (key, value)]);
+        assert_eq!(e.to_string(), format!("invalid config {key}=\"{value}\": {reason}"));
+    }
+}
+
+#[test]
+fn file_value_errors_use_the_file_key() {
+    let e = yaml_err("SERVICE_NAME: s\nMETRICS:\n  PORT: 99999\n");
+    assert_eq!(
+        e.to_string(),
+        r#"invalid config METRICS.PORT="99999": expected an integer from 0 to 65535"#
+    );
+    let e = yaml_err("SERVICE_NAME: s\nENABLE_METRICS: [1]\n");
+    assert_eq!(
+        e.to_string(),
+        r#"invalid config ENABLE_METRICS="[1]": expected one of true, false, 1, 0, yes, no"#
+    );
+    let e = yaml_err("SERVICE_NAME: [s]\n");
+    assert_eq!(e.to_string(), r#"invalid config SERVICE_NAME="["s"]": expected a string"#);
+    let e = yaml_err("SERVICE_NAME: s\nMAX_WORKERS: 2.0\n");
+    assert_eq!(
+        e.to_string(),
+        r#"invalid config MAX_WORKERS="2.0": expected a non-negative integer"#
+    );
+    let e = err_toml("SERVICE_NAME = 's'\nRPC_TIMEOUT = inf\n");
+    assert_eq!(
+        e.to_string(),
+        r#"invalid config RPC_TIMEOUT="inf": must be a positive, finite number of seconds"#
+    );
+}
+
+// ---------------------------------------------------------------- validation
+
+#[test]
+fn validation_errors() {
+    let base = || vec![("SERVICE_NAME", "svc")];
+    let cases: &[(&str, &str, &str)] = &[
+        ("MAX_WORKERS", "0", r#"invalid config MAX_WORKERS="0": must be at least 1"#),
+        (
+            "MAX_TASKS_PER_CHILD",
+            "0",
+            r#"invalid config MAX_TASKS_PER_CHILD="0": must be at least 1 (or unset: no limit)"#,
+        ),
+        (
+            "PREFETCH_COUNT",
+            "0",
+            r#"invalid config PREFETCH_COUNT="0": must be at least 1 (or unset: MAX_WORKERS)"#,
+        ),
+        (
+            "RPC_TIMEOUT",
+            "0",
+            r#"invalid config RPC_TIMEOUT="0": must be a positive, finite number of seconds"#,
+        ),
+        (
+            "SHUTDOWN_TIMEOUT",
+            "0.0",
+            r#"invalid config SHUTDOWN_TIMEOUT="0": must be a positive, finite number of seconds"#,
+        ),
+        (
+            "SERVICE_NAME",
+            "my service",
+            r#"invalid config SERVICE_NAME="my service": must not contain whitespace"#,
+        ),
+        ("SERVICE_NAME", "", r#"invalid config SERVICE_NAME="": is required"#),
+    ];
+    for (key, value, message) in cases {
+        let mut pairs = base();
+        pairs.push((key, value));
+        assert_eq!(env_err(&pairs).to_string(), *message);
+    }
+    assert_eq!(env_err(&[]).to_string(), r#"invalid config SERVICE_NAME="": is required"#);
+    assert_eq!(Config::default().validate().map_err(|e| e.key), Err("SERVICE_NAME".to_string()));
+    // Dots are allowed in service names.
+    assert_eq!(Config::new("billing.v2").validate(), Ok(()));
+}
+
+#[test]
+fn amqp_uri_validation() {
+    for uri in ["amqp://localhost", "amqps://u:p@h:5671/v", "memory://", "amqp://"] {
+        assert_eq!(Config { amqp_uri: uri.to_string(), ..Config::new("s") }.validate(), Ok(()));
+    }
+    let expected = "expected an amqp://, amqps:// or memory:// URI";
+    let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_URI", "http://guest:guest@h/")]);
+    assert_eq!(
+        e.to_string(),
+        format!(r#"invalid config AMQP_URI="http://guest:***@h/": {expected}"#)
+    );
+    let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_URI", "amqp:localhost")]);
+    assert_eq!(e.to_string(), format!(r#"invalid config AMQP_URI="amqp:localhost": {expected}"#));
+    let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_URI", "not a uri")]);
+    assert_eq!(e.value, "not a uri");
+    assert!(e.reason.starts_with("is not a valid URI ("), "{e}");
+    let e = yaml_err("SERVICE_NAME: s\nAMQP_URI: amqp://u:hunter2@[bad/\n");
+    assert_eq!(e.value, "amqp://u:***@[bad/");
+    assert!(!e.to_string().contains("hunter2"));
+}
+
+// ---------------------------------------------------------------- masking
+
+#[test]
+fn mask_uri_cases() {
+    let cases = [
+        ("amqp://guest:guest@localhost:5672/", "amqp://guest:***@localhost:5672/"),
+        ("amqps://u:p%40ss@h/v?x=1", "amqps://u:***@h/v?x=1"),
+        ("amqp://u:p@ss/w:rd@h:1/", "amqp://u:***@h:1/"),
+        ("amqp://:secret@h", "amqp://:***@h"),
+        ("amqp://user@h", "amqp://user@h"),
+        ("amqp://h:5672/vhost", "amqp://h:5672/vhost"),
+        ("memory://", "memory://"),
+        ("not a uri", "not a uri"),
+        ("", ""),
+    ];
+    for (uri, masked) in cases {
+        assert_eq!(mask_uri(uri), masked, "{uri}");
+    }
+    let config = Config { amqp_uri: "amqp://a:b@c/".to_string(), ..Config::new("s") };
+    assert_eq!(config.masked_amqp_uri(), "amqp://a:***@c/");
+}
+
+#[test]
+fn secrets_are_masked_in_errors() {
+    let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_URI", "ftp://me:hunter2@h")]);
+    assert_eq!(e.value, "ftp://me:***@h");
+    assert!(!e.to_string().contains("hunter2"));
+
+    let yaml = "SERVICE_NAME: s\nAPI_TOKEN: abc\nDB_PASSWORD: [x]\nMY_SECRET: {a: 1}\n\
+                BROKER: 'see amqp://u:hunter2@h'\n";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    for key in ["API_TOKEN", "DB_PASSWORD", "MY_SECRET"] {
+        let e = config.get::<bool>(key).map(|r| r.map_err(|e| e.value));
+        assert_eq!(e, Some(Err("***".to_string())), "{key}");
+    }
+    let e = config.get::<u8>("BROKER").map(|r| r.map_err(|e| e.to_string()));
+    assert!(matches!(&e, Some(Err(m)) if !m.contains("hunter2")), "{e:?}");
+
+    assert_eq!(ConfigError::new("db_password", "", "is required").value, "");
+}
+
+#[test]
+fn masked_map_and_debug() {
+    let mut config = everything_changed();
+    config.extra.insert("DB_PASSWORD".to_string(), json!("hunter2"));
+    config.extra.insert("DB".to_string(), json!({"URL": "pg://u:hunter2@h", "TOKEN": 1}));
+    config.extra.insert("PLAIN".to_string(), json!(null));
+    let map = config.to_masked_map();
+    let expected: BTreeMap<String, Value> = [
+        ("AMQP_URI", json!("amqps://svc:***@mq.example:5671/prod")),
+        ("AMQP_HEARTBEAT", json!(15)),
+        ("SERVICE_NAME", json!("orders")),
+        ("MAX_WORKERS", json!(7)),
+        ("WORKER_MODE", json!("greedy_process")),
+        ("MAX_TASKS_PER_CHILD", json!(100)),
+        ("ENABLE_METRICS", json!(true)),
+        ("METRICS", json!({"HOST": "127.0.0.1", "PORT": 9100})),
+        ("WEBSOCKET_IP", json!("127.0.0.2")),
+        ("WEBSOCKET_PORT", json!(9000)),
+        ("PREFETCH_COUNT", json!(20)),
+        ("PROTOCOL", json!("micro_framework")),
+        ("QUEUE_TYPE", json!("quorum")),
+        ("AUTO_DELETE_EVENT_EXCHANGES", json!(true)),
+        ("PARENT_CALLS_TRACKED", json!(25)),
+        ("RPC_EXCHANGE", json!("my-rpc")),
+        ("RPC_TIMEOUT", json!(2.5)),
+        ("SHUTDOWN_TIMEOUT", json!(5.0)),
+        ("DB_PASSWORD", json!("***")),
+        ("DB", json!({"URL": "pg://u:***@h", "TOKEN": "***"})),
+        ("PLAIN", json!(null)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(map, expected);
+
+    let defaults = Config::new("s").to_masked_map();
+    assert_eq!(defaults["MAX_TASKS_PER_CHILD"], Value::Null);
+    assert_eq!(defaults["PREFETCH_COUNT"], json!(3));
+
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("hunter2") && !debug.contains(":pw@"), "{debug}");
+    assert!(debug.contains("amqps://svc:***@mq.example:5671/prod"), "{debug}");
+}

@@ -1,0 +1,311 @@
+//! The [`Runner`]: starts a service from its routes and config, and stops it gracefully.
+
+mod context;
+mod signals;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use context::RunnerContext;
+
+use crate::amqp::dependencies::DeclaredExchanges;
+use crate::amqp::transport::SharedTransport;
+use crate::config::Config;
+use crate::dependencies::{self, Dependency, SetupContext, SharedDependency};
+use crate::error::{Error, Result};
+use crate::extract::TargetSetup;
+use crate::routes::Route;
+use crate::spawners::WorkerPool;
+use crate::workers::{RouteHandle, RouteRuntime, RouteStats, TargetRole};
+
+/// Starts a service: connects to the broker, sets up dependencies and entrypoints, runs the
+/// routes, and shuts down gracefully on SIGINT or SIGTERM (a second signal forces the exit).
+///
+/// ```no_run
+/// use micro_framework::prelude::*;
+/// use micro_framework::amqp::entrypoints::EventListener;
+/// use serde_json::Value;
+///
+/// fn on_paid(Payload(order): Payload<Value>) {
+///     println!("paid: {order}");
+/// }
+///
+/// fn main() -> micro_framework::Result<()> {
+///     let config = Config::from_env()?;
+///     let routes = vec![Route::new(on_paid).entrypoint(EventListener::new("shop", "paid"))];
+///     Runner::new(routes, config).start()
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Runner {
+    contexts: Vec<RunnerContext>,
+    config: Config,
+    dependencies: Vec<SharedDependency>,
+}
+
+impl Runner {
+    /// A runner for `routes`, all in one context sized by `MAX_WORKERS` and `WORKER_MODE`.
+    pub fn new(routes: Vec<Route>, config: Config) -> Self {
+        Runner { contexts: vec![RunnerContext::new(routes)], config, dependencies: Vec::new() }
+    }
+
+    /// Add a context: routes with their own worker pool.
+    pub fn context(mut self, context: RunnerContext) -> Self {
+        self.contexts.push(context);
+        self
+    }
+
+    /// Provide `dependency` to every route that has none of the same output type.
+    pub fn dependency<D: Dependency>(mut self, dependency: D) -> Self {
+        dependencies::insert(&mut self.dependencies, dependencies::share(dependency));
+        self
+    }
+
+    /// Run the service on a new tokio runtime until SIGINT or SIGTERM. Logs go to stderr
+    /// (filter with `RUST_LOG`) unless the program installed its own `tracing` subscriber.
+    pub fn start(self) -> Result<()> {
+        crate::logging::init();
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        runtime.block_on(self.run())
+    }
+
+    /// Run the service on the current runtime until SIGINT or SIGTERM, then stop it
+    /// gracefully. A second signal exits the process at once.
+    pub async fn run(self) -> Result<()> {
+        let mut service = self.spawn().await?;
+        tokio::select! {
+            signal = signals::shutdown_signal() => {
+                tracing::info!("{} received: stopping gracefully (send it again to force)", signal?);
+            }
+            result = service.wait_finished() => return result,
+        }
+        service.stopping.cancel();
+        tokio::spawn(async {
+            if signals::shutdown_signal().await.is_ok() {
+                tracing::error!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        });
+        service.wait_finished().await
+    }
+
+    /// Start the service on the current runtime and return a handle to it (for tests and
+    /// programs that run more than a service).
+    pub async fn spawn(self) -> Result<RunningService> {
+        self.config.validate()?;
+        let config = Arc::new(self.config);
+        let plans = plan_routes(self.contexts, &self.dependencies, &config)?;
+        let transport = crate::amqp::connect(&config).await?;
+        match start_routes(plans, &config, transport.clone()).await {
+            Ok(service) => Ok(service),
+            Err(error) => {
+                transport.close().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// A route checked and ready to start, with its pool.
+struct RoutePlan {
+    route: Route,
+    pool: WorkerPool,
+}
+
+fn plan_routes(
+    contexts: Vec<RunnerContext>,
+    shared: &[SharedDependency],
+    config: &Config,
+) -> Result<Vec<RoutePlan>> {
+    let mut plans: Vec<RoutePlan> = Vec::new();
+    for context in contexts {
+        let mode = context.worker_mode.unwrap_or(config.worker_mode);
+        if mode.is_process() {
+            return Err(Error::Startup(format!(
+                "WORKER_MODE={mode} is not available yet: use thread or greedy_thread"
+            )));
+        }
+        let size = context.max_workers.unwrap_or(config.max_workers);
+        if size == 0 {
+            return Err(Error::Startup("a RunnerContext needs max_workers of at least 1".into()));
+        }
+        let pool = WorkerPool::new(size, mode);
+        for mut route in context.routes {
+            if plans.iter().any(|plan| plan.route.name == route.name) {
+                return Err(Error::Startup(format!(
+                    "two routes are named '{}': give one another name with Route::name",
+                    route.name
+                )));
+            }
+            if route.entrypoint.is_none() {
+                return Err(Error::Startup(format!(
+                    "route '{}' has no entrypoint: add one with Route::entrypoint",
+                    route.name
+                )));
+            }
+            for dependency in shared {
+                if !route.dependencies.iter().any(|d| d.output_type() == dependency.output_type()) {
+                    route.dependencies.push(dependency.clone());
+                }
+            }
+            check_targets(&route)?;
+            plans.push(RoutePlan { route, pool: pool.clone() });
+        }
+    }
+    Ok(plans)
+}
+
+fn check_targets(route: &Route) -> Result<()> {
+    let provided: Vec<_> = route.dependencies.iter().map(|d| d.output_type()).collect();
+    let targets = std::iter::once((TargetRole::Target, &route.target))
+        .chain(route.callback.iter().map(|callback| (TargetRole::Callback, callback)));
+    for (role, target) in targets {
+        let setup = TargetSetup { route: route.name.clone(), role, provided: provided.clone() };
+        (target.check)(&setup).map_err(|reason| {
+            Error::Startup(format!("route '{}', function {}: {reason}", route.name, target.path))
+        })?;
+    }
+    Ok(())
+}
+
+async fn start_routes(
+    plans: Vec<RoutePlan>,
+    config: &Arc<Config>,
+    transport: SharedTransport,
+) -> Result<RunningService> {
+    let stopping = CancellationToken::new();
+    let service: Arc<str> = config.service_name.as_str().into();
+    let declared_exchanges = DeclaredExchanges::default();
+    let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
+    let mut all_dependencies: Vec<SharedDependency> = Vec::new();
+    for plan in &plans {
+        for dependency in &plan.route.dependencies {
+            if !all_dependencies.iter().any(|known| Arc::ptr_eq(known, dependency)) {
+                dependency.setup(&setup).await.map_err(|source| Error::Dependency {
+                    name: dependency.name().to_owned(),
+                    source,
+                })?;
+                all_dependencies.push(dependency.clone());
+            }
+        }
+    }
+    let mut started = Vec::new();
+    for plan in plans {
+        let RoutePlan { route, pool } = plan;
+        let Some(mut entrypoint) = route.entrypoint else { continue };
+        let handle = RouteHandle::new(RouteRuntime {
+            service: service.clone(),
+            name: route.name.as_str().into(),
+            target: route.target,
+            callback: route.callback,
+            translators: route.translators,
+            dependencies: route.dependencies,
+            config: config.clone(),
+            transport: transport.clone(),
+            pool,
+            stopping: stopping.clone(),
+            stats: RouteStats::default(),
+            declared_exchanges: declared_exchanges.clone(),
+        });
+        entrypoint.setup(&handle).await?;
+        tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
+        started.push((handle, entrypoint));
+    }
+    let mut tasks = JoinSet::new();
+    let mut routes = BTreeMap::new();
+    for (handle, entrypoint) in started {
+        routes.insert(handle.name().to_owned(), handle.clone());
+        tasks.spawn(async move {
+            let name = handle.name().to_owned();
+            (name, entrypoint.run(handle).await)
+        });
+    }
+    tracing::info!(
+        "service {} started with {} route(s) on {}",
+        config.service_name,
+        routes.len(),
+        config.masked_amqp_uri()
+    );
+    let supervisor =
+        tokio::spawn(supervise(tasks, stopping.clone(), all_dependencies, transport.clone()));
+    Ok(RunningService { stopping, routes, transport, supervisor: Some(supervisor) })
+}
+
+/// Wait for every entrypoint to end; an entrypoint failing stops the whole service.
+async fn supervise(
+    mut tasks: JoinSet<(String, Result<()>)>,
+    stopping: CancellationToken,
+    dependencies: Vec<SharedDependency>,
+    transport: SharedTransport,
+) -> Result<()> {
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let failure = match joined {
+            Ok((_, Ok(()))) => continue,
+            Ok((route, Err(error))) => Error::Startup(format!("route '{route}' stopped: {error}")),
+            Err(join) => Error::Startup(format!("an entrypoint panicked: {join}")),
+        };
+        tracing::error!("{failure}; stopping the service");
+        stopping.cancel();
+        first_error.get_or_insert(failure);
+    }
+    for dependency in &dependencies {
+        dependency.teardown().await;
+    }
+    transport.close().await;
+    tracing::info!("service stopped");
+    first_error.map_or(Ok(()), Err)
+}
+
+/// A service started with [`Runner::spawn`].
+#[derive(Debug)]
+pub struct RunningService {
+    stopping: CancellationToken,
+    routes: BTreeMap<String, RouteHandle>,
+    transport: SharedTransport,
+    supervisor: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl RunningService {
+    /// A running route by name.
+    pub fn route(&self, name: &str) -> Option<&RouteHandle> {
+        self.routes.get(name)
+    }
+
+    /// The names of the running routes.
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+
+    /// The service's broker connection.
+    pub fn transport(&self) -> &SharedTransport {
+        &self.transport
+    }
+
+    /// Begin a graceful stop without waiting for it.
+    pub fn begin_stop(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Stop gracefully and wait until the service has stopped.
+    pub async fn stop(mut self) -> Result<()> {
+        self.stopping.cancel();
+        self.wait_finished().await
+    }
+
+    /// Wait until the service stops by itself (an entrypoint failed) or is stopped.
+    pub async fn wait_finished(&mut self) -> Result<()> {
+        match self.supervisor.as_mut() {
+            None => Ok(()),
+            Some(supervisor) => {
+                let result = supervisor.await;
+                self.supervisor = None;
+                result
+                    .map_err(|join| Error::Startup(format!("service supervisor failed: {join}")))?
+            }
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Where calls run: the worker pool of a runner context.
+//!
+//! A pool admits at most `MAX_WORKERS` calls at once. Sync targets run on OS threads
+//! (tokio's blocking pool), async targets on the runtime; the pool's permits bound both.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::WorkerMode;
+
+/// A slot in the pool, held while a call runs.
+#[derive(Debug)]
+pub struct WorkerPermit {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The worker pool shared by the routes of one runner context.
+#[derive(Clone, Debug)]
+pub struct WorkerPool {
+    slots: Arc<Semaphore>,
+    size: usize,
+    mode: WorkerMode,
+}
+
+impl WorkerPool {
+    /// A pool of `size` workers in `mode`.
+    pub fn new(size: usize, mode: WorkerMode) -> Self {
+        WorkerPool { slots: Arc::new(Semaphore::new(size)), size, mode }
+    }
+
+    /// How many calls may run at once.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The worker mode.
+    pub fn mode(&self) -> WorkerMode {
+        self.mode
+    }
+
+    /// Free slots now.
+    pub fn available(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    /// Wait for a free slot. Once `stopping` fires, a non-greedy pool admits nothing more
+    /// (`None`: hand the message back); a greedy pool still admits what was received.
+    pub async fn acquire(&self, stopping: &CancellationToken) -> Option<WorkerPermit> {
+        let slots = self.slots.clone();
+        let permit = if self.mode.is_greedy() {
+            slots.acquire_owned().await.ok()
+        } else {
+            tokio::select! {
+                biased;
+                _ = stopping.cancelled() => None,
+                permit = slots.acquire_owned() => permit.ok(),
+            }
+        };
+        permit.map(|permit| WorkerPermit { _permit: permit })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn thread_mode_admits_nothing_after_stop_but_greedy_does() {
+        let stopping = CancellationToken::new();
+        stopping.cancel();
+        let thread = WorkerPool::new(2, WorkerMode::Thread);
+        assert!(thread.acquire(&stopping).await.is_none());
+        let greedy = WorkerPool::new(2, WorkerMode::GreedyThread);
+        let permit = greedy.acquire(&stopping).await;
+        assert!(permit.is_some());
+        assert_eq!(greedy.available(), 1);
+    }
+}

@@ -1,0 +1,260 @@
+//! The worker pipeline: translate → provide dependencies → call the target → settle.
+//!
+//! Entrypoints hand each message to their route's [`RouteHandle`]: it waits for a worker slot
+//! ([`RouteHandle::acquire`]), runs the pipeline, and on a failure runs the callback of a
+//! `CallbackRoute` ([`RouteHandle::handle`]). The entrypoint then settles the message with its
+//! source (ack, dead-letter, reply) from the [`Handled`] it gets back.
+
+mod context;
+mod stats;
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use context::{TargetRole, WorkerContext};
+pub use stats::RouteStats;
+
+use crate::amqp::dependencies::DeclaredExchanges;
+use crate::amqp::transport::SharedTransport;
+use crate::config::Config;
+use crate::context::CallContext;
+use crate::dependencies::{DependencyValues, SharedDependency};
+use crate::failure::{Failure, FailureKind};
+use crate::message::Message;
+use crate::spawners::{WorkerPermit, WorkerPool};
+use crate::targets::{ErasedTarget, TargetError, TargetResult};
+use crate::translators::{translate, MessageTranslator};
+
+/// The outcome of one call: the target's return value, or why it failed.
+pub type Outcome = Result<Value, Failure>;
+
+/// How a message's handling ended, for the entrypoint to settle it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Handled {
+    /// The target succeeded with this value.
+    Succeeded(Value),
+    /// The target failed and the route's callback handled the failure.
+    CalledBack(Failure),
+    /// Nothing handled it: bad input, a failure without callback, or a failing callback.
+    /// The message must be dead-lettered with this reason.
+    Failed(Failure),
+}
+
+/// A running route, as its entrypoint sees it.
+#[derive(Clone, Debug)]
+pub struct RouteHandle {
+    inner: Arc<RouteRuntime>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RouteRuntime {
+    pub service: Arc<str>,
+    pub name: Arc<str>,
+    pub target: ErasedTarget,
+    pub callback: Option<ErasedTarget>,
+    pub translators: Vec<Arc<dyn MessageTranslator>>,
+    pub dependencies: Vec<SharedDependency>,
+    pub config: Arc<Config>,
+    pub transport: SharedTransport,
+    pub pool: WorkerPool,
+    pub stopping: CancellationToken,
+    pub stats: RouteStats,
+    pub declared_exchanges: DeclaredExchanges,
+}
+
+impl RouteHandle {
+    pub(crate) fn new(runtime: RouteRuntime) -> Self {
+        RouteHandle { inner: Arc::new(runtime) }
+    }
+
+    /// The route's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The service's name.
+    pub fn service_name(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// The service's configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.inner.config
+    }
+
+    /// The broker connection.
+    pub fn transport(&self) -> &SharedTransport {
+        &self.inner.transport
+    }
+
+    /// The worker pool this route runs in.
+    pub fn pool(&self) -> &WorkerPool {
+        &self.inner.pool
+    }
+
+    /// Fires when the service begins to shut down.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.inner.stopping
+    }
+
+    /// Counters of this route.
+    pub fn stats(&self) -> &RouteStats {
+        &self.inner.stats
+    }
+
+    /// How many unacknowledged messages a consumer of this route may hold: `PREFETCH_COUNT`,
+    /// or the pool's size.
+    pub fn prefetch(&self) -> u16 {
+        self.inner
+            .config
+            .prefetch_count
+            .unwrap_or_else(|| u16::try_from(self.inner.pool.size()).unwrap_or(u16::MAX))
+    }
+
+    /// Wait for a worker slot; `None` when the service is stopping and the worker mode hands
+    /// unstarted messages back.
+    pub async fn acquire(&self) -> Option<WorkerPermit> {
+        self.inner.pool.acquire(&self.inner.stopping).await
+    }
+
+    /// Handle a message in the slot `permit`: run the target and, if it fails (not for bad
+    /// input), the callback.
+    pub async fn handle(&self, permit: WorkerPermit, message: Message) -> Handled {
+        self.inner.stats.received();
+        let handled = match self.execute(TargetRole::Target, message.clone(), None).await {
+            Ok(value) => Handled::Succeeded(value),
+            Err(failure) if failure.kind == FailureKind::BadInput => Handled::Failed(failure),
+            Err(failure) if self.inner.callback.is_some() => {
+                match self.execute(TargetRole::Callback, message, Some(failure.clone())).await {
+                    Ok(_) => Handled::CalledBack(failure),
+                    Err(callback_failure) => Handled::Failed(Failure {
+                        message: format!(
+                            "callback failed: {} (after: {})",
+                            callback_failure.message, failure.message
+                        ),
+                        ..callback_failure
+                    }),
+                }
+            }
+            Err(failure) => Handled::Failed(failure),
+        };
+        drop(permit);
+        handled
+    }
+
+    /// Record that a message was settled (for counters and test waits).
+    pub fn settled(&self, handled: &Handled) {
+        self.inner.stats.settled(handled);
+    }
+
+    /// Record that a message was acknowledged without a call (filtered out).
+    pub fn skipped(&self) {
+        self.inner.stats.skipped();
+    }
+
+    /// Run one function of the route on `message`: the unit of work a worker does.
+    pub async fn execute(
+        &self,
+        role: TargetRole,
+        message: Message,
+        failure: Option<Failure>,
+    ) -> Outcome {
+        let route = &self.inner;
+        let call = CallContext::for_call(
+            &message.properties.headers,
+            &route.service,
+            &route.name,
+            route.config.parent_calls_tracked,
+        );
+        let span = tracing::info_span!(
+            "call",
+            service = %route.service,
+            route = %route.name,
+            call_id = %call.call_id,
+            parent_call_id = call.parent_call_id().unwrap_or_default(),
+        );
+        self.run_pipeline(role, message, failure, call).instrument(span).await
+    }
+
+    async fn run_pipeline(
+        &self,
+        role: TargetRole,
+        message: Message,
+        failure: Option<Failure>,
+        call: CallContext,
+    ) -> Outcome {
+        let route = &self.inner;
+        let target = match (role, &route.callback) {
+            (TargetRole::Target, _) => &route.target,
+            (TargetRole::Callback, Some(callback)) => callback,
+            (TargetRole::Callback, None) => {
+                return Err(Failure::new(FailureKind::Error, "route has no callback"));
+            }
+        };
+        let payload = translate(&route.translators, &message);
+        if let (Err(reason), false) = (&payload, route.translators.is_empty()) {
+            return Err(Failure::bad_input(reason.clone()));
+        }
+        let mut ctx = WorkerContext {
+            service: route.service.clone(),
+            route: route.name.clone(),
+            role,
+            message,
+            payload,
+            call,
+            config: route.config.clone(),
+            failure,
+            transport: route.transport.clone(),
+            dependencies: Arc::default(),
+            declared_exchanges: route.declared_exchanges.clone(),
+        };
+        let mut values = DependencyValues::default();
+        for dependency in &route.dependencies {
+            if let Err(error) = dependency.provide(&ctx, &mut values).await {
+                let failure = Failure::from_error(&error, dependency.name());
+                return Err(Failure {
+                    message: format!(
+                        "dependency {} failed: {}",
+                        dependency.name(),
+                        failure.message
+                    ),
+                    ..failure
+                });
+            }
+        }
+        let values = Arc::new(values);
+        ctx.dependencies = values.clone();
+        let outcome = into_outcome((target.invoke)(ctx).await);
+        for dependency in &route.dependencies {
+            dependency.after_call(&values, &outcome).await;
+        }
+        match &outcome {
+            Ok(_) => tracing::debug!("call succeeded"),
+            Err(failure) => {
+                tracing::warn!(kind = %failure.kind, "call failed: {}", failure.full_message())
+            }
+        }
+        outcome
+    }
+}
+
+fn into_outcome(result: TargetResult) -> Outcome {
+    result.map_err(|error| match error {
+        TargetError::Extract(crate::extract::ExtractError::BadInput(reason)) => {
+            Failure::bad_input(reason)
+        }
+        TargetError::Extract(crate::extract::ExtractError::Unavailable(reason)) => {
+            Failure::new(FailureKind::Error, reason)
+        }
+        TargetError::Error { error, type_name } => Failure::from_error(&error, type_name),
+        TargetError::Panic(message) => {
+            Failure::new(FailureKind::Panic, format!("target panicked: {message}"))
+        }
+        TargetError::Unserializable(reason) => {
+            Failure::new(FailureKind::Error, format!("return value cannot be serialized: {reason}"))
+        }
+    })
+}

@@ -1,0 +1,525 @@
+//! The foundation's behaviour, on every broker of `common::broker_uris()`.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{broker_uris, config, wait_until, Probe};
+use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::amqp::settle::{HEADER_ERROR, HEADER_ERROR_KIND, HEADER_ROUTE};
+use micro_framework::amqp::transport::{HeaderValue, OutgoingMessage, PublishOptions};
+use micro_framework::config::WorkerMode;
+use micro_framework::dependencies::Shared;
+use micro_framework::entrypoints::TimeEntrypoint;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
+use micro_framework::translators::JsonTranslator;
+use micro_framework::{CallContext, Error};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+fn queue_of(service: &str, source: &str, event: &str, method: &str) -> String {
+    format!("evt-{source}-{event}--{service}.{method}")
+}
+
+fn header<'a>(message: &'a micro_framework::Message, key: &str) -> &'a str {
+    message.properties.headers.get(key).and_then(HeaderValue::as_str).unwrap_or_default()
+}
+
+fn record(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(payload);
+    probe.leave();
+}
+
+#[tokio::test]
+async fn events_reach_their_route_and_are_acked_after_success() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let config = config(&uri, "events");
+        let service_name = config.service_name.clone();
+        let routes = vec![Route::new(record)
+            .entrypoint(EventListener::new("shop", "paid"))
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        for i in 0..5 {
+            service.dispatch("shop", "paid", &json!({ "i": i })).await.unwrap();
+        }
+        service.dispatch("shop", "refunded", &json!({ "other": true })).await.unwrap();
+        service.wait_for_route("record", 5).await.unwrap();
+        let queue = queue_of(&service_name, "shop", "paid", "record");
+        assert_eq!(service.queue_len(&queue).await.unwrap(), 0);
+        let mut seen: Vec<i64> =
+            probe.seen.lock().unwrap().iter().map(|v| v["i"].as_i64().unwrap()).collect();
+        seen.sort();
+        assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+        service.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_message_is_not_acked_before_its_outcome_is_settled() {
+    for uri in broker_uris() {
+        let probe = Probe::closed();
+        let config = config(&uri, "unacked");
+        let queue = queue_of(&config.service_name, "shop", "paid", "record");
+        let routes = vec![Route::new(record)
+            .entrypoint(EventListener::new("shop", "paid"))
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch("shop", "paid", &json!({ "i": 1 })).await.unwrap();
+        probe.wait_started(1).await;
+        // The call is running: the broker must still own the message. Losing the connection
+        // now hands it back to the queue.
+        service.transport().close().await;
+        probe.open();
+        let _ = service.stop().await;
+        let reconnected =
+            micro_framework::amqp::connect(&Config { amqp_uri: uri.clone(), ..Config::new("o") })
+                .await
+                .unwrap();
+        assert_eq!(reconnected.queue_info(&queue).await.unwrap().message_count, 1);
+        reconnected.delete_queue(&queue).await.unwrap();
+        reconnected.close().await;
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Order {
+    id: u64,
+}
+
+fn typed(Payload(order): Payload<Order>, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(json!(order.id));
+    probe.leave();
+}
+
+#[tokio::test]
+async fn bad_input_goes_to_the_dead_letter_queue_with_the_reason() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let config = config(&uri, "badinput");
+        let service_name = config.service_name.clone();
+        let failing_translator = |payload: Value| -> Result<Value, String> {
+            if payload.get("reject").is_some() {
+                Err("rejected by translator".into())
+            } else {
+                Ok(payload)
+            }
+        };
+        let routes = vec![
+            Route::new(typed)
+                .entrypoint(EventListener::new("shop", "paid"))
+                .dependency(Shared(probe.clone())),
+            Route::new(record)
+                .entrypoint(EventListener::new("shop", "translated"))
+                .translator(failing_translator)
+                .dependency(Shared(probe.clone())),
+        ];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch("shop", "paid", &json!({ "id": "not a number" })).await.unwrap();
+        let raw = OutgoingMessage { body: Bytes::from_static(b"{oops"), ..Default::default() };
+        service
+            .transport()
+            .publish("shop.events", "paid", raw, PublishOptions::default())
+            .await
+            .unwrap();
+        service.dispatch("shop", "translated", &json!({ "reject": 1 })).await.unwrap();
+        service.dispatch("shop", "paid", &json!({ "id": 7 })).await.unwrap();
+        service.wait_for_route("typed", 3).await.unwrap();
+        service.wait_for_route("record", 1).await.unwrap();
+
+        let paid_queue = queue_of(&service_name, "shop", "paid", "typed");
+        let dead = service.take_messages(&format!("{paid_queue}.dlq")).await.unwrap();
+        assert_eq!(dead.len(), 2, "wrong shape and undecodable body");
+        assert!(dead.iter().all(|m| header(m, HEADER_ERROR_KIND) == "bad_input"));
+        assert!(dead.iter().all(|m| header(m, HEADER_ROUTE) == "typed"));
+        assert!(header(&dead[0], HEADER_ERROR).contains("payload does not fit"));
+        assert!(header(&dead[1], HEADER_ERROR).contains("not valid JSON"));
+        assert_eq!(dead[1].body, Bytes::from_static(b"{oops"), "body kept as received");
+
+        let translated_queue = queue_of(&service_name, "shop", "translated", "record");
+        let dead = service.take_messages(&format!("{translated_queue}.dlq")).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(header(&dead[0], HEADER_ERROR).contains("rejected by translator"));
+
+        // The service kept running: the good message was handled.
+        assert_eq!(*probe.seen.lock().unwrap(), vec![json!(7)]);
+        assert_eq!(service.queue_len(&paid_queue).await.unwrap(), 0);
+        service.stop().await.unwrap();
+    }
+}
+
+fn fails(Payload(payload): Payload<Value>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other(format!("cannot handle {payload}")))
+}
+
+fn panics(Payload(_): Payload<Value>) {
+    panic!("boom");
+}
+
+fn on_failure(Payload(payload): Payload<Value>, failure: Failure, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(json!({ "payload": payload, "error": failure.message }));
+    probe.leave();
+}
+
+#[tokio::test]
+async fn the_callback_runs_after_a_failure_and_failures_without_one_are_dead_lettered() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let config = config(&uri, "callback");
+        let service_name = config.service_name.clone();
+        let routes = vec![
+            CallbackRoute::new(fails, on_failure)
+                .entrypoint(EventListener::new("shop", "paid"))
+                .dependency(Shared(probe.clone())),
+            Route::new(panics).entrypoint(EventListener::new("shop", "paid")),
+        ];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch("shop", "paid", &json!({ "id": 1 })).await.unwrap();
+        service.wait_for_route("fails", 1).await.unwrap();
+        service.wait_for_route("panics", 1).await.unwrap();
+
+        let seen = probe.seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            vec![json!({ "payload": { "id": 1 }, "error": "cannot handle {\"id\":1}" })]
+        );
+        let fails_queue = queue_of(&service_name, "shop", "paid", "fails");
+        assert_eq!(service.queue_len(&fails_queue).await.unwrap(), 0);
+        assert_eq!(service.queue_len(&format!("{fails_queue}.dlq")).await.unwrap(), 0);
+
+        let panics_queue = queue_of(&service_name, "shop", "paid", "panics");
+        let dead = service.take_messages(&format!("{panics_queue}.dlq")).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(header(&dead[0], HEADER_ERROR_KIND), "panic");
+        assert!(header(&dead[0], HEADER_ERROR).contains("boom"));
+        service.stop().await.unwrap();
+    }
+}
+
+fn failing_callback(Payload(_): Payload<Value>, _failure: Failure) -> Result<(), String> {
+    Err("callback broke too".into())
+}
+
+#[tokio::test]
+async fn a_failing_callback_dead_letters_the_message() {
+    for uri in broker_uris() {
+        let config = config(&uri, "badcallback");
+        let queue = queue_of(&config.service_name, "shop", "paid", "fails");
+        let routes = vec![CallbackRoute::new(fails, failing_callback)
+            .entrypoint(EventListener::new("shop", "paid"))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch("shop", "paid", &json!({ "id": 1 })).await.unwrap();
+        service.wait_for_route("fails", 1).await.unwrap();
+        let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert!(header(&dead[0], HEADER_ERROR).contains("callback broke too"));
+        assert!(header(&dead[0], HEADER_ERROR).contains("cannot handle"));
+        service.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn translators_are_chained_in_order() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let config = config(&uri, "translators");
+        let add_seen = |mut payload: Value| -> Result<Value, String> {
+            payload["steps"] = json!(["json"]);
+            Ok(payload)
+        };
+        let add_second = |mut payload: Value| -> Result<Value, String> {
+            payload["steps"].as_array_mut().ok_or("no steps")?.push(json!("second"));
+            Ok(payload)
+        };
+        let routes = vec![Route::new(record)
+            .entrypoint(EventListener::new("shop", "paid"))
+            .translator(JsonTranslator)
+            .translator(add_seen)
+            .translator(add_second)
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        // A double-encoded payload: a JSON string holding a JSON object.
+        service.dispatch("shop", "paid", &json!("{\"id\": 3}")).await.unwrap();
+        service.wait_for_route("record", 1).await.unwrap();
+        assert_eq!(
+            *probe.seen.lock().unwrap(),
+            vec![json!({ "id": 3, "steps": ["json", "second"] })]
+        );
+        service.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn max_workers_is_never_exceeded() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let config = Config { max_workers: 3, prefetch_count: Some(20), ..config(&uri, "workers") };
+        fn slow(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
+            probe.enter(payload);
+            std::thread::sleep(Duration::from_millis(5));
+            probe.leave();
+        }
+        async fn slow_async(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
+            probe.enter(payload);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            probe.leave();
+        }
+        let routes = vec![
+            Route::new(slow)
+                .entrypoint(EventListener::new("shop", "paid"))
+                .dependency(Shared(probe.clone())),
+            Route::new(slow_async)
+                .entrypoint(EventListener::new("shop", "paid"))
+                .dependency(Shared(probe.clone())),
+        ];
+        let service = TestService::start(routes, config).await.unwrap();
+        for i in 0..40 {
+            service.dispatch("shop", "paid", &json!(i)).await.unwrap();
+        }
+        service.wait_for_route("slow", 40).await.unwrap();
+        service.wait_for_route("slow_async", 40).await.unwrap();
+        assert_eq!(probe.finished.load(Ordering::SeqCst), 80);
+        let max = probe.max_running.load(Ordering::SeqCst);
+        assert!(max <= 3, "{max} calls ran at once with MAX_WORKERS=3");
+        service.stop().await.unwrap();
+    }
+}
+
+/// Starts `total` messages with 2 workers and a prefetch of 6, stops while 2 calls run and
+/// returns (handled, left in the queue).
+async fn stop_mid_stream(uri: &str, mode: WorkerMode) -> (u64, u32) {
+    let probe = Probe::closed();
+    let config = Config {
+        max_workers: 2,
+        prefetch_count: Some(6),
+        worker_mode: mode,
+        ..config(uri, "shutdown")
+    };
+    let queue = queue_of(&config.service_name, "shop", "paid", "record");
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new("shop", "paid"))
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    for i in 0..10 {
+        service.dispatch("shop", "paid", &json!(i)).await.unwrap();
+    }
+    probe.wait_started(2).await;
+    // 6 delivered (prefetch), 4 still queued at the signal.
+    let transport = service.transport().clone();
+    for _ in 0..2000 {
+        if transport.queue_info(&queue).await.unwrap().message_count == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(transport.queue_info(&queue).await.unwrap().message_count, 4);
+    service.begin_stop();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    probe.open();
+    service.wait_stopped().await.unwrap();
+    let observer = micro_framework::amqp::connect(&config).await.unwrap();
+    let left = observer.queue_info(&queue).await.unwrap().message_count;
+    observer.delete_queue(&queue).await.unwrap();
+    observer.delete_queue(&format!("{queue}.dlq")).await.unwrap();
+    observer.close().await;
+    (probe.finished.load(Ordering::SeqCst), left)
+}
+
+#[tokio::test]
+async fn thread_mode_finishes_running_calls_and_hands_the_rest_back() {
+    for uri in broker_uris() {
+        let (handled, left) = stop_mid_stream(&uri, WorkerMode::Thread).await;
+        assert_eq!((handled, left), (2, 8));
+    }
+}
+
+#[tokio::test]
+async fn greedy_thread_mode_finishes_everything_received() {
+    for uri in broker_uris() {
+        let (handled, left) = stop_mid_stream(&uri, WorkerMode::GreedyThread).await;
+        assert_eq!((handled, left), (6, 4));
+    }
+}
+
+#[tokio::test]
+async fn unprovidable_parameters_and_duplicate_names_are_refused_at_start() {
+    #[derive(Clone)]
+    struct Database;
+    fn needs_db(Dep(_db): Dep<Database>) {}
+    fn wants_failure(_failure: Failure) {}
+    fn plain() {}
+
+    let uri = &broker_uris()[0];
+    let start =
+        |routes: Vec<Route>| async { TestService::start(routes, config(uri, "refuse")).await };
+
+    let error = start(vec![Route::new(needs_db).entrypoint(EventListener::new("a", "b"))])
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Startup(_)));
+    assert!(error.to_string().contains("Dep<"), "{error}");
+    assert!(error.to_string().contains("needs_db"), "{error}");
+
+    let error = start(vec![Route::new(wants_failure).entrypoint(EventListener::new("a", "b"))])
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("only available to the callback"), "{error}");
+
+    let error = start(vec![
+        Route::new(plain).entrypoint(EventListener::new("a", "b")),
+        Route::new(plain).entrypoint(EventListener::new("a", "c")),
+    ])
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("two routes are named 'plain'"), "{error}");
+
+    let error = start(vec![Route::new(plain)]).await.unwrap_err();
+    assert!(error.to_string().contains("no entrypoint"), "{error}");
+
+    let routes = vec![Route::new(plain).entrypoint(EventListener::new("a", "b"))];
+    let bad = Config { max_workers: 0, ..config(uri, "refuse") };
+    let error = TestService::start(routes, bad).await.unwrap_err();
+    assert!(error.to_string().contains("MAX_WORKERS"), "{error}");
+}
+
+#[tokio::test]
+async fn the_timer_fires_again_after_a_failing_run_and_runs_never_overlap() {
+    let probe = Probe::new();
+    async fn tick(Dep(probe): Dep<Arc<Probe>>) -> Result<(), String> {
+        probe.enter(Value::Null);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        probe.leave();
+        if probe.finished.load(Ordering::SeqCst) == 1 {
+            Err("first run fails".into())
+        } else {
+            Ok(())
+        }
+    }
+    let routes = vec![Route::new(tick)
+        .entrypoint(TimeEntrypoint::every(Duration::from_millis(5)))
+        .dependency(Shared(probe.clone()))];
+    let config = Config { max_workers: 4, ..config(&broker_uris()[0], "timer") };
+    let service = TestService::start(routes, config).await.unwrap();
+    service.wait_for_route("tick", 4).await.unwrap();
+    service.stop().await.unwrap();
+    assert_eq!(probe.max_running.load(Ordering::SeqCst), 1);
+    assert!(probe.finished.load(Ordering::SeqCst) >= 4);
+}
+
+#[tokio::test]
+async fn events_dispatched_by_a_target_carry_the_call_id_stack() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let config = config(&uri, "chain");
+        let service_name = config.service_name.clone();
+        async fn relay(
+            Payload(payload): Payload<Value>,
+            producer: micro_framework::amqp::dependencies::Producer,
+        ) -> micro_framework::Result<()> {
+            producer.dispatch("relayed", &payload).await
+        }
+        fn sink(call: CallContext, Dep(probe): Dep<Arc<Probe>>) {
+            probe.enter(json!(call.call_id_stack));
+            probe.leave();
+        }
+        let routes = vec![
+            Route::new(relay).entrypoint(EventListener::new("shop", "paid")),
+            Route::new(sink)
+                .entrypoint(EventListener::new(service_name.clone(), "relayed"))
+                .dependency(Shared(probe.clone())),
+        ];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch("shop", "paid", &json!({})).await.unwrap();
+        service.wait_for_route("sink", 1).await.unwrap();
+        let stack = probe.seen.lock().unwrap()[0].clone();
+        let stack: Vec<String> = serde_json::from_value(stack).unwrap();
+        assert_eq!(stack.len(), 2);
+        assert!(stack[0].starts_with(&format!("{service_name}.relay.")));
+        assert!(stack[1].starts_with(&format!("{service_name}.sink.")));
+        service.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn dependencies_see_setup_each_call_its_outcome_and_teardown() {
+    use micro_framework::dependencies::{Dependency, SetupContext};
+    use micro_framework::{BoxError, Outcome, WorkerContext};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Journal(Mutex<Vec<String>>);
+    struct Tracked(Arc<Journal>);
+
+    #[micro_framework::async_trait]
+    impl Dependency for Tracked {
+        type Output = String;
+        async fn setup(&self, setup: &SetupContext) -> Result<(), BoxError> {
+            self.0 .0.lock().unwrap().push(format!("setup {}", !setup.service_name.is_empty()));
+            Ok(())
+        }
+        async fn get(&self, call: &WorkerContext) -> Result<String, BoxError> {
+            Ok(format!("session for {}", call.route_name()))
+        }
+        async fn after_call(&self, value: &String, outcome: &Outcome) {
+            let verdict = if outcome.is_ok() { "commit" } else { "rollback" };
+            self.0 .0.lock().unwrap().push(format!("{verdict} {value}"));
+        }
+        async fn teardown(&self) {
+            self.0 .0.lock().unwrap().push("teardown".into());
+        }
+    }
+
+    fn uses(Payload(ok): Payload<bool>, Dep(session): Dep<String>) -> Result<(), String> {
+        assert_eq!(session, "session for uses");
+        if ok {
+            Ok(())
+        } else {
+            Err("no".into())
+        }
+    }
+
+    let journal = Arc::new(Journal::default());
+    let config = config(&broker_uris()[0], "deps");
+    let routes = vec![Route::new(uses).entrypoint(EventListener::new("shop", "paid"))];
+    let runner = Runner::new(routes, config.clone()).dependency(Tracked(journal.clone()));
+    let service = TestService::start_runner(runner, config).await.unwrap();
+    service.dispatch("shop", "paid", &true).await.unwrap();
+    service.wait_for_route("uses", 1).await.unwrap();
+    service.dispatch("shop", "paid", &false).await.unwrap();
+    service.wait_for_route("uses", 2).await.unwrap();
+    service.stop().await.unwrap();
+    let entries = journal.0.lock().unwrap().clone();
+    assert_eq!(
+        entries,
+        vec!["setup true", "commit session for uses", "rollback session for uses", "teardown"]
+    );
+}
+
+#[tokio::test]
+async fn a_payload_filter_skips_events_without_losing_them_to_the_dead_letter_queue() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let config = config(&uri, "filter");
+        let queue = queue_of(&config.service_name, "shop", "paid", "record");
+        let routes = vec![Route::new(record)
+            .entrypoint(
+                EventListener::new("shop", "paid").filter(|p| p["amount"].as_i64() > Some(100)),
+            )
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        for amount in [50, 150, 99, 300] {
+            service.dispatch("shop", "paid", &json!({ "amount": amount })).await.unwrap();
+        }
+        service.wait_for_route("record", 4).await.unwrap();
+        assert_eq!(service.route("record").unwrap().stats().skipped_count(), 2);
+        wait_until(|| probe.finished.load(Ordering::SeqCst) == 2, "two handled").await;
+        let transport = service.transport().clone();
+        assert_eq!(transport.queue_info(&queue).await.unwrap().message_count, 0);
+        assert_eq!(transport.queue_info(&format!("{queue}.dlq")).await.unwrap().message_count, 0);
+        service.stop().await.unwrap();
+    }
+}
