@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::amqp::dependencies::{DeclaredExchanges, Producer};
+use crate::amqp::dependencies::Producer;
 use crate::amqp::transport::{SharedTransport, Transport};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -36,7 +36,7 @@ use crate::message::Message;
 use crate::routes::Route;
 use crate::runner::{Runner, RunningService};
 use crate::spawners::WorkerPool;
-use crate::workers::{Outcome, RouteHandle, RouteRuntime, RouteStats, TargetRole};
+use crate::workers::{Outcome, RouteHandle, ServiceEnv, TargetRole};
 
 /// How long the `wait_*` helpers wait before failing.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
@@ -167,20 +167,8 @@ pub async fn call_route(route: Route, config: Config, message: Message) -> Outco
         }
     }
     let dependencies = route.dependencies.clone();
-    let handle = RouteHandle::new(RouteRuntime {
-        service: config.service_name.as_str().into(),
-        name: route.name.as_str().into(),
-        target: route.target,
-        callback: route.callback,
-        translators: route.translators,
-        dependencies: route.dependencies,
-        config: config.clone(),
-        transport: transport.clone(),
-        pool: WorkerPool::new(config.max_workers, config.worker_mode),
-        stopping: Default::default(),
-        stats: RouteStats::default(),
-        declared_exchanges: DeclaredExchanges::default(),
-    });
+    let pool = WorkerPool::new(config.max_workers, config.worker_mode);
+    let handle = RouteHandle::new(route, pool, &ServiceEnv::new(config.clone(), transport.clone()));
     let outcome = handle.execute(TargetRole::Target, message, None).await;
     for dependency in &dependencies {
         dependency.teardown().await;

@@ -523,3 +523,64 @@ async fn a_payload_filter_skips_events_without_losing_them_to_the_dead_letter_qu
         service.stop().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_runner_context_keeps_long_tasks_from_starving_other_routes() {
+    for uri in broker_uris() {
+        let blocked = Probe::closed();
+        let quick = Probe::new();
+        let config = Config { max_workers: 1, ..config(&uri, "contexts") };
+        fn slow(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
+            probe.enter(payload);
+            probe.leave();
+        }
+        let runner = Runner::new(
+            vec![Route::new(record)
+                .entrypoint(EventListener::new("shop", "quick"))
+                .dependency(Shared(quick.clone()))],
+            config.clone(),
+        )
+        .context(
+            RunnerContext::new(vec![Route::new(slow)
+                .entrypoint(EventListener::new("shop", "slow"))
+                .dependency(Shared(blocked.clone()))])
+            .max_workers(1)
+            .metric_label("slow"),
+        );
+        let service = TestService::start_runner(runner, config).await.unwrap();
+        service.dispatch("shop", "slow", &json!(1)).await.unwrap();
+        blocked.wait_started(1).await;
+        for i in 0..3 {
+            service.dispatch("shop", "quick", &json!(i)).await.unwrap();
+        }
+        // The slow context's only worker is busy; the default context still works.
+        service.wait_for_route("record", 3).await.unwrap();
+        blocked.open();
+        service.wait_for_route("slow", 1).await.unwrap();
+        service.stop().await.unwrap();
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Mailer(&'static str);
+
+fn notify(Dep(mailer): Dep<Mailer>) -> &'static str {
+    mailer.0
+}
+
+#[tokio::test]
+async fn a_test_can_replace_a_dependency_and_call_a_route_directly() {
+    use micro_framework::testing::{call_route, test_config};
+    let real = Route::new(notify).dependency(Shared(Mailer("smtp")));
+    let faked = real.dependency(Shared(Mailer("fake")));
+    let outcome = call_route(faked, test_config("mail"), micro_framework::Message::default()).await;
+    assert_eq!(outcome.unwrap(), json!("fake"));
+
+    let outcome = call_route(
+        Route::new(typed).dependency(Shared(Probe::new())),
+        test_config("mail"),
+        micro_framework::Message::json(&json!({"id": "x"})).unwrap(),
+    )
+    .await;
+    assert_eq!(outcome.unwrap_err().kind, micro_framework::FailureKind::BadInput);
+}

@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use context::RunnerContext;
 
-use crate::amqp::dependencies::DeclaredExchanges;
 use crate::amqp::transport::SharedTransport;
 use crate::config::Config;
 use crate::dependencies::{self, Dependency, SetupContext, SharedDependency};
@@ -19,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::extract::TargetSetup;
 use crate::routes::Route;
 use crate::spawners::WorkerPool;
-use crate::workers::{RouteHandle, RouteRuntime, RouteStats, TargetRole};
+use crate::workers::{RouteHandle, ServiceEnv, TargetRole};
 
 /// Starts a service: connects to the broker, sets up dependencies and entrypoints, runs the
 /// routes, and shuts down gracefully on SIGINT or SIGTERM (a second signal forces the exit).
@@ -176,9 +175,7 @@ async fn start_routes(
     config: &Arc<Config>,
     transport: SharedTransport,
 ) -> Result<RunningService> {
-    let stopping = CancellationToken::new();
-    let service: Arc<str> = config.service_name.as_str().into();
-    let declared_exchanges = DeclaredExchanges::default();
+    let env = ServiceEnv::new(config.clone(), transport.clone());
     let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
     let mut all_dependencies: Vec<SharedDependency> = Vec::new();
     for plan in &plans {
@@ -193,23 +190,9 @@ async fn start_routes(
         }
     }
     let mut started = Vec::new();
-    for plan in plans {
-        let RoutePlan { route, pool } = plan;
-        let Some(mut entrypoint) = route.entrypoint else { continue };
-        let handle = RouteHandle::new(RouteRuntime {
-            service: service.clone(),
-            name: route.name.as_str().into(),
-            target: route.target,
-            callback: route.callback,
-            translators: route.translators,
-            dependencies: route.dependencies,
-            config: config.clone(),
-            transport: transport.clone(),
-            pool,
-            stopping: stopping.clone(),
-            stats: RouteStats::default(),
-            declared_exchanges: declared_exchanges.clone(),
-        });
+    for RoutePlan { mut route, pool } in plans {
+        let Some(mut entrypoint) = route.entrypoint.take() else { continue };
+        let handle = RouteHandle::new(route, pool, &env);
         entrypoint.setup(&handle).await?;
         tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
         started.push((handle, entrypoint));
@@ -229,6 +212,7 @@ async fn start_routes(
         routes.len(),
         config.masked_amqp_uri()
     );
+    let stopping = env.stopping.clone();
     let supervisor =
         tokio::spawn(supervise(tasks, stopping.clone(), all_dependencies, transport.clone()));
     Ok(RunningService { stopping, routes, transport, supervisor: Some(supervisor) })

@@ -24,6 +24,7 @@ use crate::context::CallContext;
 use crate::dependencies::{DependencyValues, SharedDependency};
 use crate::failure::{Failure, FailureKind};
 use crate::message::Message;
+use crate::routes::Route;
 use crate::spawners::{WorkerPermit, WorkerPool};
 use crate::targets::{ErasedTarget, TargetError, TargetResult};
 use crate::translators::{translate, MessageTranslator};
@@ -50,24 +51,60 @@ pub struct RouteHandle {
 }
 
 #[derive(Debug)]
-pub(crate) struct RouteRuntime {
-    pub service: Arc<str>,
-    pub name: Arc<str>,
-    pub target: ErasedTarget,
-    pub callback: Option<ErasedTarget>,
-    pub translators: Vec<Arc<dyn MessageTranslator>>,
-    pub dependencies: Vec<SharedDependency>,
+struct RouteRuntime {
+    service: Arc<str>,
+    name: Arc<str>,
+    target: ErasedTarget,
+    callback: Option<ErasedTarget>,
+    translators: Vec<Arc<dyn MessageTranslator>>,
+    dependencies: Vec<SharedDependency>,
+    config: Arc<Config>,
+    transport: SharedTransport,
+    pool: WorkerPool,
+    stopping: CancellationToken,
+    stats: RouteStats,
+    declared_exchanges: DeclaredExchanges,
+}
+
+/// What the routes of one service share.
+#[derive(Clone, Debug)]
+pub(crate) struct ServiceEnv {
     pub config: Arc<Config>,
     pub transport: SharedTransport,
-    pub pool: WorkerPool,
     pub stopping: CancellationToken,
-    pub stats: RouteStats,
     pub declared_exchanges: DeclaredExchanges,
 }
 
+impl ServiceEnv {
+    pub(crate) fn new(config: Arc<Config>, transport: SharedTransport) -> Self {
+        ServiceEnv {
+            config,
+            transport,
+            stopping: CancellationToken::new(),
+            declared_exchanges: DeclaredExchanges::default(),
+        }
+    }
+}
+
 impl RouteHandle {
-    pub(crate) fn new(runtime: RouteRuntime) -> Self {
-        RouteHandle { inner: Arc::new(runtime) }
+    /// The running form of `route` (whose entrypoint the caller has taken) in `pool`.
+    pub(crate) fn new(route: Route, pool: WorkerPool, env: &ServiceEnv) -> Self {
+        RouteHandle {
+            inner: Arc::new(RouteRuntime {
+                service: env.config.service_name.as_str().into(),
+                name: route.name.as_str().into(),
+                target: route.target,
+                callback: route.callback,
+                translators: route.translators,
+                dependencies: route.dependencies,
+                config: env.config.clone(),
+                transport: env.transport.clone(),
+                pool,
+                stopping: env.stopping.clone(),
+                stats: RouteStats::default(),
+                declared_exchanges: env.declared_exchanges.clone(),
+            }),
+        }
     }
 
     /// The route's name.
