@@ -36,40 +36,45 @@ fn record(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
 
 #[tokio::test]
 async fn events_reach_their_route_and_are_acked_after_success() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let probe = Probe::new();
         let config = config(&uri, "events");
+        let markers = [config.service_name.clone(), shop.clone()];
         let service_name = config.service_name.clone();
         let routes = vec![Route::new(record)
-            .entrypoint(EventListener::new("shop", "paid"))
+            .entrypoint(EventListener::new(&shop, "paid"))
             .dependency(Shared(probe.clone()))];
         let service = TestService::start(routes, config).await.unwrap();
         for i in 0..5 {
-            service.dispatch("shop", "paid", &json!({ "i": i })).await.unwrap();
+            service.dispatch(&shop, "paid", &json!({ "i": i })).await.unwrap();
         }
-        service.dispatch("shop", "refunded", &json!({ "other": true })).await.unwrap();
+        service.dispatch(&shop, "refunded", &json!({ "other": true })).await.unwrap();
         service.wait_for_route("record", 5).await.unwrap();
-        let queue = queue_of(&service_name, "shop", "paid", "record");
+        let queue = queue_of(&service_name, &shop, "paid", "record");
         assert_eq!(service.queue_len(&queue).await.unwrap(), 0);
         let mut seen: Vec<i64> =
             probe.seen.lock().unwrap().iter().map(|v| v["i"].as_i64().unwrap()).collect();
         seen.sort();
         assert_eq!(seen, vec![0, 1, 2, 3, 4]);
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
     }
 }
 
 #[tokio::test]
 async fn a_message_is_not_acked_before_its_outcome_is_settled() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let probe = Probe::closed();
         let config = config(&uri, "unacked");
-        let queue = queue_of(&config.service_name, "shop", "paid", "record");
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = queue_of(&config.service_name, &shop, "paid", "record");
         let routes = vec![Route::new(record)
-            .entrypoint(EventListener::new("shop", "paid"))
+            .entrypoint(EventListener::new(&shop, "paid"))
             .dependency(Shared(probe.clone()))];
         let service = TestService::start(routes, config).await.unwrap();
-        service.dispatch("shop", "paid", &json!({ "i": 1 })).await.unwrap();
+        service.dispatch(&shop, "paid", &json!({ "i": 1 })).await.unwrap();
         probe.wait_started(1).await;
         // The call is running: the broker must still own the message. Losing the connection
         // now hands it back to the queue.
@@ -83,6 +88,7 @@ async fn a_message_is_not_acked_before_its_outcome_is_settled() {
         assert_eq!(reconnected.queue_info(&queue).await.unwrap().message_count, 1);
         reconnected.delete_queue(&queue).await.unwrap();
         reconnected.close().await;
+        common::cleanup(&uri, &markers).await;
     }
 }
 
@@ -98,9 +104,11 @@ fn typed(Payload(order): Payload<Order>, Dep(probe): Dep<Arc<Probe>>) {
 
 #[tokio::test]
 async fn bad_input_goes_to_the_dead_letter_queue_with_the_reason() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let probe = Probe::new();
         let config = config(&uri, "badinput");
+        let markers = [config.service_name.clone(), shop.clone()];
         let service_name = config.service_name.clone();
         let failing_translator = |payload: Value| -> Result<Value, String> {
             if payload.get("reject").is_some() {
@@ -111,27 +119,27 @@ async fn bad_input_goes_to_the_dead_letter_queue_with_the_reason() {
         };
         let routes = vec![
             Route::new(typed)
-                .entrypoint(EventListener::new("shop", "paid"))
+                .entrypoint(EventListener::new(&shop, "paid"))
                 .dependency(Shared(probe.clone())),
             Route::new(record)
-                .entrypoint(EventListener::new("shop", "translated"))
+                .entrypoint(EventListener::new(&shop, "translated"))
                 .translator(failing_translator)
                 .dependency(Shared(probe.clone())),
         ];
         let service = TestService::start(routes, config).await.unwrap();
-        service.dispatch("shop", "paid", &json!({ "id": "not a number" })).await.unwrap();
+        service.dispatch(&shop, "paid", &json!({ "id": "not a number" })).await.unwrap();
         let raw = OutgoingMessage { body: Bytes::from_static(b"{oops"), ..Default::default() };
         service
             .transport()
-            .publish("shop.events", "paid", raw, PublishOptions::default())
+            .publish(&format!("{shop}.events"), "paid", raw, PublishOptions::default())
             .await
             .unwrap();
-        service.dispatch("shop", "translated", &json!({ "reject": 1 })).await.unwrap();
-        service.dispatch("shop", "paid", &json!({ "id": 7 })).await.unwrap();
+        service.dispatch(&shop, "translated", &json!({ "reject": 1 })).await.unwrap();
+        service.dispatch(&shop, "paid", &json!({ "id": 7 })).await.unwrap();
         service.wait_for_route("typed", 3).await.unwrap();
         service.wait_for_route("record", 1).await.unwrap();
 
-        let paid_queue = queue_of(&service_name, "shop", "paid", "typed");
+        let paid_queue = queue_of(&service_name, &shop, "paid", "typed");
         let dead = service.take_messages(&format!("{paid_queue}.dlq")).await.unwrap();
         assert_eq!(dead.len(), 2, "wrong shape and undecodable body");
         assert!(dead.iter().all(|m| header(m, HEADER_ERROR_KIND) == "bad_input"));
@@ -140,7 +148,7 @@ async fn bad_input_goes_to_the_dead_letter_queue_with_the_reason() {
         assert!(header(&dead[1], HEADER_ERROR).contains("not valid JSON"));
         assert_eq!(dead[1].body, Bytes::from_static(b"{oops"), "body kept as received");
 
-        let translated_queue = queue_of(&service_name, "shop", "translated", "record");
+        let translated_queue = queue_of(&service_name, &shop, "translated", "record");
         let dead = service.take_messages(&format!("{translated_queue}.dlq")).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert!(header(&dead[0], HEADER_ERROR).contains("rejected by translator"));
@@ -149,6 +157,7 @@ async fn bad_input_goes_to_the_dead_letter_queue_with_the_reason() {
         assert_eq!(*probe.seen.lock().unwrap(), vec![json!(7)]);
         assert_eq!(service.queue_len(&paid_queue).await.unwrap(), 0);
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
     }
 }
 
@@ -167,18 +176,20 @@ fn on_failure(Payload(payload): Payload<Value>, failure: Failure, Dep(probe): De
 
 #[tokio::test]
 async fn the_callback_runs_after_a_failure_and_failures_without_one_are_dead_lettered() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let probe = Probe::new();
         let config = config(&uri, "callback");
+        let markers = [config.service_name.clone(), shop.clone()];
         let service_name = config.service_name.clone();
         let routes = vec![
             CallbackRoute::new(fails, on_failure)
-                .entrypoint(EventListener::new("shop", "paid"))
+                .entrypoint(EventListener::new(&shop, "paid"))
                 .dependency(Shared(probe.clone())),
-            Route::new(panics).entrypoint(EventListener::new("shop", "paid")),
+            Route::new(panics).entrypoint(EventListener::new(&shop, "paid")),
         ];
         let service = TestService::start(routes, config).await.unwrap();
-        service.dispatch("shop", "paid", &json!({ "id": 1 })).await.unwrap();
+        service.dispatch(&shop, "paid", &json!({ "id": 1 })).await.unwrap();
         service.wait_for_route("fails", 1).await.unwrap();
         service.wait_for_route("panics", 1).await.unwrap();
 
@@ -187,16 +198,17 @@ async fn the_callback_runs_after_a_failure_and_failures_without_one_are_dead_let
             seen,
             vec![json!({ "payload": { "id": 1 }, "error": "cannot handle {\"id\":1}" })]
         );
-        let fails_queue = queue_of(&service_name, "shop", "paid", "fails");
+        let fails_queue = queue_of(&service_name, &shop, "paid", "fails");
         assert_eq!(service.queue_len(&fails_queue).await.unwrap(), 0);
         assert_eq!(service.queue_len(&format!("{fails_queue}.dlq")).await.unwrap(), 0);
 
-        let panics_queue = queue_of(&service_name, "shop", "paid", "panics");
+        let panics_queue = queue_of(&service_name, &shop, "paid", "panics");
         let dead = service.take_messages(&format!("{panics_queue}.dlq")).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(header(&dead[0], HEADER_ERROR_KIND), "panic");
         assert!(header(&dead[0], HEADER_ERROR).contains("boom"));
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
     }
 }
 
@@ -206,27 +218,32 @@ fn failing_callback(Payload(_): Payload<Value>, _failure: Failure) -> Result<(),
 
 #[tokio::test]
 async fn a_failing_callback_dead_letters_the_message() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let config = config(&uri, "badcallback");
-        let queue = queue_of(&config.service_name, "shop", "paid", "fails");
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = queue_of(&config.service_name, &shop, "paid", "fails");
         let routes = vec![CallbackRoute::new(fails, failing_callback)
-            .entrypoint(EventListener::new("shop", "paid"))];
+            .entrypoint(EventListener::new(&shop, "paid"))];
         let service = TestService::start(routes, config).await.unwrap();
-        service.dispatch("shop", "paid", &json!({ "id": 1 })).await.unwrap();
+        service.dispatch(&shop, "paid", &json!({ "id": 1 })).await.unwrap();
         service.wait_for_route("fails", 1).await.unwrap();
         let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
         assert_eq!(dead.len(), 1);
         assert!(header(&dead[0], HEADER_ERROR).contains("callback broke too"));
         assert!(header(&dead[0], HEADER_ERROR).contains("cannot handle"));
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
     }
 }
 
 #[tokio::test]
 async fn translators_are_chained_in_order() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let probe = Probe::new();
         let config = config(&uri, "translators");
+        let markers = [config.service_name.clone(), shop.clone()];
         let add_seen = |mut payload: Value| -> Result<Value, String> {
             payload["steps"] = json!(["json"]);
             Ok(payload)
@@ -236,28 +253,31 @@ async fn translators_are_chained_in_order() {
             Ok(payload)
         };
         let routes = vec![Route::new(record)
-            .entrypoint(EventListener::new("shop", "paid"))
+            .entrypoint(EventListener::new(&shop, "paid"))
             .translator(JsonTranslator)
             .translator(add_seen)
             .translator(add_second)
             .dependency(Shared(probe.clone()))];
         let service = TestService::start(routes, config).await.unwrap();
         // A double-encoded payload: a JSON string holding a JSON object.
-        service.dispatch("shop", "paid", &json!("{\"id\": 3}")).await.unwrap();
+        service.dispatch(&shop, "paid", &json!("{\"id\": 3}")).await.unwrap();
         service.wait_for_route("record", 1).await.unwrap();
         assert_eq!(
             *probe.seen.lock().unwrap(),
             vec![json!({ "id": 3, "steps": ["json", "second"] })]
         );
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
     }
 }
 
 #[tokio::test]
 async fn max_workers_is_never_exceeded() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let probe = Probe::new();
         let config = Config { max_workers: 3, prefetch_count: Some(20), ..config(&uri, "workers") };
+        let markers = [config.service_name.clone(), shop.clone()];
         fn slow(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
             probe.enter(payload);
             std::thread::sleep(Duration::from_millis(5));
@@ -270,15 +290,15 @@ async fn max_workers_is_never_exceeded() {
         }
         let routes = vec![
             Route::new(slow)
-                .entrypoint(EventListener::new("shop", "paid"))
+                .entrypoint(EventListener::new(&shop, "paid"))
                 .dependency(Shared(probe.clone())),
             Route::new(slow_async)
-                .entrypoint(EventListener::new("shop", "paid"))
+                .entrypoint(EventListener::new(&shop, "paid"))
                 .dependency(Shared(probe.clone())),
         ];
         let service = TestService::start(routes, config).await.unwrap();
         for i in 0..40 {
-            service.dispatch("shop", "paid", &json!(i)).await.unwrap();
+            service.dispatch(&shop, "paid", &json!(i)).await.unwrap();
         }
         service.wait_for_route("slow", 40).await.unwrap();
         service.wait_for_route("slow_async", 40).await.unwrap();
@@ -286,12 +306,14 @@ async fn max_workers_is_never_exceeded() {
         let max = probe.max_running.load(Ordering::SeqCst);
         assert!(max <= 3, "{max} calls ran at once with MAX_WORKERS=3");
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
     }
 }
 
 /// Starts `total` messages with 2 workers and a prefetch of 6, stops while 2 calls run and
 /// returns (handled, left in the queue).
 async fn stop_mid_stream(uri: &str, mode: WorkerMode) -> (u64, u32) {
+    let shop = common::unique("shop");
     let probe = Probe::closed();
     let config = Config {
         max_workers: 2,
@@ -299,13 +321,13 @@ async fn stop_mid_stream(uri: &str, mode: WorkerMode) -> (u64, u32) {
         worker_mode: mode,
         ..config(uri, "shutdown")
     };
-    let queue = queue_of(&config.service_name, "shop", "paid", "record");
+    let queue = queue_of(&config.service_name, &shop, "paid", "record");
     let routes = vec![Route::new(record)
-        .entrypoint(EventListener::new("shop", "paid"))
+        .entrypoint(EventListener::new(&shop, "paid"))
         .dependency(Shared(probe.clone()))];
     let service = TestService::start(routes, config.clone()).await.unwrap();
     for i in 0..10 {
-        service.dispatch("shop", "paid", &json!(i)).await.unwrap();
+        service.dispatch(&shop, "paid", &json!(i)).await.unwrap();
     }
     probe.wait_started(2).await;
     // 6 delivered (prefetch), 4 still queued at the signal.
@@ -323,9 +345,8 @@ async fn stop_mid_stream(uri: &str, mode: WorkerMode) -> (u64, u32) {
     service.wait_stopped().await.unwrap();
     let observer = micro_framework::amqp::connect(&config).await.unwrap();
     let left = observer.queue_info(&queue).await.unwrap().message_count;
-    observer.delete_queue(&queue).await.unwrap();
-    observer.delete_queue(&format!("{queue}.dlq")).await.unwrap();
     observer.close().await;
+    common::cleanup(uri, &[config.service_name.clone(), shop]).await;
     (probe.finished.load(Ordering::SeqCst), left)
 }
 
@@ -412,9 +433,11 @@ async fn the_timer_fires_again_after_a_failing_run_and_runs_never_overlap() {
 
 #[tokio::test]
 async fn events_dispatched_by_a_target_carry_the_call_id_stack() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let probe = Probe::new();
         let config = config(&uri, "chain");
+        let markers = [config.service_name.clone(), shop.clone()];
         let service_name = config.service_name.clone();
         async fn relay(
             Payload(payload): Payload<Value>,
@@ -427,13 +450,13 @@ async fn events_dispatched_by_a_target_carry_the_call_id_stack() {
             probe.leave();
         }
         let routes = vec![
-            Route::new(relay).entrypoint(EventListener::new("shop", "paid")),
+            Route::new(relay).entrypoint(EventListener::new(&shop, "paid")),
             Route::new(sink)
                 .entrypoint(EventListener::new(service_name.clone(), "relayed"))
                 .dependency(Shared(probe.clone())),
         ];
         let service = TestService::start(routes, config).await.unwrap();
-        service.dispatch("shop", "paid", &json!({})).await.unwrap();
+        service.dispatch(&shop, "paid", &json!({})).await.unwrap();
         service.wait_for_route("sink", 1).await.unwrap();
         let stack = probe.seen.lock().unwrap()[0].clone();
         let stack: Vec<String> = serde_json::from_value(stack).unwrap();
@@ -441,11 +464,13 @@ async fn events_dispatched_by_a_target_carry_the_call_id_stack() {
         assert!(stack[0].starts_with(&format!("{service_name}.relay.")));
         assert!(stack[1].starts_with(&format!("{service_name}.sink.")));
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
     }
 }
 
 #[tokio::test]
 async fn dependencies_see_setup_each_call_its_outcome_and_teardown() {
+    let shop = common::unique("shop");
     use micro_framework::dependencies::{Dependency, SetupContext};
     use micro_framework::{BoxError, Outcome, WorkerContext};
     use std::sync::Mutex;
@@ -484,12 +509,12 @@ async fn dependencies_see_setup_each_call_its_outcome_and_teardown() {
 
     let journal = Arc::new(Journal::default());
     let config = config(&broker_uris()[0], "deps");
-    let routes = vec![Route::new(uses).entrypoint(EventListener::new("shop", "paid"))];
+    let routes = vec![Route::new(uses).entrypoint(EventListener::new(&shop, "paid"))];
     let runner = Runner::new(routes, config.clone()).dependency(Tracked(journal.clone()));
     let service = TestService::start_runner(runner, config).await.unwrap();
-    service.dispatch("shop", "paid", &true).await.unwrap();
+    service.dispatch(&shop, "paid", &true).await.unwrap();
     service.wait_for_route("uses", 1).await.unwrap();
-    service.dispatch("shop", "paid", &false).await.unwrap();
+    service.dispatch(&shop, "paid", &false).await.unwrap();
     service.wait_for_route("uses", 2).await.unwrap();
     service.stop().await.unwrap();
     let entries = journal.0.lock().unwrap().clone();
@@ -501,18 +526,20 @@ async fn dependencies_see_setup_each_call_its_outcome_and_teardown() {
 
 #[tokio::test]
 async fn a_payload_filter_skips_events_without_losing_them_to_the_dead_letter_queue() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let probe = Probe::new();
         let config = config(&uri, "filter");
-        let queue = queue_of(&config.service_name, "shop", "paid", "record");
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = queue_of(&config.service_name, &shop, "paid", "record");
         let routes = vec![Route::new(record)
             .entrypoint(
-                EventListener::new("shop", "paid").filter(|p| p["amount"].as_i64() > Some(100)),
+                EventListener::new(&shop, "paid").filter(|p| p["amount"].as_i64() > Some(100)),
             )
             .dependency(Shared(probe.clone()))];
         let service = TestService::start(routes, config).await.unwrap();
         for amount in [50, 150, 99, 300] {
-            service.dispatch("shop", "paid", &json!({ "amount": amount })).await.unwrap();
+            service.dispatch(&shop, "paid", &json!({ "amount": amount })).await.unwrap();
         }
         service.wait_for_route("record", 4).await.unwrap();
         assert_eq!(service.route("record").unwrap().stats().skipped_count(), 2);
@@ -521,43 +548,47 @@ async fn a_payload_filter_skips_events_without_losing_them_to_the_dead_letter_qu
         assert_eq!(transport.queue_info(&queue).await.unwrap().message_count, 0);
         assert_eq!(transport.queue_info(&format!("{queue}.dlq")).await.unwrap().message_count, 0);
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
     }
 }
 
 #[tokio::test]
 async fn a_runner_context_keeps_long_tasks_from_starving_other_routes() {
+    let shop = common::unique("shop");
     for uri in broker_uris() {
         let blocked = Probe::closed();
         let quick = Probe::new();
         let config = Config { max_workers: 1, ..config(&uri, "contexts") };
+        let markers = [config.service_name.clone(), shop.clone()];
         fn slow(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
             probe.enter(payload);
             probe.leave();
         }
         let runner = Runner::new(
             vec![Route::new(record)
-                .entrypoint(EventListener::new("shop", "quick"))
+                .entrypoint(EventListener::new(&shop, "quick"))
                 .dependency(Shared(quick.clone()))],
             config.clone(),
         )
         .context(
             RunnerContext::new(vec![Route::new(slow)
-                .entrypoint(EventListener::new("shop", "slow"))
+                .entrypoint(EventListener::new(&shop, "slow"))
                 .dependency(Shared(blocked.clone()))])
             .max_workers(1)
             .metric_label("slow"),
         );
         let service = TestService::start_runner(runner, config).await.unwrap();
-        service.dispatch("shop", "slow", &json!(1)).await.unwrap();
+        service.dispatch(&shop, "slow", &json!(1)).await.unwrap();
         blocked.wait_started(1).await;
         for i in 0..3 {
-            service.dispatch("shop", "quick", &json!(i)).await.unwrap();
+            service.dispatch(&shop, "quick", &json!(i)).await.unwrap();
         }
         // The slow context's only worker is busy; the default context still works.
         service.wait_for_route("record", 3).await.unwrap();
         blocked.open();
         service.wait_for_route("slow", 1).await.unwrap();
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
     }
 }
 
@@ -583,4 +614,61 @@ async fn a_test_can_replace_a_dependency_and_call_a_route_directly() {
     )
     .await;
     assert_eq!(outcome.unwrap_err().kind, micro_framework::FailureKind::BadInput);
+}
+
+#[tokio::test]
+async fn a_queue_listener_consumes_a_named_queue_and_its_bindings() {
+    use micro_framework::amqp::entrypoints::QueueListener;
+    use micro_framework::amqp::transport::ExchangeSpec;
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let config = config(&uri, "queues");
+        let markers = [config.service_name.clone()];
+        let queue = format!("{}-jobs", config.service_name);
+        let exchange = format!("{}-uploads", config.service_name);
+        let setup = micro_framework::amqp::connect(&config).await.unwrap();
+        setup.declare_exchange(&ExchangeSpec::topic(exchange.clone())).await.unwrap();
+        let routes = vec![Route::new(record)
+            .entrypoint(QueueListener::new(queue.clone()).bind(exchange.clone(), "csv.#"))
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        let publish = |key: &'static str, body: &'static str| {
+            let transport = setup.clone();
+            let exchange = exchange.clone();
+            async move {
+                let message = OutgoingMessage { body: Bytes::from(body), ..Default::default() };
+                transport.publish(&exchange, key, message, PublishOptions::default()).await
+            }
+        };
+        publish("csv.daily.eu", "1").await.unwrap();
+        publish("json.daily", "2").await.unwrap();
+        setup
+            .publish(
+                "",
+                &queue,
+                OutgoingMessage { body: Bytes::from("3"), ..Default::default() },
+                PublishOptions { mandatory: true },
+            )
+            .await
+            .unwrap();
+        service.wait_for_route("record", 2).await.unwrap();
+        let mut seen = probe.seen.lock().unwrap().clone();
+        seen.sort_by_key(|v| v.as_i64());
+        assert_eq!(seen, vec![json!(1), json!(3)]);
+        service.stop().await.unwrap();
+
+        let missing = QueueListener::new(format!("{queue}-missing")).passive();
+        let routes = vec![Route::new(record).entrypoint(missing).dependency(Shared(probe.clone()))];
+        let error = TestService::start(routes, common::config(&uri, "queues")).await.unwrap_err();
+        assert!(
+            error.to_string().contains("not found") || error.to_string().contains("NOT_FOUND"),
+            "{error}"
+        );
+        for name in [queue.clone(), format!("{queue}.dlq")] {
+            setup.delete_queue(&name).await.unwrap();
+        }
+        setup.delete_exchange(&exchange).await.unwrap();
+        setup.close().await;
+        common::cleanup(&uri, &markers).await;
+    }
 }

@@ -43,6 +43,9 @@ enum Field {
     RpcExchange,
     RpcTimeout,
     ShutdownTimeout,
+    AmqpSslCaFile,
+    AmqpSslCertFile,
+    AmqpSslKeyFile,
 }
 
 impl Field {
@@ -66,6 +69,9 @@ impl Field {
             "RPC_EXCHANGE" => Field::RpcExchange,
             "RPC_TIMEOUT" => Field::RpcTimeout,
             "SHUTDOWN_TIMEOUT" => Field::ShutdownTimeout,
+            "AMQP_SSL_CA_FILE" => Field::AmqpSslCaFile,
+            "AMQP_SSL_CERT_FILE" => Field::AmqpSslCertFile,
+            "AMQP_SSL_KEY_FILE" => Field::AmqpSslKeyFile,
             _ => return None,
         })
     }
@@ -108,6 +114,9 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::RpcExchange => text(value).map(|v| config.rpc_exchange = v),
         Field::RpcTimeout => seconds(value).map(|v| config.rpc_timeout = v),
         Field::ShutdownTimeout => seconds(value).map(|v| config.shutdown_timeout = v),
+        Field::AmqpSslCaFile => optional(value, text).map(|v| config.amqp_ssl_ca_file = v),
+        Field::AmqpSslCertFile => optional(value, text).map(|v| config.amqp_ssl_cert_file = v),
+        Field::AmqpSslKeyFile => optional(value, text).map(|v| config.amqp_ssl_key_file = v),
     };
     result.map_err(|reason| ConfigError::new(key, raw_text(value), reason))
 }

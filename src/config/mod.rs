@@ -139,6 +139,12 @@ pub struct Config {
     /// `SHUTDOWN_TIMEOUT`: how long a stopping service waits for running workers; positive.
     /// Given in seconds (fractions allowed). Default: 30 s.
     pub shutdown_timeout: Duration,
+    /// `AMQP_SSL_CA_FILE`: the CA certificate (PEM) that signs the broker's certificate, for `amqps://`. Default: unset.
+    pub amqp_ssl_ca_file: Option<String>,
+    /// `AMQP_SSL_CERT_FILE`: the client certificate (PEM) for `amqps://` with client authentication. Default: unset.
+    pub amqp_ssl_cert_file: Option<String>,
+    /// `AMQP_SSL_KEY_FILE`: the client private key (PEM, PKCS#8) matching `AMQP_SSL_CERT_FILE`. Default: unset.
+    pub amqp_ssl_key_file: Option<String>,
     /// Every other top-level key of a configuration file, as is (see [`Config::get`]).
     /// Environment variables never land here. Default: empty.
     pub extra: BTreeMap<String, Value>,
@@ -181,6 +187,9 @@ impl Default for Config {
             rpc_exchange: "nameko-rpc".to_string(),
             rpc_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
+            amqp_ssl_ca_file: None,
+            amqp_ssl_cert_file: None,
+            amqp_ssl_key_file: None,
             extra: BTreeMap::new(),
         }
     }
@@ -365,6 +374,9 @@ impl Config {
             ("RPC_EXCHANGE", Value::from(self.rpc_exchange.as_str())),
             ("RPC_TIMEOUT", Value::from(self.rpc_timeout.as_secs_f64())),
             ("SHUTDOWN_TIMEOUT", Value::from(self.shutdown_timeout.as_secs_f64())),
+            ("AMQP_SSL_CA_FILE", Value::from(self.amqp_ssl_ca_file.clone())),
+            ("AMQP_SSL_CERT_FILE", Value::from(self.amqp_ssl_cert_file.clone())),
+            ("AMQP_SSL_KEY_FILE", Value::from(self.amqp_ssl_key_file.clone())),
         ];
         map.extend(known.into_iter().map(|(key, value)| (key.to_string(), value)));
         map
@@ -395,6 +407,9 @@ impl fmt::Debug for Config {
             .field("rpc_exchange", &self.rpc_exchange)
             .field("rpc_timeout", &self.rpc_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("amqp_ssl_ca_file", &self.amqp_ssl_ca_file)
+            .field("amqp_ssl_cert_file", &self.amqp_ssl_cert_file)
+            .field("amqp_ssl_key_file", &self.amqp_ssl_key_file)
             .field("extra", &extra)
             .finish()
     }

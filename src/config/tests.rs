@@ -60,6 +60,9 @@ fn everything_changed() -> Config {
         rpc_exchange: "my-rpc".to_string(),
         rpc_timeout: Duration::from_millis(2500),
         shutdown_timeout: Duration::from_secs(5),
+        amqp_ssl_ca_file: Some("/etc/ssl/ca.pem".to_string()),
+        amqp_ssl_cert_file: Some("/etc/ssl/client.pem".to_string()),
+        amqp_ssl_key_file: Some("/etc/ssl/client.key".to_string()),
         extra: BTreeMap::new(),
     }
 }
@@ -84,6 +87,9 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("RPC_EXCHANGE", "my-rpc"),
     ("RPC_TIMEOUT", "2.5"),
     ("SHUTDOWN_TIMEOUT", "5"),
+    ("AMQP_SSL_CA_FILE", "/etc/ssl/ca.pem"),
+    ("AMQP_SSL_CERT_FILE", "/etc/ssl/client.pem"),
+    ("AMQP_SSL_KEY_FILE", "/etc/ssl/client.key"),
 ];
 
 const ALL_YAML: &str = r#"
@@ -107,6 +113,9 @@ PARENT_CALLS_TRACKED: 25
 RPC_EXCHANGE: my-rpc
 RPC_TIMEOUT: 2.5
 SHUTDOWN_TIMEOUT: "5"
+AMQP_SSL_CA_FILE: /etc/ssl/ca.pem
+AMQP_SSL_CERT_FILE: /etc/ssl/client.pem
+AMQP_SSL_KEY_FILE: /etc/ssl/client.key
 "#;
 
 const ALL_TOML: &str = r#"
@@ -127,6 +136,9 @@ PARENT_CALLS_TRACKED = 25
 RPC_EXCHANGE = "my-rpc"
 RPC_TIMEOUT = 2.5
 SHUTDOWN_TIMEOUT = 5
+AMQP_SSL_CA_FILE = "/etc/ssl/ca.pem"
+AMQP_SSL_CERT_FILE = "/etc/ssl/client.pem"
+AMQP_SSL_KEY_FILE = "/etc/ssl/client.key"
 
 [METRICS]
 HOST = "127.0.0.1"
@@ -651,6 +663,9 @@ fn masked_map_and_debug() {
         ("RPC_EXCHANGE", json!("my-rpc")),
         ("RPC_TIMEOUT", json!(2.5)),
         ("SHUTDOWN_TIMEOUT", json!(5.0)),
+        ("AMQP_SSL_CA_FILE", json!("/etc/ssl/ca.pem")),
+        ("AMQP_SSL_CERT_FILE", json!("/etc/ssl/client.pem")),
+        ("AMQP_SSL_KEY_FILE", json!("/etc/ssl/client.key")),
         ("DB_PASSWORD", json!("***")),
         ("DB", json!({"URL": "pg://u:***@h", "TOKEN": "***"})),
         ("PLAIN", json!(null)),

@@ -1,5 +1,7 @@
 //! AMQP entrypoints.
 
 mod event;
+mod queue;
 
 pub use event::EventListener;
+pub use queue::QueueListener;

@@ -1,0 +1,201 @@
+//! The events benchmark, and the service it measures.
+//!
+//! - `cargo run --release --example bench_events -- serve`: runs the service `bench_svc` (config
+//!   from the environment) with one route, `fn noop` on `EventListener("bench_src", "ping")`
+//!   (queue `evt-bench_src-ping--bench_svc.noop`).
+//! - `cargo run --release --example bench_events [-- bench [MESSAGES]]`: against `AMQP_URI`
+//!   (default `amqp://guest:guest@127.0.0.1:5672/`), in one run:
+//!   1. publish MESSAGES persistent JSON events with confirms, bare lapin vs [`Producer`];
+//!   2. drain them: a bare lapin consumer (prefetch = `MAX_WORKERS`, ack each) vs the
+//!      `bench_svc` service with `MAX_WORKERS` from the environment.
+//!
+//!   It prints both rates and their ratios.
+
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::TryFutureExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use micro_framework::amqp::dependencies::Producer;
+use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::amqp::naming::event_exchange;
+use micro_framework::prelude::*;
+use micro_framework::Error;
+
+const IN_FLIGHT: usize = 64;
+
+fn noop() {}
+
+fn routes() -> Vec<Route> {
+    vec![Route::new(noop).entrypoint(EventListener::new("bench_src", "ping"))]
+}
+
+fn config() -> micro_framework::Result<Config> {
+    let mut vars: Vec<(String, String)> = std::env::vars().collect();
+    if std::env::var("SERVICE_NAME").is_err() {
+        vars.push(("SERVICE_NAME".into(), "bench_svc".into()));
+    }
+    if std::env::var("AMQP_URI").is_err() {
+        vars.push(("AMQP_URI".into(), "amqp://guest:guest@127.0.0.1:5672/".into()));
+    }
+    Ok(Config::from_vars(vars)?)
+}
+
+fn main() -> micro_framework::Result<()> {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        Some("serve") => Runner::new(routes(), config()?).start(),
+        None | Some("bench") => {
+            let messages = args.next().map(|a| a.parse()).transpose().map_err(bad_arg)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(bench(messages.unwrap_or(20_000)))
+        }
+        Some(other) => Err(Error::Startup(format!("unknown command {other:?}: serve or bench"))),
+    }
+}
+
+fn bad_arg(error: std::num::ParseIntError) -> Error {
+    Error::Startup(format!("MESSAGES must be a number: {error}"))
+}
+
+fn lapin_error(error: lapin::Error) -> Error {
+    Error::Startup(format!("bare lapin: {error}"))
+}
+
+async fn bench(messages: usize) -> micro_framework::Result<()> {
+    let config = config()?;
+    let uri = config.amqp_uri.clone();
+    let prefetch = config.effective_prefetch();
+    let payload = serde_json::to_vec(&serde_json::json!({ "id": 1, "data": "x".repeat(100) }))?;
+    println!(
+        "bench_events: {messages} events, prefetch/MAX_WORKERS {prefetch}, {IN_FLIGHT} publishes \
+         in flight, broker {}",
+        config.masked_amqp_uri()
+    );
+
+    // Topology: the service's queue ("ping") and a bare queue ("ping-bare") on one exchange.
+    let source = Config { service_name: "bench_src".into(), ..config.clone() };
+    let transport = micro_framework::amqp::connect(&source).await?;
+    let producer = Producer::new(transport.clone(), &source);
+    let exchange = event_exchange(&source, "bench_src").name;
+    let setup = micro_framework::Runner::new(routes(), config.clone()).spawn().await?;
+    setup.stop().await?;
+    let service_queue = format!("evt-bench_src-ping--{}.noop", config.service_name);
+    transport.purge_queue(&service_queue).await?;
+
+    let connection =
+        Connection::connect(&uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
+    let channel = connection.create_channel().await.map_err(lapin_error)?;
+    let bare_queue = format!("bench-bare-{}", uuid::Uuid::new_v4().simple());
+    channel
+        .queue_declare(
+            bare_queue.as_str().into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(lapin_error)?;
+    channel
+        .queue_bind(
+            bare_queue.as_str().into(),
+            exchange.as_str().into(),
+            "ping-bare".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(lapin_error)?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;
+
+    // 1. Publishing with confirms.
+    let started = Instant::now();
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(2);
+    stream::iter(0..messages)
+        .map(|_| {
+            channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    "ping-bare".into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    properties.clone(),
+                )
+                .and_then(|confirm| confirm)
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_fold(
+            0usize,
+            |nacks, confirm| async move { Ok(nacks + usize::from(!confirm.is_ack())) },
+        )
+        .await
+        .map_err(lapin_error)
+        .and_then(|nacks| match nacks {
+            0 => Ok(()),
+            n => Err(Error::Startup(format!("bare lapin: {n} publishes nacked"))),
+        })?;
+    let lapin_publish = rate(messages, started.elapsed());
+
+    let event: serde_json::Value = serde_json::from_slice(&payload)?;
+    let started = Instant::now();
+    stream::iter(0..messages)
+        .map(|_| producer.dispatch("ping", &event))
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<()>()
+        .await?;
+    let producer_publish = rate(messages, started.elapsed());
+
+    // 2. Draining the pre-filled queues.
+    let consumer_channel = connection.create_channel().await.map_err(lapin_error)?;
+    consumer_channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(lapin_error)?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            bare_queue.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(lapin_error)?;
+    let started = Instant::now();
+    for _ in 0..messages {
+        let delivery = consumer
+            .next()
+            .await
+            .ok_or_else(|| Error::Startup("bare consumer ended".into()))?
+            .map_err(lapin_error)?;
+        delivery.ack(BasicAckOptions::default()).await.map_err(lapin_error)?;
+    }
+    let lapin_drain = rate(messages, started.elapsed());
+
+    let started = Instant::now();
+    let service = micro_framework::Runner::new(routes(), config.clone()).spawn().await?;
+    let route = service.route("noop").ok_or_else(|| Error::Startup("no route noop".into()))?;
+    tokio::time::timeout(Duration::from_secs(600), route.stats().wait_settled(messages as u64))
+        .await
+        .map_err(|_| Error::Timeout("bench_svc did not drain its queue".into()))?;
+    let service_drain = rate(messages, started.elapsed());
+    service.stop().await?;
+
+    channel
+        .queue_delete(bare_queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .map_err(lapin_error)?;
+    let _ = connection.close(200, "bench done".into()).await;
+    transport.close().await;
+
+    println!("publish with confirms: bare lapin {lapin_publish:>9.0} msg/s | Producer  {producer_publish:>9.0} msg/s | ratio {:.2}", producer_publish / lapin_publish);
+    println!("drain (consume + ack): bare lapin {lapin_drain:>9.0} msg/s | bench_svc {service_drain:>9.0} msg/s | ratio {:.2}", service_drain / lapin_drain);
+    Ok(())
+}
+
+fn rate(messages: usize, elapsed: Duration) -> f64 {
+    messages as f64 / elapsed.as_secs_f64()
+}

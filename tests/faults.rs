@@ -1,0 +1,195 @@
+//! Fault tests on RabbitMQ: connections closed, the service SIGKILLed, SIGTERM mid-stream.
+//! Each counts unique message ids so that a loss shows.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{rabbitmq_uri, wait_until, Probe};
+use micro_framework::amqp::dependencies::Producer;
+use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::dependencies::Shared;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
+use serde_json::{json, Value};
+
+/// Fault tests disturb the broker for everyone: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn record(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(payload);
+    probe.leave();
+}
+
+fn unique_ids(probe: &Probe) -> HashSet<u64> {
+    probe.seen.lock().unwrap().iter().filter_map(|v| v["id"].as_u64()).collect()
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = Command::new("rabbitmqctl").args(args).status().expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+async fn publisher(uri: &str) -> Producer {
+    let config = Config { amqp_uri: uri.to_owned(), ..Config::new("fault_src") };
+    let transport = micro_framework::amqp::connect(&config).await.unwrap();
+    Producer::new(transport, &config)
+}
+
+async fn delete_queues(uri: &str, queue: &str) {
+    let config = Config { amqp_uri: uri.to_owned(), ..Config::new("cleanup") };
+    let transport = micro_framework::amqp::connect(&config).await.unwrap();
+    transport.delete_queue(queue).await.unwrap();
+    transport.delete_queue(&format!("{queue}.dlq")).await.unwrap();
+    transport.delete_exchange("fault_src.events").await.unwrap();
+    transport.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_every_connection_mid_stream_loses_nothing() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let probe = Probe::new();
+    let config = common::config(&uri, "faultconn");
+    let queue = format!("evt-fault_src-job--{}.record", config.service_name);
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new("fault_src", "job"))
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let producer = publisher(&uri).await;
+    let total = 1000u64;
+    for id in 0..total {
+        if id == total / 3 {
+            std::thread::spawn(|| rabbitmqctl(&["close_all_connections", "fault test"]));
+        }
+        producer.dispatch("job", &json!({ "id": id })).await.unwrap();
+    }
+    wait_until(|| unique_ids(&probe).len() as u64 == total, "every id handled").await;
+    wait_until(|| service.transport().is_connected(), "the service to reconnect").await;
+    // The service is back to work by itself.
+    producer.dispatch("job", &json!({ "id": total })).await.unwrap();
+    wait_until(|| unique_ids(&probe).contains(&total), "a message after recovery").await;
+    service.stop().await.unwrap();
+    delete_queues(&uri, &queue).await;
+}
+
+/// The test-support service `event_recorder` (tests/support), built by `cargo test`.
+fn recorder_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let debug = exe.parent().and_then(Path::parent).unwrap();
+    debug.join("examples").join("event_recorder")
+}
+
+fn spawn_recorder(uri: &str, service: &str, mode: &str, file: &Path) -> Child {
+    Command::new(recorder_binary())
+        .env("AMQP_URI", uri)
+        .env("SERVICE_NAME", service)
+        .env("WORKER_MODE", mode)
+        .env("MAX_WORKERS", "4")
+        .env("WORK_MS", "10")
+        .env("RECORD_FILE", file)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("event_recorder starts (built by cargo test as an example)")
+}
+
+fn recorded(file: &Path) -> Vec<u64> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.trim().parse().ok())
+        .collect()
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{name} failed");
+}
+
+async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    panic!("the service did not exit within 30 s");
+}
+
+async fn wait_queue_ready(uri: &str, queue: &str) {
+    let config = Config { amqp_uri: uri.to_owned(), ..Config::new("observer") };
+    let transport = micro_framework::amqp::connect(&config).await.unwrap();
+    for _ in 0..600 {
+        if transport.queue_info(queue).await.is_ok_and(|info| info.consumer_count > 0) {
+            transport.close().await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nobody consumes {queue}");
+}
+
+/// Publish `total` jobs to a recorder in `mode`, interrupt it with `interruption` once a
+/// fifth is recorded, restart it, and check that every id was recorded.
+async fn interrupt_mid_stream(mode: &str, interruption: &str) {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let dir = std::env::temp_dir().join(format!("mf-fault-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("record.txt");
+    let service = format!("faultproc_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let queue = format!("evt-fault_src-job--{service}.job");
+
+    let mut child = spawn_recorder(&uri, &service, mode, &file);
+    wait_queue_ready(&uri, &queue).await;
+    let producer = publisher(&uri).await;
+    let total = 500u64;
+    for id in 0..total {
+        producer.dispatch("job", &json!({ "id": id })).await.unwrap();
+    }
+    wait_until(|| recorded(&file).len() as u64 >= total / 5, "a fifth recorded").await;
+    signal(&child, interruption);
+    let status = wait_exit(&mut child).await;
+    if interruption == "TERM" {
+        assert!(status.success(), "graceful stop in {mode} mode exits 0, got {status}");
+    }
+    let before_restart = recorded(&file).len();
+    assert!((before_restart as u64) < total, "interrupted before the end");
+
+    let mut child = spawn_recorder(&uri, &service, mode, &file);
+    wait_until(
+        || recorded(&file).into_iter().collect::<HashSet<_>>().len() as u64 == total,
+        "every id recorded after the restart",
+    )
+    .await;
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child).await.success());
+    let all = recorded(&file);
+    eprintln!(
+        "{mode}/{interruption}: {} calls for {total} ids ({} duplicates)",
+        all.len(),
+        all.len() as u64 - total
+    );
+    delete_queues(&uri, &queue).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn sigkill_mid_stream_then_restart_loses_nothing() {
+    interrupt_mid_stream("thread", "KILL").await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_stream_in_thread_mode_loses_nothing() {
+    interrupt_mid_stream("thread", "TERM").await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_stream_in_greedy_thread_mode_loses_nothing() {
+    interrupt_mid_stream("greedy_thread", "TERM").await;
+}
