@@ -69,7 +69,11 @@ fn lapin_error(error: lapin::Error) -> Error {
 
 async fn bench(messages: usize) -> micro_framework::Result<()> {
     let config = config()?;
-    let uri = config.amqp_uri.clone();
+    // lapin reads an empty path as the empty vhost; the framework reads it as "/".
+    let uri = match config.amqp_uri.strip_suffix('/') {
+        Some(base) if base.matches('/').count() == 2 => format!("{base}/%2f"),
+        _ => config.amqp_uri.clone(),
+    };
     let prefetch = config.effective_prefetch();
     let payload = serde_json::to_vec(&serde_json::json!({ "id": 1, "data": "x".repeat(100) }))?;
     println!(

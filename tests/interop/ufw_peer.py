@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Command-line micro-framework 2.1.1 (PyPI) peer for the Rust interop tests.
+
+Every observable thing is printed as one JSON object per line on stdout
+(flushed); logs go to stderr. Every sub-command ends by itself: on success
+with exit code 0, after ``--timeout`` seconds with exit code 3 and a
+``{"timeout": true, ...}`` line.
+
+Sub-commands (see tests/interop/README.md):
+
+  dispatch --service SRC --event EVT --payload JSON [--count N]
+           [--delete-exchange]
+  listen   --service SVC --source SRC --event EVT --count N [--target handle]
+           [--keep-queue]
+
+``dispatch`` uses the package's own standalone helper
+(``get_dependency_standalone_sync(Producer(...))``); like every
+micro-framework producer it never declares the exchange, so a listener (which
+declares ``{SRC}.events`` topic, durable, auto_delete=true) must exist first,
+or the publish fails with 404 NOT_FOUND.
+
+``listen`` runs a real ``Runner`` with one ``Route(handle,
+entrypoint=EventListener(SRC, EVT))``. The only additions are observation
+hooks on the package's ``ConsumerManager`` (print ``ready`` when it consumes,
+count acks so the peer can stop after the N-th event was acked).
+"""
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+
+warnings.simplefilter("ignore")
+
+DEFAULT_URI = "amqp://guest:guest@127.0.0.1:5672/"
+_print_lock = threading.Lock()
+
+
+def _json_default(value):
+    if isinstance(value, bytes):
+        return {"$bytes": value.decode("utf-8", "replace")}
+    return repr(value)
+
+
+def emit(obj):
+    line = json.dumps(obj, default=_json_default, sort_keys=True)
+    with _print_lock:
+        try:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # the reader is gone (a test that gave up): keep going, clean up
+
+
+def public(state):
+    return {k: v for k, v in state.items() if not k.startswith("_")}
+
+
+def start_watchdog(seconds, state):
+    """Exit with code 3 after ``seconds`` (143 on SIGTERM), removing what the run declared."""
+
+    def fire():
+        time.sleep(seconds)
+        emit({"timeout": True, "after_seconds": seconds, **public(state)})
+        cleanup = state.get("_cleanup")
+        if cleanup is not None:
+            t = threading.Thread(target=cleanup, daemon=True)
+            t.start()
+            t.join(3)
+        sys.stderr.flush()
+        os._exit(3)
+
+    threading.Thread(target=fire, name="watchdog", daemon=True).start()
+
+    def terminate(*_):
+        emit({"terminated": True, **public(state)})
+        cleanup = state.get("_cleanup")
+        if cleanup is not None:
+            t = threading.Thread(target=cleanup, daemon=True)
+            t.start()
+            t.join(3)
+        sys.stderr.flush()
+        os._exit(143)
+
+    # SIGTERM (a test giving up on us): clean up, then exit 143
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def delete_entities(uri, queues=(), exchanges=()):
+    """Best-effort removal of what a run declared (durable leftovers)."""
+    from kombu import Connection
+
+    try:
+        with Connection(uri) as conn:
+            for name in queues:
+                channel = conn.channel()
+                try:
+                    channel.queue_delete(name)
+                finally:
+                    channel.close()
+            for name in exchanges:
+                channel = conn.channel()
+                try:
+                    channel.exchange_delete(name)
+                finally:
+                    channel.close()
+    except Exception as exc:  # pragma: no cover - cleanup only
+        logging.getLogger("ufw_peer").warning("cleanup failed: %s", exc)
+
+
+# --------------------------------------------------------------------------
+# dispatch
+
+
+def cmd_dispatch(args, state):
+    from micro_framework import get_dependency_standalone_sync
+    from micro_framework.amqp.dependencies import Producer
+
+    payload = json.loads(args.payload)
+    dispatch = get_dependency_standalone_sync(
+        Producer(service_name=args.service),
+        AMQP_URI=args.uri,
+        SERVICE_NAME=args.service,
+    )
+    for i in range(args.count):
+        dispatch(args.event, payload)
+        emit({"sent": i})
+        state["dispatched"] = i + 1
+    if args.delete_exchange:
+        delete_entities(args.uri, exchanges=["{}.events".format(args.service)])
+    emit({"dispatched": args.count})
+    return 0
+
+
+# --------------------------------------------------------------------------
+# listen
+
+
+def cmd_listen(args, state):
+    from micro_framework import Route, Runner, RunnerContext
+    from micro_framework.amqp.entrypoints import EventListener
+    from micro_framework.amqp.manager import ConsumerManager
+
+    acked = threading.Event()
+    counts = {"received": 0, "acked": 0}
+    queue = "{}.{}__{}.{}".format(args.source, args.event, args.service, args.target)
+
+    managers = []
+
+    class ObservedConsumerManager(ConsumerManager):
+        def on_consume_ready(self, connection, channel, consumers, **kwargs):
+            super().on_consume_ready(connection, channel, consumers, **kwargs)
+            managers.append(self)
+            emit(
+                {
+                    "ready": True,
+                    "queue": queue,
+                    "exchange": "{}.events".format(args.source),
+                }
+            )
+
+        async def ack_message(self, message):
+            await super().ack_message(message)
+            counts["acked"] += 1
+            if counts["acked"] >= args.count:
+                acked.set()
+
+    class ObservedEventListener(EventListener):
+        manager = ObservedConsumerManager()
+
+    def handle(payload):
+        counts["received"] += 1
+        state["received"] = counts["received"]
+        emit({"payload": payload})
+
+    handle.__name__ = args.target  # the target name is part of the queue name
+
+    runner = Runner(
+        contexts=[
+            RunnerContext(
+                [Route(handle, entrypoint=ObservedEventListener(args.source, args.event))],
+                worker_mode="thread",
+            )
+        ],
+        config={
+            "AMQP_URI": args.uri,
+            "SERVICE_NAME": args.service,
+            "MAX_WORKERS": 1,
+        },
+    )
+    def cleanup():
+        # Stop consuming first: kombu's ConsumerMixin would take the deletion's
+        # consumer-cancel as a lost connection and declare the queue again.
+        for manager in managers:
+            manager.should_stop = True
+        # the exchange is auto_delete: it goes with its last bound queue
+        delete_entities(args.uri, queues=[queue])
+
+    if not args.keep_queue:
+        state["_cleanup"] = cleanup
+    loop = asyncio.new_event_loop()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        runner.start()
+
+    threading.Thread(target=run, name="ufw-runner", daemon=True).start()
+    acked.wait()
+    try:
+        asyncio.run_coroutine_threadsafe(runner._stop(), loop).result(timeout=5)
+    except Exception as exc:  # stopping is best effort; the messages are acked
+        logging.getLogger("ufw_peer").warning("runner stop: %r", exc)
+    if not args.keep_queue:
+        state["_cleanup"]()
+    emit({"done": True, "received": counts["received"]})
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--uri", default=DEFAULT_URI)
+    common.add_argument("--timeout", type=float, default=30.0)
+    common.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dispatch", parents=[common])
+    p.add_argument("--service", required=True, help="source service name")
+    p.add_argument("--event", required=True)
+    p.add_argument("--payload", required=True, help="JSON value")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--delete-exchange", action="store_true")
+    p.set_defaults(func=cmd_dispatch)
+
+    p = sub.add_parser("listen", parents=[common])
+    p.add_argument("--service", required=True, help="this (listening) service's name")
+    p.add_argument("--source", required=True)
+    p.add_argument("--event", required=True)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--target", default="handle", help="target function name")
+    p.add_argument("--keep-queue", action="store_true")
+    p.set_defaults(func=cmd_listen)
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, args.log_level.upper(), logging.WARNING),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    state = {"command": args.command}
+    start_watchdog(args.timeout, state)
+    try:
+        code = args.func(args, state)
+    except Exception as exc:
+        logging.getLogger("ufw_peer").exception("peer failed")
+        emit({"failed": {"exc_type": type(exc).__name__, "value": str(exc)}})
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
