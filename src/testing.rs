@@ -71,6 +71,11 @@ impl TestService {
         self.service.transport()
     }
 
+    /// See [`RunningService::is_ready`].
+    pub fn is_ready(&self) -> bool {
+        self.service.is_ready()
+    }
+
     /// A running route.
     pub fn route(&self, name: &str) -> Result<&RouteHandle> {
         self.service.route(name).ok_or_else(|| Error::Startup(format!("no route named '{name}'")))

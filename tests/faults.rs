@@ -69,7 +69,7 @@ async fn closing_every_connection_mid_stream_loses_nothing() {
         producer.dispatch("job", &json!({ "id": id })).await.unwrap();
     }
     wait_until(|| unique_ids(&probe).len() as u64 == total, "every id handled").await;
-    wait_until(|| service.transport().is_connected(), "the service to reconnect").await;
+    wait_until(|| service.is_ready(), "the service to reconnect").await;
     // The service is back to work by itself.
     producer.dispatch("job", &json!({ "id": total })).await.unwrap();
     wait_until(|| unique_ids(&probe).contains(&total), "a message after recovery").await;
@@ -192,4 +192,30 @@ async fn sigterm_mid_stream_in_thread_mode_loses_nothing() {
 #[tokio::test]
 async fn sigterm_mid_stream_in_greedy_thread_mode_loses_nothing() {
     interrupt_mid_stream("greedy_thread", "TERM").await;
+}
+
+#[tokio::test]
+async fn a_broker_down_at_start_up_is_retried_with_a_clear_log_line() {
+    let dir = std::env::temp_dir().join(format!("mf-down-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(recorder_binary())
+        .env("AMQP_URI", "amqp://guest:s3cret@127.0.0.1:1/")
+        .env("SERVICE_NAME", "down_test")
+        .env("RECORD_FILE", dir.join("record.txt"))
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the service keeps trying, it does not exit");
+    signal(&child, "TERM");
+    let status = wait_exit(&mut child).await;
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("broker unreachable at amqp://guest:***@127.0.0.1:1/"), "{log}");
+    assert!(log.matches("trying again").count() >= 2, "{log}");
+    assert!(!log.contains("s3cret"), "password leaked: {log}");
+    assert!(!log.contains("panicked"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
 }

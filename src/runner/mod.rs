@@ -5,13 +5,14 @@ mod signals;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use context::RunnerContext;
 
-use crate::amqp::transport::SharedTransport;
+use crate::amqp::transport::{SharedTransport, TransportError};
 use crate::config::Config;
 use crate::dependencies::{self, Dependency, SetupContext, SharedDependency};
 use crate::error::{Error, Result};
@@ -72,9 +73,19 @@ impl Runner {
     }
 
     /// Run the service on the current runtime until SIGINT or SIGTERM, then stop it
-    /// gracefully. A second signal exits the process at once.
+    /// gracefully. A second signal exits the process at once. A broker that cannot be
+    /// reached at start-up is tried again with backoff (each attempt logged) until it answers
+    /// or a signal arrives.
     pub async fn run(self) -> Result<()> {
-        let mut service = self.spawn().await?;
+        let (config, plans) = self.prepare()?;
+        let transport = tokio::select! {
+            transport = connect_retrying(&config) => transport?,
+            signal = signals::shutdown_signal() => {
+                tracing::info!("{} received before the broker answered: not started", signal?);
+                return Ok(());
+            }
+        };
+        let mut service = start(plans, &config, transport).await?;
         tokio::select! {
             signal = signals::shutdown_signal() => {
                 tracing::info!("{} received: stopping gracefully (send it again to force)", signal?);
@@ -92,18 +103,56 @@ impl Runner {
     }
 
     /// Start the service on the current runtime and return a handle to it (for tests and
-    /// programs that run more than a service).
+    /// programs that run more than a service). Fails at once if the broker is unreachable.
     pub async fn spawn(self) -> Result<RunningService> {
+        let (config, plans) = self.prepare()?;
+        let transport = crate::amqp::connect(&config).await?;
+        start(plans, &config, transport).await
+    }
+
+    /// Validate the config and check every route, before touching the broker.
+    fn prepare(self) -> Result<(Arc<Config>, Vec<RoutePlan>)> {
         self.config.validate()?;
         let config = Arc::new(self.config);
         let plans = plan_routes(self.contexts, &self.dependencies, &config)?;
-        let transport = crate::amqp::connect(&config).await?;
-        match start_routes(plans, &config, transport.clone()).await {
-            Ok(service) => Ok(service),
-            Err(error) => {
-                transport.close().await;
-                Err(error)
+        Ok((config, plans))
+    }
+}
+
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Connect, retrying with exponential backoff (1 s doubling to 30 s) while the broker is
+/// unreachable. Other errors (a bad URI, refused credentials) are returned at once.
+async fn connect_retrying(config: &Config) -> Result<SharedTransport> {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match crate::amqp::connect(config).await {
+            Err(Error::Transport(TransportError::Connection(reason)))
+                if !reason.contains("ACCESS_REFUSED") && !reason.contains("invalid broker URI") =>
+            {
+                tracing::warn!(
+                    "broker unreachable at {} ({reason}); trying again in {pause:?}",
+                    config.masked_amqp_uri()
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(CONNECT_RETRY_MAX);
             }
+            other => return other,
+        }
+    }
+}
+
+/// Start the planned routes on `transport`; on failure the transport is closed.
+async fn start(
+    plans: Vec<RoutePlan>,
+    config: &Arc<Config>,
+    transport: SharedTransport,
+) -> Result<RunningService> {
+    match start_routes(plans, config, transport.clone()).await {
+        Ok(service) => Ok(service),
+        Err(error) => {
+            transport.close().await;
+            Err(error)
         }
     }
 }
@@ -267,6 +316,12 @@ impl RunningService {
     /// The service's broker connection.
     pub fn transport(&self) -> &SharedTransport {
         &self.transport
+    }
+
+    /// Ready to work: connected to the broker (consumers resume by themselves after a
+    /// reconnect) and not stopping.
+    pub fn is_ready(&self) -> bool {
+        self.transport.is_connected() && !self.stopping.is_cancelled()
     }
 
     /// Begin a graceful stop without waiting for it.
