@@ -5,8 +5,9 @@
 //!   (queue `evt-bench_src-ping--bench_svc.noop`).
 //! - `cargo run --release --example bench_events [-- bench [MESSAGES]]`: against `AMQP_URI`
 //!   (default `amqp://guest:guest@127.0.0.1:5672/`), in one run:
-//!   1. publish MESSAGES persistent JSON events with confirms, bare lapin vs [`Producer`];
-//!   2. drain them: a bare lapin consumer (prefetch = `MAX_WORKERS`, ack each) vs the
+//!   1. publish MESSAGES persistent JSON events with confirms, bare lapin vs [`Producer`],
+//!      three alternating rounds, best rate of each;
+//!   2. drain all of them (3 × MESSAGES per queue): a bare lapin consumer (prefetch = `MAX_WORKERS`, ack each) vs the
 //!      `bench_svc` service with `MAX_WORKERS` from the environment.
 //!
 //!   It prints both rates and their ratios.
@@ -28,6 +29,7 @@ use micro_framework::prelude::*;
 use micro_framework::Error;
 
 const IN_FLIGHT: usize = 64;
+const ROUNDS: usize = 3;
 
 fn noop() {}
 
@@ -77,7 +79,7 @@ async fn bench(messages: usize) -> micro_framework::Result<()> {
     let prefetch = config.effective_prefetch();
     let payload = serde_json::to_vec(&serde_json::json!({ "id": 1, "data": "x".repeat(100) }))?;
     println!(
-        "bench_events: {messages} events, prefetch/MAX_WORKERS {prefetch}, {IN_FLIGHT} publishes \
+        "bench_events: {ROUNDS} x {messages} events, prefetch/MAX_WORKERS {prefetch}, {IN_FLIGHT} publishes \
          in flight, broker {}",
         config.masked_amqp_uri()
     );
@@ -116,45 +118,49 @@ async fn bench(messages: usize) -> micro_framework::Result<()> {
         .map_err(lapin_error)?;
     channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;
 
-    // 1. Publishing with confirms.
-    let started = Instant::now();
+    // 1. Publishing with confirms: ROUNDS alternating rounds, best rate of each.
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_content_encoding("utf-8".into())
         .with_delivery_mode(2);
-    stream::iter(0..messages)
-        .map(|_| {
-            channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    "ping-bare".into(),
-                    BasicPublishOptions::default(),
-                    &payload,
-                    properties.clone(),
-                )
-                .and_then(|confirm| confirm)
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .try_fold(
-            0usize,
-            |nacks, confirm| async move { Ok(nacks + usize::from(!confirm.is_ack())) },
-        )
-        .await
-        .map_err(lapin_error)
-        .and_then(|nacks| match nacks {
-            0 => Ok(()),
-            n => Err(Error::Startup(format!("bare lapin: {n} publishes nacked"))),
-        })?;
-    let lapin_publish = rate(messages, started.elapsed());
-
     let event: serde_json::Value = serde_json::from_slice(&payload)?;
-    let started = Instant::now();
-    stream::iter(0..messages)
-        .map(|_| producer.dispatch("ping", &event))
-        .buffer_unordered(IN_FLIGHT)
-        .try_collect::<()>()
-        .await?;
-    let producer_publish = rate(messages, started.elapsed());
+    let (mut lapin_publish, mut producer_publish) = (0f64, 0f64);
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        stream::iter(0..messages)
+            .map(|_| {
+                channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "ping-bare".into(),
+                        BasicPublishOptions::default(),
+                        &payload,
+                        properties.clone(),
+                    )
+                    .and_then(|confirm| confirm)
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .try_fold(
+                0usize,
+                |nacks, confirm| async move { Ok(nacks + usize::from(!confirm.is_ack())) },
+            )
+            .await
+            .map_err(lapin_error)
+            .and_then(|nacks| match nacks {
+                0 => Ok(()),
+                n => Err(Error::Startup(format!("bare lapin: {n} publishes nacked"))),
+            })?;
+        lapin_publish = lapin_publish.max(rate(messages, started.elapsed()));
+
+        let started = Instant::now();
+        stream::iter(0..messages)
+            .map(|_| producer.dispatch("ping", &event))
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect::<()>()
+            .await?;
+        producer_publish = producer_publish.max(rate(messages, started.elapsed()));
+    }
+    let messages = messages * ROUNDS;
 
     // 2. Draining the pre-filled queues.
     let consumer_channel = connection.create_channel().await.map_err(lapin_error)?;
