@@ -219,3 +219,56 @@ async fn a_broker_down_at_start_up_is_retried_with_a_clear_log_line() {
     assert!(!log.contains("panicked"), "{log}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_second_signal_forces_the_exit_while_calls_run() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let dir = std::env::temp_dir().join(format!("mf-force-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let service = format!("faultforce_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let queue = format!("evt-fault_src-job--{service}.job");
+    let mut child = Command::new(recorder_binary())
+        .env("AMQP_URI", &uri)
+        .env("SERVICE_NAME", &service)
+        .env("WORK_MS", "20000")
+        .env("RECORD_FILE", dir.join("record.txt"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    wait_queue_ready(&uri, &queue).await;
+    publisher(&uri).await.dispatch("job", &json!({ "id": 1 })).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&child, "TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the first signal waits for the running call");
+    signal(&child, "TERM");
+    let status = wait_exit(&mut child).await;
+    assert_eq!(status.code(), Some(130), "the second signal exits at once");
+    // The unfinished call's message was not acked: it is back in the queue.
+    let config = Config { amqp_uri: uri.clone(), ..Config::new("observer") };
+    let transport = micro_framework::amqp::connect(&config).await.unwrap();
+    wait_until_async(|| {
+        let transport = transport.clone();
+        let queue = queue.clone();
+        async move { transport.queue_info(&queue).await.is_ok_and(|info| info.message_count == 1) }
+    })
+    .await;
+    transport.close().await;
+    delete_queues(&uri, &queue).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn wait_until_async<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition never held");
+}
