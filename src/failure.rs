@@ -62,12 +62,21 @@ pub struct Failure {
     pub message: String,
     /// Messages of the error's sources, outermost first.
     pub causes: Vec<String>,
+    /// Whether the route's retry policy accepts this failure (bad input never).
+    #[serde(default)]
+    pub retryable: bool,
 }
 
 impl Failure {
     /// A failure of the given kind with a message.
     pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
-        Failure { kind, error_type: String::new(), message: message.into(), causes: Vec::new() }
+        Failure {
+            retryable: kind != FailureKind::BadInput,
+            kind,
+            error_type: String::new(),
+            message: message.into(),
+            causes: Vec::new(),
+        }
     }
 
     /// Bad input: the message cannot be handled whatever happens.
@@ -88,6 +97,7 @@ impl Failure {
             error_type: error_type.to_owned(),
             message: error.to_string(),
             causes,
+            retryable: true,
         }
     }
 

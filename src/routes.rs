@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use crate::dependencies::{self, Dependency, SharedDependency};
 use crate::entrypoints::Entrypoint;
+use crate::retry::BackOffPolicy;
 use crate::targets::{ErasedTarget, Target};
 use crate::translators::MessageTranslator;
 
@@ -33,6 +34,7 @@ pub struct Route {
     pub(crate) entrypoint: Option<Box<dyn Entrypoint>>,
     pub(crate) translators: Vec<Arc<dyn MessageTranslator>>,
     pub(crate) dependencies: Vec<SharedDependency>,
+    pub(crate) backoff: Option<BackOffPolicy>,
 }
 
 impl Route {
@@ -46,6 +48,7 @@ impl Route {
             entrypoint: None,
             translators: Vec::new(),
             dependencies: Vec::new(),
+            backoff: None,
         }
     }
 
@@ -71,6 +74,13 @@ impl Route {
     /// a real dependency for a fake).
     pub fn dependency<D: Dependency>(mut self, dependency: D) -> Self {
         dependencies::insert(&mut self.dependencies, dependencies::share(dependency));
+        self
+    }
+
+    /// Retry failures with this policy ([`AsyncBackOff`](crate::retry::AsyncBackOff) or
+    /// [`BackOff`](crate::retry::BackOff)) before calling back or dead-lettering.
+    pub fn backoff(mut self, policy: BackOffPolicy) -> Self {
+        self.backoff = Some(policy);
         self
     }
 

@@ -7,9 +7,12 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::amqp::transport::{Delivery, HeaderValue, OutgoingMessage, PublishOptions};
+use crate::amqp::transport::{
+    Delivery, HeaderValue, Headers, OutgoingMessage, PublishOptions, QueueSpec, TransportError,
+};
 use crate::failure::Failure;
 use crate::message::Message;
+use crate::retry::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
 use crate::workers::{Handled, RouteHandle};
 
 /// Header: the route that failed.
@@ -22,6 +25,8 @@ pub const HEADER_ERROR: &str = "x-mf-error";
 pub const HEADER_ERROR_TYPE: &str = "x-mf-error-type";
 /// Header: when the message was dead-lettered (seconds since the epoch).
 pub const HEADER_FAILED_AT: &str = "x-mf-failed-at";
+/// Header: how many attempts were made (1 + retries).
+pub const HEADER_ATTEMPTS: &str = "x-mf-attempts";
 /// Header: the queue the message came from.
 pub const HEADER_ORIGINAL_QUEUE: &str = "x-mf-original-queue";
 /// Header: the exchange the message was published to.
@@ -42,17 +47,13 @@ pub(crate) async fn settle(
         Handled::Succeeded(_) | Handled::CalledBack(_) => delivery.acker.ack().await,
         Handled::Failed(failure) => {
             let message = Message::from_delivery(&delivery);
-            match dead_letter(route, queue, &message, failure).await {
-                Ok(()) => delivery.acker.ack().await,
-                Err(error) => {
-                    tracing::error!(
-                        route = route.name(),
-                        "cannot dead-letter a failed message ({error}); it goes back to {queue}"
-                    );
-                    tokio::time::sleep(REQUEUE_PAUSE).await;
-                    delivery.acker.nack(true).await
-                }
-            }
+            let published = dead_letter(route, queue, &message, failure).await;
+            ack_after(route, queue, delivery, published, "dead-letter").await
+        }
+        Handled::Retry { failure, delay } => {
+            let message = Message::from_delivery(&delivery);
+            let published = schedule_retry(route, queue, &message, failure, *delay).await;
+            ack_after(route, queue, delivery, published, "schedule the retry of").await
         }
     };
     if let Err(error) = result {
@@ -63,13 +64,76 @@ pub(crate) async fn settle(
     }
 }
 
+/// Ack once `published` succeeded; otherwise hand the message back after a pause.
+async fn ack_after(
+    route: &RouteHandle,
+    queue: &str,
+    delivery: Delivery,
+    published: Result<(), TransportError>,
+    what: &str,
+) -> Result<(), TransportError> {
+    match published {
+        Ok(()) => delivery.acker.ack().await,
+        Err(error) => {
+            tracing::error!(
+                route = route.name(),
+                "cannot {what} a failed message ({error}); it goes back to {queue}"
+            );
+            tokio::time::sleep(REQUEUE_PAUSE).await;
+            delivery.acker.nack(true).await
+        }
+    }
+}
+
+/// Publish a copy of `message` to the delay queue `{queue}.delay-{ms}`, whose per-queue TTL
+/// dead-letters it back to `queue` after `delay`. The queue is declared before each use
+/// (that renews its `x-expires` lease, so an unused delay queue disappears by itself).
+pub(crate) async fn schedule_retry(
+    route: &RouteHandle,
+    queue: &str,
+    message: &Message,
+    failure: &Failure,
+    delay: Duration,
+) -> Result<(), TransportError> {
+    let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
+    let delay_queue = QueueSpec {
+        arguments: Headers::from([
+            ("x-message-ttl".to_owned(), HeaderValue::Int(millis)),
+            ("x-dead-letter-exchange".to_owned(), HeaderValue::from("")),
+            ("x-dead-letter-routing-key".to_owned(), HeaderValue::from(queue)),
+            ("x-expires".to_owned(), HeaderValue::Int(millis.saturating_add(60_000))),
+        ]),
+        ..QueueSpec::durable(format!("{queue}.delay-{millis}"))
+    };
+    route.transport().declare_queue(&delay_queue).await?;
+    let retry = BackOffData::from_headers(&message.properties.headers, 0);
+    let mut properties = message.properties.clone();
+    let headers = &mut properties.headers;
+    headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry.retry_count) + 1));
+    headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(now_seconds()));
+    headers.insert(HEADER_LAST_ERROR.into(), failure.full_message().into());
+    properties.expiration = None;
+    tracing::info!(
+        route = route.name(),
+        "retry {} of a failed message in {delay:?}: {}",
+        retry.retry_count + 1,
+        failure.full_message()
+    );
+    let copy = OutgoingMessage { body: message.body.clone(), properties };
+    route.transport().publish("", &delay_queue.name, copy, PublishOptions { mandatory: true }).await
+}
+
+fn now_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 /// Publish a copy of `message` to `{queue}.dlq` with the failure in its headers.
 pub(crate) async fn dead_letter(
     route: &RouteHandle,
     queue: &str,
     message: &Message,
     failure: &Failure,
-) -> Result<(), crate::amqp::transport::TransportError> {
+) -> Result<(), TransportError> {
     let mut properties = message.properties.clone();
     let headers = &mut properties.headers;
     headers.insert(HEADER_ROUTE.into(), route.name().into());
@@ -78,8 +142,9 @@ pub(crate) async fn dead_letter(
     if !failure.error_type.is_empty() {
         headers.insert(HEADER_ERROR_TYPE.into(), failure.error_type.clone().into());
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    headers.insert(HEADER_FAILED_AT.into(), HeaderValue::Timestamp(now));
+    headers.insert(HEADER_FAILED_AT.into(), HeaderValue::Timestamp(now_seconds()));
+    let attempts = BackOffData::from_headers(&message.properties.headers, 0).retry_count + 1;
+    headers.insert(HEADER_ATTEMPTS.into(), HeaderValue::Int(i64::from(attempts)));
     headers.insert(HEADER_ORIGINAL_QUEUE.into(), queue.into());
     headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), message.exchange.clone().into());
     headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), message.routing_key.clone().into());

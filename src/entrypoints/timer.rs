@@ -97,7 +97,7 @@ impl Entrypoint for TimeEntrypoint {
             last = due;
             let Some(permit) = route.acquire().await else { return Ok(()) };
             let handled = route.handle(permit, Message::default()).await;
-            if let Handled::Failed(failure) = &handled {
+            if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {
                 tracing::error!(
                     route = route.name(),
                     "timer run failed: {}",

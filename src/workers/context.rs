@@ -11,6 +11,7 @@ use crate::context::CallContext;
 use crate::dependencies::DependencyValues;
 use crate::failure::Failure;
 use crate::message::Message;
+use crate::retry::BackOffData;
 
 /// Which function of a route a call runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -36,6 +37,7 @@ pub struct WorkerContext {
     pub(crate) transport: SharedTransport,
     pub(crate) dependencies: Arc<DependencyValues>,
     pub(crate) declared_exchanges: DeclaredExchanges,
+    pub(crate) retry: BackOffData,
 }
 
 impl WorkerContext {

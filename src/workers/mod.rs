@@ -24,6 +24,7 @@ use crate::context::CallContext;
 use crate::dependencies::{DependencyValues, SharedDependency};
 use crate::failure::{Failure, FailureKind};
 use crate::message::Message;
+use crate::retry::{BackOffData, BackOffPolicy, RetryMode};
 use crate::routes::Route;
 use crate::spawners::{WorkerPermit, WorkerPool};
 use crate::targets::{ErasedTarget, TargetError, TargetResult};
@@ -42,6 +43,14 @@ pub enum Handled {
     /// Nothing handled it: bad input, a failure without callback, or a failing callback.
     /// The message must be dead-lettered with this reason.
     Failed(Failure),
+    /// The target failed and its `AsyncBackOff` asks for another attempt after `delay`: the
+    /// entrypoint schedules the message again on the broker.
+    Retry {
+        /// Why the attempt failed.
+        failure: Failure,
+        /// How long to wait before the next attempt.
+        delay: std::time::Duration,
+    },
 }
 
 /// A running route, as its entrypoint sees it.
@@ -58,6 +67,7 @@ struct RouteRuntime {
     callback: Option<ErasedTarget>,
     translators: Vec<Arc<dyn MessageTranslator>>,
     dependencies: Vec<SharedDependency>,
+    backoff: Option<BackOffPolicy>,
     config: Arc<Config>,
     transport: SharedTransport,
     pool: WorkerPool,
@@ -97,6 +107,7 @@ impl RouteHandle {
                 callback: route.callback,
                 translators: route.translators,
                 dependencies: route.dependencies,
+                backoff: route.backoff,
                 config: env.config.clone(),
                 transport: env.transport.clone(),
                 pool,
@@ -157,15 +168,35 @@ impl RouteHandle {
         self.inner.pool.acquire(&self.inner.stopping).await
     }
 
-    /// Handle a message in the slot `permit`: run the target and, if it fails (not for bad
-    /// input), the callback.
+    /// Handle a message in the slot `permit`: run the target; on a failure (not bad input)
+    /// retry it as the route's backoff says (in the worker, or by asking the entrypoint to
+    /// schedule it on the broker), and when no retry remains run the callback.
     pub async fn handle(&self, permit: WorkerPermit, message: Message) -> Handled {
         self.inner.stats.received();
-        let handled = match self.execute(TargetRole::Target, message.clone(), None).await {
+        let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
+        let mut retry = BackOffData::from_headers(&message.properties.headers, max_retries);
+        let mut outcome = self.run(TargetRole::Target, &message, None, &retry).await;
+        while let (Err(failure), Some(policy)) = (&outcome, &self.inner.backoff) {
+            if !failure.retryable || !retry.can_retry() {
+                break;
+            }
+            let delay = policy.delay(retry.retry_count + 1);
+            if policy.mode == RetryMode::Broker {
+                return Handled::Retry { failure: failure.clone(), delay };
+            }
+            tracing::info!(route = self.name(), "retry {} in {delay:?}", retry.retry_count + 1);
+            tokio::time::sleep(delay).await;
+            retry.retry_count += 1;
+            retry.last_error = Some(failure.full_message());
+            retry.last_retry = Some(std::time::SystemTime::now());
+            outcome = self.run(TargetRole::Target, &message, None, &retry).await;
+        }
+        let handled = match outcome {
             Ok(value) => Handled::Succeeded(value),
             Err(failure) if failure.kind == FailureKind::BadInput => Handled::Failed(failure),
             Err(failure) if self.inner.callback.is_some() => {
-                match self.execute(TargetRole::Callback, message, Some(failure.clone())).await {
+                match self.run(TargetRole::Callback, &message, Some(failure.clone()), &retry).await
+                {
                     Ok(_) => Handled::CalledBack(failure),
                     Err(callback_failure) => Handled::Failed(Failure {
                         message: format!(
@@ -192,12 +223,23 @@ impl RouteHandle {
         self.inner.stats.skipped();
     }
 
-    /// Run one function of the route on `message`: the unit of work a worker does.
+    /// Run one function of the route on `message` as a first attempt: the unit of work a
+    /// worker does.
     pub async fn execute(
         &self,
         role: TargetRole,
         message: Message,
         failure: Option<Failure>,
+    ) -> Outcome {
+        self.run(role, &message, failure, &BackOffData::default()).await
+    }
+
+    async fn run(
+        &self,
+        role: TargetRole,
+        message: &Message,
+        failure: Option<Failure>,
+        retry: &BackOffData,
     ) -> Outcome {
         let route = &self.inner;
         let call = CallContext::for_call(
@@ -212,8 +254,11 @@ impl RouteHandle {
             route = %route.name,
             call_id = %call.call_id,
             parent_call_id = call.parent_call_id().unwrap_or_default(),
+            retry = retry.retry_count,
         );
-        self.run_pipeline(role, message, failure, call).instrument(span).await
+        self.run_pipeline(role, message.clone(), failure, call, retry.clone())
+            .instrument(span)
+            .await
     }
 
     async fn run_pipeline(
@@ -222,6 +267,7 @@ impl RouteHandle {
         message: Message,
         failure: Option<Failure>,
         call: CallContext,
+        retry: BackOffData,
     ) -> Outcome {
         let route = &self.inner;
         let target = match (role, &route.callback) {
@@ -247,6 +293,7 @@ impl RouteHandle {
             transport: route.transport.clone(),
             dependencies: Arc::default(),
             declared_exchanges: route.declared_exchanges.clone(),
+            retry,
         };
         let mut values = DependencyValues::default();
         for dependency in &route.dependencies {
@@ -264,7 +311,7 @@ impl RouteHandle {
         }
         let values = Arc::new(values);
         ctx.dependencies = values.clone();
-        let outcome = into_outcome((target.invoke)(ctx).await);
+        let outcome = into_outcome((target.invoke)(ctx).await, route.backoff.as_ref());
         for dependency in &route.dependencies {
             dependency.after_call(&values, &outcome).await;
         }
@@ -278,7 +325,10 @@ impl RouteHandle {
     }
 }
 
-fn into_outcome(result: TargetResult) -> Outcome {
+fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcome {
+    let accepts = |error: Option<&(dyn std::error::Error + 'static)>| {
+        backoff.is_none_or(|policy| policy.accepts(error))
+    };
     result.map_err(|error| match error {
         TargetError::Extract(crate::extract::ExtractError::BadInput(reason)) => {
             Failure::bad_input(reason)
@@ -286,10 +336,13 @@ fn into_outcome(result: TargetResult) -> Outcome {
         TargetError::Extract(crate::extract::ExtractError::Unavailable(reason)) => {
             Failure::new(FailureKind::Error, reason)
         }
-        TargetError::Error { error, type_name } => Failure::from_error(&error, type_name),
-        TargetError::Panic(message) => {
-            Failure::new(FailureKind::Panic, format!("target panicked: {message}"))
+        TargetError::Error { error, type_name } => {
+            Failure { retryable: accepts(Some(&*error)), ..Failure::from_error(&error, type_name) }
         }
+        TargetError::Panic(message) => Failure {
+            retryable: accepts(None),
+            ..Failure::new(FailureKind::Panic, format!("target panicked: {message}"))
+        },
         TargetError::Unserializable(reason) => {
             Failure::new(FailureKind::Error, format!("return value cannot be serialized: {reason}"))
         }

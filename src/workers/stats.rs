@@ -14,6 +14,7 @@ pub struct RouteStats {
     called_back: AtomicU64,
     failed: AtomicU64,
     skipped: AtomicU64,
+    retried: AtomicU64,
     settled: watch::Sender<u64>,
 }
 
@@ -25,6 +26,7 @@ impl Default for RouteStats {
             called_back: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
             settled: watch::Sender::new(0),
         }
     }
@@ -40,6 +42,7 @@ impl RouteStats {
             Handled::Succeeded(_) => &self.succeeded,
             Handled::CalledBack(_) => &self.called_back,
             Handled::Failed(_) => &self.failed,
+            Handled::Retry { .. } => &self.retried,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.settled.send_modify(|count| *count += 1);
@@ -58,6 +61,11 @@ impl RouteStats {
     /// Messages acknowledged without a call because the entrypoint's filter skipped them.
     pub fn skipped_count(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Failed attempts scheduled again on the broker.
+    pub fn retried_count(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
     }
 
     /// Messages handled successfully.

@@ -1,0 +1,104 @@
+//! [`BackOffData`]: where a message is in its retries.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::amqp::transport::{HeaderValue, Headers};
+use crate::extract::{ExtractError, FromContext};
+use crate::workers::WorkerContext;
+
+/// Header: how many retries this message has had.
+pub const HEADER_RETRY_COUNT: &str = "x-mf-retry-count";
+/// Header: when the last retry was scheduled (seconds since the epoch).
+pub const HEADER_LAST_RETRY: &str = "x-mf-last-retry";
+/// Header: the error that caused the last retry.
+pub const HEADER_LAST_ERROR: &str = "x-mf-last-error";
+
+/// The retry state of the current call: a target can behave differently on later attempts,
+/// and a callback can report how many were made.
+///
+/// ```
+/// use micro_framework::retry::BackOffData;
+///
+/// fn flaky(retry: BackOffData) -> Result<(), String> {
+///     if retry.retry_count < 2 { Err("not yet".into()) } else { Ok(()) }
+/// }
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BackOffData {
+    /// Retries made before this attempt: 0 on the first attempt.
+    pub retry_count: u32,
+    /// The route's retry limit (0 without a backoff).
+    pub max_retries: u32,
+    /// The error that caused the last retry.
+    pub last_error: Option<String>,
+    /// When the last retry was scheduled.
+    pub last_retry: Option<SystemTime>,
+}
+
+impl BackOffData {
+    /// Read the retry state of a message from its headers. The count is reconciled with
+    /// `x-death`: the broker's count of delay-queue passes wins if a header was lost.
+    pub fn from_headers(headers: &Headers, max_retries: u32) -> Self {
+        let counted = headers.get(HEADER_RETRY_COUNT).and_then(HeaderValue::as_i64).unwrap_or(0);
+        let died = delay_passes(headers);
+        let retry_count = u32::try_from(counted.max(died)).unwrap_or(0);
+        let last_retry = match headers.get(HEADER_LAST_RETRY) {
+            Some(HeaderValue::Timestamp(seconds)) => {
+                Some(UNIX_EPOCH + Duration::from_secs(*seconds))
+            }
+            _ => None,
+        };
+        let last_error =
+            headers.get(HEADER_LAST_ERROR).and_then(HeaderValue::as_str).map(str::to_owned);
+        BackOffData { retry_count, max_retries, last_error, last_retry }
+    }
+
+    /// True while retries remain.
+    pub fn can_retry(&self) -> bool {
+        self.retry_count < self.max_retries
+    }
+}
+
+/// How many times `x-death` says the message expired from a delay queue (`{queue}.delay-{ms}`).
+fn delay_passes(headers: &Headers) -> i64 {
+    let Some(HeaderValue::Array(deaths)) = headers.get("x-death") else { return 0 };
+    deaths
+        .iter()
+        .filter_map(|death| match death {
+            HeaderValue::Table(table) => Some(table),
+            _ => None,
+        })
+        .filter(|table| {
+            table.get("queue").and_then(HeaderValue::as_str).is_some_and(|q| q.contains(".delay-"))
+        })
+        .filter_map(|table| table.get("count").and_then(HeaderValue::as_i64))
+        .sum()
+}
+
+impl FromContext for BackOffData {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        Ok(ctx.retry.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconciles_the_header_with_x_death() {
+        let death = Headers::from([
+            ("queue".to_owned(), HeaderValue::from("work.delay-200")),
+            ("count".to_owned(), HeaderValue::Int(2)),
+        ]);
+        let headers = Headers::from([
+            (HEADER_RETRY_COUNT.to_owned(), HeaderValue::Int(1)),
+            ("x-death".to_owned(), HeaderValue::Array(vec![HeaderValue::Table(death)])),
+        ]);
+        let data = BackOffData::from_headers(&headers, 3);
+        assert_eq!(data.retry_count, 2);
+        assert!(data.can_retry());
+        assert!(!BackOffData::from_headers(&headers, 2).can_retry());
+        assert_eq!(BackOffData::from_headers(&Headers::new(), 3).retry_count, 0);
+    }
+}
