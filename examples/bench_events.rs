@@ -199,6 +199,9 @@ async fn bench(messages: usize) -> micro_framework::Result<()> {
         .await
         .map_err(lapin_error)?;
     let _ = connection.close(200, "bench done".into()).await;
+    for queue in [format!("{service_queue}.dlq"), service_queue] {
+        transport.delete_queue(&queue).await?;
+    }
     transport.close().await;
 
     println!("publish with confirms: bare lapin {lapin_publish:>9.0} msg/s | Producer  {producer_publish:>9.0} msg/s | ratio {:.2}", producer_publish / lapin_publish);

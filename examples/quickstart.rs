@@ -3,17 +3,19 @@
 //! With `AMQP_URI` unset it runs on the in-process broker (`memory://`); set
 //! `AMQP_URI=amqp://guest:guest@127.0.0.1:5672/` to run it on RabbitMQ. A background thread
 //! plays another service and emits an event every second, so you can watch the routes fire,
-//! a failure being called back, and a graceful stop on Ctrl-C.
+//! a failure retried then called back, and a graceful stop on Ctrl-C.
 
 use std::time::Duration;
 
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::prelude::*;
+use micro_framework::retry::AsyncBackOff;
 
 mod tasks {
     use micro_framework::amqp::dependencies::Producer;
     use micro_framework::prelude::*;
+    use micro_framework::retry::BackOffData;
     use serde::Deserialize;
     use serde_json::{json, Value};
 
@@ -42,9 +44,12 @@ mod tasks {
         println!("test2: called after test function with {payload}");
     }
 
-    /// Called when `test` fails.
-    pub fn test_failure(Payload(payload): Payload<Value>, failure: Failure) {
-        println!("test_failure: {payload} failed: {}", failure.message);
+    /// Called when `test` failed and its retries are exhausted.
+    pub fn test_failure(Payload(payload): Payload<Value>, failure: Failure, retry: BackOffData) {
+        println!(
+            "test_failure: {payload} failed after {} retries: {}",
+            retry.retry_count, failure.message
+        );
     }
 }
 
@@ -62,7 +67,9 @@ fn main() -> micro_framework::Result<()> {
 
     let routes = vec![
         CallbackRoute::new(tasks::test, tasks::test_failure)
-            .entrypoint(EventListener::new("my_exchange", "my_routing_key")),
+            .entrypoint(EventListener::new("my_exchange", "my_routing_key"))
+            // The seed retries 5 times 10 s apart; shortened so the demo shows it quickly.
+            .backoff(AsyncBackOff::new(2, Duration::from_millis(500))),
         Route::new(tasks::test2).entrypoint(EventListener::new(service, "event_name")),
     ];
     emit_demo_events(config.clone());
