@@ -7,6 +7,7 @@ pub mod entrypoints;
 pub mod memory;
 pub mod naming;
 pub mod rabbitmq;
+pub mod rpc;
 pub mod settle;
 pub mod transport;
 

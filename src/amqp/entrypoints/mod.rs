@@ -2,6 +2,8 @@
 
 mod event;
 mod queue;
+mod rpc;
 
 pub use event::EventListener;
 pub use queue::QueueListener;
+pub use rpc::RPCListener;

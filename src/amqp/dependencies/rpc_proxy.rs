@@ -1,0 +1,141 @@
+//! [`RpcProxy`]: call RPC methods of other services (Nameko's `RpcProxy`).
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::amqp::rpc::{Caller, ReplyListener, RpcError, RpcReply};
+use crate::extract::{ExtractError, FromContext};
+use crate::workers::WorkerContext;
+
+/// Calls RPC methods, as a target's parameter. Requests carry the call's context headers, so
+/// the callee's call-id stack continues the caller's. Replies come back on one reply queue
+/// per service instance (`rpc.reply-{service}-{uuid}`), shared by every proxy and removed
+/// when the service stops. Calls wait `RPC_TIMEOUT` unless told otherwise.
+///
+/// ```no_run
+/// use micro_framework::amqp::dependencies::RpcProxy;
+/// use micro_framework::amqp::rpc::RpcError;
+/// use serde_json::json;
+/// use std::time::Duration;
+///
+/// async fn total(rpc: RpcProxy) -> Result<i64, RpcError> {
+///     let math = rpc.service("math");
+///     let sum: i64 = math.call("add", json!([1, 2]), json!({})).await?;
+///     let later = math.call_async("add", json!([sum]), json!({"b": 4})).await?;
+///     let quick: i64 = math.timeout(Duration::from_secs(1)).call("add", (5, 6), ()).await?;
+///     Ok(later.result::<i64>().await? + quick)
+/// }
+///
+/// fn total_sync(rpc: RpcProxy) -> Result<i64, RpcError> {
+///     rpc.service("math").call_blocking("add", (1, 2), ())
+/// }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RpcProxy {
+    caller: Caller,
+}
+
+impl RpcProxy {
+    pub(crate) fn new(caller: Caller) -> Self {
+        RpcProxy { caller }
+    }
+
+    /// The methods of `service`.
+    pub fn service(&self, service: impl Into<String>) -> ServiceProxy {
+        ServiceProxy { caller: self.caller.clone(), service: service.into(), timeout: None }
+    }
+
+    /// Call `service.method(*args, **kwargs)` and deserialize the result into `T`. `args`
+    /// must serialize to a JSON array (a tuple, `Vec`, `json!([...])`) and `kwargs` to an
+    /// object; `()` stands for none.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<T, RpcError> {
+        self.service(service).call(method, args, kwargs).await
+    }
+}
+
+/// The methods of one service, reached through an [`RpcProxy`] or a
+/// [`Client`](crate::amqp::rpc::Client).
+#[derive(Clone, Debug)]
+pub struct ServiceProxy {
+    caller: Caller,
+    service: String,
+    timeout: Option<Duration>,
+}
+
+impl ServiceProxy {
+    pub(crate) fn new(caller: Caller, service: String) -> Self {
+        ServiceProxy { caller, service, timeout: None }
+    }
+
+    /// The service called.
+    pub fn name(&self) -> &str {
+        &self.service
+    }
+
+    /// Wait `timeout` for replies instead of `RPC_TIMEOUT`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Call `method(*args, **kwargs)` and deserialize the result into `T` (use
+    /// `serde_json::Value` to take anything).
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<T, RpcError> {
+        self.call_async(method, args, kwargs).await?.result().await
+    }
+
+    /// Send the call now and await its [`RpcReply`] later.
+    pub async fn call_async(
+        &self,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<RpcReply, RpcError> {
+        self.caller.send(&self.service, method, args, kwargs, self.timeout).await
+    }
+
+    /// [`ServiceProxy::call`] for sync targets (which run on worker threads). Fails with
+    /// `Unavailable` outside a multi-threaded tokio runtime.
+    pub fn call_blocking<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<T, RpcError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
+            RpcError::Unavailable(format!("call_blocking needs a runtime: {error}"))
+        })?;
+        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+            return Err(RpcError::Unavailable(
+                "call_blocking cannot run on a current-thread runtime".into(),
+            ));
+        }
+        tokio::task::block_in_place(|| runtime.block_on(self.call(method, args, kwargs)))
+    }
+}
+
+impl FromContext for RpcProxy {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        let transport = ctx.transport().clone();
+        let listener = ReplyListener::of(&transport, ctx.service_name());
+        Ok(RpcProxy::new(Caller::new(
+            transport,
+            listener,
+            ctx.config(),
+            ctx.call().outgoing_headers(),
+        )))
+    }
+}

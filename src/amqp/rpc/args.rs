@@ -1,0 +1,147 @@
+//! [`Args<T>`]: the arguments of an RPC request, as a target's parameter.
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::amqp::rpc::field_names::field_names;
+use crate::amqp::rpc::wire::request_arguments;
+use crate::extract::{ExtractError, FromContext};
+use crate::workers::WorkerContext;
+
+/// The arguments of an RPC request (`{"args": [...], "kwargs": {...}}`), deserialized into
+/// `T`. Arguments that do not fit are bad input, replied as `IncorrectSignature`.
+///
+/// - A struct with named fields (`#[derive(Deserialize)]`) binds like a Python signature:
+///   positional arguments fill the fields in declaration order, keyword arguments fill them
+///   by name, and both can be mixed. Too many positional arguments, a keyword argument that
+///   names no field or repeats a positional one, and a missing field (unless
+///   `#[serde(default)]`) do not fit.
+/// - Any other type (a tuple, `Vec<_>`, a map, `Value`) is deserialized from the positional
+///   arguments (a JSON array) when no keyword argument is given, or from the keyword
+///   arguments (a JSON object) when no positional one is; mixing both does not fit.
+///   `Args<()>` accepts no argument at all.
+///
+/// A target without `Args` ignores the request's arguments.
+///
+/// ```
+/// use micro_framework::amqp::rpc::Args;
+/// use serde::Deserialize;
+///
+/// #[derive(Deserialize)]
+/// struct Add { a: i64, b: i64 }
+///
+/// // add(1, 2), add(1, b=2), add(a=1, b=2)
+/// fn add(Args(Add { a, b }): Args<Add>) -> i64 { a + b }
+///
+/// // positional only: mul(2, 3)
+/// fn mul(Args((a, b)): Args<(i64, i64)>) -> i64 { a * b }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Args<T>(pub T);
+
+impl<T: DeserializeOwned + Send + 'static> FromContext for Args<T> {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        let payload = ctx.payload().map_err(|reason| ExtractError::BadInput(reason.to_owned()))?;
+        let (args, kwargs) = request_arguments(payload).ok_or_else(|| {
+            ExtractError::BadInput(
+                "not an RPC request: expected {\"args\": [...], \"kwargs\": {...}}".into(),
+            )
+        })?;
+        bind(ctx.route_name(), args, kwargs).map(Args).map_err(ExtractError::BadInput)
+    }
+}
+
+/// Bind `args` and `kwargs` to `T`, with Python-like messages naming `method`.
+fn bind<T: DeserializeOwned>(
+    method: &str,
+    args: &[Value],
+    kwargs: &Map<String, Value>,
+) -> Result<T, String> {
+    let misfit = |error: serde_json::Error| format!("{method}(): {error}");
+    match field_names::<T>() {
+        Some(names) => {
+            if args.len() > names.len() {
+                return Err(format!(
+                    "{method}() takes {} positional argument(s) but {} were given",
+                    names.len(),
+                    args.len()
+                ));
+            }
+            let mut bound = Map::new();
+            for (name, value) in names.iter().zip(args) {
+                if kwargs.contains_key(*name) {
+                    return Err(format!("{method}() got multiple values for argument '{name}'"));
+                }
+                bound.insert((*name).to_owned(), value.clone());
+            }
+            for (key, value) in kwargs {
+                if !names.contains(&key.as_str()) {
+                    return Err(format!("{method}() got an unexpected keyword argument '{key}'"));
+                }
+                bound.insert(key.clone(), value.clone());
+            }
+            T::deserialize(Value::Object(bound)).map_err(misfit)
+        }
+        None if kwargs.is_empty() => match T::deserialize(Value::Array(args.to_vec())) {
+            Ok(value) => Ok(value),
+            Err(error) if args.is_empty() => T::deserialize(Value::Null).map_err(|_| misfit(error)),
+            Err(error) => Err(misfit(error)),
+        },
+        None if args.is_empty() => T::deserialize(Value::Object(kwargs.clone())).map_err(misfit),
+        None => Err(format!(
+            "{method}() takes positional or keyword arguments, not both (bind to a struct with \
+             named fields to mix them)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use serde_json::json;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Add {
+        a: i64,
+        b: i64,
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Greet {
+        name: String,
+        #[serde(default)]
+        greeting: Option<String>,
+    }
+
+    fn call<T: DeserializeOwned>(args: Value, kwargs: Value) -> Result<T, String> {
+        let (Value::Array(args), Value::Object(kwargs)) = (args, kwargs) else { panic!() };
+        bind("m", &args, &kwargs)
+    }
+
+    #[test]
+    fn structs_bind_like_python_signatures() {
+        let add = Add { a: 1, b: 2 };
+        assert_eq!(call::<Add>(json!([1, 2]), json!({})), Ok(add));
+        assert_eq!(call::<Add>(json!([1]), json!({"b": 2})).unwrap().b, 2);
+        assert_eq!(call::<Add>(json!([]), json!({"b": 2, "a": 1})).unwrap().a, 1);
+        assert!(call::<Add>(json!([1]), json!({})).unwrap_err().contains("missing field `b`"));
+        assert!(call::<Add>(json!([1, 2, 3]), json!({})).unwrap_err().contains("takes 2"));
+        assert!(call::<Add>(json!([1]), json!({"a": 2})).unwrap_err().contains("multiple values"));
+        assert!(call::<Add>(json!([1, 2]), json!({"c": 3})).unwrap_err().contains("unexpected"));
+        assert!(call::<Add>(json!(["x", 2]), json!({})).is_err());
+        let greet: Greet = call(json!(["Ada"]), json!({})).unwrap();
+        assert_eq!(greet, Greet { name: "Ada".into(), greeting: None });
+    }
+
+    #[test]
+    fn other_types_take_one_kind_of_arguments() {
+        assert_eq!(call::<(i64, i64)>(json!([1, 2]), json!({})), Ok((1, 2)));
+        assert!(call::<(i64, i64)>(json!([1, 2, 3]), json!({})).is_err());
+        assert!(call::<(i64, i64)>(json!([1]), json!({})).is_err());
+        assert_eq!(call::<Value>(json!([]), json!({"x": 1})), Ok(json!({"x": 1})));
+        assert!(call::<Value>(json!([1]), json!({"x": 1})).unwrap_err().contains("not both"));
+        assert_eq!(call::<()>(json!([]), json!({})), Ok(()));
+        assert!(call::<()>(json!([1]), json!({})).is_err());
+    }
+}

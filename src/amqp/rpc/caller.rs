@@ -1,0 +1,112 @@
+//! [`Caller`]: sends RPC requests and waits for their replies on a shared reply queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::amqp::rpc::error::RpcError;
+use crate::amqp::rpc::naming::rpc_exchange;
+use crate::amqp::rpc::pending::RpcReply;
+use crate::amqp::rpc::replies::ReplyListener;
+use crate::amqp::rpc::wire::request_body;
+use crate::amqp::transport::{
+    ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
+};
+use crate::config::Config;
+use crate::message::json_properties;
+
+/// What every call of a caller shares: the connection, the reply queue, the exchange, the
+/// default timeout and the context headers sent with each request.
+#[derive(Clone, Debug)]
+pub(crate) struct Caller {
+    pub transport: SharedTransport,
+    pub listener: Arc<ReplyListener>,
+    pub exchange: ExchangeSpec,
+    pub timeout: Duration,
+    pub headers: Headers,
+}
+
+impl Caller {
+    /// A caller on `transport` with `config`'s exchange and timeout, replies through
+    /// `listener`.
+    pub(crate) fn new(
+        transport: SharedTransport,
+        listener: Arc<ReplyListener>,
+        config: &Config,
+        headers: Headers,
+    ) -> Self {
+        Caller {
+            transport,
+            listener,
+            exchange: rpc_exchange(config),
+            timeout: config.rpc_timeout,
+            headers,
+        }
+    }
+
+    /// Send `service.method(*args, **kwargs)`; the reply is awaited through the result.
+    /// An unroutable request fails at once with `UnknownService`.
+    pub(crate) async fn send(
+        &self,
+        service: &str,
+        method: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+        timeout: Option<Duration>,
+    ) -> Result<RpcReply, RpcError> {
+        let args = match to_value(args, "args")? {
+            Value::Null => Vec::new(),
+            Value::Array(args) => args,
+            other => {
+                return Err(RpcError::InvalidArguments(format!(
+                    "args must be an array, got {other}"
+                )))
+            }
+        };
+        let kwargs = match to_value(kwargs, "kwargs")? {
+            Value::Null => Map::new(),
+            Value::Object(kwargs) => kwargs,
+            other => {
+                return Err(RpcError::InvalidArguments(format!(
+                    "kwargs must be an object, got {other}"
+                )))
+            }
+        };
+        let queue = self.listener.queue(&self.transport, &self.exchange).await?;
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        let receiver = queue.expect(&correlation_id);
+        let reply = RpcReply::new(
+            service,
+            method,
+            timeout.unwrap_or(self.timeout),
+            queue.clone(),
+            correlation_id.clone(),
+            receiver,
+        );
+        let mut properties = json_properties();
+        properties.headers = self.headers.clone();
+        properties.reply_to = Some(queue.routing_key().to_owned());
+        properties.correlation_id = Some(correlation_id);
+        let request = OutgoingMessage { body: request_body(args, kwargs), properties };
+        let routing_key = format!("{service}.{method}");
+        match self
+            .transport
+            .publish(&self.exchange.name, &routing_key, request, PublishOptions { mandatory: true })
+            .await
+        {
+            Ok(()) => Ok(reply),
+            Err(TransportError::Unroutable { .. }) => {
+                Err(RpcError::UnknownService(service.to_owned()))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+fn to_value(value: impl Serialize, what: &str) -> Result<Value, RpcError> {
+    serde_json::to_value(value).map_err(|error| {
+        RpcError::InvalidArguments(format!("{what} cannot be serialized: {error}"))
+    })
+}

@@ -1,0 +1,81 @@
+//! [`RpcError`]: why an RPC call did not return a result.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::amqp::rpc::wire::RemoteException;
+use crate::amqp::transport::TransportError;
+
+/// Why an RPC call did not return a result. Remote errors are only described: nothing in a
+/// reply is evaluated.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RpcError {
+    /// No queue received the request: no service of that name is running.
+    #[error("Unknown service `{0}`")]
+    UnknownService(String),
+    /// The service has no such method.
+    #[error("method not found: {0}")]
+    MethodNotFound(String),
+    /// The arguments do not fit the method's parameters.
+    #[error("incorrect signature: {0}")]
+    IncorrectSignature(String),
+    /// The service could not read the request.
+    #[error("malformed request: {0}")]
+    MalformedRequest(String),
+    /// The method failed; the error as the service described it.
+    #[error("{exc_type} {value}")]
+    RemoteError {
+        /// The error's type name, e.g. `ValueError`.
+        exc_type: String,
+        /// The error's message.
+        value: String,
+        /// The type's path, e.g. `builtins.ValueError`.
+        exc_path: String,
+        /// The error's arguments.
+        exc_args: Vec<Value>,
+    },
+    /// No reply came in time.
+    #[error("no reply from {service}.{method} within {after:?}")]
+    Timeout {
+        /// The service called.
+        service: String,
+        /// The method called.
+        method: String,
+        /// How long the call waited.
+        after: Duration,
+    },
+    /// The arguments could not be sent: `args` must serialize to a JSON array, `kwargs` to an
+    /// object.
+    #[error("invalid arguments: {0}")]
+    InvalidArguments(String),
+    /// The result does not fit the type asked for.
+    #[error("unexpected result: {0}")]
+    UnexpectedResult(String),
+    /// The reply could not be read.
+    #[error("invalid reply: {0}")]
+    InvalidReply(String),
+    /// The call cannot be made here (`call_blocking` outside a multi-threaded runtime).
+    #[error("cannot call: {0}")]
+    Unavailable(String),
+    /// The broker could not take the request, or the reply queue was lost.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+impl From<RemoteException> for RpcError {
+    fn from(error: RemoteException) -> Self {
+        match error.nameko_type() {
+            Some("MethodNotFound") => RpcError::MethodNotFound(error.value),
+            Some("IncorrectSignature") => RpcError::IncorrectSignature(error.value),
+            Some("MalformedRequest") => RpcError::MalformedRequest(error.value),
+            Some("UnknownService") => RpcError::UnknownService(error.value),
+            _ => RpcError::RemoteError {
+                exc_type: error.exc_type,
+                value: error.value,
+                exc_path: error.exc_path,
+                exc_args: error.exc_args,
+            },
+        }
+    }
+}

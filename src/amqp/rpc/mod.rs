@@ -1,0 +1,55 @@
+//! RPC, wire-compatible with Nameko 2.14 (protocol.md section 3).
+//!
+//! - Serving: a route with the [`RPCListener`](crate::amqp::entrypoints::RPCListener)
+//!   entrypoint is the RPC method `{route name}` of the service; its target takes the
+//!   request's arguments through [`Args<T>`] and its return value is the result.
+//! - Calling: [`RpcProxy`](crate::amqp::dependencies::RpcProxy) inside a target, or the
+//!   standalone [`Client`] anywhere else. Errors are values ([`RpcError`]); a remote error is
+//!   only described, never evaluated.
+//!
+//! ```no_run
+//! use micro_framework::prelude::*;
+//! use micro_framework::amqp::entrypoints::RPCListener;
+//! use micro_framework::amqp::rpc::{Args, Client};
+//! use serde_json::json;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Add { a: i64, b: i64 }
+//!
+//! fn add(Args(Add { a, b }): Args<Add>) -> i64 { a + b }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let routes = vec![Route::new(add).entrypoint(RPCListener::new())];
+//! let service = Runner::new(routes, Config::new("math")).spawn().await?;
+//!
+//! let client = Client::connect(&Config::new("caller")).await?;
+//! let sum: i64 = client.call("math", "add", json!([1]), json!({"b": 2})).await?;
+//! assert_eq!(sum, 3);
+//! client.close().await;
+//! service.stop().await?;
+//! # Ok(()) }
+//! ```
+
+mod args;
+mod caller;
+mod client;
+mod connection_local;
+mod error;
+mod field_names;
+pub mod naming;
+mod pending;
+mod registry;
+mod replies;
+mod server;
+mod wire;
+
+pub use args::Args;
+pub use client::Client;
+pub use error::RpcError;
+pub use pending::RpcReply;
+pub use wire::RemoteException;
+
+pub(crate) use caller::Caller;
+pub(crate) use registry::RpcRegistry;
+pub(crate) use replies::ReplyListener;
+pub(crate) use server::serve;

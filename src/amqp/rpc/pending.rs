@@ -1,0 +1,100 @@
+//! [`RpcReply`]: a call sent, whose reply is awaited later.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::amqp::rpc::error::RpcError;
+use crate::amqp::rpc::replies::{ReplyOutcome, ReplyQueue};
+use crate::amqp::transport::TransportError;
+
+/// An RPC call on its way: await it (or [`RpcReply::result`] for a typed result) to get the
+/// reply. The call's timeout runs from when it was sent. Dropping it abandons the call (a
+/// late reply is dropped).
+#[derive(Debug)]
+pub struct RpcReply {
+    service: String,
+    method: String,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+    receiver: oneshot::Receiver<ReplyOutcome>,
+    waiting: Waiting,
+}
+
+/// Forgets the correlation id when the call is done or abandoned.
+#[derive(Debug)]
+struct Waiting {
+    queue: Arc<ReplyQueue>,
+    correlation_id: String,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.queue.forget(&self.correlation_id);
+    }
+}
+
+impl RpcReply {
+    pub(crate) fn new(
+        service: &str,
+        method: &str,
+        timeout: Duration,
+        queue: Arc<ReplyQueue>,
+        correlation_id: String,
+        receiver: oneshot::Receiver<ReplyOutcome>,
+    ) -> Self {
+        RpcReply {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            timeout,
+            deadline: tokio::time::Instant::now() + timeout,
+            receiver,
+            waiting: Waiting { queue, correlation_id },
+        }
+    }
+
+    /// The correlation id of the request.
+    pub fn correlation_id(&self) -> &str {
+        &self.waiting.correlation_id
+    }
+
+    /// Wait for the reply and deserialize its result into `T`.
+    pub async fn result<T: DeserializeOwned>(self) -> Result<T, RpcError> {
+        let value = self.value().await?;
+        T::deserialize(&value).map_err(|error| {
+            RpcError::UnexpectedResult(format!(
+                "{value} does not fit {}: {error}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    async fn value(self) -> Result<Value, RpcError> {
+        let RpcReply { service, method, timeout, deadline, receiver, waiting } = self;
+        let outcome = tokio::time::timeout_at(deadline, receiver).await;
+        drop(waiting);
+        match outcome {
+            Err(_) => Err(RpcError::Timeout { service, method, after: timeout }),
+            Ok(Err(_)) => Err(RpcError::Transport(TransportError::Closed(
+                "the reply queue's consumer ended before the reply came".into(),
+            ))),
+            Ok(Ok(Err(unreadable))) => Err(RpcError::InvalidReply(unreadable)),
+            Ok(Ok(Ok(Err(remote)))) => Err(remote.into()),
+            Ok(Ok(Ok(Ok(result)))) => Ok(result),
+        }
+    }
+}
+
+impl IntoFuture for RpcReply {
+    type Output = Result<Value, RpcError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.value())
+    }
+}

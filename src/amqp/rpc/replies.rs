@@ -1,0 +1,142 @@
+//! [`ReplyListener`]: the reply queue of a caller, shared by all its calls, routing each
+//! reply to the call waiting for its correlation id.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use crate::amqp::rpc::connection_local::ConnectionLocal;
+use crate::amqp::rpc::naming::reply_queue;
+use crate::amqp::rpc::wire::{parse_reply, RemoteException};
+use crate::amqp::transport::{
+    BindingSpec, ConsumeOptions, Consumer, ExchangeSpec, Headers, SharedTransport, TransportError,
+};
+
+static LISTENERS: ConnectionLocal<ReplyListener> = ConnectionLocal::new();
+
+/// How many replies the reply consumer may hold unacknowledged.
+const REPLY_PREFETCH: u16 = 1000;
+
+/// What a reply carries: the result or the remote error; `Err` when it was unreadable.
+pub(crate) type ReplyOutcome = Result<Result<serde_json::Value, RemoteException>, String>;
+
+/// The reply queue of one caller (a service instance or a standalone client), set up on
+/// first use and again if its consumer ends.
+#[derive(Debug)]
+pub(crate) struct ReplyListener {
+    service: String,
+    active: tokio::sync::Mutex<Option<Arc<ReplyQueue>>>,
+}
+
+impl ReplyListener {
+    /// A listener for `service`'s calls (queue `rpc.reply-{service}-{uuid}`).
+    pub(crate) fn new(service: &str) -> Self {
+        ReplyListener { service: service.to_owned(), active: tokio::sync::Mutex::default() }
+    }
+
+    /// The listener of the service instance connected through `transport`.
+    pub(crate) fn of(transport: &SharedTransport, service: &str) -> Arc<ReplyListener> {
+        LISTENERS.get_or_init(transport, || ReplyListener::new(service))
+    }
+
+    /// The live reply queue, declared, bound to `exchange` and consumed if needed.
+    pub(crate) async fn queue(
+        &self,
+        transport: &SharedTransport,
+        exchange: &ExchangeSpec,
+    ) -> Result<Arc<ReplyQueue>, TransportError> {
+        let mut active = self.active.lock().await;
+        if let Some(queue) = active.as_ref().filter(|queue| !queue.closed.load(Ordering::Acquire)) {
+            return Ok(queue.clone());
+        }
+        let queue = ReplyQueue::start(transport, &self.service, exchange).await?;
+        *active = Some(queue.clone());
+        Ok(queue)
+    }
+}
+
+/// A consumed reply queue and the calls waiting on it.
+#[derive(Debug)]
+pub(crate) struct ReplyQueue {
+    routing_key: String,
+    pending: Mutex<HashMap<String, oneshot::Sender<ReplyOutcome>>>,
+    closed: AtomicBool,
+}
+
+impl ReplyQueue {
+    async fn start(
+        transport: &SharedTransport,
+        service: &str,
+        exchange: &ExchangeSpec,
+    ) -> Result<Arc<ReplyQueue>, TransportError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let spec = reply_queue(service, &id);
+        transport.declare_exchange(exchange).await?;
+        transport.declare_queue(&spec).await?;
+        let binding = BindingSpec {
+            queue: spec.name.clone(),
+            exchange: exchange.name.clone(),
+            routing_key: id.clone(),
+            arguments: Headers::new(),
+        };
+        transport.bind_queue(&binding).await?;
+        let options = ConsumeOptions { prefetch: REPLY_PREFETCH, ..ConsumeOptions::default() };
+        let consumer = transport.consume(&spec.name, options).await?;
+        tracing::debug!("RPC replies arrive on {}", spec.name);
+        let queue = Arc::new(ReplyQueue {
+            routing_key: id,
+            pending: Mutex::default(),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(queue.clone().listen(consumer));
+        Ok(queue)
+    }
+
+    /// The routing key of the queue: the requests' `reply_to`.
+    pub(crate) fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<String, oneshot::Sender<ReplyOutcome>>> {
+        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Wait for the reply with `correlation_id` (register before sending the request).
+    pub(crate) fn expect(&self, correlation_id: &str) -> oneshot::Receiver<ReplyOutcome> {
+        let (sender, receiver) = oneshot::channel();
+        self.pending().insert(correlation_id.to_owned(), sender);
+        receiver
+    }
+
+    /// Stop waiting for the reply with `correlation_id` (timed out, or given up).
+    pub(crate) fn forget(&self, correlation_id: &str) {
+        self.pending().remove(correlation_id);
+    }
+
+    async fn listen(self: Arc<Self>, mut consumer: Consumer) {
+        while let Some(delivery) = consumer.next().await {
+            if let Err(error) = delivery.acker.ack().await {
+                tracing::warn!("cannot ack an RPC reply: {error}");
+            }
+            let waiting = delivery
+                .properties
+                .correlation_id
+                .as_deref()
+                .and_then(|correlation_id| self.pending().remove(correlation_id));
+            match waiting {
+                Some(sender) => {
+                    let _ = sender.send(parse_reply(&delivery.body));
+                }
+                None => tracing::debug!(
+                    "RPC reply with unknown correlation id {:?} dropped",
+                    delivery.properties.correlation_id
+                ),
+            }
+        }
+        self.closed.store(true, Ordering::Release);
+        // dropping the senders tells the waiting calls that no reply will come
+        self.pending().clear();
+    }
+}

@@ -1,0 +1,170 @@
+//! Serving RPC requests: one consumer of `rpc-{service}` dispatches each request to the route
+//! of its method, replies, then acks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+
+use crate::amqp::rpc::registry::RpcRegistry;
+use crate::amqp::rpc::wire::{reply_body, request_arguments, RemoteException};
+use crate::amqp::transport::{ConsumeOptions, Delivery, OutgoingMessage, PublishOptions};
+use crate::error::Result;
+use crate::failure::Failure;
+use crate::message::{json_properties, Message};
+use crate::workers::{Handled, RouteHandle};
+
+const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
+const DRAIN_WAIT: Duration = Duration::from_secs(5);
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Consume the request queue `queue` for every method of `registry` until the service
+/// stops; `route` is the route whose entrypoint runs the consumer. Shutdown follows the
+/// worker mode, as for the other queue entrypoints.
+pub(crate) async fn serve(
+    registry: Arc<RpcRegistry>,
+    route: RouteHandle,
+    queue: String,
+) -> Result<()> {
+    let options = ConsumeOptions {
+        prefetch: registry.prefetch(route.config().prefetch_count),
+        ..ConsumeOptions::default()
+    };
+    let tasks = TaskTracker::new();
+    let mut consumer = route.transport().consume(&queue, options.clone()).await?;
+    loop {
+        tokio::select! {
+            biased;
+            _ = route.stopping().cancelled() => break,
+            delivery = consumer.next() => match delivery {
+                Some(delivery) => {
+                    tasks.spawn(handle(registry.clone(), route.clone(), delivery));
+                }
+                None => {
+                    tracing::warn!("consumer of {queue} ended; consuming again");
+                    tokio::select! {
+                        _ = route.stopping().cancelled() => break,
+                        _ = tokio::time::sleep(RECONSUME_PAUSE) => {}
+                    }
+                    match route.transport().consume(&queue, options.clone()).await {
+                        Ok(next) => consumer = next,
+                        Err(error) => tracing::error!("cannot consume {queue}: {error}"),
+                    }
+                }
+            }
+        }
+    }
+    consumer.cancel();
+    while let Ok(Some(delivery)) = tokio::time::timeout(DRAIN_WAIT, consumer.next()).await {
+        tasks.spawn(handle(registry.clone(), route.clone(), delivery));
+    }
+    tasks.close();
+    let limit = route.config().shutdown_timeout;
+    if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            "RPC calls still running after SHUTDOWN_TIMEOUT ({limit:?}); their requests go back to {queue}"
+        );
+    }
+    RpcRegistry::forget(route.transport());
+    Ok(())
+}
+
+/// Handle one request: find the method's route, run it, reply, ack.
+async fn handle(registry: Arc<RpcRegistry>, consumer_route: RouteHandle, delivery: Delivery) {
+    let message = Message::from_delivery(&delivery);
+    let prefix = format!("{}.", consumer_route.service_name());
+    let method = message.routing_key.strip_prefix(&prefix).unwrap_or(&message.routing_key);
+    let (outcome, route, handled) = match registry.route(method) {
+        None => (Err(RemoteException::nameko("MethodNotFound", method)), consumer_route, None),
+        Some(route) => match well_formed(&message) {
+            Err(reason) => {
+                let handled = Handled::Failed(Failure::bad_input(reason.clone()));
+                (Err(RemoteException::nameko("MalformedRequest", reason)), route, Some(handled))
+            }
+            Ok(()) => {
+                let Some(permit) = route.acquire().await else {
+                    if let Err(error) = delivery.acker.nack(true).await {
+                        tracing::warn!(route = route.name(), "cannot hand a request back: {error}");
+                    }
+                    return;
+                };
+                let handled = route.handle(permit, message.clone()).await;
+                let outcome = reply_outcome(&handled);
+                (outcome, route, Some(handled))
+            }
+        },
+    };
+    if let Err(error) = &outcome {
+        tracing::warn!(
+            route = route.name(),
+            "RPC {method} failed: {} {}",
+            error.exc_type,
+            error.value
+        );
+    }
+    let replied = reply(&route, &message, &outcome).await;
+    let settled = match replied {
+        Ok(()) => delivery.acker.ack().await,
+        Err(error) => {
+            tracing::error!(
+                route = route.name(),
+                "cannot reply to an RPC request ({error}); it goes back to the queue"
+            );
+            tokio::time::sleep(REQUEUE_PAUSE).await;
+            delivery.acker.nack(true).await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(route = route.name(), "cannot settle an RPC request ({error})");
+    }
+    if let Some(handled) = handled {
+        route.settled(&handled);
+    }
+}
+
+/// What to reply for how the route handled the request.
+fn reply_outcome(handled: &Handled) -> std::result::Result<serde_json::Value, RemoteException> {
+    if let Handled::Succeeded(value) = handled {
+        Ok(value.clone())
+    } else if let Handled::CalledBack(failure) | Handled::Failed(failure) = handled {
+        Err(RemoteException::from_failure(failure))
+    } else {
+        // RPC replies at once: a retry the route asks the broker for is not scheduled
+        Err(RemoteException::from_failure(&Failure::new(
+            crate::failure::FailureKind::Error,
+            "the call failed and asked for a later retry, which RPC does not do",
+        )))
+    }
+}
+
+/// A request is `{"args": [...], "kwargs": {...}}` in JSON.
+fn well_formed(message: &Message) -> std::result::Result<(), String> {
+    let body = message.decode()?;
+    request_arguments(&body)
+        .map(|_| ())
+        .ok_or_else(|| "Message missing `args` or `kwargs`".to_owned())
+}
+
+/// Publish the reply (confirmed) to `reply_to` on the RPC exchange; nothing to do without
+/// `reply_to`.
+async fn reply(
+    route: &RouteHandle,
+    request: &Message,
+    outcome: &std::result::Result<serde_json::Value, RemoteException>,
+) -> std::result::Result<(), crate::amqp::transport::TransportError> {
+    let Some(reply_to) = request.properties.reply_to.as_deref() else {
+        tracing::info!(
+            route = route.name(),
+            "RPC request {} without reply_to: handled, no reply sent",
+            request.routing_key
+        );
+        return Ok(());
+    };
+    let mut properties = json_properties();
+    properties.correlation_id = request.properties.correlation_id.clone();
+    let message = OutgoingMessage { body: reply_body(outcome), properties };
+    route
+        .transport()
+        .publish(&route.config().rpc_exchange, reply_to, message, PublishOptions::default())
+        .await
+}

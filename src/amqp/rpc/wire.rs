@@ -1,0 +1,153 @@
+//! The bodies of RPC requests and replies, and errors as they travel in replies.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::failure::{Failure, FailureKind};
+
+/// Where Nameko's own exceptions live; callers rebuild the ones registered there.
+const NAMEKO_EXCEPTIONS: &str = "nameko.exceptions";
+/// The start of the failure message of a return value serde could not serialize.
+const UNSERIALIZABLE: &str = "return value cannot be serialized";
+
+/// An error as it travels in an RPC reply (Nameko's serialized exception). It is only data:
+/// nothing in it is ever evaluated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemoteException {
+    /// The error's type name, e.g. `ValueError` or `MethodNotFound`.
+    pub exc_type: String,
+    /// The type's path, e.g. `builtins.ValueError` or `nameko.exceptions.MethodNotFound`.
+    pub exc_path: String,
+    /// The error's arguments (Nameko: strings).
+    #[serde(default)]
+    pub exc_args: Vec<Value>,
+    /// The error's message (`str(exc)`).
+    pub value: String,
+}
+
+impl RemoteException {
+    /// One of Nameko's exceptions (`MethodNotFound`, `IncorrectSignature`, ...), which Nameko
+    /// callers rebuild as such.
+    pub(crate) fn nameko(exc_type: &str, value: impl Into<String>) -> Self {
+        let value = value.into();
+        RemoteException {
+            exc_type: exc_type.to_owned(),
+            exc_path: format!("{NAMEKO_EXCEPTIONS}.{exc_type}"),
+            exc_args: vec![Value::String(value.clone())],
+            value,
+        }
+    }
+
+    /// The name of the Nameko exception this is, if it is one.
+    pub(crate) fn nameko_type(&self) -> Option<&str> {
+        self.exc_path.strip_prefix(NAMEKO_EXCEPTIONS)?.strip_prefix('.')
+    }
+
+    /// How a call's failure is replied: bad input is `IncorrectSignature`, an unserializable
+    /// result `UnserializableValueError`, any other error is named after its Rust type (last
+    /// path segment; the path with `.` separators) and a panic is `Panic`.
+    pub(crate) fn from_failure(failure: &Failure) -> Self {
+        if failure.kind == FailureKind::BadInput {
+            return RemoteException::nameko("IncorrectSignature", failure.full_message());
+        }
+        if failure.error_type.is_empty() && failure.message.starts_with(UNSERIALIZABLE) {
+            return RemoteException::nameko("UnserializableValueError", failure.full_message());
+        }
+        let (exc_type, exc_path) = match rust_type_path(&failure.error_type) {
+            Some(path) => (path.rsplit('.').next().unwrap_or(&path).to_owned(), path),
+            None => {
+                let name = match failure.kind {
+                    FailureKind::Panic => "Panic",
+                    FailureKind::TimedOut => "TimedOut",
+                    FailureKind::Crashed => "Crashed",
+                    FailureKind::Error | FailureKind::BadInput => "Error",
+                };
+                (name.to_owned(), format!("micro_framework.{name}"))
+            }
+        };
+        let value = failure.full_message();
+        RemoteException { exc_type, exc_path, exc_args: vec![Value::String(value.clone())], value }
+    }
+}
+
+/// `std::io::error::Error` → `std.io.error.Error` (generic parameters and references dropped).
+fn rust_type_path(type_name: &str) -> Option<String> {
+    let base = type_name.split('<').next().unwrap_or_default().trim_start_matches('&').trim();
+    let base = base.strip_prefix("dyn ").unwrap_or(base);
+    (!base.is_empty()).then(|| base.replace("::", "."))
+}
+
+/// The positional and keyword arguments of a request payload, if it is one.
+pub(crate) fn request_arguments(payload: &Value) -> Option<(&Vec<Value>, &Map<String, Value>)> {
+    match (payload.get("args"), payload.get("kwargs")) {
+        (Some(Value::Array(args)), Some(Value::Object(kwargs))) => Some((args, kwargs)),
+        _ => None,
+    }
+}
+
+/// The body of a request: `{"args": [...], "kwargs": {...}}`.
+pub(crate) fn request_body(args: Vec<Value>, kwargs: Map<String, Value>) -> Bytes {
+    Bytes::from(json!({ "args": args, "kwargs": kwargs }).to_string())
+}
+
+/// The body of a reply: `{"result": ..., "error": null | {...}}`.
+pub(crate) fn reply_body(outcome: &Result<Value, RemoteException>) -> Bytes {
+    let body = match outcome {
+        Ok(result) => json!({ "result": result, "error": null }),
+        Err(error) => json!({ "result": null, "error": error }),
+    };
+    Bytes::from(body.to_string())
+}
+
+/// The outcome a reply body carries.
+pub(crate) fn parse_reply(body: &[u8]) -> Result<Result<Value, RemoteException>, String> {
+    #[derive(Deserialize)]
+    struct Reply {
+        #[serde(default)]
+        result: Value,
+        #[serde(default)]
+        error: Option<RemoteException>,
+    }
+    let reply: Reply =
+        serde_json::from_slice(body).map_err(|error| format!("unreadable RPC reply: {error}"))?;
+    Ok(match reply.error {
+        Some(error) => Err(error),
+        None => Ok(reply.result),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::BoxError;
+
+    #[test]
+    fn failures_are_named_after_their_rust_type() {
+        let error: BoxError = Box::new(std::io::Error::other("disk full"));
+        let failure = Failure::from_error(&error, "std::io::error::Error");
+        let remote = RemoteException::from_failure(&failure);
+        assert_eq!(remote.exc_type, "Error");
+        assert_eq!(remote.exc_path, "std.io.error.Error");
+        assert_eq!(remote.value, "disk full");
+        assert_eq!(remote.exc_args, vec![json!("disk full")]);
+        let boxed =
+            Failure { error_type: "alloc::boxed::Box<dyn core::error::Error>".into(), ..failure };
+        assert_eq!(RemoteException::from_failure(&boxed).exc_type, "Box");
+        let panic = Failure::new(FailureKind::Panic, "target panicked: boom");
+        assert_eq!(RemoteException::from_failure(&panic).exc_path, "micro_framework.Panic");
+        let bad = RemoteException::from_failure(&Failure::bad_input("missing field `b`"));
+        assert_eq!(bad.exc_path, "nameko.exceptions.IncorrectSignature");
+        assert_eq!(bad.nameko_type(), Some("IncorrectSignature"));
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let ok = reply_body(&Ok(json!(3)));
+        assert_eq!(parse_reply(&ok).unwrap(), Ok(json!(3)));
+        let error = RemoteException::nameko("MethodNotFound", "nope");
+        let failed = reply_body(&Err(error.clone()));
+        assert_eq!(parse_reply(&failed).unwrap(), Err(error));
+        assert!(parse_reply(b"{oops").is_err());
+    }
+}

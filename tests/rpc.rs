@@ -1,0 +1,413 @@
+//! RPC (Nameko's protocol) on every broker of `common::broker_uris()`: `RPCListener`,
+//! `Args`, `RpcProxy` and the standalone `Client`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{broker_uris, config, Probe};
+use micro_framework::amqp::dependencies::RpcProxy;
+use micro_framework::amqp::entrypoints::RPCListener;
+use micro_framework::amqp::rpc::{Args, Client, RpcError};
+use micro_framework::amqp::transport::{
+    BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
+};
+use micro_framework::dependencies::Shared;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
+use micro_framework::{CallContext, Message};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Deserialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+fn add(Args(Add { a, b }): Args<Add>) -> i64 {
+    a + b
+}
+
+fn mul(Args((a, b)): Args<(i64, i64)>) -> i64 {
+    a * b
+}
+
+#[derive(Deserialize)]
+struct Echo {
+    x: Value,
+}
+
+fn echo(Args(Echo { x }): Args<Echo>) -> Value {
+    x
+}
+
+fn fail(Args(()): Args<()>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other("boom"))
+}
+
+fn panics() {
+    panic!("kaboom");
+}
+
+fn unserializable() -> Json<HashMap<(i32, i32), i32>> {
+    Json(HashMap::from([((1, 2), 3)]))
+}
+
+async fn slow(Args((millis,)): Args<(u64,)>) -> u64 {
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    millis
+}
+
+/// The call-id stack of this call.
+fn stack(call: CallContext) -> Vec<String> {
+    call.call_id_stack
+}
+
+/// Records the call and returns nothing (for requests without reply_to).
+fn record(Args(Echo { x }): Args<Echo>, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(x);
+    probe.leave();
+}
+
+#[derive(Deserialize)]
+struct Relay {
+    service: String,
+    method: String,
+}
+
+/// Calls `service.method()` and returns its result.
+async fn relay(Args(to): Args<Relay>, rpc: RpcProxy) -> Result<Value, RpcError> {
+    rpc.call(&to.service, &to.method, (), ()).await
+}
+
+/// Calls `service.add(a, b)` from a sync target, waiting on the worker thread.
+fn add_blocking(Args(to): Args<Relay>, rpc: RpcProxy) -> Result<i64, RpcError> {
+    rpc.service(&to.service).call_blocking(&to.method, (20, 22), ())
+}
+
+/// Sends two calls at once, then awaits both.
+async fn fan_out(Args(to): Args<Relay>, rpc: RpcProxy) -> Result<Vec<i64>, RpcError> {
+    let service = rpc.service(&to.service);
+    let first = service.call_async(&to.method, (1, 2), ()).await?;
+    let second = service.call_async(&to.method, (), json!({"a": 3, "b": 4})).await?;
+    Ok(vec![second.result().await?, first.result().await?])
+}
+
+fn math_routes(probe: &Arc<Probe>) -> Vec<Route> {
+    vec![
+        Route::new(add).entrypoint(RPCListener::new()),
+        Route::new(mul).entrypoint(RPCListener::new()),
+        Route::new(echo).entrypoint(RPCListener::new()),
+        Route::new(fail).entrypoint(RPCListener::new()),
+        Route::new(panics).entrypoint(RPCListener::new()),
+        Route::new(unserializable).entrypoint(RPCListener::new()),
+        Route::new(slow).entrypoint(RPCListener::new()),
+        Route::new(stack).entrypoint(RPCListener::new()),
+        Route::new(relay).entrypoint(RPCListener::new()),
+        Route::new(add_blocking).entrypoint(RPCListener::new()),
+        Route::new(fan_out).entrypoint(RPCListener::new()),
+        Route::new(record).entrypoint(RPCListener::new()).dependency(Shared(probe.clone())),
+    ]
+}
+
+async fn start_math(uri: &str) -> (TestService, String, Arc<Probe>) {
+    let probe = Probe::new();
+    let config = config(uri, "math");
+    let name = config.service_name.clone();
+    let service = TestService::start(math_routes(&probe), config).await.unwrap();
+    (service, name, probe)
+}
+
+#[tokio::test]
+async fn methods_take_args_kwargs_or_both_and_return_typed_results() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+
+        let positional: i64 = client.call(&math, "add", (1, 2), ()).await.unwrap();
+        let keywords: i64 = client.call(&math, "add", (), json!({"b": 2, "a": 5})).await.unwrap();
+        let mixed: i64 = client.call(&math, "add", [10], json!({"b": 1})).await.unwrap();
+        assert_eq!((positional, keywords, mixed), (3, 7, 11));
+        let product: i64 = client.call(&math, "mul", (6, 7), ()).await.unwrap();
+        assert_eq!(product, 42);
+        let any = json!({"list": [1, 2.5, null, true], "text": "café ☕"});
+        let echoed: Value = client.call(&math, "echo", [any.clone()], ()).await.unwrap();
+        assert_eq!(echoed, any);
+        let by_name: Value = client.service(&math).call("echo", (), json!({"x": 1})).await.unwrap();
+        assert_eq!(by_name, json!(1));
+        // a result that does not fit the type asked for
+        let wrong = client.call::<String>(&math, "add", (1, 2), ()).await.unwrap_err();
+        assert!(matches!(wrong, RpcError::UnexpectedResult(_)), "{wrong:?}");
+        // arguments that cannot be sent
+        let invalid = client.call::<Value>(&math, "add", 1, ()).await.unwrap_err();
+        assert!(matches!(invalid, RpcError::InvalidArguments(_)), "{invalid:?}");
+
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+#[tokio::test]
+async fn every_error_kind_is_replied_and_the_request_acked() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        let call = |method: &'static str, args: Value, kwargs: Value| {
+            let proxy = client.service(&math);
+            async move { proxy.call::<Value>(method, args, kwargs).await.unwrap_err() }
+        };
+
+        let missing = call("nope", json!([]), json!({})).await;
+        assert_eq!(missing, RpcError::MethodNotFound("nope".into()));
+        let unknown = client.call::<Value>("no_such_service_xyz", "add", (), ()).await;
+        assert_eq!(unknown.unwrap_err(), RpcError::UnknownService("no_such_service_xyz".into()));
+
+        for (args, kwargs, expected) in [
+            (json!([1]), json!({}), "missing field `b`"),
+            (json!([1, 2, 3]), json!({}), "takes 2 positional argument(s) but 3 were given"),
+            (json!([1, 2]), json!({"c": 1}), "unexpected keyword argument 'c'"),
+            (json!([1]), json!({"a": 1}), "multiple values for argument 'a'"),
+            (json!(["one", 2]), json!({}), "invalid type"),
+        ] {
+            match call("add", args, kwargs).await {
+                RpcError::IncorrectSignature(message) => {
+                    assert!(message.contains(expected), "{message} lacks {expected}")
+                }
+                other => panic!("expected IncorrectSignature, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            call("fail", json!([1]), json!({})).await,
+            RpcError::IncorrectSignature(_)
+        ));
+
+        match call("fail", json!([]), json!({})).await {
+            RpcError::RemoteError { exc_type, value, exc_path, exc_args } => {
+                assert_eq!((exc_type.as_str(), value.as_str()), ("Error", "boom"));
+                assert_eq!(exc_path, "std.io.error.Error");
+                assert_eq!(exc_args, vec![json!("boom")]);
+            }
+            other => panic!("expected RemoteError, got {other:?}"),
+        }
+        match call("panics", json!([]), json!({})).await {
+            RpcError::RemoteError { exc_type, value, .. } => {
+                assert_eq!(exc_type, "Panic");
+                assert!(value.contains("kaboom"), "{value}");
+            }
+            other => panic!("expected RemoteError, got {other:?}"),
+        }
+        match call("unserializable", json!([]), json!({})).await {
+            RpcError::RemoteError { exc_type, exc_path, .. } => {
+                assert_eq!(exc_type, "UnserializableValueError");
+                assert_eq!(exc_path, "nameko.exceptions.UnserializableValueError");
+            }
+            other => panic!("expected RemoteError, got {other:?}"),
+        }
+
+        // requests that are not {"args": [...], "kwargs": {...}}
+        let raw = RawCaller::new(client.transport(), &math).await;
+        for body in [&b"{oops"[..], br#"{"args": []}"#, br#"{"args": {}, "kwargs": {}}"#] {
+            let reply = raw.request("add", Bytes::copy_from_slice(body), true).await;
+            assert_eq!(reply["result"], Value::Null);
+            assert_eq!(reply["error"]["exc_type"], "MalformedRequest", "{reply}");
+            assert_eq!(reply["error"]["exc_path"], "nameko.exceptions.MalformedRequest");
+        }
+        let reply =
+            raw.request("add", json_body(&json!({"args": [1, 2], "kwargs": {}})), true).await;
+        assert_eq!(reply, json!({"result": 3, "error": null}));
+
+        // nothing was dead-lettered or left in the request queue
+        assert_eq!(service.queue_len(&format!("rpc-{math}")).await.unwrap(), 0);
+        raw.close().await;
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+#[tokio::test]
+async fn calls_time_out_and_late_replies_are_dropped() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let quick = Config { rpc_timeout: Duration::from_millis(300), ..config(&uri, "caller") };
+        let client = Client::connect(&quick).await.unwrap();
+
+        let timed_out = client.call::<u64>(&math, "slow", [800], ()).await.unwrap_err();
+        assert!(
+            matches!(&timed_out, RpcError::Timeout { after, .. } if *after == Duration::from_millis(300)),
+            "{timed_out:?}"
+        );
+        let proxy = client.service(&math).timeout(Duration::from_millis(100));
+        let overridden = proxy.call::<u64>("slow", [400], ()).await.unwrap_err();
+        assert!(
+            matches!(&overridden, RpcError::Timeout { after, .. } if *after == Duration::from_millis(100))
+        );
+        // the late replies arrive meanwhile and are dropped; later calls get their own
+        let patient = client.service(&math).timeout(Duration::from_secs(5));
+        assert_eq!(patient.call::<u64>("slow", [900], ()).await.unwrap(), 900);
+        assert_eq!(client.call::<i64>(&math, "add", (1, 1), ()).await.unwrap(), 2);
+
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+// multi-threaded: `call_blocking` blocks a worker thread (as under `Runner::start`)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_calls_itself_from_async_and_sync_targets() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        let to = |method: &str| json!({"service": math, "method": method});
+
+        let own: Value = client.call(&math, "relay", (), to("stack")).await.unwrap();
+        let own: Vec<String> = serde_json::from_value(own).unwrap();
+        assert_eq!(own.len(), 2, "{own:?}");
+        assert!(
+            own[0].starts_with(&format!("{math}.relay."))
+                && own[1].starts_with(&format!("{math}.stack."))
+        );
+        let blocking: i64 = client.call(&math, "add_blocking", (), to("add")).await.unwrap();
+        assert_eq!(blocking, 42);
+        let both: Vec<i64> = client.call(&math, "fan_out", (), to("add")).await.unwrap();
+        assert_eq!(both, vec![7, 3]);
+        // a remote error comes back through the relay as the relay's own error
+        let relayed = client.call::<Value>(&math, "relay", (), to("nope")).await.unwrap_err();
+        match relayed {
+            RpcError::RemoteError { exc_type, value, .. } => {
+                assert_eq!(exc_type, "RpcError");
+                assert!(value.contains("nope"), "{value}");
+            }
+            other => panic!("expected RemoteError, got {other:?}"),
+        }
+
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+/// The service `chain_next` calls.
+#[derive(Clone)]
+struct NextHop(String);
+
+/// Calls `stack` of the next service.
+async fn chain_next(rpc: RpcProxy, Dep(next): Dep<NextHop>) -> Result<Value, RpcError> {
+    rpc.call(&next.0, "stack", (), ()).await
+}
+
+#[tokio::test]
+async fn a_chain_of_services_keeps_the_call_id_stack() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let (a, b, c) = (config(&uri, "chain_a"), config(&uri, "chain_b"), config(&uri, "chain_c"));
+        let names = [a.service_name.clone(), b.service_name.clone(), c.service_name.clone()];
+        let mut b_routes = math_routes(&probe);
+        b_routes.push(
+            Route::new(chain_next)
+                .entrypoint(RPCListener::new())
+                .dependency(Shared(NextHop(names[2].clone()))),
+        );
+        let services = vec![
+            TestService::start(math_routes(&probe), a).await.unwrap(),
+            TestService::start(b_routes, b).await.unwrap(),
+            TestService::start(math_routes(&probe), c).await.unwrap(),
+        ];
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        // client → A.relay → B.chain_next → C.stack
+        let to_b = json!({"service": names[1], "method": "chain_next"});
+        let stack: Vec<String> = client.call(&names[0], "relay", (), to_b).await.unwrap();
+        assert_eq!(stack.len(), 3, "{stack:?}");
+        assert!(stack[0].starts_with(&format!("{}.relay.", names[0])), "{stack:?}");
+        assert!(stack[1].starts_with(&format!("{}.chain_next.", names[1])), "{stack:?}");
+        assert!(stack[2].starts_with(&format!("{}.stack.", names[2])), "{stack:?}");
+
+        client.close().await;
+        for service in services {
+            service.stop().await.unwrap();
+        }
+        common::cleanup(&uri, &names).await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_without_reply_to_is_handled_and_acked() {
+    for uri in broker_uris() {
+        let (service, math, probe) = start_math(&uri).await;
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        let raw = RawCaller::new(client.transport(), &math).await;
+        raw.request("record", json_body(&json!({"args": ["fire"], "kwargs": {}})), false).await;
+        service.wait_for_route("record", 1).await.unwrap();
+        assert_eq!(*probe.seen.lock().unwrap(), vec![json!("fire")]);
+        assert_eq!(service.queue_len(&format!("rpc-{math}")).await.unwrap(), 0);
+        assert_eq!(service.queue_len(&raw.queue).await.unwrap(), 0, "no reply sent");
+        raw.close().await;
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+fn json_body(value: &Value) -> Bytes {
+    Bytes::from(value.to_string())
+}
+
+/// Sends hand-made requests and reads the replies from its own queue.
+struct RawCaller {
+    transport: SharedTransport,
+    service: String,
+    queue: String,
+    reply_to: String,
+}
+
+impl RawCaller {
+    async fn new(transport: &SharedTransport, service: &str) -> RawCaller {
+        let reply_to = uuid::Uuid::new_v4().to_string();
+        let queue = format!("rpc.reply-{service}-raw-{reply_to}");
+        transport.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
+        let binding = BindingSpec {
+            queue: queue.clone(),
+            exchange: "nameko-rpc".into(),
+            routing_key: reply_to.clone(),
+            arguments: Headers::new(),
+        };
+        transport.bind_queue(&binding).await.unwrap();
+        RawCaller { transport: transport.clone(), service: service.to_owned(), queue, reply_to }
+    }
+
+    /// Publish `body` to `{service}.{method}`; with `reply`, wait for the reply and return it.
+    async fn request(&self, method: &str, body: Bytes, reply: bool) -> Value {
+        let mut message = Message::json(&Value::Null).unwrap();
+        message.properties.correlation_id = Some("raw-1".into());
+        if reply {
+            message.properties.reply_to = Some(self.reply_to.clone());
+        }
+        let outgoing = OutgoingMessage { body, properties: message.properties };
+        let routing_key = format!("{}.{method}", self.service);
+        let options = PublishOptions { mandatory: true };
+        self.transport.publish("nameko-rpc", &routing_key, outgoing, options).await.unwrap();
+        if !reply {
+            return Value::Null;
+        }
+        for _ in 0..1000 {
+            if let Some(delivery) = self.transport.get(&self.queue).await.unwrap() {
+                delivery.acker.ack().await.unwrap();
+                assert_eq!(delivery.properties.correlation_id.as_deref(), Some("raw-1"));
+                assert_eq!(delivery.properties.content_type.as_deref(), Some("application/json"));
+                return serde_json::from_slice(&delivery.body).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no reply to the raw request");
+    }
+
+    async fn close(&self) {
+        self.transport.delete_queue(&self.queue).await.unwrap();
+    }
+}
