@@ -218,3 +218,83 @@ async fn a_restart_while_retries_are_pending_loses_none() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+fn blocking(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<common::Probe>>) {
+    probe.enter(Value::Null);
+    probe.leave();
+}
+
+#[tokio::test]
+async fn a_message_that_keeps_crashing_its_service_is_dead_lettered() {
+    use micro_framework::amqp::settle::HEADER_ERROR_KIND;
+    use micro_framework::config::QueueType;
+    for uri in broker_uris() {
+        for queue_type in [QueueType::Classic, QueueType::Quorum] {
+            let shop = unique("shop");
+            let config = Config { max_redeliveries: 2, queue_type, ..config(&uri, "crash") };
+            let queue = format!("evt-{shop}-job--{}.blocking", config.service_name);
+            let markers = [config.service_name.clone(), shop.clone()];
+            let mut crashes = 0;
+            loop {
+                let probe = common::Probe::closed();
+                let routes = vec![Route::new(blocking)
+                    .entrypoint(EventListener::new(&shop, "job"))
+                    .dependency(Shared(probe.clone()))];
+                let service = TestService::start(routes, config.clone()).await.unwrap();
+                if crashes == 0 {
+                    service.dispatch(&shop, "job", &json!({ "poison": true })).await.unwrap();
+                }
+                // Either the call starts (and we crash the service under it), or the message
+                // is dead-lettered as a crash loop.
+                let dlq = format!("{queue}.dlq");
+                let mut dead = Vec::new();
+                for _ in 0..400 {
+                    if probe.started() > 0 {
+                        break;
+                    }
+                    dead = service.take_messages(&dlq).await.unwrap();
+                    if !dead.is_empty() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                if !dead.is_empty() {
+                    assert_eq!(header(&dead[0], HEADER_ERROR_KIND), &HeaderValue::from("crashed"));
+                    assert_eq!(crashes, 3, "{queue_type:?}: two redeliveries allowed, then out");
+                    probe.open();
+                    service.stop().await.unwrap();
+                    break;
+                }
+                assert!(probe.started() > 0, "the message is handled or dead-lettered");
+                // A crash: the connection goes away while the call runs.
+                service.transport().close().await;
+                probe.open();
+                let _ = service.stop().await;
+                crashes += 1;
+                assert!(crashes <= 3, "{queue_type:?}: still not dead-lettered after {crashes} crashes");
+            }
+            common::cleanup(&uri, &markers).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_delayed_message_plugin_mechanism_says_clearly_when_the_plugin_is_missing() {
+    use micro_framework::config::RetryDelay;
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let config = Config {
+            retry_delay: RetryDelay::DelayedMessagePlugin,
+            ..config(&uri, "plugin")
+        };
+        let markers = [config.service_name.clone(), shop.clone()];
+        let routes = vec![Route::new(flaky)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(10)))
+            .dependency(Shared(Arc::new(Journal::default())))];
+        let error = TestService::start(routes, config).await.unwrap_err();
+        assert!(error.to_string().contains("rabbitmq_delayed_message_exchange"), "{error}");
+        assert!(error.to_string().contains("RETRY_DELAY=delay_queues"), "{error}");
+        common::cleanup(&uri, &markers).await;
+    }
+}

@@ -7,13 +7,21 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::settle::settle;
-use crate::amqp::transport::{ConsumeOptions, Delivery};
+use crate::amqp::transport::{
+    ConsumeOptions, Delivery, HeaderValue, OutgoingMessage, PublishOptions,
+};
 use crate::error::Result;
+use crate::failure::{Failure, FailureKind};
 use crate::message::Message;
+use crate::workers::Handled;
 use crate::workers::RouteHandle;
 
 /// Decides whether a message is for the route; others are acked and skipped.
 pub(crate) type Accept = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
+
+/// Header: how many times a message came back unsettled (classic queues; quorum queues count
+/// in `x-delivery-count`).
+pub const HEADER_REDELIVERIES: &str = "x-mf-redeliveries";
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
@@ -67,6 +75,7 @@ pub(crate) async fn serve_queue(route: RouteHandle, queue: String, accept: Accep
 }
 
 async fn handle(route: RouteHandle, queue: Arc<str>, delivery: Delivery, accept: Accept) {
+    let Some(delivery) = guard_crash_loop(&route, &queue, delivery).await else { return };
     let message = Message::from_delivery(&delivery);
     if !accept(&message) {
         if let Err(error) = delivery.acker.ack().await {
@@ -84,4 +93,60 @@ async fn handle(route: RouteHandle, queue: Arc<str>, delivery: Delivery, accept:
     let handled = route.handle(permit, message).await;
     settle(&route, &queue, delivery, &handled).await;
     route.settled(&handled);
+}
+
+/// Count the times a message came back unsettled (its worker or the service died while
+/// handling it) and dead-letter it past `MAX_REDELIVERIES`, so one poison message cannot
+/// crash-loop the service. Quorum queues count in `x-delivery-count`; on classic queues a
+/// redelivered message is published again (confirmed) with the count in a header, then acked:
+/// the copy is handled later. Returns the delivery to handle now, if any.
+async fn guard_crash_loop(
+    route: &RouteHandle,
+    queue: &str,
+    delivery: Delivery,
+) -> Option<Delivery> {
+    let headers = &delivery.properties.headers;
+    let limit = i64::from(route.config().max_redeliveries);
+    let quorum_count = headers.get("x-delivery-count").and_then(HeaderValue::as_i64);
+    let count = match quorum_count {
+        Some(count) => count,
+        None if !delivery.redelivered => return Some(delivery),
+        None => headers.get(HEADER_REDELIVERIES).and_then(HeaderValue::as_i64).unwrap_or(0) + 1,
+    };
+    if count <= limit && quorum_count.is_some() {
+        return Some(delivery);
+    }
+    if count > limit {
+        let failure = Failure::new(
+            FailureKind::Crashed,
+            format!(
+                "delivered {} times without being settled (MAX_REDELIVERIES={limit}): its \
+                 handling may crash the worker or the service",
+                count + 1
+            ),
+        );
+        let handled = Handled::Failed(failure);
+        settle(route, queue, delivery, &handled).await;
+        route.settled(&handled);
+        return None;
+    }
+    let mut properties = delivery.properties.clone();
+    properties.headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count));
+    let copy = OutgoingMessage { body: delivery.body.clone(), properties };
+    let published =
+        route.transport().publish("", queue, copy, PublishOptions { mandatory: true }).await;
+    let settled = match published {
+        Ok(()) => delivery.acker.ack().await,
+        Err(error) => {
+            tracing::warn!(
+                route = route.name(),
+                "cannot count a redelivery ({error}); handling it"
+            );
+            return Some(delivery);
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(route = route.name(), "cannot ack a counted redelivery: {error}");
+    }
+    None
 }

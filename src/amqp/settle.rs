@@ -8,10 +8,14 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::amqp::transport::{
-    Delivery, HeaderValue, Headers, OutgoingMessage, PublishOptions, QueueSpec, TransportError,
+    BindingSpec, Delivery, ExchangeKind, ExchangeSpec, HeaderValue, Headers, OutgoingMessage,
+    PublishOptions, QueueSpec, TransportError,
 };
+use crate::config::RetryDelay;
+use crate::error::{Error, Result};
 use crate::failure::Failure;
 use crate::message::Message;
+use crate::retry::RetryMode;
 use crate::retry::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
 use crate::workers::{Handled, RouteHandle};
 
@@ -85,9 +89,46 @@ async fn ack_after(
     }
 }
 
-/// Publish a copy of `message` to the delay queue `{queue}.delay-{ms}`, whose per-queue TTL
-/// dead-letters it back to `queue` after `delay`. The queue is declared before each use
-/// (that renews its `x-expires` lease, so an unused delay queue disappears by itself).
+/// The `x-delayed-message` exchange of a service (`{service}_backoff`, as the Python
+/// original names it).
+fn delayed_exchange(route: &RouteHandle) -> ExchangeSpec {
+    ExchangeSpec {
+        name: format!("{}_backoff", route.service_name()),
+        kind: ExchangeKind::Custom("x-delayed-message".into()),
+        durable: true,
+        auto_delete: false,
+        arguments: Headers::from([("x-delayed-type".to_owned(), HeaderValue::from("direct"))]),
+    }
+}
+
+/// Declare what broker-side retries of `queue` need at start-up: with
+/// `RETRY_DELAY=delayed_message_plugin`, the `x-delayed-message` exchange and the queue's
+/// binding to it (a clear error when the plugin is missing). Delay queues need nothing yet.
+pub(crate) async fn declare_retry_topology(route: &RouteHandle, queue: &str) -> Result<()> {
+    let broker_retries = route.backoff().is_some_and(|policy| policy.mode == RetryMode::Broker);
+    if !broker_retries || route.config().retry_delay != RetryDelay::DelayedMessagePlugin {
+        return Ok(());
+    }
+    let exchange = delayed_exchange(route);
+    route.transport().declare_exchange(&exchange).await.map_err(|error| {
+        Error::Startup(format!(
+            "RETRY_DELAY=delayed_message_plugin needs the rabbitmq_delayed_message_exchange \
+             plugin on the broker ({error}); use RETRY_DELAY=delay_queues on stock RabbitMQ"
+        ))
+    })?;
+    let binding = BindingSpec {
+        queue: queue.to_owned(),
+        exchange: exchange.name,
+        routing_key: queue.to_owned(),
+        arguments: Headers::new(),
+    };
+    Ok(route.transport().bind_queue(&binding).await?)
+}
+
+/// Publish a copy of `message` to come back to `queue` after `delay`: through the delay
+/// queue `{queue}.delay-{ms}`, whose per-queue TTL dead-letters it back (declared before each
+/// use, which renews its `x-expires` lease, so an unused delay queue disappears by itself), or
+/// through the `x-delayed-message` exchange with an `x-delay` header.
 pub(crate) async fn schedule_retry(
     route: &RouteHandle,
     queue: &str,
@@ -96,22 +137,33 @@ pub(crate) async fn schedule_retry(
     delay: Duration,
 ) -> Result<(), TransportError> {
     let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
-    let delay_queue = QueueSpec {
-        arguments: Headers::from([
-            ("x-message-ttl".to_owned(), HeaderValue::Int(millis)),
-            ("x-dead-letter-exchange".to_owned(), HeaderValue::from("")),
-            ("x-dead-letter-routing-key".to_owned(), HeaderValue::from(queue)),
-            ("x-expires".to_owned(), HeaderValue::Int(millis.saturating_add(60_000))),
-        ]),
-        ..QueueSpec::durable(format!("{queue}.delay-{millis}"))
+    let mut extra = Headers::new();
+    let (exchange, routing_key) = match route.config().retry_delay {
+        RetryDelay::DelayedMessagePlugin => {
+            extra.insert("x-delay".to_owned(), HeaderValue::Int(millis));
+            (delayed_exchange(route).name, queue.to_owned())
+        }
+        RetryDelay::DelayQueues => {
+            let delay_queue = QueueSpec {
+                arguments: Headers::from([
+                    ("x-message-ttl".to_owned(), HeaderValue::Int(millis)),
+                    ("x-dead-letter-exchange".to_owned(), HeaderValue::from("")),
+                    ("x-dead-letter-routing-key".to_owned(), HeaderValue::from(queue)),
+                    ("x-expires".to_owned(), HeaderValue::Int(millis.saturating_add(60_000))),
+                ]),
+                ..QueueSpec::durable(format!("{queue}.delay-{millis}"))
+            };
+            route.transport().declare_queue(&delay_queue).await?;
+            (String::new(), delay_queue.name)
+        }
     };
-    route.transport().declare_queue(&delay_queue).await?;
     let retry = BackOffData::from_headers(&message.properties.headers, 0);
     let mut properties = message.properties.clone();
     let headers = &mut properties.headers;
     headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry.retry_count) + 1));
     headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(now_seconds()));
     headers.insert(HEADER_LAST_ERROR.into(), failure.full_message().into());
+    headers.extend(extra);
     properties.expiration = None;
     tracing::info!(
         route = route.name(),
@@ -120,7 +172,10 @@ pub(crate) async fn schedule_retry(
         failure.full_message()
     );
     let copy = OutgoingMessage { body: message.body.clone(), properties };
-    route.transport().publish("", &delay_queue.name, copy, PublishOptions { mandatory: true }).await
+    route
+        .transport()
+        .publish(&exchange, &routing_key, copy, PublishOptions { mandatory: true })
+        .await
 }
 
 fn now_seconds() -> u64 {

@@ -81,7 +81,7 @@ mod substitute;
 mod tests;
 
 pub use error::{mask_uri, ConfigError};
-pub use modes::{Protocol, QueueType, WorkerMode};
+pub use modes::{Protocol, QueueType, RetryDelay, WorkerMode};
 
 use error::{mask_json, raw_text};
 use load::Format;
@@ -139,6 +139,12 @@ pub struct Config {
     /// `SHUTDOWN_TIMEOUT`: how long a stopping service waits for running workers; positive.
     /// Given in seconds (fractions allowed). Default: 30 s.
     pub shutdown_timeout: Duration,
+    /// `RETRY_DELAY`: how broker-side retries wait. Default: [`RetryDelay::DelayQueues`].
+    pub retry_delay: RetryDelay,
+    /// `MAX_REDELIVERIES`: how many times a message may come back unsettled (its worker or
+    /// the service died while handling it) before it is dead-lettered as a crash loop.
+    /// Default: 5.
+    pub max_redeliveries: u32,
     /// `AMQP_SSL_CA_FILE`: the CA certificate (PEM) that signs the broker's certificate, for `amqps://`. Default: unset.
     pub amqp_ssl_ca_file: Option<String>,
     /// `AMQP_SSL_CERT_FILE`: the client certificate (PEM) for `amqps://` with client authentication. Default: unset.
@@ -187,6 +193,8 @@ impl Default for Config {
             rpc_exchange: "nameko-rpc".to_string(),
             rpc_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
+            retry_delay: RetryDelay::default(),
+            max_redeliveries: 5,
             amqp_ssl_ca_file: None,
             amqp_ssl_cert_file: None,
             amqp_ssl_key_file: None,
@@ -374,6 +382,8 @@ impl Config {
             ("RPC_EXCHANGE", Value::from(self.rpc_exchange.as_str())),
             ("RPC_TIMEOUT", Value::from(self.rpc_timeout.as_secs_f64())),
             ("SHUTDOWN_TIMEOUT", Value::from(self.shutdown_timeout.as_secs_f64())),
+            ("RETRY_DELAY", Value::from(self.retry_delay.as_str())),
+            ("MAX_REDELIVERIES", Value::from(self.max_redeliveries)),
             ("AMQP_SSL_CA_FILE", Value::from(self.amqp_ssl_ca_file.clone())),
             ("AMQP_SSL_CERT_FILE", Value::from(self.amqp_ssl_cert_file.clone())),
             ("AMQP_SSL_KEY_FILE", Value::from(self.amqp_ssl_key_file.clone())),
@@ -407,6 +417,8 @@ impl fmt::Debug for Config {
             .field("rpc_exchange", &self.rpc_exchange)
             .field("rpc_timeout", &self.rpc_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("retry_delay", &self.retry_delay)
+            .field("max_redeliveries", &self.max_redeliveries)
             .field("amqp_ssl_ca_file", &self.amqp_ssl_ca_file)
             .field("amqp_ssl_cert_file", &self.amqp_ssl_cert_file)
             .field("amqp_ssl_key_file", &self.amqp_ssl_key_file)

@@ -118,6 +118,19 @@ config_enum! {
     }
 }
 
+config_enum! {
+    /// How `AsyncBackOff` delays a retry on the broker (`RETRY_DELAY`).
+    RetryDelay for "RETRY_DELAY" {
+        /// `delay_queues`: per-delay queues with a per-queue TTL that dead-letter back to the
+        /// route's queue; works on stock RabbitMQ (the default).
+        #[default]
+        DelayQueues => "delay_queues",
+        /// `delayed_message_plugin`: the `x-delayed-message` exchange of the
+        /// `rabbitmq_delayed_message_exchange` plugin, as the Python original uses it.
+        DelayedMessagePlugin => "delayed_message_plugin",
+    }
+}
+
 impl WorkerMode {
     /// True for the greedy modes, which finish every message already received on shutdown.
     pub fn is_greedy(self) -> bool {

@@ -60,6 +60,8 @@ fn everything_changed() -> Config {
         rpc_exchange: "my-rpc".to_string(),
         rpc_timeout: Duration::from_millis(2500),
         shutdown_timeout: Duration::from_secs(5),
+        retry_delay: RetryDelay::DelayedMessagePlugin,
+        max_redeliveries: 9,
         amqp_ssl_ca_file: Some("/etc/ssl/ca.pem".to_string()),
         amqp_ssl_cert_file: Some("/etc/ssl/client.pem".to_string()),
         amqp_ssl_key_file: Some("/etc/ssl/client.key".to_string()),
@@ -87,6 +89,8 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("RPC_EXCHANGE", "my-rpc"),
     ("RPC_TIMEOUT", "2.5"),
     ("SHUTDOWN_TIMEOUT", "5"),
+    ("RETRY_DELAY", "delayed_message_plugin"),
+    ("MAX_REDELIVERIES", "9"),
     ("AMQP_SSL_CA_FILE", "/etc/ssl/ca.pem"),
     ("AMQP_SSL_CERT_FILE", "/etc/ssl/client.pem"),
     ("AMQP_SSL_KEY_FILE", "/etc/ssl/client.key"),
@@ -113,6 +117,8 @@ PARENT_CALLS_TRACKED: 25
 RPC_EXCHANGE: my-rpc
 RPC_TIMEOUT: 2.5
 SHUTDOWN_TIMEOUT: "5"
+RETRY_DELAY: delayed_message_plugin
+MAX_REDELIVERIES: 9
 AMQP_SSL_CA_FILE: /etc/ssl/ca.pem
 AMQP_SSL_CERT_FILE: /etc/ssl/client.pem
 AMQP_SSL_KEY_FILE: /etc/ssl/client.key
@@ -136,6 +142,8 @@ PARENT_CALLS_TRACKED = 25
 RPC_EXCHANGE = "my-rpc"
 RPC_TIMEOUT = 2.5
 SHUTDOWN_TIMEOUT = 5
+RETRY_DELAY = "delayed_message_plugin"
+MAX_REDELIVERIES = 9
 AMQP_SSL_CA_FILE = "/etc/ssl/ca.pem"
 AMQP_SSL_CERT_FILE = "/etc/ssl/client.pem"
 AMQP_SSL_KEY_FILE = "/etc/ssl/client.key"
@@ -663,6 +671,8 @@ fn masked_map_and_debug() {
         ("RPC_EXCHANGE", json!("my-rpc")),
         ("RPC_TIMEOUT", json!(2.5)),
         ("SHUTDOWN_TIMEOUT", json!(5.0)),
+        ("RETRY_DELAY", json!("delayed_message_plugin")),
+        ("MAX_REDELIVERIES", json!(9)),
         ("AMQP_SSL_CA_FILE", json!("/etc/ssl/ca.pem")),
         ("AMQP_SSL_CERT_FILE", json!("/etc/ssl/client.pem")),
         ("AMQP_SSL_KEY_FILE", json!("/etc/ssl/client.key")),

@@ -148,6 +148,11 @@ impl RouteHandle {
         &self.inner.stopping
     }
 
+    /// The route's retry policy, if any.
+    pub fn backoff(&self) -> Option<&BackOffPolicy> {
+        self.inner.backoff.as_ref()
+    }
+
     /// Counters of this route.
     pub fn stats(&self) -> &RouteStats {
         &self.inner.stats

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::amqp::consumer::{serve_queue, Accept};
 use crate::amqp::naming::{dead_letter_queue, event_exchange, event_queue, HandlerType};
+use crate::amqp::settle::declare_retry_topology;
 use crate::amqp::transport::BindingSpec;
 use crate::entrypoints::Entrypoint;
 use crate::error::Result;
@@ -106,6 +107,7 @@ impl Entrypoint for EventListener {
             })
             .await?;
         transport.declare_queue(&dead_letter_queue(config, &queue.name)).await?;
+        declare_retry_topology(route, &queue.name).await?;
         tracing::info!(
             route = route.name(),
             "listening to {} on queue {}",

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 
 use crate::amqp::consumer::serve_queue;
 use crate::amqp::naming::{dead_letter_queue, work_queue};
+use crate::amqp::settle::declare_retry_topology;
 use crate::amqp::transport::{BindingSpec, Headers};
 use crate::entrypoints::Entrypoint;
 use crate::error::Result;
@@ -74,6 +75,7 @@ impl Entrypoint for QueueListener {
             transport.bind_queue(&binding).await?;
         }
         transport.declare_queue(&dead_letter_queue(route.config(), &self.queue)).await?;
+        declare_retry_topology(route, &self.queue).await?;
         Ok(())
     }
 

@@ -314,7 +314,12 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
         let mut attempt = 1u32;
         link = loop {
             tracing::warn!(uri = %shared.uri.masked, attempt, "reconnecting to the broker");
-            match shared.reconnect(link.generation + 1).await {
+            // A close during the attempt wins: no topology is replayed after `close()`.
+            let attempt_result = tokio::select! {
+                result = shared.reconnect(link.generation + 1) => result,
+                _ = shared.closed() => return,
+            };
+            match attempt_result {
                 Ok(new) => break new,
                 Err(error) => {
                     tracing::warn!(uri = %shared.uri.masked, attempt, %error, ?delay, "reconnect failed");
