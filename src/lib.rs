@@ -45,6 +45,7 @@ pub mod extract;
 mod failure;
 pub mod logging;
 mod message;
+pub mod metrics;
 pub mod retry;
 pub mod routes;
 pub mod runner;

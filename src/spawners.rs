@@ -22,12 +22,18 @@ pub struct WorkerPool {
     slots: Arc<Semaphore>,
     size: usize,
     mode: WorkerMode,
+    context: Arc<str>,
 }
 
 impl WorkerPool {
-    /// A pool of `size` workers in `mode`.
-    pub fn new(size: usize, mode: WorkerMode) -> Self {
-        WorkerPool { slots: Arc::new(Semaphore::new(size)), size, mode }
+    /// A pool of `size` workers in `mode`, named `context` in metrics.
+    pub fn new(size: usize, mode: WorkerMode, context: &str) -> Self {
+        WorkerPool { slots: Arc::new(Semaphore::new(size)), size, mode, context: context.into() }
+    }
+
+    /// The context's metric label.
+    pub fn context(&self) -> &str {
+        &self.context
     }
 
     /// How many calls may run at once.
@@ -70,9 +76,9 @@ mod tests {
     async fn thread_mode_admits_nothing_after_stop_but_greedy_does() {
         let stopping = CancellationToken::new();
         stopping.cancel();
-        let thread = WorkerPool::new(2, WorkerMode::Thread);
+        let thread = WorkerPool::new(2, WorkerMode::Thread, "test");
         assert!(thread.acquire(&stopping).await.is_none());
-        let greedy = WorkerPool::new(2, WorkerMode::GreedyThread);
+        let greedy = WorkerPool::new(2, WorkerMode::GreedyThread, "test");
         let permit = greedy.acquire(&stopping).await;
         assert!(permit.is_some());
         assert_eq!(greedy.available(), 1);

@@ -71,6 +71,11 @@ impl TestService {
         self.service.transport()
     }
 
+    /// The running service.
+    pub fn service(&self) -> &RunningService {
+        &self.service
+    }
+
     /// See [`RunningService::is_ready`].
     pub fn is_ready(&self) -> bool {
         self.service.is_ready()
@@ -172,8 +177,14 @@ pub async fn call_route(route: Route, config: Config, message: Message) -> Outco
         }
     }
     let dependencies = route.dependencies.clone();
-    let pool = WorkerPool::new(config.max_workers, config.worker_mode);
-    let handle = RouteHandle::new(route, pool, &ServiceEnv::new(config.clone(), transport.clone()));
+    let pool = WorkerPool::new(config.max_workers, config.worker_mode, "default");
+    let env = match ServiceEnv::new(config.clone(), transport.clone()) {
+        Ok(env) => env,
+        Err(error) => {
+            return Err(crate::Failure::new(crate::FailureKind::Error, error.to_string()))
+        }
+    };
+    let handle = RouteHandle::new(route, pool, &env);
     let outcome = handle.execute(TargetRole::Target, message, None).await;
     for dependency in &dependencies {
         dependency.teardown().await;

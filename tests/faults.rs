@@ -272,3 +272,47 @@ where
     }
     panic!("condition never held");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_flips_while_the_broker_is_away_and_back_after_reconnect() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let config = Config {
+        enable_metrics: true,
+        metrics: micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 },
+        ..common::config(&uri, "faultready")
+    };
+    let queue = format!("evt-fault_src-job--{}.record", config.service_name);
+    let probe = Probe::new();
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new("fault_src", "job"))
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let address = service.service().metrics_address().unwrap();
+    let ready = move || common::http_get(address, "/health/ready").0;
+    assert_eq!(tokio::task::spawn_blocking(ready).await.unwrap(), 200);
+
+    rabbitmqctl(&["stop_app"]);
+    let mut seen_unready = false;
+    for _ in 0..200 {
+        if tokio::task::spawn_blocking(ready).await.unwrap() == 503 {
+            seen_unready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    assert!(seen_unready, "/health/ready answered 200 while RabbitMQ was stopped");
+    wait_until(|| common::http_get(address, "/health/ready").0 == 200, "ready again").await;
+    let metrics = common::http_get(address, "/metrics").1;
+    assert!(
+        metrics.lines().any(|l| l.starts_with("broker_reconnects_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // Back to work by itself.
+    publisher(&uri).await.dispatch("job", &json!({ "id": 7 })).await.unwrap();
+    wait_until(|| unique_ids(&probe).contains(&7), "a message after the broker came back").await;
+    service.stop().await.unwrap();
+    delete_queues(&uri, &queue).await;
+}

@@ -271,7 +271,10 @@ async fn a_message_that_keeps_crashing_its_service_is_dead_lettered() {
                 probe.open();
                 let _ = service.stop().await;
                 crashes += 1;
-                assert!(crashes <= 3, "{queue_type:?}: still not dead-lettered after {crashes} crashes");
+                assert!(
+                    crashes <= 3,
+                    "{queue_type:?}: still not dead-lettered after {crashes} crashes"
+                );
             }
             common::cleanup(&uri, &markers).await;
         }
@@ -283,10 +286,8 @@ async fn the_delayed_message_plugin_mechanism_says_clearly_when_the_plugin_is_mi
     use micro_framework::config::RetryDelay;
     for uri in broker_uris() {
         let shop = unique("shop");
-        let config = Config {
-            retry_delay: RetryDelay::DelayedMessagePlugin,
-            ..config(&uri, "plugin")
-        };
+        let config =
+            Config { retry_delay: RetryDelay::DelayedMessagePlugin, ..config(&uri, "plugin") };
         let markers = [config.service_name.clone(), shop.clone()];
         let routes = vec![Route::new(flaky)
             .entrypoint(EventListener::new(&shop, "job"))

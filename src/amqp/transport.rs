@@ -408,6 +408,10 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError>;
     /// True while the transport is connected to its broker (used for readiness).
     fn is_connected(&self) -> bool;
+    /// How many times the transport reconnected to its broker.
+    fn reconnects(&self) -> u64 {
+        0
+    }
     /// Close the transport; consumers end and unsettled deliveries go back to their queues.
     async fn close(&self);
 }

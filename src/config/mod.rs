@@ -81,7 +81,7 @@ mod substitute;
 mod tests;
 
 pub use error::{mask_uri, ConfigError};
-pub use modes::{Protocol, QueueType, RetryDelay, WorkerMode};
+pub use modes::{LogFormat, Protocol, QueueType, RetryDelay, WorkerMode};
 
 use error::{mask_json, raw_text};
 use load::Format;
@@ -141,6 +141,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// `RETRY_DELAY`: how broker-side retries wait. Default: [`RetryDelay::DelayQueues`].
     pub retry_delay: RetryDelay,
+    /// `LOG_FORMAT`: `text` or `json` logs from `Runner::start`. Default: `text`.
+    pub log_format: LogFormat,
     /// `MAX_REDELIVERIES`: how many times a message may come back unsettled (its worker or
     /// the service died while handling it) before it is dead-lettered as a crash loop.
     /// Default: 5.
@@ -194,6 +196,7 @@ impl Default for Config {
             rpc_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             retry_delay: RetryDelay::default(),
+            log_format: LogFormat::default(),
             max_redeliveries: 5,
             amqp_ssl_ca_file: None,
             amqp_ssl_cert_file: None,
@@ -383,6 +386,7 @@ impl Config {
             ("RPC_TIMEOUT", Value::from(self.rpc_timeout.as_secs_f64())),
             ("SHUTDOWN_TIMEOUT", Value::from(self.shutdown_timeout.as_secs_f64())),
             ("RETRY_DELAY", Value::from(self.retry_delay.as_str())),
+            ("LOG_FORMAT", Value::from(self.log_format.as_str())),
             ("MAX_REDELIVERIES", Value::from(self.max_redeliveries)),
             ("AMQP_SSL_CA_FILE", Value::from(self.amqp_ssl_ca_file.clone())),
             ("AMQP_SSL_CERT_FILE", Value::from(self.amqp_ssl_cert_file.clone())),
@@ -418,6 +422,7 @@ impl fmt::Debug for Config {
             .field("rpc_timeout", &self.rpc_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("retry_delay", &self.retry_delay)
+            .field("log_format", &self.log_format)
             .field("max_redeliveries", &self.max_redeliveries)
             .field("amqp_ssl_ca_file", &self.amqp_ssl_ca_file)
             .field("amqp_ssl_cert_file", &self.amqp_ssl_cert_file)

@@ -131,6 +131,17 @@ config_enum! {
     }
 }
 
+config_enum! {
+    /// How `Runner::start` writes logs (`LOG_FORMAT`).
+    LogFormat for "LOG_FORMAT" {
+        /// `text`: readable lines (the default).
+        #[default]
+        Text => "text",
+        /// `json`: one JSON object per line, for log collectors.
+        Json => "json",
+    }
+}
+
 impl WorkerMode {
     /// True for the greedy modes, which finish every message already received on shutdown.
     pub fn is_greedy(self) -> bool {

@@ -61,6 +61,7 @@ fn everything_changed() -> Config {
         rpc_timeout: Duration::from_millis(2500),
         shutdown_timeout: Duration::from_secs(5),
         retry_delay: RetryDelay::DelayedMessagePlugin,
+        log_format: LogFormat::Json,
         max_redeliveries: 9,
         amqp_ssl_ca_file: Some("/etc/ssl/ca.pem".to_string()),
         amqp_ssl_cert_file: Some("/etc/ssl/client.pem".to_string()),
@@ -90,6 +91,7 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("RPC_TIMEOUT", "2.5"),
     ("SHUTDOWN_TIMEOUT", "5"),
     ("RETRY_DELAY", "delayed_message_plugin"),
+    ("LOG_FORMAT", "json"),
     ("MAX_REDELIVERIES", "9"),
     ("AMQP_SSL_CA_FILE", "/etc/ssl/ca.pem"),
     ("AMQP_SSL_CERT_FILE", "/etc/ssl/client.pem"),
@@ -118,6 +120,7 @@ RPC_EXCHANGE: my-rpc
 RPC_TIMEOUT: 2.5
 SHUTDOWN_TIMEOUT: "5"
 RETRY_DELAY: delayed_message_plugin
+LOG_FORMAT: json
 MAX_REDELIVERIES: 9
 AMQP_SSL_CA_FILE: /etc/ssl/ca.pem
 AMQP_SSL_CERT_FILE: /etc/ssl/client.pem
@@ -143,6 +146,7 @@ RPC_EXCHANGE = "my-rpc"
 RPC_TIMEOUT = 2.5
 SHUTDOWN_TIMEOUT = 5
 RETRY_DELAY = "delayed_message_plugin"
+LOG_FORMAT = "json"
 MAX_REDELIVERIES = 9
 AMQP_SSL_CA_FILE = "/etc/ssl/ca.pem"
 AMQP_SSL_CERT_FILE = "/etc/ssl/client.pem"
@@ -672,6 +676,7 @@ fn masked_map_and_debug() {
         ("RPC_TIMEOUT", json!(2.5)),
         ("SHUTDOWN_TIMEOUT", json!(5.0)),
         ("RETRY_DELAY", json!("delayed_message_plugin")),
+        ("LOG_FORMAT", json!("json")),
         ("MAX_REDELIVERIES", json!(9)),
         ("AMQP_SSL_CA_FILE", json!("/etc/ssl/ca.pem")),
         ("AMQP_SSL_CERT_FILE", json!("/etc/ssl/client.pem")),

@@ -4,6 +4,7 @@ mod context;
 mod signals;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use crate::config::Config;
 use crate::dependencies::{self, Dependency, SetupContext, SharedDependency};
 use crate::error::{Error, Result};
 use crate::extract::TargetSetup;
+use crate::metrics::Metrics;
 use crate::routes::Route;
 use crate::spawners::WorkerPool;
 use crate::workers::{RouteHandle, ServiceEnv, TargetRole};
@@ -67,7 +69,7 @@ impl Runner {
     /// Run the service on a new tokio runtime until SIGINT or SIGTERM. Logs go to stderr
     /// (filter with `RUST_LOG`) unless the program installed its own `tracing` subscriber.
     pub fn start(self) -> Result<()> {
-        crate::logging::init();
+        crate::logging::init(self.config.log_format);
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         runtime.block_on(self.run())
     }
@@ -180,7 +182,14 @@ fn plan_routes(
         if size == 0 {
             return Err(Error::Startup("a RunnerContext needs max_workers of at least 1".into()));
         }
-        let pool = WorkerPool::new(size, mode);
+        let label = context.metric_label.unwrap_or_else(|| {
+            if plans.is_empty() {
+                "default".to_owned()
+            } else {
+                format!("context_{}", plans.len())
+            }
+        });
+        let pool = WorkerPool::new(size, mode, &label);
         for mut route in context.routes {
             if plans.iter().any(|plan| plan.route.name == route.name) {
                 return Err(Error::Startup(format!(
@@ -224,7 +233,7 @@ async fn start_routes(
     config: &Arc<Config>,
     transport: SharedTransport,
 ) -> Result<RunningService> {
-    let env = ServiceEnv::new(config.clone(), transport.clone());
+    let env = ServiceEnv::new(config.clone(), transport.clone())?;
     let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
     let mut all_dependencies: Vec<SharedDependency> = Vec::new();
     for plan in &plans {
@@ -240,6 +249,7 @@ async fn start_routes(
     }
     let mut started = Vec::new();
     for RoutePlan { mut route, pool } in plans {
+        env.metrics.context(pool.context(), pool.size(), pool.mode().as_str());
         let Some(mut entrypoint) = route.entrypoint.take() else { continue };
         let handle = RouteHandle::new(route, pool, &env);
         entrypoint.setup(&handle).await?;
@@ -261,18 +271,38 @@ async fn start_routes(
         routes.len(),
         config.masked_amqp_uri()
     );
-    let stopping = env.stopping.clone();
-    let supervisor =
-        tokio::spawn(supervise(tasks, stopping.clone(), all_dependencies, transport.clone()));
-    Ok(RunningService { stopping, routes, transport, supervisor: Some(supervisor) })
+    let stopped = CancellationToken::new();
+    let metrics_address = match config.enable_metrics {
+        false => None,
+        true => Some(
+            crate::metrics::server::serve(
+                &config.metrics.host,
+                config.metrics.port,
+                env.metrics.clone(),
+                transport.clone(),
+                env.stopping.clone(),
+                stopped.clone(),
+            )
+            .await?,
+        ),
+    };
+    let supervisor = tokio::spawn(supervise(tasks, env.clone(), all_dependencies, stopped));
+    Ok(RunningService {
+        stopping: env.stopping,
+        routes,
+        transport,
+        metrics: env.metrics,
+        metrics_address,
+        supervisor: Some(supervisor),
+    })
 }
 
 /// Wait for every entrypoint to end; an entrypoint failing stops the whole service.
 async fn supervise(
     mut tasks: JoinSet<(String, Result<()>)>,
-    stopping: CancellationToken,
+    env: ServiceEnv,
     dependencies: Vec<SharedDependency>,
-    transport: SharedTransport,
+    stopped: CancellationToken,
 ) -> Result<()> {
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
@@ -282,13 +312,14 @@ async fn supervise(
             Err(join) => Error::Startup(format!("an entrypoint panicked: {join}")),
         };
         tracing::error!("{failure}; stopping the service");
-        stopping.cancel();
+        env.stopping.cancel();
         first_error.get_or_insert(failure);
     }
     for dependency in &dependencies {
         dependency.teardown().await;
     }
-    transport.close().await;
+    env.transport.close().await;
+    stopped.cancel();
     tracing::info!("service stopped");
     first_error.map_or(Ok(()), Err)
 }
@@ -299,6 +330,8 @@ pub struct RunningService {
     stopping: CancellationToken,
     routes: BTreeMap<String, RouteHandle>,
     transport: SharedTransport,
+    metrics: Metrics,
+    metrics_address: Option<SocketAddr>,
     supervisor: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
@@ -322,6 +355,16 @@ impl RunningService {
     /// reconnect) and not stopping.
     pub fn is_ready(&self) -> bool {
         self.transport.is_connected() && !self.stopping.is_cancelled()
+    }
+
+    /// The service's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Where `/metrics` and `/health/*` are served (`ENABLE_METRICS=true`).
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_address
     }
 
     /// Begin a graceful stop without waiting for it.

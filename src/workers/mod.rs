@@ -24,6 +24,7 @@ use crate::context::CallContext;
 use crate::dependencies::{DependencyValues, SharedDependency};
 use crate::failure::{Failure, FailureKind};
 use crate::message::Message;
+use crate::metrics::Metrics;
 use crate::retry::{BackOffData, BackOffPolicy, RetryMode};
 use crate::routes::Route;
 use crate::spawners::{WorkerPermit, WorkerPool};
@@ -74,6 +75,7 @@ struct RouteRuntime {
     stopping: CancellationToken,
     stats: RouteStats,
     declared_exchanges: DeclaredExchanges,
+    metrics: Metrics,
 }
 
 /// What the routes of one service share.
@@ -83,16 +85,20 @@ pub(crate) struct ServiceEnv {
     pub transport: SharedTransport,
     pub stopping: CancellationToken,
     pub declared_exchanges: DeclaredExchanges,
+    pub metrics: Metrics,
 }
 
 impl ServiceEnv {
-    pub(crate) fn new(config: Arc<Config>, transport: SharedTransport) -> Self {
-        ServiceEnv {
+    pub(crate) fn new(config: Arc<Config>, transport: SharedTransport) -> crate::Result<Self> {
+        let metrics = Metrics::new()
+            .map_err(|error| crate::Error::Startup(format!("cannot create metrics: {error}")))?;
+        Ok(ServiceEnv {
             config,
             transport,
             stopping: CancellationToken::new(),
             declared_exchanges: DeclaredExchanges::default(),
-        }
+            metrics,
+        })
     }
 }
 
@@ -114,6 +120,7 @@ impl RouteHandle {
                 stopping: env.stopping.clone(),
                 stats: RouteStats::default(),
                 declared_exchanges: env.declared_exchanges.clone(),
+                metrics: env.metrics.clone(),
             }),
         }
     }
@@ -178,6 +185,20 @@ impl RouteHandle {
     /// schedule it on the broker), and when no retry remains run the callback.
     pub async fn handle(&self, permit: WorkerPermit, message: Message) -> Handled {
         self.inner.stats.received();
+        let (context, route) = (self.inner.pool.context(), self.name());
+        self.inner.metrics.received(context, route);
+        self.inner.metrics.call_started(context, route, self.inner.pool.available());
+        let started = std::time::Instant::now();
+        let handled = self.handle_in_slot(&message).await;
+        let failed = !matches!(handled, Handled::Succeeded(_));
+        drop(permit);
+        self.inner.metrics.call_finished(context, route, started.elapsed(), failed);
+        self.inner.metrics.available(context, self.inner.pool.available());
+        handled
+    }
+
+    async fn handle_in_slot(&self, message: &Message) -> Handled {
+        let message = message.clone();
         let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
         let mut retry = BackOffData::from_headers(&message.properties.headers, max_retries);
         let mut outcome = self.run(TargetRole::Target, &message, None, &retry).await;
@@ -190,6 +211,7 @@ impl RouteHandle {
                 return Handled::Retry { failure: failure.clone(), delay };
             }
             tracing::info!(route = self.name(), "retry {} in {delay:?}", retry.retry_count + 1);
+            self.inner.metrics.retried(self.inner.pool.context(), self.name());
             tokio::time::sleep(delay).await;
             retry.retry_count += 1;
             retry.last_error = Some(failure.full_message());
@@ -214,13 +236,13 @@ impl RouteHandle {
             }
             Err(failure) => Handled::Failed(failure),
         };
-        drop(permit);
         handled
     }
 
     /// Record that a message was settled (for counters and test waits).
     pub fn settled(&self, handled: &Handled) {
         self.inner.stats.settled(handled);
+        self.inner.metrics.settled(self.inner.pool.context(), self.name(), handled);
     }
 
     /// Record that a message was acknowledged without a call (filtered out).

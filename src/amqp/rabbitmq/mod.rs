@@ -217,6 +217,10 @@ impl Transport for RabbitMqTransport {
         self.shared.current().is_some()
     }
 
+    fn reconnects(&self) -> u64 {
+        self.connection_generation().saturating_sub(1)
+    }
+
     async fn close(&self) {
         if let Some(link) = self.shared.close() {
             link.close(self.shared.options.connect_timeout).await;

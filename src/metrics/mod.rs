@@ -1,0 +1,173 @@
+//! Prometheus metrics, with the Python original's names and labels (`context`, `route`) so
+//! existing dashboards keep working, plus what operators need beyond them.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `tasks_number` | gauge: calls running now | context, route |
+//! | `tasks_number_total` | counter: calls started | context, route |
+//! | `failed_tasks_total` | counter: calls that failed (retried or not) | context, route |
+//! | `task_duration_seconds` | histogram (`_sum`, `_count` as the original's summary) | context, route |
+//! | `service_info` | gauge 1 with `max_workers`, `worker_mode` | context |
+//! | `available_workers` | gauge: free worker slots | context |
+//! | `messages_received_total` | counter: messages delivered to the route | context, route |
+//! | `retries_total` | counter: retries scheduled or run | context, route |
+//! | `dead_lettered_total` | counter: messages sent to the dead-letter queue | context, route |
+//! | `broker_reconnects_total` | counter: reconnections to the broker | |
+//!
+//! Served with `/health/live` and `/health/ready` by [`server`] when `ENABLE_METRICS=true`.
+
+pub mod server;
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::workers::Handled;
+
+/// The metrics of one service, in their own registry (several services can share a process).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    running: IntGaugeVec,
+    started: IntCounterVec,
+    failed: IntCounterVec,
+    duration: HistogramVec,
+    info: GaugeVec,
+    available: IntGaugeVec,
+    received: IntCounterVec,
+    retries: IntCounterVec,
+    dead_lettered: IntCounterVec,
+    reconnects: IntCounter,
+}
+
+fn labelled(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+    IntCounterVec::new(Opts::new(name, help), labels)
+}
+
+impl Metrics {
+    /// A fresh set of metrics in a new registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let route = &["context", "route"];
+        let metrics = Metrics {
+            registry: Registry::new(),
+            running: IntGaugeVec::new(
+                Opts::new("tasks_number", "Number of tasks being run at the moment"),
+                route,
+            )?,
+            started: labelled("tasks_number_total", "Total number of tasks", route)?,
+            failed: labelled(
+                "failed_tasks_total",
+                "Total number of tasks that have failed",
+                route,
+            )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new("task_duration_seconds", "Duration time of a task"),
+                route,
+            )?,
+            info: GaugeVec::new(
+                Opts::new("service_info", "Information regarding the service"),
+                &["context", "max_workers", "worker_mode"],
+            )?,
+            available: IntGaugeVec::new(
+                Opts::new("available_workers", "Number of workers available"),
+                &["context"],
+            )?,
+            received: labelled("messages_received_total", "Messages delivered to a route", route)?,
+            retries: labelled("retries_total", "Retries scheduled or run", route)?,
+            dead_lettered: labelled(
+                "dead_lettered_total",
+                "Messages sent to a dead-letter queue",
+                route,
+            )?,
+            reconnects: IntCounter::new("broker_reconnects_total", "Reconnections to the broker")?,
+        };
+        let registry = &metrics.registry;
+        registry.register(Box::new(metrics.running.clone()))?;
+        registry.register(Box::new(metrics.started.clone()))?;
+        registry.register(Box::new(metrics.failed.clone()))?;
+        registry.register(Box::new(metrics.duration.clone()))?;
+        registry.register(Box::new(metrics.info.clone()))?;
+        registry.register(Box::new(metrics.available.clone()))?;
+        registry.register(Box::new(metrics.received.clone()))?;
+        registry.register(Box::new(metrics.retries.clone()))?;
+        registry.register(Box::new(metrics.dead_lettered.clone()))?;
+        registry.register(Box::new(metrics.reconnects.clone()))?;
+        Ok(metrics)
+    }
+
+    /// Describe a context (its pool) once at start-up.
+    pub fn context(&self, context: &str, max_workers: usize, worker_mode: &str) {
+        self.info.with_label_values(&[context, &max_workers.to_string(), worker_mode]).set(1.0);
+        self.available.with_label_values(&[context]).set(gauge(max_workers));
+    }
+
+    /// A message was delivered to a route.
+    pub fn received(&self, context: &str, route: &str) {
+        self.received.with_label_values(&[context, route]).inc();
+    }
+
+    /// A call started; `available` slots remain in its context.
+    pub fn call_started(&self, context: &str, route: &str, available: usize) {
+        self.running.with_label_values(&[context, route]).inc();
+        self.started.with_label_values(&[context, route]).inc();
+        self.available.with_label_values(&[context]).set(gauge(available));
+    }
+
+    /// A call ended after `elapsed`, failed or not; `available` slots remain.
+    pub fn call_finished(&self, context: &str, route: &str, elapsed: Duration, failed: bool) {
+        self.running.with_label_values(&[context, route]).dec();
+        self.duration.with_label_values(&[context, route]).observe(elapsed.as_secs_f64());
+        if failed {
+            self.failed.with_label_values(&[context, route]).inc();
+        }
+    }
+
+    /// Free slots of a context changed.
+    pub fn available(&self, context: &str, available: usize) {
+        self.available.with_label_values(&[context]).set(gauge(available));
+    }
+
+    /// How a message's handling ended.
+    pub fn settled(&self, context: &str, route: &str, handled: &Handled) {
+        match handled {
+            Handled::Retry { .. } => self.retries.with_label_values(&[context, route]).inc(),
+            Handled::Failed(_) => self.dead_lettered.with_label_values(&[context, route]).inc(),
+            Handled::Succeeded(_) | Handled::CalledBack(_) => {}
+        }
+    }
+
+    /// An in-worker retry.
+    pub fn retried(&self, context: &str, route: &str) {
+        self.retries.with_label_values(&[context, route]).inc();
+    }
+
+    /// Set the reconnection count (read from the transport).
+    pub fn set_reconnects(&self, total: u64) {
+        let current = self.reconnects.get();
+        if total > current {
+            self.reconnects.inc_by(total - current);
+        }
+    }
+
+    /// The registry, to add metrics of your own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoded = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        match encoded {
+            Ok(()) => String::from_utf8_lossy(&buffer).into_owned(),
+            Err(error) => format!("# cannot encode metrics: {error}\n"),
+        }
+    }
+}
+
+fn gauge(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,78 @@
+//! Metrics and health endpoints.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{broker_uris, config, http_get, unique};
+use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::prelude::*;
+use micro_framework::retry::AsyncBackOff;
+use micro_framework::testing::TestService;
+use serde_json::{json, Value};
+
+fn checked(Payload(payload): Payload<Value>) -> Result<(), String> {
+    match payload["ok"].as_bool() {
+        Some(true) => Ok(()),
+        _ => Err("not ok".into()),
+    }
+}
+
+fn line_value(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_and_health_endpoints_answer() {
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let config = Config {
+            enable_metrics: true,
+            metrics: micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 },
+            ..config(&uri, "metrics")
+        };
+        let markers = [config.service_name.clone(), shop.clone()];
+        let routes = vec![Route::new(checked)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(10)))];
+        let service = TestService::start(routes, config).await.unwrap();
+        let address = service.service().metrics_address().unwrap();
+        for ok in [true, true, true, false] {
+            service.dispatch(&shop, "job", &json!({ "ok": ok })).await.unwrap();
+        }
+        // 3 successes, then the failing one: a retry, then dead-lettered.
+        service.wait_for_route("checked", 5).await.unwrap();
+
+        let (status, text) =
+            tokio::task::spawn_blocking(move || http_get(address, "/metrics")).await.unwrap();
+        assert_eq!(status, 200);
+        let route = r#"{context="default",route="checked"}"#;
+        let value = |name: &str| line_value(&text, &format!("{name}{route}"));
+        assert_eq!(value("tasks_number_total"), Some(5.0), "{text}");
+        assert_eq!(value("messages_received_total"), Some(5.0), "{text}");
+        assert_eq!(value("failed_tasks_total"), Some(2.0), "{text}");
+        assert_eq!(value("retries_total"), Some(1.0), "{text}");
+        assert_eq!(value("dead_lettered_total"), Some(1.0), "{text}");
+        assert_eq!(value("task_duration_seconds_count"), Some(5.0), "{text}");
+        assert_eq!(value("tasks_number"), Some(0.0), "{text}");
+        assert_eq!(line_value(&text, r#"available_workers{context="default"}"#), Some(3.0));
+        assert!(text
+            .contains(r#"service_info{context="default",max_workers="3",worker_mode="thread"} 1"#));
+
+        let (live, _) =
+            tokio::task::spawn_blocking(move || http_get(address, "/health/live")).await.unwrap();
+        let (ready, _) =
+            tokio::task::spawn_blocking(move || http_get(address, "/health/ready")).await.unwrap();
+        assert_eq!((live, ready), (200, 200));
+        service.begin_stop();
+        let (ready, _) =
+            tokio::task::spawn_blocking(move || http_get(address, "/health/ready")).await.unwrap();
+        assert_ne!(ready, 200, "not ready once stopping");
+        service.wait_stopped().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
