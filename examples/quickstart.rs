@@ -56,7 +56,7 @@ mod tasks {
 fn main() -> micro_framework::Result<()> {
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
     if std::env::var("AMQP_URI").is_err() {
-        println!("AMQP_URI is not set: using the in-process broker (memory://)");
+        eprintln!("AMQP_URI is not set: using the in-process broker (memory://)");
         vars.push(("AMQP_URI".into(), "memory://".into()));
     }
     if std::env::var("SERVICE_NAME").is_err() {
@@ -73,9 +73,9 @@ fn main() -> micro_framework::Result<()> {
         Route::new(tasks::test2).entrypoint(EventListener::new(service, "event_name")),
     ];
     emit_demo_events(config.clone());
-    println!("quickstart running: press Ctrl-C to stop");
+    eprintln!("quickstart running: press Ctrl-C to stop");
     Runner::new(routes, config).start()?;
-    println!("quickstart stopped");
+    eprintln!("quickstart stopped");
     Ok(())
 }
 

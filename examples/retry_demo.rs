@@ -33,7 +33,7 @@ fn doomed(Payload(job): Payload<Value>, retry: BackOffData) -> Result<(), String
 fn main() -> micro_framework::Result<()> {
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
     if std::env::var("AMQP_URI").is_err() {
-        println!("AMQP_URI is not set: using the in-process broker (memory://)");
+        eprintln!("AMQP_URI is not set: using the in-process broker (memory://)");
         vars.push(("AMQP_URI".into(), "memory://".into()));
     }
     if std::env::var("SERVICE_NAME").is_err() {

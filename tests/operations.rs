@@ -76,3 +76,20 @@ async fn metrics_count_known_traffic_and_health_endpoints_answer() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+#[tokio::test]
+async fn the_topology_lists_what_a_service_declares_without_touching_the_broker() {
+    let config = Config {
+        amqp_uri: "amqp://guest:guest@127.0.0.1:1/".into(), // never contacted
+        ..Config::new("orders")
+    };
+    let routes = vec![Route::new(checked)
+        .entrypoint(EventListener::new("shop", "paid"))
+        .backoff(AsyncBackOff::new(1, Duration::from_millis(10)))];
+    let topology = Runner::new(routes, config).topology().await.unwrap();
+    assert_eq!(topology.service, "orders");
+    assert_eq!(topology.exchanges[0].name, "shop.events");
+    let queues: Vec<&str> = topology.queues.iter().map(|q| q.name.as_str()).collect();
+    assert_eq!(queues, vec!["evt-shop-paid--orders.checked", "evt-shop-paid--orders.checked.dlq"]);
+    assert_eq!(topology.bindings[0].routing_key, "paid");
+}

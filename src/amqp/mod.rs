@@ -9,6 +9,7 @@ pub mod naming;
 pub mod rabbitmq;
 pub mod rpc;
 pub mod settle;
+pub mod topology;
 pub mod transport;
 
 use crate::config::Config;

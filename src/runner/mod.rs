@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use context::RunnerContext;
 
+use crate::amqp::topology::{Recorder, Topology};
 use crate::amqp::transport::{SharedTransport, TransportError};
 use crate::config::Config;
 use crate::dependencies::{self, Dependency, SetupContext, SharedDependency};
@@ -68,10 +69,35 @@ impl Runner {
 
     /// Run the service on a new tokio runtime until SIGINT or SIGTERM. Logs go to stderr
     /// (filter with `RUST_LOG`) unless the program installed its own `tracing` subscriber.
+    ///
+    /// With `MF_PRINT_TOPOLOGY=1` in the environment it prints the exchanges, queues and
+    /// bindings the service declares as JSON on stdout and returns without serving (see
+    /// [`Runner::topology`]).
     pub fn start(self) -> Result<()> {
         crate::logging::init(self.config.log_format);
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        if std::env::var("MF_PRINT_TOPOLOGY").is_ok_and(|value| value == "1") {
+            let topology = runtime.block_on(self.topology())?;
+            println!("{}", serde_json::to_string_pretty(&topology)?);
+            return Ok(());
+        }
         runtime.block_on(self.run())
+    }
+
+    /// What the service declares (exchanges, queues, bindings), found by setting up its
+    /// entrypoints on a private in-process broker: nothing is sent to the real broker.
+    pub async fn topology(mut self) -> Result<Topology> {
+        self.config.amqp_uri = format!("memory://topology-{}", uuid::Uuid::new_v4());
+        let (config, plans) = self.prepare()?;
+        let memory = crate::amqp::connect(&config).await?;
+        let recorder = Arc::new(Recorder::new(memory.clone(), &config.service_name));
+        let env = ServiceEnv::new(config.clone(), recorder.clone())?;
+        for RoutePlan { mut route, pool } in plans {
+            let Some(mut entrypoint) = route.entrypoint.take() else { continue };
+            entrypoint.setup(&RouteHandle::new(route, pool, &env)).await?;
+        }
+        memory.close().await;
+        Ok(recorder.topology())
     }
 
     /// Run the service on the current runtime until SIGINT or SIGTERM, then stop it
