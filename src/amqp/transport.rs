@@ -114,7 +114,7 @@ pub struct Properties {
 }
 
 /// A message to publish.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct OutgoingMessage {
     /// The body.
     pub body: Bytes,
@@ -151,7 +151,7 @@ impl ExchangeKind {
 }
 
 /// An exchange to declare.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExchangeSpec {
     /// Exchange name.
     pub name: String,
@@ -179,7 +179,7 @@ impl ExchangeSpec {
 }
 
 /// A queue to declare.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QueueSpec {
     /// Queue name (never empty: the framework always names its queues).
     pub name: String,
@@ -208,7 +208,7 @@ impl QueueSpec {
 }
 
 /// A queue-to-exchange binding.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BindingSpec {
     /// The queue.
     pub queue: String,
@@ -221,7 +221,7 @@ pub struct BindingSpec {
 }
 
 /// Counters of a queue, as `queue.declare-ok` returns them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueInfo {
     /// Messages ready for delivery (not counting unacknowledged ones).
     pub message_count: u32,
@@ -230,7 +230,7 @@ pub struct QueueInfo {
 }
 
 /// Options of a publish.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishOptions {
     /// Fail with [`TransportError::Unroutable`] when no queue receives the message.
     pub mandatory: bool,
@@ -254,7 +254,7 @@ impl Default for ConsumeOptions {
 }
 
 /// Errors of the transport layer.
-#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Serialize, Deserialize)]
 pub enum TransportError {
     /// The connection is down or could not be opened (credentials masked).
     #[error("broker connection error: {0}")]

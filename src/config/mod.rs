@@ -143,6 +143,9 @@ pub struct Config {
     pub retry_delay: RetryDelay,
     /// `LOG_FORMAT`: `text` or `json` logs from `Runner::start`. Default: `text`.
     pub log_format: LogFormat,
+    /// `TASK_TIME_LIMIT`: seconds a call may run in the process worker modes before its
+    /// worker is killed and the call fails. Default: unset (no limit).
+    pub task_time_limit: Option<Duration>,
     /// `MAX_REDELIVERIES`: how many times a message may come back unsettled (its worker or
     /// the service died while handling it) before it is dead-lettered as a crash loop.
     /// Default: 5.
@@ -197,6 +200,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             retry_delay: RetryDelay::default(),
             log_format: LogFormat::default(),
+            task_time_limit: None,
             max_redeliveries: 5,
             amqp_ssl_ca_file: None,
             amqp_ssl_cert_file: None,
@@ -387,6 +391,7 @@ impl Config {
             ("SHUTDOWN_TIMEOUT", Value::from(self.shutdown_timeout.as_secs_f64())),
             ("RETRY_DELAY", Value::from(self.retry_delay.as_str())),
             ("LOG_FORMAT", Value::from(self.log_format.as_str())),
+            ("TASK_TIME_LIMIT", Value::from(self.task_time_limit.map(|d| d.as_secs_f64()))),
             ("MAX_REDELIVERIES", Value::from(self.max_redeliveries)),
             ("AMQP_SSL_CA_FILE", Value::from(self.amqp_ssl_ca_file.clone())),
             ("AMQP_SSL_CERT_FILE", Value::from(self.amqp_ssl_cert_file.clone())),
@@ -423,6 +428,7 @@ impl fmt::Debug for Config {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("retry_delay", &self.retry_delay)
             .field("log_format", &self.log_format)
+            .field("task_time_limit", &self.task_time_limit)
             .field("max_redeliveries", &self.max_redeliveries)
             .field("amqp_ssl_ca_file", &self.amqp_ssl_ca_file)
             .field("amqp_ssl_cert_file", &self.amqp_ssl_cert_file)

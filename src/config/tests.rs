@@ -62,6 +62,7 @@ fn everything_changed() -> Config {
         shutdown_timeout: Duration::from_secs(5),
         retry_delay: RetryDelay::DelayedMessagePlugin,
         log_format: LogFormat::Json,
+        task_time_limit: Some(Duration::from_secs(12)),
         max_redeliveries: 9,
         amqp_ssl_ca_file: Some("/etc/ssl/ca.pem".to_string()),
         amqp_ssl_cert_file: Some("/etc/ssl/client.pem".to_string()),
@@ -92,6 +93,7 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("SHUTDOWN_TIMEOUT", "5"),
     ("RETRY_DELAY", "delayed_message_plugin"),
     ("LOG_FORMAT", "json"),
+    ("TASK_TIME_LIMIT", "12"),
     ("MAX_REDELIVERIES", "9"),
     ("AMQP_SSL_CA_FILE", "/etc/ssl/ca.pem"),
     ("AMQP_SSL_CERT_FILE", "/etc/ssl/client.pem"),
@@ -121,6 +123,7 @@ RPC_TIMEOUT: 2.5
 SHUTDOWN_TIMEOUT: "5"
 RETRY_DELAY: delayed_message_plugin
 LOG_FORMAT: json
+TASK_TIME_LIMIT: 12
 MAX_REDELIVERIES: 9
 AMQP_SSL_CA_FILE: /etc/ssl/ca.pem
 AMQP_SSL_CERT_FILE: /etc/ssl/client.pem
@@ -147,6 +150,7 @@ RPC_TIMEOUT = 2.5
 SHUTDOWN_TIMEOUT = 5
 RETRY_DELAY = "delayed_message_plugin"
 LOG_FORMAT = "json"
+TASK_TIME_LIMIT = 12
 MAX_REDELIVERIES = 9
 AMQP_SSL_CA_FILE = "/etc/ssl/ca.pem"
 AMQP_SSL_CERT_FILE = "/etc/ssl/client.pem"
@@ -677,6 +681,7 @@ fn masked_map_and_debug() {
         ("SHUTDOWN_TIMEOUT", json!(5.0)),
         ("RETRY_DELAY", json!("delayed_message_plugin")),
         ("LOG_FORMAT", json!("json")),
+        ("TASK_TIME_LIMIT", json!(12.0)),
         ("MAX_REDELIVERIES", json!(9)),
         ("AMQP_SSL_CA_FILE", json!("/etc/ssl/ca.pem")),
         ("AMQP_SSL_CERT_FILE", json!("/etc/ssl/client.pem")),

@@ -1,5 +1,7 @@
 //! [`RunnerContext`]: routes that share one worker pool.
 
+use std::time::Duration;
+
 use crate::config::WorkerMode;
 use crate::routes::Route;
 
@@ -27,12 +29,19 @@ pub struct RunnerContext {
     pub(crate) max_workers: Option<usize>,
     pub(crate) worker_mode: Option<WorkerMode>,
     pub(crate) metric_label: Option<String>,
+    pub(crate) time_limit: Option<Duration>,
 }
 
 impl RunnerContext {
     /// A context for `routes`, with the service's `MAX_WORKERS` and `WORKER_MODE` unless set.
     pub fn new(routes: Vec<Route>) -> Self {
-        RunnerContext { routes, max_workers: None, worker_mode: None, metric_label: None }
+        RunnerContext {
+            routes,
+            max_workers: None,
+            worker_mode: None,
+            metric_label: None,
+            time_limit: None,
+        }
     }
 
     /// How many calls of this context may run at once.
@@ -44,6 +53,12 @@ impl RunnerContext {
     /// The worker mode of this context.
     pub fn worker_mode(mut self, worker_mode: WorkerMode) -> Self {
         self.worker_mode = Some(worker_mode);
+        self
+    }
+
+    /// Kill a call running longer than `limit` (process modes; `TASK_TIME_LIMIT` otherwise).
+    pub fn time_limit(mut self, limit: Duration) -> Self {
+        self.time_limit = Some(limit);
         self
     }
 

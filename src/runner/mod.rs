@@ -3,7 +3,7 @@
 mod context;
 mod signals;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +16,13 @@ pub use context::RunnerContext;
 use crate::amqp::topology::{Recorder, Topology};
 use crate::amqp::transport::{SharedTransport, TransportError};
 use crate::config::Config;
+use crate::config::WorkerMode;
 use crate::dependencies::{self, Dependency, SetupContext, SharedDependency};
 use crate::error::{Error, Result};
 use crate::extract::TargetSetup;
 use crate::metrics::Metrics;
 use crate::routes::Route;
+use crate::spawners::process::{worker_socket, ProcessPool, WorkerLink};
 use crate::spawners::WorkerPool;
 use crate::workers::{RouteHandle, ServiceEnv, TargetRole};
 
@@ -104,7 +106,13 @@ impl Runner {
     /// gracefully. A second signal exits the process at once. A broker that cannot be
     /// reached at start-up is tried again with backoff (each attempt logged) until it answers
     /// or a signal arrives.
+    ///
+    /// In process worker modes, the program's binary is started again for each worker
+    /// process; there `run` serves calls from the service instead of consuming.
     pub async fn run(self) -> Result<()> {
+        if let Some(socket) = worker_socket() {
+            return serve_as_worker(self, &socket).await;
+        }
         let (config, plans) = self.prepare()?;
         let transport = tokio::select! {
             transport = connect_retrying(&config) => transport?,
@@ -132,8 +140,18 @@ impl Runner {
 
     /// Start the service on the current runtime and return a handle to it (for tests and
     /// programs that run more than a service). Fails at once if the broker is unreachable.
+    /// Process worker modes need [`Runner::start`] or [`Runner::run`] (the binary is started
+    /// again as a worker): `spawn` refuses them.
     pub async fn spawn(self) -> Result<RunningService> {
         let (config, plans) = self.prepare()?;
+        if let Some(plan) = plans.iter().find(|plan| plan.pool.mode().is_process()) {
+            return Err(Error::Startup(format!(
+                "route '{}': WORKER_MODE={} runs calls in re-executed copies of the program, \
+                 so it needs Runner::start or Runner::run, not Runner::spawn",
+                plan.route.name,
+                plan.pool.mode()
+            )));
+        }
         let transport = crate::amqp::connect(&config).await?;
         start(plans, &config, transport).await
     }
@@ -199,11 +217,6 @@ fn plan_routes(
     let mut plans: Vec<RoutePlan> = Vec::new();
     for context in contexts {
         let mode = context.worker_mode.unwrap_or(config.worker_mode);
-        if mode.is_process() {
-            return Err(Error::Startup(format!(
-                "WORKER_MODE={mode} is not available yet: use thread or greedy_thread"
-            )));
-        }
         let size = context.max_workers.unwrap_or(config.max_workers);
         if size == 0 {
             return Err(Error::Startup("a RunnerContext needs max_workers of at least 1".into()));
@@ -215,7 +228,8 @@ fn plan_routes(
                 format!("context_{}", plans.len())
             }
         });
-        let pool = WorkerPool::new(size, mode, &label);
+        let pool = WorkerPool::new(size, mode, &label)
+            .with_time_limit(context.time_limit.or(config.task_time_limit));
         for mut route in context.routes {
             if plans.iter().any(|plan| plan.route.name == route.name) {
                 return Err(Error::Startup(format!(
@@ -273,6 +287,7 @@ async fn start_routes(
             }
         }
     }
+    let processes = start_processes(&plans, config, &transport).await?;
     let mut started = Vec::new();
     for RoutePlan { mut route, pool } in plans {
         env.metrics.context(pool.context(), pool.size(), pool.mode().as_str());
@@ -312,7 +327,8 @@ async fn start_routes(
             .await?,
         ),
     };
-    let supervisor = tokio::spawn(supervise(tasks, env.clone(), all_dependencies, stopped));
+    let supervisor =
+        tokio::spawn(supervise(tasks, env.clone(), all_dependencies, processes, stopped));
     Ok(RunningService {
         stopping: env.stopping,
         routes,
@@ -323,11 +339,68 @@ async fn start_routes(
     })
 }
 
+/// Start the worker processes of the process-mode contexts.
+async fn start_processes(
+    plans: &[RoutePlan],
+    config: &Config,
+    transport: &SharedTransport,
+) -> Result<Vec<Arc<ProcessPool>>> {
+    let mut started: Vec<Arc<ProcessPool>> = Vec::new();
+    for plan in plans {
+        let pool = &plan.pool;
+        if pool.mode().is_process() && pool.processes().is_none() {
+            tracing::info!("starting {} worker processes ({})", pool.size(), pool.context());
+            let processes = ProcessPool::start(
+                pool.size(),
+                transport.clone(),
+                pool.time_limit(),
+                config.max_tasks_per_child,
+            )
+            .await?;
+            pool.set_processes(processes.clone());
+            started.push(processes);
+        }
+    }
+    Ok(started)
+}
+
+/// Serve calls as a worker process of the service at `socket`: set up the routes (not their
+/// entrypoints) and the dependencies, on a transport that goes through the service.
+async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
+    let (config, plans) = runner.prepare()?;
+    let link = WorkerLink::connect(socket).await?;
+    let env = ServiceEnv::new(config.clone(), link.transport())?;
+    let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
+    let mut routes = HashMap::new();
+    let mut set_up: Vec<SharedDependency> = Vec::new();
+    for RoutePlan { mut route, pool } in plans {
+        for dependency in &route.dependencies {
+            if !set_up.iter().any(|known| Arc::ptr_eq(known, dependency)) {
+                dependency.setup(&setup).await.map_err(|source| Error::Dependency {
+                    name: dependency.name().to_owned(),
+                    source,
+                })?;
+                set_up.push(dependency.clone());
+            }
+        }
+        route.entrypoint = None;
+        let local = WorkerPool::new(1, WorkerMode::Thread, pool.context());
+        let handle = RouteHandle::new(route, local, &env);
+        routes.insert(handle.name().to_owned(), handle);
+    }
+    let served = link.serve(routes).await;
+    for dependency in &set_up {
+        dependency.teardown().await;
+    }
+    served
+}
+
 /// Wait for every entrypoint to end; an entrypoint failing stops the whole service.
 async fn supervise(
     mut tasks: JoinSet<(String, Result<()>)>,
     env: ServiceEnv,
     dependencies: Vec<SharedDependency>,
+    processes: Vec<Arc<ProcessPool>>,
     stopped: CancellationToken,
 ) -> Result<()> {
     let mut first_error = None;
@@ -343,6 +416,9 @@ async fn supervise(
     }
     for dependency in &dependencies {
         dependency.teardown().await;
+    }
+    for pool in &processes {
+        pool.shutdown().await;
     }
     env.transport.close().await;
     stopped.cancel();

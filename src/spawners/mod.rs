@@ -3,7 +3,10 @@
 //! A pool admits at most `MAX_WORKERS` calls at once. Sync targets run on OS threads
 //! (tokio's blocking pool), async targets on the runtime; the pool's permits bound both.
 
-use std::sync::Arc;
+pub mod process;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -23,12 +26,41 @@ pub struct WorkerPool {
     size: usize,
     mode: WorkerMode,
     context: Arc<str>,
+    time_limit: Option<Duration>,
+    processes: Arc<OnceLock<Arc<process::ProcessPool>>>,
 }
 
 impl WorkerPool {
     /// A pool of `size` workers in `mode`, named `context` in metrics.
     pub fn new(size: usize, mode: WorkerMode, context: &str) -> Self {
-        WorkerPool { slots: Arc::new(Semaphore::new(size)), size, mode, context: context.into() }
+        WorkerPool {
+            slots: Arc::new(Semaphore::new(size)),
+            size,
+            mode,
+            context: context.into(),
+            time_limit: None,
+            processes: Arc::default(),
+        }
+    }
+
+    /// Limit each call to `limit` (process modes kill the worker that overruns it).
+    pub fn with_time_limit(mut self, limit: Option<Duration>) -> Self {
+        self.time_limit = limit;
+        self
+    }
+
+    /// The hard time limit of a call, if any.
+    pub fn time_limit(&self) -> Option<Duration> {
+        self.time_limit
+    }
+
+    /// The worker processes, in process modes once started.
+    pub fn processes(&self) -> Option<&Arc<process::ProcessPool>> {
+        self.processes.get()
+    }
+
+    pub(crate) fn set_processes(&self, processes: Arc<process::ProcessPool>) {
+        let _ = self.processes.set(processes);
     }
 
     /// The context's metric label.

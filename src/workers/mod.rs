@@ -27,6 +27,7 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::retry::{BackOffData, BackOffPolicy, RetryMode};
 use crate::routes::Route;
+use crate::spawners::process::CallRequest;
 use crate::spawners::{WorkerPermit, WorkerPool};
 use crate::targets::{ErasedTarget, TargetError, TargetResult};
 use crate::translators::{translate, MessageTranslator};
@@ -262,6 +263,29 @@ impl RouteHandle {
     }
 
     async fn run(
+        &self,
+        role: TargetRole,
+        message: &Message,
+        failure: Option<Failure>,
+        retry: &BackOffData,
+    ) -> Outcome {
+        match self.inner.pool.processes() {
+            Some(processes) => {
+                let request = CallRequest {
+                    route: self.name().to_owned(),
+                    role,
+                    message: message.clone(),
+                    failure,
+                    retry: retry.clone(),
+                };
+                processes.call(request).await
+            }
+            None => self.run_here(role, message, failure, retry).await,
+        }
+    }
+
+    /// Run one function of the route in this process.
+    pub(crate) async fn run_here(
         &self,
         role: TargetRole,
         message: &Message,

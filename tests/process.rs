@@ -1,0 +1,114 @@
+//! Process worker modes, through the test-support service `process_service`
+//! (tests/support/process_service.rs), on every broker of `common::broker_uris()`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+/// The test-support binary, built by `cargo test` as an example.
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().join("examples").join("process_service")
+}
+
+/// Run the service with `scenario` until it prints `DONE`; returns its JSON lines.
+fn run(uri: &str, mode: &str, scenario: &str, extra: &[(&str, &str)]) -> Vec<Value> {
+    let service = common::unique("procsvc");
+    let mut command = Command::new(binary());
+    command
+        .env("AMQP_URI", uri)
+        .env("SERVICE_NAME", &service)
+        .env("WORKER_MODE", mode)
+        .env("MAX_WORKERS", "2")
+        .env("TASK_TIME_LIMIT", "1")
+        .env("SCENARIO", scenario)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped());
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("process_service starts (built by cargo test)");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line == "DONE" {
+            break;
+        }
+        lines.push(serde_json::from_str(&line).unwrap_or(Value::String(line)));
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the service stops gracefully: {status}");
+    if !uri.starts_with("memory://") {
+        let uri = uri.to_owned();
+        let markers = [service, "proc_src.events".to_owned()];
+        tokio::runtime::Runtime::new().unwrap().block_on(common::cleanup(&uri, &markers));
+    }
+    lines
+}
+
+fn pids(lines: &[Value]) -> Vec<u64> {
+    lines.iter().filter_map(|line| line["pid"].as_u64()).collect()
+}
+
+fn service_pid(lines: &[Value]) -> u64 {
+    lines.iter().find_map(|line| line["service_pid"].as_u64()).unwrap()
+}
+
+fn dead(lines: &[Value]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter(|line| line.get("dead").is_some())
+        .map(|line| {
+            (line["dead"].as_str().unwrap().to_owned(), line["kind"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn calls_run_in_other_processes_and_failures_cost_one_call() {
+    for uri in common::broker_uris() {
+        // Each run of process_service is its own process: memory:// is private to it.
+        let uri = if uri.starts_with("memory://") { "memory://".to_owned() } else { uri };
+        let scenario = "whoami:1,crash:2,whoami:3,panics:4,spin:5,sigkill:6,whoami:7,whoami:8";
+        let lines = run(&uri, "process", scenario, &[]);
+        let service = service_pid(&lines);
+        let workers = pids(&lines);
+        assert_eq!(workers.len(), 4, "{lines:?}");
+        assert!(workers.iter().all(|pid| *pid != service), "calls ran in the service: {lines:?}");
+        assert_eq!(
+            dead(&lines),
+            vec![
+                ("2".to_owned(), "crashed".to_owned()),
+                ("4".to_owned(), "panic".to_owned()),
+                ("5".to_owned(), "timed_out".to_owned()),
+                ("6".to_owned(), "crashed".to_owned()),
+            ],
+            "{lines:?}"
+        );
+    }
+}
+
+#[test]
+fn workers_are_recycled_after_max_tasks_per_child() {
+    for uri in common::broker_uris() {
+        let uri = if uri.starts_with("memory://") { "memory://".to_owned() } else { uri };
+        let scenario = "whoami:1,whoami:2,whoami:3,whoami:4";
+        let lines = run(&uri, "greedy_process", scenario, &[("MAX_TASKS_PER_CHILD", "1")]);
+        let workers: HashSet<u64> = pids(&lines).into_iter().collect();
+        assert_eq!(workers.len(), 4, "a new process for every call: {lines:?}");
+    }
+}
+
+#[test]
+fn without_recycling_workers_are_reused() {
+    let lines = run("memory://", "process", "whoami:1,whoami:2,whoami:3,whoami:4", &[]);
+    let workers: HashSet<u64> = pids(&lines).into_iter().collect();
+    assert!(workers.len() <= 2, "MAX_WORKERS=2 processes serve every call: {lines:?}");
+}

@@ -1,0 +1,113 @@
+//! Test-support service for the process worker modes (config from the environment).
+//!
+//! Routes (context `workers`, `WORKER_MODE` from the environment) on `proc_src` events:
+//! `whoami` dispatches `{id, pid}` as event `pid` through its `Producer` (from the worker
+//! process, so through the service), `crash` aborts, `panics` panics, `spin` loops forever,
+//! `sigkill` kills its own process. Route `collect` (thread mode) prints each `pid` event as a
+//! JSON line `{"whoami": id, "pid": worker pid, "service_pid": ...}`.
+//!
+//! In the service process (not in workers) a driver dispatches `SCENARIO`
+//! (`route:id,route:id,...`) one event at a time, waiting for each to be settled or dead-
+//! lettered, prints dead letters as `{"dead": id, "kind": ..., "error": ...}` and `DONE`.
+
+use std::time::Duration;
+
+use micro_framework::amqp::dependencies::Producer;
+use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::amqp::settle::{HEADER_ERROR, HEADER_ERROR_KIND};
+use micro_framework::config::WorkerMode;
+use micro_framework::prelude::*;
+use micro_framework::spawners::process::WORKER_SOCKET_ENV;
+use serde_json::{json, Value};
+
+async fn whoami(Payload(event): Payload<Value>, producer: Producer) -> micro_framework::Result<()> {
+    producer.dispatch("pid", &json!({ "id": event["id"], "pid": std::process::id() })).await
+}
+
+fn crash(Payload(_): Payload<Value>) {
+    std::process::abort();
+}
+
+fn panics(Payload(_): Payload<Value>) {
+    panic!("this target panics");
+}
+
+#[allow(clippy::empty_loop)]
+fn spin(Payload(_): Payload<Value>) {
+    loop {}
+}
+
+fn sigkill(Payload(_): Payload<Value>) {
+    let _ =
+        std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+    std::thread::sleep(Duration::from_secs(10));
+}
+
+fn collect(Payload(event): Payload<Value>) {
+    let line =
+        json!({ "whoami": event["id"], "pid": event["pid"], "service_pid": std::process::id() });
+    println!("{line}");
+}
+
+fn main() -> micro_framework::Result<()> {
+    let config = Config::from_env()?;
+    let service = config.service_name.clone();
+    let mode = config.worker_mode;
+    let workers = vec![
+        Route::new(whoami).entrypoint(EventListener::new("proc_src", "whoami")),
+        Route::new(crash).entrypoint(EventListener::new("proc_src", "crash")),
+        Route::new(panics).entrypoint(EventListener::new("proc_src", "panics")),
+        Route::new(spin).entrypoint(EventListener::new("proc_src", "spin")),
+        Route::new(sigkill).entrypoint(EventListener::new("proc_src", "sigkill")),
+    ];
+    let collector =
+        vec![Route::new(collect).entrypoint(EventListener::new(service.clone(), "pid"))];
+    if std::env::var(WORKER_SOCKET_ENV).is_err() {
+        drive(config.clone());
+    }
+    Runner::new(collector, Config { worker_mode: WorkerMode::Thread, ..config })
+        .context(RunnerContext::new(workers).worker_mode(mode).metric_label("workers"))
+        .start()
+}
+
+/// Dispatch the scenario, one event at a time, and report dead letters.
+fn drive(config: Config) {
+    std::thread::spawn(move || -> micro_framework::Result<()> {
+        let runtime = tokio::runtime::Runtime::new()?;
+        runtime.block_on(async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let transport = micro_framework::amqp::connect(&config).await?;
+            let source = Config { service_name: "proc_src".into(), ..config.clone() };
+            let producer = Producer::new(transport.clone(), &source);
+            let scenario = std::env::var("SCENARIO").unwrap_or_default();
+            for step in scenario.split(',').filter(|step| !step.is_empty()) {
+                let (route, id) = step.split_once(':').unwrap_or((step, "0"));
+                producer.dispatch(route, &json!({ "id": id })).await?;
+                let queue = format!("evt-proc_src-{route}--{}.{route}", config.service_name);
+                // Wait until the message left its queue and was settled one way or another.
+                for _ in 0..600 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(dead) = transport.get(&format!("{queue}.dlq")).await? {
+                        let header = |key: &str| {
+                            dead.properties.headers.get(key).and_then(|v| v.as_str()).unwrap_or("").to_owned()
+                        };
+                        println!("{}", json!({ "dead": id, "kind": header(HEADER_ERROR_KIND), "error": header(HEADER_ERROR) }));
+                        dead.acker.ack().await?;
+                        break;
+                    }
+                    if route == "whoami" && std::env::var("FAST").is_ok() {
+                        break;
+                    }
+                    let info = transport.queue_info(&queue).await?;
+                    if route == "whoami" && info.message_count == 0 {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            println!("DONE");
+            Ok(())
+        })
+    });
+}
