@@ -14,6 +14,7 @@ use micro_framework::amqp::entrypoints::RPCListener;
 use micro_framework::amqp::rpc::{Args, Client, RpcError};
 use micro_framework::amqp::transport::{
     BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
+    TransportError,
 };
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
@@ -97,8 +98,14 @@ async fn fan_out(Args(to): Args<Relay>, rpc: RpcProxy) -> Result<Vec<i64>, RpcEr
     Ok(vec![second.result().await?, first.result().await?])
 }
 
+/// The `reply_to` of the request: the caller's reply queue's routing key.
+fn reply_to(message: Message) -> Option<String> {
+    message.properties.reply_to
+}
+
 fn math_routes(probe: &Arc<Probe>) -> Vec<Route> {
     vec![
+        Route::new(reply_to).entrypoint(RPCListener::new()),
         Route::new(add).entrypoint(RPCListener::new()),
         Route::new(mul).entrypoint(RPCListener::new()),
         Route::new(echo).entrypoint(RPCListener::new()),
@@ -350,6 +357,52 @@ async fn a_request_without_reply_to_is_handled_and_acked() {
         raw.close().await;
         client.close().await;
         service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+#[tokio::test]
+async fn a_call_running_at_shutdown_still_gets_its_reply() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        let running = client.service(&math).call_async("slow", [600], ()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        service.begin_stop();
+        assert_eq!(running.result::<u64>().await, Ok(600));
+        service.wait_stopped().await.unwrap();
+        client.close().await;
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+#[tokio::test]
+async fn one_reply_queue_per_caller_removed_when_the_caller_stops() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        let to = json!({"service": math, "method": "reply_to"});
+
+        // two calls, each with its own RpcProxy, reply on the service's one queue
+        let first: String = client.call(&math, "relay", (), to.clone()).await.unwrap();
+        let second: String = client.call(&math, "relay", (), to).await.unwrap();
+        assert_eq!(first, second);
+        let service_queue = format!("rpc.reply-{math}-{first}");
+        service.transport().queue_info(&service_queue).await.unwrap();
+
+        let own: String = client.call(&math, "reply_to", (), ()).await.unwrap();
+        assert_ne!(own, first);
+        let client_queue = format!("rpc.reply-standalone_rpc_proxy-{own}");
+        client.transport().queue_info(&client_queue).await.unwrap();
+        client.close().await;
+        let gone = service.transport().queue_info(&client_queue).await;
+        assert!(matches!(gone, Err(TransportError::NotFound(_))), "{gone:?}");
+
+        service.stop().await.unwrap();
+        let observer = Client::connect(&config(&uri, "observer")).await.unwrap();
+        let gone = observer.transport().queue_info(&service_queue).await;
+        assert!(matches!(gone, Err(TransportError::NotFound(_))), "{gone:?}");
+        observer.close().await;
         common::cleanup(&uri, &[math]).await;
     }
 }
