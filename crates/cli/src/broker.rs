@@ -1,0 +1,41 @@
+//! The configuration and broker connection every broker command uses.
+
+use micro_framework::amqp::transport::SharedTransport;
+use micro_framework::config::mask_uri;
+use micro_framework::Config;
+
+use crate::error::CliError;
+
+/// The service name the CLI connects as when `SERVICE_NAME` is not set.
+const CLI_SERVICE: &str = "micro-framework-cli";
+
+/// The configuration of the environment (as a service would read it) with the broker `uri`
+/// and the service name `service` (or `SERVICE_NAME`, or `micro-framework-cli`).
+pub fn config(uri: &str, service: Option<&str>) -> Result<Config, CliError> {
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(key, value)| Some((key.into_string().ok()?, value.into_string().ok()?)))
+        .collect();
+    if !vars.iter().any(|(key, _)| key == "SERVICE_NAME") || service.is_some() {
+        vars.push(("SERVICE_NAME".into(), service.unwrap_or(CLI_SERVICE).to_owned()));
+    }
+    vars.push(("AMQP_URI".into(), uri.to_owned()));
+    Config::from_vars(vars).map_err(|error| CliError::usage(error.to_string()))
+}
+
+/// Connect to the broker of `config`.
+pub async fn connect(config: &Config) -> Result<SharedTransport, CliError> {
+    micro_framework::amqp::connect(config)
+        .await
+        .map_err(|error| unreachable(&config.amqp_uri, error))
+}
+
+/// The error of a broker that cannot be reached.
+pub fn unreachable(uri: &str, error: impl std::fmt::Display) -> CliError {
+    let error = error.to_string();
+    let masked = mask_uri(uri);
+    if error.contains(&masked) {
+        CliError::failure(format!("cannot reach the broker: {error}"))
+    } else {
+        CliError::failure(format!("cannot reach the broker at {masked}: {error}"))
+    }
+}

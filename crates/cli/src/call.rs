@@ -1,0 +1,112 @@
+//! `call`: call an RPC method with the standalone RPC client and print the result as JSON.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use micro_framework::amqp::rpc::{Client, RpcError};
+use serde_json::{json, Map, Value};
+
+use crate::broker;
+use crate::emit::parse_json;
+use crate::error::CliError;
+
+/// Arguments of `call`.
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// The method to call, as `service.method`.
+    #[arg(value_name = "SERVICE.METHOD")]
+    pub target: String,
+    /// Positional arguments, a JSON array.
+    #[arg(long, value_name = "JSON", default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments, a JSON object.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    pub kwargs: String,
+    /// Seconds to wait for the reply [default: RPC_TIMEOUT, 30].
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+    pub timeout: Option<f64>,
+}
+
+/// Make the call; exit code 1 with the error as JSON when the method failed remotely.
+pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
+    let (service, method) = args
+        .target
+        .rsplit_once('.')
+        .filter(|(service, method)| !service.is_empty() && !method.is_empty())
+        .ok_or_else(|| {
+            CliError::usage(format!("expected SERVICE.METHOD, got '{}'", args.target))
+        })?;
+    let Value::Array(positional) = parse_json("--args", &args.args)? else {
+        return Err(CliError::usage("--args must be a JSON array, e.g. '[1, 2]'"));
+    };
+    let Value::Object(keywords) = parse_json("--kwargs", &args.kwargs)? else {
+        return Err(CliError::usage("--kwargs must be a JSON object, e.g. '{\"a\": 1}'"));
+    };
+    let timeout = args.timeout.map(seconds).transpose()?;
+    let config = broker::config(uri, None)?;
+    let client = Client::connect(&config).await.map_err(|error| broker::unreachable(uri, error))?;
+    let mut proxy = client.service(service);
+    if let Some(timeout) = timeout {
+        proxy = proxy.timeout(timeout);
+    }
+    let outcome = proxy.call::<Value>(method, positional, keywords).await;
+    client.close().await;
+    match outcome {
+        Ok(result) => {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => match remote_error(&error) {
+            Some(described) => {
+                println!("{}", serde_json::to_string_pretty(&json!({ "error": described }))?);
+                Ok(ExitCode::FAILURE)
+            }
+            None => Err(local_error(service, error)),
+        },
+    }
+}
+
+/// A positive number of seconds as a duration.
+fn seconds(value: f64) -> Result<Duration, CliError> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|duration| !duration.is_zero())
+        .ok_or_else(|| CliError::usage(format!("--timeout must be a positive number, got {value}")))
+}
+
+/// The error the service replied, as `{"exc_type", "value", "exc_path", "exc_args"}`.
+fn remote_error(error: &RpcError) -> Option<Map<String, Value>> {
+    let nameko = |exc_type: &str, value: &str| {
+        (exc_type.to_owned(), value.to_owned(), format!("nameko.exceptions.{exc_type}"), vec![])
+    };
+    let (exc_type, value, exc_path, exc_args) = match error {
+        RpcError::RemoteError { exc_type, value, exc_path, exc_args } => {
+            (exc_type.clone(), value.clone(), exc_path.clone(), exc_args.clone())
+        }
+        RpcError::MethodNotFound(value) => nameko("MethodNotFound", value),
+        RpcError::IncorrectSignature(value) => nameko("IncorrectSignature", value),
+        RpcError::MalformedRequest(value) => nameko("MalformedRequest", value),
+        _ => return None,
+    };
+    let mut described = Map::new();
+    described.insert("exc_type".into(), exc_type.into());
+    described.insert("value".into(), value.into());
+    described.insert("exc_path".into(), exc_path.into());
+    described.insert("exc_args".into(), exc_args.into());
+    Some(described)
+}
+
+/// A call that got no reply from the service.
+fn local_error(service: &str, error: RpcError) -> CliError {
+    match error {
+        RpcError::UnknownService(_) => {
+            CliError::failure(format!("no service '{service}' is listening (UnknownService)"))
+        }
+        RpcError::Timeout { service, method, after } => CliError::failure(format!(
+            "no reply from {service}.{method} within {:.1}s (Timeout)",
+            after.as_secs_f64()
+        )),
+        other => CliError::failure(format!("the call failed: {other}")),
+    }
+}

@@ -1,0 +1,43 @@
+//! `emit`: dispatch an event as another service would (Nameko's `dispatch_event`).
+
+use std::process::ExitCode;
+
+use clap::Args;
+use micro_framework::amqp::dependencies::Producer;
+use serde_json::Value;
+
+use crate::broker;
+use crate::error::CliError;
+
+/// Arguments of `emit`.
+#[derive(Debug, Args)]
+pub struct EmitArgs {
+    /// The service the event comes from: it goes to exchange `{SOURCE}.events`.
+    #[arg(value_name = "SOURCE_SERVICE")]
+    pub source: String,
+    /// The event name (the routing key).
+    #[arg(value_name = "EVENT_NAME")]
+    pub event: String,
+    /// The payload, a JSON document.
+    #[arg(value_name = "JSON")]
+    pub payload: String,
+}
+
+/// Parse `text` as the JSON value of argument `what`.
+pub fn parse_json(what: &str, text: &str) -> Result<Value, CliError> {
+    serde_json::from_str(text)
+        .map_err(|error| CliError::usage(format!("{what} is not valid JSON: {error}")))
+}
+
+/// Dispatch the event; prints where it went.
+pub async fn run(uri: &str, args: EmitArgs) -> Result<ExitCode, CliError> {
+    let payload = parse_json("the payload", &args.payload)?;
+    let config = broker::config(uri, Some(&args.source))?;
+    let transport = broker::connect(&config).await?;
+    let producer = Producer::new(transport.clone(), &config);
+    let dispatched = producer.dispatch(&args.event, &payload).await;
+    transport.close().await;
+    dispatched.map_err(|error| CliError::failure(format!("cannot dispatch the event: {error}")))?;
+    println!("dispatched {} to exchange {} (confirmed)", args.event, producer.exchange());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,85 @@
+//! [`CliError`]: what went wrong, as the one `error: ...` line the command prints.
+
+use std::fmt;
+
+use micro_framework::config::mask_uri;
+
+/// A failed command: its message (credentials masked) and exit code.
+#[derive(Debug)]
+pub struct CliError {
+    message: String,
+    /// The process exit code: 2 for bad input, 1 for anything else.
+    pub code: u8,
+}
+
+impl CliError {
+    /// Bad input from the operator (malformed JSON, an unknown format, ...): exit code 2.
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError { message: mask_secrets(&message.into()), code: 2 }
+    }
+
+    /// Anything else (broker down, missing queue, unknown service, ...): exit code 1.
+    pub fn failure(message: impl Into<String>) -> Self {
+        CliError { message: mask_secrets(&message.into()), code: 1 }
+    }
+}
+
+impl fmt::Display for CliError {
+    /// One line: newlines in the message become spaces.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for line in self.message.lines().map(str::trim).filter(|line| !line.is_empty()) {
+            if !first {
+                f.write_str(" ")?;
+            }
+            f.write_str(line)?;
+            first = false;
+        }
+        Ok(())
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(error: std::io::Error) -> Self {
+        CliError::failure(error.to_string())
+    }
+}
+
+impl From<serde_json::Error> for CliError {
+    fn from(error: serde_json::Error) -> Self {
+        CliError::failure(format!("cannot write JSON: {error}"))
+    }
+}
+
+/// Mask the password of every `scheme://user:password@host` URI in `text`.
+pub fn mask_secrets(text: &str) -> String {
+    text.split_inclusive(char::is_whitespace)
+        .map(|word| {
+            if !word.contains("://") {
+                return word.to_owned();
+            }
+            let body = word.trim_end();
+            let trailing = &word[body.len()..];
+            let start = body.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(0);
+            let (lead, uri) = body.split_at(start);
+            let end = uri.trim_end_matches(['\'', '"', ')', ',', ';', '`']).len();
+            let (uri, tail) = uri.split_at(end);
+            format!("{lead}{}{tail}{trailing}", mask_uri(uri))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_uris_are_masked() {
+        assert_eq!(
+            mask_secrets("cannot connect to 'amqp://ops:s3cret@mq:5672/' (refused)"),
+            "cannot connect to 'amqp://ops:***@mq:5672/' (refused)"
+        );
+        assert_eq!(mask_secrets("no uri here"), "no uri here");
+        assert_eq!(CliError::failure("a\n  b\n").to_string(), "a b");
+    }
+}

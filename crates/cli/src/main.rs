@@ -1,0 +1,214 @@
+//! `micro-framework`: the operator's command line for services built with micro-framework
+//! (and their Nameko peers): dispatch events, call RPC methods, inspect and replay dead
+//! letters, show a service's topology and effective configuration.
+//!
+//! Every failure is one `error: ...` line on stderr and a non-zero exit code (2 for bad
+//! input, 1 otherwise); credentials are masked everywhere.
+
+mod broker;
+mod call;
+mod dlq;
+mod emit;
+mod error;
+mod headers;
+mod show_config;
+mod table;
+mod topology;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::CliError;
+
+/// The broker used when neither `--uri` nor `AMQP_URI` is given.
+pub const DEFAULT_URI: &str = "amqp://guest:guest@127.0.0.1:5672/";
+
+/// Operate micro-framework and Nameko services over RabbitMQ.
+#[derive(Debug, Parser)]
+#[command(name = "micro-framework", version, propagate_version = true)]
+#[command(after_help = "\
+Examples:
+  micro-framework emit orders order_paid '{\"id\": 1}'
+  micro-framework call math.add --args '[1, 2]'
+  micro-framework dlq list evt-orders-order_paid--billing.charge
+  micro-framework --uri amqps://ops:secret@mq:5671/prod dlq replay billing_queue --limit 100
+  micro-framework show-config --file service.yaml
+  micro-framework topology ./target/release/my-service")]
+struct Cli {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the broker is.
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// The broker [default: amqp://guest:***@127.0.0.1:5672/]. Other settings (RPC_EXCHANGE,
+    /// RPC_TIMEOUT, PROTOCOL, AMQP_SSL_*, ...) come from the environment as for a service.
+    #[arg(
+        long,
+        global = true,
+        env = "AMQP_URI",
+        hide_env_values = true,
+        default_value = DEFAULT_URI,
+        hide_default_value = true
+    )]
+    pub uri: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Dispatch an event as service SOURCE would (Nameko's `dispatch_event`).
+    #[command(after_help = "\
+Examples:
+  micro-framework emit orders order_paid '{\"id\": 1, \"total\": 9.5}'
+  micro-framework emit shop reset null")]
+    Emit(emit::EmitArgs),
+    /// Call an RPC method and print its result as JSON.
+    #[command(after_help = "\
+The result is printed as JSON on stdout. A remote error is printed as
+{\"error\": {\"exc_type\": ..., \"value\": ...}} on stdout with exit code 1.
+
+Examples:
+  micro-framework call math.add --args '[1, 2]'
+  micro-framework call math.add --kwargs '{\"a\": 1, \"b\": 2}' --timeout 5")]
+    Call(call::CallArgs),
+    /// Inspect, replay or purge the dead letters of a queue (`{queue}.dlq`).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Show the effective configuration of a service (file or environment), secrets masked.
+    #[command(after_help = "\
+Without --file the configuration is read from the environment (SERVICE_NAME is required).
+${VAR} and ${VAR:default} in a file are substituted from the environment.
+
+Examples:
+  SERVICE_NAME=orders micro-framework show-config
+  micro-framework show-config --file config.yaml --format yaml")]
+    ShowConfig(ShowConfigArgs),
+    /// Print the exchanges, queues and bindings a service binary declares, without serving.
+    #[command(after_help = "\
+Runs the binary with MF_PRINT_TOPOLOGY=1: a service built with micro-framework then prints
+its topology as JSON and exits without connecting to the broker.
+
+Examples:
+  micro-framework topology ./target/debug/examples/quickstart
+  micro-framework topology --json ./my-service --some-flag")]
+    Topology(topology::TopologyArgs),
+}
+
+/// The `dlq` subcommands. QUEUE is the work queue or its `.dlq` queue.
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter: index, route, error kind, error, attempts, failed at.
+    #[command(after_help = "\
+Messages are read without being consumed: they stay in the queue, in order.
+
+Examples:
+  micro-framework dlq list evt-orders-order_paid--billing.charge
+  micro-framework dlq list evt-orders-order_paid--billing.charge.dlq")]
+    List(dlq::QueueArg),
+    /// The full dead letters (properties, headers, body) as JSON.
+    #[command(after_help = "\
+Messages are read without being consumed: they stay in the queue, in order.
+
+Examples:
+  micro-framework dlq show evt-orders-order_paid--billing.charge --index 0
+  micro-framework dlq show evt-orders-order_paid--billing.charge   # all of them")]
+    Show(dlq::ShowArgs),
+    /// Publish dead letters back to their original queue, failure headers removed.
+    #[command(after_help = "\
+Each dead letter is published (confirmed) to the queue in its x-mf-original-queue header
+through the default exchange, without its x-mf-* headers and retry counters, then removed
+from the dead-letter queue. At most the messages present at the start are replayed.
+
+Examples:
+  micro-framework dlq replay evt-orders-order_paid--billing.charge
+  micro-framework dlq replay evt-orders-order_paid--billing.charge.dlq --limit 10")]
+    Replay(dlq::ReplayArgs),
+    /// Remove every dead letter of the queue and print how many were removed.
+    #[command(after_help = "\
+Example:
+  micro-framework dlq purge evt-orders-order_paid--billing.charge")]
+    Purge(dlq::QueueArg),
+}
+
+/// Arguments of `show-config`.
+#[derive(Debug, Args)]
+struct ShowConfigArgs {
+    /// A YAML (.yaml, .yml) or TOML (.toml) configuration file.
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    format: Format,
+}
+
+/// Output formats of `show-config`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Pretty-printed JSON.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => {
+            // --help and --version
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!("{} (see --help)", one_line(&error.to_string()));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(error.code)
+        }
+    }
+}
+
+/// A clap error on one line: the lines before its usage, joined.
+fn one_line(rendered: &str) -> String {
+    let lines: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more"))
+        .filter(|line| !line.is_empty())
+        .collect();
+    if lines.is_empty() {
+        "error: invalid arguments".to_owned()
+    } else {
+        lines.join(" ")
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| CliError::failure(format!("cannot start the runtime: {error}")))?;
+    let uri = cli.broker.uri;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Emit(args) => emit::run(&uri, args).await,
+            Command::Call(args) => call::run(&uri, args).await,
+            Command::Dlq(DlqCommand::List(args)) => dlq::list(&uri, args).await,
+            Command::Dlq(DlqCommand::Show(args)) => dlq::show(&uri, args).await,
+            Command::Dlq(DlqCommand::Replay(args)) => dlq::replay(&uri, args).await,
+            Command::Dlq(DlqCommand::Purge(args)) => dlq::purge(&uri, args).await,
+            Command::ShowConfig(args) => show_config::run(args.file.as_deref(), args.format),
+            Command::Topology(args) => topology::run(args).await,
+        }
+    })
+}

@@ -1,0 +1,27 @@
+//! `show-config`: the effective configuration of a service, secrets masked.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use micro_framework::Config;
+
+use crate::error::CliError;
+use crate::Format;
+
+/// Load the configuration from `file` (after `${VAR}` substitution) or from the environment,
+/// and print it with secrets masked.
+pub fn run(file: Option<&Path>, format: Format) -> Result<ExitCode, CliError> {
+    let config = match file {
+        Some(path) => Config::from_file(path),
+        None => Config::from_env(),
+    }
+    .map_err(|error| CliError::usage(error.to_string()))?;
+    let masked = config.to_masked_map();
+    let text = match format {
+        Format::Json => serde_json::to_string_pretty(&masked)? + "\n",
+        Format::Yaml => serde_yaml_ng::to_string(&masked)
+            .map_err(|error| CliError::failure(format!("cannot write YAML: {error}")))?,
+    };
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}

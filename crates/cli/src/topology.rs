@@ -1,0 +1,170 @@
+//! `topology`: run a service binary with `MF_PRINT_TOPOLOGY=1` and show what it declares.
+
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::CliError;
+use crate::table;
+
+/// Arguments of `topology`.
+#[derive(Debug, Args)]
+pub struct TopologyArgs {
+    /// Print the service's JSON document as is instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for the binary to print its topology.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    timeout: u64,
+    /// The service binary (built with micro-framework).
+    #[arg(value_name = "SERVICE_BINARY")]
+    binary: PathBuf,
+    /// Arguments for the binary.
+    #[arg(value_name = "ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// What a service declares, as `MF_PRINT_TOPOLOGY=1` prints it.
+#[derive(Debug, Deserialize)]
+struct Topology {
+    service: String,
+    #[serde(default)]
+    exchanges: Vec<Exchange>,
+    #[serde(default)]
+    queues: Vec<Queue>,
+    #[serde(default)]
+    bindings: Vec<Binding>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Exchange {
+    name: String,
+    kind: String,
+    durable: bool,
+    auto_delete: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Queue {
+    name: String,
+    durable: bool,
+    exclusive: bool,
+    auto_delete: bool,
+    #[serde(default)]
+    arguments: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Binding {
+    queue: String,
+    exchange: String,
+    routing_key: String,
+}
+
+/// Run the binary, read its topology and print it.
+pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
+    let shown = args.binary.display().to_string();
+    let child = tokio::process::Command::new(&args.binary)
+        .args(&args.args)
+        .env("MF_PRINT_TOPOLOGY", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| CliError::failure(format!("cannot run '{shown}': {error}")))?;
+    let output = tokio::time::timeout(Duration::from_secs(args.timeout), child.wait_with_output())
+        .await
+        .map_err(|_| {
+            CliError::failure(format!(
+                "'{shown}' printed no topology within {}s: is it built with a micro-framework \
+                 that supports MF_PRINT_TOPOLOGY?",
+                args.timeout
+            ))
+        })??;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("");
+        return Err(CliError::failure(format!("'{shown}' failed ({}): {last}", output.status)));
+    }
+    let topology: Topology = serde_json::from_slice(&output.stdout).map_err(|error| {
+        CliError::failure(format!(
+            "'{shown}' did not print a topology document ({error}): is it built with a \
+             micro-framework that supports MF_PRINT_TOPOLOGY?"
+        ))
+    })?;
+    if args.json {
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+    } else {
+        print!("{}", render(&topology));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn yes_no(flag: bool) -> String {
+    if flag { "yes" } else { "no" }.to_owned()
+}
+
+/// The topology as three tables.
+fn render(topology: &Topology) -> String {
+    let exchanges: Vec<Vec<String>> = topology
+        .exchanges
+        .iter()
+        .map(|e| vec![e.name.clone(), e.kind.clone(), yes_no(e.durable), yes_no(e.auto_delete)])
+        .collect();
+    let queues: Vec<Vec<String>> = topology
+        .queues
+        .iter()
+        .map(|q| {
+            let arguments: Vec<String> =
+                q.arguments.iter().map(|(key, value)| format!("{key}={value}")).collect();
+            vec![
+                q.name.clone(),
+                yes_no(q.durable),
+                yes_no(q.exclusive),
+                yes_no(q.auto_delete),
+                arguments.join(" "),
+            ]
+        })
+        .collect();
+    let bindings: Vec<Vec<String>> = topology
+        .bindings
+        .iter()
+        .map(|b| vec![b.exchange.clone(), b.routing_key.clone(), b.queue.clone()])
+        .collect();
+    format!(
+        "service {}\n\nexchanges ({})\n{}\nqueues ({})\n{}\nbindings ({})\n{}",
+        topology.service,
+        exchanges.len(),
+        table::render(&["NAME", "KIND", "DURABLE", "AUTO_DELETE"], &exchanges),
+        queues.len(),
+        table::render(&["NAME", "DURABLE", "EXCLUSIVE", "AUTO_DELETE", "ARGUMENTS"], &queues),
+        bindings.len(),
+        table::render(&["EXCHANGE", "ROUTING_KEY", "QUEUE"], &bindings),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_tables() {
+        let topology: Topology = serde_json::from_str(
+            r#"{"service": "s", "exchanges": [{"name": "a.events", "kind": "topic",
+                "durable": true, "auto_delete": false}],
+                "queues": [{"name": "q", "durable": true, "exclusive": false,
+                "auto_delete": false, "arguments": {"x-queue-type": "quorum"}}],
+                "bindings": [{"queue": "q", "exchange": "a.events", "routing_key": "e"}]}"#,
+        )
+        .unwrap();
+        let text = render(&topology);
+        assert!(text.contains("a.events  topic  yes      no"), "{text}");
+        assert!(text.contains("x-queue-type=\"quorum\""), "{text}");
+        assert!(text.contains("a.events  e            q"), "{text}");
+    }
+}

@@ -1,0 +1,510 @@
+//! The `micro-framework` binary against RabbitMQ: every subcommand, and the bad inputs
+//! (malformed JSON, unknown service, broker down, missing queue). Without RabbitMQ the broker
+//! tests fail when `CI=true` and print `SKIPPED:` otherwise.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::amqp::rpc::Args;
+use micro_framework::amqp::transport::{HeaderValue, SharedTransport};
+use micro_framework::dependencies::Shared;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_micro-framework");
+const DOWN_URI: &str = "amqp://guest:guest@127.0.0.1:1/";
+
+/// What a run of the binary gave.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Assert a failure reported as exactly one `error: ...` line, without a panic.
+    fn one_error_line(&self, code: i32, contains: &str) {
+        assert_eq!(self.code, code, "{self:?}");
+        assert_eq!(self.stderr.lines().count(), 1, "{self:?}");
+        assert!(self.stderr.starts_with("error: "), "{self:?}");
+        assert!(self.stderr.contains(contains), "{contains:?} not in {self:?}");
+        assert!(!self.stderr.contains("panicked"), "{self:?}");
+    }
+
+    fn ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "{self:?}");
+        self
+    }
+}
+
+/// Run the binary with `args` and, when given, `AMQP_URI=uri`.
+async fn cli(uri: Option<&str>, args: &[&str]) -> Run {
+    cli_env(uri, args, &[]).await
+}
+
+async fn cli_env(uri: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(args).env_remove("AMQP_URI").env_remove("SERVICE_NAME").env("RUST_BACKTRACE", "1");
+    if let Some(uri) = uri {
+        command.env("AMQP_URI", uri);
+    }
+    command.envs(env.iter().copied());
+    let output = command.output().await.expect("the binary runs");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// RabbitMQ for tests (`MF_TEST_AMQP_URI`, default local); `None` (after `SKIPPED:`) when
+/// unreachable, a failure under `CI=true`.
+fn rabbitmq() -> Option<String> {
+    let uri = std::env::var("MF_TEST_AMQP_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".to_owned());
+    let address = uri
+        .rsplit_once('@')
+        .map_or(uri.as_str(), |(_, rest)| rest)
+        .trim_start_matches("amqp://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let address = if address.contains(':') { address } else { format!("{address}:5672") };
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&address)
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .is_some_and(|socket| {
+            std::net::TcpStream::connect_timeout(&socket, Duration::from_secs(2)).is_ok()
+        });
+    if reachable {
+        return Some(uri);
+    }
+    if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+        panic!("RabbitMQ is unreachable at {address} and CI=true");
+    }
+    eprintln!("SKIPPED: RabbitMQ unreachable at {address}");
+    None
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+fn config(uri: &str, service: &str) -> Config {
+    Config { amqp_uri: uri.to_owned(), ..Config::new(service) }
+}
+
+async fn connect(uri: &str) -> SharedTransport {
+    micro_framework::amqp::connect(&config(uri, "cli_tests")).await.expect("connects")
+}
+
+/// Delete what a test declared.
+async fn cleanup(uri: &str, queues: &[String], exchanges: &[String]) {
+    let transport = connect(uri).await;
+    for queue in queues {
+        let _ = transport.delete_queue(queue).await;
+    }
+    for exchange in exchanges {
+        let _ = transport.delete_exchange(exchange).await;
+    }
+    transport.close().await;
+}
+
+/// Poll `condition` every 10 ms for up to 10 s.
+async fn wait_until(mut condition: impl FnMut() -> bool, what: &str) {
+    for _ in 0..1000 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn every_subcommand_has_help_with_examples() {
+    for path in [
+        &[][..],
+        &["emit"],
+        &["call"],
+        &["dlq"],
+        &["dlq", "list"],
+        &["dlq", "show"],
+        &["dlq", "replay"],
+        &["dlq", "purge"],
+        &["show-config"],
+        &["topology"],
+    ] {
+        let mut args = path.to_vec();
+        args.push("--help");
+        let run = cli(None, &args).await;
+        run.ok();
+        assert!(run.stdout.contains("Usage: micro-framework"), "{args:?}: {run:?}");
+        if !path.is_empty() && path != ["dlq"] {
+            assert!(run.stdout.contains("Example"), "{args:?}: {run:?}");
+        }
+        assert!(!run.stdout.contains("guest:guest"), "credentials in help: {run:?}");
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_one_error_line_and_a_non_zero_exit() {
+    cli(None, &["emit", "shop", "paid", "{oops"]).await.one_error_line(2, "not valid JSON");
+    cli(None, &["call", "math.add", "--args", "[1,"]).await.one_error_line(2, "--args");
+    cli(None, &["call", "math.add", "--args", "{}"]).await.one_error_line(2, "JSON array");
+    cli(None, &["call", "math.add", "--kwargs", "[]"]).await.one_error_line(2, "JSON object");
+    cli(None, &["call", "math"]).await.one_error_line(2, "SERVICE.METHOD");
+    cli(None, &["call", "math.add", "--timeout", "-1"]).await.one_error_line(2, "--timeout");
+    cli(None, &["emit", "shop"]).await.one_error_line(2, "required arguments");
+    cli(None, &["frobnicate"]).await.one_error_line(2, "frobnicate");
+    cli(None, &["show-config", "--format", "xml"]).await.one_error_line(2, "xml");
+
+    // broker down, from --uri and from AMQP_URI: the password is masked
+    for run in [
+        cli(None, &["--uri", DOWN_URI, "emit", "shop", "paid", "{}"]).await,
+        cli(Some(DOWN_URI), &["call", "math.add"]).await,
+        cli(None, &["dlq", "list", "some_queue", "--uri", DOWN_URI]).await,
+        cli(Some(DOWN_URI), &["dlq", "replay", "some_queue"]).await,
+        cli(Some(DOWN_URI), &["dlq", "purge", "some_queue"]).await,
+    ] {
+        run.one_error_line(1, "cannot reach the broker");
+        assert!(run.stderr.contains("guest:***@127.0.0.1:1"), "{run:?}");
+        assert!(!run.stderr.contains("guest:guest"), "{run:?}");
+    }
+    let run = cli(Some("amqp://ops:hunter2@127.0.0.1:1/"), &["emit", "a", "b", "1"]).await;
+    run.one_error_line(1, "ops:***@");
+    assert!(!run.stderr.contains("hunter2"), "{run:?}");
+}
+
+/// Records the events it gets.
+fn record(Payload(payload): Payload<Value>, Dep(seen): Dep<Arc<Mutex<Vec<Value>>>>) {
+    seen.lock().unwrap().push(payload);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_dispatches_an_event_as_the_source_service() {
+    let Some(uri) = rabbitmq() else { return };
+    let (source, service) = (unique("cli_src"), unique("cli_listener"));
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new(&source, "paid"))
+        .dependency(Shared(seen.clone()))];
+    let running = TestService::start(routes, config(&uri, &service)).await.unwrap();
+
+    let run = cli(Some(&uri), &["emit", &source, "paid", r#"{"id": 7, "note": "café"}"#]).await;
+    run.ok();
+    assert!(run.stdout.contains(&format!("{source}.events")), "{run:?}");
+    wait_until(|| !seen.lock().unwrap().is_empty(), "the event").await;
+    assert_eq!(*seen.lock().unwrap(), vec![json!({"id": 7, "note": "café"})]);
+
+    running.stop().await.unwrap();
+    let queue = format!("evt-{source}-paid--{service}.record");
+    cleanup(&uri, &[queue.clone(), format!("{queue}.dlq")], &[format!("{source}.events")]).await;
+}
+
+#[derive(Deserialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+fn add(Args(Add { a, b }): Args<Add>) -> i64 {
+    a + b
+}
+
+fn fail(Args(()): Args<()>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other("boom"))
+}
+
+async fn slow() -> &'static str {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    "late"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_prints_results_and_remote_errors_as_json() {
+    let Some(uri) = rabbitmq() else { return };
+    let math = unique("cli_math");
+    let routes = vec![
+        Route::new(add).entrypoint(RPCListener::new()),
+        Route::new(fail).entrypoint(RPCListener::new()),
+        Route::new(slow).entrypoint(RPCListener::new()),
+    ];
+    let running = TestService::start(routes, config(&uri, &math)).await.unwrap();
+    let method = |name: &str| format!("{math}.{name}");
+
+    let run = cli(Some(&uri), &["call", &method("add"), "--args", "[1, 2]"]).await;
+    assert_eq!(run.ok().stdout.trim(), "3");
+    let run =
+        cli(None, &["--uri", &uri, "call", &method("add"), "--kwargs", r#"{"a":5,"b":6}"#]).await;
+    assert_eq!(run.ok().stdout.trim(), "11");
+    let mixed = ["call", &method("add"), "--args", "[1]", "--kwargs", r#"{"b": 2}"#];
+    assert_eq!(cli(Some(&uri), &mixed).await.ok().stdout.trim(), "3");
+
+    let run = cli(Some(&uri), &["call", &method("fail")]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let reply: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(reply["error"]["exc_type"], "Error", "{reply}");
+    assert_eq!(reply["error"]["value"], "boom", "{reply}");
+    let run = cli(Some(&uri), &["call", &method("nope")]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let reply: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(reply["error"]["exc_type"], "MethodNotFound", "{reply}");
+    let run = cli(Some(&uri), &["call", &method("add"), "--args", r#"["x", 1]"#]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("IncorrectSignature"), "{run:?}");
+
+    let run = cli(Some(&uri), &["call", &method("slow"), "--timeout", "0.3"]).await;
+    run.one_error_line(1, "Timeout");
+    let ghost = unique("cli_ghost");
+    let run = cli(Some(&uri), &["call", &format!("{ghost}.add")]).await;
+    run.one_error_line(1, &format!("no service '{ghost}' is listening (UnknownService)"));
+
+    running.stop().await.unwrap();
+    cleanup(&uri, &[format!("rpc-{math}")], &[]).await;
+}
+
+/// Always fails, naming the event.
+fn always_fails(Payload(event): Payload<Value>) -> Result<(), String> {
+    Err(format!("boom {}", event["id"]))
+}
+
+fn dlq_lines(run: &Run) -> Vec<String> {
+    run.stdout.lines().skip(1).map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_lists_shows_replays_and_purges_dead_letters() {
+    let Some(uri) = rabbitmq() else { return };
+    let (source, service) = (unique("cli_shop"), unique("cli_failing"));
+    let queue = format!("evt-{source}-paid--{service}.always_fails");
+    let dlq = format!("{queue}.dlq");
+    let routes = vec![Route::new(always_fails).entrypoint(EventListener::new(&source, "paid"))];
+    let running = TestService::start(routes, config(&uri, &service)).await.unwrap();
+    for id in 0..3 {
+        running.dispatch(&source, "paid", &json!({ "id": id })).await.unwrap();
+    }
+    running.wait_for_route("always_fails", 3).await.unwrap();
+    running.stop().await.unwrap();
+    let transport = connect(&uri).await;
+
+    // list: by work queue or .dlq name, without consuming, in order
+    let run = cli(Some(&uri), &["dlq", "list", &queue]).await;
+    let lines = dlq_lines(run.ok());
+    assert!(run.stdout.starts_with("INDEX"), "{run:?}");
+    assert_eq!(lines.len(), 3, "{run:?}");
+    for (index, line) in lines.iter().enumerate() {
+        assert!(line.starts_with(&format!("{index} ")), "{line}");
+        for part in ["always_fails", "error", &format!("boom {index}"), "  1  "] {
+            assert!(line.contains(part), "{part:?} not in {line}");
+        }
+    }
+    assert_eq!(cli(Some(&uri), &["dlq", "list", &dlq]).await.ok().stdout, run.stdout);
+    assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 3);
+
+    // show: one, or all
+    let run = cli(Some(&uri), &["dlq", "show", &queue, "--index", "1"]).await;
+    let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(shown["body"], json!({"id": 1}), "{shown}");
+    assert_eq!(shown["headers"]["x-mf-error"], "boom 1", "{shown}");
+    assert_eq!(shown["headers"]["x-mf-original-queue"], queue.as_str(), "{shown}");
+    assert_eq!(shown["properties"]["content_type"], "application/json", "{shown}");
+    let all: Value =
+        serde_json::from_str(&cli(Some(&uri), &["dlq", "show", &dlq]).await.stdout).unwrap();
+    let bodies: Vec<&Value> = all.as_array().unwrap().iter().map(|m| &m["body"]).collect();
+    assert_eq!(bodies, [&json!({"id": 0}), &json!({"id": 1}), &json!({"id": 2})]);
+    cli(Some(&uri), &["dlq", "show", &queue, "--index", "9"]).await.one_error_line(1, "no index 9");
+
+    // replay: back to the work queue, failure headers and counters removed
+    let run = cli(Some(&uri), &["dlq", "replay", &queue, "--limit", "2"]).await;
+    assert!(run.ok().stdout.contains("replayed 2 of 2"), "{run:?}");
+    assert_eq!(transport.queue_info(&queue).await.unwrap().message_count, 2);
+    for id in 0..2 {
+        let replayed = transport.get(&queue).await.unwrap().expect("a replayed message");
+        assert_eq!(serde_json::from_slice::<Value>(&replayed.body).unwrap(), json!({"id": id}));
+        let headers = &replayed.properties.headers;
+        assert!(headers.keys().all(|key| !key.starts_with("x-mf-")), "{headers:?}");
+        assert!(!headers.contains_key("x-death"), "{headers:?}");
+        assert_eq!(
+            replayed.properties.content_type.as_deref(),
+            Some("application/json"),
+            "properties kept"
+        );
+        replayed.acker.ack().await.unwrap();
+    }
+    let lines = dlq_lines(&cli(Some(&uri), &["dlq", "list", &queue]).await);
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].starts_with("0 ") && lines[0].contains("boom 2"), "{lines:?}");
+
+    // purge
+    let run = cli(Some(&uri), &["dlq", "purge", &dlq]).await;
+    assert!(run.ok().stdout.contains("purged 1 dead letters"), "{run:?}");
+    let run = cli(Some(&uri), &["dlq", "list", &queue]).await;
+    assert!(run.ok().stdout.is_empty() && run.stderr.contains("no dead letters"), "{run:?}");
+    let run = cli(Some(&uri), &["dlq", "replay", &queue]).await;
+    assert!(run.ok().stdout.contains("replayed 0 of 0"), "{run:?}");
+
+    // missing queue
+    let missing = unique("cli_missing");
+    for command in ["list", "show", "replay", "purge"] {
+        let run = cli(Some(&uri), &["dlq", command, &missing]).await;
+        run.one_error_line(1, &format!("queue '{missing}.dlq' does not exist"));
+    }
+
+    transport.close().await;
+    cleanup(&uri, &[queue, dlq], &[format!("{source}.events")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_reports_progress_and_keeps_letters_without_origin() {
+    let Some(uri) = rabbitmq() else { return };
+    let (target, dlq) = (unique("cli_target"), unique("cli_orphans") + ".dlq");
+    let transport = connect(&uri).await;
+    for name in [&target, &dlq] {
+        let spec = micro_framework::amqp::transport::QueueSpec::durable(name.as_str());
+        transport.declare_queue(&spec).await.unwrap();
+    }
+    let publish = |origin: Option<&str>, n: usize| {
+        let mut properties = micro_framework::amqp::transport::Properties::default();
+        if let Some(origin) = origin {
+            properties.headers.insert("x-mf-original-queue".into(), HeaderValue::from(origin));
+            properties.headers.insert("x-mf-retry-count".into(), HeaderValue::Int(3));
+        }
+        properties.headers.insert("trace".into(), HeaderValue::from("kept"));
+        let body = bytes_of(n);
+        let message = micro_framework::amqp::transport::OutgoingMessage { body, properties };
+        let transport = transport.clone();
+        let dlq = dlq.clone();
+        async move { transport.publish("", &dlq, message, Default::default()).await.unwrap() }
+    };
+    publish(None, 0).await;
+    for n in 1..=3 {
+        publish(Some(&target), n).await;
+    }
+
+    let run = cli(Some(&uri), &["dlq", "replay", &dlq]).await;
+    run.one_error_line(1, "1 dead letters have no x-mf-original-queue header");
+    assert!(run.stdout.contains("replayed 3 of 4"), "{run:?}");
+    assert_eq!(transport.queue_info(&target).await.unwrap().message_count, 3);
+    assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 1);
+    let first = transport.get(&target).await.unwrap().unwrap();
+    assert_eq!(&first.body[..], b"1");
+    assert_eq!(first.properties.headers.get("trace"), Some(&HeaderValue::from("kept")));
+    assert!(!first.properties.headers.contains_key("x-mf-retry-count"));
+    assert!(!first.properties.headers.contains_key("x-mf-original-queue"));
+    first.acker.ack().await.unwrap();
+
+    // a long replay shows its progress on stderr
+    transport.purge_queue(&dlq).await.unwrap();
+    for n in 1..=120 {
+        publish(Some(&target), n).await;
+    }
+    let run = cli(Some(&uri), &["dlq", "replay", &dlq, "--limit", "119"]).await;
+    assert!(run.ok().stdout.contains("replayed 119 of 119"), "{run:?}");
+    let progress: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(progress, ["replayed 100/119", "replayed 119/119"], "{run:?}");
+    assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 1);
+
+    transport.close().await;
+    cleanup(&uri, &[target, dlq], &[]).await;
+}
+
+fn bytes_of(n: usize) -> bytes::Bytes {
+    bytes::Bytes::from(n.to_string())
+}
+
+#[tokio::test]
+async fn show_config_prints_the_effective_configuration_masked() {
+    let dir = std::env::temp_dir().join(unique("cli_config"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("service.yaml");
+    std::fs::write(
+        &file,
+        "SERVICE_NAME: billing\nAMQP_URI: amqp://ops:${CLI_TEST_PASSWORD}@mq:5672/\n\
+         MAX_WORKERS: ${CLI_TEST_WORKERS:4}\nAPI_TOKEN: abc123\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let env = [("CLI_TEST_PASSWORD", "hunter2")];
+
+    let run = cli_env(None, &["show-config", "--file", path], &env).await;
+    let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(shown["SERVICE_NAME"], "billing");
+    assert_eq!(shown["AMQP_URI"], "amqp://ops:***@mq:5672/");
+    assert_eq!(shown["MAX_WORKERS"], 4);
+    assert_eq!(shown["API_TOKEN"], "***");
+    assert!(!run.stdout.contains("hunter2") && !run.stdout.contains("abc123"), "{run:?}");
+
+    let run = cli_env(None, &["show-config", "--file", path, "--format", "yaml"], &env).await;
+    assert!(run.ok().stdout.contains("SERVICE_NAME: billing"), "{run:?}");
+    assert!(run.stdout.contains("amqp://ops:***@mq:5672/"), "{run:?}");
+
+    // from the environment
+    let env = [("SERVICE_NAME", "orders"), ("MAX_WORKERS", "8")];
+    let run = cli_env(Some("amqp://u:pw@h:5672/"), &["show-config"], &env).await;
+    let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!((&shown["SERVICE_NAME"], &shown["MAX_WORKERS"]), (&json!("orders"), &json!(8)));
+    assert_eq!(shown["AMQP_URI"], "amqp://u:***@h:5672/");
+
+    // bad input
+    cli(None, &["show-config"]).await.one_error_line(2, "SERVICE_NAME");
+    let missing = dir.join("missing.yaml");
+    cli(None, &["show-config", "--file", missing.to_str().unwrap()])
+        .await
+        .one_error_line(2, "cannot read file");
+    cli(None, &["show-config", "--file", path]).await.one_error_line(2, "CLI_TEST_PASSWORD");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The example service built next to the binary (`examples/topology_fixture.rs`).
+fn fixture() -> PathBuf {
+    let dir = Path::new(BIN).parent().expect("the binary's directory");
+    let name = format!("topology_fixture{}", std::env::consts::EXE_SUFFIX);
+    dir.join("examples").join(name)
+}
+
+#[tokio::test]
+async fn topology_runs_the_service_binary_and_prints_tables() {
+    let fixture = fixture();
+    let binary = fixture.to_str().unwrap();
+    assert!(fixture.exists(), "{binary} is built by cargo test");
+
+    // the service prints its topology without a broker
+    let run = cli(Some(DOWN_URI), &["topology", binary]).await;
+    run.ok();
+    for part in [
+        "service topology_fixture",
+        "shop.events",
+        "topic",
+        "evt-shop-paid--topology_fixture.on_paid",
+        "rpc-topology_fixture",
+        "nameko-rpc",
+    ] {
+        assert!(run.stdout.contains(part), "{part:?} not in {}", run.stdout);
+    }
+    let binding = run
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("shop.events ") && line.contains(" paid "))
+        .expect("the binding line");
+    assert!(binding.ends_with("evt-shop-paid--topology_fixture.on_paid"), "{binding}");
+
+    let run = cli(None, &["topology", "--json", binary]).await;
+    let document: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(document["service"], "topology_fixture");
+    assert!(document["bindings"].as_array().is_some_and(|b| !b.is_empty()));
+
+    // binaries that are not such services
+    cli(None, &["topology", "/nonexistent/service"]).await.one_error_line(1, "cannot run");
+    cli(None, &["topology", "true"]).await.one_error_line(1, "did not print a topology");
+    let run = cli(None, &["topology", "sh", "-c", "echo starting >&2; exit 3"]).await;
+    run.one_error_line(1, "starting");
+    let run = cli(None, &["topology", "--timeout", "1", "sleep", "5"]).await;
+    run.one_error_line(1, "printed no topology within 1s");
+}
