@@ -110,31 +110,46 @@ impl Runner {
     /// In process worker modes, the program's binary is started again for each worker
     /// process; there `run` serves calls from the service instead of consuming.
     pub async fn run(self) -> Result<()> {
+        let stop = async {
+            match signals::shutdown_signal().await {
+                Ok(signal) => {
+                    tracing::info!(
+                        "{signal} received: stopping gracefully (send it again to force)"
+                    );
+                    tokio::spawn(async {
+                        if signals::shutdown_signal().await.is_ok() {
+                            tracing::error!("second signal: exiting now");
+                            std::process::exit(130);
+                        }
+                    });
+                }
+                Err(error) => tracing::error!("cannot wait for signals ({error}); stopping"),
+            }
+        };
+        self.run_until(stop).await
+    }
+
+    /// Like [`Runner::run`], but stops gracefully when `stop` completes instead of on a
+    /// signal (for programs that decide themselves when to stop; process modes included).
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
         if let Some(socket) = worker_socket() {
             return serve_as_worker(self, &socket).await;
         }
         let (config, plans) = self.prepare()?;
+        tokio::pin!(stop);
         let transport = tokio::select! {
             transport = connect_retrying(&config) => transport?,
-            signal = signals::shutdown_signal() => {
-                tracing::info!("{} received before the broker answered: not started", signal?);
+            _ = &mut stop => {
+                tracing::info!("stopped before the broker answered: not started");
                 return Ok(());
             }
         };
         let mut service = start(plans, &config, transport).await?;
         tokio::select! {
-            signal = signals::shutdown_signal() => {
-                tracing::info!("{} received: stopping gracefully (send it again to force)", signal?);
-            }
+            _ = &mut stop => {}
             result = service.wait_finished() => return result,
         }
         service.stopping.cancel();
-        tokio::spawn(async {
-            if signals::shutdown_signal().await.is_ok() {
-                tracing::error!("second signal: exiting now");
-                std::process::exit(130);
-            }
-        });
         service.wait_finished().await
     }
 
