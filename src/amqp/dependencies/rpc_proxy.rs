@@ -12,7 +12,9 @@ use crate::workers::WorkerContext;
 /// Calls RPC methods, as a target's parameter. Requests carry the call's context headers, so
 /// the callee's call-id stack continues the caller's. Replies come back on one reply queue
 /// per service instance (`rpc.reply-{service}-{uuid}`), shared by every proxy and removed
-/// when the service stops. Calls wait `RPC_TIMEOUT` unless told otherwise.
+/// when the service stops. Calls wait `RPC_TIMEOUT` unless told otherwise. In the
+/// `process` worker modes a worker process cannot consume replies: calls fail with a
+/// transport error there.
 ///
 /// ```no_run
 /// use micro_framework::amqp::dependencies::RpcProxy;
