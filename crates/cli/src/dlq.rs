@@ -1,8 +1,9 @@
 //! `dlq list|show|replay|purge`: the dead letters of a work queue, in `{queue}.dlq`.
 //!
 //! Reading does not consume: messages are fetched with `basic.get` and held unacknowledged
-//! until the command is done, then handed back (`nack` with requeue), so they stay in the
-//! queue in their order.
+//! until the command is done; then the connection is closed, so the broker hands them all
+//! back to the queue, in their order (no per-message requeue, which quorum queues would count
+//! as a failed delivery).
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -87,7 +88,8 @@ impl DeadLetters {
                 Ok(Some(delivery)) => held.push(delivery),
                 Ok(None) => break,
                 Err(error) => {
-                    release(held).await;
+                    self.transport.close().await;
+                    drop(held);
                     return Err(CliError::failure(format!(
                         "cannot read '{}': {error}",
                         self.queue
@@ -98,16 +100,10 @@ impl DeadLetters {
         Ok(held)
     }
 
-    async fn close(self) {
+    /// Close the connection; the broker hands `held` (unsettled) back to the queue, in order.
+    async fn close(self, held: Vec<Delivery>) {
         self.transport.close().await;
-    }
-}
-
-/// Hand `held` back to their queue, in order.
-async fn release(held: Vec<Delivery>) {
-    for delivery in held {
-        // a failed nack leaves it unacked: closing the connection hands it back too
-        let _ = delivery.acker.nack(true).await;
+        drop(held);
     }
 }
 
@@ -130,9 +126,8 @@ pub async fn list(uri: &str, args: QueueArg) -> Result<ExitCode, CliError> {
             ]
         })
         .collect();
-    release(held).await;
     let queue = dead.queue.clone();
-    dead.close().await;
+    dead.close(held).await;
     if rows.is_empty() {
         eprintln!("no dead letters in {queue}");
         return Ok(ExitCode::SUCCESS);
@@ -153,9 +148,8 @@ pub async fn show(uri: &str, args: ShowArgs) -> Result<ExitCode, CliError> {
         .map(|(index, delivery)| describe(index, delivery))
         .collect();
     let found = held.len();
-    release(held).await;
     let queue = dead.queue.clone();
-    dead.close().await;
+    dead.close(held).await;
     let document = match args.index {
         Some(index) => shown.into_iter().next().ok_or_else(|| {
             CliError::failure(format!("{queue} holds {found} dead letters: no index {index}"))
@@ -202,7 +196,7 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
     // only the messages there now: a replayed message that fails again is not replayed twice
     let total = args.limit.map_or(dead.count, |limit| limit.min(dead.count));
     let progress = Progress::new(total);
-    let (mut replayed, mut skipped) = (0, Vec::new());
+    let (mut replayed, mut orphans, mut held) = (0, 0, Vec::new());
     let mut failure = None;
     for _ in 0..total {
         let delivery = match dead.transport.get(&dead.queue).await {
@@ -216,7 +210,8 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
         let Some(original) =
             delivery.properties.headers.get(HEADER_ORIGINAL_QUEUE).and_then(HeaderValue::as_str)
         else {
-            skipped.push(delivery);
+            orphans += 1;
+            held.push(delivery);
             continue;
         };
         let original = original.to_owned();
@@ -225,7 +220,7 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
         let message = OutgoingMessage { body: delivery.body.clone(), properties };
         let options = PublishOptions { mandatory: true };
         if let Err(error) = dead.transport.publish("", &original, message, options).await {
-            let _ = delivery.acker.nack(true).await;
+            held.push(delivery);
             failure = Some(format!("cannot publish to '{original}': {error}"));
             break;
         }
@@ -241,17 +236,15 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
         progress.update(replayed);
     }
     progress.finish(replayed);
-    let kept = skipped.len();
-    release(skipped).await;
     let queue = dead.queue.clone();
-    dead.close().await;
+    dead.close(held).await;
     println!("replayed {replayed} of {total} dead letters from {queue}");
     if let Some(failure) = failure {
         return Err(CliError::failure(format!("replay stopped after {replayed}: {failure}")));
     }
-    if kept > 0 {
+    if orphans > 0 {
         return Err(CliError::failure(format!(
-            "{kept} dead letters have no {HEADER_ORIGINAL_QUEUE} header and stay in {queue}"
+            "{orphans} dead letters have no {HEADER_ORIGINAL_QUEUE} header and stay in {queue}"
         )));
     }
     Ok(ExitCode::SUCCESS)
@@ -295,7 +288,7 @@ pub async fn purge(uri: &str, args: QueueArg) -> Result<ExitCode, CliError> {
     let dead = DeadLetters::open(uri, &args.queue).await?;
     let purged = dead.transport.purge_queue(&dead.queue).await;
     let queue = dead.queue.clone();
-    dead.close().await;
+    dead.close(Vec::new()).await;
     let purged =
         purged.map_err(|error| CliError::failure(format!("cannot purge '{queue}': {error}")))?;
     println!("purged {purged} dead letters from {queue}");

@@ -286,7 +286,9 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     let queue = format!("evt-{source}-paid--{service}.always_fails");
     let dlq = format!("{queue}.dlq");
     let routes = vec![Route::new(always_fails).entrypoint(EventListener::new(&source, "paid"))];
-    let running = TestService::start(routes, config(&uri, &service)).await.unwrap();
+    // one worker: dead letters arrive in the order of the events
+    let one_at_a_time = Config { max_workers: 1, ..config(&uri, &service) };
+    let running = TestService::start(routes, one_at_a_time).await.unwrap();
     for id in 0..3 {
         running.dispatch(&source, "paid", &json!({ "id": id })).await.unwrap();
     }
