@@ -116,6 +116,23 @@ async fn cleanup(uri: &str, queues: &[String], exchanges: &[String]) {
     transport.close().await;
 }
 
+/// Run `body`, then delete `queues` and `exchanges`, even when `body` panics.
+async fn cleaned(
+    uri: &str,
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+    body: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let outcome = tokio::spawn(body).await;
+    cleanup(uri, &queues, &exchanges).await;
+    if let Err(error) = outcome {
+        match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(error) => panic!("{error}"),
+        }
+    }
+}
+
 /// Poll `condition` every 10 ms for up to 10 s.
 async fn wait_until(mut condition: impl FnMut() -> bool, what: &str) {
     for _ in 0..1000 {
@@ -164,6 +181,9 @@ async fn bad_input_is_one_error_line_and_a_non_zero_exit() {
     cli(None, &["emit", "shop"]).await.one_error_line(2, "required arguments");
     cli(None, &["frobnicate"]).await.one_error_line(2, "frobnicate");
     cli(None, &["show-config", "--format", "xml"]).await.one_error_line(2, "xml");
+    let run = cli(None, &["--uri", "http://ops:hunter2@mq/", "dlq", "list", "q"]).await;
+    run.one_error_line(2, "AMQP_URI");
+    assert!(!run.stderr.contains("hunter2"), "{run:?}");
 
     // broker down, from --uri and from AMQP_URI: the password is masked
     for run in [
@@ -191,6 +211,13 @@ fn record(Payload(payload): Payload<Value>, Dep(seen): Dep<Arc<Mutex<Vec<Value>>
 async fn emit_dispatches_an_event_as_the_source_service() {
     let Some(uri) = rabbitmq() else { return };
     let (source, service) = (unique("cli_src"), unique("cli_listener"));
+    let queue = format!("evt-{source}-paid--{service}.record");
+    let (queues, exchanges) =
+        (vec![format!("{queue}.dlq"), queue], vec![format!("{source}.events")]);
+    cleaned(&uri, queues, exchanges, emit_body(uri.clone(), source, service)).await;
+}
+
+async fn emit_body(uri: String, source: String, service: String) {
     let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
     let routes = vec![Route::new(record)
         .entrypoint(EventListener::new(&source, "paid"))
@@ -204,8 +231,6 @@ async fn emit_dispatches_an_event_as_the_source_service() {
     assert_eq!(*seen.lock().unwrap(), vec![json!({"id": 7, "note": "café"})]);
 
     running.stop().await.unwrap();
-    let queue = format!("evt-{source}-paid--{service}.record");
-    cleanup(&uri, &[queue.clone(), format!("{queue}.dlq")], &[format!("{source}.events")]).await;
 }
 
 #[derive(Deserialize)]
@@ -231,6 +256,10 @@ async fn slow() -> &'static str {
 async fn call_prints_results_and_remote_errors_as_json() {
     let Some(uri) = rabbitmq() else { return };
     let math = unique("cli_math");
+    cleaned(&uri, vec![format!("rpc-{math}")], vec![], call_body(uri.clone(), math)).await;
+}
+
+async fn call_body(uri: String, math: String) {
     let routes = vec![
         Route::new(add).entrypoint(RPCListener::new()),
         Route::new(fail).entrypoint(RPCListener::new()),
@@ -267,7 +296,6 @@ async fn call_prints_results_and_remote_errors_as_json() {
     run.one_error_line(1, &format!("no service '{ghost}' is listening (UnknownService)"));
 
     running.stop().await.unwrap();
-    cleanup(&uri, &[format!("rpc-{math}")], &[]).await;
 }
 
 /// Always fails, naming the event.
@@ -285,6 +313,11 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     let (source, service) = (unique("cli_shop"), unique("cli_failing"));
     let queue = format!("evt-{source}-paid--{service}.always_fails");
     let dlq = format!("{queue}.dlq");
+    let (queues, exchanges) = (vec![queue.clone(), dlq.clone()], vec![format!("{source}.events")]);
+    cleaned(&uri, queues, exchanges, dlq_body(uri.clone(), source, service, queue, dlq)).await;
+}
+
+async fn dlq_body(uri: String, source: String, service: String, queue: String, dlq: String) {
     let routes = vec![Route::new(always_fails).entrypoint(EventListener::new(&source, "paid"))];
     // one worker: dead letters arrive in the order of the events
     let one_at_a_time = Config { max_workers: 1, ..config(&uri, &service) };
@@ -360,13 +393,17 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     }
 
     transport.close().await;
-    cleanup(&uri, &[queue, dlq], &[format!("{source}.events")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_replay_reports_progress_and_keeps_letters_without_origin() {
     let Some(uri) = rabbitmq() else { return };
     let (target, dlq) = (unique("cli_target"), unique("cli_orphans") + ".dlq");
+    let queues = vec![target.clone(), dlq.clone()];
+    cleaned(&uri, queues, vec![], replay_body(uri.clone(), target, dlq)).await;
+}
+
+async fn replay_body(uri: String, target: String, dlq: String) {
     let transport = connect(&uri).await;
     for name in [&target, &dlq] {
         let spec = micro_framework::amqp::transport::QueueSpec::durable(name.as_str());
@@ -414,7 +451,6 @@ async fn dlq_replay_reports_progress_and_keeps_letters_without_origin() {
     assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 1);
 
     transport.close().await;
-    cleanup(&uri, &[target, dlq], &[]).await;
 }
 
 fn bytes_of(n: usize) -> bytes::Bytes {
