@@ -362,6 +362,26 @@ async fn a_request_without_reply_to_is_handled_and_acked() {
 }
 
 #[tokio::test]
+async fn the_topology_shows_one_request_queue_for_all_methods() {
+    let config = micro_framework::testing::test_config("math_topology");
+    let routes = vec![
+        Route::new(add).entrypoint(RPCListener::new()),
+        Route::new(mul).entrypoint(RPCListener::new()),
+    ];
+    let topology = Runner::new(routes, config).topology().await.unwrap();
+    let queues: Vec<_> = topology.queues.iter().filter(|q| q.name.starts_with("rpc-")).collect();
+    assert!(queues.iter().all(|q| q.name == "rpc-math_topology" && q.durable));
+    assert!(queues.iter().all(|q| q.arguments.is_empty() && !q.exclusive && !q.auto_delete));
+    let binding = topology.bindings.iter().find(|b| b.queue == "rpc-math_topology").unwrap();
+    assert_eq!(
+        (binding.exchange.as_str(), binding.routing_key.as_str()),
+        ("nameko-rpc", "math_topology.*")
+    );
+    let exchange = topology.exchanges.iter().find(|e| e.name == "nameko-rpc").unwrap();
+    assert!(exchange.kind == "topic" && exchange.durable && !exchange.auto_delete);
+}
+
+#[tokio::test]
 async fn a_call_running_at_shutdown_still_gets_its_reply() {
     for uri in broker_uris() {
         let (service, math, _) = start_math(&uri).await;

@@ -4,6 +4,7 @@ use async_trait::async_trait;
 
 use crate::amqp::rpc::naming::{rpc_binding, rpc_exchange, rpc_queue};
 use crate::amqp::rpc::{serve, RpcRegistry};
+use crate::amqp::transport::SharedTransport;
 use crate::entrypoints::Entrypoint;
 use crate::error::Result;
 use crate::workers::RouteHandle;
@@ -31,9 +32,33 @@ use crate::workers::RouteHandle;
 ///
 /// let route = Route::new(echo).entrypoint(RPCListener::new());
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct RPCListener {
     queue: Option<String>,
+    registration: Option<Registration>,
+}
+
+/// A method registered at set-up. Dropped before the entrypoint runs (the service did not
+/// start, or only its topology was read), it unregisters the method; once running, the
+/// consumer's end forgets the whole registry.
+#[derive(Debug)]
+struct Registration {
+    transport: Option<SharedTransport>,
+    method: String,
+}
+
+impl Registration {
+    fn keep(mut self) {
+        self.transport = None;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(transport) = self.transport.take() {
+            RpcRegistry::unregister(&transport, &self.method);
+        }
+    }
 }
 
 impl RPCListener {
@@ -57,6 +82,10 @@ impl Entrypoint for RPCListener {
         transport.declare_queue(&queue).await?;
         transport.bind_queue(&rpc_binding(config)).await?;
         RpcRegistry::of(transport).register(route.clone());
+        self.registration = Some(Registration {
+            transport: Some(transport.clone()),
+            method: route.name().to_owned(),
+        });
         tracing::info!(
             route = route.name(),
             "serving RPC method {}.{} on queue {}",
@@ -68,7 +97,10 @@ impl Entrypoint for RPCListener {
         Ok(())
     }
 
-    async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
+    async fn run(mut self: Box<Self>, route: RouteHandle) -> Result<()> {
+        if let Some(registration) = self.registration.take() {
+            registration.keep();
+        }
         let queue = self
             .queue
             .clone()

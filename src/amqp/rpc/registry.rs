@@ -38,6 +38,17 @@ impl RpcRegistry {
         self.methods().insert(route.name().to_owned(), route);
     }
 
+    /// Stop serving `method` on `transport`'s service instance; the registry goes when its
+    /// last method does.
+    pub(crate) fn unregister(transport: &SharedTransport, method: &str) {
+        let registry = RpcRegistry::of(transport);
+        let mut methods = registry.methods();
+        methods.remove(method);
+        if methods.is_empty() {
+            RpcRegistry::forget(transport);
+        }
+    }
+
     /// The route of `method`.
     pub(crate) fn route(&self, method: &str) -> Option<RouteHandle> {
         self.methods().get(method).cloned()
