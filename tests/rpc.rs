@@ -397,6 +397,25 @@ async fn a_call_running_at_shutdown_still_gets_its_reply() {
 }
 
 #[tokio::test]
+async fn a_caller_losing_its_connection_fails_its_waiting_calls_at_once() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        let proxy = client.service(&math).timeout(Duration::from_secs(20));
+        let waiting = proxy.call_async("slow", [1500], ()).await.unwrap();
+        let started = std::time::Instant::now();
+        client.transport().close().await;
+        let lost = waiting.await.unwrap_err();
+        assert!(matches!(lost, RpcError::Transport(_)), "{lost:?}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        let after = proxy.call::<Value>("add", (1, 2), ()).await.unwrap_err();
+        assert!(matches!(after, RpcError::Transport(_)), "{after:?}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+#[tokio::test]
 async fn one_reply_queue_per_caller_removed_when_the_caller_stops() {
     for uri in broker_uris() {
         let (service, math, _) = start_math(&uri).await;

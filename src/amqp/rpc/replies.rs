@@ -106,7 +106,11 @@ impl ReplyQueue {
     /// Wait for the reply with `correlation_id` (register before sending the request).
     pub(crate) fn expect(&self, correlation_id: &str) -> oneshot::Receiver<ReplyOutcome> {
         let (sender, receiver) = oneshot::channel();
-        self.pending().insert(correlation_id.to_owned(), sender);
+        let mut pending = self.pending();
+        // once the consumer has ended, the sender is dropped: the call fails at once
+        if !self.closed.load(Ordering::Acquire) {
+            pending.insert(correlation_id.to_owned(), sender);
+        }
         receiver
     }
 
@@ -135,8 +139,9 @@ impl ReplyQueue {
                 ),
             }
         }
-        self.closed.store(true, Ordering::Release);
         // dropping the senders tells the waiting calls that no reply will come
-        self.pending().clear();
+        let mut pending = self.pending();
+        self.closed.store(true, Ordering::Release);
+        pending.clear();
     }
 }
