@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use micro_framework::amqp::transport::{
 };
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
+use micro_framework::retry::{AsyncBackOff, BackOff};
 use micro_framework::testing::TestService;
 use micro_framework::{CallContext, Message};
 use serde::Deserialize;
@@ -379,6 +381,50 @@ async fn the_topology_shows_one_request_queue_for_all_methods() {
     );
     let exchange = topology.exchanges.iter().find(|e| e.name == "nameko-rpc").unwrap();
     assert!(exchange.kind == "topic" && exchange.durable && !exchange.auto_delete);
+}
+
+/// Fails until its third attempt.
+fn flaky(Dep(attempts): Dep<Arc<AtomicU32>>) -> Result<u32, std::io::Error> {
+    let attempt = attempts.fetch_add(1, Ordering::SeqCst) + 1;
+    if attempt < 3 {
+        Err(std::io::Error::other(format!("attempt {attempt}")))
+    } else {
+        Ok(attempt)
+    }
+}
+
+#[tokio::test]
+async fn in_worker_retries_run_before_the_reply_and_broker_retries_are_not_scheduled() {
+    for uri in broker_uris() {
+        let (in_worker, on_broker) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let config = config(&uri, "flaky");
+        let name = config.service_name.clone();
+        let pause = Duration::from_millis(10);
+        let routes = vec![
+            Route::new(flaky)
+                .name("in_worker")
+                .entrypoint(RPCListener::new())
+                .backoff(BackOff::new(3, pause))
+                .dependency(Shared(in_worker.clone())),
+            Route::new(flaky)
+                .name("on_broker")
+                .entrypoint(RPCListener::new())
+                .backoff(AsyncBackOff::new(3, pause))
+                .dependency(Shared(on_broker.clone())),
+        ];
+        let service = TestService::start(routes, config).await.unwrap();
+        let client = Client::connect(&common::config(&uri, "caller")).await.unwrap();
+        assert_eq!(client.call::<u32>(&name, "in_worker", (), ()).await, Ok(3));
+        match client.call::<u32>(&name, "on_broker", (), ()).await {
+            Err(RpcError::RemoteError { value, .. }) => assert_eq!(value, "attempt 1"),
+            other => panic!("expected the first attempt's error, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(on_broker.load(Ordering::SeqCst), 1, "no retry after the reply");
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[name]).await;
+    }
 }
 
 #[tokio::test]

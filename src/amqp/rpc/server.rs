@@ -122,18 +122,14 @@ async fn handle(registry: Arc<RpcRegistry>, consumer_route: RouteHandle, deliver
     }
 }
 
-/// What to reply for how the route handled the request.
+/// What to reply for how the route handled the request. RPC replies at once: a broker-side
+/// retry (`AsyncBackOff`) is not scheduled, its failure is replied.
 fn reply_outcome(handled: &Handled) -> std::result::Result<serde_json::Value, RemoteException> {
-    if let Handled::Succeeded(value) = handled {
-        Ok(value.clone())
-    } else if let Handled::CalledBack(failure) | Handled::Failed(failure) = handled {
-        Err(RemoteException::from_failure(failure))
-    } else {
-        // RPC replies at once: a retry the route asks the broker for is not scheduled
-        Err(RemoteException::from_failure(&Failure::new(
-            crate::failure::FailureKind::Error,
-            "the call failed and asked for a later retry, which RPC does not do",
-        )))
+    match handled {
+        Handled::Succeeded(value) => Ok(value.clone()),
+        Handled::CalledBack(failure)
+        | Handled::Failed(failure)
+        | Handled::Retry { failure, .. } => Err(RemoteException::from_failure(failure)),
     }
 }
 
