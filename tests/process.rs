@@ -76,11 +76,14 @@ fn calls_run_in_other_processes_and_failures_cost_one_call() {
     for uri in common::broker_uris() {
         // Each run of process_service is its own process: memory:// is private to it.
         let uri = if uri.starts_with("memory://") { "memory://".to_owned() } else { uri };
-        let scenario = "whoami:1,crash:2,whoami:3,panics:4,spin:5,sigkill:6,whoami:7,whoami:8";
+        let scenario =
+            "whoami:1,crash:2,whoami:3,panics:4,spin:5,sigkill:6,whoami:7,whoami:8,callrpc:9";
         let lines = run(&uri, "process", scenario, &[]);
         let service = service_pid(&lines);
         let workers = pids(&lines);
-        assert_eq!(workers.len(), 4, "{lines:?}");
+        assert_eq!(workers.len(), 5, "{lines:?}");
+        let rpc = lines.iter().find(|line| line["whoami"] == "9");
+        assert!(rpc.is_some(), "an RpcProxy call from a worker process got its reply: {lines:?}");
         assert!(workers.iter().all(|pid| *pid != service), "calls ran in the service: {lines:?}");
         assert_eq!(
             dead(&lines),

@@ -237,7 +237,7 @@ pub struct PublishOptions {
 }
 
 /// Options of a consumer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumeOptions {
     /// How many unacknowledged deliveries this consumer may hold (per-consumer QoS).
     pub prefetch: u16,

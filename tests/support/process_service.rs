@@ -3,7 +3,8 @@
 //! Routes (context `workers`, `WORKER_MODE` from the environment) on `proc_src` events:
 //! `whoami` dispatches `{id, pid}` as event `pid` through its `Producer` (from the worker
 //! process, so through the service), `crash` aborts, `panics` panics, `spin` loops forever,
-//! `sigkill` kills its own process. Route `collect` (thread mode) prints each `pid` event as a
+//! `sigkill` kills its own process, `callrpc` calls this service's RPC method `echo` (served in
+//! thread mode) from the worker and reports like `whoami`. Route `collect` (thread mode) prints each `pid` event as a
 //! JSON line `{"whoami": id, "pid": worker pid, "service_pid": ...}`.
 //!
 //! In the service process (not in workers) a driver dispatches `SCENARIO`
@@ -13,7 +14,9 @@
 use std::time::Duration;
 
 use micro_framework::amqp::dependencies::Producer;
-use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::amqp::dependencies::RpcProxy;
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::amqp::rpc::Args;
 use micro_framework::amqp::settle::{HEADER_ERROR, HEADER_ERROR_KIND};
 use micro_framework::config::WorkerMode;
 use micro_framework::prelude::*;
@@ -22,6 +25,31 @@ use serde_json::{json, Value};
 
 async fn whoami(Payload(event): Payload<Value>, producer: Producer) -> micro_framework::Result<()> {
     producer.dispatch("pid", &json!({ "id": event["id"], "pid": std::process::id() })).await
+}
+
+/// Calls this service's RPC method `echo` from the worker process, then reports like `whoami`.
+async fn callrpc(
+    Payload(event): Payload<Value>,
+    rpc: RpcProxy,
+    producer: Producer,
+    config: std::sync::Arc<Config>,
+) -> Result<(), String> {
+    let echoed: Value = rpc
+        .service(config.service_name.clone())
+        .call("echo", [event["id"].clone()], ())
+        .await
+        .map_err(|error| error.to_string())?;
+    let report = json!({ "id": echoed, "pid": std::process::id() });
+    producer.dispatch("pid", &report).await.map_err(|error| error.to_string())
+}
+
+#[derive(serde::Deserialize)]
+struct EchoArgs {
+    x: Value,
+}
+
+fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> Value {
+    x
 }
 
 fn crash(Payload(_): Payload<Value>) {
@@ -59,9 +87,12 @@ fn main() -> micro_framework::Result<()> {
         Route::new(panics).entrypoint(EventListener::new("proc_src", "panics")),
         Route::new(spin).entrypoint(EventListener::new("proc_src", "spin")),
         Route::new(sigkill).entrypoint(EventListener::new("proc_src", "sigkill")),
+        Route::new(callrpc).entrypoint(EventListener::new("proc_src", "callrpc")),
     ];
-    let collector =
-        vec![Route::new(collect).entrypoint(EventListener::new(service.clone(), "pid"))];
+    let collector = vec![
+        Route::new(collect).entrypoint(EventListener::new(service.clone(), "pid")),
+        Route::new(echo).entrypoint(RPCListener::new()),
+    ];
     if std::env::var(WORKER_SOCKET_ENV).is_err() {
         drive(config.clone());
     }
@@ -95,11 +126,8 @@ fn drive(config: Config) {
                         dead.acker.ack().await?;
                         break;
                     }
-                    if route == "whoami" && std::env::var("FAST").is_ok() {
-                        break;
-                    }
                     let info = transport.queue_info(&queue).await?;
-                    if route == "whoami" && info.message_count == 0 {
+                    if (route == "whoami" || route == "callrpc") && info.message_count == 0 {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         break;
                     }

@@ -13,8 +13,8 @@ use crate::workers::WorkerContext;
 /// the callee's call-id stack continues the caller's. Replies come back on one reply queue
 /// per service instance (`rpc.reply-{service}-{uuid}`), shared by every proxy and removed
 /// when the service stops. Calls wait `RPC_TIMEOUT` unless told otherwise. In the
-/// `process` worker modes a worker process cannot consume replies: calls fail with a
-/// transport error there.
+/// `process` worker modes each worker process has its own reply queue, consumed by the
+/// service on its behalf.
 ///
 /// ```no_run
 /// use micro_framework::amqp::dependencies::RpcProxy;

@@ -1,5 +1,6 @@
 //! The service side: a pool of worker processes, each running one call at a time.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,12 +10,14 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, Mutex};
 
 use super::protocol::{
-    read_frame, write_frame, CallRequest, FromWorker, ToWorker, TransportAnswer, TransportOp,
+    read_frame, write_frame, CallRequest, ForwardedDelivery, FromWorker, Settlement, ToWorker,
+    TransportAnswer, TransportOp,
 };
 use super::worker::WORKER_SOCKET_ENV;
-use crate::amqp::transport::{SharedTransport, TransportError};
+use crate::amqp::transport::{Acker, ConsumeOptions, SharedTransport, TransportError};
 use crate::error::{Error, Result};
 use crate::failure::{Failure, FailureKind};
+use crate::message::Message;
 use crate::workers::Outcome;
 
 const START_LIMIT: Duration = Duration::from_secs(30);
@@ -76,6 +79,9 @@ impl Launcher {
         let transport = self.transport.clone();
         let replies = calls.clone();
         tokio::spawn(async move {
+            // Consumers opened for the worker and the ackers of what they forwarded: dropped
+            // with this task when the worker goes, which hands unsettled messages back.
+            let consumers = Consumers::default();
             while let Ok(Some(frame)) = read_frame::<_, FromWorker>(&mut reader).await {
                 match frame {
                     FromWorker::Outcome(outcome) => {
@@ -83,14 +89,25 @@ impl Launcher {
                     }
                     FromWorker::Transport { id, op } => {
                         let (transport, replies) = (transport.clone(), replies.clone());
+                        let consumers = consumers.clone();
                         tokio::spawn(async move {
-                            let result = forward(&transport, *op).await;
+                            let result = match *op {
+                                TransportOp::Consume { queue, options } => {
+                                    consumers.open(&transport, &queue, options, &replies).await
+                                }
+                                op => forward(&transport, op).await,
+                            };
                             let _ = replies.send(ToWorker::TransportReply { id, result }).await;
                         });
                     }
+                    FromWorker::Settle { delivery, settlement } => {
+                        consumers.settle(delivery, settlement).await;
+                    }
+                    FromWorker::Cancel { consumer } => consumers.cancel(consumer),
                     FromWorker::Ready { .. } => {}
                 }
             }
+            consumers.close();
         });
         tracing::debug!("worker process {pid} started");
         Ok(Worker { pid, child, calls, outcomes, done: 0 })
@@ -127,11 +144,110 @@ async fn forward(
             TransportAnswer::Done
         }
         TransportOp::Purge(queue) => TransportAnswer::Count(transport.purge_queue(&queue).await?),
+        TransportOp::Consume { queue, .. } => {
+            return Err(TransportError::Other(format!("consume of {queue} is not forwarded here")))
+        }
         TransportOp::Publish { exchange, routing_key, message, options } => {
             transport.publish(&exchange, &routing_key, *message, options).await?;
             TransportAnswer::Done
         }
     })
+}
+
+/// Consumers the service runs for one worker (e.g. its RPC reply queue).
+#[derive(Clone, Default)]
+struct Consumers {
+    inner: Arc<std::sync::Mutex<ConsumersState>>,
+}
+
+#[derive(Default)]
+struct ConsumersState {
+    next: u64,
+    cancels: HashMap<u64, Box<dyn FnOnce() + Send>>,
+    ackers: HashMap<u64, Box<dyn Acker>>,
+}
+
+impl Consumers {
+    fn state(&self) -> std::sync::MutexGuard<'_, ConsumersState> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Consume `queue` for the worker, forwarding each delivery to it.
+    async fn open(
+        &self,
+        transport: &SharedTransport,
+        queue: &str,
+        options: ConsumeOptions,
+        to_worker: &mpsc::Sender<ToWorker>,
+    ) -> Result<TransportAnswer, TransportError> {
+        let mut consumer = transport.consume(queue, options).await?;
+        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+        let id = {
+            let mut state = self.state();
+            state.next += 1;
+            let id = state.next;
+            state.cancels.insert(
+                id,
+                Box::new(move || {
+                    let _ = cancel.send(());
+                }),
+            );
+            id
+        };
+        let (consumers, to_worker) = (self.clone(), to_worker.clone());
+        tokio::spawn(async move {
+            tokio::pin!(cancelled);
+            loop {
+                let delivery = tokio::select! {
+                    _ = &mut cancelled => break,
+                    delivery = consumer.next() => delivery,
+                };
+                let Some(delivery) = delivery else { break };
+                let message = Message::from_delivery(&delivery);
+                let number = {
+                    let mut state = consumers.state();
+                    state.next += 1;
+                    let number = state.next;
+                    state.ackers.insert(number, delivery.acker);
+                    number
+                };
+                let forwarded = ForwardedDelivery { consumer: id, delivery: number, message };
+                if to_worker.send(ToWorker::Delivery(Box::new(forwarded))).await.is_err() {
+                    break;
+                }
+            }
+            consumer.cancel();
+            let _ = to_worker.send(ToWorker::ConsumerEnded { consumer: id }).await;
+        });
+        Ok(TransportAnswer::Consuming { consumer: id })
+    }
+
+    async fn settle(&self, delivery: u64, settlement: Settlement) {
+        let Some(acker) = self.state().ackers.remove(&delivery) else { return };
+        let result = match settlement {
+            Settlement::Ack => acker.ack().await,
+            Settlement::Nack { requeue } => acker.nack(requeue).await,
+            Settlement::Reject { requeue } => acker.reject(requeue).await,
+        };
+        if let Err(error) = result {
+            tracing::warn!("cannot settle a worker's delivery: {error}");
+        }
+    }
+
+    fn cancel(&self, consumer: u64) {
+        if let Some(cancel) = self.state().cancels.remove(&consumer) {
+            cancel();
+        }
+    }
+
+    /// The worker is gone: stop its consumers; unsettled deliveries go back (acker drop).
+    fn close(&self) {
+        let mut state = self.state();
+        for (_, cancel) in state.cancels.drain() {
+            cancel();
+        }
+        state.ackers.clear();
+    }
 }
 
 /// Worker processes of one runner context. A call takes an idle worker (the context's

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::amqp::transport::{
-    BindingSpec, ExchangeSpec, OutgoingMessage, PublishOptions, QueueInfo, QueueSpec,
-    TransportError,
+    BindingSpec, ConsumeOptions, ExchangeSpec, OutgoingMessage, PublishOptions, QueueInfo,
+    QueueSpec, TransportError,
 };
 use crate::failure::Failure;
 use crate::message::Message;
@@ -31,15 +31,54 @@ pub(crate) struct CallRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ToWorker {
     Call(Box<CallRequest>),
-    TransportReply { id: u64, result: Result<TransportAnswer, TransportError> },
+    TransportReply {
+        id: u64,
+        result: Result<TransportAnswer, TransportError>,
+    },
+    /// A delivery for a consumer the worker opened through the service.
+    Delivery(Box<ForwardedDelivery>),
+    /// That consumer ended.
+    ConsumerEnded {
+        consumer: u64,
+    },
+}
+
+/// A delivery forwarded to a worker; the service keeps its acker until the worker settles.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ForwardedDelivery {
+    pub consumer: u64,
+    pub delivery: u64,
+    pub message: Message,
+}
+
+/// How a worker settles a forwarded delivery.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub(crate) enum Settlement {
+    Ack,
+    Nack { requeue: bool },
+    Reject { requeue: bool },
 }
 
 /// From a worker to the service.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum FromWorker {
-    Ready { pid: u32 },
+    Ready {
+        pid: u32,
+    },
     Outcome(Outcome),
-    Transport { id: u64, op: Box<TransportOp> },
+    Transport {
+        id: u64,
+        op: Box<TransportOp>,
+    },
+    /// Settle a forwarded delivery.
+    Settle {
+        delivery: u64,
+        settlement: Settlement,
+    },
+    /// Cancel a consumer opened through the service.
+    Cancel {
+        consumer: u64,
+    },
 }
 
 /// A broker operation a worker asks the service to do (its dependencies' traffic).
@@ -52,6 +91,10 @@ pub(crate) enum TransportOp {
     DeleteQueue(String),
     DeleteExchange(String),
     Purge(String),
+    Consume {
+        queue: String,
+        options: ConsumeOptions,
+    },
     Publish {
         exchange: String,
         routing_key: String,
@@ -66,6 +109,7 @@ pub(crate) enum TransportAnswer {
     Done,
     Info(QueueInfo),
     Count(u32),
+    Consuming { consumer: u64 },
 }
 
 /// Write one frame.

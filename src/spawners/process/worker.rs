@@ -10,11 +10,12 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::protocol::{
-    read_frame, write_frame, CallRequest, FromWorker, ToWorker, TransportAnswer, TransportOp,
+    read_frame, write_frame, CallRequest, ForwardedDelivery, FromWorker, Settlement, ToWorker,
+    TransportAnswer, TransportOp,
 };
 use crate::amqp::transport::{
-    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage, PublishOptions,
-    QueueInfo, QueueSpec, Transport, TransportError,
+    Acker, BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage,
+    PublishOptions, QueueInfo, QueueSpec, Transport, TransportError,
 };
 use crate::error::{Error, Result};
 use crate::workers::RouteHandle;
@@ -29,12 +30,59 @@ pub(crate) fn worker_socket() -> Option<String> {
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<TransportAnswer, TransportError>>>>;
 
+type Consumers = Mutex<HashMap<u64, mpsc::Sender<Delivery>>>;
+
 /// A transport that forwards every operation to the service over the worker socket.
 #[derive(Debug)]
 pub(crate) struct ParentTransport {
     frames: mpsc::Sender<FromWorker>,
     pending: Arc<Pending>,
+    consumers: Arc<Consumers>,
     next_id: AtomicU64,
+}
+
+/// Settles a delivery the service forwarded, by telling the service. Dropped unsettled, it
+/// hands the message back.
+#[derive(Debug)]
+struct ForwardedAcker {
+    delivery: u64,
+    frames: mpsc::Sender<FromWorker>,
+    settled: std::sync::atomic::AtomicBool,
+}
+
+impl ForwardedAcker {
+    async fn settle(&self, settlement: Settlement) -> Result<(), TransportError> {
+        if self.settled.swap(true, Ordering::SeqCst) {
+            return Err(TransportError::Other("delivery already settled".into()));
+        }
+        let frame = FromWorker::Settle { delivery: self.delivery, settlement };
+        self.frames.send(frame).await.map_err(|_| TransportError::Closed("service gone".into()))
+    }
+}
+
+#[async_trait]
+impl Acker for ForwardedAcker {
+    async fn ack(&self) -> Result<(), TransportError> {
+        self.settle(Settlement::Ack).await
+    }
+
+    async fn nack(&self, requeue: bool) -> Result<(), TransportError> {
+        self.settle(Settlement::Nack { requeue }).await
+    }
+
+    async fn reject(&self, requeue: bool) -> Result<(), TransportError> {
+        self.settle(Settlement::Reject { requeue }).await
+    }
+}
+
+impl Drop for ForwardedAcker {
+    fn drop(&mut self) {
+        if !self.settled.swap(true, Ordering::SeqCst) {
+            let settlement = Settlement::Nack { requeue: true };
+            let _ =
+                self.frames.try_send(FromWorker::Settle { delivery: self.delivery, settlement });
+        }
+    }
 }
 
 impl ParentTransport {
@@ -113,8 +161,22 @@ impl Transport for ParentTransport {
         self.ask(op).await.map(|_| ())
     }
 
-    async fn consume(&self, queue: &str, _: ConsumeOptions) -> Result<Consumer, TransportError> {
-        Err(TransportError::Other(format!("cannot consume {queue} from a worker process")))
+    async fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, TransportError> {
+        let op = TransportOp::Consume { queue: queue.to_owned(), options };
+        let TransportAnswer::Consuming { consumer } = self.ask(op).await? else {
+            return Err(TransportError::Other("unexpected answer to a consume".into()));
+        };
+        let (deliveries, receiver) = mpsc::channel(256);
+        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).insert(consumer, deliveries);
+        let frames = self.frames.clone();
+        let tag = format!("worker-{consumer}");
+        Ok(Consumer::new(tag, receiver, move || {
+            let _ = frames.try_send(FromWorker::Cancel { consumer });
+        }))
     }
 
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
@@ -155,9 +217,19 @@ impl WorkerLink {
         let transport = Arc::new(ParentTransport {
             frames: frames.clone(),
             pending: pending.clone(),
+            consumers: Arc::default(),
             next_id: AtomicU64::new(0),
         });
         Ok(WorkerLink { reader, frames, pending, transport })
+    }
+
+    fn consumer(&self, consumer: u64) -> Option<mpsc::Sender<Delivery>> {
+        self.transport
+            .consumers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&consumer)
+            .cloned()
     }
 
     /// The transport that forwards broker operations to the service.
@@ -186,6 +258,33 @@ impl WorkerLink {
                         let outcome = route.run_here(role, &message, failure, &retry).await;
                         let _ = frames.send(FromWorker::Outcome(outcome)).await;
                     });
+                }
+                ToWorker::Delivery(forwarded) => {
+                    let ForwardedDelivery { consumer, delivery, message } = *forwarded;
+                    let sender = self.consumer(consumer);
+                    let acker = ForwardedAcker {
+                        delivery,
+                        frames: self.frames.clone(),
+                        settled: Default::default(),
+                    };
+                    let delivery = Delivery {
+                        exchange: message.exchange,
+                        routing_key: message.routing_key,
+                        redelivered: message.redelivered,
+                        body: message.body,
+                        properties: message.properties,
+                        acker: Box::new(acker),
+                    };
+                    if let Some(sender) = sender {
+                        let _ = sender.send(delivery).await;
+                    }
+                }
+                ToWorker::ConsumerEnded { consumer } => {
+                    self.transport
+                        .consumers
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&consumer);
                 }
                 ToWorker::TransportReply { id, result } => {
                     let waiter =
