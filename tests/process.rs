@@ -115,3 +115,63 @@ fn without_recycling_workers_are_reused() {
     let workers: HashSet<u64> = pids(&lines).into_iter().collect();
     assert!(workers.len() <= 2, "MAX_WORKERS=2 processes serve every call: {lines:?}");
 }
+
+/// Messages left in `queue` on RabbitMQ.
+fn left_in(uri: &str, queue: &str) -> u32 {
+    let config =
+        micro_framework::Config { amqp_uri: uri.to_owned(), ..micro_framework::Config::new("o") };
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let transport = micro_framework::amqp::connect(&config).await.unwrap();
+        let left = transport.queue_info(queue).await.unwrap().message_count;
+        transport.close().await;
+        left
+    })
+}
+
+#[test]
+fn a_stop_in_process_modes_finishes_or_hands_back_and_loses_nothing() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    for mode in ["process", "greedy_process"] {
+        let service = common::unique("procstop");
+        let scenario: Vec<String> = (1..=10).map(|i| format!("slow:{i}")).collect();
+        let mut child = Command::new(binary())
+            .env("AMQP_URI", &uri)
+            .env("SERVICE_NAME", &service)
+            .env("WORKER_MODE", mode)
+            .env("MAX_WORKERS", "2")
+            .env("PREFETCH_COUNT", "6")
+            .env("SCENARIO", scenario.join(","))
+            .env("BURST", "1")
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut printed = 0;
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            if line.unwrap().contains("whoami") {
+                printed += 1;
+                // A first call finished: 2 run now, 4 more wait in the prefetch, 3 queued.
+                let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+                break;
+            }
+        }
+        printed += lines.map_while(Result::ok).filter(|line| line.contains("whoami")).count();
+        assert!(child.wait().unwrap().success(), "{mode}: graceful stop exits 0");
+        let work = left_in(&uri, &format!("evt-proc_src-slow--{service}.slow"));
+        let reports = left_in(&uri, &format!("evt-{service}-pid--{service}.collect"));
+        let handled = printed as u32 + reports;
+        assert_eq!(
+            handled + work,
+            10,
+            "{mode}: handled {handled}, left {work}: none lost or doubled"
+        );
+        if mode == "process" {
+            assert!(handled <= 4, "{mode} hands unstarted messages back (handled {handled})");
+        } else {
+            assert!(handled >= 6, "{mode} finishes what it received (handled {handled})");
+        }
+        let markers = [service, "proc_src.events".to_owned()];
+        tokio::runtime::Runtime::new().unwrap().block_on(common::cleanup(&uri, &markers));
+    }
+}

@@ -10,6 +10,7 @@
 //! In the service process (not in workers) a driver dispatches `SCENARIO`
 //! (`route:id,route:id,...`) one event at a time, waiting for each to be settled or dead-
 //! lettered, prints dead letters as `{"dead": id, "kind": ..., "error": ...}` and `DONE`.
+//! With `BURST` set it dispatches the whole scenario at once and prints `DONE` at once.
 
 use std::time::Duration;
 
@@ -52,6 +53,12 @@ fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> Value {
     x
 }
 
+/// Works for 300 ms, then reports like `whoami`.
+async fn slow(Payload(event): Payload<Value>, producer: Producer) -> micro_framework::Result<()> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    producer.dispatch("pid", &json!({ "id": event["id"], "pid": std::process::id() })).await
+}
+
 fn crash(Payload(_): Payload<Value>) {
     std::process::abort();
 }
@@ -88,6 +95,7 @@ fn main() -> micro_framework::Result<()> {
         Route::new(spin).entrypoint(EventListener::new("proc_src", "spin")),
         Route::new(sigkill).entrypoint(EventListener::new("proc_src", "sigkill")),
         Route::new(callrpc).entrypoint(EventListener::new("proc_src", "callrpc")),
+        Route::new(slow).entrypoint(EventListener::new("proc_src", "slow")),
     ];
     let collector = vec![
         Route::new(collect).entrypoint(EventListener::new(service.clone(), "pid")),
@@ -114,6 +122,9 @@ fn drive(config: Config) {
             for step in scenario.split(',').filter(|step| !step.is_empty()) {
                 let (route, id) = step.split_once(':').unwrap_or((step, "0"));
                 producer.dispatch(route, &json!({ "id": id })).await?;
+                if std::env::var("BURST").is_ok() {
+                    continue;
+                }
                 let queue = format!("evt-proc_src-{route}--{}.{route}", config.service_name);
                 // Wait until the message left its queue and was settled one way or another.
                 for _ in 0..600 {
