@@ -93,3 +93,50 @@ async fn the_topology_lists_what_a_service_declares_without_touching_the_broker(
     assert_eq!(queues, vec!["evt-shop-paid--orders.checked", "evt-shop-paid--orders.checked.dlq"]);
     assert_eq!(topology.bindings[0].routing_key, "paid");
 }
+
+#[derive(serde::Deserialize)]
+struct Number {
+    n: i64,
+}
+
+fn double(
+    micro_framework::amqp::rpc::Args(Number { n }): micro_framework::amqp::rpc::Args<Number>,
+) -> i64 {
+    n * 2
+}
+
+async fn caller(
+    Payload(service): Payload<String>,
+    rpc: micro_framework::amqp::dependencies::RpcProxy,
+) -> Result<(), micro_framework::amqp::rpc::RpcError> {
+    let _: i64 = rpc.service(service).call("double", [21], ()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn rpc_calls_made_are_counted_by_outcome() {
+    use micro_framework::amqp::entrypoints::RPCListener;
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let config = config(&uri, "rpcmetrics");
+        let service_name = config.service_name.clone();
+        let markers = [service_name.clone(), shop.clone()];
+        let routes = vec![
+            Route::new(double).entrypoint(RPCListener::new()),
+            Route::new(caller).entrypoint(EventListener::new(&shop, "go")),
+        ];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch(&shop, "go", &service_name).await.unwrap();
+        service.dispatch(&shop, "go", &unique("nobody")).await.unwrap();
+        service.wait_for_route("caller", 2).await.unwrap();
+        let text = service.service().metrics().render();
+        let ok = format!(
+            r#"rpc_calls_total{{method="double",outcome="ok",service="{service_name}"}} 1"#
+        );
+        assert!(text.contains(&ok), "{text}");
+        assert!(text.contains(r#"outcome="unknown_service""#), "{text}");
+        assert!(text.contains("rpc_call_duration_seconds_count"), "{text}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

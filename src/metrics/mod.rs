@@ -13,6 +13,8 @@
 //! | `retries_total` | counter: retries scheduled or run | context, route |
 //! | `dead_lettered_total` | counter: messages sent to the dead-letter queue | context, route |
 //! | `broker_reconnects_total` | counter: reconnections to the broker | |
+//! | `rpc_calls_total` | counter: RPC calls made by the service's targets | service, method, outcome |
+//! | `rpc_call_duration_seconds` | histogram: their round trip | service, method |
 //!
 //! Served with `/health/live` and `/health/ready` by [`server`] when `ENABLE_METRICS=true`.
 
@@ -41,6 +43,8 @@ pub struct Metrics {
     retries: IntCounterVec,
     dead_lettered: IntCounterVec,
     reconnects: IntCounter,
+    rpc_calls: IntCounterVec,
+    rpc_duration: HistogramVec,
 }
 
 fn labelled(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -83,6 +87,15 @@ impl Metrics {
                 route,
             )?,
             reconnects: IntCounter::new("broker_reconnects_total", "Reconnections to the broker")?,
+            rpc_calls: labelled(
+                "rpc_calls_total",
+                "RPC calls made, by outcome",
+                &["service", "method", "outcome"],
+            )?,
+            rpc_duration: HistogramVec::new(
+                HistogramOpts::new("rpc_call_duration_seconds", "Round trip of RPC calls made"),
+                &["service", "method"],
+            )?,
         };
         let registry = &metrics.registry;
         registry.register(Box::new(metrics.running.clone()))?;
@@ -95,6 +108,8 @@ impl Metrics {
         registry.register(Box::new(metrics.retries.clone()))?;
         registry.register(Box::new(metrics.dead_lettered.clone()))?;
         registry.register(Box::new(metrics.reconnects.clone()))?;
+        registry.register(Box::new(metrics.rpc_calls.clone()))?;
+        registry.register(Box::new(metrics.rpc_duration.clone()))?;
         Ok(metrics)
     }
 
@@ -142,6 +157,13 @@ impl Metrics {
     /// An in-worker retry.
     pub fn retried(&self, context: &str, route: &str) {
         self.retries.with_label_values(&[context, route]).inc();
+    }
+
+    /// An RPC call made to `service.method` ended with `outcome` (`ok`, or the error kind)
+    /// after `elapsed`.
+    pub fn rpc_call(&self, service: &str, method: &str, outcome: &str, elapsed: Duration) {
+        self.rpc_calls.with_label_values(&[service, method, outcome]).inc();
+        self.rpc_duration.with_label_values(&[service, method]).observe(elapsed.as_secs_f64());
     }
 
     /// Set the reconnection count (read from the transport).

@@ -11,6 +11,7 @@ use crate::context::CallContext;
 use crate::dependencies::DependencyValues;
 use crate::failure::Failure;
 use crate::message::Message;
+use crate::metrics::Metrics;
 use crate::retry::BackOffData;
 
 /// Which function of a route a call runs.
@@ -38,6 +39,7 @@ pub struct WorkerContext {
     pub(crate) dependencies: Arc<DependencyValues>,
     pub(crate) declared_exchanges: DeclaredExchanges,
     pub(crate) retry: BackOffData,
+    pub(crate) metrics: Metrics,
 }
 
 impl WorkerContext {

@@ -345,6 +345,7 @@ impl RouteHandle {
             dependencies: Arc::default(),
             declared_exchanges: route.declared_exchanges.clone(),
             retry,
+            metrics: route.metrics.clone(),
         };
         let mut values = DependencyValues::default();
         for dependency in &route.dependencies {

@@ -133,11 +133,9 @@ impl FromContext for RpcProxy {
     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
         let transport = ctx.transport().clone();
         let listener = ReplyListener::of(&transport, ctx.service_name());
-        Ok(RpcProxy::new(Caller::new(
-            transport,
-            listener,
-            ctx.config(),
-            ctx.call().outgoing_headers(),
-        )))
+        Ok(RpcProxy::new(
+            Caller::new(transport, listener, ctx.config(), ctx.call().outgoing_headers())
+                .with_metrics(ctx.metrics.clone()),
+        ))
     }
 }

@@ -16,6 +16,7 @@ use crate::amqp::transport::{
 };
 use crate::config::Config;
 use crate::message::json_properties;
+use crate::metrics::Metrics;
 
 /// What every call of a caller shares: the connection, the reply queue, the exchange, the
 /// default timeout and the context headers sent with each request.
@@ -26,6 +27,7 @@ pub(crate) struct Caller {
     pub exchange: ExchangeSpec,
     pub timeout: Duration,
     pub headers: Headers,
+    pub metrics: Option<Metrics>,
 }
 
 impl Caller {
@@ -43,7 +45,14 @@ impl Caller {
             exchange: rpc_exchange(config),
             timeout: config.rpc_timeout,
             headers,
+            metrics: None,
         }
+    }
+
+    /// Record the calls in the service's metrics.
+    pub(crate) fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Send `service.method(*args, **kwargs)`; the reply is awaited through the result.
@@ -84,7 +93,8 @@ impl Caller {
             queue.clone(),
             correlation_id.clone(),
             receiver,
-        );
+        )
+        .recorded_in(self.metrics.clone());
         let mut properties = json_properties();
         properties.headers = self.headers.clone();
         properties.reply_to = Some(queue.routing_key().to_owned());
@@ -98,7 +108,11 @@ impl Caller {
         {
             Ok(()) => Ok(reply),
             Err(TransportError::Unroutable { .. }) => {
-                Err(RpcError::UnknownService(service.to_owned()))
+                let error = RpcError::UnknownService(service.to_owned());
+                if let Some(metrics) = &self.metrics {
+                    metrics.rpc_call(service, method, error.kind(), Duration::ZERO);
+                }
+                Err(error)
             }
             Err(error) => Err(error.into()),
         }

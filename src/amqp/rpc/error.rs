@@ -63,6 +63,25 @@ pub enum RpcError {
     Transport(#[from] TransportError),
 }
 
+impl RpcError {
+    /// A short name of the error's kind, e.g. for metrics labels (`unknown_service`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RpcError::UnknownService(_) => "unknown_service",
+            RpcError::MethodNotFound(_) => "method_not_found",
+            RpcError::IncorrectSignature(_) => "incorrect_signature",
+            RpcError::MalformedRequest(_) => "malformed_request",
+            RpcError::RemoteError { .. } => "remote_error",
+            RpcError::Timeout { .. } => "timeout",
+            RpcError::InvalidArguments(_) => "invalid_arguments",
+            RpcError::UnexpectedResult(_) => "unexpected_result",
+            RpcError::InvalidReply(_) => "invalid_reply",
+            RpcError::Unavailable(_) => "unavailable",
+            RpcError::Transport(_) => "transport",
+        }
+    }
+}
+
 impl From<RemoteException> for RpcError {
     fn from(error: RemoteException) -> Self {
         match error.nameko_type() {

@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::replies::{ReplyOutcome, ReplyQueue};
 use crate::amqp::transport::TransportError;
+use crate::metrics::Metrics;
 
 /// An RPC call on its way: await it (or [`RpcReply::result`] for a typed result) to get the
 /// reply. The call's timeout runs from when it was sent. Dropping it abandons the call (a
@@ -24,6 +25,8 @@ pub struct RpcReply {
     deadline: tokio::time::Instant,
     receiver: oneshot::Receiver<ReplyOutcome>,
     waiting: Waiting,
+    metrics: Option<Metrics>,
+    started: std::time::Instant,
 }
 
 /// Forgets the correlation id when the call is done or abandoned.
@@ -55,7 +58,15 @@ impl RpcReply {
             deadline: tokio::time::Instant::now() + timeout,
             receiver,
             waiting: Waiting { queue, correlation_id },
+            metrics: None,
+            started: std::time::Instant::now(),
         }
+    }
+
+    /// Record the call's outcome and round trip in `metrics` when it ends.
+    pub(crate) fn recorded_in(mut self, metrics: Option<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The correlation id of the request.
@@ -75,10 +86,12 @@ impl RpcReply {
     }
 
     async fn value(self) -> Result<Value, RpcError> {
-        let RpcReply { service, method, timeout, deadline, receiver, waiting } = self;
+        let RpcReply { service, method, timeout, deadline, receiver, waiting, metrics, started } =
+            self;
         let outcome = tokio::time::timeout_at(deadline, receiver).await;
         drop(waiting);
-        match outcome {
+        let (recorded_service, recorded_method) = (service.clone(), method.clone());
+        let result = match outcome {
             Err(_) => Err(RpcError::Timeout { service, method, after: timeout }),
             Ok(Err(_)) => Err(RpcError::Transport(TransportError::Closed(
                 "the reply queue's consumer ended before the reply came".into(),
@@ -86,7 +99,12 @@ impl RpcReply {
             Ok(Ok(Err(unreadable))) => Err(RpcError::InvalidReply(unreadable)),
             Ok(Ok(Ok(Err(remote)))) => Err(remote.into()),
             Ok(Ok(Ok(Ok(result)))) => Ok(result),
+        };
+        if let Some(metrics) = metrics {
+            let outcome = result.as_ref().map_or_else(RpcError::kind, |_| "ok");
+            metrics.rpc_call(&recorded_service, &recorded_method, outcome, started.elapsed());
         }
+        result
     }
 }
 
