@@ -672,3 +672,57 @@ async fn a_queue_listener_consumes_a_named_queue_and_its_bindings() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+#[tokio::test]
+async fn a_cluster_wide_timer_fires_on_one_instance_and_fails_over() {
+    use std::sync::atomic::AtomicU64;
+    async fn tick(Dep(count): Dep<Arc<AtomicU64>>) {
+        count.fetch_add(1, Ordering::SeqCst);
+    }
+    for uri in broker_uris() {
+        let config = config(&uri, "cluster");
+        let markers = [config.service_name.clone()];
+        let mut instances = Vec::new();
+        for _ in 0..3 {
+            let count = Arc::new(AtomicU64::new(0));
+            let routes = vec![Route::new(tick)
+                .entrypoint(TimeEntrypoint::every(Duration::from_millis(40)).cluster_wide())
+                .dependency(Shared(count.clone()))];
+            let service = TestService::start(routes, config.clone()).await.unwrap();
+            instances.push((Some(service), count));
+        }
+        let total = |instances: &Vec<(Option<TestService>, Arc<AtomicU64>)>| -> u64 {
+            instances.iter().map(|(_, count)| count.load(Ordering::SeqCst)).sum()
+        };
+        wait_until(|| total(&instances) >= 6, "six ticks").await;
+        let firing: Vec<usize> =
+            (0..3).filter(|&i| instances[i].1.load(Ordering::SeqCst) > 0).collect();
+        assert_eq!(firing.len(), 1, "one instance fires each tick");
+        let leader = firing[0];
+        let before: Vec<u64> = instances.iter().map(|(_, c)| c.load(Ordering::SeqCst)).collect();
+        // The leader dies: its broker connection goes away under it.
+        let dead = instances[leader].0.take().unwrap();
+        dead.transport().close().await;
+        // Another instance takes over within a bounded number of ticks (10 = 400 ms here).
+        let taken_over =
+            || (0..3).any(|i| i != leader && instances[i].1.load(Ordering::SeqCst) > before[i]);
+        tokio::time::timeout(Duration::from_millis(400 * 10), async {
+            while !taken_over() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("another instance leads after the leader stopped");
+        let successors: Vec<usize> = (0..3)
+            .filter(|&i| i != leader && instances[i].1.load(Ordering::SeqCst) > before[i])
+            .collect();
+        assert_eq!(successors.len(), 1, "still one instance at a time");
+        let _ = dead.stop().await;
+        for (service, _) in instances {
+            if let Some(service) = service {
+                service.stop().await.unwrap();
+            }
+        }
+        common::cleanup(&uri, &markers).await;
+    }
+}

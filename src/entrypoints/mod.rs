@@ -27,6 +27,7 @@
 //! }
 //! ```
 
+mod leadership;
 mod timer;
 
 use async_trait::async_trait;

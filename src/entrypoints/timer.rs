@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use croner::Cron;
 use tokio::time::{sleep_until, Instant};
 
+use super::leadership::Leadership;
 use super::Entrypoint;
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -39,12 +40,25 @@ pub enum Schedule {
 #[derive(Clone, Debug)]
 pub struct TimeEntrypoint {
     schedule: Schedule,
+    cluster_wide: bool,
 }
 
 impl TimeEntrypoint {
     /// Fire every `interval` (must be more than zero).
     pub fn every(interval: Duration) -> Self {
-        TimeEntrypoint { schedule: Schedule::Every(interval.max(Duration::from_millis(1))) }
+        TimeEntrypoint {
+            schedule: Schedule::Every(interval.max(Duration::from_millis(1))),
+            cluster_wide: false,
+        }
+    }
+
+    /// Fire each tick on one instance of the service only (the Python original and Nameko
+    /// fire on every instance). The instance holding the exclusive consumer of the queue
+    /// `timer-{service}-{route}.leader` leads; when it stops or dies, another one takes
+    /// over at its next tick.
+    pub fn cluster_wide(mut self) -> Self {
+        self.cluster_wide = true;
+        self
     }
 
     /// Fire on a cron expression such as `*/5 * * * *` or `0 */10 * * * *` (with seconds).
@@ -57,7 +71,7 @@ impl TimeEntrypoint {
             .map_err(|error| {
                 Error::Startup(format!("invalid cron expression {expression:?}: {error}"))
             })?;
-        Ok(TimeEntrypoint { schedule: Schedule::Cron(Box::new(cron)) })
+        Ok(TimeEntrypoint { schedule: Schedule::Cron(Box::new(cron)), cluster_wide: false })
     }
 
     /// When the tick after `last` is due; `None` when the schedule has no future tick.
@@ -78,12 +92,16 @@ impl TimeEntrypoint {
 impl Entrypoint for TimeEntrypoint {
     fn describe(&self) -> String {
         match &self.schedule {
+            Schedule::Every(interval) if self.cluster_wide => {
+                format!("TimeEntrypoint(every {interval:?}, cluster-wide)")
+            }
             Schedule::Every(interval) => format!("TimeEntrypoint(every {interval:?})"),
             Schedule::Cron(cron) => format!("TimeEntrypoint(cron {})", cron.pattern),
         }
     }
 
     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
+        let mut leadership = self.cluster_wide.then(|| Leadership::of(&route));
         let mut last = Instant::now();
         loop {
             let Some(due) = self.next_tick(last) else {
@@ -95,6 +113,11 @@ impl Entrypoint for TimeEntrypoint {
                 _ = sleep_until(due) => {}
             }
             last = due;
+            if let Some(leadership) = &mut leadership {
+                if !leadership.lead(&route).await {
+                    continue;
+                }
+            }
             let Some(permit) = route.acquire().await else { return Ok(()) };
             let handled = route.handle(permit, Message::default()).await;
             if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {

@@ -1,0 +1,54 @@
+//! Cluster-wide leadership for timers: the instance holding the exclusive consumer of a
+//! queue leads; when it dies its connection closes and another instance takes over.
+
+use futures::FutureExt;
+
+use crate::amqp::transport::{ConsumeOptions, Consumer, HeaderValue, QueueSpec, TransportError};
+use crate::workers::RouteHandle;
+
+/// An instance's claim to lead one route across the cluster.
+pub(crate) struct Leadership {
+    queue: QueueSpec,
+    held: Option<Consumer>,
+}
+
+impl Leadership {
+    /// Leadership of `route`: queue `timer-{service}-{route}.leader` (never receives a
+    /// message; deleted by the broker an hour after its last use).
+    pub(crate) fn of(route: &RouteHandle) -> Self {
+        let mut queue =
+            QueueSpec::durable(format!("timer-{}-{}.leader", route.service_name(), route.name()));
+        queue.arguments.insert("x-expires".into(), HeaderValue::Int(3_600_000));
+        Leadership { queue, held: None }
+    }
+
+    /// True when this instance leads: it holds the exclusive consumer, or just took it.
+    pub(crate) async fn lead(&mut self, route: &RouteHandle) -> bool {
+        if let Some(consumer) = &mut self.held {
+            // A live exclusive consumer never gets deliveries; `Some(None)` means it ended.
+            if !matches!(consumer.next().now_or_never(), Some(None)) {
+                return true;
+            }
+            tracing::warn!(route = route.name(), "timer leadership lost");
+            self.held = None;
+        }
+        let transport = route.transport();
+        if let Err(error) = transport.declare_queue(&self.queue).await {
+            tracing::warn!(route = route.name(), "cannot declare {}: {error}", self.queue.name);
+            return false;
+        }
+        let options = ConsumeOptions { prefetch: 1, exclusive: true, consumer_tag: String::new() };
+        match transport.consume(&self.queue.name, options).await {
+            Ok(consumer) => {
+                tracing::info!(route = route.name(), "this instance now leads the timer");
+                self.held = Some(consumer);
+                true
+            }
+            Err(TransportError::ResourceLocked(_)) => false,
+            Err(error) => {
+                tracing::warn!(route = route.name(), "cannot claim timer leadership: {error}");
+                false
+            }
+        }
+    }
+}
