@@ -7,11 +7,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use common::peer::*;
+use common::unique;
+
+use std::sync::Arc;
 
 use common::{config, Probe};
 use micro_framework::amqp::dependencies::Producer;
@@ -22,162 +21,6 @@ use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
 use micro_framework::CallContext;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
-
-const NAMEKO: &str = "nameko_peer.py";
-const UFW: &str = "ufw_peer.py";
-/// The peers' own limit (`--timeout`); they exit 3 when it passes.
-const PEER_TIMEOUT_SECS: u64 = 30;
-/// How long a test waits for one line of a peer (a bit more than the peer's own limit).
-const LINE_WAIT: Duration = Duration::from_secs(PEER_TIMEOUT_SECS + 10);
-
-fn is_ci() -> bool {
-    std::env::var("CI").is_ok_and(|ci| ci == "true")
-}
-
-/// The venv interpreter for `script`'s package, or `None` (after a loud `SKIPPED:` line)
-/// when there is none; under `CI=true` a missing venv fails the test.
-fn interop_python(script: &str) -> Option<PathBuf> {
-    let (variable, own_venv) = if script == NAMEKO {
-        ("MF_INTEROP_PYTHON_NAMEKO", ".venv-nameko")
-    } else {
-        ("MF_INTEROP_PYTHON_UFW", ".venv-ufw")
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates: Vec<PathBuf> = match std::env::var_os(variable) {
-        Some(path) if !path.is_empty() => vec![PathBuf::from(path)],
-        _ => vec![root.join(own_venv).join("bin/python"), root.join(".venv/bin/python")],
-    };
-    if let Some(python) = candidates.iter().find(|path| path.is_file()) {
-        return Some(python.clone());
-    }
-    let message = format!(
-        "no Python interop venv for {script} (looked at {candidates:?}; \
-         run `bash .ci/python-env.sh` or set {variable})"
-    );
-    if is_ci() {
-        panic!("{message} and CI=true: the interop tests must run in CI");
-    }
-    // straight to stderr, past the test harness's capture, so the skip is seen
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {message}; this interop test did not run");
-    None
-}
-
-/// RabbitMQ and the interpreter for `script`, or `None` when the test is skipped.
-fn prerequisites(script: &str) -> Option<(String, PathBuf)> {
-    let uri = common::rabbitmq_uri()?;
-    let python = interop_python(script)?;
-    Some((uri, python))
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
-}
-
-/// A running Python peer: one JSON object per stdout line.
-struct Peer {
-    name: String,
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Peer {
-    fn spawn(python: &Path, script: &str, uri: &str, args: &[&str]) -> Peer {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(script);
-        let timeout = PEER_TIMEOUT_SECS.to_string();
-        let mut child = Command::new(python)
-            .arg(&path)
-            .args(args)
-            .args(["--uri", uri, "--timeout", &timeout])
-            .env("PYTHONUNBUFFERED", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {python:?} {path:?}: {error}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        tokio::spawn(async move {
-            let mut buffer = String::new();
-            let _ = stderr_pipe.read_to_string(&mut buffer).await;
-            sink.lock().unwrap().push_str(&buffer);
-        });
-        Peer {
-            name: format!("{script} {}", args.join(" ")),
-            child,
-            lines: BufReader::new(stdout).lines(),
-            stderr,
-        }
-    }
-
-    fn fail(&self, what: &str) -> ! {
-        // give the stderr reader a moment to collect the traceback
-        std::thread::sleep(Duration::from_millis(200));
-        panic!("peer `{}`: {what}\n--- its stderr:\n{}", self.name, self.stderr.lock().unwrap())
-    }
-
-    /// The next line, or `None` at the end of its output.
-    async fn next_line(&mut self) -> Option<Value> {
-        let line = match tokio::time::timeout(LINE_WAIT, self.lines.next_line()).await {
-            Err(_) => self.fail("printed nothing in time"),
-            Ok(Err(error)) => self.fail(&format!("stdout unreadable: {error}")),
-            Ok(Ok(line)) => line?,
-        };
-        let value: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|_| self.fail(&format!("printed a non-JSON line: {line}")));
-        if value.get("failed").is_some() || value.get("timeout").is_some() {
-            self.fail(&format!("reported {value}"));
-        }
-        Some(value)
-    }
-
-    /// Read lines until one has `key`; returns that line.
-    async fn expect(&mut self, key: &str) -> Value {
-        loop {
-            match self.next_line().await {
-                Some(line) if line.get(key).is_some() => return line,
-                Some(_) => continue,
-                None => self.fail(&format!("ended without a `{key}` line")),
-            }
-        }
-    }
-
-    /// Read the rest of the output and require exit code 0; returns the lines read.
-    async fn finish(mut self) -> Vec<Value> {
-        let mut lines = Vec::new();
-        while let Some(line) = self.next_line().await {
-            lines.push(line);
-        }
-        let status = match tokio::time::timeout(LINE_WAIT, self.child.wait()).await {
-            Ok(Ok(status)) => status,
-            Ok(Err(error)) => self.fail(&format!("cannot be waited for: {error}")),
-            Err(_) => self.fail("did not exit in time"),
-        };
-        if !status.success() {
-            self.fail(&format!("exited with {status}; its lines: {lines:?}"));
-        }
-        lines
-    }
-}
-
-impl Drop for Peer {
-    /// A test that gives up (a failed assertion) asks a still running peer to stop: on
-    /// SIGTERM the peers delete what they declared and exit by themselves (their own
-    /// `--timeout` bounds them anyway), where a SIGKILL would leave durable queues behind.
-    fn drop(&mut self) {
-        if let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
 
 /// Delete what a test declared on RabbitMQ (best effort: a test's own result matters more):
 /// our listeners' work `queues` with their `.dlq`, and `exchanges`.
