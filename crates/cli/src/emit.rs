@@ -18,7 +18,7 @@ pub struct EmitArgs {
     /// The event name (the routing key).
     #[arg(value_name = "EVENT_NAME")]
     pub event: String,
-    /// The payload, a JSON document.
+    /// The payload, a JSON document (`-`: read it from stdin).
     #[arg(value_name = "JSON")]
     pub payload: String,
 }
@@ -31,7 +31,13 @@ pub fn parse_json(what: &str, text: &str) -> Result<Value, CliError> {
 
 /// Dispatch the event; prints where it went.
 pub async fn run(uri: &str, args: EmitArgs) -> Result<ExitCode, CliError> {
-    let payload = parse_json("the payload", &args.payload)?;
+    let text = if args.payload == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|error| CliError::usage(format!("cannot read the payload: {error}")))?
+    } else {
+        args.payload
+    };
+    let payload = parse_json("the payload", &text)?;
     let config = broker::config(uri, Some(&args.source))?;
     let transport = broker::connect(&config).await?;
     let producer = Producer::new(transport.clone(), &config);

@@ -65,7 +65,8 @@ enum Command {
     #[command(after_help = "\
 Examples:
   micro-framework emit orders order_paid '{\"id\": 1, \"total\": 9.5}'
-  micro-framework emit shop reset null")]
+  micro-framework emit shop reset null
+  cat order.json | micro-framework emit orders order_paid -")]
     Emit(emit::EmitArgs),
     /// Call an RPC method and print its result as JSON.
     #[command(after_help = "\

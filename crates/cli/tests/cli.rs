@@ -226,9 +226,20 @@ async fn emit_body(uri: String, source: String, service: String) {
 
     let run = cli(Some(&uri), &["emit", &source, "paid", r#"{"id": 7, "note": "café"}"#]).await;
     run.ok();
+    let mut from_stdin = tokio::process::Command::new(BIN)
+        .args(["--uri", &uri, "emit", &source, "paid", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = from_stdin.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, br#"{"id": 8}"#).await.unwrap();
+    drop(stdin);
+    assert!(from_stdin.wait().await.unwrap().success());
+    run.ok();
     assert!(run.stdout.contains(&format!("{source}.events")), "{run:?}");
-    wait_until(|| !seen.lock().unwrap().is_empty(), "the event").await;
-    assert_eq!(*seen.lock().unwrap(), vec![json!({"id": 7, "note": "café"})]);
+    wait_until(|| seen.lock().unwrap().len() == 2, "the events").await;
+    assert_eq!(*seen.lock().unwrap(), vec![json!({"id": 7, "note": "café"}), json!({"id": 8})]);
 
     running.stop().await.unwrap();
 }
@@ -448,6 +459,15 @@ async fn replay_body(uri: String, target: String, dlq: String) {
     assert!(run.ok().stdout.contains("replayed 119 of 119"), "{run:?}");
     let progress: Vec<&str> = run.stderr.lines().collect();
     assert_eq!(progress, ["replayed 100/119", "replayed 119/119"], "{run:?}");
+    assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 1);
+
+    // an original queue that is gone stops the replay; the dead letter stays
+    transport.purge_queue(&dlq).await.unwrap();
+    let gone = unique("cli_gone");
+    publish(Some(&gone), 1).await;
+    let run = cli(Some(&uri), &["dlq", "replay", &dlq]).await;
+    run.one_error_line(1, &format!("replay stopped after 0: cannot publish to '{gone}'"));
+    assert!(run.stdout.contains("replayed 0 of 1"), "{run:?}");
     assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 1);
 
     transport.close().await;
