@@ -78,7 +78,8 @@ fn seconds(value: f64) -> Result<Duration, CliError> {
 /// The error the service replied, as `{"exc_type", "value", "exc_path", "exc_args"}`.
 fn remote_error(error: &RpcError) -> Option<Map<String, Value>> {
     let nameko = |exc_type: &str, value: &str| {
-        (exc_type.to_owned(), value.to_owned(), format!("nameko.exceptions.{exc_type}"), vec![])
+        let path = format!("nameko.exceptions.{exc_type}");
+        (exc_type.to_owned(), value.to_owned(), path, vec![Value::from(value)])
     };
     let (exc_type, value, exc_path, exc_args) = match error {
         RpcError::RemoteError { exc_type, value, exc_path, exc_args } => {

@@ -94,7 +94,12 @@ impl DeadLetterSummary {
             kind: text(HEADER_ERROR_KIND),
             error: text(HEADER_ERROR),
             attempts: text(HEADER_ATTEMPTS),
-            failed_at: text(HEADER_FAILED_AT),
+            failed_at: match headers.get(HEADER_FAILED_AT) {
+                Some(HeaderValue::Int(seconds)) => {
+                    u64::try_from(*seconds).map_or_else(|_| seconds.to_string(), timestamp)
+                }
+                _ => text(HEADER_FAILED_AT),
+            },
         }
     }
 }

@@ -296,6 +296,7 @@ async fn call_body(uri: String, math: String) {
     assert_eq!(run.code, 1, "{run:?}");
     let reply: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(reply["error"]["exc_type"], "MethodNotFound", "{reply}");
+    assert_eq!(reply["error"]["exc_args"], json!(["nope"]), "{reply}");
     let run = cli(Some(&uri), &["call", &method("add"), "--args", r#"["x", 1]"#]).await;
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stdout.contains("IncorrectSignature"), "{run:?}");
@@ -350,6 +351,7 @@ async fn dlq_body(uri: String, source: String, service: String, queue: String, d
         for part in ["always_fails", "error", &format!("boom {index}"), "  1  "] {
             assert!(line.contains(part), "{part:?} not in {line}");
         }
+        assert!(line.ends_with('Z') && line.contains('T'), "failed-at as RFC 3339: {line}");
     }
     assert_eq!(cli(Some(&uri), &["dlq", "list", &dlq]).await.ok().stdout, run.stdout);
     assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 3);
