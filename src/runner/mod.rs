@@ -289,19 +289,7 @@ async fn start_routes(
     transport: SharedTransport,
 ) -> Result<RunningService> {
     let env = ServiceEnv::new(config.clone(), transport.clone())?;
-    let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
-    let mut all_dependencies: Vec<SharedDependency> = Vec::new();
-    for plan in &plans {
-        for dependency in &plan.route.dependencies {
-            if !all_dependencies.iter().any(|known| Arc::ptr_eq(known, dependency)) {
-                dependency.setup(&setup).await.map_err(|source| Error::Dependency {
-                    name: dependency.name().to_owned(),
-                    source,
-                })?;
-                all_dependencies.push(dependency.clone());
-            }
-        }
-    }
+    let all_dependencies = set_up_dependencies(&plans, config).await?;
     let processes = start_processes(&plans, config, &transport).await?;
     let mut started = Vec::new();
     for RoutePlan { mut route, pool } in plans {
@@ -354,6 +342,26 @@ async fn start_routes(
     })
 }
 
+/// Set up every dependency of the planned routes once (a runner-level dependency is shared
+/// by routes), in route order; returns them for teardown.
+async fn set_up_dependencies(
+    plans: &[RoutePlan],
+    config: &Arc<Config>,
+) -> Result<Vec<SharedDependency>> {
+    let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
+    let mut set_up: Vec<SharedDependency> = Vec::new();
+    for dependency in plans.iter().flat_map(|plan| &plan.route.dependencies) {
+        if !set_up.iter().any(|known| Arc::ptr_eq(known, dependency)) {
+            dependency.setup(&setup).await.map_err(|source| Error::Dependency {
+                name: dependency.name().to_owned(),
+                source,
+            })?;
+            set_up.push(dependency.clone());
+        }
+    }
+    Ok(set_up)
+}
+
 /// Start the worker processes of the process-mode contexts.
 async fn start_processes(
     plans: &[RoutePlan],
@@ -385,19 +393,9 @@ async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
     let (config, plans) = runner.prepare()?;
     let link = WorkerLink::connect(socket).await?;
     let env = ServiceEnv::new(config.clone(), link.transport())?;
-    let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
     let mut routes = HashMap::new();
-    let mut set_up: Vec<SharedDependency> = Vec::new();
+    let set_up = set_up_dependencies(&plans, &config).await?;
     for RoutePlan { mut route, pool } in plans {
-        for dependency in &route.dependencies {
-            if !set_up.iter().any(|known| Arc::ptr_eq(known, dependency)) {
-                dependency.setup(&setup).await.map_err(|source| Error::Dependency {
-                    name: dependency.name().to_owned(),
-                    source,
-                })?;
-                set_up.push(dependency.clone());
-            }
-        }
         route.entrypoint = None;
         let local = WorkerPool::new(1, WorkerMode::Thread, pool.context());
         let handle = RouteHandle::new(route, local, &env);

@@ -199,10 +199,9 @@ impl RouteHandle {
     }
 
     async fn handle_in_slot(&self, message: &Message) -> Handled {
-        let message = message.clone();
         let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
         let mut retry = BackOffData::from_headers(&message.properties.headers, max_retries);
-        let mut outcome = self.run(TargetRole::Target, &message, None, &retry).await;
+        let mut outcome = self.run(TargetRole::Target, message, None, &retry).await;
         while let (Err(failure), Some(policy)) = (&outcome, &self.inner.backoff) {
             if !failure.retryable || !retry.can_retry() {
                 break;
@@ -217,14 +216,13 @@ impl RouteHandle {
             retry.retry_count += 1;
             retry.last_error = Some(failure.full_message());
             retry.last_retry = Some(std::time::SystemTime::now());
-            outcome = self.run(TargetRole::Target, &message, None, &retry).await;
+            outcome = self.run(TargetRole::Target, message, None, &retry).await;
         }
-        let handled = match outcome {
+        match outcome {
             Ok(value) => Handled::Succeeded(value),
             Err(failure) if failure.kind == FailureKind::BadInput => Handled::Failed(failure),
             Err(failure) if self.inner.callback.is_some() => {
-                match self.run(TargetRole::Callback, &message, Some(failure.clone()), &retry).await
-                {
+                match self.run(TargetRole::Callback, message, Some(failure.clone()), &retry).await {
                     Ok(_) => Handled::CalledBack(failure),
                     Err(callback_failure) => Handled::Failed(Failure {
                         message: format!(
@@ -236,8 +234,7 @@ impl RouteHandle {
                 }
             }
             Err(failure) => Handled::Failed(failure),
-        };
-        handled
+        }
     }
 
     /// Record that a message was settled (for counters and test waits).
