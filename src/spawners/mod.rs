@@ -98,6 +98,17 @@ impl WorkerPool {
         };
         permit.map(|permit| WorkerPermit { _permit: permit })
     }
+
+    /// A free slot now, or `None` when every slot is busy or the service is stopping and
+    /// the pool is not greedy. For entrypoints that refuse work rather than queue it
+    /// (HTTP, WebSocket).
+    pub fn try_acquire(&self, stopping: &CancellationToken) -> Option<WorkerPermit> {
+        if stopping.is_cancelled() && !self.mode.is_greedy() {
+            return None;
+        }
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(WorkerPermit { _permit: permit })
+    }
 }
 
 #[cfg(test)]
@@ -114,5 +125,17 @@ mod tests {
         let permit = greedy.acquire(&stopping).await;
         assert!(permit.is_some());
         assert_eq!(greedy.available(), 1);
+    }
+
+    #[test]
+    fn try_acquire_refuses_when_full_or_stopping() {
+        let stopping = CancellationToken::new();
+        let pool = WorkerPool::new(1, WorkerMode::Thread, "test");
+        let held = pool.try_acquire(&stopping);
+        assert!(held.is_some());
+        assert!(pool.try_acquire(&stopping).is_none());
+        drop(held);
+        stopping.cancel();
+        assert!(pool.try_acquire(&stopping).is_none());
     }
 }

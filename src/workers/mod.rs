@@ -181,6 +181,12 @@ impl RouteHandle {
         self.inner.pool.acquire(&self.inner.stopping).await
     }
 
+    /// A worker slot if one is free now: for entrypoints that refuse work when the pool is
+    /// full (HTTP, WebSocket) instead of waiting.
+    pub fn try_acquire(&self) -> Option<WorkerPermit> {
+        self.inner.pool.try_acquire(&self.inner.stopping)
+    }
+
     /// Handle a message in the slot `permit`: run the target; on a failure (not bad input)
     /// retry it as the route's backoff says (in the worker, or by asking the entrypoint to
     /// schedule it on the broker), and when no retry remains run the callback.
