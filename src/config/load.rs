@@ -35,6 +35,8 @@ enum Field {
     MetricsPort,
     WebsocketIp,
     WebsocketPort,
+    WebServerAddress,
+    MaxMessageSize,
     PrefetchCount,
     Protocol,
     QueueType,
@@ -65,6 +67,8 @@ impl Field {
             "ENABLE_METRICS" => Field::EnableMetrics,
             "WEBSOCKET_IP" => Field::WebsocketIp,
             "WEBSOCKET_PORT" => Field::WebsocketPort,
+            "WEB_SERVER_ADDRESS" => Field::WebServerAddress,
+            "MAX_MESSAGE_SIZE" => Field::MaxMessageSize,
             "PREFETCH_COUNT" => Field::PrefetchCount,
             "PROTOCOL" => Field::Protocol,
             "QUEUE_TYPE" => Field::QueueType,
@@ -110,6 +114,8 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::MetricsPort => uint(value, U16).map(|v| config.metrics.port = v),
         Field::WebsocketIp => text(value).map(|v| config.websocket_ip = v),
         Field::WebsocketPort => uint(value, U16).map(|v| config.websocket_port = v),
+        Field::WebServerAddress => address(value).map(|v| config.web_server_address = v),
+        Field::MaxMessageSize => uint(value, USIZE).map(|v| config.max_message_size = v),
         Field::PrefetchCount => {
             optional(value, |v| uint(v, U16)).map(|v| config.prefetch_count = v)
         }
@@ -140,6 +146,18 @@ fn text(value: &Value) -> Result<String, String> {
         Value::Number(number) => Ok(number.to_string()),
         _ => Err("expected a string".to_string()),
     }
+}
+
+/// A `host:port` listening address (the host may be a name, an IPv4 or a bracketed IPv6
+/// address).
+fn address(value: &Value) -> Result<String, String> {
+    let address = text(value)?;
+    let expected = || "expected host:port, e.g. 0.0.0.0:8000".to_string();
+    let (host, port) = address.rsplit_once(':').ok_or_else(expected)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(expected());
+    }
+    Ok(address)
 }
 
 /// A non-negative integer fitting `T`, as a number or a string; `expected` is the reason

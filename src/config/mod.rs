@@ -118,6 +118,13 @@ pub struct Config {
     pub websocket_ip: String,
     /// `WEBSOCKET_PORT`: the port the websocket server listens on. Default: 8765.
     pub websocket_port: u16,
+    /// `WEB_SERVER_ADDRESS`: where the HTTP entrypoints listen (`host:port`, Nameko's key).
+    /// Default: `0.0.0.0:8000`.
+    pub web_server_address: String,
+    /// `MAX_MESSAGE_SIZE`: the largest message body, in bytes, a service accepts (AMQP
+    /// deliveries, HTTP bodies, WebSocket frames) or publishes; at least 1. Default: 16 MiB,
+    /// RabbitMQ 4's own limit.
+    pub max_message_size: usize,
     /// `PREFETCH_COUNT`: the AMQP prefetch count; at least 1. Default: `None`, meaning
     /// `MAX_WORKERS` (see [`Config::effective_prefetch`]).
     pub prefetch_count: Option<u16>,
@@ -190,6 +197,8 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             websocket_ip: "0.0.0.0".to_string(),
             websocket_port: 8765,
+            web_server_address: "0.0.0.0:8000".to_string(),
+            max_message_size: 16 * 1024 * 1024,
             prefetch_count: None,
             protocol: Protocol::default(),
             queue_type: QueueType::default(),
@@ -297,6 +306,7 @@ impl Config {
         self.validate_amqp_uri()?;
         let at_least_one = [
             ("MAX_WORKERS", self.max_workers == 0, ""),
+            ("MAX_MESSAGE_SIZE", self.max_message_size == 0, ""),
             ("MAX_TASKS_PER_CHILD", self.max_tasks_per_child == Some(0), " (or unset: no limit)"),
             ("PREFETCH_COUNT", self.prefetch_count == Some(0), " (or unset: MAX_WORKERS)"),
         ];
@@ -381,6 +391,8 @@ impl Config {
             ("METRICS", metrics),
             ("WEBSOCKET_IP", Value::from(self.websocket_ip.as_str())),
             ("WEBSOCKET_PORT", Value::from(self.websocket_port)),
+            ("WEB_SERVER_ADDRESS", Value::from(self.web_server_address.as_str())),
+            ("MAX_MESSAGE_SIZE", Value::from(self.max_message_size)),
             ("PREFETCH_COUNT", Value::from(self.effective_prefetch())),
             ("PROTOCOL", Value::from(self.protocol.as_str())),
             ("QUEUE_TYPE", Value::from(self.queue_type.as_str())),
@@ -418,6 +430,8 @@ impl fmt::Debug for Config {
             .field("metrics", &self.metrics)
             .field("websocket_ip", &self.websocket_ip)
             .field("websocket_port", &self.websocket_port)
+            .field("web_server_address", &self.web_server_address)
+            .field("max_message_size", &self.max_message_size)
             .field("prefetch_count", &self.prefetch_count)
             .field("protocol", &self.protocol)
             .field("queue_type", &self.queue_type)

@@ -52,6 +52,8 @@ fn everything_changed() -> Config {
         metrics: MetricsConfig { host: "127.0.0.1".to_string(), port: 9100 },
         websocket_ip: "127.0.0.2".to_string(),
         websocket_port: 9000,
+        web_server_address: "127.0.0.1:8080".to_string(),
+        max_message_size: 1048576,
         prefetch_count: Some(20),
         protocol: Protocol::MicroFramework,
         queue_type: QueueType::Quorum,
@@ -83,6 +85,8 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("METRICS_PORT", "9100"),
     ("WEBSOCKET_IP", "127.0.0.2"),
     ("WEBSOCKET_PORT", "9000"),
+    ("WEB_SERVER_ADDRESS", "127.0.0.1:8080"),
+    ("MAX_MESSAGE_SIZE", "1048576"),
     ("PREFETCH_COUNT", "20"),
     ("PROTOCOL", "micro_framework"),
     ("QUEUE_TYPE", "quorum"),
@@ -113,6 +117,8 @@ METRICS:
   PORT: "9100"
 WEBSOCKET_IP: 127.0.0.2
 WEBSOCKET_PORT: 9000
+WEB_SERVER_ADDRESS: 127.0.0.1:8080
+MAX_MESSAGE_SIZE: 1048576
 PREFETCH_COUNT: 20
 PROTOCOL: micro_framework
 QUEUE_TYPE: quorum
@@ -140,6 +146,8 @@ MAX_TASKS_PER_CHILD = 100
 ENABLE_METRICS = true
 WEBSOCKET_IP = "127.0.0.2"
 WEBSOCKET_PORT = 9000
+WEB_SERVER_ADDRESS = "127.0.0.1:8080"
+MAX_MESSAGE_SIZE = 1048576
 PREFETCH_COUNT = 20
 PROTOCOL = "micro_framework"
 QUEUE_TYPE = "quorum"
@@ -176,6 +184,8 @@ fn defaults() {
     assert_eq!(config.metrics, MetricsConfig { host: "0.0.0.0".to_string(), port: 8000 });
     assert_eq!(config.websocket_ip, "0.0.0.0");
     assert_eq!(config.websocket_port, 8765);
+    assert_eq!(config.web_server_address, "0.0.0.0:8000");
+    assert_eq!(config.max_message_size, 16 * 1024 * 1024);
     assert_eq!(config.prefetch_count, None);
     assert_eq!(config.effective_prefetch(), 3);
     assert_eq!(config.protocol, Protocol::Nameko);
@@ -513,6 +523,10 @@ fn value_errors_name_key_and_value() {
         ("RPC_TIMEOUT", "-1", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "inf", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "NaN", "must be a positive, finite number of seconds"),
+        ("WEB_SERVER_ADDRESS", "8000", "expected host:port, e.g. 0.0.0.0:8000"),
+        ("WEB_SERVER_ADDRESS", "localhost:http", "expected host:port, e.g. 0.0.0.0:8000"),
+        ("MAX_MESSAGE_SIZE", "1e6", "expected a non-negative integer"),
+        ("MAX_MESSAGE_SIZE", "0", "must be at least 1"),
     ];
     for (key, value, reason) in cases {
         let e = env_err(&[("SERVICE_NAME", "s"), (key, value)]);
@@ -671,6 +685,8 @@ fn masked_map_and_debug() {
         ("METRICS", json!({"HOST": "127.0.0.1", "PORT": 9100})),
         ("WEBSOCKET_IP", json!("127.0.0.2")),
         ("WEBSOCKET_PORT", json!(9000)),
+        ("WEB_SERVER_ADDRESS", json!("127.0.0.1:8080")),
+        ("MAX_MESSAGE_SIZE", json!(1048576)),
         ("PREFETCH_COUNT", json!(20)),
         ("PROTOCOL", json!("micro_framework")),
         ("QUEUE_TYPE", json!("quorum")),
