@@ -43,6 +43,7 @@ pub mod entrypoints;
 mod error;
 pub mod extract;
 mod failure;
+pub mod http;
 pub mod logging;
 mod message;
 pub mod metrics;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::amqp::transport::{Delivery, Properties};
+use crate::http::HttpRequest;
 
 /// One incoming message: its body and AMQP properties plus where it came from.
 ///
@@ -27,6 +28,10 @@ pub struct Message {
     pub routing_key: String,
     /// True when the broker delivered it before.
     pub redelivered: bool,
+    /// The HTTP request it came from, for routes with an
+    /// [`HttpEntrypoint`](crate::http::HttpEntrypoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpRequest>,
 }
 
 impl Message {
@@ -47,6 +52,7 @@ impl Message {
             exchange: delivery.exchange.clone(),
             routing_key: delivery.routing_key.clone(),
             redelivered: delivery.redelivered,
+            http: None,
         }
     }
 
@@ -88,6 +94,16 @@ mod tests {
         text.properties.content_type = Some("text/plain; charset=utf-8".into());
         assert_eq!(text.decode().unwrap(), Value::String("hi".into()));
         assert_eq!(Message::default().decode().unwrap(), Value::Null);
+    }
+
+    #[test]
+    fn http_requests_travel_with_the_message() {
+        let mut message = Message::json(&1).unwrap();
+        message.http = Some(HttpRequest { method: "GET".into(), ..HttpRequest::default() });
+        let json = serde_json::to_string(&message).unwrap();
+        assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), message);
+        let plain = serde_json::to_value(Message::default()).unwrap();
+        assert!(plain.get("http").is_none(), "no http field on broker messages");
     }
 
     #[test]

@@ -93,7 +93,10 @@ impl Runner {
         let (config, plans) = self.prepare()?;
         let memory = crate::amqp::connect(&config).await?;
         let recorder = Arc::new(Recorder::new(memory.clone(), &config.service_name));
-        let env = ServiceEnv::new(config.clone(), recorder.clone())?;
+        let env = ServiceEnv {
+            topology_only: true,
+            ..ServiceEnv::new(config.clone(), recorder.clone())?
+        };
         for RoutePlan { mut route, pool } in plans {
             let Some(mut entrypoint) = route.entrypoint.take() else { continue };
             entrypoint.setup(&RouteHandle::new(route, pool, &env)).await?;

@@ -77,6 +77,7 @@ struct RouteRuntime {
     stats: RouteStats,
     declared_exchanges: DeclaredExchanges,
     metrics: Metrics,
+    topology_only: bool,
 }
 
 /// What the routes of one service share.
@@ -87,6 +88,8 @@ pub(crate) struct ServiceEnv {
     pub stopping: CancellationToken,
     pub declared_exchanges: DeclaredExchanges,
     pub metrics: Metrics,
+    /// Set up only to read the topology ([`Runner::topology`](crate::Runner::topology)).
+    pub topology_only: bool,
 }
 
 impl ServiceEnv {
@@ -99,6 +102,7 @@ impl ServiceEnv {
             stopping: CancellationToken::new(),
             declared_exchanges: DeclaredExchanges::default(),
             metrics,
+            topology_only: false,
         })
     }
 }
@@ -122,8 +126,15 @@ impl RouteHandle {
                 stats: RouteStats::default(),
                 declared_exchanges: env.declared_exchanges.clone(),
                 metrics: env.metrics.clone(),
+                topology_only: env.topology_only,
             }),
         }
+    }
+
+    /// True when the service is only set up to read its topology: entrypoints declare what
+    /// they need on the broker but bind no socket and start nothing.
+    pub fn is_topology_only(&self) -> bool {
+        self.inner.topology_only
     }
 
     /// The route's name.

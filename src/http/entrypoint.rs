@@ -1,0 +1,201 @@
+//! [`HttpEntrypoint`]: serve a route on an HTTP method and path.
+
+use std::future::IntoFuture;
+
+use async_trait::async_trait;
+use axum::body::Bytes;
+use axum::extract::RawPathParams;
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::routing::{on, MethodFilter};
+
+use super::request::HttpRequest;
+use super::response::{refusal, respond};
+use super::site::WebSite;
+use crate::amqp::transport::SharedTransport;
+use crate::entrypoints::Entrypoint;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::workers::RouteHandle;
+
+/// Serves the route on `method path` of the service's HTTP server (`WEB_SERVER_ADDRESS`).
+///
+/// Paths use axum's syntax: `/users/{id}` for a parameter, `/files/{*rest}` for the rest of
+/// the path. Targets take [`Path<T>`](super::Path), [`Query<T>`](super::Query), the JSON
+/// body as [`Payload<T>`](crate::Payload), [`HttpRequest`] (method, headers, ...) and any
+/// dependency. A call waits for a free worker like any other (the pool bounds how many run
+/// at once); while the service stops, new requests get 503. Bodies over `MAX_MESSAGE_SIZE`
+/// get 413.
+///
+/// ```
+/// use micro_framework::prelude::*;
+/// use micro_framework::http::{HttpEntrypoint, Path};
+/// use serde_json::{json, Value};
+///
+/// fn hello(Path(name): Path<String>) -> Value {
+///     json!({ "hello": name })
+/// }
+///
+/// let route = Route::new(hello).entrypoint(HttpEntrypoint::get("/hello/{name}"));
+/// ```
+#[derive(Debug)]
+pub struct HttpEntrypoint {
+    method: String,
+    path: String,
+    /// The site this route was added to, until it runs; dropped unrun (the service did not
+    /// start), it frees the address.
+    added_to: Option<SharedTransport>,
+}
+
+impl HttpEntrypoint {
+    /// Serve `method` (e.g. `"GET"`, case-insensitive) on `path`.
+    pub fn new(method: &str, path: impl Into<String>) -> Self {
+        HttpEntrypoint { method: method.to_ascii_uppercase(), path: path.into(), added_to: None }
+    }
+
+    /// `GET path`.
+    pub fn get(path: impl Into<String>) -> Self {
+        HttpEntrypoint::new("GET", path)
+    }
+
+    /// `POST path`.
+    pub fn post(path: impl Into<String>) -> Self {
+        HttpEntrypoint::new("POST", path)
+    }
+
+    /// `PUT path`.
+    pub fn put(path: impl Into<String>) -> Self {
+        HttpEntrypoint::new("PUT", path)
+    }
+
+    /// `DELETE path`.
+    pub fn delete(path: impl Into<String>) -> Self {
+        HttpEntrypoint::new("DELETE", path)
+    }
+
+    fn method_filter(&self) -> Result<MethodFilter> {
+        Method::from_bytes(self.method.as_bytes())
+            .ok()
+            .and_then(|method| MethodFilter::try_from(method).ok())
+            .ok_or_else(|| {
+                Error::Startup(format!(
+                    "{}: unsupported HTTP method (expected GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS or TRACE)",
+                    self.describe()
+                ))
+            })
+    }
+}
+
+impl Drop for HttpEntrypoint {
+    fn drop(&mut self) {
+        if let Some(transport) = self.added_to.take() {
+            WebSite::close(&transport);
+        }
+    }
+}
+
+#[async_trait]
+impl Entrypoint for HttpEntrypoint {
+    fn describe(&self) -> String {
+        format!("HttpEntrypoint({} {})", self.method, self.path)
+    }
+
+    async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
+        let filter = self.method_filter()?;
+        if !self.path.starts_with('/') {
+            return Err(Error::Startup(format!(
+                "{}: the path must start with '/'",
+                self.describe()
+            )));
+        }
+        if route.is_topology_only() {
+            return Ok(());
+        }
+        let site = WebSite::of(route.transport());
+        site.bind(route.config())?;
+        self.added_to = Some(route.transport().clone());
+        let served = route.clone();
+        let handler = on(
+            filter,
+            move |method: Method,
+                  uri: Uri,
+                  headers: HeaderMap,
+                  params: RawPathParams,
+                  body: Bytes| {
+                call(served.clone(), request(&method, &uri, &headers, &params), body)
+            },
+        );
+        site.add(&self.method, &self.path, route.name(), handler)?;
+        tracing::info!(route = route.name(), "serving HTTP {} {}", self.method, self.path);
+        Ok(())
+    }
+
+    async fn run(mut self: Box<Self>, route: RouteHandle) -> Result<()> {
+        let transport = self
+            .added_to
+            .take()
+            .ok_or_else(|| Error::Startup(format!("{} was not set up", self.describe())))?;
+        let site = WebSite::of(&transport);
+        if !site.claim_server() {
+            // another HTTP route of the service runs the server for this one too
+            route.stopping().cancelled().await;
+            return Ok(());
+        }
+        let served = serve(&site, &route).await;
+        WebSite::close(&transport);
+        served
+    }
+}
+
+/// Run the service's HTTP server until the service stops, then let running calls finish
+/// (at most `SHUTDOWN_TIMEOUT`).
+async fn serve(site: &WebSite, route: &RouteHandle) -> Result<()> {
+    let (listener, router) = site.take_server(route.config().max_message_size)?;
+    let address = listener.local_addr()?;
+    tracing::info!("HTTP server listening on http://{address}");
+    let stopping = route.stopping().clone();
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(stopping.clone().cancelled_owned())
+        .into_future();
+    let limit = route.config().shutdown_timeout;
+    let overrun = async {
+        stopping.cancelled().await;
+        tokio::time::sleep(limit).await;
+    };
+    tokio::select! {
+        served = server => served.map_err(Error::from),
+        () = overrun => {
+            tracing::warn!("HTTP requests still running after SHUTDOWN_TIMEOUT ({limit:?}); closing");
+            Ok(())
+        }
+    }
+}
+
+/// The plain-data form of a request, for the worker.
+fn request(method: &Method, uri: &Uri, headers: &HeaderMap, params: &RawPathParams) -> HttpRequest {
+    HttpRequest {
+        method: method.as_str().to_owned(),
+        path: uri.path().to_owned(),
+        query: uri.query().unwrap_or_default().to_owned(),
+        params: params.iter().map(|(key, value)| (key.to_owned(), value.to_owned())).collect(),
+        headers: headers
+            .iter()
+            .map(|(name, value)| {
+                (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned())
+            })
+            .collect(),
+    }
+}
+
+/// Handle one request on `route`: wait for a worker, call, answer.
+async fn call(route: RouteHandle, request: HttpRequest, body: Bytes) -> axum::response::Response {
+    let Some(permit) = route.acquire().await else {
+        return refusal(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the service is stopping");
+    };
+    let mut message = Message { body, ..Message::default() };
+    message.properties.content_type =
+        request.header(header::CONTENT_TYPE.as_str()).map(str::to_owned);
+    message.http = Some(request);
+    let handled = route.handle(permit, message).await;
+    route.settled(&handled);
+    respond(&handled)
+}

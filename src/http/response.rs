@@ -1,0 +1,227 @@
+//! [`Response`]: a target's HTTP answer, and how a call's outcome becomes one.
+//!
+//! A target answers with any serializable value (200, JSON), or a [`Response`] for another
+//! status, a text body or headers. Bad input is 400, any other failure 500, both with a JSON
+//! body `{"error": ..., "message": ...}`.
+
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::failure::{Failure, FailureKind};
+use crate::targets::{IntoOutcome, TargetError, TargetResult};
+use crate::workers::Handled;
+
+/// The key under which a [`Response`] travels as a call's result (a call's result is plain
+/// JSON so that it can come back from a worker process).
+const RESPONSE_KEY: &str = "$micro_framework.http_response";
+
+/// An HTTP response with a status, headers and a JSON, text or empty body.
+///
+/// ```
+/// use micro_framework::http::Response;
+/// use serde_json::json;
+///
+/// fn create() -> Response {
+///     Response::status(201).header("location", "/orders/7").json(json!({"id": 7}))
+/// }
+/// fn missing() -> Response {
+///     Response::status(404).text("no such order")
+/// }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Response(Parts);
+
+/// What a [`Response`] carries. `Response` itself is not `Serialize`, so that targets
+/// returning `Result<Response, E>` answer with the response, not a JSON value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Parts {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Body,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Body {
+    Empty,
+    Json(Value),
+    Text(String),
+}
+
+impl Response {
+    /// An empty response with `status` (e.g. 204).
+    pub fn status(status: u16) -> Response {
+        Response(Parts { status, headers: Vec::new(), body: Body::Empty })
+    }
+
+    /// The body `value` as JSON. A value that cannot be serialized makes a 500 response.
+    pub fn json(mut self, value: impl Serialize) -> Response {
+        match serde_json::to_value(value) {
+            Ok(value) => self.0.body = Body::Json(value),
+            Err(error) => {
+                self.0.status = 500;
+                self.0.body = Body::Json(failure_body("Unserializable", &error.to_string()));
+            }
+        }
+        self
+    }
+
+    /// The body `text`, as `text/plain; charset=utf-8`.
+    pub fn text(mut self, text: impl Into<String>) -> Response {
+        self.0.body = Body::Text(text.into());
+        self
+    }
+
+    /// Add the header `name: value` (an invalid name or value is dropped, with a warning).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Response {
+        self.0.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The response carried by a call's result, if the target answered with one.
+    fn from_result(value: &Value) -> Option<Response> {
+        let carried = value.as_object().filter(|object| object.len() == 1)?.get(RESPONSE_KEY)?;
+        serde_json::from_value(carried.clone()).ok().map(Response)
+    }
+
+    fn into_axum(self) -> axum::response::Response {
+        let Response(parts) = self;
+        let status = StatusCode::from_u16(parts.status).unwrap_or_else(|_| {
+            tracing::warn!("invalid HTTP status {}: answering 500", parts.status);
+            StatusCode::INTERNAL_SERVER_ERROR
+        });
+        let mut response = match parts.body {
+            Body::Empty => axum::response::Response::new(axum::body::Body::empty()),
+            Body::Json(value) => json_response(&value),
+            Body::Text(text) => {
+                let mut response = axum::response::Response::new(axum::body::Body::from(text));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                response
+            }
+        };
+        *response.status_mut() = status;
+        for (name, value) in parts.headers {
+            match (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+                (Ok(name), Ok(value)) => {
+                    response.headers_mut().insert(name, value);
+                }
+                _ => tracing::warn!("invalid response header {name:?}: {value:?}; dropped"),
+            }
+        }
+        response
+    }
+}
+
+impl IntoOutcome for Response {
+    fn into_outcome(self) -> TargetResult {
+        serde_json::to_value(&self.0)
+            .map(|response| json!({ RESPONSE_KEY: response }))
+            .map_err(|error| TargetError::Unserializable(error.to_string()))
+    }
+}
+
+/// `Result<Response, E>` targets: `Ok` is the response, `Err` a failure (500).
+impl<E: Into<crate::BoxError>> IntoOutcome for Result<Response, E> {
+    fn into_outcome(self) -> TargetResult {
+        match self {
+            Ok(response) => response.into_outcome(),
+            Err(error) => Err(TargetError::Error {
+                error: error.into(),
+                type_name: std::any::type_name::<E>(),
+            }),
+        }
+    }
+}
+
+/// The HTTP response for how a route handled a request.
+pub(crate) fn respond(handled: &Handled) -> axum::response::Response {
+    match handled {
+        Handled::Succeeded(value) => match Response::from_result(value) {
+            Some(response) => response.into_axum(),
+            None => json_response(value),
+        },
+        Handled::Failed(failure)
+        | Handled::CalledBack(failure)
+        | Handled::Retry { failure, .. } => failure_response(failure),
+    }
+}
+
+/// 400 for bad input, 500 otherwise, with the failure as JSON.
+fn failure_response(failure: &Failure) -> axum::response::Response {
+    let (status, error) = match failure.kind {
+        FailureKind::BadInput => (StatusCode::BAD_REQUEST, "bad_input".to_owned()),
+        _ if !failure.error_type.is_empty() => {
+            (StatusCode::INTERNAL_SERVER_ERROR, failure.error_type.clone())
+        }
+        kind => (StatusCode::INTERNAL_SERVER_ERROR, kind.as_str().to_owned()),
+    };
+    let mut response = json_response(&failure_body(&error, &failure.full_message()));
+    *response.status_mut() = status;
+    response
+}
+
+/// A response the service gives without calling the target (e.g. 503 while stopping).
+pub(crate) fn refusal(status: StatusCode, error: &str, message: &str) -> axum::response::Response {
+    let mut response = json_response(&failure_body(error, message));
+    *response.status_mut() = status;
+    response
+}
+
+fn failure_body(error: &str, message: &str) -> Value {
+    json!({ "error": error, "message": message })
+}
+
+fn json_response(value: &Value) -> axum::response::Response {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec());
+    let mut response = axum::response::Response::new(axum::body::Body::from(body));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handled(response: Response) -> Handled {
+        Handled::Succeeded(response.into_outcome().unwrap())
+    }
+
+    #[test]
+    fn responses_survive_the_trip_through_json() {
+        let response = Response::status(201).header("x-id", "7").json(json!({"id": 7}));
+        let http = respond(&handled(response));
+        assert_eq!(http.status(), StatusCode::CREATED);
+        assert_eq!(http.headers()["x-id"], "7");
+        assert_eq!(http.headers()[header::CONTENT_TYPE], "application/json");
+        let text = respond(&handled(Response::status(404).text("gone")));
+        assert_eq!(text.status(), StatusCode::NOT_FOUND);
+        assert_eq!(text.headers()[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+    }
+
+    #[test]
+    fn plain_values_are_200_json_and_failures_400_or_500() {
+        assert_eq!(respond(&Handled::Succeeded(json!({"a": 1}))).status(), StatusCode::OK);
+        let bad = respond(&Handled::Failed(Failure::bad_input("no")));
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+        let error = Failure::new(FailureKind::Error, "boom");
+        assert_eq!(respond(&Handled::Failed(error)).status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn invalid_statuses_and_headers_do_not_panic() {
+        let response = Response::status(42).header("bad name", "x").text("t");
+        assert_eq!(respond(&handled(response)).status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn objects_that_only_look_like_responses_stay_values() {
+        let value = json!({ RESPONSE_KEY: "not a response" });
+        assert_eq!(respond(&Handled::Succeeded(value)).status(), StatusCode::OK);
+    }
+}
