@@ -349,3 +349,37 @@ async fn http_targets_use_dependencies_like_any_target() {
         cleanup(&uri, &[service]).await;
     }
 }
+
+/// The `http_service` example, as the README runs it.
+#[tokio::test]
+async fn the_http_service_example_answers_hello_and_sum() {
+    let exe = std::env::current_exe().unwrap();
+    let example =
+        exe.parent().and_then(std::path::Path::parent).unwrap().join("examples/http_service");
+    let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut child = std::process::Command::new(example)
+        .env("WEB_SERVER_ADDRESS", address.to_string())
+        .env_remove("AMQP_URI")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("example built by cargo test");
+    let base = format!("http://{address}");
+    let http = client();
+    let mut hello = None;
+    for _ in 0..200 {
+        if let Ok(response) = http.get(format!("{base}/hello/ada")).send().await {
+            hello = Some(response.json::<Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hello, Some(json!({"hello": "ada"})));
+    let sum =
+        http.post(format!("{base}/sum")).json(&json!({"a": 2, "b": 40})).send().await.unwrap();
+    assert_eq!(sum.json::<Value>().await.unwrap(), json!({"sum": 42}));
+    let bad = http.post(format!("{base}/sum")).json(&json!({"a": 2})).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(child.wait().unwrap().success(), "SIGINT stops the example cleanly");
+}
