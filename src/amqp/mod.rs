@@ -4,6 +4,7 @@
 pub(crate) mod consumer;
 pub mod dependencies;
 pub mod entrypoints;
+pub mod limits;
 pub mod memory;
 pub mod naming;
 pub mod rabbitmq;

@@ -284,6 +284,10 @@ pub enum TransportError {
     /// The consumer, channel or transport was closed.
     #[error("closed: {0}")]
     Closed(String),
+    /// A limit was reached (`MAX_MESSAGE_SIZE`, the in-process broker's memory, pending RPC
+    /// calls); nothing was sent.
+    #[error("limit reached: {0}")]
+    LimitReached(String),
     /// Anything else the broker reported.
     #[error("broker error: {0}")]
     Other(String),

@@ -216,6 +216,14 @@ impl RouteHandle {
     }
 
     async fn handle_in_slot(&self, message: &Message) -> Handled {
+        let max_size = self.inner.config.max_message_size;
+        if message.body.len() > max_size {
+            let reason = format!(
+                "message of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
+                message.body.len()
+            );
+            return Handled::Failed(Failure::bad_input(reason));
+        }
         let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
         let mut retry = BackOffData::from_headers(&message.properties.headers, max_retries);
         let mut outcome = self.run(TargetRole::Target, message, None, &retry).await;

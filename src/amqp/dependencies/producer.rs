@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::amqp::limits::check_size;
 use crate::amqp::naming::event_exchange;
 use crate::amqp::transport::{
     ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport,
@@ -54,6 +55,7 @@ pub struct Producer {
     exchange: ExchangeSpec,
     headers: Headers,
     declared: DeclaredExchanges,
+    max_message_size: usize,
 }
 
 impl Producer {
@@ -65,6 +67,7 @@ impl Producer {
             transport,
             headers: Headers::new(),
             declared: DeclaredExchanges::default(),
+            max_message_size: config.max_message_size,
         }
     }
 
@@ -80,6 +83,7 @@ impl Producer {
         payload: &T,
     ) -> Result<()> {
         let body = Bytes::from(serde_json::to_vec(payload)?);
+        check_size(&format!("event {event_type}"), body.len(), self.max_message_size)?;
         if !self.declared.contains(&self.exchange.name) {
             self.transport.declare_exchange(&self.exchange).await?;
             self.declared.insert(&self.exchange.name);
@@ -119,6 +123,7 @@ impl FromContext for Producer {
             exchange: event_exchange(ctx.config(), ctx.service_name()),
             headers: ctx.call().outgoing_headers(),
             declared: ctx.declared_exchanges.clone(),
+            max_message_size: ctx.config().max_message_size,
         })
     }
 }

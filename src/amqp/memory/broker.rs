@@ -63,6 +63,14 @@ impl MemoryBroker {
         brokers.entry(name.to_owned()).or_insert_with(|| MemoryBroker::new(name)).clone()
     }
 
+    /// Bound the memory its ready messages may take (default 256 MiB; bodies plus 256 bytes
+    /// a message): a publish beyond it fails with
+    /// [`TransportError::LimitReached`](crate::amqp::transport::TransportError::LimitReached)
+    /// and nothing is enqueued. `memory://NAME?max_bytes=N` sets it on connect.
+    pub fn set_max_bytes(&self, max_bytes: u64) {
+        self.with_state(|state| state.set_max_bytes(max_bytes));
+    }
+
     /// The broker's name (`""` for the default broker).
     pub fn name(&self) -> &str {
         &self.name

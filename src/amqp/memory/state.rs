@@ -81,7 +81,15 @@ pub(super) struct State {
     exchanges: HashMap<String, Exchange>,
     queues: HashMap<String, Queue>,
     core: Core,
+    /// The most memory ready messages may take (see [`MemoryBroker::set_max_bytes`]).
+    max_bytes: u64,
 }
+
+/// What a ready message counts for besides its body, so empty messages count too.
+const MESSAGE_OVERHEAD: u64 = 256;
+
+/// The default bound of an in-process broker's ready messages.
+pub(super) const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
 fn not_found_queue(name: &str) -> TransportError {
     TransportError::NotFound(format!("no {}", arguments::queue_resource(name)))
@@ -191,6 +199,30 @@ fn discard(queue: &Queue, entry: Entry, reason: Reason, dead: &mut Vec<DeadLette
 
 impl State {
     /// An empty broker state with the predeclared `amq.*` exchanges.
+    /// Bound the memory ready messages may take.
+    pub fn set_max_bytes(&mut self, max_bytes: u64) {
+        self.max_bytes = max_bytes;
+    }
+
+    /// Refuse a message of `size` bytes routed to `copies` queues when the ready messages
+    /// would take more than the broker's bound.
+    fn check_room(&self, size: usize, copies: usize) -> Result<(), TransportError> {
+        let held: u64 = self
+            .queues
+            .values()
+            .map(|queue| queue.ready_bytes + queue.ready.len() as u64 * MESSAGE_OVERHEAD)
+            .sum();
+        let wanted = (size as u64 + MESSAGE_OVERHEAD) * copies as u64;
+        if held + wanted > self.max_bytes {
+            return Err(TransportError::LimitReached(format!(
+                "the in-process broker holds {held} bytes of ready messages and its bound is {} \
+                 (memory://NAME?max_bytes=N); publish refused until consumers catch up",
+                self.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
     pub fn new(broker: Weak<MemoryBroker>) -> Self {
         let mut exchanges = HashMap::new();
         for (name, kind) in [
@@ -214,6 +246,7 @@ impl State {
         }
         State {
             exchanges,
+            max_bytes: DEFAULT_MAX_BYTES,
             queues: HashMap::new(),
             core: Core {
                 broker,

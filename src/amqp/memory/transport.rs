@@ -31,7 +31,8 @@ impl MemoryTransport {
     }
 
     /// Connects to `memory://` (the default broker) or `memory://NAME` (the broker `NAME`).
-    /// The same name within a process always reaches the same broker.
+    /// The same name within a process always reaches the same broker. `?max_bytes=N` bounds
+    /// the memory of its ready messages (see [`MemoryBroker::set_max_bytes`]).
     pub fn connect(uri: &str) -> Result<Self, TransportError> {
         let Some(name) = uri.strip_prefix("memory://") else {
             let scheme = uri.split_once("://").map_or("(none)", |(scheme, _)| scheme);
@@ -40,7 +41,19 @@ impl MemoryTransport {
                  '{scheme}'"
             )));
         };
-        Ok(MemoryBroker::named(name.trim_end_matches('/')).connect())
+        let (name, query) = name.split_once('?').unwrap_or((name, ""));
+        let broker = MemoryBroker::named(name.trim_end_matches('/'));
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match (key.as_ref(), value.parse::<u64>()) {
+                ("max_bytes", Ok(max_bytes)) if max_bytes > 0 => broker.set_max_bytes(max_bytes),
+                _ => {
+                    return Err(TransportError::Connection(format!(
+                        "invalid memory:// option {key}={value}: expected max_bytes=N (N > 0)"
+                    )))
+                }
+            }
+        }
+        Ok(broker.connect())
     }
 
     /// The broker this transport is connected to.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::amqp::limits::check_size;
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::rpc_exchange;
 use crate::amqp::rpc::pending::RpcReply;
@@ -28,6 +29,7 @@ pub(crate) struct Caller {
     pub timeout: Duration,
     pub headers: Headers,
     pub metrics: Option<Metrics>,
+    pub max_message_size: usize,
 }
 
 impl Caller {
@@ -46,6 +48,7 @@ impl Caller {
             timeout: config.rpc_timeout,
             headers,
             metrics: None,
+            max_message_size: config.max_message_size,
         }
     }
 
@@ -83,9 +86,11 @@ impl Caller {
                 )))
             }
         };
+        let body = request_body(args, kwargs);
+        check_size(&format!("RPC request {service}.{method}"), body.len(), self.max_message_size)?;
         let queue = self.listener.queue(&self.transport, &self.exchange).await?;
         let correlation_id = uuid::Uuid::new_v4().to_string();
-        let receiver = queue.expect(&correlation_id);
+        let receiver = queue.expect(&correlation_id)?;
         let reply = RpcReply::new(
             service,
             method,
@@ -99,7 +104,7 @@ impl Caller {
         properties.headers = self.headers.clone();
         properties.reply_to = Some(queue.routing_key().to_owned());
         properties.correlation_id = Some(correlation_id);
-        let request = OutgoingMessage { body: request_body(args, kwargs), properties };
+        let request = OutgoingMessage { body, properties };
         let routing_key = format!("{service}.{method}");
         match self
             .transport

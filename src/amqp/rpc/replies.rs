@@ -19,6 +19,10 @@ static LISTENERS: ConnectionLocal<ReplyListener> = ConnectionLocal::new();
 /// How many replies the reply consumer may hold unacknowledged.
 const REPLY_PREFETCH: u16 = 1000;
 
+/// How many calls of one service instance may wait for replies at once: a flood of calls
+/// to a service that does not answer ends in a clear error, not in unbounded memory.
+pub(crate) const MAX_PENDING_CALLS: usize = 65_536;
+
 /// What a reply carries: the result or the remote error; `Err` when it was unreadable.
 pub(crate) type ReplyOutcome = Result<Result<serde_json::Value, RemoteException>, String>;
 
@@ -104,14 +108,23 @@ impl ReplyQueue {
     }
 
     /// Wait for the reply with `correlation_id` (register before sending the request).
-    pub(crate) fn expect(&self, correlation_id: &str) -> oneshot::Receiver<ReplyOutcome> {
+    /// Refused when [`MAX_PENDING_CALLS`] calls wait already.
+    pub(crate) fn expect(
+        &self,
+        correlation_id: &str,
+    ) -> Result<oneshot::Receiver<ReplyOutcome>, TransportError> {
         let (sender, receiver) = oneshot::channel();
         let mut pending = self.pending();
+        if pending.len() >= MAX_PENDING_CALLS {
+            return Err(TransportError::LimitReached(format!(
+                "{MAX_PENDING_CALLS} RPC calls of this service instance wait for replies already; call refused"
+            )));
+        }
         // once the consumer has ended, the sender is dropped: the call fails at once
         if !self.closed.load(Ordering::Acquire) {
             pending.insert(correlation_id.to_owned(), sender);
         }
-        receiver
+        Ok(receiver)
     }
 
     /// Stop waiting for the reply with `correlation_id` (timed out, or given up).

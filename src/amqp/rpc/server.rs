@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
+use crate::amqp::limits::check_size;
 use crate::amqp::rpc::registry::RpcRegistry;
 use crate::amqp::rpc::wire::{reply_body, request_arguments, RemoteException};
 use crate::amqp::transport::{ConsumeOptions, Delivery, OutgoingMessage, PublishOptions};
@@ -78,6 +79,15 @@ async fn handle(registry: Arc<RpcRegistry>, consumer_route: RouteHandle, deliver
         None => (Err(RemoteException::nameko("MethodNotFound", method)), consumer_route, None),
         Some(route) => match well_formed(&message) {
             Err(reason) => {
+                let handled = Handled::Failed(Failure::bad_input(reason.clone()));
+                (Err(RemoteException::nameko("MalformedRequest", reason)), route, Some(handled))
+            }
+            Ok(()) if message.body.len() > route.config().max_message_size => {
+                let reason = format!(
+                    "request of {} bytes exceeds MAX_MESSAGE_SIZE ({} bytes)",
+                    message.body.len(),
+                    route.config().max_message_size
+                );
                 let handled = Handled::Failed(Failure::bad_input(reason.clone()));
                 (Err(RemoteException::nameko("MalformedRequest", reason)), route, Some(handled))
             }
@@ -158,7 +168,15 @@ async fn reply(
     };
     let mut properties = json_properties();
     properties.correlation_id = request.properties.correlation_id.clone();
-    let message = OutgoingMessage { body: reply_body(outcome), properties };
+    let mut body = reply_body(outcome);
+    let max_size = route.config().max_message_size;
+    if let Err(too_large) = check_size("RPC reply", body.len(), max_size) {
+        tracing::warn!(route = route.name(), "{too_large}: replying an error instead");
+        let reason =
+            format!("result of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)", body.len());
+        body = reply_body(&Err(RemoteException::nameko("UnserializableValueError", reason)));
+    }
+    let message = OutgoingMessage { body, properties };
     route
         .transport()
         .publish(&route.config().rpc_exchange, reply_to, message, PublishOptions::default())

@@ -116,6 +116,7 @@ impl State {
                 Ok(())
             };
         };
+        self.check_room(message.body.len(), targets.len())?;
         let message = Message {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),

@@ -1,0 +1,199 @@
+//! Limits: `MAX_MESSAGE_SIZE` on what a service receives and sends, the in-process broker's
+//! memory bound and the bound on pending RPC calls. Each limit gives a clear error and loses
+//! nothing.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::{broker_uris, cleanup, config, unique, Probe};
+use micro_framework::amqp::dependencies::Producer;
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::amqp::memory::MemoryTransport;
+use micro_framework::amqp::rpc::{Args, Client, RpcError};
+use micro_framework::amqp::settle::HEADER_ERROR;
+use micro_framework::amqp::transport::{
+    ExchangeSpec, HeaderValue, OutgoingMessage, PublishOptions, QueueSpec, Transport,
+    TransportError,
+};
+use micro_framework::dependencies::Shared;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
+
+use serde_json::{json, Value};
+
+fn record(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(payload);
+    probe.leave();
+}
+
+#[tokio::test]
+async fn oversized_events_are_dead_lettered_with_the_reason_and_others_handled() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let source = unique("big_source");
+        let config = Config { max_message_size: 1024, ..config(&uri, "big_sink") };
+        let service_name = config.service_name.clone();
+        let routes = vec![Route::new(record)
+            .entrypoint(EventListener::new(source.clone(), "data"))
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let sender = Producer::new(service.transport().clone(), &Config::new(source.clone()));
+        sender.dispatch("data", &json!({"pad": "x".repeat(2000)})).await.unwrap();
+        sender.dispatch("data", &json!({"small": true})).await.unwrap();
+        service.wait_for_route("record", 2).await.unwrap();
+        assert_eq!(probe.seen.lock().unwrap().clone(), vec![json!({"small": true})]);
+        let queue = format!("evt-{source}-data--{service_name}.record.dlq");
+        let dead = service.take_messages(&queue).await.unwrap();
+        assert_eq!(dead.len(), 1, "the oversized event is kept in the dead-letter queue");
+        let reason = dead[0].properties.headers.get(HEADER_ERROR).and_then(HeaderValue::as_str);
+        let reason = reason.unwrap_or_default().to_owned();
+        assert!(reason.contains("exceeds MAX_MESSAGE_SIZE (1024 bytes)"), "{reason}");
+        assert!(dead[0].body.len() > 2000, "the dead letter keeps the whole body");
+        service.stop().await.unwrap();
+        cleanup(&uri, &[source, service_name]).await;
+    }
+}
+
+#[tokio::test]
+async fn oversized_events_are_refused_before_publishing() {
+    for uri in broker_uris() {
+        let config = Config { max_message_size: 100, ..config(&uri, "big_producer") };
+        let transport = micro_framework::amqp::connect(&config).await.unwrap();
+        let producer = Producer::new(transport.clone(), &config);
+        let error = producer.dispatch("data", &"x".repeat(200)).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "limit reached: event data of 202 bytes exceeds MAX_MESSAGE_SIZE (100 bytes); not sent"
+        );
+        producer.dispatch("data", &"small").await.unwrap();
+        transport.close().await;
+        cleanup(&uri, &[config.service_name.clone()]).await;
+    }
+}
+
+fn echo(Args((x,)): Args<(Value,)>) -> Value {
+    x
+}
+
+fn big(Args(()): Args<()>) -> String {
+    "y".repeat(4000)
+}
+
+#[tokio::test]
+async fn rpc_requests_and_replies_over_the_limit_get_clear_errors() {
+    for uri in broker_uris() {
+        let config = Config { max_message_size: 1024, ..config(&uri, "big_rpc") };
+        let service_name = config.service_name.clone();
+        let routes = vec![
+            Route::new(echo).entrypoint(RPCListener::new()),
+            Route::new(big).entrypoint(RPCListener::new()),
+        ];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let client = Client::connect(&Config { amqp_uri: uri.clone(), ..Config::new("caller") })
+            .await
+            .unwrap();
+        let error =
+            client.call::<Value>(&service_name, "echo", ("z".repeat(2000),), ()).await.unwrap_err();
+        match &error {
+            RpcError::MalformedRequest(reason) => {
+                assert!(reason.contains("exceeds MAX_MESSAGE_SIZE (1024 bytes)"), "{reason}")
+            }
+            other => panic!("expected MalformedRequest, got {other:?}"),
+        }
+        let error = client.call::<Value>(&service_name, "big", (), ()).await.unwrap_err();
+        match &error {
+            RpcError::RemoteError { exc_type, value, .. } => {
+                assert_eq!(exc_type, "UnserializableValueError");
+                assert!(value.contains("result of 4"), "{value}");
+            }
+            other => panic!("expected a remote error, got {other:?}"),
+        }
+        let small: Value = client.call(&service_name, "echo", ("ok",), ()).await.unwrap();
+        assert_eq!(small, json!("ok"));
+
+        let strict = Client::connect(&Config {
+            amqp_uri: uri.clone(),
+            max_message_size: 64,
+            ..Config::new("caller")
+        })
+        .await
+        .unwrap();
+        let error =
+            strict.call::<Value>(&service_name, "echo", ("w".repeat(100),), ()).await.unwrap_err();
+        assert!(
+            matches!(&error, RpcError::Transport(TransportError::LimitReached(_))),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("exceeds MAX_MESSAGE_SIZE (64 bytes); not sent"));
+        client.close().await;
+        strict.close().await;
+        service.stop().await.unwrap();
+        cleanup(&uri, &[service_name]).await;
+    }
+}
+
+#[tokio::test]
+async fn the_in_process_broker_refuses_publishes_beyond_its_memory_bound() {
+    let uri = format!("memory://bounded-{}?max_bytes=4096", uuid::Uuid::new_v4());
+    let transport = MemoryTransport::connect(&uri).unwrap();
+    transport.declare_exchange(&ExchangeSpec::topic("flood")).await.unwrap();
+    transport.declare_queue(&QueueSpec::durable("sink")).await.unwrap();
+    let message = |n: usize| OutgoingMessage {
+        body: Bytes::from(format!("{n:0>500}")),
+        ..OutgoingMessage::default()
+    };
+    let mut accepted = 0;
+    let refused = loop {
+        match transport.publish("", "sink", message(accepted), PublishOptions::default()).await {
+            Ok(()) => accepted += 1,
+            Err(error) => break error,
+        }
+        assert!(accepted < 100, "the bound never applied");
+    };
+    assert!(matches!(refused, TransportError::LimitReached(_)), "{refused:?}");
+    assert!(refused.to_string().contains("publish refused"), "{refused}");
+    assert_eq!(accepted, 5, "5 × (500 + 256) bytes fit in 4096, a sixth does not");
+    assert_eq!(transport.queue_info("sink").await.unwrap().message_count, 5, "nothing lost");
+    // consuming makes room again
+    let first = transport.get("sink").await.unwrap().unwrap();
+    first.acker.ack().await.unwrap();
+    transport.publish("", "sink", message(99), PublishOptions::default()).await.unwrap();
+
+    let bad = MemoryTransport::connect("memory://bounded?max_bytes=lots").err().unwrap();
+    assert!(bad.to_string().contains("invalid memory:// option max_bytes=lots"), "{bad}");
+}
+
+#[tokio::test]
+async fn pending_rpc_calls_are_bounded() {
+    let uri = format!("memory://pending-{}", uuid::Uuid::new_v4());
+    let transport = MemoryTransport::connect(&uri).unwrap();
+    // a "service" whose queue takes requests and never answers
+    transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
+    transport.declare_queue(&QueueSpec::durable("rpc-silent")).await.unwrap();
+    let binding = micro_framework::amqp::transport::BindingSpec {
+        queue: "rpc-silent".into(),
+        exchange: "nameko-rpc".into(),
+        routing_key: "silent.*".into(),
+        arguments: Default::default(),
+    };
+    transport.bind_queue(&binding).await.unwrap();
+    let client =
+        Client::connect(&Config { amqp_uri: uri.clone(), ..Config::new("flooder") }).await.unwrap();
+    let silent = client.service("silent");
+    let mut waiting = Vec::new();
+    let refused = loop {
+        match silent.call_async("wait", (), ()).await {
+            Ok(reply) => waiting.push(reply),
+            Err(error) => break error,
+        }
+        assert!(waiting.len() <= 65_536, "the bound never applied");
+    };
+    assert_eq!(waiting.len(), 65_536);
+    assert!(matches!(&refused, RpcError::Transport(TransportError::LimitReached(_))));
+    assert!(refused.to_string().contains("wait for replies already; call refused"), "{refused}");
+    waiting.truncate(10);
+    assert!(silent.call_async("wait", (), ()).await.is_ok(), "room again once calls end");
+    client.close().await;
+}
