@@ -69,7 +69,7 @@ async fn oversized_events_are_refused_before_publishing() {
         );
         producer.dispatch("data", &"small").await.unwrap();
         transport.close().await;
-        cleanup(&uri, &[config.service_name.clone()]).await;
+        cleanup(&uri, std::slice::from_ref(&config.service_name)).await;
     }
 }
 
