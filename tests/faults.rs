@@ -90,7 +90,7 @@ fn spawn_recorder(uri: &str, service: &str, mode: &str, file: &Path) -> Child {
         .env("SERVICE_NAME", service)
         .env("WORKER_MODE", mode)
         .env("MAX_WORKERS", "4")
-        .env("WORK_MS", "10")
+        .env("WORK_MS", "30")
         .env("RECORD_FILE", file)
         .env("RUST_LOG", "warn")
         .spawn()
