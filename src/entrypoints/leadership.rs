@@ -33,9 +33,15 @@ impl Leadership {
             self.held = None;
         }
         let transport = route.transport();
-        if let Err(error) = transport.declare_queue(&self.queue).await {
-            tracing::warn!(route = route.name(), "cannot declare {}: {error}", self.queue.name);
-            return false;
+        match transport.declare_queue(&self.queue).await {
+            // another instance leads; trying its exclusive consumer would only be refused
+            // (and logged by the AMQP client)
+            Ok(info) if info.consumer_count > 0 => return false,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(route = route.name(), "cannot declare {}: {error}", self.queue.name);
+                return false;
+            }
         }
         let options = ConsumeOptions { prefetch: 1, exclusive: true, consumer_tag: String::new() };
         match transport.consume(&self.queue.name, options).await {
