@@ -89,7 +89,7 @@ impl Runner {
     /// What the service declares (exchanges, queues, bindings), found by setting up its
     /// entrypoints on a private in-process broker: nothing is sent to the real broker.
     pub async fn topology(mut self) -> Result<Topology> {
-        self.config.amqp_uri = format!("memory://topology-{}", uuid::Uuid::new_v4());
+        self.config.amqp_uri = format!("{TOPOLOGY_BROKER}{}", uuid::Uuid::new_v4());
         let (config, plans) = self.prepare()?;
         let memory = crate::amqp::connect(&config).await?;
         let recorder = Arc::new(Recorder::new(memory.clone(), &config.service_name));
@@ -178,6 +178,15 @@ impl Runner {
         let plans = plan_routes(self.contexts, &self.dependencies, &config)?;
         Ok((config, plans))
     }
+}
+
+/// The broker of [`Runner::topology`]: entrypoints set up on it only declare, they do not
+/// listen on sockets.
+const TOPOLOGY_BROKER: &str = "memory://topology-";
+
+/// True when `config` is the one [`Runner::topology`] sets entrypoints up with.
+pub(crate) fn reads_topology_only(config: &Config) -> bool {
+    config.amqp_uri.starts_with(TOPOLOGY_BROKER)
 }
 
 const CONNECT_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -480,6 +489,12 @@ impl RunningService {
     /// Where `/metrics` and `/health/*` are served (`ENABLE_METRICS=true`).
     pub fn metrics_address(&self) -> Option<SocketAddr> {
         self.metrics_address
+    }
+
+    /// Where the WebSocket entrypoints listen (`WEBSOCKET_IP:WEBSOCKET_PORT`; with port 0 the
+    /// port the system picked), while the service runs and has any.
+    pub fn websocket_address(&self) -> Option<SocketAddr> {
+        crate::websocket::address_of(&self.transport)
     }
 
     /// Begin a graceful stop without waiting for it.

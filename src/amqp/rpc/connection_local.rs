@@ -37,6 +37,15 @@ impl<T> ConnectionLocal<T> {
         value
     }
 
+    /// The value of `transport`, if it has one.
+    pub(crate) fn get(&self, transport: &SharedTransport) -> Option<Arc<T>> {
+        let entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        entries
+            .iter()
+            .find(|(weak, _)| weak.strong_count() > 0 && same(weak, transport))
+            .map(|(_, value)| value.clone())
+    }
+
     /// Forget the value of `transport`.
     pub(crate) fn remove(&self, transport: &SharedTransport) {
         let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -33,7 +33,7 @@
 mod args;
 mod caller;
 mod client;
-mod connection_local;
+pub(crate) mod connection_local;
 mod error;
 mod field_names;
 pub mod naming;
