@@ -104,13 +104,13 @@ impl WebSocketRpcClient {
         let frame = request_frame(command, arguments(args)?, keyword_arguments(kwargs)?);
         let deadline = Instant::now() + self.timeout;
         loop {
-            let reply = tokio::time::timeout_at(deadline, self.exchange(&frame))
-                .await
-                .map_err(|_| WebSocketRpcError::Timeout {
+            let reply = tokio::time::timeout_at(deadline, self.exchange(&frame)).await.map_err(
+                |_| WebSocketRpcError::Timeout {
                     command: command.to_owned(),
                     url: self.url.clone(),
                     after: self.timeout,
-                })??;
+                },
+            )??;
             match (reply, self.retry_interval) {
                 (Ok(data), _) => {
                     return serde_json::from_value(data)
@@ -156,7 +156,10 @@ impl WebSocketRpcClient {
             tokio_tungstenite::connect_async_with_config(&self.url, Some(frame_limits()), true)
                 .await
                 .map_err(|error| {
-                    WebSocketRpcError::Connection(format!("cannot connect to {}: {error}", self.url))
+                    WebSocketRpcError::Connection(format!(
+                        "cannot connect to {}: {error}",
+                        self.url
+                    ))
                 })?;
         socket.send(Message::text(frame)).await.map_err(|error| lost(error.to_string()))?;
         let reply = loop {

@@ -40,11 +40,12 @@ pub(crate) async fn serve_client(
     peer: SocketAddr,
     stopping: CancellationToken,
 ) {
-    let handshake =
-        tokio_tungstenite::accept_async_with_config(stream, Some(frame_limits()));
+    let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(frame_limits()));
     let mut socket = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(socket)) => socket,
-        Ok(Err(error)) => return tracing::debug!("WebSocket handshake with {peer} failed: {error}"),
+        Ok(Err(error)) => {
+            return tracing::debug!("WebSocket handshake with {peer} failed: {error}")
+        }
         Err(_) => return tracing::debug!("WebSocket handshake with {peer} timed out"),
     };
     tracing::debug!("WebSocket client {peer} connected");
@@ -118,8 +119,7 @@ async fn finish(mut socket: Socket, mut calls: JoinSet<String>, end: End, peer: 
         return tracing::debug!("cannot close the WebSocket connection of {peer}: {error}");
     }
     // wait a little for the client's close frame, for a clean close
-    let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        while let Some(Ok(_)) = socket.next().await {}
-    })
-    .await;
+    let _ =
+        tokio::time::timeout(CLOSE_WAIT, async { while let Some(Ok(_)) = socket.next().await {} })
+            .await;
 }

@@ -1,5 +1,7 @@
 //! [`WebSocketEntrypoint`]: serve a route as a WebSocket RPC command.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::amqp::transport::SharedTransport;
@@ -40,13 +42,17 @@ pub struct WebSocketEntrypoint {
 /// closes the socket; once running, the server's end forgets the whole registry.
 #[derive(Debug)]
 struct Registration {
+    registry: Arc<WsRegistry>,
     transport: Option<SharedTransport>,
     command: String,
 }
 
 impl Registration {
-    fn keep(mut self) {
+    /// The registry, kept for good: the server forgets it when it stops, which may be before
+    /// another entrypoint of the service first runs.
+    fn keep(mut self) -> Arc<WsRegistry> {
         self.transport = None;
+        self.registry.clone()
     }
 }
 
@@ -83,6 +89,7 @@ impl Entrypoint for WebSocketEntrypoint {
         }
         registry.register(route.clone());
         self.registration = Some(Registration {
+            registry,
             transport: Some(route.transport().clone()),
             command: route.name().to_owned(),
         });
@@ -94,8 +101,7 @@ impl Entrypoint for WebSocketEntrypoint {
             .registration
             .take()
             .ok_or_else(|| Error::Startup(format!("{} was not set up", self.describe())))?;
-        registration.keep();
-        let registry = WsRegistry::of(route.transport());
+        let registry = registration.keep();
         if !registry.claim_server() {
             // another WebSocket route of the service serves the socket for this one too
             route.stopping().cancelled().await;
