@@ -144,13 +144,11 @@ impl Raw {
 
     /// The close code the server ends the connection with.
     async fn closed(&mut self) -> Option<CloseCode> {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), self.0.next()).await {
-                Err(_) => panic!("the connection was not closed in time"),
-                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|frame| frame.code),
-                Ok(Some(Ok(other))) => panic!("unexpected frame while closing: {other:?}"),
-                Ok(Some(Err(_)) | None) => return None,
-            }
+        match tokio::time::timeout(Duration::from_secs(10), self.0.next()).await {
+            Err(_) => panic!("the connection was not closed in time"),
+            Ok(Some(Ok(Message::Close(frame)))) => frame.map(|frame| frame.code),
+            Ok(Some(Ok(other))) => panic!("unexpected frame while closing: {other:?}"),
+            Ok(Some(Err(_)) | None) => None,
         }
     }
 }
