@@ -47,13 +47,18 @@
 //! a client that sends several calls on one connection may add an `"id"` (any JSON value) to
 //! each request: the reply carries it back.
 //!
+//! Differences from the Python server, all on bad input: a frame that is JSON but not a
+//! request gets an `RPCMalformedMessage` reply (Python's handler raises and drops the
+//! connection); `command_args` must be a list (Python unpacks any iterable); a command never
+//! resolves to a method of the server (Python tries `getattr(manager, command)` first).
+//!
 //! Limits: a frame of at most 1 MiB (the Python server's default; a larger one closes the
 //! connection with 1009), at most 32 calls running per connection, a call only when a worker
 //! of the route's pool is free at once. On shutdown the server stops accepting connections and
 //! reading frames, lets running calls finish (up to `SHUTDOWN_TIMEOUT`) and reply, then
 //! closes each connection with 1001.
 //!
-//! ```no_run
+//! ```
 //! use micro_framework::prelude::*;
 //! use micro_framework::amqp::rpc::Args;
 //! use micro_framework::websocket::{WebSocketEntrypoint, WebSocketRpcClient};
@@ -64,8 +69,13 @@
 //!
 //! fn add(Args(Add { a, b }): Args<Add>) -> i64 { a + b }
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = Config { websocket_port: 0, ..Config::new("math") };
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config {
+//!     amqp_uri: "memory://".into(),
+//!     websocket_ip: "127.0.0.1".into(),
+//!     websocket_port: 0,
+//!     ..Config::new("math")
+//! };
 //! let routes = vec![Route::new(add).entrypoint(WebSocketEntrypoint::new())];
 //! let service = Runner::new(routes, config).spawn().await?;
 //!
