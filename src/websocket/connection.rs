@@ -41,7 +41,11 @@ pub(crate) async fn serve_client(
     stopping: CancellationToken,
 ) {
     let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(frame_limits()));
-    let mut socket = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let handshake = tokio::select! {
+        _ = stopping.cancelled() => return,
+        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => handshake,
+    };
+    let mut socket = match handshake {
         Ok(Ok(socket)) => socket,
         Ok(Err(error)) => {
             return tracing::debug!("WebSocket handshake with {peer} failed: {error}")

@@ -15,6 +15,8 @@ use crate::workers::{Handled, RouteHandle};
 const LIST_TARGETS: &str = "__list_targets__";
 /// Describes one command.
 const GET_TARGET: &str = "__get_target__";
+/// The refusal of a call for want of a worker.
+const MAX_CONNECTIONS_REACHED: &str = "MaxConnectionsReached";
 
 /// What to do with a frame.
 #[derive(Debug)]
@@ -44,8 +46,13 @@ pub(crate) fn dispatch(registry: &WsRegistry, frame: &[u8], in_flight: usize) ->
         }
     };
     let reply = |outcome: Result<Value, RemoteError>| {
-        if let Err(error) = &outcome {
-            tracing::warn!("WebSocket command {} refused: {error}", request.command);
+        match &outcome {
+            // refusals for want of a worker come in floods under load: not worth a warning each
+            Err(error) if error.is_framework(MAX_CONNECTIONS_REACHED) => {
+                tracing::debug!("WebSocket command {} refused: {error}", request.command)
+            }
+            Err(error) => tracing::warn!("WebSocket command {} refused: {error}", request.command),
+            Ok(_) => {}
         }
         Step::Reply(reply_frame(request.id.as_ref(), &outcome))
     };
@@ -78,7 +85,7 @@ pub(crate) fn dispatch(registry: &WsRegistry, frame: &[u8], in_flight: usize) ->
 /// A call refused for want of a worker: the Python original's `MaxConnectionsReached`
 /// ("No Available Workers"), on which its client tries again.
 fn refusal(why: String) -> RemoteError {
-    RemoteError::framework("MaxConnectionsReached", format!("No Available Workers: {why}"))
+    RemoteError::framework(MAX_CONNECTIONS_REACHED, format!("No Available Workers: {why}"))
 }
 
 /// `__get_target__(target)`: a command's detail; an unknown one is Python's `KeyError`.

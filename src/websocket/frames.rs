@@ -8,7 +8,7 @@ use crate::amqp::rpc::RemoteException;
 use crate::failure::{Failure, FailureKind};
 
 /// Where the Python original's own exceptions live; its clients rebuild the ones found there.
-pub(crate) const FRAMEWORK_EXCEPTIONS: &str = "micro_framework.exceptions";
+const FRAMEWORK_EXCEPTIONS: &str = "micro_framework.exceptions";
 /// How much of an unreadable frame an error message quotes.
 const EXCERPT: usize = 200;
 

@@ -56,7 +56,8 @@
 //! connection with 1009), at most 32 calls running per connection, a call only when a worker
 //! of the route's pool is free at once. On shutdown the server stops accepting connections and
 //! reading frames, lets running calls finish (up to `SHUTDOWN_TIMEOUT`) and reply, then
-//! closes each connection with 1001.
+//! closes each connection with 1001. Every frame read is started or refused at once, so
+//! nothing received waits unstarted: `thread` and `greedy_thread` stop alike.
 //!
 //! ```
 //! use micro_framework::prelude::*;
