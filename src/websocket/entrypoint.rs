@@ -20,7 +20,9 @@ use crate::workers::RouteHandle;
 /// start. The target takes the frame's `command_args`/`command_kwargs` through
 /// [`Args<T>`](crate::amqp::rpc::Args), as an RPC target does; its return value is the
 /// reply's `data`. A call needs a free worker of the route's pool at once: when none is
-/// free the reply is the error `MaxConnectionsReached`, nothing waits in a queue. See the
+/// free the reply is the error `MaxConnectionsReached`, nothing waits in a queue. A `BackOff`
+/// retries in the worker before the reply; an `AsyncBackOff` is not scheduled and a
+/// `CallbackRoute`'s callback runs, but the failure is replied either way. See the
 /// [module](crate::websocket) for the frames.
 ///
 /// ```
