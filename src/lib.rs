@@ -54,6 +54,7 @@ pub mod spawners;
 pub mod targets;
 pub mod testing;
 pub mod translators;
+pub mod websocket;
 pub mod workers;
 
 pub use async_trait::async_trait;

@@ -485,6 +485,12 @@ impl RunningService {
         self.metrics_address
     }
 
+    /// Where the WebSocket entrypoints listen (`WEBSOCKET_IP:WEBSOCKET_PORT`; with port 0 the
+    /// port the system picked), while the service runs and has any.
+    pub fn websocket_address(&self) -> Option<SocketAddr> {
+        crate::websocket::address_of(&self.transport)
+    }
+
     /// Begin a graceful stop without waiting for it.
     pub fn begin_stop(&self) {
         self.stopping.cancel();

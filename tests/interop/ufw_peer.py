@@ -12,6 +12,8 @@ Sub-commands (see tests/interop/README.md):
            [--delete-exchange]
   listen   --service SVC --source SRC --event EVT --count N [--target handle]
            [--keep-queue]
+  ws-call  --url ws://HOST:PORT --calls '[[COMMAND, ARGS, KWARGS], ...]'
+  ws-serve --port PORT [--max-workers N]
 
 ``dispatch`` uses the package's own standalone helper
 (``get_dependency_standalone_sync(Producer(...))``); like every
@@ -221,6 +223,137 @@ def cmd_listen(args, state):
     return 0
 
 
+# --------------------------------------------------------------------------
+# WebSocket RPC
+
+
+def patch_websockets_for_python_3_10():
+    """Let websockets 8.1 serve on Python >= 3.10 (test-only shim).
+
+    micro-framework 2.1.1 caps ``websockets<9``; 8.1 passes ``loop=`` to
+    ``asyncio.Lock``/``sleep``/``wait``/``wait_for`` (removed in 3.10) and
+    coroutines to ``asyncio.wait`` (removed in 3.11), so on the venv's Python
+    3.11 its server resets every connection ("Lock.__init__() got an
+    unexpected keyword argument 'loop'"). The shim drops the argument and wraps
+    the coroutines; the package's server, manager and entrypoint code run
+    unchanged.
+    """
+    import asyncio
+    import functools
+
+    def without_loop(function):
+        @functools.wraps(function)
+        def call(*args, loop=None, **kwargs):
+            return function(*args, **kwargs)
+
+        return call
+
+    class Lock(asyncio.Lock):
+        def __init__(self, *, loop=None):
+            super().__init__()
+
+    wait = asyncio.wait
+
+    async def wait_tasks(aws, *args, loop=None, **kwargs):
+        return await wait([asyncio.ensure_future(aw) for aw in aws], *args, **kwargs)
+
+    asyncio.Lock = Lock
+    asyncio.sleep = without_loop(asyncio.sleep)
+    asyncio.wait_for = without_loop(asyncio.wait_for)
+    asyncio.wait = wait_tasks
+
+
+def cmd_ws_call(args, state):
+    """Call a WebSocket RPC server the way micro-framework's client would.
+
+    The package's ``WebSocketRPCClient`` cannot make a call in 2.1.1: its
+    factories build the abstract ``RPCConnector`` ("Can't instantiate abstract
+    class"), and ``RPCClient.make_call`` uses ``WSConnection`` as a context
+    manager, which it is not. So this uses the pieces those classes are made
+    of: ``WSConnection.send_and_receive`` (websocket-client, one connection per
+    call), ``format_rpc_command`` and ``parse_rpc_response``.
+    """
+    from micro_framework.rpc.formatters import format_rpc_command, parse_rpc_response
+    from micro_framework.websocket.connectors import WSConnection
+
+    connection = WSConnection(args.url, args.call_timeout)
+    for command, call_args, call_kwargs in json.loads(args.calls):
+        reply = connection.send_and_receive(
+            format_rpc_command(command, *call_args, **call_kwargs)
+        )
+        result = parse_rpc_response(reply)
+        line = {"command": command, "raw": json.loads(reply)}
+        if isinstance(result, Exception):
+            line["error"] = {
+                "type": type(result).__name__,
+                "module": type(result).__module__,
+                "str": str(result),
+            }
+        else:
+            line["result"] = result
+        emit(line)
+    emit({"done": True, "calls": len(json.loads(args.calls))})
+    return 0
+
+
+def cmd_ws_serve(args, state):
+    """Serve add(a, b), fail(x), slow(seconds) and quit_peer() with WebSocketEntrypoint.
+
+    Prints ``ready`` once the port accepts connections; a call of ``quit_peer``
+    ends the run (exit 0) after its reply went out.
+    """
+    patch_websockets_for_python_3_10()
+    import socket
+
+    from micro_framework import Route, Runner, RunnerContext
+    from micro_framework.websocket.entrypoints import WebSocketEntrypoint
+
+    stopped = threading.Event()
+
+    def add(a, b):
+        return a + b
+
+    def fail(x):
+        raise ValueError("bad {}".format(x))
+
+    def slow(seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def quit_peer():  # not "stop": a command named like a manager method calls that method
+        stopped.set()
+        return "stopping"
+
+    routes = [Route(f, entrypoint=WebSocketEntrypoint()) for f in (add, fail, slow, quit_peer)]
+    runner = Runner(
+        contexts=[RunnerContext(routes, worker_mode="thread", max_workers=args.max_workers)],
+        config={
+            "WEBSOCKET_IP": "127.0.0.1",
+            "WEBSOCKET_PORT": args.port,
+            "MAX_WORKERS": args.max_workers,
+            "ENABLE_METRICS": False,
+        },
+    )
+    loop = asyncio.new_event_loop()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        runner.start()
+
+    threading.Thread(target=run, name="ufw-runner", daemon=True).start()
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", args.port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    emit({"ready": True, "port": args.port})
+    stopped.wait()
+    time.sleep(0.5)  # let the reply to quit_peer() go out
+    emit({"done": True})
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -245,6 +378,17 @@ def build_parser():
     p.add_argument("--target", default="handle", help="target function name")
     p.add_argument("--keep-queue", action="store_true")
     p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("ws-call", parents=[common])
+    p.add_argument("--url", required=True, help="ws://host:port")
+    p.add_argument("--calls", required=True, help="JSON [[command, args, kwargs], ...]")
+    p.add_argument("--call-timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_ws_call)
+
+    p = sub.add_parser("ws-serve", parents=[common])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--max-workers", type=int, default=1)
+    p.set_defaults(func=cmd_ws_serve)
     return parser
 
 

@@ -40,7 +40,10 @@ impl<T> ConnectionLocal<T> {
     /// The value of `transport`, if it has one.
     pub(crate) fn get(&self, transport: &SharedTransport) -> Option<Arc<T>> {
         let entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        entries.iter().find(|(weak, _)| same(weak, transport)).map(|(_, value)| value.clone())
+        entries
+            .iter()
+            .find(|(weak, _)| weak.strong_count() > 0 && same(weak, transport))
+            .map(|(_, value)| value.clone())
     }
 
     /// Forget the value of `transport`.

@@ -1,0 +1,221 @@
+//! [`WebSocketRpcClient`]: call the commands of a WebSocket RPC server (the Python original's
+//! `WebSocketRPCClient`), standalone or as a dependency.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{SinkExt, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::dependencies::Dependency;
+use crate::error::BoxError;
+use crate::websocket::error::WebSocketRpcError;
+use crate::websocket::frame_limits;
+use crate::websocket::frames::{parse_reply, request_frame, RemoteError};
+use crate::workers::WorkerContext;
+
+/// How long a call waits for its reply unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Calls the commands of a WebSocket RPC server at `ws://{address}:{port}`, a Rust
+/// [`WebSocketEntrypoint`](crate::websocket::WebSocketEntrypoint) service or a Python one.
+/// Like the Python original, each call opens its own connection, sends one request and
+/// reads one reply. Calls wait [`DEFAULT_TIMEOUT`] unless told otherwise.
+///
+/// Standalone, from any async code:
+///
+/// ```no_run
+/// use micro_framework::websocket::WebSocketRpcClient;
+/// use serde_json::json;
+///
+/// # async fn run() -> Result<(), micro_framework::websocket::WebSocketRpcError> {
+/// let client = WebSocketRpcClient::new("127.0.0.1", 8765);
+/// let sum: i64 = client.call("add", json!([1]), json!({"b": 2})).await?;
+/// # Ok(()) }
+/// ```
+///
+/// As a dependency (`Dep<WebSocketRpcClient>`), inside a target:
+///
+/// ```
+/// use micro_framework::prelude::*;
+/// use micro_framework::websocket::{WebSocketRpcClient, WebSocketRpcError};
+///
+/// async fn total(Dep(math): Dep<WebSocketRpcClient>) -> Result<i64, WebSocketRpcError> {
+///     math.call("add", (1, 2), ()).await
+/// }
+///
+/// let route = Route::new(total).dependency(WebSocketRpcClient::new("math.internal", 8765));
+/// ```
+#[derive(Clone, Debug)]
+pub struct WebSocketRpcClient {
+    url: String,
+    timeout: Duration,
+    retry_interval: Option<Duration>,
+}
+
+impl WebSocketRpcClient {
+    /// A client of the server at `ws://{address}:{port}` (an IPv6 address is bracketed).
+    pub fn new(address: impl AsRef<str>, port: u16) -> Self {
+        let address = address.as_ref();
+        let host = match address.contains(':') && !address.starts_with('[') {
+            true => format!("[{address}]"),
+            false => address.to_owned(),
+        };
+        WebSocketRpcClient::from_url(format!("ws://{host}:{port}"))
+    }
+
+    /// A client of the server at `url` (`ws://host:port`).
+    pub fn from_url(url: impl Into<String>) -> Self {
+        WebSocketRpcClient { url: url.into(), timeout: DEFAULT_TIMEOUT, retry_interval: None }
+    }
+
+    /// The server's URL.
+    pub fn server(&self) -> &str {
+        &self.url
+    }
+
+    /// Wait `timeout` for each call's reply (connecting included).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// When the server has no free worker (`MaxConnectionsReached`), try again every
+    /// `interval` until the timeout, on a new connection each time, as the Python client does
+    /// (every 0.5 s; useful behind a load balancer). By default the refusal is returned.
+    pub fn retry_when_full(mut self, interval: Duration) -> Self {
+        self.retry_interval = Some(interval);
+        self
+    }
+
+    /// Call `command(*args, **kwargs)` and deserialize the result into `T` (use
+    /// `serde_json::Value` to take anything). `args` must serialize to a JSON array (a tuple,
+    /// `Vec`, `json!([...])`) and `kwargs` to an object; `()` stands for none.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        command: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<T, WebSocketRpcError> {
+        let frame = request_frame(command, arguments(args)?, keyword_arguments(kwargs)?);
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let reply = tokio::time::timeout_at(deadline, self.exchange(&frame)).await.map_err(
+                |_| WebSocketRpcError::Timeout {
+                    command: command.to_owned(),
+                    url: self.url.clone(),
+                    after: self.timeout,
+                },
+            )??;
+            match (reply, self.retry_interval) {
+                (Ok(data), _) => {
+                    return serde_json::from_value(data)
+                        .map_err(|error| WebSocketRpcError::UnexpectedResult(error.to_string()))
+                }
+                (Err(error), Some(interval))
+                    if error.is_framework("MaxConnectionsReached")
+                        && Instant::now() + interval < deadline =>
+                {
+                    tracing::debug!("{} has no free worker for {command}: trying again", self.url);
+                    tokio::time::sleep(interval).await;
+                }
+                (Err(error), _) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// [`WebSocketRpcClient::call`] for sync targets (which run on worker threads). Fails
+    /// with `Unavailable` outside a multi-threaded tokio runtime.
+    pub fn call_blocking<T: DeserializeOwned>(
+        &self,
+        command: &str,
+        args: impl Serialize,
+        kwargs: impl Serialize,
+    ) -> Result<T, WebSocketRpcError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
+            WebSocketRpcError::Unavailable(format!("call_blocking needs a runtime: {error}"))
+        })?;
+        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+            return Err(WebSocketRpcError::Unavailable(
+                "call_blocking cannot run on a current-thread runtime".into(),
+            ));
+        }
+        tokio::task::block_in_place(|| runtime.block_on(self.call(command, args, kwargs)))
+    }
+
+    /// Send `frame` on a new connection and read the reply.
+    async fn exchange(&self, frame: &str) -> Result<Result<Value, RemoteError>, WebSocketRpcError> {
+        let lost = |error: String| {
+            WebSocketRpcError::Connection(format!("connection to {} lost: {error}", self.url))
+        };
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async_with_config(&self.url, Some(frame_limits()), true)
+                .await
+                .map_err(|error| {
+                    WebSocketRpcError::Connection(format!(
+                        "cannot connect to {}: {error}",
+                        self.url
+                    ))
+                })?;
+        socket.send(Message::text(frame)).await.map_err(|error| lost(error.to_string()))?;
+        let reply = loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => break parse_reply(text.as_bytes()),
+                Some(Ok(Message::Binary(bytes))) => break parse_reply(&bytes),
+                Some(Ok(Message::Close(frame))) => {
+                    let why = frame.map(|frame| format!(" ({} {})", frame.code, frame.reason));
+                    return Err(lost(format!("closed before replying{}", why.unwrap_or_default())));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => return Err(lost(error.to_string())),
+                None => return Err(lost("closed before replying".into())),
+            }
+        };
+        if let Err(error) = socket.close(None).await {
+            tracing::debug!("cannot close the connection to {}: {error}", self.url);
+        }
+        reply.map_err(WebSocketRpcError::InvalidReply)
+    }
+}
+
+/// `args` as the request's `command_args` (`()` or `null`: none).
+fn arguments(args: impl Serialize) -> Result<Vec<Value>, WebSocketRpcError> {
+    match to_value(args, "args")? {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(args) => Ok(args),
+        other => {
+            Err(WebSocketRpcError::InvalidArguments(format!("args must be an array, got {other}")))
+        }
+    }
+}
+
+/// `kwargs` as the request's `command_kwargs` (`()` or `null`: none).
+fn keyword_arguments(kwargs: impl Serialize) -> Result<Map<String, Value>, WebSocketRpcError> {
+    match to_value(kwargs, "kwargs")? {
+        Value::Null => Ok(Map::new()),
+        Value::Object(kwargs) => Ok(kwargs),
+        other => Err(WebSocketRpcError::InvalidArguments(format!(
+            "kwargs must be an object, got {other}"
+        ))),
+    }
+}
+
+fn to_value(value: impl Serialize, what: &str) -> Result<Value, WebSocketRpcError> {
+    serde_json::to_value(value).map_err(|error| {
+        WebSocketRpcError::InvalidArguments(format!("{what} cannot be serialized: {error}"))
+    })
+}
+
+/// A target takes the client as `Dep<WebSocketRpcClient>`.
+#[async_trait]
+impl Dependency for WebSocketRpcClient {
+    type Output = WebSocketRpcClient;
+
+    async fn get(&self, _call: &WorkerContext) -> Result<WebSocketRpcClient, BoxError> {
+        Ok(self.clone())
+    }
+}

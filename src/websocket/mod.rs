@@ -1,0 +1,132 @@
+//! WebSocket RPC, wire-compatible with the Python `micro-framework` 2.1.1
+//! (`micro_framework.websocket`).
+//!
+//! - Serving: a route with the [`WebSocketEntrypoint`] is the command `{route name}`, served
+//!   on `WEBSOCKET_IP:WEBSOCKET_PORT` (default `0.0.0.0:8765`; port 0 picks a free port,
+//!   see [`RunningService::websocket_address`](crate::RunningService::websocket_address)).
+//!   Its target takes the arguments through [`Args<T>`](crate::amqp::rpc::Args), exactly as
+//!   an RPC target does.
+//! - Calling: [`WebSocketRpcClient`], standalone or as a dependency (`Dep<WebSocketRpcClient>`).
+//!
+//! # Frames
+//!
+//! One JSON text frame per request (binary frames holding JSON are read too):
+//!
+//! ```json
+//! {"command": "add", "command_args": [1], "command_kwargs": {"b": 2}}
+//! ```
+//!
+//! `command_args` and `command_kwargs` may be left out. One JSON text frame per reply, the
+//! result in `data` or the error in `exception` (the Python original's
+//! `format_rpc_response`):
+//!
+//! ```json
+//! {"data": 3, "exception": null}
+//! {"data": null, "exception": {"exception": "RPCTargetDoesNotExist",
+//!   "message": "nope does not exist or is not exposed through a RPC method.",
+//!   "args": ["nope does not exist or is not exposed through a RPC method."],
+//!   "kwargs": {}, "module": "micro_framework.exceptions"}}
+//! ```
+//!
+//! | case | `exception` | `module` |
+//! |---|---|---|
+//! | unknown command | `RPCTargetDoesNotExist` | `micro_framework.exceptions` |
+//! | frame not JSON, not an object, without a string `command`, args not a list | `RPCMalformedMessage` | `micro_framework.exceptions` |
+//! | no free worker (the pool is full, or the service is stopping) | `MaxConnectionsReached` | `micro_framework.exceptions` |
+//! | arguments that do not fit the target | `TypeError` | `null` |
+//! | the target's error | its Rust type name, e.g. `Error` | its path, e.g. `std.io.error` |
+//! | the target panicked | `Panic` | `micro_framework` |
+//!
+//! The Python original's built-in commands work too: `__list_targets__` lists the commands
+//! (`{"target": name, "args": null, "kwargs": null, "docstring": null}`, as a Rust route
+//! knows no parameter names) and `__get_target__(name)` describes one (`KeyError` if
+//! unknown). A connection stays open after any error.
+//!
+//! The calls of one connection run concurrently and each reply is sent when its call
+//! finishes. The Python original has no request id (its client opens a connection per call);
+//! a client that sends several calls on one connection may add an `"id"` (any JSON value) to
+//! each request: the reply carries it back.
+//!
+//! Differences from the Python server, all on bad input: a frame that is JSON but not a
+//! request gets an `RPCMalformedMessage` reply (Python's handler raises and drops the
+//! connection); `command_args` must be a list (Python unpacks any iterable); a command never
+//! resolves to a method of the server (Python tries `getattr(manager, command)` first).
+//!
+//! Limits: a frame of at most 1 MiB (the Python server's default; a larger one closes the
+//! connection with 1009), at most 32 calls running per connection, a call only when a worker
+//! of the route's pool is free at once. On shutdown the server stops accepting connections and
+//! reading frames, lets running calls finish (up to `SHUTDOWN_TIMEOUT`) and reply, then
+//! closes each connection with 1001. Every frame read is started or refused at once, so
+//! nothing received waits unstarted: `thread` and `greedy_thread` stop alike.
+//!
+//! ```
+//! use micro_framework::prelude::*;
+//! use micro_framework::amqp::rpc::Args;
+//! use micro_framework::websocket::{WebSocketEntrypoint, WebSocketRpcClient};
+//! use serde_json::json;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Add { a: i64, b: i64 }
+//!
+//! fn add(Args(Add { a, b }): Args<Add>) -> i64 { a + b }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config {
+//!     amqp_uri: "memory://".into(),
+//!     websocket_ip: "127.0.0.1".into(),
+//!     websocket_port: 0,
+//!     ..Config::new("math")
+//! };
+//! let routes = vec![Route::new(add).entrypoint(WebSocketEntrypoint::new())];
+//! let service = Runner::new(routes, config).spawn().await?;
+//!
+//! let address = service.websocket_address().expect("listening");
+//! let client = WebSocketRpcClient::new(address.ip().to_string(), address.port());
+//! let sum: i64 = client.call("add", json!([1]), json!({"b": 2})).await?;
+//! assert_eq!(sum, 3);
+//! service.stop().await?;
+//! # Ok(()) }
+//! ```
+
+mod client;
+mod connection;
+mod dispatch;
+mod entrypoint;
+mod error;
+mod frames;
+mod registry;
+mod server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+pub use client::{WebSocketRpcClient, DEFAULT_TIMEOUT};
+pub use entrypoint::WebSocketEntrypoint;
+pub use error::WebSocketRpcError;
+pub use frames::RemoteError;
+
+use crate::amqp::transport::SharedTransport;
+
+/// The largest frame (and message) read, in bytes: 1 MiB, the Python server's default.
+pub const MAX_FRAME_SIZE: usize = 1 << 20;
+/// The most calls one connection may have running; more are refused.
+pub const MAX_CALLS_PER_CONNECTION: usize = 32;
+/// How long a new connection has to complete its WebSocket handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The read buffer of a connection (tungstenite's default, 128 KiB, is allocated up front).
+const READ_BUFFER: usize = 16 * 1024;
+
+/// The frame limits of both ends.
+fn frame_limits() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(MAX_FRAME_SIZE))
+        .max_frame_size(Some(MAX_FRAME_SIZE))
+}
+
+/// Where the service connected through `transport` listens, if it serves WebSocket commands.
+pub(crate) fn address_of(transport: &SharedTransport) -> Option<SocketAddr> {
+    registry::WsRegistry::address_of(transport)
+}

@@ -1,0 +1,459 @@
+//! WebSocket RPC (the Python micro-framework's frames): `WebSocketEntrypoint` served by a
+//! running service, called with raw frames and with `WebSocketRpcClient`. No broker traffic
+//! is involved, so the services run on the in-process broker.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{unique, wait_until};
+use futures::{SinkExt, StreamExt};
+use micro_framework::amqp::rpc::Args;
+use micro_framework::dependencies::Shared;
+use micro_framework::prelude::*;
+use micro_framework::websocket::{
+    WebSocketEntrypoint, WebSocketRpcClient, WebSocketRpcError, MAX_CALLS_PER_CONNECTION,
+    MAX_FRAME_SIZE,
+};
+use micro_framework::{Error, RunningService};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+#[derive(Deserialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+fn add(Args(Add { a, b }): Args<Add>) -> i64 {
+    a + b
+}
+
+fn echo(Args(args): Args<Value>) -> Value {
+    args
+}
+
+fn fail(Args((x,)): Args<(i64,)>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other(format!("bad {x}")))
+}
+
+fn panics() {
+    panic!("kaboom");
+}
+
+/// Holds calls until the test opens it; counts the calls that started.
+#[derive(Clone)]
+struct Gate {
+    open: Arc<Semaphore>,
+    started: Arc<AtomicUsize>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate { open: Arc::new(Semaphore::new(0)), started: Arc::default() }
+    }
+}
+
+impl Gate {
+    fn open(&self) {
+        self.open.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+
+    async fn wait_started(&self, count: usize) {
+        wait_until(|| self.started.load(Ordering::SeqCst) >= count, "calls to start").await;
+    }
+}
+
+/// Waits for the gate, then returns its argument.
+async fn hold(Args((x,)): Args<(Value,)>, Dep(gate): Dep<Gate>) -> Value {
+    gate.started.fetch_add(1, Ordering::SeqCst);
+    drop(gate.open.acquire().await);
+    x
+}
+
+fn ws_config(service: &str, max_workers: usize) -> Config {
+    Config {
+        amqp_uri: format!("memory://{}", unique("ws")),
+        websocket_ip: "127.0.0.1".into(),
+        websocket_port: 0,
+        max_workers,
+        ..Config::new(unique(service))
+    }
+}
+
+async fn start(max_workers: usize, gate: &Gate) -> (RunningService, SocketAddr) {
+    let routes = vec![
+        Route::new(add).entrypoint(WebSocketEntrypoint::new()),
+        Route::new(echo).entrypoint(WebSocketEntrypoint::new()),
+        Route::new(fail).entrypoint(WebSocketEntrypoint::new()),
+        Route::new(panics).entrypoint(WebSocketEntrypoint::new()),
+        Route::new(hold).entrypoint(WebSocketEntrypoint::new()).dependency(Shared(gate.clone())),
+    ];
+    let service = Runner::new(routes, ws_config("wsmath", max_workers)).spawn().await.unwrap();
+    let address = service.websocket_address().expect("the service listens");
+    (service, address)
+}
+
+fn client(address: SocketAddr) -> WebSocketRpcClient {
+    WebSocketRpcClient::new(address.ip().to_string(), address.port())
+        .timeout(Duration::from_secs(10))
+}
+
+/// A plain WebSocket connection sending raw frames.
+struct Raw(WebSocketStream<MaybeTlsStream<TcpStream>>);
+
+impl Raw {
+    async fn connect(address: SocketAddr) -> Raw {
+        let (socket, _) =
+            tokio_tungstenite::connect_async(format!("ws://{address}")).await.unwrap();
+        Raw(socket)
+    }
+
+    async fn send(&mut self, frame: impl Into<String>) {
+        self.0.send(Message::text(frame.into())).await.unwrap();
+    }
+
+    async fn call(&mut self, request: Value) -> Value {
+        self.send(request.to_string()).await;
+        self.recv().await
+    }
+
+    /// The next reply frame, as JSON.
+    async fn recv(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.0.next())
+                .await
+                .expect("a reply in time")
+                .expect("the connection is open")
+                .expect("a readable frame");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Message::Close(frame) => panic!("closed instead of replying: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The close code the server ends the connection with.
+    async fn closed(&mut self) -> Option<CloseCode> {
+        match tokio::time::timeout(Duration::from_secs(10), self.0.next()).await {
+            Err(_) => panic!("the connection was not closed in time"),
+            Ok(Some(Ok(Message::Close(frame)))) => frame.map(|frame| frame.code),
+            Ok(Some(Ok(other))) => panic!("unexpected frame while closing: {other:?}"),
+            Ok(Some(Err(_)) | None) => None,
+        }
+    }
+}
+
+fn exception(reply: &Value) -> (&str, &str) {
+    let exception = &reply["exception"];
+    (exception["exception"].as_str().unwrap_or_default(), exception["message"].as_str().unwrap())
+}
+
+#[tokio::test]
+async fn commands_take_args_and_kwargs_and_reply_data() {
+    let gate = Gate::default();
+    let (service, address) = start(4, &gate).await;
+    let mut raw = Raw::connect(address).await;
+    let reply =
+        raw.call(json!({"command": "add", "command_args": [1, 2], "command_kwargs": {}})).await;
+    assert_eq!(reply, json!({"data": 3, "exception": null}));
+    let reply =
+        raw.call(json!({"command": "add", "command_args": [1], "command_kwargs": {"b": 5}})).await;
+    assert_eq!(reply["data"], 6);
+    let reply = raw.call(json!({"command": "add", "command_kwargs": {"a": 2, "b": 5}})).await;
+    assert_eq!(reply["data"], 7);
+    let reply = raw.call(json!({"command": "echo", "command_args": ["café ☕", [1, null]]})).await;
+    assert_eq!(reply["data"], json!(["café ☕", [1, null]]));
+
+    let targets = raw.call(json!({"command": "__list_targets__"})).await;
+    let names: Vec<&str> =
+        targets["data"].as_array().unwrap().iter().map(|t| t["target"].as_str().unwrap()).collect();
+    assert_eq!(names, ["add", "echo", "fail", "hold", "panics"]);
+    let detail = raw.call(json!({"command": "__get_target__", "command_args": ["add"]})).await;
+    assert_eq!(detail["data"]["target"], "add");
+    let missing = raw.call(json!({"command": "__get_target__", "command_args": ["zzz"]})).await;
+    assert_eq!(exception(&missing), ("KeyError", "'zzz'"));
+
+    let client = client(address);
+    assert_eq!(client.call::<i64>("add", (20, 22), ()).await.unwrap(), 42);
+    assert_eq!(client.call::<i64>("add", [1], json!({"b": 2})).await.unwrap(), 3);
+    let echoed: Value = client.call("echo", (), json!({"k": [true]})).await.unwrap();
+    assert_eq!(echoed, json!({"k": [true]}));
+    let wrong_type = client.call::<String>("add", (1, 2), ()).await.unwrap_err();
+    assert!(matches!(wrong_type, WebSocketRpcError::UnexpectedResult(_)), "{wrong_type:?}");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_error_is_replied_and_the_connection_stays_open() {
+    let gate = Gate::default();
+    let (service, address) = start(4, &gate).await;
+    let mut raw = Raw::connect(address).await;
+
+    let failed = raw.call(json!({"command": "fail", "command_args": [7]})).await;
+    assert_eq!(
+        failed,
+        json!({"data": null, "exception": {"exception": "Error", "message": "bad 7",
+            "args": ["bad 7"], "kwargs": {}, "module": "std.io.error"}})
+    );
+    let unknown = raw.call(json!({"command": "nope"})).await;
+    assert_eq!(
+        exception(&unknown),
+        ("RPCTargetDoesNotExist", "nope does not exist or is not exposed through a RPC method.")
+    );
+    assert_eq!(unknown["exception"]["module"], "micro_framework.exceptions");
+    for frame in
+        ["{not json", "[1, 2]", r#"{"cmd": "add"}"#, r#"{"command": "add", "command_args": 3}"#]
+    {
+        raw.send(frame).await;
+        let reply = raw.recv().await;
+        let (kind, message) = exception(&reply);
+        assert_eq!(kind, "RPCMalformedMessage", "{frame}");
+        assert!(message.starts_with("malformed message ("), "{message}");
+    }
+    let missing = raw.call(json!({"command": "add", "command_args": [1]})).await;
+    let (kind, message) = exception(&missing);
+    assert_eq!((kind, message), ("TypeError", "add(): missing field `b`"));
+    assert_eq!(missing["exception"]["module"], Value::Null);
+    let extra = raw.call(json!({"command": "add", "command_args": [1, 2, 3]})).await;
+    assert!(exception(&extra).1.contains("takes 2 positional argument(s) but 3 were given"));
+    let panicked = raw.call(json!({"command": "panics"})).await;
+    assert_eq!(exception(&panicked), ("Panic", "target panicked: kaboom"));
+    // still open, still serving
+    assert_eq!(raw.call(json!({"command": "add", "command_args": [1, 1]})).await["data"], 2);
+
+    let client = client(address);
+    match client.call::<Value>("fail", [1], ()).await.unwrap_err() {
+        WebSocketRpcError::Remote(error) => {
+            assert_eq!((error.exception.as_str(), error.message.as_str()), ("Error", "bad 1"));
+            assert_eq!(error.module.as_deref(), Some("std.io.error"));
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    let unknown = client.call::<Value>("nope", (), ()).await.unwrap_err();
+    assert!(matches!(unknown, WebSocketRpcError::TargetDoesNotExist(_)), "{unknown:?}");
+    let signature = client.call::<Value>("add", (), ()).await.unwrap_err();
+    assert!(
+        signature.to_string().starts_with("TypeError: add(): missing field `a`"),
+        "{signature}"
+    );
+    let bad_args = client.call::<Value>("add", 1, ()).await.unwrap_err();
+    assert!(matches!(bad_args, WebSocketRpcError::InvalidArguments(_)), "{bad_args:?}");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_full_pool_refuses_calls_at_once_instead_of_queueing_them() {
+    let gate = Gate::default();
+    let (service, address) = start(1, &gate).await;
+    let client = client(address);
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.call::<Value>("hold", ["first"], ()).await }
+    });
+    gate.wait_started(1).await;
+
+    let started = std::time::Instant::now();
+    let refused = client.call::<i64>("add", (1, 2), ()).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2), "refused at once");
+    assert_eq!(
+        refused,
+        WebSocketRpcError::MaxConnectionsReached(
+            "No Available Workers: all 1 workers of context 'default' are busy".into()
+        )
+    );
+    let mut raw = Raw::connect(address).await;
+    let reply = raw.call(json!({"command": "add", "command_args": [1, 2]})).await;
+    assert_eq!(reply["exception"]["exception"], "MaxConnectionsReached");
+    assert_eq!(reply["exception"]["module"], "micro_framework.exceptions");
+
+    // the Python client's way: try again until a worker is free
+    let patient = tokio::spawn({
+        let client = client.clone().retry_when_full(Duration::from_millis(50));
+        async move { client.call::<i64>("add", (2, 3), ()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!patient.is_finished(), "retries while the pool is full");
+    gate.open();
+    assert_eq!(first.await.unwrap().unwrap(), json!("first"));
+    assert_eq!(patient.await.unwrap().unwrap(), 5);
+    assert_eq!(client.call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn calls_of_one_connection_run_concurrently_and_replies_carry_their_ids() {
+    let gate = Gate::default();
+    let workers = MAX_CALLS_PER_CONNECTION + 8;
+    let (service, address) = start(workers, &gate).await;
+    let mut raw = Raw::connect(address).await;
+    raw.send(json!({"command": "hold", "command_args": ["slow"], "id": "a"}).to_string()).await;
+    gate.wait_started(1).await;
+    let fast = raw.call(json!({"command": "add", "command_args": [1, 2], "id": 2})).await;
+    assert_eq!(fast, json!({"data": 3, "exception": null, "id": 2}));
+    for id in 1..MAX_CALLS_PER_CONNECTION {
+        raw.send(json!({"command": "hold", "command_args": [id], "id": id}).to_string()).await;
+    }
+    gate.wait_started(MAX_CALLS_PER_CONNECTION).await;
+    let over = raw.call(json!({"command": "add", "command_args": [1, 2], "id": "over"})).await;
+    assert_eq!(over["id"], "over");
+    assert_eq!(
+        exception(&over),
+        (
+            "MaxConnectionsReached",
+            "No Available Workers: 32 calls already running on this connection"
+        )
+    );
+    gate.open();
+    let mut ids = Vec::new();
+    for _ in 0..MAX_CALLS_PER_CONNECTION {
+        let reply = raw.recv().await;
+        assert_eq!(reply["data"], reply["id"].as_u64().map_or(json!("slow"), |id| json!(id)));
+        ids.push(reply["id"].clone());
+    }
+    assert!(ids.contains(&json!("a")));
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_frames_close_the_connection_with_1009() {
+    let gate = Gate::default();
+    let (service, address) = start(2, &gate).await;
+    let mut raw = Raw::connect(address).await;
+    let big =
+        format!(r#"{{"command": "echo", "command_args": ["{}"]}}"#, "x".repeat(MAX_FRAME_SIZE));
+    raw.send(big).await;
+    assert_eq!(raw.closed().await, Some(CloseCode::Size));
+    // the server goes on
+    assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    service.stop().await.unwrap();
+}
+
+/// Calls `add(x, 1)` on the server its client dependency points at.
+async fn add_remote(
+    Args((x,)): Args<(i64,)>,
+    Dep(math): Dep<WebSocketRpcClient>,
+) -> Result<i64, WebSocketRpcError> {
+    math.call("add", (x, 1), ()).await
+}
+
+/// The same from a sync target, blocking its worker thread.
+fn add_remote_blocking(
+    Args((x,)): Args<(i64,)>,
+    Dep(math): Dep<WebSocketRpcClient>,
+) -> Result<i64, WebSocketRpcError> {
+    math.call_blocking("add", (), json!({"a": x, "b": 2}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_is_a_dependency_of_other_routes() {
+    let gate = Gate::default();
+    let (math, address) = start(4, &gate).await;
+    let routes = vec![
+        Route::new(add_remote).entrypoint(WebSocketEntrypoint::new()),
+        Route::new(add_remote_blocking).entrypoint(WebSocketEntrypoint::new()),
+    ];
+    let caller = Runner::new(routes, ws_config("wscaller", 2))
+        .dependency(client(address))
+        .spawn()
+        .await
+        .unwrap();
+    let caller_address = caller.websocket_address().unwrap();
+    assert_ne!(caller_address, address, "each service has its own server");
+    let front = client(caller_address);
+    assert_eq!(front.call::<i64>("add_remote", [41], ()).await.unwrap(), 42);
+    assert_eq!(front.call::<i64>("add_remote_blocking", [40], ()).await.unwrap(), 42);
+    math.stop().await.unwrap();
+    let down = front.call::<i64>("add_remote", [1], ()).await.unwrap_err();
+    let WebSocketRpcError::Remote(error) = down else {
+        panic!("expected a remote error: {down:?}")
+    };
+    assert_eq!(error.exception, "WebSocketRpcError");
+    assert!(error.message.contains("cannot connect to ws://127.0.0.1:"), "{}", error.message);
+    caller.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_graceful_stop_finishes_running_calls_then_closes_with_1001() {
+    let gate = Gate::default();
+    let (mut service, address) = start(2, &gate).await;
+    let mut raw = Raw::connect(address).await;
+    raw.send(json!({"command": "hold", "command_args": ["last"]}).to_string()).await;
+    let mut idle = Raw::connect(address).await;
+    gate.wait_started(1).await;
+    service.begin_stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(idle.closed().await, Some(CloseCode::Away));
+    assert!(TcpStream::connect(address).await.is_err(), "no new connection once stopping");
+    gate.open();
+    assert_eq!(raw.recv().await, json!({"data": "last", "exception": null}));
+    assert_eq!(raw.closed().await, Some(CloseCode::Away));
+    service.wait_finished().await.unwrap();
+    assert_eq!(service.websocket_address(), None);
+}
+
+#[tokio::test]
+async fn an_address_in_use_stops_the_start_and_a_failed_start_frees_its_port() {
+    let gate = Gate::default();
+    let (first, address) = start(1, &gate).await;
+    let taken = Config { websocket_port: address.port(), ..ws_config("wstaken", 1) };
+    let routes = vec![Route::new(add).entrypoint(WebSocketEntrypoint::new())];
+    let error = Runner::new(routes, taken.clone()).spawn().await.unwrap_err();
+    let Error::Startup(message) = &error else { panic!("expected a start-up error: {error}") };
+    assert!(
+        message.contains(&format!(
+            "cannot listen for WebSocket connections on 127.0.0.1:{}",
+            address.port()
+        )) && message.contains("WEBSOCKET_PORT"),
+        "{message}"
+    );
+    // the topology is read without listening
+    let routes = vec![Route::new(add).entrypoint(WebSocketEntrypoint::new())];
+    Runner::new(routes, taken.clone()).topology().await.unwrap();
+    first.stop().await.unwrap();
+
+    // a start that fails after the socket was bound releases it
+    let routes = vec![
+        Route::new(add).entrypoint(WebSocketEntrypoint::new()),
+        Route::new(echo).entrypoint(FailingSetup),
+    ];
+    assert!(Runner::new(routes, taken.clone()).spawn().await.is_err());
+    let routes = vec![Route::new(add).entrypoint(WebSocketEntrypoint::new())];
+    let again = Runner::new(routes, taken).spawn().await.unwrap();
+    assert_eq!(again.websocket_address(), Some(address));
+    assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    again.stop().await.unwrap();
+}
+
+/// An entrypoint whose set-up fails.
+struct FailingSetup;
+
+#[micro_framework::async_trait]
+impl micro_framework::entrypoints::Entrypoint for FailingSetup {
+    fn describe(&self) -> String {
+        "FailingSetup".into()
+    }
+
+    async fn setup(
+        &mut self,
+        _route: &micro_framework::RouteHandle,
+    ) -> micro_framework::Result<()> {
+        Err(Error::Startup("set-up refused".into()))
+    }
+
+    async fn run(
+        self: Box<Self>,
+        _route: micro_framework::RouteHandle,
+    ) -> micro_framework::Result<()> {
+        Ok(())
+    }
+}
