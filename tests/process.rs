@@ -27,8 +27,9 @@ fn run(uri: &str, mode: &str, scenario: &str, extra: &[(&str, &str)]) -> Vec<Val
         .env("MAX_WORKERS", "2")
         .env("TASK_TIME_LIMIT", "1")
         .env("SCENARIO", scenario)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped());
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (key, value) in extra {
         command.env(key, value);
     }
@@ -43,8 +44,10 @@ fn run(uri: &str, mode: &str, scenario: &str, extra: &[(&str, &str)]) -> Vec<Val
         lines.push(serde_json::from_str(&line).unwrap_or(Value::String(line)));
     }
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "the service stops gracefully: {status}");
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "the service stops gracefully: {}", output.status);
+    let logs = String::from_utf8_lossy(&output.stderr);
+    assert!(!logs.contains("did not exit"), "worker processes exit when their link closes: {logs}");
     if !uri.starts_with("memory://") {
         let uri = uri.to_owned();
         let markers = [service, "proc_src.events".to_owned()];

@@ -77,7 +77,9 @@ impl Launcher {
             }
         });
         let transport = self.transport.clone();
-        let replies = calls.clone();
+        // Weak: the worker's `calls` is the only strong sender, so dropping it closes the
+        // link and the worker process exits.
+        let replies = calls.downgrade();
         tokio::spawn(async move {
             // Consumers opened for the worker and the ackers of what they forwarded: dropped
             // with this task when the worker goes, which hands unsettled messages back.
@@ -93,11 +95,15 @@ impl Launcher {
                         tokio::spawn(async move {
                             let result = match *op {
                                 TransportOp::Consume { queue, options } => {
-                                    consumers.open(&transport, &queue, options, &replies).await
+                                    consumers
+                                        .open(&transport, &queue, options, replies.clone())
+                                        .await
                                 }
                                 op => forward(&transport, op).await,
                             };
-                            let _ = replies.send(ToWorker::TransportReply { id, result }).await;
+                            if let Some(replies) = replies.upgrade() {
+                                let _ = replies.send(ToWorker::TransportReply { id, result }).await;
+                            }
                         });
                     }
                     FromWorker::Settle { delivery, settlement } => {
@@ -178,7 +184,7 @@ impl Consumers {
         transport: &SharedTransport,
         queue: &str,
         options: ConsumeOptions,
-        to_worker: &mpsc::Sender<ToWorker>,
+        to_worker: mpsc::WeakSender<ToWorker>,
     ) -> Result<TransportAnswer, TransportError> {
         let mut consumer = transport.consume(queue, options).await?;
         let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
@@ -194,7 +200,7 @@ impl Consumers {
             );
             id
         };
-        let (consumers, to_worker) = (self.clone(), to_worker.clone());
+        let consumers = self.clone();
         tokio::spawn(async move {
             tokio::pin!(cancelled);
             loop {
@@ -212,12 +218,15 @@ impl Consumers {
                     number
                 };
                 let forwarded = ForwardedDelivery { consumer: id, delivery: number, message };
-                if to_worker.send(ToWorker::Delivery(Box::new(forwarded))).await.is_err() {
+                let Some(sender) = to_worker.upgrade() else { break };
+                if sender.send(ToWorker::Delivery(Box::new(forwarded))).await.is_err() {
                     break;
                 }
             }
             consumer.cancel();
-            let _ = to_worker.send(ToWorker::ConsumerEnded { consumer: id }).await;
+            if let Some(sender) = to_worker.upgrade() {
+                let _ = sender.send(ToWorker::ConsumerEnded { consumer: id }).await;
+            }
         });
         Ok(TransportAnswer::Consuming { consumer: id })
     }
@@ -380,6 +389,10 @@ impl ProcessPool {
         while let Ok(mut worker) = waiting.try_recv() {
             drop(worker.calls);
             if tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await.is_err() {
+                tracing::warn!(
+                    "worker process {} did not exit in 5 s after its link closed; killed",
+                    worker.pid
+                );
                 let _ = worker.child.start_kill();
             }
         }
