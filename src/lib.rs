@@ -43,6 +43,8 @@ pub mod entrypoints;
 mod error;
 pub mod extract;
 mod failure;
+#[cfg(test)]
+mod fuzz_support;
 pub mod http;
 pub mod logging;
 mod message;

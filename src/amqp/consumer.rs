@@ -111,7 +111,11 @@ async fn guard_crash_loop(
     let count = match quorum_count {
         Some(count) => count,
         None if !delivery.redelivered => return Some(delivery),
-        None => headers.get(HEADER_REDELIVERIES).and_then(HeaderValue::as_i64).unwrap_or(0) + 1,
+        None => headers
+            .get(HEADER_REDELIVERIES)
+            .and_then(HeaderValue::as_i64)
+            .unwrap_or(0)
+            .saturating_add(1),
     };
     if count <= limit && quorum_count.is_some() {
         return Some(delivery);
@@ -122,7 +126,7 @@ async fn guard_crash_loop(
             format!(
                 "delivered {} times without being settled (MAX_REDELIVERIES={limit}): its \
                  handling may crash the worker or the service",
-                count + 1
+                count.saturating_add(1)
             ),
         );
         let handled = Handled::Failed(failure);

@@ -168,7 +168,7 @@ pub(crate) async fn schedule_retry(
     tracing::info!(
         route = route.name(),
         "retry {} of a failed message in {delay:?}: {}",
-        retry.retry_count + 1,
+        retry.retry_count.saturating_add(1),
         failure.full_message()
     );
     let copy = OutgoingMessage { body: message.body.clone(), properties };
@@ -198,7 +198,8 @@ pub(crate) async fn dead_letter(
         headers.insert(HEADER_ERROR_TYPE.into(), failure.error_type.clone().into());
     }
     headers.insert(HEADER_FAILED_AT.into(), HeaderValue::Timestamp(now_seconds()));
-    let attempts = BackOffData::from_headers(&message.properties.headers, 0).retry_count + 1;
+    let retry_count = BackOffData::from_headers(&message.properties.headers, 0).retry_count;
+    let attempts = retry_count.saturating_add(1);
     headers.insert(HEADER_ATTEMPTS.into(), HeaderValue::Int(i64::from(attempts)));
     headers.insert(HEADER_ORIGINAL_QUEUE.into(), queue.into());
     headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), message.exchange.clone().into());

@@ -41,10 +41,11 @@ impl BackOffData {
     pub fn from_headers(headers: &Headers, max_retries: u32) -> Self {
         let counted = headers.get(HEADER_RETRY_COUNT).and_then(HeaderValue::as_i64).unwrap_or(0);
         let died = delay_passes(headers);
-        let retry_count = u32::try_from(counted.max(died)).unwrap_or(0);
+        // negative counts are 0; counts past u32::MAX mean "retries exhausted"
+        let retry_count = u32::try_from(counted.max(died).max(0)).unwrap_or(u32::MAX);
         let last_retry = match headers.get(HEADER_LAST_RETRY) {
             Some(HeaderValue::Timestamp(seconds)) => {
-                Some(UNIX_EPOCH + Duration::from_secs(*seconds))
+                UNIX_EPOCH.checked_add(Duration::from_secs(*seconds))
             }
             _ => None,
         };
@@ -72,7 +73,7 @@ fn delay_passes(headers: &Headers) -> i64 {
             table.get("queue").and_then(HeaderValue::as_str).is_some_and(|q| q.contains(".delay-"))
         })
         .filter_map(|table| table.get("count").and_then(HeaderValue::as_i64))
-        .sum()
+        .fold(0, i64::saturating_add)
 }
 
 impl FromContext for BackOffData {
@@ -100,5 +101,23 @@ mod tests {
         assert!(data.can_retry());
         assert!(!BackOffData::from_headers(&headers, 2).can_retry());
         assert_eq!(BackOffData::from_headers(&Headers::new(), 3).retry_count, 0);
+    }
+
+    #[test]
+    fn extreme_headers_saturate_instead_of_panicking() {
+        let death = |count| {
+            HeaderValue::Table(Headers::from([
+                ("queue".to_owned(), HeaderValue::from("work.delay-1")),
+                ("count".to_owned(), HeaderValue::Int(count)),
+            ]))
+        };
+        let headers = Headers::from([
+            ("x-death".to_owned(), HeaderValue::Array(vec![death(i64::MAX), death(i64::MAX)])),
+            (HEADER_LAST_RETRY.to_owned(), HeaderValue::Timestamp(u64::MAX)),
+        ]);
+        let data = BackOffData::from_headers(&headers, 3);
+        assert_eq!((data.retry_count, data.last_retry), (u32::MAX, None));
+        let negative = Headers::from([(HEADER_RETRY_COUNT.to_owned(), HeaderValue::Int(-5))]);
+        assert_eq!(BackOffData::from_headers(&negative, 3).retry_count, 0);
     }
 }

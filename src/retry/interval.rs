@@ -51,7 +51,7 @@ impl Interval {
         let index = retry.saturating_sub(1);
         let delay = match self {
             Interval::Constant(delay) => *delay,
-            Interval::Linear { start, step } => *start + step.saturating_mul(index),
+            Interval::Linear { start, step } => start.saturating_add(step.saturating_mul(index)),
             Interval::Exponential { start, factor, max } => {
                 let grown = start.as_secs_f64() * factor.powi(index.min(1000) as i32);
                 Duration::try_from_secs_f64(grown).unwrap_or(*max).min(*max)

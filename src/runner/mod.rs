@@ -185,14 +185,28 @@ impl Runner {
 
 const CONNECT_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Connection errors that trying again cannot cure: refused credentials, a bad URI, TLS
+/// files that cannot be read, a certificate the peer refuses (wrong CA, no client
+/// certificate).
+const PERMANENT: [&str; 7] = [
+    "ACCESS_REFUSED",
+    "invalid broker URI",
+    "invalid peer certificate",
+    "received fatal alert",
+    "cannot read ",
+    "CA file is not PEM",
+    "client_key_file go together",
+];
+
 /// Connect, retrying with exponential backoff (1 s doubling to 30 s) while the broker is
-/// unreachable. Other errors (a bad URI, refused credentials) are returned at once.
+/// unreachable. Other errors (a bad URI, refused credentials, TLS refusals) are returned at
+/// once.
 async fn connect_retrying(config: &Config) -> Result<SharedTransport> {
     let mut pause = Duration::from_secs(1);
     loop {
         match crate::amqp::connect(config).await {
             Err(Error::Transport(TransportError::Connection(reason)))
-                if !reason.contains("ACCESS_REFUSED") && !reason.contains("invalid broker URI") =>
+                if !PERMANENT.iter().any(|permanent| reason.contains(permanent)) =>
             {
                 tracing::warn!(
                     "broker unreachable at {} ({reason}); trying again in {pause:?}",

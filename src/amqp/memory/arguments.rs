@@ -80,6 +80,19 @@ fn int_arg(spec: &QueueSpec, arg: &str, min: i64) -> Result<Option<u64>, Transpo
     }
 }
 
+/// The longest TTL or expiry RabbitMQ accepts (ten years, in milliseconds).
+pub(super) const MAX_EXPIRY_MS: u64 = 315_360_000_000;
+
+/// An `int_arg` in milliseconds that RabbitMQ caps at [`MAX_EXPIRY_MS`].
+fn expiry_arg(spec: &QueueSpec, arg: &str, min: i64) -> Result<Option<Duration>, TransportError> {
+    match int_arg(spec, arg, min)? {
+        Some(value) if value > MAX_EXPIRY_MS => {
+            Err(invalid_arg(&spec.name, arg, &format!("{{value_too_large,{value}}}")))
+        }
+        value => Ok(value.map(Duration::from_millis)),
+    }
+}
+
 fn string_arg(spec: &QueueSpec, arg: &str) -> Result<Option<String>, TransportError> {
     match spec.arguments.get(arg) {
         None => Ok(None),
@@ -189,8 +202,8 @@ impl QueueArgs {
             }
         }
         Ok(QueueArgs {
-            message_ttl: int_arg(spec, "x-message-ttl", 0)?.map(Duration::from_millis),
-            expires: int_arg(spec, "x-expires", 1)?.map(Duration::from_millis),
+            message_ttl: expiry_arg(spec, "x-message-ttl", 0)?,
+            expires: expiry_arg(spec, "x-expires", 1)?,
             dead_letter_exchange,
             dead_letter_routing_key,
             max_length: int_arg(spec, "x-max-length", 0)?,

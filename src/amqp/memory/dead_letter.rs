@@ -58,7 +58,7 @@ pub(super) fn dead_letter(
     let entry = match existing.map(|index| deaths.remove(index)) {
         Some(HeaderValue::Table(mut table)) => {
             let count = table.get("count").and_then(HeaderValue::as_i64).unwrap_or(0);
-            table.insert("count".to_owned(), HeaderValue::Int(count + 1));
+            table.insert("count".to_owned(), HeaderValue::Int(count.saturating_add(1)));
             table
         }
         _ => {

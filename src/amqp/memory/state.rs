@@ -114,12 +114,21 @@ fn locked(name: &str) -> TransportError {
     ))
 }
 
+/// A per-message `expiration`: decimal milliseconds up to ten years, as RabbitMQ checks it.
 fn parse_expiration(expiration: Option<&str>) -> Result<Option<Duration>, TransportError> {
     expiration
         .map(|text| {
-            text.parse::<u64>().map(Duration::from_millis).map_err(|_| {
-                TransportError::PreconditionFailed(format!("invalid expiration '{text}'"))
-            })
+            let invalid = |why: &str| {
+                TransportError::PreconditionFailed(format!("invalid expiration '{text}'{why}"))
+            };
+            let digits = text.strip_prefix('+').unwrap_or(text);
+            if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+                return Err(invalid(""));
+            }
+            match digits.parse::<u64>() {
+                Ok(ms) if ms <= arguments::MAX_EXPIRY_MS => Ok(Duration::from_millis(ms)),
+                _ => Err(invalid(&format!(": {{value_too_large,{text}}}"))),
+            }
         })
         .transpose()
 }

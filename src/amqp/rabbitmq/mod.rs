@@ -12,6 +12,8 @@ mod connection;
 mod consumer;
 mod convert;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod options;
 mod publisher;
 mod topology;

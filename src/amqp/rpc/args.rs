@@ -52,7 +52,7 @@ impl<T: DeserializeOwned + Send + 'static> FromContext for Args<T> {
 }
 
 /// Bind `args` and `kwargs` to `T`, with Python-like messages naming `method`.
-fn bind<T: DeserializeOwned>(
+pub(super) fn bind<T: DeserializeOwned>(
     method: &str,
     args: &[Value],
     kwargs: &Map<String, Value>,

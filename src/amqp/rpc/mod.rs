@@ -36,6 +36,8 @@ mod client;
 pub(crate) mod connection_local;
 mod error;
 mod field_names;
+#[cfg(test)]
+mod fuzz;
 pub mod naming;
 mod pending;
 mod registry;

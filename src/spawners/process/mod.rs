@@ -9,6 +9,8 @@
 //! traffic (a `Producer` dispatching, an RPC call) is done by the service on their behalf, so
 //! dependencies work the same in a worker, on RabbitMQ and on the in-process broker.
 
+#[cfg(test)]
+mod fuzz;
 mod pool;
 mod protocol;
 mod worker;

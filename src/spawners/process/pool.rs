@@ -42,7 +42,7 @@ struct Launcher {
 impl Launcher {
     async fn launch(&self) -> Result<Worker> {
         let exe = std::env::current_exe()?;
-        let socket = std::env::temp_dir().join(format!("mf-worker-{}.sock", uuid::Uuid::new_v4()));
+        let socket = private_socket_path()?;
         let listener = UnixListener::bind(&socket)?;
         let spawned = Command::new(exe)
             .args(std::env::args_os().skip(1))
@@ -120,8 +120,21 @@ impl Launcher {
     }
 }
 
+/// A socket path in a new directory only this user may enter (mode 0700), so no other local
+/// user can connect to the socket before the worker does, whatever the umask.
+fn private_socket_path() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("mf-worker-{}", uuid::Uuid::new_v4()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir.join("worker.sock"))
+}
+
+/// Remove the socket and its private directory.
 fn remove(socket: &PathBuf) {
     let _ = std::fs::remove_file(socket);
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// Do a worker's broker operation on the service's connection.
@@ -396,5 +409,22 @@ impl ProcessPool {
                 let _ = worker.child.start_kill();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn worker_sockets_live_in_a_private_directory() {
+        let socket = private_socket_path().unwrap();
+        let dir = socket.parent().unwrap();
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        remove(&socket);
+        assert!(!dir.exists());
     }
 }

@@ -16,6 +16,8 @@ use crate::workers::{Outcome, TargetRole};
 
 /// Frames larger than this are refused (a corrupt or hostile length prefix).
 const MAX_FRAME: u32 = 256 * 1024 * 1024;
+/// What a frame's buffer starts with; it grows as the body arrives.
+const PREALLOCATE: usize = 64 * 1024;
 
 /// One call for a worker process.
 #[derive(Debug, Serialize, Deserialize)]
@@ -141,7 +143,11 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     if length > MAX_FRAME {
         return Err(std::io::Error::other(format!("frame of {length} bytes refused")));
     }
-    let mut body = vec![0u8; length as usize];
-    reader.read_exact(&mut body).await?;
+    // grow with the bytes that actually arrive: a length prefix alone allocates little
+    let mut body = Vec::with_capacity((length as usize).min(PREALLOCATE));
+    reader.take(u64::from(length)).read_to_end(&mut body).await?;
+    if body.len() != length as usize {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(Some(serde_json::from_slice(&body)?))
 }
