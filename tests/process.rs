@@ -17,8 +17,12 @@ fn binary() -> PathBuf {
 }
 
 /// Run the service with `scenario` until it prints `DONE`; returns its JSON lines.
+/// How long a scenario may take before the test fails (instead of hanging CI).
+const SCENARIO_LIMIT: std::time::Duration = std::time::Duration::from_secs(90);
+
 fn run(uri: &str, mode: &str, scenario: &str, extra: &[(&str, &str)]) -> Vec<Value> {
     let service = common::unique("procsvc");
+    let log_file = std::env::temp_dir().join(format!("{service}.log"));
     let mut command = Command::new(binary());
     command
         .env("AMQP_URI", uri)
@@ -29,28 +33,46 @@ fn run(uri: &str, mode: &str, scenario: &str, extra: &[(&str, &str)]) -> Vec<Val
         .env("SCENARIO", scenario)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::from(std::fs::File::create(&log_file).unwrap()));
     for (key, value) in extra {
         command.env(key, value);
     }
     let mut child = command.spawn().expect("process_service starts (built by cargo test)");
     let stdout = child.stdout.take().unwrap();
-    let mut lines = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if line == "DONE" {
-            break;
+    let (sender, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
         }
-        lines.push(serde_json::from_str(&line).unwrap_or(Value::String(line)));
+    });
+    let deadline = std::time::Instant::now() + SCENARIO_LIMIT;
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match received.recv_timeout(left) {
+            Ok(line) if line == "DONE" => break,
+            Ok(line) => lines.push(serde_json::from_str(&line).unwrap_or(Value::String(line))),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let logs = std::fs::read_to_string(&log_file).unwrap_or_default();
+                panic!(
+                    "scenario {scenario} did not finish in {SCENARIO_LIMIT:?}: {lines:?}\n{logs}"
+                );
+            }
+        }
     }
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "the service stops gracefully: {}", output.status);
-    let logs = String::from_utf8_lossy(&output.stderr);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the service stops gracefully: {status}");
+    let logs = std::fs::read_to_string(&log_file).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_file);
     assert!(!logs.contains("did not exit"), "worker processes exit when their link closes: {logs}");
     if !uri.starts_with("memory://") {
         let uri = uri.to_owned();
-        let markers = [service, "proc_src.events".to_owned()];
+        let markers = [service];
         tokio::runtime::Runtime::new().unwrap().block_on(common::cleanup(&uri, &markers));
     }
     lines
@@ -161,7 +183,7 @@ fn a_stop_in_process_modes_finishes_or_hands_back_and_loses_nothing() {
         }
         printed += lines.map_while(Result::ok).filter(|line| line.contains("whoami")).count();
         assert!(child.wait().unwrap().success(), "{mode}: graceful stop exits 0");
-        let work = left_in(&uri, &format!("evt-proc_src-slow--{service}.slow"));
+        let work = left_in(&uri, &format!("evt-{service}_src-slow--{service}.slow"));
         let reports = left_in(&uri, &format!("evt-{service}-pid--{service}.collect"));
         let handled = printed as u32 + reports;
         assert_eq!(
@@ -174,7 +196,7 @@ fn a_stop_in_process_modes_finishes_or_hands_back_and_loses_nothing() {
         } else {
             assert!(handled >= 6, "{mode} finishes what it received (handled {handled})");
         }
-        let markers = [service, "proc_src.events".to_owned()];
+        let markers = [service];
         tokio::runtime::Runtime::new().unwrap().block_on(common::cleanup(&uri, &markers));
     }
 }

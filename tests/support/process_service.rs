@@ -1,6 +1,6 @@
 //! Test-support service for the process worker modes (config from the environment).
 //!
-//! Routes (context `workers`, `WORKER_MODE` from the environment) on `proc_src` events:
+//! Routes (context `workers`, `WORKER_MODE` from the environment) on `{SERVICE_NAME}_src` events:
 //! `whoami` dispatches `{id, pid}` as event `pid` through its `Producer` (from the worker
 //! process, so through the service), `crash` aborts, `panics` panics, `spin` loops forever,
 //! `sigkill` kills its own process, `callrpc` calls this service's RPC method `echo` (served in
@@ -88,14 +88,16 @@ fn main() -> micro_framework::Result<()> {
     let config = Config::from_env()?;
     let service = config.service_name.clone();
     let mode = config.worker_mode;
+    let source = source_of(&service);
+    let source = source.as_str();
     let workers = vec![
-        Route::new(whoami).entrypoint(EventListener::new("proc_src", "whoami")),
-        Route::new(crash).entrypoint(EventListener::new("proc_src", "crash")),
-        Route::new(panics).entrypoint(EventListener::new("proc_src", "panics")),
-        Route::new(spin).entrypoint(EventListener::new("proc_src", "spin")),
-        Route::new(sigkill).entrypoint(EventListener::new("proc_src", "sigkill")),
-        Route::new(callrpc).entrypoint(EventListener::new("proc_src", "callrpc")),
-        Route::new(slow).entrypoint(EventListener::new("proc_src", "slow")),
+        Route::new(whoami).entrypoint(EventListener::new(source, "whoami")),
+        Route::new(crash).entrypoint(EventListener::new(source, "crash")),
+        Route::new(panics).entrypoint(EventListener::new(source, "panics")),
+        Route::new(spin).entrypoint(EventListener::new(source, "spin")),
+        Route::new(sigkill).entrypoint(EventListener::new(source, "sigkill")),
+        Route::new(callrpc).entrypoint(EventListener::new(source, "callrpc")),
+        Route::new(slow).entrypoint(EventListener::new(source, "slow")),
     ];
     let collector = vec![
         Route::new(collect).entrypoint(EventListener::new(service.clone(), "pid")),
@@ -109,6 +111,12 @@ fn main() -> micro_framework::Result<()> {
         .start()
 }
 
+/// The service that dispatches the scenario's events: `{service}_src`, so parallel runs
+/// share no exchange.
+fn source_of(service: &str) -> String {
+    format!("{service}_src")
+}
+
 /// Dispatch the scenario, one event at a time, and report dead letters.
 fn drive(config: Config) {
     std::thread::spawn(move || -> micro_framework::Result<()> {
@@ -116,7 +124,7 @@ fn drive(config: Config) {
         runtime.block_on(async {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let transport = micro_framework::amqp::connect(&config).await?;
-            let source = Config { service_name: "proc_src".into(), ..config.clone() };
+            let source = Config { service_name: source_of(&config.service_name), ..config.clone() };
             let producer = Producer::new(transport.clone(), &source);
             let scenario = std::env::var("SCENARIO").unwrap_or_default();
             for step in scenario.split(',').filter(|step| !step.is_empty()) {
@@ -125,7 +133,11 @@ fn drive(config: Config) {
                 if std::env::var("BURST").is_ok() {
                     continue;
                 }
-                let queue = format!("evt-proc_src-{route}--{}.{route}", config.service_name);
+                let queue = format!(
+                    "evt-{}-{route}--{}.{route}",
+                    source_of(&config.service_name),
+                    config.service_name
+                );
                 // Wait until the message left its queue and was settled one way or another.
                 for _ in 0..600 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
