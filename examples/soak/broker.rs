@@ -1,7 +1,6 @@
 //! The outside world: `rabbitmqctl`, the soak's connections at the broker, processes under
 //! `/proc`, and the final clean-up.
 
-use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -86,78 +85,84 @@ impl Drop for AppStopped {
     }
 }
 
-/// The connections of the run at the broker: those named after it (every service names its
-/// connection after itself) and this process's own (the RPC client's connection is named
-/// `standalone_rpc_proxy`, so it is found by its local port). Returns their broker pids.
-pub async fn soak_connections(marker: &str, broker_port: u16) -> Result<Vec<String>, String> {
-    let own_ports = own_tcp_ports(broker_port);
-    let listing = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "peer_port",
-        "client_properties",
-    ])
-    .await?;
-    let mut pids = Vec::new();
-    for line in listing.lines() {
-        let mut fields = line.split('\t');
-        let (Some(pid), Some(port)) = (fields.next(), fields.next()) else { continue };
-        let ours = line.contains(&format!("\"{marker}-"))
-            || port.trim().parse::<u16>().is_ok_and(|port| own_ports.contains(&port));
-        if ours {
-            pids.push(pid.trim().to_owned());
+/// The run's own broker user: every connection of the soak (services, worker processes'
+/// services, the driver's collector, producer and RPC client) logs in as it, so that one
+/// `rabbitmqctl close_all_user_connections` closes exactly the soak's connections, at once.
+pub struct SoakUser {
+    pub name: String,
+    /// `AMQP_URI` with the user's credentials.
+    pub uri: String,
+}
+
+impl SoakUser {
+    /// Create user `name` with every permission on the URI's vhost.
+    pub async fn create(base_uri: &str, name: &str) -> Result<SoakUser, String> {
+        let mut url = url::Url::parse(base_uri).map_err(|e| format!("AMQP_URI: {e}"))?;
+        let path = url.path().trim_start_matches('/');
+        let vhost = match percent_decode(path) {
+            vhost if vhost.is_empty() => "/".to_owned(),
+            vhost => vhost,
+        };
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        url.set_username(name).map_err(|()| "AMQP_URI cannot take a user name".to_owned())?;
+        url.set_password(Some(&password)).map_err(|()| "AMQP_URI cannot take a password")?;
+        rabbitmqctl(&["add_user", name, &password]).await?;
+        let user = SoakUser { name: name.to_owned(), uri: url.to_string() };
+        if let Err(error) =
+            rabbitmqctl(&["set_permissions", "-p", &vhost, name, ".*", ".*", ".*"]).await
+        {
+            user.delete().await;
+            return Err(error);
+        }
+        Ok(user)
+    }
+
+    /// How many connections the user has.
+    pub async fn connections(&self) -> Result<usize, String> {
+        let listing =
+            rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "user"]).await?;
+        Ok(listing.lines().filter(|line| line.trim() == self.name).count())
+    }
+
+    /// Close every connection of the user.
+    pub async fn close_connections(&self) -> Result<(), String> {
+        rabbitmqctl(&["close_all_user_connections", &self.name, "soak: fault injected"])
+            .await
+            .map(|_| ())
+    }
+
+    /// Delete the user (which closes its connections).
+    pub async fn delete(&self) {
+        if let Err(error) = rabbitmqctl(&["delete_user", &self.name]).await {
+            println!("broker: cannot delete user {}: {error}", self.name);
         }
     }
-    Ok(pids)
 }
 
-/// Close the broker connections `pids` at once.
-pub async fn close_connections(pids: &[String]) -> Result<(), String> {
-    let closes = pids.iter().map(|pid| async move {
-        rabbitmqctl(&["close_connection", pid, "soak: fault injected"]).await
-    });
-    let results = futures::future::join_all(closes).await;
-    // A connection that closed by itself meanwhile is not an error worth stopping for.
-    let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-    if failures.len() == pids.len() && !pids.is_empty() {
-        return Err(failures.join("; "));
-    }
-    Ok(())
-}
-
-/// Local ports of this process's TCP connections to `broker_port` (Linux `/proc`).
-fn own_tcp_ports(broker_port: u16) -> HashSet<u16> {
-    let inodes: HashSet<String> = std::fs::read_dir("/proc/self/fd")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .filter_map(|target| {
-            let target = target.to_string_lossy().into_owned();
-            target.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned)
-        })
-        .collect();
-    let port_of = |address: &str| {
-        address.rsplit(':').next().and_then(|hex| u16::from_str_radix(hex, 16).ok())
-    };
-    let mut ports = HashSet::new();
-    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(remote), Some(inode)) =
-                (fields.get(1), fields.get(2), fields.get(9))
-            else {
-                continue;
-            };
-            if port_of(remote) == Some(broker_port) && inodes.contains(*inode) {
-                ports.extend(port_of(local));
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|hex| std::str::from_utf8(hex).ok());
+        match (bytes[i], hex.and_then(|hex| u8::from_str_radix(hex, 16).ok())) {
+            (b'%', Some(byte)) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                decoded.push(byte);
+                i += 1;
             }
         }
     }
-    ports
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// Whether the soak's user exists (to check the clean-up).
+pub async fn user_exists(name: &str) -> Result<bool, String> {
+    let listing = rabbitmqctl(&["list_users", "-q", "--no-table-headers"]).await?;
+    Ok(listing.lines().any(|line| line.split('\t').next() == Some(name)))
 }
 
 /// Names (and message counts) of the queues whose names contain `marker`.

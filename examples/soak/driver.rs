@@ -43,10 +43,12 @@ const LOST_SAMPLES: usize = 10;
 pub struct Fleet {
     pub names: Names,
     pub dir: PathBuf,
-    pub broker_port: u16,
+    /// The run's broker user, whose connections fault (a) closes.
+    pub user: broker::SoakUser,
+    /// The driver's own connections, watched to see when a broker-side fault takes effect.
+    pub observed: Vec<SharedTransport>,
     /// Problems seen on the side (printed at the end; they fail the soak).
     pub findings: Arc<Mutex<Vec<String>>>,
-    uri: String,
     exe: PathBuf,
     children: HashMap<Role, Child>,
 }
@@ -64,7 +66,7 @@ impl Fleet {
         let child = Command::new(&self.exe)
             .args(["--role", role.arg(), "--run", &self.names.run, "--dir"])
             .arg(&self.dir)
-            .env("AMQP_URI", &self.uri)
+            .env("AMQP_URI", &self.user.uri)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(log)
@@ -168,10 +170,6 @@ async fn run(options: Options) -> ExitCode {
         return ExitCode::FAILURE;
     }
     init_logs(&dir);
-    let broker_port = url::Url::parse(&options.uri)
-        .ok()
-        .and_then(|url| url.port_or_known_default())
-        .unwrap_or(5672);
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(error) => {
@@ -189,21 +187,33 @@ async fn run(options: Options) -> ExitCode {
         if options.broker_restart { "" } else { " (no broker restart)" },
         dir.display()
     );
-    let mut fleet = Fleet {
-        names: names.clone(),
-        dir: dir.clone(),
-        broker_port,
-        findings: Arc::default(),
-        uri: options.uri.clone(),
-        exe,
-        children: HashMap::new(),
+    let user = match broker::SoakUser::create(&options.uri, &names.marker()).await {
+        Ok(user) => user,
+        Err(error) => {
+            eprintln!("soak: cannot create the broker user {}: {error}", names.marker());
+            return ExitCode::FAILURE;
+        }
     };
-    let rig = match connect(&options, &names).await {
+    let rig = match connect(&user.uri, &names).await {
         Ok(rig) => rig,
         Err(error) => {
             eprintln!("soak: {error}");
+            user.delete().await;
             return ExitCode::FAILURE;
         }
+    };
+    let mut fleet = Fleet {
+        names: names.clone(),
+        dir: dir.clone(),
+        user,
+        observed: vec![
+            rig.transport.clone(),
+            rig.client.transport().clone(),
+            rig.collector.transport().clone(),
+        ],
+        findings: Arc::default(),
+        exe,
+        children: HashMap::new(),
     };
     let stop_load = CancellationToken::new();
     let give_up = CancellationToken::new();
@@ -228,9 +238,9 @@ fn init_logs(dir: &std::path::Path) {
         .try_init();
 }
 
-async fn connect(options: &Options, names: &Names) -> Result<Rig, String> {
+async fn connect(uri: &str, names: &Names) -> Result<Rig, String> {
     let tracker = Arc::new(Tracker::default());
-    let config = names.config(&options.uri, names.driver());
+    let config = names.config(uri, names.driver());
     let routes = vec![Route::new(collect)
         .entrypoint(EventListener::new(names.service(Role::B), "handled"))
         .dependency(Shared(tracker.clone()))];
@@ -480,12 +490,17 @@ async fn report_and_clean_up(
         println!("collector: {error}");
     }
     client.close().await;
-    match broker::clean_up(&transport, &marker).await {
-        Ok((deleted, left)) if left.is_empty() => {
-            println!("broker: deleted the {deleted} queues and exchanges of {marker}, none left")
-        }
+    let cleaned = broker::clean_up(&transport, &marker).await;
+    transport.close().await;
+    fleet.user.delete().await;
+    let user_left = broker::user_exists(&fleet.user.name).await.unwrap_or(true);
+    match cleaned {
+        Ok((deleted, left)) if left.is_empty() && !user_left => println!(
+            "broker: deleted the {deleted} queues and exchanges of {marker} and its user; \
+             nothing left"
+        ),
         Ok((_, left)) => {
-            println!("broker: still there after the clean-up: {left:?}");
+            println!("broker: still there after the clean-up: {left:?} (user: {user_left})");
             failed = true;
         }
         Err(error) => {
@@ -493,7 +508,6 @@ async fn report_and_clean_up(
             failed = true;
         }
     }
-    transport.close().await;
 
     println!(
         "reports={} (unknown ids {}), RPC calls retried={}, publishes retried={}",

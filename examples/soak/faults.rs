@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use micro_framework::amqp::transport::SharedTransport;
+
 use crate::broker::{self, AppStopped};
 use crate::driver::Fleet;
 use crate::services::busy_dir;
@@ -66,21 +68,48 @@ pub async fn inject(fault: Fault, fleet: &mut Fleet) -> Result<Injected, String>
         Fault::CloseConnections => close_connections(fleet).await,
         Fault::KillService(role) => kill_service(fleet, role).await,
         Fault::KillWorker => kill_worker(fleet).await,
-        Fault::RestartBroker => restart_broker().await,
+        Fault::RestartBroker => restart_broker(fleet).await,
     }
 }
 
-async fn close_connections(fleet: &Fleet) -> Result<Injected, String> {
-    let pids = broker::soak_connections(&fleet.names.marker(), fleet.broker_port).await?;
-    if pids.is_empty() {
-        return Err("no connection of the soak found at the broker".into());
+/// Resolves with the first moment one of `transports` is seen disconnected.
+async fn first_drop(transports: Vec<SharedTransport>) -> Instant {
+    loop {
+        if transports.iter().any(|transport| !transport.is_connected()) {
+            return Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let began = Instant::now();
-    broker::close_connections(&pids).await?;
+}
+
+/// Run `command` (which drops the broker connections) and tell when it took effect: the fault
+/// began when the driver first saw one of its connections drop (what `rabbitmqctl` spends
+/// starting up is not the fault's), or when the command was launched if that was not seen.
+async fn dropping_connections<F>(fleet: &Fleet, command: F) -> Result<(Instant, Instant), String>
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let launched = Instant::now();
+    let mut dropped = tokio::spawn(first_drop(fleet.observed.clone()));
+    let result = command.await;
     let effective = Instant::now();
+    let seen = tokio::time::timeout(Duration::from_millis(500), &mut dropped).await;
+    dropped.abort();
+    result?;
+    let seen = seen.ok().and_then(Result::ok);
+    let began = seen.filter(|seen| *seen <= effective).unwrap_or(launched);
+    Ok((began, effective))
+}
+
+async fn close_connections(fleet: &Fleet) -> Result<Injected, String> {
+    let connections = fleet.user.connections().await?;
+    if connections == 0 {
+        return Err("the soak has no connection at the broker".into());
+    }
+    let (began, effective) = dropping_connections(fleet, fleet.user.close_connections()).await?;
     let detail = format!(
-        "{} connections, rabbitmqctl done after {} ms",
-        pids.len(),
+        "{connections} connections of user {}, closed {} ms after the first drop",
+        fleet.user.name,
         effective.duration_since(began).as_millis()
     );
     Ok(Injected { began, effective, detail })
@@ -145,11 +174,9 @@ async fn kill_worker(fleet: &Fleet) -> Result<Injected, String> {
     }
 }
 
-async fn restart_broker() -> Result<Injected, String> {
-    let began = Instant::now();
+async fn restart_broker(fleet: &Fleet) -> Result<Injected, String> {
     let stopped = AppStopped::new();
-    broker::rabbitmq_stop().await?;
-    let effective = Instant::now();
+    let (began, effective) = dropping_connections(fleet, broker::rabbitmq_stop()).await?;
     tokio::time::sleep(BROKER_DOWN).await;
     stopped.started().await?;
     let detail = format!("down {} ms", began.elapsed().as_millis());
