@@ -197,7 +197,10 @@ pub async fn clean_up(
         deleted += 1;
     }
     for exchange in exchanges(marker).await? {
-        transport.delete_exchange(&exchange).await.map_err(|e| format!("delete {exchange}: {e}"))?;
+        transport
+            .delete_exchange(&exchange)
+            .await
+            .map_err(|e| format!("delete {exchange}: {e}"))?;
         deleted += 1;
     }
     let mut left: Vec<String> = queues(marker).await?.into_iter().map(|(name, _)| name).collect();
@@ -209,8 +212,7 @@ pub async fn clean_up(
 pub fn children_of(parent: u32) -> Vec<u32> {
     let mut children = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
             continue;
         };
         if let Some((state, ppid)) = stat(pid) {

@@ -217,9 +217,19 @@ async fn run(options: Options) -> ExitCode {
     };
     let stop_load = CancellationToken::new();
     let give_up = CancellationToken::new();
+    // On SIGINT or SIGTERM the run stops where it is (a stopped broker app is started again
+    // when its guard drops) and still reports and cleans up.
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => terminate.recv().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
     let outcome = tokio::select! {
         outcome = soak(&options, &mut fleet, &rig, &stop_load, &give_up) => outcome,
-        _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
+        _ = tokio::signal::ctrl_c() => Err("interrupted by SIGINT".to_owned()),
+        _ = terminate => Err("interrupted by SIGTERM".to_owned()),
     };
     stop_load.cancel();
     give_up.cancel();
@@ -294,8 +304,7 @@ async fn soak(
     let room = interval.min(Duration::from_secs(8));
     let mut planned = started + WARMUP;
     let mut earliest = planned;
-    let mut schedule = faults::schedule(options.broker_restart);
-    while let Some(fault) = schedule.next() {
+    for fault in faults::schedule(options.broker_restart) {
         let at = planned.max(earliest);
         if at + room > end {
             break;
@@ -350,7 +359,10 @@ async fn soak(
     }
     let outstanding = rig.tracker.outstanding();
     if outstanding == 0 {
-        println!("drain: every id done {} ms after the load stopped", drain_started.elapsed().as_millis());
+        println!(
+            "drain: every id done {} ms after the load stopped",
+            drain_started.elapsed().as_millis()
+        );
     } else {
         println!("drain: {outstanding} ids still outstanding after {} s", limit.as_secs());
     }
