@@ -526,7 +526,9 @@ async fn report_and_clean_up(
         summary.reports, summary.unknown_reports, summary.rpc_retries, summary.publish_retries
     );
     for (queue, messages) in &dead {
+        // Every route retries for ever or replies: a dead letter means a policy gap.
         println!("dead letters: {messages} in {queue}");
+        failed = true;
     }
     let findings = fleet.findings.lock().unwrap_or_else(PoisonError::into_inner).clone();
     for finding in &findings {
