@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -68,6 +69,9 @@ impl Fleet {
             .arg(&self.dir)
             .env("AMQP_URI", &self.user.uri)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            // Its own process group: a Ctrl-C at the terminal reaches the driver only, which
+            // then stops the services itself.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
