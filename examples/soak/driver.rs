@@ -48,6 +48,8 @@ pub struct Fleet {
     pub user: broker::SoakUser,
     /// The driver's own connections, watched to see when a broker-side fault takes effect.
     pub observed: Vec<SharedTransport>,
+    /// Counts the ids; told when each fault took effect.
+    pub tracker: Arc<Tracker>,
     /// Problems seen on the side (printed at the end; they fail the soak).
     pub findings: Arc<Mutex<Vec<String>>>,
     exe: PathBuf,
@@ -215,6 +217,7 @@ async fn run(options: Options) -> ExitCode {
             rig.client.transport().clone(),
             rig.collector.transport().clone(),
         ],
+        tracker: rig.tracker.clone(),
         findings: Arc::default(),
         exe,
         children: HashMap::new(),
@@ -318,7 +321,6 @@ async fn soak(
         let injected = faults::inject(fault, fleet).await.map_err(|error| {
             format!("fault {number} {}: cannot inject it: {error}", fault.name())
         })?;
-        rig.tracker.watch(injected.effective);
         let recovered = loop {
             if let Some(at) = rig.tracker.recovered() {
                 break Some(at);

@@ -55,7 +55,8 @@ pub fn schedule(broker_restart: bool) -> impl Iterator<Item = Fault> {
     .cycle()
 }
 
-/// A fault as injected: when it began, when it had taken effect, what exactly was done.
+/// A fault as injected: when it began, when it had taken effect (from then on the tracker
+/// watches for ids that make it end to end), what exactly was done.
 pub struct Injected {
     pub began: Instant,
     pub effective: Instant,
@@ -107,6 +108,7 @@ async fn close_connections(fleet: &Fleet) -> Result<Injected, String> {
         return Err("the soak has no connection at the broker".into());
     }
     let (began, effective) = dropping_connections(fleet, fleet.user.close_connections()).await?;
+    fleet.tracker.watch(effective);
     let detail = format!(
         "{connections} connections of user {}, closed {} ms after the first drop",
         fleet.user.name,
@@ -120,6 +122,7 @@ async fn kill_service(fleet: &mut Fleet, role: Role) -> Result<Injected, String>
     let began = Instant::now();
     let killed = fleet.kill(role)?;
     let effective = Instant::now();
+    fleet.tracker.watch(effective);
     fleet.spawn(role)?;
     if !workers.is_empty() {
         // The worker processes of a SIGKILLed service lose their socket: they must exit.
@@ -167,8 +170,10 @@ async fn kill_worker(fleet: &Fleet) -> Result<Injected, String> {
             if !broker::signal(pid, "KILL") {
                 return Err(format!("cannot kill worker process {pid}"));
             }
+            let effective = Instant::now();
+            fleet.tracker.watch(effective);
             let detail = format!("worker pid {pid} of B ({state}), {} workers", workers.len());
-            return Ok(Injected { began, effective: Instant::now(), detail });
+            return Ok(Injected { began, effective, detail });
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -177,6 +182,7 @@ async fn kill_worker(fleet: &Fleet) -> Result<Injected, String> {
 async fn restart_broker(fleet: &Fleet) -> Result<Injected, String> {
     let stopped = AppStopped::new();
     let (began, effective) = dropping_connections(fleet, broker::rabbitmq_stop()).await?;
+    fleet.tracker.watch(effective);
     tokio::time::sleep(BROKER_DOWN).await;
     stopped.started().await?;
     let detail = format!("down {} ms", began.elapsed().as_millis());
