@@ -316,3 +316,55 @@ async fn readiness_flips_while_the_broker_is_away_and_back_after_reconnect() {
     service.stop().await.unwrap();
     delete_queues(&uri, &queue).await;
 }
+
+fn slow_answer(Dep(probe): Dep<Arc<Probe>>) -> u64 {
+    probe.enter(Value::Null);
+    probe.leave();
+    42
+}
+
+/// A reply published while the caller is disconnected waits in its reply queue (durable, not
+/// exclusive, as Nameko's) and reaches the call once the caller is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpc_reply_sent_while_the_caller_is_disconnected_still_arrives() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    // The caller logs in as its own user, so its connection alone can be closed and kept
+    // out (no permissions) while the service replies.
+    let user = common::unique("mf_caller");
+    rabbitmqctl(&["add_user", &user, "secret"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let probe = Probe::closed();
+    let config = common::config(&uri, "replywait");
+    let service_name = config.service_name.clone();
+    let routes = vec![Route::new(slow_answer)
+        .entrypoint(micro_framework::amqp::entrypoints::RPCListener::new())
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let caller_uri = uri.replacen("guest:guest", &format!("{user}:secret"), 1);
+    let caller = Config { amqp_uri: caller_uri, ..Config::new("caller") };
+    let client = micro_framework::amqp::rpc::Client::connect(&caller).await.unwrap();
+    let call = client
+        .service(service_name.clone())
+        .timeout(Duration::from_secs(30))
+        .call_async("slow_answer", (), ())
+        .await
+        .unwrap();
+    probe.wait_started(1).await;
+    rabbitmqctl(&["clear_permissions", "-p", "/", &user]);
+    rabbitmqctl(&["close_all_user_connections", &user, "reply test"]);
+    wait_until(|| !client.transport().is_connected(), "the caller to be disconnected").await;
+    probe.open(); // the service replies while the caller is away
+    wait_until(
+        || service.route("slow_answer").is_ok_and(|r| r.stats().settled_count() >= 1),
+        "the reply",
+    )
+    .await;
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let answer: u64 = call.result().await.expect("the reply waited for the caller");
+    assert_eq!(answer, 42);
+    client.close().await;
+    service.stop().await.unwrap();
+    rabbitmqctl(&["delete_user", &user]);
+    common::cleanup(&uri, &[service_name]).await;
+}

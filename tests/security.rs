@@ -178,7 +178,7 @@ async fn reply_queues_and_correlation_ids_are_random_and_private() {
     }
     assert_ne!(keys[0], keys[1], "each caller has its own reply queue");
 
-    // even a known name cannot be consumed by another connection: the queue is exclusive
+    // even a known name cannot be consumed by another connection: its consumer is exclusive
     let queue = format!("rpc.reply-standalone_rpc_proxy-{}", keys[0]);
     assert_eq!(first.transport().queue_info(&queue).await.unwrap().consumer_count, 1);
     let other = micro_framework::amqp::connect(&config).await.unwrap();

@@ -450,6 +450,7 @@ async fn supervise(
     for pool in &processes {
         pool.shutdown().await;
     }
+    crate::amqp::rpc::ReplyListener::delete_queue_of(&env.transport).await;
     env.transport.close().await;
     stopped.cancel();
     tracing::info!("service stopped");

@@ -65,8 +65,9 @@ impl Client {
         &self.caller.transport
     }
 
-    /// Close the connection; the reply queue goes with it.
+    /// Delete the reply queue and close the connection.
     pub async fn close(self) {
+        self.caller.listener.delete_queue(&self.caller.transport).await;
         self.caller.transport.close().await;
     }
 }

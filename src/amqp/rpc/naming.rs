@@ -30,18 +30,18 @@ pub fn rpc_binding(config: &Config) -> BindingSpec {
     }
 }
 
-/// The reply queue `rpc.reply-{service}-{id}` of a caller, with `x-expires: 300000`.
-///
-/// It is exclusive to the caller's connection, so it goes away when the caller stops (Nameko
-/// leaves its reply queues to `x-expires`).
+/// The reply queue `rpc.reply-{service}-{id}` of a caller, with `x-expires: 300000`: durable
+/// and not exclusive, as Nameko declares it, so replies sent while the caller's connection is
+/// down wait for it to come back. The caller consumes it with an exclusive consumer (no other
+/// connection can read it) and deletes it when it stops; `x-expires` removes it otherwise.
 pub fn reply_queue(service: &str, id: &str) -> QueueSpec {
     let mut arguments = Headers::new();
     arguments.insert("x-expires".into(), HeaderValue::Int(REPLY_QUEUE_EXPIRES_MS));
     QueueSpec {
         name: format!("rpc.reply-{service}-{id}"),
-        durable: false,
-        exclusive: true,
-        auto_delete: true,
+        durable: true,
+        exclusive: false,
+        auto_delete: false,
         arguments,
     }
 }
@@ -60,6 +60,7 @@ mod tests {
         assert_eq!(rpc_binding(&config).routing_key, "math.*");
         let reply = reply_queue(STANDALONE_SERVICE, "abc");
         assert_eq!(reply.name, "rpc.reply-standalone_rpc_proxy-abc");
+        assert!(reply.durable && !reply.exclusive && !reply.auto_delete, "as Nameko's");
         assert_eq!(reply.arguments.get("x-expires"), Some(&HeaderValue::Int(300_000)));
     }
 }

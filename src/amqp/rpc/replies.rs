@@ -59,11 +59,27 @@ impl ReplyListener {
         *active = Some(queue.clone());
         Ok(queue)
     }
+
+    /// Delete the reply queue, if one was made (the caller stops).
+    pub(crate) async fn delete_queue(&self, transport: &SharedTransport) {
+        let Some(queue) = self.active.lock().await.take() else { return };
+        if let Err(error) = transport.delete_queue(&queue.name).await {
+            tracing::debug!("cannot delete the reply queue {}: {error}", queue.name);
+        }
+    }
+
+    /// Delete the reply queue of the service instance connected through `transport`.
+    pub(crate) async fn delete_queue_of(transport: &SharedTransport) {
+        if let Some(listener) = LISTENERS.get(transport) {
+            listener.delete_queue(transport).await;
+        }
+    }
 }
 
 /// A consumed reply queue and the calls waiting on it.
 #[derive(Debug)]
 pub(crate) struct ReplyQueue {
+    name: String,
     routing_key: String,
     pending: Mutex<HashMap<String, oneshot::Sender<ReplyOutcome>>>,
     closed: AtomicBool,
@@ -86,10 +102,15 @@ impl ReplyQueue {
             arguments: Headers::new(),
         };
         transport.bind_queue(&binding).await?;
-        let options = ConsumeOptions { prefetch: REPLY_PREFETCH, ..ConsumeOptions::default() };
+        let options = ConsumeOptions {
+            prefetch: REPLY_PREFETCH,
+            exclusive: true,
+            ..ConsumeOptions::default()
+        };
         let consumer = transport.consume(&spec.name, options).await?;
         tracing::debug!("RPC replies arrive on {}", spec.name);
         let queue = Arc::new(ReplyQueue {
+            name: spec.name.clone(),
             routing_key: id,
             pending: Mutex::default(),
             closed: AtomicBool::new(false),
