@@ -16,10 +16,10 @@ fn binary() -> PathBuf {
     exe.parent().and_then(Path::parent).unwrap().join("examples").join("process_service")
 }
 
-/// Run the service with `scenario` until it prints `DONE`; returns its JSON lines.
 /// How long a scenario may take before the test fails (instead of hanging CI).
 const SCENARIO_LIMIT: std::time::Duration = std::time::Duration::from_secs(90);
 
+/// Run the service with `scenario` until it prints `DONE`; returns its JSON lines.
 fn run(uri: &str, mode: &str, scenario: &str, extra: &[(&str, &str)]) -> Vec<Value> {
     let service = common::unique("procsvc");
     let log_file = std::env::temp_dir().join(format!("{service}.log"));
@@ -199,4 +199,37 @@ fn a_stop_in_process_modes_finishes_or_hands_back_and_loses_nothing() {
         let markers = [service];
         tokio::runtime::Runtime::new().unwrap().block_on(common::cleanup(&uri, &markers));
     }
+}
+
+#[tokio::test]
+async fn http_calls_run_in_worker_processes() {
+    let uri = format!("memory://http-proc-{}", uuid::Uuid::new_v4());
+    let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut child = Command::new(binary())
+        .env("AMQP_URI", uri)
+        .env("SERVICE_NAME", common::unique("prochttp"))
+        .env("WORKER_MODE", "process")
+        .env("MAX_WORKERS", "2")
+        .env("WEB_SERVER_ADDRESS", address.to_string())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("process_service starts (built by cargo test)");
+    let http = reqwest::Client::new();
+    let mut answer = None;
+    for _ in 0..400 {
+        if let Ok(response) = http.get(format!("http://{address}/whoami/7")).send().await {
+            answer = Some(response.json::<Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let answer = answer.expect("the service answers HTTP");
+    assert_eq!(answer["whoami"], 7);
+    assert_eq!(answer["parent"], child.id(), "answered by a worker process of the service");
+    assert_ne!(answer["pid"], child.id());
+    let bad = http.get(format!("http://{address}/whoami/seven")).send().await.unwrap();
+    assert_eq!(bad.status(), 400, "bad input through a worker process is still 400");
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(child.wait().unwrap().success(), "the service stops gracefully");
 }

@@ -5,7 +5,8 @@
 //! process, so through the service), `crash` aborts, `panics` panics, `spin` loops forever,
 //! `sigkill` kills its own process, `callrpc` calls this service's RPC method `echo` (served in
 //! thread mode) from the worker and reports like `whoami`. Route `collect` (thread mode) prints each `pid` event as a
-//! JSON line `{"whoami": id, "pid": worker pid, "service_pid": ...}`.
+//! JSON line `{"whoami": id, "pid": worker pid, "service_pid": ...}`. `GET /whoami/{id}` (on
+//! `WEB_SERVER_ADDRESS`, default a free loopback port) answers from a worker process.
 //!
 //! In the service process (not in workers) a driver dispatches `SCENARIO`
 //! (`route:id,route:id,...`) one event at a time, waiting for each to be settled or dead-
@@ -20,9 +21,15 @@ use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Args;
 use micro_framework::amqp::settle::{HEADER_ERROR, HEADER_ERROR_KIND};
 use micro_framework::config::WorkerMode;
+use micro_framework::http::{HttpEntrypoint, Path};
 use micro_framework::prelude::*;
 use micro_framework::spawners::process::WORKER_SOCKET_ENV;
 use serde_json::{json, Value};
+
+/// `GET /whoami/{id}`: the worker process's pid and its parent's (the service).
+fn http_whoami(Path(id): Path<u64>) -> Value {
+    json!({ "whoami": id, "pid": std::process::id(), "parent": std::os::unix::process::parent_id() })
+}
 
 async fn whoami(Payload(event): Payload<Value>, producer: Producer) -> micro_framework::Result<()> {
     producer.dispatch("pid", &json!({ "id": event["id"], "pid": std::process::id() })).await
@@ -85,7 +92,10 @@ fn collect(Payload(event): Payload<Value>) {
 }
 
 fn main() -> micro_framework::Result<()> {
-    let config = Config::from_env()?;
+    let mut config = Config::from_env()?;
+    if std::env::var("WEB_SERVER_ADDRESS").is_err() {
+        config.web_server_address = "127.0.0.1:0".into(); // parallel runs share no port
+    }
     let service = config.service_name.clone();
     let mode = config.worker_mode;
     let source = source_of(&service);
@@ -98,6 +108,7 @@ fn main() -> micro_framework::Result<()> {
         Route::new(sigkill).entrypoint(EventListener::new(source, "sigkill")),
         Route::new(callrpc).entrypoint(EventListener::new(source, "callrpc")),
         Route::new(slow).entrypoint(EventListener::new(source, "slow")),
+        Route::new(http_whoami).entrypoint(HttpEntrypoint::get("/whoami/{id}")),
     ];
     let collector = vec![
         Route::new(collect).entrypoint(EventListener::new(service.clone(), "pid")),
