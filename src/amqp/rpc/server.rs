@@ -77,17 +77,8 @@ async fn handle(registry: Arc<RpcRegistry>, consumer_route: RouteHandle, deliver
     let method = message.routing_key.strip_prefix(&prefix).unwrap_or(&message.routing_key);
     let (outcome, route, handled) = match registry.route(method) {
         None => (Err(RemoteException::nameko("MethodNotFound", method)), consumer_route, None),
-        Some(route) => match well_formed(&message) {
+        Some(route) => match well_formed(&message, route.config().max_message_size) {
             Err(reason) => {
-                let handled = Handled::Failed(Failure::bad_input(reason.clone()));
-                (Err(RemoteException::nameko("MalformedRequest", reason)), route, Some(handled))
-            }
-            Ok(()) if message.body.len() > route.config().max_message_size => {
-                let reason = format!(
-                    "request of {} bytes exceeds MAX_MESSAGE_SIZE ({} bytes)",
-                    message.body.len(),
-                    route.config().max_message_size
-                );
                 let handled = Handled::Failed(Failure::bad_input(reason.clone()));
                 (Err(RemoteException::nameko("MalformedRequest", reason)), route, Some(handled))
             }
@@ -143,8 +134,14 @@ fn reply_outcome(handled: &Handled) -> std::result::Result<serde_json::Value, Re
     }
 }
 
-/// A request is `{"args": [...], "kwargs": {...}}` in JSON.
-fn well_formed(message: &Message) -> std::result::Result<(), String> {
+/// A request is at most `MAX_MESSAGE_SIZE` bytes of `{"args": [...], "kwargs": {...}}` in JSON.
+fn well_formed(message: &Message, max_size: usize) -> std::result::Result<(), String> {
+    if message.body.len() > max_size {
+        return Err(format!(
+            "request of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
+            message.body.len()
+        ));
+    }
     let body = message.decode()?;
     request_arguments(&body)
         .map(|_| ())
