@@ -86,7 +86,7 @@ async fn bench(messages: usize) -> micro_framework::Result<()> {
 
     // Topology: the service's queue ("ping") and a bare queue ("ping-bare") on one exchange.
     let source = Config { service_name: "bench_src".into(), ..config.clone() };
-    let transport = micro_framework::amqp::connect(&source).await?;
+    let transport = micro_framework::transport::connect(&source).await?;
     let producer = Producer::new(transport.clone(), &source);
     let exchange = event_exchange(&source, "bench_src").name;
     let setup = micro_framework::Runner::new(routes(), config.clone()).spawn().await?;

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::amqp::naming::{event_exchange, event_queue, HandlerType};
-use micro_framework::amqp::transport::BindingSpec;
 use micro_framework::config::WorkerMode;
 use micro_framework::prelude::*;
 use micro_framework::spawners::process::WORKER_SOCKET_ENV;
+use micro_framework::transport::BindingSpec;
 use micro_framework::Error;
 
 fn noop() {}
@@ -78,7 +78,7 @@ fn mask(uri: &str) -> String {
 
 async fn drain(uri: &str, mode: WorkerMode, messages: u64) -> micro_framework::Result<f64> {
     let config = config_for(uri, mode)?;
-    let transport = micro_framework::amqp::connect(&config).await?;
+    let transport = micro_framework::transport::connect(&config).await?;
     let exchange = event_exchange(&config, "bench_src");
     let queue = event_queue(&config, &HandlerType::ServicePool, "bench_src", "work", "noop");
     transport.declare_exchange(&exchange).await?;

@@ -85,7 +85,7 @@ fn emit_demo_events(config: Config) {
     std::thread::spawn(move || -> micro_framework::Result<()> {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async {
-            let transport = micro_framework::amqp::connect(&config).await?;
+            let transport = micro_framework::transport::connect(&config).await?;
             let source = Config { service_name: "my_exchange".into(), ..config };
             let producer = Producer::new(transport, &source);
             for order in 1.. {

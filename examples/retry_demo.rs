@@ -61,7 +61,7 @@ fn emit(config: Config, events: u64) {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let transport = micro_framework::amqp::connect(&config).await?;
+            let transport = micro_framework::transport::connect(&config).await?;
             let source = Config { service_name: "retry_src".into(), ..config };
             let producer = Producer::new(transport, &source);
             for i in 0..events {

@@ -1,10 +1,9 @@
 //! The crate's error type.
 
-use crate::amqp::transport::TransportError;
 use crate::config::ConfigError;
+use crate::transport::TransportError;
 
-/// A boxed error, as targets and dependencies return them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub use crate::data::BoxError;
 
 /// Errors that stop a service from starting or running.
 #[derive(Debug, thiserror::Error)]

@@ -37,49 +37,53 @@
 
 pub mod amqp;
 pub mod config;
-mod context;
-pub mod dependencies;
-pub mod entrypoints;
+pub mod data;
 mod error;
-pub mod extract;
-mod failure;
-#[cfg(test)]
-mod fuzz_support;
+pub mod handler;
 pub mod http;
 pub mod logging;
-mod message;
 pub mod metrics;
-pub mod retry;
-pub mod routes;
+pub mod pipeline;
 pub mod runner;
-pub mod spawners;
-pub mod targets;
 pub mod testing;
-pub mod translators;
+pub mod timer;
+pub mod transport;
 pub mod websocket;
-pub mod workers;
+
+pub use handler::{dependencies, extract, targets, translators};
+pub use pipeline::{retry, routes, settle, spawners};
+
+/// Entrypoints: what triggers a route. The [`Entrypoint`](pipeline::Entrypoint) trait, the
+/// timer; the AMQP, HTTP and WebSocket entrypoints live in [`amqp::entrypoints`], [`http`]
+/// and [`websocket`].
+pub mod entrypoints {
+    pub use crate::pipeline::Entrypoint;
+    pub use crate::timer::{Schedule, TimeEntrypoint};
+}
 
 pub use async_trait::async_trait;
 pub use config::Config;
-pub use context::CallContext;
-pub use dependencies::Dep;
-pub use error::{BoxError, Error, Result};
-pub use extract::{ExtractError, FromContext, MessageHeaders, Payload, RawBody};
-pub use failure::{Failure, FailureKind};
-pub use message::Message;
-pub use routes::{CallbackRoute, Route};
+pub use data::{
+    BoxError, CallContext, Extensions, Failure, FailureKind, Handled, HeaderValue, Headers,
+    Message, Outcome, Properties, TargetRole,
+};
+pub use error::{Error, Result};
+pub use handler::dependencies::Dep;
+pub use handler::extract::{ExtractError, FromContext, MessageHeaders, Payload, RawBody};
+pub use handler::targets::Json;
+pub use handler::WorkerContext;
+pub use pipeline::routes::{CallbackRoute, Route};
+pub use pipeline::RouteHandle;
 pub use runner::{Runner, RunnerContext, RunningService};
-pub use targets::Json;
-pub use workers::{Handled, Outcome, RouteHandle, WorkerContext};
 
 /// The names most services need: `use micro_framework::prelude::*;`.
 pub mod prelude {
     pub use crate::config::{Config, WorkerMode};
-    pub use crate::dependencies::Dep;
-    pub use crate::extract::{MessageHeaders, Payload, RawBody};
-    pub use crate::failure::Failure;
-    pub use crate::routes::{CallbackRoute, Route};
+    pub use crate::data::Failure;
+    pub use crate::handler::dependencies::Dep;
+    pub use crate::handler::extract::{MessageHeaders, Payload, RawBody};
+    pub use crate::handler::targets::Json;
+    pub use crate::pipeline::routes::{CallbackRoute, Route};
     pub use crate::runner::{Runner, RunnerContext};
-    pub use crate::targets::Json;
     pub use crate::CallContext;
 }

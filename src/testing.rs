@@ -29,14 +29,15 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::amqp::dependencies::Producer;
-use crate::amqp::transport::{SharedTransport, Transport};
 use crate::config::Config;
+use crate::data::Message;
+use crate::data::{Outcome, TargetRole};
 use crate::error::{Error, Result};
-use crate::message::Message;
-use crate::routes::Route;
+use crate::pipeline::routes::Route;
+use crate::pipeline::spawners::WorkerPool;
+use crate::pipeline::{RouteHandle, ServiceEnv};
 use crate::runner::{Runner, RunningService};
-use crate::spawners::WorkerPool;
-use crate::workers::{Outcome, RouteHandle, ServiceEnv, TargetRole};
+use crate::transport::{SharedTransport, Transport};
 
 /// How long the `wait_*` helpers wait before failing.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
@@ -138,7 +139,7 @@ impl TestService {
 pub async fn take_messages(transport: &dyn Transport, queue: &str) -> Result<Vec<Message>> {
     let mut messages = Vec::new();
     while let Some(delivery) = transport.get(queue).await? {
-        messages.push(Message::from_delivery(&delivery));
+        messages.push(delivery.message());
         delivery.acker.ack().await?;
     }
     Ok(messages)
@@ -161,13 +162,13 @@ pub async fn take_messages(transport: &dyn Transport, queue: &str) -> Result<Vec
 /// ```
 pub async fn call_route(route: Route, config: Config, message: Message) -> Outcome {
     let config = Arc::new(config);
-    let transport = match crate::amqp::connect(&config).await {
+    let transport = match crate::transport::connect(&config).await {
         Ok(transport) => transport,
         Err(error) => {
             return Err(crate::Failure::new(crate::FailureKind::Error, error.to_string()))
         }
     };
-    let setup = crate::dependencies::SetupContext {
+    let setup = crate::handler::dependencies::SetupContext {
         service_name: config.service_name.clone(),
         config: config.clone(),
     };

@@ -36,13 +36,13 @@ fn rabbitmqctl(args: &[&str]) {
 
 async fn publisher(uri: &str) -> Producer {
     let config = Config { amqp_uri: uri.to_owned(), ..Config::new("fault_src") };
-    let transport = micro_framework::amqp::connect(&config).await.unwrap();
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
     Producer::new(transport, &config)
 }
 
 async fn delete_queues(uri: &str, queue: &str) {
     let config = Config { amqp_uri: uri.to_owned(), ..Config::new("cleanup") };
-    let transport = micro_framework::amqp::connect(&config).await.unwrap();
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
     transport.delete_queue(queue).await.unwrap();
     transport.delete_queue(&format!("{queue}.dlq")).await.unwrap();
     transport.delete_exchange("fault_src.events").await.unwrap();
@@ -123,7 +123,7 @@ async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 
 async fn wait_queue_ready(uri: &str, queue: &str) {
     let config = Config { amqp_uri: uri.to_owned(), ..Config::new("observer") };
-    let transport = micro_framework::amqp::connect(&config).await.unwrap();
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
     for _ in 0..600 {
         if transport.queue_info(queue).await.is_ok_and(|info| info.consumer_count > 0) {
             transport.close().await;
@@ -247,7 +247,7 @@ async fn a_second_signal_forces_the_exit_while_calls_run() {
     assert_eq!(status.code(), Some(130), "the second signal exits at once");
     // The unfinished call's message was not acked: it is back in the queue.
     let config = Config { amqp_uri: uri.clone(), ..Config::new("observer") };
-    let transport = micro_framework::amqp::connect(&config).await.unwrap();
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
     wait_until_async(|| {
         let transport = transport.clone();
         let queue = queue.clone();

@@ -9,14 +9,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{broker_uris, config, wait_until, Probe};
 use micro_framework::amqp::entrypoints::EventListener;
-use micro_framework::amqp::settle::{HEADER_ERROR, HEADER_ERROR_KIND, HEADER_ROUTE};
-use micro_framework::amqp::transport::{HeaderValue, OutgoingMessage, PublishOptions};
 use micro_framework::config::WorkerMode;
 use micro_framework::dependencies::Shared;
 use micro_framework::entrypoints::TimeEntrypoint;
 use micro_framework::prelude::*;
+use micro_framework::settle::{HEADER_ERROR, HEADER_ERROR_KIND, HEADER_ROUTE};
 use micro_framework::testing::TestService;
 use micro_framework::translators::JsonTranslator;
+use micro_framework::transport::{HeaderValue, OutgoingMessage, PublishOptions};
 use micro_framework::{CallContext, Error};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -81,10 +81,12 @@ async fn a_message_is_not_acked_before_its_outcome_is_settled() {
         service.transport().close().await;
         probe.open();
         let _ = service.stop().await;
-        let reconnected =
-            micro_framework::amqp::connect(&Config { amqp_uri: uri.clone(), ..Config::new("o") })
-                .await
-                .unwrap();
+        let reconnected = micro_framework::transport::connect(&Config {
+            amqp_uri: uri.clone(),
+            ..Config::new("o")
+        })
+        .await
+        .unwrap();
         assert_eq!(reconnected.queue_info(&queue).await.unwrap().message_count, 1);
         reconnected.delete_queue(&queue).await.unwrap();
         reconnected.close().await;
@@ -348,7 +350,7 @@ async fn stop_mid_stream(uri: &str, mode: WorkerMode) -> (u64, u32) {
     tokio::time::sleep(Duration::from_millis(50)).await;
     probe.open();
     service.wait_stopped().await.unwrap();
-    let observer = micro_framework::amqp::connect(&config).await.unwrap();
+    let observer = micro_framework::transport::connect(&config).await.unwrap();
     let left = observer.queue_info(&queue).await.unwrap().message_count;
     observer.close().await;
     common::cleanup(uri, &[config.service_name.clone(), shop]).await;
@@ -624,14 +626,14 @@ async fn a_test_can_replace_a_dependency_and_call_a_route_directly() {
 #[tokio::test]
 async fn a_queue_listener_consumes_a_named_queue_and_its_bindings() {
     use micro_framework::amqp::entrypoints::QueueListener;
-    use micro_framework::amqp::transport::ExchangeSpec;
+    use micro_framework::transport::ExchangeSpec;
     for uri in broker_uris() {
         let probe = Probe::new();
         let config = config(&uri, "queues");
         let markers = [config.service_name.clone()];
         let queue = format!("{}-jobs", config.service_name);
         let exchange = format!("{}-uploads", config.service_name);
-        let setup = micro_framework::amqp::connect(&config).await.unwrap();
+        let setup = micro_framework::transport::connect(&config).await.unwrap();
         setup.declare_exchange(&ExchangeSpec::topic(exchange.clone())).await.unwrap();
         let routes = vec![Route::new(record)
             .entrypoint(QueueListener::new(queue.clone()).bind(exchange.clone(), "csv.#"))

@@ -13,17 +13,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
-use micro_framework::amqp::memory::MemoryTransport;
 use micro_framework::amqp::rpc::{Args, Client, RpcError};
-use micro_framework::amqp::transport::{
-    BindingSpec, ExchangeSpec, HeaderValue, Headers, OutgoingMessage, PublishOptions, QueueSpec,
-    Transport, TransportError,
-};
 use micro_framework::config::mask_uri;
 use micro_framework::prelude::*;
 use micro_framework::retry::{BackOffData, Interval};
 use micro_framework::testing::{call_route, TestService};
 use micro_framework::translators::{JsonTranslator, MessageTranslator};
+use micro_framework::transport::memory::MemoryTransport;
+use micro_framework::transport::{
+    BindingSpec, ExchangeSpec, HeaderValue, Headers, OutgoingMessage, PublishOptions, QueueSpec,
+    Transport, TransportError,
+};
 use micro_framework::{CallContext, FailureKind, Message};
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;

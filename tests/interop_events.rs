@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 /// our listeners' work `queues` with their `.dlq`, and `exchanges`.
 async fn clean_up(uri: &str, queues: &[String], exchanges: &[String]) {
     let config = Config { amqp_uri: uri.to_owned(), ..Config::new("interop_cleanup") };
-    let Ok(transport) = micro_framework::amqp::connect(&config).await else { return };
+    let Ok(transport) = micro_framework::transport::connect(&config).await else { return };
     for queue in queues {
         let _ = transport.delete_queue(queue).await;
         let _ = transport.delete_queue(&format!("{queue}.dlq")).await;
@@ -328,7 +328,7 @@ async fn a_rust_producer_reaches_a_micro_framework_listener() {
     // the exchange micro-framework declared is auto_delete: ours must declare it the same way
     let config = ufw_config(&uri, "unused");
     let config = Config { service_name: source.clone(), ..config };
-    let transport = micro_framework::amqp::connect(&config).await.unwrap();
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
     let producer = Producer::new(transport.clone(), &config);
     assert_eq!(producer.exchange(), format!("{source}.events"));
     for i in 0..2 {

@@ -71,7 +71,7 @@ async fn relay(Args(to): Args<RelayArgs>, rpc: RpcProxy) -> Result<Value, RpcErr
 /// Delete the Rust service's request queue (RabbitMQ keeps durable queues).
 async fn delete_queue(uri: &str, queue: &str) {
     let config = Config { amqp_uri: uri.to_owned(), ..Config::new("interop_cleanup") };
-    if let Ok(transport) = micro_framework::amqp::connect(&config).await {
+    if let Ok(transport) = micro_framework::transport::connect(&config).await {
         let _ = transport.delete_queue(queue).await;
         transport.close().await;
     }

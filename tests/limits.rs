@@ -10,16 +10,16 @@ use bytes::Bytes;
 use common::{broker_uris, cleanup, config, unique, Probe};
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
-use micro_framework::amqp::memory::MemoryTransport;
 use micro_framework::amqp::rpc::{Args, Client, RpcError};
-use micro_framework::amqp::settle::HEADER_ERROR;
-use micro_framework::amqp::transport::{
+use micro_framework::dependencies::Shared;
+use micro_framework::prelude::*;
+use micro_framework::settle::HEADER_ERROR;
+use micro_framework::testing::TestService;
+use micro_framework::transport::memory::MemoryTransport;
+use micro_framework::transport::{
     ExchangeSpec, HeaderValue, OutgoingMessage, PublishOptions, QueueSpec, Transport,
     TransportError,
 };
-use micro_framework::dependencies::Shared;
-use micro_framework::prelude::*;
-use micro_framework::testing::TestService;
 
 use serde_json::{json, Value};
 
@@ -60,7 +60,7 @@ async fn oversized_events_are_dead_lettered_with_the_reason_and_others_handled()
 async fn oversized_events_are_refused_before_publishing() {
     for uri in broker_uris() {
         let config = Config { max_message_size: 100, ..config(&uri, "big_producer") };
-        let transport = micro_framework::amqp::connect(&config).await.unwrap();
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
         let producer = Producer::new(transport.clone(), &config);
         let error = producer.dispatch("data", &"x".repeat(200)).await.unwrap_err();
         assert_eq!(
@@ -172,7 +172,7 @@ async fn pending_rpc_calls_are_bounded() {
     // a "service" whose queue takes requests and never answers
     transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
     transport.declare_queue(&QueueSpec::durable("rpc-silent")).await.unwrap();
-    let binding = micro_framework::amqp::transport::BindingSpec {
+    let binding = micro_framework::transport::BindingSpec {
         queue: "rpc-silent".into(),
         exchange: "nameko-rpc".into(),
         routing_key: "silent.*".into(),

@@ -146,7 +146,7 @@ fn left_in(uri: &str, queue: &str) -> u32 {
     let config =
         micro_framework::Config { amqp_uri: uri.to_owned(), ..micro_framework::Config::new("o") };
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let transport = micro_framework::amqp::connect(&config).await.unwrap();
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
         let left = transport.queue_info(queue).await.unwrap().message_count;
         transport.close().await;
         left

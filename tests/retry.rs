@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use common::{broker_uris, config, unique};
 use micro_framework::amqp::entrypoints::EventListener;
-use micro_framework::amqp::settle::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ROUTE};
-use micro_framework::amqp::transport::HeaderValue;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::retry::{AsyncBackOff, BackOff, BackOffData};
+use micro_framework::settle::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ROUTE};
 use micro_framework::testing::TestService;
+use micro_framework::transport::HeaderValue;
 use serde_json::{json, Value};
 
 /// What targets saw: (payload "name", retry count), in order.
@@ -226,8 +226,8 @@ fn blocking(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<common::Probe>>) {
 
 #[tokio::test]
 async fn a_message_that_keeps_crashing_its_service_is_dead_lettered() {
-    use micro_framework::amqp::settle::HEADER_ERROR_KIND;
     use micro_framework::config::QueueType;
+    use micro_framework::settle::HEADER_ERROR_KIND;
     for uri in broker_uris() {
         for queue_type in [QueueType::Classic, QueueType::Quorum] {
             let shop = unique("shop");

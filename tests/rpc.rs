@@ -13,14 +13,14 @@ use common::{broker_uris, config, Probe};
 use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::RPCListener;
 use micro_framework::amqp::rpc::{Args, Client, RpcError};
-use micro_framework::amqp::transport::{
-    BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
-    TransportError,
-};
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::retry::{AsyncBackOff, BackOff};
 use micro_framework::testing::TestService;
+use micro_framework::transport::{
+    BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
+    TransportError,
+};
 use micro_framework::{CallContext, Message};
 use serde::Deserialize;
 use serde_json::{json, Value};

@@ -11,9 +11,9 @@ use std::time::Duration;
 use common::{rabbitmq_uri, unique};
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Client;
-use micro_framework::amqp::transport::ConsumeOptions;
 use micro_framework::prelude::*;
 use micro_framework::testing::{test_config, TestService};
+use micro_framework::transport::ConsumeOptions;
 use micro_framework::Message;
 use serde_json::{json, Value};
 use uuid::{Uuid, Variant, Version};
@@ -71,11 +71,11 @@ async fn an_unreachable_broker_is_logged_without_the_password() {
     assert_hidden(&format!("{config:?}"), "Config's Debug");
     assert_hidden(&serde_json::to_string(&config.to_masked_map()).unwrap(), "to_masked_map");
     assert_hidden(
-        &format!("{:?}", micro_framework::amqp::rabbitmq::RabbitMqOptions::new(&uri)),
+        &format!("{:?}", micro_framework::transport::rabbitmq::RabbitMqOptions::new(&uri)),
         "options",
     );
 
-    let error = micro_framework::amqp::connect(&config).await.unwrap_err().to_string();
+    let error = micro_framework::transport::connect(&config).await.unwrap_err().to_string();
     assert!(error.contains("mf_user:***@127.0.0.1"), "{error}");
     assert_hidden(&error, "the connection error");
     let error = Client::connect(&config).await.unwrap_err().to_string();
@@ -121,7 +121,7 @@ async fn broker_traffic_and_refusals_never_log_the_password() {
     // refused credentials: an error at once, without the password
     let refused =
         Config { amqp_uri: format!("amqp://guest:{ENCODED}@{address}"), ..Config::new("sec") };
-    let error = micro_framework::amqp::connect(&refused).await.unwrap_err().to_string();
+    let error = micro_framework::transport::connect(&refused).await.unwrap_err().to_string();
     assert!(error.contains("ACCESS_REFUSED") || error.contains("refused"), "{error}");
     assert_hidden(&error, "the refusal");
     let routes = vec![Route::new(noop).entrypoint(EventListener::new("s", "e"))];
@@ -181,7 +181,7 @@ async fn reply_queues_and_correlation_ids_are_random_and_private() {
     // even a known name cannot be consumed by another connection: its consumer is exclusive
     let queue = format!("rpc.reply-standalone_rpc_proxy-{}", keys[0]);
     assert_eq!(first.transport().queue_info(&queue).await.unwrap().consumer_count, 1);
-    let other = micro_framework::amqp::connect(&config).await.unwrap();
+    let other = micro_framework::transport::connect(&config).await.unwrap();
     assert!(other.consume(&queue, ConsumeOptions::default()).await.is_err());
     other.close().await;
     first.close().await;

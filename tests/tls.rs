@@ -166,7 +166,7 @@ fn uses_tls(name: &str) -> bool {
 async fn refused(config: &Config) -> String {
     let started = Instant::now();
     let result =
-        tokio::time::timeout(Duration::from_secs(15), micro_framework::amqp::connect(config))
+        tokio::time::timeout(Duration::from_secs(15), micro_framework::transport::connect(config))
             .await
             .expect("a refused TLS connection must fail, not hang");
     let error = result.expect_err("the connection must be refused").to_string();

@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use micro_framework::amqp::transport::SharedTransport;
+use micro_framework::transport::SharedTransport;
 
 /// Run `rabbitmqctl args` (async); Ok(stdout) when it succeeded.
 pub async fn rabbitmqctl(args: &[&str]) -> Result<String, String> {

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use micro_framework::amqp::dependencies::{Producer, ServiceProxy};
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::amqp::rpc::Client;
-use micro_framework::amqp::transport::SharedTransport;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
+use micro_framework::transport::SharedTransport;
 use micro_framework::RunningService;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -265,7 +265,7 @@ async fn connect(uri: &str, names: &Names) -> Result<Rig, String> {
         .spawn()
         .await
         .map_err(|error| format!("cannot start the collector: {error}"))?;
-    let transport = micro_framework::amqp::connect(&config)
+    let transport = micro_framework::transport::connect(&config)
         .await
         .map_err(|error| format!("cannot connect: {error}"))?;
     let producer = Producer::new(transport.clone(), &config);

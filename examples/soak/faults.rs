@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use micro_framework::amqp::transport::SharedTransport;
+use micro_framework::transport::SharedTransport;
 
 use crate::broker::{self, AppStopped};
 use crate::driver::Fleet;

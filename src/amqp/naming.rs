@@ -1,7 +1,7 @@
 //! Names and flags of exchanges and queues, per wire profile (protocol.md section 1).
 
-use crate::amqp::transport::{ExchangeSpec, HeaderValue, QueueSpec};
 use crate::config::{Config, Protocol, QueueType};
+use crate::transport::{ExchangeSpec, HeaderValue, QueueSpec};
 
 /// How an event handler shares its queue (Nameko's handler types).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -8,14 +8,14 @@ use axum::extract::RawPathParams;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::routing::{on, MethodFilter};
 
-use super::request::HttpRequest;
+use super::request::{HttpRequest, EXTENSION};
 use super::response::{refusal, respond};
 use super::site::WebSite;
-use crate::amqp::transport::SharedTransport;
-use crate::entrypoints::Entrypoint;
+use crate::data::Message;
 use crate::error::{Error, Result};
-use crate::message::Message;
-use crate::workers::RouteHandle;
+use crate::pipeline::Entrypoint;
+use crate::pipeline::RouteHandle;
+use crate::transport::SharedTransport;
 
 /// Serves the route on `method path` of the service's HTTP server (`WEB_SERVER_ADDRESS`).
 ///
@@ -194,7 +194,9 @@ async fn call(route: RouteHandle, request: HttpRequest, body: Bytes) -> axum::re
     let mut message = Message { body, ..Message::default() };
     message.properties.content_type =
         request.header(header::CONTENT_TYPE.as_str()).map(str::to_owned);
-    message.http = Some(request);
+    if let Err(error) = message.extensions.insert(EXTENSION, &request) {
+        return refusal(StatusCode::INTERNAL_SERVER_ERROR, "request", &error.to_string());
+    }
     let handled = route.handle(permit, message).await;
     route.settled(&handled);
     respond(&handled)

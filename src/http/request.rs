@@ -4,8 +4,11 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::extract::{ExtractError, FromContext};
-use crate::workers::WorkerContext;
+use crate::handler::extract::{ExtractError, FromContext};
+use crate::handler::WorkerContext;
+
+/// The name under which the HTTP entrypoint attaches the request to its message.
+pub(crate) const EXTENSION: &str = "http";
 
 /// The HTTP request behind a call, carried by its [`Message`](crate::Message) (plain data, so
 /// the call can run in a worker process).
@@ -45,11 +48,16 @@ impl HttpRequest {
     }
 
     fn of(ctx: &WorkerContext, extractor: &str) -> Result<HttpRequest, ExtractError> {
-        ctx.message().http.clone().ok_or_else(|| {
+        let unavailable = || {
             ExtractError::Unavailable(format!(
                 "{extractor} needs an HTTP request: the route's entrypoint is not an HttpEntrypoint"
             ))
-        })
+        };
+        match ctx.message().extensions.get::<HttpRequest>(EXTENSION) {
+            Ok(Some(request)) => Ok(request),
+            Ok(None) => Err(unavailable()),
+            Err(error) => Err(ExtractError::BadInput(format!("malformed HTTP request: {error}"))),
+        }
     }
 }
 

@@ -8,9 +8,9 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::failure::{Failure, FailureKind};
-use crate::targets::{IntoOutcome, TargetError, TargetResult};
-use crate::workers::Handled;
+use crate::data::Handled;
+use crate::data::{Failure, FailureKind};
+use crate::handler::targets::{IntoOutcome, TargetError, TargetResult};
 
 /// The key under which a [`Response`] travels as a call's result (a call's result is plain
 /// JSON so that it can come back from a worker process).

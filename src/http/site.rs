@@ -13,11 +13,11 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::MethodRouter;
 use axum::Router;
 
-use crate::amqp::rpc::connection_local::ConnectionLocal;
-use crate::amqp::transport::SharedTransport;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::runner::RunningService;
+use crate::transport::connection_local::ConnectionLocal;
+use crate::transport::SharedTransport;
 
 static SITES: ConnectionLocal<WebSite> = ConnectionLocal::new();
 

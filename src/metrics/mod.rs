@@ -27,7 +27,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::workers::Handled;
+use crate::data::Handled;
 
 /// The metrics of one service, in their own registry (several services can share a process).
 #[derive(Clone, Debug)]

@@ -11,8 +11,8 @@ use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use super::Metrics;
-use crate::amqp::transport::SharedTransport;
 use crate::error::{Error, Result};
+use crate::transport::SharedTransport;
 
 #[derive(Clone)]
 struct ServerState {

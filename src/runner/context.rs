@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::config::WorkerMode;
-use crate::routes::Route;
+use crate::pipeline::routes::Route;
 
 /// A group of routes sharing one worker pool with its own size, worker mode and metric label,
 /// so that long tasks in one context cannot starve the routes of another.

@@ -13,18 +13,19 @@ use tokio_util::sync::CancellationToken;
 
 pub use context::RunnerContext;
 
-use crate::amqp::topology::{Recorder, Topology};
-use crate::amqp::transport::{SharedTransport, TransportError};
 use crate::config::Config;
 use crate::config::WorkerMode;
-use crate::dependencies::{self, Dependency, SetupContext, SharedDependency};
+use crate::data::TargetRole;
 use crate::error::{Error, Result};
-use crate::extract::TargetSetup;
+use crate::handler::dependencies::{self, Dependency, SetupContext, SharedDependency};
+use crate::handler::extract::TargetSetup;
 use crate::metrics::Metrics;
-use crate::routes::Route;
-use crate::spawners::process::{worker_socket, ProcessPool, WorkerLink};
-use crate::spawners::WorkerPool;
-use crate::workers::{RouteHandle, ServiceEnv, TargetRole};
+use crate::pipeline::routes::Route;
+use crate::pipeline::spawners::process::{worker_socket, ProcessPool, WorkerLink};
+use crate::pipeline::spawners::WorkerPool;
+use crate::pipeline::{RouteHandle, ServiceEnv};
+use crate::transport::topology::{Recorder, Topology};
+use crate::transport::{SharedTransport, TransportError};
 
 /// Starts a service: connects to the broker, sets up dependencies and entrypoints, runs the
 /// routes, and shuts down gracefully on SIGINT or SIGTERM (a second signal forces the exit).
@@ -91,7 +92,7 @@ impl Runner {
     pub async fn topology(mut self) -> Result<Topology> {
         self.config.amqp_uri = format!("memory://topology-{}", uuid::Uuid::new_v4());
         let (config, plans) = self.prepare()?;
-        let memory = crate::amqp::connect(&config).await?;
+        let memory = crate::transport::connect(&config).await?;
         let recorder = Arc::new(Recorder::new(memory.clone(), &config.service_name));
         let env = ServiceEnv {
             topology_only: true,
@@ -170,7 +171,7 @@ impl Runner {
                 plan.pool.mode()
             )));
         }
-        let transport = crate::amqp::connect(&config).await?;
+        let transport = crate::transport::connect(&config).await?;
         start(plans, &config, transport).await
     }
 
@@ -204,8 +205,8 @@ const PERMANENT: [&str; 7] = [
 async fn connect_retrying(config: &Config) -> Result<SharedTransport> {
     let mut pause = Duration::from_secs(1);
     loop {
-        match crate::amqp::connect(config).await {
-            Err(Error::Transport(TransportError::Connection(reason)))
+        match crate::transport::connect(config).await {
+            Err(TransportError::Connection(reason))
                 if !PERMANENT.iter().any(|permanent| reason.contains(permanent)) =>
             {
                 tracing::warn!(
@@ -215,7 +216,7 @@ async fn connect_retrying(config: &Config) -> Result<SharedTransport> {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(CONNECT_RETRY_MAX);
             }
-            other => return other,
+            other => return Ok(other?),
         }
     }
 }

@@ -4,12 +4,13 @@
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use crate::message::{json_properties, Message};
-use crate::spawners::WorkerPermit;
+use crate::data::Handled;
+use crate::data::{json_properties, Message};
+use crate::pipeline::spawners::WorkerPermit;
+use crate::pipeline::RouteHandle;
 use crate::websocket::frames::{reply_frame, RemoteError, Request};
 use crate::websocket::registry::WsRegistry;
 use crate::websocket::MAX_CALLS_PER_CONNECTION;
-use crate::workers::{Handled, RouteHandle};
 
 /// Lists every command (the Python original's built-in command).
 const LIST_TARGETS: &str = "__list_targets__";

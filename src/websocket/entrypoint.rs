@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::amqp::transport::SharedTransport;
-use crate::entrypoints::Entrypoint;
 use crate::error::{Error, Result};
+use crate::pipeline::Entrypoint;
+use crate::pipeline::RouteHandle;
+use crate::transport::SharedTransport;
 use crate::websocket::registry::WsRegistry;
 use crate::websocket::server::serve;
-use crate::workers::RouteHandle;
 
 /// Serves the route's target as the WebSocket RPC command `{route name}` (the Python
 /// original's `WebSocketEntrypoint`).

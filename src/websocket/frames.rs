@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::amqp::rpc::RemoteException;
-use crate::failure::{Failure, FailureKind};
+use crate::data::{Failure, FailureKind};
 
 /// Where the Python original's own exceptions live; its clients rebuild the ones found there.
 const FRAMEWORK_EXCEPTIONS: &str = "micro_framework.exceptions";
@@ -188,7 +188,7 @@ pub(crate) fn parse_reply(frame: &[u8]) -> Result<Result<Value, RemoteError>, St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::BoxError;
+    use crate::data::BoxError;
 
     #[test]
     fn requests_take_python_frames_and_ids() {

@@ -107,7 +107,7 @@ pub use entrypoint::WebSocketEntrypoint;
 pub use error::WebSocketRpcError;
 pub use frames::RemoteError;
 
-use crate::amqp::transport::SharedTransport;
+use crate::transport::SharedTransport;
 
 /// The largest frame (and message) read, in bytes: 1 MiB, the Python server's default.
 pub const MAX_FRAME_SIZE: usize = 1 << 20;

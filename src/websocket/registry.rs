@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use serde_json::{json, Value};
 
-use crate::amqp::rpc::connection_local::ConnectionLocal;
-use crate::amqp::transport::SharedTransport;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::workers::RouteHandle;
+use crate::pipeline::RouteHandle;
+use crate::transport::connection_local::ConnectionLocal;
+use crate::transport::SharedTransport;
 
 static REGISTRIES: ConnectionLocal<WsRegistry> = ConnectionLocal::new();
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
+use crate::pipeline::RouteHandle;
 use crate::websocket::connection::serve_client;
 use crate::websocket::registry::WsRegistry;
-use crate::workers::RouteHandle;
 
 /// How long to wait after a failed `accept` (out of file descriptors, say) before the next.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);

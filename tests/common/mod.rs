@@ -134,7 +134,7 @@ pub async fn cleanup(uri: &str, markers: &[String]) {
             .collect()
     };
     let config = Config { amqp_uri: uri.to_owned(), ..Config::new("cleanup") };
-    let transport = micro_framework::amqp::connect(&config).await.expect("cleanup connects");
+    let transport = micro_framework::transport::connect(&config).await.expect("cleanup connects");
     for queue in list("list_queues") {
         transport.delete_queue(&queue).await.expect("queue deleted");
     }

@@ -19,10 +19,10 @@ use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Args;
-use micro_framework::amqp::settle::{HEADER_ERROR, HEADER_ERROR_KIND};
 use micro_framework::config::WorkerMode;
 use micro_framework::http::{HttpEntrypoint, Path};
 use micro_framework::prelude::*;
+use micro_framework::settle::{HEADER_ERROR, HEADER_ERROR_KIND};
 use micro_framework::spawners::process::WORKER_SOCKET_ENV;
 use serde_json::{json, Value};
 
@@ -134,7 +134,7 @@ fn drive(config: Config) {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let transport = micro_framework::amqp::connect(&config).await?;
+            let transport = micro_framework::transport::connect(&config).await?;
             let source = Config { service_name: source_of(&config.service_name), ..config.clone() };
             let producer = Producer::new(transport.clone(), &source);
             let scenario = std::env::var("SCENARIO").unwrap_or_default();

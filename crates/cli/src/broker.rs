@@ -1,7 +1,7 @@
 //! The configuration and broker connection every broker command uses.
 
-use micro_framework::amqp::transport::SharedTransport;
 use micro_framework::config::mask_uri;
+use micro_framework::transport::SharedTransport;
 use micro_framework::Config;
 
 use crate::error::CliError;
@@ -24,7 +24,7 @@ pub fn config(uri: &str, service: Option<&str>) -> Result<Config, CliError> {
 
 /// Connect to the broker of `config`.
 pub async fn connect(config: &Config) -> Result<SharedTransport, CliError> {
-    micro_framework::amqp::connect(config)
+    micro_framework::transport::connect(config)
         .await
         .map_err(|error| unreachable(&config.amqp_uri, error))
 }

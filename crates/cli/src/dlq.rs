@@ -9,8 +9,8 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Args;
-use micro_framework::amqp::settle::HEADER_ORIGINAL_QUEUE;
-use micro_framework::amqp::transport::{
+use micro_framework::settle::HEADER_ORIGINAL_QUEUE;
+use micro_framework::transport::{
     Delivery, HeaderValue, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
 };
 use serde_json::{Map, Value};

@@ -1,10 +1,10 @@
 //! AMQP headers and properties as JSON, and the dead-letter headers (`x-mf-*`) read from them.
 
 use chrono::DateTime;
-use micro_framework::amqp::settle::{
+use micro_framework::settle::{
     HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_FAILED_AT, HEADER_ROUTE,
 };
-use micro_framework::amqp::transport::{HeaderValue, Headers, Properties};
+use micro_framework::transport::{HeaderValue, Headers, Properties};
 use serde_json::{Map, Value};
 
 /// A header value as JSON: timestamps as RFC 3339 text, bytes as (lossy) text.

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Args;
-use micro_framework::amqp::transport::{HeaderValue, SharedTransport};
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
+use micro_framework::transport::{HeaderValue, SharedTransport};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -101,7 +101,7 @@ fn config(uri: &str, service: &str) -> Config {
 }
 
 async fn connect(uri: &str) -> SharedTransport {
-    micro_framework::amqp::connect(&config(uri, "cli_tests")).await.expect("connects")
+    micro_framework::transport::connect(&config(uri, "cli_tests")).await.expect("connects")
 }
 
 /// Delete what a test declared.
@@ -419,18 +419,18 @@ async fn dlq_replay_reports_progress_and_keeps_letters_without_origin() {
 async fn replay_body(uri: String, target: String, dlq: String) {
     let transport = connect(&uri).await;
     for name in [&target, &dlq] {
-        let spec = micro_framework::amqp::transport::QueueSpec::durable(name.as_str());
+        let spec = micro_framework::transport::QueueSpec::durable(name.as_str());
         transport.declare_queue(&spec).await.unwrap();
     }
     let publish = |origin: Option<&str>, n: usize| {
-        let mut properties = micro_framework::amqp::transport::Properties::default();
+        let mut properties = micro_framework::transport::Properties::default();
         if let Some(origin) = origin {
             properties.headers.insert("x-mf-original-queue".into(), HeaderValue::from(origin));
             properties.headers.insert("x-mf-retry-count".into(), HeaderValue::Int(3));
         }
         properties.headers.insert("trace".into(), HeaderValue::from("kept"));
         let body = bytes_of(n);
-        let message = micro_framework::amqp::transport::OutgoingMessage { body, properties };
+        let message = micro_framework::transport::OutgoingMessage { body, properties };
         let transport = transport.clone();
         let dlq = dlq.clone();
         async move { transport.publish("", &dlq, message, Default::default()).await.unwrap() }

@@ -3,6 +3,5 @@
 mod producer;
 mod rpc_proxy;
 
-pub(crate) use producer::DeclaredExchanges;
 pub use producer::Producer;
 pub use rpc_proxy::{RpcProxy, ServiceProxy};

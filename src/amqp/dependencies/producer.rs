@@ -6,20 +6,18 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::amqp::limits::check_size;
 use crate::amqp::naming::event_exchange;
-use crate::amqp::transport::{
-    ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport,
-};
 use crate::config::Config;
+use crate::data::json_properties;
 use crate::error::{Error, Result};
-use crate::extract::{ExtractError, FromContext};
-use crate::message::json_properties;
-use crate::workers::WorkerContext;
+use crate::handler::extract::{ExtractError, FromContext};
+use crate::handler::WorkerContext;
+use crate::transport::limits::check_size;
+use crate::transport::{ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport};
 
-/// Exchanges already declared through a connection (kombu's `maybe_declare`).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct DeclaredExchanges(Arc<Mutex<HashSet<String>>>);
+/// Exchanges a service instance already declared (kombu's `maybe_declare`).
+#[derive(Debug, Default)]
+struct DeclaredExchanges(Mutex<HashSet<String>>);
 
 impl DeclaredExchanges {
     fn contains(&self, name: &str) -> bool {
@@ -54,7 +52,7 @@ pub struct Producer {
     transport: SharedTransport,
     exchange: ExchangeSpec,
     headers: Headers,
-    declared: DeclaredExchanges,
+    declared: Arc<DeclaredExchanges>,
     max_message_size: usize,
 }
 
@@ -66,7 +64,7 @@ impl Producer {
             exchange: event_exchange(config, &config.service_name),
             transport,
             headers: Headers::new(),
-            declared: DeclaredExchanges::default(),
+            declared: Arc::default(),
             max_message_size: config.max_message_size,
         }
     }
@@ -122,7 +120,7 @@ impl FromContext for Producer {
             transport: ctx.transport().clone(),
             exchange: event_exchange(ctx.config(), ctx.service_name()),
             headers: ctx.call().outgoing_headers(),
-            declared: ctx.declared_exchanges.clone(),
+            declared: ctx.service_state().get_or_default(),
             max_message_size: ctx.config().max_message_size,
         })
     }

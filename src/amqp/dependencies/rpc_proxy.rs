@@ -6,8 +6,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::amqp::rpc::{Caller, ReplyListener, RpcError, RpcReply};
-use crate::extract::{ExtractError, FromContext};
-use crate::workers::WorkerContext;
+use crate::handler::extract::{ExtractError, FromContext};
+use crate::handler::WorkerContext;
 
 /// Calls RPC methods, as a target's parameter. Requests carry the call's context headers, so
 /// the callee's call-id stack continues the caller's. Replies come back on one reply queue

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::amqp::consumer::{serve_queue, Accept};
 use crate::amqp::naming::{dead_letter_queue, event_exchange, event_queue, HandlerType};
-use crate::amqp::settle::declare_retry_topology;
-use crate::amqp::transport::BindingSpec;
-use crate::entrypoints::Entrypoint;
+use crate::data::Message;
 use crate::error::Result;
-use crate::message::Message;
-use crate::workers::RouteHandle;
+use crate::pipeline::consume::{serve_queue, Accept};
+use crate::pipeline::settle::declare_retry_topology;
+use crate::pipeline::Entrypoint;
+use crate::pipeline::RouteHandle;
+use crate::transport::BindingSpec;
 
 type PayloadFilter = Arc<dyn Fn(&Value) -> bool + Send + Sync>;
 

@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::amqp::consumer::serve_queue;
 use crate::amqp::naming::{dead_letter_queue, work_queue};
-use crate::amqp::settle::declare_retry_topology;
-use crate::amqp::transport::{BindingSpec, Headers};
-use crate::entrypoints::Entrypoint;
+use crate::data::Message;
 use crate::error::Result;
-use crate::message::Message;
-use crate::workers::RouteHandle;
+use crate::pipeline::consume::serve_queue;
+use crate::pipeline::settle::declare_retry_topology;
+use crate::pipeline::Entrypoint;
+use crate::pipeline::RouteHandle;
+use crate::transport::{BindingSpec, Headers};
 
 /// Handles the messages of a named queue, declared durable (or only checked, with
 /// [`QueueListener::passive`]) and optionally bound to exchanges.

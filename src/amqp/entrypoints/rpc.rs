@@ -4,10 +4,10 @@ use async_trait::async_trait;
 
 use crate::amqp::rpc::naming::{rpc_binding, rpc_exchange, rpc_queue};
 use crate::amqp::rpc::{serve, RpcRegistry};
-use crate::amqp::transport::SharedTransport;
-use crate::entrypoints::Entrypoint;
 use crate::error::Result;
-use crate::workers::RouteHandle;
+use crate::pipeline::Entrypoint;
+use crate::pipeline::RouteHandle;
+use crate::transport::SharedTransport;
 
 /// Serves the route's target as the RPC method `{route name}` of the service.
 ///

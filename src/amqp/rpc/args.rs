@@ -5,8 +5,8 @@ use serde_json::{Map, Value};
 
 use crate::amqp::rpc::field_names::field_names;
 use crate::amqp::rpc::wire::request_arguments;
-use crate::extract::{ExtractError, FromContext};
-use crate::workers::WorkerContext;
+use crate::handler::extract::{ExtractError, FromContext};
+use crate::handler::WorkerContext;
 
 /// The arguments of an RPC request (`{"args": [...], "kwargs": {...}}`), deserialized into
 /// `T`. Arguments that do not fit are bad input, replied as `IncorrectSignature`.

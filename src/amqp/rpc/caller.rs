@@ -6,18 +6,18 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::amqp::limits::check_size;
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::rpc_exchange;
 use crate::amqp::rpc::pending::RpcReply;
 use crate::amqp::rpc::replies::ReplyListener;
 use crate::amqp::rpc::wire::request_body;
-use crate::amqp::transport::{
+use crate::config::Config;
+use crate::data::json_properties;
+use crate::metrics::Metrics;
+use crate::transport::limits::check_size;
+use crate::transport::{
     ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
 };
-use crate::config::Config;
-use crate::message::json_properties;
-use crate::metrics::Metrics;
 
 /// What every call of a caller shares: the connection, the reply queue, the exchange, the
 /// default timeout and the context headers sent with each request.

@@ -10,9 +10,9 @@ use crate::amqp::rpc::caller::Caller;
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::STANDALONE_SERVICE;
 use crate::amqp::rpc::replies::ReplyListener;
-use crate::amqp::transport::{Headers, SharedTransport};
 use crate::config::Config;
 use crate::error::Result;
+use crate::transport::{Headers, SharedTransport};
 
 /// Calls RPC methods from outside any service, on its own connection, as service
 /// `standalone_rpc_proxy` (reply queue `rpc.reply-standalone_rpc_proxy-{uuid}`). Uses the
@@ -39,7 +39,7 @@ impl Client {
     /// Connect to `config.amqp_uri`. The reply queue is declared on the first call.
     pub async fn connect(config: &Config) -> Result<Client> {
         let config = Config { service_name: STANDALONE_SERVICE.to_owned(), ..config.clone() };
-        let transport = crate::amqp::connect(&config).await?;
+        let transport = crate::transport::connect(&config).await?;
         let listener = Arc::new(ReplyListener::new(STANDALONE_SERVICE));
         Ok(Client { caller: Caller::new(transport, listener, &config, Headers::new()) })
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::amqp::rpc::wire::RemoteException;
-use crate::amqp::transport::TransportError;
+use crate::transport::TransportError;
 
 /// Why an RPC call did not return a result. Remote errors are only described: nothing in a
 /// reply is evaluated.

@@ -7,8 +7,8 @@ use serde_json::{json, Map, Value};
 use super::args::bind;
 use super::error::RpcError;
 use super::wire::{parse_reply, request_arguments, RemoteException};
-use crate::failure::{Failure, FailureKind};
-use crate::fuzz_support::config;
+use crate::data::fuzz_support::config;
+use crate::data::{Failure, FailureKind};
 
 /// Any JSON value, nested a few levels.
 fn json_value() -> impl Strategy<Value = Value> {

@@ -33,7 +33,6 @@
 mod args;
 mod caller;
 mod client;
-pub(crate) mod connection_local;
 mod error;
 mod field_names;
 #[cfg(test)]

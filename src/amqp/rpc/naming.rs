@@ -1,8 +1,8 @@
 //! Names and flags of the RPC exchange and queues (protocol.md section 3).
 
 use crate::amqp::naming::work_queue;
-use crate::amqp::transport::{BindingSpec, ExchangeSpec, HeaderValue, Headers, QueueSpec};
 use crate::config::Config;
+use crate::transport::{BindingSpec, ExchangeSpec, HeaderValue, Headers, QueueSpec};
 
 /// How long an unused reply queue lives (`x-expires`, milliseconds), as Nameko declares it.
 pub const REPLY_QUEUE_EXPIRES_MS: i64 = 300_000;

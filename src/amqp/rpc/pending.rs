@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::replies::{ReplyOutcome, ReplyQueue};
-use crate::amqp::transport::TransportError;
 use crate::metrics::Metrics;
+use crate::transport::TransportError;
 
 /// An RPC call on its way: await it (or [`RpcReply::result`] for a typed result) to get the
 /// reply. The call's timeout runs from when it was sent. Dropping it abandons the call (a

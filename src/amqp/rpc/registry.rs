@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::amqp::rpc::connection_local::ConnectionLocal;
-use crate::amqp::transport::SharedTransport;
-use crate::workers::RouteHandle;
+use crate::pipeline::RouteHandle;
+use crate::transport::connection_local::ConnectionLocal;
+use crate::transport::SharedTransport;
 
 static REGISTRIES: ConnectionLocal<RpcRegistry> = ConnectionLocal::new();
 

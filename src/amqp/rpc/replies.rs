@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use crate::amqp::rpc::connection_local::ConnectionLocal;
 use crate::amqp::rpc::naming::reply_queue;
 use crate::amqp::rpc::wire::{parse_reply, RemoteException};
-use crate::amqp::transport::{
+use crate::transport::connection_local::ConnectionLocal;
+use crate::transport::{
     BindingSpec, ConsumeOptions, Consumer, ExchangeSpec, Headers, SharedTransport, TransportError,
 };
 

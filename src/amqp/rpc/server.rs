@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
 
-use crate::amqp::limits::check_size;
 use crate::amqp::rpc::registry::RpcRegistry;
 use crate::amqp::rpc::wire::{reply_body, request_arguments, RemoteException};
-use crate::amqp::transport::{ConsumeOptions, Delivery, OutgoingMessage, PublishOptions};
+use crate::data::Failure;
+use crate::data::Handled;
+use crate::data::{json_properties, Message};
 use crate::error::Result;
-use crate::failure::Failure;
-use crate::message::{json_properties, Message};
-use crate::workers::{Handled, RouteHandle};
+use crate::pipeline::RouteHandle;
+use crate::transport::limits::check_size;
+use crate::transport::{ConsumeOptions, Delivery, OutgoingMessage, PublishOptions};
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
@@ -72,7 +73,7 @@ pub(crate) async fn serve(
 
 /// Handle one request: find the method's route, run it, reply, ack.
 async fn handle(registry: Arc<RpcRegistry>, consumer_route: RouteHandle, delivery: Delivery) {
-    let message = Message::from_delivery(&delivery);
+    let message = delivery.message();
     let prefix = format!("{}.", consumer_route.service_name());
     let method = message.routing_key.strip_prefix(&prefix).unwrap_or(&message.routing_key);
     let (outcome, route, handled) = match registry.route(method) {
@@ -154,7 +155,7 @@ async fn reply(
     route: &RouteHandle,
     request: &Message,
     outcome: &std::result::Result<serde_json::Value, RemoteException>,
-) -> std::result::Result<(), crate::amqp::transport::TransportError> {
+) -> std::result::Result<(), crate::transport::TransportError> {
     let Some(reply_to) = request.properties.reply_to.as_deref() else {
         tracing::info!(
             route = route.name(),

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::failure::{Failure, FailureKind};
+use crate::data::{Failure, FailureKind};
 
 /// Where Nameko's own exceptions live; callers rebuild the ones registered there.
 const NAMEKO_EXCEPTIONS: &str = "nameko.exceptions";
@@ -120,7 +120,7 @@ pub(crate) fn parse_reply(body: &[u8]) -> Result<Result<Value, RemoteException>,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::BoxError;
+    use crate::data::BoxError;
 
     #[test]
     fn failures_are_named_after_their_rust_type() {

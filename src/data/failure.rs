@@ -1,0 +1,129 @@
+//! [`Failure`]: why a call did not succeed, as plain data (it crosses process boundaries and
+//! travels in dead-letter headers).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::BoxError;
+
+/// What kind of failure it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The message could not be turned into the target's arguments (undecodable body,
+    /// wrong shape, translator error). Never retried.
+    BadInput,
+    /// The target (or a dependency) returned an error.
+    Error,
+    /// The target panicked.
+    Panic,
+    /// The call ran past its time limit.
+    TimedOut,
+    /// The worker running the call died.
+    Crashed,
+}
+
+impl FailureKind {
+    /// The kind's name, as written in dead-letter headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::BadInput => "bad_input",
+            FailureKind::Error => "error",
+            FailureKind::Panic => "panic",
+            FailureKind::TimedOut => "timed_out",
+            FailureKind::Crashed => "crashed",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a call failed. Callback targets receive it as an argument.
+///
+/// ```
+/// use micro_framework::{Failure, FailureKind};
+/// let failure = Failure::bad_input("body is not valid JSON");
+/// assert_eq!(failure.kind, FailureKind::BadInput);
+/// assert_eq!(failure.to_string(), "bad_input: body is not valid JSON");
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Failure {
+    /// The kind of failure.
+    pub kind: FailureKind,
+    /// The Rust type name of the error, when there was one (e.g. `std::io::Error`).
+    pub error_type: String,
+    /// The error's message.
+    pub message: String,
+    /// Messages of the error's sources, outermost first.
+    pub causes: Vec<String>,
+    /// Whether the route's retry policy accepts this failure (bad input never).
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+impl Failure {
+    /// A failure of the given kind with a message.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Failure {
+            retryable: kind != FailureKind::BadInput,
+            kind,
+            error_type: String::new(),
+            message: message.into(),
+            causes: Vec::new(),
+        }
+    }
+
+    /// Bad input: the message cannot be handled whatever happens.
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        Failure::new(FailureKind::BadInput, message)
+    }
+
+    /// A failure from an error value, keeping its source chain.
+    pub fn from_error(error: &BoxError, error_type: &str) -> Self {
+        let mut causes = Vec::new();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            causes.push(cause.to_string());
+            source = cause.source();
+        }
+        Failure {
+            kind: FailureKind::Error,
+            error_type: error_type.to_owned(),
+            message: error.to_string(),
+            causes,
+            retryable: true,
+        }
+    }
+
+    /// The message followed by its causes, as one line.
+    pub fn full_message(&self) -> String {
+        std::iter::once(self.message.as_str())
+            .chain(self.causes.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(": ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot save order")]
+    struct SaveError(#[source] std::io::Error);
+
+    #[test]
+    fn keeps_the_source_chain() {
+        let error: BoxError = Box::new(SaveError(std::io::Error::other("disk full")));
+        let failure = Failure::from_error(&error, "SaveError");
+        assert_eq!(failure.kind, FailureKind::Error);
+        assert_eq!(failure.causes, vec!["disk full".to_owned()]);
+        assert_eq!(failure.full_message(), "cannot save order: disk full");
+    }
+}

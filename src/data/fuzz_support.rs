@@ -1,0 +1,57 @@
+//! Shared pieces of the crate's fuzz tests (`cargo test --lib fuzz`).
+
+use proptest::collection::{btree_map, vec};
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+use crate::data::{HeaderValue, Headers};
+
+/// Cases from `PROPTEST_CASES` (default 256), divided by `cost` for slow properties. No
+/// regression files: fixed cases are kept as plain tests.
+pub(crate) fn config(cost: u32) -> Config {
+    let base = Config::default();
+    Config { cases: (base.cases / cost).max(1), failure_persistence: None, ..base }
+}
+
+/// Header and table keys, biased to the ones the framework reads.
+pub(crate) fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "nameko.call_id_stack",
+            "x-death",
+            "x-mf-retry-count",
+            "x-mf-last-retry",
+            "x-delivery-count",
+            "queue",
+            "count",
+            "reason",
+        ])
+        .prop_map(str::to_owned),
+        ".{0,12}",
+    ]
+}
+
+/// Any header value, nested up to 4 levels, with extreme numbers.
+pub(crate) fn header_value() -> impl Strategy<Value = HeaderValue> {
+    let int = prop_oneof![any::<i64>(), Just(i64::MAX), Just(i64::MIN), -2i64..20];
+    let leaf = prop_oneof![
+        Just(HeaderValue::Void),
+        any::<bool>().prop_map(HeaderValue::Bool),
+        int.prop_map(HeaderValue::Int),
+        any::<f64>().prop_map(HeaderValue::Float),
+        ".{0,16}".prop_map(HeaderValue::String),
+        vec(any::<u8>(), 0..16).prop_map(HeaderValue::Bytes),
+        prop_oneof![any::<u64>(), Just(u64::MAX)].prop_map(HeaderValue::Timestamp),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            vec(inner.clone(), 0..6).prop_map(HeaderValue::Array),
+            btree_map(key(), inner, 0..6).prop_map(HeaderValue::Table),
+        ]
+    })
+}
+
+/// Any headers.
+pub(crate) fn headers() -> impl Strategy<Value = Headers> {
+    btree_map(key(), header_value(), 0..6)
+}

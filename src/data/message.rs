@@ -1,0 +1,105 @@
+//! [`Message`]: what an entrypoint hands to a worker, whatever its source.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::data::extensions::Extensions;
+use crate::data::headers::Properties;
+
+/// One incoming message: its body and AMQP properties plus where it came from.
+///
+/// It is plain data (serializable) so that a call can run in another process.
+///
+/// ```
+/// use micro_framework::Message;
+/// let message = Message::json(&serde_json::json!({"id": 1})).unwrap();
+/// assert_eq!(message.properties.content_type.as_deref(), Some("application/json"));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// The raw body.
+    pub body: Bytes,
+    /// AMQP properties, headers included.
+    pub properties: Properties,
+    /// The exchange it was published to (empty for timers and the default exchange).
+    pub exchange: String,
+    /// Its routing key (the event name for events, `service.method` for RPC).
+    pub routing_key: String,
+    /// True when the broker delivered it before.
+    pub redelivered: bool,
+    /// What its entrypoint adds beyond AMQP (an HTTP request's method, path and query, ...),
+    /// as plain data, so that it crosses process boundaries with the message.
+    #[serde(default, skip_serializing_if = "Extensions::is_empty")]
+    pub extensions: Extensions,
+}
+
+impl Message {
+    /// A message with a JSON body.
+    pub fn json<T: Serialize + ?Sized>(payload: &T) -> Result<Self, serde_json::Error> {
+        Ok(Message {
+            body: Bytes::from(serde_json::to_vec(payload)?),
+            properties: json_properties(),
+            ..Message::default()
+        })
+    }
+
+    /// Decode the body as JSON (an empty body is `null`; `text/plain` is a JSON string).
+    pub fn decode(&self) -> Result<Value, String> {
+        let content_type = self.properties.content_type.as_deref().unwrap_or("application/json");
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        match essence {
+            _ if self.body.is_empty() => Ok(Value::Null),
+            "application/json" | "" => serde_json::from_slice(&self.body)
+                .map_err(|error| format!("body is not valid JSON: {error}")),
+            "text/plain" => std::str::from_utf8(&self.body)
+                .map(|text| Value::String(text.to_owned()))
+                .map_err(|error| format!("text/plain body is not UTF-8: {error}")),
+            other => Err(format!("unsupported content type '{other}' (expected application/json)")),
+        }
+    }
+}
+
+/// Properties of a persistent JSON message (`application/json`, `utf-8`, delivery mode 2).
+pub fn json_properties() -> Properties {
+    Properties {
+        content_type: Some("application/json".into()),
+        content_encoding: Some("utf-8".into()),
+        delivery_mode: Some(2),
+        ..Properties::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_json_text_and_empty_bodies() {
+        let json = Message::json(&[1, 2]).unwrap();
+        assert_eq!(json.decode().unwrap(), serde_json::json!([1, 2]));
+        let mut text = Message { body: Bytes::from_static(b"hi"), ..Message::default() };
+        text.properties.content_type = Some("text/plain; charset=utf-8".into());
+        assert_eq!(text.decode().unwrap(), Value::String("hi".into()));
+        assert_eq!(Message::default().decode().unwrap(), Value::Null);
+    }
+
+    #[test]
+    fn extensions_travel_with_the_message() {
+        let mut message = Message::json(&1).unwrap();
+        message.extensions.insert("http", &serde_json::json!({"method": "GET"})).unwrap();
+        let json = serde_json::to_string(&message).unwrap();
+        assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), message);
+        let plain = serde_json::to_value(Message::default()).unwrap();
+        assert!(plain.get("extensions").is_none(), "no extensions on broker messages");
+    }
+
+    #[test]
+    fn refuses_bad_json_and_unknown_content_types() {
+        let bad = Message { body: Bytes::from_static(b"{oops"), ..Message::default() };
+        assert!(bad.decode().unwrap_err().contains("not valid JSON"));
+        let mut binary = Message { body: Bytes::from_static(b"\x00"), ..Message::default() };
+        binary.properties.content_type = Some("application/octet-stream".into());
+        assert!(binary.decode().unwrap_err().contains("unsupported content type"));
+    }
+}

@@ -1,0 +1,23 @@
+//! Plain data: what a message is, what a call knows and how it ended. Everything here is
+//! serializable (a call can run in another process) and imports nothing else of the crate.
+
+mod call_context;
+mod extensions;
+mod failure;
+#[cfg(test)]
+pub(crate) mod fuzz_support;
+mod headers;
+mod message;
+mod outcome;
+mod retry_state;
+
+pub use call_context::{CallContext, HEADER_PREFIX};
+pub use extensions::Extensions;
+pub use failure::{Failure, FailureKind};
+pub use headers::{HeaderValue, Headers, Properties};
+pub use message::{json_properties, Message};
+pub use outcome::{Handled, Outcome, TargetRole};
+pub use retry_state::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
+
+/// A boxed error, as targets and dependencies return them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -1,0 +1,91 @@
+//! [`WorkerContext`]: everything a call can draw its arguments from.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::data::BackOffData;
+use crate::data::CallContext;
+use crate::data::Message;
+use crate::data::{Failure, TargetRole};
+use crate::handler::dependencies::DependencyValues;
+use crate::handler::ServiceState;
+use crate::metrics::Metrics;
+use crate::transport::SharedTransport;
+
+/// The context of one call, from which extractors ([`crate::FromContext`]) take the target's
+/// arguments.
+#[derive(Debug)]
+pub struct WorkerContext {
+    pub(crate) service: Arc<str>,
+    pub(crate) route: Arc<str>,
+    pub(crate) role: TargetRole,
+    pub(crate) message: Message,
+    pub(crate) payload: Result<Value, String>,
+    pub(crate) call: CallContext,
+    pub(crate) config: Arc<Config>,
+    pub(crate) failure: Option<Failure>,
+    pub(crate) transport: SharedTransport,
+    pub(crate) dependencies: Arc<DependencyValues>,
+    pub(crate) state: ServiceState,
+    pub(crate) retry: BackOffData,
+    pub(crate) metrics: Metrics,
+}
+
+impl WorkerContext {
+    /// The service's name.
+    pub fn service_name(&self) -> &str {
+        &self.service
+    }
+
+    /// The route's name.
+    pub fn route_name(&self) -> &str {
+        &self.route
+    }
+
+    /// Whether this call runs the target or the callback.
+    pub fn role(&self) -> TargetRole {
+        self.role
+    }
+
+    /// The incoming message, as received.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The payload after decoding and translation, or why it could not be decoded.
+    pub fn payload(&self) -> Result<&Value, &str> {
+        self.payload.as_ref().map_err(String::as_str)
+    }
+
+    /// Call ids and context data.
+    pub fn call(&self) -> &CallContext {
+        &self.call
+    }
+
+    /// The service's configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The failure being called back, in a callback.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.failure.as_ref()
+    }
+
+    /// The broker connection.
+    pub fn transport(&self) -> &SharedTransport {
+        &self.transport
+    }
+
+    /// The values shared by every call of this service instance.
+    pub fn service_state(&self) -> &ServiceState {
+        &self.state
+    }
+
+    /// The value a dependency provided for this call.
+    pub fn dependency<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.dependencies.get::<T>()
+    }
+}

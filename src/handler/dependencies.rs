@@ -1,0 +1,225 @@
+//! Dependencies: values provided to each call (a database session, an API client, ...),
+//! with a life cycle around the service and around each call.
+//!
+//! ```
+//! use micro_framework::prelude::*;
+//! use micro_framework::dependencies::{Dependency, Dep};
+//! use micro_framework::{BoxError, WorkerContext};
+//!
+//! #[derive(Clone)]
+//! struct Greeter(String);
+//!
+//! struct GreeterDependency;
+//!
+//! #[micro_framework::async_trait]
+//! impl Dependency for GreeterDependency {
+//!     type Output = Greeter;
+//!     async fn get(&self, call: &WorkerContext) -> Result<Greeter, BoxError> {
+//!         Ok(Greeter(format!("hello from {}", call.route_name())))
+//!     }
+//! }
+//!
+//! fn greet(Dep(greeter): Dep<Greeter>) -> String {
+//!     greeter.0
+//! }
+//!
+//! let route = Route::new(greet).dependency(GreeterDependency);
+//! assert_eq!(route.route_name(), "greet");
+//! ```
+
+use std::any::{type_name, Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::Config;
+use crate::data::BoxError;
+use crate::data::Outcome;
+use crate::handler::extract::{ExtractError, FromContext, TargetSetup};
+use crate::handler::WorkerContext;
+
+/// What a dependency's `setup` sees.
+#[derive(Clone, Debug)]
+pub struct SetupContext {
+    /// The service's name.
+    pub service_name: String,
+    /// The service's configuration.
+    pub config: Arc<Config>,
+}
+
+/// A dependency: set up once when the service starts, asked for a value before each call
+/// (the target receives it through [`Dep<Output>`]), told the call's outcome afterwards
+/// (commit or roll back), and torn down when the service stops.
+#[async_trait]
+pub trait Dependency: Send + Sync + 'static {
+    /// The value a target receives.
+    type Output: Clone + Send + Sync + 'static;
+
+    /// Called once at start-up, before any call. An error stops the service from starting.
+    async fn setup(&self, _setup: &SetupContext) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    /// The value for one call. An error fails the call.
+    async fn get(&self, call: &WorkerContext) -> Result<Self::Output, BoxError>;
+
+    /// Called after the call with the value it got and the call's outcome.
+    async fn after_call(&self, _value: &Self::Output, _outcome: &Outcome) {}
+
+    /// Called once when the service stops.
+    async fn teardown(&self) {}
+}
+
+/// Extractor of the value a [`Dependency`] with `Output = T` provided for the call.
+#[derive(Clone, Debug)]
+pub struct Dep<T>(pub T);
+
+impl<T> Deref for Dep<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> FromContext for Dep<T> {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        ctx.dependency::<T>().map(Dep).ok_or_else(|| {
+            ExtractError::Unavailable(format!("no dependency provides {}", type_name::<T>()))
+        })
+    }
+
+    fn check(setup: &TargetSetup) -> Result<(), String> {
+        if setup.provides(TypeId::of::<T>()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "parameter Dep<{}> cannot be provided: add a dependency whose Output is that type \
+                 with Route::dependency or Runner::dependency",
+                type_name::<T>()
+            ))
+        }
+    }
+}
+
+/// The values provided for one call, by type.
+#[derive(Default)]
+pub struct DependencyValues {
+    values: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+}
+
+impl DependencyValues {
+    /// The value of type `T`, cloned.
+    pub fn get<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.values.get(&TypeId::of::<T>()).and_then(|value| value.downcast_ref::<T>()).cloned()
+    }
+}
+
+impl fmt::Debug for DependencyValues {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DependencyValues").field("count", &self.values.len()).finish()
+    }
+}
+
+/// A dependency with its output type erased, as routes store them.
+#[async_trait]
+pub(crate) trait ErasedDependency: Send + Sync {
+    fn output_type(&self) -> TypeId;
+    fn name(&self) -> &'static str;
+    async fn setup(&self, setup: &SetupContext) -> Result<(), BoxError>;
+    async fn provide(
+        &self,
+        call: &WorkerContext,
+        into: &mut DependencyValues,
+    ) -> Result<(), BoxError>;
+    async fn after_call(&self, values: &DependencyValues, outcome: &Outcome);
+    async fn teardown(&self);
+}
+
+pub(crate) struct Erased<D>(pub D);
+
+#[async_trait]
+impl<D: Dependency> ErasedDependency for Erased<D> {
+    fn output_type(&self) -> TypeId {
+        TypeId::of::<D::Output>()
+    }
+
+    fn name(&self) -> &'static str {
+        type_name::<D>()
+    }
+
+    async fn setup(&self, setup: &SetupContext) -> Result<(), BoxError> {
+        self.0.setup(setup).await
+    }
+
+    async fn provide(
+        &self,
+        call: &WorkerContext,
+        into: &mut DependencyValues,
+    ) -> Result<(), BoxError> {
+        let value = self.0.get(call).await?;
+        into.values.insert(TypeId::of::<D::Output>(), Box::new(value));
+        Ok(())
+    }
+
+    async fn after_call(&self, values: &DependencyValues, outcome: &Outcome) {
+        if let Some(value) = values.values.get(&self.output_type()) {
+            if let Some(value) = value.downcast_ref::<D::Output>() {
+                self.0.after_call(value, outcome).await;
+            }
+        }
+    }
+
+    async fn teardown(&self) {
+        self.0.teardown().await
+    }
+}
+
+/// A shared, type-erased dependency.
+pub(crate) type SharedDependency = Arc<dyn ErasedDependency>;
+
+/// Erase a dependency for storage in a route.
+pub(crate) fn share<D: Dependency>(dependency: D) -> SharedDependency {
+    Arc::new(Erased(dependency))
+}
+
+/// Add `dependency` to `list`, replacing one that provides the same type.
+pub(crate) fn insert(list: &mut Vec<SharedDependency>, dependency: SharedDependency) {
+    list.retain(|existing| existing.output_type() != dependency.output_type());
+    list.push(dependency);
+}
+
+impl fmt::Debug for dyn ErasedDependency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A dependency that gives every call a clone of one value (a connection pool, a client,
+/// shared state), like axum's `State`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use micro_framework::prelude::*;
+/// use micro_framework::dependencies::Shared;
+///
+/// fn count(Dep(counter): Dep<Arc<AtomicU64>>) {
+///     counter.fetch_add(1, Ordering::Relaxed);
+/// }
+///
+/// let route = Route::new(count).dependency(Shared(Arc::new(AtomicU64::new(0))));
+/// ```
+#[derive(Clone, Debug)]
+pub struct Shared<T>(pub T);
+
+#[async_trait]
+impl<T: Clone + Send + Sync + 'static> Dependency for Shared<T> {
+    type Output = T;
+
+    async fn get(&self, _call: &WorkerContext) -> Result<T, BoxError> {
+        Ok(self.0.clone())
+    }
+}

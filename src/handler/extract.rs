@@ -1,0 +1,161 @@
+//! Extractors: how a target's parameters are taken from the [`WorkerContext`].
+//!
+//! Every parameter type of a target implements [`FromContext`]. Built in: [`Payload<T>`] (the
+//! payload deserialized with serde), [`RawBody`], [`MessageHeaders`], [`Message`],
+//! [`CallContext`], `Arc<Config>`, [`Failure`] (callbacks only), [`Dep<T>`](crate::Dep) and the
+//! AMQP dependencies such as `Producer`.
+//!
+//! [`FromContext::check`] runs when the service starts, so a parameter that can never be
+//! provided stops the start, not the first message.
+
+use std::any::TypeId;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::config::Config;
+use crate::data::CallContext;
+use crate::data::Failure;
+use crate::data::Message;
+use crate::data::{BackOffData, TargetRole};
+use crate::handler::WorkerContext;
+use crate::transport::Headers;
+
+/// Why an argument could not be extracted.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ExtractError {
+    /// The message does not fit the parameter (bad input: dead-lettered, never retried).
+    #[error("{0}")]
+    BadInput(String),
+    /// The parameter cannot be provided for this call (a failure).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What [`FromContext::check`] sees of the route when the service starts.
+#[derive(Clone, Debug)]
+pub struct TargetSetup {
+    /// The route's name.
+    pub route: String,
+    /// Whether the checked function is the route's target or its callback.
+    pub role: TargetRole,
+    pub(crate) provided: Vec<TypeId>,
+}
+
+impl TargetSetup {
+    /// True when a dependency of the route provides values of this type.
+    pub fn provides(&self, type_id: TypeId) -> bool {
+        self.provided.contains(&type_id)
+    }
+}
+
+/// A type that can be taken from a call's context, to be a target's parameter.
+///
+/// ```
+/// use micro_framework::{FromContext, ExtractError, WorkerContext};
+///
+/// /// The user id from the `nameko.user_id` context header.
+/// struct UserId(Option<i64>);
+///
+/// impl FromContext for UserId {
+///     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+///         Ok(UserId(ctx.call().data.get("user_id").and_then(|v| v.as_i64())))
+///     }
+/// }
+/// ```
+pub trait FromContext: Sized + Send + 'static {
+    /// Take the value from the context of a call.
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError>;
+
+    /// Whether the value can ever be provided on this route; checked at start-up.
+    fn check(_setup: &TargetSetup) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The payload, deserialized into `T` (use `serde_json::Value` to take anything).
+///
+/// ```
+/// use micro_framework::Payload;
+/// #[derive(serde::Deserialize)]
+/// struct Order { id: u64 }
+/// fn handle(Payload(order): Payload<Order>) -> u64 { order.id }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Payload<T>(pub T);
+
+impl<T: DeserializeOwned + Send + 'static> FromContext for Payload<T> {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        let value = ctx.payload().map_err(|reason| ExtractError::BadInput(reason.to_owned()))?;
+        T::deserialize(value).map(Payload).map_err(|error| {
+            ExtractError::BadInput(format!(
+                "payload does not fit {}: {error}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+/// The message's raw body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawBody(pub Bytes);
+
+impl FromContext for RawBody {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        Ok(RawBody(ctx.message().body.clone()))
+    }
+}
+
+/// The message's AMQP headers, as received.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MessageHeaders(pub Headers);
+
+impl FromContext for MessageHeaders {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        Ok(MessageHeaders(ctx.message().properties.headers.clone()))
+    }
+}
+
+impl FromContext for Message {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        Ok(ctx.message().clone())
+    }
+}
+
+impl FromContext for CallContext {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        Ok(ctx.call().clone())
+    }
+}
+
+impl FromContext for Arc<Config> {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        Ok(ctx.config().clone())
+    }
+}
+
+impl FromContext for BackOffData {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        Ok(ctx.retry.clone())
+    }
+}
+
+impl FromContext for Failure {
+    fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        ctx.failure()
+            .cloned()
+            .ok_or_else(|| ExtractError::Unavailable("no failure: not called back".into()))
+    }
+
+    fn check(setup: &TargetSetup) -> Result<(), String> {
+        match setup.role {
+            TargetRole::Callback => Ok(()),
+            TargetRole::Target => {
+                Err("a Failure parameter is only available to the callback of a \
+                                       CallbackRoute"
+                    .into())
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The handler model: what a route calls and with what. Targets are plain functions whose
+//! parameters are extractors ([`extract::FromContext`]) taken from a [`WorkerContext`];
+//! dependencies provide values around each call; translators reshape the payload first.
+
+mod context;
+pub mod dependencies;
+pub mod extract;
+mod state;
+pub mod targets;
+pub mod translators;
+
+pub use context::WorkerContext;
+pub use state::ServiceState;

@@ -1,0 +1,290 @@
+//! Targets: the plain functions (`fn` or `async fn`) that routes call.
+//!
+//! Any function whose parameters all implement [`FromContext`] (up to 12) and whose return
+//! type implements [`IntoOutcome`] is a target:
+//!
+//! ```
+//! use micro_framework::prelude::*;
+//! use serde_json::Value;
+//!
+//! fn sync_target(Payload(value): Payload<Value>) {}
+//! async fn async_target(Payload(n): Payload<u32>) -> Result<u32, std::io::Error> { Ok(n + 1) }
+//!
+//! let _ = Route::new(sync_target);
+//! let _ = Route::new(async_target);
+//! ```
+//!
+//! Sync targets run on OS threads of a blocking pool, async ones on the runtime. A panic is
+//! caught and becomes a failure.
+
+use std::any::{type_name, Any};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::data::BoxError;
+use crate::handler::extract::{ExtractError, FromContext, TargetSetup};
+use crate::handler::WorkerContext;
+
+/// How a target's call ended, before it becomes an [`Outcome`](crate::data::Outcome).
+pub type TargetResult = Result<Value, TargetError>;
+
+/// Why a target's call failed.
+#[derive(Debug)]
+pub enum TargetError {
+    /// An argument could not be extracted.
+    Extract(ExtractError),
+    /// The target returned an error.
+    Error {
+        /// The error.
+        error: BoxError,
+        /// Its Rust type name.
+        type_name: &'static str,
+    },
+    /// The target panicked, with the panic's message.
+    Panic(String),
+    /// The returned value could not be serialized.
+    Unserializable(String),
+}
+
+impl From<ExtractError> for TargetError {
+    fn from(error: ExtractError) -> Self {
+        TargetError::Extract(error)
+    }
+}
+
+/// A target's return value: `()`, a serializable value, or `Result<T, E>` for any error type.
+pub trait IntoOutcome {
+    /// The call's result.
+    fn into_outcome(self) -> TargetResult;
+}
+
+impl IntoOutcome for () {
+    fn into_outcome(self) -> TargetResult {
+        Ok(Value::Null)
+    }
+}
+
+impl<T: Serialize, E: Into<BoxError>> IntoOutcome for Result<T, E> {
+    fn into_outcome(self) -> TargetResult {
+        match self {
+            Ok(value) => value.into_outcome_value(),
+            Err(error) => {
+                Err(TargetError::Error { error: error.into(), type_name: type_name::<E>() })
+            }
+        }
+    }
+}
+
+/// Any serializable value, as a target's return value (`Json(my_struct)`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoOutcome for Json<T> {
+    fn into_outcome(self) -> TargetResult {
+        self.0.into_outcome_value()
+    }
+}
+
+trait SerializeOutcome {
+    fn into_outcome_value(self) -> TargetResult;
+}
+
+impl<T: Serialize> SerializeOutcome for T {
+    fn into_outcome_value(self) -> TargetResult {
+        serde_json::to_value(self).map_err(|error| TargetError::Unserializable(error.to_string()))
+    }
+}
+
+macro_rules! value_outcomes {
+    ($($ty:ty),*) => {$(
+        impl IntoOutcome for $ty {
+            fn into_outcome(self) -> TargetResult {
+                self.into_outcome_value()
+            }
+        }
+    )*};
+}
+
+value_outcomes!(
+    Value,
+    String,
+    &'static str,
+    bool,
+    i8,
+    i16,
+    i32,
+    i64,
+    isize,
+    u8,
+    u16,
+    u32,
+    u64,
+    usize,
+    f32,
+    f64
+);
+
+impl<T: Serialize> IntoOutcome for Vec<T> {
+    fn into_outcome(self) -> TargetResult {
+        self.into_outcome_value()
+    }
+}
+
+impl<T: Serialize> IntoOutcome for Option<T> {
+    fn into_outcome(self) -> TargetResult {
+        self.into_outcome_value()
+    }
+}
+
+impl<T: Serialize> IntoOutcome for HashMap<String, T> {
+    fn into_outcome(self) -> TargetResult {
+        self.into_outcome_value()
+    }
+}
+
+impl<T: Serialize> IntoOutcome for BTreeMap<String, T> {
+    fn into_outcome(self) -> TargetResult {
+        self.into_outcome_value()
+    }
+}
+
+/// A function a route can call. `M` is a marker that tells sync and async functions and their
+/// parameter lists apart; it is inferred.
+pub trait Target<M>: Clone + Send + Sync + 'static {
+    /// Check at start-up that every parameter can be provided on the route.
+    fn check(setup: &TargetSetup) -> Result<(), String>;
+    /// Run the target with arguments extracted from `ctx`.
+    fn invoke(&self, ctx: WorkerContext) -> BoxFuture<'static, TargetResult>;
+}
+
+/// Marker of sync targets.
+#[derive(Debug)]
+pub struct SyncTarget;
+
+/// Marker of async targets.
+#[derive(Debug)]
+pub struct AsyncTarget;
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+macro_rules! impl_target {
+    ($($param:ident),*) => {
+        #[allow(non_snake_case, unused_variables)]
+        impl<F, R, $($param,)*> Target<(SyncTarget, ($($param,)*))> for F
+        where
+            F: Fn($($param),*) -> R + Clone + Send + Sync + 'static,
+            R: IntoOutcome,
+            $($param: FromContext,)*
+        {
+            fn check(setup: &TargetSetup) -> Result<(), String> {
+                $($param::check(setup)?;)*
+                Ok(())
+            }
+
+            fn invoke(&self, ctx: WorkerContext) -> BoxFuture<'static, TargetResult> {
+                let function = self.clone();
+                Box::pin(async move {
+                    let call = move || -> TargetResult {
+                        $(let $param = $param::from_context(&ctx)?;)*
+                        function($($param),*).into_outcome()
+                    };
+                    match tokio::task::spawn_blocking(call).await {
+                        Ok(result) => result,
+                        Err(join) => match join.try_into_panic() {
+                            Ok(panic) => Err(TargetError::Panic(panic_message(panic.as_ref()))),
+                            Err(join) => Err(TargetError::Panic(join.to_string())),
+                        },
+                    }
+                })
+            }
+        }
+
+        #[allow(non_snake_case, unused_variables)]
+        impl<F, Fut, R, $($param,)*> Target<(AsyncTarget, ($($param,)*))> for F
+        where
+            F: Fn($($param),*) -> Fut + Clone + Send + Sync + 'static,
+            Fut: Future<Output = R> + Send + 'static,
+            R: IntoOutcome,
+            $($param: FromContext,)*
+        {
+            fn check(setup: &TargetSetup) -> Result<(), String> {
+                $($param::check(setup)?;)*
+                Ok(())
+            }
+
+            fn invoke(&self, ctx: WorkerContext) -> BoxFuture<'static, TargetResult> {
+                let function = self.clone();
+                let call = async move {
+                    $(let $param = $param::from_context(&ctx)?;)*
+                    function($($param),*).await.into_outcome()
+                };
+                Box::pin(AssertUnwindSafe(call).catch_unwind().map(|result| match result {
+                    Ok(result) => result,
+                    Err(panic) => Err(TargetError::Panic(panic_message(panic.as_ref()))),
+                }))
+            }
+        }
+    };
+}
+
+impl_target!();
+impl_target!(T1);
+impl_target!(T1, T2);
+impl_target!(T1, T2, T3);
+impl_target!(T1, T2, T3, T4);
+impl_target!(T1, T2, T3, T4, T5);
+impl_target!(T1, T2, T3, T4, T5, T6);
+impl_target!(T1, T2, T3, T4, T5, T6, T7);
+impl_target!(T1, T2, T3, T4, T5, T6, T7, T8);
+impl_target!(T1, T2, T3, T4, T5, T6, T7, T8, T9);
+impl_target!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10);
+impl_target!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11);
+impl_target!(T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12);
+
+type Invoke = dyn Fn(WorkerContext) -> BoxFuture<'static, TargetResult> + Send + Sync;
+
+/// A target with its types erased, as routes keep it.
+#[derive(Clone)]
+pub(crate) struct ErasedTarget {
+    /// The function's path, e.g. `my_service::tasks::test`.
+    pub path: &'static str,
+    pub check: fn(&TargetSetup) -> Result<(), String>,
+    pub invoke: Arc<Invoke>,
+}
+
+impl ErasedTarget {
+    pub(crate) fn new<T: Target<M>, M>(target: T) -> Self {
+        ErasedTarget {
+            path: type_name::<T>(),
+            check: T::check,
+            invoke: Arc::new(move |ctx| target.invoke(ctx)),
+        }
+    }
+
+    /// The default route name: the function's name, the last segment of its path.
+    pub(crate) fn default_name(&self) -> &'static str {
+        self.path.rsplit("::").find(|segment| !segment.starts_with("{{")).unwrap_or(self.path)
+    }
+}
+
+impl std::fmt::Debug for ErasedTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.path)
+    }
+}

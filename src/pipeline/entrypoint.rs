@@ -1,0 +1,50 @@
+//! [`Entrypoint`]: what triggers a route. The framework's entrypoints (AMQP events and RPC,
+//! timers, HTTP, WebSocket) are built on this trait, as yours can be.
+//!
+//! An entrypoint declares what it needs in [`Entrypoint::setup`], then feeds messages to its
+//! route in [`Entrypoint::run`] until the route's `stopping()` token fires:
+//!
+//! ```
+//! use micro_framework::entrypoints::Entrypoint;
+//! use micro_framework::{Message, RouteHandle};
+//!
+//! /// Calls its route once at start-up.
+//! struct Once;
+//!
+//! #[micro_framework::async_trait]
+//! impl Entrypoint for Once {
+//!     fn describe(&self) -> String {
+//!         "Once".into()
+//!     }
+//!
+//!     async fn run(self: Box<Self>, route: RouteHandle) -> micro_framework::Result<()> {
+//!         if let Some(permit) = route.acquire().await {
+//!             let handled = route.handle(permit, Message::default()).await;
+//!             route.settled(&handled);
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//! ```
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::pipeline::RouteHandle;
+
+/// What triggers a route.
+#[async_trait]
+pub trait Entrypoint: Send + Sync + 'static {
+    /// A short description for logs, e.g. `EventListener(orders.created)`.
+    fn describe(&self) -> String;
+
+    /// Declare what the entrypoint needs (queues, bindings). Runs for every route of the
+    /// service before any route starts.
+    async fn setup(&mut self, _route: &RouteHandle) -> Result<()> {
+        Ok(())
+    }
+
+    /// Feed messages to the route until `route.stopping()` fires, then finish as the worker
+    /// mode says (hand unstarted messages back, or finish them) and return.
+    async fn run(self: Box<Self>, route: RouteHandle) -> Result<()>;
+}

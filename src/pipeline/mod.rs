@@ -1,0 +1,17 @@
+//! The pipeline: a route's message goes through one consume loop, waits for a worker slot,
+//! is translated, gets its dependencies, is handled by the target (in this process or a
+//! worker process), retried as the route's policy says, and settled with the broker.
+
+pub(crate) mod consume;
+mod entrypoint;
+pub mod retry;
+mod route_handle;
+pub mod routes;
+pub mod settle;
+pub mod spawners;
+mod stats;
+
+pub use entrypoint::Entrypoint;
+pub use route_handle::RouteHandle;
+pub(crate) use route_handle::ServiceEnv;
+pub use stats::RouteStats;

@@ -1,0 +1,202 @@
+//! Retries: [`AsyncBackOff`] schedules a failed message again on the broker after a delay
+//! (the worker is freed at once); [`BackOff`] retries inside the worker, for short transient
+//! errors. When no retry remains, a `CallbackRoute`'s callback runs, or the message goes to
+//! the dead-letter queue.
+//!
+//! ```
+//! use std::time::Duration;
+//! use micro_framework::prelude::*;
+//! use micro_framework::retry::{AsyncBackOff, BackOff, Interval};
+//!
+//! fn charge() -> Result<(), std::io::Error> { Ok(()) }
+//!
+//! // 5 retries after the first attempt, 10 s apart, on the broker (the seed's example).
+//! let seed = AsyncBackOff::new(5, Duration::from_millis(10_000));
+//! // Exponential delays, only for I/O errors anywhere in the error's source chain.
+//! let io_only = AsyncBackOff::new(8, Duration::from_millis(100))
+//!     .interval(Interval::exponential(Duration::from_millis(100), 2.0, Duration::from_secs(60)))
+//!     .retry_on::<std::io::Error>();
+//! // In the worker, 3 quick retries.
+//! let quick = BackOff::new(3, Duration::from_millis(50));
+//! let route = Route::new(charge).backoff(io_only);
+//! ```
+//!
+//! `max_retries` counts retries after the first attempt: `0` means no retry (the Python
+//! original read 0 as "for ever"); for no limit, say so with [`BackOffPolicy::unlimited`].
+
+mod interval;
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::data::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
+pub use interval::Interval;
+
+type ErrorTest = Arc<dyn Fn(&(dyn StdError + 'static)) -> bool + Send + Sync>;
+
+/// Where retries wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryMode {
+    /// On the broker, in a delay queue; the worker is freed during the delay.
+    Broker,
+    /// In the worker, which sleeps and calls again.
+    InWorker,
+}
+
+/// A retry policy: how many retries, how far apart, for which errors, and where they wait.
+/// Built with [`AsyncBackOff::new`] or [`BackOff::new`].
+#[derive(Clone)]
+pub struct BackOffPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Delay before each retry.
+    pub interval: Interval,
+    /// Where retries wait.
+    pub mode: RetryMode,
+    /// Random extra delay, as a fraction of the delay (0.0 to 1.0).
+    pub jitter: f64,
+    filters: Vec<ErrorTest>,
+}
+
+/// Broker-side retries (the seed's `AsyncBackOff`): the failed message is published to a
+/// delay queue whose per-queue TTL dead-letters it back to the route's queue.
+#[derive(Debug)]
+pub struct AsyncBackOff;
+
+impl AsyncBackOff {
+    /// `max_retries` retries after the first attempt, `interval` apart.
+    // A constructor of `BackOffPolicy`, named after the seed's class.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(max_retries: u32, interval: Duration) -> BackOffPolicy {
+        BackOffPolicy::new(max_retries, interval, RetryMode::Broker)
+    }
+}
+
+/// In-worker retries: the worker sleeps `interval` and calls the target again.
+#[derive(Debug)]
+pub struct BackOff;
+
+impl BackOff {
+    /// `max_retries` retries after the first attempt, `interval` apart.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(max_retries: u32, interval: Duration) -> BackOffPolicy {
+        BackOffPolicy::new(max_retries, interval, RetryMode::InWorker)
+    }
+}
+
+impl BackOffPolicy {
+    fn new(max_retries: u32, interval: Duration, mode: RetryMode) -> Self {
+        BackOffPolicy {
+            max_retries,
+            interval: Interval::Constant(interval),
+            mode,
+            jitter: 0.0,
+            filters: Vec::new(),
+        }
+    }
+
+    /// Retry without limit.
+    pub fn unlimited(mut self) -> Self {
+        self.max_retries = u32::MAX;
+        self
+    }
+
+    /// Use another interval provider (linear, exponential).
+    pub fn interval(mut self, interval: Interval) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// Add up to `fraction` (0.0 to 1.0) of each delay at random.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Retry errors of type `E` found anywhere in the error's source chain. With any filter
+    /// set, errors that match none fail at once (panics too).
+    pub fn retry_on<E: StdError + 'static>(mut self) -> Self {
+        self.filters.push(Arc::new(|error| {
+            let mut current = Some(error);
+            while let Some(error) = current {
+                if error.is::<E>() {
+                    return true;
+                }
+                current = error.source();
+            }
+            false
+        }));
+        self
+    }
+
+    /// Retry errors for which `predicate` holds.
+    pub fn retry_if(
+        mut self,
+        predicate: impl Fn(&(dyn StdError + 'static)) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.filters.push(Arc::new(predicate));
+        self
+    }
+
+    /// Whether a failure with this error (none for a panic or a time-out) may be retried.
+    pub fn accepts(&self, error: Option<&(dyn StdError + 'static)>) -> bool {
+        if self.filters.is_empty() {
+            return true;
+        }
+        error.is_some_and(|error| self.filters.iter().any(|filter| filter(error)))
+    }
+
+    /// The delay before retry number `retry` (1-based), jitter included.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let base = self.interval.delay(retry);
+        if self.jitter <= 0.0 {
+            return base;
+        }
+        let random = f64::from(uuid::Uuid::new_v4().as_u128() as u32) / f64::from(u32::MAX);
+        let extra = base.as_secs_f64() * self.jitter * random;
+        Duration::from_millis(((base.as_secs_f64() + extra) * 1000.0) as u64)
+    }
+}
+
+impl fmt::Debug for BackOffPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackOffPolicy")
+            .field("max_retries", &self.max_retries)
+            .field("interval", &self.interval)
+            .field("mode", &self.mode)
+            .field("jitter", &self.jitter)
+            .field("filters", &self.filters.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped")]
+    struct Wrapped(#[source] std::io::Error);
+
+    #[test]
+    fn filters_match_through_the_source_chain() {
+        let policy = AsyncBackOff::new(1, Duration::ZERO).retry_on::<std::io::Error>();
+        let wrapped = Wrapped(std::io::Error::other("disk"));
+        assert!(policy.accepts(Some(&wrapped)));
+        let other = std::fmt::Error;
+        assert!(!policy.accepts(Some(&other)));
+        assert!(!policy.accepts(None));
+        assert!(AsyncBackOff::new(1, Duration::ZERO).accepts(None));
+    }
+
+    #[test]
+    fn jitter_only_adds() {
+        let policy = BackOff::new(1, Duration::from_millis(100)).jitter(0.5);
+        for _ in 0..20 {
+            let delay = policy.delay(1);
+            assert!(delay >= Duration::from_millis(100) && delay <= Duration::from_millis(150));
+        }
+    }
+}

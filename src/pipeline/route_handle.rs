@@ -1,0 +1,401 @@
+//! The worker pipeline: translate → provide dependencies → call the target → settle.
+//!
+//! Entrypoints hand each message to their route's [`RouteHandle`]: it waits for a worker slot
+//! ([`RouteHandle::acquire`]), runs the pipeline, and on a failure runs the callback of a
+//! `CallbackRoute` ([`RouteHandle::handle`]). The entrypoint then settles the message with its
+//! source (ack, dead-letter, reply) from the [`Handled`] it gets back.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::stats::RouteStats;
+
+use crate::config::Config;
+use crate::data::CallContext;
+use crate::data::Message;
+use crate::data::{Failure, FailureKind, Handled, Outcome, TargetRole};
+use crate::handler::dependencies::{DependencyValues, SharedDependency};
+use crate::handler::targets::{ErasedTarget, TargetError, TargetResult};
+use crate::handler::translators::{translate, MessageTranslator};
+use crate::handler::{ServiceState, WorkerContext};
+use crate::metrics::Metrics;
+use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
+use crate::pipeline::routes::Route;
+use crate::pipeline::spawners::process::CallRequest;
+use crate::pipeline::spawners::{WorkerPermit, WorkerPool};
+use crate::transport::SharedTransport;
+
+/// A running route, as its entrypoint sees it.
+#[derive(Clone, Debug)]
+pub struct RouteHandle {
+    inner: Arc<RouteRuntime>,
+}
+
+#[derive(Debug)]
+struct RouteRuntime {
+    service: Arc<str>,
+    name: Arc<str>,
+    target: ErasedTarget,
+    callback: Option<ErasedTarget>,
+    translators: Vec<Arc<dyn MessageTranslator>>,
+    dependencies: Vec<SharedDependency>,
+    backoff: Option<BackOffPolicy>,
+    config: Arc<Config>,
+    transport: SharedTransport,
+    pool: WorkerPool,
+    stopping: CancellationToken,
+    stats: RouteStats,
+    state: ServiceState,
+    metrics: Metrics,
+    topology_only: bool,
+}
+
+/// What the routes of one service share.
+#[derive(Clone, Debug)]
+pub(crate) struct ServiceEnv {
+    pub config: Arc<Config>,
+    pub transport: SharedTransport,
+    pub stopping: CancellationToken,
+    pub state: ServiceState,
+    pub metrics: Metrics,
+    /// Set up only to read the topology ([`Runner::topology`](crate::Runner::topology)).
+    pub topology_only: bool,
+}
+
+impl ServiceEnv {
+    pub(crate) fn new(config: Arc<Config>, transport: SharedTransport) -> crate::Result<Self> {
+        let metrics = Metrics::new()
+            .map_err(|error| crate::Error::Startup(format!("cannot create metrics: {error}")))?;
+        Ok(ServiceEnv {
+            config,
+            transport,
+            stopping: CancellationToken::new(),
+            state: ServiceState::default(),
+            metrics,
+            topology_only: false,
+        })
+    }
+}
+
+impl RouteHandle {
+    /// The running form of `route` (whose entrypoint the caller has taken) in `pool`.
+    pub(crate) fn new(route: Route, pool: WorkerPool, env: &ServiceEnv) -> Self {
+        RouteHandle {
+            inner: Arc::new(RouteRuntime {
+                service: env.config.service_name.as_str().into(),
+                name: route.name.as_str().into(),
+                target: route.target,
+                callback: route.callback,
+                translators: route.translators,
+                dependencies: route.dependencies,
+                backoff: route.backoff,
+                config: env.config.clone(),
+                transport: env.transport.clone(),
+                pool,
+                stopping: env.stopping.clone(),
+                stats: RouteStats::default(),
+                state: env.state.clone(),
+                metrics: env.metrics.clone(),
+                topology_only: env.topology_only,
+            }),
+        }
+    }
+
+    /// True when the service is only set up to read its topology: entrypoints declare what
+    /// they need on the broker but bind no socket and start nothing.
+    pub fn is_topology_only(&self) -> bool {
+        self.inner.topology_only
+    }
+
+    /// The values shared by every route and call of this service instance.
+    pub fn service_state(&self) -> &ServiceState {
+        &self.inner.state
+    }
+
+    /// The route's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The service's name.
+    pub fn service_name(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// The service's configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.inner.config
+    }
+
+    /// The broker connection.
+    pub fn transport(&self) -> &SharedTransport {
+        &self.inner.transport
+    }
+
+    /// The worker pool this route runs in.
+    pub fn pool(&self) -> &WorkerPool {
+        &self.inner.pool
+    }
+
+    /// Fires when the service begins to shut down.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.inner.stopping
+    }
+
+    /// The route's retry policy, if any.
+    pub fn backoff(&self) -> Option<&BackOffPolicy> {
+        self.inner.backoff.as_ref()
+    }
+
+    /// Counters of this route.
+    pub fn stats(&self) -> &RouteStats {
+        &self.inner.stats
+    }
+
+    /// How many unacknowledged messages a consumer of this route may hold: `PREFETCH_COUNT`,
+    /// or the pool's size.
+    pub fn prefetch(&self) -> u16 {
+        self.inner
+            .config
+            .prefetch_count
+            .unwrap_or_else(|| u16::try_from(self.inner.pool.size()).unwrap_or(u16::MAX))
+    }
+
+    /// Wait for a worker slot; `None` when the service is stopping and the worker mode hands
+    /// unstarted messages back.
+    pub async fn acquire(&self) -> Option<WorkerPermit> {
+        self.inner.pool.acquire(&self.inner.stopping).await
+    }
+
+    /// A worker slot if one is free now: for entrypoints that refuse work when the pool is
+    /// full (HTTP, WebSocket) instead of waiting.
+    pub fn try_acquire(&self) -> Option<WorkerPermit> {
+        self.inner.pool.try_acquire(&self.inner.stopping)
+    }
+
+    /// Handle a message in the slot `permit`: run the target; on a failure (not bad input)
+    /// retry it as the route's backoff says (in the worker, or by asking the entrypoint to
+    /// schedule it on the broker), and when no retry remains run the callback.
+    pub async fn handle(&self, permit: WorkerPermit, message: Message) -> Handled {
+        self.inner.stats.received();
+        let (context, route) = (self.inner.pool.context(), self.name());
+        self.inner.metrics.received(context, route);
+        self.inner.metrics.call_started(context, route, self.inner.pool.available());
+        let started = std::time::Instant::now();
+        let handled = self.handle_in_slot(&message).await;
+        let failed = !matches!(handled, Handled::Succeeded(_));
+        drop(permit);
+        self.inner.metrics.call_finished(context, route, started.elapsed(), failed);
+        self.inner.metrics.available(context, self.inner.pool.available());
+        handled
+    }
+
+    async fn handle_in_slot(&self, message: &Message) -> Handled {
+        let max_size = self.inner.config.max_message_size;
+        if message.body.len() > max_size {
+            let reason = format!(
+                "message of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
+                message.body.len()
+            );
+            return Handled::Failed(Failure::bad_input(reason));
+        }
+        let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
+        let mut retry = BackOffData::from_headers(&message.properties.headers, max_retries);
+        let mut outcome = self.run(TargetRole::Target, message, None, &retry).await;
+        while let (Err(failure), Some(policy)) = (&outcome, &self.inner.backoff) {
+            if !failure.retryable || !retry.can_retry() {
+                break;
+            }
+            let delay = policy.delay(retry.retry_count + 1);
+            if policy.mode == RetryMode::Broker {
+                return Handled::Retry { failure: failure.clone(), delay };
+            }
+            tracing::info!(route = self.name(), "retry {} in {delay:?}", retry.retry_count + 1);
+            self.inner.metrics.retried(self.inner.pool.context(), self.name());
+            tokio::time::sleep(delay).await;
+            retry.retry_count += 1;
+            retry.last_error = Some(failure.full_message());
+            retry.last_retry = Some(std::time::SystemTime::now());
+            outcome = self.run(TargetRole::Target, message, None, &retry).await;
+        }
+        match outcome {
+            Ok(value) => Handled::Succeeded(value),
+            Err(failure) if failure.kind == FailureKind::BadInput => Handled::Failed(failure),
+            Err(failure) if self.inner.callback.is_some() => {
+                match self.run(TargetRole::Callback, message, Some(failure.clone()), &retry).await {
+                    Ok(_) => Handled::CalledBack(failure),
+                    Err(callback_failure) => Handled::Failed(Failure {
+                        message: format!(
+                            "callback failed: {} (after: {})",
+                            callback_failure.message, failure.message
+                        ),
+                        ..callback_failure
+                    }),
+                }
+            }
+            Err(failure) => Handled::Failed(failure),
+        }
+    }
+
+    /// Record that a message was settled (for counters and test waits).
+    pub fn settled(&self, handled: &Handled) {
+        self.inner.stats.settled(handled);
+        self.inner.metrics.settled(self.inner.pool.context(), self.name(), handled);
+    }
+
+    /// Record that a message was acknowledged without a call (filtered out).
+    pub fn skipped(&self) {
+        self.inner.stats.skipped();
+    }
+
+    /// Run one function of the route on `message` as a first attempt: the unit of work a
+    /// worker does.
+    pub async fn execute(
+        &self,
+        role: TargetRole,
+        message: Message,
+        failure: Option<Failure>,
+    ) -> Outcome {
+        self.run(role, &message, failure, &BackOffData::default()).await
+    }
+
+    async fn run(
+        &self,
+        role: TargetRole,
+        message: &Message,
+        failure: Option<Failure>,
+        retry: &BackOffData,
+    ) -> Outcome {
+        match self.inner.pool.processes() {
+            Some(processes) => {
+                let request = CallRequest {
+                    route: self.name().to_owned(),
+                    role,
+                    message: message.clone(),
+                    failure,
+                    retry: retry.clone(),
+                };
+                processes.call(request).await
+            }
+            None => self.run_here(role, message, failure, retry).await,
+        }
+    }
+
+    /// Run one function of the route in this process.
+    pub(crate) async fn run_here(
+        &self,
+        role: TargetRole,
+        message: &Message,
+        failure: Option<Failure>,
+        retry: &BackOffData,
+    ) -> Outcome {
+        let route = &self.inner;
+        let call = CallContext::for_call(
+            &message.properties.headers,
+            &route.service,
+            &route.name,
+            route.config.parent_calls_tracked,
+        );
+        let span = tracing::info_span!(
+            "call",
+            service = %route.service,
+            route = %route.name,
+            call_id = %call.call_id,
+            parent_call_id = call.parent_call_id().unwrap_or_default(),
+            retry = retry.retry_count,
+        );
+        self.run_pipeline(role, message.clone(), failure, call, retry.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn run_pipeline(
+        &self,
+        role: TargetRole,
+        message: Message,
+        failure: Option<Failure>,
+        call: CallContext,
+        retry: BackOffData,
+    ) -> Outcome {
+        let route = &self.inner;
+        let target = match (role, &route.callback) {
+            (TargetRole::Target, _) => &route.target,
+            (TargetRole::Callback, Some(callback)) => callback,
+            (TargetRole::Callback, None) => {
+                return Err(Failure::new(FailureKind::Error, "route has no callback"));
+            }
+        };
+        let payload = translate(&route.translators, &message);
+        if let (Err(reason), false) = (&payload, route.translators.is_empty()) {
+            return Err(Failure::bad_input(reason.clone()));
+        }
+        let mut ctx = WorkerContext {
+            service: route.service.clone(),
+            route: route.name.clone(),
+            role,
+            message,
+            payload,
+            call,
+            config: route.config.clone(),
+            failure,
+            transport: route.transport.clone(),
+            dependencies: Arc::default(),
+            state: route.state.clone(),
+            retry,
+            metrics: route.metrics.clone(),
+        };
+        let mut values = DependencyValues::default();
+        for dependency in &route.dependencies {
+            if let Err(error) = dependency.provide(&ctx, &mut values).await {
+                let failure = Failure::from_error(&error, dependency.name());
+                return Err(Failure {
+                    message: format!(
+                        "dependency {} failed: {}",
+                        dependency.name(),
+                        failure.message
+                    ),
+                    ..failure
+                });
+            }
+        }
+        let values = Arc::new(values);
+        ctx.dependencies = values.clone();
+        let outcome = into_outcome((target.invoke)(ctx).await, route.backoff.as_ref());
+        for dependency in &route.dependencies {
+            dependency.after_call(&values, &outcome).await;
+        }
+        match &outcome {
+            Ok(_) => tracing::debug!("call succeeded"),
+            Err(failure) => {
+                tracing::warn!(kind = %failure.kind, "call failed: {}", failure.full_message())
+            }
+        }
+        outcome
+    }
+}
+
+fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcome {
+    let accepts = |error: Option<&(dyn std::error::Error + 'static)>| {
+        backoff.is_none_or(|policy| policy.accepts(error))
+    };
+    result.map_err(|error| match error {
+        TargetError::Extract(crate::handler::extract::ExtractError::BadInput(reason)) => {
+            Failure::bad_input(reason)
+        }
+        TargetError::Extract(crate::handler::extract::ExtractError::Unavailable(reason)) => {
+            Failure::new(FailureKind::Error, reason)
+        }
+        TargetError::Error { error, type_name } => {
+            Failure { retryable: accepts(Some(&*error)), ..Failure::from_error(&error, type_name) }
+        }
+        TargetError::Panic(message) => Failure {
+            retryable: accepts(None),
+            ..Failure::new(FailureKind::Panic, format!("target panicked: {message}"))
+        },
+        TargetError::Unserializable(reason) => {
+            Failure::new(FailureKind::Error, format!("return value cannot be serialized: {reason}"))
+        }
+    })
+}

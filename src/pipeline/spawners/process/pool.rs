@@ -1,0 +1,429 @@
+//! The service side: a pool of worker processes, each running one call at a time.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, Mutex};
+
+use super::protocol::{
+    read_frame, write_frame, CallRequest, ForwardedDelivery, FromWorker, Settlement, ToWorker,
+    TransportAnswer, TransportOp,
+};
+use super::worker::WORKER_SOCKET_ENV;
+use crate::data::Outcome;
+use crate::data::{Failure, FailureKind};
+use crate::error::{Error, Result};
+use crate::transport::{Acker, ConsumeOptions, SharedTransport, TransportError};
+
+const START_LIMIT: Duration = Duration::from_secs(30);
+const RESPAWN_PAUSE: Duration = Duration::from_secs(1);
+
+/// One worker process and its socket.
+struct Worker {
+    pid: u32,
+    child: Child,
+    calls: mpsc::Sender<ToWorker>,
+    outcomes: mpsc::Receiver<Outcome>,
+    done: u32,
+}
+
+/// Starts worker processes: the service's own binary, re-executed with the worker socket in
+/// its environment, so the program's `main` (and its set-up) runs there too.
+#[derive(Clone)]
+struct Launcher {
+    transport: SharedTransport,
+}
+
+impl Launcher {
+    async fn launch(&self) -> Result<Worker> {
+        let exe = std::env::current_exe()?;
+        let socket = private_socket_path()?;
+        let listener = UnixListener::bind(&socket)?;
+        let spawned = Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(WORKER_SOCKET_ENV, &socket)
+            .kill_on_drop(true)
+            .spawn();
+        let accepted = match spawned {
+            Ok(child) => {
+                let accepted = tokio::time::timeout(START_LIMIT, listener.accept()).await;
+                (child, accepted)
+            }
+            Err(error) => {
+                remove(&socket);
+                return Err(Error::Startup(format!("cannot start a worker process: {error}")));
+            }
+        };
+        remove(&socket);
+        let (child, accepted) = accepted;
+        let (stream, _) = accepted
+            .map_err(|_| Error::Startup("a worker process did not connect in 30 s".into()))??;
+        let (mut reader, mut writer) = stream.into_split();
+        let Some(FromWorker::Ready { pid }) = read_frame(&mut reader).await? else {
+            return Err(Error::Startup("a worker process did not say it was ready".into()));
+        };
+        let (calls, mut to_send) = mpsc::channel::<ToWorker>(16);
+        let (outcome_sender, outcomes) = mpsc::channel::<Outcome>(1);
+        tokio::spawn(async move {
+            while let Some(frame) = to_send.recv().await {
+                if write_frame(&mut writer, &frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let transport = self.transport.clone();
+        // Weak: the worker's `calls` is the only strong sender, so dropping it closes the
+        // link and the worker process exits.
+        let replies = calls.downgrade();
+        tokio::spawn(async move {
+            // Consumers opened for the worker and the ackers of what they forwarded: dropped
+            // with this task when the worker goes, which hands unsettled messages back.
+            let consumers = Consumers::default();
+            while let Ok(Some(frame)) = read_frame::<_, FromWorker>(&mut reader).await {
+                match frame {
+                    FromWorker::Outcome(outcome) => {
+                        let _ = outcome_sender.send(outcome).await;
+                    }
+                    FromWorker::Transport { id, op } => {
+                        let (transport, replies) = (transport.clone(), replies.clone());
+                        let consumers = consumers.clone();
+                        tokio::spawn(async move {
+                            let result = match *op {
+                                TransportOp::Consume { queue, options } => {
+                                    consumers
+                                        .open(&transport, &queue, options, replies.clone())
+                                        .await
+                                }
+                                op => forward(&transport, op).await,
+                            };
+                            if let Some(replies) = replies.upgrade() {
+                                let _ = replies.send(ToWorker::TransportReply { id, result }).await;
+                            }
+                        });
+                    }
+                    FromWorker::Settle { delivery, settlement } => {
+                        consumers.settle(delivery, settlement).await;
+                    }
+                    FromWorker::Cancel { consumer } => consumers.cancel(consumer),
+                    FromWorker::Ready { .. } => {}
+                }
+            }
+            consumers.close();
+        });
+        tracing::debug!("worker process {pid} started");
+        Ok(Worker { pid, child, calls, outcomes, done: 0 })
+    }
+}
+
+/// A socket path in a new directory only this user may enter (mode 0700), so no other local
+/// user can connect to the socket before the worker does, whatever the umask.
+fn private_socket_path() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("mf-worker-{}", uuid::Uuid::new_v4()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir.join("worker.sock"))
+}
+
+/// Remove the socket and its private directory.
+fn remove(socket: &PathBuf) {
+    let _ = std::fs::remove_file(socket);
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Do a worker's broker operation on the service's connection.
+async fn forward(
+    transport: &SharedTransport,
+    op: TransportOp,
+) -> Result<TransportAnswer, TransportError> {
+    Ok(match op {
+        TransportOp::DeclareExchange(spec) => {
+            transport.declare_exchange(&spec).await?;
+            TransportAnswer::Done
+        }
+        TransportOp::DeclareQueue(spec) => {
+            TransportAnswer::Info(transport.declare_queue(&spec).await?)
+        }
+        TransportOp::QueueInfo(queue) => TransportAnswer::Info(transport.queue_info(&queue).await?),
+        TransportOp::Bind(binding) => {
+            transport.bind_queue(&binding).await?;
+            TransportAnswer::Done
+        }
+        TransportOp::DeleteQueue(queue) => {
+            TransportAnswer::Count(transport.delete_queue(&queue).await?)
+        }
+        TransportOp::DeleteExchange(exchange) => {
+            transport.delete_exchange(&exchange).await?;
+            TransportAnswer::Done
+        }
+        TransportOp::Purge(queue) => TransportAnswer::Count(transport.purge_queue(&queue).await?),
+        TransportOp::Consume { queue, .. } => {
+            return Err(TransportError::Other(format!("consume of {queue} is not forwarded here")))
+        }
+        TransportOp::Publish { exchange, routing_key, message, options } => {
+            transport.publish(&exchange, &routing_key, *message, options).await?;
+            TransportAnswer::Done
+        }
+    })
+}
+
+/// Consumers the service runs for one worker (e.g. its RPC reply queue).
+#[derive(Clone, Default)]
+struct Consumers {
+    inner: Arc<std::sync::Mutex<ConsumersState>>,
+}
+
+#[derive(Default)]
+struct ConsumersState {
+    next: u64,
+    cancels: HashMap<u64, Box<dyn FnOnce() + Send>>,
+    ackers: HashMap<u64, Box<dyn Acker>>,
+}
+
+impl Consumers {
+    fn state(&self) -> std::sync::MutexGuard<'_, ConsumersState> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Consume `queue` for the worker, forwarding each delivery to it.
+    async fn open(
+        &self,
+        transport: &SharedTransport,
+        queue: &str,
+        options: ConsumeOptions,
+        to_worker: mpsc::WeakSender<ToWorker>,
+    ) -> Result<TransportAnswer, TransportError> {
+        let mut consumer = transport.consume(queue, options).await?;
+        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+        let id = {
+            let mut state = self.state();
+            state.next += 1;
+            let id = state.next;
+            state.cancels.insert(
+                id,
+                Box::new(move || {
+                    let _ = cancel.send(());
+                }),
+            );
+            id
+        };
+        let consumers = self.clone();
+        tokio::spawn(async move {
+            tokio::pin!(cancelled);
+            loop {
+                let delivery = tokio::select! {
+                    _ = &mut cancelled => break,
+                    delivery = consumer.next() => delivery,
+                };
+                let Some(delivery) = delivery else { break };
+                let message = delivery.message();
+                let number = {
+                    let mut state = consumers.state();
+                    state.next += 1;
+                    let number = state.next;
+                    state.ackers.insert(number, delivery.acker);
+                    number
+                };
+                let forwarded = ForwardedDelivery { consumer: id, delivery: number, message };
+                let Some(sender) = to_worker.upgrade() else { break };
+                if sender.send(ToWorker::Delivery(Box::new(forwarded))).await.is_err() {
+                    break;
+                }
+            }
+            consumer.cancel();
+            if let Some(sender) = to_worker.upgrade() {
+                let _ = sender.send(ToWorker::ConsumerEnded { consumer: id }).await;
+            }
+        });
+        Ok(TransportAnswer::Consuming { consumer: id })
+    }
+
+    async fn settle(&self, delivery: u64, settlement: Settlement) {
+        let Some(acker) = self.state().ackers.remove(&delivery) else { return };
+        let result = match settlement {
+            Settlement::Ack => acker.ack().await,
+            Settlement::Nack { requeue } => acker.nack(requeue).await,
+            Settlement::Reject { requeue } => acker.reject(requeue).await,
+        };
+        if let Err(error) = result {
+            tracing::warn!("cannot settle a worker's delivery: {error}");
+        }
+    }
+
+    fn cancel(&self, consumer: u64) {
+        if let Some(cancel) = self.state().cancels.remove(&consumer) {
+            cancel();
+        }
+    }
+
+    /// The worker is gone: stop its consumers; unsettled deliveries go back (acker drop).
+    fn close(&self) {
+        let mut state = self.state();
+        for (_, cancel) in state.cancels.drain() {
+            cancel();
+        }
+        state.ackers.clear();
+    }
+}
+
+/// Worker processes of one runner context. A call takes an idle worker (the context's
+/// permits guarantee there is one, or one being started), runs there, and gives it back; a
+/// worker that dies or overruns the time limit is replaced, and one that reached
+/// `MAX_TASKS_PER_CHILD` calls is recycled.
+pub struct ProcessPool {
+    idle: mpsc::UnboundedSender<Worker>,
+    waiting: Mutex<mpsc::UnboundedReceiver<Worker>>,
+    launcher: Launcher,
+    time_limit: Option<Duration>,
+    max_tasks: Option<u32>,
+}
+
+impl std::fmt::Debug for ProcessPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessPool")
+            .field("time_limit", &self.time_limit)
+            .field("max_tasks", &self.max_tasks)
+            .finish()
+    }
+}
+
+impl ProcessPool {
+    /// Start `size` worker processes.
+    pub(crate) async fn start(
+        size: usize,
+        transport: SharedTransport,
+        time_limit: Option<Duration>,
+        max_tasks: Option<u32>,
+    ) -> Result<Arc<Self>> {
+        let (idle, waiting) = mpsc::unbounded_channel();
+        let pool = Arc::new(ProcessPool {
+            idle,
+            waiting: Mutex::new(waiting),
+            launcher: Launcher { transport },
+            time_limit,
+            max_tasks,
+        });
+        for _ in 0..size {
+            let worker = pool.launcher.launch().await?;
+            let _ = pool.idle.send(worker);
+        }
+        Ok(pool)
+    }
+
+    /// Run one call in a worker process.
+    pub(crate) async fn call(self: &Arc<Self>, request: CallRequest) -> Outcome {
+        let Some(mut worker) = self.waiting.lock().await.recv().await else {
+            return Err(Failure::new(FailureKind::Crashed, "the worker pool is shut down"));
+        };
+        let sent = worker.calls.send(ToWorker::Call(Box::new(request))).await;
+        let answer = match (sent, self.time_limit) {
+            (Err(_), _) => Ok(None),
+            (Ok(()), None) => Ok(worker.outcomes.recv().await),
+            (Ok(()), Some(limit)) => tokio::time::timeout(limit, worker.outcomes.recv()).await,
+        };
+        match answer {
+            Ok(Some(outcome)) => {
+                worker.done += 1;
+                if self.max_tasks.is_some_and(|max| worker.done >= max) {
+                    tracing::debug!(
+                        "worker process {} recycled after {} calls",
+                        worker.pid,
+                        worker.done
+                    );
+                    self.replace(worker, false).await;
+                } else {
+                    let _ = self.idle.send(worker);
+                }
+                outcome
+            }
+            Ok(None) => {
+                let pid = worker.pid;
+                let status = self.replace(worker, false).await;
+                let message = format!("worker process {pid} died during the call ({status})");
+                tracing::error!("{message}; a new worker replaces it");
+                Err(Failure::new(FailureKind::Crashed, message))
+            }
+            Err(_) => {
+                let pid = worker.pid;
+                self.replace(worker, true).await;
+                let limit = self.time_limit.unwrap_or_default();
+                let message = format!(
+                    "call ran past its time limit of {limit:?}: worker process {pid} killed"
+                );
+                tracing::error!("{message}; a new worker replaces it");
+                Err(Failure::new(FailureKind::TimedOut, message))
+            }
+        }
+    }
+
+    /// End `worker` (killing it if `kill`, else closing its socket and waiting briefly) and
+    /// start another in the background. Returns how the old one ended.
+    async fn replace(self: &Arc<Self>, mut worker: Worker, kill: bool) -> String {
+        drop(worker.calls);
+        if kill {
+            let _ = worker.child.start_kill();
+        }
+        let status = match tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await {
+            Ok(Ok(status)) => status.to_string(),
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => {
+                let _ = worker.child.start_kill();
+                "did not exit, killed".to_owned()
+            }
+        };
+        let pool = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match pool.launcher.launch().await {
+                    Ok(new) => {
+                        let _ = pool.idle.send(new);
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::error!("cannot start a worker process: {error}; trying again");
+                        tokio::time::sleep(RESPAWN_PAUSE).await;
+                    }
+                }
+            }
+        });
+        status
+    }
+
+    /// Stop every idle worker (they exit when their socket closes).
+    pub(crate) async fn shutdown(&self) {
+        let mut waiting = self.waiting.lock().await;
+        waiting.close();
+        while let Ok(mut worker) = waiting.try_recv() {
+            drop(worker.calls);
+            if tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await.is_err() {
+                tracing::warn!(
+                    "worker process {} did not exit in 5 s after its link closed; killed",
+                    worker.pid
+                );
+                let _ = worker.child.start_kill();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn worker_sockets_live_in_a_private_directory() {
+        let socket = private_socket_path().unwrap();
+        let dir = socket.parent().unwrap();
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        remove(&socket);
+        assert!(!dir.exists());
+    }
+}

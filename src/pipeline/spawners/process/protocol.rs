@@ -1,0 +1,153 @@
+//! The frames between a service and its worker processes: length-prefixed JSON over a Unix
+//! socket.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::data::BackOffData;
+use crate::data::Failure;
+use crate::data::Message;
+use crate::data::{Outcome, TargetRole};
+use crate::transport::{
+    BindingSpec, ConsumeOptions, ExchangeSpec, OutgoingMessage, PublishOptions, QueueInfo,
+    QueueSpec, TransportError,
+};
+
+/// Frames larger than this are refused (a corrupt or hostile length prefix).
+const MAX_FRAME: u32 = 256 * 1024 * 1024;
+/// What a frame's buffer starts with; it grows as the body arrives.
+const PREALLOCATE: usize = 64 * 1024;
+
+/// One call for a worker process.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct CallRequest {
+    pub route: String,
+    pub role: TargetRole,
+    pub message: Message,
+    pub failure: Option<Failure>,
+    pub retry: BackOffData,
+}
+
+/// From the service to a worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ToWorker {
+    Call(Box<CallRequest>),
+    TransportReply {
+        id: u64,
+        result: Result<TransportAnswer, TransportError>,
+    },
+    /// A delivery for a consumer the worker opened through the service.
+    Delivery(Box<ForwardedDelivery>),
+    /// That consumer ended.
+    ConsumerEnded {
+        consumer: u64,
+    },
+}
+
+/// A delivery forwarded to a worker; the service keeps its acker until the worker settles.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ForwardedDelivery {
+    pub consumer: u64,
+    pub delivery: u64,
+    pub message: Message,
+}
+
+/// How a worker settles a forwarded delivery.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub(crate) enum Settlement {
+    Ack,
+    Nack { requeue: bool },
+    Reject { requeue: bool },
+}
+
+/// From a worker to the service.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum FromWorker {
+    Ready {
+        pid: u32,
+    },
+    Outcome(Outcome),
+    Transport {
+        id: u64,
+        op: Box<TransportOp>,
+    },
+    /// Settle a forwarded delivery.
+    Settle {
+        delivery: u64,
+        settlement: Settlement,
+    },
+    /// Cancel a consumer opened through the service.
+    Cancel {
+        consumer: u64,
+    },
+}
+
+/// A broker operation a worker asks the service to do (its dependencies' traffic).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum TransportOp {
+    DeclareExchange(ExchangeSpec),
+    DeclareQueue(QueueSpec),
+    QueueInfo(String),
+    Bind(BindingSpec),
+    DeleteQueue(String),
+    DeleteExchange(String),
+    Purge(String),
+    Consume {
+        queue: String,
+        options: ConsumeOptions,
+    },
+    Publish {
+        exchange: String,
+        routing_key: String,
+        message: Box<OutgoingMessage>,
+        options: PublishOptions,
+    },
+}
+
+/// The answer to a [`TransportOp`].
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum TransportAnswer {
+    Done,
+    Info(QueueInfo),
+    Count(u32),
+    Consuming { consumer: u64 },
+}
+
+/// Write one frame.
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    writer: &mut W,
+    frame: &T,
+) -> std::io::Result<()> {
+    let body = serde_json::to_vec(frame)?;
+    let length = u32::try_from(body.len())
+        .ok()
+        .filter(|length| *length <= MAX_FRAME)
+        .ok_or_else(|| std::io::Error::other("frame too large"))?;
+    writer.write_all(&length.to_be_bytes()).await?;
+    writer.write_all(&body).await?;
+    writer.flush().await
+}
+
+/// Read one frame; `None` at the end of the stream.
+pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    reader: &mut R,
+) -> std::io::Result<Option<T>> {
+    let mut length = [0u8; 4];
+    match reader.read_exact(&mut length).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    let length = u32::from_be_bytes(length);
+    if length > MAX_FRAME {
+        return Err(std::io::Error::other(format!("frame of {length} bytes refused")));
+    }
+    // grow with the bytes that actually arrive: a length prefix alone allocates little
+    let mut body = Vec::with_capacity((length as usize).min(PREALLOCATE));
+    reader.take(u64::from(length)).read_to_end(&mut body).await?;
+    if body.len() != length as usize {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(Some(serde_json::from_slice(&body)?))
+}

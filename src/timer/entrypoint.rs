@@ -1,0 +1,142 @@
+//! [`TimeEntrypoint`]: call a route on a fixed interval or a cron schedule.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use croner::Cron;
+use tokio::time::{sleep_until, Instant};
+
+use super::leadership::Leadership;
+use crate::data::Handled;
+use crate::data::Message;
+use crate::error::{Error, Result};
+use crate::pipeline::Entrypoint;
+use crate::pipeline::RouteHandle;
+
+/// When a timer fires.
+#[derive(Clone, Debug)]
+pub enum Schedule {
+    /// Every interval, the first tick one interval after start.
+    Every(Duration),
+    /// On a cron expression (5 fields, or 6 with seconds first), in UTC.
+    Cron(Box<Cron>),
+}
+
+/// Calls its route on a schedule. Runs never overlap: a tick that comes while the previous
+/// run is still going is skipped. A failing run is logged and the timer goes on.
+///
+/// ```
+/// use std::time::Duration;
+/// use micro_framework::prelude::*;
+/// use micro_framework::entrypoints::TimeEntrypoint;
+///
+/// fn cleanup() {}
+///
+/// let every = Route::new(cleanup).entrypoint(TimeEntrypoint::every(Duration::from_secs(60)));
+/// let nightly = Route::new(cleanup)
+///     .name("nightly_cleanup")
+///     .entrypoint(TimeEntrypoint::cron("0 3 * * *").unwrap());
+/// ```
+#[derive(Clone, Debug)]
+pub struct TimeEntrypoint {
+    schedule: Schedule,
+    cluster_wide: bool,
+}
+
+impl TimeEntrypoint {
+    /// Fire every `interval` (must be more than zero).
+    pub fn every(interval: Duration) -> Self {
+        TimeEntrypoint {
+            schedule: Schedule::Every(interval.max(Duration::from_millis(1))),
+            cluster_wide: false,
+        }
+    }
+
+    /// Fire each tick on one instance of the service only (the Python original and Nameko
+    /// fire on every instance). The instance holding the exclusive consumer of the queue
+    /// `timer-{service}-{route}.leader` leads; when it stops or dies, another one takes
+    /// over at its next tick.
+    pub fn cluster_wide(mut self) -> Self {
+        self.cluster_wide = true;
+        self
+    }
+
+    /// Fire on a cron expression such as `*/5 * * * *` or `0 */10 * * * *` (with seconds).
+    pub fn cron(expression: &str) -> Result<Self> {
+        let cron = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Optional)
+            .build()
+            .parse(expression)
+            .or_else(|_| Cron::from_str(expression))
+            .map_err(|error| {
+                Error::Startup(format!("invalid cron expression {expression:?}: {error}"))
+            })?;
+        Ok(TimeEntrypoint { schedule: Schedule::Cron(Box::new(cron)), cluster_wide: false })
+    }
+
+    /// When the tick after `last` is due; `None` when the schedule has no future tick.
+    fn next_tick(&self, last: Instant) -> Option<Instant> {
+        match &self.schedule {
+            Schedule::Every(interval) => Some(last + *interval),
+            Schedule::Cron(cron) => {
+                let now = chrono::Utc::now();
+                let next = cron.find_next_occurrence(&now, false).ok()?;
+                let wait = (next - now).to_std().unwrap_or_default();
+                Some(Instant::now() + wait)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Entrypoint for TimeEntrypoint {
+    fn describe(&self) -> String {
+        match &self.schedule {
+            Schedule::Every(interval) if self.cluster_wide => {
+                format!("TimeEntrypoint(every {interval:?}, cluster-wide)")
+            }
+            Schedule::Every(interval) => format!("TimeEntrypoint(every {interval:?})"),
+            Schedule::Cron(cron) => format!("TimeEntrypoint(cron {})", cron.pattern),
+        }
+    }
+
+    async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
+        let mut leadership = self.cluster_wide.then(|| Leadership::of(&route));
+        let mut last = Instant::now();
+        loop {
+            let Some(due) = self.next_tick(last) else {
+                tracing::info!(route = route.name(), "schedule has no further tick; timer ends");
+                return Ok(());
+            };
+            tokio::select! {
+                _ = route.stopping().cancelled() => return Ok(()),
+                _ = sleep_until(due) => {}
+            }
+            last = due;
+            if let Some(leadership) = &mut leadership {
+                if !leadership.lead(&route).await {
+                    continue;
+                }
+            }
+            let Some(permit) = route.acquire().await else { return Ok(()) };
+            let handled = route.handle(permit, Message::default()).await;
+            if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {
+                tracing::error!(
+                    route = route.name(),
+                    "timer run failed: {}",
+                    failure.full_message()
+                );
+            }
+            route.settled(&handled);
+            // Skip the ticks that passed while the run was going: runs never overlap.
+            let now = Instant::now();
+            while let Schedule::Every(interval) = &self.schedule {
+                if last + *interval > now {
+                    break;
+                }
+                last += *interval;
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Timers: [`TimeEntrypoint`] calls its route on an interval or a cron schedule, on every
+//! instance or once across the cluster.
+
+mod entrypoint;
+mod leadership;
+
+pub use entrypoint::{Schedule, TimeEntrypoint};

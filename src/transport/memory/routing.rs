@@ -1,0 +1,186 @@
+//! Exchanges, their bindings and how they match routing keys and headers.
+
+use crate::transport::{ExchangeKind, ExchangeSpec, HeaderValue, Headers, TransportError};
+
+/// A declared exchange and its queue bindings.
+#[derive(Debug)]
+pub(super) struct Exchange {
+    /// The declaration (with a normalised kind).
+    pub spec: ExchangeSpec,
+    /// Queue bindings, in declaration order.
+    pub bindings: Vec<Binding>,
+    /// Whether it ever had a binding (auto-delete only fires after the first one).
+    pub had_binding: bool,
+}
+
+/// One queue binding of an exchange.
+#[derive(Debug)]
+pub(super) struct Binding {
+    /// The bound queue.
+    pub queue: String,
+    /// Routing key or topic pattern.
+    pub key: String,
+    /// The topic pattern split into words, with runs of `#` collapsed.
+    pub words: Vec<String>,
+    /// Binding arguments (headers exchanges).
+    pub arguments: Headers,
+}
+
+impl Binding {
+    /// A binding of `queue` with `key`.
+    pub fn new(queue: &str, key: &str, arguments: Headers) -> Self {
+        let mut words: Vec<String> = Vec::new();
+        for word in split_key(key) {
+            if !(word == "#" && words.last().is_some_and(|last| last == "#")) {
+                words.push(word.to_owned());
+            }
+        }
+        Binding { queue: queue.to_owned(), key: key.to_owned(), words, arguments }
+    }
+}
+
+/// Maps a declared kind onto the built-in kinds when a `Custom` name is one of them.
+pub(super) fn normalize_kind(kind: &ExchangeKind) -> Result<ExchangeKind, TransportError> {
+    match kind.as_str() {
+        "direct" => Ok(ExchangeKind::Direct),
+        "fanout" => Ok(ExchangeKind::Fanout),
+        "topic" => Ok(ExchangeKind::Topic),
+        "headers" => Ok(ExchangeKind::Headers),
+        other => {
+            Err(TransportError::Other(format!("COMMAND_INVALID - unknown exchange type '{other}'")))
+        }
+    }
+}
+
+/// Splits a routing key into dot-separated words; the empty key has no words.
+pub(super) fn split_key(key: &str) -> Vec<&str> {
+    if key.is_empty() {
+        Vec::new()
+    } else {
+        key.split('.').collect()
+    }
+}
+
+impl Exchange {
+    /// Appends the queues this exchange routes a message to (possibly with duplicates).
+    pub fn route(&self, key: &str, headers: &Headers, out: &mut Vec<String>) {
+        let key_words =
+            if self.spec.kind == ExchangeKind::Topic { split_key(key) } else { Vec::new() };
+        for binding in &self.bindings {
+            let matched = match self.spec.kind {
+                ExchangeKind::Direct => binding.key == key,
+                ExchangeKind::Fanout => true,
+                ExchangeKind::Topic => topic_matches(&binding.words, &key_words),
+                ExchangeKind::Headers => headers_match(&binding.arguments, headers),
+                ExchangeKind::Custom(_) => false,
+            };
+            if matched {
+                out.push(binding.queue.clone());
+            }
+        }
+    }
+}
+
+/// Whether a topic pattern (split into words) matches a routing key (split into words).
+pub(super) fn topic_matches<P: AsRef<str>>(pattern: &[P], key: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => key.is_empty(),
+        Some((word, rest)) => match word.as_ref() {
+            "#" => (0..=key.len()).any(|skip| topic_matches(rest, &key[skip..])),
+            "*" => !key.is_empty() && topic_matches(rest, &key[1..]),
+            literal => key.first() == Some(&literal) && topic_matches(rest, &key[1..]),
+        },
+    }
+}
+
+/// Validates the `x-match` argument of a headers-exchange binding.
+pub(super) fn check_x_match(arguments: &Headers) -> Result<(), TransportError> {
+    match arguments.get("x-match") {
+        None => Ok(()),
+        Some(HeaderValue::String(mode))
+            if matches!(mode.as_str(), "all" | "any" | "all-with-x" | "any-with-x") =>
+        {
+            Ok(())
+        }
+        Some(other) => Err(TransportError::PreconditionFailed(format!(
+            "Invalid x-match field value {other:?}; expected all, any, all-with-x, or any-with-x"
+        ))),
+    }
+}
+
+/// Whether a headers-exchange binding matches the message headers (RabbitMQ semantics:
+/// `x-match` is `all` (default), `any`, `all-with-x` or `any-with-x`; `x-` keys of the
+/// binding are ignored unless `-with-x`; a void binding value only requires presence).
+pub(super) fn headers_match(binding: &Headers, headers: &Headers) -> bool {
+    let mode = binding.get("x-match").and_then(HeaderValue::as_str).unwrap_or("all");
+    let with_x = mode.ends_with("-with-x");
+    let any = mode.starts_with("any");
+    let mut criteria = binding
+        .iter()
+        .filter(|(key, _)| key.as_str() != "x-match" && (with_x || !key.starts_with("x-")))
+        .map(|(key, expected)| match (expected, headers.get(key)) {
+            (_, None) => false,
+            (HeaderValue::Void, Some(_)) => true,
+            (expected, Some(actual)) => expected == actual,
+        });
+    if any {
+        criteria.any(|matched| matched)
+    } else {
+        criteria.all(|matched| matched)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(pattern: &str, key: &str) -> bool {
+        topic_matches(&Binding::new("q", pattern, Headers::new()).words, &split_key(key))
+    }
+
+    #[test]
+    fn topic_wildcards() {
+        assert!(matches("a.#", "a"));
+        assert!(matches("a.#", "a.b"));
+        assert!(matches("a.#", "a.b.c"));
+        assert!(!matches("a.#", "b.a"));
+        assert!(matches("#.c", "c"));
+        assert!(matches("#.c", "a.b.c"));
+        assert!(!matches("#.c", "c.a"));
+        assert!(matches("a.*.c", "a.b.c"));
+        assert!(!matches("a.*.c", "a.c"));
+        assert!(!matches("a.*.c", "a.b.b.c"));
+        assert!(matches("*", "a"));
+        assert!(!matches("*", ""));
+        assert!(!matches("*", "a.b"));
+        assert!(matches("#", ""));
+        assert!(matches("#", "a.b.c"));
+        assert!(matches("", ""));
+        assert!(!matches("", "a"));
+        assert!(matches("a.#.#.c", "a.c"));
+        assert!(matches("#.b.#", "a.b.c"));
+        assert!(matches("*.#", "a"));
+        assert!(!matches("*.*", "a"));
+        assert!(matches("a.b", "a.b"));
+        assert!(!matches("a.b", "a.bb"));
+    }
+
+    #[test]
+    fn headers_matching() {
+        let mut headers = Headers::new();
+        headers.insert("format".into(), "pdf".into());
+        headers.insert("type".into(), "report".into());
+        let mut all = Headers::new();
+        all.insert("format".into(), "pdf".into());
+        all.insert("type".into(), "report".into());
+        assert!(headers_match(&all, &headers));
+        all.insert("type".into(), "log".into());
+        assert!(!headers_match(&all, &headers));
+        all.insert("x-match".into(), "any".into());
+        assert!(headers_match(&all, &headers));
+        let mut presence = Headers::new();
+        presence.insert("format".into(), HeaderValue::Void);
+        assert!(headers_match(&presence, &headers));
+        assert!(!headers_match(&presence, &Headers::new()));
+    }
+}

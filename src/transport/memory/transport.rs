@@ -1,0 +1,176 @@
+//! [`MemoryTransport`]: a connection to a [`MemoryBroker`], implementing [`Transport`].
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+
+use crate::transport::{
+    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage, PublishOptions,
+    QueueInfo, QueueSpec, Transport, TransportError,
+};
+
+use super::broker::MemoryBroker;
+
+/// A connection to an in-process [`MemoryBroker`].
+///
+/// It owns the exclusive queues it declares and the deliveries it hands out: closing or
+/// dropping it ends its consumers, requeues its unsettled deliveries and deletes its
+/// exclusive queues, like a closed AMQP connection.
+pub struct MemoryTransport {
+    broker: Arc<MemoryBroker>,
+    connection: u64,
+    closed: AtomicBool,
+}
+
+impl MemoryTransport {
+    pub(super) fn new(broker: Arc<MemoryBroker>, connection: u64) -> Self {
+        MemoryTransport { broker, connection, closed: AtomicBool::new(false) }
+    }
+
+    /// Connects to `memory://` (the default broker) or `memory://NAME` (the broker `NAME`).
+    /// The same name within a process always reaches the same broker. `?max_bytes=N` bounds
+    /// the memory of its ready messages (see [`MemoryBroker::set_max_bytes`]).
+    pub fn connect(uri: &str) -> Result<Self, TransportError> {
+        let Some(name) = uri.strip_prefix("memory://") else {
+            let scheme = uri.split_once("://").map_or("(none)", |(scheme, _)| scheme);
+            return Err(TransportError::Connection(format!(
+                "the in-memory transport needs a memory:// or memory://NAME URI, got scheme \
+                 '{scheme}'"
+            )));
+        };
+        let (name, query) = name.split_once('?').unwrap_or((name, ""));
+        let broker = MemoryBroker::named(name.trim_end_matches('/'));
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match (key.as_ref(), value.parse::<u64>()) {
+                ("max_bytes", Ok(max_bytes)) if max_bytes > 0 => broker.set_max_bytes(max_bytes),
+                _ => {
+                    return Err(TransportError::Connection(format!(
+                        "invalid memory:// option {key}={value}: expected max_bytes=N (N > 0)"
+                    )))
+                }
+            }
+        }
+        Ok(broker.connect())
+    }
+
+    /// The broker this transport is connected to.
+    pub fn broker(&self) -> &Arc<MemoryBroker> {
+        &self.broker
+    }
+
+    fn open(&self) -> Result<(), TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(TransportError::Closed("the in-memory transport is closed".to_owned()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn close_now(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            let connection = self.connection;
+            self.broker.with_state(|state| state.close_connection(connection, Instant::now()));
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
+        self.open()?;
+        self.broker.with_state(|state| state.declare_exchange(spec))
+    }
+
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
+        self.open()?;
+        self.broker.with_state(|state| state.declare_queue(self.connection, spec, Instant::now()))
+    }
+
+    async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
+        self.open()?;
+        self.broker.with_state(|state| state.queue_info(self.connection, queue))
+    }
+
+    async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
+        self.open()?;
+        self.broker.with_state(|state| state.bind(self.connection, binding))
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        self.open()?;
+        self.broker.with_state(|state| state.delete_queue(self.connection, queue))
+    }
+
+    async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
+        self.open()?;
+        self.broker.with_state(|state| state.delete_exchange(exchange))
+    }
+
+    async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        self.open()?;
+        self.broker.with_state(|state| state.purge(self.connection, queue, Instant::now()))
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+        options: PublishOptions,
+    ) -> Result<(), TransportError> {
+        self.open()?;
+        self.broker.with_state(|state| {
+            state.publish(exchange, routing_key, message, options, Instant::now())
+        })
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, TransportError> {
+        self.open()?;
+        let now = Instant::now();
+        let created =
+            self.broker.with_state(|state| state.consume(self.connection, queue, &options, now))?;
+        let broker = Arc::downgrade(&self.broker);
+        let (queue, queue_id, id) = (queue.to_owned(), created.queue_id, created.id);
+        Ok(Consumer::new(created.tag, created.deliveries, move || {
+            if let Some(broker) = broker.upgrade() {
+                broker.with_state(|state| state.cancel(&queue, queue_id, id, Instant::now()));
+            }
+        }))
+    }
+
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
+        self.open()?;
+        self.broker.with_state(|state| state.get(self.connection, queue, Instant::now()))
+    }
+
+    fn is_connected(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+    }
+
+    async fn close(&self) {
+        self.close_now();
+    }
+}
+
+impl Drop for MemoryTransport {
+    fn drop(&mut self) {
+        self.close_now();
+    }
+}
+
+impl fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryTransport")
+            .field("broker", &self.broker.name())
+            .field("connection", &self.connection)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}

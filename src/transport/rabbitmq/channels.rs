@@ -1,0 +1,149 @@
+//! A reusable channel that is reopened after a channel error or a reconnect.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::Channel;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::connection::{Link, Shared};
+use super::error::{is_fatal, is_soft, map_error};
+use crate::transport::TransportError;
+
+/// A channel and the link it belongs to.
+#[derive(Clone)]
+pub(crate) struct Held {
+    /// The connection the channel is on.
+    pub(crate) link: Arc<Link>,
+    /// The channel.
+    pub(crate) channel: Channel,
+}
+
+impl Held {
+    fn usable(&self, min_generation: u64) -> bool {
+        self.link.generation >= min_generation
+            && self.link.alive()
+            && self.channel.status().connected()
+    }
+}
+
+/// A slot holding the current channel of one purpose (publishing, declarations, gets).
+pub(crate) struct ChannelSlot {
+    confirm: bool,
+    current: Mutex<Option<Held>>,
+}
+
+impl ChannelSlot {
+    /// An empty slot; `confirm` puts its channels in publisher-confirm mode.
+    pub(crate) fn new(confirm: bool) -> Self {
+        ChannelSlot { confirm, current: Mutex::new(None) }
+    }
+
+    /// A usable channel on a link of at least `min_generation`, opened if needed.
+    pub(crate) async fn get(
+        &self,
+        shared: &Shared,
+        min_generation: u64,
+        deadline: Instant,
+    ) -> Result<Held, TransportError> {
+        let mut slot = self.current.lock().await;
+        self.ensure(&mut slot, shared, min_generation, deadline).await
+    }
+
+    /// Drop `held` from the slot if it is still the current channel.
+    pub(crate) async fn invalidate(&self, held: &Held) {
+        let mut slot = self.current.lock().await;
+        if slot.as_ref().is_some_and(|current| {
+            current.link.generation == held.link.generation
+                && current.channel.id() == held.channel.id()
+        }) {
+            *slot = None;
+        }
+    }
+
+    async fn ensure(
+        &self,
+        slot: &mut Option<Held>,
+        shared: &Shared,
+        mut min_generation: u64,
+        deadline: Instant,
+    ) -> Result<Held, TransportError> {
+        if let Some(held) = slot.as_ref().filter(|held| held.usable(min_generation)) {
+            return Ok(held.clone());
+        }
+        *slot = None;
+        loop {
+            let link = shared.link(min_generation, deadline).await?;
+            match link.guard(open_channel(&link, self.confirm)).await {
+                Ok(channel) => {
+                    let held = Held { link, channel };
+                    *slot = Some(held.clone());
+                    return Ok(held);
+                }
+                Err(error) if link.alive() => return Err(map_error(&error)),
+                Err(_) => {
+                    shared.kick();
+                    min_generation = link.generation + 1;
+                }
+            }
+        }
+    }
+
+    /// Run `op` on this slot's channel, one operation at a time, within the publish timeout.
+    ///
+    /// A broker refusal (soft error) is returned as is and the channel is replaced for the next
+    /// operation; a lost connection waits for the reconnect and retries.
+    pub(crate) async fn run<T, F, Fut>(
+        &self,
+        shared: &Shared,
+        mut op: F,
+    ) -> Result<T, TransportError>
+    where
+        F: FnMut(Held) -> Fut,
+        Fut: Future<Output = lapin::Result<T>>,
+    {
+        let deadline = Instant::now() + shared.options.publish_timeout;
+        let mut slot = self.current.lock().await;
+        let mut min_generation = 0;
+        let mut failures_while_connected = 0;
+        loop {
+            let held = self.ensure(&mut slot, shared, min_generation, deadline).await?;
+            let operation = held.link.guard(op(held.clone()));
+            let error = match tokio::time::timeout_at(deadline, operation).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    *slot = None;
+                    return Err(TransportError::Connection(format!(
+                        "no answer from {} within {:?}",
+                        shared.uri.masked, shared.options.publish_timeout
+                    )));
+                }
+            };
+            *slot = None;
+            if is_soft(&error) || is_fatal(&error) {
+                shared.kick();
+                return Err(map_error(&error));
+            }
+            if held.link.alive() {
+                failures_while_connected += 1;
+                if failures_while_connected > 1 {
+                    return Err(map_error(&error));
+                }
+            } else {
+                shared.kick();
+                min_generation = held.link.generation + 1;
+            }
+        }
+    }
+}
+
+async fn open_channel(link: &Link, confirm: bool) -> lapin::Result<Channel> {
+    let channel = link.connection.create_channel().await?;
+    if confirm {
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    }
+    Ok(channel)
+}

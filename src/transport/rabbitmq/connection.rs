@@ -1,0 +1,348 @@
+//! The connection and its supervisor: detects a lost connection, reconnects with
+//! exponential backoff and replays the recorded topology before announcing the new link.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::{Connection, ConnectionProperties};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use super::error::{is_fatal, is_soft, map_error};
+use super::options::RabbitMqOptions;
+use super::topology::{apply, prepare, Topology};
+use super::uri::{scrub, BrokerUri};
+use crate::transport::TransportError;
+
+/// How long an operation on a dead link may still take to report its own error.
+const DEATH_GRACE: Duration = Duration::from_millis(100);
+
+/// How often the supervisor checks the connection when nothing else woke it up.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One live AMQP connection. Every reconnect makes a new link with the next generation.
+pub(crate) struct Link {
+    /// The lapin connection.
+    pub(crate) connection: Connection,
+    /// 1 for the first connection, then +1 per reconnect.
+    pub(crate) generation: u64,
+    /// Set once the supervisor saw the connection die (or the transport closed).
+    dead: watch::Sender<bool>,
+}
+
+impl Link {
+    fn new(connection: Connection, generation: u64) -> Self {
+        Link { connection, generation, dead: watch::Sender::new(false) }
+    }
+
+    /// True while lapin considers the connection open and the supervisor has not seen it die.
+    pub(crate) fn alive(&self) -> bool {
+        !*self.dead.borrow() && self.connection.status().connected()
+    }
+
+    /// Fail every [`Link::guard`]ed operation still waiting on this link.
+    pub(crate) fn mark_dead(&self) {
+        self.dead.send_replace(true);
+    }
+
+    /// Resolves once the link is known dead.
+    pub(crate) async fn died(&self) {
+        let mut dead = self.dead.subscribe();
+        let _ = dead.wait_for(|dead| *dead).await;
+    }
+
+    /// Run a lapin operation, failing it as soon as the link is known dead: lapin may never
+    /// answer a request issued on a connection that just failed.
+    pub(crate) async fn guard<T>(
+        &self,
+        operation: impl Future<Output = lapin::Result<T>>,
+    ) -> lapin::Result<T> {
+        tokio::pin!(operation);
+        tokio::select! {
+            result = &mut operation => result,
+            () = self.died() => {
+                // Give lapin a moment to report the real cause (e.g. the broker's close reason).
+                let lost = lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Error);
+                tokio::time::timeout(DEATH_GRACE, operation).await.unwrap_or(Err(lost.into()))
+            }
+        }
+    }
+
+    /// Close the connection gracefully (bounded by `limit`), then mark the link dead.
+    pub(crate) async fn close(&self, limit: Duration) {
+        if self.connection.status().connected() {
+            let closing = self.connection.close(200, "closed by the application".into());
+            let _ = tokio::time::timeout(limit, closing).await;
+        }
+        self.mark_dead();
+    }
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link").field("generation", &self.generation).finish()
+    }
+}
+
+/// What the transport is connected to.
+#[derive(Clone, Debug)]
+pub(crate) enum LinkState {
+    /// Reconnecting.
+    Down,
+    /// Connected, topology replayed.
+    Up(Arc<Link>),
+    /// Closed by the application: nothing reconnects.
+    Closed,
+}
+
+/// State shared by the transport, its supervisor and its consumer tasks.
+pub(crate) struct Shared {
+    /// The options the transport was created with.
+    pub(crate) options: RabbitMqOptions,
+    /// The parsed URI.
+    pub(crate) uri: BrokerUri,
+    tls: OwnedTLSConfig,
+    state: watch::Sender<LinkState>,
+    kick: Notify,
+    /// Declarations to replay after a reconnect.
+    topology: Mutex<Topology>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("uri", &self.uri.masked)
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The state, not connected yet.
+    pub(crate) fn new(options: RabbitMqOptions, uri: BrokerUri, tls: OwnedTLSConfig) -> Self {
+        let (state, _) = watch::channel(LinkState::Down);
+        Shared { options, uri, tls, state, kick: Notify::new(), topology: Mutex::default() }
+    }
+
+    /// Announce the first link.
+    pub(crate) fn with_link(self, link: Arc<Link>) -> Self {
+        self.state.send_replace(LinkState::Up(link));
+        self
+    }
+
+    /// The generation of the last link announced.
+    pub(crate) fn generation(&self) -> u64 {
+        match &*self.state.borrow() {
+            LinkState::Up(link) => link.generation,
+            LinkState::Down | LinkState::Closed => 0,
+        }
+    }
+
+    /// The recorded topology (a poisoned lock is still usable: the data stays consistent).
+    pub(crate) fn topology(&self) -> MutexGuard<'_, Topology> {
+        self.topology.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current link if it is up.
+    pub(crate) fn current(&self) -> Option<Arc<Link>> {
+        match &*self.state.borrow() {
+            LinkState::Up(link) if link.alive() => Some(link.clone()),
+            _ => None,
+        }
+    }
+
+    /// True once [`Shared::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(*self.state.borrow(), LinkState::Closed)
+    }
+
+    /// Wait for a link of at least `min_generation`, until `deadline`.
+    pub(crate) async fn link(
+        &self,
+        min_generation: u64,
+        deadline: Instant,
+    ) -> Result<Arc<Link>, TransportError> {
+        let mut rx = self.state.subscribe();
+        let ready = rx.wait_for(|state| match state {
+            LinkState::Up(link) => link.generation >= min_generation,
+            LinkState::Closed => true,
+            LinkState::Down => false,
+        });
+        let outcome = match tokio::time::timeout_at(deadline, ready).await {
+            Err(_) => Err(TransportError::Connection(format!(
+                "no connection to {} (timed out waiting for reconnection)",
+                self.uri.masked
+            ))),
+            Ok(Ok(state)) => match &*state {
+                LinkState::Up(link) => Ok(link.clone()),
+                _ => Err(TransportError::Closed("transport closed".into())),
+            },
+            Ok(Err(_)) => Err(TransportError::Closed("transport closed".into())),
+        };
+        outcome
+    }
+
+    /// Tell the supervisor that an operation saw the connection fail.
+    pub(crate) fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    /// Resolves once the transport is closed.
+    pub(crate) async fn closed(&self) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|state| matches!(state, LinkState::Closed)).await;
+    }
+
+    /// Stop reconnecting and return the last link, to close it.
+    pub(crate) fn close(&self) -> Option<Arc<Link>> {
+        match self.state.send_replace(LinkState::Closed) {
+            LinkState::Up(link) => Some(link),
+            _ => None,
+        }
+    }
+
+    /// Open a connection (no topology replay).
+    pub(crate) async fn open(&self, generation: u64) -> Result<Arc<Link>, TransportError> {
+        open(&self.options, &self.uri, &self.tls)
+            .await
+            .map(|connection| Arc::new(Link::new(connection, generation)))
+    }
+
+    /// Open a connection and replay the recorded topology on it (each step bounded by the
+    /// connect timeout).
+    async fn reconnect(&self, generation: u64) -> Result<Arc<Link>, TransportError> {
+        let link = self.open(generation).await?;
+        let limit = self.options.connect_timeout;
+        let timed_out = || TransportError::Connection("topology replay timed out".into());
+        let declarations = self.topology().snapshot();
+        let mut channel = None;
+        for declaration in &declarations {
+            // Recorded declarations were validated when first declared.
+            let Ok((prepared, arguments)) = prepare(declaration) else { continue };
+            let current = match channel.take() {
+                Some(channel) => channel,
+                None => tokio::time::timeout(limit, link.connection.create_channel())
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| map_error(&e))?,
+            };
+            let applied = tokio::time::timeout(limit, apply(&current, prepared, arguments))
+                .await
+                .map_err(|_| timed_out())?;
+            match applied {
+                Ok(_) => channel = Some(current),
+                Err(error) if is_soft(&error) => {
+                    tracing::warn!(?declaration, error = %map_error(&error), "replaying a declaration failed");
+                }
+                Err(error) if is_fatal(&error) => {
+                    // The broker closes the connection for this declaration: never replay it.
+                    tracing::warn!(?declaration, error = %map_error(&error), "dropping a declaration the broker rejects");
+                    self.topology().forget(declaration);
+                    return Err(map_error(&error));
+                }
+                Err(error) => return Err(map_error(&error)),
+            }
+        }
+        if let Some(channel) = channel {
+            let _ = tokio::time::timeout(limit, channel.close(200, "replay done".into())).await;
+        }
+        Ok(link)
+    }
+}
+
+/// Connect to the broker, with the password kept out of every error message.
+async fn open(
+    options: &RabbitMqOptions,
+    uri: &BrokerUri,
+    tls: &OwnedTLSConfig,
+) -> Result<Connection, TransportError> {
+    let mut properties = ConnectionProperties::default();
+    if let Some(name) = &options.connection_name {
+        properties = properties.with_connection_name(name.as_str().into());
+    }
+    let password = &uri.amqp.authority.userinfo.password;
+    let failed = |why: String| {
+        TransportError::Connection(format!(
+            "cannot connect to {}: {}",
+            uri.masked,
+            scrub(&why, password)
+        ))
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| failed(e.to_string()))?;
+    let connect =
+        Connection::connect_uri_with_config(uri.amqp.clone(), properties, tls.clone(), runtime);
+    match tokio::time::timeout(options.connect_timeout, connect).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(failed(error.to_string())),
+        Err(_) => Err(failed(format!("timed out after {:?}", options.connect_timeout))),
+    }
+}
+
+/// Watch the link; when it drops, reconnect with exponential backoff until closed.
+pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
+    loop {
+        let mut events = link.connection.events_listener();
+        while link.alive() && !shared.is_closed() {
+            tokio::select! {
+                event = events.next() => {
+                    if event.is_none() {
+                        tokio::time::sleep(WATCH_INTERVAL).await;
+                    }
+                }
+                _ = shared.kick.notified() => {}
+                _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                _ = shared.closed() => {}
+            }
+        }
+        link.mark_dead();
+        if shared.is_closed() {
+            return;
+        }
+        shared.state.send_if_modified(|state| {
+            let up = matches!(state, LinkState::Up(_));
+            if up {
+                *state = LinkState::Down;
+            }
+            up
+        });
+        tracing::warn!(uri = %shared.uri.masked, "connection to the broker lost; reconnecting");
+        let mut delay = shared.options.reconnect_min;
+        let mut attempt = 1u32;
+        link = loop {
+            tracing::warn!(uri = %shared.uri.masked, attempt, "reconnecting to the broker");
+            // A close during the attempt wins: no topology is replayed after `close()`.
+            let attempt_result = tokio::select! {
+                result = shared.reconnect(link.generation + 1) => result,
+                _ = shared.closed() => return,
+            };
+            match attempt_result {
+                Ok(new) => break new,
+                Err(error) => {
+                    tracing::warn!(uri = %shared.uri.masked, attempt, %error, ?delay, "reconnect failed");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shared.closed() => return,
+            }
+            delay = (delay * 2).min(shared.options.reconnect_max);
+            attempt += 1;
+        };
+        let announced = shared.state.send_if_modified(|state| {
+            let down = matches!(state, LinkState::Down);
+            if down {
+                *state = LinkState::Up(link.clone());
+            }
+            down
+        });
+        if !announced {
+            link.close(shared.options.connect_timeout).await;
+            return;
+        }
+        tracing::info!(uri = %shared.uri.masked, generation = link.generation, "reconnected to the broker");
+    }
+}

@@ -1,0 +1,332 @@
+//! Consumers (one channel each, per-consumer QoS, manual ack) that resume by themselves
+//! after a reconnect, and the acker of their deliveries.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::Channel;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::connection::{Link, Shared};
+use super::convert::{from_basic_properties, short};
+use super::error::{is_fatal, is_soft, map_error};
+use crate::transport::{Acker, ConsumeOptions, Consumer, Delivery, TransportError};
+
+/// How many times a resume refused by the broker is retried before the consumer ends.
+const RESUME_REFUSALS: u32 = 5;
+
+/// Settles one delivery on the channel it came from.
+#[derive(Debug)]
+pub(crate) struct RabbitAcker {
+    acker: lapin::Acker,
+    settled: AtomicBool,
+    /// Keeps the channel open while the delivery is unsettled.
+    channel: Channel,
+    /// The connection of the channel.
+    link: Arc<Link>,
+}
+
+enum Settle {
+    Ack,
+    Nack(bool),
+    Reject(bool),
+}
+
+impl RabbitAcker {
+    async fn settle(&self, how: Settle) -> Result<(), TransportError> {
+        if self.settled.swap(true, Ordering::SeqCst) {
+            return Err(TransportError::Other("delivery already settled".into()));
+        }
+        let result = match how {
+            Settle::Ack => self.link.guard(self.acker.ack(BasicAckOptions::default())).await,
+            Settle::Nack(requeue) => {
+                let options = BasicNackOptions { requeue, multiple: false };
+                self.link.guard(self.acker.nack(options)).await
+            }
+            Settle::Reject(requeue) => {
+                self.link.guard(self.acker.reject(BasicRejectOptions { requeue })).await
+            }
+        };
+        match result {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TransportError::Closed(
+                "the delivery's channel is closed; the broker requeued the message".into(),
+            )),
+            Err(error) => Err(TransportError::Closed(format!(
+                "the delivery's channel failed ({}); the broker requeues the message",
+                map_error(&error)
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    async fn ack(&self) -> Result<(), TransportError> {
+        self.settle(Settle::Ack).await
+    }
+
+    async fn nack(&self, requeue: bool) -> Result<(), TransportError> {
+        self.settle(Settle::Nack(requeue)).await
+    }
+
+    async fn reject(&self, requeue: bool) -> Result<(), TransportError> {
+        self.settle(Settle::Reject(requeue)).await
+    }
+}
+
+impl Drop for RabbitAcker {
+    fn drop(&mut self) {
+        if self.settled.load(Ordering::SeqCst) || !self.acker.usable() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (acker, channel, link) =
+                (self.acker.clone(), self.channel.clone(), self.link.clone());
+            runtime.spawn(async move {
+                let options = BasicNackOptions { requeue: true, multiple: false };
+                let _ = link.guard(acker.nack(options)).await;
+                drop(channel);
+            });
+        }
+    }
+}
+
+/// Convert a lapin delivery; its acker keeps `channel` open until settled.
+pub(crate) fn to_delivery(
+    delivery: lapin::message::Delivery,
+    channel: &Channel,
+    link: &Arc<Link>,
+) -> Delivery {
+    Delivery {
+        exchange: delivery.exchange.to_string(),
+        routing_key: delivery.routing_key.to_string(),
+        redelivered: delivery.redelivered,
+        properties: from_basic_properties(&delivery.properties),
+        body: Bytes::from(delivery.data),
+        acker: Box::new(RabbitAcker {
+            acker: delivery.acker,
+            settled: AtomicBool::new(false),
+            channel: channel.clone(),
+            link: link.clone(),
+        }),
+    }
+}
+
+/// What a consumer subscribes to.
+#[derive(Clone, Debug)]
+struct ConsumerSpec {
+    /// The queue.
+    queue: ShortString,
+    /// The consumer tag, kept across reconnects.
+    tag: ShortString,
+    /// Per-consumer prefetch.
+    prefetch: u16,
+    /// Exclusive consumer.
+    exclusive: bool,
+}
+
+/// Open a channel with per-consumer QoS and start consuming on it.
+async fn subscribe(link: &Link, spec: &ConsumerSpec) -> lapin::Result<(Channel, lapin::Consumer)> {
+    let channel = link.connection.create_channel().await?;
+    channel.basic_qos(spec.prefetch, BasicQosOptions { global: false }).await?;
+    let options =
+        BasicConsumeOptions { exclusive: spec.exclusive, ..BasicConsumeOptions::default() };
+    let consumer = channel
+        .basic_consume(spec.queue.clone(), spec.tag.clone(), options, FieldTable::default())
+        .await?;
+    Ok((channel, consumer))
+}
+
+/// Subscribe (waiting for the connection up to the publish timeout) and spawn the task that
+/// feeds the returned [`Consumer`], resuming it after every reconnect.
+pub(crate) async fn start(
+    shared: Arc<Shared>,
+    queue: &str,
+    tag: &str,
+    options: &ConsumeOptions,
+) -> Result<Consumer, TransportError> {
+    let spec = ConsumerSpec {
+        queue: short(queue, "queue name")?,
+        tag: short(tag, "consumer tag")?,
+        prefetch: options.prefetch,
+        exclusive: options.exclusive,
+    };
+    let deadline = Instant::now() + shared.options.publish_timeout;
+    let mut min_generation = 0;
+    let (link, channel, stream) = loop {
+        let link = shared.link(min_generation, deadline).await?;
+        match link.guard(subscribe(&link, &spec)).await {
+            Ok((channel, stream)) => break (link, channel, stream),
+            Err(error) if is_soft(&error) || is_fatal(&error) || link.alive() => {
+                return Err(map_error(&error))
+            }
+            Err(_) => {
+                shared.kick();
+                min_generation = link.generation + 1;
+            }
+        }
+    };
+    let (sender, receiver) = mpsc::channel(usize::from(spec.prefetch.max(1)));
+    let (cancel, cancelled) = watch::channel(false);
+    let tag = spec.tag.to_string();
+    let feeder = Feeder { shared, spec, sender, cancelled, cancel_sent: false };
+    tokio::spawn(feeder.run(link, channel, stream));
+    Ok(Consumer::new(tag, receiver, move || {
+        let _ = cancel.send(true);
+    }))
+}
+
+/// The task behind one [`Consumer`].
+struct Feeder {
+    shared: Arc<Shared>,
+    spec: ConsumerSpec,
+    sender: mpsc::Sender<Delivery>,
+    cancelled: watch::Receiver<bool>,
+    cancel_sent: bool,
+}
+
+enum Step {
+    Cancel,
+    Closed,
+    Died,
+    Item(Box<Option<lapin::Result<lapin::message::Delivery>>>),
+}
+
+impl Feeder {
+    async fn run(mut self, mut link: Arc<Link>, mut channel: Channel, mut stream: lapin::Consumer) {
+        loop {
+            let failed = self.forward(&link, &channel, &mut stream).await;
+            if self.cancel_sent || self.shared.is_closed() || self.sender.is_closed() {
+                return;
+            }
+            if !failed && link.alive() && channel.status().connected() {
+                tracing::warn!(queue = %self.spec.queue, tag = %self.spec.tag, "consumer cancelled by the broker");
+                return;
+            }
+            match self.resume(&link).await {
+                Some((new_link, new_channel, new_stream)) => {
+                    tracing::info!(queue = %self.spec.queue, tag = %self.spec.tag, generation = new_link.generation, "consumer resumed");
+                    (link, channel, stream) = (new_link, new_channel, new_stream);
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Forward deliveries until the lapin consumer ends; true if it ended with an error.
+    async fn forward(
+        &mut self,
+        link: &Arc<Link>,
+        channel: &Channel,
+        stream: &mut lapin::Consumer,
+    ) -> bool {
+        let mut failed = false;
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = self.cancelled.wait_for(|c| *c), if !self.cancel_sent => Step::Cancel,
+                _ = self.shared.closed() => Step::Closed,
+                () = link.died() => Step::Died,
+                item = stream.next() => Step::Item(Box::new(item)),
+            };
+            match step {
+                Step::Item(item) => match *item {
+                    Some(Ok(delivery)) => {
+                        if !self.hand_out(link, channel, delivery).await {
+                            return false;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::debug!(queue = %self.spec.queue, error = %map_error(&error), "consumer channel failed");
+                        failed = true;
+                    }
+                    None => return failed,
+                },
+                Step::Cancel => {
+                    // Keep draining: deliveries sent before cancel-ok are still handed out.
+                    self.cancel_sent = true;
+                    let tag = self.spec.tag.clone();
+                    let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
+                    if link.guard(cancel).await.is_err() {
+                        return true;
+                    }
+                }
+                Step::Closed => return false,
+                Step::Died => return true,
+            }
+        }
+    }
+
+    /// Hand a delivery to the consumer; false (after cancelling) if the consumer is gone.
+    async fn hand_out(
+        &mut self,
+        link: &Arc<Link>,
+        channel: &Channel,
+        delivery: lapin::message::Delivery,
+    ) -> bool {
+        if self.sender.send(to_delivery(delivery, channel, link)).await.is_ok() {
+            return true;
+        }
+        if !self.cancel_sent {
+            self.cancel_sent = true;
+            let cancel = channel.basic_cancel(self.spec.tag.clone(), BasicCancelOptions::default());
+            let _ = link.guard(cancel).await;
+        }
+        false
+    }
+
+    /// Subscribe again once a usable connection is there. `None` when the consumer must end.
+    async fn resume(&mut self, failed: &Link) -> Option<(Arc<Link>, Channel, lapin::Consumer)> {
+        let mut min_generation = failed.generation;
+        if !failed.alive() {
+            self.shared.kick();
+            min_generation += 1;
+        }
+        let mut delay = self.shared.options.reconnect_min;
+        let mut refusals = 0;
+        loop {
+            let far = Instant::now() + Duration::from_secs(3600);
+            let link = tokio::select! {
+                link = self.shared.link(min_generation, far) => link,
+                _ = self.cancelled.wait_for(|c| *c) => return None,
+                _ = self.sender.closed() => return None,
+            };
+            let link = match link {
+                Ok(link) => link,
+                Err(_) if self.shared.is_closed() => return None,
+                Err(_) => continue,
+            };
+            match link.guard(subscribe(&link, &self.spec)).await {
+                Ok((channel, stream)) => return Some((link, channel, stream)),
+                Err(error) if is_soft(&error) => {
+                    refusals += 1;
+                    tracing::warn!(queue = %self.spec.queue, error = %map_error(&error), refusals, "broker refused to resume the consumer");
+                    if refusals >= RESUME_REFUSALS {
+                        return None;
+                    }
+                }
+                Err(_) if !link.alive() => {
+                    self.shared.kick();
+                    min_generation = link.generation + 1;
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(queue = %self.spec.queue, error = %map_error(&error), "cannot resume the consumer");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.shared.options.reconnect_max);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The RabbitMQ transport, on lapin.
+//!
+//! One connection, supervised: when it drops, it is reopened with exponential backoff, the
+//! exchanges, queues and bindings declared through the transport are declared again in order,
+//! and every consumer that was not cancelled resumes on a fresh channel, feeding the same
+//! [`Consumer`]. Publishes use a confirm channel and are retried across reconnects
+//! (at-least-once); deliveries received before a drop can no longer be settled
+//! ([`TransportError::Closed`]): the broker has requeued them.
+
+mod channels;
+mod connection;
+mod consumer;
+mod convert;
+mod error;
+#[cfg(test)]
+mod fuzz;
+mod options;
+mod publisher;
+mod topology;
+mod uri;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use lapin::options::{
+    BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+
+use self::channels::ChannelSlot;
+use self::connection::{supervise, Shared};
+use self::convert::short;
+pub use self::options::{RabbitMqOptions, TlsOptions};
+use self::topology::{apply, prepare, Declaration};
+pub use self::uri::mask_uri;
+use crate::transport::{
+    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage, PublishOptions,
+    QueueInfo, QueueSpec, Transport, TransportError,
+};
+
+/// A [`Transport`] over a RabbitMQ connection that reconnects by itself.
+pub struct RabbitMqTransport {
+    shared: Arc<Shared>,
+    publisher: ChannelSlot,
+    declarations: ChannelSlot,
+    gets: ChannelSlot,
+}
+
+impl RabbitMqTransport {
+    /// Connect to the broker. Fails with [`TransportError::Connection`] (password masked) when
+    /// the broker cannot be reached or refuses the credentials; reconnection is automatic after
+    /// that.
+    pub async fn connect(options: RabbitMqOptions) -> Result<Self, TransportError> {
+        let uri = uri::parse_uri(&options.uri, options.heartbeat)?;
+        let tls = options.tls.load()?;
+        let shared = Shared::new(options, uri, tls);
+        let first = shared.open(1).await?;
+        let shared = Arc::new(shared.with_link(first.clone()));
+        tokio::spawn(supervise(shared.clone(), first));
+        Ok(RabbitMqTransport {
+            shared,
+            publisher: ChannelSlot::new(true),
+            declarations: ChannelSlot::new(false),
+            gets: ChannelSlot::new(false),
+        })
+    }
+
+    /// How many connections were opened so far (1, then +1 per reconnect).
+    pub fn connection_generation(&self) -> u64 {
+        self.shared.generation()
+    }
+
+    async fn declare(
+        &self,
+        declaration: Declaration,
+    ) -> Result<Option<lapin::Queue>, TransportError> {
+        let (prepared, arguments) = prepare(&declaration)?;
+        let previous = self.shared.topology().record(declaration.clone());
+        let result = self
+            .declarations
+            .run(&self.shared, |held| {
+                let (prepared, arguments) = (prepared.clone(), arguments.clone());
+                async move { apply(&held.channel, prepared, arguments).await }
+            })
+            .await;
+        if result.is_err() {
+            self.shared.topology().restore(&declaration, previous);
+        }
+        result
+    }
+}
+
+impl fmt::Debug for RabbitMqTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitMqTransport")
+            .field("uri", &self.shared.uri.masked)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+impl Drop for RabbitMqTransport {
+    fn drop(&mut self) {
+        // Stops the supervisor and the consumer tasks; the connection closes with its last handle.
+        if let Some(link) = self.shared.close() {
+            link.mark_dead();
+        }
+    }
+}
+
+fn queue_info(queue: &lapin::Queue) -> QueueInfo {
+    QueueInfo { message_count: queue.message_count(), consumer_count: queue.consumer_count() }
+}
+
+#[async_trait]
+impl Transport for RabbitMqTransport {
+    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
+        self.declare(Declaration::Exchange(spec.clone())).await.map(|_| ())
+    }
+
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
+        let queue = self.declare(Declaration::Queue(spec.clone())).await?;
+        Ok(queue.as_ref().map(queue_info).unwrap_or_default())
+    }
+
+    async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
+        let name = short(queue, "queue name")?;
+        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let queue = self
+            .declarations
+            .run(&self.shared, |held| {
+                let name = name.clone();
+                async move { held.channel.queue_declare(name, options, FieldTable::default()).await }
+            })
+            .await?;
+        Ok(queue_info(&queue))
+    }
+
+    async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
+        self.declare(Declaration::Binding(binding.clone())).await.map(|_| ())
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        let name = short(queue, "queue name")?;
+        self.shared.topology().remove_queue(queue);
+        self.declarations
+            .run(&self.shared, |held| {
+                let name = name.clone();
+                async move { held.channel.queue_delete(name, QueueDeleteOptions::default()).await }
+            })
+            .await
+    }
+
+    async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
+        let name = short(exchange, "exchange name")?;
+        self.shared.topology().remove_exchange(exchange);
+        self.declarations
+            .run(&self.shared, |held| {
+                let name = name.clone();
+                async move { held.channel.exchange_delete(name, ExchangeDeleteOptions::default()).await }
+            })
+            .await
+    }
+
+    async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        let name = short(queue, "queue name")?;
+        self.declarations
+            .run(&self.shared, |held| {
+                let name = name.clone();
+                async move { held.channel.queue_purge(name, QueuePurgeOptions::default()).await }
+            })
+            .await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+        options: PublishOptions,
+    ) -> Result<(), TransportError> {
+        publisher::publish(&self.shared, &self.publisher, exchange, routing_key, &message, options)
+            .await
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, TransportError> {
+        let tag = match options.consumer_tag.as_str() {
+            "" => format!("ctag-{}", uuid::Uuid::new_v4().simple()),
+            tag => tag.to_owned(),
+        };
+        consumer::start(self.shared.clone(), queue, &tag, &options).await
+    }
+
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
+        let name = short(queue, "queue name")?;
+        self.gets
+            .run(&self.shared, |held| {
+                let name = name.clone();
+                async move {
+                    let options = BasicGetOptions { no_ack: false };
+                    let message = held.channel.basic_get(name, options).await?;
+                    Ok(message
+                        .map(|m| consumer::to_delivery(m.delivery, &held.channel, &held.link)))
+                }
+            })
+            .await
+    }
+
+    fn is_connected(&self) -> bool {
+        self.shared.current().is_some()
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.connection_generation().saturating_sub(1)
+    }
+
+    async fn close(&self) {
+        if let Some(link) = self.shared.close() {
+            link.close(self.shared.options.connect_timeout).await;
+        }
+    }
+}

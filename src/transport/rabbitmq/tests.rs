@@ -1,0 +1,715 @@
+//! Tests against the local RabbitMQ (`amqp://guest:guest@127.0.0.1:5672/`).
+//!
+//! When the broker is unreachable they fail with `CI=true` and are skipped otherwise.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::RwLock;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+use super::{RabbitMqOptions, RabbitMqTransport};
+use crate::transport::{
+    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeKind, ExchangeSpec, HeaderValue,
+    Headers, OutgoingMessage, Properties, PublishOptions, QueueSpec, Transport, TransportError,
+};
+
+const BROKER: &str = "127.0.0.1:5672";
+const URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Tests that close connections at the broker take this lock for writing; the others for
+/// reading, so a forced close never hits an unrelated test.
+static BROKER_LOCK: RwLock<()> = RwLock::const_new(());
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn options(uri: &str) -> RabbitMqOptions {
+    RabbitMqOptions {
+        connection_name: Some(unique("rabbitmq-scratch-test")),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(500),
+        publish_timeout: Duration::from_secs(20),
+        ..RabbitMqOptions::new(uri)
+    }
+}
+
+/// True when the broker answers; otherwise fails under CI or prints a loud skip notice.
+async fn broker_up() -> bool {
+    if TcpStream::connect(BROKER).await.is_ok() {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "RabbitMQ unreachable at {BROKER}");
+    eprintln!("SKIPPED: RabbitMQ unreachable at {BROKER}");
+    false
+}
+
+async fn connect(uri: &str) -> RabbitMqTransport {
+    RabbitMqTransport::connect(options(uri)).await.unwrap()
+}
+
+fn plain_queue(name: &str) -> QueueSpec {
+    QueueSpec { durable: false, ..QueueSpec::durable(name) }
+}
+
+fn message(body: &str, id: &str) -> OutgoingMessage {
+    OutgoingMessage {
+        body: Bytes::from(body.to_owned()),
+        properties: Properties { message_id: Some(id.to_owned()), ..Properties::default() },
+    }
+}
+
+fn prefetch(n: u16) -> ConsumeOptions {
+    ConsumeOptions { prefetch: n, ..ConsumeOptions::default() }
+}
+
+async fn next(consumer: &mut Consumer) -> Delivery {
+    timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("no delivery within 10 s")
+        .expect("consumer ended")
+}
+
+async fn publish(t: &RabbitMqTransport, queue: &str, body: &str) {
+    t.publish("", queue, message(body, body), PublishOptions::default()).await.unwrap();
+}
+
+fn rich_headers() -> Headers {
+    let mut death = Headers::new();
+    death.insert("count".into(), HeaderValue::Int(3));
+    death.insert("reason".into(), "rejected".into());
+    death.insert("time".into(), HeaderValue::Timestamp(1_700_000_000));
+    death.insert("routing-keys".into(), HeaderValue::Array(vec!["a.b".into()]));
+    let mut headers = Headers::new();
+    headers.insert(
+        "nameko.call_id_stack".into(),
+        HeaderValue::Array(vec!["svc.m.1".into(), "svc.n.2".into()]),
+    );
+    headers.insert("x-death".into(), HeaderValue::Array(vec![HeaderValue::Table(death)]));
+    headers.insert("int".into(), HeaderValue::Int(-9_000_000_000));
+    headers.insert("bool".into(), HeaderValue::Bool(true));
+    headers.insert("float".into(), HeaderValue::Float(2.25));
+    headers.insert("bytes".into(), HeaderValue::Bytes(vec![0, 1, 255]));
+    headers.insert("void".into(), HeaderValue::Void);
+    headers.insert("ts".into(), HeaderValue::Timestamp(1_600_000_000));
+    headers.insert("unicode".into(), "héllo ✓".into());
+    headers
+}
+
+#[tokio::test]
+async fn roundtrip_with_every_property_and_header() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let t = connect(URI).await;
+    let exchange = unique("ex");
+    let queue = unique("q");
+    let spec = ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) };
+    t.declare_exchange(&spec).await.unwrap();
+    let mut arguments = Headers::new();
+    arguments.insert("x-message-ttl".into(), HeaderValue::Int(60_000));
+    arguments.insert("x-queue-type".into(), "classic".into());
+    let info = t.declare_queue(&QueueSpec { arguments, ..plain_queue(&queue) }).await.unwrap();
+    assert_eq!(info.message_count, 0);
+    let binding = BindingSpec {
+        queue: queue.clone(),
+        exchange: exchange.clone(),
+        routing_key: "orders.*".into(),
+        arguments: Headers::new(),
+    };
+    t.bind_queue(&binding).await.unwrap();
+    let mut consumer = t.consume(&queue, prefetch(5)).await.unwrap();
+    let properties = Properties {
+        content_type: Some("application/json".into()),
+        content_encoding: Some("utf-8".into()),
+        headers: rich_headers(),
+        delivery_mode: Some(2),
+        priority: Some(4),
+        correlation_id: Some("corr-1".into()),
+        reply_to: Some("reply-q".into()),
+        expiration: Some("50000".into()),
+        message_id: Some("msg-1".into()),
+        timestamp: Some(1_700_000_123),
+        kind: Some("order.created".into()),
+        user_id: Some("guest".into()),
+        app_id: Some("tests".into()),
+    };
+    let outgoing = OutgoingMessage {
+        body: Bytes::from_static(b"{\"id\": 1}"),
+        properties: properties.clone(),
+    };
+    t.publish(&exchange, "orders.created", outgoing, PublishOptions { mandatory: true })
+        .await
+        .unwrap();
+    let delivery = next(&mut consumer).await;
+    assert_eq!(delivery.body, Bytes::from_static(b"{\"id\": 1}"));
+    assert_eq!(delivery.exchange, exchange);
+    assert_eq!(delivery.routing_key, "orders.created");
+    assert!(!delivery.redelivered);
+    assert_eq!(delivery.properties, properties);
+    delivery.acker.ack().await.unwrap();
+    assert!(matches!(delivery.acker.ack().await, Err(TransportError::Other(_))));
+
+    // basic.get, purge and counters.
+    consumer.cancel();
+    assert!(timeout(Duration::from_secs(5), consumer.next()).await.unwrap().is_none());
+    publish(&t, &queue, "g1").await;
+    publish(&t, &queue, "g2").await;
+    let got = t.get(&queue).await.unwrap().expect("a message");
+    assert_eq!(got.body, Bytes::from_static(b"g1"));
+    got.acker.ack().await.unwrap();
+    assert_eq!(t.queue_info(&queue).await.unwrap().message_count, 1);
+    assert_eq!(t.purge_queue(&queue).await.unwrap(), 1);
+    assert!(t.get(&queue).await.unwrap().is_none());
+    assert_eq!(t.delete_queue(&queue).await.unwrap(), 0);
+    t.delete_exchange(&exchange).await.unwrap();
+    t.close().await;
+    assert!(!t.is_connected());
+}
+
+#[tokio::test]
+async fn exchange_kinds_and_queue_arguments() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let t = connect(URI).await;
+    let kinds =
+        [ExchangeKind::Direct, ExchangeKind::Fanout, ExchangeKind::Topic, ExchangeKind::Headers];
+    for kind in kinds {
+        let name = unique("kind");
+        let spec = ExchangeSpec {
+            kind,
+            durable: false,
+            auto_delete: true,
+            ..ExchangeSpec::topic(name.as_str())
+        };
+        t.declare_exchange(&spec).await.unwrap();
+        t.delete_exchange(&name).await.unwrap();
+    }
+    let unknown = ExchangeSpec {
+        kind: ExchangeKind::Custom("x-no-such-type".into()),
+        ..ExchangeSpec::topic(unique("c"))
+    };
+    // The broker answers an unknown type with a connection error: the transport reconnects.
+    assert!(t.declare_exchange(&unknown).await.is_err());
+    wait_connected(&t).await;
+    let dlx = unique("dlx");
+    let queue = unique("q");
+    let mut arguments = Headers::new();
+    arguments.insert("x-expires".into(), HeaderValue::Int(600_000));
+    arguments.insert("x-dead-letter-exchange".into(), dlx.as_str().into());
+    arguments.insert("x-dead-letter-routing-key".into(), "dead".into());
+    arguments.insert("x-queue-type".into(), "quorum".into());
+    let spec = QueueSpec { arguments, ..QueueSpec::durable(queue.as_str()) };
+    t.declare_queue(&spec).await.unwrap();
+    t.declare_queue(&spec).await.unwrap();
+    t.delete_queue(&queue).await.unwrap();
+    t.close().await;
+}
+
+#[tokio::test]
+async fn mandatory_unroutable_and_unknown_exchange() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let t = connect(URI).await;
+    let exchange = unique("ex");
+    t.declare_exchange(&ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) })
+        .await
+        .unwrap();
+    let err = t
+        .publish(&exchange, "nowhere", message("x", "1"), PublishOptions { mandatory: true })
+        .await;
+    assert_eq!(
+        err,
+        Err(TransportError::Unroutable {
+            exchange: exchange.clone(),
+            routing_key: "nowhere".into()
+        })
+    );
+    t.publish(&exchange, "nowhere", message("x", "2"), PublishOptions::default()).await.unwrap();
+    let missing = unique("missing");
+    let err = t.publish(&missing, "k", message("x", "3"), PublishOptions::default()).await;
+    assert!(matches!(err, Err(TransportError::NotFound(_))), "{err:?}");
+    t.publish(&exchange, "nowhere", message("x", "4"), PublishOptions::default()).await.unwrap();
+    t.delete_exchange(&exchange).await.unwrap();
+    t.close().await;
+}
+
+#[tokio::test]
+async fn prefetch_is_respected() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let t = connect(URI).await;
+    let queue = unique("q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    for i in 0..10 {
+        publish(&t, &queue, &format!("m{i}")).await;
+    }
+    let mut consumer = t.consume(&queue, prefetch(3)).await.unwrap();
+    let mut held =
+        vec![next(&mut consumer).await, next(&mut consumer).await, next(&mut consumer).await];
+    assert!(
+        timeout(Duration::from_millis(300), consumer.next()).await.is_err(),
+        "a 4th delivery arrived"
+    );
+    held.remove(0).acker.ack().await.unwrap();
+    held.push(next(&mut consumer).await);
+    assert!(timeout(Duration::from_millis(300), consumer.next()).await.is_err(), "over prefetch");
+    for delivery in held {
+        delivery.acker.ack().await.unwrap();
+    }
+    drop(consumer);
+    t.delete_queue(&queue).await.unwrap();
+    t.close().await;
+}
+
+#[tokio::test]
+async fn nack_and_dropped_acker_requeue() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let t = connect(URI).await;
+    let queue = unique("q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    let mut consumer = t.consume(&queue, prefetch(1)).await.unwrap();
+    publish(&t, &queue, "again").await;
+    let first = next(&mut consumer).await;
+    assert!(!first.redelivered);
+    first.acker.nack(true).await.unwrap();
+    let second = next(&mut consumer).await;
+    assert!(second.redelivered);
+    assert_eq!(second.body, Bytes::from_static(b"again"));
+    drop(second);
+    let third = next(&mut consumer).await;
+    assert!(third.redelivered);
+    third.acker.reject(false).await.unwrap();
+    assert!(timeout(Duration::from_millis(300), consumer.next()).await.is_err());
+    assert_eq!(t.queue_info(&queue).await.unwrap().message_count, 0);
+    t.delete_queue(&queue).await.unwrap();
+    t.close().await;
+}
+
+#[tokio::test]
+async fn channel_errors_are_mapped_and_harmless() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let t = connect(URI).await;
+    let queue = unique("q");
+    t.declare_queue(&QueueSpec::durable(queue.as_str())).await.unwrap();
+    let err = t.declare_queue(&plain_queue(&queue)).await;
+    assert!(matches!(err, Err(TransportError::PreconditionFailed(_))), "{err:?}");
+    let err = t.queue_info(&unique("missing")).await;
+    assert!(matches!(err, Err(TransportError::NotFound(_))), "{err:?}");
+    let err = t.consume(&unique("missing"), prefetch(1)).await;
+    assert!(matches!(err, Err(TransportError::NotFound(_))), "{err:?}");
+    // Still usable: declarations, publishes and consumers work.
+    t.declare_queue(&QueueSpec::durable(queue.as_str())).await.unwrap();
+    publish(&t, &queue, "ok").await;
+    assert_eq!(t.queue_info(&queue).await.unwrap().message_count, 1);
+
+    // An exclusive queue of another connection is locked.
+    let other = connect(URI).await;
+    let exclusive = unique("excl");
+    other.declare_queue(&QueueSpec { exclusive: true, ..plain_queue(&exclusive) }).await.unwrap();
+    let err = t.declare_queue(&QueueSpec { exclusive: true, ..plain_queue(&exclusive) }).await;
+    assert!(matches!(err, Err(TransportError::ResourceLocked(_))), "{err:?}");
+    let mut held =
+        other.consume(&exclusive, ConsumeOptions { exclusive: true, ..prefetch(1) }).await.unwrap();
+    let err = t.consume(&exclusive, prefetch(1)).await;
+    assert!(matches!(err, Err(TransportError::ResourceLocked(_))), "{err:?}");
+    held.cancel();
+    assert!(t.is_connected());
+    t.delete_queue(&queue).await.unwrap();
+    other.close().await;
+    t.close().await;
+}
+
+#[tokio::test]
+async fn bad_credentials_error_masks_the_password() {
+    if !broker_up().await {
+        return;
+    }
+    let secret = "Sup3rSecretPassw0rd";
+    let uri = format!("amqp://guest:{secret}@127.0.0.1:5672/%2f");
+    let err = RabbitMqTransport::connect(options(&uri)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, TransportError::Connection(_)), "{err:?}");
+    assert!(!text.contains(secret), "{text}");
+    assert!(text.contains("guest:***@127.0.0.1"), "{text}");
+    assert!(!format!("{:?}", options(&uri)).contains(secret));
+}
+
+#[tokio::test]
+async fn broker_down_at_connect_is_a_connection_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let uri = format!("amqp://guest:hunter22@127.0.0.1:{port}/%2f");
+    let err = RabbitMqTransport::connect(options(&uri)).await.unwrap_err();
+    assert!(matches!(err, TransportError::Connection(_)), "{err:?}");
+    assert!(!err.to_string().contains("hunter22"), "{err}");
+    assert!(err.to_string().contains(&format!("guest:***@127.0.0.1:{port}")), "{err}");
+}
+
+#[tokio::test]
+async fn cancel_and_close_end_consumers() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let t = connect(URI).await;
+    let queue = unique("q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    let mut consumer = t.consume(&queue, prefetch(2)).await.unwrap();
+    consumer.cancel();
+    assert!(timeout(Duration::from_secs(5), consumer.next()).await.unwrap().is_none());
+    let mut consumer = t.consume(&queue, prefetch(2)).await.unwrap();
+    publish(&t, &queue, "unsettled").await;
+    let delivery = next(&mut consumer).await;
+    t.close().await;
+    assert!(timeout(Duration::from_secs(5), consumer.next()).await.unwrap().is_none());
+    assert!(matches!(delivery.acker.ack().await, Err(TransportError::Closed(_))));
+    assert!(matches!(
+        t.publish("", &queue, message("x", "x"), PublishOptions::default()).await,
+        Err(TransportError::Closed(_))
+    ));
+    let check = connect(URI).await;
+    let back = check.get(&queue).await.unwrap().expect("requeued on close");
+    assert_eq!(back.body, Bytes::from_static(b"unsettled"));
+    back.acker.ack().await.unwrap();
+    check.delete_queue(&queue).await.unwrap();
+    check.close().await;
+}
+
+/// Close our named connection at the broker (falls back to every connection).
+fn force_close(connection_name: &str) {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "--no-table-headers", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let pids: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(connection_name))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    if pids.is_empty() {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_all_connections", "fault test"])
+            .status()
+            .expect("rabbitmqctl");
+        assert!(status.success());
+    }
+    for pid in pids {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "fault test"])
+            .status()
+            .expect("rabbitmqctl");
+        assert!(status.success());
+    }
+}
+
+/// Fail a test that hangs instead of blocking the run.
+async fn bounded(test: impl std::future::Future<Output = ()>) {
+    timeout(Duration::from_secs(120), test).await.expect("test did not finish within 120 s");
+}
+
+async fn wait_connected(t: &RabbitMqTransport) {
+    timeout(Duration::from_secs(20), async {
+        while !t.is_connected() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("not reconnected within 20 s");
+}
+
+/// Acks everything and collects message ids until `count` distinct ids arrived.
+fn collect(mut consumer: Consumer, count: usize) -> JoinHandle<HashSet<String>> {
+    tokio::spawn(async move {
+        let mut ids = HashSet::new();
+        while ids.len() < count {
+            match timeout(Duration::from_secs(30), consumer.next()).await {
+                Ok(Some(delivery)) => {
+                    let _ = delivery.acker.ack().await;
+                    ids.extend(delivery.properties.message_id);
+                }
+                _ => break,
+            }
+        }
+        ids
+    })
+}
+
+#[tokio::test]
+async fn reconnects_and_resumes_after_forced_close() {
+    bounded(forced_close_scenario()).await;
+}
+
+async fn forced_close_scenario() {
+    if !broker_up().await {
+        return;
+    }
+    let _exclusive = BROKER_LOCK.write().await;
+    let opts = options(URI);
+    let name = opts.connection_name.clone().unwrap_or_default();
+    let t = Arc::new(RabbitMqTransport::connect(opts).await.unwrap());
+    let queue = unique("q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    let consumer = t.consume(&queue, prefetch(20)).await.unwrap();
+    let collector = collect(consumer, 200);
+    let mut killer = None;
+    let mut while_down = 0;
+    for i in 0..200 {
+        if i == 50 {
+            let name = name.clone();
+            killer = Some(tokio::task::spawn_blocking(move || force_close(&name)));
+        }
+        if i == 150 {
+            // The close has landed mid-stream by now, whatever rabbitmqctl's start-up time.
+            killer.take().expect("killer").await.unwrap();
+        }
+        if !t.is_connected() {
+            while_down += 1;
+        }
+        let id = format!("id-{i}");
+        t.publish("", &queue, message(&id, &id), PublishOptions::default()).await.unwrap();
+        if i >= 50 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    eprintln!("publishes issued while disconnected: {while_down}");
+    wait_connected(&t).await;
+    let ids = timeout(Duration::from_secs(40), collector).await.unwrap().unwrap();
+    let missing: Vec<_> =
+        (0..200).map(|i| format!("id-{i}")).filter(|id| !ids.contains(id)).collect();
+    assert!(missing.is_empty(), "missing ids: {missing:?}");
+    assert!(t.connection_generation() >= 2, "the connection was never closed");
+    assert!(t.is_connected());
+    t.delete_queue(&queue).await.unwrap();
+    t.close().await;
+}
+
+/// A TCP proxy to the broker whose connections can be cut and refused, to simulate outages
+/// without touching the broker.
+struct Proxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    pipes: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let pipes: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (flag, list) = (down.clone(), pipes.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if flag.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut upstream) = TcpStream::connect(BROKER).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+                list.lock().unwrap().push(pipe);
+            }
+        });
+        Proxy { port, down, pipes, accept }
+    }
+
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn publishes_during_an_outage_succeed_after_reconnect() {
+    bounded(outage_scenario()).await;
+}
+
+async fn outage_scenario() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let proxy = Proxy::start().await;
+    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let t = Arc::new(connect(&uri).await);
+    let exchange = unique("ex");
+    let queue = unique("q");
+    t.declare_exchange(&ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) })
+        .await
+        .unwrap();
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    let binding = BindingSpec {
+        queue: queue.clone(),
+        exchange: exchange.clone(),
+        routing_key: "#".into(),
+        arguments: Headers::new(),
+    };
+    t.bind_queue(&binding).await.unwrap();
+    let mut consumer = t.consume(&queue, prefetch(50)).await.unwrap();
+    publish(&t, &queue, "before").await;
+    let before = next(&mut consumer).await;
+
+    // A burst in flight when the connection is cut: lost confirms are retried, not lost.
+    let burst = {
+        let (t, queue) = (t.clone(), queue.clone());
+        tokio::spawn(async move {
+            let publishes = (0..300).map(|i| {
+                let (t, queue) = (t.clone(), queue.clone());
+                async move {
+                    let id = format!("burst-{i}");
+                    t.publish("", &queue, message(&id, &id), PublishOptions::default()).await
+                }
+            });
+            futures::stream::iter(publishes).buffer_unordered(32).collect::<Vec<_>>().await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    proxy.cut();
+    timeout(Duration::from_secs(10), async {
+        while t.is_connected() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("outage not detected");
+    assert!(matches!(before.acker.ack().await, Err(TransportError::Closed(_))));
+    let publishes: Vec<_> = (0..20)
+        .map(|i| {
+            let t = t.clone();
+            let exchange = exchange.clone();
+            tokio::spawn(async move {
+                let id = format!("out-{i}");
+                t.publish(&exchange, "k", message(&id, &id), PublishOptions { mandatory: true })
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!t.is_connected());
+    proxy.restore();
+    for publish in publishes {
+        publish.await.unwrap().unwrap();
+    }
+    for result in burst.await.unwrap() {
+        result.unwrap();
+    }
+    wait_connected(&t).await;
+    let mut ids = HashSet::new();
+    while ids.len() < 321 {
+        let delivery = next(&mut consumer).await;
+        // Deliveries of the cut channel cannot be acked any more: the broker redelivers them.
+        match delivery.acker.ack().await {
+            Ok(()) | Err(TransportError::Closed(_)) => {}
+            Err(other) => panic!("ack failed: {other}"),
+        }
+        ids.extend(delivery.properties.message_id);
+    }
+    assert!(ids.contains("before"));
+    assert!(t.connection_generation() >= 2);
+    t.delete_queue(&queue).await.unwrap();
+    t.delete_exchange(&exchange).await.unwrap();
+    t.close().await;
+}
+
+#[tokio::test]
+async fn receives_headers_encoded_like_py_amqp() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let t = connect(URI).await;
+    let queue = unique("q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    let mut consumer = t.consume(&queue, prefetch(1)).await.unwrap();
+
+    let long = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes()));
+    let mut death = FieldTable::default();
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    death.insert("queue".into(), long("orders"));
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "nameko.call_id_stack".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![long("svc.m.1"), long("svc.n.2")])),
+    );
+    headers.insert("small".into(), AMQPValue::ShortShortInt(-3));
+    headers.insert("medium".into(), AMQPValue::LongInt(70_000));
+    headers.insert("unsigned".into(), AMQPValue::LongUInt(4_000_000_000));
+    headers.insert("single".into(), AMQPValue::Float(0.5));
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    let connection =
+        lapin::Connection::connect(URI, lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            lapin::BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap();
+
+    let delivery = next(&mut consumer).await;
+    let h = &delivery.properties.headers;
+    assert_eq!(
+        h["nameko.call_id_stack"],
+        HeaderValue::Array(vec!["svc.m.1".into(), "svc.n.2".into()])
+    );
+    assert_eq!(h["small"], HeaderValue::Int(-3));
+    assert_eq!(h["medium"], HeaderValue::Int(70_000));
+    assert_eq!(h["unsigned"], HeaderValue::Int(4_000_000_000));
+    assert_eq!(h["single"], HeaderValue::Float(0.5));
+    let HeaderValue::Array(deaths) = &h["x-death"] else { panic!("x-death: {:?}", h["x-death"]) };
+    let HeaderValue::Table(death) = &deaths[0] else { panic!("x-death[0]: {:?}", deaths[0]) };
+    assert_eq!(death["count"], HeaderValue::Int(1));
+    assert_eq!(death["queue"], HeaderValue::String("orders".into()));
+    delivery.acker.ack().await.unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    t.delete_queue(&queue).await.unwrap();
+    t.close().await;
+}

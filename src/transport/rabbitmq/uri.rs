@@ -1,0 +1,155 @@
+//! AMQP URI parsing and password masking.
+
+use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use url::Url;
+
+use crate::transport::TransportError;
+
+pub use crate::config::mask_uri;
+
+/// Remove every occurrence of `password` from `text` (defence in depth for broker messages).
+pub(crate) fn scrub(text: &str, password: &str) -> String {
+    if password.len() < 3 {
+        text.to_owned()
+    } else {
+        text.replace(password, "***")
+    }
+}
+
+/// A parsed broker address (`Debug` shows the masked URI only).
+#[derive(Clone)]
+pub(crate) struct BrokerUri {
+    /// What lapin connects to.
+    pub(crate) amqp: AMQPUri,
+    /// The URI with its password masked.
+    pub(crate) masked: String,
+}
+
+impl std::fmt::Debug for BrokerUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerUri").field("uri", &self.masked).finish_non_exhaustive()
+    }
+}
+
+fn invalid(masked: &str, why: impl std::fmt::Display) -> TransportError {
+    TransportError::Connection(format!("invalid broker URI '{masked}': {why}"))
+}
+
+/// Percent-decode one URI component (`+` stays a `+`).
+fn decode(part: &str) -> String {
+    let bytes = part.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parse `amqp://user:pass@host:port/vhost?heartbeat=N`. The vhost is percent-decoded
+/// (`%2f` is `/`); an empty path means `/`. `heartbeat` from the query wins over `heartbeat`.
+pub(crate) fn parse_uri(uri: &str, heartbeat: u16) -> Result<BrokerUri, TransportError> {
+    let masked = mask_uri(uri);
+    let url = Url::parse(uri).map_err(|e| invalid(&masked, e))?;
+    let scheme = match url.scheme() {
+        "amqp" => AMQPScheme::AMQP,
+        "amqps" => AMQPScheme::AMQPS,
+        other => return Err(invalid(&masked, format!("unsupported scheme '{other}'"))),
+    };
+    let host = match url.host_str() {
+        Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']'),
+        _ => return Err(invalid(&masked, "missing host")),
+    };
+    let port = url.port().unwrap_or(match scheme {
+        AMQPScheme::AMQP => 5672,
+        AMQPScheme::AMQPS => 5671,
+    });
+    let username = match url.username() {
+        "" => "guest".to_owned(),
+        name => decode(name),
+    };
+    let password = url.password().map_or_else(|| "guest".to_owned(), decode);
+    let path = url.path().strip_prefix('/').unwrap_or(url.path());
+    let vhost = if path.is_empty() { "/".to_owned() } else { decode(path) };
+    let mut query = AMQPQueryString { heartbeat: Some(heartbeat), ..AMQPQueryString::default() };
+    for (key, value) in url.query_pairs() {
+        let number = |what: &str| -> Result<u64, TransportError> {
+            value.parse::<u64>().map_err(|_| invalid(&masked, format!("bad {what} '{value}'")))
+        };
+        match key.as_ref() {
+            "heartbeat" => query.heartbeat = Some(u16::try_from(number("heartbeat")?).unwrap_or(0)),
+            "frame_max" => query.frame_max = Some(u32::try_from(number("frame_max")?).unwrap_or(0)),
+            "channel_max" => {
+                query.channel_max = Some(u16::try_from(number("channel_max")?).unwrap_or(0))
+            }
+            "connection_timeout" => query.connection_timeout = Some(number("connection_timeout")?),
+            _ => {}
+        }
+    }
+    let amqp = AMQPUri {
+        scheme,
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo { username, password },
+            host: host.to_owned(),
+            port,
+        },
+        vhost,
+        query,
+    };
+    Ok(BrokerUri { amqp, masked })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_password() {
+        assert_eq!(mask_uri("amqp://bob:s3cr3t@host:5672/%2f"), "amqp://bob:***@host:5672/%2f");
+        assert_eq!(mask_uri("amqps://bob:p@ss@host/"), "amqps://bob:***@host/");
+        assert_eq!(mask_uri("amqp://host:5672/"), "amqp://host:5672/");
+        assert_eq!(mask_uri("amqp://bob@host/"), "amqp://bob@host/");
+    }
+
+    #[test]
+    fn parses_full_uri() {
+        let parsed = parse_uri("amqps://u%40x:p%2Fw@rabbit:5999/%2fprod?heartbeat=7", 60).unwrap();
+        assert_eq!(parsed.amqp.scheme, AMQPScheme::AMQPS);
+        assert_eq!(parsed.amqp.authority.userinfo.username, "u@x");
+        assert_eq!(parsed.amqp.authority.userinfo.password, "p/w");
+        assert_eq!(parsed.amqp.authority.host, "rabbit");
+        assert_eq!(parsed.amqp.authority.port, 5999);
+        assert_eq!(parsed.amqp.vhost, "/prod");
+        assert_eq!(parsed.amqp.query.heartbeat, Some(7));
+        assert!(!parsed.masked.contains("p%2Fw"));
+    }
+
+    #[test]
+    fn defaults() {
+        let parsed = parse_uri("amqp://localhost", 30).unwrap();
+        assert_eq!(parsed.amqp.vhost, "/");
+        assert_eq!(parsed.amqp.authority.port, 5672);
+        assert_eq!(parsed.amqp.authority.userinfo.username, "guest");
+        assert_eq!(parsed.amqp.query.heartbeat, Some(30));
+        assert_eq!(parse_uri("amqp://h/", 1).unwrap().amqp.vhost, "/");
+        assert_eq!(parse_uri("amqps://h/", 1).unwrap().amqp.authority.port, 5671);
+        assert_eq!(parse_uri("amqp://h/staging", 1).unwrap().amqp.vhost, "staging");
+    }
+
+    #[test]
+    fn rejects_bad_uris_without_leaking() {
+        let err = parse_uri("http://u:hunter22@h/", 60).unwrap_err();
+        assert!(!err.to_string().contains("hunter22"), "{err}");
+        assert!(parse_uri("amqp://u:pw@h/?heartbeat=x", 60).is_err());
+    }
+}

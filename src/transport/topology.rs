@@ -1,0 +1,194 @@
+//! [`Topology`]: what a service declares (exchanges, queues, bindings), recorded by running
+//! its entrypoints' set-up against a private in-process broker. `MF_PRINT_TOPOLOGY=1` makes
+//! `Runner::start` print it as JSON instead of serving (the `micro-framework topology`
+//! command reads that).
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::transport::{
+    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, HeaderValue, OutgoingMessage,
+    PublishOptions, QueueInfo, QueueSpec, SharedTransport, Transport, TransportError,
+};
+
+/// An exchange a service declares.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExchangeEntry {
+    /// Name.
+    pub name: String,
+    /// Type (`topic`, `direct`, ...).
+    pub kind: String,
+    /// Durable.
+    pub durable: bool,
+    /// Auto-delete.
+    pub auto_delete: bool,
+}
+
+/// A queue a service declares.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QueueEntry {
+    /// Name.
+    pub name: String,
+    /// Durable.
+    pub durable: bool,
+    /// Exclusive.
+    pub exclusive: bool,
+    /// Auto-delete.
+    pub auto_delete: bool,
+    /// Arguments, as JSON.
+    pub arguments: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A binding a service declares.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BindingEntry {
+    /// The queue.
+    pub queue: String,
+    /// The exchange.
+    pub exchange: String,
+    /// The routing key or pattern.
+    pub routing_key: String,
+}
+
+/// Everything a service declares at start-up.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Topology {
+    /// The service's name.
+    pub service: String,
+    /// Exchanges, in declaration order.
+    pub exchanges: Vec<ExchangeEntry>,
+    /// Queues, in declaration order.
+    pub queues: Vec<QueueEntry>,
+    /// Bindings, in declaration order.
+    pub bindings: Vec<BindingEntry>,
+}
+
+fn json(value: &HeaderValue) -> serde_json::Value {
+    match value {
+        HeaderValue::Void => serde_json::Value::Null,
+        HeaderValue::Bool(b) => (*b).into(),
+        HeaderValue::Int(i) => (*i).into(),
+        HeaderValue::Float(f) => (*f).into(),
+        HeaderValue::String(s) => s.clone().into(),
+        HeaderValue::Bytes(b) => String::from_utf8_lossy(b).into_owned().into(),
+        HeaderValue::Timestamp(t) => (*t).into(),
+        HeaderValue::Array(items) => items.iter().map(json).collect(),
+        HeaderValue::Table(table) => table
+            .iter()
+            .map(|(k, v)| (k.clone(), json(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    }
+}
+
+/// A transport that records declarations and passes every call on to `inner`.
+#[derive(Debug)]
+pub(crate) struct Recorder {
+    inner: SharedTransport,
+    topology: Arc<Mutex<Topology>>,
+}
+
+impl Recorder {
+    pub(crate) fn new(inner: SharedTransport, service: &str) -> Self {
+        let topology = Topology { service: service.to_owned(), ..Topology::default() };
+        Recorder { inner, topology: Arc::new(Mutex::new(topology)) }
+    }
+
+    pub(crate) fn topology(&self) -> Topology {
+        self.record(|topology| topology.clone())
+    }
+
+    fn record<R>(&self, f: impl FnOnce(&mut Topology) -> R) -> R {
+        f(&mut self.topology.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+#[async_trait]
+impl Transport for Recorder {
+    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
+        self.inner.declare_exchange(spec).await?;
+        self.record(|t| {
+            t.exchanges.push(ExchangeEntry {
+                name: spec.name.clone(),
+                kind: spec.kind.as_str().to_owned(),
+                durable: spec.durable,
+                auto_delete: spec.auto_delete,
+            })
+        });
+        Ok(())
+    }
+
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
+        let info = self.inner.declare_queue(spec).await?;
+        self.record(|t| {
+            t.queues.push(QueueEntry {
+                name: spec.name.clone(),
+                durable: spec.durable,
+                exclusive: spec.exclusive,
+                auto_delete: spec.auto_delete,
+                arguments: spec.arguments.iter().map(|(k, v)| (k.clone(), json(v))).collect(),
+            })
+        });
+        Ok(info)
+    }
+
+    async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
+        self.inner.queue_info(queue).await
+    }
+
+    async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
+        self.inner.bind_queue(binding).await?;
+        self.record(|t| {
+            t.bindings.push(BindingEntry {
+                queue: binding.queue.clone(),
+                exchange: binding.exchange.clone(),
+                routing_key: binding.routing_key.clone(),
+            })
+        });
+        Ok(())
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        self.inner.delete_queue(queue).await
+    }
+
+    async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
+        self.inner.delete_exchange(exchange).await
+    }
+
+    async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        self.inner.purge_queue(queue).await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+        options: PublishOptions,
+    ) -> Result<(), TransportError> {
+        self.inner.publish(exchange, routing_key, message, options).await
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, TransportError> {
+        self.inner.consume(queue, options).await
+    }
+
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
+        self.inner.get(queue).await
+    }
+
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
