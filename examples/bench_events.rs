@@ -85,7 +85,7 @@ async fn bench(messages: usize) -> micro_framework::Result<()> {
     );
 
     // Topology: the service's queue ("ping") and a bare queue ("ping-bare") on one exchange.
-    let source = Config { service_name: "bench_src".into(), ..config.clone() };
+    let source = config.clone().with_service_name("bench_src".into());
     let transport = micro_framework::transport::connect(&source).await?;
     let producer = Producer::new(transport.clone(), &source);
     let exchange = event_exchange(&source, "bench_src").name;

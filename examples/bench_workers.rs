@@ -91,7 +91,7 @@ async fn drain(uri: &str, mode: WorkerMode, messages: u64) -> micro_framework::R
     };
     transport.bind_queue(&binding).await?;
     transport.purge_queue(&queue.name).await?;
-    let source = Config { service_name: "bench_src".into(), ..config.clone() };
+    let source = config.clone().with_service_name("bench_src".into());
     let producer = Producer::new(transport.clone(), &source);
     for i in 0..messages {
         producer.dispatch("work", &i).await?;

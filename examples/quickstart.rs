@@ -86,7 +86,7 @@ fn emit_demo_events(config: Config) {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async {
             let transport = micro_framework::transport::connect(&config).await?;
-            let source = Config { service_name: "my_exchange".into(), ..config };
+            let source = config.with_service_name("my_exchange".into());
             let producer = Producer::new(transport, &source);
             for order in 1.. {
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -62,7 +62,7 @@ fn emit(config: Config, events: u64) {
         runtime.block_on(async {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let transport = micro_framework::transport::connect(&config).await?;
-            let source = Config { service_name: "retry_src".into(), ..config };
+            let source = config.with_service_name("retry_src".into());
             let producer = Producer::new(transport, &source);
             for i in 0..events {
                 producer.dispatch("job", &json!({ "i": i })).await?;

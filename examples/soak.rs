@@ -110,13 +110,11 @@ impl Names {
 
     /// The config every participant shares: broker, RPC exchange, short timeouts.
     pub fn config(&self, uri: &str, service: String) -> Config {
-        Config {
-            amqp_uri: uri.to_owned(),
-            rpc_exchange: self.rpc_exchange(),
-            rpc_timeout: Duration::from_secs(5),
-            shutdown_timeout: Duration::from_secs(5),
-            ..Config::new(service)
-        }
+        Config::new(service)
+            .with_amqp_uri(uri.to_owned())
+            .with_rpc_exchange(self.rpc_exchange())
+            .with_rpc_timeout(Duration::from_secs(5))
+            .with_shutdown_timeout(Duration::from_secs(5))
     }
 }
 

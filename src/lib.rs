@@ -33,6 +33,30 @@
 //!     Runner::new(routes, config).start()
 //! }
 //! ```
+//!
+//! # Architecture
+//!
+//! Each layer is a module that imports only the layers below it:
+//!
+//! ```text
+//! runner                         Runner, RunningService, the state a service instance owns
+//! amqp · timer · http · websocket   protocols and entrypoints
+//! pipeline                       Route, Entrypoint, RouteHandle, SharedExtension, the consume
+//!                                loop, worker pools and processes, retries, settlement
+//! handler                        extractors, targets, dependencies, translators, WorkerContext
+//! metrics · error
+//! transport                      the Transport trait, memory://, RabbitMQ; Consumer is a Stream
+//! config · data                  Config; Message, Headers, Failure, CallContext, Outcome
+//! ```
+//!
+//! One message goes from its transport's [`Consumer`](transport::Consumer) stream through the
+//! one consume loop (crash-loop guard included) to its route's [`RouteHandle`], which waits for
+//! a worker slot, translates the [`Message`], provides the dependencies and calls the target (in
+//! this process or a worker process), retries as the backoff says, and returns a [`Handled`]
+//! that the loop settles: ack, a delayed retry copy, or a confirmed dead letter then ack.
+//! Parts shared by several entrypoints of a service (the RPC consumer, the HTTP and WebSocket
+//! servers) are [`SharedExtension`](pipeline::SharedExtension)s owned by that service
+//! instance.
 #![deny(missing_docs)]
 
 pub mod amqp;

@@ -45,7 +45,7 @@ pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
 /// A config for `service` on a private in-process broker (`memory://test-{uuid}`), so tests
 /// can run in parallel.
 pub fn test_config(service: &str) -> Config {
-    Config { amqp_uri: format!("memory://test-{}", uuid::Uuid::new_v4()), ..Config::new(service) }
+    Config::new(service).with_amqp_uri(format!("memory://test-{}", uuid::Uuid::new_v4()))
 }
 
 /// A running service under test.
@@ -94,7 +94,7 @@ impl TestService {
         event: &str,
         payload: &T,
     ) -> Result<()> {
-        let config = Config { service_name: source_service.to_owned(), ..self.config.clone() };
+        let config = self.config.clone().with_service_name(source_service.to_owned());
         Producer::new(self.transport().clone(), &config).dispatch(event, payload).await
     }
 

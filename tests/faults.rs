@@ -35,13 +35,13 @@ fn rabbitmqctl(args: &[&str]) {
 }
 
 async fn publisher(uri: &str) -> Producer {
-    let config = Config { amqp_uri: uri.to_owned(), ..Config::new("fault_src") };
+    let config = Config::new("fault_src").with_amqp_uri(uri.to_owned());
     let transport = micro_framework::transport::connect(&config).await.unwrap();
     Producer::new(transport, &config)
 }
 
 async fn delete_queues(uri: &str, queue: &str) {
-    let config = Config { amqp_uri: uri.to_owned(), ..Config::new("cleanup") };
+    let config = Config::new("cleanup").with_amqp_uri(uri.to_owned());
     let transport = micro_framework::transport::connect(&config).await.unwrap();
     transport.delete_queue(queue).await.unwrap();
     transport.delete_queue(&format!("{queue}.dlq")).await.unwrap();
@@ -122,7 +122,7 @@ async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 }
 
 async fn wait_queue_ready(uri: &str, queue: &str) {
-    let config = Config { amqp_uri: uri.to_owned(), ..Config::new("observer") };
+    let config = Config::new("observer").with_amqp_uri(uri.to_owned());
     let transport = micro_framework::transport::connect(&config).await.unwrap();
     for _ in 0..600 {
         if transport.queue_info(queue).await.is_ok_and(|info| info.consumer_count > 0) {
@@ -246,7 +246,7 @@ async fn a_second_signal_forces_the_exit_while_calls_run() {
     let status = wait_exit(&mut child).await;
     assert_eq!(status.code(), Some(130), "the second signal exits at once");
     // The unfinished call's message was not acked: it is back in the queue.
-    let config = Config { amqp_uri: uri.clone(), ..Config::new("observer") };
+    let config = Config::new("observer").with_amqp_uri(uri.clone());
     let transport = micro_framework::transport::connect(&config).await.unwrap();
     wait_until_async(|| {
         let transport = transport.clone();
@@ -277,11 +277,9 @@ where
 async fn readiness_flips_while_the_broker_is_away_and_back_after_reconnect() {
     let Some(uri) = rabbitmq_uri() else { return };
     let _serial = SERIAL.lock().await;
-    let config = Config {
-        enable_metrics: true,
-        metrics: micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 },
-        ..common::config(&uri, "faultready")
-    };
+    let config = common::config(&uri, "faultready")
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
     let queue = format!("evt-fault_src-job--{}.record", config.service_name);
     let probe = Probe::new();
     let routes = vec![Route::new(record)
@@ -342,7 +340,7 @@ async fn an_rpc_reply_sent_while_the_caller_is_disconnected_still_arrives() {
         .dependency(Shared(probe.clone()))];
     let service = TestService::start(routes, config).await.unwrap();
     let caller_uri = uri.replacen("guest:guest", &format!("{user}:secret"), 1);
-    let caller = Config { amqp_uri: caller_uri, ..Config::new("caller") };
+    let caller = Config::new("caller").with_amqp_uri(caller_uri);
     let client = micro_framework::amqp::rpc::Client::connect(&caller).await.unwrap();
     let call = client
         .service(service_name.clone())

@@ -81,12 +81,10 @@ async fn a_message_is_not_acked_before_its_outcome_is_settled() {
         service.transport().close().await;
         probe.open();
         let _ = service.stop().await;
-        let reconnected = micro_framework::transport::connect(&Config {
-            amqp_uri: uri.clone(),
-            ..Config::new("o")
-        })
-        .await
-        .unwrap();
+        let reconnected =
+            micro_framework::transport::connect(&Config::new("o").with_amqp_uri(uri.clone()))
+                .await
+                .unwrap();
         assert_eq!(reconnected.queue_info(&queue).await.unwrap().message_count, 1);
         reconnected.delete_queue(&queue).await.unwrap();
         reconnected.close().await;
@@ -283,7 +281,7 @@ async fn max_workers_is_never_exceeded() {
     let shop = common::unique("shop");
     for uri in broker_uris() {
         let probe = Probe::new();
-        let config = Config { max_workers: 3, prefetch_count: Some(20), ..config(&uri, "workers") };
+        let config = config(&uri, "workers").with_max_workers(3).with_prefetch_count(Some(20));
         let markers = [config.service_name.clone(), shop.clone()];
         fn slow(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
             probe.enter(payload);
@@ -322,12 +320,10 @@ async fn max_workers_is_never_exceeded() {
 async fn stop_mid_stream(uri: &str, mode: WorkerMode) -> (u64, u32) {
     let shop = common::unique("shop");
     let probe = Probe::closed();
-    let config = Config {
-        max_workers: 2,
-        prefetch_count: Some(6),
-        worker_mode: mode,
-        ..config(uri, "shutdown")
-    };
+    let config = config(uri, "shutdown")
+        .with_max_workers(2)
+        .with_prefetch_count(Some(6))
+        .with_worker_mode(mode);
     let queue = queue_of(&config.service_name, &shop, "paid", "record");
     let routes = vec![Route::new(record)
         .entrypoint(EventListener::new(&shop, "paid"))
@@ -409,7 +405,7 @@ async fn unprovidable_parameters_and_duplicate_names_are_refused_at_start() {
     assert!(error.to_string().contains("no entrypoint"), "{error}");
 
     let routes = vec![Route::new(plain).entrypoint(EventListener::new("a", "b"))];
-    let bad = Config { max_workers: 0, ..config(uri, "refuse") };
+    let bad = config(uri, "refuse").with_max_workers(0);
     let error = TestService::start(routes, bad).await.unwrap_err();
     assert!(error.to_string().contains("MAX_WORKERS"), "{error}");
 }
@@ -430,7 +426,7 @@ async fn the_timer_fires_again_after_a_failing_run_and_runs_never_overlap() {
     let routes = vec![Route::new(tick)
         .entrypoint(TimeEntrypoint::every(Duration::from_millis(5)))
         .dependency(Shared(probe.clone()))];
-    let config = Config { max_workers: 4, ..config(&broker_uris()[0], "timer") };
+    let config = config(&broker_uris()[0], "timer").with_max_workers(4);
     let service = TestService::start(routes, config).await.unwrap();
     service.wait_for_route("tick", 4).await.unwrap();
     service.stop().await.unwrap();
@@ -565,7 +561,7 @@ async fn a_runner_context_keeps_long_tasks_from_starving_other_routes() {
     for uri in broker_uris() {
         let blocked = Probe::closed();
         let quick = Probe::new();
-        let config = Config { max_workers: 1, ..config(&uri, "contexts") };
+        let config = config(&uri, "contexts").with_max_workers(1);
         let markers = [config.service_name.clone(), shop.clone()];
         fn slow(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
             probe.enter(payload);

@@ -206,7 +206,7 @@ proptest! {
 
 #[test]
 fn payloads_that_do_not_fit_are_bad_input() {
-    let config = Config { amqp_uri: "memory://fuzz-payload".into(), ..Config::new("fuzz") };
+    let config = Config::new("fuzz").with_amqp_uri("memory://fuzz-payload".into());
     let mut runner = TestRunner::new(cases(8));
     let strategy = (body(), content_type());
     let result = runner.run(&strategy, |(body, content_type)| {
@@ -320,10 +320,8 @@ fn extreme_retry_headers_are_dead_lettered() {
         ("x-mf-redeliveries", HeaderValue::Int(i64::MAX)),
     ];
     runtime().block_on(async {
-        let config = Config {
-            amqp_uri: format!("memory://fuzz-{}", uuid::Uuid::new_v4()),
-            ..Config::new("fuzz_retry")
-        };
+        let config = Config::new("fuzz_retry")
+            .with_amqp_uri(format!("memory://fuzz-{}", uuid::Uuid::new_v4()));
         let route = Route::new(fails).entrypoint(EventListener::new("src", "ev"));
         let service = TestService::start(vec![route], config).await.unwrap();
         for (name, value) in &cases {
@@ -342,10 +340,8 @@ fn extreme_retry_headers_are_dead_lettered() {
 #[test]
 fn events_with_odd_headers_are_settled() {
     runtime().block_on(async {
-        let config = Config {
-            amqp_uri: format!("memory://fuzz-{}", uuid::Uuid::new_v4()),
-            ..Config::new("fuzz_events")
-        };
+        let config = Config::new("fuzz_events")
+            .with_amqp_uri(format!("memory://fuzz-{}", uuid::Uuid::new_v4()));
         let routes = vec![
             Route::new(fails).entrypoint(EventListener::new("src", "bad")),
             Route::new(order_id).entrypoint(EventListener::new("src", "order")),
@@ -412,7 +408,7 @@ fn request_body() -> impl Strategy<Value = Bytes> {
 fn rpc_requests_of_any_shape_get_a_reply() {
     runtime().block_on(async {
         let uri = format!("memory://fuzz-{}", uuid::Uuid::new_v4());
-        let config = Config { amqp_uri: uri.clone(), ..Config::new("fuzz_math") };
+        let config = Config::new("fuzz_math").with_amqp_uri(uri.clone());
         let routes = vec![Route::new(add).entrypoint(RPCListener::new())];
         let service = TestService::start(routes, config).await.unwrap();
         let transport = MemoryTransport::connect(&uri).unwrap();
@@ -464,7 +460,7 @@ fn rpc_requests_of_any_shape_get_a_reply() {
             Ok(())
         });
         result.unwrap();
-        let client = Client::connect(&Config { amqp_uri: uri, ..Config::new("caller") }).await;
+        let client = Client::connect(&Config::new("caller").with_amqp_uri(uri)).await;
         let client = client.unwrap();
         let sum: i64 = client.call("fuzz_math", "add", json!([1, 2]), json!({})).await.unwrap();
         assert_eq!(sum, 3);
@@ -526,7 +522,7 @@ fn rpc_replies_of_any_shape_are_results_or_errors() {
         };
         server.bind_queue(&binding).await.unwrap();
         let config =
-            Config { amqp_uri: uri, rpc_timeout: Duration::from_secs(5), ..Config::new("caller") };
+            Config::new("caller").with_amqp_uri(uri).with_rpc_timeout(Duration::from_secs(5));
         let client = Client::connect(&config).await.unwrap();
         let mut runner = TestRunner::new(cases(4));
         let result = runner.run(&(reply_body(), content_type()), |(body, content_type)| {
@@ -857,7 +853,7 @@ proptest! {
         let uri = format!("amqp://{user}:{SECRET}{password}@{host}/{rest}");
         let masked = mask_uri(&uri);
         prop_assert!(!masked.contains(SECRET), "{masked}");
-        let config = Config { amqp_uri: uri, ..Config::new("svc") };
+        let config = Config::new("svc").with_amqp_uri(uri);
         let shown = format!("{config:?}");
         prop_assert!(!shown.contains(SECRET), "{}", shown);
         if let Err(error) = Config::from_vars([("SERVICE_NAME".into(), "svc".into()), ("AMQP_URI".into(), config.amqp_uri)]) {

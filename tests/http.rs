@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 /// A config serving HTTP on a free loopback port, on a private in-process broker.
 fn http_config(service: &str) -> Config {
     let uri = format!("memory://http-{}", uuid::Uuid::new_v4());
-    Config { web_server_address: "127.0.0.1:0".into(), ..config(&uri, service) }
+    config(&uri, service).with_web_server_address("127.0.0.1:0".into())
 }
 
 async fn spawn(routes: Vec<Route>, config: Config) -> (RunningService, String) {
@@ -196,7 +196,7 @@ async fn the_worker_pool_bounds_concurrent_calls() {
     let routes = vec![Route::new(slow)
         .entrypoint(HttpEntrypoint::get("/slow"))
         .dependency(Shared(probe.clone()))];
-    let config = Config { max_workers: 2, ..http_config("http_pool") };
+    let config = http_config("http_pool").with_max_workers(2);
     let (service, base) = spawn(routes, config).await;
     let http = client();
     let calls = (0..8).map(|_| http.get(format!("{base}/slow")).send());
@@ -212,7 +212,7 @@ async fn the_worker_pool_bounds_concurrent_calls() {
 
 #[tokio::test]
 async fn bodies_over_max_message_size_are_413() {
-    let config = Config { max_message_size: 1024, ..http_config("http_big") };
+    let config = http_config("http_big").with_max_message_size(1024);
     let (service, base) = spawn(routes(), config).await;
     let http = client();
     let big = json!({"a": 1, "b": 2, "pad": "x".repeat(2000)});
@@ -257,10 +257,8 @@ async fn a_stopping_service_finishes_running_calls_and_refuses_new_ones() {
 #[tokio::test]
 async fn broken_http_routes_stop_the_start_with_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let busy = Config {
-        web_server_address: taken.local_addr().unwrap().to_string(),
-        ..http_config("http_busy")
-    };
+    let busy =
+        http_config("http_busy").with_web_server_address(taken.local_addr().unwrap().to_string());
     let route = || Route::new(missing);
     let cases: Vec<(Vec<Route>, Config, &str)> = vec![
         (
@@ -303,7 +301,7 @@ async fn broken_http_routes_stop_the_start_with_a_clear_error() {
     // a refused start frees the address it bound
     let free = http_config("http_free");
     let probe_address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let config = Config { web_server_address: probe_address.to_string(), ..free };
+    let config = free.with_web_server_address(probe_address.to_string());
     let routes = vec![
         Route::new(missing).name("a").entrypoint(HttpEntrypoint::get("/x")),
         Route::new(missing).name("b").entrypoint(HttpEntrypoint::get("/x")),
@@ -336,10 +334,9 @@ async fn http_targets_use_dependencies_like_any_target() {
                 .entrypoint(EventListener::new(service.clone(), "order_created"))
                 .dependency(Shared(probe.clone())),
         ];
-        let config = Config {
-            web_server_address: "127.0.0.1:0".into(),
-            ..Config { amqp_uri: uri.clone(), ..Config::new(service.clone()) }
-        };
+        let config = Config::new(service.clone())
+            .with_amqp_uri(uri.clone())
+            .with_web_server_address("127.0.0.1:0".into());
         let (running, base) = spawn(routes, config).await;
         let response = client().post(format!("{base}/orders")).json(&json!({"id": 9})).send().await;
         assert_eq!(response.unwrap().json::<Value>().await.unwrap(), json!({"created": 9}));

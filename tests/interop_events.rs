@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 /// Delete what a test declared on RabbitMQ (best effort: a test's own result matters more):
 /// our listeners' work `queues` with their `.dlq`, and `exchanges`.
 async fn clean_up(uri: &str, queues: &[String], exchanges: &[String]) {
-    let config = Config { amqp_uri: uri.to_owned(), ..Config::new("interop_cleanup") };
+    let config = Config::new("interop_cleanup").with_amqp_uri(uri.to_owned());
     let Ok(transport) = micro_framework::transport::connect(&config).await else { return };
     for queue in queues {
         let _ = transport.delete_queue(queue).await;
@@ -257,7 +257,7 @@ async fn the_call_id_stack_survives_nameko_to_rust_to_nameko() {
 // micro-framework 2.1.1
 
 fn ufw_config(uri: &str, service: &str) -> Config {
-    Config { protocol: Protocol::MicroFramework, ..config(uri, service) }
+    config(uri, service).with_protocol(Protocol::MicroFramework)
 }
 
 #[tokio::test]
@@ -327,7 +327,7 @@ async fn a_rust_producer_reaches_a_micro_framework_listener() {
 
     // the exchange micro-framework declared is auto_delete: ours must declare it the same way
     let config = ufw_config(&uri, "unused");
-    let config = Config { service_name: source.clone(), ..config };
+    let config = config.with_service_name(source.clone());
     let transport = micro_framework::transport::connect(&config).await.unwrap();
     let producer = Producer::new(transport.clone(), &config);
     assert_eq!(producer.exchange(), format!("{source}.events"));

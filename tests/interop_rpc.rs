@@ -70,7 +70,7 @@ async fn relay(Args(to): Args<RelayArgs>, rpc: RpcProxy) -> Result<Value, RpcErr
 
 /// Delete the Rust service's request queue (RabbitMQ keeps durable queues).
 async fn delete_queue(uri: &str, queue: &str) {
-    let config = Config { amqp_uri: uri.to_owned(), ..Config::new("interop_cleanup") };
+    let config = Config::new("interop_cleanup").with_amqp_uri(uri.to_owned());
     if let Ok(transport) = micro_framework::transport::connect(&config).await {
         let _ = transport.delete_queue(queue).await;
         transport.close().await;

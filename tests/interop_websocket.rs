@@ -60,12 +60,10 @@ fn sample() -> Value {
 async fn the_python_client_calls_a_rust_service() {
     let Some(python) = interop_python(UFW) else { return };
     let gate = Gate(Arc::new(Semaphore::new(0)), Arc::default());
-    let config = Config {
-        amqp_uri: format!("memory://{}", unique("ws")),
-        websocket_ip: "127.0.0.1".into(),
-        websocket_port: 0,
-        ..Config::new(unique("wsinterop"))
-    };
+    let config = Config::new(unique("wsinterop"))
+        .with_amqp_uri(format!("memory://{}", unique("ws")))
+        .with_websocket_ip("127.0.0.1".into())
+        .with_websocket_port(0);
     let routes = vec![
         Route::new(add).entrypoint(WebSocketEntrypoint::new()),
         Route::new(echo).entrypoint(WebSocketEntrypoint::new()),

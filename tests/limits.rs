@@ -33,7 +33,7 @@ async fn oversized_events_are_dead_lettered_with_the_reason_and_others_handled()
     for uri in broker_uris() {
         let probe = Probe::new();
         let source = unique("big_source");
-        let config = Config { max_message_size: 1024, ..config(&uri, "big_sink") };
+        let config = config(&uri, "big_sink").with_max_message_size(1024);
         let service_name = config.service_name.clone();
         let routes = vec![Route::new(record)
             .entrypoint(EventListener::new(source.clone(), "data"))
@@ -59,7 +59,7 @@ async fn oversized_events_are_dead_lettered_with_the_reason_and_others_handled()
 #[tokio::test]
 async fn oversized_events_are_refused_before_publishing() {
     for uri in broker_uris() {
-        let config = Config { max_message_size: 100, ..config(&uri, "big_producer") };
+        let config = config(&uri, "big_producer").with_max_message_size(100);
         let transport = micro_framework::transport::connect(&config).await.unwrap();
         let producer = Producer::new(transport.clone(), &config);
         let error = producer.dispatch("data", &"x".repeat(200)).await.unwrap_err();
@@ -84,16 +84,15 @@ fn big(Args(()): Args<()>) -> String {
 #[tokio::test]
 async fn rpc_requests_and_replies_over_the_limit_get_clear_errors() {
     for uri in broker_uris() {
-        let config = Config { max_message_size: 1024, ..config(&uri, "big_rpc") };
+        let config = config(&uri, "big_rpc").with_max_message_size(1024);
         let service_name = config.service_name.clone();
         let routes = vec![
             Route::new(echo).entrypoint(RPCListener::new()),
             Route::new(big).entrypoint(RPCListener::new()),
         ];
         let service = TestService::start(routes, config.clone()).await.unwrap();
-        let client = Client::connect(&Config { amqp_uri: uri.clone(), ..Config::new("caller") })
-            .await
-            .unwrap();
+        let client =
+            Client::connect(&Config::new("caller").with_amqp_uri(uri.clone())).await.unwrap();
         let error =
             client.call::<Value>(&service_name, "echo", ("z".repeat(2000),), ()).await.unwrap_err();
         match &error {
@@ -113,11 +112,9 @@ async fn rpc_requests_and_replies_over_the_limit_get_clear_errors() {
         let small: Value = client.call(&service_name, "echo", ("ok",), ()).await.unwrap();
         assert_eq!(small, json!("ok"));
 
-        let strict = Client::connect(&Config {
-            amqp_uri: uri.clone(),
-            max_message_size: 64,
-            ..Config::new("caller")
-        })
+        let strict = Client::connect(
+            &Config::new("caller").with_amqp_uri(uri.clone()).with_max_message_size(64),
+        )
         .await
         .unwrap();
         let error =
@@ -179,8 +176,7 @@ async fn pending_rpc_calls_are_bounded() {
         arguments: Default::default(),
     };
     transport.bind_queue(&binding).await.unwrap();
-    let client =
-        Client::connect(&Config { amqp_uri: uri.clone(), ..Config::new("flooder") }).await.unwrap();
+    let client = Client::connect(&Config::new("flooder").with_amqp_uri(uri.clone())).await.unwrap();
     let silent = client.service("silent");
     let mut waiting = Vec::new();
     let refused = loop {

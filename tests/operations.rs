@@ -30,11 +30,9 @@ fn line_value(metrics: &str, prefix: &str) -> Option<f64> {
 async fn metrics_count_known_traffic_and_health_endpoints_answer() {
     for uri in broker_uris() {
         let shop = unique("shop");
-        let config = Config {
-            enable_metrics: true,
-            metrics: micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 },
-            ..config(&uri, "metrics")
-        };
+        let config = config(&uri, "metrics").with_enable_metrics(true).with_metrics(
+            micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 },
+        );
         let markers = [config.service_name.clone(), shop.clone()];
         let routes = vec![Route::new(checked)
             .entrypoint(EventListener::new(&shop, "job"))
@@ -79,10 +77,8 @@ async fn metrics_count_known_traffic_and_health_endpoints_answer() {
 
 #[tokio::test]
 async fn the_topology_lists_what_a_service_declares_without_touching_the_broker() {
-    let config = Config {
-        amqp_uri: "amqp://guest:guest@127.0.0.1:1/".into(), // never contacted
-        ..Config::new("orders")
-    };
+    // never contacted
+    let config = Config::new("orders").with_amqp_uri("amqp://guest:guest@127.0.0.1:1/".into());
     let routes = vec![Route::new(checked)
         .entrypoint(EventListener::new("shop", "paid"))
         .backoff(AsyncBackOff::new(1, Duration::from_millis(10)))];

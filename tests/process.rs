@@ -143,8 +143,7 @@ fn without_recycling_workers_are_reused() {
 
 /// Messages left in `queue` on RabbitMQ.
 fn left_in(uri: &str, queue: &str) -> u32 {
-    let config =
-        micro_framework::Config { amqp_uri: uri.to_owned(), ..micro_framework::Config::new("o") };
+    let config = micro_framework::Config::new("o").with_amqp_uri(uri.to_owned());
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let transport = micro_framework::transport::connect(&config).await.unwrap();
         let left = transport.queue_info(queue).await.unwrap().message_count;
@@ -232,4 +231,82 @@ async fn http_calls_run_in_worker_processes() {
     assert_eq!(bad.status(), 400, "bad input through a worker process is still 400");
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     assert!(child.wait().unwrap().success(), "the service stops gracefully");
+}
+
+/// A request whose target aborts the service (thread mode) crash-loops it no more than
+/// `MAX_REDELIVERIES` times: the caller then gets an error reply and the service lives on.
+/// The test plays the supervisor that restarts the service after each crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpc_request_that_keeps_aborting_the_service_is_answered_with_an_error() {
+    use micro_framework::amqp::rpc::{Client, RpcError};
+    use micro_framework::Config;
+    use std::time::Duration;
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let service = common::unique("rpcabort");
+    let start = || {
+        Command::new(binary())
+            .env("AMQP_URI", &uri)
+            .env("SERVICE_NAME", &service)
+            .env("WORKER_MODE", "thread")
+            .env("MAX_REDELIVERIES", "2")
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("process_service starts (built by cargo test)")
+    };
+    let mut child = Supervised(start());
+    let client = Client::connect(&Config::new("caller").with_amqp_uri(uri.clone())).await.unwrap();
+    // The service is up once it answers (before, its queue does not exist).
+    let probe = client.service(service.as_str()).timeout(Duration::from_secs(30));
+    let mut echoed = probe.call::<Value>("echo", (1,), ()).await;
+    for _ in 0..300 {
+        if !matches!(echoed, Err(RpcError::UnknownService(_))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        echoed = probe.call("echo", (1,), ()).await;
+    }
+    assert_eq!(echoed.unwrap(), serde_json::json!(1));
+    let caller = client.service(service.as_str()).timeout(Duration::from_secs(120));
+    let call = tokio::spawn(async move { caller.call::<Value>("abort_rpc", (), ()).await });
+    let mut crashes = 0;
+    while !call.is_finished() {
+        match child.0.try_wait().unwrap() {
+            Some(_) => {
+                crashes += 1;
+                assert!(crashes <= 3, "still crash-looping after {crashes} crashes");
+                child = Supervised(start());
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let error = call.await.unwrap().unwrap_err();
+    match &error {
+        RpcError::RemoteError { exc_type, value, .. } => {
+            assert_eq!(exc_type, "Crashed", "{error}");
+            assert!(value.contains("MAX_REDELIVERIES=2"), "{error}");
+        }
+        other => panic!("expected the Crashed remote error, got {other}"),
+    }
+    assert_eq!(crashes, 3, "delivered three times (two redeliveries allowed), then answered");
+    assert!(child.0.try_wait().unwrap().is_none(), "the service lives");
+    let echoed: Value = probe.call("echo", (2,), ()).await.unwrap();
+    assert_eq!(echoed, serde_json::json!(2), "and still serves");
+    let _ = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
+    assert!(child.0.wait().unwrap().success(), "the service stops gracefully");
+    client.close().await;
+    common::cleanup(&uri, &[service]).await;
+}
+
+/// A child process killed when the test ends, even by a failed assertion.
+struct Supervised(std::process::Child);
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if self.0.try_wait().is_ok_and(|status| status.is_none()) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

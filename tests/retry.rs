@@ -53,7 +53,7 @@ async fn the_target_sees_attempts_in_order_and_the_worker_is_free_during_the_del
     for uri in broker_uris() {
         let journal = Arc::new(Journal::default());
         let shop = unique("shop");
-        let config = Config { max_workers: 1, ..config(&uri, "retries") };
+        let config = config(&uri, "retries").with_max_workers(1);
         let markers = [config.service_name.clone(), shop.clone()];
         let routes = vec![Route::new(flaky)
             .entrypoint(EventListener::new(&shop, "job"))
@@ -231,7 +231,7 @@ async fn a_message_that_keeps_crashing_its_service_is_dead_lettered() {
     for uri in broker_uris() {
         for queue_type in [QueueType::Classic, QueueType::Quorum] {
             let shop = unique("shop");
-            let config = Config { max_redeliveries: 2, queue_type, ..config(&uri, "crash") };
+            let config = config(&uri, "crash").with_max_redeliveries(2).with_queue_type(queue_type);
             let queue = format!("evt-{shop}-job--{}.blocking", config.service_name);
             let markers = [config.service_name.clone(), shop.clone()];
             let mut crashes = 0;
@@ -286,8 +286,7 @@ async fn the_delayed_message_plugin_mechanism_says_clearly_when_the_plugin_is_mi
     use micro_framework::config::RetryDelay;
     for uri in broker_uris() {
         let shop = unique("shop");
-        let config =
-            Config { retry_delay: RetryDelay::DelayedMessagePlugin, ..config(&uri, "plugin") };
+        let config = config(&uri, "plugin").with_retry_delay(RetryDelay::DelayedMessagePlugin);
         let markers = [config.service_name.clone(), shop.clone()];
         let routes = vec![Route::new(flaky)
             .entrypoint(EventListener::new(&shop, "job"))

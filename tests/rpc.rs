@@ -243,7 +243,7 @@ async fn every_error_kind_is_replied_and_the_request_acked() {
 async fn calls_time_out_and_late_replies_are_dropped() {
     for uri in broker_uris() {
         let (service, math, _) = start_math(&uri).await;
-        let quick = Config { rpc_timeout: Duration::from_millis(300), ..config(&uri, "caller") };
+        let quick = config(&uri, "caller").with_rpc_timeout(Duration::from_millis(300));
         let client = Client::connect(&quick).await.unwrap();
 
         let timed_out = client.call::<u64>(&math, "slow", [800], ()).await.unwrap_err();

@@ -67,7 +67,7 @@ async fn an_unreachable_broker_is_logged_without_the_password() {
     logs();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let uri = format!("amqp://mf_user:{ENCODED}@127.0.0.1:{port}/");
-    let config = Config { amqp_uri: uri.clone(), ..Config::new(unique("sec_down")) };
+    let config = Config::new(unique("sec_down")).with_amqp_uri(uri.clone());
     assert_hidden(&format!("{config:?}"), "Config's Debug");
     assert_hidden(&serde_json::to_string(&config.to_masked_map()).unwrap(), "to_masked_map");
     assert_hidden(
@@ -119,8 +119,7 @@ async fn broker_traffic_and_refusals_never_log_the_password() {
     let address = uri.split('@').nth(1).unwrap().to_owned();
 
     // refused credentials: an error at once, without the password
-    let refused =
-        Config { amqp_uri: format!("amqp://guest:{ENCODED}@{address}"), ..Config::new("sec") };
+    let refused = Config::new("sec").with_amqp_uri(format!("amqp://guest:{ENCODED}@{address}"));
     let error = micro_framework::transport::connect(&refused).await.unwrap_err().to_string();
     assert!(error.contains("ACCESS_REFUSED") || error.contains("refused"), "{error}");
     assert_hidden(&error, "the refusal");
@@ -130,10 +129,8 @@ async fn broker_traffic_and_refusals_never_log_the_password() {
 
     // a working connection of a user with that password, every log level on
     let user = User::add();
-    let config = Config {
-        amqp_uri: format!("amqp://{}:{ENCODED}@{address}", user.0),
-        ..Config::new(unique("sec_up"))
-    };
+    let config = Config::new(unique("sec_up"))
+        .with_amqp_uri(format!("amqp://{}:{ENCODED}@{address}", user.0));
     let source = unique("sec_src");
     let routes = vec![Route::new(noop).entrypoint(EventListener::new(&source, "e"))];
     let service = TestService::start(routes, config.clone()).await.unwrap();
@@ -163,7 +160,7 @@ async fn reply_queues_and_correlation_ids_are_random_and_private() {
     let config = test_config("sec_rpc");
     let routes = vec![Route::new(reply_to).entrypoint(RPCListener::new())];
     let service = TestService::start(routes, config.clone()).await.unwrap();
-    let caller = Config { service_name: "caller".into(), ..config.clone() };
+    let caller = config.clone().with_service_name("caller".into());
     let (first, second) =
         (Client::connect(&caller).await.unwrap(), Client::connect(&caller).await.unwrap());
 

@@ -130,7 +130,7 @@ impl Drop for Listener {
 }
 
 fn tls_config(listener: &Listener, service: &str, ca: Option<String>) -> Config {
-    Config { amqp_uri: listener.uri(), amqp_ssl_ca_file: ca, ..Config::new(unique(service)) }
+    Config::new(unique(service)).with_amqp_uri(listener.uri()).with_amqp_ssl_ca_file(ca)
 }
 
 fn record(Payload(payload): Payload<Value>) -> Value {
@@ -226,11 +226,9 @@ async fn mutual_tls_needs_the_client_certificate() {
     let error = refused(&anonymous).await;
     assert!(error.contains("cannot connect to amqps://guest:***@127.0.0.1"), "{error}");
 
-    let mutual = Config {
-        amqp_ssl_cert_file: Some(pki.path("client.pem")),
-        amqp_ssl_key_file: Some(pki.path("client.key")),
-        ..tls_config(&listener, "tls_mutual", Some(pki.path("ca.pem")))
-    };
+    let mutual = tls_config(&listener, "tls_mutual", Some(pki.path("ca.pem")))
+        .with_amqp_ssl_cert_file(Some(pki.path("client.pem")))
+        .with_amqp_ssl_key_file(Some(pki.path("client.key")));
     event_round_trip(mutual).await;
 }
 

@@ -80,13 +80,11 @@ async fn hold(Args((x,)): Args<(Value,)>, Dep(gate): Dep<Gate>) -> Value {
 }
 
 fn ws_config(service: &str, max_workers: usize) -> Config {
-    Config {
-        amqp_uri: format!("memory://{}", unique("ws")),
-        websocket_ip: "127.0.0.1".into(),
-        websocket_port: 0,
-        max_workers,
-        ..Config::new(unique(service))
-    }
+    Config::new(unique(service))
+        .with_amqp_uri(format!("memory://{}", unique("ws")))
+        .with_websocket_ip("127.0.0.1".into())
+        .with_websocket_port(0)
+        .with_max_workers(max_workers)
 }
 
 async fn start(max_workers: usize, gate: &Gate) -> (RunningService, SocketAddr) {
@@ -405,7 +403,7 @@ async fn a_graceful_stop_finishes_running_calls_then_closes_with_1001() {
 async fn an_address_in_use_stops_the_start_and_a_failed_start_frees_its_port() {
     let gate = Gate::default();
     let (first, address) = start(1, &gate).await;
-    let taken = Config { websocket_port: address.port(), ..ws_config("wstaken", 1) };
+    let taken = ws_config("wstaken", 1).with_websocket_port(address.port());
     let routes = vec![Route::new(add).entrypoint(WebSocketEntrypoint::new())];
     let error = Runner::new(routes, taken.clone()).spawn().await.unwrap_err();
     let Error::Startup(message) = &error else { panic!("expected a start-up error: {error}") };

@@ -261,7 +261,7 @@ async fn connect(uri: &str, names: &Names) -> Result<Rig, String> {
     let routes = vec![Route::new(collect)
         .entrypoint(EventListener::new(names.service(Role::B), "handled"))
         .dependency(Shared(tracker.clone()))];
-    let collector = Runner::new(routes, Config { max_workers: 4, ..config.clone() })
+    let collector = Runner::new(routes, config.clone().with_max_workers(4))
         .spawn()
         .await
         .map_err(|error| format!("cannot start the collector: {error}"))?;

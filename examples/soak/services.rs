@@ -142,7 +142,7 @@ pub fn serve(role: Role, names: &Names, dir: &Path) -> micro_framework::Result<(
                 .entrypoint(EventListener::new(names.driver(), "job"))
                 .backoff(retry_for_ever())
                 .dependency(Shared(peers))];
-            (routes, Config { max_workers: A_WORKERS, worker_mode: WorkerMode::Thread, ..base })
+            (routes, base.with_max_workers(A_WORKERS).with_worker_mode(WorkerMode::Thread))
         }
         Role::B => {
             let busy = Busy(Arc::new(busy_dir(dir)));
@@ -154,7 +154,7 @@ pub fn serve(role: Role, names: &Names, dir: &Path) -> micro_framework::Result<(
                 Route::new(stamp).entrypoint(RPCListener::new()).dependency(Shared(busy.clone())),
                 Route::new(work).entrypoint(RPCListener::new()).dependency(Shared(busy)),
             ];
-            (routes, Config { max_workers: B_WORKERS, worker_mode: WorkerMode::Process, ..base })
+            (routes, base.with_max_workers(B_WORKERS).with_worker_mode(WorkerMode::Process))
         }
     };
     Runner::new(routes, config).start()

@@ -1,4 +1,4 @@
-//! Names and flags of exchanges and queues, per wire profile (protocol.md section 1).
+//! Names and flags of exchanges and queues, per wire profile (Nameko, micro-framework).
 
 use crate::config::{Config, Protocol, QueueType};
 use crate::transport::{ExchangeSpec, HeaderValue, QueueSpec};
@@ -105,7 +105,7 @@ mod tests {
 
     #[test]
     fn quorum_queues_are_declared_as_such() {
-        let config = Config { queue_type: QueueType::Quorum, ..Config::new("svc") };
+        let config = Config::new("svc").with_queue_type(QueueType::Quorum);
         let dlq = dead_letter_queue(&config, "q");
         assert_eq!(dlq.name, "q.dlq");
         assert_eq!(dlq.arguments.get("x-queue-type"), Some(&HeaderValue::from("quorum")));

@@ -1,8 +1,9 @@
 //! Service configuration, with the keys of the Python `micro-framework` package (and
 //! Nameko): `AMQP_URI`, `SERVICE_NAME`, `MAX_WORKERS`, ...
 //!
-//! A [`Config`] is a plain struct with public fields. Build it in code with
-//! [`Config::new`] and struct-update syntax, from environment variables with
+//! A [`Config`] is a struct with public fields, `#[non_exhaustive]` so that adding a key
+//! breaks no one. Build it in code with [`Config::new`] and its `with_*` setters, from
+//! environment variables with
 //! [`Config::from_env`] / [`Config::from_vars`], or from a YAML or TOML file with
 //! [`Config::from_file`] / [`Config::from_yaml_str`] / [`Config::from_toml_str`], whose text
 //! may refer to environment variables as `${VAR}` or `${VAR:default}`.
@@ -11,8 +12,8 @@
 //! use std::time::Duration;
 //! use micro_framework::config::{Config, ConfigError, WorkerMode};
 //!
-//! // In code: defaults, overridden with struct-update syntax.
-//! let config = Config { max_workers: 8, ..Config::new("orders") };
+//! // In code: defaults, overridden with setters.
+//! let config = Config::new("orders").with_max_workers(8);
 //! assert_eq!(config.effective_prefetch(), 8); // PREFETCH_COUNT defaults to MAX_WORKERS
 //!
 //! // From environment variables; `from_env` does the same with the process environment.
@@ -94,6 +95,7 @@ const AMQP_SCHEMES: [&str; 3] = ["amqp", "amqps", "memory"];
 /// Each field documents its key and default. [`Config::default`] has all defaults and an
 /// empty (so invalid) `service_name`; [`Config::new`] sets it.
 #[derive(Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Config {
     /// `AMQP_URI`: the broker, `amqp://`, `amqps://` or `memory://`.
     /// Default: `amqp://guest:guest@localhost:5672/`.
@@ -178,6 +180,54 @@ pub struct MetricsConfig {
     pub port: u16,
 }
 
+/// Builder-style setters, one per field, so that code outside the crate can build a `Config`
+/// (which is `#[non_exhaustive]`: a new key is not a breaking change).
+macro_rules! setters {
+    ($($setter:ident => $field:ident: $type:ty,)*) => {
+        impl Config {
+            $(
+                #[doc = concat!("Set [`Config::", stringify!($field), "`].")]
+                #[must_use]
+                pub fn $setter(mut self, value: $type) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
+    with_amqp_uri => amqp_uri: String,
+    with_amqp_heartbeat => amqp_heartbeat: u16,
+    with_service_name => service_name: String,
+    with_max_workers => max_workers: usize,
+    with_worker_mode => worker_mode: WorkerMode,
+    with_max_tasks_per_child => max_tasks_per_child: Option<u32>,
+    with_enable_metrics => enable_metrics: bool,
+    with_metrics => metrics: MetricsConfig,
+    with_websocket_ip => websocket_ip: String,
+    with_websocket_port => websocket_port: u16,
+    with_web_server_address => web_server_address: String,
+    with_max_message_size => max_message_size: usize,
+    with_prefetch_count => prefetch_count: Option<u16>,
+    with_protocol => protocol: Protocol,
+    with_queue_type => queue_type: QueueType,
+    with_auto_delete_event_exchanges => auto_delete_event_exchanges: bool,
+    with_parent_calls_tracked => parent_calls_tracked: usize,
+    with_rpc_exchange => rpc_exchange: String,
+    with_rpc_timeout => rpc_timeout: Duration,
+    with_shutdown_timeout => shutdown_timeout: Duration,
+    with_retry_delay => retry_delay: RetryDelay,
+    with_log_format => log_format: LogFormat,
+    with_task_time_limit => task_time_limit: Option<Duration>,
+    with_max_redeliveries => max_redeliveries: u32,
+    with_amqp_ssl_ca_file => amqp_ssl_ca_file: Option<String>,
+    with_amqp_ssl_cert_file => amqp_ssl_cert_file: Option<String>,
+    with_amqp_ssl_key_file => amqp_ssl_key_file: Option<String>,
+    with_extra => extra: BTreeMap<String, Value>,
+}
+
 impl Default for MetricsConfig {
     fn default() -> MetricsConfig {
         MetricsConfig { host: "0.0.0.0".to_string(), port: 8000 }
@@ -222,7 +272,7 @@ impl Default for Config {
 impl Config {
     /// All defaults, with `SERVICE_NAME` set. Not validated: see [`Config::validate`].
     pub fn new(service_name: impl Into<String>) -> Config {
-        Config { service_name: service_name.into(), ..Config::default() }
+        Config::default().with_service_name(service_name.into())
     }
 
     /// Reads the process environment: see [`Config::from_vars`].

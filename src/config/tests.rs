@@ -197,7 +197,7 @@ fn defaults() {
     assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
     assert!(config.extra.is_empty());
     assert_eq!(config.validate(), Ok(()));
-    assert_eq!(Config::default(), Config { service_name: String::new(), ..config });
+    assert_eq!(Config::default(), config.with_service_name(String::new()));
 }
 
 #[test]
@@ -210,10 +210,10 @@ fn minimal_sources_give_the_defaults() {
 
 #[test]
 fn effective_prefetch() {
-    let config = Config { max_workers: 8, ..Config::new("svc") };
+    let config = Config::new("svc").with_max_workers(8);
     assert_eq!(config.effective_prefetch(), 8);
-    assert_eq!(Config { prefetch_count: Some(2), ..config.clone() }.effective_prefetch(), 2);
-    assert_eq!(Config { max_workers: 100_000, ..config }.effective_prefetch(), u16::MAX);
+    assert_eq!(config.clone().with_prefetch_count(Some(2)).effective_prefetch(), 2);
+    assert_eq!(config.with_max_workers(100_000).effective_prefetch(), u16::MAX);
 }
 
 // ---------------------------------------------------------------- environment
@@ -608,7 +608,7 @@ fn validation_errors() {
 #[test]
 fn amqp_uri_validation() {
     for uri in ["amqp://localhost", "amqps://u:p@h:5671/v", "memory://", "amqp://"] {
-        assert_eq!(Config { amqp_uri: uri.to_string(), ..Config::new("s") }.validate(), Ok(()));
+        assert_eq!(Config::new("s").with_amqp_uri(uri.to_string()).validate(), Ok(()));
     }
     let expected = "expected an amqp://, amqps:// or memory:// URI";
     let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_URI", "http://guest:guest@h/")]);
@@ -644,7 +644,7 @@ fn mask_uri_cases() {
     for (uri, masked) in cases {
         assert_eq!(mask_uri(uri), masked, "{uri}");
     }
-    let config = Config { amqp_uri: "amqp://a:b@c/".to_string(), ..Config::new("s") };
+    let config = Config::new("s").with_amqp_uri("amqp://a:b@c/".to_string());
     assert_eq!(config.masked_amqp_uri(), "amqp://a:***@c/");
 }
 

@@ -11,7 +11,6 @@ use crate::data::Message;
 use crate::data::{Failure, TargetRole};
 use crate::handler::dependencies::DependencyValues;
 use crate::handler::ServiceState;
-use crate::metrics::Metrics;
 use crate::transport::SharedTransport;
 
 /// The context of one call, from which extractors ([`crate::FromContext`]) take the target's
@@ -30,7 +29,6 @@ pub struct WorkerContext {
     pub(crate) dependencies: Arc<DependencyValues>,
     pub(crate) state: ServiceState,
     pub(crate) retry: BackOffData,
-    pub(crate) metrics: Metrics,
 }
 
 impl WorkerContext {

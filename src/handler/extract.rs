@@ -64,6 +64,25 @@ impl TargetSetup {
 ///     }
 /// }
 /// ```
+///
+/// A parameter type that is not an extractor is refused at compile time, with a note that
+/// lists what can be extracted:
+///
+/// ```compile_fail
+/// use micro_framework::prelude::*;
+/// struct NotAnExtractor;
+/// fn target(_: NotAnExtractor) {}
+/// let _ = Route::new(target);
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a parameter of a target",
+    label = "not an extractor",
+    note = "a target's parameters implement `FromContext`: `Payload<T>`, `RawBody`, \
+            `MessageHeaders`, `Message`, `CallContext`, `Arc<Config>`, `BackOffData`, \
+            `Failure` (callbacks), `Dep<T>` (a dependency's output), `Producer`, `RpcProxy`, \
+            `Args<T>` (RPC and WebSocket), `Path<T>`, `Query<T>`, `HttpRequest` (HTTP), or a \
+            type of yours that implements `FromContext`"
+)]
 pub trait FromContext: Sized + Send + 'static {
     /// Take the value from the context of a call.
     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError>;

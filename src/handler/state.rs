@@ -50,6 +50,12 @@ impl ServiceState {
         self.get_or_insert_with(T::default)
     }
 
+    /// Drop every value: the service stopped (values may hold routes, which hold this state).
+    pub(crate) fn clear(&self) {
+        let values = std::mem::take(&mut *self.values());
+        drop(values);
+    }
+
     /// The value of type `T`, if one was made.
     pub fn get<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
         let value = self.values().get(&TypeId::of::<T>()).cloned()?;

@@ -33,9 +33,11 @@ use crate::handler::extract::{ExtractError, FromContext, TargetSetup};
 use crate::handler::WorkerContext;
 
 /// How a target's call ended, before it becomes an [`Outcome`](crate::data::Outcome).
+#[doc(hidden)]
 pub type TargetResult = Result<Value, TargetError>;
 
 /// Why a target's call failed.
+#[doc(hidden)]
 #[derive(Debug)]
 pub enum TargetError {
     /// An argument could not be extracted.
@@ -62,6 +64,7 @@ impl From<ExtractError> for TargetError {
 /// A target's return value: `()`, a serializable value, or `Result<T, E>` for any error type.
 pub trait IntoOutcome {
     /// The call's result.
+    #[doc(hidden)]
     fn into_outcome(self) -> TargetResult;
 }
 
@@ -157,18 +160,29 @@ impl<T: Serialize> IntoOutcome for BTreeMap<String, T> {
 
 /// A function a route can call. `M` is a marker that tells sync and async functions and their
 /// parameter lists apart; it is inferred.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the target of a route",
+    label = "not a target",
+    note = "a target is a `fn` or `async fn` of at most 12 parameters that each implement \
+            `FromContext` (`Payload<T>`, `Dep<T>`, `Args<T>`, ...), returning a type that \
+            implements `IntoOutcome`: `()`, a serializable value, `Json<T>` or `Result<T, E>`"
+)]
 pub trait Target<M>: Clone + Send + Sync + 'static {
     /// Check at start-up that every parameter can be provided on the route.
+    #[doc(hidden)]
     fn check(setup: &TargetSetup) -> Result<(), String>;
     /// Run the target with arguments extracted from `ctx`.
+    #[doc(hidden)]
     fn invoke(&self, ctx: WorkerContext) -> BoxFuture<'static, TargetResult>;
 }
 
 /// Marker of sync targets.
+#[doc(hidden)]
 #[derive(Debug)]
 pub struct SyncTarget;
 
 /// Marker of async targets.
+#[doc(hidden)]
 #[derive(Debug)]
 pub struct AsyncTarget;
 

@@ -1,7 +1,5 @@
 //! [`HttpEntrypoint`]: serve a route on an HTTP method and path.
 
-use std::future::IntoFuture;
-
 use async_trait::async_trait;
 use axum::body::Bytes;
 use axum::extract::RawPathParams;
@@ -15,7 +13,6 @@ use crate::data::Message;
 use crate::error::{Error, Result};
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
-use crate::transport::SharedTransport;
 
 /// Serves the route on `method path` of the service's HTTP server (`WEB_SERVER_ADDRESS`).
 ///
@@ -41,15 +38,12 @@ use crate::transport::SharedTransport;
 pub struct HttpEntrypoint {
     method: String,
     path: String,
-    /// The site this route was added to, until it runs; dropped unrun (the service did not
-    /// start), it frees the address.
-    added_to: Option<SharedTransport>,
 }
 
 impl HttpEntrypoint {
     /// Serve `method` (e.g. `"GET"`, case-insensitive) on `path`.
     pub fn new(method: &str, path: impl Into<String>) -> Self {
-        HttpEntrypoint { method: method.to_ascii_uppercase(), path: path.into(), added_to: None }
+        HttpEntrypoint { method: method.to_ascii_uppercase(), path: path.into() }
     }
 
     /// `GET path`.
@@ -85,14 +79,6 @@ impl HttpEntrypoint {
     }
 }
 
-impl Drop for HttpEntrypoint {
-    fn drop(&mut self) {
-        if let Some(transport) = self.added_to.take() {
-            WebSite::close(&transport);
-        }
-    }
-}
-
 #[async_trait]
 impl Entrypoint for HttpEntrypoint {
     fn describe(&self) -> String {
@@ -107,12 +93,7 @@ impl Entrypoint for HttpEntrypoint {
                 self.describe()
             )));
         }
-        if route.is_topology_only() {
-            return Ok(());
-        }
-        let site = WebSite::of(route.transport());
-        site.bind(route.config())?;
-        self.added_to = Some(route.transport().clone());
+        let site = route.shared_extension(|| WebSite::new(route.clone()));
         let served = route.clone();
         let handler = on(
             filter,
@@ -129,44 +110,9 @@ impl Entrypoint for HttpEntrypoint {
         Ok(())
     }
 
-    async fn run(mut self: Box<Self>, route: RouteHandle) -> Result<()> {
-        let transport = self
-            .added_to
-            .take()
-            .ok_or_else(|| Error::Startup(format!("{} was not set up", self.describe())))?;
-        let site = WebSite::of(&transport);
-        if !site.claim_server() {
-            // another HTTP route of the service runs the server for this one too
-            route.stopping().cancelled().await;
-            return Ok(());
-        }
-        let served = serve(&site, &route).await;
-        WebSite::close(&transport);
-        served
-    }
-}
-
-/// Run the service's HTTP server until the service stops, then let running calls finish
-/// (at most `SHUTDOWN_TIMEOUT`).
-async fn serve(site: &WebSite, route: &RouteHandle) -> Result<()> {
-    let (listener, router) = site.take_server(route.config().max_message_size)?;
-    let address = listener.local_addr()?;
-    tracing::info!("HTTP server listening on http://{address}");
-    let stopping = route.stopping().clone();
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(stopping.clone().cancelled_owned())
-        .into_future();
-    let limit = route.config().shutdown_timeout;
-    let overrun = async {
-        stopping.cancelled().await;
-        tokio::time::sleep(limit).await;
-    };
-    tokio::select! {
-        served = server => served.map_err(Error::from),
-        () = overrun => {
-            tracing::warn!("HTTP requests still running after SHUTDOWN_TIMEOUT ({limit:?}); closing");
-            Ok(())
-        }
+    /// The service's [`WebSite`] serves every HTTP route.
+    async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -34,3 +34,5 @@ mod site;
 pub use entrypoint::HttpEntrypoint;
 pub use request::{HttpRequest, Path, Query};
 pub use response::Response;
+
+pub(crate) use site::WebSite;

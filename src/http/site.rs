@@ -1,31 +1,28 @@
 //! [`WebSite`]: the one HTTP server of a service instance, shared by its HTTP routes.
 //!
-//! The first `HttpEntrypoint` set up binds `WEB_SERVER_ADDRESS` (so a taken address stops the
-//! start); each adds its route to the router; the first one to run serves them all until the
-//! service stops.
+//! Each `HttpEntrypoint` adds its route to the site at set-up; once every route is set up the
+//! runner starts the site, which binds `WEB_SERVER_ADDRESS` (a taken address stops the start),
+//! then serves every route until the service stops.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use async_trait::async_trait;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::MethodRouter;
 use axum::Router;
 
-use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::runner::RunningService;
-use crate::transport::connection_local::ConnectionLocal;
-use crate::transport::SharedTransport;
-
-static SITES: ConnectionLocal<WebSite> = ConnectionLocal::new();
+use crate::pipeline::{RouteHandle, SharedExtension};
 
 /// The HTTP server of one service instance.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct WebSite {
+    /// The route that made the site: its config and stop token are the service's.
+    service: RouteHandle,
     state: Mutex<SiteState>,
-    serving: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -37,37 +34,13 @@ struct SiteState {
 }
 
 impl WebSite {
-    /// The site of the service instance connected through `transport`.
-    pub(crate) fn of(transport: &SharedTransport) -> Arc<WebSite> {
-        SITES.get_or_init(transport, WebSite::default)
-    }
-
-    /// Forget the site of `transport` and free its address.
-    pub(crate) fn close(transport: &SharedTransport) {
-        SITES.remove(transport);
+    /// The site of `service`'s instance, serving nothing yet.
+    pub(crate) fn new(service: RouteHandle) -> Self {
+        WebSite { service, state: Mutex::default() }
     }
 
     fn state(&self) -> MutexGuard<'_, SiteState> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Bind `WEB_SERVER_ADDRESS` unless bound already.
-    pub(crate) fn bind(&self, config: &Config) -> Result<()> {
-        let mut state = self.state();
-        if state.listener.is_some() {
-            return Ok(());
-        }
-        let address = &config.web_server_address;
-        let listener = std::net::TcpListener::bind(address)
-            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-            .map_err(|error| {
-                Error::Startup(format!(
-                    "cannot serve HTTP on {address} (WEB_SERVER_ADDRESS): {error}"
-                ))
-            })?;
-        state.address = Some(listener.local_addr()?);
-        state.listener = Some(listener);
-        Ok(())
     }
 
     /// Serve `method path` with `handler` for the route `route`. Two routes with the same
@@ -103,31 +76,61 @@ impl WebSite {
         Ok(())
     }
 
-    /// True for the first caller only: it runs the server.
-    pub(crate) fn claim_server(&self) -> bool {
-        !self.serving.swap(true, Ordering::AcqRel)
-    }
-
-    /// The bound listener and the router of every route, bodies limited to `max_body` bytes.
-    pub(crate) fn take_server(&self, max_body: usize) -> Result<(tokio::net::TcpListener, Router)> {
-        let mut state = self.state();
-        let listener = state
-            .listener
-            .take()
-            .ok_or_else(|| Error::Startup("the HTTP server was not bound".into()))?;
-        let router = std::mem::take(&mut state.router).layer(DefaultBodyLimit::max(max_body));
-        Ok((tokio::net::TcpListener::from_std(listener)?, router))
-    }
-
-    fn address(&self) -> Option<SocketAddr> {
+    /// Where the site listens, once started.
+    pub(crate) fn address(&self) -> Option<SocketAddr> {
         self.state().address
     }
 }
 
-impl RunningService {
-    /// Where the service's HTTP entrypoints are served (`WEB_SERVER_ADDRESS`; port 0 picks a
-    /// free one), while it runs.
-    pub fn web_address(&self) -> Option<SocketAddr> {
-        SITES.get(self.transport()).and_then(|site| site.address())
+#[async_trait]
+impl SharedExtension for WebSite {
+    /// Bind `WEB_SERVER_ADDRESS`.
+    async fn start(&self) -> Result<()> {
+        let address = &self.service.config().web_server_address;
+        let listener = std::net::TcpListener::bind(address)
+            .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+            .map_err(|error| {
+                Error::Startup(format!(
+                    "cannot serve HTTP on {address} (WEB_SERVER_ADDRESS): {error}"
+                ))
+            })?;
+        let mut state = self.state();
+        state.address = Some(listener.local_addr()?);
+        state.listener = Some(listener);
+        Ok(())
+    }
+
+    /// Serve until the service stops, then let running calls finish (at most
+    /// `SHUTDOWN_TIMEOUT`).
+    async fn run(self: Arc<Self>) -> Result<()> {
+        let config = self.service.config();
+        let (listener, router) = {
+            let mut state = self.state();
+            let listener = state
+                .listener
+                .take()
+                .ok_or_else(|| Error::Startup("the HTTP server was not bound".into()))?;
+            let router = std::mem::take(&mut state.router)
+                .layer(DefaultBodyLimit::max(config.max_message_size));
+            (listener, router)
+        };
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        tracing::info!("HTTP server listening on http://{}", listener.local_addr()?);
+        let stopping = self.service.stopping().clone();
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(stopping.clone().cancelled_owned())
+            .into_future();
+        let limit = config.shutdown_timeout;
+        let overrun = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(limit).await;
+        };
+        tokio::select! {
+            served = server => served.map_err(Error::from),
+            () = overrun => {
+                tracing::warn!("HTTP requests still running after SHUTDOWN_TIMEOUT ({limit:?}); closing");
+                Ok(())
+            }
+        }
     }
 }

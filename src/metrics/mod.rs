@@ -53,7 +53,7 @@ fn labelled(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, pr
 
 impl Metrics {
     /// A fresh set of metrics in a new registry.
-    pub fn new() -> Result<Self, prometheus::Error> {
+    pub(crate) fn new() -> Result<Self, prometheus::Error> {
         let route = &["context", "route"];
         let metrics = Metrics {
             registry: Registry::new(),
@@ -114,25 +114,31 @@ impl Metrics {
     }
 
     /// Describe a context (its pool) once at start-up.
-    pub fn context(&self, context: &str, max_workers: usize, worker_mode: &str) {
+    pub(crate) fn context(&self, context: &str, max_workers: usize, worker_mode: &str) {
         self.info.with_label_values(&[context, &max_workers.to_string(), worker_mode]).set(1.0);
         self.available.with_label_values(&[context]).set(gauge(max_workers));
     }
 
     /// A message was delivered to a route.
-    pub fn received(&self, context: &str, route: &str) {
+    pub(crate) fn received(&self, context: &str, route: &str) {
         self.received.with_label_values(&[context, route]).inc();
     }
 
     /// A call started; `available` slots remain in its context.
-    pub fn call_started(&self, context: &str, route: &str, available: usize) {
+    pub(crate) fn call_started(&self, context: &str, route: &str, available: usize) {
         self.running.with_label_values(&[context, route]).inc();
         self.started.with_label_values(&[context, route]).inc();
         self.available.with_label_values(&[context]).set(gauge(available));
     }
 
     /// A call ended after `elapsed`, failed or not; `available` slots remain.
-    pub fn call_finished(&self, context: &str, route: &str, elapsed: Duration, failed: bool) {
+    pub(crate) fn call_finished(
+        &self,
+        context: &str,
+        route: &str,
+        elapsed: Duration,
+        failed: bool,
+    ) {
         self.running.with_label_values(&[context, route]).dec();
         self.duration.with_label_values(&[context, route]).observe(elapsed.as_secs_f64());
         if failed {
@@ -141,12 +147,12 @@ impl Metrics {
     }
 
     /// Free slots of a context changed.
-    pub fn available(&self, context: &str, available: usize) {
+    pub(crate) fn available(&self, context: &str, available: usize) {
         self.available.with_label_values(&[context]).set(gauge(available));
     }
 
     /// How a message's handling ended.
-    pub fn settled(&self, context: &str, route: &str, handled: &Handled) {
+    pub(crate) fn settled(&self, context: &str, route: &str, handled: &Handled) {
         match handled {
             Handled::Retry { .. } => self.retries.with_label_values(&[context, route]).inc(),
             Handled::Failed(_) => self.dead_lettered.with_label_values(&[context, route]).inc(),
@@ -155,19 +161,19 @@ impl Metrics {
     }
 
     /// An in-worker retry.
-    pub fn retried(&self, context: &str, route: &str) {
+    pub(crate) fn retried(&self, context: &str, route: &str) {
         self.retries.with_label_values(&[context, route]).inc();
     }
 
     /// An RPC call made to `service.method` ended with `outcome` (`ok`, or the error kind)
     /// after `elapsed`.
-    pub fn rpc_call(&self, service: &str, method: &str, outcome: &str, elapsed: Duration) {
+    pub(crate) fn rpc_call(&self, service: &str, method: &str, outcome: &str, elapsed: Duration) {
         self.rpc_calls.with_label_values(&[service, method, outcome]).inc();
         self.rpc_duration.with_label_values(&[service, method]).observe(elapsed.as_secs_f64());
     }
 
     /// Set the reconnection count (read from the transport).
-    pub fn set_reconnects(&self, total: u64) {
+    pub(crate) fn set_reconnects(&self, total: u64) {
         let current = self.reconnects.get();
         if total > current {
             self.reconnects.inc_by(total - current);

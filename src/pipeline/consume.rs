@@ -1,57 +1,92 @@
-//! The consume loop shared by queue-based entrypoints: receive, hand to the route, settle,
-//! and stop as the worker mode says.
+//! The one consume loop of every queue-fed entrypoint (events, work queues, RPC): receive,
+//! guard against crash loops, hand each delivery to its handler, consume again after a dropped
+//! consumer, and stop as the worker mode says.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::data::Handled;
-use crate::data::Message;
-use crate::data::{Failure, FailureKind};
+use crate::data::{Failure, FailureKind, Handled, HeaderValue, Message};
 use crate::error::Result;
 use crate::pipeline::settle::settle;
 use crate::pipeline::RouteHandle;
-use crate::transport::{ConsumeOptions, Delivery, HeaderValue, OutgoingMessage, PublishOptions};
-
-/// Decides whether a message is for the route; others are acked and skipped.
-pub(crate) type Accept = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
+use crate::transport::{
+    ConsumeOptions, Delivery, OutgoingMessage, PublishOptions, SharedTransport,
+};
 
 /// Header: how many times a message came back unsettled (classic queues; quorum queues count
 /// in `x-delivery-count`).
 pub const HEADER_REDELIVERIES: &str = "x-mf-redeliveries";
+/// Header of a counted redelivery: the exchange the message was first published to.
+const HEADER_FIRST_EXCHANGE: &str = "x-mf-redelivered-exchange";
+/// Header of a counted redelivery: the routing key the message was first published with.
+const HEADER_FIRST_ROUTING_KEY: &str = "x-mf-redelivered-routing-key";
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
 
-/// Consume `queue` for `route` until the service stops.
+/// What a queue's consumer does with each delivery.
+#[async_trait]
+pub(crate) trait DeliveryHandler: Send + Sync + 'static {
+    /// Handle `delivery` and settle it.
+    async fn handle(&self, delivery: Delivery);
+
+    /// Settle, without handling it, a delivery that came back unsettled more than
+    /// `MAX_REDELIVERIES` times: its handling may crash the worker or the service.
+    async fn refuse(&self, delivery: Delivery, failure: Failure);
+}
+
+/// Where and how to consume.
+#[derive(Clone, Debug)]
+pub(crate) struct QueueSource {
+    /// The broker connection.
+    pub transport: SharedTransport,
+    /// The queue consumed.
+    pub queue: Arc<str>,
+    /// The consumer's prefetch.
+    pub prefetch: u16,
+    /// Fires when the service begins to stop.
+    pub stopping: CancellationToken,
+    /// How long running calls may take to finish once stopping.
+    pub shutdown_timeout: Duration,
+    /// How many unsettled redeliveries a message may have before it is refused.
+    pub max_redeliveries: u32,
+    /// The name used in logs (a route, or the RPC server).
+    pub label: Arc<str>,
+}
+
+/// Consume `source.queue` with `handler` until the service stops.
 ///
-/// On stop: the consumer is cancelled; messages received but not started are handed back
-/// (`thread` modes) or handled (`greedy_*` modes); running calls finish and are settled,
-/// within `SHUTDOWN_TIMEOUT` (past it, unsettled messages go back to the queue when the
-/// connection closes).
-pub(crate) async fn serve_queue(route: RouteHandle, queue: String, accept: Accept) -> Result<()> {
-    let options = ConsumeOptions { prefetch: route.prefetch(), ..ConsumeOptions::default() };
+/// On stop: the consumer is cancelled; deliveries already received are still handed to the
+/// handler (which hands unstarted ones back in `thread` modes, or handles them in `greedy_*`
+/// modes); running handlers get `SHUTDOWN_TIMEOUT` to finish (past it, unsettled messages go
+/// back to the queue when the connection closes).
+pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandler>) -> Result<()> {
+    let options = ConsumeOptions { prefetch: source.prefetch, ..ConsumeOptions::default() };
+    let (queue, label) = (&source.queue, &source.label);
     let tasks = TaskTracker::new();
-    let queue: Arc<str> = queue.into();
-    let mut consumer = route.transport().consume(&queue, options.clone()).await?;
+    let mut consumer = source.transport.consume(queue, options.clone()).await?;
     loop {
         tokio::select! {
             biased;
-            _ = route.stopping().cancelled() => break,
+            _ = source.stopping.cancelled() => break,
             delivery = consumer.next() => match delivery {
                 Some(delivery) => {
-                    tasks.spawn(handle(route.clone(), queue.clone(), delivery, accept.clone()));
+                    tasks.spawn(receive(source.clone(), handler.clone(), delivery));
                 }
                 None => {
-                    tracing::warn!(route = route.name(), "consumer of {queue} ended; consuming again");
+                    tracing::warn!(route = %label, "consumer of {queue} ended; consuming again");
                     tokio::select! {
-                        _ = route.stopping().cancelled() => break,
+                        _ = source.stopping.cancelled() => break,
                         _ = tokio::time::sleep(RECONSUME_PAUSE) => {}
                     }
-                    match route.transport().consume(&queue, options.clone()).await {
+                    match source.transport.consume(queue, options.clone()).await {
                         Ok(next) => consumer = next,
-                        Err(error) => tracing::error!(route = route.name(), "cannot consume {queue}: {error}"),
+                        Err(error) => tracing::error!(route = %label, "cannot consume {queue}: {error}"),
                     }
                 }
             }
@@ -59,65 +94,53 @@ pub(crate) async fn serve_queue(route: RouteHandle, queue: String, accept: Accep
     }
     consumer.cancel();
     while let Ok(Some(delivery)) = tokio::time::timeout(DRAIN_WAIT, consumer.next()).await {
-        tasks.spawn(handle(route.clone(), queue.clone(), delivery, accept.clone()));
+        tasks.spawn(receive(source.clone(), handler.clone(), delivery));
     }
     tasks.close();
-    let limit = route.config().shutdown_timeout;
+    let limit = source.shutdown_timeout;
     if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
         tracing::warn!(
-            route = route.name(),
+            route = %label,
             "calls still running after SHUTDOWN_TIMEOUT ({limit:?}); their messages go back to {queue}"
         );
     }
     Ok(())
 }
 
-async fn handle(route: RouteHandle, queue: Arc<str>, delivery: Delivery, accept: Accept) {
-    let Some(delivery) = guard_crash_loop(&route, &queue, delivery).await else { return };
-    let message = delivery.message();
-    if !accept(&message) {
-        if let Err(error) = delivery.acker.ack().await {
-            tracing::warn!(route = route.name(), "cannot ack a skipped message: {error}");
-        }
-        route.skipped();
-        return;
+async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, delivery: Delivery) {
+    match guard_crash_loop(&source, delivery).await {
+        Guarded::Handle(delivery) => handler.handle(delivery).await,
+        Guarded::Refuse(delivery, failure) => handler.refuse(delivery, failure).await,
+        Guarded::Counted => {}
     }
-    let Some(permit) = route.acquire().await else {
-        if let Err(error) = delivery.acker.nack(true).await {
-            tracing::warn!(route = route.name(), "cannot hand a message back: {error}");
-        }
-        return;
-    };
-    let handled = route.handle(permit, message).await;
-    settle(&route, &queue, delivery, &handled).await;
-    route.settled(&handled);
+}
+
+enum Guarded {
+    Handle(Delivery),
+    Refuse(Delivery, Failure),
+    /// Published again with its count and acked: the copy is handled later.
+    Counted,
 }
 
 /// Count the times a message came back unsettled (its worker or the service died while
-/// handling it) and dead-letter it past `MAX_REDELIVERIES`, so one poison message cannot
+/// handling it) and refuse it past `MAX_REDELIVERIES`, so one poison message cannot
 /// crash-loop the service. Quorum queues count in `x-delivery-count`; on classic queues a
-/// redelivered message is published again (confirmed) with the count in a header, then acked:
-/// the copy is handled later. Returns the delivery to handle now, if any.
-async fn guard_crash_loop(
-    route: &RouteHandle,
-    queue: &str,
-    delivery: Delivery,
-) -> Option<Delivery> {
+/// redelivered message is published again (confirmed) straight to its queue with the count in
+/// a header, then acked.
+async fn guard_crash_loop(source: &QueueSource, mut delivery: Delivery) -> Guarded {
+    restore_first_route(&mut delivery);
     let headers = &delivery.properties.headers;
-    let limit = i64::from(route.config().max_redeliveries);
+    let limit = i64::from(source.max_redeliveries);
     let quorum_count = headers.get("x-delivery-count").and_then(HeaderValue::as_i64);
     let count = match quorum_count {
         Some(count) => count,
-        None if !delivery.redelivered => return Some(delivery),
+        None if !delivery.redelivered => return Guarded::Handle(delivery),
         None => headers
             .get(HEADER_REDELIVERIES)
             .and_then(HeaderValue::as_i64)
             .unwrap_or(0)
             .saturating_add(1),
     };
-    if count <= limit && quorum_count.is_some() {
-        return Some(delivery);
-    }
     if count > limit {
         let failure = Failure::new(
             FailureKind::Crashed,
@@ -127,28 +150,96 @@ async fn guard_crash_loop(
                 count.saturating_add(1)
             ),
         );
-        let handled = Handled::Failed(failure);
-        settle(route, queue, delivery, &handled).await;
-        route.settled(&handled);
-        return None;
+        return Guarded::Refuse(delivery, failure);
+    }
+    if quorum_count.is_some() {
+        return Guarded::Handle(delivery);
     }
     let mut properties = delivery.properties.clone();
-    properties.headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count));
+    let headers = &mut properties.headers;
+    headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count));
+    headers.insert(HEADER_FIRST_EXCHANGE.into(), delivery.exchange.as_str().into());
+    headers.insert(HEADER_FIRST_ROUTING_KEY.into(), delivery.routing_key.as_str().into());
     let copy = OutgoingMessage { body: delivery.body.clone(), properties };
-    let published =
-        route.transport().publish("", queue, copy, PublishOptions { mandatory: true }).await;
-    let settled = match published {
-        Ok(()) => delivery.acker.ack().await,
-        Err(error) => {
-            tracing::warn!(
-                route = route.name(),
-                "cannot count a redelivery ({error}); handling it"
-            );
-            return Some(delivery);
-        }
-    };
-    if let Err(error) = settled {
-        tracing::warn!(route = route.name(), "cannot ack a counted redelivery: {error}");
+    let options = PublishOptions { mandatory: true };
+    if let Err(error) = source.transport.publish("", &source.queue, copy, options).await {
+        tracing::warn!(route = %source.label, "cannot count a redelivery ({error}); handling it");
+        return Guarded::Handle(delivery);
     }
-    None
+    if let Err(error) = delivery.acker.ack().await {
+        tracing::warn!(route = %source.label, "cannot ack a counted redelivery: {error}");
+    }
+    Guarded::Counted
+}
+
+/// A counted copy went straight to its queue: give it back the exchange and routing key it
+/// was first published with, which handlers read (the RPC method, an event's name).
+fn restore_first_route(delivery: &mut Delivery) {
+    let headers = &mut delivery.properties.headers;
+    let first = |headers: &crate::data::Headers, name| {
+        headers.get(name).and_then(HeaderValue::as_str).map(str::to_owned)
+    };
+    if let (Some(exchange), Some(routing_key)) =
+        (first(headers, HEADER_FIRST_EXCHANGE), first(headers, HEADER_FIRST_ROUTING_KEY))
+    {
+        headers.remove(HEADER_FIRST_EXCHANGE);
+        headers.remove(HEADER_FIRST_ROUTING_KEY);
+        delivery.exchange = exchange;
+        delivery.routing_key = routing_key;
+    }
+}
+
+/// Decides whether a message is for the route; others are acked and skipped.
+pub(crate) type Accept = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
+
+/// Consume `queue` for `route` alone (events, work queues): each accepted message is handled
+/// by the route and settled with the broker (ack, retry or dead letter).
+pub(crate) async fn serve_route(route: RouteHandle, queue: String, accept: Accept) -> Result<()> {
+    let source = QueueSource {
+        transport: route.transport().clone(),
+        queue: queue.as_str().into(),
+        prefetch: route.prefetch(),
+        stopping: route.stopping().clone(),
+        shutdown_timeout: route.config().shutdown_timeout,
+        max_redeliveries: route.config().max_redeliveries,
+        label: route.name().into(),
+    };
+    consume(source, Arc::new(RouteQueue { route, queue, accept })).await
+}
+
+struct RouteQueue {
+    route: RouteHandle,
+    queue: String,
+    accept: Accept,
+}
+
+#[async_trait]
+impl DeliveryHandler for RouteQueue {
+    async fn handle(&self, delivery: Delivery) {
+        let route = &self.route;
+        let message = delivery.message();
+        if !(self.accept)(&message) {
+            if let Err(error) = delivery.acker.ack().await {
+                tracing::warn!(route = route.name(), "cannot ack a skipped message: {error}");
+            }
+            route.skipped();
+            return;
+        }
+        let Some(permit) = route.acquire().await else {
+            if let Err(error) = delivery.acker.nack(true).await {
+                tracing::warn!(route = route.name(), "cannot hand a message back: {error}");
+            }
+            return;
+        };
+        let handled = route.handle(permit, message).await;
+        settle(route, &self.queue, delivery, &handled).await;
+        route.settled(&handled);
+    }
+
+    /// Dead-letter the message with the reason.
+    async fn refuse(&self, delivery: Delivery, failure: Failure) {
+        let handled = Handled::Failed(failure);
+        settle(&self.route, &self.queue, delivery, &handled).await;
+        self.route.settled(&handled);
+    }
 }

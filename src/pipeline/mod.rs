@@ -8,10 +8,12 @@ pub mod retry;
 mod route_handle;
 pub mod routes;
 pub mod settle;
+mod shared;
 pub mod spawners;
 mod stats;
 
 pub use entrypoint::Entrypoint;
 pub use route_handle::RouteHandle;
 pub(crate) use route_handle::ServiceEnv;
+pub use shared::SharedExtension;
 pub use stats::RouteStats;

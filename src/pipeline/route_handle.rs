@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
 
 use crate::config::Config;
@@ -49,7 +50,7 @@ struct RouteRuntime {
     stats: RouteStats,
     state: ServiceState,
     metrics: Metrics,
-    topology_only: bool,
+    extensions: SharedExtensions,
 }
 
 /// What the routes of one service share.
@@ -60,21 +61,24 @@ pub(crate) struct ServiceEnv {
     pub stopping: CancellationToken,
     pub state: ServiceState,
     pub metrics: Metrics,
-    /// Set up only to read the topology ([`Runner::topology`](crate::Runner::topology)).
-    pub topology_only: bool,
+    /// The shared extensions its routes made during set-up, for the runner to start.
+    pub extensions: SharedExtensions,
 }
 
 impl ServiceEnv {
     pub(crate) fn new(config: Arc<Config>, transport: SharedTransport) -> crate::Result<Self> {
         let metrics = Metrics::new()
             .map_err(|error| crate::Error::Startup(format!("cannot create metrics: {error}")))?;
+        // In the service's state too, for what calls record (RPC client timings).
+        let state = ServiceState::default();
+        state.get_or_insert_with(|| metrics.clone());
         Ok(ServiceEnv {
             config,
             transport,
             stopping: CancellationToken::new(),
-            state: ServiceState::default(),
+            state,
             metrics,
-            topology_only: false,
+            extensions: SharedExtensions::default(),
         })
     }
 }
@@ -98,15 +102,21 @@ impl RouteHandle {
                 stats: RouteStats::default(),
                 state: env.state.clone(),
                 metrics: env.metrics.clone(),
-                topology_only: env.topology_only,
+                extensions: env.extensions.clone(),
             }),
         }
     }
 
-    /// True when the service is only set up to read its topology: entrypoints declare what
-    /// they need on the broker but bind no socket and start nothing.
-    pub fn is_topology_only(&self) -> bool {
-        self.inner.topology_only
+    /// The service's shared extension of type `T`, made with `make` by the first route that
+    /// asks (during set-up). The runner starts and runs it once every route is set up.
+    pub fn shared_extension<T: SharedExtension>(&self, make: impl FnOnce() -> T) -> Arc<T> {
+        let mut made = self.inner.extensions.lock();
+        if let Some(extension) = self.inner.state.get::<T>() {
+            return extension;
+        }
+        let extension = self.inner.state.get_or_insert_with(make);
+        SharedExtensions::add(&mut made, extension.clone());
+        extension
     }
 
     /// The values shared by every route and call of this service instance.
@@ -135,7 +145,7 @@ impl RouteHandle {
     }
 
     /// The worker pool this route runs in.
-    pub fn pool(&self) -> &WorkerPool {
+    pub(crate) fn pool(&self) -> &WorkerPool {
         &self.inner.pool
     }
 
@@ -252,7 +262,7 @@ impl RouteHandle {
 
     /// Run one function of the route on `message` as a first attempt: the unit of work a
     /// worker does.
-    pub async fn execute(
+    pub(crate) async fn execute(
         &self,
         role: TargetRole,
         message: Message,
@@ -344,7 +354,6 @@ impl RouteHandle {
             dependencies: Arc::default(),
             state: route.state.clone(),
             retry,
-            metrics: route.metrics.clone(),
         };
         let mut values = DependencyValues::default();
         for dependency in &route.dependencies {

@@ -19,6 +19,7 @@ use crate::data::TargetRole;
 use crate::error::{Error, Result};
 use crate::handler::dependencies::{self, Dependency, SetupContext, SharedDependency};
 use crate::handler::extract::TargetSetup;
+use crate::handler::ServiceState;
 use crate::metrics::Metrics;
 use crate::pipeline::routes::Route;
 use crate::pipeline::spawners::process::{worker_socket, ProcessPool, WorkerLink};
@@ -94,16 +95,19 @@ impl Runner {
         let (config, plans) = self.prepare()?;
         let memory = crate::transport::connect(&config).await?;
         let recorder = Arc::new(Recorder::new(memory.clone(), &config.service_name));
-        let env = ServiceEnv {
-            topology_only: true,
-            ..ServiceEnv::new(config.clone(), recorder.clone())?
-        };
+        // Shared extensions (servers, consumers) are made by the set-ups but never started.
+        let env = ServiceEnv::new(config.clone(), recorder.clone())?;
+        let mut set_up = Ok(());
         for RoutePlan { mut route, pool } in plans {
             let Some(mut entrypoint) = route.entrypoint.take() else { continue };
-            entrypoint.setup(&RouteHandle::new(route, pool, &env)).await?;
+            set_up = entrypoint.setup(&RouteHandle::new(route, pool, &env)).await;
+            if set_up.is_err() {
+                break;
+            }
         }
+        env.state.clear();
         memory.close().await;
-        Ok(recorder.topology())
+        set_up.map(|()| recorder.topology())
     }
 
     /// Run the service on the current runtime until SIGINT or SIGTERM, then stop it
@@ -309,16 +313,20 @@ async fn start_routes(
     let env = ServiceEnv::new(config.clone(), transport.clone())?;
     let all_dependencies = set_up_dependencies(&plans, config).await?;
     let processes = start_processes(&plans, config, &transport).await?;
-    let mut started = Vec::new();
-    for RoutePlan { mut route, pool } in plans {
-        env.metrics.context(pool.context(), pool.size(), pool.mode().as_str());
-        let Some(mut entrypoint) = route.entrypoint.take() else { continue };
-        let handle = RouteHandle::new(route, pool, &env);
-        entrypoint.setup(&handle).await?;
-        tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
-        started.push((handle, entrypoint));
-    }
+    let started = match set_up_routes(plans, &env).await {
+        Ok(started) => started,
+        Err(error) => {
+            env.state.clear();
+            for pool in &processes {
+                pool.shutdown().await;
+            }
+            return Err(error);
+        }
+    };
     let mut tasks = JoinSet::new();
+    for (name, extension) in env.extensions.take() {
+        tasks.spawn(async move { (name.to_owned(), extension.run().await) });
+    }
     let mut routes = BTreeMap::new();
     for (handle, entrypoint) in started {
         routes.insert(handle.name().to_owned(), handle.clone());
@@ -351,6 +359,7 @@ async fn start_routes(
     let supervisor =
         tokio::spawn(supervise(tasks, env.clone(), all_dependencies, processes, stopped));
     Ok(RunningService {
+        state: env.state.clone(),
         stopping: env.stopping,
         routes,
         transport,
@@ -358,6 +367,27 @@ async fn start_routes(
         metrics_address,
         supervisor: Some(supervisor),
     })
+}
+
+/// Set up every route's entrypoint, then start the shared extensions they made.
+async fn set_up_routes(
+    plans: Vec<RoutePlan>,
+    env: &ServiceEnv,
+) -> Result<Vec<(RouteHandle, Box<dyn crate::pipeline::Entrypoint>)>> {
+    let mut started = Vec::new();
+    for RoutePlan { mut route, pool } in plans {
+        env.metrics.context(pool.context(), pool.size(), pool.mode().as_str());
+        let Some(mut entrypoint) = route.entrypoint.take() else { continue };
+        let handle = RouteHandle::new(route, pool, env);
+        entrypoint.setup(&handle).await?;
+        tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
+        started.push((handle, entrypoint));
+    }
+    let extensions = env.extensions.lock().clone();
+    for (_, extension) in extensions {
+        extension.start().await?;
+    }
+    Ok(started)
 }
 
 /// Set up every dependency of the planned routes once (a runner-level dependency is shared
@@ -451,7 +481,10 @@ async fn supervise(
     for pool in &processes {
         pool.shutdown().await;
     }
-    crate::amqp::rpc::ReplyListener::delete_queue_of(&env.transport).await;
+    if let Some(replies) = env.state.get::<crate::amqp::rpc::ReplyListener>() {
+        replies.delete_queue(&env.transport).await;
+    }
+    env.state.clear();
     env.transport.close().await;
     stopped.cancel();
     tracing::info!("service stopped");
@@ -461,6 +494,7 @@ async fn supervise(
 /// A service started with [`Runner::spawn`].
 #[derive(Debug)]
 pub struct RunningService {
+    state: ServiceState,
     stopping: CancellationToken,
     routes: BTreeMap<String, RouteHandle>,
     transport: SharedTransport,
@@ -504,7 +538,13 @@ impl RunningService {
     /// Where the WebSocket entrypoints listen (`WEBSOCKET_IP:WEBSOCKET_PORT`; with port 0 the
     /// port the system picked), while the service runs and has any.
     pub fn websocket_address(&self) -> Option<SocketAddr> {
-        crate::websocket::address_of(&self.transport)
+        self.state.get::<crate::websocket::WebSocketServer>()?.address()
+    }
+
+    /// Where the service's HTTP entrypoints are served (`WEB_SERVER_ADDRESS`; port 0 picks a
+    /// free one), while it runs.
+    pub fn web_address(&self) -> Option<SocketAddr> {
+        self.state.get::<crate::http::WebSite>()?.address()
     }
 
     /// Begin a graceful stop without waiting for it.

@@ -1,7 +1,7 @@
 //! Cluster-wide leadership for timers: the instance holding the exclusive consumer of a
 //! queue leads; when it dies its connection closes and another instance takes over.
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 
 use crate::pipeline::RouteHandle;
 use crate::transport::{ConsumeOptions, Consumer, HeaderValue, QueueSpec, TransportError};

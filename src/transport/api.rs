@@ -240,10 +240,11 @@ impl Delivery {
     }
 }
 
-/// A stream of deliveries from one queue.
+/// A stream of deliveries from one queue: a [`futures::Stream`] that ends once the consumer
+/// is cancelled (by us or the broker) or its connection is lost.
 ///
-/// Deliveries arrive through [`Consumer::next`]. [`Consumer::cancel`] stops new deliveries
-/// (`basic.cancel`); deliveries already handed out stay valid until settled.
+/// [`Consumer::cancel`] stops new deliveries (`basic.cancel`); deliveries already received
+/// are still yielded, and stay valid until settled.
 pub struct Consumer {
     deliveries: mpsc::Receiver<Delivery>,
     canceller: Option<Box<dyn FnOnce() + Send>>,
@@ -266,18 +267,23 @@ impl Consumer {
         &self.tag
     }
 
-    /// The next delivery, or `None` once the consumer is cancelled (by us or the broker)
-    /// or its connection is lost.
-    pub async fn next(&mut self) -> Option<Delivery> {
-        self.deliveries.recv().await
-    }
-
-    /// Stop new deliveries. Deliveries already buffered are still returned by
-    /// [`Consumer::next`] until it yields `None`.
+    /// Stop new deliveries. Deliveries already buffered are still yielded before the stream
+    /// ends.
     pub fn cancel(&mut self) {
         if let Some(cancel) = self.canceller.take() {
             cancel();
         }
+    }
+}
+
+impl futures::Stream for Consumer {
+    type Item = Delivery;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Delivery>> {
+        self.deliveries.poll_recv(cx)
     }
 }
 

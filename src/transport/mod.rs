@@ -3,7 +3,6 @@
 //! A transport knows messages, queues and exchanges; nothing of routes or protocols.
 
 mod api;
-pub(crate) mod connection_local;
 pub mod limits;
 pub mod memory;
 pub mod rabbitmq;

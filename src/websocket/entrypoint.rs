@@ -1,15 +1,11 @@
 //! [`WebSocketEntrypoint`]: serve a route as a WebSocket RPC command.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
-use crate::transport::SharedTransport;
-use crate::websocket::registry::WsRegistry;
-use crate::websocket::server::serve;
+use crate::websocket::server::WebSocketServer;
 
 /// Serves the route's target as the WebSocket RPC command `{route name}` (the Python
 /// original's `WebSocketEntrypoint`).
@@ -35,34 +31,7 @@ use crate::websocket::server::serve;
 /// ```
 #[derive(Debug, Default)]
 pub struct WebSocketEntrypoint {
-    registration: Option<Registration>,
-}
-
-/// A command registered at set-up. Dropped before the entrypoint runs (the service did not
-/// start, or only its topology was read), it unregisters the command, and the last one
-/// closes the socket; once running, the server's end forgets the whole registry.
-#[derive(Debug)]
-struct Registration {
-    registry: Arc<WsRegistry>,
-    transport: Option<SharedTransport>,
-    command: String,
-}
-
-impl Registration {
-    /// The registry, kept for good: the server forgets it when it stops, which may be before
-    /// another entrypoint of the service first runs.
-    fn keep(mut self) -> Arc<WsRegistry> {
-        self.transport = None;
-        self.registry.clone()
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        if let Some(transport) = self.transport.take() {
-            WsRegistry::unregister(&transport, &self.command);
-        }
-    }
+    _private: (),
 }
 
 impl WebSocketEntrypoint {
@@ -79,38 +48,14 @@ impl Entrypoint for WebSocketEntrypoint {
     }
 
     async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
-        let registry = WsRegistry::of(route.transport());
-        if !route.is_topology_only() {
-            let address = registry.bind(route.config())?;
-            tracing::info!(
-                route = route.name(),
-                "serving WebSocket command {} on ws://{address}",
-                route.name()
-            );
-        }
-        registry.register(route.clone());
-        self.registration = Some(Registration {
-            registry,
-            transport: Some(route.transport().clone()),
-            command: route.name().to_owned(),
-        });
+        let server = route.shared_extension(|| WebSocketServer::new(route.clone()));
+        server.register(route.clone());
+        tracing::info!(route = route.name(), "serving WebSocket command {}", route.name());
         Ok(())
     }
 
-    async fn run(mut self: Box<Self>, route: RouteHandle) -> Result<()> {
-        let registration = self
-            .registration
-            .take()
-            .ok_or_else(|| Error::Startup(format!("{} was not set up", self.describe())))?;
-        let registry = registration.keep();
-        if !registry.claim_server() {
-            // another WebSocket route of the service serves the socket for this one too
-            route.stopping().cancelled().await;
-            return Ok(());
-        }
-        let listener = registry
-            .take_listener()
-            .ok_or_else(|| Error::Startup("the WebSocket socket was not bound".into()))?;
-        serve(registry, route, listener).await
+    /// The service's [`WebSocketServer`] serves every WebSocket route.
+    async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
+        Ok(())
     }
 }

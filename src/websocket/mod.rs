@@ -71,12 +71,10 @@
 //! fn add(Args(Add { a, b }): Args<Add>) -> i64 { a + b }
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = Config {
-//!     amqp_uri: "memory://".into(),
-//!     websocket_ip: "127.0.0.1".into(),
-//!     websocket_port: 0,
-//!     ..Config::new("math")
-//! };
+//! let config = Config::new("math")
+//!     .with_amqp_uri("memory://".into())
+//!     .with_websocket_ip("127.0.0.1".into())
+//!     .with_websocket_port(0);
 //! let routes = vec![Route::new(add).entrypoint(WebSocketEntrypoint::new())];
 //! let service = Runner::new(routes, config).spawn().await?;
 //!
@@ -97,7 +95,6 @@ mod frames;
 mod registry;
 mod server;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -107,7 +104,7 @@ pub use entrypoint::WebSocketEntrypoint;
 pub use error::WebSocketRpcError;
 pub use frames::RemoteError;
 
-use crate::transport::SharedTransport;
+pub(crate) use server::WebSocketServer;
 
 /// The largest frame (and message) read, in bytes: 1 MiB, the Python server's default.
 pub const MAX_FRAME_SIZE: usize = 1 << 20;
@@ -124,9 +121,4 @@ fn frame_limits() -> WebSocketConfig {
         .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(MAX_FRAME_SIZE))
         .max_frame_size(Some(MAX_FRAME_SIZE))
-}
-
-/// Where the service connected through `transport` listens, if it serves WebSocket commands.
-pub(crate) fn address_of(transport: &SharedTransport) -> Option<SocketAddr> {
-    registry::WsRegistry::address_of(transport)
 }

@@ -1,53 +1,113 @@
-//! The WebSocket server of a service instance: accept connections until the service stops,
-//! then let every connection finish its calls.
+//! [`WebSocketServer`]: the WebSocket server of a service instance, shared by its WebSocket
+//! routes: it listens once every route is set up, accepts connections until the service stops,
+//! then lets every connection finish its calls.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
-use crate::pipeline::RouteHandle;
+use crate::pipeline::{RouteHandle, SharedExtension};
 use crate::websocket::connection::serve_client;
 use crate::websocket::registry::WsRegistry;
 
 /// How long to wait after a failed `accept` (out of file descriptors, say) before the next.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// Serve `listener` for every command of `registry` until the service stops; `route` is the
-/// route whose entrypoint runs the server. Running calls get `SHUTDOWN_TIMEOUT` to finish.
-pub(crate) async fn serve(
+/// The WebSocket server of one service instance and the commands it serves.
+#[derive(Debug)]
+pub(crate) struct WebSocketServer {
+    /// The route that made the server: its config and stop token are the service's.
+    service: RouteHandle,
     registry: Arc<WsRegistry>,
-    route: RouteHandle,
-    listener: std::net::TcpListener,
-) -> Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)
-        .map_err(|error| Error::Startup(format!("cannot serve WebSocket connections: {error}")))?;
-    let stopping = route.stopping().clone();
-    let connections = TaskTracker::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = stopping.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    connections.spawn(serve_client(registry.clone(), stream, peer, stopping.clone()));
-                }
-                Err(error) => {
-                    tracing::warn!("cannot accept a WebSocket connection: {error}");
-                    tokio::time::sleep(ACCEPT_PAUSE).await;
+    socket: Mutex<Socket>,
+}
+
+#[derive(Debug, Default)]
+struct Socket {
+    listener: Option<std::net::TcpListener>,
+    address: Option<SocketAddr>,
+}
+
+impl WebSocketServer {
+    /// The server of `service`'s instance, serving no command yet.
+    pub(crate) fn new(service: RouteHandle) -> Self {
+        WebSocketServer { service, registry: Arc::default(), socket: Mutex::default() }
+    }
+
+    fn socket(&self) -> MutexGuard<'_, Socket> {
+        self.socket.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Serve `route` as the command named after it.
+    pub(crate) fn register(&self, route: RouteHandle) {
+        self.registry.register(route);
+    }
+
+    /// Where the server listens, once started.
+    pub(crate) fn address(&self) -> Option<SocketAddr> {
+        self.socket().address
+    }
+}
+
+#[async_trait]
+impl SharedExtension for WebSocketServer {
+    /// Listen on `WEBSOCKET_IP:WEBSOCKET_PORT`.
+    async fn start(&self) -> Result<()> {
+        let config = self.service.config();
+        let (ip, port) = (config.websocket_ip.as_str(), config.websocket_port);
+        let cannot = |error: std::io::Error| {
+            Error::Startup(format!(
+                "cannot listen for WebSocket connections on {ip}:{port} \
+                 (WEBSOCKET_IP, WEBSOCKET_PORT): {error}"
+            ))
+        };
+        let listener = std::net::TcpListener::bind((ip, port)).map_err(cannot)?;
+        listener.set_nonblocking(true).map_err(cannot)?;
+        let address = listener.local_addr().map_err(cannot)?;
+        tracing::info!("serving WebSocket commands on ws://{address}");
+        *self.socket() = Socket { listener: Some(listener), address: Some(address) };
+        Ok(())
+    }
+
+    /// Accept connections until the service stops; running calls then get
+    /// `SHUTDOWN_TIMEOUT` to finish.
+    async fn run(self: Arc<Self>) -> Result<()> {
+        let listener = self
+            .socket()
+            .listener
+            .take()
+            .ok_or_else(|| Error::Startup("the WebSocket socket was not bound".into()))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let stopping = self.service.stopping().clone();
+        let connections = TaskTracker::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopping.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let registry = self.registry.clone();
+                        connections.spawn(serve_client(registry, stream, peer, stopping.clone()));
+                    }
+                    Err(error) => {
+                        tracing::warn!("cannot accept a WebSocket connection: {error}");
+                        tokio::time::sleep(ACCEPT_PAUSE).await;
+                    }
                 }
             }
         }
+        drop(listener);
+        connections.close();
+        let limit = self.service.config().shutdown_timeout;
+        if tokio::time::timeout(limit, connections.wait()).await.is_err() {
+            tracing::warn!(
+                "WebSocket calls still running after SHUTDOWN_TIMEOUT ({limit:?}); their clients get no reply"
+            );
+        }
+        Ok(())
     }
-    drop(listener);
-    connections.close();
-    let limit = route.config().shutdown_timeout;
-    if tokio::time::timeout(limit, connections.wait()).await.is_err() {
-        tracing::warn!(
-            "WebSocket calls still running after SHUTDOWN_TIMEOUT ({limit:?}); their clients get no reply"
-        );
-    }
-    WsRegistry::forget(route.transport());
-    Ok(())
 }

@@ -42,7 +42,7 @@ pub fn rabbitmq_uri() -> Option<String> {
 
 /// A config for a uniquely named service (so queues never collide between tests).
 pub fn config(uri: &str, service: &str) -> Config {
-    Config { amqp_uri: uri.to_owned(), ..Config::new(unique(service)) }
+    Config::new(unique(service)).with_amqp_uri(uri.to_owned())
 }
 
 /// `prefix` with a random suffix: exchange and service names that no other test shares.
@@ -133,7 +133,7 @@ pub async fn cleanup(uri: &str, markers: &[String]) {
             .filter(|name| markers.iter().any(|marker| name.contains(marker.as_str())))
             .collect()
     };
-    let config = Config { amqp_uri: uri.to_owned(), ..Config::new("cleanup") };
+    let config = Config::new("cleanup").with_amqp_uri(uri.to_owned());
     let transport = micro_framework::transport::connect(&config).await.expect("cleanup connects");
     for queue in list("list_queues") {
         transport.delete_queue(&queue).await.expect("queue deleted");

@@ -4,7 +4,7 @@
 //! `whoami` dispatches `{id, pid}` as event `pid` through its `Producer` (from the worker
 //! process, so through the service), `crash` aborts, `panics` panics, `spin` loops forever,
 //! `sigkill` kills its own process, `callrpc` calls this service's RPC method `echo` (served in
-//! thread mode) from the worker and reports like `whoami`. Route `collect` (thread mode) prints each `pid` event as a
+//! thread mode, like `abort_rpc`, which aborts the service) from the worker and reports like `whoami`. Route `collect` (thread mode) prints each `pid` event as a
 //! JSON line `{"whoami": id, "pid": worker pid, "service_pid": ...}`. `GET /whoami/{id}` (on
 //! `WEB_SERVER_ADDRESS`, default a free loopback port) answers from a worker process.
 //!
@@ -70,6 +70,11 @@ fn crash(Payload(_): Payload<Value>) {
     std::process::abort();
 }
 
+/// RPC method `abort_rpc`: aborts the whole service (it runs in thread mode).
+fn abort_rpc(Args(()): Args<()>) {
+    std::process::abort();
+}
+
 fn panics(Payload(_): Payload<Value>) {
     panic!("this target panics");
 }
@@ -113,11 +118,12 @@ fn main() -> micro_framework::Result<()> {
     let collector = vec![
         Route::new(collect).entrypoint(EventListener::new(service.clone(), "pid")),
         Route::new(echo).entrypoint(RPCListener::new()),
+        Route::new(abort_rpc).entrypoint(RPCListener::new()),
     ];
     if std::env::var(WORKER_SOCKET_ENV).is_err() {
         drive(config.clone());
     }
-    Runner::new(collector, Config { worker_mode: WorkerMode::Thread, ..config })
+    Runner::new(collector, config.with_worker_mode(WorkerMode::Thread))
         .context(RunnerContext::new(workers).worker_mode(mode).metric_label("workers"))
         .start()
 }
@@ -133,22 +139,28 @@ fn drive(config: Config) {
     std::thread::spawn(move || -> micro_framework::Result<()> {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async {
-            tokio::time::sleep(Duration::from_millis(500)).await;
             let transport = micro_framework::transport::connect(&config).await?;
-            let source = Config { service_name: source_of(&config.service_name), ..config.clone() };
+            let source = config.clone().with_service_name(source_of(&config.service_name));
             let producer = Producer::new(transport.clone(), &source);
             let scenario = std::env::var("SCENARIO").unwrap_or_default();
+            let queue_of = |route: &str| {
+                format!("evt-{}-{route}--{}.{route}", source_of(&config.service_name), config.service_name)
+            };
+            // Events sent before the service consumes would reach no queue: wait for it.
+            for _ in 0..600 {
+                let consumed = transport.queue_info(&queue_of("slow")).await;
+                if consumed.is_ok_and(|info| info.consumer_count > 0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             for step in scenario.split(',').filter(|step| !step.is_empty()) {
                 let (route, id) = step.split_once(':').unwrap_or((step, "0"));
                 producer.dispatch(route, &json!({ "id": id })).await?;
                 if std::env::var("BURST").is_ok() {
                     continue;
                 }
-                let queue = format!(
-                    "evt-{}-{route}--{}.{route}",
-                    source_of(&config.service_name),
-                    config.service_name
-                );
+                let queue = queue_of(route);
                 // Wait until the message left its queue and was settled one way or another.
                 for _ in 0..600 {
                     tokio::time::sleep(Duration::from_millis(50)).await;

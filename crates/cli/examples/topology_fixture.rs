@@ -18,7 +18,7 @@ fn ping() -> &'static str {
 fn main() -> micro_framework::Result<()> {
     let amqp_uri = std::env::var("AMQP_URI")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".to_owned());
-    let config = Config { amqp_uri, ..Config::new("topology_fixture") };
+    let config = Config::new("topology_fixture").with_amqp_uri(amqp_uri);
     let routes = vec![
         Route::new(on_paid).entrypoint(EventListener::new("shop", "paid")),
         Route::new(ping).entrypoint(RPCListener::new()),

@@ -97,7 +97,7 @@ fn unique(prefix: &str) -> String {
 }
 
 fn config(uri: &str, service: &str) -> Config {
-    Config { amqp_uri: uri.to_owned(), ..Config::new(service) }
+    Config::new(service).with_amqp_uri(uri.to_owned())
 }
 
 async fn connect(uri: &str) -> SharedTransport {
@@ -332,7 +332,7 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
 async fn dlq_body(uri: String, source: String, service: String, queue: String, dlq: String) {
     let routes = vec![Route::new(always_fails).entrypoint(EventListener::new(&source, "paid"))];
     // one worker: dead letters arrive in the order of the events
-    let one_at_a_time = Config { max_workers: 1, ..config(&uri, &service) };
+    let one_at_a_time = config(&uri, &service).with_max_workers(1);
     let running = TestService::start(routes, one_at_a_time).await.unwrap();
     for id in 0..3 {
         running.dispatch(&source, "paid", &json!({ "id": id })).await.unwrap();

@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::amqp::rpc::{Caller, ReplyListener, RpcError, RpcReply};
 use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::WorkerContext;
+use crate::metrics::Metrics;
 
 /// Calls RPC methods, as a target's parameter. Requests carry the call's context headers, so
 /// the callee's call-id stack continues the caller's. Replies come back on one reply queue
@@ -132,10 +133,13 @@ impl ServiceProxy {
 impl FromContext for RpcProxy {
     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
         let transport = ctx.transport().clone();
-        let listener = ReplyListener::of(&transport, ctx.service_name());
-        Ok(RpcProxy::new(
-            Caller::new(transport, listener, ctx.config(), ctx.call().outgoing_headers())
-                .with_metrics(ctx.metrics.clone()),
-        ))
+        let state = ctx.service_state();
+        let listener = state.get_or_insert_with(|| ReplyListener::new(ctx.service_name()));
+        let mut caller =
+            Caller::new(transport, listener, ctx.config(), ctx.call().outgoing_headers());
+        if let Some(metrics) = state.get::<Metrics>() {
+            caller = caller.with_metrics(Metrics::clone(&metrics));
+        }
+        Ok(RpcProxy::new(caller))
     }
 }

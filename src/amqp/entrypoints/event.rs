@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::amqp::naming::{dead_letter_queue, event_exchange, event_queue, HandlerType};
 use crate::data::Message;
 use crate::error::Result;
-use crate::pipeline::consume::{serve_queue, Accept};
+use crate::pipeline::consume::{serve_route, Accept};
 use crate::pipeline::settle::declare_retry_topology;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
@@ -130,6 +130,6 @@ impl Entrypoint for EventListener {
                 Err(_) => true,
             }),
         };
-        serve_queue(route, queue, accept).await
+        serve_route(route, queue, accept).await
     }
 }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use crate::amqp::naming::{dead_letter_queue, work_queue};
 use crate::data::Message;
 use crate::error::Result;
-use crate::pipeline::consume::serve_queue;
+use crate::pipeline::consume::serve_route;
 use crate::pipeline::settle::declare_retry_topology;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
@@ -80,6 +80,6 @@ impl Entrypoint for QueueListener {
     }
 
     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
-        serve_queue(route, self.queue, Arc::new(|_: &Message| true)).await
+        serve_route(route, self.queue, Arc::new(|_: &Message| true)).await
     }
 }

@@ -3,11 +3,10 @@
 use async_trait::async_trait;
 
 use crate::amqp::rpc::naming::{rpc_binding, rpc_exchange, rpc_queue};
-use crate::amqp::rpc::{serve, RpcRegistry};
+use crate::amqp::rpc::RpcServer;
 use crate::error::Result;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
-use crate::transport::SharedTransport;
 
 /// Serves the route's target as the RPC method `{route name}` of the service.
 ///
@@ -34,31 +33,7 @@ use crate::transport::SharedTransport;
 /// ```
 #[derive(Debug, Default)]
 pub struct RPCListener {
-    queue: Option<String>,
-    registration: Option<Registration>,
-}
-
-/// A method registered at set-up. Dropped before the entrypoint runs (the service did not
-/// start, or only its topology was read), it unregisters the method; once running, the
-/// consumer's end forgets the whole registry.
-#[derive(Debug)]
-struct Registration {
-    transport: Option<SharedTransport>,
-    method: String,
-}
-
-impl Registration {
-    fn keep(mut self) {
-        self.transport = None;
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        if let Some(transport) = self.transport.take() {
-            RpcRegistry::unregister(&transport, &self.method);
-        }
-    }
+    _private: (),
 }
 
 impl RPCListener {
@@ -81,11 +56,8 @@ impl Entrypoint for RPCListener {
         transport.declare_exchange(&rpc_exchange(config)).await?;
         transport.declare_queue(&queue).await?;
         transport.bind_queue(&rpc_binding(config)).await?;
-        RpcRegistry::of(transport).register(route.clone());
-        self.registration = Some(Registration {
-            transport: Some(transport.clone()),
-            method: route.name().to_owned(),
-        });
+        let server = route.shared_extension(|| RpcServer::new(route.clone(), queue.name.clone()));
+        server.register(route.clone());
         tracing::info!(
             route = route.name(),
             "serving RPC method {}.{} on queue {}",
@@ -93,25 +65,11 @@ impl Entrypoint for RPCListener {
             route.name(),
             queue.name
         );
-        self.queue = Some(queue.name);
         Ok(())
     }
 
-    async fn run(mut self: Box<Self>, route: RouteHandle) -> Result<()> {
-        if let Some(registration) = self.registration.take() {
-            registration.keep();
-        }
-        let queue = self
-            .queue
-            .clone()
-            .ok_or_else(|| crate::Error::Startup(format!("{} was not set up", self.describe())))?;
-        let registry = RpcRegistry::of(route.transport());
-        if registry.claim_consumer() {
-            serve(registry, route, queue).await
-        } else {
-            // another RPC route of the service consumes the queue for this one too
-            route.stopping().cancelled().await;
-            Ok(())
-        }
+    /// The service's [`RpcServer`] consumes the request queue for every RPC route.
+    async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
+        Ok(())
     }
 }

@@ -38,7 +38,7 @@ pub struct Client {
 impl Client {
     /// Connect to `config.amqp_uri`. The reply queue is declared on the first call.
     pub async fn connect(config: &Config) -> Result<Client> {
-        let config = Config { service_name: STANDALONE_SERVICE.to_owned(), ..config.clone() };
+        let config = config.clone().with_service_name(STANDALONE_SERVICE.to_owned());
         let transport = crate::transport::connect(&config).await?;
         let listener = Arc::new(ReplyListener::new(STANDALONE_SERVICE));
         Ok(Client { caller: Caller::new(transport, listener, &config, Headers::new()) })

@@ -1,4 +1,4 @@
-//! RPC, wire-compatible with Nameko 2.14 (protocol.md section 3).
+//! RPC, wire-compatible with Nameko 2.14.
 //!
 //! - Serving: a route with the [`RPCListener`](crate::amqp::entrypoints::RPCListener)
 //!   entrypoint is the RPC method `{route name}` of the service; its target takes the
@@ -39,7 +39,6 @@ mod field_names;
 mod fuzz;
 pub mod naming;
 mod pending;
-mod registry;
 mod replies;
 mod server;
 mod wire;
@@ -51,6 +50,5 @@ pub use pending::RpcReply;
 pub use wire::RemoteException;
 
 pub(crate) use caller::Caller;
-pub(crate) use registry::RpcRegistry;
 pub(crate) use replies::ReplyListener;
-pub(crate) use server::serve;
+pub(crate) use server::RpcServer;

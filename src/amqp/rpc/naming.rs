@@ -1,4 +1,4 @@
-//! Names and flags of the RPC exchange and queues (protocol.md section 3).
+//! Names and flags of the RPC exchange and queues, as Nameko declares them.
 
 use crate::amqp::naming::work_queue;
 use crate::config::Config;

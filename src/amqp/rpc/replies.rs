@@ -5,16 +5,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use futures::StreamExt;
 use tokio::sync::oneshot;
 
 use crate::amqp::rpc::naming::reply_queue;
 use crate::amqp::rpc::wire::{parse_reply, RemoteException};
-use crate::transport::connection_local::ConnectionLocal;
 use crate::transport::{
     BindingSpec, ConsumeOptions, Consumer, ExchangeSpec, Headers, SharedTransport, TransportError,
 };
-
-static LISTENERS: ConnectionLocal<ReplyListener> = ConnectionLocal::new();
 
 /// How many replies the reply consumer may hold unacknowledged.
 const REPLY_PREFETCH: u16 = 1000;
@@ -26,8 +24,8 @@ pub(crate) const MAX_PENDING_CALLS: usize = 65_536;
 /// What a reply carries: the result or the remote error; `Err` when it was unreadable.
 pub(crate) type ReplyOutcome = Result<Result<serde_json::Value, RemoteException>, String>;
 
-/// The reply queue of one caller (a service instance or a standalone client), set up on
-/// first use and again if its consumer ends.
+/// The reply queue of one caller (a service instance, kept in its `ServiceState`, or a
+/// standalone client), set up on first use and again if its consumer ends.
 #[derive(Debug)]
 pub(crate) struct ReplyListener {
     service: String,
@@ -38,11 +36,6 @@ impl ReplyListener {
     /// A listener for `service`'s calls (queue `rpc.reply-{service}-{uuid}`).
     pub(crate) fn new(service: &str) -> Self {
         ReplyListener { service: service.to_owned(), active: tokio::sync::Mutex::default() }
-    }
-
-    /// The listener of the service instance connected through `transport`.
-    pub(crate) fn of(transport: &SharedTransport, service: &str) -> Arc<ReplyListener> {
-        LISTENERS.get_or_init(transport, || ReplyListener::new(service))
     }
 
     /// The live reply queue, declared, bound to `exchange` and consumed if needed.
@@ -65,13 +58,6 @@ impl ReplyListener {
         let Some(queue) = self.active.lock().await.take() else { return };
         if let Err(error) = transport.delete_queue(&queue.name).await {
             tracing::debug!("cannot delete the reply queue {}: {error}", queue.name);
-        }
-    }
-
-    /// Delete the reply queue of the service instance connected through `transport`.
-    pub(crate) async fn delete_queue_of(transport: &SharedTransport) {
-        if let Some(listener) = LISTENERS.get(transport) {
-            listener.delete_queue(transport).await;
         }
     }
 }

@@ -1,111 +1,145 @@
-//! Serving RPC requests: one consumer of `rpc-{service}` dispatches each request to the route
-//! of its method, replies, then acks.
+//! [`RpcServer`]: the RPC methods of one service instance, served by one consumer of
+//! `rpc-{service}` that dispatches each request to the route of its method, replies, then
+//! acks.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio_util::task::TaskTracker;
+use async_trait::async_trait;
 
-use crate::amqp::rpc::registry::RpcRegistry;
 use crate::amqp::rpc::wire::{reply_body, request_arguments, RemoteException};
-use crate::data::Failure;
-use crate::data::Handled;
-use crate::data::{json_properties, Message};
+use crate::data::{json_properties, Failure, Handled, Message};
 use crate::error::Result;
-use crate::pipeline::RouteHandle;
+use crate::pipeline::consume::{consume, DeliveryHandler, QueueSource};
+use crate::pipeline::{RouteHandle, SharedExtension};
 use crate::transport::limits::check_size;
-use crate::transport::{ConsumeOptions, Delivery, OutgoingMessage, PublishOptions};
+use crate::transport::{Delivery, OutgoingMessage, PublishOptions, TransportError};
 
-const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
-const DRAIN_WAIT: Duration = Duration::from_secs(5);
-const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+const REQUEUE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Consume the request queue `queue` for every method of `registry` until the service
-/// stops; `route` is the route whose entrypoint runs the consumer. Shutdown follows the
-/// worker mode, as for the other queue entrypoints.
-pub(crate) async fn serve(
-    registry: Arc<RpcRegistry>,
-    route: RouteHandle,
+/// The RPC routes of a service instance by method name, and the one consumer of their
+/// request queue. Every `RPCListener` registers its route at set-up.
+#[derive(Debug)]
+pub(crate) struct RpcServer {
+    /// The route that made the server: its config, transport and stop token are the
+    /// service's.
+    service: RouteHandle,
     queue: String,
-) -> Result<()> {
-    let options = ConsumeOptions {
-        prefetch: registry.prefetch(route.config().prefetch_count),
-        ..ConsumeOptions::default()
-    };
-    let tasks = TaskTracker::new();
-    let mut consumer = route.transport().consume(&queue, options.clone()).await?;
-    loop {
-        tokio::select! {
-            biased;
-            _ = route.stopping().cancelled() => break,
-            delivery = consumer.next() => match delivery {
-                Some(delivery) => {
-                    tasks.spawn(handle(registry.clone(), route.clone(), delivery));
-                }
-                None => {
-                    tracing::warn!("consumer of {queue} ended; consuming again");
-                    tokio::select! {
-                        _ = route.stopping().cancelled() => break,
-                        _ = tokio::time::sleep(RECONSUME_PAUSE) => {}
-                    }
-                    match route.transport().consume(&queue, options.clone()).await {
-                        Ok(next) => consumer = next,
-                        Err(error) => tracing::error!("cannot consume {queue}: {error}"),
-                    }
-                }
-            }
-        }
-    }
-    consumer.cancel();
-    while let Ok(Some(delivery)) = tokio::time::timeout(DRAIN_WAIT, consumer.next()).await {
-        tasks.spawn(handle(registry.clone(), route.clone(), delivery));
-    }
-    tasks.close();
-    let limit = route.config().shutdown_timeout;
-    if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
-        tracing::warn!(
-            "RPC calls still running after SHUTDOWN_TIMEOUT ({limit:?}); their requests go back to {queue}"
-        );
-    }
-    RpcRegistry::forget(route.transport());
-    Ok(())
+    methods: Mutex<BTreeMap<String, RouteHandle>>,
 }
 
-/// Handle one request: find the method's route, run it, reply, ack.
-async fn handle(registry: Arc<RpcRegistry>, consumer_route: RouteHandle, delivery: Delivery) {
-    let message = delivery.message();
-    let prefix = format!("{}.", consumer_route.service_name());
-    let method = message.routing_key.strip_prefix(&prefix).unwrap_or(&message.routing_key);
-    let (outcome, route, handled) = match registry.route(method) {
-        None => (Err(RemoteException::nameko("MethodNotFound", method)), consumer_route, None),
-        Some(route) => match well_formed(&message, route.config().max_message_size) {
-            Err(reason) => {
-                let handled = Handled::Failed(Failure::bad_input(reason.clone()));
-                (Err(RemoteException::nameko("MalformedRequest", reason)), route, Some(handled))
-            }
-            Ok(()) => {
-                let Some(permit) = route.acquire().await else {
-                    if let Err(error) = delivery.acker.nack(true).await {
-                        tracing::warn!(route = route.name(), "cannot hand a request back: {error}");
-                    }
-                    return;
-                };
-                let handled = route.handle(permit, message.clone()).await;
-                let outcome = reply_outcome(&handled);
-                (outcome, route, Some(handled))
-            }
-        },
-    };
-    if let Err(error) = &outcome {
-        tracing::warn!(
-            route = route.name(),
-            "RPC {method} failed: {} {}",
-            error.exc_type,
-            error.value
-        );
+impl RpcServer {
+    /// The server of `service`'s instance, consuming `queue`.
+    pub(crate) fn new(service: RouteHandle, queue: String) -> Self {
+        RpcServer { service, queue, methods: Mutex::default() }
     }
-    let replied = reply(&route, &message, &outcome).await;
-    let settled = match replied {
+
+    fn methods(&self) -> MutexGuard<'_, BTreeMap<String, RouteHandle>> {
+        self.methods.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Serve `route` as the method named after it.
+    pub(crate) fn register(&self, route: RouteHandle) {
+        self.methods().insert(route.name().to_owned(), route);
+    }
+
+    /// The consumer's prefetch: `PREFETCH_COUNT` if set, else the sum of the routes' pool
+    /// sizes, so that no method's requests can take every slot of another's.
+    fn prefetch(&self) -> u16 {
+        self.service.config().prefetch_count.unwrap_or_else(|| {
+            self.methods().values().fold(0u16, |sum, route| sum.saturating_add(route.prefetch()))
+        })
+    }
+
+    /// The route of the method a request's routing key `{service}.{method}` names.
+    fn route_of<'a>(&self, routing_key: &'a str) -> (&'a str, Option<RouteHandle>) {
+        let prefix = format!("{}.", self.service.service_name());
+        let method = routing_key.strip_prefix(&prefix).unwrap_or(routing_key);
+        (method, self.methods().get(method).cloned())
+    }
+}
+
+#[async_trait]
+impl SharedExtension for RpcServer {
+    async fn run(self: Arc<Self>) -> Result<()> {
+        let config = self.service.config();
+        let source = QueueSource {
+            transport: self.service.transport().clone(),
+            queue: self.queue.as_str().into(),
+            prefetch: self.prefetch(),
+            stopping: self.service.stopping().clone(),
+            shutdown_timeout: config.shutdown_timeout,
+            max_redeliveries: config.max_redeliveries,
+            label: "RPC".into(),
+        };
+        consume(source, self.clone()).await
+    }
+}
+
+#[async_trait]
+impl DeliveryHandler for RpcServer {
+    /// Handle one request: find the method's route, run it, reply, ack.
+    async fn handle(&self, delivery: Delivery) {
+        let message = delivery.message();
+        let (method, route) = self.route_of(&message.routing_key);
+        let (outcome, route, handled) = match route {
+            None => {
+                (Err(RemoteException::nameko("MethodNotFound", method)), self.service.clone(), None)
+            }
+            Some(route) => match well_formed(&message, route.config().max_message_size) {
+                Err(reason) => {
+                    let handled = Handled::Failed(Failure::bad_input(reason.clone()));
+                    (Err(RemoteException::nameko("MalformedRequest", reason)), route, Some(handled))
+                }
+                Ok(()) => {
+                    let Some(permit) = route.acquire().await else {
+                        if let Err(error) = delivery.acker.nack(true).await {
+                            tracing::warn!(
+                                route = route.name(),
+                                "cannot hand a request back: {error}"
+                            );
+                        }
+                        return;
+                    };
+                    let handled = route.handle(permit, message.clone()).await;
+                    (reply_outcome(&handled), route, Some(handled))
+                }
+            },
+        };
+        if let Err(error) = &outcome {
+            tracing::warn!(
+                route = route.name(),
+                "RPC {method} failed: {} {}",
+                error.exc_type,
+                error.value
+            );
+        }
+        reply_then_ack(&route, &message, delivery, &outcome).await;
+        if let Some(handled) = handled {
+            route.settled(&handled);
+        }
+    }
+
+    /// A request that keeps crashing the service is answered with an error and not run.
+    async fn refuse(&self, delivery: Delivery, failure: Failure) {
+        let message = delivery.message();
+        let (method, route) = self.route_of(&message.routing_key);
+        let route = route.unwrap_or_else(|| self.service.clone());
+        tracing::error!(route = route.name(), "RPC {method} refused: {}", failure.message);
+        let outcome = Err(RemoteException::from_failure(&failure));
+        reply_then_ack(&route, &message, delivery, &outcome).await;
+        route.settled(&Handled::Failed(failure));
+    }
+}
+
+/// Reply, then ack; a request whose reply cannot be sent goes back to the queue after a pause.
+async fn reply_then_ack(
+    route: &RouteHandle,
+    message: &Message,
+    delivery: Delivery,
+    outcome: &std::result::Result<serde_json::Value, RemoteException>,
+) {
+    let settled = match reply(route, message, outcome).await {
         Ok(()) => delivery.acker.ack().await,
         Err(error) => {
             tracing::error!(
@@ -118,9 +152,6 @@ async fn handle(registry: Arc<RpcRegistry>, consumer_route: RouteHandle, deliver
     };
     if let Err(error) = settled {
         tracing::warn!(route = route.name(), "cannot settle an RPC request ({error})");
-    }
-    if let Some(handled) = handled {
-        route.settled(&handled);
     }
 }
 
@@ -155,7 +186,7 @@ async fn reply(
     route: &RouteHandle,
     request: &Message,
     outcome: &std::result::Result<serde_json::Value, RemoteException>,
-) -> std::result::Result<(), crate::transport::TransportError> {
+) -> std::result::Result<(), TransportError> {
     let Some(reply_to) = request.properties.reply_to.as_deref() else {
         tracing::info!(
             route = route.name(),

@@ -21,7 +21,7 @@ pub struct WorkerPermit {
 
 /// The worker pool shared by the routes of one runner context.
 #[derive(Clone, Debug)]
-pub struct WorkerPool {
+pub(crate) struct WorkerPool {
     slots: Arc<Semaphore>,
     size: usize,
     mode: WorkerMode,

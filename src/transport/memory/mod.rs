@@ -9,6 +9,7 @@
 //!
 //! ```
 //! # async fn demo() -> Result<(), micro_framework::transport::TransportError> {
+//! use futures::StreamExt;
 //! use micro_framework::transport::memory::MemoryTransport;
 //! use micro_framework::transport::{
 //!     BindingSpec, ConsumeOptions, ExchangeSpec, OutgoingMessage, PublishOptions, QueueSpec,

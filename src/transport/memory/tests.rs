@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use futures::FutureExt;
 
 use super::{MemoryBroker, MemoryTransport};

@@ -15,7 +15,7 @@ mod pool;
 mod protocol;
 mod worker;
 
-pub use pool::ProcessPool;
+pub(crate) use pool::ProcessPool;
 pub(crate) use protocol::CallRequest;
 pub use worker::WORKER_SOCKET_ENV;
 pub(crate) use worker::{worker_socket, WorkerLink};

@@ -1,0 +1,270 @@
+//! The README's Rust code compiles: each ```rust block of README.md stands, word for word,
+//! in one of the modules below (with the context it leaves out), and this file is compiled by
+//! `cargo test`. `every_readme_block_is_compiled_here` fails when a block changes without its
+//! copy here.
+#![allow(dead_code, unused_variables, unused_imports, clippy::useless_vec)]
+
+/// The README's first example: the seed's service.
+#[rustfmt::skip]
+mod seed {
+    use micro_framework::prelude::*;
+    use micro_framework::amqp::dependencies::Producer;
+    use micro_framework::amqp::entrypoints::EventListener;
+    use serde::Deserialize;
+    use serde_json::{json, Value};
+
+    #[derive(Deserialize)]
+    struct Order { id: u64 }
+
+    // async target: payload deserialized with serde, an event producer injected
+    async fn test(Payload(order): Payload<Order>, producer: Producer) -> Result<(), micro_framework::Error> {
+        producer.dispatch("event_name", &json!({ "id": order.id })).await
+    }
+
+    // sync target: runs on a worker thread
+    fn test2(Payload(payload): Payload<Value>) {
+        println!("Called after test function: {payload}");
+    }
+
+    // callback: same extractors, plus the failure
+    fn test_failure(Payload(payload): Payload<Value>, failure: Failure) {
+        eprintln!("{payload} failed: {failure}");
+    }
+
+    fn main() -> micro_framework::Result<()> {
+        let config = Config::from_env()?;
+        let routes = vec![
+            CallbackRoute::new(test, test_failure)
+                .entrypoint(EventListener::new("my_exchange", "my_routing_key")),
+            Route::new(test2).entrypoint(EventListener::new("my_service", "event_name")),
+        ];
+        Runner::new(routes, config).start() // blocks until SIGINT/SIGTERM
+    }
+}
+
+#[rustfmt::skip]
+mod dependencies {
+    use micro_framework::dependencies::{Dependency, Dep};
+    use micro_framework::{async_trait, BoxError, Outcome, WorkerContext};
+
+    #[derive(Clone)]
+    struct Session { /* a database transaction, say */ }
+    struct Database;
+
+    #[async_trait]
+    impl Dependency for Database {
+        type Output = Session;
+        async fn get(&self, _call: &WorkerContext) -> Result<Session, BoxError> { Ok(Session {}) }
+        async fn after_call(&self, _session: &Session, outcome: &Outcome) {
+            if outcome.is_ok() { /* commit */ } else { /* roll back */ }
+        }
+    }
+
+    fn save(Dep(session): Dep<Session>) { /* ... */ }
+}
+
+#[rustfmt::skip]
+mod translators {
+    use micro_framework::prelude::*;
+    use micro_framework::translators::JsonTranslator;
+    use serde_json::Value;
+
+    fn handle(Payload(payload): Payload<Value>) {}
+
+    fn route() -> Route {
+        Route::new(handle)
+            .translator(JsonTranslator)
+            .translator(|payload: Value| -> Result<Value, String> { Ok(payload["order"].clone()) })
+    }
+}
+
+#[rustfmt::skip]
+mod contexts {
+    use micro_framework::prelude::*;
+
+    fn start(quick_routes: Vec<Route>, slow_routes: Vec<Route>, config: Config) -> micro_framework::Result<()> {
+        Runner::new(quick_routes, config)
+            .context(RunnerContext::new(slow_routes).max_workers(2).worker_mode(WorkerMode::GreedyThread))
+            .start()
+    }
+}
+
+#[rustfmt::skip]
+mod http {
+    use micro_framework::prelude::*;
+    use serde::Deserialize;
+    use serde_json::{json, Value};
+
+    fn routes() -> Vec<Route> {
+        use micro_framework::http::{HttpEntrypoint, HttpRequest, Path, Query, Response};
+
+        #[derive(Deserialize)]
+        struct Terms { a: i64, b: i64 }
+
+        fn hello(Path(name): Path<String>) -> Value { json!({ "hello": name }) }       // GET /hello/{name}
+        fn sum(Payload(Terms { a, b }): Payload<Terms>) -> Value { json!({ "sum": a + b }) }  // POST /sum
+
+        #[derive(Deserialize)]
+        struct Page { page: Option<u32> }
+        fn list(Query(Page { page }): Query<Page>, request: HttpRequest) -> Response {
+            let agent = request.header("user-agent").unwrap_or("?").to_owned();
+            Response::status(200).header("x-page", page.unwrap_or(1).to_string()).json(json!({ "agent": agent }))
+        }
+
+        let routes = vec![
+            Route::new(hello).entrypoint(HttpEntrypoint::get("/hello/{name}")),
+            Route::new(sum).entrypoint(HttpEntrypoint::post("/sum")),
+            Route::new(list).entrypoint(HttpEntrypoint::get("/items")),
+        ];
+        routes
+    }
+}
+
+#[rustfmt::skip]
+mod rpc {
+    use micro_framework::prelude::*;
+    use serde_json::json;
+    use std::time::Duration;
+
+    async fn example(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+        use micro_framework::amqp::entrypoints::RPCListener;
+        use micro_framework::amqp::dependencies::RpcProxy;
+        use micro_framework::amqp::rpc::{Args, Client, RpcError};
+
+        #[derive(serde::Deserialize)]
+        struct AddArgs { a: i64, b: i64 }
+
+        // add(2, 40), add(a=2, b=40) and add(2, b=40) all bind; missing or extra arguments get
+        // Nameko's IncorrectSignature.
+        fn add(Args(AddArgs { a, b }): Args<AddArgs>) -> i64 { a + b }
+
+        // A target calling another service (call-id stack and context headers flow along).
+        async fn total(rpc: RpcProxy) -> Result<i64, RpcError> {
+            rpc.service("math").timeout(Duration::from_secs(2)).call("add", (2, 40), ()).await
+        }
+
+        let routes = vec![Route::new(add).entrypoint(RPCListener::new())];   // method "add"
+
+        // Outside a service (Nameko's ClusterRpcProxy):
+        let client = Client::connect(&config).await?;
+        let sum: i64 = client.call("math", "add", (), json!({"a": 2, "b": 40})).await?;
+        Ok(())
+    }
+}
+
+#[rustfmt::skip]
+mod websocket {
+    use micro_framework::prelude::*;
+    use serde_json::json;
+    use std::time::Duration;
+
+    #[derive(serde::Deserialize)]
+    struct AddArgs { a: i64, b: i64 }
+
+    async fn example() -> Result<(), Box<dyn std::error::Error>> {
+        use micro_framework::amqp::rpc::Args;
+        use micro_framework::websocket::{WebSocketEntrypoint, WebSocketRpcClient, WebSocketRpcError};
+
+        fn add(Args(AddArgs { a, b }): Args<AddArgs>) -> i64 { a + b }
+
+        // A target calling another WebSocket service: the client is a dependency.
+        async fn total(Dep(math): Dep<WebSocketRpcClient>) -> Result<i64, WebSocketRpcError> {
+            math.call("add", (2, 40), ()).await
+        }
+
+        let routes = vec![
+            Route::new(add).entrypoint(WebSocketEntrypoint::new()),       // command "add"
+            Route::new(total).entrypoint(WebSocketEntrypoint::new())
+                .dependency(WebSocketRpcClient::new("math.internal", 8765)),
+        ];
+
+        // Standalone:
+        let client = WebSocketRpcClient::new("127.0.0.1", 8765).timeout(Duration::from_secs(5));
+        let sum: i64 = client.call("add", [2], json!({"b": 40})).await?;
+        Ok(())
+    }
+}
+
+#[rustfmt::skip]
+mod retries {
+    use micro_framework::amqp::entrypoints::EventListener;
+    use micro_framework::prelude::*;
+    use std::time::Duration;
+
+    mod tasks {
+        use micro_framework::prelude::*;
+        use serde_json::Value;
+        pub fn test(Payload(payload): Payload<Value>) {}
+        pub fn test_failure(Payload(payload): Payload<Value>, failure: Failure) {}
+    }
+
+    fn charge() -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn routes() -> Vec<Route> {
+        use micro_framework::retry::{AsyncBackOff, BackOff, BackOffData, Interval};
+
+        let seed = CallbackRoute::new(tasks::test, tasks::test_failure)
+            .entrypoint(EventListener::new("my_exchange", "my_routing_key"))
+            .backoff(AsyncBackOff::new(5, Duration::from_millis(10_000)));  // the seed's example
+
+        let io_only = Route::new(charge).backoff(
+            AsyncBackOff::new(8, Duration::from_millis(100))
+                .interval(Interval::exponential(Duration::from_millis(100), 2.0, Duration::from_secs(60)))
+                .jitter(0.2)
+                .retry_on::<std::io::Error>(),     // only I/O errors, anywhere in the source chain
+        );
+        vec![seed, io_only]
+    }
+}
+
+#[rustfmt::skip]
+mod testing {
+    use micro_framework::prelude::*;
+    use micro_framework::Message;
+    use serde_json::json;
+
+    fn double(Payload(n): Payload<i64>) -> i64 {
+        n * 2
+    }
+
+    async fn example(routes: Vec<Route>) -> Result<(), Box<dyn std::error::Error>> {
+        use micro_framework::testing::{test_config, TestService, call_route};
+
+        let service = TestService::start(routes, test_config("orders")).await?;
+        service.dispatch("shop", "paid", &json!({"id": 1})).await?;   // as service "shop"
+        service.wait_for_route("on_paid", 1).await?;                   // settled count
+        let dead = service.take_messages("evt-shop-paid--orders.on_paid.dlq").await?;
+        service.stop().await?;
+
+        // a route's target alone, no entrypoint:
+        let outcome = call_route(Route::new(double), test_config("math"), Message::json(&21)?).await;
+        Ok(())
+    }
+}
+
+/// Lines with their indentation and trailing blanks removed, blank lines dropped.
+fn normalized(text: &str) -> String {
+    text.lines().map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn every_readme_block_is_compiled_here() {
+    let readme = include_str!("../README.md");
+    let here = normalized(include_str!("readme.rs"));
+    let mut blocks = 0;
+    let mut rest = readme;
+    while let Some(start) = rest.find("```rust\n") {
+        let body = &rest[start + "```rust\n".len()..];
+        let end = body.find("```").expect("every ```rust block is closed");
+        let block = normalized(&body[..end]);
+        assert!(
+            here.contains(&block),
+            "this README block has no compiled copy in tests/readme.rs:\n{block}"
+        );
+        blocks += 1;
+        rest = &body[end..];
+    }
+    assert_eq!(blocks, 10, "the README's ```rust blocks, all compiled above");
+}
