@@ -1,10 +1,10 @@
 //! The events benchmark, and the service it measures.
 //!
-//! - `cargo run --release --example bench_events -- serve`: runs the service `bench_svc` (config
-//!   from the environment) with one route, `fn noop` on `EventListener("bench_src", "ping")`
-//!   (queue `evt-bench_src-ping--bench_svc.noop`).
-//! - `cargo run --release --example bench_events [-- bench [MESSAGES]]`: against `AMQP_URI`
-//!   (default `amqp://guest:guest@127.0.0.1:5672/`), in one run:
+//! - `cargo run --release -p micro-framework-bench --bin bench_events -- serve`: runs the
+//!   service `bench_svc` (config from the environment) with one route, `fn noop` on
+//!   `EventListener("bench_src", "ping")` (queue `evt-bench_src-ping--bench_svc.noop`).
+//! - `cargo run --release -p micro-framework-bench --bin bench_events [-- bench [MESSAGES]]`:
+//!   against `AMQP_URI` (default `amqp://guest:guest@127.0.0.1:5672/`), in one run:
 //!   1. publish MESSAGES persistent JSON events with confirms, bare lapin vs [`Producer`],
 //!      three alternating rounds, best rate of each;
 //!   2. drain all of them (3 × MESSAGES per queue): a bare lapin consumer (prefetch = `MAX_WORKERS`, ack each) vs the

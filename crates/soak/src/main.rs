@@ -1,4 +1,4 @@
-//! Soak test against RabbitMQ: `cargo run --release --example soak -- --seconds 60`.
+//! Soak test against RabbitMQ: `cargo run --release -p micro-framework-soak -- --seconds 60`.
 //!
 //! Two services exchange events and RPC calls under steady load while faults are injected on a
 //! schedule; every message id is counted end to end. The program is the driver and, started
@@ -12,24 +12,19 @@
 //! ```
 //!
 //! Faults, in turn every `--interval` seconds (each once the previous one has recovered):
-//! all of the soak's broker connections closed (`rabbitmqctl close_connection`), a service
-//! SIGKILLed and restarted (B, then A, ...), a worker process of B (`WORKER_MODE=process`)
-//! SIGKILLed, preferably one in the middle of a call, and RabbitMQ's app stopped for 3 s and
-//! started again (`--no-broker-restart` skips that one).
+//! all of the soak's broker connections closed (`rabbitmqctl close_all_user_connections`), a
+//! service SIGKILLed and restarted (B, then A, ...), a worker process of B
+//! (`WORKER_MODE=process`) SIGKILLed, preferably one in the middle of a call, and RabbitMQ's
+//! app stopped for 3 s and started again (`--no-broker-restart` skips that one).
 //!
 //! The last line is `sent=N handled=N duplicates=D lost=L max_recovery_ms=M`; the exit code is
 //! 1 when an id is lost (some are printed) or a fault never recovered. See the README's "Soak
 //! test" section.
 
-#[path = "soak/broker.rs"]
 mod broker;
-#[path = "soak/driver.rs"]
 mod driver;
-#[path = "soak/faults.rs"]
 mod faults;
-#[path = "soak/services.rs"]
 mod services;
-#[path = "soak/tracker.rs"]
 mod tracker;
 
 use std::path::PathBuf;

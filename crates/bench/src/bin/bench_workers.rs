@@ -1,4 +1,5 @@
-//! Thread mode against process mode: `cargo run --release --example bench_workers [-- MESSAGES]`.
+//! Thread mode against process mode:
+//! `cargo run --release -p micro-framework-bench --bin bench_workers [-- MESSAGES]`.
 //!
 //! The same no-op route (`fn noop` on `EventListener("bench_src", "work")`, `MAX_WORKERS` from
 //! the environment, default 4) drains MESSAGES (default 2000) pre-filled events in `thread`

@@ -1,4 +1,4 @@
-//! HTTP benchmark: `cargo run --release --example bench_http [-- REQUESTS]`.
+//! HTTP benchmark: `cargo run --release -p micro-framework-bench --bin bench_http [-- REQUESTS]`.
 //!
 //! In one run, the same endpoint `GET /hello/{name}` answering `{"hello": name}`: a bare axum
 //! server, and a micro-framework service with `HttpEntrypoint` (in-process broker,

@@ -1,5 +1,5 @@
-//! RPC benchmark: `cargo run --release --example bench_rpc [-- CALLS]` against `AMQP_URI`
-//! (default `amqp://guest:guest@127.0.0.1:5672/`).
+//! RPC benchmark: `cargo run --release -p micro-framework-bench --bin bench_rpc [-- CALLS]`
+//! against `AMQP_URI` (default `amqp://guest:guest@127.0.0.1:5672/`).
 //!
 //! In one run on the same broker: the `bench_rpc` service's `echo(x)` (as in
 //! `examples/rpc_service.rs`, `MAX_WORKERS` from the environment) called through
