@@ -163,7 +163,9 @@ async fn forward(
         }
         TransportOp::Purge(queue) => TransportAnswer::Count(transport.purge_queue(&queue).await?),
         TransportOp::Consume { queue, .. } => {
-            return Err(TransportError::Other(format!("consume of {queue} is not forwarded here")))
+            return Err(TransportError::Internal(format!(
+                "consume of {queue} is not forwarded here"
+            )))
         }
         TransportOp::Publish { exchange, routing_key, message, options } => {
             transport.publish(&exchange, &routing_key, *message, options).await?;
