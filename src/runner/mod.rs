@@ -425,8 +425,8 @@ async fn supervise(
     while let Some(joined) = tasks.join_next().await {
         let failure = match joined {
             Ok((_, Ok(()))) => continue,
-            Ok((route, Err(error))) => Error::Startup(format!("route '{route}' stopped: {error}")),
-            Err(join) => Error::Startup(format!("an entrypoint panicked: {join}")),
+            Ok((route, Err(error))) => Error::RouteStopped { route, source: Box::new(error) },
+            Err(join) => Error::EntrypointPanicked(join.to_string()),
         };
         tracing::error!("{failure}; stopping the service");
         env.stopping.cancel();
@@ -512,8 +512,7 @@ impl RunningService {
             Some(supervisor) => {
                 let result = supervisor.await;
                 self.supervisor = None;
-                result
-                    .map_err(|join| Error::Startup(format!("service supervisor failed: {join}")))?
+                result.map_err(|join| Error::SupervisorFailed(join.to_string()))?
             }
         }
     }
