@@ -5,8 +5,11 @@ use crate::transport::TransportError;
 
 pub use crate::data::BoxError;
 
-/// Errors that stop a service from starting or running.
+/// Errors that stop a service from starting or running, and errors of the framework's own
+/// calls. The variant says what happened; [`Error::Startup`] is only for a service that
+/// cannot start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
@@ -14,10 +17,36 @@ pub enum Error {
     /// The broker refused an operation or could not be reached.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// The service's routes cannot start as declared (duplicate names, unprovidable
-    /// parameters, missing entrypoints, ...).
+    /// The service cannot start as declared (duplicate route names, unprovidable
+    /// parameters, missing entrypoints, an address in use, ...). Only returned while the
+    /// service starts.
     #[error("cannot start: {0}")]
     Startup(String),
+    /// A route's entrypoint failed while the service ran; the service stopped.
+    #[error("route '{route}' stopped: {source}")]
+    RouteStopped {
+        /// The route's name.
+        route: String,
+        /// Why its entrypoint failed.
+        source: Box<Error>,
+    },
+    /// An entrypoint panicked while the service ran; the service stopped.
+    #[error("an entrypoint panicked: {0}")]
+    EntrypointPanicked(String),
+    /// The task supervising a running service panicked or was cancelled.
+    #[error("service supervisor failed: {0}")]
+    SupervisorFailed(String),
+    /// A worker process (process worker modes) could not be started or did not get ready,
+    /// when the service starts or when a worker is replaced.
+    #[error("{0}")]
+    WorkerProcess(String),
+    /// A blocking call (e.g. `dispatch_blocking`) was made where it cannot block: outside a
+    /// tokio runtime, or on a current-thread runtime.
+    #[error("cannot block: {0}")]
+    Blocking(String),
+    /// No running route has this name.
+    #[error("no route named '{0}'")]
+    UnknownRoute(String),
     /// A dependency failed in `setup`.
     #[error("dependency {name} failed to set up: {source}")]
     Dependency {

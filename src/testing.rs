@@ -84,7 +84,7 @@ impl TestService {
 
     /// A running route.
     pub fn route(&self, name: &str) -> Result<&RouteHandle> {
-        self.service.route(name).ok_or_else(|| Error::Startup(format!("no route named '{name}'")))
+        self.service.route(name).ok_or_else(|| Error::UnknownRoute(name.to_owned()))
     }
 
     /// Dispatch an event as `source_service` would.

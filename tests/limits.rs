@@ -17,7 +17,7 @@ use micro_framework::settle::HEADER_ERROR;
 use micro_framework::testing::TestService;
 use micro_framework::transport::memory::MemoryTransport;
 use micro_framework::transport::{
-    ExchangeSpec, HeaderValue, OutgoingMessage, PublishOptions, QueueSpec, Transport,
+    ExchangeSpec, HeaderValue, Limit, OutgoingMessage, PublishOptions, QueueSpec, Transport,
     TransportError,
 };
 
@@ -120,7 +120,14 @@ async fn rpc_requests_and_replies_over_the_limit_get_clear_errors() {
         let error =
             strict.call::<Value>(&service_name, "echo", ("w".repeat(100),), ()).await.unwrap_err();
         assert!(
-            matches!(&error, RpcError::Transport(TransportError::LimitReached(_))),
+            matches!(
+                &error,
+                RpcError::Transport(TransportError::LimitReached {
+                    what: Limit::MessageSize,
+                    limit: 64,
+                    ..
+                })
+            ),
             "{error:?}"
         );
         assert!(error.to_string().contains("exceeds MAX_MESSAGE_SIZE (64 bytes); not sent"));
@@ -149,7 +156,15 @@ async fn the_in_process_broker_refuses_publishes_beyond_its_memory_bound() {
         }
         assert!(accepted < 100, "the bound never applied");
     };
-    assert!(matches!(refused, TransportError::LimitReached(_)), "{refused:?}");
+    assert!(
+        matches!(
+            refused,
+            TransportError::LimitReached { what: Limit::BrokerMemory, limit: 4096, size, .. }
+                if size > 4096
+        ),
+        "{refused:?}"
+    );
+    assert!(!refused.is_permanent(), "room comes back as consumers catch up");
     assert!(refused.to_string().contains("publish refused"), "{refused}");
     assert_eq!(accepted, 5, "5 × (500 + 256) bytes fit in 4096, a sixth does not");
     assert_eq!(transport.queue_info("sink").await.unwrap().message_count, 5, "nothing lost");
@@ -187,7 +202,15 @@ async fn pending_rpc_calls_are_bounded() {
         assert!(waiting.len() <= 65_536, "the bound never applied");
     };
     assert_eq!(waiting.len(), 65_536);
-    assert!(matches!(&refused, RpcError::Transport(TransportError::LimitReached(_))));
+    assert!(matches!(
+        &refused,
+        RpcError::Transport(TransportError::LimitReached {
+            what: Limit::PendingCalls,
+            size: 65_537,
+            limit: 65_536,
+            ..
+        })
+    ));
     assert!(refused.to_string().contains("wait for replies already; call refused"), "{refused}");
     waiting.truncate(10);
     assert!(silent.call_async("wait", (), ()).await.is_ok(), "room again once calls end");

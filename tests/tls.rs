@@ -14,6 +14,7 @@ use common::{cleanup, rabbitmq_uri, unique};
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
+use micro_framework::transport::TransportError;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -162,17 +163,26 @@ fn uses_tls(name: &str) -> bool {
         .any(|line| line.contains(&format!("\"{name}\"")) && line.trim_end().ends_with("true"))
 }
 
-/// Connect with `config`, expecting a refusal within 15 s; returns the error's text.
-async fn refused(config: &Config) -> String {
+/// Connect with `config`, expecting a refusal within 15 s; returns the error.
+async fn refused(config: &Config) -> TransportError {
     let started = Instant::now();
     let result =
         tokio::time::timeout(Duration::from_secs(15), micro_framework::transport::connect(config))
             .await
             .expect("a refused TLS connection must fail, not hang");
-    let error = result.expect_err("the connection must be refused").to_string();
+    let error = result.expect_err("the connection must be refused");
     assert!(started.elapsed() < Duration::from_secs(15));
-    assert!(!error.contains("guest:guest"), "{error}");
+    assert!(!error.to_string().contains("guest:guest"), "{error}");
     error
+}
+
+/// [`refused`], expecting a permanent TLS error (the client refused the certificate, or a TLS
+/// file); returns the error's text.
+async fn refused_tls(config: &Config) -> String {
+    let error = refused(config).await;
+    assert!(matches!(error, TransportError::Tls(_)), "{error:?}");
+    assert!(error.is_permanent());
+    error.to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -194,15 +204,15 @@ async fn a_wrong_or_missing_ca_is_refused_clearly() {
     let listener = Listener::start(&pki, false);
 
     let wrong = tls_config(&listener, "tls_wrong", Some(pki.path("other-ca.pem")));
-    let error = refused(&wrong).await;
+    let error = refused_tls(&wrong).await;
     assert!(error.contains("certificate"), "{error}");
 
     let no_ca = tls_config(&listener, "tls_none", None);
-    let error = refused(&no_ca).await;
+    let error = refused_tls(&no_ca).await;
     assert!(error.contains("certificate"), "{error}");
 
     let missing = tls_config(&listener, "tls_missing", Some(pki.path("nope.pem")));
-    let error = refused(&missing).await;
+    let error = refused_tls(&missing).await;
     assert!(error.contains("cannot read CA file"), "{error}");
 
     // a service started with a wrong CA stops with the error instead of retrying for ever
@@ -210,8 +220,12 @@ async fn a_wrong_or_missing_ca_is_refused_clearly() {
         Runner::new(vec![Route::new(record).entrypoint(EventListener::new("s", "e"))], wrong);
     let stop = tokio::time::sleep(Duration::from_secs(60));
     let outcome = tokio::time::timeout(Duration::from_secs(20), runner.run_until(stop)).await;
-    let error = outcome.expect("start-up must fail, not retry").expect_err("refused").to_string();
-    assert!(error.contains("certificate"), "{error}");
+    let error = outcome.expect("start-up must fail, not retry").expect_err("refused");
+    assert!(
+        matches!(error, micro_framework::Error::Transport(TransportError::Tls(_))),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("certificate"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -222,8 +236,12 @@ async fn mutual_tls_needs_the_client_certificate() {
     let pki = Pki::new();
     let listener = Listener::start(&pki, true);
 
+    // the broker's refusal comes as a TLS alert (Tls) or, with TLS 1.3, often as a reset of
+    // the connection, which cannot be told from a broker going away (Unreachable)
     let anonymous = tls_config(&listener, "tls_anon", Some(pki.path("ca.pem")));
     let error = refused(&anonymous).await;
+    assert!(matches!(error, TransportError::Tls(_) | TransportError::Unreachable(_)), "{error:?}");
+    let error = error.to_string();
     assert!(error.contains("cannot connect to amqps://guest:***@127.0.0.1"), "{error}");
 
     let mutual = tls_config(&listener, "tls_mutual", Some(pki.path("ca.pem")))

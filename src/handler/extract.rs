@@ -24,6 +24,7 @@ use crate::transport::Headers;
 
 /// Why an argument could not be extracted.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ExtractError {
     /// The message does not fit the parameter (bad input: dead-lettered, never retried).
     #[error("{0}")]

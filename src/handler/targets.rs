@@ -39,6 +39,7 @@ pub type TargetResult = Result<Value, TargetError>;
 /// Why a target's call failed.
 #[doc(hidden)]
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum TargetError {
     /// An argument could not be extracted.
     Extract(ExtractError),

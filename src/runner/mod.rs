@@ -26,7 +26,7 @@ use crate::pipeline::spawners::process::{worker_socket, ProcessPool, WorkerLink}
 use crate::pipeline::spawners::WorkerPool;
 use crate::pipeline::{RouteHandle, ServiceEnv};
 use crate::transport::topology::{Recorder, Topology};
-use crate::transport::{SharedTransport, TransportError};
+use crate::transport::SharedTransport;
 
 /// Starts a service: connects to the broker, sets up dependencies and entrypoints, runs the
 /// routes, and shuts down gracefully on SIGINT or SIGTERM (a second signal forces the exit).
@@ -190,31 +190,18 @@ impl Runner {
 
 const CONNECT_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Connection errors that trying again cannot cure: refused credentials, a bad URI, TLS
-/// files that cannot be read, a certificate the peer refuses (wrong CA, no client
-/// certificate).
-const PERMANENT: [&str; 7] = [
-    "ACCESS_REFUSED",
-    "invalid broker URI",
-    "invalid peer certificate",
-    "received fatal alert",
-    "cannot read ",
-    "CA file is not PEM",
-    "client_key_file go together",
-];
-
-/// Connect, retrying with exponential backoff (1 s doubling to 30 s) while the broker is
-/// unreachable. Other errors (a bad URI, refused credentials, TLS refusals) are returned at
-/// once.
+/// Connect, retrying with exponential backoff (1 s doubling to 30 s) while trying again can
+/// help, e.g. while the broker is unreachable (see
+/// [`TransportError::is_permanent`](crate::transport::TransportError::is_permanent)).
+/// Permanent errors (a bad URI, refused credentials, TLS refusals, unreadable TLS files) are
+/// returned at once.
 async fn connect_retrying(config: &Config) -> Result<SharedTransport> {
     let mut pause = Duration::from_secs(1);
     loop {
         match crate::transport::connect(config).await {
-            Err(TransportError::Connection(reason))
-                if !PERMANENT.iter().any(|permanent| reason.contains(permanent)) =>
-            {
+            Err(error) if !error.is_permanent() => {
                 tracing::warn!(
-                    "broker unreachable at {} ({reason}); trying again in {pause:?}",
+                    "broker unreachable at {} ({error}); trying again in {pause:?}",
                     config.masked_amqp_uri()
                 );
                 tokio::time::sleep(pause).await;
@@ -468,8 +455,8 @@ async fn supervise(
     while let Some(joined) = tasks.join_next().await {
         let failure = match joined {
             Ok((_, Ok(()))) => continue,
-            Ok((route, Err(error))) => Error::Startup(format!("route '{route}' stopped: {error}")),
-            Err(join) => Error::Startup(format!("an entrypoint panicked: {join}")),
+            Ok((route, Err(error))) => Error::RouteStopped { route, source: Box::new(error) },
+            Err(join) => Error::EntrypointPanicked(join.to_string()),
         };
         tracing::error!("{failure}; stopping the service");
         env.stopping.cancel();
@@ -565,8 +552,7 @@ impl RunningService {
             Some(supervisor) => {
                 let result = supervisor.await;
                 self.supervisor = None;
-                result
-                    .map_err(|join| Error::Startup(format!("service supervisor failed: {join}")))?
+                result.map_err(|join| Error::SupervisorFailed(join.to_string()))?
             }
         }
     }

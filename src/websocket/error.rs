@@ -8,6 +8,7 @@ use crate::websocket::frames::RemoteError;
 /// result. The Python original's own errors have their variants; any other remote error is
 /// [`Remote`](WebSocketRpcError::Remote), only described, never evaluated.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WebSocketRpcError {
     /// The server has no such command (`RPCTargetDoesNotExist`).
     #[error("{0}")]

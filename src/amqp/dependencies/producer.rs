@@ -95,18 +95,18 @@ impl Producer {
         Ok(())
     }
 
-    /// [`Producer::dispatch`] for sync targets (which run on worker threads). Fails when
-    /// called outside a tokio runtime or from async code.
+    /// [`Producer::dispatch`] for sync targets (which run on worker threads). Fails with
+    /// [`Error::Blocking`] when called outside a multi-threaded tokio runtime.
     pub fn dispatch_blocking<T: Serialize + ?Sized>(
         &self,
         event_type: &str,
         payload: &T,
     ) -> Result<()> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
-            Error::Startup(format!("dispatch_blocking needs a runtime: {error}"))
+            Error::Blocking(format!("dispatch_blocking needs a runtime: {error}"))
         })?;
         if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
-            return Err(Error::Startup(
+            return Err(Error::Blocking(
                 "dispatch_blocking cannot run on a current-thread runtime".into(),
             ));
         }

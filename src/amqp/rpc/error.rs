@@ -10,6 +10,7 @@ use crate::transport::TransportError;
 /// Why an RPC call did not return a result. Remote errors are only described: nothing in a
 /// reply is evaluated.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RpcError {
     /// No queue received the request: no service of that name is running.
     #[error("Unknown service `{0}`")]

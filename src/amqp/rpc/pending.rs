@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::replies::{ReplyOutcome, ReplyQueue};
 use crate::metrics::Metrics;
-use crate::transport::TransportError;
+use crate::transport::{ClosedPart, TransportError};
 
 /// An RPC call on its way: await it (or [`RpcReply::result`] for a typed result) to get the
 /// reply. The call's timeout runs from when it was sent. Dropping it abandons the call (a
@@ -93,9 +93,10 @@ impl RpcReply {
         let (recorded_service, recorded_method) = (service.clone(), method.clone());
         let result = match outcome {
             Err(_) => Err(RpcError::Timeout { service, method, after: timeout }),
-            Ok(Err(_)) => Err(RpcError::Transport(TransportError::Closed(
-                "the reply queue's consumer ended before the reply came".into(),
-            ))),
+            Ok(Err(_)) => Err(RpcError::Transport(TransportError::Closed {
+                what: ClosedPart::Consumer,
+                reason: "the reply queue's consumer ended before the reply came".into(),
+            })),
             Ok(Ok(Err(unreadable))) => Err(RpcError::InvalidReply(unreadable)),
             Ok(Ok(Ok(Err(remote)))) => Err(remote.into()),
             Ok(Ok(Ok(Ok(result)))) => Ok(result),

@@ -11,7 +11,8 @@ use tokio::sync::oneshot;
 use crate::amqp::rpc::naming::reply_queue;
 use crate::amqp::rpc::wire::{parse_reply, RemoteException};
 use crate::transport::{
-    BindingSpec, ConsumeOptions, Consumer, ExchangeSpec, Headers, SharedTransport, TransportError,
+    BindingSpec, ConsumeOptions, Consumer, ExchangeSpec, Headers, Limit, SharedTransport,
+    TransportError,
 };
 
 /// How many replies the reply consumer may hold unacknowledged.
@@ -123,9 +124,14 @@ impl ReplyQueue {
         let (sender, receiver) = oneshot::channel();
         let mut pending = self.pending();
         if pending.len() >= MAX_PENDING_CALLS {
-            return Err(TransportError::LimitReached(format!(
-                "{MAX_PENDING_CALLS} RPC calls of this service instance wait for replies already; call refused"
-            )));
+            return Err(TransportError::LimitReached {
+                what: Limit::PendingCalls,
+                size: pending.len() as u64 + 1,
+                limit: MAX_PENDING_CALLS as u64,
+                reason: format!(
+                    "{MAX_PENDING_CALLS} RPC calls of this service instance wait for replies already; call refused"
+                ),
+            });
         }
         // once the consumer has ended, the sender is dropped: the call fails at once
         if !self.closed.load(Ordering::Acquire) {

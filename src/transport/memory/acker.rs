@@ -6,7 +6,7 @@ use std::sync::Weak;
 
 use async_trait::async_trait;
 
-use crate::transport::{Acker, TransportError};
+use crate::transport::{Acker, ClosedPart, TransportError};
 
 use super::broker::{MemoryBroker, Settle};
 
@@ -25,11 +25,14 @@ impl MemoryAcker {
 
     fn settle(&self, how: Settle) -> Result<(), TransportError> {
         if self.settled.swap(true, Ordering::AcqRel) {
-            return Err(TransportError::Other("delivery already settled".to_owned()));
+            return Err(TransportError::AlreadySettled);
         }
         match self.broker.upgrade() {
             Some(broker) => broker.settle(self.tag, how),
-            None => Err(TransportError::Closed("the in-memory broker is gone".to_owned())),
+            None => Err(TransportError::Closed {
+                what: ClosedPart::Transport,
+                reason: "the in-memory broker is gone".to_owned(),
+            }),
         }
     }
 }

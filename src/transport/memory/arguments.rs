@@ -141,13 +141,13 @@ impl QueueArgs {
             None | Some("classic") => false,
             Some("quorum") => true,
             Some(other) => {
-                return Err(TransportError::Other(format!(
+                return Err(TransportError::Unsupported(format!(
                     "queue type '{other}' is not supported by the in-memory broker"
                 )))
             }
         };
         if spec.arguments.contains_key("x-max-priority") {
-            return Err(TransportError::Other(
+            return Err(TransportError::Unsupported(
                 "x-max-priority (priority queues) is not supported by the in-memory broker"
                     .to_owned(),
             ));

@@ -46,9 +46,10 @@ pub(super) fn normalize_kind(kind: &ExchangeKind) -> Result<ExchangeKind, Transp
         "fanout" => Ok(ExchangeKind::Fanout),
         "topic" => Ok(ExchangeKind::Topic),
         "headers" => Ok(ExchangeKind::Headers),
-        other => {
-            Err(TransportError::Other(format!("COMMAND_INVALID - unknown exchange type '{other}'")))
-        }
+        other => Err(TransportError::Broker {
+            code: 503,
+            text: format!("COMMAND_INVALID - unknown exchange type '{other}'"),
+        }),
     }
 }
 

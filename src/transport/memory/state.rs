@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::transport::{
-    BindingSpec, Delivery, ExchangeKind, ExchangeSpec, Headers, QueueInfo, QueueSpec,
+    BindingSpec, Delivery, ExchangeKind, ExchangeSpec, Headers, Limit, QueueInfo, QueueSpec,
     TransportError,
 };
 
@@ -100,7 +100,7 @@ fn not_found_exchange(name: &str) -> TransportError {
 }
 
 fn default_exchange_refused() -> TransportError {
-    TransportError::Other(
+    TransportError::AccessRefused(
         "ACCESS_REFUSED - operation not permitted on the default exchange".to_owned(),
     )
 }
@@ -223,11 +223,16 @@ impl State {
             .sum();
         let wanted = (size as u64 + MESSAGE_OVERHEAD) * copies as u64;
         if held + wanted > self.max_bytes {
-            return Err(TransportError::LimitReached(format!(
-                "the in-process broker holds {held} bytes of ready messages and its bound is {} \
-                 (memory://NAME?max_bytes=N); publish refused until consumers catch up",
-                self.max_bytes
-            )));
+            return Err(TransportError::LimitReached {
+                what: Limit::BrokerMemory,
+                size: held + wanted,
+                limit: self.max_bytes,
+                reason: format!(
+                    "the in-process broker holds {held} bytes of ready messages and its bound is \
+                     {} (memory://NAME?max_bytes=N); publish refused until consumers catch up",
+                    self.max_bytes
+                ),
+            });
         }
         Ok(())
     }
@@ -348,7 +353,7 @@ impl State {
             return Ok(());
         }
         if spec.name.starts_with("amq.") {
-            return Err(TransportError::Other(format!(
+            return Err(TransportError::AccessRefused(format!(
                 "ACCESS_REFUSED - exchange name '{}' contains reserved prefix 'amq.*'",
                 spec.name
             )));
@@ -367,7 +372,7 @@ impl State {
         now: Instant,
     ) -> Result<QueueInfo, TransportError> {
         if spec.name.is_empty() {
-            return Err(TransportError::Other("queue name must not be empty".to_owned()));
+            return Err(TransportError::Invalid("queue name must not be empty".to_owned()));
         }
         let owner = spec.exclusive.then_some(connection);
         if let Some(queue) = self.queues.get_mut(&spec.name) {
@@ -382,7 +387,7 @@ impl State {
             });
         }
         if spec.name.starts_with("amq.") {
-            return Err(TransportError::Other(format!(
+            return Err(TransportError::AccessRefused(format!(
                 "ACCESS_REFUSED - queue name '{}' contains reserved prefix 'amq.*'",
                 spec.name
             )));
@@ -470,7 +475,7 @@ impl State {
             return Err(default_exchange_refused());
         }
         if name.starts_with("amq.") {
-            return Err(TransportError::Other(format!(
+            return Err(TransportError::AccessRefused(format!(
                 "ACCESS_REFUSED - deletion of system exchange '{name}' in vhost '/' is not allowed"
             )));
         }

@@ -9,8 +9,9 @@ use futures::FutureExt;
 
 use super::{MemoryBroker, MemoryTransport};
 use crate::transport::{
-    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeKind, ExchangeSpec, HeaderValue,
-    Headers, OutgoingMessage, Properties, PublishOptions, QueueSpec, Transport, TransportError,
+    BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeKind, ExchangeSpec,
+    HeaderValue, Headers, OutgoingMessage, Properties, PublishOptions, QueueSpec, Transport,
+    TransportError,
 };
 
 /// A fresh broker of its own and one connection to it.
@@ -187,7 +188,7 @@ async fn direct_fanout_and_default_exchanges() {
 
     let refused = t.declare_exchange(&ExchangeSpec::topic("")).await.unwrap_err();
     assert!(
-        matches!(refused, TransportError::Other(ref text) if text.contains("default exchange"))
+        matches!(refused, TransportError::AccessRefused(ref text) if text.contains("default exchange"))
     );
     assert!(t.delete_exchange("").await.is_err());
 }
@@ -301,10 +302,7 @@ async fn nack_and_reject_requeue_at_original_position() {
     publish(&t, "", "work", "d").await;
     let d = get(&t, "work").await;
     d.acker.ack().await.unwrap();
-    assert_eq!(
-        d.acker.ack().await.unwrap_err(),
-        TransportError::Other("delivery already settled".into())
-    );
+    assert_eq!(d.acker.ack().await.unwrap_err(), TransportError::AlreadySettled);
     assert!(d.acker.nack(true).await.is_err());
     publish(&t, "", "work", "e").await;
     let e = get(&t, "work").await;
@@ -360,8 +358,14 @@ async fn close_ends_consumers_and_requeues_unsettled() {
     let buffered_after_close = recv(&mut consumer).await;
     assert_eq!(body(&buffered_after_close), "2");
     assert!(consumer.next().await.is_none());
-    assert!(matches!(first.acker.ack().await, Err(TransportError::Closed(_))));
-    assert!(matches!(other.queue_info("work").await, Err(TransportError::Closed(_))));
+    assert!(matches!(
+        first.acker.ack().await,
+        Err(TransportError::Closed { what: ClosedPart::Transport, .. })
+    ));
+    assert!(matches!(
+        other.queue_info("work").await,
+        Err(TransportError::Closed { what: ClosedPart::Transport, .. })
+    ));
     let again = get(&t, "work").await;
     assert_eq!((body(&again), again.redelivered), ("1", true));
     assert_eq!(body(&get(&t, "work").await), "2");
@@ -765,7 +769,8 @@ async fn uris_reach_shared_brokers() {
     assert!(!Arc::ptr_eq(a.broker(), other.broker()));
     assert!(MemoryTransport::connect("memory://").is_ok());
     let error = MemoryTransport::connect("amqp://user:secret@localhost").unwrap_err();
-    assert!(matches!(error, TransportError::Connection(ref text) if !text.contains("secret")));
+    assert!(matches!(error, TransportError::InvalidUri(ref text) if !text.contains("secret")));
+    assert!(error.is_permanent());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use crate::transport::{
-    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage, PublishOptions,
-    QueueInfo, QueueSpec, Transport, TransportError,
+    BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage,
+    PublishOptions, QueueInfo, QueueSpec, Transport, TransportError,
 };
 
 use super::broker::MemoryBroker;
@@ -36,7 +36,7 @@ impl MemoryTransport {
     pub fn connect(uri: &str) -> Result<Self, TransportError> {
         let Some(name) = uri.strip_prefix("memory://") else {
             let scheme = uri.split_once("://").map_or("(none)", |(scheme, _)| scheme);
-            return Err(TransportError::Connection(format!(
+            return Err(TransportError::InvalidUri(format!(
                 "the in-memory transport needs a memory:// or memory://NAME URI, got scheme \
                  '{scheme}'"
             )));
@@ -47,7 +47,7 @@ impl MemoryTransport {
             match (key.as_ref(), value.parse::<u64>()) {
                 ("max_bytes", Ok(max_bytes)) if max_bytes > 0 => broker.set_max_bytes(max_bytes),
                 _ => {
-                    return Err(TransportError::Connection(format!(
+                    return Err(TransportError::InvalidUri(format!(
                         "invalid memory:// option {key}={value}: expected max_bytes=N (N > 0)"
                     )))
                 }
@@ -63,7 +63,10 @@ impl MemoryTransport {
 
     fn open(&self) -> Result<(), TransportError> {
         if self.closed.load(Ordering::Acquire) {
-            Err(TransportError::Closed("the in-memory transport is closed".to_owned()))
+            Err(TransportError::Closed {
+                what: ClosedPart::Transport,
+                reason: "the in-memory transport is closed".to_owned(),
+            })
         } else {
             Ok(())
         }

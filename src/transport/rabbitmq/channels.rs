@@ -116,7 +116,7 @@ impl ChannelSlot {
                 Ok(Err(error)) => error,
                 Err(_) => {
                     *slot = None;
-                    return Err(TransportError::Connection(format!(
+                    return Err(TransportError::TimedOut(format!(
                         "no answer from {} within {:?}",
                         shared.uri.masked, shared.options.publish_timeout
                     )));

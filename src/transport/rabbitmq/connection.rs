@@ -12,11 +12,11 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use super::error::{is_fatal, is_soft, map_error};
+use super::error::{is_fatal, is_soft, map_connect_error, map_error};
 use super::options::RabbitMqOptions;
 use super::topology::{apply, prepare, Topology};
 use super::uri::{scrub, BrokerUri};
-use crate::transport::TransportError;
+use crate::transport::{ClosedPart, TransportError};
 
 /// How long an operation on a dead link may still take to report its own error.
 const DEATH_GRACE: Duration = Duration::from_millis(100);
@@ -173,15 +173,15 @@ impl Shared {
             LinkState::Down => false,
         });
         let outcome = match tokio::time::timeout_at(deadline, ready).await {
-            Err(_) => Err(TransportError::Connection(format!(
+            Err(_) => Err(TransportError::Unreachable(format!(
                 "no connection to {} (timed out waiting for reconnection)",
                 self.uri.masked
             ))),
             Ok(Ok(state)) => match &*state {
                 LinkState::Up(link) => Ok(link.clone()),
-                _ => Err(TransportError::Closed("transport closed".into())),
+                _ => Err(closed()),
             },
-            Ok(Err(_)) => Err(TransportError::Closed("transport closed".into())),
+            Ok(Err(_)) => Err(closed()),
         };
         outcome
     }
@@ -217,7 +217,7 @@ impl Shared {
     async fn reconnect(&self, generation: u64) -> Result<Arc<Link>, TransportError> {
         let link = self.open(generation).await?;
         let limit = self.options.connect_timeout;
-        let timed_out = || TransportError::Connection("topology replay timed out".into());
+        let timed_out = || TransportError::TimedOut("topology replay timed out".into());
         let declarations = self.topology().snapshot();
         let mut channel = None;
         for declaration in &declarations {
@@ -254,7 +254,13 @@ impl Shared {
     }
 }
 
-/// Connect to the broker, with the password kept out of every error message.
+/// The error of an operation on a transport the application closed.
+fn closed() -> TransportError {
+    TransportError::Closed { what: ClosedPart::Transport, reason: "transport closed".into() }
+}
+
+/// Connect to the broker, with the password kept out of every error message. The error says
+/// what went wrong (see [`map_connect_error`]).
 async fn open(
     options: &RabbitMqOptions,
     uri: &BrokerUri,
@@ -265,20 +271,18 @@ async fn open(
         properties = properties.with_connection_name(name.as_str().into());
     }
     let password = &uri.amqp.authority.userinfo.password;
-    let failed = |why: String| {
-        TransportError::Connection(format!(
-            "cannot connect to {}: {}",
-            uri.masked,
-            scrub(&why, password)
-        ))
-    };
-    let runtime = lapin::runtime::default_runtime().map_err(|e| failed(e.to_string()))?;
+    let describe =
+        |why: String| format!("cannot connect to {}: {}", uri.masked, scrub(&why, password));
+    let runtime = lapin::runtime::default_runtime().map_err(|e| map_connect_error(&e, describe))?;
     let connect =
         Connection::connect_uri_with_config(uri.amqp.clone(), properties, tls.clone(), runtime);
     match tokio::time::timeout(options.connect_timeout, connect).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(failed(error.to_string())),
-        Err(_) => Err(failed(format!("timed out after {:?}", options.connect_timeout))),
+        Ok(Err(error)) => Err(map_connect_error(&error, describe)),
+        Err(_) => Err(TransportError::Unreachable(describe(format!(
+            "timed out after {:?}",
+            options.connect_timeout
+        )))),
     }
 }
 

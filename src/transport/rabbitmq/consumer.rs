@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use super::connection::{Link, Shared};
 use super::convert::{from_basic_properties, short};
-use super::error::{is_fatal, is_soft, map_error};
-use crate::transport::{Acker, ConsumeOptions, Consumer, Delivery, TransportError};
+use super::error::{is_fatal, is_soft, map_error, reply_code};
+use crate::transport::{Acker, ClosedPart, ConsumeOptions, Consumer, Delivery, TransportError};
 
 /// How many times a resume refused by the broker is retried before the consumer ends.
 const RESUME_REFUSALS: u32 = 5;
@@ -45,7 +45,7 @@ enum Settle {
 impl RabbitAcker {
     async fn settle(&self, how: Settle) -> Result<(), TransportError> {
         if self.settled.swap(true, Ordering::SeqCst) {
-            return Err(TransportError::Other("delivery already settled".into()));
+            return Err(TransportError::AlreadySettled);
         }
         let result = match how {
             Settle::Ack => self.link.guard(self.acker.ack(BasicAckOptions::default())).await,
@@ -59,13 +59,17 @@ impl RabbitAcker {
         };
         match result {
             Ok(true) => Ok(()),
-            Ok(false) => Err(TransportError::Closed(
-                "the delivery's channel is closed; the broker requeued the message".into(),
-            )),
-            Err(error) => Err(TransportError::Closed(format!(
-                "the delivery's channel failed ({}); the broker requeues the message",
-                map_error(&error)
-            ))),
+            Ok(false) => Err(TransportError::Closed {
+                what: ClosedPart::Channel,
+                reason: "the delivery's channel is closed; the broker requeued the message".into(),
+            }),
+            Err(error) => Err(TransportError::Closed {
+                what: ClosedPart::Channel,
+                reason: format!(
+                    "the delivery's channel failed ({}); the broker requeues the message",
+                    map_error(&error)
+                ),
+            }),
         }
     }
 }
@@ -148,6 +152,19 @@ async fn subscribe(link: &Link, spec: &ConsumerSpec) -> lapin::Result<(Channel, 
     Ok((channel, consumer))
 }
 
+/// Map an error of [`subscribe`]. RabbitMQ refuses a `basic.consume` with `403` when the
+/// queue is in exclusive use: another consumer holds it exclusively, or this consume is
+/// exclusive and the queue has consumers. That is [`TransportError::ResourceLocked`], as on
+/// the in-process broker. (A user without read permission on the queue gets the same code;
+/// only the reply text differs, and the framework does not classify by text. The text is
+/// kept in the error.)
+fn map_subscribe_error(error: &lapin::Error) -> TransportError {
+    match (reply_code(error), map_error(error)) {
+        (Some(403), TransportError::AccessRefused(text)) => TransportError::ResourceLocked(text),
+        (_, mapped) => mapped,
+    }
+}
+
 /// Subscribe (waiting for the connection up to the publish timeout) and spawn the task that
 /// feeds the returned [`Consumer`], resuming it after every reconnect.
 pub(crate) async fn start(
@@ -169,7 +186,7 @@ pub(crate) async fn start(
         match link.guard(subscribe(&link, &spec)).await {
             Ok((channel, stream)) => break (link, channel, stream),
             Err(error) if is_soft(&error) || is_fatal(&error) || link.alive() => {
-                return Err(map_error(&error))
+                return Err(map_subscribe_error(&error))
             }
             Err(_) => {
                 shared.kick();
@@ -311,7 +328,7 @@ impl Feeder {
                 Ok((channel, stream)) => return Some((link, channel, stream)),
                 Err(error) if is_soft(&error) => {
                     refusals += 1;
-                    tracing::warn!(queue = %self.spec.queue, error = %map_error(&error), refusals, "broker refused to resume the consumer");
+                    tracing::warn!(queue = %self.spec.queue, error = %map_subscribe_error(&error), refusals, "broker refused to resume the consumer");
                     if refusals >= RESUME_REFUSALS {
                         return None;
                     }

@@ -214,6 +214,6 @@ mod tests {
     #[test]
     fn too_long_short_string_is_an_error() {
         let props = Properties { message_id: Some("x".repeat(256)), ..Properties::default() };
-        assert!(matches!(to_basic_properties(&props), Err(TransportError::Other(_))));
+        assert!(matches!(to_basic_properties(&props), Err(TransportError::Invalid(_))));
     }
 }

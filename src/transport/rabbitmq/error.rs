@@ -1,11 +1,14 @@
-//! Mapping of lapin errors to [`TransportError`].
+//! Mapping of lapin errors to [`TransportError`], by error kind and AMQP reply code (never by
+//! the text of a message).
+
+use std::error::Error as StdError;
 
 use lapin::protocol::AMQPErrorKind;
 use lapin::ErrorKind;
 
 use crate::transport::TransportError;
 
-/// Reply codes of the channel-level errors the framework distinguishes.
+/// Reply codes the framework distinguishes.
 const ACCESS_REFUSED: u16 = 403;
 const NOT_FOUND: u16 = 404;
 const RESOURCE_LOCKED: u16 = 405;
@@ -32,38 +35,224 @@ pub(crate) fn is_fatal(error: &lapin::Error) -> bool {
     }
 }
 
-/// Map a lapin error to the transport's error type.
+/// The reply code of a broker refusal, if the error is one.
+pub(crate) fn reply_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+/// Map a lapin error of an operation on an open connection to the transport's error type.
 pub(crate) fn map_error(error: &lapin::Error) -> TransportError {
     match error.kind() {
         ErrorKind::ProtocolError(amqp) => {
             let text = amqp.get_message().to_string();
-            match (amqp.kind(), amqp.get_id()) {
-                (AMQPErrorKind::Soft(_), NOT_FOUND) => TransportError::NotFound(text),
-                (AMQPErrorKind::Soft(_), PRECONDITION_FAILED) => {
-                    TransportError::PreconditionFailed(text)
+            match amqp.get_id() {
+                ACCESS_REFUSED => TransportError::AccessRefused(text),
+                NOT_FOUND => TransportError::NotFound(text),
+                RESOURCE_LOCKED => TransportError::ResourceLocked(text),
+                PRECONDITION_FAILED => TransportError::PreconditionFailed(text),
+                CONNECTION_FORCED => {
+                    TransportError::ConnectionLost(format!("{CONNECTION_FORCED} {text}"))
                 }
-                (AMQPErrorKind::Soft(_), RESOURCE_LOCKED) => TransportError::ResourceLocked(text),
-                (AMQPErrorKind::Soft(_), ACCESS_REFUSED) if text.contains("exclusive") => {
-                    TransportError::ResourceLocked(text)
-                }
-                (AMQPErrorKind::Soft(_), code) => TransportError::Other(format!("{code} {text}")),
-                (AMQPErrorKind::Hard(_), code) => {
-                    TransportError::Connection(format!("{code} {text}"))
-                }
+                code => TransportError::Broker { code, text },
             }
         }
-        ErrorKind::InvalidChannelState(..) => TransportError::Closed(error.to_string()),
+        ErrorKind::InvalidChannelState(..) | ErrorKind::InvalidChannel(_) => {
+            TransportError::Closed {
+                what: crate::transport::ClosedPart::Channel,
+                reason: error.to_string(),
+            }
+        }
         ErrorKind::IOError(_)
         | ErrorKind::RuntimeShutdownError(_)
         | ErrorKind::InvalidConnectionState(_)
         | ErrorKind::MissingHeartbeatError
-        | ErrorKind::ParsingError(_)
-        | ErrorKind::InvalidProtocolVersion(_) => TransportError::Connection(error.to_string()),
-        _ => TransportError::Other(error.to_string()),
+        | ErrorKind::ParsingError(_) => TransportError::ConnectionLost(error.to_string()),
+        ErrorKind::InvalidProtocolVersion(_) => TransportError::Unsupported(error.to_string()),
+        ErrorKind::AuthProviderError(_) => TransportError::Authentication(error.to_string()),
+        _ => TransportError::Internal(error.to_string()),
     }
+}
+
+/// Map a lapin error of opening a connection. `describe` turns lapin's message into the
+/// reported one (it names the masked URI and scrubs the password).
+///
+/// * a login refused (`403` while the connection opens, or the authentication mechanism
+///   failing) is [`TransportError::Authentication`];
+/// * a TLS failure ([`rustls::Error`] or a PEM error of the certificate files, found in the
+///   I/O error's chain) is [`TransportError::Tls`];
+/// * any other I/O failure is [`TransportError::Unreachable`];
+/// * another broker reply (e.g. `530 NOT_ALLOWED` for a missing vhost) is
+///   [`TransportError::Broker`].
+pub(crate) fn map_connect_error(
+    error: &lapin::Error,
+    describe: impl FnOnce(String) -> String,
+) -> TransportError {
+    let reason = describe(error.to_string());
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) if amqp.get_id() == ACCESS_REFUSED => {
+            TransportError::Authentication(reason)
+        }
+        ErrorKind::ProtocolError(amqp) => {
+            TransportError::Broker { code: amqp.get_id(), text: reason }
+        }
+        ErrorKind::AuthProviderError(_) => TransportError::Authentication(reason),
+        ErrorKind::IOError(io) | ErrorKind::RuntimeShutdownError(io) if is_tls(io.as_ref()) => {
+            TransportError::Tls(reason)
+        }
+        ErrorKind::IOError(_)
+        | ErrorKind::RuntimeShutdownError(_)
+        | ErrorKind::InvalidConnectionState(_)
+        | ErrorKind::InvalidChannelState(..)
+        | ErrorKind::MissingHeartbeatError
+        | ErrorKind::ParsingError(_) => TransportError::Unreachable(reason),
+        ErrorKind::InvalidProtocolVersion(_) => TransportError::Unsupported(reason),
+        _ => TransportError::Internal(reason),
+    }
+}
+
+/// True when `error` is, or wraps, a TLS error: a [`rustls::Error`] (certificate refused, alert
+/// received, ...) or a PEM error of the certificate or key files. I/O errors are looked into
+/// (`io::Error::source` skips the error it wraps, so [`std::io::Error::get_ref`] is used).
+fn is_tls(error: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<rustls::Error>() || error.is::<rustls::pki_types::pem::Error>() {
+            return true;
+        }
+        current = match error.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref) {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => error.source(),
+        };
+    }
+    false
 }
 
 /// An error of a value the framework gave that AMQP cannot carry.
 pub(crate) fn invalid(what: impl std::fmt::Display) -> TransportError {
-    TransportError::Other(format!("invalid value: {what}"))
+    TransportError::Invalid(what.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::Arc;
+
+    use lapin::protocol::{AMQPError, AMQPHardError, AMQPSoftError};
+    use lapin::{ChannelState, ConnectionState};
+
+    use super::*;
+    use crate::transport::ClosedPart;
+
+    fn protocol(code: u16, text: &str) -> lapin::Error {
+        let amqp = AMQPError::from_id(code, text.into()).expect("a known reply code");
+        ErrorKind::ProtocolError(amqp).into()
+    }
+
+    fn io_error(inner: io::Error) -> lapin::Error {
+        ErrorKind::IOError(Arc::new(inner)).into()
+    }
+
+    #[test]
+    fn broker_replies_map_by_reply_code() {
+        let refused = map_error(&protocol(403, "ACCESS_REFUSED - no access"));
+        assert_eq!(refused, TransportError::AccessRefused("ACCESS_REFUSED - no access".into()));
+        let missing = map_error(&protocol(404, "NOT_FOUND - no queue 'q'"));
+        assert_eq!(missing, TransportError::NotFound("NOT_FOUND - no queue 'q'".into()));
+        // the text does not decide: a 403 naming "exclusive" is still a refusal here (the
+        // consume call site knows better, see consumer.rs)
+        let exclusive = map_error(&protocol(403, "queue 'q' in exclusive use"));
+        assert!(matches!(exclusive, TransportError::AccessRefused(_)), "{exclusive:?}");
+        assert!(matches!(map_error(&protocol(405, "locked")), TransportError::ResourceLocked(_)));
+        assert!(matches!(
+            map_error(&protocol(406, "inequivalent arg")),
+            TransportError::PreconditionFailed(_)
+        ));
+        assert_eq!(
+            map_error(&protocol(503, "COMMAND_INVALID - unknown exchange type 'x'")),
+            TransportError::Broker {
+                code: 503,
+                text: "COMMAND_INVALID - unknown exchange type 'x'".into()
+            }
+        );
+        assert_eq!(
+            map_error(&protocol(312, "NO_ROUTE")),
+            TransportError::Broker { code: 312, text: "NO_ROUTE".into() }
+        );
+        let forced = map_error(&protocol(320, "CONNECTION_FORCED - broker forced"));
+        assert!(matches!(forced, TransportError::ConnectionLost(_)), "{forced:?}");
+        assert!(!forced.is_permanent());
+        assert_eq!(
+            AMQPSoftError::from_id(403).map(|e| e.get_id()),
+            Some(403),
+            "ACCESS_REFUSED is a soft error in the protocol"
+        );
+        assert_eq!(AMQPHardError::from_id(530).map(|e| e.get_id()), Some(530));
+    }
+
+    #[test]
+    fn client_errors_map_by_kind() {
+        let reset = io_error(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(matches!(map_error(&reset), TransportError::ConnectionLost(_)));
+        let heartbeat = ErrorKind::MissingHeartbeatError.into();
+        assert!(matches!(map_error(&heartbeat), TransportError::ConnectionLost(_)));
+        let dead = ErrorKind::InvalidConnectionState(ConnectionState::Error).into();
+        assert!(matches!(map_error(&dead), TransportError::ConnectionLost(_)));
+        let channel = ErrorKind::InvalidChannelState(ChannelState::Closed, "closed").into();
+        assert!(matches!(
+            map_error(&channel),
+            TransportError::Closed { what: ClosedPart::Channel, .. }
+        ));
+        let auth = ErrorKind::AuthProviderError("no token".into()).into();
+        assert!(matches!(map_error(&auth), TransportError::Authentication(_)));
+        let other = ErrorKind::ChannelsLimitReached.into();
+        assert!(matches!(map_error(&other), TransportError::Internal(_)));
+        assert!(matches!(invalid("too long"), TransportError::Invalid(_)));
+    }
+
+    #[test]
+    fn connect_errors_say_what_went_wrong() {
+        let describe = |why: String| format!("cannot connect to amqp://u:***@h/: {why}");
+        let login =
+            map_connect_error(&protocol(403, "ACCESS_REFUSED - Login was refused"), describe);
+        assert!(
+            matches!(login, TransportError::Authentication(ref text)
+            if text.starts_with("cannot connect to amqp://u:***@h/")),
+            "{login:?}"
+        );
+        assert!(login.is_permanent());
+
+        let vhost =
+            map_connect_error(&protocol(530, "NOT_ALLOWED - vhost nope not found"), describe);
+        assert!(matches!(vhost, TransportError::Broker { code: 530, .. }), "{vhost:?}");
+
+        let refused = io_error(io::Error::from(io::ErrorKind::ConnectionRefused));
+        let refused = map_connect_error(&refused, describe);
+        assert!(matches!(refused, TransportError::Unreachable(_)), "{refused:?}");
+        assert!(!refused.is_permanent());
+
+        // as the TLS stream reports them: a rustls error inside an I/O error, maybe twice
+        let certificate =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let wrapped = io::Error::new(io::ErrorKind::InvalidData, certificate);
+        let tls = map_connect_error(&io_error(wrapped), describe);
+        assert!(
+            matches!(tls, TransportError::Tls(ref text) if text.contains("certificate")),
+            "{tls:?}"
+        );
+        assert!(tls.is_permanent());
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        let twice = io::Error::other(io::Error::new(io::ErrorKind::InvalidData, alert));
+        assert!(matches!(map_connect_error(&io_error(twice), describe), TransportError::Tls(_)));
+        let pem =
+            io::Error::new(io::ErrorKind::InvalidData, rustls::pki_types::pem::Error::NoItemsFound);
+        assert!(matches!(map_connect_error(&io_error(pem), describe), TransportError::Tls(_)));
+        let plain = io::Error::new(io::ErrorKind::InvalidData, "garbage");
+        assert!(matches!(
+            map_connect_error(&io_error(plain), describe),
+            TransportError::Unreachable(_)
+        ));
+    }
 }

@@ -5,7 +5,8 @@
 //! and every consumer that was not cancelled resumes on a fresh channel, feeding the same
 //! [`Consumer`]. Publishes use a confirm channel and are retried across reconnects
 //! (at-least-once); deliveries received before a drop can no longer be settled
-//! ([`TransportError::Closed`]): the broker has requeued them.
+//! ([`TransportError::Closed`] of the [channel](crate::transport::ClosedPart::Channel)): the
+//! broker has requeued them.
 
 mod channels;
 mod connection;
@@ -52,9 +53,10 @@ pub struct RabbitMqTransport {
 }
 
 impl RabbitMqTransport {
-    /// Connect to the broker. Fails with [`TransportError::Connection`] (password masked) when
-    /// the broker cannot be reached or refuses the credentials; reconnection is automatic after
-    /// that.
+    /// Connect to the broker. Fails (password masked) with [`TransportError::Unreachable`]
+    /// when the broker cannot be reached, [`TransportError::Authentication`] when it refuses
+    /// the credentials, [`TransportError::Tls`] when TLS fails (certificate refused, files
+    /// unreadable) and [`TransportError::InvalidUri`]; reconnection is automatic after that.
     pub async fn connect(options: RabbitMqOptions) -> Result<Self, TransportError> {
         let uri = uri::parse_uri(&options.uri, options.heartbeat)?;
         let tls = options.tls.load()?;

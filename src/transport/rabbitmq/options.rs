@@ -74,10 +74,10 @@ impl fmt::Debug for RabbitMqOptions {
     }
 }
 
+/// Read a TLS file; a file that cannot be read is a [`TransportError::Tls`] error.
 fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, TransportError> {
-    std::fs::read(path).map_err(|e| {
-        TransportError::Connection(format!("cannot read {what} {}: {e}", path.display()))
-    })
+    std::fs::read(path)
+        .map_err(|e| TransportError::Tls(format!("cannot read {what} {}: {e}", path.display())))
 }
 
 impl TlsOptions {
@@ -86,7 +86,7 @@ impl TlsOptions {
         let cert_chain = match &self.ca_file {
             Some(path) => Some(
                 String::from_utf8(read(path, "CA file")?)
-                    .map_err(|_| TransportError::Connection("CA file is not PEM text".into()))?,
+                    .map_err(|_| TransportError::Tls("CA file is not PEM text".into()))?,
             ),
             None => None,
         };
@@ -97,7 +97,7 @@ impl TlsOptions {
             }),
             (None, None) => None,
             _ => {
-                return Err(TransportError::Connection(
+                return Err(TransportError::Tls(
                     "client_cert_file and client_key_file go together".into(),
                 ))
             }
@@ -115,7 +115,8 @@ mod tests {
         assert_eq!(TlsOptions::default().load().unwrap(), OwnedTLSConfig::default());
         let missing =
             TlsOptions { ca_file: Some("/nonexistent/ca.pem".into()), ..TlsOptions::default() };
-        assert!(matches!(missing.load(), Err(TransportError::Connection(_))));
+        assert!(matches!(missing.load(), Err(TransportError::Tls(_))));
+        assert!(missing.load().unwrap_err().is_permanent());
         let dir = std::env::temp_dir().join(format!("tls-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let pem = dir.join("ca.pem");
@@ -123,7 +124,7 @@ mod tests {
         let with_ca = TlsOptions { ca_file: Some(pem.clone()), ..TlsOptions::default() };
         assert!(with_ca.load().unwrap().cert_chain.unwrap().contains("BEGIN CERTIFICATE"));
         let half = TlsOptions { client_cert_file: Some(pem.clone()), ..TlsOptions::default() };
-        assert!(half.load().is_err());
+        assert!(matches!(half.load(), Err(TransportError::Tls(_))));
         let pair = TlsOptions {
             client_cert_file: Some(pem.clone()),
             client_key_file: Some(pem),

@@ -56,7 +56,7 @@ pub(crate) async fn publish(
             Ok(Ok(Confirmation::Nack(_))) => return Err(TransportError::Nacked),
             Ok(Err(error)) => error,
             Err(_) => {
-                return Err(TransportError::Connection(format!(
+                return Err(TransportError::TimedOut(format!(
                     "publish to {} not confirmed within {:?}",
                     shared.uri.masked, shared.options.publish_timeout
                 )))

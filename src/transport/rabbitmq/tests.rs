@@ -156,7 +156,7 @@ async fn roundtrip_with_every_property_and_header() {
     assert!(!delivery.redelivered);
     assert_eq!(delivery.properties, properties);
     delivery.acker.ack().await.unwrap();
-    assert!(matches!(delivery.acker.ack().await, Err(TransportError::Other(_))));
+    assert!(matches!(delivery.acker.ack().await, Err(TransportError::AlreadySettled)));
 
     // basic.get, purge and counters.
     consumer.cancel();
@@ -334,6 +334,23 @@ async fn channel_errors_are_mapped_and_harmless() {
     let err = t.consume(&exclusive, prefetch(1)).await;
     assert!(matches!(err, Err(TransportError::ResourceLocked(_))), "{err:?}");
     held.cancel();
+    // An exclusive consume of a queue that has a consumer is refused (403) as locked too.
+    let _plain = t.consume(&queue, prefetch(1)).await.unwrap();
+    let err = other.consume(&queue, ConsumeOptions { exclusive: true, ..prefetch(1) }).await;
+    assert!(matches!(err, Err(TransportError::ResourceLocked(_))), "{err:?}");
+    // A reserved name is refused (403), not locked.
+    let reserved = ExchangeSpec::topic(format!("amq.{}", unique("reserved")));
+    let err = t.declare_exchange(&reserved).await;
+    assert!(matches!(err, Err(TransportError::AccessRefused(_))), "{err:?}");
+    // Another reply code (503 COMMAND_INVALID) keeps its code.
+    let bogus = ExchangeSpec {
+        kind: ExchangeKind::Custom("x-no-such-type".into()),
+        durable: false,
+        ..ExchangeSpec::topic(unique("bogus"))
+    };
+    let err = t.declare_exchange(&bogus).await;
+    assert!(matches!(err, Err(TransportError::Broker { code: 503, .. })), "{err:?}");
+    wait_connected(&t).await;
     assert!(t.is_connected());
     t.delete_queue(&queue).await.unwrap();
     other.close().await;
@@ -349,10 +366,22 @@ async fn bad_credentials_error_masks_the_password() {
     let uri = format!("amqp://guest:{secret}@127.0.0.1:5672/%2f");
     let err = RabbitMqTransport::connect(options(&uri)).await.unwrap_err();
     let text = err.to_string();
-    assert!(matches!(err, TransportError::Connection(_)), "{err:?}");
+    assert!(matches!(err, TransportError::Authentication(_)), "{err:?}");
+    assert!(err.is_permanent(), "refused credentials are not tried again");
     assert!(!text.contains(secret), "{text}");
     assert!(text.contains("guest:***@127.0.0.1"), "{text}");
     assert!(!format!("{:?}", options(&uri)).contains(secret));
+}
+
+#[tokio::test]
+async fn an_unknown_vhost_is_a_broker_refusal() {
+    if !broker_up().await {
+        return;
+    }
+    let uri = format!("amqp://guest:guest@{BROKER}/{}", unique("no-such-vhost"));
+    let err = RabbitMqTransport::connect(options(&uri)).await.unwrap_err();
+    assert!(matches!(err, TransportError::Broker { code: 530, .. }), "{err:?}");
+    assert!(err.is_permanent());
 }
 
 #[tokio::test]
@@ -362,7 +391,8 @@ async fn broker_down_at_connect_is_a_connection_error() {
     drop(listener);
     let uri = format!("amqp://guest:hunter22@127.0.0.1:{port}/%2f");
     let err = RabbitMqTransport::connect(options(&uri)).await.unwrap_err();
-    assert!(matches!(err, TransportError::Connection(_)), "{err:?}");
+    assert!(matches!(err, TransportError::Unreachable(_)), "{err:?}");
+    assert!(!err.is_permanent(), "an unreachable broker is tried again");
     assert!(!err.to_string().contains("hunter22"), "{err}");
     assert!(err.to_string().contains(&format!("guest:***@127.0.0.1:{port}")), "{err}");
 }
@@ -384,10 +414,10 @@ async fn cancel_and_close_end_consumers() {
     let delivery = next(&mut consumer).await;
     t.close().await;
     assert!(timeout(Duration::from_secs(5), consumer.next()).await.unwrap().is_none());
-    assert!(matches!(delivery.acker.ack().await, Err(TransportError::Closed(_))));
+    assert!(matches!(delivery.acker.ack().await, Err(TransportError::Closed { .. })));
     assert!(matches!(
         t.publish("", &queue, message("x", "x"), PublishOptions::default()).await,
-        Err(TransportError::Closed(_))
+        Err(TransportError::Closed { .. })
     ));
     let check = connect(URI).await;
     let back = check.get(&queue).await.unwrap().expect("requeued on close");
@@ -610,7 +640,7 @@ async fn outage_scenario() {
     })
     .await
     .expect("outage not detected");
-    assert!(matches!(before.acker.ack().await, Err(TransportError::Closed(_))));
+    assert!(matches!(before.acker.ack().await, Err(TransportError::Closed { .. })));
     let publishes: Vec<_> = (0..20)
         .map(|i| {
             let t = t.clone();
@@ -637,7 +667,7 @@ async fn outage_scenario() {
         let delivery = next(&mut consumer).await;
         // Deliveries of the cut channel cannot be acked any more: the broker redelivers them.
         match delivery.acker.ack().await {
-            Ok(()) | Err(TransportError::Closed(_)) => {}
+            Ok(()) | Err(TransportError::Closed { .. }) => {}
             Err(other) => panic!("ack failed: {other}"),
         }
         ids.extend(delivery.properties.message_id);

@@ -32,7 +32,7 @@ impl std::fmt::Debug for BrokerUri {
 }
 
 fn invalid(masked: &str, why: impl std::fmt::Display) -> TransportError {
-    TransportError::Connection(format!("invalid broker URI '{masked}': {why}"))
+    TransportError::InvalidUri(format!("invalid broker URI '{masked}': {why}"))
 }
 
 /// Percent-decode one URI component (`+` stays a `+`).

@@ -56,16 +56,19 @@ impl Launcher {
             }
             Err(error) => {
                 remove(&socket);
-                return Err(Error::Startup(format!("cannot start a worker process: {error}")));
+                return Err(Error::WorkerProcess(format!(
+                    "cannot start a worker process: {error}"
+                )));
             }
         };
         remove(&socket);
         let (child, accepted) = accepted;
-        let (stream, _) = accepted
-            .map_err(|_| Error::Startup("a worker process did not connect in 30 s".into()))??;
+        let (stream, _) = accepted.map_err(|_| {
+            Error::WorkerProcess("a worker process did not connect in 30 s".into())
+        })??;
         let (mut reader, mut writer) = stream.into_split();
         let Some(FromWorker::Ready { pid }) = read_frame(&mut reader).await? else {
-            return Err(Error::Startup("a worker process did not say it was ready".into()));
+            return Err(Error::WorkerProcess("a worker process did not say it was ready".into()));
         };
         let (calls, mut to_send) = mpsc::channel::<ToWorker>(16);
         let (outcome_sender, outcomes) = mpsc::channel::<Outcome>(1);
@@ -164,7 +167,9 @@ async fn forward(
         }
         TransportOp::Purge(queue) => TransportAnswer::Count(transport.purge_queue(&queue).await?),
         TransportOp::Consume { queue, .. } => {
-            return Err(TransportError::Other(format!("consume of {queue} is not forwarded here")))
+            return Err(TransportError::Internal(format!(
+                "consume of {queue} is not forwarded here"
+            )))
         }
         TransportOp::Publish { exchange, routing_key, message, options } => {
             transport.publish(&exchange, &routing_key, *message, options).await?;

@@ -16,8 +16,8 @@ use super::protocol::{
 use crate::error::{Error, Result};
 use crate::pipeline::RouteHandle;
 use crate::transport::{
-    Acker, BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage,
-    PublishOptions, QueueInfo, QueueSpec, Transport, TransportError,
+    Acker, BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec,
+    OutgoingMessage, PublishOptions, QueueInfo, QueueSpec, Transport, TransportError,
 };
 
 /// The environment variable that makes a service binary a worker: the socket to dial.
@@ -53,10 +53,13 @@ struct ForwardedAcker {
 impl ForwardedAcker {
     async fn settle(&self, settlement: Settlement) -> Result<(), TransportError> {
         if self.settled.swap(true, Ordering::SeqCst) {
-            return Err(TransportError::Other("delivery already settled".into()));
+            return Err(TransportError::AlreadySettled);
         }
         let frame = FromWorker::Settle { delivery: self.delivery, settlement };
-        self.frames.send(frame).await.map_err(|_| TransportError::Closed("service gone".into()))
+        self.frames.send(frame).await.map_err(|_| TransportError::Closed {
+            what: ClosedPart::Transport,
+            reason: "service gone".into(),
+        })
     }
 }
 
@@ -90,7 +93,10 @@ impl ParentTransport {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
         self.pending.lock().unwrap_or_else(PoisonError::into_inner).insert(id, answer);
-        let closed = || TransportError::Closed("the service of this worker went away".into());
+        let closed = || TransportError::Closed {
+            what: ClosedPart::Transport,
+            reason: "the service of this worker went away".into(),
+        };
         self.frames
             .send(FromWorker::Transport { id, op: Box::new(op) })
             .await
@@ -100,7 +106,7 @@ impl ParentTransport {
 }
 
 fn unexpected(answer: TransportAnswer) -> TransportError {
-    TransportError::Other(format!("unexpected answer from the service: {answer:?}"))
+    TransportError::Internal(format!("unexpected answer from the service: {answer:?}"))
 }
 
 #[async_trait]
@@ -168,7 +174,7 @@ impl Transport for ParentTransport {
     ) -> Result<Consumer, TransportError> {
         let op = TransportOp::Consume { queue: queue.to_owned(), options };
         let TransportAnswer::Consuming { consumer } = self.ask(op).await? else {
-            return Err(TransportError::Other("unexpected answer to a consume".into()));
+            return Err(TransportError::Internal("unexpected answer to a consume".into()));
         };
         let (deliveries, receiver) = mpsc::channel(256);
         self.consumers.lock().unwrap_or_else(PoisonError::into_inner).insert(consumer, deliveries);
@@ -180,7 +186,7 @@ impl Transport for ParentTransport {
     }
 
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
-        Err(TransportError::Other(format!("cannot get from {queue} in a worker process")))
+        Err(TransportError::Unsupported(format!("cannot get from {queue} in a worker process")))
     }
 
     fn is_connected(&self) -> bool {

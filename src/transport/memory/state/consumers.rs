@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::transport::{ConsumeOptions, Delivery, TransportError};
+use crate::transport::{ClosedPart, ConsumeOptions, Delivery, TransportError};
 
 use super::{discard, not_found_queue, DeadLetter, NewConsumer, State, Unacked, UNLIMITED_BUFFER};
 use crate::transport::memory::arguments;
@@ -39,9 +39,10 @@ impl State {
             queue.consumers.iter().any(|slot| slot.connection == connection && slot.tag == tag)
         });
         if reused {
-            return Err(TransportError::Other(format!(
-                "NOT_ALLOWED - attempt to reuse consumer tag '{tag}'"
-            )));
+            return Err(TransportError::Broker {
+                code: 530,
+                text: format!("NOT_ALLOWED - attempt to reuse consumer tag '{tag}'"),
+            });
         }
         let capacity =
             if options.prefetch == 0 { UNLIMITED_BUFFER } else { usize::from(options.prefetch) };
@@ -148,11 +149,10 @@ impl State {
 
     /// Settles delivery `tag`.
     pub fn settle(&mut self, tag: u64, how: Settle, now: Instant) -> Result<(), TransportError> {
-        let unacked = self.core.unacked.remove(&tag).ok_or_else(|| {
-            TransportError::Closed(
-                "the delivery's transport was closed; the message went back to its queue"
-                    .to_owned(),
-            )
+        let unacked = self.core.unacked.remove(&tag).ok_or_else(|| TransportError::Closed {
+            what: ClosedPart::Transport,
+            reason: "the delivery's transport was closed; the message went back to its queue"
+                .to_owned(),
         })?;
         let mut dead = Vec::new();
         let work = self.hand_back(unacked, how, &mut dead).into_iter().collect();

@@ -1,0 +1,151 @@
+//! Typed errors at the service level: what stops start-up at once and what is tried again,
+//! and that a route failing while the service runs is not a start-up error.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{config, rabbitmq_uri, unique};
+use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::entrypoints::Entrypoint;
+use micro_framework::prelude::*;
+use micro_framework::transport::{ClosedPart, TransportError};
+use micro_framework::{Error, RouteHandle};
+
+fn noop() {}
+
+/// Fails (or panics) once the service runs.
+struct Failing {
+    panic: bool,
+}
+
+#[micro_framework::async_trait]
+impl Entrypoint for Failing {
+    fn describe(&self) -> String {
+        "Failing".into()
+    }
+
+    async fn run(self: Box<Self>, _route: RouteHandle) -> micro_framework::Result<()> {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if self.panic {
+            panic!("entrypoint gave up");
+        }
+        Err(Error::Transport(TransportError::Closed {
+            what: ClosedPart::Consumer,
+            reason: "the queue was deleted".into(),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_route_failing_at_run_time_is_not_a_start_up_error() {
+    let routes = vec![Route::new(noop).entrypoint(Failing { panic: false })];
+    let mut service =
+        Runner::new(routes, config("memory://", "failing")).spawn().await.expect("it starts");
+    let error = tokio::time::timeout(Duration::from_secs(10), service.wait_finished())
+        .await
+        .expect("the service stops by itself")
+        .expect_err("with the route's error");
+    let Error::RouteStopped { route, source } = &error else {
+        panic!("expected RouteStopped, got {error:?}")
+    };
+    assert_eq!(route, "noop");
+    assert!(
+        matches!(
+            **source,
+            Error::Transport(TransportError::Closed { what: ClosedPart::Consumer, .. })
+        ),
+        "{source:?}"
+    );
+    assert_eq!(error.to_string(), "route 'noop' stopped: closed: the queue was deleted");
+
+    let routes = vec![Route::new(noop).entrypoint(Failing { panic: true })];
+    let mut service =
+        Runner::new(routes, config("memory://", "panicking")).spawn().await.expect("it starts");
+    let error = tokio::time::timeout(Duration::from_secs(10), service.wait_finished())
+        .await
+        .expect("the service stops by itself")
+        .expect_err("with the panic");
+    assert!(matches!(error, Error::EntrypointPanicked(_)), "{error:?}");
+    assert!(error.to_string().starts_with("an entrypoint panicked: "), "{error}");
+}
+
+fn listener_routes() -> Vec<Route> {
+    vec![Route::new(noop).entrypoint(EventListener::new(unique("src"), "e"))]
+}
+
+#[tokio::test]
+async fn refused_credentials_stop_the_start_at_once() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let address = uri.split('@').nth(1).unwrap().to_owned();
+    let refused = Config {
+        amqp_uri: format!("amqp://guest:not-the-password@{address}"),
+        ..Config::new(unique("refused"))
+    };
+    let stop = tokio::time::sleep(Duration::from_secs(60));
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        Runner::new(listener_routes(), refused).run_until(stop),
+    )
+    .await
+    .expect("start-up must fail, not retry");
+    let error = outcome.expect_err("refused");
+    assert!(matches!(error, Error::Transport(TransportError::Authentication(_))), "{error:?}");
+    assert!(!error.to_string().contains("not-the-password"), "{error}");
+}
+
+#[tokio::test]
+async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
+    // a valid URI (the configuration accepts it) with an option the transport cannot use
+    let bad_uri = Config {
+        amqp_uri: "amqp://guest:guest@127.0.0.1:1/?heartbeat=often".into(),
+        ..Config::new(unique("bad_uri"))
+    };
+    let stop = tokio::time::sleep(Duration::from_secs(60));
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        Runner::new(listener_routes(), bad_uri).run_until(stop),
+    )
+    .await
+    .expect("start-up must fail, not retry");
+    let error = outcome.expect_err("refused");
+    assert!(matches!(error, Error::Transport(TransportError::InvalidUri(_))), "{error:?}");
+
+    // nothing listens on that port: an unreadable CA file is refused before connecting
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let missing_ca = Config {
+        amqp_uri: format!("amqps://guest:guest@127.0.0.1:{port}/"),
+        amqp_ssl_ca_file: Some("/nonexistent/ca.pem".into()),
+        ..Config::new(unique("missing_ca"))
+    };
+    let stop = tokio::time::sleep(Duration::from_secs(60));
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        Runner::new(listener_routes(), missing_ca).run_until(stop),
+    )
+    .await
+    .expect("start-up must fail, not retry");
+    let error = outcome.expect_err("refused");
+    assert!(matches!(error, Error::Transport(TransportError::Tls(_))), "{error:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_tried_again_until_stopped() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let down = Config {
+        amqp_uri: format!("amqp://guest:guest@127.0.0.1:{port}/"),
+        ..Config::new(unique("down"))
+    };
+    let direct = micro_framework::transport::connect(&down).await.expect_err("nothing listens");
+    assert!(matches!(direct, TransportError::Unreachable(_)), "{direct:?}");
+    assert!(!direct.is_permanent());
+    // the runner keeps trying (1 s, 2 s, ...) until the stop signal, then returns cleanly
+    let stop = tokio::time::sleep(Duration::from_millis(2500));
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        Runner::new(listener_routes(), down).run_until(stop),
+    )
+    .await
+    .expect("the stop ends the retries");
+    outcome.expect("stopped before the broker answered: not an error");
+}
