@@ -73,7 +73,7 @@ fn emit_jobs(config: Config) {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(async {
             let transport = micro_framework::transport::connect(&config).await?;
-            let source = Config { service_name: "process_demo_src".into(), ..config };
+            let source = config.with_service_name("process_demo_src".into());
             let producer = Producer::new(transport, &source);
             for job in 1.. {
                 tokio::time::sleep(Duration::from_secs(1)).await;
