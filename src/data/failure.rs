@@ -10,6 +10,7 @@ use crate::data::BoxError;
 /// What kind of failure it was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum FailureKind {
     /// The message could not be turned into the target's arguments (undecodable body,
     /// wrong shape, translator error). Never retried.
@@ -22,6 +23,8 @@ pub enum FailureKind {
     TimedOut,
     /// The worker running the call died.
     Crashed,
+    /// The target's return value could not be serialized.
+    Unserializable,
 }
 
 impl FailureKind {
@@ -33,6 +36,7 @@ impl FailureKind {
             FailureKind::Panic => "panic",
             FailureKind::TimedOut => "timed_out",
             FailureKind::Crashed => "crashed",
+            FailureKind::Unserializable => "unserializable",
         }
     }
 }

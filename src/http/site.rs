@@ -15,7 +15,7 @@ use axum::routing::MethodRouter;
 use axum::Router;
 
 use crate::error::{Error, Result};
-use crate::pipeline::{RouteHandle, SharedExtension};
+use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 
 /// The HTTP server of one service instance.
 #[derive(Debug)]
@@ -27,7 +27,6 @@ pub(crate) struct WebSite {
 
 #[derive(Debug, Default)]
 struct SiteState {
-    listener: Option<std::net::TcpListener>,
     address: Option<SocketAddr>,
     router: Router,
     routes: Vec<(String, String, String)>,
@@ -84,53 +83,42 @@ impl WebSite {
 
 #[async_trait]
 impl SharedExtension for WebSite {
-    /// Bind `WEB_SERVER_ADDRESS`.
-    async fn start(&self) -> Result<()> {
-        let address = &self.service.config().web_server_address;
+    /// Bind `WEB_SERVER_ADDRESS`, then serve until the service stops and let running calls
+    /// finish (at most `SHUTDOWN_TIMEOUT`).
+    async fn start(self: Arc<Self>) -> Result<Serving> {
+        let config = self.service.config().clone();
+        let address = &config.web_server_address;
         let listener = std::net::TcpListener::bind(address)
             .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+            .and_then(tokio::net::TcpListener::from_std)
             .map_err(|error| {
                 Error::Startup(format!(
                     "cannot serve HTTP on {address} (WEB_SERVER_ADDRESS): {error}"
                 ))
             })?;
-        let mut state = self.state();
-        state.address = Some(listener.local_addr()?);
-        state.listener = Some(listener);
-        Ok(())
-    }
-
-    /// Serve until the service stops, then let running calls finish (at most
-    /// `SHUTDOWN_TIMEOUT`).
-    async fn run(self: Arc<Self>) -> Result<()> {
-        let config = self.service.config();
-        let (listener, router) = {
+        let router = {
             let mut state = self.state();
-            let listener = state
-                .listener
-                .take()
-                .ok_or_else(|| Error::Startup("the HTTP server was not bound".into()))?;
-            let router = std::mem::take(&mut state.router)
-                .layer(DefaultBodyLimit::max(config.max_message_size));
-            (listener, router)
+            state.address = Some(listener.local_addr()?);
+            std::mem::take(&mut state.router).layer(DefaultBodyLimit::max(config.max_message_size))
         };
-        let listener = tokio::net::TcpListener::from_std(listener)?;
         tracing::info!("HTTP server listening on http://{}", listener.local_addr()?);
         let stopping = self.service.stopping().clone();
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(stopping.clone().cancelled_owned())
-            .into_future();
-        let limit = config.shutdown_timeout;
-        let overrun = async {
-            stopping.cancelled().await;
-            tokio::time::sleep(limit).await;
-        };
-        tokio::select! {
-            served = server => served.map_err(Error::from),
-            () = overrun => {
-                tracing::warn!("HTTP requests still running after SHUTDOWN_TIMEOUT ({limit:?}); closing");
-                Ok(())
+        Ok(Box::pin(async move {
+            let server = axum::serve(listener, router)
+                .with_graceful_shutdown(stopping.clone().cancelled_owned())
+                .into_future();
+            let limit = config.shutdown_timeout;
+            let overrun = async {
+                stopping.cancelled().await;
+                tokio::time::sleep(limit).await;
+            };
+            tokio::select! {
+                served = server => served.map_err(Error::from),
+                () = overrun => {
+                    tracing::warn!("HTTP requests still running after SHUTDOWN_TIMEOUT ({limit:?}); closing");
+                    Ok(())
+                }
             }
-        }
+        }))
     }
 }

@@ -15,5 +15,5 @@ mod stats;
 pub use entrypoint::Entrypoint;
 pub use route_handle::RouteHandle;
 pub(crate) use route_handle::ServiceEnv;
-pub use shared::SharedExtension;
+pub use shared::{Serving, SharedExtension};
 pub use stats::RouteStats;

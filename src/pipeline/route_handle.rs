@@ -404,7 +404,8 @@ fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcom
             ..Failure::new(FailureKind::Panic, format!("target panicked: {message}"))
         },
         TargetError::Unserializable(reason) => {
-            Failure::new(FailureKind::Error, format!("return value cannot be serialized: {reason}"))
+            let reason = format!("return value cannot be serialized: {reason}");
+            Failure::new(FailureKind::Unserializable, reason)
         }
     })
 }

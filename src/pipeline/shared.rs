@@ -5,25 +5,26 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 
 use crate::error::Result;
+
+/// What a started shared extension does until the service stops.
+pub type Serving = BoxFuture<'static, Result<()>>;
 
 /// A part of a service instance shared by several of its entrypoints (the RPC request
 /// consumer, the HTTP server, the WebSocket server), as Nameko's shared extensions: the first
 /// route that asks for it during set-up makes it
 /// ([`RouteHandle::shared_extension`](crate::pipeline::RouteHandle::shared_extension)), the
-/// others get the same one; once every route is set up the runner starts it, then runs it
-/// until the service stops. A service only set up to read its topology never starts it.
+/// others get the same one; once every route is set up the runner starts it and runs what
+/// it returns until the service stops. A service only set up to read its topology never
+/// starts it.
 #[async_trait]
 pub trait SharedExtension: Send + Sync + 'static {
     /// Called once every route is set up, before any message flows: bind sockets, check what
-    /// the routes registered. An error stops the start.
-    async fn start(&self) -> Result<()> {
-        Ok(())
-    }
-
-    /// Serve until the service stops, then finish as the worker mode says and return.
-    async fn run(self: Arc<Self>) -> Result<()>;
+    /// the routes registered (an error stops the start), and return the future that serves
+    /// until the service stops, then finishes as the worker mode says.
+    async fn start(self: Arc<Self>) -> Result<Serving>;
 }
 
 /// A shared extension with its type's name, for logs.

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::routes::Route;
 use crate::pipeline::spawners::process::{worker_socket, ProcessPool, WorkerLink};
 use crate::pipeline::spawners::WorkerPool;
-use crate::pipeline::{RouteHandle, ServiceEnv};
+use crate::pipeline::{RouteHandle, Serving, ServiceEnv};
 use crate::transport::topology::{Recorder, Topology};
 use crate::transport::SharedTransport;
 
@@ -311,9 +311,10 @@ async fn start_routes(
         }
     };
     let mut tasks = JoinSet::new();
-    for (name, extension) in env.extensions.take() {
-        tasks.spawn(async move { (name.to_owned(), extension.run().await) });
+    for (name, serving) in started.1 {
+        tasks.spawn(async move { (name.to_owned(), serving.await) });
     }
+    let started = started.0;
     let mut routes = BTreeMap::new();
     for (handle, entrypoint) in started {
         routes.insert(handle.name().to_owned(), handle.clone());
@@ -357,10 +358,7 @@ async fn start_routes(
 }
 
 /// Set up every route's entrypoint, then start the shared extensions they made.
-async fn set_up_routes(
-    plans: Vec<RoutePlan>,
-    env: &ServiceEnv,
-) -> Result<Vec<(RouteHandle, Box<dyn crate::pipeline::Entrypoint>)>> {
+async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp> {
     let mut started = Vec::new();
     for RoutePlan { mut route, pool } in plans {
         env.metrics.context(pool.context(), pool.size(), pool.mode().as_str());
@@ -370,12 +368,15 @@ async fn set_up_routes(
         tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
         started.push((handle, entrypoint));
     }
-    let extensions = env.extensions.lock().clone();
-    for (_, extension) in extensions {
-        extension.start().await?;
+    let mut serving = Vec::new();
+    for (name, extension) in env.extensions.take() {
+        serving.push((name, extension.start().await?));
     }
-    Ok(started)
+    Ok((started, serving))
 }
+
+/// The routes set up with their entrypoints, and what each started shared extension serves.
+type SetUp = (Vec<(RouteHandle, Box<dyn crate::pipeline::Entrypoint>)>, Vec<(&'static str, Serving)>);
 
 /// Set up every dependency of the planned routes once (a runner-level dependency is shared
 /// by routes), in route order; returns them for teardown.

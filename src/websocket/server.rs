@@ -3,14 +3,14 @@
 //! then lets every connection finish its calls.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
-use crate::pipeline::{RouteHandle, SharedExtension};
+use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::websocket::connection::serve_client;
 use crate::websocket::registry::WsRegistry;
 
@@ -23,23 +23,13 @@ pub(crate) struct WebSocketServer {
     /// The route that made the server: its config and stop token are the service's.
     service: RouteHandle,
     registry: Arc<WsRegistry>,
-    socket: Mutex<Socket>,
-}
-
-#[derive(Debug, Default)]
-struct Socket {
-    listener: Option<std::net::TcpListener>,
-    address: Option<SocketAddr>,
+    address: Mutex<Option<SocketAddr>>,
 }
 
 impl WebSocketServer {
     /// The server of `service`'s instance, serving no command yet.
     pub(crate) fn new(service: RouteHandle) -> Self {
-        WebSocketServer { service, registry: Arc::default(), socket: Mutex::default() }
-    }
-
-    fn socket(&self) -> MutexGuard<'_, Socket> {
-        self.socket.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        WebSocketServer { service, registry: Arc::default(), address: Mutex::default() }
     }
 
     /// Serve `route` as the command named after it.
@@ -49,14 +39,15 @@ impl WebSocketServer {
 
     /// Where the server listens, once started.
     pub(crate) fn address(&self) -> Option<SocketAddr> {
-        self.socket().address
+        *self.address.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 #[async_trait]
 impl SharedExtension for WebSocketServer {
-    /// Listen on `WEBSOCKET_IP:WEBSOCKET_PORT`.
-    async fn start(&self) -> Result<()> {
+    /// Listen on `WEBSOCKET_IP:WEBSOCKET_PORT`, then accept connections until the service
+    /// stops; running calls then get `SHUTDOWN_TIMEOUT` to finish.
+    async fn start(self: Arc<Self>) -> Result<Serving> {
         let config = self.service.config();
         let (ip, port) = (config.websocket_ip.as_str(), config.websocket_port);
         let cannot = |error: std::io::Error| {
@@ -68,20 +59,15 @@ impl SharedExtension for WebSocketServer {
         let listener = std::net::TcpListener::bind((ip, port)).map_err(cannot)?;
         listener.set_nonblocking(true).map_err(cannot)?;
         let address = listener.local_addr().map_err(cannot)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(cannot)?;
         tracing::info!("serving WebSocket commands on ws://{address}");
-        *self.socket() = Socket { listener: Some(listener), address: Some(address) };
-        Ok(())
+        *self.address.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(address);
+        Ok(Box::pin(self.serve(listener)))
     }
+}
 
-    /// Accept connections until the service stops; running calls then get
-    /// `SHUTDOWN_TIMEOUT` to finish.
-    async fn run(self: Arc<Self>) -> Result<()> {
-        let listener = self
-            .socket()
-            .listener
-            .take()
-            .ok_or_else(|| Error::Startup("the WebSocket socket was not bound".into()))?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+impl WebSocketServer {
+    async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<()> {
         let stopping = self.service.stopping().clone();
         let connections = TaskTracker::new();
         loop {

@@ -11,7 +11,7 @@ use crate::amqp::rpc::wire::{reply_body, request_arguments, RemoteException};
 use crate::data::{json_properties, Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{consume, DeliveryHandler, QueueSource};
-use crate::pipeline::{RouteHandle, SharedExtension};
+use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_size;
 use crate::transport::{Delivery, OutgoingMessage, PublishOptions, TransportError};
 
@@ -61,7 +61,7 @@ impl RpcServer {
 
 #[async_trait]
 impl SharedExtension for RpcServer {
-    async fn run(self: Arc<Self>) -> Result<()> {
+    async fn start(self: Arc<Self>) -> Result<Serving> {
         let config = self.service.config();
         let source = QueueSource {
             transport: self.service.transport().clone(),
@@ -72,7 +72,7 @@ impl SharedExtension for RpcServer {
             max_redeliveries: config.max_redeliveries,
             label: "RPC".into(),
         };
-        consume(source, self.clone()).await
+        Ok(Box::pin(consume(source, self.clone())))
     }
 }
 

@@ -9,7 +9,6 @@ use crate::data::{Failure, FailureKind};
 /// Where Nameko's own exceptions live; callers rebuild the ones registered there.
 const NAMEKO_EXCEPTIONS: &str = "nameko.exceptions";
 /// The start of the failure message of a return value serde could not serialize.
-const UNSERIALIZABLE: &str = "return value cannot be serialized";
 
 /// An error as it travels in an RPC reply (Nameko's serialized exception). It is only data:
 /// nothing in it is ever evaluated.
@@ -51,7 +50,7 @@ impl RemoteException {
         if failure.kind == FailureKind::BadInput {
             return RemoteException::nameko("IncorrectSignature", failure.full_message());
         }
-        if failure.error_type.is_empty() && failure.message.starts_with(UNSERIALIZABLE) {
+        if failure.kind == FailureKind::Unserializable {
             return RemoteException::nameko("UnserializableValueError", failure.full_message());
         }
         let (exc_type, exc_path) = match rust_type_path(&failure.error_type) {
@@ -61,7 +60,7 @@ impl RemoteException {
                     FailureKind::Panic => "Panic",
                     FailureKind::TimedOut => "TimedOut",
                     FailureKind::Crashed => "Crashed",
-                    FailureKind::Error | FailureKind::BadInput => "Error",
+                    _ => "Error",
                 };
                 (name.to_owned(), format!("micro_framework.{name}"))
             }
