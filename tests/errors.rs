@@ -78,7 +78,8 @@ fn listener_routes() -> Vec<Route> {
 async fn refused_credentials_stop_the_start_at_once() {
     let Some(uri) = rabbitmq_uri() else { return };
     let address = uri.split('@').nth(1).unwrap().to_owned();
-    let refused = Config::new(unique("refused")).with_amqp_uri(format!("amqp://guest:not-the-password@{address}"));
+    let refused = Config::new(unique("refused"))
+        .with_amqp_uri(format!("amqp://guest:not-the-password@{address}"));
     let stop = tokio::time::sleep(Duration::from_secs(60));
     let outcome = tokio::time::timeout(
         Duration::from_secs(20),
@@ -94,7 +95,8 @@ async fn refused_credentials_stop_the_start_at_once() {
 #[tokio::test]
 async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
     // a valid URI (the configuration accepts it) with an option the transport cannot use
-    let bad_uri = Config::new(unique("bad_uri")).with_amqp_uri("amqp://guest:guest@127.0.0.1:1/?heartbeat=often".into());
+    let bad_uri = Config::new(unique("bad_uri"))
+        .with_amqp_uri("amqp://guest:guest@127.0.0.1:1/?heartbeat=often".into());
     let stop = tokio::time::sleep(Duration::from_secs(60));
     let outcome = tokio::time::timeout(
         Duration::from_secs(20),
@@ -107,7 +109,9 @@ async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
 
     // nothing listens on that port: an unreadable CA file is refused before connecting
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let missing_ca = Config::new(unique("missing_ca")).with_amqp_uri(format!("amqps://guest:guest@127.0.0.1:{port}/")).with_amqp_ssl_ca_file(Some("/nonexistent/ca.pem".into()));
+    let missing_ca = Config::new(unique("missing_ca"))
+        .with_amqp_uri(format!("amqps://guest:guest@127.0.0.1:{port}/"))
+        .with_amqp_ssl_ca_file(Some("/nonexistent/ca.pem".into()));
     let stop = tokio::time::sleep(Duration::from_secs(60));
     let outcome = tokio::time::timeout(
         Duration::from_secs(20),
@@ -122,7 +126,8 @@ async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
 #[tokio::test]
 async fn an_unreachable_broker_is_tried_again_until_stopped() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let down = Config::new(unique("down")).with_amqp_uri(format!("amqp://guest:guest@127.0.0.1:{port}/"));
+    let down =
+        Config::new(unique("down")).with_amqp_uri(format!("amqp://guest:guest@127.0.0.1:{port}/"));
     let direct = micro_framework::transport::connect(&down).await.expect_err("nothing listens");
     assert!(matches!(direct, TransportError::Unreachable(_)), "{direct:?}");
     assert!(!direct.is_permanent());

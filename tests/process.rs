@@ -243,18 +243,21 @@ async fn an_rpc_request_that_keeps_aborting_the_service_is_answered_with_an_erro
     use std::time::Duration;
     let Some(uri) = common::rabbitmq_uri() else { return };
     let service = common::unique("rpcabort");
+    let log_file = std::env::temp_dir().join(format!("{service}.log"));
     let start = || {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_file).unwrap();
         Command::new(binary())
             .env("AMQP_URI", &uri)
             .env("SERVICE_NAME", &service)
             .env("WORKER_MODE", "thread")
             .env("MAX_REDELIVERIES", "2")
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("process_service starts (built by cargo test)")
     };
+    let logs = || std::fs::read_to_string(&log_file).unwrap_or_default();
     let mut child = Supervised(start());
     let client = Client::connect(&Config::new("caller").with_amqp_uri(uri.clone())).await.unwrap();
     // The service is up once it answers (before, its queue does not exist).
@@ -270,13 +273,20 @@ async fn an_rpc_request_that_keeps_aborting_the_service_is_answered_with_an_erro
     assert_eq!(echoed.unwrap(), serde_json::json!(1));
     let caller = client.service(service.as_str()).timeout(Duration::from_secs(120));
     let call = tokio::spawn(async move { caller.call::<Value>("abort_rpc", (), ()).await });
-    let mut crashes = 0;
-    while !call.is_finished() {
+    // The supervisor: restart the service whenever it dies, until it has stayed up for 3 s
+    // after the caller got its answer.
+    let (mut crashes, mut crashes_before_answer) = (0, None);
+    let mut up_since = std::time::Instant::now();
+    while crashes_before_answer.is_none() || up_since.elapsed() < Duration::from_secs(3) {
+        if crashes_before_answer.is_none() && call.is_finished() {
+            crashes_before_answer = Some(crashes);
+        }
         match child.0.try_wait().unwrap() {
             Some(_) => {
                 crashes += 1;
-                assert!(crashes <= 3, "still crash-looping after {crashes} crashes");
+                assert!(crashes <= 6, "still crash-looping after {crashes} crashes:\n{}", logs());
                 child = Supervised(start());
+                up_since = std::time::Instant::now();
             }
             None => tokio::time::sleep(Duration::from_millis(50)).await,
         }
@@ -289,10 +299,14 @@ async fn an_rpc_request_that_keeps_aborting_the_service_is_answered_with_an_erro
         }
         other => panic!("expected the Crashed remote error, got {other}"),
     }
-    assert_eq!(crashes, 3, "delivered three times (two redeliveries allowed), then answered");
-    assert!(child.0.try_wait().unwrap().is_none(), "the service lives");
-    let echoed: Value = probe.call("echo", (2,), ()).await.unwrap();
-    assert_eq!(echoed, serde_json::json!(2), "and still serves");
+    // Three deliveries (two redeliveries allowed), then the answer. On a classic queue an ack
+    // sent just before a crash can be lost with the connection: a copy of the request may
+    // then cost a crash more before it is refused too; the service then lives on.
+    let answered_after = crashes_before_answer.unwrap_or_default();
+    assert!((3..=5).contains(&answered_after), "answered after {answered_after} crashes");
+    let echoed = probe.call::<Value>("echo", (2,), ()).await;
+    assert_eq!(echoed.ok(), Some(serde_json::json!(2)), "and still serves:\n{}", logs());
+    let _ = std::fs::remove_file(&log_file);
     let _ = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
     assert!(child.0.wait().unwrap().success(), "the service stops gracefully");
     client.close().await;

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::routes::Route;
 use crate::pipeline::spawners::process::{worker_socket, ProcessPool, WorkerLink};
 use crate::pipeline::spawners::WorkerPool;
-use crate::pipeline::{RouteHandle, Serving, ServiceEnv};
+use crate::pipeline::{RouteHandle, ServiceEnv, Serving};
 use crate::transport::topology::{Recorder, Topology};
 use crate::transport::SharedTransport;
 
@@ -376,7 +376,8 @@ async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp>
 }
 
 /// The routes set up with their entrypoints, and what each started shared extension serves.
-type SetUp = (Vec<(RouteHandle, Box<dyn crate::pipeline::Entrypoint>)>, Vec<(&'static str, Serving)>);
+type SetUp =
+    (Vec<(RouteHandle, Box<dyn crate::pipeline::Entrypoint>)>, Vec<(&'static str, Serving)>);
 
 /// Set up every dependency of the planned routes once (a runner-level dependency is shared
 /// by routes), in route order; returns them for teardown.

@@ -8,7 +8,6 @@ use crate::data::{Failure, FailureKind};
 
 /// Where Nameko's own exceptions live; callers rebuild the ones registered there.
 const NAMEKO_EXCEPTIONS: &str = "nameko.exceptions";
-/// The start of the failure message of a return value serde could not serialize.
 
 /// An error as it travels in an RPC reply (Nameko's serialized exception). It is only data:
 /// nothing in it is ever evaluated.
