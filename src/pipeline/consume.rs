@@ -28,6 +28,7 @@ const HEADER_FIRST_ROUTING_KEY: &str = "x-mf-redelivered-routing-key";
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
+const CRASH_PAUSE: Duration = Duration::from_secs(1);
 
 /// What a queue's consumer does with each delivery.
 #[async_trait]
@@ -109,7 +110,18 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
 
 async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, delivery: Delivery) {
     match guard_crash_loop(&source, delivery).await {
-        Guarded::Handle(delivery) => handler.handle(delivery).await,
+        Guarded::Handle(delivery) => {
+            if delivery.properties.headers.contains_key(HEADER_REDELIVERIES) {
+                // A counted copy of a message that may have crashed the service: wait before
+                // running it again, so a crash loop is no hot loop and the ack of the message
+                // it replaces reaches the broker before a new crash could lose it.
+                tokio::select! {
+                    _ = source.stopping.cancelled() => {}
+                    _ = tokio::time::sleep(CRASH_PAUSE) => {}
+                }
+            }
+            handler.handle(delivery).await
+        }
         Guarded::Refuse(delivery, failure) => handler.refuse(delivery, failure).await,
         Guarded::Counted => {}
     }
