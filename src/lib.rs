@@ -64,14 +64,21 @@ pub mod config;
 pub mod data;
 mod error;
 pub mod handler;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod logging;
+#[cfg(feature = "metrics")]
 pub mod metrics;
+// Without the `metrics` feature: the same recording API, compiled to nothing (not public).
+#[cfg(not(feature = "metrics"))]
+#[path = "metrics/noop.rs"]
+mod metrics;
 pub mod pipeline;
 pub mod runner;
 pub mod testing;
 pub mod timer;
 pub mod transport;
+#[cfg(feature = "websocket")]
 pub mod websocket;
 
 pub use handler::{dependencies, extract, targets, translators};

@@ -273,6 +273,7 @@ where
     panic!("condition never held");
 }
 
+#[cfg(feature = "metrics")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_flips_while_the_broker_is_away_and_back_after_reconnect() {
     let Some(uri) = rabbitmq_uri() else { return };

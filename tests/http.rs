@@ -1,4 +1,5 @@
 //! HTTP entrypoints against a running service, with a real client (reqwest).
+#![cfg(feature = "http")]
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! `parse_rpc_response`), `ws-serve` runs a Python service with `WebSocketEntrypoint` routes
 //! that `WebSocketRpcClient` calls. No broker is involved. Without the venv the tests fail
 //! under `CI=true` and are skipped loudly otherwise.
+#![cfg(feature = "websocket")]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Metrics and health endpoints.
+#![cfg(feature = "metrics")]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Process worker modes, through the test-support service `process_service`
 //! (tests/support/process_service.rs), on every broker of `common::broker_uris()`.
+#![cfg(all(feature = "process", feature = "http"))]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! in one of the modules below (with the context it leaves out), and this file is compiled by
 //! `cargo test`. `every_readme_block_is_compiled_here` fails when a block changes without its
 //! copy here.
+#![cfg(all(feature = "http", feature = "websocket"))]
 #![allow(dead_code, unused_variables, unused_imports, clippy::useless_vec)]
 
 /// The README's first example: the seed's service.

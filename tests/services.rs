@@ -1,6 +1,7 @@
 //! Service-owned state: two services in one process on the same in-process broker, each with
 //! RPC, HTTP and WebSocket routes, see only their own routes, and stopping one leaves the
 //! other serving.
+#![cfg(all(feature = "http", feature = "websocket"))]
 
 mod common;
 

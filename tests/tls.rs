@@ -2,6 +2,7 @@
 //! starts TLS listeners on the running node (`rabbit_networking:start_ssl_listener` through
 //! `rabbitmqctl eval`) on free loopback ports, and stops them at the end. Needs RabbitMQ
 //! (under `CI=true` an unreachable broker fails the test) and `rabbitmqctl`.
+#![cfg(feature = "tls")]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! WebSocket RPC (the Python micro-framework's frames): `WebSocketEntrypoint` served by a
 //! running service, called with raw frames and with `WebSocketRpcClient`. No broker traffic
 //! is involved, so the services run on the in-process broker.
+#![cfg(feature = "websocket")]
 
 mod common;
 

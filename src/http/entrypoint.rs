@@ -110,7 +110,7 @@ impl Entrypoint for HttpEntrypoint {
         Ok(())
     }
 
-    /// The service's [`WebSite`] serves every HTTP route.
+    /// The service's HTTP site (a shared extension) serves every HTTP route.
     async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
         Ok(())
     }

@@ -24,6 +24,7 @@ use crate::handler::{ServiceState, WorkerContext};
 use crate::metrics::Metrics;
 use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
 use crate::pipeline::routes::Route;
+#[cfg(feature = "process")]
 use crate::pipeline::spawners::process::CallRequest;
 use crate::pipeline::spawners::{WorkerPermit, WorkerPool};
 use crate::transport::SharedTransport;
@@ -145,6 +146,7 @@ impl RouteHandle {
     }
 
     /// The worker pool this route runs in.
+    #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
     pub(crate) fn pool(&self) -> &WorkerPool {
         &self.inner.pool
     }
@@ -278,19 +280,18 @@ impl RouteHandle {
         failure: Option<Failure>,
         retry: &BackOffData,
     ) -> Outcome {
-        match self.inner.pool.processes() {
-            Some(processes) => {
-                let request = CallRequest {
-                    route: self.name().to_owned(),
-                    role,
-                    message: message.clone(),
-                    failure,
-                    retry: retry.clone(),
-                };
-                processes.call(request).await
-            }
-            None => self.run_here(role, message, failure, retry).await,
+        #[cfg(feature = "process")]
+        if let Some(processes) = self.inner.pool.processes() {
+            let request = CallRequest {
+                route: self.name().to_owned(),
+                role,
+                message: message.clone(),
+                failure,
+                retry: retry.clone(),
+            };
+            return processes.call(request).await;
         }
+        self.run_here(role, message, failure, retry).await
     }
 
     /// Run one function of the route in this process.

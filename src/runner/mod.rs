@@ -3,7 +3,10 @@
 mod context;
 mod signals;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+#[cfg(feature = "process")]
+use std::collections::HashMap;
+#[cfg(any(feature = "http", feature = "websocket", feature = "metrics"))]
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,14 +17,17 @@ use tokio_util::sync::CancellationToken;
 pub use context::RunnerContext;
 
 use crate::config::Config;
+#[cfg(feature = "process")]
 use crate::config::WorkerMode;
 use crate::data::TargetRole;
 use crate::error::{Error, Result};
 use crate::handler::dependencies::{self, Dependency, SetupContext, SharedDependency};
 use crate::handler::extract::TargetSetup;
 use crate::handler::ServiceState;
+#[cfg(feature = "metrics")]
 use crate::metrics::Metrics;
 use crate::pipeline::routes::Route;
+#[cfg(feature = "process")]
 use crate::pipeline::spawners::process::{worker_socket, ProcessPool, WorkerLink};
 use crate::pipeline::spawners::WorkerPool;
 use crate::pipeline::{RouteHandle, ServiceEnv, Serving};
@@ -140,6 +146,7 @@ impl Runner {
     /// Like [`Runner::run`], but stops gracefully when `stop` completes instead of on a
     /// signal (for programs that decide themselves when to stop; process modes included).
     pub async fn run_until(self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        #[cfg(feature = "process")]
         if let Some(socket) = worker_socket() {
             return serve_as_worker(self, &socket).await;
         }
@@ -182,6 +189,14 @@ impl Runner {
     /// Validate the config and check every route, before touching the broker.
     fn prepare(self) -> Result<(Arc<Config>, Vec<RoutePlan>)> {
         self.config.validate()?;
+        #[cfg(not(feature = "metrics"))]
+        if self.config.enable_metrics {
+            return Err(Error::Startup(
+                "ENABLE_METRICS=true, but micro-framework was built without the `metrics` \
+                 feature: enable the feature or set ENABLE_METRICS=false"
+                    .into(),
+            ));
+        }
         let config = Arc::new(self.config);
         let plans = plan_routes(self.contexts, &self.dependencies, &config)?;
         Ok((config, plans))
@@ -241,6 +256,13 @@ fn plan_routes(
     let mut plans: Vec<RoutePlan> = Vec::new();
     for context in contexts {
         let mode = context.worker_mode.unwrap_or(config.worker_mode);
+        #[cfg(not(feature = "process"))]
+        if mode.is_process() {
+            return Err(Error::Startup(format!(
+                "WORKER_MODE={mode}, but micro-framework was built without the `process` \
+                 feature: enable the feature or use thread or greedy_thread"
+            )));
+        }
         let size = context.max_workers.unwrap_or(config.max_workers);
         if size == 0 {
             return Err(Error::Startup("a RunnerContext needs max_workers of at least 1".into()));
@@ -299,11 +321,13 @@ async fn start_routes(
 ) -> Result<RunningService> {
     let env = ServiceEnv::new(config.clone(), transport.clone())?;
     let all_dependencies = set_up_dependencies(&plans, config).await?;
+    #[cfg(feature = "process")]
     let processes = start_processes(&plans, config, &transport).await?;
     let started = match set_up_routes(plans, &env).await {
         Ok(started) => started,
         Err(error) => {
             env.state.clear();
+            #[cfg(feature = "process")]
             for pool in &processes {
                 pool.shutdown().await;
             }
@@ -330,6 +354,7 @@ async fn start_routes(
         config.masked_amqp_uri()
     );
     let stopped = CancellationToken::new();
+    #[cfg(feature = "metrics")]
     let metrics_address = match config.enable_metrics {
         false => None,
         true => Some(
@@ -344,14 +369,22 @@ async fn start_routes(
             .await?,
         ),
     };
-    let supervisor =
-        tokio::spawn(supervise(tasks, env.clone(), all_dependencies, processes, stopped));
+    let supervisor = tokio::spawn(supervise(
+        tasks,
+        env.clone(),
+        all_dependencies,
+        #[cfg(feature = "process")]
+        processes,
+        stopped,
+    ));
     Ok(RunningService {
         state: env.state.clone(),
         stopping: env.stopping,
         routes,
         transport,
+        #[cfg(feature = "metrics")]
         metrics: env.metrics,
+        #[cfg(feature = "metrics")]
         metrics_address,
         supervisor: Some(supervisor),
     })
@@ -400,6 +433,7 @@ async fn set_up_dependencies(
 }
 
 /// Start the worker processes of the process-mode contexts.
+#[cfg(feature = "process")]
 async fn start_processes(
     plans: &[RoutePlan],
     config: &Config,
@@ -426,6 +460,7 @@ async fn start_processes(
 
 /// Serve calls as a worker process of the service at `socket`: set up the routes (not their
 /// entrypoints) and the dependencies, on a transport that goes through the service.
+#[cfg(feature = "process")]
 async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
     let (config, plans) = runner.prepare()?;
     let link = WorkerLink::connect(socket).await?;
@@ -450,7 +485,7 @@ async fn supervise(
     mut tasks: JoinSet<(String, Result<()>)>,
     env: ServiceEnv,
     dependencies: Vec<SharedDependency>,
-    processes: Vec<Arc<ProcessPool>>,
+    #[cfg(feature = "process")] processes: Vec<Arc<ProcessPool>>,
     stopped: CancellationToken,
 ) -> Result<()> {
     let mut first_error = None;
@@ -467,6 +502,7 @@ async fn supervise(
     for dependency in &dependencies {
         dependency.teardown().await;
     }
+    #[cfg(feature = "process")]
     for pool in &processes {
         pool.shutdown().await;
     }
@@ -483,11 +519,14 @@ async fn supervise(
 /// A service started with [`Runner::spawn`].
 #[derive(Debug)]
 pub struct RunningService {
+    #[cfg_attr(not(any(feature = "http", feature = "websocket")), allow(dead_code))]
     state: ServiceState,
     stopping: CancellationToken,
     routes: BTreeMap<String, RouteHandle>,
     transport: SharedTransport,
+    #[cfg(feature = "metrics")]
     metrics: Metrics,
+    #[cfg(feature = "metrics")]
     metrics_address: Option<SocketAddr>,
     supervisor: Option<tokio::task::JoinHandle<Result<()>>>,
 }
@@ -514,24 +553,28 @@ impl RunningService {
         self.transport.is_connected() && !self.stopping.is_cancelled()
     }
 
-    /// The service's metrics.
+    /// The service's metrics (feature `metrics`).
+    #[cfg(feature = "metrics")]
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    /// Where `/metrics` and `/health/*` are served (`ENABLE_METRICS=true`).
+    /// Where `/metrics` and `/health/*` are served (`ENABLE_METRICS=true`; feature `metrics`).
+    #[cfg(feature = "metrics")]
     pub fn metrics_address(&self) -> Option<SocketAddr> {
         self.metrics_address
     }
 
     /// Where the WebSocket entrypoints listen (`WEBSOCKET_IP:WEBSOCKET_PORT`; with port 0 the
-    /// port the system picked), while the service runs and has any.
+    /// port the system picked), while the service runs and has any (feature `websocket`).
+    #[cfg(feature = "websocket")]
     pub fn websocket_address(&self) -> Option<SocketAddr> {
         self.state.get::<crate::websocket::WebSocketServer>()?.address()
     }
 
     /// Where the service's HTTP entrypoints are served (`WEB_SERVER_ADDRESS`; port 0 picks a
-    /// free one), while it runs.
+    /// free one), while it runs (feature `http`).
+    #[cfg(feature = "http")]
     pub fn web_address(&self) -> Option<SocketAddr> {
         self.state.get::<crate::http::WebSite>()?.address()
     }
@@ -556,6 +599,40 @@ impl RunningService {
                 self.supervisor = None;
                 result.map_err(|join| Error::SupervisorFailed(join.to_string()))?
             }
+        }
+    }
+}
+
+/// What a build without an optional feature refuses at start-up.
+#[cfg(all(test, not(all(feature = "metrics", feature = "process"))))]
+mod without_features {
+    use super::*;
+
+    fn refusal(config: Config) -> String {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        match runtime.block_on(Runner::new(Vec::new(), config).spawn()) {
+            Err(Error::Startup(reason)) => reason,
+            other => panic!("expected a start-up refusal, got {other:?}"),
+        }
+    }
+
+    #[cfg(not(feature = "metrics"))]
+    #[test]
+    fn enable_metrics_is_refused_without_the_metrics_feature() {
+        let config = Config::new("nometrics").with_amqp_uri("memory://".into());
+        let reason = refusal(config.with_enable_metrics(true));
+        assert!(reason.contains("built without the `metrics` feature"), "{reason}");
+    }
+
+    #[cfg(not(feature = "process"))]
+    #[test]
+    fn process_modes_are_refused_without_the_process_feature() {
+        use crate::config::WorkerMode;
+        for mode in [WorkerMode::Process, WorkerMode::GreedyProcess] {
+            let config = Config::new("noprocess").with_amqp_uri("memory://".into());
+            let reason = refusal(config.with_worker_mode(mode));
+            assert!(reason.contains("built without the `process` feature"), "{reason}");
+            assert!(reason.contains(mode.as_str()), "{reason}");
         }
     }
 }

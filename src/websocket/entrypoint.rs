@@ -54,7 +54,7 @@ impl Entrypoint for WebSocketEntrypoint {
         Ok(())
     }
 
-    /// The service's [`WebSocketServer`] serves every WebSocket route.
+    /// The service's WebSocket server (a shared extension) serves every WebSocket route.
     async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
         Ok(())
     }

@@ -68,7 +68,8 @@ impl Entrypoint for RPCListener {
         Ok(())
     }
 
-    /// The service's [`RpcServer`] consumes the request queue for every RPC route.
+    /// The service's RPC server (a shared extension) consumes the request queue for every RPC
+    /// route.
     async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
         Ok(())
     }

@@ -3,9 +3,10 @@
 //! A pool admits at most `MAX_WORKERS` calls at once. Sync targets run on OS threads
 //! (tokio's blocking pool), async targets on the runtime; the pool's permits bound both.
 
+#[cfg(feature = "process")]
 pub mod process;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -27,7 +28,8 @@ pub(crate) struct WorkerPool {
     mode: WorkerMode,
     context: Arc<str>,
     time_limit: Option<Duration>,
-    processes: Arc<OnceLock<Arc<process::ProcessPool>>>,
+    #[cfg(feature = "process")]
+    processes: Arc<std::sync::OnceLock<Arc<process::ProcessPool>>>,
 }
 
 impl WorkerPool {
@@ -39,6 +41,7 @@ impl WorkerPool {
             mode,
             context: context.into(),
             time_limit: None,
+            #[cfg(feature = "process")]
             processes: Arc::default(),
         }
     }
@@ -49,16 +52,19 @@ impl WorkerPool {
         self
     }
 
-    /// The hard time limit of a call, if any.
+    /// The hard time limit of a call, if any (only process pools enforce it).
+    #[cfg_attr(not(feature = "process"), allow(dead_code))]
     pub fn time_limit(&self) -> Option<Duration> {
         self.time_limit
     }
 
     /// The worker processes, in process modes once started.
+    #[cfg(feature = "process")]
     pub fn processes(&self) -> Option<&Arc<process::ProcessPool>> {
         self.processes.get()
     }
 
+    #[cfg(feature = "process")]
     pub(crate) fn set_processes(&self, processes: Arc<process::ProcessPool>) {
         let _ = self.processes.set(processes);
     }

@@ -116,6 +116,7 @@ pub(crate) fn map_connect_error(
 /// True when `error` is, or wraps, a TLS error: a [`rustls::Error`] (certificate refused, alert
 /// received, ...) or a PEM error of the certificate or key files. I/O errors are looked into
 /// (`io::Error::source` skips the error it wraps, so [`std::io::Error::get_ref`] is used).
+#[cfg(feature = "tls")]
 fn is_tls(error: &(dyn StdError + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {
@@ -127,6 +128,12 @@ fn is_tls(error: &(dyn StdError + 'static)) -> bool {
             None => error.source(),
         };
     }
+    false
+}
+
+/// Built without the `tls` feature, no connection uses TLS.
+#[cfg(not(feature = "tls"))]
+fn is_tls(_error: &(dyn StdError + 'static)) -> bool {
     false
 }
 
@@ -233,6 +240,17 @@ mod tests {
         assert!(matches!(refused, TransportError::Unreachable(_)), "{refused:?}");
         assert!(!refused.is_permanent());
 
+        #[cfg(feature = "tls")]
+        tls_errors_inside_io_errors_are_tls(describe);
+        let plain = io::Error::new(io::ErrorKind::InvalidData, "garbage");
+        assert!(matches!(
+            map_connect_error(&io_error(plain), describe),
+            TransportError::Unreachable(_)
+        ));
+    }
+
+    #[cfg(feature = "tls")]
+    fn tls_errors_inside_io_errors_are_tls(describe: impl Fn(String) -> String + Copy) {
         // as the TLS stream reports them: a rustls error inside an I/O error, maybe twice
         let certificate =
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
@@ -249,10 +267,5 @@ mod tests {
         let pem =
             io::Error::new(io::ErrorKind::InvalidData, rustls::pki_types::pem::Error::NoItemsFound);
         assert!(matches!(map_connect_error(&io_error(pem), describe), TransportError::Tls(_)));
-        let plain = io::Error::new(io::ErrorKind::InvalidData, "garbage");
-        assert!(matches!(
-            map_connect_error(&io_error(plain), describe),
-            TransportError::Unreachable(_)
-        ));
     }
 }

@@ -59,6 +59,8 @@ impl RabbitMqTransport {
     /// unreadable) and [`TransportError::InvalidUri`]; reconnection is automatic after that.
     pub async fn connect(options: RabbitMqOptions) -> Result<Self, TransportError> {
         let uri = uri::parse_uri(&options.uri, options.heartbeat)?;
+        #[cfg(not(feature = "tls"))]
+        uri::refuse_tls(&uri)?;
         let tls = options.tls.load()?;
         let shared = Shared::new(options, uri, tls);
         let first = shared.open(1).await?;

@@ -35,6 +35,19 @@ fn invalid(masked: &str, why: impl std::fmt::Display) -> TransportError {
     TransportError::InvalidUri(format!("invalid broker URI '{masked}': {why}"))
 }
 
+/// Built without the `tls` feature, there is no TLS to speak `amqps://` with: refuse it
+/// (a permanent error, like any invalid URI) rather than fail obscurely in the handshake.
+#[cfg(not(feature = "tls"))]
+pub(crate) fn refuse_tls(uri: &BrokerUri) -> Result<(), TransportError> {
+    match uri.amqp.scheme {
+        AMQPScheme::AMQPS => Err(invalid(
+            &uri.masked,
+            "amqps:// needs TLS, but micro-framework was built without the `tls` feature",
+        )),
+        AMQPScheme::AMQP => Ok(()),
+    }
+}
+
 /// Percent-decode one URI component (`+` stays a `+`).
 fn decode(part: &str) -> String {
     let bytes = part.as_bytes();
@@ -144,6 +157,15 @@ mod tests {
         assert_eq!(parse_uri("amqp://h/", 1).unwrap().amqp.vhost, "/");
         assert_eq!(parse_uri("amqps://h/", 1).unwrap().amqp.authority.port, 5671);
         assert_eq!(parse_uri("amqp://h/staging", 1).unwrap().amqp.vhost, "staging");
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn amqps_is_refused_without_the_tls_feature() {
+        let parsed = parse_uri("amqps://u:pw@h/", 60).unwrap();
+        let err = refuse_tls(&parsed).unwrap_err().to_string();
+        assert!(err.contains("invalid broker URI") && err.contains("`tls` feature"), "{err}");
+        assert!(refuse_tls(&parse_uri("amqp://h/", 60).unwrap()).is_ok());
     }
 
     #[test]

@@ -1,0 +1,61 @@
+//! Metrics when the crate is built without the `metrics` feature.
+//!
+//! [`Metrics`] has the recording methods of the real one (`src/metrics/mod.rs`), which the
+//! pipeline and the RPC client call, and every one of them does nothing: nothing is counted,
+//! there is no registry to render and no `/metrics` or `/health` server. The module is not
+//! public, `RunningService::metrics` and `RunningService::metrics_address` do not exist, and
+//! the runner refuses `ENABLE_METRICS=true` at start-up.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use crate::data::Handled;
+
+/// Records nothing (built without the `metrics` feature).
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics;
+
+impl Metrics {
+    /// The no-op metrics; cannot fail.
+    pub(crate) fn new() -> Result<Self, Infallible> {
+        Ok(Metrics)
+    }
+
+    /// Does nothing.
+    pub(crate) fn context(&self, _context: &str, _max_workers: usize, _worker_mode: &str) {}
+
+    /// Does nothing.
+    pub(crate) fn received(&self, _context: &str, _route: &str) {}
+
+    /// Does nothing.
+    pub(crate) fn call_started(&self, _context: &str, _route: &str, _available: usize) {}
+
+    /// Does nothing.
+    pub(crate) fn call_finished(
+        &self,
+        _context: &str,
+        _route: &str,
+        _elapsed: Duration,
+        _failed: bool,
+    ) {
+    }
+
+    /// Does nothing.
+    pub(crate) fn available(&self, _context: &str, _available: usize) {}
+
+    /// Does nothing.
+    pub(crate) fn settled(&self, _context: &str, _route: &str, _handled: &Handled) {}
+
+    /// Does nothing.
+    pub(crate) fn retried(&self, _context: &str, _route: &str) {}
+
+    /// Does nothing.
+    pub(crate) fn rpc_call(
+        &self,
+        _service: &str,
+        _method: &str,
+        _outcome: &str,
+        _elapsed: Duration,
+    ) {
+    }
+}
