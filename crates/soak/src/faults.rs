@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use micro_framework::transport::SharedTransport;
 
 use crate::broker::{self, AppStopped};
-use crate::driver::Fleet;
+use crate::fleet::Fleet;
 use crate::services::busy_dir;
 use crate::Role;
 

@@ -24,6 +24,7 @@
 mod broker;
 mod driver;
 mod faults;
+mod fleet;
 mod services;
 mod tracker;
 
