@@ -1,10 +1,12 @@
 //! [`Failure`]: why a call did not succeed, as plain data (it crosses process boundaries and
 //! travels in dead-letter headers).
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::text::{bounded, MAX_ERROR_TEXT};
 use crate::data::BoxError;
 
 /// What kind of failure it was.
@@ -78,7 +80,7 @@ impl Failure {
             retryable: kind != FailureKind::BadInput,
             kind,
             error_type: String::new(),
-            message: message.into(),
+            message: bounded_text(message.into()),
             causes: Vec::new(),
         }
     }
@@ -93,24 +95,34 @@ impl Failure {
         let mut causes = Vec::new();
         let mut source = error.source();
         while let Some(cause) = source {
-            causes.push(cause.to_string());
+            causes.push(bounded_text(cause.to_string()));
             source = cause.source();
         }
         Failure {
             kind: FailureKind::Error,
             error_type: error_type.to_owned(),
-            message: error.to_string(),
+            message: bounded_text(error.to_string()),
             causes,
             retryable: true,
         }
     }
 
-    /// The message followed by its causes, as one line.
+    /// The message followed by its causes, as one line of at most [`MAX_ERROR_TEXT`] bytes.
     pub fn full_message(&self) -> String {
-        std::iter::once(self.message.as_str())
+        let full = std::iter::once(self.message.as_str())
             .chain(self.causes.iter().map(String::as_str))
             .collect::<Vec<_>>()
-            .join(": ")
+            .join(": ");
+        bounded_text(full)
+    }
+}
+
+/// An error text may quote its input (a serde error quotes the bad value): keep at most
+/// [`MAX_ERROR_TEXT`] bytes of it.
+fn bounded_text(text: String) -> String {
+    match bounded(&text, MAX_ERROR_TEXT) {
+        Cow::Borrowed(_) => text,
+        Cow::Owned(cut) => cut,
     }
 }
 

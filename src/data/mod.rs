@@ -10,6 +10,7 @@ mod headers;
 mod message;
 mod outcome;
 mod retry_state;
+mod text;
 
 pub use call_context::{CallContext, HEADER_PREFIX};
 pub use extensions::Extensions;
@@ -17,6 +18,7 @@ pub use failure::{Failure, FailureKind};
 pub use headers::{HeaderValue, Headers, Properties};
 pub use message::{json_properties, Message};
 pub use outcome::{Handled, Outcome, TargetRole};
+pub use text::{bounded, escape_wire_text, MAX_ERROR_TEXT};
 pub use retry_state::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
 
 /// A boxed error, as targets and dependencies return them.
