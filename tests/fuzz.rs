@@ -73,6 +73,8 @@ fn header_value() -> impl Strategy<Value = HeaderValue> {
         any::<bool>().prop_map(HeaderValue::Bool),
         int.prop_map(HeaderValue::Int),
         any::<f64>().prop_map(HeaderValue::Float),
+        (any::<u8>(), any::<i32>())
+            .prop_map(|(scale, value)| HeaderValue::Decimal { scale, value }),
         ".{0,16}".prop_map(HeaderValue::String),
         vec(any::<u8>(), 0..16).prop_map(HeaderValue::Bytes),
         prop_oneof![any::<u64>(), Just(u64::MAX)].prop_map(HeaderValue::Timestamp),

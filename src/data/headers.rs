@@ -19,6 +19,13 @@ pub enum HeaderValue {
     Int(i64),
     /// A float or double.
     Float(f64),
+    /// An exact decimal number, `value / 10^scale` (AMQP `decimal`, kept as such in copies).
+    Decimal {
+        /// How many digits of `value` are after the decimal point.
+        scale: u8,
+        /// The digits, signed.
+        value: i32,
+    },
     /// A UTF-8 string (AMQP long string).
     String(String),
     /// Raw bytes (AMQP byte array, or a long string that is not UTF-8).
@@ -38,6 +45,25 @@ impl HeaderValue {
             HeaderValue::String(s) => Some(s),
             _ => None,
         }
+    }
+
+    /// An exact decimal written out, e.g. `-12345.678`, if this is a decimal.
+    ///
+    /// ```
+    /// use micro_framework::HeaderValue;
+    /// let decimal = HeaderValue::Decimal { scale: 3, value: -12_345_678 };
+    /// assert_eq!(decimal.decimal_text().as_deref(), Some("-12345.678"));
+    /// ```
+    pub fn decimal_text(&self) -> Option<String> {
+        let HeaderValue::Decimal { scale, value } = self else { return None };
+        let digits = format!("{:0>width$}", value.unsigned_abs(), width = usize::from(*scale) + 1);
+        let (whole, fraction) = digits.split_at(digits.len() - usize::from(*scale));
+        let sign = if *value < 0 { "-" } else { "" };
+        Some(if fraction.is_empty() {
+            format!("{sign}{whole}")
+        } else {
+            format!("{sign}{whole}.{fraction}")
+        })
     }
 
     /// The integer inside, if this is an integer.

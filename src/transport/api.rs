@@ -344,20 +344,25 @@ pub enum Limit {
     /// The RPC calls one service instance may have waiting for replies, a count. It frees up
     /// as replies come.
     PendingCalls,
+    /// The encoded properties and headers of one message, in bytes: AMQP carries them in one
+    /// frame, so they must fit in the connection's `frame_max` (131,072 bytes on RabbitMQ by
+    /// default); RabbitMQ closes the whole connection on a bigger one. Permanent for that
+    /// message.
+    HeaderSize,
 }
 
 impl Limit {
     /// The unit of the limit's numbers: `"bytes"` or `"calls"`.
     pub fn unit(self) -> &'static str {
         match self {
-            Limit::MessageSize | Limit::BrokerMemory => "bytes",
+            Limit::MessageSize | Limit::BrokerMemory | Limit::HeaderSize => "bytes",
             Limit::PendingCalls => "calls",
         }
     }
 
-    /// True when trying again cannot help: only the message size.
+    /// True when trying again cannot help: the size of a message's body or headers.
     pub fn is_permanent(self) -> bool {
-        matches!(self, Limit::MessageSize)
+        matches!(self, Limit::MessageSize | Limit::HeaderSize)
     }
 }
 

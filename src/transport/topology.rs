@@ -71,6 +71,7 @@ fn json(value: &HeaderValue) -> serde_json::Value {
         HeaderValue::Bool(b) => (*b).into(),
         HeaderValue::Int(i) => (*i).into(),
         HeaderValue::Float(f) => (*f).into(),
+        HeaderValue::Decimal { .. } => value.decimal_text().into(),
         HeaderValue::String(s) => s.clone().into(),
         HeaderValue::Bytes(b) => String::from_utf8_lossy(b).into_owned().into(),
         HeaderValue::Timestamp(t) => (*t).into(),

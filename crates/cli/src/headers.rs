@@ -14,6 +14,7 @@ pub fn to_json(value: &HeaderValue) -> Value {
         HeaderValue::Bool(b) => Value::from(*b),
         HeaderValue::Int(i) => Value::from(*i),
         HeaderValue::Float(f) => Value::from(*f),
+        HeaderValue::Decimal { .. } => Value::from(value.decimal_text()),
         HeaderValue::String(s) => Value::from(s.as_str()),
         HeaderValue::Bytes(b) => Value::from(String::from_utf8_lossy(b).into_owned()),
         HeaderValue::Timestamp(t) => Value::from(timestamp(*t)),

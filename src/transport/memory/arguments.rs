@@ -110,6 +110,7 @@ pub(super) fn type_name(value: &HeaderValue) -> &'static str {
         HeaderValue::Bool(_) => "bool",
         HeaderValue::Int(_) => "long",
         HeaderValue::Float(_) => "double",
+        HeaderValue::Decimal { .. } => "decimal",
         HeaderValue::String(_) => "longstr",
         HeaderValue::Bytes(_) => "bytes",
         HeaderValue::Timestamp(_) => "timestamp",

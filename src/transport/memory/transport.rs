@@ -13,6 +13,11 @@ use crate::transport::{
 };
 
 use super::broker::MemoryBroker;
+use crate::transport::limits::check_header_size;
+
+/// RabbitMQ's default `frame_max`: the in-process broker refuses the same too-large headers,
+/// so that what works here works there.
+const RABBITMQ_FRAME_MAX: usize = 131_072;
 
 /// A connection to an in-process [`MemoryBroker`].
 ///
@@ -125,6 +130,7 @@ impl Transport for MemoryTransport {
         options: PublishOptions,
     ) -> Result<(), TransportError> {
         self.open()?;
+        check_header_size(&message.properties, RABBITMQ_FRAME_MAX)?;
         self.broker.with_state(|state| {
             state.publish(exchange, routing_key, message, options, Instant::now())
         })

@@ -1,6 +1,8 @@
 //! Conversion of headers and properties between the transport's types and lapin's.
 
-use lapin::types::{AMQPValue, ByteArray, FieldArray, FieldTable, LongString, ShortString};
+use lapin::types::{
+    AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
+};
 use lapin::BasicProperties;
 
 use super::error::invalid;
@@ -18,6 +20,10 @@ pub(crate) fn to_amqp_value(value: &HeaderValue) -> Result<AMQPValue, TransportE
         HeaderValue::Bool(b) => AMQPValue::Boolean(*b),
         HeaderValue::Int(i) => AMQPValue::LongLongInt(*i),
         HeaderValue::Float(f) => AMQPValue::Double(*f),
+        HeaderValue::Decimal { scale, value } => AMQPValue::DecimalValue(DecimalValue {
+            scale: *scale,
+            value: u32::from_ne_bytes(value.to_ne_bytes()),
+        }),
         HeaderValue::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
         HeaderValue::Bytes(b) => AMQPValue::ByteArray(ByteArray::from(b.as_slice())),
         HeaderValue::Timestamp(t) => AMQPValue::Timestamp(*t),
@@ -45,7 +51,7 @@ fn text_or_bytes(bytes: &[u8]) -> HeaderValue {
 }
 
 /// Convert one received field value. Every integer width becomes [`HeaderValue::Int`],
-/// decimals become floats, non-UTF-8 long strings become bytes.
+/// non-UTF-8 long strings become bytes.
 pub(crate) fn from_amqp_value(value: &AMQPValue) -> HeaderValue {
     match value {
         AMQPValue::Boolean(b) => HeaderValue::Bool(*b),
@@ -58,9 +64,12 @@ pub(crate) fn from_amqp_value(value: &AMQPValue) -> HeaderValue {
         AMQPValue::LongLongInt(i) => HeaderValue::Int(*i),
         AMQPValue::Float(f) => HeaderValue::Float(f64::from(*f)),
         AMQPValue::Double(f) => HeaderValue::Float(*f),
-        AMQPValue::DecimalValue(d) => {
-            HeaderValue::Float(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
-        }
+        // The wire's decimal digits are a signed 32-bit integer, which amq-protocol keeps as
+        // unsigned: read the bits back as signed.
+        AMQPValue::DecimalValue(d) => HeaderValue::Decimal {
+            scale: d.scale,
+            value: i32::from_ne_bytes(d.value.to_ne_bytes()),
+        },
         AMQPValue::ShortString(s) => HeaderValue::String(s.as_str().to_owned()),
         AMQPValue::LongString(s) => text_or_bytes(s.as_bytes()),
         AMQPValue::FieldArray(items) => {
@@ -150,6 +159,10 @@ mod tests {
         headers.insert("bytes".into(), HeaderValue::Bytes(vec![0, 159, 255]));
         headers.insert("void".into(), HeaderValue::Void);
         headers.insert(
+            "negative decimal".into(),
+            HeaderValue::Decimal { scale: 3, value: -12_345_678 },
+        );
+        headers.insert(
             "nameko.call_id_stack".into(),
             HeaderValue::Array(vec!["svc.m.1".into(), "svc.n.2".into()]),
         );
@@ -180,7 +193,7 @@ mod tests {
         }
         assert_eq!(from_amqp_value(&AMQPValue::Float(0.5)), HeaderValue::Float(0.5));
         let decimal = AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 150 });
-        assert_eq!(from_amqp_value(&decimal), HeaderValue::Float(1.5));
+        assert_eq!(from_amqp_value(&decimal), HeaderValue::Decimal { scale: 2, value: 150 });
         assert_eq!(
             from_amqp_value(&AMQPValue::ShortString("short".into())),
             HeaderValue::String("short".into())

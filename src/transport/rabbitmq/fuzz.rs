@@ -5,9 +5,15 @@ use lapin::types::parsing::parse_field_table;
 use lapin::types::{AMQPValue, DecimalValue, FieldArray, FieldTable, LongString, ShortString};
 use proptest::prelude::*;
 
-use super::convert::{from_amqp_value, from_field_table, to_amqp_value, to_field_table};
+use lapin::protocol::basic::gen_properties;
+
+use super::convert::{
+    from_amqp_value, from_field_table, to_amqp_value, to_basic_properties, to_field_table,
+};
 use super::uri::parse_uri;
 use crate::data::fuzz_support::{config, headers};
+use crate::data::{HeaderValue, Properties};
+use crate::transport::limits::content_header_frame_len;
 
 /// Any field value lapin can deliver, nested up to 4 levels.
 fn amqp_value() -> impl Strategy<Value = AMQPValue> {
@@ -83,6 +89,29 @@ proptest! {
         if let Ok(table) = to_field_table(&headers) {
             let _ = from_field_table(&table);
         }
+    }
+
+    #[test]
+    fn the_header_size_check_counts_what_lapin_sends(
+        headers in headers(),
+        correlation_id in proptest::option::of(".{0,40}"),
+        timestamp in proptest::option::of(any::<u64>()),
+    ) {
+        let properties = Properties { headers, correlation_id, timestamp, ..Properties::default() };
+        if let Ok(basic) = to_basic_properties(&properties) {
+            let encoded = gen_properties(&basic)(Vec::new().into())
+                .map_err(|error| TestCaseError::fail(format!("{error:?}")))?;
+            // frame (type, channel, size, end) + class, weight and body size + the properties
+            let frame_len = 8 + 12 + usize::try_from(encoded.position).unwrap_or(usize::MAX);
+            prop_assert_eq!(content_header_frame_len(&properties), frame_len);
+        }
+    }
+
+    #[test]
+    fn decimals_keep_their_sign_and_scale(scale in any::<u8>(), value in any::<i32>()) {
+        let decimal = HeaderValue::Decimal { scale, value };
+        let sent = to_amqp_value(&decimal).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(from_amqp_value(&sent), decimal);
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod error;
 mod fuzz;
 mod options;
 mod publisher;
+mod stack;
 mod topology;
 mod uri;
 

@@ -12,6 +12,7 @@ use super::channels::ChannelSlot;
 use super::connection::Shared;
 use super::convert::{short, to_basic_properties};
 use super::error::{is_fatal, is_soft, map_error};
+use crate::transport::limits::check_header_size;
 use crate::transport::{OutgoingMessage, PublishOptions, TransportError};
 
 /// Publish `message` and wait for the broker's confirm, retrying across reconnects until the
@@ -33,6 +34,13 @@ pub(crate) async fn publish(
     let mut channel_failures = 0;
     loop {
         let held = slot.get(shared, min_generation, deadline).await?;
+        // RabbitMQ closes the whole connection on a content header bigger than a frame.
+        // A negotiated frame_max of 0 means no limit.
+        let frame_max = match held.link.connection.configuration().frame_max() {
+            0 => usize::MAX,
+            size => usize::try_from(size).unwrap_or(usize::MAX),
+        };
+        check_header_size(&message.properties, frame_max)?;
         let attempt = async {
             held.channel
                 .basic_publish(
