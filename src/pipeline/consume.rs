@@ -12,10 +12,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::data::{Failure, FailureKind, Handled, HeaderValue, Message};
 use crate::error::Result;
-use crate::pipeline::settle::settle;
+use crate::pipeline::settle::{copy_properties, settle};
 use crate::pipeline::RouteHandle;
 use crate::transport::{
-    ConsumeOptions, Delivery, OutgoingMessage, PublishOptions, SharedTransport,
+    ConsumeOptions, Delivery, Limit, OutgoingMessage, PublishOptions, SharedTransport,
+    TransportError,
 };
 
 /// Header: how many times a message came back unsettled (classic queues; quorum queues count
@@ -167,16 +168,27 @@ async fn guard_crash_loop(source: &QueueSource, mut delivery: Delivery) -> Guard
     if quorum_count.is_some() {
         return Guarded::Handle(delivery);
     }
-    let mut properties = delivery.properties.clone();
+    let mut properties = copy_properties(&delivery.properties);
     let headers = &mut properties.headers;
     headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count));
     headers.insert(HEADER_FIRST_EXCHANGE.into(), delivery.exchange.as_str().into());
     headers.insert(HEADER_FIRST_ROUTING_KEY.into(), delivery.routing_key.as_str().into());
     let copy = OutgoingMessage { body: delivery.body.clone(), properties };
     let options = PublishOptions { mandatory: true };
-    if let Err(error) = source.transport.publish("", &source.queue, copy, options).await {
-        tracing::warn!(route = %source.label, "cannot count a redelivery ({error}); handling it");
-        return Guarded::Handle(delivery);
+    match source.transport.publish("", &source.queue, copy, options).await {
+        Ok(()) => {}
+        Err(TransportError::LimitReached { what: Limit::HeaderSize, reason, .. }) => {
+            // Uncounted, a message that crashes the service would crash it for ever.
+            let failure = Failure::new(
+                FailureKind::Crashed,
+                format!("redelivered unsettled, and its redeliveries cannot be counted: {reason}"),
+            );
+            return Guarded::Refuse(delivery, failure);
+        }
+        Err(error) => {
+            tracing::warn!(route = %source.label, "cannot count a redelivery ({error}); handling it");
+            return Guarded::Handle(delivery);
+        }
     }
     if let Err(error) = delivery.acker.ack().await {
         tracing::warn!(route = %source.label, "cannot ack a counted redelivery: {error}");
@@ -244,14 +256,16 @@ impl DeliveryHandler for RouteQueue {
             return;
         };
         let handled = route.handle(permit, message).await;
-        settle(route, &self.queue, delivery, &handled).await;
-        route.settled(&handled);
+        if let Some(done) = settle(route, &self.queue, delivery, &handled).await {
+            route.settled(&done);
+        }
     }
 
     /// Dead-letter the message with the reason.
     async fn refuse(&self, delivery: Delivery, failure: Failure) {
         let handled = Handled::Failed(failure);
-        settle(&self.route, &self.queue, delivery, &handled).await;
-        self.route.settled(&handled);
+        if let Some(done) = settle(&self.route, &self.queue, delivery, &handled).await {
+            self.route.settled(&done);
+        }
     }
 }

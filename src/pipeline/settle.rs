@@ -18,8 +18,8 @@ use crate::pipeline::retry::{
 };
 use crate::pipeline::RouteHandle;
 use crate::transport::{
-    BindingSpec, Delivery, ExchangeKind, ExchangeSpec, HeaderValue, Headers, OutgoingMessage,
-    PublishOptions, QueueSpec, TransportError,
+    BindingSpec, Delivery, ExchangeKind, ExchangeSpec, HeaderValue, Headers, Limit,
+    OutgoingMessage, Properties, PublishOptions, QueueSpec, TransportError,
 };
 
 /// Header: the route that failed.
@@ -41,26 +41,57 @@ pub const HEADER_ORIGINAL_EXCHANGE: &str = "x-mf-original-exchange";
 /// Header: the routing key the message was published with.
 pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-mf-original-routing-key";
 
+/// Header of a copy: the `user_id` property of the message copied (a copy cannot carry it:
+/// RabbitMQ accepts it only from the user it names). Any publisher can set a header, so,
+/// unlike the property, it proves nothing.
+pub const HEADER_ORIGINAL_USER_ID: &str = "x-mf-original-user-id";
+/// Header of a dead letter whose original headers did not fit in a frame beside the
+/// dead-letter headers: how many were dropped, and how big they made the frame.
+pub const HEADER_HEADERS_DROPPED: &str = "x-mf-headers-dropped";
+
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
-/// Settle `delivery` of `queue` according to `handled`.
+/// Settle `delivery` of `queue` according to `handled`, and say how it ended: `handled`
+/// itself, a dead letter where a retry copy could not be made, or `None` when the message
+/// went back to its queue (its copy could not be published) and will come again.
 pub(crate) async fn settle(
     route: &RouteHandle,
     queue: &str,
     delivery: Delivery,
     handled: &Handled,
-) {
-    let result = match handled {
-        Handled::Succeeded(_) | Handled::CalledBack(_) => delivery.acker.ack().await,
+) -> Option<Handled> {
+    let (result, done) = match handled {
+        Handled::Succeeded(_) | Handled::CalledBack(_) => {
+            (delivery.acker.ack().await, Some(handled.clone()))
+        }
         Handled::Failed(failure) => {
             let message = delivery.message();
             let published = dead_letter(route, queue, &message, failure).await;
-            ack_after(route, queue, delivery, published, "dead-letter").await
+            let done = published.is_ok().then(|| handled.clone());
+            (ack_after(route, queue, delivery, published, "dead-letter").await, done)
         }
         Handled::Retry { failure, delay } => {
             let message = delivery.message();
-            let published = schedule_retry(route, queue, &message, failure, *delay).await;
-            ack_after(route, queue, delivery, published, "schedule the retry of").await
+            match schedule_retry(route, queue, &message, failure, *delay).await {
+                Err(TransportError::LimitReached { what: Limit::HeaderSize, reason, .. }) => {
+                    // A retry copy needs the original headers: without room for them, the
+                    // message cannot come back as it was, so it is dead-lettered now.
+                    let failure = Failure {
+                        retryable: false,
+                        causes: [failure.causes.clone(), vec![format!("not retried: {reason}")]]
+                            .concat(),
+                        ..failure.clone()
+                    };
+                    let published = dead_letter(route, queue, &message, &failure).await;
+                    let done = published.is_ok().then_some(Handled::Failed(failure));
+                    (ack_after(route, queue, delivery, published, "dead-letter").await, done)
+                }
+                published => {
+                    let done = published.is_ok().then(|| handled.clone());
+                    let what = "schedule the retry of";
+                    (ack_after(route, queue, delivery, published, what).await, done)
+                }
+            }
         }
     };
     if let Err(error) = result {
@@ -69,6 +100,7 @@ pub(crate) async fn settle(
             "cannot settle a message ({error}); the broker will deliver it again"
         );
     }
+    done
 }
 
 /// Ack once `published` succeeded; otherwise hand the message back after a pause.
@@ -161,13 +193,12 @@ pub(crate) async fn schedule_retry(
         }
     };
     let retry = BackOffData::from_headers(&message.properties.headers, 0);
-    let mut properties = message.properties.clone();
+    let mut properties = copy_properties(&message.properties);
     let headers = &mut properties.headers;
     headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry.retry_count) + 1));
     headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(now_seconds()));
     headers.insert(HEADER_LAST_ERROR.into(), failure.full_message().into());
     headers.extend(extra);
-    properties.expiration = None;
     tracing::info!(
         route = route.name(),
         "retry {} of a failed message in {delay:?}: {}",
@@ -185,15 +216,59 @@ fn now_seconds() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Publish a copy of `message` to `{queue}.dlq` with the failure in its headers.
+/// Publish a copy of `message` to `{queue}.dlq` with the failure in its headers. When the
+/// original headers leave no room in a frame for the dead-letter headers, the copy carries the
+/// dead-letter headers alone, and [`HEADER_HEADERS_DROPPED`] says what was dropped.
 pub(crate) async fn dead_letter(
     route: &RouteHandle,
     queue: &str,
     message: &Message,
     failure: &Failure,
 ) -> Result<(), TransportError> {
-    let mut properties = message.properties.clone();
-    let headers = &mut properties.headers;
+    let mut properties = copy_properties(&message.properties);
+    let reason = dead_letter_headers(route, queue, message, failure);
+    properties.headers.extend(reason.clone());
+    let dlq = format!("{queue}.dlq");
+    tracing::warn!(
+        route = route.name(),
+        "message dead-lettered to {dlq}: {} ({})",
+        failure.full_message(),
+        failure.kind
+    );
+    let copy = OutgoingMessage { body: message.body.clone(), properties };
+    let options = PublishOptions { mandatory: true };
+    let error = match route.transport().publish("", &dlq, copy.clone(), options).await {
+        Err(TransportError::LimitReached { what: Limit::HeaderSize, size, limit, .. }) => {
+            format!("{size} bytes, over the frame_max of {limit} bytes")
+        }
+        published => return published,
+    };
+    let original = &message.properties.headers;
+    let kept: Headers = original
+        .iter()
+        .filter(|(name, _)| name.as_str() == HEADER_ORIGINAL_USER_ID)
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let dropped = format!(
+        "{} original headers dropped: with the dead-letter headers they made {error}",
+        original.len()
+    );
+    tracing::warn!(route = route.name(), "dead letter to {dlq}: {dropped}");
+    let mut properties = copy.properties;
+    properties.headers = reason.into_iter().chain(kept).collect();
+    properties.headers.insert(HEADER_HEADERS_DROPPED.into(), dropped.into());
+    let minimal = OutgoingMessage { body: copy.body, properties };
+    route.transport().publish("", &dlq, minimal, options).await
+}
+
+/// The `x-mf-*` headers that say why and where from a message was dead-lettered.
+fn dead_letter_headers(
+    route: &RouteHandle,
+    queue: &str,
+    message: &Message,
+    failure: &Failure,
+) -> Headers {
+    let mut headers = Headers::new();
     headers.insert(HEADER_ROUTE.into(), route.name().into());
     headers.insert(HEADER_ERROR_KIND.into(), failure.kind.as_str().into());
     headers.insert(HEADER_ERROR.into(), failure.full_message().into());
@@ -207,14 +282,18 @@ pub(crate) async fn dead_letter(
     headers.insert(HEADER_ORIGINAL_QUEUE.into(), queue.into());
     headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), message.exchange.clone().into());
     headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), message.routing_key.clone().into());
+    headers
+}
+
+/// The properties of a copy the service publishes of a message it received (a retry, a dead
+/// letter, a counted redelivery): without the per-message TTL, and without the `user_id`
+/// property, which RabbitMQ accepts only from the user it names; its value moves to
+/// [`HEADER_ORIGINAL_USER_ID`].
+pub(crate) fn copy_properties(original: &Properties) -> Properties {
+    let mut properties = original.clone();
     properties.expiration = None;
-    let dlq = format!("{queue}.dlq");
-    tracing::warn!(
-        route = route.name(),
-        "message dead-lettered to {dlq}: {} ({})",
-        failure.full_message(),
-        failure.kind
-    );
-    let copy = OutgoingMessage { body: message.body.clone(), properties };
-    route.transport().publish("", &dlq, copy, PublishOptions { mandatory: true }).await
+    if let Some(user_id) = properties.user_id.take() {
+        properties.headers.insert(HEADER_ORIGINAL_USER_ID.into(), user_id.into());
+    }
+    properties
 }

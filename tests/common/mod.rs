@@ -162,3 +162,58 @@ pub fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
     let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
     (status, body)
 }
+
+/// Poll the async `condition` every 20 ms for up to 10 s; panic if it never holds.
+pub async fn wait_until_async<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for a condition");
+}
+
+/// A RabbitMQ user with all permissions on `/`, deleted when dropped.
+pub struct TemporaryUser {
+    pub name: String,
+    password: String,
+}
+
+impl TemporaryUser {
+    pub fn create(prefix: &str) -> TemporaryUser {
+        let user = TemporaryUser { name: unique(prefix), password: unique("pw") };
+        rabbitmqctl(&["add_user", &user.name, &user.password]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+        user
+    }
+
+    /// A transport connected as this user to the broker of `uri`.
+    pub async fn connect(&self, uri: &str) -> micro_framework::transport::SharedTransport {
+        let mut url = url::Url::parse(uri).expect("a broker URI");
+        url.set_username(&self.name).expect("a user name");
+        url.set_password(Some(&self.password)).expect("a password");
+        let config = Config::new(unique("user")).with_amqp_uri(url.to_string());
+        micro_framework::transport::connect(&config).await.expect("the user connects")
+    }
+}
+
+impl Drop for TemporaryUser {
+    fn drop(&mut self) {
+        rabbitmqctl(&["delete_user", &self.name]);
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let output =
+        std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -141,6 +141,14 @@ async fn reply_then_ack(
 ) {
     let settled = match reply(route, message, outcome).await {
         Ok(()) => delivery.acker.ack().await,
+        Err(error) if error.is_permanent() => {
+            // No later attempt could send it: requeued, the request would come back for ever.
+            tracing::error!(
+                route = route.name(),
+                "cannot reply to an RPC request ({error}); acked without a reply"
+            );
+            delivery.acker.ack().await
+        }
         Err(error) => {
             tracing::error!(
                 route = route.name(),

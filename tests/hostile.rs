@@ -1,0 +1,309 @@
+//! Poison messages and hostile peers: what an attacker with publish rights can send a
+//! service, and what must happen then. A poison message is settled once (dead-lettered with a
+//! reason), never loops and never kills the connection; the messages behind it are handled
+//! once; the service stays up. On every broker of `common::broker_uris()` unless said.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{broker_uris, config, unique};
+use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::dependencies::Shared;
+use micro_framework::logging::MAX_ERROR_TEXT;
+use micro_framework::prelude::*;
+use micro_framework::retry::AsyncBackOff;
+use micro_framework::settle::{HEADER_ERROR, HEADER_HEADERS_DROPPED, HEADER_ORIGINAL_USER_ID};
+use micro_framework::testing::TestService;
+use micro_framework::transport::{
+    HeaderValue, Headers, Limit, OutgoingMessage, Properties, PublishOptions, SharedTransport,
+    TransportError,
+};
+use micro_framework::Message;
+use serde_json::{json, Value};
+
+/// Counts the calls of a route.
+#[derive(Default)]
+struct Calls(AtomicU64);
+
+impl Calls {
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Always fails with an error that quotes the whole payload, as careless code does.
+fn quoting(Payload(payload): Payload<Value>, Dep(calls): Dep<Arc<Calls>>) -> Result<(), String> {
+    calls.0.fetch_add(1, Ordering::SeqCst);
+    Err(format!("cannot handle {payload}"))
+}
+
+fn good(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<Calls>>) {
+    calls.0.fetch_add(1, Ordering::SeqCst);
+}
+
+/// A service with `quoting` on `{shop}/poison` (retried twice) and `good` on `{shop}/good`,
+/// the calls of each, and the dead-letter queue of `quoting`. Its names contain `shop`.
+async fn poison_and_good(uri: &str, shop: &str) -> (TestService, Arc<Calls>, Arc<Calls>, String) {
+    let (bad_calls, good_calls) = (Arc::new(Calls::default()), Arc::new(Calls::default()));
+    let config = config(uri, &format!("hostile_{shop}"));
+    let dlq = format!("evt-{shop}-poison--{}.quoting.dlq", config.service_name);
+    let routes = vec![
+        Route::new(quoting)
+            .entrypoint(EventListener::new(shop, "poison"))
+            .backoff(AsyncBackOff::new(2, Duration::from_millis(20)))
+            .dependency(Shared(bad_calls.clone())),
+        Route::new(good)
+            .entrypoint(EventListener::new(shop, "good"))
+            .dependency(Shared(good_calls.clone())),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    (service, bad_calls, good_calls, dlq)
+}
+
+/// Publish `body` with `properties` as event `event` of `shop`.
+async fn publish_raw(
+    transport: &SharedTransport,
+    shop: &str,
+    event: &str,
+    body: Vec<u8>,
+    properties: Properties,
+) -> Result<(), TransportError> {
+    let message = OutgoingMessage { body: body.into(), properties };
+    let exchange = format!("{shop}.events");
+    transport.publish(&exchange, event, message, PublishOptions::default()).await
+}
+
+/// Properties whose content header frame is `frame_len` bytes: one `padding` header.
+fn filling_properties(frame_len: usize) -> Properties {
+    // frame 8 + class, weight, size and flags 14 + delivery mode 1 + table length 4
+    // + key "padding" 8 + type and string length 5
+    let padding = "p".repeat(frame_len - 40);
+    let headers = Headers::from([("padding".to_owned(), HeaderValue::from(padding))]);
+    Properties { headers, delivery_mode: Some(2), ..Properties::default() }
+}
+
+fn header<'a>(message: &'a Message, key: &str) -> Option<&'a HeaderValue> {
+    message.properties.headers.get(key)
+}
+
+/// Wait until `queue` holds `count` messages, then take them.
+async fn dead_letters(service: &TestService, queue: &str, count: u32) -> Vec<Message> {
+    common::wait_until_async(|| async { service.queue_len(queue).await.unwrap_or(0) >= count })
+        .await;
+    service.take_messages(queue).await.unwrap()
+}
+
+#[tokio::test]
+async fn an_error_quoting_a_200_kb_event_is_bounded_and_dead_lettered_once() {
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
+        let markers = [shop.clone()];
+        let big = json!({ "blob": "b".repeat(200_000) });
+        service.dispatch(&shop, "poison", &big).await.unwrap();
+        service.dispatch(&shop, "good", &json!({ "n": 1 })).await.unwrap();
+
+        let dead = dead_letters(&service, &dlq, 1).await;
+        service.wait_for_route("good", 1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(dead.len(), 1, "{uri}: dead-lettered once");
+        assert_eq!(dead[0].decode().unwrap(), big, "{uri}: the body is kept whole");
+        let error = header(&dead[0], HEADER_ERROR).and_then(HeaderValue::as_str).unwrap();
+        assert!(error.len() < MAX_ERROR_TEXT + 64, "{uri}: error of {} bytes", error.len());
+        assert!(error.ends_with("bytes in all)"), "{uri}: {}", &error[error.len() - 80..]);
+        assert_eq!(bad_calls.count(), 3, "{uri}: first try and two retries");
+        assert_eq!(good_calls.count(), 1, "{uri}: the good event, once");
+        assert_eq!(service.transport().reconnects(), 0, "{uri}: the connection was never lost");
+        assert_eq!(service.queue_len(&dlq).await.unwrap(), 0);
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
+async fn headers_that_fill_a_frame_are_dead_lettered_without_them_and_say_so() {
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
+        let markers = [shop.clone()];
+        // accepted by the broker, but no dead-letter header fits beside it
+        let properties = filling_properties(131_000);
+        let body = b"\x00not json\xff".to_vec();
+        publish_raw(service.transport(), &shop, "poison", body.clone(), properties).await.unwrap();
+        service.dispatch(&shop, "good", &json!({ "n": 1 })).await.unwrap();
+
+        let dead = dead_letters(&service, &dlq, 1).await;
+        service.wait_for_route("good", 1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(dead.len(), 1, "{uri}: dead-lettered once");
+        assert_eq!(dead[0].body.as_ref(), body.as_slice(), "{uri}: the body is kept");
+        assert!(header(&dead[0], "padding").is_none(), "{uri}: the original header is dropped");
+        let dropped = header(&dead[0], HEADER_HEADERS_DROPPED).and_then(HeaderValue::as_str);
+        assert!(
+            dropped.is_some_and(|text| text.starts_with("1 original headers dropped")),
+            "{uri}: {dropped:?}"
+        );
+        assert!(header(&dead[0], HEADER_ERROR).is_some(), "{uri}: the reason is kept");
+        assert_eq!(bad_calls.count(), 0, "{uri}: bad input never reaches the target");
+        assert_eq!(good_calls.count(), 1, "{uri}: the good event, once");
+        assert_eq!(service.transport().reconnects(), 0, "{uri}: the connection was never lost");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
+async fn a_retry_copy_that_cannot_fit_is_dead_lettered_at_once() {
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
+        let markers = [shop.clone()];
+        let properties = filling_properties(131_000);
+        let body = serde_json::to_vec(&json!({ "order": 7 })).unwrap();
+        publish_raw(service.transport(), &shop, "poison", body, properties).await.unwrap();
+        service.dispatch(&shop, "good", &json!({ "n": 1 })).await.unwrap();
+
+        let dead = dead_letters(&service, &dlq, 1).await;
+        service.wait_for_route("good", 1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(dead.len(), 1, "{uri}");
+        let error = header(&dead[0], HEADER_ERROR).and_then(HeaderValue::as_str).unwrap();
+        assert!(error.contains("not retried"), "{uri}: {error}");
+        assert_eq!(bad_calls.count(), 1, "{uri}: no retry could be scheduled");
+        assert_eq!(good_calls.count(), 1, "{uri}");
+        assert_eq!(service.transport().reconnects(), 0, "{uri}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
+async fn headers_too_big_for_a_frame_are_refused_before_the_broker_sees_them() {
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let (service, _, good_calls, _) = poison_and_good(&uri, &shop).await;
+        let markers = [shop.clone()];
+        let refused =
+            publish_raw(service.transport(), &shop, "good", vec![], filling_properties(131_073))
+                .await;
+        assert!(
+            matches!(
+                refused,
+                Err(TransportError::LimitReached {
+                    what: Limit::HeaderSize,
+                    size: 131_073,
+                    limit: 131_072,
+                    ..
+                })
+            ),
+            "{uri}: {refused:?}"
+        );
+        service.dispatch(&shop, "good", &json!({ "n": 1 })).await.unwrap();
+        service.wait_for_route("good", 1).await.unwrap();
+        assert_eq!(good_calls.count(), 1);
+        assert_eq!(service.transport().reconnects(), 0, "{uri}: the connection was never lost");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
+async fn decimal_headers_keep_their_value_in_dead_letters() {
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let (service, _, _, dlq) = poison_and_good(&uri, &shop).await;
+        let markers = [shop.clone()];
+        let decimal = HeaderValue::Decimal { scale: 3, value: -12_345_678 };
+        let properties = Properties {
+            headers: Headers::from([("amount".to_owned(), decimal.clone())]),
+            ..Properties::default()
+        };
+        publish_raw(service.transport(), &shop, "poison", b"{}".to_vec(), properties)
+            .await
+            .unwrap();
+        let dead = dead_letters(&service, &dlq, 1).await;
+        assert_eq!(header(&dead[0], "amount"), Some(&decimal), "{uri}");
+        assert_eq!(decimal.decimal_text().as_deref(), Some("-12345.678"));
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+/// An array header nested `depth` levels deep.
+fn nested(depth: usize) -> HeaderValue {
+    let mut value = HeaderValue::Array(Vec::new());
+    for _ in 1..depth {
+        value = HeaderValue::Array(vec![value]);
+    }
+    value
+}
+
+/// RabbitMQ only: the frame parser runs in lapin's thread.
+#[tokio::test]
+async fn a_header_nested_as_deep_as_a_frame_allows_crashes_nothing() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let shop = unique("shop");
+    let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
+    let markers = [shop.clone()];
+    // 5 bytes a level: about the deepest a 131,072-byte frame holds
+    let depth = 26_000;
+    let properties = Properties {
+        headers: Headers::from([("deep".to_owned(), nested(depth))]),
+        ..Properties::default()
+    };
+    for event in ["good", "poison"] {
+        publish_raw(service.transport(), &shop, event, b"{}".to_vec(), properties.clone())
+            .await
+            .unwrap();
+    }
+    service.dispatch(&shop, "good", &json!({ "n": 2 })).await.unwrap();
+
+    let dead = dead_letters(&service, &dlq, 1).await;
+    service.wait_for_route("good", 2).await.unwrap();
+    assert_eq!(good_calls.count(), 2, "the deep message and the one behind it, once each");
+    assert_eq!(bad_calls.count(), 3, "first try and two retries");
+    let deep = header(&dead[0], "deep");
+    assert!(deep == Some(&nested(depth)) || header(&dead[0], HEADER_HEADERS_DROPPED).is_some());
+    assert_eq!(service.transport().reconnects(), 0);
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &markers).await;
+}
+
+/// RabbitMQ only: a user that may publish sets `user_id` to its own name, legitimately; the
+/// service's copies are published as another user.
+#[tokio::test]
+async fn a_message_carrying_its_publishers_user_id_is_settled_once() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("publisher");
+    let shop = unique("shop");
+    let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
+    let markers = [shop.clone()];
+    let publisher = user.connect(&uri).await;
+    let properties = Properties { user_id: Some(user.name.clone()), ..Properties::default() };
+    for _ in 0..3 {
+        publish_raw(&publisher, &shop, "poison", b"{\"n\": 1}".to_vec(), properties.clone())
+            .await
+            .unwrap();
+    }
+    publish_raw(&publisher, &shop, "good", b"{\"n\": 2}".to_vec(), properties).await.unwrap();
+
+    let dead = dead_letters(&service, &dlq, 3).await;
+    service.wait_for_route("good", 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dead.len(), 3);
+    for message in &dead {
+        assert_eq!(message.properties.user_id, None);
+        assert_eq!(
+            header(message, HEADER_ORIGINAL_USER_ID),
+            Some(&HeaderValue::from(user.name.as_str()))
+        );
+    }
+    assert_eq!(bad_calls.count(), 9, "three messages, three attempts each, no more");
+    assert_eq!(good_calls.count(), 1, "the good event behind them, once");
+    publisher.close().await;
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &markers).await;
+}
