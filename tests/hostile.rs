@@ -307,3 +307,127 @@ async fn a_message_carrying_its_publishers_user_id_is_settled_once() {
     service.stop().await.unwrap();
     common::cleanup(&uri, &markers).await;
 }
+
+/// The `rpc_service` example on RabbitMQ, its log captured in a file.
+struct RpcExample {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    service: String,
+}
+
+impl RpcExample {
+    fn start(uri: &str) -> RpcExample {
+        let exe = std::env::current_exe().unwrap();
+        let example = exe.parent().and_then(std::path::Path::parent).unwrap();
+        let service = unique("hostile_rpc");
+        let log = std::env::temp_dir().join(format!("{service}.log"));
+        let child = std::process::Command::new(example.join("examples/rpc_service"))
+            .env("AMQP_URI", uri)
+            .env("SERVICE_NAME", &service)
+            .env_remove("LOG_FORMAT")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("example built by cargo test");
+        RpcExample { child, log, service }
+    }
+
+    /// Stop with SIGINT and return the log.
+    fn stop(mut self) -> String {
+        let pid = self.child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        assert!(self.child.wait().unwrap().success(), "SIGINT stops the example cleanly");
+        let log = std::fs::read_to_string(&self.log).unwrap();
+        std::fs::remove_file(&self.log).unwrap();
+        log
+    }
+}
+
+/// RabbitMQ only (the example serves a real broker): text from the wire cannot forge a log
+/// line, and an error quoting a 1 MB argument is bounded in the reply and in the log.
+#[tokio::test]
+async fn wire_text_cannot_forge_log_lines_and_echoes_are_bounded() {
+    use micro_framework::amqp::rpc::{Client, RpcError};
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let example = RpcExample::start(&uri);
+    let client = Client::connect(&Config::new("caller").with_amqp_uri(uri.clone())).await.unwrap();
+    let mut answer = None;
+    for _ in 0..200 {
+        match client.call::<i64>(&example.service, "add", [1, 2], json!({})).await {
+            Err(RpcError::UnknownService(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => {
+                answer = Some(other);
+                break;
+            }
+        }
+    }
+    assert_eq!(answer.unwrap().unwrap(), 3);
+
+    // no dot: the RPC exchange routes `{service}.{method}` with one word after the service
+    let forged = "nothing\n2026-01-01T00:00:00Z ERROR forged: \u{1b}[2J\u{202e}evil";
+    let unknown = client.call::<Value>(&example.service, forged, json!([]), json!({})).await;
+    assert!(matches!(unknown, Err(RpcError::MethodNotFound(_))), "{unknown:?}");
+    let huge = "9".repeat(1 << 20);
+    let refused = client.call::<Value>(&example.service, "add", json!([huge, 1]), json!({})).await;
+    let text = refused.unwrap_err().to_string();
+    assert!(text.len() < MAX_ERROR_TEXT + 200, "a reply of {} bytes", text.len());
+    assert!(text.contains("bytes in all"), "{text:.200}");
+    client.close().await;
+
+    let log = example.stop();
+    assert!(!log.contains('\u{1b}') && !log.contains('\u{202e}'), "raw escapes in the log");
+    for line in log.lines() {
+        assert!(!line.contains("ERROR forged") || line.contains("\\n2026-01-01"), "forged: {line}");
+        assert!(line.len() < 2 * MAX_ERROR_TEXT, "a log line of {} bytes", line.len());
+    }
+    assert!(!log.lines().any(|line| line.starts_with("2026-01-01")), "a forged line: {log}");
+    assert!(log.contains("\\n2026-01-01T00:00:00Z ERROR forged"), "logged, escaped: {log}");
+    assert!(log.contains("\\u{202e}evil"), "logged, escaped: {log}");
+}
+
+/// RabbitMQ only: every connection the broker closes is counted, in the transport and in
+/// `broker_reconnects_total`.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn broker_reconnects_total_counts_every_reconnect() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("reconnecting");
+    let shop = unique("shop");
+    let (service, _, good_calls, _) = {
+        let config = config(&user.uri(&uri), &format!("hostile_{shop}"))
+            .with_enable_metrics(true)
+            .with_metrics(micro_framework::config::MetricsConfig {
+                host: "127.0.0.1".into(),
+                port: 0,
+            });
+        let calls = Arc::new(Calls::default());
+        let routes = vec![Route::new(good)
+            .entrypoint(EventListener::new(&shop, "good"))
+            .dependency(Shared(calls.clone()))];
+        (TestService::start(routes, config).await.unwrap(), (), calls, ())
+    };
+    let address = service.service().metrics_address().unwrap();
+    for closed in 1..=3u64 {
+        user.close_connections();
+        // never less than what was counted before, even while the connection is down
+        common::wait_until_async(|| async {
+            let counted = service.transport().reconnects();
+            assert!(counted >= closed - 1, "{counted} reconnects counted after {closed} closes");
+            counted == closed && service.transport().is_connected()
+        })
+        .await;
+    }
+    service.dispatch(&shop, "good", &json!({ "n": 1 })).await.unwrap();
+    service.wait_for_route("good", 1).await.unwrap();
+    assert_eq!(good_calls.count(), 1);
+    let metrics =
+        tokio::task::spawn_blocking(move || common::http_get(address, "/metrics").1).await.unwrap();
+    assert!(metrics.lines().any(|line| line == "broker_reconnects_total 3"), "{metrics}");
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &[shop]).await;
+}

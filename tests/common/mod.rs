@@ -192,13 +192,23 @@ impl TemporaryUser {
         user
     }
 
-    /// A transport connected as this user to the broker of `uri`.
-    pub async fn connect(&self, uri: &str) -> micro_framework::transport::SharedTransport {
+    /// `uri` with this user's credentials.
+    pub fn uri(&self, uri: &str) -> String {
         let mut url = url::Url::parse(uri).expect("a broker URI");
         url.set_username(&self.name).expect("a user name");
         url.set_password(Some(&self.password)).expect("a password");
-        let config = Config::new(unique("user")).with_amqp_uri(url.to_string());
+        url.to_string()
+    }
+
+    /// A transport connected as this user to the broker of `uri`.
+    pub async fn connect(&self, uri: &str) -> micro_framework::transport::SharedTransport {
+        let config = Config::new(unique("user")).with_amqp_uri(self.uri(uri));
         micro_framework::transport::connect(&config).await.expect("the user connects")
+    }
+
+    /// Have the broker close every connection of this user.
+    pub fn close_connections(&self) {
+        rabbitmqctl(&["close_all_user_connections", &self.name, "closed by a test"]);
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -110,6 +111,9 @@ pub(crate) struct Shared {
     kick: Notify,
     /// Declarations to replay after a reconnect.
     topology: Mutex<Topology>,
+    /// Reconnections so far. Counted apart from the link's generation, which reads 0 while
+    /// the link is down: a connection that keeps dying is down most of the time.
+    reconnects: AtomicU64,
 }
 
 impl fmt::Debug for Shared {
@@ -125,7 +129,8 @@ impl Shared {
     /// The state, not connected yet.
     pub(crate) fn new(options: RabbitMqOptions, uri: BrokerUri, tls: OwnedTLSConfig) -> Self {
         let (state, _) = watch::channel(LinkState::Down);
-        Shared { options, uri, tls, state, kick: Notify::new(), topology: Mutex::default() }
+        let (kick, topology, reconnects) = (Notify::new(), Mutex::default(), AtomicU64::new(0));
+        Shared { options, uri, tls, state, kick, topology, reconnects }
     }
 
     /// Announce the first link.
@@ -140,6 +145,11 @@ impl Shared {
             LinkState::Up(link) => link.generation,
             LinkState::Down | LinkState::Closed => 0,
         }
+    }
+
+    /// How many times the link was reopened after it dropped.
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
 
     /// The recorded topology (a poisoned lock is still usable: the data stays consistent).
@@ -347,6 +357,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
             link.close(shared.options.connect_timeout).await;
             return;
         }
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
         tracing::info!(uri = %shared.uri.masked, generation = link.generation, "reconnected to the broker");
     }
 }

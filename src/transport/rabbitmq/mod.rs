@@ -225,7 +225,7 @@ impl Transport for RabbitMqTransport {
     }
 
     fn reconnects(&self) -> u64 {
-        self.connection_generation().saturating_sub(1)
+        self.shared.reconnects()
     }
 
     async fn close(&self) {
