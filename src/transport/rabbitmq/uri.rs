@@ -94,6 +94,11 @@ pub(crate) fn parse_uri(uri: &str, heartbeat: u16) -> Result<BrokerUri, Transpor
     let password = url.password().map_or_else(|| "guest".to_owned(), decode);
     let path = url.path().strip_prefix('/').unwrap_or(url.path());
     let vhost = if path.is_empty() { "/".to_owned() } else { decode(path) };
+    if vhost.len() > 255 {
+        // AMQP sends it as a short string; lapin would panic on a longer one.
+        let reason = format!("vhost of {} bytes (AMQP allows at most 255)", vhost.len());
+        return Err(invalid(&masked, reason));
+    }
     let mut query = AMQPQueryString { heartbeat: Some(heartbeat), ..AMQPQueryString::default() };
     for (key, value) in url.query_pairs() {
         let number = |what: &str| -> Result<u64, TransportError> {
@@ -173,5 +178,8 @@ mod tests {
         let err = parse_uri("http://u:hunter22@h/", 60).unwrap_err();
         assert!(!err.to_string().contains("hunter22"), "{err}");
         assert!(parse_uri("amqp://u:pw@h/?heartbeat=x", 60).is_err());
+        let long_vhost = parse_uri(&format!("amqp://h/{}", "v".repeat(256)), 60).unwrap_err();
+        assert!(long_vhost.to_string().contains("vhost of 256 bytes"), "{long_vhost}");
+        assert!(parse_uri(&format!("amqp://h/{}", "v".repeat(255)), 60).is_ok());
     }
 }

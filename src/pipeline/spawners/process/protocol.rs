@@ -149,5 +149,38 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     if body.len() != length as usize {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
-    Ok(Some(serde_json::from_slice(&body)?))
+    // A message's headers may nest as deep as an AMQP frame allows (about 26,000 levels),
+    // beyond serde_json's default limit of 128; the threads' stacks are sized for that depth.
+    let mut deserializer = serde_json::Deserializer::from_slice(&body);
+    deserializer.disable_recursion_limit();
+    let frame = T::deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(Some(frame))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::HeaderValue;
+
+    #[tokio::test]
+    async fn a_message_with_headers_nested_as_deep_as_a_frame_allows_crosses_the_link() {
+        let mut deep = HeaderValue::Array(Vec::new());
+        for _ in 1..26_000 {
+            deep = HeaderValue::Array(vec![deep]);
+        }
+        let mut message = Message::json(&serde_json::json!({})).unwrap();
+        message.properties.headers.insert("deep".into(), deep);
+        let frame = ToWorker::Delivery(Box::new(ForwardedDelivery {
+            consumer: 1,
+            delivery: 2,
+            message: message.clone(),
+        }));
+        let (mut writer, mut reader) = tokio::io::duplex(1 << 20);
+        let sent = tokio::spawn(async move { write_frame(&mut writer, &frame).await });
+        let received = read_frame::<_, ToWorker>(&mut reader).await.unwrap();
+        sent.await.unwrap().unwrap();
+        let Some(ToWorker::Delivery(delivery)) = received else { panic!("{received:?}") };
+        assert_eq!(delivery.message, message);
+    }
 }
