@@ -11,6 +11,8 @@ mod dlq;
 mod emit;
 mod error;
 mod headers;
+mod json;
+mod names;
 mod show_config;
 mod table;
 mod topology;
