@@ -202,7 +202,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         .build()
         .map_err(|error| CliError::failure(format!("cannot start the runtime: {error}")))?;
     let uri = cli.broker.uri;
-    runtime.block_on(async move {
+    // on a worker thread, not on `main`: a header nested thousands of levels deep is converted,
+    // printed and dropped recursively, and only spawned threads get the big default stack the
+    // library sets (RUST_MIN_STACK); the main thread's stack is fixed when the process starts
+    let work = runtime.spawn(async move {
         match cli.command {
             Command::Emit(args) => emit::run(&uri, args).await,
             Command::Call(args) => call::run(&uri, args).await,
@@ -213,5 +216,8 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Command::ShowConfig(args) => show_config::run(args.file.as_deref(), args.format),
             Command::Topology(args) => topology::run(args).await,
         }
-    })
+    });
+    runtime
+        .block_on(work)
+        .map_err(|error| CliError::failure(format!("the command failed: {error}")))?
 }
