@@ -11,7 +11,7 @@ use micro_framework::amqp::rpc::Args;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
-use micro_framework::transport::{HeaderValue, SharedTransport};
+use micro_framework::transport::HeaderValue;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
