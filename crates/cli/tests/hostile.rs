@@ -227,6 +227,15 @@ async fn over_long_names_are_usage_errors_before_connecting() {
     cli(Some(DOWN_URI), &["dlq", "list", &over_long(251)])
         .await
         .one_error_line(1, "cannot reach the broker");
+
+    // settings from the environment that end up as short strings too
+    let long_exchange = [("RPC_EXCHANGE", over_long(256))];
+    let env: Vec<(&str, &str)> = long_exchange.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    cli_env(Some(DOWN_URI), &["call", "svc.m"], &env).await.one_error_line(2, "255 bytes");
+    let vhost = format!("{DOWN_URI}{}", over_long(256));
+    for args in [&["emit", "shop", "paid", "{}"][..], &["call", "svc.m"], &["dlq", "purge", "q"]] {
+        cli(Some(&vhost), args).await.one_error_line(2, "255 bytes");
+    }
 }
 
 /// A broker user of the test's own, deleted when dropped.
