@@ -6,6 +6,10 @@
 use std::io::Read;
 use std::time::Duration;
 
+use micro_framework::amqp::entrypoints::RPCListener;
+use micro_framework::amqp::rpc::Args;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
 use micro_framework::transport::{
     BindingSpec, ExchangeKind, ExchangeSpec, HeaderValue, Headers, OutgoingMessage, Properties,
     PublishOptions, QueueSpec, SharedTransport,
@@ -122,6 +126,43 @@ async fn hostile_body(uri: String, queue: String, dlq: String, exchange: String)
     assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 2);
 
     transport.close().await;
+}
+
+/// Replies a text that drives the terminal.
+fn hostile_reply(Args(()): Args<()>) -> String {
+    HOSTILE.to_owned()
+}
+
+/// Fails with a text that drives the terminal.
+fn hostile_failure(Args(()): Args<()>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other(HOSTILE))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_prints_hostile_replies_escaped() {
+    let Some(uri) = rabbitmq() else { return };
+    let service = unique("cli_hostile_rpc");
+    let queues = vec![format!("rpc-{service}")];
+    cleaned(&uri, queues, vec![], hostile_call_body(uri.clone(), service)).await;
+}
+
+async fn hostile_call_body(uri: String, service: String) {
+    let routes = vec![
+        Route::new(hostile_reply).entrypoint(RPCListener::new()),
+        Route::new(hostile_failure).entrypoint(RPCListener::new()),
+    ];
+    let running = TestService::start(routes, config(&uri, &service)).await.unwrap();
+
+    let run = cli(Some(&uri), &["call", &format!("{service}.hostile_reply")]).await;
+    assert_safe("call result", &run.ok().stdout);
+    assert_eq!(serde_json::from_str::<Value>(&run.stdout).unwrap(), HOSTILE);
+    let run = cli(Some(&uri), &["call", &format!("{service}.hostile_failure")]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_safe("call remote error", &run.stdout);
+    let reply: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(reply["error"]["value"], HOSTILE, "{reply}");
+
+    running.stop().await.unwrap();
 }
 
 /// How many 5 MB dead letters `dlq list` must stream.
