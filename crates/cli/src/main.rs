@@ -107,7 +107,8 @@ Examples:
 enum DlqCommand {
     /// One line per dead letter: index, route, error kind, error, attempts, failed at.
     #[command(after_help = "\
-Messages are read without being consumed: they stay in the queue, in order.
+Messages are read without being consumed: they stay in the queue, in order. Each row is
+printed as its message is read; cells are cut and text from the wire is escaped.
 
 Examples:
   micro-framework dlq list evt-orders-order_paid--billing.charge
@@ -115,7 +116,8 @@ Examples:
     List(dlq::QueueArg),
     /// The full dead letters (properties, headers, body) as JSON.
     #[command(after_help = "\
-Messages are read without being consumed: they stay in the queue, in order.
+Messages are read without being consumed: they stay in the queue, in order. Each is printed
+as it is read.
 
 Examples:
   micro-framework dlq show evt-orders-order_paid--billing.charge --index 0
@@ -124,8 +126,10 @@ Examples:
     /// Publish dead letters back to their original queue, failure headers removed.
     #[command(after_help = "\
 Each dead letter is published (confirmed) to the queue in its x-mf-original-queue header
-through the default exchange, without its x-mf-* headers and retry counters, then removed
-from the dead-letter queue. At most the messages present at the start are replayed.
+through the default exchange, without its failure headers (x-mf-* but
+x-mf-original-user-id) and retry counters, then removed from the dead-letter queue. A
+user_id property (which RabbitMQ refuses from another user) becomes the header
+x-mf-original-user-id. At most the messages present at the start are replayed.
 
 Examples:
   micro-framework dlq replay evt-orders-order_paid--billing.charge
