@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::broker;
 use crate::emit::parse_json;
 use crate::error::CliError;
+use crate::{json, names};
 
 /// Arguments of `call`.
 #[derive(Debug, Args)]
@@ -44,7 +45,10 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
         return Err(CliError::usage("--kwargs must be a JSON object, e.g. '{\"a\": 1}'"));
     };
     let timeout = args.timeout.map(seconds).transpose()?;
+    // the routing key of the request is SERVICE.METHOD itself
+    names::check("SERVICE.METHOD (the routing key)", &args.target)?;
     let config = broker::config(uri, None)?;
+    names::check("RPC_EXCHANGE", &config.rpc_exchange)?;
     let client = Client::connect(&config).await.map_err(|error| broker::unreachable(uri, error))?;
     let mut proxy = client.service(service);
     if let Some(timeout) = timeout {
@@ -54,12 +58,12 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
     client.close().await;
     match outcome {
         Ok(result) => {
-            println!("{}", serde_json::to_string_pretty(&result)?);
+            println!("{}", json::pretty(&result, 0)?);
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => match remote_error(&error) {
             Some(described) => {
-                println!("{}", serde_json::to_string_pretty(&json!({ "error": described }))?);
+                println!("{}", json::pretty(&json!({ "error": described }), 0)?);
                 Ok(ExitCode::FAILURE)
             }
             None => Err(local_error(service, error)),

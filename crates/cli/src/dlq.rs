@@ -3,27 +3,40 @@
 //! Reading does not consume: messages are fetched with `basic.get` and held unacknowledged
 //! until the command is done; then the connection is closed, so the broker hands them all
 //! back to the queue, in their order (no per-message requeue, which quorum queues would count
-//! as a failed delivery).
+//! as a failed delivery). Only what settles a message is held, not the message: each one is
+//! printed as it is read, so memory does not grow with the queue.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Args;
+use micro_framework::logging::bounded;
 use micro_framework::settle::HEADER_ORIGINAL_QUEUE;
 use micro_framework::transport::{
-    Delivery, HeaderValue, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
+    Acker, Delivery, HeaderValue, OutgoingMessage, Properties, PublishOptions, SharedTransport,
+    TransportError,
 };
 use serde_json::{Map, Value};
 
 use crate::broker;
 use crate::error::CliError;
 use crate::headers::{properties_to_json, table_to_json, DeadLetterSummary};
-use crate::table;
+use crate::{json, names, table};
 
 /// How many replayed messages between two progress lines.
 const PROGRESS_EVERY: usize = 100;
-/// The widest error shown by `dlq list` (`dlq show` has it whole).
+/// The longest error shown by `dlq list`, in bytes (`dlq show` has it whole).
 const ERROR_WIDTH: usize = 80;
+/// The longest other cell of `dlq list`, in bytes.
+const CELL_WIDTH: usize = 64;
+/// The columns of `dlq list` and their widths: rows are printed as they are read, before
+/// the widest cell is known (a longer cell pushes the next ones of its row right).
+const COLUMNS: [(&str, usize); 6] =
+    [("INDEX", 5), ("ROUTE", 24), ("KIND", 12), ("ERROR", 48), ("ATTEMPTS", 8), ("FAILED_AT", 20)];
+/// Where a copy keeps the `user_id` property of the message it copies, as the library's
+/// copies do: RabbitMQ refuses a publish whose `user_id` is not the connection's user, so a
+/// replay keeps it as this header instead.
+const HEADER_ORIGINAL_USER_ID: &str = "x-mf-original-user-id";
 
 /// The queue argument of the `dlq` commands.
 #[derive(Debug, Args)]
@@ -53,6 +66,9 @@ pub struct ReplayArgs {
     limit: Option<usize>,
 }
 
+/// What settles the dead letters read so far, kept unsettled until the connection closes.
+type Held = Vec<Box<dyn Acker>>;
+
 /// A connection and the dead-letter queue it works on.
 struct DeadLetters {
     transport: SharedTransport,
@@ -61,9 +77,10 @@ struct DeadLetters {
 }
 
 impl DeadLetters {
-    /// Connect and check that the dead-letter queue of `queue` exists.
+    /// Check the name, connect and check that the dead-letter queue of `queue` exists.
     async fn open(uri: &str, queue: &str) -> Result<Self, CliError> {
         let queue = if queue.ends_with(".dlq") { queue.to_owned() } else { format!("{queue}.dlq") };
+        names::check("the dead-letter queue", &queue)?;
         let config = broker::config(uri, None)?;
         let transport = broker::connect(&config).await?;
         match transport.queue_info(&queue).await {
@@ -80,84 +97,107 @@ impl DeadLetters {
         }
     }
 
-    /// Fetch up to `max` messages (all when `None`) without settling them.
-    async fn peek(&self, max: Option<usize>) -> Result<Vec<Delivery>, CliError> {
-        let mut held = Vec::new();
-        while max.is_none_or(|max| held.len() < max) {
-            match self.transport.get(&self.queue).await {
-                Ok(Some(delivery)) => held.push(delivery),
-                Ok(None) => break,
-                Err(error) => {
-                    self.transport.close().await;
-                    drop(held);
-                    return Err(CliError::failure(format!(
-                        "cannot read '{}': {error}",
-                        self.queue
-                    )));
-                }
-            }
-        }
-        Ok(held)
+    /// The next dead letter, unsettled; `None` once none is left.
+    async fn next(&self) -> Result<Option<Delivery>, CliError> {
+        self.transport
+            .get(&self.queue)
+            .await
+            .map_err(|error| CliError::failure(format!("cannot read '{}': {error}", self.queue)))
     }
 
-    /// Close the connection; the broker hands `held` (unsettled) back to the queue, in order.
-    async fn close(self, held: Vec<Delivery>) {
+    /// Close the connection; the broker hands the `held` messages back to the queue, in
+    /// order (the ackers are dropped after the close: dropped before, each would requeue its
+    /// message on its own).
+    async fn close(self, held: Held) {
         self.transport.close().await;
         drop(held);
     }
 }
 
-/// `dlq list`: a table of the dead letters.
+/// `dlq list`: a table of the dead letters, a row printed as each is read.
 pub async fn list(uri: &str, args: QueueArg) -> Result<ExitCode, CliError> {
     let dead = DeadLetters::open(uri, &args.queue).await?;
-    let held = dead.peek(None).await?;
-    let rows: Vec<Vec<String>> = held
-        .iter()
-        .enumerate()
-        .map(|(index, delivery)| {
-            let summary = DeadLetterSummary::of(&delivery.properties.headers);
-            vec![
-                index.to_string(),
-                summary.route,
-                summary.kind,
-                table::cell(&summary.error, ERROR_WIDTH),
-                summary.attempts,
-                summary.failed_at,
-            ]
-        })
-        .collect();
+    let mut held = Held::new();
+    let listed = list_rows(&dead, &mut held).await;
     let queue = dead.queue.clone();
     dead.close(held).await;
-    if rows.is_empty() {
+    if listed? == 0 {
         eprintln!("no dead letters in {queue}");
-        return Ok(ExitCode::SUCCESS);
     }
-    let header = ["INDEX", "ROUTE", "KIND", "ERROR", "ATTEMPTS", "FAILED_AT"];
-    print!("{}", table::render(&header, &rows));
     Ok(ExitCode::SUCCESS)
 }
 
-/// `dlq show`: the dead letters (or one) in full, as JSON.
+/// Print the table (its header first, when there is a dead letter); how many rows.
+async fn list_rows(dead: &DeadLetters, held: &mut Held) -> Result<usize, CliError> {
+    let mut widths = COLUMNS.map(|(_, width)| width);
+    widths[0] = widths[0].max(dead.count.saturating_sub(1).to_string().len());
+    let mut stdout = std::io::stdout();
+    while let Some(delivery) = dead.next().await? {
+        let index = held.len();
+        if index == 0 {
+            let header = COLUMNS.map(|(name, _)| name.to_owned());
+            stdout.write_all(table::line(&header, &widths).as_bytes())?;
+        }
+        // the body goes now; the acker stays, so the message goes back to its place
+        let Delivery { properties, acker, .. } = delivery;
+        held.push(acker);
+        let summary = DeadLetterSummary::of(&properties.headers);
+        let row = [
+            index.to_string(),
+            table::cell(&summary.route, CELL_WIDTH),
+            table::cell(&summary.kind, CELL_WIDTH),
+            table::cell(&summary.error, ERROR_WIDTH),
+            table::cell(&summary.attempts, CELL_WIDTH),
+            table::cell(&summary.failed_at, CELL_WIDTH),
+        ];
+        stdout.write_all(table::line(&row, &widths).as_bytes())?;
+    }
+    Ok(held.len())
+}
+
+/// `dlq show`: the dead letters (or one) in full, as JSON, each printed as it is read.
 pub async fn show(uri: &str, args: ShowArgs) -> Result<ExitCode, CliError> {
     let dead = DeadLetters::open(uri, &args.queue.queue).await?;
-    let held = dead.peek(args.index.map(|index| index + 1)).await?;
-    let shown: Vec<Value> = held
-        .iter()
-        .enumerate()
-        .filter(|(index, _)| args.index.is_none_or(|wanted| wanted == *index))
-        .map(|(index, delivery)| describe(index, delivery))
-        .collect();
-    let found = held.len();
+    let mut held = Held::new();
+    let shown = show_letters(&dead, args.index, &mut held).await;
     let queue = dead.queue.clone();
     dead.close(held).await;
-    let document = match args.index {
-        Some(index) => shown.into_iter().next().ok_or_else(|| {
-            CliError::failure(format!("{queue} holds {found} dead letters: no index {index}"))
-        })?,
-        None => Value::Array(shown),
-    };
-    println!("{}", serde_json::to_string_pretty(&document)?);
-    Ok(ExitCode::SUCCESS)
+    let found = shown?;
+    match args.index {
+        Some(index) if index >= found => {
+            Err(CliError::failure(format!("{queue} holds {found} dead letters: no index {index}")))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Print the dead letter at `index` (read up to it), or all as a JSON array; how many read.
+async fn show_letters(
+    dead: &DeadLetters,
+    index: Option<usize>,
+    held: &mut Held,
+) -> Result<usize, CliError> {
+    let mut stdout = std::io::stdout();
+    while index.is_none_or(|wanted| held.len() <= wanted) {
+        let Some(delivery) = dead.next().await? else { break };
+        let read = held.len();
+        match index {
+            // an element of the array, indented as `serde_json` pretty-prints one
+            None => {
+                let open = if read == 0 { "[\n  " } else { ",\n  " };
+                write!(stdout, "{open}{}", json::pretty(&describe(read, &delivery), 1)?)?;
+            }
+            Some(wanted) if wanted == read => {
+                writeln!(stdout, "{}", json::pretty(&describe(read, &delivery), 0)?)?;
+            }
+            Some(_) => {}
+        }
+        held.push(delivery.acker);
+    }
+    if index.is_none() {
+        writeln!(stdout, "{}", if held.is_empty() { "[]" } else { "\n]" })?;
+    }
+    Ok(held.len())
 }
 
 /// A dead letter as JSON: where it was published, properties, headers and body (JSON when it
@@ -181,13 +221,24 @@ fn describe(index: usize, delivery: &Delivery) -> Value {
 }
 
 /// True for the headers a replay removes: the failure (`x-mf-*`, retry counters included)
-/// and the broker's dead-letter history.
+/// and the broker's dead-letter history. The original `user_id` stays: it says who sent it.
 fn is_failure_header(key: &str) -> bool {
-    key.starts_with("x-mf-")
+    (key.starts_with("x-mf-") && key != HEADER_ORIGINAL_USER_ID)
         || key.starts_with("x-first-death-")
         || key.starts_with("x-last-death-")
         || key == "x-death"
         || key == "x-delivery-count"
+}
+
+/// The properties of the replayed copy of a dead letter: failure headers removed, and the
+/// `user_id` (which RabbitMQ would refuse from another user) moved to a header.
+fn replay_properties(dead_letter: &Properties) -> Properties {
+    let mut properties = dead_letter.clone();
+    properties.headers.retain(|key, _| !is_failure_header(key));
+    if let Some(user_id) = properties.user_id.take() {
+        properties.headers.insert(HEADER_ORIGINAL_USER_ID.into(), HeaderValue::from(user_id));
+    }
+    properties
 }
 
 /// `dlq replay`: publish each dead letter back to its original queue, then remove it.
@@ -196,14 +247,14 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
     // only the messages there now: a replayed message that fails again is not replayed twice
     let total = args.limit.map_or(dead.count, |limit| limit.min(dead.count));
     let progress = Progress::new(total);
-    let (mut replayed, mut orphans, mut held) = (0, 0, Vec::new());
+    let (mut replayed, mut orphans, mut held) = (0, 0, Held::new());
     let mut failure = None;
     for _ in 0..total {
-        let delivery = match dead.transport.get(&dead.queue).await {
+        let delivery = match dead.next().await {
             Ok(Some(delivery)) => delivery,
             Ok(None) => break,
             Err(error) => {
-                failure = Some(format!("cannot read '{}': {error}", dead.queue));
+                failure = Some(error.to_string());
                 break;
             }
         };
@@ -211,23 +262,25 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
             delivery.properties.headers.get(HEADER_ORIGINAL_QUEUE).and_then(HeaderValue::as_str)
         else {
             orphans += 1;
-            held.push(delivery);
+            held.push(delivery.acker);
             continue;
         };
         let original = original.to_owned();
-        let mut properties = delivery.properties.clone();
-        properties.headers.retain(|key, _| !is_failure_header(key));
+        let properties = replay_properties(&delivery.properties);
         let message = OutgoingMessage { body: delivery.body.clone(), properties };
         let options = PublishOptions { mandatory: true };
         if let Err(error) = dead.transport.publish("", &original, message, options).await {
-            held.push(delivery);
+            held.push(delivery.acker);
+            // the name is from the wire: it may be anything, of any length
+            let original = bounded(&original, names::MAX_SHORT_STRING);
             failure = Some(format!("cannot publish to '{original}': {error}"));
             break;
         }
         if let Err(error) = delivery.acker.ack().await {
             failure = Some(format!(
-                "replayed a message to '{original}' but cannot remove it from '{}' ({error}): \
+                "replayed a message to '{}' but cannot remove it from '{}' ({error}): \
                  it may be replayed twice",
+                bounded(&original, names::MAX_SHORT_STRING),
                 dead.queue
             ));
             break;
@@ -288,7 +341,7 @@ pub async fn purge(uri: &str, args: QueueArg) -> Result<ExitCode, CliError> {
     let dead = DeadLetters::open(uri, &args.queue).await?;
     let purged = dead.transport.purge_queue(&dead.queue).await;
     let queue = dead.queue.clone();
-    dead.close(Vec::new()).await;
+    dead.close(Held::new()).await;
     let purged =
         purged.map_err(|error| CliError::failure(format!("cannot purge '{queue}': {error}")))?;
     println!("purged {purged} dead letters from {queue}");
@@ -304,8 +357,20 @@ mod tests {
         for key in ["x-mf-error", "x-mf-retry-count", "x-mf-redeliveries", "x-death"] {
             assert!(is_failure_header(key), "{key}");
         }
-        for key in ["nameko.call_id_stack", "x-custom", "x-mfa"] {
+        for key in ["nameko.call_id_stack", "x-custom", "x-mfa", HEADER_ORIGINAL_USER_ID] {
             assert!(!is_failure_header(key), "{key}");
         }
+    }
+
+    #[test]
+    fn replays_move_the_user_id_to_a_header() {
+        let mut dead_letter = Properties { user_id: Some("alice".into()), ..Properties::default() };
+        dead_letter.headers.insert("x-mf-error".into(), HeaderValue::from("boom"));
+        let copy = replay_properties(&dead_letter);
+        assert_eq!(copy.user_id, None);
+        assert_eq!(copy.headers.get(HEADER_ORIGINAL_USER_ID), Some(&HeaderValue::from("alice")));
+        assert!(!copy.headers.contains_key("x-mf-error"));
+        // a copy of a copy keeps the first sender
+        assert_eq!(replay_properties(&copy).headers, copy.headers);
     }
 }

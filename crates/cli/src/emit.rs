@@ -4,10 +4,12 @@ use std::process::ExitCode;
 
 use clap::Args;
 use micro_framework::amqp::dependencies::Producer;
+use micro_framework::amqp::naming::event_exchange;
 use serde_json::Value;
 
 use crate::broker;
 use crate::error::CliError;
+use crate::names;
 
 /// Arguments of `emit`.
 #[derive(Debug, Args)]
@@ -39,6 +41,8 @@ pub async fn run(uri: &str, args: EmitArgs) -> Result<ExitCode, CliError> {
     };
     let payload = parse_json("the payload", &text)?;
     let config = broker::config(uri, Some(&args.source))?;
+    names::check("the exchange", &event_exchange(&config, &args.source).name)?;
+    names::check("the event name (routing key)", &args.event)?;
     let transport = broker::connect(&config).await?;
     let producer = Producer::new(transport.clone(), &config);
     let dispatched = producer.dispatch(&args.event, &payload).await;

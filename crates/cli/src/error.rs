@@ -3,6 +3,7 @@
 use std::fmt;
 
 use micro_framework::config::mask_uri;
+use micro_framework::logging::escape_wire_text;
 
 /// A failed command: its message (credentials masked) and exit code.
 #[derive(Debug)]
@@ -25,14 +26,16 @@ impl CliError {
 }
 
 impl fmt::Display for CliError {
-    /// One line: newlines in the message become spaces.
+    /// One line: newlines in the message become spaces, and what else could forge a line or
+    /// drive the terminal (the message may quote the wire: a queue name from a header, the
+    /// broker's error text) is escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut first = true;
         for line in self.message.lines().map(str::trim).filter(|line| !line.is_empty()) {
             if !first {
                 f.write_str(" ")?;
             }
-            f.write_str(line)?;
+            f.write_str(&escape_wire_text(line))?;
             first = false;
         }
         Ok(())
@@ -81,5 +84,6 @@ mod tests {
         );
         assert_eq!(mask_secrets("no uri here"), "no uri here");
         assert_eq!(CliError::failure("a\n  b\n").to_string(), "a b");
+        assert_eq!(CliError::failure("a\u{1b}[2J\rb").to_string(), "a\\u{1b}[2J\\rb");
     }
 }

@@ -11,6 +11,8 @@ mod dlq;
 mod emit;
 mod error;
 mod headers;
+mod json;
+mod names;
 mod show_config;
 mod table;
 mod topology;
@@ -105,7 +107,8 @@ Examples:
 enum DlqCommand {
     /// One line per dead letter: index, route, error kind, error, attempts, failed at.
     #[command(after_help = "\
-Messages are read without being consumed: they stay in the queue, in order.
+Messages are read without being consumed: they stay in the queue, in order. Each row is
+printed as its message is read; cells are cut and text from the wire is escaped.
 
 Examples:
   micro-framework dlq list evt-orders-order_paid--billing.charge
@@ -113,7 +116,8 @@ Examples:
     List(dlq::QueueArg),
     /// The full dead letters (properties, headers, body) as JSON.
     #[command(after_help = "\
-Messages are read without being consumed: they stay in the queue, in order.
+Messages are read without being consumed: they stay in the queue, in order. Each is printed
+as it is read.
 
 Examples:
   micro-framework dlq show evt-orders-order_paid--billing.charge --index 0
@@ -122,8 +126,10 @@ Examples:
     /// Publish dead letters back to their original queue, failure headers removed.
     #[command(after_help = "\
 Each dead letter is published (confirmed) to the queue in its x-mf-original-queue header
-through the default exchange, without its x-mf-* headers and retry counters, then removed
-from the dead-letter queue. At most the messages present at the start are replayed.
+through the default exchange, without its failure headers (x-mf-* but
+x-mf-original-user-id) and retry counters, then removed from the dead-letter queue. A
+user_id property (which RabbitMQ refuses from another user) becomes the header
+x-mf-original-user-id. At most the messages present at the start are replayed.
 
 Examples:
   micro-framework dlq replay evt-orders-order_paid--billing.charge
@@ -200,7 +206,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         .build()
         .map_err(|error| CliError::failure(format!("cannot start the runtime: {error}")))?;
     let uri = cli.broker.uri;
-    runtime.block_on(async move {
+    // on a worker thread, not on `main`: a header nested thousands of levels deep is converted,
+    // printed and dropped recursively, and only spawned threads get the big default stack the
+    // library sets (RUST_MIN_STACK); the main thread's stack is fixed when the process starts
+    let work = runtime.spawn(async move {
         match cli.command {
             Command::Emit(args) => emit::run(&uri, args).await,
             Command::Call(args) => call::run(&uri, args).await,
@@ -211,5 +220,8 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Command::ShowConfig(args) => show_config::run(args.file.as_deref(), args.format),
             Command::Topology(args) => topology::run(args).await,
         }
-    })
+    });
+    runtime
+        .block_on(work)
+        .map_err(|error| CliError::failure(format!("the command failed: {error}")))?
 }

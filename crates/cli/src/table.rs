@@ -1,6 +1,9 @@
-//! A plain text table: columns padded to their widest cell.
+//! A plain text table: columns padded to their widest cell, or to fixed widths when rows are
+//! printed as they come.
 
 use std::fmt::Write;
+
+use micro_framework::logging::{bounded, escape_wire_text};
 
 /// Render `rows` under `header`, columns separated by two spaces, no trailing spaces.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -10,27 +13,29 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
             *width = (*width).max(cell.chars().count());
         }
     }
-    let mut out = String::new();
     let header: Vec<String> = header.iter().map(|cell| (*cell).to_owned()).collect();
-    for row in std::iter::once(&header).chain(rows) {
-        let mut line = String::new();
-        for (cell, width) in row.iter().zip(&widths) {
-            let _ = write!(line, "{cell:<width$}  ");
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    std::iter::once(&header).chain(rows).map(|row| line(row, &widths)).collect()
 }
 
-/// `text` on one line, cut to `max` characters with an ellipsis.
-pub fn cell(text: &str, max: usize) -> String {
-    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if flat.chars().count() <= max {
-        return flat;
+/// One line of a table: each cell padded to its column's width (a longer cell pushes the
+/// next ones right), two spaces between columns, no trailing spaces, a line end.
+pub fn line(cells: &[String], widths: &[usize]) -> String {
+    let mut line = String::new();
+    for (cell, width) in cells.iter().zip(widths) {
+        let _ = write!(line, "{cell:<width$}  ");
     }
-    let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
-    format!("{cut}…")
+    let mut line = line.trim_end().to_owned();
+    line.push('\n');
+    line
+}
+
+/// A text from the wire as a table cell: on one line (whitespace runs become one space), cut
+/// to `max` bytes with its full size stated, and escaped, so that it can neither forge a row
+/// nor drive the terminal.
+pub fn cell(text: &str, max: usize) -> String {
+    let cut = bounded(text, max);
+    let flat = cut.split_whitespace().collect::<Vec<_>>().join(" ");
+    escape_wire_text(&flat).into_owned()
 }
 
 #[cfg(test)]
@@ -41,7 +46,14 @@ mod tests {
     fn pads_columns_and_cuts_long_cells() {
         let rows = vec![vec!["1".to_owned(), "long value".to_owned()]];
         assert_eq!(render(&["INDEX", "V"], &rows), "INDEX  V\n1      long value\n");
+        assert_eq!(line(&["1".to_owned(), "v".to_owned()], &[3, 3]), "1    v\n");
         assert_eq!(cell("a\nb  c", 10), "a b c");
-        assert_eq!(cell("abcdef", 4), "abc…");
+        assert_eq!(cell("abcdef", 4), "abcd… (truncated: 6 bytes in all)");
+    }
+
+    #[test]
+    fn cells_cannot_forge_rows_or_drive_the_terminal() {
+        let hostile = "boom\u{1b}[2J\r\n7  forged\u{85}\u{202e}row";
+        assert_eq!(cell(hostile, 100), "boom\\u{1b}[2J 7 forged \\u{202e}row");
     }
 }

@@ -11,127 +11,13 @@ use micro_framework::amqp::rpc::Args;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
-use micro_framework::transport::{HeaderValue, SharedTransport};
+use micro_framework::transport::HeaderValue;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_micro-framework");
-const DOWN_URI: &str = "amqp://guest:guest@127.0.0.1:1/";
+mod support;
 
-/// What a run of the binary gave.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    /// Assert a failure reported as exactly one `error: ...` line, without a panic.
-    fn one_error_line(&self, code: i32, contains: &str) {
-        assert_eq!(self.code, code, "{self:?}");
-        assert_eq!(self.stderr.lines().count(), 1, "{self:?}");
-        assert!(self.stderr.starts_with("error: "), "{self:?}");
-        assert!(self.stderr.contains(contains), "{contains:?} not in {self:?}");
-        assert!(!self.stderr.contains("panicked"), "{self:?}");
-    }
-
-    fn ok(&self) -> &Self {
-        assert_eq!(self.code, 0, "{self:?}");
-        self
-    }
-}
-
-/// Run the binary with `args` and, when given, `AMQP_URI=uri`.
-async fn cli(uri: Option<&str>, args: &[&str]) -> Run {
-    cli_env(uri, args, &[]).await
-}
-
-async fn cli_env(uri: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
-    let mut command = tokio::process::Command::new(BIN);
-    command.args(args).env_remove("AMQP_URI").env_remove("SERVICE_NAME").env("RUST_BACKTRACE", "1");
-    if let Some(uri) = uri {
-        command.env("AMQP_URI", uri);
-    }
-    command.envs(env.iter().copied());
-    let output = command.output().await.expect("the binary runs");
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// RabbitMQ for tests (`MF_TEST_AMQP_URI`, default local); `None` (after `SKIPPED:`) when
-/// unreachable, a failure under `CI=true`.
-fn rabbitmq() -> Option<String> {
-    let uri = std::env::var("MF_TEST_AMQP_URI")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".to_owned());
-    let address = uri
-        .rsplit_once('@')
-        .map_or(uri.as_str(), |(_, rest)| rest)
-        .trim_start_matches("amqp://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let address = if address.contains(':') { address } else { format!("{address}:5672") };
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&address)
-        .ok()
-        .and_then(|mut addresses| addresses.next())
-        .is_some_and(|socket| {
-            std::net::TcpStream::connect_timeout(&socket, Duration::from_secs(2)).is_ok()
-        });
-    if reachable {
-        return Some(uri);
-    }
-    if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-        panic!("RabbitMQ is unreachable at {address} and CI=true");
-    }
-    eprintln!("SKIPPED: RabbitMQ unreachable at {address}");
-    None
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
-}
-
-fn config(uri: &str, service: &str) -> Config {
-    Config::new(service).with_amqp_uri(uri.to_owned())
-}
-
-async fn connect(uri: &str) -> SharedTransport {
-    micro_framework::transport::connect(&config(uri, "cli_tests")).await.expect("connects")
-}
-
-/// Delete what a test declared.
-async fn cleanup(uri: &str, queues: &[String], exchanges: &[String]) {
-    let transport = connect(uri).await;
-    for queue in queues {
-        let _ = transport.delete_queue(queue).await;
-    }
-    for exchange in exchanges {
-        let _ = transport.delete_exchange(exchange).await;
-    }
-    transport.close().await;
-}
-
-/// Run `body`, then delete `queues` and `exchanges`, even when `body` panics.
-async fn cleaned(
-    uri: &str,
-    queues: Vec<String>,
-    exchanges: Vec<String>,
-    body: impl std::future::Future<Output = ()> + Send + 'static,
-) {
-    let outcome = tokio::spawn(body).await;
-    cleanup(uri, &queues, &exchanges).await;
-    if let Err(error) = outcome {
-        match error.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(error) => panic!("{error}"),
-        }
-    }
-}
+use support::*;
 
 /// Poll `condition` every 10 ms for up to 10 s.
 async fn wait_until(mut condition: impl FnMut() -> bool, what: &str) {
