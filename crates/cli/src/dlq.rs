@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use micro_framework::logging::bounded;
-use micro_framework::settle::HEADER_ORIGINAL_QUEUE;
+use micro_framework::settle::{HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_USER_ID};
 use micro_framework::transport::{
     Acker, Delivery, HeaderValue, OutgoingMessage, Properties, PublishOptions, SharedTransport,
     TransportError,
@@ -33,10 +33,6 @@ const CELL_WIDTH: usize = 64;
 /// the widest cell is known (a longer cell pushes the next ones of its row right).
 const COLUMNS: [(&str, usize); 6] =
     [("INDEX", 5), ("ROUTE", 24), ("KIND", 12), ("ERROR", 48), ("ATTEMPTS", 8), ("FAILED_AT", 20)];
-/// Where a copy keeps the `user_id` property of the message it copies, as the library's
-/// copies do: RabbitMQ refuses a publish whose `user_id` is not the connection's user, so a
-/// replay keeps it as this header instead.
-const HEADER_ORIGINAL_USER_ID: &str = "x-mf-original-user-id";
 
 /// The queue argument of the `dlq` commands.
 #[derive(Debug, Args)]
