@@ -431,3 +431,51 @@ async fn broker_reconnects_total_counts_every_reconnect() {
     service.stop().await.unwrap();
     common::cleanup(&uri, &[shop]).await;
 }
+
+fn blocking(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<common::Probe>>) {
+    probe.enter(Value::Null);
+    probe.leave();
+}
+
+/// A message redelivered after a crash is counted by a copy; when the copy cannot fit, the
+/// message is refused (dead-lettered without its headers) rather than handled uncounted,
+/// which would let it crash the service for ever.
+#[tokio::test]
+async fn a_redelivery_that_cannot_be_counted_is_dead_lettered() {
+    use micro_framework::settle::HEADER_ERROR_KIND;
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let config = config(&uri, &format!("hostile_{shop}"));
+        let queue = format!("evt-{shop}-job--{}.blocking", config.service_name);
+        let start = |probe: Arc<common::Probe>| {
+            let routes = vec![Route::new(blocking)
+                .entrypoint(EventListener::new(&shop, "job"))
+                .dependency(Shared(probe))];
+            TestService::start(routes, config.clone())
+        };
+        let probe = common::Probe::closed();
+        let service = start(probe.clone()).await.unwrap();
+        let body = serde_json::to_vec(&json!({ "n": 1 })).unwrap();
+        publish_raw(service.transport(), &shop, "job", body, filling_properties(131_000))
+            .await
+            .unwrap();
+        probe.wait_started(1).await;
+        // a crash: the connection goes away while the call runs
+        service.transport().close().await;
+        probe.open();
+        let _ = service.stop().await;
+
+        let probe = common::Probe::new();
+        let service = start(probe.clone()).await.unwrap();
+        let dead = dead_letters(&service, &format!("{queue}.dlq"), 1).await;
+        assert_eq!(dead.len(), 1, "{uri}");
+        assert_eq!(header(&dead[0], HEADER_ERROR_KIND), Some(&HeaderValue::from("crashed")));
+        let error = header(&dead[0], HEADER_ERROR).and_then(HeaderValue::as_str).unwrap();
+        assert!(error.contains("cannot be counted"), "{uri}: {error}");
+        assert!(header(&dead[0], HEADER_HEADERS_DROPPED).is_some(), "{uri}");
+        assert_eq!(probe.started(), 0, "{uri}: not handled again");
+        assert_eq!(service.queue_len(&queue).await.unwrap(), 0, "{uri}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[shop]).await;
+    }
+}
