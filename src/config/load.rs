@@ -36,6 +36,10 @@ enum Field {
     WebsocketIp,
     WebsocketPort,
     WebServerAddress,
+    HttpHeaderReadTimeout,
+    HttpKeepAliveTimeout,
+    HttpMaxConnections,
+    WebsocketIdleTimeout,
     MaxMessageSize,
     PrefetchCount,
     Protocol,
@@ -68,6 +72,10 @@ impl Field {
             "WEBSOCKET_IP" => Field::WebsocketIp,
             "WEBSOCKET_PORT" => Field::WebsocketPort,
             "WEB_SERVER_ADDRESS" => Field::WebServerAddress,
+            "HTTP_HEADER_READ_TIMEOUT" => Field::HttpHeaderReadTimeout,
+            "HTTP_KEEP_ALIVE_TIMEOUT" => Field::HttpKeepAliveTimeout,
+            "HTTP_MAX_CONNECTIONS" => Field::HttpMaxConnections,
+            "WEBSOCKET_IDLE_TIMEOUT" => Field::WebsocketIdleTimeout,
             "MAX_MESSAGE_SIZE" => Field::MaxMessageSize,
             "PREFETCH_COUNT" => Field::PrefetchCount,
             "PROTOCOL" => Field::Protocol,
@@ -115,6 +123,12 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::WebsocketIp => text(value).map(|v| config.websocket_ip = v),
         Field::WebsocketPort => uint(value, U16).map(|v| config.websocket_port = v),
         Field::WebServerAddress => address(value).map(|v| config.web_server_address = v),
+        Field::HttpHeaderReadTimeout => {
+            seconds(value).map(|v| config.http_header_read_timeout = v)
+        }
+        Field::HttpKeepAliveTimeout => seconds(value).map(|v| config.http_keep_alive_timeout = v),
+        Field::HttpMaxConnections => uint(value, USIZE).map(|v| config.http_max_connections = v),
+        Field::WebsocketIdleTimeout => seconds(value).map(|v| config.websocket_idle_timeout = v),
         Field::MaxMessageSize => uint(value, USIZE).map(|v| config.max_message_size = v),
         Field::PrefetchCount => {
             optional(value, |v| uint(v, U16)).map(|v| config.prefetch_count = v)
