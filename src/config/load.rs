@@ -123,9 +123,7 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::WebsocketIp => text(value).map(|v| config.websocket_ip = v),
         Field::WebsocketPort => uint(value, U16).map(|v| config.websocket_port = v),
         Field::WebServerAddress => address(value).map(|v| config.web_server_address = v),
-        Field::HttpHeaderReadTimeout => {
-            seconds(value).map(|v| config.http_header_read_timeout = v)
-        }
+        Field::HttpHeaderReadTimeout => seconds(value).map(|v| config.http_header_read_timeout = v),
         Field::HttpKeepAliveTimeout => seconds(value).map(|v| config.http_keep_alive_timeout = v),
         Field::HttpMaxConnections => uint(value, USIZE).map(|v| config.http_max_connections = v),
         Field::WebsocketIdleTimeout => seconds(value).map(|v| config.websocket_idle_timeout = v),

@@ -18,8 +18,8 @@ pub use failure::{Failure, FailureKind};
 pub use headers::{HeaderValue, Headers, Properties};
 pub use message::{json_properties, Message};
 pub use outcome::{Handled, Outcome, TargetRole};
-pub use text::{bounded, escape_wire_text, MAX_ERROR_TEXT};
 pub use retry_state::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
+pub use text::{bounded, escape_wire_text, MAX_ERROR_TEXT};
 
 /// A boxed error, as targets and dependencies return them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

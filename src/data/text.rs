@@ -95,10 +95,7 @@ mod tests {
         let hostile = "line\r\nforged\u{0}\u{1b}[2J\u{202e}\u{2066}\u{200b}\\u{a}";
         let escaped = escape_wire_text(hostile);
         assert!(!escaped.chars().any(|c| c.is_control() || is_invisible_format(c)), "{escaped}");
-        assert_eq!(
-            escaped,
-            "line\\r\\nforged\\u{0}\\u{1b}[2J\\u{202e}\\u{2066}\\u{200b}\\\\u{a}"
-        );
+        assert_eq!(escaped, "line\\r\\nforged\\u{0}\\u{1b}[2J\\u{202e}\\u{2066}\\u{200b}\\\\u{a}");
     }
 
     #[test]
