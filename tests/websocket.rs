@@ -484,6 +484,9 @@ async fn idle_connections_are_closed_after_the_idle_timeout_while_active_ones_st
     assert_eq!(code, Some(CloseCode::Normal), "an idle connection is closed, with a close frame");
     gate.open();
     assert_eq!(waiting.recv().await["data"], json!("long"));
+    // and its connection is still open
+    let reply = waiting.call(json!({"command": "add", "command_kwargs": {"a": 1, "b": 1}}));
+    assert_eq!(reply.await["data"], json!(2));
     service.stop().await.unwrap();
 }
 
