@@ -480,6 +480,23 @@ async fn silent_half_sent_and_trickled_request_heads_are_closed_after_the_header
 }
 
 #[tokio::test]
+async fn a_half_sent_body_is_closed_after_the_header_read_timeout() {
+    let (service, base) = spawn(routes(), hostile_config("http_body", 1.0, 30.0)).await;
+    let mut socket = raw(&base).await;
+    let head = "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+                content-length: 100\r\n\r\n{\"a\": 1,";
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer));
+    let read = read.await.expect("the connection is closed in time");
+    assert!(read.is_ok(), "{read:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0, "no call made");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn idle_keep_alive_connections_are_closed_after_the_keep_alive_timeout() {
     // the keep-alive wait (2.5 s) is longer than the header read timeout (1 s): only the
     // first byte of the next request has to come within it

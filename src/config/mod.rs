@@ -133,8 +133,10 @@ pub struct Config {
     pub web_server_address: String,
     /// `HTTP_HEADER_READ_TIMEOUT`: how long an HTTP client has to send a whole request head,
     /// counted from the connection's accept (first request) or from the first byte of the
-    /// next request (keep-alive); past it the connection is closed. Positive, at most a day.
-    /// Given in seconds (fractions allowed). Default: 60 s (nginx's `client_header_timeout`).
+    /// next request (keep-alive); past it the connection is closed. Also the longest a
+    /// request body may pause between two reads (then 400 and the connection is closed).
+    /// Positive, at most a day. Given in seconds (fractions allowed). Default: 60 s (nginx's
+    /// `client_header_timeout` and `client_body_timeout`).
     pub http_header_read_timeout: Duration,
     /// `HTTP_KEEP_ALIVE_TIMEOUT`: how long an HTTP connection may stay open between requests
     /// without a byte of a new one; past it the connection is closed. Positive, at most a day.

@@ -11,7 +11,10 @@
 //!   within `HTTP_KEEP_ALIVE_TIMEOUT`;
 //! - from that first byte, its head must arrive within `HTTP_HEADER_READ_TIMEOUT`.
 //!
-//! Past the deadline the connection is dropped, which closes the socket.
+//! Past the deadline the connection is dropped, which closes the socket. A request body that
+//! pauses for `HTTP_HEADER_READ_TIMEOUT` between two reads fails (tower-http's
+//! `TimeoutBody`, nginx's `client_body_timeout`): the request is answered 400 and the
+//! connection closed, so a half-sent body cannot hold it either.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,12 +32,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutBody;
 use tower_service::Service;
 
 /// The timeouts that close a silent client's connection.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Timeouts {
-    /// `HTTP_HEADER_READ_TIMEOUT`.
+    /// `HTTP_HEADER_READ_TIMEOUT`, also the longest pause of a request body.
     pub header_read: Duration,
     /// `HTTP_KEEP_ALIVE_TIMEOUT`.
     pub keep_alive: Duration,
@@ -57,6 +61,7 @@ pub(super) async fn serve_connection(
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let open = Request::begin(requests.clone());
         let mut router = router.clone();
+        let request = request.map(|body| TimeoutBody::new(timeouts.header_read, body));
         async move {
             let response = router.call(request).await;
             drop(open);
