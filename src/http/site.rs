@@ -134,7 +134,8 @@ async fn serve(
         header_read: config.http_header_read_timeout,
         keep_alive: config.http_keep_alive_timeout,
     };
-    let slots = Arc::new(Semaphore::new(config.http_max_connections));
+    // validate() keeps it far below MAX_PERMITS, past which Semaphore::new panics
+    let slots = Arc::new(Semaphore::new(config.http_max_connections.min(Semaphore::MAX_PERMITS)));
     let connections = TaskTracker::new();
     loop {
         let slot = tokio::select! {
