@@ -830,6 +830,8 @@ proptest! {
                 "AMQP_URI", "AMQP_HEARTBEAT", "MAX_WORKERS", "WORKER_MODE", "MAX_TASKS_PER_CHILD",
                 "ENABLE_METRICS", "METRICS_PORT", "PREFETCH_COUNT", "RPC_TIMEOUT",
                 "SHUTDOWN_TIMEOUT", "TASK_TIME_LIMIT", "MAX_REDELIVERIES", "PROTOCOL", "QUEUE_TYPE",
+                "HTTP_HEADER_READ_TIMEOUT", "HTTP_KEEP_ALIVE_TIMEOUT", "HTTP_MAX_CONNECTIONS",
+                "WEBSOCKET_IDLE_TIMEOUT",
             ]),
             prop_oneof![
                 ".{0,10}",

@@ -15,6 +15,8 @@ use micro_framework::prelude::*;
 use micro_framework::{Error, RunningService};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// A config serving HTTP on a free loopback port, on a private in-process broker.
 fn http_config(service: &str) -> Config {
@@ -380,4 +382,216 @@ async fn the_http_service_example_answers_hello_and_sum() {
     let pid = child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     assert!(child.wait().unwrap().success(), "SIGINT stops the example cleanly");
+}
+
+// ---------------------------------------------------------------- hostile peers
+
+/// A config with small peer timeouts, so that the tests see them fire.
+fn hostile_config(service: &str, header_read: f64, keep_alive: f64) -> Config {
+    http_config(service)
+        .with_http_header_read_timeout(Duration::from_secs_f64(header_read))
+        .with_http_keep_alive_timeout(Duration::from_secs_f64(keep_alive))
+}
+
+/// A raw TCP connection to the service's HTTP port.
+async fn raw(base: &str) -> TcpStream {
+    TcpStream::connect(base.trim_start_matches("http://")).await.expect("connects")
+}
+
+/// Sends `GET path` on a keep-alive connection; the status line and the body of the answer.
+async fn get_on(socket: &mut TcpStream, path: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("the request is sent");
+    tokio::time::timeout(Duration::from_secs(10), read_response(socket))
+        .await
+        .expect("an answer in time")
+}
+
+/// Reads one response with a `content-length` body.
+async fn read_response(socket: &mut TcpStream) -> (String, String) {
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&received).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase().strip_prefix("content-length:")?.trim().parse().ok()
+                })
+                .unwrap_or(0usize);
+            if body.len() >= length {
+                let status = head.lines().next().unwrap_or_default().to_owned();
+                return (status, body[..length].to_owned());
+            }
+        }
+        let read = socket.read(&mut buffer).await.expect("the connection stays open");
+        assert!(
+            read > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buffer[..read]);
+    }
+}
+
+/// Whether the server closes `socket` within `within` (a read gives 0 or an error; bytes
+/// it sends before, such as an error response, are skipped).
+async fn closed_within(socket: &mut TcpStream, within: Duration) -> bool {
+    let closed = async {
+        let mut buffer = [0u8; 1024];
+        while let Ok(read @ 1..) = socket.read(&mut buffer).await {
+            let _ = read;
+        }
+    };
+    tokio::time::timeout(within, closed).await.is_ok()
+}
+
+#[tokio::test]
+async fn silent_half_sent_and_trickled_request_heads_are_closed_after_the_header_read_timeout() {
+    let (service, base) = spawn(routes(), hostile_config("http_heads", 1.0, 30.0)).await;
+    let mut silent = raw(&base).await;
+    let mut half = raw(&base).await;
+    half.write_all(b"GET /hello/x HTTP/1.1\r\nhost: test\r\n").await.unwrap();
+    // a slowloris: a header line every 200 ms, for ever
+    let mut trickle = raw(&base).await;
+    trickle.write_all(b"GET /hello/x HTTP/1.1\r\n").await.unwrap();
+    let trickled = async {
+        for line in 0..100 {
+            if trickle.write_all(format!("x-{line}: y\r\n").as_bytes()).await.is_err()
+                || closed_within(&mut trickle, Duration::from_millis(200)).await
+            {
+                return true;
+            }
+        }
+        false
+    };
+    let (silent, half, trickled) = tokio::join!(
+        closed_within(&mut silent, Duration::from_secs(10)),
+        closed_within(&mut half, Duration::from_secs(10)),
+        trickled,
+    );
+    assert!(silent, "a silent connection is closed after HTTP_HEADER_READ_TIMEOUT");
+    assert!(half, "a half-sent request head is closed after HTTP_HEADER_READ_TIMEOUT");
+    assert!(trickled, "a head trickled byte by byte is closed after HTTP_HEADER_READ_TIMEOUT");
+    // good clients are still served
+    assert_eq!(client().get(format!("{base}/hello/x")).send().await.unwrap().status(), 200);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_half_sent_body_is_closed_after_the_header_read_timeout() {
+    let (service, base) = spawn(routes(), hostile_config("http_body", 1.0, 30.0)).await;
+    let mut socket = raw(&base).await;
+    let head = "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+                content-length: 100\r\n\r\n{\"a\": 1,";
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer));
+    let read = read.await.expect("the connection is closed in time");
+    assert!(read.is_ok(), "{read:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0, "no call made");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_keep_alive_timeout() {
+    // the keep-alive wait (2.5 s) is longer than the header read timeout (1 s): only the
+    // first byte of the next request has to come within it
+    let (service, base) = spawn(routes(), hostile_config("http_keepalive", 1.0, 2.5)).await;
+    let (mut idle, mut active, mut slow) = (raw(&base).await, raw(&base).await, raw(&base).await);
+    for socket in [&mut idle, &mut active, &mut slow] {
+        assert_eq!(get_on(socket, "/hello/a").await.0, "HTTP/1.1 200 OK");
+    }
+    let served_all_along = async {
+        for round in 0..15 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (status, body) = get_on(&mut active, &format!("/hello/{round}")).await;
+            assert_eq!(status, "HTTP/1.1 200 OK");
+            assert!(body.contains(&format!("\"hello\":\"{round}\"")), "{body}");
+        }
+    };
+    let served_after_a_pause = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        get_on(&mut slow, "/hello/late").await.0
+    };
+    let (closed, (), late) = tokio::join!(
+        closed_within(&mut idle, Duration::from_secs(10)),
+        served_all_along,
+        served_after_a_pause,
+    );
+    assert!(closed, "an idle keep-alive connection is closed after HTTP_KEEP_ALIVE_TIMEOUT");
+    assert_eq!(late, "HTTP/1.1 200 OK", "a pause shorter than the keep-alive timeout is fine");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn http_max_connections_are_served_at_once_and_the_next_waits_for_a_free_slot() {
+    let config = hostile_config("http_cap", 30.0, 30.0).with_http_max_connections(2);
+    let (service, base) = spawn(routes(), config).await;
+    // two keep-alive connections that were served hold both slots
+    let (mut first, mut second) = (raw(&base).await, raw(&base).await);
+    assert_eq!(get_on(&mut first, "/hello/1").await.0, "HTTP/1.1 200 OK");
+    assert_eq!(get_on(&mut second, "/hello/2").await.0, "HTTP/1.1 200 OK");
+    let mut third = raw(&base).await;
+    third.write_all(b"GET /hello/3 HTTP/1.1\r\nhost: test\r\n\r\n").await.unwrap();
+    // an idle server answers in milliseconds: two seconds without an answer is the cap
+    let early = tokio::time::timeout(Duration::from_secs(2), read_response(&mut third)).await;
+    assert!(early.is_err(), "a third connection is not served while two are open: {early:?}");
+    assert_eq!(service.route("hello").unwrap().stats().received_count(), 2);
+    drop(first);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut third))
+        .await
+        .expect("served once a slot is free");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("\"hello\":\"3\""), "the waiting request is not lost: {body}");
+    assert_eq!(get_on(&mut second, "/hello/2").await.0, "HTTP/1.1 200 OK");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn clients_holding_every_slot_silently_do_not_lock_out_good_clients() {
+    let config = hostile_config("http_lockout", 1.0, 30.0).with_http_max_connections(3);
+    let (service, base) = spawn(routes(), config).await;
+    // three connections surely accepted (each was served), then silent mid-head
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        let mut socket = raw(&base).await;
+        assert_eq!(get_on(&mut socket, "/hello/h").await.0, "HTTP/1.1 200 OK");
+        socket.write_all(b"GET /hello/h HTTP/1.1\r\n").await.unwrap();
+        holders.push(socket);
+    }
+    let response = client().get(format!("{base}/hello/good")).send().await;
+    let response = response.expect("served once the silent clients time out");
+    assert_eq!(response.status(), 200);
+    for socket in &mut holders {
+        assert!(closed_within(socket, Duration::from_secs(10)).await);
+    }
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_megabyte_body_that_does_not_fit_gets_a_short_400_stating_its_size() {
+    let (service, base) = spawn(routes(), http_config("http_echo")).await;
+    let http = client();
+    let text = "x".repeat(1 << 20);
+    let cases = [("text/plain", text.clone()), ("application/json", format!("\"{text}\""))];
+    for (content_type, body) in cases {
+        let request = http.post(format!("{base}/sum")).header("content-type", content_type);
+        let response = request.body(body).send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        let answer = response.bytes().await.unwrap();
+        assert!(answer.len() < 8 * 1024, "{content_type}: a {} byte answer", answer.len());
+        let answer: Value = serde_json::from_slice(&answer).unwrap();
+        let message = answer["message"].as_str().unwrap();
+        assert!(message.starts_with("payload does not fit"), "{message}");
+        let size: usize = message
+            .rsplit_once("(truncated: ")
+            .and_then(|(_, size)| size.strip_suffix(" bytes in all)")?.parse().ok())
+            .unwrap_or_else(|| panic!("{content_type}: no full size in {message:?}"));
+        assert!(size > 1 << 20, "the full size of the error text, quoting the body: {size}");
+    }
+    service.stop().await.unwrap();
 }

@@ -22,6 +22,7 @@ use micro_framework::websocket::{
 use micro_framework::{Error, RunningService};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -89,6 +90,10 @@ fn ws_config(service: &str, max_workers: usize) -> Config {
 }
 
 async fn start(max_workers: usize, gate: &Gate) -> (RunningService, SocketAddr) {
+    start_with(ws_config("wsmath", max_workers), gate).await
+}
+
+async fn start_with(config: Config, gate: &Gate) -> (RunningService, SocketAddr) {
     let routes = vec![
         Route::new(add).entrypoint(WebSocketEntrypoint::new()),
         Route::new(echo).entrypoint(WebSocketEntrypoint::new()),
@@ -96,7 +101,7 @@ async fn start(max_workers: usize, gate: &Gate) -> (RunningService, SocketAddr) 
         Route::new(panics).entrypoint(WebSocketEntrypoint::new()),
         Route::new(hold).entrypoint(WebSocketEntrypoint::new()).dependency(Shared(gate.clone())),
     ];
-    let service = Runner::new(routes, ws_config("wsmath", max_workers)).spawn().await.unwrap();
+    let service = Runner::new(routes, config).spawn().await.unwrap();
     let address = service.websocket_address().expect("the service listens");
     (service, address)
 }
@@ -455,4 +460,50 @@ impl micro_framework::entrypoints::Entrypoint for FailingSetup {
     ) -> micro_framework::Result<()> {
         Ok(())
     }
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout_while_active_ones_stay() {
+    let gate = Gate::default();
+    let config = ws_config("wsidle", 2).with_websocket_idle_timeout(Duration::from_secs(1));
+    let (service, address) = start_with(config, &gate).await;
+    let mut idle = Raw::connect(address).await;
+    let mut active = Raw::connect(address).await;
+    let mut waiting = Raw::connect(address).await;
+    // a call that runs longer than the idle timeout: its client is not idle
+    waiting.send(json!({"command": "hold", "command_args": ["long"]}).to_string()).await;
+    gate.wait_started(1).await;
+    let calls = async {
+        for x in 0..10 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let reply = active.call(json!({"command": "add", "command_kwargs": {"a": x, "b": 1}}));
+            assert_eq!(reply.await["data"], json!(x + 1));
+        }
+    };
+    let (code, ()) = tokio::join!(idle.closed(), calls);
+    assert_eq!(code, Some(CloseCode::Normal), "an idle connection is closed, with a close frame");
+    gate.open();
+    assert_eq!(waiting.recv().await["data"], json!("long"));
+    // and its connection is still open
+    let reply = waiting.call(json!({"command": "add", "command_kwargs": {"a": 1, "b": 1}}));
+    assert_eq!(reply.await["data"], json!(2));
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_socket_on_the_websocket_port_is_closed_after_the_idle_timeout() {
+    let gate = Gate::default();
+    let config = ws_config("wssilent", 2).with_websocket_idle_timeout(Duration::from_secs(1));
+    let (service, address) = start_with(config, &gate).await;
+    let mut silent = TcpStream::connect(address).await.unwrap();
+    let mut half = TcpStream::connect(address).await.unwrap();
+    half.write_all(b"GET / HTTP/1.1\r\nhost: test\r\nupgrade: websocket\r\n").await.unwrap();
+    // within 5 s: the handshake's own limit (10 s) is not what closes them
+    for socket in [&mut silent, &mut half] {
+        let mut buffer = [0u8; 256];
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buffer)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "closed without a handshake: {read:?}");
+    }
+    assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    service.stop().await.unwrap();
 }

@@ -90,6 +90,14 @@ use load::Format;
 /// The URI schemes `AMQP_URI` may use (`memory` is the in-process test broker).
 const AMQP_SCHEMES: [&str; 3] = ["amqp", "amqps", "memory"];
 
+/// The largest `HTTP_MAX_CONNECTIONS`: Linux's default `fs.nr_open`, the most file
+/// descriptors a process may ever hold, so no process could serve more.
+pub const MAX_HTTP_CONNECTIONS: usize = 1 << 20;
+
+/// The longest `HTTP_HEADER_READ_TIMEOUT`, `HTTP_KEEP_ALIVE_TIMEOUT` and
+/// `WEBSOCKET_IDLE_TIMEOUT`: one day. Waiting longer on a silent peer protects nothing.
+pub const MAX_PEER_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// The configuration of a service. See the [module documentation](self) for how to load it.
 ///
 /// Each field documents its key and default. [`Config::default`] has all defaults and an
@@ -123,6 +131,25 @@ pub struct Config {
     /// `WEB_SERVER_ADDRESS`: where the HTTP entrypoints listen (`host:port`, Nameko's key).
     /// Default: `0.0.0.0:8000`.
     pub web_server_address: String,
+    /// `HTTP_HEADER_READ_TIMEOUT`: how long an HTTP client has to send a whole request head,
+    /// counted from the connection's accept (first request) or from the first byte of the
+    /// next request (keep-alive); past it the connection is closed. Also the longest a
+    /// request body may pause between two reads (then 400 and the connection is closed).
+    /// Positive, at most a day. Given in seconds (fractions allowed). Default: 60 s (nginx's
+    /// `client_header_timeout` and `client_body_timeout`).
+    pub http_header_read_timeout: Duration,
+    /// `HTTP_KEEP_ALIVE_TIMEOUT`: how long an HTTP connection may stay open between requests
+    /// without a byte of a new one; past it the connection is closed. Positive, at most a day.
+    /// Given in seconds (fractions allowed). Default: 75 s (nginx's `keepalive_timeout`).
+    pub http_keep_alive_timeout: Duration,
+    /// `HTTP_MAX_CONNECTIONS`: how many HTTP connections are served at once; more wait,
+    /// unaccepted, until one closes. From 1 to 1048576. Default: 1024.
+    pub http_max_connections: usize,
+    /// `WEBSOCKET_IDLE_TIMEOUT`: how long a WebSocket connection may go without a frame from
+    /// its client (and without a call running) before it is closed; also bounds the
+    /// handshake. Positive, at most a day. Given in seconds (fractions allowed). Default: 60 s
+    /// (nginx's `proxy_read_timeout`).
+    pub websocket_idle_timeout: Duration,
     /// `MAX_MESSAGE_SIZE`: the largest message body, in bytes, a service accepts (AMQP
     /// deliveries, HTTP bodies, WebSocket frames) or publishes; at least 1. Default: 16 MiB,
     /// RabbitMQ 4's own limit.
@@ -209,6 +236,10 @@ setters! {
     with_websocket_ip => websocket_ip: String,
     with_websocket_port => websocket_port: u16,
     with_web_server_address => web_server_address: String,
+    with_http_header_read_timeout => http_header_read_timeout: Duration,
+    with_http_keep_alive_timeout => http_keep_alive_timeout: Duration,
+    with_http_max_connections => http_max_connections: usize,
+    with_websocket_idle_timeout => websocket_idle_timeout: Duration,
     with_max_message_size => max_message_size: usize,
     with_prefetch_count => prefetch_count: Option<u16>,
     with_protocol => protocol: Protocol,
@@ -248,6 +279,10 @@ impl Default for Config {
             websocket_ip: "0.0.0.0".to_string(),
             websocket_port: 8765,
             web_server_address: "0.0.0.0:8000".to_string(),
+            http_header_read_timeout: Duration::from_secs(60),
+            http_keep_alive_timeout: Duration::from_secs(75),
+            http_max_connections: 1024,
+            websocket_idle_timeout: Duration::from_secs(60),
             max_message_size: 16 * 1024 * 1024,
             prefetch_count: None,
             protocol: Protocol::default(),
@@ -337,8 +372,10 @@ impl Config {
 
     /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace,
     /// `AMQP_URI` is an `amqp://`, `amqps://` or `memory://` URI, `MAX_WORKERS`,
-    /// `MAX_TASKS_PER_CHILD` and `PREFETCH_COUNT` are not 0, and `RPC_TIMEOUT` and
-    /// `SHUTDOWN_TIMEOUT` are not zero. Every `from_*` calls it; [`Config::new`] does not.
+    /// `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are not 0 (and
+    /// `HTTP_MAX_CONNECTIONS` at most [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT` and
+    /// `SHUTDOWN_TIMEOUT` are not zero, and the HTTP and WebSocket timeouts are neither zero
+    /// nor longer than [`MAX_PEER_TIMEOUT`]. Every `from_*` calls it; [`Config::new`] does not.
     ///
     /// # Errors
     /// The first failing check, naming its key and value.
@@ -357,6 +394,7 @@ impl Config {
         let at_least_one = [
             ("MAX_WORKERS", self.max_workers == 0, ""),
             ("MAX_MESSAGE_SIZE", self.max_message_size == 0, ""),
+            ("HTTP_MAX_CONNECTIONS", self.http_max_connections == 0, ""),
             ("MAX_TASKS_PER_CHILD", self.max_tasks_per_child == Some(0), " (or unset: no limit)"),
             ("PREFETCH_COUNT", self.prefetch_count == Some(0), " (or unset: MAX_WORKERS)"),
         ];
@@ -373,6 +411,42 @@ impl Config {
                     key,
                     "0",
                     "must be a positive, finite number of seconds",
+                ));
+            }
+        }
+        if self.http_max_connections > MAX_HTTP_CONNECTIONS {
+            return Err(ConfigError::new(
+                "HTTP_MAX_CONNECTIONS",
+                self.http_max_connections.to_string(),
+                format!("must be at most {MAX_HTTP_CONNECTIONS}"),
+            ));
+        }
+        self.validate_peer_timeouts()
+    }
+
+    /// Checks that the timeouts that close a silent peer's connection are positive and at
+    /// most [`MAX_PEER_TIMEOUT`]: a longer one protects nothing.
+    fn validate_peer_timeouts(&self) -> Result<(), ConfigError> {
+        let timeouts = [
+            ("HTTP_HEADER_READ_TIMEOUT", self.http_header_read_timeout),
+            ("HTTP_KEEP_ALIVE_TIMEOUT", self.http_keep_alive_timeout),
+            ("WEBSOCKET_IDLE_TIMEOUT", self.websocket_idle_timeout),
+        ];
+        for (key, duration) in timeouts {
+            let value = duration.as_secs_f64().to_string();
+            if duration.is_zero() {
+                return Err(ConfigError::new(
+                    key,
+                    value,
+                    "must be a positive, finite number of seconds",
+                ));
+            }
+            if duration > MAX_PEER_TIMEOUT {
+                let most = MAX_PEER_TIMEOUT.as_secs();
+                return Err(ConfigError::new(
+                    key,
+                    value,
+                    format!("must be at most {most} seconds (one day)"),
                 ));
             }
         }
@@ -442,6 +516,10 @@ impl Config {
             ("WEBSOCKET_IP", Value::from(self.websocket_ip.as_str())),
             ("WEBSOCKET_PORT", Value::from(self.websocket_port)),
             ("WEB_SERVER_ADDRESS", Value::from(self.web_server_address.as_str())),
+            ("HTTP_HEADER_READ_TIMEOUT", Value::from(self.http_header_read_timeout.as_secs_f64())),
+            ("HTTP_KEEP_ALIVE_TIMEOUT", Value::from(self.http_keep_alive_timeout.as_secs_f64())),
+            ("HTTP_MAX_CONNECTIONS", Value::from(self.http_max_connections)),
+            ("WEBSOCKET_IDLE_TIMEOUT", Value::from(self.websocket_idle_timeout.as_secs_f64())),
             ("MAX_MESSAGE_SIZE", Value::from(self.max_message_size)),
             ("PREFETCH_COUNT", Value::from(self.effective_prefetch())),
             ("PROTOCOL", Value::from(self.protocol.as_str())),
@@ -481,6 +559,10 @@ impl fmt::Debug for Config {
             .field("websocket_ip", &self.websocket_ip)
             .field("websocket_port", &self.websocket_port)
             .field("web_server_address", &self.web_server_address)
+            .field("http_header_read_timeout", &self.http_header_read_timeout)
+            .field("http_keep_alive_timeout", &self.http_keep_alive_timeout)
+            .field("http_max_connections", &self.http_max_connections)
+            .field("websocket_idle_timeout", &self.websocket_idle_timeout)
             .field("max_message_size", &self.max_message_size)
             .field("prefetch_count", &self.prefetch_count)
             .field("protocol", &self.protocol)

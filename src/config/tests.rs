@@ -53,6 +53,10 @@ fn everything_changed() -> Config {
         websocket_ip: "127.0.0.2".to_string(),
         websocket_port: 9000,
         web_server_address: "127.0.0.1:8080".to_string(),
+        http_header_read_timeout: Duration::from_secs(10),
+        http_keep_alive_timeout: Duration::from_millis(2500),
+        http_max_connections: 64,
+        websocket_idle_timeout: Duration::from_secs(90),
         max_message_size: 1048576,
         prefetch_count: Some(20),
         protocol: Protocol::MicroFramework,
@@ -86,6 +90,10 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("WEBSOCKET_IP", "127.0.0.2"),
     ("WEBSOCKET_PORT", "9000"),
     ("WEB_SERVER_ADDRESS", "127.0.0.1:8080"),
+    ("HTTP_HEADER_READ_TIMEOUT", "10"),
+    ("HTTP_KEEP_ALIVE_TIMEOUT", "2.5"),
+    ("HTTP_MAX_CONNECTIONS", "64"),
+    ("WEBSOCKET_IDLE_TIMEOUT", "90"),
     ("MAX_MESSAGE_SIZE", "1048576"),
     ("PREFETCH_COUNT", "20"),
     ("PROTOCOL", "micro_framework"),
@@ -118,6 +126,10 @@ METRICS:
 WEBSOCKET_IP: 127.0.0.2
 WEBSOCKET_PORT: 9000
 WEB_SERVER_ADDRESS: 127.0.0.1:8080
+HTTP_HEADER_READ_TIMEOUT: 10
+HTTP_KEEP_ALIVE_TIMEOUT: "2.5"
+HTTP_MAX_CONNECTIONS: 64
+WEBSOCKET_IDLE_TIMEOUT: 90
 MAX_MESSAGE_SIZE: 1048576
 PREFETCH_COUNT: 20
 PROTOCOL: micro_framework
@@ -147,6 +159,10 @@ ENABLE_METRICS = true
 WEBSOCKET_IP = "127.0.0.2"
 WEBSOCKET_PORT = 9000
 WEB_SERVER_ADDRESS = "127.0.0.1:8080"
+HTTP_HEADER_READ_TIMEOUT = 10
+HTTP_KEEP_ALIVE_TIMEOUT = 2.5
+HTTP_MAX_CONNECTIONS = "64"
+WEBSOCKET_IDLE_TIMEOUT = 90
 MAX_MESSAGE_SIZE = 1048576
 PREFETCH_COUNT = 20
 PROTOCOL = "micro_framework"
@@ -185,6 +201,10 @@ fn defaults() {
     assert_eq!(config.websocket_ip, "0.0.0.0");
     assert_eq!(config.websocket_port, 8765);
     assert_eq!(config.web_server_address, "0.0.0.0:8000");
+    assert_eq!(config.http_header_read_timeout, Duration::from_secs(60));
+    assert_eq!(config.http_keep_alive_timeout, Duration::from_secs(75));
+    assert_eq!(config.http_max_connections, 1024);
+    assert_eq!(config.websocket_idle_timeout, Duration::from_secs(60));
     assert_eq!(config.max_message_size, 16 * 1024 * 1024);
     assert_eq!(config.prefetch_count, None);
     assert_eq!(config.effective_prefetch(), 3);
@@ -527,6 +547,11 @@ fn value_errors_name_key_and_value() {
         ("WEB_SERVER_ADDRESS", "localhost:http", "expected host:port, e.g. 0.0.0.0:8000"),
         ("MAX_MESSAGE_SIZE", "1e6", "expected a non-negative integer"),
         ("MAX_MESSAGE_SIZE", "0", "must be at least 1"),
+        ("HTTP_HEADER_READ_TIMEOUT", "60s", "expected a number of seconds"),
+        ("HTTP_KEEP_ALIVE_TIMEOUT", "-5", "must be a positive, finite number of seconds"),
+        ("WEBSOCKET_IDLE_TIMEOUT", "inf", "must be a positive, finite number of seconds"),
+        ("HTTP_MAX_CONNECTIONS", "-1", "expected a non-negative integer"),
+        ("HTTP_MAX_CONNECTIONS", "many", "expected a non-negative integer"),
     ];
     for (key, value, reason) in cases {
         let e = env_err(&[("SERVICE_NAME", "s"), (key, value)]);
@@ -586,6 +611,46 @@ fn validation_errors() {
             "SHUTDOWN_TIMEOUT",
             "0.0",
             r#"invalid config SHUTDOWN_TIMEOUT="0": must be a positive, finite number of seconds"#,
+        ),
+        (
+            "HTTP_HEADER_READ_TIMEOUT",
+            "0",
+            r#"invalid config HTTP_HEADER_READ_TIMEOUT="0": must be a positive, finite number of seconds"#,
+        ),
+        (
+            "HTTP_HEADER_READ_TIMEOUT",
+            "86401",
+            r#"invalid config HTTP_HEADER_READ_TIMEOUT="86401": must be at most 86400 seconds (one day)"#,
+        ),
+        (
+            "HTTP_KEEP_ALIVE_TIMEOUT",
+            "0.0",
+            r#"invalid config HTTP_KEEP_ALIVE_TIMEOUT="0": must be a positive, finite number of seconds"#,
+        ),
+        (
+            "HTTP_KEEP_ALIVE_TIMEOUT",
+            "1e9",
+            r#"invalid config HTTP_KEEP_ALIVE_TIMEOUT="1000000000": must be at most 86400 seconds (one day)"#,
+        ),
+        (
+            "WEBSOCKET_IDLE_TIMEOUT",
+            "0",
+            r#"invalid config WEBSOCKET_IDLE_TIMEOUT="0": must be a positive, finite number of seconds"#,
+        ),
+        (
+            "WEBSOCKET_IDLE_TIMEOUT",
+            "100000",
+            r#"invalid config WEBSOCKET_IDLE_TIMEOUT="100000": must be at most 86400 seconds (one day)"#,
+        ),
+        (
+            "HTTP_MAX_CONNECTIONS",
+            "0",
+            r#"invalid config HTTP_MAX_CONNECTIONS="0": must be at least 1"#,
+        ),
+        (
+            "HTTP_MAX_CONNECTIONS",
+            "1048577",
+            r#"invalid config HTTP_MAX_CONNECTIONS="1048577": must be at most 1048576"#,
         ),
         (
             "SERVICE_NAME",
@@ -686,6 +751,10 @@ fn masked_map_and_debug() {
         ("WEBSOCKET_IP", json!("127.0.0.2")),
         ("WEBSOCKET_PORT", json!(9000)),
         ("WEB_SERVER_ADDRESS", json!("127.0.0.1:8080")),
+        ("HTTP_HEADER_READ_TIMEOUT", json!(10.0)),
+        ("HTTP_KEEP_ALIVE_TIMEOUT", json!(2.5)),
+        ("HTTP_MAX_CONNECTIONS", json!(64)),
+        ("WEBSOCKET_IDLE_TIMEOUT", json!(90.0)),
         ("MAX_MESSAGE_SIZE", json!(1048576)),
         ("PREFETCH_COUNT", json!(20)),
         ("PROTOCOL", json!("micro_framework")),

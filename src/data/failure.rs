@@ -107,15 +107,24 @@ impl Failure {
         }
     }
 
-    /// The message followed by its causes, as one line of at most [`MAX_ERROR_TEXT`] bytes.
+    /// The message followed by its causes, as one line of at most [`MAX_ERROR_TEXT`] bytes
+    /// (plus the note of a cut).
     pub fn full_message(&self) -> String {
         let full = std::iter::once(self.message.as_str())
             .chain(self.causes.iter().map(String::as_str))
             .collect::<Vec<_>>()
             .join(": ");
-        bounded_text(full)
+        // each part was bounded when made: a message cut then must keep its note of the full
+        // size, which cutting it again would replace by the size of the cut text
+        match bounded(&full, MAX_ERROR_TEXT + CUT_NOTE) {
+            Cow::Borrowed(_) => full,
+            Cow::Owned(cut) => cut,
+        }
     }
 }
+
+/// Room for the note [`bounded`] appends to a cut text ("… (truncated: N bytes in all)").
+const CUT_NOTE: usize = 64;
 
 /// An error text may quote its input (a serde error quotes the bad value): keep at most
 /// [`MAX_ERROR_TEXT`] bytes of it.
@@ -141,5 +150,15 @@ mod tests {
         assert_eq!(failure.kind, FailureKind::Error);
         assert_eq!(failure.causes, vec!["disk full".to_owned()]);
         assert_eq!(failure.full_message(), "cannot save order: disk full");
+    }
+
+    #[test]
+    fn a_cut_message_keeps_its_full_size() {
+        let failure = Failure::bad_input("x".repeat(1 << 20));
+        let note = format!("(truncated: {} bytes in all)", 1 << 20);
+        assert!(failure.message.ends_with(&note), "{}", &failure.message[4000..]);
+        assert_eq!(failure.full_message(), failure.message);
+        let long_causes = Failure { causes: vec!["y".repeat(10_000)], ..failure };
+        assert!(long_causes.full_message().len() < MAX_ERROR_TEXT + 2 * CUT_NOTE);
     }
 }

@@ -26,6 +26,7 @@
 //! }
 //! ```
 
+mod connection;
 mod entrypoint;
 mod request;
 mod response;

@@ -171,6 +171,8 @@ pub(crate) fn refusal(status: StatusCode, error: &str, message: &str) -> axum::r
     response
 }
 
+/// The JSON body of an error response. A failure's message is already bounded (see
+/// [`Failure::full_message`]), even when it quotes a megabyte request.
 fn failure_body(error: &str, message: &str) -> Value {
     json!({ "error": error, "message": message })
 }

@@ -1,5 +1,7 @@
 //! One client connection: read request frames, run their calls concurrently, send each reply
-//! when its call finishes.
+//! when its call finishes. A client that sends no frame for `WEBSOCKET_IDLE_TIMEOUT` while
+//! none of its calls runs is closed (1000, "idle timeout"), and so is one that does not
+//! finish its handshake in that time (at most [`HANDSHAKE_TIMEOUT`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -31,19 +34,22 @@ enum End {
     Closed,
     /// The client sent a frame past the size limit: close with 1009 (too big).
     TooBig,
+    /// The client sent nothing for `WEBSOCKET_IDLE_TIMEOUT`: close with 1000.
+    Idle,
 }
 
-/// Serve the client at `peer` until it leaves or `stopping` fires.
+/// Serve the client at `peer` until it leaves, stays silent for `idle`, or `stopping` fires.
 pub(crate) async fn serve_client(
     registry: Arc<WsRegistry>,
     stream: TcpStream,
     peer: SocketAddr,
+    idle: Duration,
     stopping: CancellationToken,
 ) {
     let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(frame_limits()));
     let handshake = tokio::select! {
         _ = stopping.cancelled() => return,
-        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => handshake,
+        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT.min(idle), handshake) => handshake,
     };
     let mut socket = match handshake {
         Ok(Ok(socket)) => socket,
@@ -54,11 +60,13 @@ pub(crate) async fn serve_client(
     };
     tracing::debug!("WebSocket client {peer} connected");
     let mut calls: JoinSet<String> = JoinSet::new();
+    let mut idle_until = deadline(idle);
     let end = loop {
         tokio::select! {
             biased;
             _ = stopping.cancelled() => break End::Stopping,
             Some(done) = calls.join_next() => {
+                idle_until = deadline(idle);
                 if let Some(reply) = finished(done) {
                     if let Err(error) = socket.send(Message::text(reply)).await {
                         tracing::debug!("cannot reply to WebSocket client {peer}: {error}");
@@ -67,6 +75,7 @@ pub(crate) async fn serve_client(
                 }
             }
             message = socket.next() => {
+                idle_until = deadline(idle);
                 let frame = match message {
                     Some(Ok(Message::Text(text))) => text.into(),
                     Some(Ok(Message::Binary(bytes))) => bytes,
@@ -92,9 +101,20 @@ pub(crate) async fn serve_client(
                     }
                 }
             }
+            // a client waiting for a long call is not idle
+            () = tokio::time::sleep_until(idle_until), if calls.is_empty() => {
+                tracing::debug!("WebSocket client {peer} idle for {idle:?}: closing");
+                break End::Idle;
+            }
         }
     };
     finish(socket, calls, end, peer).await;
+}
+
+/// `after` from now; a duration too long for the clock is the same as a year.
+fn deadline(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after).unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 60 * 60))
 }
 
 /// The reply of a finished call task (a task that panicked has none).
@@ -115,6 +135,7 @@ async fn finish(mut socket: Socket, mut calls: JoinSet<String>, end: End, peer: 
         End::Closed => return tracing::debug!("WebSocket client {peer} left"),
         End::Stopping => CloseFrame { code: CloseCode::Away, reason: "service stopping".into() },
         End::TooBig => CloseFrame { code: CloseCode::Size, reason: "message too big".into() },
+        End::Idle => CloseFrame { code: CloseCode::Normal, reason: "idle timeout".into() },
     };
     if !open {
         return;

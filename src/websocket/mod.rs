@@ -54,9 +54,11 @@
 //!
 //! Limits: a frame of at most 1 MiB (the Python server's default; a larger one closes the
 //! connection with 1009), at most 32 calls running per connection, a call only when a worker
-//! of the route's pool is free at once. On shutdown the server stops accepting connections and
-//! reading frames, lets running calls finish (up to `SHUTDOWN_TIMEOUT`) and reply, then
-//! closes each connection with 1001. Every frame read is started or refused at once, so
+//! of the route's pool is free at once. A client that sends no frame (pings count) for
+//! `WEBSOCKET_IDLE_TIMEOUT` (default 60 s) while none of its calls runs is closed with 1000
+//! ("idle timeout"); the handshake must be done within 10 s, or that timeout if shorter. On
+//! shutdown the server stops accepting connections and reading frames, lets running calls
+//! finish (up to `SHUTDOWN_TIMEOUT`) and reply, then closes each connection with 1001. Every frame read is started or refused at once, so
 //! nothing received waits unstarted: `thread` and `greedy_thread` stop alike.
 //!
 //! ```
@@ -110,7 +112,8 @@ pub(crate) use server::WebSocketServer;
 pub const MAX_FRAME_SIZE: usize = 1 << 20;
 /// The most calls one connection may have running; more are refused.
 pub const MAX_CALLS_PER_CONNECTION: usize = 32;
-/// How long a new connection has to complete its WebSocket handshake.
+/// How long a new connection has at most to complete its WebSocket handshake (less when
+/// `WEBSOCKET_IDLE_TIMEOUT` is shorter).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The read buffer of a connection (tungstenite's default, 128 KiB, is allocated up front).
 const READ_BUFFER: usize = 16 * 1024;

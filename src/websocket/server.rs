@@ -69,6 +69,7 @@ impl SharedExtension for WebSocketServer {
 impl WebSocketServer {
     async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<()> {
         let stopping = self.service.stopping().clone();
+        let idle = self.service.config().websocket_idle_timeout;
         let connections = TaskTracker::new();
         loop {
             tokio::select! {
@@ -77,7 +78,13 @@ impl WebSocketServer {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let registry = self.registry.clone();
-                        connections.spawn(serve_client(registry, stream, peer, stopping.clone()));
+                        connections.spawn(serve_client(
+                            registry,
+                            stream,
+                            peer,
+                            idle,
+                            stopping.clone(),
+                        ));
                     }
                     Err(error) => {
                         tracing::warn!("cannot accept a WebSocket connection: {error}");
