@@ -74,6 +74,7 @@ pub mod metrics;
 #[path = "metrics/noop.rs"]
 mod metrics;
 pub mod pipeline;
+mod process_defaults;
 pub mod runner;
 pub mod testing;
 pub mod timer;

@@ -1,6 +1,7 @@
 //! [`Message`]: what an entrypoint hands to a worker, whatever its source.
 
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -46,15 +47,27 @@ impl Message {
 
     /// Decode the body as JSON (an empty body is `null`; `text/plain` is a JSON string).
     pub fn decode(&self) -> Result<Value, String> {
+        self.decode_into()
+    }
+
+    /// Decode the body as [`decode`](Message::decode) does, straight into `T`: checking a
+    /// body's shape with `T` made of [`IgnoredAny`](serde::de::IgnoredAny) copies nothing.
+    pub(crate) fn decode_into<T: DeserializeOwned>(&self) -> Result<T, String> {
         let content_type = self.properties.content_type.as_deref().unwrap_or("application/json");
         let essence = content_type.split(';').next().unwrap_or_default().trim();
+        let shape = |error: serde_json::Error| format!("body does not fit: {error}");
         match essence {
-            _ if self.body.is_empty() => Ok(Value::Null),
+            _ if self.body.is_empty() => T::deserialize(Value::Null).map_err(shape),
             "application/json" | "" => serde_json::from_slice(&self.body)
                 .map_err(|error| format!("body is not valid JSON: {error}")),
             "text/plain" => std::str::from_utf8(&self.body)
-                .map(|text| Value::String(text.to_owned()))
-                .map_err(|error| format!("text/plain body is not UTF-8: {error}")),
+                .map_err(|error| format!("text/plain body is not UTF-8: {error}"))
+                .and_then(|text| {
+                    T::deserialize(serde::de::value::StrDeserializer::<serde_json::Error>::new(
+                        text,
+                    ))
+                    .map_err(shape)
+                }),
             other => Err(format!("unsupported content type '{other}' (expected application/json)")),
         }
     }

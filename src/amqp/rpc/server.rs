@@ -2,12 +2,14 @@
 //! `rpc-{service}` that dispatches each request to the route of its method, replies, then
 //! acks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
 
-use crate::amqp::rpc::wire::{reply_body, request_arguments, RemoteException};
+use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{json_properties, Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{consume, DeliveryHandler, QueueSource};
@@ -175,6 +177,8 @@ fn reply_outcome(handled: &Handled) -> std::result::Result<serde_json::Value, Re
 }
 
 /// A request is at most `MAX_MESSAGE_SIZE` bytes of `{"args": [...], "kwargs": {...}}` in JSON.
+/// Checked without building the request's values: a big request is decoded once, by its
+/// route.
 fn well_formed(message: &Message, max_size: usize) -> std::result::Result<(), String> {
     if message.body.len() > max_size {
         return Err(format!(
@@ -182,10 +186,20 @@ fn well_formed(message: &Message, max_size: usize) -> std::result::Result<(), St
             message.body.len()
         ));
     }
-    let body = message.decode()?;
-    request_arguments(&body)
+    message.decode_into::<IgnoredAny>()?;
+    message
+        .decode_into::<RequestShape>()
         .map(|_| ())
-        .ok_or_else(|| "Message missing `args` or `kwargs`".to_owned())
+        .map_err(|_| "Message missing `args` or `kwargs`".to_owned())
+}
+
+/// The shape of a request's body, its values skipped.
+#[derive(Deserialize)]
+struct RequestShape {
+    #[serde(rename = "args")]
+    _args: Vec<IgnoredAny>,
+    #[serde(rename = "kwargs")]
+    _kwargs: HashMap<String, IgnoredAny>,
 }
 
 /// Publish the reply (confirmed) to `reply_to` on the RPC exchange; nothing to do without

@@ -17,7 +17,6 @@ mod error;
 mod fuzz;
 mod options;
 mod publisher;
-mod stack;
 mod topology;
 mod uri;
 
