@@ -79,6 +79,8 @@ pub mod runner;
 pub mod testing;
 pub mod timer;
 pub mod transport;
+#[cfg(any(feature = "http", feature = "metrics"))]
+mod web_server;
 #[cfg(feature = "websocket")]
 pub mod websocket;
 

@@ -137,3 +137,31 @@ async fn rpc_calls_made_are_counted_by_outcome() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+/// The metrics port is as exposed as the HTTP routes' one: silent clients are closed after
+/// `HTTP_HEADER_READ_TIMEOUT`, and at most `HTTP_MAX_CONNECTIONS` are held.
+#[tokio::test]
+async fn the_metrics_server_closes_silent_clients() {
+    use tokio::io::AsyncReadExt;
+    let config = config(&format!("memory://{}", unique("metrics")), "metrics_hostile")
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 })
+        .with_http_header_read_timeout(Duration::from_secs(1))
+        .with_http_max_connections(2);
+    let routes = vec![Route::new(checked).entrypoint(EventListener::new("nowhere", "job"))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let address = service.service().metrics_address().unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    for socket in &mut silent {
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut buffer)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "closed after the header-read timeout");
+    }
+    let (status, _) =
+        tokio::task::spawn_blocking(move || http_get(address, "/health/live")).await.unwrap();
+    assert_eq!(status, 200, "served once the silent clients are gone");
+    service.stop().await.unwrap();
+}

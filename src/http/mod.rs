@@ -26,7 +26,6 @@
 //! }
 //! ```
 
-mod connection;
 mod entrypoint;
 mod request;
 mod response;

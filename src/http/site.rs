@@ -2,35 +2,21 @@
 //!
 //! Each `HttpEntrypoint` adds its route to the site at set-up; once every route is set up the
 //! runner starts the site, which binds `WEB_SERVER_ADDRESS` (a taken address stops the start),
-//! then serves every route until the service stops.
-//!
-//! At most `HTTP_MAX_CONNECTIONS` connections are served at once: the site accepts a
-//! connection only when a slot is free, so the next ones wait in the kernel's listen backlog
-//! (their requests unread, not lost) and are accepted, in order, as connections close. Silent
-//! clients are closed by the timeouts of [`connection`](super::connection), so they cannot
-//! hold the slots for ever.
+//! then serves every route until the service stops, with the limits of
+//! [`web_server`](crate::web_server) (timeouts, `HTTP_MAX_CONNECTIONS`).
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::MethodRouter;
 use axum::Router;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use super::connection::{serve_connection, Timeouts};
-use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
-
-/// How long to wait after a failed `accept` (out of file descriptors, say) before the next.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+use crate::web_server::{serve, WebLimits};
 
 /// The HTTP server of one service instance.
 #[derive(Debug)]
@@ -118,54 +104,6 @@ impl SharedExtension for WebSite {
         };
         tracing::info!("HTTP server listening on http://{}", listener.local_addr()?);
         let stopping = self.service.stopping().clone();
-        Ok(Box::pin(serve(listener, router, config, stopping)))
+        Ok(Box::pin(serve(listener, router, WebLimits::from_config(&config), stopping)))
     }
-}
-
-/// Accept connections while a slot is free, until `stopping` fires; then let the open
-/// connections answer their running requests (at most `SHUTDOWN_TIMEOUT`).
-async fn serve(
-    listener: TcpListener,
-    router: Router,
-    config: Arc<Config>,
-    stopping: CancellationToken,
-) -> Result<()> {
-    let timeouts = Timeouts {
-        header_read: config.http_header_read_timeout,
-        keep_alive: config.http_keep_alive_timeout,
-    };
-    // validate() keeps it far below MAX_PERMITS, past which Semaphore::new panics
-    let slots = Arc::new(Semaphore::new(config.http_max_connections.min(Semaphore::MAX_PERMITS)));
-    let connections = TaskTracker::new();
-    loop {
-        let slot = tokio::select! {
-            biased;
-            () = stopping.cancelled() => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break, // the semaphore is never closed
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            biased;
-            () = stopping.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!("cannot accept an HTTP connection: {error}");
-                    tokio::time::sleep(ACCEPT_PAUSE).await;
-                    continue;
-                }
-            },
-        };
-        let router = router.clone();
-        connections.spawn(serve_connection(stream, peer, router, timeouts, stopping.clone(), slot));
-    }
-    drop(listener);
-    connections.close();
-    let limit = config.shutdown_timeout;
-    if tokio::time::timeout(limit, connections.wait()).await.is_err() {
-        tracing::warn!("HTTP requests still running after SHUTDOWN_TIMEOUT ({limit:?}); no longer waiting for them");
-    }
-    Ok(())
 }

@@ -1,4 +1,5 @@
-//! The HTTP server of `/metrics`, `/health/live` and `/health/ready` (axum).
+//! The HTTP server of `/metrics`, `/health/live` and `/health/ready` (axum), with the same
+//! timeouts and connection cap as the HTTP routes' server.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::Metrics;
 use crate::error::{Error, Result};
 use crate::transport::SharedTransport;
+use crate::web_server::{self, WebLimits};
 
 #[derive(Clone)]
 struct ServerState {
@@ -26,6 +28,7 @@ struct ServerState {
 pub(crate) async fn serve(
     host: &str,
     port: u16,
+    limits: WebLimits,
     metrics: Metrics,
     transport: SharedTransport,
     stopping: CancellationToken,
@@ -42,9 +45,7 @@ pub(crate) async fn serve(
         .route("/health/ready", get(ready))
         .with_state(state);
     tokio::spawn(async move {
-        let server = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stopped.cancelled().await });
-        if let Err(error) = server.await {
+        if let Err(error) = web_server::serve(listener, app, limits, stopped).await {
             tracing::error!("metrics server failed: {error}");
         }
     });
