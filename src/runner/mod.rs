@@ -361,7 +361,7 @@ async fn start_routes(
             crate::metrics::server::serve(
                 &config.metrics.host,
                 config.metrics.port,
-                crate::web_server::WebLimits::from_config(&config),
+                crate::web_server::WebLimits::from_config(config),
                 env.metrics.clone(),
                 transport.clone(),
                 env.stopping.clone(),
