@@ -522,3 +522,57 @@ async fn a_redelivery_that_cannot_be_counted_is_dead_lettered() {
         common::cleanup(&uri, &[shop]).await;
     }
 }
+
+fn counted(Dep(calls): Dep<Arc<Calls>>) -> u64 {
+    calls.0.fetch_add(1, Ordering::SeqCst) + 1
+}
+
+/// A request whose reply can never be sent (here: the RPC exchange is gone) is acked without a
+/// reply once its target ran, rather than requeued to run again for ever.
+#[tokio::test]
+async fn an_rpc_request_whose_reply_can_never_be_sent_runs_once() {
+    use micro_framework::amqp::entrypoints::RPCListener;
+    use micro_framework::transport::{BindingSpec, ExchangeSpec};
+    for uri in broker_uris() {
+        let marker = unique("noreply");
+        let config =
+            config(&uri, &format!("svc_{marker}")).with_rpc_exchange(format!("rpc_{marker}"));
+        let queue = format!("rpc-{}", config.service_name);
+        let calls = Arc::new(Calls::default());
+        let routes = vec![Route::new(counted)
+            .entrypoint(RPCListener::new())
+            .dependency(Shared(calls.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let transport = service.transport().clone();
+        // requests come through another exchange; the one replies go to is deleted
+        let side = ExchangeSpec::topic(format!("side_{marker}"));
+        transport.declare_exchange(&side).await.unwrap();
+        let binding = BindingSpec {
+            queue: queue.clone(),
+            exchange: side.name.clone(),
+            routing_key: format!("{}.*", config.service_name),
+            arguments: Headers::new(),
+        };
+        transport.bind_queue(&binding).await.unwrap();
+        transport.delete_exchange(&config.rpc_exchange).await.unwrap();
+        let properties = Properties {
+            reply_to: Some(unique("reply")),
+            correlation_id: Some(unique("corr")),
+            ..micro_framework::data::json_properties()
+        };
+        let request =
+            OutgoingMessage { body: br#"{"args": [], "kwargs": {}}"#.to_vec().into(), properties };
+        let routing_key = format!("{}.counted", config.service_name);
+        transport
+            .publish(&side.name, &routing_key, request, PublishOptions::default())
+            .await
+            .unwrap();
+
+        common::wait_until(|| calls.count() >= 1, "the call").await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(calls.count(), 1, "{uri}: run once, not again and again");
+        assert_eq!(service.queue_len(&queue).await.unwrap(), 0, "{uri}: acked");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[marker]).await;
+    }
+}
