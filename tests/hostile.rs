@@ -394,7 +394,9 @@ async fn big_rpc_requests_leave_no_memory_behind() {
     }
     let after = example.rss_kib();
     client.close().await;
+    let service = example.service.clone();
     example.stop();
+    common::cleanup(&uri, &[service]).await;
     assert!(
         after < before + 48 * 1024,
         "{before} KiB before 128 MiB of requests, {after} KiB after"
@@ -422,7 +424,9 @@ async fn wire_text_cannot_forge_log_lines_and_echoes_are_bounded() {
     assert!(text.contains("bytes in all"), "{text:.200}");
     client.close().await;
 
+    let service = example.service.clone();
     let log = example.stop();
+    common::cleanup(&uri, &[service]).await;
     assert!(!log.contains('\u{1b}') && !log.contains('\u{202e}'), "raw escapes in the log");
     for line in log.lines() {
         assert!(!line.contains("ERROR forged") || line.contains("\\n2026-01-01"), "forged: {line}");
