@@ -9,7 +9,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{rabbitmq_uri, wait_until, Probe};
+use common::{rabbitmq_uri, wait_until, wait_until_async, Probe};
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::dependencies::Shared;
@@ -257,20 +257,6 @@ async fn a_second_signal_forces_the_exit_while_calls_run() {
     transport.close().await;
     delete_queues(&uri, &queue).await;
     let _ = std::fs::remove_dir_all(dir);
-}
-
-async fn wait_until_async<F, Fut>(mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..200 {
-        if condition().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("condition never held");
 }
 
 #[cfg(feature = "metrics")]
