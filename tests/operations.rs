@@ -165,3 +165,65 @@ async fn the_metrics_server_closes_silent_clients() {
     assert_eq!(status, 200, "served once the silent clients are gone");
     service.stop().await.unwrap();
 }
+
+/// Fails with an error text that quotes the payload's `note` (as careless code does).
+fn noted(Payload(payload): Payload<Value>) -> Result<(), String> {
+    match payload["ok"].as_bool() {
+        Some(true) => Ok(()),
+        _ => Err(format!("refused: {}", payload["note"])),
+    }
+}
+
+async fn status_service(uri: &str, shop: &str, show_failures: bool) -> TestService {
+    let config = config(uri, &format!("status_{shop}"))
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 })
+        .with_status_show_failures(show_failures);
+    let routes = vec![Route::new(noted).entrypoint(EventListener::new(shop, "job"))];
+    TestService::start(routes, config).await.unwrap()
+}
+
+/// The status page and its JSON: routes with their counts, the pool, the broker; failures
+/// only when `STATUS_SHOW_FAILURES` says so, their texts escaped.
+#[tokio::test]
+async fn the_status_page_shows_routes_counts_and_escaped_failures_when_asked() {
+    for uri in broker_uris() {
+        for show_failures in [false, true] {
+            let shop = unique("shop");
+            let service = status_service(&uri, &shop, show_failures).await;
+            for ok in [true, true, false] {
+                let payload = json!({ "ok": ok, "note": "<script>alert(1)</script>" });
+                service.dispatch(&shop, "job", &payload).await.unwrap();
+            }
+            service.wait_for_route("noted", 3).await.unwrap();
+            let address = service.service().metrics_address().unwrap();
+            let get = move |path: &'static str| {
+                tokio::task::spawn_blocking(move || http_get(address, path))
+            };
+            let (status, json) = get("/status.json").await.unwrap();
+            assert_eq!(status, 200);
+            let status: Value = serde_json::from_str(&json).unwrap();
+            let route = &status["routes"][0];
+            assert_eq!(route["name"], "noted");
+            assert_eq!(route["entrypoint"], format!("EventListener({shop}.job)"));
+            assert_eq!((route["calls"].as_u64(), route["failures"].as_u64()), (Some(3), Some(1)));
+            assert_eq!(route["dead_lettered"], 1);
+            assert_eq!(route["dead_letters_waiting"], 1, "{uri}: the DLQ's depth");
+            assert!(route["duration_p50"].is_f64(), "{route}");
+            assert_eq!(status["pools"][0]["max_workers"], 3);
+            assert_eq!(status["broker"]["connected"], true);
+            assert!(!status["broker"]["uri"].as_str().unwrap().contains(":guest@"));
+            let failures = &status["recent_failures"];
+            assert_eq!(failures.is_array(), show_failures, "{status}");
+
+            let (code, page) = get("/").await.unwrap();
+            assert_eq!(code, 200);
+            assert!(page.contains("<td>noted</td>") && page.contains("http-equiv=\"refresh\""));
+            assert!(!page.contains("<script>"), "nothing from a message runs: {page}");
+            assert_eq!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), show_failures);
+            assert_eq!(page.contains("Recent failures"), show_failures);
+            service.stop().await.unwrap();
+            common::cleanup(&uri, &[shop]).await;
+        }
+    }
+}

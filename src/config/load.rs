@@ -31,6 +31,7 @@ enum Field {
     WorkerMode,
     MaxTasksPerChild,
     EnableMetrics,
+    StatusShowFailures,
     MetricsHost,
     MetricsPort,
     WebsocketIp,
@@ -69,6 +70,7 @@ impl Field {
             "WORKER_MODE" => Field::WorkerMode,
             "MAX_TASKS_PER_CHILD" => Field::MaxTasksPerChild,
             "ENABLE_METRICS" => Field::EnableMetrics,
+            "STATUS_SHOW_FAILURES" => Field::StatusShowFailures,
             "WEBSOCKET_IP" => Field::WebsocketIp,
             "WEBSOCKET_PORT" => Field::WebsocketPort,
             "WEB_SERVER_ADDRESS" => Field::WebServerAddress,
@@ -118,6 +120,7 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
             optional(value, |v| uint(v, U32)).map(|v| config.max_tasks_per_child = v)
         }
         Field::EnableMetrics => boolean(value).map(|v| config.enable_metrics = v),
+        Field::StatusShowFailures => boolean(value).map(|v| config.status_show_failures = v),
         Field::MetricsHost => text(value).map(|v| config.metrics.host = v),
         Field::MetricsPort => uint(value, U16).map(|v| config.metrics.port = v),
         Field::WebsocketIp => text(value).map(|v| config.websocket_ip = v),

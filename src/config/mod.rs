@@ -122,6 +122,9 @@ pub struct Config {
     pub max_tasks_per_child: Option<u32>,
     /// `ENABLE_METRICS`: whether to serve metrics. Default: `false`.
     pub enable_metrics: bool,
+    /// `STATUS_SHOW_FAILURES`: whether the status page (`/` of the metrics server) lists the
+    /// last failures with their error texts, which can hold user data. Default: `false`.
+    pub status_show_failures: bool,
     /// `METRICS`: where the metrics server listens.
     pub metrics: MetricsConfig,
     /// `WEBSOCKET_IP`: the address the websocket server listens on. Default: `0.0.0.0`.
@@ -232,6 +235,7 @@ setters! {
     with_worker_mode => worker_mode: WorkerMode,
     with_max_tasks_per_child => max_tasks_per_child: Option<u32>,
     with_enable_metrics => enable_metrics: bool,
+    with_status_show_failures => status_show_failures: bool,
     with_metrics => metrics: MetricsConfig,
     with_websocket_ip => websocket_ip: String,
     with_websocket_port => websocket_port: u16,
@@ -275,6 +279,7 @@ impl Default for Config {
             worker_mode: WorkerMode::default(),
             max_tasks_per_child: None,
             enable_metrics: false,
+            status_show_failures: false,
             metrics: MetricsConfig::default(),
             websocket_ip: "0.0.0.0".to_string(),
             websocket_port: 8765,
@@ -512,6 +517,7 @@ impl Config {
             ("WORKER_MODE", Value::from(self.worker_mode.as_str())),
             ("MAX_TASKS_PER_CHILD", Value::from(self.max_tasks_per_child)),
             ("ENABLE_METRICS", Value::from(self.enable_metrics)),
+            ("STATUS_SHOW_FAILURES", Value::from(self.status_show_failures)),
             ("METRICS", metrics),
             ("WEBSOCKET_IP", Value::from(self.websocket_ip.as_str())),
             ("WEBSOCKET_PORT", Value::from(self.websocket_port)),
@@ -555,6 +561,7 @@ impl fmt::Debug for Config {
             .field("worker_mode", &self.worker_mode)
             .field("max_tasks_per_child", &self.max_tasks_per_child)
             .field("enable_metrics", &self.enable_metrics)
+            .field("status_show_failures", &self.status_show_failures)
             .field("metrics", &self.metrics)
             .field("websocket_ip", &self.websocket_ip)
             .field("websocket_port", &self.websocket_port)

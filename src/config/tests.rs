@@ -49,6 +49,7 @@ fn everything_changed() -> Config {
         worker_mode: WorkerMode::GreedyProcess,
         max_tasks_per_child: Some(100),
         enable_metrics: true,
+        status_show_failures: true,
         metrics: MetricsConfig { host: "127.0.0.1".to_string(), port: 9100 },
         websocket_ip: "127.0.0.2".to_string(),
         websocket_port: 9000,
@@ -85,6 +86,7 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("WORKER_MODE", "greedy_process"),
     ("MAX_TASKS_PER_CHILD", "100"),
     ("ENABLE_METRICS", "yes"),
+    ("STATUS_SHOW_FAILURES", "true"),
     ("METRICS_HOST", "127.0.0.1"),
     ("METRICS_PORT", "9100"),
     ("WEBSOCKET_IP", "127.0.0.2"),
@@ -120,6 +122,7 @@ MAX_WORKERS: "7"
 WORKER_MODE: greedy_process
 MAX_TASKS_PER_CHILD: 100
 ENABLE_METRICS: true
+STATUS_SHOW_FAILURES: true
 METRICS:
   HOST: 127.0.0.1
   PORT: "9100"
@@ -156,6 +159,7 @@ MAX_WORKERS = "7"
 WORKER_MODE = "greedy_process"
 MAX_TASKS_PER_CHILD = 100
 ENABLE_METRICS = true
+STATUS_SHOW_FAILURES = true
 WEBSOCKET_IP = "127.0.0.2"
 WEBSOCKET_PORT = 9000
 WEB_SERVER_ADDRESS = "127.0.0.1:8080"
@@ -747,6 +751,7 @@ fn masked_map_and_debug() {
         ("WORKER_MODE", json!("greedy_process")),
         ("MAX_TASKS_PER_CHILD", json!(100)),
         ("ENABLE_METRICS", json!(true)),
+        ("STATUS_SHOW_FAILURES", json!(true)),
         ("METRICS", json!({"HOST": "127.0.0.1", "PORT": 9100})),
         ("WEBSOCKET_IP", json!("127.0.0.2")),
         ("WEBSOCKET_PORT", json!(9000)),

@@ -13,20 +13,26 @@
 //! | `retries_total` | counter: retries scheduled or run | context, route |
 //! | `dead_lettered_total` | counter: messages sent to the dead-letter queue | context, route |
 //! | `broker_reconnects_total` | counter: reconnections to the broker | |
+//! | `broker_connected` | gauge: 1 while connected to the broker and not stopping, else 0 | |
 //! | `rpc_calls_total` | counter: RPC calls made by the service's targets | service, method, outcome |
 //! | `rpc_call_duration_seconds` | histogram: their round trip | service, method |
 //!
 //! Served with `/health/live` and `/health/ready` by [`server`] when `ENABLE_METRICS=true`.
 
+mod page;
 pub mod server;
+pub(crate) mod status;
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use self::status::{FailureLog, PoolStatus, RecentFailure};
 use crate::data::Handled;
 
 /// The metrics of one service, in their own registry (several services can share a process).
@@ -45,6 +51,10 @@ pub struct Metrics {
     reconnects: IntCounter,
     rpc_calls: IntCounterVec,
     rpc_duration: HistogramVec,
+    connected: IntGauge,
+    /// Each context's pool: (size, worker mode).
+    pools: Arc<Mutex<BTreeMap<String, (usize, String)>>>,
+    failures: Arc<FailureLog>,
 }
 
 fn labelled(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -96,6 +106,12 @@ impl Metrics {
                 HistogramOpts::new("rpc_call_duration_seconds", "Round trip of RPC calls made"),
                 &["service", "method"],
             )?,
+            connected: IntGauge::new(
+                "broker_connected",
+                "1 while connected to the broker and not stopping, else 0",
+            )?,
+            pools: Arc::default(),
+            failures: Arc::default(),
         };
         let registry = &metrics.registry;
         registry.register(Box::new(metrics.running.clone()))?;
@@ -110,6 +126,7 @@ impl Metrics {
         registry.register(Box::new(metrics.reconnects.clone()))?;
         registry.register(Box::new(metrics.rpc_calls.clone()))?;
         registry.register(Box::new(metrics.rpc_duration.clone()))?;
+        registry.register(Box::new(metrics.connected.clone()))?;
         Ok(metrics)
     }
 
@@ -117,6 +134,33 @@ impl Metrics {
     pub(crate) fn context(&self, context: &str, max_workers: usize, worker_mode: &str) {
         self.info.with_label_values(&[context, &max_workers.to_string(), worker_mode]).set(1.0);
         self.available.with_label_values(&[context]).set(gauge(max_workers));
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        pools.insert(context.to_owned(), (max_workers, worker_mode.to_owned()));
+    }
+
+    /// The pools now, busy and free slots.
+    fn pools(&self) -> Vec<PoolStatus> {
+        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        pools
+            .iter()
+            .map(|(context, (size, mode))| {
+                let max_workers = size.to_owned() as u64;
+                let free = u64::try_from(self.available.with_label_values(&[context]).get())
+                    .unwrap_or(0)
+                    .min(max_workers);
+                PoolStatus {
+                    context: context.clone(),
+                    worker_mode: mode.clone(),
+                    max_workers,
+                    busy: max_workers - free,
+                    free,
+                }
+            })
+            .collect()
+    }
+
+    fn recent_failures(&self) -> Vec<RecentFailure> {
+        self.failures.newest_first()
     }
 
     /// A message was delivered to a route.
@@ -153,6 +197,12 @@ impl Metrics {
 
     /// How a message's handling ended.
     pub(crate) fn settled(&self, context: &str, route: &str, handled: &Handled) {
+        if let Handled::Failed(failure)
+        | Handled::Retry { failure, .. }
+        | Handled::CalledBack(failure) = handled
+        {
+            self.failures.record(route, failure);
+        }
         match handled {
             Handled::Retry { .. } => self.retries.with_label_values(&[context, route]).inc(),
             Handled::Failed(_) => self.dead_lettered.with_label_values(&[context, route]).inc(),
@@ -170,6 +220,11 @@ impl Metrics {
     pub(crate) fn rpc_call(&self, service: &str, method: &str, outcome: &str, elapsed: Duration) {
         self.rpc_calls.with_label_values(&[service, method, outcome]).inc();
         self.rpc_duration.with_label_values(&[service, method]).observe(elapsed.as_secs_f64());
+    }
+
+    /// Whether the service is connected to its broker and not stopping (read when scraped).
+    pub(crate) fn set_connected(&self, connected: bool) {
+        self.connected.set(i64::from(connected));
     }
 
     /// Set the reconnection count (read from the transport).

@@ -1,5 +1,6 @@
-//! The HTTP server of `/metrics`, `/health/live` and `/health/ready` (axum), with the same
-//! timeouts and connection cap as the HTTP routes' server.
+//! The HTTP server of the status page (`/`, `/status.json`), `/metrics`, `/health/live` and
+//! `/health/ready` (axum), with the same timeouts and connection cap as the HTTP routes'
+//! server. Read-only: every path answers `GET` alone.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +12,10 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
+use super::page;
+use super::status::{RouteInfo, StatusSource, SAMPLE_EVERY};
 use super::Metrics;
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::transport::SharedTransport;
 use crate::web_server::{self, WebLimits};
@@ -21,25 +25,39 @@ struct ServerState {
     metrics: Metrics,
     transport: SharedTransport,
     stopping: CancellationToken,
+    status: Arc<StatusSource>,
+    show_failures: bool,
 }
 
-/// Bind `host:port` (port 0 picks a free one) and serve until `stopped` fires. Returns the
-/// bound address.
+/// Bind `METRICS_HOST:METRICS_PORT` (port 0 picks a free one) and serve until `stopped` fires.
+/// Returns the bound address.
 pub(crate) async fn serve(
-    host: &str,
-    port: u16,
-    limits: WebLimits,
+    config: &Config,
+    routes: Vec<RouteInfo>,
     metrics: Metrics,
     transport: SharedTransport,
     stopping: CancellationToken,
     stopped: CancellationToken,
 ) -> Result<SocketAddr> {
+    let (host, port) = (config.metrics.host.as_str(), config.metrics.port);
     let listener = tokio::net::TcpListener::bind((host, port)).await.map_err(|error| {
         Error::Startup(format!("cannot serve metrics on {host}:{port} (METRICS): {error}"))
     })?;
     let address = listener.local_addr()?;
-    let state = Arc::new(ServerState { metrics, transport, stopping });
+    let status = StatusSource::new(
+        config.service_name.clone(),
+        config.masked_amqp_uri(),
+        routes,
+        metrics.clone(),
+        transport.clone(),
+    );
+    tokio::spawn(sample(status.clone(), stopped.clone()));
+    let show_failures = config.status_show_failures;
+    let limits = WebLimits::from_config(config);
+    let state = Arc::new(ServerState { metrics, transport, stopping, status, show_failures });
     let app = Router::new()
+        .route("/", get(status_page))
+        .route("/status.json", get(status_json))
         .route("/metrics", get(metrics_text))
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready))
@@ -49,12 +67,43 @@ pub(crate) async fn serve(
             tracing::error!("metrics server failed: {error}");
         }
     });
-    tracing::info!("metrics on http://{address}/metrics, health on /health/live and /health/ready");
+    tracing::info!(
+        "status on http://{address}/, metrics on /metrics, health on /health/live and /health/ready"
+    );
     Ok(address)
+}
+
+/// Sample the status history until the service has stopped.
+async fn sample(status: Arc<StatusSource>, stopped: CancellationToken) {
+    let mut ticks = tokio::time::interval(SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stopped.cancelled() => return,
+            _ = ticks.tick() => status.sample(),
+        }
+    }
+}
+
+async fn status_page(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
+    let status = state.status.status(state.show_failures).await;
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")],
+        page::render(&status),
+    )
+}
+
+async fn status_json(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
+    let status = state.status.status(state.show_failures).await;
+    let json = serde_json::to_string(&status).unwrap_or_else(|error| {
+        serde_json::json!({ "error": format!("cannot encode the status: {error}") }).to_string()
+    });
+    ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], json)
 }
 
 async fn metrics_text(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
     state.metrics.set_reconnects(state.transport.reconnects());
+    let ready = state.transport.is_connected() && !state.stopping.is_cancelled();
+    state.metrics.set_connected(ready);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 

@@ -38,6 +38,12 @@ pub trait Entrypoint: Send + Sync + 'static {
     /// A short description for logs, e.g. `EventListener(orders.created)`.
     fn describe(&self) -> String;
 
+    /// The queue the entrypoint consumes, once set up (shown on the status page, with the
+    /// depth of its dead-letter queue); `None` for entrypoints that consume none.
+    fn queue(&self) -> Option<String> {
+        None
+    }
+
     /// Declare what the entrypoint needs (queues, bindings). Runs for every route of the
     /// service before any route starts.
     async fn setup(&mut self, _route: &RouteHandle) -> Result<()> {

@@ -340,7 +340,16 @@ async fn start_routes(
     }
     let started = started.0;
     let mut routes = BTreeMap::new();
+    #[cfg(feature = "metrics")]
+    let mut route_infos = Vec::new();
     for (handle, entrypoint) in started {
+        #[cfg(feature = "metrics")]
+        route_infos.push(crate::metrics::status::RouteInfo {
+            name: handle.name().to_owned(),
+            context: handle.pool().context().to_owned(),
+            entrypoint: entrypoint.describe(),
+            queue: entrypoint.queue(),
+        });
         routes.insert(handle.name().to_owned(), handle.clone());
         tasks.spawn(async move {
             let name = handle.name().to_owned();
@@ -359,9 +368,8 @@ async fn start_routes(
         false => None,
         true => Some(
             crate::metrics::server::serve(
-                &config.metrics.host,
-                config.metrics.port,
-                crate::web_server::WebLimits::from_config(config),
+                config,
+                route_infos,
                 env.metrics.clone(),
                 transport.clone(),
                 env.stopping.clone(),

@@ -509,6 +509,10 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn reconnects(&self) -> u64 {
         0
     }
+    /// Since when the transport is connected; `None` while it is not.
+    fn connected_since(&self) -> Option<std::time::SystemTime> {
+        None
+    }
     /// Close the transport; consumers end and unsettled deliveries go back to their queues.
     async fn close(&self);
 }

@@ -85,6 +85,10 @@ impl Entrypoint for EventListener {
         format!("EventListener({}.{})", self.source_service, self.event_name)
     }
 
+    fn queue(&self) -> Option<String> {
+        self.queue.clone()
+    }
+
     async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
         let config = route.config();
         let transport = route.transport();

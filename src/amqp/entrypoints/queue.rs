@@ -58,6 +58,10 @@ impl Entrypoint for QueueListener {
         format!("QueueListener({})", self.queue)
     }
 
+    fn queue(&self) -> Option<String> {
+        Some(self.queue.clone())
+    }
+
     async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
         let transport = route.transport();
         if self.passive {

@@ -33,7 +33,8 @@ use crate::pipeline::RouteHandle;
 /// ```
 #[derive(Debug, Default)]
 pub struct RPCListener {
-    _private: (),
+    /// The service's request queue, once set up.
+    queue: Option<String>,
 }
 
 impl RPCListener {
@@ -47,6 +48,10 @@ impl RPCListener {
 impl Entrypoint for RPCListener {
     fn describe(&self) -> String {
         "RPCListener".to_owned()
+    }
+
+    fn queue(&self) -> Option<String> {
+        self.queue.clone()
     }
 
     async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
@@ -65,6 +70,7 @@ impl Entrypoint for RPCListener {
             route.name(),
             queue.name
         );
+        self.queue = Some(queue.name);
         Ok(())
     }
 

@@ -28,11 +28,13 @@ pub struct MemoryTransport {
     broker: Arc<MemoryBroker>,
     connection: u64,
     closed: AtomicBool,
+    opened_at: std::time::SystemTime,
 }
 
 impl MemoryTransport {
     pub(super) fn new(broker: Arc<MemoryBroker>, connection: u64) -> Self {
-        MemoryTransport { broker, connection, closed: AtomicBool::new(false) }
+        let opened_at = std::time::SystemTime::now();
+        MemoryTransport { broker, connection, closed: AtomicBool::new(false), opened_at }
     }
 
     /// Connects to `memory://` (the default broker) or `memory://NAME` (the broker `NAME`).
@@ -161,6 +163,10 @@ impl Transport for MemoryTransport {
 
     fn is_connected(&self) -> bool {
         !self.closed.load(Ordering::Acquire)
+    }
+
+    fn connected_since(&self) -> Option<std::time::SystemTime> {
+        self.is_connected().then_some(self.opened_at)
     }
 
     async fn close(&self) {

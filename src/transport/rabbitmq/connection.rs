@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use lapin::tcp::OwnedTLSConfig;
@@ -111,6 +111,8 @@ pub(crate) struct Shared {
     kick: Notify,
     /// Declarations to replay after a reconnect.
     topology: Mutex<Topology>,
+    /// When the current link came up.
+    linked_at: Mutex<Option<SystemTime>>,
     /// Reconnections so far. Counted apart from the link's generation, which reads 0 while
     /// the link is down: a connection that keeps dying is down most of the time.
     reconnects: AtomicU64,
@@ -130,13 +132,25 @@ impl Shared {
     pub(crate) fn new(options: RabbitMqOptions, uri: BrokerUri, tls: OwnedTLSConfig) -> Self {
         let (state, _) = watch::channel(LinkState::Down);
         let (kick, topology, reconnects) = (Notify::new(), Mutex::default(), AtomicU64::new(0));
-        Shared { options, uri, tls, state, kick, topology, reconnects }
+        let linked_at = Mutex::new(None);
+        Shared { options, uri, tls, state, kick, topology, linked_at, reconnects }
     }
 
     /// Announce the first link.
     pub(crate) fn with_link(self, link: Arc<Link>) -> Self {
         self.state.send_replace(LinkState::Up(link));
+        self.linked_now();
         self
+    }
+
+    fn linked_now(&self) {
+        *self.linked_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(SystemTime::now());
+    }
+
+    /// Since when the current link is up; `None` while it is down.
+    pub(crate) fn connected_since(&self) -> Option<SystemTime> {
+        let since = *self.linked_at.lock().unwrap_or_else(PoisonError::into_inner);
+        self.current().and(since)
     }
 
     /// The generation of the last link announced.
@@ -357,6 +371,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
             link.close(shared.options.connect_timeout).await;
             return;
         }
+        shared.linked_now();
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
         tracing::info!(uri = %shared.uri.masked, generation = link.generation, "reconnected to the broker");
     }

@@ -227,6 +227,10 @@ impl Transport for RabbitMqTransport {
         self.shared.reconnects()
     }
 
+    fn connected_since(&self) -> Option<std::time::SystemTime> {
+        self.shared.connected_since()
+    }
+
     async fn close(&self) {
         if let Some(link) = self.shared.close() {
             link.close(self.shared.options.connect_timeout).await;

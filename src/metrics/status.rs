@@ -1,0 +1,384 @@
+//! The service at a glance: what `/` and `/status.json` of the metrics server show, read from
+//! the service's own metrics and its broker connection, with a short history sampled in the
+//! background (throughput and failures over the last 15 minutes, duration percentiles over
+//! the last 5).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use prometheus::core::Metric;
+use serde::Serialize;
+
+use super::Metrics;
+use crate::data::Failure;
+use crate::transport::SharedTransport;
+
+/// How often the history is sampled.
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+/// Samples kept: 15 minutes.
+const SAMPLES: usize = 90;
+/// The window of the duration percentiles.
+const PERCENTILE_WINDOW: Duration = Duration::from_secs(300);
+/// Recent failures kept, when they are shown at all.
+const RECENT_FAILURES: usize = 20;
+
+/// A route as the status shows it.
+#[derive(Clone, Debug)]
+pub(crate) struct RouteInfo {
+    /// The route's name.
+    pub name: String,
+    /// Its runner context.
+    pub context: String,
+    /// Its entrypoint, described.
+    pub entrypoint: String,
+    /// The queue it consumes, if any.
+    pub queue: Option<String>,
+}
+
+/// Everything the status page shows, as served at `/status.json`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The service's name.
+    pub service: String,
+    /// The framework's version.
+    pub framework_version: &'static str,
+    /// When the service started (RFC 3339).
+    pub started_at: String,
+    /// Seconds since then.
+    pub uptime_seconds: u64,
+    /// The broker connection.
+    pub broker: BrokerStatus,
+    /// The worker pools, one per runner context.
+    pub pools: Vec<PoolStatus>,
+    /// The routes.
+    pub routes: Vec<RouteStatus>,
+    /// The last failures, newest first; absent unless `STATUS_SHOW_FAILURES=true` (error texts
+    /// can hold user data).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recent_failures: Option<Vec<RecentFailure>>,
+}
+
+/// The broker connection.
+#[derive(Debug, Serialize)]
+pub struct BrokerStatus {
+    /// The broker's URI, password masked.
+    pub uri: String,
+    /// Whether the service is connected now.
+    pub connected: bool,
+    /// Since when (RFC 3339), while connected.
+    pub connected_since: Option<String>,
+    /// Reconnections so far.
+    pub reconnects: u64,
+}
+
+/// One worker pool.
+#[derive(Debug, Serialize)]
+pub struct PoolStatus {
+    /// The runner context.
+    pub context: String,
+    /// `WORKER_MODE`.
+    pub worker_mode: String,
+    /// Its size.
+    pub max_workers: u64,
+    /// Slots running a call now.
+    pub busy: u64,
+    /// Free slots.
+    pub free: u64,
+}
+
+/// One route.
+#[derive(Debug, Serialize)]
+pub struct RouteStatus {
+    /// The route's name.
+    pub name: String,
+    /// Its runner context.
+    pub context: String,
+    /// Its entrypoint, described.
+    pub entrypoint: String,
+    /// The queue it consumes, if any.
+    pub queue: Option<String>,
+    /// Messages waiting in `{queue}.dlq`, when the broker could say.
+    pub dead_letters_waiting: Option<u32>,
+    /// Calls started.
+    pub calls: u64,
+    /// Calls that failed (retried or not).
+    pub failures: u64,
+    /// Retries scheduled or run.
+    pub retries: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Calls running now.
+    pub in_flight: u64,
+    /// Call durations over the last 5 minutes, in seconds: 50th, 95th and 99th percentiles
+    /// (none without calls).
+    pub duration_p50: Option<f64>,
+    /// See `duration_p50`.
+    pub duration_p95: Option<f64>,
+    /// See `duration_p50`.
+    pub duration_p99: Option<f64>,
+    /// Calls and failures per 10-second interval over the last 15 minutes, oldest first.
+    pub history: Vec<Interval>,
+}
+
+/// Calls and failures in one sampling interval.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Interval {
+    /// Calls started in it.
+    pub calls: u64,
+    /// Calls failed in it.
+    pub failures: u64,
+}
+
+/// A failure, when they are shown.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentFailure {
+    /// The route.
+    pub route: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// The failure kind.
+    pub kind: String,
+    /// The error text (at most 4 KiB).
+    pub error: String,
+}
+
+/// The counters of one route at one time.
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    calls: u64,
+    failures: u64,
+    /// (upper bound, cumulative count) of the duration histogram.
+    buckets: Vec<(f64, u64)>,
+}
+
+type Snapshot = (SystemTime, BTreeMap<(String, String), Counters>);
+
+/// What the status needs besides the metrics: the routes, the history, the failures.
+#[derive(Debug)]
+pub(crate) struct StatusSource {
+    service: String,
+    broker_uri: String,
+    started_at: SystemTime,
+    routes: Vec<RouteInfo>,
+    metrics: Metrics,
+    transport: SharedTransport,
+    history: Mutex<VecDeque<Snapshot>>,
+}
+
+impl StatusSource {
+    pub(crate) fn new(
+        service: String,
+        broker_uri: String,
+        routes: Vec<RouteInfo>,
+        metrics: Metrics,
+        transport: SharedTransport,
+    ) -> Arc<Self> {
+        let started_at = SystemTime::now();
+        let history = Mutex::new(VecDeque::with_capacity(SAMPLES + 1));
+        Arc::new(StatusSource {
+            service,
+            broker_uri,
+            started_at,
+            routes,
+            metrics,
+            transport,
+            history,
+        })
+    }
+
+    fn history(&self) -> MutexGuard<'_, VecDeque<Snapshot>> {
+        self.history.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Record the counters now (every [`SAMPLE_EVERY`]).
+    pub(crate) fn sample(&self) {
+        let snapshot = (SystemTime::now(), self.counters());
+        let mut history = self.history();
+        if history.len() == SAMPLES {
+            history.pop_front();
+        }
+        history.push_back(snapshot);
+    }
+
+    fn counters(&self) -> BTreeMap<(String, String), Counters> {
+        let metrics = &self.metrics;
+        self.routes
+            .iter()
+            .map(|route| {
+                let labels = [route.context.as_str(), route.name.as_str()];
+                let histogram = metrics.duration.with_label_values(&labels).metric();
+                let buckets = histogram
+                    .get_histogram()
+                    .get_bucket()
+                    .iter()
+                    .map(|bucket| (bucket.upper_bound(), bucket.cumulative_count()))
+                    .collect();
+                let counters = Counters {
+                    calls: metrics.started.with_label_values(&labels).get(),
+                    failures: metrics.failed.with_label_values(&labels).get(),
+                    buckets,
+                };
+                ((route.context.clone(), route.name.clone()), counters)
+            })
+            .collect()
+    }
+
+    /// The status now.
+    pub(crate) async fn status(&self, show_failures: bool) -> Status {
+        let now = SystemTime::now();
+        let current = self.counters();
+        let history: Vec<Snapshot> = self.history().iter().cloned().collect();
+        // The last sample at least a window old; none while the service is younger than the
+        // window, which then counts from the start.
+        let window_start = history
+            .iter()
+            .rev()
+            .find(|(at, _)| now.duration_since(*at).unwrap_or_default() >= PERCENTILE_WINDOW)
+            .map(|(_, counters)| counters);
+        let metrics = &self.metrics;
+        let mut routes = Vec::new();
+        for route in &self.routes {
+            let key = (route.context.clone(), route.name.clone());
+            let labels = [route.context.as_str(), route.name.as_str()];
+            let now_counters = current.get(&key).cloned().unwrap_or_default();
+            let since = window_start.and_then(|start| start.get(&key));
+            let recent = bucket_deltas(&now_counters.buckets, since.map(|c| c.buckets.as_slice()));
+            let points = history
+                .iter()
+                .map(|(_, counters)| counters.get(&key).cloned().unwrap_or_default())
+                .chain(std::iter::once(now_counters.clone()))
+                .collect::<Vec<_>>();
+            let dead_letters_waiting = match &route.queue {
+                Some(queue) => self
+                    .transport
+                    .queue_info(&format!("{queue}.dlq"))
+                    .await
+                    .ok()
+                    .map(|info| info.message_count),
+                None => None,
+            };
+            routes.push(RouteStatus {
+                name: route.name.clone(),
+                context: route.context.clone(),
+                entrypoint: route.entrypoint.clone(),
+                queue: route.queue.clone(),
+                dead_letters_waiting,
+                calls: now_counters.calls,
+                failures: now_counters.failures,
+                retries: metrics.retries.with_label_values(&labels).get(),
+                dead_lettered: metrics.dead_lettered.with_label_values(&labels).get(),
+                in_flight: u64::try_from(metrics.running.with_label_values(&labels).get())
+                    .unwrap_or(0),
+                duration_p50: quantile(&recent, 0.5),
+                duration_p95: quantile(&recent, 0.95),
+                duration_p99: quantile(&recent, 0.99),
+                history: points
+                    .windows(2)
+                    .map(|pair| Interval {
+                        calls: pair[1].calls.saturating_sub(pair[0].calls),
+                        failures: pair[1].failures.saturating_sub(pair[0].failures),
+                    })
+                    .collect(),
+            });
+        }
+        let transport = &self.transport;
+        Status {
+            service: self.service.clone(),
+            framework_version: env!("CARGO_PKG_VERSION"),
+            started_at: rfc3339(self.started_at),
+            uptime_seconds: now.duration_since(self.started_at).unwrap_or_default().as_secs(),
+            broker: BrokerStatus {
+                uri: self.broker_uri.clone(),
+                connected: transport.is_connected(),
+                connected_since: transport.connected_since().map(rfc3339),
+                reconnects: transport.reconnects(),
+            },
+            pools: metrics.pools(),
+            routes,
+            recent_failures: show_failures.then(|| metrics.recent_failures()),
+        }
+    }
+}
+
+/// Observations per bucket since `start` (cumulative counts of both).
+fn bucket_deltas(now: &[(f64, u64)], start: Option<&[(f64, u64)]>) -> Vec<(f64, u64)> {
+    now.iter()
+        .enumerate()
+        .map(|(i, (bound, count))| {
+            let before = start.and_then(|start| start.get(i)).map_or(0, |(_, count)| *count);
+            (*bound, count.saturating_sub(before))
+        })
+        .collect()
+}
+
+/// The `q` quantile of cumulative `buckets`, interpolated in its bucket as Prometheus's
+/// `histogram_quantile` does; `None` without observations.
+fn quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = buckets.last().map(|(_, count)| *count)?;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut lower = (0.0, 0u64);
+    for &(bound, count) in buckets {
+        if count as f64 >= rank {
+            let in_bucket = (count - lower.1) as f64;
+            let fraction = if in_bucket > 0.0 { (rank - lower.1 as f64) / in_bucket } else { 1.0 };
+            return Some(lower.0 + (bound - lower.0) * fraction);
+        }
+        lower = (bound, count);
+    }
+    // Above the last finite bound: the bound is the best estimate, as Prometheus says.
+    Some(lower.0)
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Failures kept for the status page, newest last.
+#[derive(Debug, Default)]
+pub(crate) struct FailureLog(Mutex<VecDeque<RecentFailure>>);
+
+impl FailureLog {
+    pub(crate) fn record(&self, route: &str, failure: &Failure) {
+        let mut log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if log.len() == RECENT_FAILURES {
+            log.pop_front();
+        }
+        log.push_back(RecentFailure {
+            route: route.to_owned(),
+            at: rfc3339(SystemTime::now()),
+            kind: failure.kind.as_str().to_owned(),
+            error: failure.full_message(),
+        });
+    }
+
+    pub(crate) fn newest_first(&self) -> Vec<RecentFailure> {
+        let log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        log.iter().rev().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_in_their_bucket() {
+        let buckets = [(0.1, 50), (0.5, 90), (1.0, 100), (f64::INFINITY, 100)];
+        assert_eq!(quantile(&buckets, 0.5), Some(0.1));
+        let p95 = quantile(&buckets, 0.95).unwrap();
+        assert!((p95 - 0.75).abs() < 1e-9, "{p95}");
+        assert_eq!(quantile(&[(0.1, 0), (f64::INFINITY, 0)], 0.5), None);
+        assert_eq!(quantile(&[(0.1, 0), (f64::INFINITY, 4)], 0.5), Some(0.1));
+    }
+
+    #[test]
+    fn deltas_count_what_came_since() {
+        let deltas = bucket_deltas(&[(0.1, 5), (1.0, 9)], Some(&[(0.1, 2), (1.0, 3)]));
+        assert_eq!(deltas, vec![(0.1, 3), (1.0, 6)]);
+        assert_eq!(bucket_deltas(&[(0.1, 5)], None), vec![(0.1, 5)]);
+    }
+}
