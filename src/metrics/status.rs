@@ -148,7 +148,8 @@ pub struct RecentFailure {
 struct Counters {
     calls: u64,
     failures: u64,
-    /// (upper bound, cumulative count) of the duration histogram.
+    /// (upper bound, cumulative count) of the duration histogram's finite buckets, then
+    /// (infinity, all observations).
     buckets: Vec<(f64, u64)>,
 }
 
@@ -208,11 +209,12 @@ impl StatusSource {
             .map(|route| {
                 let labels = [route.context.as_str(), route.name.as_str()];
                 let histogram = metrics.duration.with_label_values(&labels).metric();
+                let histogram = histogram.get_histogram();
                 let buckets = histogram
-                    .get_histogram()
                     .get_bucket()
                     .iter()
                     .map(|bucket| (bucket.upper_bound(), bucket.cumulative_count()))
+                    .chain(std::iter::once((f64::INFINITY, histogram.get_sample_count())))
                     .collect();
                 let counters = Counters {
                     calls: metrics.started.with_label_values(&labels).get(),
@@ -323,13 +325,17 @@ fn quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
     let mut lower = (0.0, 0u64);
     for &(bound, count) in buckets {
         if count as f64 >= rank {
+            if bound.is_infinite() {
+                // Above the last finite bound: that bound is the best estimate, as
+                // Prometheus says.
+                return Some(lower.0);
+            }
             let in_bucket = (count - lower.1) as f64;
             let fraction = if in_bucket > 0.0 { (rank - lower.1 as f64) / in_bucket } else { 1.0 };
             return Some(lower.0 + (bound - lower.0) * fraction);
         }
         lower = (bound, count);
     }
-    // Above the last finite bound: the bound is the best estimate, as Prometheus says.
     Some(lower.0)
 }
 
