@@ -1,7 +1,7 @@
 //! Default log output for services started with [`Runner::start`](crate::Runner::start), and
 //! the helpers that make text from the wire safe to log or print.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
@@ -15,36 +15,50 @@ pub use crate::data::{bounded, escape_wire_text, MAX_ERROR_TEXT};
 ///
 /// Text from the wire (routing keys, error texts quoting a bad body, WebSocket frames) cannot
 /// forge a line: in readable lines every control or invisible formatting character is
-/// escaped (see [`escape_wire_text`]), so one event is always one line (and colours are off,
-/// as an escape sequence would be escaped too); JSON lines escape control characters anyway.
+/// escaped (see [`escape_wire_text`]), so one event is always one line; JSON lines escape
+/// control characters anyway. Readable lines are coloured only on a terminal, and never with
+/// `NO_COLOR` set: a file or a log collector gets plain text.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = match format {
-        LogFormat::Text => builder.with_ansi(false).with_writer(OneLinePerEvent).try_init(),
+        LogFormat::Text => {
+            let colours = colours(io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
+            builder.with_ansi(colours).with_writer(OneLinePerEvent { colours }).try_init()
+        }
         LogFormat::Json => {
             builder.with_writer(io::stderr).json().with_current_span(true).try_init()
         }
     };
 }
 
+/// Colours on a terminal unless `NO_COLOR` is set to anything but nothing (no-color.org).
+fn colours(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
 /// Writes each formatted event to stderr with its text escaped, keeping only the final
-/// newline.
-struct OneLinePerEvent;
+/// newline (and, with colours, the formatter's escape sequences: it escapes those in the
+/// events' own texts itself).
+struct OneLinePerEvent {
+    colours: bool,
+}
 
 impl<'a> MakeWriter<'a> for OneLinePerEvent {
     type Writer = EscapingWriter;
 
     fn make_writer(&'a self) -> Self::Writer {
-        EscapingWriter
+        EscapingWriter { colours: self.colours }
     }
 }
 
-struct EscapingWriter;
+struct EscapingWriter {
+    colours: bool,
+}
 
 impl Write for EscapingWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        io::stderr().lock().write_all(escape_event(buf).as_bytes())?;
+        io::stderr().lock().write_all(escape_event(buf, self.colours).as_bytes())?;
         Ok(buf.len())
     }
 
@@ -54,13 +68,17 @@ impl Write for EscapingWriter {
 }
 
 /// One formatted event (the formatter writes each in one call) as one escaped line.
-fn escape_event(buf: &[u8]) -> String {
+fn escape_event(buf: &[u8], colours: bool) -> String {
     let text = String::from_utf8_lossy(buf);
     let (line, newline) = match text.strip_suffix('\n') {
         Some(line) => (line, "\n"),
         None => (text.as_ref(), ""),
     };
-    format!("{}{newline}", escape_wire_text(line))
+    if !colours {
+        return format!("{}{newline}", escape_wire_text(line));
+    }
+    let escaped: Vec<_> = line.split('\u{1b}').map(escape_wire_text).collect();
+    format!("{}{newline}", escaped.join("\u{1b}"))
 }
 
 #[cfg(test)]
@@ -70,6 +88,18 @@ mod tests {
     #[test]
     fn an_event_stays_one_line() {
         let event = b"INFO route: bad key a\nERROR forged \x1b[2J\n";
-        assert_eq!(escape_event(event), "INFO route: bad key a\\nERROR forged \\u{1b}[2J\n");
+        let plain = escape_event(event, false);
+        assert_eq!(plain, "INFO route: bad key a\\nERROR forged \\u{1b}[2J\n");
+        // with colours the formatter's own sequences stay (it escapes the events' texts)
+        let coloured = escape_event(b"\x1b[32mINFO\x1b[0m key a\nb\n", true);
+        assert_eq!(coloured, "\x1b[32mINFO\x1b[0m key a\\nb\n");
+    }
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colours(true, None));
+        assert!(colours(true, Some("".into())));
+        assert!(!colours(true, Some("1".into())));
+        assert!(!colours(false, None));
     }
 }
