@@ -218,7 +218,7 @@ async fn the_status_page_shows_routes_counts_and_escaped_failures_when_asked() {
 
             let (code, page) = get("/").await.unwrap();
             assert_eq!(code, 200);
-            assert!(page.contains("<td>noted</td>") && page.contains("http-equiv=\"refresh\""));
+            assert!(page.contains("<td><b>noted</b>") && page.contains("http-equiv=\"refresh\""));
             assert!(!page.contains("<script>"), "nothing from a message runs: {page}");
             assert_eq!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), show_failures);
             assert_eq!(page.contains("Recent failures"), show_failures);
