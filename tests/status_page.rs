@@ -41,8 +41,8 @@ fn rendered(chromium: &Path, url: &str) -> String {
     String::from_utf8(output.stdout).expect("a UTF-8 page")
 }
 
-/// The number in cell `column` of `route`'s row (1: calls, 2: failures, 3: retries, 4:
-/// dead-lettered), as the page shows it.
+/// The number in cell `column` of `route`'s row (2: calls, 3: failures, 4: retries, 5:
+/// dead-lettered; 1 is the chart), as the page shows it.
 fn shown(page: &str, route: &str, column: usize) -> u64 {
     let row = page.split(&format!("<b>{route}</b>")).nth(1).expect("the route's row");
     let cell = row.split("<td").nth(column).expect("the cell");
@@ -123,13 +123,13 @@ async fn a_browser_sees_routes_counts_moving_and_failures_on_the_status_page() {
             move || rendered(&chromium, &url)
         });
         let page = page.await.unwrap();
-        if shown(&page, "flaky", 1) > shown(&first, "flaky", 1) && shown(&page, "doomed", 4) == 1 {
+        if shown(&page, "flaky", 2) > shown(&first, "flaky", 2) && shown(&page, "doomed", 5) == 1 {
             moved = Some(page);
             break;
         }
     }
     let page = moved.expect("the calls count moves and the doomed message is dead-lettered");
-    assert_eq!((shown(&page, "doomed", 1), shown(&page, "doomed", 2)), (3, 3), "{page}");
+    assert_eq!((shown(&page, "doomed", 2), shown(&page, "doomed", 3)), (3, 3), "{page}");
     assert!(page.contains("Recent failures") && page.contains(" of job "), "{page}");
     assert!(page.contains("<rect"), "the chart draws bars");
 

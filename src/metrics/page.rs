@@ -64,9 +64,9 @@ pub(crate) fn render(status: &Status) -> String {
     }
     page.push_str(
         "</table></div><h2>Routes</h2><div class=\"wrap\"><table id=\"routes\"><tr>\
-         <th>route</th><th>calls</th><th>failures</th><th>retries</th><th>dead-lettered</th>\
-         <th>in DLQ</th><th>in flight</th><th>p50 / p95 / p99 (5 min)</th>\
-         <th class=\"l\">last 15 min</th></tr>",
+         <th>route</th><th class=\"l\">last 15 min</th><th>calls</th><th>failures</th>\
+         <th>retries</th><th>dead-lettered</th><th>in DLQ</th><th>in flight</th>\
+         <th>p50 / p95 / p99 (5 min)</th></tr>",
     );
     for route in &status.routes {
         route_row(&mut page, route);
@@ -110,9 +110,10 @@ fn route_row(page: &mut String, route: &RouteStatus) {
     let failures_class = if route.failures > 0 { " class=\"bad\"" } else { "" };
     let _ = write!(
         page,
-        "<tr><td><b>{name}</b><br><span class=\"small\">{entrypoint}</span>{queue}</td><td>{calls}</td>\
+        "<tr><td><b>{name}</b><br><span class=\"small\">{entrypoint}</span>{queue}</td>\
+         <td class=\"l\">{chart}</td><td>{calls}</td>\
          <td{failures_class}>{failures}</td><td>{retries}</td><td>{dead}</td><td>{waiting}</td>\
-         <td>{in_flight}</td><td>{p50} / {p95} / {p99}</td><td class=\"l\">{chart}</td></tr>",
+         <td>{in_flight}</td><td>{p50} / {p95} / {p99}</td></tr>",
         name = esc(&route.name),
         entrypoint = esc(&route.entrypoint),
         calls = route.calls,
@@ -134,7 +135,8 @@ fn chart(history: &[Interval]) -> String {
     let peak = history.iter().map(|interval| interval.calls.max(interval.failures)).max();
     let mut svg = format!(
         "<svg width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" role=\"img\" \
-         aria-label=\"calls and failures over the last 15 minutes\">"
+         aria-label=\"calls and failures over the last 15 minutes\">\
+         <rect width=\"{WIDTH}\" height=\"{HEIGHT}\" fill=\"#eef1f6\"/>"
     );
     let peak = peak.unwrap_or(0).max(1);
     let bar = WIDTH / 90;
