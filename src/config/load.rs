@@ -59,43 +59,45 @@ enum Field {
     AmqpSslKeyFile,
 }
 
+/// Every top-level key of a file (everything but the `METRICS` section) and its field.
+const FIELDS: &[(&str, Field)] = &[
+    ("AMQP_URI", Field::AmqpUri),
+    ("AMQP_HEARTBEAT", Field::AmqpHeartbeat),
+    ("SERVICE_NAME", Field::ServiceName),
+    ("MAX_WORKERS", Field::MaxWorkers),
+    ("WORKER_MODE", Field::WorkerMode),
+    ("MAX_TASKS_PER_CHILD", Field::MaxTasksPerChild),
+    ("ENABLE_METRICS", Field::EnableMetrics),
+    ("STATUS_SHOW_FAILURES", Field::StatusShowFailures),
+    ("WEBSOCKET_IP", Field::WebsocketIp),
+    ("WEBSOCKET_PORT", Field::WebsocketPort),
+    ("WEB_SERVER_ADDRESS", Field::WebServerAddress),
+    ("HTTP_HEADER_READ_TIMEOUT", Field::HttpHeaderReadTimeout),
+    ("HTTP_KEEP_ALIVE_TIMEOUT", Field::HttpKeepAliveTimeout),
+    ("HTTP_MAX_CONNECTIONS", Field::HttpMaxConnections),
+    ("WEBSOCKET_IDLE_TIMEOUT", Field::WebsocketIdleTimeout),
+    ("MAX_MESSAGE_SIZE", Field::MaxMessageSize),
+    ("PREFETCH_COUNT", Field::PrefetchCount),
+    ("PROTOCOL", Field::Protocol),
+    ("QUEUE_TYPE", Field::QueueType),
+    ("AUTO_DELETE_EVENT_EXCHANGES", Field::AutoDeleteEventExchanges),
+    ("PARENT_CALLS_TRACKED", Field::ParentCallsTracked),
+    ("RPC_EXCHANGE", Field::RpcExchange),
+    ("RPC_TIMEOUT", Field::RpcTimeout),
+    ("SHUTDOWN_TIMEOUT", Field::ShutdownTimeout),
+    ("RETRY_DELAY", Field::RetryDelay),
+    ("LOG_FORMAT", Field::LogFormat),
+    ("TASK_TIME_LIMIT", Field::TaskTimeLimit),
+    ("MAX_REDELIVERIES", Field::MaxRedeliveries),
+    ("AMQP_SSL_CA_FILE", Field::AmqpSslCaFile),
+    ("AMQP_SSL_CERT_FILE", Field::AmqpSslCertFile),
+    ("AMQP_SSL_KEY_FILE", Field::AmqpSslKeyFile),
+];
+
 impl Field {
     /// The field of a top-level key of a file (everything but the `METRICS` section).
     fn top_level(key: &str) -> Option<Field> {
-        Some(match key {
-            "AMQP_URI" => Field::AmqpUri,
-            "AMQP_HEARTBEAT" => Field::AmqpHeartbeat,
-            "SERVICE_NAME" => Field::ServiceName,
-            "MAX_WORKERS" => Field::MaxWorkers,
-            "WORKER_MODE" => Field::WorkerMode,
-            "MAX_TASKS_PER_CHILD" => Field::MaxTasksPerChild,
-            "ENABLE_METRICS" => Field::EnableMetrics,
-            "STATUS_SHOW_FAILURES" => Field::StatusShowFailures,
-            "WEBSOCKET_IP" => Field::WebsocketIp,
-            "WEBSOCKET_PORT" => Field::WebsocketPort,
-            "WEB_SERVER_ADDRESS" => Field::WebServerAddress,
-            "HTTP_HEADER_READ_TIMEOUT" => Field::HttpHeaderReadTimeout,
-            "HTTP_KEEP_ALIVE_TIMEOUT" => Field::HttpKeepAliveTimeout,
-            "HTTP_MAX_CONNECTIONS" => Field::HttpMaxConnections,
-            "WEBSOCKET_IDLE_TIMEOUT" => Field::WebsocketIdleTimeout,
-            "MAX_MESSAGE_SIZE" => Field::MaxMessageSize,
-            "PREFETCH_COUNT" => Field::PrefetchCount,
-            "PROTOCOL" => Field::Protocol,
-            "QUEUE_TYPE" => Field::QueueType,
-            "AUTO_DELETE_EVENT_EXCHANGES" => Field::AutoDeleteEventExchanges,
-            "PARENT_CALLS_TRACKED" => Field::ParentCallsTracked,
-            "RPC_EXCHANGE" => Field::RpcExchange,
-            "RPC_TIMEOUT" => Field::RpcTimeout,
-            "SHUTDOWN_TIMEOUT" => Field::ShutdownTimeout,
-            "RETRY_DELAY" => Field::RetryDelay,
-            "LOG_FORMAT" => Field::LogFormat,
-            "TASK_TIME_LIMIT" => Field::TaskTimeLimit,
-            "MAX_REDELIVERIES" => Field::MaxRedeliveries,
-            "AMQP_SSL_CA_FILE" => Field::AmqpSslCaFile,
-            "AMQP_SSL_CERT_FILE" => Field::AmqpSslCertFile,
-            "AMQP_SSL_KEY_FILE" => Field::AmqpSslKeyFile,
-            _ => return None,
-        })
+        FIELDS.iter().find(|(name, _)| *name == key).map(|(_, field)| *field)
     }
 
     /// The field of an environment variable: nested keys are joined with `_`.
@@ -399,4 +401,17 @@ fn apply_metrics(config: &mut Config, section: &Value) -> Result<(), ConfigError
         apply(config, field, &key, value)?;
     }
     Ok(())
+}
+
+/// The framework's key closest to `key`, when `key` looks like a misspelling of it.
+pub(super) fn closest_key(key: &str) -> Option<&'static str> {
+    let key = key.to_uppercase();
+    FIELDS
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(std::iter::once(METRICS))
+        .map(|name| (strsim::normalized_damerau_levenshtein(&key, name), name))
+        .filter(|(similarity, _)| *similarity >= 0.75)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, name)| name)
 }

@@ -482,6 +482,24 @@ impl Config {
         mask_uri(&self.amqp_uri)
     }
 
+    /// The keys of [`Config::extra`], each with the framework's key it most resembles when it
+    /// looks like a misspelling of one (a Python service's keys, and typos, land there too).
+    /// The runner names each at start-up.
+    ///
+    /// ```
+    /// use micro_framework::Config;
+    /// let yaml = "SERVICE_NAME: s\nMAX_WORKER: 4\nSHOP_URL: x\n";
+    /// let config = Config::from_yaml_str(yaml, &|_| None)?;
+    /// assert_eq!(
+    ///     config.unknown_keys(),
+    ///     vec![("MAX_WORKER", Some("MAX_WORKERS")), ("SHOP_URL", None)]
+    /// );
+    /// # Ok::<(), micro_framework::config::ConfigError>(())
+    /// ```
+    pub fn unknown_keys(&self) -> Vec<(&str, Option<&'static str>)> {
+        self.extra.keys().map(|key| (key.as_str(), load::closest_key(key))).collect()
+    }
+
     /// Reads the extra key `key` (see [`Config::extra`]) as a `T`; `None` when absent.
     ///
     /// A string that does not deserialize as `T` is also tried as JSON text, so values that

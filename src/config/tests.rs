@@ -793,3 +793,20 @@ fn masked_map_and_debug() {
     assert!(!debug.contains("hunter2") && !debug.contains(":pw@"), "{debug}");
     assert!(debug.contains("amqps://svc:***@mq.example:5671/prod"), "{debug}");
 }
+
+#[test]
+fn unknown_keys_are_named_with_the_key_they_resemble() {
+    let yaml = "SERVICE_NAME: s\nAMQP_URL: amqp://h\nRPC_TIMOUT: 5\nmax_workers: 2\n\
+                PROCESS_WORKER_TIMEOUT: 30\nMY_SETTING: 1\n";
+    let config = Config::from_yaml_str(yaml, &|_| None).unwrap();
+    assert_eq!(
+        config.unknown_keys(),
+        vec![
+            ("AMQP_URL", Some("AMQP_URI")),
+            ("MY_SETTING", None),
+            ("PROCESS_WORKER_TIMEOUT", None),
+            ("RPC_TIMOUT", Some("RPC_TIMEOUT")),
+            ("max_workers", Some("MAX_WORKERS")),
+        ]
+    );
+}
