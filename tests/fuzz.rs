@@ -283,11 +283,14 @@ proptest! {
         for interval in [
             Interval::Constant(start),
             Interval::linear(start, step),
+            Interval::linear_capped(start, step, start),
             Interval::exponential(start, factor, step),
             Interval::Exponential { start, factor, max: step },
         ] {
             let _ = interval.delay(retry);
         }
+        let capped = Interval::linear_capped(start, step, start.saturating_add(step));
+        prop_assert!(capped.delay(retry) <= start.saturating_add(step));
     }
 }
 
