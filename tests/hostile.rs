@@ -547,7 +547,9 @@ async fn an_rpc_request_whose_reply_can_never_be_sent_runs_once() {
             .entrypoint(RPCListener::new())
             .dependency(Shared(calls.clone()))];
         let service = TestService::start(routes, config.clone()).await.unwrap();
-        let transport = service.transport().clone();
+        // a caller of its own: on the service's connection, the failing replies would close
+        // the channel this publish shares with them
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
         // requests come through another exchange; the one replies go to is deleted
         let side = ExchangeSpec::topic(format!("side_{marker}"));
         transport.declare_exchange(&side).await.unwrap();
@@ -576,6 +578,7 @@ async fn an_rpc_request_whose_reply_can_never_be_sent_runs_once() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(calls.count(), 1, "{uri}: run once, not again and again");
         assert_eq!(service.queue_len(&queue).await.unwrap(), 0, "{uri}: acked");
+        transport.close().await;
         service.stop().await.unwrap();
         common::cleanup(&uri, &[marker]).await;
     }
