@@ -140,7 +140,7 @@ impl ChannelSlot {
     }
 }
 
-async fn open_channel(link: &Link, confirm: bool) -> lapin::Result<Channel> {
+pub(crate) async fn open_channel(link: &Link, confirm: bool) -> lapin::Result<Channel> {
     let channel = link.connection.create_channel().await?;
     if confirm {
         channel.confirm_select(ConfirmSelectOptions::default()).await?;

@@ -2,13 +2,16 @@
 //!
 //! Every publish sends on the shared confirm channel and awaits its own confirm; no lock is
 //! held while waiting, so concurrent publishes are in flight together. A publish whose
-//! confirm is lost with the connection is sent again once reconnected (at-least-once).
+//! confirm is lost with the connection is sent again once reconnected (at-least-once). RabbitMQ
+//! closes a channel on some publishes (to an unknown exchange, say), which fails every publish
+//! in flight on it: each is sent once more on a channel of its own, so only the one at fault
+//! fails.
 
 use lapin::options::BasicPublishOptions;
-use lapin::Confirmation;
+use lapin::{Channel, Confirmation};
 use tokio::time::Instant;
 
-use super::channels::ChannelSlot;
+use super::channels::{open_channel, ChannelSlot};
 use super::connection::Shared;
 use super::convert::{short, to_basic_properties};
 use super::error::{is_fatal, is_soft, map_error};
@@ -31,7 +34,7 @@ pub(crate) async fn publish(
     let publish_options = BasicPublishOptions { mandatory: options.mandatory, immediate: false };
     let deadline = Instant::now() + shared.options.publish_timeout;
     let mut min_generation = 0;
-    let mut channel_failures = 0;
+    let mut channel_failed = false;
     loop {
         let held = slot.get(shared, min_generation, deadline).await?;
         // RabbitMQ closes the whole connection on a content header bigger than a frame.
@@ -41,19 +44,33 @@ pub(crate) async fn publish(
             size => usize::try_from(size).unwrap_or(usize::MAX),
         };
         check_header_size(&message.properties, frame_max)?;
-        let attempt = async {
-            held.channel
-                .basic_publish(
-                    exchange_name.clone(),
-                    key.clone(),
-                    publish_options,
-                    &message.body,
-                    properties.clone(),
-                )
-                .await?
-                .await
+        let publish = |channel: Channel| {
+            let (exchange, key, properties) =
+                (exchange_name.clone(), key.clone(), properties.clone());
+            async move {
+                channel
+                    .basic_publish(exchange, key, publish_options, &message.body, properties)
+                    .await?
+                    .await
+            }
         };
-        let error = match tokio::time::timeout_at(deadline, held.link.guard(attempt)).await {
+        let outcome = if channel_failed {
+            // The shared channel was closed under this publish, by it (e.g. an unknown
+            // exchange) or by another one in flight on it. The one retry goes on a channel of
+            // its own: a publish that breaks its channel again breaks no other.
+            let own = async {
+                let channel = open_channel(&held.link, true).await?;
+                let confirmed = publish(channel.clone()).await;
+                if channel.status().connected() {
+                    let _ = channel.close(200, "publish retried".into()).await;
+                }
+                confirmed
+            };
+            tokio::time::timeout_at(deadline, held.link.guard(own)).await
+        } else {
+            tokio::time::timeout_at(deadline, held.link.guard(publish(held.channel.clone()))).await
+        };
+        let error = match outcome {
             Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => return Ok(()),
             Ok(Ok(Confirmation::Ack(Some(_)))) => {
                 return Err(TransportError::Unroutable {
@@ -70,14 +87,14 @@ pub(crate) async fn publish(
                 )))
             }
         };
-        slot.invalidate(&held).await;
+        if !channel_failed {
+            slot.invalidate(&held).await;
+        }
         if held.link.alive() {
-            // The channel was closed: by this publish (e.g. unknown exchange) or by another one
-            // in flight on the same channel. One retry on a fresh channel tells them apart.
-            channel_failures += 1;
-            if channel_failures > 1 {
+            if channel_failed {
                 return Err(map_error(&error));
             }
+            channel_failed = true;
         } else if is_soft(&error) || is_fatal(&error) {
             shared.kick();
             return Err(map_error(&error));

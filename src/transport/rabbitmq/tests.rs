@@ -246,6 +246,45 @@ async fn mandatory_unroutable_and_unknown_exchange() {
     t.close().await;
 }
 
+/// A publish that breaks the shared confirm channel (an unknown exchange) must not break the
+/// publishes in flight beside it: their one retry goes on a channel of their own.
+#[tokio::test]
+async fn a_publish_to_a_missing_exchange_breaks_no_concurrent_publish() {
+    let _shared = BROKER_LOCK.read().await;
+    if !broker_up().await {
+        return;
+    }
+    let t = Arc::new(connect(URI).await);
+    let queue = unique("q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    let missing = unique("missing");
+    for round in 0..5 {
+        let mut good = Vec::new();
+        for i in 0..40 {
+            let (t, queue) = (t.clone(), queue.clone());
+            good.push(tokio::spawn(async move {
+                let body = format!("{round}-{i}");
+                t.publish("", &queue, message(&body, &body), PublishOptions::default()).await
+            }));
+        }
+        let bad = {
+            let (t, missing) = (t.clone(), missing.clone());
+            tokio::spawn(async move {
+                t.publish(&missing, "k", message("x", "bad"), PublishOptions::default()).await
+            })
+        };
+        for publish in good {
+            assert_eq!(publish.await.unwrap(), Ok(()), "round {round}");
+        }
+        let bad = bad.await.unwrap();
+        assert!(matches!(bad, Err(TransportError::NotFound(_))), "{bad:?}");
+    }
+    // a publish whose confirm was lost with the closed channel is sent again: at least once
+    assert!(t.queue_info(&queue).await.unwrap().message_count >= 200);
+    t.delete_queue(&queue).await.unwrap();
+    t.close().await;
+}
+
 #[tokio::test]
 async fn prefetch_is_respected() {
     if !broker_up().await {
