@@ -49,7 +49,10 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
     names::check("SERVICE.METHOD (the routing key)", &args.target)?;
     let config = broker::config(uri, None)?;
     names::check("RPC_EXCHANGE", &config.rpc_exchange)?;
-    let client = Client::connect(&config).await.map_err(|error| broker::unreachable(uri, error))?;
+    let client = Client::connect(&config).await.map_err(|error| match error {
+        micro_framework::Error::Transport(error) => broker::connect_error(uri, error),
+        other => broker::unreachable(uri, other),
+    })?;
     let mut proxy = client.service(service);
     if let Some(timeout) = timeout {
         proxy = proxy.timeout(timeout);

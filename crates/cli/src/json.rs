@@ -27,7 +27,8 @@ pub fn pretty(value: &impl Serialize, depth: usize) -> Result<String, CliError> 
 
 /// `json` with the characters JSON allows raw in strings but a terminal acts on (DEL, C1
 /// controls such as the one-byte CSI, bidirectional and zero-width formatting characters)
-/// written as `\uXXXX` escapes: the same JSON value, nothing for the terminal to act on.
+/// written as four-digit JSON escapes (`\u009b`): the same JSON value, nothing for the
+/// terminal to act on.
 /// (`serde_json` escapes the C0 controls itself; the line ends here are the indentation's.)
 fn terminal_safe(json: String) -> String {
     if !json.chars().any(acts_on_terminal) {

@@ -96,7 +96,7 @@ pub(crate) fn parse_uri(uri: &str, heartbeat: u16) -> Result<BrokerUri, Transpor
     let vhost = if path.is_empty() { "/".to_owned() } else { decode(path) };
     if vhost.len() > 255 {
         // AMQP sends it as a short string; lapin would panic on a longer one.
-        let reason = format!("vhost of {} bytes (AMQP allows at most 255)", vhost.len());
+        let reason = format!("vhost of {} bytes (AMQP allows at most 255 bytes)", vhost.len());
         return Err(invalid(&masked, reason));
     }
     let mut query = AMQPQueryString { heartbeat: Some(heartbeat), ..AMQPQueryString::default() };
