@@ -1,6 +1,7 @@
 //! Default log output for services started with [`Runner::start`](crate::Runner::start), and
 //! the helpers that make text from the wire safe to log or print.
 
+use std::borrow::Cow;
 use std::io::{self, IsTerminal, Write};
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -67,18 +68,22 @@ impl Write for EscapingWriter {
     }
 }
 
-/// One formatted event (the formatter writes each in one call) as one escaped line.
-fn escape_event(buf: &[u8], colours: bool) -> String {
+/// One formatted event (the formatter writes each in one call) as one escaped line; the
+/// event itself, uncopied, when nothing in it needs escaping (the usual case).
+fn escape_event(buf: &[u8], colours: bool) -> Cow<'_, str> {
     let text = String::from_utf8_lossy(buf);
     let (line, newline) = match text.strip_suffix('\n') {
         Some(line) => (line, "\n"),
         None => (text.as_ref(), ""),
     };
     if !colours {
-        return format!("{}{newline}", escape_wire_text(line));
+        return match escape_wire_text(line) {
+            Cow::Borrowed(_) => text,
+            Cow::Owned(escaped) => Cow::Owned(escaped + newline),
+        };
     }
     let escaped: Vec<_> = line.split('\u{1b}').map(escape_wire_text).collect();
-    format!("{}{newline}", escaped.join("\u{1b}"))
+    Cow::Owned(format!("{}{newline}", escaped.join("\u{1b}")))
 }
 
 #[cfg(test)]

@@ -116,10 +116,7 @@ impl Failure {
             .join(": ");
         // each part was bounded when made: a message cut then must keep its note of the full
         // size, which cutting it again would replace by the size of the cut text
-        match bounded(&full, MAX_ERROR_TEXT + CUT_NOTE) {
-            Cow::Borrowed(_) => full,
-            Cow::Owned(cut) => cut,
-        }
+        bounded_to(full, MAX_ERROR_TEXT + CUT_NOTE)
     }
 }
 
@@ -129,7 +126,11 @@ const CUT_NOTE: usize = 64;
 /// An error text may quote its input (a serde error quotes the bad value): keep at most
 /// [`MAX_ERROR_TEXT`] bytes of it.
 fn bounded_text(text: String) -> String {
-    match bounded(&text, MAX_ERROR_TEXT) {
+    bounded_to(text, MAX_ERROR_TEXT)
+}
+
+fn bounded_to(text: String, limit: usize) -> String {
+    match bounded(&text, limit) {
         Cow::Borrowed(_) => text,
         Cow::Owned(cut) => cut,
     }

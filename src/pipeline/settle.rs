@@ -237,27 +237,22 @@ pub(crate) async fn dead_letter(
     );
     let copy = OutgoingMessage { body: message.body.clone(), properties };
     let options = PublishOptions { mandatory: true };
-    let error = match route.transport().publish("", &dlq, copy.clone(), options).await {
+    let error = match route.transport().publish("", &dlq, copy, options).await {
         Err(TransportError::LimitReached { what: Limit::HeaderSize, size, limit, .. }) => {
             format!("{size} bytes, over the frame_max of {limit} bytes")
         }
         published => return published,
     };
-    let original = &message.properties.headers;
-    let kept: Headers = original
-        .iter()
-        .filter(|(name, _)| name.as_str() == HEADER_ORIGINAL_USER_ID)
-        .map(|(name, value)| (name.clone(), value.clone()))
-        .collect();
     let dropped = format!(
         "{} original headers dropped: with the dead-letter headers they made {error}",
-        original.len()
+        message.properties.headers.len()
     );
     tracing::warn!(route = route.name(), "dead letter to {dlq}: {dropped}");
-    let mut properties = copy.properties;
-    properties.headers = reason.into_iter().chain(kept).collect();
+    let mut properties = copy_properties(&message.properties);
+    properties.headers.retain(|name, _| name == HEADER_ORIGINAL_USER_ID);
+    properties.headers.extend(reason);
     properties.headers.insert(HEADER_HEADERS_DROPPED.into(), dropped.into());
-    let minimal = OutgoingMessage { body: copy.body, properties };
+    let minimal = OutgoingMessage { body: message.body.clone(), properties };
     route.transport().publish("", &dlq, minimal, options).await
 }
 
