@@ -527,7 +527,7 @@ async fn supervise(
         pool.shutdown().await;
     }
     if let Some(replies) = env.state.get::<crate::amqp::rpc::ReplyListener>() {
-        replies.delete_queue(&env.transport).await;
+        replies.delete_queues(&env.transport).await;
     }
     env.state.clear();
     env.transport.close().await;

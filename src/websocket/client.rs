@@ -11,12 +11,12 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::amqp::rpc::ufw_wire::{parse_reply, request_frame, RemoteError};
 use crate::data::BoxError;
 use crate::handler::dependencies::Dependency;
 use crate::handler::WorkerContext;
 use crate::websocket::error::WebSocketRpcError;
 use crate::websocket::frame_limits;
-use crate::websocket::frames::{parse_reply, request_frame, RemoteError};
 
 /// How long a call waits for its reply unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);

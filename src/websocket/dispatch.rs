@@ -1,21 +1,16 @@
 //! What a request frame asks for: an answer at once (an error, a built-in command) or a call
 //! of a route in a worker slot taken now.
 
-use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use crate::amqp::rpc::ufw_wire::{answer_builtin, reply_frame, RemoteError, Request};
 use crate::data::Handled;
 use crate::data::{json_properties, Message};
 use crate::pipeline::spawners::WorkerPermit;
 use crate::pipeline::RouteHandle;
-use crate::websocket::frames::{reply_frame, RemoteError, Request};
 use crate::websocket::registry::WsRegistry;
 use crate::websocket::MAX_CALLS_PER_CONNECTION;
 
-/// Lists every command (the Python original's built-in command).
-const LIST_TARGETS: &str = "__list_targets__";
-/// Describes one command.
-const GET_TARGET: &str = "__get_target__";
 /// The refusal of a call for want of a worker.
 const MAX_CONNECTIONS_REACHED: &str = "MaxConnectionsReached";
 
@@ -57,28 +52,28 @@ pub(crate) fn dispatch(registry: &WsRegistry, frame: &[u8], in_flight: usize) ->
         }
         Step::Reply(reply_frame(request.id.as_ref(), &outcome))
     };
-    match request.command.as_str() {
-        LIST_TARGETS => reply(Ok(Value::Array(registry.target_details()))),
-        GET_TARGET => reply(get_target(registry, &request)),
-        command => match registry.route(command) {
-            None => reply(Err(RemoteError::framework(
-                "RPCTargetDoesNotExist",
-                format!("{command} does not exist or is not exposed through a RPC method."),
-            ))),
-            Some(_) if in_flight >= MAX_CALLS_PER_CONNECTION => reply(Err(refusal(format!(
-                "{MAX_CALLS_PER_CONNECTION} calls already running on this connection"
+    if let Some(answer) = answer_builtin(
+        &request,
+        |target| registry.target_detail(target),
+        || registry.target_details(),
+    ) {
+        return reply(answer);
+    }
+    match registry.route(&request.command) {
+        None => reply(Err(RemoteError::target_does_not_exist(&request.command))),
+        Some(_) if in_flight >= MAX_CALLS_PER_CONNECTION => reply(Err(refusal(format!(
+            "{MAX_CALLS_PER_CONNECTION} calls already running on this connection"
+        )))),
+        Some(route) => match route.try_acquire() {
+            None if route.stopping().is_cancelled() => {
+                reply(Err(refusal("the service is stopping".into())))
+            }
+            None => reply(Err(refusal(format!(
+                "all {} workers of context '{}' are busy",
+                route.pool().size(),
+                route.pool().context()
             )))),
-            Some(route) => match route.try_acquire() {
-                None if route.stopping().is_cancelled() => {
-                    reply(Err(refusal("the service is stopping".into())))
-                }
-                None => reply(Err(refusal(format!(
-                    "all {} workers of context '{}' are busy",
-                    route.pool().size(),
-                    route.pool().context()
-                )))),
-                Some(permit) => Step::Call(Box::new(Call::new(route, permit, request))),
-            },
+            Some(permit) => Step::Call(Box::new(Call::new(route, permit, request))),
         },
     }
 }
@@ -89,31 +84,10 @@ fn refusal(why: String) -> RemoteError {
     RemoteError::framework(MAX_CONNECTIONS_REACHED, format!("No Available Workers: {why}"))
 }
 
-/// `__get_target__(target)`: a command's detail; an unknown one is Python's `KeyError`.
-fn get_target(registry: &WsRegistry, request: &Request) -> Result<Value, RemoteError> {
-    let target = request.args.first().or_else(|| request.kwargs.get("target"));
-    let Some(Value::String(target)) = target else {
-        return Err(RemoteError::builtin(
-            "TypeError",
-            format!("{GET_TARGET}() missing 1 required positional argument: 'target'"),
-        ));
-    };
-    registry.target_detail(target).ok_or_else(|| RemoteError {
-        args: vec![Value::String(target.clone())],
-        ..RemoteError::builtin("KeyError", format!("'{target}'"))
-    })
-}
-
 impl Call {
     fn new(route: RouteHandle, permit: WorkerPermit, request: Request) -> Self {
-        let body = json!({ "args": request.args, "kwargs": request.kwargs });
-        let message = Message {
-            body: Bytes::from(body.to_string()),
-            properties: json_properties(),
-            routing_key: request.command,
-            ..Message::default()
-        };
-        Call { route, permit, message, id: request.id }
+        let id = request.id.clone();
+        Call { route, permit, message: request.into_message(json_properties()), id }
     }
 
     /// Run the call; its reply frame.

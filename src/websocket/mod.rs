@@ -93,7 +93,6 @@ mod connection;
 mod dispatch;
 mod entrypoint;
 mod error;
-mod frames;
 mod registry;
 mod server;
 
@@ -101,10 +100,10 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+pub use crate::amqp::rpc::RemoteError;
 pub use client::{WebSocketRpcClient, DEFAULT_TIMEOUT};
 pub use entrypoint::WebSocketEntrypoint;
 pub use error::WebSocketRpcError;
-pub use frames::RemoteError;
 
 pub(crate) use server::WebSocketServer;
 

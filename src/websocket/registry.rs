@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use crate::amqp::rpc::ufw_wire::target_detail;
 
 use crate::pipeline::RouteHandle;
 
@@ -29,18 +31,13 @@ impl WsRegistry {
         self.commands().get(command).cloned()
     }
 
-    /// What `__list_targets__` and `__get_target__` describe of a command (the Python
-    /// original lists parameter names and docstrings, which a Rust route does not know).
+    /// What `__list_targets__` and `__get_target__` describe of a command.
     pub(crate) fn target_detail(&self, command: &str) -> Option<Value> {
-        self.commands().contains_key(command).then(|| detail(command))
+        self.commands().contains_key(command).then(|| target_detail(command))
     }
 
     /// Every command's detail, by name.
     pub(crate) fn target_details(&self) -> Vec<Value> {
-        self.commands().keys().map(|command| detail(command)).collect()
+        self.commands().keys().map(|command| target_detail(command)).collect()
     }
-}
-
-fn detail(command: &str) -> Value {
-    json!({ "target": command, "args": null, "kwargs": null, "docstring": null })
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::amqp::rpc::ufw_wire::LIST_TARGETS;
 use crate::amqp::rpc::{Caller, ReplyListener, RpcError, RpcReply};
+use crate::config::Protocol;
 use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::WorkerContext;
 use crate::metrics::Metrics;
@@ -47,7 +49,7 @@ impl RpcProxy {
 
     /// The methods of `service`.
     pub fn service(&self, service: impl Into<String>) -> ServiceProxy {
-        ServiceProxy { caller: self.caller.clone(), service: service.into(), timeout: None }
+        ServiceProxy::new(self.caller.clone(), service.into())
     }
 
     /// Call `service.method(*args, **kwargs)` and deserialize the result into `T`. `args`
@@ -71,11 +73,13 @@ pub struct ServiceProxy {
     caller: Caller,
     service: String,
     timeout: Option<Duration>,
+    protocol: Protocol,
 }
 
 impl ServiceProxy {
     pub(crate) fn new(caller: Caller, service: String) -> Self {
-        ServiceProxy { caller, service, timeout: None }
+        let protocol = caller.protocol;
+        ServiceProxy { caller, service, timeout: None, protocol }
     }
 
     /// The service called.
@@ -87,6 +91,40 @@ impl ServiceProxy {
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
+    }
+
+    /// Call in `protocol`'s wire format instead of the config's `PROTOCOL`, e.g. a Python
+    /// micro-framework service from a service that speaks Nameko.
+    ///
+    /// ```no_run
+    /// use micro_framework::amqp::dependencies::RpcProxy;
+    /// use micro_framework::amqp::rpc::RpcError;
+    /// use micro_framework::config::Protocol;
+    ///
+    /// async fn total(rpc: RpcProxy) -> Result<i64, RpcError> {
+    ///     let billing = rpc.service("billing").protocol(Protocol::MicroFramework);
+    ///     let targets = billing.list_targets().await?;
+    ///     println!("billing serves {targets:?}");
+    ///     billing.call("total", (), ()).await
+    /// }
+    /// ```
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The targets the service serves, as its `__list_targets__` command describes them
+    /// (`{"target", "args", "kwargs", "docstring"}` each). The Python micro-framework's
+    /// built-in command: fails with `MethodNotFound` under the Nameko protocol.
+    pub async fn list_targets(&self) -> Result<Vec<serde_json::Value>, RpcError> {
+        if self.protocol == Protocol::Nameko {
+            return Err(RpcError::MethodNotFound(
+                "__list_targets__ is a micro-framework command: call with \
+                 .protocol(Protocol::MicroFramework)"
+                    .into(),
+            ));
+        }
+        self.call(LIST_TARGETS, (), ()).await
     }
 
     /// Call `method(*args, **kwargs)` and deserialize the result into `T` (use
@@ -107,7 +145,7 @@ impl ServiceProxy {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<RpcReply, RpcError> {
-        self.caller.send(&self.service, method, args, kwargs, self.timeout).await
+        self.caller.send(self.protocol, &self.service, method, args, kwargs, self.timeout).await
     }
 
     /// [`ServiceProxy::call`] for sync targets (which run on worker threads). Fails with

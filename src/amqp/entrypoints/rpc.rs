@@ -2,15 +2,19 @@
 
 use async_trait::async_trait;
 
-use crate::amqp::rpc::naming::{rpc_binding, rpc_exchange, rpc_queue};
-use crate::amqp::rpc::RpcServer;
+use crate::amqp::rpc::naming::{
+    rpc_binding, rpc_exchange, rpc_queue, ufw_builtin_queue, ufw_rpc_exchange, ufw_target_queue,
+};
+use crate::amqp::rpc::{RpcServer, UfwRpcServer};
+use crate::config::Protocol;
 use crate::error::Result;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 
-/// Serves the route's target as the RPC method `{route name}` of the service.
+/// Serves the route's target as the RPC method `{route name}` of the service, in the wire
+/// format of the config's `PROTOCOL` or of [`RPCListener::protocol`].
 ///
-/// All RPC routes of a service share one durable queue `rpc-{service}`, bound to the
+/// **Nameko** (`nameko`): all RPC routes of a service share one durable queue `rpc-{service}`, bound to the
 /// `RPC_EXCHANGE` (`nameko-rpc`) with `{service}.*`, and one consumer that dispatches each
 /// request on its routing key `{service}.{method}`. The target takes the arguments through
 /// [`Args<T>`](crate::amqp::rpc::Args); its return value is the result, its error is replied
@@ -18,6 +22,16 @@ use crate::pipeline::RouteHandle;
 /// requests (`MalformedRequest`) and arguments that do not fit (`IncorrectSignature`) are
 /// replied too: RPC requests are acknowledged once replied, never dead-lettered. A request
 /// without `reply_to` is handled and acknowledged without a reply.
+///
+/// **micro-framework** (`micro_framework`): the route is the target `{route name}`, served
+/// from its own durable queue `rpc-{service}-{target}` bound to the exchange `ufw-rpc` with
+/// `{service}.{target}`; the built-in commands `__list_targets__` and `__get_target__` come on
+/// `rpc-{service}-broadcast` (bound `{service}._broadcast.*`). Requests are `{"command",
+/// "command_args", "command_kwargs"}`, replies `{"data", "exception"}` JSON-encoded twice, as
+/// the Python original's. The target reads its arguments through `Args<T>` all the same; an
+/// unknown target is `RPCTargetDoesNotExist`, an unreadable request `RPCMalformedMessage`,
+/// arguments that do not fit a `TypeError` (as Python raises it), any other error is named
+/// after its Rust type. Python callers rebuild none of these from code of ours.
 ///
 /// ```
 /// use micro_framework::prelude::*;
@@ -33,7 +47,9 @@ use crate::pipeline::RouteHandle;
 /// ```
 #[derive(Debug, Default)]
 pub struct RPCListener {
-    /// The service's request queue, once set up.
+    /// The wire format, when not the config's.
+    protocol: Option<Protocol>,
+    /// The route's request queue, once set up.
     queue: Option<String>,
 }
 
@@ -41,6 +57,26 @@ impl RPCListener {
     /// Serve the route as the RPC method named after it.
     pub fn new() -> Self {
         RPCListener::default()
+    }
+
+    /// Serve in `protocol`'s wire format instead of the config's `PROTOCOL`, so one service
+    /// can answer Nameko and micro-framework callers.
+    ///
+    /// ```
+    /// use micro_framework::prelude::*;
+    /// use micro_framework::amqp::entrypoints::RPCListener;
+    /// use micro_framework::config::Protocol;
+    ///
+    /// fn ping() -> &'static str { "pong" }
+    ///
+    /// let for_nameko = Route::new(ping).entrypoint(RPCListener::new());
+    /// let for_python_micro_framework = Route::new(ping)
+    ///     .name("ping_ufw")
+    ///     .entrypoint(RPCListener::new().protocol(Protocol::MicroFramework));
+    /// ```
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = Some(protocol);
+        self
     }
 }
 
@@ -57,12 +93,32 @@ impl Entrypoint for RPCListener {
     async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
         let config = route.config();
         let transport = route.transport();
-        let queue = rpc_queue(config);
-        transport.declare_exchange(&rpc_exchange(config)).await?;
-        transport.declare_queue(&queue).await?;
-        transport.bind_queue(&rpc_binding(config)).await?;
-        let server = route.shared_extension(|| RpcServer::new(route.clone(), queue.name.clone()));
-        server.register(route.clone());
+        let queue = match self.protocol.unwrap_or(config.protocol) {
+            Protocol::Nameko => {
+                let queue = rpc_queue(config);
+                transport.declare_exchange(&rpc_exchange(config)).await?;
+                transport.declare_queue(&queue).await?;
+                transport.bind_queue(&rpc_binding(config)).await?;
+                let server =
+                    route.shared_extension(|| RpcServer::new(route.clone(), queue.name.clone()));
+                server.register(route.clone());
+                queue
+            }
+            Protocol::MicroFramework => {
+                transport.declare_exchange(&ufw_rpc_exchange()).await?;
+                let (builtin_queue, builtin_binding) = ufw_builtin_queue(config);
+                let (queue, binding) = ufw_target_queue(config, route.name());
+                for (queue, binding) in [(&builtin_queue, builtin_binding), (&queue, binding)] {
+                    transport.declare_queue(queue).await?;
+                    transport.bind_queue(&binding).await?;
+                }
+                let server = route.shared_extension(|| {
+                    UfwRpcServer::new(route.clone(), builtin_queue.name.clone())
+                });
+                server.register(route.clone(), queue.name.clone());
+                queue
+            }
+        };
         tracing::info!(
             route = route.name(),
             "serving RPC method {}.{} on queue {}",
@@ -74,8 +130,8 @@ impl Entrypoint for RPCListener {
         Ok(())
     }
 
-    /// The service's RPC server (a shared extension) consumes the request queue for every RPC
-    /// route.
+    /// The service's RPC server of the protocol (a shared extension) consumes the request
+    /// queues of every RPC route.
     async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
         Ok(())
     }

@@ -7,11 +7,11 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::amqp::rpc::error::RpcError;
-use crate::amqp::rpc::naming::rpc_exchange;
+use crate::amqp::rpc::naming::{rpc_exchange, ufw_routing_key, ufw_rpc_exchange};
 use crate::amqp::rpc::pending::RpcReply;
 use crate::amqp::rpc::replies::ReplyListener;
-use crate::amqp::rpc::wire::request_body;
-use crate::config::Config;
+use crate::amqp::rpc::{ufw_wire, wire};
+use crate::config::{Config, Protocol};
 use crate::data::json_properties;
 use crate::metrics::Metrics;
 use crate::transport::limits::check_size;
@@ -19,12 +19,14 @@ use crate::transport::{
     ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
 };
 
-/// What every call of a caller shares: the connection, the reply queue, the exchange, the
-/// default timeout and the context headers sent with each request.
+/// What every call of a caller shares: the connection, the reply queues, the default wire
+/// protocol, Nameko's exchange, the default timeout and the context headers sent with each
+/// request.
 #[derive(Clone, Debug)]
 pub(crate) struct Caller {
     pub transport: SharedTransport,
     pub listener: Arc<ReplyListener>,
+    pub protocol: Protocol,
     pub exchange: ExchangeSpec,
     pub timeout: Duration,
     pub headers: Headers,
@@ -44,6 +46,7 @@ impl Caller {
         Caller {
             transport,
             listener,
+            protocol: config.protocol,
             exchange: rpc_exchange(config),
             timeout: config.rpc_timeout,
             headers,
@@ -58,10 +61,13 @@ impl Caller {
         self
     }
 
-    /// Send `service.method(*args, **kwargs)`; the reply is awaited through the result.
-    /// An unroutable request fails at once with `UnknownService`.
+    /// Send `service.method(*args, **kwargs)` in `protocol`'s wire format; the reply is
+    /// awaited through the result. An unroutable request fails at once: `UnknownService`
+    /// (Nameko: one queue per service), `MethodNotFound` (micro-framework: one queue per
+    /// target, so the service or the target is unknown).
     pub(crate) async fn send(
         &self,
+        protocol: Protocol,
         service: &str,
         method: &str,
         args: impl Serialize,
@@ -86,9 +92,20 @@ impl Caller {
                 )))
             }
         };
-        let body = request_body(args, kwargs);
+        let ufw_exchange;
+        let (exchange, body, routing_key) = match protocol {
+            Protocol::Nameko => {
+                (&self.exchange, wire::request_body(args, kwargs), format!("{service}.{method}"))
+            }
+            Protocol::MicroFramework => {
+                ufw_exchange = ufw_rpc_exchange();
+                let builtin = ufw_wire::is_builtin_command(method);
+                let routing_key = ufw_routing_key(service, method, builtin);
+                (&ufw_exchange, ufw_wire::request_body(method, args, kwargs), routing_key)
+            }
+        };
         check_size(&format!("RPC request {service}.{method}"), body.len(), self.max_message_size)?;
-        let queue = self.listener.queue(&self.transport, &self.exchange).await?;
+        let queue = self.listener.queue(&self.transport, protocol, exchange).await?;
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let receiver = queue.expect(&correlation_id)?;
         let reply = RpcReply::new(
@@ -105,15 +122,19 @@ impl Caller {
         properties.reply_to = Some(queue.routing_key().to_owned());
         properties.correlation_id = Some(correlation_id);
         let request = OutgoingMessage { body, properties };
-        let routing_key = format!("{service}.{method}");
         match self
             .transport
-            .publish(&self.exchange.name, &routing_key, request, PublishOptions { mandatory: true })
+            .publish(&exchange.name, &routing_key, request, PublishOptions { mandatory: true })
             .await
         {
             Ok(()) => Ok(reply),
             Err(TransportError::Unroutable { .. }) => {
-                let error = RpcError::UnknownService(service.to_owned());
+                let error = match protocol {
+                    Protocol::Nameko => RpcError::UnknownService(service.to_owned()),
+                    Protocol::MicroFramework => RpcError::MethodNotFound(format!(
+                        "no queue takes {routing_key}: no service {service} serves {method}"
+                    )),
+                };
                 if let Some(metrics) = &self.metrics {
                     metrics.rpc_call(service, method, error.kind(), Duration::ZERO);
                 }

@@ -67,7 +67,7 @@ impl Client {
 
     /// Delete the reply queue and close the connection.
     pub async fn close(self) {
-        self.caller.listener.delete_queue(&self.caller.transport).await;
+        self.caller.listener.delete_queues(&self.caller.transport).await;
         self.caller.transport.close().await;
     }
 }

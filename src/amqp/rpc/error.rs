@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::amqp::rpc::ufw_wire::RemoteError;
 use crate::amqp::rpc::wire::RemoteException;
 use crate::transport::TransportError;
 
@@ -96,6 +97,27 @@ impl From<RemoteException> for RpcError {
                 exc_path: error.exc_path,
                 exc_args: error.exc_args,
             },
+        }
+    }
+}
+
+impl From<RemoteError> for RpcError {
+    /// The Python micro-framework's errors: an unknown target is `MethodNotFound`, a request
+    /// it could not read `MalformedRequest`; anything else (a `TypeError` for arguments that
+    /// do not fit included, as Python raises it) is a `RemoteError` with the module as path.
+    fn from(error: RemoteError) -> Self {
+        if error.is_framework("RPCTargetDoesNotExist") {
+            return RpcError::MethodNotFound(error.message);
+        }
+        if error.is_framework("RPCMalformedMessage") {
+            return RpcError::MalformedRequest(error.message);
+        }
+        let module = error.module.as_deref().unwrap_or("builtins");
+        RpcError::RemoteError {
+            exc_path: format!("{module}.{}", error.exception),
+            exc_type: error.exception,
+            value: error.message,
+            exc_args: error.args,
         }
     }
 }

@@ -40,15 +40,20 @@ mod fuzz;
 pub mod naming;
 mod pending;
 mod replies;
+mod respond;
 mod server;
+mod ufw_server;
+pub(crate) mod ufw_wire;
 mod wire;
 
 pub use args::Args;
 pub use client::Client;
 pub use error::RpcError;
 pub use pending::RpcReply;
+pub use ufw_wire::RemoteError;
 pub use wire::RemoteException;
 
 pub(crate) use caller::Caller;
 pub(crate) use replies::ReplyListener;
 pub(crate) use server::RpcServer;
+pub(crate) use ufw_server::UfwRpcServer;

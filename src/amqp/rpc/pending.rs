@@ -97,9 +97,7 @@ impl RpcReply {
                 what: ClosedPart::Consumer,
                 reason: "the reply queue's consumer ended before the reply came".into(),
             })),
-            Ok(Ok(Err(unreadable))) => Err(RpcError::InvalidReply(unreadable)),
-            Ok(Ok(Ok(Err(remote)))) => Err(remote.into()),
-            Ok(Ok(Ok(Ok(result)))) => Ok(result),
+            Ok(Ok(outcome)) => outcome,
         };
         if let Some(metrics) = metrics {
             let outcome = result.as_ref().map_or_else(RpcError::kind, |_| "ok");

@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures::StreamExt;
 use tokio::sync::oneshot;
 
-use crate::amqp::rpc::naming::reply_queue;
-use crate::amqp::rpc::wire::{parse_reply, RemoteException};
+use crate::amqp::rpc::error::RpcError;
+use crate::amqp::rpc::naming::{reply_queue, ufw_reply_queue};
+use crate::amqp::rpc::{ufw_wire, wire};
+use crate::config::Protocol;
 use crate::transport::{
     BindingSpec, ConsumeOptions, Consumer, ExchangeSpec, Headers, Limit, SharedTransport,
     TransportError,
@@ -22,43 +24,62 @@ const REPLY_PREFETCH: u16 = 1000;
 /// to a service that does not answer ends in a clear error, not in unbounded memory.
 pub(crate) const MAX_PENDING_CALLS: usize = 65_536;
 
-/// What a reply carries: the result or the remote error; `Err` when it was unreadable.
-pub(crate) type ReplyOutcome = Result<Result<serde_json::Value, RemoteException>, String>;
+/// What a reply carries: the result, or why there is none (a remote error, an unreadable
+/// reply).
+pub(crate) type ReplyOutcome = Result<serde_json::Value, RpcError>;
 
-/// The reply queue of one caller (a service instance, kept in its `ServiceState`, or a
-/// standalone client), set up on first use and again if its consumer ends.
+/// The reply queues of one caller (a service instance, kept in its `ServiceState`, or a
+/// standalone client), one per wire protocol, each set up on first use and again if its
+/// consumer ends.
 #[derive(Debug)]
 pub(crate) struct ReplyListener {
     service: String,
-    active: tokio::sync::Mutex<Option<Arc<ReplyQueue>>>,
+    nameko: tokio::sync::Mutex<Option<Arc<ReplyQueue>>>,
+    micro_framework: tokio::sync::Mutex<Option<Arc<ReplyQueue>>>,
 }
 
 impl ReplyListener {
-    /// A listener for `service`'s calls (queue `rpc.reply-{service}-{uuid}`).
+    /// A listener for `service`'s calls (queues `rpc.reply-{service}-{uuid}` and
+    /// `ufw-reply-{uuid}`).
     pub(crate) fn new(service: &str) -> Self {
-        ReplyListener { service: service.to_owned(), active: tokio::sync::Mutex::default() }
+        ReplyListener {
+            service: service.to_owned(),
+            nameko: tokio::sync::Mutex::default(),
+            micro_framework: tokio::sync::Mutex::default(),
+        }
     }
 
-    /// The live reply queue, declared, bound to `exchange` and consumed if needed.
+    fn slot(&self, protocol: Protocol) -> &tokio::sync::Mutex<Option<Arc<ReplyQueue>>> {
+        match protocol {
+            Protocol::Nameko => &self.nameko,
+            Protocol::MicroFramework => &self.micro_framework,
+        }
+    }
+
+    /// The live reply queue of `protocol`, declared, bound to `exchange` and consumed if
+    /// needed.
     pub(crate) async fn queue(
         &self,
         transport: &SharedTransport,
+        protocol: Protocol,
         exchange: &ExchangeSpec,
     ) -> Result<Arc<ReplyQueue>, TransportError> {
-        let mut active = self.active.lock().await;
+        let mut active = self.slot(protocol).lock().await;
         if let Some(queue) = active.as_ref().filter(|queue| !queue.closed.load(Ordering::Acquire)) {
             return Ok(queue.clone());
         }
-        let queue = ReplyQueue::start(transport, &self.service, exchange).await?;
+        let queue = ReplyQueue::start(transport, &self.service, protocol, exchange).await?;
         *active = Some(queue.clone());
         Ok(queue)
     }
 
-    /// Delete the reply queue, if one was made (the caller stops).
-    pub(crate) async fn delete_queue(&self, transport: &SharedTransport) {
-        let Some(queue) = self.active.lock().await.take() else { return };
-        if let Err(error) = transport.delete_queue(&queue.name).await {
-            tracing::debug!("cannot delete the reply queue {}: {error}", queue.name);
+    /// Delete the reply queues made (the caller stops).
+    pub(crate) async fn delete_queues(&self, transport: &SharedTransport) {
+        for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
+            let Some(queue) = self.slot(protocol).lock().await.take() else { continue };
+            if let Err(error) = transport.delete_queue(&queue.name).await {
+                tracing::debug!("cannot delete the reply queue {}: {error}", queue.name);
+            }
         }
     }
 }
@@ -68,6 +89,7 @@ impl ReplyListener {
 pub(crate) struct ReplyQueue {
     name: String,
     routing_key: String,
+    protocol: Protocol,
     pending: Mutex<HashMap<String, oneshot::Sender<ReplyOutcome>>>,
     closed: AtomicBool,
 }
@@ -76,16 +98,25 @@ impl ReplyQueue {
     async fn start(
         transport: &SharedTransport,
         service: &str,
+        protocol: Protocol,
         exchange: &ExchangeSpec,
     ) -> Result<Arc<ReplyQueue>, TransportError> {
         let id = uuid::Uuid::new_v4().to_string();
-        let spec = reply_queue(service, &id);
+        // Nameko binds its reply queue with the bare id, micro-framework with the queue's name
+        let (spec, routing_key) = match protocol {
+            Protocol::Nameko => (reply_queue(service, &id), id),
+            Protocol::MicroFramework => {
+                let spec = ufw_reply_queue(&id);
+                let name = spec.name.clone();
+                (spec, name)
+            }
+        };
         transport.declare_exchange(exchange).await?;
         transport.declare_queue(&spec).await?;
         let binding = BindingSpec {
             queue: spec.name.clone(),
             exchange: exchange.name.clone(),
-            routing_key: id.clone(),
+            routing_key: routing_key.clone(),
             arguments: Headers::new(),
         };
         transport.bind_queue(&binding).await?;
@@ -98,7 +129,8 @@ impl ReplyQueue {
         tracing::debug!("RPC replies arrive on {}", spec.name);
         let queue = Arc::new(ReplyQueue {
             name: spec.name.clone(),
-            routing_key: id,
+            routing_key,
+            protocol,
             pending: Mutex::default(),
             closed: AtomicBool::new(false),
         });
@@ -145,6 +177,20 @@ impl ReplyQueue {
         self.pending().remove(correlation_id);
     }
 
+    /// What the reply `body` says, read as the queue's protocol writes replies.
+    fn outcome(&self, body: &[u8]) -> ReplyOutcome {
+        match self.protocol {
+            Protocol::Nameko => match wire::parse_reply(body) {
+                Ok(outcome) => outcome.map_err(RpcError::from),
+                Err(unreadable) => Err(RpcError::InvalidReply(unreadable)),
+            },
+            Protocol::MicroFramework => match ufw_wire::parse_reply(body) {
+                Ok(outcome) => outcome.map_err(RpcError::from),
+                Err(unreadable) => Err(RpcError::InvalidReply(unreadable)),
+            },
+        }
+    }
+
     async fn listen(self: Arc<Self>, mut consumer: Consumer) {
         while let Some(delivery) = consumer.next().await {
             if let Err(error) = delivery.acker.ack().await {
@@ -157,7 +203,7 @@ impl ReplyQueue {
                 .and_then(|correlation_id| self.pending().remove(correlation_id));
             match waiting {
                 Some(sender) => {
-                    let _ = sender.send(parse_reply(&delivery.body));
+                    let _ = sender.send(self.outcome(&delivery.body));
                 }
                 None => tracing::debug!(
                     "RPC reply with unknown correlation id {:?} dropped",

@@ -6,18 +6,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
+use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack};
 use crate::amqp::rpc::wire::{reply_body, RemoteException};
-use crate::data::{json_properties, Failure, Handled, Message};
+use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{consume, DeliveryHandler, QueueSource};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_size;
-use crate::transport::{Delivery, OutgoingMessage, PublishOptions, TransportError};
-
-const REQUEUE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+use crate::transport::Delivery;
 
 /// The RPC routes of a service instance by method name, and the one consumer of their
 /// request queue. Every `RPCListener` registers its route at set-up.
@@ -104,7 +104,8 @@ impl DeliveryHandler for RpcServer {
                         return;
                     };
                     let handled = route.handle(permit, message.clone()).await;
-                    (reply_outcome(&handled), route, Some(handled))
+                    let outcome = handled_outcome(&handled).map_err(RemoteException::from_failure);
+                    (outcome, route, Some(handled))
                 }
             },
         };
@@ -116,7 +117,8 @@ impl DeliveryHandler for RpcServer {
                 error.value
             );
         }
-        reply_then_ack(&route, &message, delivery, &outcome).await;
+        let body = nameko_reply(&route, &outcome);
+        reply_then_ack(&route, &message, delivery, &route.config().rpc_exchange, body).await;
         if let Some(handled) = handled {
             route.settled(&handled);
         }
@@ -128,51 +130,9 @@ impl DeliveryHandler for RpcServer {
         let (method, route) = self.route_of(&message.routing_key);
         let route = route.unwrap_or_else(|| self.service.clone());
         tracing::error!(route = route.name(), "RPC {method} refused: {}", failure.message);
-        let outcome = Err(RemoteException::from_failure(&failure));
-        reply_then_ack(&route, &message, delivery, &outcome).await;
+        let body = nameko_reply(&route, &Err(RemoteException::from_failure(&failure)));
+        reply_then_ack(&route, &message, delivery, &route.config().rpc_exchange, body).await;
         route.settled(&Handled::Failed(failure));
-    }
-}
-
-/// Reply, then ack; a request whose reply cannot be sent goes back to the queue after a pause.
-async fn reply_then_ack(
-    route: &RouteHandle,
-    message: &Message,
-    delivery: Delivery,
-    outcome: &std::result::Result<serde_json::Value, RemoteException>,
-) {
-    let settled = match reply(route, message, outcome).await {
-        Ok(()) => delivery.acker.ack().await,
-        Err(error) if error.is_permanent() => {
-            // No later attempt could send it: requeued, the request would come back for ever.
-            tracing::error!(
-                route = route.name(),
-                "cannot reply to an RPC request ({error}); acked without a reply"
-            );
-            delivery.acker.ack().await
-        }
-        Err(error) => {
-            tracing::error!(
-                route = route.name(),
-                "cannot reply to an RPC request ({error}); it goes back to the queue"
-            );
-            tokio::time::sleep(REQUEUE_PAUSE).await;
-            delivery.acker.nack(true).await
-        }
-    };
-    if let Err(error) = settled {
-        tracing::warn!(route = route.name(), "cannot settle an RPC request ({error})");
-    }
-}
-
-/// What to reply for how the route handled the request. RPC replies at once: a broker-side
-/// retry (`AsyncBackOff`) is not scheduled, its failure is replied.
-fn reply_outcome(handled: &Handled) -> std::result::Result<serde_json::Value, RemoteException> {
-    match handled {
-        Handled::Succeeded(value) => Ok(value.clone()),
-        Handled::CalledBack(failure)
-        | Handled::Failed(failure)
-        | Handled::Retry { failure, .. } => Err(RemoteException::from_failure(failure)),
     }
 }
 
@@ -202,34 +162,22 @@ struct RequestShape {
     _kwargs: HashMap<String, IgnoredAny>,
 }
 
-/// Publish the reply (confirmed) to `reply_to` on the RPC exchange; nothing to do without
-/// `reply_to`.
-async fn reply(
+/// The reply body for `outcome`; a result over `MAX_MESSAGE_SIZE` is replied as an error.
+fn nameko_reply(
     route: &RouteHandle,
-    request: &Message,
     outcome: &std::result::Result<serde_json::Value, RemoteException>,
-) -> std::result::Result<(), TransportError> {
-    let Some(reply_to) = request.properties.reply_to.as_deref() else {
-        tracing::info!(
-            route = route.name(),
-            "RPC request {} without reply_to: handled, no reply sent",
-            request.routing_key
-        );
-        return Ok(());
-    };
-    let mut properties = json_properties();
-    properties.correlation_id = request.properties.correlation_id.clone();
-    let mut body = reply_body(outcome);
+) -> Bytes {
+    let body = reply_body(outcome);
     let max_size = route.config().max_message_size;
-    if let Err(too_large) = check_size("RPC reply", body.len(), max_size) {
-        tracing::warn!(route = route.name(), "{too_large}: replying an error instead");
-        let reason =
-            format!("result of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)", body.len());
-        body = reply_body(&Err(RemoteException::nameko("UnserializableValueError", reason)));
+    match check_size("RPC reply", body.len(), max_size) {
+        Ok(()) => body,
+        Err(too_large) => {
+            tracing::warn!(route = route.name(), "{too_large}: replying an error instead");
+            let reason = format!(
+                "result of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
+                body.len()
+            );
+            reply_body(&Err(RemoteException::nameko("UnserializableValueError", reason)))
+        }
     }
-    let message = OutgoingMessage { body, properties };
-    route
-        .transport()
-        .publish(&route.config().rpc_exchange, reply_to, message, PublishOptions::default())
-        .await
 }

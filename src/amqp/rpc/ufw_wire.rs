@@ -1,22 +1,73 @@
-//! The JSON frames of micro-framework's WebSocket RPC (its `RPCManager` format): requests
-//! `{"command", "command_args", "command_kwargs"}`, replies `{"data", "exception"}`.
+//! The Python micro-framework's RPC format (its `RPCManager`), shared by its AMQP and WebSocket
+//! RPC: requests `{"command", "command_args", "command_kwargs"}`, replies `{"data",
+//! "exception"}`. Over AMQP the reply is JSON-encoded twice (a JSON string holding the reply).
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::amqp::rpc::wire::request_body as rpc_request_body;
 use crate::amqp::rpc::RemoteException;
-use crate::data::{Failure, FailureKind};
+use crate::data::{Failure, FailureKind, Message, Properties};
 
 /// Where the Python original's own exceptions live; its clients rebuild the ones found there.
 const FRAMEWORK_EXCEPTIONS: &str = "micro_framework.exceptions";
 /// How much of an unreadable frame an error message quotes.
 const EXCERPT: usize = 200;
+/// The built-in command listing every target.
+pub(crate) const LIST_TARGETS: &str = "__list_targets__";
+/// The built-in command describing one target.
+pub(crate) const GET_TARGET: &str = "__get_target__";
+
+/// True for the Python original's built-in commands, which its AMQP callers send to
+/// `{service}._broadcast.{command}`.
+pub(crate) fn is_builtin_command(command: &str) -> bool {
+    command == LIST_TARGETS || command == GET_TARGET
+}
+
+/// A target as `__list_targets__` and `__get_target__` describe it. The Python original also
+/// lists parameter names and the docstring, which a Rust route does not know: `null`.
+pub(crate) fn target_detail(target: &str) -> Value {
+    json!({ "target": target, "args": null, "kwargs": null, "docstring": null })
+}
+
+/// The answer to a built-in command, given `detail`, the detail of a served target by name,
+/// and `targets`, every served target; `None` for any other command.
+pub(crate) fn answer_builtin(
+    request: &Request,
+    detail: impl Fn(&str) -> Option<Value>,
+    targets: impl FnOnce() -> Vec<Value>,
+) -> Option<Result<Value, RemoteError>> {
+    match request.command.as_str() {
+        LIST_TARGETS => Some(Ok(Value::Array(targets()))),
+        GET_TARGET => Some(get_target(request, detail)),
+        _ => None,
+    }
+}
+
+/// `__get_target__(target)`: a target's detail; an unknown one is Python's `KeyError`.
+fn get_target(
+    request: &Request,
+    detail: impl Fn(&str) -> Option<Value>,
+) -> Result<Value, RemoteError> {
+    let target = request.args.first().or_else(|| request.kwargs.get("target"));
+    let Some(Value::String(target)) = target else {
+        return Err(RemoteError::builtin(
+            "TypeError",
+            format!("{GET_TARGET}() missing 1 required positional argument: 'target'"),
+        ));
+    };
+    detail(target).ok_or_else(|| RemoteError {
+        args: vec![Value::String(target.clone())],
+        ..RemoteError::builtin("KeyError", format!("'{target}'"))
+    })
+}
 
 /// An error as it travels in a reply frame (`format_rpc_response`'s `exception`). It is only
 /// data: nothing in it is ever evaluated.
 ///
 /// ```
-/// use micro_framework::websocket::RemoteError;
+/// use micro_framework::amqp::rpc::RemoteError;
 /// let error: RemoteError = serde_json::from_str(
 ///     r#"{"exception": "ValueError", "message": "bad 1", "args": ["bad 1"], "kwargs": {}, "module": null}"#,
 /// ).unwrap();
@@ -62,6 +113,19 @@ impl RemoteError {
         }
     }
 
+    /// The reply to a request that cannot be read.
+    pub(crate) fn malformed(reason: impl Into<String>) -> Self {
+        RemoteError::framework("RPCMalformedMessage", reason)
+    }
+
+    /// The reply to a command that names no target.
+    pub(crate) fn target_does_not_exist(command: &str) -> Self {
+        RemoteError::framework(
+            "RPCTargetDoesNotExist",
+            format!("{command} does not exist or is not exposed through a RPC method."),
+        )
+    }
+
     /// True for the given exception of the Python original's.
     pub(crate) fn is_framework(&self, exception: &str) -> bool {
         self.exception == exception && self.module.as_deref() == Some(FRAMEWORK_EXCEPTIONS)
@@ -105,19 +169,25 @@ pub(crate) struct Malformed {
 }
 
 impl Request {
-    /// Read a request frame (text or binary, JSON either way).
+    /// Read a request (a frame, text or binary, or an AMQP body; JSON either way, or a JSON
+    /// string holding it).
     pub(crate) fn parse(frame: &[u8]) -> Result<Request, Box<Malformed>> {
         let malformed = |id: Option<Value>, reason: String| {
             Box::new(Malformed {
                 id,
-                error: RemoteError::framework(
-                    "RPCMalformedMessage",
-                    format!("malformed message ({reason}): {}", excerpt(frame)),
-                ),
+                error: RemoteError::malformed(format!(
+                    "malformed message ({reason}): {}",
+                    excerpt(frame)
+                )),
             })
         };
-        let value: Value = serde_json::from_slice(frame)
+        let mut value: Value = serde_json::from_slice(frame)
             .map_err(|error| malformed(None, format!("not JSON: {error}")))?;
+        if let Value::String(inner) = &value {
+            // the Python original's server also takes a request JSON-encoded twice
+            value = serde_json::from_str(inner)
+                .map_err(|error| malformed(None, format!("a string that is not JSON: {error}")))?;
+        }
         let Value::Object(mut object) = value else {
             return Err(malformed(None, "not a JSON object".into()));
         };
@@ -138,6 +208,20 @@ impl Request {
             Some(_) => return Err(malformed(id, "`command_kwargs` is not an object".into())),
         };
         Ok(Request { id, command, args, kwargs })
+    }
+}
+
+impl Request {
+    /// The message a route handles for this request: its arguments as an RPC payload
+    /// `{"args": [...], "kwargs": {...}}` (what [`Args`](crate::amqp::rpc::Args) reads), with
+    /// `properties`, and the command as routing key.
+    pub(crate) fn into_message(self, properties: Properties) -> Message {
+        Message {
+            body: rpc_request_body(self.args, self.kwargs),
+            properties,
+            routing_key: self.command,
+            ..Message::default()
+        }
     }
 }
 
@@ -168,8 +252,26 @@ pub(crate) fn reply_frame(id: Option<&Value>, outcome: &Result<Value, RemoteErro
     reply.to_string()
 }
 
-/// The outcome a reply frame carries.
+/// The body of a request sent over AMQP: the request frame.
+pub(crate) fn request_body(command: &str, args: Vec<Value>, kwargs: Map<String, Value>) -> Bytes {
+    Bytes::from(request_frame(command, args, kwargs))
+}
+
+/// The body of a reply sent over AMQP: the reply frame JSON-encoded again, as the Python
+/// original's server sends it and its callers read it.
+pub(crate) fn reply_body(outcome: &Result<Value, RemoteError>) -> Bytes {
+    Bytes::from(Value::String(reply_frame(None, outcome)).to_string())
+}
+
+/// The outcome a reply carries: a reply frame, or a JSON string holding one (AMQP).
 pub(crate) fn parse_reply(frame: &[u8]) -> Result<Result<Value, RemoteError>, String> {
+    if let Ok(Value::String(inner)) = serde_json::from_slice::<Value>(frame) {
+        return parse_frame(inner.as_bytes());
+    }
+    parse_frame(frame)
+}
+
+fn parse_frame(frame: &[u8]) -> Result<Result<Value, RemoteError>, String> {
     #[derive(Deserialize)]
     struct Reply {
         #[serde(default)]
@@ -248,5 +350,44 @@ mod tests {
         assert_eq!(remote.args, vec![json!("disk full")]);
         let panic = Failure::new(FailureKind::Panic, "target panicked: boom");
         assert_eq!(RemoteError::from_failure(&panic).exception, "Panic");
+    }
+
+    #[test]
+    fn amqp_replies_are_encoded_twice_and_read_either_way() {
+        let body = reply_body(&Ok(json!({"a": 1})));
+        let encoded: Value = serde_json::from_slice(&body).unwrap();
+        let Value::String(frame) = encoded else { panic!("not a JSON string: {encoded}") };
+        assert_eq!(
+            serde_json::from_str::<Value>(&frame).unwrap(),
+            json!({"data": {"a": 1}, "exception": null})
+        );
+        assert_eq!(parse_reply(&body).unwrap(), Ok(json!({"a": 1})));
+        assert_eq!(parse_reply(frame.as_bytes()).unwrap(), Ok(json!({"a": 1})));
+        assert!(parse_reply(br#""not json""#).is_err());
+        let request = Value::String(request_frame("add", vec![json!(1)], Map::new()));
+        assert_eq!(Request::parse(request.to_string().as_bytes()).unwrap().command, "add");
+    }
+
+    #[test]
+    fn python_errors_become_rpc_errors_without_evaluating_anything() {
+        use crate::amqp::rpc::RpcError;
+        let unknown = RemoteError::target_does_not_exist("nope");
+        assert!(matches!(RpcError::from(unknown), RpcError::MethodNotFound(_)));
+        let malformed = RemoteError::malformed("bad");
+        assert!(matches!(RpcError::from(malformed), RpcError::MalformedRequest(_)));
+        let builtin = RemoteError::builtin("ValueError", "bad 1");
+        let RpcError::RemoteError { exc_type, exc_path, value, .. } = RpcError::from(builtin)
+        else {
+            panic!("not a remote error")
+        };
+        assert_eq!(
+            (exc_type.as_str(), exc_path.as_str(), value.as_str()),
+            ("ValueError", "builtins.ValueError", "bad 1")
+        );
+        // a class of the caller's own code is described, not looked up
+        let custom =
+            RemoteError { module: Some("os".into()), ..RemoteError::builtin("system", "rm -rf") };
+        let RpcError::RemoteError { exc_path, .. } = RpcError::from(custom) else { panic!() };
+        assert_eq!(exc_path, "os.system");
     }
 }

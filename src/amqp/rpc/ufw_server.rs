@@ -1,0 +1,191 @@
+//! [`UfwRpcServer`]: the RPC targets of one service instance in the Python micro-framework's
+//! wire format: one queue per target, one for the built-in commands, each consumed here and
+//! answered, then acked.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::amqp::rpc::naming::UFW_RPC_EXCHANGE;
+use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack};
+use crate::amqp::rpc::ufw_wire::{answer_builtin, reply_body, target_detail, RemoteError, Request};
+use crate::amqp::rpc::wire::request_body;
+use crate::data::{Failure, FailureKind, Handled, Message};
+use crate::error::Result;
+use crate::pipeline::consume::{consume, DeliveryHandler, QueueSource};
+use crate::pipeline::{RouteHandle, Serving, SharedExtension};
+use crate::transport::limits::check_size;
+use crate::transport::Delivery;
+
+/// How many built-in command requests the instance takes at once (they are answered at once,
+/// without a worker).
+const BUILTIN_PREFETCH: u16 = 10;
+
+/// The micro-framework RPC targets of a service instance by name, with their queues. Every
+/// `RPCListener` speaking that protocol registers its route at set-up.
+#[derive(Debug)]
+pub(crate) struct UfwRpcServer {
+    /// The route that made the server: its config, transport and stop token are the
+    /// service's.
+    service: RouteHandle,
+    builtin_queue: String,
+    targets: Mutex<BTreeMap<String, (RouteHandle, String)>>,
+}
+
+impl UfwRpcServer {
+    /// The server of `service`'s instance; built-in commands arrive on `builtin_queue`.
+    pub(crate) fn new(service: RouteHandle, builtin_queue: String) -> Self {
+        UfwRpcServer { service, builtin_queue, targets: Mutex::default() }
+    }
+
+    fn targets(&self) -> MutexGuard<'_, BTreeMap<String, (RouteHandle, String)>> {
+        self.targets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Serve `route` as the target named after it, from `queue`.
+    pub(crate) fn register(&self, route: RouteHandle, queue: String) {
+        self.targets().insert(route.name().to_owned(), (route, queue));
+    }
+
+    fn route(&self, target: &str) -> Option<RouteHandle> {
+        self.targets().get(target).map(|(route, _)| route.clone())
+    }
+
+    /// The route a request is about: the target its routing key `{service}.{target}` names,
+    /// else the service's (for logs and counts of requests no target takes).
+    fn route_of(&self, routing_key: &str) -> RouteHandle {
+        let prefix = format!("{}.", self.service.service_name());
+        routing_key
+            .strip_prefix(&prefix)
+            .and_then(|target| self.route(target))
+            .unwrap_or_else(|| self.service.clone())
+    }
+
+    fn source(&self, queue: &str, prefetch: u16) -> QueueSource {
+        let config = self.service.config();
+        QueueSource {
+            transport: self.service.transport().clone(),
+            queue: queue.into(),
+            prefetch: config.prefetch_count.unwrap_or(prefetch),
+            stopping: self.service.stopping().clone(),
+            shutdown_timeout: config.shutdown_timeout,
+            max_redeliveries: config.max_redeliveries,
+            label: "RPC".into(),
+        }
+    }
+
+    /// Answer `request` (a built-in command, or a call of a target run in a worker slot);
+    /// `None` when the request went back to its queue (the service is stopping).
+    async fn answer(
+        &self,
+        request: Request,
+        message: &Message,
+        delivery: &Delivery,
+    ) -> Option<(Result<Value, RemoteError>, RouteHandle, Option<Handled>)> {
+        let builtin = answer_builtin(
+            &request,
+            |target| self.route(target).map(|_| target_detail(target)),
+            || self.targets().keys().map(|target| target_detail(target)).collect(),
+        );
+        if let Some(answer) = builtin {
+            return Some((answer, self.service.clone(), None));
+        }
+        let Some(route) = self.route(&request.command) else {
+            let error = RemoteError::target_does_not_exist(&request.command);
+            return Some((Err(error), self.route_of(&message.routing_key), None));
+        };
+        let Some(permit) = route.acquire().await else {
+            if let Err(error) = delivery.acker.nack(true).await {
+                tracing::warn!(route = route.name(), "cannot hand a request back: {error}");
+            }
+            return None;
+        };
+        // the route reads the arguments as any RPC request's: `{"args", "kwargs"}`
+        let call = Message { body: request_body(request.args, request.kwargs), ..message.clone() };
+        let handled = route.handle(permit, call).await;
+        let outcome = handled_outcome(&handled).map_err(RemoteError::from_failure);
+        Some((outcome, route, Some(handled)))
+    }
+}
+
+#[async_trait]
+impl SharedExtension for UfwRpcServer {
+    async fn start(self: Arc<Self>) -> Result<Serving> {
+        let mut sources = vec![self.source(&self.builtin_queue, BUILTIN_PREFETCH)];
+        for (route, queue) in self.targets().values() {
+            sources.push(self.source(queue, route.prefetch()));
+        }
+        let server = self.clone();
+        Ok(Box::pin(async move {
+            let consumers = sources.into_iter().map(|source| consume(source, server.clone()));
+            futures::future::try_join_all(consumers).await.map(|_| ())
+        }))
+    }
+}
+
+#[async_trait]
+impl DeliveryHandler for UfwRpcServer {
+    /// Handle one request: answer it, reply, ack.
+    async fn handle(&self, delivery: Delivery) {
+        let message = delivery.message();
+        let max_size = self.service.config().max_message_size;
+        let request = match check_size("RPC request", message.body.len(), max_size) {
+            Err(too_large) => Err(RemoteError::malformed(too_large.to_string())),
+            Ok(()) => Request::parse(&message.body).map_err(|malformed| malformed.error),
+        };
+        let (outcome, route, handled) = match request {
+            Err(error) => {
+                let handled = Handled::Failed(Failure::bad_input(error.message.clone()));
+                (Err(error), self.route_of(&message.routing_key), Some(handled))
+            }
+            Ok(request) => match self.answer(request, &message, &delivery).await {
+                Some(answer) => answer,
+                None => return,
+            },
+        };
+        if let Err(error) = &outcome {
+            tracing::warn!(route = route.name(), "RPC {} failed: {error}", message.routing_key);
+        }
+        let body = ufw_reply(&route, &outcome);
+        reply_then_ack(&route, &message, delivery, UFW_RPC_EXCHANGE, body).await;
+        if let Some(handled) = handled {
+            route.settled(&handled);
+        }
+    }
+
+    /// A request that keeps crashing the service is answered with an error and not run.
+    async fn refuse(&self, delivery: Delivery, failure: Failure) {
+        let message = delivery.message();
+        let route = self.route_of(&message.routing_key);
+        tracing::error!(
+            route = route.name(),
+            "RPC {} refused: {}",
+            message.routing_key,
+            failure.message
+        );
+        let body = ufw_reply(&route, &Err(RemoteError::from_failure(&failure)));
+        reply_then_ack(&route, &message, delivery, UFW_RPC_EXCHANGE, body).await;
+        route.settled(&Handled::Failed(failure));
+    }
+}
+
+/// The reply body for `outcome`; a result over `MAX_MESSAGE_SIZE` is replied as an error.
+fn ufw_reply(route: &RouteHandle, outcome: &std::result::Result<Value, RemoteError>) -> Bytes {
+    let body = reply_body(outcome);
+    let max_size = route.config().max_message_size;
+    match check_size("RPC reply", body.len(), max_size) {
+        Ok(()) => body,
+        Err(too_large) => {
+            tracing::warn!(route = route.name(), "{too_large}: replying an error instead");
+            let reason = format!(
+                "result of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
+                body.len()
+            );
+            let failure = Failure::new(FailureKind::Unserializable, reason);
+            reply_body(&Err(RemoteError::from_failure(&failure)))
+        }
+    }
+}

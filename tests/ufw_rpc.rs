@@ -1,0 +1,258 @@
+//! RPC in the Python micro-framework's wire format (`PROTOCOL=micro_framework`, or per
+//! listener and proxy) on every broker of `common::broker_uris()`.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{broker_uris, config};
+use micro_framework::amqp::entrypoints::RPCListener;
+use micro_framework::amqp::rpc::{Args, Client, RpcError};
+use micro_framework::config::Protocol;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
+use micro_framework::transport::{
+    BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
+};
+use micro_framework::Message;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Deserialize)]
+struct Add {
+    a: i64,
+    b: i64,
+}
+
+fn add(Args(Add { a, b }): Args<Add>) -> i64 {
+    a + b
+}
+
+#[derive(Deserialize)]
+struct Echo {
+    x: Value,
+}
+
+fn echo(Args(Echo { x }): Args<Echo>) -> Value {
+    x
+}
+
+fn fail(Args(()): Args<()>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other("boom"))
+}
+
+async fn slow(Args((millis,)): Args<(u64,)>) -> u64 {
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    millis
+}
+
+fn routes(listener: impl Fn() -> RPCListener) -> Vec<Route> {
+    vec![
+        Route::new(add).entrypoint(listener()),
+        Route::new(echo).entrypoint(listener()),
+        Route::new(fail).entrypoint(listener()),
+        Route::new(slow).entrypoint(listener()),
+    ]
+}
+
+async fn start(uri: &str) -> (TestService, String) {
+    let config = config(uri, "ufw_math")
+        .with_protocol(Protocol::MicroFramework)
+        .with_max_message_size(1024 * 1024);
+    let name = config.service_name.clone();
+    (TestService::start(routes(RPCListener::new), config).await.unwrap(), name)
+}
+
+fn ufw_client_config(uri: &str) -> micro_framework::Config {
+    config(uri, "caller").with_protocol(Protocol::MicroFramework)
+}
+
+#[tokio::test]
+async fn targets_answer_micro_framework_callers() {
+    for uri in broker_uris() {
+        let (service, math) = start(&uri).await;
+        let client = Client::connect(&ufw_client_config(&uri)).await.unwrap();
+
+        assert_eq!(client.call::<i64>(&math, "add", [1, 2], ()).await.unwrap(), 3);
+        assert_eq!(client.call::<i64>(&math, "add", [1], json!({"b": 4})).await.unwrap(), 5);
+        let echoed: Value = client.call(&math, "echo", [json!({"k": [1, "é"]})], ()).await.unwrap();
+        assert_eq!(echoed, json!({"k": [1, "é"]}));
+
+        let failed = client.call::<Value>(&math, "fail", (), ()).await.unwrap_err();
+        assert!(
+            matches!(&failed, RpcError::RemoteError { exc_type, value, exc_path, .. }
+                if exc_type == "Error" && value == "boom" && exc_path == "std.io.error.Error"),
+            "{failed:?}"
+        );
+        // arguments that do not fit: Python's TypeError
+        let misfit = client.call::<Value>(&math, "add", json!(["x", 1]), ()).await.unwrap_err();
+        assert!(
+            matches!(&misfit, RpcError::RemoteError { exc_type, exc_path, .. }
+                if exc_type == "TypeError" && exc_path == "builtins.TypeError"),
+            "{misfit:?}"
+        );
+        // one queue per target: an unknown target is unroutable
+        let unknown = client.call::<Value>(&math, "nope", (), ()).await.unwrap_err();
+        assert!(matches!(&unknown, RpcError::MethodNotFound(_)), "{unknown:?}");
+
+        // the built-in commands
+        let proxy = client.service(&math);
+        let mut targets: Vec<String> = proxy
+            .list_targets()
+            .await
+            .unwrap()
+            .iter()
+            .map(|detail| detail["target"].as_str().unwrap().to_owned())
+            .collect();
+        targets.sort();
+        assert_eq!(targets, ["add", "echo", "fail", "slow"]);
+        let detail: Value = proxy.call("__get_target__", ["echo"], ()).await.unwrap();
+        assert_eq!(detail["target"], "echo");
+        let missing = proxy.call::<Value>("__get_target__", ["nope"], ()).await.unwrap_err();
+        assert!(
+            matches!(&missing, RpcError::RemoteError { exc_type, .. } if exc_type == "KeyError"),
+            "{missing:?}"
+        );
+
+        // timeouts
+        let quick = proxy.clone().timeout(Duration::from_millis(100));
+        let timed_out = quick.call::<u64>("slow", [600], ()).await.unwrap_err();
+        assert!(matches!(timed_out, RpcError::Timeout { .. }), "{timed_out:?}");
+        assert_eq!(proxy.call::<u64>("slow", [10], ()).await.unwrap(), 10);
+
+        // the topology is the Python original's: one queue per target and the built-ins' queue
+        for target in ["add", "echo", "fail", "slow", "broadcast"] {
+            assert_eq!(service.queue_len(&format!("rpc-{math}-{target}")).await.unwrap(), 0);
+        }
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+#[tokio::test]
+async fn one_service_answers_both_protocols() {
+    for uri in broker_uris() {
+        let config = config(&uri, "both");
+        let both = config.service_name.clone();
+        let routes = vec![
+            Route::new(add).entrypoint(RPCListener::new()),
+            Route::new(add)
+                .name("add_ufw")
+                .entrypoint(RPCListener::new().protocol(Protocol::MicroFramework)),
+        ];
+        let service = TestService::start(routes, config).await.unwrap();
+        let client = Client::connect(&common::config(&uri, "caller")).await.unwrap();
+        assert_eq!(client.call::<i64>(&both, "add", [1, 2], ()).await.unwrap(), 3);
+        let ufw = client.service(&both).protocol(Protocol::MicroFramework);
+        assert_eq!(ufw.call::<i64>("add_ufw", [3, 4], ()).await.unwrap(), 7);
+        // each protocol serves only its own routes
+        let across = ufw.call::<i64>("add", [1, 2], ()).await.unwrap_err();
+        assert!(matches!(across, RpcError::MethodNotFound(_)), "{across:?}");
+        let across = client.call::<i64>(&both, "add_ufw", [1, 2], ()).await.unwrap_err();
+        assert!(matches!(across, RpcError::MethodNotFound(_)), "{across:?}");
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[both]).await;
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_get_python_errors_and_are_acked() {
+    for uri in broker_uris() {
+        let (service, math) = start(&uri).await;
+        let raw = RawCaller::new(service.transport(), &math).await;
+        let python_request = |body: Value| Bytes::from(body.to_string());
+
+        // what the Python original's client sends, and the same JSON-encoded twice
+        let request = json!({"command": "add", "command_args": [1], "command_kwargs": {"b": 2}});
+        let reply = raw.request("add", python_request(request.clone())).await;
+        assert_eq!(reply, json!({"data": 3, "exception": null}));
+        let twice = Value::String(request.to_string());
+        assert_eq!(raw.request("add", python_request(twice)).await["data"], 3);
+
+        let malformed: [&[u8]; 5] = [
+            b"{oops",
+            b"[1]",
+            br#"{"command": 1}"#,
+            br#"{"command": "add", "command_args": "ab"}"#,
+            br#""{not json""#,
+        ];
+        for body in malformed {
+            let reply = raw.request("add", Bytes::copy_from_slice(body)).await;
+            assert_eq!(reply["data"], Value::Null);
+            assert_eq!(reply["exception"]["exception"], "RPCMalformedMessage", "{reply}");
+            assert_eq!(reply["exception"]["module"], "micro_framework.exceptions");
+        }
+        let oversized = Bytes::from(vec![b' '; 2 * 1024 * 1024]);
+        let reply = raw.request("add", oversized).await;
+        assert_eq!(reply["exception"]["exception"], "RPCMalformedMessage", "{reply}");
+        let reason = reply["exception"]["message"].as_str().unwrap();
+        assert!(reason.contains("MAX_MESSAGE_SIZE"), "{reason}");
+
+        let unknown = json!({"command": "nope", "command_args": [], "command_kwargs": {}});
+        let reply = raw.request("add", python_request(unknown)).await;
+        assert_eq!(reply["exception"]["exception"], "RPCTargetDoesNotExist", "{reply}");
+        let misfit = json!({"command": "add", "command_args": ["x"], "command_kwargs": {}});
+        let reply = raw.request("add", python_request(misfit)).await;
+        assert_eq!(reply["exception"]["exception"], "TypeError", "{reply}");
+
+        // nothing dead-lettered, nothing left in the queues
+        for target in ["add", "broadcast"] {
+            assert_eq!(service.queue_len(&format!("rpc-{math}-{target}")).await.unwrap(), 0);
+        }
+        raw.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
+/// Sends hand-made requests as a Python micro-framework caller would, and reads the replies.
+struct RawCaller {
+    transport: SharedTransport,
+    service: String,
+    queue: String,
+}
+
+impl RawCaller {
+    async fn new(transport: &SharedTransport, service: &str) -> RawCaller {
+        let queue = format!("ufw-reply-{service}-{}", uuid::Uuid::new_v4());
+        transport.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
+        let binding = BindingSpec {
+            queue: queue.clone(),
+            exchange: "ufw-rpc".into(),
+            routing_key: queue.clone(),
+            arguments: Headers::new(),
+        };
+        transport.bind_queue(&binding).await.unwrap();
+        RawCaller { transport: transport.clone(), service: service.to_owned(), queue }
+    }
+
+    /// Publish `body` to `{service}.{target}` and return the reply frame (decoded twice, as
+    /// the Python original's client reads it).
+    async fn request(&self, target: &str, body: Bytes) -> Value {
+        let mut message = Message::json(&Value::Null).unwrap();
+        message.properties.correlation_id = Some("raw-1".into());
+        message.properties.reply_to = Some(self.queue.clone());
+        let outgoing = OutgoingMessage { body, properties: message.properties };
+        let routing_key = format!("{}.{target}", self.service);
+        let options = PublishOptions { mandatory: true };
+        self.transport.publish("ufw-rpc", &routing_key, outgoing, options).await.unwrap();
+        for _ in 0..1000 {
+            if let Some(delivery) = self.transport.get(&self.queue).await.unwrap() {
+                delivery.acker.ack().await.unwrap();
+                assert_eq!(delivery.properties.correlation_id.as_deref(), Some("raw-1"));
+                let encoded: Value = serde_json::from_slice(&delivery.body).unwrap();
+                let Value::String(frame) = encoded else { panic!("not encoded twice: {encoded}") };
+                return serde_json::from_str(&frame).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no reply to the raw request");
+    }
+
+    async fn close(&self) {
+        self.transport.delete_queue(&self.queue).await.unwrap();
+    }
+}
