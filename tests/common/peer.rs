@@ -96,6 +96,11 @@ impl Peer {
         }
     }
 
+    /// The peer's process id (e.g. to stop it with SIGTERM mid-test).
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or_else(|| self.fail("has exited already"))
+    }
+
     pub fn fail(&self, what: &str) -> ! {
         // give the stderr reader a moment to collect the traceback
         std::thread::sleep(Duration::from_millis(200));

@@ -1,0 +1,201 @@
+//! Replacing a running Python service by a Rust one with zero downtime, as the README's
+//! migration guide describes it, for a Nameko 2.14.1 service and for a micro-framework 2.1.1
+//! service: while a steady stream of events and RPC calls flows, the Rust instance joins the
+//! Python one as a competing consumer of the same queues, then the Python instance stops
+//! mid-stream. Every event must be handled (at least once) and every call answered with its
+//! own result. Needs RabbitMQ and the Python peers (`nameko_peer.py serve`, `ufw_peer.py
+//! serve`); without them the tests fail under `CI=true` and are skipped loudly otherwise.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::peer::{prerequisites, Peer, NAMEKO, UFW};
+use common::unique;
+use micro_framework::amqp::dependencies::Producer;
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::amqp::rpc::{Args, Client};
+use micro_framework::config::Protocol;
+use micro_framework::dependencies::Shared;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Events in the stream, one every [`PACE`].
+const EVENTS: u64 = 240;
+const PACE: Duration = Duration::from_millis(20);
+/// One RPC call every this many events.
+const CALL_EVERY: u64 = 3;
+/// When the Rust instance joins, and when the Python one is told to stop (event numbers).
+const RUST_JOINS_AT: u64 = 80;
+const PYTHON_STOPS_AT: u64 = 160;
+
+/// The ids of the events the Rust instance handled.
+#[derive(Default)]
+struct Handled(Mutex<Vec<u64>>);
+
+#[derive(Deserialize)]
+struct Tick {
+    id: u64,
+}
+
+fn handle(Payload(tick): Payload<Tick>, Dep(handled): Dep<Arc<Handled>>) {
+    handled.0.lock().unwrap().push(tick.id);
+}
+
+#[derive(Deserialize)]
+struct EchoArgs {
+    x: Value,
+}
+
+fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> Value {
+    x
+}
+
+#[derive(Deserialize)]
+struct AddArgs {
+    a: i64,
+    b: i64,
+}
+
+fn add(Args(AddArgs { a, b }): Args<AddArgs>) -> i64 {
+    a + b
+}
+
+/// The Rust replacement: the same service name, the same route names as the Python service,
+/// so it consumes the same queues.
+fn replacement(source: &str, handled: &Arc<Handled>) -> Vec<Route> {
+    vec![
+        Route::new(handle)
+            .entrypoint(EventListener::new(source, "tick"))
+            .dependency(Shared(handled.clone())),
+        Route::new(echo).entrypoint(RPCListener::new()),
+        Route::new(add).entrypoint(RPCListener::new()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nameko_service_is_replaced_without_losing_anything() {
+    migrate(NAMEKO, Protocol::Nameko).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_micro_framework_service_is_replaced_without_losing_anything() {
+    migrate(UFW, Protocol::MicroFramework).await;
+}
+
+async fn migrate(script: &str, protocol: Protocol) {
+    let Some((uri, python)) = prerequisites(script) else { return };
+    let service = unique("mig_svc");
+    let source = unique("mig_src");
+    let mut peer = Peer::spawn(
+        &python,
+        script,
+        &uri,
+        &["serve", "--service", &service, "--source", &source, "--event", "tick"],
+    );
+    peer.expect("ready").await;
+    let python_pid = peer.pid();
+    let python_lines = tokio::spawn(peer.finish());
+
+    let source_config = Config::new(&source).with_amqp_uri(uri.clone()).with_protocol(protocol);
+    let producer_transport = micro_framework::transport::connect(&source_config).await.unwrap();
+    let producer = Producer::new(producer_transport.clone(), &source_config);
+    let caller = Config::new(unique("mig_caller")).with_amqp_uri(uri.clone());
+    let client = Arc::new(Client::connect(&caller.with_protocol(protocol)).await.unwrap());
+
+    let handled = Arc::new(Handled::default());
+    let mut rust = None;
+    let mut calls = Vec::new();
+    let started = Instant::now();
+    let mut stopped_python_at = None;
+    for id in 0..EVENTS {
+        if id == RUST_JOINS_AT {
+            let config = Config::new(&service).with_amqp_uri(uri.clone()).with_protocol(protocol);
+            rust = Some(TestService::start(replacement(&source, &handled), config).await.unwrap());
+        }
+        if id == PYTHON_STOPS_AT {
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &python_pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "cannot signal the Python instance");
+            stopped_python_at = Some(started.elapsed());
+        }
+        producer.dispatch("tick", &json!({ "id": id })).await.unwrap();
+        if id % CALL_EVERY == 0 {
+            let client = client.clone();
+            let service = service.clone();
+            calls.push(tokio::spawn(async move {
+                let reply: Result<Value, _> = if id % 2 == 0 {
+                    client.call(&service, "echo", [json!({ "id": id })], ()).await
+                } else {
+                    client.call(&service, "add", (), json!({ "a": id, "b": 1000 })).await
+                };
+                (id, reply)
+            }));
+        }
+        tokio::time::sleep(PACE).await;
+    }
+
+    // every call answered, each with its own result
+    let mut answered = 0;
+    for call in calls {
+        let (id, reply) = call.await.unwrap();
+        let expected = if id % 2 == 0 { json!({ "id": id }) } else { json!(id + 1000) };
+        assert_eq!(reply.as_ref().ok(), Some(&expected), "call {id} answered {reply:?}");
+        answered += 1;
+    }
+
+    // the Python instance stopped cleanly; what it handled
+    let lines = python_lines.await.unwrap();
+    let stopped = lines.iter().find(|line| line.get("stopped").is_some());
+    assert!(stopped.is_some(), "the Python instance printed no `stopped` line: {lines:?}");
+    let mut times: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut python_events = 0;
+    for line in &lines {
+        if let Some(id) = line.get("event").and_then(|event| event["id"].as_u64()) {
+            *times.entry(id).or_default() += 1;
+            python_events += 1;
+        }
+    }
+    let python_calls = lines.iter().filter(|line| line.get("rpc").is_some()).count();
+
+    // every event handled by one instance or the other
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rust_ids = handled.0.lock().unwrap().clone();
+        let seen: std::collections::BTreeSet<u64> =
+            rust_ids.iter().chain(times.keys()).copied().collect();
+        if seen.len() as u64 == EVENTS || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rust_ids = handled.0.lock().unwrap().clone();
+    for id in &rust_ids {
+        *times.entry(*id).or_default() += 1;
+    }
+    let lost: Vec<u64> = (0..EVENTS).filter(|id| !times.contains_key(id)).collect();
+    let duplicates = times.values().filter(|count| **count > 1).count();
+    println!(
+        "migration ({protocol}): {EVENTS} events: Python {python_events}, Rust {}, duplicates \
+         {duplicates}, lost {}; {answered} calls answered right (Python served {python_calls}); \
+         Python told to stop at {:?}",
+        rust_ids.len(),
+        lost.len(),
+        stopped_python_at.unwrap_or_default(),
+    );
+    assert!(lost.is_empty(), "events lost: {lost:?}");
+    assert!(python_events > 0 && !rust_ids.is_empty(), "both instances handled events");
+
+    if let Some(rust) = rust {
+        rust.stop().await.unwrap();
+    }
+    Arc::try_unwrap(client).ok().expect("no call left").close().await;
+    producer_transport.close().await;
+    common::cleanup(&uri, &[service, source]).await;
+}
