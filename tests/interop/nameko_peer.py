@@ -14,11 +14,16 @@ Sub-commands (see tests/interop/README.md):
   rpc-serve  --service SVC [--count N]
   rpc-call   --service SVC --method M [--args JSON] [--kwargs JSON]
              [--call-id-stack a,b]
+  serve      --service SVC --source SRC --event EVT [--stop-timeout S]
 
 ``dispatch`` runs a real ServiceContainer named SRC whose entrypoint uses
 nameko's EventDispatcher, so the message carries the ``nameko.call_id_stack``
 header exactly as a Nameko service sends it (the standalone
 ``event_dispatcher`` sends no context headers at all).
+
+``serve`` is a long-running instance (event handler + RPC) for zero-downtime
+migration tests: SIGTERM stops it as ``nameko run`` does
+(``ServiceRunner.stop()``) and keeps its queues.
 """
 import warnings
 
@@ -87,6 +92,11 @@ def start_watchdog(seconds, state):
 
     def backstop():
         _real_time.sleep(seconds + 5)
+        # commands for which --timeout is a normal end set a grace period
+        # for their own stop; this thread stays the backstop
+        grace = state.get("_grace")
+        if grace:
+            _real_time.sleep(grace)
         emit({"timeout": True, "after_seconds": seconds + 5, **public(state)})
         os._exit(3)
 
@@ -343,6 +353,114 @@ def cmd_rpc_call(args, state):
 
 
 # --------------------------------------------------------------------------
+# serve: a long-running service instance (zero-downtime migration tests)
+
+
+def _maybe_sleep(payload):
+    """An event payload (or echo argument) ``{"sleep": S, ...}`` makes the
+    handler (or echo) sleep S seconds first, to have a message in flight when
+    the peer is stopped."""
+    if isinstance(payload, dict) and isinstance(payload.get("sleep"), (int, float)):
+        eventlet.sleep(payload["sleep"])
+
+
+def cmd_serve(args, state):
+    """``@event_handler(SRC, EVT) handle`` + ``@rpc echo(x)``, ``add(a, b)``
+    in a ``ServiceRunner``; SIGTERM (or --timeout) runs ``ServiceRunner.stop()``
+    as ``nameko run`` does on SIGTERM, keeps the queues, exits 0."""
+    from nameko.events import event_handler
+    from nameko.extensions import DependencyProvider
+    from nameko.rpc import rpc
+    from nameko.runners import ServiceRunner
+
+    counts = {"events": 0, "calls": 0}
+
+    class WorkerCtx(DependencyProvider):
+        def get_dependency(self, worker_ctx):
+            return worker_ctx
+
+    def handle(self, payload):
+        _maybe_sleep(payload)
+        counts["events"] += 1
+        state["events"] = counts["events"]
+        if isinstance(payload, dict) and payload.get("raise"):
+            emit({"event": payload, "raised": True})
+            raise ValueError("raise requested")
+        # after the handler ran; the ack follows when the worker ends
+        emit({"event": payload})
+
+    def record(self):
+        ctx = self.ctx
+        counts["calls"] += 1
+        state["calls"] = counts["calls"]
+        emit(
+            {
+                "rpc": ctx.entrypoint.method_name,
+                "args": list(ctx.args),
+                "kwargs": dict(ctx.kwargs),
+            }
+        )
+
+    def echo(self, x):
+        record(self)
+        _maybe_sleep(x)
+        return x
+
+    def add(self, a, b):
+        record(self)
+        return a + b
+
+    service_cls = type(
+        "ServeService",
+        (object,),
+        {
+            "name": args.service,
+            "ctx": WorkerCtx(),
+            "handle": event_handler(args.source, args.event)(handle),
+            "echo": rpc(echo),
+            "add": rpc(add),
+        },
+    )
+    runner = ServiceRunner(nameko_config(args.uri))
+    runner.add_service(service_cls)
+
+    stop = eventlet.event.Event()
+
+    def request_stop(why):
+        if not stop.ready():
+            stop.send(why)
+
+    # like `nameko run`: the signal handler only spawns the stop in a greenlet
+    signal.signal(signal.SIGTERM, lambda *_: eventlet.spawn_n(request_stop, "SIGTERM"))
+    state["_timer"].cancel()  # --timeout is a normal end here
+    state["_grace"] = args.stop_timeout + 5  # the OS-thread backstop stays
+    eventlet.spawn_after(args.timeout, request_stop, "timeout")
+
+    runner.start()  # returns once the (shared) QueueConsumer consumes both queues
+    emit(
+        {
+            "ready": True,
+            "queues": [
+                "evt-{}-{}--{}.handle".format(args.source, args.event, args.service),
+                "rpc-{}".format(args.service),
+            ],
+        }
+    )
+    by = stop.wait()
+    try:
+        with eventlet.Timeout(args.stop_timeout):
+            runner.stop()  # graceful: entrypoints stop, running workers finish
+    except eventlet.Timeout:
+        emit({"timeout": True, "stage": "stop", "after_seconds": args.stop_timeout, **public(state)})
+        with eventlet.Timeout(3, False):
+            runner.kill()
+        sys.stdout.flush()
+        os._exit(3)
+    emit({"stopped": True, "by": by, "events": counts["events"], "calls": counts["calls"]})
+    return 0
+
+
+# --------------------------------------------------------------------------
 # helpers
 
 
@@ -425,6 +543,13 @@ def build_parser():
     p.add_argument("--kwargs", default="{}")
     p.add_argument("--call-id-stack", default="")
     p.set_defaults(func=cmd_rpc_call)
+
+    p = sub.add_parser("serve", parents=[common])
+    p.add_argument("--service", required=True, help="this service's name")
+    p.add_argument("--source", required=True, help="event source service")
+    p.add_argument("--event", required=True)
+    p.add_argument("--stop-timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

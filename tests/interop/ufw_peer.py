@@ -14,6 +14,12 @@ Sub-commands (see tests/interop/README.md):
            [--keep-queue]
   ws-call  --url ws://HOST:PORT --calls '[[COMMAND, ARGS, KWARGS], ...]'
   ws-serve --port PORT [--max-workers N]
+  rpc-serve --service SVC [--count N] [--max-workers N] [--keep-queue]
+  rpc-call  --service SVC --target T [--args JSON] [--kwargs JSON]
+            [--repeat N] [--call-timeout S]
+  rpc-list  --service SVC [--call-timeout S]
+  serve     --service SVC --source SRC --event EVT [--max-workers N]
+            [--stop-timeout S]
 
 ``dispatch`` uses the package's own standalone helper
 (``get_dependency_standalone_sync(Producer(...))``); like every
@@ -25,6 +31,12 @@ or the publish fails with 404 NOT_FOUND.
 entrypoint=EventListener(SRC, EVT))``. The only additions are observation
 hooks on the package's ``ConsumerManager`` (print ``ready`` when it consumes,
 count acks so the peer can stop after the N-th event was acked).
+
+``rpc-serve`` runs a real ``Runner`` with ``Route(f, entrypoint=RPCListener())``
+per target; ``rpc-call``/``rpc-list`` call through the package's own AMQP RPC
+client (``standalone.Client``'s ``RPCSystemProxyProvider``). ``serve`` is a
+long-running instance (event handler + RPC) for zero-downtime migration
+tests: SIGTERM stops it the package's own way and keeps its queues.
 """
 import argparse
 import asyncio
@@ -63,11 +75,33 @@ def public(state):
     return {k: v for k, v in state.items() if not k.startswith("_")}
 
 
+def hard_exit(code):
+    """``os._exit``, after ending this process's multiprocessing children.
+
+    micro-framework's ``RPCReplyListener`` forks a ``multiprocessing.Manager``
+    server; ``os._exit`` skips its shutdown, and the orphan would keep our
+    stdout open (a reader waiting for EOF would hang).
+    """
+    try:
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            child.kill()
+    except Exception:
+        pass
+    os._exit(code)
+
+
 def start_watchdog(seconds, state):
     """Exit with code 3 after ``seconds`` (143 on SIGTERM), removing what the run declared."""
 
     def fire():
         time.sleep(seconds)
+        # commands for which --timeout is a normal end set a grace period
+        # for their own stop; the watchdog stays the backstop
+        grace = state.get("_grace")
+        if grace:
+            time.sleep(grace)
         emit({"timeout": True, "after_seconds": seconds, **public(state)})
         cleanup = state.get("_cleanup")
         if cleanup is not None:
@@ -75,7 +109,7 @@ def start_watchdog(seconds, state):
             t.start()
             t.join(3)
         sys.stderr.flush()
-        os._exit(3)
+        hard_exit(3)
 
     threading.Thread(target=fire, name="watchdog", daemon=True).start()
 
@@ -87,7 +121,7 @@ def start_watchdog(seconds, state):
             t.start()
             t.join(3)
         sys.stderr.flush()
-        os._exit(143)
+        hard_exit(143)
 
     # SIGTERM (a test giving up on us): clean up, then exit 143
     signal.signal(signal.SIGTERM, terminate)
@@ -354,6 +388,484 @@ def cmd_ws_serve(args, state):
     return 0
 
 
+# --------------------------------------------------------------------------
+# AMQP RPC
+
+
+RPC_TARGETS = ("add", "echo", "fail", "slow")
+
+
+def _rpc_targets():
+    """The functions rpc-serve exposes (their ``__name__`` is the target id)."""
+
+    def add(a, b):
+        return a + b
+
+    def echo(x):
+        return x
+
+    def fail(x):
+        raise ValueError("bad {}".format(x))
+
+    def slow(seconds):
+        time.sleep(seconds)
+        return seconds
+
+    return [add, echo, fail, slow]
+
+
+def _observed_rpc_listener(on_ready, on_request, on_answered):
+    """``RPCListener`` whose (context-singleton) ``AMQPRPCManager`` reports
+    when it consumes, each request as decoded (before the target runs) and
+    each request answered and acked. Nothing else is changed."""
+    from micro_framework.amqp.entrypoints import RPCListener
+    from micro_framework.amqp.manager import AMQPRPCManager
+
+    class ObservedAMQPRPCManager(AMQPRPCManager):
+        consumer_stopped = threading.Event()
+
+        def run(self, *args, **kwargs):  # kombu ConsumerMixin.run, in a thread
+            try:
+                return super().run(*args, **kwargs)
+            finally:
+                self.consumer_stopped.set()
+
+        def on_consume_ready(self, connection, channel, consumers, **kwargs):
+            super().on_consume_ready(connection, channel, consumers, **kwargs)
+            on_ready(self)
+
+        async def consume_message(self, client, message):
+            # client: the kombu Message; message: its decoded body (a body
+            # without "command" makes the package raise and requeue it, forever)
+            if isinstance(message, dict) and "command" in message:
+                on_request(message, client)
+            return await super().consume_message(client, message)
+
+        async def ack_message(self, message):
+            await super().ack_message(message)
+            on_answered(message)
+
+    class ObservedRPCListener(RPCListener):
+        manager = ObservedAMQPRPCManager()
+
+    return ObservedRPCListener
+
+
+def _is_target_call(message):
+    """A request on a target queue (not ``{service}._broadcast.*``)."""
+    return "._broadcast." not in message.delivery_info.get("routing_key", "")
+
+
+def stop_consuming(managers, timeout=2.5):
+    """Stop kombu ConsumerMixin managers and wait for their consume loops to
+    end (they check ``should_stop`` every second). Deleting a queue under a
+    running consumer cancels it, which kombu takes for a lost connection: it
+    reconnects and declares the queue again."""
+    for manager in managers:
+        manager.should_stop = True
+    deadline = time.monotonic() + timeout
+    for manager in managers:
+        manager.consumer_stopped.wait(max(deadline - time.monotonic(), 0))
+
+
+def _start_runner(runner):
+    """Run ``runner.start()`` (its own event loop) in a daemon thread."""
+    loop = asyncio.new_event_loop()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        try:
+            runner.start()
+        except Exception as exc:  # pragma: no cover - reported, not raised
+            logging.getLogger("ufw_peer").exception("runner failed")
+            emit({"failed": {"exc_type": type(exc).__name__, "value": str(exc)}})
+
+    threading.Thread(target=run, name="ufw-runner", daemon=True).start()
+    return loop
+
+
+def _stop_runner(runner, loop, timeout=10):
+    """The package's own stop path (what ``Runner.start`` runs on
+    KeyboardInterrupt): ``Runner._stop()`` on the runner's loop. False if it
+    did not end within ``timeout`` seconds."""
+    import concurrent.futures
+
+    try:
+        asyncio.run_coroutine_threadsafe(runner._stop(), loop).result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        return False
+    except Exception as exc:  # best effort
+        logging.getLogger("ufw_peer").warning("runner stop: %r", exc)
+    return True
+
+
+def cmd_rpc_serve(args, state):
+    """Serve add(a, b), echo(x), fail(x), slow(seconds) with ``RPCListener``."""
+    from micro_framework import Route, Runner, RunnerContext
+    from micro_framework.amqp.amqp_elements import rpc_queue_name
+
+    queues = [rpc_queue_name(args.service, t) for t in RPC_TARGETS]
+    queues.append("rpc-{}-broadcast".format(args.service))
+    done = threading.Event()
+    ready = threading.Event()
+    lock = threading.Lock()
+    counts = {"calls": 0}
+    managers = []
+
+    def on_ready(manager):
+        managers.append(manager)
+        if not ready.is_set():
+            ready.set()
+            emit({"ready": True, "queues": queues, "exchange": "ufw-rpc"})
+
+    def on_answered(message):
+        if not _is_target_call(message):
+            return  # __list_targets__ / __get_target__: not a target call
+        with lock:
+            counts["calls"] += 1
+            state["calls"] = counts["calls"]
+            if args.count and counts["calls"] >= args.count:
+                done.set()
+
+    def on_request(body, message):
+        if _is_target_call(message):
+            emit(
+                {
+                    "call": body.get("command"),
+                    "args": body.get("command_args"),
+                    "kwargs": body.get("command_kwargs"),
+                }
+            )
+
+    listener = _observed_rpc_listener(on_ready, on_request, on_answered)
+    routes = [Route(f, entrypoint=listener()) for f in _rpc_targets()]
+    runner = Runner(
+        contexts=[RunnerContext(routes, worker_mode="thread", max_workers=args.max_workers)],
+        config={
+            "AMQP_URI": args.uri,
+            "SERVICE_NAME": args.service,
+            "MAX_WORKERS": args.max_workers,
+        },
+    )
+
+    def cleanup():
+        stop_consuming(managers)
+        delete_entities(args.uri, queues=queues)
+
+    if not args.keep_queue:
+        state["_cleanup"] = cleanup
+    loop = _start_runner(runner)
+    if args.count:
+        done.wait()
+    else:
+        # no --count: serve until --timeout, which then is the normal end
+        # (exit 0, like nameko_peer.py rpc-serve); SIGTERM still exits 143
+        state["_grace"] = 15
+        time.sleep(max(args.timeout - 2, 0.5))
+    _stop_runner(runner, loop)
+    if not args.keep_queue:
+        cleanup()
+    emit({"done": True, "calls": counts["calls"]})
+    return 0
+
+
+def _exception_fields(exc):
+    """``{"type", "module", "str"}`` (+ ``exc_type``/``value`` of an RPCException)."""
+    fields = {
+        "type": type(exc).__name__,
+        "module": type(exc).__module__,
+        "str": str(exc),
+    }
+    for attr in ("exc_type", "value"):
+        if hasattr(exc, attr):
+            fields[attr] = getattr(exc, attr)
+    return fields
+
+
+class _RpcClient:
+    """micro-framework's own AMQP RPC client, as ``standalone.ufw_client``
+    builds it: a ``Runner`` whose only route is ``standalone.Client`` (the
+    ``RPCSystemProxyProvider`` dependency, i.e. an ``RPCReplyListener`` on
+    ``ufw-reply-{uuid4}`` plus ``AMQPRPCConnector``/``RPCProducer``).
+
+    Not the ``ufw_client`` context manager itself: an exception inside it
+    skips its shutdown (the "code stuck when exceptions are raised" known
+    issue), and its ``RPCReplyListener`` forks a ``multiprocessing.Manager``
+    server that outlives an ``os._exit`` holding our stdout; with the runner
+    at hand the peer shuts both down on every exit path.
+    """
+
+    def __init__(self, uri, service_name):
+        from micro_framework.amqp.rpc import RPCReplyListener
+        from micro_framework.standalone import _get_client, _get_runner, start_loop
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=start_loop, args=(self.loop,), name="ufw-client", daemon=True
+        )
+        self.thread.start()
+        self.runner = _get_runner({"AMQP_URI": uri, "SERVICE_NAME": service_name})
+        self.worker = asyncio.run_coroutine_threadsafe(
+            _get_client(self.runner), self.loop
+        ).result(timeout=30)
+        if self.worker.exception:
+            raise self.worker.exception
+        self.client = self.worker.result  # standalone.Client: .amqp_rpc, .dispatch
+        self.reply_listener = next(
+            ext
+            for ext in self.runner.singletons.values()
+            if isinstance(ext, RPCReplyListener)
+        )
+        self.reply_queue = self.reply_listener._reply_queue.name
+        self._closed = False
+
+    def rpc_client(self, service):
+        """The ``RPCClient`` an ``RPCService``/``RPCTarget`` proxy calls through."""
+        return getattr(self.client.amqp_rpc, service)._client
+
+    def close(self):
+        """The package's shutdown (stops the runner; ``RPCReplyListener.stop``
+        deletes the reply queue and shuts the Manager down)."""
+        from micro_framework.standalone import _shutdown
+
+        if self._closed:
+            return
+        self._closed = True
+        # let reply_sender finish its iteration before the Manager goes away
+        # (RPCReplyListener.stop shuts it down right after running = False)
+        self.reply_listener.running = False
+        time.sleep(0.05)
+        _shutdown(self.loop, self.runner, self.thread, self.worker)
+
+    def abort(self):
+        """Cleanup for an interrupted run (timeout, SIGTERM)."""
+        if self._closed:
+            return
+        self._closed = True
+        # stop consuming first (ConsumerMixin notices within 1 s), or kombu
+        # declares the deleted reply queue again; the Manager process is left
+        # to hard_exit (shutting it down here would fail the pending call)
+        self.reply_listener.manager.should_stop = True
+        time.sleep(1.1)
+        delete_entities(self.runner.config["AMQP_URI"], queues=[self.reply_queue])
+
+
+def _rpc_call(rpc_client, command, call_args, call_kwargs, timeout):
+    """``RPCClient.make_call`` with the reply timeout it does not pass on.
+
+    ``RPCClient.make_call`` is ``with connector.get_connection() as c:
+    parse_rpc_response(c.send_and_receive(message))``; ``RPCProducer.
+    send_and_receive`` takes ``timeout`` (raises ``TimeoutError``), but
+    ``make_call`` never passes one (a call nobody answers waits forever), and
+    ``RPCTarget.__call__`` runs ``make_call`` in a thread whose exception
+    (e.g. ``RPCTargetDoesNotExist`` on an unroutable request) is lost, leaving
+    ``future.result()`` waiting forever.
+    """
+    from micro_framework.rpc.formatters import format_rpc_command, parse_rpc_response
+
+    message = format_rpc_command(command, *call_args, **call_kwargs)
+    line = {}
+    try:
+        with rpc_client.connector.get_connection() as connection:
+            reply = connection.send_and_receive(message, timeout=timeout)
+    except Exception as exc:  # raised by the client, no reply
+        line["error"] = _exception_fields(exc)
+        line["raised"] = True
+        return line
+    line["raw"] = json.loads(reply)
+    result = parse_rpc_response(reply)
+    if isinstance(result, Exception):
+        line["error"] = _exception_fields(result)
+    else:
+        line["result"] = result
+    return line
+
+
+def _with_rpc_client(args, state, body):
+    client = _RpcClient(args.uri, args.caller)
+    state["_cleanup"] = client.abort
+    emit({"reply_queue": client.reply_queue})
+    try:
+        code = body(client)
+    finally:
+        state.pop("_cleanup", None)
+        client.close()
+    return code
+
+
+def cmd_rpc_call(args, state):
+    call_args = json.loads(args.args)
+    call_kwargs = json.loads(args.kwargs)
+
+    def body(client):
+        rpc_client = client.rpc_client(args.service)
+        for i in range(args.repeat):
+            emit(_rpc_call(rpc_client, args.target, call_args, call_kwargs, args.call_timeout))
+            state["calls"] = i + 1
+        emit({"done": True, "calls": args.repeat})
+        return 0
+
+    return _with_rpc_client(args, state, body)
+
+
+def cmd_rpc_list(args, state):
+    def body(client):
+        line = _rpc_call(
+            client.rpc_client(args.service), "__list_targets__", [], {}, args.call_timeout
+        )
+        if "result" in line:
+            line["targets"] = line.pop("result")
+        emit(line)
+        return 0
+
+    return _with_rpc_client(args, state, body)
+
+
+# --------------------------------------------------------------------------
+# serve: a long-running service instance (zero-downtime migration tests)
+
+
+def _maybe_sleep(payload):
+    """An event payload (or echo argument) ``{"sleep": S, ...}`` makes the
+    handler (or echo) sleep S seconds first, to have a message in flight when
+    the peer is stopped."""
+    if isinstance(payload, dict) and isinstance(payload.get("sleep"), (int, float)):
+        time.sleep(payload["sleep"])
+
+
+def cmd_serve(args, state):
+    """Event handler ``handle`` + RPC targets ``echo(x)``, ``add(a, b)`` in one
+    Runner; on SIGTERM (or --timeout) the Runner is stopped the way the package
+    stops it itself (``Runner.start`` runs ``Runner._stop()`` on
+    KeyboardInterrupt; it installs no SIGTERM handler), the queues are kept."""
+    from micro_framework import Route, Runner, RunnerContext
+    from micro_framework.amqp.amqp_elements import rpc_queue_name
+    from micro_framework.amqp.entrypoints import EventListener
+    from micro_framework.amqp.manager import ConsumerManager
+
+    stop = threading.Event()
+    lock = threading.Lock()
+    counts = {"events": 0, "calls": 0, "acked": 0}
+    event_queue = "{}.{}__{}.handle".format(args.source, args.event, args.service)
+    rpc_queues = [rpc_queue_name(args.service, t) for t in ("echo", "add")]
+    rpc_queues.append("rpc-{}-broadcast".format(args.service))
+    ready = {"event": False, "rpc": False, "sent": False}
+    managers = []
+
+    def on_ready(kind, manager):
+        with lock:
+            if manager not in managers:
+                managers.append(manager)
+            ready[kind] = True
+            if ready["event"] and ready["rpc"] and not ready["sent"]:
+                ready["sent"] = True
+                emit({"ready": True, "queues": [event_queue] + rpc_queues})
+
+    class ObservedConsumerManager(ConsumerManager):
+        consumer_stopped = threading.Event()
+
+        def run(self, *a, **kw):
+            try:
+                return super().run(*a, **kw)
+            finally:
+                self.consumer_stopped.set()
+
+        def on_consume_ready(self, connection, channel, consumers, **kwargs):
+            super().on_consume_ready(connection, channel, consumers, **kwargs)
+            on_ready("event", self)
+
+        async def ack_message(self, message):
+            await super().ack_message(message)
+            with lock:
+                counts["acked"] += 1
+
+    class ObservedEventListener(EventListener):
+        manager = ObservedConsumerManager()
+
+    def on_request(body, message):
+        if _is_target_call(message):
+            with lock:
+                counts["calls"] += 1
+                state["calls"] = counts["calls"]
+            emit(
+                {
+                    "rpc": body.get("command"),
+                    "args": body.get("command_args"),
+                    "kwargs": body.get("command_kwargs"),
+                }
+            )
+
+    rpc_listener = _observed_rpc_listener(
+        lambda manager: on_ready("rpc", manager), on_request, lambda message: None
+    )
+
+    def handle(payload):
+        _maybe_sleep(payload)
+        with lock:
+            counts["events"] += 1
+            state["events"] = counts["events"]
+        if isinstance(payload, dict) and payload.get("raise"):
+            emit({"event": payload, "raised": True})
+            raise ValueError("raise requested")
+        emit({"event": payload})  # after the handler ran, before the ack
+
+    def echo(x):
+        _maybe_sleep(x)
+        return x
+
+    def add(a, b):
+        return a + b
+
+    routes = [
+        Route(handle, entrypoint=ObservedEventListener(args.source, args.event)),
+        Route(echo, entrypoint=rpc_listener()),
+        Route(add, entrypoint=rpc_listener()),
+    ]
+    runner = Runner(
+        contexts=[RunnerContext(routes, worker_mode="thread", max_workers=args.max_workers)],
+        config={
+            "AMQP_URI": args.uri,
+            "SERVICE_NAME": args.service,
+            "MAX_WORKERS": args.max_workers,
+        },
+    )
+    # SIGTERM / --timeout: stop gracefully, keep the queues, exit 0
+    reason = {}
+
+    def request_stop(why):
+        reason.setdefault("by", why)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, lambda *_: request_stop("SIGTERM"))
+    state["_grace"] = args.stop_timeout + 5  # the watchdog is only the backstop
+    loop = _start_runner(runner)
+    if not stop.wait(args.timeout):
+        request_stop("timeout")
+    if not _stop_runner(runner, loop, timeout=args.stop_timeout):
+        emit(
+            {
+                "timeout": True,
+                "stage": "stop",
+                "after_seconds": args.stop_timeout,
+                **public(state),
+            }
+        )
+        sys.stdout.flush()
+        hard_exit(3)
+    # the consume loops close their connections: unacked messages go back
+    stop_consuming(managers)
+    emit(
+        {
+            "stopped": True,
+            "by": reason["by"],
+            "events": counts["events"],
+            "calls": counts["calls"],
+            "acked_events": counts["acked"],
+        }
+    )
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -389,6 +901,37 @@ def build_parser():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--max-workers", type=int, default=1)
     p.set_defaults(func=cmd_ws_serve)
+
+    p = sub.add_parser("rpc-serve", parents=[common])
+    p.add_argument("--service", required=True)
+    p.add_argument("--count", type=int, default=0, help="exit 0 after N answered target calls")
+    p.add_argument("--max-workers", type=int, default=1)
+    p.add_argument("--keep-queue", action="store_true")
+    p.set_defaults(func=cmd_rpc_serve)
+
+    p = sub.add_parser("rpc-call", parents=[common])
+    p.add_argument("--service", required=True, help="the called service")
+    p.add_argument("--target", required=True)
+    p.add_argument("--args", default="[]", help="JSON list")
+    p.add_argument("--kwargs", default="{}", help="JSON object")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--call-timeout", type=float, default=10.0)
+    p.add_argument("--caller", default="ufw-peer-caller", help="SERVICE_NAME of the caller")
+    p.set_defaults(func=cmd_rpc_call)
+
+    p = sub.add_parser("rpc-list", parents=[common])
+    p.add_argument("--service", required=True)
+    p.add_argument("--call-timeout", type=float, default=10.0)
+    p.add_argument("--caller", default="ufw-peer-caller", help="SERVICE_NAME of the caller")
+    p.set_defaults(func=cmd_rpc_list)
+
+    p = sub.add_parser("serve", parents=[common])
+    p.add_argument("--service", required=True, help="this service's name")
+    p.add_argument("--source", required=True, help="event source service")
+    p.add_argument("--event", required=True)
+    p.add_argument("--max-workers", type=int, default=1)
+    p.add_argument("--stop-timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -409,7 +952,7 @@ def main():
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    hard_exit(code)
 
 
 if __name__ == "__main__":
