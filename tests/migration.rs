@@ -2,8 +2,13 @@
 //! migration guide describes it, for a Nameko 2.14.1 service and for a micro-framework 2.1.1
 //! service: while a steady stream of events and RPC calls flows, the Rust instance joins the
 //! Python one as a competing consumer of the same queues, then the Python instance stops
-//! mid-stream. Every event must be handled (at least once) and every call answered with its
-//! own result. Needs RabbitMQ and the Python peers (`nameko_peer.py serve`, `ufw_peer.py
+//! mid-stream, with work in flight. Every event must be handled (at least once) and every call
+//! answered with its own result.
+//!
+//! How the Python instance stops follows the guide: Nameko with SIGTERM (its graceful stop);
+//! micro-framework 2.1.1 with SIGKILL, because its own stop answers the requests that arrive
+//! meanwhile with `ExtensionIsStopped` (seen here as wrong answers) where a killed instance
+//! leaves every unacked message to the broker, which hands it to the Rust instance. Needs RabbitMQ and the Python peers (`nameko_peer.py serve`, `ufw_peer.py
 //! serve`); without them the tests fail under `CI=true` and are skipped loudly otherwise.
 
 mod common;
@@ -79,15 +84,16 @@ fn replacement(source: &str, handled: &Arc<Handled>) -> Vec<Route> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nameko_service_is_replaced_without_losing_anything() {
-    migrate(NAMEKO, Protocol::Nameko).await;
+    migrate(NAMEKO, Protocol::Nameko, "-TERM").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_micro_framework_service_is_replaced_without_losing_anything() {
-    migrate(UFW, Protocol::MicroFramework).await;
+    migrate(UFW, Protocol::MicroFramework, "-KILL").await;
 }
 
-async fn migrate(script: &str, protocol: Protocol) {
+/// Run the migration; `stop_signal` stops the Python instance.
+async fn migrate(script: &str, protocol: Protocol, stop_signal: &str) {
     let Some((uri, python)) = prerequisites(script) else { return };
     let service = unique("mig_svc");
     let source = unique("mig_src");
@@ -99,7 +105,7 @@ async fn migrate(script: &str, protocol: Protocol) {
     );
     peer.expect("ready").await;
     let python_pid = peer.pid();
-    let python_lines = tokio::spawn(peer.finish());
+    let python_lines = tokio::spawn(peer.lines_until_exit());
 
     let source_config = Config::new(&source).with_amqp_uri(uri.clone()).with_protocol(protocol);
     let producer_transport = micro_framework::transport::connect(&source_config).await.unwrap();
@@ -119,23 +125,29 @@ async fn migrate(script: &str, protocol: Protocol) {
         }
         if id == PYTHON_STOPS_AT {
             let status = std::process::Command::new("kill")
-                .args(["-TERM", &python_pid.to_string()])
+                .args([stop_signal, &python_pid.to_string()])
                 .status()
                 .unwrap();
             assert!(status.success(), "cannot signal the Python instance");
             stopped_python_at = Some(started.elapsed());
         }
-        producer.dispatch("tick", &json!({ "id": id })).await.unwrap();
-        if id % CALL_EVERY == 0 {
+        // around the stop, work that takes a while (the Python peers sleep on `sleep`), so
+        // the Python instance has work in flight when it is told to stop
+        let in_flight = (PYTHON_STOPS_AT - 3..PYTHON_STOPS_AT).contains(&id);
+        let event = if in_flight { json!({ "id": id, "sleep": 0.4 }) } else { json!({ "id": id }) };
+        producer.dispatch("tick", &event).await.unwrap();
+        if in_flight || id % CALL_EVERY == 0 {
             let client = client.clone();
             let service = service.clone();
             calls.push(tokio::spawn(async move {
-                let reply: Result<Value, _> = if id % 2 == 0 {
+                let reply: Result<Value, _> = if in_flight {
+                    client.call(&service, "echo", [json!({ "id": id, "sleep": 0.4 })], ()).await
+                } else if id % 2 == 0 {
                     client.call(&service, "echo", [json!({ "id": id })], ()).await
                 } else {
                     client.call(&service, "add", (), json!({ "a": id, "b": 1000 })).await
                 };
-                (id, reply)
+                (id, in_flight, reply)
             }));
         }
         tokio::time::sleep(PACE).await;
@@ -144,16 +156,22 @@ async fn migrate(script: &str, protocol: Protocol) {
     // every call answered, each with its own result
     let mut answered = 0;
     for call in calls {
-        let (id, reply) = call.await.unwrap();
-        let expected = if id % 2 == 0 { json!({ "id": id }) } else { json!(id + 1000) };
+        let (id, in_flight, reply) = call.await.unwrap();
+        let expected = match (in_flight, id % 2) {
+            (true, _) => json!({ "id": id, "sleep": 0.4 }),
+            (false, 0) => json!({ "id": id }),
+            (false, _) => json!(id + 1000),
+        };
         assert_eq!(reply.as_ref().ok(), Some(&expected), "call {id} answered {reply:?}");
         answered += 1;
     }
 
-    // the Python instance stopped cleanly; what it handled
+    // what the Python instance handled (a graceful stop ends with a `stopped` line)
     let lines = python_lines.await.unwrap();
-    let stopped = lines.iter().find(|line| line.get("stopped").is_some());
-    assert!(stopped.is_some(), "the Python instance printed no `stopped` line: {lines:?}");
+    if stop_signal == "-TERM" {
+        let stopped = lines.iter().find(|line| line.get("stopped").is_some());
+        assert!(stopped.is_some(), "the Python instance printed no `stopped` line: {lines:?}");
+    }
     let mut times: BTreeMap<u64, u32> = BTreeMap::new();
     let mut python_events = 0;
     for line in &lines {
@@ -182,9 +200,10 @@ async fn migrate(script: &str, protocol: Protocol) {
     let lost: Vec<u64> = (0..EVENTS).filter(|id| !times.contains_key(id)).collect();
     let duplicates = times.values().filter(|count| **count > 1).count();
     println!(
-        "migration ({protocol}): {EVENTS} events: Python {python_events}, Rust {}, duplicates \
+        "migration ({protocol}, Python stopped with SIG{}): {EVENTS} events: Python {python_events}, Rust {}, duplicates \
          {duplicates}, lost {}; {answered} calls answered right (Python served {python_calls}); \
          Python told to stop at {:?}",
+        &stop_signal[1..],
         rust_ids.len(),
         lost.len(),
         stopped_python_at.unwrap_or_default(),

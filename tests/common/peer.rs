@@ -134,7 +134,20 @@ impl Peer {
     }
 
     /// Read the rest of the output and require exit code 0; returns the lines read.
-    pub async fn finish(mut self) -> Vec<Value> {
+    pub async fn finish(self) -> Vec<Value> {
+        let (lines, status, peer) = self.read_to_exit().await;
+        if !status.success() {
+            peer.fail(&format!("exited with {status}; its lines: {lines:?}"));
+        }
+        lines
+    }
+
+    /// Read the rest of the output, whatever the peer's exit (e.g. a peer killed on purpose).
+    pub async fn lines_until_exit(self) -> Vec<Value> {
+        self.read_to_exit().await.0
+    }
+
+    async fn read_to_exit(mut self) -> (Vec<Value>, std::process::ExitStatus, Peer) {
         let mut lines = Vec::new();
         while let Some(line) = self.next_line().await {
             lines.push(line);
@@ -144,10 +157,7 @@ impl Peer {
             Ok(Err(error)) => self.fail(&format!("cannot be waited for: {error}")),
             Err(_) => self.fail("did not exit in time"),
         };
-        if !status.success() {
-            self.fail(&format!("exited with {status}; its lines: {lines:?}"));
-        }
-        lines
+        (lines, status, self)
     }
 }
 
