@@ -434,6 +434,62 @@ async fn the_timer_fires_again_after_a_failing_run_and_runs_never_overlap() {
     assert!(probe.finished.load(Ordering::SeqCst) >= 4);
 }
 
+/// A firing time as the timer passes it: Python's `datetime.utcnow().isoformat()`, i.e.
+/// `YYYY-MM-DDTHH:MM:SS` followed by `.` and six digits unless the microseconds are zero.
+fn is_python_isoformat(text: &str) -> bool {
+    let digits = |range: std::ops::Range<usize>| {
+        text.get(range).is_some_and(|part| part.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let punctuation = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    let base = text.len() >= 19
+        && punctuation.iter().all(|(at, byte)| text.as_bytes()[*at] == *byte)
+        && [0..4, 5..7, 8..10, 11..13, 14..16, 17..19].into_iter().all(digits);
+    base && match text.len() {
+        19 => true,
+        26 => text.as_bytes()[19] == b'.' && digits(20..26) && &text[20..] != "000000",
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn the_timer_passes_its_firing_time_as_the_python_original_does() {
+    assert!(is_python_isoformat("2026-12-01T11:53:06.123456"));
+    assert!(is_python_isoformat("2026-12-01T11:53:06"));
+    for wrong in ["2026-12-01T11:53:06.000000", "2026-12-01 11:53:06", "2026-12-01T11:53:06Z"] {
+        assert!(!is_python_isoformat(wrong), "{wrong}");
+    }
+
+    let probe = Probe::new();
+    fn fired(Payload(at): Payload<String>, Dep(probe): Dep<Arc<Probe>>) {
+        probe.enter(Value::String(at));
+        probe.leave();
+    }
+    let routes = vec![Route::new(fired)
+        .entrypoint(TimeEntrypoint::every(Duration::from_millis(20)))
+        .dependency(Shared(probe.clone()))];
+    let before = chrono::Utc::now().naive_utc();
+    let service = TestService::start(routes, config(&broker_uris()[0], "fired_at")).await.unwrap();
+    service.wait_for_route("fired", 3).await.unwrap();
+    service.stop().await.unwrap();
+    let after = chrono::Utc::now().naive_utc();
+    let times = fired_times(&probe);
+    assert!(times.len() >= 3, "{times:?}");
+    let mut previous = before;
+    for text in times {
+        assert!(is_python_isoformat(&text), "{text}");
+        let at = chrono::NaiveDateTime::parse_from_str(&text, "%Y-%m-%dT%H:%M:%S%.f").unwrap();
+        // naive UTC, in firing order, between the start and the stop
+        assert!(previous <= at && at <= after, "{before} <= {at} <= {after}");
+        previous = at;
+    }
+}
+
+/// The firing times the probe saw, in order.
+fn fired_times(probe: &Probe) -> Vec<String> {
+    let seen = probe.seen.lock().unwrap();
+    seen.iter().map(|value| value.as_str().unwrap().to_owned()).collect()
+}
+
 #[tokio::test]
 async fn events_dispatched_by_a_target_carry_the_call_id_stack() {
     let shop = common::unique("shop");

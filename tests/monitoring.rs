@@ -15,6 +15,7 @@ use common::{config, http_get, unique};
 use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Args;
+use micro_framework::config::Protocol;
 use micro_framework::prelude::*;
 use micro_framework::retry::AsyncBackOff;
 use micro_framework::testing::TestService;
@@ -528,4 +529,154 @@ fn the_alert_rules_pass_their_promtool_tests_and_the_dashboard_queries_parse() {
     let rules = DashboardRules::write(&dashboard);
     let parsed = run_promtool(promtool, &["check", "rules"], &rules.0);
     assert!(parsed.contains(&format!("SUCCESS: {queries} rules found")), "{parsed}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The `context` and `route` labels
+
+fn noop(Payload(_): Payload<Json>) {}
+
+fn noop_failed(Payload(_): Payload<Json>, _failure: Failure) {}
+
+/// The (context, route) label pairs of a metric's series in a scrape, e.g. of
+/// `tasks_number_total{context="default",route="plain"} 1`.
+fn label_pairs(text: &str, metric: &str) -> BTreeSet<(String, String)> {
+    let label = |labels: &str, name: &str| {
+        let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+        let end = start + labels[start..].find('"')?;
+        Some(labels[start..end].to_owned())
+    };
+    text.lines()
+        .filter_map(|line| line.strip_prefix(metric)?.strip_prefix('{'))
+        .filter_map(|rest| {
+            let labels = &rest[..rest.find('}')?];
+            Some((label(labels, "context")?, label(labels, "route")?))
+        })
+        .collect()
+}
+
+/// The `context` labels of `available_workers`.
+fn context_labels(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("available_workers{context=\""))
+        .filter_map(|rest| Some(rest[..rest.find('"')?].to_owned()))
+        .collect()
+}
+
+/// Runs one event through four routes in three contexts under `protocol` and returns the
+/// scraped `/metrics`: `plain` (default label), `labelled` (`custom_route`), the callback
+/// route `called_back`, in the first context; `slow` in the context `slow_context`; `other`
+/// in a context without a label (the fifth route: `context_4`).
+async fn scrape_labels(protocol: Protocol) -> String {
+    let shop = unique("labels");
+    let config = config(&format!("memory://{}", unique("labels")), "labels")
+        .with_protocol(protocol)
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let on = |route: Route| route.entrypoint(EventListener::new(&shop, "go"));
+    let runner = Runner::new(
+        vec![
+            on(Route::new(noop).name("plain")),
+            on(Route::new(noop).name("labelled").metric_label("custom_route")),
+            on(CallbackRoute::new(noop, noop_failed).name("called_back")),
+        ],
+        config.clone(),
+    )
+    .context(
+        RunnerContext::new(vec![on(Route::new(noop).name("slow"))]).metric_label("slow_context"),
+    )
+    .context(RunnerContext::new(vec![on(Route::new(noop).name("other"))]));
+    let service = TestService::start_runner(runner, config).await.unwrap();
+    let address = service.service().metrics_address().unwrap();
+    service.dispatch(&shop, "go", &1).await.unwrap();
+    for route in ["plain", "labelled", "called_back", "slow", "other"] {
+        service.wait_for_route(route, 1).await.unwrap();
+    }
+    let (status, text) =
+        tokio::task::spawn_blocking(move || http_get(address, "/metrics")).await.unwrap();
+    service.stop().await.unwrap();
+    assert_eq!(status, 200);
+    text
+}
+
+fn pairs(expected: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    expected.iter().map(|(context, route)| (context.to_string(), route.to_string())).collect()
+}
+
+#[tokio::test]
+async fn metric_labels_are_the_route_names_under_the_nameko_profile() {
+    let text = scrape_labels(Protocol::Nameko).await;
+    let expected = pairs(&[
+        ("default", "plain"),
+        ("default", "custom_route"),
+        ("default", "called_back"),
+        ("slow_context", "slow"),
+        ("context_4", "other"),
+    ]);
+    for metric in ["tasks_number_total", "messages_received_total", "task_duration_seconds_count"] {
+        assert_eq!(label_pairs(&text, metric), expected, "{metric} in:\n{text}");
+    }
+    let contexts = ["context_4", "default", "slow_context"].map(String::from);
+    assert_eq!(context_labels(&text), BTreeSet::from(contexts), "{text}");
+}
+
+#[tokio::test]
+async fn metric_labels_follow_the_python_original_under_the_micro_framework_profile() {
+    let text = scrape_labels(Protocol::MicroFramework).await;
+    let expected = pairs(&[
+        ("default", "Route__plain"),
+        ("default", "custom_route"),
+        ("default", "CallbackRoute__called_back"),
+        ("slow_context", "Route__slow"),
+        ("context_4", "Route__other"),
+    ]);
+    for metric in ["tasks_number_total", "messages_received_total", "task_duration_seconds_count"] {
+        assert_eq!(label_pairs(&text, metric), expected, "{metric} in:\n{text}");
+    }
+    // the Python original's context label is a memory address: ours are kept
+    let contexts = ["context_4", "default", "slow_context"].map(String::from);
+    assert_eq!(context_labels(&text), BTreeSet::from(contexts), "{text}");
+}
+
+#[tokio::test]
+async fn empty_and_shared_metric_labels_stop_the_start() {
+    let uri = format!("memory://{}", unique("bad_labels"));
+    let on = |route: Route| route.entrypoint(EventListener::new("shop", "go"));
+    let refusal = |runner: Runner, config: Config| async move {
+        match TestService::start_runner(runner, config).await {
+            Err(micro_framework::Error::Startup(reason)) => reason,
+            Err(other) => panic!("expected a start-up error, got {other}"),
+            Ok(_) => panic!("the service started"),
+        }
+    };
+    for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
+        let config = config(&uri, "bad_labels").with_protocol(protocol);
+        let empty_route = Runner::new(vec![on(Route::new(noop).metric_label(""))], config.clone());
+        let reason = refusal(empty_route, config.clone()).await;
+        assert!(reason.contains("route 'noop' has an empty metric_label"), "{reason}");
+
+        let empty_context = Runner::new(vec![on(Route::new(noop))], config.clone())
+            .context(RunnerContext::new(vec![on(Route::new(noop).name("b"))]).metric_label(" "));
+        let reason = refusal(empty_context, config.clone()).await;
+        assert!(reason.contains("a RunnerContext has an empty metric_label"), "{reason}");
+
+        let shared_context = Runner::new(vec![on(Route::new(noop))], config.clone()).context(
+            RunnerContext::new(vec![on(Route::new(noop).name("b"))]).metric_label("default"),
+        );
+        let reason = refusal(shared_context, config.clone()).await;
+        assert!(reason.contains("two RunnerContexts have the metric_label 'default'"), "{reason}");
+
+        // a label that another route of the context has by default
+        let default_of_a = match protocol {
+            Protocol::Nameko => "a",
+            Protocol::MicroFramework => "Route__a",
+        };
+        let shared_route = Runner::new(
+            vec![on(Route::new(noop).name("a")), on(Route::new(noop).metric_label(default_of_a))],
+            config.clone(),
+        );
+        let reason = refusal(shared_route, config.clone()).await;
+        let expected = format!("routes 'a' and 'noop' have the same metric label '{default_of_a}'");
+        assert!(reason.contains(&expected), "{reason}");
+    }
 }

@@ -11,7 +11,14 @@ pub const HEADER_PREFIX: &str = "nameko.";
 const CALL_ID_STACK: &str = "call_id_stack";
 
 /// The context of one call: its id, the ids of the calls that led to it, and the context data
-/// (`auth_token`, `language`, `user_id`, ...) received with the message.
+/// (`auth_token`, `language`, `user_id`, `tenant`, ...) received with the message.
+///
+/// As Nameko does, every header of the incoming message is context data, its `nameko.`
+/// prefix stripped where present, and each key `k` goes out again as `nameko.k` on the
+/// messages the call publishes (events, RPC requests). Broker and framework headers are not
+/// context and never go out again: those starting with `x-` (`x-death`, `x-delay`,
+/// `x-delivery-count`, `x-mf-*`, ...) and RabbitMQ's `CC` and `BCC`. When a message holds a
+/// key both with and without the prefix, the prefixed header wins.
 ///
 /// ```
 /// use micro_framework::{CallContext, HeaderValue, Headers};
@@ -19,11 +26,17 @@ const CALL_ID_STACK: &str = "call_id_stack";
 /// headers.insert("nameko.call_id_stack".into(),
 ///     HeaderValue::Array(vec!["caller.run.1".into()]));
 /// headers.insert("nameko.language".into(), "fr".into());
+/// headers.insert("tenant".into(), "acme".into());
+/// headers.insert("x-death".into(), HeaderValue::Array(vec![]));
 /// let call = CallContext::for_call(&headers, "orders", "create", 10);
 /// assert_eq!(call.call_id_stack[0], "caller.run.1");
 /// assert!(call.call_id.starts_with("orders.create."));
 /// assert_eq!(call.parent_call_id(), Some("caller.run.1"));
 /// assert_eq!(call.data["language"], HeaderValue::from("fr"));
+/// assert_eq!(call.data["tenant"], HeaderValue::from("acme"));
+/// assert!(!call.data.contains_key("x-death"));
+/// let out = call.outgoing_headers();
+/// assert_eq!(out["nameko.tenant"], HeaderValue::from("acme"));
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CallContext {
@@ -31,7 +44,8 @@ pub struct CallContext {
     pub call_id: String,
     /// Parent call ids followed by this call's id, oldest first.
     pub call_id_stack: Vec<String>,
-    /// Context data received in `nameko.*` headers (prefix stripped), without the stack.
+    /// Context data: the headers received (the `nameko.` prefix stripped), without the stack
+    /// and without broker and framework headers.
     pub data: Headers,
 }
 
@@ -45,15 +59,27 @@ impl CallContext {
         parent_calls_tracked: usize,
     ) -> Self {
         let mut data = Headers::new();
-        let mut stack = Vec::new();
+        let mut stack = None;
         for (key, value) in headers {
-            let Some(name) = key.strip_prefix(HEADER_PREFIX) else { continue };
+            if !is_context_header(key) {
+                continue;
+            }
+            let (name, prefixed) = match key.strip_prefix(HEADER_PREFIX) {
+                Some(name) => (name, true),
+                None => (key.as_str(), false),
+            };
+            if name.is_empty() {
+                continue;
+            }
             if name == CALL_ID_STACK {
-                stack = stack_entries(value);
-            } else if *value != HeaderValue::Void {
+                if prefixed || stack.is_none() {
+                    stack = Some(stack_entries(value));
+                }
+            } else if *value != HeaderValue::Void && (prefixed || !data.contains_key(name)) {
                 data.insert(name.to_owned(), value.clone());
             }
         }
+        let mut stack = stack.unwrap_or_default();
         let call_id = format!("{service}.{method}.{}", Uuid::new_v4());
         stack.push(call_id.clone());
         let keep = parent_calls_tracked + 1;
@@ -83,6 +109,16 @@ impl CallContext {
         }
         headers
     }
+}
+
+/// Whether a received header is context data: not one the broker or a framework set for
+/// itself (`x-*`; `CC` and `BCC`, which RabbitMQ routes on), which must not travel on to the
+/// next message.
+fn is_context_header(key: &str) -> bool {
+    let broker_or_framework = key.get(..2).is_some_and(|start| start.eq_ignore_ascii_case("x-"))
+        || key == "CC"
+        || key == "BCC";
+    !broker_or_framework
 }
 
 /// A call-id stack as senders encode it: an array of strings, or a lone string.
@@ -131,5 +167,97 @@ mod tests {
         assert!(
             matches!(out.get("nameko.call_id_stack"), Some(HeaderValue::Array(a)) if a.len() == 1)
         );
+    }
+
+    fn text(value: &str) -> HeaderValue {
+        HeaderValue::String(value.into())
+    }
+
+    #[test]
+    fn every_application_header_is_context_and_goes_out_prefixed() {
+        let headers = Headers::from([
+            ("tenant".into(), text("acme")),
+            ("nameko.language".into(), text("fr")),
+            ("trace".into(), HeaderValue::Bytes(b"t1".to_vec())),
+            (
+                "limits".into(),
+                HeaderValue::Table(Headers::from([("rps".into(), HeaderValue::Int(5))])),
+            ),
+            ("empty".into(), HeaderValue::Void),
+            ("nameko.".into(), text("no name")),
+        ]);
+        let call = CallContext::for_call(&headers, "svc", "m", 10);
+        let expected = Headers::from([
+            ("tenant".into(), text("acme")),
+            ("language".into(), text("fr")),
+            ("trace".into(), HeaderValue::Bytes(b"t1".to_vec())),
+            (
+                "limits".into(),
+                HeaderValue::Table(Headers::from([("rps".into(), HeaderValue::Int(5))])),
+            ),
+        ]);
+        assert_eq!(call.data, expected);
+        let out = call.outgoing_headers();
+        let names: Vec<&str> = out.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "nameko.call_id_stack",
+                "nameko.language",
+                "nameko.limits",
+                "nameko.tenant",
+                "nameko.trace"
+            ]
+        );
+        assert_eq!(out["nameko.tenant"], text("acme"));
+        // and the next service reads back the same context
+        assert_eq!(CallContext::for_call(&out, "next", "n", 10).data, expected);
+    }
+
+    #[test]
+    fn broker_and_framework_headers_are_not_context() {
+        let foreign = [
+            "x-death",
+            "x-delay",
+            "x-delivery-count",
+            "x-first-death-queue",
+            "x-mf-retry-count",
+            "x-mf-error",
+            "x-mf-redeliveries",
+            "X-Custom",
+            "CC",
+            "BCC",
+        ];
+        let mut headers: Headers = foreign.iter().map(|key| (key.to_string(), text("v"))).collect();
+        headers.insert("tenant".into(), text("acme"));
+        let call = CallContext::for_call(&headers, "svc", "m", 10);
+        assert_eq!(call.data, Headers::from([("tenant".into(), text("acme"))]));
+        let out = call.outgoing_headers();
+        for key in foreign {
+            assert!(!out.contains_key(&format!("nameko.{key}")), "{key} went out");
+            assert!(!out.contains_key(key), "{key} went out");
+        }
+    }
+
+    #[test]
+    fn the_prefixed_header_wins_and_the_stack_is_never_data() {
+        let headers = Headers::from([
+            ("tenant".into(), text("bare")),
+            ("nameko.tenant".into(), text("prefixed")),
+            ("call_id_stack".into(), HeaderValue::Array(vec![text("bare.m.1")])),
+            ("nameko.call_id_stack".into(), HeaderValue::Array(vec![text("real.m.1")])),
+        ]);
+        let call = CallContext::for_call(&headers, "svc", "m", 10);
+        assert_eq!(call.data, Headers::from([("tenant".into(), text("prefixed"))]));
+        assert_eq!(call.call_id_stack, ["real.m.1".to_owned(), call.call_id.clone()]);
+
+        // a bare stack alone is a stack, as Nameko reads it, and never context data
+        let bare = Headers::from([("call_id_stack".into(), text("bare.m.1"))]);
+        let call = CallContext::for_call(&bare, "svc", "m", 10);
+        assert!(call.data.is_empty());
+        assert_eq!(call.call_id_stack, ["bare.m.1".to_owned(), call.call_id.clone()]);
+        let out = call.outgoing_headers();
+        assert_eq!(out.len(), 1);
+        assert!(out.contains_key("nameko.call_id_stack"));
     }
 }

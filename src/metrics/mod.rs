@@ -195,13 +195,14 @@ impl Metrics {
         self.available.with_label_values(&[context]).set(gauge(available));
     }
 
-    /// How a message's handling ended.
-    pub(crate) fn settled(&self, context: &str, route: &str, handled: &Handled) {
+    /// How a message's handling ended, on the route named `name` whose label is `route`.
+    pub(crate) fn settled(&self, context: &str, route: &str, name: &str, handled: &Handled) {
         if let Handled::Failed(failure)
         | Handled::Retry { failure, .. }
         | Handled::CalledBack(failure) = handled
         {
-            self.failures.record(route, failure);
+            // the status page lists failures by route name, as it lists the routes
+            self.failures.record(name, failure);
         }
         match handled {
             Handled::Retry { .. } => self.retries.with_label_values(&[context, route]).inc(),

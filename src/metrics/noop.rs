@@ -44,7 +44,7 @@ impl Metrics {
     pub(crate) fn available(&self, _context: &str, _available: usize) {}
 
     /// Does nothing.
-    pub(crate) fn settled(&self, _context: &str, _route: &str, _handled: &Handled) {}
+    pub(crate) fn settled(&self, _context: &str, _route: &str, _name: &str, _handled: &Handled) {}
 
     /// Does nothing.
     pub(crate) fn retried(&self, _context: &str, _route: &str) {}

@@ -28,8 +28,10 @@ const RECENT_FAILURES: usize = 20;
 pub(crate) struct RouteInfo {
     /// The route's name.
     pub name: String,
-    /// Its runner context.
+    /// Its runner context's metric label.
     pub context: String,
+    /// The `route` label of its metrics.
+    pub metric_label: String,
     /// Its entrypoint, described.
     pub entrypoint: String,
     /// The queue it consumes, if any.
@@ -207,7 +209,7 @@ impl StatusSource {
         self.routes
             .iter()
             .map(|route| {
-                let labels = [route.context.as_str(), route.name.as_str()];
+                let labels = [route.context.as_str(), route.metric_label.as_str()];
                 let histogram = metrics.duration.with_label_values(&labels).metric();
                 let histogram = histogram.get_histogram();
                 let buckets = histogram
@@ -242,7 +244,7 @@ impl StatusSource {
         let mut routes = Vec::new();
         for route in &self.routes {
             let key = (route.context.clone(), route.name.clone());
-            let labels = [route.context.as_str(), route.name.as_str()];
+            let labels = [route.context.as_str(), route.metric_label.as_str()];
             let now_counters = current.get(&key).cloned().unwrap_or_default();
             let since = window_start.and_then(|start| start.get(&key));
             let recent = bucket_deltas(&now_counters.buckets, since.map(|c| c.buckets.as_slice()));

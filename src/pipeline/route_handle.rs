@@ -39,6 +39,8 @@ pub struct RouteHandle {
 struct RouteRuntime {
     service: Arc<str>,
     name: Arc<str>,
+    /// The `route` label of its metrics.
+    metric_label: Arc<str>,
     target: ErasedTarget,
     callback: Option<ErasedTarget>,
     translators: Vec<Arc<dyn MessageTranslator>>,
@@ -91,6 +93,7 @@ impl RouteHandle {
             inner: Arc::new(RouteRuntime {
                 service: env.config.service_name.as_str().into(),
                 name: route.name.as_str().into(),
+                metric_label: route.metric_label_for(env.config.protocol).into(),
                 target: route.target,
                 callback: route.callback,
                 translators: route.translators,
@@ -128,6 +131,11 @@ impl RouteHandle {
     /// The route's name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// The `route` label of the route's metrics.
+    pub(crate) fn metric_label(&self) -> &str {
+        &self.inner.metric_label
     }
 
     /// The service's name.
@@ -192,7 +200,7 @@ impl RouteHandle {
     /// schedule it on the broker), and when no retry remains run the callback.
     pub async fn handle(&self, permit: WorkerPermit, message: Message) -> Handled {
         self.inner.stats.received();
-        let (context, route) = (self.inner.pool.context(), self.name());
+        let (context, route) = (self.inner.pool.context(), self.metric_label());
         self.inner.metrics.received(context, route);
         self.inner.metrics.call_started(context, route, self.inner.pool.available());
         let started = std::time::Instant::now();
@@ -225,7 +233,7 @@ impl RouteHandle {
                 return Handled::Retry { failure: failure.clone(), delay };
             }
             tracing::info!(route = self.name(), "retry {} in {delay:?}", retry.retry_count + 1);
-            self.inner.metrics.retried(self.inner.pool.context(), self.name());
+            self.inner.metrics.retried(self.inner.pool.context(), self.metric_label());
             tokio::time::sleep(delay).await;
             retry.retry_count += 1;
             retry.last_error = Some(failure.full_message());
@@ -254,7 +262,8 @@ impl RouteHandle {
     /// Record that a message was settled (for counters and test waits).
     pub fn settled(&self, handled: &Handled) {
         self.inner.stats.settled(handled);
-        self.inner.metrics.settled(self.inner.pool.context(), self.name(), handled);
+        let (context, label) = (self.inner.pool.context(), self.metric_label());
+        self.inner.metrics.settled(context, label, self.name(), handled);
     }
 
     /// Record that a message was acknowledged without a call (filtered out).

@@ -13,6 +13,10 @@
 //!     CallbackRoute::new(created, created_failed)
 //!         .name("created_with_callback")
 //!         .entrypoint(EventListener::new("orders", "created")),
+//!     Route::new(created)
+//!         .name("created_again")
+//!         .metric_label("orders_created")
+//!         .entrypoint(EventListener::new("orders", "created")),
 //! ];
 //! assert_eq!(routes[0].route_name(), "created");
 //! ```
@@ -20,6 +24,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::config::Protocol;
 use crate::handler::dependencies::{self, Dependency, SharedDependency};
 use crate::handler::targets::{ErasedTarget, Target};
 use crate::handler::translators::MessageTranslator;
@@ -35,6 +40,7 @@ pub struct Route {
     pub(crate) translators: Vec<Arc<dyn MessageTranslator>>,
     pub(crate) dependencies: Vec<SharedDependency>,
     pub(crate) backoff: Option<BackOffPolicy>,
+    pub(crate) metric_label: Option<String>,
 }
 
 impl Route {
@@ -49,6 +55,7 @@ impl Route {
             translators: Vec::new(),
             dependencies: Vec::new(),
             backoff: None,
+            metric_label: None,
         }
     }
 
@@ -84,6 +91,32 @@ impl Route {
         self
     }
 
+    /// Set the `route` label of the route's metrics. By default it is the route's name, or
+    /// under `PROTOCOL=micro_framework` the Python original's `Route__{name}` (a callback
+    /// route: `CallbackRoute__{name}`). An empty label, or one that another route of the same
+    /// context has, stops the start.
+    pub fn metric_label(mut self, label: impl Into<String>) -> Self {
+        self.metric_label = Some(label.into());
+        self
+    }
+
+    /// The `route` label of the route's metrics under `protocol`: the one set with
+    /// [`Route::metric_label`], or the profile's default.
+    pub(crate) fn metric_label_for(&self, protocol: Protocol) -> String {
+        if let Some(label) = &self.metric_label {
+            return label.clone();
+        }
+        match protocol {
+            Protocol::Nameko => self.name.clone(),
+            // The Python original's `str(route).replace(" -> ", "__")`, its class then its
+            // target's name.
+            Protocol::MicroFramework => {
+                let class = if self.callback.is_some() { "CallbackRoute" } else { "Route" };
+                format!("{class}__{}", self.name)
+            }
+        }
+    }
+
     /// The route's name.
     pub fn route_name(&self) -> &str {
         &self.name
@@ -107,6 +140,7 @@ impl fmt::Debug for Route {
             .field("target", &self.target)
             .field("callback", &self.callback)
             .field("entrypoint", &self.describe_entrypoint())
+            .field("metric_label", &self.metric_label)
             .finish()
     }
 }
@@ -124,5 +158,30 @@ impl CallbackRoute {
         let mut route = Route::new(target);
         route.callback = Some(ErasedTarget::new(callback));
         route
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn created() {}
+    fn created_failed() {}
+
+    #[test]
+    fn metric_labels_follow_the_profile_unless_set() {
+        let plain = Route::new(created);
+        let called_back = CallbackRoute::new(created, created_failed).name("with_callback");
+        assert_eq!(plain.metric_label_for(Protocol::Nameko), "created");
+        assert_eq!(called_back.metric_label_for(Protocol::Nameko), "with_callback");
+        assert_eq!(plain.metric_label_for(Protocol::MicroFramework), "Route__created");
+        assert_eq!(
+            called_back.metric_label_for(Protocol::MicroFramework),
+            "CallbackRoute__with_callback"
+        );
+        let labelled = Route::new(created).metric_label("mine");
+        for protocol in Protocol::ALL {
+            assert_eq!(labelled.metric_label_for(*protocol), "mine");
+        }
     }
 }

@@ -62,7 +62,11 @@ impl RunnerContext {
         self
     }
 
-    /// The `context` label of this context's metrics.
+    /// The `context` label of this context's metrics. By default the first context with
+    /// routes is `default` and a later one `context_{n}`, `n` being the number of routes
+    /// before it (under both profiles: the Python original's `context_{id(self)}` is a
+    /// memory address, different at each start). An empty label, or one that another
+    /// context has, stops the start.
     pub fn metric_label(mut self, label: impl Into<String>) -> Self {
         self.metric_label = Some(label.into());
         self

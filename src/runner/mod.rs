@@ -1,6 +1,7 @@
 //! The [`Runner`]: starts a service from its routes and config, and stops it gracefully.
 
 mod context;
+mod metric_labels;
 mod signals;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use context::RunnerContext;
+use metric_labels::MetricLabels;
 
 use crate::config::Config;
 #[cfg(feature = "process")]
@@ -265,6 +267,7 @@ fn plan_routes(
     config: &Config,
 ) -> Result<Vec<RoutePlan>> {
     let mut plans: Vec<RoutePlan> = Vec::new();
+    let mut labels = MetricLabels::default();
     for context in contexts {
         let mode = context.worker_mode.unwrap_or(config.worker_mode);
         #[cfg(not(feature = "process"))]
@@ -285,6 +288,9 @@ fn plan_routes(
                 format!("context_{}", plans.len())
             }
         });
+        if !context.routes.is_empty() {
+            labels.add_context(&label)?;
+        }
         let pool = WorkerPool::new(size, mode, &label)
             .with_time_limit(context.time_limit.or(config.task_time_limit));
         for mut route in context.routes {
@@ -306,6 +312,7 @@ fn plan_routes(
                 }
             }
             check_targets(&route)?;
+            labels.add_route(&label, &route.name, route.metric_label_for(config.protocol))?;
             plans.push(RoutePlan { route, pool: pool.clone() });
         }
     }
@@ -358,6 +365,7 @@ async fn start_routes(
         route_infos.push(crate::metrics::status::RouteInfo {
             name: handle.name().to_owned(),
             context: handle.pool().context().to_owned(),
+            metric_label: handle.metric_label().to_owned(),
             entrypoint: entrypoint.describe(),
             queue: entrypoint.queue(),
         });

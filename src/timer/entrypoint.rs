@@ -7,9 +7,9 @@ use async_trait::async_trait;
 use croner::Cron;
 use tokio::time::{sleep_until, Instant};
 
+use super::fired_at::tick_message;
 use super::leadership::Leadership;
 use crate::data::Handled;
-use crate::data::Message;
 use crate::error::{Error, Result};
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
@@ -26,13 +26,20 @@ pub enum Schedule {
 /// Calls its route on a schedule. Runs never overlap: a tick that comes while the previous
 /// run is still going is skipped. A failing run is logged and the timer goes on.
 ///
+/// The payload is the time the timer fired, in UTC, as the Python original passes it
+/// (`datetime.utcnow().isoformat()`): a JSON string such as `"2026-12-01T11:53:06.123456"`,
+/// without the fraction when the microseconds are zero. Take it with `Payload<String>`, or
+/// leave it.
+///
 /// ```
 /// use std::time::Duration;
 /// use micro_framework::prelude::*;
 /// use micro_framework::entrypoints::TimeEntrypoint;
 ///
 /// fn cleanup() {}
+/// fn report(Payload(fired_at): Payload<String>) {}
 ///
+/// let hourly = Route::new(report).entrypoint(TimeEntrypoint::every(Duration::from_secs(3600)));
 /// let every = Route::new(cleanup).entrypoint(TimeEntrypoint::every(Duration::from_secs(60)));
 /// let nightly = Route::new(cleanup)
 ///     .name("nightly_cleanup")
@@ -119,8 +126,9 @@ impl Entrypoint for TimeEntrypoint {
                     continue;
                 }
             }
+            let message = tick_message(chrono::Utc::now())?;
             let Some(permit) = route.acquire().await else { return Ok(()) };
-            let handled = route.handle(permit, Message::default()).await;
+            let handled = route.handle(permit, message).await;
             if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {
                 tracing::error!(
                     route = route.name(),

@@ -2,6 +2,7 @@
 //! instance or once across the cluster.
 
 mod entrypoint;
+mod fired_at;
 mod leadership;
 
 pub use entrypoint::{Schedule, TimeEntrypoint};
