@@ -80,9 +80,11 @@ mod modes;
 mod substitute;
 #[cfg(test)]
 mod tests;
+mod unknown_key;
 
 pub use error::{mask_uri, ConfigError};
 pub use modes::{LogFormat, Protocol, QueueType, RetryDelay, WorkerMode};
+pub use unknown_key::UnknownKey;
 
 use error::{mask_json, raw_text};
 use load::Format;
@@ -482,22 +484,26 @@ impl Config {
         mask_uri(&self.amqp_uri)
     }
 
-    /// The keys of [`Config::extra`], each with the framework's key it most resembles when it
-    /// looks like a misspelling of one (a Python service's keys, and typos, land there too).
-    /// The runner names each at start-up.
+    /// The keys of [`Config::extra`], each with what it may be: a key of the Python originals
+    /// that means nothing here, a misspelling of a framework key, or an application key. The
+    /// runner warns about each at start-up.
     ///
     /// ```
+    /// use micro_framework::config::UnknownKey;
     /// use micro_framework::Config;
-    /// let yaml = "SERVICE_NAME: s\nMAX_WORKER: 4\nSHOP_URL: x\n";
+    /// let yaml = "SERVICE_NAME: s\nMAX_WORKER: 4\nSHOP_URL: x\nserializer: pickle\n";
     /// let config = Config::from_yaml_str(yaml, &|_| None)?;
-    /// assert_eq!(
-    ///     config.unknown_keys(),
-    ///     vec![("MAX_WORKER", Some("MAX_WORKERS")), ("SHOP_URL", None)]
-    /// );
+    /// let keys = config.unknown_keys();
+    /// assert_eq!(keys[0], ("MAX_WORKER", UnknownKey::Resembles("MAX_WORKERS")));
+    /// assert_eq!(keys[1], ("SHOP_URL", UnknownKey::Application));
+    /// assert!(matches!(keys[2], ("serializer", UnknownKey::PythonOnly(_))));
     /// # Ok::<(), micro_framework::config::ConfigError>(())
     /// ```
-    pub fn unknown_keys(&self) -> Vec<(&str, Option<&'static str>)> {
-        self.extra.keys().map(|key| (key.as_str(), load::closest_key(key))).collect()
+    pub fn unknown_keys(&self) -> Vec<(&str, UnknownKey)> {
+        self.extra
+            .keys()
+            .map(|key| (key.as_str(), UnknownKey::of(key, load::closest_key)))
+            .collect()
     }
 
     /// Reads the extra key `key` (see [`Config::extra`]) as a `T`; `None` when absent.

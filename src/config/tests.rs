@@ -802,11 +802,26 @@ fn unknown_keys_are_named_with_the_key_they_resemble() {
     assert_eq!(
         config.unknown_keys(),
         vec![
-            ("AMQP_URL", Some("AMQP_URI")),
-            ("MY_SETTING", None),
-            ("PROCESS_WORKER_TIMEOUT", None),
-            ("RPC_TIMOUT", Some("RPC_TIMEOUT")),
-            ("max_workers", Some("MAX_WORKERS")),
+            ("AMQP_URL", UnknownKey::Resembles("AMQP_URI")),
+            ("MY_SETTING", UnknownKey::Application),
+            ("PROCESS_WORKER_TIMEOUT", UnknownKey::of("PROCESS_WORKER_TIMEOUT", |_| None)),
+            ("RPC_TIMOUT", UnknownKey::Resembles("RPC_TIMEOUT")),
+            ("max_workers", UnknownKey::Resembles("MAX_WORKERS")),
         ]
+    );
+    let python_only = UnknownKey::of("process_worker_timeout", |_| None);
+    assert!(
+        matches!(python_only, UnknownKey::PythonOnly(why) if why.contains("MAX_TASKS_PER_CHILD"))
+    );
+    assert!(python_only
+        .to_string()
+        .starts_with("a key of the Python originals with no meaning here"));
+    for key in ["serializer", "AMPQ_URI", "AMQP_SSL", "LOGGING", "HEARTBEAT", "TRANSPORT_OPTIONS"] {
+        assert!(matches!(UnknownKey::of(key, |_| None), UnknownKey::PythonOnly(_)), "{key}");
+    }
+    let typo = UnknownKey::Resembles("RPC_TIMEOUT").to_string();
+    assert_eq!(
+        typo,
+        "not a micro-framework key (did you mean RPC_TIMEOUT?); it is kept for Config::get"
     );
 }

@@ -191,16 +191,8 @@ impl Runner {
     /// Validate the config and check every route, before touching the broker.
     fn prepare(self) -> Result<(Arc<Config>, Vec<RoutePlan>)> {
         self.config.validate()?;
-        for (key, closest) in self.config.unknown_keys() {
-            match closest {
-                Some(known) => tracing::warn!(
-                    "config key {key} is not a micro-framework key (did you mean {known}?); \
-                     it is kept for Config::get"
-                ),
-                None => tracing::warn!(
-                    "config key {key} is not a micro-framework key; it is kept for Config::get"
-                ),
-            }
+        for (key, what) in self.config.unknown_keys() {
+            tracing::warn!("config key {key} is {what}");
         }
         #[cfg(not(feature = "metrics"))]
         if self.config.enable_metrics {
