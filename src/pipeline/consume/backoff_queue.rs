@@ -41,11 +41,11 @@ impl BackoffQueue {
 
 #[async_trait]
 impl DeliveryHandler for BackoffQueue {
-    async fn handle(&self, delivery: Delivery) {
+    async fn handle(&self, mut delivery: Delivery) {
         let route = &self.route;
-        let (delivery, meta) = match delayed_message::unwrap(delivery) {
-            Ok(unwrapped) => unwrapped,
-            Err((delivery, reason)) => {
+        let meta = match delayed_message::unwrap(&mut delivery) {
+            Ok(meta) => meta,
+            Err(reason) => {
                 if let Some(done) = self.refuse_unread(delivery, reason).await {
                     route.settled(&done);
                 }
@@ -63,10 +63,10 @@ impl DeliveryHandler for BackoffQueue {
     }
 
     /// Dead-letter the retry with the reason (unwrapped when it can be).
-    async fn refuse(&self, delivery: Delivery, failure: Failure) {
-        match delayed_message::unwrap(delivery) {
-            Ok((delivery, meta)) => self.settle(delivery, &Handled::Failed(failure), &meta).await,
-            Err((delivery, _)) => {
+    async fn refuse(&self, mut delivery: Delivery, failure: Failure) {
+        match delayed_message::unwrap(&mut delivery) {
+            Ok(meta) => self.settle(delivery, &Handled::Failed(failure), &meta).await,
+            Err(_) => {
                 let (route, queue, from) = (&self.route, &self.queue, &self.backoff_queue);
                 if let Some(done) = dead_letter_unread(route, queue, from, delivery, failure).await
                 {

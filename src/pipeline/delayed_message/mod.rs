@@ -101,30 +101,28 @@ pub(crate) fn wrapped_copy(
     Ok(OutgoingMessage { body: Bytes::from(body), properties })
 }
 
-/// A delivery of the backoff queue as the route handles it: its body the payload, its retry
-/// count and time those of `_meta.backoff` (which win over the `x-mf-*` headers), without
-/// `x-delay`; with the `_meta` for its next retry. A body that does not fit the layout comes
-/// back with the reason.
-pub(crate) fn unwrap(delivery: Delivery) -> Result<(Delivery, RetryMeta), (Delivery, String)> {
-    let unwrapped = match envelope::unwrap(&delivery.message()) {
-        Ok(unwrapped) => unwrapped,
-        Err(reason) => return Err((delivery, reason)),
-    };
-    let mut properties = delivery.properties;
+/// Turn a delivery of the backoff queue into the message the route handles: its body the
+/// payload, its retry count and time those of `_meta.backoff` (which win over the `x-mf-*`
+/// headers), without `x-delay`; returns the `_meta` for its next retry. A body that does not
+/// fit the layout is left as it came, and the error says why.
+pub(crate) fn unwrap(delivery: &mut Delivery) -> Result<RetryMeta, String> {
+    let unwrapped = envelope::unwrap(&delivery.message())?;
+    let properties = &mut delivery.properties;
     properties.content_type = Some("application/json".into());
     properties.content_encoding = Some("utf-8".into());
     let headers = &mut properties.headers;
     headers.remove(DELAY_HEADER);
     if let Some(retry_count) = unwrapped.retry_count {
         headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry_count)));
-        let seconds = unwrapped.last_retry.and_then(|at| at.duration_since(UNIX_EPOCH).ok());
-        match seconds {
-            Some(seconds) => {
-                headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(seconds.as_secs()))
+        match unwrapped.last_retry.and_then(|at| at.duration_since(UNIX_EPOCH).ok()) {
+            Some(since) => {
+                headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(since.as_secs()));
             }
-            None => headers.remove(HEADER_LAST_RETRY),
-        };
+            None => {
+                headers.remove(HEADER_LAST_RETRY);
+            }
+        }
     }
-    let body = Bytes::from(unwrapped.payload.get().to_owned());
-    Ok((Delivery { body, properties, ..delivery }, unwrapped.meta))
+    delivery.body = Bytes::from(unwrapped.payload.get().to_owned());
+    Ok(unwrapped.meta)
 }
