@@ -519,3 +519,36 @@ async fn malformed_retries_are_dead_lettered_with_the_reason_and_the_service_goe
     assert_eq!(service.route("flaky").unwrap().stats().succeeded_count(), 1);
     service.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_body_the_python_layout_cannot_carry_is_dead_lettered_instead_of_retried() {
+    use micro_framework::config::RetryDelay;
+    fn unreadable(Dep(journal): Dep<Arc<Journal>>) -> Result<(), std::io::Error> {
+        journal.push("call", 0);
+        Err(std::io::Error::other("cannot read it"))
+    }
+    let uri = plugin_broker();
+    let journal = Arc::new(Journal::default());
+    let shop = unique("shop");
+    let config = config(&uri, "binary").with_retry_delay(RetryDelay::DelayedMessagePlugin);
+    let queue = format!("evt-{shop}-job--{}.unreadable", config.service_name);
+    let routes = vec![Route::new(unreadable)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let mut properties = micro_framework::data::json_properties();
+    properties.content_type = Some("application/octet-stream".into());
+    let binary = OutgoingMessage { body: vec![0xff, 0x00, 0x01].into(), properties };
+    let options = PublishOptions { mandatory: true };
+    service.transport().publish(&format!("{shop}.events"), "job", binary, options).await.unwrap();
+    service.wait_for_route("unreadable", 1).await.unwrap();
+    let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(&dead[0].body[..], &[0xff, 0x00, 0x01], "the body as it came");
+    let error = header(&dead[0], HEADER_ERROR).as_str().unwrap();
+    assert!(error.contains("not retried: this retry layout carries JSON payloads only"), "{error}");
+    assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(1));
+    assert_eq!(journal.entries().len(), 1, "one attempt, no retry");
+    service.stop().await.unwrap();
+}

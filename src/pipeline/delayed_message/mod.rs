@@ -34,7 +34,7 @@ const DELAY_HEADER: &str = "x-delay";
 
 /// Whether `route`'s retries take this layout: broker retries under
 /// `RETRY_DELAY=delayed_message_plugin`.
-pub(crate) fn in_use(route: &RouteHandle) -> bool {
+fn in_use(route: &RouteHandle) -> bool {
     let broker_retries = route.backoff().is_some_and(|policy| policy.mode == RetryMode::Broker);
     broker_retries && route.config().retry_delay == RetryDelay::DelayedMessagePlugin
 }
