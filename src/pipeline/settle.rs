@@ -92,19 +92,11 @@ pub(crate) async fn settle(
                     let what = "schedule the retry of";
                     (ack_after(route, delivery, Err(error), what).await, None)
                 }
-                Ok(()) => {
-                    let what = "schedule the retry of";
-                    (ack_after(route, delivery, Ok(()), what).await, Some(handled.clone()))
-                }
+                Ok(()) => (delivery.acker.ack().await, Some(handled.clone())),
             }
         }
     };
-    if let Err(error) = result {
-        tracing::warn!(
-            route = route.name(),
-            "cannot settle a message ({error}); the broker will deliver it again"
-        );
-    }
+    warn_if_unsettled(route, result);
     done
 }
 
@@ -119,13 +111,17 @@ pub(crate) async fn dead_letter_unread(
 ) -> Option<Handled> {
     let published = dead_letter(route, queue, from, &delivery.message(), &failure).await;
     let done = published.is_ok().then_some(Handled::Failed(failure));
-    if let Err(error) = ack_after(route, delivery, published, "dead-letter").await {
+    warn_if_unsettled(route, ack_after(route, delivery, published, "dead-letter").await);
+    done
+}
+
+fn warn_if_unsettled(route: &RouteHandle, settled: Result<(), TransportError>) {
+    if let Err(error) = settled {
         tracing::warn!(
             route = route.name(),
             "cannot settle a message ({error}); the broker will deliver it again"
         );
     }
-    done
 }
 
 /// Ack once `published` succeeded; otherwise hand the message back after a pause.
@@ -188,7 +184,6 @@ async fn schedule_retry(
     delay: Duration,
     meta: &RetryMeta,
 ) -> Result<(), NotScheduled> {
-    let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
     let retry_count =
         BackOffData::from_headers(&message.properties.headers, 0).retry_count.saturating_add(1);
     let now = SystemTime::now();
@@ -214,6 +209,7 @@ async fn schedule_retry(
             )
         }
         RetryDelay::DelayQueues => {
+            let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
             let delay_queue = QueueSpec {
                 arguments: Headers::from([
                     ("x-message-ttl".to_owned(), HeaderValue::Int(millis)),

@@ -37,15 +37,11 @@ impl State {
                 continue;
             };
             self.hold(&message, held_by, now);
+            // Checked when it was published.
             let expiration = parse_expiration(message.properties.expiration.as_deref());
+            let expiration = expiration.ok().flatten();
             for queue in &queues {
-                self.enqueue(
-                    queue,
-                    message.clone(),
-                    expiration.clone().ok().flatten(),
-                    now,
-                    &mut dead,
-                );
+                self.enqueue(queue, message.clone(), expiration, now, &mut dead);
             }
             work.extend(queues);
         }

@@ -41,7 +41,11 @@ impl State {
         let mut held_by = Vec::new();
         let mut visited: Vec<&str> = Vec::new();
         loop {
-            match current.delayed.as_ref().map(|_| delayed::delay(headers)).transpose()?.flatten() {
+            let held_for = match current.delayed {
+                Some(_) => delayed::delay(headers)?,
+                None => None,
+            };
+            match held_for {
                 Some(delay) => held_by.push((name.to_owned(), delay)),
                 None => current.route(key, headers, &mut targets),
             }
@@ -122,7 +126,10 @@ impl State {
         let expiration = parse_expiration(message.properties.expiration.as_deref())?;
         let Routing { queues: targets, held_by } =
             self.route(exchange, routing_key, &message.properties.headers)?;
-        self.check_room(message.body.len(), targets.len() + held_by.len())?;
+        let copies = targets.len() + held_by.len();
+        if copies > 0 {
+            self.check_room(message.body.len(), copies)?;
+        }
         let message = Message {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
