@@ -12,7 +12,10 @@ use micro_framework::prelude::*;
 use micro_framework::retry::{AsyncBackOff, BackOff, BackOffData};
 use micro_framework::settle::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ROUTE};
 use micro_framework::testing::TestService;
-use micro_framework::transport::HeaderValue;
+use micro_framework::transport::{
+    BindingSpec, ExchangeKind, ExchangeSpec, HeaderValue, OutgoingMessage, PublishOptions,
+    QueueSpec,
+};
 use serde_json::{json, Value};
 
 /// What targets saw: (payload "name", retry count), in order.
@@ -297,4 +300,255 @@ async fn the_delayed_message_plugin_mechanism_says_clearly_when_the_plugin_is_mi
         assert!(error.to_string().contains("RETRY_DELAY=delay_queues"), "{error}");
         common::cleanup(&uri, &markers).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// RETRY_DELAY=delayed_message_plugin: the Python original's layout, on the in-process broker
+// with the plugin emulated (RabbitMQ here has no plugin).
+
+/// A private in-process broker with the delayed-message plugin emulated.
+fn plugin_broker() -> String {
+    format!("memory://test-{}?plugins=rabbitmq_delayed_message_exchange", uuid::Uuid::new_v4())
+}
+
+/// What the Python original publishes when a call of `payload` fails for the `retry_count`-th
+/// time, `_meta` keys of its own beside the retry state.
+fn python_retry(payload: &Value, retry_count: u32, last_retry: f64) -> OutgoingMessage {
+    let body = json!({
+        "fn_args": [payload],
+        "fn_kwargs": {},
+        "_meta": { "trace": { "id": 7 }, "backoff": { "retry_count": retry_count, "last_retry": last_retry } },
+    });
+    let mut properties = micro_framework::data::json_properties();
+    properties.headers.insert("x-delay".into(), HeaderValue::Int(20));
+    OutgoingMessage { body: body.to_string().into(), properties }
+}
+
+/// Binds a spy queue beside the backoff queue of `service_name`'s `route`: it gets each retry
+/// as published.
+async fn spy_on_retries(service: &TestService, service_name: &str, route: &str) -> String {
+    let transport = service.transport();
+    let spy = unique("spy");
+    transport.declare_queue(&QueueSpec::durable(&spy)).await.unwrap();
+    let binding = BindingSpec {
+        queue: spy.clone(),
+        exchange: format!("{service_name}_backoff"),
+        routing_key: format!("{route}_backoff"),
+        arguments: Default::default(),
+    };
+    transport.bind_queue(&binding).await.unwrap();
+    spy
+}
+
+/// The body of a wrapped retry, and its `_meta.backoff.retry_count`.
+fn unwrap_retry(message: &micro_framework::Message) -> (Value, u64) {
+    let body: Value = serde_json::from_slice(&message.body).unwrap();
+    let count = body["_meta"]["backoff"]["retry_count"].as_u64().expect("a retry count");
+    (body, count)
+}
+
+#[tokio::test]
+async fn under_the_delayed_message_plugin_retries_take_the_python_layout_then_dead_letter() {
+    use micro_framework::config::RetryDelay;
+    use micro_framework::settle::HEADER_ORIGINAL_QUEUE;
+    let uri = plugin_broker();
+    let journal = Arc::new(Journal::default());
+    let shop = unique("shop");
+    let config = config(&uri, "layout").with_retry_delay(RetryDelay::DelayedMessagePlugin);
+    let service_name = config.service_name.clone();
+    let queue = format!("evt-{shop}-job--{service_name}.flaky");
+    let routes = vec![Route::new(flaky)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(2, Duration::from_millis(50)))
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let transport = service.transport();
+    let exchange = format!("{service_name}_backoff");
+    let as_direct = ExchangeSpec {
+        kind: ExchangeKind::Direct,
+        arguments: Default::default(),
+        ..ExchangeSpec::topic(&exchange)
+    };
+    let error = transport.declare_exchange(&as_direct).await.unwrap_err();
+    assert!(error.to_string().contains("'type'"), "{exchange} is no direct exchange: {error}");
+    let spy = spy_on_retries(&service, &service_name, "flaky").await;
+
+    let payload = json!({ "name": "p", "text": "café ☕" });
+    service.dispatch(&shop, "job", &payload).await.unwrap();
+    service.wait_for_route("flaky", 3).await.unwrap();
+    let seen: Vec<u32> = journal.entries().iter().map(|(_, retry)| *retry).collect();
+    assert_eq!(seen, vec![0, 1, 2], "BackOffData sees each retry's count");
+    let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(3));
+    assert_eq!(header(&dead[0], HEADER_ORIGINAL_QUEUE), &HeaderValue::from(queue.as_str()));
+    assert_eq!(serde_json::from_slice::<Value>(&dead[0].body).unwrap(), payload, "the payload");
+
+    let retries = service.take_messages(&spy).await.unwrap();
+    assert_eq!(retries.len(), 2);
+    for (n, retry) in retries.iter().enumerate() {
+        let (body, count) = unwrap_retry(retry);
+        assert_eq!(count, n as u64 + 1);
+        assert_eq!((&body["fn_args"], &body["fn_kwargs"]), (&json!([payload]), &json!({})));
+        assert!(body["_meta"]["backoff"]["last_retry"].as_f64().unwrap() > 1.6e9, "{body}");
+        assert_eq!(
+            (retry.exchange.as_str(), retry.routing_key.as_str()),
+            (exchange.as_str(), "flaky_backoff")
+        );
+        assert_eq!(header(retry, "x-delay"), &HeaderValue::Int(-50), "delayed 50 ms, then marked");
+    }
+    let backoff_queue = format!("{service_name}.flaky_backoff_queue");
+    assert_eq!(service.queue_len(&backoff_queue).await.unwrap(), 0);
+    assert_eq!(service.route("flaky").unwrap().stats().retried_count(), 2);
+    service.stop().await.unwrap();
+}
+
+/// What each call of `remembering` saw of its retries.
+#[derive(Default)]
+struct RetryLog(Mutex<Vec<BackOffData>>);
+
+fn remembering(
+    Payload(_): Payload<Value>,
+    retry: BackOffData,
+    Dep(log): Dep<Arc<RetryLog>>,
+) -> Result<(), std::io::Error> {
+    log.0.lock().unwrap().push(retry);
+    Err(std::io::Error::other("still failing"))
+}
+
+#[tokio::test]
+async fn a_retry_in_the_python_layout_continues_its_count_and_keeps_its_meta() {
+    use micro_framework::config::RetryDelay;
+    let uri = plugin_broker();
+    let log = Arc::new(RetryLog::default());
+    let shop = unique("shop");
+    let config = config(&uri, "continue").with_retry_delay(RetryDelay::DelayedMessagePlugin);
+    let service_name = config.service_name.clone();
+    let queue = format!("evt-{shop}-job--{service_name}.remembering");
+    let routes = vec![Route::new(remembering)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
+        .dependency(Shared(log.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let spy = spy_on_retries(&service, &service_name, "remembering").await;
+
+    let payload = json!({ "name": "from python" });
+    let python = python_retry(&payload, 2, 1_700_000_000.75);
+    let options = PublishOptions::default();
+    let exchange = format!("{service_name}_backoff");
+    service.transport().publish(&exchange, "remembering_backoff", python, options).await.unwrap();
+    service.wait_for_route("remembering", 2).await.unwrap();
+    let seen = log.0.lock().unwrap().clone();
+    let counts: Vec<u32> = seen.iter().map(|retry| retry.retry_count).collect();
+    assert_eq!(counts, vec![2, 3], "the count goes on from _meta.backoff.retry_count");
+    let last_retry = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    assert_eq!(seen[0].last_retry, Some(last_retry), "from _meta.backoff.last_retry");
+    assert_eq!(seen[0].max_retries, 3);
+    let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+    assert_eq!(dead.len(), 1, "max_retries 3 reached at the third retry");
+    assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(4));
+    assert_eq!(serde_json::from_slice::<Value>(&dead[0].body).unwrap(), payload);
+
+    let retries = service.take_messages(&spy).await.unwrap();
+    let ours = retries.iter().map(unwrap_retry).find(|(_, count)| *count == 3);
+    let (body, _) = ours.expect("our retry, number 3");
+    assert_eq!(body["_meta"]["trace"], json!({ "id": 7 }), "unknown _meta keys are kept");
+    assert_eq!(body["fn_args"], json!([payload]));
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_retries_are_dead_lettered_with_the_reason_and_the_service_goes_on() {
+    use micro_framework::config::RetryDelay;
+    use micro_framework::settle::{HEADER_ERROR_KIND, HEADER_ORIGINAL_QUEUE};
+    let uri = plugin_broker();
+    let journal = Arc::new(Journal::default());
+    let shop = unique("shop");
+    let config = config(&uri, "malformed").with_retry_delay(RetryDelay::DelayedMessagePlugin);
+    let service_name = config.service_name.clone();
+    let queue = format!("evt-{shop}-job--{service_name}.flaky");
+    let backoff_queue = format!("{service_name}.flaky_backoff_queue");
+    let routes = vec![Route::new(flaky)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+
+    let malformed = [
+        ("not json", "not valid JSON"),
+        (r#"{"fn_kwargs": {}}"#, "missing field `fn_args`"),
+        (r#"{"fn_args": "x", "fn_kwargs": {}}"#, "invalid type"),
+        (r#"{"fn_args": [1, 2], "fn_kwargs": {}}"#, "fn_args holds 2 values"),
+        (r#"{"fn_args": [1], "fn_kwargs": {"k": 1}}"#, "fn_kwargs [\"k\"] given"),
+        (
+            r#"{"fn_args": [1], "fn_kwargs": {}, "_meta": {"backoff": {"retry_count": "2"}}}"#,
+            "retry_count is not a count",
+        ),
+    ];
+    let options = PublishOptions::default();
+    for (body, _) in malformed {
+        let message = OutgoingMessage {
+            body: body.into(),
+            properties: micro_framework::data::json_properties(),
+        };
+        service.transport().publish("", &backoff_queue, message, options).await.unwrap();
+    }
+    service.wait_for_route("flaky", malformed.len() as u64).await.unwrap();
+    let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+    assert_eq!(dead.len(), malformed.len());
+    for (body, reason) in malformed {
+        let letter = dead.iter().find(|letter| &letter.body[..] == body.as_bytes());
+        let letter = letter.unwrap_or_else(|| panic!("{body} dead-lettered as it came"));
+        let error = header(letter, HEADER_ERROR).as_str().unwrap();
+        assert!(error.contains("not an AsyncBackOff retry") && error.contains(reason), "{error}");
+        assert_eq!(header(letter, HEADER_ERROR_KIND), &HeaderValue::from("bad_input"));
+        let from = HeaderValue::from(backoff_queue.as_str());
+        assert_eq!(header(letter, HEADER_ORIGINAL_QUEUE), &from);
+    }
+    assert!(journal.entries().is_empty(), "no call for a malformed retry");
+
+    let fine = json!({ "fn_args": [{ "name": "ok", "fail_until": 0 }], "fn_kwargs": {},
+                       "_meta": { "backoff": { "retry_count": 1 } } });
+    let message = OutgoingMessage {
+        body: fine.to_string().into(),
+        properties: micro_framework::data::json_properties(),
+    };
+    service.transport().publish("", &backoff_queue, message, options).await.unwrap();
+    service.wait_for_route("flaky", malformed.len() as u64 + 1).await.unwrap();
+    assert_eq!(journal.entries(), vec![("ok".to_owned(), 1)]);
+    assert_eq!(service.route("flaky").unwrap().stats().succeeded_count(), 1);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_body_the_python_layout_cannot_carry_is_dead_lettered_instead_of_retried() {
+    use micro_framework::config::RetryDelay;
+    fn unreadable(Dep(journal): Dep<Arc<Journal>>) -> Result<(), std::io::Error> {
+        journal.push("call", 0);
+        Err(std::io::Error::other("cannot read it"))
+    }
+    let uri = plugin_broker();
+    let journal = Arc::new(Journal::default());
+    let shop = unique("shop");
+    let config = config(&uri, "binary").with_retry_delay(RetryDelay::DelayedMessagePlugin);
+    let queue = format!("evt-{shop}-job--{}.unreadable", config.service_name);
+    let routes = vec![Route::new(unreadable)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let mut properties = micro_framework::data::json_properties();
+    properties.content_type = Some("application/octet-stream".into());
+    let binary = OutgoingMessage { body: vec![0xff, 0x00, 0x01].into(), properties };
+    let options = PublishOptions { mandatory: true };
+    service.transport().publish(&format!("{shop}.events"), "job", binary, options).await.unwrap();
+    service.wait_for_route("unreadable", 1).await.unwrap();
+    let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(&dead[0].body[..], &[0xff, 0x00, 0x01], "the body as it came");
+    let error = header(&dead[0], HEADER_ERROR).as_str().unwrap();
+    assert!(error.contains("not retried: this retry layout carries JSON payloads only"), "{error}");
+    assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(1));
+    assert_eq!(journal.entries().len(), 1, "one attempt, no retry");
+    service.stop().await.unwrap();
 }

@@ -3,6 +3,7 @@
 //! worker process), retried as the route's policy says, and settled with the broker.
 
 pub(crate) mod consume;
+mod delayed_message;
 mod entrypoint;
 pub mod retry;
 mod route_handle;

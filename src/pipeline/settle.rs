@@ -12,14 +12,14 @@ use crate::data::Failure;
 use crate::data::Handled;
 use crate::data::Message;
 use crate::error::{Error, Result};
-use crate::pipeline::retry::RetryMode;
+use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::retry::{
     BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT,
 };
 use crate::pipeline::RouteHandle;
 use crate::transport::{
-    BindingSpec, Delivery, ExchangeKind, ExchangeSpec, HeaderValue, Headers, Limit,
-    OutgoingMessage, Properties, PublishOptions, QueueSpec, TransportError,
+    Delivery, HeaderValue, Headers, Limit, OutgoingMessage, Properties, PublishOptions, QueueSpec,
+    TransportError,
 };
 
 /// Header: the route that failed.
@@ -53,12 +53,14 @@ const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Settle `delivery` of `queue` according to `handled`, and say how it ended: `handled`
 /// itself, a dead letter where a retry copy could not be made, or `None` when the message
-/// went back to its queue (its copy could not be published) and will come again.
+/// went back to its queue (its copy could not be published) and will come again. `meta` is
+/// the `_meta` its next wrapped retry carries on (see [`delayed_message`]).
 pub(crate) async fn settle(
     route: &RouteHandle,
     queue: &str,
     delivery: Delivery,
     handled: &Handled,
+    meta: &RetryMeta,
 ) -> Option<Handled> {
     let (result, done) = match handled {
         Handled::Succeeded(_) | Handled::CalledBack(_) => {
@@ -66,47 +68,65 @@ pub(crate) async fn settle(
         }
         Handled::Failed(failure) => {
             let message = delivery.message();
-            let published = dead_letter(route, queue, &message, failure).await;
+            let published = dead_letter(route, queue, queue, &message, failure).await;
             let done = published.is_ok().then(|| handled.clone());
-            (ack_after(route, queue, delivery, published, "dead-letter").await, done)
+            (ack_after(route, delivery, published, "dead-letter").await, done)
         }
         Handled::Retry { failure, delay } => {
             let message = delivery.message();
-            match schedule_retry(route, queue, &message, failure, *delay).await {
-                Err(TransportError::LimitReached { what: Limit::HeaderSize, reason, .. }) => {
-                    // A retry copy needs the original headers: without room for them, the
-                    // message cannot come back as it was, so it is dead-lettered now.
+            match schedule_retry(route, queue, &message, failure, *delay, meta).await {
+                Err(NotScheduled::Refused(reason)) => {
+                    // The retry copy cannot be made (no room for the original headers, or a
+                    // body the retry layout cannot carry): dead-lettered now instead.
                     let failure = Failure {
                         retryable: false,
                         causes: [failure.causes.clone(), vec![format!("not retried: {reason}")]]
                             .concat(),
                         ..failure.clone()
                     };
-                    let published = dead_letter(route, queue, &message, &failure).await;
+                    let published = dead_letter(route, queue, queue, &message, &failure).await;
                     let done = published.is_ok().then_some(Handled::Failed(failure));
-                    (ack_after(route, queue, delivery, published, "dead-letter").await, done)
+                    (ack_after(route, delivery, published, "dead-letter").await, done)
                 }
-                published => {
-                    let done = published.is_ok().then(|| handled.clone());
+                Err(NotScheduled::Failed(error)) => {
                     let what = "schedule the retry of";
-                    (ack_after(route, queue, delivery, published, what).await, done)
+                    (ack_after(route, delivery, Err(error), what).await, None)
                 }
+                Ok(()) => (delivery.acker.ack().await, Some(handled.clone())),
             }
         }
     };
-    if let Err(error) = result {
+    warn_if_unsettled(route, result);
+    done
+}
+
+/// Settle a delivery of `from` that could not be read as the route's message: dead-lettered
+/// as it came to `{queue}.dlq` with `failure`, then acked; `None` when it went back to `from`.
+pub(crate) async fn dead_letter_unread(
+    route: &RouteHandle,
+    queue: &str,
+    from: &str,
+    delivery: Delivery,
+    failure: Failure,
+) -> Option<Handled> {
+    let published = dead_letter(route, queue, from, &delivery.message(), &failure).await;
+    let done = published.is_ok().then_some(Handled::Failed(failure));
+    warn_if_unsettled(route, ack_after(route, delivery, published, "dead-letter").await);
+    done
+}
+
+fn warn_if_unsettled(route: &RouteHandle, settled: Result<(), TransportError>) {
+    if let Err(error) = settled {
         tracing::warn!(
             route = route.name(),
             "cannot settle a message ({error}); the broker will deliver it again"
         );
     }
-    done
 }
 
 /// Ack once `published` succeeded; otherwise hand the message back after a pause.
 async fn ack_after(
     route: &RouteHandle,
-    queue: &str,
     delivery: Delivery,
     published: Result<(), TransportError>,
     what: &str,
@@ -116,7 +136,7 @@ async fn ack_after(
         Err(error) => {
             tracing::error!(
                 route = route.name(),
-                "cannot {what} a failed message ({error}); it goes back to {queue}"
+                "cannot {what} a failed message ({error}); it goes back to its queue"
             );
             tokio::time::sleep(REQUEUE_PAUSE).await;
             delivery.acker.nack(true).await
@@ -124,61 +144,72 @@ async fn ack_after(
     }
 }
 
-/// The `x-delayed-message` exchange of a service (`{service}_backoff`, as the Python
-/// original names it).
-fn delayed_exchange(route: &RouteHandle) -> ExchangeSpec {
-    ExchangeSpec {
-        name: format!("{}_backoff", route.service_name()),
-        kind: ExchangeKind::Custom("x-delayed-message".into()),
-        durable: true,
-        auto_delete: false,
-        arguments: Headers::from([("x-delayed-type".to_owned(), HeaderValue::from("direct"))]),
-    }
-}
-
-/// Declare what broker-side retries of `queue` need at start-up: with
-/// `RETRY_DELAY=delayed_message_plugin`, the `x-delayed-message` exchange and the queue's
-/// binding to it (a clear error when the plugin is missing). Delay queues need nothing yet.
+/// Declare what broker-side retries of `queue` need at start-up: under
+/// `RETRY_DELAY=delayed_message_plugin`, the layout of [`delayed_message`] (a clear error
+/// when the plugin is missing). Delay queues need nothing yet.
 pub(crate) async fn declare_retry_topology(route: &RouteHandle, queue: &str) -> Result<()> {
-    let broker_retries = route.backoff().is_some_and(|policy| policy.mode == RetryMode::Broker);
-    if !broker_retries || route.config().retry_delay != RetryDelay::DelayedMessagePlugin {
-        return Ok(());
-    }
-    let exchange = delayed_exchange(route);
-    route.transport().declare_exchange(&exchange).await.map_err(|error| {
+    let Some(backoff_queue) = delayed_message::backoff_queue(route) else { return Ok(()) };
+    delayed_message::declare(route).await.map_err(|error| {
         Error::Startup(format!(
             "RETRY_DELAY=delayed_message_plugin needs the rabbitmq_delayed_message_exchange \
              plugin on the broker ({error}); use RETRY_DELAY=delay_queues on stock RabbitMQ"
         ))
     })?;
-    let binding = BindingSpec {
-        queue: queue.to_owned(),
-        exchange: exchange.name,
-        routing_key: queue.to_owned(),
-        arguments: Headers::new(),
-    };
-    Ok(route.transport().bind_queue(&binding).await?)
+    tracing::info!(
+        route = route.name(),
+        "retries of messages from {queue} wait in {} and come back through {backoff_queue}",
+        delayed_message::exchange(route).name
+    );
+    Ok(())
 }
 
-/// Publish a copy of `message` to come back to `queue` after `delay`: through the delay
-/// queue `{queue}.delay-{ms}`, whose per-queue TTL dead-letters it back (declared before each
-/// use, which renews its `x-expires` lease, so an unused delay queue disappears by itself), or
-/// through the `x-delayed-message` exchange with an `x-delay` header.
-pub(crate) async fn schedule_retry(
+/// Why a retry copy was not published.
+enum NotScheduled {
+    /// It cannot be made: the message is dead-lettered instead, for this reason.
+    Refused(String),
+    /// The broker did not take it: the message goes back to its queue.
+    Failed(TransportError),
+}
+
+/// Publish a copy of `message` to come back after `delay`: through the delay queue
+/// `{queue}.delay-{ms}`, whose per-queue TTL dead-letters it back to `queue` (declared before
+/// each use, which renews its `x-expires` lease, so an unused delay queue disappears by
+/// itself), or wrapped as [`delayed_message`] lays retries out (its topology declared again
+/// first, so a deleted backoff queue cannot swallow the retry), carrying `meta` on.
+async fn schedule_retry(
     route: &RouteHandle,
     queue: &str,
     message: &Message,
     failure: &Failure,
     delay: Duration,
-) -> Result<(), TransportError> {
-    let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
-    let mut extra = Headers::new();
-    let (exchange, routing_key) = match route.config().retry_delay {
+    meta: &RetryMeta,
+) -> Result<(), NotScheduled> {
+    let retry_count =
+        BackOffData::from_headers(&message.properties.headers, 0).retry_count.saturating_add(1);
+    let now = SystemTime::now();
+    let mut properties = copy_properties(&message.properties);
+    let headers = &mut properties.headers;
+    headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry_count)));
+    headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(seconds_since_epoch(now)));
+    headers.insert(HEADER_LAST_ERROR.into(), failure.full_message().into());
+    let transport = route.transport();
+    let (exchange, routing_key, copy, mandatory) = match route.config().retry_delay {
         RetryDelay::DelayedMessagePlugin => {
-            extra.insert("x-delay".to_owned(), HeaderValue::Int(millis));
-            (delayed_exchange(route).name, queue.to_owned())
+            let copy =
+                delayed_message::wrapped_copy(message, properties, meta, retry_count, now, delay)
+                    .map_err(NotScheduled::Refused)?;
+            delayed_message::declare(route).await.map_err(NotScheduled::Failed)?;
+            // The plugin routes a delayed message only once due: a mandatory publish would
+            // always come back unroutable.
+            (
+                delayed_message::exchange(route).name,
+                delayed_message::routing_key(route),
+                copy,
+                false,
+            )
         }
         RetryDelay::DelayQueues => {
+            let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
             let delay_queue = QueueSpec {
                 arguments: Headers::from([
                     ("x-message-ttl".to_owned(), HeaderValue::Int(millis)),
@@ -188,45 +219,44 @@ pub(crate) async fn schedule_retry(
                 ]),
                 ..QueueSpec::durable(format!("{queue}.delay-{millis}"))
             };
-            route.transport().declare_queue(&delay_queue).await?;
-            (String::new(), delay_queue.name)
+            transport.declare_queue(&delay_queue).await.map_err(NotScheduled::Failed)?;
+            let copy = OutgoingMessage { body: message.body.clone(), properties };
+            (String::new(), delay_queue.name, copy, true)
         }
     };
-    let retry = BackOffData::from_headers(&message.properties.headers, 0);
-    let mut properties = copy_properties(&message.properties);
-    let headers = &mut properties.headers;
-    headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry.retry_count) + 1));
-    headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(now_seconds()));
-    headers.insert(HEADER_LAST_ERROR.into(), failure.full_message().into());
-    headers.extend(extra);
     tracing::info!(
         route = route.name(),
-        "retry {} of a failed message in {delay:?}: {}",
-        retry.retry_count.saturating_add(1),
+        "retry {retry_count} of a failed message in {delay:?}: {}",
         failure.full_message()
     );
-    let copy = OutgoingMessage { body: message.body.clone(), properties };
-    route
-        .transport()
-        .publish(&exchange, &routing_key, copy, PublishOptions { mandatory: true })
-        .await
+    let options = PublishOptions { mandatory };
+    transport.publish(&exchange, &routing_key, copy, options).await.map_err(|error| match error {
+        // A retry copy needs the original headers: without room for them, the message cannot
+        // come back as it was.
+        TransportError::LimitReached { what: Limit::HeaderSize, reason, .. } => {
+            NotScheduled::Refused(reason)
+        }
+        error => NotScheduled::Failed(error),
+    })
 }
 
-fn now_seconds() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+fn seconds_since_epoch(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Publish a copy of `message` to `{queue}.dlq` with the failure in its headers. When the
-/// original headers leave no room in a frame for the dead-letter headers, the copy carries the
-/// dead-letter headers alone, and [`HEADER_HEADERS_DROPPED`] says what was dropped.
-pub(crate) async fn dead_letter(
+/// Publish a copy of `message`, consumed from `from`, to `{queue}.dlq` with the failure in its
+/// headers. When the original headers leave no room in a frame for the dead-letter headers,
+/// the copy carries the dead-letter headers alone, and [`HEADER_HEADERS_DROPPED`] says what
+/// was dropped.
+async fn dead_letter(
     route: &RouteHandle,
     queue: &str,
+    from: &str,
     message: &Message,
     failure: &Failure,
 ) -> Result<(), TransportError> {
     let mut properties = copy_properties(&message.properties);
-    let reason = dead_letter_headers(route, queue, message, failure);
+    let reason = dead_letter_headers(route, from, message, failure);
     properties.headers.extend(reason.clone());
     let dlq = format!("{queue}.dlq");
     tracing::warn!(
@@ -256,10 +286,10 @@ pub(crate) async fn dead_letter(
     route.transport().publish("", &dlq, minimal, options).await
 }
 
-/// The `x-mf-*` headers that say why and where from a message was dead-lettered.
+/// The `x-mf-*` headers that say why and where from (`from`) a message was dead-lettered.
 fn dead_letter_headers(
     route: &RouteHandle,
-    queue: &str,
+    from: &str,
     message: &Message,
     failure: &Failure,
 ) -> Headers {
@@ -270,11 +300,14 @@ fn dead_letter_headers(
     if !failure.error_type.is_empty() {
         headers.insert(HEADER_ERROR_TYPE.into(), failure.error_type.clone().into());
     }
-    headers.insert(HEADER_FAILED_AT.into(), HeaderValue::Timestamp(now_seconds()));
+    headers.insert(
+        HEADER_FAILED_AT.into(),
+        HeaderValue::Timestamp(seconds_since_epoch(SystemTime::now())),
+    );
     let retry_count = BackOffData::from_headers(&message.properties.headers, 0).retry_count;
     let attempts = retry_count.saturating_add(1);
     headers.insert(HEADER_ATTEMPTS.into(), HeaderValue::Int(i64::from(attempts)));
-    headers.insert(HEADER_ORIGINAL_QUEUE.into(), queue.into());
+    headers.insert(HEADER_ORIGINAL_QUEUE.into(), from.into());
     headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), message.exchange.clone().into());
     headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), message.routing_key.clone().into());
     headers

@@ -20,12 +20,28 @@ Sub-commands (see tests/interop/README.md):
   rpc-list  --service SVC [--call-timeout S]
   serve     --service SVC --source SRC --event EVT [--max-workers N]
             [--stop-timeout S]
+  backoff-retry   --service SVC --target T --payload JSON --meta JSON
+                  --max-retries N --interval MS
+  backoff-receive --service SVC --target T --body TEXT --content-type CT
+                  --content-encoding CE --max-retries N
 
 ``dispatch`` uses the package's own standalone helper
 (``get_dependency_standalone_sync(Producer(...))``); like every
 micro-framework producer it never declares the exchange, so a listener (which
 declares ``{SRC}.events`` topic, durable, auto_delete=true) must exist first,
 or the publish fails with 404 NOT_FOUND.
+
+``backoff-retry`` and ``backoff-receive`` need no broker: they run the
+package's own ``AsyncBackOff`` (bound to ``Route(T,
+entrypoint=EventListener(...), backoff=AsyncBackOff(N, MS))`` of a service SVC)
+on one retry. ``backoff-retry`` fails a call of T that got PAYLOAD and
+``_meta`` META and lets ``AsyncBackOff.retry`` schedule it: the publish is
+captured at kombu's ``Producer._publish`` (below the package's ``dispatch``,
+which it reaches unchanged) and printed with the exchange and queue the
+package declares. ``backoff-receive`` decodes a body as kombu does for the
+package's consumer and hands it to ``AsyncBackOff.call_route``; the route's
+``start_route`` is recorded instead of run, and what the call would get is
+printed, with the package's ``BackOffData`` and ``can_retry`` on it.
 
 ``listen`` runs a real ``Runner`` with one ``Route(handle,
 entrypoint=EventListener(SRC, EVT))``. The only additions are observation
@@ -259,6 +275,133 @@ def cmd_listen(args, state):
 
 # --------------------------------------------------------------------------
 # WebSocket RPC
+
+
+# --------------------------------------------------------------------------
+# backoff-retry / backoff-receive
+
+
+def bound_backoff(args):
+    """The package's AsyncBackOff, bound as a Runner binds it, and its route."""
+    from micro_framework import Route, Runner, RunnerContext
+    from micro_framework.amqp.entrypoints import EventListener
+    from micro_framework.retry import AsyncBackOff
+
+    def target(payload):
+        return payload
+
+    target.__name__ = args.target
+    route = Route(
+        target,
+        entrypoint=EventListener("backoff_peer_source", "backoff_peer_event"),
+        backoff=AsyncBackOff(max_retries=args.max_retries, interval=args.interval),
+    )
+    context = RunnerContext([route])
+    runner = Runner(
+        contexts=[context],
+        config={"AMQP_URI": args.uri, "SERVICE_NAME": args.service},
+    )
+
+    async def bind():
+        await context.bind(runner)
+        await context.setup()
+        return context.routes[0]
+
+    bound = asyncio.run(bind())
+    return bound.backoff, bound
+
+
+def entities(backoff):
+    exchange = asyncio.run(backoff.get_exchange())
+    queue = asyncio.run(backoff.get_queue())
+    return {
+        "exchange": {
+            "name": exchange.name,
+            "type": exchange.type,
+            "arguments": exchange.arguments,
+            "durable": exchange.durable,
+            "auto_delete": exchange.auto_delete,
+        },
+        "queue": {
+            "name": queue.name,
+            "routing_key": queue.routing_key,
+            "durable": queue.durable,
+            "auto_delete": queue.auto_delete,
+            "exclusive": queue.exclusive,
+            "arguments": queue.queue_arguments,
+        },
+    }
+
+
+def cmd_backoff_retry(args, state):
+    from kombu.messaging import Producer
+    from micro_framework.workers import Worker
+
+    published = []
+
+    def capture(self, body, priority, content_type, content_encoding, headers,
+                properties, routing_key, mandatory, immediate, exchange, declare,
+                *rest, **kwargs):
+        published.append({
+            "exchange": exchange,
+            "routing_key": routing_key,
+            "body": body.decode("utf-8") if isinstance(body, bytes) else body,
+            "content_type": content_type,
+            "content_encoding": content_encoding,
+            "headers": headers,
+            "properties": dict(properties, priority=priority),
+            "mandatory": mandatory,
+        })
+
+    Producer._publish = capture
+    backoff, route = bound_backoff(args)
+    worker = Worker(
+        route.target, [], route.runner.config, json.loads(args.payload),
+        _meta=json.loads(args.meta),
+    )
+    worker.exception = RuntimeError("failed in the peer")
+
+    async def retry():
+        can_retry = await backoff.can_retry(worker)
+        if can_retry:
+            await backoff.retry(worker)
+        return can_retry
+
+    can_retry = asyncio.run(retry())
+    emit({"can_retry": can_retry, "publish": published[0] if published else None,
+          **entities(backoff)})
+    return 0
+
+
+def cmd_backoff_receive(args, state):
+    from kombu.serialization import loads
+    from micro_framework.retry import BackOffData
+
+    backoff, route = bound_backoff(args)
+    calls = []
+
+    async def start_route(entry_id, *fn_args, _meta=None, **fn_kwargs):
+        calls.append((fn_args, fn_kwargs, _meta))
+
+    route.start_route = start_route
+    payload = loads(args.body.encode("utf-8"), args.content_type, args.content_encoding)
+
+    async def receive():
+        await backoff.call_route("entry", payload)
+        fn_args, fn_kwargs, meta = calls[0]
+        worker = await route.get_worker_instance(*fn_args, _meta=meta, **fn_kwargs)
+        data = await BackOffData().get_dependency(worker)
+        worker.exception = RuntimeError("failed in the peer")
+        return {
+            "fn_args": list(fn_args),
+            "fn_kwargs": fn_kwargs,
+            "_meta": meta,
+            "backoff_data": {"retry_count": data.retry_count, "last_retry": data.last_retry},
+            "can_retry": await backoff.can_retry(worker),
+        }
+
+    emit(asyncio.run(receive()))
+    return 0
 
 
 def patch_websockets_for_python_3_10():
@@ -932,6 +1075,22 @@ def build_parser():
     p.add_argument("--max-workers", type=int, default=1)
     p.add_argument("--stop-timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_serve)
+
+    for name, func in (("backoff-retry", cmd_backoff_retry),
+                       ("backoff-receive", cmd_backoff_receive)):
+        p = sub.add_parser(name, parents=[common])
+        p.add_argument("--service", required=True, help="the service's name")
+        p.add_argument("--target", required=True, help="the route's target name")
+        p.add_argument("--max-retries", type=int, required=True)
+        p.add_argument("--interval", type=int, default=1000, help="ms")
+        p.set_defaults(func=func)
+        if func is cmd_backoff_retry:
+            p.add_argument("--payload", required=True, help="JSON: the call's payload")
+            p.add_argument("--meta", default="{}", help="JSON: the call's _meta")
+        else:
+            p.add_argument("--body", required=True, help="the message body, as text")
+            p.add_argument("--content-type", default="application/json")
+            p.add_argument("--content-encoding", default="utf-8")
     return parser
 
 

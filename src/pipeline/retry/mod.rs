@@ -39,7 +39,8 @@ type ErrorTest = Arc<dyn Fn(&(dyn StdError + 'static)) -> bool + Send + Sync>;
 /// Where retries wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetryMode {
-    /// On the broker, in a delay queue; the worker is freed during the delay.
+    /// On the broker (a delay queue, or the delayed-message plugin, as `RETRY_DELAY` says);
+    /// the worker is freed during the delay.
     Broker,
     /// In the worker, which sleeps and calls again.
     InWorker,
@@ -61,7 +62,9 @@ pub struct BackOffPolicy {
 }
 
 /// Broker-side retries (the seed's `AsyncBackOff`): the failed message is published to a
-/// delay queue whose per-queue TTL dead-letters it back to the route's queue.
+/// delay queue whose per-queue TTL dead-letters it back to the route's queue, or, under
+/// `RETRY_DELAY=delayed_message_plugin`, wrapped as the Python original wraps it to the
+/// plugin's exchange, from which the route's backoff queue gets it back.
 #[derive(Debug)]
 pub struct AsyncBackOff;
 

@@ -71,6 +71,38 @@ impl MemoryBroker {
         self.with_state(|state| state.set_max_bytes(max_bytes));
     }
 
+    /// Emulate the `rabbitmq_delayed_message_exchange` plugin from now on (as
+    /// `rabbitmq-plugins enable` does, for the whole broker): exchanges of type
+    /// `x-delayed-message` are accepted, with an `x-delayed-type` of an existing type, and
+    /// hold each message with an `x-delay` header (ms) that long before routing it like that
+    /// type, its `x-delay` then negated. A held message reaches no queue when published, as on
+    /// RabbitMQ: a mandatory publish of it fails as unroutable, although it is delivered once
+    /// due. `memory://NAME?plugins=rabbitmq_delayed_message_exchange` enables it on connect.
+    ///
+    /// ```
+    /// # async fn demo() -> Result<(), micro_framework::transport::TransportError> {
+    /// use micro_framework::transport::memory::MemoryTransport;
+    /// use micro_framework::transport::{ExchangeKind, ExchangeSpec, Transport};
+    ///
+    /// let delayed = ExchangeSpec {
+    ///     kind: ExchangeKind::Custom("x-delayed-message".into()),
+    ///     arguments: [("x-delayed-type".to_owned(), "direct".into())].into(),
+    ///     ..ExchangeSpec::topic("later")
+    /// };
+    /// let stock = MemoryTransport::connect("memory://doc-stock")?;
+    /// assert!(stock.declare_exchange(&delayed).await.is_err());
+    /// let plugin = MemoryTransport::connect(
+    ///     "memory://doc-plugin?plugins=rabbitmq_delayed_message_exchange",
+    /// )?;
+    /// plugin.declare_exchange(&delayed).await?;
+    /// # Ok(())
+    /// # }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+    /// ```
+    pub fn enable_delayed_message_plugin(&self) {
+        self.with_state(State::enable_delayed_message_plugin);
+    }
+
     /// The broker's name (`""` for the default broker).
     pub fn name(&self) -> &str {
         &self.name

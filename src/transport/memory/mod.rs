@@ -7,6 +7,11 @@
 //! is a connection to it and implements [`Transport`](crate::transport::Transport).
 //! `memory://` reaches the process-wide default broker, `memory://NAME` a named one.
 //!
+//! Like a stock RabbitMQ, it refuses the exchange type `x-delayed-message` unless the
+//! broker enables its emulation of the `rabbitmq_delayed_message_exchange` plugin
+//! ([`MemoryBroker::enable_delayed_message_plugin`], or on connect
+//! `memory://NAME?plugins=rabbitmq_delayed_message_exchange`).
+//!
 //! ```
 //! # async fn demo() -> Result<(), micro_framework::transport::TransportError> {
 //! use futures::StreamExt;
@@ -44,6 +49,9 @@ mod acker;
 mod arguments;
 mod broker;
 mod dead_letter;
+mod delayed;
+#[cfg(test)]
+mod delayed_tests;
 mod queue;
 mod routing;
 mod state;

@@ -11,6 +11,8 @@ pub(super) struct Exchange {
     pub bindings: Vec<Binding>,
     /// Whether it ever had a binding (auto-delete only fires after the first one).
     pub had_binding: bool,
+    /// For an `x-delayed-message` exchange, the kind it routes like (its `x-delayed-type`).
+    pub delayed: Option<ExchangeKind>,
 }
 
 /// One queue binding of an exchange.
@@ -63,12 +65,23 @@ pub(super) fn split_key(key: &str) -> Vec<&str> {
 }
 
 impl Exchange {
+    /// A new exchange without bindings, declared as `spec` (its kind normalised), routing
+    /// like `delayed` when it is an `x-delayed-message` exchange.
+    pub fn new(spec: ExchangeSpec, delayed: Option<ExchangeKind>) -> Self {
+        Exchange { spec, bindings: Vec::new(), had_binding: false, delayed }
+    }
+
+    /// The kind its bindings match like.
+    pub fn routes_like(&self) -> &ExchangeKind {
+        self.delayed.as_ref().unwrap_or(&self.spec.kind)
+    }
+
     /// Appends the queues this exchange routes a message to (possibly with duplicates).
     pub fn route(&self, key: &str, headers: &Headers, out: &mut Vec<String>) {
-        let key_words =
-            if self.spec.kind == ExchangeKind::Topic { split_key(key) } else { Vec::new() };
+        let kind = self.routes_like();
+        let key_words = if *kind == ExchangeKind::Topic { split_key(key) } else { Vec::new() };
         for binding in &self.bindings {
-            let matched = match self.spec.kind {
+            let matched = match kind {
                 ExchangeKind::Direct => binding.key == key,
                 ExchangeKind::Fanout => true,
                 ExchangeKind::Topic => topic_matches(&binding.words, &key_words),

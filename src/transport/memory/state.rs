@@ -18,10 +18,12 @@ use super::acker::MemoryAcker;
 use super::arguments::{self, QueueArgs};
 use super::broker::MemoryBroker;
 use super::dead_letter::Reason;
+use super::delayed::{self, HeldMessages};
 use super::queue::{Entry, Message, Queue};
 use super::routing::{self, Binding, Exchange};
 
 mod consumers;
+mod delayed_messages;
 mod flow;
 
 /// Buffer of a consumer with unlimited prefetch (a full buffer pauses its deliveries).
@@ -83,6 +85,10 @@ pub(super) struct State {
     core: Core,
     /// The most memory ready messages may take (see [`MemoryBroker::set_max_bytes`]).
     max_bytes: u64,
+    /// Whether the delayed-message plugin is enabled.
+    delayed_message_plugin: bool,
+    /// The messages its delayed exchanges hold.
+    held: HeldMessages,
 }
 
 /// What a ready message counts for besides its body, so empty messages count too.
@@ -207,10 +213,14 @@ fn discard(queue: &Queue, entry: Entry, reason: Reason, dead: &mut Vec<DeadLette
 }
 
 impl State {
-    /// An empty broker state with the predeclared `amq.*` exchanges.
     /// Bound the memory ready messages may take.
     pub fn set_max_bytes(&mut self, max_bytes: u64) {
         self.max_bytes = max_bytes;
+    }
+
+    /// Enable the emulation of the `rabbitmq_delayed_message_exchange` plugin.
+    pub fn enable_delayed_message_plugin(&mut self) {
+        self.delayed_message_plugin = true;
     }
 
     /// Refuse a message of `size` bytes routed to `copies` queues when the ready messages
@@ -220,7 +230,9 @@ impl State {
             .queues
             .values()
             .map(|queue| queue.ready_bytes + queue.ready.len() as u64 * MESSAGE_OVERHEAD)
-            .sum();
+            .sum::<u64>()
+            + self.held.bytes()
+            + self.held.len() as u64 * MESSAGE_OVERHEAD;
         let wanted = (size as u64 + MESSAGE_OVERHEAD) * copies as u64;
         if held + wanted > self.max_bytes {
             return Err(TransportError::LimitReached {
@@ -237,6 +249,7 @@ impl State {
         Ok(())
     }
 
+    /// An empty broker state with the predeclared `amq.*` exchanges.
     pub fn new(broker: Weak<MemoryBroker>) -> Self {
         let mut exchanges = HashMap::new();
         for (name, kind) in [
@@ -253,14 +266,13 @@ impl State {
                 auto_delete: false,
                 arguments: Headers::new(),
             };
-            exchanges.insert(
-                name.to_owned(),
-                Exchange { spec, bindings: Vec::new(), had_binding: false },
-            );
+            exchanges.insert(name.to_owned(), Exchange::new(spec, None));
         }
         State {
             exchanges,
             max_bytes: DEFAULT_MAX_BYTES,
+            delayed_message_plugin: false,
+            held: HeldMessages::default(),
             queues: HashMap::new(),
             core: Core {
                 broker,
@@ -323,7 +335,10 @@ impl State {
         if spec.name.is_empty() {
             return Err(default_exchange_refused());
         }
-        let kind = routing::normalize_kind(&spec.kind)?;
+        let kind = match spec.kind.as_str() {
+            delayed::EXCHANGE_TYPE if self.delayed_message_plugin => spec.kind.clone(),
+            _ => routing::normalize_kind(&spec.kind)?,
+        };
         if let Some(existing) = self.exchanges.get(&spec.name) {
             let current = &existing.spec;
             let resource = format!("exchange '{}' in vhost '/'", spec.name);
@@ -358,9 +373,12 @@ impl State {
                 spec.name
             )));
         }
+        let delayed = match &kind {
+            ExchangeKind::Custom(_) => Some(delayed::delayed_type(spec)?),
+            _ => None,
+        };
         let spec = ExchangeSpec { kind, ..spec.clone() };
-        self.exchanges
-            .insert(spec.name.clone(), Exchange { spec, bindings: Vec::new(), had_binding: false });
+        self.exchanges.insert(spec.name.clone(), Exchange::new(spec, delayed));
         Ok(())
     }
 
@@ -419,7 +437,7 @@ impl State {
             .exchanges
             .get_mut(&binding.exchange)
             .ok_or_else(|| not_found_exchange(&binding.exchange))?;
-        if exchange.spec.kind == ExchangeKind::Headers {
+        if *exchange.routes_like() == ExchangeKind::Headers {
             routing::check_x_match(&binding.arguments)?;
         }
         let exists = exchange.bindings.iter().any(|existing| {

@@ -21,7 +21,7 @@ fn setup() -> (Arc<MemoryBroker>, MemoryTransport) {
     (broker, transport)
 }
 
-fn message(body: &str) -> OutgoingMessage {
+pub(super) fn message(body: &str) -> OutgoingMessage {
     OutgoingMessage { body: body.to_owned().into(), properties: Properties::default() }
 }
 
@@ -39,11 +39,11 @@ fn queue_with(name: &str, args: &[(&str, HeaderValue)]) -> QueueSpec {
     spec
 }
 
-fn exchange(name: &str, kind: ExchangeKind) -> ExchangeSpec {
+pub(super) fn exchange(name: &str, kind: ExchangeKind) -> ExchangeSpec {
     ExchangeSpec { kind, ..ExchangeSpec::topic(name) }
 }
 
-fn binding(queue: &str, exchange: &str, key: &str) -> BindingSpec {
+pub(super) fn binding(queue: &str, exchange: &str, key: &str) -> BindingSpec {
     BindingSpec {
         queue: queue.to_owned(),
         exchange: exchange.to_owned(),
@@ -60,12 +60,12 @@ async fn publish(t: &MemoryTransport, exchange: &str, key: &str, body: &str) {
     t.publish(exchange, key, message(body), PublishOptions::default()).await.expect("publish");
 }
 
-async fn declare(t: &MemoryTransport, name: &str) {
+pub(super) async fn declare(t: &MemoryTransport, name: &str) {
     t.declare_queue(&QueueSpec::durable(name)).await.expect("declare queue");
 }
 
 /// The next delivery, waiting at most 2 s (only reached when a test fails).
-async fn recv(consumer: &mut Consumer) -> Delivery {
+pub(super) async fn recv(consumer: &mut Consumer) -> Delivery {
     tokio::time::timeout(Duration::from_secs(2), consumer.next())
         .await
         .expect("a delivery within 2 s")
@@ -73,19 +73,19 @@ async fn recv(consumer: &mut Consumer) -> Delivery {
 }
 
 /// The delivery already buffered for the consumer, without waiting.
-fn buffered(consumer: &mut Consumer) -> Option<Delivery> {
+pub(super) fn buffered(consumer: &mut Consumer) -> Option<Delivery> {
     consumer.next().now_or_never().flatten()
 }
 
-async fn get(t: &MemoryTransport, queue: &str) -> Delivery {
+pub(super) async fn get(t: &MemoryTransport, queue: &str) -> Delivery {
     t.get(queue).await.expect("get").expect("a ready message")
 }
 
-fn body(delivery: &Delivery) -> &str {
+pub(super) fn body(delivery: &Delivery) -> &str {
     std::str::from_utf8(&delivery.body).expect("utf-8 body")
 }
 
-async fn ready(t: &MemoryTransport, queue: &str) -> u32 {
+pub(super) async fn ready(t: &MemoryTransport, queue: &str) -> u32 {
     t.queue_info(queue).await.expect("queue info").message_count
 }
 

@@ -13,6 +13,7 @@ use crate::transport::{
 };
 
 use super::broker::MemoryBroker;
+use super::delayed::PLUGIN;
 use crate::transport::limits::check_header_size;
 
 /// RabbitMQ's default `frame_max`: the in-process broker refuses the same too-large headers,
@@ -39,7 +40,9 @@ impl MemoryTransport {
 
     /// Connects to `memory://` (the default broker) or `memory://NAME` (the broker `NAME`).
     /// The same name within a process always reaches the same broker. `?max_bytes=N` bounds
-    /// the memory of its ready messages (see [`MemoryBroker::set_max_bytes`]).
+    /// the memory of its ready messages (see [`MemoryBroker::set_max_bytes`]);
+    /// `?plugins=rabbitmq_delayed_message_exchange` enables the emulation of that plugin (see
+    /// [`MemoryBroker::enable_delayed_message_plugin`]).
     pub fn connect(uri: &str) -> Result<Self, TransportError> {
         let Some(name) = uri.strip_prefix("memory://") else {
             let scheme = uri.split_once("://").map_or("(none)", |(scheme, _)| scheme);
@@ -53,9 +56,11 @@ impl MemoryTransport {
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
             match (key.as_ref(), value.parse::<u64>()) {
                 ("max_bytes", Ok(max_bytes)) if max_bytes > 0 => broker.set_max_bytes(max_bytes),
+                ("plugins", _) if value == PLUGIN => broker.enable_delayed_message_plugin(),
                 _ => {
                     return Err(TransportError::InvalidUri(format!(
-                        "invalid memory:// option {key}={value}: expected max_bytes=N (N > 0)"
+                        "invalid memory:// option {key}={value}: expected max_bytes=N (N > 0) \
+                         or plugins={PLUGIN}"
                     )))
                 }
             }

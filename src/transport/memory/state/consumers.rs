@@ -210,8 +210,10 @@ impl State {
         self.run(work, dead, now);
     }
 
-    /// Timer work: expires messages at queue heads and deletes unused `x-expires` queues.
+    /// Timer work: routes the delayed messages that are due, expires messages at queue heads
+    /// and deletes unused `x-expires` queues.
     pub fn tick(&mut self, now: Instant) {
+        self.release_due(now);
         let mut work = Vec::new();
         let mut unused = Vec::new();
         for (name, queue) in &self.queues {
@@ -225,7 +227,8 @@ impl State {
             self.remove_queue(&name);
         }
         self.run(work, Vec::new(), now);
-        self.core.timer_deadline = self.queues.values().filter_map(Queue::deadline).min();
+        let queues = self.queues.values().filter_map(Queue::deadline);
+        self.core.timer_deadline = queues.chain(self.held.next_due()).min();
         self.core.timer_woken = false;
         self.core.notify_timer = false;
     }

@@ -9,38 +9,57 @@ use crate::transport::{Headers, OutgoingMessage, PublishOptions, TransportError}
 use super::{discard, not_found_exchange, parse_expiration, DeadLetter, State};
 use crate::transport::memory::arguments::Overflow;
 use crate::transport::memory::dead_letter::{self, Reason};
+use crate::transport::memory::delayed;
 use crate::transport::memory::queue::{Entry, Message};
 
+/// Where a message goes: queues now, and delayed exchanges that hold it first.
+#[derive(Debug, Default)]
+pub(super) struct Routing {
+    /// The queues it reaches now, sorted, without duplicates.
+    pub queues: Vec<String>,
+    /// The delayed exchanges that hold it, and for how long.
+    pub held_by: Vec<(String, Duration)>,
+}
+
 impl State {
-    /// The queues a message reaches (following alternate exchanges when none matched).
+    /// Where a message goes (following alternate exchanges when no queue matched).
     pub(super) fn route(
         &self,
         exchange: &str,
         key: &str,
         headers: &Headers,
-    ) -> Result<Vec<String>, TransportError> {
+    ) -> Result<Routing, TransportError> {
         if exchange.is_empty() {
-            return Ok(if self.queues.contains_key(key) {
-                vec![key.to_owned()]
-            } else {
-                Vec::new()
-            });
+            let queues =
+                if self.queues.contains_key(key) { vec![key.to_owned()] } else { Vec::new() };
+            return Ok(Routing { queues, held_by: Vec::new() });
         }
         let mut current =
             self.exchanges.get(exchange).ok_or_else(|| not_found_exchange(exchange))?;
+        let mut name = exchange;
         let mut targets = Vec::new();
+        let mut held_by = Vec::new();
         let mut visited: Vec<&str> = Vec::new();
         loop {
-            current.route(key, headers, &mut targets);
+            let held_for = match current.delayed {
+                Some(_) => delayed::delay(headers)?,
+                None => None,
+            };
+            match held_for {
+                Some(delay) => held_by.push((name.to_owned(), delay)),
+                None => current.route(key, headers, &mut targets),
+            }
             if !targets.is_empty() {
                 break;
             }
             let alternate =
                 current.spec.arguments.get("alternate-exchange").and_then(|v| v.as_str());
             match alternate.and_then(|name| self.exchanges.get_key_value(name)) {
-                Some((name, next)) if name != exchange && !visited.contains(&name.as_str()) => {
-                    visited.push(name);
-                    current = next;
+                Some((next_name, next))
+                    if next_name != exchange && !visited.contains(&next_name.as_str()) =>
+                {
+                    visited.push(next_name);
+                    (name, current) = (next_name, next);
                 }
                 _ => break,
             }
@@ -49,12 +68,12 @@ impl State {
             targets.sort_unstable();
             targets.dedup();
         }
-        Ok(targets)
+        Ok(Routing { queues: targets, held_by })
     }
 
     /// Puts a message into a queue (or straight to a waiting consumer when the queue is
     /// empty). Returns false when the queue refused it (`x-overflow` reject).
-    fn enqueue(
+    pub(super) fn enqueue(
         &mut self,
         name: &str,
         message: Message,
@@ -105,7 +124,21 @@ impl State {
         now: Instant,
     ) -> Result<(), TransportError> {
         let expiration = parse_expiration(message.properties.expiration.as_deref())?;
-        let targets = self.route(exchange, routing_key, &message.properties.headers)?;
+        let Routing { queues: targets, held_by } =
+            self.route(exchange, routing_key, &message.properties.headers)?;
+        let copies = targets.len() + held_by.len();
+        if copies > 0 {
+            self.check_room(message.body.len(), copies)?;
+        }
+        let message = Message {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            body: message.body,
+            properties: message.properties,
+        };
+        self.hold(&message, held_by, now);
+        // A held message reaches no queue yet: like the plugin, a mandatory publish of it is
+        // returned, although it is delivered once due.
         let Some((last, others)) = targets.split_last() else {
             return if options.mandatory {
                 Err(TransportError::Unroutable {
@@ -115,13 +148,6 @@ impl State {
             } else {
                 Ok(())
             };
-        };
-        self.check_room(message.body.len(), targets.len())?;
-        let message = Message {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            body: message.body,
-            properties: message.properties,
         };
         let mut dead = Vec::new();
         let mut accepted = true;
@@ -194,11 +220,12 @@ impl State {
     ) {
         let DeadLetter { queue, reason, mut message, exchange, routing_key } = letter;
         dead_letter::dead_letter(&mut message, &queue, reason, &exchange, routing_key.as_deref());
-        let Ok(mut targets) =
+        let Ok(Routing { queues: mut targets, held_by }) =
             self.route(&message.exchange, &message.routing_key, &message.properties.headers)
         else {
             return;
         };
+        self.hold(&message, held_by, now);
         targets
             .retain(|target| !dead_letter::is_cycle(reason, &message.properties.headers, target));
         let Some((last, others)) = targets.split_last() else {

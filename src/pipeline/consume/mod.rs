@@ -2,6 +2,8 @@
 //! guard against crash loops, hand each delivery to its handler, consume again after a dropped
 //! consumer, and stop as the worker mode says.
 
+mod backoff_queue;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,12 +14,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::data::{Failure, FailureKind, Handled, HeaderValue, Message};
 use crate::error::Result;
+use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::{copy_properties, settle};
 use crate::pipeline::RouteHandle;
 use crate::transport::{
     ConsumeOptions, Delivery, Limit, OutgoingMessage, PublishOptions, SharedTransport,
     TransportError,
 };
+use backoff_queue::BackoffQueue;
 
 /// Header: how many times a message came back unsettled (classic queues; quorum queues count
 /// in `x-delivery-count`).
@@ -217,7 +221,8 @@ fn restore_first_route(delivery: &mut Delivery) {
 pub(crate) type Accept = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
 
 /// Consume `queue` for `route` alone (events, work queues): each accepted message is handled
-/// by the route and settled with the broker (ack, retry or dead letter).
+/// by the route and settled with the broker (ack, retry or dead letter). A route whose
+/// retries wait in a backoff queue consumes that queue too.
 pub(crate) async fn serve_route(route: RouteHandle, queue: String, accept: Accept) -> Result<()> {
     let source = QueueSource {
         transport: route.transport().clone(),
@@ -228,7 +233,16 @@ pub(crate) async fn serve_route(route: RouteHandle, queue: String, accept: Accep
         max_redeliveries: route.config().max_redeliveries,
         label: route.name().into(),
     };
-    consume(source, Arc::new(RouteQueue { route, queue, accept })).await
+    let Some(backoff_queue) = delayed_message::backoff_queue(&route) else {
+        return consume(source, Arc::new(RouteQueue { route, queue, accept })).await;
+    };
+    let retries = QueueSource { queue: backoff_queue.as_str().into(), ..source.clone() };
+    let retries = consume(
+        retries,
+        Arc::new(BackoffQueue { route: route.clone(), queue: queue.clone(), backoff_queue }),
+    );
+    let work = consume(source, Arc::new(RouteQueue { route, queue, accept }));
+    futures::try_join!(work, retries).map(|_| ())
 }
 
 struct RouteQueue {
@@ -256,7 +270,9 @@ impl DeliveryHandler for RouteQueue {
             return;
         };
         let handled = route.handle(permit, message).await;
-        if let Some(done) = settle(route, &self.queue, delivery, &handled).await {
+        if let Some(done) =
+            settle(route, &self.queue, delivery, &handled, &RetryMeta::default()).await
+        {
             route.settled(&done);
         }
     }
@@ -264,7 +280,9 @@ impl DeliveryHandler for RouteQueue {
     /// Dead-letter the message with the reason.
     async fn refuse(&self, delivery: Delivery, failure: Failure) {
         let handled = Handled::Failed(failure);
-        if let Some(done) = settle(&self.route, &self.queue, delivery, &handled).await {
+        if let Some(done) =
+            settle(&self.route, &self.queue, delivery, &handled, &RetryMeta::default()).await
+        {
             self.route.settled(&done);
         }
     }
