@@ -91,6 +91,22 @@ async fn the_topology_lists_what_a_service_declares_without_touching_the_broker(
     assert_eq!(topology.bindings[0].routing_key, "paid");
 }
 
+#[tokio::test]
+async fn the_topology_of_a_service_retrying_through_the_delayed_message_plugin_lists_its_backoff_queue(
+) {
+    let config = Config::new("orders")
+        .with_amqp_uri("amqp://guest:guest@127.0.0.1:1/".into())
+        .with_retry_delay(micro_framework::config::RetryDelay::DelayedMessagePlugin);
+    let routes = vec![Route::new(checked)
+        .entrypoint(EventListener::new("shop", "paid"))
+        .backoff(AsyncBackOff::new(1, Duration::from_millis(10)))];
+    let topology = Runner::new(routes, config).topology().await.unwrap();
+    let exchanges: Vec<&str> = topology.exchanges.iter().map(|e| e.name.as_str()).collect();
+    assert!(exchanges.contains(&"orders_backoff"), "{exchanges:?}");
+    let queues: Vec<&str> = topology.queues.iter().map(|q| q.name.as_str()).collect();
+    assert!(queues.contains(&"orders.checked_backoff_queue"), "{queues:?}");
+}
+
 #[derive(serde::Deserialize)]
 struct Number {
     n: i64,

@@ -99,7 +99,11 @@ impl Runner {
     /// What the service declares (exchanges, queues, bindings), found by setting up its
     /// entrypoints on a private in-process broker: nothing is sent to the real broker.
     pub async fn topology(mut self) -> Result<Topology> {
-        self.config.amqp_uri = format!("memory://topology-{}", uuid::Uuid::new_v4());
+        // with the delayed-message plugin emulated, so services that need it can list theirs
+        self.config.amqp_uri = format!(
+            "memory://topology-{}?plugins=rabbitmq_delayed_message_exchange",
+            uuid::Uuid::new_v4()
+        );
         let (config, plans) = self.prepare()?;
         let memory = crate::transport::connect(&config).await?;
         let recorder = Arc::new(Recorder::new(memory.clone(), &config.service_name));
