@@ -1,0 +1,100 @@
+//! [`TestService`]: a service running under test.
+
+use serde::Serialize;
+
+use crate::amqp::dependencies::Producer;
+use crate::config::Config;
+use crate::data::Message;
+use crate::error::{Error, Result};
+use crate::pipeline::routes::Route;
+use crate::pipeline::RouteHandle;
+use crate::runner::{Runner, RunningService};
+use crate::testing::{take_messages, WAIT_LIMIT};
+use crate::transport::SharedTransport;
+
+/// A running service under test.
+#[derive(Debug)]
+pub struct TestService {
+    service: RunningService,
+    config: Config,
+}
+
+impl TestService {
+    /// Start `routes` with `config` (see [`test_config`]).
+    pub async fn start(routes: Vec<Route>, config: Config) -> Result<Self> {
+        Self::start_runner(Runner::new(routes, config.clone()), config).await
+    }
+
+    /// Start a runner built by the test (contexts, runner dependencies); `config` must be
+    /// the one the runner was built with.
+    pub async fn start_runner(runner: Runner, config: Config) -> Result<Self> {
+        Ok(TestService { service: runner.spawn().await?, config })
+    }
+
+    /// The broker connection of the service.
+    pub fn transport(&self) -> &SharedTransport {
+        self.service.transport()
+    }
+
+    /// The running service.
+    pub fn service(&self) -> &RunningService {
+        &self.service
+    }
+
+    /// See [`RunningService::is_ready`].
+    pub fn is_ready(&self) -> bool {
+        self.service.is_ready()
+    }
+
+    /// A running route.
+    pub fn route(&self, name: &str) -> Result<&RouteHandle> {
+        self.service.route(name).ok_or_else(|| Error::UnknownRoute(name.to_owned()))
+    }
+
+    /// Dispatch an event as `source_service` would.
+    pub async fn dispatch<T: Serialize + ?Sized>(
+        &self,
+        source_service: &str,
+        event: &str,
+        payload: &T,
+    ) -> Result<()> {
+        let config = self.config.clone().with_service_name(source_service.to_owned());
+        Producer::new(self.transport().clone(), &config).dispatch(event, payload).await
+    }
+
+    /// Wait until `route` has settled at least `count` messages in all.
+    pub async fn wait_for_route(&self, route: &str, count: u64) -> Result<()> {
+        let stats = self.route(route)?.stats();
+        tokio::time::timeout(WAIT_LIMIT, stats.wait_settled(count)).await.map_err(|_| {
+            Error::Timeout(format!(
+                "route '{route}' settled {} of {count} messages in {WAIT_LIMIT:?}",
+                stats.settled_count()
+            ))
+        })
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn queue_len(&self, queue: &str) -> Result<u32> {
+        Ok(self.transport().queue_info(queue).await?.message_count)
+    }
+
+    /// Take (get and ack) every ready message of `queue`.
+    pub async fn take_messages(&self, queue: &str) -> Result<Vec<Message>> {
+        take_messages(self.transport().as_ref(), queue).await
+    }
+
+    /// Stop gracefully.
+    pub async fn stop(self) -> Result<()> {
+        self.service.stop().await
+    }
+
+    /// Begin a graceful stop and return the service, to inspect it while it stops.
+    pub fn begin_stop(&self) {
+        self.service.begin_stop();
+    }
+
+    /// Wait until a stop begun with [`TestService::begin_stop`] has finished.
+    pub async fn wait_stopped(mut self) -> Result<()> {
+        self.service.wait_finished().await
+    }
+}
