@@ -2,6 +2,7 @@
 //! is translated, gets its dependencies, is handled by the target (in this process or a
 //! worker process), retried as the route's policy says, and settled with the broker.
 
+mod call_watch;
 pub(crate) mod consume;
 mod delayed_message;
 mod entrypoint;
@@ -13,6 +14,7 @@ mod shared;
 pub mod spawners;
 mod stats;
 
+pub use call_watch::FinishedCall;
 pub use entrypoint::Entrypoint;
 pub use route_handle::RouteHandle;
 pub(crate) use route_handle::ServiceEnv;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::call_watch::{CallWatch, FinishedCall};
 use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
 
@@ -51,6 +52,7 @@ struct RouteRuntime {
     pool: WorkerPool,
     stopping: CancellationToken,
     stats: RouteStats,
+    calls: CallWatch,
     state: ServiceState,
     metrics: Metrics,
     extensions: SharedExtensions,
@@ -104,6 +106,7 @@ impl RouteHandle {
                 pool,
                 stopping: env.stopping.clone(),
                 stats: RouteStats::default(),
+                calls: CallWatch::default(),
                 state: env.state.clone(),
                 metrics: env.metrics.clone(),
                 extensions: env.extensions.clone(),
@@ -209,7 +212,13 @@ impl RouteHandle {
         drop(permit);
         self.inner.metrics.call_finished(context, route, started.elapsed(), failed);
         self.inner.metrics.available(context, self.inner.pool.available());
+        self.inner.calls.finished(&message, &handled);
         handled
+    }
+
+    /// Receive the route's calls that finish from now on (what test waiters use).
+    pub(crate) fn watch_calls(&self) -> tokio::sync::broadcast::Receiver<FinishedCall> {
+        self.inner.calls.watch()
     }
 
     async fn handle_in_slot(&self, message: &Message) -> Handled {

@@ -25,13 +25,16 @@
 
 mod call;
 mod service;
+mod waiter;
 
 use std::time::Duration;
 
 use crate::config::Config;
 
+pub use crate::pipeline::FinishedCall;
 pub use call::{call_route, take_messages};
 pub use service::TestService;
+pub use waiter::RouteWaiter;
 
 /// How long the `wait_*` helpers wait before failing.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
