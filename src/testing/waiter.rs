@@ -16,6 +16,9 @@ use crate::testing::{TestService, WAIT_LIMIT};
 const QUOTED_CALLS: usize = 5;
 const QUOTED_PAYLOAD: usize = 200;
 
+/// A test of a call's JSON payload.
+type PayloadPredicate = Box<dyn Fn(&Value) -> bool + Send + Sync>;
+
 /// Waits for the next call of a route that finishes (optionally one whose payload matches),
 /// from the moment the waiter was made: make it before what triggers the call.
 ///
@@ -48,7 +51,7 @@ const QUOTED_PAYLOAD: usize = 200;
 pub struct RouteWaiter {
     route: String,
     calls: Receiver<FinishedCall>,
-    matches: Option<Box<dyn Fn(&Value) -> bool + Send + Sync>>,
+    matches: Option<PayloadPredicate>,
     limit: Duration,
 }
 
