@@ -154,6 +154,35 @@ mod rpc {
 }
 
 #[rustfmt::skip]
+mod rpc_micro_framework {
+    use micro_framework::prelude::*;
+    use micro_framework::amqp::dependencies::RpcProxy;
+    use micro_framework::amqp::entrypoints::RPCListener;
+    use micro_framework::amqp::rpc::{Args, RpcError};
+
+    #[derive(serde::Deserialize)]
+    struct AddArgs { a: i64, b: i64 }
+
+    fn add(Args(AddArgs { a, b }): Args<AddArgs>) -> i64 { a + b }
+
+    async fn example(rpc: RpcProxy) -> Result<i64, RpcError> {
+        use micro_framework::config::Protocol;
+
+        // serve `add` to micro-framework callers (and `add` to Nameko callers as before)
+        let routes = vec![
+            Route::new(add).entrypoint(RPCListener::new()),
+            Route::new(add).name("add_ufw").entrypoint(RPCListener::new().protocol(Protocol::MicroFramework)),
+        ];
+
+        // call a Python micro-framework service
+        let billing = rpc.service("billing").protocol(Protocol::MicroFramework);
+        let targets = billing.list_targets().await?;          // __list_targets__
+        let total: i64 = billing.call("total", (2, 40), ()).await?;
+        Ok(total)
+    }
+}
+
+#[rustfmt::skip]
 mod websocket {
     use micro_framework::prelude::*;
     use serde_json::json;
@@ -267,5 +296,5 @@ fn every_readme_block_is_compiled_here() {
         blocks += 1;
         rest = &body[end..];
     }
-    assert_eq!(blocks, 9, "the README's ```rust blocks, all compiled above");
+    assert_eq!(blocks, 10, "the README's ```rust blocks, all compiled above");
 }
