@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::targets::{add, echo, fail};
+
 use common::peer::*;
 use common::unique;
 
@@ -27,29 +29,6 @@ fn strings(value: &Value) -> Vec<String> {
 
 fn sample() -> Value {
     json!({ "text": "café ☕ \"quoted\"", "nested": { "list": [1, 2.5, null, true] } })
-}
-
-#[derive(Deserialize)]
-struct AddArgs {
-    a: i64,
-    b: i64,
-}
-
-fn add(Args(AddArgs { a, b }): Args<AddArgs>) -> i64 {
-    a + b
-}
-
-#[derive(Deserialize)]
-struct EchoArgs {
-    x: Value,
-}
-
-fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> Value {
-    x
-}
-
-fn fail() -> Result<(), std::io::Error> {
-    Err(std::io::Error::other("boom"))
 }
 
 /// The call-id stack of this call.

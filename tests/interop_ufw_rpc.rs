@@ -7,43 +7,21 @@
 
 mod common;
 
+use common::targets::{add, echo, fail};
+
 use std::time::Duration;
 
 use common::config;
 use common::peer::*;
 use micro_framework::amqp::entrypoints::RPCListener;
-use micro_framework::amqp::rpc::{Args, Client, RpcError};
+use micro_framework::amqp::rpc::{Client, RpcError};
 use micro_framework::config::Protocol;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 fn sample() -> Value {
     json!({ "text": "café ☕ \"quoted\"", "nested": { "list": [1, 2.5, null, true] } })
-}
-
-#[derive(Deserialize)]
-struct AddArgs {
-    a: i64,
-    b: i64,
-}
-
-fn add(Args(AddArgs { a, b }): Args<AddArgs>) -> i64 {
-    a + b
-}
-
-#[derive(Deserialize)]
-struct EchoArgs {
-    x: Value,
-}
-
-fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> Value {
-    x
-}
-
-fn fail() -> Result<(), std::io::Error> {
-    Err(std::io::Error::other("boom"))
 }
 
 #[tokio::test]

@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::targets::{add, echo};
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +23,7 @@ use common::peer::{prerequisites, Peer, NAMEKO, UFW};
 use common::unique;
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
-use micro_framework::amqp::rpc::{Args, Client};
+use micro_framework::amqp::rpc::Client;
 use micro_framework::config::Protocol;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
@@ -49,25 +51,6 @@ struct Tick {
 
 fn handle(Payload(tick): Payload<Tick>, Dep(handled): Dep<Arc<Handled>>) {
     handled.0.lock().unwrap().push(tick.id);
-}
-
-#[derive(Deserialize)]
-struct EchoArgs {
-    x: Value,
-}
-
-fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> Value {
-    x
-}
-
-#[derive(Deserialize)]
-struct AddArgs {
-    a: i64,
-    b: i64,
-}
-
-fn add(Args(AddArgs { a, b }): Args<AddArgs>) -> i64 {
-    a + b
 }
 
 /// The Rust replacement: the same service name, the same route names as the Python service,

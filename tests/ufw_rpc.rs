@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::targets::{add, echo};
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,27 +18,7 @@ use micro_framework::transport::{
     BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
 };
 use micro_framework::Message;
-use serde::Deserialize;
 use serde_json::{json, Value};
-
-#[derive(Deserialize)]
-struct Add {
-    a: i64,
-    b: i64,
-}
-
-fn add(Args(Add { a, b }): Args<Add>) -> i64 {
-    a + b
-}
-
-#[derive(Deserialize)]
-struct Echo {
-    x: Value,
-}
-
-fn echo(Args(Echo { x }): Args<Echo>) -> Value {
-    x
-}
 
 fn fail(Args(()): Args<()>) -> Result<(), std::io::Error> {
     Err(std::io::Error::other("boom"))
@@ -191,6 +173,14 @@ async fn bad_requests_get_python_errors_and_are_acked() {
         let reason = reply["exception"]["message"].as_str().unwrap();
         assert!(reason.contains("MAX_MESSAGE_SIZE"), "{reason}");
 
+        // a result whose reply (encoded twice) would exceed MAX_MESSAGE_SIZE: an error instead
+        let empties = vec![""; 250_000];
+        let big = json!({"command": "echo", "command_args": [empties], "command_kwargs": {}});
+        let reply = raw.request("echo", python_request(big)).await;
+        assert_eq!(reply["exception"]["exception"], "TypeError", "{}", reply["exception"]);
+        let reason = reply["exception"]["message"].as_str().unwrap();
+        assert!(reason.contains("exceeds MAX_MESSAGE_SIZE"), "{reason}");
+
         let unknown = json!({"command": "nope", "command_args": [], "command_kwargs": {}});
         let reply = raw.request("add", python_request(unknown)).await;
         assert_eq!(reply["exception"]["exception"], "RPCTargetDoesNotExist", "{reply}");
@@ -199,7 +189,7 @@ async fn bad_requests_get_python_errors_and_are_acked() {
         assert_eq!(reply["exception"]["exception"], "TypeError", "{reply}");
 
         // nothing dead-lettered, nothing left in the queues
-        for target in ["add", "broadcast"] {
+        for target in ["add", "echo", "broadcast"] {
             assert_eq!(service.queue_len(&format!("rpc-{math}-{target}")).await.unwrap(), 0);
         }
         raw.close().await;

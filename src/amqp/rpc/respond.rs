@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::data::{json_properties, Failure, Handled, Message};
 use crate::pipeline::RouteHandle;
+use crate::transport::limits::check_size;
 use crate::transport::{Delivery, OutgoingMessage, PublishOptions, TransportError};
 
 /// How long a request whose reply could not be sent waits before going back to its queue.
@@ -21,6 +22,26 @@ pub(crate) fn handled_outcome(handled: &Handled) -> Result<Value, &Failure> {
         Handled::CalledBack(failure)
         | Handled::Failed(failure)
         | Handled::Retry { failure, .. } => Err(failure),
+    }
+}
+
+/// `body` if it is within `MAX_MESSAGE_SIZE`; else the error reply `too_large` makes from
+/// the reason.
+pub(crate) fn within_size_limit(
+    route: &RouteHandle,
+    body: Bytes,
+    too_large: impl FnOnce(String) -> Bytes,
+) -> Bytes {
+    let max_size = route.config().max_message_size;
+    match check_size("RPC reply", body.len(), max_size) {
+        Ok(()) => body,
+        Err(refused) => {
+            tracing::warn!(route = route.name(), "{refused}: replying an error instead");
+            too_large(format!(
+                "result of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
+                body.len()
+            ))
+        }
     }
 }
 

@@ -10,13 +10,12 @@ use bytes::Bytes;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack};
+use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_limit};
 use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{consume, DeliveryHandler, QueueSource};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
-use crate::transport::limits::check_size;
 use crate::transport::Delivery;
 
 /// The RPC routes of a service instance by method name, and the one consumer of their
@@ -167,17 +166,7 @@ fn nameko_reply(
     route: &RouteHandle,
     outcome: &std::result::Result<serde_json::Value, RemoteException>,
 ) -> Bytes {
-    let body = reply_body(outcome);
-    let max_size = route.config().max_message_size;
-    match check_size("RPC reply", body.len(), max_size) {
-        Ok(()) => body,
-        Err(too_large) => {
-            tracing::warn!(route = route.name(), "{too_large}: replying an error instead");
-            let reason = format!(
-                "result of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
-                body.len()
-            );
-            reply_body(&Err(RemoteException::nameko("UnserializableValueError", reason)))
-        }
-    }
+    within_size_limit(route, reply_body(outcome), |reason| {
+        reply_body(&Err(RemoteException::nameko("UnserializableValueError", reason)))
+    })
 }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::amqp::rpc::naming::UFW_RPC_EXCHANGE;
-use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack};
+use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_limit};
 use crate::amqp::rpc::ufw_wire::{answer_builtin, reply_body, target_detail, RemoteError, Request};
 use crate::amqp::rpc::wire::request_body;
 use crate::data::{Failure, FailureKind, Handled, Message};
@@ -174,18 +174,8 @@ impl DeliveryHandler for UfwRpcServer {
 
 /// The reply body for `outcome`; a result over `MAX_MESSAGE_SIZE` is replied as an error.
 fn ufw_reply(route: &RouteHandle, outcome: &std::result::Result<Value, RemoteError>) -> Bytes {
-    let body = reply_body(outcome);
-    let max_size = route.config().max_message_size;
-    match check_size("RPC reply", body.len(), max_size) {
-        Ok(()) => body,
-        Err(too_large) => {
-            tracing::warn!(route = route.name(), "{too_large}: replying an error instead");
-            let reason = format!(
-                "result of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
-                body.len()
-            );
-            let failure = Failure::new(FailureKind::Unserializable, reason);
-            reply_body(&Err(RemoteError::from_failure(&failure)))
-        }
-    }
+    within_size_limit(route, reply_body(outcome), |reason| {
+        let failure = Failure::new(FailureKind::Unserializable, reason);
+        reply_body(&Err(RemoteError::from_failure(&failure)))
+    })
 }
