@@ -20,7 +20,7 @@ pub struct TestService {
 }
 
 impl TestService {
-    /// Start `routes` with `config` (see [`test_config`]).
+    /// Start `routes` with `config` (see [`test_config`](crate::testing::test_config)).
     pub async fn start(routes: Vec<Route>, config: Config) -> Result<Self> {
         Self::start_runner(Runner::new(routes, config.clone()), config).await
     }
