@@ -24,6 +24,7 @@
 //! ```
 
 mod call;
+mod fakes;
 mod service;
 
 use std::time::Duration;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use crate::config::Config;
 
 pub use call::{call_route, take_messages};
+pub use fakes::{DispatchedEvent, FakeProducer, FakeRpc, RecordedCall};
 pub use service::TestService;
 
 /// How long the `wait_*` helpers wait before failing.
