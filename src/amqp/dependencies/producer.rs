@@ -81,7 +81,7 @@ impl EventSink for BrokerSink {
 /// it sends the call's context headers (`nameko.call_id_stack`, ...).
 ///
 /// A dependency whose `Output` is `Producer` (on the route or the runner) replaces the one
-/// built from the broker, e.g. [`FakeProducer`](crate::testing::FakeProducer) in tests.
+/// built from the broker, e.g. `testing::FakeProducer` in tests.
 ///
 /// ```no_run
 /// use micro_framework::amqp::dependencies::Producer;

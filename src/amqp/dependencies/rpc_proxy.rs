@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 /// service on its behalf.
 ///
 /// A dependency whose `Output` is `RpcProxy` (on the route or the runner) replaces the one
-/// built from the broker, e.g. [`FakeRpc`](crate::testing::FakeRpc) in tests.
+/// built from the broker, e.g. `testing::FakeRpc` in tests.
 ///
 /// ```no_run
 /// use micro_framework::amqp::dependencies::RpcProxy;
