@@ -24,6 +24,7 @@
 //! ```
 
 mod call;
+mod fakes;
 mod service;
 mod waiter;
 
@@ -33,6 +34,7 @@ use crate::config::Config;
 
 pub use crate::pipeline::FinishedCall;
 pub use call::{call_route, take_messages};
+pub use fakes::{DispatchedEvent, FakeProducer, FakeRpc, RecordedCall};
 pub use service::TestService;
 pub use waiter::RouteWaiter;
 

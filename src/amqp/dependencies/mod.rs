@@ -4,4 +4,5 @@ mod producer;
 mod rpc_proxy;
 
 pub use producer::Producer;
+pub(crate) use producer::{EventSink, OutgoingEvent};
 pub use rpc_proxy::{RpcProxy, ServiceProxy};

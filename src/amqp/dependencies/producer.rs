@@ -1,8 +1,10 @@
 //! [`Producer`]: dispatch events to `{SERVICE_NAME}.events`, as Nameko's `EventDispatcher`.
 
 use std::collections::HashSet;
+use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
 
@@ -14,6 +16,23 @@ use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::WorkerContext;
 use crate::transport::limits::check_size;
 use crate::transport::{ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport};
+
+/// One event on its way out: serialized, checked for size, with its headers.
+#[derive(Debug)]
+pub(crate) struct OutgoingEvent<'a> {
+    /// The exchange of the dispatching service, `{service}.events`.
+    pub exchange: &'a ExchangeSpec,
+    /// The event's name, its routing key.
+    pub event_type: &'a str,
+    /// The message: JSON body and properties (context headers included).
+    pub message: OutgoingMessage,
+}
+
+/// Where a [`Producer`]'s events go: the broker, or a fake that records them.
+#[async_trait]
+pub(crate) trait EventSink: Send + Sync + fmt::Debug {
+    async fn send(&self, event: OutgoingEvent<'_>) -> Result<()>;
+}
 
 /// Exchanges a service instance already declared (kombu's `maybe_declare`).
 #[derive(Debug, Default)]
@@ -31,9 +50,38 @@ impl DeclaredExchanges {
     }
 }
 
+/// Publishes events on the broker, declaring the exchange on first use.
+#[derive(Debug)]
+struct BrokerSink {
+    transport: SharedTransport,
+    declared: Arc<DeclaredExchanges>,
+}
+
+#[async_trait]
+impl EventSink for BrokerSink {
+    async fn send(&self, event: OutgoingEvent<'_>) -> Result<()> {
+        if !self.declared.contains(&event.exchange.name) {
+            self.transport.declare_exchange(event.exchange).await?;
+            self.declared.insert(&event.exchange.name);
+        }
+        self.transport
+            .publish(
+                &event.exchange.name,
+                event.event_type,
+                event.message,
+                PublishOptions::default(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
 /// Dispatches events of this service: exchange `{SERVICE_NAME}.events` (declared on first
 /// use), routing key = event name, persistent JSON body, publisher-confirmed. Inside a target
 /// it sends the call's context headers (`nameko.call_id_stack`, ...).
+///
+/// A dependency whose `Output` is `Producer` (on the route or the runner) replaces the one
+/// built from the broker, e.g. `testing::FakeProducer` in tests.
 ///
 /// ```no_run
 /// use micro_framework::amqp::dependencies::Producer;
@@ -49,10 +97,9 @@ impl DeclaredExchanges {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Producer {
-    transport: SharedTransport,
+    sink: Arc<dyn EventSink>,
     exchange: ExchangeSpec,
     headers: Headers,
-    declared: Arc<DeclaredExchanges>,
     max_message_size: usize,
 }
 
@@ -60,11 +107,21 @@ impl Producer {
     /// A producer outside any call: it dispatches as `config.service_name`, without context
     /// headers.
     pub fn new(transport: SharedTransport, config: &Config) -> Self {
+        let sink = BrokerSink { transport, declared: Arc::default() };
+        Producer::with_sink(Arc::new(sink), config, &config.service_name, Headers::new())
+    }
+
+    /// A producer of `service` that sends its events to `sink` with `headers`.
+    pub(crate) fn with_sink(
+        sink: Arc<dyn EventSink>,
+        config: &Config,
+        service: &str,
+        headers: Headers,
+    ) -> Self {
         Producer {
-            exchange: event_exchange(config, &config.service_name),
-            transport,
-            headers: Headers::new(),
-            declared: Arc::default(),
+            sink,
+            exchange: event_exchange(config, service),
+            headers,
             max_message_size: config.max_message_size,
         }
     }
@@ -82,17 +139,10 @@ impl Producer {
     ) -> Result<()> {
         let body = Bytes::from(serde_json::to_vec(payload)?);
         check_size(&format!("event {event_type}"), body.len(), self.max_message_size)?;
-        if !self.declared.contains(&self.exchange.name) {
-            self.transport.declare_exchange(&self.exchange).await?;
-            self.declared.insert(&self.exchange.name);
-        }
         let mut properties = json_properties();
         properties.headers = self.headers.clone();
         let message = OutgoingMessage { body, properties };
-        self.transport
-            .publish(&self.exchange.name, event_type, message, PublishOptions::default())
-            .await?;
-        Ok(())
+        self.sink.send(OutgoingEvent { exchange: &self.exchange, event_type, message }).await
     }
 
     /// [`Producer::dispatch`] for sync targets (which run on worker threads). Fails with
@@ -115,13 +165,21 @@ impl Producer {
 }
 
 impl FromContext for Producer {
+    /// The call's dependency of type `Producer` if there is one, else a producer on the
+    /// call's broker connection.
     fn from_context(ctx: &WorkerContext) -> std::result::Result<Self, ExtractError> {
-        Ok(Producer {
+        if let Some(provided) = ctx.dependency::<Producer>() {
+            return Ok(provided);
+        }
+        let sink = BrokerSink {
             transport: ctx.transport().clone(),
-            exchange: event_exchange(ctx.config(), ctx.service_name()),
-            headers: ctx.call().outgoing_headers(),
             declared: ctx.service_state().get_or_default(),
-            max_message_size: ctx.config().max_message_size,
-        })
+        };
+        Ok(Producer::with_sink(
+            Arc::new(sink),
+            ctx.config(),
+            ctx.service_name(),
+            ctx.call().outgoing_headers(),
+        ))
     }
 }

@@ -1,12 +1,13 @@
 //! [`RpcProxy`]: call RPC methods of other services (Nameko's `RpcProxy`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::amqp::rpc::ufw_wire::LIST_TARGETS;
-use crate::amqp::rpc::{Caller, ReplyListener, RpcError, RpcReply};
+use crate::amqp::rpc::{Caller, ReplyListener, RpcBackend, RpcError, RpcReply, RpcRequest};
 use crate::config::Protocol;
 use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::WorkerContext;
@@ -18,6 +19,9 @@ use crate::metrics::Metrics;
 /// when the service stops. Calls wait `RPC_TIMEOUT` unless told otherwise. In the
 /// `process` worker modes each worker process has its own reply queue, consumed by the
 /// service on its behalf.
+///
+/// A dependency whose `Output` is `RpcProxy` (on the route or the runner) replaces the one
+/// built from the broker, e.g. `testing::FakeRpc` in tests.
 ///
 /// ```no_run
 /// use micro_framework::amqp::dependencies::RpcProxy;
@@ -39,17 +43,18 @@ use crate::metrics::Metrics;
 /// ```
 #[derive(Clone, Debug)]
 pub struct RpcProxy {
-    caller: Caller,
+    backend: Arc<dyn RpcBackend>,
 }
 
 impl RpcProxy {
-    pub(crate) fn new(caller: Caller) -> Self {
-        RpcProxy { caller }
+    /// A proxy whose calls `backend` sends.
+    pub(crate) fn new(backend: Arc<dyn RpcBackend>) -> Self {
+        RpcProxy { backend }
     }
 
     /// The methods of `service`.
     pub fn service(&self, service: impl Into<String>) -> ServiceProxy {
-        ServiceProxy::new(self.caller.clone(), service.into())
+        ServiceProxy::new(self.backend.clone(), service.into())
     }
 
     /// Call `service.method(*args, **kwargs)` and deserialize the result into `T`. `args`
@@ -70,16 +75,16 @@ impl RpcProxy {
 /// [`Client`](crate::amqp::rpc::Client).
 #[derive(Clone, Debug)]
 pub struct ServiceProxy {
-    caller: Caller,
+    backend: Arc<dyn RpcBackend>,
     service: String,
     timeout: Option<Duration>,
     protocol: Protocol,
 }
 
 impl ServiceProxy {
-    pub(crate) fn new(caller: Caller, service: String) -> Self {
-        let protocol = caller.protocol;
-        ServiceProxy { caller, service, timeout: None, protocol }
+    pub(crate) fn new(backend: Arc<dyn RpcBackend>, service: String) -> Self {
+        let protocol = backend.protocol();
+        ServiceProxy { backend, service, timeout: None, protocol }
     }
 
     /// The service called.
@@ -145,7 +150,9 @@ impl ServiceProxy {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<RpcReply, RpcError> {
-        self.caller.send(self.protocol, &self.service, method, args, kwargs, self.timeout).await
+        let request =
+            RpcRequest::new(self.protocol, &self.service, method, args, kwargs, self.timeout)?;
+        self.backend.send(request).await
     }
 
     /// [`ServiceProxy::call`] for sync targets (which run on worker threads). Fails with
@@ -169,7 +176,12 @@ impl ServiceProxy {
 }
 
 impl FromContext for RpcProxy {
+    /// The call's dependency of type `RpcProxy` if there is one, else a proxy on the call's
+    /// broker connection.
     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        if let Some(provided) = ctx.dependency::<RpcProxy>() {
+            return Ok(provided);
+        }
         let transport = ctx.transport().clone();
         let state = ctx.service_state();
         let listener = state.get_or_insert_with(|| ReplyListener::new(ctx.service_name()));
@@ -178,6 +190,6 @@ impl FromContext for RpcProxy {
         if let Some(metrics) = state.get::<Metrics>() {
             caller = caller.with_metrics(Metrics::clone(&metrics));
         }
-        Ok(RpcProxy::new(caller))
+        Ok(RpcProxy::new(Arc::new(caller)))
     }
 }

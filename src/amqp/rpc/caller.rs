@@ -3,18 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde_json::{Map, Value};
+use async_trait::async_trait;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::{rpc_exchange, ufw_routing_key, ufw_rpc_exchange};
 use crate::amqp::rpc::pending::RpcReply;
 use crate::amqp::rpc::replies::ReplyListener;
-use crate::amqp::rpc::{ufw_wire, wire};
+use crate::amqp::rpc::request::{RpcBackend, RpcRequest};
+use crate::amqp::rpc::ufw_wire;
 use crate::config::{Config, Protocol};
 use crate::data::json_properties;
 use crate::metrics::Metrics;
-use crate::transport::limits::check_size;
 use crate::transport::{
     ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
 };
@@ -60,58 +59,38 @@ impl Caller {
         self.metrics = Some(metrics);
         self
     }
+}
 
-    /// Send `service.method(*args, **kwargs)` in `protocol`'s wire format; the reply is
-    /// awaited through the result. An unroutable request fails at once: `UnknownService`
-    /// (Nameko: one queue per service), `MethodNotFound` (micro-framework: one queue per
-    /// target, so the service or the target is unknown).
-    pub(crate) async fn send(
-        &self,
-        protocol: Protocol,
-        service: &str,
-        method: &str,
-        args: impl Serialize,
-        kwargs: impl Serialize,
-        timeout: Option<Duration>,
-    ) -> Result<RpcReply, RpcError> {
-        let args = match to_value(args, "args")? {
-            Value::Null => Vec::new(),
-            Value::Array(args) => args,
-            other => {
-                return Err(RpcError::InvalidArguments(format!(
-                    "args must be an array, got {other}"
-                )))
-            }
-        };
-        let kwargs = match to_value(kwargs, "kwargs")? {
-            Value::Null => Map::new(),
-            Value::Object(kwargs) => kwargs,
-            other => {
-                return Err(RpcError::InvalidArguments(format!(
-                    "kwargs must be an object, got {other}"
-                )))
-            }
-        };
+#[async_trait]
+impl RpcBackend for Caller {
+    fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// Publish the request; the reply is awaited through the result. An unroutable request
+    /// fails at once: `UnknownService` (Nameko: one queue per service), `MethodNotFound`
+    /// (micro-framework: one queue per target, so the service or the target is unknown).
+    async fn send(&self, request: RpcRequest) -> Result<RpcReply, RpcError> {
+        let (protocol, service, method) =
+            (request.protocol, request.service.clone(), request.method.clone());
+        let timeout = request.timeout.unwrap_or(self.timeout);
         let ufw_exchange;
-        let (exchange, body, routing_key) = match protocol {
-            Protocol::Nameko => {
-                (&self.exchange, wire::request_body(args, kwargs), format!("{service}.{method}"))
-            }
+        let (exchange, routing_key) = match protocol {
+            Protocol::Nameko => (&self.exchange, format!("{service}.{method}")),
             Protocol::MicroFramework => {
                 ufw_exchange = ufw_rpc_exchange();
-                let builtin = ufw_wire::is_builtin_command(method);
-                let routing_key = ufw_routing_key(service, method, builtin);
-                (&ufw_exchange, ufw_wire::request_body(method, args, kwargs), routing_key)
+                let builtin = ufw_wire::is_builtin_command(&method);
+                (&ufw_exchange, ufw_routing_key(&service, &method, builtin))
             }
         };
-        check_size(&format!("RPC request {service}.{method}"), body.len(), self.max_message_size)?;
+        let body = request.into_body(self.max_message_size)?;
         let queue = self.listener.queue(&self.transport, protocol, exchange).await?;
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let receiver = queue.expect(&correlation_id)?;
         let reply = RpcReply::new(
-            service,
-            method,
-            timeout.unwrap_or(self.timeout),
+            &service,
+            &method,
+            timeout,
             queue.clone(),
             correlation_id.clone(),
             receiver,
@@ -130,23 +109,17 @@ impl Caller {
             Ok(()) => Ok(reply),
             Err(TransportError::Unroutable { .. }) => {
                 let error = match protocol {
-                    Protocol::Nameko => RpcError::UnknownService(service.to_owned()),
+                    Protocol::Nameko => RpcError::UnknownService(service.clone()),
                     Protocol::MicroFramework => RpcError::MethodNotFound(format!(
                         "no queue takes {routing_key}: no service {service} serves {method}"
                     )),
                 };
                 if let Some(metrics) = &self.metrics {
-                    metrics.rpc_call(service, method, error.kind(), Duration::ZERO);
+                    metrics.rpc_call(&service, &method, error.kind(), Duration::ZERO);
                 }
                 Err(error)
             }
             Err(error) => Err(error.into()),
         }
     }
-}
-
-fn to_value(value: impl Serialize, what: &str) -> Result<Value, RpcError> {
-    serde_json::to_value(value).map_err(|error| {
-        RpcError::InvalidArguments(format!("{what} cannot be serialized: {error}"))
-    })
 }

@@ -32,7 +32,7 @@ use crate::transport::{Headers, SharedTransport};
 /// ```
 #[derive(Debug)]
 pub struct Client {
-    caller: Caller,
+    caller: Arc<Caller>,
 }
 
 impl Client {
@@ -41,7 +41,7 @@ impl Client {
         let config = config.clone().with_service_name(STANDALONE_SERVICE.to_owned());
         let transport = crate::transport::connect(&config).await?;
         let listener = Arc::new(ReplyListener::new(STANDALONE_SERVICE));
-        Ok(Client { caller: Caller::new(transport, listener, &config, Headers::new()) })
+        Ok(Client { caller: Arc::new(Caller::new(transport, listener, &config, Headers::new())) })
     }
 
     /// The methods of `service`.

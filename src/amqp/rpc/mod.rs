@@ -40,6 +40,7 @@ mod fuzz;
 pub mod naming;
 mod pending;
 mod replies;
+mod request;
 mod respond;
 mod server;
 mod ufw_server;
@@ -55,5 +56,6 @@ pub use wire::RemoteException;
 
 pub(crate) use caller::Caller;
 pub(crate) use replies::ReplyListener;
+pub(crate) use request::{RpcBackend, RpcRequest};
 pub(crate) use server::RpcServer;
 pub(crate) use ufw_server::UfwRpcServer;

@@ -22,11 +22,23 @@ pub struct RpcReply {
     service: String,
     method: String,
     timeout: Duration,
-    deadline: tokio::time::Instant,
-    receiver: oneshot::Receiver<ReplyOutcome>,
-    waiting: Waiting,
+    correlation_id: String,
+    arrival: Arrival,
     metrics: Option<Metrics>,
     started: std::time::Instant,
+}
+
+/// How the reply comes.
+#[derive(Debug)]
+enum Arrival {
+    /// Through a reply queue, until the deadline.
+    Queued {
+        deadline: tokio::time::Instant,
+        receiver: oneshot::Receiver<ReplyOutcome>,
+        waiting: Waiting,
+    },
+    /// Already there: a fake's answer.
+    Ready(ReplyOutcome),
 }
 
 /// Forgets the correlation id when the call is done or abandoned.
@@ -51,13 +63,27 @@ impl RpcReply {
         correlation_id: String,
         receiver: oneshot::Receiver<ReplyOutcome>,
     ) -> Self {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let waiting = Waiting { queue, correlation_id: correlation_id.clone() };
         RpcReply {
             service: service.to_owned(),
             method: method.to_owned(),
             timeout,
-            deadline: tokio::time::Instant::now() + timeout,
-            receiver,
-            waiting: Waiting { queue, correlation_id },
+            correlation_id,
+            arrival: Arrival::Queued { deadline, receiver, waiting },
+            metrics: None,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// A reply that is already there, e.g. a fake's answer: no timeout applies.
+    pub(crate) fn answered(service: &str, method: &str, outcome: ReplyOutcome) -> Self {
+        RpcReply {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            timeout: Duration::ZERO,
+            correlation_id: uuid::Uuid::new_v4().to_string(),
+            arrival: Arrival::Ready(outcome),
             metrics: None,
             started: std::time::Instant::now(),
         }
@@ -71,7 +97,7 @@ impl RpcReply {
 
     /// The correlation id of the request.
     pub fn correlation_id(&self) -> &str {
-        &self.waiting.correlation_id
+        &self.correlation_id
     }
 
     /// Wait for the reply and deserialize its result into `T`.
@@ -86,18 +112,22 @@ impl RpcReply {
     }
 
     async fn value(self) -> Result<Value, RpcError> {
-        let RpcReply { service, method, timeout, deadline, receiver, waiting, metrics, started } =
-            self;
-        let outcome = tokio::time::timeout_at(deadline, receiver).await;
-        drop(waiting);
+        let RpcReply { service, method, timeout, arrival, metrics, started, .. } = self;
         let (recorded_service, recorded_method) = (service.clone(), method.clone());
-        let result = match outcome {
-            Err(_) => Err(RpcError::Timeout { service, method, after: timeout }),
-            Ok(Err(_)) => Err(RpcError::Transport(TransportError::Closed {
-                what: ClosedPart::Consumer,
-                reason: "the reply queue's consumer ended before the reply came".into(),
-            })),
-            Ok(Ok(outcome)) => outcome,
+        let result = match arrival {
+            Arrival::Ready(outcome) => outcome,
+            Arrival::Queued { deadline, receiver, waiting } => {
+                let outcome = tokio::time::timeout_at(deadline, receiver).await;
+                drop(waiting);
+                match outcome {
+                    Err(_) => Err(RpcError::Timeout { service, method, after: timeout }),
+                    Ok(Err(_)) => Err(RpcError::Transport(TransportError::Closed {
+                        what: ClosedPart::Consumer,
+                        reason: "the reply queue's consumer ended before the reply came".into(),
+                    })),
+                    Ok(Ok(outcome)) => outcome,
+                }
+            }
         };
         if let Some(metrics) = metrics {
             let outcome = result.as_ref().map_or_else(RpcError::kind, |_| "ok");
