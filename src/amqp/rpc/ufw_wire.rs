@@ -6,9 +6,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::amqp::rpc::wire::request_body as rpc_request_body;
 use crate::amqp::rpc::RemoteException;
-use crate::data::{Failure, FailureKind, Message, Properties};
+use crate::data::{Failure, FailureKind};
 
 /// Where the Python original's own exceptions live; its clients rebuild the ones found there.
 const FRAMEWORK_EXCEPTIONS: &str = "micro_framework.exceptions";
@@ -214,13 +213,14 @@ impl Request {
 impl Request {
     /// The message a route handles for this request: its arguments as an RPC payload
     /// `{"args": [...], "kwargs": {...}}` (what [`Args`](crate::amqp::rpc::Args) reads), with
-    /// `properties`, and the command as routing key.
-    pub(crate) fn into_message(self, properties: Properties) -> Message {
-        Message {
-            body: rpc_request_body(self.args, self.kwargs),
+    /// `properties`, and the command as routing key (as the WebSocket entrypoint hands it).
+    #[cfg(feature = "websocket")]
+    pub(crate) fn into_message(self, properties: crate::data::Properties) -> crate::data::Message {
+        crate::data::Message {
+            body: crate::amqp::rpc::wire::request_body(self.args, self.kwargs),
             properties,
             routing_key: self.command,
-            ..Message::default()
+            ..crate::data::Message::default()
         }
     }
 }
