@@ -5,6 +5,7 @@
 pub(crate) mod consume;
 mod delayed_message;
 mod entrypoint;
+pub(crate) mod entrypoint_kind;
 pub mod retry;
 mod route_handle;
 pub mod routes;

@@ -24,14 +24,21 @@
 //! ```
 
 mod call;
+mod hooks;
+mod restrict;
 mod service;
+mod worker;
 
 use std::time::Duration;
 
 use crate::config::Config;
 
 pub use call::{call_route, take_messages};
+pub use hooks::{EntrypointHook, HookError};
+#[cfg(feature = "http")]
+pub use hooks::{HttpCall, HttpResponse};
 pub use service::TestService;
+pub use worker::{worker, WorkerCall};
 
 /// How long the `wait_*` helpers wait before failing.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
