@@ -1,16 +1,19 @@
 //! [`HttpEntrypoint`]: serve a route on an HTTP method and path.
 
 use async_trait::async_trait;
-use axum::body::Bytes;
-use axum::extract::RawPathParams;
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
-use axum::routing::{on, MethodFilter};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, RawPathParams};
+use axum::http::{header, HeaderMap, Method, Request, StatusCode, Uri};
+use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::{Extension, Router};
+use tower_service::Service;
 
 use super::request::{HttpRequest, EXTENSION};
 use super::response::{refusal, respond};
-use super::site::WebSite;
+use super::site::{add_route, WebSite};
 use crate::data::Message;
 use crate::error::{Error, Result};
+use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 
@@ -86,26 +89,9 @@ impl Entrypoint for HttpEntrypoint {
     }
 
     async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
-        let filter = self.method_filter()?;
-        if !self.path.starts_with('/') {
-            return Err(Error::Startup(format!(
-                "{}: the path must start with '/'",
-                self.describe()
-            )));
-        }
+        let filter = self.checked()?;
         let site = route.shared_extension(|| WebSite::new(route.clone()));
-        let served = route.clone();
-        let handler = on(
-            filter,
-            move |method: Method,
-                  uri: Uri,
-                  headers: HeaderMap,
-                  params: RawPathParams,
-                  body: Bytes| {
-                call(served.clone(), request(&method, &uri, &headers, &params), body)
-            },
-        );
-        site.add(&self.method, &self.path, route.name(), handler)?;
+        site.add(&self.method, &self.path, route.name(), handler(route.clone(), filter))?;
         tracing::info!(route = route.name(), "serving HTTP {} {}", self.method, self.path);
         Ok(())
     }
@@ -114,6 +100,63 @@ impl Entrypoint for HttpEntrypoint {
     async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
         Ok(())
     }
+
+    fn kind(&self) -> EntrypointKind {
+        EntrypointKind::Http { method: self.method.clone(), path: self.path.clone() }
+    }
+}
+
+impl HttpEntrypoint {
+    /// The methods served, once the method and the path are checked.
+    fn checked(&self) -> Result<MethodFilter> {
+        let filter = self.method_filter()?;
+        if !self.path.starts_with('/') {
+            return Err(Error::Startup(format!(
+                "{}: the path must start with '/'",
+                self.describe()
+            )));
+        }
+        Ok(filter)
+    }
+}
+
+/// What serves `route` for the methods of `filter` on the site.
+fn handler(route: RouteHandle, filter: MethodFilter) -> MethodRouter {
+    on(
+        filter,
+        move |method: Method, uri: Uri, headers: HeaderMap, params: RawPathParams, body: Bytes| {
+            call(route.clone(), request(&method, &uri, &headers, &params), body)
+        },
+    )
+}
+
+/// Marks the answer to a request that is not for the route (another path or method).
+#[derive(Clone, Copy, Debug)]
+struct NotForRoute;
+
+/// Answer `request` as the service's HTTP site answers it when `route` is served on `method
+/// path`, without a socket (for test hooks): the same body limit, request and response.
+/// `None` when the request is for another path or method.
+pub(crate) async fn answer_directly(
+    route: RouteHandle,
+    method: &str,
+    path: &str,
+    request: Request<Body>,
+) -> Result<Option<axum::response::Response>> {
+    let entrypoint = HttpEntrypoint::new(method, path);
+    let filter = entrypoint.checked()?;
+    let not_for_route = || async { (StatusCode::NOT_FOUND, Extension(NotForRoute)) };
+    let limit = DefaultBodyLimit::max(route.config().max_message_size);
+    let name = route.name().to_owned();
+    let served = handler(route, filter).fallback(not_for_route);
+    let mut router = add_route(Router::new(), &entrypoint.method, path, &name, served)?
+        .fallback(not_for_route)
+        .layer(limit);
+    std::future::poll_fn(|cx| Service::<Request<Body>>::poll_ready(&mut router, cx))
+        .await
+        .unwrap_or_else(|never| match never {});
+    let response = router.call(request).await.unwrap_or_else(|never| match never {});
+    Ok(response.extensions().get::<NotForRoute>().is_none().then_some(response))
 }
 
 /// The plain-data form of a request, for the worker.

@@ -35,4 +35,5 @@ pub use entrypoint::HttpEntrypoint;
 pub use request::{HttpRequest, Path, Query};
 pub use response::Response;
 
+pub(crate) use entrypoint::answer_directly;
 pub(crate) use site::WebSite;

@@ -59,19 +59,7 @@ impl WebSite {
                 "routes {other} and {route} both serve HTTP {method} {path}"
             )));
         }
-        let router = state.router.clone();
-        let added = std::panic::catch_unwind(AssertUnwindSafe(|| router.route(path, handler)))
-            .map_err(|panic| {
-                let reason = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("rejected by the router");
-                Error::Startup(format!(
-                    "route {route}: cannot serve HTTP {method} {path}: {reason}"
-                ))
-            })?;
-        state.router = added;
+        state.router = add_route(state.router.clone(), method, path, route, handler)?;
         state.routes.push((method.to_owned(), path.to_owned(), route.to_owned()));
         Ok(())
     }
@@ -80,6 +68,25 @@ impl WebSite {
     pub(crate) fn address(&self) -> Option<SocketAddr> {
         self.state().address
     }
+}
+
+/// `router` serving `method path` with `handler` for the route `route`; a path axum refuses
+/// (it panics) is an error.
+pub(super) fn add_route(
+    router: Router,
+    method: &str,
+    path: &str,
+    route: &str,
+    handler: MethodRouter,
+) -> Result<Router> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| router.route(path, handler))).map_err(|panic| {
+        let reason = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("rejected by the router");
+        Error::Startup(format!("route {route}: cannot serve HTTP {method} {path}: {reason}"))
+    })
 }
 
 #[async_trait]

@@ -30,6 +30,7 @@
 use async_trait::async_trait;
 
 use crate::error::Result;
+use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::RouteHandle;
 
 /// What triggers a route.
@@ -53,4 +54,11 @@ pub trait Entrypoint: Send + Sync + 'static {
     /// Feed messages to the route until `route.stopping()` fires, then finish as the worker
     /// mode says (hand unstarted messages back, or finish them) and return.
     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()>;
+
+    /// What kind of entrypoint this is, for test hooks to hand the route what it would. The
+    /// framework's entrypoints say; the routes of others take raw messages.
+    #[doc(hidden)]
+    fn kind(&self) -> EntrypointKind {
+        EntrypointKind::Other
+    }
 }

@@ -6,6 +6,7 @@ mod call_watch;
 pub(crate) mod consume;
 mod delayed_message;
 mod entrypoint;
+pub(crate) mod entrypoint_kind;
 pub mod retry;
 mod route_handle;
 pub mod routes;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::call_watch::{CallWatch, FinishedCall};
+use super::entrypoint_kind::EntrypointInfo;
 use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
 
@@ -42,6 +43,8 @@ struct RouteRuntime {
     name: Arc<str>,
     /// The `route` label of its metrics.
     metric_label: Arc<str>,
+    /// The route's entrypoint as tests see it (kept when the entrypoint is not started).
+    entrypoint: Option<EntrypointInfo>,
     target: ErasedTarget,
     callback: Option<ErasedTarget>,
     translators: Vec<Arc<dyn MessageTranslator>>,
@@ -96,6 +99,7 @@ impl RouteHandle {
                 service: env.config.service_name.as_str().into(),
                 name: route.name.as_str().into(),
                 metric_label: route.metric_label_for(env.config.protocol).into(),
+                entrypoint: route.entrypoint_info,
                 target: route.target,
                 callback: route.callback,
                 translators: route.translators,
@@ -139,6 +143,11 @@ impl RouteHandle {
     /// The `route` label of the route's metrics.
     pub(crate) fn metric_label(&self) -> &str {
         &self.inner.metric_label
+    }
+
+    /// The route's entrypoint, as test hooks see it; `None` for a route without one.
+    pub(crate) fn entrypoint(&self) -> Option<&EntrypointInfo> {
+        self.inner.entrypoint.as_ref()
     }
 
     /// The service's name.

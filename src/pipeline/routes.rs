@@ -28,6 +28,7 @@ use crate::config::Protocol;
 use crate::handler::dependencies::{self, Dependency, SharedDependency};
 use crate::handler::targets::{ErasedTarget, Target};
 use crate::handler::translators::MessageTranslator;
+use crate::pipeline::entrypoint_kind::EntrypointInfo;
 use crate::pipeline::retry::BackOffPolicy;
 use crate::pipeline::Entrypoint;
 
@@ -37,6 +38,8 @@ pub struct Route {
     pub(crate) target: ErasedTarget,
     pub(crate) callback: Option<ErasedTarget>,
     pub(crate) entrypoint: Option<Box<dyn Entrypoint>>,
+    /// What the entrypoint is, kept once the entrypoint is taken to be set up and run.
+    pub(crate) entrypoint_info: Option<EntrypointInfo>,
     pub(crate) translators: Vec<Arc<dyn MessageTranslator>>,
     pub(crate) dependencies: Vec<SharedDependency>,
     pub(crate) backoff: Option<BackOffPolicy>,
@@ -52,6 +55,7 @@ impl Route {
             target,
             callback: None,
             entrypoint: None,
+            entrypoint_info: None,
             translators: Vec::new(),
             dependencies: Vec::new(),
             backoff: None,
@@ -67,6 +71,7 @@ impl Route {
 
     /// Set what triggers the route.
     pub fn entrypoint(mut self, entrypoint: impl Entrypoint) -> Self {
+        self.entrypoint_info = Some(EntrypointInfo::of(&entrypoint));
         self.entrypoint = Some(Box::new(entrypoint));
         self
     }

@@ -1,6 +1,7 @@
 //! The [`Runner`]: starts a service from its routes and config, and stops it gracefully.
 
 mod context;
+mod enabled;
 mod metric_labels;
 mod signals;
 
@@ -16,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use context::RunnerContext;
+use enabled::EnabledEntrypoints;
 use metric_labels::MetricLabels;
 
 use crate::config::Config;
@@ -59,17 +61,32 @@ pub struct Runner {
     contexts: Vec<RunnerContext>,
     config: Config,
     dependencies: Vec<SharedDependency>,
+    entrypoints: EnabledEntrypoints,
 }
 
 impl Runner {
     /// A runner for `routes`, all in one context sized by `MAX_WORKERS` and `WORKER_MODE`.
     pub fn new(routes: Vec<Route>, config: Config) -> Self {
-        Runner { contexts: vec![RunnerContext::new(routes)], config, dependencies: Vec::new() }
+        Runner {
+            contexts: vec![RunnerContext::new(routes)],
+            config,
+            dependencies: Vec::new(),
+            entrypoints: EnabledEntrypoints::All,
+        }
     }
 
     /// Add a context: routes with their own worker pool.
     pub fn context(mut self, context: RunnerContext) -> Self {
         self.contexts.push(context);
+        self
+    }
+
+    /// Start the entrypoints of the routes named in `routes` only; the other routes are set
+    /// up (their dependencies) without their entrypoint, for tests to call them directly. A
+    /// name that no route has stops the start.
+    pub(crate) fn restrict_entrypoints(mut self, routes: &[&str]) -> Self {
+        let names = routes.iter().map(|&name| name.to_owned()).collect();
+        self.entrypoints = EnabledEntrypoints::Only(names);
         self
     }
 
@@ -110,7 +127,7 @@ impl Runner {
         // Shared extensions (servers, consumers) are made by the set-ups but never started.
         let env = ServiceEnv::new(config.clone(), recorder.clone())?;
         let mut set_up = Ok(());
-        for RoutePlan { mut route, pool } in plans {
+        for RoutePlan { mut route, pool, .. } in plans {
             let Some(mut entrypoint) = route.entrypoint.take() else { continue };
             set_up = entrypoint.setup(&RouteHandle::new(route, pool, &env)).await;
             if set_up.is_err() {
@@ -207,7 +224,11 @@ impl Runner {
             ));
         }
         let config = Arc::new(self.config);
-        let plans = plan_routes(self.contexts, &self.dependencies, &config)?;
+        let mut plans = plan_routes(self.contexts, &self.dependencies, &config)?;
+        self.entrypoints.check(plans.iter().map(|plan| plan.route.name.as_str()))?;
+        for plan in &mut plans {
+            plan.started = self.entrypoints.enables(&plan.route.name);
+        }
         Ok((config, plans))
     }
 }
@@ -255,6 +276,8 @@ async fn start(
 struct RoutePlan {
     route: Route,
     pool: WorkerPool,
+    /// Whether its entrypoint starts (else the route is only set up).
+    started: bool,
 }
 
 fn plan_routes(
@@ -309,7 +332,7 @@ fn plan_routes(
             }
             check_targets(&route)?;
             labels.add_route(&label, &route.name, route.metric_label_for(config.protocol))?;
-            plans.push(RoutePlan { route, pool: pool.clone() });
+            plans.push(RoutePlan { route, pool: pool.clone(), started: true });
         }
     }
     Ok(plans)
@@ -349,11 +372,12 @@ async fn start_routes(
         }
     };
     let mut tasks = JoinSet::new();
-    for (name, serving) in started.1 {
+    for (name, serving) in started.serving {
         tasks.spawn(async move { (name.to_owned(), serving.await) });
     }
-    let started = started.0;
-    let mut routes = BTreeMap::new();
+    let mut routes: BTreeMap<_, _> =
+        started.idle.into_iter().map(|handle| (handle.name().to_owned(), handle)).collect();
+    let started = started.started;
     #[cfg(feature = "metrics")]
     let mut route_infos = Vec::new();
     for (handle, entrypoint) in started {
@@ -414,13 +438,19 @@ async fn start_routes(
     })
 }
 
-/// Set up every route's entrypoint, then start the shared extensions they made.
+/// Set up every route's entrypoint (unless it does not start), then start the shared
+/// extensions they made.
 async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp> {
-    let mut started = Vec::new();
-    for RoutePlan { mut route, pool } in plans {
+    let (mut started, mut idle) = (Vec::new(), Vec::new());
+    for RoutePlan { mut route, pool, started: starts } in plans {
         env.metrics.context(pool.context(), pool.size(), pool.mode().as_str());
         let Some(mut entrypoint) = route.entrypoint.take() else { continue };
         let handle = RouteHandle::new(route, pool, env);
+        if !starts {
+            tracing::info!(route = handle.name(), "route ready without its entrypoint");
+            idle.push(handle);
+            continue;
+        }
         entrypoint.setup(&handle).await?;
         tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
         started.push((handle, entrypoint));
@@ -429,12 +459,16 @@ async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp>
     for (name, extension) in env.extensions.take() {
         serving.push((name, extension.start().await?));
     }
-    Ok((started, serving))
+    Ok(SetUp { started, idle, serving })
 }
 
-/// The routes set up with their entrypoints, and what each started shared extension serves.
-type SetUp =
-    (Vec<(RouteHandle, Box<dyn crate::pipeline::Entrypoint>)>, Vec<(&'static str, Serving)>);
+/// The routes set up with their entrypoints, those set up without, and what each started
+/// shared extension serves.
+struct SetUp {
+    started: Vec<(RouteHandle, Box<dyn crate::pipeline::Entrypoint>)>,
+    idle: Vec<RouteHandle>,
+    serving: Vec<(&'static str, Serving)>,
+}
 
 /// Set up every dependency of the planned routes once (a runner-level dependency is shared
 /// by routes), in route order; returns them for teardown.
@@ -491,7 +525,7 @@ async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
     let env = ServiceEnv::new(config.clone(), link.transport())?;
     let mut routes = HashMap::new();
     let set_up = set_up_dependencies(&plans, &config).await?;
-    for RoutePlan { mut route, pool } in plans {
+    for RoutePlan { mut route, pool, .. } in plans {
         route.entrypoint = None;
         let local = WorkerPool::new(1, WorkerMode::Thread, pool.context());
         let handle = RouteHandle::new(route, local, &env);

@@ -25,8 +25,11 @@
 
 mod call;
 mod fakes;
+mod hooks;
+mod restrict;
 mod service;
 mod waiter;
+mod worker;
 
 use std::time::Duration;
 
@@ -35,8 +38,12 @@ use crate::config::Config;
 pub use crate::pipeline::FinishedCall;
 pub use call::{call_route, take_messages};
 pub use fakes::{DispatchedEvent, FakeProducer, FakeRpc, RecordedCall};
+pub use hooks::{EntrypointHook, HookError};
+#[cfg(feature = "http")]
+pub use hooks::{HttpCall, HttpResponse};
 pub use service::TestService;
 pub use waiter::RouteWaiter;
+pub use worker::{worker, WorkerCall};
 
 /// How long the `wait_*` helpers wait before failing.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(10);

@@ -11,6 +11,7 @@ use super::fired_at::tick_message;
 use super::leadership::Leadership;
 use crate::data::Handled;
 use crate::error::{Error, Result};
+use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 
@@ -146,5 +147,9 @@ impl Entrypoint for TimeEntrypoint {
                 last += *interval;
             }
         }
+    }
+
+    fn kind(&self) -> EntrypointKind {
+        EntrypointKind::Timer
     }
 }

@@ -6,7 +6,7 @@ use crate::data::Message;
 
 /// The message a timer hands its route when it fires at `now`: a JSON string holding the
 /// time in UTC, written as Python's `datetime.utcnow().isoformat()` writes it.
-pub(super) fn tick_message(now: DateTime<Utc>) -> serde_json::Result<Message> {
+pub(crate) fn tick_message(now: DateTime<Utc>) -> serde_json::Result<Message> {
     Message::json(&isoformat(now))
 }
 

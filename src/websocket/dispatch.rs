@@ -78,6 +78,12 @@ pub(crate) fn dispatch(registry: &WsRegistry, frame: &[u8], in_flight: usize) ->
     }
 }
 
+/// The message a WebSocket command hands its route: the request's arguments as an RPC
+/// payload (what [`Args`](crate::amqp::rpc::Args) reads), the command as routing key.
+pub(crate) fn command_message(request: Request) -> Message {
+    request.into_message(json_properties())
+}
+
 /// A call refused for want of a worker: the Python original's `MaxConnectionsReached`
 /// ("No Available Workers"), on which its client tries again.
 fn refusal(why: String) -> RemoteError {
@@ -87,7 +93,7 @@ fn refusal(why: String) -> RemoteError {
 impl Call {
     fn new(route: RouteHandle, permit: WorkerPermit, request: Request) -> Self {
         let id = request.id.clone();
-        Call { route, permit, message: request.into_message(json_properties()), id }
+        Call { route, permit, message: command_message(request), id }
     }
 
     /// Run the call; its reply frame.

@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 
 use crate::error::Result;
+use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 use crate::websocket::server::WebSocketServer;
@@ -57,5 +58,9 @@ impl Entrypoint for WebSocketEntrypoint {
     /// The service's WebSocket server (a shared extension) serves every WebSocket route.
     async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
         Ok(())
+    }
+
+    fn kind(&self) -> EntrypointKind {
+        EntrypointKind::WebSocket
     }
 }

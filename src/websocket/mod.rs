@@ -105,6 +105,7 @@ pub use client::{WebSocketRpcClient, DEFAULT_TIMEOUT};
 pub use entrypoint::WebSocketEntrypoint;
 pub use error::WebSocketRpcError;
 
+pub(crate) use dispatch::command_message;
 pub(crate) use server::WebSocketServer;
 
 /// The largest frame (and message) read, in bytes: 1 MiB, the Python server's default.

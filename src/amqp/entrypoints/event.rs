@@ -3,12 +3,15 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::amqp::naming::{dead_letter_queue, event_exchange, event_queue, HandlerType};
-use crate::data::Message;
+use crate::config::Config;
+use crate::data::{Headers, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{serve_route, Accept};
+use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::settle::declare_retry_topology;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
@@ -127,13 +130,45 @@ impl Entrypoint for EventListener {
             .queue
             .clone()
             .ok_or_else(|| crate::Error::Startup(format!("{} was not set up", self.describe())))?;
-        let accept: Accept = match self.filter.clone() {
+        serve_route(route, queue, self.accept()).await
+    }
+
+    fn kind(&self) -> EntrypointKind {
+        EntrypointKind::Event {
+            source_service: self.source_service.clone(),
+            event_name: self.event_name.clone(),
+            accept: self.accept(),
+        }
+    }
+}
+
+impl EventListener {
+    /// Whether the route handles a message: its payload passes the filter, or cannot be
+    /// decoded (bad input, not skipped).
+    fn accept(&self) -> Accept {
+        match self.filter.clone() {
             None => Arc::new(|_: &Message| true),
             Some(filter) => Arc::new(move |message: &Message| match message.decode() {
                 Ok(payload) => filter(&payload),
                 Err(_) => true,
             }),
-        };
-        serve_route(route, queue, accept).await
+        }
     }
+}
+
+/// The message an event listener hands its route for `source_service`'s event `event_name`
+/// with `payload`: as delivered from the exchange `{source_service}.events`, a persistent JSON
+/// message with `headers` (context data).
+pub(crate) fn event_delivery<T: Serialize + ?Sized>(
+    config: &Config,
+    source_service: &str,
+    event_name: &str,
+    payload: &T,
+    headers: Headers,
+) -> serde_json::Result<Message> {
+    let mut message = Message::json(payload)?;
+    message.properties.headers = headers;
+    message.exchange = event_exchange(config, source_service).name;
+    message.routing_key = event_name.to_owned();
+    Ok(message)
 }

@@ -1,13 +1,18 @@
 //! [`RPCListener`]: serve a route as an RPC method (Nameko's `@rpc`).
 
 use async_trait::async_trait;
+use serde_json::{Map, Value};
 
 use crate::amqp::rpc::naming::{
     rpc_binding, rpc_exchange, rpc_queue, ufw_builtin_queue, ufw_rpc_exchange, ufw_target_queue,
+    UFW_RPC_EXCHANGE,
 };
+use crate::amqp::rpc::ufw_wire::Request;
 use crate::amqp::rpc::{RpcServer, UfwRpcServer};
-use crate::config::Protocol;
+use crate::config::{Config, Protocol};
+use crate::data::{json_properties, Headers, Message};
 use crate::error::Result;
+use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 
@@ -134,5 +139,35 @@ impl Entrypoint for RPCListener {
     /// queues of every RPC route.
     async fn run(self: Box<Self>, _route: RouteHandle) -> Result<()> {
         Ok(())
+    }
+
+    fn kind(&self) -> EntrypointKind {
+        EntrypointKind::Rpc { protocol: self.protocol }
+    }
+}
+
+/// The message an RPC listener speaking `protocol` (the config's when `None`) hands its route
+/// for a call of `method(*args, **kwargs)`: the request `{"args": [...], "kwargs": {...}}` as
+/// [`Args`](crate::amqp::rpc::Args) reads it, from the protocol's exchange with the routing
+/// key `{service}.{method}`, carrying `headers` (context data).
+pub(crate) fn rpc_request(
+    config: &Config,
+    protocol: Option<Protocol>,
+    method: &str,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+    headers: Headers,
+) -> Message {
+    let mut properties = json_properties();
+    properties.headers = headers;
+    let request = Request { id: None, command: method.to_owned(), args, kwargs };
+    let exchange = match protocol.unwrap_or(config.protocol) {
+        Protocol::Nameko => config.rpc_exchange.clone(),
+        Protocol::MicroFramework => UFW_RPC_EXCHANGE.to_owned(),
+    };
+    Message {
+        exchange,
+        routing_key: format!("{}.{method}", config.service_name),
+        ..request.into_message(properties)
     }
 }

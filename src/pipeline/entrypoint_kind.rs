@@ -1,0 +1,82 @@
+//! [`EntrypointKind`]: what kind of entrypoint triggers a route, kept with the route so that a
+//! test can hand the route what that entrypoint would, even when the entrypoint never started.
+
+use std::fmt;
+
+use crate::config::Protocol;
+use crate::pipeline::consume::Accept;
+use crate::pipeline::Entrypoint;
+
+/// What kind of entrypoint triggers a route, with what it takes to build the message that
+/// entrypoint hands its route.
+#[derive(Clone)]
+pub enum EntrypointKind {
+    /// Events `event_name` of `source_service`, passed through the listener's filter.
+    Event {
+        /// The service dispatching the events.
+        source_service: String,
+        /// The events' name (their routing key).
+        event_name: String,
+        /// The listener's filter: false for an event it skips.
+        accept: Accept,
+    },
+    /// RPC requests for the route's method.
+    Rpc {
+        /// The wire format, when not the config's.
+        protocol: Option<Protocol>,
+    },
+    /// HTTP requests for `method path`.
+    #[cfg(feature = "http")]
+    Http {
+        /// The method, upper case.
+        method: String,
+        /// The path, in axum's syntax.
+        path: String,
+    },
+    /// WebSocket commands named after the route.
+    #[cfg(feature = "websocket")]
+    WebSocket,
+    /// The firings of a timer.
+    Timer,
+    /// Any other entrypoint (a work queue, one written outside the framework).
+    Other,
+}
+
+impl fmt::Debug for EntrypointKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EntrypointKind::Event { source_service, event_name, .. } => f
+                .debug_struct("Event")
+                .field("source_service", source_service)
+                .field("event_name", event_name)
+                .finish_non_exhaustive(),
+            EntrypointKind::Rpc { protocol } => {
+                f.debug_struct("Rpc").field("protocol", protocol).finish()
+            }
+            #[cfg(feature = "http")]
+            EntrypointKind::Http { method, path } => {
+                f.debug_struct("Http").field("method", method).field("path", path).finish()
+            }
+            #[cfg(feature = "websocket")]
+            EntrypointKind::WebSocket => f.write_str("WebSocket"),
+            EntrypointKind::Timer => f.write_str("Timer"),
+            EntrypointKind::Other => f.write_str("Other"),
+        }
+    }
+}
+
+/// A route's entrypoint as tests see it: its description and its kind.
+#[derive(Clone, Debug)]
+pub(crate) struct EntrypointInfo {
+    /// What [`Entrypoint::describe`] says, e.g. `EventListener(shop.paid)`.
+    pub description: String,
+    /// Its kind.
+    pub kind: EntrypointKind,
+}
+
+impl EntrypointInfo {
+    /// The description and kind of `entrypoint`.
+    pub(crate) fn of(entrypoint: &dyn Entrypoint) -> Self {
+        EntrypointInfo { description: entrypoint.describe(), kind: entrypoint.kind() }
+    }
+}
