@@ -1,6 +1,7 @@
 //! The testing toolkit's entrypoint hooks, restricted start and worker factory, on the
 //! in-process broker: hooks reach routes through their entrypoints' messages and the real
-//! pipeline, without the broker.
+//! pipeline, without the broker. (Needs the `http` and `websocket` features, which it tests.)
+#![cfg(all(feature = "http", feature = "websocket"))]
 
 mod common;
 

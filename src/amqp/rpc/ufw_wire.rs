@@ -213,8 +213,7 @@ impl Request {
 impl Request {
     /// The message a route handles for this request: its arguments as an RPC payload
     /// `{"args": [...], "kwargs": {...}}` (what [`Args`](crate::amqp::rpc::Args) reads), with
-    /// `properties`, and the command as routing key (as the WebSocket entrypoint hands it).
-    #[cfg(feature = "websocket")]
+    /// `properties`, and the command as routing key.
     pub(crate) fn into_message(self, properties: crate::data::Properties) -> crate::data::Message {
         crate::data::Message {
             body: crate::amqp::rpc::wire::request_body(self.args, self.kwargs),
