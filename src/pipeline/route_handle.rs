@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
 
+use crate::clock;
 use crate::config::Config;
 use crate::data::CallContext;
 use crate::data::Message;
@@ -203,7 +204,7 @@ impl RouteHandle {
         let (context, route) = (self.inner.pool.context(), self.metric_label());
         self.inner.metrics.received(context, route);
         self.inner.metrics.call_started(context, route, self.inner.pool.available());
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let handled = self.handle_in_slot(&message).await;
         let failed = !matches!(handled, Handled::Succeeded(_));
         drop(permit);
@@ -237,7 +238,7 @@ impl RouteHandle {
             tokio::time::sleep(delay).await;
             retry.retry_count += 1;
             retry.last_error = Some(failure.full_message());
-            retry.last_retry = Some(std::time::SystemTime::now());
+            retry.last_retry = Some(clock::wall_now());
             outcome = self.run(TargetRole::Target, message, None, &retry).await;
         }
         match outcome {

@@ -24,6 +24,7 @@
 //! ```
 
 mod call;
+mod clock;
 mod service;
 
 use std::time::Duration;

@@ -26,7 +26,7 @@ pub struct RpcReply {
     receiver: oneshot::Receiver<ReplyOutcome>,
     waiting: Waiting,
     metrics: Option<Metrics>,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
 }
 
 /// Forgets the correlation id when the call is done or abandoned.
@@ -51,15 +51,16 @@ impl RpcReply {
         correlation_id: String,
         receiver: oneshot::Receiver<ReplyOutcome>,
     ) -> Self {
+        let started = tokio::time::Instant::now();
         RpcReply {
             service: service.to_owned(),
             method: method.to_owned(),
             timeout,
-            deadline: tokio::time::Instant::now() + timeout,
+            deadline: started + timeout,
             receiver,
             waiting: Waiting { queue, correlation_id },
             metrics: None,
-            started: std::time::Instant::now(),
+            started,
         }
     }
 
