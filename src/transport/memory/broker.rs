@@ -34,9 +34,8 @@ pub(super) enum Settle {
 /// the broker's own when no runtime is current, or when that runtime ends first). Its times
 /// are tokio's: under a paused clock (`tokio::time::pause`, `#[tokio::test(start_paused =
 /// true)]`) they follow the test clock, so a test of a 10 s TTL takes no real time. A paused
-/// test needs a broker of its own (`memory://` with a unique name, as
-/// [`test_config`](crate::testing::test_config) gives), so that no other runtime's clock
-/// drives its timer.
+/// test needs a broker of its own (`memory://` with a unique name, as `testing::test_config`
+/// gives), so that no other runtime's clock drives its timer.
 pub struct MemoryBroker {
     name: String,
     state: Mutex<State>,
