@@ -214,7 +214,7 @@ async fn migrate(script: &str, protocol: Protocol, stop_signal: &str) {
     if let Some(rust) = rust {
         rust.stop().await.unwrap();
     }
-    Arc::try_unwrap(client).ok().expect("no call left").close().await;
+    Arc::try_unwrap(client).unwrap_or_else(|_| panic!("no call left")).close().await;
     producer_transport.close().await;
     common::cleanup(&uri, &[service, source]).await;
 }
