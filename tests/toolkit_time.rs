@@ -173,6 +173,31 @@ async fn a_wait_limit_runs_on_the_test_clock_and_says_what_was_seen() {
     service.stop().await.unwrap();
 }
 
+/// A sync target that blocks its worker thread for 50 ms of real time.
+fn blocks(Dep(calls): Dep<Arc<Calls>>) {
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(50));
+    calls.record(format!("{:?}", started.elapsed()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sync_target_holds_the_paused_clock_while_it_runs() {
+    let calls = Arc::new(Calls::default());
+    let shop = common::unique("shop");
+    let route = Route::new(blocks)
+        .entrypoint(EventListener::new(&shop, "paid"))
+        .dependency(Shared(calls.clone()));
+    let service =
+        TestService::start(vec![route], test_config(&common::unique("blocking"))).await.unwrap();
+    let started = Instant::now();
+    service.dispatch(&shop, "paid", "order 4").await.unwrap();
+    // an idle paused clock would jump to this limit while the target blocks its thread
+    service.wait_for_route_within("blocks", 1, Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(calls.payloads(), ["0ns"]);
+    service.stop().await.unwrap();
+}
+
 /// A timer target recording when it fired and the payload it was given.
 fn tick(Payload(fired_at): Payload<String>, Dep(calls): Dep<Arc<Calls>>) {
     calls.record(fired_at);
