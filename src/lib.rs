@@ -60,6 +60,7 @@
 #![deny(missing_docs)]
 
 pub mod amqp;
+mod clock;
 pub mod config;
 pub mod data;
 mod error;

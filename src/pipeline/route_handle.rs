@@ -15,6 +15,7 @@ use super::entrypoint_kind::EntrypointInfo;
 use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
 
+use crate::clock;
 use crate::config::Config;
 use crate::data::CallContext;
 use crate::data::Message;
@@ -215,7 +216,7 @@ impl RouteHandle {
         let (context, route) = (self.inner.pool.context(), self.metric_label());
         self.inner.metrics.received(context, route);
         self.inner.metrics.call_started(context, route, self.inner.pool.available());
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let handled = self.handle_in_slot(&message).await;
         let failed = !matches!(handled, Handled::Succeeded(_));
         drop(permit);
@@ -255,7 +256,7 @@ impl RouteHandle {
             tokio::time::sleep(delay).await;
             retry.retry_count += 1;
             retry.last_error = Some(failure.full_message());
-            retry.last_retry = Some(std::time::SystemTime::now());
+            retry.last_retry = Some(clock::wall_now());
             outcome = self.run(TargetRole::Target, message, None, &retry).await;
         }
         match outcome {

@@ -7,6 +7,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::clock;
 use crate::config::RetryDelay;
 use crate::data::Failure;
 use crate::data::Handled;
@@ -186,7 +187,7 @@ async fn schedule_retry(
 ) -> Result<(), NotScheduled> {
     let retry_count =
         BackOffData::from_headers(&message.properties.headers, 0).retry_count.saturating_add(1);
-    let now = SystemTime::now();
+    let now = clock::wall_now();
     let mut properties = copy_properties(&message.properties);
     let headers = &mut properties.headers;
     headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry_count)));
@@ -302,7 +303,7 @@ fn dead_letter_headers(
     }
     headers.insert(
         HEADER_FAILED_AT.into(),
-        HeaderValue::Timestamp(seconds_since_epoch(SystemTime::now())),
+        HeaderValue::Timestamp(seconds_since_epoch(clock::wall_now())),
     );
     let retry_count = BackOffData::from_headers(&message.properties.headers, 0).retry_count;
     let attempts = retry_count.saturating_add(1);

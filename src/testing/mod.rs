@@ -24,6 +24,7 @@
 //! ```
 
 mod call;
+mod clock;
 mod fakes;
 mod hooks;
 mod restrict;

@@ -62,15 +62,10 @@ impl TestService {
         Producer::new(self.transport().clone(), &config).dispatch(event, payload).await
     }
 
-    /// Wait until `route` has settled at least `count` messages in all.
+    /// Wait until `route` has settled at least `count` messages in all, for at most
+    /// [`WAIT_LIMIT`].
     pub async fn wait_for_route(&self, route: &str, count: u64) -> Result<()> {
-        let stats = self.route(route)?.stats();
-        tokio::time::timeout(WAIT_LIMIT, stats.wait_settled(count)).await.map_err(|_| {
-            Error::Timeout(format!(
-                "route '{route}' settled {} of {count} messages in {WAIT_LIMIT:?}",
-                stats.settled_count()
-            ))
-        })
+        self.wait_for_route_within(route, count, WAIT_LIMIT).await
     }
 
     /// Messages ready in `queue`.

@@ -4,11 +4,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Timelike, Utc};
 use croner::Cron;
 use tokio::time::{sleep_until, Instant};
 
 use super::fired_at::tick_message;
 use super::leadership::Leadership;
+use crate::clock;
 use crate::data::Handled;
 use crate::error::{Error, Result};
 use crate::pipeline::entrypoint_kind::EntrypointKind;
@@ -31,6 +33,10 @@ pub enum Schedule {
 /// (`datetime.utcnow().isoformat()`): a JSON string such as `"2026-12-01T11:53:06.123456"`,
 /// without the fraction when the microseconds are zero. Take it with `Payload<String>`, or
 /// leave it.
+///
+/// Timers keep tokio's time: under a paused clock (`#[tokio::test(start_paused = true)]`)
+/// intervals, cron occurrences and the payload's time follow the test clock, the wall time
+/// starting from the system time when the clock was paused.
 ///
 /// ```
 /// use std::time::Duration;
@@ -83,15 +89,26 @@ impl TimeEntrypoint {
         Ok(TimeEntrypoint { schedule: Schedule::Cron(Box::new(cron)), cluster_wide: false })
     }
 
-    /// When the tick after `last` is due; `None` when the schedule has no future tick.
-    fn next_tick(&self, last: Instant) -> Option<Instant> {
+    /// When the tick after `last` is due; `None` when the schedule has no future tick. A
+    /// cron tick is the occurrence after now and after `last_occurrence` (so an occurrence
+    /// fires once however early the clock wakes the timer), which it updates. The search
+    /// starts from a whole second: croner keeps the fraction it starts from, which would
+    /// make each occurrence that late.
+    fn next_tick(
+        &self,
+        last: Instant,
+        last_occurrence: &mut Option<DateTime<Utc>>,
+    ) -> Option<Instant> {
         match &self.schedule {
             Schedule::Every(interval) => Some(last + *interval),
             Schedule::Cron(cron) => {
-                let now = chrono::Utc::now();
-                let next = cron.find_next_occurrence(&now, false).ok()?;
-                let wait = (next - now).to_std().unwrap_or_default();
-                Some(Instant::now() + wait)
+                let now = Instant::now();
+                let wall = DateTime::<Utc>::from(clock::wall_at(now));
+                let after = last_occurrence.map_or(wall, |occurrence| occurrence.max(wall));
+                let after = after.with_nanosecond(0).unwrap_or(after);
+                let next = cron.find_next_occurrence(&after, false).ok()?;
+                *last_occurrence = Some(next);
+                Some(now + (next - wall).to_std().unwrap_or_default())
             }
         }
     }
@@ -112,8 +129,9 @@ impl Entrypoint for TimeEntrypoint {
     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
         let mut leadership = self.cluster_wide.then(|| Leadership::of(&route));
         let mut last = Instant::now();
+        let mut last_occurrence = None;
         loop {
-            let Some(due) = self.next_tick(last) else {
+            let Some(due) = self.next_tick(last, &mut last_occurrence) else {
                 tracing::info!(route = route.name(), "schedule has no further tick; timer ends");
                 return Ok(());
             };
@@ -127,7 +145,7 @@ impl Entrypoint for TimeEntrypoint {
                     continue;
                 }
             }
-            let message = tick_message(chrono::Utc::now())?;
+            let message = tick_message(clock::wall_now().into())?;
             let Some(permit) = route.acquire().await else { return Ok(()) };
             let handled = route.handle(permit, message).await;
             if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {

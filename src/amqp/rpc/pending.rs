@@ -25,7 +25,7 @@ pub struct RpcReply {
     correlation_id: String,
     arrival: Arrival,
     metrics: Option<Metrics>,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
 }
 
 /// How the reply comes.
@@ -63,7 +63,8 @@ impl RpcReply {
         correlation_id: String,
         receiver: oneshot::Receiver<ReplyOutcome>,
     ) -> Self {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
         let waiting = Waiting { queue, correlation_id: correlation_id.clone() };
         RpcReply {
             service: service.to_owned(),
@@ -72,7 +73,7 @@ impl RpcReply {
             correlation_id,
             arrival: Arrival::Queued { deadline, receiver, waiting },
             metrics: None,
-            started: std::time::Instant::now(),
+            started,
         }
     }
 
@@ -85,7 +86,7 @@ impl RpcReply {
             correlation_id: uuid::Uuid::new_v4().to_string(),
             arrival: Arrival::Ready(outcome),
             metrics: None,
-            started: std::time::Instant::now(),
+            started: tokio::time::Instant::now(),
         }
     }
 

@@ -2,16 +2,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::transport::TransportError;
 
-use super::state::State;
+use super::state::{State, TimerCall};
 use super::transport::MemoryTransport;
-
-/// How long the timer thread sleeps at most before checking whether its broker is gone.
-const TIMER_IDLE: Duration = Duration::from_secs(1);
 
 /// How an unsettled delivery is settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,31 +28,30 @@ pub(super) enum Settle {
 ///
 /// Shared by every [`MemoryTransport`] connected to it. Brokers named through
 /// [`MemoryBroker::named`] (or `memory://NAME` URIs) live for the rest of the process.
-/// Message TTLs and `x-expires` are enforced by a background thread per broker, so they fire
-/// without consumers and independently of any tokio runtime.
+///
+/// Message TTLs, `x-expires` and delayed messages fire without consumers, from a timer task
+/// on the tokio runtime of the operation that set the first pending deadline (on a thread of
+/// the broker's own when no runtime is current, or when that runtime ends first). Its times
+/// are tokio's: under a paused clock (`tokio::time::pause`, `#[tokio::test(start_paused =
+/// true)]`) they follow the test clock, so a test of a 10 s TTL takes no real time. A paused
+/// test needs a broker of its own (`memory://` with a unique name, as `testing::test_config`
+/// gives), so that no other runtime's clock drives its timer.
 pub struct MemoryBroker {
     name: String,
     state: Mutex<State>,
-    timer: Condvar,
+    me: Weak<MemoryBroker>,
+    wake_timer: Arc<Notify>,
 }
 
 impl MemoryBroker {
     /// A new, unregistered broker (dropped with its last handle).
     pub fn new(name: impl Into<String>) -> Arc<Self> {
-        let name = name.into();
-        let broker = Arc::new_cyclic(|weak| MemoryBroker {
-            name: name.clone(),
+        Arc::new_cyclic(|weak| MemoryBroker {
+            name: name.into(),
             state: Mutex::new(State::new(weak.clone())),
-            timer: Condvar::new(),
-        });
-        let weak = Arc::downgrade(&broker);
-        let spawned = std::thread::Builder::new()
-            .name("memory-broker-timer".to_owned())
-            .spawn(move || run_timer(weak));
-        if let Err(error) = spawned {
-            tracing::error!(broker = %name, %error, "cannot start the in-memory broker timer; TTLs and x-expires will not fire");
-        }
-        broker
+            me: weak.clone(),
+            wake_timer: Arc::new(Notify::new()),
+        })
     }
 
     /// The process-wide broker called `name` (`""` is the default broker), created on first use.
@@ -130,17 +129,33 @@ impl MemoryBroker {
     }
 
     /// Runs `f` on the state under the lock, then drops what it discarded (consumer
-    /// senders, undeliverable deliveries) and wakes the timer if asked, outside the lock.
+    /// senders, undeliverable deliveries) and starts or wakes the timer if asked, outside the
+    /// lock.
     pub(super) fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         let mut state = self.lock();
         let result = f(&mut state);
-        let (garbage, notify) = state.take_garbage();
+        let (garbage, timer) = state.take_garbage();
         drop(state);
-        if notify {
-            self.timer.notify_one();
+        match timer {
+            TimerCall::None => {}
+            TimerCall::Wake => self.wake_timer.notify_one(),
+            TimerCall::Start => self.start_timer(Handle::try_current().ok()),
         }
         drop(garbage);
         result
+    }
+
+    /// Starts the timer task on `runtime`, or on the broker's own thread.
+    fn start_timer(&self, runtime: Option<Handle>) {
+        let task = run_timer(TimerRun { broker: self.me.clone(), done: false });
+        match runtime.or_else(|| own_runtime().cloned()) {
+            Some(runtime) => drop(runtime.spawn(task)),
+            None => tracing::error!(
+                broker = %self.name,
+                "no tokio runtime for the in-memory broker's timer; TTLs, x-expires and \
+                 delayed messages will not fire"
+            ),
+        }
     }
 
     /// Settles delivery `tag`.
@@ -149,19 +164,64 @@ impl MemoryBroker {
     }
 }
 
-/// The timer thread: expires messages and queues when due, sleeping in between.
-fn run_timer(broker: Weak<MemoryBroker>) {
-    while let Some(broker) = broker.upgrade() {
-        broker.with_state(|state| state.tick(Instant::now()));
-        let state = broker.lock();
-        if let Some(deadline) = state.timer_wait() {
-            let timeout = deadline
-                .map_or(TIMER_IDLE, |at| at.saturating_duration_since(Instant::now()))
-                .min(TIMER_IDLE);
-            let waited = broker.timer.wait_timeout(state, timeout);
-            drop(waited.unwrap_or_else(PoisonError::into_inner));
+/// The timer task: routes delayed messages, expires messages and deletes unused queues when
+/// due, by the clock of the runtime it runs on. It ends when nothing is due any more (the
+/// next deadline starts another) or its broker is gone.
+async fn run_timer(mut run: TimerRun) {
+    loop {
+        let Some(broker) = run.broker.upgrade() else { break };
+        let next = broker.with_state(|state| state.tick(Instant::now()));
+        let wake = Arc::clone(&broker.wake_timer);
+        drop(broker);
+        let Some(deadline) = next else { break };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = wake.notified() => {}
         }
     }
+    run.done = true;
+}
+
+/// A running timer task. Dropped before it is done (its runtime shut down, or it panicked),
+/// it hands the broker's pending deadlines to the broker's own thread.
+struct TimerRun {
+    broker: Weak<MemoryBroker>,
+    done: bool,
+}
+
+impl Drop for TimerRun {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(broker) = self.broker.upgrade() {
+            if broker.lock().timer_lost() {
+                broker.start_timer(None);
+            }
+        }
+    }
+}
+
+/// The runtime of the broker's own thread, started on first need, for timers set where no
+/// runtime is current or whose runtime ended.
+fn own_runtime() -> Option<&'static Handle> {
+    static OWN: OnceLock<Option<Handle>> = OnceLock::new();
+    OWN.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build();
+        let started = runtime.and_then(|runtime| {
+            let handle = runtime.handle().clone();
+            std::thread::Builder::new()
+                .name("memory-broker-timer".to_owned())
+                .spawn(move || runtime.block_on(std::future::pending::<()>()))
+                .map(|_| handle)
+        });
+        started
+            .map_err(
+                |error| tracing::error!(%error, "cannot start the in-memory broker's timer thread"),
+            )
+            .ok()
+    })
+    .as_ref()
 }
 
 impl fmt::Debug for MemoryBroker {

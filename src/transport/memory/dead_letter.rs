@@ -1,7 +1,8 @@
 //! Dead-lettering: the `x-death` bookkeeping and cycle detection of RabbitMQ 3.10.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
+use crate::clock;
 use crate::transport::{HeaderValue, Headers};
 
 use super::queue::Message;
@@ -43,7 +44,7 @@ pub(super) fn dead_letter(
     exchange: &str,
     routing_key: Option<&str>,
 ) {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs());
+    let now = clock::wall_now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs());
     let original_expiration = message.properties.expiration.take();
     let headers = &mut message.properties.headers;
     let mut deaths = match headers.remove("x-death") {

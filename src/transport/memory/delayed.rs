@@ -9,7 +9,9 @@
 //! a message whose exchange is gone is dropped.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::transport::{ExchangeKind, ExchangeSpec, HeaderValue, Headers, TransportError};
 

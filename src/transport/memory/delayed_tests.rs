@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use super::tests::{binding, body, buffered, declare, exchange, get, message, ready, recv};
 use super::{MemoryBroker, MemoryTransport};
 use crate::transport::{
@@ -177,4 +179,23 @@ async fn held_messages_count_against_the_memory_bound() {
     t.publish("later", "k", later(&big, HeaderValue::Int(60_000)), options).await.unwrap();
     let error = t.publish("later", "k", later(&big, HeaderValue::Int(60_000)), options).await;
     assert!(matches!(error, Err(TransportError::LimitReached { .. })), "{error:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_clock_holds_a_delayed_message_exactly_its_delay() {
+    let t = with_plugin("paused");
+    t.declare_exchange(&delayed("later", "direct")).await.unwrap();
+    declare(&t, "orders").await;
+    t.bind_queue(&binding("orders", "later", "order")).await.unwrap();
+    let options = PublishOptions::default();
+    let half_an_hour = HeaderValue::Int(30 * 60 * 1000);
+    t.publish("later", "order", later("held", half_an_hour), options).await.unwrap();
+    let sent = tokio::time::Instant::now();
+    let mut orders = t.consume("orders", ConsumeOptions::default()).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(3600), orders.next()).await;
+    let delivery = delivery.expect("delivered within the hour").expect("consumer open");
+    let held = sent.elapsed();
+    assert!(held >= Duration::from_secs(1800), "{held:?}");
+    assert!(held < Duration::from_millis(1_800_010), "{held:?}");
+    assert_eq!(body(&delivery), "held");
 }

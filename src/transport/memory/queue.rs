@@ -1,10 +1,10 @@
 //! A queue's state: its declaration, parsed arguments, ready messages and consumers.
 
 use std::collections::VecDeque;
-use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::transport::{Delivery, HeaderValue, Properties, QueueSpec};
 

@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::mem;
 use std::sync::Weak;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::transport::{
     BindingSpec, Delivery, ExchangeKind, ExchangeSpec, Headers, Limit, QueueInfo, QueueSpec,
@@ -34,6 +35,17 @@ const UNLIMITED_BUFFER: usize = 4096;
 pub(super) struct Garbage {
     senders: Vec<mpsc::Sender<Delivery>>,
     deliveries: Vec<Delivery>,
+}
+
+/// What the broker's timer task needs once the lock is let go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TimerCall {
+    /// Nothing.
+    None,
+    /// An earlier deadline came: wake it.
+    Wake,
+    /// A deadline came and no timer task runs: start one.
+    Start,
 }
 
 /// A delivery handed out and not settled yet.
@@ -72,8 +84,11 @@ struct Core {
     broker: Weak<MemoryBroker>,
     unacked: HashMap<u64, Unacked>,
     next_id: u64,
+    /// The earliest deadline of the timer's work, if any.
     timer_deadline: Option<Instant>,
-    timer_woken: bool,
+    /// Whether a timer task runs (or is about to).
+    timer_running: bool,
+    /// Whether the timer task must wake before its deadline.
     notify_timer: bool,
     garbage: Garbage,
 }
@@ -150,7 +165,6 @@ impl Core {
         if let Some(deadline) = deadline {
             if self.timer_deadline.is_none_or(|current| deadline < current) {
                 self.timer_deadline = Some(deadline);
-                self.timer_woken = true;
                 self.notify_timer = true;
             }
         }
@@ -279,7 +293,7 @@ impl State {
                 unacked: HashMap::new(),
                 next_id: 0,
                 timer_deadline: None,
-                timer_woken: false,
+                timer_running: false,
                 notify_timer: false,
                 garbage: Garbage::default(),
             },
@@ -291,14 +305,27 @@ impl State {
         self.core.next_id()
     }
 
-    /// Takes what must be dropped outside the lock, and whether the timer must be notified.
-    pub fn take_garbage(&mut self) -> (Garbage, bool) {
-        (mem::take(&mut self.core.garbage), mem::take(&mut self.core.notify_timer))
+    /// Takes what must be dropped outside the lock, and what the timer task needs.
+    pub fn take_garbage(&mut self) -> (Garbage, TimerCall) {
+        let notify = mem::take(&mut self.core.notify_timer);
+        let timer = if self.core.timer_deadline.is_none() {
+            TimerCall::None
+        } else if !self.core.timer_running {
+            self.core.timer_running = true;
+            TimerCall::Start
+        } else if notify {
+            TimerCall::Wake
+        } else {
+            TimerCall::None
+        };
+        (mem::take(&mut self.core.garbage), timer)
     }
 
-    /// When the timer should next run, unless it was asked to run again right away.
-    pub fn timer_wait(&self) -> Option<Option<Instant>> {
-        (!self.core.timer_woken).then_some(self.core.timer_deadline)
+    /// The timer task ended before its work was done: whether another must start (it is
+    /// then counted as running).
+    pub fn timer_lost(&mut self) -> bool {
+        self.core.timer_running = self.core.timer_deadline.is_some();
+        self.core.timer_running
     }
 
     /// Sorted queue names.

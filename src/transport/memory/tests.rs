@@ -683,6 +683,58 @@ async fn unused_queue_expires() {
     assert!(matches!(t.queue_info("short").await, Err(TransportError::NotFound(_))));
 }
 
+/// A queue whose messages expire after `ttl_ms` into `dead_letters`.
+fn expiring_into(name: &str, ttl_ms: i64, dead_letters: &str) -> QueueSpec {
+    queue_with(
+        name,
+        &[
+            ("x-message-ttl", HeaderValue::Int(ttl_ms)),
+            ("x-dead-letter-exchange", "".into()),
+            ("x-dead-letter-routing-key", dead_letters.into()),
+        ],
+    )
+}
+
+/// Polls without a runtime (every 5 ms, up to 2 s) until `queue` holds `count` messages.
+fn wait_ready_without_runtime(t: &MemoryTransport, queue: &str, count: u32) {
+    for _ in 0..400 {
+        if futures::executor::block_on(ready(t, queue)) == count {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("{queue} never held {count} messages");
+}
+
+#[test]
+fn ttls_fire_where_no_runtime_is_current() {
+    let (_broker, t) = setup();
+    futures::executor::block_on(async {
+        declare(&t, "expired").await;
+        t.declare_queue(&expiring_into("waiting", 20, "expired")).await.unwrap();
+        publish(&t, "", "waiting", "soon gone").await;
+    });
+    wait_ready_without_runtime(&t, "expired", 1);
+}
+
+#[test]
+fn pending_deadlines_outlive_the_runtime_that_set_them() {
+    let (_broker, t) = setup();
+    for (queue, then) in [("unpolled", Duration::ZERO), ("sleeping", Duration::from_millis(5))] {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            declare(&t, "expired").await;
+            t.declare_queue(&expiring_into(queue, 50, "expired")).await.unwrap();
+            publish(&t, "", queue, queue).await;
+            // the timer task has run and sleeps until the TTL, or has not run yet
+            tokio::time::sleep(then).await;
+        });
+        drop(runtime);
+        assert_eq!(futures::executor::block_on(ready(&t, queue)), 1);
+    }
+    wait_ready_without_runtime(&t, "expired", 2);
+}
+
 #[tokio::test]
 async fn purge_delete_get_and_missing_entities() {
     let (_broker, t) = setup();

@@ -3,9 +3,9 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 
 use crate::transport::{
     BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage,

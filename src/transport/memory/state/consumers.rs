@@ -1,8 +1,7 @@
 //! Consumers, `basic.get`, settlement, connection close and the timer's work.
 
-use std::time::Instant;
-
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::transport::{ClosedPart, ConsumeOptions, Delivery, TransportError};
 
@@ -211,8 +210,9 @@ impl State {
     }
 
     /// Timer work: routes the delayed messages that are due, expires messages at queue heads
-    /// and deletes unused `x-expires` queues.
-    pub fn tick(&mut self, now: Instant) {
+    /// and deletes unused `x-expires` queues. Returns when the timer is next due; `None`:
+    /// nothing is pending, and the timer task ends.
+    pub fn tick(&mut self, now: Instant) -> Option<Instant> {
         self.release_due(now);
         let mut work = Vec::new();
         let mut unused = Vec::new();
@@ -229,7 +229,8 @@ impl State {
         self.run(work, Vec::new(), now);
         let queues = self.queues.values().filter_map(Queue::deadline);
         self.core.timer_deadline = queues.chain(self.held.next_due()).min();
-        self.core.timer_woken = false;
+        self.core.timer_running = self.core.timer_deadline.is_some();
         self.core.notify_timer = false;
+        self.core.timer_deadline
     }
 }

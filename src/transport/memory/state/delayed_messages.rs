@@ -1,6 +1,8 @@
 //! The messages of delayed exchanges: held when published, routed when due.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::flow::Routing;
 use super::{parse_expiration, State};

@@ -2,7 +2,9 @@
 //! dead-letter exchanges.
 
 use std::mem;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::transport::{Headers, OutgoingMessage, PublishOptions, TransportError};
 

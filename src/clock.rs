@@ -1,0 +1,90 @@
+//! Wall-clock time by tokio's clock, so that what a service stamps or schedules by the wall
+//! clock (timer payloads, cron schedules, retry and dead-letter timestamps) moves with a
+//! paused test clock (`tokio::time::pause`) as its sleeps and timeouts do.
+//!
+//! The wall time of a tokio instant is read through a reference pair (a monotonic instant
+//! and the system time at that instant). Outside a paused clock tokio's instants are the
+//! monotonic clock's, so the result is the system time (within [`RESYNC_BEYOND`]: the pair
+//! is taken again whenever the system clock is stepped). Under a paused clock the result
+//! starts near the system time when the clock was paused and moves only as tokio's clock
+//! does, exactly.
+
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+/// How far the system time may stray from the reference pair's reckoning before the pair is
+/// taken again (a stepped system clock); also the longest read of a new pair that is trusted.
+const RESYNC_BEYOND: Duration = Duration::from_millis(1);
+
+/// A monotonic instant and the system time read with it.
+type Reference = (std::time::Instant, SystemTime);
+
+static REFERENCE: Mutex<Option<Reference>> = Mutex::new(None);
+
+/// The wall-clock time now, by tokio's clock.
+pub(crate) fn wall_now() -> SystemTime {
+    wall_at(tokio::time::Instant::now())
+}
+
+/// The wall-clock time at `instant` of tokio's clock.
+pub(crate) fn wall_at(instant: tokio::time::Instant) -> SystemTime {
+    let (mono, system) = reference();
+    let instant = instant.into_std();
+    match instant.checked_duration_since(mono) {
+        Some(after) => system.checked_add(after),
+        None => system.checked_sub(mono.duration_since(instant)),
+    }
+    .unwrap_or(system)
+}
+
+/// The reference pair, taken again when the system time read now strays from it.
+fn reference() -> Reference {
+    let before = std::time::Instant::now();
+    let system = SystemTime::now();
+    let after = std::time::Instant::now();
+    // a read interrupted between the two clocks does not say where the system clock is
+    let trusted = after.duration_since(before) <= RESYNC_BEYOND;
+    let mut reference = REFERENCE.lock().unwrap_or_else(PoisonError::into_inner);
+    match *reference {
+        Some(kept) if !trusted || agrees(kept, before, system) => kept,
+        _ => *reference.insert((before, system)),
+    }
+}
+
+/// Whether `system`, read at `now`, is within [`RESYNC_BEYOND`] of the time that `mono` and
+/// `at` reckon for `now`.
+fn agrees((mono, at): Reference, now: std::time::Instant, system: SystemTime) -> bool {
+    at.checked_add(now.saturating_duration_since(mono)).is_some_and(|reckoned| {
+        let gap = system.duration_since(reckoned).unwrap_or_else(|ahead| ahead.duration());
+        gap <= RESYNC_BEYOND
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gap(a: SystemTime, b: SystemTime) -> Duration {
+        a.duration_since(b).unwrap_or_else(|ahead| ahead.duration())
+    }
+
+    #[tokio::test]
+    async fn a_running_clock_reads_the_system_time() {
+        for _ in 0..100 {
+            let (system, wall) = (SystemTime::now(), wall_now());
+            assert!(gap(wall, system) < Duration::from_millis(5), "{wall:?} {system:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_clock_reads_the_wall_time_it_keeps() {
+        let start = wall_now();
+        assert!(gap(start, SystemTime::now()) < Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(wall_now(), start, "real time does not move it");
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(wall_now().duration_since(start).ok(), Some(Duration::from_secs(3600)));
+        let earlier = tokio::time::Instant::now() - Duration::from_secs(7200);
+        assert_eq!(start.duration_since(wall_at(earlier)).ok(), Some(Duration::from_secs(3600)));
+    }
+}
