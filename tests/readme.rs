@@ -251,27 +251,118 @@ mod retries {
 
 #[rustfmt::skip]
 mod testing {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use micro_framework::dependencies::Shared;
+    use micro_framework::retry::AsyncBackOff;
+
     use micro_framework::prelude::*;
-    use micro_framework::Message;
-    use serde_json::json;
+    use micro_framework::amqp::dependencies::{Producer, RpcProxy};
+    use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+    use micro_framework::amqp::rpc::Args;
+    use micro_framework::testing::*;
+    use serde_json::{json, Value};
 
-    fn double(Payload(n): Payload<i64>) -> i64 {
-        n * 2
+    async fn on_paid(Payload(order): Payload<Value>, rpc: RpcProxy, events: Producer) -> Result<i64, micro_framework::BoxError> {
+        let total: i64 = rpc.service("prices").call("quote", [order["id"].clone()], ()).await?;
+        events.dispatch("order_priced", &json!({"id": order["id"], "total": total})).await?;
+        Ok(total)
     }
 
-    async fn example(routes: Vec<Route>) -> Result<(), Box<dyn std::error::Error>> {
-        use micro_framework::testing::{test_config, TestService, call_route};
+    fn double(Args((n,)): Args<(i64,)>) -> i64 { n * 2 }
 
-        let service = TestService::start(routes, test_config("orders")).await?;
-        service.dispatch("shop", "paid", &json!({"id": 1})).await?;   // as service "shop"
-        service.wait_for_route("on_paid", 1).await?;                   // settled count
-        let dead = service.take_messages("evt-shop-paid--orders.on_paid.dlq").await?;
-        service.stop().await?;
-
-        // a route's target alone, no entrypoint:
-        let outcome = call_route(Route::new(double), test_config("math"), Message::json(&21)?).await;
-        Ok(())
+    fn routes() -> Vec<Route> {
+        vec![
+            Route::new(on_paid).entrypoint(EventListener::new("shop", "paid")),
+            Route::new(double).entrypoint(RPCListener::new()),
+        ]
     }
+
+    #[tokio::test]
+    async fn a_paid_order_is_priced_and_announced() {
+        let (events, rpc) = (FakeProducer::new(), FakeRpc::new());
+        rpc.returns("prices", "quote", 42);
+        let runner = Runner::new(routes(), test_config("orders"))
+            .dependency(events.clone())
+            .dependency(rpc.clone());
+        let service = TestService::start_runner(runner, test_config("orders")).await.unwrap();
+
+        let total: i64 = service.hook("on_paid").unwrap().event(&json!({"id": 7})).await.unwrap();
+        assert_eq!(total, 42);
+        rpc.assert_called("prices", "quote");
+        events.assert_dispatched("order_priced", &json!({"id": 7, "total": 42}));
+
+        let doubled: i64 = service.hook("double").unwrap().rpc([21], ()).await.unwrap();
+        assert_eq!(doubled, 42);
+        let wrong = service.hook("double").unwrap().event::<Value>(&json!(1)).await.unwrap_err();
+        assert!(wrong.to_string().contains("RPCListener"), "{wrong}");
+        service.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_event_from_the_shop_is_handled() {
+        let rpc = FakeRpc::new();
+        rpc.returns("prices", "quote", 5);
+        let runner = Runner::new(routes(), test_config("orders")).dependency(rpc.clone());
+        let service = TestService::start_runner(runner, test_config("orders")).await.unwrap();
+
+        let second = service.waiter("on_paid").unwrap().matching(|order| order["id"] == 2);
+        service.dispatch("shop", "paid", &json!({"id": 1})).await.unwrap();   // as service "shop"
+        service.dispatch("shop", "paid", &json!({"id": 2})).await.unwrap();
+        let call = second.wait().await.unwrap();
+        assert_eq!(call.result::<i64>().unwrap(), 5);
+
+        // the producer was not faked: the events went to the broker
+        service.wait_for_route("on_paid", 2).await.unwrap();   // settled count
+        assert_eq!(service.queue_len("evt-shop-paid--orders.on_paid.dlq").await.unwrap(), 0);
+        service.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_the_rpc_method_listens() {
+        let service = TestService::start_only(routes(), test_config("orders"), &["double"]).await.unwrap();
+        service.dispatch("shop", "paid", &json!({"id": 1})).await.unwrap();
+        // nothing consumes for on_paid: the event went nowhere, and its queue does not exist
+        assert!(service.queue_len("evt-shop-paid--orders.on_paid").await.is_err());
+        service.stop().await.unwrap();
+
+        let rpc = FakeRpc::new();
+        rpc.returns("prices", "quote", 9);
+        let route = Route::new(on_paid).entrypoint(EventListener::new("shop", "paid"));
+        let total: i64 = worker(route)
+            .dependency(rpc.clone())
+            .dependency(FakeProducer::new())
+            .event(&json!({"id": 3}))
+            .await
+            .unwrap();
+        assert_eq!(total, 9);
+    }
+
+    type Attempts = Arc<Mutex<Vec<tokio::time::Instant>>>;
+
+    fn charge(Dep(attempts): Dep<Attempts>) -> Result<(), String> {
+        attempts.lock().unwrap().push(tokio::time::Instant::now());
+        Err("the bank is down".into())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn charges_are_retried_five_times_ten_seconds_apart() {
+        let attempts = Attempts::default();
+        let route = Route::new(charge)
+            .entrypoint(EventListener::new("shop", "paid"))
+            .backoff(AsyncBackOff::new(5, Duration::from_secs(10)))
+            .dependency(Shared(attempts.clone()));
+        let service = TestService::start(vec![route], test_config("billing")).await.unwrap();
+        service.dispatch("shop", "paid", "order 1").await.unwrap();
+        // six attempts: fifty seconds of the test clock, milliseconds of real time
+        service.wait_for_route_within("charge", 6, Duration::from_secs(60)).await.unwrap();
+        let attempts = attempts.lock().unwrap().clone();
+        for pair in attempts.windows(2) {
+            assert_eq!((pair[1] - pair[0]).as_secs(), 10);
+        }
+        service.stop().await.unwrap();
+    }
+
 }
 
 /// Lines with their indentation and trailing blanks removed, blank lines dropped.
@@ -296,5 +387,5 @@ fn every_readme_block_is_compiled_here() {
         blocks += 1;
         rest = &body[end..];
     }
-    assert_eq!(blocks, 10, "the README's ```rust blocks, all compiled above");
+    assert_eq!(blocks, 14, "the README's ```rust blocks, all compiled above");
 }
