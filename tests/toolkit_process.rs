@@ -24,8 +24,7 @@ fn abort() -> u32 {
 
 async fn start(mode: WorkerMode) -> TestService {
     // Everything up to `start` runs in the worker processes too: the same routes are built.
-    let config =
-        test_config(&common::unique("procs")).with_worker_mode(mode).with_max_workers(1);
+    let config = test_config(&common::unique("procs")).with_worker_mode(mode).with_max_workers(1);
     let routes = vec![
         Route::new(pid).entrypoint(RPCListener::new()),
         Route::new(boom).entrypoint(RPCListener::new()),

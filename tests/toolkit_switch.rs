@@ -61,7 +61,11 @@ async fn each_config_gets_its_own_virtual_host_deleted_when_the_service_stops() 
     let other = TestService::start(routes(), second).await.unwrap();
     one.dispatch("shop", "paid", &json!({"id": 1})).await.unwrap();
     one.wait_for_route("seen", 1).await.unwrap();
-    assert_eq!(other.route("seen").unwrap().stats().settled_count(), 0, "the hosts are not isolated");
+    assert_eq!(
+        other.route("seen").unwrap().stats().settled_count(),
+        0,
+        "the hosts are not isolated"
+    );
 
     one.stop().await.unwrap();
     assert!(!vhosts().contains(&first_vhost), "the stopped service's host is left");

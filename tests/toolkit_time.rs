@@ -140,8 +140,9 @@ async fn an_in_worker_backoff_sleeps_on_the_test_clock() {
         .entrypoint(EventListener::new(&shop, "paid"))
         .backoff(BackOff::new(3, Duration::from_secs(30)))
         .dependency(Shared(calls.clone()));
-    let service =
-        TestService::start(vec![route], memory_test_config(&common::unique("billing"))).await.unwrap();
+    let service = TestService::start(vec![route], memory_test_config(&common::unique("billing")))
+        .await
+        .unwrap();
     service.dispatch(&shop, "paid", "order 2").await.unwrap();
     service.wait_for_route_within("always_fails_async", 1, Duration::from_secs(200)).await.unwrap();
     let gaps = gaps(&calls.times());
@@ -159,8 +160,9 @@ async fn a_wait_limit_runs_on_the_test_clock_and_says_what_was_seen() {
         .entrypoint(EventListener::new(&shop, "paid"))
         .backoff(AsyncBackOff::new(5, Duration::from_secs(10)))
         .dependency(Shared(calls.clone()));
-    let service =
-        TestService::start(vec![route], memory_test_config(&common::unique("billing"))).await.unwrap();
+    let service = TestService::start(vec![route], memory_test_config(&common::unique("billing")))
+        .await
+        .unwrap();
     service.dispatch(&shop, "paid", "order 3").await.unwrap();
     let started = Instant::now();
     let error = service
@@ -187,8 +189,9 @@ async fn a_sync_target_holds_the_paused_clock_while_it_runs() {
     let route = Route::new(blocks)
         .entrypoint(EventListener::new(&shop, "paid"))
         .dependency(Shared(calls.clone()));
-    let service =
-        TestService::start(vec![route], memory_test_config(&common::unique("blocking"))).await.unwrap();
+    let service = TestService::start(vec![route], memory_test_config(&common::unique("blocking")))
+        .await
+        .unwrap();
     let started = Instant::now();
     service.dispatch(&shop, "paid", "order 4").await.unwrap();
     // an idle paused clock would jump to this limit while the target blocks its thread
@@ -217,8 +220,9 @@ async fn an_interval_timer_of_one_minute_fires_once_a_minute_of_the_test_clock()
         .entrypoint(TimeEntrypoint::every(Duration::from_secs(60)))
         .dependency(Shared(calls.clone()));
     let started = Instant::now();
-    let service =
-        TestService::start(vec![route], memory_test_config(&common::unique("ticker"))).await.unwrap();
+    let service = TestService::start(vec![route], memory_test_config(&common::unique("ticker")))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(10 * 60 + 30)).await;
     let times = calls.times();
     assert_eq!(times.len(), 10, "{:?}", calls.payloads());

@@ -28,14 +28,14 @@ mod call;
 mod clock;
 mod fakes;
 mod hooks;
+#[cfg(feature = "process")]
+mod process;
 mod restrict;
 mod service;
 #[cfg(feature = "test-rabbitmq")]
 mod vhost;
 mod waiter;
 mod worker;
-#[cfg(feature = "process")]
-mod process;
 
 use std::time::Duration;
 

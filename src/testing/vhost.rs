@@ -97,9 +97,8 @@ pub(crate) fn claim(uri: &str) -> Option<Arc<TestVhost>> {
 /// deleted. [`test_config`](crate::testing::test_config) runs it once per process with one
 /// hour; run it by hand with a shorter age when no tests are running.
 pub fn remove_stale_vhosts(max_age: Duration) -> Result<usize> {
-    let uri = std::env::var(super::broker::TEST_AMQP_URI_ENV).map_err(|_| {
-        Error::Startup(format!("{} is not set", super::broker::TEST_AMQP_URI_ENV))
-    })?;
+    let uri = std::env::var(super::broker::TEST_AMQP_URI_ENV)
+        .map_err(|_| Error::Startup(format!("{} is not set", super::broker::TEST_AMQP_URI_ENV)))?;
     ManagementApi::for_broker(&uri)?.remove_stale(max_age)
 }
 
@@ -145,14 +144,16 @@ impl ManagementApi {
             _ => Url::parse(&format!("http://{host}:{MANAGEMENT_PORT}"))
                 .map_err(|error| bad_uri(uri, error))?,
         };
-        let decode =
-            |text: &str| percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned();
+        let decode = |text: &str| {
+            percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned()
+        };
         let user = match broker.username() {
             "" => "guest".to_owned(),
             user => decode(user),
         };
         let password = decode(broker.password().unwrap_or("guest"));
-        let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let credentials =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         Ok(ManagementApi { base, user, authorization: format!("Basic {credentials}") })
     }
 

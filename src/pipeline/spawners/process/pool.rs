@@ -51,11 +51,8 @@ impl Launcher {
             Some(args) => args.clone(),
             None => std::env::args_os().skip(1).collect(),
         };
-        let spawned = Command::new(exe)
-            .args(args)
-            .env(WORKER_SOCKET_ENV, &socket)
-            .kill_on_drop(true)
-            .spawn();
+        let spawned =
+            Command::new(exe).args(args).env(WORKER_SOCKET_ENV, &socket).kill_on_drop(true).spawn();
         let accepted = match spawned {
             Ok(child) => {
                 let accepted = tokio::time::timeout(START_LIMIT, listener.accept()).await;
