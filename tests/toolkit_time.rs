@@ -19,7 +19,7 @@ use micro_framework::entrypoints::TimeEntrypoint;
 use micro_framework::prelude::*;
 use micro_framework::retry::{AsyncBackOff, BackOff};
 use micro_framework::settle::HEADER_ATTEMPTS;
-use micro_framework::testing::{test_config, TestService};
+use micro_framework::testing::{memory_test_config, TestService};
 use micro_framework::transport::memory::MemoryTransport;
 use micro_framework::transport::{
     HeaderValue, Headers, OutgoingMessage, PublishOptions, QueueSpec, Transport, TransportError,
@@ -90,7 +90,7 @@ async fn an_async_backoff_of_5_times_10_s_dead_letters_after_6_attempts_10_s_apa
     let plugin =
         format!("memory://{}?plugins=rabbitmq_delayed_message_exchange", common::unique("paused"));
     let delays = [
-        (test_config(&common::unique("billing")), "delay queues"),
+        (memory_test_config(&common::unique("billing")), "delay queues"),
         (
             Config::new(common::unique("billing"))
                 .with_amqp_uri(plugin)
@@ -140,8 +140,9 @@ async fn an_in_worker_backoff_sleeps_on_the_test_clock() {
         .entrypoint(EventListener::new(&shop, "paid"))
         .backoff(BackOff::new(3, Duration::from_secs(30)))
         .dependency(Shared(calls.clone()));
-    let service =
-        TestService::start(vec![route], test_config(&common::unique("billing"))).await.unwrap();
+    let service = TestService::start(vec![route], memory_test_config(&common::unique("billing")))
+        .await
+        .unwrap();
     service.dispatch(&shop, "paid", "order 2").await.unwrap();
     service.wait_for_route_within("always_fails_async", 1, Duration::from_secs(200)).await.unwrap();
     let gaps = gaps(&calls.times());
@@ -159,8 +160,9 @@ async fn a_wait_limit_runs_on_the_test_clock_and_says_what_was_seen() {
         .entrypoint(EventListener::new(&shop, "paid"))
         .backoff(AsyncBackOff::new(5, Duration::from_secs(10)))
         .dependency(Shared(calls.clone()));
-    let service =
-        TestService::start(vec![route], test_config(&common::unique("billing"))).await.unwrap();
+    let service = TestService::start(vec![route], memory_test_config(&common::unique("billing")))
+        .await
+        .unwrap();
     service.dispatch(&shop, "paid", "order 3").await.unwrap();
     let started = Instant::now();
     let error = service
@@ -187,8 +189,9 @@ async fn a_sync_target_holds_the_paused_clock_while_it_runs() {
     let route = Route::new(blocks)
         .entrypoint(EventListener::new(&shop, "paid"))
         .dependency(Shared(calls.clone()));
-    let service =
-        TestService::start(vec![route], test_config(&common::unique("blocking"))).await.unwrap();
+    let service = TestService::start(vec![route], memory_test_config(&common::unique("blocking")))
+        .await
+        .unwrap();
     let started = Instant::now();
     service.dispatch(&shop, "paid", "order 4").await.unwrap();
     // an idle paused clock would jump to this limit while the target blocks its thread
@@ -217,8 +220,9 @@ async fn an_interval_timer_of_one_minute_fires_once_a_minute_of_the_test_clock()
         .entrypoint(TimeEntrypoint::every(Duration::from_secs(60)))
         .dependency(Shared(calls.clone()));
     let started = Instant::now();
-    let service =
-        TestService::start(vec![route], test_config(&common::unique("ticker"))).await.unwrap();
+    let service = TestService::start(vec![route], memory_test_config(&common::unique("ticker")))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(10 * 60 + 30)).await;
     let times = calls.times();
     assert_eq!(times.len(), 10, "{:?}", calls.payloads());
@@ -241,7 +245,7 @@ async fn a_cron_timer_fires_on_each_occurrence_of_the_test_clock() {
         .entrypoint(TimeEntrypoint::cron("*/5 * * * *").unwrap())
         .dependency(Shared(calls.clone()));
     let service =
-        TestService::start(vec![route], test_config(&common::unique("cron"))).await.unwrap();
+        TestService::start(vec![route], memory_test_config(&common::unique("cron"))).await.unwrap();
     // any hour holds exactly twelve five-minute marks
     tokio::time::sleep(Duration::from_secs(3600)).await;
     let payloads: Vec<NaiveDateTime> = calls.payloads().iter().map(|p| fired_at(p)).collect();
@@ -262,7 +266,7 @@ async fn slow(Args((seconds,)): Args<(u64,)>) -> u64 {
 
 #[tokio::test(start_paused = true)]
 async fn an_rpc_call_times_out_after_rpc_timeout_of_the_test_clock() {
-    let config = test_config(&common::unique("sloth"));
+    let config = memory_test_config(&common::unique("sloth"));
     let sloth = config.service_name.clone();
     let routes = vec![Route::new(slow).entrypoint(RPCListener::new())];
     let service = TestService::start(routes, config.clone()).await.unwrap();

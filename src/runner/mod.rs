@@ -62,6 +62,9 @@ pub struct Runner {
     config: Config,
     dependencies: Vec<SharedDependency>,
     entrypoints: EnabledEntrypoints,
+    /// How worker processes re-execute the program: `None` for its own arguments.
+    #[cfg(feature = "process")]
+    worker_args: Option<Vec<std::ffi::OsString>>,
 }
 
 impl Runner {
@@ -72,6 +75,8 @@ impl Runner {
             config,
             dependencies: Vec::new(),
             entrypoints: EnabledEntrypoints::All,
+            #[cfg(feature = "process")]
+            worker_args: None,
         }
     }
 
@@ -87,6 +92,15 @@ impl Runner {
     pub(crate) fn restrict_entrypoints(mut self, routes: &[&str]) -> Self {
         let names = routes.iter().map(|&name| name.to_owned()).collect();
         self.entrypoints = EnabledEntrypoints::Only(names);
+        self
+    }
+
+    /// Re-execute the program with `args` (instead of its own) for worker processes, which
+    /// lets [`Runner::spawn`] run process modes: for a test harness, where the program's own
+    /// arguments would run every test again.
+    #[cfg(feature = "process")]
+    pub(crate) fn worker_args(mut self, args: Vec<std::ffi::OsString>) -> Self {
+        self.worker_args = Some(args);
         self
     }
 
@@ -182,7 +196,7 @@ impl Runner {
                 return Ok(());
             }
         };
-        let mut service = start(plans, &config, transport).await?;
+        let mut service = start(plans, &config, transport, None).await?;
         tokio::select! {
             _ = &mut stop => {}
             result = service.wait_finished() => return result,
@@ -196,17 +210,23 @@ impl Runner {
     /// Process worker modes need [`Runner::start`] or [`Runner::run`] (the binary is started
     /// again as a worker): `spawn` refuses them.
     pub async fn spawn(self) -> Result<RunningService> {
+        #[cfg(feature = "process")]
+        let worker_args = self.worker_args.clone();
+        #[cfg(not(feature = "process"))]
+        let worker_args: Option<Vec<std::ffi::OsString>> = None;
         let (config, plans) = self.prepare()?;
-        if let Some(plan) = plans.iter().find(|plan| plan.pool.mode().is_process()) {
+        let process_plan = plans.iter().find(|plan| plan.pool.mode().is_process());
+        if let (Some(plan), None) = (process_plan, &worker_args) {
             return Err(Error::Startup(format!(
                 "route '{}': WORKER_MODE={} runs calls in re-executed copies of the program, \
-                 so it needs Runner::start or Runner::run, not Runner::spawn",
+                 so it needs Runner::start or Runner::run (TestService::start in a test), \
+                 not Runner::spawn",
                 plan.route.name,
                 plan.pool.mode()
             )));
         }
         let transport = crate::transport::connect(&config).await?;
-        start(plans, &config, transport).await
+        start(plans, &config, transport, worker_args).await
     }
 
     /// Validate the config and check every route, before touching the broker.
@@ -262,8 +282,9 @@ async fn start(
     plans: Vec<RoutePlan>,
     config: &Arc<Config>,
     transport: SharedTransport,
+    worker_args: Option<Vec<std::ffi::OsString>>,
 ) -> Result<RunningService> {
-    match start_routes(plans, config, transport.clone()).await {
+    match start_routes(plans, config, transport.clone(), worker_args).await {
         Ok(service) => Ok(service),
         Err(error) => {
             transport.close().await;
@@ -355,11 +376,14 @@ async fn start_routes(
     plans: Vec<RoutePlan>,
     config: &Arc<Config>,
     transport: SharedTransport,
+    worker_args: Option<Vec<std::ffi::OsString>>,
 ) -> Result<RunningService> {
     let env = ServiceEnv::new(config.clone(), transport.clone())?;
     let all_dependencies = set_up_dependencies(&plans, config).await?;
     #[cfg(feature = "process")]
-    let processes = start_processes(&plans, config, &transport).await?;
+    let processes = start_processes(&plans, config, &transport, worker_args).await?;
+    #[cfg(not(feature = "process"))]
+    let _ = worker_args;
     let started = match set_up_routes(plans, &env).await {
         Ok(started) => started,
         Err(error) => {
@@ -496,6 +520,7 @@ async fn start_processes(
     plans: &[RoutePlan],
     config: &Config,
     transport: &SharedTransport,
+    worker_args: Option<Vec<std::ffi::OsString>>,
 ) -> Result<Vec<Arc<ProcessPool>>> {
     let mut started: Vec<Arc<ProcessPool>> = Vec::new();
     for plan in plans {
@@ -507,6 +532,7 @@ async fn start_processes(
                 transport.clone(),
                 pool.time_limit(),
                 config.max_tasks_per_child,
+                worker_args.clone(),
             )
             .await?;
             pool.set_processes(processes.clone());

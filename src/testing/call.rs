@@ -37,6 +37,8 @@ pub async fn take_messages(transport: &dyn Transport, queue: &str) -> Result<Vec
 /// # });
 /// ```
 pub async fn call_route(route: Route, config: Config, message: Message) -> Outcome {
+    // declared first, dropped last: after the call's connection is gone
+    let _broker = crate::testing::broker::BrokerLease::for_config(&config);
     let config = Arc::new(config);
     let transport = match crate::transport::connect(&config).await {
         Ok(transport) => transport,

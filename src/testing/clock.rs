@@ -30,7 +30,7 @@ impl TestService {
     /// use micro_framework::dependencies::Shared;
     /// use micro_framework::prelude::*;
     /// use micro_framework::retry::AsyncBackOff;
-    /// use micro_framework::testing::{test_config, TestService};
+    /// use micro_framework::testing::{memory_test_config, TestService};
     /// use tokio::time::Instant;
     ///
     /// type Attempts = Arc<Mutex<Vec<Instant>>>;
@@ -47,7 +47,7 @@ impl TestService {
     ///         .entrypoint(EventListener::new("shop", "paid"))
     ///         .backoff(AsyncBackOff::new(5, Duration::from_secs(10)))
     ///         .dependency(Shared(attempts.clone()));
-    ///     let service = TestService::start(vec![route], test_config("billing")).await.unwrap();
+    ///     let service = TestService::start(vec![route], memory_test_config("billing")).await.unwrap();
     ///     service.dispatch("shop", "paid", "order 1").await.unwrap();
     ///     // six attempts: fifty seconds of the test clock, milliseconds of real time
     ///     service.wait_for_route_within("charge", 6, Duration::from_secs(60)).await.unwrap();

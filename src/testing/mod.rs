@@ -23,34 +23,34 @@
 //! # });
 //! ```
 
+mod broker;
 mod call;
 mod clock;
 mod fakes;
 mod hooks;
+#[cfg(feature = "process")]
+mod process;
 mod restrict;
 mod service;
+#[cfg(feature = "test-rabbitmq")]
+mod vhost;
 mod waiter;
 mod worker;
 
 use std::time::Duration;
 
-use crate::config::Config;
-
 pub use crate::pipeline::FinishedCall;
+pub use broker::{memory_test_config, test_config, try_test_config, TEST_AMQP_URI_ENV};
 pub use call::{call_route, take_messages};
 pub use fakes::{DispatchedEvent, FakeProducer, FakeRpc, RecordedCall};
 pub use hooks::{EntrypointHook, HookError};
 #[cfg(feature = "http")]
 pub use hooks::{HttpCall, HttpResponse};
 pub use service::TestService;
+#[cfg(feature = "test-rabbitmq")]
+pub use vhost::{remove_stale_vhosts, TEST_RABBITMQ_API_ENV};
 pub use waiter::RouteWaiter;
 pub use worker::{worker, WorkerCall};
 
 /// How long the `wait_*` helpers wait before failing.
 pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
-
-/// A config for `service` on a private in-process broker (`memory://test-{uuid}`), so tests
-/// can run in parallel.
-pub fn test_config(service: &str) -> Config {
-    Config::new(service).with_amqp_uri(format!("memory://test-{}", uuid::Uuid::new_v4()))
-}

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::pipeline::routes::Route;
 use crate::pipeline::RouteHandle;
 use crate::runner::{Runner, RunningService};
+use crate::testing::broker::BrokerLease;
 use crate::testing::{take_messages, WAIT_LIMIT};
 use crate::transport::SharedTransport;
 
@@ -17,6 +18,8 @@ use crate::transport::SharedTransport;
 pub struct TestService {
     service: RunningService,
     config: Config,
+    // after `service`: a RabbitMQ virtual host goes once the service has closed its connection
+    _broker: BrokerLease,
 }
 
 impl TestService {
@@ -28,7 +31,10 @@ impl TestService {
     /// Start a runner built by the test (contexts, runner dependencies); `config` must be
     /// the one the runner was built with.
     pub async fn start_runner(runner: Runner, config: Config) -> Result<Self> {
-        Ok(TestService { service: runner.spawn().await?, config })
+        #[cfg(feature = "process")]
+        let runner = crate::testing::process::prepare(runner).await;
+        let _broker = BrokerLease::for_config(&config);
+        Ok(TestService { service: runner.spawn().await?, config, _broker })
     }
 
     /// The broker connection of the service.

@@ -11,18 +11,28 @@ use std::time::Duration;
 use micro_framework::Config;
 
 /// The brokers every transport-parameterized test runs against: a private in-process broker
-/// always, and RabbitMQ when [`rabbitmq_uri`] finds it.
+/// and RabbitMQ when [`rabbitmq_uri`] finds it; RabbitMQ only when the switch
+/// `TEST_AMQP_URI` is set (as `testing::test_config` does).
 pub fn broker_uris() -> Vec<String> {
-    let mut uris = vec![format!("memory://test-{}", uuid::Uuid::new_v4())];
+    let switched = std::env::var("TEST_AMQP_URI").is_ok_and(|uri| !uri.is_empty());
+    let mut uris = Vec::new();
+    if !switched {
+        uris.push(format!("memory://test-{}", uuid::Uuid::new_v4()));
+    }
     uris.extend(rabbitmq_uri());
     uris
 }
 
-/// RabbitMQ for tests: `MF_TEST_AMQP_URI`, default `amqp://guest:guest@127.0.0.1:5672/`.
-/// When it is unreachable the test fails under `CI=true` and is skipped loudly otherwise.
+/// RabbitMQ for tests: `TEST_AMQP_URI` (the switch that moves `testing::test_config` to
+/// RabbitMQ) if set, else `MF_TEST_AMQP_URI` (RabbitMQ for the tests that always use it, the
+/// suite staying on the in-process broker otherwise), default
+/// `amqp://guest:guest@127.0.0.1:5672/`. When it is unreachable the test fails under
+/// `CI=true` and is skipped loudly otherwise.
 pub fn rabbitmq_uri() -> Option<String> {
-    let uri = std::env::var("MF_TEST_AMQP_URI")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".to_owned());
+    let uri = ["TEST_AMQP_URI", "MF_TEST_AMQP_URI"]
+        .into_iter()
+        .find_map(|name| std::env::var(name).ok().filter(|uri| !uri.is_empty()))
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/".to_owned());
     let address = url::Url::parse(&uri)
         .ok()
         .and_then(|url| Some(format!("{}:{}", url.host_str()?, url.port().unwrap_or(5672))));

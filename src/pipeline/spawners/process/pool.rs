@@ -1,6 +1,7 @@
 //! The service side: a pool of worker processes, each running one call at a time.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,8 @@ struct Worker {
 #[derive(Clone)]
 struct Launcher {
     transport: SharedTransport,
+    /// The arguments of a worker process: `None` for the program's own.
+    args: Option<Vec<OsString>>,
 }
 
 impl Launcher {
@@ -44,11 +47,12 @@ impl Launcher {
         let exe = std::env::current_exe()?;
         let socket = private_socket_path()?;
         let listener = UnixListener::bind(&socket)?;
-        let spawned = Command::new(exe)
-            .args(std::env::args_os().skip(1))
-            .env(WORKER_SOCKET_ENV, &socket)
-            .kill_on_drop(true)
-            .spawn();
+        let args = match &self.args {
+            Some(args) => args.clone(),
+            None => std::env::args_os().skip(1).collect(),
+        };
+        let spawned =
+            Command::new(exe).args(args).env(WORKER_SOCKET_ENV, &socket).kill_on_drop(true).spawn();
         let accepted = match spawned {
             Ok(child) => {
                 let accepted = tokio::time::timeout(START_LIMIT, listener.accept()).await;
@@ -305,12 +309,13 @@ impl ProcessPool {
         transport: SharedTransport,
         time_limit: Option<Duration>,
         max_tasks: Option<u32>,
+        args: Option<Vec<OsString>>,
     ) -> Result<Arc<Self>> {
         let (idle, waiting) = mpsc::unbounded_channel();
         let pool = Arc::new(ProcessPool {
             idle,
             waiting: Mutex::new(waiting),
-            launcher: Launcher { transport },
+            launcher: Launcher { transport, args },
             time_limit,
             max_tasks,
         });

@@ -1,0 +1,80 @@
+//! Process worker modes under `cargo test`: `TestService::start` re-executes this test binary
+//! with only the current test selected; there the test body runs again up to
+//! `TestService::start`, which serves calls and exits the worker process.
+#![cfg(feature = "process")]
+
+mod common;
+
+use micro_framework::amqp::entrypoints::RPCListener;
+use micro_framework::prelude::*;
+use micro_framework::testing::{test_config, TestService};
+use micro_framework::FailureKind;
+
+fn pid() -> u32 {
+    std::process::id()
+}
+
+fn boom() -> u32 {
+    panic!("boom in a worker process")
+}
+
+fn abort() -> u32 {
+    std::process::abort()
+}
+
+async fn start(mode: WorkerMode) -> TestService {
+    // Everything up to `start` runs in the worker processes too: the same routes are built.
+    let config = test_config(&common::unique("procs")).with_worker_mode(mode).with_max_workers(1);
+    let routes = vec![
+        Route::new(pid).entrypoint(RPCListener::new()),
+        Route::new(boom).entrypoint(RPCListener::new()),
+        Route::new(abort).entrypoint(RPCListener::new()),
+    ];
+    TestService::start(routes, config).await.unwrap()
+}
+
+async fn worker_pid(service: &TestService) -> u32 {
+    service.hook("pid").unwrap().rpc((), ()).await.unwrap()
+}
+
+async fn check_calls_run_in_worker_processes(mode: WorkerMode) {
+    let service = start(mode).await;
+    // From here on only the test's own process runs.
+    let first = worker_pid(&service).await;
+    assert_ne!(first, std::process::id(), "the call ran in the test's process");
+    assert_eq!(worker_pid(&service).await, first, "one worker serves call after call");
+
+    let panicked = service.hook("boom").unwrap().rpc::<u32>((), ()).await.unwrap_err();
+    let failure = panicked.failure().expect("the call's failure").clone();
+    assert_eq!(failure.kind, FailureKind::Panic, "{failure:?}");
+    assert!(failure.message.contains("boom in a worker process"), "{failure:?}");
+    assert_eq!(worker_pid(&service).await, first, "a panic costs the call, not the worker");
+
+    let aborted = service.hook("abort").unwrap().rpc::<u32>((), ()).await.unwrap_err();
+    let failure = aborted.failure().expect("the call's failure").clone();
+    assert_eq!(failure.kind, FailureKind::Crashed, "{failure:?}");
+
+    // The abort cost that call and its process, not the test: a new worker serves.
+    let next = worker_pid(&service).await;
+    assert_ne!(next, std::process::id());
+    assert_ne!(next, first, "the crashed worker was replaced");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn process_mode_runs_each_call_in_a_re_executed_test_binary() {
+    check_calls_run_in_worker_processes(WorkerMode::Process).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_process_mode_runs_under_a_multi_threaded_runtime_too() {
+    check_calls_run_in_worker_processes(WorkerMode::GreedyProcess).await;
+}
+
+#[tokio::test]
+async fn runner_spawn_still_refuses_process_modes() {
+    let config = test_config("procs_spawn").with_worker_mode(WorkerMode::Process);
+    let routes = vec![Route::new(pid).entrypoint(RPCListener::new())];
+    let error = Runner::new(routes, config).spawn().await.unwrap_err().to_string();
+    assert!(error.contains("TestService::start in a test"), "{error}");
+}
