@@ -352,7 +352,7 @@ mod testing {
             .entrypoint(EventListener::new("shop", "paid"))
             .backoff(AsyncBackOff::new(5, Duration::from_secs(10)))
             .dependency(Shared(attempts.clone()));
-        let service = TestService::start(vec![route], test_config("billing")).await.unwrap();
+        let service = TestService::start(vec![route], memory_test_config("billing")).await.unwrap();
         service.dispatch("shop", "paid", "order 1").await.unwrap();
         // six attempts: fifty seconds of the test clock, milliseconds of real time
         service.wait_for_route_within("charge", 6, Duration::from_secs(60)).await.unwrap();
@@ -360,6 +360,19 @@ mod testing {
         for pair in attempts.windows(2) {
             assert_eq!((pair[1] - pair[0]).as_secs(), 10);
         }
+        service.stop().await.unwrap();
+    }
+
+    fn worker_pid() -> u32 { std::process::id() }
+
+    #[tokio::test]
+    async fn calls_run_in_worker_processes() {
+        // everything up to `start` also runs in each worker process: build the same routes
+        let routes = vec![Route::new(worker_pid).entrypoint(RPCListener::new())];
+        let config = test_config("pids").with_worker_mode(WorkerMode::Process).with_max_workers(2);
+        let service = TestService::start(routes, config).await.unwrap();
+        let pid: u32 = service.hook("worker_pid").unwrap().rpc((), ()).await.unwrap();
+        assert_ne!(pid, std::process::id());
         service.stop().await.unwrap();
     }
 
@@ -387,5 +400,5 @@ fn every_readme_block_is_compiled_here() {
         blocks += 1;
         rest = &body[end..];
     }
-    assert_eq!(blocks, 14, "the README's ```rust blocks, all compiled above");
+    assert_eq!(blocks, 15, "the README's ```rust blocks, all compiled above");
 }
