@@ -7,10 +7,11 @@ use async_trait::async_trait;
 use futures::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::amqp::rpc::call_arguments;
 use crate::amqp::rpc::ufw_wire::{parse_reply, request_frame, RemoteError};
 use crate::data::BoxError;
 use crate::handler::dependencies::Dependency;
@@ -101,7 +102,9 @@ impl WebSocketRpcClient {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, WebSocketRpcError> {
-        let frame = request_frame(command, arguments(args)?, keyword_arguments(kwargs)?);
+        let (args, kwargs) =
+            call_arguments(args, kwargs).map_err(WebSocketRpcError::InvalidArguments)?;
+        let frame = request_frame(command, args, kwargs);
         let deadline = Instant::now() + self.timeout;
         loop {
             let reply = tokio::time::timeout_at(deadline, self.exchange(&frame)).await.map_err(
@@ -180,34 +183,6 @@ impl WebSocketRpcClient {
         }
         reply.map_err(WebSocketRpcError::InvalidReply)
     }
-}
-
-/// `args` as the request's `command_args` (`()` or `null`: none).
-fn arguments(args: impl Serialize) -> Result<Vec<Value>, WebSocketRpcError> {
-    match to_value(args, "args")? {
-        Value::Null => Ok(Vec::new()),
-        Value::Array(args) => Ok(args),
-        other => {
-            Err(WebSocketRpcError::InvalidArguments(format!("args must be an array, got {other}")))
-        }
-    }
-}
-
-/// `kwargs` as the request's `command_kwargs` (`()` or `null`: none).
-fn keyword_arguments(kwargs: impl Serialize) -> Result<Map<String, Value>, WebSocketRpcError> {
-    match to_value(kwargs, "kwargs")? {
-        Value::Null => Ok(Map::new()),
-        Value::Object(kwargs) => Ok(kwargs),
-        other => Err(WebSocketRpcError::InvalidArguments(format!(
-            "kwargs must be an object, got {other}"
-        ))),
-    }
-}
-
-fn to_value(value: impl Serialize, what: &str) -> Result<Value, WebSocketRpcError> {
-    serde_json::to_value(value).map_err(|error| {
-        WebSocketRpcError::InvalidArguments(format!("{what} cannot be serialized: {error}"))
-    })
 }
 
 /// A target takes the client as `Dep<WebSocketRpcClient>`.

@@ -38,24 +38,7 @@ impl RpcRequest {
         kwargs: impl Serialize,
         timeout: Option<Duration>,
     ) -> Result<Self, RpcError> {
-        let args = match to_value(args, "args")? {
-            Value::Null => Vec::new(),
-            Value::Array(args) => args,
-            other => {
-                return Err(RpcError::InvalidArguments(format!(
-                    "args must be an array, got {other}"
-                )))
-            }
-        };
-        let kwargs = match to_value(kwargs, "kwargs")? {
-            Value::Null => Map::new(),
-            Value::Object(kwargs) => kwargs,
-            other => {
-                return Err(RpcError::InvalidArguments(format!(
-                    "kwargs must be an object, got {other}"
-                )))
-            }
-        };
+        let (args, kwargs) = call_arguments(args, kwargs).map_err(RpcError::InvalidArguments)?;
         Ok(RpcRequest {
             protocol,
             service: service.to_owned(),
@@ -78,10 +61,27 @@ impl RpcRequest {
     }
 }
 
-fn to_value(value: impl Serialize, what: &str) -> Result<Value, RpcError> {
-    serde_json::to_value(value).map_err(|error| {
-        RpcError::InvalidArguments(format!("{what} cannot be serialized: {error}"))
-    })
+/// A call's positional and keyword arguments as JSON: `args` must serialize to a list and
+/// `kwargs` to a map (`()` and `null` stand for none); the error says why not. What every
+/// caller (RPC, WebSocket, test hooks) checks before building a request.
+pub(crate) fn call_arguments(
+    args: impl Serialize,
+    kwargs: impl Serialize,
+) -> Result<(Vec<Value>, Map<String, Value>), String> {
+    let json = |what: &str, value: Result<Value, serde_json::Error>| {
+        value.map_err(|error| format!("{what} cannot be serialized: {error}"))
+    };
+    let args = match json("args", serde_json::to_value(args))? {
+        Value::Null => Vec::new(),
+        Value::Array(args) => args,
+        other => return Err(format!("args must be a list, got {other}")),
+    };
+    let kwargs = match json("kwargs", serde_json::to_value(kwargs))? {
+        Value::Null => Map::new(),
+        Value::Object(kwargs) => kwargs,
+        other => return Err(format!("kwargs must be a map, got {other}")),
+    };
+    Ok((args, kwargs))
 }
 
 /// Sends requests and hands back their replies.

@@ -4,6 +4,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::amqp::rpc::call_arguments;
 use crate::data::Message;
 use crate::testing::HookError;
 
@@ -14,26 +15,7 @@ pub(crate) fn arguments(
     args: impl Serialize,
     kwargs: impl Serialize,
 ) -> Result<(Vec<Value>, Map<String, Value>), HookError> {
-    let value = |what: &str, value: Result<Value, serde_json::Error>| {
-        value.map_err(|error| {
-            HookError::request(route, format!("{what} cannot be serialized: {error}"))
-        })
-    };
-    let args = match value("args", serde_json::to_value(args))? {
-        Value::Null => Vec::new(),
-        Value::Array(args) => args,
-        other => {
-            return Err(HookError::request(route, format!("args must be a list, got {other}")))
-        }
-    };
-    let kwargs = match value("kwargs", serde_json::to_value(kwargs))? {
-        Value::Null => Map::new(),
-        Value::Object(kwargs) => kwargs,
-        other => {
-            return Err(HookError::request(route, format!("kwargs must be a map, got {other}")))
-        }
-    };
-    Ok((args, kwargs))
+    call_arguments(args, kwargs).map_err(|reason| HookError::request(route, reason))
 }
 
 /// The message of a call of `route`, once its payload is serialized.
