@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::amqp::rpc::ufw_wire::LIST_TARGETS;
-use crate::amqp::rpc::{Caller, ReplyListener, RpcBackend, RpcError, RpcReply, RpcRequest};
+use crate::amqp::rpc::{typed, Caller, ReplyListener, RpcBackend, RpcError, RpcReply, RpcRequest};
 use crate::config::Protocol;
 use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::WorkerContext;
@@ -140,7 +140,9 @@ impl ServiceProxy {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, RpcError> {
-        self.call_async(method, args, kwargs).await?.result().await
+        let request =
+            RpcRequest::new(self.protocol, &self.service, method, args, kwargs, self.timeout)?;
+        typed(self.backend.call(request).await?)
     }
 
     /// Send the call now and await its [`RpcReply`] later.

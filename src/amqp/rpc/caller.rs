@@ -61,16 +61,19 @@ impl Caller {
     }
 }
 
-#[async_trait]
-impl RpcBackend for Caller {
-    fn protocol(&self) -> Protocol {
-        self.protocol
-    }
+/// A request ready to go.
+struct Outgoing {
+    exchange: String,
+    routing_key: String,
+    message: OutgoingMessage,
+    protocol: Protocol,
+    service: String,
+    method: String,
+}
 
-    /// Publish the request; the reply is awaited through the result. An unroutable request
-    /// fails at once: `UnknownService` (Nameko: one queue per service), `MethodNotFound`
-    /// (micro-framework: one queue per target, so the service or the target is unknown).
-    async fn send(&self, request: RpcRequest) -> Result<RpcReply, RpcError> {
+impl Caller {
+    /// Build the request's message, and its reply, registered on the reply queue.
+    async fn prepare(&self, request: RpcRequest) -> Result<(Outgoing, RpcReply), RpcError> {
         let (protocol, service, method) =
             (request.protocol, request.service.clone(), request.method.clone());
         let timeout = request.timeout.unwrap_or(self.timeout);
@@ -87,26 +90,29 @@ impl RpcBackend for Caller {
         let queue = self.listener.queue(&self.transport, protocol, exchange).await?;
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let receiver = queue.expect(&correlation_id)?;
-        let reply = RpcReply::new(
-            &service,
-            &method,
-            timeout,
-            queue.clone(),
-            correlation_id.clone(),
-            receiver,
-        )
-        .recorded_in(self.metrics.clone());
         let mut properties = json_properties();
         properties.headers = self.headers.clone();
         properties.reply_to = Some(queue.routing_key().to_owned());
-        properties.correlation_id = Some(correlation_id);
-        let request = OutgoingMessage { body, properties };
-        match self
-            .transport
-            .publish(&exchange.name, &routing_key, request, PublishOptions { mandatory: true })
-            .await
-        {
-            Ok(()) => Ok(reply),
+        properties.correlation_id = Some(correlation_id.clone());
+        let reply = RpcReply::new(&service, &method, timeout, queue, correlation_id, receiver)
+            .recorded_in(self.metrics.clone());
+        let outgoing = Outgoing {
+            exchange: exchange.name.clone(),
+            routing_key,
+            message: OutgoingMessage { body, properties },
+            protocol,
+            service,
+            method,
+        };
+        Ok((outgoing, reply))
+    }
+
+    /// Publish the request (mandatory, confirmed).
+    async fn publish(&self, outgoing: &Outgoing) -> Result<(), RpcError> {
+        let Outgoing { exchange, routing_key, message, protocol, service, method } = outgoing;
+        let options = PublishOptions { mandatory: true };
+        match self.transport.publish(exchange, routing_key, message.clone(), options).await {
+            Ok(()) => Ok(()),
             Err(TransportError::Unroutable { .. }) => {
                 let error = match protocol {
                     Protocol::Nameko => RpcError::UnknownService(service.clone()),
@@ -115,11 +121,46 @@ impl RpcBackend for Caller {
                     )),
                 };
                 if let Some(metrics) = &self.metrics {
-                    metrics.rpc_call(&service, &method, error.kind(), Duration::ZERO);
+                    metrics.rpc_call(service, method, error.kind(), Duration::ZERO);
                 }
                 Err(error)
             }
             Err(error) => Err(error.into()),
+        }
+    }
+}
+
+#[async_trait]
+impl RpcBackend for Caller {
+    fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// Publish the request; the reply is awaited through the result. An unroutable request
+    /// fails at once: `UnknownService` (Nameko: one queue per service), `MethodNotFound`
+    /// (micro-framework: one queue per target, so the service or the target is unknown).
+    async fn send(&self, request: RpcRequest) -> Result<RpcReply, RpcError> {
+        let (outgoing, reply) = self.prepare(request).await?;
+        self.publish(&outgoing).await?;
+        Ok(reply)
+    }
+
+    /// Publish the request and wait for its reply, whichever of the reply and the publish
+    /// confirm comes first: a reply proves the request was routed, so the call ends without
+    /// waiting for the confirm. For a persistent request in a durable queue RabbitMQ confirms
+    /// only once the message is on disk or acked, and the service acks only after its reply
+    /// is confirmed: awaiting the confirm first would add those steps to every call.
+    async fn call(&self, request: RpcRequest) -> Result<serde_json::Value, RpcError> {
+        let (outgoing, reply) = self.prepare(request).await?;
+        let publish = self.publish(&outgoing);
+        let reply = reply.value();
+        tokio::pin!(publish, reply);
+        tokio::select! {
+            published = &mut publish => {
+                published?;
+                reply.await
+            }
+            replied = &mut reply => replied,
         }
     }
 }

@@ -50,6 +50,7 @@ mod wire;
 pub use args::Args;
 pub use client::Client;
 pub use error::RpcError;
+pub(crate) use pending::typed;
 pub use pending::RpcReply;
 pub use ufw_wire::RemoteError;
 pub use wire::RemoteException;

@@ -103,16 +103,11 @@ impl RpcReply {
 
     /// Wait for the reply and deserialize its result into `T`.
     pub async fn result<T: DeserializeOwned>(self) -> Result<T, RpcError> {
-        let value = self.value().await?;
-        T::deserialize(&value).map_err(|error| {
-            RpcError::UnexpectedResult(format!(
-                "{value} does not fit {}: {error}",
-                std::any::type_name::<T>()
-            ))
-        })
+        typed(self.value().await?)
     }
 
-    async fn value(self) -> Result<Value, RpcError> {
+    /// Wait for the reply.
+    pub(crate) async fn value(self) -> Result<Value, RpcError> {
         let RpcReply { service, method, timeout, arrival, metrics, started, .. } = self;
         let (recorded_service, recorded_method) = (service.clone(), method.clone());
         let result = match arrival {
@@ -136,6 +131,16 @@ impl RpcReply {
         }
         result
     }
+}
+
+/// A call's result deserialized into `T`.
+pub(crate) fn typed<T: DeserializeOwned>(value: Value) -> Result<T, RpcError> {
+    T::deserialize(&value).map_err(|error| {
+        RpcError::UnexpectedResult(format!(
+            "{value} does not fit {}: {error}",
+            std::any::type_name::<T>()
+        ))
+    })
 }
 
 impl IntoFuture for RpcReply {

@@ -193,9 +193,6 @@ impl ReplyQueue {
 
     async fn listen(self: Arc<Self>, mut consumer: Consumer) {
         while let Some(delivery) = consumer.next().await {
-            if let Err(error) = delivery.acker.ack().await {
-                tracing::warn!("cannot ack an RPC reply: {error}");
-            }
             let waiting = delivery
                 .properties
                 .correlation_id
@@ -210,6 +207,14 @@ impl ReplyQueue {
                     delivery.properties.correlation_id
                 ),
             }
+            // Acked on a task of its own: awaiting each ack here would make every reply wait
+            // for the previous reply's ack to be written, one after the other.
+            let acker = delivery.acker;
+            tokio::spawn(async move {
+                if let Err(error) = acker.ack().await {
+                    tracing::warn!("cannot ack an RPC reply: {error}");
+                }
+            });
         }
         // dropping the senders tells the waiting calls that no reply will come
         let mut pending = self.pending();

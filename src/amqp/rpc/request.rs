@@ -92,4 +92,9 @@ pub(crate) trait RpcBackend: Send + Sync + fmt::Debug {
 
     /// Send `request`; its reply is awaited through the result.
     async fn send(&self, request: RpcRequest) -> Result<RpcReply, RpcError>;
+
+    /// Send `request` and wait for its reply.
+    async fn call(&self, request: RpcRequest) -> Result<Value, RpcError> {
+        self.send(request).await?.value().await
+    }
 }

@@ -1,12 +1,24 @@
 //! RPC benchmark: `cargo run --release -p micro-framework-bench --bin bench_rpc [-- CALLS]`
-//! against `AMQP_URI` (default `amqp://guest:guest@127.0.0.1:5672/`).
+//! against `AMQP_URI` (default `amqp://guest:guest@127.0.0.1:5672/`), `MAX_WORKERS` from the
+//! environment (default 10).
 //!
-//! In one run on the same broker: the `bench_rpc` service's `echo(x)` (as in
-//! `examples/rpc_service.rs`, `MAX_WORKERS` from the environment) called through
-//! [`micro_framework::amqp::rpc::Client`], beside a bare lapin request/reply (a responder that
-//! replies to `reply_to` with the correlation id, a client with its own reply queue, publisher
-//! confirms on both sides as the framework does). For each: sequential round-trip latency
-//! (p50, p99) over CALLS calls (default 1000), and throughput with 16 concurrent callers.
+//! Everything goes over the Nameko wire (topic exchange `nameko-rpc`, request queue
+//! `rpc-bench_rpc` bound `bench_rpc.*`, JSON bodies, reply to `nameko-rpc` with the caller's
+//! routing key), so each caller can call each responder. Four pairings, in one run on the same
+//! broker:
+//!
+//! | caller | responder | shows |
+//! |---|---|---|
+//! | bare lapin | bare lapin | the baseline |
+//! | bare lapin | micro-framework | the service side alone |
+//! | micro-framework `Client` | bare lapin | the calling side alone |
+//! | micro-framework `Client` | micro-framework | both |
+//!
+//! The bare responder consumes with prefetch `MAX_WORKERS`, answers each request on a task of
+//! its own, awaits the reply's publisher confirm, then acks the request (as the framework does).
+//! The bare caller publishes with `mandatory` and awaits each request's confirm, and consumes
+//! its exclusive reply queue without acks. For each pairing: the sequential round trip (p50,
+//! p99) over CALLS calls (default 1000), and the throughput of 16 concurrent callers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,10 +27,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use micro_framework::amqp::entrypoints::RPCListener;
 use micro_framework::amqp::rpc::{Args, Client};
 use micro_framework::prelude::*;
@@ -28,6 +41,8 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 const CONCURRENT: usize = 16;
+const SERVICE: &str = "bench_rpc";
+const EXCHANGE: &str = "nameko-rpc";
 
 #[derive(Deserialize)]
 struct EchoArgs {
@@ -50,12 +65,31 @@ fn main() -> micro_framework::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(bench(calls))
 }
 
-/// Sequential latencies (sorted) and concurrent throughput of `call`.
-async fn measure<F, Fut>(calls: usize, call: F) -> micro_framework::Result<(Vec<Duration>, f64)>
+/// Sequential latencies (sorted), the throughput of concurrent callers of one pairing, and
+/// the CPU time per call of this process (caller and responder) and of the broker.
+struct Figures {
+    latencies: Vec<Duration>,
+    rate: f64,
+    own_cpu_us: f64,
+    broker_cpu_us: Option<f64>,
+}
+
+impl Figures {
+    fn percentile(&self, p: f64) -> f64 {
+        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    }
+}
+
+async fn measure<F, Fut>(calls: usize, call: F) -> micro_framework::Result<Figures>
 where
     F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = micro_framework::Result<()>> + Send,
 {
+    // warm up: the reply queue is declared on the first call
+    for i in 0..CONCURRENT {
+        call(i).await?;
+    }
     let mut latencies = Vec::with_capacity(calls);
     for i in 0..calls {
         let started = Instant::now();
@@ -63,12 +97,13 @@ where
         latencies.push(started.elapsed());
     }
     latencies.sort();
+    let (own_before, broker_before) = (own_cpu(), broker_cpu());
     let started = Instant::now();
     let mut callers = tokio::task::JoinSet::new();
     for caller in 0..CONCURRENT {
         let call = call.clone();
         callers.spawn(async move {
-            for i in (caller..calls).step_by(CONCURRENT) {
+            for i in (caller..calls * 4).step_by(CONCURRENT) {
                 call(i).await?;
             }
             Ok::<_, Error>(())
@@ -77,187 +112,326 @@ where
     while let Some(done) = callers.join_next().await {
         done.map_err(|e| Error::Startup(e.to_string()))??;
     }
-    Ok((latencies, calls as f64 / started.elapsed().as_secs_f64()))
+    let elapsed = started.elapsed();
+    let per_call = |cpu: Duration| cpu.as_secs_f64() * 1e6 / (calls * 4) as f64;
+    Ok(Figures {
+        latencies,
+        rate: (calls * 4) as f64 / elapsed.as_secs_f64(),
+        own_cpu_us: per_call(own_cpu().saturating_sub(own_before)),
+        broker_cpu_us: broker_cpu()
+            .zip(broker_before)
+            .map(|(after, before)| per_call(after.saturating_sub(before))),
+    })
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+/// CPU time (user + system) of this process so far.
+fn own_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// CPU time (user + system) of the local RabbitMQ node so far, from /proc; `None` when the
+/// broker is not a local process this user can read (`BROKER_PID`, else `pgrep -u rabbitmq
+/// beam.smp`).
+fn broker_cpu() -> Option<Duration> {
+    let pid = match std::env::var("BROKER_PID") {
+        Ok(pid) => pid,
+        Err(_) => {
+            let found = std::process::Command::new("pgrep")
+                .args(["-u", "rabbitmq", "-x", "beam.smp"])
+                .output()
+                .ok()?;
+            String::from_utf8(found.stdout).ok()?.lines().next()?.trim().to_owned()
+        }
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the fields after the command name, which is in parentheses and may hold spaces
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+/// A caller of `bench_rpc.echo`.
+#[derive(Clone)]
+enum Caller {
+    Bare(BareCaller),
+    Framework(Arc<Client>),
+}
+
+impl Caller {
+    async fn echo(&self, i: usize) -> micro_framework::Result<()> {
+        let result = match self {
+            Caller::Bare(bare) => bare.call(i).await?,
+            Caller::Framework(client) => client
+                .call::<Value>(SERVICE, "echo", json!([i]), json!({}))
+                .await
+                .map_err(|e| Error::Startup(e.to_string()))?,
+        };
+        (result == json!(i)).then_some(()).ok_or_else(|| Error::Startup("wrong echo".into()))
+    }
 }
 
 async fn bench(calls: usize) -> micro_framework::Result<()> {
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
-    vars.push(("SERVICE_NAME".into(), "bench_rpc".into()));
+    vars.push(("SERVICE_NAME".into(), SERVICE.into()));
     if std::env::var("AMQP_URI").is_err() {
         vars.push(("AMQP_URI".into(), "amqp://guest:guest@127.0.0.1:5672/".into()));
     }
     let config = Config::from_vars(vars)?;
     println!(
-        "bench_rpc: {calls} calls, {CONCURRENT} concurrent callers, MAX_WORKERS {}, broker {}",
+        "bench_rpc: {calls} sequential calls, then {} calls by {CONCURRENT} concurrent callers; MAX_WORKERS {}, broker {}",
+        calls * 4,
         config.max_workers,
         config.masked_amqp_uri()
     );
-
-    let routes = vec![Route::new(echo).entrypoint(RPCListener::new())];
-    let service = Runner::new(routes, config.clone()).spawn().await?;
-    let client = Arc::new(Client::connect(&config).await?);
-    let framework = measure(calls, move |i| {
-        let client = client.clone();
-        async move {
-            let result: Value = client
-                .call("bench_rpc", "echo", json!([i]), json!({}))
-                .await
-                .map_err(|e| Error::Startup(e.to_string()))?;
-            (result == json!(i)).then_some(()).ok_or_else(|| Error::Startup("wrong echo".into()))
-        }
-    })
-    .await?;
-    service.stop().await?;
-
-    let bare = bare_lapin(&config, calls).await?;
-    for (name, (latencies, rate)) in [("bare lapin", &bare), ("micro-framework", &framework)] {
-        println!(
-            "{name:<16} p50 {:>6.2} ms | p99 {:>6.2} ms | {CONCURRENT} callers {rate:>7.0} calls/s",
-            percentile(latencies, 0.5),
-            percentile(latencies, 0.99)
-        );
-    }
-    println!(
-        "ratio micro-framework / bare: throughput {:.2}, p50 latency {:.2}",
-        framework.1 / bare.1,
-        percentile(&framework.0, 0.5) / percentile(&bare.0, 0.5)
-    );
-    Ok(())
-}
-
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
-
-/// A bare lapin responder and client, measured like the framework.
-async fn bare_lapin(
-    config: &Config,
-    calls: usize,
-) -> micro_framework::Result<(Vec<Duration>, f64)> {
     // lapin reads an empty path as the empty vhost; the framework reads it as "/".
     let uri = match config.amqp_uri.strip_suffix('/') {
         Some(base) if base.matches('/').count() == 2 => format!("{base}/%2f"),
         _ => config.amqp_uri.clone(),
     };
-    let connection =
-        Connection::connect(&uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
-    let requests = format!("bench-bare-rpc-{}", uuid::Uuid::new_v4().simple());
-    let server = connection.create_channel().await.map_err(lapin_error)?;
-    server.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;
-    server
-        .basic_qos(config.effective_prefetch(), BasicQosOptions::default())
-        .await
-        .map_err(lapin_error)?;
-    server
-        .queue_declare(
-            requests.as_str().into(),
-            QueueDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lapin_error)?;
-    let mut incoming = server
-        .basic_consume(
-            requests.as_str().into(),
-            "server".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lapin_error)?;
-    let responder = server.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(delivery)) = incoming.next().await {
-            let channel = responder.clone();
-            tokio::spawn(async move {
-                let request: Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
-                let reply =
-                    serde_json::to_vec(&json!({ "result": request["args"][0], "error": null }))
-                        .unwrap_or_default();
-                let (Some(reply_to), Some(correlation)) = (
-                    delivery.properties.reply_to().clone(),
-                    delivery.properties.correlation_id().clone(),
-                ) else {
-                    return;
-                };
-                let properties = BasicProperties::default()
-                    .with_correlation_id(correlation)
-                    .with_content_type("application/json".into());
-                if let Ok(confirm) = channel
-                    .basic_publish(
-                        "".into(),
-                        reply_to.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &reply,
-                        properties,
-                    )
-                    .await
-                {
-                    let _ = confirm.await;
-                }
-                let _ = delivery.ack(BasicAckOptions::default()).await;
-            });
+    let bare_caller = Caller::Bare(BareCaller::connect(&uri).await?);
+    let client = Caller::Framework(Arc::new(Client::connect(&config).await?));
+    let mut results = Vec::new();
+    for responder in ["bare lapin", "micro-framework"] {
+        let stop = match responder {
+            "bare lapin" => Responder::Bare(BareResponder::start(&uri, &config).await?),
+            _ => Responder::Framework(
+                Runner::new(vec![Route::new(echo).entrypoint(RPCListener::new())], config.clone())
+                    .spawn()
+                    .await?,
+            ),
+        };
+        for (name, caller) in [("bare lapin", &bare_caller), ("micro-framework", &client)] {
+            let caller = caller.clone();
+            let figures = measure(calls, move |i| {
+                let caller = caller.clone();
+                async move { caller.echo(i).await }
+            })
+            .await?;
+            results.push((name, responder, figures));
         }
-    });
-
-    let client = connection.create_channel().await.map_err(lapin_error)?;
-    client.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;
-    let replies = client
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lapin_error)?;
-    let reply_queue = replies.name().as_str().to_owned();
-    let mut reply_stream = client
-        .basic_consume(
-            reply_queue.as_str().into(),
-            "client".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lapin_error)?;
-    let pending: Pending = Arc::default();
-    let waiting = pending.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(delivery)) = reply_stream.next().await {
-            let id = delivery.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
-            let waiter = id.and_then(|id| waiting.lock().ok().and_then(|mut p| p.remove(&id)));
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(delivery.data);
-            }
+        stop.stop().await?;
+    }
+    if let Caller::Framework(client) = client {
+        if let Ok(client) = Arc::try_unwrap(client) {
+            client.close().await;
         }
-    });
-    let call = BareCall { channel: client, requests: requests.clone(), reply_queue, pending };
-    let result = measure(calls, move |i| {
-        let call = call.clone();
-        async move { call.call(i).await }
-    })
-    .await;
-    server
-        .queue_delete(requests.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .map_err(lapin_error)?;
-    let _ = connection.close(200, "bench done".into()).await;
-    result
+    }
+    println!(
+        "{:<16} {:<16} {:>7} {:>7} {:>13} {:>12} {:>12}",
+        "caller", "responder", "p50 ms", "p99 ms", "16 callers/s", "CPU us/call", "broker us/call"
+    );
+    for (caller, responder, figures) in &results {
+        let broker = figures.broker_cpu_us.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}"));
+        println!(
+            "{caller:<16} {responder:<16} {:>7.2} {:>7.2} {:>13.0} {:>12.0} {broker:>12}",
+            figures.percentile(0.5),
+            figures.percentile(0.99),
+            figures.rate,
+            figures.own_cpu_us,
+        );
+    }
+    let pairing = |caller: &str, responder: &str| {
+        results.iter().find(|(c, r, _)| *c == caller && *r == responder).map(|(_, _, f)| f)
+    };
+    if let (Some(bare), Some(ours)) =
+        (pairing("bare lapin", "bare lapin"), pairing("micro-framework", "micro-framework"))
+    {
+        println!(
+            "micro-framework / bare: throughput {:.2}x, p50 +{:.2} ms",
+            ours.rate / bare.rate,
+            ours.percentile(0.5) - bare.percentile(0.5)
+        );
+    }
+    Ok(())
 }
 
+enum Responder {
+    Bare(BareResponder),
+    Framework(micro_framework::runner::RunningService),
+}
+
+impl Responder {
+    async fn stop(self) -> micro_framework::Result<()> {
+        match self {
+            Responder::Bare(bare) => bare.stop().await,
+            Responder::Framework(service) => service.stop().await,
+        }
+    }
+}
+
+/// A bare lapin responder on the service's request queue.
+struct BareResponder {
+    connection: Connection,
+    queue: String,
+}
+
+impl BareResponder {
+    async fn start(uri: &str, config: &Config) -> micro_framework::Result<Self> {
+        let connection =
+            Connection::connect(uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
+        let channel = connection.create_channel().await.map_err(lapin_error)?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;
+        channel
+            .basic_qos(config.effective_prefetch(), BasicQosOptions::default())
+            .await
+            .map_err(lapin_error)?;
+        let queue = format!("rpc-{SERVICE}");
+        declare_exchange(&channel).await?;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(lapin_error)?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                EXCHANGE.into(),
+                format!("{SERVICE}.*").into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(lapin_error)?;
+        let mut incoming = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "bare-responder".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(lapin_error)?;
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = incoming.next().await {
+                let channel = channel.clone();
+                tokio::spawn(async move {
+                    let request: Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
+                    let reply =
+                        serde_json::to_vec(&json!({ "result": request["args"][0], "error": null }))
+                            .unwrap_or_default();
+                    let (Some(reply_to), Some(correlation)) = (
+                        delivery.properties.reply_to().clone(),
+                        delivery.properties.correlation_id().clone(),
+                    ) else {
+                        return;
+                    };
+                    let properties = BasicProperties::default()
+                        .with_correlation_id(correlation)
+                        .with_content_type("application/json".into());
+                    if let Ok(confirm) = channel
+                        .basic_publish(
+                            EXCHANGE.into(),
+                            reply_to.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &reply,
+                            properties,
+                        )
+                        .await
+                    {
+                        let _ = confirm.await;
+                    }
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                });
+            }
+        });
+        Ok(BareResponder { connection, queue })
+    }
+
+    async fn stop(self) -> micro_framework::Result<()> {
+        let channel = self.connection.create_channel().await.map_err(lapin_error)?;
+        channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(lapin_error)?;
+        let _ = self.connection.close(200, "bench done".into()).await;
+        Ok(())
+    }
+}
+
+async fn declare_exchange(channel: &Channel) -> micro_framework::Result<()> {
+    channel
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(lapin_error)
+}
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
+
+/// A bare lapin caller with its own exclusive reply queue, consumed without acks.
 #[derive(Clone)]
-struct BareCall {
+struct BareCaller {
     channel: Channel,
-    requests: String,
-    reply_queue: String,
+    reply_to: String,
     pending: Pending,
 }
 
-impl BareCall {
-    async fn call(&self, i: usize) -> micro_framework::Result<()> {
+impl BareCaller {
+    async fn connect(uri: &str) -> micro_framework::Result<Self> {
+        let connection =
+            Connection::connect(uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
+        let channel = connection.create_channel().await.map_err(lapin_error)?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;
+        declare_exchange(&channel).await?;
+        let replies = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(lapin_error)?;
+        let reply_to = replies.name().as_str().to_owned();
+        channel
+            .queue_bind(
+                reply_to.as_str().into(),
+                EXCHANGE.into(),
+                reply_to.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(lapin_error)?;
+        let mut reply_stream = channel
+            .basic_consume(
+                reply_to.as_str().into(),
+                "bare-caller".into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(lapin_error)?;
+        let pending: Pending = Arc::default();
+        let waiting = pending.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = reply_stream.next().await {
+                let id =
+                    delivery.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
+                let waiter = id.and_then(|id| waiting.lock().ok().and_then(|mut p| p.remove(&id)));
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(delivery.data);
+                }
+            }
+        });
+        Ok(BareCaller { channel, reply_to, pending })
+    }
+
+    async fn call(&self, i: usize) -> micro_framework::Result<Value> {
         let id = uuid::Uuid::new_v4().to_string();
         let (answer, answered) = oneshot::channel();
         if let Ok(mut pending) = self.pending.lock() {
@@ -266,19 +440,18 @@ impl BareCall {
         let body = serde_json::to_vec(&json!({ "args": [i], "kwargs": {} }))?;
         let properties = BasicProperties::default()
             .with_correlation_id(id.as_str().into())
-            .with_reply_to(self.reply_queue.as_str().into())
+            .with_reply_to(self.reply_to.as_str().into())
             .with_content_type("application/json".into());
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let routing_key = format!("{SERVICE}.echo");
         self.channel
-            .basic_publish("".into(), self.requests.as_str().into(), options, &body, properties)
+            .basic_publish(EXCHANGE.into(), routing_key.as_str().into(), options, &body, properties)
             .await
             .map_err(lapin_error)?
             .await
             .map_err(lapin_error)?;
         let reply = answered.await.map_err(|_| Error::Startup("no reply".into()))?;
-        let reply: Value = serde_json::from_slice(&reply)?;
-        (reply["result"] == json!(i))
-            .then_some(())
-            .ok_or_else(|| Error::Startup("wrong echo".into()))
+        let mut reply: Value = serde_json::from_slice(&reply)?;
+        Ok(reply["result"].take())
     }
 }
