@@ -5,6 +5,7 @@
 #   rabbitmq-cluster.sh stop     stop the three nodes and delete their folders
 #   rabbitmq-cluster.sh status   print the cluster status (exit 1 if the cluster is not formed)
 #   rabbitmq-cluster.sh uris     print the comma-separated AMQP URIs of the three nodes
+#   rabbitmq-cluster.sh nodes    print the three node names, one a line
 #   rabbitmq-cluster.sh ctl N ARGS...      rabbitmqctl against node N (1, 2 or 3)
 #   rabbitmq-cluster.sh queues N ARGS...   rabbitmq-queues against node N
 #
@@ -12,18 +13,22 @@
 # node names mfc1@localhost .. mfc3@localhost, AMQP ports 5681..5683, distribution ports
 # 25681..25683, their own Erlang cookie, config, plugins (none) and data folders under
 # ${MF_CLUSTER_DIR:-/tmp/mf-cluster}. Run as root (or as a user who may write that folder).
-# `start` and `stop` are idempotent.
+# `start` and `stop` are idempotent. A second cluster beside the first needs its own
+# MF_CLUSTER_DIR, MF_CLUSTER_NAME (node names NAME1@localhost..) and MF_CLUSTER_PORT_BASE (AMQP
+# ports BASE+1..BASE+3, distribution ports 20000 more).
 set -euo pipefail
 
 BASE="${MF_CLUSTER_DIR:-/tmp/mf-cluster}"
+NAME="${MF_CLUSTER_NAME:-mfc}"
+PORT_BASE="${MF_CLUSTER_PORT_BASE:-5680}"
 RABBITMQ_BIN="${RABBITMQ_BIN:-/usr/lib/rabbitmq/bin}"
 NODES=(1 2 3)
 START_TIMEOUT=120
 
-node_name() { echo "mfc$1@localhost"; }
-amqp_port() { echo $((5680 + $1)); }
-dist_port() { echo $((25680 + $1)); }
-node_dir() { echo "$BASE/mfc$1"; }
+node_name() { echo "$NAME$1@localhost"; }
+amqp_port() { echo $((PORT_BASE + $1)); }
+dist_port() { echo $((20000 + PORT_BASE + $1)); }
+node_dir() { echo "$BASE/$NAME$1"; }
 
 # The cookie lives in $BASE, which is HOME for the nodes and for the CLI tools run here, so
 # both find it in the standard place and the main node's cookie is never used.
@@ -200,6 +205,11 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   uris) uris ;;
+  nodes)
+    for n in "${NODES[@]}"; do
+      node_name "$n"
+    done
+    ;;
   ctl)
     shift
     ctl "$@"
@@ -209,7 +219,7 @@ case "${1:-}" in
     queues "$@"
     ;;
   *)
-    echo "usage: $0 start|stop|status|uris|ctl N ARGS...|queues N ARGS..." >&2
+    echo "usage: $0 start|stop|status|uris|nodes|ctl N ARGS...|queues N ARGS..." >&2
     exit 2
     ;;
 esac

@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 /// How long the cluster may take to form again after a fault is undone.
 const REFORM_LIMIT: Duration = Duration::from_secs(120);
 
-/// The cluster named by `MF_CLUSTER_URIS` (one URI per node, node N = the N-th URI).
+/// The cluster named by `MF_CLUSTER_URIS` (one URI per node, node N = the N-th URI), whose
+/// nodes the script manages (it reads the same `MF_CLUSTER_*` variables).
 pub struct Cluster {
     pub uris: Vec<String>,
+    /// The Erlang node names, node N = the N-th.
+    pub nodes: Vec<String>,
 }
 
 /// The cluster when `MF_CLUSTER_URIS` is set and every node answers. Cluster tests run when
@@ -41,7 +44,7 @@ pub fn cluster() -> Option<Cluster> {
         uris.iter().find(|uri| !reachable(uri)).map(|uri| format!("{uri} does not answer"))
     };
     match problem {
-        None => Some(Cluster { uris }),
+        None => Some(Cluster { uris, nodes: node_names() }),
         Some(problem) if strict => panic!("cluster requested but not reachable: {problem}"),
         Some(problem) => {
             eprintln!("SKIPPED: cluster requested but not reachable: {problem}");
@@ -56,6 +59,14 @@ fn reachable(uri: &str) -> bool {
         .and_then(|url| format!("{}:{}", url.host_str()?, url.port().unwrap_or(5672)).parse().ok());
     address
         .is_some_and(|address| TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_ok())
+}
+
+fn node_names() -> Vec<String> {
+    let output = Command::new(script()).arg("nodes").output().expect("the cluster script runs");
+    let nodes: Vec<String> =
+        String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(nodes.len(), 3, "the cluster script names 3 nodes: {nodes:?}");
+    nodes
 }
 
 fn script() -> PathBuf {
@@ -97,7 +108,7 @@ impl Cluster {
             let mut fields = line.split_whitespace();
             (fields.next() == Some(queue)).then(|| fields.next().map(str::to_owned)).flatten()
         })?;
-        (1..=3).find(|node| leader == format!("mfc{node}@localhost"))
+        (1..=3).find(|node| leader == self.nodes[node - 1])
     }
 
     /// Delete the queues and exchanges whose names contain `marker`, through node `node`.
@@ -122,18 +133,21 @@ impl Cluster {
     }
 }
 
-/// Each node's view of the running nodes: the count of each, asked of node 1.
-const RUNNING_VIEWS: &str = "[catch length(rpc:call(N, rabbit_nodes, all_running, [], 5000)) \
-    || N <- ['mfc1@localhost', 'mfc2@localhost', 'mfc3@localhost']].";
-
 /// Wait until the three nodes run and each sees the other two.
 pub fn await_formed() {
     assert!(formed(), "the cluster did not form again within {REFORM_LIMIT:?}");
 }
 
+/// Whether the three nodes run and each sees the other two, within [`REFORM_LIMIT`]: each
+/// node's count of running nodes, asked of node 1 for all three in one call.
 fn formed() -> bool {
+    let nodes = node_names().iter().map(|node| format!("'{node}'")).collect::<Vec<_>>();
+    let views = format!(
+        "[catch length(rpc:call(N, rabbit_nodes, all_running, [], 5000)) || N <- [{}]].",
+        nodes.join(", ")
+    );
     within(REFORM_LIMIT, || {
-        tool("ctl", 1, &["eval", RUNNING_VIEWS]).is_ok_and(|views| views.trim() == "[3,3,3]")
+        tool("ctl", 1, &["eval", &views]).is_ok_and(|counts| counts.trim() == "[3,3,3]")
     })
 }
 
