@@ -70,17 +70,44 @@ enum Hold {
     For(Duration),
 }
 
-/// Which node (1..=3) the service connects to, the load connects to, and leads the
-/// service's quorum queues.
+/// Where a connection given the whole cluster's URI list (which it tries in a random order)
+/// should land: it is made again until it does.
+#[derive(Clone, Copy)]
+enum Node {
+    /// Node N (1..=3).
+    On(usize),
+    /// Any node but N.
+    Not(usize),
+    /// Any node.
+    Any,
+}
+
+impl Node {
+    fn admits(self, node: usize) -> bool {
+        match self {
+            Node::On(wanted) => node == wanted,
+            Node::Not(avoided) => node != avoided,
+            Node::Any => true,
+        }
+    }
+}
+
+/// The node leading the service's quorum queues, and where the service and the load connect.
 #[derive(Clone, Copy)]
 struct Placement {
-    service: usize,
-    load: usize,
     leader: usize,
+    service: Node,
+    load: Node,
 }
+
+/// How many times a connection is made again to land on the wanted node: with a random
+/// order of three nodes, 30 misses in a row are out of the question.
+const PLACEMENT_TRIES: usize = 30;
 
 /// The service, the load sending to it, and what they counted.
 struct Rig {
+    /// The node (1..=3) the service is connected to at the start.
+    service_node: usize,
     source: String,
     service_name: String,
     tally: Arc<Tally>,
@@ -101,9 +128,9 @@ fn routes(source: &str, tally: &Arc<Tally>) -> Vec<Route> {
     ]
 }
 
-fn service_config(cluster: &Cluster, name: &str, node: usize) -> Config {
+fn service_config(name: &str, amqp_uri: &str) -> Config {
     Config::new(name.to_owned())
-        .with_amqp_uri(cluster.uri(node).to_owned())
+        .with_amqp_uri(amqp_uri.to_owned())
         .with_queue_type(QueueType::Quorum)
         .with_max_workers(MAX_WORKERS)
 }
@@ -127,16 +154,23 @@ async fn poll<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// The node (1..=3) a transport is connected to.
+fn node_of(cluster: &Cluster, transport: &SharedTransport) -> usize {
+    let address = transport.broker_node().expect("the transport is connected");
+    cluster.node_at(&address).unwrap_or_else(|| panic!("{address} is no node of the cluster"))
+}
+
 impl Rig {
-    /// Declare the service's queues through node `leader` (a quorum queue's leader is the
-    /// node it is declared on), start the service on its node and the load on its node.
+    /// Declare the service's queues through the leader's node alone (a quorum queue's leader
+    /// is the node it is declared on), then start the service and the load, each with the
+    /// whole cluster's URI list, on the nodes the placement wants.
     async fn start(cluster: &Cluster, placement: Placement) -> Rig {
         blocking(cluster::await_formed).await;
         let (source, service_name) = (common::unique("clsrc"), common::unique("clsvc"));
         let tally = Arc::new(Tally::default());
         let declare = Runner::new(
             routes(&source, &tally),
-            service_config(cluster, &service_name, placement.leader),
+            service_config(&service_name, cluster.uri(placement.leader)),
         );
         declare.spawn().await.expect("the service starts on the leader").stop().await.unwrap();
         for queue in
@@ -149,20 +183,37 @@ impl Rig {
                 placement.leader
             );
         }
-        let service = Runner::new(
-            routes(&source, &tally),
-            service_config(cluster, &service_name, placement.service),
-        )
-        .spawn()
-        .await
-        .expect("the service starts");
-
-        let load_config =
-            Config::new(source.clone()).with_amqp_uri(cluster.uri(placement.load).to_owned());
-        let load_transport =
-            micro_framework::transport::connect(&load_config).await.expect("the load connects");
+        let mut tries = 0..PLACEMENT_TRIES;
+        let (service, service_node) = loop {
+            assert!(tries.next().is_some(), "the service never landed where wanted");
+            let config = service_config(&service_name, &cluster.list());
+            let service = Runner::new(routes(&source, &tally), config)
+                .spawn()
+                .await
+                .expect("the service starts");
+            let node = node_of(cluster, service.transport());
+            if placement.service.admits(node) {
+                break (service, node);
+            }
+            service.stop().await.expect("the misplaced service stops");
+        };
+        let load_config = Config::new(source.clone()).with_amqp_uri(cluster.list());
+        let mut tries = 0..PLACEMENT_TRIES;
+        let (load_transport, client, load_node) = loop {
+            assert!(tries.next().is_some(), "the load never landed where wanted");
+            let transport =
+                micro_framework::transport::connect(&load_config).await.expect("the load connects");
+            let client = Client::connect(&load_config).await.expect("the RPC client connects");
+            let (node, client_node) =
+                (node_of(cluster, &transport), node_of(cluster, client.transport()));
+            let wanted = |node| placement.load.admits(node) && node != service_node;
+            if node == client_node && wanted(node) {
+                break (transport, client, node);
+            }
+            client.close().await;
+            transport.close().await;
+        };
         let producer = Producer::new(load_transport.clone(), &load_config);
-        let client = Client::connect(&load_config).await.expect("the RPC client connects");
         let proxy = client.service(service_name.clone()).timeout(CALL_TIMEOUT);
         let stop_load = Arc::new(AtomicBool::new(false));
         let ids = Arc::new(AtomicU64::new(0));
@@ -180,8 +231,13 @@ impl Rig {
                 stop_load.clone(),
             )));
         }
+        println!(
+            "queues led by node {}, service on node {service_node}, load on node {load_node}",
+            placement.leader
+        );
         tokio::time::sleep(SETTLE).await;
         Rig {
+            service_node,
             source,
             service_name,
             tally,
@@ -346,8 +402,10 @@ async fn make_calls(
 async fn the_node_a_service_is_connected_to_stops() {
     let Some(cluster) = cluster::cluster() else { return };
     let label = "(a) service's node stopped";
-    let mut rig = Rig::start(&cluster, Placement { service: 1, load: 3, leader: 2 }).await;
-    rig.through(label, 1, FaultKind::Stopped, HOLD).await;
+    let placement = Placement { leader: 2, service: Node::Not(2), load: Node::Not(2) };
+    let mut rig = Rig::start(&cluster, placement).await;
+    let during = rig.through(label, rig.service_node, FaultKind::Stopped, HOLD).await;
+    assert!(during, "{label}: the service carries on through another node of its list");
     rig.finish(&cluster, label).await;
 }
 
@@ -355,7 +413,8 @@ async fn the_node_a_service_is_connected_to_stops() {
 async fn the_node_leading_the_quorum_queues_stops() {
     let Some(cluster) = cluster::cluster() else { return };
     let label = "(b) leader's node stopped";
-    let mut rig = Rig::start(&cluster, Placement { service: 1, load: 3, leader: 2 }).await;
+    let placement = Placement { leader: 2, service: Node::Not(2), load: Node::Not(2) };
+    let mut rig = Rig::start(&cluster, placement).await;
     let during = rig.through(label, 2, FaultKind::Stopped, HOLD).await;
     assert!(during, "{label}: the two other nodes carry on (a new leader) while it is down");
     rig.finish(&cluster, label).await;
@@ -364,8 +423,9 @@ async fn the_node_leading_the_quorum_queues_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_partitioned_away_comes_back() {
     let Some(cluster) = cluster::cluster() else { return };
-    let label = "(c) leader's node partitioned";
-    let mut rig = Rig::start(&cluster, Placement { service: 1, load: 2, leader: 3 }).await;
+    let label = "(c) service's and leader's node partitioned";
+    let placement = Placement { leader: 3, service: Node::On(3), load: Node::Not(3) };
+    let mut rig = Rig::start(&cluster, placement).await;
     let during = rig.through(label, 3, FaultKind::Partitioned, HOLD).await;
     assert!(during, "{label}: the majority carries on while the node is cut off");
     rig.finish(&cluster, label).await;
@@ -374,7 +434,8 @@ async fn a_node_partitioned_away_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_restart_of_the_three_nodes() {
     let Some(cluster) = cluster::cluster() else { return };
-    let mut rig = Rig::start(&cluster, Placement { service: 1, load: 2, leader: 3 }).await;
+    let placement = Placement { leader: 1, service: Node::Any, load: Node::Any };
+    let mut rig = Rig::start(&cluster, placement).await;
     for node in 1..=3 {
         let label = format!("(d) rolling restart, node {node}");
         rig.through(&label, node, FaultKind::Stopped, RESTART).await;

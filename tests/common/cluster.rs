@@ -101,6 +101,25 @@ impl Cluster {
         &self.uris[node - 1]
     }
 
+    /// The whole cluster as an `AMQP_URI` list.
+    pub fn list(&self) -> String {
+        self.uris.join(",")
+    }
+
+    /// The node (1..=3) listening at `host:port`.
+    pub fn node_at(&self, address: &str) -> Option<usize> {
+        self.uris
+            .iter()
+            .position(|uri| {
+                url::Url::parse(uri).ok().is_some_and(|url| {
+                    url.host_str()
+                        .zip(url.port())
+                        .is_some_and(|(host, port)| address == format!("{host}:{port}"))
+                })
+            })
+            .map(|index| index + 1)
+    }
+
     /// The node (1..=3) leading quorum queue `queue`, asked of node `ask`.
     pub fn leader(&self, ask: usize, queue: &str) -> Option<usize> {
         let listing = ctl(ask, &["list_queues", "-q", "--no-table-headers", "name", "leader"]);
