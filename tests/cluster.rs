@@ -250,9 +250,10 @@ impl Rig {
         }
     }
 
-    /// Inject `kind` on `node` (timed from when it is in effect), hold it, undo it (and wait for the cluster to be whole), then
-    /// wait for the recovery if it had not come. Prints how long the flows stalled and
-    /// recovered; returns whether they recovered with the fault in place.
+    /// Once no quorum queue needs `node`, inject `kind` on it, hold it, undo it (and wait for
+    /// the cluster to be whole), then wait for the recovery if it had not come. Prints how
+    /// long the flows stalled and took to recover; returns whether they recovered with the
+    /// fault in place.
     async fn through(&mut self, label: &str, node: usize, kind: FaultKind, hold: Hold) -> bool {
         self.faults += 1;
         blocking(move || cluster::await_not_critical(node)).await;
