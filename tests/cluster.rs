@@ -443,3 +443,19 @@ async fn a_rolling_restart_of_the_three_nodes() {
     }
     rig.finish(&cluster, "(d) rolling restart").await;
 }
+
+#[test]
+fn the_cluster_script_refuses_unknown_commands_and_nodes() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/cluster/rabbitmq-cluster.sh");
+    for (args, message) in [
+        (vec!["restart"], "usage: "),
+        (vec![], "usage: "),
+        (vec!["ctl", "4", "status"], "no node '4': the nodes are 1, 2 and 3"),
+        (vec!["queues", "", "check_if_node_is_quorum_critical"], "no node '': the nodes are"),
+    ] {
+        let output = std::process::Command::new(script).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}

@@ -61,6 +61,17 @@ node_env() {
     ERL_EPMD_ADDRESS=127.0.0.1
 }
 
+# Exits with status 2 unless $1 is a node number of the cluster.
+check_node() {
+  case "${1:-}" in
+    1 | 2 | 3) ;;
+    *)
+      echo "no node '${1:-}': the nodes are 1, 2 and 3" >&2
+      exit 2
+      ;;
+  esac
+}
+
 ctl() {
   local n="$1"
   shift
@@ -212,10 +223,12 @@ case "${1:-}" in
     ;;
   ctl)
     shift
+    check_node "${1:-}"
     ctl "$@"
     ;;
   queues)
     shift
+    check_node "${1:-}"
     queues "$@"
     ;;
   *)
