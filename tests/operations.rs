@@ -77,6 +77,48 @@ async fn metrics_count_known_traffic_and_health_endpoints_answer() {
 }
 
 #[tokio::test]
+async fn health_and_metrics_name_the_broker_node_in_use() {
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        // On RabbitMQ, a list whose first entry is a dead node (port 1) of the same broker.
+        let (list, node) = match uri.starts_with("memory://") {
+            true => (uri.clone(), None),
+            false => {
+                let mut dead = url::Url::parse(&uri).unwrap();
+                let node = format!("{}:{}", dead.host_str().unwrap(), dead.port().unwrap_or(5672));
+                dead.set_port(Some(1)).unwrap();
+                (format!("{dead}, {uri}"), Some(node))
+            }
+        };
+        let mut config = config(&uri, "node").with_amqp_uri(list).with_enable_metrics(true);
+        config.metrics =
+            micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 };
+        let markers = [config.service_name.clone(), shop.clone()];
+        let routes = vec![Route::new(checked).entrypoint(EventListener::new(&shop, "job"))];
+        let service = TestService::start(routes, config).await.unwrap();
+        let address = service.service().metrics_address().unwrap();
+        let (ready, body) =
+            tokio::task::spawn_blocking(move || http_get(address, "/health/ready")).await.unwrap();
+        let (_, metrics) =
+            tokio::task::spawn_blocking(move || http_get(address, "/metrics")).await.unwrap();
+        assert_eq!(ready, 200);
+        match &node {
+            Some(node) => {
+                assert_eq!(body, format!("ready\nbroker: {node}\n"));
+                let line = format!("broker_node{{node=\"{node}\"}} 1");
+                assert!(metrics.lines().any(|l| l == line), "{line} missing in {metrics}");
+            }
+            None => {
+                assert_eq!(body, "ready\n");
+                assert!(!metrics.contains("broker_node{"), "{metrics}");
+            }
+        }
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
 async fn the_topology_lists_what_a_service_declares_without_touching_the_broker() {
     // never contacted
     let config = Config::new("orders").with_amqp_uri("amqp://guest:guest@127.0.0.1:1/".into());

@@ -2,6 +2,8 @@
 
 use serde_json::Value;
 
+use super::uri_list::entries;
+
 /// What a masked secret is replaced with.
 const MASK: &str = "***";
 
@@ -57,19 +59,32 @@ impl ConfigError {
 }
 
 /// Replaces the password of a URI such as `amqp://user:password@host:5672/vhost` with `***`
-/// (`amqp://user:***@host:5672/vhost`); returns anything else unchanged.
+/// (`amqp://user:***@host:5672/vhost`), and of every URI of a comma-separated list such as
+/// `AMQP_URI` may hold; returns anything else unchanged.
 ///
 /// The password is everything between the first `:` after `scheme://` and the last `@`, so
 /// passwords that contain unescaped `@`, `/` or `:` are masked whole. A URI without
-/// `user:password@` is returned as is.
+/// `user:password@` is returned as is. A list with an entry that is not a URI is masked as
+/// one URI (its entries may be pieces of a password that holds a comma).
 ///
 /// ```
 /// use micro_framework::config::mask_uri;
 ///
 /// assert_eq!(mask_uri("amqps://svc:s3cr3t@mq:5671/prod"), "amqps://svc:***@mq:5671/prod");
 /// assert_eq!(mask_uri("amqp://localhost"), "amqp://localhost");
+/// assert_eq!(mask_uri("amqp://u:pw@a/, amqp://u:pw@b/"), "amqp://u:***@a/,amqp://u:***@b/");
 /// ```
 pub fn mask_uri(uri: &str) -> String {
+    let entries = entries(uri);
+    let not_a_uri = |entry: &&str| !entry.is_empty() && !entry.contains("://");
+    if entries.len() == 1 || entries.iter().any(not_a_uri) {
+        return mask_one(uri);
+    }
+    entries.into_iter().map(mask_one).collect::<Vec<_>>().join(",")
+}
+
+/// [`mask_uri`] of a single URI.
+fn mask_one(uri: &str) -> String {
     let Some(scheme_end) = uri.find("://") else {
         return uri.to_string();
     };

@@ -113,7 +113,7 @@ impl Field {
 /// Sets `field` of `config` from `value`, found under `key` in its source.
 fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<(), ConfigError> {
     let result = match field {
-        Field::AmqpUri => text(value).map(|v| config.amqp_uri = v),
+        Field::AmqpUri => uri_list(value).map(|v| config.amqp_uri = v),
         Field::AmqpHeartbeat => uint(value, U16).map(|v| config.amqp_heartbeat = v),
         Field::ServiceName => text(value).map(|v| config.service_name = v),
         Field::MaxWorkers => uint(value, USIZE).map(|v| config.max_workers = v),
@@ -162,6 +162,21 @@ fn text(value: &Value) -> Result<String, String> {
         Value::String(text) => Ok(text.clone()),
         Value::Number(number) => Ok(number.to_string()),
         _ => Err("expected a string".to_string()),
+    }
+}
+
+/// `AMQP_URI`: a string, or a list of strings (the nodes of a cluster) joined with `,`.
+fn uri_list(value: &Value) -> Result<String, String> {
+    match value {
+        Value::Array(items) => {
+            let expected = || "expected a URI or a list of URIs (strings)".to_string();
+            let uris: Vec<String> = items
+                .iter()
+                .map(|item| text(item).map_err(|_| expected()))
+                .collect::<Result<_, _>>()?;
+            Ok(uris.join(","))
+        }
+        other => text(other),
     }
 }
 

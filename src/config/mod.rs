@@ -72,8 +72,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use url::Url;
 
+mod amqp_uri;
 mod error;
 mod load;
 mod modes;
@@ -81,6 +81,7 @@ mod substitute;
 #[cfg(test)]
 mod tests;
 mod unknown_key;
+pub(crate) mod uri_list;
 
 pub use error::{mask_uri, ConfigError};
 pub use modes::{LogFormat, Protocol, QueueType, RetryDelay, WorkerMode};
@@ -88,9 +89,6 @@ pub use unknown_key::UnknownKey;
 
 use error::{mask_json, raw_text};
 use load::Format;
-
-/// The URI schemes `AMQP_URI` may use (`memory` is the in-process test broker).
-const AMQP_SCHEMES: [&str; 3] = ["amqp", "amqps", "memory"];
 
 /// The largest `HTTP_MAX_CONNECTIONS`: Linux's default `fs.nr_open`, the most file
 /// descriptors a process may ever hold, so no process could serve more.
@@ -107,8 +105,10 @@ pub const MAX_PEER_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 #[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Config {
-    /// `AMQP_URI`: the broker, `amqp://`, `amqps://` or `memory://`.
-    /// Default: `amqp://guest:guest@localhost:5672/`.
+    /// `AMQP_URI`: the broker, `amqp://`, `amqps://` or `memory://`; or the nodes of one
+    /// RabbitMQ cluster as a comma-separated list of `amqp://` / `amqps://` URIs with the
+    /// same vhost and credentials (see [`Config::amqp_uris`]; files may give a list of
+    /// strings). Default: `amqp://guest:guest@localhost:5672/`.
     pub amqp_uri: String,
     /// `AMQP_HEARTBEAT`: the AMQP heartbeat interval in seconds. Default: 60.
     pub amqp_heartbeat: u16,
@@ -378,7 +378,8 @@ impl Config {
     }
 
     /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace,
-    /// `AMQP_URI` is an `amqp://`, `amqps://` or `memory://` URI, `MAX_WORKERS`,
+    /// `AMQP_URI` is an `amqp://`, `amqps://` or `memory://` URI or a list of `amqp(s)://`
+    /// URIs (none empty, same vhost, same credentials), `MAX_WORKERS`,
     /// `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are not 0 (and
     /// `HTTP_MAX_CONNECTIONS` at most [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT` and
     /// `SHUTDOWN_TIMEOUT` are not zero, and the HTTP and WebSocket timeouts are neither zero
@@ -397,7 +398,7 @@ impl Config {
                 "must not contain whitespace",
             ));
         }
-        self.validate_amqp_uri()?;
+        amqp_uri::validate(&self.amqp_uri)?;
         let at_least_one = [
             ("MAX_WORKERS", self.max_workers == 0, ""),
             ("MAX_MESSAGE_SIZE", self.max_message_size == 0, ""),
@@ -460,28 +461,40 @@ impl Config {
         Ok(())
     }
 
-    /// Checks that `AMQP_URI` is a `scheme://...` URI with an accepted scheme.
-    fn validate_amqp_uri(&self) -> Result<(), ConfigError> {
-        let uri = &self.amqp_uri;
-        let expected = "expected an amqp://, amqps:// or memory:// URI";
-        let url = Url::parse(uri).map_err(|err| {
-            ConfigError::new("AMQP_URI", uri, format!("is not a valid URI ({err}): {expected}"))
-        })?;
-        if url.cannot_be_a_base() || !AMQP_SCHEMES.contains(&url.scheme()) {
-            return Err(ConfigError::new("AMQP_URI", uri, expected));
-        }
-        Ok(())
-    }
-
     /// The AMQP prefetch count to use: `PREFETCH_COUNT`, or `MAX_WORKERS` (capped at 65535)
     /// when unset.
     pub fn effective_prefetch(&self) -> u16 {
         self.prefetch_count.unwrap_or_else(|| u16::try_from(self.max_workers).unwrap_or(u16::MAX))
     }
 
-    /// `AMQP_URI` with its password replaced by `***` (see [`mask_uri`]), for logs.
+    /// `AMQP_URI` with its password (of each entry) replaced by `***` (see [`mask_uri`]),
+    /// for logs.
     pub fn masked_amqp_uri(&self) -> String {
         mask_uri(&self.amqp_uri)
+    }
+
+    /// The entries of `AMQP_URI`, in order, without surrounding whitespace: one URI, or the
+    /// nodes of a cluster. A comma in a user name or password of a list is written `%2C`.
+    ///
+    /// ```
+    /// use micro_framework::Config;
+    /// let config = Config::new("orders")
+    ///     .with_amqp_uri("amqp://u:p@10.0.0.1:5672/, amqp://u:p@10.0.0.2:5672/".into());
+    /// assert_eq!(config.amqp_uris(), ["amqp://u:p@10.0.0.1:5672/", "amqp://u:p@10.0.0.2:5672/"]);
+    /// assert_eq!(config.masked_amqp_uri(), "amqp://u:***@10.0.0.1:5672/,amqp://u:***@10.0.0.2:5672/");
+    /// let rebuilt = Config::new("orders").with_amqp_uris(config.amqp_uris());
+    /// assert_eq!(rebuilt.amqp_uri, "amqp://u:p@10.0.0.1:5672/,amqp://u:p@10.0.0.2:5672/");
+    /// ```
+    pub fn amqp_uris(&self) -> Vec<&str> {
+        uri_list::entries(&self.amqp_uri)
+    }
+
+    /// Set [`Config::amqp_uri`] to the list of `uris` (the nodes of one cluster), joined
+    /// with `,`.
+    #[must_use]
+    pub fn with_amqp_uris<I: IntoIterator<Item = impl Into<String>>>(mut self, uris: I) -> Self {
+        self.amqp_uri = uris.into_iter().map(Into::into).collect::<Vec<String>>().join(",");
+        self
     }
 
     /// The keys of [`Config::extra`], each with what it may be: a key of the Python originals

@@ -695,6 +695,104 @@ fn amqp_uri_validation() {
     assert!(!e.to_string().contains("hunter2"));
 }
 
+// ---------------------------------------------------------------- AMQP_URI lists
+
+/// The error of `AMQP_URI=uri` from the environment, checked to hold no password.
+fn uri_list_err(uri: &str) -> ConfigError {
+    let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_URI", uri)]);
+    assert_eq!(e.key, "AMQP_URI");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    e
+}
+
+#[test]
+fn amqp_uri_lists_are_read_from_every_source() {
+    let list = "amqp://u:hunter2@10.0.0.1:5672/, amqps://u:hunter2@10.0.0.2:5671/ ";
+    let expected = ["amqp://u:hunter2@10.0.0.1:5672/", "amqps://u:hunter2@10.0.0.2:5671/"];
+    let from_env = ok(Config::from_vars(vars(&[("SERVICE_NAME", "s"), ("AMQP_URI", list)])));
+    assert_eq!(from_env.amqp_uris(), expected);
+    let yaml = "SERVICE_NAME: s\nAMQP_URI:\n  - amqp://u:hunter2@10.0.0.1:5672/\n  - amqps://u:hunter2@10.0.0.2:5671/\n";
+    let from_yaml = ok(Config::from_yaml_str(yaml, &no_env));
+    assert_eq!(from_yaml.amqp_uri, expected.join(","));
+    let toml = "SERVICE_NAME = 's'\nAMQP_URI = ['amqp://u:hunter2@10.0.0.1:5672/', 'amqps://u:hunter2@10.0.0.2:5671/']\n";
+    assert_eq!(ok(Config::from_toml_str(toml, &no_env)).amqp_uris(), expected);
+    let built = Config::new("s").with_amqp_uris(expected);
+    assert_eq!(built.amqp_uri, expected.join(","));
+    assert_eq!(built.validate(), Ok(()));
+    assert_eq!(built.masked_amqp_uri(), "amqp://u:***@10.0.0.1:5672/,amqps://u:***@10.0.0.2:5671/");
+    assert_eq!(built.to_masked_map()["AMQP_URI"], json!(built.masked_amqp_uri()));
+    assert!(!format!("{built:?}").contains("hunter2"));
+    let e = yaml_err("SERVICE_NAME: s\nAMQP_URI: [amqp://h/, [x]]\n");
+    assert_eq!(e.reason, "expected a URI or a list of URIs (strings)");
+}
+
+#[test]
+fn an_empty_amqp_uri_list_or_entry_is_refused() {
+    assert!(uri_list_err(" ").reason.starts_with("is empty: expected an amqp://"));
+    let e = yaml_err("SERVICE_NAME: s\nAMQP_URI: []\n");
+    assert!(e.reason.starts_with("is empty"), "{e}");
+    let e = uri_list_err("amqp://u:hunter2@a/,,amqp://u:hunter2@c/");
+    assert_eq!(e.reason, "entry 2 of AMQP_URI is empty");
+    assert_eq!(e.value, "amqp://u:***@a/,,amqp://u:***@c/");
+    assert_eq!(uri_list_err("amqp://a/,").reason, "entry 2 of AMQP_URI is empty");
+}
+
+#[test]
+fn a_malformed_amqp_uri_entry_is_named_and_masked() {
+    let e = uri_list_err("amqp://u:hunter2@a/,amqp://u:hunter2@b:99999/");
+    assert!(
+        e.reason.starts_with("entry 2 of AMQP_URI (amqp://u:***@b:99999/) is not a valid URI ("),
+        "{e}"
+    );
+    let e = uri_list_err("amqp://a/,http://b/");
+    assert_eq!(
+        e.reason,
+        "entry 2 of AMQP_URI (http://b/) has another scheme: expected an amqp://, amqps:// or \
+         memory:// URI"
+    );
+    let e = uri_list_err("amqp://a/,localhost:5672");
+    assert!(e.reason.starts_with("entry 2 of AMQP_URI is not a URI ("), "{e}");
+    // An unescaped comma in a password of a list: no piece of it is shown.
+    let e = uri_list_err("amqp://u:hun,ter2@a/,amqp://u:hun,ter2@b/");
+    assert!(e.reason.contains("write a comma in a user name or password as %2C"), "{e}");
+    assert!(!e.to_string().contains("hun,") && !e.to_string().contains("ter2"), "{e}");
+    // One URI with such a comma is one broker, as before lists existed.
+    let one = Config::new("s").with_amqp_uri("amqp://u:hun,ter2@a/".into());
+    assert_eq!((one.validate(), one.amqp_uris()), (Ok(()), vec!["amqp://u:hun,ter2@a/"]));
+    assert_eq!(one.masked_amqp_uri(), "amqp://u:***@a/");
+}
+
+#[test]
+fn memory_cannot_be_listed_with_other_brokers() {
+    let e = uri_list_err("amqp://a/,memory://x");
+    assert!(e.reason.starts_with("AMQP_URI mixes memory:// with amqp:// or amqps:// nodes"), "{e}");
+    let e = uri_list_err("memory://x,memory://y");
+    assert!(e.reason.starts_with("AMQP_URI lists 2 memory:// brokers"), "{e}");
+}
+
+#[test]
+fn listed_nodes_share_their_vhost_and_credentials() {
+    let same = "amqp://u:hunter2@a/%2fprod,amqps://u:hunter2@b:5671/%2Fprod?heartbeat=5";
+    assert_eq!(Config::new("s").with_amqp_uri(same.into()).validate(), Ok(()));
+    let defaults = "amqp://a,amqp://guest:guest@b/";
+    assert_eq!(Config::new("s").with_amqp_uri(defaults.into()).validate(), Ok(()));
+    let e = uri_list_err("amqp://u:hunter2@a/prod,amqp://u:hunter2@b/");
+    assert!(
+        e.reason.starts_with(
+            r#"entry 2 of AMQP_URI (amqp://u:***@b/) has vhost "/", entry 1 has "prod""#
+        ),
+        "{e}"
+    );
+    let e = uri_list_err("amqp://u:hunter2@a/,amqp://u:hunter3@b/,amqp://v:hunter2@c/");
+    assert!(
+        e.reason.starts_with("entry 2 of AMQP_URI (amqp://u:***@b/) has other credentials"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("hunter3"), "{e}");
+    let e = uri_list_err("amqp://u:hunter2@a/,amqp://u:hunter2@b/,amqp://v:hunter2@c/");
+    assert!(e.reason.starts_with("entry 3 of AMQP_URI"), "{e}");
+}
+
 // ---------------------------------------------------------------- masking
 
 #[test]
@@ -715,6 +813,15 @@ fn mask_uri_cases() {
     }
     let config = Config::new("s").with_amqp_uri("amqp://a:b@c/".to_string());
     assert_eq!(config.masked_amqp_uri(), "amqp://a:***@c/");
+    let lists = [
+        ("amqp://a:b@c/,amqps://a:b@d/", "amqp://a:***@c/,amqps://a:***@d/"),
+        ("amqp://c/, amqp://a:b@d/", "amqp://c/,amqp://a:***@d/"),
+        // an entry that is not a URI may be a piece of a password: masked as one URI
+        ("amqp://a:b,c@d/,e:f@g/", "amqp://a:***@g/"),
+    ];
+    for (list, masked) in lists {
+        assert_eq!(mask_uri(list), masked, "{list}");
+    }
 }
 
 #[test]

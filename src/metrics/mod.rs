@@ -14,6 +14,7 @@
 //! | `dead_lettered_total` | counter: messages sent to the dead-letter queue | context, route |
 //! | `broker_reconnects_total` | counter: reconnections to the broker | |
 //! | `broker_connected` | gauge: 1 while connected to the broker and not stopping, else 0 | |
+//! | `broker_node` | gauge: 1 for the RabbitMQ node in use (`host:port`), 0 for it while disconnected | node |
 //! | `rpc_calls_total` | counter: RPC calls made by the service's targets | service, method, outcome |
 //! | `rpc_call_duration_seconds` | histogram: their round trip | service, method |
 //!
@@ -52,6 +53,9 @@ pub struct Metrics {
     rpc_calls: IntCounterVec,
     rpc_duration: HistogramVec,
     connected: IntGauge,
+    node: IntGaugeVec,
+    /// The `node` label last set in `node`.
+    last_node: Arc<Mutex<Option<String>>>,
     /// Each context's pool: (size, worker mode).
     pools: Arc<Mutex<BTreeMap<String, (usize, String)>>>,
     failures: Arc<FailureLog>,
@@ -110,6 +114,11 @@ impl Metrics {
                 "broker_connected",
                 "1 while connected to the broker and not stopping, else 0",
             )?,
+            node: IntGaugeVec::new(
+                Opts::new("broker_node", "1 for the broker node in use (host:port)"),
+                &["node"],
+            )?,
+            last_node: Arc::default(),
             pools: Arc::default(),
             failures: Arc::default(),
         };
@@ -127,6 +136,7 @@ impl Metrics {
         registry.register(Box::new(metrics.rpc_calls.clone()))?;
         registry.register(Box::new(metrics.rpc_duration.clone()))?;
         registry.register(Box::new(metrics.connected.clone()))?;
+        registry.register(Box::new(metrics.node.clone()))?;
         Ok(metrics)
     }
 
@@ -226,6 +236,23 @@ impl Metrics {
     /// Whether the service is connected to its broker and not stopping (read when scraped).
     pub(crate) fn set_connected(&self, connected: bool) {
         self.connected.set(i64::from(connected));
+    }
+
+    /// The broker node in use (read when scraped): its series reads 1; the previous node's
+    /// series is removed; while disconnected, the last node's series reads 0.
+    pub(crate) fn set_broker_node(&self, node: Option<&str>) {
+        let mut last = self.last_node.lock().unwrap_or_else(PoisonError::into_inner);
+        match (node, last.as_deref()) {
+            (Some(node), previous) => {
+                if let Some(previous) = previous.filter(|previous| *previous != node) {
+                    let _ = self.node.remove_label_values(&[previous]);
+                }
+                self.node.with_label_values(&[node]).set(1);
+                *last = Some(node.to_owned());
+            }
+            (None, Some(previous)) => self.node.with_label_values(&[previous]).set(0),
+            (None, None) => {}
+        }
     }
 
     /// Set the reconnection count (read from the transport).

@@ -29,6 +29,7 @@ pub(crate) fn render(status: &Status) -> String {
         if broker.connected { ("ok", "connected") } else { ("bad", "not connected") };
     let since =
         broker.connected_since.as_deref().map(|at| format!(" since {at}")).unwrap_or_default();
+    let node = broker.node.as_deref().map(|node| format!(" to node {node}")).unwrap_or_default();
     let _ = write!(
         page,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -37,13 +38,14 @@ pub(crate) fn render(status: &Status) -> String {
          <title>{service} · status</title><style>{STYLE}</style></head><body>\
          <h1>{service}</h1>\
          <p class=\"meta\">micro-framework {version} · started {started} · up {uptime}</p>\
-         <p class=\"meta\">broker {uri}: <b class=\"{state_class}\" id=\"broker\">{state}</b>{since} · \
+         <p class=\"meta\">broker {uri}: <b class=\"{state_class}\" id=\"broker\">{state}</b>{node}{since} · \
          {reconnects} reconnects</p>",
         service = esc(&status.service),
         version = esc(status.framework_version),
         started = esc(&status.started_at),
         uptime = duration_text(status.uptime_seconds),
         uri = esc(&broker.uri),
+        node = esc(&node),
         since = esc(&since),
         reconnects = broker.reconnects,
     );
@@ -188,6 +190,7 @@ mod tests {
             uptime_seconds: 3700,
             broker: BrokerStatus {
                 uri: "amqp://guest:***@127.0.0.1:5672/".into(),
+                node: Some(evil.into()),
                 connected: true,
                 connected_since: Some("2026-12-01T10:00:00Z".into()),
                 reconnects: 2,

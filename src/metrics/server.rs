@@ -104,15 +104,22 @@ async fn metrics_text(State(state): State<Arc<ServerState>>) -> impl IntoRespons
     state.metrics.set_reconnects(state.transport.reconnects());
     let ready = state.transport.is_connected() && !state.stopping.is_cancelled();
     state.metrics.set_connected(ready);
+    state.metrics.set_broker_node(state.transport.broker_node().as_deref());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
+/// 200 `ready` while connected and not stopping, else 503 with the reason; a line
+/// `broker: host:port` names the RabbitMQ node in use.
 async fn ready(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
-    if state.transport.is_connected() && !state.stopping.is_cancelled() {
+    let status = if state.transport.is_connected() && !state.stopping.is_cancelled() {
         (StatusCode::OK, "ready")
     } else if state.stopping.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "stopping")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not connected to the broker")
+    };
+    match state.transport.broker_node() {
+        Some(node) => (status.0, format!("{}\nbroker: {node}\n", status.1)),
+        None => (status.0, format!("{}\n", status.1)),
     }
 }

@@ -64,8 +64,10 @@ pub struct Status {
 /// The broker connection.
 #[derive(Debug, Serialize)]
 pub struct BrokerStatus {
-    /// The broker's URI, password masked.
+    /// The broker's URI (or list of node URIs), password masked.
     pub uri: String,
+    /// `host:port` of the broker node in use, while connected to RabbitMQ.
+    pub node: Option<String>,
     /// Whether the service is connected now.
     pub connected: bool,
     /// Since when (RFC 3339), while connected.
@@ -294,6 +296,7 @@ impl StatusSource {
             uptime_seconds: now.duration_since(self.started_at).unwrap_or_default().as_secs(),
             broker: BrokerStatus {
                 uri: self.broker_uri.clone(),
+                node: transport.broker_node(),
                 connected: transport.is_connected(),
                 connected_since: transport.connected_since().map(rfc3339),
                 reconnects: transport.reconnects(),

@@ -68,9 +68,10 @@ impl TimeEntrypoint {
     }
 
     /// Fire each tick on one instance of the service only (the Python original and Nameko
-    /// fire on every instance). The instance holding the exclusive consumer of the queue
-    /// `timer-{service}-{route}.leader` leads; when it stops or dies, another one takes
-    /// over at its next tick.
+    /// fire on every instance). The instance whose connection owns the exclusive queue
+    /// `timer-{service}-{route}.lock` leads; when it stops or dies, or its connection or
+    /// its broker node goes away, another one takes over at its next tick. An instance that
+    /// is not connected never fires: it cannot know whether another one leads.
     pub fn cluster_wide(mut self) -> Self {
         self.cluster_wide = true;
         self

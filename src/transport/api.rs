@@ -513,6 +513,11 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn connected_since(&self) -> Option<std::time::SystemTime> {
         None
     }
+    /// The broker node the transport is connected to, as `host:port`; `None` while it is not
+    /// connected, and for a broker without nodes (the in-process one).
+    fn broker_node(&self) -> Option<String> {
+        None
+    }
     /// Close the transport; consumers end and unsettled deliveries go back to their queues.
     async fn close(&self);
 }

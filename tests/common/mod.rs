@@ -1,7 +1,9 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod peer;
+pub mod tally;
 pub mod targets;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

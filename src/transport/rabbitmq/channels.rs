@@ -118,7 +118,8 @@ impl ChannelSlot {
                     *slot = None;
                     return Err(TransportError::TimedOut(format!(
                         "no answer from {} within {:?}",
-                        shared.uri.masked, shared.options.publish_timeout
+                        shared.nodes.masked(),
+                        shared.options.publish_timeout
                     )));
                 }
             };

@@ -1,5 +1,6 @@
-//! The connection and its supervisor: detects a lost connection, reconnects with
-//! exponential backoff and replays the recorded topology before announcing the new link.
+//! The connection and its supervisor: detects a lost connection, reconnects (to the next
+//! node of the list, with exponential backoff between passes over all of them) and replays
+//! the recorded topology before announcing the new link.
 
 use std::fmt;
 use std::future::Future;
@@ -14,6 +15,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::error::{is_fatal, is_soft, map_connect_error, map_error};
+use super::nodes::Nodes;
 use super::options::RabbitMqOptions;
 use super::topology::{apply, prepare, Topology};
 use super::uri::{scrub, BrokerUri};
@@ -104,8 +106,8 @@ pub(crate) enum LinkState {
 pub(crate) struct Shared {
     /// The options the transport was created with.
     pub(crate) options: RabbitMqOptions,
-    /// The parsed URI.
-    pub(crate) uri: BrokerUri,
+    /// The broker nodes, in this transport's order.
+    pub(crate) nodes: Nodes,
     tls: OwnedTLSConfig,
     state: watch::Sender<LinkState>,
     kick: Notify,
@@ -121,7 +123,7 @@ pub(crate) struct Shared {
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Shared")
-            .field("uri", &self.uri.masked)
+            .field("nodes", &self.nodes.masked())
             .field("state", &*self.state.borrow())
             .finish_non_exhaustive()
     }
@@ -129,11 +131,11 @@ impl fmt::Debug for Shared {
 
 impl Shared {
     /// The state, not connected yet.
-    pub(crate) fn new(options: RabbitMqOptions, uri: BrokerUri, tls: OwnedTLSConfig) -> Self {
+    pub(crate) fn new(options: RabbitMqOptions, nodes: Nodes, tls: OwnedTLSConfig) -> Self {
         let (state, _) = watch::channel(LinkState::Down);
         let (kick, topology, reconnects) = (Notify::new(), Mutex::default(), AtomicU64::new(0));
         let linked_at = Mutex::new(None);
-        Shared { options, uri, tls, state, kick, topology, linked_at, reconnects }
+        Shared { options, nodes, tls, state, kick, topology, linked_at, reconnects }
     }
 
     /// Announce the first link.
@@ -159,6 +161,11 @@ impl Shared {
             LinkState::Up(link) => link.generation,
             LinkState::Down | LinkState::Closed => 0,
         }
+    }
+
+    /// `host:port` of the node the link is up to; `None` while it is down.
+    pub(crate) fn node(&self) -> Option<String> {
+        self.current().map(|_| self.nodes.current().node.clone())
     }
 
     /// How many times the link was reopened after it dropped.
@@ -199,7 +206,7 @@ impl Shared {
         let outcome = match tokio::time::timeout_at(deadline, ready).await {
             Err(_) => Err(TransportError::Unreachable(format!(
                 "no connection to {} (timed out waiting for reconnection)",
-                self.uri.masked
+                self.nodes.masked()
             ))),
             Ok(Ok(state)) => match &*state {
                 LinkState::Up(link) => Ok(link.clone()),
@@ -229,17 +236,39 @@ impl Shared {
         }
     }
 
-    /// Open a connection (no topology replay).
-    pub(crate) async fn open(&self, generation: u64) -> Result<Arc<Link>, TransportError> {
-        open(&self.options, &self.uri, &self.tls)
-            .await
-            .map(|connection| Arc::new(Link::new(connection, generation)))
+    /// Open the first connection, trying each node once in order (no topology to replay).
+    ///
+    /// # Errors
+    /// When no node accepts: the first permanent error (e.g. refused credentials), else
+    /// every node's error.
+    pub(crate) async fn open_first(&self) -> Result<Arc<Link>, TransportError> {
+        let mut errors = Vec::new();
+        for (index, node) in self.nodes.pass(false) {
+            match open(&self.options, node, &self.tls).await {
+                Ok(connection) => {
+                    self.nodes.use_node(index);
+                    tracing::info!(uri = %node.masked, "connected to broker node {}", node.masked);
+                    return Ok(Arc::new(Link::new(connection, 1)));
+                }
+                Err(error) => {
+                    tracing::warn!(uri = %node.masked, %error, "cannot connect to broker node");
+                    errors.push(error);
+                }
+            }
+        }
+        Err(first_permanent_or_all(errors))
     }
 
-    /// Open a connection and replay the recorded topology on it (each step bounded by the
-    /// connect timeout).
-    async fn reconnect(&self, generation: u64) -> Result<Arc<Link>, TransportError> {
-        let link = self.open(generation).await?;
+    /// Open a connection to the node at `index` and replay the recorded topology on it (each
+    /// step bounded by the connect timeout).
+    async fn reconnect(
+        &self,
+        index: usize,
+        node: &BrokerUri,
+        generation: u64,
+    ) -> Result<Arc<Link>, TransportError> {
+        let connection = open(&self.options, node, &self.tls).await?;
+        let link = Arc::new(Link::new(connection, generation));
         let limit = self.options.connect_timeout;
         let timed_out = || TransportError::TimedOut("topology replay timed out".into());
         let declarations = self.topology().snapshot();
@@ -274,8 +303,48 @@ impl Shared {
         if let Some(channel) = channel {
             let _ = tokio::time::timeout(limit, channel.close(200, "replay done".into())).await;
         }
+        self.nodes.use_node(index);
         Ok(link)
     }
+
+    /// One pass over the nodes, starting after the current one: the first link that comes
+    /// up with its topology replayed, else the last error. `None` once closed.
+    async fn reconnect_pass(
+        &self,
+        generation: u64,
+        pass: u32,
+    ) -> Option<Result<Arc<Link>, TransportError>> {
+        let mut last = None;
+        for (index, node) in self.nodes.pass(true) {
+            tracing::warn!(uri = %node.masked, pass, "reconnecting to the broker");
+            // A close during the attempt wins: no topology is replayed after `close()`.
+            let attempt = tokio::select! {
+                result = self.reconnect(index, node, generation) => result,
+                _ = self.closed() => return None,
+            };
+            match attempt {
+                Ok(link) => return Some(Ok(link)),
+                Err(error) => {
+                    tracing::warn!(uri = %node.masked, pass, %error, "reconnect failed");
+                    last = Some(error);
+                }
+            }
+        }
+        last.map(Err)
+    }
+}
+
+/// The error of a first connection that no node accepted.
+fn first_permanent_or_all(mut errors: Vec<TransportError>) -> TransportError {
+    if let Some(index) = errors.iter().position(TransportError::is_permanent) {
+        return errors.swap_remove(index);
+    }
+    if errors.len() <= 1 {
+        let none = || TransportError::Unreachable("no broker node to connect to".into());
+        return errors.pop().unwrap_or_else(none);
+    }
+    let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    TransportError::Unreachable(format!("no broker node accepted: {}", all.join("; ")))
 }
 
 /// The error of an operation on a transport the application closed.
@@ -337,20 +406,17 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
             }
             up
         });
-        tracing::warn!(uri = %shared.uri.masked, "connection to the broker lost; reconnecting");
+        let lost = shared.nodes.current().masked.clone();
+        tracing::warn!(uri = %lost, "connection to the broker lost; reconnecting");
+        // The backoff grows per pass over every node: a dead node costs one attempt.
         let mut delay = shared.options.reconnect_min;
-        let mut attempt = 1u32;
+        let mut pass = 1u32;
         link = loop {
-            tracing::warn!(uri = %shared.uri.masked, attempt, "reconnecting to the broker");
-            // A close during the attempt wins: no topology is replayed after `close()`.
-            let attempt_result = tokio::select! {
-                result = shared.reconnect(link.generation + 1) => result,
-                _ = shared.closed() => return,
-            };
-            match attempt_result {
-                Ok(new) => break new,
-                Err(error) => {
-                    tracing::warn!(uri = %shared.uri.masked, attempt, %error, ?delay, "reconnect failed");
+            match shared.reconnect_pass(link.generation + 1, pass).await {
+                None => return,
+                Some(Ok(new)) => break new,
+                Some(Err(error)) => {
+                    tracing::warn!(uris = %shared.nodes.masked(), pass, %error, ?delay, "no broker node accepted; waiting");
                 }
             }
             tokio::select! {
@@ -358,7 +424,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
                 _ = shared.closed() => return,
             }
             delay = (delay * 2).min(shared.options.reconnect_max);
-            attempt += 1;
+            pass += 1;
         };
         let announced = shared.state.send_if_modified(|state| {
             let down = matches!(state, LinkState::Down);
@@ -373,6 +439,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
         }
         shared.linked_now();
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(uri = %shared.uri.masked, generation = link.generation, "reconnected to the broker");
+        let node = &shared.nodes.current().masked;
+        tracing::info!(uri = %node, generation = link.generation, "connected to broker node {node}");
     }
 }

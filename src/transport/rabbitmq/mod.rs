@@ -15,6 +15,7 @@ mod convert;
 mod error;
 #[cfg(test)]
 mod fuzz;
+mod nodes;
 mod options;
 mod publisher;
 mod topology;
@@ -57,13 +58,22 @@ impl RabbitMqTransport {
     /// when the broker cannot be reached, [`TransportError::Authentication`] when it refuses
     /// the credentials, [`TransportError::Tls`] when TLS fails (certificate refused, files
     /// unreadable) and [`TransportError::InvalidUri`]; reconnection is automatic after that.
+    ///
+    /// With a list of URIs (the nodes of a cluster), the list is shuffled once per transport
+    /// ([`RabbitMqOptions::node_order_seed`]) and each node is tried in that order; after a
+    /// connection loss, the nodes are tried again in order starting after the lost one, with
+    /// the backoff between passes over the whole list. The error when none accepts is the
+    /// first permanent one, else every node's.
     pub async fn connect(options: RabbitMqOptions) -> Result<Self, TransportError> {
-        let uri = uri::parse_uri(&options.uri, options.heartbeat)?;
+        let uris = uri::parse_uris(&options.uri, options.heartbeat)?;
         #[cfg(not(feature = "tls"))]
-        uri::refuse_tls(&uri)?;
+        for uri in &uris {
+            uri::refuse_tls(uri)?;
+        }
         let tls = options.tls.load()?;
-        let shared = Shared::new(options, uri, tls);
-        let first = shared.open(1).await?;
+        let seed = options.node_order_seed.unwrap_or_else(nodes::default_seed);
+        let shared = Shared::new(options, nodes::Nodes::new(uris, seed), tls);
+        let first = shared.open_first().await?;
         let shared = Arc::new(shared.with_link(first.clone()));
         tokio::spawn(supervise(shared.clone(), first));
         Ok(RabbitMqTransport {
@@ -102,7 +112,7 @@ impl RabbitMqTransport {
 impl fmt::Debug for RabbitMqTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitMqTransport")
-            .field("uri", &self.shared.uri.masked)
+            .field("uri", &self.shared.nodes.masked())
             .field("connected", &self.is_connected())
             .finish()
     }
@@ -229,6 +239,10 @@ impl Transport for RabbitMqTransport {
 
     fn connected_since(&self) -> Option<std::time::SystemTime> {
         self.shared.connected_since()
+    }
+
+    fn broker_node(&self) -> Option<String> {
+        self.shared.node()
     }
 
     async fn close(&self) {

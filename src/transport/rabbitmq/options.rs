@@ -25,6 +25,8 @@ pub struct TlsOptions {
 #[derive(Clone, PartialEq, Eq)]
 pub struct RabbitMqOptions {
     /// `amqp://user:password@host:port/vhost` or `amqps://...`; `?heartbeat=N` is honoured.
+    /// Or the nodes of a cluster, as a comma-separated list of such URIs (a comma in a user
+    /// name or password of a list is written `%2C`).
     pub uri: String,
     /// Heartbeat interval in seconds (0 disables); the URI's `heartbeat` query wins.
     pub heartbeat: u16,
@@ -40,6 +42,9 @@ pub struct RabbitMqOptions {
     pub publish_timeout: Duration,
     /// How long one connection attempt (TCP, TLS and AMQP handshake) may take.
     pub connect_timeout: Duration,
+    /// Seed of the shuffle of a list of nodes; `None` (the default) takes one from the
+    /// process id, the time and a count of transports, so instances spread over the nodes.
+    pub node_order_seed: Option<u64>,
 }
 
 impl RabbitMqOptions {
@@ -55,6 +60,7 @@ impl RabbitMqOptions {
             reconnect_max: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            node_order_seed: None,
         }
     }
 }
@@ -70,6 +76,7 @@ impl fmt::Debug for RabbitMqOptions {
             .field("reconnect_max", &self.reconnect_max)
             .field("publish_timeout", &self.publish_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("node_order_seed", &self.node_order_seed)
             .finish()
     }
 }

@@ -83,7 +83,8 @@ pub(crate) async fn publish(
             Err(_) => {
                 return Err(TransportError::TimedOut(format!(
                     "publish to {} not confirmed within {:?}",
-                    shared.uri.masked, shared.options.publish_timeout
+                    shared.nodes.masked(),
+                    shared.options.publish_timeout
                 )))
             }
         };

@@ -782,3 +782,104 @@ async fn receives_headers_encoded_like_py_amqp() {
     t.delete_queue(&queue).await.unwrap();
     t.close().await;
 }
+
+/// `amqp://` URIs of `ports` on this host, as a list.
+fn node_list(ports: &[u16]) -> String {
+    let uris: Vec<String> =
+        ports.iter().map(|port| format!("amqp://guest:guest@127.0.0.1:{port}/%2f")).collect();
+    uris.join(",")
+}
+
+#[tokio::test]
+async fn a_list_with_dead_nodes_connects_to_the_live_one() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    // Ports 1 and 2 refuse connections; whatever the order, the live node is found.
+    let list = format!("{},{URI}", node_list(&[1, 2]));
+    for seed in 0..4 {
+        let t = RabbitMqTransport::connect(RabbitMqOptions {
+            node_order_seed: Some(seed),
+            ..options(&list)
+        })
+        .await
+        .unwrap();
+        assert_eq!(t.broker_node().as_deref(), Some(BROKER));
+        let queue = unique("q");
+        t.declare_queue(&plain_queue(&queue)).await.unwrap();
+        t.delete_queue(&queue).await.unwrap();
+        t.close().await;
+        assert_eq!(t.broker_node(), None, "no node once closed");
+    }
+    let error = RabbitMqTransport::connect(options(&node_list(&[1, 2]))).await.unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, TransportError::Unreachable(_)), "{error:?}");
+    assert!(text.contains("127.0.0.1:1") && text.contains("127.0.0.1:2"), "{text}");
+    assert!(!text.contains("guest:guest"), "{text}");
+}
+
+#[tokio::test]
+async fn transports_spread_over_the_listed_nodes() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let proxies = [Proxy::start().await, Proxy::start().await, Proxy::start().await];
+    let ports: Vec<u16> = proxies.iter().map(|proxy| proxy.port).collect();
+    let list = node_list(&ports);
+    let mut nodes = HashSet::new();
+    // Six instances with seeds 0..6: the shuffle starts them on every node of three.
+    for seed in 0..6 {
+        let t = RabbitMqTransport::connect(RabbitMqOptions {
+            node_order_seed: Some(seed),
+            ..options(&list)
+        })
+        .await
+        .unwrap();
+        nodes.extend(t.broker_node());
+        t.close().await;
+    }
+    let expected: HashSet<String> = ports.iter().map(|port| format!("127.0.0.1:{port}")).collect();
+    assert_eq!(nodes, expected);
+}
+
+#[tokio::test]
+async fn a_lost_node_fails_over_to_the_next_one() {
+    bounded(failover_scenario()).await;
+}
+
+async fn failover_scenario() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let proxies = [Proxy::start().await, Proxy::start().await];
+    let list = node_list(&[proxies[0].port, proxies[1].port]);
+    let t = connect(&list).await;
+    let first = t.broker_node().unwrap();
+    let (lost, other) = match first == format!("127.0.0.1:{}", proxies[0].port) {
+        true => (&proxies[0], &proxies[1]),
+        false => (&proxies[1], &proxies[0]),
+    };
+    let queue = unique("q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    let mut consumer = t.consume(&queue, prefetch(5)).await.unwrap();
+    // The node stays down: the transport moves to the other one, replays the queue and
+    // resumes the consumer there.
+    lost.cut();
+    timeout(Duration::from_secs(10), async {
+        while t.connection_generation() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("no reconnection to the other node");
+    assert_eq!(t.broker_node(), Some(format!("127.0.0.1:{}", other.port)));
+    publish(&t, &queue, "after").await;
+    let delivery = next(&mut consumer).await;
+    assert_eq!(delivery.body.as_ref(), b"after");
+    delivery.acker.ack().await.unwrap();
+    t.delete_queue(&queue).await.unwrap();
+    t.close().await;
+}

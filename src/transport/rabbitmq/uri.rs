@@ -6,6 +6,7 @@ use url::Url;
 use crate::transport::TransportError;
 
 pub use crate::config::mask_uri;
+use crate::config::uri_list::entries;
 
 /// Remove every occurrence of `password` from `text` (defence in depth for broker messages).
 pub(crate) fn scrub(text: &str, password: &str) -> String {
@@ -23,6 +24,8 @@ pub(crate) struct BrokerUri {
     pub(crate) amqp: AMQPUri,
     /// The URI with its password masked.
     pub(crate) masked: String,
+    /// `host:port` of the node (`[host]:port` for an IPv6 address).
+    pub(crate) node: String,
 }
 
 impl std::fmt::Debug for BrokerUri {
@@ -67,6 +70,35 @@ fn decode(part: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parse one URI or a comma-separated list of them (the nodes of a cluster; see
+/// [`crate::config::Config::amqp_uris`]), each as [`parse_uri`] does.
+pub(crate) fn parse_uris(uris: &str, heartbeat: u16) -> Result<Vec<BrokerUri>, TransportError> {
+    let entries = entries(uris);
+    if entries.len() == 1 {
+        return Ok(vec![parse_uri(uris, heartbeat)?]);
+    }
+    let masked = mask_uri(uris);
+    // Every entry is checked before any is shown: with a comma in a password, the first
+    // piece would show the start of the password.
+    for (index, entry) in entries.iter().enumerate() {
+        if entry.is_empty() {
+            return Err(invalid(&masked, format!("entry {} of the list is empty", index + 1)));
+        }
+        if !entry.contains("://") {
+            return Err(invalid(&masked, format!("entry {} of the list is not a URI", index + 1)));
+        }
+    }
+    let parse = |(index, entry): (usize, &str)| {
+        parse_uri(entry, heartbeat).map_err(|error| match error {
+            TransportError::InvalidUri(why) => {
+                TransportError::InvalidUri(format!("entry {} of the list: {why}", index + 1))
+            }
+            other => other,
+        })
+    };
+    entries.into_iter().enumerate().map(parse).collect()
 }
 
 /// Parse `amqp://user:pass@host:port/vhost?heartbeat=N`. The vhost is percent-decoded
@@ -124,7 +156,11 @@ pub(crate) fn parse_uri(uri: &str, heartbeat: u16) -> Result<BrokerUri, Transpor
         vhost,
         query,
     };
-    Ok(BrokerUri { amqp, masked })
+    let node = match host.contains(':') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    };
+    Ok(BrokerUri { amqp, masked, node })
 }
 
 #[cfg(test)]
@@ -150,6 +186,27 @@ mod tests {
         assert_eq!(parsed.amqp.vhost, "/prod");
         assert_eq!(parsed.amqp.query.heartbeat, Some(7));
         assert!(!parsed.masked.contains("p%2Fw"));
+    }
+
+    #[test]
+    fn parses_lists_and_names_nodes() {
+        let list = parse_uris("amqp://u:pw@a:5681/, amqps://u:pw@[::1]/", 60).unwrap();
+        let nodes: Vec<&str> = list.iter().map(|uri| uri.node.as_str()).collect();
+        assert_eq!(nodes, ["a:5681", "[::1]:5671"]);
+        assert_eq!(list[1].masked, "amqps://u:***@[::1]/");
+        let empty = parse_uris("amqp://u:pw@a/,", 60).unwrap_err().to_string();
+        assert!(empty.contains("entry 2 of the list is empty") && !empty.contains("pw"), "{empty}");
+        let bad = parse_uris("amqp://a/,http://u:hunter2@b/", 60).unwrap_err().to_string();
+        assert!(bad.contains("entry 2 of the list: invalid broker URI 'http://u:***@b/'"), "{bad}");
+        let piece = parse_uris("amqp://u:hun,ter2@a/,amqp://u:hun,ter2@b/", 60).unwrap_err();
+        assert!(
+            !piece.to_string().contains("hun") && !piece.to_string().contains("ter2"),
+            "{piece}"
+        );
+        assert_eq!(
+            parse_uris("amqp://u:p,w@a/", 60).unwrap()[0].amqp.authority.userinfo.password,
+            "p,w"
+        );
     }
 
     #[test]

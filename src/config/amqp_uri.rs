@@ -1,0 +1,141 @@
+//! Validation of `AMQP_URI`: one broker URI, or a comma-separated list of the nodes of one
+//! RabbitMQ cluster (same vhost, same credentials).
+
+use percent_encoding::percent_decode_str;
+use url::Url;
+
+use super::error::{mask_uri, ConfigError};
+use super::uri_list::entries;
+
+const KEY: &str = "AMQP_URI";
+
+/// The URI schemes `AMQP_URI` may use (`memory` is the in-process test broker).
+const SCHEMES: [&str; 3] = ["amqp", "amqps", "memory"];
+
+const EXPECTED: &str = "expected an amqp://, amqps:// or memory:// URI";
+
+/// Checks `raw`, the value of `AMQP_URI`. Errors name the offending entry by its number and
+/// show it with its password masked.
+pub(super) fn validate(raw: &str) -> Result<(), ConfigError> {
+    if raw.trim().is_empty() {
+        let reason = format!("is empty: {EXPECTED}, or a comma-separated list of them");
+        return Err(ConfigError::new(KEY, raw, reason));
+    }
+    let entries = entries(raw);
+    if entries.len() == 1 {
+        return parse(raw).map(drop).map_err(|reason| ConfigError::new(KEY, raw, reason.text("")));
+    }
+    // Every entry is checked to be there and to look like a URI before any is shown: with
+    // a comma in a password, the first piece would show the start of the password.
+    for (index, entry) in entries.iter().enumerate() {
+        let number = index + 1;
+        if entry.is_empty() {
+            return Err(ConfigError::new(KEY, raw, format!("entry {number} of {KEY} is empty")));
+        }
+        if !entry.contains("://") {
+            let reason = format!(
+                "entry {number} of {KEY} is not a URI ({EXPECTED}; commas separate the \
+                 entries, so write a comma in a user name or password as %2C)"
+            );
+            return Err(ConfigError::new(KEY, raw, reason));
+        }
+    }
+    let mut urls = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        let url = parse(entry).map_err(|why| {
+            let entry = format!("entry {} of {KEY} ({}) ", index + 1, mask_uri(entry));
+            let reason = why.text(&entry);
+            ConfigError::new(KEY, raw, reason)
+        })?;
+        urls.push(url);
+    }
+    same_cluster(&entries, &urls).map_err(|reason| ConfigError::new(KEY, raw, reason))
+}
+
+/// Why a URI is refused.
+enum Refused {
+    /// It does not parse, for this reason.
+    Invalid(url::ParseError),
+    /// Its scheme is none of [`SCHEMES`], or it has no `//`.
+    Scheme,
+}
+
+impl Refused {
+    /// The reason, after `subject` (empty, or the entry named with a trailing space).
+    fn text(&self, subject: &str) -> String {
+        match self {
+            Refused::Invalid(err) => format!("{subject}is not a valid URI ({err}): {EXPECTED}"),
+            Refused::Scheme if subject.is_empty() => EXPECTED.to_string(),
+            Refused::Scheme => format!("{subject}has another scheme: {EXPECTED}"),
+        }
+    }
+}
+
+/// Parses one URI of an accepted scheme.
+fn parse(uri: &str) -> Result<Url, Refused> {
+    let url = Url::parse(uri).map_err(Refused::Invalid)?;
+    if url.cannot_be_a_base() || !SCHEMES.contains(&url.scheme()) {
+        return Err(Refused::Scheme);
+    }
+    Ok(url)
+}
+
+/// Checks that the entries of a list can be nodes of one cluster: all RabbitMQ, with the
+/// first one's vhost (queues live in one vhost) and credentials (users are cluster-wide).
+fn same_cluster(entries: &[&str], urls: &[Url]) -> Result<(), String> {
+    let in_memory = urls.iter().filter(|url| url.scheme() == "memory").count();
+    if in_memory > 1 {
+        return Err(format!(
+            "{KEY} lists {in_memory} memory:// brokers: a service uses one in-process broker"
+        ));
+    }
+    if in_memory == 1 {
+        return Err(format!(
+            "{KEY} mixes memory:// with amqp:// or amqps:// nodes: the in-process broker cannot \
+             be listed with RabbitMQ nodes"
+        ));
+    }
+    let (first, others) = urls.split_first().ok_or_else(|| format!("{KEY} is empty"))?;
+    for (index, url) in others.iter().enumerate() {
+        let number = index + 2;
+        let masked = mask_uri(entries[index + 1]);
+        if vhost(url) != vhost(first) {
+            return Err(format!(
+                "entry {number} of {KEY} ({masked}) has vhost {:?}, entry 1 has {:?}: queues live \
+                 in one vhost, so every entry names the same one",
+                vhost(url),
+                vhost(first)
+            ));
+        }
+        if credentials(url) != credentials(first) {
+            return Err(format!(
+                "entry {number} of {KEY} ({masked}) has other credentials than entry 1: users \
+                 are cluster-wide, so every entry has the same user name and password"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The vhost a URI names, as the broker sees it (decoded; an empty path is `/`).
+fn vhost(url: &Url) -> String {
+    let path = url.path().strip_prefix('/').unwrap_or(url.path());
+    if path.is_empty() {
+        "/".to_string()
+    } else {
+        decode(path)
+    }
+}
+
+/// The user name and password a URI logs in with (`guest` for each when absent).
+fn credentials(url: &Url) -> (String, String) {
+    let user = match url.username() {
+        "" => "guest".to_string(),
+        name => decode(name),
+    };
+    (user, url.password().map_or_else(|| "guest".to_string(), decode))
+}
+
+fn decode(part: &str) -> String {
+    percent_decode_str(part).decode_utf8_lossy().into_owned()
+}
