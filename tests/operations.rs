@@ -101,6 +101,10 @@ async fn health_and_metrics_name_the_broker_node_in_use() {
             tokio::task::spawn_blocking(move || http_get(address, "/health/ready")).await.unwrap();
         let (_, metrics) =
             tokio::task::spawn_blocking(move || http_get(address, "/metrics")).await.unwrap();
+        let (_, status) =
+            tokio::task::spawn_blocking(move || http_get(address, "/status.json")).await.unwrap();
+        let status: Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(status["broker"]["node"], json!(node));
         assert_eq!(ready, 200);
         match &node {
             Some(node) => {

@@ -397,6 +397,14 @@ async fn show_config_prints_the_effective_configuration_masked() {
     let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
     assert_eq!((&shown["SERVICE_NAME"], &shown["MAX_WORKERS"]), (&json!("orders"), &json!(8)));
     assert_eq!(shown["AMQP_URI"], "amqp://u:***@h:5672/");
+    // the nodes of a cluster, each entry masked; a bad list names its entry
+    let list = "amqp://u:pw@h1:5672/, amqp://u:pw@h2:5672/";
+    let run = cli_env(Some(list), &["show-config"], &env).await;
+    let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(shown["AMQP_URI"], "amqp://u:***@h1:5672/,amqp://u:***@h2:5672/");
+    cli_env(Some("amqp://u:pw@h1/,,amqp://u:pw@h2/"), &["show-config"], &env)
+        .await
+        .one_error_line(2, "entry 2 of AMQP_URI is empty");
 
     // bad input
     cli(None, &["show-config"]).await.one_error_line(2, "SERVICE_NAME");
