@@ -155,25 +155,10 @@ async fn competing_instances_answer_each_rpc_call_once() {
 /// The cluster tests stop and start nodes: one at a time.
 static CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The URIs of the cluster's nodes (`MF_CLUSTER_URIS`); `None` (a loud skip) when unset,
-/// a failure under `CI=true`.
+/// The URIs of the cluster's nodes, when the cluster tests were asked for (see
+/// [`common::cluster::cluster`]: a loud skip otherwise, a failure when asked for and missing).
 fn cluster_uris() -> Option<Vec<String>> {
-    match std::env::var("MF_CLUSTER_URIS") {
-        Ok(uris) if !uris.trim().is_empty() => {
-            let config = Config::new("cluster").with_amqp_uri(uris);
-            config.validate().expect("MF_CLUSTER_URIS is a valid AMQP_URI list");
-            Some(config.amqp_uris().into_iter().map(str::to_owned).collect())
-        }
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "MF_CLUSTER_URIS is not set and CI=true: start the cluster with \
-                 deploy/cluster/rabbitmq-cluster.sh start and export its URIs"
-            );
-            eprintln!("SKIPPED: MF_CLUSTER_URIS is not set; the cluster tests did not run");
-            None
-        }
-    }
+    common::cluster::cluster().map(|cluster| cluster.uris)
 }
 
 /// `deploy/cluster/rabbitmq-cluster.sh ARGS...`, which must succeed; its output.
