@@ -10,7 +10,8 @@
 //!   2. drain all of them (3 × MESSAGES per queue): a bare lapin consumer (prefetch = `MAX_WORKERS`, ack each) vs the
 //!      `bench_svc` service with `MAX_WORKERS` from the environment.
 //!
-//!   It prints both rates and their ratios.
+//!   It prints both rates and their ratios, and the CPU time of this process per drained
+//!   event (getrusage) for each.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::amqp::naming::event_exchange;
 use micro_framework::prelude::*;
 use micro_framework::Error;
+use micro_framework_bench::cpu::own_cpu;
 
 const IN_FLIGHT: usize = 64;
 const ROUNDS: usize = 3;
@@ -174,7 +176,7 @@ async fn bench(messages: usize) -> micro_framework::Result<()> {
         )
         .await
         .map_err(lapin_error)?;
-    let started = Instant::now();
+    let (started, cpu_before) = (Instant::now(), own_cpu());
     for _ in 0..messages {
         let delivery = consumer
             .next()
@@ -184,14 +186,16 @@ async fn bench(messages: usize) -> micro_framework::Result<()> {
         delivery.ack(BasicAckOptions::default()).await.map_err(lapin_error)?;
     }
     let lapin_drain = rate(messages, started.elapsed());
+    let lapin_cpu = per_message(messages, own_cpu().saturating_sub(cpu_before));
 
-    let started = Instant::now();
+    let (started, cpu_before) = (Instant::now(), own_cpu());
     let service = micro_framework::Runner::new(routes(), config.clone()).spawn().await?;
     let route = service.route("noop").ok_or_else(|| Error::Startup("no route noop".into()))?;
     tokio::time::timeout(Duration::from_secs(600), route.stats().wait_settled(messages as u64))
         .await
         .map_err(|_| Error::Timeout("bench_svc did not drain its queue".into()))?;
     let service_drain = rate(messages, started.elapsed());
+    let service_cpu = per_message(messages, own_cpu().saturating_sub(cpu_before));
     service.stop().await?;
 
     channel
@@ -206,7 +210,13 @@ async fn bench(messages: usize) -> micro_framework::Result<()> {
 
     println!("publish with confirms: bare lapin {lapin_publish:>9.0} msg/s | Producer  {producer_publish:>9.0} msg/s | ratio {:.2}", producer_publish / lapin_publish);
     println!("drain (consume + ack): bare lapin {lapin_drain:>9.0} msg/s | bench_svc {service_drain:>9.0} msg/s | ratio {:.2}", service_drain / lapin_drain);
+    println!("CPU per drained event: bare lapin {lapin_cpu:>9.1} us    | bench_svc {service_cpu:>9.1} us    | ratio {:.2}", service_cpu / lapin_cpu);
     Ok(())
+}
+
+/// CPU time per message, in microseconds.
+fn per_message(messages: usize, cpu: Duration) -> f64 {
+    cpu.as_secs_f64() * 1e6 / messages as f64
 }
 
 fn rate(messages: usize, elapsed: Duration) -> f64 {

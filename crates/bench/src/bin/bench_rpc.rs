@@ -36,6 +36,7 @@ use micro_framework::amqp::entrypoints::RPCListener;
 use micro_framework::amqp::rpc::{Args, Client};
 use micro_framework::prelude::*;
 use micro_framework::Error;
+use micro_framework_bench::cpu::{broker_cpu, own_cpu};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -122,40 +123,6 @@ where
             .zip(broker_before)
             .map(|(after, before)| per_call(after.saturating_sub(before))),
     })
-}
-
-/// CPU time (user + system) of this process so far.
-fn own_cpu() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return Duration::ZERO;
-    }
-    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    time(usage.ru_utime) + time(usage.ru_stime)
-}
-
-/// CPU time (user + system) of the local RabbitMQ node so far, from /proc; `None` when the
-/// broker is not a local process this user can read (`BROKER_PID`, else `pgrep -u rabbitmq
-/// beam.smp`).
-fn broker_cpu() -> Option<Duration> {
-    let pid = match std::env::var("BROKER_PID") {
-        Ok(pid) => pid,
-        Err(_) => {
-            let found = std::process::Command::new("pgrep")
-                .args(["-u", "rabbitmq", "-x", "beam.smp"])
-                .output()
-                .ok()?;
-            String::from_utf8(found.stdout).ok()?.lines().next()?.trim().to_owned()
-        }
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // the fields after the command name, which is in parentheses and may hold spaces
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no memory effects.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
 
 /// A caller of `bench_rpc.echo`.

@@ -1,0 +1,3 @@
+//! Shared parts of the benchmarks.
+
+pub mod cpu;
