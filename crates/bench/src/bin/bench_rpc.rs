@@ -20,43 +20,9 @@
 //! its exclusive reply queue without acks. For each pairing: the sequential round trip (p50,
 //! p99) over CALLS calls (default 1000), and the throughput of 16 concurrent callers.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use micro_framework::amqp::entrypoints::RPCListener;
-use micro_framework::amqp::rpc::{Args, Client};
 use micro_framework::prelude::*;
 use micro_framework::Error;
-use micro_framework_bench::cpu::{broker_cpu, own_cpu};
-use serde::Deserialize;
-use serde_json::{json, Value};
-use tokio::sync::oneshot;
-
-const CONCURRENT: usize = 16;
-const SERVICE: &str = "bench_rpc";
-const EXCHANGE: &str = "nameko-rpc";
-
-#[derive(Deserialize)]
-struct EchoArgs {
-    x: Value,
-}
-
-fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> Value {
-    x
-}
-
-fn lapin_error(error: lapin::Error) -> Error {
-    Error::Startup(format!("bare lapin: {error}"))
-}
+use micro_framework_bench::rpc::{find, pairings, CONCURRENT};
 
 fn main() -> micro_framework::Result<()> {
     let calls: usize = match std::env::args().nth(1) {
@@ -66,88 +32,9 @@ fn main() -> micro_framework::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(bench(calls))
 }
 
-/// Sequential latencies (sorted), the throughput of concurrent callers of one pairing, and
-/// the CPU time per call of this process (caller and responder) and of the broker.
-struct Figures {
-    latencies: Vec<Duration>,
-    rate: f64,
-    own_cpu_us: f64,
-    broker_cpu_us: Option<f64>,
-}
-
-impl Figures {
-    fn percentile(&self, p: f64) -> f64 {
-        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e3)
-    }
-}
-
-async fn measure<F, Fut>(calls: usize, call: F) -> micro_framework::Result<Figures>
-where
-    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = micro_framework::Result<()>> + Send,
-{
-    // warm up: the reply queue is declared on the first call
-    for i in 0..CONCURRENT {
-        call(i).await?;
-    }
-    let mut latencies = Vec::with_capacity(calls);
-    for i in 0..calls {
-        let started = Instant::now();
-        call(i).await?;
-        latencies.push(started.elapsed());
-    }
-    latencies.sort();
-    let (own_before, broker_before) = (own_cpu(), broker_cpu());
-    let started = Instant::now();
-    let mut callers = tokio::task::JoinSet::new();
-    for caller in 0..CONCURRENT {
-        let call = call.clone();
-        callers.spawn(async move {
-            for i in (caller..calls * 4).step_by(CONCURRENT) {
-                call(i).await?;
-            }
-            Ok::<_, Error>(())
-        });
-    }
-    while let Some(done) = callers.join_next().await {
-        done.map_err(|e| Error::Startup(e.to_string()))??;
-    }
-    let elapsed = started.elapsed();
-    let per_call = |cpu: Duration| cpu.as_secs_f64() * 1e6 / (calls * 4) as f64;
-    Ok(Figures {
-        latencies,
-        rate: (calls * 4) as f64 / elapsed.as_secs_f64(),
-        own_cpu_us: per_call(own_cpu().saturating_sub(own_before)),
-        broker_cpu_us: broker_cpu()
-            .zip(broker_before)
-            .map(|(after, before)| per_call(after.saturating_sub(before))),
-    })
-}
-
-/// A caller of `bench_rpc.echo`.
-#[derive(Clone)]
-enum Caller {
-    Bare(BareCaller),
-    Framework(Arc<Client>),
-}
-
-impl Caller {
-    async fn echo(&self, i: usize) -> micro_framework::Result<()> {
-        let result = match self {
-            Caller::Bare(bare) => bare.call(i).await?,
-            Caller::Framework(client) => client
-                .call::<Value>(SERVICE, "echo", json!([i]), json!({}))
-                .await
-                .map_err(|e| Error::Startup(e.to_string()))?,
-        };
-        (result == json!(i)).then_some(()).ok_or_else(|| Error::Startup("wrong echo".into()))
-    }
-}
-
 async fn bench(calls: usize) -> micro_framework::Result<()> {
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
-    vars.push(("SERVICE_NAME".into(), SERVICE.into()));
+    vars.push(("SERVICE_NAME".into(), "bench_rpc".into()));
     if std::env::var("AMQP_URI").is_err() {
         vars.push(("AMQP_URI".into(), "amqp://guest:guest@127.0.0.1:5672/".into()));
     }
@@ -158,59 +45,28 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
         config.max_workers,
         config.masked_amqp_uri()
     );
-    // lapin reads an empty path as the empty vhost; the framework reads it as "/".
-    let uri = match config.amqp_uri.strip_suffix('/') {
-        Some(base) if base.matches('/').count() == 2 => format!("{base}/%2f"),
-        _ => config.amqp_uri.clone(),
-    };
-    let bare_caller = Caller::Bare(BareCaller::connect(&uri).await?);
-    let client = Caller::Framework(Arc::new(Client::connect(&config).await?));
-    let mut results = Vec::new();
-    for responder in ["bare lapin", "micro-framework"] {
-        let stop = match responder {
-            "bare lapin" => Responder::Bare(BareResponder::start(&uri, &config).await?),
-            _ => Responder::Framework(
-                Runner::new(vec![Route::new(echo).entrypoint(RPCListener::new())], config.clone())
-                    .spawn()
-                    .await?,
-            ),
-        };
-        for (name, caller) in [("bare lapin", &bare_caller), ("micro-framework", &client)] {
-            let caller = caller.clone();
-            let figures = measure(calls, move |i| {
-                let caller = caller.clone();
-                async move { caller.echo(i).await }
-            })
-            .await?;
-            results.push((name, responder, figures));
-        }
-        stop.stop().await?;
-    }
-    if let Caller::Framework(client) = client {
-        if let Ok(client) = Arc::try_unwrap(client) {
-            client.close().await;
-        }
-    }
+    let results = pairings(&config, calls).await?;
     println!(
         "{:<16} {:<16} {:>7} {:>7} {:>13} {:>12} {:>12}",
         "caller", "responder", "p50 ms", "p99 ms", "16 callers/s", "CPU us/call", "broker us/call"
     );
-    for (caller, responder, figures) in &results {
+    for pairing in &results {
+        let figures = &pairing.figures;
         let broker = figures.broker_cpu_us.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}"));
         println!(
-            "{caller:<16} {responder:<16} {:>7.2} {:>7.2} {:>13.0} {:>12.0} {broker:>12}",
+            "{:<16} {:<16} {:>7.2} {:>7.2} {:>13.0} {:>12.0} {broker:>12}",
+            pairing.caller,
+            pairing.responder,
             figures.percentile(0.5),
             figures.percentile(0.99),
             figures.rate,
             figures.own_cpu_us,
         );
     }
-    let pairing = |caller: &str, responder: &str| {
-        results.iter().find(|(c, r, _)| *c == caller && *r == responder).map(|(_, _, f)| f)
-    };
-    if let (Some(bare), Some(ours)) =
-        (pairing("bare lapin", "bare lapin"), pairing("micro-framework", "micro-framework"))
-    {
+    if let (Some(bare), Some(ours)) = (
+        find(&results, "bare lapin", "bare lapin"),
+        find(&results, "micro-framework", "micro-framework"),
+    ) {
         println!(
             "micro-framework / bare: throughput {:.2}x, p50 +{:.2} ms",
             ours.rate / bare.rate,
@@ -218,207 +74,4 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
         );
     }
     Ok(())
-}
-
-enum Responder {
-    Bare(BareResponder),
-    Framework(micro_framework::runner::RunningService),
-}
-
-impl Responder {
-    async fn stop(self) -> micro_framework::Result<()> {
-        match self {
-            Responder::Bare(bare) => bare.stop().await,
-            Responder::Framework(service) => service.stop().await,
-        }
-    }
-}
-
-/// A bare lapin responder on the service's request queue.
-struct BareResponder {
-    connection: Connection,
-    queue: String,
-}
-
-impl BareResponder {
-    async fn start(uri: &str, config: &Config) -> micro_framework::Result<Self> {
-        let connection =
-            Connection::connect(uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
-        let channel = connection.create_channel().await.map_err(lapin_error)?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;
-        channel
-            .basic_qos(config.effective_prefetch(), BasicQosOptions::default())
-            .await
-            .map_err(lapin_error)?;
-        let queue = format!("rpc-{SERVICE}");
-        declare_exchange(&channel).await?;
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(lapin_error)?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                EXCHANGE.into(),
-                format!("{SERVICE}.*").into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(lapin_error)?;
-        let mut incoming = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "bare-responder".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(lapin_error)?;
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = incoming.next().await {
-                let channel = channel.clone();
-                tokio::spawn(async move {
-                    let request: Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
-                    let reply =
-                        serde_json::to_vec(&json!({ "result": request["args"][0], "error": null }))
-                            .unwrap_or_default();
-                    let (Some(reply_to), Some(correlation)) = (
-                        delivery.properties.reply_to().clone(),
-                        delivery.properties.correlation_id().clone(),
-                    ) else {
-                        return;
-                    };
-                    let properties = BasicProperties::default()
-                        .with_correlation_id(correlation)
-                        .with_content_type("application/json".into());
-                    if let Ok(confirm) = channel
-                        .basic_publish(
-                            EXCHANGE.into(),
-                            reply_to.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &reply,
-                            properties,
-                        )
-                        .await
-                    {
-                        let _ = confirm.await;
-                    }
-                    let _ = delivery.ack(BasicAckOptions::default()).await;
-                });
-            }
-        });
-        Ok(BareResponder { connection, queue })
-    }
-
-    async fn stop(self) -> micro_framework::Result<()> {
-        let channel = self.connection.create_channel().await.map_err(lapin_error)?;
-        channel
-            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .map_err(lapin_error)?;
-        let _ = self.connection.close(200, "bench done".into()).await;
-        Ok(())
-    }
-}
-
-async fn declare_exchange(channel: &Channel) -> micro_framework::Result<()> {
-    channel
-        .exchange_declare(
-            EXCHANGE.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lapin_error)
-}
-
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
-
-/// A bare lapin caller with its own exclusive reply queue, consumed without acks.
-#[derive(Clone)]
-struct BareCaller {
-    channel: Channel,
-    reply_to: String,
-    pending: Pending,
-}
-
-impl BareCaller {
-    async fn connect(uri: &str) -> micro_framework::Result<Self> {
-        let connection =
-            Connection::connect(uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
-        let channel = connection.create_channel().await.map_err(lapin_error)?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;
-        declare_exchange(&channel).await?;
-        let replies = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(lapin_error)?;
-        let reply_to = replies.name().as_str().to_owned();
-        channel
-            .queue_bind(
-                reply_to.as_str().into(),
-                EXCHANGE.into(),
-                reply_to.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(lapin_error)?;
-        let mut reply_stream = channel
-            .basic_consume(
-                reply_to.as_str().into(),
-                "bare-caller".into(),
-                BasicConsumeOptions { no_ack: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(lapin_error)?;
-        let pending: Pending = Arc::default();
-        let waiting = pending.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = reply_stream.next().await {
-                let id =
-                    delivery.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
-                let waiter = id.and_then(|id| waiting.lock().ok().and_then(|mut p| p.remove(&id)));
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(delivery.data);
-                }
-            }
-        });
-        Ok(BareCaller { channel, reply_to, pending })
-    }
-
-    async fn call(&self, i: usize) -> micro_framework::Result<Value> {
-        let id = uuid::Uuid::new_v4().to_string();
-        let (answer, answered) = oneshot::channel();
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.insert(id.clone(), answer);
-        }
-        let body = serde_json::to_vec(&json!({ "args": [i], "kwargs": {} }))?;
-        let properties = BasicProperties::default()
-            .with_correlation_id(id.as_str().into())
-            .with_reply_to(self.reply_to.as_str().into())
-            .with_content_type("application/json".into());
-        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-        let routing_key = format!("{SERVICE}.echo");
-        self.channel
-            .basic_publish(EXCHANGE.into(), routing_key.as_str().into(), options, &body, properties)
-            .await
-            .map_err(lapin_error)?
-            .await
-            .map_err(lapin_error)?;
-        let reply = answered.await.map_err(|_| Error::Startup("no reply".into()))?;
-        let mut reply: Value = serde_json::from_slice(&reply)?;
-        Ok(reply["result"].take())
-    }
 }
