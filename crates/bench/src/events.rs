@@ -45,9 +45,9 @@ fn lapin_error(error: lapin::Error) -> Error {
 }
 
 /// Publish `messages` events ROUNDS times each way, then drain them, bare lapin and the
-/// service.
-pub async fn measure(messages: usize) -> micro_framework::Result<EventFigures> {
-    let config = config()?;
+/// service, on `config`'s broker with its `MAX_WORKERS` (`bench_svc`'s config: see [`config`]).
+pub async fn measure(config: &Config, messages: usize) -> micro_framework::Result<EventFigures> {
+    let config = config.clone();
     // lapin reads an empty path as the empty vhost; the framework reads it as "/".
     let uri = match config.amqp_uri.strip_suffix('/') {
         Some(base) if base.matches('/').count() == 2 => format!("{base}/%2f"),

@@ -132,6 +132,10 @@ impl Caller {
     }
 }
 
+/// The bare caller whose requests are persistent (delivery mode 2), as Nameko's and the
+/// framework's are; the other bare caller's are transient.
+pub const PERSISTENT_BARE: &str = "bare, persistent";
+
 /// One caller/responder pairing and its figures.
 pub struct Pairing {
     pub caller: &'static str,
@@ -149,7 +153,8 @@ pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<
         Some(base) if base.matches('/').count() == 2 => format!("{base}/%2f"),
         _ => config.amqp_uri.clone(),
     };
-    let bare_caller = Caller::Bare(BareCaller::connect(&uri).await?);
+    let bare_caller = Caller::Bare(BareCaller::connect(&uri, false).await?);
+    let persistent_caller = Caller::Bare(BareCaller::connect(&uri, true).await?);
     let client = Caller::Framework(Arc::new(Client::connect(&config).await?));
     let mut results = Vec::new();
     for responder in ["bare lapin", "micro-framework"] {
@@ -161,7 +166,12 @@ pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<
                     .await?,
             ),
         };
-        for (caller_name, caller) in [("bare lapin", &bare_caller), ("micro-framework", &client)] {
+        let callers = [
+            ("bare lapin", &bare_caller),
+            (PERSISTENT_BARE, &persistent_caller),
+            ("micro-framework", &client),
+        ];
+        for (caller_name, caller) in callers {
             let caller = caller.clone();
             let figures = measure(calls, move |i| {
                 let caller = caller.clone();
@@ -309,12 +319,13 @@ type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 #[derive(Clone)]
 struct BareCaller {
     channel: Channel,
+    persistent: bool,
     reply_to: String,
     pending: Pending,
 }
 
 impl BareCaller {
-    async fn connect(uri: &str) -> micro_framework::Result<Self> {
+    async fn connect(uri: &str, persistent: bool) -> micro_framework::Result<Self> {
         let connection =
             Connection::connect(uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
         let channel = connection.create_channel().await.map_err(lapin_error)?;
@@ -360,7 +371,7 @@ impl BareCaller {
                 }
             }
         });
-        Ok(BareCaller { channel, reply_to, pending })
+        Ok(BareCaller { channel, persistent, reply_to, pending })
     }
 
     async fn call(&self, i: usize) -> micro_framework::Result<Value> {
@@ -373,7 +384,8 @@ impl BareCaller {
         let properties = BasicProperties::default()
             .with_correlation_id(id.as_str().into())
             .with_reply_to(self.reply_to.as_str().into())
-            .with_content_type("application/json".into());
+            .with_content_type("application/json".into())
+            .with_delivery_mode(if self.persistent { 2 } else { 1 });
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
         let routing_key = format!("{SERVICE}.echo");
         self.channel

@@ -24,7 +24,7 @@ fn main() -> micro_framework::Result<()> {
         None | Some("bench") => {
             let messages = args.next().map(|a| a.parse()).transpose().map_err(bad_arg)?;
             let runtime = tokio::runtime::Runtime::new()?;
-            let f = runtime.block_on(measure(messages.unwrap_or(20_000)))?;
+            let f = runtime.block_on(measure(&config()?, messages.unwrap_or(20_000)))?;
             println!("publish with confirms: bare lapin {:>9.0} msg/s | Producer  {:>9.0} msg/s | ratio {:.2}", f.lapin_publish, f.producer_publish, f.producer_publish / f.lapin_publish);
             println!("drain (consume + ack): bare lapin {:>9.0} msg/s | bench_svc {:>9.0} msg/s | ratio {:.2}", f.lapin_drain, f.service_drain, f.service_drain / f.lapin_drain);
             println!("CPU per drained event: bare lapin {:>9.1} us    | bench_svc {:>9.1} us    | ratio {:.2}", f.lapin_cpu_us, f.service_cpu_us, f.service_cpu_us / f.lapin_cpu_us);

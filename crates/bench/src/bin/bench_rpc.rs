@@ -4,20 +4,25 @@
 //!
 //! Everything goes over the Nameko wire (topic exchange `nameko-rpc`, request queue
 //! `rpc-bench_rpc` bound `bench_rpc.*`, JSON bodies, reply to `nameko-rpc` with the caller's
-//! routing key), so each caller can call each responder. Four pairings, in one run on the same
+//! routing key), so each caller can call each responder. Six pairings, in one run on the same
 //! broker:
 //!
 //! | caller | responder | shows |
 //! |---|---|---|
 //! | bare lapin | bare lapin | the baseline |
+//! | bare, persistent | bare lapin | the baseline with persistent requests, as Nameko's and ours |
 //! | bare lapin | micro-framework | the service side alone |
 //! | micro-framework `Client` | bare lapin | the calling side alone |
 //! | micro-framework `Client` | micro-framework | both |
 //!
+//! (and the persistent bare caller with the framework's service).
+//!
 //! The bare responder consumes with prefetch `MAX_WORKERS`, answers each request on a task of
 //! its own, awaits the reply's publisher confirm, then acks the request (as the framework does).
-//! The bare caller publishes with `mandatory` and awaits each request's confirm, and consumes
-//! its exclusive reply queue without acks. For each pairing: the sequential round trip (p50,
+//! The bare callers publish with `mandatory` and await each request's confirm, and consume
+//! their exclusive reply queue without acks. The last columns are the CPU time per call of this
+//! process (caller and responder) and of the local RabbitMQ node, while the concurrent callers
+//! ran. For each pairing: the sequential round trip (p50,
 //! p99) over CALLS calls (default 1000), and the throughput of 16 concurrent callers.
 
 use micro_framework::prelude::*;
