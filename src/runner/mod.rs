@@ -118,7 +118,7 @@ impl Runner {
     /// [`Runner::topology`]).
     pub fn start(self) -> Result<()> {
         crate::logging::init(self.config.log_format);
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let runtime = runtime()?;
         if std::env::var("MF_PRINT_TOPOLOGY").is_ok_and(|value| value == "1") {
             let topology = runtime.block_on(self.topology())?;
             println!("{}", serde_json::to_string_pretty(&topology)?);
@@ -251,6 +251,19 @@ impl Runner {
         }
         Ok((config, plans))
     }
+}
+
+/// The runtime of [`Runner::start`]. A worker process runs one call at a time: one runtime
+/// thread serves it (sync targets still get a blocking thread, so `dispatch_blocking` works),
+/// where the default of one per core would cost every worker a thread, a stack and a malloc
+/// arena per core, and cross-thread wake-ups per call.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    #[cfg(feature = "process")]
+    if worker_socket().is_some() && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(1);
+    }
+    builder.enable_all().build()
 }
 
 const CONNECT_RETRY_MAX: Duration = Duration::from_secs(30);

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use tokio::io::BufReader;
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, Mutex};
 
 use super::protocol::{
     read_frame, write_frame, CallRequest, ForwardedDelivery, FromWorker, Settlement, ToWorker,
-    TransportAnswer, TransportOp,
+    TransportAnswer, TransportOp, READ_BUFFER,
 };
 use super::worker::WORKER_SOCKET_ENV;
 use crate::data::Outcome;
@@ -70,7 +71,8 @@ impl Launcher {
         let (stream, _) = accepted.map_err(|_| {
             Error::WorkerProcess("a worker process did not connect in 30 s".into())
         })??;
-        let (mut reader, mut writer) = stream.into_split();
+        let (reader, mut writer) = stream.into_split();
+        let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
         let Some(FromWorker::Ready { pid }) = read_frame(&mut reader).await? else {
             return Err(Error::WorkerProcess("a worker process did not say it was ready".into()));
         };

@@ -1,5 +1,6 @@
 //! The frames between a service and its worker processes: length-prefixed JSON over a Unix
-//! socket.
+//! socket, each written in one piece and read through a buffer (one syscall a frame each way
+//! when the link is busy).
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,10 @@ use crate::transport::{
 const MAX_FRAME: u32 = 256 * 1024 * 1024;
 /// What a frame's buffer starts with; it grows as the body arrives.
 const PREALLOCATE: usize = 64 * 1024;
+/// What an outgoing frame's buffer starts with: a call with its message and headers fits.
+const FIRST_CAPACITY: usize = 1024;
+/// The read buffer of each end of a link: most frames arrive in one read.
+pub(crate) const READ_BUFFER: usize = 16 * 1024;
 
 /// One call for a worker process.
 #[derive(Debug, Serialize, Deserialize)]
@@ -114,19 +119,25 @@ pub(crate) enum TransportAnswer {
     Consuming { consumer: u64 },
 }
 
-/// Write one frame.
+/// Write one frame: its length and body in one buffer, so one write (one syscall) sends it.
 pub(crate) async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     writer: &mut W,
     frame: &T,
 ) -> std::io::Result<()> {
-    let body = serde_json::to_vec(frame)?;
-    let length = u32::try_from(body.len())
+    writer.write_all(&encode(frame)?).await
+}
+
+/// A frame as sent: the body's length (4 bytes, big-endian), then the body.
+fn encode<T: Serialize>(frame: &T) -> std::io::Result<Vec<u8>> {
+    let mut buffer = Vec::with_capacity(FIRST_CAPACITY);
+    buffer.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut buffer, frame)?;
+    let length = u32::try_from(buffer.len() - 4)
         .ok()
         .filter(|length| *length <= MAX_FRAME)
         .ok_or_else(|| std::io::Error::other("frame too large"))?;
-    writer.write_all(&length.to_be_bytes()).await?;
-    writer.write_all(&body).await?;
-    writer.flush().await
+    buffer[..4].copy_from_slice(&length.to_be_bytes());
+    Ok(buffer)
 }
 
 /// Read one frame; `None` at the end of the stream.
@@ -162,6 +173,69 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
 mod tests {
     use super::*;
     use crate::data::HeaderValue;
+
+    /// Counts the writes it is given.
+    #[derive(Default)]
+    struct CountingWriter {
+        writes: usize,
+        bytes: Vec<u8>,
+    }
+
+    impl AsyncWrite for CountingWriter {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.writes += 1;
+            self.bytes.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_is_written_in_one_piece_and_read_back() {
+        let message = Message::json(&serde_json::json!({"id": 1})).unwrap();
+        let frame = ToWorker::Delivery(Box::new(ForwardedDelivery {
+            consumer: 1,
+            delivery: 2,
+            message: message.clone(),
+        }));
+        let mut writer = CountingWriter::default();
+        write_frame(&mut writer, &frame).await.unwrap();
+        assert_eq!(writer.writes, 1, "length and body in one write");
+        let length = u32::from_be_bytes(writer.bytes[..4].try_into().unwrap()) as usize;
+        assert_eq!(length, writer.bytes.len() - 4);
+        let mut reader = writer.bytes.as_slice();
+        let Some(ToWorker::Delivery(read)) = read_frame::<_, ToWorker>(&mut reader).await.unwrap()
+        else {
+            panic!("not a delivery")
+        };
+        assert_eq!(read.message, message);
+        assert!(read_frame::<_, ToWorker>(&mut reader).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_truncated_frame_is_an_error_not_an_end() {
+        let mut bytes = encode(&FromWorker::Ready { pid: 7 }).unwrap();
+        bytes.pop();
+        let error = read_frame::<_, FromWorker>(&mut bytes.as_slice()).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
 
     #[tokio::test]
     async fn a_message_with_headers_nested_as_deep_as_a_frame_allows_crosses_the_link() {

@@ -6,12 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
+use tokio::io::BufReader;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::protocol::{
     read_frame, write_frame, CallRequest, ForwardedDelivery, FromWorker, Settlement, ToWorker,
-    TransportAnswer, TransportOp,
+    TransportAnswer, TransportOp, READ_BUFFER,
 };
 use crate::error::{Error, Result};
 use crate::pipeline::RouteHandle;
@@ -198,7 +200,7 @@ impl Transport for ParentTransport {
 
 /// The socket to the service, once connected.
 pub(crate) struct WorkerLink {
-    reader: tokio::net::unix::OwnedReadHalf,
+    reader: BufReader<OwnedReadHalf>,
     frames: mpsc::Sender<FromWorker>,
     pending: Arc<Pending>,
     transport: Arc<ParentTransport>,
@@ -226,6 +228,7 @@ impl WorkerLink {
             consumers: Arc::default(),
             next_id: AtomicU64::new(0),
         });
+        let reader = BufReader::with_capacity(READ_BUFFER, reader);
         Ok(WorkerLink { reader, frames, pending, transport })
     }
 

@@ -1,0 +1,37 @@
+//! The footprint figures: `cargo run --release -p micro-framework-bench --bin bench_footprint`.
+//!
+//! Prints one line per figure, `label value unit`, each the median of 3 runs:
+//!
+//! - `process_overhead_memory` / `process_overhead_rabbitmq`: what process mode adds to a
+//!   no-op call (µs), as `bench_workers` measures it (2,000 events, `MAX_WORKERS=4`);
+//! - `idle_rss_thread`: the resident memory (`VmRSS`, MB) of an idle service in thread mode,
+//!   2 s after it started: one event route and one RPC route, on RabbitMQ (`AMQP_URI`,
+//!   default `amqp://guest:guest@127.0.0.1:5672/`) or, if that cannot be reached, on the
+//!   in-process broker;
+//! - `idle_rss_process_4_workers`: the same service in process mode with 4 worker processes,
+//!   service and workers added up; `idle_pss_process_4_workers` counts the pages they share
+//!   (the binary's code) once.
+
+use micro_framework_bench::footprint::{measure, serve_idle_service};
+use micro_framework_bench::workers::serve_worker;
+
+fn main() -> micro_framework::Result<()> {
+    if let Some(served) = serve_idle_service() {
+        return served;
+    }
+    if let Some(served) = serve_worker() {
+        return served;
+    }
+    let rabbit =
+        std::env::var("AMQP_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/".into());
+    let runtime = tokio::runtime::Runtime::new()?;
+    let figures = measure(&runtime, &rabbit)?;
+    println!("process_overhead_memory {:.0} us", figures.overhead_memory_us);
+    if let Some(overhead) = figures.overhead_rabbitmq_us {
+        println!("process_overhead_rabbitmq {overhead:.0} us");
+    }
+    println!("idle_rss_thread {:.1} MB", figures.idle_rss_thread_mb);
+    println!("idle_rss_process_4_workers {:.1} MB", figures.idle_rss_process_mb);
+    println!("idle_pss_process_4_workers {:.1} MB", figures.idle_pss_process_mb);
+    Ok(())
+}
