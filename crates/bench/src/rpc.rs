@@ -184,6 +184,8 @@ pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<
     }
     if let Caller::Framework(client) = client {
         if let Ok(client) = Arc::try_unwrap(client) {
+            // the framework's service leaves its request queue, as services do
+            client.transport().delete_queue(&format!("rpc-{SERVICE}")).await?;
             client.close().await;
         }
     }
