@@ -199,22 +199,9 @@ impl Drop for StoppedNode {
 
 /// Deletes the queues and exchanges of the cluster whose names hold one of `markers`.
 async fn cluster_cleanup(uris: &[String], markers: &[String]) {
-    let list = |what: &str| -> Vec<String> {
-        cluster_script(&["ctl", "1", what, "-q", "--no-table-headers", "name"])
-            .lines()
-            .map(|line| line.trim().to_owned())
-            .filter(|name| markers.iter().any(|marker| name.contains(marker.as_str())))
-            .collect()
-    };
     let config = Config::new("cleanup").with_amqp_uris(uris.iter().cloned());
-    let transport = micro_framework::transport::connect(&config).await.expect("cleanup connects");
-    for queue in list("list_queues") {
-        transport.delete_queue(&queue).await.expect("queue deleted");
-    }
-    for exchange in list("list_exchanges") {
-        transport.delete_exchange(&exchange).await.expect("exchange deleted");
-    }
-    transport.close().await;
+    let list = |what: &str| cluster_script(&["ctl", "1", what, "-q", "--no-table-headers", "name"]);
+    common::delete_marked(&config, list, markers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,23 +135,33 @@ pub async fn cleanup(uri: &str, markers: &[String]) {
     if uri.starts_with("memory://") {
         return;
     }
-    let list = |what: &str| -> Vec<String> {
+    let rabbitmqctl = |what: &str| {
         let output = std::process::Command::new("rabbitmqctl")
             .args([what, "-q", "--no-table-headers", "name"])
             .output()
             .expect("rabbitmqctl runs");
-        String::from_utf8_lossy(&output.stdout)
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let config = Config::new("cleanup").with_amqp_uri(uri.to_owned());
+    delete_marked(&config, rabbitmqctl, markers).await;
+}
+
+/// Delete, through `config`'s broker, the queues and exchanges whose names contain one of
+/// `markers`, among those `list` names (`list("list_queues")`, `list("list_exchanges")`: the
+/// output of `rabbitmqctl WHAT -q --no-table-headers name` on a node of that broker).
+pub async fn delete_marked(config: &Config, list: impl Fn(&str) -> String, markers: &[String]) {
+    let marked = |what: &str| -> Vec<String> {
+        list(what)
             .lines()
             .map(|line| line.trim().to_owned())
             .filter(|name| markers.iter().any(|marker| name.contains(marker.as_str())))
             .collect()
     };
-    let config = Config::new("cleanup").with_amqp_uri(uri.to_owned());
-    let transport = micro_framework::transport::connect(&config).await.expect("cleanup connects");
-    for queue in list("list_queues") {
+    let transport = micro_framework::transport::connect(config).await.expect("cleanup connects");
+    for queue in marked("list_queues") {
         transport.delete_queue(&queue).await.expect("queue deleted");
     }
-    for exchange in list("list_exchanges") {
+    for exchange in marked("list_exchanges") {
         transport.delete_exchange(&exchange).await.expect("exchange deleted");
     }
     transport.close().await;

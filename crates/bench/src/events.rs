@@ -2,12 +2,13 @@
 
 use std::time::{Duration, Instant};
 
+use crate::bare::durable_bound_queue;
 use crate::cpu::own_cpu;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use futures::TryFutureExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -75,22 +76,7 @@ pub async fn measure(config: &Config, messages: usize) -> micro_framework::Resul
         Connection::connect(&uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
     let channel = connection.create_channel().await.map_err(lapin_error)?;
     let bare_queue = format!("bench-bare-{}", uuid::Uuid::new_v4().simple());
-    channel
-        .queue_declare(
-            bare_queue.as_str().into(),
-            QueueDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lapin_error)?;
-    channel
-        .queue_bind(
-            bare_queue.as_str().into(),
-            exchange.as_str().into(),
-            "ping-bare".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
+    durable_bound_queue(&channel, &bare_queue, &exchange, "ping-bare")
         .await
         .map_err(lapin_error)?;
     channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;

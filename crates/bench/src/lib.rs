@@ -1,5 +1,6 @@
 //! Shared parts of the benchmark binaries.
 
+pub mod bare;
 pub mod cpu;
 pub mod events;
 pub mod footprint;

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::bare::durable_bound_queue;
 use crate::cpu::{broker_cpu, own_cpu};
 use futures::StreamExt;
 use lapin::options::{
@@ -229,22 +230,7 @@ impl BareResponder {
             .map_err(lapin_error)?;
         let queue = format!("rpc-{SERVICE}");
         declare_exchange(&channel).await?;
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions { durable: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(lapin_error)?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                EXCHANGE.into(),
-                format!("{SERVICE}.*").into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
+        durable_bound_queue(&channel, &queue, EXCHANGE, &format!("{SERVICE}.*"))
             .await
             .map_err(lapin_error)?;
         let mut incoming = channel
