@@ -108,10 +108,10 @@ impl Caller {
     }
 
     /// Publish the request (mandatory, confirmed).
-    async fn publish(&self, outgoing: &Outgoing) -> Result<(), RpcError> {
+    async fn publish(&self, outgoing: Outgoing) -> Result<(), RpcError> {
         let Outgoing { exchange, routing_key, message, protocol, service, method } = outgoing;
         let options = PublishOptions { mandatory: true };
-        match self.transport.publish(exchange, routing_key, message.clone(), options).await {
+        match self.transport.publish(&exchange, &routing_key, message, options).await {
             Ok(()) => Ok(()),
             Err(TransportError::Unroutable { .. }) => {
                 let error = match protocol {
@@ -121,7 +121,7 @@ impl Caller {
                     )),
                 };
                 if let Some(metrics) = &self.metrics {
-                    metrics.rpc_call(service, method, error.kind(), Duration::ZERO);
+                    metrics.rpc_call(&service, &method, error.kind(), Duration::ZERO);
                 }
                 Err(error)
             }
@@ -141,7 +141,7 @@ impl RpcBackend for Caller {
     /// (micro-framework: one queue per target, so the service or the target is unknown).
     async fn send(&self, request: RpcRequest) -> Result<RpcReply, RpcError> {
         let (outgoing, reply) = self.prepare(request).await?;
-        self.publish(&outgoing).await?;
+        self.publish(outgoing).await?;
         Ok(reply)
     }
 
@@ -152,7 +152,7 @@ impl RpcBackend for Caller {
     /// is confirmed: awaiting the confirm first would add those steps to every call.
     async fn call(&self, request: RpcRequest) -> Result<serde_json::Value, RpcError> {
         let (outgoing, reply) = self.prepare(request).await?;
-        let publish = self.publish(&outgoing);
+        let publish = self.publish(outgoing);
         let reply = reply.value();
         tokio::pin!(publish, reply);
         tokio::select! {
