@@ -105,9 +105,15 @@ fn reply_to(message: Message) -> Option<String> {
     message.properties.reply_to
 }
 
+/// The delivery mode of the request: persistent (2) unless `RPC_PERSISTENT_REQUESTS` is off.
+fn delivery_mode(message: Message) -> Option<u8> {
+    message.properties.delivery_mode
+}
+
 fn math_routes(probe: &Arc<Probe>) -> Vec<Route> {
     vec![
         Route::new(reply_to).entrypoint(RPCListener::new()),
+        Route::new(delivery_mode).entrypoint(RPCListener::new()),
         Route::new(add).entrypoint(RPCListener::new()),
         Route::new(mul).entrypoint(RPCListener::new()),
         Route::new(echo).entrypoint(RPCListener::new()),
@@ -342,6 +348,26 @@ async fn a_chain_of_services_keeps_the_call_id_stack() {
             service.stop().await.unwrap();
         }
         common::cleanup(&uri, &names).await;
+    }
+}
+
+#[tokio::test]
+async fn requests_are_persistent_unless_rpc_persistent_requests_is_off() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let persistent = Client::connect(&config(&uri, "caller")).await.unwrap();
+        let transient_config = config(&uri, "caller").with_rpc_persistent_requests(false);
+        let transient = Client::connect(&transient_config).await.unwrap();
+        let mode = |client: &Client| {
+            let call = client.service(math.clone());
+            async move { call.call::<Option<u8>>("delivery_mode", json!([]), json!({})).await }
+        };
+        assert_eq!(mode(&persistent).await.unwrap(), Some(2), "{uri}");
+        assert_eq!(mode(&transient).await.unwrap(), Some(1), "{uri}");
+        persistent.close().await;
+        transient.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
     }
 }
 

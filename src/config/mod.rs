@@ -177,6 +177,13 @@ pub struct Config {
     /// `RPC_TIMEOUT`: how long an RPC call waits for its reply; positive. Given in seconds
     /// (fractions allowed). Default: 30 s.
     pub rpc_timeout: Duration,
+    /// `RPC_PERSISTENT_REQUESTS`: whether RPC requests are sent persistent (delivery mode 2,
+    /// as Nameko sends them). A persistent request waiting in its durable queue survives a
+    /// broker restart and its call completes once the broker is back, within its timeout;
+    /// RabbitMQ writes it to disk first, which costs the broker more CPU than the rest of the
+    /// call. Transient requests (`false`) are lost with a restart of the broker: their calls
+    /// end in `Timeout`. Default: `true`.
+    pub rpc_persistent_requests: bool,
     /// `SHUTDOWN_TIMEOUT`: how long a stopping service waits for running workers; positive.
     /// Given in seconds (fractions allowed). Default: 30 s.
     pub shutdown_timeout: Duration,
@@ -254,6 +261,7 @@ setters! {
     with_parent_calls_tracked => parent_calls_tracked: usize,
     with_rpc_exchange => rpc_exchange: String,
     with_rpc_timeout => rpc_timeout: Duration,
+    with_rpc_persistent_requests => rpc_persistent_requests: bool,
     with_shutdown_timeout => shutdown_timeout: Duration,
     with_retry_delay => retry_delay: RetryDelay,
     with_log_format => log_format: LogFormat,
@@ -298,6 +306,7 @@ impl Default for Config {
             parent_calls_tracked: 10,
             rpc_exchange: "nameko-rpc".to_string(),
             rpc_timeout: Duration::from_secs(30),
+            rpc_persistent_requests: true,
             shutdown_timeout: Duration::from_secs(30),
             retry_delay: RetryDelay::default(),
             log_format: LogFormat::default(),
@@ -571,6 +580,7 @@ impl Config {
             ("PARENT_CALLS_TRACKED", Value::from(self.parent_calls_tracked)),
             ("RPC_EXCHANGE", Value::from(self.rpc_exchange.as_str())),
             ("RPC_TIMEOUT", Value::from(self.rpc_timeout.as_secs_f64())),
+            ("RPC_PERSISTENT_REQUESTS", Value::from(self.rpc_persistent_requests)),
             ("SHUTDOWN_TIMEOUT", Value::from(self.shutdown_timeout.as_secs_f64())),
             ("RETRY_DELAY", Value::from(self.retry_delay.as_str())),
             ("LOG_FORMAT", Value::from(self.log_format.as_str())),
@@ -615,6 +625,7 @@ impl fmt::Debug for Config {
             .field("parent_calls_tracked", &self.parent_calls_tracked)
             .field("rpc_exchange", &self.rpc_exchange)
             .field("rpc_timeout", &self.rpc_timeout)
+            .field("rpc_persistent_requests", &self.rpc_persistent_requests)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("retry_delay", &self.retry_delay)
             .field("log_format", &self.log_format)

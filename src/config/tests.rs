@@ -66,6 +66,7 @@ fn everything_changed() -> Config {
         parent_calls_tracked: 25,
         rpc_exchange: "my-rpc".to_string(),
         rpc_timeout: Duration::from_millis(2500),
+        rpc_persistent_requests: false,
         shutdown_timeout: Duration::from_secs(5),
         retry_delay: RetryDelay::DelayedMessagePlugin,
         log_format: LogFormat::Json,
@@ -104,6 +105,7 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("PARENT_CALLS_TRACKED", "25"),
     ("RPC_EXCHANGE", "my-rpc"),
     ("RPC_TIMEOUT", "2.5"),
+    ("RPC_PERSISTENT_REQUESTS", "no"),
     ("SHUTDOWN_TIMEOUT", "5"),
     ("RETRY_DELAY", "delayed_message_plugin"),
     ("LOG_FORMAT", "json"),
@@ -141,6 +143,7 @@ AUTO_DELETE_EVENT_EXCHANGES: "yes"
 PARENT_CALLS_TRACKED: 25
 RPC_EXCHANGE: my-rpc
 RPC_TIMEOUT: 2.5
+RPC_PERSISTENT_REQUESTS: false
 SHUTDOWN_TIMEOUT: "5"
 RETRY_DELAY: delayed_message_plugin
 LOG_FORMAT: json
@@ -175,6 +178,7 @@ AUTO_DELETE_EVENT_EXCHANGES = "1"
 PARENT_CALLS_TRACKED = 25
 RPC_EXCHANGE = "my-rpc"
 RPC_TIMEOUT = 2.5
+RPC_PERSISTENT_REQUESTS = "0"
 SHUTDOWN_TIMEOUT = 5
 RETRY_DELAY = "delayed_message_plugin"
 LOG_FORMAT = "json"
@@ -218,6 +222,7 @@ fn defaults() {
     assert_eq!(config.parent_calls_tracked, 10);
     assert_eq!(config.rpc_exchange, "nameko-rpc");
     assert_eq!(config.rpc_timeout, Duration::from_secs(30));
+    assert!(config.rpc_persistent_requests);
     assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
     assert!(config.extra.is_empty());
     assert_eq!(config.validate(), Ok(()));
@@ -544,6 +549,7 @@ fn value_errors_name_key_and_value() {
         ("ENABLE_METRICS", "maybe", "expected one of true, false, 1, 0, yes, no"),
         ("AUTO_DELETE_EVENT_EXCHANGES", "2", "expected one of true, false, 1, 0, yes, no"),
         ("RPC_TIMEOUT", "30s", "expected a number of seconds"),
+        ("RPC_PERSISTENT_REQUESTS", "sometimes", "expected one of true, false, 1, 0, yes, no"),
         ("RPC_TIMEOUT", "-1", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "inf", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "NaN", "must be a positive, finite number of seconds"),
@@ -875,6 +881,7 @@ fn masked_map_and_debug() {
         ("PARENT_CALLS_TRACKED", json!(25)),
         ("RPC_EXCHANGE", json!("my-rpc")),
         ("RPC_TIMEOUT", json!(2.5)),
+        ("RPC_PERSISTENT_REQUESTS", json!(false)),
         ("SHUTDOWN_TIMEOUT", json!(5.0)),
         ("RETRY_DELAY", json!("delayed_message_plugin")),
         ("LOG_FORMAT", json!("json")),

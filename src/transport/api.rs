@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -417,7 +419,7 @@ impl Delivery {
 /// [`Consumer::cancel`] stops new deliveries (`basic.cancel`); deliveries already received
 /// are still yielded, and stay valid until settled.
 pub struct Consumer {
-    deliveries: mpsc::Receiver<Delivery>,
+    deliveries: BoxStream<'static, Delivery>,
     canceller: Option<Box<dyn FnOnce() + Send>>,
     tag: String,
 }
@@ -427,10 +429,26 @@ impl Consumer {
     /// broker. Transports call this.
     pub fn new(
         tag: impl Into<String>,
-        deliveries: mpsc::Receiver<Delivery>,
+        mut deliveries: mpsc::Receiver<Delivery>,
         canceller: impl FnOnce() + Send + 'static,
     ) -> Self {
-        Consumer { deliveries, canceller: Some(Box::new(canceller)), tag: tag.into() }
+        let deliveries = futures::stream::poll_fn(move |cx| deliveries.poll_recv(cx));
+        Consumer::from_stream(tag, deliveries, canceller)
+    }
+
+    /// Build a consumer from a stream of deliveries and a function that cancels it at the
+    /// broker. A transport whose deliveries already arrive as a stream hands them on without
+    /// a task and a channel in between (one wake-up less per delivery).
+    pub fn from_stream(
+        tag: impl Into<String>,
+        deliveries: impl futures::Stream<Item = Delivery> + Send + 'static,
+        canceller: impl FnOnce() + Send + 'static,
+    ) -> Self {
+        Consumer {
+            deliveries: deliveries.boxed(),
+            canceller: Some(Box::new(canceller)),
+            tag: tag.into(),
+        }
     }
 
     /// The consumer tag.
@@ -454,7 +472,7 @@ impl futures::Stream for Consumer {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Delivery>> {
-        self.deliveries.poll_recv(cx)
+        self.deliveries.poll_next_unpin(cx)
     }
 }
 

@@ -134,8 +134,12 @@ impl Caller {
 }
 
 /// The bare caller whose requests are persistent (delivery mode 2), as Nameko's and the
-/// framework's are; the other bare caller's are transient.
+/// framework's are by default; the other bare caller's are transient.
 pub const PERSISTENT_BARE: &str = "bare, persistent";
+
+/// The framework's caller with `RPC_PERSISTENT_REQUESTS=false`: transient requests, as the
+/// bare lapin caller sends them.
+pub const TRANSIENT_FRAMEWORK: &str = "mf, transient";
 
 /// One caller/responder pairing and its figures.
 pub struct Pairing {
@@ -144,7 +148,8 @@ pub struct Pairing {
     pub figures: Figures,
 }
 
-/// The four pairings of bare lapin and micro-framework callers and responders, measured with
+/// The pairings of the bare lapin and micro-framework callers (each with transient and
+/// persistent requests) and responders, measured with
 /// `calls` sequential calls and `calls * 4` concurrent ones, on `config`'s broker with its
 /// `MAX_WORKERS` (its service name is used for the framework's service).
 pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<Vec<Pairing>> {
@@ -157,6 +162,8 @@ pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<
     let bare_caller = Caller::Bare(BareCaller::connect(&uri, false).await?);
     let persistent_caller = Caller::Bare(BareCaller::connect(&uri, true).await?);
     let client = Caller::Framework(Arc::new(Client::connect(&config).await?));
+    let transient_config = config.clone().with_rpc_persistent_requests(false);
+    let transient_client = Caller::Framework(Arc::new(Client::connect(&transient_config).await?));
     let mut results = Vec::new();
     for responder in ["bare lapin", "micro-framework"] {
         let stop = match responder {
@@ -171,6 +178,7 @@ pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<
             ("bare lapin", &bare_caller),
             (PERSISTENT_BARE, &persistent_caller),
             ("micro-framework", &client),
+            (TRANSIENT_FRAMEWORK, &transient_client),
         ];
         for (caller_name, caller) in callers {
             let caller = caller.clone();
@@ -182,6 +190,11 @@ pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<
             results.push(Pairing { caller: caller_name, responder, figures });
         }
         stop.stop().await?;
+    }
+    if let Caller::Framework(client) = transient_client {
+        if let Ok(client) = Arc::try_unwrap(client) {
+            client.close().await;
+        }
     }
     if let Caller::Framework(client) = client {
         if let Ok(client) = Arc::try_unwrap(client) {

@@ -31,6 +31,9 @@ pub(crate) struct Caller {
     pub headers: Headers,
     pub metrics: Option<Metrics>,
     pub max_message_size: usize,
+    /// The requests' delivery mode: 2 (persistent) or 1 (transient), from
+    /// `RPC_PERSISTENT_REQUESTS`.
+    pub delivery_mode: u8,
 }
 
 impl Caller {
@@ -51,6 +54,7 @@ impl Caller {
             headers,
             metrics: None,
             max_message_size: config.max_message_size,
+            delivery_mode: if config.rpc_persistent_requests { 2 } else { 1 },
         }
     }
 
@@ -92,6 +96,7 @@ impl Caller {
         let receiver = queue.expect(&correlation_id)?;
         let mut properties = json_properties();
         properties.headers = self.headers.clone();
+        properties.delivery_mode = Some(self.delivery_mode);
         properties.reply_to = Some(queue.routing_key().to_owned());
         properties.correlation_id = Some(correlation_id.clone());
         let reply = RpcReply::new(&service, &method, timeout, queue, correlation_id, receiver)

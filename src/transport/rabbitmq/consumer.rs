@@ -14,7 +14,7 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::Channel;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::connection::{Link, Shared};
@@ -165,8 +165,11 @@ fn map_subscribe_error(error: &lapin::Error) -> TransportError {
     }
 }
 
-/// Subscribe (waiting for the connection up to the publish timeout) and spawn the task that
-/// feeds the returned [`Consumer`], resuming it after every reconnect.
+/// Subscribe (waiting for the connection up to the publish timeout) and return the
+/// [`Consumer`], which resumes by itself after every reconnect.
+///
+/// The consumer reads lapin's stream directly when it is polled, with no task and channel
+/// in between: each delivery wakes one task, the one that consumes.
 pub(crate) async fn start(
     shared: Arc<Shared>,
     queue: &str,
@@ -194,23 +197,38 @@ pub(crate) async fn start(
             }
         }
     };
-    let (sender, receiver) = mpsc::channel(usize::from(spec.prefetch.max(1)));
     let (cancel, cancelled) = watch::channel(false);
     let tag = spec.tag.to_string();
-    let feeder = Feeder { shared, spec, sender, cancelled, cancel_sent: false };
-    tokio::spawn(feeder.run(link, channel, stream));
-    Ok(Consumer::new(tag, receiver, move || {
+    let subscription = Subscription { link, channel, stream };
+    let feeder = Feeder { shared, spec, cancelled, cancel_sent: false, failed: false };
+    let deliveries = futures::stream::unfold(
+        (feeder, Some(subscription)),
+        |(mut feeder, mut subscription)| async move {
+            let delivery = feeder.next(&mut subscription).await?;
+            Some((delivery, (feeder, subscription)))
+        },
+    );
+    // Dropping the consumer drops lapin's, which cancels it at the broker.
+    Ok(Consumer::from_stream(tag, deliveries, move || {
         let _ = cancel.send(true);
     }))
 }
 
-/// The task behind one [`Consumer`].
+/// A live subscription: the connection, the channel and lapin's consumer on it.
+struct Subscription {
+    link: Arc<Link>,
+    channel: Channel,
+    stream: lapin::Consumer,
+}
+
+/// What the stream behind one [`Consumer`] keeps between deliveries.
 struct Feeder {
     shared: Arc<Shared>,
     spec: ConsumerSpec,
-    sender: mpsc::Sender<Delivery>,
     cancelled: watch::Receiver<bool>,
     cancel_sent: bool,
+    /// The current subscription's channel failed.
+    failed: bool,
 }
 
 enum Step {
@@ -221,34 +239,33 @@ enum Step {
 }
 
 impl Feeder {
-    async fn run(mut self, mut link: Arc<Link>, mut channel: Channel, mut stream: lapin::Consumer) {
+    /// The next delivery, resuming the subscription after a reconnect; `None` once the
+    /// consumer ends (cancelled, closed, or given up by the broker).
+    async fn next(&mut self, current: &mut Option<Subscription>) -> Option<Delivery> {
         loop {
-            let failed = self.forward(&link, &channel, &mut stream).await;
-            if self.cancel_sent || self.shared.is_closed() || self.sender.is_closed() {
-                return;
+            let subscription = current.as_mut()?;
+            if let Some(delivery) = self.forward(subscription).await {
+                return Some(delivery);
             }
-            if !failed && link.alive() && channel.status().connected() {
+            let Subscription { link, channel, .. } = current.take()?;
+            if self.cancel_sent || self.shared.is_closed() {
+                return None;
+            }
+            if !self.failed && link.alive() && channel.status().connected() {
                 tracing::warn!(queue = %self.spec.queue, tag = %self.spec.tag, "consumer cancelled by the broker");
-                return;
+                return None;
             }
-            match self.resume(&link).await {
-                Some((new_link, new_channel, new_stream)) => {
-                    tracing::info!(queue = %self.spec.queue, tag = %self.spec.tag, generation = new_link.generation, "consumer resumed");
-                    (link, channel, stream) = (new_link, new_channel, new_stream);
-                }
-                None => return,
-            }
+            let (link, channel, stream) = self.resume(&link).await?;
+            tracing::info!(queue = %self.spec.queue, tag = %self.spec.tag, generation = link.generation, "consumer resumed");
+            self.failed = false;
+            *current = Some(Subscription { link, channel, stream });
         }
     }
 
-    /// Forward deliveries until the lapin consumer ends; true if it ended with an error.
-    async fn forward(
-        &mut self,
-        link: &Arc<Link>,
-        channel: &Channel,
-        stream: &mut lapin::Consumer,
-    ) -> bool {
-        let mut failed = false;
+    /// The next delivery of `subscription`; `None` once lapin's consumer ends (`failed` says
+    /// whether with an error).
+    async fn forward(&mut self, subscription: &mut Subscription) -> Option<Delivery> {
+        let Subscription { link, channel, stream } = subscription;
         loop {
             let step = tokio::select! {
                 biased;
@@ -259,16 +276,12 @@ impl Feeder {
             };
             match step {
                 Step::Item(item) => match *item {
-                    Some(Ok(delivery)) => {
-                        if !self.hand_out(link, channel, delivery).await {
-                            return false;
-                        }
-                    }
+                    Some(Ok(delivery)) => return Some(to_delivery(delivery, channel, link)),
                     Some(Err(error)) => {
                         tracing::debug!(queue = %self.spec.queue, error = %map_error(&error), "consumer channel failed");
-                        failed = true;
+                        self.failed = true;
                     }
-                    None => return failed,
+                    None => return None,
                 },
                 Step::Cancel => {
                     // Keep draining: deliveries sent before cancel-ok are still handed out.
@@ -276,31 +289,17 @@ impl Feeder {
                     let tag = self.spec.tag.clone();
                     let cancel = channel.basic_cancel(tag, BasicCancelOptions::default());
                     if link.guard(cancel).await.is_err() {
-                        return true;
+                        self.failed = true;
+                        return None;
                     }
                 }
-                Step::Closed => return false,
-                Step::Died => return true,
+                Step::Closed => return None,
+                Step::Died => {
+                    self.failed = true;
+                    return None;
+                }
             }
         }
-    }
-
-    /// Hand a delivery to the consumer; false (after cancelling) if the consumer is gone.
-    async fn hand_out(
-        &mut self,
-        link: &Arc<Link>,
-        channel: &Channel,
-        delivery: lapin::message::Delivery,
-    ) -> bool {
-        if self.sender.send(to_delivery(delivery, channel, link)).await.is_ok() {
-            return true;
-        }
-        if !self.cancel_sent {
-            self.cancel_sent = true;
-            let cancel = channel.basic_cancel(self.spec.tag.clone(), BasicCancelOptions::default());
-            let _ = link.guard(cancel).await;
-        }
-        false
     }
 
     /// Subscribe again once a usable connection is there. `None` when the consumer must end.
@@ -317,7 +316,6 @@ impl Feeder {
             let link = tokio::select! {
                 link = self.shared.link(min_generation, far) => link,
                 _ = self.cancelled.wait_for(|c| *c) => return None,
-                _ = self.sender.closed() => return None,
             };
             let link = match link {
                 Ok(link) => link,

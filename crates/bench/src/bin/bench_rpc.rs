@@ -4,7 +4,7 @@
 //!
 //! Everything goes over the Nameko wire (topic exchange `nameko-rpc`, request queue
 //! `rpc-bench_rpc` bound `bench_rpc.*`, JSON bodies, reply to `nameko-rpc` with the caller's
-//! routing key), so each caller can call each responder. Six pairings, in one run on the same
+//! routing key), so each caller can call each responder. Eight pairings, in one run on the same
 //! broker:
 //!
 //! | caller | responder | shows |
@@ -13,9 +13,11 @@
 //! | bare, persistent | bare lapin | the baseline with persistent requests, as Nameko's and ours |
 //! | bare lapin | micro-framework | the service side alone |
 //! | micro-framework `Client` | bare lapin | the calling side alone |
-//! | micro-framework `Client` | micro-framework | both |
+//! | micro-framework `Client` | micro-framework | both, requests persistent (the default) |
+//! | `Client` with `RPC_PERSISTENT_REQUESTS=false` | micro-framework | both, requests transient |
 //!
-//! (and the persistent bare caller with the framework's service).
+//! (and each caller with each responder). The last lines compare the framework with bare
+//! lapin, both with transient requests and both with persistent ones.
 //!
 //! The bare responder consumes with prefetch `MAX_WORKERS`, answers each request on a task of
 //! its own, awaits the reply's publisher confirm, then acks the request (as the framework does).
@@ -27,7 +29,9 @@
 
 use micro_framework::prelude::*;
 use micro_framework::Error;
-use micro_framework_bench::rpc::{find, pairings, CONCURRENT};
+use micro_framework_bench::rpc::{
+    find, pairings, CONCURRENT, PERSISTENT_BARE, TRANSIENT_FRAMEWORK,
+};
 
 fn main() -> micro_framework::Result<()> {
     let calls: usize = match std::env::args().nth(1) {
@@ -68,15 +72,21 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
             figures.own_cpu_us,
         );
     }
-    if let (Some(bare), Some(ours)) = (
-        find(&results, "bare lapin", "bare lapin"),
-        find(&results, "micro-framework", "micro-framework"),
-    ) {
-        println!(
-            "micro-framework / bare: throughput {:.2}x, p50 +{:.2} ms",
-            ours.rate / bare.rate,
-            ours.percentile(0.5) - bare.percentile(0.5)
-        );
+    let comparisons = [
+        ("transient requests", "bare lapin", TRANSIENT_FRAMEWORK),
+        ("persistent requests", PERSISTENT_BARE, "micro-framework"),
+    ];
+    for (requests, bare_caller, our_caller) in comparisons {
+        if let (Some(bare), Some(ours)) = (
+            find(&results, bare_caller, "bare lapin"),
+            find(&results, our_caller, "micro-framework"),
+        ) {
+            println!(
+                "micro-framework / bare, {requests}: throughput {:.2}x, p50 +{:.2} ms",
+                ours.rate / bare.rate,
+                ours.percentile(0.5) - bare.percentile(0.5)
+            );
+        }
     }
     Ok(())
 }
