@@ -1,6 +1,7 @@
 //! [`CallWatch`]: the calls of a route as they finish, for whoever watches (test waiters).
 
 use std::any::type_name;
+use std::sync::OnceLock;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -44,30 +45,28 @@ impl FinishedCall {
 }
 
 /// Sends each finished call to the current watchers; costs nothing when nobody watches.
-#[derive(Debug)]
+///
+/// The channel is made by the first watcher: its `CAPACITY` slots are allocated and
+/// written up front (500 KB), which every route of a service that nobody watches (any
+/// service outside tests) would otherwise keep resident.
+#[derive(Debug, Default)]
 pub(crate) struct CallWatch {
-    sender: broadcast::Sender<FinishedCall>,
-}
-
-impl Default for CallWatch {
-    fn default() -> Self {
-        CallWatch { sender: broadcast::Sender::new(CAPACITY) }
-    }
+    sender: OnceLock<broadcast::Sender<FinishedCall>>,
 }
 
 impl CallWatch {
     /// Tell the watchers that a call of `message` ended with `handled`.
     pub(crate) fn finished(&self, message: &Message, handled: &Handled) {
-        if self.sender.receiver_count() > 0 {
+        let Some(sender) = self.sender.get() else { return };
+        if sender.receiver_count() > 0 {
             // no watcher left since the check: nothing to do
-            let _ = self
-                .sender
-                .send(FinishedCall { message: message.clone(), handled: handled.clone() });
+            let _ =
+                sender.send(FinishedCall { message: message.clone(), handled: handled.clone() });
         }
     }
 
     /// Receive the calls that finish from now on.
     pub(crate) fn watch(&self) -> broadcast::Receiver<FinishedCall> {
-        self.sender.subscribe()
+        self.sender.get_or_init(|| broadcast::Sender::new(CAPACITY)).subscribe()
     }
 }

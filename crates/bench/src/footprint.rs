@@ -6,6 +6,10 @@
 //!   2 s after it started: one event route and one RPC route, on RabbitMQ (`AMQP_URI`,
 //!   default `amqp://guest:guest@127.0.0.1:5672/`) or, if that cannot be reached, on the
 //!   in-process broker;
+//! - `idle_private_thread`: of that, the pages no other process maps (`Private_Clean` +
+//!   `Private_Dirty` of `/proc/PID/smaps_rollup`): its own memory and the pages of the
+//!   binary that no other process has mapped; `idle_anon_thread`: its own memory alone
+//!   (`Anonymous`: heap, stacks, buffers), the rest being pages mapped from files;
 //! - `idle_rss_process_4_workers`: the same service in process mode with 4 worker processes,
 //!   service and workers added up; `idle_pss_process_4_workers` counts the pages they share
 //!   (the binary's code) once.
@@ -66,6 +70,10 @@ pub struct Footprint {
     pub overhead_rabbitmq_us: Option<f64>,
     /// Resident memory of the idle service in thread mode (MB).
     pub idle_rss_thread_mb: f64,
+    /// Of that, the pages no other process maps (MB).
+    pub idle_private_thread_mb: f64,
+    /// Of that, its anonymous memory: heap, stacks, buffers (MB).
+    pub idle_anon_thread_mb: f64,
     /// Resident memory of the idle service in process mode with 4 workers, added up (MB).
     pub idle_rss_process_mb: f64,
     /// The same, shared pages counted once (PSS, MB).
@@ -97,21 +105,25 @@ pub fn measure(
     eprintln!("idle services on {}", micro_framework::config::mask_uri(&broker));
     let mut idle = Vec::new();
     for mode in ["thread", "process"] {
-        let (mut rss, mut pss) = (Vec::new(), Vec::new());
-        for _ in 0..RUNS {
-            let (r, p) = idle_footprint(&broker, mode)?;
-            rss.push(r);
-            pss.push(p);
-        }
-        idle.push((median(rss), median(pss)));
+        let runs =
+            (0..RUNS).map(|_| idle_footprint(&broker, mode)).collect::<Result<Vec<_>, _>>()?;
+        let figure = |of: fn(&Memory) -> f64| median(runs.iter().map(of).collect());
+        idle.push(Memory {
+            rss: figure(|memory| memory.rss),
+            pss: figure(|memory| memory.pss),
+            private: figure(|memory| memory.private),
+            anon: figure(|memory| memory.anon),
+        });
     }
     Ok(Footprint {
         overhead_memory_us: overheads[0]
             .ok_or_else(|| Error::Startup("process overhead on memory:// not measured".into()))?,
         overhead_rabbitmq_us: overheads[1],
-        idle_rss_thread_mb: idle[0].0,
-        idle_rss_process_mb: idle[1].0,
-        idle_pss_process_mb: idle[1].1,
+        idle_rss_thread_mb: idle[0].rss,
+        idle_private_thread_mb: idle[0].private,
+        idle_anon_thread_mb: idle[0].anon,
+        idle_rss_process_mb: idle[1].rss,
+        idle_pss_process_mb: idle[1].pss,
     })
 }
 
@@ -138,9 +150,42 @@ fn reachable(uri: &str) -> bool {
     })
 }
 
+/// The memory of processes, added up (MB).
+#[derive(Clone, Copy, Debug, Default)]
+struct Memory {
+    /// Resident (`VmRSS`).
+    rss: f64,
+    /// Proportional: each shared page divided among the processes that map it (`Pss`).
+    pss: f64,
+    /// Mapped by no other process (`Private_Clean` + `Private_Dirty`).
+    private: f64,
+    /// Anonymous: heap, stacks, buffers (`Anonymous`).
+    anon: f64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> Memory {
+        Memory {
+            rss: status_kb(pid, "VmRSS:") / 1000.0,
+            pss: rollup_kb(pid, "Pss:") / 1000.0,
+            private: (rollup_kb(pid, "Private_Clean:") + rollup_kb(pid, "Private_Dirty:")) / 1000.0,
+            anon: rollup_kb(pid, "Anonymous:") / 1000.0,
+        }
+    }
+
+    fn add(self, other: Memory) -> Memory {
+        Memory {
+            rss: self.rss + other.rss,
+            pss: self.pss + other.pss,
+            private: self.private + other.private,
+            anon: self.anon + other.anon,
+        }
+    }
+}
+
 /// Start the idle service in `mode`, wait until it has started and idled, and return the
-/// resident and proportional memory (MB) of it and its worker processes.
-fn idle_footprint(broker: &str, mode: &str) -> micro_framework::Result<(f64, f64)> {
+/// memory of it and its worker processes, added up.
+fn idle_footprint(broker: &str, mode: &str) -> micro_framework::Result<Memory> {
     let service = format!("bench_footprint_{}", uuid::Uuid::new_v4().simple());
     let mut child = Command::new(std::env::current_exe()?)
         .arg(IDLE_SERVICE)
@@ -157,9 +202,7 @@ fn idle_footprint(broker: &str, mode: &str) -> micro_framework::Result<(f64, f64
     let measured = wait_started(&mut child).map(|()| {
         std::thread::sleep(IDLE);
         let pids = std::iter::once(child.id()).chain(children_of(child.id()));
-        pids.fold((0.0, 0.0), |(rss, pss), pid| {
-            (rss + status_kb(pid, "VmRSS:") / 1000.0, pss + rollup_kb(pid, "Pss:") / 1000.0)
-        })
+        pids.map(Memory::of).fold(Memory::default(), Memory::add)
     });
     // SIGTERM: a graceful stop, which closes the connection.
     let _ = Command::new("kill").arg(child.id().to_string()).status();

@@ -8,6 +8,9 @@
 //!   2 s after it started: one event route and one RPC route, on RabbitMQ (`AMQP_URI`,
 //!   default `amqp://guest:guest@127.0.0.1:5672/`) or, if that cannot be reached, on the
 //!   in-process broker;
+//! - `idle_private_thread`: of that, the pages no other process maps (`Private_Clean` +
+//!   `Private_Dirty`), and `idle_anon_thread` its anonymous memory alone (heap, stacks,
+//!   buffers), the rest being mapped from files (the binary, libc);
 //! - `idle_rss_process_4_workers`: the same service in process mode with 4 worker processes,
 //!   service and workers added up; `idle_pss_process_4_workers` counts the pages they share
 //!   (the binary's code) once.
@@ -31,6 +34,8 @@ fn main() -> micro_framework::Result<()> {
         println!("process_overhead_rabbitmq {overhead:.0} us");
     }
     println!("idle_rss_thread {:.1} MB", figures.idle_rss_thread_mb);
+    println!("idle_private_thread {:.1} MB", figures.idle_private_thread_mb);
+    println!("idle_anon_thread {:.1} MB", figures.idle_anon_thread_mb);
     println!("idle_rss_process_4_workers {:.1} MB", figures.idle_rss_process_mb);
     println!("idle_pss_process_4_workers {:.1} MB", figures.idle_pss_process_mb);
     Ok(())
