@@ -45,6 +45,20 @@ fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> Value {
     x
 }
 
+/// The same method as an async target: it runs on the runtime, without the blocking-pool
+/// thread a sync target runs on.
+mod async_target {
+    use super::{Args, EchoArgs, Value};
+
+    pub async fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> Value {
+        x
+    }
+}
+
+/// The framework's service with an async target (the other one's is sync); only the
+/// transient callers call it.
+pub const ASYNC_RESPONDER: &str = "mf, async";
+
 fn lapin_error(error: lapin::Error) -> Error {
     Error::Startup(format!("bare lapin: {error}"))
 }
@@ -149,7 +163,8 @@ pub struct Pairing {
 }
 
 /// The pairings of the bare lapin and micro-framework callers (each with transient and
-/// persistent requests) and responders, measured with
+/// persistent requests) with the bare lapin and the framework's responders (a sync target),
+/// and of the transient callers with the framework's async target, measured with
 /// `calls` sequential calls and `calls * 4` concurrent ones, on `config`'s broker with its
 /// `MAX_WORKERS` (its service name is used for the framework's service).
 pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<Vec<Pairing>> {
@@ -165,11 +180,16 @@ pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<
     let transient_config = config.clone().with_rpc_persistent_requests(false);
     let transient_client = Caller::Framework(Arc::new(Client::connect(&transient_config).await?));
     let mut results = Vec::new();
-    for responder in ["bare lapin", "micro-framework"] {
-        let stop = match responder {
-            "bare lapin" => Responder::Bare(BareResponder::start(&uri, &config).await?),
-            _ => Responder::Framework(
-                Runner::new(vec![Route::new(echo).entrypoint(RPCListener::new())], config.clone())
+    for responder in ["bare lapin", "micro-framework", ASYNC_RESPONDER] {
+        let route = match responder {
+            "bare lapin" => None,
+            "micro-framework" => Some(Route::new(echo)),
+            _ => Some(Route::new(async_target::echo)),
+        };
+        let stop = match route {
+            None => Responder::Bare(BareResponder::start(&uri, &config).await?),
+            Some(route) => Responder::Framework(
+                Runner::new(vec![route.entrypoint(RPCListener::new())], config.clone())
                     .spawn()
                     .await?,
             ),
@@ -181,6 +201,10 @@ pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<
             (TRANSIENT_FRAMEWORK, &transient_client),
         ];
         for (caller_name, caller) in callers {
+            let transient = caller_name == "bare lapin" || caller_name == TRANSIENT_FRAMEWORK;
+            if responder == ASYNC_RESPONDER && !transient {
+                continue;
+            }
             let caller = caller.clone();
             let figures = measure(calls, move |i| {
                 let caller = caller.clone();

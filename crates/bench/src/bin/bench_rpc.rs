@@ -4,7 +4,7 @@
 //!
 //! Everything goes over the Nameko wire (topic exchange `nameko-rpc`, request queue
 //! `rpc-bench_rpc` bound `bench_rpc.*`, JSON bodies, reply to `nameko-rpc` with the caller's
-//! routing key), so each caller can call each responder. Eight pairings, in one run on the same
+//! routing key), so each caller can call each responder. Ten pairings, in one run on the same
 //! broker:
 //!
 //! | caller | responder | shows |
@@ -15,8 +15,11 @@
 //! | micro-framework `Client` | bare lapin | the calling side alone |
 //! | micro-framework `Client` | micro-framework | both, requests persistent (the default) |
 //! | `Client` with `RPC_PERSISTENT_REQUESTS=false` | micro-framework | both, requests transient |
+//! | bare lapin, `Client` (transient) | `mf, async` | the same with an async target |
 //!
-//! (and each caller with each responder). The last lines compare the framework with bare
+//! (and each caller with the first two responders). The framework's `echo` is a sync target,
+//! run on the blocking pool's threads as sync targets are; `mf, async` serves it as an async
+//! target. The last lines compare the framework with bare
 //! lapin, both with transient requests and both with persistent ones.
 //!
 //! The bare responder consumes with prefetch `MAX_WORKERS`, answers each request on a task of
@@ -30,7 +33,7 @@
 use micro_framework::prelude::*;
 use micro_framework::Error;
 use micro_framework_bench::rpc::{
-    find, pairings, CONCURRENT, PERSISTENT_BARE, TRANSIENT_FRAMEWORK,
+    find, pairings, ASYNC_RESPONDER, CONCURRENT, PERSISTENT_BARE, TRANSIENT_FRAMEWORK,
 };
 
 fn main() -> micro_framework::Result<()> {
@@ -73,16 +76,16 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
         );
     }
     let comparisons = [
-        ("transient requests", "bare lapin", TRANSIENT_FRAMEWORK),
-        ("persistent requests", PERSISTENT_BARE, "micro-framework"),
+        ("transient requests", "bare lapin", TRANSIENT_FRAMEWORK, "micro-framework"),
+        ("persistent requests", PERSISTENT_BARE, "micro-framework", "micro-framework"),
+        ("transient requests, async target", "bare lapin", TRANSIENT_FRAMEWORK, ASYNC_RESPONDER),
     ];
-    for (requests, bare_caller, our_caller) in comparisons {
-        if let (Some(bare), Some(ours)) = (
-            find(&results, bare_caller, "bare lapin"),
-            find(&results, our_caller, "micro-framework"),
-        ) {
+    for (what, bare_caller, our_caller, our_responder) in comparisons {
+        if let (Some(bare), Some(ours)) =
+            (find(&results, bare_caller, "bare lapin"), find(&results, our_caller, our_responder))
+        {
             println!(
-                "micro-framework / bare, {requests}: throughput {:.2}x, p50 +{:.2} ms",
+                "micro-framework / bare, {what}: throughput {:.2}x, p50 +{:.2} ms",
                 ours.rate / bare.rate,
                 ours.percentile(0.5) - bare.percentile(0.5)
             );
