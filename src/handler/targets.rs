@@ -14,10 +14,11 @@
 //! let _ = Route::new(async_target);
 //! ```
 //!
-//! Sync targets run on OS threads of a blocking pool, async ones on the runtime. A panic is
-//! caught and becomes a failure.
+//! Sync targets run on OS threads of a blocking pool (in a worker process, on its call
+//! thread), async ones on the runtime. A panic is caught and becomes a failure.
 
 use std::any::{type_name, Any};
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -198,6 +199,45 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     }
 }
 
+thread_local! {
+    /// Set on a thread that runs calls one at a time and nothing else (a worker process's
+    /// call thread): sync targets run right there rather than on a blocking thread.
+    static SYNC_TARGETS_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f`, in which sync targets are called on this thread. For a thread outside the
+/// runtime's workers that drives calls with a multi-threaded runtime's `Handle::block_on`,
+/// one at a time: a target there is what it would be on a blocking thread (it may block,
+/// `block_in_place` and `Handle::block_on` work), without the hop there and back.
+pub(crate) fn run_sync_targets_here<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SYNC_TARGETS_HERE.set(false);
+        }
+    }
+    SYNC_TARGETS_HERE.set(true);
+    let _reset = Reset;
+    f()
+}
+
+/// Run a sync target's call on a blocking thread, or on this one inside
+/// [`run_sync_targets_here`]; a panic becomes a failure either way.
+async fn run_blocking(call: impl FnOnce() -> TargetResult + Send + 'static) -> TargetResult {
+    if SYNC_TARGETS_HERE.get() {
+        // outside the runtime's context, as on a blocking thread
+        let ran = tokio::task::block_in_place(|| std::panic::catch_unwind(AssertUnwindSafe(call)));
+        return ran.unwrap_or_else(|panic| Err(TargetError::Panic(panic_message(panic.as_ref()))));
+    }
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result,
+        Err(join) => match join.try_into_panic() {
+            Ok(panic) => Err(TargetError::Panic(panic_message(panic.as_ref()))),
+            Err(join) => Err(TargetError::Panic(join.to_string())),
+        },
+    }
+}
+
 macro_rules! impl_target {
     ($($param:ident),*) => {
         #[allow(non_snake_case, unused_variables)]
@@ -219,13 +259,7 @@ macro_rules! impl_target {
                         $(let $param = $param::from_context(&ctx)?;)*
                         function($($param),*).into_outcome()
                     };
-                    match tokio::task::spawn_blocking(call).await {
-                        Ok(result) => result,
-                        Err(join) => match join.try_into_panic() {
-                            Ok(panic) => Err(TargetError::Panic(panic_message(panic.as_ref()))),
-                            Err(join) => Err(TargetError::Panic(join.to_string())),
-                        },
-                    }
+                    run_blocking(call).await
                 })
             }
         }

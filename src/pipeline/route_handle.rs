@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
 use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
-use crate::pipeline::spawners::process::CallRequest;
+use crate::pipeline::spawners::process::BorrowedCall;
 use crate::pipeline::spawners::{WorkerPermit, WorkerPool};
 use crate::transport::SharedTransport;
 
@@ -310,14 +310,14 @@ impl RouteHandle {
     ) -> Outcome {
         #[cfg(feature = "process")]
         if let Some(processes) = self.inner.pool.processes() {
-            let request = CallRequest {
-                route: self.name().to_owned(),
+            let call = BorrowedCall {
+                route: self.name(),
                 role,
-                message: message.clone(),
-                failure,
-                retry: retry.clone(),
+                message,
+                failure: failure.as_ref(),
+                retry,
             };
-            return processes.call(request).await;
+            return processes.call(call).await;
         }
         self.run_here(role, message, failure, retry).await
     }

@@ -31,8 +31,10 @@ fn http_whoami(Path(id): Path<u64>) -> Value {
     json!({ "whoami": id, "pid": std::process::id(), "parent": std::os::unix::process::parent_id() })
 }
 
-async fn whoami(Payload(event): Payload<Value>, producer: Producer) -> micro_framework::Result<()> {
-    producer.dispatch("pid", &json!({ "id": event["id"], "pid": std::process::id() })).await
+/// A sync target that reports through the service while it runs (`dispatch_blocking` waits
+/// for the service's answer over the worker link).
+fn whoami(Payload(event): Payload<Value>, producer: Producer) -> micro_framework::Result<()> {
+    producer.dispatch_blocking("pid", &json!({ "id": event["id"], "pid": std::process::id() }))
 }
 
 /// Calls this service's RPC method `echo` from the worker process, then reports like `whoami`.

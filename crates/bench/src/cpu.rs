@@ -1,5 +1,5 @@
-//! CPU time spent, for CPU-per-message figures: this process's (getrusage) and the local
-//! RabbitMQ node's (/proc).
+//! CPU time spent, for CPU-per-message figures: this process's (getrusage), its child
+//! processes' and the local RabbitMQ node's (/proc).
 
 use std::time::Duration;
 
@@ -12,6 +12,31 @@ pub fn own_cpu() -> Duration {
     }
     let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// CPU time of this process's live child processes so far (e.g. worker processes), in
+/// nanoseconds from each of their threads' `/proc/PID/task/TID/schedstat`: getrusage counts
+/// children only once they are reaped, and `/proc/PID/stat` only in clock ticks (10 ms).
+/// Threads that ended are not counted.
+pub fn children_cpu() -> Duration {
+    let mut total = Duration::ZERO;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return total };
+    for task in tasks.flatten() {
+        let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        for child in children.split_whitespace() {
+            let Ok(threads) = std::fs::read_dir(format!("/proc/{child}/task")) else { continue };
+            for thread in threads.flatten() {
+                let Ok(stat) = std::fs::read_to_string(thread.path().join("schedstat")) else {
+                    continue;
+                };
+                let on_cpu = stat.split_whitespace().next().and_then(|ns| ns.parse().ok());
+                total += Duration::from_nanos(on_cpu.unwrap_or(0));
+            }
+        }
+    }
+    total
 }
 
 /// CPU time (user + system) of the local RabbitMQ node so far, from /proc; `None` when the

@@ -15,6 +15,8 @@ use micro_framework::spawners::process::WORKER_SOCKET_ENV;
 use micro_framework::transport::BindingSpec;
 use micro_framework::Error;
 
+use crate::cpu::{children_cpu, own_cpu};
+
 fn noop() {}
 
 fn runner(config: Config) -> Runner {
@@ -47,6 +49,10 @@ pub struct Rates {
     pub thread: f64,
     /// Calls per second in process mode.
     pub process: f64,
+    /// CPU time per call in thread mode (µs): this process's.
+    pub thread_cpu_us: f64,
+    /// CPU time per call in process mode (µs): this process's and its worker processes'.
+    pub process_cpu_us: f64,
 }
 
 impl Rates {
@@ -54,20 +60,40 @@ impl Rates {
     pub fn overhead_us(&self) -> f64 {
         (1.0 / self.process - 1.0 / self.thread) * 1e6
     }
+
+    /// The CPU time process mode adds to each call, in µs: less sensitive than the rates to
+    /// other programs sharing the machine.
+    pub fn cpu_overhead_us(&self) -> f64 {
+        self.process_cpu_us - self.thread_cpu_us
+    }
+}
+
+/// What one drain measured.
+struct Drained {
+    /// Calls per second.
+    rate: f64,
+    /// CPU time per call (µs), worker processes included.
+    cpu_us: f64,
 }
 
 /// Drain `messages` pre-filled no-op events in thread mode, then in process mode, on `uri`.
 pub async fn rates(uri: &str, messages: u64) -> micro_framework::Result<Rates> {
     let thread = drain(uri, WorkerMode::Thread, messages).await?;
     let process = drain(uri, WorkerMode::Process, messages).await?;
-    Ok(Rates { thread, process })
+    Ok(Rates {
+        thread: thread.rate,
+        process: process.rate,
+        thread_cpu_us: thread.cpu_us,
+        process_cpu_us: process.cpu_us,
+    })
 }
 
-/// Calls per second draining `messages` pre-filled events in `mode`. The time is measured
-/// from the consumer's start (worker processes already started) until the queue is empty
-/// (the last prefetch-full of calls may still be running then: an error of at most
-/// MAX_WORKERS / MESSAGES).
-async fn drain(uri: &str, mode: WorkerMode, messages: u64) -> micro_framework::Result<f64> {
+/// Calls per second draining `messages` pre-filled events in `mode`, and the CPU time per
+/// call: this process's (getrusage; the in-process broker's included) and its worker
+/// processes' (/proc). Both are measured from the consumer's start (worker processes already
+/// started) until the queue is empty (the last prefetch-full of calls may still be running
+/// then: an error of at most MAX_WORKERS / MESSAGES).
+async fn drain(uri: &str, mode: WorkerMode, messages: u64) -> micro_framework::Result<Drained> {
     let config = config_for(uri, mode)?;
     let transport = micro_framework::transport::connect(&config).await?;
     let exchange = event_exchange(&config, "bench_src");
@@ -94,16 +120,20 @@ async fn drain(uri: &str, mode: WorkerMode, messages: u64) -> micro_framework::R
     while transport.queue_info(&queue.name).await?.consumer_count == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let started = Instant::now();
+    let cpu = || own_cpu() + children_cpu();
+    let (started, cpu_before) = (Instant::now(), cpu());
     while transport.queue_info(&queue.name).await?.message_count > 0 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let elapsed = started.elapsed();
+    let (elapsed, cpu_spent) = (started.elapsed(), cpu().saturating_sub(cpu_before));
     let _ = stop.send(());
     service.await.map_err(|e| Error::Startup(e.to_string()))??;
     for name in [format!("{}.dlq", queue.name), queue.name.clone()] {
         transport.delete_queue(&name).await?;
     }
     transport.close().await;
-    Ok(messages as f64 / elapsed.as_secs_f64())
+    Ok(Drained {
+        rate: messages as f64 / elapsed.as_secs_f64(),
+        cpu_us: cpu_spent.as_secs_f64() * 1e6 / messages as f64,
+    })
 }

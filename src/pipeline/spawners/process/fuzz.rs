@@ -6,7 +6,7 @@ use std::cell::Cell;
 
 use proptest::prelude::*;
 
-use super::protocol::{read_frame, write_frame, FromWorker, ToWorker};
+use super::protocol::{FrameReader, FrameWriter, FromWorker, ToWorker};
 use crate::data::fuzz_support::config;
 
 /// The system allocator, noting the largest allocation of each thread.
@@ -49,11 +49,11 @@ static ALLOCATOR: Tracking = Tracking;
 /// frames were read and the largest allocation made meanwhile.
 fn read_all<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> (usize, usize) {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let mut reader = bytes;
     LARGEST.with(|largest| largest.set(0));
+    let mut reader = FrameReader::new(bytes);
     let mut frames = 0;
     runtime.block_on(async {
-        while let Ok(Some(_)) = read_frame::<_, T>(&mut reader).await {
+        while let Ok(Some(_)) = reader.next::<T>().await {
             frames += 1;
         }
     });
@@ -62,13 +62,14 @@ fn read_all<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> (usize, usize) {
 
 fn framed(frames: &[FromWorker]) -> Vec<u8> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let mut out = Vec::new();
+    let mut writer = FrameWriter::new(Vec::new());
     runtime.block_on(async {
         for frame in frames {
-            write_frame(&mut out, frame).await.unwrap();
+            writer.push(frame).unwrap();
         }
+        writer.flush().await.unwrap();
     });
-    out
+    writer.into_inner()
 }
 
 proptest! {

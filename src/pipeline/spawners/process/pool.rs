@@ -3,18 +3,18 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::io::BufReader;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, Mutex};
 
 use super::protocol::{
-    read_frame, write_frame, CallRequest, ForwardedDelivery, FromWorker, Settlement, ToWorker,
-    TransportAnswer, TransportOp, READ_BUFFER,
+    BorrowedCall, CallFrame, ForwardedDelivery, FrameReader, FrameSink, FromWorker, Settlement,
+    ToWorker, TransportAnswer, TransportOp,
 };
 use super::worker::WORKER_SOCKET_ENV;
 use crate::data::Outcome;
@@ -25,11 +25,15 @@ use crate::transport::{Acker, ConsumeOptions, SharedTransport, TransportError};
 const START_LIMIT: Duration = Duration::from_secs(30);
 const RESPAWN_PAUSE: Duration = Duration::from_secs(1);
 
+/// The service's end of a worker's link, written by whichever task has a frame to send.
+type Sink = FrameSink<OwnedWriteHalf>;
+
 /// One worker process and its socket.
 struct Worker {
     pid: u32,
     child: Child,
-    calls: mpsc::Sender<ToWorker>,
+    /// The only strong reference: dropping it closes the link, and the worker process exits.
+    link: Arc<Sink>,
     outcomes: mpsc::Receiver<Outcome>,
     done: u32,
 }
@@ -71,29 +75,20 @@ impl Launcher {
         let (stream, _) = accepted.map_err(|_| {
             Error::WorkerProcess("a worker process did not connect in 30 s".into())
         })??;
-        let (reader, mut writer) = stream.into_split();
-        let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
-        let Some(FromWorker::Ready { pid }) = read_frame(&mut reader).await? else {
+        let (reader, writer) = stream.into_split();
+        let mut reader = FrameReader::new(reader);
+        let Some(FromWorker::Ready { pid }) = reader.next().await? else {
             return Err(Error::WorkerProcess("a worker process did not say it was ready".into()));
         };
-        let (calls, mut to_send) = mpsc::channel::<ToWorker>(16);
         let (outcome_sender, outcomes) = mpsc::channel::<Outcome>(1);
-        tokio::spawn(async move {
-            while let Some(frame) = to_send.recv().await {
-                if write_frame(&mut writer, &frame).await.is_err() {
-                    break;
-                }
-            }
-        });
         let transport = self.transport.clone();
-        // Weak: the worker's `calls` is the only strong sender, so dropping it closes the
-        // link and the worker process exits.
-        let replies = calls.downgrade();
+        let link = Arc::new(FrameSink::new(writer));
+        let replies = Arc::downgrade(&link);
         tokio::spawn(async move {
             // Consumers opened for the worker and the ackers of what they forwarded: dropped
             // with this task when the worker goes, which hands unsettled messages back.
             let consumers = Consumers::default();
-            while let Ok(Some(frame)) = read_frame::<_, FromWorker>(&mut reader).await {
+            while let Ok(Some(frame)) = reader.next::<FromWorker>().await {
                 match frame {
                     FromWorker::Outcome(outcome) => {
                         let _ = outcome_sender.send(outcome).await;
@@ -110,8 +105,8 @@ impl Launcher {
                                 }
                                 op => forward(&transport, op).await,
                             };
-                            if let Some(replies) = replies.upgrade() {
-                                let _ = replies.send(ToWorker::TransportReply { id, result }).await;
+                            if let Some(link) = replies.upgrade() {
+                                let _ = link.send(&ToWorker::TransportReply { id, result }).await;
                             }
                         });
                     }
@@ -125,7 +120,7 @@ impl Launcher {
             consumers.close();
         });
         tracing::debug!("worker process {pid} started");
-        Ok(Worker { pid, child, calls, outcomes, done: 0 })
+        Ok(Worker { pid, child, link, outcomes, done: 0 })
     }
 }
 
@@ -208,7 +203,7 @@ impl Consumers {
         transport: &SharedTransport,
         queue: &str,
         options: ConsumeOptions,
-        to_worker: mpsc::WeakSender<ToWorker>,
+        to_worker: Weak<Sink>,
     ) -> Result<TransportAnswer, TransportError> {
         let mut consumer = transport.consume(queue, options).await?;
         let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
@@ -242,14 +237,14 @@ impl Consumers {
                     number
                 };
                 let forwarded = ForwardedDelivery { consumer: id, delivery: number, message };
-                let Some(sender) = to_worker.upgrade() else { break };
-                if sender.send(ToWorker::Delivery(Box::new(forwarded))).await.is_err() {
+                let Some(link) = to_worker.upgrade() else { break };
+                if link.send(&ToWorker::Delivery(Box::new(forwarded))).await.is_err() {
                     break;
                 }
             }
             consumer.cancel();
-            if let Some(sender) = to_worker.upgrade() {
-                let _ = sender.send(ToWorker::ConsumerEnded { consumer: id }).await;
+            if let Some(link) = to_worker.upgrade() {
+                let _ = link.send(&ToWorker::ConsumerEnded { consumer: id }).await;
             }
         });
         Ok(TransportAnswer::Consuming { consumer: id })
@@ -328,13 +323,19 @@ impl ProcessPool {
         Ok(pool)
     }
 
-    /// Run one call in a worker process.
-    pub(crate) async fn call(self: &Arc<Self>, request: CallRequest) -> Outcome {
+    /// Run one call in a worker process: its frame is written by this task, and the
+    /// link's reader hands the outcome back.
+    pub(crate) async fn call(self: &Arc<Self>, call: BorrowedCall<'_>) -> Outcome {
         let Some(mut worker) = self.waiting.lock().await.recv().await else {
             return Err(Failure::new(FailureKind::Crashed, "the worker pool is shut down"));
         };
-        let sent = worker.calls.send(ToWorker::Call(Box::new(request))).await;
+        let sent = worker.link.send(&CallFrame::Call(call)).await;
         let answer = match (sent, self.time_limit) {
+            (Err(error), _) if error.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = self.idle.send(worker);
+                let message = format!("the call cannot be sent to a worker process: {error}");
+                return Err(Failure::new(FailureKind::Error, message));
+            }
             (Err(_), _) => Ok(None),
             (Ok(()), None) => Ok(worker.outcomes.recv().await),
             (Ok(()), Some(limit)) => tokio::time::timeout(limit, worker.outcomes.recv()).await,
@@ -377,7 +378,7 @@ impl ProcessPool {
     /// End `worker` (killing it if `kill`, else closing its socket and waiting briefly) and
     /// start another in the background. Returns how the old one ended.
     async fn replace(self: &Arc<Self>, mut worker: Worker, kill: bool) -> String {
-        drop(worker.calls);
+        drop(worker.link);
         if kill {
             let _ = worker.child.start_kill();
         }
@@ -412,7 +413,7 @@ impl ProcessPool {
         let mut waiting = self.waiting.lock().await;
         waiting.close();
         while let Ok(mut worker) = waiting.try_recv() {
-            drop(worker.calls);
+            drop(worker.link);
             if tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await.is_err() {
                 tracing::warn!(
                     "worker process {} did not exit in 5 s after its link closed; killed",

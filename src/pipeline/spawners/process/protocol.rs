@@ -1,7 +1,10 @@
 //! The frames between a service and its worker processes: length-prefixed JSON over a Unix
-//! socket, each written in one piece and read through a buffer (one syscall a frame each way
-//! when the link is busy).
+//! socket, each written in one piece by the task that sends it and read through a buffer
+//! that each end keeps (one syscall a frame each way, fewer when frames queue up).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::{Buf, BufMut, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -17,12 +20,16 @@ use crate::transport::{
 
 /// Frames larger than this are refused (a corrupt or hostile length prefix).
 const MAX_FRAME: u32 = 256 * 1024 * 1024;
-/// What a frame's buffer starts with; it grows as the body arrives.
+/// How much a read for a frame's body reserves at most at a time: the buffer grows with
+/// the bytes that arrive, not with what a length prefix announces.
 const PREALLOCATE: usize = 64 * 1024;
-/// What an outgoing frame's buffer starts with: a call with its message and headers fits.
-const FIRST_CAPACITY: usize = 1024;
-/// The read buffer of each end of a link: most frames arrive in one read.
-pub(crate) const READ_BUFFER: usize = 16 * 1024;
+/// The write buffer of each end of a link: a call with its message and headers fits.
+const WRITE_BUFFER: usize = 4 * 1024;
+/// The read buffer of each end of a link: most frames arrive in one read, several at once
+/// when they queue up.
+const READ_BUFFER: usize = 16 * 1024;
+/// A buffer grown past this by a big frame is replaced by a small one once empty.
+const KEEP_BUFFER: usize = 1024 * 1024;
 
 /// One call for a worker process.
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,6 +39,23 @@ pub(crate) struct CallRequest {
     pub message: Message,
     pub failure: Option<Failure>,
     pub retry: BackOffData,
+}
+
+/// A call as the service sends it: [`ToWorker::Call`] encoded from borrowed parts, so the
+/// message is not copied on its way to the worker.
+#[derive(Serialize)]
+pub(crate) enum CallFrame<'a> {
+    Call(BorrowedCall<'a>),
+}
+
+/// [`CallRequest`]'s fields, borrowed.
+#[derive(Serialize)]
+pub(crate) struct BorrowedCall<'a> {
+    pub route: &'a str,
+    pub role: TargetRole,
+    pub message: &'a Message,
+    pub failure: Option<&'a Failure>,
+    pub retry: &'a BackOffData,
 }
 
 /// From the service to a worker.
@@ -119,54 +143,159 @@ pub(crate) enum TransportAnswer {
     Consuming { consumer: u64 },
 }
 
-/// Write one frame: its length and body in one buffer, so one write (one syscall) sends it.
-pub(crate) async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
-    writer: &mut W,
-    frame: &T,
-) -> std::io::Result<()> {
-    writer.write_all(&encode(frame)?).await
+/// Frames to one end of a link, written in order from any task: a caller writes its frame
+/// itself (no hop through a writer task), under a lock that keeps frames whole.
+pub(crate) struct FrameSink<W> {
+    writer: tokio::sync::Mutex<FrameWriter<W>>,
+    closed: AtomicBool,
 }
 
-/// A frame as sent: the body's length (4 bytes, big-endian), then the body.
-fn encode<T: Serialize>(frame: &T) -> std::io::Result<Vec<u8>> {
-    let mut buffer = Vec::with_capacity(FIRST_CAPACITY);
-    buffer.extend_from_slice(&[0; 4]);
-    serde_json::to_writer(&mut buffer, frame)?;
-    let length = u32::try_from(buffer.len() - 4)
-        .ok()
-        .filter(|length| *length <= MAX_FRAME)
-        .ok_or_else(|| std::io::Error::other("frame too large"))?;
-    buffer[..4].copy_from_slice(&length.to_be_bytes());
-    Ok(buffer)
+impl<W: AsyncWrite + Unpin> FrameSink<W> {
+    pub(crate) fn new(writer: W) -> Self {
+        FrameSink {
+            writer: tokio::sync::Mutex::new(FrameWriter::new(writer)),
+            closed: false.into(),
+        }
+    }
+
+    /// Write `frame` now, with whatever an earlier, cancelled send left unwritten. A frame
+    /// that cannot be encoded is refused (`InvalidData`) and the link stays usable; any
+    /// other error means the link is broken.
+    pub(crate) async fn send<T: Serialize>(&self, frame: &T) -> std::io::Result<()> {
+        let mut writer = self.writer.lock().await;
+        writer.push(frame)?;
+        let written = writer.flush().await;
+        if written.is_err() {
+            self.closed.store(true, Ordering::Relaxed);
+        }
+        written
+    }
+
+    /// Mark the link closed (its other half ended).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    /// True once the link is closed or a write failed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
 }
 
-/// Read one frame; `None` at the end of the stream.
-pub(crate) async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
-    reader: &mut R,
-) -> std::io::Result<Option<T>> {
-    let mut length = [0u8; 4];
-    match reader.read_exact(&mut length).await {
-        Ok(_) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(error) => return Err(error),
+/// Encodes frames into one buffer it keeps (no allocation per frame once warm) and writes
+/// what it holds in one piece: the length prefix and body of a frame are one syscall.
+pub(crate) struct FrameWriter<W> {
+    writer: W,
+    buffer: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub(crate) fn new(writer: W) -> Self {
+        FrameWriter { writer, buffer: BytesMut::with_capacity(WRITE_BUFFER) }
     }
-    let length = u32::from_be_bytes(length);
-    if length > MAX_FRAME {
-        return Err(std::io::Error::other(format!("frame of {length} bytes refused")));
+
+    /// Add one frame: the body's length (4 bytes, big-endian), then the body. A frame that
+    /// cannot be encoded leaves nothing behind.
+    pub(crate) fn push<T: Serialize>(&mut self, frame: &T) -> std::io::Result<()> {
+        let at = self.buffer.len();
+        self.buffer.put_u32(0);
+        let encoded = serde_json::to_writer((&mut self.buffer).writer(), frame)
+            .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
+            .and_then(|()| {
+                u32::try_from(self.buffer.len() - at - 4)
+                    .ok()
+                    .filter(|length| *length <= MAX_FRAME)
+                    .ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, "frame too large")
+                    })
+            });
+        match encoded {
+            Ok(length) => {
+                self.buffer[at..at + 4].copy_from_slice(&length.to_be_bytes());
+                Ok(())
+            }
+            Err(error) => {
+                self.buffer.truncate(at);
+                Err(error)
+            }
+        }
     }
-    // grow with the bytes that actually arrive: a length prefix alone allocates little
-    let mut body = Vec::with_capacity((length as usize).min(PREALLOCATE));
-    reader.take(u64::from(length)).read_to_end(&mut body).await?;
-    if body.len() != length as usize {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
+
+    /// Write every frame added so far. Cancel-safe: what is not written yet stays for the
+    /// next flush, so frames stay whole.
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.write_all_buf(&mut self.buffer).await?;
+        if self.buffer.capacity() > KEEP_BUFFER {
+            // one big frame does not keep its buffer for the link's life
+            self.buffer = BytesMut::with_capacity(WRITE_BUFFER);
+        }
+        Ok(())
     }
-    // A message's headers may nest as deep as an AMQP frame allows (about 26,000 levels),
-    // beyond serde_json's default limit of 128; the threads' stacks are sized for that depth.
-    let mut deserializer = serde_json::Deserializer::from_slice(&body);
-    deserializer.disable_recursion_limit();
-    let frame = T::deserialize(&mut deserializer)?;
-    deserializer.end()?;
-    Ok(Some(frame))
+
+    /// The frames written, for tests.
+    #[cfg(test)]
+    pub(crate) fn into_inner(self) -> W {
+        self.writer
+    }
+}
+
+/// Reads frames through one buffer it keeps; cancel-safe, as what was read stays in the
+/// buffer: a task may wait for the next frame in a `select!`.
+pub(crate) struct FrameReader<R> {
+    reader: R,
+    buffer: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub(crate) fn new(reader: R) -> Self {
+        FrameReader { reader, buffer: BytesMut::with_capacity(READ_BUFFER) }
+    }
+
+    /// The next frame; `None` at the end of the stream between frames.
+    pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> std::io::Result<Option<T>> {
+        loop {
+            let wanted = match self.wanted()? {
+                0 => return self.take().map(Some),
+                wanted => wanted,
+            };
+            // grow with the bytes that actually arrive: a length prefix alone allocates little
+            self.buffer.reserve(wanted.min(PREALLOCATE));
+            if self.reader.read_buf(&mut self.buffer).await? == 0 {
+                return match self.buffer.is_empty() {
+                    true => Ok(None),
+                    false => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                };
+            }
+        }
+    }
+
+    /// How many more bytes the next frame needs (0: it is complete in the buffer).
+    fn wanted(&self) -> std::io::Result<usize> {
+        let Some(prefix) = self.buffer.get(..4) else { return Ok(4 - self.buffer.len()) };
+        let length = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        if length > MAX_FRAME {
+            return Err(std::io::Error::other(format!("frame of {length} bytes refused")));
+        }
+        Ok((4 + length as usize).saturating_sub(self.buffer.len()))
+    }
+
+    /// Decode the complete frame at the front of the buffer and drop it from there.
+    fn take<T: DeserializeOwned>(&mut self) -> std::io::Result<T> {
+        let length =
+            u32::from_be_bytes([self.buffer[0], self.buffer[1], self.buffer[2], self.buffer[3]]);
+        let body = &self.buffer[4..4 + length as usize];
+        // A message's headers may nest as deep as an AMQP frame allows (about 26,000 levels),
+        // beyond serde_json's default limit of 128; the threads' stacks are sized for that depth.
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        deserializer.disable_recursion_limit();
+        let frame = T::deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        self.buffer.advance(4 + length as usize);
+        if self.buffer.is_empty() && self.buffer.capacity() > KEEP_BUFFER {
+            self.buffer = BytesMut::with_capacity(READ_BUFFER);
+        }
+        Ok(frame)
+    }
 }
 
 #[cfg(test)]
@@ -207,6 +336,16 @@ mod tests {
         }
     }
 
+    /// `frames` encoded as they are sent.
+    async fn framed<T: Serialize>(frames: &[T]) -> Vec<u8> {
+        let mut writer = FrameWriter::new(Vec::new());
+        for frame in frames {
+            writer.push(frame).unwrap();
+        }
+        writer.flush().await.unwrap();
+        writer.into_inner()
+    }
+
     #[tokio::test]
     async fn a_frame_is_written_in_one_piece_and_read_back() {
         let message = Message::json(&serde_json::json!({"id": 1})).unwrap();
@@ -215,25 +354,100 @@ mod tests {
             delivery: 2,
             message: message.clone(),
         }));
-        let mut writer = CountingWriter::default();
-        write_frame(&mut writer, &frame).await.unwrap();
+        let sink = FrameSink::new(CountingWriter::default());
+        sink.send(&frame).await.unwrap();
+        let writer = sink.writer.into_inner().into_inner();
         assert_eq!(writer.writes, 1, "length and body in one write");
         let length = u32::from_be_bytes(writer.bytes[..4].try_into().unwrap()) as usize;
         assert_eq!(length, writer.bytes.len() - 4);
-        let mut reader = writer.bytes.as_slice();
-        let Some(ToWorker::Delivery(read)) = read_frame::<_, ToWorker>(&mut reader).await.unwrap()
-        else {
+        let mut reader = FrameReader::new(writer.bytes.as_slice());
+        let Some(ToWorker::Delivery(read)) = reader.next::<ToWorker>().await.unwrap() else {
             panic!("not a delivery")
         };
         assert_eq!(read.message, message);
-        assert!(read_frame::<_, ToWorker>(&mut reader).await.unwrap().is_none());
+        assert!(reader.next::<ToWorker>().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn frames_queued_together_are_written_together_and_read_from_one_buffer() {
+        let frames = [FromWorker::Ready { pid: 1 }, FromWorker::Cancel { consumer: 2 }];
+        let mut writer = FrameWriter::new(CountingWriter::default());
+        for frame in &frames {
+            writer.push(frame).unwrap();
+        }
+        writer.flush().await.unwrap();
+        let writer = writer.into_inner();
+        assert_eq!(writer.writes, 1);
+        let mut reader = FrameReader::new(writer.bytes.as_slice());
+        assert!(matches!(reader.next().await.unwrap(), Some(FromWorker::Ready { pid: 1 })));
+        assert!(matches!(reader.next().await.unwrap(), Some(FromWorker::Cancel { consumer: 2 })));
+        assert!(reader.next::<FromWorker>().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_cannot_be_encoded_is_refused_and_the_link_goes_on() {
+        struct Unencodable;
+        impl Serialize for Unencodable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no"))
+            }
+        }
+        let sink = FrameSink::new(Vec::new());
+        let refused = sink.send(&Unencodable).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData);
+        assert!(!sink.is_closed());
+        sink.send(&FromWorker::Ready { pid: 3 }).await.unwrap();
+        let bytes = sink.writer.into_inner().into_inner();
+        let mut reader = FrameReader::new(bytes.as_slice());
+        assert!(matches!(reader.next().await.unwrap(), Some(FromWorker::Ready { pid: 3 })));
+    }
+
+    #[tokio::test]
+    async fn a_borrowed_call_is_read_as_a_call() {
+        let message = Message::json(&serde_json::json!({"id": 1})).unwrap();
+        let failure = Failure::new(crate::data::FailureKind::Error, "first");
+        let retry = BackOffData { retry_count: 2, ..BackOffData::default() };
+        let call = CallFrame::Call(BorrowedCall {
+            route: "route",
+            role: TargetRole::Callback,
+            message: &message,
+            failure: Some(&failure),
+            retry: &retry,
+        });
+        let bytes = framed(&[call]).await;
+        let Some(ToWorker::Call(read)) = FrameReader::new(bytes.as_slice()).next().await.unwrap()
+        else {
+            panic!("not a call")
+        };
+        assert_eq!((read.route.as_str(), read.role), ("route", TargetRole::Callback));
+        assert_eq!((read.message, read.retry), (message, retry));
+        assert_eq!(read.failure.map(|failure| failure.message), Some("first".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn frames_arriving_in_pieces_survive_a_cancelled_read() {
+        let bytes = framed(&[FromWorker::Ready { pid: 4 }, FromWorker::Ready { pid: 5 }]).await;
+        let (mut writer, reader) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(reader);
+        for byte in &bytes[..bytes.len() - 1] {
+            writer.write_all(std::slice::from_ref(byte)).await.unwrap();
+            // a read that is given up on, as when another branch of a select! wins
+            let read = tokio::time::timeout(std::time::Duration::ZERO, reader.next::<FromWorker>());
+            if let Ok(frame) = read.await {
+                assert!(matches!(frame.unwrap(), Some(FromWorker::Ready { pid: 4 })));
+            }
+        }
+        writer.write_all(&bytes[bytes.len() - 1..]).await.unwrap();
+        drop(writer);
+        assert!(matches!(reader.next().await.unwrap(), Some(FromWorker::Ready { pid: 5 })));
+        assert!(reader.next::<FromWorker>().await.unwrap().is_none());
     }
 
     #[tokio::test]
     async fn a_truncated_frame_is_an_error_not_an_end() {
-        let mut bytes = encode(&FromWorker::Ready { pid: 7 }).unwrap();
+        let mut bytes = framed(&[FromWorker::Ready { pid: 7 }]).await;
         bytes.pop();
-        let error = read_frame::<_, FromWorker>(&mut bytes.as_slice()).await.unwrap_err();
+        let error = FrameReader::new(bytes.as_slice()).next::<FromWorker>().await.unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
@@ -250,9 +464,9 @@ mod tests {
             delivery: 2,
             message: message.clone(),
         }));
-        let (mut writer, mut reader) = tokio::io::duplex(1 << 20);
-        let sent = tokio::spawn(async move { write_frame(&mut writer, &frame).await });
-        let received = read_frame::<_, ToWorker>(&mut reader).await.unwrap();
+        let (writer, reader) = tokio::io::duplex(1 << 20);
+        let sent = tokio::spawn(async move { FrameSink::new(writer).send(&frame).await });
+        let received = FrameReader::new(reader).next::<ToWorker>().await.unwrap();
         sent.await.unwrap().unwrap();
         let Some(ToWorker::Delivery(delivery)) = received else { panic!("{received:?}") };
         assert_eq!(delivery.message, message);

@@ -6,16 +6,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use tokio::io::BufReader;
-use tokio::net::unix::OwnedReadHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::protocol::{
-    read_frame, write_frame, CallRequest, ForwardedDelivery, FromWorker, Settlement, ToWorker,
-    TransportAnswer, TransportOp, READ_BUFFER,
+    CallRequest, ForwardedDelivery, FrameReader, FrameSink, FromWorker, Settlement, ToWorker,
+    TransportAnswer, TransportOp,
 };
+use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
+use crate::handler::targets::run_sync_targets_here;
 use crate::pipeline::RouteHandle;
 use crate::transport::{
     Acker, BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec,
@@ -34,22 +35,53 @@ type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<TransportAnswer, Transp
 
 type Consumers = Mutex<HashMap<u64, mpsc::Sender<Delivery>>>;
 
+/// The worker's end of the link, written by whichever task has a frame to send.
+type Sink = FrameSink<OwnedWriteHalf>;
+
+/// What a closed link means to a worker's broker operations.
+fn service_gone() -> TransportError {
+    TransportError::Closed {
+        what: ClosedPart::Transport,
+        reason: "the service of this worker went away".into(),
+    }
+}
+
+/// Send `frame` from where no task can wait for the link (a `Drop`): on a task of its own.
+fn post(sink: &Arc<Sink>, frame: FromWorker) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let sink = sink.clone();
+        runtime.spawn(async move {
+            let _ = sink.send(&frame).await;
+        });
+    }
+}
+
 /// A transport that forwards every operation to the service over the worker socket.
-#[derive(Debug)]
 pub(crate) struct ParentTransport {
-    frames: mpsc::Sender<FromWorker>,
+    sink: Arc<Sink>,
     pending: Arc<Pending>,
     consumers: Arc<Consumers>,
     next_id: AtomicU64,
 }
 
+impl std::fmt::Debug for ParentTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParentTransport").field("connected", &!self.sink.is_closed()).finish()
+    }
+}
+
 /// Settles a delivery the service forwarded, by telling the service. Dropped unsettled, it
 /// hands the message back.
-#[derive(Debug)]
 struct ForwardedAcker {
     delivery: u64,
-    frames: mpsc::Sender<FromWorker>,
+    sink: Arc<Sink>,
     settled: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for ForwardedAcker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardedAcker").field("delivery", &self.delivery).finish()
+    }
 }
 
 impl ForwardedAcker {
@@ -58,10 +90,7 @@ impl ForwardedAcker {
             return Err(TransportError::AlreadySettled);
         }
         let frame = FromWorker::Settle { delivery: self.delivery, settlement };
-        self.frames.send(frame).await.map_err(|_| TransportError::Closed {
-            what: ClosedPart::Transport,
-            reason: "service gone".into(),
-        })
+        self.sink.send(&frame).await.map_err(|_| service_gone())
     }
 }
 
@@ -84,8 +113,7 @@ impl Drop for ForwardedAcker {
     fn drop(&mut self) {
         if !self.settled.swap(true, Ordering::SeqCst) {
             let settlement = Settlement::Nack { requeue: true };
-            let _ =
-                self.frames.try_send(FromWorker::Settle { delivery: self.delivery, settlement });
+            post(&self.sink, FromWorker::Settle { delivery: self.delivery, settlement });
         }
     }
 }
@@ -95,15 +123,17 @@ impl ParentTransport {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
         self.pending.lock().unwrap_or_else(PoisonError::into_inner).insert(id, answer);
-        let closed = || TransportError::Closed {
-            what: ClosedPart::Transport,
-            reason: "the service of this worker went away".into(),
-        };
-        self.frames
-            .send(FromWorker::Transport { id, op: Box::new(op) })
-            .await
-            .map_err(|_| closed())?;
-        answered.await.map_err(|_| closed())?
+        let sent = self.sink.send(&FromWorker::Transport { id, op: Box::new(op) }).await;
+        if let Err(error) = sent {
+            self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+            return Err(match error.kind() {
+                std::io::ErrorKind::InvalidData => {
+                    TransportError::Internal(format!("cannot send to the service: {error}"))
+                }
+                _ => service_gone(),
+            });
+        }
+        answered.await.map_err(|_| service_gone())?
     }
 }
 
@@ -180,11 +210,9 @@ impl Transport for ParentTransport {
         };
         let (deliveries, receiver) = mpsc::channel(256);
         self.consumers.lock().unwrap_or_else(PoisonError::into_inner).insert(consumer, deliveries);
-        let frames = self.frames.clone();
+        let sink = self.sink.clone();
         let tag = format!("worker-{consumer}");
-        Ok(Consumer::new(tag, receiver, move || {
-            let _ = frames.try_send(FromWorker::Cancel { consumer });
-        }))
+        Ok(Consumer::new(tag, receiver, move || post(&sink, FromWorker::Cancel { consumer })))
     }
 
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
@@ -192,7 +220,7 @@ impl Transport for ParentTransport {
     }
 
     fn is_connected(&self) -> bool {
-        !self.frames.is_closed()
+        !self.sink.is_closed()
     }
 
     async fn close(&self) {}
@@ -200,9 +228,7 @@ impl Transport for ParentTransport {
 
 /// The socket to the service, once connected.
 pub(crate) struct WorkerLink {
-    reader: BufReader<OwnedReadHalf>,
-    frames: mpsc::Sender<FromWorker>,
-    pending: Arc<Pending>,
+    reader: FrameReader<OwnedReadHalf>,
     transport: Arc<ParentTransport>,
 }
 
@@ -212,33 +238,14 @@ impl WorkerLink {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|error| Error::Startup(format!("worker cannot reach its service: {error}")))?;
-        let (reader, mut writer) = stream.into_split();
-        let (frames, mut outgoing) = mpsc::channel::<FromWorker>(64);
-        tokio::spawn(async move {
-            while let Some(frame) = outgoing.recv().await {
-                if write_frame(&mut writer, &frame).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let pending = Arc::new(Pending::default());
+        let (reader, writer) = stream.into_split();
         let transport = Arc::new(ParentTransport {
-            frames: frames.clone(),
-            pending: pending.clone(),
+            sink: Arc::new(FrameSink::new(writer)),
+            pending: Arc::default(),
             consumers: Arc::default(),
             next_id: AtomicU64::new(0),
         });
-        let reader = BufReader::with_capacity(READ_BUFFER, reader);
-        Ok(WorkerLink { reader, frames, pending, transport })
-    }
-
-    fn consumer(&self, consumer: u64) -> Option<mpsc::Sender<Delivery>> {
-        self.transport
-            .consumers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&consumer)
-            .cloned()
+        Ok(WorkerLink { reader: FrameReader::new(reader), transport })
     }
 
     /// The transport that forwards broker operations to the service.
@@ -247,63 +254,132 @@ impl WorkerLink {
     }
 
     /// Say ready, then run the calls the service sends until it hangs up.
-    pub(crate) async fn serve(mut self, routes: HashMap<String, RouteHandle>) -> Result<()> {
+    ///
+    /// A task on the runtime reads the link (calls, and the answers to the worker's broker
+    /// operations, which a call may wait for); the calls run one at a time on a thread of
+    /// their own, which runs a sync target itself and writes the outcome itself. A call
+    /// thus costs one wake-up of that thread, where a task per call, a blocking thread for
+    /// its target and a writer task cost four.
+    pub(crate) async fn serve(self, routes: HashMap<String, RouteHandle>) -> Result<()> {
+        let sink = self.transport.sink.clone();
         let ready = FromWorker::Ready { pid: std::process::id() };
-        self.frames.send(ready).await.map_err(|_| Error::Startup("service hung up".into()))?;
-        while let Some(frame) = read_frame::<_, ToWorker>(&mut self.reader).await? {
-            match frame {
-                ToWorker::Call(request) => {
-                    let frames = self.frames.clone();
-                    let Some(route) = routes.get(&request.route).cloned() else {
-                        let failure = crate::Failure::new(
-                            crate::FailureKind::Error,
-                            format!("the worker has no route '{}'", request.route),
-                        );
-                        let _ = frames.send(FromWorker::Outcome(Err(failure))).await;
-                        continue;
-                    };
-                    tokio::spawn(async move {
-                        let CallRequest { role, message, failure, retry, .. } = *request;
-                        let outcome = route.run_here(role, &message, failure, &retry).await;
-                        let _ = frames.send(FromWorker::Outcome(outcome)).await;
-                    });
+        sink.send(&ready).await.map_err(|_| Error::Startup("service hung up".into()))?;
+        let (calls, received) = mpsc::channel(1);
+        let reading = tokio::spawn(read_frames(self.reader, calls, self.transport));
+        let runtime = tokio::runtime::Handle::current();
+        let ran = match runtime.runtime_flavor() {
+            // sync targets cannot block a current-thread runtime's only thread
+            tokio::runtime::RuntimeFlavor::CurrentThread => {
+                run_calls(received, &routes, &sink).await;
+                Ok(())
+            }
+            _ => tokio::task::spawn_blocking(move || {
+                run_sync_targets_here(|| runtime.block_on(run_calls(received, &routes, &sink)))
+            })
+            .await
+            .map_err(|error| Error::WorkerProcess(format!("the call thread failed: {error}"))),
+        };
+        if ran.is_err() {
+            reading.abort();
+        }
+        ran?;
+        match reading.await {
+            Ok(read) => Ok(read?),
+            Err(error) => Err(Error::WorkerProcess(format!("the link reader failed: {error}"))),
+        }
+    }
+}
+
+/// Run each call received and send its outcome, until the link ends.
+async fn run_calls(
+    mut calls: mpsc::Receiver<Box<CallRequest>>,
+    routes: &HashMap<String, RouteHandle>,
+    sink: &Sink,
+) {
+    while let Some(request) = calls.recv().await {
+        let CallRequest { route, role, message, failure, retry } = *request;
+        let outcome = match routes.get(&route) {
+            Some(route) => route.run_here(role, &message, failure, &retry).await,
+            None => {
+                Err(Failure::new(FailureKind::Error, format!("the worker has no route '{route}'")))
+            }
+        };
+        match sink.send(&FromWorker::Outcome(outcome)).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                let failure = Failure::new(
+                    FailureKind::Error,
+                    format!("the call's outcome cannot be sent to the service: {error}"),
+                );
+                if sink.send(&FromWorker::Outcome(Err(failure))).await.is_err() {
+                    return;
                 }
-                ToWorker::Delivery(forwarded) => {
-                    let ForwardedDelivery { consumer, delivery, message } = *forwarded;
-                    let sender = self.consumer(consumer);
-                    let acker = ForwardedAcker {
-                        delivery,
-                        frames: self.frames.clone(),
-                        settled: Default::default(),
-                    };
-                    let delivery = Delivery {
-                        exchange: message.exchange,
-                        routing_key: message.routing_key,
-                        redelivered: message.redelivered,
-                        body: message.body,
-                        properties: message.properties,
-                        acker: Box::new(acker),
-                    };
-                    if let Some(sender) = sender {
-                        let _ = sender.send(delivery).await;
-                    }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Read the link: calls go to the call thread, the rest to whom waits for it.
+async fn read_frames(
+    mut reader: FrameReader<OwnedReadHalf>,
+    calls: mpsc::Sender<Box<CallRequest>>,
+    transport: Arc<ParentTransport>,
+) -> std::io::Result<()> {
+    let read = loop {
+        let frame = match reader.next::<ToWorker>().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break Ok(()),
+            Err(error) => break Err(error),
+        };
+        match frame {
+            ToWorker::Call(request) => {
+                if calls.send(request).await.is_err() {
+                    break Ok(());
                 }
-                ToWorker::ConsumerEnded { consumer } => {
-                    self.transport
-                        .consumers
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&consumer);
+            }
+            ToWorker::Delivery(forwarded) => {
+                let ForwardedDelivery { consumer, delivery, message } = *forwarded;
+                let sender = transport.consumer(consumer);
+                let acker = ForwardedAcker {
+                    delivery,
+                    sink: transport.sink.clone(),
+                    settled: false.into(),
+                };
+                let delivery = Delivery {
+                    exchange: message.exchange,
+                    routing_key: message.routing_key,
+                    redelivered: message.redelivered,
+                    body: message.body,
+                    properties: message.properties,
+                    acker: Box::new(acker),
+                };
+                if let Some(sender) = sender {
+                    let _ = sender.send(delivery).await;
                 }
-                ToWorker::TransportReply { id, result } => {
-                    let waiter =
-                        self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-                    if let Some(waiter) = waiter {
-                        let _ = waiter.send(result);
-                    }
+            }
+            ToWorker::ConsumerEnded { consumer } => {
+                transport
+                    .consumers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&consumer);
+            }
+            ToWorker::TransportReply { id, result } => {
+                let waiter =
+                    transport.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(result);
                 }
             }
         }
-        Ok(())
+    };
+    transport.sink.close();
+    read
+}
+
+impl ParentTransport {
+    fn consumer(&self, consumer: u64) -> Option<mpsc::Sender<Delivery>> {
+        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).get(&consumer).cloned()
     }
 }
