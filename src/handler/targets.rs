@@ -209,6 +209,7 @@ thread_local! {
 /// runtime's workers that drives calls with a multi-threaded runtime's `Handle::block_on`,
 /// one at a time: a target there is what it would be on a blocking thread (it may block,
 /// `block_in_place` and `Handle::block_on` work), without the hop there and back.
+#[cfg(feature = "process")]
 pub(crate) fn run_sync_targets_here<R>(f: impl FnOnce() -> R) -> R {
     struct Reset;
     impl Drop for Reset {

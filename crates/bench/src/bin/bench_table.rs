@@ -73,6 +73,19 @@ fn cpu(figures: &Figures) -> (f64, Option<f64>) {
     (figures.own_cpu_us, figures.broker_cpu_us)
 }
 
+/// "process / broker us" of a transient and a persistent pairing.
+fn cpu_pair(transient: &RpcFigures, persistent: &RpcFigures) -> String {
+    let broker = |cpu: Option<f64>| cpu.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}"));
+    let (transient, persistent) = (transient.2, persistent.2);
+    format!(
+        "{:.0} / {} us, {:.0} / {} us",
+        transient.0,
+        broker(transient.1),
+        persistent.0,
+        broker(persistent.1)
+    )
+}
+
 /// p50 (ms), calls per second, and process / broker CPU per call (µs) of one pairing.
 type RpcFigures = (f64, f64, (f64, Option<f64>));
 
@@ -134,23 +147,10 @@ fn print_table(
             "-".into(),
             "-".into(),
         ]);
-        let broker = |cpu: Option<f64>| cpu.map_or_else(|| "-".to_owned(), |us| format!("{us:.0}"));
         rows.push([
             format!("RPC CPU per call, `MAX_WORKERS={workers}`: process / broker (transient, persistent)"),
-            format!(
-                "{:.0} / {} us, {:.0} / {} us",
-                bare.2 .0,
-                broker(bare.2 .1),
-                persistent.2 .0,
-                broker(persistent.2 .1)
-            ),
-            format!(
-                "{:.0} / {} us, {:.0} / {} us",
-                ours.2 .0,
-                broker(ours.2 .1),
-                ours_persistent.2 .0,
-                broker(ours_persistent.2 .1)
-            ),
+            cpu_pair(bare, persistent),
+            cpu_pair(ours, ours_persistent),
             "-".into(),
             "-".into(),
         ]);
