@@ -102,7 +102,7 @@ pub(crate) enum LinkState {
     Closed,
 }
 
-/// State shared by the transport, its supervisor and its consumer tasks.
+/// State shared by the transport, its supervisor and its consumers.
 pub(crate) struct Shared {
     /// The options the transport was created with.
     pub(crate) options: RabbitMqOptions,

@@ -120,7 +120,7 @@ impl fmt::Debug for RabbitMqTransport {
 
 impl Drop for RabbitMqTransport {
     fn drop(&mut self) {
-        // Stops the supervisor and the consumer tasks; the connection closes with its last handle.
+        // Stops the supervisor and ends the consumers; the connection closes with its last handle.
         if let Some(link) = self.shared.close() {
             link.mark_dead();
         }
