@@ -374,12 +374,55 @@ async fn read_frames(
             }
         }
     };
-    transport.sink.close();
+    transport.link_ended();
     read
 }
 
 impl ParentTransport {
+    /// The service hung up: nothing sent from now on, every broker operation waiting for its
+    /// answer fails at once and every consumer ends, so that a call waiting on the broker
+    /// ends and the worker with it (rather than waiting for an answer that cannot come).
+    fn link_ended(&self) {
+        self.sink.close();
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
     fn consumer(&self, consumer: u64) -> Option<mpsc::Sender<Delivery>> {
         self.consumers.lock().unwrap_or_else(PoisonError::into_inner).get(&consumer).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_broker_operation_waiting_when_the_service_hangs_up_fails_at_once() {
+        let (worker_end, service_end) = UnixStream::pair().unwrap();
+        let (reader, writer) = worker_end.into_split();
+        let transport = Arc::new(ParentTransport {
+            sink: Arc::new(FrameSink::new(writer)),
+            pending: Arc::default(),
+            consumers: Arc::default(),
+            next_id: AtomicU64::new(0),
+        });
+        let (calls, _received) = mpsc::channel(1);
+        let reading = tokio::spawn(read_frames(FrameReader::new(reader), calls, transport.clone()));
+        let asking = transport.clone();
+        let waiting = tokio::spawn(async move { asking.queue_info("q").await });
+        let mut sent = false;
+        while !sent {
+            tokio::task::yield_now().await;
+            sent = !transport.pending.lock().unwrap().is_empty();
+        }
+        drop(service_end);
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the operation ends once the link does")
+            .unwrap();
+        assert!(matches!(answer, Err(TransportError::Closed { .. })), "{answer:?}");
+        let _read = reading.await.expect("the reader ends with the link");
+        assert!(!transport.is_connected());
     }
 }
