@@ -20,23 +20,29 @@ pub fn own_cpu() -> Duration {
 /// Threads that ended are not counted.
 pub fn children_cpu() -> Duration {
     let mut total = Duration::ZERO;
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return total };
-    for task in tasks.flatten() {
-        let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
-            continue;
-        };
-        for child in children.split_whitespace() {
-            let Ok(threads) = std::fs::read_dir(format!("/proc/{child}/task")) else { continue };
-            for thread in threads.flatten() {
-                let Ok(stat) = std::fs::read_to_string(thread.path().join("schedstat")) else {
-                    continue;
-                };
-                let on_cpu = stat.split_whitespace().next().and_then(|ns| ns.parse().ok());
-                total += Duration::from_nanos(on_cpu.unwrap_or(0));
-            }
+    for child in children_of(std::process::id()) {
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{child}/task")) else { continue };
+        for thread in threads.flatten() {
+            let Ok(stat) = std::fs::read_to_string(thread.path().join("schedstat")) else {
+                continue;
+            };
+            let on_cpu = stat.split_whitespace().next().and_then(|ns| ns.parse().ok());
+            total += Duration::from_nanos(on_cpu.unwrap_or(0));
         }
     }
     total
+}
+
+/// The live child processes of `pid`, from each of its threads' `/proc/PID/task/TID/children`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|children| {
+            children.split_whitespace().filter_map(|child| child.parse().ok()).collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// CPU time (user + system) of the local RabbitMQ node so far, from /proc; `None` when the

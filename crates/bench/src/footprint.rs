@@ -18,6 +18,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cpu::children_of;
 use crate::workers::rates;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::naming::{event_queue, HandlerType};
@@ -245,20 +246,6 @@ fn wait_started(child: &mut Child) -> micro_framework::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     wait.recv_timeout(deadline - Instant::now())
         .map_err(|_| Error::Startup("the idle service did not start in 30 s".into()))
-}
-
-/// The processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|candidate| {
-            let status = std::fs::read_to_string(format!("/proc/{candidate}/status"));
-            status.is_ok_and(|status| {
-                status.lines().any(|line| line.split_whitespace().eq(["PPid:", &pid.to_string()]))
-            })
-        })
-        .collect()
 }
 
 fn status_kb(pid: u32, field: &str) -> f64 {
