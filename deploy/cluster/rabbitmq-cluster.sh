@@ -118,11 +118,19 @@ start_node() {
     >>"$(node_dir "$n")/log/startup.log" 2>&1
 }
 
+# `await_startup` fails at once while the node's VM has not yet registered with epmd, which
+# takes a few seconds (longer when three nodes boot together on a busy machine), so it is
+# retried until the deadline rather than trusted on the first try.
 await_node() {
-  if ! ctl "$1" await_startup --timeout "$START_TIMEOUT" >/dev/null 2>&1; then
-    echo "node $(node_name "$1") did not start; its logs are in $(node_dir "$1")/log" >&2
-    exit 1
-  fi
+  local n="$1" deadline=$((SECONDS + START_TIMEOUT))
+  until ctl "$n" await_startup --timeout 10 >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "node $(node_name "$n") did not start in ${START_TIMEOUT}s; its logs are in $(node_dir "$n")/log" >&2
+      tail -n 40 "$(node_dir "$n")"/log/*.log >&2 2>/dev/null || true
+      exit 1
+    fi
+    sleep 1
+  done
 }
 
 # The running nodes node N sees, one per line.
