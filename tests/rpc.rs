@@ -226,11 +226,18 @@ async fn every_error_kind_is_replied_and_the_request_acked() {
 
         // requests that are not {"args": [...], "kwargs": {...}}
         let raw = RawCaller::new(client.transport(), &math).await;
-        for body in [&b"{oops"[..], br#"{"args": []}"#, br#"{"args": {}, "kwargs": {}}"#] {
+        let malformed = [
+            (&b"{oops"[..], "body is not valid JSON"),
+            (br#"{"args": []}"#, "Message missing `args` or `kwargs`"),
+            (br#"{"args": {}, "kwargs": {}}"#, "Message missing `args` or `kwargs`"),
+        ];
+        for (body, why) in malformed {
             let reply = raw.request("add", Bytes::copy_from_slice(body), true).await;
             assert_eq!(reply["result"], Value::Null);
             assert_eq!(reply["error"]["exc_type"], "MalformedRequest", "{reply}");
             assert_eq!(reply["error"]["exc_path"], "nameko.exceptions.MalformedRequest");
+            let value = reply["error"]["value"].as_str().unwrap_or_default();
+            assert!(value.contains(why), "{value} should say {why}");
         }
         let reply =
             raw.request("add", json_body(&json!({"args": [1, 2], "kwargs": {}})), true).await;

@@ -18,6 +18,7 @@
 //! thread), async ones on the runtime. A panic is caught and becomes a failure.
 
 use std::any::{type_name, Any};
+#[cfg(feature = "process")]
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -199,6 +200,7 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     }
 }
 
+#[cfg(feature = "process")]
 thread_local! {
     /// Set on a thread that runs calls one at a time and nothing else (a worker process's
     /// call thread): sync targets run right there rather than on a blocking thread.
@@ -225,6 +227,7 @@ pub(crate) fn run_sync_targets_here<R>(f: impl FnOnce() -> R) -> R {
 /// Run a sync target's call on a blocking thread, or on this one inside
 /// [`run_sync_targets_here`]; a panic becomes a failure either way.
 async fn run_blocking(call: impl FnOnce() -> TargetResult + Send + 'static) -> TargetResult {
+    #[cfg(feature = "process")]
     if SYNC_TARGETS_HERE.get() {
         // outside the runtime's context, as on a blocking thread
         let ran = tokio::task::block_in_place(|| std::panic::catch_unwind(AssertUnwindSafe(call)));

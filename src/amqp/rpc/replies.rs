@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::oneshot;
 
@@ -13,7 +14,7 @@ use crate::amqp::rpc::naming::{reply_queue, ufw_reply_queue};
 use crate::amqp::rpc::{ufw_wire, wire};
 use crate::config::Protocol;
 use crate::transport::{
-    BindingSpec, ConsumeOptions, Consumer, ExchangeSpec, Headers, Limit, SharedTransport,
+    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit, SharedTransport,
     TransportError,
 };
 
@@ -34,8 +35,29 @@ pub(crate) type ReplyOutcome = Result<serde_json::Value, RpcError>;
 #[derive(Debug)]
 pub(crate) struct ReplyListener {
     service: String,
-    nameko: tokio::sync::Mutex<Option<Arc<ReplyQueue>>>,
-    micro_framework: tokio::sync::Mutex<Option<Arc<ReplyQueue>>>,
+    nameko: QueueSlot,
+    micro_framework: QueueSlot,
+}
+
+/// The reply queue of one protocol. Every call reads `live`, held for a clone only; `starting`
+/// lets one call at a time set a queue up, an await on the broker no lock of `live` spans.
+#[derive(Debug, Default)]
+struct QueueSlot {
+    live: Mutex<Option<Arc<ReplyQueue>>>,
+    starting: tokio::sync::Mutex<()>,
+}
+
+impl QueueSlot {
+    /// The queue, unless none was set up yet or its consumer has ended.
+    fn live(&self) -> Option<Arc<ReplyQueue>> {
+        let live = self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        live.as_ref().filter(|queue| !queue.closed.load(Ordering::Acquire)).cloned()
+    }
+
+    fn replace(&self, queue: Option<Arc<ReplyQueue>>) -> Option<Arc<ReplyQueue>> {
+        let mut live = self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        std::mem::replace(&mut live, queue)
+    }
 }
 
 impl ReplyListener {
@@ -44,12 +66,12 @@ impl ReplyListener {
     pub(crate) fn new(service: &str) -> Self {
         ReplyListener {
             service: service.to_owned(),
-            nameko: tokio::sync::Mutex::default(),
-            micro_framework: tokio::sync::Mutex::default(),
+            nameko: QueueSlot::default(),
+            micro_framework: QueueSlot::default(),
         }
     }
 
-    fn slot(&self, protocol: Protocol) -> &tokio::sync::Mutex<Option<Arc<ReplyQueue>>> {
+    fn slot(&self, protocol: Protocol) -> &QueueSlot {
         match protocol {
             Protocol::Nameko => &self.nameko,
             Protocol::MicroFramework => &self.micro_framework,
@@ -64,19 +86,26 @@ impl ReplyListener {
         protocol: Protocol,
         exchange: &ExchangeSpec,
     ) -> Result<Arc<ReplyQueue>, TransportError> {
-        let mut active = self.slot(protocol).lock().await;
-        if let Some(queue) = active.as_ref().filter(|queue| !queue.closed.load(Ordering::Acquire)) {
-            return Ok(queue.clone());
+        let slot = self.slot(protocol);
+        if let Some(queue) = slot.live() {
+            return Ok(queue);
+        }
+        let _starting = slot.starting.lock().await;
+        // a call that waited here finds the queue the call before it set up
+        if let Some(queue) = slot.live() {
+            return Ok(queue);
         }
         let queue = ReplyQueue::start(transport, &self.service, protocol, exchange).await?;
-        *active = Some(queue.clone());
+        slot.replace(Some(queue.clone()));
         Ok(queue)
     }
 
     /// Delete the reply queues made (the caller stops).
     pub(crate) async fn delete_queues(&self, transport: &SharedTransport) {
         for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
-            let Some(queue) = self.slot(protocol).lock().await.take() else { continue };
+            let slot = self.slot(protocol);
+            let _starting = slot.starting.lock().await;
+            let Some(queue) = slot.replace(None) else { continue };
             if let Err(error) = transport.delete_queue(&queue.name).await {
                 tracing::debug!("cannot delete the reply queue {}: {error}", queue.name);
             }
@@ -192,33 +221,53 @@ impl ReplyQueue {
     }
 
     async fn listen(self: Arc<Self>, mut consumer: Consumer) {
-        while let Some(delivery) = consumer.next().await {
-            let waiting = delivery
-                .properties
-                .correlation_id
-                .as_deref()
-                .and_then(|correlation_id| self.pending().remove(correlation_id));
-            match waiting {
-                Some(sender) => {
-                    let _ = sender.send(self.outcome(&delivery.body));
+        // The acks in flight, driven here beside the consumer: awaiting each one before the
+        // next reply would make every reply wait for the previous reply's ack to be written,
+        // and a task per ack would cost a spawn and a wake-up per call.
+        let mut acks = FuturesUnordered::new();
+        loop {
+            let delivery = tokio::select! {
+                delivery = consumer.next() => delivery,
+                Some(acked) = acks.next(), if !acks.is_empty() => {
+                    if let Err(error) = acked {
+                        tracing::warn!("cannot ack an RPC reply: {error}");
+                    }
+                    continue;
                 }
-                None => tracing::debug!(
-                    "RPC reply with unknown correlation id {:?} dropped",
-                    delivery.properties.correlation_id
-                ),
-            }
-            // Acked on a task of its own: awaiting each ack here would make every reply wait
-            // for the previous reply's ack to be written, one after the other.
+            };
+            let Some(delivery) = delivery else { break };
+            self.hand_over(&delivery);
             let acker = delivery.acker;
-            tokio::spawn(async move {
-                if let Err(error) = acker.ack().await {
-                    tracing::warn!("cannot ack an RPC reply: {error}");
-                }
-            });
+            acks.push(async move { acker.ack().await });
         }
         // dropping the senders tells the waiting calls that no reply will come
-        let mut pending = self.pending();
-        self.closed.store(true, Ordering::Release);
-        pending.clear();
+        {
+            let mut pending = self.pending();
+            self.closed.store(true, Ordering::Release);
+            pending.clear();
+        }
+        while let Some(acked) = acks.next().await {
+            if let Err(error) = acked {
+                tracing::warn!("cannot ack an RPC reply: {error}");
+            }
+        }
+    }
+
+    /// Give the reply `delivery` to the call waiting for it, if one does.
+    fn hand_over(&self, delivery: &Delivery) {
+        let waiting = delivery
+            .properties
+            .correlation_id
+            .as_deref()
+            .and_then(|correlation_id| self.pending().remove(correlation_id));
+        match waiting {
+            Some(sender) => {
+                let _ = sender.send(self.outcome(&delivery.body));
+            }
+            None => tracing::debug!(
+                "RPC reply with unknown correlation id {:?} dropped",
+                delivery.properties.correlation_id
+            ),
+        }
     }
 }

@@ -26,13 +26,16 @@ pub(crate) struct RpcServer {
     /// service's.
     service: RouteHandle,
     queue: String,
+    /// `{service}.`, which a request's routing key starts with.
+    routing_prefix: String,
     methods: Mutex<BTreeMap<String, RouteHandle>>,
 }
 
 impl RpcServer {
     /// The server of `service`'s instance, consuming `queue`.
     pub(crate) fn new(service: RouteHandle, queue: String) -> Self {
-        RpcServer { service, queue, methods: Mutex::default() }
+        let routing_prefix = format!("{}.", service.service_name());
+        RpcServer { service, queue, routing_prefix, methods: Mutex::default() }
     }
 
     fn methods(&self) -> MutexGuard<'_, BTreeMap<String, RouteHandle>> {
@@ -54,8 +57,7 @@ impl RpcServer {
 
     /// The route of the method a request's routing key `{service}.{method}` names.
     fn route_of<'a>(&self, routing_key: &'a str) -> (&'a str, Option<RouteHandle>) {
-        let prefix = format!("{}.", self.service.service_name());
-        let method = routing_key.strip_prefix(&prefix).unwrap_or(routing_key);
+        let method = routing_key.strip_prefix(&self.routing_prefix).unwrap_or(routing_key);
         (method, self.methods().get(method).cloned())
     }
 }
@@ -137,7 +139,8 @@ impl DeliveryHandler for RpcServer {
 
 /// A request is at most `MAX_MESSAGE_SIZE` bytes of `{"args": [...], "kwargs": {...}}` in JSON.
 /// Checked without building the request's values: a big request is decoded once, by its
-/// route.
+/// route. A well-formed request is read once here; only a refused one is read again, to say
+/// whether it is not JSON at all or JSON of the wrong shape.
 fn well_formed(message: &Message, max_size: usize) -> std::result::Result<(), String> {
     if message.body.len() > max_size {
         return Err(format!(
@@ -145,11 +148,11 @@ fn well_formed(message: &Message, max_size: usize) -> std::result::Result<(), St
             message.body.len()
         ));
     }
+    if message.decode_into::<RequestShape>().is_ok() {
+        return Ok(());
+    }
     message.decode_into::<IgnoredAny>()?;
-    message
-        .decode_into::<RequestShape>()
-        .map(|_| ())
-        .map_err(|_| "Message missing `args` or `kwargs`".to_owned())
+    Err("Message missing `args` or `kwargs`".to_owned())
 }
 
 /// The shape of a request's body, its values skipped.
