@@ -18,6 +18,8 @@
 //! thread), async ones on the runtime. A panic is caught and becomes a failure.
 
 use std::any::{type_name, Any};
+#[cfg(feature = "process")]
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -198,20 +200,36 @@ pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     }
 }
 
-/// Run a sync target's call where it cannot stall other tasks; a panic becomes a failure.
-///
-/// On a multi-threaded runtime the call runs on the thread that polls it, in
-/// `block_in_place`: a runtime worker first hands its other tasks to another thread, and a
-/// worker process's call thread (in `Handle::block_on`) has none. The call may block, and
-/// `Handle::block_on` works in it, as on a blocking thread. What it saves is sending the call
-/// to a blocking thread and its outcome back: the call's task goes on on the thread that ran
-/// the call, and costs about half the CPU in thread switches. The future awaiting the call (the
-/// call's own task) makes no progress meanwhile, so a timeout around it fires only once the
-/// target returns. A current-thread runtime has no other thread to hand its tasks to: there
-/// the call goes to the blocking pool.
+#[cfg(feature = "process")]
+thread_local! {
+    /// Set on a thread that runs calls one at a time and nothing else (a worker process's
+    /// call thread): sync targets run right there rather than on a blocking thread.
+    static SYNC_TARGETS_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f`, in which sync targets are called on this thread. For a thread outside the
+/// runtime's workers that drives calls with a multi-threaded runtime's `Handle::block_on`,
+/// one at a time: a target there is what it would be on a blocking thread (it may block,
+/// `block_in_place` and `Handle::block_on` work), without the hop there and back.
+#[cfg(feature = "process")]
+pub(crate) fn run_sync_targets_here<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SYNC_TARGETS_HERE.set(false);
+        }
+    }
+    SYNC_TARGETS_HERE.set(true);
+    let _reset = Reset;
+    f()
+}
+
+/// Run a sync target's call on a blocking thread, or on this one inside
+/// [`run_sync_targets_here`]; a panic becomes a failure either way.
 async fn run_blocking(call: impl FnOnce() -> TargetResult + Send + 'static) -> TargetResult {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+    #[cfg(feature = "process")]
+    if SYNC_TARGETS_HERE.get() {
+        // outside the runtime's context, as on a blocking thread
         let ran = tokio::task::block_in_place(|| std::panic::catch_unwind(AssertUnwindSafe(call)));
         return ran.unwrap_or_else(|panic| Err(TargetError::Panic(panic_message(panic.as_ref()))));
     }

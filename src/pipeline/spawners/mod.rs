@@ -1,9 +1,7 @@
 //! Where calls run: the worker pool of a runner context.
 //!
-//! A pool admits at most `MAX_WORKERS` calls at once. Sync targets run on OS threads (on a
-//! multi-threaded runtime the thread that polls the call, which hands its other tasks to
-//! another thread meanwhile; else tokio's blocking pool), async targets on the runtime; the
-//! pool's permits bound both.
+//! A pool admits at most `MAX_WORKERS` calls at once. Sync targets run on OS threads
+//! (tokio's blocking pool), async targets on the runtime; the pool's permits bound both.
 
 #[cfg(feature = "process")]
 pub mod process;

@@ -16,6 +16,7 @@ use super::protocol::{
 };
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
+use crate::handler::targets::run_sync_targets_here;
 use crate::pipeline::RouteHandle;
 use crate::transport::{
     Acker, BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec,
@@ -273,7 +274,7 @@ impl WorkerLink {
                 Ok(())
             }
             _ => tokio::task::spawn_blocking(move || {
-                runtime.block_on(run_calls(received, &routes, &sink))
+                run_sync_targets_here(|| runtime.block_on(run_calls(received, &routes, &sink)))
             })
             .await
             .map_err(|error| Error::WorkerProcess(format!("the call thread failed: {error}"))),
