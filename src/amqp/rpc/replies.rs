@@ -229,9 +229,7 @@ impl ReplyQueue {
             let delivery = tokio::select! {
                 delivery = consumer.next() => delivery,
                 Some(acked) = acks.next(), if !acks.is_empty() => {
-                    if let Err(error) = acked {
-                        tracing::warn!("cannot ack an RPC reply: {error}");
-                    }
+                    warn_unacked(acked);
                     continue;
                 }
             };
@@ -247,9 +245,7 @@ impl ReplyQueue {
             pending.clear();
         }
         while let Some(acked) = acks.next().await {
-            if let Err(error) = acked {
-                tracing::warn!("cannot ack an RPC reply: {error}");
-            }
+            warn_unacked(acked);
         }
     }
 
@@ -269,5 +265,12 @@ impl ReplyQueue {
                 delivery.properties.correlation_id
             ),
         }
+    }
+}
+
+/// A reply that could not be acked goes back to its queue; it is logged, not retried here.
+fn warn_unacked(acked: Result<(), TransportError>) {
+    if let Err(error) = acked {
+        tracing::warn!("cannot ack an RPC reply: {error}");
     }
 }
