@@ -238,6 +238,11 @@ impl WorkerLink {
         let stream = UnixStream::connect(socket)
             .await
             .map_err(|error| Error::Startup(format!("worker cannot reach its service: {error}")))?;
+        Ok(WorkerLink::over(stream))
+    }
+
+    /// The link over `stream`, connected to the service.
+    fn over(stream: UnixStream) -> Self {
         let (reader, writer) = stream.into_split();
         let transport = Arc::new(ParentTransport {
             sink: Arc::new(FrameSink::new(writer)),
@@ -245,7 +250,7 @@ impl WorkerLink {
             consumers: Arc::default(),
             next_id: AtomicU64::new(0),
         });
-        Ok(WorkerLink { reader: FrameReader::new(reader), transport })
+        WorkerLink { reader: FrameReader::new(reader), transport }
     }
 
     /// The transport that forwards broker operations to the service.
@@ -400,22 +405,19 @@ mod tests {
     #[tokio::test]
     async fn a_broker_operation_waiting_when_the_service_hangs_up_fails_at_once() {
         let (worker_end, service_end) = UnixStream::pair().unwrap();
-        let (reader, writer) = worker_end.into_split();
-        let transport = Arc::new(ParentTransport {
-            sink: Arc::new(FrameSink::new(writer)),
-            pending: Arc::default(),
-            consumers: Arc::default(),
-            next_id: AtomicU64::new(0),
-        });
+        let WorkerLink { reader, transport } = WorkerLink::over(worker_end);
         let (calls, _received) = mpsc::channel(1);
-        let reading = tokio::spawn(read_frames(FrameReader::new(reader), calls, transport.clone()));
+        let reading = tokio::spawn(read_frames(reader, calls, transport.clone()));
         let asking = transport.clone();
         let waiting = tokio::spawn(async move { asking.queue_info("q").await });
-        let mut sent = false;
-        while !sent {
-            tokio::task::yield_now().await;
-            sent = !transport.pending.lock().unwrap().is_empty();
-        }
+        let sent = async {
+            while transport.pending.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), sent)
+            .await
+            .expect("the operation is sent to the service");
         drop(service_end);
         let answer = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
             .await
