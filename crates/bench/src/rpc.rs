@@ -166,8 +166,13 @@ pub struct Pairing {
 /// persistent requests) with the bare lapin and the framework's responders (a sync target),
 /// and of the transient callers with the framework's async target, measured with
 /// `calls` sequential calls and `calls * 4` concurrent ones, on `config`'s broker with its
-/// `MAX_WORKERS` (its service name is used for the framework's service).
-pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<Vec<Pairing>> {
+/// `MAX_WORKERS` (its service name is used for the framework's service). Only the pairings
+/// `wanted(caller, responder)` accepts are measured.
+pub async fn pairings(
+    config: &Config,
+    calls: usize,
+    wanted: impl Fn(&str, &str) -> bool,
+) -> micro_framework::Result<Vec<Pairing>> {
     let config = config.clone().with_service_name(SERVICE.to_owned());
     // lapin reads an empty path as the empty vhost; the framework reads it as "/".
     let uri = match config.amqp_uri.strip_suffix('/') {
@@ -202,7 +207,7 @@ pub async fn pairings(config: &Config, calls: usize) -> micro_framework::Result<
         ];
         for (caller_name, caller) in callers {
             let transient = caller_name == "bare lapin" || caller_name == TRANSIENT_FRAMEWORK;
-            if responder == ASYNC_RESPONDER && !transient {
+            if (responder == ASYNC_RESPONDER && !transient) || !wanted(caller_name, responder) {
                 continue;
             }
             let caller = caller.clone();

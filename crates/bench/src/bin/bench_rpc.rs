@@ -57,7 +57,7 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
         config.max_workers,
         config.masked_amqp_uri()
     );
-    let results = pairings(&config, calls).await?;
+    let results = pairings(&config, calls, |_, _| true).await?;
     println!(
         "{:<16} {:<16} {:>7} {:>7} {:>13} {:>12} {:>12}",
         "caller", "responder", "p50 ms", "p99 ms", "16 callers/s", "CPU us/call", "broker us/call"
