@@ -17,7 +17,9 @@
 //! | `Client` with `RPC_PERSISTENT_REQUESTS=false` | micro-framework | both, requests transient |
 //! | bare lapin, `Client` (transient) | `mf, async` | the same with an async target |
 //!
-//! (and each caller with the first two responders). The framework's `echo` is a sync target,
+//! (and each caller with the first two responders); `PAIRINGS="caller/responder;..."` (e.g.
+//! `PAIRINGS="bare lapin/bare lapin;mf, transient/bare lapin"`) measures only those, to profile
+//! one pairing at a time. The framework's `echo` is a sync target,
 //! run on the blocking pool's threads as sync targets are; `mf, async` serves it as an async
 //! target. The last lines compare the framework with bare
 //! lapin, both with transient requests and both with persistent ones.
@@ -57,7 +59,19 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
         config.max_workers,
         config.masked_amqp_uri()
     );
-    let results = pairings(&config, calls, |_, _| true).await?;
+    let only = std::env::var("PAIRINGS").ok();
+    let wanted = |caller: &str, responder: &str| {
+        only.as_deref().is_none_or(|only| {
+            only.split(';').any(|pairing| pairing == format!("{caller}/{responder}"))
+        })
+    };
+    let results = pairings(&config, calls, wanted).await?;
+    if results.is_empty() {
+        return Err(Error::Startup(format!(
+            "PAIRINGS={:?} names no pairing: write caller/responder as the table prints them",
+            only.unwrap_or_default()
+        )));
+    }
     println!(
         "{:<16} {:<16} {:>7} {:>7} {:>13} {:>12} {:>12}",
         "caller", "responder", "p50 ms", "p99 ms", "16 callers/s", "CPU us/call", "broker us/call"
