@@ -184,8 +184,17 @@ pub async fn pairings(
     let client = Caller::Framework(Arc::new(Client::connect(&config).await?));
     let transient_config = config.clone().with_rpc_persistent_requests(false);
     let transient_client = Caller::Framework(Arc::new(Client::connect(&transient_config).await?));
+    let callers = [
+        ("bare lapin", &bare_caller),
+        (PERSISTENT_BARE, &persistent_caller),
+        ("micro-framework", &client),
+        (TRANSIENT_FRAMEWORK, &transient_client),
+    ];
     let mut results = Vec::new();
     for responder in ["bare lapin", "micro-framework", ASYNC_RESPONDER] {
+        if !callers.iter().any(|&(caller, _)| wanted(caller, responder)) {
+            continue;
+        }
         let route = match responder {
             "bare lapin" => None,
             "micro-framework" => Some(Route::new(echo)),
@@ -199,13 +208,7 @@ pub async fn pairings(
                     .await?,
             ),
         };
-        let callers = [
-            ("bare lapin", &bare_caller),
-            (PERSISTENT_BARE, &persistent_caller),
-            ("micro-framework", &client),
-            (TRANSIENT_FRAMEWORK, &transient_client),
-        ];
-        for (caller_name, caller) in callers {
+        for &(caller_name, caller) in &callers {
             let transient = caller_name == "bare lapin" || caller_name == TRANSIENT_FRAMEWORK;
             if (responder == ASYNC_RESPONDER && !transient) || !wanted(caller_name, responder) {
                 continue;
