@@ -6,8 +6,11 @@ use std::cell::Cell;
 
 use proptest::prelude::*;
 
-use super::protocol::{FrameReader, FrameWriter, FromWorker, ToWorker};
+use super::protocol::{
+    CallRequest, FrameReader, FrameWriter, FromWorker, Ready, Settlement, ToWorker,
+};
 use crate::data::fuzz_support::config;
+use crate::data::Outcome;
 
 /// The system allocator, noting the largest allocation of each thread.
 struct Tracking;
@@ -60,6 +63,17 @@ fn read_all<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> (usize, usize) {
     (frames, LARGEST.with(Cell::get))
 }
 
+/// [`read_all`] with blocking reads, as a worker's call thread reads its calls.
+fn read_all_blocking<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> (usize, usize) {
+    LARGEST.with(|largest| largest.set(0));
+    let mut reader = FrameReader::new(bytes);
+    let mut frames = 0;
+    while let Ok(Some(_)) = reader.next_blocking::<T>() {
+        frames += 1;
+    }
+    (frames, LARGEST.with(Cell::get))
+}
+
 fn framed(frames: &[FromWorker]) -> Vec<u8> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let mut writer = FrameWriter::new(Vec::new());
@@ -77,8 +91,14 @@ proptest! {
 
     #[test]
     fn arbitrary_bytes_are_refused_or_read(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-        let (_, largest) = read_all::<FromWorker>(&bytes);
-        prop_assert!(largest < 1 << 20, "{largest} bytes allocated");
+        for (_, largest) in [
+            read_all::<FromWorker>(&bytes),
+            read_all::<Ready>(&bytes),
+            read_all::<Outcome>(&bytes),
+            read_all_blocking::<CallRequest>(&bytes),
+        ] {
+            prop_assert!(largest < 1 << 20, "{largest} bytes allocated");
+        }
         read_all::<ToWorker>(&bytes);
     }
 
@@ -88,9 +108,9 @@ proptest! {
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
     ) {
         let mut bytes = framed(&[
-            FromWorker::Ready { pid: 7 },
-            FromWorker::Cancel { consumer: 3 },
-            FromWorker::Ready { pid: 8 },
+            FromWorker::Cancel { consumer: 7 },
+            FromWorker::Settle { delivery: 3, settlement: Settlement::Ack },
+            FromWorker::Cancel { consumer: 8 },
         ]);
         for (at, byte) in flips {
             let index = at.index(bytes.len());
@@ -106,9 +126,13 @@ proptest! {
     fn huge_length_prefixes_allocate_what_arrives(length in any::<u32>(), sent in 0usize..2048) {
         let mut bytes = length.to_be_bytes().to_vec();
         bytes.extend(std::iter::repeat_n(b' ', sent));
-        let (frames, largest) = read_all::<FromWorker>(&bytes);
-        prop_assert_eq!(frames, 0);
-        prop_assert!(largest < 1 << 20, "{largest} bytes allocated for a {length}-byte prefix");
+        for (frames, largest) in [
+            read_all::<FromWorker>(&bytes),
+            read_all_blocking::<CallRequest>(&bytes),
+        ] {
+            prop_assert_eq!(frames, 0);
+            prop_assert!(largest < 1 << 20, "{largest} bytes allocated for a {length}-byte prefix");
+        }
     }
 }
 
@@ -116,7 +140,10 @@ proptest! {
 /// the whole 256 MiB buffer up front.
 #[test]
 fn a_bare_length_prefix_does_not_allocate_the_frame() {
-    let (frames, largest) = read_all::<FromWorker>(&(256u32 * 1024 * 1024).to_be_bytes());
-    assert_eq!(frames, 0);
-    assert!(largest < 1 << 20, "{largest} bytes allocated");
+    let prefix = (256u32 * 1024 * 1024).to_be_bytes();
+    for (frames, largest) in [read_all::<FromWorker>(&prefix), read_all_blocking::<Ready>(&prefix)]
+    {
+        assert_eq!(frames, 0);
+        assert!(largest < 1 << 20, "{largest} bytes allocated");
+    }
 }

@@ -7,14 +7,14 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, Mutex};
 
 use super::protocol::{
-    BorrowedCall, CallFrame, ForwardedDelivery, FrameReader, FrameSink, FromWorker, Settlement,
-    ToWorker, TransportAnswer, TransportOp,
+    BorrowedCall, ForwardedDelivery, FrameReader, FrameSink, FrameWriter, FromWorker, Ready,
+    Settlement, ToWorker, TransportAnswer, TransportOp,
 };
 use super::worker::WORKER_SOCKET_ENV;
 use crate::data::Outcome;
@@ -25,17 +25,39 @@ use crate::transport::{Acker, ConsumeOptions, SharedTransport, TransportError};
 const START_LIMIT: Duration = Duration::from_secs(30);
 const RESPAWN_PAUSE: Duration = Duration::from_secs(1);
 
-/// The service's end of a worker's link, written by whichever task has a frame to send.
+/// The service's end of a worker's control link, written by whichever task has a frame to
+/// send.
 type Sink = FrameSink<OwnedWriteHalf>;
 
-/// One worker process and its socket.
+/// One worker process and its two links. Dropping it closes them, and the worker exits.
 struct Worker {
     pid: u32,
     child: Child,
-    /// The only strong reference: dropping it closes the link, and the worker process exits.
-    link: Arc<Sink>,
-    outcomes: mpsc::Receiver<Outcome>,
+    calls: CallLink,
+    /// The control link's only strong reference (its tasks hold weak ones).
+    control: Arc<Sink>,
     done: u32,
+}
+
+/// The service's end of a worker's calls link: the calling task writes the call and reads
+/// the outcome itself.
+struct CallLink {
+    reader: FrameReader<OwnedReadHalf>,
+    writer: FrameWriter<OwnedWriteHalf>,
+}
+
+impl CallLink {
+    /// Send `call`; one that cannot be encoded is refused (`InvalidData`) and the link stays
+    /// usable, any other error means the link is broken.
+    async fn send(&mut self, call: &BorrowedCall<'_>) -> std::io::Result<()> {
+        self.writer.push(call)?;
+        self.writer.flush().await
+    }
+
+    /// The call's outcome; `None` if the worker hung up or sent something else.
+    async fn outcome(&mut self) -> Option<Outcome> {
+        self.reader.next::<Outcome>().await.ok().flatten()
+    }
 }
 
 /// Starts worker processes: the service's own binary, re-executed with the worker socket in
@@ -60,8 +82,13 @@ impl Launcher {
             Command::new(exe).args(args).env(WORKER_SOCKET_ENV, &socket).kill_on_drop(true).spawn();
         let accepted = match spawned {
             Ok(child) => {
-                let accepted = tokio::time::timeout(START_LIMIT, listener.accept()).await;
-                (child, accepted)
+                // the worker dials its calls link first
+                let accept = async {
+                    let (calls, _) = listener.accept().await?;
+                    let (control, _) = listener.accept().await?;
+                    Ok::<_, std::io::Error>((calls, control))
+                };
+                (child, tokio::time::timeout(START_LIMIT, accept).await)
             }
             Err(error) => {
                 remove(&socket);
@@ -72,27 +99,26 @@ impl Launcher {
         };
         remove(&socket);
         let (child, accepted) = accepted;
-        let (stream, _) = accepted.map_err(|_| {
+        let (calls, control) = accepted.map_err(|_| {
             Error::WorkerProcess("a worker process did not connect in 30 s".into())
         })??;
-        let (reader, writer) = stream.into_split();
-        let mut reader = FrameReader::new(reader);
-        let Some(FromWorker::Ready { pid }) = reader.next().await? else {
+        let (reader, writer) = calls.into_split();
+        let mut calls =
+            CallLink { reader: FrameReader::new(reader), writer: FrameWriter::new(writer) };
+        let Some(Ready { pid }) = calls.reader.next().await? else {
             return Err(Error::WorkerProcess("a worker process did not say it was ready".into()));
         };
-        let (outcome_sender, outcomes) = mpsc::channel::<Outcome>(1);
+        let (reader, writer) = control.into_split();
+        let mut reader = FrameReader::new(reader);
         let transport = self.transport.clone();
-        let link = Arc::new(FrameSink::new(writer));
-        let replies = Arc::downgrade(&link);
+        let control = Arc::new(FrameSink::new(writer));
+        let replies = Arc::downgrade(&control);
         tokio::spawn(async move {
             // Consumers opened for the worker and the ackers of what they forwarded: dropped
             // with this task when the worker goes, which hands unsettled messages back.
             let consumers = Consumers::default();
             while let Ok(Some(frame)) = reader.next::<FromWorker>().await {
                 match frame {
-                    FromWorker::Outcome(outcome) => {
-                        let _ = outcome_sender.send(outcome).await;
-                    }
                     FromWorker::Transport { id, op } => {
                         let (transport, replies) = (transport.clone(), replies.clone());
                         let consumers = consumers.clone();
@@ -114,13 +140,12 @@ impl Launcher {
                         consumers.settle(delivery, settlement).await;
                     }
                     FromWorker::Cancel { consumer } => consumers.cancel(consumer),
-                    FromWorker::Ready { .. } => {}
                 }
             }
             consumers.close();
         });
         tracing::debug!("worker process {pid} started");
-        Ok(Worker { pid, child, link, outcomes, done: 0 })
+        Ok(Worker { pid, child, calls, control, done: 0 })
     }
 }
 
@@ -323,13 +348,12 @@ impl ProcessPool {
         Ok(pool)
     }
 
-    /// Run one call in a worker process: its frame is written by this task, and the
-    /// link's reader hands the outcome back.
+    /// Run one call in a worker process: this task writes the call and reads its outcome.
     pub(crate) async fn call(self: &Arc<Self>, call: BorrowedCall<'_>) -> Outcome {
         let Some(mut worker) = self.waiting.lock().await.recv().await else {
             return Err(Failure::new(FailureKind::Crashed, "the worker pool is shut down"));
         };
-        let sent = worker.link.send(&CallFrame::Call(call)).await;
+        let sent = worker.calls.send(&call).await;
         let answer = match (sent, self.time_limit) {
             (Err(error), _) if error.kind() == std::io::ErrorKind::InvalidData => {
                 let _ = self.idle.send(worker);
@@ -337,8 +361,8 @@ impl ProcessPool {
                 return Err(Failure::new(FailureKind::Error, message));
             }
             (Err(_), _) => Ok(None),
-            (Ok(()), None) => Ok(worker.outcomes.recv().await),
-            (Ok(()), Some(limit)) => tokio::time::timeout(limit, worker.outcomes.recv()).await,
+            (Ok(()), None) => Ok(worker.calls.outcome().await),
+            (Ok(()), Some(limit)) => tokio::time::timeout(limit, worker.calls.outcome()).await,
         };
         match answer {
             Ok(Some(outcome)) => {
@@ -378,7 +402,7 @@ impl ProcessPool {
     /// End `worker` (killing it if `kill`, else closing its socket and waiting briefly) and
     /// start another in the background. Returns how the old one ended.
     async fn replace(self: &Arc<Self>, mut worker: Worker, kill: bool) -> String {
-        drop(worker.link);
+        drop((worker.calls, worker.control));
         if kill {
             let _ = worker.child.start_kill();
         }
@@ -413,7 +437,7 @@ impl ProcessPool {
         let mut waiting = self.waiting.lock().await;
         waiting.close();
         while let Ok(mut worker) = waiting.try_recv() {
-            drop(worker.link);
+            drop((worker.calls, worker.control));
             if tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await.is_err() {
                 tracing::warn!(
                     "worker process {} did not exit in 5 s after its link closed; killed",

@@ -1,6 +1,12 @@
-//! The frames between a service and its worker processes: length-prefixed JSON over a Unix
-//! socket, each written in one piece by the task that sends it and read through a buffer
-//! that each end keeps (one syscall a frame each way, fewer when frames queue up).
+//! The frames between a service and its worker processes: length-prefixed JSON over two Unix
+//! sockets per worker, each frame written in one piece by whoever sends it and read through
+//! a buffer that each end keeps (one syscall a frame each way, fewer when frames queue up).
+//!
+//! The calls link carries [`Ready`], then calls one at a time and their outcomes: the
+//! service's calling task and the worker's call thread are its only readers, so neither
+//! waits for another thread to hand it a frame. The control link carries the broker traffic
+//! a call makes through the service ([`FromWorker`], [`ToWorker`]), which arrives while the
+//! call thread is busy with the call.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::data::BackOffData;
 use crate::data::Failure;
 use crate::data::Message;
-use crate::data::{Outcome, TargetRole};
+use crate::data::TargetRole;
 use crate::transport::{
     BindingSpec, ConsumeOptions, ExchangeSpec, OutgoingMessage, PublishOptions, QueueInfo,
     QueueSpec, TransportError,
@@ -41,14 +47,8 @@ pub(crate) struct CallRequest {
     pub retry: BackOffData,
 }
 
-/// A call as the service sends it: [`ToWorker::Call`] encoded from borrowed parts, so the
-/// message is not copied on its way to the worker.
-#[derive(Serialize)]
-pub(crate) enum CallFrame<'a> {
-    Call(BorrowedCall<'a>),
-}
-
-/// [`CallRequest`]'s fields, borrowed.
+/// A call as the service sends it: [`CallRequest`]'s fields, borrowed, so the message is not
+/// copied on its way to the worker.
 #[derive(Serialize)]
 pub(crate) struct BorrowedCall<'a> {
     pub route: &'a str,
@@ -58,10 +58,15 @@ pub(crate) struct BorrowedCall<'a> {
     pub retry: &'a BackOffData,
 }
 
-/// From the service to a worker.
+/// The first frame a worker sends on its calls link.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Ready {
+    pub pid: u32,
+}
+
+/// From the service to a worker, on the control link.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ToWorker {
-    Call(Box<CallRequest>),
     TransportReply {
         id: u64,
         result: Result<TransportAnswer, TransportError>,
@@ -90,13 +95,9 @@ pub(crate) enum Settlement {
     Reject { requeue: bool },
 }
 
-/// From a worker to the service.
+/// From a worker to the service, on the control link.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum FromWorker {
-    Ready {
-        pid: u32,
-    },
-    Outcome(Outcome),
     Transport {
         id: u64,
         op: Box<TransportOp>,
@@ -189,7 +190,7 @@ pub(crate) struct FrameWriter<W> {
     buffer: BytesMut,
 }
 
-impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+impl<W> FrameWriter<W> {
     pub(crate) fn new(writer: W) -> Self {
         FrameWriter { writer, buffer: BytesMut::with_capacity(WRITE_BUFFER) }
     }
@@ -221,21 +222,43 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
     }
 
-    /// Write every frame added so far. Cancel-safe: what is not written yet stays for the
-    /// next flush, so frames stay whole.
-    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
-        self.writer.write_all_buf(&mut self.buffer).await?;
-        if self.buffer.capacity() > KEEP_BUFFER {
-            // one big frame does not keep its buffer for the link's life
-            self.buffer = BytesMut::with_capacity(WRITE_BUFFER);
-        }
-        Ok(())
-    }
-
     /// The frames written, for tests.
     #[cfg(test)]
     pub(crate) fn into_inner(self) -> W {
         self.writer
+    }
+
+    /// One big frame does not keep its buffer for the link's life.
+    fn shrink(&mut self) {
+        if self.buffer.capacity() > KEEP_BUFFER {
+            self.buffer = BytesMut::with_capacity(WRITE_BUFFER);
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Write every frame added so far. Cancel-safe: what is not written yet stays for the
+    /// next flush, so frames stay whole.
+    pub(crate) async fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.write_all_buf(&mut self.buffer).await?;
+        self.shrink();
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write> FrameWriter<W> {
+    /// Write every frame added so far, blocking this thread until they are written.
+    pub(crate) fn flush_blocking(&mut self) -> std::io::Result<()> {
+        while !self.buffer.is_empty() {
+            match self.writer.write(&self.buffer) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => self.buffer.advance(written),
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        self.shrink();
+        Ok(())
     }
 }
 
@@ -247,10 +270,6 @@ pub(crate) struct FrameReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub(crate) fn new(reader: R) -> Self {
-        FrameReader { reader, buffer: BytesMut::with_capacity(READ_BUFFER) }
-    }
-
     /// The next frame; `None` at the end of the stream between frames.
     pub(crate) async fn next<T: DeserializeOwned>(&mut self) -> std::io::Result<Option<T>> {
         loop {
@@ -261,11 +280,51 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // grow with the bytes that actually arrive: a length prefix alone allocates little
             self.buffer.reserve(wanted.min(PREALLOCATE));
             if self.reader.read_buf(&mut self.buffer).await? == 0 {
-                return match self.buffer.is_empty() {
-                    true => Ok(None),
-                    false => Err(std::io::ErrorKind::UnexpectedEof.into()),
-                };
+                return self.ended();
             }
+        }
+    }
+}
+
+impl<R: std::io::Read> FrameReader<R> {
+    /// The next frame, blocking this thread until it has arrived; `None` at the end of the
+    /// stream between frames.
+    pub(crate) fn next_blocking<T: DeserializeOwned>(&mut self) -> std::io::Result<Option<T>> {
+        loop {
+            let wanted = match self.wanted()? {
+                0 => return self.take().map(Some),
+                wanted => wanted,
+            };
+            // reads into the spare capacity, zero-filled first (std's reads take initialised
+            // memory); as above, at most PREALLOCATE more bytes than arrived
+            let filled = self.buffer.len();
+            let room = (self.buffer.capacity() - filled).max(wanted.min(PREALLOCATE));
+            self.buffer.resize(filled + room, 0);
+            let read = loop {
+                match self.reader.read(&mut self.buffer[filled..]) {
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                    read => break read,
+                }
+            };
+            self.buffer.truncate(filled + *read.as_ref().unwrap_or(&0));
+            let read = read?;
+            if read == 0 {
+                return self.ended();
+            }
+        }
+    }
+}
+
+impl<R> FrameReader<R> {
+    pub(crate) fn new(reader: R) -> Self {
+        FrameReader { reader, buffer: BytesMut::with_capacity(READ_BUFFER) }
+    }
+
+    /// What the end of the stream means: the link's end between frames, an error within one.
+    fn ended<T>(&self) -> std::io::Result<Option<T>> {
+        match self.buffer.is_empty() {
+            true => Ok(None),
+            false => Err(std::io::ErrorKind::UnexpectedEof.into()),
         }
     }
 
@@ -370,7 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_queued_together_are_written_together_and_read_from_one_buffer() {
-        let frames = [FromWorker::Ready { pid: 1 }, FromWorker::Cancel { consumer: 2 }];
+        let frames = [FromWorker::Cancel { consumer: 1 }, FromWorker::Cancel { consumer: 2 }];
         let mut writer = FrameWriter::new(CountingWriter::default());
         for frame in &frames {
             writer.push(frame).unwrap();
@@ -379,7 +438,7 @@ mod tests {
         let writer = writer.into_inner();
         assert_eq!(writer.writes, 1);
         let mut reader = FrameReader::new(writer.bytes.as_slice());
-        assert!(matches!(reader.next().await.unwrap(), Some(FromWorker::Ready { pid: 1 })));
+        assert!(matches!(reader.next().await.unwrap(), Some(FromWorker::Cancel { consumer: 1 })));
         assert!(matches!(reader.next().await.unwrap(), Some(FromWorker::Cancel { consumer: 2 })));
         assert!(reader.next::<FromWorker>().await.unwrap().is_none());
     }
@@ -396,10 +455,10 @@ mod tests {
         let refused = sink.send(&Unencodable).await.unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData);
         assert!(!sink.is_closed());
-        sink.send(&FromWorker::Ready { pid: 3 }).await.unwrap();
+        sink.send(&Ready { pid: 3 }).await.unwrap();
         let bytes = sink.writer.into_inner().into_inner();
         let mut reader = FrameReader::new(bytes.as_slice());
-        assert!(matches!(reader.next().await.unwrap(), Some(FromWorker::Ready { pid: 3 })));
+        assert!(matches!(reader.next().await.unwrap(), Some(Ready { pid: 3 })));
     }
 
     #[tokio::test]
@@ -407,18 +466,15 @@ mod tests {
         let message = Message::json(&serde_json::json!({"id": 1})).unwrap();
         let failure = Failure::new(crate::data::FailureKind::Error, "first");
         let retry = BackOffData { retry_count: 2, ..BackOffData::default() };
-        let call = CallFrame::Call(BorrowedCall {
+        let call = BorrowedCall {
             route: "route",
             role: TargetRole::Callback,
             message: &message,
             failure: Some(&failure),
             retry: &retry,
-        });
-        let bytes = framed(&[call]).await;
-        let Some(ToWorker::Call(read)) = FrameReader::new(bytes.as_slice()).next().await.unwrap()
-        else {
-            panic!("not a call")
         };
+        let bytes = framed(&[call]).await;
+        let read: CallRequest = FrameReader::new(bytes.as_slice()).next().await.unwrap().unwrap();
         assert_eq!((read.route.as_str(), read.role), ("route", TargetRole::Callback));
         assert_eq!((read.message, read.retry), (message, retry));
         assert_eq!(read.failure.map(|failure| failure.message), Some("first".to_owned()));
@@ -426,28 +482,28 @@ mod tests {
 
     #[tokio::test]
     async fn frames_arriving_in_pieces_survive_a_cancelled_read() {
-        let bytes = framed(&[FromWorker::Ready { pid: 4 }, FromWorker::Ready { pid: 5 }]).await;
+        let bytes = framed(&[Ready { pid: 4 }, Ready { pid: 5 }]).await;
         let (mut writer, reader) = tokio::io::duplex(1 << 16);
         let mut reader = FrameReader::new(reader);
         for byte in &bytes[..bytes.len() - 1] {
             writer.write_all(std::slice::from_ref(byte)).await.unwrap();
             // a read that is given up on, as when another branch of a select! wins
-            let read = tokio::time::timeout(std::time::Duration::ZERO, reader.next::<FromWorker>());
+            let read = tokio::time::timeout(std::time::Duration::ZERO, reader.next::<Ready>());
             if let Ok(frame) = read.await {
-                assert!(matches!(frame.unwrap(), Some(FromWorker::Ready { pid: 4 })));
+                assert!(matches!(frame.unwrap(), Some(Ready { pid: 4 })));
             }
         }
         writer.write_all(&bytes[bytes.len() - 1..]).await.unwrap();
         drop(writer);
-        assert!(matches!(reader.next().await.unwrap(), Some(FromWorker::Ready { pid: 5 })));
-        assert!(reader.next::<FromWorker>().await.unwrap().is_none());
+        assert!(matches!(reader.next().await.unwrap(), Some(Ready { pid: 5 })));
+        assert!(reader.next::<Ready>().await.unwrap().is_none());
     }
 
     #[tokio::test]
     async fn a_truncated_frame_is_an_error_not_an_end() {
-        let mut bytes = framed(&[FromWorker::Ready { pid: 7 }]).await;
+        let mut bytes = framed(&[Ready { pid: 7 }]).await;
         bytes.pop();
-        let error = FrameReader::new(bytes.as_slice()).next::<FromWorker>().await.unwrap_err();
+        let error = FrameReader::new(bytes.as_slice()).next::<Ready>().await.unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
@@ -470,5 +526,62 @@ mod tests {
         sent.await.unwrap().unwrap();
         let Some(ToWorker::Delivery(delivery)) = received else { panic!("{received:?}") };
         assert_eq!(delivery.message, message);
+    }
+
+    /// Hands out what it holds a few bytes at a time, as a socket may.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+        interrupted: bool,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.interrupted = !self.interrupted;
+            if self.interrupted {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            let n = self.step.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn blocking_reads_take_frames_in_pieces_through_interruptions() {
+        let mut writer = FrameWriter::new(Vec::new());
+        for pid in [1, 2, 3] {
+            writer.push(&Ready { pid }).unwrap();
+        }
+        writer.flush_blocking().unwrap();
+        let bytes = writer.into_inner();
+        for step in [1, 3, 7, bytes.len()] {
+            let trickle = Trickle { bytes: &bytes, step, interrupted: false };
+            let mut reader = FrameReader::new(trickle);
+            for pid in [1, 2, 3] {
+                let read = reader.next_blocking::<Ready>().unwrap();
+                assert!(matches!(read, Some(Ready { pid: read }) if read == pid), "step {step}");
+            }
+            assert!(reader.next_blocking::<Ready>().unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn a_blocking_read_of_a_truncated_frame_is_an_error_not_an_end() {
+        let mut writer = FrameWriter::new(Vec::new());
+        writer.push(&Ready { pid: 7 }).unwrap();
+        writer.flush_blocking().unwrap();
+        let mut bytes = writer.into_inner();
+        bytes.pop();
+        let error = FrameReader::new(bytes.as_slice()).next_blocking::<Ready>().unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_blocking_read_refuses_an_oversized_length_before_reading_the_body() {
+        let bytes = (MAX_FRAME + 1).to_be_bytes();
+        let error = FrameReader::new(bytes.as_slice()).next_blocking::<Ready>().unwrap_err();
+        assert!(error.to_string().contains("refused"), "{error}");
     }
 }

@@ -1,5 +1,10 @@
 //! The worker side: a re-executed service binary that runs calls sent by its service, and
 //! sends its broker traffic back through it.
+//!
+//! Its call thread reads the calls link itself, with blocking reads, runs each call there
+//! and writes the outcome: one wake-up a call, where a reader on the runtime handing calls
+//! to that thread cost two. The control link is read on the runtime, so the answers to a
+//! call's broker operations arrive while the call thread waits for them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,10 +16,10 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::protocol::{
-    CallRequest, ForwardedDelivery, FrameReader, FrameSink, FromWorker, Settlement, ToWorker,
-    TransportAnswer, TransportOp,
+    CallRequest, ForwardedDelivery, FrameReader, FrameSink, FrameWriter, FromWorker, Ready,
+    Settlement, ToWorker, TransportAnswer, TransportOp,
 };
-use crate::data::{Failure, FailureKind};
+use crate::data::{Failure, FailureKind, Outcome};
 use crate::error::{Error, Result};
 use crate::handler::targets::run_sync_targets_here;
 use crate::pipeline::RouteHandle;
@@ -226,31 +231,39 @@ impl Transport for ParentTransport {
     async fn close(&self) {}
 }
 
-/// The socket to the service, once connected.
+/// The two links to the service, once connected.
 pub(crate) struct WorkerLink {
-    reader: FrameReader<OwnedReadHalf>,
+    /// Calls and their outcomes.
+    calls: UnixStream,
+    /// The broker traffic of the calls.
+    control: FrameReader<OwnedReadHalf>,
     transport: Arc<ParentTransport>,
 }
 
 impl WorkerLink {
-    /// Dial the service at `socket`.
+    /// Dial the service at `socket`: the calls link first, as the service takes the first
+    /// connection for it, then the control link.
     pub(crate) async fn connect(socket: &str) -> Result<Self> {
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|error| Error::Startup(format!("worker cannot reach its service: {error}")))?;
-        Ok(WorkerLink::over(stream))
+        let dial = || async {
+            UnixStream::connect(socket).await.map_err(|error| {
+                Error::Startup(format!("worker cannot reach its service: {error}"))
+            })
+        };
+        let calls = dial().await?;
+        let control = dial().await?;
+        Ok(WorkerLink::over(calls, control))
     }
 
-    /// The link over `stream`, connected to the service.
-    fn over(stream: UnixStream) -> Self {
-        let (reader, writer) = stream.into_split();
+    /// The links over `calls` and `control`, connected to the service.
+    fn over(calls: UnixStream, control: UnixStream) -> Self {
+        let (reader, writer) = control.into_split();
         let transport = Arc::new(ParentTransport {
             sink: Arc::new(FrameSink::new(writer)),
             pending: Arc::default(),
             consumers: Arc::default(),
             next_id: AtomicU64::new(0),
         });
-        WorkerLink { reader: FrameReader::new(reader), transport }
+        WorkerLink { calls, control: FrameReader::new(reader), transport }
     }
 
     /// The transport that forwards broker operations to the service.
@@ -260,75 +273,94 @@ impl WorkerLink {
 
     /// Say ready, then run the calls the service sends until it hangs up.
     ///
-    /// A task on the runtime reads the link (calls, and the answers to the worker's broker
-    /// operations, which a call may wait for); the calls run one at a time on a thread of
-    /// their own, which runs a sync target itself and writes the outcome itself. A call
-    /// thus costs one wake-up of that thread, where a task per call, a blocking thread for
-    /// its target and a writer task cost four.
+    /// The calls run one at a time on a thread of their own, which reads each call, runs it
+    /// (a sync target right there) and writes its outcome; a task on the runtime reads the
+    /// control link meanwhile.
     pub(crate) async fn serve(self, routes: HashMap<String, RouteHandle>) -> Result<()> {
-        let sink = self.transport.sink.clone();
-        let ready = FromWorker::Ready { pid: std::process::id() };
-        sink.send(&ready).await.map_err(|_| Error::Startup("service hung up".into()))?;
-        let (calls, received) = mpsc::channel(1);
-        let reading = tokio::spawn(read_frames(self.reader, calls, self.transport));
+        let WorkerLink { mut calls, control, transport } = self;
+        let mut ready = FrameWriter::new(&mut calls);
+        ready.push(&Ready { pid: std::process::id() })?;
+        ready.flush().await.map_err(|_| Error::Startup("service hung up".into()))?;
+        let reading = tokio::spawn(read_control(control, transport.clone()));
         let runtime = tokio::runtime::Handle::current();
-        let ran = match runtime.runtime_flavor() {
+        let served = match runtime.runtime_flavor() {
             // sync targets cannot block a current-thread runtime's only thread
-            tokio::runtime::RuntimeFlavor::CurrentThread => {
-                run_calls(received, &routes, &sink).await;
-                Ok(())
+            tokio::runtime::RuntimeFlavor::CurrentThread => serve_calls(calls, &routes).await,
+            _ => {
+                let calls = calls.into_std()?;
+                calls.set_nonblocking(false)?;
+                tokio::task::spawn_blocking(move || {
+                    run_sync_targets_here(|| serve_calls_blocking(&calls, &routes, &runtime))
+                })
+                .await
+                .map_err(|error| Error::WorkerProcess(format!("the call thread failed: {error}")))?
             }
-            _ => tokio::task::spawn_blocking(move || {
-                run_sync_targets_here(|| runtime.block_on(run_calls(received, &routes, &sink)))
-            })
-            .await
-            .map_err(|error| Error::WorkerProcess(format!("the call thread failed: {error}"))),
         };
-        if ran.is_err() {
-            reading.abort();
-        }
-        ran?;
-        match reading.await {
-            Ok(read) => Ok(read?),
-            Err(error) => Err(Error::WorkerProcess(format!("the link reader failed: {error}"))),
-        }
+        // no call runs any more, so none waits for the control link
+        reading.abort();
+        transport.link_ended();
+        Ok(served?)
     }
 }
 
-/// Run each call received and send its outcome, until the link ends.
-async fn run_calls(
-    mut calls: mpsc::Receiver<Box<CallRequest>>,
+/// Run `request` here.
+async fn run_call(request: CallRequest, routes: &HashMap<String, RouteHandle>) -> Outcome {
+    let CallRequest { route, role, message, failure, retry } = request;
+    match routes.get(&route) {
+        Some(route) => route.run_here(role, &message, failure, &retry).await,
+        None => Err(Failure::new(FailureKind::Error, format!("the worker has no route '{route}'"))),
+    }
+}
+
+/// Add `outcome` to what `writer` sends; one that cannot be encoded is sent as the failure
+/// that says so.
+fn push_outcome<W>(writer: &mut FrameWriter<W>, outcome: &Outcome) -> std::io::Result<()> {
+    match writer.push(outcome) {
+        Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+            let failure: Outcome = Err(Failure::new(
+                FailureKind::Error,
+                format!("the call's outcome cannot be sent to the service: {error}"),
+            ));
+            writer.push(&failure)
+        }
+        pushed => pushed,
+    }
+}
+
+/// Run each call received on `calls` and send its outcome, until the service hangs up; with
+/// blocking reads and writes on this thread, outside the runtime.
+fn serve_calls_blocking(
+    calls: &std::os::unix::net::UnixStream,
     routes: &HashMap<String, RouteHandle>,
-    sink: &Sink,
-) {
-    while let Some(request) = calls.recv().await {
-        let CallRequest { route, role, message, failure, retry } = *request;
-        let outcome = match routes.get(&route) {
-            Some(route) => route.run_here(role, &message, failure, &retry).await,
-            None => {
-                Err(Failure::new(FailureKind::Error, format!("the worker has no route '{route}'")))
-            }
-        };
-        match sink.send(&FromWorker::Outcome(outcome)).await {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
-                let failure = Failure::new(
-                    FailureKind::Error,
-                    format!("the call's outcome cannot be sent to the service: {error}"),
-                );
-                if sink.send(&FromWorker::Outcome(Err(failure))).await.is_err() {
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
+    runtime: &tokio::runtime::Handle,
+) -> std::io::Result<()> {
+    let (mut reader, mut writer) = (FrameReader::new(calls), FrameWriter::new(calls));
+    while let Some(request) = reader.next_blocking::<CallRequest>()? {
+        let outcome = runtime.block_on(run_call(request, routes));
+        push_outcome(&mut writer, &outcome)?;
+        writer.flush_blocking()?;
     }
+    Ok(())
 }
 
-/// Read the link: calls go to the call thread, the rest to whom waits for it.
-async fn read_frames(
+/// [`serve_calls_blocking`] on the runtime's thread, for a current-thread runtime.
+async fn serve_calls(
+    calls: UnixStream,
+    routes: &HashMap<String, RouteHandle>,
+) -> std::io::Result<()> {
+    let (reader, writer) = calls.into_split();
+    let (mut reader, mut writer) = (FrameReader::new(reader), FrameWriter::new(writer));
+    while let Some(request) = reader.next::<CallRequest>().await? {
+        let outcome = run_call(request, routes).await;
+        push_outcome(&mut writer, &outcome)?;
+        writer.flush().await?;
+    }
+    Ok(())
+}
+
+/// Read the control link: each frame goes to whom waits for it.
+async fn read_control(
     mut reader: FrameReader<OwnedReadHalf>,
-    calls: mpsc::Sender<Box<CallRequest>>,
     transport: Arc<ParentTransport>,
 ) -> std::io::Result<()> {
     let read = loop {
@@ -338,11 +370,6 @@ async fn read_frames(
             Err(error) => break Err(error),
         };
         match frame {
-            ToWorker::Call(request) => {
-                if calls.send(request).await.is_err() {
-                    break Ok(());
-                }
-            }
             ToWorker::Delivery(forwarded) => {
                 let ForwardedDelivery { consumer, delivery, message } = *forwarded;
                 let sender = transport.consumer(consumer);
@@ -404,10 +431,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_broker_operation_waiting_when_the_service_hangs_up_fails_at_once() {
+        let (calls, _service_calls) = UnixStream::pair().unwrap();
         let (worker_end, service_end) = UnixStream::pair().unwrap();
-        let WorkerLink { reader, transport } = WorkerLink::over(worker_end);
-        let (calls, _received) = mpsc::channel(1);
-        let reading = tokio::spawn(read_frames(reader, calls, transport.clone()));
+        let WorkerLink { control, transport, .. } = WorkerLink::over(calls, worker_end);
+        let reading = tokio::spawn(read_control(control, transport.clone()));
         let asking = transport.clone();
         let waiting = tokio::spawn(async move { asking.queue_info("q").await });
         let sent = async {
