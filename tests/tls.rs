@@ -89,13 +89,19 @@ fn signed(
 
 /// `rabbitmqctl eval EXPRESSION`, which must print `ok`.
 fn eval(expression: &str) {
+    if let Err(printed) = try_eval(expression) {
+        panic!("rabbitmqctl eval {expression}: {printed}");
+    }
+}
+
+/// `rabbitmqctl eval EXPRESSION`: what it printed, unless it printed `ok`.
+fn try_eval(expression: &str) -> Result<(), String> {
     let output = Command::new("rabbitmqctl").args(["eval", expression]).output().unwrap();
     let printed = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && printed.trim() == "ok",
-        "rabbitmqctl eval {expression}: {printed} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    match output.status.success() && printed.trim() == "ok" {
+        true => Ok(()),
+        false => Err(format!("{printed} {}", String::from_utf8_lossy(&output.stderr))),
+    }
 }
 
 /// A TLS listener on the running node, stopped when dropped.
@@ -106,18 +112,29 @@ struct Listener {
 impl Listener {
     /// Listen on a free loopback port with the server certificate; `mutual` asks for and
     /// requires a client certificate signed by the CA.
+    ///
+    /// The port is free when asked for but may be taken before the node listens on it (by
+    /// another test's listener or an outgoing connection's local port): then another one.
     fn start(pki: &Pki, mutual: bool) -> Listener {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let (verify, require) = if mutual { ("verify_peer", true) } else { ("verify_none", false) };
-        eval(&format!(
-            "rabbit_networking:start_ssl_listener({{\"127.0.0.1\", {port}}}, [{{cacertfile, \"{}\"}}, \
-             {{certfile, \"{}\"}}, {{keyfile, \"{}\"}}, {{verify, {verify}}}, \
-             {{fail_if_no_peer_cert, {require}}}], 1).",
-            pki.path("ca.pem"),
-            pki.path("server.pem"),
-            pki.path("server.key"),
-        ));
-        Listener { port }
+        let mut attempts = 0;
+        loop {
+            let port =
+                std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let started = try_eval(&format!(
+                "rabbit_networking:start_ssl_listener({{\"127.0.0.1\", {port}}}, [{{cacertfile, \"{}\"}}, \
+                 {{certfile, \"{}\"}}, {{keyfile, \"{}\"}}, {{verify, {verify}}}, \
+                 {{fail_if_no_peer_cert, {require}}}], 1).",
+                pki.path("ca.pem"),
+                pki.path("server.pem"),
+                pki.path("server.key"),
+            ));
+            match started {
+                Ok(()) => return Listener { port },
+                Err(printed) if printed.contains("eaddrinuse") && attempts < 5 => attempts += 1,
+                Err(printed) => panic!("cannot start a TLS listener on port {port}: {printed}"),
+            }
+        }
     }
 
     fn uri(&self) -> String {
