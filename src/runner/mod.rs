@@ -254,10 +254,10 @@ impl Runner {
 }
 
 /// The runtime of [`Runner::start`]. A worker process runs one call at a time: one runtime
-/// thread reads its link (and runs what the call spawns) and a call thread from the blocking
-/// pool runs the calls, sync targets included (so `dispatch_blocking` works), where the
-/// default of one runtime thread per core would cost every worker a thread, a stack and a
-/// malloc arena per core, and cross-thread wake-ups per call.
+/// thread reads its control link (and runs what the call spawns) and a call thread from the
+/// blocking pool reads the calls and runs them, sync targets included (so
+/// `dispatch_blocking` works), where the default of one runtime thread per core would cost
+/// every worker a thread, a stack and a malloc arena per core.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     #[cfg(feature = "process")]
