@@ -1,7 +1,9 @@
 //! The footprint figures (see `bench_footprint`), each the median of 3 runs:
 //!
 //! - `process_overhead_memory` / `process_overhead_rabbitmq`: what process mode adds to a
-//!   no-op call (µs), as `bench_workers` measures it (2,000 events, `MAX_WORKERS=4`);
+//!   no-op call (µs), as `bench_workers` measures it (2,000 events, `MAX_WORKERS=4`), and
+//!   `process_cpu_overhead_*` the CPU time it adds to a call (µs; the service's and its
+//!   workers', not the broker's), which other programs sharing the machine disturb less;
 //! - `idle_rss_thread`: the resident memory (`VmRSS`, MB) of an idle service in thread mode,
 //!   2 s after it started: one event route and one RPC route, on RabbitMQ (`AMQP_URI`,
 //!   default `amqp://guest:guest@127.0.0.1:5672/`) or, if that cannot be reached, on the
@@ -69,6 +71,10 @@ pub struct Footprint {
     pub overhead_memory_us: f64,
     /// The same on RabbitMQ (µs); `None` when RabbitMQ cannot be reached.
     pub overhead_rabbitmq_us: Option<f64>,
+    /// The CPU time process mode adds to a no-op call on the in-process broker (µs).
+    pub cpu_overhead_memory_us: f64,
+    /// The same on RabbitMQ, the broker's own not counted (µs); `None` when unreachable.
+    pub cpu_overhead_rabbitmq_us: Option<f64>,
     /// Resident memory of the idle service in thread mode (MB).
     pub idle_rss_thread_mb: f64,
     /// Of that, the pages no other process maps (MB).
@@ -93,15 +99,21 @@ pub fn measure(
         let mut runs = Vec::new();
         for _ in 0..RUNS {
             match runtime.block_on(rates(uri, MESSAGES)) {
-                Ok(rates) => runs.push(rates.overhead_us()),
+                Ok(rates) => runs.push(rates),
                 Err(error) => {
                     eprintln!("{}: skipped ({error})", micro_framework::config::mask_uri(uri));
                     break;
                 }
             }
         }
-        overheads.push((runs.len() == RUNS).then(|| median(runs)));
+        overheads.push((runs.len() == RUNS).then(|| {
+            let wall = median(runs.iter().map(|rates| rates.overhead_us()).collect());
+            let cpu = median(runs.iter().map(|rates| rates.cpu_overhead_us()).collect());
+            (wall, cpu)
+        }));
     }
+    let memory = overheads[0]
+        .ok_or_else(|| Error::Startup("process overhead on memory:// not measured".into()))?;
     let broker = if reachable(rabbit) { rabbit.to_owned() } else { "memory://".to_owned() };
     eprintln!("idle services on {}", micro_framework::config::mask_uri(&broker));
     let mut idle = Vec::new();
@@ -117,9 +129,10 @@ pub fn measure(
         });
     }
     Ok(Footprint {
-        overhead_memory_us: overheads[0]
-            .ok_or_else(|| Error::Startup("process overhead on memory:// not measured".into()))?,
-        overhead_rabbitmq_us: overheads[1],
+        overhead_memory_us: memory.0,
+        overhead_rabbitmq_us: overheads[1].map(|(wall, _)| wall),
+        cpu_overhead_memory_us: memory.1,
+        cpu_overhead_rabbitmq_us: overheads[1].map(|(_, cpu)| cpu),
         idle_rss_thread_mb: idle[0].rss,
         idle_private_thread_mb: idle[0].private,
         idle_anon_thread_mb: idle[0].anon,

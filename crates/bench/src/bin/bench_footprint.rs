@@ -3,7 +3,9 @@
 //! Prints one line per figure, `label value unit`, each the median of 3 runs:
 //!
 //! - `process_overhead_memory` / `process_overhead_rabbitmq`: what process mode adds to a
-//!   no-op call (µs), as `bench_workers` measures it (2,000 events, `MAX_WORKERS=4`);
+//!   no-op call (µs), as `bench_workers` measures it (2,000 events, `MAX_WORKERS=4`), and
+//!   `process_cpu_overhead_memory` / `process_cpu_overhead_rabbitmq` the CPU time it adds
+//!   (µs; the service's and its workers', not the broker's);
 //! - `idle_rss_thread`: the resident memory (`VmRSS`, MB) of an idle service in thread mode,
 //!   2 s after it started: one event route and one RPC route, on RabbitMQ (`AMQP_URI`,
 //!   default `amqp://guest:guest@127.0.0.1:5672/`) or, if that cannot be reached, on the
@@ -32,6 +34,10 @@ fn main() -> micro_framework::Result<()> {
     println!("process_overhead_memory {:.0} us", figures.overhead_memory_us);
     if let Some(overhead) = figures.overhead_rabbitmq_us {
         println!("process_overhead_rabbitmq {overhead:.0} us");
+    }
+    println!("process_cpu_overhead_memory {:.0} us", figures.cpu_overhead_memory_us);
+    if let Some(overhead) = figures.cpu_overhead_rabbitmq_us {
+        println!("process_cpu_overhead_rabbitmq {overhead:.0} us");
     }
     println!("idle_rss_thread {:.1} MB", figures.idle_rss_thread_mb);
     println!("idle_private_thread {:.1} MB", figures.idle_private_thread_mb);

@@ -253,6 +253,19 @@ fn print_table(
             && footprint.overhead_rabbitmq_us.is_some_and(|us| us <= 30.0)),
     ]);
     rows.push([
+        "the same in CPU time added per call (service and workers; not the broker's)".into(),
+        "-".into(),
+        format!(
+            "{:.0} / {} us",
+            footprint.cpu_overhead_memory_us,
+            footprint
+                .cpu_overhead_rabbitmq_us
+                .map_or_else(|| "-".to_owned(), |us| format!("{us:.0}"))
+        ),
+        "-".into(),
+        "-".into(),
+    ]);
+    rows.push([
         "idle RSS of a thread-mode service".into(),
         "-".into(),
         format!("{:.1} MB", footprint.idle_rss_thread_mb),
