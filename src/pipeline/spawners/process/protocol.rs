@@ -249,14 +249,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 impl<W: std::io::Write> FrameWriter<W> {
     /// Write every frame added so far, blocking this thread until they are written.
     pub(crate) fn flush_blocking(&mut self) -> std::io::Result<()> {
-        while !self.buffer.is_empty() {
-            match self.writer.write(&self.buffer) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(written) => self.buffer.advance(written),
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(error),
-            }
-        }
+        self.writer.write_all(&self.buffer)?;
+        self.buffer.clear();
         self.shrink();
         Ok(())
     }
@@ -306,8 +300,8 @@ impl<R: std::io::Read> FrameReader<R> {
                     read => break read,
                 }
             };
-            self.buffer.truncate(filled + *read.as_ref().unwrap_or(&0));
-            let read = read?;
+            let read = read.inspect_err(|_| self.buffer.truncate(filled))?;
+            self.buffer.truncate(filled + read);
             if read == 0 {
                 return self.ended();
             }
