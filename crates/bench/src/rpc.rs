@@ -5,7 +5,8 @@
 //! routing key), so each caller can call each responder.
 //!
 //! The bare responder consumes with prefetch `MAX_WORKERS`, answers each request on a task of
-//! its own, awaits the reply's publisher confirm, then acks the request (as the framework does).
+//! its own, awaits the reply's publisher confirm, then acks the request (as the framework does);
+//! [`BLOCKING_BARE`] computes the reply on the blocking pool, as the framework runs a sync target.
 //! The bare caller publishes with `mandatory` and awaits each request's confirm, and consumes
 //! its exclusive reply queue without acks.
 
@@ -58,6 +59,11 @@ mod async_target {
 /// The framework's service with an async target (the other one's is sync); only the
 /// transient callers call it.
 pub const ASYNC_RESPONDER: &str = "mf, async";
+
+/// The bare lapin responder that computes each reply on tokio's blocking pool
+/// (`spawn_blocking`), where the framework runs a sync target: the like-for-like baseline of
+/// the framework's sync target. Only the transient callers call it.
+pub const BLOCKING_BARE: &str = "bare, blocking";
 
 fn lapin_error(error: lapin::Error) -> Error {
     Error::Startup(format!("bare lapin: {error}"))
@@ -193,20 +199,22 @@ pub async fn pairings(
     // the async target is served to the transient callers only
     let measured = |caller: &str, responder: &str| {
         let transient = caller == "bare lapin" || caller == TRANSIENT_FRAMEWORK;
-        (responder != ASYNC_RESPONDER || transient) && wanted(caller, responder)
+        let transient_only = responder == ASYNC_RESPONDER || responder == BLOCKING_BARE;
+        (!transient_only || transient) && wanted(caller, responder)
     };
     let mut results = Vec::new();
-    for responder in ["bare lapin", "micro-framework", ASYNC_RESPONDER] {
+    for responder in ["bare lapin", BLOCKING_BARE, "micro-framework", ASYNC_RESPONDER] {
         if !callers.iter().any(|&(caller, _)| measured(caller, responder)) {
             continue;
         }
         let route = match responder {
-            "bare lapin" => None,
+            "bare lapin" | BLOCKING_BARE => None,
             "micro-framework" => Some(Route::new(echo)),
             _ => Some(Route::new(async_target::echo)),
         };
+        let blocking = responder == BLOCKING_BARE;
         let stop = match route {
-            None => Responder::Bare(BareResponder::start(&uri, &config).await?),
+            None => Responder::Bare(BareResponder::start(&uri, &config, blocking).await?),
             Some(route) => Responder::Framework(
                 Runner::new(vec![route.entrypoint(RPCListener::new())], config.clone())
                     .spawn()
@@ -268,7 +276,9 @@ struct BareResponder {
 }
 
 impl BareResponder {
-    async fn start(uri: &str, config: &Config) -> micro_framework::Result<Self> {
+    /// `blocking`: compute each reply on tokio's blocking pool, as the framework runs a sync
+    /// target, rather than on the request's task.
+    async fn start(uri: &str, config: &Config, blocking: bool) -> micro_framework::Result<Self> {
         let connection =
             Connection::connect(uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
         let channel = connection.create_channel().await.map_err(lapin_error)?;
@@ -292,13 +302,20 @@ impl BareResponder {
             .await
             .map_err(lapin_error)?;
         tokio::spawn(async move {
-            while let Some(Ok(delivery)) = incoming.next().await {
+            while let Some(Ok(mut delivery)) = incoming.next().await {
                 let channel = channel.clone();
                 tokio::spawn(async move {
-                    let request: Value = serde_json::from_slice(&delivery.data).unwrap_or_default();
-                    let reply =
+                    let body = std::mem::take(&mut delivery.data);
+                    let answer = move || {
+                        let request: Value = serde_json::from_slice(&body).unwrap_or_default();
                         serde_json::to_vec(&json!({ "result": request["args"][0], "error": null }))
-                            .unwrap_or_default();
+                            .unwrap_or_default()
+                    };
+                    let reply = if blocking {
+                        tokio::task::spawn_blocking(answer).await.unwrap_or_default()
+                    } else {
+                        answer()
+                    };
                     let (Some(reply_to), Some(correlation)) = (
                         delivery.properties.reply_to().clone(),
                         delivery.properties.correlation_id().clone(),

@@ -4,8 +4,8 @@
 //!
 //! Everything goes over the Nameko wire (topic exchange `nameko-rpc`, request queue
 //! `rpc-bench_rpc` bound `bench_rpc.*`, JSON bodies, reply to `nameko-rpc` with the caller's
-//! routing key), so each caller can call each responder. Ten pairings, in one run on the same
-//! broker:
+//! routing key), so each caller can call each responder. Twelve pairings, in one run on the
+//! same broker:
 //!
 //! | caller | responder | shows |
 //! |---|---|---|
@@ -16,13 +16,16 @@
 //! | micro-framework `Client` | micro-framework | both, requests persistent (the default) |
 //! | `Client` with `RPC_PERSISTENT_REQUESTS=false` | micro-framework | both, requests transient |
 //! | bare lapin, `Client` (transient) | `mf, async` | the same with an async target |
+//! | bare lapin, `Client` (transient) | `bare, blocking` | bare lapin replying from the blocking pool |
 //!
 //! (and each caller with the first two responders); `PAIRINGS="caller/responder;..."` (e.g.
 //! `PAIRINGS="bare lapin/bare lapin;mf, transient/bare lapin"`) measures only those, to profile
 //! one pairing at a time. The framework's `echo` is a sync target,
 //! run on the blocking pool's threads as sync targets are; `mf, async` serves it as an async
-//! target. The last lines compare the framework with bare
-//! lapin, both with transient requests and both with persistent ones.
+//! target; `bare, blocking` computes bare lapin's reply on the blocking pool
+//! (`spawn_blocking`), where the framework runs its sync target. The last lines compare the
+//! framework with bare lapin, both with transient requests and both with persistent ones, and
+//! its sync target with `bare, blocking`.
 //!
 //! The bare responder consumes with prefetch `MAX_WORKERS`, answers each request on a task of
 //! its own, awaits the reply's publisher confirm, then acks the request (as the framework does).
@@ -35,7 +38,8 @@
 use micro_framework::prelude::*;
 use micro_framework::Error;
 use micro_framework_bench::rpc::{
-    find, pairings, ASYNC_RESPONDER, CONCURRENT, PERSISTENT_BARE, TRANSIENT_FRAMEWORK,
+    find, pairings, ASYNC_RESPONDER, BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE,
+    TRANSIENT_FRAMEWORK,
 };
 
 fn main() -> micro_framework::Result<()> {
@@ -90,16 +94,35 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
         );
     }
     let comparisons = [
-        ("transient requests", "bare lapin", TRANSIENT_FRAMEWORK, "micro-framework"),
-        ("persistent requests", PERSISTENT_BARE, "micro-framework", "micro-framework"),
-        ("transient requests, async target", "bare lapin", TRANSIENT_FRAMEWORK, ASYNC_RESPONDER),
+        ("transient requests", "bare lapin", "bare lapin", TRANSIENT_FRAMEWORK, "micro-framework"),
+        (
+            "persistent requests",
+            PERSISTENT_BARE,
+            "bare lapin",
+            "micro-framework",
+            "micro-framework",
+        ),
+        (
+            "transient requests, async target",
+            "bare lapin",
+            "bare lapin",
+            TRANSIENT_FRAMEWORK,
+            ASYNC_RESPONDER,
+        ),
+        (
+            "transient requests, both on the blocking pool",
+            "bare lapin",
+            BLOCKING_BARE,
+            TRANSIENT_FRAMEWORK,
+            "micro-framework",
+        ),
     ];
-    for (what, bare_caller, our_caller, our_responder) in comparisons {
+    for (what, bare_caller, bare_responder, our_caller, our_responder) in comparisons {
         if let (Some(bare), Some(ours)) =
-            (find(&results, bare_caller, "bare lapin"), find(&results, our_caller, our_responder))
+            (find(&results, bare_caller, bare_responder), find(&results, our_caller, our_responder))
         {
             println!(
-                "micro-framework / bare, {what}: throughput {:.2}x, p50 +{:.2} ms",
+                "micro-framework / bare, {what}: throughput {:.2}x, p50 {:+.2} ms",
                 ours.rate / bare.rate,
                 ours.percentile(0.5) - bare.percentile(0.5)
             );
