@@ -289,6 +289,7 @@ impl WorkerLink {
             _ => {
                 let calls = calls.into_std()?;
                 calls.set_nonblocking(false)?;
+                let _hang_up = HangUpOnDrop(calls.try_clone()?);
                 tokio::task::spawn_blocking(move || {
                     run_sync_targets_here(|| serve_calls_blocking(&calls, &routes, &runtime))
                 })
@@ -300,6 +301,18 @@ impl WorkerLink {
         reading.abort();
         transport.link_ended();
         Ok(served?)
+    }
+}
+
+/// Shuts the calls link down when dropped: when a program drops the future that serves the
+/// calls, the call thread's blocking read (or its next write) then fails and the thread ends,
+/// rather than holding up the runtime's drop until the service hangs up. Once the thread has
+/// ended, shutting the link down again changes nothing.
+struct HangUpOnDrop(std::os::unix::net::UnixStream);
+
+impl Drop for HangUpOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -453,5 +466,36 @@ mod tests {
         assert!(matches!(answer, Err(TransportError::Closed { .. })), "{answer:?}");
         let _read = reading.await.expect("the reader ends with the link");
         assert!(!transport.is_connected());
+    }
+
+    #[test]
+    fn a_runtime_whose_worker_was_dropped_mid_wait_shuts_down_though_the_service_stays() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (link, service_calls, service_control) = runtime.block_on(async {
+            let (calls, service_calls) = UnixStream::pair().unwrap();
+            let (control, service_control) = UnixStream::pair().unwrap();
+            (WorkerLink::over(calls, control), service_calls, service_control)
+        });
+        let serving = runtime.spawn(link.serve(HashMap::new()));
+        // the worker says ready, then its call thread waits in its blocking read
+        let mut ready = [0u8; 1];
+        let service_calls = service_calls.into_std().unwrap();
+        service_calls.set_nonblocking(false).unwrap();
+        std::io::Read::read_exact(&mut &service_calls, &mut ready).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        serving.abort();
+        let (dropped, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(runtime);
+            let _ = dropped.send(());
+        });
+        // the service still holds both links open
+        done.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the runtime shuts down while the service keeps the links open");
+        drop((service_calls, service_control));
     }
 }
