@@ -4,7 +4,7 @@
 //! Against `AMQP_URI` (default `amqp://guest:guest@127.0.0.1:5672/`), in this order:
 //!
 //! 1. RPC (`bench_rpc`'s pairings that the table compares): with `MAX_WORKERS=16`, then
-//!    `MAX_WORKERS=3`, three rounds each of 1,000 sequential calls and 4,000 calls by 16
+//!    `MAX_WORKERS=3`, five rounds each of 1,000 sequential calls and 4,000 calls by 16
 //!    concurrent callers per pairing; each figure is the median round, each ratio the median
 //!    of the rounds' ratios (bare lapin and the framework measured in the same round), shown
 //!    with its range;
@@ -28,7 +28,7 @@ use micro_framework_bench::workers::serve_worker;
 const RPC_CALLS: usize = 1000;
 /// RPC rounds per `MAX_WORKERS`: one round's ratios swing by about ±0.15 on a 2-core machine
 /// shared with the broker, so the table shows the median round and the range.
-const RPC_ROUNDS: usize = 3;
+const RPC_ROUNDS: usize = 5;
 const EVENTS: usize = 10_000;
 
 /// The caller/responder pairings the table compares.
