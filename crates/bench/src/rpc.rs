@@ -196,7 +196,7 @@ pub async fn pairings(
         ("micro-framework", &client),
         (TRANSIENT_FRAMEWORK, &transient_client),
     ];
-    // the async target is served to the transient callers only
+    // the async target and bare lapin on the blocking pool answer the transient callers only
     let measured = |caller: &str, responder: &str| {
         let transient = caller == "bare lapin" || caller == TRANSIENT_FRAMEWORK;
         let transient_only = responder == ASYNC_RESPONDER || responder == BLOCKING_BARE;
