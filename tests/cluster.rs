@@ -160,6 +160,30 @@ fn node_of(cluster: &Cluster, transport: &SharedTransport) -> usize {
     cluster.node_at(&address).unwrap_or_else(|| panic!("{address} is no node of the cluster"))
 }
 
+/// Connect with `connect` until the connection lands on a node `wanted` admits (the URI list
+/// is shuffled per connection), closing each misplaced one; at most `PLACEMENT_TRIES` times.
+async fn place<T, E: std::fmt::Debug, Connected, Closed>(
+    what: &str,
+    connect: impl Fn() -> Connected,
+    node: impl Fn(&T) -> usize,
+    wanted: impl Fn(usize) -> bool,
+    close: impl Fn(T) -> Closed,
+) -> T
+where
+    Connected: std::future::Future<Output = Result<T, E>>,
+    Closed: std::future::Future<Output = ()>,
+{
+    for _ in 0..PLACEMENT_TRIES {
+        let connected =
+            connect().await.unwrap_or_else(|error| panic!("{what} connects: {error:?}"));
+        if wanted(node(&connected)) {
+            return connected;
+        }
+        close(connected).await;
+    }
+    panic!("{what} never landed where wanted");
+}
+
 impl Rig {
     /// Declare the service's queues through the leader's node alone (a quorum queue's leader
     /// is the node it is declared on), then start the service and the load, each with the
@@ -183,47 +207,37 @@ impl Rig {
                 placement.leader
             );
         }
-        let mut tries = 0..PLACEMENT_TRIES;
-        let (service, service_node) = loop {
-            assert!(tries.next().is_some(), "the service never landed where wanted");
-            let config = service_config(&service_name, &cluster.list());
-            let service = Runner::new(routes(&source, &tally), config)
-                .spawn()
-                .await
-                .expect("the service starts");
-            let node = node_of(cluster, service.transport());
-            if placement.service.admits(node) {
-                break (service, node);
-            }
-            service.stop().await.expect("the misplaced service stops");
-        };
-        let load_config = Config::new(source.clone()).with_amqp_uri(cluster.list());
+        let config = service_config(&service_name, &cluster.list());
+        let service = place(
+            "the service",
+            || Runner::new(routes(&source, &tally), config.clone()).spawn(),
+            |service| node_of(cluster, service.transport()),
+            |node| placement.service.admits(node),
+            |service| async { service.stop().await.expect("the misplaced service stops") },
+        )
+        .await;
+        let service_node = node_of(cluster, service.transport());
         // The load's two connections are placed one after the other: asking both to land on
         // the one wanted node at once succeeds one time in nine, and 30 tries of that failed
         // about one run in 35.
-        let mut tries = 0..PLACEMENT_TRIES;
-        let (load_transport, load_node) = loop {
-            assert!(tries.next().is_some(), "the load never landed where wanted");
-            let transport =
-                micro_framework::transport::connect(&load_config).await.expect("the load connects");
-            let node = node_of(cluster, &transport);
-            if placement.load.admits(node) && node != service_node {
-                break (transport, node);
-            }
-            transport.close().await;
-        };
-        let mut tries = 0..PLACEMENT_TRIES;
-        let client = loop {
-            assert!(
-                tries.next().is_some(),
-                "the load's RPC client never landed on node {load_node}"
-            );
-            let client = Client::connect(&load_config).await.expect("the RPC client connects");
-            if node_of(cluster, client.transport()) == load_node {
-                break client;
-            }
-            client.close().await;
-        };
+        let load_config = Config::new(source.clone()).with_amqp_uri(cluster.list());
+        let load_transport = place(
+            "the load",
+            || micro_framework::transport::connect(&load_config),
+            |transport| node_of(cluster, transport),
+            |node| placement.load.admits(node) && node != service_node,
+            |transport| async move { transport.close().await },
+        )
+        .await;
+        let load_node = node_of(cluster, &load_transport);
+        let client = place(
+            "the load's RPC client",
+            || Client::connect(&load_config),
+            |client| node_of(cluster, client.transport()),
+            |node| node == load_node,
+            |client| async move { client.close().await },
+        )
+        .await;
         let producer = Producer::new(load_transport.clone(), &load_config);
         let proxy = client.service(service_name.clone()).timeout(CALL_TIMEOUT);
         let stop_load = Arc::new(AtomicBool::new(false));
