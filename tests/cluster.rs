@@ -135,9 +135,16 @@ fn service_config(name: &str, amqp_uri: &str) -> Config {
         .with_max_workers(MAX_WORKERS)
 }
 
-/// Run blocking cluster commands off the runtime's workers, which carry the load.
+/// Run blocking cluster commands off the runtime's workers, which carry the load. A command's
+/// panic goes on in the test as it is, so the test fails with the command's own message.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(work).await.expect("a cluster command panicked")
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(error) => panic!("a cluster command did not finish: {error}"),
+        },
+    }
 }
 
 /// Poll `probe` every 50 ms for up to `limit`.

@@ -154,19 +154,26 @@ impl Cluster {
 
 /// Wait until the three nodes run and each sees the other two.
 pub fn await_formed() {
-    assert!(formed(), "the cluster did not form again within {REFORM_LIMIT:?}");
+    if let Err(last) = formed() {
+        panic!("the cluster did not form again within {REFORM_LIMIT:?}; last seen: {last}");
+    }
 }
 
 /// Whether the three nodes run and each sees the other two, within [`REFORM_LIMIT`]: each
-/// node's count of running nodes, asked of node 1 for all three in one call.
-fn formed() -> bool {
+/// node's count of running nodes, asked of node 1 for all three in one call. On failure, what
+/// the last check saw.
+fn formed() -> Result<(), String> {
     let nodes = node_names().iter().map(|node| format!("'{node}'")).collect::<Vec<_>>();
     let views = format!(
         "[catch length(rpc:call(N, rabbit_nodes, all_running, [], 5000)) || N <- [{}]].",
         nodes.join(", ")
     );
     within(REFORM_LIMIT, || {
-        tool("ctl", 1, &["eval", &views]).is_ok_and(|counts| counts.trim() == "[3,3,3]")
+        let counts = tool("ctl", 1, &["eval", &views])?;
+        match counts.trim() {
+            "[3,3,3]" => Ok(()),
+            other => Err(format!("running nodes as each node counts them: {other}")),
+        }
     })
 }
 
@@ -174,20 +181,27 @@ fn formed() -> bool {
 /// before taking a node down.
 pub fn await_not_critical(node: usize) {
     let safe = within(REFORM_LIMIT, || {
-        tool("queues", node, &["check_if_node_is_quorum_critical"]).is_ok()
+        tool("queues", node, &["check_if_node_is_quorum_critical"]).map(drop)
     });
-    assert!(safe, "node {node} stayed critical for the quorum of a queue for {REFORM_LIMIT:?}");
+    if let Err(last) = safe {
+        panic!(
+            "node {node} stayed critical for the quorum of a queue for {REFORM_LIMIT:?}; the \
+             last check said: {last}"
+        );
+    }
 }
 
-/// Poll `condition` every 500 ms for up to `limit`; whether it held.
-fn within(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+/// Poll `check` every 500 ms for up to `limit`; the last failure when it never passed (a
+/// failed wait names what it last saw).
+fn within(limit: Duration, mut check: impl FnMut() -> Result<(), String>) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     loop {
-        if condition() {
-            return true;
-        }
+        let failure = match check() {
+            Ok(()) => return Ok(()),
+            Err(failure) => failure,
+        };
         if Instant::now() >= deadline {
-            return false;
+            return Err(failure);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -251,8 +265,8 @@ impl Drop for Fault {
         if let Err(error) = undo(self.node, self.kind) {
             eprintln!("could not undo {:?} on node {}: {error}", self.kind, self.node);
         }
-        if !formed() {
-            eprintln!("the cluster did not form again within {REFORM_LIMIT:?}");
+        if let Err(last) = formed() {
+            eprintln!("the cluster did not form again within {REFORM_LIMIT:?}; last seen: {last}");
         }
     }
 }
