@@ -306,9 +306,9 @@ impl Rig {
         let recovered_during = during.is_some();
         let recovery: Recovery = match during {
             Some(recovery) => recovery,
-            None => poll(LIMIT, || tally.recovery(at))
-                .await
-                .unwrap_or_else(|| panic!("{label}: no recovery within {LIMIT:?} of the undo")),
+            None => poll(LIMIT, || tally.recovery(at)).await.unwrap_or_else(|| {
+                panic!("{label}: no recovery within {LIMIT:?} of the undo: {}", tally.awaited(at))
+            }),
         };
         tokio::time::sleep(SETTLE).await;
         let stall = |flow| tally.longest_stall(flow, command, Instant::now()).as_secs_f64();

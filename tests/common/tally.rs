@@ -145,6 +145,36 @@ impl Tally {
         stall
     }
 
+    /// What [`Tally::recovery`] still waits for after a fault at `fault`, for a failure's
+    /// message: per flow, the ids sent since and how many are done; the earlier ids not done
+    /// (the first ten, with how far each got); the retries so far.
+    pub fn awaited(&self, fault: Instant) -> String {
+        let inner = self.inner();
+        let since = |flow: Flow| {
+            let sent = inner.entries.values().filter(|e| e.flow == flow && e.sent >= fault);
+            let (sent, done) =
+                sent.fold((0, 0), |(sent, done), e| (sent + 1, done + u64::from(e.is_done())));
+            format!("{flow:?}: {sent} sent since, {done} done")
+        };
+        let mut earlier: Vec<_> = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.sent < fault && !e.is_done())
+            .map(|(id, e)| (*id, e.flow, e.handled, e.replied))
+            .collect();
+        earlier.sort_by_key(|(id, ..)| *id);
+        format!(
+            "{}; {}; {} earlier ids not done (id, flow, handled, replied): {:?}; retries: \
+             {} publishes, {} calls",
+            since(Flow::Event),
+            since(Flow::Rpc),
+            earlier.len(),
+            &earlier[..earlier.len().min(10)],
+            inner.publish_retries,
+            inner.rpc_retries,
+        )
+    }
+
     /// Ids sent and not done yet.
     pub fn outstanding(&self) -> usize {
         self.inner().entries.values().filter(|entry| !entry.is_done()).count()
