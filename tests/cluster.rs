@@ -169,13 +169,14 @@ fn node_of(cluster: &Cluster, transport: &SharedTransport) -> usize {
 
 /// Connect with `connect` until the connection lands on a node `wanted` admits (the URI list
 /// is shuffled per connection), closing each misplaced one; at most `PLACEMENT_TRIES` times.
+/// The connection and its node.
 async fn place<T, E: std::fmt::Debug, Connected, Closed>(
     what: &str,
     connect: impl Fn() -> Connected,
     node: impl Fn(&T) -> usize,
     wanted: impl Fn(usize) -> bool,
     close: impl Fn(T) -> Closed,
-) -> T
+) -> (T, usize)
 where
     Connected: std::future::Future<Output = Result<T, E>>,
     Closed: std::future::Future<Output = ()>,
@@ -183,8 +184,9 @@ where
     for _ in 0..PLACEMENT_TRIES {
         let connected =
             connect().await.unwrap_or_else(|error| panic!("{what} connects: {error:?}"));
-        if wanted(node(&connected)) {
-            return connected;
+        let landed = node(&connected);
+        if wanted(landed) {
+            return (connected, landed);
         }
         close(connected).await;
     }
@@ -215,7 +217,7 @@ impl Rig {
             );
         }
         let config = service_config(&service_name, &cluster.list());
-        let service = place(
+        let (service, service_node) = place(
             "the service",
             || Runner::new(routes(&source, &tally), config.clone()).spawn(),
             |service| node_of(cluster, service.transport()),
@@ -223,12 +225,11 @@ impl Rig {
             |service| async { service.stop().await.expect("the misplaced service stops") },
         )
         .await;
-        let service_node = node_of(cluster, service.transport());
         // The load's two connections are placed one after the other: asking both to land on
         // the one wanted node at once succeeds one time in nine, and 30 tries of that failed
         // about one run in 35.
         let load_config = Config::new(source.clone()).with_amqp_uri(cluster.list());
-        let load_transport = place(
+        let (load_transport, load_node) = place(
             "the load",
             || micro_framework::transport::connect(&load_config),
             |transport| node_of(cluster, transport),
@@ -236,8 +237,7 @@ impl Rig {
             |transport| async move { transport.close().await },
         )
         .await;
-        let load_node = node_of(cluster, &load_transport);
-        let client = place(
+        let (client, _) = place(
             "the load's RPC client",
             || Client::connect(&load_config),
             |client| node_of(cluster, client.transport()),

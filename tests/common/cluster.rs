@@ -154,14 +154,14 @@ impl Cluster {
 
 /// Wait until the three nodes run and each sees the other two.
 pub fn await_formed() {
-    if let Err(last) = formed() {
-        panic!("the cluster did not form again within {REFORM_LIMIT:?}; last seen: {last}");
+    if let Err(failure) = formed() {
+        panic!("{failure}");
     }
 }
 
 /// Whether the three nodes run and each sees the other two, within [`REFORM_LIMIT`]: each
-/// node's count of running nodes, asked of node 1 for all three in one call. On failure, what
-/// the last check saw.
+/// node's count of running nodes, asked of node 1 for all three in one call. On failure, a
+/// message with what the last check saw.
 fn formed() -> Result<(), String> {
     let nodes = node_names().iter().map(|node| format!("'{node}'")).collect::<Vec<_>>();
     let views = format!(
@@ -174,6 +174,9 @@ fn formed() -> Result<(), String> {
             "[3,3,3]" => Ok(()),
             other => Err(format!("running nodes as each node counts them: {other}")),
         }
+    })
+    .map_err(|last| {
+        format!("the cluster did not form again within {REFORM_LIMIT:?}; last seen: {last}")
     })
 }
 
@@ -265,8 +268,8 @@ impl Drop for Fault {
         if let Err(error) = undo(self.node, self.kind) {
             eprintln!("could not undo {:?} on node {}: {error}", self.kind, self.node);
         }
-        if let Err(last) = formed() {
-            eprintln!("the cluster did not form again within {REFORM_LIMIT:?}; last seen: {last}");
+        if let Err(failure) = formed() {
+            eprintln!("{failure}");
         }
     }
 }
