@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -173,36 +173,48 @@ impl Metrics {
         self.failures.newest_first()
     }
 
+    /// The series of a route's calls, looked up once: a call then records into them without
+    /// hashing its labels. Each series appears in `/metrics` from this lookup on.
+    pub(crate) fn route_series(&self, context: &str, route: &str) -> RouteSeries {
+        RouteSeries {
+            received: self.received.with_label_values(&[context, route]),
+            running: self.running.with_label_values(&[context, route]),
+            started: self.started.with_label_values(&[context, route]),
+            duration: self.duration.with_label_values(&[context, route]),
+            available: self.available.with_label_values(&[context]),
+        }
+    }
+
     /// A message was delivered to a route.
-    pub(crate) fn received(&self, context: &str, route: &str) {
-        self.received.with_label_values(&[context, route]).inc();
+    pub(crate) fn received(&self, series: &RouteSeries) {
+        series.received.inc();
     }
 
     /// A call started; `available` slots remain in its context.
-    pub(crate) fn call_started(&self, context: &str, route: &str, available: usize) {
-        self.running.with_label_values(&[context, route]).inc();
-        self.started.with_label_values(&[context, route]).inc();
-        self.available.with_label_values(&[context]).set(gauge(available));
+    pub(crate) fn call_started(&self, series: &RouteSeries, available: usize) {
+        series.running.inc();
+        series.started.inc();
+        series.available.set(gauge(available));
     }
 
-    /// A call ended after `elapsed`, failed or not; `available` slots remain.
+    /// A call of the route labelled `context`, `route` ended after `elapsed`, failed or not.
     pub(crate) fn call_finished(
         &self,
-        context: &str,
-        route: &str,
+        series: &RouteSeries,
+        (context, route): (&str, &str),
         elapsed: Duration,
         failed: bool,
     ) {
-        self.running.with_label_values(&[context, route]).dec();
-        self.duration.with_label_values(&[context, route]).observe(elapsed.as_secs_f64());
+        series.running.dec();
+        series.duration.observe(elapsed.as_secs_f64());
         if failed {
             self.failed.with_label_values(&[context, route]).inc();
         }
     }
 
-    /// Free slots of a context changed.
-    pub(crate) fn available(&self, context: &str, available: usize) {
-        self.available.with_label_values(&[context]).set(gauge(available));
+    /// Free slots of a route's context changed.
+    pub(crate) fn available(&self, series: &RouteSeries, available: usize) {
+        series.available.set(gauge(available));
     }
 
     /// How a message's handling ended, on the route named `name` whose label is `route`.
@@ -277,6 +289,16 @@ impl Metrics {
             Err(error) => format!("# cannot encode metrics: {error}\n"),
         }
     }
+}
+
+/// The series every call of one route records into (see [`Metrics::route_series`]).
+#[derive(Debug)]
+pub(crate) struct RouteSeries {
+    received: IntCounter,
+    running: IntGauge,
+    started: IntCounter,
+    duration: Histogram,
+    available: IntGauge,
 }
 
 fn gauge(value: usize) -> i64 {

@@ -24,24 +24,29 @@ impl Metrics {
     /// Does nothing.
     pub(crate) fn context(&self, _context: &str, _max_workers: usize, _worker_mode: &str) {}
 
-    /// Does nothing.
-    pub(crate) fn received(&self, _context: &str, _route: &str) {}
+    /// Nothing to look up.
+    pub(crate) fn route_series(&self, _context: &str, _route: &str) -> RouteSeries {
+        RouteSeries
+    }
 
     /// Does nothing.
-    pub(crate) fn call_started(&self, _context: &str, _route: &str, _available: usize) {}
+    pub(crate) fn received(&self, _series: &RouteSeries) {}
+
+    /// Does nothing.
+    pub(crate) fn call_started(&self, _series: &RouteSeries, _available: usize) {}
 
     /// Does nothing.
     pub(crate) fn call_finished(
         &self,
-        _context: &str,
-        _route: &str,
+        _series: &RouteSeries,
+        _labels: (&str, &str),
         _elapsed: Duration,
         _failed: bool,
     ) {
     }
 
     /// Does nothing.
-    pub(crate) fn available(&self, _context: &str, _available: usize) {}
+    pub(crate) fn available(&self, _series: &RouteSeries, _available: usize) {}
 
     /// Does nothing.
     pub(crate) fn settled(&self, _context: &str, _route: &str, _name: &str, _handled: &Handled) {}
@@ -59,3 +64,7 @@ impl Metrics {
     ) {
     }
 }
+
+/// No series (built without the `metrics` feature).
+#[derive(Debug)]
+pub(crate) struct RouteSeries;

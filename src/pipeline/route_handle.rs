@@ -5,7 +5,7 @@
 //! `CallbackRoute` ([`RouteHandle::handle`]). The entrypoint then settles the message with its
 //! source (ack, dead-letter, reply) from the [`Handled`] it gets back.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -24,7 +24,7 @@ use crate::handler::dependencies::{DependencyValues, SharedDependency};
 use crate::handler::targets::{ErasedTarget, TargetError, TargetResult};
 use crate::handler::translators::{translate, MessageTranslator};
 use crate::handler::{ServiceState, WorkerContext};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteSeries};
 use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
 use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
@@ -59,6 +59,8 @@ struct RouteRuntime {
     calls: CallWatch,
     state: ServiceState,
     metrics: Metrics,
+    /// Its series of `metrics`, looked up on its first call.
+    series: OnceLock<RouteSeries>,
     extensions: SharedExtensions,
 }
 
@@ -114,6 +116,7 @@ impl RouteHandle {
                 calls: CallWatch::default(),
                 state: env.state.clone(),
                 metrics: env.metrics.clone(),
+                series: OnceLock::new(),
                 extensions: env.extensions.clone(),
             }),
         }
@@ -212,17 +215,25 @@ impl RouteHandle {
     /// retry it as the route's backoff says (in the worker, or by asking the entrypoint to
     /// schedule it on the broker), and when no retry remains run the callback.
     pub async fn handle(&self, permit: WorkerPermit, message: Message) -> Handled {
+        self.handle_borrowed(permit, &message).await
+    }
+
+    /// [`RouteHandle::handle`] for an entrypoint that still needs the message once handled
+    /// (RPC replies to it), so it is not copied for the call.
+    pub(crate) async fn handle_borrowed(&self, permit: WorkerPermit, message: &Message) -> Handled {
         self.inner.stats.received();
-        let (context, route) = (self.inner.pool.context(), self.metric_label());
-        self.inner.metrics.received(context, route);
-        self.inner.metrics.call_started(context, route, self.inner.pool.available());
+        let (metrics, labels) =
+            (&self.inner.metrics, (self.inner.pool.context(), self.metric_label()));
+        let series = self.inner.series.get_or_init(|| metrics.route_series(labels.0, labels.1));
+        metrics.received(series);
+        metrics.call_started(series, self.inner.pool.available());
         let started = tokio::time::Instant::now();
-        let handled = self.handle_in_slot(&message).await;
+        let handled = self.handle_in_slot(message).await;
         let failed = !matches!(handled, Handled::Succeeded(_));
         drop(permit);
-        self.inner.metrics.call_finished(context, route, started.elapsed(), failed);
-        self.inner.metrics.available(context, self.inner.pool.available());
-        self.inner.calls.finished(&message, &handled);
+        metrics.call_finished(series, labels, started.elapsed(), failed);
+        metrics.available(series, self.inner.pool.available());
+        self.inner.calls.finished(message, &handled);
         handled
     }
 

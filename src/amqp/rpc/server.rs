@@ -104,7 +104,7 @@ impl DeliveryHandler for RpcServer {
                         }
                         return;
                     };
-                    let handled = route.handle(permit, message.clone()).await;
+                    let handled = route.handle_borrowed(permit, &message).await;
                     let outcome = handled_outcome(&handled).map_err(RemoteException::from_failure);
                     (outcome, route, Some(handled))
                 }

@@ -91,11 +91,20 @@ pub(crate) fn request_body(args: Vec<Value>, kwargs: Map<String, Value>) -> Byte
 
 /// The body of a reply: `{"result": ..., "error": null | {...}}`.
 pub(crate) fn reply_body(outcome: &Result<Value, RemoteException>) -> Bytes {
-    let body = match outcome {
-        Ok(result) => json!({ "result": result, "error": null }),
-        Err(error) => json!({ "result": null, "error": error }),
-    };
-    Bytes::from(body.to_string())
+    /// A result's reply, written from the result itself rather than from a copy of it in a
+    /// new `Value`; its keys in the order `json!` sorts them, as in an error's reply.
+    #[derive(Serialize)]
+    struct Succeeded<'a> {
+        error: (),
+        result: &'a Value,
+    }
+    match outcome {
+        // Cannot fail: a `Value` has only string keys, and nothing else it holds can fail.
+        Ok(result) => {
+            Bytes::from(serde_json::to_vec(&Succeeded { error: (), result }).unwrap_or_default())
+        }
+        Err(error) => Bytes::from(json!({ "result": null, "error": error }).to_string()),
+    }
 }
 
 /// The outcome a reply body carries.
@@ -147,5 +156,13 @@ mod tests {
         let failed = reply_body(&Err(error.clone()));
         assert_eq!(parse_reply(&failed).unwrap(), Err(error));
         assert!(parse_reply(b"{oops").is_err());
+    }
+
+    #[test]
+    fn a_result_reply_has_the_bytes_of_the_json_macro_form() {
+        let result = json!({"b": [1, "x", {"d": 2.5, "c": null}], "a": "é"});
+        let expected = json!({ "result": result, "error": null }).to_string();
+        assert_eq!(reply_body(&Ok(result)), Bytes::from(expected));
+        assert_eq!(reply_body(&Ok(Value::Null)), Bytes::from(r#"{"error":null,"result":null}"#));
     }
 }

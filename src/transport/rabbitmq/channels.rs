@@ -17,8 +17,9 @@ use crate::transport::TransportError;
 pub(crate) struct Held {
     /// The connection the channel is on.
     pub(crate) link: Arc<Link>,
-    /// The channel.
-    pub(crate) channel: Channel,
+    /// The channel, shared: a lapin `Channel` holds a dozen reference counts, each bumped on
+    /// a clone, and a channel is handed to every publish.
+    pub(crate) channel: Arc<Channel>,
 }
 
 impl Held {
@@ -67,18 +68,31 @@ impl ChannelSlot {
         &self,
         slot: &mut Option<Held>,
         shared: &Shared,
-        mut min_generation: u64,
+        min_generation: u64,
         deadline: Instant,
     ) -> Result<Held, TransportError> {
         if let Some(held) = slot.as_ref().filter(|held| held.usable(min_generation)) {
             return Ok(held.clone());
         }
+        // Boxed: opening a channel is rare, and its future (a reconnect wait, the channel's
+        // opening) would otherwise sit inside every publish's, copied with it each call.
+        Box::pin(self.reopen(slot, shared, min_generation, deadline)).await
+    }
+
+    /// Open a new channel into `slot`, on a link of at least `min_generation`.
+    async fn reopen(
+        &self,
+        slot: &mut Option<Held>,
+        shared: &Shared,
+        mut min_generation: u64,
+        deadline: Instant,
+    ) -> Result<Held, TransportError> {
         *slot = None;
         loop {
             let link = shared.link(min_generation, deadline).await?;
             match link.guard(open_channel(&link, self.confirm)).await {
                 Ok(channel) => {
-                    let held = Held { link, channel };
+                    let held = Held { link, channel: Arc::new(channel) };
                     *slot = Some(held.clone());
                     return Ok(held);
                 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     BasicRejectOptions,
@@ -31,7 +31,7 @@ pub(crate) struct RabbitAcker {
     acker: lapin::Acker,
     settled: AtomicBool,
     /// Keeps the channel open while the delivery is unsettled.
-    channel: Channel,
+    channel: Arc<Channel>,
     /// The connection of the channel.
     link: Arc<Link>,
 }
@@ -109,7 +109,7 @@ impl Drop for RabbitAcker {
 /// Convert a lapin delivery; its acker keeps `channel` open until settled.
 pub(crate) fn to_delivery(
     delivery: lapin::message::Delivery,
-    channel: &Channel,
+    channel: &Arc<Channel>,
     link: &Arc<Link>,
 ) -> Delivery {
     Delivery {
@@ -141,7 +141,10 @@ struct ConsumerSpec {
 }
 
 /// Open a channel with per-consumer QoS and start consuming on it.
-async fn subscribe(link: &Link, spec: &ConsumerSpec) -> lapin::Result<(Channel, lapin::Consumer)> {
+async fn subscribe(
+    link: &Link,
+    spec: &ConsumerSpec,
+) -> lapin::Result<(Arc<Channel>, lapin::Consumer)> {
     let channel = link.connection.create_channel().await?;
     channel.basic_qos(spec.prefetch, BasicQosOptions { global: false }).await?;
     let options =
@@ -149,7 +152,7 @@ async fn subscribe(link: &Link, spec: &ConsumerSpec) -> lapin::Result<(Channel, 
     let consumer = channel
         .basic_consume(spec.queue.clone(), spec.tag.clone(), options, FieldTable::default())
         .await?;
-    Ok((channel, consumer))
+    Ok((Arc::new(channel), consumer))
 }
 
 /// Map an error of [`subscribe`]. RabbitMQ refuses a `basic.consume` with `403` when the
@@ -201,13 +204,13 @@ pub(crate) async fn start(
     let tag = spec.tag.to_string();
     let subscription = Subscription { link, channel, stream };
     let feeder = Feeder { shared, spec, cancelled, cancel_sent: false, failed: false };
-    let deliveries = futures::stream::unfold(
-        (feeder, Some(subscription)),
-        |(mut feeder, mut subscription)| async move {
-            let delivery = feeder.next(&mut subscription).await?;
-            Some((delivery, (feeder, subscription)))
-        },
-    );
+    // The state is boxed: `unfold` moves it in and out of its future on every delivery.
+    let deliveries =
+        futures::stream::unfold(Box::new((feeder, Some(subscription))), |mut state| async move {
+            let (feeder, subscription) = &mut *state;
+            let delivery = feeder.next(subscription).await?;
+            Some((delivery, state))
+        });
     // Dropping the consumer drops lapin's, which cancels it at the broker.
     Ok(Consumer::from_stream(tag, deliveries, move || {
         let _ = cancel.send(true);
@@ -217,7 +220,8 @@ pub(crate) async fn start(
 /// A live subscription: the connection, the channel and lapin's consumer on it.
 struct Subscription {
     link: Arc<Link>,
-    channel: Channel,
+    /// Shared with the ackers of its deliveries: a lapin `Channel` is costly to clone.
+    channel: Arc<Channel>,
     stream: lapin::Consumer,
 }
 
@@ -267,12 +271,15 @@ impl Feeder {
     async fn forward(&mut self, subscription: &mut Subscription) -> Option<Delivery> {
         let Subscription { link, channel, stream } = subscription;
         loop {
-            let step = tokio::select! {
-                biased;
-                _ = self.cancelled.wait_for(|c| *c), if !self.cancel_sent => Step::Cancel,
-                _ = self.shared.closed() => Step::Closed,
-                () = link.died() => Step::Died,
-                item = stream.next() => Step::Item(Box::new(item)),
+            let step = match self.ready(link, stream) {
+                Some(item) => Step::Item(Box::new(item)),
+                None => tokio::select! {
+                    biased;
+                    _ = self.cancelled.wait_for(|c| *c), if !self.cancel_sent => Step::Cancel,
+                    _ = self.shared.closed() => Step::Closed,
+                    () = link.died() => Step::Died,
+                    item = stream.next() => Step::Item(Box::new(item)),
+                },
             };
             match step {
                 Step::Item(item) => match *item {
@@ -302,8 +309,30 @@ impl Feeder {
         }
     }
 
+    /// What lapin already holds for this consumer, taken without arming the waits of
+    /// [`Feeder::forward`]'s select (under load a delivery is usually there); `None` when
+    /// nothing is ready, or when a cancel, a close or a dead link must be seen first.
+    fn ready(
+        &self,
+        link: &Link,
+        stream: &mut lapin::Consumer,
+    ) -> Option<Option<lapin::Result<lapin::message::Delivery>>> {
+        let quiet = !self.cancel_sent
+            && !*self.cancelled.borrow()
+            && !self.shared.is_closed()
+            && link.alive();
+        if quiet {
+            stream.next().now_or_never()
+        } else {
+            None
+        }
+    }
+
     /// Subscribe again once a usable connection is there. `None` when the consumer must end.
-    async fn resume(&mut self, failed: &Link) -> Option<(Arc<Link>, Channel, lapin::Consumer)> {
+    async fn resume(
+        &mut self,
+        failed: &Link,
+    ) -> Option<(Arc<Link>, Arc<Channel>, lapin::Consumer)> {
         let mut min_generation = failed.generation;
         if !failed.alive() {
             self.shared.kick();

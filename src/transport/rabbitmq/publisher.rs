@@ -7,6 +7,8 @@
 //! in flight on it: each is sent once more on a channel of its own, so only the one at fault
 //! fails.
 
+use std::sync::Arc;
+
 use lapin::options::BasicPublishOptions;
 use lapin::{Channel, Confirmation};
 use tokio::time::Instant;
@@ -44,7 +46,7 @@ pub(crate) async fn publish(
             size => usize::try_from(size).unwrap_or(usize::MAX),
         };
         check_header_size(&message.properties, frame_max)?;
-        let publish = |channel: Channel| {
+        let publish = |channel: Arc<Channel>| {
             let (exchange, key, properties) =
                 (exchange_name.clone(), key.clone(), properties.clone());
             async move {
@@ -59,14 +61,15 @@ pub(crate) async fn publish(
             // exchange) or by another one in flight on it. The one retry goes on a channel of
             // its own: a publish that breaks its channel again breaks no other.
             let own = async {
-                let channel = open_channel(&held.link, true).await?;
+                let channel = Arc::new(open_channel(&held.link, true).await?);
                 let confirmed = publish(channel.clone()).await;
                 if channel.status().connected() {
                     let _ = channel.close(200, "publish retried".into()).await;
                 }
                 confirmed
             };
-            tokio::time::timeout_at(deadline, held.link.guard(own)).await
+            // boxed: rare, and its future would otherwise weigh on every publish's
+            Box::pin(tokio::time::timeout_at(deadline, held.link.guard(own))).await
         } else {
             tokio::time::timeout_at(deadline, held.link.guard(publish(held.channel.clone()))).await
         };
