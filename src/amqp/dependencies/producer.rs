@@ -138,7 +138,7 @@ impl Producer {
         payload: &T,
     ) -> Result<()> {
         let body = Bytes::from(serde_json::to_vec(payload)?);
-        check_size(&format!("event {event_type}"), body.len(), self.max_message_size)?;
+        check_size(format_args!("event {event_type}"), body.len(), self.max_message_size)?;
         let mut properties = json_properties();
         properties.headers = self.headers.clone();
         let message = OutgoingMessage { body, properties };

@@ -56,7 +56,7 @@ impl RpcRequest {
             Protocol::Nameko => wire::request_body(args, kwargs),
             Protocol::MicroFramework => ufw_wire::request_body(&method, args, kwargs),
         };
-        check_size(&format!("RPC request {service}.{method}"), body.len(), max_size)?;
+        check_size(format_args!("RPC request {service}.{method}"), body.len(), max_size)?;
         Ok(body)
     }
 }

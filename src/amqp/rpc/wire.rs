@@ -86,7 +86,15 @@ pub(crate) fn request_arguments(payload: &Value) -> Option<(&Vec<Value>, &Map<St
 
 /// The body of a request: `{"args": [...], "kwargs": {...}}`.
 pub(crate) fn request_body(args: Vec<Value>, kwargs: Map<String, Value>) -> Bytes {
-    Bytes::from(json!({ "args": args, "kwargs": kwargs }).to_string())
+    /// Written from the arguments themselves rather than from copies of them in a new
+    /// `Value`; its keys in the order `json!` sorts them.
+    #[derive(Serialize)]
+    struct Request {
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+    }
+    // Cannot fail: a `Value` has only string keys, and nothing else it holds can fail.
+    Bytes::from(serde_json::to_vec(&Request { args, kwargs }).unwrap_or_default())
 }
 
 /// The body of a reply: `{"result": ..., "error": null | {...}}`.
@@ -156,6 +164,16 @@ mod tests {
         let failed = reply_body(&Err(error.clone()));
         assert_eq!(parse_reply(&failed).unwrap(), Err(error));
         assert!(parse_reply(b"{oops").is_err());
+    }
+
+    #[test]
+    fn a_request_has_the_bytes_of_the_json_macro_form() {
+        let args = vec![json!({"y": [1, 2.5], "x": "é"}), Value::Null];
+        let kwargs = json!({"b": {"d": 1, "c": null}, "a": [true]});
+        let Value::Object(kwargs) = kwargs else { unreachable!() };
+        let expected = json!({ "args": args, "kwargs": kwargs }).to_string();
+        assert_eq!(request_body(args, kwargs), Bytes::from(expected));
+        assert_eq!(request_body(Vec::new(), Map::new()), Bytes::from(r#"{"args":[],"kwargs":{}}"#));
     }
 
     #[test]

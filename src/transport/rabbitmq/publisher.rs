@@ -30,14 +30,18 @@ pub(crate) async fn publish(
     message: &OutgoingMessage,
     options: PublishOptions,
 ) -> Result<(), TransportError> {
-    let exchange_name = short(exchange, "exchange name")?;
-    let key = short(routing_key, "routing key")?;
-    let properties = to_basic_properties(&message.properties)?;
+    // What lapin takes by value, made for each attempt and moved into it (most publishes
+    // make one attempt): cheaper than a copy kept for retries.
+    let parts = || -> Result<_, TransportError> {
+        let properties = to_basic_properties(&message.properties)?;
+        Ok((short(exchange, "exchange name")?, short(routing_key, "routing key")?, properties))
+    };
     let publish_options = BasicPublishOptions { mandatory: options.mandatory, immediate: false };
     let deadline = Instant::now() + shared.options.publish_timeout;
     let mut min_generation = 0;
     let mut channel_failed = false;
     loop {
+        let (exchange_name, key, properties) = parts()?;
         let held = slot.get(shared, min_generation, deadline).await?;
         // RabbitMQ closes the whole connection on a content header bigger than a frame.
         // A negotiated frame_max of 0 means no limit.
@@ -46,15 +50,11 @@ pub(crate) async fn publish(
             size => usize::try_from(size).unwrap_or(usize::MAX),
         };
         check_header_size(&message.properties, frame_max)?;
-        let publish = |channel: Arc<Channel>| {
-            let (exchange, key, properties) =
-                (exchange_name.clone(), key.clone(), properties.clone());
-            async move {
-                channel
-                    .basic_publish(exchange, key, publish_options, &message.body, properties)
-                    .await?
-                    .await
-            }
+        let publish = move |channel: Arc<Channel>| async move {
+            channel
+                .basic_publish(exchange_name, key, publish_options, &message.body, properties)
+                .await?
+                .await
         };
         let outcome = if channel_failed {
             // The shared channel was closed under this publish, by it (e.g. an unknown
