@@ -68,25 +68,12 @@ impl ChannelSlot {
         &self,
         slot: &mut Option<Held>,
         shared: &Shared,
-        min_generation: u64,
+        mut min_generation: u64,
         deadline: Instant,
     ) -> Result<Held, TransportError> {
         if let Some(held) = slot.as_ref().filter(|held| held.usable(min_generation)) {
             return Ok(held.clone());
         }
-        // Boxed: opening a channel is rare, and its future (a reconnect wait, the channel's
-        // opening) would otherwise sit inside every publish's, copied with it each call.
-        Box::pin(self.reopen(slot, shared, min_generation, deadline)).await
-    }
-
-    /// Open a new channel into `slot`, on a link of at least `min_generation`.
-    async fn reopen(
-        &self,
-        slot: &mut Option<Held>,
-        shared: &Shared,
-        mut min_generation: u64,
-        deadline: Instant,
-    ) -> Result<Held, TransportError> {
         *slot = None;
         loop {
             let link = shared.link(min_generation, deadline).await?;
