@@ -93,8 +93,7 @@ pub(crate) fn request_body(args: Vec<Value>, kwargs: Map<String, Value>) -> Byte
         args: Vec<Value>,
         kwargs: Map<String, Value>,
     }
-    // Cannot fail: a `Value` has only string keys, and nothing else it holds can fail.
-    Bytes::from(serde_json::to_vec(&Request { args, kwargs }).unwrap_or_default())
+    values_body(&Request { args, kwargs })
 }
 
 /// The body of a reply: `{"result": ..., "error": null | {...}}`.
@@ -107,12 +106,15 @@ pub(crate) fn reply_body(outcome: &Result<Value, RemoteException>) -> Bytes {
         result: &'a Value,
     }
     match outcome {
-        // Cannot fail: a `Value` has only string keys, and nothing else it holds can fail.
-        Ok(result) => {
-            Bytes::from(serde_json::to_vec(&Succeeded { error: (), result }).unwrap_or_default())
-        }
+        Ok(result) => values_body(&Succeeded { error: (), result }),
         Err(error) => Bytes::from(json!({ "result": null, "error": error }).to_string()),
     }
+}
+
+/// `body` in JSON, for a body made of JSON values only: writing it cannot fail, as a `Value`
+/// has only string keys and nothing else it holds can fail.
+fn values_body(body: &impl Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(body).unwrap_or_default())
 }
 
 /// The outcome a reply body carries.
