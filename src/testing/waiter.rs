@@ -41,6 +41,8 @@ type PayloadPredicate = Box<dyn Fn(&Value) -> bool + Send + Sync>;
 /// service.dispatch("shop", "paid", &json!({"id": 2})).await.unwrap();
 /// let call = waiter.wait().await.unwrap();
 /// assert_eq!(call.result::<u64>().unwrap(), 2);
+/// // calls run concurrently: let both finish, so the next waiter cannot see the first
+/// service.wait_for_route("on_paid", 2).await.unwrap();
 ///
 /// let failing = service.waiter("on_paid").unwrap();
 /// service.dispatch("shop", "paid", &json!({"ref": "x"})).await.unwrap();
