@@ -14,7 +14,12 @@
 //!   (`Anonymous`: heap, stacks, buffers), the rest being pages mapped from files;
 //! - `idle_rss_process_4_workers`: the same service in process mode with 4 worker processes,
 //!   service and workers added up; `idle_pss_process_4_workers` counts the pages they share
-//!   (the binary's code) once.
+//!   (the binary's code) once;
+//! - `idle_rss_one_worker`: one worker process of that service (the mean of the 4), and
+//!   `idle_binary_one_worker` the pages of the program's file it maps (code, constants);
+//! - `idle_rss_floor` and `idle_binary_floor`: the same for the least a worker could be,
+//!   this binary started again to build only the runtime a worker builds, with a thread of
+//!   its blocking pool and the runtime each waiting on a socket, as a worker's two links do.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -34,6 +39,9 @@ const MESSAGES: u64 = 2000;
 /// How long the service idles after its start before it is measured.
 const IDLE: Duration = Duration::from_secs(2);
 const IDLE_SERVICE: &str = "idle-service";
+const IDLE_FLOOR: &str = "idle-floor";
+/// What a measured idle process prints once it started.
+const STARTED: &str = "started with";
 
 fn noop() {}
 
@@ -47,11 +55,13 @@ fn echo(Args(EchoArgs { x }): Args<EchoArgs>) -> serde_json::Value {
     x
 }
 
-/// When this process was started as the measured idle service (or one of its worker
-/// processes): run it and return `Some` once it stops; `None` otherwise.
+/// When this process was started as a measured idle process (the idle service, one of its
+/// worker processes, or the floor): run it and return `Some` once it stops; `None` otherwise.
 pub fn serve_idle_service() -> Option<micro_framework::Result<()>> {
-    if std::env::args().nth(1).as_deref() != Some(IDLE_SERVICE) {
-        return None;
+    match std::env::args().nth(1).as_deref() {
+        Some(IDLE_SERVICE) => {}
+        Some(IDLE_FLOOR) => return Some(idle_floor()),
+        _ => return None,
     }
     let routes = vec![
         Route::new(noop).entrypoint(EventListener::new("bench_src", "idle")),
@@ -62,6 +72,29 @@ pub fn serve_idle_service() -> Option<micro_framework::Result<()>> {
             .map_err(Into::into)
             .and_then(|config| Runner::new(routes, config).start()),
     )
+}
+
+/// The least a worker process could be: the runtime a worker builds (one runtime thread and
+/// a blocking pool), a thread of the pool in a blocking read of a socket (a worker's call
+/// thread on its calls link) and the runtime reading another (its control link), forever.
+fn idle_floor() -> micro_framework::Result<()> {
+    use std::io::Read;
+    use tokio::io::AsyncReadExt;
+
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    runtime.block_on(async {
+        let (calls, _calls_peer) = std::os::unix::net::UnixStream::pair()?;
+        let (mut control, _control_peer) = tokio::net::UnixStream::pair()?;
+        let call_thread = tokio::task::spawn_blocking(move || (&calls).read(&mut [0u8; 1]));
+        eprintln!("floor process {STARTED} its runtime");
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            read = control.read(&mut byte) => read.map(drop)?,
+            read = call_thread => read.map_err(std::io::Error::other)?.map(drop)?,
+        }
+        Ok(())
+    })
 }
 
 /// The footprint figures, each the median of 3 runs.
@@ -85,6 +118,15 @@ pub struct Footprint {
     pub idle_rss_process_mb: f64,
     /// The same, shared pages counted once (PSS, MB).
     pub idle_pss_process_mb: f64,
+    /// Resident memory of one of those worker processes (the mean of the 4, MB).
+    pub idle_rss_worker_mb: f64,
+    /// Of that, the pages of the program's file (MB).
+    pub idle_binary_worker_mb: f64,
+    /// Resident memory of the floor process: this binary running only a worker's runtime
+    /// (MB).
+    pub idle_rss_floor_mb: f64,
+    /// Of that, the pages of the program's file (MB).
+    pub idle_binary_floor_mb: f64,
 }
 
 /// Measure the footprint figures, RabbitMQ at `rabbit` (the in-process broker for the idle
@@ -117,17 +159,16 @@ pub fn measure(
     let broker = if reachable(rabbit) { rabbit.to_owned() } else { "memory://".to_owned() };
     eprintln!("idle services on {}", micro_framework::config::mask_uri(&broker));
     let mut idle = Vec::new();
+    let mut workers = Vec::new();
     for mode in ["thread", "process"] {
         let runs =
             (0..RUNS).map(|_| idle_footprint(&broker, mode)).collect::<Result<Vec<_>, _>>()?;
-        let figure = |of: fn(&Memory) -> f64| median(runs.iter().map(of).collect());
-        idle.push(Memory {
-            rss: figure(|memory| memory.rss),
-            pss: figure(|memory| memory.pss),
-            private: figure(|memory| memory.private),
-            anon: figure(|memory| memory.anon),
-        });
+        idle.push(Memory::median(runs.iter().map(|processes| Memory::sum(processes))));
+        workers = runs.iter().map(|processes| Memory::mean(&processes[1..])).collect();
     }
+    let worker = Memory::median(workers.into_iter());
+    let floors = (0..RUNS).map(|_| floor_footprint()).collect::<Result<Vec<_>, _>>()?;
+    let floor = Memory::median(floors.into_iter());
     Ok(Footprint {
         overhead_memory_us: memory.0,
         overhead_rabbitmq_us: overheads[1].map(|(wall, _)| wall),
@@ -138,6 +179,10 @@ pub fn measure(
         idle_anon_thread_mb: idle[0].anon,
         idle_rss_process_mb: idle[1].rss,
         idle_pss_process_mb: idle[1].pss,
+        idle_rss_worker_mb: worker.rss,
+        idle_binary_worker_mb: worker.binary,
+        idle_rss_floor_mb: floor.rss,
+        idle_binary_floor_mb: floor.binary,
     })
 }
 
@@ -175,6 +220,8 @@ struct Memory {
     private: f64,
     /// Anonymous: heap, stacks, buffers (`Anonymous`).
     anon: f64,
+    /// Resident pages mapped from the program's file: its code and constants.
+    binary: f64,
 }
 
 impl Memory {
@@ -184,22 +231,38 @@ impl Memory {
             pss: rollup_kb(pid, "Pss:") / 1000.0,
             private: (rollup_kb(pid, "Private_Clean:") + rollup_kb(pid, "Private_Dirty:")) / 1000.0,
             anon: rollup_kb(pid, "Anonymous:") / 1000.0,
+            binary: binary_kb(pid) / 1000.0,
         }
     }
 
-    fn add(self, other: Memory) -> Memory {
+    /// Each field through `combine` over the fields of `memories`.
+    fn each(memories: &[Memory], combine: impl Fn(Vec<f64>) -> f64) -> Memory {
+        let field = |of: fn(&Memory) -> f64| combine(memories.iter().map(of).collect());
         Memory {
-            rss: self.rss + other.rss,
-            pss: self.pss + other.pss,
-            private: self.private + other.private,
-            anon: self.anon + other.anon,
+            rss: field(|memory| memory.rss),
+            pss: field(|memory| memory.pss),
+            private: field(|memory| memory.private),
+            anon: field(|memory| memory.anon),
+            binary: field(|memory| memory.binary),
         }
+    }
+
+    fn sum(memories: &[Memory]) -> Memory {
+        Memory::each(memories, |values| values.iter().sum())
+    }
+
+    fn mean(memories: &[Memory]) -> Memory {
+        Memory::each(memories, |values| values.iter().sum::<f64>() / values.len().max(1) as f64)
+    }
+
+    fn median(memories: impl Iterator<Item = Memory>) -> Memory {
+        Memory::each(&memories.collect::<Vec<_>>(), median)
     }
 }
 
 /// Start the idle service in `mode`, wait until it has started and idled, and return the
-/// memory of it and its worker processes, added up.
-fn idle_footprint(broker: &str, mode: &str) -> micro_framework::Result<Memory> {
+/// memory of it and of each of its worker processes (the service first).
+fn idle_footprint(broker: &str, mode: &str) -> micro_framework::Result<Vec<Memory>> {
     let service = format!("bench_footprint_{}", uuid::Uuid::new_v4().simple());
     let mut child = Command::new(std::env::current_exe()?)
         .arg(IDLE_SERVICE)
@@ -216,12 +279,29 @@ fn idle_footprint(broker: &str, mode: &str) -> micro_framework::Result<Memory> {
     let measured = wait_started(&mut child).map(|()| {
         std::thread::sleep(IDLE);
         let pids = std::iter::once(child.id()).chain(children_of(child.id()));
-        pids.map(Memory::of).fold(Memory::default(), Memory::add)
+        pids.map(Memory::of).collect()
     });
     // SIGTERM: a graceful stop, which closes the connection.
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
     delete_queues(broker, &service)?;
+    measured
+}
+
+/// Start the floor process, wait until it has started and idled, and return its memory.
+fn floor_footprint() -> micro_framework::Result<Memory> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg(IDLE_FLOOR)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let measured = wait_started(&mut child).map(|()| {
+        std::thread::sleep(IDLE);
+        Memory::of(child.id())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
     measured
 }
 
@@ -251,14 +331,14 @@ fn wait_started(child: &mut Child) -> micro_framework::Result<()> {
     let (started, wait) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("started with") {
+            if line.contains(STARTED) {
                 let _ = started.send(());
             }
         }
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     wait.recv_timeout(deadline - Instant::now())
-        .map_err(|_| Error::Startup("the idle service did not start in 30 s".into()))
+        .map_err(|_| Error::Startup("the idle process did not start in 30 s".into()))
 }
 
 fn status_kb(pid: u32, field: &str) -> f64 {
@@ -269,10 +349,65 @@ fn rollup_kb(pid: u32, field: &str) -> f64 {
     field_kb(&format!("/proc/{pid}/smaps_rollup"), field)
 }
 
+/// The resident pages (kB) of the mappings of `pid`'s own program file.
+fn binary_kb(pid: u32) -> f64 {
+    let Ok(program) = std::fs::read_link(format!("/proc/{pid}/exe")) else { return 0.0 };
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    mapped_rss_kb(&smaps, &program.to_string_lossy()) * 1.024
+}
+
+/// The `Rss:` (kB) of the mappings of `file` in the text of a `/proc/PID/smaps`: each
+/// mapping's header line names its file, its `Rss:` line follows.
+fn mapped_rss_kb(smaps: &str, file: &str) -> f64 {
+    let mut in_file = false;
+    let mut kb = 0.0;
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if in_file {
+                kb += rss.trim().trim_end_matches("kB").trim().parse::<f64>().unwrap_or(0.0);
+            }
+        } else if line.split_whitespace().next().is_some_and(is_address_range) {
+            in_file = line.split_whitespace().nth(5) == Some(file);
+        }
+    }
+    kb
+}
+
+/// Whether `word` is the `start-end` address range that opens a mapping in `smaps`.
+fn is_address_range(word: &str) -> bool {
+    word.split_once('-').is_some_and(|(start, end)| {
+        [start, end].iter().all(|hex| !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()))
+    })
+}
+
 /// A `Field:   1234 kB` line of a /proc file, in kB (KiB).
 fn field_kb(path: &str, field: &str) -> f64 {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let line = text.lines().find(|line| line.starts_with(field));
     let kb = line.and_then(|line| line.split_whitespace().nth(1)?.parse::<f64>().ok());
     kb.unwrap_or(0.0) * 1.024
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mapped_rss_kb;
+
+    #[test]
+    fn the_rss_of_a_files_mappings_is_added_up_and_others_left_out() {
+        let smaps = "\
+55a463984000-55a463c7a000 r--p 00000000 00:2a 123 /bin/service
+Size:               3032 kB
+Rss:                 796 kB
+AnonHugePages:         0 kB
+55a463c7a000-55a464471000 r-xp 002f6000 00:2a 123 /bin/service
+Rss:                3716 kB
+7fd591308000-7fd59132e000 r--p 00000000 00:2a 456 /usr/lib/libc.so.6
+Rss:                 152 kB
+7ffdd1f71000-7ffdd1f92000 rw-p 00000000 00:00 0 [stack]
+Rss:                  60 kB
+";
+        assert_eq!(mapped_rss_kb(smaps, "/bin/service"), 4512.0);
+        assert_eq!(mapped_rss_kb(smaps, "/usr/lib/libc.so.6"), 152.0);
+        assert_eq!(mapped_rss_kb(smaps, "/bin/other"), 0.0);
+    }
 }

@@ -15,7 +15,11 @@
 //!   buffers), the rest being mapped from files (the binary, libc);
 //! - `idle_rss_process_4_workers`: the same service in process mode with 4 worker processes,
 //!   service and workers added up; `idle_pss_process_4_workers` counts the pages they share
-//!   (the binary's code) once.
+//!   (the binary's code) once;
+//! - `idle_rss_one_worker`: one of its worker processes (the mean of the 4), and
+//!   `idle_binary_one_worker` the pages of the program's file it maps;
+//! - `idle_rss_floor` and `idle_binary_floor`: the same for the least a worker could be, this
+//!   binary started again to run only a worker's runtime, waiting on two sockets.
 
 use micro_framework_bench::footprint::{measure, serve_idle_service};
 use micro_framework_bench::workers::serve_worker;
@@ -44,5 +48,9 @@ fn main() -> micro_framework::Result<()> {
     println!("idle_anon_thread {:.1} MB", figures.idle_anon_thread_mb);
     println!("idle_rss_process_4_workers {:.1} MB", figures.idle_rss_process_mb);
     println!("idle_pss_process_4_workers {:.1} MB", figures.idle_pss_process_mb);
+    println!("idle_rss_one_worker {:.1} MB", figures.idle_rss_worker_mb);
+    println!("idle_binary_one_worker {:.1} MB", figures.idle_binary_worker_mb);
+    println!("idle_rss_floor {:.1} MB", figures.idle_rss_floor_mb);
+    println!("idle_binary_floor {:.1} MB", figures.idle_binary_floor_mb);
     Ok(())
 }

@@ -9,7 +9,8 @@
 //!    of the rounds' ratios (bare lapin and the framework measured in the same round), shown
 //!    with its range;
 //! 2. the process-mode overhead per call on the in-process broker and on RabbitMQ, and the
-//!    idle memory of a service in thread mode and in process mode with 4 workers
+//!    idle memory of a service in thread mode and in process mode with 4 workers, and of
+//!    one worker beside the floor, the binary running only a worker's runtime
 //!    (`bench_footprint`'s, median of 3);
 //! 3. events (`bench_events`' measure, 10,000 events × 3 rounds, `MAX_WORKERS` 10): publish
 //!    and drain rates and the CPU time per drained event.
@@ -306,6 +307,19 @@ fn print_table(
         ),
         "at most 25 MB".into(),
         met(footprint.idle_rss_process_mb <= 25.0),
+    ]);
+    rows.push([
+        "the same, one worker process (bare: this binary running only a worker's runtime)".into(),
+        format!(
+            "{:.1} MB (program file {:.1} MB)",
+            footprint.idle_rss_floor_mb, footprint.idle_binary_floor_mb
+        ),
+        format!(
+            "{:.1} MB (program file {:.1} MB)",
+            footprint.idle_rss_worker_mb, footprint.idle_binary_worker_mb
+        ),
+        "-".into(),
+        "-".into(),
     ]);
     rows.push([
         "event publish with confirms".into(),
