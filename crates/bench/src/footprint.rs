@@ -210,7 +210,7 @@ fn reachable(uri: &str) -> bool {
 }
 
 /// The memory of processes, added up (MB).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct Memory {
     /// Resident (`VmRSS`).
     rss: f64,
@@ -264,23 +264,16 @@ impl Memory {
 /// memory of it and of each of its worker processes (the service first).
 fn idle_footprint(broker: &str, mode: &str) -> micro_framework::Result<Vec<Memory>> {
     let service = format!("bench_footprint_{}", uuid::Uuid::new_v4().simple());
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut command = Command::new(std::env::current_exe()?);
+    command
         .arg(IDLE_SERVICE)
         .env("AMQP_URI", broker)
         .env("SERVICE_NAME", &service)
         .env("WORKER_MODE", mode)
         .env("MAX_WORKERS", "4")
         .env("RUST_LOG", "info")
-        .env_remove("LOG_FORMAT")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let measured = wait_started(&mut child).map(|()| {
-        std::thread::sleep(IDLE);
-        let pids = std::iter::once(child.id()).chain(children_of(child.id()));
-        pids.map(Memory::of).collect()
-    });
+        .env_remove("LOG_FORMAT");
+    let (mut child, measured) = idled(command)?;
     // SIGTERM: a graceful stop, which closes the connection.
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
@@ -290,19 +283,27 @@ fn idle_footprint(broker: &str, mode: &str) -> micro_framework::Result<Vec<Memor
 
 /// Start the floor process, wait until it has started and idled, and return its memory.
 fn floor_footprint() -> micro_framework::Result<Memory> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .arg(IDLE_FLOOR)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let measured = wait_started(&mut child).map(|()| {
-        std::thread::sleep(IDLE);
-        Memory::of(child.id())
-    });
+    let mut command = Command::new(std::env::current_exe()?);
+    command.arg(IDLE_FLOOR);
+    let (mut child, measured) = idled(command)?;
     let _ = child.kill();
     let _ = child.wait();
-    measured
+    measured.map(|processes| Memory::sum(&processes))
+}
+
+/// Start `command`, wait until it has started and idled, and return it with the memory of
+/// it and of each of its child processes (itself first), for the caller to stop it.
+fn idled(
+    mut command: Command,
+) -> micro_framework::Result<(Child, micro_framework::Result<Vec<Memory>>)> {
+    let mut child =
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let measured = wait_started(&mut child).map(|()| {
+        std::thread::sleep(IDLE);
+        let pids = std::iter::once(child.id()).chain(children_of(child.id()));
+        pids.map(Memory::of).collect()
+    });
+    Ok((child, measured))
 }
 
 /// Delete the queues the idle service declared (its work queues are durable).
