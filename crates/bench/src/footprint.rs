@@ -158,15 +158,13 @@ pub fn measure(
         .ok_or_else(|| Error::Startup("process overhead on memory:// not measured".into()))?;
     let broker = if reachable(rabbit) { rabbit.to_owned() } else { "memory://".to_owned() };
     eprintln!("idle services on {}", micro_framework::config::mask_uri(&broker));
-    let mut idle = Vec::new();
-    let mut workers = Vec::new();
-    for mode in ["thread", "process"] {
-        let runs =
-            (0..RUNS).map(|_| idle_footprint(&broker, mode)).collect::<Result<Vec<_>, _>>()?;
-        idle.push(Memory::median(runs.iter().map(|processes| Memory::sum(processes))));
-        workers = runs.iter().map(|processes| Memory::mean(&processes[1..])).collect();
-    }
-    let worker = Memory::median(workers.into_iter());
+    let runs =
+        |mode| (0..RUNS).map(|_| idle_footprint(&broker, mode)).collect::<Result<Vec<_>, _>>();
+    let (thread, process) = (runs("thread")?, runs("process")?);
+    let total = |runs: &[Vec<Memory>]| Memory::median(runs.iter().map(|run| Memory::sum(run)));
+    let (thread_total, process_total) = (total(&thread), total(&process));
+    // each run's processes: the service first, then its workers
+    let worker = Memory::median(process.iter().map(|run| Memory::mean(&run[1..])));
     let floors = (0..RUNS).map(|_| floor_footprint()).collect::<Result<Vec<_>, _>>()?;
     let floor = Memory::median(floors.into_iter());
     Ok(Footprint {
@@ -174,11 +172,11 @@ pub fn measure(
         overhead_rabbitmq_us: overheads[1].map(|(wall, _)| wall),
         cpu_overhead_memory_us: memory.1,
         cpu_overhead_rabbitmq_us: overheads[1].map(|(_, cpu)| cpu),
-        idle_rss_thread_mb: idle[0].rss,
-        idle_private_thread_mb: idle[0].private,
-        idle_anon_thread_mb: idle[0].anon,
-        idle_rss_process_mb: idle[1].rss,
-        idle_pss_process_mb: idle[1].pss,
+        idle_rss_thread_mb: thread_total.rss,
+        idle_private_thread_mb: thread_total.private,
+        idle_anon_thread_mb: thread_total.anon,
+        idle_rss_process_mb: process_total.rss,
+        idle_pss_process_mb: process_total.pss,
         idle_rss_worker_mb: worker.rss,
         idle_binary_worker_mb: worker.binary,
         idle_rss_floor_mb: floor.rss,
