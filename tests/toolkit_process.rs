@@ -5,6 +5,10 @@
 
 mod common;
 
+#[cfg(feature = "metrics")]
+use micro_framework::amqp::dependencies::RpcProxy;
+#[cfg(feature = "metrics")]
+use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::amqp::entrypoints::RPCListener;
 use micro_framework::prelude::*;
 use micro_framework::testing::{test_config, TestService};
@@ -77,4 +81,46 @@ async fn runner_spawn_still_refuses_process_modes() {
     let routes = vec![Route::new(pid).entrypoint(RPCListener::new())];
     let error = Runner::new(routes, config).spawn().await.unwrap_err().to_string();
     assert!(error.contains("TestService::start in a test"), "{error}");
+}
+
+/// Calls `pid` on its own service (named by the event): an RPC call made by a target that
+/// runs in a worker process.
+#[cfg(feature = "metrics")]
+async fn calls_pid(Payload(service): Payload<String>, rpc: RpcProxy) -> Result<u32, String> {
+    rpc.service(service).call("pid", (), ()).await.map_err(|error| error.to_string())
+}
+
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn rpc_calls_made_in_worker_processes_are_in_the_services_metrics() {
+    let shop = common::unique("shop");
+    // two workers: `calls_pid` holds one while `pid` answers on the other
+    let config = test_config(&common::unique("procs_metrics"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(2);
+    let name = config.service_name.clone();
+    let routes = vec![
+        Route::new(pid).entrypoint(RPCListener::new()),
+        Route::new(calls_pid).entrypoint(EventListener::new(&shop, "go")),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    let waiter = service.waiter("calls_pid").unwrap();
+    service.dispatch(&shop, "go", &name).await.unwrap();
+    let worker = waiter.wait().await.unwrap().result::<u32>().unwrap();
+    assert_ne!(worker, std::process::id(), "the call ran in the test's process");
+
+    // the worker hands the record on after the call returns: look until it is there
+    let wanted = format!(r#"rpc_calls_total{{method="pid",outcome="ok",service="{name}"}} 1"#);
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = service.service().metrics().render();
+        if text.contains(&wanted) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(text.contains(&wanted), "{wanted} not in:\n{text}");
+    let duration = format!(r#"rpc_call_duration_seconds_count{{method="pid",service="{name}"}} 1"#);
+    assert!(text.contains(&duration), "{duration} not in:\n{text}");
+    service.stop().await.unwrap();
 }

@@ -25,7 +25,7 @@ pub mod server;
 pub(crate) mod status;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use prometheus::{
@@ -59,6 +59,21 @@ pub struct Metrics {
     /// Each context's pool: (size, worker mode).
     pools: Arc<Mutex<BTreeMap<String, (usize, String)>>>,
     failures: Arc<FailureLog>,
+    /// Where RPC calls are recorded instead, when set: a worker process hands them to its
+    /// service, whose registry is the one served.
+    rpc_calls_elsewhere: Arc<OnceLock<RpcCallSink>>,
+}
+
+/// Records an RPC call made (service, method, outcome, round trip) somewhere else.
+pub(crate) struct RpcCallSink(pub(crate) Box<RecordRpcCall>);
+
+/// What records an RPC call: service, method, outcome, round trip.
+type RecordRpcCall = dyn Fn(&str, &str, &str, Duration) + Send + Sync;
+
+impl std::fmt::Debug for RpcCallSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RpcCallSink")
+    }
 }
 
 fn labelled(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -121,6 +136,7 @@ impl Metrics {
             last_node: Arc::default(),
             pools: Arc::default(),
             failures: Arc::default(),
+            rpc_calls_elsewhere: Arc::default(),
         };
         let registry = &metrics.registry;
         registry.register(Box::new(metrics.running.clone()))?;
@@ -241,8 +257,19 @@ impl Metrics {
     /// An RPC call made to `service.method` ended with `outcome` (`ok`, or the error kind)
     /// after `elapsed`.
     pub(crate) fn rpc_call(&self, service: &str, method: &str, outcome: &str, elapsed: Duration) {
+        if let Some(sink) = self.rpc_calls_elsewhere.get() {
+            return (sink.0)(service, method, outcome, elapsed);
+        }
         self.rpc_calls.with_label_values(&[service, method, outcome]).inc();
         self.rpc_duration.with_label_values(&[service, method]).observe(elapsed.as_secs_f64());
+    }
+
+    /// Record the RPC calls made from now on with `sink` instead, in this value and its
+    /// clones (a worker process's, whose registry nobody serves). Set once; later calls
+    /// change nothing.
+    #[cfg(feature = "process")]
+    pub(crate) fn record_rpc_calls_with(&self, sink: RpcCallSink) {
+        let _ = self.rpc_calls_elsewhere.set(sink);
     }
 
     /// Whether the service is connected to its broker and not stopping (read when scraped).

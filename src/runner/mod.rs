@@ -395,7 +395,7 @@ async fn start_routes(
     let env = ServiceEnv::new(config.clone(), transport.clone())?;
     let all_dependencies = set_up_dependencies(&plans, config).await?;
     #[cfg(feature = "process")]
-    let processes = start_processes(&plans, config, &transport, worker_args).await?;
+    let processes = start_processes(&plans, config, &env, worker_args).await?;
     #[cfg(not(feature = "process"))]
     let _ = worker_args;
     let started = match set_up_routes(plans, &env).await {
@@ -533,7 +533,7 @@ async fn set_up_dependencies(
 async fn start_processes(
     plans: &[RoutePlan],
     config: &Config,
-    transport: &SharedTransport,
+    env: &ServiceEnv,
     worker_args: Option<Vec<std::ffi::OsString>>,
 ) -> Result<Vec<Arc<ProcessPool>>> {
     let mut started: Vec<Arc<ProcessPool>> = Vec::new();
@@ -543,7 +543,8 @@ async fn start_processes(
             tracing::info!("starting {} worker processes ({})", pool.size(), pool.context());
             let processes = ProcessPool::start(
                 pool.size(),
-                transport.clone(),
+                env.transport.clone(),
+                env.metrics.clone(),
                 pool.time_limit(),
                 config.max_tasks_per_child,
                 worker_args.clone(),
@@ -563,6 +564,8 @@ async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
     let (config, plans) = runner.prepare()?;
     let link = WorkerLink::connect(socket).await?;
     let env = ServiceEnv::new(config.clone(), link.transport())?;
+    #[cfg(feature = "metrics")]
+    env.metrics.record_rpc_calls_with(link.rpc_call_sink());
     let mut routes = HashMap::new();
     let set_up = set_up_dependencies(&plans, &config).await?;
     for RoutePlan { mut route, pool, .. } in plans {

@@ -20,6 +20,7 @@ use super::worker::WORKER_SOCKET_ENV;
 use crate::data::Outcome;
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::transport::{Acker, ConsumeOptions, SharedTransport, TransportError};
 
 const START_LIMIT: Duration = Duration::from_secs(30);
@@ -65,6 +66,8 @@ impl CallLink {
 #[derive(Clone)]
 struct Launcher {
     transport: SharedTransport,
+    /// The service's metrics, where the RPC calls its workers' targets make are recorded.
+    metrics: Metrics,
     /// The arguments of a worker process: `None` for the program's own.
     args: Option<Vec<OsString>>,
 }
@@ -110,7 +113,7 @@ impl Launcher {
         };
         let (reader, writer) = control.into_split();
         let mut reader = FrameReader::new(reader);
-        let transport = self.transport.clone();
+        let (transport, metrics) = (self.transport.clone(), self.metrics.clone());
         let control = Arc::new(FrameSink::new(writer));
         let replies = Arc::downgrade(&control);
         tokio::spawn(async move {
@@ -140,6 +143,9 @@ impl Launcher {
                         consumers.settle(delivery, settlement).await;
                     }
                     FromWorker::Cancel { consumer } => consumers.cancel(consumer),
+                    FromWorker::RpcCall { service, method, outcome, elapsed } => {
+                        metrics.rpc_call(&service, &method, &outcome, elapsed);
+                    }
                 }
             }
             consumers.close();
@@ -329,6 +335,7 @@ impl ProcessPool {
     pub(crate) async fn start(
         size: usize,
         transport: SharedTransport,
+        metrics: Metrics,
         time_limit: Option<Duration>,
         max_tasks: Option<u32>,
         args: Option<Vec<OsString>>,
@@ -337,7 +344,7 @@ impl ProcessPool {
         let pool = Arc::new(ProcessPool {
             idle,
             waiting: Mutex::new(waiting),
-            launcher: Launcher { transport, args },
+            launcher: Launcher { transport, metrics, args },
             time_limit,
             max_tasks,
         });

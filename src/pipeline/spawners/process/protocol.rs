@@ -9,6 +9,7 @@
 //! call thread is busy with the call.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::de::DeserializeOwned;
@@ -110,6 +111,13 @@ pub(crate) enum FromWorker {
     /// Cancel a consumer opened through the service.
     Cancel {
         consumer: u64,
+    },
+    /// An RPC call a target made, for the service's metrics (the ones served).
+    RpcCall {
+        service: String,
+        method: String,
+        outcome: String,
+        elapsed: Duration,
     },
 }
 

@@ -51,7 +51,8 @@ fn service_gone() -> TransportError {
     }
 }
 
-/// Send `frame` from where no task can wait for the link (a `Drop`): on a task of its own.
+/// Send `frame` from where no task can wait for the link (a `Drop`, a metric recorded):
+/// on a task of its own.
 fn post(sink: &Arc<Sink>, frame: FromWorker) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         let sink = sink.clone();
@@ -269,6 +270,22 @@ impl WorkerLink {
     /// The transport that forwards broker operations to the service.
     pub(crate) fn transport(&self) -> Arc<ParentTransport> {
         self.transport.clone()
+    }
+
+    /// Hands the RPC calls the targets make to the service, whose metrics are served (a
+    /// worker's own are not).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn rpc_call_sink(&self) -> crate::metrics::RpcCallSink {
+        let sink = self.transport.sink.clone();
+        crate::metrics::RpcCallSink(Box::new(move |service, method, outcome, elapsed| {
+            let frame = FromWorker::RpcCall {
+                service: service.to_owned(),
+                method: method.to_owned(),
+                outcome: outcome.to_owned(),
+                elapsed,
+            };
+            post(&sink, frame);
+        }))
     }
 
     /// Say ready, then run the calls the service sends until it hangs up.
