@@ -363,7 +363,7 @@ fn mapped_rss_kb(smaps: &str, file: &str) -> f64 {
     for line in smaps.lines() {
         if let Some(rss) = line.strip_prefix("Rss:") {
             if in_file {
-                kb += rss.trim().trim_end_matches("kB").trim().parse::<f64>().unwrap_or(0.0);
+                kb += kib_value(rss).unwrap_or(0.0);
             }
         } else if line.split_whitespace().next().is_some_and(is_address_range) {
             in_file = line.split_whitespace().nth(5) == Some(file);
@@ -383,13 +383,18 @@ fn is_address_range(word: &str) -> bool {
 fn field_kb(path: &str, field: &str) -> f64 {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let line = text.lines().find(|line| line.starts_with(field));
-    let kb = line.and_then(|line| line.split_whitespace().nth(1)?.parse::<f64>().ok());
+    let kb = line.and_then(|line| kib_value(line.split_once(':')?.1));
     kb.unwrap_or(0.0) * 1.024
+}
+
+/// The number of a /proc field's value `   1234 kB` (KiB).
+fn kib_value(value: &str) -> Option<f64> {
+    value.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::mapped_rss_kb;
+    use super::{kib_value, mapped_rss_kb};
 
     #[test]
     fn the_rss_of_a_files_mappings_is_added_up_and_others_left_out() {
@@ -408,5 +413,12 @@ Rss:                  60 kB
         assert_eq!(mapped_rss_kb(smaps, "/bin/service"), 4512.0);
         assert_eq!(mapped_rss_kb(smaps, "/usr/lib/libc.so.6"), 152.0);
         assert_eq!(mapped_rss_kb(smaps, "/bin/other"), 0.0);
+    }
+
+    #[test]
+    fn a_proc_fields_value_is_read_in_kib() {
+        assert_eq!(kib_value("    8964 kB"), Some(8964.0));
+        assert_eq!(kib_value("\t 12 kB"), Some(12.0));
+        assert_eq!(kib_value(" 3 pages"), None);
     }
 }
