@@ -111,15 +111,9 @@ async fn rpc_calls_made_in_worker_processes_are_in_the_services_metrics() {
 
     // the worker hands the record on after the call returns: look until it is there
     let wanted = format!(r#"rpc_calls_total{{method="pid",outcome="ok",service="{name}"}} 1"#);
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = service.service().metrics().render();
-        if text.contains(&wanted) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(text.contains(&wanted), "{wanted} not in:\n{text}");
+    let metrics = service.service().metrics();
+    common::wait_until(|| metrics.render().contains(&wanted), &wanted).await;
+    let text = metrics.render();
     let duration = format!(r#"rpc_call_duration_seconds_count{{method="pid",service="{name}"}} 1"#);
     assert!(text.contains(&duration), "{duration} not in:\n{text}");
     service.stop().await.unwrap();
