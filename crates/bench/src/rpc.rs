@@ -8,7 +8,8 @@
 //! its own, awaits the reply's publisher confirm, then acks the request (as the framework does);
 //! [`BLOCKING_BARE`] computes the reply on the blocking pool, as the framework runs a sync target.
 //! The bare caller publishes with `mandatory` and awaits each request's confirm, and consumes
-//! its exclusive reply queue without acks.
+//! its exclusive reply queue without acks; [`ACKED_BARE`] acks each reply, with the reply
+//! consumer's prefetch of the framework's caller.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::bare::durable_bound_queue;
 use crate::cpu::{broker_cpu, own_cpu};
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -157,6 +159,14 @@ impl Caller {
 /// framework's are by default; the other bare caller's are transient.
 pub const PERSISTENT_BARE: &str = "bare, persistent";
 
+/// The bare caller that acks each reply, its reply consumer's prefetch bounding the replies
+/// it holds, as the framework's caller does (the other bare callers take theirs without
+/// acks): bare lapin with the framework's guarantees. Transient requests.
+pub const ACKED_BARE: &str = "bare, acked";
+
+/// The reply consumer's prefetch of [`ACKED_BARE`]: the framework caller's.
+const ACKED_REPLY_PREFETCH: u16 = 1000;
+
 /// The framework's caller with `RPC_PERSISTENT_REQUESTS=false`: transient requests, as the
 /// bare lapin caller sends them.
 pub const TRANSIENT_FRAMEWORK: &str = "mf, transient";
@@ -185,20 +195,22 @@ pub async fn pairings(
         Some(base) if base.matches('/').count() == 2 => format!("{base}/%2f"),
         _ => config.amqp_uri.clone(),
     };
-    let bare_caller = Caller::Bare(BareCaller::connect(&uri, false).await?);
-    let persistent_caller = Caller::Bare(BareCaller::connect(&uri, true).await?);
+    let bare_caller = Caller::Bare(BareCaller::connect(&uri, false, false).await?);
+    let persistent_caller = Caller::Bare(BareCaller::connect(&uri, true, false).await?);
+    let acked_caller = Caller::Bare(BareCaller::connect(&uri, false, true).await?);
     let client = Caller::Framework(Arc::new(Client::connect(&config).await?));
     let transient_config = config.clone().with_rpc_persistent_requests(false);
     let transient_client = Caller::Framework(Arc::new(Client::connect(&transient_config).await?));
     let callers = [
         ("bare lapin", &bare_caller),
         (PERSISTENT_BARE, &persistent_caller),
+        (ACKED_BARE, &acked_caller),
         ("micro-framework", &client),
         (TRANSIENT_FRAMEWORK, &transient_client),
     ];
     // the async target and bare lapin on the blocking pool answer the transient callers only
     let measured = |caller: &str, responder: &str| {
-        let transient = caller == "bare lapin" || caller == TRANSIENT_FRAMEWORK;
+        let transient = ["bare lapin", ACKED_BARE, TRANSIENT_FRAMEWORK].contains(&caller);
         let transient_only = responder == ASYNC_RESPONDER || responder == BLOCKING_BARE;
         (!transient_only || transient) && wanted(caller, responder)
     };
@@ -369,7 +381,8 @@ async fn declare_exchange(channel: &Channel) -> micro_framework::Result<()> {
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
-/// A bare lapin caller with its own exclusive reply queue, consumed without acks.
+/// A bare lapin caller with its own exclusive reply queue, consumed without acks, or with an
+/// ack for each reply (`acked`).
 #[derive(Clone)]
 struct BareCaller {
     channel: Channel,
@@ -379,12 +392,18 @@ struct BareCaller {
 }
 
 impl BareCaller {
-    async fn connect(uri: &str, persistent: bool) -> micro_framework::Result<Self> {
+    async fn connect(uri: &str, persistent: bool, acked: bool) -> micro_framework::Result<Self> {
         let connection =
             Connection::connect(uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
         let channel = connection.create_channel().await.map_err(lapin_error)?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(lapin_error)?;
         declare_exchange(&channel).await?;
+        if acked {
+            channel
+                .basic_qos(ACKED_REPLY_PREFETCH, BasicQosOptions::default())
+                .await
+                .map_err(lapin_error)?;
+        }
         let replies = channel
             .queue_declare(
                 "".into(),
@@ -408,7 +427,7 @@ impl BareCaller {
             .basic_consume(
                 reply_to.as_str().into(),
                 "bare-caller".into(),
-                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                BasicConsumeOptions { no_ack: !acked, ..Default::default() },
                 FieldTable::default(),
             )
             .await
@@ -416,12 +435,23 @@ impl BareCaller {
         let pending: Pending = Arc::default();
         let waiting = pending.clone();
         tokio::spawn(async move {
-            while let Some(Ok(delivery)) = reply_stream.next().await {
+            // the acks go beside the consumer, so that an ack's write holds up no reply
+            let mut acks = FuturesUnordered::new();
+            loop {
+                let delivery = tokio::select! {
+                    delivery = reply_stream.next() => delivery,
+                    Some(_) = acks.next(), if !acks.is_empty() => continue,
+                };
+                let Some(Ok(delivery)) = delivery else { break };
                 let id =
                     delivery.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
                 let waiter = id.and_then(|id| waiting.lock().ok().and_then(|mut p| p.remove(&id)));
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(delivery.data);
+                }
+                if acked {
+                    let acker = delivery.acker;
+                    acks.push(async move { acker.ack(BasicAckOptions::default()).await });
                 }
             }
         });

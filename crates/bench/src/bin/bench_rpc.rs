@@ -4,7 +4,7 @@
 //!
 //! Everything goes over the Nameko wire (topic exchange `nameko-rpc`, request queue
 //! `rpc-bench_rpc` bound `bench_rpc.*`, JSON bodies, reply to `nameko-rpc` with the caller's
-//! routing key), so each caller can call each responder. Twelve pairings, in one run on the
+//! routing key), so each caller can call each responder. Sixteen pairings, in one run on the
 //! same broker:
 //!
 //! | caller | responder | shows |
@@ -17,20 +17,22 @@
 //! | `Client` with `RPC_PERSISTENT_REQUESTS=false` | micro-framework | both, requests transient |
 //! | bare lapin, `Client` (transient) | `mf, async` | the same with an async target |
 //! | bare lapin, `Client` (transient) | `bare, blocking` | bare lapin replying from the blocking pool |
+//! | `bare, acked` | `bare lapin`, `bare, blocking` | bare lapin's caller acking replies, as ours |
 //!
-//! (and each caller with the first two responders); `PAIRINGS="caller/responder;..."` (e.g.
+//! (and each caller with the first two responders, `bare, acked` also with the async target); `PAIRINGS="caller/responder;..."` (e.g.
 //! `PAIRINGS="bare lapin/bare lapin;mf, transient/bare lapin"`) measures only those, to profile
 //! one pairing at a time. The framework's `echo` is a sync target,
 //! run on the blocking pool's threads as sync targets are; `mf, async` serves it as an async
 //! target; `bare, blocking` computes bare lapin's reply on the blocking pool
 //! (`spawn_blocking`), where the framework runs its sync target. The last lines compare the
 //! framework with bare lapin, both with transient requests and both with persistent ones, and
-//! its sync target with `bare, blocking`.
+//! its sync target with `bare, blocking`, and both again beside `bare, acked`.
 //!
 //! The bare responder consumes with prefetch `MAX_WORKERS`, answers each request on a task of
 //! its own, awaits the reply's publisher confirm, then acks the request (as the framework does).
 //! The bare callers publish with `mandatory` and await each request's confirm, and consume
-//! their exclusive reply queue without acks. The last columns are the CPU time per call of this
+//! their exclusive reply queue without acks, but `bare, acked`, which acks each reply with the
+//! framework caller's reply prefetch (1,000). The last columns are the CPU time per call of this
 //! process (caller and responder) and of the local RabbitMQ node, while the concurrent callers
 //! ran. For each pairing: the sequential round trip (p50,
 //! p99) over CALLS calls (default 1000), and the throughput of 16 concurrent callers.
@@ -38,7 +40,7 @@
 use micro_framework::prelude::*;
 use micro_framework::Error;
 use micro_framework_bench::rpc::{
-    find, pairings, ASYNC_RESPONDER, BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE,
+    find, pairings, ACKED_BARE, ASYNC_RESPONDER, BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE,
     TRANSIENT_FRAMEWORK,
 };
 
@@ -112,6 +114,20 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
         (
             "transient requests, both on the blocking pool",
             "bare lapin",
+            BLOCKING_BARE,
+            TRANSIENT_FRAMEWORK,
+            "micro-framework",
+        ),
+        (
+            "transient requests, async target, replies acked",
+            ACKED_BARE,
+            "bare lapin",
+            TRANSIENT_FRAMEWORK,
+            ASYNC_RESPONDER,
+        ),
+        (
+            "transient requests, both on the blocking pool, replies acked",
+            ACKED_BARE,
             BLOCKING_BARE,
             TRANSIENT_FRAMEWORK,
             "micro-framework",

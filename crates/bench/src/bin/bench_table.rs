@@ -21,7 +21,7 @@ use micro_framework::prelude::*;
 use micro_framework::Error;
 use micro_framework_bench::footprint::{self, Footprint};
 use micro_framework_bench::rpc::{
-    find, pairings, Figures, Pairing, ASYNC_RESPONDER, BLOCKING_BARE, PERSISTENT_BARE,
+    find, pairings, Figures, Pairing, ACKED_BARE, ASYNC_RESPONDER, BLOCKING_BARE, PERSISTENT_BARE,
     TRANSIENT_FRAMEWORK,
 };
 use micro_framework_bench::workers::serve_worker;
@@ -33,10 +33,12 @@ const RPC_ROUNDS: usize = 5;
 const EVENTS: usize = 10_000;
 
 /// The caller/responder pairings the table compares.
-const TABLE_PAIRINGS: [(&str, &str); 6] = [
+const TABLE_PAIRINGS: [(&str, &str); 8] = [
     ("bare lapin", "bare lapin"),
     (PERSISTENT_BARE, "bare lapin"),
     ("bare lapin", BLOCKING_BARE),
+    (ACKED_BARE, "bare lapin"),
+    (ACKED_BARE, BLOCKING_BARE),
     (TRANSIENT_FRAMEWORK, "micro-framework"),
     ("micro-framework", "micro-framework"),
     (TRANSIENT_FRAMEWORK, ASYNC_RESPONDER),
@@ -88,6 +90,10 @@ struct Round {
     persistent: Measured,
     /// Bare lapin computing its replies on the blocking pool, as a sync target runs.
     bare_blocking: Measured,
+    /// Bare lapin's caller acking its replies, as the framework's caller does.
+    bare_acked: Measured,
+    /// The same, with bare lapin computing its replies on the blocking pool.
+    bare_acked_blocking: Measured,
     ours: Measured,
     ours_persistent: Measured,
     /// Transient requests to an async target (the others call a sync one).
@@ -128,11 +134,14 @@ impl Round {
                 .map(Measured::from)
                 .ok_or_else(|| Error::Startup(format!("no {caller}/{responder} pairing")))
         };
-        let [bare, persistent, bare_blocking, ours, ours_persistent, ours_async] = TABLE_PAIRINGS;
+        let [bare, persistent, bare_blocking, bare_acked, bare_acked_blocking, ours, ours_persistent, ours_async] =
+            TABLE_PAIRINGS;
         Ok(Round {
             bare: pair(bare)?,
             persistent: pair(persistent)?,
             bare_blocking: pair(bare_blocking)?,
+            bare_acked: pair(bare_acked)?,
+            bare_acked_blocking: pair(bare_acked_blocking)?,
             ours: pair(ours)?,
             ours_persistent: pair(ours_persistent)?,
             ours_async: pair(ours_async)?,
@@ -197,17 +206,29 @@ fn print_table(
     let met = |ok: bool| if ok { "yes" } else { "no" }.to_owned();
     let p50 = |figures: Measured| figures.p50;
     if let Some(row) = rpc.iter().find(|row| row.workers == 16) {
-        let bare = row.median(|round| round.bare, p50);
+        let bare: Pick = |round| round.bare;
         let sync: Pick = |round| round.ours;
-        for (what, ours, goal) in [
-            ("RPC sequential round trip, p50 (transient requests)", sync, true),
-            ("the same, an async target (the others are sync)", |round| round.ours_async, false),
-        ] {
-            let added = row.rounds.iter().map(|round| ours(round).p50 - round.bare.p50).collect();
+        let p50_rows: [(&str, Pick, Pick, bool); 3] = [
+            ("RPC sequential round trip, p50 (transient requests)", bare, sync, true),
+            (
+                "the same, an async target (the others are sync)",
+                bare,
+                |round| round.ours_async,
+                false,
+            ),
+            (
+                "the sync target beside bare lapin computing its reply on the blocking pool",
+                |round| round.bare_blocking,
+                sync,
+                false,
+            ),
+        ];
+        for (what, base, ours, goal) in p50_rows {
+            let added = row.rounds.iter().map(|round| ours(round).p50 - base(round).p50).collect();
             let (added, range) = median_range(added, |ms| format!("{ms:+.2}"));
             rows.push([
                 what.into(),
-                format!("{bare:.2} ms"),
+                format!("{:.2} ms", row.median(base, p50)),
                 format!("{:.2} ms ({added:+.2} ms; {range})", row.median(ours, p50)),
                 if goal { "at most bare + 0.10 ms" } else { "-" }.into(),
                 if goal { met(added <= 0.10) } else { "-".into() },
@@ -250,6 +271,30 @@ fn print_table(
             "-".into(),
             "-".into(),
         ]);
+        // bare lapin with the framework caller's guarantee: its replies acked, the reply
+        // consumer's prefetch bounding how many a caller holds
+        for (what, bare, ours) in [
+            (
+                "the async target beside bare lapin acking its replies (prefetch 1,000), as the \
+                 framework's caller does",
+                (|round| round.bare_acked) as Pick,
+                (|round| round.ours_async) as Pick,
+            ),
+            (
+                "the sync target beside bare lapin acking its replies and computing them on the \
+                 blocking pool",
+                |round| round.bare_acked_blocking,
+                |round| round.ours,
+            ),
+        ] {
+            rows.push([
+                what.into(),
+                bare_rate(bare),
+                row.rate_vs(bare, ours).1,
+                "-".into(),
+                "-".into(),
+            ]);
+        }
         rows.push([
             format!("RPC CPU per call, `MAX_WORKERS={workers}`: process / broker (transient, persistent)"),
             row.cpu(|round| round.bare, |round| round.persistent),
