@@ -340,6 +340,9 @@ fn wait_started(child: &mut Child) -> micro_framework::Result<()> {
         .map_err(|_| Error::Startup("the idle process did not start in 30 s".into()))
 }
 
+/// /proc writes `kB` for KiB; the figures are in kB of 1,000 bytes.
+const KB_PER_KIB: f64 = 1.024;
+
 fn status_kb(pid: u32, field: &str) -> f64 {
     field_kb(&format!("/proc/{pid}/status"), field)
 }
@@ -352,24 +355,24 @@ fn rollup_kb(pid: u32, field: &str) -> f64 {
 fn binary_kb(pid: u32) -> f64 {
     let Ok(program) = std::fs::read_link(format!("/proc/{pid}/exe")) else { return 0.0 };
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    mapped_rss_kb(&smaps, &program.to_string_lossy()) * 1.024
+    mapped_rss_kib(&smaps, &program.to_string_lossy()) * KB_PER_KIB
 }
 
-/// The `Rss:` (kB) of the mappings of `file` in the text of a `/proc/PID/smaps`: each
+/// The `Rss:` (KiB) of the mappings of `file` in the text of a `/proc/PID/smaps`: each
 /// mapping's header line names its file, its `Rss:` line follows.
-fn mapped_rss_kb(smaps: &str, file: &str) -> f64 {
+fn mapped_rss_kib(smaps: &str, file: &str) -> f64 {
     let mut in_file = false;
-    let mut kb = 0.0;
+    let mut kib = 0.0;
     for line in smaps.lines() {
         if let Some(rss) = line.strip_prefix("Rss:") {
             if in_file {
-                kb += kib_value(rss).unwrap_or(0.0);
+                kib += kib_value(rss).unwrap_or(0.0);
             }
         } else if line.split_whitespace().next().is_some_and(is_address_range) {
             in_file = line.split_whitespace().nth(5) == Some(file);
         }
     }
-    kb
+    kib
 }
 
 /// Whether `word` is the `start-end` address range that opens a mapping in `smaps`.
@@ -379,12 +382,12 @@ fn is_address_range(word: &str) -> bool {
     })
 }
 
-/// A `Field:   1234 kB` line of a /proc file, in kB (KiB).
+/// A `Field:   1234 kB` line of a /proc file, in kB.
 fn field_kb(path: &str, field: &str) -> f64 {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let line = text.lines().find(|line| line.starts_with(field));
-    let kb = line.and_then(|line| kib_value(line.split_once(':')?.1));
-    kb.unwrap_or(0.0) * 1.024
+    let kib = line.and_then(|line| kib_value(line.split_once(':')?.1));
+    kib.unwrap_or(0.0) * KB_PER_KIB
 }
 
 /// The number of a /proc field's value `   1234 kB` (KiB).
@@ -394,7 +397,7 @@ fn kib_value(value: &str) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{kib_value, mapped_rss_kb};
+    use super::{kib_value, mapped_rss_kib};
 
     #[test]
     fn the_rss_of_a_files_mappings_is_added_up_and_others_left_out() {
@@ -410,9 +413,9 @@ Rss:                 152 kB
 7ffdd1f71000-7ffdd1f92000 rw-p 00000000 00:00 0 [stack]
 Rss:                  60 kB
 ";
-        assert_eq!(mapped_rss_kb(smaps, "/bin/service"), 4512.0);
-        assert_eq!(mapped_rss_kb(smaps, "/usr/lib/libc.so.6"), 152.0);
-        assert_eq!(mapped_rss_kb(smaps, "/bin/other"), 0.0);
+        assert_eq!(mapped_rss_kib(smaps, "/bin/service"), 4512.0);
+        assert_eq!(mapped_rss_kib(smaps, "/usr/lib/libc.so.6"), 152.0);
+        assert_eq!(mapped_rss_kib(smaps, "/bin/other"), 0.0);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub(crate) struct Held {
 }
 
 impl Held {
-    fn usable(&self, min_generation: u64) -> bool {
+    pub(crate) fn usable(&self, min_generation: u64) -> bool {
         self.link.generation >= min_generation
             && self.link.alive()
             && self.channel.status().connected()

@@ -15,6 +15,7 @@ mod convert;
 mod error;
 #[cfg(test)]
 mod fuzz;
+mod mandatory;
 mod nodes;
 mod options;
 mod publisher;
@@ -37,6 +38,7 @@ use lapin::types::FieldTable;
 use self::channels::ChannelSlot;
 use self::connection::{supervise, Shared};
 use self::convert::short;
+use self::mandatory::MandatoryChannels;
 pub use self::options::{RabbitMqOptions, TlsOptions};
 use self::topology::{apply, prepare, Declaration};
 pub use self::uri::mask_uri;
@@ -49,6 +51,7 @@ use crate::transport::{
 pub struct RabbitMqTransport {
     shared: Arc<Shared>,
     publisher: ChannelSlot,
+    mandatory: MandatoryChannels,
     declarations: ChannelSlot,
     gets: ChannelSlot,
 }
@@ -79,6 +82,7 @@ impl RabbitMqTransport {
         Ok(RabbitMqTransport {
             shared,
             publisher: ChannelSlot::new(true),
+            mandatory: MandatoryChannels::new(),
             declarations: ChannelSlot::new(false),
             gets: ChannelSlot::new(false),
         })
@@ -198,7 +202,8 @@ impl Transport for RabbitMqTransport {
         message: OutgoingMessage,
         options: PublishOptions,
     ) -> Result<(), TransportError> {
-        publisher::publish(&self.shared, &self.publisher, exchange, routing_key, &message, options)
+        let (slot, mandatory) = (&self.publisher, &self.mandatory);
+        publisher::publish(&self.shared, slot, mandatory, exchange, routing_key, &message, options)
             .await
     }
 

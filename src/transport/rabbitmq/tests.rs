@@ -246,6 +246,126 @@ async fn mandatory_unroutable_and_unknown_exchange() {
     t.close().await;
 }
 
+/// AMQP's `basic.return` names no delivery tag, and lapin hands a returned message to the
+/// first confirm it settles after it: with several publishes in flight on one channel (a
+/// multiple ack, or confirms settled in between), a routed publish could be told it was
+/// unroutable and the unroutable one that it was confirmed. Each result must be its own.
+#[tokio::test]
+async fn each_of_many_concurrent_mandatory_publishes_learns_its_own_routing() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let t = Arc::new(connect(URI).await);
+    let exchange = unique("ex");
+    t.declare_exchange(&ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) })
+        .await
+        .unwrap();
+    let queue = unique("q");
+    t.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
+    let binding = BindingSpec {
+        queue: queue.clone(),
+        exchange: exchange.clone(),
+        routing_key: "routed".into(),
+        arguments: Headers::new(),
+    };
+    t.bind_queue(&binding).await.unwrap();
+    let publishes = (0..2000).map(|i| {
+        let (t, exchange) = (t.clone(), exchange.clone());
+        async move {
+            // persistent messages to a durable queue are confirmed late, in batches
+            let routed = i % 3 != 0;
+            let key = if routed { "routed" } else { "nowhere" };
+            let mut outgoing = message(&i.to_string(), &i.to_string());
+            outgoing.properties.delivery_mode = Some(2);
+            let result = t.publish(&exchange, key, outgoing, PublishOptions { mandatory: true });
+            (i, routed, result.await)
+        }
+    });
+    let results: Vec<_> =
+        futures::stream::iter(publishes).buffer_unordered(64).collect::<Vec<_>>().await;
+    let wrong: Vec<_> = results
+        .iter()
+        .filter(|(_, routed, result)| match result {
+            Ok(()) => !routed,
+            Err(TransportError::Unroutable { .. }) => *routed,
+            Err(_) => true,
+        })
+        .map(|(i, routed, result)| format!("{i} (routed: {routed}): {result:?}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of 2000 wrong, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!(t.delete_queue(&queue).await.unwrap(), 1333);
+    t.delete_exchange(&exchange).await.unwrap();
+    t.close().await;
+}
+
+/// A mandatory publish abandoned in flight (its caller stopped waiting, as an RPC call that
+/// ends on its reply) keeps its channel from other publishes until its confirm comes; the
+/// channels of mandatory publishes stay within their bound, and later publishes still learn
+/// their own routing.
+#[tokio::test]
+async fn abandoned_mandatory_publishes_leave_the_channels_bounded_and_right() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let options = options(URI);
+    let name = options.connection_name.clone().unwrap_or_default();
+    let t = Arc::new(RabbitMqTransport::connect(options).await.unwrap());
+    let exchange = unique("ex");
+    t.declare_exchange(&ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) })
+        .await
+        .unwrap();
+    let queue = unique("q");
+    t.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
+    let binding = BindingSpec {
+        queue: queue.clone(),
+        exchange: exchange.clone(),
+        routing_key: "routed".into(),
+        arguments: Headers::new(),
+    };
+    t.bind_queue(&binding).await.unwrap();
+    let publish = |i: usize| {
+        let (t, exchange) = (t.clone(), exchange.clone());
+        async move {
+            let routed = i % 3 != 0;
+            let key = if routed { "routed" } else { "nowhere" };
+            let mut outgoing = message(&i.to_string(), &i.to_string());
+            outgoing.properties.delivery_mode = Some(2);
+            let result = t.publish(&exchange, key, outgoing, PublishOptions { mandatory: true });
+            (routed, result.await)
+        }
+    };
+    let abandoned = (0..200).map(|i| timeout(Duration::from_millis(1), publish(i)));
+    futures::stream::iter(abandoned).buffer_unordered(200).collect::<Vec<_>>().await;
+    let results: Vec<_> =
+        futures::stream::iter((0..600).map(publish)).buffer_unordered(100).collect().await;
+    for (routed, result) in results {
+        match result {
+            Ok(()) => assert!(routed, "an unroutable publish was confirmed as routed"),
+            Err(TransportError::Unroutable { .. }) => assert!(!routed, "a routed one was returned"),
+            Err(other) => panic!("{other}"),
+        }
+    }
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "--no-table-headers", "channels", "client_properties"])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let line = text.lines().find(|line| line.contains(&name)).expect("the connection is listed");
+    let channels: usize = line.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap();
+    // 64 for mandatory publishes, the shared confirm channel, the declarations' one
+    assert!(channels <= 66, "{channels} channels open");
+    t.delete_queue(&queue).await.unwrap();
+    t.delete_exchange(&exchange).await.unwrap();
+    t.close().await;
+}
+
 /// A publish that breaks the shared confirm channel (an unknown exchange) must not break the
 /// publishes in flight beside it: their one retry goes on a channel of their own.
 #[tokio::test]
