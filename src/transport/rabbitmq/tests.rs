@@ -3,6 +3,7 @@
 //! When the broker is unreachable they fail with `CI=true` and are skipped otherwise.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -246,6 +247,67 @@ async fn mandatory_unroutable_and_unknown_exchange() {
     t.close().await;
 }
 
+/// An exchange and a durable queue bound to it with `routed`, for mandatory publishes of
+/// which a third go to `nowhere`.
+struct MixedRouting {
+    t: Arc<RabbitMqTransport>,
+    exchange: String,
+    queue: String,
+}
+
+impl MixedRouting {
+    async fn declare(t: RabbitMqTransport) -> Self {
+        let exchange = unique("ex");
+        let spec = ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) };
+        t.declare_exchange(&spec).await.unwrap();
+        let queue = unique("q");
+        t.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
+        let binding = BindingSpec {
+            queue: queue.clone(),
+            exchange: exchange.clone(),
+            routing_key: "routed".into(),
+            arguments: Headers::new(),
+        };
+        t.bind_queue(&binding).await.unwrap();
+        MixedRouting { t: Arc::new(t), exchange, queue }
+    }
+
+    /// Publish message `i`, persistent (a durable queue confirms those late, in batches),
+    /// mandatory: whether it is routed, and the result.
+    fn publish(&self, i: usize) -> impl Future<Output = (bool, Result<(), TransportError>)> {
+        let (t, exchange) = (self.t.clone(), self.exchange.clone());
+        async move {
+            let routed = i % 3 != 0;
+            let key = if routed { "routed" } else { "nowhere" };
+            let mut outgoing = message(&i.to_string(), &i.to_string());
+            outgoing.properties.delivery_mode = Some(2);
+            let result = t.publish(&exchange, key, outgoing, PublishOptions { mandatory: true });
+            (routed, result.await)
+        }
+    }
+
+    /// How many of `results` are not their publish's routing, with a few of them.
+    fn wrong(results: &[(bool, Result<(), TransportError>)]) -> (usize, Vec<String>) {
+        let wrong: Vec<String> = results
+            .iter()
+            .filter(|(routed, result)| match result {
+                Ok(()) => !routed,
+                Err(TransportError::Unroutable { .. }) => *routed,
+                Err(_) => true,
+            })
+            .map(|(routed, result)| format!("routed: {routed}, {result:?}"))
+            .collect();
+        (wrong.len(), wrong.into_iter().take(5).collect())
+    }
+
+    async fn delete(self) -> u32 {
+        let left = self.t.delete_queue(&self.queue).await.unwrap();
+        self.t.delete_exchange(&self.exchange).await.unwrap();
+        self.t.close().await;
+        left
+    }
+}
+
 /// AMQP's `basic.return` names no delivery tag, and lapin hands a returned message to the
 /// first confirm it settles after it: with several publishes in flight on one channel (a
 /// multiple ack, or confirms settled in between), a routed publish could be told it was
@@ -256,52 +318,11 @@ async fn each_of_many_concurrent_mandatory_publishes_learns_its_own_routing() {
         return;
     }
     let _shared = BROKER_LOCK.read().await;
-    let t = Arc::new(connect(URI).await);
-    let exchange = unique("ex");
-    t.declare_exchange(&ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) })
-        .await
-        .unwrap();
-    let queue = unique("q");
-    t.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
-    let binding = BindingSpec {
-        queue: queue.clone(),
-        exchange: exchange.clone(),
-        routing_key: "routed".into(),
-        arguments: Headers::new(),
-    };
-    t.bind_queue(&binding).await.unwrap();
-    let publishes = (0..2000).map(|i| {
-        let (t, exchange) = (t.clone(), exchange.clone());
-        async move {
-            // persistent messages to a durable queue are confirmed late, in batches
-            let routed = i % 3 != 0;
-            let key = if routed { "routed" } else { "nowhere" };
-            let mut outgoing = message(&i.to_string(), &i.to_string());
-            outgoing.properties.delivery_mode = Some(2);
-            let result = t.publish(&exchange, key, outgoing, PublishOptions { mandatory: true });
-            (i, routed, result.await)
-        }
-    });
-    let results: Vec<_> =
-        futures::stream::iter(publishes).buffer_unordered(64).collect::<Vec<_>>().await;
-    let wrong: Vec<_> = results
-        .iter()
-        .filter(|(_, routed, result)| match result {
-            Ok(()) => !routed,
-            Err(TransportError::Unroutable { .. }) => *routed,
-            Err(_) => true,
-        })
-        .map(|(i, routed, result)| format!("{i} (routed: {routed}): {result:?}"))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "{} of 2000 wrong, e.g. {:?}",
-        wrong.len(),
-        &wrong[..wrong.len().min(5)]
-    );
-    assert_eq!(t.delete_queue(&queue).await.unwrap(), 1333);
-    t.delete_exchange(&exchange).await.unwrap();
-    t.close().await;
+    let mixed = MixedRouting::declare(connect(URI).await).await;
+    let publishes = (0..2000).map(|i| mixed.publish(i));
+    let results: Vec<_> = futures::stream::iter(publishes).buffer_unordered(64).collect().await;
+    assert_eq!(MixedRouting::wrong(&results), (0, vec![]), "of 2000");
+    assert_eq!(mixed.delete().await, 1333);
 }
 
 /// A mandatory publish abandoned in flight (its caller stopped waiting, as an RPC call that
@@ -316,42 +337,12 @@ async fn abandoned_mandatory_publishes_leave_the_channels_bounded_and_right() {
     let _shared = BROKER_LOCK.read().await;
     let options = options(URI);
     let name = options.connection_name.clone().unwrap_or_default();
-    let t = Arc::new(RabbitMqTransport::connect(options).await.unwrap());
-    let exchange = unique("ex");
-    t.declare_exchange(&ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) })
-        .await
-        .unwrap();
-    let queue = unique("q");
-    t.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
-    let binding = BindingSpec {
-        queue: queue.clone(),
-        exchange: exchange.clone(),
-        routing_key: "routed".into(),
-        arguments: Headers::new(),
-    };
-    t.bind_queue(&binding).await.unwrap();
-    let publish = |i: usize| {
-        let (t, exchange) = (t.clone(), exchange.clone());
-        async move {
-            let routed = i % 3 != 0;
-            let key = if routed { "routed" } else { "nowhere" };
-            let mut outgoing = message(&i.to_string(), &i.to_string());
-            outgoing.properties.delivery_mode = Some(2);
-            let result = t.publish(&exchange, key, outgoing, PublishOptions { mandatory: true });
-            (routed, result.await)
-        }
-    };
-    let abandoned = (0..200).map(|i| timeout(Duration::from_millis(1), publish(i)));
+    let mixed = MixedRouting::declare(RabbitMqTransport::connect(options).await.unwrap()).await;
+    let abandoned = (0..200).map(|i| timeout(Duration::from_millis(1), mixed.publish(i)));
     futures::stream::iter(abandoned).buffer_unordered(200).collect::<Vec<_>>().await;
-    let results: Vec<_> =
-        futures::stream::iter((0..600).map(publish)).buffer_unordered(100).collect().await;
-    for (routed, result) in results {
-        match result {
-            Ok(()) => assert!(routed, "an unroutable publish was confirmed as routed"),
-            Err(TransportError::Unroutable { .. }) => assert!(!routed, "a routed one was returned"),
-            Err(other) => panic!("{other}"),
-        }
-    }
+    let publishes = (0..600).map(|i| mixed.publish(i));
+    let results: Vec<_> = futures::stream::iter(publishes).buffer_unordered(100).collect().await;
+    assert_eq!(MixedRouting::wrong(&results), (0, vec![]), "of 600");
     let listing = std::process::Command::new("rabbitmqctl")
         .args(["list_connections", "-q", "--no-table-headers", "channels", "client_properties"])
         .output()
@@ -361,9 +352,7 @@ async fn abandoned_mandatory_publishes_leave_the_channels_bounded_and_right() {
     let channels: usize = line.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap();
     // 64 for mandatory publishes, the shared confirm channel, the declarations' one
     assert!(channels <= 66, "{channels} channels open");
-    t.delete_queue(&queue).await.unwrap();
-    t.delete_exchange(&exchange).await.unwrap();
-    t.close().await;
+    mixed.delete().await;
 }
 
 /// A publish that breaks the shared confirm channel (an unknown exchange) must not break the
@@ -615,7 +604,7 @@ fn force_close(connection_name: &str) {
 }
 
 /// Fail a test that hangs instead of blocking the run.
-async fn bounded(test: impl std::future::Future<Output = ()>) {
+async fn bounded(test: impl Future<Output = ()>) {
     timeout(Duration::from_secs(120), test).await.expect("test did not finish within 120 s");
 }
 
