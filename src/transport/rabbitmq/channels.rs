@@ -68,28 +68,16 @@ impl ChannelSlot {
         &self,
         slot: &mut Option<Held>,
         shared: &Shared,
-        mut min_generation: u64,
+        min_generation: u64,
         deadline: Instant,
     ) -> Result<Held, TransportError> {
         if let Some(held) = slot.as_ref().filter(|held| held.usable(min_generation)) {
             return Ok(held.clone());
         }
         *slot = None;
-        loop {
-            let link = shared.link(min_generation, deadline).await?;
-            match link.guard(open_channel(&link, self.confirm)).await {
-                Ok(channel) => {
-                    let held = Held { link, channel: Arc::new(channel) };
-                    *slot = Some(held.clone());
-                    return Ok(held);
-                }
-                Err(error) if link.alive() => return Err(map_error(&error)),
-                Err(_) => {
-                    shared.kick();
-                    min_generation = link.generation + 1;
-                }
-            }
-        }
+        let held = open_held(shared, min_generation, deadline, self.confirm).await?;
+        *slot = Some(held.clone());
+        Ok(held)
     }
 
     /// Run `op` on this slot's channel, one operation at a time, within the publish timeout.
@@ -137,6 +125,27 @@ impl ChannelSlot {
             } else {
                 shared.kick();
                 min_generation = held.link.generation + 1;
+            }
+        }
+    }
+}
+
+/// A new channel (`confirm`: in publisher-confirm mode) on a link of at least
+/// `min_generation`, waiting for a reconnect when the link dies under it.
+pub(crate) async fn open_held(
+    shared: &Shared,
+    mut min_generation: u64,
+    deadline: Instant,
+    confirm: bool,
+) -> Result<Held, TransportError> {
+    loop {
+        let link = shared.link(min_generation, deadline).await?;
+        match link.guard(open_channel(&link, confirm)).await {
+            Ok(channel) => return Ok(Held { link, channel: Arc::new(channel) }),
+            Err(error) if link.alive() => return Err(map_error(&error)),
+            Err(_) => {
+                shared.kick();
+                min_generation = link.generation + 1;
             }
         }
     }

@@ -16,9 +16,8 @@ use lapin::Channel;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
-use super::channels::{open_channel, Held};
+use super::channels::{open_held, Held};
 use super::connection::Shared;
-use super::error::map_error;
 use crate::transport::TransportError;
 
 /// How many channels of a connection carry mandatory publishes at most; more publishes wait
@@ -92,7 +91,7 @@ impl MandatoryChannels {
                 }
             }
         }
-        match self.open(shared, min_generation, deadline).await {
+        match open_held(shared, min_generation, deadline, true).await {
             Ok(held) => Ok(Lease::new(self, held, permit)),
             Err(error) => {
                 self.pool().open -= 1;
@@ -133,25 +132,6 @@ impl MandatoryChannels {
         });
         pool.idle.extend(unsettled);
         next
-    }
-
-    async fn open(
-        &self,
-        shared: &Shared,
-        mut min_generation: u64,
-        deadline: Instant,
-    ) -> Result<Held, TransportError> {
-        loop {
-            let link = shared.link(min_generation, deadline).await?;
-            match link.guard(open_channel(&link, true)).await {
-                Ok(channel) => return Ok(Held { link, channel: Arc::new(channel) }),
-                Err(error) if link.alive() => return Err(map_error(&error)),
-                Err(_) => {
-                    shared.kick();
-                    min_generation = link.generation + 1;
-                }
-            }
-        }
     }
 }
 
