@@ -154,7 +154,7 @@ pub(crate) struct Lease<'a> {
 
 impl<'a> Lease<'a> {
     fn new(channels: &'a MandatoryChannels, held: Held, permit: SemaphorePermit<'a>) -> Self {
-        Lease { channels, held, in_flight: false, discarded: false, _permit: permit }
+        Lease { channels, held, in_flight: true, discarded: false, _permit: permit }
     }
 
     /// The leased channel and its link.
@@ -162,13 +162,8 @@ impl<'a> Lease<'a> {
         &self.held
     }
 
-    /// A publish goes out on the channel: until [`Lease::settled`], the channel is not
-    /// handed out again before its confirm.
-    pub(crate) fn publishing(&mut self) {
-        self.in_flight = true;
-    }
-
-    /// The publish's confirm came.
+    /// The publish's confirm came. Until then the channel, back in the pool, is not handed
+    /// out again before that confirm.
     pub(crate) fn settled(&mut self) {
         self.in_flight = false;
     }

@@ -106,26 +106,25 @@ impl Publish<'_> {
         loop {
             let mut lease = channels.lease(shared, min_generation, deadline).await?;
             let held = lease.held().clone();
-            lease.publishing();
             let error = match self.attempt(&held, held.channel.clone(), deadline).await {
-                Attempt::Done(Err(TransportError::TimedOut(reason))) => {
-                    // still in flight: the lease keeps its channel out of use until it settles
-                    return Err(TransportError::TimedOut(reason));
-                }
                 Attempt::Done(result) => {
-                    lease.settled();
+                    // a publish that timed out is still in flight: the lease keeps its
+                    // channel out of use until its confirm comes
+                    if !matches!(result, Err(TransportError::TimedOut(_))) {
+                        lease.settled();
+                    }
                     return result;
                 }
                 Attempt::ChannelFailed(error) => error,
             };
             lease.discard();
-            if held.link.alive() || is_soft(&error) || is_fatal(&error) {
-                if !held.link.alive() {
-                    shared.kick();
-                }
+            if held.link.alive() {
                 return Err(map_error(&error));
             }
             shared.kick();
+            if is_soft(&error) || is_fatal(&error) {
+                return Err(map_error(&error));
+            }
             min_generation = held.link.generation + 1;
         }
     }

@@ -19,7 +19,8 @@
 //! | bare lapin, `Client` (transient) | `bare, blocking` | bare lapin replying from the blocking pool |
 //! | `bare, acked` | `bare lapin`, `bare, blocking` | bare lapin's caller acking replies, as ours |
 //!
-//! (and each caller with the first two responders, `bare, acked` also with the async target); `PAIRINGS="caller/responder;..."` (e.g.
+//! (and each caller with the first two responders, `bare, acked` also with the async
+//! target); `PAIRINGS="caller/responder;..."` (e.g.
 //! `PAIRINGS="bare lapin/bare lapin;mf, transient/bare lapin"`) measures only those, to profile
 //! one pairing at a time. The framework's `echo` is a sync target,
 //! run on the blocking pool's threads as sync targets are; `mf, async` serves it as an async
