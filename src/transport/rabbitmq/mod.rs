@@ -38,7 +38,7 @@ use lapin::types::FieldTable;
 use self::channels::ChannelSlot;
 use self::connection::{supervise, Shared};
 use self::convert::short;
-use self::mandatory::MandatoryChannels;
+use self::mandatory::MandatoryChannel;
 pub use self::options::{RabbitMqOptions, TlsOptions};
 use self::topology::{apply, prepare, Declaration};
 pub use self::uri::mask_uri;
@@ -51,7 +51,7 @@ use crate::transport::{
 pub struct RabbitMqTransport {
     shared: Arc<Shared>,
     publisher: ChannelSlot,
-    mandatory: MandatoryChannels,
+    mandatory: MandatoryChannel,
     declarations: ChannelSlot,
     gets: ChannelSlot,
 }
@@ -82,7 +82,7 @@ impl RabbitMqTransport {
         Ok(RabbitMqTransport {
             shared,
             publisher: ChannelSlot::new(true),
-            mandatory: MandatoryChannels::new(),
+            mandatory: MandatoryChannel::new(),
             declarations: ChannelSlot::new(false),
             gets: ChannelSlot::new(false),
         })

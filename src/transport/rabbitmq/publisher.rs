@@ -1,24 +1,25 @@
 //! Publishing with pipelined publisher confirms.
 //!
-//! Every publish sends on the shared confirm channel and awaits its own confirm; no lock is
-//! held while waiting, so concurrent publishes are in flight together. A publish whose
-//! confirm is lost with the connection is sent again once reconnected (at-least-once). RabbitMQ
-//! closes a channel on some publishes (to an unknown exchange, say), which fails every publish
-//! in flight on it: each is sent once more on a channel of its own, so only the one at fault
-//! fails. Mandatory publishes go on channels of their own, one in flight on each
-//! ([`MandatoryChannels`]), so that a returned message is told to its own publish.
+//! Every publish sends on a shared confirm channel and awaits its own confirm; no lock is
+//! held while waiting, so concurrent publishes are in flight together. Mandatory publishes
+//! have a channel of their own, whose dispatcher tells each its own routing
+//! ([`MandatoryChannel`]). A publish whose confirm is lost with the connection is sent again
+//! once reconnected (at-least-once). RabbitMQ closes a channel on some publishes (to an
+//! unknown exchange, say), which fails every publish in flight on it: each is sent once more
+//! on a channel of its own, so only the one at fault fails.
 
 use std::sync::Arc;
 
 use lapin::options::BasicPublishOptions;
-use lapin::{Channel, Confirmation};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::time::Instant;
 
 use super::channels::{open_channel, ChannelSlot, Held};
 use super::connection::Shared;
 use super::convert::{short, to_basic_properties};
 use super::error::{is_fatal, is_soft, map_error};
-use super::mandatory::MandatoryChannels;
+use super::mandatory::{publish_key, MandatoryChannel, Outcome, Sending, Tracked};
 use crate::transport::limits::check_header_size;
 use crate::transport::{OutgoingMessage, PublishOptions, TransportError};
 
@@ -27,7 +28,7 @@ use crate::transport::{OutgoingMessage, PublishOptions, TransportError};
 pub(crate) async fn publish(
     shared: &Shared,
     slot: &ChannelSlot,
-    mandatory: &MandatoryChannels,
+    mandatory: &MandatoryChannel,
     exchange: &str,
     routing_key: &str,
     message: &OutgoingMessage,
@@ -35,9 +36,59 @@ pub(crate) async fn publish(
 ) -> Result<(), TransportError> {
     let publish = Publish { shared, exchange, routing_key, message, mandatory: options.mandatory };
     if options.mandatory {
-        publish.on_own_channels(mandatory).await
+        let key = publish_key(exchange, routing_key, message);
+        publish.with_retries(Route::Mandatory(mandatory, key)).await
     } else {
-        publish.on_shared_channel(slot).await
+        publish.with_retries(Route::Shared(slot)).await
+    }
+}
+
+/// The channel a publish goes on first.
+enum Route<'a> {
+    /// The shared confirm channel, pipelined with the other publishes.
+    Shared(&'a ChannelSlot),
+    /// The mandatory publishes' channel, pipelined with the others, and the publish's key.
+    Mandatory(&'a MandatoryChannel, u64),
+}
+
+/// A channel taken from a route.
+enum Taken<'a> {
+    Shared(&'a ChannelSlot, Held),
+    Mandatory(&'a MandatoryChannel, Tracked, u64),
+}
+
+impl<'a> Route<'a> {
+    async fn take(
+        &self,
+        shared: &Shared,
+        min_generation: u64,
+        deadline: Instant,
+    ) -> Result<Taken<'a>, TransportError> {
+        Ok(match *self {
+            Route::Shared(slot) => {
+                Taken::Shared(slot, slot.get(shared, min_generation, deadline).await?)
+            }
+            Route::Mandatory(channel, key) => {
+                Taken::Mandatory(channel, channel.get(shared, min_generation, deadline).await?, key)
+            }
+        })
+    }
+}
+
+impl Taken<'_> {
+    fn held(&self) -> &Held {
+        match self {
+            Taken::Shared(_, held) => held,
+            Taken::Mandatory(_, tracked, _) => tracked.held(),
+        }
+    }
+
+    /// Replace this channel for the next publishes.
+    async fn invalidate(&self) {
+        match self {
+            Taken::Shared(slot, held) => slot.invalidate(held).await,
+            Taken::Mandatory(channel, tracked, _) => channel.invalidate(tracked).await,
+        }
     }
 }
 
@@ -56,102 +107,103 @@ enum Attempt {
     ChannelFailed(lapin::Error),
 }
 
+/// What lapin takes by value for a publish.
+type Parts = (ShortString, ShortString, BasicProperties);
+
 impl Publish<'_> {
-    /// Send on `channel` of `held`'s link and await the confirm, by `deadline`.
-    async fn attempt(&self, held: &Held, channel: Arc<Channel>, deadline: Instant) -> Attempt {
-        // What lapin takes by value, made for each attempt and moved into it (most publishes
-        // make one attempt): cheaper than a copy kept for retries.
-        let parts = || -> Result<_, TransportError> {
-            let properties = to_basic_properties(&self.message.properties)?;
-            let exchange = short(self.exchange, "exchange name")?;
-            Ok((exchange, short(self.routing_key, "routing key")?, properties))
-        };
-        let (exchange, key, properties) = match parts() {
-            Ok(parts) => parts,
-            Err(error) => return Attempt::Done(Err(error)),
-        };
+    /// What lapin takes by value, made for each attempt and moved into it (most publishes
+    /// make one attempt): cheaper than a copy kept for retries.
+    fn parts(&self, held: &Held) -> Result<Parts, TransportError> {
+        let properties = to_basic_properties(&self.message.properties)?;
+        let exchange = short(self.exchange, "exchange name")?;
+        let routing_key = short(self.routing_key, "routing key")?;
         // RabbitMQ closes the whole connection on a content header bigger than a frame.
         // A negotiated frame_max of 0 means no limit.
         let frame_max = match held.link.connection.configuration().frame_max() {
             0 => usize::MAX,
             size => usize::try_from(size).unwrap_or(usize::MAX),
         };
-        if let Err(error) = check_header_size(&self.message.properties, frame_max) {
-            return Attempt::Done(Err(error));
-        }
-        let options = BasicPublishOptions { mandatory: self.mandatory, immediate: false };
-        let body = &self.message.body;
+        check_header_size(&self.message.properties, frame_max)?;
+        Ok((exchange, routing_key, properties))
+    }
+
+    fn options(&self) -> BasicPublishOptions {
+        BasicPublishOptions { mandatory: self.mandatory, immediate: false }
+    }
+
+    /// Send on `channel` of `held`'s link and await the confirm, by `deadline`.
+    async fn attempt(&self, held: &Held, channel: Arc<Channel>, deadline: Instant) -> Attempt {
+        let (exchange, key, properties) = match self.parts(held) {
+            Ok(parts) => parts,
+            Err(error) => return Attempt::Done(Err(error)),
+        };
+        let (options, body) = (self.options(), &self.message.body);
         let publish = async move {
             channel.basic_publish(exchange, key, options, body, properties).await?.await
         };
         let outcome = tokio::time::timeout_at(deadline, held.link.guard(publish)).await;
         match outcome {
             Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Attempt::Done(Ok(())),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Attempt::Done(Err(TransportError::Unroutable {
-                exchange: self.exchange.to_owned(),
-                routing_key: self.routing_key.to_owned(),
-            })),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Attempt::Done(Err(self.unroutable())),
             Ok(Ok(Confirmation::Nack(_))) => Attempt::Done(Err(TransportError::Nacked)),
             Ok(Err(error)) => Attempt::ChannelFailed(error),
             Err(_) => Attempt::Done(Err(self.not_confirmed())),
         }
     }
 
-    /// On a channel with no other publish in flight, so that a returned message is this
-    /// publish's.
-    async fn on_own_channels(&self, channels: &MandatoryChannels) -> Result<(), TransportError> {
-        let shared = self.shared;
-        let deadline = Instant::now() + shared.options.publish_timeout;
-        let mut min_generation = 0;
-        loop {
-            let mut lease = channels.lease(shared, min_generation, deadline).await?;
-            let held = lease.held().clone();
-            let error = match self.attempt(&held, held.channel.clone(), deadline).await {
-                Attempt::Done(result) => {
-                    // a publish that timed out is still in flight: the lease keeps its
-                    // channel out of use until its confirm comes
-                    if !matches!(result, Err(TransportError::TimedOut(_))) {
-                        lease.settled();
-                    }
-                    return result;
-                }
-                Attempt::ChannelFailed(error) => error,
-            };
-            lease.discard();
-            if held.link.alive() {
-                return Err(map_error(&error));
-            }
-            shared.kick();
-            if is_soft(&error) || is_fatal(&error) {
-                return Err(map_error(&error));
-            }
-            min_generation = held.link.generation + 1;
+    /// Hand the publish to the dispatcher of the mandatory publishes' channel, which tells it
+    /// its own routing, by `deadline`.
+    async fn tracked_attempt(&self, tracked: &Tracked, key: u64, deadline: Instant) -> Attempt {
+        let (exchange, routing_key, properties) = match self.parts(tracked.held()) {
+            Ok(parts) => parts,
+            Err(error) => return Attempt::Done(Err(error)),
+        };
+        let (options, body) = (self.options(), self.message.body.clone());
+        let channel = tracked.held().channel.clone();
+        let sending: Sending = Box::pin(async move {
+            channel.basic_publish(exchange, routing_key, options, &body, properties).await
+        });
+        match tracked.publish(key, sending, deadline).await {
+            Ok(Ok(Outcome::Routed)) => Attempt::Done(Ok(())),
+            Ok(Ok(Outcome::Unroutable)) => Attempt::Done(Err(self.unroutable())),
+            Ok(Ok(Outcome::Nacked)) => Attempt::Done(Err(TransportError::Nacked)),
+            Ok(Err(error)) => Attempt::ChannelFailed(error),
+            Err(_) => Attempt::Done(Err(self.not_confirmed())),
         }
     }
 
-    /// On the shared confirm channel, pipelined with the other publishes.
-    async fn on_shared_channel(&self, slot: &ChannelSlot) -> Result<(), TransportError> {
+    /// On `route`'s channel, pipelined with the other publishes.
+    async fn with_retries(&self, route: Route<'_>) -> Result<(), TransportError> {
         let shared = self.shared;
         let deadline = Instant::now() + shared.options.publish_timeout;
         let mut min_generation = 0;
         let mut channel_failed = false;
         loop {
-            let held = slot.get(shared, min_generation, deadline).await?;
+            let taken = route.take(shared, min_generation, deadline).await?;
+            let held = taken.held().clone();
             let attempt = if channel_failed {
-                // The shared channel was closed under this publish, by it (e.g. an unknown
-                // exchange) or by another one in flight on it. The one retry goes on a channel
-                // of its own: a publish that breaks its channel again breaks no other.
+                // The channel was closed under this publish, by it (e.g. an unknown exchange)
+                // or by another one in flight on it. The one retry goes on a channel of its
+                // own: a publish that breaks its channel again breaks no other, and a returned
+                // message there is its own.
                 // Boxed: rare, and its future would otherwise weigh on every publish's.
                 Box::pin(self.on_a_channel_of_its_own(&held, deadline)).await
             } else {
-                self.attempt(&held, held.channel.clone(), deadline).await
+                match &taken {
+                    Taken::Shared(_, held) => {
+                        self.attempt(held, held.channel.clone(), deadline).await
+                    }
+                    Taken::Mandatory(_, tracked, key) => {
+                        self.tracked_attempt(tracked, *key, deadline).await
+                    }
+                }
             };
             let error = match attempt {
                 Attempt::Done(result) => return result,
                 Attempt::ChannelFailed(error) => error,
             };
             if !channel_failed {
-                slot.invalidate(&held).await;
+                taken.invalidate().await;
             }
             if held.link.alive() {
                 if channel_failed {
@@ -180,6 +232,13 @@ impl Publish<'_> {
             let _ = channel.close(200, "publish retried".into()).await;
         }
         attempt
+    }
+
+    fn unroutable(&self) -> TransportError {
+        TransportError::Unroutable {
+            exchange: self.exchange.to_owned(),
+            routing_key: self.routing_key.to_owned(),
+        }
     }
 
     fn not_confirmed(&self) -> TransportError {
