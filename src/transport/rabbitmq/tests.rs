@@ -355,6 +355,44 @@ async fn abandoned_mandatory_publishes_leave_the_later_ones_right_on_one_channel
     mixed.delete().await;
 }
 
+/// Mandatory publishes in flight when the connection is cut are sent again once it is back,
+/// and each still learns its own routing: the dispatcher of the dead connection's channel
+/// lets go of them, none waits for its timeout.
+#[tokio::test]
+async fn mandatory_publishes_cut_in_flight_learn_their_routing_after_the_reconnect() {
+    bounded(mandatory_cut_scenario()).await;
+}
+
+async fn mandatory_cut_scenario() {
+    if !broker_up().await {
+        return;
+    }
+    let _shared = BROKER_LOCK.read().await;
+    let proxy = Proxy::start().await;
+    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let mixed = MixedRouting::declare(connect(&uri).await).await;
+    let publishes: Vec<_> = (0..600).map(|i| mixed.publish(i)).collect();
+    let burst = tokio::spawn(futures::stream::iter(publishes).buffer_unordered(64).collect());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    proxy.cut();
+    timeout(Duration::from_secs(10), async {
+        while mixed.t.is_connected() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("outage not detected");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.restore();
+    let results: Vec<_> = burst.await.unwrap();
+    assert_eq!(MixedRouting::wrong(&results), (0, vec![]), "of 600");
+    assert!(mixed.t.connection_generation() >= 2);
+    wait_connected(&mixed.t).await;
+    // at least once: a routed publish whose confirm was lost went again
+    let left = mixed.delete().await;
+    assert!(left >= 400, "{left} of the 400 routed publishes in the queue");
+}
+
 /// A publish that breaks the shared confirm channel (an unknown exchange) must not break the
 /// publishes in flight beside it: their one retry goes on a channel of their own.
 #[tokio::test]
