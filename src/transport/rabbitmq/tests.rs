@@ -369,19 +369,12 @@ async fn mandatory_cut_scenario() {
     }
     let _shared = BROKER_LOCK.read().await;
     let proxy = Proxy::start().await;
-    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let mixed = MixedRouting::declare(connect(&uri).await).await;
+    let mixed = MixedRouting::declare(connect(&proxy.uri()).await).await;
     let publishes: Vec<_> = (0..600).map(|i| mixed.publish(i)).collect();
     let burst = tokio::spawn(futures::stream::iter(publishes).buffer_unordered(64).collect());
     tokio::time::sleep(Duration::from_millis(5)).await;
     proxy.cut();
-    timeout(Duration::from_secs(10), async {
-        while mixed.t.is_connected() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("outage not detected");
+    wait_disconnected(&mixed.t).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.restore();
     let results: Vec<_> = burst.await.unwrap();
@@ -646,6 +639,16 @@ async fn bounded(test: impl Future<Output = ()>) {
     timeout(Duration::from_secs(120), test).await.expect("test did not finish within 120 s");
 }
 
+async fn wait_disconnected(t: &RabbitMqTransport) {
+    timeout(Duration::from_secs(10), async {
+        while t.is_connected() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("outage not detected within 10 s");
+}
+
 async fn wait_connected(t: &RabbitMqTransport) {
     timeout(Duration::from_secs(20), async {
         while !t.is_connected() {
@@ -764,6 +767,11 @@ impl Proxy {
     fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
     }
+
+    /// The broker's URI through the proxy.
+    fn uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
 }
 
 impl Drop for Proxy {
@@ -784,8 +792,7 @@ async fn outage_scenario() {
     }
     let _shared = BROKER_LOCK.read().await;
     let proxy = Proxy::start().await;
-    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let t = Arc::new(connect(&uri).await);
+    let t = Arc::new(connect(&proxy.uri()).await);
     let exchange = unique("ex");
     let queue = unique("q");
     t.declare_exchange(&ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) })
@@ -819,13 +826,7 @@ async fn outage_scenario() {
     };
     tokio::time::sleep(Duration::from_millis(5)).await;
     proxy.cut();
-    timeout(Duration::from_secs(10), async {
-        while t.is_connected() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("outage not detected");
+    wait_disconnected(&t).await;
     assert!(matches!(before.acker.ack().await, Err(TransportError::Closed { .. })));
     let publishes: Vec<_> = (0..20)
         .map(|i| {
