@@ -185,9 +185,8 @@ impl Tracked {
         };
         let mut waiting = (sending, permit);
         let reply = loop {
+            // Made before trying: it is woken by any publish leaving from now on.
             let freed = tracker.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
             match tracker.send(key, waiting) {
                 Ok(reply) => break reply,
                 Err(Refused::Busy(sending, permit)) => waiting = (sending, permit),
@@ -196,8 +195,10 @@ impl Tracked {
             timeout_at(deadline, freed).await?;
         };
         tracker.dispatcher.wake();
+        // The dispatcher watches the connection: when it dies, the dispatcher passes on the
+        // failure lapin reports (or drops the reply after a grace).
         let reply = async { reply.await.unwrap_or_else(|_| Err(closed_channel())) };
-        timeout_at(deadline, self.held.link.guard(reply)).await
+        timeout_at(deadline, reply).await
     }
 }
 
