@@ -390,6 +390,17 @@ async fn mandatory_cut_scenario() {
 /// publishes in flight beside it: their one retry goes on a channel of their own.
 #[tokio::test]
 async fn a_publish_to_a_missing_exchange_breaks_no_concurrent_publish() {
+    missing_exchange_scenario(PublishOptions::default()).await;
+}
+
+/// The same on the mandatory publishes' channel: its dispatcher lets go of the publishes the
+/// closed channel failed, and each is sent again on a channel of its own.
+#[tokio::test]
+async fn a_mandatory_publish_to_a_missing_exchange_breaks_no_concurrent_publish() {
+    missing_exchange_scenario(PublishOptions { mandatory: true }).await;
+}
+
+async fn missing_exchange_scenario(options: PublishOptions) {
     let _shared = BROKER_LOCK.read().await;
     if !broker_up().await {
         return;
@@ -404,14 +415,14 @@ async fn a_publish_to_a_missing_exchange_breaks_no_concurrent_publish() {
             let (t, queue) = (t.clone(), queue.clone());
             good.push(tokio::spawn(async move {
                 let body = format!("{round}-{i}");
-                t.publish("", &queue, message(&body, &body), PublishOptions::default()).await
+                t.publish("", &queue, message(&body, &body), options).await
             }));
         }
         let bad = {
             let (t, missing) = (t.clone(), missing.clone());
-            tokio::spawn(async move {
-                t.publish(&missing, "k", message("x", "bad"), PublishOptions::default()).await
-            })
+            tokio::spawn(
+                async move { t.publish(&missing, "k", message("x", "bad"), options).await },
+            )
         };
         for publish in good {
             assert_eq!(publish.await.unwrap(), Ok(()), "round {round}");
