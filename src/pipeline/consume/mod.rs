@@ -114,21 +114,33 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
 }
 
 async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, delivery: Delivery) {
-    match guard_crash_loop(&source, delivery).await {
+    // The rare paths are boxed: this future is moved into a task for every delivery, and
+    // moving it copies all of it.
+    let guarded = match check_crash_loop(&source, delivery) {
+        Checked::Guarded(guarded) => guarded,
+        Checked::Count(delivery, count) => {
+            Box::pin(count_redelivery(&source, delivery, count)).await
+        }
+    };
+    match guarded {
         Guarded::Handle(delivery) => {
             if delivery.properties.headers.contains_key(HEADER_REDELIVERIES) {
                 // A counted copy of a message that may have crashed the service: wait before
                 // running it again, so a crash loop is no hot loop and the ack of the message
                 // it replaces reaches the broker before a new crash could lose it.
-                tokio::select! {
-                    _ = source.stopping.cancelled() => {}
-                    _ = tokio::time::sleep(CRASH_PAUSE) => {}
-                }
+                Box::pin(crash_pause(&source)).await;
             }
             handler.handle(delivery).await
         }
         Guarded::Refuse(delivery, failure) => handler.refuse(delivery, failure).await,
         Guarded::Counted => {}
+    }
+}
+
+async fn crash_pause(source: &QueueSource) {
+    tokio::select! {
+        _ = source.stopping.cancelled() => {}
+        _ = tokio::time::sleep(CRASH_PAUSE) => {}
     }
 }
 
@@ -139,19 +151,25 @@ enum Guarded {
     Counted,
 }
 
+enum Checked {
+    Guarded(Guarded),
+    /// Redelivered from a classic queue: to count (this many times) before it is handled.
+    Count(Delivery, i64),
+}
+
 /// Count the times a message came back unsettled (its worker or the service died while
 /// handling it) and refuse it past `MAX_REDELIVERIES`, so one poison message cannot
 /// crash-loop the service. Quorum queues count in `x-delivery-count`; on classic queues a
 /// redelivered message is published again (confirmed) straight to its queue with the count in
-/// a header, then acked.
-async fn guard_crash_loop(source: &QueueSource, mut delivery: Delivery) -> Guarded {
+/// a header ([`count_redelivery`]), then acked.
+fn check_crash_loop(source: &QueueSource, mut delivery: Delivery) -> Checked {
     restore_first_route(&mut delivery);
     let headers = &delivery.properties.headers;
     let limit = i64::from(source.max_redeliveries);
     let quorum_count = headers.get("x-delivery-count").and_then(HeaderValue::as_i64);
     let count = match quorum_count {
         Some(count) => count,
-        None if !delivery.redelivered => return Guarded::Handle(delivery),
+        None if !delivery.redelivered => return Checked::Guarded(Guarded::Handle(delivery)),
         None => headers
             .get(HEADER_REDELIVERIES)
             .and_then(HeaderValue::as_i64)
@@ -167,11 +185,16 @@ async fn guard_crash_loop(source: &QueueSource, mut delivery: Delivery) -> Guard
                 count.saturating_add(1)
             ),
         );
-        return Guarded::Refuse(delivery, failure);
+        return Checked::Guarded(Guarded::Refuse(delivery, failure));
     }
     if quorum_count.is_some() {
-        return Guarded::Handle(delivery);
+        return Checked::Guarded(Guarded::Handle(delivery));
     }
+    Checked::Count(delivery, count)
+}
+
+/// Publish a redelivered message again straight to its queue with its `count`, then ack it.
+async fn count_redelivery(source: &QueueSource, delivery: Delivery, count: i64) -> Guarded {
     let mut properties = copy_properties(&delivery.properties);
     let headers = &mut properties.headers;
     headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count));
