@@ -12,8 +12,8 @@
 //! - its confirm carried no returned message: its own, if any, went to a confirm lapin
 //!   settled before this one, which the dispatcher's next pass over all confirms sees;
 //! - its confirm carried another publish's returned message: its own may go to a confirm
-//!   settled after it in the same ack, so it waits until every publish sent before it was
-//!   seen settled.
+//!   settled after it in the same ack (whose publish was sent by then), so it waits until
+//!   every publish sent before its confirm was seen has been seen settled.
 //!
 //! Unroutable publishes are rare; routed ones are told on the pass after their confirm.
 

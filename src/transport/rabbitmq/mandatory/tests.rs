@@ -138,9 +138,10 @@ fn a_return_on_a_confirm_settled_just_before_is_seen_before_the_routing_is_told(
 }
 
 /// A publish whose confirm carried another's returned message may have its own handed to a
-/// confirm lapin settles after it: it waits until every publish sent before it is settled.
+/// confirm lapin settles after it: it waits until every publish sent before its confirm was
+/// seen is settled.
 #[test]
-fn a_confirm_carrying_another_return_waits_for_the_publishes_sent_before_it() {
+fn a_confirm_carrying_another_return_waits_for_the_publishes_in_flight_when_it_settled() {
     for own_returned in [true, false] {
         let mut dispatcher = Dispatcher::new();
         let mut first = dispatcher.send(1).ok().unwrap();
@@ -156,6 +157,27 @@ fn a_confirm_carrying_another_return_waits_for_the_publishes_sent_before_it() {
         assert_eq!(told(&mut second), Some(expected));
         assert!(dispatcher.entries.is_empty());
     }
+}
+
+/// The confirm that carries its returned message may be that of a publish sent after it, in
+/// the same ack: it waits for that one too.
+#[test]
+fn a_confirm_carrying_another_return_waits_for_the_publishes_sent_after_it_too() {
+    let mut dispatcher = Dispatcher::new();
+    let mut first = dispatcher.send(1).ok().unwrap();
+    let mut second = dispatcher.send(2).ok().unwrap();
+    let mut third = dispatcher.send(3).ok().unwrap();
+    dispatcher.lapin.settle(1, returned(2));
+    assert_eq!(dispatcher.run(), Poll::Pending);
+    assert_eq!(told(&mut second), Some(Outcome::Unroutable));
+    dispatcher.lapin.settle(2, Confirmation::Ack(None));
+    assert_eq!(dispatcher.run(), Poll::Pending);
+    assert_eq!(told(&mut first), None, "told before 3 settled");
+    dispatcher.lapin.settle(3, returned(1));
+    assert_eq!(dispatcher.run(), Poll::Pending);
+    assert_eq!(told(&mut first), Some(Outcome::Unroutable));
+    assert_eq!(told(&mut third), Some(Outcome::Routed));
+    assert!(dispatcher.entries.is_empty());
 }
 
 /// Two publishes of the same content are never in flight together, so that a returned
