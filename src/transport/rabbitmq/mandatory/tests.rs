@@ -106,6 +106,12 @@ impl Dispatcher {
         self.tracker.send(key(id), (self.lapin.confirm(id), permit))
     }
 
+    /// Send publish `id`, which must be taken.
+    fn sent(&self, id: u64) -> oneshot::Receiver<Reply> {
+        let Ok(reply) = self.send(id) else { panic!("publish {id} refused") };
+        reply
+    }
+
     fn run(&mut self) -> Poll<()> {
         let mut cx = Context::from_waker(noop_waker_ref());
         self.tracker.passes(&mut self.entries, &mut self.pass, &mut cx)
@@ -126,8 +132,8 @@ fn told(reply: &mut oneshot::Receiver<Reply>) -> Option<Outcome> {
 #[test]
 fn a_return_on_a_confirm_settled_just_before_is_seen_before_the_routing_is_told() {
     let mut dispatcher = Dispatcher::new();
-    let mut first = dispatcher.send(1).ok().unwrap();
-    let mut second = dispatcher.send(2).ok().unwrap();
+    let mut first = dispatcher.sent(1);
+    let mut second = dispatcher.sent(2);
     // One multiple ack: lapin settles 1 with 2's returned message, then 2 with nothing,
     // after the dispatcher polled 1 and before it polls 2.
     dispatcher.lapin.settle_on_poll(2, vec![(1, returned(2)), (2, Confirmation::Ack(None))]);
@@ -144,8 +150,8 @@ fn a_return_on_a_confirm_settled_just_before_is_seen_before_the_routing_is_told(
 fn a_confirm_carrying_another_return_waits_for_the_publishes_in_flight_when_it_settled() {
     for own_returned in [true, false] {
         let mut dispatcher = Dispatcher::new();
-        let mut first = dispatcher.send(1).ok().unwrap();
-        let mut second = dispatcher.send(2).ok().unwrap();
+        let mut first = dispatcher.sent(1);
+        let mut second = dispatcher.sent(2);
         dispatcher.lapin.settle(2, returned(1));
         assert_eq!(dispatcher.run(), Poll::Pending);
         assert_eq!(told(&mut first), Some(Outcome::Unroutable));
@@ -164,9 +170,9 @@ fn a_confirm_carrying_another_return_waits_for_the_publishes_in_flight_when_it_s
 #[test]
 fn a_confirm_carrying_another_return_waits_for_the_publishes_sent_after_it_too() {
     let mut dispatcher = Dispatcher::new();
-    let mut first = dispatcher.send(1).ok().unwrap();
-    let mut second = dispatcher.send(2).ok().unwrap();
-    let mut third = dispatcher.send(3).ok().unwrap();
+    let mut first = dispatcher.sent(1);
+    let mut second = dispatcher.sent(2);
+    let mut third = dispatcher.sent(3);
     dispatcher.lapin.settle(1, returned(2));
     assert_eq!(dispatcher.run(), Poll::Pending);
     assert_eq!(told(&mut second), Some(Outcome::Unroutable));
@@ -185,12 +191,12 @@ fn a_confirm_carrying_another_return_waits_for_the_publishes_sent_after_it_too()
 #[test]
 fn a_publish_of_the_same_content_waits_for_the_first_to_settle() {
     let mut dispatcher = Dispatcher::new();
-    let mut first = dispatcher.send(1).ok().unwrap();
+    let mut first = dispatcher.sent(1);
     assert!(matches!(dispatcher.send(1), Err(Refused::Busy(..))));
     dispatcher.lapin.settle(1, Confirmation::Ack(None));
     assert_eq!(dispatcher.run(), Poll::Pending);
     assert_eq!(told(&mut first), Some(Outcome::Routed));
-    let mut again = dispatcher.send(1).ok().unwrap();
+    let mut again = dispatcher.sent(1);
     dispatcher.lapin.settle(1, Confirmation::Nack(None));
     assert_eq!(dispatcher.run(), Poll::Pending);
     assert_eq!(told(&mut again), Some(Outcome::Nacked));
@@ -201,8 +207,8 @@ fn a_publish_of_the_same_content_waits_for_the_first_to_settle() {
 #[test]
 fn an_abandoned_publish_still_carries_returns_to_their_own() {
     let mut dispatcher = Dispatcher::new();
-    drop(dispatcher.send(1).ok().unwrap());
-    let mut second = dispatcher.send(2).ok().unwrap();
+    drop(dispatcher.sent(1));
+    let mut second = dispatcher.sent(2);
     assert_eq!(dispatcher.run(), Poll::Pending);
     dispatcher.lapin.settle(1, returned(2));
     dispatcher.lapin.settle(2, Confirmation::Ack(None));
@@ -216,8 +222,8 @@ fn an_abandoned_publish_still_carries_returns_to_their_own() {
 #[test]
 fn a_closed_dispatcher_ends_once_its_publishes_settle() {
     let mut dispatcher = Dispatcher::new();
-    let mut first = dispatcher.send(1).ok().unwrap();
-    let mut second = dispatcher.send(2).ok().unwrap();
+    let mut first = dispatcher.sent(1);
+    let mut second = dispatcher.sent(2);
     dispatcher.tracker.close();
     assert!(matches!(dispatcher.send(3), Err(Refused::Failed(_))));
     dispatcher.lapin.settle(1, Confirmation::Ack(None));
