@@ -20,7 +20,8 @@ pub struct WorkerContext {
     pub(crate) service: Arc<str>,
     pub(crate) route: Arc<str>,
     pub(crate) role: TargetRole,
-    pub(crate) message: Message,
+    /// Shared with the entrypoint, which may still need it once handled (an RPC reply).
+    pub(crate) message: Arc<Message>,
     pub(crate) payload: Result<Value, String>,
     pub(crate) call: CallContext,
     pub(crate) config: Arc<Config>,

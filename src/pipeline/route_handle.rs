@@ -215,12 +215,16 @@ impl RouteHandle {
     /// retry it as the route's backoff says (in the worker, or by asking the entrypoint to
     /// schedule it on the broker), and when no retry remains run the callback.
     pub async fn handle(&self, permit: WorkerPermit, message: Message) -> Handled {
-        self.handle_borrowed(permit, &message).await
+        self.handle_shared(permit, &Arc::new(message)).await
     }
 
     /// [`RouteHandle::handle`] for an entrypoint that still needs the message once handled
-    /// (RPC replies to it), so it is not copied for the call.
-    pub(crate) async fn handle_borrowed(&self, permit: WorkerPermit, message: &Message) -> Handled {
+    /// (RPC replies to it): the calls share it, none copies it.
+    pub(crate) async fn handle_shared(
+        &self,
+        permit: WorkerPermit,
+        message: &Arc<Message>,
+    ) -> Handled {
         self.inner.stats.received();
         let (metrics, labels) =
             (&self.inner.metrics, (self.inner.pool.context(), self.metric_label()));
@@ -242,7 +246,7 @@ impl RouteHandle {
         self.inner.calls.watch()
     }
 
-    async fn handle_in_slot(&self, message: &Message) -> Handled {
+    async fn handle_in_slot(&self, message: &Arc<Message>) -> Handled {
         let max_size = self.inner.config.max_message_size;
         if message.body.len() > max_size {
             let reason = format!(
@@ -309,13 +313,13 @@ impl RouteHandle {
         message: Message,
         failure: Option<Failure>,
     ) -> Outcome {
-        self.run(role, &message, failure, &BackOffData::default()).await
+        self.run(role, &Arc::new(message), failure, &BackOffData::default()).await
     }
 
     async fn run(
         &self,
         role: TargetRole,
-        message: &Message,
+        message: &Arc<Message>,
         failure: Option<Failure>,
         retry: &BackOffData,
     ) -> Outcome {
@@ -337,7 +341,7 @@ impl RouteHandle {
     pub(crate) async fn run_here(
         &self,
         role: TargetRole,
-        message: &Message,
+        message: &Arc<Message>,
         failure: Option<Failure>,
         retry: &BackOffData,
     ) -> Outcome {
@@ -364,7 +368,7 @@ impl RouteHandle {
     async fn run_pipeline(
         &self,
         role: TargetRole,
-        message: Message,
+        message: Arc<Message>,
         failure: Option<Failure>,
         call: CallContext,
         retry: BackOffData,

@@ -411,6 +411,19 @@ impl Delivery {
             ..Message::default()
         }
     }
+
+    /// The message it carries and what settles it, the message moved out rather than copied.
+    pub(crate) fn into_parts(self) -> (Message, Box<dyn Acker>) {
+        let message = Message {
+            body: self.body,
+            properties: self.properties,
+            exchange: self.exchange,
+            routing_key: self.routing_key,
+            redelivered: self.redelivered,
+            ..Message::default()
+        };
+        (message, self.acker)
+    }
 }
 
 /// A stream of deliveries from one queue: a [`futures::Stream`] that ends once the consumer

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::data::{json_properties, Failure, Handled, Message};
 use crate::pipeline::RouteHandle;
 use crate::transport::limits::check_size;
-use crate::transport::{Delivery, OutgoingMessage, PublishOptions, TransportError};
+use crate::transport::{Acker, OutgoingMessage, PublishOptions, TransportError};
 
 /// How long a request whose reply could not be sent waits before going back to its queue.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
@@ -53,18 +53,18 @@ pub(crate) fn within_size_limit(
 pub(crate) async fn reply_then_ack(
     route: &RouteHandle,
     request: &Message,
-    delivery: Delivery,
+    acker: Box<dyn Acker>,
     exchange: &str,
     body: Bytes,
 ) {
     let settled = match reply(route, request, exchange, body).await {
-        Ok(()) => delivery.acker.ack().await,
+        Ok(()) => acker.ack().await,
         Err(error) if error.is_permanent() => {
             tracing::error!(
                 route = route.name(),
                 "cannot reply to an RPC request ({error}); acked without a reply"
             );
-            delivery.acker.ack().await
+            acker.ack().await
         }
         Err(error) => {
             tracing::error!(
@@ -72,7 +72,7 @@ pub(crate) async fn reply_then_ack(
                 "cannot reply to an RPC request ({error}); it goes back to the queue"
             );
             tokio::time::sleep(REQUEUE_PAUSE).await;
-            delivery.acker.nack(true).await
+            acker.nack(true).await
         }
     };
     if let Err(error) = settled {

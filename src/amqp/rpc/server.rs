@@ -83,7 +83,8 @@ impl SharedExtension for RpcServer {
 impl DeliveryHandler for RpcServer {
     /// Handle one request: find the method's route, run it, reply, ack.
     async fn handle(&self, delivery: Delivery) {
-        let message = delivery.message();
+        let (message, acker) = delivery.into_parts();
+        let message = Arc::new(message);
         let (method, route) = self.route_of(&message.routing_key);
         let (outcome, route, handled) = match route {
             None => {
@@ -96,7 +97,7 @@ impl DeliveryHandler for RpcServer {
                 }
                 Ok(()) => {
                     let Some(permit) = route.acquire().await else {
-                        if let Err(error) = delivery.acker.nack(true).await {
+                        if let Err(error) = acker.nack(true).await {
                             tracing::warn!(
                                 route = route.name(),
                                 "cannot hand a request back: {error}"
@@ -104,7 +105,7 @@ impl DeliveryHandler for RpcServer {
                         }
                         return;
                     };
-                    let handled = route.handle_borrowed(permit, &message).await;
+                    let handled = route.handle_shared(permit, &message).await;
                     let outcome = handled_outcome(&handled).map_err(RemoteException::from_failure);
                     (outcome, route, Some(handled))
                 }
@@ -119,7 +120,7 @@ impl DeliveryHandler for RpcServer {
             );
         }
         let body = nameko_reply(&route, &outcome);
-        reply_then_ack(&route, &message, delivery, &route.config().rpc_exchange, body).await;
+        reply_then_ack(&route, &message, acker, &route.config().rpc_exchange, body).await;
         if let Some(handled) = handled {
             route.settled(&handled);
         }
@@ -127,12 +128,12 @@ impl DeliveryHandler for RpcServer {
 
     /// A request that keeps crashing the service is answered with an error and not run.
     async fn refuse(&self, delivery: Delivery, failure: Failure) {
-        let message = delivery.message();
+        let (message, acker) = delivery.into_parts();
         let (method, route) = self.route_of(&message.routing_key);
         let route = route.unwrap_or_else(|| self.service.clone());
         tracing::error!(route = route.name(), "RPC {method} refused: {}", failure.message);
         let body = nameko_reply(&route, &Err(RemoteException::from_failure(&failure)));
-        reply_then_ack(&route, &message, delivery, &route.config().rpc_exchange, body).await;
+        reply_then_ack(&route, &message, acker, &route.config().rpc_exchange, body).await;
         route.settled(&Handled::Failed(failure));
     }
 }

@@ -150,7 +150,7 @@ impl DeliveryHandler for UfwRpcServer {
             tracing::warn!(route = route.name(), "RPC {} failed: {error}", message.routing_key);
         }
         let body = ufw_reply(&route, &outcome);
-        reply_then_ack(&route, &message, delivery, UFW_RPC_EXCHANGE, body).await;
+        reply_then_ack(&route, &message, delivery.acker, UFW_RPC_EXCHANGE, body).await;
         if let Some(handled) = handled {
             route.settled(&handled);
         }
@@ -167,7 +167,7 @@ impl DeliveryHandler for UfwRpcServer {
             failure.message
         );
         let body = ufw_reply(&route, &Err(RemoteError::from_failure(&failure)));
-        reply_then_ack(&route, &message, delivery, UFW_RPC_EXCHANGE, body).await;
+        reply_then_ack(&route, &message, delivery.acker, UFW_RPC_EXCHANGE, body).await;
         route.settled(&Handled::Failed(failure));
     }
 }
