@@ -71,15 +71,15 @@ struct Outgoing {
     routing_key: String,
     message: OutgoingMessage,
     protocol: Protocol,
-    service: String,
-    method: String,
+    service: Arc<str>,
+    method: Arc<str>,
 }
 
 impl Caller {
     /// Build the request's message, and its reply, registered on the reply queue.
     async fn prepare(&self, request: RpcRequest) -> Result<(Outgoing, RpcReply), RpcError> {
-        let (protocol, service, method) =
-            (request.protocol, request.service.clone(), request.method.clone());
+        let (protocol, service, method): (_, Arc<str>, Arc<str>) =
+            (request.protocol, request.service.as_str().into(), request.method.as_str().into());
         let timeout = request.timeout.unwrap_or(self.timeout);
         let ufw_exchange;
         let (exchange, routing_key) = match protocol {
@@ -92,15 +92,23 @@ impl Caller {
         };
         let body = request.into_body(self.max_message_size)?;
         let queue = self.listener.queue(&self.transport, protocol, exchange).await?;
-        let correlation_id = uuid::Uuid::new_v4().to_string();
+        let correlation_id: Arc<str> =
+            uuid::Uuid::new_v4().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).into();
         let receiver = queue.expect(&correlation_id)?;
         let mut properties = json_properties();
         properties.headers = self.headers.clone();
         properties.delivery_mode = Some(self.delivery_mode);
         properties.reply_to = Some(queue.routing_key().to_owned());
-        properties.correlation_id = Some(correlation_id.clone());
-        let reply = RpcReply::new(&service, &method, timeout, queue, correlation_id, receiver)
-            .recorded_in(self.metrics.clone());
+        properties.correlation_id = Some(correlation_id.to_string());
+        let reply = RpcReply::new(
+            service.clone(),
+            method.clone(),
+            timeout,
+            queue,
+            correlation_id,
+            receiver,
+        )
+        .recorded_in(self.metrics.clone());
         let outgoing = Outgoing {
             exchange: exchange.name.clone(),
             routing_key,
@@ -120,7 +128,7 @@ impl Caller {
             Ok(()) => Ok(()),
             Err(TransportError::Unroutable { .. }) => {
                 let error = match protocol {
-                    Protocol::Nameko => RpcError::UnknownService(service.clone()),
+                    Protocol::Nameko => RpcError::UnknownService(service.to_string()),
                     Protocol::MicroFramework => RpcError::MethodNotFound(format!(
                         "no queue takes {routing_key}: no service {service} serves {method}"
                     )),

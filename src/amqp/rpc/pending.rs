@@ -19,10 +19,11 @@ use crate::transport::{ClosedPart, TransportError};
 /// late reply is dropped).
 #[derive(Debug)]
 pub struct RpcReply {
-    service: String,
-    method: String,
+    // Shared with the request's publish, which names them if the request is unroutable.
+    service: Arc<str>,
+    method: Arc<str>,
     timeout: Duration,
-    correlation_id: String,
+    correlation_id: Arc<str>,
     arrival: Arrival,
     metrics: Option<Metrics>,
     started: tokio::time::Instant,
@@ -45,7 +46,7 @@ enum Arrival {
 #[derive(Debug)]
 struct Waiting {
     queue: Arc<ReplyQueue>,
-    correlation_id: String,
+    correlation_id: Arc<str>,
 }
 
 impl Drop for Waiting {
@@ -56,19 +57,19 @@ impl Drop for Waiting {
 
 impl RpcReply {
     pub(crate) fn new(
-        service: &str,
-        method: &str,
+        service: Arc<str>,
+        method: Arc<str>,
         timeout: Duration,
         queue: Arc<ReplyQueue>,
-        correlation_id: String,
+        correlation_id: Arc<str>,
         receiver: oneshot::Receiver<ReplyOutcome>,
     ) -> Self {
         let started = tokio::time::Instant::now();
         let deadline = started + timeout;
         let waiting = Waiting { queue, correlation_id: correlation_id.clone() };
         RpcReply {
-            service: service.to_owned(),
-            method: method.to_owned(),
+            service,
+            method,
             timeout,
             correlation_id,
             arrival: Arrival::Queued { deadline, receiver, waiting },
@@ -80,10 +81,10 @@ impl RpcReply {
     /// A reply that is already there, e.g. a fake's answer: no timeout applies.
     pub(crate) fn answered(service: &str, method: &str, outcome: ReplyOutcome) -> Self {
         RpcReply {
-            service: service.to_owned(),
-            method: method.to_owned(),
+            service: service.into(),
+            method: method.into(),
             timeout: Duration::ZERO,
-            correlation_id: uuid::Uuid::new_v4().to_string(),
+            correlation_id: uuid::Uuid::new_v4().to_string().into(),
             arrival: Arrival::Ready(outcome),
             metrics: None,
             started: tokio::time::Instant::now(),
@@ -109,14 +110,17 @@ impl RpcReply {
     /// Wait for the reply.
     pub(crate) async fn value(self) -> Result<Value, RpcError> {
         let RpcReply { service, method, timeout, arrival, metrics, started, .. } = self;
-        let (recorded_service, recorded_method) = (service.clone(), method.clone());
         let result = match arrival {
             Arrival::Ready(outcome) => outcome,
             Arrival::Queued { deadline, receiver, waiting } => {
                 let outcome = tokio::time::timeout_at(deadline, receiver).await;
                 drop(waiting);
                 match outcome {
-                    Err(_) => Err(RpcError::Timeout { service, method, after: timeout }),
+                    Err(_) => Err(RpcError::Timeout {
+                        service: service.to_string(),
+                        method: method.to_string(),
+                        after: timeout,
+                    }),
                     Ok(Err(_)) => Err(RpcError::Transport(TransportError::Closed {
                         what: ClosedPart::Consumer,
                         reason: "the reply queue's consumer ended before the reply came".into(),
@@ -127,7 +131,7 @@ impl RpcReply {
         };
         if let Some(metrics) = metrics {
             let outcome = result.as_ref().map_or_else(RpcError::kind, |_| "ok");
-            metrics.rpc_call(&recorded_service, &recorded_method, outcome, started.elapsed());
+            metrics.rpc_call(&service, &method, outcome, started.elapsed());
         }
         result
     }

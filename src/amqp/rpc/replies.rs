@@ -119,7 +119,8 @@ pub(crate) struct ReplyQueue {
     name: String,
     routing_key: String,
     protocol: Protocol,
-    pending: Mutex<HashMap<String, oneshot::Sender<ReplyOutcome>>>,
+    /// Keyed by correlation id, shared with the call's [`RpcReply`](super::RpcReply).
+    pending: Mutex<HashMap<Arc<str>, oneshot::Sender<ReplyOutcome>>>,
     closed: AtomicBool,
 }
 
@@ -172,7 +173,7 @@ impl ReplyQueue {
         &self.routing_key
     }
 
-    fn pending(&self) -> MutexGuard<'_, HashMap<String, oneshot::Sender<ReplyOutcome>>> {
+    fn pending(&self) -> MutexGuard<'_, HashMap<Arc<str>, oneshot::Sender<ReplyOutcome>>> {
         self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -180,7 +181,7 @@ impl ReplyQueue {
     /// Refused when [`MAX_PENDING_CALLS`] calls wait already.
     pub(crate) fn expect(
         &self,
-        correlation_id: &str,
+        correlation_id: &Arc<str>,
     ) -> Result<oneshot::Receiver<ReplyOutcome>, TransportError> {
         let (sender, receiver) = oneshot::channel();
         let mut pending = self.pending();
@@ -196,7 +197,7 @@ impl ReplyQueue {
         }
         // once the consumer has ended, the sender is dropped: the call fails at once
         if !self.closed.load(Ordering::Acquire) {
-            pending.insert(correlation_id.to_owned(), sender);
+            pending.insert(correlation_id.clone(), sender);
         }
         Ok(receiver)
     }
