@@ -78,8 +78,9 @@ struct Outgoing {
 impl Caller {
     /// Build the request's message, and its reply, registered on the reply queue.
     async fn prepare(&self, request: RpcRequest) -> Result<(Outgoing, RpcReply), RpcError> {
-        let (protocol, service, method): (_, Arc<str>, Arc<str>) =
-            (request.protocol, request.service.as_str().into(), request.method.as_str().into());
+        let protocol = request.protocol;
+        let service: Arc<str> = request.service.as_str().into();
+        let method: Arc<str> = request.method.as_str().into();
         let timeout = request.timeout.unwrap_or(self.timeout);
         let ufw_exchange;
         let (exchange, routing_key) = match protocol {

@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::pipeline::consume::{consume, DeliveryHandler, QueueSource};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_size;
-use crate::transport::Delivery;
+use crate::transport::{Acker, Delivery};
 
 /// How many built-in command requests the instance takes at once (they are answered at once,
 /// without a worker).
@@ -83,7 +83,7 @@ impl UfwRpcServer {
         &self,
         request: Request,
         message: &Message,
-        delivery: &Delivery,
+        acker: &dyn Acker,
     ) -> Option<(Result<Value, RemoteError>, RouteHandle, Option<Handled>)> {
         let builtin = answer_builtin(
             &request,
@@ -98,7 +98,7 @@ impl UfwRpcServer {
             return Some((Err(error), self.route_of(&message.routing_key), None));
         };
         let Some(permit) = route.acquire().await else {
-            if let Err(error) = delivery.acker.nack(true).await {
+            if let Err(error) = acker.nack(true).await {
                 tracing::warn!(route = route.name(), "cannot hand a request back: {error}");
             }
             return None;
@@ -130,7 +130,7 @@ impl SharedExtension for UfwRpcServer {
 impl DeliveryHandler for UfwRpcServer {
     /// Handle one request: answer it, reply, ack.
     async fn handle(&self, delivery: Delivery) {
-        let message = delivery.message();
+        let (message, acker) = delivery.into_parts();
         let max_size = self.service.config().max_message_size;
         let request = match check_size("RPC request", message.body.len(), max_size) {
             Err(too_large) => Err(RemoteError::malformed(too_large.to_string())),
@@ -141,7 +141,7 @@ impl DeliveryHandler for UfwRpcServer {
                 let handled = Handled::Failed(Failure::bad_input(error.message.clone()));
                 (Err(error), self.route_of(&message.routing_key), Some(handled))
             }
-            Ok(request) => match self.answer(request, &message, &delivery).await {
+            Ok(request) => match self.answer(request, &message, &*acker).await {
                 Some(answer) => answer,
                 None => return,
             },
@@ -150,7 +150,7 @@ impl DeliveryHandler for UfwRpcServer {
             tracing::warn!(route = route.name(), "RPC {} failed: {error}", message.routing_key);
         }
         let body = ufw_reply(&route, &outcome);
-        reply_then_ack(&route, &message, delivery.acker, UFW_RPC_EXCHANGE, body).await;
+        reply_then_ack(&route, &message, acker, UFW_RPC_EXCHANGE, body).await;
         if let Some(handled) = handled {
             route.settled(&handled);
         }
@@ -158,7 +158,7 @@ impl DeliveryHandler for UfwRpcServer {
 
     /// A request that keeps crashing the service is answered with an error and not run.
     async fn refuse(&self, delivery: Delivery, failure: Failure) {
-        let message = delivery.message();
+        let (message, acker) = delivery.into_parts();
         let route = self.route_of(&message.routing_key);
         tracing::error!(
             route = route.name(),
@@ -167,7 +167,7 @@ impl DeliveryHandler for UfwRpcServer {
             failure.message
         );
         let body = ufw_reply(&route, &Err(RemoteError::from_failure(&failure)));
-        reply_then_ack(&route, &message, delivery.acker, UFW_RPC_EXCHANGE, body).await;
+        reply_then_ack(&route, &message, acker, UFW_RPC_EXCHANGE, body).await;
         route.settled(&Handled::Failed(failure));
     }
 }
