@@ -82,7 +82,7 @@ impl UfwRpcServer {
     async fn answer(
         &self,
         request: Request,
-        message: &Message,
+        message: &mut Arc<Message>,
         acker: &dyn Acker,
     ) -> Option<(Result<Value, RemoteError>, RouteHandle, Option<Handled>)> {
         let builtin = answer_builtin(
@@ -103,9 +103,10 @@ impl UfwRpcServer {
             }
             return None;
         };
-        // the route reads the arguments as any RPC request's: `{"args", "kwargs"}`
-        let call = Message { body: request_body(request.args, request.kwargs), ..message.clone() };
-        let handled = route.handle(permit, call).await;
+        // The route reads the arguments as any RPC request's: `{"args", "kwargs"}`. The
+        // message is not shared yet: its body is replaced, the rest is not copied.
+        Arc::make_mut(message).body = request_body(request.args, request.kwargs);
+        let handled = route.handle_shared(permit, message).await;
         let outcome = handled_outcome(&handled).map_err(RemoteError::from_failure);
         Some((outcome, route, Some(handled)))
     }
@@ -131,6 +132,7 @@ impl DeliveryHandler for UfwRpcServer {
     /// Handle one request: answer it, reply, ack.
     async fn handle(&self, delivery: Delivery) {
         let (message, acker) = delivery.into_parts();
+        let mut message = Arc::new(message);
         let max_size = self.service.config().max_message_size;
         let request = match check_size("RPC request", message.body.len(), max_size) {
             Err(too_large) => Err(RemoteError::malformed(too_large.to_string())),
@@ -141,7 +143,7 @@ impl DeliveryHandler for UfwRpcServer {
                 let handled = Handled::Failed(Failure::bad_input(error.message.clone()));
                 (Err(error), self.route_of(&message.routing_key), Some(handled))
             }
-            Ok(request) => match self.answer(request, &message, &*acker).await {
+            Ok(request) => match self.answer(request, &mut message, &*acker).await {
                 Some(answer) => answer,
                 None => return,
             },
