@@ -481,6 +481,9 @@ async fn a_caller_losing_its_connection_fails_its_waiting_calls_at_once() {
         let (service, math, _) = start_math(&uri).await;
         let client = Client::connect(&config(&uri, "caller")).await.unwrap();
         let proxy = client.service(&math).timeout(Duration::from_secs(20));
+        // The caller's reply queue outlives its connection (x-expires, as Nameko's), so the
+        // test deletes it: its name ends with the requests' reply_to.
+        let own: String = proxy.call("reply_to", (), ()).await.unwrap();
         let waiting = proxy.call_async("slow", [1500], ()).await.unwrap();
         let started = std::time::Instant::now();
         client.transport().close().await;
@@ -489,8 +492,9 @@ async fn a_caller_losing_its_connection_fails_its_waiting_calls_at_once() {
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         let after = proxy.call::<Value>("add", (1, 2), ()).await.unwrap_err();
         assert!(matches!(after, RpcError::Transport(_)), "{after:?}");
+        // stopping waits for the slow call, whose reply then waits in the caller's queue
         service.stop().await.unwrap();
-        common::cleanup(&uri, &[math]).await;
+        common::cleanup(&uri, &[math, own]).await;
     }
 }
 

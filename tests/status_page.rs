@@ -151,5 +151,7 @@ async fn a_browser_sees_routes_counts_moving_and_failures_on_the_status_page() {
     load.abort();
     transport.close().await;
     drop(_example);
-    common::cleanup(&uri, &[service]).await;
+    // The example's source exchange has a fixed name (`retry_src.events`): only this test uses
+    // it, and it goes with the service's queues.
+    common::cleanup(&uri, &[service, "retry_src.events".to_owned()]).await;
 }
