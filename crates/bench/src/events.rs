@@ -167,6 +167,7 @@ pub async fn measure(config: &Config, messages: usize) -> micro_framework::Resul
     for queue in [format!("{service_queue}.dlq"), service_queue] {
         transport.delete_queue(&queue).await?;
     }
+    transport.delete_exchange(&exchange).await?;
     transport.close().await;
 
     Ok(EventFigures {

@@ -131,6 +131,7 @@ async fn drain(uri: &str, mode: WorkerMode, messages: u64) -> micro_framework::R
     for name in [format!("{}.dlq", queue.name), queue.name.clone()] {
         transport.delete_queue(&name).await?;
     }
+    transport.delete_exchange(&exchange.name).await?;
     transport.close().await;
     Ok(Drained {
         rate: messages as f64 / elapsed.as_secs_f64(),
