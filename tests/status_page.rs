@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use micro_framework::amqp::dependencies::Producer;
+use micro_framework::amqp::naming::event_exchange;
 use micro_framework::Config;
 use serde_json::{json, Value};
 
@@ -151,7 +152,8 @@ async fn a_browser_sees_routes_counts_moving_and_failures_on_the_status_page() {
     load.abort();
     transport.close().await;
     drop(_example);
-    // The example's source exchange has a fixed name (`retry_src.events`): only this test uses
-    // it, and it goes with the service's queues.
-    common::cleanup(&uri, &[service, "retry_src.events".to_owned()]).await;
+    // The example's source (`retry_src`) has a fixed name: only this test uses its exchange,
+    // which goes with the service's queues.
+    let source_exchange = event_exchange(&config, "retry_src").name;
+    common::cleanup(&uri, &[service, source_exchange]).await;
 }
