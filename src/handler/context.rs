@@ -30,6 +30,9 @@ pub struct WorkerContext {
     pub(crate) dependencies: Arc<DependencyValues>,
     pub(crate) state: ServiceState,
     pub(crate) retry: BackOffData,
+    /// No other call of the route's worker pool runs: a sync target may run on the calling
+    /// thread rather than hop to a blocking one.
+    pub(crate) alone: bool,
 }
 
 impl WorkerContext {

@@ -398,6 +398,8 @@ impl RouteHandle {
             dependencies: Arc::default(),
             state: route.state.clone(),
             retry,
+            // this call holds one slot of the pool, if it came through one
+            alone: route.pool.available() + 1 >= route.pool.size(),
         };
         let mut values = DependencyValues::default();
         for dependency in &route.dependencies {

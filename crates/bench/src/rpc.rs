@@ -87,9 +87,14 @@ pub struct Figures {
 impl Figures {
     /// The `p` quantile (0..=1) of the sequential round trips, in ms.
     pub fn percentile(&self, p: f64) -> f64 {
-        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        percentile(&self.latencies, p)
     }
+}
+
+/// The `p` quantile (0..=1) of `sorted` latencies, in ms.
+pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 async fn measure<F, Fut>(calls: usize, call: F) -> micro_framework::Result<Figures>
@@ -143,11 +148,12 @@ enum Caller {
 }
 
 impl Caller {
-    async fn echo(&self, i: usize) -> micro_framework::Result<()> {
+    /// Call `service`'s `echo` with `i`.
+    async fn echo(&self, service: &str, i: usize) -> micro_framework::Result<()> {
         let result = match self {
-            Caller::Bare(bare) => bare.call(i).await?,
+            Caller::Bare(bare) => bare.call(service, i).await?,
             Caller::Framework(client) => client
-                .call::<Value>(SERVICE, "echo", json!([i]), json!({}))
+                .call::<Value>(service, "echo", json!([i]), json!({}))
                 .await
                 .map_err(|e| Error::Startup(e.to_string()))?,
         };
@@ -190,11 +196,7 @@ pub async fn pairings(
     wanted: impl Fn(&str, &str) -> bool,
 ) -> micro_framework::Result<Vec<Pairing>> {
     let config = config.clone().with_service_name(SERVICE.to_owned());
-    // lapin reads an empty path as the empty vhost; the framework reads it as "/".
-    let uri = match config.amqp_uri.strip_suffix('/') {
-        Some(base) if base.matches('/').count() == 2 => format!("{base}/%2f"),
-        _ => config.amqp_uri.clone(),
-    };
+    let uri = lapin_uri(&config.amqp_uri);
     let bare_caller = Caller::Bare(BareCaller::connect(&uri, false, false).await?);
     let persistent_caller = Caller::Bare(BareCaller::connect(&uri, true, false).await?);
     let acked_caller = Caller::Bare(BareCaller::connect(&uri, false, true).await?);
@@ -226,7 +228,7 @@ pub async fn pairings(
         };
         let blocking = responder == BLOCKING_BARE;
         let stop = match route {
-            None => Responder::Bare(BareResponder::start(&uri, &config, blocking).await?),
+            None => Responder::Bare(BareResponder::start(&uri, &config, blocking, SERVICE).await?),
             Some(route) => Responder::Framework(
                 Runner::new(vec![route.entrypoint(RPCListener::new())], config.clone())
                     .spawn()
@@ -240,7 +242,7 @@ pub async fn pairings(
             let caller = caller.clone();
             let figures = measure(calls, move |i| {
                 let caller = caller.clone();
-                async move { caller.echo(i).await }
+                async move { caller.echo(SERVICE, i).await }
             })
             .await?;
             results.push(Pairing { caller: caller_name, responder, figures });
@@ -260,6 +262,106 @@ pub async fn pairings(
         }
     }
     Ok(results)
+}
+
+/// The pairings whose sequential round trips [`round_trips`] measures in turns: the p50
+/// goal's (bare lapin's, the framework's sync target) and the two that explain it.
+pub const ROUND_TRIP_PAIRINGS: [(&str, &str); 4] = [
+    ("bare lapin", "bare lapin"),
+    ("bare lapin", BLOCKING_BARE),
+    (TRANSIENT_FRAMEWORK, "micro-framework"),
+    (TRANSIENT_FRAMEWORK, ASYNC_RESPONDER),
+];
+
+/// The sequential round trips of one pairing, sorted.
+pub struct RoundTrips {
+    pub caller: &'static str,
+    pub responder: &'static str,
+    pub latencies: Vec<Duration>,
+}
+
+/// `calls` sequential round trips of each of [`ROUND_TRIP_PAIRINGS`], taken in turns: one
+/// call of each pairing, then the next of each, the order rotating. Each responder serves
+/// a service of its own, all at once, so a slow spell of the machine (on a 2-core machine
+/// shared with the broker, bare lapin's p50 moves by a fifth from one minute to the next)
+/// falls on every pairing alike instead of on whichever ran then.
+pub async fn round_trips(
+    config: &Config,
+    calls: usize,
+) -> micro_framework::Result<Vec<RoundTrips>> {
+    let uri = lapin_uri(&config.amqp_uri);
+    let config = config.clone().with_service_name(SERVICE.to_owned());
+    let async_service = format!("{SERVICE}_async");
+    let (bare_service, blocking_service) =
+        (format!("{SERVICE}_bare"), format!("{SERVICE}_blocking"));
+    let bare_caller = Caller::Bare(BareCaller::connect(&uri, false, false).await?);
+    let transient_config = config.clone().with_rpc_persistent_requests(false);
+    let client = Arc::new(Client::connect(&transient_config).await?);
+    let framework_caller = Caller::Framework(client.clone());
+    let responders = [
+        Responder::Bare(BareResponder::start(&uri, &config, false, &bare_service).await?),
+        Responder::Bare(BareResponder::start(&uri, &config, true, &blocking_service).await?),
+        Responder::Framework(
+            Runner::new(vec![Route::new(echo).entrypoint(RPCListener::new())], config.clone())
+                .spawn()
+                .await?,
+        ),
+        Responder::Framework(
+            Runner::new(
+                vec![Route::new(async_target::echo).entrypoint(RPCListener::new())],
+                config.clone().with_service_name(async_service.clone()),
+            )
+            .spawn()
+            .await?,
+        ),
+    ];
+    let turns = [
+        (&bare_caller, bare_service.as_str()),
+        (&bare_caller, blocking_service.as_str()),
+        (&framework_caller, SERVICE),
+        (&framework_caller, async_service.as_str()),
+    ];
+    let mut latencies = vec![Vec::with_capacity(calls); turns.len()];
+    // the first calls of each warm up (the reply queues are declared on the first call)
+    for i in 0..CONCURRENT + calls {
+        for turn in 0..turns.len() {
+            let pairing = (turn + i) % turns.len();
+            let (caller, service) = turns[pairing];
+            let started = Instant::now();
+            caller.echo(service, i).await?;
+            if i >= CONCURRENT {
+                latencies[pairing].push(started.elapsed());
+            }
+        }
+    }
+    for responder in responders {
+        responder.stop().await?;
+    }
+    // the framework's services leave their request queues, as services do
+    for service in [SERVICE, async_service.as_str()] {
+        client.transport().delete_queue(&format!("rpc-{service}")).await?;
+    }
+    drop(framework_caller);
+    if let Ok(client) = Arc::try_unwrap(client) {
+        client.close().await;
+    }
+    Ok(ROUND_TRIP_PAIRINGS
+        .into_iter()
+        .zip(latencies)
+        .map(|((caller, responder), mut latencies)| {
+            latencies.sort();
+            RoundTrips { caller, responder, latencies }
+        })
+        .collect())
+}
+
+/// `uri` as lapin reads it: lapin reads an empty path as the empty vhost, the framework as
+/// "/".
+fn lapin_uri(uri: &str) -> String {
+    match uri.strip_suffix('/') {
+        Some(base) if base.matches('/').count() == 2 => format!("{base}/%2f"),
+        _ => uri.to_owned(),
+    }
 }
 
 /// The figures of the pairing of `caller` and `responder`.
@@ -288,9 +390,14 @@ struct BareResponder {
 }
 
 impl BareResponder {
-    /// `blocking`: compute each reply on tokio's blocking pool, as the framework runs a sync
-    /// target, rather than on the request's task.
-    async fn start(uri: &str, config: &Config, blocking: bool) -> micro_framework::Result<Self> {
+    /// Serve `service`; `blocking`: compute each reply on tokio's blocking pool, as the
+    /// framework runs a sync target, rather than on the request's task.
+    async fn start(
+        uri: &str,
+        config: &Config,
+        blocking: bool,
+        service: &str,
+    ) -> micro_framework::Result<Self> {
         let connection =
             Connection::connect(uri, ConnectionProperties::default()).await.map_err(lapin_error)?;
         let channel = connection.create_channel().await.map_err(lapin_error)?;
@@ -299,9 +406,9 @@ impl BareResponder {
             .basic_qos(config.effective_prefetch(), BasicQosOptions::default())
             .await
             .map_err(lapin_error)?;
-        let queue = format!("rpc-{SERVICE}");
+        let queue = format!("rpc-{service}");
         declare_exchange(&channel).await?;
-        durable_bound_queue(&channel, &queue, EXCHANGE, &format!("{SERVICE}.*"))
+        durable_bound_queue(&channel, &queue, EXCHANGE, &format!("{service}.*"))
             .await
             .map_err(lapin_error)?;
         let mut incoming = channel
@@ -458,7 +565,7 @@ impl BareCaller {
         Ok(BareCaller { channel, persistent, reply_to, pending })
     }
 
-    async fn call(&self, i: usize) -> micro_framework::Result<Value> {
+    async fn call(&self, service: &str, i: usize) -> micro_framework::Result<Value> {
         let id = uuid::Uuid::new_v4().to_string();
         let (answer, answered) = oneshot::channel();
         if let Ok(mut pending) = self.pending.lock() {
@@ -471,7 +578,7 @@ impl BareCaller {
             .with_content_type("application/json".into())
             .with_delivery_mode(if self.persistent { 2 } else { 1 });
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-        let routing_key = format!("{SERVICE}.echo");
+        let routing_key = format!("{service}.echo");
         self.channel
             .basic_publish(EXCHANGE.into(), routing_key.as_str().into(), options, &body, properties)
             .await

@@ -1,7 +1,8 @@
 //! Where calls run: the worker pool of a runner context.
 //!
 //! A pool admits at most `MAX_WORKERS` calls at once. Sync targets run on OS threads
-//! (tokio's blocking pool), async targets on the runtime; the pool's permits bound both.
+//! (tokio's blocking pool, or the calling thread when their call is the pool's only one),
+//! async targets on the runtime; the pool's permits bound both.
 
 #[cfg(feature = "process")]
 pub mod process;

@@ -36,13 +36,16 @@
 //! framework caller's reply prefetch (1,000). The last columns are the CPU time per call of this
 //! process (caller and responder) and of the local RabbitMQ node, while the concurrent callers
 //! ran. For each pairing: the sequential round trip (p50,
-//! p99) over CALLS calls (default 1000), and the throughput of 16 concurrent callers.
+//! p99) over CALLS calls (default 1000), and the throughput of 16 concurrent callers. Last,
+//! without `PAIRINGS`, the sequential round trips of bare lapin at both ends, bare lapin on
+//! the blocking pool and the framework's sync and async targets taken in turns, call by call,
+//! so that the machine's slow spells fall on all four alike.
 
 use micro_framework::prelude::*;
 use micro_framework::Error;
 use micro_framework_bench::rpc::{
-    find, pairings, ACKED_BARE, ASYNC_RESPONDER, BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE,
-    TRANSIENT_FRAMEWORK,
+    find, pairings, percentile, round_trips, RoundTrips, ACKED_BARE, ASYNC_RESPONDER,
+    BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE, TRANSIENT_FRAMEWORK,
 };
 
 fn main() -> micro_framework::Result<()> {
@@ -145,5 +148,23 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
             );
         }
     }
+    if only.is_none() {
+        print_round_trips(&round_trips(&config, calls).await?);
+    }
     Ok(())
+}
+
+fn print_round_trips(pairings: &[RoundTrips]) {
+    println!("sequential round trips in turns (one call of each pairing after the other):");
+    let bare = pairings.first().map_or(0.0, |bare| percentile(&bare.latencies, 0.5));
+    for pairing in pairings {
+        let p50 = percentile(&pairing.latencies, 0.5);
+        println!(
+            "{:<16} {:<16} p50 {p50:.2} ms ({:+.2} ms over bare lapin's), p99 {:.2} ms",
+            pairing.caller,
+            pairing.responder,
+            p50 - bare,
+            percentile(&pairing.latencies, 0.99)
+        );
+    }
 }

@@ -7,7 +7,9 @@
 //!    `MAX_WORKERS=3`, five rounds each of 1,000 sequential calls and 4,000 calls by 16
 //!    concurrent callers per pairing; each figure is the median round, each ratio the median
 //!    of the rounds' ratios (bare lapin and the framework measured in the same round), shown
-//!    with its range;
+//!    with its range. The p50 rows come from 1,000 sequential calls of each of their
+//!    pairings taken in turns, call by call, in each round with `MAX_WORKERS=16`
+//!    (`bench_rpc`'s last lines);
 //! 2. the process-mode overhead per call on the in-process broker and on RabbitMQ, and the
 //!    idle memory of a service in thread mode and in process mode with 4 workers, and of
 //!    one worker beside the floor, the binary running only a worker's runtime
@@ -21,8 +23,8 @@ use micro_framework::prelude::*;
 use micro_framework::Error;
 use micro_framework_bench::footprint::{self, Footprint};
 use micro_framework_bench::rpc::{
-    find, pairings, Figures, Pairing, ACKED_BARE, ASYNC_RESPONDER, BLOCKING_BARE, PERSISTENT_BARE,
-    TRANSIENT_FRAMEWORK,
+    find, pairings, percentile, round_trips, Figures, Pairing, ACKED_BARE, ASYNC_RESPONDER,
+    BLOCKING_BARE, PERSISTENT_BARE, ROUND_TRIP_PAIRINGS, TRANSIENT_FRAMEWORK,
 };
 use micro_framework_bench::workers::serve_worker;
 
@@ -62,15 +64,19 @@ fn main() -> micro_framework::Result<()> {
             ("MAX_WORKERS", workers.to_string()),
         ];
         let config = Config::from_vars(vars.map(|(key, value)| (key.to_owned(), value)))?;
-        let mut rounds = Vec::new();
+        let (mut rounds, mut p50s) = (Vec::new(), Vec::new());
         for round in 1..=RPC_ROUNDS {
             eprintln!("RPC, MAX_WORKERS {workers}, round {round} of {RPC_ROUNDS} ...");
             let wanted =
                 |caller: &str, responder: &str| TABLE_PAIRINGS.contains(&(caller, responder));
             let results = runtime.block_on(pairings(&config, RPC_CALLS, wanted))?;
             rounds.push(Round::of(&results)?);
+            if workers == 16 {
+                let turns = runtime.block_on(round_trips(&config, RPC_CALLS))?;
+                p50s.push(RoundTripP50s::of(&turns)?);
+            }
         }
-        rpc.push(RpcRow { workers, rounds });
+        rpc.push(RpcRow { workers, rounds, p50s });
     }
     eprintln!("footprint ...");
     let footprint = footprint::measure(&runtime, &uri)?;
@@ -100,11 +106,36 @@ struct Round {
     ours_async: Measured,
 }
 
+/// The p50 (ms) of each pairing's sequential round trips taken in turns, in one round.
+struct RoundTripP50s {
+    bare: f64,
+    bare_blocking: f64,
+    ours: f64,
+    ours_async: f64,
+}
+
+impl RoundTripP50s {
+    fn of(turns: &[micro_framework_bench::rpc::RoundTrips]) -> micro_framework::Result<Self> {
+        let p50 = |(caller, responder): (&str, &str)| {
+            turns
+                .iter()
+                .find(|turn| turn.caller == caller && turn.responder == responder)
+                .map(|turn| percentile(&turn.latencies, 0.5))
+                .ok_or_else(|| Error::Startup(format!("no {caller}/{responder} round trips")))
+        };
+        let [bare, bare_blocking, ours, ours_async] = ROUND_TRIP_PAIRINGS;
+        Ok(RoundTripP50s {
+            bare: p50(bare)?,
+            bare_blocking: p50(bare_blocking)?,
+            ours: p50(ours)?,
+            ours_async: p50(ours_async)?,
+        })
+    }
+}
+
 /// What the table shows of one pairing in one round.
 #[derive(Clone, Copy)]
 struct Measured {
-    /// Sequential round trip, p50 (ms).
-    p50: f64,
     /// Calls per second of the concurrent callers.
     rate: f64,
     /// Process CPU per call (µs).
@@ -116,7 +147,6 @@ struct Measured {
 impl From<&Figures> for Measured {
     fn from(figures: &Figures) -> Self {
         Measured {
-            p50: figures.percentile(0.5),
             rate: figures.rate,
             cpu_us: figures.own_cpu_us,
             broker_us: figures.broker_cpu_us.unwrap_or(f64::NAN),
@@ -153,6 +183,8 @@ impl Round {
 struct RpcRow {
     workers: usize,
     rounds: Vec<Round>,
+    /// Each round's round trips in turns (with `MAX_WORKERS=16` only).
+    p50s: Vec<RoundTripP50s>,
 }
 
 /// The median of `values`.
@@ -204,11 +236,11 @@ fn print_table(
 ) {
     let mut rows: Vec<[String; 5]> = Vec::new();
     let met = |ok: bool| if ok { "yes" } else { "no" }.to_owned();
-    let p50 = |figures: Measured| figures.p50;
     if let Some(row) = rpc.iter().find(|row| row.workers == 16) {
-        let bare: Pick = |round| round.bare;
-        let sync: Pick = |round| round.ours;
-        let p50_rows: [(&str, Pick, Pick, bool); 3] = [
+        type PickP50 = fn(&RoundTripP50s) -> f64;
+        let bare: PickP50 = |round| round.bare;
+        let sync: PickP50 = |round| round.ours;
+        let p50_rows: [(&str, PickP50, PickP50, bool); 3] = [
             ("RPC sequential round trip, p50 (transient requests)", bare, sync, true),
             (
                 "the same, an async target (the others are sync)",
@@ -223,13 +255,14 @@ fn print_table(
                 false,
             ),
         ];
+        let median_of = |pick: PickP50| median(row.p50s.iter().map(pick).collect());
         for (what, base, ours, goal) in p50_rows {
-            let added = row.rounds.iter().map(|round| ours(round).p50 - base(round).p50).collect();
+            let added = row.p50s.iter().map(|round| ours(round) - base(round)).collect();
             let (added, range) = median_range(added, |ms| format!("{ms:+.2}"));
             rows.push([
                 what.into(),
-                format!("{:.2} ms", row.median(base, p50)),
-                format!("{:.2} ms ({added:+.2} ms; {range})", row.median(ours, p50)),
+                format!("{:.2} ms", median_of(base)),
+                format!("{:.2} ms ({added:+.2} ms; {range})", median_of(ours)),
                 if goal { "at most bare + 0.10 ms" } else { "-" }.into(),
                 if goal { met(added <= 0.10) } else { "-".into() },
             ]);
