@@ -30,8 +30,8 @@ pub struct WorkerContext {
     pub(crate) dependencies: Arc<DependencyValues>,
     pub(crate) state: ServiceState,
     pub(crate) retry: BackOffData,
-    /// No other call of the route's worker pool runs: a sync target may run on the calling
-    /// thread rather than hop to a blocking one.
+    /// A lone call (no other call of the route's worker pool runs, and none ended just
+    /// before): a sync target may run on the calling thread rather than hop to a blocking one.
     pub(crate) alone: bool,
 }
 

@@ -15,8 +15,8 @@
 //! ```
 //!
 //! Sync targets run on OS threads of a blocking pool, or on the calling thread when their
-//! call is the only one running in its worker pool (in a worker process, on its call
-//! thread); async ones run on the runtime. A panic is caught and becomes a failure.
+//! call is a lone one in its worker pool (in a worker process, on its call thread); async
+//! ones run on the runtime. A panic is caught and becomes a failure.
 
 use std::any::{type_name, Any};
 #[cfg(feature = "process")]
@@ -226,9 +226,9 @@ pub(crate) fn run_sync_targets_here<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Run a sync target's call on this thread when `alone` (no other call of its worker pool
-/// runs) or inside [`run_sync_targets_here`], else on a blocking thread; a panic becomes a
-/// failure either way.
+/// Run a sync target's call on this thread when `alone` (a lone call: no other call of its
+/// worker pool runs, and none ended just before) or inside [`run_sync_targets_here`], else
+/// on a blocking thread; a panic becomes a failure either way.
 ///
 /// Alone, the call skips the hop to a blocking thread and back, which is most of a lone
 /// call's added latency: `block_in_place` runs it right here and hands this runtime thread's

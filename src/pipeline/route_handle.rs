@@ -398,8 +398,7 @@ impl RouteHandle {
             dependencies: Arc::default(),
             state: route.state.clone(),
             retry,
-            // this call holds one slot of the pool, if it came through one
-            alone: route.pool.available() + 1 >= route.pool.size(),
+            alone: route.pool.lone_call(),
         };
         let mut values = DependencyValues::default();
         for dependency in &route.dependencies {
