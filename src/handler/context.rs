@@ -32,7 +32,7 @@ pub struct WorkerContext {
     pub(crate) retry: BackOffData,
     /// A lone call (no other call of the route's worker pool runs, and none ended just
     /// before): a sync target may run on the calling thread rather than hop to a blocking one.
-    pub(crate) alone: bool,
+    pub(crate) lone_call: bool,
 }
 
 impl WorkerContext {

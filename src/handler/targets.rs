@@ -226,22 +226,22 @@ pub(crate) fn run_sync_targets_here<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Run a sync target's call on this thread when `alone` (a lone call: no other call of its
+/// Run a sync target's call on this thread when it is a `lone_call` (no other call of its
 /// worker pool runs, and none ended just before) or inside [`run_sync_targets_here`], else
 /// on a blocking thread; a panic becomes a failure either way.
 ///
-/// Alone, the call skips the hop to a blocking thread and back, which is most of a lone
-/// call's added latency: `block_in_place` runs it right here and hands this runtime thread's
+/// A lone call skips the hop to a blocking thread and back, which is most of its added
+/// latency: `block_in_place` runs it right here and hands this runtime thread's
 /// other tasks to another thread, so a target that blocks holds up nothing. Under load that
 /// hand-over on every call costs more than the hop (measured with concurrent HTTP clients),
-/// hence only alone; and only on a multi-threaded runtime, where `block_in_place` exists.
+/// hence only lone calls; and only on a multi-threaded runtime, where `block_in_place` exists.
 async fn run_blocking(
     call: impl FnOnce() -> TargetResult + Send + 'static,
-    alone: bool,
+    lone_call: bool,
 ) -> TargetResult {
     #[cfg(feature = "process")]
-    let alone = alone || SYNC_TARGETS_HERE.get();
-    if alone && may_block_here() {
+    let lone_call = lone_call || SYNC_TARGETS_HERE.get();
+    if lone_call && may_block_here() {
         let ran = tokio::task::block_in_place(|| std::panic::catch_unwind(AssertUnwindSafe(call)));
         return ran.unwrap_or_else(|panic| Err(TargetError::Panic(panic_message(panic.as_ref()))));
     }
@@ -277,13 +277,13 @@ macro_rules! impl_target {
 
             fn invoke(&self, ctx: WorkerContext) -> BoxFuture<'static, TargetResult> {
                 let function = self.clone();
-                let alone = ctx.alone;
+                let lone_call = ctx.lone_call;
                 Box::pin(async move {
                     let call = move || -> TargetResult {
                         $(let $param = $param::from_context(&ctx)?;)*
                         function($($param),*).into_outcome()
                     };
-                    run_blocking(call, alone).await
+                    run_blocking(call, lone_call).await
                 })
             }
         }
@@ -370,7 +370,7 @@ mod tests {
     use super::*;
 
     /// The thread of the task that ran a sync call, and the thread the call ran on.
-    async fn threads(alone: bool) -> (ThreadId, ThreadId) {
+    async fn threads(lone_call: bool) -> (ThreadId, ThreadId) {
         let caller = thread::current().id();
         let seen = Arc::new(Mutex::new(None));
         let record = seen.clone();
@@ -378,7 +378,7 @@ mod tests {
             *record.lock().unwrap() = Some(thread::current().id());
             Ok(Value::Null)
         };
-        run_blocking(call, alone).await.unwrap();
+        run_blocking(call, lone_call).await.unwrap();
         let ran = seen.lock().unwrap().unwrap();
         (caller, ran)
     }
@@ -386,9 +386,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lone_call_runs_on_the_calling_thread_and_others_on_a_blocking_one() {
         let (caller, ran) = tokio::spawn(threads(true)).await.unwrap();
-        assert_eq!(caller, ran, "alone: no hop");
+        assert_eq!(caller, ran, "a lone call: no hop");
         let (caller, ran) = tokio::spawn(threads(false)).await.unwrap();
-        assert_ne!(caller, ran, "not alone: a blocking thread");
+        assert_ne!(caller, ran, "any other: a blocking thread");
     }
 
     #[tokio::test]

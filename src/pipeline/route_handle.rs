@@ -398,7 +398,7 @@ impl RouteHandle {
             dependencies: Arc::default(),
             state: route.state.clone(),
             retry,
-            alone: route.pool.lone_call(),
+            lone_call: route.pool.lone_call(),
         };
         let mut values = DependencyValues::default();
         for dependency in &route.dependencies {
