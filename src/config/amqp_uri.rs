@@ -43,13 +43,26 @@ pub(super) fn validate(raw: &str) -> Result<(), ConfigError> {
     let mut urls = Vec::with_capacity(entries.len());
     for (index, entry) in entries.iter().enumerate() {
         let url = parse(entry).map_err(|why| {
-            let entry = format!("entry {} of {KEY} ({}) ", index + 1, mask_uri(entry));
-            let reason = why.text(&entry);
-            ConfigError::new(KEY, raw, reason)
+            let number = index + 1;
+            let subject = match shown(entry) {
+                Some(masked) => format!("entry {number} of {KEY} ({masked}) "),
+                None => format!("entry {number} of {KEY} "),
+            };
+            ConfigError::new(KEY, raw, why.text(&subject))
         })?;
         urls.push(url);
     }
     same_cluster(&entries, &urls).map_err(|reason| ConfigError::new(KEY, raw, reason))
+}
+
+/// `entry`, masked, when showing it cannot show a piece of a password. An entry that does
+/// not parse may be the start of a URI whose password holds a comma (`amqp://u:pa` of
+/// `amqp://u:pa,ss@h/`): unless its password is masked, or it has no `:` after `://` to
+/// start one, it is not shown.
+fn shown(entry: &str) -> Option<String> {
+    let masked = mask_uri(entry);
+    let may_hold_a_password = entry.split_once("://").is_some_and(|(_, rest)| rest.contains(':'));
+    (masked != entry || !may_hold_a_password).then_some(masked)
 }
 
 /// Why a URI is refused.

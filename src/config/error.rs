@@ -1,6 +1,7 @@
 //! [`ConfigError`] and the masking of secrets in what the configuration shows.
 
 use serde_json::Value;
+use url::Url;
 
 use super::uri_list::entries;
 
@@ -62,10 +63,11 @@ impl ConfigError {
 /// (`amqp://user:***@host:5672/vhost`), and of every URI of a comma-separated list such as
 /// `AMQP_URI` may hold; returns anything else unchanged.
 ///
-/// The password is everything between the first `:` after `scheme://` and the last `@`, so
-/// passwords that contain unescaped `@`, `/` or `:` are masked whole. A URI without
-/// `user:password@` is returned as is. A list with an entry that is not a URI is masked as
-/// one URI (its entries may be pieces of a password that holds a comma).
+/// The password is everything between the first `:` after `scheme://` (or the first `//`)
+/// and the last `@`, so passwords that contain unescaped `@`, `/` or `:` are masked whole. A URI without
+/// `user:password@` is returned as is. A list with an entry that is not a whole URI (one that
+/// does not parse, such as `amqp://u:pa` cut from `amqp://u:pa,ss@h/`) is masked as one URI:
+/// its entries may be pieces of a password that holds a comma.
 ///
 /// ```
 /// use micro_framework::config::mask_uri;
@@ -76,7 +78,8 @@ impl ConfigError {
 /// ```
 pub fn mask_uri(uri: &str) -> String {
     let entries = entries(uri);
-    let not_a_uri = |entry: &&str| !entry.is_empty() && !entry.contains("://");
+    let not_a_uri =
+        |entry: &&str| !entry.is_empty() && (!entry.contains("://") || Url::parse(entry).is_err());
     if entries.len() == 1 || entries.iter().any(not_a_uri) {
         return mask_one(uri);
     }
@@ -85,10 +88,12 @@ pub fn mask_uri(uri: &str) -> String {
 
 /// [`mask_uri`] of a single URI.
 fn mask_one(uri: &str) -> String {
-    let Some(scheme_end) = uri.find("://") else {
+    // `//` rather than `://`: a scheme-relative `//user:password@host` (a piece of a value
+    // cut before its `:`) holds a password too.
+    let Some(authority) = uri.find("//") else {
         return uri.to_string();
     };
-    let start = scheme_end + 3;
+    let start = authority + 2;
     let rest = &uri[start..];
     let Some(at) = rest.rfind('@') else {
         return uri.to_string();
@@ -107,7 +112,7 @@ pub(super) fn is_secret_key(key: &str) -> bool {
 
 /// Applies [`mask_uri`] to every whitespace- or quote-delimited word of `text`.
 pub(super) fn mask_text(text: &str) -> String {
-    if !text.contains("://") {
+    if !text.contains("//") {
         return text.to_string();
     }
     let mut out = String::with_capacity(text.len());

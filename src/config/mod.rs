@@ -386,7 +386,7 @@ impl Config {
         load::from_text(text, Format::Toml, "<toml>", vars)
     }
 
-    /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace,
+    /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace and no `://`,
     /// `AMQP_URI` is an `amqp://`, `amqps://` or `memory://` URI or a list of `amqp(s)://`
     /// URIs (none empty, same vhost, same credentials), `MAX_WORKERS`,
     /// `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are not 0 (and
@@ -405,6 +405,15 @@ impl Config {
                 "SERVICE_NAME",
                 &self.service_name,
                 "must not contain whitespace",
+            ));
+        }
+        // A URI here is a mistake (most likely AMQP_URI's value) that would put its password
+        // in queue names, logs and every view of the config.
+        if self.service_name.contains("://") {
+            return Err(ConfigError::new(
+                "SERVICE_NAME",
+                &self.service_name,
+                "looks like a URI: a service name is a plain name such as `orders`",
             ));
         }
         amqp_uri::validate(&self.amqp_uri)?;

@@ -668,6 +668,11 @@ fn validation_errors() {
             r#"invalid config SERVICE_NAME="my service": must not contain whitespace"#,
         ),
         ("SERVICE_NAME", "", r#"invalid config SERVICE_NAME="": is required"#),
+        (
+            "SERVICE_NAME",
+            "amqp://u:hunter2@h/",
+            r#"invalid config SERVICE_NAME="amqp://u:***@h/": looks like a URI: a service name is a plain name such as `orders`"#,
+        ),
     ];
     for (key, value, message) in cases {
         let mut pairs = base();
@@ -762,6 +767,14 @@ fn a_malformed_amqp_uri_entry_is_named_and_masked() {
     let e = uri_list_err("amqp://u:hun,ter2@a/,amqp://u:hun,ter2@b/");
     assert!(e.reason.contains("write a comma in a user name or password as %2C"), "{e}");
     assert!(!e.to_string().contains("hun,") && !e.to_string().contains("ter2"), "{e}");
+    // A piece that holds `://` but does not parse is not shown either.
+    let e = uri_list_err("amqp://:hunter2,@[://");
+    assert!(e.reason.starts_with("entry 1 of AMQP_URI is not a valid URI ("), "{e}");
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let e = uri_list_err("amqp://a/,amqp://b:x/");
+    assert!(e.reason.starts_with("entry 2 of AMQP_URI is not a valid URI ("), "{e}");
+    let e = uri_list_err("amqp://a/,amqp://[b/");
+    assert!(e.reason.starts_with("entry 2 of AMQP_URI (amqp://[b/) is not a valid URI"), "{e}");
     // One URI with such a comma is one broker, as before lists existed.
     let one = Config::new("s").with_amqp_uri("amqp://u:hun,ter2@a/".into());
     assert_eq!((one.validate(), one.amqp_uris()), (Ok(()), vec!["amqp://u:hun,ter2@a/"]));
@@ -808,6 +821,7 @@ fn mask_uri_cases() {
         ("amqps://u:p%40ss@h/v?x=1", "amqps://u:***@h/v?x=1"),
         ("amqp://u:p@ss/w:rd@h:1/", "amqp://u:***@h:1/"),
         ("amqp://:secret@h", "amqp://:***@h"),
+        ("//u:secret@h/", "//u:***@h/"),
         ("amqp://user@h", "amqp://user@h"),
         ("amqp://h:5672/vhost", "amqp://h:5672/vhost"),
         ("memory://", "memory://"),
@@ -824,6 +838,9 @@ fn mask_uri_cases() {
         ("amqp://c/, amqp://a:b@d/", "amqp://c/,amqp://a:***@d/"),
         // an entry that is not a URI may be a piece of a password: masked as one URI
         ("amqp://a:b,c@d/,e:f@g/", "amqp://a:***@g/"),
+        // a piece that holds `://` but does not parse is not a URI either
+        ("amqp://:Secret-77,@[://", "amqp://:***@[://"),
+        ("amqp://u:pw,amqp://x@h/", "amqp://u:***@h/"),
     ];
     for (list, masked) in lists {
         assert_eq!(mask_uri(list), masked, "{list}");
