@@ -221,20 +221,7 @@ pub async fn pairings(
         if !callers.iter().any(|&(caller, _)| measured(caller, responder)) {
             continue;
         }
-        let route = match responder {
-            "bare lapin" | BLOCKING_BARE => None,
-            "micro-framework" => Some(Route::new(echo)),
-            _ => Some(Route::new(async_target::echo)),
-        };
-        let blocking = responder == BLOCKING_BARE;
-        let stop = match route {
-            None => Responder::Bare(BareResponder::start(&uri, &config, blocking, SERVICE).await?),
-            Some(route) => Responder::Framework(
-                Runner::new(vec![route.entrypoint(RPCListener::new())], config.clone())
-                    .spawn()
-                    .await?,
-            ),
-        };
+        let stop = start_responder(responder, &uri, &config, SERVICE).await?;
         for &(caller_name, caller) in &callers {
             if !measured(caller_name, responder) {
                 continue;
@@ -249,19 +236,51 @@ pub async fn pairings(
         }
         stop.stop().await?;
     }
-    if let Caller::Framework(client) = transient_client {
-        if let Ok(client) = Arc::try_unwrap(client) {
-            client.close().await;
-        }
-    }
-    if let Caller::Framework(client) = client {
-        if let Ok(client) = Arc::try_unwrap(client) {
-            // the framework's service leaves its request queue, as services do
-            client.transport().delete_queue(&format!("rpc-{SERVICE}")).await?;
-            client.close().await;
+    for caller in [transient_client, client] {
+        if let Caller::Framework(client) = caller {
+            close_client(client, &[SERVICE]).await?;
         }
     }
     Ok(results)
+}
+
+/// Starts `responder` (a responder's name) serving `service` on `config`'s broker.
+async fn start_responder(
+    responder: &str,
+    uri: &str,
+    config: &Config,
+    service: &str,
+) -> micro_framework::Result<Responder> {
+    if !is_framework(responder) {
+        let blocking = responder == BLOCKING_BARE;
+        let bare = BareResponder::start(uri, config, blocking, service).await?;
+        return Ok(Responder::Bare(bare));
+    }
+    let route = if responder == ASYNC_RESPONDER {
+        Route::new(async_target::echo)
+    } else {
+        Route::new(echo)
+    };
+    let config = config.clone().with_service_name(service.to_owned());
+    let routes = vec![route.entrypoint(RPCListener::new())];
+    Ok(Responder::Framework(Runner::new(routes, config).spawn().await?))
+}
+
+/// Whether `responder` (a responder's name) is one of the framework's.
+fn is_framework(responder: &str) -> bool {
+    !matches!(responder, "bare lapin" | BLOCKING_BARE)
+}
+
+/// Deletes the request queues of the framework's `services` (they leave them, as Nameko's
+/// do; deleting one twice is harmless), then closes `client` once no other holder is left.
+async fn close_client(client: Arc<Client>, services: &[&str]) -> micro_framework::Result<()> {
+    for service in services {
+        client.transport().delete_queue(&format!("rpc-{service}")).await?;
+    }
+    if let Ok(client) = Arc::try_unwrap(client) {
+        client.close().await;
+    }
+    Ok(())
 }
 
 /// The pairings whose sequential round trips [`round_trips`] measures in turns: the p50
@@ -290,37 +309,20 @@ pub async fn round_trips(
     calls: usize,
 ) -> micro_framework::Result<Vec<RoundTrips>> {
     let uri = lapin_uri(&config.amqp_uri);
-    let config = config.clone().with_service_name(SERVICE.to_owned());
-    let async_service = format!("{SERVICE}_async");
-    let (bare_service, blocking_service) =
-        (format!("{SERVICE}_bare"), format!("{SERVICE}_blocking"));
     let bare_caller = Caller::Bare(BareCaller::connect(&uri, false, false).await?);
     let transient_config = config.clone().with_rpc_persistent_requests(false);
     let client = Arc::new(Client::connect(&transient_config).await?);
     let framework_caller = Caller::Framework(client.clone());
-    let responders = [
-        Responder::Bare(BareResponder::start(&uri, &config, false, &bare_service).await?),
-        Responder::Bare(BareResponder::start(&uri, &config, true, &blocking_service).await?),
-        Responder::Framework(
-            Runner::new(vec![Route::new(echo).entrypoint(RPCListener::new())], config.clone())
-                .spawn()
-                .await?,
-        ),
-        Responder::Framework(
-            Runner::new(
-                vec![Route::new(async_target::echo).entrypoint(RPCListener::new())],
-                config.clone().with_service_name(async_service.clone()),
-            )
-            .spawn()
-            .await?,
-        ),
-    ];
-    let turns = [
-        (&bare_caller, bare_service.as_str()),
-        (&bare_caller, blocking_service.as_str()),
-        (&framework_caller, SERVICE),
-        (&framework_caller, async_service.as_str()),
-    ];
+    // each pairing's responder serves a service of its own, so that all serve at once
+    let services: Vec<String> =
+        (0..ROUND_TRIP_PAIRINGS.len()).map(|turn| format!("{SERVICE}_{turn}")).collect();
+    let mut responders = Vec::with_capacity(services.len());
+    let mut turns = Vec::with_capacity(services.len());
+    for ((caller, responder), service) in ROUND_TRIP_PAIRINGS.into_iter().zip(&services) {
+        responders.push(start_responder(responder, &uri, config, service).await?);
+        let caller = if caller == TRANSIENT_FRAMEWORK { &framework_caller } else { &bare_caller };
+        turns.push((caller, service.as_str()));
+    }
     let mut latencies = vec![Vec::with_capacity(calls); turns.len()];
     // the first calls of each warm up (the reply queues are declared on the first call)
     for i in 0..CONCURRENT + calls {
@@ -337,14 +339,14 @@ pub async fn round_trips(
     for responder in responders {
         responder.stop().await?;
     }
-    // the framework's services leave their request queues, as services do
-    for service in [SERVICE, async_service.as_str()] {
-        client.transport().delete_queue(&format!("rpc-{service}")).await?;
-    }
     drop(framework_caller);
-    if let Ok(client) = Arc::try_unwrap(client) {
-        client.close().await;
-    }
+    let framework_services: Vec<&str> = ROUND_TRIP_PAIRINGS
+        .iter()
+        .zip(&services)
+        .filter(|((_, responder), _)| is_framework(responder))
+        .map(|(_, service)| service.as_str())
+        .collect();
+    close_client(client, &framework_services).await?;
     Ok(ROUND_TRIP_PAIRINGS
         .into_iter()
         .zip(latencies)
