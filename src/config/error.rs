@@ -64,10 +64,10 @@ impl ConfigError {
 /// `AMQP_URI` may hold; returns anything else unchanged.
 ///
 /// The password is everything between the first `:` after `scheme://` (or the first `//`)
-/// and the last `@`, so passwords that contain unescaped `@`, `/` or `:` are masked whole. A URI without
-/// `user:password@` is returned as is. A list with an entry that is not a whole URI (one that
-/// does not parse, such as `amqp://u:pa` cut from `amqp://u:pa,ss@h/`) is masked as one URI:
-/// its entries may be pieces of a password that holds a comma.
+/// and the last `@`, so passwords that contain unescaped `@`, `/` or `:` are masked whole.
+/// A URI without `user:password@` is returned as is. A list with an entry that is not a
+/// whole URI (one that does not parse, such as `amqp://u:pa` cut from `amqp://u:pa,ss@h/`)
+/// is masked as one URI: its entries may be pieces of a password that holds a comma.
 ///
 /// ```
 /// use micro_framework::config::mask_uri;
