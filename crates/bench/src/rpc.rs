@@ -236,10 +236,11 @@ pub async fn pairings(
         }
         stop.stop().await?;
     }
-    for caller in [transient_client, client] {
-        if let Caller::Framework(client) = caller {
-            close_client(client, &[SERVICE]).await?;
-        }
+    if let Caller::Framework(client) = transient_client {
+        close_client(client, &[]).await?;
+    }
+    if let Caller::Framework(client) = client {
+        close_client(client, &[SERVICE]).await?;
     }
     Ok(results)
 }
@@ -272,7 +273,7 @@ fn is_framework(responder: &str) -> bool {
 }
 
 /// Deletes the request queues of the framework's `services` (they leave them, as Nameko's
-/// do; deleting one twice is harmless), then closes `client` once no other holder is left.
+/// do), then closes `client` once no other holder is left.
 async fn close_client(client: Arc<Client>, services: &[&str]) -> micro_framework::Result<()> {
     for service in services {
         client.transport().delete_queue(&format!("rpc-{service}")).await?;
@@ -318,8 +319,12 @@ pub async fn round_trips(
         (0..ROUND_TRIP_PAIRINGS.len()).map(|turn| format!("{SERVICE}_{turn}")).collect();
     let mut responders = Vec::with_capacity(services.len());
     let mut turns = Vec::with_capacity(services.len());
+    let mut framework_services = Vec::new();
     for ((caller, responder), service) in ROUND_TRIP_PAIRINGS.into_iter().zip(&services) {
         responders.push(start_responder(responder, &uri, config, service).await?);
+        if is_framework(responder) {
+            framework_services.push(service.as_str());
+        }
         let caller = if caller == TRANSIENT_FRAMEWORK { &framework_caller } else { &bare_caller };
         turns.push((caller, service.as_str()));
     }
@@ -340,12 +345,6 @@ pub async fn round_trips(
         responder.stop().await?;
     }
     drop(framework_caller);
-    let framework_services: Vec<&str> = ROUND_TRIP_PAIRINGS
-        .iter()
-        .zip(&services)
-        .filter(|((_, responder), _)| is_framework(responder))
-        .map(|(_, service)| service.as_str())
-        .collect();
     close_client(client, &framework_services).await?;
     Ok(ROUND_TRIP_PAIRINGS
         .into_iter()
