@@ -307,7 +307,11 @@ impl Rig {
         let recovery: Recovery = match during {
             Some(recovery) => recovery,
             None => poll(LIMIT, || tally.recovery(at)).await.unwrap_or_else(|| {
-                panic!("{label}: no recovery within {LIMIT:?} of the undo: {}", tally.awaited(at))
+                let queues = cluster::queues_view(1, "rpc.reply");
+                panic!(
+                    "{label}: no recovery within {LIMIT:?} of the undo: {}; {queues}",
+                    tally.awaited(at)
+                )
             }),
         };
         tokio::time::sleep(SETTLE).await;

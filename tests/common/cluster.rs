@@ -152,6 +152,39 @@ impl Cluster {
     }
 }
 
+/// What node `ask` lists of the queues and bindings whose names contain `marker` (queue:
+/// its node, consumers, ready and unacked messages), for a failure's message.
+pub fn queues_view(ask: usize, marker: &str) -> String {
+    let rows = |args: &[&str]| match tool("ctl", ask, args) {
+        Ok(listing) => listing
+            .lines()
+            .filter(|line| line.contains(marker))
+            .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(error) => error,
+    };
+    let queues = rows(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "pid",
+        "consumers",
+        "messages_ready",
+        "messages_unacknowledged",
+    ]);
+    let bindings = rows(&[
+        "list_bindings",
+        "-q",
+        "--no-table-headers",
+        "source_name",
+        "destination_name",
+        "routing_key",
+    ]);
+    format!("queues ({marker}): [{queues}]; bindings: [{bindings}]")
+}
+
 /// Wait until the three nodes run and each sees the other two.
 pub fn await_formed() {
     if let Err(failure) = formed() {

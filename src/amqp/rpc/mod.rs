@@ -40,6 +40,8 @@ mod fuzz;
 pub mod naming;
 mod pending;
 mod replies;
+#[cfg(test)]
+mod replies_tests;
 mod request;
 mod respond;
 mod server;

@@ -114,6 +114,11 @@ impl RpcReply {
             Arrival::Ready(outcome) => outcome,
             Arrival::Queued { deadline, receiver, waiting } => {
                 let outcome = tokio::time::timeout_at(deadline, receiver).await;
+                if outcome.is_err() {
+                    // the service may be slow, or the replies may no longer reach the queue:
+                    // a probe tells, in the background
+                    tokio::spawn(waiting.queue.clone().probe());
+                }
                 drop(waiting);
                 match outcome {
                     Err(_) => Err(RpcError::Timeout {

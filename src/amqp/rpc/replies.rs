@@ -4,18 +4,21 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::{reply_queue, ufw_reply_queue};
 use crate::amqp::rpc::{ufw_wire, wire};
 use crate::config::Protocol;
+use crate::data::json_properties;
 use crate::transport::{
-    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit, SharedTransport,
-    TransportError,
+    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit, OutgoingMessage,
+    PublishOptions, SharedTransport, TransportError,
 };
 
 /// How many replies the reply consumer may hold unacknowledged.
@@ -24,6 +27,13 @@ const REPLY_PREFETCH: u16 = 1000;
 /// How many calls of one service instance may wait for replies at once: a flood of calls
 /// to a service that does not answer ends in a clear error, not in unbounded memory.
 pub(crate) const MAX_PENDING_CALLS: usize = 65_536;
+
+/// How long a probe of the reply path may take before the path counts as broken.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The least time between two probes of one reply queue: calls that time out by the thousand
+/// cost one probe, not one each.
+const PROBE_SPACING: Duration = Duration::from_secs(5);
 
 /// What a reply carries: the result, or why there is none (a remote error, an unreadable
 /// reply).
@@ -122,6 +132,13 @@ pub(crate) struct ReplyQueue {
     /// Keyed by correlation id, shared with the call's [`RpcReply`](super::RpcReply).
     pending: Mutex<HashMap<Arc<str>, oneshot::Sender<ReplyOutcome>>>,
     closed: AtomicBool,
+    /// The connection the queue was set up on, and the exchange it is bound to, for probes.
+    transport: SharedTransport,
+    exchange: String,
+    /// No probe starts before this instant.
+    next_probe: Mutex<Option<Instant>>,
+    /// Ends the consumer of a queue whose replies no longer arrive.
+    abandon: Notify,
 }
 
 impl ReplyQueue {
@@ -163,6 +180,10 @@ impl ReplyQueue {
             protocol,
             pending: Mutex::default(),
             closed: AtomicBool::new(false),
+            transport: transport.clone(),
+            exchange: exchange.name.clone(),
+            next_probe: Mutex::default(),
+            abandon: Notify::new(),
         });
         tokio::spawn(queue.clone().listen(consumer));
         Ok(queue)
@@ -233,18 +254,14 @@ impl ReplyQueue {
                     warn_unacked(acked);
                     continue;
                 }
+                () = self.abandon.notified() => None,
             };
             let Some(delivery) = delivery else { break };
             self.hand_over(&delivery);
             let acker = delivery.acker;
             acks.push(async move { acker.ack().await });
         }
-        // dropping the senders tells the waiting calls that no reply will come
-        {
-            let mut pending = self.pending();
-            self.closed.store(true, Ordering::Release);
-            pending.clear();
-        }
+        self.shut();
         while let Some(acked) = acks.next().await {
             warn_unacked(acked);
         }
@@ -266,6 +283,76 @@ impl ReplyQueue {
                 delivery.properties.correlation_id
             ),
         }
+    }
+
+    /// After a call timed out: check that replies still reach this queue, by sending one to
+    /// it. A probe that does not come back within [`PROBE_TIMEOUT`] means the reply path is
+    /// broken (the queue or its binding vanished while the consumer was not told, as RabbitMQ
+    /// may do when the queue's node stops); the queue is then abandoned: its waiting calls
+    /// fail at once and the next call sets up a new queue. At most one probe per
+    /// [`PROBE_SPACING`].
+    pub(crate) async fn probe(self: Arc<Self>) {
+        if !self.probe_due() {
+            return;
+        }
+        let correlation_id: Arc<str> = format!("probe-{}", uuid::Uuid::new_v4()).into();
+        let Ok(receiver) = self.expect(&correlation_id) else { return };
+        let mut properties = json_properties();
+        properties.correlation_id = Some(correlation_id.to_string());
+        properties.delivery_mode = Some(1);
+        let message = OutgoingMessage { body: bytes::Bytes::from_static(b"{}"), properties };
+        let sent = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            self.transport.publish(
+                &self.exchange,
+                &self.routing_key,
+                message,
+                PublishOptions::default(),
+            ),
+        )
+        .await;
+        let arrived = match sent {
+            // A probe that cannot be sent proves nothing about the queue: the connection is
+            // down, and the consumer resumes by itself when it is back.
+            Ok(Err(_)) | Err(_) => {
+                self.forget(&correlation_id);
+                return;
+            }
+            Ok(Ok(())) => tokio::time::timeout(PROBE_TIMEOUT, receiver).await,
+        };
+        self.forget(&correlation_id);
+        if arrived.is_err() {
+            tracing::warn!(
+                queue = %self.name,
+                "RPC replies no longer reach their queue (a probe did not come back within \
+                 {PROBE_TIMEOUT:?}): the calls waiting on it fail, the next call sets up a new \
+                 reply queue"
+            );
+            self.shut();
+            self.abandon.notify_one();
+            if let Err(error) = self.transport.delete_queue(&self.name).await {
+                tracing::debug!("cannot delete the abandoned reply queue {}: {error}", self.name);
+            }
+        }
+    }
+
+    /// Take no more calls and fail the waiting ones: dropping their senders tells them that
+    /// no reply will come.
+    fn shut(&self) {
+        let mut pending = self.pending();
+        self.closed.store(true, Ordering::Release);
+        pending.clear();
+    }
+
+    /// Whether a probe may start now; if so, the next one waits [`PROBE_SPACING`].
+    fn probe_due(&self) -> bool {
+        let mut next = self.next_probe.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        if next.is_some_and(|next| now < next) || self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        *next = Some(now + PROBE_SPACING);
+        true
     }
 }
 

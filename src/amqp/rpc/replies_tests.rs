@@ -1,0 +1,227 @@
+//! The probe a timed-out call sends through its reply queue: a queue whose replies no longer
+//! arrive is abandoned for a new one; a queue that still works is kept.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::amqp::entrypoints::RPCListener;
+use crate::amqp::rpc::{Args, Caller, ReplyListener, RpcBackend, RpcError, RpcRequest};
+use crate::config::{Config, Protocol};
+use crate::transport::{
+    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, OutgoingMessage,
+    PublishOptions, QueueInfo, QueueSpec, SharedTransport, Transport, TransportError,
+};
+use crate::{Route, Runner, RunningService};
+
+/// A transport whose consumers can be struck dumb: they stop handing deliveries on and never
+/// end, as a consumer looks when the broker no longer feeds it and has not told it so.
+#[derive(Debug)]
+struct Muting {
+    inner: SharedTransport,
+    /// The mute switch of each consumer started, with its queue.
+    consumers: Mutex<Vec<(String, Arc<AtomicBool>)>>,
+    probes: AtomicUsize,
+}
+
+impl Muting {
+    fn new(inner: SharedTransport) -> Arc<Self> {
+        Arc::new(Muting { inner, consumers: Mutex::default(), probes: AtomicUsize::new(0) })
+    }
+
+    /// Mute every consumer started so far (not the ones started later).
+    fn mute(&self) {
+        for (_, muted) in self.consumers.lock().unwrap().iter() {
+            muted.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The queues consumed, in order.
+    fn consumed(&self) -> Vec<String> {
+        self.consumers.lock().unwrap().iter().map(|(queue, _)| queue.clone()).collect()
+    }
+
+    fn probes(&self) -> usize {
+        self.probes.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Transport for Muting {
+    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
+        self.inner.declare_exchange(spec).await
+    }
+
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
+        self.inner.declare_queue(spec).await
+    }
+
+    async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
+        self.inner.queue_info(queue).await
+    }
+
+    async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
+        self.inner.bind_queue(binding).await
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        self.inner.delete_queue(queue).await
+    }
+
+    async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
+        self.inner.delete_exchange(exchange).await
+    }
+
+    async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        self.inner.purge_queue(queue).await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+        options: PublishOptions,
+    ) -> Result<(), TransportError> {
+        let correlation_id = message.properties.correlation_id.as_deref().unwrap_or_default();
+        if correlation_id.starts_with("probe-") {
+            self.probes.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.publish(exchange, routing_key, message, options).await
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, TransportError> {
+        let inner = self.inner.consume(queue, options).await?;
+        let tag = inner.tag().to_owned();
+        let muted = Arc::new(AtomicBool::new(false));
+        self.consumers.lock().unwrap().push((queue.to_owned(), muted.clone()));
+        let deliveries = futures::stream::unfold((inner, muted), |(mut inner, muted)| async move {
+            let delivery: Delivery = inner.next().await?;
+            if muted.load(Ordering::SeqCst) {
+                // held unsettled and never handed on, until the consumer is dropped
+                let never: std::convert::Infallible = std::future::pending().await;
+                match never {}
+            }
+            Some((delivery, (inner, muted)))
+        });
+        Ok(Consumer::from_stream(tag, deliveries, || {}))
+    }
+
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
+        self.inner.get(queue).await
+    }
+
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+fn add(Args((a, b)): Args<(i64, i64)>) -> i64 {
+    a + b
+}
+
+async fn slow(Args((millis,)): Args<(u64,)>) -> u64 {
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    millis
+}
+
+/// A service `probed` (`add`, `slow`) on a fresh in-process broker, and a caller on that
+/// broker through a [`Muting`] transport.
+async fn rig() -> (RunningService, Arc<Muting>, Caller) {
+    let uri = format!("memory://probe-{}", uuid::Uuid::new_v4());
+    let config = Config::new("probed").with_amqp_uri(uri);
+    let routes = vec![
+        Route::new(add).entrypoint(RPCListener::new()),
+        Route::new(slow).entrypoint(RPCListener::new()),
+    ];
+    let service = Runner::new(routes, config.clone()).spawn().await.unwrap();
+    let muting = Muting::new(crate::transport::connect(&config).await.unwrap());
+    let transport: SharedTransport = muting.clone();
+    let listener = Arc::new(ReplyListener::new("caller"));
+    let caller = Caller::new(transport, listener, &config, Headers::new());
+    (service, muting, caller)
+}
+
+async fn call(
+    caller: &Caller,
+    method: &str,
+    args: serde_json::Value,
+    timeout: Duration,
+) -> Result<serde_json::Value, RpcError> {
+    let request =
+        RpcRequest::new(Protocol::Nameko, "probed", method, args, (), Some(timeout)).unwrap();
+    caller.call(request).await
+}
+
+/// Poll `done` every 20 ms for up to 10 s.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what} did not happen within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_queue_whose_replies_stop_arriving_is_abandoned_after_a_timeout() {
+    let (service, muting, caller) = rig().await;
+    let short = Duration::from_millis(300);
+    assert_eq!(call(&caller, "add", json!([1, 2]), short).await.unwrap(), json!(3));
+    let first = muting.consumed();
+    assert_eq!(first.len(), 1, "one reply queue: {first:?}");
+
+    muting.mute();
+    let timed_out = call(&caller, "add", json!([2, 3]), short).await;
+    assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
+    let old = first[0].clone();
+    let inner = muting.inner.clone();
+    // the probe does not come back: the queue is abandoned and deleted
+    for _ in 0..500 {
+        if matches!(inner.queue_info(&old).await, Err(TransportError::NotFound(_))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(inner.queue_info(&old).await, Err(TransportError::NotFound(_))));
+    assert_eq!(muting.probes(), 1);
+
+    assert_eq!(call(&caller, "add", json!([3, 4]), short).await.unwrap(), json!(7));
+    let consumed = muting.consumed();
+    assert_eq!(consumed.len(), 2, "a new reply queue: {consumed:?}");
+    assert_ne!(consumed[1], old);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_queue_that_still_works_is_kept_after_a_timeout() {
+    let (service, muting, caller) = rig().await;
+    let timed_out = call(&caller, "slow", json!([400]), Duration::from_millis(100)).await;
+    assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
+    eventually("the probe", || muting.probes() == 1).await;
+    // a second timeout right after does not probe again
+    let timed_out = call(&caller, "slow", json!([400]), Duration::from_millis(100)).await;
+    assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
+    // the first probe came back long ago (the broker is in-process): the queue is kept
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        call(&caller, "add", json!([1, 2]), Duration::from_secs(5)).await.unwrap(),
+        json!(3)
+    );
+    assert_eq!(muting.consumed().len(), 1, "the same reply queue: {:?}", muting.consumed());
+    assert_eq!(muting.probes(), 1);
+    service.stop().await.unwrap();
+}
