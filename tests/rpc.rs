@@ -586,3 +586,41 @@ impl RawCaller {
         self.transport.delete_queue(&self.queue).await.unwrap();
     }
 }
+
+/// Replies that stop reaching the caller's reply queue while its consumer is not told (here
+/// its binding is removed behind the caller's back; in a cluster, the queue's node may stop):
+/// the call times out, the probe sent after the timeout does not come back, and the queue is
+/// deleted; the next call sets up a new one and gets its reply.
+#[tokio::test]
+async fn a_reply_queue_that_replies_no_longer_reach_is_replaced_after_a_timeout() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let (service, math, _) = start_math(&uri).await;
+    let quick = config(&uri, "caller").with_rpc_timeout(Duration::from_millis(500));
+    let client = Client::connect(&quick).await.unwrap();
+    let own: String = client.call(&math, "reply_to", (), ()).await.unwrap();
+    let queue = format!("rpc.reply-standalone_rpc_proxy-{own}");
+
+    // lapin reads an empty path as the vhost "", RabbitMQ's default is "/"
+    let lapin_uri = uri.trim_end_matches('/');
+    let connection = lapin::Connection::connect(lapin_uri, Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let (exchange, key) = ("nameko-rpc".into(), own.as_str().into());
+    channel.queue_unbind(queue.as_str().into(), exchange, key, Default::default()).await.unwrap();
+    connection.close(200, "unbound".into()).await.unwrap();
+
+    let lost = client.call::<i64>(&math, "add", (), json!({"a": 1, "b": 2})).await.unwrap_err();
+    assert!(matches!(lost, RpcError::Timeout { .. }), "{lost:?}");
+    let transport = client.transport().clone();
+    common::wait_until_async(|| {
+        let (transport, queue) = (transport.clone(), queue.clone());
+        async move { matches!(transport.queue_info(&queue).await, Err(TransportError::NotFound(_))) }
+    })
+    .await;
+    let replaced: String = client.call(&math, "reply_to", (), ()).await.unwrap();
+    assert_ne!(replaced, own, "a new reply queue");
+    let sum: i64 = client.call(&math, "add", (), json!({"a": 1, "b": 2})).await.unwrap();
+    assert_eq!(sum, 3);
+    client.close().await;
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &[math]).await;
+}
