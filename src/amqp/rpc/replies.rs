@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -18,7 +18,7 @@ use crate::config::Protocol;
 use crate::data::json_properties;
 use crate::transport::{
     BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit, OutgoingMessage,
-    PublishOptions, SharedTransport, TransportError,
+    PublishOptions, SharedTransport, Transport, TransportError,
 };
 
 /// How many replies the reply consumer may hold unacknowledged.
@@ -133,7 +133,9 @@ pub(crate) struct ReplyQueue {
     pending: Mutex<HashMap<Arc<str>, oneshot::Sender<ReplyOutcome>>>,
     closed: AtomicBool,
     /// The connection the queue was set up on, and the exchange it is bound to, for probes.
-    transport: SharedTransport,
+    /// Weak: the queue's consumer lives as long as the connection, which closes when its
+    /// last handle is dropped.
+    transport: Weak<dyn Transport>,
     exchange: String,
     /// No probe starts before this instant.
     next_probe: Mutex<Option<Instant>>,
@@ -180,7 +182,7 @@ impl ReplyQueue {
             protocol,
             pending: Mutex::default(),
             closed: AtomicBool::new(false),
-            transport: transport.clone(),
+            transport: Arc::downgrade(transport),
             exchange: exchange.name.clone(),
             next_probe: Mutex::default(),
             abandon: Notify::new(),
@@ -292,6 +294,7 @@ impl ReplyQueue {
     /// fail at once and the next call sets up a new queue. At most one probe per
     /// [`PROBE_SPACING`].
     pub(crate) async fn probe(self: Arc<Self>) {
+        let Some(transport) = self.transport.upgrade() else { return };
         if !self.probe_due() {
             return;
         }
@@ -303,7 +306,7 @@ impl ReplyQueue {
         let message = OutgoingMessage { body: bytes::Bytes::from_static(b"{}"), properties };
         let sent = tokio::time::timeout(
             PROBE_TIMEOUT,
-            self.transport.publish(
+            transport.publish(
                 &self.exchange,
                 &self.routing_key,
                 message,
@@ -330,7 +333,7 @@ impl ReplyQueue {
             );
             self.shut();
             self.abandon.notify_one();
-            if let Err(error) = self.transport.delete_queue(&self.name).await {
+            if let Err(error) = transport.delete_queue(&self.name).await {
                 tracing::debug!("cannot delete the abandoned reply queue {}: {error}", self.name);
             }
         }

@@ -225,3 +225,17 @@ async fn a_reply_queue_that_still_works_is_kept_after_a_timeout() {
     assert_eq!(muting.probes(), 1);
     service.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_queue_does_not_keep_its_connection_open() {
+    let (service, muting, caller) = rig().await;
+    assert_eq!(
+        call(&caller, "add", json!([1, 2]), Duration::from_secs(5)).await.unwrap(),
+        json!(3)
+    );
+    let connection = Arc::downgrade(&muting);
+    drop((caller, muting));
+    // the last handle dropped closes the connection, which ends the reply queue's consumer
+    eventually("the connection's release", || connection.upgrade().is_none()).await;
+    service.stop().await.unwrap();
+}
