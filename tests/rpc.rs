@@ -595,8 +595,7 @@ impl RawCaller {
 async fn a_reply_queue_that_replies_no_longer_reach_is_replaced_after_a_timeout() {
     let Some(uri) = common::rabbitmq_uri() else { return };
     let (service, math, _) = start_math(&uri).await;
-    let quick = config(&uri, "caller").with_rpc_timeout(Duration::from_millis(500));
-    let client = Client::connect(&quick).await.unwrap();
+    let client = Client::connect(&config(&uri, "caller")).await.unwrap();
     let own: String = client.call(&math, "reply_to", (), ()).await.unwrap();
     let queue = format!("rpc.reply-standalone_rpc_proxy-{own}");
 
@@ -608,7 +607,8 @@ async fn a_reply_queue_that_replies_no_longer_reach_is_replaced_after_a_timeout(
     channel.queue_unbind(queue.as_str().into(), exchange, key, Default::default()).await.unwrap();
     connection.close(200, "unbound".into()).await.unwrap();
 
-    let lost = client.call::<i64>(&math, "add", (), json!({"a": 1, "b": 2})).await.unwrap_err();
+    let quick = client.service(&math).timeout(Duration::from_millis(500));
+    let lost = quick.call::<i64>("add", (), json!({"a": 1, "b": 2})).await.unwrap_err();
     assert!(matches!(lost, RpcError::Timeout { .. }), "{lost:?}");
     let transport = client.transport().clone();
     common::wait_until_async(|| {

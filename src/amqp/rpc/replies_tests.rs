@@ -179,8 +179,8 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_queue_whose_replies_stop_arriving_is_abandoned_after_a_timeout() {
     let (service, muting, caller) = rig().await;
-    let short = Duration::from_millis(300);
-    assert_eq!(call(&caller, "add", json!([1, 2]), short).await.unwrap(), json!(3));
+    let (short, long) = (Duration::from_millis(300), Duration::from_secs(5));
+    assert_eq!(call(&caller, "add", json!([1, 2]), long).await.unwrap(), json!(3));
     let first = muting.consumed();
     assert_eq!(first.len(), 1, "one reply queue: {first:?}");
 
@@ -199,7 +199,7 @@ async fn a_reply_queue_whose_replies_stop_arriving_is_abandoned_after_a_timeout(
     assert!(matches!(inner.queue_info(&old).await, Err(TransportError::NotFound(_))));
     assert_eq!(muting.probes(), 1);
 
-    assert_eq!(call(&caller, "add", json!([3, 4]), short).await.unwrap(), json!(7));
+    assert_eq!(call(&caller, "add", json!([3, 4]), long).await.unwrap(), json!(7));
     let consumed = muting.consumed();
     assert_eq!(consumed.len(), 2, "a new reply queue: {consumed:?}");
     assert_ne!(consumed[1], old);
