@@ -624,3 +624,43 @@ async fn a_reply_queue_that_replies_no_longer_reach_is_replaced_after_a_timeout(
     service.stop().await.unwrap();
     common::cleanup(&uri, &[math]).await;
 }
+
+/// A reply queue whose consumer ended for good (here the queue was deleted behind the
+/// caller's back) is not set up again when the connection comes back: the transport replays
+/// its declarations after a reconnect, and a queue no call uses would be declared and bound
+/// again, with no consumer, on every reconnect.
+#[tokio::test]
+async fn an_ended_reply_queue_is_not_declared_again_after_a_reconnect() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let (service, math, _) = start_math(&uri).await;
+    let user = common::TemporaryUser::create("replies");
+    let client = Client::connect(&config(&user.uri(&uri), "caller")).await.unwrap();
+    let first: String = client.call(&math, "reply_to", (), ()).await.unwrap();
+    let ended = format!("rpc.reply-standalone_rpc_proxy-{first}");
+    service.transport().delete_queue(&ended).await.unwrap();
+    // the broker cancels the consumer (a call waiting on it then fails); the next calls use
+    // a new queue
+    let mut second = first.clone();
+    for _ in 0..100 {
+        match client.call::<String>(&math, "reply_to", (), ()).await {
+            Ok(reply_to) if reply_to != first => {
+                second = reply_to;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert_ne!(second, first, "a new reply queue once the first one's consumer ended");
+
+    user.close_connections();
+    let transport = client.transport().clone();
+    common::wait_until(|| transport.reconnects() >= 1 && transport.is_connected(), "reconnect")
+        .await;
+    let again: String = client.call(&math, "reply_to", (), ()).await.unwrap();
+    assert_eq!(again, second, "the live queue's consumer resumed");
+    let gone = service.transport().queue_info(&ended).await;
+    assert!(matches!(gone, Err(TransportError::NotFound(_))), "{gone:?}");
+    client.close().await;
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &[math]).await;
+}

@@ -132,7 +132,8 @@ pub(crate) struct ReplyQueue {
     /// Keyed by correlation id, shared with the call's [`RpcReply`](super::RpcReply).
     pending: Mutex<HashMap<Arc<str>, oneshot::Sender<ReplyOutcome>>>,
     closed: AtomicBool,
-    /// The connection the queue was set up on, and the exchange it is bound to, for probes.
+    /// The connection the queue was set up on (to probe and delete the queue), and the
+    /// exchange it is bound to.
     /// Weak: the queue's consumer lives as long as the connection, which closes when its
     /// last handle is dropped.
     transport: Weak<dyn Transport>,
@@ -267,6 +268,13 @@ impl ReplyQueue {
         while let Some(acked) = acks.next().await {
             warn_unacked(acked);
         }
+        // No call uses the queue again. Deleted, it also leaves the declarations the
+        // transport replays after a reconnect, which would set it up again with no consumer.
+        if let Some(transport) = self.transport.upgrade() {
+            if let Err(error) = transport.delete_queue(&self.name).await {
+                tracing::debug!("cannot delete the ended reply queue {}: {error}", self.name);
+            }
+        }
     }
 
     /// Give the reply `delivery` to the call waiting for it, if one does.
@@ -291,7 +299,7 @@ impl ReplyQueue {
     /// it. A probe that does not come back within [`PROBE_TIMEOUT`] means the reply path is
     /// broken (the queue or its binding vanished while the consumer was not told, as RabbitMQ
     /// may do when the queue's node stops); the queue is then abandoned: its waiting calls
-    /// fail at once and the next call sets up a new queue. At most one probe per
+    /// fail at once, its consumer ends, and the next call sets up a new queue. At most one probe per
     /// [`PROBE_SPACING`].
     pub(crate) async fn probe(self: Arc<Self>) {
         let Some(transport) = self.transport.upgrade() else { return };
@@ -332,10 +340,8 @@ impl ReplyQueue {
                  reply queue"
             );
             self.shut();
+            // the consumer ends, and the queue is deleted
             self.abandon.notify_one();
-            if let Err(error) = transport.delete_queue(&self.name).await {
-                tracing::debug!("cannot delete the abandoned reply queue {}: {error}", self.name);
-            }
         }
     }
 
