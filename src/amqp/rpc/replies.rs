@@ -132,11 +132,11 @@ pub(crate) struct ReplyQueue {
     /// Keyed by correlation id, shared with the call's [`RpcReply`](super::RpcReply).
     pending: Mutex<HashMap<Arc<str>, oneshot::Sender<ReplyOutcome>>>,
     closed: AtomicBool,
-    /// The connection the queue was set up on (to probe and delete the queue), and the
-    /// exchange it is bound to.
-    /// Weak: the queue's consumer lives as long as the connection, which closes when its
-    /// last handle is dropped.
+    /// The connection the queue was set up on (to probe and delete the queue), held weakly:
+    /// the queue's consumer lives as long as the connection, which closes when its last
+    /// handle is dropped.
     transport: Weak<dyn Transport>,
+    /// The exchange the queue is bound to.
     exchange: String,
     /// No probe starts before this instant.
     next_probe: Mutex<Option<Instant>>,
@@ -299,8 +299,8 @@ impl ReplyQueue {
     /// it. A probe that does not come back within [`PROBE_TIMEOUT`] means the reply path is
     /// broken (the queue or its binding vanished while the consumer was not told, as RabbitMQ
     /// may do when the queue's node stops); the queue is then abandoned: its waiting calls
-    /// fail at once, its consumer ends, and the next call sets up a new queue. At most one probe per
-    /// [`PROBE_SPACING`].
+    /// fail at once, its consumer ends, and the next call sets up a new queue. At most one
+    /// probe per [`PROBE_SPACING`].
     pub(crate) async fn probe(self: Arc<Self>) {
         let Some(transport) = self.transport.upgrade() else { return };
         if !self.probe_due() {

@@ -1,5 +1,6 @@
 //! The probe a timed-out call sends through its reply queue: a queue whose replies no longer
-//! arrive is abandoned for a new one; a queue that still works is kept.
+//! arrive is abandoned for a new one; a queue that still works is kept. A reply queue does
+//! not keep its connection open.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
