@@ -250,6 +250,9 @@ impl ReplyQueue {
         // next reply would make every reply wait for the previous reply's ack to be written,
         // and a task per ack would cost a spawn and a wake-up per call.
         let mut acks = FuturesUnordered::new();
+        // made once: a new one per reply would register with the `Notify` on every reply
+        let abandoned = self.abandon.notified();
+        tokio::pin!(abandoned);
         loop {
             let delivery = tokio::select! {
                 delivery = consumer.next() => delivery,
@@ -257,7 +260,7 @@ impl ReplyQueue {
                     warn_unacked(acked);
                     continue;
                 }
-                () = self.abandon.notified() => None,
+                () = &mut abandoned => None,
             };
             let Some(delivery) = delivery else { break };
             self.hand_over(&delivery);
