@@ -131,6 +131,7 @@ pub(crate) struct ReplyQueue {
     protocol: Protocol,
     /// Keyed by correlation id, shared with the call's [`RpcReply`](super::RpcReply).
     pending: Mutex<HashMap<Arc<str>, oneshot::Sender<ReplyOutcome>>>,
+    /// Takes no more calls: retired, or its consumer ended.
     closed: AtomicBool,
     /// The connection the queue was set up on (to probe and delete the queue), held weakly:
     /// the queue's consumer lives as long as the connection, which closes when its last
@@ -140,8 +141,9 @@ pub(crate) struct ReplyQueue {
     exchange: String,
     /// No probe starts before this instant.
     next_probe: Mutex<Option<Instant>>,
-    /// Ends the consumer of a queue whose replies no longer arrive.
-    abandon: Notify,
+    /// Wakes the consumer of a retired queue (whose replies no longer arrive) to see whether
+    /// calls still wait on it.
+    retired: Notify,
 }
 
 impl ReplyQueue {
@@ -186,7 +188,7 @@ impl ReplyQueue {
             transport: Arc::downgrade(transport),
             exchange: exchange.name.clone(),
             next_probe: Mutex::default(),
-            abandon: Notify::new(),
+            retired: Notify::new(),
         });
         tokio::spawn(queue.clone().listen(consumer));
         Ok(queue)
@@ -228,7 +230,17 @@ impl ReplyQueue {
 
     /// Stop waiting for the reply with `correlation_id` (timed out, or given up).
     pub(crate) fn forget(&self, correlation_id: &str) {
-        self.pending().remove(correlation_id);
+        let mut pending = self.pending();
+        pending.remove(correlation_id);
+        if pending.is_empty() && self.closed.load(Ordering::Acquire) {
+            // the last call waiting on a retired queue: its consumer may end
+            self.retired.notify_one();
+        }
+    }
+
+    /// Whether the queue was retired (or its consumer ended) and no call waits on it.
+    fn drained(&self) -> bool {
+        self.closed.load(Ordering::Acquire) && self.pending().is_empty()
     }
 
     /// What the reply `body` says, read as the queue's protocol writes replies.
@@ -250,9 +262,10 @@ impl ReplyQueue {
         // next reply would make every reply wait for the previous reply's ack to be written,
         // and a task per ack would cost a spawn and a wake-up per call.
         let mut acks = FuturesUnordered::new();
-        // made once: a new one per reply would register with the `Notify` on every reply
-        let abandoned = self.abandon.notified();
-        tokio::pin!(abandoned);
+        // made once, and again only when it fires: a new one per reply would register with
+        // the `Notify` on every reply
+        let retired = self.retired.notified();
+        tokio::pin!(retired);
         loop {
             let delivery = tokio::select! {
                 delivery = consumer.next() => delivery,
@@ -260,12 +273,21 @@ impl ReplyQueue {
                     warn_unacked(acked);
                     continue;
                 }
-                () = &mut abandoned => None,
+                () = &mut retired => {
+                    if self.drained() {
+                        break;
+                    }
+                    retired.set(self.retired.notified());
+                    continue;
+                }
             };
             let Some(delivery) = delivery else { break };
             self.hand_over(&delivery);
             let acker = delivery.acker;
             acks.push(async move { acker.ack().await });
+            if self.drained() {
+                break;
+            }
         }
         self.shut();
         while let Some(acked) = acks.next().await {
@@ -301,9 +323,12 @@ impl ReplyQueue {
     /// After a call timed out: check that replies still reach this queue, by sending one to
     /// it. A probe that does not come back within [`PROBE_TIMEOUT`] means the reply path is
     /// broken (the queue or its binding vanished while the consumer was not told, as RabbitMQ
-    /// may do when the queue's node stops); the queue is then abandoned: its waiting calls
-    /// fail at once, its consumer ends, and the next call sets up a new queue. At most one
-    /// probe per [`PROBE_SPACING`].
+    /// may do when the queue's node stops), or so slow that a new queue serves better; the
+    /// queue is then retired: the next call sets up a new queue, and once no call waits on the
+    /// old one (each ends with its reply or its own timeout), its consumer ends and it is
+    /// deleted. The waiting calls are not failed: their replies may still come, and a call
+    /// failed although it ran invites a retry that runs it twice. At most one probe per
+    /// [`PROBE_SPACING`].
     pub(crate) async fn probe(self: Arc<Self>) {
         let Some(transport) = self.transport.upgrade() else { return };
         if !self.probe_due() {
@@ -339,13 +364,19 @@ impl ReplyQueue {
             tracing::warn!(
                 queue = %self.name,
                 "RPC replies no longer reach their queue (a probe did not come back within \
-                 {PROBE_TIMEOUT:?}): the calls waiting on it fail, the next call sets up a new \
-                 reply queue"
+                 {PROBE_TIMEOUT:?}): the next call sets up a new reply queue; this one is \
+                 deleted once the calls waiting on it end"
             );
-            self.shut();
-            // the consumer ends, and the queue is deleted
-            self.abandon.notify_one();
+            self.retire();
         }
+    }
+
+    /// Take no more calls, and let the consumer end once the waiting ones have.
+    fn retire(&self) {
+        // under the lock `expect` reads the flag with: a call either waits or is refused
+        let _pending = self.pending();
+        self.closed.store(true, Ordering::Release);
+        self.retired.notify_one();
     }
 
     /// Take no more calls and fail the waiting ones: dropping their senders tells them that

@@ -1,6 +1,6 @@
 //! The probe a timed-out call sends through its reply queue: a queue whose replies no longer
-//! arrive is abandoned for a new one; a queue that still works is kept. A reply queue does
-//! not keep its connection open.
+//! arrive is retired for a new one, without failing the calls that wait on it; a queue that
+//! still works is kept. A reply queue does not keep its connection open.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,18 +20,25 @@ use crate::transport::{
 use crate::{Route, Runner, RunningService};
 
 /// A transport whose consumers can be struck dumb: they stop handing deliveries on and never
-/// end, as a consumer looks when the broker no longer feeds it and has not told it so.
+/// end, as a consumer looks when the broker no longer feeds it and has not told it so. It can
+/// also lose the probes, as a path too slow for them looks while replies still come.
 #[derive(Debug)]
 struct Muting {
     inner: SharedTransport,
     /// The mute switch of each consumer started, with its queue.
     consumers: Mutex<Vec<(String, Arc<AtomicBool>)>>,
     probes: AtomicUsize,
+    lose_probes: AtomicBool,
 }
 
 impl Muting {
     fn new(inner: SharedTransport) -> Arc<Self> {
-        Arc::new(Muting { inner, consumers: Mutex::default(), probes: AtomicUsize::new(0) })
+        Arc::new(Muting {
+            inner,
+            consumers: Mutex::default(),
+            probes: AtomicUsize::new(0),
+            lose_probes: AtomicBool::new(false),
+        })
     }
 
     /// Mute every consumer started so far (not the ones started later).
@@ -91,6 +98,9 @@ impl Transport for Muting {
         let correlation_id = message.properties.correlation_id.as_deref().unwrap_or_default();
         if correlation_id.starts_with("probe-") {
             self.probes.fetch_add(1, Ordering::SeqCst);
+            if self.lose_probes.load(Ordering::SeqCst) {
+                return Ok(());
+            }
         }
         self.inner.publish(exchange, routing_key, message, options).await
     }
@@ -177,8 +187,19 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     panic!("{what} did not happen within 10 s");
 }
 
+/// Wait until the queue `name` no longer exists.
+async fn until_deleted(inner: &SharedTransport, name: &str) {
+    for _ in 0..500 {
+        if matches!(inner.queue_info(name).await, Err(TransportError::NotFound(_))) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the queue {name} was not deleted within 10 s");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_queue_whose_replies_stop_arriving_is_abandoned_after_a_timeout() {
+async fn a_reply_queue_whose_replies_stop_arriving_is_retired_after_a_timeout() {
     let (service, muting, caller) = rig().await;
     let (short, long) = (Duration::from_millis(300), Duration::from_secs(5));
     assert_eq!(call(&caller, "add", json!([1, 2]), long).await.unwrap(), json!(3));
@@ -189,21 +210,82 @@ async fn a_reply_queue_whose_replies_stop_arriving_is_abandoned_after_a_timeout(
     let timed_out = call(&caller, "add", json!([2, 3]), short).await;
     assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
     let old = first[0].clone();
-    let inner = muting.inner.clone();
-    // the probe does not come back: the queue is abandoned and deleted
-    for _ in 0..500 {
-        if matches!(inner.queue_info(&old).await, Err(TransportError::NotFound(_))) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(matches!(inner.queue_info(&old).await, Err(TransportError::NotFound(_))));
+    // the probe does not come back and no call waits: the queue is retired and deleted
+    until_deleted(&muting.inner, &old).await;
     assert_eq!(muting.probes(), 1);
 
     assert_eq!(call(&caller, "add", json!([3, 4]), long).await.unwrap(), json!(7));
     let consumed = muting.consumed();
     assert_eq!(consumed.len(), 2, "a new reply queue: {consumed:?}");
     assert_ne!(consumed[1], old);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_on_a_retired_queue_still_gets_its_reply() {
+    let (service, muting, caller) = rig().await;
+    let caller = Arc::new(caller);
+    assert_eq!(
+        call(&caller, "add", json!([1, 2]), Duration::from_secs(5)).await.unwrap(),
+        json!(3)
+    );
+    let old = muting.consumed()[0].clone();
+    muting.lose_probes.store(true, Ordering::SeqCst);
+    let waiting = tokio::spawn({
+        let caller = caller.clone();
+        async move { call(&caller, "slow", json!([6000]), Duration::from_secs(20)).await }
+    });
+    let timed_out = call(&caller, "slow", json!([1000]), Duration::from_millis(200)).await;
+    assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
+    // the lost probe retires the queue (2 s): calls made from then on use a new one
+    for _ in 0..250 {
+        if muting.consumed().len() == 2 {
+            break;
+        }
+        let sum = call(&caller, "add", json!([2, 3]), Duration::from_secs(5)).await.unwrap();
+        assert_eq!(sum, json!(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(muting.consumed().len(), 2, "a new reply queue: {:?}", muting.consumed());
+    assert!(!waiting.is_finished(), "the slow call ended before the queue was retired");
+    // the waiting call was not failed, and its reply still reaches it
+    assert_eq!(waiting.await.unwrap().unwrap(), json!(6000));
+    // with no call waiting on it any more, the retired queue is deleted
+    until_deleted(&muting.inner, &old).await;
+    assert_eq!(muting.probes(), 1);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_on_a_deaf_retired_queue_ends_at_its_own_timeout() {
+    let (service, muting, caller) = rig().await;
+    let caller = Arc::new(caller);
+    assert_eq!(
+        call(&caller, "add", json!([1, 2]), Duration::from_secs(5)).await.unwrap(),
+        json!(3)
+    );
+    let old = muting.consumed()[0].clone();
+    muting.mute();
+    let waiting = tokio::spawn({
+        let caller = caller.clone();
+        async move { call(&caller, "add", json!([2, 3]), Duration::from_secs(5)).await }
+    });
+    let timed_out = call(&caller, "add", json!([3, 4]), Duration::from_millis(200)).await;
+    assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
+    // the probe does not come back and retires the queue (2 s): calls made from then on use a
+    // new one, which is not muted
+    for _ in 0..100 {
+        if muting.consumed().len() == 2 {
+            break;
+        }
+        let _ = call(&caller, "add", json!([0, 0]), Duration::from_millis(100)).await;
+    }
+    assert_eq!(muting.consumed().len(), 2, "a new reply queue: {:?}", muting.consumed());
+    // the retired queue still has a call waiting: it is kept until that call ends
+    assert!(muting.inner.queue_info(&old).await.is_ok());
+    let ended = waiting.await.unwrap();
+    assert!(matches!(ended, Err(RpcError::Timeout { .. })), "{ended:?}");
+    until_deleted(&muting.inner, &old).await;
     service.stop().await.unwrap();
 }
 
