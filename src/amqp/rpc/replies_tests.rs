@@ -176,6 +176,27 @@ async fn call(
     caller.call(request).await
 }
 
+/// [`rig`] with the caller's reply queue set up by a first call, and that queue's name.
+async fn rig_with_a_reply_queue() -> (RunningService, Arc<Muting>, Arc<Caller>, String) {
+    let (service, muting, caller) = rig().await;
+    let caller = Arc::new(caller);
+    let sum = call(&caller, "add", json!([1, 2]), Duration::from_secs(5)).await.unwrap();
+    assert_eq!(sum, json!(3));
+    let queue = muting.consumed()[0].clone();
+    (service, muting, caller, queue)
+}
+
+/// A call running in the background.
+fn spawn_call(
+    caller: &Arc<Caller>,
+    method: &'static str,
+    args: serde_json::Value,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<Result<serde_json::Value, RpcError>> {
+    let caller = caller.clone();
+    tokio::spawn(async move { call(&caller, method, args, timeout).await })
+}
+
 /// Poll `done` every 20 ms for up to 10 s.
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..500 {
@@ -223,18 +244,9 @@ async fn a_reply_queue_whose_replies_stop_arriving_is_retired_after_a_timeout() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_on_a_retired_queue_still_gets_its_reply() {
-    let (service, muting, caller) = rig().await;
-    let caller = Arc::new(caller);
-    assert_eq!(
-        call(&caller, "add", json!([1, 2]), Duration::from_secs(5)).await.unwrap(),
-        json!(3)
-    );
-    let old = muting.consumed()[0].clone();
+    let (service, muting, caller, old) = rig_with_a_reply_queue().await;
     muting.lose_probes.store(true, Ordering::SeqCst);
-    let waiting = tokio::spawn({
-        let caller = caller.clone();
-        async move { call(&caller, "slow", json!([6000]), Duration::from_secs(20)).await }
-    });
+    let waiting = spawn_call(&caller, "slow", json!([6000]), Duration::from_secs(20));
     let timed_out = call(&caller, "slow", json!([1000]), Duration::from_millis(200)).await;
     assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
     // the lost probe retires the queue (2 s): calls made from then on use a new one
@@ -258,18 +270,9 @@ async fn a_call_waiting_on_a_retired_queue_still_gets_its_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_on_a_deaf_retired_queue_ends_at_its_own_timeout() {
-    let (service, muting, caller) = rig().await;
-    let caller = Arc::new(caller);
-    assert_eq!(
-        call(&caller, "add", json!([1, 2]), Duration::from_secs(5)).await.unwrap(),
-        json!(3)
-    );
-    let old = muting.consumed()[0].clone();
+    let (service, muting, caller, old) = rig_with_a_reply_queue().await;
     muting.mute();
-    let waiting = tokio::spawn({
-        let caller = caller.clone();
-        async move { call(&caller, "add", json!([2, 3]), Duration::from_secs(5)).await }
-    });
+    let waiting = spawn_call(&caller, "add", json!([2, 3]), Duration::from_secs(5));
     let timed_out = call(&caller, "add", json!([3, 4]), Duration::from_millis(200)).await;
     assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
     // the probe does not come back and retires the queue (2 s): calls made from then on use a
