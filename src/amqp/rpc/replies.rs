@@ -55,6 +55,9 @@ pub(crate) struct ReplyListener {
 struct QueueSlot {
     live: Mutex<Option<Arc<ReplyQueue>>>,
     starting: tokio::sync::Mutex<()>,
+    /// The queues replaced while calls may still wait on them (retired ones), for the caller
+    /// to delete when it stops before they end.
+    replaced: Mutex<Vec<Weak<ReplyQueue>>>,
 }
 
 impl QueueSlot {
@@ -67,6 +70,27 @@ impl QueueSlot {
     fn replace(&self, queue: Option<Arc<ReplyQueue>>) -> Option<Arc<ReplyQueue>> {
         let mut live = self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         std::mem::replace(&mut live, queue)
+    }
+
+    fn replaced(&self) -> MutexGuard<'_, Vec<Weak<ReplyQueue>>> {
+        self.replaced.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Set `queue` up in place of the one before, remembered while it lives (its consumer
+    /// and the calls waiting on it hold it).
+    fn set_up(&self, queue: Arc<ReplyQueue>) {
+        if let Some(before) = self.replace(Some(queue)) {
+            let mut replaced = self.replaced();
+            replaced.retain(|queue| queue.strong_count() > 0);
+            replaced.push(Arc::downgrade(&before));
+        }
+    }
+
+    /// Empty the slot: the live queue, and those replaced that still live.
+    fn take_all(&self) -> Vec<Arc<ReplyQueue>> {
+        let replaced = std::mem::take(&mut *self.replaced());
+        let live = self.replace(None);
+        live.into_iter().chain(replaced.iter().filter_map(Weak::upgrade)).collect()
     }
 }
 
@@ -106,18 +130,20 @@ impl ReplyListener {
             return Ok(queue);
         }
         let queue = ReplyQueue::start(transport, &self.service, protocol, exchange).await?;
-        slot.replace(Some(queue.clone()));
+        slot.set_up(queue.clone());
         Ok(queue)
     }
 
-    /// Delete the reply queues made (the caller stops).
+    /// Delete the reply queues made (the caller stops), retired ones that calls still wait on
+    /// included.
     pub(crate) async fn delete_queues(&self, transport: &SharedTransport) {
         for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
             let slot = self.slot(protocol);
             let _starting = slot.starting.lock().await;
-            let Some(queue) = slot.replace(None) else { continue };
-            if let Err(error) = transport.delete_queue(&queue.name).await {
-                tracing::debug!("cannot delete the reply queue {}: {error}", queue.name);
+            for queue in slot.take_all() {
+                if let Err(error) = transport.delete_queue(&queue.name).await {
+                    tracing::debug!("cannot delete the reply queue {}: {error}", queue.name);
+                }
             }
         }
     }

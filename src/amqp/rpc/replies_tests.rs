@@ -197,6 +197,21 @@ fn spawn_call(
     tokio::spawn(async move { call(&caller, method, args, timeout).await })
 }
 
+/// Call until a call sets up a new reply queue, the first one retired (10 s at most), and
+/// return the two queues.
+async fn until_a_new_queue(caller: &Caller, muting: &Muting) -> Vec<String> {
+    for _ in 0..200 {
+        if muting.consumed().len() == 2 {
+            break;
+        }
+        let _ = call(caller, "add", json!([0, 0]), Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let consumed = muting.consumed();
+    assert_eq!(consumed.len(), 2, "a new reply queue: {consumed:?}");
+    consumed
+}
+
 /// Poll `done` every 20 ms for up to 10 s.
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..500 {
@@ -250,15 +265,7 @@ async fn a_call_waiting_on_a_retired_queue_still_gets_its_reply() {
     let timed_out = call(&caller, "slow", json!([1000]), Duration::from_millis(200)).await;
     assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
     // the lost probe retires the queue (2 s): calls made from then on use a new one
-    for _ in 0..250 {
-        if muting.consumed().len() == 2 {
-            break;
-        }
-        let sum = call(&caller, "add", json!([2, 3]), Duration::from_secs(5)).await.unwrap();
-        assert_eq!(sum, json!(5));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(muting.consumed().len(), 2, "a new reply queue: {:?}", muting.consumed());
+    until_a_new_queue(&caller, &muting).await;
     assert!(!waiting.is_finished(), "the slow call ended before the queue was retired");
     // the waiting call was not failed, and its reply still reaches it
     assert_eq!(waiting.await.unwrap().unwrap(), json!(6000));
@@ -277,18 +284,31 @@ async fn a_call_waiting_on_a_deaf_retired_queue_ends_at_its_own_timeout() {
     assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
     // the probe does not come back and retires the queue (2 s): calls made from then on use a
     // new one, which is not muted
-    for _ in 0..100 {
-        if muting.consumed().len() == 2 {
-            break;
-        }
-        let _ = call(&caller, "add", json!([0, 0]), Duration::from_millis(100)).await;
-    }
-    assert_eq!(muting.consumed().len(), 2, "a new reply queue: {:?}", muting.consumed());
+    until_a_new_queue(&caller, &muting).await;
     // the retired queue still has a call waiting: it is kept until that call ends
     assert!(muting.inner.queue_info(&old).await.is_ok());
     let ended = waiting.await.unwrap();
     assert!(matches!(ended, Err(RpcError::Timeout { .. })), "{ended:?}");
     until_deleted(&muting.inner, &old).await;
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_stops_deletes_the_retired_queues_calls_still_wait_on() {
+    let (service, muting, caller, old) = rig_with_a_reply_queue().await;
+    muting.mute();
+    let waiting = spawn_call(&caller, "add", json!([2, 3]), Duration::from_secs(10));
+    let timed_out = call(&caller, "add", json!([3, 4]), Duration::from_millis(200)).await;
+    assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
+    let consumed = until_a_new_queue(&caller, &muting).await;
+    assert!(!waiting.is_finished(), "a call still waits on the retired queue");
+    caller.listener.delete_queues(&caller.transport).await;
+    for queue in [&old, &consumed[1]] {
+        let gone = muting.inner.queue_info(queue).await;
+        assert!(matches!(gone, Err(TransportError::NotFound(_))), "{queue}: {gone:?}");
+    }
+    // its queue gone, the waiting call ends
+    assert!(waiting.await.unwrap().is_err());
     service.stop().await.unwrap();
 }
 
