@@ -212,6 +212,21 @@ async fn until_a_new_queue(caller: &Caller, muting: &Muting) -> Vec<String> {
     consumed
 }
 
+/// Mute the reply queue with a call waiting on it (for up to `timeout`), and let another
+/// call time out: the probe does not come back and retires the queue (2 s), and calls made
+/// from then on use a new one, which is not muted. The waiting call, and the two queues.
+async fn retire_with_a_call_waiting(
+    caller: &Arc<Caller>,
+    muting: &Muting,
+    timeout: Duration,
+) -> (tokio::task::JoinHandle<Result<serde_json::Value, RpcError>>, Vec<String>) {
+    muting.mute();
+    let waiting = spawn_call(caller, "add", json!([2, 3]), timeout);
+    let timed_out = call(caller, "add", json!([3, 4]), Duration::from_millis(200)).await;
+    assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
+    (waiting, until_a_new_queue(caller, muting).await)
+}
+
 /// Poll `done` every 20 ms for up to 10 s.
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..500 {
@@ -278,13 +293,7 @@ async fn a_call_waiting_on_a_retired_queue_still_gets_its_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_on_a_deaf_retired_queue_ends_at_its_own_timeout() {
     let (service, muting, caller, old) = rig_with_a_reply_queue().await;
-    muting.mute();
-    let waiting = spawn_call(&caller, "add", json!([2, 3]), Duration::from_secs(5));
-    let timed_out = call(&caller, "add", json!([3, 4]), Duration::from_millis(200)).await;
-    assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
-    // the probe does not come back and retires the queue (2 s): calls made from then on use a
-    // new one, which is not muted
-    until_a_new_queue(&caller, &muting).await;
+    let (waiting, _) = retire_with_a_call_waiting(&caller, &muting, Duration::from_secs(5)).await;
     // the retired queue still has a call waiting: it is kept until that call ends
     assert!(muting.inner.queue_info(&old).await.is_ok());
     let ended = waiting.await.unwrap();
@@ -296,11 +305,8 @@ async fn a_call_waiting_on_a_deaf_retired_queue_ends_at_its_own_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_stops_deletes_the_retired_queues_calls_still_wait_on() {
     let (service, muting, caller, old) = rig_with_a_reply_queue().await;
-    muting.mute();
-    let waiting = spawn_call(&caller, "add", json!([2, 3]), Duration::from_secs(10));
-    let timed_out = call(&caller, "add", json!([3, 4]), Duration::from_millis(200)).await;
-    assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
-    let consumed = until_a_new_queue(&caller, &muting).await;
+    let (waiting, consumed) =
+        retire_with_a_call_waiting(&caller, &muting, Duration::from_secs(10)).await;
     assert!(!waiting.is_finished(), "a call still waits on the retired queue");
     caller.listener.delete_queues(&caller.transport).await;
     for queue in [&old, &consumed[1]] {
