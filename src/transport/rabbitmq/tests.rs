@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::RwLock;
+use tokio::sync::{RwLock, RwLockReadGuard};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
@@ -50,6 +50,15 @@ async fn broker_up() -> bool {
     assert!(std::env::var("CI").as_deref() != Ok("true"), "RabbitMQ unreachable at {BROKER}");
     eprintln!("SKIPPED: RabbitMQ unreachable at {BROKER}");
     false
+}
+
+/// The broker shared with the other tests: the read side of [`BROKER_LOCK`], held while the
+/// test runs; `None` when the test is skipped (see [`broker_up`]).
+async fn shared_broker() -> Option<RwLockReadGuard<'static, ()>> {
+    if !broker_up().await {
+        return None;
+    }
+    Some(BROKER_LOCK.read().await)
 }
 
 async fn connect(uri: &str) -> RabbitMqTransport {
@@ -106,10 +115,7 @@ fn rich_headers() -> Headers {
 
 #[tokio::test]
 async fn roundtrip_with_every_property_and_header() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let t = connect(URI).await;
     let exchange = unique("ex");
     let queue = unique("q");
@@ -178,10 +184,7 @@ async fn roundtrip_with_every_property_and_header() {
 
 #[tokio::test]
 async fn exchange_kinds_and_queue_arguments() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let t = connect(URI).await;
     let kinds =
         [ExchangeKind::Direct, ExchangeKind::Fanout, ExchangeKind::Topic, ExchangeKind::Headers];
@@ -219,10 +222,7 @@ async fn exchange_kinds_and_queue_arguments() {
 
 #[tokio::test]
 async fn mandatory_unroutable_and_unknown_exchange() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let t = connect(URI).await;
     let exchange = unique("ex");
     t.declare_exchange(&ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) })
@@ -314,10 +314,7 @@ impl MixedRouting {
 /// unroutable and the unroutable one that it was confirmed. Each result must be its own.
 #[tokio::test]
 async fn each_of_many_concurrent_mandatory_publishes_learns_its_own_routing() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let mixed = MixedRouting::declare(connect(URI).await).await;
     let publishes = (0..2000).map(|i| mixed.publish(i));
     let results: Vec<_> = futures::stream::iter(publishes).buffer_unordered(64).collect().await;
@@ -331,10 +328,7 @@ async fn each_of_many_concurrent_mandatory_publishes_learns_its_own_routing() {
 /// channel.
 #[tokio::test]
 async fn abandoned_mandatory_publishes_leave_the_later_ones_right_on_one_channel() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let options = options(URI);
     let name = options.connection_name.clone().unwrap_or_default();
     let mixed = MixedRouting::declare(RabbitMqTransport::connect(options).await.unwrap()).await;
@@ -364,10 +358,7 @@ async fn mandatory_publishes_cut_in_flight_learn_their_routing_after_the_reconne
 }
 
 async fn mandatory_cut_scenario() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let proxy = Proxy::start().await;
     let mixed = MixedRouting::declare(connect(&proxy.uri()).await).await;
     let publishes: Vec<_> = (0..600).map(|i| mixed.publish(i)).collect();
@@ -401,10 +392,7 @@ async fn a_mandatory_publish_to_a_missing_exchange_breaks_no_concurrent_publish(
 }
 
 async fn missing_exchange_scenario(options: PublishOptions) {
-    let _shared = BROKER_LOCK.read().await;
-    if !broker_up().await {
-        return;
-    }
+    let Some(_shared) = shared_broker().await else { return };
     let t = Arc::new(connect(URI).await);
     let queue = unique("q");
     t.declare_queue(&plain_queue(&queue)).await.unwrap();
@@ -438,10 +426,7 @@ async fn missing_exchange_scenario(options: PublishOptions) {
 
 #[tokio::test]
 async fn prefetch_is_respected() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let t = connect(URI).await;
     let queue = unique("q");
     t.declare_queue(&plain_queue(&queue)).await.unwrap();
@@ -468,10 +453,7 @@ async fn prefetch_is_respected() {
 
 #[tokio::test]
 async fn nack_and_dropped_acker_requeue() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let t = connect(URI).await;
     let queue = unique("q");
     t.declare_queue(&plain_queue(&queue)).await.unwrap();
@@ -495,10 +477,7 @@ async fn nack_and_dropped_acker_requeue() {
 
 #[tokio::test]
 async fn channel_errors_are_mapped_and_harmless() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let t = connect(URI).await;
     let queue = unique("q");
     t.declare_queue(&QueueSpec::durable(queue.as_str())).await.unwrap();
@@ -589,10 +568,7 @@ async fn broker_down_at_connect_is_a_connection_error() {
 
 #[tokio::test]
 async fn cancel_and_close_end_consumers() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let t = connect(URI).await;
     let queue = unique("q");
     t.declare_queue(&plain_queue(&queue)).await.unwrap();
@@ -798,10 +774,7 @@ async fn publishes_during_an_outage_succeed_after_reconnect() {
 }
 
 async fn outage_scenario() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let proxy = Proxy::start().await;
     let t = Arc::new(connect(&proxy.uri()).await);
     let exchange = unique("ex");
@@ -882,10 +855,7 @@ async fn receives_headers_encoded_like_py_amqp() {
     use lapin::options::BasicPublishOptions;
     use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let t = connect(URI).await;
     let queue = unique("q");
     t.declare_queue(&plain_queue(&queue)).await.unwrap();
@@ -951,10 +921,7 @@ fn node_list(ports: &[u16]) -> String {
 
 #[tokio::test]
 async fn a_list_with_dead_nodes_connects_to_the_live_one() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     // Ports 1 and 2 refuse connections; whatever the order, the live node is found.
     let list = format!("{},{URI}", node_list(&[1, 2]));
     for seed in 0..4 {
@@ -980,10 +947,7 @@ async fn a_list_with_dead_nodes_connects_to_the_live_one() {
 
 #[tokio::test]
 async fn transports_spread_over_the_listed_nodes() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let proxies = [Proxy::start().await, Proxy::start().await, Proxy::start().await];
     let ports: Vec<u16> = proxies.iter().map(|proxy| proxy.port).collect();
     let list = node_list(&ports);
@@ -1009,10 +973,7 @@ async fn a_lost_node_fails_over_to_the_next_one() {
 }
 
 async fn failover_scenario() {
-    if !broker_up().await {
-        return;
-    }
-    let _shared = BROKER_LOCK.read().await;
+    let Some(_shared) = shared_broker().await else { return };
     let proxies = [Proxy::start().await, Proxy::start().await];
     let list = node_list(&[proxies[0].port, proxies[1].port]);
     let t = connect(&list).await;
