@@ -197,19 +197,25 @@ fn spawn_call(
     tokio::spawn(async move { call(&caller, method, args, timeout).await })
 }
 
-/// Call until a call sets up a new reply queue, the first one retired (10 s at most), and
-/// return the two queues.
-async fn until_a_new_queue(caller: &Caller, muting: &Muting) -> Vec<String> {
+/// Call `add(2, 3)`, each call waiting up to `timeout`, until a call sets up a new reply
+/// queue, the first one retired (200 calls at most); return the two queues and the calls'
+/// outcomes.
+async fn until_a_new_queue(
+    caller: &Caller,
+    muting: &Muting,
+    timeout: Duration,
+) -> (Vec<String>, Vec<Result<serde_json::Value, RpcError>>) {
+    let mut outcomes = Vec::new();
     for _ in 0..200 {
         if muting.consumed().len() == 2 {
             break;
         }
-        let _ = call(caller, "add", json!([0, 0]), Duration::from_millis(100)).await;
+        outcomes.push(call(caller, "add", json!([2, 3]), timeout).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let consumed = muting.consumed();
     assert_eq!(consumed.len(), 2, "a new reply queue: {consumed:?}");
-    consumed
+    (consumed, outcomes)
 }
 
 /// Mute the reply queue with a call waiting on it (for up to `timeout`), and let another
@@ -224,7 +230,8 @@ async fn retire_with_a_call_waiting(
     let waiting = spawn_call(caller, "add", json!([2, 3]), timeout);
     let timed_out = call(caller, "add", json!([3, 4]), Duration::from_millis(200)).await;
     assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
-    (waiting, until_a_new_queue(caller, muting).await)
+    let (queues, _timed_out) = until_a_new_queue(caller, muting, Duration::from_millis(100)).await;
+    (waiting, queues)
 }
 
 /// Poll `done` every 20 ms for up to 10 s.
@@ -279,8 +286,12 @@ async fn a_call_waiting_on_a_retired_queue_still_gets_its_reply() {
     let waiting = spawn_call(&caller, "slow", json!([6000]), Duration::from_secs(20));
     let timed_out = call(&caller, "slow", json!([1000]), Duration::from_millis(200)).await;
     assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{timed_out:?}");
-    // the lost probe retires the queue (2 s): calls made from then on use a new one
-    until_a_new_queue(&caller, &muting).await;
+    // the lost probe retires the queue (2 s): calls made from then on use a new one, and
+    // calls made meanwhile get their replies
+    let (_, outcomes) = until_a_new_queue(&caller, &muting, Duration::from_secs(5)).await;
+    for sum in outcomes {
+        assert_eq!(sum.unwrap(), json!(5));
+    }
     assert!(!waiting.is_finished(), "the slow call ended before the queue was retired");
     // the waiting call was not failed, and its reply still reaches it
     assert_eq!(waiting.await.unwrap().unwrap(), json!(6000));
