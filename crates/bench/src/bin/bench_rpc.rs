@@ -39,7 +39,8 @@
 //! p99) over CALLS calls (default 1000), and the throughput of 16 concurrent callers. Last,
 //! without `PAIRINGS`, the sequential round trips of bare lapin at both ends, bare lapin on
 //! the blocking pool and the framework's sync and async targets taken in turns, call by call,
-//! so that the machine's slow spells fall on all four alike.
+//! so that the machine's slow spells fall on all four alike. `CALLERS=N` sets how many
+//! callers call at once (16 unless set, as in `bench_table`).
 
 use micro_framework::prelude::*;
 use micro_framework::Error;
@@ -57,6 +58,17 @@ fn main() -> micro_framework::Result<()> {
 }
 
 async fn bench(calls: usize) -> micro_framework::Result<()> {
+    let concurrent = match std::env::var("CALLERS") {
+        Ok(callers) => match callers.parse() {
+            Ok(callers) if callers > 0 => callers,
+            _ => {
+                return Err(Error::Startup(format!(
+                    "CALLERS={callers:?}: write how many callers call at once, 1 or more"
+                )))
+            }
+        },
+        Err(_) => CONCURRENT,
+    };
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
     vars.push(("SERVICE_NAME".into(), "bench_rpc".into()));
     if std::env::var("AMQP_URI").is_err() {
@@ -64,8 +76,9 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
     }
     let config = Config::from_vars(vars)?;
     println!(
-        "bench_rpc: {calls} sequential calls, then {} calls by {CONCURRENT} concurrent callers; MAX_WORKERS {}, broker {}",
+        "bench_rpc: {calls} sequential calls, then {} calls by {} concurrent callers; MAX_WORKERS {}, broker {}",
         calls * 4,
+        concurrent,
         config.max_workers,
         config.masked_amqp_uri()
     );
@@ -75,7 +88,7 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
             only.split(';').any(|pairing| pairing == format!("{caller}/{responder}"))
         })
     };
-    let results = pairings(&config, calls, wanted).await?;
+    let results = pairings(&config, calls, concurrent, wanted).await?;
     if results.is_empty() {
         return Err(Error::Startup(format!(
             "PAIRINGS={:?} names no pairing: write caller/responder as the table prints them",
@@ -84,7 +97,13 @@ async fn bench(calls: usize) -> micro_framework::Result<()> {
     }
     println!(
         "{:<16} {:<16} {:>7} {:>7} {:>13} {:>12} {:>12}",
-        "caller", "responder", "p50 ms", "p99 ms", "16 callers/s", "CPU us/call", "broker us/call"
+        "caller",
+        "responder",
+        "p50 ms",
+        "p99 ms",
+        format!("{concurrent} callers/s"),
+        "CPU us/call",
+        "broker us/call"
     );
     for pairing in &results {
         let figures = &pairing.figures;

@@ -24,7 +24,7 @@ use micro_framework::Error;
 use micro_framework_bench::footprint::{self, Footprint};
 use micro_framework_bench::rpc::{
     find, pairings, percentile, round_trips, Figures, Pairing, ACKED_BARE, ASYNC_RESPONDER,
-    BLOCKING_BARE, PERSISTENT_BARE, ROUND_TRIP_PAIRINGS, TRANSIENT_FRAMEWORK,
+    BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE, ROUND_TRIP_PAIRINGS, TRANSIENT_FRAMEWORK,
 };
 use micro_framework_bench::workers::serve_worker;
 
@@ -69,7 +69,7 @@ fn main() -> micro_framework::Result<()> {
             eprintln!("RPC, MAX_WORKERS {workers}, round {round} of {RPC_ROUNDS} ...");
             let wanted =
                 |caller: &str, responder: &str| TABLE_PAIRINGS.contains(&(caller, responder));
-            let results = runtime.block_on(pairings(&config, RPC_CALLS, wanted))?;
+            let results = runtime.block_on(pairings(&config, RPC_CALLS, CONCURRENT, wanted))?;
             rounds.push(Round::of(&results)?);
             if workers == 16 {
                 let turns = runtime.block_on(round_trips(&config, RPC_CALLS))?;
