@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 /// How many callers call at once in the throughput phase, unless told otherwise (the
-/// issue's figures are for 16).
+/// README's table is for 16).
 pub const CONCURRENT: usize = 16;
 const SERVICE: &str = "bench_rpc";
 const EXCHANGE: &str = "nameko-rpc";
