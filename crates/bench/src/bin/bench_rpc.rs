@@ -1,6 +1,6 @@
 //! RPC benchmark: `cargo run --release -p micro-framework-bench --bin bench_rpc [-- CALLS]`
 //! against `AMQP_URI` (default `amqp://guest:guest@127.0.0.1:5672/`), `MAX_WORKERS` from the
-//! environment (default 10).
+//! environment (default 3, the framework's).
 //!
 //! Everything goes over the Nameko wire (topic exchange `nameko-rpc`, request queue
 //! `rpc-bench_rpc` bound `bench_rpc.*`, JSON bodies, reply to `nameko-rpc` with the caller's
@@ -58,16 +58,16 @@ fn main() -> micro_framework::Result<()> {
 }
 
 async fn bench(calls: usize) -> micro_framework::Result<()> {
-    let concurrent = match std::env::var("CALLERS") {
-        Ok(callers) => match callers.parse() {
-            Ok(callers) if callers > 0 => callers,
+    let concurrent = match std::env::var_os("CALLERS") {
+        None => CONCURRENT,
+        Some(callers) => match callers.to_str().and_then(|callers| callers.parse().ok()) {
+            Some(callers) if callers > 0 => callers,
             _ => {
                 return Err(Error::Startup(format!(
                     "CALLERS={callers:?}: write how many callers call at once, 1 or more"
                 )))
             }
         },
-        Err(_) => CONCURRENT,
     };
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
     vars.push(("SERVICE_NAME".into(), "bench_rpc".into()));
