@@ -21,6 +21,17 @@ type Reference = (std::time::Instant, SystemTime);
 
 static REFERENCE: Mutex<Option<Reference>> = Mutex::new(None);
 
+/// How far ahead a deadline lies when the duration asked for is too long for the clock.
+const FAR_AHEAD: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// The instant `after` from now by tokio's clock. A duration too long for the clock (a
+/// timeout of `Duration::MAX`, say, meaning "no limit") gives a year from now rather than
+/// a panic.
+pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after).unwrap_or_else(|| now + FAR_AHEAD)
+}
+
 /// The wall-clock time now, by tokio's clock.
 pub(crate) fn wall_now() -> SystemTime {
     wall_at(tokio::time::Instant::now())
@@ -86,5 +97,12 @@ mod tests {
         assert_eq!(wall_now().duration_since(start).ok(), Some(Duration::from_secs(3600)));
         let earlier = tokio::time::Instant::now() - Duration::from_secs(7200);
         assert_eq!(start.duration_since(wall_at(earlier)).ok(), Some(Duration::from_secs(3600)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_too_far_for_the_clock_is_a_year_away() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(deadline_after(Duration::from_secs(5)), now + Duration::from_secs(5));
+        assert_eq!(deadline_after(Duration::MAX), now + FAR_AHEAD);
     }
 }

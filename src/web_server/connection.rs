@@ -35,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutBody;
 use tower_service::Service;
 
+use crate::clock::deadline_after;
+
 /// The timeouts that close a silent client's connection.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Timeouts {
@@ -116,7 +118,7 @@ struct Activity {
 
 impl Activity {
     fn new(timeouts: Timeouts) -> Self {
-        let phase = Phase::Head(deadline(timeouts.header_read));
+        let phase = Phase::Head(deadline_after(timeouts.header_read));
         Activity { timeouts, phase: Mutex::new(phase), changed: Notify::new() }
     }
 
@@ -133,7 +135,7 @@ impl Activity {
     fn bytes_read(&self) {
         let mut phase = self.phase();
         if let Phase::Idle(_) = *phase {
-            self.set(&mut phase, Phase::Head(deadline(self.timeouts.header_read)));
+            self.set(&mut phase, Phase::Head(deadline_after(self.timeouts.header_read)));
         }
     }
 
@@ -172,12 +174,6 @@ impl Activity {
     }
 }
 
-/// `after` from now; a duration too long for the clock is the same as a year.
-fn deadline(after: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(after).unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 60 * 60))
-}
-
 /// A request being handled on a connection; dropped once its response is handed to hyper
 /// (or the request is dropped), which starts the keep-alive wait when it was the last.
 struct Request(Arc<Activity>);
@@ -202,7 +198,7 @@ impl Drop for Request {
         let mut phase = activity.phase();
         let next = match *phase {
             Phase::Busy(open) if open > 1 => Phase::Busy(open - 1),
-            _ => Phase::Idle(deadline(activity.timeouts.keep_alive)),
+            _ => Phase::Idle(deadline_after(activity.timeouts.keep_alive)),
         };
         activity.set(&mut phase, next);
     }

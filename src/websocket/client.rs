@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::amqp::rpc::call_arguments;
 use crate::amqp::rpc::ufw_wire::{parse_reply, request_frame, RemoteError};
+use crate::clock::deadline_after;
 use crate::data::BoxError;
 use crate::handler::dependencies::Dependency;
 use crate::handler::WorkerContext;
@@ -105,7 +106,7 @@ impl WebSocketRpcClient {
         let (args, kwargs) =
             call_arguments(args, kwargs).map_err(WebSocketRpcError::InvalidArguments)?;
         let frame = request_frame(command, args, kwargs);
-        let deadline = Instant::now() + self.timeout;
+        let deadline = deadline_after(self.timeout);
         loop {
             let reply = tokio::time::timeout_at(deadline, self.exchange(&frame)).await.map_err(
                 |_| WebSocketRpcError::Timeout {

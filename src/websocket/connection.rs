@@ -10,13 +10,13 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::deadline_after;
 use crate::websocket::dispatch::{dispatch, Step};
 use crate::websocket::registry::WsRegistry;
 use crate::websocket::{frame_limits, HANDSHAKE_TIMEOUT};
@@ -60,13 +60,13 @@ pub(crate) async fn serve_client(
     };
     tracing::debug!("WebSocket client {peer} connected");
     let mut calls: JoinSet<String> = JoinSet::new();
-    let mut idle_until = deadline(idle);
+    let mut idle_until = deadline_after(idle);
     let end = loop {
         tokio::select! {
             biased;
             _ = stopping.cancelled() => break End::Stopping,
             Some(done) = calls.join_next() => {
-                idle_until = deadline(idle);
+                idle_until = deadline_after(idle);
                 if let Some(reply) = finished(done) {
                     if let Err(error) = socket.send(Message::text(reply)).await {
                         tracing::debug!("cannot reply to WebSocket client {peer}: {error}");
@@ -75,7 +75,7 @@ pub(crate) async fn serve_client(
                 }
             }
             message = socket.next() => {
-                idle_until = deadline(idle);
+                idle_until = deadline_after(idle);
                 let frame = match message {
                     Some(Ok(Message::Text(text))) => text.into(),
                     Some(Ok(Message::Binary(bytes))) => bytes,
@@ -109,12 +109,6 @@ pub(crate) async fn serve_client(
         }
     };
     finish(socket, calls, end, peer).await;
-}
-
-/// `after` from now; a duration too long for the clock is the same as a year.
-fn deadline(after: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(after).unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 60 * 60))
 }
 
 /// The reply of a finished call task (a task that panicked has none).

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::replies::{ReplyOutcome, ReplyQueue};
+use crate::clock::deadline_after;
 use crate::metrics::Metrics;
 use crate::transport::{ClosedPart, TransportError};
 
@@ -65,7 +66,7 @@ impl RpcReply {
         receiver: oneshot::Receiver<ReplyOutcome>,
     ) -> Self {
         let started = tokio::time::Instant::now();
-        let deadline = started + timeout;
+        let deadline = deadline_after(timeout);
         let waiting = Waiting { queue, correlation_id: correlation_id.clone() };
         RpcReply {
             service,

@@ -362,3 +362,11 @@ async fn a_reply_queue_does_not_keep_its_connection_open() {
     eventually("the connection's release", || connection.upgrade().is_none()).await;
     service.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_with_no_time_limit_is_answered() {
+    // Duration::MAX is how a caller says "no limit"; the deadline must not overflow the clock
+    let (service, _muting, caller) = rig().await;
+    assert_eq!(call(&caller, "add", json!([1, 2]), Duration::MAX).await, Ok(json!(3)));
+    service.stop().await.unwrap();
+}

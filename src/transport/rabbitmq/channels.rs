@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::connection::{Link, Shared};
 use super::error::{is_fatal, is_soft, map_error};
+use crate::clock::deadline_after;
 use crate::transport::TransportError;
 
 /// A channel and the link it belongs to.
@@ -93,7 +94,7 @@ impl ChannelSlot {
         F: FnMut(Held) -> Fut,
         Fut: Future<Output = lapin::Result<T>>,
     {
-        let deadline = Instant::now() + shared.options.publish_timeout;
+        let deadline = deadline_after(shared.options.publish_timeout);
         let mut slot = self.current.lock().await;
         let mut min_generation = 0;
         let mut failures_while_connected = 0;

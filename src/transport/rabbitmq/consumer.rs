@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::connection::{Link, Shared};
 use super::convert::{from_basic_properties, short};
 use super::error::{is_fatal, is_soft, map_error, reply_code};
+use crate::clock::deadline_after;
 use crate::transport::{Acker, ClosedPart, ConsumeOptions, Consumer, Delivery, TransportError};
 
 /// How many times a resume refused by the broker is retried before the consumer ends.
@@ -185,7 +186,7 @@ pub(crate) async fn start(
         prefetch: options.prefetch,
         exclusive: options.exclusive,
     };
-    let deadline = Instant::now() + shared.options.publish_timeout;
+    let deadline = deadline_after(shared.options.publish_timeout);
     let mut min_generation = 0;
     let (link, channel, stream) = loop {
         let link = shared.link(min_generation, deadline).await?;

@@ -20,6 +20,7 @@ use super::connection::Shared;
 use super::convert::{short, to_basic_properties};
 use super::error::{is_fatal, is_soft, map_error};
 use super::mandatory::{publish_key, MandatoryChannel, Outcome, Sending, Tracked};
+use crate::clock::deadline_after;
 use crate::transport::limits::check_header_size;
 use crate::transport::{OutgoingMessage, PublishOptions, TransportError};
 
@@ -175,7 +176,7 @@ impl Publish<'_> {
     /// On `route`'s channel, pipelined with the other publishes.
     async fn with_retries(&self, route: Route<'_>) -> Result<(), TransportError> {
         let shared = self.shared;
-        let deadline = Instant::now() + shared.options.publish_timeout;
+        let deadline = deadline_after(shared.options.publish_timeout);
         let mut min_generation = 0;
         let mut channel_failed = false;
         loop {
