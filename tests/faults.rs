@@ -259,6 +259,43 @@ async fn a_second_signal_forces_the_exit_while_calls_run() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[tokio::test]
+async fn the_service_exits_after_shutdown_timeout_with_a_sync_call_still_running() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let dir = std::env::temp_dir().join(format!("mf-timeout-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let service = format!("faulttimeout_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let queue = format!("evt-fault_src-job--{service}.job");
+    let mut child = Command::new(recorder_binary())
+        .env("AMQP_URI", &uri)
+        .env("SERVICE_NAME", &service)
+        .env("WORK_MS", "60000")
+        .env("SHUTDOWN_TIMEOUT", "1")
+        .env("RECORD_FILE", dir.join("record.txt"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    wait_queue_ready(&uri, &queue).await;
+    publisher(&uri).await.dispatch("job", &json!({ "id": 1 })).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&child, "TERM");
+    // one signal only: the call sleeps for a minute, and SHUTDOWN_TIMEOUT is 1 s
+    let status = wait_exit(&mut child).await;
+    assert!(status.success(), "a graceful stop that gave up on a call: {status:?}");
+    let config = Config::new("observer").with_amqp_uri(uri.clone());
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
+    wait_until_async(|| {
+        let transport = transport.clone();
+        let queue = queue.clone();
+        async move { transport.queue_info(&queue).await.is_ok_and(|info| info.message_count == 1) }
+    })
+    .await;
+    transport.close().await;
+    delete_queues(&uri, &queue).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[cfg(feature = "metrics")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_flips_while_the_broker_is_away_and_back_after_reconnect() {

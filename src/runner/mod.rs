@@ -124,7 +124,13 @@ impl Runner {
             println!("{}", serde_json::to_string_pretty(&topology)?);
             return Ok(());
         }
-        runtime.block_on(self.run())
+        let result = runtime.block_on(self.run());
+        // A sync call still running past SHUTDOWN_TIMEOUT holds a blocking thread, and
+        // dropping the runtime would wait for it without end (the task that listens for a
+        // second signal is gone by then). The service has stopped and the call's message is
+        // back in its queue, so the call is left behind and the program goes on to exit.
+        runtime.shutdown_background();
+        result
     }
 
     /// What the service declares (exchanges, queues, bindings), found by setting up its
@@ -160,6 +166,12 @@ impl Runner {
     ///
     /// In process worker modes, the program's binary is started again for each worker
     /// process; there `run` serves calls from the service instead of consuming.
+    ///
+    /// A sync call still running past `SHUTDOWN_TIMEOUT` keeps its thread: a runtime of the
+    /// program's own waits for it when dropped, so end that runtime with
+    /// [`shutdown_background`](tokio::runtime::Runtime::shutdown_background) or
+    /// [`shutdown_timeout`](tokio::runtime::Runtime::shutdown_timeout), as
+    /// [`Runner::start`] does.
     pub async fn run(self) -> Result<()> {
         let stop = async {
             match signals::shutdown_signal().await {
