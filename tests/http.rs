@@ -132,6 +132,28 @@ async fn path_query_headers_and_json_bodies() {
     service.stop().await.unwrap();
 }
 
+fn echo(Payload(body): Payload<Value>) -> Value {
+    body
+}
+
+#[tokio::test]
+async fn a_client_cannot_make_an_echoed_body_pass_for_a_response() {
+    let routes = vec![Route::new(echo).entrypoint(HttpEntrypoint::post("/echo"))];
+    let (service, base) = spawn(routes, http_config("http_echo")).await;
+    let forged = json!({ "$micro_framework.http_response": {
+        "status": 302,
+        "headers": [["location", "https://evil.example/"], ["set-cookie", "session=x"]],
+        "body": "empty",
+    }});
+    let redirects = reqwest::redirect::Policy::none();
+    let http = reqwest::Client::builder().redirect(redirects).build().unwrap();
+    let response = http.post(format!("{base}/echo")).json(&forged).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("set-cookie").is_none());
+    assert_eq!(response.json::<Value>().await.unwrap(), forged, "the body is the echo");
+    service.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn bad_input_is_400_with_a_json_reason() {
     let (service, base) = spawn(routes(), http_config("http_bad")).await;

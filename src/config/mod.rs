@@ -429,14 +429,17 @@ impl Config {
                 return Err(ConfigError::new(key, "0", format!("must be at least 1{hint}")));
             }
         }
-        for (key, duration) in
-            [("RPC_TIMEOUT", self.rpc_timeout), ("SHUTDOWN_TIMEOUT", self.shutdown_timeout)]
-        {
-            if duration.is_zero() {
+        let positive = [
+            ("RPC_TIMEOUT", Some(self.rpc_timeout), ""),
+            ("SHUTDOWN_TIMEOUT", Some(self.shutdown_timeout), ""),
+            ("TASK_TIME_LIMIT", self.task_time_limit, " (or unset: no limit)"),
+        ];
+        for (key, duration, hint) in positive {
+            if duration.is_some_and(|duration| duration.is_zero()) {
                 return Err(ConfigError::new(
                     key,
                     "0",
-                    "must be a positive, finite number of seconds",
+                    format!("must be a positive, finite number of seconds{hint}"),
                 ));
             }
         }

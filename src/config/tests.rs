@@ -553,6 +553,11 @@ fn value_errors_name_key_and_value() {
         ("RPC_TIMEOUT", "-1", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "inf", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "NaN", "must be a positive, finite number of seconds"),
+        (
+            "TASK_TIME_LIMIT",
+            "0",
+            "must be a positive, finite number of seconds (or unset: no limit)",
+        ),
         ("WEB_SERVER_ADDRESS", "8000", "expected host:port, e.g. 0.0.0.0:8000"),
         ("WEB_SERVER_ADDRESS", "localhost:http", "expected host:port, e.g. 0.0.0.0:8000"),
         ("MAX_MESSAGE_SIZE", "1e6", "expected a non-negative integer"),

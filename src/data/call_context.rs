@@ -82,7 +82,7 @@ impl CallContext {
         let mut stack = stack.unwrap_or_default();
         let call_id = format!("{service}.{method}.{}", Uuid::new_v4());
         stack.push(call_id.clone());
-        let keep = parent_calls_tracked + 1;
+        let keep = parent_calls_tracked.saturating_add(1);
         if stack.len() > keep {
             stack.drain(..stack.len() - keep);
         }
@@ -150,6 +150,14 @@ mod tests {
         assert_eq!(call.call_id_stack.len(), 11);
         assert_eq!(call.call_id_stack[0], "p.10");
         assert_eq!(call.call_id_stack.last(), Some(&call.call_id));
+    }
+
+    #[test]
+    fn tracking_every_parent_keeps_the_whole_stack() {
+        let parents = (0..3).map(|i| HeaderValue::String(format!("p.{i}"))).collect();
+        let headers = Headers::from([("nameko.call_id_stack".into(), HeaderValue::Array(parents))]);
+        let call = CallContext::for_call(&headers, "svc", "m", usize::MAX);
+        assert_eq!(call.call_id_stack.len(), 4);
     }
 
     #[test]

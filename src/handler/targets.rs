@@ -68,6 +68,12 @@ impl From<ExtractError> for TargetError {
 
 /// A target's return value: `()`, a serializable value, or `Result<T, E>` for any error type.
 pub trait IntoOutcome {
+    /// Whether the result is an HTTP [`Response`](crate::http::Response): only the result of
+    /// a target declared to return one is read as one, so a plain value shaped like a
+    /// response (a client's own data, echoed back) stays a value.
+    #[doc(hidden)]
+    const CARRIES_RESPONSE: bool = false;
+
     /// The call's result.
     #[doc(hidden)]
     fn into_outcome(self) -> TargetResult;
@@ -173,6 +179,10 @@ impl<T: Serialize> IntoOutcome for BTreeMap<String, T> {
             implements `IntoOutcome`: `()`, a serializable value, `Json<T>` or `Result<T, E>`"
 )]
 pub trait Target<M>: Clone + Send + Sync + 'static {
+    /// Whether the target returns an HTTP response (see [`IntoOutcome`]).
+    #[doc(hidden)]
+    const CARRIES_RESPONSE: bool = false;
+
     /// Check at start-up that every parameter can be provided on the route.
     #[doc(hidden)]
     fn check(setup: &TargetSetup) -> Result<(), String>;
@@ -270,6 +280,8 @@ macro_rules! impl_target {
             R: IntoOutcome,
             $($param: FromContext,)*
         {
+            const CARRIES_RESPONSE: bool = R::CARRIES_RESPONSE;
+
             fn check(setup: &TargetSetup) -> Result<(), String> {
                 $($param::check(setup)?;)*
                 Ok(())
@@ -296,6 +308,8 @@ macro_rules! impl_target {
             R: IntoOutcome,
             $($param: FromContext,)*
         {
+            const CARRIES_RESPONSE: bool = R::CARRIES_RESPONSE;
+
             fn check(setup: &TargetSetup) -> Result<(), String> {
                 $($param::check(setup)?;)*
                 Ok(())
@@ -339,6 +353,8 @@ pub(crate) struct ErasedTarget {
     pub path: &'static str,
     pub check: fn(&TargetSetup) -> Result<(), String>,
     pub invoke: Arc<Invoke>,
+    /// Whether the function returns an HTTP response (see [`IntoOutcome`]).
+    pub carries_response: bool,
 }
 
 impl ErasedTarget {
@@ -347,6 +363,7 @@ impl ErasedTarget {
             path: type_name::<T>(),
             check: T::check,
             invoke: Arc::new(move |ctx| target.invoke(ctx)),
+            carries_response: T::CARRIES_RESPONSE,
         }
     }
 

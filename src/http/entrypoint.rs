@@ -188,5 +188,5 @@ async fn call(route: RouteHandle, request: HttpRequest, body: Bytes) -> axum::re
     }
     let handled = route.handle(permit, message).await;
     route.settled(&handled);
-    respond(&handled)
+    respond(&handled, route.target_carries_response())
 }

@@ -104,10 +104,17 @@ impl Response {
             }
         };
         *response.status_mut() = status;
+        // The target's first value of a header replaces the default (a content type); its
+        // later values of the same header add to it (several `set-cookie`s).
+        let mut named = Vec::new();
         for (name, value) in parts.headers {
             match (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+                (Ok(name), Ok(value)) if named.contains(&name) => {
+                    response.headers_mut().append(name, value);
+                }
                 (Ok(name), Ok(value)) => {
-                    response.headers_mut().insert(name, value);
+                    response.headers_mut().insert(name.clone(), value);
+                    named.push(name);
                 }
                 _ => tracing::warn!("invalid response header {name:?}: {value:?}; dropped"),
             }
@@ -117,6 +124,8 @@ impl Response {
 }
 
 impl IntoOutcome for Response {
+    const CARRIES_RESPONSE: bool = true;
+
     fn into_outcome(self) -> TargetResult {
         serde_json::to_value(&self.0)
             .map(|response| json!({ RESPONSE_KEY: response }))
@@ -126,6 +135,8 @@ impl IntoOutcome for Response {
 
 /// `Result<Response, E>` targets: `Ok` is the response, `Err` a failure (500).
 impl<E: Into<crate::BoxError>> IntoOutcome for Result<Response, E> {
+    const CARRIES_RESPONSE: bool = true;
+
     fn into_outcome(self) -> TargetResult {
         match self {
             Ok(response) => response.into_outcome(),
@@ -137,12 +148,14 @@ impl<E: Into<crate::BoxError>> IntoOutcome for Result<Response, E> {
     }
 }
 
-/// The HTTP response for how a route handled a request.
-pub(crate) fn respond(handled: &Handled) -> axum::response::Response {
+/// The HTTP response for how a route handled a request. A result is read as a
+/// [`Response`] only when the target is declared to return one (`carries_response`): the
+/// value of any other target, however it looks, is the body.
+pub(crate) fn respond(handled: &Handled, carries_response: bool) -> axum::response::Response {
     match handled {
-        Handled::Succeeded(value) => match Response::from_result(value) {
-            Some(response) => response.into_axum(),
-            None => json_response(value),
+        Handled::Succeeded(value) => match carries_response.then(|| Response::from_result(value)) {
+            Some(Some(response)) => response.into_axum(),
+            _ => json_response(value),
         },
         Handled::Failed(failure)
         | Handled::CalledBack(failure)
@@ -194,36 +207,77 @@ mod tests {
         Handled::Succeeded(response.into_outcome().unwrap())
     }
 
+    /// The response for a target declared to return a [`Response`].
+    fn respond_with(response: Response) -> axum::response::Response {
+        respond(&handled(response), true)
+    }
+
+    /// The response for a target that returns a plain value.
+    fn respond_plain(handled: &Handled) -> axum::response::Response {
+        respond(handled, false)
+    }
+
     #[test]
     fn responses_survive_the_trip_through_json() {
         let response = Response::status(201).header("x-id", "7").json(json!({"id": 7}));
-        let http = respond(&handled(response));
+        let http = respond_with(response);
         assert_eq!(http.status(), StatusCode::CREATED);
         assert_eq!(http.headers()["x-id"], "7");
         assert_eq!(http.headers()[header::CONTENT_TYPE], "application/json");
-        let text = respond(&handled(Response::status(404).text("gone")));
+        let text = respond_with(Response::status(404).text("gone"));
         assert_eq!(text.status(), StatusCode::NOT_FOUND);
         assert_eq!(text.headers()[header::CONTENT_TYPE], "text/plain; charset=utf-8");
     }
 
     #[test]
     fn plain_values_are_200_json_and_failures_400_or_500() {
-        assert_eq!(respond(&Handled::Succeeded(json!({"a": 1}))).status(), StatusCode::OK);
-        let bad = respond(&Handled::Failed(Failure::bad_input("no")));
+        assert_eq!(respond_plain(&Handled::Succeeded(json!({"a": 1}))).status(), StatusCode::OK);
+        let bad = respond_plain(&Handled::Failed(Failure::bad_input("no")));
         assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
         let error = Failure::new(FailureKind::Error, "boom");
-        assert_eq!(respond(&Handled::Failed(error)).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            respond_plain(&Handled::Failed(error)).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 
     #[test]
     fn invalid_statuses_and_headers_do_not_panic() {
         let response = Response::status(42).header("bad name", "x").text("t");
-        assert_eq!(respond(&handled(response)).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(respond_with(response).status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]
     fn objects_that_only_look_like_responses_stay_values() {
         let value = json!({ RESPONSE_KEY: "not a response" });
-        assert_eq!(respond(&Handled::Succeeded(value)).status(), StatusCode::OK);
+        assert_eq!(respond(&Handled::Succeeded(value), true).status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn a_plain_value_cannot_pass_for_a_response() {
+        // what an echo target returns when a client sends a response's shape
+        let forged = json!({ RESPONSE_KEY: {
+            "status": 302,
+            "headers": [["location", "https://evil.example/"], ["set-cookie", "session=x"]],
+            "body": "empty",
+        }});
+        let http = respond_plain(&Handled::Succeeded(forged));
+        assert_eq!(http.status(), StatusCode::OK);
+        assert!(http.headers().get(header::LOCATION).is_none());
+        assert!(http.headers().get(header::SET_COOKIE).is_none());
+    }
+
+    #[test]
+    fn a_header_given_twice_is_sent_twice() {
+        let response = Response::status(200)
+            .header("set-cookie", "a=1")
+            .header("set-cookie", "b=2")
+            .header("content-type", "text/csv")
+            .text("a,b");
+        let http = respond_with(response);
+        let cookies: Vec<_> = http.headers().get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        let types: Vec<_> = http.headers().get_all(header::CONTENT_TYPE).iter().collect();
+        assert_eq!(types, ["text/csv"], "the target's content type replaces the default");
     }
 }

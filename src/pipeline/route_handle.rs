@@ -149,6 +149,11 @@ impl RouteHandle {
         &self.inner.metric_label
     }
 
+    /// Whether the route's target is declared to return an HTTP response.
+    pub(crate) fn target_carries_response(&self) -> bool {
+        self.inner.target.carries_response
+    }
+
     /// The route's entrypoint, as test hooks see it; `None` for a route without one.
     pub(crate) fn entrypoint(&self) -> Option<&EntrypointInfo> {
         self.inner.entrypoint.as_ref()

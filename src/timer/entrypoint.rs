@@ -101,7 +101,8 @@ impl TimeEntrypoint {
         last_occurrence: &mut Option<DateTime<Utc>>,
     ) -> Option<Instant> {
         match &self.schedule {
-            Schedule::Every(interval) => Some(last + *interval),
+            // an interval too long for the clock (`Duration::MAX`) never comes: no tick
+            Schedule::Every(interval) => last.checked_add(*interval),
             Schedule::Cron(cron) => {
                 let now = Instant::now();
                 let wall = DateTime::<Utc>::from(clock::wall_at(now));
@@ -160,15 +161,28 @@ impl Entrypoint for TimeEntrypoint {
             // Skip the ticks that passed while the run was going: runs never overlap.
             let now = Instant::now();
             while let Schedule::Every(interval) = &self.schedule {
-                if last + *interval > now {
-                    break;
+                match last.checked_add(*interval) {
+                    Some(next) if next <= now => last = next,
+                    _ => break,
                 }
-                last += *interval;
             }
         }
     }
 
     fn kind(&self) -> EntrypointKind {
         EntrypointKind::Timer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interval_too_long_for_the_clock_never_ticks() {
+        let now = Instant::now();
+        let hourly = TimeEntrypoint::every(Duration::from_secs(3600));
+        assert_eq!(hourly.next_tick(now, &mut None), Some(now + Duration::from_secs(3600)));
+        assert_eq!(TimeEntrypoint::every(Duration::MAX).next_tick(now, &mut None), None);
     }
 }
