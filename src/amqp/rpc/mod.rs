@@ -31,12 +31,13 @@
 //! ```
 
 mod args;
+mod binding;
 mod caller;
 mod client;
 mod error;
-mod field_names;
 #[cfg(test)]
 mod fuzz;
+mod named_fields;
 pub mod naming;
 mod pending;
 mod replies;
