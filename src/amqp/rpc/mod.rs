@@ -48,6 +48,7 @@ mod respond;
 mod server;
 mod ufw_server;
 pub(crate) mod ufw_wire;
+mod unfinished;
 mod wire;
 
 pub use args::Args;

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::{reply_queue, ufw_reply_queue};
+use crate::amqp::rpc::unfinished::Unfinished;
 use crate::amqp::rpc::{ufw_wire, wire};
 use crate::config::Protocol;
 use crate::data::json_properties;
@@ -129,8 +130,12 @@ impl ReplyListener {
         if let Some(queue) = slot.live() {
             return Ok(queue);
         }
-        let queue = ReplyQueue::start(transport, &self.service, protocol, exchange).await?;
+        let (queue, unfinished) =
+            ReplyQueue::start(transport, &self.service, protocol, exchange).await?;
+        // no await from the end of the set-up to here: a caller that gives up meanwhile
+        // cannot leave a queue that neither the guard nor the slot deletes
         slot.set_up(queue.clone());
+        unfinished.finish();
         Ok(queue)
     }
 
@@ -178,7 +183,7 @@ impl ReplyQueue {
         service: &str,
         protocol: Protocol,
         exchange: &ExchangeSpec,
-    ) -> Result<Arc<ReplyQueue>, TransportError> {
+    ) -> Result<(Arc<ReplyQueue>, Unfinished), TransportError> {
         let id = uuid::Uuid::new_v4().to_string();
         // Nameko binds its reply queue with the bare id, micro-framework with the queue's name
         let (spec, routing_key) = match protocol {
@@ -190,6 +195,7 @@ impl ReplyQueue {
             }
         };
         transport.declare_exchange(exchange).await?;
+        let unfinished = Unfinished::new(transport, &spec.name);
         transport.declare_queue(&spec).await?;
         let binding = BindingSpec {
             queue: spec.name.clone(),
@@ -217,7 +223,7 @@ impl ReplyQueue {
             retired: Notify::new(),
         });
         tokio::spawn(queue.clone().listen(consumer));
-        Ok(queue)
+        Ok((queue, unfinished))
     }
 
     /// The routing key of the queue: the requests' `reply_to`.
