@@ -18,8 +18,8 @@ use crate::amqp::rpc::{ufw_wire, wire};
 use crate::config::Protocol;
 use crate::data::json_properties;
 use crate::transport::{
-    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit, OutgoingMessage,
-    PublishOptions, SharedTransport, Transport, TransportError,
+    BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit,
+    OutgoingMessage, PublishOptions, SharedTransport, Transport, TransportError,
 };
 
 /// How many replies the reply consumer may hold unacknowledged.
@@ -236,13 +236,23 @@ impl ReplyQueue {
     }
 
     /// Wait for the reply with `correlation_id` (register before sending the request).
-    /// Refused when [`MAX_PENDING_CALLS`] calls wait already.
+    /// Refused when the queue takes no more calls (retired, or its consumer ended: a
+    /// [`TransportError::Closed`] error, for the caller to register on the live queue
+    /// instead), or when [`MAX_PENDING_CALLS`] calls wait already.
     pub(crate) fn expect(
         &self,
         correlation_id: &Arc<str>,
     ) -> Result<oneshot::Receiver<ReplyOutcome>, TransportError> {
         let (sender, receiver) = oneshot::channel();
         let mut pending = self.pending();
+        // read under the lock `retire` and `shut` set the flag with: a call either waits or
+        // is refused
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed {
+                what: ClosedPart::Consumer,
+                reason: format!("the reply queue {} takes no more calls", self.name),
+            });
+        }
         if pending.len() >= MAX_PENDING_CALLS {
             return Err(TransportError::LimitReached {
                 what: Limit::PendingCalls,
@@ -253,10 +263,7 @@ impl ReplyQueue {
                 ),
             });
         }
-        // once the consumer has ended, the sender is dropped: the call fails at once
-        if !self.closed.load(Ordering::Acquire) {
-            pending.insert(correlation_id.clone(), sender);
-        }
+        pending.insert(correlation_id.clone(), sender);
         Ok(receiver)
     }
 
@@ -405,7 +412,7 @@ impl ReplyQueue {
 
     /// Take no more calls, and let the consumer end once the waiting ones have.
     fn retire(&self) {
-        // under the lock `expect` reads the flag with: a call either waits or is refused
+        // under the lock `expect` reads the flag with
         let _pending = self.pending();
         self.closed.store(true, Ordering::Release);
         self.retired.notify_one();

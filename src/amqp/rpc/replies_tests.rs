@@ -14,8 +14,9 @@ use crate::amqp::entrypoints::RPCListener;
 use crate::amqp::rpc::{Args, Caller, ReplyListener, RpcBackend, RpcError, RpcRequest};
 use crate::config::{Config, Protocol};
 use crate::transport::{
-    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, OutgoingMessage,
-    PublishOptions, QueueInfo, QueueSpec, SharedTransport, Transport, TransportError,
+    BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers,
+    OutgoingMessage, PublishOptions, QueueInfo, QueueSpec, SharedTransport, Transport,
+    TransportError,
 };
 use crate::{Route, Runner, RunningService};
 
@@ -491,4 +492,28 @@ async fn a_reply_queue_whose_consume_failed_is_deleted() {
     let declared = slow.declared.lock().unwrap().clone();
     assert_eq!(declared.len(), 1);
     until_deleted(&slow.inner, &declared[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_reply_queue_refuses_calls_and_the_next_call_uses_a_new_one() {
+    let (service, muting, caller, old) = rig_with_a_reply_queue().await;
+    let listener = &caller.listener;
+    let queue =
+        listener.queue(&caller.transport, Protocol::Nameko, &caller.exchange).await.unwrap();
+    // its queue deleted, the consumer ends: a call that fetched the queue before registers
+    // too late, and must be refused rather than sent with no reply to come
+    listener.delete_queues(&caller.transport).await;
+    let correlation_id: Arc<str> = "late-call".into();
+    eventually("the refusal", || queue.expect(&correlation_id).is_err()).await;
+    let refused = queue.expect(&correlation_id);
+    assert!(
+        matches!(refused, Err(TransportError::Closed { what: ClosedPart::Consumer, .. })),
+        "{refused:?}"
+    );
+    let sum = call(&caller, "add", json!([2, 3]), Duration::from_secs(5)).await;
+    assert_eq!(sum, Ok(json!(5)));
+    let consumed = muting.consumed();
+    assert_eq!(consumed.len(), 2, "a new reply queue: {consumed:?}");
+    assert_ne!(consumed[1], old);
+    service.stop().await.unwrap();
 }
