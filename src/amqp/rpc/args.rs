@@ -3,7 +3,8 @@
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::amqp::rpc::field_names::field_names;
+use crate::amqp::rpc::binding::bind_struct;
+use crate::amqp::rpc::named_fields::has_named_fields;
 use crate::amqp::rpc::wire::request_arguments;
 use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::WorkerContext;
@@ -12,10 +13,11 @@ use crate::handler::WorkerContext;
 /// `T`. Arguments that do not fit are bad input, replied as `IncorrectSignature`.
 ///
 /// - A struct with named fields (`#[derive(Deserialize)]`) binds like a Python signature:
-///   positional arguments fill the fields in declaration order, keyword arguments fill them
-///   by name, and both can be mixed. Too many positional arguments, a keyword argument that
-///   names no field or repeats a positional one, and a missing field (unless
-///   `#[serde(default)]`) do not fit.
+///   positional arguments fill the fields in declaration order (fields with
+///   `#[serde(skip_deserializing)]` left out), keyword arguments fill them by name (as
+///   renamed, or by an alias), and both can be mixed. Too many positional arguments, a
+///   keyword argument that names no field or repeats a positional one, and a missing field
+///   (unless `#[serde(default)]`) do not fit.
 /// - Any other type (a tuple, `Vec<_>`, a map, `Value`) is deserialized from the positional
 ///   arguments (a JSON array) when no keyword argument is given, or from the keyword
 ///   arguments (a JSON object) when no positional one is; mixing both does not fit.
@@ -57,41 +59,23 @@ pub(super) fn bind<T: DeserializeOwned>(
     args: &[Value],
     kwargs: &Map<String, Value>,
 ) -> Result<T, String> {
+    if has_named_fields::<T>() {
+        return bind_struct(args, kwargs).map_err(|misfit| misfit.naming(method));
+    }
     let misfit = |error: serde_json::Error| format!("{method}(): {error}");
-    match field_names::<T>() {
-        Some(names) => {
-            if args.len() > names.len() {
-                return Err(format!(
-                    "{method}() takes {} positional argument(s) but {} were given",
-                    names.len(),
-                    args.len()
-                ));
-            }
-            let mut bound = Map::new();
-            for (name, value) in names.iter().zip(args) {
-                if kwargs.contains_key(*name) {
-                    return Err(format!("{method}() got multiple values for argument '{name}'"));
-                }
-                bound.insert((*name).to_owned(), value.clone());
-            }
-            for (key, value) in kwargs {
-                if !names.contains(&key.as_str()) {
-                    return Err(format!("{method}() got an unexpected keyword argument '{key}'"));
-                }
-                bound.insert(key.clone(), value.clone());
-            }
-            T::deserialize(Value::Object(bound)).map_err(misfit)
-        }
-        None if kwargs.is_empty() => match T::deserialize(Value::Array(args.to_vec())) {
+    if kwargs.is_empty() {
+        match T::deserialize(Value::Array(args.to_vec())) {
             Ok(value) => Ok(value),
             Err(error) if args.is_empty() => T::deserialize(Value::Null).map_err(|_| misfit(error)),
             Err(error) => Err(misfit(error)),
-        },
-        None if args.is_empty() => T::deserialize(Value::Object(kwargs.clone())).map_err(misfit),
-        None => Err(format!(
+        }
+    } else if args.is_empty() {
+        T::deserialize(Value::Object(kwargs.clone())).map_err(misfit)
+    } else {
+        Err(format!(
             "{method}() takes positional or keyword arguments, not both (bind to a struct with \
              named fields to mix them)"
-        )),
+        ))
     }
 }
 
@@ -132,6 +116,52 @@ mod tests {
         assert!(call::<Add>(json!(["x", 2]), json!({})).is_err());
         let greet: Greet = call(json!(["Ada"]), json!({})).unwrap();
         assert_eq!(greet, Greet { name: "Ada".into(), greeting: None });
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Aliased {
+        #[serde(alias = "first")]
+        a: i64,
+        b: i64,
+    }
+
+    #[test]
+    fn aliased_fields_bind_positionally() {
+        // add(1, 2) on a struct whose first field has an alias
+        assert_eq!(call::<Aliased>(json!([1, 2]), json!({})), Ok(Aliased { a: 1, b: 2 }));
+    }
+
+    #[test]
+    fn aliases_bind_by_keyword_and_count_once() {
+        assert_eq!(call::<Aliased>(json!([]), json!({"first": 1, "b": 2})).unwrap().a, 1);
+        let too_many = call::<Aliased>(json!([1, 2, 3]), json!({})).unwrap_err();
+        assert_eq!(too_many, "m() takes 2 positional argument(s) but 3 were given");
+        let twice = call::<Aliased>(json!([1]), json!({"first": 2})).unwrap_err();
+        assert_eq!(twice, "m() got multiple values for argument 'a'");
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Strict {
+        #[serde(rename = "x")]
+        a: i64,
+        #[serde(skip_deserializing)]
+        skipped: i64,
+        b: i64,
+    }
+
+    #[test]
+    fn renamed_skipped_and_strict_fields_bind_like_parameters() {
+        assert_eq!(call::<Strict>(json!([1, 2]), json!({})), Ok(Strict { a: 1, skipped: 0, b: 2 }));
+        assert_eq!(call::<Strict>(json!([1]), json!({"b": 2})).unwrap().b, 2);
+        let too_many = call::<Strict>(json!([1, 2, 3]), json!({})).unwrap_err();
+        assert_eq!(too_many, "m() takes 2 positional argument(s) but 3 were given");
+        let unknown = call::<Strict>(json!([1, 2]), json!({"skipped": 3})).unwrap_err();
+        assert_eq!(unknown, "m() got an unexpected keyword argument 'skipped'");
+        let unknown = call::<Add>(json!([1]), json!({"b": 2, "c": 3})).unwrap_err();
+        assert_eq!(unknown, "m() got an unexpected keyword argument 'c'");
+        let mistyped = call::<Add>(json!(["x", 2]), json!({})).unwrap_err();
+        assert!(mistyped.starts_with("m(): invalid type"), "{mistyped}");
     }
 
     #[test]

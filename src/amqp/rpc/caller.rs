@@ -4,18 +4,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::oneshot;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::{rpc_exchange, ufw_routing_key, ufw_rpc_exchange};
 use crate::amqp::rpc::pending::RpcReply;
-use crate::amqp::rpc::replies::ReplyListener;
+use crate::amqp::rpc::replies::{ReplyListener, ReplyOutcome, ReplyQueue};
 use crate::amqp::rpc::request::{RpcBackend, RpcRequest};
 use crate::amqp::rpc::ufw_wire;
 use crate::config::{Config, Protocol};
 use crate::data::json_properties;
 use crate::metrics::Metrics;
 use crate::transport::{
-    ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
+    ClosedPart, ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport,
+    TransportError,
 };
 
 /// What every call of a caller shares: the connection, the reply queues, the default wire
@@ -92,10 +94,9 @@ impl Caller {
             }
         };
         let body = request.into_body(self.max_message_size)?;
-        let queue = self.listener.queue(&self.transport, protocol, exchange).await?;
         let correlation_id: Arc<str> =
             uuid::Uuid::new_v4().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).into();
-        let receiver = queue.expect(&correlation_id)?;
+        let (queue, receiver) = self.register(protocol, exchange, &correlation_id).await?;
         let mut properties = json_properties();
         properties.headers = self.headers.clone();
         properties.delivery_mode = Some(self.delivery_mode);
@@ -119,6 +120,28 @@ impl Caller {
             method,
         };
         Ok((outgoing, reply))
+    }
+
+    /// The live reply queue of `protocol`, with the call `correlation_id` waiting on it. A
+    /// probe in the background may retire the queue between its fetch and the call's
+    /// registration: the call then registers on the queue set up in its place (once: a queue
+    /// just set up is not probed before a call on it times out).
+    async fn register(
+        &self,
+        protocol: Protocol,
+        exchange: &ExchangeSpec,
+        correlation_id: &Arc<str>,
+    ) -> Result<(Arc<ReplyQueue>, oneshot::Receiver<ReplyOutcome>), TransportError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let queue = self.listener.queue(&self.transport, protocol, exchange).await?;
+            match queue.expect(correlation_id) {
+                Ok(receiver) => return Ok((queue, receiver)),
+                Err(TransportError::Closed { what: ClosedPart::Consumer, .. }) if attempts < 2 => {}
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Publish the request (mandatory, confirmed).

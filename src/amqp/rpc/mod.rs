@@ -31,12 +31,13 @@
 //! ```
 
 mod args;
+mod binding;
 mod caller;
 mod client;
 mod error;
-mod field_names;
 #[cfg(test)]
 mod fuzz;
+mod named_fields;
 pub mod naming;
 mod pending;
 mod replies;
@@ -47,6 +48,7 @@ mod respond;
 mod server;
 mod ufw_server;
 pub(crate) mod ufw_wire;
+mod unfinished;
 mod wire;
 
 pub use args::Args;

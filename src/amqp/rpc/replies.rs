@@ -13,12 +13,13 @@ use tokio::time::Instant;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::{reply_queue, ufw_reply_queue};
+use crate::amqp::rpc::unfinished::Unfinished;
 use crate::amqp::rpc::{ufw_wire, wire};
 use crate::config::Protocol;
 use crate::data::json_properties;
 use crate::transport::{
-    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit, OutgoingMessage,
-    PublishOptions, SharedTransport, Transport, TransportError,
+    BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit,
+    OutgoingMessage, PublishOptions, SharedTransport, Transport, TransportError,
 };
 
 /// How many replies the reply consumer may hold unacknowledged.
@@ -129,8 +130,12 @@ impl ReplyListener {
         if let Some(queue) = slot.live() {
             return Ok(queue);
         }
-        let queue = ReplyQueue::start(transport, &self.service, protocol, exchange).await?;
+        let (queue, unfinished) =
+            ReplyQueue::start(transport, &self.service, protocol, exchange).await?;
+        // no await from the end of the set-up to here: a caller that gives up meanwhile
+        // cannot leave a queue that neither the guard nor the slot deletes
         slot.set_up(queue.clone());
+        unfinished.finish();
         Ok(queue)
     }
 
@@ -178,7 +183,7 @@ impl ReplyQueue {
         service: &str,
         protocol: Protocol,
         exchange: &ExchangeSpec,
-    ) -> Result<Arc<ReplyQueue>, TransportError> {
+    ) -> Result<(Arc<ReplyQueue>, Unfinished), TransportError> {
         let id = uuid::Uuid::new_v4().to_string();
         // Nameko binds its reply queue with the bare id, micro-framework with the queue's name
         let (spec, routing_key) = match protocol {
@@ -190,6 +195,7 @@ impl ReplyQueue {
             }
         };
         transport.declare_exchange(exchange).await?;
+        let unfinished = Unfinished::new(transport, &spec.name);
         transport.declare_queue(&spec).await?;
         let binding = BindingSpec {
             queue: spec.name.clone(),
@@ -217,7 +223,7 @@ impl ReplyQueue {
             retired: Notify::new(),
         });
         tokio::spawn(queue.clone().listen(consumer));
-        Ok(queue)
+        Ok((queue, unfinished))
     }
 
     /// The routing key of the queue: the requests' `reply_to`.
@@ -230,13 +236,23 @@ impl ReplyQueue {
     }
 
     /// Wait for the reply with `correlation_id` (register before sending the request).
-    /// Refused when [`MAX_PENDING_CALLS`] calls wait already.
+    /// Refused when the queue takes no more calls (retired, or its consumer ended: a
+    /// [`TransportError::Closed`] error, for the caller to register on the live queue
+    /// instead), or when [`MAX_PENDING_CALLS`] calls wait already.
     pub(crate) fn expect(
         &self,
         correlation_id: &Arc<str>,
     ) -> Result<oneshot::Receiver<ReplyOutcome>, TransportError> {
         let (sender, receiver) = oneshot::channel();
         let mut pending = self.pending();
+        // read under the lock `retire` and `shut` set the flag with: a call either waits or
+        // is refused
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed {
+                what: ClosedPart::Consumer,
+                reason: format!("the reply queue {} takes no more calls", self.name),
+            });
+        }
         if pending.len() >= MAX_PENDING_CALLS {
             return Err(TransportError::LimitReached {
                 what: Limit::PendingCalls,
@@ -247,10 +263,7 @@ impl ReplyQueue {
                 ),
             });
         }
-        // once the consumer has ended, the sender is dropped: the call fails at once
-        if !self.closed.load(Ordering::Acquire) {
-            pending.insert(correlation_id.clone(), sender);
-        }
+        pending.insert(correlation_id.clone(), sender);
         Ok(receiver)
     }
 
@@ -399,7 +412,7 @@ impl ReplyQueue {
 
     /// Take no more calls, and let the consumer end once the waiting ones have.
     fn retire(&self) {
-        // under the lock `expect` reads the flag with: a call either waits or is refused
+        // under the lock `expect` reads the flag with
         let _pending = self.pending();
         self.closed.store(true, Ordering::Release);
         self.retired.notify_one();

@@ -14,8 +14,9 @@ use crate::amqp::entrypoints::RPCListener;
 use crate::amqp::rpc::{Args, Caller, ReplyListener, RpcBackend, RpcError, RpcRequest};
 use crate::config::{Config, Protocol};
 use crate::transport::{
-    BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, OutgoingMessage,
-    PublishOptions, QueueInfo, QueueSpec, SharedTransport, Transport, TransportError,
+    BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers,
+    OutgoingMessage, PublishOptions, QueueInfo, QueueSpec, SharedTransport, Transport,
+    TransportError,
 };
 use crate::{Route, Runner, RunningService};
 
@@ -368,5 +369,151 @@ async fn a_call_with_no_time_limit_is_answered() {
     // Duration::MAX is how a caller says "no limit"; the deadline must not overflow the clock
     let (service, _muting, caller) = rig().await;
     assert_eq!(call(&caller, "add", json!([1, 2]), Duration::MAX).await, Ok(json!(3)));
+    service.stop().await.unwrap();
+}
+
+/// A transport whose consumes of reply queues never finish (a slow broker), or fail, and
+/// which records the reply queues declared.
+#[derive(Debug)]
+struct SlowConsume {
+    inner: SharedTransport,
+    declared: Mutex<Vec<String>>,
+    /// Whether a consume of a reply queue fails rather than hangs.
+    refuse: bool,
+}
+
+#[async_trait]
+impl Transport for SlowConsume {
+    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
+        self.inner.declare_exchange(spec).await
+    }
+
+    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
+        if spec.name.starts_with("rpc.reply-") {
+            self.declared.lock().unwrap().push(spec.name.clone());
+        }
+        self.inner.declare_queue(spec).await
+    }
+
+    async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
+        self.inner.queue_info(queue).await
+    }
+
+    async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
+        self.inner.bind_queue(binding).await
+    }
+
+    async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        self.inner.delete_queue(queue).await
+    }
+
+    async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
+        self.inner.delete_exchange(exchange).await
+    }
+
+    async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError> {
+        self.inner.purge_queue(queue).await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+        options: PublishOptions,
+    ) -> Result<(), TransportError> {
+        self.inner.publish(exchange, routing_key, message, options).await
+    }
+
+    async fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Consumer, TransportError> {
+        if queue.starts_with("rpc.reply-") {
+            if self.refuse {
+                return Err(TransportError::ConnectionLost("consume refused".into()));
+            }
+            std::future::pending::<()>().await;
+        }
+        self.inner.consume(queue, options).await
+    }
+
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
+        self.inner.get(queue).await
+    }
+
+    fn is_connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
+}
+
+/// A caller on a fresh in-process broker through a [`SlowConsume`] transport.
+async fn slow_rig(refuse: bool) -> (Arc<SlowConsume>, Caller) {
+    let uri = format!("memory://slow-{}", uuid::Uuid::new_v4());
+    let config = Config::new("slow_consume").with_amqp_uri(uri);
+    let inner = crate::transport::connect(&config).await.unwrap();
+    let slow = Arc::new(SlowConsume { inner, declared: Mutex::default(), refuse });
+    let transport: SharedTransport = slow.clone();
+    let listener = Arc::new(ReplyListener::new("caller"));
+    (slow, Caller::new(transport, listener, &config, Headers::new()))
+}
+
+fn request_to_nobody() -> RpcRequest {
+    RpcRequest::new(Protocol::Nameko, "nobody", "m", json!([]), (), None).unwrap()
+}
+
+#[tokio::test]
+async fn a_reply_queue_whose_set_up_was_abandoned_is_deleted() {
+    let (slow, caller) = slow_rig(false).await;
+    for _ in 0..3 {
+        // the caller gives up (its own deadline, or its task aborted) while the queue is set up
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(50), caller.call(request_to_nobody())).await;
+        assert!(abandoned.is_err());
+    }
+    caller.listener.delete_queues(&caller.transport).await;
+    let declared = slow.declared.lock().unwrap().clone();
+    assert_eq!(declared.len(), 3);
+    for queue in declared {
+        until_deleted(&slow.inner, &queue).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reply_queue_whose_consume_failed_is_deleted() {
+    let (slow, caller) = slow_rig(true).await;
+    let failed = caller.call(request_to_nobody()).await;
+    assert!(matches!(failed, Err(RpcError::Transport(_))), "{failed:?}");
+    let declared = slow.declared.lock().unwrap().clone();
+    assert_eq!(declared.len(), 1);
+    until_deleted(&slow.inner, &declared[0]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_reply_queue_refuses_calls_and_the_next_call_uses_a_new_one() {
+    let (service, muting, caller, old) = rig_with_a_reply_queue().await;
+    let listener = &caller.listener;
+    let queue =
+        listener.queue(&caller.transport, Protocol::Nameko, &caller.exchange).await.unwrap();
+    // its queue deleted, the consumer ends: a call that fetched the queue before registers
+    // too late, and must be refused rather than sent with no reply to come
+    listener.delete_queues(&caller.transport).await;
+    let correlation_id: Arc<str> = "late-call".into();
+    eventually("the refusal", || queue.expect(&correlation_id).is_err()).await;
+    let refused = queue.expect(&correlation_id);
+    assert!(
+        matches!(refused, Err(TransportError::Closed { what: ClosedPart::Consumer, .. })),
+        "{refused:?}"
+    );
+    let sum = call(&caller, "add", json!([2, 3]), Duration::from_secs(5)).await;
+    assert_eq!(sum, Ok(json!(5)));
+    let consumed = muting.consumed();
+    assert_eq!(consumed.len(), 2, "a new reply queue: {consumed:?}");
+    assert_ne!(consumed[1], old);
     service.stop().await.unwrap();
 }
