@@ -490,6 +490,37 @@ async fn idle_connections_are_closed_after_the_idle_timeout_while_active_ones_st
     service.stop().await.unwrap();
 }
 
+fn big() -> String {
+    "x".repeat(900 * 1024)
+}
+
+#[tokio::test]
+async fn a_client_that_reads_no_reply_is_dropped_and_holds_up_no_stop() {
+    let config = ws_config("wsstuck", 4)
+        .with_websocket_idle_timeout(Duration::from_secs(1))
+        .with_shutdown_timeout(Duration::from_secs(60));
+    let routes = vec![
+        Route::new(big).entrypoint(WebSocketEntrypoint::new()),
+        Route::new(add).entrypoint(WebSocketEntrypoint::new()),
+    ];
+    let service = Runner::new(routes, config).spawn().await.unwrap();
+    let address = service.websocket_address().expect("the service listens");
+    let mut stuck = Raw::connect(address).await;
+    // ask for big replies and read none, until the buffers are full and a send waits
+    let frame = json!({"command": "big"}).to_string();
+    let asking = async {
+        while stuck.0.send(Message::text(frame.clone())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(4), asking).await;
+    assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    // a stop waits up to SHUTDOWN_TIMEOUT (60 s) for connections: the stuck one is gone
+    let stopped = tokio::time::timeout(Duration::from_secs(20), service.stop()).await;
+    assert!(stopped.is_ok(), "the stop waited for a client that reads nothing");
+    drop(stuck);
+}
+
 #[tokio::test]
 async fn a_silent_socket_on_the_websocket_port_is_closed_after_the_idle_timeout() {
     let gate = Gate::default();

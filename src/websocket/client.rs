@@ -8,7 +8,6 @@ use futures::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::amqp::rpc::call_arguments;
@@ -122,7 +121,7 @@ impl WebSocketRpcClient {
                 }
                 (Err(error), Some(interval))
                     if error.is_framework("MaxConnectionsReached")
-                        && Instant::now() + interval < deadline =>
+                        && deadline_after(interval) < deadline =>
                 {
                     tracing::debug!("{} has no free worker for {command}: trying again", self.url);
                     tokio::time::sleep(interval).await;

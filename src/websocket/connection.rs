@@ -1,7 +1,8 @@
 //! One client connection: read request frames, run their calls concurrently, send each reply
 //! when its call finishes. A client that sends no frame for `WEBSOCKET_IDLE_TIMEOUT` while
 //! none of its calls runs is closed (1000, "idle timeout"), and so is one that does not
-//! finish its handshake in that time (at most [`HANDSHAKE_TIMEOUT`]).
+//! finish its handshake in that time (at most [`HANDSHAKE_TIMEOUT`]). One that takes no
+//! reply for as long (its buffers full, a send waiting) is dropped.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,8 +69,7 @@ pub(crate) async fn serve_client(
             Some(done) = calls.join_next() => {
                 idle_until = deadline_after(idle);
                 if let Some(reply) = finished(done) {
-                    if let Err(error) = socket.send(Message::text(reply)).await {
-                        tracing::debug!("cannot reply to WebSocket client {peer}: {error}");
+                    if !send_within(&mut socket, reply, idle, peer).await {
                         break End::Closed;
                     }
                 }
@@ -95,7 +95,7 @@ pub(crate) async fn serve_client(
                         calls.spawn(call.run());
                     }
                     Step::Reply(reply) => {
-                        if socket.send(Message::text(reply)).await.is_err() {
+                        if !send_within(&mut socket, reply, idle, peer).await {
                             break End::Closed;
                         }
                     }
@@ -108,7 +108,29 @@ pub(crate) async fn serve_client(
             }
         }
     };
-    finish(socket, calls, end, peer).await;
+    finish(socket, calls, end, peer, idle).await;
+}
+
+/// Send `reply` to the client within `limit`. A client that takes nothing for that long
+/// (it reads no reply, so its buffers and ours are full) would hold the send, and with it
+/// the connection, its task and its idle timer, without end: it is dropped instead.
+async fn send_within(
+    socket: &mut Socket,
+    reply: String,
+    limit: Duration,
+    peer: SocketAddr,
+) -> bool {
+    match tokio::time::timeout(limit, socket.send(Message::text(reply))).await {
+        Ok(Ok(())) => true,
+        Ok(Err(error)) => {
+            tracing::debug!("cannot reply to WebSocket client {peer}: {error}");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("WebSocket client {peer} took no reply for {limit:?}: dropped");
+            false
+        }
+    }
 }
 
 /// The reply of a finished call task (a task that panicked has none).
@@ -118,11 +140,17 @@ fn finished(done: Result<String, tokio::task::JoinError>) -> Option<String> {
 
 /// Let the running calls finish (never abort them: they may have started side effects),
 /// reply to them while the connection is open, then close it.
-async fn finish(mut socket: Socket, mut calls: JoinSet<String>, end: End, peer: SocketAddr) {
+async fn finish(
+    mut socket: Socket,
+    mut calls: JoinSet<String>,
+    end: End,
+    peer: SocketAddr,
+    idle: Duration,
+) {
     let mut open = !matches!(end, End::Closed);
     while let Some(done) = calls.join_next().await {
         if let (Some(reply), true) = (finished(done), open) {
-            open = socket.send(Message::text(reply)).await.is_ok();
+            open = send_within(&mut socket, reply, idle, peer).await;
         }
     }
     let frame = match end {
@@ -134,8 +162,12 @@ async fn finish(mut socket: Socket, mut calls: JoinSet<String>, end: End, peer: 
     if !open {
         return;
     }
-    if let Err(error) = socket.close(Some(frame)).await {
-        return tracing::debug!("cannot close the WebSocket connection of {peer}: {error}");
+    match tokio::time::timeout(CLOSE_WAIT, socket.close(Some(frame))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            return tracing::debug!("cannot close the WebSocket connection of {peer}: {error}")
+        }
+        Err(_) => return tracing::debug!("WebSocket client {peer} took no close frame"),
     }
     // wait a little for the client's close frame, for a clean close
     let _ =
