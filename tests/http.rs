@@ -549,6 +549,40 @@ async fn idle_keep_alive_connections_are_closed_after_the_keep_alive_timeout() {
     service.stop().await.unwrap();
 }
 
+fn sixteen_megabytes() -> Value {
+    Value::String("y".repeat(16 * 1024 * 1024))
+}
+
+#[tokio::test]
+async fn a_long_response_read_steadily_is_not_cut_by_the_keep_alive_timeout() {
+    let routes = vec![Route::new(sixteen_megabytes).entrypoint(HttpEntrypoint::get("/big"))];
+    let (service, base) = spawn(routes, hostile_config("http_long", 10.0, 1.0)).await;
+    let address: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    // a small receive buffer, read at about 2 MB/s: the 16 MiB take some 8 s to go out,
+    // far longer than the keep-alive timeout (1 s) and than what the kernel buffers
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut stream = socket.connect(address).await.unwrap();
+    stream.write_all(b"GET /big HTTP/1.1\r\nhost: test\r\n\r\n").await.unwrap();
+    let expected_body = 16 * 1024 * 1024 + 2; // the JSON string and its quotes
+    let (mut start, mut received, mut head) = (Vec::new(), 0, None);
+    let mut buffer = vec![0u8; 64 * 1024];
+    while let Ok(read @ 1..) = stream.read(&mut buffer).await {
+        received += read;
+        if head.is_none() {
+            start.extend_from_slice(&buffer[..read]);
+            head = start.windows(4).position(|bytes| bytes == b"\r\n\r\n").map(|at| at + 4);
+        }
+        if head.is_some_and(|head| received - head >= expected_body) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    service.stop().await.unwrap();
+    let body = received - head.unwrap_or(received);
+    assert_eq!(body, expected_body, "the response was cut off");
+}
+
 #[tokio::test]
 async fn http_max_connections_are_served_at_once_and_the_next_waits_for_a_free_slot() {
     let config = hostile_config("http_cap", 30.0, 30.0).with_http_max_connections(2);

@@ -8,7 +8,9 @@
 //! - from the accept, the first request head must arrive within `HTTP_HEADER_READ_TIMEOUT`;
 //! - while a request is being handled, no deadline (the call has its own limits);
 //! - once the last response is handed over, the next request must start (a first byte)
-//!   within `HTTP_KEEP_ALIVE_TIMEOUT`;
+//!   within `HTTP_KEEP_ALIVE_TIMEOUT` of the last byte of a response written to the client,
+//!   so a client that reads a long response steadily is not cut off, and one that stops
+//!   reading it is closed as nginx's `send_timeout` closes it;
 //! - from that first byte, its head must arrive within `HTTP_HEADER_READ_TIMEOUT`.
 //!
 //! Past the deadline the connection is dropped, which closes the socket. A request body that
@@ -139,6 +141,14 @@ impl Activity {
         }
     }
 
+    /// Bytes went to the client: the keep-alive wait counts from the last of a response.
+    fn bytes_written(&self) {
+        let mut phase = self.phase();
+        if let Phase::Idle(_) = *phase {
+            self.set(&mut phase, Phase::Idle(deadline_after(self.timeouts.keep_alive)));
+        }
+    }
+
     /// Resolves when the current deadline has passed, with what the client failed to do.
     async fn expired(&self) -> &'static str {
         loop {
@@ -204,10 +214,21 @@ impl Drop for Request {
     }
 }
 
-/// The client's socket, telling its [`Activity`] when bytes come in.
+/// The client's socket, telling its [`Activity`] when bytes come in or go out.
 struct Watched {
     stream: TcpStream,
     activity: Arc<Activity>,
+}
+
+impl Watched {
+    fn written(&self, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(written)) = polled {
+            if written > 0 {
+                self.activity.bytes_written();
+            }
+        }
+        polled
+    }
 }
 
 impl AsyncRead for Watched {
@@ -231,7 +252,8 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.written(polled)
     }
 
     fn poll_write_vectored(
@@ -239,7 +261,8 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.written(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
