@@ -552,3 +552,95 @@ async fn a_body_the_python_layout_cannot_carry_is_dead_lettered_instead_of_retri
     assert_eq!(journal.entries().len(), 1, "one attempt, no retry");
     service.stop().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// The crash-loop guard and the route of copies: hand-backs, retries, forged counts.
+
+fn hog(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<common::Probe>>) {
+    probe.enter(Value::Null);
+    probe.leave();
+}
+
+/// How many times `victim` ran.
+#[derive(Debug, Default)]
+struct VictimCalls(std::sync::atomic::AtomicU64);
+
+fn victim(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<VictimCalls>>) {
+    calls.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
+    use micro_framework::config::QueueType;
+    use std::sync::atomic::Ordering;
+    for queue_type in [QueueType::Classic, QueueType::Quorum] {
+        let uri = format!("memory://test-{}", uuid::Uuid::new_v4());
+        let shop = unique("handback");
+        // With no redelivery allowed, one hand-back counted as a crash dead-letters the message.
+        let config = config(&uri, "handback")
+            .with_max_workers(1)
+            .with_max_redeliveries(0)
+            .with_queue_type(queue_type);
+        // Keeps the in-process broker (and its queues) alive between the service's starts.
+        let keeper = micro_framework::transport::connect(&config).await.unwrap();
+        let calls = Arc::new(VictimCalls::default());
+        let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
+        let routes = |probe: &Arc<common::Probe>| {
+            vec![
+                Route::new(hog)
+                    .entrypoint(EventListener::new(&shop, "hog"))
+                    .dependency(Shared(probe.clone())),
+                Route::new(victim)
+                    .entrypoint(EventListener::new(&shop, "job"))
+                    .dependency(Shared(calls.clone())),
+            ]
+        };
+        let probe = common::Probe::closed();
+        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
+        probe.wait_started(1).await;
+        service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
+        // The victim's message is received and waits for the one worker slot, which the hog
+        // holds until the service stops: it is handed back unstarted.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        service.begin_stop();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        probe.open();
+        service.wait_stopped().await.unwrap();
+        assert_eq!(calls.0.load(Ordering::SeqCst), 0, "{queue_type:?}: the victim never ran");
+
+        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        let dlq = format!("{queue}.dlq");
+        common::wait_until(|| calls.0.load(Ordering::SeqCst) > 0, "the victim's call").await;
+        service.stop().await.unwrap();
+        let dead = micro_framework::testing::take_messages(keeper.as_ref(), &dlq).await.unwrap();
+        assert!(dead.is_empty(), "{queue_type:?}: a message that never ran is dead-lettered");
+        let left = micro_framework::testing::take_messages(keeper.as_ref(), &queue).await.unwrap();
+        assert!(left.is_empty(), "{queue_type:?}: nothing is left in {queue}");
+        assert_eq!(calls.0.load(Ordering::SeqCst), 1, "{queue_type:?}: handed back, it runs once");
+        keeper.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_count_set_by_the_publisher_does_not_steer_the_crash_loop_guard() {
+    use std::sync::atomic::Ordering;
+    let uri = format!("memory://test-{}", uuid::Uuid::new_v4());
+    let shop = unique("forged");
+    let config = config(&uri, "forged").with_max_redeliveries(2);
+    let calls = Arc::new(VictimCalls::default());
+    let routes = vec![Route::new(victim)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .dependency(Shared(calls.clone()))];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let mut properties = micro_framework::data::json_properties();
+    properties.headers.insert("x-delivery-count".into(), HeaderValue::Int(99));
+    let forged = OutgoingMessage { body: json!({ "id": 1 }).to_string().into(), properties };
+    let options = PublishOptions { mandatory: true };
+    service.transport().publish(&format!("{shop}.events"), "job", forged, options).await.unwrap();
+    service.wait_for_route("victim", 1).await.unwrap();
+    assert_eq!(calls.0.load(Ordering::SeqCst), 1, "a fresh message runs, whatever it claims");
+    let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
+    assert!(service.take_messages(&format!("{queue}.dlq")).await.unwrap().is_empty());
+    service.stop().await.unwrap();
+}

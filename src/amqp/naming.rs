@@ -69,6 +69,11 @@ pub fn work_queue(config: &Config, name: String) -> QueueSpec {
     queue
 }
 
+/// Whether `queue` is declared as a quorum queue.
+pub fn is_quorum(queue: &QueueSpec) -> bool {
+    queue.arguments.get("x-queue-type").and_then(HeaderValue::as_str) == Some("quorum")
+}
+
 /// The dead-letter queue of a work queue: `{queue}.dlq`, same queue type.
 pub fn dead_letter_queue(config: &Config, queue: &str) -> QueueSpec {
     work_queue(config, format!("{queue}.dlq"))

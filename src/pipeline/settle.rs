@@ -315,12 +315,15 @@ fn dead_letter_headers(
 }
 
 /// The properties of a copy the service publishes of a message it received (a retry, a dead
-/// letter, a counted redelivery): without the per-message TTL, and without the `user_id`
-/// property, which RabbitMQ accepts only from the user it names; its value moves to
-/// [`HEADER_ORIGINAL_USER_ID`].
+/// letter, a counted redelivery, a hand-back): without the per-message TTL; without
+/// `x-delivery-count`, a quorum queue's count of the original's deliveries, which no copy
+/// should carry to another queue (where a publisher's value would be read as a count); and
+/// without the `user_id` property, which RabbitMQ accepts only from the user it names; its
+/// value moves to [`HEADER_ORIGINAL_USER_ID`].
 pub(crate) fn copy_properties(original: &Properties) -> Properties {
     let mut properties = original.clone();
     properties.expiration = None;
+    properties.headers.remove("x-delivery-count");
     if let Some(user_id) = properties.user_id.take() {
         properties.headers.insert(HEADER_ORIGINAL_USER_ID.into(), user_id.into());
     }

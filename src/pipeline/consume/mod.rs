@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::data::{Failure, FailureKind, Handled, HeaderValue, Message};
+use crate::data::{Failure, FailureKind, Handled, HeaderValue, Headers, Message};
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::{copy_properties, settle};
@@ -23,13 +23,17 @@ use crate::transport::{
 };
 use backoff_queue::BackoffQueue;
 
-/// Header: how many times a message came back unsettled (classic queues; quorum queues count
-/// in `x-delivery-count`).
+/// Header: how many times a message came back unsettled, as counted on the copies the
+/// service publishes of it (quorum queues add their own count, `x-delivery-count`).
 pub const HEADER_REDELIVERIES: &str = "x-mf-redeliveries";
-/// Header of a counted redelivery: the exchange the message was first published to.
+/// Header of a copy published straight to a queue (a counted redelivery, a hand-back, a
+/// retry): the exchange the message was first published to.
 const HEADER_FIRST_EXCHANGE: &str = "x-mf-redelivered-exchange";
-/// Header of a counted redelivery: the routing key the message was first published with.
+/// Header of a copy published straight to a queue: the routing key the message was first
+/// published with.
 const HEADER_FIRST_ROUTING_KEY: &str = "x-mf-redelivered-routing-key";
+/// The header in which quorum queues count a message's deliveries.
+const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
@@ -44,6 +48,14 @@ pub(crate) trait DeliveryHandler: Send + Sync + 'static {
     /// Settle, without handling it, a delivery that came back unsettled more than
     /// `MAX_REDELIVERIES` times: its handling may crash the worker or the service.
     async fn refuse(&self, delivery: Delivery, failure: Failure);
+
+    /// Whether the queue is a quorum queue, whose own count of a redelivered message's
+    /// deliveries (`x-delivery-count`) the crash-loop guard may trust. On any other queue
+    /// that header is whatever the publisher wrote, so the default (`false`) ignores it and
+    /// counts with copies, which works on every queue type.
+    fn quorum(&self) -> bool {
+        false
+    }
 }
 
 /// Where and how to consume.
@@ -116,7 +128,7 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
 async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, delivery: Delivery) {
     // The rare paths are boxed: this future is moved into a task for every delivery, and
     // moving it copies all of it.
-    let guarded = match check_crash_loop(&source, delivery) {
+    let guarded = match check_crash_loop(&source, handler.quorum(), delivery) {
         Checked::Guarded(guarded) => guarded,
         Checked::Count(delivery, count) => {
             Box::pin(count_redelivery(&source, delivery, count)).await
@@ -159,23 +171,19 @@ enum Checked {
 
 /// Count the times a message came back unsettled (its worker or the service died while
 /// handling it) and refuse it past `MAX_REDELIVERIES`, so one poison message cannot
-/// crash-loop the service. Quorum queues count in `x-delivery-count`; on classic queues a
-/// redelivered message is published again (confirmed) straight to its queue with the count in
-/// a header ([`count_redelivery`]), then acked.
-fn check_crash_loop(source: &QueueSource, mut delivery: Delivery) -> Checked {
+/// crash-loop the service. A fresh delivery is never counted: messages handed back unstarted
+/// come back as fresh copies ([`hand_back`]). On a redelivery, the count is that of the
+/// copies ([`HEADER_REDELIVERIES`]) plus, from a `quorum` queue, the broker's own; from any
+/// other queue the message is published again (confirmed) straight to its queue with its count
+/// one higher ([`count_redelivery`]), then acked.
+fn check_crash_loop(source: &QueueSource, quorum: bool, mut delivery: Delivery) -> Checked {
     restore_first_route(&mut delivery);
-    let headers = &delivery.properties.headers;
+    if !delivery.redelivered {
+        return Checked::Guarded(Guarded::Handle(delivery));
+    }
     let limit = i64::from(source.max_redeliveries);
-    let quorum_count = headers.get("x-delivery-count").and_then(HeaderValue::as_i64);
-    let count = match quorum_count {
-        Some(count) => count,
-        None if !delivery.redelivered => return Checked::Guarded(Guarded::Handle(delivery)),
-        None => headers
-            .get(HEADER_REDELIVERIES)
-            .and_then(HeaderValue::as_i64)
-            .unwrap_or(0)
-            .saturating_add(1),
-    };
+    let counted = redeliveries(&delivery, quorum);
+    let count = if quorum { counted } else { counted.saturating_add(1) };
     if count > limit {
         let failure = Failure::new(
             FailureKind::Crashed,
@@ -187,10 +195,58 @@ fn check_crash_loop(source: &QueueSource, mut delivery: Delivery) -> Checked {
         );
         return Checked::Guarded(Guarded::Refuse(delivery, failure));
     }
-    if quorum_count.is_some() {
+    if quorum {
         return Checked::Guarded(Guarded::Handle(delivery));
     }
     Checked::Count(delivery, count)
+}
+
+/// How many times `delivery` came back unsettled so far: the count its copies carry, plus,
+/// on a redelivery from a `quorum` queue, the broker's count.
+fn redeliveries(delivery: &Delivery, quorum: bool) -> i64 {
+    let headers = &delivery.properties.headers;
+    let copies = headers.get(HEADER_REDELIVERIES).and_then(HeaderValue::as_i64).unwrap_or(0);
+    let broker = match quorum && delivery.redelivered {
+        true => headers.get(HEADER_DELIVERY_COUNT).and_then(HeaderValue::as_i64).unwrap_or(0),
+        false => 0,
+    };
+    copies.max(0).saturating_add(broker.max(0))
+}
+
+/// Give back to `queue` a delivery the service received but will not start (it is stopping):
+/// a copy with the count it came with ([`redeliveries`]; a `quorum` queue's count moves into
+/// the copy) is published (confirmed) straight to `queue`, then the delivery is acked. The
+/// copy comes as a fresh delivery, which the crash-loop guard does not count, whereas a
+/// requeued delivery comes back marked redelivered, indistinguishable from one whose handling
+/// crashed. The copy goes to the tail of the queue. When it cannot be published, the delivery
+/// is requeued instead (and counted when it comes back).
+pub(crate) async fn hand_back(
+    transport: &SharedTransport,
+    queue: &str,
+    quorum: bool,
+    delivery: Delivery,
+    label: &str,
+) {
+    let count = redeliveries(&delivery, quorum);
+    let mut properties = copy_properties(&delivery.properties);
+    let headers = &mut properties.headers;
+    match count {
+        0 => headers.remove(HEADER_REDELIVERIES),
+        count => headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count)),
+    };
+    mark_first_route(headers, &delivery.exchange, &delivery.routing_key);
+    let copy = OutgoingMessage { body: delivery.body.clone(), properties };
+    let options = PublishOptions { mandatory: true };
+    let settled = match transport.publish("", queue, copy, options).await {
+        Ok(()) => delivery.acker.ack().await,
+        Err(error) => {
+            tracing::warn!(route = label, "cannot hand a message back as a copy ({error}); requeued");
+            delivery.acker.nack(true).await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(route = label, "cannot hand a message back: {error}");
+    }
 }
 
 /// Publish a redelivered message again straight to its queue with its `count`, then ack it.
@@ -198,8 +254,7 @@ async fn count_redelivery(source: &QueueSource, delivery: Delivery, count: i64) 
     let mut properties = copy_properties(&delivery.properties);
     let headers = &mut properties.headers;
     headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count));
-    headers.insert(HEADER_FIRST_EXCHANGE.into(), delivery.exchange.as_str().into());
-    headers.insert(HEADER_FIRST_ROUTING_KEY.into(), delivery.routing_key.as_str().into());
+    mark_first_route(headers, &delivery.exchange, &delivery.routing_key);
     let copy = OutgoingMessage { body: delivery.body.clone(), properties };
     let options = PublishOptions { mandatory: true };
     match source.transport.publish("", &source.queue, copy, options).await {
@@ -223,11 +278,20 @@ async fn count_redelivery(source: &QueueSource, delivery: Delivery, count: i64) 
     Guarded::Counted
 }
 
-/// A counted copy went straight to its queue: give it back the exchange and routing key it
-/// was first published with, which handlers read (the RPC method, an event's name).
+/// Record in the `headers` of a copy that goes to its queue by another route (straight, or
+/// through a delay queue) the `exchange` and `routing_key` the message was first published
+/// with, for [`restore_first_route`].
+pub(crate) fn mark_first_route(headers: &mut Headers, exchange: &str, routing_key: &str) {
+    headers.insert(HEADER_FIRST_EXCHANGE.into(), exchange.into());
+    headers.insert(HEADER_FIRST_ROUTING_KEY.into(), routing_key.into());
+}
+
+/// A copy came back by another route: give it back the exchange and routing key it was first
+/// published with, which handlers read (the RPC method, an event's name) and dead letters
+/// record.
 fn restore_first_route(delivery: &mut Delivery) {
     let headers = &mut delivery.properties.headers;
-    let first = |headers: &crate::data::Headers, name| {
+    let first = |headers: &Headers, name| {
         headers.get(name).and_then(HeaderValue::as_str).map(str::to_owned)
     };
     if let (Some(exchange), Some(routing_key)) =
@@ -243,10 +307,15 @@ fn restore_first_route(delivery: &mut Delivery) {
 /// Decides whether a message is for the route; others are acked and skipped.
 pub(crate) type Accept = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
 
-/// Consume `queue` for `route` alone (events, work queues): each accepted message is handled
-/// by the route and settled with the broker (ack, retry or dead letter). A route whose
-/// retries wait in a backoff queue consumes that queue too.
-pub(crate) async fn serve_route(route: RouteHandle, queue: String, accept: Accept) -> Result<()> {
+/// Consume `queue` (a quorum queue when `quorum`) for `route` alone (events, work queues):
+/// each accepted message is handled by the route and settled with the broker (ack, retry or
+/// dead letter). A route whose retries wait in a backoff queue consumes that queue too.
+pub(crate) async fn serve_route(
+    route: RouteHandle,
+    queue: String,
+    quorum: bool,
+    accept: Accept,
+) -> Result<()> {
     let source = QueueSource {
         transport: route.transport().clone(),
         queue: queue.as_str().into(),
@@ -257,20 +326,24 @@ pub(crate) async fn serve_route(route: RouteHandle, queue: String, accept: Accep
         label: route.name().into(),
     };
     let Some(backoff_queue) = delayed_message::backoff_queue(&route) else {
-        return consume(source, Arc::new(RouteQueue { route, queue, accept })).await;
+        return consume(source, Arc::new(RouteQueue { route, queue, quorum, accept })).await;
     };
     let retries = QueueSource { queue: backoff_queue.as_str().into(), ..source.clone() };
-    let retries = consume(
-        retries,
-        Arc::new(BackoffQueue { route: route.clone(), queue: queue.clone(), backoff_queue }),
-    );
-    let work = consume(source, Arc::new(RouteQueue { route, queue, accept }));
+    let backoff = BackoffQueue {
+        route: route.clone(),
+        queue: queue.clone(),
+        quorum: delayed_message::backoff_queue_is_quorum(&route),
+        backoff_queue,
+    };
+    let retries = consume(retries, Arc::new(backoff));
+    let work = consume(source, Arc::new(RouteQueue { route, queue, quorum, accept }));
     futures::try_join!(work, retries).map(|_| ())
 }
 
 struct RouteQueue {
     route: RouteHandle,
     queue: String,
+    quorum: bool,
     accept: Accept,
 }
 
@@ -287,9 +360,7 @@ impl DeliveryHandler for RouteQueue {
             return;
         }
         let Some(permit) = route.acquire().await else {
-            if let Err(error) = delivery.acker.nack(true).await {
-                tracing::warn!(route = route.name(), "cannot hand a message back: {error}");
-            }
+            hand_back(route.transport(), &self.queue, self.quorum, delivery, route.name()).await;
             return;
         };
         let handled = route.handle(permit, message).await;
@@ -308,5 +379,9 @@ impl DeliveryHandler for RouteQueue {
         {
             self.route.settled(&done);
         }
+    }
+
+    fn quorum(&self) -> bool {
+        self.quorum
     }
 }
