@@ -622,6 +622,56 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
     }
 }
 
+/// The (exchange, routing key) of each call of `routed`, which always fails.
+#[derive(Debug, Default)]
+struct Routes(Mutex<Vec<(String, String)>>);
+
+fn routed(
+    message: micro_framework::Message,
+    Dep(seen): Dep<Arc<Routes>>,
+) -> Result<(), std::io::Error> {
+    seen.0.lock().unwrap().push((message.exchange.clone(), message.routing_key.clone()));
+    Err(std::io::Error::other("always fails"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_event_keeps_its_exchange_and_routing_key_and_dead_letters_with_them() {
+    use micro_framework::config::RetryDelay;
+    use micro_framework::settle::{HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY};
+    let delay_queues = format!("memory://test-{}", uuid::Uuid::new_v4());
+    for (uri, mode) in
+        [(plugin_broker(), RetryDelay::DelayedMessagePlugin), (delay_queues, RetryDelay::DelayQueues)]
+    {
+        let shop = unique("routeshop");
+        let config = config(&uri, "keeproute").with_retry_delay(mode);
+        let queue = format!("evt-{shop}-paid--{}.routed", config.service_name);
+        let seen = Arc::new(Routes::default());
+        let routes = vec![Route::new(routed)
+            .entrypoint(EventListener::new(&shop, "paid"))
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(20)))
+            .dependency(Shared(seen.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch(&shop, "paid", &json!({ "id": 1 })).await.unwrap();
+        service.wait_for_route("routed", 2).await.unwrap();
+        let first = (format!("{shop}.events"), "paid".to_owned());
+        assert_eq!(seen.0.lock().unwrap().clone(), vec![first.clone(), first.clone()], "{mode:?}");
+        let dlq = format!("{queue}.dlq");
+        let mut dead = Vec::new();
+        for _ in 0..500 {
+            dead = service.take_messages(&dlq).await.unwrap();
+            if !dead.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(dead.len(), 1, "{mode:?}: the exhausted message is dead-lettered");
+        let original =
+            (header(&dead[0], HEADER_ORIGINAL_EXCHANGE), header(&dead[0], HEADER_ORIGINAL_ROUTING_KEY));
+        assert_eq!(original, (&HeaderValue::from(first.0.as_str()), &HeaderValue::from("paid")));
+        service.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_count_set_by_the_publisher_does_not_steer_the_crash_loop_guard() {
     use std::sync::atomic::Ordering;

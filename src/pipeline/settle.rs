@@ -13,6 +13,7 @@ use crate::data::Failure;
 use crate::data::Handled;
 use crate::data::Message;
 use crate::error::{Error, Result};
+use crate::pipeline::consume::mark_first_route;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::retry::{
     BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT,
@@ -193,6 +194,10 @@ async fn schedule_retry(
     headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry_count)));
     headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(seconds_since_epoch(now)));
     headers.insert(HEADER_LAST_ERROR.into(), failure.full_message().into());
+    // The copy comes back through the default exchange (delay queues) or the backoff exchange
+    // (the plugin): it carries the route it was first published with, which its handler reads
+    // and its dead letter records.
+    mark_first_route(headers, &message.exchange, &message.routing_key);
     let transport = route.transport();
     let (exchange, routing_key, copy, mandatory) = match route.config().retry_delay {
         RetryDelay::DelayedMessagePlugin => {
