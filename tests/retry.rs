@@ -694,3 +694,33 @@ async fn a_delivery_count_set_by_the_publisher_does_not_steer_the_crash_loop_gua
     assert!(service.take_messages(&format!("{queue}.dlq")).await.unwrap().is_empty());
     service.stop().await.unwrap();
 }
+
+fn always_fails(Payload(_): Payload<Value>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other("always fails"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jittered_retries_wait_in_a_bounded_set_of_delay_queues() {
+    let uri = format!("memory://test-{}", uuid::Uuid::new_v4());
+    let shop = unique("jitter");
+    let config = config(&uri, "jitter");
+    let queue = format!("evt-{shop}-job--{}.always_fails", config.service_name);
+    // Retries a minute away: all still wait in their delay queues when counted.
+    let routes = vec![Route::new(always_fails)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(1, Duration::from_secs(60)).jitter(1.0))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let burst = 40;
+    for id in 0..burst {
+        service.dispatch(&shop, "job", &json!({ "id": id })).await.unwrap();
+    }
+    service.wait_for_route("always_fails", burst).await.unwrap();
+    // The nine steps of a jitter of 1.0 on 60 s: 60 s + k × 7.5 s.
+    let mut waiting = 0;
+    for step in 0..=8u64 {
+        let delay_queue = format!("{queue}.delay-{}", 60_000 + step * 7_500);
+        waiting += service.queue_len(&delay_queue).await.unwrap_or(0);
+    }
+    assert_eq!(u64::from(waiting), burst, "every retry waits in one of the nine delay queues");
+    service.stop().await.unwrap();
+}

@@ -16,7 +16,7 @@ use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
 
 use crate::clock;
-use crate::config::Config;
+use crate::config::{Config, RetryDelay};
 use crate::data::CallContext;
 use crate::data::Message;
 use crate::data::{Failure, FailureKind, Handled, Outcome, TargetRole};
@@ -262,7 +262,11 @@ impl RouteHandle {
             if !failure.retryable || !retry.can_retry() {
                 break;
             }
-            let delay = policy.delay(retry.retry_count + 1);
+            let next = retry.retry_count + 1;
+            let delay = match (policy.mode, self.inner.config.retry_delay) {
+                (RetryMode::Broker, RetryDelay::DelayQueues) => policy.delay_in_steps(next),
+                _ => policy.delay(next),
+            };
             if policy.mode == RetryMode::Broker {
                 return Handled::Retry { failure: failure.clone(), delay };
             }
