@@ -724,3 +724,38 @@ async fn jittered_retries_wait_in_a_bounded_set_of_delay_queues() {
     assert_eq!(u64::from(waiting), burst, "every retry waits in one of the nine delay queues");
     service.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_callback_runs_when_the_retry_copy_cannot_be_made() {
+    use micro_framework::config::RetryDelay;
+    fn unreadable(Dep(journal): Dep<Arc<Journal>>) -> Result<(), std::io::Error> {
+        journal.push("call", 0);
+        Err(std::io::Error::other("cannot read it"))
+    }
+    fn give_up(failure: Failure, retry: BackOffData, Dep(journal): Dep<Arc<Journal>>) {
+        journal.push(&format!("callback: {}", failure.full_message()), retry.retry_count);
+    }
+    let uri = plugin_broker();
+    let journal = Arc::new(Journal::default());
+    let shop = unique("shop");
+    let config = config(&uri, "binarycb").with_retry_delay(RetryDelay::DelayedMessagePlugin);
+    let queue = format!("evt-{shop}-job--{}.unreadable", config.service_name);
+    let routes = vec![CallbackRoute::new(unreadable, give_up)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let mut properties = micro_framework::data::json_properties();
+    properties.content_type = Some("application/octet-stream".into());
+    let binary = OutgoingMessage { body: vec![0xff, 0x00, 0x01].into(), properties };
+    let options = PublishOptions { mandatory: true };
+    service.transport().publish(&format!("{shop}.events"), "job", binary, options).await.unwrap();
+    service.wait_for_route("unreadable", 1).await.unwrap();
+    let entries = journal.entries();
+    assert_eq!(entries.len(), 2, "one attempt, then the callback: {entries:?}");
+    assert!(entries[1].0.starts_with("callback: cannot read it"), "{entries:?}");
+    assert!(entries[1].0.contains("not retried"), "{entries:?}");
+    assert_eq!(service.queue_len(&format!("{queue}.dlq")).await.unwrap(), 0, "called back");
+    assert_eq!(service.route("unreadable").unwrap().stats().called_back_count(), 1);
+    service.stop().await.unwrap();
+}

@@ -280,21 +280,52 @@ impl RouteHandle {
         }
         match outcome {
             Ok(value) => Handled::Succeeded(value),
-            Err(failure) if failure.kind == FailureKind::BadInput => Handled::Failed(failure),
-            Err(failure) if self.inner.callback.is_some() => {
-                match self.run(TargetRole::Callback, message, Some(failure.clone()), &retry).await {
-                    Ok(_) => Handled::CalledBack(failure),
-                    Err(callback_failure) => Handled::Failed(Failure {
-                        message: format!(
-                            "callback failed: {} (after: {})",
-                            callback_failure.message, failure.message
-                        ),
-                        ..callback_failure
-                    }),
-                }
-            }
-            Err(failure) => Handled::Failed(failure),
+            Err(failure) => self.no_retry_remains(message, failure, &retry).await,
         }
+    }
+
+    /// Handle, in the slot `permit`, a `message` whose last attempt failed with `failure` and
+    /// that will not be retried after all (its retry copy could not be made): its callback
+    /// runs as after the last retry.
+    pub(crate) async fn no_retry_made(
+        &self,
+        permit: WorkerPermit,
+        message: Message,
+        failure: Failure,
+    ) -> Handled {
+        let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
+        let retry = BackOffData::from_headers(&message.properties.headers, max_retries);
+        let handled = self.no_retry_remains(&Arc::new(message), failure, &retry).await;
+        drop(permit);
+        handled
+    }
+
+    /// The end of a message whose handling failed with `failure` and that no retry remains
+    /// for: the callback of a `CallbackRoute` runs (never for bad input); else it failed.
+    async fn no_retry_remains(
+        &self,
+        message: &Arc<Message>,
+        failure: Failure,
+        retry: &BackOffData,
+    ) -> Handled {
+        if failure.kind == FailureKind::BadInput || self.inner.callback.is_none() {
+            return Handled::Failed(failure);
+        }
+        match self.run(TargetRole::Callback, message, Some(failure.clone()), retry).await {
+            Ok(_) => Handled::CalledBack(failure),
+            Err(callback_failure) => Handled::Failed(Failure {
+                message: format!(
+                    "callback failed: {} (after: {})",
+                    callback_failure.message, failure.message
+                ),
+                ..callback_failure
+            }),
+        }
+    }
+
+    /// Whether the route has a callback (a `CallbackRoute`).
+    pub(crate) fn has_callback(&self) -> bool {
+        self.inner.callback.is_some()
     }
 
     /// Record that a message was settled (for counters and test waits).

@@ -79,16 +79,14 @@ pub(crate) async fn settle(
             match schedule_retry(route, queue, &message, failure, *delay, meta).await {
                 Err(NotScheduled::Refused(reason)) => {
                     // The retry copy cannot be made (no room for the original headers, or a
-                    // body the retry layout cannot carry): dead-lettered now instead.
+                    // body the retry layout cannot carry): no retry remains.
                     let failure = Failure {
                         retryable: false,
                         causes: [failure.causes.clone(), vec![format!("not retried: {reason}")]]
                             .concat(),
                         ..failure.clone()
                     };
-                    let published = dead_letter(route, queue, queue, &message, &failure).await;
-                    let done = published.is_ok().then_some(Handled::Failed(failure));
-                    (ack_after(route, delivery, published, "dead-letter").await, done)
+                    return not_retried(route, queue, delivery, message, failure).await;
                 }
                 Err(NotScheduled::Failed(error)) => {
                     let what = "schedule the retry of";
@@ -97,6 +95,40 @@ pub(crate) async fn settle(
                 Ok(()) => (delivery.acker.ack().await, Some(handled.clone())),
             }
         }
+    };
+    warn_if_unsettled(route, result);
+    done
+}
+
+/// Settle a message whose retry copy could not be made, failed with `failure`: as after its
+/// last retry, the callback of a `CallbackRoute` runs (in a worker slot, as every call), and
+/// the message is acked, or dead-lettered if there is no callback or it failed. `None` when
+/// it went back to its queue: its dead letter could not be published, or the service is
+/// stopping and admits no more calls (it is then requeued, and counted as a redelivery).
+async fn not_retried(
+    route: &RouteHandle,
+    queue: &str,
+    delivery: Delivery,
+    message: Message,
+    failure: Failure,
+) -> Option<Handled> {
+    let handled = match route.has_callback() {
+        false => Handled::Failed(failure),
+        true => {
+            let Some(permit) = route.acquire().await else {
+                warn_if_unsettled(route, delivery.acker.nack(true).await);
+                return None;
+            };
+            route.no_retry_made(permit, message.clone(), failure).await
+        }
+    };
+    let (result, done) = match &handled {
+        Handled::Failed(failure) => {
+            let published = dead_letter(route, queue, queue, &message, failure).await;
+            let done = published.is_ok().then(|| handled.clone());
+            (ack_after(route, delivery, published, "dead-letter").await, done)
+        }
+        _ => (delivery.acker.ack().await, Some(handled)),
     };
     warn_if_unsettled(route, result);
     done
