@@ -759,3 +759,24 @@ async fn the_callback_runs_when_the_retry_copy_cannot_be_made() {
     assert_eq!(service.route("unreadable").unwrap().stats().called_back_count(), 1);
     service.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_anonymous_broadcast_listener_dead_letters_into_its_leased_queue() {
+    use micro_framework::amqp::naming::HandlerType;
+    for uri in broker_uris() {
+        let shop = unique("leased");
+        let config = config(&uri, "leased");
+        let markers = [config.service_name.clone(), shop.clone()];
+        let listener = EventListener::new(&shop, "job").handler_type(HandlerType::Broadcast(None));
+        let routes = vec![Route::new(always_fails).entrypoint(listener)];
+        let service = TestService::start(routes, config).await.unwrap();
+        for id in 0..2 {
+            service.dispatch(&shop, "job", &json!({ "id": id })).await.unwrap();
+        }
+        service.wait_for_route("always_fails", 2).await.unwrap();
+        let stats = service.route("always_fails").unwrap().stats();
+        assert_eq!(stats.failed_count(), 2, "both dead-lettered (the lease renewed each time)");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

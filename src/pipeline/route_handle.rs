@@ -30,7 +30,7 @@ use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::process::BorrowedCall;
 use crate::pipeline::spawners::{WorkerPermit, WorkerPool};
-use crate::transport::SharedTransport;
+use crate::transport::{QueueSpec, SharedTransport};
 
 /// A running route, as its entrypoint sees it.
 #[derive(Clone, Debug)]
@@ -61,6 +61,8 @@ struct RouteRuntime {
     metrics: Metrics,
     /// Its series of `metrics`, looked up on its first call.
     series: OnceLock<RouteSeries>,
+    /// A dead-letter queue with a lease, declared again before each dead letter.
+    dead_letter_lease: OnceLock<QueueSpec>,
     extensions: SharedExtensions,
 }
 
@@ -117,6 +119,7 @@ impl RouteHandle {
                 state: env.state.clone(),
                 metrics: env.metrics.clone(),
                 series: OnceLock::new(),
+                dead_letter_lease: OnceLock::new(),
                 extensions: env.extensions.clone(),
             }),
         }
@@ -137,6 +140,19 @@ impl RouteHandle {
     /// The values shared by every route and call of this service instance.
     pub fn service_state(&self) -> &ServiceState {
         &self.inner.state
+    }
+
+    /// Declare `dlq`, the route's dead-letter queue, again before each dead letter published
+    /// there: it has an `x-expires` lease, which a declaration renews (and which recreates it
+    /// once expired).
+    pub(crate) fn renew_before_dead_letters(&self, dlq: QueueSpec) {
+        // A route is set up once: a second call would set the same queue.
+        let _ = self.inner.dead_letter_lease.set(dlq);
+    }
+
+    /// The dead-letter queue to declare again before each dead letter, if any.
+    pub(crate) fn dead_letter_lease(&self) -> Option<&QueueSpec> {
+        self.inner.dead_letter_lease.get()
     }
 
     /// The route's name.

@@ -303,6 +303,9 @@ async fn dead_letter(
         failure.full_message(),
         failure.kind
     );
+    if let Some(leased) = route.dead_letter_lease() {
+        route.transport().declare_queue(leased).await?;
+    }
     let copy = OutgoingMessage { body: message.body.clone(), properties };
     let options = PublishOptions { mandatory: true };
     let error = match route.transport().publish("", &dlq, copy, options).await {

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::amqp::naming::{dead_letter_queue, event_exchange, event_queue, is_quorum, HandlerType};
+use crate::amqp::naming::{dead_letter_queue_of, event_exchange, event_queue, is_quorum, HandlerType};
 use crate::config::Config;
 use crate::data::{Headers, Message};
 use crate::error::Result;
@@ -116,7 +116,11 @@ impl Entrypoint for EventListener {
                 arguments: Default::default(),
             })
             .await?;
-        transport.declare_queue(&dead_letter_queue(config, &queue.name)).await?;
+        let dlq = dead_letter_queue_of(config, &queue);
+        transport.declare_queue(&dlq).await?;
+        if dlq.arguments.contains_key("x-expires") {
+            route.renew_before_dead_letters(dlq);
+        }
         declare_retry_topology(route, &queue.name).await?;
         tracing::info!(
             route = route.name(),
