@@ -639,9 +639,10 @@ async fn a_retried_event_keeps_its_exchange_and_routing_key_and_dead_letters_wit
     use micro_framework::config::RetryDelay;
     use micro_framework::settle::{HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY};
     let delay_queues = format!("memory://test-{}", uuid::Uuid::new_v4());
-    for (uri, mode) in
-        [(plugin_broker(), RetryDelay::DelayedMessagePlugin), (delay_queues, RetryDelay::DelayQueues)]
-    {
+    for (uri, mode) in [
+        (plugin_broker(), RetryDelay::DelayedMessagePlugin),
+        (delay_queues, RetryDelay::DelayQueues),
+    ] {
         let shop = unique("routeshop");
         let config = config(&uri, "keeproute").with_retry_delay(mode);
         let queue = format!("evt-{shop}-paid--{}.routed", config.service_name);
@@ -665,8 +666,10 @@ async fn a_retried_event_keeps_its_exchange_and_routing_key_and_dead_letters_wit
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(dead.len(), 1, "{mode:?}: the exhausted message is dead-lettered");
-        let original =
-            (header(&dead[0], HEADER_ORIGINAL_EXCHANGE), header(&dead[0], HEADER_ORIGINAL_ROUTING_KEY));
+        let original = (
+            header(&dead[0], HEADER_ORIGINAL_EXCHANGE),
+            header(&dead[0], HEADER_ORIGINAL_ROUTING_KEY),
+        );
         assert_eq!(original, (&HeaderValue::from(first.0.as_str()), &HeaderValue::from("paid")));
         service.stop().await.unwrap();
     }

@@ -147,7 +147,10 @@ mod tests {
         assert_eq!(leased.arguments.get("x-expires"), Some(&HeaderValue::Int(604_800_000)));
         for handler in [HandlerType::ServicePool, HandlerType::Broadcast(Some("b1".into()))] {
             let queue = event_queue(&config, &handler, "shop", "paid", "m");
-            assert_eq!(dead_letter_queue_of(&config, &queue), dead_letter_queue(&config, &queue.name));
+            assert_eq!(
+                dead_letter_queue_of(&config, &queue),
+                dead_letter_queue(&config, &queue.name)
+            );
         }
     }
 }

@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::amqp::naming::{dead_letter_queue_of, event_exchange, event_queue, is_quorum, HandlerType};
+use crate::amqp::naming::{
+    dead_letter_queue_of, event_exchange, event_queue, is_quorum, HandlerType,
+};
 use crate::config::Config;
 use crate::data::{Headers, Message};
 use crate::error::Result;

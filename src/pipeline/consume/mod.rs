@@ -240,7 +240,10 @@ pub(crate) async fn hand_back(
     let settled = match transport.publish("", queue, copy, options).await {
         Ok(()) => delivery.acker.ack().await,
         Err(error) => {
-            tracing::warn!(route = label, "cannot hand a message back as a copy ({error}); requeued");
+            tracing::warn!(
+                route = label,
+                "cannot hand a message back as a copy ({error}); requeued"
+            );
             delivery.acker.nack(true).await
         }
     };
