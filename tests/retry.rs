@@ -573,8 +573,10 @@ fn victim(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<VictimCalls>>) {
 async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
     use micro_framework::config::QueueType;
     use std::sync::atomic::Ordering;
-    for queue_type in [QueueType::Classic, QueueType::Quorum] {
-        let uri = format!("memory://test-{}", uuid::Uuid::new_v4());
+    for (uri, queue_type) in broker_uris()
+        .into_iter()
+        .flat_map(|uri| [(uri.clone(), QueueType::Classic), (uri, QueueType::Quorum)])
+    {
         let shop = unique("handback");
         // With no redelivery allowed, one hand-back counted as a crash dead-letters the message.
         let config = config(&uri, "handback")
@@ -585,6 +587,7 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
         let keeper = micro_framework::transport::connect(&config).await.unwrap();
         let calls = Arc::new(VictimCalls::default());
         let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
+        let markers = [config.service_name.clone(), shop.clone()];
         let routes = |probe: &Arc<common::Probe>| {
             vec![
                 Route::new(hog)
@@ -610,15 +613,17 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
         assert_eq!(calls.0.load(Ordering::SeqCst), 0, "{queue_type:?}: the victim never ran");
 
         let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
-        let dlq = format!("{queue}.dlq");
-        common::wait_until(|| calls.0.load(Ordering::SeqCst) > 0, "the victim's call").await;
+        // The victim's call settles it (its stats count it), and so would a dead letter.
+        service.wait_for_route("victim", 1).await.unwrap();
         service.stop().await.unwrap();
+        let dlq = format!("{queue}.dlq");
         let dead = micro_framework::testing::take_messages(keeper.as_ref(), &dlq).await.unwrap();
         assert!(dead.is_empty(), "{queue_type:?}: a message that never ran is dead-lettered");
         let left = micro_framework::testing::take_messages(keeper.as_ref(), &queue).await.unwrap();
         assert!(left.is_empty(), "{queue_type:?}: nothing is left in {queue}");
         assert_eq!(calls.0.load(Ordering::SeqCst), 1, "{queue_type:?}: handed back, it runs once");
         keeper.close().await;
+        common::cleanup(&uri, &markers).await;
     }
 }
 
