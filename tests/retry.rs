@@ -552,3 +552,239 @@ async fn a_body_the_python_layout_cannot_carry_is_dead_lettered_instead_of_retri
     assert_eq!(journal.entries().len(), 1, "one attempt, no retry");
     service.stop().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// The crash-loop guard and the route of copies: hand-backs, retries, forged counts.
+
+fn hog(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<common::Probe>>) {
+    probe.enter(Value::Null);
+    probe.leave();
+}
+
+/// How many times `victim` ran.
+#[derive(Debug, Default)]
+struct VictimCalls(std::sync::atomic::AtomicU64);
+
+fn victim(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<VictimCalls>>) {
+    calls.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
+    use micro_framework::config::QueueType;
+    use std::sync::atomic::Ordering;
+    for (uri, queue_type) in broker_uris()
+        .into_iter()
+        .flat_map(|uri| [(uri.clone(), QueueType::Classic), (uri, QueueType::Quorum)])
+    {
+        let shop = unique("handback");
+        // With no redelivery allowed, one hand-back counted as a crash dead-letters the message.
+        let config = config(&uri, "handback")
+            .with_max_workers(1)
+            .with_max_redeliveries(0)
+            .with_queue_type(queue_type);
+        // Keeps the in-process broker (and its queues) alive between the service's starts.
+        let keeper = micro_framework::transport::connect(&config).await.unwrap();
+        let calls = Arc::new(VictimCalls::default());
+        let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let routes = |probe: &Arc<common::Probe>| {
+            vec![
+                Route::new(hog)
+                    .entrypoint(EventListener::new(&shop, "hog"))
+                    .dependency(Shared(probe.clone())),
+                Route::new(victim)
+                    .entrypoint(EventListener::new(&shop, "job"))
+                    .dependency(Shared(calls.clone())),
+            ]
+        };
+        let probe = common::Probe::closed();
+        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
+        probe.wait_started(1).await;
+        service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
+        // The victim's message is received and waits for the one worker slot, which the hog
+        // holds until the service stops: it is handed back unstarted.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        service.begin_stop();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        probe.open();
+        service.wait_stopped().await.unwrap();
+        assert_eq!(calls.0.load(Ordering::SeqCst), 0, "{queue_type:?}: the victim never ran");
+
+        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        // The victim's call settles it (its stats count it), and so would a dead letter.
+        service.wait_for_route("victim", 1).await.unwrap();
+        service.stop().await.unwrap();
+        let dlq = format!("{queue}.dlq");
+        let dead = micro_framework::testing::take_messages(keeper.as_ref(), &dlq).await.unwrap();
+        assert!(dead.is_empty(), "{queue_type:?}: a message that never ran is dead-lettered");
+        let left = micro_framework::testing::take_messages(keeper.as_ref(), &queue).await.unwrap();
+        assert!(left.is_empty(), "{queue_type:?}: nothing is left in {queue}");
+        assert_eq!(calls.0.load(Ordering::SeqCst), 1, "{queue_type:?}: handed back, it runs once");
+        keeper.close().await;
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+/// The (exchange, routing key) of each call of `routed`, which always fails.
+#[derive(Debug, Default)]
+struct Routes(Mutex<Vec<(String, String)>>);
+
+fn routed(
+    message: micro_framework::Message,
+    Dep(seen): Dep<Arc<Routes>>,
+) -> Result<(), std::io::Error> {
+    seen.0.lock().unwrap().push((message.exchange.clone(), message.routing_key.clone()));
+    Err(std::io::Error::other("always fails"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_event_keeps_its_exchange_and_routing_key_and_dead_letters_with_them() {
+    use micro_framework::config::RetryDelay;
+    use micro_framework::settle::{HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY};
+    let delay_queues = format!("memory://test-{}", uuid::Uuid::new_v4());
+    for (uri, mode) in [
+        (plugin_broker(), RetryDelay::DelayedMessagePlugin),
+        (delay_queues, RetryDelay::DelayQueues),
+    ] {
+        let shop = unique("routeshop");
+        let config = config(&uri, "keeproute").with_retry_delay(mode);
+        let queue = format!("evt-{shop}-paid--{}.routed", config.service_name);
+        let seen = Arc::new(Routes::default());
+        let routes = vec![Route::new(routed)
+            .entrypoint(EventListener::new(&shop, "paid"))
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(20)))
+            .dependency(Shared(seen.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch(&shop, "paid", &json!({ "id": 1 })).await.unwrap();
+        service.wait_for_route("routed", 2).await.unwrap();
+        let first = (format!("{shop}.events"), "paid".to_owned());
+        assert_eq!(seen.0.lock().unwrap().clone(), vec![first.clone(), first.clone()], "{mode:?}");
+        let dlq = format!("{queue}.dlq");
+        let mut dead = Vec::new();
+        for _ in 0..500 {
+            dead = service.take_messages(&dlq).await.unwrap();
+            if !dead.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(dead.len(), 1, "{mode:?}: the exhausted message is dead-lettered");
+        let original = (
+            header(&dead[0], HEADER_ORIGINAL_EXCHANGE),
+            header(&dead[0], HEADER_ORIGINAL_ROUTING_KEY),
+        );
+        assert_eq!(original, (&HeaderValue::from(first.0.as_str()), &HeaderValue::from("paid")));
+        service.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_count_set_by_the_publisher_does_not_steer_the_crash_loop_guard() {
+    use std::sync::atomic::Ordering;
+    let uri = format!("memory://test-{}", uuid::Uuid::new_v4());
+    let shop = unique("forged");
+    let config = config(&uri, "forged").with_max_redeliveries(2);
+    let calls = Arc::new(VictimCalls::default());
+    let routes = vec![Route::new(victim)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .dependency(Shared(calls.clone()))];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let mut properties = micro_framework::data::json_properties();
+    properties.headers.insert("x-delivery-count".into(), HeaderValue::Int(99));
+    let forged = OutgoingMessage { body: json!({ "id": 1 }).to_string().into(), properties };
+    let options = PublishOptions { mandatory: true };
+    service.transport().publish(&format!("{shop}.events"), "job", forged, options).await.unwrap();
+    service.wait_for_route("victim", 1).await.unwrap();
+    assert_eq!(calls.0.load(Ordering::SeqCst), 1, "a fresh message runs, whatever it claims");
+    let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
+    assert!(service.take_messages(&format!("{queue}.dlq")).await.unwrap().is_empty());
+    service.stop().await.unwrap();
+}
+
+fn always_fails(Payload(_): Payload<Value>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other("always fails"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jittered_retries_wait_in_a_bounded_set_of_delay_queues() {
+    let uri = format!("memory://test-{}", uuid::Uuid::new_v4());
+    let shop = unique("jitter");
+    let config = config(&uri, "jitter");
+    let queue = format!("evt-{shop}-job--{}.always_fails", config.service_name);
+    // Retries a minute away: all still wait in their delay queues when counted.
+    let routes = vec![Route::new(always_fails)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(1, Duration::from_secs(60)).jitter(1.0))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let burst = 40;
+    for id in 0..burst {
+        service.dispatch(&shop, "job", &json!({ "id": id })).await.unwrap();
+    }
+    service.wait_for_route("always_fails", burst).await.unwrap();
+    // The nine steps of a jitter of 1.0 on 60 s: 60 s + k × 7.5 s.
+    let mut waiting = 0;
+    for step in 0..=8u64 {
+        let delay_queue = format!("{queue}.delay-{}", 60_000 + step * 7_500);
+        waiting += service.queue_len(&delay_queue).await.unwrap_or(0);
+    }
+    assert_eq!(u64::from(waiting), burst, "every retry waits in one of the nine delay queues");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_callback_runs_when_the_retry_copy_cannot_be_made() {
+    use micro_framework::config::RetryDelay;
+    fn unreadable(Dep(journal): Dep<Arc<Journal>>) -> Result<(), std::io::Error> {
+        journal.push("call", 0);
+        Err(std::io::Error::other("cannot read it"))
+    }
+    fn give_up(failure: Failure, retry: BackOffData, Dep(journal): Dep<Arc<Journal>>) {
+        journal.push(&format!("callback: {}", failure.full_message()), retry.retry_count);
+    }
+    let uri = plugin_broker();
+    let journal = Arc::new(Journal::default());
+    let shop = unique("shop");
+    let config = config(&uri, "binarycb").with_retry_delay(RetryDelay::DelayedMessagePlugin);
+    let queue = format!("evt-{shop}-job--{}.unreadable", config.service_name);
+    let routes = vec![CallbackRoute::new(unreadable, give_up)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let mut properties = micro_framework::data::json_properties();
+    properties.content_type = Some("application/octet-stream".into());
+    let binary = OutgoingMessage { body: vec![0xff, 0x00, 0x01].into(), properties };
+    let options = PublishOptions { mandatory: true };
+    service.transport().publish(&format!("{shop}.events"), "job", binary, options).await.unwrap();
+    service.wait_for_route("unreadable", 1).await.unwrap();
+    let entries = journal.entries();
+    assert_eq!(entries.len(), 2, "one attempt, then the callback: {entries:?}");
+    assert!(entries[1].0.starts_with("callback: cannot read it"), "{entries:?}");
+    assert!(entries[1].0.contains("not retried"), "{entries:?}");
+    assert_eq!(service.queue_len(&format!("{queue}.dlq")).await.unwrap(), 0, "called back");
+    assert_eq!(service.route("unreadable").unwrap().stats().called_back_count(), 1);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_anonymous_broadcast_listener_dead_letters_into_its_leased_queue() {
+    use micro_framework::amqp::naming::HandlerType;
+    for uri in broker_uris() {
+        let shop = unique("leased");
+        let config = config(&uri, "leased");
+        let markers = [config.service_name.clone(), shop.clone()];
+        let listener = EventListener::new(&shop, "job").handler_type(HandlerType::Broadcast(None));
+        let routes = vec![Route::new(always_fails).entrypoint(listener)];
+        let service = TestService::start(routes, config).await.unwrap();
+        for id in 0..2 {
+            service.dispatch(&shop, "job", &json!({ "id": id })).await.unwrap();
+        }
+        service.wait_for_route("always_fails", 2).await.unwrap();
+        let stats = service.route("always_fails").unwrap().stats();
+        assert_eq!(stats.failed_count(), 2, "both dead-lettered (the lease renewed each time)");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

@@ -1,5 +1,7 @@
 //! Names and flags of exchanges and queues, per wire profile (Nameko, micro-framework).
 
+use std::time::Duration;
+
 use crate::config::{Config, Protocol, QueueType};
 use crate::transport::{ExchangeSpec, HeaderValue, QueueSpec};
 
@@ -69,9 +71,33 @@ pub fn work_queue(config: &Config, name: String) -> QueueSpec {
     queue
 }
 
+/// Whether `queue` is declared as a quorum queue.
+pub fn is_quorum(queue: &QueueSpec) -> bool {
+    queue.arguments.get("x-queue-type").and_then(HeaderValue::as_str) == Some("quorum")
+}
+
 /// The dead-letter queue of a work queue: `{queue}.dlq`, same queue type.
 pub fn dead_letter_queue(config: &Config, queue: &str) -> QueueSpec {
     work_queue(config, format!("{queue}.dlq"))
+}
+
+/// How long the dead-letter queue of an exclusive queue lasts past its last use.
+pub const EXCLUSIVE_DEAD_LETTER_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The dead-letter queue of `queue` ([`dead_letter_queue`]). That of an exclusive queue (an
+/// anonymous broadcast listener's, named anew at each start) has a lease, `x-expires` =
+/// [`EXCLUSIVE_DEAD_LETTER_LEASE`]: its queue goes with its connection and no later start
+/// declares the same names again, so without a lease each start would leave a durable queue
+/// behind for ever. Each declaration renews the lease; the service declares it again before
+/// each dead letter it publishes there, so it lasts a week past the last one, long enough to
+/// read them.
+pub fn dead_letter_queue_of(config: &Config, queue: &QueueSpec) -> QueueSpec {
+    let mut dlq = dead_letter_queue(config, &queue.name);
+    if queue.exclusive {
+        let lease = i64::try_from(EXCLUSIVE_DEAD_LETTER_LEASE.as_millis()).unwrap_or(i64::MAX);
+        dlq.arguments.insert("x-expires".into(), HeaderValue::Int(lease));
+    }
+    dlq
 }
 
 #[cfg(test)]
@@ -109,5 +135,22 @@ mod tests {
         let dlq = dead_letter_queue(&config, "q");
         assert_eq!(dlq.name, "q.dlq");
         assert_eq!(dlq.arguments.get("x-queue-type"), Some(&HeaderValue::from("quorum")));
+    }
+
+    #[test]
+    fn only_the_dead_letter_queue_of_an_exclusive_queue_has_a_lease() {
+        let config = Config::new("svc");
+        let anonymous = event_queue(&config, &HandlerType::Broadcast(None), "shop", "paid", "m");
+        let leased = dead_letter_queue_of(&config, &anonymous);
+        assert_eq!(leased.name, format!("{}.dlq", anonymous.name));
+        assert!(leased.durable && !leased.exclusive);
+        assert_eq!(leased.arguments.get("x-expires"), Some(&HeaderValue::Int(604_800_000)));
+        for handler in [HandlerType::ServicePool, HandlerType::Broadcast(Some("b1".into()))] {
+            let queue = event_queue(&config, &handler, "shop", "paid", "m");
+            assert_eq!(
+                dead_letter_queue_of(&config, &queue),
+                dead_letter_queue(&config, &queue.name)
+            );
+        }
     }
 }

@@ -16,7 +16,7 @@ use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
 
 use crate::clock;
-use crate::config::Config;
+use crate::config::{Config, RetryDelay};
 use crate::data::CallContext;
 use crate::data::Message;
 use crate::data::{Failure, FailureKind, Handled, Outcome, TargetRole};
@@ -30,7 +30,7 @@ use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::process::BorrowedCall;
 use crate::pipeline::spawners::{WorkerPermit, WorkerPool};
-use crate::transport::SharedTransport;
+use crate::transport::{QueueSpec, SharedTransport};
 
 /// A running route, as its entrypoint sees it.
 #[derive(Clone, Debug)]
@@ -61,6 +61,8 @@ struct RouteRuntime {
     metrics: Metrics,
     /// Its series of `metrics`, looked up on its first call.
     series: OnceLock<RouteSeries>,
+    /// A dead-letter queue with a lease, declared again before each dead letter.
+    dead_letter_lease: OnceLock<QueueSpec>,
     extensions: SharedExtensions,
 }
 
@@ -117,6 +119,7 @@ impl RouteHandle {
                 state: env.state.clone(),
                 metrics: env.metrics.clone(),
                 series: OnceLock::new(),
+                dead_letter_lease: OnceLock::new(),
                 extensions: env.extensions.clone(),
             }),
         }
@@ -137,6 +140,19 @@ impl RouteHandle {
     /// The values shared by every route and call of this service instance.
     pub fn service_state(&self) -> &ServiceState {
         &self.inner.state
+    }
+
+    /// Declare `dlq`, the route's dead-letter queue, again before each dead letter published
+    /// there: it has an `x-expires` lease, which a declaration renews (and which recreates it
+    /// once expired).
+    pub(crate) fn renew_before_dead_letters(&self, dlq: QueueSpec) {
+        // A route is set up once: a second call would set the same queue.
+        let _ = self.inner.dead_letter_lease.set(dlq);
+    }
+
+    /// The dead-letter queue to declare again before each dead letter, if any.
+    pub(crate) fn dead_letter_lease(&self) -> Option<&QueueSpec> {
+        self.inner.dead_letter_lease.get()
     }
 
     /// The route's name.
@@ -267,7 +283,11 @@ impl RouteHandle {
             if !failure.retryable || !retry.can_retry() {
                 break;
             }
-            let delay = policy.delay(retry.retry_count + 1);
+            let next = retry.retry_count + 1;
+            let delay = match (policy.mode, self.inner.config.retry_delay) {
+                (RetryMode::Broker, RetryDelay::DelayQueues) => policy.delay_in_steps(next),
+                _ => policy.delay(next),
+            };
             if policy.mode == RetryMode::Broker {
                 return Handled::Retry { failure: failure.clone(), delay };
             }
@@ -281,21 +301,52 @@ impl RouteHandle {
         }
         match outcome {
             Ok(value) => Handled::Succeeded(value),
-            Err(failure) if failure.kind == FailureKind::BadInput => Handled::Failed(failure),
-            Err(failure) if self.inner.callback.is_some() => {
-                match self.run(TargetRole::Callback, message, Some(failure.clone()), &retry).await {
-                    Ok(_) => Handled::CalledBack(failure),
-                    Err(callback_failure) => Handled::Failed(Failure {
-                        message: format!(
-                            "callback failed: {} (after: {})",
-                            callback_failure.message, failure.message
-                        ),
-                        ..callback_failure
-                    }),
-                }
-            }
-            Err(failure) => Handled::Failed(failure),
+            Err(failure) => self.no_retry_remains(message, failure, &retry).await,
         }
+    }
+
+    /// Handle, in the slot `permit`, a `message` whose last attempt failed with `failure` and
+    /// that will not be retried after all (its retry copy could not be made): its callback
+    /// runs as after the last retry.
+    pub(crate) async fn no_retry_made(
+        &self,
+        permit: WorkerPermit,
+        message: Message,
+        failure: Failure,
+    ) -> Handled {
+        let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
+        let retry = BackOffData::from_headers(&message.properties.headers, max_retries);
+        let handled = self.no_retry_remains(&Arc::new(message), failure, &retry).await;
+        drop(permit);
+        handled
+    }
+
+    /// The end of a message whose handling failed with `failure` and that no retry remains
+    /// for: the callback of a `CallbackRoute` runs (never for bad input); else it failed.
+    async fn no_retry_remains(
+        &self,
+        message: &Arc<Message>,
+        failure: Failure,
+        retry: &BackOffData,
+    ) -> Handled {
+        if failure.kind == FailureKind::BadInput || self.inner.callback.is_none() {
+            return Handled::Failed(failure);
+        }
+        match self.run(TargetRole::Callback, message, Some(failure.clone()), retry).await {
+            Ok(_) => Handled::CalledBack(failure),
+            Err(callback_failure) => Handled::Failed(Failure {
+                message: format!(
+                    "callback failed: {} (after: {})",
+                    callback_failure.message, failure.message
+                ),
+                ..callback_failure
+            }),
+        }
+    }
+
+    /// Whether the route has a callback (a `CallbackRoute`).
+    pub(crate) fn has_callback(&self) -> bool {
+        self.inner.callback.is_some()
     }
 
     /// Record that a message was settled (for counters and test waits).

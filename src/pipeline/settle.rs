@@ -13,6 +13,7 @@ use crate::data::Failure;
 use crate::data::Handled;
 use crate::data::Message;
 use crate::error::{Error, Result};
+use crate::pipeline::consume::mark_first_route;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::retry::{
     BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT,
@@ -78,16 +79,14 @@ pub(crate) async fn settle(
             match schedule_retry(route, queue, &message, failure, *delay, meta).await {
                 Err(NotScheduled::Refused(reason)) => {
                     // The retry copy cannot be made (no room for the original headers, or a
-                    // body the retry layout cannot carry): dead-lettered now instead.
+                    // body the retry layout cannot carry): no retry remains.
                     let failure = Failure {
                         retryable: false,
                         causes: [failure.causes.clone(), vec![format!("not retried: {reason}")]]
                             .concat(),
                         ..failure.clone()
                     };
-                    let published = dead_letter(route, queue, queue, &message, &failure).await;
-                    let done = published.is_ok().then_some(Handled::Failed(failure));
-                    (ack_after(route, delivery, published, "dead-letter").await, done)
+                    return not_retried(route, queue, delivery, message, failure).await;
                 }
                 Err(NotScheduled::Failed(error)) => {
                     let what = "schedule the retry of";
@@ -96,6 +95,40 @@ pub(crate) async fn settle(
                 Ok(()) => (delivery.acker.ack().await, Some(handled.clone())),
             }
         }
+    };
+    warn_if_unsettled(route, result);
+    done
+}
+
+/// Settle a message whose retry copy could not be made, failed with `failure`: as after its
+/// last retry, the callback of a `CallbackRoute` runs (in a worker slot, as every call), and
+/// the message is acked, or dead-lettered if there is no callback or it failed. `None` when
+/// it went back to its queue: its dead letter could not be published, or the service is
+/// stopping and admits no more calls (it is then requeued, and counted as a redelivery).
+async fn not_retried(
+    route: &RouteHandle,
+    queue: &str,
+    delivery: Delivery,
+    message: Message,
+    failure: Failure,
+) -> Option<Handled> {
+    let handled = match route.has_callback() {
+        false => Handled::Failed(failure),
+        true => {
+            let Some(permit) = route.acquire().await else {
+                warn_if_unsettled(route, delivery.acker.nack(true).await);
+                return None;
+            };
+            route.no_retry_made(permit, message.clone(), failure).await
+        }
+    };
+    let (result, done) = match &handled {
+        Handled::Failed(failure) => {
+            let published = dead_letter(route, queue, queue, &message, failure).await;
+            let done = published.is_ok().then(|| handled.clone());
+            (ack_after(route, delivery, published, "dead-letter").await, done)
+        }
+        _ => (delivery.acker.ack().await, Some(handled)),
     };
     warn_if_unsettled(route, result);
     done
@@ -193,6 +226,10 @@ async fn schedule_retry(
     headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry_count)));
     headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(seconds_since_epoch(now)));
     headers.insert(HEADER_LAST_ERROR.into(), failure.full_message().into());
+    // The copy comes back through the default exchange (delay queues) or the backoff exchange
+    // (the plugin): it carries the route it was first published with, which its handler reads
+    // and its dead letter records.
+    mark_first_route(headers, &message.exchange, &message.routing_key);
     let transport = route.transport();
     let (exchange, routing_key, copy, mandatory) = match route.config().retry_delay {
         RetryDelay::DelayedMessagePlugin => {
@@ -266,6 +303,9 @@ async fn dead_letter(
         failure.full_message(),
         failure.kind
     );
+    if let Some(leased) = route.dead_letter_lease() {
+        route.transport().declare_queue(leased).await?;
+    }
     let copy = OutgoingMessage { body: message.body.clone(), properties };
     let options = PublishOptions { mandatory: true };
     let error = match route.transport().publish("", &dlq, copy, options).await {
@@ -315,12 +355,15 @@ fn dead_letter_headers(
 }
 
 /// The properties of a copy the service publishes of a message it received (a retry, a dead
-/// letter, a counted redelivery): without the per-message TTL, and without the `user_id`
-/// property, which RabbitMQ accepts only from the user it names; its value moves to
-/// [`HEADER_ORIGINAL_USER_ID`].
+/// letter, a counted redelivery, a hand-back): without the per-message TTL; without
+/// `x-delivery-count`, a quorum queue's count of the original's deliveries, which no copy
+/// should carry to another queue (where a publisher's value would be read as a count); and
+/// without the `user_id` property, which RabbitMQ accepts only from the user it names; its
+/// value moves to [`HEADER_ORIGINAL_USER_ID`].
 pub(crate) fn copy_properties(original: &Properties) -> Properties {
     let mut properties = original.clone();
     properties.expiration = None;
+    properties.headers.remove("x-delivery-count");
     if let Some(user_id) = properties.user_id.take() {
         properties.headers.insert(HEADER_ORIGINAL_USER_ID.into(), user_id.into());
     }

@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::amqp::naming::{dead_letter_queue, event_exchange, event_queue, HandlerType};
+use crate::amqp::naming::{
+    dead_letter_queue_of, event_exchange, event_queue, is_quorum, HandlerType,
+};
 use crate::config::Config;
 use crate::data::{Headers, Message};
 use crate::error::Result;
@@ -43,6 +45,8 @@ pub struct EventListener {
     handler_type: HandlerType,
     filter: Option<PayloadFilter>,
     queue: Option<String>,
+    /// Whether the queue set up is a quorum queue.
+    quorum: bool,
 }
 
 impl EventListener {
@@ -54,6 +58,7 @@ impl EventListener {
             handler_type: HandlerType::default(),
             filter: None,
             queue: None,
+            quorum: false,
         }
     }
 
@@ -113,7 +118,11 @@ impl Entrypoint for EventListener {
                 arguments: Default::default(),
             })
             .await?;
-        transport.declare_queue(&dead_letter_queue(config, &queue.name)).await?;
+        let dlq = dead_letter_queue_of(config, &queue);
+        transport.declare_queue(&dlq).await?;
+        if dlq.arguments.contains_key("x-expires") {
+            route.renew_before_dead_letters(dlq);
+        }
         declare_retry_topology(route, &queue.name).await?;
         tracing::info!(
             route = route.name(),
@@ -121,6 +130,7 @@ impl Entrypoint for EventListener {
             self.describe(),
             queue.name
         );
+        self.quorum = is_quorum(&queue);
         self.queue = Some(queue.name);
         Ok(())
     }
@@ -130,7 +140,7 @@ impl Entrypoint for EventListener {
             .queue
             .clone()
             .ok_or_else(|| crate::Error::Startup(format!("{} was not set up", self.describe())))?;
-        serve_route(route, queue, self.accept()).await
+        serve_route(route, queue, self.quorum, self.accept()).await
     }
 
     fn kind(&self) -> EntrypointKind {

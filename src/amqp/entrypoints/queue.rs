@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::amqp::naming::{dead_letter_queue, work_queue};
+use crate::amqp::naming::{dead_letter_queue, is_quorum, work_queue};
 use crate::data::Message;
 use crate::error::{Error, Result};
 use crate::pipeline::consume::serve_route;
@@ -182,7 +182,10 @@ impl Entrypoint for QueueListener {
     }
 
     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
-        serve_route(route, self.queue, Arc::new(|_: &Message| true)).await
+        // A queue taken as it is (passive) is of a type the service does not know: it is
+        // counted as any queue can be, with copies.
+        let quorum = !self.passive && is_quorum(&work_queue(route.config(), self.queue.clone()));
+        serve_route(route, self.queue, quorum, Arc::new(|_: &Message| true)).await
     }
 }
 

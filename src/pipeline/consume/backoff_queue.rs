@@ -18,6 +18,8 @@ pub(crate) struct BackoffQueue {
     pub route: RouteHandle,
     /// The route's own queue.
     pub queue: String,
+    /// Whether the backoff queue is a quorum queue.
+    pub quorum: bool,
     /// The backoff queue consumed.
     pub backoff_queue: String,
 }
@@ -43,20 +45,21 @@ impl BackoffQueue {
 impl DeliveryHandler for BackoffQueue {
     async fn handle(&self, mut delivery: Delivery) {
         let route = &self.route;
+        // The slot first: a retry handed back goes back as it came, still wrapped.
+        let Some(permit) = route.acquire().await else {
+            let (transport, queue) = (route.transport(), &self.backoff_queue);
+            super::hand_back(transport, queue, self.quorum, delivery, route.name()).await;
+            return;
+        };
         let meta = match delayed_message::unwrap(&mut delivery) {
             Ok(meta) => meta,
             Err(reason) => {
+                drop(permit);
                 if let Some(done) = self.refuse_unread(delivery, reason).await {
                     route.settled(&done);
                 }
                 return;
             }
-        };
-        let Some(permit) = route.acquire().await else {
-            if let Err(error) = delivery.acker.nack(true).await {
-                tracing::warn!(route = route.name(), "cannot hand a retry back: {error}");
-            }
-            return;
         };
         let handled = route.handle(permit, delivery.message()).await;
         self.settle(delivery, &handled, &meta).await;
@@ -74,5 +77,9 @@ impl DeliveryHandler for BackoffQueue {
                 }
             }
         }
+    }
+
+    fn quorum(&self) -> bool {
+        self.quorum
     }
 }

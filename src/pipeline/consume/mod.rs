@@ -3,6 +3,7 @@
 //! consumer, and stop as the worker mode says.
 
 mod backoff_queue;
+mod crash_guard;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,28 +13,19 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::data::{Failure, FailureKind, Handled, HeaderValue, Message};
+use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
-use crate::pipeline::settle::{copy_properties, settle};
+use crate::pipeline::settle::settle;
 use crate::pipeline::RouteHandle;
-use crate::transport::{
-    ConsumeOptions, Delivery, Limit, OutgoingMessage, PublishOptions, SharedTransport,
-    TransportError,
-};
+use crate::transport::{ConsumeOptions, Delivery, SharedTransport};
 use backoff_queue::BackoffQueue;
-
-/// Header: how many times a message came back unsettled (classic queues; quorum queues count
-/// in `x-delivery-count`).
-pub const HEADER_REDELIVERIES: &str = "x-mf-redeliveries";
-/// Header of a counted redelivery: the exchange the message was first published to.
-const HEADER_FIRST_EXCHANGE: &str = "x-mf-redelivered-exchange";
-/// Header of a counted redelivery: the routing key the message was first published with.
-const HEADER_FIRST_ROUTING_KEY: &str = "x-mf-redelivered-routing-key";
+use crash_guard::HEADER_REDELIVERIES;
+use crash_guard::{check_crash_loop, count_redelivery, crash_pause, Checked, Guarded};
+pub(crate) use crash_guard::{hand_back, mark_first_route};
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
-const CRASH_PAUSE: Duration = Duration::from_secs(1);
 
 /// What a queue's consumer does with each delivery.
 #[async_trait]
@@ -44,6 +36,14 @@ pub(crate) trait DeliveryHandler: Send + Sync + 'static {
     /// Settle, without handling it, a delivery that came back unsettled more than
     /// `MAX_REDELIVERIES` times: its handling may crash the worker or the service.
     async fn refuse(&self, delivery: Delivery, failure: Failure);
+
+    /// Whether the queue is a quorum queue, whose own count of a redelivered message's
+    /// deliveries (`x-delivery-count`) the crash-loop guard may trust. On any other queue
+    /// that header is whatever the publisher wrote, so the default (`false`) ignores it and
+    /// counts with copies, which works on every queue type.
+    fn quorum(&self) -> bool {
+        false
+    }
 }
 
 /// Where and how to consume.
@@ -116,7 +116,7 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
 async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, delivery: Delivery) {
     // The rare paths are boxed: this future is moved into a task for every delivery, and
     // moving it copies all of it.
-    let guarded = match check_crash_loop(&source, delivery) {
+    let guarded = match check_crash_loop(&source, handler.quorum(), delivery) {
         Checked::Guarded(guarded) => guarded,
         Checked::Count(delivery, count) => {
             Box::pin(count_redelivery(&source, delivery, count)).await
@@ -137,116 +137,18 @@ async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, deliver
     }
 }
 
-async fn crash_pause(source: &QueueSource) {
-    tokio::select! {
-        _ = source.stopping.cancelled() => {}
-        _ = tokio::time::sleep(CRASH_PAUSE) => {}
-    }
-}
-
-enum Guarded {
-    Handle(Delivery),
-    Refuse(Delivery, Failure),
-    /// Published again with its count and acked: the copy is handled later.
-    Counted,
-}
-
-enum Checked {
-    Guarded(Guarded),
-    /// Redelivered from a classic queue: to count (this many times) before it is handled.
-    Count(Delivery, i64),
-}
-
-/// Count the times a message came back unsettled (its worker or the service died while
-/// handling it) and refuse it past `MAX_REDELIVERIES`, so one poison message cannot
-/// crash-loop the service. Quorum queues count in `x-delivery-count`; on classic queues a
-/// redelivered message is published again (confirmed) straight to its queue with the count in
-/// a header ([`count_redelivery`]), then acked.
-fn check_crash_loop(source: &QueueSource, mut delivery: Delivery) -> Checked {
-    restore_first_route(&mut delivery);
-    let headers = &delivery.properties.headers;
-    let limit = i64::from(source.max_redeliveries);
-    let quorum_count = headers.get("x-delivery-count").and_then(HeaderValue::as_i64);
-    let count = match quorum_count {
-        Some(count) => count,
-        None if !delivery.redelivered => return Checked::Guarded(Guarded::Handle(delivery)),
-        None => headers
-            .get(HEADER_REDELIVERIES)
-            .and_then(HeaderValue::as_i64)
-            .unwrap_or(0)
-            .saturating_add(1),
-    };
-    if count > limit {
-        let failure = Failure::new(
-            FailureKind::Crashed,
-            format!(
-                "delivered {} times without being settled (MAX_REDELIVERIES={limit}): its \
-                 handling may crash the worker or the service",
-                count.saturating_add(1)
-            ),
-        );
-        return Checked::Guarded(Guarded::Refuse(delivery, failure));
-    }
-    if quorum_count.is_some() {
-        return Checked::Guarded(Guarded::Handle(delivery));
-    }
-    Checked::Count(delivery, count)
-}
-
-/// Publish a redelivered message again straight to its queue with its `count`, then ack it.
-async fn count_redelivery(source: &QueueSource, delivery: Delivery, count: i64) -> Guarded {
-    let mut properties = copy_properties(&delivery.properties);
-    let headers = &mut properties.headers;
-    headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count));
-    headers.insert(HEADER_FIRST_EXCHANGE.into(), delivery.exchange.as_str().into());
-    headers.insert(HEADER_FIRST_ROUTING_KEY.into(), delivery.routing_key.as_str().into());
-    let copy = OutgoingMessage { body: delivery.body.clone(), properties };
-    let options = PublishOptions { mandatory: true };
-    match source.transport.publish("", &source.queue, copy, options).await {
-        Ok(()) => {}
-        Err(TransportError::LimitReached { what: Limit::HeaderSize, reason, .. }) => {
-            // Uncounted, a message that crashes the service would crash it for ever.
-            let failure = Failure::new(
-                FailureKind::Crashed,
-                format!("redelivered unsettled, and its redeliveries cannot be counted: {reason}"),
-            );
-            return Guarded::Refuse(delivery, failure);
-        }
-        Err(error) => {
-            tracing::warn!(route = %source.label, "cannot count a redelivery ({error}); handling it");
-            return Guarded::Handle(delivery);
-        }
-    }
-    if let Err(error) = delivery.acker.ack().await {
-        tracing::warn!(route = %source.label, "cannot ack a counted redelivery: {error}");
-    }
-    Guarded::Counted
-}
-
-/// A counted copy went straight to its queue: give it back the exchange and routing key it
-/// was first published with, which handlers read (the RPC method, an event's name).
-fn restore_first_route(delivery: &mut Delivery) {
-    let headers = &mut delivery.properties.headers;
-    let first = |headers: &crate::data::Headers, name| {
-        headers.get(name).and_then(HeaderValue::as_str).map(str::to_owned)
-    };
-    if let (Some(exchange), Some(routing_key)) =
-        (first(headers, HEADER_FIRST_EXCHANGE), first(headers, HEADER_FIRST_ROUTING_KEY))
-    {
-        headers.remove(HEADER_FIRST_EXCHANGE);
-        headers.remove(HEADER_FIRST_ROUTING_KEY);
-        delivery.exchange = exchange;
-        delivery.routing_key = routing_key;
-    }
-}
-
 /// Decides whether a message is for the route; others are acked and skipped.
 pub(crate) type Accept = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
 
-/// Consume `queue` for `route` alone (events, work queues): each accepted message is handled
-/// by the route and settled with the broker (ack, retry or dead letter). A route whose
-/// retries wait in a backoff queue consumes that queue too.
-pub(crate) async fn serve_route(route: RouteHandle, queue: String, accept: Accept) -> Result<()> {
+/// Consume `queue` (a quorum queue when `quorum`) for `route` alone (events, work queues):
+/// each accepted message is handled by the route and settled with the broker (ack, retry or
+/// dead letter). A route whose retries wait in a backoff queue consumes that queue too.
+pub(crate) async fn serve_route(
+    route: RouteHandle,
+    queue: String,
+    quorum: bool,
+    accept: Accept,
+) -> Result<()> {
     let source = QueueSource {
         transport: route.transport().clone(),
         queue: queue.as_str().into(),
@@ -257,20 +159,24 @@ pub(crate) async fn serve_route(route: RouteHandle, queue: String, accept: Accep
         label: route.name().into(),
     };
     let Some(backoff_queue) = delayed_message::backoff_queue(&route) else {
-        return consume(source, Arc::new(RouteQueue { route, queue, accept })).await;
+        return consume(source, Arc::new(RouteQueue { route, queue, quorum, accept })).await;
     };
     let retries = QueueSource { queue: backoff_queue.as_str().into(), ..source.clone() };
-    let retries = consume(
-        retries,
-        Arc::new(BackoffQueue { route: route.clone(), queue: queue.clone(), backoff_queue }),
-    );
-    let work = consume(source, Arc::new(RouteQueue { route, queue, accept }));
+    let backoff = BackoffQueue {
+        route: route.clone(),
+        queue: queue.clone(),
+        quorum: delayed_message::backoff_queue_is_quorum(&route),
+        backoff_queue,
+    };
+    let retries = consume(retries, Arc::new(backoff));
+    let work = consume(source, Arc::new(RouteQueue { route, queue, quorum, accept }));
     futures::try_join!(work, retries).map(|_| ())
 }
 
 struct RouteQueue {
     route: RouteHandle,
     queue: String,
+    quorum: bool,
     accept: Accept,
 }
 
@@ -287,9 +193,7 @@ impl DeliveryHandler for RouteQueue {
             return;
         }
         let Some(permit) = route.acquire().await else {
-            if let Err(error) = delivery.acker.nack(true).await {
-                tracing::warn!(route = route.name(), "cannot hand a message back: {error}");
-            }
+            hand_back(route.transport(), &self.queue, self.quorum, delivery, route.name()).await;
             return;
         };
         let handled = route.handle(permit, message).await;
@@ -308,5 +212,9 @@ impl DeliveryHandler for RouteQueue {
         {
             self.route.settled(&done);
         }
+    }
+
+    fn quorum(&self) -> bool {
+        self.quorum
     }
 }

@@ -60,6 +60,11 @@ pub(crate) fn backoff_queue(route: &RouteHandle) -> Option<String> {
     in_use(route).then(|| format!("{}.{}_queue", route.service_name(), routing_key(route)))
 }
 
+/// Whether a route's backoff queue is a quorum queue (as `QUEUE_TYPE` says).
+pub(crate) fn backoff_queue_is_quorum(route: &RouteHandle) -> bool {
+    route.config().queue_type == QueueType::Quorum
+}
+
 /// Declare the exchange, the backoff queue and its binding (idempotent).
 pub(crate) async fn declare(route: &RouteHandle) -> Result<(), TransportError> {
     let Some(name) = backoff_queue(route) else { return Ok(()) };
@@ -67,7 +72,7 @@ pub(crate) async fn declare(route: &RouteHandle) -> Result<(), TransportError> {
     let transport = route.transport();
     transport.declare_exchange(&exchange).await?;
     let mut queue = QueueSpec::durable(name);
-    if route.config().queue_type == QueueType::Quorum {
+    if backoff_queue_is_quorum(route) {
         queue.arguments.insert("x-queue-type".into(), HeaderValue::from("quorum"));
     }
     transport.declare_queue(&queue).await?;

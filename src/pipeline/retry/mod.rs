@@ -36,6 +36,9 @@ pub use interval::{Interval, IntervalFn};
 
 type ErrorTest = Arc<dyn Fn(&(dyn StdError + 'static)) -> bool + Send + Sync>;
 
+/// The steps of jitter under `RETRY_DELAY=delay_queues` (see [`BackOffPolicy::delay_in_steps`]).
+const JITTER_STEPS: u32 = 8;
+
 /// Where retries wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetryMode {
@@ -153,11 +156,27 @@ impl BackOffPolicy {
 
     /// The delay before retry number `retry` (1-based), jitter included.
     pub fn delay(&self, retry: u32) -> Duration {
+        self.jittered(retry, |random| random)
+    }
+
+    /// [`BackOffPolicy::delay`] for retries that wait in delay queues
+    /// (`RETRY_DELAY=delay_queues`), where each distinct delay (in milliseconds) takes a queue
+    /// of its own: the jitter is rounded to steps of 1/8 of its range, so a retry number waits
+    /// in one of at most 9 queues (delay × (1 + jitter × k/8), k = 0..=8) instead of one per
+    /// millisecond drawn. Without jitter the delay is [`BackOffPolicy::delay`]'s.
+    pub(crate) fn delay_in_steps(&self, retry: u32) -> Duration {
+        let steps = f64::from(JITTER_STEPS);
+        self.jittered(retry, |random| (random * steps).round() / steps)
+    }
+
+    /// The delay before `retry` with a random jitter in 0.0..=1.0 of its range, as `draw`
+    /// rounds it.
+    fn jittered(&self, retry: u32, draw: impl Fn(f64) -> f64) -> Duration {
         let base = self.interval.delay(retry);
         if self.jitter <= 0.0 {
             return base;
         }
-        let random = f64::from(uuid::Uuid::new_v4().as_u128() as u32) / f64::from(u32::MAX);
+        let random = draw(f64::from(uuid::Uuid::new_v4().as_u128() as u32) / f64::from(u32::MAX));
         let extra = base.as_secs_f64() * self.jitter * random;
         Duration::from_millis(((base.as_secs_f64() + extra) * 1000.0) as u64)
     }
@@ -201,5 +220,20 @@ mod tests {
             let delay = policy.delay(1);
             assert!(delay >= Duration::from_millis(100) && delay <= Duration::from_millis(150));
         }
+    }
+
+    #[test]
+    fn jitter_in_steps_takes_at_most_nine_delays() {
+        let policy = AsyncBackOff::new(5, Duration::from_secs(10)).jitter(0.5);
+        let delays: std::collections::BTreeSet<Duration> =
+            (0..2000).map(|_| policy.delay_in_steps(1)).collect();
+        assert!(delays.len() <= 9, "{} distinct delays: {delays:?}", delays.len());
+        assert!(delays.len() > 1, "still jittered");
+        for delay in &delays {
+            let extra = delay.as_millis() - 10_000;
+            assert!(extra <= 5_000 && extra % 625 == 0, "{delay:?} is no step of 625 ms");
+        }
+        let plain = AsyncBackOff::new(1, Duration::from_millis(1234));
+        assert_eq!(plain.delay_in_steps(1), Duration::from_millis(1234));
     }
 }

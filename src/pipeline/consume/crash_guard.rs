@@ -1,0 +1,192 @@
+//! The crash-loop guard of the consume loop: counting the times a message came back
+//! unsettled, refusing it past `MAX_REDELIVERIES`, and handing unstarted messages back
+//! without their counting as crashes.
+
+use std::time::Duration;
+
+use super::QueueSource;
+use crate::data::{Failure, FailureKind, HeaderValue, Headers};
+use crate::pipeline::settle::copy_properties;
+use crate::transport::{
+    Delivery, Limit, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
+};
+
+/// Header: how many times a message came back unsettled, as counted on the copies the
+/// service publishes of it (quorum queues add their own count, `x-delivery-count`).
+pub(super) const HEADER_REDELIVERIES: &str = "x-mf-redeliveries";
+/// Header of a copy published straight to a queue (a counted redelivery, a hand-back, a
+/// retry): the exchange the message was first published to.
+const HEADER_FIRST_EXCHANGE: &str = "x-mf-redelivered-exchange";
+/// Header of a copy published straight to a queue: the routing key the message was first
+/// published with.
+const HEADER_FIRST_ROUTING_KEY: &str = "x-mf-redelivered-routing-key";
+/// The header in which quorum queues count a message's deliveries.
+const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
+
+const CRASH_PAUSE: Duration = Duration::from_secs(1);
+
+pub(super) async fn crash_pause(source: &QueueSource) {
+    tokio::select! {
+        _ = source.stopping.cancelled() => {}
+        _ = tokio::time::sleep(CRASH_PAUSE) => {}
+    }
+}
+
+pub(super) enum Guarded {
+    Handle(Delivery),
+    Refuse(Delivery, Failure),
+    /// Published again with its count and acked: the copy is handled later.
+    Counted,
+}
+
+pub(super) enum Checked {
+    Guarded(Guarded),
+    /// Redelivered from a classic queue: to count (this many times) before it is handled.
+    Count(Delivery, i64),
+}
+
+/// Count the times a message came back unsettled (its worker or the service died while
+/// handling it) and refuse it past `MAX_REDELIVERIES`, so one poison message cannot
+/// crash-loop the service. A fresh delivery is never counted: messages handed back unstarted
+/// come back as fresh copies ([`hand_back`]). On a redelivery, the count is that of the
+/// copies ([`HEADER_REDELIVERIES`]) plus, from a `quorum` queue, the broker's own; from any
+/// other queue the message is published again (confirmed) straight to its queue with its count
+/// one higher ([`count_redelivery`]), then acked.
+pub(super) fn check_crash_loop(
+    source: &QueueSource,
+    quorum: bool,
+    mut delivery: Delivery,
+) -> Checked {
+    restore_first_route(&mut delivery);
+    if !delivery.redelivered {
+        return Checked::Guarded(Guarded::Handle(delivery));
+    }
+    let limit = i64::from(source.max_redeliveries);
+    let counted = redeliveries(&delivery, quorum);
+    let count = if quorum { counted } else { counted.saturating_add(1) };
+    if count > limit {
+        let failure = Failure::new(
+            FailureKind::Crashed,
+            format!(
+                "delivered {} times without being settled (MAX_REDELIVERIES={limit}): its \
+                 handling may crash the worker or the service",
+                count.saturating_add(1)
+            ),
+        );
+        return Checked::Guarded(Guarded::Refuse(delivery, failure));
+    }
+    if quorum {
+        return Checked::Guarded(Guarded::Handle(delivery));
+    }
+    Checked::Count(delivery, count)
+}
+
+/// How many times `delivery` came back unsettled so far: the count its copies carry, plus,
+/// on a redelivery from a `quorum` queue, the broker's count.
+fn redeliveries(delivery: &Delivery, quorum: bool) -> i64 {
+    let headers = &delivery.properties.headers;
+    let copies = headers.get(HEADER_REDELIVERIES).and_then(HeaderValue::as_i64).unwrap_or(0);
+    let broker = match quorum && delivery.redelivered {
+        true => headers.get(HEADER_DELIVERY_COUNT).and_then(HeaderValue::as_i64).unwrap_or(0),
+        false => 0,
+    };
+    copies.max(0).saturating_add(broker.max(0))
+}
+
+/// Give back to `queue` a delivery the service received but will not start (it is stopping):
+/// a copy with the count it came with ([`redeliveries`]; a `quorum` queue's count moves into
+/// the copy) is published (confirmed) straight to `queue`, then the delivery is acked. The
+/// copy comes as a fresh delivery, which the crash-loop guard does not count, whereas a
+/// requeued delivery comes back marked redelivered, indistinguishable from one whose handling
+/// crashed. The copy goes to the tail of the queue. When it cannot be published, the delivery
+/// is requeued instead (and counted when it comes back).
+pub(crate) async fn hand_back(
+    transport: &SharedTransport,
+    queue: &str,
+    quorum: bool,
+    delivery: Delivery,
+    label: &str,
+) {
+    let count = redeliveries(&delivery, quorum);
+    let mut properties = copy_properties(&delivery.properties);
+    let headers = &mut properties.headers;
+    match count {
+        0 => headers.remove(HEADER_REDELIVERIES),
+        count => headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count)),
+    };
+    mark_first_route(headers, &delivery.exchange, &delivery.routing_key);
+    let copy = OutgoingMessage { body: delivery.body.clone(), properties };
+    let options = PublishOptions { mandatory: true };
+    let settled = match transport.publish("", queue, copy, options).await {
+        Ok(()) => delivery.acker.ack().await,
+        Err(error) => {
+            tracing::warn!(
+                route = label,
+                "cannot hand a message back as a copy ({error}); requeued"
+            );
+            delivery.acker.nack(true).await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(route = label, "cannot hand a message back: {error}");
+    }
+}
+
+/// Publish a redelivered message again straight to its queue with its `count`, then ack it.
+pub(super) async fn count_redelivery(
+    source: &QueueSource,
+    delivery: Delivery,
+    count: i64,
+) -> Guarded {
+    let mut properties = copy_properties(&delivery.properties);
+    let headers = &mut properties.headers;
+    headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count));
+    mark_first_route(headers, &delivery.exchange, &delivery.routing_key);
+    let copy = OutgoingMessage { body: delivery.body.clone(), properties };
+    let options = PublishOptions { mandatory: true };
+    match source.transport.publish("", &source.queue, copy, options).await {
+        Ok(()) => {}
+        Err(TransportError::LimitReached { what: Limit::HeaderSize, reason, .. }) => {
+            // Uncounted, a message that crashes the service would crash it for ever.
+            let failure = Failure::new(
+                FailureKind::Crashed,
+                format!("redelivered unsettled, and its redeliveries cannot be counted: {reason}"),
+            );
+            return Guarded::Refuse(delivery, failure);
+        }
+        Err(error) => {
+            tracing::warn!(route = %source.label, "cannot count a redelivery ({error}); handling it");
+            return Guarded::Handle(delivery);
+        }
+    }
+    if let Err(error) = delivery.acker.ack().await {
+        tracing::warn!(route = %source.label, "cannot ack a counted redelivery: {error}");
+    }
+    Guarded::Counted
+}
+
+/// Record in the `headers` of a copy that goes to its queue by another route (straight, or
+/// through a delay queue) the `exchange` and `routing_key` the message was first published
+/// with, for [`restore_first_route`].
+pub(crate) fn mark_first_route(headers: &mut Headers, exchange: &str, routing_key: &str) {
+    headers.insert(HEADER_FIRST_EXCHANGE.into(), exchange.into());
+    headers.insert(HEADER_FIRST_ROUTING_KEY.into(), routing_key.into());
+}
+
+/// A copy came back by another route: give it back the exchange and routing key it was first
+/// published with, which handlers read (the RPC method, an event's name) and dead letters
+/// record.
+fn restore_first_route(delivery: &mut Delivery) {
+    let headers = &mut delivery.properties.headers;
+    let first = |headers: &Headers, name| {
+        headers.get(name).and_then(HeaderValue::as_str).map(str::to_owned)
+    };
+    if let (Some(exchange), Some(routing_key)) =
+        (first(headers, HEADER_FIRST_EXCHANGE), first(headers, HEADER_FIRST_ROUTING_KEY))
+    {
+        headers.remove(HEADER_FIRST_EXCHANGE);
+        headers.remove(HEADER_FIRST_ROUTING_KEY);
+        delivery.exchange = exchange;
+        delivery.routing_key = routing_key;
+    }
+}
