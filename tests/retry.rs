@@ -627,6 +627,57 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
     }
 }
 
+fn answer(Dep(calls): Dep<Arc<VictimCalls>>) -> u64 {
+    calls.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_requests_handed_back_at_shutdown_are_not_counted_as_crashes() {
+    use micro_framework::amqp::entrypoints::RPCListener;
+    use micro_framework::amqp::rpc::Client;
+    for uri in broker_uris() {
+        let shop = unique("handbackrpc");
+        // With no redelivery allowed, one hand-back counted as a crash refuses the request.
+        let config = config(&uri, "handbackrpc").with_max_workers(1).with_max_redeliveries(0);
+        let keeper = micro_framework::transport::connect(&config).await.unwrap();
+        let calls = Arc::new(VictimCalls::default());
+        let markers = [config.service_name.clone(), shop.clone()];
+        let routes = |probe: &Arc<common::Probe>| {
+            vec![
+                Route::new(hog)
+                    .entrypoint(EventListener::new(&shop, "hog"))
+                    .dependency(Shared(probe.clone())),
+                Route::new(answer).entrypoint(RPCListener::new()).dependency(Shared(calls.clone())),
+            ]
+        };
+        let probe = common::Probe::closed();
+        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
+        probe.wait_started(1).await;
+        let client = Arc::new(Client::connect(&config).await.unwrap());
+        let caller = client.clone();
+        let name = config.service_name.clone();
+        let call = tokio::spawn(async move { caller.call::<u64>(&name, "answer", (), ()).await });
+        // The request is received and waits for the one worker slot, which the hog holds
+        // until the service stops: it is handed back unstarted.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        service.begin_stop();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        probe.open();
+        service.wait_stopped().await.unwrap();
+        assert_eq!(calls.0.load(std::sync::atomic::Ordering::SeqCst), 0, "it never ran");
+
+        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        assert_eq!(call.await.unwrap(), Ok(1), "handed back, the request runs once");
+        service.stop().await.unwrap();
+        if let Ok(client) = Arc::try_unwrap(client) {
+            client.close().await;
+        }
+        keeper.close().await;
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
 /// The (exchange, routing key) of each call of `routed`, which always fails.
 #[derive(Debug, Default)]
 struct Routes(Mutex<Vec<(String, String)>>);

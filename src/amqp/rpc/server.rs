@@ -14,7 +14,7 @@ use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_lim
 use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
-use crate::pipeline::consume::{consume, DeliveryHandler, QueueSource};
+use crate::pipeline::consume::{consume, hand_back_message, DeliveryHandler, QueueSource};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::transport::Delivery;
 
@@ -97,12 +97,10 @@ impl DeliveryHandler for RpcServer {
                 }
                 Ok(()) => {
                     let Some(permit) = route.acquire().await else {
-                        if let Err(error) = acker.nack(true).await {
-                            tracing::warn!(
-                                route = route.name(),
-                                "cannot hand a request back: {error}"
-                            );
-                        }
+                        let transport = route.transport();
+                        // counted with copies, as this server's crash-loop guard counts
+                        hand_back_message(transport, &self.queue, false, &message, &*acker, "RPC")
+                            .await;
                         return;
                     };
                     let handled = route.handle_shared(permit, &message).await;

@@ -15,7 +15,7 @@ use crate::amqp::rpc::ufw_wire::{answer_builtin, reply_body, target_detail, Remo
 use crate::amqp::rpc::wire::request_body;
 use crate::data::{Failure, FailureKind, Handled, Message};
 use crate::error::Result;
-use crate::pipeline::consume::{consume, DeliveryHandler, QueueSource};
+use crate::pipeline::consume::{consume, hand_back_message, DeliveryHandler, QueueSource};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_size;
 use crate::transport::{Acker, Delivery};
@@ -93,14 +93,14 @@ impl UfwRpcServer {
         if let Some(answer) = builtin {
             return Some((answer, self.service.clone(), None));
         }
-        let Some(route) = self.route(&request.command) else {
+        let target = self.targets().get(&request.command).cloned();
+        let Some((route, queue)) = target else {
             let error = RemoteError::target_does_not_exist(&request.command);
             return Some((Err(error), self.route_of(&message.routing_key), None));
         };
         let Some(permit) = route.acquire().await else {
-            if let Err(error) = acker.nack(true).await {
-                tracing::warn!(route = route.name(), "cannot hand a request back: {error}");
-            }
+            // counted with copies, as this server's crash-loop guard counts
+            hand_back_message(route.transport(), &queue, false, message, acker, "RPC").await;
             return None;
         };
         // The route reads the arguments as any RPC request's: `{"args", "kwargs"}`. The

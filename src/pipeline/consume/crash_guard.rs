@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use super::QueueSource;
-use crate::data::{Failure, FailureKind, HeaderValue, Headers};
+use crate::data::{Failure, FailureKind, HeaderValue, Headers, Message};
 use crate::pipeline::settle::copy_properties;
 use crate::transport::{
-    Delivery, Limit, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
+    Acker, Delivery, Limit, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
 };
 
 /// Header: how many times a message came back unsettled, as counted on the copies the
@@ -62,7 +62,7 @@ pub(super) fn check_crash_loop(
         return Checked::Guarded(Guarded::Handle(delivery));
     }
     let limit = i64::from(source.max_redeliveries);
-    let counted = redeliveries(&delivery, quorum);
+    let counted = redeliveries(&delivery.properties.headers, delivery.redelivered, quorum);
     let count = if quorum { counted } else { counted.saturating_add(1) };
     if count > limit {
         let failure = Failure::new(
@@ -81,12 +81,11 @@ pub(super) fn check_crash_loop(
     Checked::Count(delivery, count)
 }
 
-/// How many times `delivery` came back unsettled so far: the count its copies carry, plus,
-/// on a redelivery from a `quorum` queue, the broker's count.
-fn redeliveries(delivery: &Delivery, quorum: bool) -> i64 {
-    let headers = &delivery.properties.headers;
+/// How many times a message with `headers` came back unsettled so far: the count its copies
+/// carry, plus, on a redelivery (`redelivered`) from a `quorum` queue, the broker's count.
+fn redeliveries(headers: &Headers, redelivered: bool, quorum: bool) -> i64 {
     let copies = headers.get(HEADER_REDELIVERIES).and_then(HeaderValue::as_i64).unwrap_or(0);
-    let broker = match quorum && delivery.redelivered {
+    let broker = match quorum && redelivered {
         true => headers.get(HEADER_DELIVERY_COUNT).and_then(HeaderValue::as_i64).unwrap_or(0),
         false => 0,
     };
@@ -107,24 +106,37 @@ pub(crate) async fn hand_back(
     delivery: Delivery,
     label: &str,
 ) {
-    let count = redeliveries(&delivery, quorum);
-    let mut properties = copy_properties(&delivery.properties);
+    let (message, acker) = delivery.into_parts();
+    hand_back_message(transport, queue, quorum, &message, acker.as_ref(), label).await;
+}
+
+/// [`hand_back`] for a delivery already taken apart: its `message`, settled with `acker`.
+pub(crate) async fn hand_back_message(
+    transport: &SharedTransport,
+    queue: &str,
+    quorum: bool,
+    message: &Message,
+    acker: &dyn Acker,
+    label: &str,
+) {
+    let count = redeliveries(&message.properties.headers, message.redelivered, quorum);
+    let mut properties = copy_properties(&message.properties);
     let headers = &mut properties.headers;
     match count {
         0 => headers.remove(HEADER_REDELIVERIES),
         count => headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count)),
     };
-    mark_first_route(headers, &delivery.exchange, &delivery.routing_key);
-    let copy = OutgoingMessage { body: delivery.body.clone(), properties };
+    mark_first_route(headers, &message.exchange, &message.routing_key);
+    let copy = OutgoingMessage { body: message.body.clone(), properties };
     let options = PublishOptions { mandatory: true };
     let settled = match transport.publish("", queue, copy, options).await {
-        Ok(()) => delivery.acker.ack().await,
+        Ok(()) => acker.ack().await,
         Err(error) => {
             tracing::warn!(
                 route = label,
                 "cannot hand a message back as a copy ({error}); requeued"
             );
-            delivery.acker.nack(true).await
+            acker.nack(true).await
         }
     };
     if let Err(error) = settled {

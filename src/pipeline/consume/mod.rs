@@ -22,7 +22,7 @@ use crate::transport::{ConsumeOptions, Delivery, SharedTransport};
 use backoff_queue::BackoffQueue;
 use crash_guard::HEADER_REDELIVERIES;
 use crash_guard::{check_crash_loop, count_redelivery, crash_pause, Checked, Guarded};
-pub(crate) use crash_guard::{hand_back, mark_first_route};
+pub(crate) use crash_guard::{hand_back, hand_back_message, mark_first_route};
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
