@@ -6,7 +6,9 @@
 //! `sigkill` kills its own process, `callrpc` calls this service's RPC method `echo` (served in
 //! thread mode, like `abort_rpc`, which aborts the service) from the worker and reports like `whoami`. Route `collect` (thread mode) prints each `pid` event as a
 //! JSON line `{"whoami": id, "pid": worker pid, "service_pid": ...}`. `GET /whoami/{id}` (on
-//! `WEB_SERVER_ADDRESS`, default a free loopback port) answers from a worker process.
+//! `WEB_SERVER_ADDRESS`, default a free loopback port) answers from a worker process;
+//! `GET /sleep/{ms}` sleeps that long in a worker process, then answers its pid. While the
+//! file named by `REFUSE_WORKERS_WHILE` exists, a worker process exits as it starts.
 //!
 //! In the service process (not in workers) a driver dispatches `SCENARIO`
 //! (`route:id,route:id,...`) one event at a time, waiting for each to be settled or dead-
@@ -29,6 +31,12 @@ use serde_json::{json, Value};
 /// `GET /whoami/{id}`: the worker process's pid and its parent's (the service).
 fn http_whoami(Path(id): Path<u64>) -> Value {
     json!({ "whoami": id, "pid": std::process::id(), "parent": std::os::unix::process::parent_id() })
+}
+
+/// `GET /sleep/{ms}`: sleeps in the worker, then answers its pid.
+fn http_sleep(Path(ms): Path<u64>) -> Value {
+    std::thread::sleep(Duration::from_millis(ms));
+    json!({ "slept": ms, "pid": std::process::id() })
 }
 
 /// A sync target that reports through the service while it runs (`dispatch_blocking` waits
@@ -116,6 +124,7 @@ fn main() -> micro_framework::Result<()> {
         Route::new(callrpc).entrypoint(EventListener::new(source, "callrpc")),
         Route::new(slow).entrypoint(EventListener::new(source, "slow")),
         Route::new(http_whoami).entrypoint(HttpEntrypoint::get("/whoami/{id}")),
+        Route::new(http_sleep).entrypoint(HttpEntrypoint::get("/sleep/{ms}")),
     ];
     let collector = vec![
         Route::new(collect).entrypoint(EventListener::new(service.clone(), "pid")),
@@ -124,6 +133,10 @@ fn main() -> micro_framework::Result<()> {
     ];
     if std::env::var(WORKER_SOCKET_ENV).is_err() {
         drive(config.clone());
+    } else if std::env::var_os("REFUSE_WORKERS_WHILE")
+        .is_some_and(|file| std::path::Path::new(&file).exists())
+    {
+        return Err(micro_framework::Error::Startup("worker start-up refused by the test".into()));
     }
     Runner::new(collector, config.with_worker_mode(WorkerMode::Thread))
         .context(RunnerContext::new(workers).worker_mode(mode).metric_label("workers"))

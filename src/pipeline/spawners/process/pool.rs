@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::Semaphore;
 
 use super::protocol::{
     BorrowedCall, ForwardedDelivery, FrameReader, FrameSink, FrameWriter, FromWorker, Ready,
@@ -314,11 +314,22 @@ impl Consumers {
 /// worker that dies or overruns the time limit is replaced, and one that reached
 /// `MAX_TASKS_PER_CHILD` calls is recycled.
 pub struct ProcessPool {
-    idle: mpsc::UnboundedSender<Worker>,
-    waiting: Mutex<mpsc::UnboundedReceiver<Worker>>,
+    idle: std::sync::Mutex<Idle>,
+    /// One permit per idle worker: a call waits here for one without holding a lock that
+    /// [`ProcessPool::shutdown`] needs. Closed by the shutdown.
+    ready: Semaphore,
     launcher: Launcher,
+    size: usize,
     time_limit: Option<Duration>,
     max_tasks: Option<u32>,
+}
+
+/// The idle workers, and whether the pool is shut down (then no worker goes back to it and
+/// none is started).
+#[derive(Default)]
+struct Idle {
+    workers: Vec<Worker>,
+    closed: bool,
 }
 
 impl std::fmt::Debug for ProcessPool {
@@ -340,37 +351,107 @@ impl ProcessPool {
         max_tasks: Option<u32>,
         args: Option<Vec<OsString>>,
     ) -> Result<Arc<Self>> {
-        let (idle, waiting) = mpsc::unbounded_channel();
         let pool = Arc::new(ProcessPool {
-            idle,
-            waiting: Mutex::new(waiting),
+            idle: std::sync::Mutex::default(),
+            ready: Semaphore::new(0),
             launcher: Launcher { transport, metrics, args },
+            size,
             time_limit,
             max_tasks,
         });
         for _ in 0..size {
             let worker = pool.launcher.launch().await?;
-            let _ = pool.idle.send(worker);
+            pool.give_back(worker);
         }
         Ok(pool)
     }
 
+    fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An idle worker, once there is one; `None` once the pool is shut down.
+    async fn take(&self) -> Option<Worker> {
+        self.ready.acquire().await.ok()?.forget();
+        self.idle().workers.pop()
+    }
+
+    /// Make `worker` idle, or end it if the pool is shut down.
+    fn give_back(&self, worker: Worker) {
+        let mut idle = self.idle();
+        if idle.closed {
+            drop(idle);
+            tokio::spawn(end(worker, false));
+            return;
+        }
+        idle.workers.push(worker);
+        self.ready.add_permits(1);
+    }
+
+    /// Start a worker in the background, trying again until one starts or the pool is shut
+    /// down.
+    fn respawn(self: &Arc<Self>) {
+        // a call's future dropped while the runtime shuts down has no runtime to start on
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let pool = self.clone();
+        runtime.spawn(async move {
+            while !pool.idle().closed {
+                match pool.launcher.launch().await {
+                    Ok(new) => return pool.give_back(new),
+                    Err(error) => {
+                        tracing::error!("cannot start a worker process: {error}; trying again");
+                        tokio::time::sleep(RESPAWN_PAUSE).await;
+                    }
+                }
+            }
+        });
+    }
+
     /// Run one call in a worker process: this task writes the call and reads its outcome.
     pub(crate) async fn call(self: &Arc<Self>, call: BorrowedCall<'_>) -> Outcome {
-        let Some(mut worker) = self.waiting.lock().await.recv().await else {
-            return Err(Failure::new(FailureKind::Crashed, "the worker pool is shut down"));
-        };
-        let sent = worker.calls.send(&call).await;
-        let answer = match (sent, self.time_limit) {
-            (Err(error), _) if error.kind() == std::io::ErrorKind::InvalidData => {
-                let _ = self.idle.send(worker);
-                let message = format!("the call cannot be sent to a worker process: {error}");
-                return Err(Failure::new(FailureKind::Error, message));
+        // A worker that died while idle fails the write before anything reached it: the call
+        // goes to another, as often as the pool has workers (plus a fresh one).
+        let mut tries = 0;
+        let (mut worker, lent) = loop {
+            let Some(mut worker) = self.take().await else {
+                // Shut down while this call waited for a worker: it never runs, and a failure
+                // would dead-letter its message; it waits until the service drops it, which
+                // hands the message back.
+                return std::future::pending().await;
+            };
+            let lent = ReplaceOnDrop(Some(self));
+            match worker.calls.send(&call).await {
+                Ok(()) => break (worker, lent),
+                Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                    lent.disarm();
+                    self.give_back(worker);
+                    let message = format!("the call cannot be sent to a worker process: {error}");
+                    return Err(Failure::new(FailureKind::Error, message));
+                }
+                Err(error) => {
+                    lent.disarm();
+                    let pid = worker.pid;
+                    let status = self.replace(worker, false).await;
+                    tracing::warn!(
+                        "worker process {pid} was gone before a call reached it ({error}, \
+                         {status}); a new worker replaces it and another takes the call"
+                    );
+                    tries += 1;
+                    if tries > self.size {
+                        let message = format!(
+                            "{tries} worker processes in a row were gone before the call \
+                             reached them"
+                        );
+                        return Err(Failure::new(FailureKind::Crashed, message));
+                    }
+                }
             }
-            (Err(_), _) => Ok(None),
-            (Ok(()), None) => Ok(worker.calls.outcome().await),
-            (Ok(()), Some(limit)) => tokio::time::timeout(limit, worker.calls.outcome()).await,
         };
+        let answer = match self.time_limit {
+            None => Ok(worker.calls.outcome().await),
+            Some(limit) => tokio::time::timeout(limit, worker.calls.outcome()).await,
+        };
+        lent.disarm();
         match answer {
             Ok(Some(outcome)) => {
                 worker.done += 1;
@@ -380,9 +461,10 @@ impl ProcessPool {
                         worker.pid,
                         worker.done
                     );
-                    self.replace(worker, false).await;
+                    self.respawn();
+                    tokio::spawn(end(worker, false));
                 } else {
-                    let _ = self.idle.send(worker);
+                    self.give_back(worker);
                 }
                 outcome
             }
@@ -406,52 +488,67 @@ impl ProcessPool {
         }
     }
 
-    /// End `worker` (killing it if `kill`, else closing its socket and waiting briefly) and
-    /// start another in the background. Returns how the old one ended.
-    async fn replace(self: &Arc<Self>, mut worker: Worker, kill: bool) -> String {
-        drop((worker.calls, worker.control));
-        if kill {
-            let _ = worker.child.start_kill();
-        }
-        let status = match tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await {
-            Ok(Ok(status)) => status.to_string(),
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => {
-                let _ = worker.child.start_kill();
-                "did not exit, killed".to_owned()
-            }
-        };
-        let pool = self.clone();
-        tokio::spawn(async move {
-            loop {
-                match pool.launcher.launch().await {
-                    Ok(new) => {
-                        let _ = pool.idle.send(new);
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::error!("cannot start a worker process: {error}; trying again");
-                        tokio::time::sleep(RESPAWN_PAUSE).await;
-                    }
-                }
-            }
-        });
-        status
+    /// Start another worker in the background, then end `worker` (see [`end`]). Returns how
+    /// it ended.
+    async fn replace(self: &Arc<Self>, worker: Worker, kill: bool) -> String {
+        // first, so that a call dropped while it waits for the old worker loses none
+        self.respawn();
+        end(worker, kill).await
     }
 
-    /// Stop every idle worker (they exit when their socket closes).
+    /// Stop every idle worker (they exit when their socket closes), and start none any more.
     pub(crate) async fn shutdown(&self) {
-        let mut waiting = self.waiting.lock().await;
-        waiting.close();
-        while let Ok(mut worker) = waiting.try_recv() {
-            drop((worker.calls, worker.control));
-            if tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await.is_err() {
-                tracing::warn!(
-                    "worker process {} did not exit in 5 s after its link closed; killed",
-                    worker.pid
-                );
-                let _ = worker.child.start_kill();
-            }
+        let workers = {
+            let mut idle = self.idle();
+            idle.closed = true;
+            std::mem::take(&mut idle.workers)
+        };
+        self.ready.close();
+        futures::future::join_all(workers.into_iter().map(|worker| end(worker, false))).await;
+    }
+}
+
+/// End `worker`: close its links, which ends it, killing it if `kill` or if it did not exit
+/// within 5 s. Returns how it ended.
+async fn end(mut worker: Worker, kill: bool) -> String {
+    drop((worker.calls, worker.control));
+    if kill {
+        let _ = worker.child.start_kill();
+    }
+    match tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await {
+        Ok(Ok(status)) => status.to_string(),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => {
+            tracing::warn!(
+                "worker process {} did not exit in 5 s after its link closed; killed",
+                worker.pid
+            );
+            let _ = worker.child.start_kill();
+            "did not exit, killed".to_owned()
+        }
+    }
+}
+
+/// Held by a call while it uses a worker. A call's future dropped then (its caller went
+/// away: an HTTP client that hung up) drops the worker too, which kills it, as it may be in
+/// the middle of the call or of a frame; this starts its replacement, on a task of its own
+/// since the call's future is gone.
+struct ReplaceOnDrop<'a>(Option<&'a Arc<ProcessPool>>);
+
+impl ReplaceOnDrop<'_> {
+    /// The call itself gives the worker back or replaces it.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ReplaceOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0 {
+            tracing::warn!(
+                "a call ended by its caller while it ran: its worker is killed, replaced"
+            );
+            pool.respawn();
         }
     }
 }
