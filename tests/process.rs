@@ -514,3 +514,71 @@ fn a_stop_while_a_call_waits_for_a_worker_ends_the_service() {
     assert!(stopped, "still running 20 s after SIGTERM:\n{}", service.logs());
     assert!(waiting.join().unwrap().is_err(), "the waiting call never ran");
 }
+
+/// Ctrl-C in a terminal signals the whole foreground process group, workers included: the
+/// service stops gracefully and its running call still finishes.
+#[test]
+fn ctrl_c_lets_the_running_calls_finish() {
+    let service = HttpService::start(&binary(), &[], true);
+    let address = service.address;
+    let call =
+        std::thread::spawn(move || get(address, "/sleep/2000", std::time::Duration::from_secs(20)));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let group = format!("-{}", service.child.id());
+    let _ = Command::new("kill").args(["-INT", "--", &group]).status();
+    let answer = call.join().unwrap();
+    assert!(
+        answer.as_ref().is_ok_and(|(status, _)| *status == 200),
+        "the running call did not finish: {answer:?}\n{}",
+        service.logs()
+    );
+}
+
+#[test]
+fn a_worker_does_not_outlive_its_killed_service() {
+    let mut service = HttpService::start(&binary(), &[("TASK_TIME_LIMIT", "120")], false);
+    let address = service.address;
+    let workers = children(service.child.id());
+    std::thread::spawn(move || get(address, "/sleep/60000", std::time::Duration::from_secs(90)));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    service.child.kill().unwrap();
+    service.child.wait().unwrap();
+    let mut survivors = workers.clone();
+    for _ in 0..100 {
+        survivors.retain(|pid| alive(*pid));
+        if survivors.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for pid in &survivors {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    assert!(!workers.is_empty());
+    assert!(survivors.is_empty(), "workers {survivors:?} outlived their SIGKILLed service");
+}
+
+/// A deploy renames a new version of the program over the running one's file: workers
+/// still start (here one for each call).
+#[test]
+fn workers_still_start_after_the_program_file_is_replaced() {
+    let dir = std::env::temp_dir().join(common::unique("procexe"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("process_service");
+    std::fs::copy(binary(), &exe).unwrap();
+    let service =
+        HttpService::start(&exe, &[("MAX_WORKERS", "1"), ("MAX_TASKS_PER_CHILD", "1")], false);
+    let new = dir.join("process_service.new");
+    std::fs::copy(binary(), &new).unwrap();
+    std::fs::rename(&new, &exe).unwrap();
+    let first = service.get("/whoami/1", std::time::Duration::from_secs(15));
+    let second = service.get("/whoami/2", std::time::Duration::from_secs(15));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        [&first, &second]
+            .iter()
+            .all(|answer| answer.as_ref().is_ok_and(|(status, _)| *status == 200)),
+        "first: {first:?}, second: {second:?}\n{}",
+        service.logs()
+    );
+}

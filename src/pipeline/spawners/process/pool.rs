@@ -74,15 +74,18 @@ struct Launcher {
 
 impl Launcher {
     async fn launch(&self) -> Result<Worker> {
-        let exe = std::env::current_exe()?;
+        let exe = program()?;
         let socket = private_socket_path()?;
         let listener = UnixListener::bind(&socket)?;
         let args = match &self.args {
             Some(args) => args.clone(),
             None => std::env::args_os().skip(1).collect(),
         };
-        let spawned =
-            Command::new(exe).args(args).env(WORKER_SOCKET_ENV, &socket).kill_on_drop(true).spawn();
+        let mut command = Command::new(&exe);
+        if let Some(name) = std::env::args_os().next() {
+            command.arg0(name);
+        }
+        let spawned = command.args(args).env(WORKER_SOCKET_ENV, &socket).kill_on_drop(true).spawn();
         let accepted = match spawned {
             Ok(child) => {
                 // the worker dials its calls link first
@@ -152,6 +155,17 @@ impl Launcher {
         });
         tracing::debug!("worker process {pid} started");
         Ok(Worker { pid, child, calls, control, done: 0 })
+    }
+}
+
+/// The program to start as a worker process: the running one. On Linux through
+/// /proc/self/exe, which stays valid when a deploy replaced or removed the program's file,
+/// whose path is then reported with " (deleted)" appended, naming no file.
+fn program() -> std::io::Result<PathBuf> {
+    if cfg!(target_os = "linux") {
+        Ok(PathBuf::from("/proc/self/exe"))
+    } else {
+        std::env::current_exe()
     }
 }
 

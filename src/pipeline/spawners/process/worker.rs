@@ -245,6 +245,8 @@ impl WorkerLink {
     /// Dial the service at `socket`: the calls link first, as the service takes the first
     /// connection for it, then the control link.
     pub(crate) async fn connect(socket: &str) -> Result<Self> {
+        ignore_stop_signals();
+        exit_when_orphaned();
         let dial = || async {
             UnixStream::connect(socket).await.map_err(|error| {
                 Error::Startup(format!("worker cannot reach its service: {error}"))
@@ -318,6 +320,41 @@ impl WorkerLink {
         reading.abort();
         transport.link_ended();
         Ok(served?)
+    }
+}
+
+/// Make SIGINT and SIGTERM do nothing here: sent to a whole process group (Ctrl-C in a
+/// terminal) or control group (systemd), they are meant for the service, which stops
+/// gracefully, letting the running calls finish, and then ends its workers by closing
+/// their links.
+fn ignore_stop_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
+        // tokio's handler, once installed, replaces the default action (termination) for the
+        // rest of the process's life, so the stream need not be kept
+        if let Err(error) = signal(kind) {
+            tracing::warn!("a worker process cannot ignore {kind:?}: {error}");
+        }
+    }
+}
+
+/// How often a worker checks that its service is still there.
+const PARENT_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Exit once the service is gone (its process ended, even killed, so this one was handed to
+/// another parent), even while a call runs: the service enforces the time limit, and
+/// nobody waits for the call's outcome any more.
+fn exit_when_orphaned() {
+    let service = std::os::unix::process::parent_id();
+    let watching = std::thread::Builder::new().name("service-watch".into()).spawn(move || loop {
+        std::thread::sleep(PARENT_CHECK);
+        if std::os::unix::process::parent_id() != service {
+            tracing::error!("the service (process {service}) is gone: this worker exits");
+            std::process::exit(1);
+        }
+    });
+    if let Err(error) = watching {
+        tracing::warn!("a worker process cannot watch its service: {error}");
     }
 }
 
