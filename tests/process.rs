@@ -582,3 +582,24 @@ fn workers_still_start_after_the_program_file_is_replaced() {
         service.logs()
     );
 }
+
+/// A recycled worker's replacement hangs in its set-up (a dependency): it is given up on
+/// after the start-up limit (30 s), and another replaces it.
+#[test]
+fn a_worker_whose_set_up_hangs_is_replaced() {
+    let hang = std::env::temp_dir().join(common::unique("hang-worker"));
+    let hang_path = hang.to_string_lossy().into_owned();
+    let extra = [
+        ("MAX_WORKERS", "1"),
+        ("MAX_TASKS_PER_CHILD", "2"),
+        ("HANG_ONE_WORKER", hang_path.as_str()),
+    ];
+    let service = HttpService::start(&binary(), &extra, false);
+    std::fs::write(&hang, b"").unwrap();
+    // the worker's second call (the first was the start's): its replacement hangs
+    let last = service.get("/whoami/1", std::time::Duration::from_secs(15));
+    let next = service.get("/whoami/2", std::time::Duration::from_secs(90));
+    let _ = std::fs::remove_file(&hang);
+    assert!(last.is_ok_and(|(status, _)| status == 200));
+    assert!(next.as_ref().is_ok_and(|(status, _)| *status == 200), "{next:?}\n{}", service.logs());
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 
@@ -74,46 +74,10 @@ struct Launcher {
 
 impl Launcher {
     async fn launch(&self) -> Result<Worker> {
-        let exe = program()?;
         let socket = private_socket_path()?;
-        let listener = UnixListener::bind(&socket)?;
-        let args = match &self.args {
-            Some(args) => args.clone(),
-            None => std::env::args_os().skip(1).collect(),
-        };
-        let mut command = Command::new(&exe);
-        if let Some(name) = std::env::args_os().next() {
-            command.arg0(name);
-        }
-        let spawned = command.args(args).env(WORKER_SOCKET_ENV, &socket).kill_on_drop(true).spawn();
-        let accepted = match spawned {
-            Ok(child) => {
-                // the worker dials its calls link first
-                let accept = async {
-                    let (calls, _) = listener.accept().await?;
-                    let (control, _) = listener.accept().await?;
-                    Ok::<_, std::io::Error>((calls, control))
-                };
-                (child, tokio::time::timeout(START_LIMIT, accept).await)
-            }
-            Err(error) => {
-                remove(&socket);
-                return Err(Error::WorkerProcess(format!(
-                    "cannot start a worker process: {error}"
-                )));
-            }
-        };
+        let started = self.start(&socket).await;
         remove(&socket);
-        let (child, accepted) = accepted;
-        let (calls, control) = accepted.map_err(|_| {
-            Error::WorkerProcess("a worker process did not connect in 30 s".into())
-        })??;
-        let (reader, writer) = calls.into_split();
-        let mut calls =
-            CallLink { reader: FrameReader::new(reader), writer: FrameWriter::new(writer) };
-        let Some(Ready { pid }) = calls.reader.next().await? else {
-            return Err(Error::WorkerProcess("a worker process did not say it was ready".into()));
-        };
+        let Started { child, pid, calls, control } = started?;
         let (reader, writer) = control.into_split();
         let mut reader = FrameReader::new(reader);
         let (transport, metrics) = (self.transport.clone(), self.metrics.clone());
@@ -155,6 +119,65 @@ impl Launcher {
         });
         tracing::debug!("worker process {pid} started");
         Ok(Worker { pid, child, calls, control, done: 0 })
+    }
+}
+
+/// A worker process that said it was ready, with its links.
+struct Started {
+    child: Child,
+    pid: u32,
+    calls: CallLink,
+    control: UnixStream,
+}
+
+impl Launcher {
+    /// Start a worker process that dials `socket`, and wait until it is ready. The whole
+    /// start-up is limited, the program's set-up in the worker included (a dependency whose
+    /// set-up hangs would otherwise hang the service's start, or a replacement, for good),
+    /// and a worker that exits meanwhile fails it at once. A worker given up on is killed
+    /// when its `Child` is dropped.
+    async fn start(&self, socket: &PathBuf) -> Result<Started> {
+        let listener = UnixListener::bind(socket)?;
+        let args = match &self.args {
+            Some(args) => args.clone(),
+            None => std::env::args_os().skip(1).collect(),
+        };
+        let mut command = Command::new(program()?);
+        if let Some(name) = std::env::args_os().next() {
+            command.arg0(name);
+        }
+        let mut child =
+            command.args(args).env(WORKER_SOCKET_ENV, socket).kill_on_drop(true).spawn().map_err(
+                |error| Error::WorkerProcess(format!("cannot start a worker process: {error}")),
+            )?;
+        let ready = async {
+            // the worker dials its calls link first
+            let (calls, _) = listener.accept().await?;
+            let (control, _) = listener.accept().await?;
+            let (reader, writer) = calls.into_split();
+            let mut calls =
+                CallLink { reader: FrameReader::new(reader), writer: FrameWriter::new(writer) };
+            let ready = calls.reader.next::<Ready>().await?;
+            Ok::<_, std::io::Error>(ready.map(|Ready { pid }| (pid, calls, control)))
+        };
+        let ready = tokio::select! {
+            ready = tokio::time::timeout(START_LIMIT, ready) => ready,
+            status = child.wait() => {
+                let status = status.map_or_else(|error| error.to_string(), |s| s.to_string());
+                let message = format!("a worker process exited before it was ready ({status})");
+                return Err(Error::WorkerProcess(message));
+            }
+        };
+        match ready {
+            Ok(Ok(Some((pid, calls, control)))) => Ok(Started { child, pid, calls, control }),
+            Ok(Ok(None)) => {
+                Err(Error::WorkerProcess("a worker process did not say it was ready".into()))
+            }
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(Error::WorkerProcess(format!(
+                "a worker process was not ready in {START_LIMIT:?}: killed"
+            ))),
+        }
     }
 }
 
