@@ -77,46 +77,16 @@ impl Launcher {
         let socket = private_socket_path()?;
         let started = self.start(&socket).await;
         remove(&socket);
-        let Started { child, pid, calls, control } = started?;
+        let Started { child, pid, calls, control, calls_socket } = started?;
         let (reader, writer) = control.into_split();
-        let mut reader = FrameReader::new(reader);
-        let (transport, metrics) = (self.transport.clone(), self.metrics.clone());
         let control = Arc::new(FrameSink::new(writer));
-        let replies = Arc::downgrade(&control);
-        tokio::spawn(async move {
-            // Consumers opened for the worker and the ackers of what they forwarded: dropped
-            // with this task when the worker goes, which hands unsettled messages back.
-            let consumers = Consumers::default();
-            while let Ok(Some(frame)) = reader.next::<FromWorker>().await {
-                match frame {
-                    FromWorker::Transport { id, op } => {
-                        let (transport, replies) = (transport.clone(), replies.clone());
-                        let consumers = consumers.clone();
-                        tokio::spawn(async move {
-                            let result = match *op {
-                                TransportOp::Consume { queue, options } => {
-                                    consumers
-                                        .open(&transport, &queue, options, replies.clone())
-                                        .await
-                                }
-                                op => forward(&transport, op).await,
-                            };
-                            if let Some(link) = replies.upgrade() {
-                                let _ = link.send(&ToWorker::TransportReply { id, result }).await;
-                            }
-                        });
-                    }
-                    FromWorker::Settle { delivery, settlement } => {
-                        consumers.settle(delivery, settlement).await;
-                    }
-                    FromWorker::Cancel { consumer } => consumers.cancel(consumer),
-                    FromWorker::RpcCall { service, method, outcome, elapsed } => {
-                        metrics.rpc_call(&service, &method, &outcome, elapsed);
-                    }
-                }
-            }
-            consumers.close();
-        });
+        let link = ControlLink {
+            transport: self.transport.clone(),
+            metrics: self.metrics.clone(),
+            replies: Arc::downgrade(&control),
+            calls_socket,
+        };
+        tokio::spawn(link.serve(FrameReader::new(reader)));
         tracing::debug!("worker process {pid} started");
         Ok(Worker { pid, child, calls, control, done: 0 })
     }
@@ -128,6 +98,59 @@ struct Started {
     pid: u32,
     calls: CallLink,
     control: UnixStream,
+    /// The calls link's socket again, to shut it down from the control link's task.
+    calls_socket: std::os::unix::net::UnixStream,
+}
+
+/// What the task reading a worker's control link needs.
+struct ControlLink {
+    transport: SharedTransport,
+    /// The service's metrics, where the RPC calls its workers' targets make are recorded.
+    metrics: Metrics,
+    replies: Weak<Sink>,
+    calls_socket: std::os::unix::net::UnixStream,
+}
+
+impl ControlLink {
+    /// Do what the worker asks on its control link, until the link ends.
+    async fn serve(self, mut reader: FrameReader<OwnedReadHalf>) {
+        let ControlLink { transport, metrics, replies, calls_socket } = self;
+        // Consumers opened for the worker and the ackers of what they forwarded: dropped
+        // with this task when the worker goes, which hands unsettled messages back.
+        let consumers = Consumers::default();
+        while let Ok(Some(frame)) = reader.next::<FromWorker>().await {
+            match frame {
+                FromWorker::Transport { id, op } => {
+                    let (transport, replies) = (transport.clone(), replies.clone());
+                    let consumers = consumers.clone();
+                    tokio::spawn(async move {
+                        let result = match *op {
+                            TransportOp::Consume { queue, options } => {
+                                consumers.open(&transport, &queue, options, replies.clone()).await
+                            }
+                            op => forward(&transport, op).await,
+                        };
+                        if let Some(link) = replies.upgrade() {
+                            let _ = link.send(&ToWorker::TransportReply { id, result }).await;
+                        }
+                    });
+                }
+                FromWorker::Settle { delivery, settlement } => {
+                    consumers.settle(delivery, settlement).await;
+                }
+                FromWorker::Cancel { consumer } => consumers.cancel(consumer),
+                FromWorker::RpcCall { service, method, outcome, elapsed } => {
+                    metrics.rpc_call(&service, &method, &outcome, elapsed);
+                }
+            }
+        }
+        consumers.close();
+        // Ended, by the worker's exit or by a frame that could not be read: either way the
+        // worker's broker operations can no longer be answered, so it counts as dead. With
+        // its calls link shut down, a running call ends as crashed and an idle worker fails
+        // the next call's write, and is replaced either way.
+        let _ = calls_socket.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Launcher {
@@ -154,11 +177,13 @@ impl Launcher {
             // the worker dials its calls link first
             let (calls, _) = listener.accept().await?;
             let (control, _) = listener.accept().await?;
-            let (reader, writer) = calls.into_split();
+            let calls = calls.into_std()?;
+            let calls_socket = calls.try_clone()?;
+            let (reader, writer) = UnixStream::from_std(calls)?.into_split();
             let mut calls =
                 CallLink { reader: FrameReader::new(reader), writer: FrameWriter::new(writer) };
             let ready = calls.reader.next::<Ready>().await?;
-            Ok::<_, std::io::Error>(ready.map(|Ready { pid }| (pid, calls, control)))
+            Ok::<_, std::io::Error>(ready.map(|Ready { pid }| (pid, calls, control, calls_socket)))
         };
         let ready = tokio::select! {
             ready = tokio::time::timeout(START_LIMIT, ready) => ready,
@@ -169,7 +194,9 @@ impl Launcher {
             }
         };
         match ready {
-            Ok(Ok(Some((pid, calls, control)))) => Ok(Started { child, pid, calls, control }),
+            Ok(Ok(Some((pid, calls, control, calls_socket)))) => {
+                Ok(Started { child, pid, calls, control, calls_socket })
+            }
             Ok(Ok(None)) => {
                 Err(Error::WorkerProcess("a worker process did not say it was ready".into()))
             }
@@ -595,6 +622,35 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_frame_from_a_worker_that_cannot_be_read_ends_its_calls_link() {
+        let config = crate::Config::new("pool-test")
+            .with_amqp_uri(format!("memory://pool-test-{}", uuid::Uuid::new_v4()));
+        let transport = crate::transport::connect(&config).await.unwrap();
+        let (calls, worker_calls) = UnixStream::pair().unwrap();
+        let (control, worker_control) = UnixStream::pair().unwrap();
+        // the calls link stays open here, as the worker's `CallLink` keeps it
+        let calls = calls.into_std().unwrap();
+        let link = ControlLink {
+            transport: transport.clone(),
+            metrics: Metrics::new().unwrap(),
+            replies: Weak::new(),
+            calls_socket: calls.try_clone().unwrap(),
+        };
+        let serving = tokio::spawn(link.serve(FrameReader::new(control.into_split().0)));
+        let mut worker = FrameWriter::new(worker_control);
+        worker.push(&"not a frame for a service").unwrap();
+        worker.flush().await.unwrap();
+        let mut worker_calls = FrameReader::new(worker_calls);
+        let ended = tokio::time::timeout(Duration::from_secs(5), worker_calls.next::<Ready>())
+            .await
+            .expect("the service hangs up the worker's calls link");
+        assert!(matches!(ended, Ok(None)), "{ended:?}");
+        serving.await.unwrap();
+        drop(calls);
+        transport.close().await;
+    }
 
     #[test]
     fn worker_sockets_live_in_a_private_directory() {
