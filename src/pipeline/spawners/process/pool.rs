@@ -1,34 +1,26 @@
 //! The service side: a pool of worker processes, each running one call at a time.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 
-use super::protocol::{
-    BorrowedCall, ForwardedDelivery, FrameReader, FrameSink, FrameWriter, FromWorker, Ready,
-    Settlement, ToWorker, TransportAnswer, TransportOp,
-};
+use super::control::{ControlLink, Sink};
+use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Ready};
 use super::worker::WORKER_SOCKET_ENV;
 use crate::data::Outcome;
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::transport::{Acker, ConsumeOptions, SharedTransport, TransportError};
+use crate::transport::SharedTransport;
 
 const START_LIMIT: Duration = Duration::from_secs(30);
 const RESPAWN_PAUSE: Duration = Duration::from_secs(1);
-
-/// The service's end of a worker's control link, written by whichever task has a frame to
-/// send.
-type Sink = FrameSink<OwnedWriteHalf>;
 
 /// One worker process and its two links. Dropping it closes them, and the worker exits.
 struct Worker {
@@ -61,6 +53,16 @@ impl CallLink {
     }
 }
 
+/// A worker process that said it was ready, with its links.
+struct Started {
+    child: Child,
+    pid: u32,
+    calls: CallLink,
+    control: UnixStream,
+    /// The calls link's socket again, to shut it down from the control link's task.
+    calls_socket: std::os::unix::net::UnixStream,
+}
+
 /// Starts worker processes: the service's own binary, re-executed with the worker socket in
 /// its environment, so the program's `main` (and its set-up) runs there too.
 #[derive(Clone)]
@@ -73,6 +75,7 @@ struct Launcher {
 }
 
 impl Launcher {
+    /// Start a worker process, and the task that serves its control link.
     async fn launch(&self) -> Result<Worker> {
         let socket = private_socket_path()?;
         let started = self.start(&socket).await;
@@ -90,70 +93,7 @@ impl Launcher {
         tracing::debug!("worker process {pid} started");
         Ok(Worker { pid, child, calls, control, done: 0 })
     }
-}
 
-/// A worker process that said it was ready, with its links.
-struct Started {
-    child: Child,
-    pid: u32,
-    calls: CallLink,
-    control: UnixStream,
-    /// The calls link's socket again, to shut it down from the control link's task.
-    calls_socket: std::os::unix::net::UnixStream,
-}
-
-/// What the task reading a worker's control link needs.
-struct ControlLink {
-    transport: SharedTransport,
-    /// The service's metrics, where the RPC calls its workers' targets make are recorded.
-    metrics: Metrics,
-    replies: Weak<Sink>,
-    calls_socket: std::os::unix::net::UnixStream,
-}
-
-impl ControlLink {
-    /// Do what the worker asks on its control link, until the link ends.
-    async fn serve(self, mut reader: FrameReader<OwnedReadHalf>) {
-        let ControlLink { transport, metrics, replies, calls_socket } = self;
-        // Consumers opened for the worker and the ackers of what they forwarded: dropped
-        // with this task when the worker goes, which hands unsettled messages back.
-        let consumers = Consumers::default();
-        while let Ok(Some(frame)) = reader.next::<FromWorker>().await {
-            match frame {
-                FromWorker::Transport { id, op } => {
-                    let (transport, replies) = (transport.clone(), replies.clone());
-                    let consumers = consumers.clone();
-                    tokio::spawn(async move {
-                        let result = match *op {
-                            TransportOp::Consume { queue, options } => {
-                                consumers.open(&transport, &queue, options, replies.clone()).await
-                            }
-                            op => forward(&transport, op).await,
-                        };
-                        if let Some(link) = replies.upgrade() {
-                            let _ = link.send(&ToWorker::TransportReply { id, result }).await;
-                        }
-                    });
-                }
-                FromWorker::Settle { delivery, settlement } => {
-                    consumers.settle(delivery, settlement).await;
-                }
-                FromWorker::Cancel { consumer } => consumers.cancel(consumer),
-                FromWorker::RpcCall { service, method, outcome, elapsed } => {
-                    metrics.rpc_call(&service, &method, &outcome, elapsed);
-                }
-            }
-        }
-        consumers.close();
-        // Ended, by the worker's exit or by a frame that could not be read: either way the
-        // worker's broker operations can no longer be answered, so it counts as dead. With
-        // its calls link shut down, a running call ends as crashed and an idle worker fails
-        // the next call's write, and is replaced either way.
-        let _ = calls_socket.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-impl Launcher {
     /// Start a worker process that dials `socket`, and wait until it is ready. The whole
     /// start-up is limited, the program's set-up in the worker included (a dependency whose
     /// set-up hangs would otherwise hang the service's start, or a replacement, for good),
@@ -233,143 +173,6 @@ fn remove(socket: &PathBuf) {
     let _ = std::fs::remove_file(socket);
     if let Some(dir) = socket.parent() {
         let _ = std::fs::remove_dir(dir);
-    }
-}
-
-/// Do a worker's broker operation on the service's connection.
-async fn forward(
-    transport: &SharedTransport,
-    op: TransportOp,
-) -> Result<TransportAnswer, TransportError> {
-    Ok(match op {
-        TransportOp::DeclareExchange(spec) => {
-            transport.declare_exchange(&spec).await?;
-            TransportAnswer::Done
-        }
-        TransportOp::DeclareQueue(spec) => {
-            TransportAnswer::Info(transport.declare_queue(&spec).await?)
-        }
-        TransportOp::QueueInfo(queue) => TransportAnswer::Info(transport.queue_info(&queue).await?),
-        TransportOp::Bind(binding) => {
-            transport.bind_queue(&binding).await?;
-            TransportAnswer::Done
-        }
-        TransportOp::DeleteQueue(queue) => {
-            TransportAnswer::Count(transport.delete_queue(&queue).await?)
-        }
-        TransportOp::DeleteExchange(exchange) => {
-            transport.delete_exchange(&exchange).await?;
-            TransportAnswer::Done
-        }
-        TransportOp::Purge(queue) => TransportAnswer::Count(transport.purge_queue(&queue).await?),
-        TransportOp::Consume { queue, .. } => {
-            return Err(TransportError::Internal(format!(
-                "consume of {queue} is not forwarded here"
-            )))
-        }
-        TransportOp::Publish { exchange, routing_key, message, options } => {
-            transport.publish(&exchange, &routing_key, *message, options).await?;
-            TransportAnswer::Done
-        }
-    })
-}
-
-/// Consumers the service runs for one worker (e.g. its RPC reply queue).
-#[derive(Clone, Default)]
-struct Consumers {
-    inner: Arc<std::sync::Mutex<ConsumersState>>,
-}
-
-#[derive(Default)]
-struct ConsumersState {
-    next: u64,
-    cancels: HashMap<u64, Box<dyn FnOnce() + Send>>,
-    ackers: HashMap<u64, Box<dyn Acker>>,
-}
-
-impl Consumers {
-    fn state(&self) -> std::sync::MutexGuard<'_, ConsumersState> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Consume `queue` for the worker, forwarding each delivery to it.
-    async fn open(
-        &self,
-        transport: &SharedTransport,
-        queue: &str,
-        options: ConsumeOptions,
-        to_worker: Weak<Sink>,
-    ) -> Result<TransportAnswer, TransportError> {
-        let mut consumer = transport.consume(queue, options).await?;
-        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
-        let id = {
-            let mut state = self.state();
-            state.next += 1;
-            let id = state.next;
-            state.cancels.insert(
-                id,
-                Box::new(move || {
-                    let _ = cancel.send(());
-                }),
-            );
-            id
-        };
-        let consumers = self.clone();
-        tokio::spawn(async move {
-            tokio::pin!(cancelled);
-            loop {
-                let delivery = tokio::select! {
-                    _ = &mut cancelled => break,
-                    delivery = consumer.next() => delivery,
-                };
-                let Some(delivery) = delivery else { break };
-                let message = delivery.message();
-                let number = {
-                    let mut state = consumers.state();
-                    state.next += 1;
-                    let number = state.next;
-                    state.ackers.insert(number, delivery.acker);
-                    number
-                };
-                let forwarded = ForwardedDelivery { consumer: id, delivery: number, message };
-                let Some(link) = to_worker.upgrade() else { break };
-                if link.send(&ToWorker::Delivery(Box::new(forwarded))).await.is_err() {
-                    break;
-                }
-            }
-            consumer.cancel();
-            if let Some(link) = to_worker.upgrade() {
-                let _ = link.send(&ToWorker::ConsumerEnded { consumer: id }).await;
-            }
-        });
-        Ok(TransportAnswer::Consuming { consumer: id })
-    }
-
-    async fn settle(&self, delivery: u64, settlement: Settlement) {
-        let Some(acker) = self.state().ackers.remove(&delivery) else { return };
-        let result = match settlement {
-            Settlement::Ack => acker.ack().await,
-            Settlement::Nack { requeue } => acker.nack(requeue).await,
-            Settlement::Reject { requeue } => acker.reject(requeue).await,
-        };
-        if let Err(error) = result {
-            tracing::warn!("cannot settle a worker's delivery: {error}");
-        }
-    }
-
-    fn cancel(&self, consumer: u64) {
-        if let Some(cancel) = self.state().cancels.remove(&consumer) {
-            cancel();
-        }
-    }
-
-    /// The worker is gone: stop its consumers; unsettled deliveries go back (acker drop).
-    fn close(&self) {
-        let mut state = self.state();
-        for (_, cancel) in state.cancels.drain() {
-            cancel();
-        }
-        state.ackers.clear();
     }
 }
 
@@ -622,35 +425,6 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-
-    #[tokio::test]
-    async fn a_frame_from_a_worker_that_cannot_be_read_ends_its_calls_link() {
-        let config = crate::Config::new("pool-test")
-            .with_amqp_uri(format!("memory://pool-test-{}", uuid::Uuid::new_v4()));
-        let transport = crate::transport::connect(&config).await.unwrap();
-        let (calls, worker_calls) = UnixStream::pair().unwrap();
-        let (control, worker_control) = UnixStream::pair().unwrap();
-        // the calls link stays open here, as the worker's `CallLink` keeps it
-        let calls = calls.into_std().unwrap();
-        let link = ControlLink {
-            transport: transport.clone(),
-            metrics: Metrics::new().unwrap(),
-            replies: Weak::new(),
-            calls_socket: calls.try_clone().unwrap(),
-        };
-        let serving = tokio::spawn(link.serve(FrameReader::new(control.into_split().0)));
-        let mut worker = FrameWriter::new(worker_control);
-        worker.push(&"not a frame for a service").unwrap();
-        worker.flush().await.unwrap();
-        let mut worker_calls = FrameReader::new(worker_calls);
-        let ended = tokio::time::timeout(Duration::from_secs(5), worker_calls.next::<Ready>())
-            .await
-            .expect("the service hangs up the worker's calls link");
-        assert!(matches!(ended, Ok(None)), "{ended:?}");
-        serving.await.unwrap();
-        drop(calls);
-        transport.close().await;
-    }
 
     #[test]
     fn worker_sockets_live_in_a_private_directory() {
