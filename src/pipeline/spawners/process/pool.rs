@@ -77,9 +77,9 @@ struct Launcher {
 impl Launcher {
     /// Start a worker process, and the task that serves its control link.
     async fn launch(&self) -> Result<Worker> {
-        let socket = private_socket_path()?;
-        let started = self.start(&socket).await;
-        remove(&socket);
+        let socket = PrivateSocket::new()?;
+        let started = self.start(&socket.0).await;
+        drop(socket);
         let Started { child, pid, calls, control, calls_socket } = started?;
         let (reader, writer) = control.into_split();
         let control = Arc::new(FrameSink::new(writer));
@@ -160,19 +160,26 @@ fn program() -> std::io::Result<PathBuf> {
 }
 
 /// A socket path in a new directory only this user may enter (mode 0700), so no other local
-/// user can connect to the socket before the worker does, whatever the umask.
-fn private_socket_path() -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let dir = std::env::temp_dir().join(format!("mf-worker-{}", uuid::Uuid::new_v4()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    Ok(dir.join("worker.sock"))
+/// user can connect to the socket before the worker does, whatever the umask. Dropped, it
+/// removes the socket and the directory, also when a start-up is abandoned midway (its
+/// future dropped as the service stops).
+struct PrivateSocket(PathBuf);
+
+impl PrivateSocket {
+    fn new() -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!("mf-worker-{}", uuid::Uuid::new_v4()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(PrivateSocket(dir.join("worker.sock")))
+    }
 }
 
-/// Remove the socket and its private directory.
-fn remove(socket: &PathBuf) {
-    let _ = std::fs::remove_file(socket);
-    if let Some(dir) = socket.parent() {
-        let _ = std::fs::remove_dir(dir);
+impl Drop for PrivateSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -428,11 +435,12 @@ mod tests {
 
     #[test]
     fn worker_sockets_live_in_a_private_directory() {
-        let socket = private_socket_path().unwrap();
-        let dir = socket.parent().unwrap();
-        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        let socket = PrivateSocket::new().unwrap();
+        let dir = socket.0.parent().unwrap().to_owned();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
-        remove(&socket);
+        let _listening = std::os::unix::net::UnixListener::bind(&socket.0).unwrap();
+        drop(socket);
         assert!(!dir.exists());
     }
 }
