@@ -325,3 +325,281 @@ impl Drop for Supervised {
         }
     }
 }
+
+/// A process_service answering HTTP at `address` in process mode with two workers; when
+/// dropped it is killed with its worker processes and its log removed.
+struct HttpService {
+    child: std::process::Child,
+    address: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+impl Drop for HttpService {
+    fn drop(&mut self) {
+        for pid in children(self.child.id()) {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+impl HttpService {
+    /// Start `exe` with `extra` environment; in a process group of its own if `group`, as a
+    /// shell starts a job.
+    fn start(exe: &Path, extra: &[(&str, &str)], group: bool) -> Self {
+        use std::os::unix::process::CommandExt;
+        let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let name = common::unique("prochang");
+        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let mut command = Command::new(exe);
+        command
+            .env("AMQP_URI", format!("memory://{name}"))
+            .env("SERVICE_NAME", &name)
+            .env("WORKER_MODE", "process")
+            .env("MAX_WORKERS", "2")
+            .env("WEB_SERVER_ADDRESS", address.to_string())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        if group {
+            command.process_group(0);
+        }
+        let child = command.spawn().expect("process_service starts (built by cargo test)");
+        let service = HttpService { child, address, log };
+        for _ in 0..400 {
+            if service.get("/whoami/0", std::time::Duration::from_secs(5)).is_ok() {
+                return service;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the service does not answer HTTP:\n{}", service.logs());
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET path`, waiting at most `limit`: the status and the JSON body.
+    fn get(&self, path: &str, limit: std::time::Duration) -> Result<(u16, Value), String> {
+        get(self.address, path, limit)
+    }
+
+    /// Whether the service exits within `limit`.
+    fn exits_within(&mut self, limit: std::time::Duration) -> bool {
+        let since = std::time::Instant::now();
+        while since.elapsed() < limit {
+            if self.child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// Send `GET /sleep/1500` and hang up 300 ms later, while it runs in a worker process.
+    fn hang_up_mid_call(&self) {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(self.address).unwrap();
+        stream.write_all(b"GET /sleep/1500 HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(stream);
+    }
+}
+
+fn get(
+    address: std::net::SocketAddr,
+    path: &str,
+    limit: std::time::Duration,
+) -> Result<(u16, Value), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::builder().timeout(limit).build().unwrap();
+        let response = http
+            .get(format!("http://{address}{path}"))
+            .send()
+            .await
+            .map_err(|error| error.to_string())?;
+        let status = response.status().as_u16();
+        Ok((status, response.json::<Value>().await.unwrap_or(Value::Null)))
+    })
+}
+
+/// The live processes whose parent is `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Some((state, ppid)) = stat(pid) else { continue };
+        if ppid == parent && state != "Z" {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|(state, _)| state != "Z")
+}
+
+/// The state and parent of process `pid`, from /proc.
+fn stat(pid: u32) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 2..].split(' ');
+    let state = fields.next()?.to_owned();
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+#[test]
+fn http_clients_that_hang_up_mid_call_cost_the_pool_no_worker() {
+    let service = HttpService::start(&binary(), &[], false);
+    // as many as the pool has workers
+    service.hang_up_mid_call();
+    service.hang_up_mid_call();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let workers = children(service.child.id());
+    let answer = service.get("/whoami/9", std::time::Duration::from_secs(15));
+    assert!(
+        answer.as_ref().is_ok_and(|(status, _)| *status == 200),
+        "worker processes left: {workers:?}; answer: {answer:?}\n{}",
+        service.logs()
+    );
+}
+
+#[test]
+fn a_call_given_to_a_worker_that_died_idle_runs_in_another() {
+    let service = HttpService::start(&binary(), &[("MAX_WORKERS", "1")], false);
+    let workers = children(service.child.id());
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    let _ = Command::new("kill").args(["-KILL", &workers[0].to_string()]).status();
+    while alive(workers[0]) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let answer = service.get("/whoami/5", std::time::Duration::from_secs(40));
+    assert!(
+        answer.as_ref().is_ok_and(|(status, _)| *status == 200),
+        "a call that never ran failed: {answer:?}\n{}",
+        service.logs()
+    );
+}
+
+/// A call waits for a worker that cannot start (the recycled one's replacement exits as it
+/// starts): a graceful stop still ends the service.
+#[test]
+fn a_stop_while_a_call_waits_for_a_worker_ends_the_service() {
+    let refuse = std::env::temp_dir().join(common::unique("refuse-workers"));
+    let refuse_path = refuse.to_string_lossy().into_owned();
+    let extra = [
+        ("MAX_WORKERS", "1"),
+        ("MAX_TASKS_PER_CHILD", "2"),
+        ("SHUTDOWN_TIMEOUT", "1"),
+        ("REFUSE_WORKERS_WHILE", refuse_path.as_str()),
+    ];
+    let mut service = HttpService::start(&binary(), &extra, false);
+    std::fs::write(&refuse, b"").unwrap();
+    // the worker's second call (the first was the start's): its replacement cannot start
+    let last = service.get("/whoami/1", std::time::Duration::from_secs(15));
+    let address = service.address;
+    let waiting =
+        std::thread::spawn(move || get(address, "/whoami/2", std::time::Duration::from_secs(30)));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _ = Command::new("kill").args(["-TERM", &service.child.id().to_string()]).status();
+    let stopped = service.exits_within(std::time::Duration::from_secs(20));
+    let _ = std::fs::remove_file(&refuse);
+    assert!(last.is_ok_and(|(status, _)| status == 200));
+    assert!(stopped, "still running 20 s after SIGTERM:\n{}", service.logs());
+    assert!(waiting.join().unwrap().is_err(), "the waiting call never ran");
+}
+
+/// Ctrl-C in a terminal signals the whole foreground process group, workers included: the
+/// service stops gracefully and its running call still finishes.
+#[test]
+fn ctrl_c_lets_the_running_calls_finish() {
+    let service = HttpService::start(&binary(), &[], true);
+    let address = service.address;
+    let call =
+        std::thread::spawn(move || get(address, "/sleep/2000", std::time::Duration::from_secs(20)));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let group = format!("-{}", service.child.id());
+    let _ = Command::new("kill").args(["-INT", "--", &group]).status();
+    let answer = call.join().unwrap();
+    assert!(
+        answer.as_ref().is_ok_and(|(status, _)| *status == 200),
+        "the running call did not finish: {answer:?}\n{}",
+        service.logs()
+    );
+}
+
+#[test]
+fn a_worker_does_not_outlive_its_killed_service() {
+    let mut service = HttpService::start(&binary(), &[("TASK_TIME_LIMIT", "120")], false);
+    let address = service.address;
+    let workers = children(service.child.id());
+    std::thread::spawn(move || get(address, "/sleep/60000", std::time::Duration::from_secs(90)));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    service.child.kill().unwrap();
+    service.child.wait().unwrap();
+    let mut survivors = workers.clone();
+    for _ in 0..100 {
+        survivors.retain(|pid| alive(*pid));
+        if survivors.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for pid in &survivors {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    assert!(!workers.is_empty());
+    assert!(survivors.is_empty(), "workers {survivors:?} outlived their SIGKILLed service");
+}
+
+/// A deploy renames a new version of the program over the running one's file: workers
+/// still start (here one for each call).
+#[test]
+fn workers_still_start_after_the_program_file_is_replaced() {
+    let dir = std::env::temp_dir().join(common::unique("procexe"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("process_service");
+    std::fs::copy(binary(), &exe).unwrap();
+    let service =
+        HttpService::start(&exe, &[("MAX_WORKERS", "1"), ("MAX_TASKS_PER_CHILD", "1")], false);
+    let new = dir.join("process_service.new");
+    std::fs::copy(binary(), &new).unwrap();
+    std::fs::rename(&new, &exe).unwrap();
+    let first = service.get("/whoami/1", std::time::Duration::from_secs(15));
+    let second = service.get("/whoami/2", std::time::Duration::from_secs(15));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        [&first, &second]
+            .iter()
+            .all(|answer| answer.as_ref().is_ok_and(|(status, _)| *status == 200)),
+        "first: {first:?}, second: {second:?}\n{}",
+        service.logs()
+    );
+}
+
+/// A recycled worker's replacement hangs in its set-up (a dependency): it is given up on
+/// after the start-up limit (30 s), and another replaces it.
+#[test]
+fn a_worker_whose_set_up_hangs_is_replaced() {
+    let hang = std::env::temp_dir().join(common::unique("hang-worker"));
+    let hang_path = hang.to_string_lossy().into_owned();
+    let extra = [
+        ("MAX_WORKERS", "1"),
+        ("MAX_TASKS_PER_CHILD", "2"),
+        ("HANG_ONE_WORKER", hang_path.as_str()),
+    ];
+    let service = HttpService::start(&binary(), &extra, false);
+    std::fs::write(&hang, b"").unwrap();
+    // the worker's second call (the first was the start's): its replacement hangs
+    let last = service.get("/whoami/1", std::time::Duration::from_secs(15));
+    let next = service.get("/whoami/2", std::time::Duration::from_secs(90));
+    let _ = std::fs::remove_file(&hang);
+    assert!(last.is_ok_and(|(status, _)| status == 200));
+    assert!(next.as_ref().is_ok_and(|(status, _)| *status == 200), "{next:?}\n{}", service.logs());
+}

@@ -6,7 +6,11 @@
 //! `sigkill` kills its own process, `callrpc` calls this service's RPC method `echo` (served in
 //! thread mode, like `abort_rpc`, which aborts the service) from the worker and reports like `whoami`. Route `collect` (thread mode) prints each `pid` event as a
 //! JSON line `{"whoami": id, "pid": worker pid, "service_pid": ...}`. `GET /whoami/{id}` (on
-//! `WEB_SERVER_ADDRESS`, default a free loopback port) answers from a worker process.
+//! `WEB_SERVER_ADDRESS`, default a free loopback port) answers from a worker process;
+//! `GET /sleep/{ms}` sleeps that long in a worker process, then answers its pid. While the
+//! file named by `REFUSE_WORKERS_WHILE` exists, a worker process exits as it starts; the
+//! first worker process to find the file named by `HANG_ONE_WORKER` removes it and hangs
+//! in its set-up.
 //!
 //! In the service process (not in workers) a driver dispatches `SCENARIO`
 //! (`route:id,route:id,...`) one event at a time, waiting for each to be settled or dead-
@@ -20,15 +24,45 @@ use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Args;
 use micro_framework::config::WorkerMode;
+use micro_framework::dependencies::{Dependency, SetupContext};
 use micro_framework::http::{HttpEntrypoint, Path};
 use micro_framework::prelude::*;
 use micro_framework::settle::{HEADER_ERROR, HEADER_ERROR_KIND};
 use micro_framework::spawners::process::WORKER_SOCKET_ENV;
+use micro_framework::{BoxError, WorkerContext};
 use serde_json::{json, Value};
 
 /// `GET /whoami/{id}`: the worker process's pid and its parent's (the service).
 fn http_whoami(Path(id): Path<u64>) -> Value {
     json!({ "whoami": id, "pid": std::process::id(), "parent": std::os::unix::process::parent_id() })
+}
+
+/// `GET /sleep/{ms}`: sleeps in the worker, then answers its pid.
+fn http_sleep(Path(ms): Path<u64>) -> Value {
+    std::thread::sleep(Duration::from_millis(ms));
+    json!({ "slept": ms, "pid": std::process::id() })
+}
+
+/// A dependency whose set-up, in a worker process, never ends when it finds the file named
+/// by `HANG_ONE_WORKER` (which it removes, so that only one worker hangs).
+struct HangingSetUp;
+
+#[micro_framework::async_trait]
+impl Dependency for HangingSetUp {
+    type Output = ();
+
+    async fn setup(&self, _: &SetupContext) -> Result<(), BoxError> {
+        let file = std::env::var_os("HANG_ONE_WORKER").map(std::path::PathBuf::from);
+        let worker = std::env::var(WORKER_SOCKET_ENV).is_ok();
+        if worker && file.is_some_and(|file| std::fs::remove_file(file).is_ok()) {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+
+    async fn get(&self, _: &WorkerContext) -> Result<(), BoxError> {
+        Ok(())
+    }
 }
 
 /// A sync target that reports through the service while it runs (`dispatch_blocking` waits
@@ -116,6 +150,9 @@ fn main() -> micro_framework::Result<()> {
         Route::new(callrpc).entrypoint(EventListener::new(source, "callrpc")),
         Route::new(slow).entrypoint(EventListener::new(source, "slow")),
         Route::new(http_whoami).entrypoint(HttpEntrypoint::get("/whoami/{id}")),
+        Route::new(http_sleep)
+            .entrypoint(HttpEntrypoint::get("/sleep/{ms}"))
+            .dependency(HangingSetUp),
     ];
     let collector = vec![
         Route::new(collect).entrypoint(EventListener::new(service.clone(), "pid")),
@@ -124,6 +161,10 @@ fn main() -> micro_framework::Result<()> {
     ];
     if std::env::var(WORKER_SOCKET_ENV).is_err() {
         drive(config.clone());
+    } else if std::env::var_os("REFUSE_WORKERS_WHILE")
+        .is_some_and(|file| std::path::Path::new(&file).exists())
+    {
+        return Err(micro_framework::Error::Startup("worker start-up refused by the test".into()));
     }
     Runner::new(collector, config.with_worker_mode(WorkerMode::Thread))
         .context(RunnerContext::new(workers).worker_mode(mode).metric_label("workers"))

@@ -12,6 +12,7 @@
 //! service does on their behalf, so dependencies work the same in a worker, on RabbitMQ and
 //! on the in-process broker.
 
+mod control;
 #[cfg(test)]
 mod fuzz;
 mod pool;

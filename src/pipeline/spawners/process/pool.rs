@@ -1,34 +1,26 @@
 //! The service side: a pool of worker processes, each running one call at a time.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::Semaphore;
 
-use super::protocol::{
-    BorrowedCall, ForwardedDelivery, FrameReader, FrameSink, FrameWriter, FromWorker, Ready,
-    Settlement, ToWorker, TransportAnswer, TransportOp,
-};
+use super::control::{ControlLink, Sink};
+use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Ready};
 use super::worker::WORKER_SOCKET_ENV;
 use crate::data::Outcome;
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::transport::{Acker, ConsumeOptions, SharedTransport, TransportError};
+use crate::transport::SharedTransport;
 
 const START_LIMIT: Duration = Duration::from_secs(30);
 const RESPAWN_PAUSE: Duration = Duration::from_secs(1);
-
-/// The service's end of a worker's control link, written by whichever task has a frame to
-/// send.
-type Sink = FrameSink<OwnedWriteHalf>;
 
 /// One worker process and its two links. Dropping it closes them, and the worker exits.
 struct Worker {
@@ -61,6 +53,16 @@ impl CallLink {
     }
 }
 
+/// A worker process that said it was ready, with its links.
+struct Started {
+    child: Child,
+    pid: u32,
+    calls: CallLink,
+    control: UnixStream,
+    /// The calls link's socket again, to shut it down from the control link's task.
+    calls_socket: std::os::unix::net::UnixStream,
+}
+
 /// Starts worker processes: the service's own binary, re-executed with the worker socket in
 /// its environment, so the program's `main` (and its set-up) runs there too.
 #[derive(Clone)]
@@ -73,239 +75,111 @@ struct Launcher {
 }
 
 impl Launcher {
+    /// Start a worker process, and the task that serves its control link.
     async fn launch(&self) -> Result<Worker> {
-        let exe = std::env::current_exe()?;
-        let socket = private_socket_path()?;
-        let listener = UnixListener::bind(&socket)?;
+        let socket = PrivateSocket::new()?;
+        let started = self.start(&socket.0).await;
+        drop(socket);
+        let Started { child, pid, calls, control, calls_socket } = started?;
+        let (reader, writer) = control.into_split();
+        let control = Arc::new(FrameSink::new(writer));
+        let link = ControlLink {
+            transport: self.transport.clone(),
+            metrics: self.metrics.clone(),
+            replies: Arc::downgrade(&control),
+            calls_socket,
+        };
+        tokio::spawn(link.serve(FrameReader::new(reader)));
+        tracing::debug!("worker process {pid} started");
+        Ok(Worker { pid, child, calls, control, done: 0 })
+    }
+
+    /// Start a worker process that dials `socket`, and wait until it is ready. The whole
+    /// start-up is limited, the program's set-up in the worker included (a dependency whose
+    /// set-up hangs would otherwise hang the service's start, or a replacement, for good),
+    /// and a worker that exits meanwhile fails it at once. A worker given up on is killed
+    /// when its `Child` is dropped.
+    async fn start(&self, socket: &PathBuf) -> Result<Started> {
+        let listener = UnixListener::bind(socket)?;
         let args = match &self.args {
             Some(args) => args.clone(),
             None => std::env::args_os().skip(1).collect(),
         };
-        let spawned =
-            Command::new(exe).args(args).env(WORKER_SOCKET_ENV, &socket).kill_on_drop(true).spawn();
-        let accepted = match spawned {
-            Ok(child) => {
-                // the worker dials its calls link first
-                let accept = async {
-                    let (calls, _) = listener.accept().await?;
-                    let (control, _) = listener.accept().await?;
-                    Ok::<_, std::io::Error>((calls, control))
-                };
-                (child, tokio::time::timeout(START_LIMIT, accept).await)
-            }
-            Err(error) => {
-                remove(&socket);
-                return Err(Error::WorkerProcess(format!(
-                    "cannot start a worker process: {error}"
-                )));
+        let mut command = Command::new(program()?);
+        if let Some(name) = std::env::args_os().next() {
+            command.arg0(name);
+        }
+        let mut child =
+            command.args(args).env(WORKER_SOCKET_ENV, socket).kill_on_drop(true).spawn().map_err(
+                |error| Error::WorkerProcess(format!("cannot start a worker process: {error}")),
+            )?;
+        let ready = async {
+            // the worker dials its calls link first
+            let (calls, _) = listener.accept().await?;
+            let (control, _) = listener.accept().await?;
+            let calls = calls.into_std()?;
+            let calls_socket = calls.try_clone()?;
+            let (reader, writer) = UnixStream::from_std(calls)?.into_split();
+            let mut calls =
+                CallLink { reader: FrameReader::new(reader), writer: FrameWriter::new(writer) };
+            let ready = calls.reader.next::<Ready>().await?;
+            Ok::<_, std::io::Error>(ready.map(|Ready { pid }| (pid, calls, control, calls_socket)))
+        };
+        let ready = tokio::select! {
+            ready = tokio::time::timeout(START_LIMIT, ready) => ready,
+            status = child.wait() => {
+                let status = status.map_or_else(|error| error.to_string(), |s| s.to_string());
+                let message = format!("a worker process exited before it was ready ({status})");
+                return Err(Error::WorkerProcess(message));
             }
         };
-        remove(&socket);
-        let (child, accepted) = accepted;
-        let (calls, control) = accepted.map_err(|_| {
-            Error::WorkerProcess("a worker process did not connect in 30 s".into())
-        })??;
-        let (reader, writer) = calls.into_split();
-        let mut calls =
-            CallLink { reader: FrameReader::new(reader), writer: FrameWriter::new(writer) };
-        let Some(Ready { pid }) = calls.reader.next().await? else {
-            return Err(Error::WorkerProcess("a worker process did not say it was ready".into()));
-        };
-        let (reader, writer) = control.into_split();
-        let mut reader = FrameReader::new(reader);
-        let (transport, metrics) = (self.transport.clone(), self.metrics.clone());
-        let control = Arc::new(FrameSink::new(writer));
-        let replies = Arc::downgrade(&control);
-        tokio::spawn(async move {
-            // Consumers opened for the worker and the ackers of what they forwarded: dropped
-            // with this task when the worker goes, which hands unsettled messages back.
-            let consumers = Consumers::default();
-            while let Ok(Some(frame)) = reader.next::<FromWorker>().await {
-                match frame {
-                    FromWorker::Transport { id, op } => {
-                        let (transport, replies) = (transport.clone(), replies.clone());
-                        let consumers = consumers.clone();
-                        tokio::spawn(async move {
-                            let result = match *op {
-                                TransportOp::Consume { queue, options } => {
-                                    consumers
-                                        .open(&transport, &queue, options, replies.clone())
-                                        .await
-                                }
-                                op => forward(&transport, op).await,
-                            };
-                            if let Some(link) = replies.upgrade() {
-                                let _ = link.send(&ToWorker::TransportReply { id, result }).await;
-                            }
-                        });
-                    }
-                    FromWorker::Settle { delivery, settlement } => {
-                        consumers.settle(delivery, settlement).await;
-                    }
-                    FromWorker::Cancel { consumer } => consumers.cancel(consumer),
-                    FromWorker::RpcCall { service, method, outcome, elapsed } => {
-                        metrics.rpc_call(&service, &method, &outcome, elapsed);
-                    }
-                }
+        match ready {
+            Ok(Ok(Some((pid, calls, control, calls_socket)))) => {
+                Ok(Started { child, pid, calls, control, calls_socket })
             }
-            consumers.close();
-        });
-        tracing::debug!("worker process {pid} started");
-        Ok(Worker { pid, child, calls, control, done: 0 })
+            Ok(Ok(None)) => {
+                Err(Error::WorkerProcess("a worker process did not say it was ready".into()))
+            }
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(Error::WorkerProcess(format!(
+                "a worker process was not ready in {START_LIMIT:?}: killed"
+            ))),
+        }
+    }
+}
+
+/// The program to start as a worker process: the running one. On Linux through
+/// /proc/self/exe, which stays valid when a deploy replaced or removed the program's file,
+/// whose path is then reported with " (deleted)" appended, naming no file.
+fn program() -> std::io::Result<PathBuf> {
+    if cfg!(target_os = "linux") {
+        Ok(PathBuf::from("/proc/self/exe"))
+    } else {
+        std::env::current_exe()
     }
 }
 
 /// A socket path in a new directory only this user may enter (mode 0700), so no other local
-/// user can connect to the socket before the worker does, whatever the umask.
-fn private_socket_path() -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let dir = std::env::temp_dir().join(format!("mf-worker-{}", uuid::Uuid::new_v4()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    Ok(dir.join("worker.sock"))
-}
+/// user can connect to the socket before the worker does, whatever the umask. Dropped, it
+/// removes the socket and the directory, also when a start-up is abandoned midway (its
+/// future dropped as the service stops).
+struct PrivateSocket(PathBuf);
 
-/// Remove the socket and its private directory.
-fn remove(socket: &PathBuf) {
-    let _ = std::fs::remove_file(socket);
-    if let Some(dir) = socket.parent() {
-        let _ = std::fs::remove_dir(dir);
+impl PrivateSocket {
+    fn new() -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!("mf-worker-{}", uuid::Uuid::new_v4()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(PrivateSocket(dir.join("worker.sock")))
     }
 }
 
-/// Do a worker's broker operation on the service's connection.
-async fn forward(
-    transport: &SharedTransport,
-    op: TransportOp,
-) -> Result<TransportAnswer, TransportError> {
-    Ok(match op {
-        TransportOp::DeclareExchange(spec) => {
-            transport.declare_exchange(&spec).await?;
-            TransportAnswer::Done
+impl Drop for PrivateSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
         }
-        TransportOp::DeclareQueue(spec) => {
-            TransportAnswer::Info(transport.declare_queue(&spec).await?)
-        }
-        TransportOp::QueueInfo(queue) => TransportAnswer::Info(transport.queue_info(&queue).await?),
-        TransportOp::Bind(binding) => {
-            transport.bind_queue(&binding).await?;
-            TransportAnswer::Done
-        }
-        TransportOp::DeleteQueue(queue) => {
-            TransportAnswer::Count(transport.delete_queue(&queue).await?)
-        }
-        TransportOp::DeleteExchange(exchange) => {
-            transport.delete_exchange(&exchange).await?;
-            TransportAnswer::Done
-        }
-        TransportOp::Purge(queue) => TransportAnswer::Count(transport.purge_queue(&queue).await?),
-        TransportOp::Consume { queue, .. } => {
-            return Err(TransportError::Internal(format!(
-                "consume of {queue} is not forwarded here"
-            )))
-        }
-        TransportOp::Publish { exchange, routing_key, message, options } => {
-            transport.publish(&exchange, &routing_key, *message, options).await?;
-            TransportAnswer::Done
-        }
-    })
-}
-
-/// Consumers the service runs for one worker (e.g. its RPC reply queue).
-#[derive(Clone, Default)]
-struct Consumers {
-    inner: Arc<std::sync::Mutex<ConsumersState>>,
-}
-
-#[derive(Default)]
-struct ConsumersState {
-    next: u64,
-    cancels: HashMap<u64, Box<dyn FnOnce() + Send>>,
-    ackers: HashMap<u64, Box<dyn Acker>>,
-}
-
-impl Consumers {
-    fn state(&self) -> std::sync::MutexGuard<'_, ConsumersState> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Consume `queue` for the worker, forwarding each delivery to it.
-    async fn open(
-        &self,
-        transport: &SharedTransport,
-        queue: &str,
-        options: ConsumeOptions,
-        to_worker: Weak<Sink>,
-    ) -> Result<TransportAnswer, TransportError> {
-        let mut consumer = transport.consume(queue, options).await?;
-        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
-        let id = {
-            let mut state = self.state();
-            state.next += 1;
-            let id = state.next;
-            state.cancels.insert(
-                id,
-                Box::new(move || {
-                    let _ = cancel.send(());
-                }),
-            );
-            id
-        };
-        let consumers = self.clone();
-        tokio::spawn(async move {
-            tokio::pin!(cancelled);
-            loop {
-                let delivery = tokio::select! {
-                    _ = &mut cancelled => break,
-                    delivery = consumer.next() => delivery,
-                };
-                let Some(delivery) = delivery else { break };
-                let message = delivery.message();
-                let number = {
-                    let mut state = consumers.state();
-                    state.next += 1;
-                    let number = state.next;
-                    state.ackers.insert(number, delivery.acker);
-                    number
-                };
-                let forwarded = ForwardedDelivery { consumer: id, delivery: number, message };
-                let Some(link) = to_worker.upgrade() else { break };
-                if link.send(&ToWorker::Delivery(Box::new(forwarded))).await.is_err() {
-                    break;
-                }
-            }
-            consumer.cancel();
-            if let Some(link) = to_worker.upgrade() {
-                let _ = link.send(&ToWorker::ConsumerEnded { consumer: id }).await;
-            }
-        });
-        Ok(TransportAnswer::Consuming { consumer: id })
-    }
-
-    async fn settle(&self, delivery: u64, settlement: Settlement) {
-        let Some(acker) = self.state().ackers.remove(&delivery) else { return };
-        let result = match settlement {
-            Settlement::Ack => acker.ack().await,
-            Settlement::Nack { requeue } => acker.nack(requeue).await,
-            Settlement::Reject { requeue } => acker.reject(requeue).await,
-        };
-        if let Err(error) = result {
-            tracing::warn!("cannot settle a worker's delivery: {error}");
-        }
-    }
-
-    fn cancel(&self, consumer: u64) {
-        if let Some(cancel) = self.state().cancels.remove(&consumer) {
-            cancel();
-        }
-    }
-
-    /// The worker is gone: stop its consumers; unsettled deliveries go back (acker drop).
-    fn close(&self) {
-        let mut state = self.state();
-        for (_, cancel) in state.cancels.drain() {
-            cancel();
-        }
-        state.ackers.clear();
     }
 }
 
@@ -314,11 +188,22 @@ impl Consumers {
 /// worker that dies or overruns the time limit is replaced, and one that reached
 /// `MAX_TASKS_PER_CHILD` calls is recycled.
 pub struct ProcessPool {
-    idle: mpsc::UnboundedSender<Worker>,
-    waiting: Mutex<mpsc::UnboundedReceiver<Worker>>,
+    idle: std::sync::Mutex<Idle>,
+    /// One permit per idle worker: a call waits here for one without holding a lock that
+    /// [`ProcessPool::shutdown`] needs. Closed by the shutdown.
+    ready: Semaphore,
     launcher: Launcher,
+    size: usize,
     time_limit: Option<Duration>,
     max_tasks: Option<u32>,
+}
+
+/// The idle workers, and whether the pool is shut down (then no worker goes back to it and
+/// none is started).
+#[derive(Default)]
+struct Idle {
+    workers: Vec<Worker>,
+    closed: bool,
 }
 
 impl std::fmt::Debug for ProcessPool {
@@ -340,37 +225,107 @@ impl ProcessPool {
         max_tasks: Option<u32>,
         args: Option<Vec<OsString>>,
     ) -> Result<Arc<Self>> {
-        let (idle, waiting) = mpsc::unbounded_channel();
         let pool = Arc::new(ProcessPool {
-            idle,
-            waiting: Mutex::new(waiting),
+            idle: std::sync::Mutex::default(),
+            ready: Semaphore::new(0),
             launcher: Launcher { transport, metrics, args },
+            size,
             time_limit,
             max_tasks,
         });
         for _ in 0..size {
             let worker = pool.launcher.launch().await?;
-            let _ = pool.idle.send(worker);
+            pool.give_back(worker);
         }
         Ok(pool)
     }
 
+    fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An idle worker, once there is one; `None` once the pool is shut down.
+    async fn take(&self) -> Option<Worker> {
+        self.ready.acquire().await.ok()?.forget();
+        self.idle().workers.pop()
+    }
+
+    /// Make `worker` idle, or end it if the pool is shut down.
+    fn give_back(&self, worker: Worker) {
+        let mut idle = self.idle();
+        if idle.closed {
+            drop(idle);
+            tokio::spawn(end(worker, false));
+            return;
+        }
+        idle.workers.push(worker);
+        self.ready.add_permits(1);
+    }
+
+    /// Start a worker in the background, trying again until one starts or the pool is shut
+    /// down.
+    fn respawn(self: &Arc<Self>) {
+        // a call's future dropped while the runtime shuts down has no runtime to start on
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let pool = self.clone();
+        runtime.spawn(async move {
+            while !pool.idle().closed {
+                match pool.launcher.launch().await {
+                    Ok(new) => return pool.give_back(new),
+                    Err(error) => {
+                        tracing::error!("cannot start a worker process: {error}; trying again");
+                        tokio::time::sleep(RESPAWN_PAUSE).await;
+                    }
+                }
+            }
+        });
+    }
+
     /// Run one call in a worker process: this task writes the call and reads its outcome.
     pub(crate) async fn call(self: &Arc<Self>, call: BorrowedCall<'_>) -> Outcome {
-        let Some(mut worker) = self.waiting.lock().await.recv().await else {
-            return Err(Failure::new(FailureKind::Crashed, "the worker pool is shut down"));
-        };
-        let sent = worker.calls.send(&call).await;
-        let answer = match (sent, self.time_limit) {
-            (Err(error), _) if error.kind() == std::io::ErrorKind::InvalidData => {
-                let _ = self.idle.send(worker);
-                let message = format!("the call cannot be sent to a worker process: {error}");
-                return Err(Failure::new(FailureKind::Error, message));
+        // A worker that died while idle fails the write before anything reached it: the call
+        // goes to another, as often as the pool has workers (plus a fresh one).
+        let mut tries = 0;
+        let (mut worker, lent) = loop {
+            let Some(mut worker) = self.take().await else {
+                // Shut down while this call waited for a worker: it never runs, and a failure
+                // would dead-letter its message; it waits until the service drops it, which
+                // hands the message back.
+                return std::future::pending().await;
+            };
+            let lent = ReplaceOnDrop(Some(self));
+            match worker.calls.send(&call).await {
+                Ok(()) => break (worker, lent),
+                Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                    lent.disarm();
+                    self.give_back(worker);
+                    let message = format!("the call cannot be sent to a worker process: {error}");
+                    return Err(Failure::new(FailureKind::Error, message));
+                }
+                Err(error) => {
+                    lent.disarm();
+                    let pid = worker.pid;
+                    let status = self.replace(worker, false).await;
+                    tracing::warn!(
+                        "worker process {pid} was gone before a call reached it ({error}, \
+                         {status}); a new worker replaces it and another takes the call"
+                    );
+                    tries += 1;
+                    if tries > self.size {
+                        let message = format!(
+                            "{tries} worker processes in a row were gone before the call \
+                             reached them"
+                        );
+                        return Err(Failure::new(FailureKind::Crashed, message));
+                    }
+                }
             }
-            (Err(_), _) => Ok(None),
-            (Ok(()), None) => Ok(worker.calls.outcome().await),
-            (Ok(()), Some(limit)) => tokio::time::timeout(limit, worker.calls.outcome()).await,
         };
+        let answer = match self.time_limit {
+            None => Ok(worker.calls.outcome().await),
+            Some(limit) => tokio::time::timeout(limit, worker.calls.outcome()).await,
+        };
+        lent.disarm();
         match answer {
             Ok(Some(outcome)) => {
                 worker.done += 1;
@@ -380,9 +335,10 @@ impl ProcessPool {
                         worker.pid,
                         worker.done
                     );
-                    self.replace(worker, false).await;
+                    self.respawn();
+                    tokio::spawn(end(worker, false));
                 } else {
-                    let _ = self.idle.send(worker);
+                    self.give_back(worker);
                 }
                 outcome
             }
@@ -406,52 +362,67 @@ impl ProcessPool {
         }
     }
 
-    /// End `worker` (killing it if `kill`, else closing its socket and waiting briefly) and
-    /// start another in the background. Returns how the old one ended.
-    async fn replace(self: &Arc<Self>, mut worker: Worker, kill: bool) -> String {
-        drop((worker.calls, worker.control));
-        if kill {
-            let _ = worker.child.start_kill();
-        }
-        let status = match tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await {
-            Ok(Ok(status)) => status.to_string(),
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => {
-                let _ = worker.child.start_kill();
-                "did not exit, killed".to_owned()
-            }
-        };
-        let pool = self.clone();
-        tokio::spawn(async move {
-            loop {
-                match pool.launcher.launch().await {
-                    Ok(new) => {
-                        let _ = pool.idle.send(new);
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::error!("cannot start a worker process: {error}; trying again");
-                        tokio::time::sleep(RESPAWN_PAUSE).await;
-                    }
-                }
-            }
-        });
-        status
+    /// Start another worker in the background, then end `worker` (see [`end`]). Returns how
+    /// it ended.
+    async fn replace(self: &Arc<Self>, worker: Worker, kill: bool) -> String {
+        // first, so that a call dropped while it waits for the old worker loses none
+        self.respawn();
+        end(worker, kill).await
     }
 
-    /// Stop every idle worker (they exit when their socket closes).
+    /// Stop every idle worker (they exit when their socket closes), and start none any more.
     pub(crate) async fn shutdown(&self) {
-        let mut waiting = self.waiting.lock().await;
-        waiting.close();
-        while let Ok(mut worker) = waiting.try_recv() {
-            drop((worker.calls, worker.control));
-            if tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await.is_err() {
-                tracing::warn!(
-                    "worker process {} did not exit in 5 s after its link closed; killed",
-                    worker.pid
-                );
-                let _ = worker.child.start_kill();
-            }
+        let workers = {
+            let mut idle = self.idle();
+            idle.closed = true;
+            std::mem::take(&mut idle.workers)
+        };
+        self.ready.close();
+        futures::future::join_all(workers.into_iter().map(|worker| end(worker, false))).await;
+    }
+}
+
+/// End `worker`: close its links, which ends it, killing it if `kill` or if it did not exit
+/// within 5 s. Returns how it ended.
+async fn end(mut worker: Worker, kill: bool) -> String {
+    drop((worker.calls, worker.control));
+    if kill {
+        let _ = worker.child.start_kill();
+    }
+    match tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await {
+        Ok(Ok(status)) => status.to_string(),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => {
+            tracing::warn!(
+                "worker process {} did not exit in 5 s after its link closed; killed",
+                worker.pid
+            );
+            let _ = worker.child.start_kill();
+            "did not exit, killed".to_owned()
+        }
+    }
+}
+
+/// Held by a call while it uses a worker. A call's future dropped then (its caller went
+/// away: an HTTP client that hung up) drops the worker too, which kills it, as it may be in
+/// the middle of the call or of a frame; this starts its replacement, on a task of its own
+/// since the call's future is gone.
+struct ReplaceOnDrop<'a>(Option<&'a Arc<ProcessPool>>);
+
+impl ReplaceOnDrop<'_> {
+    /// The call itself gives the worker back or replaces it.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ReplaceOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0 {
+            tracing::warn!(
+                "a call ended by its caller while it ran: its worker is killed, replaced"
+            );
+            pool.respawn();
         }
     }
 }
@@ -464,11 +435,12 @@ mod tests {
 
     #[test]
     fn worker_sockets_live_in_a_private_directory() {
-        let socket = private_socket_path().unwrap();
-        let dir = socket.parent().unwrap();
-        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        let socket = PrivateSocket::new().unwrap();
+        let dir = socket.0.parent().unwrap().to_owned();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
-        remove(&socket);
+        let _listening = std::os::unix::net::UnixListener::bind(&socket.0).unwrap();
+        drop(socket);
         assert!(!dir.exists());
     }
 }

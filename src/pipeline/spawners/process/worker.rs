@@ -245,6 +245,8 @@ impl WorkerLink {
     /// Dial the service at `socket`: the calls link first, as the service takes the first
     /// connection for it, then the control link.
     pub(crate) async fn connect(socket: &str) -> Result<Self> {
+        ignore_stop_signals();
+        exit_when_orphaned();
         let dial = || async {
             UnixStream::connect(socket).await.map_err(|error| {
                 Error::Startup(format!("worker cannot reach its service: {error}"))
@@ -298,15 +300,17 @@ impl WorkerLink {
         let mut ready = FrameWriter::new(&mut calls);
         ready.push(&Ready { pid: std::process::id() })?;
         ready.flush().await.map_err(|_| Error::Startup("service hung up".into()))?;
-        let reading = tokio::spawn(read_control(control, transport.clone()));
+        let calls = calls.into_std()?;
+        let _hang_up = HangUpOnDrop(calls.try_clone()?);
+        let reading = tokio::spawn(read_control(control, transport.clone(), calls.try_clone()?));
         let runtime = tokio::runtime::Handle::current();
         let served = match runtime.runtime_flavor() {
             // sync targets cannot block a current-thread runtime's only thread
-            tokio::runtime::RuntimeFlavor::CurrentThread => serve_calls(calls, &routes).await,
+            tokio::runtime::RuntimeFlavor::CurrentThread => {
+                serve_calls(UnixStream::from_std(calls)?, &routes).await
+            }
             _ => {
-                let calls = calls.into_std()?;
                 calls.set_nonblocking(false)?;
-                let _hang_up = HangUpOnDrop(calls.try_clone()?);
                 tokio::task::spawn_blocking(move || {
                     run_sync_targets_here(|| serve_calls_blocking(&calls, &routes, &runtime))
                 })
@@ -318,6 +322,41 @@ impl WorkerLink {
         reading.abort();
         transport.link_ended();
         Ok(served?)
+    }
+}
+
+/// Make SIGINT and SIGTERM do nothing here: sent to a whole process group (Ctrl-C in a
+/// terminal) or control group (systemd), they are meant for the service, which stops
+/// gracefully, letting the running calls finish, and then ends its workers by closing
+/// their links.
+fn ignore_stop_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
+        // tokio's handler, once installed, replaces the default action (termination) for the
+        // rest of the process's life, so the stream need not be kept
+        if let Err(error) = signal(kind) {
+            tracing::warn!("a worker process cannot ignore {kind:?}: {error}");
+        }
+    }
+}
+
+/// How often a worker checks that its service is still there.
+const PARENT_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Exit once the service is gone (its process ended, even killed, so this one was handed to
+/// another parent), even while a call runs: the service enforces the time limit, and
+/// nobody waits for the call's outcome any more.
+fn exit_when_orphaned() {
+    let service = std::os::unix::process::parent_id();
+    let watching = std::thread::Builder::new().name("service-watch".into()).spawn(move || loop {
+        std::thread::sleep(PARENT_CHECK);
+        if std::os::unix::process::parent_id() != service {
+            tracing::error!("the service (process {service}) is gone: this worker exits");
+            std::process::exit(1);
+        }
+    });
+    if let Err(error) = watching {
+        tracing::warn!("a worker process cannot watch its service: {error}");
     }
 }
 
@@ -388,10 +427,13 @@ async fn serve_calls(
     Ok(())
 }
 
-/// Read the control link: each frame goes to whom waits for it.
+/// Read the control link: each frame goes to whom waits for it. Once it ends (the service
+/// hung up, or sent a frame that cannot be read), the calls link is shut down too: without
+/// the service's answers to its broker operations the worker is no use, so it stops.
 async fn read_control(
     mut reader: FrameReader<OwnedReadHalf>,
     transport: Arc<ParentTransport>,
+    calls: std::os::unix::net::UnixStream,
 ) -> std::io::Result<()> {
     let read = loop {
         let frame = match reader.next::<ToWorker>().await {
@@ -437,6 +479,10 @@ async fn read_control(
         }
     };
     transport.link_ended();
+    if let Err(error) = &read {
+        tracing::error!("cannot read the service's control link: {error}; this worker stops");
+    }
+    let _ = calls.shutdown(std::net::Shutdown::Both);
     read
 }
 
@@ -463,8 +509,9 @@ mod tests {
     async fn a_broker_operation_waiting_when_the_service_hangs_up_fails_at_once() {
         let (calls, _service_calls) = UnixStream::pair().unwrap();
         let (worker_end, service_end) = UnixStream::pair().unwrap();
-        let WorkerLink { control, transport, .. } = WorkerLink::over(calls, worker_end);
-        let reading = tokio::spawn(read_control(control, transport.clone()));
+        let WorkerLink { control, transport, calls } = WorkerLink::over(calls, worker_end);
+        let reading =
+            tokio::spawn(read_control(control, transport.clone(), calls.into_std().unwrap()));
         let asking = transport.clone();
         let waiting = tokio::spawn(async move { asking.queue_info("q").await });
         let sent = async {
@@ -483,6 +530,27 @@ mod tests {
         assert!(matches!(answer, Err(TransportError::Closed { .. })), "{answer:?}");
         let _read = reading.await.expect("the reader ends with the link");
         assert!(!transport.is_connected());
+    }
+
+    #[tokio::test]
+    async fn a_frame_from_the_service_that_cannot_be_read_stops_the_worker() {
+        let (calls, service_calls) = UnixStream::pair().unwrap();
+        let (worker_end, service_end) = UnixStream::pair().unwrap();
+        let WorkerLink { control, transport, calls } = WorkerLink::over(calls, worker_end);
+        // the calls link stays open here, as the call thread keeps it
+        let calls = calls.into_std().unwrap();
+        let reading = tokio::spawn(read_control(control, transport, calls.try_clone().unwrap()));
+        let mut service = FrameWriter::new(service_end);
+        service.push(&"not a frame for a worker").unwrap();
+        service.flush().await.unwrap();
+        let mut calls = FrameReader::new(service_calls);
+        let ended =
+            tokio::time::timeout(std::time::Duration::from_secs(5), calls.next::<Outcome>())
+                .await
+                .expect("the worker hangs up its calls link");
+        assert!(matches!(ended, Ok(None)), "{ended:?}");
+        assert!(reading.await.unwrap().is_err());
+        drop(calls);
     }
 
     #[test]

@@ -1,0 +1,246 @@
+//! The service's end of a worker's control link: the broker operations of the worker's
+//! calls, done on the service's connection, and the deliveries of the consumers it opened.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use futures::StreamExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::protocol::{
+    ForwardedDelivery, FrameReader, FrameSink, FromWorker, Settlement, ToWorker, TransportAnswer,
+    TransportOp,
+};
+use crate::metrics::Metrics;
+use crate::transport::{Acker, ConsumeOptions, SharedTransport, TransportError};
+
+/// The service's end of a worker's control link, written by whichever task has a frame to
+/// send.
+pub(super) type Sink = FrameSink<OwnedWriteHalf>;
+
+/// What the task reading a worker's control link needs.
+pub(super) struct ControlLink {
+    pub(super) transport: SharedTransport,
+    /// The service's metrics, where the RPC calls its workers' targets make are recorded.
+    pub(super) metrics: Metrics,
+    pub(super) replies: Weak<Sink>,
+    pub(super) calls_socket: std::os::unix::net::UnixStream,
+}
+
+impl ControlLink {
+    /// Do what the worker asks on its control link, until the link ends.
+    pub(super) async fn serve(self, mut reader: FrameReader<OwnedReadHalf>) {
+        let ControlLink { transport, metrics, replies, calls_socket } = self;
+        // Consumers opened for the worker and the ackers of what they forwarded: dropped
+        // with this task when the worker goes, which hands unsettled messages back.
+        let consumers = Consumers::default();
+        while let Ok(Some(frame)) = reader.next::<FromWorker>().await {
+            match frame {
+                FromWorker::Transport { id, op } => {
+                    let (transport, replies) = (transport.clone(), replies.clone());
+                    let consumers = consumers.clone();
+                    tokio::spawn(async move {
+                        let result = match *op {
+                            TransportOp::Consume { queue, options } => {
+                                consumers.open(&transport, &queue, options, replies.clone()).await
+                            }
+                            op => forward(&transport, op).await,
+                        };
+                        if let Some(link) = replies.upgrade() {
+                            let _ = link.send(&ToWorker::TransportReply { id, result }).await;
+                        }
+                    });
+                }
+                FromWorker::Settle { delivery, settlement } => {
+                    consumers.settle(delivery, settlement).await;
+                }
+                FromWorker::Cancel { consumer } => consumers.cancel(consumer),
+                FromWorker::RpcCall { service, method, outcome, elapsed } => {
+                    metrics.rpc_call(&service, &method, &outcome, elapsed);
+                }
+            }
+        }
+        consumers.close();
+        // Ended, by the worker's exit or by a frame that could not be read: either way the
+        // worker's broker operations can no longer be answered, so it counts as dead. With
+        // its calls link shut down, a running call ends as crashed and an idle worker fails
+        // the next call's write, and is replaced either way.
+        let _ = calls_socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Do a worker's broker operation on the service's connection.
+async fn forward(
+    transport: &SharedTransport,
+    op: TransportOp,
+) -> Result<TransportAnswer, TransportError> {
+    Ok(match op {
+        TransportOp::DeclareExchange(spec) => {
+            transport.declare_exchange(&spec).await?;
+            TransportAnswer::Done
+        }
+        TransportOp::DeclareQueue(spec) => {
+            TransportAnswer::Info(transport.declare_queue(&spec).await?)
+        }
+        TransportOp::QueueInfo(queue) => TransportAnswer::Info(transport.queue_info(&queue).await?),
+        TransportOp::Bind(binding) => {
+            transport.bind_queue(&binding).await?;
+            TransportAnswer::Done
+        }
+        TransportOp::DeleteQueue(queue) => {
+            TransportAnswer::Count(transport.delete_queue(&queue).await?)
+        }
+        TransportOp::DeleteExchange(exchange) => {
+            transport.delete_exchange(&exchange).await?;
+            TransportAnswer::Done
+        }
+        TransportOp::Purge(queue) => TransportAnswer::Count(transport.purge_queue(&queue).await?),
+        TransportOp::Consume { queue, .. } => {
+            return Err(TransportError::Internal(format!(
+                "consume of {queue} is not forwarded here"
+            )))
+        }
+        TransportOp::Publish { exchange, routing_key, message, options } => {
+            transport.publish(&exchange, &routing_key, *message, options).await?;
+            TransportAnswer::Done
+        }
+    })
+}
+
+/// Consumers the service runs for one worker (e.g. its RPC reply queue).
+#[derive(Clone, Default)]
+struct Consumers {
+    inner: Arc<std::sync::Mutex<ConsumersState>>,
+}
+
+#[derive(Default)]
+struct ConsumersState {
+    next: u64,
+    cancels: HashMap<u64, Box<dyn FnOnce() + Send>>,
+    ackers: HashMap<u64, Box<dyn Acker>>,
+}
+
+impl Consumers {
+    fn state(&self) -> std::sync::MutexGuard<'_, ConsumersState> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Consume `queue` for the worker, forwarding each delivery to it.
+    async fn open(
+        &self,
+        transport: &SharedTransport,
+        queue: &str,
+        options: ConsumeOptions,
+        to_worker: Weak<Sink>,
+    ) -> Result<TransportAnswer, TransportError> {
+        let mut consumer = transport.consume(queue, options).await?;
+        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+        let id = {
+            let mut state = self.state();
+            state.next += 1;
+            let id = state.next;
+            state.cancels.insert(
+                id,
+                Box::new(move || {
+                    let _ = cancel.send(());
+                }),
+            );
+            id
+        };
+        let consumers = self.clone();
+        tokio::spawn(async move {
+            tokio::pin!(cancelled);
+            loop {
+                let delivery = tokio::select! {
+                    _ = &mut cancelled => break,
+                    delivery = consumer.next() => delivery,
+                };
+                let Some(delivery) = delivery else { break };
+                let message = delivery.message();
+                let number = {
+                    let mut state = consumers.state();
+                    state.next += 1;
+                    let number = state.next;
+                    state.ackers.insert(number, delivery.acker);
+                    number
+                };
+                let forwarded = ForwardedDelivery { consumer: id, delivery: number, message };
+                let Some(link) = to_worker.upgrade() else { break };
+                if link.send(&ToWorker::Delivery(Box::new(forwarded))).await.is_err() {
+                    break;
+                }
+            }
+            consumer.cancel();
+            if let Some(link) = to_worker.upgrade() {
+                let _ = link.send(&ToWorker::ConsumerEnded { consumer: id }).await;
+            }
+        });
+        Ok(TransportAnswer::Consuming { consumer: id })
+    }
+
+    async fn settle(&self, delivery: u64, settlement: Settlement) {
+        let Some(acker) = self.state().ackers.remove(&delivery) else { return };
+        let result = match settlement {
+            Settlement::Ack => acker.ack().await,
+            Settlement::Nack { requeue } => acker.nack(requeue).await,
+            Settlement::Reject { requeue } => acker.reject(requeue).await,
+        };
+        if let Err(error) = result {
+            tracing::warn!("cannot settle a worker's delivery: {error}");
+        }
+    }
+
+    fn cancel(&self, consumer: u64) {
+        if let Some(cancel) = self.state().cancels.remove(&consumer) {
+            cancel();
+        }
+    }
+
+    /// The worker is gone: stop its consumers; unsettled deliveries go back (acker drop).
+    fn close(&self) {
+        let mut state = self.state();
+        for (_, cancel) in state.cancels.drain() {
+            cancel();
+        }
+        state.ackers.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::UnixStream;
+
+    use super::super::protocol::{FrameWriter, Ready};
+    use super::*;
+
+    #[tokio::test]
+    async fn a_frame_from_a_worker_that_cannot_be_read_ends_its_calls_link() {
+        let config = crate::Config::new("pool-test")
+            .with_amqp_uri(format!("memory://pool-test-{}", uuid::Uuid::new_v4()));
+        let transport = crate::transport::connect(&config).await.unwrap();
+        let (calls, worker_calls) = UnixStream::pair().unwrap();
+        let (control, worker_control) = UnixStream::pair().unwrap();
+        // the calls link stays open here, as the worker's `CallLink` keeps it
+        let calls = calls.into_std().unwrap();
+        let link = ControlLink {
+            transport: transport.clone(),
+            metrics: Metrics::new().unwrap(),
+            replies: Weak::new(),
+            calls_socket: calls.try_clone().unwrap(),
+        };
+        let serving = tokio::spawn(link.serve(FrameReader::new(control.into_split().0)));
+        let mut worker = FrameWriter::new(worker_control);
+        worker.push(&"not a frame for a service").unwrap();
+        worker.flush().await.unwrap();
+        let mut worker_calls = FrameReader::new(worker_calls);
+        let ended = tokio::time::timeout(Duration::from_secs(5), worker_calls.next::<Ready>())
+            .await
+            .expect("the service hangs up the worker's calls link");
+        assert!(matches!(ended, Ok(None)), "{ended:?}");
+        serving.await.unwrap();
+        drop(calls);
+        transport.close().await;
+    }
+}
