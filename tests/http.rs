@@ -205,6 +205,17 @@ async fn target_errors_and_panics_are_500_with_a_json_body() {
 
     // the service keeps serving
     assert_eq!(http.get(format!("{base}/hello/x")).send().await.unwrap().status(), 200);
+    // answered, not dead-lettered: counted as failed tasks only
+    #[cfg(feature = "metrics")]
+    {
+        let metrics = service.metrics().render();
+        let failed = metrics.lines().find(|line| {
+            line.starts_with("failed_tasks_total{") && line.contains("route=\"failing\"")
+        });
+        assert!(failed.is_some_and(|line| line.ends_with(" 1")), "{metrics}");
+        let dead = metrics.lines().find(|line| line.starts_with("dead_lettered_total{"));
+        assert_eq!(dead, None, "an HTTP failure is answered, not dead-lettered");
+    }
     service.stop().await.unwrap();
 }
 

@@ -234,7 +234,17 @@ impl Metrics {
     }
 
     /// How a message's handling ended, on the route named `name` whose label is `route`.
-    pub(crate) fn settled(&self, context: &str, route: &str, name: &str, handled: &Handled) {
+    /// Retries and dead letters are counted for a route that consumes a queue (`queued`):
+    /// the others answer their failures instead (an RPC reply, an HTTP or WebSocket error, a
+    /// timer's log line), and these count in `failed_tasks_total` only.
+    pub(crate) fn settled(
+        &self,
+        context: &str,
+        route: &str,
+        name: &str,
+        handled: &Handled,
+        queued: bool,
+    ) {
         if let Handled::Failed(failure)
         | Handled::Retry { failure, .. }
         | Handled::CalledBack(failure) = handled
@@ -243,9 +253,13 @@ impl Metrics {
             self.failures.record(name, failure);
         }
         match handled {
-            Handled::Retry { .. } => self.retries.with_label_values(&[context, route]).inc(),
-            Handled::Failed(_) => self.dead_lettered.with_label_values(&[context, route]).inc(),
-            Handled::Succeeded(_) | Handled::CalledBack(_) => {}
+            Handled::Retry { .. } if queued => {
+                self.retries.with_label_values(&[context, route]).inc();
+            }
+            Handled::Failed(_) if queued => {
+                self.dead_lettered.with_label_values(&[context, route]).inc();
+            }
+            _ => {}
         }
     }
 

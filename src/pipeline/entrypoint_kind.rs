@@ -42,6 +42,15 @@ pub enum EntrypointKind {
     Other,
 }
 
+impl EntrypointKind {
+    /// Whether a failure the route cannot retry ends in its dead-letter queue: for messages
+    /// consumed from a queue (events, work queues). An RPC failure is replied, an HTTP or
+    /// WebSocket one answered, a timer's logged.
+    pub(crate) fn dead_letters(&self) -> bool {
+        matches!(self, EntrypointKind::Event { .. } | EntrypointKind::Other)
+    }
+}
+
 impl fmt::Debug for EntrypointKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -353,7 +353,9 @@ impl RouteHandle {
     pub fn settled(&self, handled: &Handled) {
         self.inner.stats.settled(handled);
         let (context, label) = (self.inner.pool.context(), self.metric_label());
-        self.inner.metrics.settled(context, label, self.name(), handled);
+        // a route whose entrypoint never started is handed messages as from a queue
+        let queued = self.inner.entrypoint.as_ref().map_or(true, |info| info.kind.dead_letters());
+        self.inner.metrics.settled(context, label, self.name(), handled, queued);
     }
 
     /// Record that a message was acknowledged without a call (filtered out).
