@@ -354,7 +354,7 @@ impl RouteHandle {
         self.inner.stats.settled(handled);
         let (context, label) = (self.inner.pool.context(), self.metric_label());
         // a route whose entrypoint never started is handed messages as from a queue
-        let queued = self.inner.entrypoint.as_ref().map_or(true, |info| info.kind.dead_letters());
+        let queued = self.inner.entrypoint.as_ref().is_none_or(|info| info.kind.dead_letters());
         self.inner.metrics.settled(context, label, self.name(), handled, queued);
     }
 
