@@ -22,6 +22,18 @@ const SCENARIO_LIMIT: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// Run the service with `scenario` until it prints `DONE`; returns its JSON lines.
 fn run(uri: &str, mode: &str, scenario: &str, extra: &[(&str, &str)]) -> Vec<Value> {
+    run_then(uri, mode, scenario, extra, |_| {})
+}
+
+/// [`run`], with `check` called with the service's name once the scenario is done, before
+/// the service is stopped.
+fn run_then(
+    uri: &str,
+    mode: &str,
+    scenario: &str,
+    extra: &[(&str, &str)],
+    check: impl FnOnce(&str),
+) -> Vec<Value> {
     let service = common::unique("procsvc");
     let log_file = std::env::temp_dir().join(format!("{service}.log"));
     let mut command = Command::new(binary());
@@ -65,6 +77,7 @@ fn run(uri: &str, mode: &str, scenario: &str, extra: &[(&str, &str)]) -> Vec<Val
             }
         }
     }
+    check(&service);
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let status = child.wait().unwrap();
     assert!(status.success(), "the service stops gracefully: {status}");
@@ -121,6 +134,43 @@ fn calls_run_in_other_processes_and_failures_cost_one_call() {
             ],
             "{lines:?}"
         );
+    }
+}
+
+/// The queues on the local RabbitMQ whose names start with `prefix`.
+fn queues_named(prefix: &str) -> Vec<String> {
+    let output = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let names = String::from_utf8_lossy(&output.stdout).into_owned();
+    names
+        .lines()
+        .map(str::trim)
+        .filter(|name| name.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_reply_queues_of_recycled_workers_are_deleted() {
+    for uri in common::broker_uris().into_iter().filter(|uri| !uri.starts_with("memory://")) {
+        let scenario = "callrpc:1,callrpc:2,callrpc:3";
+        let extra = [("MAX_TASKS_PER_CHILD", "1")];
+        let mut left = Vec::new();
+        let lines = run_then(&uri, "process", scenario, &extra, |service| {
+            // every worker that called was recycled: its reply queue goes with it
+            let prefix = format!("rpc.reply-{service}-");
+            for _ in 0..100 {
+                left = queues_named(&prefix);
+                if left.is_empty() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        assert_eq!(pids(&lines).len(), 3, "{lines:?}");
+        assert!(left.is_empty(), "reply queues of recycled workers left: {left:?}");
     }
 }
 

@@ -1,7 +1,7 @@
 //! The service's end of a worker's control link: the broker operations of the worker's
 //! calls, done on the service's connection, and the deliveries of the consumers it opened.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 
 use futures::StreamExt;
@@ -44,6 +44,12 @@ impl ControlLink {
                             TransportOp::Consume { queue, options } => {
                                 consumers.open(&transport, &queue, options, replies.clone()).await
                             }
+                            TransportOp::DeclareQueue(spec) => {
+                                if spec.arguments.contains_key("x-expires") {
+                                    consumers.declared_temporary(&spec.name);
+                                }
+                                forward(&transport, TransportOp::DeclareQueue(spec)).await
+                            }
                             op => forward(&transport, op).await,
                         };
                         if let Some(link) = replies.upgrade() {
@@ -60,7 +66,13 @@ impl ControlLink {
                 }
             }
         }
-        consumers.close();
+        for queue in consumers.close() {
+            // the worker's own queue (its RPC replies', say): nobody else reads it, and the
+            // service's connection would declare it again after every reconnect
+            if let Err(error) = transport.delete_queue(&queue).await {
+                tracing::debug!("cannot delete queue {queue} of a worker gone: {error}");
+            }
+        }
         // Ended, by the worker's exit or by a frame that could not be read: either way the
         // worker's broker operations can no longer be answered, so it counts as dead. With
         // its calls link shut down, a running call ends as crashed and an idle worker fails
@@ -118,11 +130,20 @@ struct ConsumersState {
     next: u64,
     cancels: HashMap<u64, Box<dyn FnOnce() + Send>>,
     ackers: HashMap<u64, Box<dyn Acker>>,
+    /// Queues the worker declared with a lease (`x-expires`): temporary by design.
+    temporary: HashSet<String>,
+    /// Temporary queues the worker consumes exclusively: its own, deleted when it goes.
+    own: HashSet<String>,
 }
 
 impl Consumers {
     fn state(&self) -> std::sync::MutexGuard<'_, ConsumersState> {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The worker declared `queue` with a lease (`x-expires`).
+    fn declared_temporary(&self, queue: &str) {
+        self.state().temporary.insert(queue.to_owned());
     }
 
     /// Consume `queue` for the worker, forwarding each delivery to it.
@@ -133,7 +154,14 @@ impl Consumers {
         options: ConsumeOptions,
         to_worker: Weak<Sink>,
     ) -> Result<TransportAnswer, TransportError> {
+        let exclusive = options.exclusive;
         let mut consumer = transport.consume(queue, options).await?;
+        if exclusive {
+            let mut state = self.state();
+            if state.temporary.contains(queue) {
+                state.own.insert(queue.to_owned());
+            }
+        }
         let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
         let id = {
             let mut state = self.state();
@@ -197,12 +225,15 @@ impl Consumers {
     }
 
     /// The worker is gone: stop its consumers; unsettled deliveries go back (acker drop).
-    fn close(&self) {
+    /// Returns the worker's own queues (temporary, consumed by it alone), to delete.
+    fn close(&self) -> Vec<String> {
         let mut state = self.state();
         for (_, cancel) in state.cancels.drain() {
             cancel();
         }
         state.ackers.clear();
+        state.temporary.clear();
+        state.own.drain().collect()
     }
 }
 
