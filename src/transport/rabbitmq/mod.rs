@@ -15,10 +15,12 @@ mod convert;
 mod error;
 #[cfg(test)]
 mod fuzz;
+mod lease;
 mod mandatory;
 mod nodes;
 mod options;
 mod publisher;
+mod replay;
 mod topology;
 mod uri;
 
@@ -149,14 +151,16 @@ impl Transport for RabbitMqTransport {
     async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
         let name = short(queue, "queue name")?;
         let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        let queue = self
+        let declared = self
             .declarations
             .run(&self.shared, |held| {
                 let name = name.clone();
                 async move { held.channel.queue_declare(name, options, FieldTable::default()).await }
             })
             .await?;
-        Ok(queue_info(&queue))
+        // A passive declare renews the queue's `x-expires` lease at the broker.
+        self.shared.topology().renew(queue);
+        Ok(queue_info(&declared))
     }
 
     async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
@@ -221,7 +225,8 @@ impl Transport for RabbitMqTransport {
 
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
         let name = short(queue, "queue name")?;
-        self.gets
+        let got = self
+            .gets
             .run(&self.shared, |held| {
                 let name = name.clone();
                 async move {
@@ -231,7 +236,10 @@ impl Transport for RabbitMqTransport {
                         .map(|m| consumer::to_delivery(m.delivery, &held.channel, &held.link)))
                 }
             })
-            .await
+            .await?;
+        // `basic.get` renews the queue's `x-expires` lease at the broker.
+        self.shared.topology().renew(queue);
+        Ok(got)
     }
 
     fn is_connected(&self) -> bool {
