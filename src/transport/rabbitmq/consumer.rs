@@ -23,7 +23,8 @@ use super::error::{is_fatal, is_soft, map_error, reply_code};
 use crate::clock::deadline_after;
 use crate::transport::{Acker, ClosedPart, ConsumeOptions, Consumer, Delivery, TransportError};
 
-/// How many times a resume refused by the broker is retried before the consumer ends.
+/// How many times a resume refused by the broker is retried before the consumer ends (not
+/// counting refusals while the transport declares the consumer's exclusive queue again).
 const RESUME_REFUSALS: u32 = 5;
 
 /// Settles one delivery on the channel it came from.

@@ -3,7 +3,11 @@
 //! One connection, supervised: when it drops, it is reopened with exponential backoff, the
 //! exchanges, queues and bindings declared through the transport are declared again in order,
 //! and every consumer that was not cancelled resumes on a fresh channel, feeding the same
-//! [`Consumer`]. Publishes use a confirm channel and are retried across reconnects
+//! [`Consumer`]. Queues the broker deletes by itself are not brought back: an `x-expires`
+//! queue leaves the record once its lease ran out without a consumer of this transport, and
+//! a shared auto-delete queue no consumer of this transport holds is only checked (and
+//! forgotten when gone). An exclusive queue the old connection still holds at the broker is
+//! declared again once the broker drops that connection (see `replay`). Publishes use a confirm channel and are retried across reconnects
 //! (at-least-once); deliveries received before a drop can no longer be settled
 //! ([`TransportError::Closed`] of the [channel](crate::transport::ClosedPart::Channel)): the
 //! broker has requeued them.
