@@ -14,10 +14,11 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use super::error::{is_fatal, is_soft, map_connect_error, map_error};
+use super::error::map_connect_error;
 use super::nodes::Nodes;
 use super::options::RabbitMqOptions;
-use super::topology::{apply, prepare, Topology};
+use super::replay::{reclaim, replay, Reclaims};
+use super::topology::Topology;
 use super::uri::{scrub, BrokerUri};
 use crate::transport::{ClosedPart, TransportError};
 
@@ -113,6 +114,8 @@ pub(crate) struct Shared {
     kick: Notify,
     /// Declarations to replay after a reconnect.
     topology: Mutex<Topology>,
+    /// The exclusive queues the previous connection still held at the last replay.
+    pub(crate) reclaims: Reclaims,
     /// When the current link came up.
     linked_at: Mutex<Option<SystemTime>>,
     /// Reconnections so far. Counted apart from the link's generation, which reads 0 while
@@ -135,7 +138,8 @@ impl Shared {
         let (state, _) = watch::channel(LinkState::Down);
         let (kick, topology, reconnects) = (Notify::new(), Mutex::default(), AtomicU64::new(0));
         let linked_at = Mutex::new(None);
-        Shared { options, nodes, tls, state, kick, topology, linked_at, reconnects }
+        let reclaims = Reclaims::default();
+        Shared { options, nodes, tls, state, kick, topology, reclaims, linked_at, reconnects }
     }
 
     /// Announce the first link.
@@ -259,52 +263,19 @@ impl Shared {
         Err(first_permanent_or_all(errors))
     }
 
-    /// Open a connection to the node at `index` and replay the recorded topology on it (each
-    /// step bounded by the connect timeout).
+    /// Open a connection to the node at `index` and replay the recorded topology on it.
+    /// Returns the link and the exclusive queues the previous connection still holds.
     async fn reconnect(
         &self,
         index: usize,
         node: &BrokerUri,
         generation: u64,
-    ) -> Result<Arc<Link>, TransportError> {
+    ) -> Result<(Arc<Link>, Vec<String>), TransportError> {
         let connection = open(&self.options, node, &self.tls).await?;
         let link = Arc::new(Link::new(connection, generation));
-        let limit = self.options.connect_timeout;
-        let timed_out = || TransportError::TimedOut("topology replay timed out".into());
-        let declarations = self.topology().snapshot();
-        let mut channel = None;
-        for declaration in &declarations {
-            // Recorded declarations were validated when first declared.
-            let Ok((prepared, arguments)) = prepare(declaration) else { continue };
-            let current = match channel.take() {
-                Some(channel) => channel,
-                None => tokio::time::timeout(limit, link.connection.create_channel())
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(|e| map_error(&e))?,
-            };
-            let applied = tokio::time::timeout(limit, apply(&current, prepared, arguments))
-                .await
-                .map_err(|_| timed_out())?;
-            match applied {
-                Ok(_) => channel = Some(current),
-                Err(error) if is_soft(&error) => {
-                    tracing::warn!(?declaration, error = %map_error(&error), "replaying a declaration failed");
-                }
-                Err(error) if is_fatal(&error) => {
-                    // The broker closes the connection for this declaration: never replay it.
-                    tracing::warn!(?declaration, error = %map_error(&error), "dropping a declaration the broker rejects");
-                    self.topology().forget(declaration);
-                    return Err(map_error(&error));
-                }
-                Err(error) => return Err(map_error(&error)),
-            }
-        }
-        if let Some(channel) = channel {
-            let _ = tokio::time::timeout(limit, channel.close(200, "replay done".into())).await;
-        }
+        let locked = replay(self, &link).await?;
         self.nodes.use_node(index);
-        Ok(link)
+        Ok((link, locked))
     }
 
     /// One pass over the nodes, starting after the current one: the first link that comes
@@ -313,7 +284,7 @@ impl Shared {
         &self,
         generation: u64,
         pass: u32,
-    ) -> Option<Result<Arc<Link>, TransportError>> {
+    ) -> Option<Result<(Arc<Link>, Vec<String>), TransportError>> {
         let mut last = None;
         for (index, node) in self.nodes.pass(true) {
             tracing::warn!(uri = %node.masked, pass, "reconnecting to the broker");
@@ -323,7 +294,7 @@ impl Shared {
                 _ = self.closed() => return None,
             };
             match attempt {
-                Ok(link) => return Some(Ok(link)),
+                Ok(replayed) => return Some(Ok(replayed)),
                 Err(error) => {
                     tracing::warn!(uri = %node.masked, pass, %error, "reconnect failed");
                     last = Some(error);
@@ -411,10 +382,11 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
         // The backoff grows per pass over every node: a dead node costs one attempt.
         let mut delay = shared.options.reconnect_min;
         let mut pass = 1u32;
-        link = loop {
+        let locked;
+        (link, locked) = loop {
             match shared.reconnect_pass(link.generation + 1, pass).await {
                 None => return,
-                Some(Ok(new)) => break new,
+                Some(Ok(replayed)) => break replayed,
                 Some(Err(error)) => {
                     tracing::warn!(uris = %shared.nodes.masked(), pass, %error, ?delay, "no broker node accepted; waiting");
                 }
@@ -426,6 +398,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
             delay = (delay * 2).min(shared.options.reconnect_max);
             pass += 1;
         };
+        shared.reclaims.begin(&locked, link.generation);
         let announced = shared.state.send_if_modified(|state| {
             let down = matches!(state, LinkState::Down);
             if down {
@@ -439,6 +412,9 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
         }
         shared.linked_now();
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        if !locked.is_empty() {
+            tokio::spawn(reclaim(shared.clone(), link.clone(), locked));
+        }
         let node = &shared.nodes.current().masked;
         tracing::info!(uri = %node, generation = link.generation, "connected to broker node {node}");
     }

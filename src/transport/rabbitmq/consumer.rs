@@ -23,7 +23,8 @@ use super::error::{is_fatal, is_soft, map_error, reply_code};
 use crate::clock::deadline_after;
 use crate::transport::{Acker, ClosedPart, ConsumeOptions, Consumer, Delivery, TransportError};
 
-/// How many times a resume refused by the broker is retried before the consumer ends.
+/// How many times a resume refused by the broker is retried before the consumer ends (not
+/// counting refusals while the transport declares the consumer's exclusive queue again).
 const RESUME_REFUSALS: u32 = 5;
 
 /// Settles one delivery on the channel it came from.
@@ -203,6 +204,8 @@ pub(crate) async fn start(
     };
     let (cancel, cancelled) = watch::channel(false);
     let tag = spec.tag.to_string();
+    // Counted until the feeder drops (see its `Drop`).
+    shared.topology().consumer_started(queue);
     let subscription = Subscription { link, channel, stream };
     let feeder = Feeder { shared, spec, cancelled, cancel_sent: false, failed: false };
     // The state is boxed: `unfold` moves it in and out of its future on every delivery.
@@ -234,6 +237,13 @@ struct Feeder {
     cancel_sent: bool,
     /// The current subscription's channel failed.
     failed: bool,
+}
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        // The queue is no longer in use by this consumer: its `x-expires` lease runs again.
+        self.shared.topology().consumer_ended(self.spec.queue.as_str());
+    }
 }
 
 enum Step {
@@ -354,6 +364,21 @@ impl Feeder {
             };
             match link.guard(subscribe(&link, &self.spec)).await {
                 Ok((channel, stream)) => return Some((link, channel, stream)),
+                Err(error)
+                    if is_soft(&error)
+                        && self.shared.reclaims.pending(self.spec.queue.as_str()) =>
+                {
+                    // The previous connection still holds the exclusive queue (`405`), or
+                    // the broker just deleted it (`404`) and the reclaim declares it again.
+                    tracing::info!(queue = %self.spec.queue, error = %map_subscribe_error(&error), "the consumer waits for its exclusive queue to be declared again");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.shared.reclaims.ended() => {}
+                        _ = self.cancelled.wait_for(|c| *c) => return None,
+                    }
+                    delay = (delay * 2).min(self.shared.options.reconnect_max);
+                    continue;
+                }
                 Err(error) if is_soft(&error) => {
                     refusals += 1;
                     tracing::warn!(queue = %self.spec.queue, error = %map_subscribe_error(&error), refusals, "broker refused to resume the consumer");

@@ -3,7 +3,11 @@
 //! One connection, supervised: when it drops, it is reopened with exponential backoff, the
 //! exchanges, queues and bindings declared through the transport are declared again in order,
 //! and every consumer that was not cancelled resumes on a fresh channel, feeding the same
-//! [`Consumer`]. Publishes use a confirm channel and are retried across reconnects
+//! [`Consumer`]. Queues the broker deletes by itself are not brought back: an `x-expires`
+//! queue leaves the record once its lease ran out without a consumer of this transport, and
+//! a shared auto-delete queue no consumer of this transport holds is only checked (and
+//! forgotten when gone). An exclusive queue the old connection still holds at the broker is
+//! declared again once the broker drops that connection (see `replay`). Publishes use a confirm channel and are retried across reconnects
 //! (at-least-once); deliveries received before a drop can no longer be settled
 //! ([`TransportError::Closed`] of the [channel](crate::transport::ClosedPart::Channel)): the
 //! broker has requeued them.
@@ -15,10 +19,12 @@ mod convert;
 mod error;
 #[cfg(test)]
 mod fuzz;
+mod lease;
 mod mandatory;
 mod nodes;
 mod options;
 mod publisher;
+mod replay;
 mod topology;
 mod uri;
 
@@ -149,14 +155,16 @@ impl Transport for RabbitMqTransport {
     async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
         let name = short(queue, "queue name")?;
         let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
-        let queue = self
+        let declared = self
             .declarations
             .run(&self.shared, |held| {
                 let name = name.clone();
                 async move { held.channel.queue_declare(name, options, FieldTable::default()).await }
             })
             .await?;
-        Ok(queue_info(&queue))
+        // A passive declare renews the queue's `x-expires` lease at the broker.
+        self.shared.topology().renew(queue);
+        Ok(queue_info(&declared))
     }
 
     async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
@@ -221,7 +229,8 @@ impl Transport for RabbitMqTransport {
 
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
         let name = short(queue, "queue name")?;
-        self.gets
+        let got = self
+            .gets
             .run(&self.shared, |held| {
                 let name = name.clone();
                 async move {
@@ -231,7 +240,10 @@ impl Transport for RabbitMqTransport {
                         .map(|m| consumer::to_delivery(m.delivery, &held.channel, &held.link)))
                 }
             })
-            .await
+            .await?;
+        // `basic.get` renews the queue's `x-expires` lease at the broker.
+        self.shared.topology().renew(queue);
+        Ok(got)
     }
 
     fn is_connected(&self) -> bool {

@@ -1003,3 +1003,204 @@ async fn failover_scenario() {
     t.delete_queue(&queue).await.unwrap();
     t.close().await;
 }
+
+/// A queue the broker deleted by itself (`x-expires` ran out; a shared auto-delete queue lost
+/// its last consumer) is not created again by the replay; an ordinary queue deleted behind
+/// the transport's back still is.
+#[tokio::test]
+async fn queues_the_broker_deleted_by_itself_stay_deleted_after_a_reconnect() {
+    bounded(async {
+        let Some(_shared) = shared_broker().await else { return };
+        let proxy = Proxy::start().await;
+        let t = connect(&proxy.uri()).await;
+        let check = connect(URI).await;
+        let expiring = unique("replay-expires");
+        let auto = unique("replay-auto-delete");
+        let plain = unique("replay-plain");
+        let mut spec = plain_queue(&expiring);
+        spec.arguments.insert("x-expires".into(), HeaderValue::Int(1000));
+        t.declare_queue(&spec).await.unwrap();
+        t.declare_queue(&QueueSpec { auto_delete: true, ..plain_queue(&auto) }).await.unwrap();
+        t.declare_queue(&plain_queue(&plain)).await.unwrap();
+        // Another client's consumer leaves the auto-delete queue: the broker deletes it.
+        let mut consumer = check.consume(&auto, prefetch(1)).await.unwrap();
+        consumer.cancel();
+        drop(consumer);
+        check.delete_queue(&plain).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        for queue in [&expiring, &auto] {
+            let info = check.queue_info(queue).await;
+            assert!(matches!(info, Err(TransportError::NotFound(_))), "{queue} is still there");
+        }
+        proxy.cut();
+        wait_disconnected(&t).await;
+        proxy.restore();
+        wait_connected(&t).await;
+        let back = [check.queue_info(&expiring).await, check.queue_info(&auto).await];
+        let replayed = check.queue_info(&plain).await;
+        for queue in [&expiring, &auto, &plain] {
+            let _ = check.delete_queue(queue).await;
+        }
+        t.close().await;
+        check.close().await;
+        assert!(back.iter().all(Result::is_err), "a deleted queue was created again: {back:?}");
+        assert!(replayed.is_ok(), "the ordinary queue was not replayed: {replayed:?}");
+    })
+    .await;
+}
+
+/// A consumer of this transport keeps an `x-expires` queue in use: it is replayed, and the
+/// consumer resumes on it.
+#[tokio::test]
+async fn a_consumed_expiring_queue_is_replayed() {
+    bounded(async {
+        let Some(_shared) = shared_broker().await else { return };
+        let proxy = Proxy::start().await;
+        let t = connect(&proxy.uri()).await;
+        let queue = unique("replay-consumed-expires");
+        let mut spec = QueueSpec { auto_delete: true, ..plain_queue(&queue) };
+        spec.arguments.insert("x-expires".into(), HeaderValue::Int(1000));
+        t.declare_queue(&spec).await.unwrap();
+        let mut consumer = t.consume(&queue, prefetch(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        proxy.cut();
+        wait_disconnected(&t).await;
+        proxy.restore();
+        wait_connected(&t).await;
+        publish(&t, &queue, "after").await;
+        let delivery = next(&mut consumer).await;
+        delivery.acker.ack().await.unwrap();
+        drop(consumer);
+        t.delete_queue(&queue).await.unwrap();
+        t.close().await;
+        assert_eq!(delivery.body, Bytes::from_static(b"after"));
+    })
+    .await;
+}
+
+/// A proxy whose cut closes the client's side only: the broker keeps the old connection (and
+/// its exclusive queues) until its heartbeat timeout.
+struct HalfProxy {
+    port: u16,
+    held: Arc<Mutex<Vec<UpstreamWriter>>>,
+    pipes: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+type UpstreamWriter = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
+
+impl HalfProxy {
+    async fn start() -> HalfProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held: Arc<Mutex<Vec<UpstreamWriter>>> = Arc::default();
+        let pipes: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (held2, pipes2) = (held.clone(), pipes.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = TcpStream::connect(BROKER).await else { continue };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, uw) = upstream.into_split();
+                // The writer outlives the pipes: the broker's socket stays open after a cut.
+                let uw = Arc::new(tokio::sync::Mutex::new(uw));
+                held2.lock().unwrap().push(uw.clone());
+                let up = tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if uw.lock().await.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                });
+                pipes2.lock().unwrap().extend([up, down]);
+            }
+        });
+        HalfProxy { port, held, pipes, accept }
+    }
+
+    fn cut_client_side(&self) {
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f?heartbeat=3", self.port)
+    }
+}
+
+impl Drop for HalfProxy {
+    fn drop(&mut self) {
+        self.cut_client_side();
+        self.accept.abort();
+        self.held.lock().unwrap().clear();
+    }
+}
+
+/// The client sees the connection die before the broker does: the replay finds the exclusive
+/// queue still held by the old connection, declares it again once the broker drops that
+/// connection, and the consumer resumes on it.
+#[tokio::test]
+async fn an_exclusive_queue_held_by_the_old_connection_is_declared_again() {
+    timeout(Duration::from_secs(120), async {
+        if !broker_up().await {
+            return;
+        }
+        let _exclusive = BROKER_LOCK.write().await;
+        let proxy = HalfProxy::start().await;
+        let t =
+            RabbitMqTransport::connect(RabbitMqOptions { heartbeat: 3, ..options(&proxy.uri()) })
+                .await
+                .unwrap();
+        let exchange = unique("reclaim-x");
+        let queue = unique("reclaim-q");
+        let topic = ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) };
+        t.declare_exchange(&topic).await.unwrap();
+        let spec = QueueSpec { exclusive: true, auto_delete: true, ..plain_queue(&queue) };
+        t.declare_queue(&spec).await.unwrap();
+        let binding = BindingSpec {
+            queue: queue.clone(),
+            exchange: exchange.clone(),
+            routing_key: "#".into(),
+            arguments: Headers::new(),
+        };
+        t.bind_queue(&binding).await.unwrap();
+        let mut consumer = t.consume(&queue, prefetch(5)).await.unwrap();
+        proxy.cut_client_side();
+        wait_disconnected(&t).await;
+        wait_connected(&t).await;
+        // Published until one arrives: while the old connection lives, its queue takes them.
+        let delivered = timeout(Duration::from_secs(60), async {
+            loop {
+                let body = format!("after-{}", uuid::Uuid::new_v4().simple());
+                t.publish(&exchange, "k", message(&body, &body), PublishOptions::default())
+                    .await
+                    .unwrap();
+                if let Ok(delivery) = timeout(Duration::from_millis(500), consumer.next()).await {
+                    break delivery;
+                }
+            }
+        })
+        .await;
+        let info = t.queue_info(&queue).await;
+        drop(consumer);
+        let _ = t.delete_queue(&queue).await;
+        let _ = t.delete_exchange(&exchange).await;
+        t.close().await;
+        drop(proxy);
+        let delivery = delivered.expect("the consumer did not resume within 60 s");
+        let delivery = delivery.expect("the consumer ended");
+        assert!(delivery.body.starts_with(b"after-"));
+        assert!(info.is_ok(), "the exclusive queue {queue} is gone: {info:?}");
+    })
+    .await
+    .expect("test did not finish");
+}
