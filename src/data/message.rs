@@ -54,9 +54,11 @@ impl Message {
     /// body's shape with `T` made of [`IgnoredAny`](serde::de::IgnoredAny) copies nothing.
     pub(crate) fn decode_into<T: DeserializeOwned>(&self) -> Result<T, String> {
         let content_type = self.properties.content_type.as_deref().unwrap_or("application/json");
-        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        // media types are case-insensitive (`Application/JSON` is JSON)
+        let essence =
+            content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         let shape = |error: serde_json::Error| format!("body does not fit: {error}");
-        match essence {
+        match essence.as_str() {
             _ if self.body.is_empty() => T::deserialize(Value::Null).map_err(shape),
             "application/json" | "" => serde_json::from_slice(&self.body)
                 .map_err(|error| format!("body is not valid JSON: {error}")),
@@ -95,6 +97,9 @@ mod tests {
         text.properties.content_type = Some("text/plain; charset=utf-8".into());
         assert_eq!(text.decode().unwrap(), Value::String("hi".into()));
         assert_eq!(Message::default().decode().unwrap(), Value::Null);
+        let mut shouted = Message { body: Bytes::from_static(b"[3]"), ..Message::default() };
+        shouted.properties.content_type = Some("Application/JSON; Charset=UTF-8".into());
+        assert_eq!(shouted.decode().unwrap(), serde_json::json!([3]), "media types ignore case");
     }
 
     #[test]
