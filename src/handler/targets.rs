@@ -68,7 +68,7 @@ impl From<ExtractError> for TargetError {
 
 /// A target's return value: `()`, a serializable value, or `Result<T, E>` for any error type.
 pub trait IntoOutcome {
-    /// Whether the result is an HTTP [`Response`](crate::http::Response): only the result of
+    /// Whether the result is an HTTP `Response` (feature `http`): only the result of
     /// a target declared to return one is read as one, so a plain value shaped like a
     /// response (a client's own data, echoed back) stays a value.
     #[doc(hidden)]
