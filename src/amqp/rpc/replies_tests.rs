@@ -22,7 +22,9 @@ use crate::{Route, Runner, RunningService};
 
 /// A transport whose consumers can be struck dumb: they stop handing deliveries on and never
 /// end, as a consumer looks when the broker no longer feeds it and has not told it so. It can
-/// also lose the probes, as a path too slow for them looks while replies still come.
+/// also lose the probes, as a path too slow for them looks while replies still come, and
+/// stall the consumes of reply queues, as a slow broker does. It records the reply queues
+/// declared.
 #[derive(Debug)]
 struct Muting {
     inner: SharedTransport,
@@ -30,16 +32,34 @@ struct Muting {
     consumers: Mutex<Vec<(String, Arc<AtomicBool>)>>,
     probes: AtomicUsize,
     lose_probes: AtomicBool,
+    /// What a consume of a reply queue does instead of consuming, if anything.
+    stall: Option<Stall>,
+    declared_replies: Mutex<Vec<String>>,
+}
+
+/// How a consume of a reply queue stalls.
+#[derive(Debug, Clone, Copy)]
+enum Stall {
+    /// It never finishes.
+    Hang,
+    /// It fails.
+    Refuse,
 }
 
 impl Muting {
     fn new(inner: SharedTransport) -> Arc<Self> {
-        Arc::new(Muting {
+        Arc::new(Muting::fields(inner))
+    }
+
+    fn fields(inner: SharedTransport) -> Self {
+        Muting {
             inner,
             consumers: Mutex::default(),
             probes: AtomicUsize::new(0),
             lose_probes: AtomicBool::new(false),
-        })
+            stall: None,
+            declared_replies: Mutex::default(),
+        }
     }
 
     /// Mute every consumer started so far (not the ones started later).
@@ -66,6 +86,9 @@ impl Transport for Muting {
     }
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
+        if spec.name.starts_with("rpc.reply-") {
+            self.declared_replies.lock().unwrap().push(spec.name.clone());
+        }
         self.inner.declare_queue(spec).await
     }
 
@@ -111,6 +134,15 @@ impl Transport for Muting {
         queue: &str,
         options: ConsumeOptions,
     ) -> Result<Consumer, TransportError> {
+        match self.stall {
+            Some(Stall::Refuse) if queue.starts_with("rpc.reply-") => {
+                return Err(TransportError::ConnectionLost("consume refused".into()));
+            }
+            Some(Stall::Hang) if queue.starts_with("rpc.reply-") => {
+                std::future::pending::<()>().await;
+            }
+            _ => {}
+        }
         let inner = self.inner.consume(queue, options).await?;
         let tag = inner.tag().to_owned();
         let muted = Arc::new(AtomicBool::new(false));
@@ -372,92 +404,14 @@ async fn a_call_with_no_time_limit_is_answered() {
     service.stop().await.unwrap();
 }
 
-/// A transport whose consumes of reply queues never finish (a slow broker), or fail, and
-/// which records the reply queues declared.
-#[derive(Debug)]
-struct SlowConsume {
-    inner: SharedTransport,
-    declared: Mutex<Vec<String>>,
-    /// Whether a consume of a reply queue fails rather than hangs.
-    refuse: bool,
-}
-
-#[async_trait]
-impl Transport for SlowConsume {
-    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
-        self.inner.declare_exchange(spec).await
-    }
-
-    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
-        if spec.name.starts_with("rpc.reply-") {
-            self.declared.lock().unwrap().push(spec.name.clone());
-        }
-        self.inner.declare_queue(spec).await
-    }
-
-    async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
-        self.inner.queue_info(queue).await
-    }
-
-    async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
-        self.inner.bind_queue(binding).await
-    }
-
-    async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
-        self.inner.delete_queue(queue).await
-    }
-
-    async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
-        self.inner.delete_exchange(exchange).await
-    }
-
-    async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError> {
-        self.inner.purge_queue(queue).await
-    }
-
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        message: OutgoingMessage,
-        options: PublishOptions,
-    ) -> Result<(), TransportError> {
-        self.inner.publish(exchange, routing_key, message, options).await
-    }
-
-    async fn consume(
-        &self,
-        queue: &str,
-        options: ConsumeOptions,
-    ) -> Result<Consumer, TransportError> {
-        if queue.starts_with("rpc.reply-") {
-            if self.refuse {
-                return Err(TransportError::ConnectionLost("consume refused".into()));
-            }
-            std::future::pending::<()>().await;
-        }
-        self.inner.consume(queue, options).await
-    }
-
-    async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
-        self.inner.get(queue).await
-    }
-
-    fn is_connected(&self) -> bool {
-        self.inner.is_connected()
-    }
-
-    async fn close(&self) {
-        self.inner.close().await
-    }
-}
-
-/// A caller on a fresh in-process broker through a [`SlowConsume`] transport.
-async fn slow_rig(refuse: bool) -> (Arc<SlowConsume>, Caller) {
+/// A caller on a fresh in-process broker through a [`Muting`] transport whose consumes of
+/// reply queues never finish (a slow broker), or fail (`refuse`).
+async fn slow_rig(refuse: bool) -> (Arc<Muting>, Caller) {
     let uri = format!("memory://slow-{}", uuid::Uuid::new_v4());
     let config = Config::new("slow_consume").with_amqp_uri(uri);
     let inner = crate::transport::connect(&config).await.unwrap();
-    let slow = Arc::new(SlowConsume { inner, declared: Mutex::default(), refuse });
+    let stall = if refuse { Stall::Refuse } else { Stall::Hang };
+    let slow = Arc::new(Muting { stall: Some(stall), ..Muting::fields(inner) });
     let transport: SharedTransport = slow.clone();
     let listener = Arc::new(ReplyListener::new("caller"));
     (slow, Caller::new(transport, listener, &config, Headers::new()))
@@ -477,7 +431,7 @@ async fn a_reply_queue_whose_set_up_was_abandoned_is_deleted() {
         assert!(abandoned.is_err());
     }
     caller.listener.delete_queues(&caller.transport).await;
-    let declared = slow.declared.lock().unwrap().clone();
+    let declared = slow.declared_replies.lock().unwrap().clone();
     assert_eq!(declared.len(), 3);
     for queue in declared {
         until_deleted(&slow.inner, &queue).await;
@@ -489,7 +443,7 @@ async fn a_reply_queue_whose_consume_failed_is_deleted() {
     let (slow, caller) = slow_rig(true).await;
     let failed = caller.call(request_to_nobody()).await;
     assert!(matches!(failed, Err(RpcError::Transport(_))), "{failed:?}");
-    let declared = slow.declared.lock().unwrap().clone();
+    let declared = slow.declared_replies.lock().unwrap().clone();
     assert_eq!(declared.len(), 1);
     until_deleted(&slow.inner, &declared[0]).await;
 }
