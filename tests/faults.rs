@@ -220,80 +220,74 @@ async fn a_broker_down_at_start_up_is_retried_with_a_clear_log_line() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A recorder (`name`, with `env`) busy with one long call: the child, its queue and its
+/// folder.
+async fn recorder_in_a_long_call(
+    uri: &str,
+    name: &str,
+    env: &[(&str, &str)],
+) -> (Child, String, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("mf-{name}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let service = format!("{name}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let queue = format!("evt-fault_src-job--{service}.job");
+    let mut command = Command::new(recorder_binary());
+    command
+        .env("AMQP_URI", uri)
+        .env("SERVICE_NAME", &service)
+        .env("RECORD_FILE", dir.join("record.txt"))
+        .env("RUST_LOG", "warn");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let child = command.spawn().unwrap();
+    wait_queue_ready(uri, &queue).await;
+    publisher(uri).await.dispatch("job", &json!({ "id": 1 })).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (child, queue, dir)
+}
+
+/// The unfinished call's message was not acked: it is back in `queue`. Then clean up.
+async fn unfinished_call_is_back(uri: &str, queue: &str, dir: PathBuf) {
+    let config = Config::new("observer").with_amqp_uri(uri.to_owned());
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
+    wait_until_async(|| {
+        let transport = transport.clone();
+        let queue = queue.to_owned();
+        async move { transport.queue_info(&queue).await.is_ok_and(|info| info.message_count == 1) }
+    })
+    .await;
+    transport.close().await;
+    delete_queues(uri, queue).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn a_second_signal_forces_the_exit_while_calls_run() {
     let Some(uri) = rabbitmq_uri() else { return };
     let _serial = SERIAL.lock().await;
-    let dir = std::env::temp_dir().join(format!("mf-force-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let service = format!("faultforce_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let queue = format!("evt-fault_src-job--{service}.job");
-    let mut child = Command::new(recorder_binary())
-        .env("AMQP_URI", &uri)
-        .env("SERVICE_NAME", &service)
-        .env("WORK_MS", "20000")
-        .env("RECORD_FILE", dir.join("record.txt"))
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    wait_queue_ready(&uri, &queue).await;
-    publisher(&uri).await.dispatch("job", &json!({ "id": 1 })).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut child, queue, dir) =
+        recorder_in_a_long_call(&uri, "faultforce", &[("WORK_MS", "20000")]).await;
     signal(&child, "TERM");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(child.try_wait().unwrap().is_none(), "the first signal waits for the running call");
     signal(&child, "TERM");
     let status = wait_exit(&mut child).await;
     assert_eq!(status.code(), Some(130), "the second signal exits at once");
-    // The unfinished call's message was not acked: it is back in the queue.
-    let config = Config::new("observer").with_amqp_uri(uri.clone());
-    let transport = micro_framework::transport::connect(&config).await.unwrap();
-    wait_until_async(|| {
-        let transport = transport.clone();
-        let queue = queue.clone();
-        async move { transport.queue_info(&queue).await.is_ok_and(|info| info.message_count == 1) }
-    })
-    .await;
-    transport.close().await;
-    delete_queues(&uri, &queue).await;
-    let _ = std::fs::remove_dir_all(dir);
+    unfinished_call_is_back(&uri, &queue, dir).await;
 }
 
 #[tokio::test]
 async fn the_service_exits_after_shutdown_timeout_with_a_sync_call_still_running() {
     let Some(uri) = rabbitmq_uri() else { return };
     let _serial = SERIAL.lock().await;
-    let dir = std::env::temp_dir().join(format!("mf-timeout-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let service = format!("faulttimeout_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let queue = format!("evt-fault_src-job--{service}.job");
-    let mut child = Command::new(recorder_binary())
-        .env("AMQP_URI", &uri)
-        .env("SERVICE_NAME", &service)
-        .env("WORK_MS", "60000")
-        .env("SHUTDOWN_TIMEOUT", "1")
-        .env("RECORD_FILE", dir.join("record.txt"))
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    wait_queue_ready(&uri, &queue).await;
-    publisher(&uri).await.dispatch("job", &json!({ "id": 1 })).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let env = [("WORK_MS", "60000"), ("SHUTDOWN_TIMEOUT", "1")];
+    let (mut child, queue, dir) = recorder_in_a_long_call(&uri, "faulttimeout", &env).await;
     signal(&child, "TERM");
     // one signal only: the call sleeps for a minute, and SHUTDOWN_TIMEOUT is 1 s
     let status = wait_exit(&mut child).await;
     assert!(status.success(), "a graceful stop that gave up on a call: {status:?}");
-    let config = Config::new("observer").with_amqp_uri(uri.clone());
-    let transport = micro_framework::transport::connect(&config).await.unwrap();
-    wait_until_async(|| {
-        let transport = transport.clone();
-        let queue = queue.clone();
-        async move { transport.queue_info(&queue).await.is_ok_and(|info| info.message_count == 1) }
-    })
-    .await;
-    transport.close().await;
-    delete_queues(&uri, &queue).await;
-    let _ = std::fs::remove_dir_all(dir);
+    unfinished_call_is_back(&uri, &queue, dir).await;
 }
 
 #[cfg(feature = "metrics")]
