@@ -520,6 +520,16 @@ async fn malformed_retries_are_dead_lettered_with_the_reason_and_the_service_goe
     service.stop().await.unwrap();
 }
 
+/// Publish a `job` event of `shop` whose body is neither JSON nor text (the plugin's retry
+/// layout cannot carry it).
+async fn publish_binary_job(service: &TestService, shop: &str) {
+    let mut properties = micro_framework::data::json_properties();
+    properties.content_type = Some("application/octet-stream".into());
+    let binary = OutgoingMessage { body: vec![0xff, 0x00, 0x01].into(), properties };
+    let options = PublishOptions { mandatory: true };
+    service.transport().publish(&format!("{shop}.events"), "job", binary, options).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_body_the_python_layout_cannot_carry_is_dead_lettered_instead_of_retried() {
     use micro_framework::config::RetryDelay;
@@ -537,11 +547,7 @@ async fn a_body_the_python_layout_cannot_carry_is_dead_lettered_instead_of_retri
         .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
         .dependency(Shared(journal.clone()))];
     let service = TestService::start(routes, config).await.unwrap();
-    let mut properties = micro_framework::data::json_properties();
-    properties.content_type = Some("application/octet-stream".into());
-    let binary = OutgoingMessage { body: vec![0xff, 0x00, 0x01].into(), properties };
-    let options = PublishOptions { mandatory: true };
-    service.transport().publish(&format!("{shop}.events"), "job", binary, options).await.unwrap();
+    publish_binary_job(&service, &shop).await;
     service.wait_for_route("unreadable", 1).await.unwrap();
     let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
     assert_eq!(dead.len(), 1);
@@ -804,11 +810,7 @@ async fn the_callback_runs_when_the_retry_copy_cannot_be_made() {
         .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
         .dependency(Shared(journal.clone()))];
     let service = TestService::start(routes, config).await.unwrap();
-    let mut properties = micro_framework::data::json_properties();
-    properties.content_type = Some("application/octet-stream".into());
-    let binary = OutgoingMessage { body: vec![0xff, 0x00, 0x01].into(), properties };
-    let options = PublishOptions { mandatory: true };
-    service.transport().publish(&format!("{shop}.events"), "job", binary, options).await.unwrap();
+    publish_binary_job(&service, &shop).await;
     service.wait_for_route("unreadable", 1).await.unwrap();
     let entries = journal.entries();
     assert_eq!(entries.len(), 2, "one attempt, then the callback: {entries:?}");
