@@ -211,6 +211,32 @@ async fn headers_too_big_for_a_frame_are_refused_before_the_broker_sees_them() {
 }
 
 #[tokio::test]
+async fn float_headers_that_are_no_number_are_refused_before_the_broker_sees_them() {
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let (service, _, good_calls, _) = poison_and_good(&uri, &shop).await;
+        let markers = [shop.clone()];
+        let nested = HeaderValue::Array(vec![HeaderValue::Float(f64::INFINITY)]);
+        for odd in [HeaderValue::Float(f64::NAN), nested] {
+            let mut properties = micro_framework::data::json_properties();
+            properties.headers.insert("x-ratio".into(), odd);
+            let refused = publish_raw(service.transport(), &shop, "good", vec![], properties).await;
+            assert!(
+                matches!(&refused, Err(TransportError::Invalid(reason)) if reason.contains("x-ratio")),
+                "{uri}: {refused:?}"
+            );
+        }
+        service.dispatch(&shop, "good", &json!({ "n": 1 })).await.unwrap();
+        service.wait_for_route("good", 1).await.unwrap();
+        assert_eq!(good_calls.count(), 1);
+        // RabbitMQ closes the whole connection (541) on such a double
+        assert_eq!(service.transport().reconnects(), 0, "{uri}: the connection was never lost");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
 async fn decimal_headers_keep_their_value_in_dead_letters() {
     for uri in broker_uris() {
         let shop = unique("shop");

@@ -354,6 +354,7 @@ pub(crate) struct ErasedTarget {
     pub check: fn(&TargetSetup) -> Result<(), String>,
     pub invoke: Arc<Invoke>,
     /// Whether the function returns an HTTP response (see [`IntoOutcome`]).
+    #[cfg(feature = "http")]
     pub carries_response: bool,
 }
 
@@ -363,6 +364,7 @@ impl ErasedTarget {
             path: type_name::<T>(),
             check: T::check,
             invoke: Arc::new(move |ctx| target.invoke(ctx)),
+            #[cfg(feature = "http")]
             carries_response: T::CARRIES_RESPONSE,
         }
     }

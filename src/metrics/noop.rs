@@ -49,7 +49,15 @@ impl Metrics {
     pub(crate) fn available(&self, _series: &RouteSeries, _available: usize) {}
 
     /// Does nothing.
-    pub(crate) fn settled(&self, _context: &str, _route: &str, _name: &str, _handled: &Handled) {}
+    pub(crate) fn settled(
+        &self,
+        _context: &str,
+        _route: &str,
+        _name: &str,
+        _handled: &Handled,
+        _queued: bool,
+    ) {
+    }
 
     /// Does nothing.
     pub(crate) fn retried(&self, _context: &str, _route: &str) {}

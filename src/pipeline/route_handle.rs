@@ -166,6 +166,7 @@ impl RouteHandle {
     }
 
     /// Whether the route's target is declared to return an HTTP response.
+    #[cfg(feature = "http")]
     pub(crate) fn target_carries_response(&self) -> bool {
         self.inner.target.carries_response
     }

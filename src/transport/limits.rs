@@ -87,6 +87,30 @@ fn value_len(value: &HeaderValue) -> usize {
     }
 }
 
+/// Refuse `properties` with a float header (at any depth) that is not a finite number (NaN,
+/// an infinity) with [`TransportError::Invalid`], before anyone sees it: RabbitMQ cannot read
+/// such a double and closes the whole connection (541), with every route of the service on
+/// it, and again on each retry of the publish; JSON (the worker link) has no such number.
+pub(crate) fn check_header_values(properties: &Properties) -> Result<(), TransportError> {
+    let non_finite = properties.headers.iter().find(|(_, value)| !finite(value));
+    match non_finite {
+        None => Ok(()),
+        Some((name, _)) => Err(TransportError::Invalid(format!(
+            "header {name:?} holds a float that is not a finite number (NaN or an infinity), \
+             which AMQP brokers cannot read; not sent"
+        ))),
+    }
+}
+
+fn finite(value: &HeaderValue) -> bool {
+    match value {
+        HeaderValue::Float(float) => float.is_finite(),
+        HeaderValue::Array(items) => items.iter().all(finite),
+        HeaderValue::Table(table) => table.values().all(finite),
+        _ => true,
+    }
+}
+
 /// Refuse `properties` whose content header would not fit in a frame of `frame_max` bytes
 /// with [`TransportError::LimitReached`] of [`Limit::HeaderSize`], before the broker sees it.
 pub(crate) fn check_header_size(

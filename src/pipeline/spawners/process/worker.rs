@@ -23,6 +23,7 @@ use crate::data::{Failure, FailureKind, Outcome};
 use crate::error::{Error, Result};
 use crate::handler::targets::run_sync_targets_here;
 use crate::pipeline::RouteHandle;
+use crate::transport::limits::check_header_values;
 use crate::transport::{
     Acker, BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec,
     OutgoingMessage, PublishOptions, QueueInfo, QueueSpec, Transport, TransportError,
@@ -196,6 +197,8 @@ impl Transport for ParentTransport {
         message: OutgoingMessage,
         options: PublishOptions,
     ) -> Result<(), TransportError> {
+        // refused here, as the service's transport would: it cannot cross the link as JSON
+        check_header_values(&message.properties)?;
         let op = TransportOp::Publish {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
