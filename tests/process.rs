@@ -496,6 +496,11 @@ fn alive(pid: u32) -> bool {
     stat(pid).is_some_and(|(state, _)| state != "Z")
 }
 
+/// Whether process `pid` still has files open (its sockets, say).
+fn holds_files(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|mut entries| entries.next().is_some())
+}
+
 /// The state and parent of process `pid`, from /proc.
 fn stat(pid: u32) -> Option<(String, u32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -526,7 +531,9 @@ fn a_call_given_to_a_worker_that_died_idle_runs_in_another() {
     let workers = children(service.child.id());
     assert_eq!(workers.len(), 1, "{workers:?}");
     let _ = Command::new("kill").args(["-KILL", &workers[0].to_string()]).status();
-    while alive(workers[0]) {
+    // gone: the process's leader turns zombie before its other threads have ended, and its
+    // sockets close with the last of them
+    while alive(workers[0]) || holds_files(workers[0]) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let answer = service.get("/whoami/5", std::time::Duration::from_secs(40));
