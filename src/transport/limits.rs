@@ -111,12 +111,20 @@ fn finite(value: &HeaderValue) -> bool {
     }
 }
 
-/// Refuse `properties` whose content header would not fit in a frame of `frame_max` bytes
-/// with [`TransportError::LimitReached`] of [`Limit::HeaderSize`], before the broker sees it.
-pub(crate) fn check_header_size(
+/// Refuse, before the broker sees them, `properties` a broker cannot take: a content header
+/// that would not fit in a frame of `frame_max` bytes ([`check_header_size`]) or a float
+/// that is no number ([`check_header_values`]).
+pub(crate) fn check_headers(
     properties: &Properties,
     frame_max: usize,
 ) -> Result<(), TransportError> {
+    check_header_size(properties, frame_max)?;
+    check_header_values(properties)
+}
+
+/// Refuse `properties` whose content header would not fit in a frame of `frame_max` bytes
+/// with [`TransportError::LimitReached`] of [`Limit::HeaderSize`], before the broker sees it.
+fn check_header_size(properties: &Properties, frame_max: usize) -> Result<(), TransportError> {
     let len = content_header_frame_len(properties);
     if len > frame_max {
         return Err(TransportError::LimitReached {

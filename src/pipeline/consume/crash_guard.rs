@@ -120,16 +120,7 @@ pub(crate) async fn hand_back_message(
     label: &str,
 ) {
     let count = redeliveries(&message.properties.headers, message.redelivered, quorum);
-    let mut properties = copy_properties(&message.properties);
-    let headers = &mut properties.headers;
-    match count {
-        0 => headers.remove(HEADER_REDELIVERIES),
-        count => headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count)),
-    };
-    mark_first_route(headers, &message.exchange, &message.routing_key);
-    let copy = OutgoingMessage { body: message.body.clone(), properties };
-    let options = PublishOptions { mandatory: true };
-    let settled = match transport.publish("", queue, copy, options).await {
+    let settled = match copy_to_queue(transport, queue, message, count).await {
         Ok(()) => acker.ack().await,
         Err(error) => {
             tracing::warn!(
@@ -150,13 +141,7 @@ pub(super) async fn count_redelivery(
     delivery: Delivery,
     count: i64,
 ) -> Guarded {
-    let mut properties = copy_properties(&delivery.properties);
-    let headers = &mut properties.headers;
-    headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count));
-    mark_first_route(headers, &delivery.exchange, &delivery.routing_key);
-    let copy = OutgoingMessage { body: delivery.body.clone(), properties };
-    let options = PublishOptions { mandatory: true };
-    match source.transport.publish("", &source.queue, copy, options).await {
+    match copy_to_queue(&source.transport, &source.queue, &delivery.message(), count).await {
         Ok(()) => {}
         Err(TransportError::LimitReached { what: Limit::HeaderSize, reason, .. }) => {
             // Uncounted, a message that crashes the service would crash it for ever.
@@ -175,6 +160,25 @@ pub(super) async fn count_redelivery(
         tracing::warn!(route = %source.label, "cannot ack a counted redelivery: {error}");
     }
     Guarded::Counted
+}
+
+/// Publish (confirmed) a copy of `message` straight to `queue`, with its `count` of
+/// comebacks (none written when 0) and the route it was first published with.
+async fn copy_to_queue(
+    transport: &SharedTransport,
+    queue: &str,
+    message: &Message,
+    count: i64,
+) -> Result<(), TransportError> {
+    let mut properties = copy_properties(&message.properties);
+    let headers = &mut properties.headers;
+    match count {
+        0 => headers.remove(HEADER_REDELIVERIES),
+        count => headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count)),
+    };
+    mark_first_route(headers, &message.exchange, &message.routing_key);
+    let copy = OutgoingMessage { body: message.body.clone(), properties };
+    transport.publish("", queue, copy, PublishOptions { mandatory: true }).await
 }
 
 /// Record in the `headers` of a copy that goes to its queue by another route (straight, or

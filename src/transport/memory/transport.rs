@@ -14,7 +14,7 @@ use crate::transport::{
 
 use super::broker::MemoryBroker;
 use super::delayed::PLUGIN;
-use crate::transport::limits::{check_header_size, check_header_values};
+use crate::transport::limits::check_headers;
 
 /// RabbitMQ's default `frame_max`: the in-process broker refuses the same too-large headers,
 /// so that what works here works there.
@@ -137,8 +137,7 @@ impl Transport for MemoryTransport {
         options: PublishOptions,
     ) -> Result<(), TransportError> {
         self.open()?;
-        check_header_size(&message.properties, RABBITMQ_FRAME_MAX)?;
-        check_header_values(&message.properties)?;
+        check_headers(&message.properties, RABBITMQ_FRAME_MAX)?;
         self.broker.with_state(|state| {
             state.publish(exchange, routing_key, message, options, Instant::now())
         })

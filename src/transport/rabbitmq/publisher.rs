@@ -21,7 +21,7 @@ use super::convert::{short, to_basic_properties};
 use super::error::{is_fatal, is_soft, map_error};
 use super::mandatory::{publish_key, MandatoryChannel, Outcome, Sending, Tracked};
 use crate::clock::deadline_after;
-use crate::transport::limits::{check_header_size, check_header_values};
+use crate::transport::limits::check_headers;
 use crate::transport::{OutgoingMessage, PublishOptions, TransportError};
 
 /// Publish `message` and wait for the broker's confirm, retrying across reconnects until the
@@ -124,8 +124,7 @@ impl Publish<'_> {
             0 => usize::MAX,
             size => usize::try_from(size).unwrap_or(usize::MAX),
         };
-        check_header_size(&self.message.properties, frame_max)?;
-        check_header_values(&self.message.properties)?;
+        check_headers(&self.message.properties, frame_max)?;
         Ok((exchange, routing_key, properties))
     }
 
