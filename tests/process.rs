@@ -496,9 +496,18 @@ fn alive(pid: u32) -> bool {
     stat(pid).is_some_and(|(state, _)| state != "Z")
 }
 
-/// Whether process `pid` still has files open (its sockets, say).
-fn holds_files(pid: u32) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|mut entries| entries.next().is_some())
+/// Whether any thread of process `pid` is still running. A killed process's leader turns
+/// zombie first, and `/proc/{pid}/fd` then shows the leader's (empty) file table while its
+/// other threads still hold the sockets open; each of those leaves `/proc/{pid}/task` only
+/// after it has closed its files.
+fn threads_running(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|entries| {
+        entries.flatten().any(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Z (zombie) and X (dead) threads have closed their files
+            stat.rfind(')').is_some_and(|end| !stat[end + 2..].starts_with(['Z', 'X']))
+        })
+    })
 }
 
 /// The state and parent of process `pid`, from /proc.
@@ -531,9 +540,8 @@ fn a_call_given_to_a_worker_that_died_idle_runs_in_another() {
     let workers = children(service.child.id());
     assert_eq!(workers.len(), 1, "{workers:?}");
     let _ = Command::new("kill").args(["-KILL", &workers[0].to_string()]).status();
-    // gone: the process's leader turns zombie before its other threads have ended, and its
-    // sockets close with the last of them
-    while alive(workers[0]) || holds_files(workers[0]) {
+    // gone: its sockets close with the last of its threads
+    while threads_running(workers[0]) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let answer = service.get("/whoami/5", std::time::Duration::from_secs(40));
