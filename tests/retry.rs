@@ -841,3 +841,33 @@ async fn an_anonymous_broadcast_listener_dead_letters_into_its_leased_queue() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+#[tokio::test]
+async fn a_dead_letter_queue_deleted_while_the_service_runs_is_declared_again() {
+    for uri in broker_uris() {
+        let journal = Arc::new(Journal::default());
+        let shop = unique("dlqgone");
+        let config = config(&uri, "dlqgone");
+        let markers = [config.service_name.clone(), shop.clone()];
+        let dlq = format!("evt-{shop}-job--{}.flaky.dlq", config.service_name);
+        let routes = vec![Route::new(flaky)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .dependency(Shared(journal.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.transport().delete_queue(&dlq).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "name": "a" })).await.unwrap();
+        let mut dead = Vec::new();
+        for _ in 0..250 {
+            dead = service.take_messages(&dlq).await.unwrap_or_default();
+            if !dead.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(dead.len(), 1, "{uri}: the failed message is in the dead-letter queue");
+        assert_eq!(header(&dead[0], HEADER_ROUTE), &HeaderValue::from("flaky"));
+        assert_eq!(journal.entries(), vec![("a".to_owned(), 0)], "{uri}: it ran once");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

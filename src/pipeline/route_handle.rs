@@ -61,8 +61,8 @@ struct RouteRuntime {
     metrics: Metrics,
     /// Its series of `metrics`, looked up on its first call.
     series: OnceLock<RouteSeries>,
-    /// A dead-letter queue with a lease, declared again before each dead letter.
-    dead_letter_lease: OnceLock<QueueSpec>,
+    /// The route's dead-letter queue, once its entrypoint has declared it.
+    dead_letter_queue: OnceLock<QueueSpec>,
     extensions: SharedExtensions,
 }
 
@@ -119,7 +119,7 @@ impl RouteHandle {
                 state: env.state.clone(),
                 metrics: env.metrics.clone(),
                 series: OnceLock::new(),
-                dead_letter_lease: OnceLock::new(),
+                dead_letter_queue: OnceLock::new(),
                 extensions: env.extensions.clone(),
             }),
         }
@@ -142,17 +142,17 @@ impl RouteHandle {
         &self.inner.state
     }
 
-    /// Declare `dlq`, the route's dead-letter queue, again before each dead letter published
-    /// there: it has an `x-expires` lease, which a declaration renews (and which recreates it
-    /// once expired).
-    pub(crate) fn renew_before_dead_letters(&self, dlq: QueueSpec) {
+    /// Record `dlq`, the route's dead-letter queue, which its entrypoint has declared: dead
+    /// letters declare it again when it is gone (deleted by hand, say), and before each one
+    /// when it has an `x-expires` lease, which a declaration renews.
+    pub(crate) fn set_dead_letter_queue(&self, dlq: QueueSpec) {
         // A route is set up once: a second call would set the same queue.
-        let _ = self.inner.dead_letter_lease.set(dlq);
+        let _ = self.inner.dead_letter_queue.set(dlq);
     }
 
-    /// The dead-letter queue to declare again before each dead letter, if any.
-    pub(crate) fn dead_letter_lease(&self) -> Option<&QueueSpec> {
-        self.inner.dead_letter_lease.get()
+    /// The route's dead-letter queue, if its entrypoint has one.
+    pub(crate) fn dead_letter_queue(&self) -> Option<&QueueSpec> {
+        self.inner.dead_letter_queue.get()
     }
 
     /// The route's name.

@@ -303,12 +303,12 @@ async fn dead_letter(
         failure.full_message(),
         failure.kind
     );
-    if let Some(leased) = route.dead_letter_lease() {
+    let declared = route.dead_letter_queue();
+    if let Some(leased) = declared.filter(|dlq| dlq.arguments.contains_key("x-expires")) {
         route.transport().declare_queue(leased).await?;
     }
     let copy = OutgoingMessage { body: message.body.clone(), properties };
-    let options = PublishOptions { mandatory: true };
-    let error = match route.transport().publish("", &dlq, copy, options).await {
+    let error = match publish_dead_letter(route, &dlq, copy).await {
         Err(TransportError::LimitReached { what: Limit::HeaderSize, size, limit, .. }) => {
             format!("{size} bytes, over the frame_max of {limit} bytes")
         }
@@ -324,7 +324,30 @@ async fn dead_letter(
     properties.headers.extend(reason);
     properties.headers.insert(HEADER_HEADERS_DROPPED.into(), dropped.into());
     let minimal = OutgoingMessage { body: message.body.clone(), properties };
-    route.transport().publish("", &dlq, minimal, options).await
+    publish_dead_letter(route, &dlq, minimal).await
+}
+
+/// Publish `copy` to `dlq`, confirmed and mandatory. A dead-letter queue deleted while the
+/// service runs (by hand, say) is declared again, and the copy published once more: without
+/// it, every failure would go back to its queue and come again for ever.
+async fn publish_dead_letter(
+    route: &RouteHandle,
+    dlq: &str,
+    copy: OutgoingMessage,
+) -> Result<(), TransportError> {
+    let options = PublishOptions { mandatory: true };
+    let declared = route.dead_letter_queue().filter(|declared| declared.name == dlq);
+    match (route.transport().publish("", dlq, copy.clone(), options).await, declared) {
+        (Err(TransportError::Unroutable { .. }), Some(declared)) => {
+            tracing::warn!(
+                route = route.name(),
+                "dead-letter queue {dlq} was gone: declared again"
+            );
+            route.transport().declare_queue(declared).await?;
+            route.transport().publish("", dlq, copy, options).await
+        }
+        (published, _) => published,
+    }
 }
 
 /// The `x-mf-*` headers that say why and where from (`from`) a message was dead-lettered.

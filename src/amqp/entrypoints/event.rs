@@ -120,9 +120,7 @@ impl Entrypoint for EventListener {
             .await?;
         let dlq = dead_letter_queue_of(config, &queue);
         transport.declare_queue(&dlq).await?;
-        if dlq.arguments.contains_key("x-expires") {
-            route.renew_before_dead_letters(dlq);
-        }
+        route.set_dead_letter_queue(dlq);
         declare_retry_topology(route, &queue.name).await?;
         tracing::info!(
             route = route.name(),

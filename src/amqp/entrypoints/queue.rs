@@ -176,7 +176,9 @@ impl Entrypoint for QueueListener {
             };
             transport.bind_queue(&binding).await?;
         }
-        transport.declare_queue(&dead_letter_queue(route.config(), &self.queue)).await?;
+        let dlq = dead_letter_queue(route.config(), &self.queue);
+        transport.declare_queue(&dlq).await?;
+        route.set_dead_letter_queue(dlq);
         declare_retry_topology(route, &self.queue).await?;
         Ok(())
     }
