@@ -99,19 +99,53 @@ impl TimeEntrypoint {
         &self,
         last: Instant,
         last_occurrence: &mut Option<DateTime<Utc>>,
-    ) -> Option<Instant> {
+    ) -> Option<Tick> {
         match &self.schedule {
             // an interval too long for the clock (`Duration::MAX`) never comes: no tick
-            Schedule::Every(interval) => last.checked_add(*interval),
+            Schedule::Every(interval) => last.checked_add(*interval).map(Tick::At),
             Schedule::Cron(cron) => {
-                let now = Instant::now();
-                let wall = DateTime::<Utc>::from(clock::wall_at(now));
+                let wall = wall_now();
                 let after = last_occurrence.map_or(wall, |occurrence| occurrence.max(wall));
                 let after = after.with_nanosecond(0).unwrap_or(after);
                 let next = cron.find_next_occurrence(&after, false).ok()?;
                 *last_occurrence = Some(next);
-                Some(now + (next - wall).to_std().unwrap_or_default())
+                Some(Tick::OnTheWallClock(next))
             }
+        }
+    }
+}
+
+/// When a tick is due: an instant of the monotonic clock (intervals), or a time of the wall
+/// clock (cron occurrences, which follow the system clock when it is stepped).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tick {
+    At(Instant),
+    OnTheWallClock(DateTime<Utc>),
+}
+
+/// The longest a cron timer sleeps before it looks at the wall clock again: a system clock
+/// stepped during a long sleep (a corrected drift, a virtual machine resumed) moves the tick
+/// by at most this much, where sleeping on the monotonic clock alone would move it by the
+/// whole step.
+const WALL_CLOCK_RECHECK: Duration = Duration::from_secs(1);
+
+fn wall_now() -> DateTime<Utc> {
+    DateTime::<Utc>::from(clock::wall_now())
+}
+
+impl Tick {
+    /// Wait until the tick is due, reading the wall clock through `wall`.
+    async fn wait(self, wall: impl Fn() -> DateTime<Utc>) {
+        let occurrence = match self {
+            Tick::At(due) => return sleep_until(due).await,
+            Tick::OnTheWallClock(occurrence) => occurrence,
+        };
+        loop {
+            let Ok(left) = (occurrence - wall()).to_std() else { return };
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left.min(WALL_CLOCK_RECHECK)).await;
         }
     }
 }
@@ -139,9 +173,11 @@ impl Entrypoint for TimeEntrypoint {
             };
             tokio::select! {
                 _ = route.stopping().cancelled() => return Ok(()),
-                _ = sleep_until(due) => {}
+                _ = due.wait(wall_now) => {}
             }
-            last = due;
+            if let Tick::At(due) = due {
+                last = due;
+            }
             if let Some(leadership) = &mut leadership {
                 if !leadership.lead(&route).await {
                     continue;
@@ -182,7 +218,49 @@ mod tests {
     fn an_interval_too_long_for_the_clock_never_ticks() {
         let now = Instant::now();
         let hourly = TimeEntrypoint::every(Duration::from_secs(3600));
-        assert_eq!(hourly.next_tick(now, &mut None), Some(now + Duration::from_secs(3600)));
+        let in_an_hour = Tick::At(now + Duration::from_secs(3600));
+        assert_eq!(hourly.next_tick(now, &mut None), Some(in_an_hour));
         assert_eq!(TimeEntrypoint::every(Duration::MAX).next_tick(now, &mut None), None);
+    }
+
+    /// A wall clock that reads tokio's clock, plus `step` once `after` has passed since
+    /// `start`: a system clock stepped while the timer sleeps.
+    fn stepped_clock(
+        start: Instant,
+        after: Duration,
+        step: chrono::TimeDelta,
+    ) -> impl Fn() -> DateTime<Utc> {
+        move || {
+            let wall = wall_now();
+            if start.elapsed() >= after {
+                wall + step
+            } else {
+                wall
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cron_tick_follows_the_wall_clock_when_it_is_stepped() {
+        let start = Instant::now();
+        let in_an_hour = wall_now() + chrono::TimeDelta::hours(1);
+        let tick = Tick::OnTheWallClock(in_an_hour);
+
+        // stepped 40 minutes forward after 10 minutes: due 10 minutes after the step
+        let forward =
+            stepped_clock(start, Duration::from_secs(600), chrono::TimeDelta::minutes(40));
+        tick.wait(forward).await;
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_secs(1200), "{waited:?}");
+        assert!(waited <= Duration::from_secs(1200) + WALL_CLOCK_RECHECK, "{waited:?}");
+
+        // stepped 30 minutes back after 10 minutes: due 90 minutes after the start
+        let start = Instant::now();
+        let in_an_hour = wall_now() + chrono::TimeDelta::hours(1);
+        let back = stepped_clock(start, Duration::from_secs(600), chrono::TimeDelta::minutes(-30));
+        Tick::OnTheWallClock(in_an_hour).wait(back).await;
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_secs(5400), "{waited:?}");
+        assert!(waited <= Duration::from_secs(5400) + WALL_CLOCK_RECHECK, "{waited:?}");
     }
 }
