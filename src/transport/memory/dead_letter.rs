@@ -32,9 +32,9 @@ impl Reason {
     }
 }
 
-/// Rewrites `message` as dead-lettered from `queue`: records the death in `x-death` (an
-/// existing entry for the same queue and reason is counted up and moved to the front, a
-/// new one is prepended), sets the `x-first-death-*` headers once, moves a per-message
+/// Rewrites `message` as dead-lettered from `queue`: records the death in `x-death` (the
+/// earlier entries regrouped as RabbitMQ does, see [`regroup`]; an existing entry for the
+/// same queue and reason is counted up and moved to the front, a new one is prepended), sets the `x-first-death-*` headers once, moves a per-message
 /// `expiration` into the entry's `original-expiration`, and re-addresses the message to
 /// the dead-letter exchange and routing key (or its original routing key).
 pub(super) fn dead_letter(
@@ -48,6 +48,7 @@ pub(super) fn dead_letter(
     let original_expiration = message.properties.expiration.take();
     let headers = &mut message.properties.headers;
     let mut deaths = match headers.remove("x-death") {
+        Some(HeaderValue::Array(deaths)) if deaths.len() > 1 => regroup(deaths),
         Some(HeaderValue::Array(deaths)) => deaths,
         _ => Vec::new(),
     };
@@ -92,6 +93,34 @@ pub(super) fn dead_letter(
     if let Some(key) = routing_key {
         message.routing_key = key.to_owned();
     }
+}
+
+/// The `queue` and `reason` of an `x-death` entry.
+fn death_key(death: &HeaderValue) -> Option<(&str, &str)> {
+    match death {
+        HeaderValue::Table(table) => Some((
+            table.get("queue").and_then(HeaderValue::as_str)?,
+            table.get("reason").and_then(HeaderValue::as_str)?,
+        )),
+        _ => None,
+    }
+}
+
+/// An `x-death` list of two or more entries as RabbitMQ 3.10 rewrites it before recording a
+/// death: one entry per queue and reason (the first), in reverse order (its grouping folds
+/// into an accumulator it never turns back). The order is visible to consumers, and decides
+/// which deaths [`is_cycle`] sees before a queue's entry.
+fn regroup(deaths: Vec<HeaderValue>) -> Vec<HeaderValue> {
+    let mut grouped: Vec<HeaderValue> = Vec::with_capacity(deaths.len());
+    for death in deaths {
+        let seen = death_key(&death)
+            .is_some_and(|key| grouped.iter().any(|kept| death_key(kept) == Some(key)));
+        if !seen {
+            grouped.push(death);
+        }
+    }
+    grouped.reverse();
+    grouped
 }
 
 /// Whether delivering a dead-lettered message to `target` closes a fully automatic cycle

@@ -445,9 +445,17 @@ impl State {
         Ok(QueueInfo::default())
     }
 
-    /// Passive `queue.declare`.
-    pub fn queue_info(&self, connection: u64, name: &str) -> Result<QueueInfo, TransportError> {
-        let queue = self.queue(connection, name)?;
+    /// Passive `queue.declare`. Like an active one, it counts as use of the queue: on
+    /// RabbitMQ it restarts the `x-expires` countdown, so a queue polled for its length does
+    /// not expire.
+    pub fn queue_info(
+        &mut self,
+        connection: u64,
+        name: &str,
+        now: Instant,
+    ) -> Result<QueueInfo, TransportError> {
+        let queue = self.queue_mut(connection, name)?;
+        queue.last_used = now;
         Ok(QueueInfo {
             message_count: queue.message_count(),
             consumer_count: queue.consumer_count(),

@@ -507,6 +507,89 @@ async fn automatic_dead_letter_cycle_is_dropped_like_rabbitmq() {
     assert_eq!((ready(&t, "ping").await, ready(&t, "pong").await), (0, 0));
 }
 
+/// `queue/reason` of each `x-death` entry, in order.
+fn death_summary(delivery: &Delivery) -> Vec<String> {
+    deaths(delivery)
+        .iter()
+        .map(|d| {
+            format!(
+                "{}/{}",
+                field(d, "queue").as_str().unwrap(),
+                field(d, "reason").as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// A queue that dead-letters through the default exchange to `next`, with `extra` arguments.
+fn dead_letters_to(name: &str, next: &str, extra: &[(&str, HeaderValue)]) -> QueueSpec {
+    let mut spec = queue_with(
+        name,
+        &[("x-dead-letter-exchange", "".into()), ("x-dead-letter-routing-key", next.into())],
+    );
+    for (key, value) in extra {
+        spec.arguments.insert((*key).to_owned(), value.clone());
+    }
+    spec
+}
+
+#[tokio::test]
+async fn x_death_entries_are_regrouped_in_reverse_as_on_rabbitmq() {
+    // Checked on RabbitMQ 3.10: a list of two or more deaths is reversed before a death is
+    // recorded, so the newest comes first and the others follow oldest first.
+    let (_broker, t) = setup();
+    t.declare_queue(&dead_letters_to("a", "b", &[("x-max-length", HeaderValue::Int(1))]))
+        .await
+        .unwrap();
+    t.declare_queue(&dead_letters_to("b", "a", &[])).await.unwrap();
+    publish(&t, "", "a", "first").await;
+    get(&t, "a").await.acker.reject(false).await.unwrap();
+    get(&t, "b").await.acker.reject(false).await.unwrap();
+    // "first" is back in a: one more message pushes it out (maxlen) to b
+    publish(&t, "", "a", "second").await;
+    let dead = get(&t, "b").await;
+    assert_eq!(body(&dead), "first");
+    assert_eq!(death_summary(&dead), ["a/maxlen", "a/rejected", "b/rejected"]);
+    assert_eq!(dead.properties.headers.get("x-first-death-queue"), Some(&"a".into()));
+    dead.acker.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cycle_is_detected_on_the_regrouped_x_death_as_on_rabbitmq() {
+    // a -(expired)-> b -(expired)-> c -(rejected)-> a -(expired)-> b: on RabbitMQ 3.10 the
+    // last hop closes a cycle without rejection (x-death then reads a/expired, b/expired,
+    // c/rejected), and the message is dropped.
+    let (_broker, t) = setup();
+    let ttl = [("x-message-ttl", HeaderValue::Int(20))];
+    t.declare_queue(&dead_letters_to("a", "b", &ttl)).await.unwrap();
+    t.declare_queue(&dead_letters_to("b", "c", &ttl)).await.unwrap();
+    t.declare_queue(&dead_letters_to("c", "a", &[])).await.unwrap();
+    publish(&t, "", "a", "loop").await;
+    eventually(|| async { ready(&t, "c").await == 1 }).await;
+    let dead = get(&t, "c").await;
+    assert_eq!(death_summary(&dead), ["b/expired", "a/expired"]);
+    dead.acker.reject(false).await.unwrap();
+    eventually(|| async { ready(&t, "a").await == 0 }).await;
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let left = (ready(&t, "a").await, ready(&t, "b").await, ready(&t, "c").await);
+    assert_eq!(left, (0, 0, 0), "dropped when expiring from a, as RabbitMQ does");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passive_declare_keeps_an_expiring_queue_in_use() {
+    // RabbitMQ restarts the x-expires countdown on a passive declare too: a queue polled for
+    // its length (queue_len in tests, a health check) stays.
+    let (broker, t) = setup();
+    t.declare_queue(&queue_with("polled", &[("x-expires", HeaderValue::Int(100))])).await.unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        t.queue_info("polled").await.expect("polled within x-expires: still there");
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::task::yield_now().await;
+    assert!(!broker.queue_names().contains(&"polled".to_owned()), "unused: expired");
+}
+
 #[tokio::test]
 async fn per_message_expiration_only_at_the_head() {
     let (_broker, t) = setup();

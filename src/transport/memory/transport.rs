@@ -106,7 +106,7 @@ impl Transport for MemoryTransport {
 
     async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
         self.open()?;
-        self.broker.with_state(|state| state.queue_info(self.connection, queue))
+        self.broker.with_state(|state| state.queue_info(self.connection, queue, Instant::now()))
     }
 
     async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
