@@ -55,6 +55,31 @@ const EQUIVALENCE_ARGS: &[&str] = &[
     "x-single-active-consumer",
 ];
 
+/// Arguments a classic queue refuses: RabbitMQ 3.10 checks each queue type's arguments, so
+/// these (of quorum queues and streams) fail the declaration instead of being ignored.
+const NOT_FOR_CLASSIC: &[&str] = &[
+    "x-dead-letter-strategy",
+    "x-delivery-limit",
+    "x-initial-cluster-size",
+    "x-max-age",
+    "x-max-in-memory-bytes",
+    "x-max-in-memory-length",
+    "x-queue-leader-locator",
+    "x-quorum-initial-group-size",
+    "x-stream-max-segment-size-bytes",
+];
+
+/// Arguments a quorum queue refuses (of classic queues and streams).
+const NOT_FOR_QUORUM: &[&str] = &[
+    "x-initial-cluster-size",
+    "x-max-age",
+    "x-max-priority",
+    "x-queue-master-locator",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-stream-max-segment-size-bytes",
+];
+
 /// `queue 'name' in vhost '/'`, as RabbitMQ names resources in errors.
 pub(super) fn queue_resource(name: &str) -> String {
     format!("queue '{name}' in vhost '/'")
@@ -147,6 +172,16 @@ impl QueueArgs {
                 )))
             }
         };
+        let (refused, queue_type) = match quorum {
+            true => (NOT_FOR_QUORUM, "rabbit_quorum_queue"),
+            false => (NOT_FOR_CLASSIC, "rabbit_classic_queue"),
+        };
+        if let Some(arg) = refused.iter().find(|arg| spec.arguments.contains_key(**arg)) {
+            return Err(TransportError::PreconditionFailed(format!(
+                "invalid arg '{arg}' for {} of queue type {queue_type}",
+                queue_resource(&spec.name)
+            )));
+        }
         if spec.arguments.contains_key("x-max-priority") {
             return Err(TransportError::Unsupported(
                 "x-max-priority (priority queues) is not supported by the in-memory broker"

@@ -706,6 +706,38 @@ async fn inequivalent_declarations_fail() {
 }
 
 #[tokio::test]
+async fn each_queue_type_refuses_the_arguments_of_the_others() {
+    // Checked on RabbitMQ 3.10: a classic queue declared with a quorum queue's delivery limit
+    // fails to declare (it is not ignored), and a quorum queue refuses classic-only modes.
+    let (_broker, t) = setup();
+    let quorum = |name: &str, arg: (&str, HeaderValue)| {
+        queue_with(name, &[("x-queue-type", "quorum".into()), arg])
+    };
+    let refused = [
+        (queue_with("c1", &[("x-delivery-limit", HeaderValue::Int(5))]), "x-delivery-limit"),
+        (
+            queue_with("c2", &[("x-quorum-initial-group-size", HeaderValue::Int(1))]),
+            "x-quorum-initial-group-size",
+        ),
+        (quorum("q1", ("x-queue-mode", "lazy".into())), "x-queue-mode"),
+        (quorum("q2", ("x-max-priority", HeaderValue::Int(5))), "x-max-priority"),
+    ];
+    for (spec, arg) in refused {
+        let error = t.declare_queue(&spec).await.unwrap_err();
+        let kind = if spec.arguments.contains_key("x-queue-type") { "quorum" } else { "classic" };
+        assert_eq!(
+            error,
+            TransportError::PreconditionFailed(format!(
+                "invalid arg '{arg}' for queue '{}' in vhost '/' of queue type rabbit_{kind}_queue",
+                spec.name
+            ))
+        );
+    }
+    t.declare_queue(&quorum("q3", ("x-delivery-limit", HeaderValue::Int(5)))).await.unwrap();
+    t.declare_queue(&queue_with("c3", &[("x-queue-mode", "lazy".into())])).await.unwrap();
+}
+
+#[tokio::test]
 async fn exclusive_queue_belongs_to_its_connection() {
     let (broker, t) = setup();
     let other = broker.connect();
