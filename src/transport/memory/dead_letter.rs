@@ -34,9 +34,10 @@ impl Reason {
 
 /// Rewrites `message` as dead-lettered from `queue`: records the death in `x-death` (the
 /// earlier entries regrouped as RabbitMQ does, see [`regroup`]; an existing entry for the
-/// same queue and reason is counted up and moved to the front, a new one is prepended), sets the `x-first-death-*` headers once, moves a per-message
-/// `expiration` into the entry's `original-expiration`, and re-addresses the message to
-/// the dead-letter exchange and routing key (or its original routing key).
+/// same queue and reason is counted up and moved to the front, a new one is prepended),
+/// sets the `x-first-death-*` headers once, moves a per-message `expiration` into the
+/// entry's `original-expiration`, and re-addresses the message to the dead-letter exchange
+/// and routing key (or its original routing key).
 pub(super) fn dead_letter(
     message: &mut Message,
     queue: &str,
