@@ -141,3 +141,134 @@ async fn an_unreachable_broker_is_tried_again_until_stopped() {
     .expect("the stop ends the retries");
     outcome.expect("stopped before the broker answered: not an error");
 }
+
+/// Records its set-ups and teardowns; its set-up fails when `fails`.
+struct Tracked {
+    name: &'static str,
+    fails: bool,
+    journal: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[derive(Clone)]
+struct TrackedValue;
+
+#[micro_framework::async_trait]
+impl micro_framework::dependencies::Dependency for Tracked {
+    type Output = TrackedValue;
+
+    async fn setup(
+        &self,
+        _setup: &micro_framework::dependencies::SetupContext,
+    ) -> Result<(), micro_framework::BoxError> {
+        self.journal.lock().unwrap().push(format!("setup {}", self.name));
+        match self.fails {
+            true => Err(format!("{} cannot start", self.name).into()),
+            false => Ok(()),
+        }
+    }
+
+    async fn get(
+        &self,
+        _call: &micro_framework::WorkerContext,
+    ) -> Result<TrackedValue, micro_framework::BoxError> {
+        Ok(TrackedValue)
+    }
+
+    async fn teardown(&self) {
+        self.journal.lock().unwrap().push(format!("teardown {}", self.name));
+    }
+}
+
+struct OtherValue;
+struct Other(Tracked);
+
+#[micro_framework::async_trait]
+impl micro_framework::dependencies::Dependency for Other {
+    type Output = std::sync::Arc<OtherValue>;
+
+    async fn setup(
+        &self,
+        setup: &micro_framework::dependencies::SetupContext,
+    ) -> Result<(), micro_framework::BoxError> {
+        self.0.setup(setup).await
+    }
+
+    async fn get(
+        &self,
+        _call: &micro_framework::WorkerContext,
+    ) -> Result<std::sync::Arc<OtherValue>, micro_framework::BoxError> {
+        Ok(std::sync::Arc::new(OtherValue))
+    }
+
+    async fn teardown(&self) {
+        self.0.teardown().await
+    }
+}
+
+/// An entrypoint whose set-up fails.
+struct RefusesToSetUp;
+
+#[micro_framework::async_trait]
+impl Entrypoint for RefusesToSetUp {
+    fn describe(&self) -> String {
+        "RefusesToSetUp".into()
+    }
+
+    async fn setup(&mut self, _route: &RouteHandle) -> micro_framework::Result<()> {
+        Err(Error::Startup("no queue for this entrypoint".into()))
+    }
+
+    async fn run(self: Box<Self>, _route: RouteHandle) -> micro_framework::Result<()> {
+        Ok(())
+    }
+}
+
+/// A route whose first dependency starts and whose second one fails when `second_fails`.
+fn tracked_route(
+    journal: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    second_fails: bool,
+    entrypoint: impl Entrypoint,
+) -> Route {
+    let first = Tracked { name: "first", fails: false, journal: journal.clone() };
+    let second = Tracked { name: "second", fails: second_fails, journal: journal.clone() };
+    Route::new(noop).entrypoint(entrypoint).dependency(first).dependency(Other(second))
+}
+
+#[tokio::test]
+async fn a_start_that_fails_tears_down_the_dependencies_it_set_up() {
+    use micro_framework::testing::{memory_test_config, worker, TestService};
+    let journal = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let config = memory_test_config(&unique("halfstart"));
+
+    // a dependency fails to set up: the one set up before it is torn down
+    let route = tracked_route(&journal, true, EventListener::new("shop", "paid"));
+    let error = TestService::start(vec![route], config.clone()).await.unwrap_err();
+    assert!(error.to_string().contains("second cannot start"), "{error}");
+    let seen = std::mem::take(&mut *journal.lock().unwrap());
+    assert_eq!(seen, ["setup first", "setup second", "teardown first"]);
+
+    // an entrypoint fails to set up: every dependency is torn down
+    let route = tracked_route(&journal, false, RefusesToSetUp);
+    TestService::start(vec![route], config.clone()).await.unwrap_err();
+    let seen = std::mem::take(&mut *journal.lock().unwrap());
+    assert_eq!(seen, ["setup first", "setup second", "teardown first", "teardown second"]);
+
+    // the metrics server cannot listen (its port is taken): every dependency is torn down
+    #[cfg(feature = "metrics")]
+    {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let metrics = micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port };
+        let config = config.clone().with_enable_metrics(true).with_metrics(metrics);
+        let route = tracked_route(&journal, false, EventListener::new("shop", "paid"));
+        TestService::start(vec![route], config).await.unwrap_err();
+        let seen = std::mem::take(&mut *journal.lock().unwrap());
+        assert_eq!(seen, ["setup first", "setup second", "teardown first", "teardown second"]);
+    }
+
+    // the same for a call made with the testing toolkit's `worker`
+    let route = tracked_route(&journal, true, EventListener::new("shop", "paid"));
+    worker(route).event::<()>(&serde_json::json!({})).await.unwrap_err();
+    let seen = std::mem::take(&mut *journal.lock().unwrap());
+    assert_eq!(seen, ["setup first", "setup second", "teardown first"]);
+}

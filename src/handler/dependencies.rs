@@ -38,6 +38,7 @@ use async_trait::async_trait;
 use crate::config::Config;
 use crate::data::BoxError;
 use crate::data::Outcome;
+use crate::error::{Error, Result};
 use crate::handler::extract::{ExtractError, FromContext, TargetSetup};
 use crate::handler::WorkerContext;
 
@@ -189,6 +190,31 @@ pub(crate) fn share<D: Dependency>(dependency: D) -> SharedDependency {
 pub(crate) fn insert(list: &mut Vec<SharedDependency>, dependency: SharedDependency) {
     list.retain(|existing| existing.output_type() != dependency.output_type());
     list.push(dependency);
+}
+
+/// Set up `dependencies` in order; when one fails, those already set up are torn down (in
+/// reverse order) and the error names the one that failed.
+pub(crate) async fn set_up_all(
+    dependencies: Vec<SharedDependency>,
+    config: &Arc<Config>,
+) -> Result<Vec<SharedDependency>> {
+    let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
+    for (done, dependency) in dependencies.iter().enumerate() {
+        if let Err(source) = dependency.setup(&setup).await {
+            for set_up in dependencies[..done].iter().rev() {
+                set_up.teardown().await;
+            }
+            return Err(Error::Dependency { name: dependency.name().to_owned(), source });
+        }
+    }
+    Ok(dependencies)
+}
+
+/// Tear `dependencies` down, in order.
+pub(crate) async fn tear_down(dependencies: &[SharedDependency]) {
+    for dependency in dependencies {
+        dependency.teardown().await;
+    }
 }
 
 impl fmt::Debug for dyn ErasedDependency {

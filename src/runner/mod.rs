@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::config::WorkerMode;
 use crate::data::TargetRole;
 use crate::error::{Error, Result};
-use crate::handler::dependencies::{self, Dependency, SetupContext, SharedDependency};
+use crate::handler::dependencies::{self, set_up_all, tear_down, Dependency, SharedDependency};
 use crate::handler::extract::TargetSetup;
 use crate::handler::ServiceState;
 #[cfg(feature = "metrics")]
@@ -407,18 +407,64 @@ async fn start_routes(
     let env = ServiceEnv::new(config.clone(), transport.clone())?;
     let all_dependencies = set_up_dependencies(&plans, config).await?;
     #[cfg(feature = "process")]
-    let processes = start_processes(&plans, config, &env, worker_args).await?;
+    let processes = match start_processes(&plans, config, &env, worker_args).await {
+        Ok(processes) => processes,
+        Err(error) => {
+            tear_down(&all_dependencies).await;
+            return Err(error);
+        }
+    };
     #[cfg(not(feature = "process"))]
     let _ = worker_args;
+    // A start that fails midway undoes what it has done: a test (or a program) that goes on
+    // after the error keeps no dependency set up, no worker process, no shared state.
+    let abandon = || async {
+        env.state.clear();
+        #[cfg(feature = "process")]
+        for pool in &processes {
+            pool.shutdown().await;
+        }
+        tear_down(&all_dependencies).await;
+    };
     let started = match set_up_routes(plans, &env).await {
         Ok(started) => started,
         Err(error) => {
-            env.state.clear();
-            #[cfg(feature = "process")]
-            for pool in &processes {
-                pool.shutdown().await;
-            }
+            abandon().await;
             return Err(error);
+        }
+    };
+    let stopped = CancellationToken::new();
+    #[cfg(feature = "metrics")]
+    let metrics_address = match config.enable_metrics {
+        false => None,
+        true => {
+            let route_infos = started
+                .started
+                .iter()
+                .map(|(handle, entrypoint)| crate::metrics::status::RouteInfo {
+                    name: handle.name().to_owned(),
+                    context: handle.pool().context().to_owned(),
+                    metric_label: handle.metric_label().to_owned(),
+                    entrypoint: entrypoint.describe(),
+                    queue: entrypoint.queue(),
+                })
+                .collect();
+            let served = crate::metrics::server::serve(
+                config,
+                route_infos,
+                env.metrics.clone(),
+                transport.clone(),
+                env.stopping.clone(),
+                stopped.clone(),
+            )
+            .await;
+            match served {
+                Ok(address) => Some(address),
+                Err(error) => {
+                    abandon().await;
+                    return Err(error);
+                }
+            }
         }
     };
     let mut tasks = JoinSet::new();
@@ -427,18 +473,7 @@ async fn start_routes(
     }
     let mut routes: BTreeMap<_, _> =
         started.idle.into_iter().map(|handle| (handle.name().to_owned(), handle)).collect();
-    let started = started.started;
-    #[cfg(feature = "metrics")]
-    let mut route_infos = Vec::new();
-    for (handle, entrypoint) in started {
-        #[cfg(feature = "metrics")]
-        route_infos.push(crate::metrics::status::RouteInfo {
-            name: handle.name().to_owned(),
-            context: handle.pool().context().to_owned(),
-            metric_label: handle.metric_label().to_owned(),
-            entrypoint: entrypoint.describe(),
-            queue: entrypoint.queue(),
-        });
+    for (handle, entrypoint) in started.started {
         routes.insert(handle.name().to_owned(), handle.clone());
         tasks.spawn(async move {
             let name = handle.name().to_owned();
@@ -451,22 +486,6 @@ async fn start_routes(
         routes.len(),
         config.masked_amqp_uri()
     );
-    let stopped = CancellationToken::new();
-    #[cfg(feature = "metrics")]
-    let metrics_address = match config.enable_metrics {
-        false => None,
-        true => Some(
-            crate::metrics::server::serve(
-                config,
-                route_infos,
-                env.metrics.clone(),
-                transport.clone(),
-                env.stopping.clone(),
-                stopped.clone(),
-            )
-            .await?,
-        ),
-    };
     let supervisor = tokio::spawn(supervise(
         tasks,
         env.clone(),
@@ -526,18 +545,13 @@ async fn set_up_dependencies(
     plans: &[RoutePlan],
     config: &Arc<Config>,
 ) -> Result<Vec<SharedDependency>> {
-    let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
-    let mut set_up: Vec<SharedDependency> = Vec::new();
+    let mut unique: Vec<SharedDependency> = Vec::new();
     for dependency in plans.iter().flat_map(|plan| &plan.route.dependencies) {
-        if !set_up.iter().any(|known| Arc::ptr_eq(known, dependency)) {
-            dependency.setup(&setup).await.map_err(|source| Error::Dependency {
-                name: dependency.name().to_owned(),
-                source,
-            })?;
-            set_up.push(dependency.clone());
+        if !unique.iter().any(|known| Arc::ptr_eq(known, dependency)) {
+            unique.push(dependency.clone());
         }
     }
-    Ok(set_up)
+    set_up_all(unique, config).await
 }
 
 /// Start the worker processes of the process-mode contexts.
@@ -561,7 +575,16 @@ async fn start_processes(
                 config.max_tasks_per_child,
                 worker_args.clone(),
             )
-            .await?;
+            .await;
+            let processes = match processes {
+                Ok(processes) => processes,
+                Err(error) => {
+                    for pool in &started {
+                        pool.shutdown().await;
+                    }
+                    return Err(error);
+                }
+            };
             pool.set_processes(processes.clone());
             started.push(processes);
         }
@@ -587,9 +610,7 @@ async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
         routes.insert(handle.name().to_owned(), handle);
     }
     let served = link.serve(routes).await;
-    for dependency in &set_up {
-        dependency.teardown().await;
-    }
+    tear_down(&set_up).await;
     served
 }
 
@@ -612,9 +633,7 @@ async fn supervise(
         env.stopping.cancel();
         first_error.get_or_insert(failure);
     }
-    for dependency in &dependencies {
-        dependency.teardown().await;
-    }
+    tear_down(&dependencies).await;
     #[cfg(feature = "process")]
     for pool in &processes {
         pool.shutdown().await;

@@ -5,11 +5,12 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::data::Message;
 use crate::data::{Outcome, TargetRole};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::handler::dependencies::{set_up_all, tear_down};
 use crate::pipeline::routes::Route;
 use crate::pipeline::spawners::WorkerPool;
 use crate::pipeline::{RouteHandle, ServiceEnv};
-use crate::transport::Transport;
+use crate::transport::{SharedTransport, Transport};
 
 /// Take (get and ack) every ready message of `queue`.
 pub async fn take_messages(transport: &dyn Transport, queue: &str) -> Result<Vec<Message>> {
@@ -46,28 +47,34 @@ pub async fn call_route(route: Route, config: Config, message: Message) -> Outco
             return Err(crate::Failure::new(crate::FailureKind::Error, error.to_string()))
         }
     };
-    let setup = crate::handler::dependencies::SetupContext {
-        service_name: config.service_name.clone(),
-        config: config.clone(),
-    };
-    for dependency in &route.dependencies {
-        if let Err(error) = dependency.setup(&setup).await {
-            return Err(crate::Failure::from_error(&error, dependency.name()));
+    let outcome = call_with_dependencies(route, &config, transport.clone(), message).await;
+    transport.close().await;
+    outcome
+}
+
+/// Set up the route's dependencies, make the call, and tear down what was set up.
+async fn call_with_dependencies(
+    route: Route,
+    config: &Arc<Config>,
+    transport: SharedTransport,
+    message: Message,
+) -> Outcome {
+    let dependencies = match set_up_all(route.dependencies.clone(), config).await {
+        Ok(dependencies) => dependencies,
+        Err(Error::Dependency { name, source }) => {
+            return Err(crate::Failure::from_error(&source, &name))
         }
-    }
-    let dependencies = route.dependencies.clone();
-    let pool = WorkerPool::new(config.max_workers, config.worker_mode, "default");
-    let env = match ServiceEnv::new(config.clone(), transport.clone()) {
-        Ok(env) => env,
         Err(error) => {
             return Err(crate::Failure::new(crate::FailureKind::Error, error.to_string()))
         }
     };
-    let handle = RouteHandle::new(route, pool, &env);
-    let outcome = handle.execute(TargetRole::Target, message, None).await;
-    for dependency in &dependencies {
-        dependency.teardown().await;
-    }
-    transport.close().await;
+    let pool = WorkerPool::new(config.max_workers, config.worker_mode, "default");
+    let outcome = match ServiceEnv::new(config.clone(), transport) {
+        Ok(env) => {
+            RouteHandle::new(route, pool, &env).execute(TargetRole::Target, message, None).await
+        }
+        Err(error) => Err(crate::Failure::new(crate::FailureKind::Error, error.to_string())),
+    };
+    tear_down(&dependencies).await;
     outcome
 }
