@@ -534,3 +534,28 @@ mod in_a_worker_process {
         assert!(events.dispatched().is_empty());
     }
 }
+
+/// Dispatches `forwarded` with the call's context headers.
+async fn forward(producer: Producer) -> micro_framework::Result<()> {
+    producer.dispatch("forwarded", &json!({})).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fake_producer_refuses_headers_a_broker_would_refuse() {
+    let events = FakeProducer::new();
+    let route = || Route::new(forward).dependency(events.clone());
+    let mut message = micro_framework::Message::json(&json!({})).unwrap();
+    // context data that came in (no frame limit on a direct call) and would go out with the
+    // event: more than RabbitMQ's default frame of 131,072 bytes
+    let token = HeaderValue::from("t".repeat(140_000).as_str());
+    message.properties.headers.insert("nameko.authorization".into(), token);
+    let outcome = micro_framework::testing::call_route(route(), test_config("fwd"), message).await;
+    let failure = outcome.unwrap_err();
+    assert!(failure.message.contains("frame_max"), "{failure:?}");
+    assert!(events.dispatched().is_empty(), "{:?}", events.dispatched());
+
+    let mut message = micro_framework::Message::json(&json!({})).unwrap();
+    message.properties.headers.insert("nameko.authorization".into(), "t".into());
+    micro_framework::testing::call_route(route(), test_config("fwd"), message).await.unwrap();
+    assert_eq!(events.dispatched_of("forwarded").len(), 1);
+}

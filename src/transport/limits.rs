@@ -111,6 +111,10 @@ fn finite(value: &HeaderValue) -> bool {
     }
 }
 
+/// RabbitMQ's default `frame_max`: the in-process broker and the testing toolkit's fakes
+/// refuse the same too-large headers, so that what works there works on RabbitMQ.
+pub(crate) const RABBITMQ_FRAME_MAX: usize = 131_072;
+
 /// Refuse, before the broker sees them, `properties` a broker cannot take: a content header
 /// that would not fit in a frame of `frame_max` bytes ([`check_header_size`]) or a float
 /// that is no number ([`check_header_values`]).

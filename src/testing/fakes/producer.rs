@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::handler::dependencies::Dependency;
 use crate::handler::WorkerContext;
 use crate::testing::fakes::refuse_in_worker_process;
+use crate::transport::limits::{check_headers, RABBITMQ_FRAME_MAX};
 
 /// An event a [`FakeProducer`] recorded.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,8 +31,9 @@ pub struct DispatchedEvent {
 }
 
 /// Replaces the [`Producer`] of the routes it is added to: their events are recorded instead
-/// of sent. Payloads are serialized and checked against `MAX_MESSAGE_SIZE` as the real
-/// producer does, so a payload that cannot be sent fails here too (and is not recorded).
+/// of sent. Payloads are serialized and checked against `MAX_MESSAGE_SIZE`, and headers
+/// against RabbitMQ's default frame size and for float values that are no number, as the real
+/// producer does, so an event that cannot be sent fails here too (and is not recorded).
 /// Clones share their records.
 ///
 /// ```
@@ -143,6 +145,7 @@ struct RecordingSink {
 #[async_trait]
 impl EventSink for RecordingSink {
     async fn send(&self, event: OutgoingEvent<'_>) -> Result<()> {
+        check_headers(&event.message.properties, RABBITMQ_FRAME_MAX)?;
         let payload = serde_json::from_slice(&event.message.body)?;
         let recorded = DispatchedEvent {
             source_service: self.source.clone(),

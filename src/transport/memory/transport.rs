@@ -14,11 +14,7 @@ use crate::transport::{
 
 use super::broker::MemoryBroker;
 use super::delayed::PLUGIN;
-use crate::transport::limits::check_headers;
-
-/// RabbitMQ's default `frame_max`: the in-process broker refuses the same too-large headers,
-/// so that what works here works there.
-const RABBITMQ_FRAME_MAX: usize = 131_072;
+use crate::transport::limits::{check_headers, RABBITMQ_FRAME_MAX};
 
 /// A connection to an in-process [`MemoryBroker`].
 ///
