@@ -181,3 +181,68 @@ async fn rust_calls_a_nameko_service() {
     assert!(stack[0].starts_with(&format!("{caller_name}.relay.")), "{stack:?}");
     assert!(stack[1].starts_with(&format!("{nameko}.echo.")), "{stack:?}");
 }
+
+/// Numbers as Python's `repr` writes them: floats whose shortest text a best-effort parser
+/// reads one unit in the last place off (the first three), edge floats, and the 64-bit
+/// integer limits.
+const NUMBERS_REPR: &str = "[994.1414234139935, 958.7872702291189, 105.00455722256841, 0.1, \
+    1e-300, 1.7976931348623157e+308, -0.0, 2.5e-05, 9223372036854775807, \
+    -9223372036854775808, 18446744073709551615]";
+
+fn numbers() -> Value {
+    json!([
+        994.141_423_413_993_5_f64,
+        958.787_270_229_118_9_f64,
+        105.004_557_222_568_41_f64,
+        0.1_f64,
+        1e-300_f64,
+        f64::MAX,
+        -0.0_f64,
+        2.5e-05_f64,
+        i64::MAX,
+        i64::MIN,
+        u64::MAX
+    ])
+}
+
+#[tokio::test]
+async fn numbers_from_nameko_come_back_from_a_rust_service_unchanged() {
+    let Some((uri, python)) = prerequisites(NAMEKO) else { return };
+    let config = config(&uri, "rs_numbers");
+    let service_name = config.service_name.clone();
+    let service = TestService::start(vec![Route::new(echo).entrypoint(RPCListener::new())], config)
+        .await
+        .unwrap();
+    let args = format!("[{NUMBERS_REPR}]");
+    let argv = [
+        "rpc-call",
+        "--service",
+        &service_name,
+        "--method",
+        "echo",
+        "--args",
+        &args,
+        "--result-repr",
+    ];
+    let lines = Peer::spawn(&python, NAMEKO, &uri, &argv).finish().await;
+    service.stop().await.unwrap();
+    delete_queue(&uri, &format!("rpc-{service_name}")).await;
+
+    let outcome = lines.last().cloned().unwrap_or(Value::Null);
+    assert_eq!(outcome["repr"], NUMBERS_REPR, "{outcome}");
+}
+
+#[tokio::test]
+async fn numbers_from_a_nameko_service_reach_a_rust_caller_unchanged() {
+    let Some((uri, python)) = prerequisites(NAMEKO) else { return };
+    let nameko = unique("nk_numbers");
+    let mut peer =
+        Peer::spawn(&python, NAMEKO, &uri, &["rpc-serve", "--service", &nameko, "--count", "1"]);
+    peer.expect("ready").await;
+    let client = Client::connect(&config(&uri, "rs_caller")).await.unwrap();
+    let echoed = client.call::<Value>(&nameko, "echo", [numbers()], ()).await;
+    peer.finish().await;
+    client.close().await;
+
+    assert_eq!(echoed, Ok(numbers()));
+}

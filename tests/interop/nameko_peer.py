@@ -340,6 +340,9 @@ def cmd_rpc_call(args, state):
         method = getattr(getattr(proxy, args.service), args.method)
         try:
             outcome = {"result": method(*call_args, **call_kwargs)}
+            if args.result_repr:
+                # Python's own text of the result: exact, unlike floats read back elsewhere
+                outcome["repr"] = repr(outcome["result"])
         except RemoteError as exc:
             outcome = {"error": {"exc_type": exc.exc_type, "value": exc.value}}
         except Exception as exc:  # MethodNotFound, UnknownService, RpcTimeout...
@@ -542,6 +545,7 @@ def build_parser():
     p.add_argument("--args", default="[]")
     p.add_argument("--kwargs", default="{}")
     p.add_argument("--call-id-stack", default="")
+    p.add_argument("--result-repr", action="store_true", help="also print repr(result)")
     p.set_defaults(func=cmd_rpc_call)
 
     p = sub.add_parser("serve", parents=[common])
