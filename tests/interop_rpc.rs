@@ -18,7 +18,7 @@ use micro_framework::amqp::entrypoints::RPCListener;
 use micro_framework::amqp::rpc::{Args, Client, RpcError};
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
-use micro_framework::CallContext;
+use micro_framework::{CallContext, HeaderValue, Headers};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -245,4 +245,44 @@ async fn numbers_from_a_nameko_service_reach_a_rust_caller_unchanged() {
     client.close().await;
 
     assert_eq!(echoed, Ok(numbers()));
+}
+
+#[tokio::test]
+async fn a_rust_client_sends_context_data_as_nameko_s_standalone_proxy_does() {
+    let Some((uri, python)) = prerequisites(NAMEKO) else { return };
+    let nameko = unique("nk_context");
+    let mut peer =
+        Peer::spawn(&python, NAMEKO, &uri, &["rpc-serve", "--service", &nameko, "--count", "2"]);
+    peer.expect("ready").await;
+    let data = Headers::from([
+        ("auth_token".to_owned(), HeaderValue::from("t0k3n")),
+        ("language".to_owned(), HeaderValue::from("fr")),
+        ("user_id".to_owned(), HeaderValue::Int(42)),
+        ("call_id_stack".to_owned(), HeaderValue::Array(vec!["gateway.handle.1".into()])),
+    ]);
+    let client = Client::connect(&config(&uri, "rs_caller")).await.unwrap().context_data(data);
+    let first = client.call::<Value>(&nameko, "echo", ["a"], ()).await;
+    let second = client.call::<Value>(&nameko, "echo", ["b"], ()).await;
+    let lines = peer.finish().await;
+    client.close().await;
+
+    assert_eq!((first, second), (Ok(json!("a")), Ok(json!("b"))));
+    let calls: Vec<&Value> = lines.iter().filter(|line| line.get("call").is_some()).collect();
+    assert_eq!(calls.len(), 2, "{lines:?}");
+    let expected = json!({"auth_token": "t0k3n", "language": "fr", "user_id": 42});
+    let stacks: Vec<Vec<String>> = calls
+        .iter()
+        .map(|call| {
+            assert_eq!(call["context_data"], expected, "{call}");
+            strings(&call["call_id_stack"])
+        })
+        .collect();
+    for stack in &stacks {
+        assert_eq!(stack.len(), 3, "{stack:?}");
+        assert_eq!(stack[0], "gateway.handle.1");
+        assert!(stack[1].starts_with("standalone_rpc_proxy.call."), "{stack:?}");
+        assert!(stack[2].starts_with(&format!("{nameko}.echo.")), "{stack:?}");
+    }
+    // one id for the client, as a Nameko proxy has one for its lifetime
+    assert_eq!(stacks[0][1], stacks[1][1]);
 }

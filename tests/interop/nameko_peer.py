@@ -269,6 +269,12 @@ def cmd_rpc_serve(args, state):
                 "args": list(a),
                 "kwargs": kw,
                 "call_id_stack": self.ctx.call_id_stack,
+                # the other context data (nameko.* headers, prefix stripped)
+                "context_data": {
+                    key: value
+                    for key, value in self.ctx.context_data.items()
+                    if key != "call_id_stack"
+                },
             }
         )
 

@@ -11,12 +11,14 @@ use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::STANDALONE_SERVICE;
 use crate::amqp::rpc::replies::ReplyListener;
 use crate::config::Config;
+use crate::data::CallContext;
 use crate::error::Result;
 use crate::transport::{Headers, SharedTransport};
 
 /// Calls RPC methods from outside any service, on its own connection, as service
 /// `standalone_rpc_proxy` (reply queue `rpc.reply-standalone_rpc_proxy-{uuid}`). Uses the
-/// config's broker, `RPC_EXCHANGE` and `RPC_TIMEOUT`; requests carry no context headers.
+/// config's broker, `RPC_EXCHANGE` and `RPC_TIMEOUT`; requests carry no context headers
+/// unless given [`Client::context_data`].
 ///
 /// ```no_run
 /// use micro_framework::amqp::rpc::Client;
@@ -33,6 +35,8 @@ use crate::transport::{Headers, SharedTransport};
 #[derive(Debug)]
 pub struct Client {
     caller: Arc<Caller>,
+    /// `PARENT_CALLS_TRACKED`: how many parents the call-id stack of context data keeps.
+    parent_calls_tracked: usize,
 }
 
 impl Client {
@@ -41,7 +45,35 @@ impl Client {
         let config = config.clone().with_service_name(STANDALONE_SERVICE.to_owned());
         let transport = crate::transport::connect(&config).await?;
         let listener = Arc::new(ReplyListener::new(STANDALONE_SERVICE));
-        Ok(Client { caller: Arc::new(Caller::new(transport, listener, &config, Headers::new())) })
+        let caller = Arc::new(Caller::new(transport, listener, &config, Headers::new()));
+        Ok(Client { caller, parent_calls_tracked: config.parent_calls_tracked })
+    }
+
+    /// Send `data` with every request as context, as Nameko's
+    /// `ClusterRpcProxy(config, context_data=data)` does: each key `k` (`auth_token`,
+    /// `language`, `user_id`, ...) as header `nameko.k`, which Python services read as their
+    /// context data. Like Nameko's proxy, the requests also carry a call-id stack: the
+    /// `call_id_stack` of `data` (the caller's parents, if any) then one id of this client's
+    /// own, `standalone_rpc_proxy.call.{uuid}`, the same for all its calls.
+    ///
+    /// ```no_run
+    /// use micro_framework::amqp::rpc::Client;
+    /// use micro_framework::{Config, HeaderValue, Headers};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let data = Headers::from([
+    ///     ("auth_token".to_owned(), HeaderValue::from("t0k3n")),
+    ///     ("language".to_owned(), HeaderValue::from("fr")),
+    /// ]);
+    /// let client = Client::connect(&Config::from_env()?).await?.context_data(data);
+    /// let greeting: String = client.call("greeter", "hello", ["Ada"], ()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn context_data(self, data: Headers) -> Client {
+        let call =
+            CallContext::for_call(&data, STANDALONE_SERVICE, "call", self.parent_calls_tracked);
+        let caller = Caller { headers: call.outgoing_headers(), ..Caller::clone(&self.caller) };
+        Client { caller: Arc::new(caller), ..self }
     }
 
     /// The methods of `service`.
