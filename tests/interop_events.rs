@@ -138,6 +138,55 @@ async fn nameko_events_reach_a_rust_listener_with_their_call_id_stack() {
 }
 
 #[tokio::test]
+async fn a_rust_listener_shares_the_queue_of_a_nameko_handler_without_reliable_delivery() {
+    let Some((uri, python)) = prerequisites(NAMEKO) else { return };
+    let source = unique("nk_src");
+    let probe = Probe::new();
+    let config = config(&uri, "rs_unreliable");
+    let service_name = config.service_name.clone();
+    // the Python instance of the same service declares the handler's queue first, auto-delete
+    let argv = ["listen", "--service", &service_name, "--source", &source, "--event", "paid"];
+    let mut nameko = Peer::spawn(
+        &python,
+        NAMEKO,
+        &uri,
+        &[&argv[..], &["--unreliable", "--keep-queue"]].concat(),
+    );
+    nameko.expect("ready").await;
+    let routes = vec![Route::new(record_call)
+        .name("handle")
+        .entrypoint(EventListener::new(source.clone(), "paid").reliable_delivery(false))
+        .dependency(Shared(probe.clone()))];
+    let started = TestService::start(routes, config).await;
+
+    let queues = [format!("evt-{source}-paid--{service_name}.handle")];
+    let exchanges = [format!("{source}.events")];
+    let service = match started {
+        Ok(service) => service,
+        Err(error) => {
+            drop(nameko);
+            clean_up(&uri, &queues, &exchanges).await;
+            panic!("the Rust instance could not join the Nameko handler's queue: {error}");
+        }
+    };
+    // four events, round-robin over the two instances' consumers: each takes some
+    let payload = json!({"order": 1});
+    let dispatch = ["dispatch", "--service", &source, "--event", "paid", "--count", "4"];
+    let payload_text = payload.to_string();
+    Peer::spawn(&python, NAMEKO, &uri, &[&dispatch[..], &["--payload", &payload_text]].concat())
+        .finish()
+        .await;
+    let heard = nameko.finish().await;
+    let waited = service.wait_for_route("handle", 1).await;
+    service.stop().await.unwrap();
+    clean_up(&uri, &queues, &exchanges).await;
+    waited.unwrap();
+
+    assert!(heard.iter().any(|line| line["payload"] == payload), "{heard:?}");
+    assert!(probe.seen.lock().unwrap().iter().all(|call| call["payload"] == payload));
+}
+
+#[tokio::test]
 async fn a_rust_producer_reaches_a_nameko_listener_with_the_call_id_stack() {
     let Some((uri, python)) = prerequisites(NAMEKO) else { return };
     let trigger = unique("trigger");

@@ -217,7 +217,9 @@ def cmd_listen(args, state):
         {
             "name": args.service,
             "ctx": WorkerCtx(),
-            "handle": event_handler(args.source, args.event)(handle),
+            "handle": event_handler(
+                args.source, args.event, reliable_delivery=not args.unreliable
+            )(handle),
         },
     )
     queue = "evt-{}-{}--{}.handle".format(args.source, args.event, args.service)
@@ -537,6 +539,9 @@ def build_parser():
     p.add_argument("--event", required=True)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--keep-queue", action="store_true")
+    p.add_argument(
+        "--unreliable", action="store_true", help="reliable_delivery=False (auto-delete queue)"
+    )
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("rpc-serve", parents=[common])

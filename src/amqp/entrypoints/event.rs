@@ -17,7 +17,7 @@ use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::settle::declare_retry_topology;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
-use crate::transport::BindingSpec;
+use crate::transport::{BindingSpec, QueueSpec};
 
 type PayloadFilter = Arc<dyn Fn(&Value) -> bool + Send + Sync>;
 
@@ -43,6 +43,7 @@ pub struct EventListener {
     source_service: String,
     event_name: String,
     handler_type: HandlerType,
+    reliable_delivery: bool,
     filter: Option<PayloadFilter>,
     queue: Option<String>,
     /// Whether the queue set up is a quorum queue.
@@ -56,6 +57,7 @@ impl EventListener {
             source_service: source_service.into(),
             event_name: event_name.into(),
             handler_type: HandlerType::default(),
+            reliable_delivery: true,
             filter: None,
             queue: None,
             quorum: false,
@@ -65,6 +67,24 @@ impl EventListener {
     /// How instances share the events (default: service pool).
     pub fn handler_type(mut self, handler_type: HandlerType) -> Self {
         self.handler_type = handler_type;
+        self
+    }
+
+    /// With `false`, the queue goes when its last consumer leaves, and events dispatched
+    /// while no instance listens are lost: the queue is declared as Nameko declares that of
+    /// `@event_handler(..., reliable_delivery=False)` (auto-delete; a broadcast handler's
+    /// exclusive too), so a Rust instance can share the queue of a Python handler declared
+    /// so, which RabbitMQ refuses for a queue of other flags (`PRECONDITION_FAILED`). Such a
+    /// queue is a classic queue whatever `QUEUE_TYPE` (quorum queues cannot auto-delete).
+    /// Default `true`: a durable queue that keeps events until an instance takes them.
+    ///
+    /// ```
+    /// use micro_framework::amqp::entrypoints::EventListener;
+    ///
+    /// let listener = EventListener::new("shop", "order_paid").reliable_delivery(false);
+    /// ```
+    pub fn reliable_delivery(mut self, reliable: bool) -> Self {
+        self.reliable_delivery = reliable;
         self
     }
 
@@ -82,6 +102,7 @@ impl std::fmt::Debug for EventListener {
             .field("source_service", &self.source_service)
             .field("event_name", &self.event_name)
             .field("handler_type", &self.handler_type)
+            .field("reliable_delivery", &self.reliable_delivery)
             .field("filtered", &self.filter.is_some())
             .finish()
     }
@@ -101,13 +122,13 @@ impl Entrypoint for EventListener {
         let config = route.config();
         let transport = route.transport();
         let exchange = event_exchange(config, &self.source_service);
-        let queue = event_queue(
+        let queue = self.unreliable(event_queue(
             config,
             &self.handler_type,
             &self.source_service,
             &self.event_name,
             route.name(),
-        );
+        ));
         transport.declare_exchange(&exchange).await?;
         transport.declare_queue(&queue).await?;
         transport
@@ -151,6 +172,22 @@ impl Entrypoint for EventListener {
 }
 
 impl EventListener {
+    /// `queue` with Nameko's flags for a handler without reliable delivery: auto-delete, and
+    /// exclusive for a broadcast handler; as declared otherwise when delivery is reliable.
+    fn unreliable(&self, queue: QueueSpec) -> QueueSpec {
+        if self.reliable_delivery {
+            return queue;
+        }
+        let mut arguments = queue.arguments;
+        arguments.remove("x-queue-type");
+        QueueSpec {
+            auto_delete: true,
+            exclusive: queue.exclusive || matches!(self.handler_type, HandlerType::Broadcast(_)),
+            arguments,
+            ..queue
+        }
+    }
+
     /// Whether the route handles a message: its payload passes the filter, or cannot be
     /// decoded (bad input, not skipped).
     fn accept(&self) -> Accept {
@@ -179,4 +216,35 @@ pub(crate) fn event_delivery<T: Serialize + ?Sized>(
     message.exchange = event_exchange(config, source_service).name;
     message.routing_key = event_name.to_owned();
     Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueType;
+
+    #[test]
+    fn without_reliable_delivery_queues_are_declared_as_nameko_declares_them() {
+        let config = Config::new("orders").with_queue_type(QueueType::Quorum);
+        let queue = |listener: &EventListener| {
+            let queue = event_queue(&config, &listener.handler_type, "shop", "paid", "m");
+            listener.unreliable(queue)
+        };
+        let pool = EventListener::new("shop", "paid");
+        let reliable = queue(&pool);
+        assert!(reliable.durable && !reliable.auto_delete && !reliable.exclusive);
+        assert!(is_quorum(&reliable));
+
+        let unreliable = queue(&pool.reliable_delivery(false));
+        assert_eq!(unreliable.name, "evt-shop-paid--orders.m");
+        assert!(unreliable.durable && unreliable.auto_delete && !unreliable.exclusive);
+        assert!(unreliable.arguments.is_empty(), "quorum queues cannot auto-delete");
+
+        let broadcast = EventListener::new("shop", "paid")
+            .handler_type(HandlerType::Broadcast(Some("b1".into())))
+            .reliable_delivery(false);
+        let broadcast = queue(&broadcast);
+        assert_eq!(broadcast.name, "evt-shop-paid--orders.m-b1");
+        assert!(broadcast.auto_delete && broadcast.exclusive);
+    }
 }
