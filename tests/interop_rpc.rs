@@ -286,3 +286,26 @@ async fn a_rust_client_sends_context_data_as_nameko_s_standalone_proxy_does() {
     // one id for the client, as a Nameko proxy has one for its lifetime
     assert_eq!(stacks[0][1], stacks[1][1]);
 }
+
+#[tokio::test]
+async fn a_missing_service_behind_a_nameko_service_is_a_remote_error_not_unknown_service() {
+    let Some((uri, python)) = prerequisites(NAMEKO) else { return };
+    let nameko = unique("nk_nested");
+    let mut peer =
+        Peer::spawn(&python, NAMEKO, &uri, &["rpc-serve", "--service", &nameko, "--count", "1"]);
+    peer.expect("ready").await;
+    let client = Client::connect(&config(&uri, "rs_caller")).await.unwrap();
+    let failed = client.call::<Value>(&nameko, "call_missing", ["ghost"], ()).await;
+    peer.finish().await;
+    client.close().await;
+
+    // the service called exists: its own call failed, as a Nameko caller is told too
+    match failed {
+        Err(RpcError::RemoteError { exc_type, value, exc_path, .. }) => {
+            assert_eq!(exc_type, "UnknownService");
+            assert_eq!(value, "Unknown service `ghost`");
+            assert_eq!(exc_path, "nameko.exceptions.UnknownService");
+        }
+        other => panic!("expected a RemoteError, got {other:?}"),
+    }
+}

@@ -292,6 +292,13 @@ def cmd_rpc_serve(args, state):
         record(self, "fail")
         raise ValueError("boom")
 
+    def call_missing(self, service):
+        record(self, "call_missing", service)
+        # what a nested call of a service that is not running raises in a Nameko worker
+        from nameko.exceptions import UnknownService
+
+        raise UnknownService(service)
+
     service_cls = type(
         "RpcService",
         (object,),
@@ -301,6 +308,7 @@ def cmd_rpc_serve(args, state):
             "echo": rpc(echo),
             "add": rpc(add),
             "fail": rpc(fail),
+            "call_missing": rpc(call_missing),
         },
     )
     container = ServiceContainer(service_cls, nameko_config(args.uri))

@@ -85,12 +85,15 @@ impl RpcError {
 }
 
 impl From<RemoteException> for RpcError {
+    /// The three errors Nameko callers rebuild as such, as Nameko registers them; any other
+    /// is a `RemoteError`. An `UnknownService` in a reply is not ours: the service called
+    /// exists (it replied), a call of its own found no service, and Nameko callers are told
+    /// so with a `RemoteError` too.
     fn from(error: RemoteException) -> Self {
         match error.nameko_type() {
             Some("MethodNotFound") => RpcError::MethodNotFound(error.value),
             Some("IncorrectSignature") => RpcError::IncorrectSignature(error.value),
             Some("MalformedRequest") => RpcError::MalformedRequest(error.value),
-            Some("UnknownService") => RpcError::UnknownService(error.value),
             _ => RpcError::RemoteError {
                 exc_type: error.exc_type,
                 value: error.value,
