@@ -289,3 +289,82 @@ async fn the_status_page_shows_routes_counts_and_escaped_failures_when_asked() {
         }
     }
 }
+
+/// A TCP proxy to RabbitMQ that can be cut: its connections dropped, new ones refused.
+struct Proxy {
+    port: u16,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(broker: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tasks = std::sync::Arc::<std::sync::Mutex<Vec<_>>>::default();
+        let pipes = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let broker = broker.clone();
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut upstream) = tokio::net::TcpStream::connect(broker).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+                pipes.lock().unwrap().push(pipe);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Proxy { port, tasks }
+    }
+
+    fn cut(&self) {
+        self.tasks.lock().unwrap().drain(..).for_each(|task| task.abort());
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// While the broker is away, the status page answers at once and says so: it does not wait
+/// for a reconnect to count the dead letters (the publish timeout, 30 s, per route).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_answers_at_once_while_the_broker_is_away() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let url = url::Url::parse(&uri).unwrap();
+    let broker = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
+    let proxy = Proxy::start(broker).await;
+    let mut through_proxy = url.clone();
+    through_proxy.set_port(Some(proxy.port)).unwrap();
+    let shop = unique("shop");
+    let service = status_service(through_proxy.as_str(), &shop, false).await;
+    let address = service.service().metrics_address().unwrap();
+    let get =
+        move |path: &'static str| tokio::task::spawn_blocking(move || http_get(address, path));
+    let (_, json) = get("/status.json").await.unwrap();
+    let status: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(status["routes"][0]["dead_letters_waiting"], 0, "{status}");
+
+    proxy.cut();
+    common::wait_until_async(|| async { get("/health/ready").await.unwrap().0 == 503 }).await;
+    for path in ["/status.json", "/"] {
+        let started = std::time::Instant::now();
+        let (code, body) = get(path).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(code, 200, "{path}: {body}");
+        assert!(took < Duration::from_secs(5), "{path} took {took:?} while disconnected");
+        if path == "/" {
+            assert!(body.contains("id=\"broker\">not connected</b>"), "{body}");
+        } else {
+            let status: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(status["broker"]["connected"], false, "{status}");
+            assert_eq!(status["routes"][0]["dead_letters_waiting"], Value::Null, "{status}");
+        }
+    }
+    // the route ends with the broker unreachable: the stop reports it
+    let stopped = tokio::time::timeout(Duration::from_secs(60), service.stop()).await;
+    assert!(stopped.is_ok(), "stops while disconnected");
+    common::cleanup(&uri, &[shop]).await;
+}

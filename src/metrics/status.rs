@@ -20,6 +20,8 @@ pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 const SAMPLES: usize = 90;
 /// The window of the duration percentiles.
 const PERCENTILE_WINDOW: Duration = Duration::from_secs(300);
+/// How long the status waits for the broker to count the dead letters waiting.
+const DEAD_LETTERS_LOOKUP: Duration = Duration::from_secs(2);
 /// Recent failures kept, when they are shown at all.
 const RECENT_FAILURES: usize = 20;
 
@@ -102,7 +104,8 @@ pub struct RouteStatus {
     pub entrypoint: String,
     /// The queue it consumes, if any.
     pub queue: Option<String>,
-    /// Messages waiting in `{queue}.dlq`, when the broker could say.
+    /// Messages waiting in `{queue}.dlq`, when the broker could say at once (none while
+    /// disconnected).
     pub dead_letters_waiting: Option<u32>,
     /// Calls started.
     pub calls: u64,
@@ -230,6 +233,22 @@ impl StatusSource {
             .collect()
     }
 
+    /// Messages waiting in each route's dead-letter queue, in the order of the routes, as far
+    /// as the broker answers within [`DEAD_LETTERS_LOOKUP`]. Not asked while disconnected: a
+    /// broker operation waits for the reconnect (up to the publish timeout, 30 s), and the
+    /// page would hang while the broker is away, when it is needed most, holding a connection
+    /// slot of the metrics server meanwhile.
+    async fn dead_letters_waiting(&self) -> Vec<Option<u32>> {
+        let connected = self.transport.is_connected();
+        let lookups = self.routes.iter().map(|route| async move {
+            let queue = format!("{}.dlq", route.queue.as_deref().filter(|_| connected)?);
+            let lookup =
+                tokio::time::timeout(DEAD_LETTERS_LOOKUP, self.transport.queue_info(&queue));
+            lookup.await.ok()?.ok().map(|info| info.message_count)
+        });
+        futures::future::join_all(lookups).await
+    }
+
     /// The status now.
     pub(crate) async fn status(&self, show_failures: bool) -> Status {
         let now = SystemTime::now();
@@ -243,8 +262,9 @@ impl StatusSource {
             .find(|(at, _)| now.duration_since(*at).unwrap_or_default() >= PERCENTILE_WINDOW)
             .map(|(_, counters)| counters);
         let metrics = &self.metrics;
+        let dead_letters = self.dead_letters_waiting().await;
         let mut routes = Vec::new();
-        for route in &self.routes {
+        for (route, dead_letters_waiting) in self.routes.iter().zip(dead_letters) {
             let key = (route.context.clone(), route.name.clone());
             let labels = [route.context.as_str(), route.metric_label.as_str()];
             let now_counters = current.get(&key).cloned().unwrap_or_default();
@@ -255,15 +275,6 @@ impl StatusSource {
                 .map(|(_, counters)| counters.get(&key).cloned().unwrap_or_default())
                 .chain(std::iter::once(now_counters.clone()))
                 .collect::<Vec<_>>();
-            let dead_letters_waiting = match &route.queue {
-                Some(queue) => self
-                    .transport
-                    .queue_info(&format!("{queue}.dlq"))
-                    .await
-                    .ok()
-                    .map(|info| info.message_count),
-                None => None,
-            };
             routes.push(RouteStatus {
                 name: route.name.clone(),
                 context: route.context.clone(),
