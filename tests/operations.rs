@@ -368,3 +368,39 @@ async fn the_status_page_answers_at_once_while_the_broker_is_away() {
     assert!(stopped.is_ok(), "stops while disconnected");
     common::cleanup(&uri, &[shop]).await;
 }
+
+#[cfg(feature = "http")]
+async fn sleepy() -> &'static str {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    "slept"
+}
+
+/// An HTTP client that hangs up before its answer ends its call (hyper drops the handler):
+/// the call no longer counts as running, and its worker slot as busy.
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn a_call_whose_http_client_hung_up_is_no_longer_counted_as_running() {
+    use tokio::io::AsyncWriteExt;
+    let uri = format!("memory://{}", unique("hangup"));
+    let config = config(&uri, "hangup").with_web_server_address("127.0.0.1:0".into());
+    let routes =
+        vec![Route::new(sleepy).entrypoint(micro_framework::http::HttpEntrypoint::get("/sleepy"))];
+    let service = Runner::new(routes, config).spawn().await.unwrap();
+    let address = service.web_address().unwrap();
+    let running = r#"tasks_number{context="default",route="sleepy"}"#;
+    for started in 1..=3 {
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        client.write_all(b"GET /sleepy HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let metrics = service.metrics().clone();
+        let total = r#"tasks_number_total{context="default",route="sleepy"}"#;
+        let call = || line_value(&metrics.render(), total) == Some(f64::from(started));
+        common::wait_until(call, "a call").await;
+        drop(client);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let text = service.metrics().render();
+    assert_eq!(line_value(&text, running), Some(0.0), "{text}");
+    let free = line_value(&text, r#"available_workers{context="default"}"#);
+    assert_eq!(free, Some(3.0), "{text}");
+    service.stop().await.unwrap();
+}

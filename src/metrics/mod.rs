@@ -228,6 +228,11 @@ impl Metrics {
         }
     }
 
+    /// A call of the route was dropped before its end (its outcome and duration unknown).
+    pub(crate) fn call_dropped(&self, series: &RouteSeries) {
+        series.running.dec();
+    }
+
     /// Free slots of a route's context changed.
     pub(crate) fn available(&self, series: &RouteSeries, available: usize) {
         series.available.set(gauge(available));

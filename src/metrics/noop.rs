@@ -46,6 +46,9 @@ impl Metrics {
     }
 
     /// Does nothing.
+    pub(crate) fn call_dropped(&self, _series: &RouteSeries) {}
+
+    /// Does nothing.
     pub(crate) fn available(&self, _series: &RouteSeries, _available: usize) {}
 
     /// Does nothing.

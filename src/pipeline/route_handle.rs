@@ -254,11 +254,11 @@ impl RouteHandle {
         metrics.received(series);
         metrics.call_started(series, self.inner.pool.available());
         let started = tokio::time::Instant::now();
+        let mut running = RunningCall { route: self, series, permit: Some(permit), ended: None };
         let handled = self.handle_in_slot(message).await;
         let failed = !matches!(handled, Handled::Succeeded(_));
-        drop(permit);
-        metrics.call_finished(series, labels, started.elapsed(), failed);
-        metrics.available(series, self.inner.pool.available());
+        running.ended = Some((started.elapsed(), failed));
+        drop(running);
         self.inner.calls.finished(message, &handled);
         handled
     }
@@ -486,6 +486,34 @@ impl RouteHandle {
             }
         }
         outcome
+    }
+}
+
+/// A call counted as running, with its worker slot. Its end is recorded when it is dropped,
+/// also when the call's future is dropped before its end (hyper drops an HTTP route's handler
+/// when the client hangs up): the call would count as running for ever, and the slot it freed
+/// as busy.
+struct RunningCall<'a> {
+    route: &'a RouteHandle,
+    series: &'a RouteSeries,
+    permit: Option<WorkerPermit>,
+    /// How long it took and whether it failed, once it has ended.
+    ended: Option<(std::time::Duration, bool)>,
+}
+
+impl Drop for RunningCall<'_> {
+    fn drop(&mut self) {
+        // the slot first: the free slots recorded below count it
+        drop(self.permit.take());
+        let (route, series) = (&self.route.inner, self.series);
+        match self.ended {
+            Some((elapsed, failed)) => {
+                let labels = (route.pool.context(), self.route.metric_label());
+                route.metrics.call_finished(series, labels, elapsed, failed);
+            }
+            None => route.metrics.call_dropped(series),
+        }
+        route.metrics.available(series, route.pool.available());
     }
 }
 
