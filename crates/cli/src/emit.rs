@@ -1,10 +1,14 @@
-//! `emit`: dispatch an event as another service would (Nameko's `dispatch_event`).
+//! `emit`: dispatch an event as another service would (Nameko's `dispatch_event`), and fail
+//! when no queue receives it.
 
 use std::process::ExitCode;
 
+use bytes::Bytes;
 use clap::Args;
-use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::naming::event_exchange;
+use micro_framework::data::json_properties;
+use micro_framework::transport::limits::check_size;
+use micro_framework::transport::{OutgoingMessage, PublishOptions, TransportError};
 use serde_json::Value;
 
 use crate::broker;
@@ -31,7 +35,10 @@ pub fn parse_json(what: &str, text: &str) -> Result<Value, CliError> {
         .map_err(|error| CliError::usage(format!("{what} is not valid JSON: {error}")))
 }
 
-/// Dispatch the event; prints where it went.
+/// Dispatch the event; prints where it went. Unlike a service's `Producer`, the exchange is
+/// not declared and the publish is mandatory: an operator's event that no queue receives (a
+/// source or event name mistyped, no listener running) is an error, not a success that left
+/// a new exchange on the broker.
 pub async fn run(uri: &str, args: EmitArgs) -> Result<ExitCode, CliError> {
     let text = if args.payload == "-" {
         std::io::read_to_string(std::io::stdin())
@@ -41,13 +48,29 @@ pub async fn run(uri: &str, args: EmitArgs) -> Result<ExitCode, CliError> {
     };
     let payload = parse_json("the payload", &text)?;
     let config = broker::config(uri, Some(&args.source))?;
-    names::check("the exchange", &event_exchange(&config, &args.source).name)?;
+    let exchange = event_exchange(&config, &args.source).name;
+    names::check("the exchange", &exchange)?;
     names::check("the event name (routing key)", &args.event)?;
+    let body = Bytes::from(serde_json::to_vec(&payload)?);
+    check_size(format_args!("event {}", args.event), body.len(), config.max_message_size)
+        .map_err(|error| CliError::usage(error.to_string()))?;
+    let message = OutgoingMessage { body, properties: json_properties() };
     let transport = broker::connect(&config).await?;
-    let producer = Producer::new(transport.clone(), &config);
-    let dispatched = producer.dispatch(&args.event, &payload).await;
+    let options = PublishOptions { mandatory: true };
+    let published = transport.publish(&exchange, &args.event, message, options).await;
     transport.close().await;
-    dispatched.map_err(|error| CliError::failure(format!("cannot dispatch the event: {error}")))?;
-    println!("dispatched {} to exchange {} (confirmed)", args.event, producer.exchange());
+    let event = &args.event;
+    published.map_err(|error| match error {
+        TransportError::NotFound(_) => CliError::failure(format!(
+            "exchange {exchange} does not exist: no service listens to the events of {} \
+             (nothing dispatched)",
+            args.source
+        )),
+        TransportError::Unroutable { .. } => CliError::failure(format!(
+            "no queue is bound to exchange {exchange} for {event}: no service received the event"
+        )),
+        other => CliError::failure(format!("cannot dispatch the event: {other}")),
+    })?;
+    println!("dispatched {event} to exchange {exchange} (confirmed)");
     Ok(ExitCode::SUCCESS)
 }

@@ -63,7 +63,8 @@ pub struct BrokerArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Dispatch an event as service SOURCE would (Nameko's `dispatch_event`).
+    /// Dispatch an event as service SOURCE would (Nameko's `dispatch_event`); an event no
+    /// queue receives is an error.
     #[command(after_help = "\
 Examples:
   micro-framework emit orders order_paid '{\"id\": 1, \"total\": 9.5}'

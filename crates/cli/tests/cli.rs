@@ -130,6 +130,37 @@ async fn emit_body(uri: String, source: String, service: String) {
     running.stop().await.unwrap();
 }
 
+/// An event no queue receives is an error (exit 1), and emitting to a source that has no
+/// exchange leaves none behind: a mistyped source or event name is seen, not reported as
+/// dispatched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_fails_when_no_queue_receives_the_event() {
+    let Some(uri) = rabbitmq() else { return };
+    let (source, service) = (unique("cli_nobody"), unique("cli_listener"));
+    let queue = format!("evt-{source}-paid--{service}.record");
+    let (queues, exchanges) =
+        (vec![format!("{queue}.dlq"), queue], vec![format!("{source}.events")]);
+    cleaned(&uri, queues, exchanges, nobody_body(uri.clone(), source, service)).await;
+}
+
+async fn nobody_body(uri: String, source: String, service: String) {
+    for _ in 0..2 {
+        // the second run finds no exchange either: the first did not declare it
+        let run = cli(Some(&uri), &["emit", &source, "paid", "{}"]).await;
+        run.one_error_line(1, &format!("exchange {source}.events does not exist"));
+    }
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new(&source, "paid"))
+        .dependency(Shared(seen.clone()))];
+    let running = TestService::start(routes, config(&uri, &service)).await.unwrap();
+    let run = cli(Some(&uri), &["emit", &source, "refunded", "{}"]).await;
+    run.one_error_line(1, "no queue is bound");
+    cli(Some(&uri), &["emit", &source, "paid", "{}"]).await.ok();
+    wait_until(|| seen.lock().unwrap().len() == 1, "the event").await;
+    running.stop().await.unwrap();
+}
+
 #[derive(Deserialize)]
 struct Add {
     a: i64,
