@@ -5,16 +5,22 @@ use std::fmt::Write;
 
 use micro_framework::logging::{bounded, escape_wire_text};
 
-/// Render `rows` under `header`, columns separated by two spaces, no trailing spaces.
+/// Render `rows` under `header`, columns separated by two spaces, no trailing spaces. The
+/// cells are escaped (a name a service declares can hold anything: it may come from its
+/// configuration), so that none can forge a row or drive the terminal.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape_wire_text(cell).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|cell| cell.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let header: Vec<String> = header.iter().map(|cell| (*cell).to_owned()).collect();
-    std::iter::once(&header).chain(rows).map(|row| line(row, &widths)).collect()
+    std::iter::once(&header).chain(&rows).map(|row| line(row, &widths)).collect()
 }
 
 /// One line of a table: each cell padded to its column's width (a longer cell pushes the
@@ -55,5 +61,7 @@ mod tests {
     fn cells_cannot_forge_rows_or_drive_the_terminal() {
         let hostile = "boom\u{1b}[2J\r\n7  forged\u{85}\u{202e}row";
         assert_eq!(cell(hostile, 100), "boom\\u{1b}[2J 7 forged \\u{202e}row");
+        let rows = vec![vec!["q\u{1b}[2J\n7  forged".to_owned()]];
+        assert_eq!(render(&["NAME"], &rows), "NAME\nq\\u{1b}[2J\\n7  forged\n");
     }
 }

@@ -5,6 +5,7 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use clap::Args;
+use micro_framework::logging::escape_wire_text;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -138,7 +139,7 @@ fn render(topology: &Topology) -> String {
         .collect();
     format!(
         "service {}\n\nexchanges ({})\n{}\nqueues ({})\n{}\nbindings ({})\n{}",
-        topology.service,
+        escape_wire_text(&topology.service),
         exchanges.len(),
         table::render(&["NAME", "KIND", "DURABLE", "AUTO_DELETE"], &exchanges),
         queues.len(),
