@@ -57,8 +57,16 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
     if let Some(timeout) = timeout {
         proxy = proxy.timeout(timeout);
     }
-    let outcome = proxy.call::<Value>(method, positional, keywords).await;
+    // Ctrl-C while waiting: close the client all the same, as it deletes the reply queue
+    // (which `x-expires` would keep for minutes, or hours under the micro-framework protocol)
+    let outcome = tokio::select! {
+        outcome = proxy.call::<Value>(method, positional, keywords) => Some(outcome),
+        _ = tokio::signal::ctrl_c() => None,
+    };
     client.close().await;
+    let Some(outcome) = outcome else {
+        return Err(CliError::interrupted(format!("no reply from {} yet", args.target)));
+    };
     match outcome {
         Ok(result) => {
             println!("{}", json::pretty(&result, 0)?);

@@ -9,7 +9,7 @@ use micro_framework::logging::escape_wire_text;
 #[derive(Debug)]
 pub struct CliError {
     message: String,
-    /// The process exit code: 2 for bad input, 1 for anything else.
+    /// The process exit code: 2 for bad input, 130 when interrupted, 1 for anything else.
     pub code: u8,
 }
 
@@ -17,6 +17,11 @@ impl CliError {
     /// Bad input from the operator (malformed JSON, an unknown format, ...): exit code 2.
     pub fn usage(message: impl Into<String>) -> Self {
         CliError { message: mask_secrets(&message.into()), code: 2 }
+    }
+
+    /// Interrupted by Ctrl-C (SIGINT): exit code 130, as a shell reports a command it ended.
+    pub fn interrupted(message: impl Into<String>) -> Self {
+        CliError { message: format!("interrupted: {}", mask_secrets(&message.into())), code: 130 }
     }
 
     /// Anything else (broker down, missing queue, unknown service, ...): exit code 1.

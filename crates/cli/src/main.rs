@@ -3,7 +3,8 @@
 //! letters, show a service's topology and effective configuration.
 //!
 //! Every failure is one `error: ...` line on stderr and a non-zero exit code (2 for bad
-//! input, 1 otherwise); credentials are masked everywhere.
+//! input, 130 for a call interrupted by Ctrl-C, 1 otherwise); credentials are masked
+//! everywhere.
 
 mod broker;
 mod call;

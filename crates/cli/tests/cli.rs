@@ -227,6 +227,76 @@ async fn call_body(uri: String, math: String) {
     running.stop().await.unwrap();
 }
 
+async fn slower() -> &'static str {
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    "later"
+}
+
+/// The reply queues bound to `exchange` on the local broker; `None` without `rabbitmqctl`.
+fn reply_queues(exchange: &str) -> Option<Vec<String>> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["list_bindings", "-q", "--no-table-headers", "source_name", "destination_name"])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())?;
+    let bindings = String::from_utf8_lossy(&output.stdout);
+    let bound = bindings.lines().filter_map(|line| line.split_once('\t'));
+    let replies =
+        bound.filter(|(source, queue)| *source == exchange && queue.starts_with("rpc.reply-"));
+    Some(replies.map(|(_, queue)| queue.trim().to_owned()).collect())
+}
+
+/// A call interrupted (Ctrl-C) while it waits for its reply deletes its reply queue (which
+/// would stay for `x-expires`: 5 minutes, 12 hours under the micro-framework protocol) and
+/// exits with 130, as a shell reports SIGINT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_call_leaves_no_reply_queue() {
+    let Some(uri) = rabbitmq() else { return };
+    let (math, exchange) = (unique("cli_interrupted"), unique("cli_rpc"));
+    let body = interrupted_body(uri.clone(), math.clone(), exchange.clone());
+    cleaned(&uri, vec![format!("rpc-{math}")], vec![exchange], body).await;
+}
+
+async fn interrupted_body(uri: String, math: String, exchange: String) {
+    let routes = vec![Route::new(slower).entrypoint(RPCListener::new())];
+    let service = config(&uri, &math).with_rpc_exchange(exchange.clone());
+    let running = TestService::start(routes, service).await.unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--uri", &uri, "call", &format!("{math}.slower")])
+        .env("RPC_EXCHANGE", &exchange)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut waited = 0;
+    loop {
+        match reply_queues(&exchange) {
+            None => {
+                eprintln!("SKIPPED: rabbitmqctl cannot list the queues");
+                let _ = child.kill().await;
+                return running.stop().await.unwrap();
+            }
+            Some(queues) if !queues.is_empty() => break,
+            Some(_) => {
+                waited += 1;
+                assert!(waited < 20, "the call never declared its reply queue");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the call ends at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.starts_with("error: interrupted") && stderr.lines().count() == 1, "{stderr}");
+    assert_eq!(reply_queues(&exchange), Some(vec![]), "the reply queue is deleted");
+    running.stop().await.unwrap();
+}
+
 /// Always fails, naming the event.
 fn always_fails(Payload(event): Payload<Value>) -> Result<(), String> {
     Err(format!("boom {}", event["id"]))
