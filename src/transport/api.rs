@@ -432,7 +432,9 @@ impl Delivery {
 /// [`Consumer::cancel`] stops new deliveries (`basic.cancel`); deliveries already received
 /// are still yielded, and stay valid until settled.
 pub struct Consumer {
-    deliveries: BoxStream<'static, Delivery>,
+    /// Fused: read again once ended (a consume loop waiting to consume anew, a drain at
+    /// stop), it stays ended, where some streams (a transport's `unfold`) would panic.
+    deliveries: futures::stream::Fuse<BoxStream<'static, Delivery>>,
     canceller: Option<Box<dyn FnOnce() + Send>>,
     tag: String,
 }
@@ -458,7 +460,7 @@ impl Consumer {
         canceller: impl FnOnce() + Send + 'static,
     ) -> Self {
         Consumer {
-            deliveries: deliveries.boxed(),
+            deliveries: deliveries.boxed().fuse(),
             canceller: Some(Box::new(canceller)),
             tag: tag.into(),
         }

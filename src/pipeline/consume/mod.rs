@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::settle;
 use crate::pipeline::RouteHandle;
-use crate::transport::{ConsumeOptions, Delivery, SharedTransport};
+use crate::transport::{ConsumeOptions, Consumer, Delivery, SharedTransport};
 use backoff_queue::BackoffQueue;
 use crash_guard::HEADER_REDELIVERIES;
 use crash_guard::{check_crash_loop, count_redelivery, crash_pause, Checked, Guarded};
@@ -86,13 +86,9 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
                 }
                 None => {
                     tracing::warn!(route = %label, "consumer of {queue} ended; consuming again");
-                    tokio::select! {
-                        _ = source.stopping.cancelled() => break,
-                        _ = tokio::time::sleep(RECONSUME_PAUSE) => {}
-                    }
-                    match source.transport.consume(queue, options.clone()).await {
-                        Ok(next) => consumer = next,
-                        Err(error) => tracing::error!(route = %label, "cannot consume {queue}: {error}"),
+                    match consume_again(&source, &options).await {
+                        Some(next) => consumer = next,
+                        None => break,
                     }
                 }
             }
@@ -111,6 +107,22 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
         );
     }
     Ok(())
+}
+
+/// A new consumer of `source.queue`, tried every [`RECONSUME_PAUSE`] until one starts (a
+/// queue deleted under the service fails until it is declared again); `None` once stopping.
+async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option<Consumer> {
+    let (queue, label) = (&source.queue, &source.label);
+    loop {
+        tokio::select! {
+            _ = source.stopping.cancelled() => return None,
+            _ = tokio::time::sleep(RECONSUME_PAUSE) => {}
+        }
+        match source.transport.consume(queue, options.clone()).await {
+            Ok(next) => return Some(next),
+            Err(error) => tracing::error!(route = %label, "cannot consume {queue}: {error}"),
+        }
+    }
 }
 
 async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, delivery: Delivery) {
