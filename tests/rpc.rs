@@ -664,3 +664,33 @@ async fn an_ended_reply_queue_is_not_declared_again_after_a_reconnect() {
     service.stop().await.unwrap();
     common::cleanup(&uri, &[math]).await;
 }
+
+#[tokio::test]
+async fn an_rpc_queue_deleted_under_the_service_is_declared_again_with_its_binding() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        assert_eq!(client.call::<i64>(&math, "add", (1, 2), ()).await.unwrap(), 3);
+        // an operator deletes it, on a connection of their own
+        let operator =
+            micro_framework::transport::connect(&config(&uri, "operator")).await.unwrap();
+        let queue = format!("rpc-{math}");
+        operator.delete_queue(&queue).await.unwrap();
+        let mut back = false;
+        for _ in 0..500 {
+            back = operator.queue_info(&queue).await.is_ok();
+            if back {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(back, "{uri}: the service declares its queue again");
+        let math_service = client.service(&math).timeout(Duration::from_secs(10));
+        let sum = math_service.call::<i64>("add", (2, 3), ()).await;
+        assert_eq!(sum.ok(), Some(5), "{uri}: bound again and consumed");
+        operator.close().await;
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}

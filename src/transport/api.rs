@@ -536,6 +536,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Consumer, TransportError>;
     /// Fetch one message without a consumer (`basic.get`, manual ack).
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError>;
+    /// Declare `queue` again, with the bindings this transport gave it, as this transport
+    /// declared them: a queue deleted under its consumer (by hand, say) comes back, as
+    /// Nameko's consumers declare theirs again. `false` when this transport holds no record
+    /// of declaring it (it deleted the queue itself, declared it only passively, or the queue
+    /// expires by itself).
+    async fn declare_again(&self, _queue: &str) -> Result<bool, TransportError> {
+        Ok(false)
+    }
     /// True while the transport is connected to its broker (used for readiness).
     fn is_connected(&self) -> bool;
     /// How many times the transport reconnected to its broker.

@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::settle;
 use crate::pipeline::RouteHandle;
-use crate::transport::{ConsumeOptions, Consumer, Delivery, SharedTransport};
+use crate::transport::{ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError};
 use backoff_queue::BackoffQueue;
 use crash_guard::HEADER_REDELIVERIES;
 use crash_guard::{check_crash_loop, count_redelivery, crash_pause, Checked, Guarded};
@@ -109,8 +109,10 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
     Ok(())
 }
 
-/// A new consumer of `source.queue`, tried every [`RECONSUME_PAUSE`] until one starts (a
-/// queue deleted under the service fails until it is declared again); `None` once stopping.
+/// A new consumer of `source.queue`, tried every [`RECONSUME_PAUSE`] until one starts;
+/// `None` once stopping. A queue deleted under the service (by hand, say) is declared again
+/// with its bindings, as the service declared it, as Nameko's consumers do; one it did not
+/// declare (taken passively) is waited for.
 async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option<Consumer> {
     let (queue, label) = (&source.queue, &source.label);
     loop {
@@ -118,9 +120,29 @@ async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option
             _ = source.stopping.cancelled() => return None,
             _ = tokio::time::sleep(RECONSUME_PAUSE) => {}
         }
-        match source.transport.consume(queue, options.clone()).await {
+        let error = match source.transport.consume(queue, options.clone()).await {
             Ok(next) => return Some(next),
-            Err(error) => tracing::error!(route = %label, "cannot consume {queue}: {error}"),
+            Err(error) => error,
+        };
+        if !matches!(error, TransportError::NotFound(_)) {
+            tracing::error!(route = %label, "cannot consume {queue}: {error}");
+            continue;
+        }
+        match source.transport.declare_again(queue).await {
+            Ok(true) => {
+                tracing::warn!(route = %label, "queue {queue} was deleted: declared again");
+                match source.transport.consume(queue, options.clone()).await {
+                    Ok(next) => return Some(next),
+                    Err(error) => {
+                        tracing::error!(route = %label, "cannot consume {queue}: {error}")
+                    }
+                }
+            }
+            Ok(false) => tracing::error!(route = %label, "cannot consume {queue}: {error}"),
+            Err(again) => tracing::error!(
+                route = %label,
+                "cannot consume {queue} ({error}), nor declare it again: {again}"
+            ),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! [`MemoryTransport`]: a connection to a [`MemoryBroker`], implementing [`Transport`].
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,12 +27,22 @@ pub struct MemoryTransport {
     connection: u64,
     closed: AtomicBool,
     opened_at: std::time::SystemTime,
+    /// The queues this connection declared, with the bindings it gave them, for
+    /// [`Transport::declare_again`]; queues that expire by themselves (`x-expires`) are not
+    /// kept, as the RabbitMQ transport forgets them once their lease runs out.
+    declared: std::sync::Mutex<BTreeMap<String, (QueueSpec, Vec<BindingSpec>)>>,
 }
 
 impl MemoryTransport {
     pub(super) fn new(broker: Arc<MemoryBroker>, connection: u64) -> Self {
         let opened_at = std::time::SystemTime::now();
-        MemoryTransport { broker, connection, closed: AtomicBool::new(false), opened_at }
+        MemoryTransport {
+            broker,
+            connection,
+            closed: AtomicBool::new(false),
+            opened_at,
+            declared: std::sync::Mutex::default(),
+        }
     }
 
     /// Connects to `memory://` (the default broker) or `memory://NAME` (the broker `NAME`).
@@ -80,6 +91,12 @@ impl MemoryTransport {
         }
     }
 
+    fn declared(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (QueueSpec, Vec<BindingSpec>)>> {
+        self.declared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn close_now(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
             let connection = self.connection;
@@ -97,7 +114,15 @@ impl Transport for MemoryTransport {
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
         self.open()?;
-        self.broker.with_state(|state| state.declare_queue(self.connection, spec, Instant::now()))
+        let info = self
+            .broker
+            .with_state(|state| state.declare_queue(self.connection, spec, Instant::now()))?;
+        if !spec.arguments.contains_key("x-expires") {
+            let mut declared = self.declared();
+            let bindings = declared.remove(&spec.name).map(|(_, bindings)| bindings);
+            declared.insert(spec.name.clone(), (spec.clone(), bindings.unwrap_or_default()));
+        }
+        Ok(info)
     }
 
     async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
@@ -107,11 +132,27 @@ impl Transport for MemoryTransport {
 
     async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
         self.open()?;
-        self.broker.with_state(|state| state.bind(self.connection, binding))
+        self.broker.with_state(|state| state.bind(self.connection, binding))?;
+        if let Some((_, bindings)) = self.declared().get_mut(&binding.queue) {
+            if !bindings.contains(binding) {
+                bindings.push(binding.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn declare_again(&self, queue: &str) -> Result<bool, TransportError> {
+        let Some((spec, bindings)) = self.declared().get(queue).cloned() else { return Ok(false) };
+        self.declare_queue(&spec).await?;
+        for binding in &bindings {
+            self.bind_queue(binding).await?;
+        }
+        Ok(true)
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
         self.open()?;
+        self.declared().remove(queue);
         self.broker.with_state(|state| state.delete_queue(self.connection, queue))
     }
 

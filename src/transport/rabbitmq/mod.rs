@@ -171,6 +171,15 @@ impl Transport for RabbitMqTransport {
         self.declare(Declaration::Binding(binding.clone())).await.map(|_| ())
     }
 
+    async fn declare_again(&self, queue: &str) -> Result<bool, TransportError> {
+        let declarations = self.shared.topology().queue_with_bindings(queue);
+        let again = !declarations.is_empty();
+        for declaration in declarations {
+            self.declare(declaration).await?;
+        }
+        Ok(again)
+    }
+
     async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
         let name = short(queue, "queue name")?;
         self.shared.topology().remove_queue(queue);

@@ -204,7 +204,7 @@ pub(crate) async fn reclaim(shared: Arc<Shared>, link: Arc<Link>, mut queues: Ve
 /// One attempt at declaring an exclusive queue and its bindings again, on a channel of its own
 /// (a refusal closes the channel).
 async fn declare_again(shared: &Shared, link: &Link, queue: &str) -> Attempt {
-    let declarations = shared.topology().exclusive_queue(queue);
+    let declarations = shared.topology().queue_with_bindings(queue);
     if declarations.is_empty() {
         return Attempt::Done;
     }

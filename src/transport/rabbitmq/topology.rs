@@ -146,12 +146,13 @@ impl Topology {
         self.usage.consumer_ended(queue);
     }
 
-    /// The recorded declaration of an exclusive queue and its bindings, in order; empty when
-    /// the queue is no longer recorded as exclusive.
-    pub(crate) fn exclusive_queue(&self, queue: &str) -> Vec<Declaration> {
-        let declared = self.entries.iter().any(
-            |e| matches!(&e.declaration, Declaration::Queue(q) if q.name == queue && q.exclusive),
-        );
+    /// The recorded declaration of `queue` and its bindings, in order; empty when the queue
+    /// is no longer recorded.
+    pub(crate) fn queue_with_bindings(&self, queue: &str) -> Vec<Declaration> {
+        let declared = self
+            .entries
+            .iter()
+            .any(|e| matches!(&e.declaration, Declaration::Queue(q) if q.name == queue));
         if !declared {
             return Vec::new();
         }
@@ -403,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn an_exclusive_queue_comes_with_its_bindings() {
+    fn a_queue_comes_with_its_bindings() {
         let mut topology = Topology::default();
         let exclusive =
             Declaration::Queue(QueueSpec { exclusive: true, ..QueueSpec::durable("x") });
@@ -411,7 +412,11 @@ mod tests {
         topology.record(queue("other", false, None));
         topology.record(binding("x", "ex"));
         topology.record(binding("other", "ex"));
-        assert_eq!(topology.exclusive_queue("x"), vec![exclusive, binding("x", "ex")]);
-        assert!(topology.exclusive_queue("other").is_empty());
+        assert_eq!(topology.queue_with_bindings("x"), vec![exclusive, binding("x", "ex")]);
+        let other = vec![queue("other", false, None), binding("other", "ex")];
+        assert_eq!(topology.queue_with_bindings("other"), other);
+        topology.remove_queue("other");
+        assert!(topology.queue_with_bindings("other").is_empty());
+        assert!(topology.queue_with_bindings("never").is_empty());
     }
 }
