@@ -124,6 +124,29 @@ async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
 }
 
 #[tokio::test]
+async fn a_server_that_does_not_speak_amqp_is_named_as_such() {
+    use std::io::{Read, Write};
+    // an HTTP server where the broker should be (a wrong port)
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in server.incoming().take(1) {
+            let mut stream = stream.unwrap();
+            let mut greeting = [0; 8];
+            let _ = stream.read_exact(&mut greeting);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    let config = Config::new(unique("wrongport"))
+        .with_amqp_uri(format!("amqp://guest:guest@127.0.0.1:{port}/"));
+    let error = micro_framework::transport::connect(&config).await.unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("does not speak AMQP"), "{text}");
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+}
+
+#[tokio::test]
 async fn an_unreachable_broker_is_tried_again_until_stopped() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let down =

@@ -76,6 +76,10 @@ pub(crate) fn map_error(error: &lapin::Error) -> TransportError {
     }
 }
 
+/// Why a connection failed whose peer answered with something other than AMQP.
+const NOT_AMQP: &str = "the server does not speak AMQP 0-9-1: its answer is no AMQP frame \
+     (is this the broker's AMQP port? RabbitMQ listens on 5672, and on 5671 for amqps://)";
+
 /// Map a lapin error of opening a connection. `describe` turns lapin's message into the
 /// reported one (it names the masked URI and scrubs the password).
 ///
@@ -90,7 +94,12 @@ pub(crate) fn map_connect_error(
     error: &lapin::Error,
     describe: impl FnOnce(String) -> String,
 ) -> TransportError {
-    let reason = describe(error.to_string());
+    let reason = match error.kind() {
+        // lapin's own text ("failed to parse: Parsing Error: ParserErrors { .. }") names no
+        // cause an operator would recognise: a wrong port, or TLS expected
+        ErrorKind::ParsingError(_) => describe(NOT_AMQP.to_owned()),
+        _ => describe(error.to_string()),
+    };
     match error.kind() {
         ErrorKind::ProtocolError(amqp) if amqp.get_id() == ACCESS_REFUSED => {
             TransportError::Authentication(reason)
