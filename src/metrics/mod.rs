@@ -21,6 +21,7 @@
 //! Served with `/health/live` and `/health/ready` by [`server`] when `ENABLE_METRICS=true`.
 
 mod page;
+mod rpc_targets;
 pub mod server;
 pub(crate) mod status;
 
@@ -33,6 +34,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use self::rpc_targets::RpcTargets;
 use self::status::{FailureLog, PoolStatus, RecentFailure};
 use crate::data::Handled;
 
@@ -62,6 +64,8 @@ pub struct Metrics {
     /// Where RPC calls are recorded instead, when set: a worker process hands them to its
     /// service, whose registry is the one served.
     rpc_calls_elsewhere: Arc<OnceLock<RpcCallSink>>,
+    /// The `(service, method)` pairs labelled in `rpc_calls` and `rpc_duration`.
+    rpc_targets: Arc<RpcTargets>,
 }
 
 /// Records an RPC call made (service, method, outcome, round trip) somewhere else.
@@ -137,6 +141,7 @@ impl Metrics {
             pools: Arc::default(),
             failures: Arc::default(),
             rpc_calls_elsewhere: Arc::default(),
+            rpc_targets: Arc::default(),
         };
         let registry = &metrics.registry;
         registry.register(Box::new(metrics.running.clone()))?;
@@ -279,6 +284,7 @@ impl Metrics {
         if let Some(sink) = self.rpc_calls_elsewhere.get() {
             return (sink.0)(service, method, outcome, elapsed);
         }
+        let (service, method) = self.rpc_targets.labels(service, method);
         self.rpc_calls.with_label_values(&[service, method, outcome]).inc();
         self.rpc_duration.with_label_values(&[service, method]).observe(elapsed.as_secs_f64());
     }
@@ -349,4 +355,26 @@ pub(crate) struct RouteSeries {
 
 fn gauge(value: usize) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rpc_targets::{MAX_RPC_TARGETS, OTHER_TARGETS};
+    use super::*;
+
+    #[test]
+    fn rpc_calls_to_more_methods_than_the_cap_share_one_series() {
+        let metrics = Metrics::new().unwrap();
+        let elapsed = Duration::from_millis(1);
+        for n in 0..MAX_RPC_TARGETS + 50 {
+            metrics.rpc_call("gateway", &format!("method_{n}"), "ok", elapsed);
+        }
+        let rendered = metrics.render();
+        let series = rendered.lines().filter(|line| line.starts_with("rpc_calls_total{")).count();
+        assert_eq!(series, MAX_RPC_TARGETS + 1);
+        let other = format!(
+            r#"rpc_calls_total{{method="{OTHER_TARGETS}",outcome="ok",service="{OTHER_TARGETS}"}} 50"#
+        );
+        assert!(rendered.contains(&other), "{other}");
+    }
 }
