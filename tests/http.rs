@@ -662,3 +662,51 @@ async fn a_megabyte_body_that_does_not_fit_gets_a_short_400_stating_its_size() {
     }
     service.stop().await.unwrap();
 }
+
+/// Records its start, waits 300 ms, records its end.
+async fn slow_async(Dep(probe): Dep<Arc<Probe>>) -> &'static str {
+    probe.started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    probe.finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    "done"
+}
+
+/// Records its start, blocks 300 ms in its thread, records its end.
+fn slow_sync(Dep(probe): Dep<Arc<Probe>>) -> &'static str {
+    probe.enter(Value::Null);
+    std::thread::sleep(Duration::from_millis(300));
+    probe.leave();
+    "done"
+}
+
+#[tokio::test]
+async fn calls_whose_client_hangs_up_run_to_their_end_within_max_workers() {
+    let probe = Probe::new();
+    let routes = vec![
+        Route::new(slow_async)
+            .entrypoint(HttpEntrypoint::get("/async"))
+            .dependency(Shared(probe.clone())),
+        Route::new(slow_sync)
+            .entrypoint(HttpEntrypoint::get("/sync"))
+            .dependency(Shared(probe.clone())),
+    ];
+    let (service, base) = spawn(routes, http_config("hangup").with_max_workers(2)).await;
+    let address = base.trim_start_matches("http://").to_owned();
+    // an async call started, then its client hangs up
+    let mut hung_up = TcpStream::connect(&address).await.unwrap();
+    hung_up.write_all(b"GET /async HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    probe.wait_started(1).await;
+    drop(hung_up);
+    wait_until(|| probe.finished.load(std::sync::atomic::Ordering::SeqCst) == 1, "its end").await;
+    // six sync calls whose clients hang up at once: two slots, never more than two running
+    for _ in 0..6 {
+        let mut client = TcpStream::connect(&address).await.unwrap();
+        client.write_all(b"GET /sync HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(client);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let max_running = probe.max_running.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(max_running <= 2, "{max_running} sync calls ran at once with MAX_WORKERS=2");
+    service.stop().await.unwrap();
+}

@@ -375,8 +375,8 @@ async fn sleepy() -> &'static str {
     "slept"
 }
 
-/// An HTTP client that hangs up before its answer ends its call (hyper drops the handler):
-/// the call no longer counts as running, and its worker slot as busy.
+/// HTTP clients that hang up before their answer: once their calls end, none counts as
+/// running, and every worker slot is free again.
 #[cfg(feature = "http")]
 #[tokio::test]
 async fn a_call_whose_http_client_hung_up_is_no_longer_counted_as_running() {

@@ -186,7 +186,16 @@ async fn call(route: RouteHandle, request: HttpRequest, body: Bytes) -> axum::re
     if let Err(error) = message.extensions.insert(EXTENSION, &request) {
         return refusal(StatusCode::INTERNAL_SERVER_ERROR, "request", &error.to_string());
     }
-    let handled = route.handle(permit, message).await;
-    route.settled(&handled);
-    respond(&handled, route.target_carries_response())
+    // The call runs in a task of its own, to its end, as a WebSocket call does: hyper drops
+    // this future when the client hangs up, which would cancel an async target midway, and
+    // free the slot of a sync one still running in its thread (more calls would then run
+    // than `MAX_WORKERS`, as many as clients that hang up).
+    let call = tokio::spawn(async move {
+        let handled = route.handle(permit, message).await;
+        route.settled(&handled);
+        respond(&handled, route.target_carries_response())
+    });
+    call.await.unwrap_or_else(|error| {
+        refusal(StatusCode::INTERNAL_SERVER_ERROR, "crashed", &format!("the call's task: {error}"))
+    })
 }
