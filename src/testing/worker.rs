@@ -17,7 +17,8 @@ use crate::testing::{call_route, test_config, HookError};
 /// [`WorkerCall::message`] once its dependencies are chosen.
 ///
 /// The call runs the route's translators and dependencies around the target, as a service
-/// would, once (no retry, no callback), on a private in-process broker and without an
+/// would, once (no retry, no callback), on the broker of [`test_config`] (a private in-process
+/// broker, or a fresh RabbitMQ vhost when `TEST_AMQP_URI` is set) and without an
 /// entrypoint: the route needs none. Nameko's `worker_factory` replaces every dependency with a
 /// mock by itself; Rust cannot make a mock of any type, so the test replaces the dependencies
 /// it wants to with [`WorkerCall::with`] (a value) or [`WorkerCall::dependency`] (a
@@ -42,13 +43,14 @@ use crate::testing::{call_route, test_config, HookError};
 #[derive(Debug)]
 pub struct WorkerCall {
     route: Route,
-    config: Config,
+    /// The config given, if any (see [`WorkerCall::call_config`]).
+    config: Option<Config>,
 }
 
-/// A call of `route`'s target, for the service `worker` on a private in-process broker
+/// A call of `route`'s target, for the service `worker` on the broker of [`test_config`]
 /// (change it with [`WorkerCall::config`]).
 pub fn worker(route: Route) -> WorkerCall {
-    WorkerCall { route, config: test_config("worker") }
+    WorkerCall { route, config: None }
 }
 
 impl WorkerCall {
@@ -66,7 +68,7 @@ impl WorkerCall {
 
     /// Call as a service with `config` would (its name, its broker, its limits).
     pub fn config(mut self, config: Config) -> Self {
-        self.config = config;
+        self.config = Some(config);
         self
     }
 
@@ -74,13 +76,14 @@ impl WorkerCall {
     /// the route has an [`EventListener`](crate::amqp::entrypoints::EventListener) (its
     /// filter is not applied), a JSON message otherwise.
     pub async fn event<T: DeserializeOwned>(
-        self,
+        mut self,
         payload: &(impl Serialize + ?Sized),
     ) -> Result<T, HookError> {
+        let config = self.call_config();
         let name = self.route.route_name();
         let message = match self.kind() {
             Some(EntrypointKind::Event { source_service, event_name, .. }) => {
-                event_delivery(&self.config, source_service, event_name, payload, Headers::new())
+                event_delivery(&config, source_service, event_name, payload, Headers::new())
             }
             _ => Message::json(payload),
         };
@@ -92,27 +95,35 @@ impl WorkerCall {
     /// as a request for the route's method, which the target reads with
     /// [`Args`](crate::amqp::rpc::Args).
     pub async fn rpc<T: DeserializeOwned>(
-        self,
+        mut self,
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, HookError> {
+        let config = self.call_config();
         let name = self.route.route_name();
         let (args, kwargs) = arguments(name, args, kwargs)?;
         let protocol = match self.kind() {
             Some(EntrypointKind::Rpc { protocol }) => *protocol,
             _ => None,
         };
-        let message = rpc_request(&self.config, protocol, name, args, kwargs, Headers::new());
+        let message = rpc_request(&config, protocol, name, args, kwargs, Headers::new());
         self.message(message).await
     }
 
     /// Call with `message` as it is.
-    pub async fn message<T: DeserializeOwned>(self, message: Message) -> Result<T, HookError> {
+    pub async fn message<T: DeserializeOwned>(mut self, message: Message) -> Result<T, HookError> {
         let name = self.route.route_name().to_owned();
-        match call_route(self.route, self.config, message).await {
+        let config = self.call_config();
+        match call_route(self.route, config, message).await {
             Ok(value) => typed(&name, value),
             Err(failure) => Err(HookError::Failed { route: name, failure, called_back: false }),
         }
+    }
+
+    /// The config of the call: the one given, else `test_config("worker")`, made only now,
+    /// so that a config given after [`worker`] leaves no RabbitMQ vhost made for nothing.
+    fn call_config(&mut self) -> Config {
+        self.config.get_or_insert_with(|| test_config("worker")).clone()
     }
 
     fn kind(&self) -> Option<&EntrypointKind> {
