@@ -710,3 +710,22 @@ async fn calls_whose_client_hangs_up_run_to_their_end_within_max_workers() {
     assert!(max_running <= 2, "{max_running} sync calls ran at once with MAX_WORKERS=2");
     service.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn stopping_waits_for_a_call_whose_client_hung_up() {
+    let probe = Probe::new();
+    let routes = vec![Route::new(slow_async)
+        .entrypoint(HttpEntrypoint::get("/async"))
+        .dependency(Shared(probe.clone()))];
+    let (service, base) = spawn(routes, http_config("hangup-stop")).await;
+    let address = base.trim_start_matches("http://").to_owned();
+    let mut hung_up = TcpStream::connect(&address).await.unwrap();
+    hung_up.write_all(b"GET /async HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    probe.wait_started(1).await;
+    drop(hung_up);
+    // the connection is gone: only the call's own task is left to wait for
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    service.stop().await.unwrap();
+    let finished = probe.finished.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(finished, 1, "the service stopped (its dependencies torn down) mid-call");
+}

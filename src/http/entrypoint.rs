@@ -6,6 +6,7 @@ use axum::extract::{DefaultBodyLimit, RawPathParams};
 use axum::http::{header, HeaderMap, Method, Request, StatusCode, Uri};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Extension, Router};
+use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use super::request::{HttpRequest, EXTENSION};
@@ -91,7 +92,8 @@ impl Entrypoint for HttpEntrypoint {
     async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
         let filter = self.checked()?;
         let site = route.shared_extension(|| WebSite::new(route.clone()));
-        site.add(&self.method, &self.path, route.name(), handler(route.clone(), filter))?;
+        let served = handler(route.clone(), filter, site.calls());
+        site.add(&self.method, &self.path, route.name(), served)?;
         tracing::info!(route = route.name(), "serving HTTP {} {}", self.method, self.path);
         Ok(())
     }
@@ -120,12 +122,13 @@ impl HttpEntrypoint {
     }
 }
 
-/// What serves `route` for the methods of `filter` on the site.
-fn handler(route: RouteHandle, filter: MethodFilter) -> MethodRouter {
+/// What serves `route` for the methods of `filter` on the site, its calls run in `calls`.
+fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> MethodRouter {
     on(
         filter,
         move |method: Method, uri: Uri, headers: HeaderMap, params: RawPathParams, body: Bytes| {
-            call(route.clone(), request(&method, &uri, &headers, &params), body)
+            let request = request(&method, &uri, &headers, &params);
+            call(route.clone(), calls.clone(), request, body)
         },
     )
 }
@@ -148,7 +151,8 @@ pub(crate) async fn answer_directly(
     let not_for_route = || async { (StatusCode::NOT_FOUND, Extension(NotForRoute)) };
     let limit = DefaultBodyLimit::max(route.config().max_message_size);
     let name = route.name().to_owned();
-    let served = handler(route, filter).fallback(not_for_route);
+    // the caller awaits the answer: no stop waits for these calls
+    let served = handler(route, filter, TaskTracker::new()).fallback(not_for_route);
     let mut router = add_route(Router::new(), &entrypoint.method, path, &name, served)?
         .fallback(not_for_route)
         .layer(limit);
@@ -175,8 +179,13 @@ fn request(method: &Method, uri: &Uri, headers: &HeaderMap, params: &RawPathPara
     }
 }
 
-/// Handle one request on `route`: wait for a worker, call, answer.
-async fn call(route: RouteHandle, request: HttpRequest, body: Bytes) -> axum::response::Response {
+/// Handle one request on `route`: wait for a worker, call (in a task of `calls`), answer.
+async fn call(
+    route: RouteHandle,
+    calls: TaskTracker,
+    request: HttpRequest,
+    body: Bytes,
+) -> axum::response::Response {
     let Some(permit) = route.acquire().await else {
         return refusal(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the service is stopping");
     };
@@ -189,8 +198,8 @@ async fn call(route: RouteHandle, request: HttpRequest, body: Bytes) -> axum::re
     // The call runs in a task of its own, to its end, as a WebSocket call does: hyper drops
     // this future when the client hangs up, which would cancel an async target midway, and
     // free the slot of a sync one still running in its thread (more calls would then run
-    // than `MAX_WORKERS`, as many as clients that hang up).
-    let call = tokio::spawn(async move {
+    // than `MAX_WORKERS`, as many as clients that hang up). The site's stop waits for it.
+    let call = calls.spawn(async move {
         let handled = route.handle(permit, message).await;
         route.settled(&handled);
         respond(&handled, route.target_carries_response())

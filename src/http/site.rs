@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::MethodRouter;
 use axum::Router;
+use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
@@ -24,6 +25,9 @@ pub(crate) struct WebSite {
     /// The route that made the site: its config and stop token are the service's.
     service: RouteHandle,
     state: Mutex<SiteState>,
+    /// The running calls, each in a task of its own that may outlive its connection (its
+    /// client hung up): the site waits for them too when the service stops.
+    calls: TaskTracker,
 }
 
 #[derive(Debug, Default)]
@@ -36,7 +40,12 @@ struct SiteState {
 impl WebSite {
     /// The site of `service`'s instance, serving nothing yet.
     pub(crate) fn new(service: RouteHandle) -> Self {
-        WebSite { service, state: Mutex::default() }
+        WebSite { service, state: Mutex::default(), calls: TaskTracker::new() }
+    }
+
+    /// Where the routes' calls run (see [`WebSite::calls`]).
+    pub(crate) fn calls(&self) -> TaskTracker {
+        self.calls.clone()
     }
 
     fn state(&self) -> MutexGuard<'_, SiteState> {
@@ -92,7 +101,7 @@ pub(super) fn add_route(
 #[async_trait]
 impl SharedExtension for WebSite {
     /// Bind `WEB_SERVER_ADDRESS`, then serve until the service stops and let running calls
-    /// finish (at most `SHUTDOWN_TIMEOUT`).
+    /// finish, those whose client hung up too (at most `SHUTDOWN_TIMEOUT`).
     async fn start(self: Arc<Self>) -> Result<Serving> {
         let config = self.service.config().clone();
         let address = &config.web_server_address;
@@ -111,6 +120,7 @@ impl SharedExtension for WebSite {
         };
         tracing::info!("HTTP server listening on http://{}", listener.local_addr()?);
         let stopping = self.service.stopping().clone();
-        Ok(Box::pin(serve(listener, router, WebLimits::from_config(&config), stopping)))
+        let limits = WebLimits::from_config(&config);
+        Ok(Box::pin(serve(listener, router, limits, stopping, self.calls.clone())))
     }
 }

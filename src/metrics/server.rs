@@ -11,6 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::page;
 use super::status::{RouteInfo, StatusSource, SAMPLE_EVERY};
@@ -63,7 +64,9 @@ pub(crate) async fn serve(
         .route("/health/ready", get(ready))
         .with_state(state);
     tokio::spawn(async move {
-        if let Err(error) = web_server::serve(listener, app, limits, stopped).await {
+        if let Err(error) =
+            web_server::serve(listener, app, limits, stopped, TaskTracker::new()).await
+        {
             tracing::error!("metrics server failed: {error}");
         }
     });

@@ -48,12 +48,14 @@ impl WebLimits {
 }
 
 /// Accept connections while a slot is free, until `stopping` fires; then let the open
-/// connections answer their running requests (at most `SHUTDOWN_TIMEOUT`).
+/// connections answer their running requests, and the `calls` run on in tasks of their own
+/// (those whose client hung up) end, at most `SHUTDOWN_TIMEOUT` in all.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: WebLimits,
     stopping: CancellationToken,
+    calls: TaskTracker,
 ) -> Result<()> {
     let timeouts = limits.timeouts;
     // validate() keeps it far below MAX_PERMITS, past which Semaphore::new panics
@@ -85,8 +87,13 @@ pub(crate) async fn serve(
     }
     drop(listener);
     connections.close();
+    calls.close();
     let limit = limits.shutdown_timeout;
-    if tokio::time::timeout(limit, connections.wait()).await.is_err() {
+    let ended = async {
+        connections.wait().await;
+        calls.wait().await;
+    };
+    if tokio::time::timeout(limit, ended).await.is_err() {
         tracing::warn!("HTTP requests still running after SHUTDOWN_TIMEOUT ({limit:?}); no longer waiting for them");
     }
     Ok(())
