@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{broker_uris, config, unique};
-use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::amqp::entrypoints::{EventListener, QueueListener};
 use micro_framework::dependencies::Shared;
 use micro_framework::logging::MAX_ERROR_TEXT;
 use micro_framework::prelude::*;
@@ -18,8 +18,8 @@ use micro_framework::retry::AsyncBackOff;
 use micro_framework::settle::{HEADER_ERROR, HEADER_HEADERS_DROPPED, HEADER_ORIGINAL_USER_ID};
 use micro_framework::testing::TestService;
 use micro_framework::transport::{
-    HeaderValue, Headers, Limit, OutgoingMessage, Properties, PublishOptions, SharedTransport,
-    TransportError,
+    ExchangeSpec, HeaderValue, Headers, Limit, OutgoingMessage, Properties, PublishOptions,
+    SharedTransport, TransportError,
 };
 use micro_framework::Message;
 use serde_json::{json, Value};
@@ -643,6 +643,108 @@ async fn a_queue_deleted_under_the_service_is_declared_again_with_its_binding() 
         })
         .await;
         assert!(handled.is_ok(), "{uri}: bound again and consumed, the route runs the event");
+        operator.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
+async fn a_queue_deleted_with_its_exchange_is_declared_again_with_both_and_bound() {
+    for uri in broker_uris() {
+        let shop = unique("xgone");
+        let config = config(&uri, "xgone");
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = format!("evt-{shop}-job--{}.good", config.service_name);
+        let calls = Arc::new(Calls::default());
+        let routes = vec![Route::new(good)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .dependency(Shared(calls.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "id": 0 })).await.unwrap();
+        service.wait_for_route("good", 1).await.unwrap(); // consuming
+                                                          // an operator deletes the exchange the service declared, then its queue
+        let operator = micro_framework::transport::connect(&config).await.unwrap();
+        operator.delete_exchange(&format!("{shop}.events")).await.unwrap();
+        operator.delete_queue(&queue).await.unwrap();
+        let mut back = false;
+        for _ in 0..500 {
+            back = operator.queue_info(&queue).await.is_ok();
+            if back {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(back, "{uri}: the service declares its queue again");
+        // past the consume loop's next attempts: a queue consumed without its binding stays so
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
+        let handled = tokio::time::timeout(Duration::from_secs(5), async {
+            while calls.count() < 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(handled.is_ok(), "{uri}: the exchange and binding are back, the route runs it");
+        operator.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
+async fn a_queue_declared_again_whose_binding_fails_is_not_consumed_unbound() {
+    for uri in broker_uris() {
+        let marker = unique("bgone");
+        let config = config(&uri, "bgone");
+        let markers = [config.service_name.clone(), marker.clone()];
+        let (queue, exchange) = (format!("{marker}-q"), format!("{marker}-x"));
+        // an exchange of the operator's, which the service binds its queue to
+        let operator = micro_framework::transport::connect(&config).await.unwrap();
+        let topic = ExchangeSpec::topic(exchange.clone());
+        operator.declare_exchange(&topic).await.unwrap();
+        let calls = Arc::new(Calls::default());
+        let routes = vec![Route::new(good)
+            .entrypoint(QueueListener::new(queue.clone()).bind(exchange.clone(), "job"))
+            .dependency(Shared(calls.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let job = || OutgoingMessage {
+            body: b"{}".to_vec().into(),
+            properties: micro_framework::data::json_properties(),
+        };
+        let options = PublishOptions::default();
+        operator.publish(&exchange, "job", job(), options).await.unwrap();
+        service.wait_for_route("good", 1).await.unwrap(); // consuming
+                                                          // both deleted: the queue comes back, its binding cannot while the exchange is gone
+        operator.delete_exchange(&exchange).await.unwrap();
+        operator.delete_queue(&queue).await.unwrap();
+        let mut back = false;
+        for _ in 0..500 {
+            back = operator.queue_info(&queue).await.is_ok();
+            if back {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(back, "{uri}: the service declares its queue again");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // the operator declares the exchange again: the service binds its queue, then consumes
+        operator.declare_exchange(&topic).await.unwrap();
+        let bound = tokio::time::timeout(Duration::from_secs(5), async {
+            let mandatory = PublishOptions { mandatory: true };
+            while operator.publish(&exchange, "job", job(), mandatory).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(bound.is_ok(), "{uri}: the queue is bound again once the exchange is back");
+        let handled = tokio::time::timeout(Duration::from_secs(5), async {
+            while calls.count() < 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(handled.is_ok(), "{uri}: and consumed");
         operator.close().await;
         service.stop().await.unwrap();
         common::cleanup(&uri, &markers).await;

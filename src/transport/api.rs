@@ -536,9 +536,10 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Consumer, TransportError>;
     /// Fetch one message without a consumer (`basic.get`, manual ack).
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError>;
-    /// Declare `queue` again, with the bindings this transport gave it, as this transport
-    /// declared them: a queue deleted under its consumer (by hand, say) comes back, as
-    /// Nameko's consumers declare theirs again. `false` when this transport holds no record
+    /// Declare `queue` again, with the bindings this transport gave it and the exchanges of
+    /// those it declared, as this transport declared them: a queue deleted under its consumer
+    /// (by hand, say) comes back, as Nameko's consumers declare theirs again. `false` when
+    /// this transport holds no record
     /// of declaring it (it deleted the queue itself, declared it only passively, or the queue
     /// expires by itself).
     async fn declare_again(&self, _queue: &str) -> Result<bool, TransportError> {

@@ -115,21 +115,27 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
 /// declare (taken passively) is waited for.
 async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option<Consumer> {
     let (queue, label) = (&source.queue, &source.label);
+    // Declared again in part (a binding refused): declared again before it is consumed, as a
+    // queue consumed without its bindings would receive nothing, and its consumer never end.
+    let mut in_part = false;
     loop {
         tokio::select! {
             _ = source.stopping.cancelled() => return None,
             _ = tokio::time::sleep(RECONSUME_PAUSE) => {}
         }
-        let error = match source.transport.consume(queue, options.clone()).await {
-            Ok(next) => return Some(next),
-            Err(error) => error,
-        };
-        if !matches!(error, TransportError::NotFound(_)) {
-            tracing::error!(route = %label, "cannot consume {queue}: {error}");
-            continue;
+        if !in_part {
+            match source.transport.consume(queue, options.clone()).await {
+                Ok(next) => return Some(next),
+                Err(TransportError::NotFound(_)) => {}
+                Err(error) => {
+                    tracing::error!(route = %label, "cannot consume {queue}: {error}");
+                    continue;
+                }
+            }
         }
         match source.transport.declare_again(queue).await {
             Ok(true) => {
+                in_part = false;
                 tracing::warn!(route = %label, "queue {queue} was deleted: declared again");
                 match source.transport.consume(queue, options.clone()).await {
                     Ok(next) => return Some(next),
@@ -138,11 +144,14 @@ async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option
                     }
                 }
             }
-            Ok(false) => tracing::error!(route = %label, "cannot consume {queue}: {error}"),
-            Err(again) => tracing::error!(
+            Ok(false) => tracing::error!(
                 route = %label,
-                "cannot consume {queue} ({error}), nor declare it again: {again}"
+                "cannot consume {queue}: it is gone, and the service did not declare it"
             ),
+            Err(error) => {
+                in_part = true;
+                tracing::error!(route = %label, "queue {queue} is gone; declaring it again failed: {error}");
+            }
         }
     }
 }

@@ -27,10 +27,17 @@ pub struct MemoryTransport {
     connection: u64,
     closed: AtomicBool,
     opened_at: std::time::SystemTime,
-    /// The queues this connection declared, with the bindings it gave them, for
-    /// [`Transport::declare_again`]; queues that expire by themselves (`x-expires`) are not
-    /// kept, as the RabbitMQ transport forgets them once their lease runs out.
-    declared: std::sync::Mutex<BTreeMap<String, (QueueSpec, Vec<BindingSpec>)>>,
+    /// What this connection declared, for [`Transport::declare_again`].
+    declared: std::sync::Mutex<Declared>,
+}
+
+/// The queues a connection declared, with the bindings it gave them (queues that expire by
+/// themselves, `x-expires`, are not kept, as the RabbitMQ transport forgets them once their
+/// lease runs out), and the exchanges it declared.
+#[derive(Debug, Default)]
+struct Declared {
+    queues: BTreeMap<String, (QueueSpec, Vec<BindingSpec>)>,
+    exchanges: BTreeMap<String, ExchangeSpec>,
 }
 
 impl MemoryTransport {
@@ -91,9 +98,7 @@ impl MemoryTransport {
         }
     }
 
-    fn declared(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (QueueSpec, Vec<BindingSpec>)>> {
+    fn declared(&self) -> std::sync::MutexGuard<'_, Declared> {
         self.declared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -109,7 +114,9 @@ impl MemoryTransport {
 impl Transport for MemoryTransport {
     async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
         self.open()?;
-        self.broker.with_state(|state| state.declare_exchange(spec))
+        self.broker.with_state(|state| state.declare_exchange(spec))?;
+        self.declared().exchanges.insert(spec.name.clone(), spec.clone());
+        Ok(())
     }
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
@@ -118,9 +125,9 @@ impl Transport for MemoryTransport {
             .broker
             .with_state(|state| state.declare_queue(self.connection, spec, Instant::now()))?;
         if !spec.arguments.contains_key("x-expires") {
-            let mut declared = self.declared();
-            let bindings = declared.remove(&spec.name).map(|(_, bindings)| bindings);
-            declared.insert(spec.name.clone(), (spec.clone(), bindings.unwrap_or_default()));
+            let queues = &mut self.declared().queues;
+            let bindings = queues.remove(&spec.name).map(|(_, bindings)| bindings);
+            queues.insert(spec.name.clone(), (spec.clone(), bindings.unwrap_or_default()));
         }
         Ok(info)
     }
@@ -133,7 +140,7 @@ impl Transport for MemoryTransport {
     async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
         self.open()?;
         self.broker.with_state(|state| state.bind(self.connection, binding))?;
-        if let Some((_, bindings)) = self.declared().get_mut(&binding.queue) {
+        if let Some((_, bindings)) = self.declared().queues.get_mut(&binding.queue) {
             if !bindings.contains(binding) {
                 bindings.push(binding.clone());
             }
@@ -142,7 +149,22 @@ impl Transport for MemoryTransport {
     }
 
     async fn declare_again(&self, queue: &str) -> Result<bool, TransportError> {
-        let Some((spec, bindings)) = self.declared().get(queue).cloned() else { return Ok(false) };
+        let (spec, bindings, exchanges) = {
+            let declared = self.declared();
+            let Some((spec, bindings)) = declared.queues.get(queue).cloned() else {
+                return Ok(false);
+            };
+            let exchanges: Vec<ExchangeSpec> = bindings
+                .iter()
+                .filter_map(|binding| declared.exchanges.get(&binding.exchange).cloned())
+                .collect();
+            (spec, bindings, exchanges)
+        };
+        // the exchanges first, as kombu declares a queue's exchange with it: one deleted with
+        // the queue would leave it unbound
+        for exchange in &exchanges {
+            self.declare_exchange(exchange).await?;
+        }
         self.declare_queue(&spec).await?;
         for binding in &bindings {
             self.bind_queue(binding).await?;
@@ -152,12 +174,19 @@ impl Transport for MemoryTransport {
 
     async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
         self.open()?;
-        self.declared().remove(queue);
+        self.declared().queues.remove(queue);
         self.broker.with_state(|state| state.delete_queue(self.connection, queue))
     }
 
     async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
         self.open()?;
+        // forgotten with the bindings to it, as the RabbitMQ transport forgets them
+        let mut declared = self.declared();
+        declared.exchanges.remove(exchange);
+        for (_, bindings) in declared.queues.values_mut() {
+            bindings.retain(|binding| binding.exchange != exchange);
+        }
+        drop(declared);
         self.broker.with_state(|state| state.delete_exchange(exchange))
     }
 

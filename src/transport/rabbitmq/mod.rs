@@ -172,12 +172,19 @@ impl Transport for RabbitMqTransport {
     }
 
     async fn declare_again(&self, queue: &str) -> Result<bool, TransportError> {
-        let declarations = self.shared.topology().queue_with_bindings(queue);
-        let again = !declarations.is_empty();
-        for declaration in declarations {
+        let (exchanges, declarations) = {
+            let topology = self.shared.topology();
+            (topology.exchanges_bound_to(queue), topology.queue_with_bindings(queue))
+        };
+        if declarations.is_empty() {
+            return Ok(false);
+        }
+        // the exchanges first, as kombu declares a queue's exchange with it: one deleted with
+        // the queue would leave it unbound
+        for declaration in exchanges.into_iter().chain(declarations) {
             self.declare(declaration).await?;
         }
-        Ok(again)
+        Ok(true)
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {

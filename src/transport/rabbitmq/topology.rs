@@ -164,6 +164,21 @@ impl Topology {
         self.entries.iter().map(|e| &e.declaration).filter(|d| ours(d)).cloned().collect()
     }
 
+    /// The recorded declarations of the exchanges `queue` is bound to, in order.
+    pub(crate) fn exchanges_bound_to(&self, queue: &str) -> Vec<Declaration> {
+        let bound = |exchange: &str| {
+            self.entries.iter().any(|e| {
+                matches!(&e.declaration, Declaration::Binding(b) if b.queue == queue && b.exchange == exchange)
+            })
+        };
+        self.entries
+            .iter()
+            .map(|e| &e.declaration)
+            .filter(|d| matches!(d, Declaration::Exchange(x) if bound(&x.name)))
+            .cloned()
+            .collect()
+    }
+
     /// The declarations to replay, in declaration order, after forgetting the queues whose
     /// `x-expires` lease ran out. A queue the broker may have deleted otherwise (a shared
     /// auto-delete queue no consumer of this transport holds) is to be checked first.
@@ -418,5 +433,19 @@ mod tests {
         topology.remove_queue("other");
         assert!(topology.queue_with_bindings("other").is_empty());
         assert!(topology.queue_with_bindings("never").is_empty());
+    }
+
+    #[test]
+    fn the_exchanges_a_queue_is_bound_to_are_those_recorded() {
+        let mut topology = Topology::default();
+        let exchange = |name: &str| Declaration::Exchange(ExchangeSpec::topic(name));
+        topology.record(exchange("ex"));
+        topology.record(exchange("unrelated"));
+        topology.record(queue("q", false, None));
+        topology.record(binding("q", "ex"));
+        topology.record(binding("q", "not-declared-here"));
+        assert_eq!(topology.exchanges_bound_to("q"), vec![exchange("ex")]);
+        topology.remove_exchange("ex");
+        assert!(topology.exchanges_bound_to("q").is_empty());
     }
 }
