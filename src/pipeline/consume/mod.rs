@@ -123,16 +123,17 @@ async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option
             _ = source.stopping.cancelled() => return None,
             _ = tokio::time::sleep(RECONSUME_PAUSE) => {}
         }
-        if !in_part {
-            match source.transport.consume(queue, options.clone()).await {
+        let gone = match in_part {
+            true => TransportError::NotFound(format!("queue {queue} declared again in part")),
+            false => match source.transport.consume(queue, options.clone()).await {
                 Ok(next) => return Some(next),
-                Err(TransportError::NotFound(_)) => {}
+                Err(error @ TransportError::NotFound(_)) => error,
                 Err(error) => {
                     tracing::error!(route = %label, "cannot consume {queue}: {error}");
                     continue;
                 }
-            }
-        }
+            },
+        };
         match source.transport.declare_again(queue).await {
             Ok(true) => {
                 in_part = false;
@@ -144,13 +145,13 @@ async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option
                     }
                 }
             }
-            Ok(false) => tracing::error!(
-                route = %label,
-                "cannot consume {queue}: it is gone, and the service did not declare it"
-            ),
-            Err(error) => {
+            Ok(false) => tracing::error!(route = %label, "cannot consume {queue}: {gone}"),
+            Err(again) => {
                 in_part = true;
-                tracing::error!(route = %label, "queue {queue} is gone; declaring it again failed: {error}");
+                tracing::error!(
+                    route = %label,
+                    "cannot consume {queue} ({gone}), nor declare it again: {again}"
+                );
             }
         }
     }
