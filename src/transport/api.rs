@@ -539,9 +539,9 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// Declare `queue` again, with the bindings this transport gave it and the exchanges of
     /// those it declared, as this transport declared them: a queue deleted under its consumer
     /// (by hand, say) comes back, as Nameko's consumers declare theirs again. `false` when
-    /// this transport holds no record
-    /// of declaring it (it deleted the queue itself, declared it only passively, or the queue
-    /// expires by itself).
+    /// this transport holds no record of declaring it: it deleted the queue itself or only
+    /// checked it (passively); a queue with `x-expires` is kept in the RabbitMQ transport's
+    /// record until its lease runs out, and never in the in-process one's.
     async fn declare_again(&self, _queue: &str) -> Result<bool, TransportError> {
         Ok(false)
     }
