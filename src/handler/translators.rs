@@ -17,10 +17,13 @@
 //!
 //! A translator error is bad input: the message goes to the route's dead-letter queue.
 
+use std::panic::AssertUnwindSafe;
+
 use serde_json::Value;
 
 use crate::data::BoxError;
 use crate::data::Message;
+use crate::handler::targets::panic_message;
 
 /// Transforms a payload.
 pub trait MessageTranslator: Send + Sync + 'static {
@@ -58,16 +61,25 @@ impl MessageTranslator for JsonTranslator {
     }
 }
 
-/// Decode `message` and run the translators over its payload.
+/// Decode `message` and run the translators over its payload. A translator that panics on
+/// the payload (an `expect` on a shape it assumed) fails as one that returns an error does:
+/// the panic would otherwise end the task that holds the delivery, leaving it unsettled.
 pub(crate) fn translate(
     translators: &[std::sync::Arc<dyn MessageTranslator>],
     message: &Message,
 ) -> Result<Value, String> {
     let mut payload = message.decode()?;
     for (index, translator) in translators.iter().enumerate() {
-        payload = translator
-            .translate(payload, message)
-            .map_err(|error| format!("translator #{} failed: {error}", index + 1))?;
+        let translated =
+            std::panic::catch_unwind(AssertUnwindSafe(|| translator.translate(payload, message)));
+        payload = match translated {
+            Ok(Ok(payload)) => payload,
+            Ok(Err(error)) => return Err(format!("translator #{} failed: {error}", index + 1)),
+            Err(panic) => {
+                let panic = panic_message(panic.as_ref());
+                return Err(format!("translator #{} panicked: {panic}", index + 1));
+            }
+        };
     }
     Ok(payload)
 }
