@@ -1,9 +1,12 @@
 //! The handler model end to end: translators, dependencies and their life cycle around a
 //! call, on the in-process broker.
 
+use std::sync::{Arc, Mutex};
+
+use micro_framework::dependencies::{Dependency, Shared};
 use micro_framework::prelude::*;
 use micro_framework::testing::{call_route, memory_test_config};
-use micro_framework::{FailureKind, Message};
+use micro_framework::{BoxError, FailureKind, Message, Outcome, WorkerContext};
 use serde_json::{json, Value};
 
 fn echo(Payload(payload): Payload<Value>) -> Value {
@@ -22,4 +25,100 @@ async fn a_panicking_translator_is_bad_input_not_a_lost_message() {
     let failure = outcome.unwrap_err();
     assert_eq!(failure.kind, FailureKind::BadInput, "{failure}");
     assert!(failure.message.contains("translator #1 panicked: an order"), "{failure}");
+}
+
+/// Writes what its dependency saw into a journal shared with the test.
+#[derive(Clone, Default)]
+struct Journal(Arc<Mutex<Vec<String>>>);
+
+impl Journal {
+    fn push(&self, entry: String) {
+        self.0.lock().unwrap().push(entry);
+    }
+    fn entries(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[derive(Clone)]
+struct Session;
+
+/// Opens a session for each call and closes it in `after_call`.
+struct Sessions(Journal);
+
+#[micro_framework::async_trait]
+impl Dependency for Sessions {
+    type Output = Session;
+    async fn get(&self, _call: &WorkerContext) -> Result<Session, BoxError> {
+        self.0.push("open".into());
+        Ok(Session)
+    }
+    async fn after_call(&self, _session: &Session, outcome: &Outcome) {
+        let verdict = if outcome.is_ok() { "commit" } else { "roll back" };
+        self.0.push(verdict.into());
+    }
+}
+
+#[derive(Clone)]
+struct Client;
+
+/// Cannot provide its value: the service it connects to is down, or it panics.
+struct Unreachable {
+    panics: bool,
+}
+
+#[micro_framework::async_trait]
+impl Dependency for Unreachable {
+    type Output = Client;
+    async fn get(&self, _call: &WorkerContext) -> Result<Client, BoxError> {
+        if self.panics {
+            panic!("client pool poisoned");
+        }
+        Err("connection refused".into())
+    }
+}
+
+fn uses_both(Dep(_session): Dep<Session>, Dep(_client): Dep<Client>) {}
+
+#[tokio::test]
+async fn a_dependency_that_fails_to_provide_lets_those_before_it_end_their_call() {
+    for panics in [false, true] {
+        let journal = Journal::default();
+        let route = Route::new(uses_both)
+            .dependency(Sessions(journal.clone()))
+            .dependency(Unreachable { panics });
+        let message = Message::json(&json!({})).unwrap();
+        let failure = call_route(route, memory_test_config("deps"), message).await.unwrap_err();
+        let expected = if panics { "client pool poisoned" } else { "connection refused" };
+        assert!(failure.message.contains(expected), "{failure}");
+        // the session opened for the call is rolled back, never left open
+        assert_eq!(journal.entries(), ["open", "roll back"], "panics: {panics}");
+    }
+}
+
+/// Panics in `after_call`.
+struct BrokenCommit;
+
+#[micro_framework::async_trait]
+impl Dependency for BrokenCommit {
+    type Output = Client;
+    async fn get(&self, _call: &WorkerContext) -> Result<Client, BoxError> {
+        Ok(Client)
+    }
+    async fn after_call(&self, _client: &Client, _outcome: &Outcome) {
+        panic!("commit failed");
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_after_call_leaves_the_outcome_and_the_other_dependencies_alone() {
+    let journal = Journal::default();
+    let route = Route::new(uses_both)
+        .dependency(BrokenCommit)
+        .dependency(Sessions(journal.clone()))
+        .dependency(Shared(1_u8));
+    let message = Message::json(&json!({})).unwrap();
+    let outcome = call_route(route, memory_test_config("after"), message).await;
+    assert_eq!(outcome, Ok(Value::Null));
+    assert_eq!(journal.entries(), ["open", "commit"]);
 }

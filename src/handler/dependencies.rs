@@ -31,15 +31,19 @@ use std::any::{type_name, Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Deref;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 
 use crate::config::Config;
 use crate::data::BoxError;
 use crate::data::Outcome;
+use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
 use crate::handler::extract::{ExtractError, FromContext, TargetSetup};
+use crate::handler::targets::panic_message;
 use crate::handler::WorkerContext;
 
 /// What a dependency's `setup` sees.
@@ -208,6 +212,58 @@ pub(crate) async fn set_up_all(
         }
     }
     Ok(dependencies)
+}
+
+/// The values of `dependencies` for the call `ctx`, asked for in order. When one fails or
+/// panics, those that gave a value already see the call fail in `after_call`, as after any
+/// failed call: a session opened for the call is rolled back, never left open. The failure
+/// names the dependency.
+pub(crate) async fn provide_all(
+    dependencies: &[SharedDependency],
+    ctx: &WorkerContext,
+) -> std::result::Result<DependencyValues, Failure> {
+    let mut values = DependencyValues::default();
+    for dependency in dependencies {
+        let name = dependency.name();
+        // a panic here would end the task that holds the delivery, leaving it unsettled
+        let provided = AssertUnwindSafe(dependency.provide(ctx, &mut values)).catch_unwind().await;
+        let failure = match provided {
+            Ok(Ok(())) => continue,
+            Ok(Err(error)) => {
+                let failure = Failure::from_error(&error, name);
+                Failure {
+                    message: format!("dependency {name} failed: {}", failure.message),
+                    ..failure
+                }
+            }
+            Err(panic) => Failure::new(
+                FailureKind::Panic,
+                format!("dependency {name} panicked: {}", panic_message(panic.as_ref())),
+            ),
+        };
+        after_all(dependencies, &values, &Err(failure.clone())).await;
+        return Err(failure);
+    }
+    Ok(values)
+}
+
+/// Tell each of `dependencies` that gave a value in `values` the call's `outcome`, in order.
+/// A panic in one is logged: the outcome stands, and the others are still told.
+pub(crate) async fn after_all(
+    dependencies: &[SharedDependency],
+    values: &DependencyValues,
+    outcome: &Outcome,
+) {
+    for dependency in dependencies {
+        let told = AssertUnwindSafe(dependency.after_call(values, outcome)).catch_unwind().await;
+        if let Err(panic) = told {
+            tracing::error!(
+                dependency = dependency.name(),
+                "after_call panicked: {}",
+                panic_message(panic.as_ref())
+            );
+        }
+    }
 }
 
 /// Tear `dependencies` down, in order.

@@ -20,7 +20,7 @@ use crate::config::{Config, RetryDelay};
 use crate::data::CallContext;
 use crate::data::Message;
 use crate::data::{Failure, FailureKind, Handled, Outcome, TargetRole};
-use crate::handler::dependencies::{DependencyValues, SharedDependency};
+use crate::handler::dependencies::{after_all, provide_all, SharedDependency};
 use crate::handler::targets::{ErasedTarget, TargetError, TargetResult};
 use crate::handler::translators::{translate, MessageTranslator};
 use crate::handler::{ServiceState, WorkerContext};
@@ -459,26 +459,10 @@ impl RouteHandle {
             retry,
             lone_call: route.pool.lone_call(),
         };
-        let mut values = DependencyValues::default();
-        for dependency in &route.dependencies {
-            if let Err(error) = dependency.provide(&ctx, &mut values).await {
-                let failure = Failure::from_error(&error, dependency.name());
-                return Err(Failure {
-                    message: format!(
-                        "dependency {} failed: {}",
-                        dependency.name(),
-                        failure.message
-                    ),
-                    ..failure
-                });
-            }
-        }
-        let values = Arc::new(values);
+        let values = Arc::new(provide_all(&route.dependencies, &ctx).await?);
         ctx.dependencies = values.clone();
         let outcome = into_outcome((target.invoke)(ctx).await, route.backoff.as_ref());
-        for dependency in &route.dependencies {
-            dependency.after_call(&values, &outcome).await;
-        }
+        after_all(&route.dependencies, &values, &outcome).await;
         match &outcome {
             Ok(_) => tracing::debug!("call succeeded"),
             Err(failure) => {
