@@ -18,6 +18,7 @@ pub enum HeaderValue {
     /// Any signed or unsigned integer that fits in 64 bits.
     Int(i64),
     /// A float or double.
+    #[serde(with = "any_float")]
     Float(f64),
     /// An exact decimal number, `value / 10^scale` (AMQP `decimal`, kept as such in copies).
     Decimal {
@@ -99,6 +100,46 @@ impl From<bool> for HeaderValue {
     }
 }
 
+/// A float as plain data: JSON (which carries a call to a worker process) has no NaN nor
+/// infinities, which AMQP peers may send (Python's `float("nan")`); serde_json writes them as
+/// `null`, which cannot be read back as a float, so the call could not reach the worker. They
+/// are written as the strings `"NaN"`, `"inf"` and `"-inf"` instead.
+mod any_float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Float {
+        Finite(f64),
+        Named(String),
+    }
+
+    pub(super) fn serialize<S: Serializer>(float: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+        let named = if float.is_nan() {
+            "NaN"
+        } else if *float == f64::INFINITY {
+            "inf"
+        } else if *float == f64::NEG_INFINITY {
+            "-inf"
+        } else {
+            return serializer.serialize_f64(*float);
+        };
+        serializer.serialize_str(named)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+        match Float::deserialize(deserializer)? {
+            Float::Finite(float) => Ok(float),
+            Float::Named(named) => match named.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                other => Err(serde::de::Error::custom(format!("not a float: {other:?}"))),
+            },
+        }
+    }
+}
+
 /// The basic properties of a message.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Properties {
@@ -128,4 +169,33 @@ pub struct Properties {
     pub user_id: Option<String>,
     /// Creating application id.
     pub app_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Through JSON, as a call goes to a worker process and back.
+    fn through_json(value: &HeaderValue) -> HeaderValue {
+        let json = serde_json::to_string(value).unwrap();
+        serde_json::from_str(&json).unwrap_or_else(|error| panic!("{json}: {error}"))
+    }
+
+    #[test]
+    fn every_float_a_peer_can_send_crosses_to_a_worker_process() {
+        for float in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0, 1.5, f64::MAX] {
+            let HeaderValue::Float(read) = through_json(&HeaderValue::Float(float)) else {
+                panic!("{float} is no float any more")
+            };
+            assert_eq!(read.to_bits(), float.to_bits(), "{float}");
+        }
+        let nested = HeaderValue::Array(vec![HeaderValue::Table(Headers::from([(
+            "ratio".to_owned(),
+            HeaderValue::Float(f64::NAN),
+        )]))]);
+        assert!(matches!(through_json(&nested), HeaderValue::Array(_)));
+        let value = serde_json::to_value(HeaderValue::Float(f64::INFINITY)).unwrap();
+        let read: HeaderValue = serde_json::from_value(value).unwrap();
+        assert_eq!(read, HeaderValue::Float(f64::INFINITY), "from a JSON value too");
+    }
 }
