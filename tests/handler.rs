@@ -1,6 +1,8 @@
 //! The handler model end to end: translators, dependencies and their life cycle around a
 //! call, on the in-process broker.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
 use micro_framework::dependencies::{Dependency, Shared};
@@ -121,4 +123,38 @@ async fn a_panic_in_after_call_leaves_the_outcome_and_the_other_dependencies_alo
     let outcome = call_route(route, memory_test_config("after"), message).await;
     assert_eq!(outcome, Ok(Value::Null));
     assert_eq!(journal.entries(), ["open", "commit"]);
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot save the order")]
+struct SaveError(#[source] std::io::Error);
+
+fn save(Payload(_): Payload<Value>) -> Result<(), SaveError> {
+    Err(SaveError(std::io::Error::other("disk full")))
+}
+
+fn notify_and_fail(_failure: Failure) -> Result<(), String> {
+    Err("mail server down".into())
+}
+
+#[tokio::test]
+async fn a_failing_callback_keeps_why_the_target_failed_in_the_dead_letter() {
+    use micro_framework::amqp::entrypoints::EventListener;
+    use micro_framework::settle::HEADER_ERROR;
+    use micro_framework::testing::TestService;
+
+    let config = memory_test_config(&common::unique("callback"));
+    let shop = common::unique("shop");
+    let queue = format!("evt-{shop}-paid--{}.save", config.service_name);
+    let routes = vec![
+        CallbackRoute::new(save, notify_and_fail).entrypoint(EventListener::new(&shop, "paid"))
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    service.dispatch(&shop, "paid", &json!({ "id": 1 })).await.unwrap();
+    service.wait_for_route("save", 1).await.unwrap();
+    let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+    service.stop().await.unwrap();
+    let reason = dead[0].properties.headers[HEADER_ERROR].as_str().unwrap().to_owned();
+    assert!(reason.contains("mail server down"), "{reason}");
+    assert!(reason.contains("cannot save the order: disk full"), "{reason}");
 }

@@ -107,6 +107,15 @@ impl Failure {
         }
     }
 
+    /// This failure of a route's callback, called back for `target`'s failure: its message
+    /// also says why the target failed, causes included (the target's error alone may not
+    /// say what went wrong), within the bound of a message.
+    pub(crate) fn of_callback_after(self, target: &Failure) -> Self {
+        let message =
+            format!("callback failed: {} (after: {})", self.message, target.full_message());
+        Failure { message: bounded_text(message), ..self }
+    }
+
     /// The message followed by its causes, as one line of at most [`MAX_ERROR_TEXT`] bytes
     /// (plus the note of a cut).
     pub fn full_message(&self) -> String {
@@ -151,6 +160,22 @@ mod tests {
         assert_eq!(failure.kind, FailureKind::Error);
         assert_eq!(failure.causes, vec!["disk full".to_owned()]);
         assert_eq!(failure.full_message(), "cannot save order: disk full");
+    }
+
+    #[test]
+    fn a_failed_callback_says_why_the_target_failed_within_bounds() {
+        let error: BoxError = Box::new(SaveError(std::io::Error::other("disk full")));
+        let target = Failure::from_error(&error, "SaveError");
+        let callback = Failure::new(FailureKind::Panic, "mail server down");
+        let failed = callback.of_callback_after(&target);
+        assert_eq!(failed.kind, FailureKind::Panic);
+        assert_eq!(
+            failed.message,
+            "callback failed: mail server down (after: cannot save order: disk full)"
+        );
+        let long = Failure::new(FailureKind::Error, "x".repeat(10_000));
+        let failed = long.clone().of_callback_after(&long);
+        assert!(failed.message.len() < MAX_ERROR_TEXT + CUT_NOTE, "{}", failed.message.len());
     }
 
     #[test]

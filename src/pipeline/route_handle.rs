@@ -335,13 +335,7 @@ impl RouteHandle {
         }
         match self.run(TargetRole::Callback, message, Some(failure.clone()), retry).await {
             Ok(_) => Handled::CalledBack(failure),
-            Err(callback_failure) => Handled::Failed(Failure {
-                message: format!(
-                    "callback failed: {} (after: {})",
-                    callback_failure.message, failure.message
-                ),
-                ..callback_failure
-            }),
+            Err(callback_failure) => Handled::Failed(callback_failure.of_callback_after(&failure)),
         }
     }
 
