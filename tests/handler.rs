@@ -158,3 +158,57 @@ async fn a_failing_callback_keeps_why_the_target_failed_in_the_dead_letter() {
     assert!(reason.contains("mail server down"), "{reason}");
     assert!(reason.contains("cannot save the order: disk full"), "{reason}");
 }
+
+/// Counts its calls and fails each with an error that is no I/O error.
+struct CountedOutage(Arc<std::sync::atomic::AtomicU32>);
+
+#[micro_framework::async_trait]
+impl Dependency for CountedOutage {
+    type Output = Client;
+    async fn get(&self, _call: &WorkerContext) -> Result<Client, BoxError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err("connection refused".into())
+    }
+}
+
+fn needs_client(Dep(_client): Dep<Client>) {}
+
+fn unserializable(
+    Dep(calls): Dep<Arc<std::sync::atomic::AtomicU32>>,
+) -> Json<std::collections::BTreeMap<Vec<u8>, u8>> {
+    calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    // a map keyed by non-strings has no JSON form
+    Json(std::collections::BTreeMap::from([(vec![1], 1)]))
+}
+
+#[tokio::test]
+async fn a_retry_filter_holds_for_every_failure_not_only_the_targets_errors() {
+    use micro_framework::amqp::entrypoints::EventListener;
+    use micro_framework::retry::BackOff;
+    use micro_framework::testing::TestService;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    let io_only = || BackOff::new(2, Duration::from_millis(1)).retry_on::<std::io::Error>();
+    let config = memory_test_config(&common::unique("filter"));
+    let shop = common::unique("shop");
+    let (gets, returns) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let routes = vec![
+        Route::new(needs_client)
+            .entrypoint(EventListener::new(&shop, "paid"))
+            .dependency(CountedOutage(gets.clone()))
+            .backoff(io_only()),
+        Route::new(unserializable)
+            .entrypoint(EventListener::new(&shop, "paid"))
+            .dependency(Shared(returns.clone()))
+            .backoff(io_only()),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    service.dispatch(&shop, "paid", &json!({})).await.unwrap();
+    service.wait_for_route("needs_client", 1).await.unwrap();
+    service.wait_for_route("unserializable", 1).await.unwrap();
+    service.stop().await.unwrap();
+    // neither failure is an I/O error: each fails at once, as the filter says
+    assert_eq!(gets.load(Ordering::SeqCst), 1, "a dependency's error was retried");
+    assert_eq!(returns.load(Ordering::SeqCst), 1, "an unserializable value was retried");
+}

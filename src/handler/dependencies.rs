@@ -217,10 +217,12 @@ pub(crate) async fn set_up_all(
 /// The values of `dependencies` for the call `ctx`, asked for in order. When one fails or
 /// panics, those that gave a value already see the call fail in `after_call`, as after any
 /// failed call: a session opened for the call is rolled back, never left open. The failure
-/// names the dependency.
+/// names the dependency, and is retryable when `retryable` says so of its error (none for a
+/// panic), as the route's retry policy says of a target's.
 pub(crate) async fn provide_all(
     dependencies: &[SharedDependency],
     ctx: &WorkerContext,
+    retryable: impl Fn(Option<&(dyn std::error::Error + 'static)>) -> bool,
 ) -> std::result::Result<DependencyValues, Failure> {
     let mut values = DependencyValues::default();
     for dependency in dependencies {
@@ -233,13 +235,17 @@ pub(crate) async fn provide_all(
                 let failure = Failure::from_error(&error, name);
                 Failure {
                     message: format!("dependency {name} failed: {}", failure.message),
+                    retryable: retryable(Some(&*error)),
                     ..failure
                 }
             }
-            Err(panic) => Failure::new(
-                FailureKind::Panic,
-                format!("dependency {name} panicked: {}", panic_message(panic.as_ref())),
-            ),
+            Err(panic) => Failure {
+                retryable: retryable(None),
+                ..Failure::new(
+                    FailureKind::Panic,
+                    format!("dependency {name} panicked: {}", panic_message(panic.as_ref())),
+                )
+            },
         };
         after_all(dependencies, &values, &Err(failure.clone())).await;
         return Err(failure);

@@ -453,7 +453,10 @@ impl RouteHandle {
             retry,
             lone_call: route.pool.lone_call(),
         };
-        let values = Arc::new(provide_all(&route.dependencies, &ctx).await?);
+        let retryable = |error: Option<&(dyn std::error::Error + 'static)>| {
+            route.backoff.as_ref().is_none_or(|policy| policy.accepts(error))
+        };
+        let values = Arc::new(provide_all(&route.dependencies, &ctx, retryable).await?);
         ctx.dependencies = values.clone();
         let outcome = into_outcome((target.invoke)(ctx).await, route.backoff.as_ref());
         after_all(&route.dependencies, &values, &outcome).await;
@@ -503,8 +506,9 @@ fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcom
         TargetError::Extract(crate::handler::extract::ExtractError::BadInput(reason)) => {
             Failure::bad_input(reason)
         }
+        // with a retry filter, failures without an error to match fail at once, as panics do
         TargetError::Extract(crate::handler::extract::ExtractError::Unavailable(reason)) => {
-            Failure::new(FailureKind::Error, reason)
+            Failure { retryable: accepts(None), ..Failure::new(FailureKind::Error, reason) }
         }
         TargetError::Error { error, type_name } => {
             Failure { retryable: accepts(Some(&*error)), ..Failure::from_error(&error, type_name) }
@@ -515,7 +519,10 @@ fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcom
         },
         TargetError::Unserializable(reason) => {
             let reason = format!("return value cannot be serialized: {reason}");
-            Failure::new(FailureKind::Unserializable, reason)
+            Failure {
+                retryable: accepts(None),
+                ..Failure::new(FailureKind::Unserializable, reason)
+            }
         }
     })
 }
