@@ -212,3 +212,23 @@ async fn a_retry_filter_holds_for_every_failure_not_only_the_targets_errors() {
     assert_eq!(gets.load(Ordering::SeqCst), 1, "a dependency's error was retried");
     assert_eq!(returns.load(Ordering::SeqCst), 1, "an unserializable value was retried");
 }
+
+fn attempt(retry: micro_framework::retry::BackOffData) -> Value {
+    json!({ "retry_count": retry.retry_count, "max_retries": retry.max_retries })
+}
+
+#[tokio::test]
+async fn a_route_called_alone_sees_its_retry_state_as_in_a_service() {
+    use micro_framework::retry::{AsyncBackOff, HEADER_RETRY_COUNT};
+    use micro_framework::HeaderValue;
+    use std::time::Duration;
+
+    let route = || Route::new(attempt).backoff(AsyncBackOff::new(5, Duration::from_secs(1)));
+    let first = Message::json(&json!({})).unwrap();
+    let outcome = call_route(route(), memory_test_config("retry"), first.clone()).await;
+    assert_eq!(outcome, Ok(json!({ "retry_count": 0, "max_retries": 5 })));
+    let mut third = first;
+    third.properties.headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(2));
+    let outcome = call_route(route(), memory_test_config("retry"), third).await;
+    assert_eq!(outcome, Ok(json!({ "retry_count": 2, "max_retries": 5 })));
+}

@@ -358,15 +358,18 @@ impl RouteHandle {
         self.inner.stats.skipped();
     }
 
-    /// Run one function of the route on `message` as a first attempt: the unit of work a
-    /// worker does.
+    /// Run one function of the route on `message` once, as the attempt its headers say it
+    /// is: the retry state it sees (`BackOffData`: the retry count, the route's limit) is
+    /// the one a service would give it.
     pub(crate) async fn execute(
         &self,
         role: TargetRole,
         message: Message,
         failure: Option<Failure>,
     ) -> Outcome {
-        self.run(role, &Arc::new(message), failure, &BackOffData::default()).await
+        let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
+        let retry = BackOffData::from_headers(&message.properties.headers, max_retries);
+        self.run(role, &Arc::new(message), failure, &retry).await
     }
 
     async fn run(
