@@ -567,10 +567,12 @@ fn sixteen_megabytes() -> Value {
 #[tokio::test]
 async fn a_long_response_read_steadily_is_not_cut_by_the_keep_alive_timeout() {
     let routes = vec![Route::new(sixteen_megabytes).entrypoint(HttpEntrypoint::get("/big"))];
-    let (service, base) = spawn(routes, hostile_config("http_long", 10.0, 1.0)).await;
+    let (service, base) = spawn(routes, hostile_config("http_long", 10.0, 2.0)).await;
     let address: std::net::SocketAddr = base.trim_start_matches("http://").parse().unwrap();
     // a small receive buffer, read at about 2 MB/s: the 16 MiB take some 8 s to go out,
-    // far longer than the keep-alive timeout (1 s) and than what the kernel buffers
+    // far longer than the keep-alive timeout (2 s, above the pauses a loaded 2-core machine
+    // gives this reader: with 1 s it was cut once while four builds ran) and than what the
+    // kernel buffers
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(64 * 1024).unwrap();
     let mut stream = socket.connect(address).await.unwrap();
