@@ -626,23 +626,10 @@ async fn a_queue_deleted_under_the_service_is_declared_again_with_its_binding() 
                                                           // an operator deletes it, on a connection of their own
         let operator = micro_framework::transport::connect(&config).await.unwrap();
         operator.delete_queue(&queue).await.unwrap();
-        let mut back = false;
-        for _ in 0..500 {
-            back = operator.queue_info(&queue).await.is_ok();
-            if back {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(back, "{uri}: the service declares its queue again");
+        // the service declares it again
+        common::wait_until_async(|| async { operator.queue_info(&queue).await.is_ok() }).await;
         service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
-        let handled = tokio::time::timeout(Duration::from_secs(10), async {
-            while calls.count() < 2 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(handled.is_ok(), "{uri}: bound again and consumed, the route runs the event");
+        common::wait_until(|| calls.count() >= 2, "the event, bound again and consumed").await;
         operator.close().await;
         service.stop().await.unwrap();
         common::cleanup(&uri, &markers).await;
@@ -667,25 +654,12 @@ async fn a_queue_deleted_with_its_exchange_is_declared_again_with_both_and_bound
         let operator = micro_framework::transport::connect(&config).await.unwrap();
         operator.delete_exchange(&format!("{shop}.events")).await.unwrap();
         operator.delete_queue(&queue).await.unwrap();
-        let mut back = false;
-        for _ in 0..500 {
-            back = operator.queue_info(&queue).await.is_ok();
-            if back {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(back, "{uri}: the service declares its queue again");
+        // the service declares it again
+        common::wait_until_async(|| async { operator.queue_info(&queue).await.is_ok() }).await;
         // past the consume loop's next attempts: a queue consumed without its binding stays so
         tokio::time::sleep(Duration::from_millis(2500)).await;
         service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
-        let handled = tokio::time::timeout(Duration::from_secs(5), async {
-            while calls.count() < 2 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(handled.is_ok(), "{uri}: the exchange and binding are back, the route runs it");
+        common::wait_until(|| calls.count() >= 2, "the event, exchange and binding back").await;
         operator.close().await;
         service.stop().await.unwrap();
         common::cleanup(&uri, &markers).await;
@@ -718,33 +692,16 @@ async fn a_queue_declared_again_whose_binding_fails_is_not_consumed_unbound() {
                                                           // both deleted: the queue comes back, its binding cannot while the exchange is gone
         operator.delete_exchange(&exchange).await.unwrap();
         operator.delete_queue(&queue).await.unwrap();
-        let mut back = false;
-        for _ in 0..500 {
-            back = operator.queue_info(&queue).await.is_ok();
-            if back {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(back, "{uri}: the service declares its queue again");
+        // the service declares it again
+        common::wait_until_async(|| async { operator.queue_info(&queue).await.is_ok() }).await;
         tokio::time::sleep(Duration::from_millis(2500)).await;
         // the operator declares the exchange again: the service binds its queue, then consumes
         operator.declare_exchange(&topic).await.unwrap();
-        let bound = tokio::time::timeout(Duration::from_secs(5), async {
-            let mandatory = PublishOptions { mandatory: true };
-            while operator.publish(&exchange, "job", job(), mandatory).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        assert!(bound.is_ok(), "{uri}: the queue is bound again once the exchange is back");
-        let handled = tokio::time::timeout(Duration::from_secs(5), async {
-            while calls.count() < 2 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(handled.is_ok(), "{uri}: and consumed");
+        // the queue is bound again once the exchange is back
+        let mandatory = PublishOptions { mandatory: true };
+        let bound = || async { operator.publish(&exchange, "job", job(), mandatory).await.is_ok() };
+        common::wait_until_async(bound).await;
+        common::wait_until(|| calls.count() >= 2, "the event, consumed once bound").await;
         operator.close().await;
         service.stop().await.unwrap();
         common::cleanup(&uri, &markers).await;

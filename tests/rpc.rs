@@ -676,15 +676,8 @@ async fn an_rpc_queue_deleted_under_the_service_is_declared_again_with_its_bindi
             micro_framework::transport::connect(&config(&uri, "operator")).await.unwrap();
         let queue = format!("rpc-{math}");
         operator.delete_queue(&queue).await.unwrap();
-        let mut back = false;
-        for _ in 0..500 {
-            back = operator.queue_info(&queue).await.is_ok();
-            if back {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(back, "{uri}: the service declares its queue again");
+        // the service declares it again
+        common::wait_until_async(|| async { operator.queue_info(&queue).await.is_ok() }).await;
         let math_service = client.service(&math).timeout(Duration::from_secs(10));
         let sum = math_service.call::<i64>("add", (2, 3), ()).await;
         assert_eq!(sum.ok(), Some(5), "{uri}: bound again and consumed");
