@@ -609,21 +609,37 @@ async fn an_rpc_request_whose_reply_can_never_be_sent_runs_once() {
     }
 }
 
+/// A service whose route `good` listens to `{shop}.job` and has handled one event.
+struct Consuming {
+    service: TestService,
+    config: Config,
+    shop: String,
+    queue: String,
+    calls: Arc<Calls>,
+    markers: [String; 2],
+}
+
+async fn consuming(uri: &str, name: &str) -> Consuming {
+    let shop = unique(name);
+    let config = config(uri, name);
+    let markers = [config.service_name.clone(), shop.clone()];
+    let queue = format!("evt-{shop}-job--{}.good", config.service_name);
+    let calls = Arc::new(Calls::default());
+    let routes = vec![Route::new(good)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .dependency(Shared(calls.clone()))];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    service.dispatch(&shop, "job", &json!({ "id": 0 })).await.unwrap();
+    service.wait_for_route("good", 1).await.unwrap();
+    Consuming { service, config, shop, queue, calls, markers }
+}
+
 #[tokio::test]
 async fn a_queue_deleted_under_the_service_is_declared_again_with_its_binding() {
     for uri in broker_uris() {
-        let shop = unique("qgone");
-        let config = config(&uri, "qgone");
-        let markers = [config.service_name.clone(), shop.clone()];
-        let queue = format!("evt-{shop}-job--{}.good", config.service_name);
-        let calls = Arc::new(Calls::default());
-        let routes = vec![Route::new(good)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .dependency(Shared(calls.clone()))];
-        let service = TestService::start(routes, config.clone()).await.unwrap();
-        service.dispatch(&shop, "job", &json!({ "id": 0 })).await.unwrap();
-        service.wait_for_route("good", 1).await.unwrap(); // consuming
-                                                          // an operator deletes it, on a connection of their own
+        let Consuming { service, config, shop, queue, calls, markers } =
+            consuming(&uri, "qgone").await;
+        // an operator deletes it, on a connection of their own
         let operator = micro_framework::transport::connect(&config).await.unwrap();
         operator.delete_queue(&queue).await.unwrap();
         // the service declares it again
@@ -639,18 +655,9 @@ async fn a_queue_deleted_under_the_service_is_declared_again_with_its_binding() 
 #[tokio::test]
 async fn a_queue_deleted_with_its_exchange_is_declared_again_with_both_and_bound() {
     for uri in broker_uris() {
-        let shop = unique("xgone");
-        let config = config(&uri, "xgone");
-        let markers = [config.service_name.clone(), shop.clone()];
-        let queue = format!("evt-{shop}-job--{}.good", config.service_name);
-        let calls = Arc::new(Calls::default());
-        let routes = vec![Route::new(good)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .dependency(Shared(calls.clone()))];
-        let service = TestService::start(routes, config.clone()).await.unwrap();
-        service.dispatch(&shop, "job", &json!({ "id": 0 })).await.unwrap();
-        service.wait_for_route("good", 1).await.unwrap(); // consuming
-                                                          // an operator deletes the exchange the service declared, then its queue
+        let Consuming { service, config, shop, queue, calls, markers } =
+            consuming(&uri, "xgone").await;
+        // an operator deletes the exchange the service declared, then its queue
         let operator = micro_framework::transport::connect(&config).await.unwrap();
         operator.delete_exchange(&format!("{shop}.events")).await.unwrap();
         operator.delete_queue(&queue).await.unwrap();
