@@ -3,8 +3,11 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+/// One cell per type, an `OnceLock<Arc<T>>` under `T`'s type id: a value is made in its own
+/// cell, outside the map's lock, so a maker may use the state itself (a value built from
+/// another) without a deadlock, and runs once.
 type Values = HashMap<TypeId, Arc<dyn Any + Send + Sync>>;
 
 /// Values shared by every route and call of one service instance, one per type, made on
@@ -34,15 +37,22 @@ impl ServiceState {
         self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The value of type `T`, made by `make` if there is none yet.
+    /// The value of type `T`, made by `make` if there is none yet. Calls that come while it
+    /// is being made wait for it: `make` runs once. It may use this state for values of other
+    /// types (one of its own type would wait for itself).
     pub fn get_or_insert_with<T: Send + Sync + 'static>(&self, make: impl FnOnce() -> T) -> Arc<T> {
+        self.cell::<T>().get_or_init(|| Arc::new(make())).clone()
+    }
+
+    /// The cell of type `T`, made empty if there is none yet.
+    fn cell<T: Send + Sync + 'static>(&self) -> Arc<OnceLock<Arc<T>>> {
         let mut values = self.values();
-        let found = values.get(&TypeId::of::<T>()).and_then(|value| value.clone().downcast().ok());
-        found.unwrap_or_else(|| {
-            let value = Arc::new(make());
-            values.insert(TypeId::of::<T>(), value.clone());
-            value
-        })
+        let cell = values
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(OnceLock::<Arc<T>>::new()))
+            .clone();
+        // `T`'s type id only ever holds a cell of `T`
+        cell.downcast().unwrap_or_default()
     }
 
     /// The value of type `T`, made with `T::default()` if there is none yet.
@@ -58,13 +68,60 @@ impl ServiceState {
 
     /// The value of type `T`, if one was made.
     pub fn get<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
-        let value = self.values().get(&TypeId::of::<T>()).cloned()?;
-        value.downcast::<T>().ok()
+        let cell = self.values().get(&TypeId::of::<T>()).cloned()?;
+        cell.downcast::<OnceLock<Arc<T>>>().ok()?.get().cloned()
     }
 }
 
 impl fmt::Debug for ServiceState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServiceState").field("values", &self.values().len()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Settings(u32);
+    struct Client(u32);
+
+    #[test]
+    fn a_value_can_be_made_from_another_of_the_same_state() {
+        let state = ServiceState::default();
+        let (done, finished) = std::sync::mpsc::channel();
+        let made = state.clone();
+        // on a thread of its own: with the old map-wide lock, this deadlocked
+        std::thread::spawn(move || {
+            let client =
+                made.get_or_insert_with(|| Client(made.get_or_insert_with(|| Settings(7)).0));
+            let _ = done.send(client.0);
+        });
+        let made = finished.recv_timeout(std::time::Duration::from_secs(5));
+        assert_eq!(made.ok(), Some(7), "the maker used the state for another value");
+        assert_eq!(state.get::<Settings>().map(|settings| settings.0), Some(7));
+        assert!(state.get::<u64>().is_none());
+    }
+
+    #[test]
+    fn concurrent_first_uses_make_the_value_once() {
+        let state = ServiceState::default();
+        let makes = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (state, makes) = (state.clone(), makes.clone());
+                std::thread::spawn(move || {
+                    state.get_or_insert_with(|| {
+                        makes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        Settings(1)
+                    })
+                })
+            })
+            .collect();
+        for thread in threads {
+            assert_eq!(thread.join().unwrap().0, 1);
+        }
+        assert_eq!(makes.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }
