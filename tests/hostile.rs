@@ -634,6 +634,19 @@ async fn consuming(uri: &str, name: &str) -> Consuming {
     Consuming { service, config, shop, queue, calls, markers }
 }
 
+/// Publish `{shop}.job` events (mandatory) until one is routed: the service has declared its
+/// queue and binding again.
+async fn routed_once_bound(operator: &SharedTransport, shop: &str) {
+    let exchange = format!("{shop}.events");
+    let mandatory = PublishOptions { mandatory: true };
+    let event = || OutgoingMessage {
+        body: b"{\"id\": 1}".to_vec().into(),
+        properties: micro_framework::data::json_properties(),
+    };
+    let routed = || async { operator.publish(&exchange, "job", event(), mandatory).await.is_ok() };
+    common::wait_until_async(routed).await;
+}
+
 #[tokio::test]
 async fn a_queue_deleted_under_the_service_is_declared_again_with_its_binding() {
     for uri in broker_uris() {
@@ -642,9 +655,8 @@ async fn a_queue_deleted_under_the_service_is_declared_again_with_its_binding() 
         // an operator deletes it, on a connection of their own
         let operator = micro_framework::transport::connect(&config).await.unwrap();
         operator.delete_queue(&queue).await.unwrap();
-        // the service declares it again
-        common::wait_until_async(|| async { operator.queue_info(&queue).await.is_ok() }).await;
-        service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
+        // the service declares it again, then binds it: until then an event is unroutable
+        routed_once_bound(&operator, &shop).await;
         common::wait_until(|| calls.count() >= 2, "the event, bound again and consumed").await;
         operator.close().await;
         service.stop().await.unwrap();
@@ -661,11 +673,8 @@ async fn a_queue_deleted_with_its_exchange_is_declared_again_with_both_and_bound
         let operator = micro_framework::transport::connect(&config).await.unwrap();
         operator.delete_exchange(&format!("{shop}.events")).await.unwrap();
         operator.delete_queue(&queue).await.unwrap();
-        // the service declares it again
-        common::wait_until_async(|| async { operator.queue_info(&queue).await.is_ok() }).await;
-        // past the consume loop's next attempts: a queue consumed without its binding stays so
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
+        // the exchange, the queue and its binding come back: until then an event is unroutable
+        routed_once_bound(&operator, &shop).await;
         common::wait_until(|| calls.count() >= 2, "the event, exchange and binding back").await;
         operator.close().await;
         service.stop().await.unwrap();
