@@ -3,6 +3,7 @@
 //! A transport knows messages, queues and exchanges; nothing of routes or protocols.
 
 mod api;
+mod declarations;
 pub mod limits;
 pub mod memory;
 pub mod rabbitmq;

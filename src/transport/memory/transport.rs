@@ -1,6 +1,5 @@
 //! [`MemoryTransport`]: a connection to a [`MemoryBroker`], implementing [`Transport`].
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +14,7 @@ use crate::transport::{
 
 use super::broker::MemoryBroker;
 use super::delayed::PLUGIN;
+use crate::transport::declarations::{Declaration, Declarations};
 use crate::transport::limits::{check_headers, RABBITMQ_FRAME_MAX};
 
 /// A connection to an in-process [`MemoryBroker`].
@@ -27,17 +27,10 @@ pub struct MemoryTransport {
     connection: u64,
     closed: AtomicBool,
     opened_at: std::time::SystemTime,
-    /// What this connection declared, for [`Transport::declare_again`].
-    declared: std::sync::Mutex<Declared>,
-}
-
-/// The queues a connection declared, with the bindings it gave them (queues that expire by
-/// themselves, `x-expires`, are not kept, as the RabbitMQ transport forgets them once their
-/// lease runs out), and the exchanges it declared.
-#[derive(Debug, Default)]
-struct Declared {
-    queues: BTreeMap<String, (QueueSpec, Vec<BindingSpec>)>,
-    exchanges: BTreeMap<String, ExchangeSpec>,
+    /// What this connection declared, for [`Transport::declare_again`]. Queues that expire by
+    /// themselves (`x-expires`) and their bindings are not kept, as the RabbitMQ transport
+    /// forgets them once their lease runs out.
+    declared: std::sync::Mutex<Declarations>,
 }
 
 impl MemoryTransport {
@@ -98,7 +91,7 @@ impl MemoryTransport {
         }
     }
 
-    fn declared(&self) -> std::sync::MutexGuard<'_, Declared> {
+    fn declared(&self) -> std::sync::MutexGuard<'_, Declarations> {
         self.declared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -115,7 +108,7 @@ impl Transport for MemoryTransport {
     async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
         self.open()?;
         self.broker.with_state(|state| state.declare_exchange(spec))?;
-        self.declared().exchanges.insert(spec.name.clone(), spec.clone());
+        self.declared().record(Declaration::Exchange(spec.clone()));
         Ok(())
     }
 
@@ -125,9 +118,7 @@ impl Transport for MemoryTransport {
             .broker
             .with_state(|state| state.declare_queue(self.connection, spec, Instant::now()))?;
         if !spec.arguments.contains_key("x-expires") {
-            let queues = &mut self.declared().queues;
-            let bindings = queues.remove(&spec.name).map(|(_, bindings)| bindings);
-            queues.insert(spec.name.clone(), (spec.clone(), bindings.unwrap_or_default()));
+            self.declared().record(Declaration::Queue(spec.clone()));
         }
         Ok(info)
     }
@@ -140,53 +131,36 @@ impl Transport for MemoryTransport {
     async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
         self.open()?;
         self.broker.with_state(|state| state.bind(self.connection, binding))?;
-        if let Some((_, bindings)) = self.declared().queues.get_mut(&binding.queue) {
-            if !bindings.contains(binding) {
-                bindings.push(binding.clone());
-            }
+        let mut declared = self.declared();
+        if declared.has_queue(&binding.queue) {
+            declared.record(Declaration::Binding(binding.clone()));
         }
         Ok(())
     }
 
     async fn declare_again(&self, queue: &str) -> Result<bool, TransportError> {
-        let (spec, bindings, exchanges) = {
-            let declared = self.declared();
-            let Some((spec, bindings)) = declared.queues.get(queue).cloned() else {
-                return Ok(false);
-            };
-            let exchanges: Vec<ExchangeSpec> = bindings
-                .iter()
-                .filter_map(|binding| declared.exchanges.get(&binding.exchange).cloned())
-                .collect();
-            (spec, bindings, exchanges)
-        };
-        // the exchanges first, as kombu declares a queue's exchange with it: one deleted with
-        // the queue would leave it unbound
-        for exchange in &exchanges {
-            self.declare_exchange(exchange).await?;
+        let declarations = self.declared().again(queue);
+        let recorded = !declarations.is_empty();
+        for declaration in &declarations {
+            match declaration {
+                Declaration::Exchange(spec) => self.declare_exchange(spec).await?,
+                Declaration::Queue(spec) => self.declare_queue(spec).await.map(|_| ())?,
+                Declaration::Binding(spec) => self.bind_queue(spec).await?,
+            }
         }
-        self.declare_queue(&spec).await?;
-        for binding in &bindings {
-            self.bind_queue(binding).await?;
-        }
-        Ok(true)
+        Ok(recorded)
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
         self.open()?;
-        self.declared().queues.remove(queue);
+        self.declared().remove_queue(queue);
         self.broker.with_state(|state| state.delete_queue(self.connection, queue))
     }
 
     async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
         self.open()?;
         // forgotten with the bindings to it, as the RabbitMQ transport forgets them
-        let mut declared = self.declared();
-        declared.exchanges.remove(exchange);
-        for (_, bindings) in declared.queues.values_mut() {
-            bindings.retain(|binding| binding.exchange != exchange);
-        }
-        drop(declared);
+        self.declared().remove_exchange(exchange);
         self.broker.with_state(|state| state.delete_exchange(exchange))
     }
 

@@ -172,19 +172,12 @@ impl Transport for RabbitMqTransport {
     }
 
     async fn declare_again(&self, queue: &str) -> Result<bool, TransportError> {
-        let (exchanges, declarations) = {
-            let topology = self.shared.topology();
-            (topology.exchanges_bound_to(queue), topology.queue_with_bindings(queue))
-        };
-        if declarations.is_empty() {
-            return Ok(false);
-        }
-        // the exchanges first, as kombu declares a queue's exchange with it: one deleted with
-        // the queue would leave it unbound
-        for declaration in exchanges.into_iter().chain(declarations) {
+        let declarations = self.shared.topology().again(queue);
+        let recorded = !declarations.is_empty();
+        for declaration in declarations {
             self.declare(declaration).await?;
         }
-        Ok(true)
+        Ok(recorded)
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {

@@ -2,33 +2,15 @@
 //! after a reconnect.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use std::collections::HashSet;
 
 use lapin::Channel;
 use tokio::time::Instant;
 
 use super::convert::{short, to_field_table};
 use super::lease::{may_vanish, Usage};
-use crate::transport::{BindingSpec, ExchangeKind, ExchangeSpec, QueueSpec, TransportError};
-
-/// One recorded declaration.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Declaration {
-    /// `exchange.declare`.
-    Exchange(ExchangeSpec),
-    /// `queue.declare`.
-    Queue(QueueSpec),
-    /// `queue.bind`.
-    Binding(BindingSpec),
-}
-
-/// One declaration of the record, with the stamp of its last recording (so the replay can
-/// tell a declaration it read from one the application made again meanwhile).
-#[derive(Debug)]
-struct Entry {
-    declaration: Declaration,
-    stamp: u64,
-}
+pub(crate) use crate::transport::declarations::Declaration;
+use crate::transport::declarations::Declarations;
+use crate::transport::{ExchangeKind, TransportError};
 
 /// One declaration to replay.
 #[derive(Debug)]
@@ -42,11 +24,11 @@ pub(crate) struct Replay {
     pub(crate) check_first: bool,
 }
 
-/// The ordered record of declarations.
+/// The connection's declarations, and what tells which of its queues the broker may have
+/// deleted by itself.
 #[derive(Debug, Default)]
 pub(crate) struct Topology {
-    entries: Vec<Entry>,
-    stamps: u64,
+    declarations: Declarations,
     usage: Usage,
 }
 
@@ -56,79 +38,53 @@ impl Topology {
     /// Queues whose `x-expires` lease ran out leave the record first: the broker deleted them.
     pub(crate) fn record(&mut self, declaration: Declaration) -> Option<Declaration> {
         self.prune(Instant::now());
-        if let Declaration::Queue(spec) = &declaration {
+        if let Some(spec) = declaration.queue() {
             self.usage.declared(spec);
         }
-        self.stamps += 1;
-        let entry = Entry { declaration, stamp: self.stamps };
-        let position =
-            self.entries.iter().position(|e| same_entity(&e.declaration, &entry.declaration));
-        match position {
-            Some(i) => Some(std::mem::replace(&mut self.entries[i], entry).declaration),
-            None => {
-                self.entries.push(entry);
-                None
-            }
-        }
+        self.declarations.record(declaration)
     }
 
     /// Undo [`Topology::record`] after the broker refused the declaration.
     pub(crate) fn restore(&mut self, declaration: &Declaration, previous: Option<Declaration>) {
-        let Some(i) = self.entries.iter().position(|e| e.declaration == *declaration) else {
-            return;
+        let usage = match &previous {
+            Some(previous) => previous.queue().map(|spec| (spec.clone(), true)),
+            None => declaration.queue().map(|spec| (spec.clone(), false)),
         };
-        match previous {
-            Some(previous) => {
-                if let Declaration::Queue(spec) = &previous {
-                    self.usage.declared(spec);
-                }
-                self.entries[i].declaration = previous;
-            }
-            None => {
-                if let Declaration::Queue(spec) = declaration {
-                    self.usage.forget(&spec.name);
-                }
-                self.entries.remove(i);
-            }
+        if !self.declarations.restore(declaration, previous) {
+            return;
+        }
+        match usage {
+            Some((spec, true)) => self.usage.declared(&spec),
+            Some((spec, false)) => self.usage.forget(&spec.name),
+            None => {}
         }
     }
 
     /// Forget one declaration (one the broker rejects on replay).
     pub(crate) fn forget(&mut self, declaration: &Declaration) {
-        if let Declaration::Queue(spec) = declaration {
+        if let Some(spec) = declaration.queue() {
             self.usage.forget(&spec.name);
         }
-        self.entries.retain(|e| e.declaration != *declaration);
+        self.declarations.forget(declaration);
     }
 
     /// Forget a deleted queue and its bindings.
     pub(crate) fn remove_queue(&mut self, queue: &str) {
         self.usage.forget(queue);
-        self.entries.retain(|e| match &e.declaration {
-            Declaration::Queue(q) => q.name != queue,
-            Declaration::Binding(b) => b.queue != queue,
-            Declaration::Exchange(_) => true,
-        });
+        self.declarations.remove_queue(queue);
     }
 
     /// Forget a queue the replay found gone, and its bindings, unless the application declared
     /// it again since the replay read it (its stamp changed).
     pub(crate) fn drop_queue(&mut self, queue: &str, stamp: u64) {
-        let same = self.entries.iter().any(|e| {
-            e.stamp == stamp && matches!(&e.declaration, Declaration::Queue(q) if q.name == queue)
-        });
-        if same {
+        if self.declarations.has_queue_stamped(queue, stamp) {
             self.remove_queue(queue);
         }
     }
 
     /// Forget a deleted exchange and the bindings to it.
     pub(crate) fn remove_exchange(&mut self, exchange: &str) {
-        self.entries.retain(|e| match &e.declaration {
-            Declaration::Exchange(x) => x.name != exchange,
-            Declaration::Binding(b) => b.exchange != exchange,
-            Declaration::Queue(_) => true,
-        });
+        self.declarations.remove_exchange(exchange);
     }
 
     /// The queue was used in a way that renews its `x-expires` lease.
@@ -149,34 +105,12 @@ impl Topology {
     /// The recorded declaration of `queue` and its bindings, in order; empty when the queue
     /// is no longer recorded.
     pub(crate) fn queue_with_bindings(&self, queue: &str) -> Vec<Declaration> {
-        let declared = self
-            .entries
-            .iter()
-            .any(|e| matches!(&e.declaration, Declaration::Queue(q) if q.name == queue));
-        if !declared {
-            return Vec::new();
-        }
-        let ours = |d: &Declaration| match d {
-            Declaration::Queue(q) => q.name == queue,
-            Declaration::Binding(b) => b.queue == queue,
-            Declaration::Exchange(_) => false,
-        };
-        self.entries.iter().map(|e| &e.declaration).filter(|d| ours(d)).cloned().collect()
+        self.declarations.queue_with_bindings(queue)
     }
 
-    /// The recorded declarations of the exchanges `queue` is bound to, in order.
-    pub(crate) fn exchanges_bound_to(&self, queue: &str) -> Vec<Declaration> {
-        let bound = |exchange: &str| {
-            self.entries.iter().any(|e| {
-                matches!(&e.declaration, Declaration::Binding(b) if b.queue == queue && b.exchange == exchange)
-            })
-        };
-        self.entries
-            .iter()
-            .map(|e| &e.declaration)
-            .filter(|d| matches!(d, Declaration::Exchange(x) if bound(&x.name)))
-            .cloned()
-            .collect()
+    /// What declares `queue` again (see [`Declarations::again`]).
+    pub(crate) fn again(&self, queue: &str) -> Vec<Declaration> {
+        self.declarations.again(queue)
     }
 
     /// The declarations to replay, in declaration order, after forgetting the queues whose
@@ -184,16 +118,15 @@ impl Topology {
     /// auto-delete queue no consumer of this transport holds) is to be checked first.
     pub(crate) fn replay(&mut self, now: Instant) -> Vec<Replay> {
         self.prune(now);
-        let check = |d: &Declaration| match d {
-            Declaration::Queue(q) => may_vanish(q) && !self.usage.consumed(&q.name),
-            Declaration::Exchange(_) | Declaration::Binding(_) => false,
+        let check = |d: &Declaration| {
+            d.queue().is_some_and(|q| may_vanish(q) && !self.usage.consumed(&q.name))
         };
-        let replay = |e: &Entry| Replay {
-            declaration: e.declaration.clone(),
-            stamp: e.stamp,
-            check_first: check(&e.declaration),
+        let replay = |(declaration, stamp): (&Declaration, u64)| Replay {
+            declaration: declaration.clone(),
+            stamp,
+            check_first: check(declaration),
         };
-        self.entries.iter().map(replay).collect()
+        self.declarations.stamped().map(replay).collect()
     }
 
     /// Forget the queues (and their bindings) whose lease ran out at `now`.
@@ -201,27 +134,9 @@ impl Topology {
         if self.usage.no_leases() {
             return;
         }
-        let expired: HashSet<String> = self.usage.expired(now).into_iter().collect();
-        if expired.is_empty() {
-            return;
+        for queue in self.usage.expired(now) {
+            self.remove_queue(&queue);
         }
-        for queue in &expired {
-            self.usage.forget(queue);
-        }
-        self.entries.retain(|e| match &e.declaration {
-            Declaration::Queue(q) => !expired.contains(&q.name),
-            Declaration::Binding(b) => !expired.contains(&b.queue),
-            Declaration::Exchange(_) => true,
-        });
-    }
-}
-
-fn same_entity(a: &Declaration, b: &Declaration) -> bool {
-    match (a, b) {
-        (Declaration::Exchange(x), Declaration::Exchange(y)) => x.name == y.name,
-        (Declaration::Queue(x), Declaration::Queue(y)) => x.name == y.name,
-        (Declaration::Binding(x), Declaration::Binding(y)) => x == y,
-        _ => false,
     }
 }
 
@@ -324,6 +239,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::transport::{BindingSpec, QueueSpec};
 
     fn binding(queue: &str, exchange: &str) -> Declaration {
         Declaration::Binding(BindingSpec {
@@ -336,39 +252,6 @@ mod tests {
 
     fn snapshot(topology: &mut Topology) -> Vec<Declaration> {
         topology.replay(Instant::now()).into_iter().map(|r| r.declaration).collect()
-    }
-
-    #[test]
-    fn records_in_order_and_forgets_deleted_entities() {
-        let mut topology = Topology::default();
-        topology.record(Declaration::Exchange(ExchangeSpec::topic("ex")));
-        topology.record(Declaration::Queue(QueueSpec::durable("q")));
-        topology.record(binding("q", "ex"));
-        assert!(topology.record(binding("q", "ex")).is_some());
-        assert_eq!(snapshot(&mut topology).len(), 3);
-        topology.remove_queue("q");
-        assert_eq!(snapshot(&mut topology), vec![Declaration::Exchange(ExchangeSpec::topic("ex"))]);
-        topology.record(binding("q2", "ex"));
-        topology.remove_exchange("ex");
-        assert!(snapshot(&mut topology).is_empty());
-        topology.record(binding("q3", "ex3"));
-        topology.forget(&binding("q3", "ex3"));
-        assert!(snapshot(&mut topology).is_empty());
-    }
-
-    #[test]
-    fn restore_undoes_a_refused_declaration() {
-        let mut topology = Topology::default();
-        let original = Declaration::Queue(QueueSpec::durable("q"));
-        topology.record(original.clone());
-        let other = Declaration::Queue(QueueSpec { durable: false, ..QueueSpec::durable("q") });
-        let previous = topology.record(other.clone());
-        topology.restore(&other, previous);
-        assert_eq!(snapshot(&mut topology), vec![original.clone()]);
-        let fresh = Declaration::Queue(QueueSpec::durable("new"));
-        let previous = topology.record(fresh.clone());
-        topology.restore(&fresh, previous);
-        assert_eq!(snapshot(&mut topology), vec![original]);
     }
 
     fn queue(name: &str, auto_delete: bool, expires: Option<i64>) -> Declaration {
@@ -416,36 +299,5 @@ mod tests {
             snapshot(&mut topology),
             vec![queue("plain", false, None), queue("other", false, None)]
         );
-    }
-
-    #[test]
-    fn a_queue_comes_with_its_bindings() {
-        let mut topology = Topology::default();
-        let exclusive =
-            Declaration::Queue(QueueSpec { exclusive: true, ..QueueSpec::durable("x") });
-        topology.record(exclusive.clone());
-        topology.record(queue("other", false, None));
-        topology.record(binding("x", "ex"));
-        topology.record(binding("other", "ex"));
-        assert_eq!(topology.queue_with_bindings("x"), vec![exclusive, binding("x", "ex")]);
-        let other = vec![queue("other", false, None), binding("other", "ex")];
-        assert_eq!(topology.queue_with_bindings("other"), other);
-        topology.remove_queue("other");
-        assert!(topology.queue_with_bindings("other").is_empty());
-        assert!(topology.queue_with_bindings("never").is_empty());
-    }
-
-    #[test]
-    fn the_exchanges_a_queue_is_bound_to_are_those_recorded() {
-        let mut topology = Topology::default();
-        let exchange = |name: &str| Declaration::Exchange(ExchangeSpec::topic(name));
-        topology.record(exchange("ex"));
-        topology.record(exchange("unrelated"));
-        topology.record(queue("q", false, None));
-        topology.record(binding("q", "ex"));
-        topology.record(binding("q", "not-declared-here"));
-        assert_eq!(topology.exchanges_bound_to("q"), vec![exchange("ex")]);
-        topology.remove_exchange("ex");
-        assert!(topology.exchanges_bound_to("q").is_empty());
     }
 }
