@@ -61,6 +61,10 @@ pub enum Error {
     /// A wait in a test helper or client ran out of time.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// What a test helper waited for cannot come any more: the service or route it came
+    /// from stopped.
+    #[error("stopped: {0}")]
+    Stopped(String),
     /// An operating-system error (signals, runtime).
     #[error(transparent)]
     Io(#[from] std::io::Error),

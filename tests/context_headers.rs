@@ -13,6 +13,7 @@ use common::peer::{prerequisites, Peer, NAMEKO};
 use common::{broker_uris, config, unique, Probe};
 use micro_framework::amqp::dependencies::{Producer, RpcProxy};
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::amqp::rpc::Client;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
@@ -197,4 +198,38 @@ async fn a_nameko_listener_reads_the_forwarded_headers_as_its_context_data() {
     let parents = event["parent_call_id_stack"].as_array().unwrap();
     assert_eq!(parents.len(), 2, "{event}");
     assert_eq!(parents[0], "origin.start.1");
+}
+
+#[tokio::test]
+async fn a_standalone_client_sends_a_call_id_stack_of_its_own_as_nameko_s_proxy_does() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let config = config(&uri, "ctx_client");
+        let service_name = config.service_name.clone();
+        let routes = vec![Route::new(inspect)
+            .entrypoint(RPCListener::new())
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let client = Client::connect(&config).await.unwrap();
+        let first = client.call::<bool>(&service_name, "inspect", (), ()).await;
+        let second = client.call::<bool>(&service_name, "inspect", (), ()).await;
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, std::slice::from_ref(&service_name)).await;
+        assert_eq!((first, second), (Ok(true), Ok(true)));
+
+        let seen = probe.seen.lock().unwrap().clone();
+        let calls: Vec<(Headers, Headers, Vec<String>)> =
+            seen.into_iter().map(|call| serde_json::from_value(call).unwrap()).collect();
+        assert_eq!(calls.len(), 2);
+        for (request, data, stack) in &calls {
+            assert_eq!(names(request), BTreeSet::from(["nameko.call_id_stack"]), "{request:?}");
+            assert!(data.is_empty(), "{data:?}");
+            assert_eq!(stack.len(), 2, "the client, then inspect: {stack:?}");
+            assert!(stack[0].starts_with("standalone_rpc_proxy.call."), "{stack:?}");
+            assert!(stack[1].starts_with(&format!("{service_name}.inspect.")), "{stack:?}");
+        }
+        // one id for the client, as a Nameko proxy has one for its lifetime
+        assert_eq!(calls[0].2[0], calls[1].2[0]);
+    }
 }

@@ -175,11 +175,12 @@ async fn rust_calls_a_nameko_service() {
     let calls: Vec<&Value> = lines.iter().filter(|line| line.get("call").is_some()).collect();
     assert_eq!(calls.len(), 4, "{lines:?}");
     assert_eq!(calls[0]["args"], json!([1, 2]));
-    // the relayed call continues the Rust call's stack
+    // the relayed call continues the Rust call's stack, which starts at the client
     let stack = strings(&calls[3]["call_id_stack"]);
-    assert_eq!(stack.len(), 2, "{stack:?}");
-    assert!(stack[0].starts_with(&format!("{caller_name}.relay.")), "{stack:?}");
-    assert!(stack[1].starts_with(&format!("{nameko}.echo.")), "{stack:?}");
+    assert_eq!(stack.len(), 3, "{stack:?}");
+    assert!(stack[0].starts_with("standalone_rpc_proxy.call."), "{stack:?}");
+    assert!(stack[1].starts_with(&format!("{caller_name}.relay.")), "{stack:?}");
+    assert!(stack[2].starts_with(&format!("{nameko}.echo.")), "{stack:?}");
 }
 
 /// Numbers as Python's `repr` writes them: floats whose shortest text a best-effort parser
@@ -241,10 +242,17 @@ async fn numbers_from_a_nameko_service_reach_a_rust_caller_unchanged() {
     peer.expect("ready").await;
     let client = Client::connect(&config(&uri, "rs_caller")).await.unwrap();
     let echoed = client.call::<Value>(&nameko, "echo", [numbers()], ()).await;
-    peer.finish().await;
+    let lines = peer.finish().await;
     client.close().await;
 
     assert_eq!(echoed, Ok(numbers()));
+    // without context data, the call-id stack a Nameko proxy sends all the same
+    let call = lines.iter().find(|line| line.get("call").is_some()).expect("the call's line");
+    assert_eq!(call["context_data"], json!({}), "{call}");
+    let stack = strings(&call["call_id_stack"]);
+    assert_eq!(stack.len(), 2, "{stack:?}");
+    assert!(stack[0].starts_with("standalone_rpc_proxy.call."), "{stack:?}");
+    assert!(stack[1].starts_with(&format!("{nameko}.echo.")), "{stack:?}");
 }
 
 #[tokio::test]

@@ -290,10 +290,12 @@ async fn a_service_calls_itself_from_async_and_sync_targets() {
 
         let own: Value = client.call(&math, "relay", (), to("stack")).await.unwrap();
         let own: Vec<String> = serde_json::from_value(own).unwrap();
-        assert_eq!(own.len(), 2, "{own:?}");
+        assert_eq!(own.len(), 3, "{own:?}");
         assert!(
-            own[0].starts_with(&format!("{math}.relay."))
-                && own[1].starts_with(&format!("{math}.stack."))
+            own[0].starts_with("standalone_rpc_proxy.call.")
+                && own[1].starts_with(&format!("{math}.relay."))
+                && own[2].starts_with(&format!("{math}.stack.")),
+            "{own:?}"
         );
         let blocking: i64 = client.call(&math, "add_blocking", (), to("add")).await.unwrap();
         assert_eq!(blocking, 42);
@@ -345,10 +347,11 @@ async fn a_chain_of_services_keeps_the_call_id_stack() {
         // client → A.relay → B.chain_next → C.stack
         let to_b = json!({"service": names[1], "method": "chain_next"});
         let stack: Vec<String> = client.call(&names[0], "relay", (), to_b).await.unwrap();
-        assert_eq!(stack.len(), 3, "{stack:?}");
-        assert!(stack[0].starts_with(&format!("{}.relay.", names[0])), "{stack:?}");
-        assert!(stack[1].starts_with(&format!("{}.chain_next.", names[1])), "{stack:?}");
-        assert!(stack[2].starts_with(&format!("{}.stack.", names[2])), "{stack:?}");
+        assert_eq!(stack.len(), 4, "{stack:?}");
+        assert!(stack[0].starts_with("standalone_rpc_proxy.call."), "{stack:?}");
+        assert!(stack[1].starts_with(&format!("{}.relay.", names[0])), "{stack:?}");
+        assert!(stack[2].starts_with(&format!("{}.chain_next.", names[1])), "{stack:?}");
+        assert!(stack[3].starts_with(&format!("{}.stack.", names[2])), "{stack:?}");
 
         client.close().await;
         for service in services {

@@ -94,3 +94,14 @@ async fn a_waiter_that_sees_no_matching_call_says_which_route_and_what_it_saw() 
     assert!(unknown.contains("nope"), "{unknown}");
     service.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_waiter_whose_service_stops_says_so_rather_than_timing_out() {
+    let service = start().await;
+    let waiter = service.waiter("on_paid").unwrap().timeout(Duration::from_secs(60));
+    let waiting = tokio::spawn(waiter.wait());
+    service.stop().await.unwrap();
+    let error = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(error, micro_framework::Error::Stopped(_)), "{error:?}");
+    assert!(error.to_string().contains("route 'on_paid' stopped before the call came"), "{error}");
+}

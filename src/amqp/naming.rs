@@ -51,7 +51,8 @@ pub fn event_queue(
             work_queue(config, format!("evt-{source}-{event}--{service}.{method}-{id}"))
         }
         (Protocol::Nameko, HandlerType::Broadcast(None)) => {
-            let id = uuid::Uuid::new_v4();
+            // 32 hex digits, as Nameko's `uuid.uuid4().hex`
+            let id = uuid::Uuid::new_v4().simple();
             QueueSpec {
                 exclusive: true,
                 auto_delete: true,
@@ -141,6 +142,8 @@ mod tests {
     fn only_the_dead_letter_queue_of_an_exclusive_queue_has_a_lease() {
         let config = Config::new("svc");
         let anonymous = event_queue(&config, &HandlerType::Broadcast(None), "shop", "paid", "m");
+        let id = anonymous.name.rsplit('-').next().unwrap_or_default();
+        assert!(id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()), "{}", anonymous.name);
         let leased = dead_letter_queue_of(&config, &anonymous);
         assert_eq!(leased.name, format!("{}.dlq", anonymous.name));
         assert!(leased.durable && !leased.exclusive);

@@ -113,7 +113,7 @@ impl RouteWaiter {
         match waited {
             Ok(Ok(call)) => Ok(call),
             Ok(Err(())) => {
-                Err(Error::Timeout(format!("route '{}' stopped before the call came", self.route)))
+                Err(Error::Stopped(format!("route '{}' stopped before the call came", self.route)))
             }
             Err(_) => Err(Error::Timeout(self.nothing_came(&seen, missed))),
         }

@@ -17,8 +17,10 @@ use crate::transport::{Headers, SharedTransport};
 
 /// Calls RPC methods from outside any service, on its own connection, as service
 /// `standalone_rpc_proxy` (reply queue `rpc.reply-standalone_rpc_proxy-{uuid}`). Uses the
-/// config's broker, `RPC_EXCHANGE` and `RPC_TIMEOUT`; requests carry no context headers
-/// unless given [`Client::context_data`].
+/// config's broker, `RPC_EXCHANGE` and `RPC_TIMEOUT`. Like Nameko's `ClusterRpcProxy`, its
+/// requests carry a call-id stack (`nameko.call_id_stack`) holding one id of the client's own,
+/// `standalone_rpc_proxy.call.{uuid}`, and the context data given with
+/// [`Client::context_data`].
 ///
 /// ```no_run
 /// use micro_framework::amqp::rpc::Client;
@@ -45,16 +47,16 @@ impl Client {
         let config = config.clone().with_service_name(STANDALONE_SERVICE.to_owned());
         let transport = crate::transport::connect(&config).await?;
         let listener = Arc::new(ReplyListener::new(STANDALONE_SERVICE));
-        let caller = Arc::new(Caller::new(transport, listener, &config, Headers::new()));
+        let headers = call_headers(&Headers::new(), config.parent_calls_tracked);
+        let caller = Arc::new(Caller::new(transport, listener, &config, headers));
         Ok(Client { caller, parent_calls_tracked: config.parent_calls_tracked })
     }
 
     /// Send `data` with every request as context, as Nameko's
     /// `ClusterRpcProxy(config, context_data=data)` does: each key `k` (`auth_token`,
     /// `language`, `user_id`, ...) as header `nameko.k`, which Python services read as their
-    /// context data. Like Nameko's proxy, the requests also carry a call-id stack: the
-    /// `call_id_stack` of `data` (the caller's parents, if any) then one id of this client's
-    /// own, `standalone_rpc_proxy.call.{uuid}`, the same for all its calls.
+    /// context data. The call-id stack then starts with the `call_id_stack` of `data` (the
+    /// caller's parents, if any), before the client's own id.
     ///
     /// ```no_run
     /// use micro_framework::amqp::rpc::Client;
@@ -70,9 +72,8 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub fn context_data(self, data: Headers) -> Client {
-        let call =
-            CallContext::for_call(&data, STANDALONE_SERVICE, "call", self.parent_calls_tracked);
-        let caller = Caller { headers: call.outgoing_headers(), ..Caller::clone(&self.caller) };
+        let headers = call_headers(&data, self.parent_calls_tracked);
+        let caller = Caller { headers, ..Caller::clone(&self.caller) };
         Client { caller: Arc::new(caller), ..self }
     }
 
@@ -102,4 +103,11 @@ impl Client {
         self.caller.listener.delete_queues(&self.caller.transport).await;
         self.caller.transport.close().await;
     }
+}
+
+/// The headers a standalone call sends: `data` as context, and a call-id stack ending with
+/// one id of this client's own, the same for all its calls (a Nameko proxy's worker context
+/// lives as long as the proxy).
+fn call_headers(data: &Headers, parent_calls_tracked: usize) -> Headers {
+    CallContext::for_call(data, STANDALONE_SERVICE, "call", parent_calls_tracked).outgoing_headers()
 }
