@@ -404,3 +404,34 @@ async fn a_call_whose_http_client_hung_up_is_no_longer_counted_as_running() {
     assert_eq!(free, Some(3.0), "{text}");
     service.stop().await.unwrap();
 }
+
+/// Runs until its caller gives up on it.
+async fn endless() {
+    std::future::pending::<()>().await;
+}
+
+/// A call whose future is dropped before its end (a hook's call under a timeout, a custom
+/// entrypoint's caller gone): it no longer counts as running, and its worker slot counts as
+/// free again.
+#[tokio::test]
+async fn a_call_dropped_before_its_end_is_no_longer_counted_as_running() {
+    use micro_framework::amqp::entrypoints::RPCListener;
+    let uri = format!("memory://{}", unique("dropped"));
+    let routes = vec![Route::new(endless).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config(&uri, "dropped")).await.unwrap();
+    let metrics = service.service().metrics();
+    let running = r#"tasks_number{context="default",route="endless"}"#;
+    let free = r#"available_workers{context="default"}"#;
+    let counts = || {
+        let text = metrics.render();
+        (line_value(&text, running), line_value(&text, free))
+    };
+    let hook = service.hook("endless").unwrap();
+    tokio::select! {
+        ended = hook.rpc::<()>((), ()) => panic!("the endless call ended: {ended:?}"),
+        () = common::wait_until(|| counts() == (Some(1.0), Some(2.0)), "a running call") => {}
+    }
+    // the call's future was dropped mid-call
+    assert_eq!(counts(), (Some(0.0), Some(3.0)), "{}", metrics.render());
+    service.stop().await.unwrap();
+}

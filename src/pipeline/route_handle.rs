@@ -474,9 +474,9 @@ impl RouteHandle {
 }
 
 /// A call counted as running, with its worker slot. Its end is recorded when it is dropped,
-/// also when the call's future is dropped before its end (hyper drops an HTTP route's handler
-/// when the client hangs up): the call would count as running for ever, and the slot it freed
-/// as busy.
+/// also when the call's future is dropped before its end (its caller gave up on it: a test's
+/// hook call under a timeout, a custom entrypoint's task aborted): the call would count as
+/// running for ever, and the slot it freed as busy.
 struct RunningCall<'a> {
     route: &'a RouteHandle,
     series: &'a RouteSeries,
