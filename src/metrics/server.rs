@@ -126,3 +126,132 @@ async fn ready(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
         None => (status.0, format!("{}\n", status.1)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::config::MetricsConfig;
+    use crate::transport::{
+        BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage,
+        PublishOptions, QueueInfo, QueueSpec, Transport, TransportError,
+    };
+
+    /// A connected broker whose answer to a queue lookup never comes: the in-process one, with
+    /// `queue_info` hanging.
+    #[derive(Debug)]
+    struct UnansweredLookups(SharedTransport);
+
+    #[async_trait]
+    impl Transport for UnansweredLookups {
+        async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
+            self.0.declare_exchange(spec).await
+        }
+
+        async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
+            self.0.declare_queue(spec).await
+        }
+
+        async fn queue_info(&self, _queue: &str) -> Result<QueueInfo, TransportError> {
+            std::future::pending().await
+        }
+
+        async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
+            self.0.bind_queue(binding).await
+        }
+
+        async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
+            self.0.delete_queue(queue).await
+        }
+
+        async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
+            self.0.delete_exchange(exchange).await
+        }
+
+        async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError> {
+            self.0.purge_queue(queue).await
+        }
+
+        async fn publish(
+            &self,
+            exchange: &str,
+            routing_key: &str,
+            message: OutgoingMessage,
+            options: PublishOptions,
+        ) -> Result<(), TransportError> {
+            self.0.publish(exchange, routing_key, message, options).await
+        }
+
+        async fn consume(
+            &self,
+            queue: &str,
+            options: ConsumeOptions,
+        ) -> Result<Consumer, TransportError> {
+            self.0.consume(queue, options).await
+        }
+
+        async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
+            self.0.get(queue).await
+        }
+
+        fn is_connected(&self) -> bool {
+            self.0.is_connected()
+        }
+
+        fn connected_since(&self) -> Option<std::time::SystemTime> {
+            self.0.connected_since()
+        }
+
+        async fn close(&self) {
+            self.0.close().await
+        }
+    }
+
+    /// The broker is connected but does not answer the dead-letter lookup: the status page
+    /// answers anyway (after `DEAD_LETTERS_LOOKUP`), without the count of dead letters waiting.
+    #[tokio::test]
+    async fn the_status_page_answers_when_the_connected_broker_does_not() {
+        let name = format!("status-unanswered-{}", uuid::Uuid::new_v4());
+        let config = Config::new(name.as_str())
+            .with_amqp_uri(format!("memory://{name}"))
+            .with_metrics(MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+        let broker = crate::transport::connect(&config).await.unwrap();
+        let queue = format!("evt-shop-paid--{name}.on_paid");
+        // a lookup that answered would count its messages: 0
+        broker.declare_queue(&QueueSpec::durable(format!("{queue}.dlq"))).await.unwrap();
+        let route = RouteInfo {
+            name: "on_paid".into(),
+            context: "default".into(),
+            metric_label: "on_paid".into(),
+            entrypoint: "EventListener(shop.paid)".into(),
+            queue: Some(queue),
+        };
+        let transport: SharedTransport = Arc::new(UnansweredLookups(broker.clone()));
+        let (stopping, stopped) = (CancellationToken::new(), CancellationToken::new());
+        let metrics = Metrics::new().unwrap();
+        let address = serve(&config, vec![route], metrics, transport, stopping, stopped.clone())
+            .await
+            .unwrap();
+        let http = reqwest::Client::new();
+        let get = |path: &str| {
+            let request = http.get(format!("http://{address}{path}")).send();
+            let answer = async { request.await?.text().await };
+            tokio::time::timeout(Duration::from_secs(10), answer)
+        };
+        let json = get("/status.json").await.expect("/status.json answers").unwrap();
+        let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(status["broker"]["connected"], true, "{status}");
+        let route = &status["routes"][0];
+        assert_eq!(route["name"], "on_paid", "{status}");
+        assert_eq!(route["dead_letters_waiting"], serde_json::Value::Null, "{status}");
+        let page = get("/").await.expect("/ answers").unwrap();
+        assert!(page.contains("id=\"broker\">connected</b>"), "{page}");
+        // dead-lettered 0, in DLQ unknown, in flight 0
+        assert!(page.contains("<td>0</td><td>-</td><td>0</td>"), "{page}");
+        stopped.cancel();
+        broker.close().await;
+    }
+}
