@@ -432,6 +432,89 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+    use crate::amqp::entrypoints::RPCListener;
+    use crate::amqp::rpc::Args;
+    use crate::config::WorkerMode;
+    use crate::pipeline::routes::Route;
+    use crate::testing::{memory_test_config, TestService};
+
+    /// How long the test waits for what the pool does in the background.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    /// Writes its worker's pid to the file `marker`, then runs until its worker is killed.
+    fn stuck(Args((marker,)): Args<(String,)>) -> Result<(), String> {
+        std::fs::write(&marker, std::process::id().to_string()).map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(3600));
+        Ok(())
+    }
+
+    fn pid() -> u32 {
+        std::process::id()
+    }
+
+    /// The pid the file `marker` holds, once written.
+    async fn pid_in(marker: &std::path::Path) -> u32 {
+        let since = tokio::time::Instant::now();
+        while since.elapsed() < WAIT {
+            let written = std::fs::read_to_string(marker).unwrap_or_default();
+            if let Ok(pid) = written.parse() {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no call started in {WAIT:?}");
+    }
+
+    /// Whether process `pid` runs (exists, and is neither a zombie nor dead).
+    fn running(pid: u32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rfind(')').is_some_and(|end| !stat[end + 2..].starts_with(['Z', 'X']))
+    }
+
+    fn idle_pids(pool: &ProcessPool) -> Vec<u32> {
+        pool.idle().workers.iter().map(|worker| worker.pid).collect()
+    }
+
+    /// A call's future dropped while a worker runs it (its caller gave up on it) kills that
+    /// worker, and a replacement takes its place: the pool is whole again and serves calls.
+    #[tokio::test]
+    async fn a_call_dropped_while_a_worker_runs_it_has_the_worker_replaced() {
+        // Up to `start`, this runs in the worker processes too.
+        let config = memory_test_config("pool-dropped")
+            .with_worker_mode(WorkerMode::Process)
+            .with_max_workers(2);
+        let routes = vec![
+            Route::new(stuck).entrypoint(RPCListener::new()),
+            Route::new(pid).entrypoint(RPCListener::new()),
+        ];
+        let service = TestService::start(routes, config).await.unwrap();
+        let pool = service.route("stuck").unwrap().pool().processes().unwrap().clone();
+        let workers = idle_pids(&pool);
+        assert_eq!(workers.len(), 2, "{workers:?}");
+        let marker = std::env::temp_dir().join(format!("mf-pool-dropped-{}", uuid::Uuid::new_v4()));
+        let hook = service.hook("stuck").unwrap();
+        let call = hook.rpc::<()>((marker.to_string_lossy(),), ());
+        let ran_it = tokio::select! {
+            ended = call => panic!("the stuck call ended: {ended:?}"),
+            pid = pid_in(&marker) => pid,
+        };
+        // the call's future was dropped while its worker ran it
+        let _ = std::fs::remove_file(&marker);
+        assert!(workers.contains(&ran_it), "{ran_it} is not one of {workers:?}");
+        let since = tokio::time::Instant::now();
+        let whole = |idle: &[u32]| idle.len() == 2 && !idle.contains(&ran_it);
+        while (running(ran_it) || !whole(&idle_pids(&pool))) && since.elapsed() < WAIT {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!running(ran_it), "worker {ran_it}, which ran the dropped call, still runs");
+        let idle = idle_pids(&pool);
+        assert!(whole(&idle), "idle workers {idle:?} {WAIT:?} after {ran_it}'s call was dropped");
+        let next_call = service.hook("pid").unwrap();
+        let next = tokio::time::timeout(WAIT, next_call.rpc::<u32>((), ()));
+        let next = next.await.expect("a next call runs");
+        assert!(next.as_ref().is_ok_and(|pid| idle.contains(pid)), "{next:?}, idle {idle:?}");
+        service.stop().await.unwrap();
+    }
 
     #[test]
     fn worker_sockets_live_in_a_private_directory() {
