@@ -74,7 +74,8 @@ pub trait Dependency: Send + Sync + 'static {
     /// Called after the call with the value it got and the call's outcome.
     async fn after_call(&self, _value: &Self::Output, _outcome: &Outcome) {}
 
-    /// Called once when the service stops.
+    /// Called once when the service stops (or its start fails after this one's `setup`),
+    /// in the reverse order of the dependencies' set-up.
     async fn teardown(&self) {}
 }
 
@@ -205,9 +206,7 @@ pub(crate) async fn set_up_all(
     let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
     for (done, dependency) in dependencies.iter().enumerate() {
         if let Err(source) = dependency.setup(&setup).await {
-            for set_up in dependencies[..done].iter().rev() {
-                set_up.teardown().await;
-            }
+            tear_down(&dependencies[..done]).await;
             return Err(Error::Dependency { name: dependency.name().to_owned(), source });
         }
     }
@@ -272,9 +271,10 @@ pub(crate) async fn after_all(
     }
 }
 
-/// Tear `dependencies` down, in order.
+/// Tear `dependencies` down in the reverse order of their set-up: one set up later may use
+/// one set up before it (a cache on a connection pool) until its own teardown.
 pub(crate) async fn tear_down(dependencies: &[SharedDependency]) {
-    for dependency in dependencies {
+    for dependency in dependencies.iter().rev() {
         dependency.teardown().await;
     }
 }
