@@ -246,7 +246,9 @@ impl QueueArgs {
             max_length_bytes: int_arg(spec, "x-max-length-bytes", 0)?,
             overflow,
             quorum,
-            delivery_limit: int_arg(spec, "x-delivery-limit", 0)?,
+            // RabbitMQ 3.10 takes a negative limit as 0 (the first hand-back drops)
+            delivery_limit: int_arg(spec, "x-delivery-limit", i64::MIN)?
+                .or_else(|| spec.arguments.get("x-delivery-limit").map(|_| 0)),
             single_active_consumer,
         })
     }

@@ -985,3 +985,19 @@ async fn concurrent_publishers_and_consumers() {
     }
     assert_eq!(total, 10_000);
 }
+
+#[tokio::test]
+async fn a_delivery_limit_below_one_drops_a_message_at_its_first_requeue() {
+    // Checked on RabbitMQ 3.10: a quorum queue accepts `x-delivery-limit` 0 and -1 alike, and
+    // both drop the message the first time it is handed back.
+    let (_broker, t) = setup();
+    for limit in [-1, 0] {
+        let name = format!("limited{limit}");
+        let args =
+            [("x-queue-type", "quorum".into()), ("x-delivery-limit", HeaderValue::Int(limit))];
+        t.declare_queue(&queue_with(&name, &args)).await.unwrap();
+        publish(&t, "", &name, "once").await;
+        get(&t, &name).await.acker.reject(true).await.unwrap();
+        assert_eq!(ready(&t, &name).await, 0, "limit {limit}");
+    }
+}
