@@ -168,10 +168,11 @@ impl Declarations {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn binding(queue: &str, exchange: &str) -> Declaration {
+    /// A binding of `queue` to `exchange` with routing key `rk`.
+    pub(crate) fn binding(queue: &str, exchange: &str) -> Declaration {
         Declaration::Binding(BindingSpec {
             queue: queue.into(),
             exchange: exchange.into(),

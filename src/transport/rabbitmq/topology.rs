@@ -239,16 +239,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::transport::{BindingSpec, QueueSpec};
-
-    fn binding(queue: &str, exchange: &str) -> Declaration {
-        Declaration::Binding(BindingSpec {
-            queue: queue.into(),
-            exchange: exchange.into(),
-            routing_key: "rk".into(),
-            arguments: Default::default(),
-        })
-    }
+    use crate::transport::declarations::tests::binding;
+    use crate::transport::QueueSpec;
 
     fn snapshot(topology: &mut Topology) -> Vec<Declaration> {
         topology.replay(Instant::now()).into_iter().map(|r| r.declaration).collect()
