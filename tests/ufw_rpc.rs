@@ -17,7 +17,7 @@ use micro_framework::testing::TestService;
 use micro_framework::transport::{
     BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
 };
-use micro_framework::Message;
+use micro_framework::{Message, Properties};
 use serde_json::{json, Value};
 
 fn fail(Args(()): Args<()>) -> Result<(), std::io::Error> {
@@ -198,6 +198,28 @@ async fn bad_requests_get_python_errors_and_are_acked() {
     }
 }
 
+#[tokio::test]
+async fn requests_are_read_as_json_whatever_their_content_type() {
+    for uri in broker_uris() {
+        let (service, math) = start(&uri).await;
+        let raw = RawCaller::new(service.transport(), &math).await;
+        let request = br#"{"command": "add", "command_args": [1], "command_kwargs": {"b": 2}}"#;
+        // the Python original's server reads any of these (kombu decodes text and raw bytes,
+        // its RPC manager parses the string as JSON)
+        for content_type in [Some("text/plain"), Some("application/octet-stream"), None] {
+            let reply = raw
+                .request_with("add", Bytes::from_static(request), |properties| {
+                    properties.content_type = content_type.map(str::to_owned);
+                })
+                .await;
+            assert_eq!(reply, json!({"data": 3, "exception": null}), "{content_type:?}");
+        }
+        raw.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
 /// Sends hand-made requests as a Python micro-framework caller would, and reads the replies.
 struct RawCaller {
     transport: SharedTransport,
@@ -222,9 +244,20 @@ impl RawCaller {
     /// Publish `body` to `{service}.{target}` and return the reply frame (decoded twice, as
     /// the Python original's client reads it).
     async fn request(&self, target: &str, body: Bytes) -> Value {
+        self.request_with(target, body, |_| {}).await
+    }
+
+    /// [`RawCaller::request`] with the request's properties changed by `change` first.
+    async fn request_with(
+        &self,
+        target: &str,
+        body: Bytes,
+        change: impl FnOnce(&mut Properties),
+    ) -> Value {
         let mut message = Message::json(&Value::Null).unwrap();
         message.properties.correlation_id = Some("raw-1".into());
         message.properties.reply_to = Some(self.queue.clone());
+        change(&mut message.properties);
         let outgoing = OutgoingMessage { body, properties: message.properties };
         let routing_key = format!("{}.{target}", self.service);
         let options = PublishOptions { mandatory: true };

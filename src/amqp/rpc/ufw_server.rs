@@ -13,7 +13,7 @@ use crate::amqp::rpc::naming::UFW_RPC_EXCHANGE;
 use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_limit};
 use crate::amqp::rpc::ufw_wire::{answer_builtin, reply_body, target_detail, RemoteError, Request};
 use crate::amqp::rpc::wire::request_body;
-use crate::data::{Failure, FailureKind, Handled, Message};
+use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{consume, hand_back_message, DeliveryHandler, QueueSource};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
@@ -104,8 +104,15 @@ impl UfwRpcServer {
             return None;
         };
         // The route reads the arguments as any RPC request's: `{"args", "kwargs"}`. The
-        // message is not shared yet: its body is replaced, the rest is not copied.
-        Arc::make_mut(message).body = request_body(request.args, request.kwargs);
+        // message is not shared yet: its body is replaced, the rest is not copied. The new
+        // body is JSON whatever the request's content type said (the request was read as
+        // JSON regardless, as the Python original reads it): a `text/plain` type kept would
+        // make the route read it as one JSON string.
+        let call = Arc::make_mut(message);
+        call.body = request_body(request.args, request.kwargs);
+        let json = json_properties();
+        call.properties.content_type = json.content_type;
+        call.properties.content_encoding = json.content_encoding;
         let handled = route.handle_shared(permit, message).await;
         let outcome = handled_outcome(&handled).map_err(RemoteError::from_failure);
         Some((outcome, route, Some(handled)))
