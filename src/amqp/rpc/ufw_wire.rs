@@ -44,22 +44,38 @@ pub(crate) fn answer_builtin(
     }
 }
 
-/// `__get_target__(target)`: a target's detail; an unknown one is Python's `KeyError`.
+/// `__get_target__(target)`: a target's detail. As the Python original looks the target up in
+/// a dict: an unknown one (a name, or any other key) is a `KeyError`, a list or an object a
+/// `TypeError` (unhashable), no target at all a `TypeError` (missing argument).
 fn get_target(
     request: &Request,
     detail: impl Fn(&str) -> Option<Value>,
 ) -> Result<Value, RemoteError> {
-    let target = request.args.first().or_else(|| request.kwargs.get("target"));
-    let Some(Value::String(target)) = target else {
+    let Some(target) = request.args.first().or_else(|| request.kwargs.get("target")) else {
         return Err(RemoteError::builtin(
             "TypeError",
             format!("{GET_TARGET}() missing 1 required positional argument: 'target'"),
         ));
     };
-    detail(target).ok_or_else(|| RemoteError {
-        args: vec![Value::String(target.clone())],
-        ..RemoteError::builtin("KeyError", format!("'{target}'"))
-    })
+    // what Python's str(KeyError(target)) says: the key's repr
+    let key = match target {
+        Value::String(name) => match detail(name) {
+            Some(found) => return Ok(found),
+            None => format!("'{name}'"),
+        },
+        Value::Array(_) => return Err(unhashable("list")),
+        Value::Object(_) => return Err(unhashable("dict")),
+        Value::Null => "None".to_owned(),
+        Value::Bool(true) => "True".to_owned(),
+        Value::Bool(false) => "False".to_owned(),
+        Value::Number(number) => number.to_string(),
+    };
+    Err(RemoteError { args: vec![target.clone()], ..RemoteError::builtin("KeyError", key) })
+}
+
+/// Python's error for a `kind` (`list`, `dict`) used as a dict key.
+fn unhashable(kind: &str) -> RemoteError {
+    RemoteError::builtin("TypeError", format!("unhashable type: '{kind}'"))
 }
 
 /// An error as it travels in a reply frame (`format_rpc_response`'s `exception`). It is only
@@ -317,6 +333,45 @@ mod tests {
         let malformed = Request::parse(br#"{"id": "a"}"#).unwrap_err();
         assert_eq!(malformed.id, Some(json!("a")));
         assert!(malformed.error.is_framework("RPCMalformedMessage"));
+    }
+
+    #[test]
+    fn get_target_fails_as_python_looks_the_target_up() {
+        let served = |target: &str| (target == "add").then(|| target_detail(target));
+        let answer = |args: Value| {
+            let Value::Array(args) = args else { panic!("args: {args}") };
+            let request =
+                Request { id: None, command: GET_TARGET.into(), args, kwargs: Map::new() };
+            answer_builtin(&request, served, Vec::new).unwrap()
+        };
+        assert_eq!(answer(json!(["add"])).unwrap()["target"], "add");
+        // Python's `register.targets[target]`: KeyError(target), whatever its type ...
+        for (target, message) in [
+            (json!("nope"), "'nope'"),
+            (json!(5), "5"),
+            (json!(1.5), "1.5"),
+            (json!(null), "None"),
+            (json!(true), "True"),
+        ] {
+            let error = answer(json!([target.clone()])).unwrap_err();
+            assert_eq!(
+                (error.exception.as_str(), error.message.as_str(), &error.args, error.module),
+                ("KeyError", message, &vec![target], None)
+            );
+        }
+        // ... but a list or a dict cannot be a key
+        let error = answer(json!([[1]])).unwrap_err();
+        assert_eq!(
+            (error.exception.as_str(), error.message.as_str()),
+            ("TypeError", "unhashable type: 'list'")
+        );
+        let error = answer(json!([{"a": 1}])).unwrap_err();
+        assert_eq!(error.message, "unhashable type: 'dict'");
+        let error = answer(json!([])).unwrap_err();
+        assert_eq!(
+            (error.exception.as_str(), error.message.as_str()),
+            ("TypeError", "__get_target__() missing 1 required positional argument: 'target'")
+        );
     }
 
     #[test]
