@@ -342,6 +342,25 @@ async fn oversized_frames_close_the_connection_with_1009() {
     service.stop().await.unwrap();
 }
 
+/// A string of `n` bytes: a reply larger than the request.
+fn repeat(Args((n,)): Args<(usize,)>) -> String {
+    "x".repeat(n)
+}
+
+#[tokio::test]
+async fn the_client_reads_replies_larger_than_the_frames_servers_read() {
+    // The Python servers send results of any size and its client (websocket-client) reads
+    // them; only the frames a server reads are bounded (1 MiB).
+    let config = ws_config("wsrepeat", 2);
+    let routes = vec![Route::new(repeat).entrypoint(WebSocketEntrypoint::new())];
+    let service = Runner::new(routes, config).spawn().await.unwrap();
+    let address = service.websocket_address().expect("the service listens");
+    let size = 2 * MAX_FRAME_SIZE;
+    let reply: String = client(address).call("repeat", [size], ()).await.unwrap();
+    assert_eq!(reply.len(), size);
+    service.stop().await.unwrap();
+}
+
 /// Calls `add(x, 1)` on the server its client dependency points at.
 async fn add_remote(
     Args((x,)): Args<(i64,)>,

@@ -16,8 +16,8 @@ use crate::clock::deadline_after;
 use crate::data::BoxError;
 use crate::handler::dependencies::Dependency;
 use crate::handler::WorkerContext;
+use crate::websocket::client_limits;
 use crate::websocket::error::WebSocketRpcError;
-use crate::websocket::frame_limits;
 
 /// How long a call waits for its reply unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -156,7 +156,7 @@ impl WebSocketRpcClient {
             WebSocketRpcError::Connection(format!("connection to {} lost: {error}", self.url))
         };
         let (mut socket, _) =
-            tokio_tungstenite::connect_async_with_config(&self.url, Some(frame_limits()), true)
+            tokio_tungstenite::connect_async_with_config(&self.url, Some(client_limits()), true)
                 .await
                 .map_err(|error| {
                     WebSocketRpcError::Connection(format!(

@@ -52,8 +52,9 @@
 //! connection); `command_args` must be a list (Python unpacks any iterable); a command never
 //! resolves to a method of the server (Python tries `getattr(manager, command)` first).
 //!
-//! Limits: a frame of at most 1 MiB (the Python server's default; a larger one closes the
-//! connection with 1009), at most 32 calls running per connection, a call only when a worker
+//! Limits: a request frame of at most 1 MiB (the Python server's default; a larger one closes
+//! the connection with 1009; replies are not bounded there, and `WebSocketRpcClient` reads
+//! them up to 64 MiB, [`MAX_REPLY_SIZE`]), at most 32 calls running per connection, a call only when a worker
 //! of the route's pool is free at once. A client that sends no frame (pings count) for
 //! `WEBSOCKET_IDLE_TIMEOUT` (default 60 s) while none of its calls runs is closed with 1000
 //! ("idle timeout"); the handshake must be done within 10 s, or that timeout if shorter. On
@@ -118,10 +119,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The read buffer of a connection (tungstenite's default, 128 KiB, is allocated up front).
 const READ_BUFFER: usize = 16 * 1024;
 
-/// The frame limits of both ends.
+/// The largest reply (frame and message) [`WebSocketRpcClient`] reads, in bytes: 64 MiB. Servers,
+/// the Python one included, send results of any size, and the Python client reads them: only
+/// the requests a server reads are bounded by [`MAX_FRAME_SIZE`]. This bound keeps a server
+/// from growing a client's memory without end.
+pub const MAX_REPLY_SIZE: usize = 64 << 20;
+
+/// The frame limits of a server's connections.
 fn frame_limits() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(MAX_FRAME_SIZE))
         .max_frame_size(Some(MAX_FRAME_SIZE))
+}
+
+/// The frame limits of a client's connections: replies up to [`MAX_REPLY_SIZE`].
+fn client_limits() -> WebSocketConfig {
+    frame_limits().max_message_size(Some(MAX_REPLY_SIZE)).max_frame_size(Some(MAX_REPLY_SIZE))
 }
