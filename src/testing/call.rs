@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::amqp::rpc::ReplyListener;
 use crate::config::Config;
 use crate::data::Message;
 use crate::data::{Outcome, TargetRole};
@@ -23,7 +24,8 @@ pub async fn take_messages(transport: &dyn Transport, queue: &str) -> Result<Vec
 }
 
 /// Run `route`'s target once on `message`, without an entrypoint or a broker (dependencies
-/// are set up and torn down around the call). Returns the call's outcome.
+/// are set up and torn down around the call, and the reply queue of its RPC calls, if any, is
+/// deleted after it). Returns the call's outcome.
 ///
 /// ```
 /// use micro_framework::prelude::*;
@@ -71,7 +73,16 @@ async fn call_with_dependencies(
     let pool = WorkerPool::new(config.max_workers, config.worker_mode, "default");
     let outcome = match ServiceEnv::new(config.clone(), transport) {
         Ok(env) => {
-            RouteHandle::new(route, pool, &env).execute(TargetRole::Target, message, None).await
+            let outcome = RouteHandle::new(route, pool, &env)
+                .execute(TargetRole::Target, message, None)
+                .await;
+            // As a service does when it stops: the reply queue of the target's RPC calls
+            // would outlive the connection by its `x-expires` (5 min) on the caller's broker.
+            if let Some(replies) = env.state.get::<ReplyListener>() {
+                replies.delete_queues(&env.transport).await;
+            }
+            env.state.clear();
+            outcome
         }
         Err(error) => Err(crate::Failure::new(crate::FailureKind::Error, error.to_string())),
     };
