@@ -5,7 +5,7 @@ mod common;
 
 use common::{broker_uris, config};
 use micro_framework::amqp::dependencies::RpcProxy;
-use micro_framework::amqp::entrypoints::RPCListener;
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::{Args, RpcError};
 use micro_framework::prelude::*;
 use micro_framework::testing::{worker, TestService};
@@ -48,5 +48,29 @@ async fn a_call_of_a_route_alone_deletes_the_reply_queue_its_target_used() {
         assert!(matches!(left, Err(TransportError::NotFound(_))), "{queue}: {left:?}");
         service.stop().await.unwrap();
         common::cleanup(&uri, &[name, caller_name]).await;
+    }
+}
+
+fn on_paid() {}
+
+#[tokio::test]
+async fn a_test_service_dropped_without_stop_stops_consuming() {
+    for uri in broker_uris() {
+        let config = config(&uri, "orders");
+        let name = config.service_name.clone();
+        let routes = vec![Route::new(on_paid).entrypoint(EventListener::new("shop", "paid"))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let queue = format!("evt-shop-paid--{name}.on_paid");
+        let consumers =
+            || async { service.transport().queue_info(&queue).await.unwrap().consumer_count };
+        common::wait_until_async(|| async { consumers().await == 1 }).await;
+        drop(service);
+        let observer = micro_framework::transport::connect(&config).await.unwrap();
+        common::wait_until_async(|| async {
+            observer.queue_info(&queue).await.is_ok_and(|info| info.consumer_count == 0)
+        })
+        .await;
+        observer.close().await;
+        common::cleanup(&uri, &[name]).await;
     }
 }

@@ -85,8 +85,9 @@ impl TestService {
     }
 
     /// Stop gracefully.
-    pub async fn stop(self) -> Result<()> {
-        self.service.stop().await
+    pub async fn stop(mut self) -> Result<()> {
+        self.service.begin_stop();
+        self.service.wait_finished().await
     }
 
     /// Begin a graceful stop and return the service, to inspect it while it stops.
@@ -97,5 +98,14 @@ impl TestService {
     /// Wait until a stop begun with [`TestService::begin_stop`] has finished.
     pub async fn wait_stopped(mut self) -> Result<()> {
         self.service.wait_finished().await
+    }
+}
+
+impl Drop for TestService {
+    /// A service dropped without [`TestService::stop`] (a test that returned early, a helper
+    /// that forgot it) stops in the background: left running, it went on consuming beside the
+    /// services the test starts next on the same broker, to the end of the test.
+    fn drop(&mut self) {
+        self.service.begin_stop();
     }
 }
