@@ -205,10 +205,15 @@ pub(crate) async fn set_up_all(
 ) -> Result<Vec<SharedDependency>> {
     let setup = SetupContext { service_name: config.service_name.clone(), config: config.clone() };
     for (done, dependency) in dependencies.iter().enumerate() {
-        if let Err(source) = dependency.setup(&setup).await {
-            tear_down(&dependencies[..done]).await;
-            return Err(Error::Dependency { name: dependency.name().to_owned(), source });
-        }
+        // a panic here would leave the connection open and the dependencies before it set up
+        let set_up = AssertUnwindSafe(dependency.setup(&setup)).catch_unwind().await;
+        let source = match set_up {
+            Ok(Ok(())) => continue,
+            Ok(Err(error)) => error,
+            Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())).into(),
+        };
+        tear_down(&dependencies[..done]).await;
+        return Err(Error::Dependency { name: dependency.name().to_owned(), source });
     }
     Ok(dependencies)
 }
@@ -275,7 +280,20 @@ pub(crate) async fn after_all(
 /// one set up before it (a cache on a connection pool) until its own teardown.
 pub(crate) async fn tear_down(dependencies: &[SharedDependency]) {
     for dependency in dependencies.iter().rev() {
-        dependency.teardown().await;
+        tear_down_one(dependency).await;
+    }
+}
+
+/// Tear `dependency` down. A panic is logged: the others are still torn down, and the stop
+/// goes on (worker processes ended, reply queues deleted, the connection closed).
+async fn tear_down_one(dependency: &SharedDependency) {
+    let torn_down = AssertUnwindSafe(dependency.teardown()).catch_unwind().await;
+    if let Err(panic) = torn_down {
+        tracing::error!(
+            dependency = dependency.name(),
+            "teardown panicked: {}",
+            panic_message(panic.as_ref())
+        );
     }
 }
 
