@@ -105,3 +105,15 @@ async fn a_waiter_whose_service_stops_says_so_rather_than_timing_out() {
     assert!(matches!(error, micro_framework::Error::Stopped(_)), "{error:?}");
     assert!(error.to_string().contains("route 'on_paid' stopped before the call came"), "{error}");
 }
+
+#[tokio::test]
+async fn a_waiter_whose_service_stopped_while_held_by_the_test_says_so() {
+    let service = start().await;
+    let waiter = service.waiter("on_paid").unwrap().timeout(Duration::from_secs(30));
+    let waiting = tokio::spawn(waiter.wait());
+    // begin_stop keeps the service's handle, to look at it while it stops and after
+    service.begin_stop();
+    let error = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(error, micro_framework::Error::Stopped(_)), "{error:?}");
+    service.wait_stopped().await.unwrap();
+}

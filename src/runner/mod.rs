@@ -492,11 +492,12 @@ async fn start_routes(
         all_dependencies,
         #[cfg(feature = "process")]
         processes,
-        stopped,
+        stopped.clone(),
     ));
     Ok(RunningService {
         state: env.state.clone(),
         stopping: env.stopping,
+        stopped,
         routes,
         transport,
         #[cfg(feature = "metrics")]
@@ -654,6 +655,8 @@ pub struct RunningService {
     #[cfg_attr(not(any(feature = "http", feature = "websocket")), allow(dead_code))]
     state: ServiceState,
     stopping: CancellationToken,
+    /// Fires once the service has stopped (its calls settled, its connection closed).
+    stopped: CancellationToken,
     routes: BTreeMap<String, RouteHandle>,
     transport: SharedTransport,
     #[cfg(feature = "metrics")]
@@ -709,6 +712,12 @@ impl RunningService {
     #[cfg(feature = "http")]
     pub fn web_address(&self) -> Option<SocketAddr> {
         self.state.get::<crate::http::WebSite>()?.address()
+    }
+
+    /// Fires once the service has stopped, by itself or told to: for test waiters, whose
+    /// routes the handle keeps.
+    pub(crate) fn stopped(&self) -> &CancellationToken {
+        &self.stopped
     }
 
     /// Begin a graceful stop without waiting for it.

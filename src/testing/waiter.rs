@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
+use tokio_util::sync::CancellationToken;
 
 use crate::data::bounded;
 use crate::error::{Error, Result};
@@ -53,6 +54,9 @@ type PayloadPredicate = Box<dyn Fn(&Value) -> bool + Send + Sync>;
 pub struct RouteWaiter {
     route: String,
     calls: Receiver<FinishedCall>,
+    /// Fires once the service has stopped: no call can come any more, though the test's
+    /// `TestService` (between `begin_stop` and `wait_stopped`) keeps the route's channel open.
+    stopped: CancellationToken,
     matches: Option<PayloadPredicate>,
     limit: Duration,
 }
@@ -71,7 +75,14 @@ impl TestService {
     /// A waiter for the next call of `route` that finishes from now on.
     pub fn waiter(&self, route: &str) -> Result<RouteWaiter> {
         let calls = self.route(route)?.watch_calls();
-        Ok(RouteWaiter { route: route.to_owned(), calls, matches: None, limit: WAIT_LIMIT })
+        let stopped = self.service().stopped().clone();
+        Ok(RouteWaiter {
+            route: route.to_owned(),
+            calls,
+            stopped,
+            matches: None,
+            limit: WAIT_LIMIT,
+        })
     }
 }
 
@@ -96,7 +107,17 @@ impl RouteWaiter {
         let mut missed = 0;
         let waited = tokio::time::timeout(self.limit, async {
             loop {
-                match self.calls.recv().await {
+                let received = tokio::select! {
+                    biased;
+                    received = self.calls.recv() => received,
+                    // the calls that finished before the stop are still handed over
+                    () = self.stopped.cancelled() => match self.calls.try_recv() {
+                        Ok(call) => Ok(call),
+                        Err(TryRecvError::Lagged(count)) => Err(RecvError::Lagged(count)),
+                        Err(TryRecvError::Empty | TryRecvError::Closed) => Err(RecvError::Closed),
+                    },
+                };
+                match received {
                     Ok(call) => {
                         let payload = call.payload();
                         if self.matches.as_ref().is_none_or(|matches| matches(&payload)) {
