@@ -175,3 +175,25 @@ async fn a_dependency_panicking_in_setup_fails_the_start_and_undoes_it() {
     let seen = journal.lock().unwrap().clone();
     assert_eq!(seen, ["setup first", "setup second", "teardown first"]);
 }
+
+/// A timer's run that never ends by itself.
+async fn stuck(Dep(started): Dep<std::sync::Arc<tokio::sync::Notify>>) {
+    started.notify_one();
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test]
+async fn a_timer_run_past_shutdown_timeout_does_not_hold_up_the_stop() {
+    let config = micro_framework::testing::memory_test_config(&common::unique("ticks"))
+        .with_shutdown_timeout(std::time::Duration::from_millis(200));
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let route = Route::new(stuck)
+        .entrypoint(micro_framework::entrypoints::TimeEntrypoint::every(
+            std::time::Duration::from_millis(10),
+        ))
+        .dependency(micro_framework::dependencies::Shared(started.clone()));
+    let service = TestService::start(vec![route], config).await.unwrap();
+    started.notified().await;
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), service.stop()).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "the stop waited for the timer's run: {stopped:?}");
+}

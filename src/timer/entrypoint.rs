@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Timelike, Utc};
 use croner::Cron;
+use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 
 use super::fired_at::tick_message;
@@ -185,7 +186,11 @@ impl Entrypoint for TimeEntrypoint {
             }
             let message = tick_message(clock::wall_now().into())?;
             let Some(permit) = route.acquire().await else { return Ok(()) };
-            let handled = route.handle(permit, message).await;
+            let run = tokio::spawn({
+                let route = route.clone();
+                async move { route.handle(permit, message).await }
+            });
+            let Some(handled) = finish(&route, run).await? else { return Ok(()) };
             if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {
                 tracing::error!(
                     route = route.name(),
@@ -207,6 +212,29 @@ impl Entrypoint for TimeEntrypoint {
 
     fn kind(&self) -> EntrypointKind {
         EntrypointKind::Timer
+    }
+}
+
+/// The outcome of a timer's run, or `None` when the service stops and the run is still going
+/// `SHUTDOWN_TIMEOUT` later: it is left to end by itself, as the calls of a queue are, so that
+/// a run that never ends cannot hold up the stop for ever.
+async fn finish(route: &RouteHandle, run: JoinHandle<Handled>) -> Result<Option<Handled>> {
+    let overdue = async {
+        route.stopping().cancelled().await;
+        tokio::time::sleep(route.config().shutdown_timeout).await;
+    };
+    tokio::select! {
+        joined = run => joined
+            .map(Some)
+            .map_err(|join| Error::EntrypointPanicked(join.to_string())),
+        () = overdue => {
+            tracing::warn!(
+                route = route.name(),
+                "timer run still going after SHUTDOWN_TIMEOUT ({:?}); the service stops without it",
+                route.config().shutdown_timeout
+            );
+            Ok(None)
+        }
     }
 }
 
