@@ -197,3 +197,31 @@ async fn a_timer_run_past_shutdown_timeout_does_not_hold_up_the_stop() {
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), service.stop()).await;
     assert!(matches!(stopped, Ok(Ok(()))), "the stop waited for the timer's run: {stopped:?}");
 }
+
+fn tick() {}
+
+#[tokio::test]
+async fn a_timer_waiting_for_a_greedy_pool_s_slot_does_not_hold_up_the_stop() {
+    // the pool's one slot is held by a run that never ends: the timer's next tick waits for it
+    let config = micro_framework::testing::memory_test_config(&common::unique("greedy"))
+        .with_shutdown_timeout(std::time::Duration::from_millis(200))
+        .with_max_workers(1)
+        .with_worker_mode(micro_framework::config::WorkerMode::GreedyThread);
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let every = |millis| {
+        micro_framework::entrypoints::TimeEntrypoint::every(std::time::Duration::from_millis(
+            millis,
+        ))
+    };
+    let routes = vec![
+        Route::new(stuck)
+            .entrypoint(every(10))
+            .dependency(micro_framework::dependencies::Shared(started.clone())),
+        Route::new(tick).entrypoint(every(10)),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    started.notified().await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), service.stop()).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "the stop waited for a worker slot: {stopped:?}");
+}

@@ -185,10 +185,13 @@ impl Entrypoint for TimeEntrypoint {
                 }
             }
             let message = tick_message(clock::wall_now().into())?;
-            let Some(permit) = route.acquire().await else { return Ok(()) };
+            // the wait for a worker slot too: a greedy pool's may never come free
             let run = tokio::spawn({
                 let route = route.clone();
-                async move { route.handle(permit, message).await }
+                async move {
+                    let permit = route.acquire().await?;
+                    Some(route.handle(permit, message).await)
+                }
             });
             let Some(handled) = finish(&route, run).await? else { return Ok(()) };
             if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {
@@ -215,18 +218,17 @@ impl Entrypoint for TimeEntrypoint {
     }
 }
 
-/// The outcome of a timer's run, or `None` when the service stops and the run is still going
-/// `SHUTDOWN_TIMEOUT` later: it is left to end by itself, as the calls of a queue are, so that
-/// a run that never ends cannot hold up the stop for ever.
-async fn finish(route: &RouteHandle, run: JoinHandle<Handled>) -> Result<Option<Handled>> {
+/// The outcome of a timer's run, or `None` when the service stops before the run starts (no
+/// worker slot given) or while it is still going (or waiting for a slot) `SHUTDOWN_TIMEOUT`
+/// later: it is left to end by itself, as the calls of a queue are, so that a run that never
+/// ends cannot hold up the stop for ever.
+async fn finish(route: &RouteHandle, run: JoinHandle<Option<Handled>>) -> Result<Option<Handled>> {
     let overdue = async {
         route.stopping().cancelled().await;
         tokio::time::sleep(route.config().shutdown_timeout).await;
     };
     tokio::select! {
-        joined = run => joined
-            .map(Some)
-            .map_err(|join| Error::EntrypointPanicked(join.to_string())),
+        joined = run => joined.map_err(|join| Error::EntrypointPanicked(join.to_string())),
         () = overdue => {
             tracing::warn!(
                 route = route.name(),
