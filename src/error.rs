@@ -41,7 +41,7 @@ pub enum Error {
     #[error("{0}")]
     WorkerProcess(String),
     /// A blocking call (e.g. `dispatch_blocking`) was made where it cannot block: outside a
-    /// tokio runtime, or on a current-thread runtime.
+    /// tokio runtime, or on a current-thread runtime outside a sync target.
     #[error("cannot block: {0}")]
     Blocking(String),
     /// No running route has this name.

@@ -225,3 +225,34 @@ async fn a_timer_waiting_for_a_greedy_pool_s_slot_does_not_hold_up_the_stop() {
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), service.stop()).await;
     assert!(matches!(stopped, Ok(Ok(()))), "the stop waited for a worker slot: {stopped:?}");
 }
+
+fn add(Args((a, b)): Args<(i64, i64)>) -> i64 {
+    a + b
+}
+
+/// A sync target that calls and dispatches, waiting on its thread.
+fn add_and_announce(
+    Payload(to): Payload<To>,
+    rpc: RpcProxy,
+    producer: micro_framework::amqp::dependencies::Producer,
+) -> Result<i64, micro_framework::BoxError> {
+    let sum: i64 = rpc.service(&to.service).call_blocking("add", (20, 22), ())?;
+    producer.dispatch_blocking("added", &sum)?;
+    Ok(sum)
+}
+
+// a plain #[tokio::test]: a current-thread runtime, where sync targets run on its blocking pool
+#[tokio::test]
+async fn a_sync_target_calls_and_dispatches_blocking_under_a_plain_tokio_test() {
+    let config = micro_framework::testing::memory_test_config(&common::unique("blocking"));
+    let name = config.service_name.clone();
+    let routes = vec![
+        Route::new(add).entrypoint(RPCListener::new()),
+        Route::new(add_and_announce).entrypoint(EventListener::new("shop", "paid")),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    let hook = service.hook("add_and_announce").unwrap();
+    let sum = hook.event::<i64>(&serde_json::json!({"service": name})).await;
+    assert_eq!(sum.map_err(|error| error.to_string()), Ok(42));
+    service.stop().await.unwrap();
+}

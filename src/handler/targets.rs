@@ -19,7 +19,6 @@
 //! ones run on the runtime. A panic is caught and becomes a failure.
 
 use std::any::{type_name, Any};
-#[cfg(feature = "process")]
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -219,6 +218,41 @@ thread_local! {
     static SYNC_TARGETS_HERE: Cell<bool> = const { Cell::new(false) };
 }
 
+thread_local! {
+    /// Set on a blocking-pool thread while it runs a sync target.
+    static ON_BLOCKING_POOL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `call` as a sync target on this blocking-pool thread.
+fn on_blocking_pool(call: impl FnOnce() -> TargetResult) -> TargetResult {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ON_BLOCKING_POOL.set(false);
+        }
+    }
+    ON_BLOCKING_POOL.set(true);
+    let _reset = Reset;
+    call()
+}
+
+/// Wait for `future` from the thread of a sync target (`call_blocking`, `dispatch_blocking`),
+/// or say why it cannot wait here (`what` names the caller): outside a runtime, and on a
+/// current-thread runtime's own thread, where the future would wait for the very thread it
+/// blocks. On a current-thread runtime (a plain `#[tokio::test]`) sync targets run on its
+/// blocking pool, where `Handle::block_on` may wait: the runtime's thread drives the I/O.
+pub(crate) fn block_on<F: Future>(what: &str, future: F) -> Result<F::Output, String> {
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|error| format!("{what} needs a runtime: {error}"))?;
+    match runtime.runtime_flavor() {
+        RuntimeFlavor::CurrentThread if ON_BLOCKING_POOL.get() => Ok(runtime.block_on(future)),
+        RuntimeFlavor::CurrentThread => {
+            Err(format!("{what} cannot run on a current-thread runtime outside a sync target"))
+        }
+        _ => Ok(tokio::task::block_in_place(|| runtime.block_on(future))),
+    }
+}
+
 /// Run `f`, in which sync targets are called on this thread. For a thread outside the
 /// runtime's workers that drives calls with a multi-threaded runtime's `Handle::block_on`,
 /// one at a time: a target there is what it would be on a blocking thread (it may block,
@@ -255,7 +289,7 @@ async fn run_blocking(
         let ran = tokio::task::block_in_place(|| std::panic::catch_unwind(AssertUnwindSafe(call)));
         return ran.unwrap_or_else(|panic| Err(TargetError::Panic(panic_message(panic.as_ref()))));
     }
-    match tokio::task::spawn_blocking(call).await {
+    match tokio::task::spawn_blocking(|| on_blocking_pool(call)).await {
         Ok(result) => result,
         Err(join) => match join.try_into_panic() {
             Ok(panic) => Err(TargetError::Panic(panic_message(panic.as_ref()))),

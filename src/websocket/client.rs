@@ -132,22 +132,16 @@ impl WebSocketRpcClient {
     }
 
     /// [`WebSocketRpcClient::call`] for sync targets (which run on worker threads). Fails
-    /// with `Unavailable` outside a multi-threaded tokio runtime.
+    /// with `Unavailable` outside a tokio runtime, and on a current-thread runtime outside a
+    /// sync target (its one thread would wait for itself).
     pub fn call_blocking<T: DeserializeOwned>(
         &self,
         command: &str,
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, WebSocketRpcError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
-            WebSocketRpcError::Unavailable(format!("call_blocking needs a runtime: {error}"))
-        })?;
-        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
-            return Err(WebSocketRpcError::Unavailable(
-                "call_blocking cannot run on a current-thread runtime".into(),
-            ));
-        }
-        tokio::task::block_in_place(|| runtime.block_on(self.call(command, args, kwargs)))
+        crate::handler::targets::block_on("call_blocking", self.call(command, args, kwargs))
+            .map_err(WebSocketRpcError::Unavailable)?
     }
 
     /// Send `frame` on a new connection and read the reply.

@@ -146,21 +146,15 @@ impl Producer {
     }
 
     /// [`Producer::dispatch`] for sync targets (which run on worker threads). Fails with
-    /// [`Error::Blocking`] when called outside a multi-threaded tokio runtime.
+    /// [`Error::Blocking`] outside a tokio runtime, and on a current-thread runtime outside a
+    /// sync target (its one thread would wait for itself).
     pub fn dispatch_blocking<T: Serialize + ?Sized>(
         &self,
         event_type: &str,
         payload: &T,
     ) -> Result<()> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
-            Error::Blocking(format!("dispatch_blocking needs a runtime: {error}"))
-        })?;
-        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
-            return Err(Error::Blocking(
-                "dispatch_blocking cannot run on a current-thread runtime".into(),
-            ));
-        }
-        tokio::task::block_in_place(|| runtime.block_on(self.dispatch(event_type, payload)))
+        crate::handler::targets::block_on("dispatch_blocking", self.dispatch(event_type, payload))
+            .map_err(Error::Blocking)?
     }
 }
 

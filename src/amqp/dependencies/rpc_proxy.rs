@@ -158,22 +158,16 @@ impl ServiceProxy {
     }
 
     /// [`ServiceProxy::call`] for sync targets (which run on worker threads). Fails with
-    /// `Unavailable` outside a multi-threaded tokio runtime.
+    /// `Unavailable` outside a tokio runtime, and on a current-thread runtime outside a sync
+    /// target (its one thread would wait for itself).
     pub fn call_blocking<T: DeserializeOwned>(
         &self,
         method: &str,
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, RpcError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
-            RpcError::Unavailable(format!("call_blocking needs a runtime: {error}"))
-        })?;
-        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
-            return Err(RpcError::Unavailable(
-                "call_blocking cannot run on a current-thread runtime".into(),
-            ));
-        }
-        tokio::task::block_in_place(|| runtime.block_on(self.call(method, args, kwargs)))
+        crate::handler::targets::block_on("call_blocking", self.call(method, args, kwargs))
+            .map_err(RpcError::Unavailable)?
     }
 }
 
