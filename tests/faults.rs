@@ -384,3 +384,31 @@ async fn an_rpc_reply_sent_while_the_caller_is_disconnected_still_arrives() {
     rabbitmqctl(&["delete_user", &user]);
     common::cleanup(&uri, &[service_name]).await;
 }
+
+#[tokio::test]
+async fn a_second_signal_forces_the_exit_while_the_service_starts() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let dir = std::env::temp_dir().join(format!("mf-faultstart-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("record.txt");
+    let mut child = Command::new(recorder_binary())
+        .env("AMQP_URI", uri)
+        .env("SERVICE_NAME", common::unique("faultstart"))
+        .env("RECORD_FILE", &file)
+        .env("SETUP_MS", "120000")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("event_recorder starts (built by cargo build --examples)");
+    wait_until(
+        || std::fs::read_to_string(&file).is_ok_and(|text| text.contains("setup")),
+        "the dependency's set-up to begin",
+    )
+    .await;
+    signal(&child, "TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the first signal waits for the start");
+    signal(&child, "TERM");
+    let status = wait_exit(&mut child).await;
+    assert_eq!(status.code(), Some(130), "the second signal exits at once");
+    let _ = std::fs::remove_dir_all(dir);
+}

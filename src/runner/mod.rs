@@ -173,23 +173,23 @@ impl Runner {
     /// [`shutdown_timeout`](tokio::runtime::Runtime::shutdown_timeout), as
     /// [`Runner::start`] does.
     pub async fn run(self) -> Result<()> {
-        let stop = async {
-            match signals::shutdown_signal().await {
-                Ok(signal) => {
-                    tracing::info!(
-                        "{signal} received: stopping gracefully (send it again to force)"
-                    );
-                    tokio::spawn(async {
-                        if signals::shutdown_signal().await.is_ok() {
-                            tracing::error!("second signal: exiting now");
-                            std::process::exit(130);
-                        }
-                    });
-                }
-                Err(error) => tracing::error!("cannot wait for signals ({error}); stopping"),
-            }
-        };
-        self.run_until(stop).await
+        // a worker process ignores the stop signals: its service ends it
+        #[cfg(feature = "process")]
+        if worker_socket().is_some() {
+            return self.run_until(std::future::pending()).await;
+        }
+        // Signals are watched in a task of their own from now on, also while the service
+        // starts (a dependency's set-up, worker processes), which `run_until` does not
+        // interrupt: the first one then stops the service once started, and a second one
+        // exits at once, where both went unheard until the start ended.
+        let stop = CancellationToken::new();
+        let watcher = tokio::spawn(stop_on_signals(stop.clone()));
+        let result = self.run_until(stop.clone().cancelled_owned()).await;
+        if !stop.is_cancelled() {
+            // stopped by itself: no signal to wait for any more
+            watcher.abort();
+        }
+        result
     }
 
     /// Like [`Runner::run`], but stops gracefully when `stop` completes instead of on a
@@ -262,6 +262,25 @@ impl Runner {
             plan.started = self.entrypoints.enables(&plan.route.name);
         }
         Ok((config, plans))
+    }
+}
+
+/// Cancel `stop` at the first SIGINT or SIGTERM, and exit the process at the second.
+async fn stop_on_signals(stop: CancellationToken) {
+    match signals::shutdown_signal().await {
+        Ok(signal) => {
+            tracing::info!("{signal} received: stopping gracefully (send it again to force)");
+            stop.cancel();
+        }
+        Err(error) => {
+            tracing::error!("cannot wait for signals ({error}); stopping");
+            stop.cancel();
+            return;
+        }
+    }
+    if signals::shutdown_signal().await.is_ok() {
+        tracing::error!("second signal: exiting now");
+        std::process::exit(130);
     }
 }
 

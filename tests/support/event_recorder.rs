@@ -1,6 +1,8 @@
 //! Test-support service for the fault tests: handles `fault_src.job` events whose payload is
 //! `{"id": N}` by appending `N` to the file `RECORD_FILE` (one line per call, written before
-//! the ack), sleeping `WORK_MS` per call. Config from the environment.
+//! the ack), sleeping `WORK_MS` per call. With `SETUP_MS`, a dependency's set-up writes
+//! `setup` to the file and then takes that long (a service slow to start). Config from the
+//! environment.
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -25,6 +27,39 @@ fn job(Payload(job): Payload<Job>) -> Result<(), std::io::Error> {
     writeln!(file, "{}", job.id)
 }
 
+/// A dependency whose set-up takes `SETUP_MS`, once it has written `setup` to the record.
+struct SlowStart(Duration);
+
+#[derive(Clone)]
+struct Started;
+
+#[micro_framework::async_trait]
+impl micro_framework::dependencies::Dependency for SlowStart {
+    type Output = Started;
+
+    async fn setup(
+        &self,
+        _setup: &micro_framework::dependencies::SetupContext,
+    ) -> Result<(), micro_framework::BoxError> {
+        write_setup()?;
+        tokio::time::sleep(self.0).await;
+        Ok(())
+    }
+
+    async fn get(
+        &self,
+        _call: &micro_framework::WorkerContext,
+    ) -> Result<Started, micro_framework::BoxError> {
+        Ok(Started)
+    }
+}
+
+fn write_setup() -> Result<(), std::io::Error> {
+    let mut guard = RECORD.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+    let file = guard.as_mut().ok_or_else(|| std::io::Error::other("no record file"))?;
+    writeln!(file, "setup")
+}
+
 fn main() -> micro_framework::Result<()> {
     let path = std::env::var("RECORD_FILE")
         .map_err(|_| micro_framework::Error::Startup("RECORD_FILE is not set".into()))?;
@@ -34,5 +69,9 @@ fn main() -> micro_framework::Result<()> {
     }
     let config = Config::from_env()?;
     let routes = vec![Route::new(job).entrypoint(EventListener::new("fault_src", "job"))];
-    Runner::new(routes, config).start()
+    let runner = Runner::new(routes, config);
+    match std::env::var("SETUP_MS").ok().and_then(|ms| ms.parse().ok()) {
+        Some(ms) => runner.dependency(SlowStart(Duration::from_millis(ms))).start(),
+        None => runner.start(),
+    }
 }
