@@ -1,5 +1,6 @@
-//! Lifecycle of the public API: what a call of a route alone, a client and a service handle
-//! leave behind when they end.
+//! Lifecycle of the public API: what a call of a route alone and a dropped service handle
+//! leave behind, dependencies that panic in their set-up or teardown, timers whose run
+//! outlasts the stop, and blocking calls from sync targets under a plain `#[tokio::test]`.
 
 mod common;
 
