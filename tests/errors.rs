@@ -270,11 +270,11 @@ async fn a_start_that_fails_tears_down_the_dependencies_it_set_up() {
     let seen = std::mem::take(&mut *journal.lock().unwrap());
     assert_eq!(seen, ["setup first", "setup second", "teardown first"]);
 
-    // an entrypoint fails to set up: every dependency is torn down
+    // an entrypoint fails to set up: every dependency is torn down, the last set up first
     let route = tracked_route(&journal, false, RefusesToSetUp);
     TestService::start(vec![route], config.clone()).await.unwrap_err();
     let seen = std::mem::take(&mut *journal.lock().unwrap());
-    assert_eq!(seen, ["setup first", "setup second", "teardown first", "teardown second"]);
+    assert_eq!(seen, ["setup first", "setup second", "teardown second", "teardown first"]);
 
     // the metrics server cannot listen (its port is taken): every dependency is torn down
     #[cfg(feature = "metrics")]
@@ -286,7 +286,7 @@ async fn a_start_that_fails_tears_down_the_dependencies_it_set_up() {
         let route = tracked_route(&journal, false, EventListener::new("shop", "paid"));
         TestService::start(vec![route], config).await.unwrap_err();
         let seen = std::mem::take(&mut *journal.lock().unwrap());
-        assert_eq!(seen, ["setup first", "setup second", "teardown first", "teardown second"]);
+        assert_eq!(seen, ["setup first", "setup second", "teardown second", "teardown first"]);
     }
 
     // the same for a call made with the testing toolkit's `worker`

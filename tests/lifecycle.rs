@@ -162,7 +162,7 @@ async fn a_dependency_panicking_in_teardown_stops_the_service_all_the_same() {
     let transport = service.transport().clone();
     service.stop().await.unwrap();
     let seen = journal.lock().unwrap().clone();
-    assert_eq!(seen, ["setup first", "setup second", "teardown first", "teardown second"]);
+    assert_eq!(seen, ["setup first", "setup second", "teardown second", "teardown first"]);
     assert!(!transport.is_connected(), "the service's connection is left open");
 }
 
