@@ -1,5 +1,8 @@
 //! AMQP URI parsing and password masking.
 
+use std::num::{IntErrorKind, ParseIntError};
+use std::str::FromStr;
+
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use url::Url;
 
@@ -111,6 +114,22 @@ pub(crate) fn parse_uris(uris: &str, heartbeat: u16) -> Result<Vec<BrokerUri>, T
     entries.into_iter().enumerate().map(parse).collect()
 }
 
+/// The number `value` of the query option `what`. Too large for its field is an error: 0
+/// means "off" (heartbeat) or "no limit" (frame_max, channel_max) in AMQP, so it must not
+/// stand in for a number too big to send.
+fn query_number<T: FromStr<Err = ParseIntError>>(
+    masked: &str,
+    what: &str,
+    value: &str,
+) -> Result<T, TransportError> {
+    value.parse::<T>().map_err(|error| match error.kind() {
+        IntErrorKind::PosOverflow => {
+            invalid(masked, format!("{what} {value} is too large for AMQP ({error})"))
+        }
+        _ => invalid(masked, format!("bad {what} '{value}'")),
+    })
+}
+
 /// Parse `amqp://user:pass@host:port/vhost?heartbeat=N`. The vhost is percent-decoded
 /// (`%2f` is `/`); an empty path means `/`. `heartbeat` from the query wins over `heartbeat`;
 /// `frame_max` from the query over [`DEFAULT_FRAME_MAX`].
@@ -148,16 +167,14 @@ pub(crate) fn parse_uri(uri: &str, heartbeat: u16) -> Result<BrokerUri, Transpor
         ..AMQPQueryString::default()
     };
     for (key, value) in url.query_pairs() {
-        let number = |what: &str| -> Result<u64, TransportError> {
-            value.parse::<u64>().map_err(|_| invalid(&masked, format!("bad {what} '{value}'")))
-        };
+        let value = value.as_ref();
         match key.as_ref() {
-            "heartbeat" => query.heartbeat = Some(u16::try_from(number("heartbeat")?).unwrap_or(0)),
-            "frame_max" => query.frame_max = Some(u32::try_from(number("frame_max")?).unwrap_or(0)),
-            "channel_max" => {
-                query.channel_max = Some(u16::try_from(number("channel_max")?).unwrap_or(0))
+            "heartbeat" => query.heartbeat = Some(query_number(&masked, "heartbeat", value)?),
+            "frame_max" => query.frame_max = Some(query_number(&masked, "frame_max", value)?),
+            "channel_max" => query.channel_max = Some(query_number(&masked, "channel_max", value)?),
+            "connection_timeout" => {
+                query.connection_timeout = Some(query_number(&masked, "connection_timeout", value)?)
             }
-            "connection_timeout" => query.connection_timeout = Some(number("connection_timeout")?),
             _ => {}
         }
     }
@@ -246,6 +263,26 @@ mod tests {
         let err = refuse_tls(&parsed).unwrap_err().to_string();
         assert!(err.contains("invalid broker URI") && err.contains("`tls` feature"), "{err}");
         assert!(refuse_tls(&parse_uri("amqp://h/", 60).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn query_numbers_out_of_range_are_errors_not_zero() {
+        // zero means "off" (heartbeat) or "no limit" (frame_max, channel_max) in AMQP: an
+        // out-of-range number must not silently become one
+        for (query, what) in [
+            ("heartbeat=65536", "heartbeat"),
+            ("frame_max=4294967296", "frame_max"),
+            ("channel_max=70000", "channel_max"),
+        ] {
+            let error = parse_uri(&format!("amqp://u:pw@h/?{query}"), 60).unwrap_err();
+            let text = error.to_string();
+            assert!(text.contains(what) && text.contains("too large"), "{text}");
+        }
+        assert_eq!(
+            parse_uri("amqp://h/?heartbeat=65535", 60).unwrap().amqp.query.heartbeat,
+            Some(65535)
+        );
+        assert_eq!(parse_uri("amqp://h/?heartbeat=0", 60).unwrap().amqp.query.heartbeat, Some(0));
     }
 
     #[test]
