@@ -172,7 +172,8 @@ pub struct Config {
     /// `PARENT_CALLS_TRACKED`: how many parent call ids are kept in a call-id stack.
     /// Default: 10.
     pub parent_calls_tracked: usize,
-    /// `RPC_EXCHANGE`: the exchange RPC requests are published to. Default: `nameko-rpc`.
+    /// `RPC_EXCHANGE`: the exchange RPC requests are published to; not blank. Default:
+    /// `nameko-rpc`.
     pub rpc_exchange: String,
     /// `RPC_TIMEOUT`: how long an RPC call waits for its reply; positive. Given in seconds
     /// (fractions allowed). Default: 30 s.
@@ -388,11 +389,12 @@ impl Config {
 
     /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace and no `://`,
     /// `AMQP_URI` is an `amqp://`, `amqps://` or `memory://` URI or a list of `amqp(s)://`
-    /// URIs (none empty, same vhost, same credentials), `MAX_WORKERS`,
-    /// `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are not 0 (and
-    /// `HTTP_MAX_CONNECTIONS` at most [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT` and
-    /// `SHUTDOWN_TIMEOUT` are not zero, and the HTTP and WebSocket timeouts are neither zero
-    /// nor longer than [`MAX_PEER_TIMEOUT`]. Every `from_*` calls it; [`Config::new`] does not.
+    /// URIs (none empty, same vhost, same credentials), `RPC_EXCHANGE` is not blank,
+    /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
+    /// not 0 (and `HTTP_MAX_CONNECTIONS` at most [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT`
+    /// and `SHUTDOWN_TIMEOUT` are not zero, and the HTTP and WebSocket timeouts are neither
+    /// zero nor longer than [`MAX_PEER_TIMEOUT`]. Every `from_*` calls it; [`Config::new`]
+    /// does not.
     ///
     /// # Errors
     /// The first failing check, naming its key and value.
@@ -417,6 +419,15 @@ impl Config {
             ));
         }
         amqp_uri::validate(&self.amqp_uri)?;
+        // "" names the default exchange, which cannot be declared (ACCESS_REFUSED at
+        // start-up, naming no key) and routes a request by queue name, so to no RPC queue.
+        if self.rpc_exchange.trim().is_empty() {
+            return Err(ConfigError::new(
+                "RPC_EXCHANGE",
+                &self.rpc_exchange,
+                "must not be empty (Nameko's is `nameko-rpc`)",
+            ));
+        }
         let at_least_one = [
             ("MAX_WORKERS", self.max_workers == 0, ""),
             ("MAX_MESSAGE_SIZE", self.max_message_size == 0, ""),

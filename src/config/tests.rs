@@ -691,6 +691,20 @@ fn validation_errors() {
 }
 
 #[test]
+fn an_empty_rpc_exchange_is_refused() {
+    // "" is the default exchange: the RPC entrypoint could not declare it (ACCESS_REFUSED at
+    // start-up, naming no key) and a caller's request published to it would route nowhere
+    let expected =
+        r#"invalid config RPC_EXCHANGE="": must not be empty (Nameko's is `nameko-rpc`)"#;
+    assert_eq!(env_err(&[("SERVICE_NAME", "s"), ("RPC_EXCHANGE", "")]).to_string(), expected);
+    assert_eq!(yaml_err("SERVICE_NAME: s\nRPC_EXCHANGE: ''").to_string(), expected);
+    let blank = env_err(&[("SERVICE_NAME", "s"), ("RPC_EXCHANGE", "  ")]);
+    assert_eq!((blank.key.as_str(), blank.value.as_str()), ("RPC_EXCHANGE", "  "));
+    let in_code = Config::new("s").with_rpc_exchange(String::new()).validate();
+    assert_eq!(in_code.map_err(|e| e.key), Err("RPC_EXCHANGE".to_string()));
+}
+
+#[test]
 fn amqp_uri_validation() {
     for uri in ["amqp://localhost", "amqps://u:p@h:5671/v", "memory://", "amqp://"] {
         assert_eq!(Config::new("s").with_amqp_uri(uri.to_string()).validate(), Ok(()));
