@@ -113,7 +113,7 @@ pub struct Config {
     /// `AMQP_HEARTBEAT`: the AMQP heartbeat interval in seconds. Default: 60.
     pub amqp_heartbeat: u16,
     /// `SERVICE_NAME`: the name of the service, used in queue names. Required: not empty,
-    /// no whitespace.
+    /// no whitespace, no `*` or `#` (its RPC binding is `{SERVICE_NAME}.*`).
     pub service_name: String,
     /// `MAX_WORKERS`: how many workers run at once; at least 1. Default: 3.
     pub max_workers: usize,
@@ -387,7 +387,8 @@ impl Config {
         load::from_text(text, Format::Toml, "<toml>", vars)
     }
 
-    /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace and no `://`,
+    /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace, no `://`
+    /// and no topic wildcard (`*`, `#`),
     /// `AMQP_URI` is an `amqp://`, `amqps://` or `memory://` URI or a list of `amqp(s)://`
     /// URIs (none empty, same vhost, same credentials), `RPC_EXCHANGE` is not blank,
     /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
@@ -416,6 +417,16 @@ impl Config {
                 "SERVICE_NAME",
                 &self.service_name,
                 "looks like a URI: a service name is a plain name such as `orders`",
+            ));
+        }
+        // The RPC queue is bound with `{SERVICE_NAME}.*`: a topic wildcard in the name would
+        // bind it to other services' requests (`*.*` takes every call on the exchange).
+        if self.service_name.contains(['*', '#']) {
+            return Err(ConfigError::new(
+                "SERVICE_NAME",
+                &self.service_name,
+                "must not contain `*` or `#`: the RPC queue is bound with `{SERVICE_NAME}.*`, so \
+                 the name would match other services' calls",
             ));
         }
         amqp_uri::validate(&self.amqp_uri)?;

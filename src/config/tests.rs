@@ -691,6 +691,21 @@ fn validation_errors() {
 }
 
 #[test]
+fn service_names_with_topic_wildcards_are_refused() {
+    // the RPC queue is bound with `{SERVICE_NAME}.*`: `*` or `#` in the name would bind it to
+    // other services' requests (`*.*` takes every call on the exchange)
+    for name in ["*", "#", "orders.*", "or#ders"] {
+        let e = env_err(&[("SERVICE_NAME", name)]);
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("SERVICE_NAME", name));
+        assert_eq!(
+            e.reason,
+            "must not contain `*` or `#`: the RPC queue is bound with `{SERVICE_NAME}.*`, so \
+             the name would match other services' calls"
+        );
+    }
+}
+
+#[test]
 fn an_empty_rpc_exchange_is_refused() {
     // "" is the default exchange: the RPC entrypoint could not declare it (ACCESS_REFUSED at
     // start-up, naming no key) and a caller's request published to it would route nowhere
