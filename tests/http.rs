@@ -219,6 +219,41 @@ async fn target_errors_and_panics_are_500_with_a_json_body() {
     service.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn refusals_before_the_target_have_a_json_body_too() {
+    let config = http_config("http_refused").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let http = client();
+    let big = json!({"a": 1, "b": 2, "pad": "x".repeat(2000)});
+    let cases = [
+        // a path parameter that is not UTF-8 once decoded does not fit `Path<String>`
+        (http.get(format!("{base}/hello/%FF")), 400, "bad_input", "path parameter"),
+        (
+            http.post(format!("{base}/sum")).json(&big),
+            413,
+            "too_large",
+            "MAX_MESSAGE_SIZE (1024 bytes)",
+        ),
+        (http.get(format!("{base}/nowhere")), 404, "not_found", "GET /nowhere"),
+        (http.delete(format!("{base}/sum")), 405, "method_not_allowed", "DELETE /sum: its methods"),
+    ];
+    for (request, status, error, says) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), status);
+        let allow = response.headers().get("allow").cloned();
+        assert_eq!(response.headers()["content-type"], "application/json", "{status}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], error, "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message:?} should say {says:?}");
+        if status == 405 {
+            assert_eq!(allow.as_ref().map(|value| value.to_str().unwrap()), Some("POST"));
+        }
+    }
+    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0);
+    service.stop().await.unwrap();
+}
+
 fn slow(Dep(probe): Dep<Arc<Probe>>) -> Value {
     probe.enter(Value::Null);
     std::thread::sleep(Duration::from_millis(100));

@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, RawPathParamsRejection};
 use axum::extract::{DefaultBodyLimit, RawPathParams};
 use axum::http::{header, HeaderMap, Method, Request, StatusCode, Uri};
 use axum::routing::{on, MethodFilter, MethodRouter};
@@ -126,11 +127,46 @@ impl HttpEntrypoint {
 fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> MethodRouter {
     on(
         filter,
-        move |method: Method, uri: Uri, headers: HeaderMap, params: RawPathParams, body: Bytes| {
-            let request = request(&method, &uri, &headers, &params);
-            call(route.clone(), calls.clone(), request, body)
+        move |method: Method,
+              uri: Uri,
+              headers: HeaderMap,
+              params: Result<RawPathParams, RawPathParamsRejection>,
+              body: Result<Bytes, BytesRejection>| {
+            let route = route.clone();
+            let calls = calls.clone();
+            async move {
+                // axum's own answers to these are plain text; every other error is JSON
+                let params = match params {
+                    Ok(params) => params,
+                    Err(rejection) => return params_refusal(&rejection),
+                };
+                let body = match body {
+                    Ok(body) => body,
+                    Err(rejection) => return body_refusal(&rejection, &route),
+                };
+                let request = request(&method, &uri, &headers, &params);
+                call(route, calls, request, body).await
+            }
         },
     )
+}
+
+/// The answer to path parameters that cannot be read (not UTF-8 once percent-decoded).
+fn params_refusal(rejection: &RawPathParamsRejection) -> axum::response::Response {
+    let message = format!("path parameters do not fit: {}", rejection.body_text());
+    refusal(rejection.status(), "bad_input", &message)
+}
+
+/// The answer to a body that cannot be read: over `MAX_MESSAGE_SIZE` (413), or cut short.
+fn body_refusal(rejection: &BytesRejection, route: &RouteHandle) -> axum::response::Response {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            let limit = route.config().max_message_size;
+            let message = format!("the request body is over MAX_MESSAGE_SIZE ({limit} bytes)");
+            refusal(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message)
+        }
+        status => refusal(status, "bad_input", &rejection.body_text()),
+    }
 }
 
 /// Marks the answer to a request that is not for the route (another path or method).

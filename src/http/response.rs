@@ -2,12 +2,14 @@
 //!
 //! A target answers with any serializable value (200, JSON), or a [`Response`] for another
 //! status, a text body or headers. Bad input is 400, any other failure 500, both with a JSON
-//! body `{"error": ..., "message": ...}`.
+//! body `{"error": ..., "message": ...}`, as have the answers given without a call (404, 405,
+//! 413, 503).
 
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::data::bounded;
 use crate::data::Handled;
 use crate::data::{Failure, FailureKind};
 use crate::handler::targets::{IntoOutcome, TargetError, TargetResult};
@@ -182,6 +184,24 @@ pub(crate) fn refusal(status: StatusCode, error: &str, message: &str) -> axum::r
     let mut response = json_response(&failure_body(error, message));
     *response.status_mut() = status;
     response
+}
+
+/// The longest request path an error response quotes, in bytes (a path is the client's).
+const QUOTED_PATH: usize = 256;
+
+/// The answer to a request for a path no route serves (the site's fallback).
+pub(crate) async fn not_found(method: Method, uri: Uri) -> axum::response::Response {
+    let path = bounded(uri.path(), QUOTED_PATH);
+    refusal(StatusCode::NOT_FOUND, "not_found", &format!("no route serves {method} {path}"))
+}
+
+/// The answer to a request for a path served for other methods only; axum adds the `Allow`
+/// header listing them.
+pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> axum::response::Response {
+    let path = bounded(uri.path(), QUOTED_PATH);
+    let message =
+        format!("no route serves {method} {path}: its methods are listed in the Allow header");
+    refusal(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &message)
 }
 
 /// The JSON body of an error response. A failure's message is already bounded (see

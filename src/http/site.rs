@@ -15,6 +15,7 @@ use axum::routing::MethodRouter;
 use axum::Router;
 use tokio_util::task::TaskTracker;
 
+use super::response::{method_not_allowed, not_found};
 use crate::error::{Error, Result};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::web_server::{serve, WebLimits};
@@ -116,7 +117,11 @@ impl SharedExtension for WebSite {
         let router = {
             let mut state = self.state();
             state.address = Some(listener.local_addr()?);
-            std::mem::take(&mut state.router).layer(DefaultBodyLimit::max(config.max_message_size))
+            // after every route is added: the 405 fallback applies to the routes added before
+            std::mem::take(&mut state.router)
+                .fallback(not_found)
+                .method_not_allowed_fallback(method_not_allowed)
+                .layer(DefaultBodyLimit::max(config.max_message_size))
         };
         tracing::info!("HTTP server listening on http://{}", listener.local_addr()?);
         let stopping = self.service.stopping().clone();
