@@ -1,6 +1,6 @@
 //! The configuration and broker connection every broker command uses.
 
-use micro_framework::config::mask_uri;
+use micro_framework::config::{mask_uri, ConfigError};
 use micro_framework::transport::{SharedTransport, TransportError};
 use micro_framework::Config;
 
@@ -12,14 +12,23 @@ const CLI_SERVICE: &str = "micro-framework-cli";
 /// The configuration of the environment (as a service would read it) with the broker `uri`
 /// and the service name `service` (or `SERVICE_NAME`, or `micro-framework-cli`).
 pub fn config(uri: &str, service: Option<&str>) -> Result<Config, CliError> {
+    config_of(uri, service).map_err(|error| CliError::usage(error.to_string()))
+}
+
+/// [`config`], with the configuration's own error.
+pub fn config_of(uri: &str, service: Option<&str>) -> Result<Config, ConfigError> {
     let mut vars: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(key, value)| Some((key.into_string().ok()?, value.into_string().ok()?)))
         .collect();
+    // a blank SERVICE_NAME (an env file's `SERVICE_NAME=`) is unset, as an absent one: no
+    // command needs the name, so it must not fail on it
+    let blank = |(key, value): &(String, String)| key == "SERVICE_NAME" && value.trim().is_empty();
+    vars.retain(|var| !blank(var));
     if !vars.iter().any(|(key, _)| key == "SERVICE_NAME") || service.is_some() {
         vars.push(("SERVICE_NAME".into(), service.unwrap_or(CLI_SERVICE).to_owned()));
     }
     vars.push(("AMQP_URI".into(), uri.to_owned()));
-    Config::from_vars(vars).map_err(|error| CliError::usage(error.to_string()))
+    Config::from_vars(vars)
 }
 
 /// Connect to the broker of `config`.

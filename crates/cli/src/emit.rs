@@ -47,7 +47,20 @@ pub async fn run(uri: &str, args: EmitArgs) -> Result<ExitCode, CliError> {
         args.payload
     };
     let payload = parse_json("the payload", &text)?;
-    let config = broker::config(uri, Some(&args.source))?;
+    if args.source.trim().is_empty() {
+        return Err(CliError::usage("SOURCE_SERVICE is empty: name the service the event is from"));
+    }
+    if args.event.is_empty() {
+        return Err(CliError::usage("EVENT_NAME is empty: name the event (its routing key)"));
+    }
+    // the source is the config's SERVICE_NAME: its errors name the argument, not the key
+    let config = broker::config_of(uri, Some(&args.source)).map_err(|error| {
+        if error.key == "SERVICE_NAME" {
+            CliError::usage(format!("invalid SOURCE_SERVICE '{}': {}", error.value, error.reason))
+        } else {
+            CliError::usage(error.to_string())
+        }
+    })?;
     let exchange = event_exchange(&config, &args.source).name;
     names::check("the exchange", &exchange)?;
     names::check("the event name (routing key)", &args.event)?;

@@ -88,6 +88,24 @@ async fn bad_input_is_one_error_line_and_a_non_zero_exit() {
     assert!(!run.stderr.contains("hunter2"), "{run:?}");
 }
 
+#[tokio::test]
+async fn a_blank_service_name_is_unset_and_emit_names_its_own_arguments() {
+    // SERVICE_NAME exported empty (an env file's `SERVICE_NAME=`) is unset, as absent: the
+    // command connects as micro-framework-cli instead of failing on a key it does not need
+    for args in [&["dlq", "list", "some_queue"][..], &["call", "math.add"]] {
+        let run = cli_env(Some(DOWN_URI), args, &[("SERVICE_NAME", " ")]).await;
+        run.one_error_line(1, "cannot reach the broker");
+    }
+    // emit's source service and event name are its arguments, not SERVICE_NAME
+    cli(Some(DOWN_URI), &["emit", "", "paid", "{}"])
+        .await
+        .one_error_line(2, "SOURCE_SERVICE is empty");
+    cli(Some(DOWN_URI), &["emit", "my shop", "paid", "{}"])
+        .await
+        .one_error_line(2, "invalid SOURCE_SERVICE 'my shop': must not contain whitespace");
+    cli(Some(DOWN_URI), &["emit", "shop", "", "{}"]).await.one_error_line(2, "EVENT_NAME is empty");
+}
+
 /// Records the events it gets.
 fn record(Payload(payload): Payload<Value>, Dep(seen): Dep<Arc<Mutex<Vec<Value>>>>) {
     seen.lock().unwrap().push(payload);
