@@ -295,3 +295,28 @@ async fn a_start_that_fails_tears_down_the_dependencies_it_set_up() {
     let seen = std::mem::take(&mut *journal.lock().unwrap());
     assert_eq!(seen, ["setup first", "setup second", "teardown first"]);
 }
+
+#[tokio::test]
+async fn a_huge_max_workers_is_a_start_up_error_not_a_panic() {
+    // past tokio's semaphore limit (usize::MAX >> 3) the worker pool could not be made
+    let uri = format!("memory://{}", unique("huge_workers"));
+    let vars = [("SERVICE_NAME", "huge"), ("MAX_WORKERS", "18446744073709551615")];
+    let error = Config::from_vars(vars.map(|(key, value)| (key.into(), value.into()))).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        r#"invalid config MAX_WORKERS="18446744073709551615": must be at most 1048576"#
+    );
+    let in_code = config(&uri, "huge").with_max_workers(usize::MAX);
+    let error = Runner::new(listener_routes(), in_code).spawn().await.unwrap_err();
+    assert!(error.to_string().contains("MAX_WORKERS"), "{error}");
+    let context = RunnerContext::new(listener_routes()).max_workers(usize::MAX);
+    let runner = Runner::new(Vec::new(), config(&uri, "huge")).context(context);
+    let error = runner.spawn().await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "cannot start: a RunnerContext needs max_workers from 1 to 1048576, got {}",
+            usize::MAX
+        )
+    );
+}

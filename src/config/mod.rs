@@ -94,6 +94,11 @@ use load::Format;
 /// descriptors a process may ever hold, so no process could serve more.
 pub const MAX_HTTP_CONNECTIONS: usize = 1 << 20;
 
+/// The largest `MAX_WORKERS` (and `RunnerContext::max_workers`): far above any pool a
+/// machine can run, and below the count where tokio's semaphore, which holds the worker
+/// slots, panics (`usize::MAX >> 3`).
+pub const MAX_WORKERS_LIMIT: usize = 1 << 20;
+
 /// The longest `HTTP_HEADER_READ_TIMEOUT`, `HTTP_KEEP_ALIVE_TIMEOUT` and
 /// `WEBSOCKET_IDLE_TIMEOUT`: one day. Waiting longer on a silent peer protects nothing.
 pub const MAX_PEER_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
@@ -115,7 +120,8 @@ pub struct Config {
     /// `SERVICE_NAME`: the name of the service, used in queue names. Required: not empty,
     /// no whitespace, no `*` or `#` (its RPC binding is `{SERVICE_NAME}.*`).
     pub service_name: String,
-    /// `MAX_WORKERS`: how many workers run at once; at least 1. Default: 3.
+    /// `MAX_WORKERS`: how many workers run at once; from 1 to [`MAX_WORKERS_LIMIT`].
+    /// Default: 3.
     pub max_workers: usize,
     /// `WORKER_MODE`: how workers run. Default: [`WorkerMode::Thread`].
     pub worker_mode: WorkerMode,
@@ -392,7 +398,8 @@ impl Config {
     /// `AMQP_URI` is an `amqp://`, `amqps://` or `memory://` URI or a list of `amqp(s)://`
     /// URIs (none empty, same vhost, same credentials), `RPC_EXCHANGE` is not blank,
     /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
-    /// not 0 (and `HTTP_MAX_CONNECTIONS` at most [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT`
+    /// not 0 (and `MAX_WORKERS` at most [`MAX_WORKERS_LIMIT`], `HTTP_MAX_CONNECTIONS` at most
+    /// [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT`
     /// and `SHUTDOWN_TIMEOUT` are not zero, and the HTTP and WebSocket timeouts are neither
     /// zero nor longer than [`MAX_PEER_TIMEOUT`]. Every `from_*` calls it; [`Config::new`]
     /// does not.
@@ -464,6 +471,13 @@ impl Config {
                     format!("must be a positive, finite number of seconds{hint}"),
                 ));
             }
+        }
+        if self.max_workers > MAX_WORKERS_LIMIT {
+            return Err(ConfigError::new(
+                "MAX_WORKERS",
+                self.max_workers.to_string(),
+                format!("must be at most {MAX_WORKERS_LIMIT}"),
+            ));
         }
         if self.http_max_connections > MAX_HTTP_CONNECTIONS {
             return Err(ConfigError::new(

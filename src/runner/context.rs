@@ -44,7 +44,8 @@ impl RunnerContext {
         }
     }
 
-    /// How many calls of this context may run at once.
+    /// How many calls of this context may run at once: from 1 to
+    /// [`MAX_WORKERS_LIMIT`](crate::config::MAX_WORKERS_LIMIT), else the start fails.
     pub fn max_workers(mut self, max_workers: usize) -> Self {
         self.max_workers = Some(max_workers);
         self

@@ -20,9 +20,9 @@ pub use context::RunnerContext;
 use enabled::EnabledEntrypoints;
 use metric_labels::MetricLabels;
 
-use crate::config::Config;
 #[cfg(feature = "process")]
 use crate::config::WorkerMode;
+use crate::config::{Config, MAX_WORKERS_LIMIT};
 use crate::data::TargetRole;
 use crate::error::{Error, Result};
 use crate::handler::dependencies::{self, set_up_all, tear_down, Dependency, SharedDependency};
@@ -363,8 +363,10 @@ fn plan_routes(
             )));
         }
         let size = context.max_workers.unwrap_or(config.max_workers);
-        if size == 0 {
-            return Err(Error::Startup("a RunnerContext needs max_workers of at least 1".into()));
+        if size == 0 || size > MAX_WORKERS_LIMIT {
+            return Err(Error::Startup(format!(
+                "a RunnerContext needs max_workers from 1 to {MAX_WORKERS_LIMIT}, got {size}"
+            )));
         }
         let label = context.metric_label.unwrap_or_else(|| {
             if plans.is_empty() {
