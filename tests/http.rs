@@ -766,3 +766,41 @@ async fn stopping_waits_for_a_call_whose_client_hung_up() {
     let finished = probe.finished.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(finished, 1, "the service stopped (its dependencies torn down) mid-call");
 }
+
+/// A port free now on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn the_service_refuses_two_of_its_servers_on_one_port_naming_both_keys() {
+    use micro_framework::config::MetricsConfig;
+    // the defaults put both on port 8000: enabling metrics in an HTTP service failed with
+    // only "Address already in use", as if another process held the port
+    let port = free_port();
+    let metrics = MetricsConfig { host: "0.0.0.0".into(), port };
+    let config = http_config("http_clash")
+        .with_web_server_address(format!("0.0.0.0:{port}"))
+        .with_enable_metrics(true)
+        .with_metrics(metrics);
+    let error = Runner::new(routes(), config.clone()).spawn().await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "cannot start: WEB_SERVER_ADDRESS (0.0.0.0:{port}) and METRICS_HOST, METRICS_PORT \
+             (0.0.0.0:{port}) listen on the same port: give one of them another port"
+        )
+    );
+    // a specific address on the port of a wildcard one clashes too
+    let config = config.with_web_server_address(format!("127.0.0.1:{port}"));
+    let error = Runner::new(routes(), config.clone()).spawn().await.unwrap_err();
+    assert!(error.to_string().contains("give one of them another port"), "{error}");
+    // no HTTP route, no HTTP server: metrics alone on the port start
+    let config = config.with_web_server_address(format!("0.0.0.0:{port}"));
+    let alone = vec![Route::new(noop_event).entrypoint(EventListener::new(unique("src"), "e"))];
+    let service = Runner::new(alone, config).spawn().await.expect("metrics alone start");
+    service.stop().await.unwrap();
+}
+
+fn noop_event() {}

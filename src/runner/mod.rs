@@ -2,6 +2,7 @@
 
 mod context;
 mod enabled;
+mod listeners;
 mod metric_labels;
 mod signals;
 
@@ -261,6 +262,12 @@ impl Runner {
         for plan in &mut plans {
             plan.started = self.entrypoints.enables(&plan.route.name);
         }
+        let kinds: Vec<_> = plans
+            .iter()
+            .filter(|plan| plan.started)
+            .filter_map(|plan| plan.route.entrypoint.as_ref().map(|entrypoint| entrypoint.kind()))
+            .collect();
+        listeners::check(&config, &kinds)?;
         Ok((config, plans))
     }
 }
