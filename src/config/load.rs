@@ -263,8 +263,12 @@ pub(super) fn from_vars(
     for (name, value) in vars {
         if let Some(field) = Field::from_env_name(&name) {
             apply(&mut config, field, &name, &Value::String(value))?;
+        } else if let Some(key) = closest_key_within(&name, ENV_SIMILARITY, ENV_METRICS) {
+            config.misspelt_env.0.push((name, key));
         }
     }
+    config.misspelt_env.0.sort();
+    config.misspelt_env.0.dedup();
     config.validate()?;
     Ok(config)
 }
@@ -421,15 +425,33 @@ fn apply_metrics(config: &mut Config, section: &Value) -> Result<(), ConfigError
     Ok(())
 }
 
+/// The `METRICS` keys as environment variables spell them.
+const ENV_METRICS: &[&str] = &["METRICS_HOST", "METRICS_PORT"];
+
+/// How alike a file's key must be to a framework key to be named its misspelling.
+const FILE_SIMILARITY: f64 = 0.75;
+
+/// The same for an environment variable: higher, as the environment holds the variables of
+/// other software too (`METRICS_PATH`, `NIX_SSL_CERT_FILE` are no misspellings).
+const ENV_SIMILARITY: f64 = 0.8;
+
 /// The framework's key closest to `key`, when `key` looks like a misspelling of it.
 pub(super) fn closest_key(key: &str) -> Option<&'static str> {
-    let key = key.to_uppercase();
+    closest_key_within(key, FILE_SIMILARITY, &[METRICS])
+}
+
+/// The framework's key closest to `key` (compared in upper case) among the top-level keys
+/// and `nested` (how the source spells the `METRICS` keys), when their similarity is at
+/// least `similarity`; never `key` itself.
+fn closest_key_within(key: &str, similarity: f64, nested: &[&'static str]) -> Option<&'static str> {
+    let upper = key.to_uppercase();
     FIELDS
         .iter()
         .map(|(name, _)| *name)
-        .chain(std::iter::once(METRICS))
-        .map(|name| (strsim::normalized_damerau_levenshtein(&key, name), name))
-        .filter(|(similarity, _)| *similarity >= 0.75)
+        .chain(nested.iter().copied())
+        .filter(|name| *name != key)
+        .map(|name| (strsim::normalized_damerau_levenshtein(&upper, name), name))
+        .filter(|(alike, _)| *alike >= similarity)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, name)| name)
 }

@@ -214,6 +214,20 @@ pub struct Config {
     /// Every other top-level key of a configuration file, as is (see [`Config::get`]).
     /// Environment variables never land here. Default: empty.
     pub extra: BTreeMap<String, Value>,
+    /// The variables given to [`Config::from_vars`] that are no key but look like a
+    /// misspelling of one, each with that key (see [`Config::misspelt_env_vars`]).
+    misspelt_env: Misspelt,
+}
+
+/// Environment variables that look like misspelt keys, each with the key: a diagnostic of
+/// where the configuration came from, not a setting, so it makes no two configs unequal.
+#[derive(Clone, Debug, Default)]
+struct Misspelt(Vec<(String, &'static str)>);
+
+impl PartialEq for Misspelt {
+    fn eq(&self, _: &Misspelt) -> bool {
+        true
+    }
 }
 
 /// Where the metrics server listens (`METRICS.HOST` / `METRICS.PORT` in files,
@@ -323,6 +337,7 @@ impl Default for Config {
             amqp_ssl_cert_file: None,
             amqp_ssl_key_file: None,
             extra: BTreeMap::new(),
+            misspelt_env: Misspelt::default(),
         }
     }
 }
@@ -574,6 +589,22 @@ impl Config {
             .keys()
             .map(|key| (key.as_str(), UnknownKey::of(key, load::closest_key)))
             .collect()
+    }
+
+    /// The environment variables read by [`Config::from_vars`] (or [`Config::from_env`])
+    /// that are no key of the framework but look like a misspelling of one (`AMQP_URL`,
+    /// `MAX_WORKER`, `max_workers`), each with that key, by name. They are ignored, as every
+    /// other variable; the runner warns about each at start-up.
+    ///
+    /// ```
+    /// use micro_framework::Config;
+    /// let vars = [("SERVICE_NAME", "s"), ("AMQP_URL", "amqp://mq/"), ("HOME", "/root")];
+    /// let config = Config::from_vars(vars.map(|(k, v)| (k.to_string(), v.to_string())))?;
+    /// assert_eq!(config.misspelt_env_vars(), [("AMQP_URL", "AMQP_URI")]);
+    /// # Ok::<(), micro_framework::config::ConfigError>(())
+    /// ```
+    pub fn misspelt_env_vars(&self) -> Vec<(&str, &'static str)> {
+        self.misspelt_env.0.iter().map(|(name, key)| (name.as_str(), *key)).collect()
     }
 
     /// Reads the extra key `key` (see [`Config::extra`]) as a `T`; `None` when absent.

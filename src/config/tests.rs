@@ -76,6 +76,7 @@ fn everything_changed() -> Config {
         amqp_ssl_cert_file: Some("/etc/ssl/client.pem".to_string()),
         amqp_ssl_key_file: Some("/etc/ssl/client.key".to_string()),
         extra: BTreeMap::new(),
+        misspelt_env: Misspelt::default(),
     }
 }
 
@@ -262,6 +263,27 @@ fn unknown_env_vars_are_ignored() {
         ("SOME_TOKEN", "t0k3n"),
     ])));
     assert_eq!(config, Config::new("svc"));
+    // ignored, but named at start-up: keys are matched exactly
+    assert_eq!(config.misspelt_env_vars(), [("service_name", "SERVICE_NAME")]);
+}
+
+#[test]
+fn env_vars_that_resemble_a_key_are_named_with_it() {
+    let config = ok(Config::from_vars(vars(&[
+        ("SERVICE_NAME", "s"),
+        ("MAX_WORKER", "4"),
+        ("AMQP_URL", "amqp://u:pw@mq/"),
+        ("HOME", "/root"),
+        // close, but names of other software: no warning on every start
+        ("METRICS_PATH", "/metrics"),
+        ("NIX_SSL_CERT_FILE", "/etc/ssl/certs/ca.pem"),
+    ])));
+    assert_eq!(
+        config.misspelt_env_vars(),
+        [("AMQP_URL", "AMQP_URI"), ("MAX_WORKER", "MAX_WORKERS")]
+    );
+    assert_eq!(config.max_workers, 3, "still ignored");
+    assert!(config.extra.is_empty());
 }
 
 #[test]

@@ -248,6 +248,12 @@ impl Runner {
         for (key, what) in self.config.unknown_keys() {
             tracing::warn!("config key {key} is {what}");
         }
+        for (name, key) in self.config.misspelt_env_vars() {
+            tracing::warn!(
+                "environment variable {name} is not a micro-framework key (did you mean {key}?); \
+                 it is ignored"
+            );
+        }
         #[cfg(not(feature = "metrics"))]
         if self.config.enable_metrics {
             return Err(Error::Startup(

@@ -16,6 +16,16 @@ pub fn run(file: Option<&Path>, format: Format) -> Result<ExitCode, CliError> {
         None => Config::from_env(),
     }
     .map_err(|error| CliError::usage(error.to_string()))?;
+    // what a service would warn about at start-up: this is where an operator checks
+    for (key, what) in config.unknown_keys() {
+        eprintln!("warning: config key {key} is {what}");
+    }
+    for (name, key) in config.misspelt_env_vars() {
+        eprintln!(
+            "warning: environment variable {name} is not a micro-framework key (did you mean \
+             {key}?); it is ignored"
+        );
+    }
     let masked = config.to_masked_map();
     let text = match format {
         Format::Json => serde_json::to_string_pretty(&masked)? + "\n",

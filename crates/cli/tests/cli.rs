@@ -525,6 +525,25 @@ async fn show_config_prints_the_effective_configuration_masked() {
         .await
         .one_error_line(2, "entry 2 of AMQP_URI is empty");
 
+    // keys the service would ignore are named with the key they resemble, on stderr
+    std::fs::write(dir.join("typo.yaml"), "SERVICE_NAME: billing\nMAX_WORKER: 4\n").unwrap();
+    let typo = dir.join("typo.yaml");
+    let run = cli(None, &["show-config", "--file", typo.to_str().unwrap()]).await;
+    assert_eq!(
+        run.ok().stderr,
+        "warning: config key MAX_WORKER is not a micro-framework key (did you mean \
+         MAX_WORKERS?); it is kept for Config::get\n"
+    );
+    let env = [("SERVICE_NAME", "orders"), ("AMQP_URL", "amqp://u:pw@mq/")];
+    let run = cli_env(None, &["show-config"], &env).await;
+    // (the test's own environment may add lines)
+    assert!(
+        run.ok().stderr.lines().any(|line| line
+            == "warning: environment variable AMQP_URL is not a micro-framework key (did you \
+                mean AMQP_URI?); it is ignored"),
+        "{run:?}"
+    );
+
     // bad input
     cli(None, &["show-config"]).await.one_error_line(2, "SERVICE_NAME");
     let missing = dir.join("missing.yaml");
