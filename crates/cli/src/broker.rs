@@ -28,7 +28,18 @@ pub fn config_of(uri: &str, service: Option<&str>) -> Result<Config, ConfigError
         vars.push(("SERVICE_NAME".into(), service.unwrap_or(CLI_SERVICE).to_owned()));
     }
     vars.push(("AMQP_URI".into(), uri.to_owned()));
-    Config::from_vars(vars)
+    let config = Config::from_vars(vars)?;
+    // an in-process broker lives and dies with its process: the CLI would open a new, empty
+    // one and report the service's queues and exchanges as missing
+    if config.amqp_uris().iter().any(|uri| uri.starts_with("memory:")) {
+        return Err(ConfigError::new(
+            "AMQP_URI",
+            uri,
+            "is the in-process broker of one process, which the CLI cannot reach: give the \
+             RabbitMQ URI of the service (--uri or AMQP_URI)",
+        ));
+    }
+    Ok(config)
 }
 
 /// Connect to the broker of `config`.

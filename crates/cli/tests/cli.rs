@@ -106,6 +106,23 @@ async fn a_blank_service_name_is_unset_and_emit_names_its_own_arguments() {
     cli(Some(DOWN_URI), &["emit", "shop", "", "{}"]).await.one_error_line(2, "EVENT_NAME is empty");
 }
 
+#[tokio::test]
+async fn an_in_process_broker_is_refused_by_the_broker_commands() {
+    // memory:// lives inside one process: the CLI would open a new, empty one and report
+    // the service's queue or exchange as missing
+    for args in [
+        &["dlq", "list", "some_queue"][..],
+        &["dlq", "purge", "some_queue"],
+        &["emit", "shop", "paid", "{}"],
+        &["call", "math.add"],
+    ] {
+        cli(Some("memory://orders"), args).await.one_error_line(2, "in-process broker");
+    }
+    // show-config only reads it
+    let env = [("SERVICE_NAME", "orders")];
+    cli_env(Some("memory://orders"), &["show-config"], &env).await.ok();
+}
+
 /// Records the events it gets.
 fn record(Payload(payload): Payload<Value>, Dep(seen): Dep<Arc<Mutex<Vec<Value>>>>) {
     seen.lock().unwrap().push(payload);
