@@ -67,8 +67,9 @@ fn shown(entry: &str) -> Option<String> {
 
 /// Why a URI is refused.
 enum Refused {
-    /// It does not parse, for this reason.
-    Invalid(url::ParseError),
+    /// It does not parse, for this reason; and whether a `/`, `?` or `#` comes before its
+    /// last `@`, which makes the likely cause an unencoded delimiter in the password.
+    Invalid(url::ParseError, bool),
     /// Its scheme is none of [`SCHEMES`], or it has no `//`.
     Scheme,
 }
@@ -77,7 +78,13 @@ impl Refused {
     /// The reason, after `subject` (empty, or the entry named with a trailing space).
     fn text(&self, subject: &str) -> String {
         match self {
-            Refused::Invalid(err) => format!("{subject}is not a valid URI ({err}): {EXPECTED}"),
+            Refused::Invalid(err, false) => {
+                format!("{subject}is not a valid URI ({err}): {EXPECTED}")
+            }
+            Refused::Invalid(err, true) => format!(
+                "{subject}is not a valid URI ({err}): {EXPECTED} (a `/`, `?` or `#` in the user \
+                 name or password is written %2F, %3F or %23)"
+            ),
             Refused::Scheme if subject.is_empty() => EXPECTED.to_string(),
             Refused::Scheme => format!("{subject}has another scheme: {EXPECTED}"),
         }
@@ -86,11 +93,18 @@ impl Refused {
 
 /// Parses one URI of an accepted scheme.
 fn parse(uri: &str) -> Result<Url, Refused> {
-    let url = Url::parse(uri).map_err(Refused::Invalid)?;
+    let url = Url::parse(uri).map_err(|err| Refused::Invalid(err, delimiter_in_userinfo(uri)))?;
     if url.cannot_be_a_base() || !SCHEMES.contains(&url.scheme()) {
         return Err(Refused::Scheme);
     }
     Ok(url)
+}
+
+/// Whether a `/`, `?` or `#` comes before the last `@` after `://`: the URI parser ends the
+/// user name and password there, and reads what comes before as host and port.
+fn delimiter_in_userinfo(uri: &str) -> bool {
+    let rest = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+    rest.rfind('@').is_some_and(|at| rest[..at].contains(['/', '?', '#']))
 }
 
 /// Checks that the entries of a list can be nodes of one cluster: all RabbitMQ, with the

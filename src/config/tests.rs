@@ -762,6 +762,30 @@ fn amqp_uri_validation() {
     assert!(!e.to_string().contains("hunter2"));
 }
 
+#[test]
+fn a_password_with_a_delimiter_is_told_to_be_percent_encoded() {
+    // url reads `u:pa` of `amqp://u:pa#ss@h/` as host and port: "invalid port number" alone
+    // sends the reader to the port
+    for (uri, shown) in [
+        ("amqp://u:hunter#2@h/", "amqp://u:***@h/"),
+        ("amqp://u:hunter?2@h/", "amqp://u:***@h/"),
+        ("amqp://u:hunter/2@h:5672/", "amqp://u:***@h:5672/"),
+    ] {
+        let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_URI", uri)]);
+        assert_eq!(e.value, shown);
+        assert!(
+            e.reason.ends_with(
+                "(a `/`, `?` or `#` in the user name or password is written %2F, %3F or %23)"
+            ),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("hunter"), "{e}");
+    }
+    // other invalid URIs get no such hint
+    let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_URI", "amqp://u:pw@h:99999/")]);
+    assert!(!e.reason.contains("%2F"), "{e}");
+}
+
 // ---------------------------------------------------------------- AMQP_URI lists
 
 /// The error of `AMQP_URI=uri` from the environment, checked to hold no password.
