@@ -393,6 +393,9 @@ fn plan_routes(
         }
         let pool = WorkerPool::new(size, mode, &label)
             .with_time_limit(context.time_limit.or(config.task_time_limit));
+        if !context.routes.is_empty() {
+            warn_time_limit_ignored(&pool, context.time_limit.is_some());
+        }
         for mut route in context.routes {
             if plans.iter().any(|plan| plan.route.name == route.name) {
                 return Err(Error::Startup(format!(
@@ -416,7 +419,27 @@ fn plan_routes(
             plans.push(RoutePlan { route, pool: pool.clone(), started: true });
         }
     }
+    let processes = plans.iter().any(|plan| plan.pool.mode().is_process());
+    if let (Some(tasks), false) = (config.max_tasks_per_child, processes) {
+        tracing::warn!(
+            "MAX_TASKS_PER_CHILD ({tasks}) has no effect: no context runs in a process worker mode"
+        );
+    }
     Ok(plans)
+}
+
+/// Warns that the time limit of `pool` (from `RunnerContext::time_limit` when `from_context`,
+/// else `TASK_TIME_LIMIT`) does nothing in a thread mode: only a worker process can be
+/// stopped mid-call, and a user relying on the limit must know that none is.
+fn warn_time_limit_ignored(pool: &WorkerPool, from_context: bool) {
+    let mode = pool.mode();
+    let Some(limit) = pool.time_limit().filter(|_| !mode.is_process()) else { return };
+    let source = if from_context { "RunnerContext::time_limit" } else { "TASK_TIME_LIMIT" };
+    tracing::warn!(
+        "{source} ({limit:?}) has no effect on context '{}' in WORKER_MODE={mode}: only a worker \
+         process can be stopped mid-call (WORKER_MODE=process or greedy_process)",
+        pool.context()
+    );
 }
 
 fn check_targets(route: &Route) -> Result<()> {
