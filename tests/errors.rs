@@ -320,3 +320,21 @@ async fn a_huge_max_workers_is_a_start_up_error_not_a_panic() {
         )
     );
 }
+
+#[tokio::test]
+async fn an_event_listener_without_a_source_or_an_event_name_stops_the_start() {
+    // `{source}.events` of an empty source is `.events`, and an empty event name binds the
+    // routing key "": such a listener would start and never receive an event
+    let uri = format!("memory://{}", unique("empty_names"));
+    for (source, event) in [("", "paid"), ("shop", ""), (" ", "paid")] {
+        let routes = vec![Route::new(noop).entrypoint(EventListener::new(source, event))];
+        let error = Runner::new(routes, config(&uri, "names")).spawn().await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "cannot start: route 'noop': EventListener({source}.{event}) needs a source \
+                 service and an event name"
+            )
+        );
+    }
+}

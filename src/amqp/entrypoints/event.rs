@@ -119,6 +119,15 @@ impl Entrypoint for EventListener {
     }
 
     async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
+        // `{source}.events` of an empty source is `.events`, and an empty event name binds
+        // the routing key "": such a listener would start and never receive an event
+        if self.source_service.trim().is_empty() || self.event_name.trim().is_empty() {
+            return Err(crate::Error::Startup(format!(
+                "route '{}': {} needs a source service and an event name",
+                route.name(),
+                self.describe()
+            )));
+        }
         let config = route.config();
         let transport = route.transport();
         let exchange = event_exchange(config, &self.source_service);
