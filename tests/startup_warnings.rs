@@ -92,3 +92,21 @@ async fn limits_of_worker_processes_in_a_thread_mode_are_named_at_start_up() {
         "{logs}"
     );
 }
+
+#[tokio::test]
+async fn an_amqp_uri_option_that_nothing_reads_is_named_at_start_up() {
+    logs();
+    // port 1: nothing listens, the start fails at once, after the warning
+    let config =
+        Config::new(unique("warned")).with_amqp_uri("amqp://u:pw@127.0.0.1:1/?ssl=1".into());
+    let routes = vec![Route::new(noop).entrypoint(EventListener::new(unique("src"), "e"))];
+    Runner::new(routes, config).spawn().await.map(drop).expect_err("no broker on port 1");
+    let logs = logged();
+    assert!(
+        logs.contains(
+            "AMQP_URI option ssl is not used: micro-framework reads heartbeat, frame_max, \
+             channel_max and connection_timeout (TLS is amqps://)"
+        ),
+        "{logs}"
+    );
+}

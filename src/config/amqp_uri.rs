@@ -14,6 +14,28 @@ const SCHEMES: [&str; 3] = ["amqp", "amqps", "memory"];
 
 const EXPECTED: &str = "expected an amqp://, amqps:// or memory:// URI";
 
+/// The query options of an `amqp://` or `amqps://` URI that the RabbitMQ transport reads
+/// (`transport::rabbitmq::uri`); any other is named at start-up.
+pub(crate) const READ_OPTIONS: [&str; 4] =
+    ["heartbeat", "frame_max", "channel_max", "connection_timeout"];
+
+/// The query options of the `amqp://` and `amqps://` entries of `raw` that nothing reads
+/// (kombu's `ssl`, a misspelt `heartbeet`), each once, in order.
+pub(super) fn unused_options(raw: &str) -> Vec<String> {
+    let mut unused: Vec<String> = Vec::new();
+    for url in entries(raw).into_iter().filter_map(|entry| parse(entry).ok()) {
+        if url.scheme() == "memory" {
+            continue; // the in-process broker refuses its unknown options itself
+        }
+        for (key, _) in url.query_pairs() {
+            if !READ_OPTIONS.contains(&key.as_ref()) && !unused.iter().any(|seen| *seen == key) {
+                unused.push(key.into_owned());
+            }
+        }
+    }
+    unused
+}
+
 /// Checks `raw`, the value of `AMQP_URI`. Errors name the offending entry by its number and
 /// show it with its password masked.
 pub(super) fn validate(raw: &str) -> Result<(), ConfigError> {

@@ -88,6 +88,12 @@ pub use modes::{LogFormat, Protocol, QueueType, RetryDelay, WorkerMode};
 pub use unknown_key::UnknownKey;
 
 use error::{mask_json, raw_text};
+
+/// The query options of an `amqp://` URI that the RabbitMQ transport reads.
+#[cfg(test)]
+pub(crate) fn amqp_uri_read_options() -> [&'static str; 4] {
+    amqp_uri::READ_OPTIONS
+}
 use load::Format;
 
 /// The largest `HTTP_MAX_CONNECTIONS`: Linux's default `fs.nr_open`, the most file
@@ -605,6 +611,20 @@ impl Config {
     /// ```
     pub fn misspelt_env_vars(&self) -> Vec<(&str, &'static str)> {
         self.misspelt_env.0.iter().map(|(name, key)| (name.as_str(), *key)).collect()
+    }
+
+    /// The query options of `AMQP_URI` that nothing reads: the RabbitMQ transport reads
+    /// `heartbeat`, `frame_max`, `channel_max` and `connection_timeout` only, so kombu's
+    /// `?ssl=1` turns no TLS on and a misspelt `?heartbeet=5` sets nothing. The runner warns
+    /// about each at start-up.
+    ///
+    /// ```
+    /// use micro_framework::Config;
+    /// let config = Config::new("s").with_amqp_uri("amqp://mq/?heartbeat=5&ssl=1".into());
+    /// assert_eq!(config.unused_amqp_uri_options(), ["ssl"]);
+    /// ```
+    pub fn unused_amqp_uri_options(&self) -> Vec<String> {
+        amqp_uri::unused_options(&self.amqp_uri)
     }
 
     /// Reads the extra key `key` (see [`Config::extra`]) as a `T`; `None` when absent.

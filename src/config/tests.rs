@@ -786,6 +786,20 @@ fn a_password_with_a_delimiter_is_told_to_be_percent_encoded() {
     assert!(!e.reason.contains("%2F"), "{e}");
 }
 
+#[test]
+fn amqp_uri_options_that_nothing_reads_are_named() {
+    // `?ssl=1` (kombu's) does not turn TLS on, and a misspelt `?heartbeet=5` sets nothing
+    let uri = "amqp://u:pw@h/?heartbeat=5&ssl=1&heartbeet=5&frame_max=131072";
+    let config = Config::new("s").with_amqp_uri(uri.into());
+    assert_eq!(config.unused_amqp_uri_options(), ["ssl", "heartbeet"]);
+    let list = "amqp://a/?connection_timeout=5000,amqp://b/?channel_max=9&auth_mechanism=x";
+    let config = Config::new("s").with_amqp_uri(list.into());
+    assert_eq!(config.unused_amqp_uri_options(), ["auth_mechanism"]);
+    // the in-process broker refuses its unknown options itself
+    let config = Config::new("s").with_amqp_uri("memory://x?max_bytes=9".into());
+    assert!(config.unused_amqp_uri_options().is_empty());
+}
+
 // ---------------------------------------------------------------- AMQP_URI lists
 
 /// The error of `AMQP_URI=uri` from the environment, checked to hold no password.

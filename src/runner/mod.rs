@@ -248,6 +248,12 @@ impl Runner {
         for (key, what) in self.config.unknown_keys() {
             tracing::warn!("config key {key} is {what}");
         }
+        for option in self.config.unused_amqp_uri_options() {
+            tracing::warn!(
+                "AMQP_URI option {option} is not used: micro-framework reads heartbeat, \
+                 frame_max, channel_max and connection_timeout (TLS is amqps://)"
+            );
+        }
         for (name, key) in self.config.misspelt_env_vars() {
             tracing::warn!(
                 "environment variable {name} is not a micro-framework key (did you mean {key}?); \

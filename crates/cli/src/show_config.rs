@@ -20,6 +20,12 @@ pub fn run(file: Option<&Path>, format: Format) -> Result<ExitCode, CliError> {
     for (key, what) in config.unknown_keys() {
         eprintln!("warning: config key {key} is {what}");
     }
+    for option in config.unused_amqp_uri_options() {
+        eprintln!(
+            "warning: AMQP_URI option {option} is not used: micro-framework reads heartbeat, \
+             frame_max, channel_max and connection_timeout (TLS is amqps://)"
+        );
+    }
     for (name, key) in config.misspelt_env_vars() {
         eprintln!(
             "warning: environment variable {name} is not a micro-framework key (did you mean \

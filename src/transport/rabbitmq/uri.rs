@@ -286,6 +286,15 @@ mod tests {
     }
 
     #[test]
+    fn every_option_named_as_read_is_read() {
+        // the start-up warning about unused options relies on this list
+        for option in crate::config::amqp_uri_read_options() {
+            let error = parse_uri(&format!("amqp://h/?{option}=x"), 60).unwrap_err();
+            assert!(error.to_string().contains(&format!("bad {option} 'x'")), "{error}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_uris_without_leaking() {
         let err = parse_uri("http://u:hunter22@h/", 60).unwrap_err();
         assert!(!err.to_string().contains("hunter22"), "{err}");
