@@ -557,3 +557,31 @@ async fn a_silent_socket_on_the_websocket_port_is_closed_after_the_idle_timeout(
     assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
     service.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_plain_http_request_on_the_websocket_port_gets_an_http_error() {
+    // a health check or curl on the port got an empty reply ("Empty reply from server")
+    let gate = Gate::default();
+    let (service, address) = start(2, &gate).await;
+    let cases = [
+        ("GET /health HTTP/1.1\r\nhost: test\r\n\r\n", "HTTP/1.1 426 Upgrade Required\r\n"),
+        (
+            "POST / HTTP/1.1\r\nhost: test\r\ncontent-length: 2\r\n\r\n{}",
+            "HTTP/1.1 400 Bad Request\r\n",
+        ),
+        ("hello\r\n\r\n", "HTTP/1.1 400 Bad Request\r\n"),
+    ];
+    for (request, status) in cases {
+        let mut socket = TcpStream::connect(address).await.unwrap();
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer));
+        assert!(matches!(read.await, Ok(Ok(_))), "the connection is closed after the answer");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with(status), "{request:?}: {answer:?}");
+        assert!(answer.contains("connection: close\r\n"), "{answer:?}");
+        assert!(answer.contains("this port serves WebSocket connections"), "{answer:?}");
+    }
+    assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    service.stop().await.unwrap();
+}

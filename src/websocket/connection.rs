@@ -47,15 +47,25 @@ pub(crate) async fn serve_client(
     idle: Duration,
     stopping: CancellationToken,
 ) {
+    // the handshake takes the stream: a second handle answers a request that is no
+    // WebSocket handshake, which otherwise got an empty reply
+    let spare = spare_handle(&stream);
     let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(frame_limits()));
     let handshake = tokio::select! {
         _ = stopping.cancelled() => return,
         handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT.min(idle), handshake) => handshake,
     };
     let mut socket = match handshake {
-        Ok(Ok(socket)) => socket,
+        Ok(Ok(socket)) => {
+            // the socket closes when both handles are gone: keep only the connection's
+            drop(spare);
+            socket
+        }
         Ok(Err(error)) => {
-            return tracing::debug!("WebSocket handshake with {peer} failed: {error}")
+            if let Some(spare) = spare {
+                refuse_request(spare, &error).await;
+            }
+            return tracing::debug!("WebSocket handshake with {peer} failed: {error}");
         }
         Err(_) => return tracing::debug!("WebSocket handshake with {peer} timed out"),
     };
@@ -109,6 +119,52 @@ pub(crate) async fn serve_client(
         }
     };
     finish(socket, calls, end, peer, idle).await;
+}
+
+/// A second handle on `stream`'s socket (a duplicated descriptor), if one can be made.
+#[cfg(unix)]
+fn spare_handle(stream: &TcpStream) -> Option<TcpStream> {
+    use std::os::fd::AsFd;
+    let descriptor = stream.as_fd().try_clone_to_owned().ok()?;
+    TcpStream::from_std(std::net::TcpStream::from(descriptor)).ok()
+}
+
+#[cfg(not(unix))]
+fn spare_handle(_stream: &TcpStream) -> Option<TcpStream> {
+    None
+}
+
+/// Answer a request that failed the WebSocket handshake with an HTTP error saying why (426
+/// for a plain HTTP request, 400 for anything else that is no handshake), then close. Only
+/// for request errors: after an I/O error or a timeout there is no one to answer.
+async fn refuse_request(mut spare: TcpStream, error: &WsError) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    let status = match error {
+        WsError::Protocol(
+            ProtocolError::MissingConnectionUpgradeHeader
+            | ProtocolError::MissingUpgradeWebSocketHeader,
+        ) => "426 Upgrade Required\r\nupgrade: websocket",
+        WsError::Protocol(_) | WsError::HttpFormat(_) | WsError::Http(_) => "400 Bad Request",
+        _ => return,
+    };
+    let body = format!("this port serves WebSocket connections only: {error}\n");
+    let response = format!(
+        "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // a client that reads nothing cannot hold the task: bounded like a close
+    let answer = async {
+        spare.write_all(response.as_bytes()).await?;
+        spare.shutdown().await?;
+        // read what the client still sends: closing with unread bytes resets the
+        // connection, which can destroy the answer before the client reads it
+        let mut sink = [0u8; 1024];
+        while spare.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, answer).await;
 }
 
 /// Send `reply` to the client within `limit`. A client that takes nothing for that long
