@@ -246,8 +246,14 @@ fn seconds(value: &Value) -> Result<Duration, String> {
         _ => None,
     }
     .ok_or_else(|| "expected a number of seconds".to_string())?;
-    Duration::try_from_secs_f64(secs)
-        .map_err(|_| "must be a positive, finite number of seconds".to_string())
+    Duration::try_from_secs_f64(secs).map_err(|_| {
+        // positive and finite, yet more seconds than a duration holds
+        if secs.is_finite() && secs > 0.0 {
+            format!("must be at most {} seconds", u64::MAX)
+        } else {
+            "must be a positive, finite number of seconds".to_string()
+        }
+    })
 }
 
 /// One of an enum's words (see [`super::modes`]).

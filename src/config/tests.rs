@@ -575,6 +575,9 @@ fn value_errors_name_key_and_value() {
         ("RPC_TIMEOUT", "-1", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "inf", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "NaN", "must be a positive, finite number of seconds"),
+        // positive and finite, but more seconds than a duration holds
+        ("TASK_TIME_LIMIT", "1e30", "must be at most 18446744073709551615 seconds"),
+        ("RPC_TIMEOUT", "1e20", "must be at most 18446744073709551615 seconds"),
         (
             "TASK_TIME_LIMIT",
             "0",
