@@ -184,8 +184,8 @@ pub struct Config {
     /// `PARENT_CALLS_TRACKED`: how many parent call ids are kept in a call-id stack.
     /// Default: 10.
     pub parent_calls_tracked: usize,
-    /// `RPC_EXCHANGE`: the exchange RPC requests are published to; not blank. Default:
-    /// `nameko-rpc`.
+    /// `RPC_EXCHANGE`: the exchange RPC requests are published to; not blank, no whitespace
+    /// around it. Default: `nameko-rpc`.
     pub rpc_exchange: String,
     /// `RPC_TIMEOUT`: how long an RPC call waits for its reply; positive. Given in seconds
     /// (fractions allowed). Default: 30 s.
@@ -415,15 +415,14 @@ impl Config {
     }
 
     /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace, no `://`
-    /// and no topic wildcard (`*`, `#`),
-    /// `AMQP_URI` is an `amqp://`, `amqps://` or `memory://` URI or a list of `amqp(s)://`
-    /// URIs (none empty, same vhost, same credentials), `RPC_EXCHANGE` is not blank,
+    /// and no topic wildcard (`*`, `#`), `AMQP_URI` is an `amqp://`, `amqps://` or
+    /// `memory://` URI or a list of `amqp(s)://` URIs (none empty, same vhost, same
+    /// credentials), `RPC_EXCHANGE` is neither blank nor padded with whitespace,
     /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
     /// not 0 (and `MAX_WORKERS` at most [`MAX_WORKERS_LIMIT`], `HTTP_MAX_CONNECTIONS` at most
-    /// [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT`
-    /// and `SHUTDOWN_TIMEOUT` are not zero, and the HTTP and WebSocket timeouts are neither
-    /// zero nor longer than [`MAX_PEER_TIMEOUT`]. Every `from_*` calls it; [`Config::new`]
-    /// does not.
+    /// [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT` and `SHUTDOWN_TIMEOUT` are not zero, and the
+    /// HTTP and WebSocket timeouts are neither zero nor longer than [`MAX_PEER_TIMEOUT`].
+    /// Every `from_*` calls it; [`Config::new`] does not.
     ///
     /// # Errors
     /// The first failing check, naming its key and value.
@@ -465,6 +464,15 @@ impl Config {
                 "RPC_EXCHANGE",
                 &self.rpc_exchange,
                 "must not be empty (Nameko's is `nameko-rpc`)",
+            ));
+        }
+        // a stray space names another exchange than the peers': every call would end in
+        // UnknownService, with nothing to say why
+        if self.rpc_exchange.trim() != self.rpc_exchange {
+            return Err(ConfigError::new(
+                "RPC_EXCHANGE",
+                &self.rpc_exchange,
+                "must not start or end with whitespace",
             ));
         }
         let at_least_one = [

@@ -742,6 +742,13 @@ fn an_empty_rpc_exchange_is_refused() {
     assert_eq!((blank.key.as_str(), blank.value.as_str()), ("RPC_EXCHANGE", "  "));
     let in_code = Config::new("s").with_rpc_exchange(String::new()).validate();
     assert_eq!(in_code.map_err(|e| e.key), Err("RPC_EXCHANGE".to_string()));
+    // a stray space (an env file's `RPC_EXCHANGE= nameko-rpc`) names another exchange than
+    // the peers': every call would end in UnknownService
+    let spaced = env_err(&[("SERVICE_NAME", "s"), ("RPC_EXCHANGE", "nameko-rpc ")]);
+    assert_eq!(
+        spaced.to_string(),
+        r#"invalid config RPC_EXCHANGE="nameko-rpc ": must not start or end with whitespace"#
+    );
 }
 
 #[test]
