@@ -84,6 +84,13 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
 
 /// A positive number of seconds as a duration.
 fn seconds(value: f64) -> Result<Duration, CliError> {
+    // `{value}` of 1e300 writes 301 digits
+    if value.is_finite() && value > 0.0 && Duration::try_from_secs_f64(value).is_err() {
+        return Err(CliError::usage(format!(
+            "--timeout {value:e} is too large: at most {} seconds",
+            u64::MAX
+        )));
+    }
     Duration::try_from_secs_f64(value)
         .ok()
         .filter(|duration| !duration.is_zero())

@@ -64,6 +64,9 @@ async fn bad_input_is_one_error_line_and_a_non_zero_exit() {
     cli(None, &["call", "math.add", "--kwargs", "[]"]).await.one_error_line(2, "JSON object");
     cli(None, &["call", "math"]).await.one_error_line(2, "SERVICE.METHOD");
     cli(None, &["call", "math.add", "--timeout", "-1"]).await.one_error_line(2, "--timeout");
+    // positive, but more seconds than a duration holds: said so, the number kept short
+    let run = cli(None, &["call", "math.add", "--timeout", "1e300"]).await;
+    run.one_error_line(2, "--timeout 1e300 is too large: at most 18446744073709551615 seconds");
     cli(None, &["emit", "shop"]).await.one_error_line(2, "required arguments");
     cli(None, &["frobnicate"]).await.one_error_line(2, "frobnicate");
     cli(None, &["show-config", "--format", "xml"]).await.one_error_line(2, "xml");
