@@ -768,6 +768,7 @@ async fn stopping_waits_for_a_call_whose_client_hung_up() {
 }
 
 /// A port free now on the loopback interface.
+#[cfg(feature = "metrics")]
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -803,4 +804,5 @@ async fn the_service_refuses_two_of_its_servers_on_one_port_naming_both_keys() {
     service.stop().await.unwrap();
 }
 
+#[cfg(feature = "metrics")]
 fn noop_event() {}

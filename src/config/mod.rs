@@ -73,7 +73,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-mod amqp_uri;
+pub(crate) mod amqp_uri;
 mod error;
 mod load;
 mod modes;
@@ -88,12 +88,6 @@ pub use modes::{LogFormat, Protocol, QueueType, RetryDelay, WorkerMode};
 pub use unknown_key::UnknownKey;
 
 use error::{mask_json, raw_text};
-
-/// The query options of an `amqp://` URI that the RabbitMQ transport reads.
-#[cfg(test)]
-pub(crate) fn amqp_uri_read_options() -> [&'static str; 4] {
-    amqp_uri::READ_OPTIONS
-}
 use load::Format;
 
 /// The largest `HTTP_MAX_CONNECTIONS`: Linux's default `fs.nr_open`, the most file

@@ -288,7 +288,7 @@ mod tests {
     #[test]
     fn every_option_named_as_read_is_read() {
         // the start-up warning about unused options relies on this list
-        for option in crate::config::amqp_uri_read_options() {
+        for option in crate::config::amqp_uri::READ_OPTIONS {
             let error = parse_uri(&format!("amqp://h/?{option}=x"), 60).unwrap_err();
             assert!(error.to_string().contains(&format!("bad {option} 'x'")), "{error}");
         }
