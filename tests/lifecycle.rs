@@ -59,9 +59,10 @@ async fn a_test_service_dropped_without_stop_stops_consuming() {
     for uri in broker_uris() {
         let config = config(&uri, "orders");
         let name = config.service_name.clone();
-        let routes = vec![Route::new(on_paid).entrypoint(EventListener::new("shop", "paid"))];
+        let shop = common::unique("shop");
+        let routes = vec![Route::new(on_paid).entrypoint(EventListener::new(&shop, "paid"))];
         let service = TestService::start(routes, config.clone()).await.unwrap();
-        let queue = format!("evt-shop-paid--{name}.on_paid");
+        let queue = format!("evt-{shop}-paid--{name}.on_paid");
         let consumers =
             || async { service.transport().queue_info(&queue).await.unwrap().consumer_count };
         common::wait_until_async(|| async { consumers().await == 1 }).await;
@@ -72,7 +73,7 @@ async fn a_test_service_dropped_without_stop_stops_consuming() {
         })
         .await;
         observer.close().await;
-        common::cleanup(&uri, &[name]).await;
+        common::cleanup(&uri, &[name, shop]).await;
     }
 }
 
