@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::journaled::{Fault, Journal, Journaled};
 use common::{config, rabbitmq_uri, unique};
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::entrypoints::Entrypoint;
@@ -165,69 +166,6 @@ async fn an_unreachable_broker_is_tried_again_until_stopped() {
     outcome.expect("stopped before the broker answered: not an error");
 }
 
-/// Records its set-ups and teardowns; its set-up fails when `fails`.
-struct Tracked {
-    name: &'static str,
-    fails: bool,
-    journal: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-#[derive(Clone)]
-struct TrackedValue;
-
-#[micro_framework::async_trait]
-impl micro_framework::dependencies::Dependency for Tracked {
-    type Output = TrackedValue;
-
-    async fn setup(
-        &self,
-        _setup: &micro_framework::dependencies::SetupContext,
-    ) -> Result<(), micro_framework::BoxError> {
-        self.journal.lock().unwrap().push(format!("setup {}", self.name));
-        match self.fails {
-            true => Err(format!("{} cannot start", self.name).into()),
-            false => Ok(()),
-        }
-    }
-
-    async fn get(
-        &self,
-        _call: &micro_framework::WorkerContext,
-    ) -> Result<TrackedValue, micro_framework::BoxError> {
-        Ok(TrackedValue)
-    }
-
-    async fn teardown(&self) {
-        self.journal.lock().unwrap().push(format!("teardown {}", self.name));
-    }
-}
-
-struct OtherValue;
-struct Other(Tracked);
-
-#[micro_framework::async_trait]
-impl micro_framework::dependencies::Dependency for Other {
-    type Output = std::sync::Arc<OtherValue>;
-
-    async fn setup(
-        &self,
-        setup: &micro_framework::dependencies::SetupContext,
-    ) -> Result<(), micro_framework::BoxError> {
-        self.0.setup(setup).await
-    }
-
-    async fn get(
-        &self,
-        _call: &micro_framework::WorkerContext,
-    ) -> Result<std::sync::Arc<OtherValue>, micro_framework::BoxError> {
-        Ok(std::sync::Arc::new(OtherValue))
-    }
-
-    async fn teardown(&self) {
-        self.0.teardown().await
-    }
-}
-
 /// An entrypoint whose set-up fails.
 struct RefusesToSetUp;
 
@@ -247,20 +185,18 @@ impl Entrypoint for RefusesToSetUp {
 }
 
 /// A route whose first dependency starts and whose second one fails when `second_fails`.
-fn tracked_route(
-    journal: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    second_fails: bool,
-    entrypoint: impl Entrypoint,
-) -> Route {
-    let first = Tracked { name: "first", fails: false, journal: journal.clone() };
-    let second = Tracked { name: "second", fails: second_fails, journal: journal.clone() };
-    Route::new(noop).entrypoint(entrypoint).dependency(first).dependency(Other(second))
+fn tracked_route(journal: &Journal, second_fails: bool, entrypoint: impl Entrypoint) -> Route {
+    let fault = if second_fails { Fault::SetupFails } else { Fault::None };
+    Route::new(noop)
+        .entrypoint(entrypoint)
+        .dependency(Journaled::new("first", journal, 1u8))
+        .dependency(Journaled::new("second", journal, 2u16).failing(fault))
 }
 
 #[tokio::test]
 async fn a_start_that_fails_tears_down_the_dependencies_it_set_up() {
     use micro_framework::testing::{memory_test_config, worker, TestService};
-    let journal = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let journal = Journal::default();
     let config = memory_test_config(&unique("halfstart"));
 
     // a dependency fails to set up: the one set up before it is torn down

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use micro_framework::dependencies::{Dependency, SetupContext, Shared};
+use micro_framework::dependencies::{Dependency, Shared};
 use micro_framework::prelude::*;
 use micro_framework::testing::{call_route, memory_test_config};
 use micro_framework::{BoxError, FailureKind, Message, Outcome, WorkerContext};
@@ -233,65 +233,34 @@ async fn a_route_called_alone_sees_its_retry_state_as_in_a_service() {
     assert_eq!(outcome, Ok(json!({ "retry_count": 2, "max_retries": 5 })));
 }
 
-/// Journals its set-up and teardown; fails its set-up when told to. Gives each call a `T`
-/// (a route keeps one dependency per output type).
-struct Lifecycle<T> {
-    name: &'static str,
-    journal: Journal,
-    fails: bool,
-    output: T,
-}
-
-#[derive(Clone)]
-struct Pool;
-
-#[derive(Clone)]
-struct Cache;
-
-#[micro_framework::async_trait]
-impl<T: Clone + Send + Sync + 'static> Dependency for Lifecycle<T> {
-    type Output = T;
-    async fn setup(&self, _setup: &SetupContext) -> Result<(), BoxError> {
-        if self.fails {
-            return Err("cannot connect".into());
-        }
-        self.journal.push(format!("set up {}", self.name));
-        Ok(())
-    }
-    async fn get(&self, _call: &WorkerContext) -> Result<T, BoxError> {
-        Ok(self.output.clone())
-    }
-    async fn teardown(&self) {
-        self.journal.push(format!("tear down {}", self.name));
-    }
-}
-
 fn noop() {}
 
 #[tokio::test]
 async fn dependencies_are_torn_down_in_the_reverse_order_of_their_set_up() {
+    use common::journaled::{Fault, Journal, Journaled};
     use micro_framework::amqp::entrypoints::RPCListener;
     use micro_framework::testing::TestService;
     for third_fails in [false, true] {
         let journal = Journal::default();
-        fn lifecycle<T>(name: &'static str, output: T, journal: &Journal) -> Lifecycle<T> {
-            Lifecycle { name, journal: journal.clone(), fails: false, output }
-        }
         let mut route = Route::new(noop)
             .entrypoint(RPCListener::new())
-            .dependency(lifecycle("pool", Pool, &journal))
+            .dependency(Journaled::new("pool", &journal, 1u8))
             .dependency(Shared(Session))
-            .dependency(lifecycle("cache", Cache, &journal));
+            .dependency(Journaled::new("cache", &journal, 2u16));
         if third_fails {
-            route = route
-                .dependency(Lifecycle { fails: true, ..lifecycle("broken", Client, &journal) });
+            let broken = Journaled::new("broken", &journal, 3u32).failing(Fault::SetupFails);
+            route = route.dependency(broken);
         }
         let started = TestService::start(vec![route], memory_test_config("lifecycle")).await;
         match started {
             Ok(service) => service.stop().await.unwrap(),
-            Err(error) => assert!(third_fails && error.to_string().contains("cannot connect")),
+            Err(error) => assert!(third_fails && error.to_string().contains("broken cannot start")),
         }
-        let expected = ["set up pool", "set up cache", "tear down cache", "tear down pool"];
-        assert_eq!(journal.entries(), expected, "the third fails: {third_fails}");
+        let mut expected = vec!["setup pool", "setup cache"];
+        if third_fails {
+            expected.push("setup broken");
+        }
+        expected.extend(["teardown cache", "teardown pool"]);
+        assert_eq!(journal.lock().unwrap().clone(), expected, "the third fails: {third_fails}");
     }
 }

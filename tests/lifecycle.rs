@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::journaled::{Fault, Journal, Journaled};
 use common::{broker_uris, config};
 use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
@@ -77,88 +78,19 @@ async fn a_test_service_dropped_without_stop_stops_consuming() {
     }
 }
 
-type Journal = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
-
-/// A dependency that records its set-up and teardown, and panics in the one `panics_in` names.
-struct Fragile {
-    name: &'static str,
-    panics_in: &'static str,
-    journal: Journal,
-}
-
-#[derive(Clone)]
-struct FragileValue;
-
-#[micro_framework::async_trait]
-impl micro_framework::dependencies::Dependency for Fragile {
-    type Output = FragileValue;
-
-    async fn setup(
-        &self,
-        _setup: &micro_framework::dependencies::SetupContext,
-    ) -> Result<(), micro_framework::BoxError> {
-        self.journal.lock().unwrap().push(format!("setup {}", self.name));
-        assert_ne!(self.panics_in, "setup", "{} cannot set up", self.name);
-        Ok(())
-    }
-
-    async fn get(
-        &self,
-        _call: &micro_framework::WorkerContext,
-    ) -> Result<FragileValue, micro_framework::BoxError> {
-        Ok(FragileValue)
-    }
-
-    async fn teardown(&self) {
-        self.journal.lock().unwrap().push(format!("teardown {}", self.name));
-        assert_ne!(self.panics_in, "teardown", "{} cannot tear down", self.name);
-    }
-}
-
-/// The same, under another output type, so that a route can have both.
-struct Sturdy(Fragile);
-
-#[micro_framework::async_trait]
-impl micro_framework::dependencies::Dependency for Sturdy {
-    type Output = std::sync::Arc<()>;
-
-    async fn setup(
-        &self,
-        setup: &micro_framework::dependencies::SetupContext,
-    ) -> Result<(), micro_framework::BoxError> {
-        self.0.setup(setup).await
-    }
-
-    async fn get(
-        &self,
-        _call: &micro_framework::WorkerContext,
-    ) -> Result<std::sync::Arc<()>, micro_framework::BoxError> {
-        Ok(std::sync::Arc::new(()))
-    }
-
-    async fn teardown(&self) {
-        self.0.teardown().await
-    }
-}
-
-fn fragile_route(
-    journal: &Journal,
-    first_panics_in: &'static str,
-    second_panics_in: &'static str,
-) -> Route {
-    let first = Fragile { name: "first", panics_in: first_panics_in, journal: journal.clone() };
-    let second = Fragile { name: "second", panics_in: second_panics_in, journal: journal.clone() };
+/// A route whose two dependencies fail at `first` and `second`.
+fn fragile_route(journal: &Journal, first: Fault, second: Fault) -> Route {
     Route::new(on_paid)
         .entrypoint(EventListener::new("shop", "paid"))
-        .dependency(first)
-        .dependency(Sturdy(second))
+        .dependency(Journaled::new("first", journal, 1u8).failing(first))
+        .dependency(Journaled::new("second", journal, 2u16).failing(second))
 }
 
 #[tokio::test]
 async fn a_dependency_panicking_in_teardown_stops_the_service_all_the_same() {
     let journal = Journal::default();
     let config = micro_framework::testing::memory_test_config(&common::unique("teardown"));
-    let route = fragile_route(&journal, "teardown", "");
+    let route = fragile_route(&journal, Fault::TeardownPanics, Fault::None);
     let service = TestService::start(vec![route], config).await.unwrap();
     let transport = service.transport().clone();
     service.stop().await.unwrap();
@@ -171,7 +103,7 @@ async fn a_dependency_panicking_in_teardown_stops_the_service_all_the_same() {
 async fn a_dependency_panicking_in_setup_fails_the_start_and_undoes_it() {
     let journal = Journal::default();
     let config = micro_framework::testing::memory_test_config(&common::unique("setup"));
-    let route = fragile_route(&journal, "", "setup");
+    let route = fragile_route(&journal, Fault::None, Fault::SetupPanics);
     let error = TestService::start(vec![route], config).await.unwrap_err();
     assert!(error.to_string().contains("second cannot set up"), "{error}");
     let seen = journal.lock().unwrap().clone();

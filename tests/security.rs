@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::{rabbitmq_uri, unique};
@@ -17,38 +15,6 @@ use micro_framework::transport::ConsumeOptions;
 use micro_framework::Message;
 use serde_json::{json, Value};
 use uuid::{Uuid, Variant, Version};
-
-/// Everything logged by this test binary, at every level (lapin's trace logs included).
-fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || Sink(sink.clone()))
-            .try_init()
-            .expect("the only subscriber of this test binary");
-        logs
-    })
-}
-
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Sink {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logged() -> String {
-    String::from_utf8_lossy(&logs().lock().unwrap()).into_owned()
-}
 
 /// A password with characters that must be percent-encoded in a URI, and its encoded form.
 const PASSWORD: &str = "Mf/p@ss:Wd-93xq";
@@ -64,7 +30,7 @@ fn noop(Payload(_): Payload<Value>) {}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_broker_is_logged_without_the_password() {
-    logs();
+    common::logs::capture(tracing::Level::TRACE);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let uri = format!("amqp://mf_user:{ENCODED}@127.0.0.1:{port}/");
     let config = Config::new(unique("sec_down")).with_amqp_uri(uri.clone());
@@ -84,7 +50,7 @@ async fn an_unreachable_broker_is_logged_without_the_password() {
     let routes = vec![Route::new(noop).entrypoint(EventListener::new("s", "e"))];
     let stop = tokio::time::sleep(Duration::from_millis(2500));
     Runner::new(routes, config).run_until(stop).await.unwrap();
-    let logs = logged();
+    let logs = common::logs::logged();
     assert!(logs.contains(&format!("broker unreachable at amqp://mf_user:***@127.0.0.1:{port}/")));
     assert_hidden(&logs, "the logs");
 }
@@ -114,7 +80,7 @@ fn ctl(args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_traffic_and_refusals_never_log_the_password() {
-    logs();
+    common::logs::capture(tracing::Level::TRACE);
     let Some(uri) = rabbitmq_uri() else { return };
     let address = uri.split('@').nth(1).unwrap().to_owned();
 
@@ -139,7 +105,7 @@ async fn broker_traffic_and_refusals_never_log_the_password() {
     service.stop().await.unwrap();
     common::cleanup(&uri, &[source, config.service_name]).await;
     drop(user);
-    let logs = logged();
+    let logs = common::logs::logged();
     assert!(logs.contains("lapin::"), "lapin's own trace logs are captured too");
     assert_hidden(&logs, "the logs");
 }

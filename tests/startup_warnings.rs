@@ -2,52 +2,17 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::unique;
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::prelude::*;
 
-/// Everything this test binary logs at warning level or above.
-fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || Sink(sink.clone()))
-            .try_init()
-            .expect("the only subscriber of this test binary");
-        logs
-    })
-}
-
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Sink {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logged() -> String {
-    String::from_utf8_lossy(&logs().lock().unwrap()).into_owned()
-}
-
 fn noop() {}
 
 /// Start and stop a service of one event route with `vars` as its environment.
 async fn start_with(vars: &[(&str, &str)]) {
-    logs();
+    common::logs::capture(tracing::Level::WARN);
     let uri = format!("memory://{}", unique("warnings"));
     let mut all = vec![("SERVICE_NAME", "warned"), ("AMQP_URI", uri.as_str())];
     all.extend_from_slice(vars);
@@ -60,7 +25,7 @@ async fn start_with(vars: &[(&str, &str)]) {
 #[tokio::test]
 async fn an_environment_variable_that_resembles_a_key_is_named_at_start_up() {
     start_with(&[("AMQP_URL", "amqp://u:pw@mq/")]).await;
-    let logs = logged();
+    let logs = common::logs::logged();
     assert!(
         logs.contains(
             "environment variable AMQP_URL is not a micro-framework key (did you mean \
@@ -76,7 +41,7 @@ async fn limits_of_worker_processes_in_a_thread_mode_are_named_at_start_up() {
     // mode a call is never stopped, which a user relying on the limit must know
     start_with(&[("TASK_TIME_LIMIT", "5"), ("MAX_TASKS_PER_CHILD", "100")]).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let logs = logged();
+    let logs = common::logs::logged();
     assert!(
         logs.contains(
             "TASK_TIME_LIMIT (5s) has no effect on context 'default' in WORKER_MODE=thread: \
@@ -95,13 +60,13 @@ async fn limits_of_worker_processes_in_a_thread_mode_are_named_at_start_up() {
 
 #[tokio::test]
 async fn an_amqp_uri_option_that_nothing_reads_is_named_at_start_up() {
-    logs();
+    common::logs::capture(tracing::Level::WARN);
     // port 1: nothing listens, the start fails at once, after the warning
     let config =
         Config::new(unique("warned")).with_amqp_uri("amqp://u:pw@127.0.0.1:1/?ssl=1".into());
     let routes = vec![Route::new(noop).entrypoint(EventListener::new(unique("src"), "e"))];
     Runner::new(routes, config).spawn().await.map(drop).expect_err("no broker on port 1");
-    let logs = logged();
+    let logs = common::logs::logged();
     assert!(
         logs.contains(
             "AMQP_URI option ssl is not used: micro-framework reads heartbeat, frame_max, \

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod journaled;
+pub mod logs;
 pub mod peer;
 pub mod tally;
 pub mod targets;
