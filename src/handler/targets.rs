@@ -20,6 +20,7 @@
 
 use std::any::{type_name, Any};
 use std::cell::Cell;
+use std::thread::LocalKey;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -223,17 +224,22 @@ thread_local! {
     static ON_BLOCKING_POOL: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Run `call` as a sync target on this blocking-pool thread.
-fn on_blocking_pool(call: impl FnOnce() -> TargetResult) -> TargetResult {
-    struct Reset;
+/// Run `f` with the thread-local `flag` set, cleared again after it, also when it panics.
+fn with_flag<R>(flag: &'static LocalKey<Cell<bool>>, f: impl FnOnce() -> R) -> R {
+    struct Reset(&'static LocalKey<Cell<bool>>);
     impl Drop for Reset {
         fn drop(&mut self) {
-            ON_BLOCKING_POOL.set(false);
+            self.0.set(false);
         }
     }
-    ON_BLOCKING_POOL.set(true);
-    let _reset = Reset;
-    call()
+    flag.set(true);
+    let _reset = Reset(flag);
+    f()
+}
+
+/// Run `call` as a sync target on this blocking-pool thread.
+fn on_blocking_pool(call: impl FnOnce() -> TargetResult) -> TargetResult {
+    with_flag(&ON_BLOCKING_POOL, call)
 }
 
 /// Wait for `future` from the thread of a sync target (`call_blocking`, `dispatch_blocking`),
@@ -259,15 +265,7 @@ pub(crate) fn block_on<F: Future>(what: &str, future: F) -> Result<F::Output, St
 /// `block_in_place` and `Handle::block_on` work), without the hop there and back.
 #[cfg(feature = "process")]
 pub(crate) fn run_sync_targets_here<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            SYNC_TARGETS_HERE.set(false);
-        }
-    }
-    SYNC_TARGETS_HERE.set(true);
-    let _reset = Reset;
-    f()
+    with_flag(&SYNC_TARGETS_HERE, f)
 }
 
 /// Run a sync target's call on this thread when it is a `lone_call` (no other call of its
