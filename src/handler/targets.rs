@@ -20,11 +20,11 @@
 
 use std::any::{type_name, Any};
 use std::cell::Cell;
-use std::thread::LocalKey;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::thread::LocalKey;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
