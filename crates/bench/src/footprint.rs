@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crate::cpu::children_of;
 use crate::workers::rates;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
-use micro_framework::amqp::naming::{event_queue, HandlerType};
+use micro_framework::amqp::naming::{event_exchange, event_queue, HandlerType};
 use micro_framework::amqp::rpc::naming::rpc_queue;
 use micro_framework::amqp::rpc::Args;
 use micro_framework::prelude::*;
@@ -304,7 +304,8 @@ fn idled(
     Ok((child, measured))
 }
 
-/// Delete the queues the idle service declared (its work queues are durable).
+/// Delete the queues the idle service declared (its work queues are durable), and the event
+/// exchange it declared for its listener.
 fn delete_queues(broker: &str, service: &str) -> micro_framework::Result<()> {
     if broker.starts_with("memory://") {
         return Ok(());
@@ -318,6 +319,7 @@ fn delete_queues(broker: &str, service: &str) -> micro_framework::Result<()> {
         for name in &names {
             transport.delete_queue(name).await?;
         }
+        transport.delete_exchange(&event_exchange(&config, "bench_src").name).await?;
         transport.close().await;
         Ok(())
     })
