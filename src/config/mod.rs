@@ -629,6 +629,37 @@ impl Config {
         amqp_uri::unused_options(&self.amqp_uri)
     }
 
+    /// What this configuration holds that nothing uses, one sentence each: the
+    /// [unknown keys](Config::unknown_keys) of a file, the
+    /// [`AMQP_URI` options nothing reads](Config::unused_amqp_uri_options) and the
+    /// [environment variables that look misspelt](Config::misspelt_env_vars). The runner logs
+    /// each at start-up; `micro-framework show-config` prints them.
+    ///
+    /// ```
+    /// use micro_framework::Config;
+    /// let config = Config::new("s").with_amqp_uri("amqp://mq/?ssl=1".into());
+    /// assert_eq!(config.warnings().len(), 1);
+    /// ```
+    pub fn warnings(&self) -> Vec<String> {
+        let keys = self
+            .unknown_keys()
+            .into_iter()
+            .map(|(key, what)| format!("config key {key} is {what}"));
+        let options = self.unused_amqp_uri_options().into_iter().map(|option| {
+            format!(
+                "AMQP_URI option {option} is not used: micro-framework reads heartbeat, \
+                 frame_max, channel_max and connection_timeout (TLS is amqps://)"
+            )
+        });
+        let variables = self.misspelt_env_vars().into_iter().map(|(name, key)| {
+            format!(
+                "environment variable {name} is not a micro-framework key (did you mean \
+                 {key}?); it is ignored"
+            )
+        });
+        keys.chain(options).chain(variables).collect()
+    }
+
     /// Reads the extra key `key` (see [`Config::extra`]) as a `T`; `None` when absent.
     ///
     /// A string that does not deserialize as `T` is also tried as JSON text, so values that

@@ -245,20 +245,8 @@ impl Runner {
     /// Validate the config and check every route, before touching the broker.
     fn prepare(self) -> Result<(Arc<Config>, Vec<RoutePlan>)> {
         self.config.validate()?;
-        for (key, what) in self.config.unknown_keys() {
-            tracing::warn!("config key {key} is {what}");
-        }
-        for option in self.config.unused_amqp_uri_options() {
-            tracing::warn!(
-                "AMQP_URI option {option} is not used: micro-framework reads heartbeat, \
-                 frame_max, channel_max and connection_timeout (TLS is amqps://)"
-            );
-        }
-        for (name, key) in self.config.misspelt_env_vars() {
-            tracing::warn!(
-                "environment variable {name} is not a micro-framework key (did you mean {key}?); \
-                 it is ignored"
-            );
+        for warning in self.config.warnings() {
+            tracing::warn!("{warning}");
         }
         #[cfg(not(feature = "metrics"))]
         if self.config.enable_metrics {

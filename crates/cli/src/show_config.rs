@@ -17,20 +17,8 @@ pub fn run(file: Option<&Path>, format: Format) -> Result<ExitCode, CliError> {
     }
     .map_err(|error| CliError::usage(error.to_string()))?;
     // what a service would warn about at start-up: this is where an operator checks
-    for (key, what) in config.unknown_keys() {
-        eprintln!("warning: config key {key} is {what}");
-    }
-    for option in config.unused_amqp_uri_options() {
-        eprintln!(
-            "warning: AMQP_URI option {option} is not used: micro-framework reads heartbeat, \
-             frame_max, channel_max and connection_timeout (TLS is amqps://)"
-        );
-    }
-    for (name, key) in config.misspelt_env_vars() {
-        eprintln!(
-            "warning: environment variable {name} is not a micro-framework key (did you mean \
-             {key}?); it is ignored"
-        );
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
     }
     let masked = config.to_masked_map();
     let text = match format {
