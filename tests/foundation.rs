@@ -434,6 +434,20 @@ async fn the_timer_fires_again_after_a_failing_run_and_runs_never_overlap() {
     assert!(probe.finished.load(Ordering::SeqCst) >= 4);
 }
 
+#[tokio::test]
+async fn a_timer_with_a_zero_interval_is_refused_at_start_up() {
+    fn tick() {}
+    let routes = vec![Route::new(tick).entrypoint(TimeEntrypoint::every(Duration::ZERO))];
+    let error = TestService::start(routes, config("memory://", "zero_timer")).await.unwrap_err();
+    assert!(matches!(error, Error::Startup(_)), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .contains("route tick: TimeEntrypoint::every needs an interval above zero"),
+        "{error}"
+    );
+}
+
 /// A firing time as the timer passes it: Python's `datetime.utcnow().isoformat()`, i.e.
 /// `YYYY-MM-DDTHH:MM:SS` followed by `.` and six digits unless the microseconds are zero.
 fn is_python_isoformat(text: &str) -> bool {

@@ -60,12 +60,10 @@ pub struct TimeEntrypoint {
 }
 
 impl TimeEntrypoint {
-    /// Fire every `interval` (must be more than zero).
+    /// Fire every `interval`. A zero interval is refused when the service starts
+    /// ([`Error::Startup`]): it would fire without pause.
     pub fn every(interval: Duration) -> Self {
-        TimeEntrypoint {
-            schedule: Schedule::Every(interval.max(Duration::from_millis(1))),
-            cluster_wide: false,
-        }
+        TimeEntrypoint { schedule: Schedule::Every(interval), cluster_wide: false }
     }
 
     /// Fire each tick on one instance of the service only (the Python original and Nameko
@@ -160,6 +158,16 @@ impl Entrypoint for TimeEntrypoint {
             }
             Schedule::Every(interval) => format!("TimeEntrypoint(every {interval:?})"),
             Schedule::Cron(cron) => format!("TimeEntrypoint(cron {})", cron.pattern),
+        }
+    }
+
+    async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
+        match self.schedule {
+            Schedule::Every(interval) if interval.is_zero() => Err(Error::Startup(format!(
+                "route {}: TimeEntrypoint::every needs an interval above zero",
+                route.name()
+            ))),
+            _ => Ok(()),
         }
     }
 
