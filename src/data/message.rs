@@ -58,10 +58,26 @@ impl Message {
         let essence =
             content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
         let shape = |error: serde_json::Error| format!("body does not fit: {error}");
+        // kombu compresses a body when its publisher asks (`compression='zlib'`) and says so in
+        // this header; read as JSON, such a body gives only a parse error at its first byte
+        if let Some(compression) = self.properties.headers.get("compression") {
+            let compression = compression.as_str().unwrap_or("?");
+            return Err(format!(
+                "body is compressed ({compression}, kombu's `compression` header), which is not \
+                 read: publish it uncompressed"
+            ));
+        }
         match essence.as_str() {
             _ if self.body.is_empty() => T::deserialize(Value::Null).map_err(shape),
-            "application/json" | "" => serde_json::from_slice(&self.body)
-                .map_err(|error| format!("body is not valid JSON: {error}")),
+            "application/json" | "" => serde_json::from_slice(&self.body).map_err(|error| {
+                // Python's json refuses it too, but names it; serde's error says only "expected value"
+                let hint = if self.body.starts_with(b"\xef\xbb\xbf") {
+                    " (it starts with a UTF-8 byte-order mark, which JSON does not allow)"
+                } else {
+                    ""
+                };
+                format!("body is not valid JSON{hint}: {error}")
+            }),
             "text/plain" => std::str::from_utf8(&self.body)
                 .map_err(|error| format!("text/plain body is not UTF-8: {error}"))
                 .and_then(|text| {
@@ -119,5 +135,19 @@ mod tests {
         let mut binary = Message { body: Bytes::from_static(b"\x00"), ..Message::default() };
         binary.properties.content_type = Some("application/octet-stream".into());
         assert!(binary.decode().unwrap_err().contains("unsupported content type"));
+    }
+
+    #[test]
+    fn names_compressed_bodies_and_byte_order_marks() {
+        let mut zipped = Message::json(&1).unwrap();
+        zipped.properties.headers.insert("compression".into(), "application/x-gzip".into());
+        let refused = zipped.decode().unwrap_err();
+        assert!(refused.contains("compressed (application/x-gzip"), "{refused}");
+        let marked = Message { body: Bytes::from_static(b"\xef\xbb\xbf{}"), ..Message::default() };
+        let refused = marked.decode().unwrap_err();
+        assert!(
+            refused.contains("not valid JSON (it starts with a UTF-8 byte-order mark"),
+            "{refused}"
+        );
     }
 }
