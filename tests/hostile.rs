@@ -723,3 +723,36 @@ async fn a_queue_declared_again_whose_binding_fails_is_not_consumed_unbound() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+#[tokio::test]
+async fn an_event_whose_filter_panics_is_dead_lettered_once_as_bad_input() {
+    use micro_framework::settle::HEADER_ERROR_KIND;
+    for uri in broker_uris() {
+        let shop = unique("filterpanic");
+        let config = config(&uri, &format!("hostile_{shop}"));
+        let dlq = format!("evt-{shop}-job--{}.good.dlq", config.service_name);
+        let (calls, filtered) = (Arc::new(Calls::default()), Arc::new(Calls::default()));
+        let seen = filtered.clone();
+        // A filter that assumes a field every event has, until one comes without it.
+        let listener = EventListener::new(&shop, "job").filter(move |payload| {
+            seen.0.fetch_add(1, Ordering::SeqCst);
+            payload["amount"].as_f64().expect("an amount") > 10.0
+        });
+        let routes = vec![Route::new(good).entrypoint(listener).dependency(Shared(calls.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "note": "no amount" })).await.unwrap();
+        let dead = dead_letters(&service, &dlq, 1).await;
+        assert_eq!(dead.len(), 1, "{uri}");
+        assert_eq!(header(&dead[0], HEADER_ERROR_KIND), Some(&HeaderValue::from("bad_input")));
+        let error = header(&dead[0], HEADER_ERROR).and_then(HeaderValue::as_str).unwrap_or("");
+        assert!(error.contains("filter panicked: an amount"), "{error}");
+        assert_eq!(filtered.count(), 1, "the poison event went through the filter once");
+        // The events behind it are filtered and handled as ever.
+        service.dispatch(&shop, "job", &json!({ "amount": 20 })).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "amount": 5 })).await.unwrap();
+        common::wait_until(|| calls.count() == 1 && filtered.count() == 3, "two more events").await;
+        service.stop().await.unwrap();
+        assert_eq!(calls.count(), 1, "the target never saw the poison event");
+        common::cleanup(&uri, &[shop.clone(), config.service_name.clone()]).await;
+    }
+}

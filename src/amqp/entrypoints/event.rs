@@ -1,5 +1,6 @@
 //! [`EventListener`]: handle events that another service dispatches.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -12,6 +13,7 @@ use crate::amqp::naming::{
 use crate::config::Config;
 use crate::data::{Headers, Message};
 use crate::error::Result;
+use crate::handler::targets::panic_message;
 use crate::pipeline::consume::{serve_route, Accept};
 use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::settle::declare_retry_topology;
@@ -198,13 +200,16 @@ impl EventListener {
     }
 
     /// Whether the route handles a message: its payload passes the filter, or cannot be
-    /// decoded (bad input, not skipped).
+    /// decoded (bad input, not skipped). A filter that panics on the payload (an `expect` on
+    /// a field it assumed) makes the message bad input: the panic would otherwise end the task
+    /// that holds the delivery, leaving it unsettled, to come back as a crash again and again.
     fn accept(&self) -> Accept {
         match self.filter.clone() {
-            None => Arc::new(|_: &Message| true),
+            None => Arc::new(|_: &Message| Ok(true)),
             Some(filter) => Arc::new(move |message: &Message| match message.decode() {
-                Ok(payload) => filter(&payload),
-                Err(_) => true,
+                Ok(payload) => std::panic::catch_unwind(AssertUnwindSafe(|| filter(&payload)))
+                    .map_err(|panic| format!("filter panicked: {}", panic_message(panic.as_ref()))),
+                Err(_) => Ok(true),
             }),
         }
     }

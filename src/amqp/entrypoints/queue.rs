@@ -187,7 +187,7 @@ impl Entrypoint for QueueListener {
         // A queue taken as it is (passive) is of a type the service does not know: it is
         // counted as any queue can be, with copies.
         let quorum = !self.passive && is_quorum(&work_queue(route.config(), self.queue.clone()));
-        serve_route(route, self.queue, quorum, Arc::new(|_: &Message| true)).await
+        serve_route(route, self.queue, quorum, Arc::new(|_: &Message| Ok(true))).await
     }
 }
 

@@ -181,8 +181,9 @@ async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, deliver
     }
 }
 
-/// Decides whether a message is for the route; others are acked and skipped.
-pub(crate) type Accept = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
+/// Decides whether a message is for the route; others are acked and skipped. The error says
+/// why it cannot tell (a filter that panicked on the message): the message is bad input.
+pub(crate) type Accept = Arc<dyn Fn(&Message) -> std::result::Result<bool, String> + Send + Sync>;
 
 /// Consume `queue` (a quorum queue when `quorum`) for `route` alone (events, work queues):
 /// each accepted message is handled by the route and settled with the broker (ack, retry or
@@ -229,12 +230,16 @@ impl DeliveryHandler for RouteQueue {
     async fn handle(&self, delivery: Delivery) {
         let route = &self.route;
         let message = delivery.message();
-        if !(self.accept)(&message) {
-            if let Err(error) = delivery.acker.ack().await {
-                tracing::warn!(route = route.name(), "cannot ack a skipped message: {error}");
+        match (self.accept)(&message) {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Err(error) = delivery.acker.ack().await {
+                    tracing::warn!(route = route.name(), "cannot ack a skipped message: {error}");
+                }
+                route.skipped();
+                return;
             }
-            route.skipped();
-            return;
+            Err(reason) => return self.refuse(delivery, Failure::bad_input(reason)).await,
         }
         let Some(permit) = route.acquire().await else {
             hand_back(route.transport(), &self.queue, self.quorum, delivery, route.name()).await;

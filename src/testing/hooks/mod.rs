@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::amqp::entrypoints::{event_delivery, rpc_request};
-use crate::data::{Handled, HeaderValue, Headers, Message};
+use crate::data::{Failure, Handled, HeaderValue, Headers, Message};
 use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::RouteHandle;
 use crate::testing::TestService;
@@ -100,11 +100,19 @@ impl EntrypointHook {
         let message =
             event_delivery(config, source_service, event_name, payload, self.headers.clone());
         let message = encoded(self.route.name(), message)?;
-        if !accept(&message) {
-            self.route.skipped();
-            return Err(HookError::Skipped { route: self.route.name().to_owned() });
+        match accept(&message) {
+            Ok(true) => self.call(message).await,
+            Ok(false) => {
+                self.route.skipped();
+                Err(HookError::Skipped { route: self.route.name().to_owned() })
+            }
+            // the filter cannot tell: bad input, as the listener settles it
+            Err(reason) => {
+                let handled = Handled::Failed(Failure::bad_input(reason));
+                self.route.settled(&handled);
+                call_result(self.route.name(), handled)
+            }
         }
-        self.call(message).await
     }
 
     /// Call an [`RPCListener`](crate::amqp::entrypoints::RPCListener)'s route as
