@@ -871,3 +871,52 @@ async fn a_dead_letter_queue_deleted_while_the_service_runs_is_declared_again() 
         common::cleanup(&uri, &markers).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_service_past_its_shutdown_timeout_starts_no_more_calls() {
+    use micro_framework::config::WorkerMode;
+    use std::sync::atomic::Ordering;
+    for uri in broker_uris() {
+        let shop = unique("greedystop");
+        let config = config(&uri, "greedystop")
+            .with_max_workers(1)
+            .with_worker_mode(WorkerMode::GreedyThread)
+            .with_shutdown_timeout(Duration::from_millis(500));
+        // Keeps the in-process broker (and its queues) alive between the service's starts.
+        let keeper = micro_framework::transport::connect(&config).await.unwrap();
+        let calls = Arc::new(VictimCalls::default());
+        let markers = [config.service_name.clone(), shop.clone()];
+        let routes = |probe: &Arc<common::Probe>| {
+            vec![
+                Route::new(hog)
+                    .entrypoint(EventListener::new(&shop, "hog"))
+                    .dependency(Shared(probe.clone())),
+                Route::new(victim)
+                    .entrypoint(EventListener::new(&shop, "job"))
+                    .dependency(Shared(calls.clone())),
+            ]
+        };
+        let probe = common::Probe::closed();
+        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
+        probe.wait_started(1).await;
+        service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
+        // The victim's message is received and waits for the one worker slot, which the hog
+        // holds past SHUTDOWN_TIMEOUT: the stop gives up on both, and their messages go back
+        // to their queues when the connection closes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        service.stop().await.unwrap();
+        probe.open();
+        // The slot is free now, but the service has stopped: nothing of it may start.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(calls.0.load(Ordering::SeqCst), 0, "a call started after the stop returned");
+
+        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        service.wait_for_route("victim", 1).await.unwrap();
+        service.wait_for_route("hog", 1).await.unwrap();
+        service.stop().await.unwrap();
+        assert_eq!(calls.0.load(Ordering::SeqCst), 1, "the victim's message runs once");
+        keeper.close().await;
+        common::cleanup(&uri, &markers).await;
+    }
+}

@@ -55,6 +55,7 @@ struct RouteRuntime {
     transport: SharedTransport,
     pool: WorkerPool,
     stopping: CancellationToken,
+    given_up: CancellationToken,
     stats: RouteStats,
     calls: CallWatch,
     state: ServiceState,
@@ -72,6 +73,8 @@ pub(crate) struct ServiceEnv {
     pub config: Arc<Config>,
     pub transport: SharedTransport,
     pub stopping: CancellationToken,
+    /// Fires once a stop has waited `SHUTDOWN_TIMEOUT` for the calls: none may start after.
+    pub given_up: CancellationToken,
     pub state: ServiceState,
     pub metrics: Metrics,
     /// The shared extensions its routes made during set-up, for the runner to start.
@@ -89,6 +92,7 @@ impl ServiceEnv {
             config,
             transport,
             stopping: CancellationToken::new(),
+            given_up: CancellationToken::new(),
             state,
             metrics,
             extensions: SharedExtensions::default(),
@@ -114,6 +118,7 @@ impl RouteHandle {
                 transport: env.transport.clone(),
                 pool,
                 stopping: env.stopping.clone(),
+                given_up: env.given_up.clone(),
                 stats: RouteStats::default(),
                 calls: CallWatch::default(),
                 state: env.state.clone(),
@@ -222,9 +227,28 @@ impl RouteHandle {
     }
 
     /// Wait for a worker slot; `None` when the service is stopping and the worker mode hands
-    /// unstarted messages back.
+    /// unstarted messages back, or when the stop has given up waiting for the calls
+    /// ([`RouteHandle::give_up`]).
     pub async fn acquire(&self) -> Option<WorkerPermit> {
-        self.inner.pool.acquire(&self.inner.stopping).await
+        tokio::select! {
+            biased;
+            _ = self.inner.given_up.cancelled() => None,
+            permit = self.inner.pool.acquire(&self.inner.stopping) => permit,
+        }
+    }
+
+    /// Record that the service's stop waited `SHUTDOWN_TIMEOUT` for its calls and gave up:
+    /// from now on no call of the service starts ([`RouteHandle::acquire`] is `None`, in
+    /// greedy modes too). A greedy mode's messages still waiting for a slot would otherwise
+    /// run once one is free, after the stop returned and while their messages go back to
+    /// their queues with the connection, to run again elsewhere.
+    pub(crate) fn give_up(&self) {
+        self.inner.given_up.cancel();
+    }
+
+    /// Whether the service's stop gave up waiting for its calls ([`RouteHandle::give_up`]).
+    pub(crate) fn given_up(&self) -> bool {
+        self.inner.given_up.is_cancelled()
     }
 
     /// A worker slot if one is free now: for entrypoints that refuse work when the pool is

@@ -47,8 +47,11 @@ impl DeliveryHandler for BackoffQueue {
         let route = &self.route;
         // The slot first: a retry handed back goes back as it came, still wrapped.
         let Some(permit) = route.acquire().await else {
-            let (transport, queue) = (route.transport(), &self.backoff_queue);
-            super::hand_back(transport, queue, self.quorum, delivery, route.name()).await;
+            // given up, the connection is closing: the broker requeues the message with it
+            if !route.given_up() {
+                let (transport, queue) = (route.transport(), &self.backoff_queue);
+                super::hand_back(transport, queue, self.quorum, delivery, route.name()).await;
+            }
             return;
         };
         let meta = match delayed_message::unwrap(&mut delivery) {
@@ -81,5 +84,9 @@ impl DeliveryHandler for BackoffQueue {
 
     fn quorum(&self) -> bool {
         self.quorum
+    }
+
+    fn give_up(&self) {
+        self.route.give_up();
     }
 }

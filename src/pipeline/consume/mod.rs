@@ -44,6 +44,11 @@ pub(crate) trait DeliveryHandler: Send + Sync + 'static {
     fn quorum(&self) -> bool {
         false
     }
+
+    /// Called once the stop has waited `SHUTDOWN_TIMEOUT` for the running calls: deliveries
+    /// still waiting for a worker slot must not start (their messages go back to the queue
+    /// when the connection closes).
+    fn give_up(&self) {}
 }
 
 /// Where and how to consume.
@@ -101,6 +106,7 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
     tasks.close();
     let limit = source.shutdown_timeout;
     if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
+        handler.give_up();
         tracing::warn!(
             route = %label,
             "calls still running after SHUTDOWN_TIMEOUT ({limit:?}); their messages go back to {queue}"
@@ -242,7 +248,11 @@ impl DeliveryHandler for RouteQueue {
             Err(reason) => return self.refuse(delivery, Failure::bad_input(reason)).await,
         }
         let Some(permit) = route.acquire().await else {
-            hand_back(route.transport(), &self.queue, self.quorum, delivery, route.name()).await;
+            // given up, the connection is closing: the broker requeues the message with it
+            if !route.given_up() {
+                hand_back(route.transport(), &self.queue, self.quorum, delivery, route.name())
+                    .await;
+            }
             return;
         };
         let handled = route.handle(permit, message).await;
@@ -265,5 +275,9 @@ impl DeliveryHandler for RouteQueue {
 
     fn quorum(&self) -> bool {
         self.quorum
+    }
+
+    fn give_up(&self) {
+        self.route.give_up();
     }
 }
