@@ -920,3 +920,34 @@ async fn a_greedy_service_past_its_shutdown_timeout_starts_no_more_calls() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_delay_longer_than_the_broker_holds_waits_as_long_as_it_can() {
+    use micro_framework::config::RetryDelay;
+    // The plugin holds a message at most 2^32-1 ms (49.7 days), and routes one with a longer
+    // `x-delay` at once; RabbitMQ takes a queue TTL of at most ten years.
+    let plugin = (plugin_broker(), RetryDelay::DelayedMessagePlugin, 60 * 86_400);
+    let queues =
+        broker_uris().into_iter().map(|uri| (uri, RetryDelay::DelayQueues, 11 * 365 * 86_400));
+    for (uri, retry_delay, seconds) in std::iter::once(plugin).chain(queues) {
+        let journal = Arc::new(Journal::default());
+        let shop = unique("shop");
+        let config = config(&uri, "longdelay").with_retry_delay(retry_delay);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let routes = vec![Route::new(flaky)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(3, Duration::from_secs(seconds)))
+            .dependency(Shared(journal.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "name": "later" })).await.unwrap();
+        common::wait_until(|| !journal.entries().is_empty(), "the first attempt").await;
+        // Long enough for a retry routed at once, or a message requeued after its retry
+        // could not be scheduled, to run again.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let attempts = journal.entries().len();
+        let retried = service.route("flaky").unwrap().stats().retried_count();
+        assert_eq!((attempts, retried), (1, 1), "{retry_delay:?} on {uri}: (attempts, retries)");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

@@ -53,6 +53,12 @@ pub const HEADER_HEADERS_DROPPED: &str = "x-mf-headers-dropped";
 
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
+/// How long a delay queue's lease (`x-expires`) outlasts the delay of its messages, in ms.
+const DELAY_QUEUE_LEASE_MS: i64 = 60_000;
+/// The longest delay a delay queue holds a retry: RabbitMQ refuses a queue TTL or lease over
+/// ten years (`value_too_large`), and the lease outlasts the TTL.
+const MAX_DELAY_QUEUE_TTL: Duration = Duration::from_millis(315_360_000_000 - 60_000);
+
 /// Settle `delivery` of `queue` according to `handled`, and say how it ended: `handled`
 /// itself, a dead letter where a retry copy could not be made, or `None` when the message
 /// went back to its queue (its copy could not be published) and will come again. `meta` is
@@ -218,6 +224,12 @@ async fn schedule_retry(
     delay: Duration,
     meta: &RetryMeta,
 ) -> Result<(), NotScheduled> {
+    // A longer delay cannot be had: a delay queue with its TTL cannot be declared, and the
+    // plugin routes a message delayed longer than its timers reach at once.
+    let delay = delay.min(match route.config().retry_delay {
+        RetryDelay::DelayedMessagePlugin => delayed_message::MAX_DELAY,
+        RetryDelay::DelayQueues => MAX_DELAY_QUEUE_TTL,
+    });
     let retry_count =
         BackOffData::from_headers(&message.properties.headers, 0).retry_count.saturating_add(1);
     let now = clock::wall_now();
@@ -248,12 +260,13 @@ async fn schedule_retry(
         }
         RetryDelay::DelayQueues => {
             let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
+            let lease = millis.saturating_add(DELAY_QUEUE_LEASE_MS);
             let delay_queue = QueueSpec {
                 arguments: Headers::from([
                     ("x-message-ttl".to_owned(), HeaderValue::Int(millis)),
                     ("x-dead-letter-exchange".to_owned(), HeaderValue::from("")),
                     ("x-dead-letter-routing-key".to_owned(), HeaderValue::from(queue)),
-                    ("x-expires".to_owned(), HeaderValue::Int(millis.saturating_add(60_000))),
+                    ("x-expires".to_owned(), HeaderValue::Int(lease)),
                 ]),
                 ..QueueSpec::durable(format!("{queue}.delay-{millis}"))
             };

@@ -32,6 +32,10 @@ use crate::transport::{
 /// The header the plugin reads the delay from, in milliseconds.
 const DELAY_HEADER: &str = "x-delay";
 
+/// The longest delay the plugin holds a message (2^32-1 ms, its timers' reach, 49.7 days):
+/// it routes a message with a longer `x-delay` at once.
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(4_294_967_295);
+
 /// Whether `route`'s retries take this layout: broker retries under
 /// `RETRY_DELAY=delayed_message_plugin`.
 fn in_use(route: &RouteHandle) -> bool {
