@@ -951,3 +951,28 @@ async fn a_retry_delay_longer_than_the_broker_holds_waits_as_long_as_it_can() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+#[tokio::test]
+async fn in_worker_retries_count_in_the_dead_letters_attempts() {
+    for uri in broker_uris() {
+        let journal = Arc::new(Journal::default());
+        let shop = unique("shop");
+        let config = config(&uri, "inworkerdead");
+        let queue = format!("evt-{shop}-job--{}.flaky", config.service_name);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let routes = vec![Route::new(flaky)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(BackOff::new(2, Duration::from_millis(5)))
+            .dependency(Shared(journal.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "name": "doomed" })).await.unwrap();
+        service.wait_for_route("flaky", 1).await.unwrap();
+        assert_eq!(journal.entries().len(), 3, "the first attempt and two retries");
+        let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(3), "{uri}");
+        assert_eq!(header(&dead[0], HEADER_ERROR), &HeaderValue::from("attempt 2 failed"));
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

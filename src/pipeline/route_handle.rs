@@ -271,6 +271,17 @@ impl RouteHandle {
         permit: WorkerPermit,
         message: &Arc<Message>,
     ) -> Handled {
+        self.handle_counted(permit, message).await.0
+    }
+
+    /// [`RouteHandle::handle_shared`], with the retries made before the last attempt: those
+    /// its headers count, plus those made in the worker (`BackOff`), which its dead letter
+    /// counts in its attempts.
+    pub(crate) async fn handle_counted(
+        &self,
+        permit: WorkerPermit,
+        message: &Arc<Message>,
+    ) -> (Handled, u32) {
         self.inner.stats.received();
         let (metrics, labels) =
             (&self.inner.metrics, (self.inner.pool.context(), self.metric_label()));
@@ -279,12 +290,12 @@ impl RouteHandle {
         metrics.call_started(series, self.inner.pool.available());
         let started = tokio::time::Instant::now();
         let mut running = RunningCall { route: self, series, permit: Some(permit), ended: None };
-        let handled = self.handle_in_slot(message).await;
+        let (handled, retries) = self.handle_in_slot(message).await;
         let failed = !matches!(handled, Handled::Succeeded(_));
         running.ended = Some((started.elapsed(), failed));
         drop(running);
         self.inner.calls.finished(message, &handled);
-        handled
+        (handled, retries)
     }
 
     /// Receive the route's calls that finish from now on (what test waiters use).
@@ -292,14 +303,14 @@ impl RouteHandle {
         self.inner.calls.watch()
     }
 
-    async fn handle_in_slot(&self, message: &Arc<Message>) -> Handled {
+    async fn handle_in_slot(&self, message: &Arc<Message>) -> (Handled, u32) {
         let max_size = self.inner.config.max_message_size;
         if message.body.len() > max_size {
             let reason = format!(
                 "message of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
                 message.body.len()
             );
-            return Handled::Failed(Failure::bad_input(reason));
+            return (Handled::Failed(Failure::bad_input(reason)), 0);
         }
         let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
         let mut retry = BackOffData::from_headers(&message.properties.headers, max_retries);
@@ -314,7 +325,7 @@ impl RouteHandle {
                 _ => policy.delay(next),
             };
             if policy.mode == RetryMode::Broker {
-                return Handled::Retry { failure: failure.clone(), delay };
+                return (Handled::Retry { failure: failure.clone(), delay }, retry.retry_count);
             }
             tracing::info!(route = self.name(), "retry {} in {delay:?}", retry.retry_count + 1);
             self.inner.metrics.retried(self.inner.pool.context(), self.metric_label());
@@ -324,10 +335,11 @@ impl RouteHandle {
             retry.last_retry = Some(clock::wall_now());
             outcome = self.run(TargetRole::Target, message, None, &retry).await;
         }
-        match outcome {
+        let handled = match outcome {
             Ok(value) => Handled::Succeeded(value),
             Err(failure) => self.no_retry_remains(message, failure, &retry).await,
-        }
+        };
+        (handled, retry.retry_count)
     }
 
     /// Handle, in the slot `permit`, a `message` whose last attempt failed with `failure` and

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::data::{Failure, Handled, Message};
+use crate::data::{Failure, Handled, HeaderValue, Message, HEADER_RETRY_COUNT};
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::settle;
@@ -187,6 +187,17 @@ async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, deliver
     }
 }
 
+/// `delivery`, which failed for good after `retries` retries: with its count of retries as a
+/// retried message carries it (`x-mf-retry-count`), which its dead letter reads to count its
+/// attempts. Retries made in the worker (`BackOff`) are in no header of the delivery.
+fn count_retries(mut delivery: Delivery, handled: &Handled, retries: u32) -> Delivery {
+    if matches!(handled, Handled::Failed(_)) && retries > 0 {
+        let count = HeaderValue::Int(i64::from(retries));
+        delivery.properties.headers.insert(HEADER_RETRY_COUNT.into(), count);
+    }
+    delivery
+}
+
 /// Decides whether a message is for the route; others are acked and skipped. The error says
 /// why it cannot tell (a filter that panicked on the message): the message is bad input.
 pub(crate) type Accept = Arc<dyn Fn(&Message) -> std::result::Result<bool, String> + Send + Sync>;
@@ -255,7 +266,8 @@ impl DeliveryHandler for RouteQueue {
             }
             return;
         };
-        let handled = route.handle(permit, message).await;
+        let (handled, retries) = route.handle_counted(permit, &Arc::new(message)).await;
+        let delivery = count_retries(delivery, &handled, retries);
         if let Some(done) =
             settle(route, &self.queue, delivery, &handled, &RetryMeta::default()).await
         {
