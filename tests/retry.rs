@@ -976,3 +976,32 @@ async fn in_worker_retries_count_in_the_dead_letters_attempts() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+/// Kills its worker process: no error for a retry filter to match.
+#[cfg(feature = "process")]
+fn crash_io(Payload(_): Payload<Value>) -> Result<(), std::io::Error> {
+    std::process::abort()
+}
+
+#[cfg(feature = "process")]
+#[tokio::test]
+async fn with_a_retry_filter_a_call_that_kills_its_worker_process_fails_at_once() {
+    use micro_framework::config::WorkerMode;
+    use micro_framework::settle::HEADER_ERROR_KIND;
+    // Everything up to `start` runs in the worker process too, which builds the same routes.
+    let shop = unique("crashfilter");
+    let config = micro_framework::testing::test_config(&unique("crashfilter"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let dlq = format!("evt-{shop}-job--{}.crash_io.dlq", config.service_name);
+    let routes = vec![Route::new(crash_io)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(2, Duration::from_millis(10)).retry_on::<std::io::Error>())];
+    let service = TestService::start(routes, config).await.unwrap();
+    service.dispatch(&shop, "job", &json!({})).await.unwrap();
+    common::wait_until_async(|| async { service.queue_len(&dlq).await.unwrap_or(0) > 0 }).await;
+    let dead = service.take_messages(&dlq).await.unwrap();
+    assert_eq!(header(&dead[0], HEADER_ERROR_KIND), &HeaderValue::from("crashed"));
+    assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(1), "not retried");
+    service.stop().await.unwrap();
+}

@@ -424,9 +424,24 @@ impl RouteHandle {
                 failure: failure.as_ref(),
                 retry,
             };
-            return processes.call(call).await;
+            return processes.call(call).await.map_err(|failure| self.filtered(failure));
         }
         self.run_here(role, message, failure, retry).await
+    }
+
+    /// A failure of the worker process itself (it died, or ran past its time limit), made by
+    /// the pool and retryable as it is: like a panic, it has no error for the route's retry
+    /// filter to match, and with a filter it fails at once. (The worker filtered the
+    /// failures of the call.)
+    #[cfg(feature = "process")]
+    fn filtered(&self, failure: Failure) -> Failure {
+        match failure.kind {
+            FailureKind::Crashed | FailureKind::TimedOut => {
+                let accepts = self.inner.backoff.as_ref().is_none_or(|policy| policy.accepts(None));
+                Failure { retryable: failure.retryable && accepts, ..failure }
+            }
+            _ => failure,
+        }
     }
 
     /// Run one function of the route in this process.
