@@ -216,3 +216,38 @@ async fn pending_rpc_calls_are_bounded() {
     assert!(silent.call_async("wait", (), ()).await.is_ok(), "room again once calls end");
     client.close().await;
 }
+
+#[tokio::test]
+async fn an_oversized_event_is_dead_lettered_without_going_through_the_filter() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let source = unique("big_source");
+        let config = config(&uri, "big_filtered").with_max_message_size(1024);
+        let service_name = config.service_name.clone();
+        let filtered = Arc::new(AtomicU64::new(0));
+        let seen = filtered.clone();
+        let listener = EventListener::new(source.clone(), "data").filter(move |payload| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            payload["keep"] == json!(true)
+        });
+        let routes =
+            vec![Route::new(record).entrypoint(listener).dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let sender = Producer::new(service.transport().clone(), &Config::new(source.clone()));
+        // The filter would skip it; over MAX_MESSAGE_SIZE, it is not read at all.
+        sender.dispatch("data", &json!({"keep": false, "pad": "x".repeat(2000)})).await.unwrap();
+        sender.dispatch("data", &json!({"keep": true})).await.unwrap();
+        service.wait_for_route("record", 2).await.unwrap();
+        assert_eq!(probe.seen.lock().unwrap().clone(), vec![json!({"keep": true})]);
+        let queue = format!("evt-{source}-data--{service_name}.record.dlq");
+        let dead = service.take_messages(&queue).await.unwrap();
+        assert_eq!(dead.len(), 1, "the oversized event is kept in the dead-letter queue");
+        let reason = dead[0].properties.headers.get(HEADER_ERROR).and_then(HeaderValue::as_str);
+        let reason = reason.unwrap_or_default().to_owned();
+        assert!(reason.contains("exceeds MAX_MESSAGE_SIZE (1024 bytes)"), "{reason}");
+        assert_eq!(filtered.load(Ordering::SeqCst), 1, "the filter read the small event only");
+        service.stop().await.unwrap();
+        cleanup(&uri, &[source, service_name]).await;
+    }
+}

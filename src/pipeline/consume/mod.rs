@@ -247,7 +247,11 @@ impl DeliveryHandler for RouteQueue {
     async fn handle(&self, delivery: Delivery) {
         let route = &self.route;
         let message = delivery.message();
-        match (self.accept)(&message) {
+        // A body over MAX_MESSAGE_SIZE is not read, not even by the filter (which would skip it
+        // unseen): the call refuses it, and it is dead-lettered whole.
+        let readable = message.body.len() <= route.config().max_message_size;
+        let accepted = if readable { (self.accept)(&message) } else { Ok(true) };
+        match accepted {
             Ok(true) => {}
             Ok(false) => {
                 if let Err(error) = delivery.acker.ack().await {
