@@ -751,6 +751,11 @@ async fn an_event_whose_filter_panics_is_dead_lettered_once_as_bad_input() {
         service.dispatch(&shop, "job", &json!({ "amount": 20 })).await.unwrap();
         service.dispatch(&shop, "job", &json!({ "amount": 5 })).await.unwrap();
         common::wait_until(|| calls.count() == 1 && filtered.count() == 3, "two more events").await;
+        // The test hook settles it as the listener does: a failed call, bad input.
+        let hook = service.hook("good").unwrap();
+        let hooked = hook.event::<()>(&json!({ "note": "no amount" })).await.unwrap_err();
+        let kind = hooked.failure().map(|failure| failure.kind);
+        assert_eq!(kind, Some(micro_framework::FailureKind::BadInput), "{hooked}");
         service.stop().await.unwrap();
         assert_eq!(calls.count(), 1, "the target never saw the poison event");
         common::cleanup(&uri, &[shop.clone(), config.service_name.clone()]).await;
