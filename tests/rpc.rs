@@ -691,3 +691,68 @@ async fn an_rpc_queue_deleted_under_the_service_is_declared_again_with_its_bindi
         common::cleanup(&uri, &[math]).await;
     }
 }
+
+fn hog(Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(Value::Null);
+    probe.leave();
+}
+
+/// How many times `victim` ran.
+#[derive(Debug, Default)]
+struct VictimCalls(AtomicU32);
+
+fn victim(Dep(calls): Dep<Arc<VictimCalls>>) {
+    calls.0.fetch_add(1, Ordering::SeqCst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_rpc_service_past_its_shutdown_timeout_starts_no_more_calls() {
+    use micro_framework::config::{Protocol, WorkerMode};
+    for uri in broker_uris() {
+        for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
+            let config = config(&uri, "greedyrpc")
+                .with_protocol(protocol)
+                .with_max_workers(1)
+                .with_worker_mode(WorkerMode::GreedyThread)
+                .with_shutdown_timeout(Duration::from_millis(500));
+            let name = config.service_name.clone();
+            // Keeps the in-process broker (and the request queues) alive between the starts.
+            let keeper = micro_framework::transport::connect(&config).await.unwrap();
+            let client = Client::connect(&common::config(&uri, "caller").with_protocol(protocol))
+                .await
+                .unwrap();
+            let calls = Arc::new(VictimCalls::default());
+            let routes = |probe: &Arc<Probe>| {
+                let listener = || RPCListener::new().protocol(protocol);
+                vec![
+                    Route::new(hog).entrypoint(listener()).dependency(Shared(probe.clone())),
+                    Route::new(victim).entrypoint(listener()).dependency(Shared(calls.clone())),
+                ]
+            };
+            let probe = Probe::closed();
+            let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+            let proxy = client.service(&name).protocol(protocol);
+            let _hog = proxy.call_async("hog", (), ()).await.unwrap();
+            probe.wait_started(1).await;
+            let _victim = proxy.call_async("victim", (), ()).await.unwrap();
+            // The victim's request waits for the one worker slot, which the hog holds past
+            // SHUTDOWN_TIMEOUT: the stop gives up on both, and their requests go back to
+            // their queues with the connection.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            service.stop().await.unwrap();
+            probe.open();
+            // The slot is free now, but the service has stopped: nothing of it may start.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let ran = calls.0.load(Ordering::SeqCst);
+            assert_eq!(ran, 0, "{protocol:?} on {uri}: a call started after the stop returned");
+
+            let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+            service.wait_for_route("victim", 1).await.unwrap();
+            service.stop().await.unwrap();
+            assert_eq!(calls.0.load(Ordering::SeqCst), 1, "the victim's request runs once");
+            client.close().await;
+            keeper.close().await;
+            common::cleanup(&uri, &[name]).await;
+        }
+    }
+}

@@ -97,10 +97,13 @@ impl DeliveryHandler for RpcServer {
                 }
                 Ok(()) => {
                     let Some(permit) = route.acquire().await else {
-                        let transport = route.transport();
-                        // counted with copies, as this server's crash-loop guard counts
-                        hand_back_message(transport, &self.queue, false, &message, &*acker, "RPC")
-                            .await;
+                        // given up, the connection is closing: the broker requeues it with it
+                        if !route.given_up() {
+                            // counted with copies, as this server's crash-loop guard counts
+                            let (transport, queue) = (route.transport(), &self.queue);
+                            hand_back_message(transport, queue, false, &message, &*acker, "RPC")
+                                .await;
+                        }
                         return;
                     };
                     let handled = route.handle_shared(permit, &message).await;
@@ -133,6 +136,10 @@ impl DeliveryHandler for RpcServer {
         let body = nameko_reply(&route, &Err(RemoteException::from_failure(&failure)));
         reply_then_ack(&route, &message, acker, &route.config().rpc_exchange, body).await;
         route.settled(&Handled::Failed(failure));
+    }
+
+    fn give_up(&self) {
+        self.service.give_up();
     }
 }
 

@@ -99,8 +99,11 @@ impl UfwRpcServer {
             return Some((Err(error), self.route_of(&message.routing_key), None));
         };
         let Some(permit) = route.acquire().await else {
-            // counted with copies, as this server's crash-loop guard counts
-            hand_back_message(route.transport(), &queue, false, message, acker, "RPC").await;
+            // given up, the connection is closing: the broker requeues it with it
+            if !route.given_up() {
+                // counted with copies, as this server's crash-loop guard counts
+                hand_back_message(route.transport(), &queue, false, message, acker, "RPC").await;
+            }
             return None;
         };
         // The route reads the arguments as any RPC request's: `{"args", "kwargs"}`. The
@@ -178,6 +181,10 @@ impl DeliveryHandler for UfwRpcServer {
         let body = ufw_reply(&route, &Err(RemoteError::from_failure(&failure)));
         reply_then_ack(&route, &message, acker, UFW_RPC_EXCHANGE, body).await;
         route.settled(&Handled::Failed(failure));
+    }
+
+    fn give_up(&self) {
+        self.service.give_up();
     }
 }
 
