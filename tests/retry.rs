@@ -1005,3 +1005,46 @@ async fn with_a_retry_filter_a_call_that_kills_its_worker_process_fails_at_once(
     assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(1), "not retried");
     service.stop().await.unwrap();
 }
+
+fn sees_redelivery(message: micro_framework::Message, Dep(probe): Dep<Arc<common::Probe>>) {
+    probe.enter(json!(message.redelivered));
+    probe.leave();
+}
+
+/// A message that came back unsettled (its service died while handling it) is handed to its
+/// target marked redelivered, on every queue type: on classic queues the crash-loop guard runs
+/// a counted copy of it, which the broker delivers as a fresh message.
+#[tokio::test]
+async fn a_message_back_after_a_crash_is_seen_as_redelivered() {
+    use micro_framework::config::QueueType;
+    for uri in broker_uris() {
+        for queue_type in [QueueType::Classic, QueueType::Quorum] {
+            let shop = unique("shop");
+            let config = config(&uri, "seen").with_queue_type(queue_type);
+            let markers = [config.service_name.clone(), shop.clone()];
+            let start = |probe: Arc<common::Probe>| {
+                let routes = vec![Route::new(sees_redelivery)
+                    .entrypoint(EventListener::new(&shop, "job"))
+                    .dependency(Shared(probe))];
+                TestService::start(routes, config.clone())
+            };
+            let first = common::Probe::closed();
+            let service = start(first.clone()).await.unwrap();
+            service.dispatch(&shop, "job", &json!({})).await.unwrap();
+            first.wait_started(1).await;
+            // A crash: the connection goes away while the call runs.
+            service.transport().close().await;
+            first.open();
+            let _ = service.stop().await;
+
+            let second = common::Probe::new();
+            let service = start(second.clone()).await.unwrap();
+            second.wait_started(1).await;
+            let seen = second.seen.lock().unwrap().clone();
+            assert_eq!(first.seen.lock().unwrap().clone(), [json!(false)]);
+            assert_eq!(seen, [json!(true)], "{uri} {queue_type:?}: back after a crash");
+            service.stop().await.unwrap();
+            common::cleanup(&uri, &markers).await;
+        }
+    }
+}

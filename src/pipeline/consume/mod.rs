@@ -173,12 +173,15 @@ async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, deliver
         }
     };
     match guarded {
-        Guarded::Handle(delivery) => {
+        Guarded::Handle(mut delivery) => {
             if delivery.properties.headers.contains_key(HEADER_REDELIVERIES) {
                 // A counted copy of a message that may have crashed the service: wait before
                 // running it again, so a crash loop is no hot loop and the ack of the message
                 // it replaces reaches the broker before a new crash could lose it.
                 Box::pin(crash_pause(&source)).await;
+                // The broker delivers the copy as a fresh message; its handler is told, as of
+                // the redelivery it replaces, that it may have been handled before.
+                delivery.redelivered = true;
             }
             handler.handle(delivery).await
         }
