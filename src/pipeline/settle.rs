@@ -13,7 +13,7 @@ use crate::data::Failure;
 use crate::data::Handled;
 use crate::data::Message;
 use crate::error::{Error, Result};
-use crate::pipeline::consume::mark_first_route;
+use crate::pipeline::consume::{mark_first_route, HEADER_REDELIVERED};
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::retry::{
     BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT,
@@ -395,11 +395,14 @@ fn dead_letter_headers(
 /// `x-delivery-count`, a quorum queue's count of the original's deliveries, which no copy
 /// should carry to another queue (where a publisher's value would be read as a count); and
 /// without the `user_id` property, which RabbitMQ accepts only from the user it names; its
-/// value moves to [`HEADER_ORIGINAL_USER_ID`].
+/// value moves to [`HEADER_ORIGINAL_USER_ID`]; and without the mark of a copy that stands in
+/// for a redelivery ([`HEADER_REDELIVERED`]), which only such a copy carries.
 pub(crate) fn copy_properties(original: &Properties) -> Properties {
     let mut properties = original.clone();
     properties.expiration = None;
     properties.headers.remove("x-delivery-count");
+    // a copy stands in for a redelivery only where it says so itself
+    properties.headers.remove(HEADER_REDELIVERED);
     if let Some(user_id) = properties.user_id.take() {
         properties.headers.insert(HEADER_ORIGINAL_USER_ID.into(), user_id.into());
     }

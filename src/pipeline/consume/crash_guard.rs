@@ -22,6 +22,10 @@ const HEADER_FIRST_EXCHANGE: &str = "x-mf-redelivered-exchange";
 const HEADER_FIRST_ROUTING_KEY: &str = "x-mf-redelivered-routing-key";
 /// The header in which quorum queues count a message's deliveries.
 const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
+/// Header of a copy published straight to its queue in place of a redelivery (a counted one,
+/// or the hand-back of one): its handler is told the message is redelivered, as the broker
+/// would have told of the redelivery the copy replaces ([`take_redelivered_mark`]).
+pub(crate) const HEADER_REDELIVERED: &str = "x-mf-redelivered";
 
 const CRASH_PAUSE: Duration = Duration::from_secs(1);
 
@@ -120,7 +124,8 @@ pub(crate) async fn hand_back_message(
     label: &str,
 ) {
     let count = redeliveries(&message.properties.headers, message.redelivered, quorum);
-    let settled = match copy_to_queue(transport, queue, message, count).await {
+    let copied = copy_to_queue(transport, queue, message, count, message.redelivered).await;
+    let settled = match copied {
         Ok(()) => acker.ack().await,
         Err(error) => {
             tracing::warn!(
@@ -141,7 +146,7 @@ pub(super) async fn count_redelivery(
     delivery: Delivery,
     count: i64,
 ) -> Guarded {
-    match copy_to_queue(&source.transport, &source.queue, &delivery.message(), count).await {
+    match copy_to_queue(&source.transport, &source.queue, &delivery.message(), count, true).await {
         Ok(()) => {}
         Err(TransportError::LimitReached { what: Limit::HeaderSize, reason, .. }) => {
             // Uncounted, a message that crashes the service would crash it for ever.
@@ -163,12 +168,14 @@ pub(super) async fn count_redelivery(
 }
 
 /// Publish (confirmed) a copy of `message` straight to `queue`, with its `count` of
-/// comebacks (none written when 0) and the route it was first published with.
+/// comebacks (none written when 0), the route it was first published with, and, when it
+/// stands in for a redelivery (`redelivered`), [`HEADER_REDELIVERED`].
 async fn copy_to_queue(
     transport: &SharedTransport,
     queue: &str,
     message: &Message,
     count: i64,
+    redelivered: bool,
 ) -> Result<(), TransportError> {
     let mut properties = copy_properties(&message.properties);
     let headers = &mut properties.headers;
@@ -176,6 +183,9 @@ async fn copy_to_queue(
         0 => headers.remove(HEADER_REDELIVERIES),
         count => headers.insert(HEADER_REDELIVERIES.into(), HeaderValue::Int(count)),
     };
+    if redelivered {
+        headers.insert(HEADER_REDELIVERED.into(), HeaderValue::Bool(true));
+    }
     mark_first_route(headers, &message.exchange, &message.routing_key);
     let copy = OutgoingMessage { body: message.body.clone(), properties };
     transport.publish("", queue, copy, PublishOptions { mandatory: true }).await
@@ -187,6 +197,15 @@ async fn copy_to_queue(
 pub(crate) fn mark_first_route(headers: &mut Headers, exchange: &str, routing_key: &str) {
     headers.insert(HEADER_FIRST_EXCHANGE.into(), exchange.into());
     headers.insert(HEADER_FIRST_ROUTING_KEY.into(), routing_key.into());
+}
+
+/// Mark `delivery` redelivered if it is a copy that stands in for a redelivery
+/// ([`HEADER_REDELIVERED`], removed): once the crash-loop guard has taken it for the fresh
+/// delivery it is, its handler sees what the broker would have said of the redelivery.
+pub(super) fn take_redelivered_mark(delivery: &mut Delivery) {
+    if delivery.properties.headers.remove(HEADER_REDELIVERED).is_some() {
+        delivery.redelivered = true;
+    }
 }
 
 /// A copy came back by another route: give it back the exchange and routing key it was first

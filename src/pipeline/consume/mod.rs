@@ -21,8 +21,10 @@ use crate::pipeline::RouteHandle;
 use crate::transport::{ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError};
 use backoff_queue::BackoffQueue;
 use crash_guard::HEADER_REDELIVERIES;
-use crash_guard::{check_crash_loop, count_redelivery, crash_pause, Checked, Guarded};
-pub(crate) use crash_guard::{hand_back, hand_back_message, mark_first_route};
+use crash_guard::{
+    check_crash_loop, count_redelivery, crash_pause, take_redelivered_mark, Checked, Guarded,
+};
+pub(crate) use crash_guard::{hand_back, hand_back_message, mark_first_route, HEADER_REDELIVERED};
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
@@ -179,10 +181,8 @@ async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, deliver
                 // running it again, so a crash loop is no hot loop and the ack of the message
                 // it replaces reaches the broker before a new crash could lose it.
                 Box::pin(crash_pause(&source)).await;
-                // The broker delivers the copy as a fresh message; its handler is told, as of
-                // the redelivery it replaces, that it may have been handled before.
-                delivery.redelivered = true;
             }
+            take_redelivered_mark(&mut delivery);
             handler.handle(delivery).await
         }
         Guarded::Refuse(delivery, failure) => handler.refuse(delivery, failure).await,
