@@ -655,6 +655,17 @@ async fn max_length_drop_head_and_reject_publish() {
 // ----- declarations -----
 
 #[tokio::test]
+async fn queue_names_over_255_bytes_are_refused_as_amqp_refuses_them() {
+    let (_broker, t) = setup();
+    declare(&t, &"q".repeat(255)).await;
+    let error = t.declare_queue(&QueueSpec::durable("q".repeat(256))).await.unwrap_err();
+    assert!(
+        matches!(&error, TransportError::Invalid(text) if text.contains("256 bytes")),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
 async fn inequivalent_declarations_fail() {
     let (_broker, t) = setup();
     t.declare_exchange(&ExchangeSpec::topic("x")).await.unwrap();
