@@ -1061,3 +1061,37 @@ async fn a_message_back_after_a_crash_is_seen_as_redelivered() {
         }
     }
 }
+
+/// A retry whose delay queue `{queue}.delay-{ms}` would have a name over 255 bytes (an AMQP
+/// short string) cannot be made: no retry remains, and the dead letter says why, instead of
+/// the message going back to its queue to fail again until the crash-loop guard refuses it.
+#[tokio::test]
+async fn a_retry_whose_delay_queue_name_is_too_long_is_dead_lettered_saying_why() {
+    use micro_framework::settle::HEADER_ERROR_KIND;
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let config = config(&uri, "long").with_max_redeliveries(1);
+        let markers = [config.service_name.clone(), shop.clone()];
+        // A queue of 250 bytes: its dead-letter queue fits, its delay queue does not.
+        let short = format!("evt-{shop}---{}.always_fails", config.service_name).len();
+        let event = "e".repeat(250 - short);
+        let queue = format!("evt-{shop}-{event}--{}.always_fails", config.service_name);
+        let routes = vec![Route::new(always_fails)
+            .entrypoint(EventListener::new(&shop, &event))
+            .backoff(AsyncBackOff::new(2, Duration::from_millis(20)))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch(&shop, &event, &json!({})).await.unwrap();
+        service.wait_for_route("always_fails", 1).await.unwrap();
+        let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+        assert_eq!(dead.len(), 1, "{uri}");
+        assert_eq!(header(&dead[0], HEADER_ERROR_KIND), &HeaderValue::from("error"), "{uri}");
+        let error = header(&dead[0], HEADER_ERROR).as_str().unwrap_or_default().to_owned();
+        assert!(error.starts_with("always fails") && error.contains("not retried: "), "{error}");
+        assert!(error.contains("255"), "{error}");
+        assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(1), "{uri}");
+        let stats = service.route("always_fails").unwrap().stats();
+        assert_eq!((stats.received_count(), stats.failed_count()), (1, 1), "{uri}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

@@ -248,7 +248,7 @@ async fn schedule_retry(
             let copy =
                 delayed_message::wrapped_copy(message, properties, meta, retry_count, now, delay)
                     .map_err(NotScheduled::Refused)?;
-            delayed_message::declare(route).await.map_err(NotScheduled::Failed)?;
+            delayed_message::declare(route).await.map_err(not_scheduled)?;
             // The plugin routes a delayed message only once due: a mandatory publish would
             // always come back unroutable.
             (
@@ -270,7 +270,7 @@ async fn schedule_retry(
                 ]),
                 ..QueueSpec::durable(format!("{queue}.delay-{millis}"))
             };
-            transport.declare_queue(&delay_queue).await.map_err(NotScheduled::Failed)?;
+            transport.declare_queue(&delay_queue).await.map_err(not_scheduled)?;
             let copy = OutgoingMessage { body: message.body.clone(), properties };
             (String::new(), delay_queue.name, copy, true)
         }
@@ -281,14 +281,23 @@ async fn schedule_retry(
         failure.full_message()
     );
     let options = PublishOptions { mandatory };
-    transport.publish(&exchange, &routing_key, copy, options).await.map_err(|error| match error {
+    transport.publish(&exchange, &routing_key, copy, options).await.map_err(not_scheduled)
+}
+
+/// Why the broker did not take a retry copy or what it waits in: for good when the same copy
+/// would fail again whatever the broker's state, and the message would only come back to fail
+/// again; otherwise for now.
+fn not_scheduled(error: TransportError) -> NotScheduled {
+    match error {
         // A retry copy needs the original headers: without room for them, the message cannot
         // come back as it was.
         TransportError::LimitReached { what: Limit::HeaderSize, reason, .. } => {
             NotScheduled::Refused(reason)
         }
+        // A name AMQP cannot carry (a delay queue's, over 255 bytes): nothing was sent.
+        TransportError::Invalid(reason) => NotScheduled::Refused(reason),
         error => NotScheduled::Failed(error),
-    })
+    }
 }
 
 fn seconds_since_epoch(at: SystemTime) -> u64 {
