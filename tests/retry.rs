@@ -1095,3 +1095,54 @@ async fn a_retry_whose_delay_queue_name_is_too_long_is_dead_lettered_saying_why(
         common::cleanup(&uri, &markers).await;
     }
 }
+
+fn judged_by_a_panicking_filter(Payload(_): Payload<Value>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other("always fails"))
+}
+
+fn delayed_by_a_panicking_interval(Payload(_): Payload<Value>) -> Result<(), std::io::Error> {
+    Err(std::io::Error::other("always fails"))
+}
+
+/// The route's retry policy runs user code (a `retry_if` predicate, an `Interval::custom`
+/// function): one that panics leaves the failure without a retry, and the dead letter says
+/// why, instead of the panic ending the task that holds the delivery, which came back
+/// unsettled until the crash-loop guard refused it as a crash.
+#[tokio::test]
+async fn a_retry_policy_that_panics_dead_letters_the_failure_once_saying_why() {
+    use micro_framework::retry::Interval;
+    use micro_framework::settle::HEADER_ERROR_KIND;
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let config = config(&uri, "policy").with_max_redeliveries(1);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let backoff = || AsyncBackOff::new(2, Duration::from_millis(20));
+        let routes = vec![
+            Route::new(judged_by_a_panicking_filter)
+                .entrypoint(EventListener::new(&shop, "filter"))
+                .backoff(backoff().retry_if(|_| panic!("the predicate's bug"))),
+            Route::new(delayed_by_a_panicking_interval)
+                .entrypoint(EventListener::new(&shop, "interval"))
+                .backoff(backoff().interval(Interval::custom(|_| panic!("the interval's bug")))),
+        ];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        for (route, event, bug) in [
+            ("judged_by_a_panicking_filter", "filter", "the predicate's bug"),
+            ("delayed_by_a_panicking_interval", "interval", "the interval's bug"),
+        ] {
+            service.dispatch(&shop, event, &json!({})).await.unwrap();
+            service.wait_for_route(route, 1).await.unwrap();
+            let dlq = format!("evt-{shop}-{event}--{}.{route}.dlq", config.service_name);
+            let dead = service.take_messages(&dlq).await.unwrap();
+            assert_eq!(dead.len(), 1, "{uri} {route}");
+            assert_eq!(header(&dead[0], HEADER_ERROR_KIND), &HeaderValue::from("error"), "{route}");
+            let error = header(&dead[0], HEADER_ERROR).as_str().unwrap_or_default().to_owned();
+            assert!(error.starts_with("always fails") && error.contains(bug), "{route}: {error}");
+            assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(1), "{route}");
+            let stats = service.route(route).unwrap().stats();
+            assert_eq!((stats.received_count(), stats.failed_count()), (1, 1), "{uri} {route}");
+        }
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

@@ -320,9 +320,14 @@ impl RouteHandle {
                 break;
             }
             let next = retry.retry_count + 1;
-            let delay = match (policy.mode, self.inner.config.retry_delay) {
-                (RetryMode::Broker, RetryDelay::DelayQueues) => policy.delay_in_steps(next),
-                _ => policy.delay(next),
+            let in_steps = (policy.mode, self.inner.config.retry_delay)
+                == (RetryMode::Broker, RetryDelay::DelayQueues);
+            let delay = match policy.try_delay(next, in_steps) {
+                Ok(delay) => delay,
+                Err(reason) => {
+                    outcome = Err(not_retried(failure.clone(), reason));
+                    break;
+                }
             };
             if policy.mode == RetryMode::Broker {
                 return (Handled::Retry { failure: failure.clone(), delay }, retry.retry_count);
@@ -553,8 +558,13 @@ impl Drop for RunningCall<'_> {
 }
 
 fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcome {
-    let accepts = |error: Option<&(dyn std::error::Error + 'static)>| {
-        backoff.is_none_or(|policy| policy.accepts(error))
+    // whether the policy retries a failure with this error; a filter that panicked cannot
+    // say: not retried, and the failure says why
+    let judged = |failure: Failure, error: Option<&(dyn std::error::Error + 'static)>| match backoff
+        .map_or(Ok(true), |policy| policy.try_accepts(error))
+    {
+        Ok(retryable) => Failure { retryable, ..failure },
+        Err(reason) => not_retried(failure, reason),
     };
     result.map_err(|error| match error {
         TargetError::Extract(crate::handler::extract::ExtractError::BadInput(reason)) => {
@@ -562,21 +572,24 @@ fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcom
         }
         // with a retry filter, failures without an error to match fail at once, as panics do
         TargetError::Extract(crate::handler::extract::ExtractError::Unavailable(reason)) => {
-            Failure { retryable: accepts(None), ..Failure::new(FailureKind::Error, reason) }
+            judged(Failure::new(FailureKind::Error, reason), None)
         }
         TargetError::Error { error, type_name } => {
-            Failure { retryable: accepts(Some(&*error)), ..Failure::from_error(&error, type_name) }
+            judged(Failure::from_error(&error, type_name), Some(&*error))
         }
-        TargetError::Panic(message) => Failure {
-            retryable: accepts(None),
-            ..Failure::new(FailureKind::Panic, format!("target panicked: {message}"))
-        },
+        TargetError::Panic(message) => {
+            judged(Failure::new(FailureKind::Panic, format!("target panicked: {message}")), None)
+        }
         TargetError::Unserializable(reason) => {
             let reason = format!("return value cannot be serialized: {reason}");
-            Failure {
-                retryable: accepts(None),
-                ..Failure::new(FailureKind::Unserializable, reason)
-            }
+            judged(Failure::new(FailureKind::Unserializable, reason), None)
         }
     })
+}
+
+/// `failure`, which no retry follows for `reason`.
+fn not_retried(failure: Failure, reason: String) -> Failure {
+    let mut causes = failure.causes;
+    causes.push(format!("not retried: {reason}"));
+    Failure { retryable: false, causes, ..failure }
 }

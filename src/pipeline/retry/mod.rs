@@ -28,10 +28,12 @@ mod interval;
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::data::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
+use crate::handler::targets::panic_message;
 pub use interval::{Interval, IntervalFn};
 
 type ErrorTest = Arc<dyn Fn(&(dyn StdError + 'static)) -> bool + Send + Sync>;
@@ -147,11 +149,24 @@ impl BackOffPolicy {
     }
 
     /// Whether a failure with this error (none for a panic or a time-out) may be retried.
+    /// A filter that panics retries nothing.
     pub fn accepts(&self, error: Option<&(dyn StdError + 'static)>) -> bool {
+        self.try_accepts(error).unwrap_or(false)
+    }
+
+    /// [`BackOffPolicy::accepts`], or why the filters cannot say: one panicked (user code on
+    /// an error it did not expect), which must not end the task that holds the message.
+    pub(crate) fn try_accepts(
+        &self,
+        error: Option<&(dyn StdError + 'static)>,
+    ) -> Result<bool, String> {
         if self.filters.is_empty() {
-            return true;
+            return Ok(true);
         }
-        error.is_some_and(|error| self.filters.iter().any(|filter| filter(error)))
+        let judged = || error.is_some_and(|error| self.filters.iter().any(|filter| filter(error)));
+        catch_unwind(AssertUnwindSafe(judged)).map_err(|panic| {
+            format!("the retry filter panicked: {}", panic_message(panic.as_ref()))
+        })
     }
 
     /// The delay before retry number `retry` (1-based), jitter included.
@@ -167,6 +182,18 @@ impl BackOffPolicy {
     pub(crate) fn delay_in_steps(&self, retry: u32) -> Duration {
         let steps = f64::from(JITTER_STEPS);
         self.jittered(retry, |random| (random * steps).round() / steps)
+    }
+
+    /// The delay before `retry` ([`BackOffPolicy::delay_in_steps`] when `in_steps`), or why
+    /// there is none: an [`Interval::custom`] function panicked.
+    pub(crate) fn try_delay(&self, retry: u32, in_steps: bool) -> Result<Duration, String> {
+        let delay = || match in_steps {
+            true => self.delay_in_steps(retry),
+            false => self.delay(retry),
+        };
+        catch_unwind(AssertUnwindSafe(delay)).map_err(|panic| {
+            format!("the retry interval panicked: {}", panic_message(panic.as_ref()))
+        })
     }
 
     /// The delay before `retry` with a random jitter in 0.0..=1.0 of its range, as `draw`
