@@ -117,9 +117,11 @@ impl BackOffPolicy {
         self
     }
 
-    /// Add up to `fraction` (0.0 to 1.0) of each delay at random.
+    /// Add up to `fraction` (0.0 to 1.0) of each delay at random; a fraction that is no number
+    /// (NaN) adds nothing.
     pub fn jitter(mut self, fraction: f64) -> Self {
-        self.jitter = fraction.clamp(0.0, 1.0);
+        // NaN passes through `clamp` and would make every delay 0: retries without a pause
+        self.jitter = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
         self
     }
 
@@ -238,6 +240,13 @@ mod tests {
         assert!(!policy.accepts(Some(&other)));
         assert!(!policy.accepts(None));
         assert!(AsyncBackOff::new(1, Duration::ZERO).accepts(None));
+    }
+
+    #[test]
+    fn a_jitter_that_is_no_number_adds_nothing() {
+        let base = Duration::from_millis(100);
+        let policy = AsyncBackOff::new(1, base).jitter(f64::NAN);
+        assert_eq!((policy.delay(1), policy.delay_in_steps(1)), (base, base));
     }
 
     #[test]
