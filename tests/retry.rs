@@ -1146,3 +1146,28 @@ async fn a_retry_policy_that_panics_dead_letters_the_failure_once_saying_why() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+/// With the plugin present, a retry layout that cannot be declared for another reason (here
+/// the backoff queue a Python service declared as a classic queue, met with
+/// `QUEUE_TYPE=quorum`) stops the start with that reason, not with a claim that the plugin is
+/// missing.
+#[tokio::test]
+async fn a_retry_layout_refused_for_another_reason_than_the_plugin_says_so() {
+    use micro_framework::config::{QueueType, RetryDelay};
+    let uri = plugin_broker();
+    let shop = unique("shop");
+    let config = config(&uri, "layout")
+        .with_retry_delay(RetryDelay::DelayedMessagePlugin)
+        .with_queue_type(QueueType::Quorum);
+    let python = micro_framework::transport::connect(&config).await.unwrap();
+    let backoff_queue = format!("{}.flaky_backoff_queue", config.service_name);
+    python.declare_queue(&QueueSpec::durable(&backoff_queue)).await.unwrap();
+    let routes = vec![Route::new(flaky)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(AsyncBackOff::new(1, Duration::from_millis(10)))
+        .dependency(Shared(Arc::new(Journal::default())))];
+    let error = TestService::start(routes, config).await.unwrap_err().to_string();
+    assert!(error.contains("x-queue-type") && error.contains(&backoff_queue), "{error}");
+    assert!(!error.contains("needs the rabbitmq_delayed_message_exchange plugin"), "{error}");
+    python.close().await;
+}

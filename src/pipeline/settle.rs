@@ -190,10 +190,19 @@ async fn ack_after(
 pub(crate) async fn declare_retry_topology(route: &RouteHandle, queue: &str) -> Result<()> {
     let Some(backoff_queue) = delayed_message::backoff_queue(route) else { return Ok(()) };
     delayed_message::declare(route).await.map_err(|error| {
-        Error::Startup(format!(
-            "RETRY_DELAY=delayed_message_plugin needs the rabbitmq_delayed_message_exchange \
-             plugin on the broker ({error}); use RETRY_DELAY=delay_queues on stock RabbitMQ"
-        ))
+        // The broker's own words for a missing plugin; any other refusal (a backoff queue
+        // declared with other arguments, say) is not cured by the plugin.
+        Error::Startup(match error.to_string().contains("unknown exchange type") {
+            true => format!(
+                "RETRY_DELAY=delayed_message_plugin needs the rabbitmq_delayed_message_exchange \
+                 plugin on the broker ({error}); use RETRY_DELAY=delay_queues on stock RabbitMQ"
+            ),
+            false => format!(
+                "cannot declare the RETRY_DELAY=delayed_message_plugin retries of {queue} \
+                 (exchange {}, queue {backoff_queue}): {error}",
+                delayed_message::exchange(route).name
+            ),
+        })
     })?;
     tracing::info!(
         route = route.name(),
