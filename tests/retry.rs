@@ -1171,3 +1171,37 @@ async fn a_retry_layout_refused_for_another_reason_than_the_plugin_says_so() {
     assert!(!error.contains("needs the rabbitmq_delayed_message_exchange plugin"), "{error}");
     python.close().await;
 }
+
+fn timed_job(Dep(journal): Dep<Arc<Journal>>) -> Result<(), std::io::Error> {
+    journal.push("job", 0);
+    Err(std::io::Error::other("the job failed"))
+}
+
+fn timed_job_failed(failure: Failure, retry: BackOffData, Dep(journal): Dep<Arc<Journal>>) {
+    journal.push(&format!("callback after: {}", failure.message), retry.retry_count);
+}
+
+/// Broker retries need a message on a queue: a route whose entrypoint has none (a timer, RPC,
+/// HTTP, WebSocket) cannot retry with `AsyncBackOff`, so no retry remains and its
+/// `CallbackRoute` callback runs, instead of the failure being counted as a retry scheduled
+/// that never comes.
+#[tokio::test]
+async fn without_a_queue_to_retry_from_an_async_backoff_failure_runs_the_callback() {
+    use micro_framework::entrypoints::TimeEntrypoint;
+    let uri = broker_uris().remove(0);
+    let journal = Arc::new(Journal::default());
+    let routes = vec![CallbackRoute::new(timed_job, timed_job_failed)
+        .entrypoint(TimeEntrypoint::every(Duration::from_millis(50)))
+        .backoff(AsyncBackOff::new(2, Duration::from_millis(20)))
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config(&uri, "timed")).await.unwrap();
+    service.wait_for_route("timed_job", 1).await.unwrap();
+    let route = service.route("timed_job").unwrap().clone();
+    service.stop().await.unwrap();
+    let stats = route.stats();
+    let runs = stats.settled_count();
+    let counts = (stats.retried_count(), stats.called_back_count(), stats.failed_count());
+    assert_eq!(counts, (0, runs, 0), "retried, called back, failed, of {runs} runs");
+    let expected = [("job".to_owned(), 0), ("callback after: the job failed".to_owned(), 0)];
+    assert_eq!(journal.entries()[..2], expected);
+}

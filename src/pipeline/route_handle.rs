@@ -330,6 +330,9 @@ impl RouteHandle {
                 }
             };
             if policy.mode == RetryMode::Broker {
+                if !self.retries_on_broker() {
+                    break;
+                }
                 return (Handled::Retry { failure: failure.clone(), delay }, retry.retry_count);
             }
             tracing::info!(route = self.name(), "retry {} in {delay:?}", retry.retry_count + 1);
@@ -378,6 +381,14 @@ impl RouteHandle {
             Ok(_) => Handled::CalledBack(failure),
             Err(callback_failure) => Handled::Failed(callback_failure.of_callback_after(&failure)),
         }
+    }
+
+    /// Whether the route's entrypoint can schedule a broker retry (`AsyncBackOff`): it takes
+    /// a message from a queue, to publish again and come back to. A timer's firing, an RPC
+    /// request (answered), an HTTP or WebSocket call have none: for them no retry remains
+    /// after a failure. A route called without its entrypoint (a test hook) decides itself.
+    fn retries_on_broker(&self) -> bool {
+        self.inner.entrypoint.as_ref().is_none_or(|info| info.kind.dead_letters())
     }
 
     /// Whether the route has a callback (a `CallbackRoute`).
