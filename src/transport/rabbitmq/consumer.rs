@@ -20,12 +20,17 @@ use tokio::time::Instant;
 use super::connection::{Link, Shared};
 use super::convert::{from_basic_properties, short};
 use super::error::{is_fatal, is_soft, map_error, reply_code};
+use super::replay::lock_window;
 use crate::clock::deadline_after;
 use crate::transport::{Acker, ClosedPart, ConsumeOptions, Consumer, Delivery, TransportError};
 
 /// How many times a resume refused by the broker is retried before the consumer ends (not
-/// counting refusals while the transport declares the consumer's exclusive queue again).
+/// counting refusals while the transport declares the consumer's exclusive queue again, nor
+/// while the previous connection may still hold this exclusive consumer).
 const RESUME_REFUSALS: u32 = 5;
+
+/// `403 ACCESS_REFUSED`: RabbitMQ's refusal of a consume on a queue in exclusive use.
+const ACCESS_REFUSED: u16 = 403;
 
 /// Settles one delivery on the channel it came from.
 #[derive(Debug)]
@@ -165,7 +170,9 @@ async fn subscribe(
 /// kept in the error.)
 fn map_subscribe_error(error: &lapin::Error) -> TransportError {
     match (reply_code(error), map_error(error)) {
-        (Some(403), TransportError::AccessRefused(text)) => TransportError::ResourceLocked(text),
+        (Some(ACCESS_REFUSED), TransportError::AccessRefused(text)) => {
+            TransportError::ResourceLocked(text)
+        }
         (_, mapped) => mapped,
     }
 }
@@ -351,6 +358,7 @@ impl Feeder {
         }
         let mut delay = self.shared.options.reconnect_min;
         let mut refusals = 0;
+        let mut held_until = None;
         loop {
             let far = Instant::now() + Duration::from_secs(3600);
             let link = tokio::select! {
@@ -366,11 +374,13 @@ impl Feeder {
                 Ok((channel, stream)) => return Some((link, channel, stream)),
                 Err(error)
                     if is_soft(&error)
-                        && self.shared.reclaims.pending(self.spec.queue.as_str()) =>
+                        && (self.shared.reclaims.pending(self.spec.queue.as_str())
+                            || self.old_consumer_holds(&error, failed, &link, &mut held_until)) =>
                 {
-                    // The previous connection still holds the exclusive queue (`405`), or
-                    // the broker just deleted it (`404`) and the reclaim declares it again.
-                    tracing::info!(queue = %self.spec.queue, error = %map_subscribe_error(&error), "the consumer waits for its exclusive queue to be declared again");
+                    // The previous connection still holds the exclusive queue (`405`) or
+                    // this exclusive consumer (`403`), or the broker just deleted the queue
+                    // (`404`) and the reclaim declares it again.
+                    tracing::info!(queue = %self.spec.queue, error = %map_subscribe_error(&error), "the consumer waits for the previous connection to release its queue");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = self.shared.reclaims.ended() => {}
@@ -398,5 +408,28 @@ impl Feeder {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(self.shared.options.reconnect_max);
         }
+    }
+
+    /// True while a refused resume of this exclusive consumer on a new link may be its own
+    /// consumer of the `failed` link, which the broker keeps (refusing others with `403`)
+    /// until it notices that connection died: when the client saw the loss first, up to its
+    /// heartbeat timeout. Ending sooner would drop the consumer for good (an RPC caller's
+    /// reply consumer, and the replies on their way). `held_until` is set at the first such
+    /// refusal.
+    fn old_consumer_holds(
+        &self,
+        error: &lapin::Error,
+        failed: &Link,
+        link: &Link,
+        held_until: &mut Option<Instant>,
+    ) -> bool {
+        if !self.spec.exclusive
+            || reply_code(error) != Some(ACCESS_REFUSED)
+            || link.generation == failed.generation
+        {
+            return false;
+        }
+        let window = lock_window(link.connection.configuration().heartbeat());
+        Instant::now() < *held_until.get_or_insert_with(|| Instant::now() + window)
     }
 }

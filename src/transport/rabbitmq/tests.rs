@@ -1204,3 +1204,51 @@ async fn an_exclusive_queue_held_by_the_old_connection_is_declared_again() {
     .await
     .expect("test did not finish");
 }
+
+/// The client sees the connection die before the broker does: the old connection's exclusive
+/// consumer still holds the (shared) queue, so resuming the exclusive consumer is refused
+/// (`403`, "in exclusive use") until the broker drops that connection. The consumer waits for
+/// it, as an RPC caller's reply consumer must: ending would lose the replies on their way.
+#[tokio::test]
+async fn an_exclusive_consumer_held_by_the_old_connection_resumes() {
+    timeout(Duration::from_secs(120), async {
+        if !broker_up().await {
+            return;
+        }
+        let _exclusive = BROKER_LOCK.write().await;
+        let proxy = HalfProxy::start().await;
+        let t =
+            RabbitMqTransport::connect(RabbitMqOptions { heartbeat: 3, ..options(&proxy.uri()) })
+                .await
+                .unwrap();
+        let queue = unique("exclusive-consumer-q");
+        t.declare_queue(&plain_queue(&queue)).await.unwrap();
+        let exclusive = ConsumeOptions { exclusive: true, ..prefetch(5) };
+        let mut consumer = t.consume(&queue, exclusive).await.unwrap();
+        proxy.cut_client_side();
+        wait_disconnected(&t).await;
+        wait_connected(&t).await;
+        // Published until one arrives: while the old connection lives, its consumer holds them.
+        let delivered = timeout(Duration::from_secs(60), async {
+            loop {
+                let body = format!("after-{}", uuid::Uuid::new_v4().simple());
+                t.publish("", &queue, message(&body, &body), PublishOptions::default())
+                    .await
+                    .unwrap();
+                if let Ok(delivery) = timeout(Duration::from_millis(500), consumer.next()).await {
+                    break delivery;
+                }
+            }
+        })
+        .await;
+        drop(consumer);
+        let _ = t.delete_queue(&queue).await;
+        t.close().await;
+        drop(proxy);
+        let delivery = delivered.expect("the consumer did not resume within 60 s");
+        let delivery = delivery.expect("the consumer ended");
+        assert!(delivery.body.starts_with(b"after-"));
+    })
+    .await
+    .expect("test did not finish");
+}
