@@ -179,6 +179,7 @@ impl Publish<'_> {
         let deadline = deadline_after(shared.options.publish_timeout);
         let mut min_generation = 0;
         let mut channel_failed = false;
+        let mut closed_by_broker = false;
         loop {
             let taken = route.take(shared, min_generation, deadline).await?;
             let held = taken.held().clone();
@@ -211,10 +212,15 @@ impl Publish<'_> {
                     return Err(map_error(&error));
                 }
                 channel_failed = true;
-            } else if is_soft(&error) || is_fatal(&error) {
+            } else if is_soft(&error) || (is_fatal(&error) && closed_by_broker) {
                 shared.kick();
                 return Err(map_error(&error));
             } else {
+                // A connection the broker closed with a hard error is seldom this publish's
+                // doing: every operation in flight gets the error of the one at fault (say,
+                // a declaration of an unknown exchange type). Its confirm was lost: sent
+                // again as after any loss, once, so a publish at fault fails the next time.
+                closed_by_broker |= is_fatal(&error);
                 shared.kick();
                 min_generation = held.link.generation + 1;
             }

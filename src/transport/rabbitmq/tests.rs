@@ -1252,3 +1252,57 @@ async fn an_exclusive_consumer_held_by_the_old_connection_resumes() {
     .await
     .expect("test did not finish");
 }
+
+/// A declaration RabbitMQ answers by closing the whole connection (`503 COMMAND_INVALID`, an
+/// exchange type no plugin provides) fails alone: the publishes in flight beside it lost
+/// their confirms with the connection, and are sent again once it is back, as after any
+/// other connection loss, rather than failing with the declaration's error.
+#[tokio::test]
+async fn a_declaration_that_closes_the_connection_fails_no_publish_in_flight() {
+    bounded(async {
+        let Some(_shared) = shared_broker().await else { return };
+        let t = Arc::new(connect(URI).await);
+        let queue = unique("hard-error-q");
+        t.declare_queue(&QueueSpec::durable(queue.as_str())).await.unwrap();
+        for round in 0..3 {
+            let publishes: Vec<_> = (0..300)
+                .map(|i| {
+                    let (t, queue) = (t.clone(), queue.clone());
+                    async move {
+                        let id = format!("{round}-{i}");
+                        let mut outgoing = message(&id, &id);
+                        // persistent on a durable queue: confirmed late, so many are in flight
+                        outgoing.properties.delivery_mode = Some(2);
+                        let options = PublishOptions { mandatory: i % 2 == 0 };
+                        t.publish("", &queue, outgoing, options).await
+                    }
+                })
+                .collect();
+            let burst = futures::stream::iter(publishes).buffer_unordered(100).collect();
+            let burst: JoinHandle<Vec<_>> = tokio::spawn(burst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let bogus = ExchangeSpec {
+                kind: ExchangeKind::Custom("x-no-such-type".into()),
+                durable: false,
+                ..ExchangeSpec::topic(unique("bogus"))
+            };
+            let declared = t.declare_exchange(&bogus).await;
+            assert!(
+                matches!(declared, Err(TransportError::Broker { code: 503, .. })),
+                "{declared:?}"
+            );
+            let failed: Vec<_> = burst.await.unwrap().into_iter().filter_map(Result::err).collect();
+            assert!(
+                failed.is_empty(),
+                "round {round}: {} failed, first {:?}",
+                failed.len(),
+                failed[0]
+            );
+        }
+        assert!(t.reconnects() >= 1, "the connection was never closed");
+        let left = t.delete_queue(&queue).await.unwrap();
+        assert!(left >= 900, "{left} of 900 publishes in the queue");
+        t.close().await;
+    })
+    .await;
+}
