@@ -356,11 +356,17 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
         let mut events = link.connection.events_listener();
         while link.alive() && !shared.is_closed() {
             tokio::select! {
-                event = events.next() => {
-                    if event.is_none() {
-                        tokio::time::sleep(WATCH_INTERVAL).await;
+                event = events.next() => match event {
+                    None => tokio::time::sleep(WATCH_INTERVAL).await,
+                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        let uri = &shared.nodes.current().masked;
+                        tracing::warn!(%uri, %reason, "the broker blocks publishing on this connection ({reason}): publishes wait until it unblocks or time out");
                     }
-                }
+                    Some(lapin::Event::ConnectionUnblocked) => {
+                        tracing::info!(uri = %shared.nodes.current().masked, "the broker unblocked publishing on this connection");
+                    }
+                    Some(_) => {}
+                },
                 _ = shared.kick.notified() => {}
                 _ = tokio::time::sleep(WATCH_INTERVAL) => {}
                 _ = shared.closed() => {}

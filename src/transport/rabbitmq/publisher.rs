@@ -148,7 +148,7 @@ impl Publish<'_> {
             Ok(Ok(Confirmation::Ack(Some(_)))) => Attempt::Done(Err(self.unroutable())),
             Ok(Ok(Confirmation::Nack(_))) => Attempt::Done(Err(TransportError::Nacked)),
             Ok(Err(error)) => Attempt::ChannelFailed(error),
-            Err(_) => Attempt::Done(Err(self.not_confirmed())),
+            Err(_) => Attempt::Done(Err(self.not_confirmed(held))),
         }
     }
 
@@ -169,7 +169,7 @@ impl Publish<'_> {
             Ok(Ok(Outcome::Unroutable)) => Attempt::Done(Err(self.unroutable())),
             Ok(Ok(Outcome::Nacked)) => Attempt::Done(Err(TransportError::Nacked)),
             Ok(Err(error)) => Attempt::ChannelFailed(error),
-            Err(_) => Attempt::Done(Err(self.not_confirmed())),
+            Err(_) => Attempt::Done(Err(self.not_confirmed(tracked.held()))),
         }
     }
 
@@ -232,7 +232,7 @@ impl Publish<'_> {
         let channel = match tokio::time::timeout_at(deadline, opened).await {
             Ok(Ok(channel)) => Arc::new(channel),
             Ok(Err(error)) => return Attempt::ChannelFailed(error),
-            Err(_) => return Attempt::Done(Err(self.not_confirmed())),
+            Err(_) => return Attempt::Done(Err(self.not_confirmed(held))),
         };
         let attempt = self.attempt(held, channel.clone(), deadline).await;
         if channel.status().connected() {
@@ -248,11 +248,18 @@ impl Publish<'_> {
         }
     }
 
-    fn not_confirmed(&self) -> TransportError {
-        TransportError::TimedOut(format!(
-            "publish to {} not confirmed within {:?}",
-            self.shared.nodes.masked(),
-            self.shared.options.publish_timeout
-        ))
+    /// The timeout of a publish sent on `held`'s link. A broker that blocks the connection
+    /// (`connection.blocked`: a resource alarm) is named: it is why no confirm came.
+    fn not_confirmed(&self, held: &Held) -> TransportError {
+        let (broker, limit) = (self.shared.nodes.masked(), self.shared.options.publish_timeout);
+        let mut text = format!("publish to {broker} not confirmed within {limit:?}");
+        if held.link.connection.status().blocked() {
+            text.push_str(
+                ": the broker blocks publishing on this connection (connection.blocked, a \
+                 resource alarm: low on memory or disk space); the message may still go out \
+                 once the alarm ends",
+            );
+        }
+        TransportError::TimedOut(text)
     }
 }

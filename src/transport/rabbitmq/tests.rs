@@ -1306,3 +1306,59 @@ async fn a_declaration_that_closes_the_connection_fails_no_publish_in_flight() {
     })
     .await;
 }
+
+/// Sets RabbitMQ's memory high watermark so low that a memory alarm blocks every publishing
+/// connection; the default (0.4) comes back on drop, also when the test fails.
+struct MemoryAlarm;
+
+impl MemoryAlarm {
+    fn raise() -> MemoryAlarm {
+        let alarm = MemoryAlarm;
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.0000001"])
+            .status()
+            .expect("rabbitmqctl");
+        assert!(status.success());
+        alarm
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4"])
+            .status();
+    }
+}
+
+/// A publish the broker holds back (`connection.blocked`, here by a memory alarm) times out
+/// with an error that says so, rather than only that no confirm came; once the alarm ends,
+/// the connection publishes again.
+#[tokio::test]
+async fn a_publish_blocked_by_a_resource_alarm_times_out_naming_the_block() {
+    bounded(async {
+        if !broker_up().await {
+            return;
+        }
+        let _exclusive = BROKER_LOCK.write().await;
+        let short = RabbitMqOptions { publish_timeout: Duration::from_secs(2), ..options(URI) };
+        let t = RabbitMqTransport::connect(short).await.unwrap();
+        let queue = unique("blocked-q");
+        t.declare_queue(&plain_queue(&queue)).await.unwrap();
+        publish(&t, &queue, "before").await;
+        let blocked = {
+            let _alarm = MemoryAlarm::raise();
+            t.publish("", &queue, message("during", "during"), PublishOptions::default()).await
+        };
+        let after = t.publish("", &queue, message("after", "after"), PublishOptions::default());
+        let after = after.await;
+        let _ = t.delete_queue(&queue).await;
+        t.close().await;
+        let Err(TransportError::TimedOut(text)) = blocked else {
+            panic!("a blocked publish: {blocked:?}")
+        };
+        assert!(text.contains("blocks publishing"), "{text}");
+        assert_eq!(after, Ok(()));
+    })
+    .await;
+}
