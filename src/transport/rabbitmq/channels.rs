@@ -106,11 +106,7 @@ impl ChannelSlot {
                 Ok(Err(error)) => error,
                 Err(_) => {
                     *slot = None;
-                    return Err(TransportError::TimedOut(format!(
-                        "no answer from {} within {:?}",
-                        shared.nodes.masked(),
-                        shared.options.publish_timeout
-                    )));
+                    return Err(no_answer(shared));
                 }
             };
             *slot = None;
@@ -141,7 +137,9 @@ pub(crate) async fn open_held(
 ) -> Result<Held, TransportError> {
     loop {
         let link = shared.link(min_generation, deadline).await?;
-        match link.guard(open_channel(&link, confirm)).await {
+        // Bounded: on a connection gone silent, no answer comes until its heartbeat fails.
+        let opened = tokio::time::timeout_at(deadline, link.guard(open_channel(&link, confirm)));
+        match opened.await.map_err(|_| no_answer(shared))? {
             Ok(channel) => return Ok(Held { link, channel: Arc::new(channel) }),
             Err(error) if link.alive() => return Err(map_error(&error)),
             Err(_) => {
@@ -150,6 +148,15 @@ pub(crate) async fn open_held(
             }
         }
     }
+}
+
+/// The error of an operation the broker did not answer within the publish timeout.
+pub(crate) fn no_answer(shared: &Shared) -> TransportError {
+    TransportError::TimedOut(format!(
+        "no answer from {} within {:?}",
+        shared.nodes.masked(),
+        shared.options.publish_timeout
+    ))
 }
 
 pub(crate) async fn open_channel(link: &Link, confirm: bool) -> lapin::Result<Channel> {

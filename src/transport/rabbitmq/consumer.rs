@@ -17,6 +17,7 @@ use lapin::Channel;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::channels::no_answer;
 use super::connection::{Link, Shared};
 use super::convert::{from_basic_properties, short};
 use super::error::{is_fatal, is_soft, map_error, reply_code};
@@ -198,7 +199,9 @@ pub(crate) async fn start(
     let mut min_generation = 0;
     let (link, channel, stream) = loop {
         let link = shared.link(min_generation, deadline).await?;
-        match link.guard(subscribe(&link, &spec)).await {
+        // Bounded: on a connection gone silent, no answer comes until its heartbeat fails.
+        let subscribed = tokio::time::timeout_at(deadline, link.guard(subscribe(&link, &spec)));
+        match subscribed.await.map_err(|_| no_answer(&shared))? {
             Ok((channel, stream)) => break (link, channel, stream),
             Err(error) if is_soft(&error) || is_fatal(&error) || link.alive() => {
                 return Err(map_subscribe_error(&error))

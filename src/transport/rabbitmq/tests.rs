@@ -1362,3 +1362,115 @@ async fn a_publish_blocked_by_a_resource_alarm_times_out_naming_the_block() {
     })
     .await;
 }
+
+/// A proxy whose connections can go silent: bytes stop flowing both ways, the sockets stay
+/// open (a peer gone quiet, a firewall dropping packets). Dropped, it closes them all.
+struct SilentProxy {
+    port: u16,
+    silent: Arc<AtomicBool>,
+    pipes: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl SilentProxy {
+    async fn start() -> SilentProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = Arc::new(AtomicBool::new(false));
+        let pipes: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (flag, list) = (silent.clone(), pipes.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = TcpStream::connect(BROKER).await else { continue };
+                let (client_read, client_write) = client.into_split();
+                let (upstream_read, upstream_write) = upstream.into_split();
+                let up = tokio::spawn(pipe(client_read, upstream_write, flag.clone()));
+                let down = tokio::spawn(pipe(upstream_read, client_write, flag.clone()));
+                list.lock().unwrap().extend([up, down]);
+            }
+        });
+        SilentProxy { port, silent, pipes, accept }
+    }
+
+    fn silence(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+    }
+
+    fn uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+/// Copy `from` to `to` until `silent` is set, then hold both open, passing nothing on.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    silent: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 65536];
+    while let Ok(read @ 1..) = from.read(&mut buffer).await {
+        if silent.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            break;
+        }
+    }
+}
+
+impl Drop for SilentProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+}
+
+/// On a connection gone silent (no heartbeats to notice it), every operation ends with
+/// `TimedOut` within the publish timeout, also those that must open a channel first: the
+/// first mandatory publish, a `basic.get`, a consume, a declaration, a `queue_info`.
+#[tokio::test]
+async fn operations_needing_a_channel_on_a_silent_connection_time_out() {
+    bounded(async {
+        let Some(_shared) = shared_broker().await else { return };
+        let proxy = SilentProxy::start().await;
+        let quick = RabbitMqOptions {
+            heartbeat: 0,
+            publish_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            ..options(&proxy.uri())
+        };
+        let t = RabbitMqTransport::connect(quick).await.unwrap();
+        let direct = connect(URI).await;
+        let queue = unique("silent-q");
+        direct.declare_queue(&plain_queue(&queue)).await.unwrap();
+        let declared_queue = plain_queue(&unique("silent-declared"));
+        proxy.silence();
+        // Far beyond the publish timeout: a bound for the hang, not a measure.
+        let bound = Duration::from_secs(10);
+        let mandatory = PublishOptions { mandatory: true };
+        let (published, got, consumed, declared, info) = tokio::join!(
+            timeout(bound, t.publish("", &queue, message("m", "m"), mandatory)),
+            timeout(bound, async { t.get(&queue).await.map(|_| ()) }),
+            timeout(bound, async { t.consume(&queue, prefetch(1)).await.map(|_| ()) }),
+            timeout(bound, t.declare_queue(&declared_queue)),
+            timeout(bound, t.queue_info(&queue)),
+        );
+        direct.delete_queue(&queue).await.unwrap();
+        direct.close().await;
+        t.close().await;
+        drop(proxy);
+        let timed_out = |what: &str, result: Result<Result<(), TransportError>, _>| match result {
+            Ok(Err(TransportError::TimedOut(_))) => {}
+            other => panic!("{what} on a silent connection: {other:?}"),
+        };
+        timed_out("the first mandatory publish", published);
+        timed_out("a get", got);
+        timed_out("a consume", consumed);
+        timed_out("a declaration", declared.map(|r| r.map(|_| ())));
+        timed_out("a queue_info", info.map(|r| r.map(|_| ())));
+    })
+    .await;
+}
