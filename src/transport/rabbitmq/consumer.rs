@@ -197,12 +197,21 @@ pub(crate) async fn start(
     };
     let deadline = deadline_after(shared.options.publish_timeout);
     let mut min_generation = 0;
+    let mut closed_by_broker = false;
     let (link, channel, stream) = loop {
         let link = shared.link(min_generation, deadline).await?;
         // Bounded: on a connection gone silent, no answer comes until its heartbeat fails.
         let subscribed = tokio::time::timeout_at(deadline, link.guard(subscribe(&link, &spec)));
         match subscribed.await.map_err(|_| no_answer(&shared))? {
             Ok((channel, stream)) => break (link, channel, stream),
+            // The broker closed the connection with a hard error: another operation's doing
+            // (a consume on a channel of its own causes none), every one in flight gets it.
+            // Tried once more on the next connection.
+            Err(error) if is_fatal(&error) && !link.alive() && !closed_by_broker => {
+                closed_by_broker = true;
+                shared.kick();
+                min_generation = link.generation + 1;
+            }
             Err(error) if is_soft(&error) || is_fatal(&error) || link.alive() => {
                 return Err(map_subscribe_error(&error))
             }

@@ -1469,3 +1469,50 @@ async fn operations_needing_a_channel_on_a_silent_connection_time_out() {
     })
     .await;
 }
+
+/// The same for consumers starting while a declaration makes RabbitMQ close the connection:
+/// a `basic.consume` never causes such an error, and each starts on the next connection
+/// rather than failing with the declaration's error.
+#[tokio::test]
+async fn a_declaration_that_closes_the_connection_fails_no_consume_starting() {
+    bounded(async {
+        let Some(_shared) = shared_broker().await else { return };
+        let t = Arc::new(connect(URI).await);
+        let queue = unique("hard-error-consumed-q");
+        t.declare_queue(&plain_queue(&queue)).await.unwrap();
+        for round in 0..3 {
+            let consumes: Vec<_> = (0..30)
+                .map(|_| {
+                    let (t, queue) = (t.clone(), queue.clone());
+                    tokio::spawn(async move { t.consume(&queue, prefetch(1)).await })
+                })
+                .collect();
+            let bogus = ExchangeSpec {
+                kind: ExchangeKind::Custom("x-no-such-type".into()),
+                durable: false,
+                ..ExchangeSpec::topic(unique("bogus"))
+            };
+            let declared = t.declare_exchange(&bogus).await;
+            assert!(
+                matches!(declared, Err(TransportError::Broker { code: 503, .. })),
+                "{declared:?}"
+            );
+            let mut failed = Vec::new();
+            for consume in consumes {
+                match consume.await.unwrap() {
+                    Ok(consumer) => drop(consumer),
+                    Err(error) => failed.push(error),
+                }
+            }
+            assert!(
+                failed.is_empty(),
+                "round {round}: {} failed, first {:?}",
+                failed.len(),
+                failed[0]
+            );
+        }
+        t.delete_queue(&queue).await.unwrap();
+        t.close().await;
+    })
+    .await;
+}
