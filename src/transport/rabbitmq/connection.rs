@@ -121,6 +121,8 @@ pub(crate) struct Shared {
     /// Reconnections so far. Counted apart from the link's generation, which reads 0 while
     /// the link is down: a connection that keeps dying is down most of the time.
     reconnects: AtomicU64,
+    /// Why the last pass of reconnection attempts failed, while the link is down.
+    refused: Mutex<Option<String>>,
 }
 
 impl fmt::Debug for Shared {
@@ -138,8 +140,25 @@ impl Shared {
         let (state, _) = watch::channel(LinkState::Down);
         let (kick, topology, reconnects) = (Notify::new(), Mutex::default(), AtomicU64::new(0));
         let linked_at = Mutex::new(None);
-        let reclaims = Reclaims::default();
-        Shared { options, nodes, tls, state, kick, topology, reclaims, linked_at, reconnects }
+        let (reclaims, refused) = (Reclaims::default(), Mutex::new(None));
+        Shared {
+            options,
+            nodes,
+            tls,
+            state,
+            kick,
+            topology,
+            reclaims,
+            linked_at,
+            reconnects,
+            refused,
+        }
+    }
+
+    /// Record why reconnecting failed (`None`: it succeeded), for the errors of the
+    /// operations that time out waiting for it.
+    fn set_refused(&self, why: Option<&TransportError>) {
+        *self.refused.lock().unwrap_or_else(PoisonError::into_inner) = why.map(ToString::to_string);
     }
 
     /// Announce the first link.
@@ -208,10 +227,17 @@ impl Shared {
             LinkState::Down => false,
         });
         let outcome = match tokio::time::timeout_at(deadline, ready).await {
-            Err(_) => Err(TransportError::Unreachable(format!(
-                "no connection to {} (timed out waiting for reconnection)",
-                self.nodes.masked()
-            ))),
+            Err(_) => {
+                let refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+                let why = match refused.as_deref() {
+                    Some(why) => format!("; the last attempt failed: {why}"),
+                    None => String::new(),
+                };
+                Err(TransportError::Unreachable(format!(
+                    "no connection to {} (timed out waiting for reconnection{why})",
+                    self.nodes.masked()
+                )))
+            }
             Ok(Ok(state)) => match &*state {
                 LinkState::Up(link) => Ok(link.clone()),
                 _ => Err(closed()),
@@ -395,6 +421,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
                 Some(Ok(replayed)) => break replayed,
                 Some(Err(error)) => {
                     tracing::warn!(uris = %shared.nodes.masked(), pass, %error, ?delay, "no broker node accepted; waiting");
+                    shared.set_refused(Some(&error));
                 }
             }
             tokio::select! {
@@ -417,6 +444,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
             return;
         }
         shared.linked_now();
+        shared.set_refused(None);
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
         if !locked.is_empty() {
             tokio::spawn(reclaim(shared.clone(), link.clone(), locked));

@@ -1516,3 +1516,59 @@ async fn a_declaration_that_closes_the_connection_fails_no_consume_starting() {
     })
     .await;
 }
+
+fn rabbitmqctl(args: &[&str]) {
+    let status =
+        std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl");
+    assert!(status.status.success(), "rabbitmqctl {args:?} failed");
+}
+
+/// A broker user of one test, deleted on drop (also when the test fails).
+struct TestUser(String);
+
+impl TestUser {
+    fn create() -> TestUser {
+        let user = TestUser(unique("mf-transport-user"));
+        rabbitmqctl(&["add_user", &user.0, "secret"]);
+        rabbitmqctl(&["set_permissions", "-p", "/", &user.0, ".*", ".*", ".*"]);
+        user
+    }
+
+    fn uri(&self) -> String {
+        format!("amqp://{}:secret@{BROKER}/%2f", self.0)
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").args(["delete_user", &self.0]).output();
+    }
+}
+
+/// An operation that times out waiting for a reconnection the broker keeps refusing says
+/// why the reconnection fails, not only that it timed out.
+#[tokio::test]
+async fn an_operation_waiting_for_a_refused_reconnection_names_the_refusal() {
+    bounded(async {
+        if !broker_up().await {
+            return;
+        }
+        let user = TestUser::create();
+        let quick =
+            RabbitMqOptions { publish_timeout: Duration::from_secs(2), ..options(&user.uri()) };
+        let t = RabbitMqTransport::connect(quick).await.unwrap();
+        // The user loses the vhost and its connection: every reconnection is refused.
+        rabbitmqctl(&["clear_permissions", "-p", "/", &user.0]);
+        rabbitmqctl(&["close_all_user_connections", &user.0, "transport test"]);
+        wait_disconnected(&t).await;
+        let published = t.publish("", "anywhere", message("x", "x"), PublishOptions::default());
+        let published = published.await;
+        t.close().await;
+        drop(user);
+        let Err(TransportError::Unreachable(text)) = published else {
+            panic!("a publish while reconnections are refused: {published:?}")
+        };
+        assert!(text.contains("NOT_ALLOWED"), "{text}");
+    })
+    .await;
+}
