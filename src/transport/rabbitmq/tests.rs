@@ -1259,6 +1259,7 @@ async fn a_declaration_that_closes_the_connection_fails_no_publish_in_flight() {
         let t = Arc::new(connect(URI).await);
         let queue = unique("hard-error-q");
         t.declare_queue(&QueueSpec::durable(queue.as_str())).await.unwrap();
+        let mut rounds = Vec::new();
         for round in 0..3 {
             let publishes: Vec<_> = (0..300)
                 .map(|i| {
@@ -1282,11 +1283,17 @@ async fn a_declaration_that_closes_the_connection_fails_no_publish_in_flight() {
                 ..ExchangeSpec::topic(unique("bogus"))
             };
             let declared = t.declare_exchange(&bogus).await;
+            let failed: Vec<_> = burst.await.unwrap().into_iter().filter_map(Result::err).collect();
+            rounds.push((round, declared, failed));
+        }
+        let reconnects = t.reconnects();
+        let left = t.delete_queue(&queue).await.unwrap();
+        t.close().await;
+        for (round, declared, failed) in rounds {
             assert!(
                 matches!(declared, Err(TransportError::Broker { code: 503, .. })),
                 "{declared:?}"
             );
-            let failed: Vec<_> = burst.await.unwrap().into_iter().filter_map(Result::err).collect();
             assert!(
                 failed.is_empty(),
                 "round {round}: {} failed, first {:?}",
@@ -1294,10 +1301,8 @@ async fn a_declaration_that_closes_the_connection_fails_no_publish_in_flight() {
                 failed[0]
             );
         }
-        assert!(t.reconnects() >= 1, "the connection was never closed");
-        let left = t.delete_queue(&queue).await.unwrap();
+        assert!(reconnects >= 1, "the connection was never closed");
         assert!(left >= 900, "{left} of 900 publishes in the queue");
-        t.close().await;
     })
     .await;
 }
@@ -1480,6 +1485,7 @@ async fn a_declaration_that_closes_the_connection_fails_no_consume_starting() {
         let t = Arc::new(connect(URI).await);
         let queue = unique("hard-error-consumed-q");
         t.declare_queue(&plain_queue(&queue)).await.unwrap();
+        let mut rounds = Vec::new();
         for round in 0..3 {
             let consumes: Vec<_> = (0..30)
                 .map(|_| {
@@ -1493,10 +1499,6 @@ async fn a_declaration_that_closes_the_connection_fails_no_consume_starting() {
                 ..ExchangeSpec::topic(unique("bogus"))
             };
             let declared = t.declare_exchange(&bogus).await;
-            assert!(
-                matches!(declared, Err(TransportError::Broker { code: 503, .. })),
-                "{declared:?}"
-            );
             let mut failed = Vec::new();
             for consume in consumes {
                 match consume.await.unwrap() {
@@ -1504,6 +1506,15 @@ async fn a_declaration_that_closes_the_connection_fails_no_consume_starting() {
                     Err(error) => failed.push(error),
                 }
             }
+            rounds.push((round, declared, failed));
+        }
+        t.delete_queue(&queue).await.unwrap();
+        t.close().await;
+        for (round, declared, failed) in rounds {
+            assert!(
+                matches!(declared, Err(TransportError::Broker { code: 503, .. })),
+                "{declared:?}"
+            );
             assert!(
                 failed.is_empty(),
                 "round {round}: {} failed, first {:?}",
@@ -1511,8 +1522,6 @@ async fn a_declaration_that_closes_the_connection_fails_no_consume_starting() {
                 failed[0]
             );
         }
-        t.delete_queue(&queue).await.unwrap();
-        t.close().await;
     })
     .await;
 }
