@@ -412,3 +412,109 @@ async fn a_second_signal_forces_the_exit_while_the_service_starts() {
     assert_eq!(status.code(), Some(130), "the second signal exits at once");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+type UpstreamWriter = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
+
+/// A TCP proxy to the broker whose cut closes the client's side only: the broker keeps the
+/// old connection (and its exclusive consumers) until its heartbeat timeout, as when the
+/// client notices a network failure first.
+struct HalfProxy {
+    address: std::net::SocketAddr,
+    held: Arc<std::sync::Mutex<Vec<UpstreamWriter>>>,
+    pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl HalfProxy {
+    async fn start(broker: std::net::SocketAddr) -> HalfProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let held: Arc<std::sync::Mutex<Vec<UpstreamWriter>>> = Arc::default();
+        let pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (held_too, pipes_too) = (held.clone(), Arc::clone(&pipes));
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::TcpStream::connect(broker).await else { continue };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut upstream_read, upstream_write) = upstream.into_split();
+                // The broker's side is kept open after a cut: it sees nothing happen.
+                let writer = Arc::new(tokio::sync::Mutex::new(upstream_write));
+                let up = {
+                    let writer = writer.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buffer = vec![0u8; 65536];
+                        while let Ok(read @ 1..) = client_read.read(&mut buffer).await {
+                            if writer.lock().await.write_all(&buffer[..read]).await.is_err() {
+                                break;
+                            }
+                        }
+                    })
+                };
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut upstream_read, &mut client_write).await;
+                });
+                pipes_too.lock().unwrap().extend([up, down]);
+                held_too.lock().unwrap().push(writer);
+            }
+        });
+        HalfProxy { address, held, pipes, accept }
+    }
+
+    fn cut_client_side(&self) {
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+}
+
+impl Drop for HalfProxy {
+    fn drop(&mut self) {
+        self.cut_client_side();
+        self.accept.abort();
+        self.held.lock().unwrap().clear();
+    }
+}
+
+/// The caller notices its connection is lost before the broker does (its side of the network
+/// failed): the broker keeps the old connection, and the exclusive consumer of the caller's
+/// reply queue, until its heartbeat timeout. The call's reply, sent meanwhile, reaches the
+/// call once the broker lets go, rather than the call failing and the reply queue being
+/// deleted with the reply in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpc_reply_reaches_a_caller_that_saw_its_connection_drop_first() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let probe = Probe::closed();
+    let config = common::config(&uri, "replyhalf");
+    let service_name = config.service_name.clone();
+    let routes = vec![Route::new(slow_answer)
+        .entrypoint(micro_framework::amqp::entrypoints::RPCListener::new())
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let url = url::Url::parse(&uri).unwrap();
+    let broker = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
+    let proxy = HalfProxy::start(broker.parse().unwrap()).await;
+    let mut caller_uri = url.clone();
+    caller_uri.set_port(Some(proxy.address.port())).unwrap();
+    let caller = Config::new(common::unique("halfcaller"))
+        .with_amqp_uri(caller_uri.to_string())
+        .with_amqp_heartbeat(3);
+    let client = micro_framework::amqp::rpc::Client::connect(&caller).await.unwrap();
+    let call = client
+        .service(service_name.clone())
+        .timeout(Duration::from_secs(60))
+        .call_async("slow_answer", (), ())
+        .await
+        .unwrap();
+    probe.wait_started(1).await;
+    proxy.cut_client_side();
+    wait_until(|| !client.transport().is_connected(), "the caller to see the loss").await;
+    probe.open(); // the service replies while the broker still holds the old connection
+    let answer = call.result::<u64>().await;
+    client.close().await;
+    service.stop().await.unwrap();
+    drop(proxy);
+    common::cleanup(&uri, &[service_name, caller.service_name.clone()]).await;
+    assert_eq!(answer.expect("the reply reached the call"), 42);
+}
