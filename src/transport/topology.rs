@@ -84,6 +84,16 @@ fn json(value: &HeaderValue) -> serde_json::Value {
     }
 }
 
+/// Add `entry` to `list`, or replace in place the entry it declares again (`same`): the
+/// routes of a service declare what they share each (`nameko-rpc`, the one RPC request queue),
+/// and the broker holds it once.
+fn once<T>(list: &mut Vec<T>, entry: T, same: impl Fn(&T, &T) -> bool) {
+    match list.iter_mut().find(|listed| same(listed, &entry)) {
+        Some(listed) => *listed = entry,
+        None => list.push(entry),
+    }
+}
+
 /// A transport that records declarations and passes every call on to `inner`.
 #[derive(Debug)]
 pub(crate) struct Recorder {
@@ -110,28 +120,26 @@ impl Recorder {
 impl Transport for Recorder {
     async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
         self.inner.declare_exchange(spec).await?;
-        self.record(|t| {
-            t.exchanges.push(ExchangeEntry {
-                name: spec.name.clone(),
-                kind: spec.kind.as_str().to_owned(),
-                durable: spec.durable,
-                auto_delete: spec.auto_delete,
-            })
-        });
+        let entry = ExchangeEntry {
+            name: spec.name.clone(),
+            kind: spec.kind.as_str().to_owned(),
+            durable: spec.durable,
+            auto_delete: spec.auto_delete,
+        };
+        self.record(|t| once(&mut t.exchanges, entry, |a, b| a.name == b.name));
         Ok(())
     }
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
         let info = self.inner.declare_queue(spec).await?;
-        self.record(|t| {
-            t.queues.push(QueueEntry {
-                name: spec.name.clone(),
-                durable: spec.durable,
-                exclusive: spec.exclusive,
-                auto_delete: spec.auto_delete,
-                arguments: spec.arguments.iter().map(|(k, v)| (k.clone(), json(v))).collect(),
-            })
-        });
+        let entry = QueueEntry {
+            name: spec.name.clone(),
+            durable: spec.durable,
+            exclusive: spec.exclusive,
+            auto_delete: spec.auto_delete,
+            arguments: spec.arguments.iter().map(|(k, v)| (k.clone(), json(v))).collect(),
+        };
+        self.record(|t| once(&mut t.queues, entry, |a, b| a.name == b.name));
         Ok(info)
     }
 
@@ -141,13 +149,12 @@ impl Transport for Recorder {
 
     async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
         self.inner.bind_queue(binding).await?;
-        self.record(|t| {
-            t.bindings.push(BindingEntry {
-                queue: binding.queue.clone(),
-                exchange: binding.exchange.clone(),
-                routing_key: binding.routing_key.clone(),
-            })
-        });
+        let entry = BindingEntry {
+            queue: binding.queue.clone(),
+            exchange: binding.exchange.clone(),
+            routing_key: binding.routing_key.clone(),
+        };
+        self.record(|t| once(&mut t.bindings, entry, |a, b| a == b));
         Ok(())
     }
 
@@ -191,5 +198,35 @@ impl Transport for Recorder {
 
     async fn close(&self) {
         self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::memory::MemoryTransport;
+
+    /// Each route of a service declares what it uses, and routes share: the RPC routes of a
+    /// service all declare `nameko-rpc`, the one request queue and its binding. Each is
+    /// listed once, as the service declares it once on the broker.
+    #[tokio::test]
+    async fn what_several_routes_declare_alike_is_listed_once() {
+        let uri = format!("memory://topology-{}", uuid::Uuid::new_v4());
+        let memory: SharedTransport = Arc::new(MemoryTransport::connect(&uri).unwrap());
+        let recorder = Recorder::new(memory, "math");
+        let binding = BindingSpec {
+            queue: "rpc-math".into(),
+            exchange: "nameko-rpc".into(),
+            routing_key: "math.*".into(),
+            arguments: Default::default(),
+        };
+        for _route in 0..2 {
+            recorder.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
+            recorder.declare_queue(&QueueSpec::durable("rpc-math")).await.unwrap();
+            recorder.bind_queue(&binding).await.unwrap();
+        }
+        let topology = recorder.topology();
+        let counts = (topology.exchanges.len(), topology.queues.len(), topology.bindings.len());
+        assert_eq!(counts, (1, 1, 1), "{topology:#?}");
     }
 }
