@@ -34,13 +34,22 @@ impl Held {
 /// A slot holding the current channel of one purpose (publishing, declarations, gets).
 pub(crate) struct ChannelSlot {
     confirm: bool,
+    /// Its operations never make the broker close the connection (`basic.get`).
+    harmless: bool,
     current: Mutex<Option<Held>>,
 }
 
 impl ChannelSlot {
     /// An empty slot; `confirm` puts its channels in publisher-confirm mode.
     pub(crate) fn new(confirm: bool) -> Self {
-        ChannelSlot { confirm, current: Mutex::new(None) }
+        ChannelSlot { confirm, harmless: false, current: Mutex::new(None) }
+    }
+
+    /// An empty slot for operations that never make the broker close the connection: one
+    /// that gets a hard error (another operation's, on the connection the broker closed) is
+    /// tried once more on the next connection.
+    pub(crate) fn harmless() -> Self {
+        ChannelSlot { confirm: false, harmless: true, current: Mutex::new(None) }
     }
 
     /// A usable channel on a link of at least `min_generation`, opened if needed.
@@ -98,6 +107,7 @@ impl ChannelSlot {
         let mut slot = self.current.lock().await;
         let mut min_generation = 0;
         let mut failures_while_connected = 0;
+        let mut closed_by_broker = false;
         loop {
             let held = self.ensure(&mut slot, shared, min_generation, deadline).await?;
             let operation = held.link.guard(op(held.clone()));
@@ -110,6 +120,13 @@ impl ChannelSlot {
                 }
             };
             *slot = None;
+            let elsewhere = self.harmless && is_fatal(&error) && !held.link.alive();
+            if elsewhere && !closed_by_broker {
+                closed_by_broker = true;
+                shared.kick();
+                min_generation = held.link.generation + 1;
+                continue;
+            }
             if is_soft(&error) || is_fatal(&error) {
                 shared.kick();
                 return Err(map_error(&error));

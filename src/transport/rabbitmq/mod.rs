@@ -90,7 +90,7 @@ impl RabbitMqTransport {
             publisher: ChannelSlot::new(true),
             mandatory: MandatoryChannel::new(),
             declarations: ChannelSlot::new(false),
-            gets: ChannelSlot::new(false),
+            gets: ChannelSlot::harmless(),
         })
     }
 

@@ -1581,3 +1581,53 @@ async fn an_operation_waiting_for_a_refused_reconnection_names_the_refusal() {
     })
     .await;
 }
+
+/// The same for `basic.get`s in flight when a declaration makes RabbitMQ close the
+/// connection: a get never causes such an error, and each is made again on the next
+/// connection rather than failing with the declaration's error.
+#[tokio::test]
+async fn a_declaration_that_closes_the_connection_fails_no_get_in_flight() {
+    bounded(async {
+        let Some(_shared) = shared_broker().await else { return };
+        let t = Arc::new(connect(URI).await);
+        let queue = unique("hard-error-got-q");
+        t.declare_queue(&plain_queue(&queue)).await.unwrap();
+        let mut rounds = Vec::new();
+        for round in 0..3 {
+            let gets: Vec<_> = (0..30)
+                .map(|_| {
+                    let (t, queue) = (t.clone(), queue.clone());
+                    tokio::spawn(async move { t.get(&queue).await.map(|_| ()) })
+                })
+                .collect();
+            let bogus = ExchangeSpec {
+                kind: ExchangeKind::Custom("x-no-such-type".into()),
+                durable: false,
+                ..ExchangeSpec::topic(unique("bogus"))
+            };
+            let declared = t.declare_exchange(&bogus).await;
+            let mut failed = Vec::new();
+            for get in gets {
+                if let Err(error) = get.await.unwrap() {
+                    failed.push(error);
+                }
+            }
+            rounds.push((round, declared, failed));
+        }
+        t.delete_queue(&queue).await.unwrap();
+        t.close().await;
+        for (round, declared, failed) in rounds {
+            assert!(
+                matches!(declared, Err(TransportError::Broker { code: 503, .. })),
+                "{declared:?}"
+            );
+            assert!(
+                failed.is_empty(),
+                "round {round}: {} failed, first {:?}",
+                failed.len(),
+                failed[0]
+            );
+        }
+    })
+    .await;
+}
