@@ -118,3 +118,58 @@ async fn rpc_calls_made_in_worker_processes_are_in_the_services_metrics() {
     assert!(text.contains(&duration), "{duration} not in:\n{text}");
     service.stop().await.unwrap();
 }
+
+/// Appends a line to the file `marker`: one per attempt, whatever process makes it.
+fn note_attempt(marker: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(marker).unwrap();
+    file.write_all(b"attempt\n").unwrap();
+}
+
+fn attempts(marker: &std::path::Path) -> usize {
+    std::fs::read_to_string(marker).unwrap_or_default().lines().count()
+}
+
+/// Notes its attempt, then kills its worker process.
+fn crash_noted(Payload(marker): Payload<String>) {
+    note_attempt(&marker);
+    std::process::abort();
+}
+
+/// Notes its attempt, then overruns any time limit.
+fn overrun_noted(Payload(marker): Payload<String>) {
+    note_attempt(&marker);
+    std::thread::sleep(std::time::Duration::from_secs(3600));
+}
+
+/// A retry filter holds for what a worker process adds too: a crash and a time-out have no
+/// error to match, so with `retry_on` they fail at once, as a panic does.
+#[tokio::test]
+async fn a_retry_filter_holds_for_crashes_and_time_outs_in_worker_processes() {
+    use micro_framework::amqp::entrypoints::EventListener;
+    use micro_framework::retry::BackOff;
+    use std::time::Duration;
+    let io_only = || BackOff::new(2, Duration::from_millis(1)).retry_on::<std::io::Error>();
+    let shop = common::unique("shop");
+    let config = test_config(&common::unique("procs_filter"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1)
+        .with_task_time_limit(Some(Duration::from_millis(500)));
+    let routes = vec![
+        Route::new(crash_noted).entrypoint(EventListener::new(&shop, "crash")).backoff(io_only()),
+        Route::new(overrun_noted)
+            .entrypoint(EventListener::new(&shop, "overrun"))
+            .backoff(io_only()),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    let dir = std::env::temp_dir();
+    for (event, route) in [("crash", "crash_noted"), ("overrun", "overrun_noted")] {
+        let marker = dir.join(format!("{}-{event}", common::unique("mf-attempts")));
+        service.dispatch(&shop, event, &marker.to_string_lossy()).await.unwrap();
+        service.wait_for_route(route, 1).await.unwrap();
+        let made = attempts(&marker);
+        let _ = std::fs::remove_file(&marker);
+        assert_eq!(made, 1, "{route}: a failure the filter cannot match was retried");
+    }
+    service.stop().await.unwrap();
+}
