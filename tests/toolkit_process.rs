@@ -173,3 +173,51 @@ async fn a_retry_filter_holds_for_crashes_and_time_outs_in_worker_processes() {
     }
     service.stop().await.unwrap();
 }
+
+/// Writes its worker's pid to the file `marker`, then runs for an hour.
+fn stuck_noted(Payload(marker): Payload<String>) {
+    std::fs::write(&marker, std::process::id().to_string()).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3600));
+}
+
+/// Whether process `pid` exists (a zombie too: it was never waited for).
+fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A stop ends every worker process, also one whose call still runs past `SHUTDOWN_TIMEOUT`
+/// (its message goes back to the queue): none is left running, nor as a zombie, once the
+/// stop has returned.
+#[tokio::test]
+async fn a_stop_ends_the_workers_of_calls_still_running_past_the_shutdown_timeout() {
+    use micro_framework::amqp::entrypoints::EventListener;
+    use std::time::Duration;
+    let shop = common::unique("shop");
+    let config = test_config(&common::unique("procs_stop"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1)
+        .with_shutdown_timeout(Duration::from_millis(500));
+    let routes = vec![Route::new(stuck_noted).entrypoint(EventListener::new(&shop, "stuck"))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let marker = std::env::temp_dir().join(common::unique("mf-stuck"));
+    service.dispatch(&shop, "stuck", &marker.to_string_lossy()).await.unwrap();
+    let mut worker = None;
+    for _ in 0..600 {
+        worker = std::fs::read_to_string(&marker).ok().and_then(|pid| pid.parse::<u32>().ok());
+        if worker.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_file(&marker);
+    let worker = worker.expect("the call started in a worker process");
+    tokio::time::timeout(Duration::from_secs(30), service.stop())
+        .await
+        .expect("the stop ends")
+        .unwrap();
+    let left = exists(worker);
+    if left {
+        let _ = std::process::Command::new("kill").args(["-KILL", &worker.to_string()]).status();
+    }
+    assert!(!left, "worker process {worker} is left after the stop returned");
+}

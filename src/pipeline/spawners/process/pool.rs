@@ -9,6 +9,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use super::control::{ControlLink, Sink};
 use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Ready};
@@ -192,6 +194,11 @@ pub struct ProcessPool {
     /// One permit per idle worker: a call waits here for one without holding a lock that
     /// [`ProcessPool::shutdown`] needs. Closed by the shutdown.
     ready: Semaphore,
+    /// Fired by the shutdown: the calls still running then are past `SHUTDOWN_TIMEOUT`.
+    stopped: CancellationToken,
+    /// Tracks the workers lent to calls, those being started or ended, so that the
+    /// shutdown returns once none is left.
+    busy: TaskTracker,
     launcher: Launcher,
     size: usize,
     time_limit: Option<Duration>,
@@ -228,6 +235,8 @@ impl ProcessPool {
         let pool = Arc::new(ProcessPool {
             idle: std::sync::Mutex::default(),
             ready: Semaphore::new(0),
+            stopped: CancellationToken::new(),
+            busy: TaskTracker::new(),
             launcher: Launcher { transport, metrics, args },
             size,
             time_limit,
@@ -255,7 +264,7 @@ impl ProcessPool {
         let mut idle = self.idle();
         if idle.closed {
             drop(idle);
-            tokio::spawn(end(worker, false));
+            tokio::spawn(self.busy.track_future(end(worker, false)));
             return;
         }
         idle.workers.push(worker);
@@ -268,9 +277,15 @@ impl ProcessPool {
         // a call's future dropped while the runtime shuts down has no runtime to start on
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let pool = self.clone();
-        runtime.spawn(async move {
+        // tracked, so that the shutdown waits for a worker started meanwhile to end
+        runtime.spawn(self.busy.track_future(async move {
             while !pool.idle().closed {
-                match pool.launcher.launch().await {
+                let launched = tokio::select! {
+                    launched = pool.launcher.launch() => launched,
+                    // a worker still starting is killed as its `Child` is dropped
+                    _ = pool.stopped.cancelled() => return,
+                };
+                match launched {
                     Ok(new) => return pool.give_back(new),
                     Err(error) => {
                         tracing::error!("cannot start a worker process: {error}; trying again");
@@ -278,7 +293,7 @@ impl ProcessPool {
                     }
                 }
             }
-        });
+        }));
     }
 
     /// Run one call in a worker process: this task writes the call and reads its outcome.
@@ -286,7 +301,7 @@ impl ProcessPool {
         // A worker that died while idle fails the write before anything reached it: the call
         // goes to another, as often as the pool has workers (plus a fresh one).
         let mut tries = 0;
-        let (mut worker, lent) = loop {
+        let (mut worker, lent, busy) = loop {
             let Some(mut worker) = self.take().await else {
                 // Shut down while this call waited for a worker: it never runs, and a failure
                 // would dead-letter its message; it waits until the service drops it, which
@@ -294,8 +309,16 @@ impl ProcessPool {
                 return std::future::pending().await;
             };
             let lent = ReplaceOnDrop(Some(self));
-            match worker.calls.send(&call).await {
-                Ok(()) => break (worker, lent),
+            let busy = self.busy.token();
+            let sent = tokio::select! {
+                sent = worker.calls.send(&call) => sent,
+                _ = self.stopped.cancelled() => {
+                    lent.disarm();
+                    return abandoned(worker, busy).await;
+                }
+            };
+            match sent {
+                Ok(()) => break (worker, lent, busy),
                 Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
                     lent.disarm();
                     self.give_back(worker);
@@ -321,9 +344,18 @@ impl ProcessPool {
                 }
             }
         };
-        let answer = match self.time_limit {
-            None => Ok(worker.calls.outcome().await),
-            Some(limit) => tokio::time::timeout(limit, worker.calls.outcome()).await,
+        let outcome = async {
+            match self.time_limit {
+                None => Ok(worker.calls.outcome().await),
+                Some(limit) => tokio::time::timeout(limit, worker.calls.outcome()).await,
+            }
+        };
+        let answer = tokio::select! {
+            answer = outcome => answer,
+            _ = self.stopped.cancelled() => {
+                lent.disarm();
+                return abandoned(worker, busy).await;
+            }
         };
         lent.disarm();
         match answer {
@@ -336,7 +368,7 @@ impl ProcessPool {
                         worker.done
                     );
                     self.respawn();
-                    tokio::spawn(end(worker, false));
+                    tokio::spawn(self.busy.track_future(end(worker, false)));
                 } else {
                     self.give_back(worker);
                 }
@@ -370,7 +402,9 @@ impl ProcessPool {
         end(worker, kill).await
     }
 
-    /// Stop every idle worker (they exit when their socket closes), and start none any more.
+    /// Stop every idle worker (they exit when their socket closes), kill those whose calls
+    /// still run (the service waited `SHUTDOWN_TIMEOUT` for them before), and start none any
+    /// more. Returns once each has exited.
     pub(crate) async fn shutdown(&self) {
         let workers = {
             let mut idle = self.idle();
@@ -378,8 +412,22 @@ impl ProcessPool {
             std::mem::take(&mut idle.workers)
         };
         self.ready.close();
+        self.stopped.cancel();
+        self.busy.close();
         futures::future::join_all(workers.into_iter().map(|worker| end(worker, false))).await;
+        self.busy.wait().await;
     }
+}
+
+/// A call still running when the service shut its workers down, past `SHUTDOWN_TIMEOUT`: its
+/// worker is killed, not left running, and then, as a call that waits for a worker at that
+/// point, it never settles, and its message goes back to the broker.
+async fn abandoned(worker: Worker, busy: TaskTrackerToken) -> Outcome {
+    let pid = worker.pid;
+    let status = end(worker, true).await;
+    tracing::warn!("worker process {pid} still ran a call at shutdown: {status}");
+    drop(busy);
+    std::future::pending().await
 }
 
 /// End `worker`: close its links, which ends it, killing it if `kill` or if it did not exit
