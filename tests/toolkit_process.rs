@@ -221,3 +221,27 @@ async fn a_stop_ends_the_workers_of_calls_still_running_past_the_shutdown_timeou
     }
     assert!(!left, "worker process {worker} is left after the stop returned");
 }
+
+/// An ignored process-mode test (a slow one, say), run by the next test with `--ignored`.
+#[tokio::test]
+#[ignore = "run by an_ignored_test_run_with_ignored_gets_its_worker_processes"]
+async fn an_ignored_process_mode_test() {
+    let service = start(WorkerMode::Process).await;
+    assert_ne!(worker_pid(&service).await, std::process::id());
+    service.stop().await.unwrap();
+}
+
+/// `cargo test -- --ignored` runs an ignored test, and its worker processes (this test binary
+/// again, with only that test selected) must run it too, to reach `TestService::start`.
+#[test]
+fn an_ignored_test_run_with_ignored_gets_its_worker_processes() {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["an_ignored_process_mode_test", "--exact", "--ignored", "--test-threads=1"])
+        .env_remove(micro_framework::spawners::process::WORKER_SOCKET_ENV)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let logged = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}\n{printed}\n{logged}", output.status);
+    assert!(printed.contains("1 passed"), "{printed}\n{logged}");
+}

@@ -35,9 +35,10 @@ fn current_test() -> Option<String> {
     thread.name().filter(|name| *name != "main").map(str::to_owned)
 }
 
-/// libtest arguments that run `test` alone, with the worker's output shown.
+/// libtest arguments that run `test` alone, with the worker's output shown; also when `test`
+/// is `#[ignore]`d and runs because the test binary was given `--ignored`.
 fn test_harness_args(test: String) -> Vec<OsString> {
-    [test.as_str(), "--exact", "--test-threads=1", "--nocapture", "--quiet"]
+    [test.as_str(), "--exact", "--include-ignored", "--test-threads=1", "--nocapture", "--quiet"]
         .into_iter()
         .map(OsString::from)
         .collect()
