@@ -668,3 +668,23 @@ fn a_worker_whose_set_up_hangs_is_replaced() {
     assert!(last.is_ok_and(|(status, _)| status == 200));
     assert!(next.as_ref().is_ok_and(|(status, _)| *status == 200), "{next:?}\n{}", service.logs());
 }
+
+/// A temp dir whose path is too long for a Unix socket path (108 bytes on Linux, 104 on
+/// macOS, where the default `TMPDIR` is already about 50): workers still start.
+#[test]
+fn workers_start_when_the_temp_dirs_path_is_long() {
+    /// Removes the directory when dropped, also by a failed assertion.
+    struct Removed(PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let long = std::env::temp_dir().join(format!("{}-{}", common::unique("long"), "x".repeat(80)));
+    std::fs::create_dir_all(&long).unwrap();
+    let long = Removed(long);
+    let tmpdir = long.0.to_string_lossy().into_owned();
+    let service = HttpService::start(&binary(), &[("TMPDIR", tmpdir.as_str())], false);
+    let answer = service.get("/whoami/3", std::time::Duration::from_secs(15));
+    assert!(answer.as_ref().is_ok_and(|(status, _)| *status == 200), "{answer:?}");
+}

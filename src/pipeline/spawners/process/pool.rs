@@ -1,7 +1,7 @@
 //! The service side: a pool of worker processes, each running one call at a time.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,7 +79,9 @@ struct Launcher {
 impl Launcher {
     /// Start a worker process, and the task that serves its control link.
     async fn launch(&self) -> Result<Worker> {
-        let socket = PrivateSocket::new()?;
+        let socket = PrivateSocket::new().map_err(|error| {
+            Error::WorkerProcess(format!("cannot make the directory of a worker's socket: {error}"))
+        })?;
         let started = self.start(&socket.0).await;
         drop(socket);
         let Started { child, pid, calls, control, calls_socket } = started?;
@@ -101,8 +103,11 @@ impl Launcher {
     /// set-up hangs would otherwise hang the service's start, or a replacement, for good),
     /// and a worker that exits meanwhile fails it at once. A worker given up on is killed
     /// when its `Child` is dropped.
-    async fn start(&self, socket: &PathBuf) -> Result<Started> {
-        let listener = UnixListener::bind(socket)?;
+    async fn start(&self, socket: &Path) -> Result<Started> {
+        let listener = UnixListener::bind(socket).map_err(|error| {
+            let socket = socket.display();
+            Error::WorkerProcess(format!("cannot listen for a worker process at {socket}: {error}"))
+        })?;
         let args = match &self.args {
             Some(args) => args.clone(),
             None => std::env::args_os().skip(1).collect(),
@@ -167,12 +172,29 @@ fn program() -> std::io::Result<PathBuf> {
 /// future dropped as the service stops).
 struct PrivateSocket(PathBuf);
 
+/// The longest socket path every Unix takes: `sun_path` holds 108 bytes on Linux and 104 on
+/// macOS and the BSDs, the final NUL included.
+const MAX_SOCKET_PATH: usize = 103;
+
 impl PrivateSocket {
     fn new() -> std::io::Result<Self> {
+        Self::under(&std::env::temp_dir())
+    }
+
+    /// In a new directory under `base`, or under `/tmp` when a socket path under `base`
+    /// would be too long (a deep `TMPDIR`: macOS's own is about 50 bytes).
+    fn under(base: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
-        let dir = std::env::temp_dir().join(format!("mf-worker-{}", uuid::Uuid::new_v4()));
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        Ok(PrivateSocket(dir.join("worker.sock")))
+        let name = format!("mf-worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        let socket = |base: &Path| base.join(&name).join("sock");
+        let path = match socket(base) {
+            path if path.as_os_str().len() <= MAX_SOCKET_PATH => path,
+            _ => socket(Path::new("/tmp")),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+        }
+        Ok(PrivateSocket(path))
     }
 }
 
@@ -562,6 +584,14 @@ mod tests {
         let next = next.await.expect("a next call runs");
         assert!(next.as_ref().is_ok_and(|pid| idle.contains(pid)), "{next:?}, idle {idle:?}");
         service.stop().await.unwrap();
+    }
+
+    #[test]
+    fn a_worker_socket_under_a_deep_directory_goes_to_tmp() {
+        let deep = std::env::temp_dir().join("d".repeat(100));
+        let socket = PrivateSocket::under(&deep).unwrap();
+        assert!(socket.0.starts_with("/tmp"), "{}", socket.0.display());
+        let _listening = std::os::unix::net::UnixListener::bind(&socket.0).unwrap();
     }
 
     #[test]
