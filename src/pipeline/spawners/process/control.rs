@@ -12,7 +12,7 @@ use super::protocol::{
     TransportOp,
 };
 use crate::metrics::Metrics;
-use crate::transport::{Acker, ConsumeOptions, SharedTransport, TransportError};
+use crate::transport::{Acker, ClosedPart, ConsumeOptions, SharedTransport, TransportError};
 
 /// The service's end of a worker's control link, written by whichever task has a frame to
 /// send.
@@ -134,6 +134,8 @@ struct ConsumersState {
     temporary: HashSet<String>,
     /// Temporary queues the worker consumes exclusively: its own, deleted when it goes.
     own: HashSet<String>,
+    /// The worker is gone: a consumer it asked for and opened only now is cancelled at once.
+    closed: bool,
 }
 
 impl Consumers {
@@ -156,15 +158,22 @@ impl Consumers {
     ) -> Result<TransportAnswer, TransportError> {
         let exclusive = options.exclusive;
         let mut consumer = transport.consume(queue, options).await?;
-        if exclusive {
-            let mut state = self.state();
-            if state.temporary.contains(queue) {
-                state.own.insert(queue.to_owned());
-            }
-        }
         let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
         let id = {
             let mut state = self.state();
+            if state.closed {
+                // Nobody would cancel it, and no delivery may ever come to notice the worker
+                // is gone: it would hold the worker's queue, whose lease then never expires.
+                drop(state);
+                consumer.cancel();
+                return Err(TransportError::Closed {
+                    what: ClosedPart::Consumer,
+                    reason: "the worker process that asked for it went away".into(),
+                });
+            }
+            if exclusive && state.temporary.contains(queue) {
+                state.own.insert(queue.to_owned());
+            }
             state.next += 1;
             let id = state.next;
             state.cancels.insert(
@@ -228,6 +237,7 @@ impl Consumers {
     /// Returns the worker's own queues (temporary, consumed by it alone), to delete.
     fn close(&self) -> Vec<String> {
         let mut state = self.state();
+        state.closed = true;
         for (_, cancel) in state.cancels.drain() {
             cancel();
         }
@@ -272,6 +282,54 @@ mod tests {
         assert!(matches!(ended, Ok(None)), "{ended:?}");
         serving.await.unwrap();
         drop(calls);
+        transport.close().await;
+    }
+
+    /// A worker that asked for a consumer and went before the service opened it: the
+    /// consumer opened after the worker's link ended is cancelled, not left holding the
+    /// worker's queue (which its lease would then never expire) for the service's life.
+    #[tokio::test]
+    async fn a_consumer_a_gone_worker_asked_for_is_not_left_open() {
+        use crate::transport::QueueSpec;
+        let config = crate::Config::new("pool-test")
+            .with_amqp_uri(format!("memory://pool-test-{}", uuid::Uuid::new_v4()));
+        let transport = crate::transport::connect(&config).await.unwrap();
+        let queue = format!("rpc.reply-gone-{}", uuid::Uuid::new_v4());
+        let spec = QueueSpec {
+            name: queue.clone(),
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            arguments: Default::default(),
+        };
+        transport.declare_queue(&spec).await.unwrap();
+        let (calls, _worker_calls) = UnixStream::pair().unwrap();
+        let (control, worker_control) = UnixStream::pair().unwrap();
+        let (reader, writer) = control.into_split();
+        let replies = Arc::new(FrameSink::new(writer));
+        let link = ControlLink {
+            transport: transport.clone(),
+            metrics: Metrics::new().unwrap(),
+            replies: Arc::downgrade(&replies),
+            calls_socket: calls.into_std().unwrap(),
+        };
+        // the worker asks, then goes at once, and the pool with it
+        drop(replies);
+        let mut worker = FrameWriter::new(worker_control);
+        let options = ConsumeOptions { exclusive: true, ..ConsumeOptions::default() };
+        let op = Box::new(TransportOp::Consume { queue: queue.clone(), options });
+        worker.push(&FromWorker::Transport { id: 1, op }).unwrap();
+        worker.flush().await.unwrap();
+        drop(worker);
+        tokio::time::timeout(Duration::from_secs(5), link.serve(FrameReader::new(reader)))
+            .await
+            .expect("the link ends with the worker");
+        let mut consumers = u32::MAX;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            consumers = transport.queue_info(&queue).await.unwrap().consumer_count;
+        }
+        assert_eq!(consumers, 0, "a consumer for a worker gone is left open on {queue}");
         transport.close().await;
     }
 }
