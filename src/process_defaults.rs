@@ -18,6 +18,12 @@
 //! rounds of 8 concurrent 15 MiB requests left it at 405 MB once idle (16 MB before); with the
 //! threshold fixed at 128 KiB it went back to 17.5 MB. `MALLOC_MMAP_THRESHOLD_` (or
 //! `GLIBC_TUNABLES`) in the environment keeps the program's own choice.
+//!
+//! **Stop signals of a worker process.** A worker ignores SIGINT and SIGTERM (its service
+//! stops it), but it first runs the program's `main` and set-up, where a Ctrl-C sent to the
+//! whole process group killed it, and with it the service's start or a worker's replacement.
+//! From its first instruction on, a worker catches them with a handler that does nothing
+//! (not `SIG_IGN`, which the programs it runs would inherit).
 
 /// The stack every thread gets by default: enough for the deepest header, with a margin.
 const THREAD_STACK_SIZE: usize = if cfg!(debug_assertions) { 512 << 20 } else { 128 << 20 };
@@ -33,6 +39,10 @@ fn process_defaults() {
     if std::env::var_os("RUST_MIN_STACK").is_none() {
         std::env::set_var("RUST_MIN_STACK", THREAD_STACK_SIZE.to_string());
     }
+    #[cfg(all(unix, feature = "process"))]
+    if crate::pipeline::spawners::process::worker_socket().is_some() {
+        catch_stop_signals();
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none()
         && std::env::var_os("GLIBC_TUNABLES").is_none()
@@ -40,6 +50,28 @@ fn process_defaults() {
         // SAFETY: mallopt only changes a malloc parameter; any value is valid to pass.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        }
+    }
+}
+
+/// Does nothing: the signal it catches is meant for the service.
+#[cfg(all(unix, feature = "process"))]
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Catch SIGINT and SIGTERM with [`ignore_signal`]; the worker's runtime replaces the handler
+/// later with its own, which ignores them too.
+#[cfg(all(unix, feature = "process"))]
+fn catch_stop_signals() {
+    let handler = ignore_signal as extern "C" fn(libc::c_int);
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid one to fill; the handler does nothing, so it is
+        // async-signal-safe; SA_RESTART resumes the system calls the signal interrupts.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
         }
     }
 }

@@ -688,3 +688,43 @@ fn workers_start_when_the_temp_dirs_path_is_long() {
     let answer = service.get("/whoami/3", std::time::Duration::from_secs(15));
     assert!(answer.as_ref().is_ok_and(|(status, _)| *status == 200), "{answer:?}");
 }
+
+/// Ctrl-C while worker processes are still starting (in the program's own set-up, before
+/// their runner starts) stops the service once started, as any signal during a start does:
+/// the starting workers, which get the signal too, must not die of it and fail the start.
+#[test]
+fn ctrl_c_while_workers_start_stops_the_service_once_started() {
+    use std::os::unix::process::CommandExt;
+    let name = common::unique("procsigstart");
+    let log = std::env::temp_dir().join(format!("{name}.log"));
+    let child = Command::new(binary())
+        .env("AMQP_URI", format!("memory://{name}"))
+        .env("SERVICE_NAME", &name)
+        .env("WORKER_MODE", "process")
+        .env("MAX_WORKERS", "1")
+        .env("SLOW_WORKER_START_MS", "2000")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .process_group(0)
+        .spawn()
+        .expect("process_service starts (built by cargo test)");
+    let mut child = Supervised(child);
+    let pid = child.0.id();
+    let since = std::time::Instant::now();
+    while children(pid).is_empty() && since.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!children(pid).is_empty(), "no worker process started");
+    // the worker sleeps in its set-up for 2 s: the terminal's Ctrl-C reaches it there
+    let _ = Command::new("kill").args(["-INT", "--", &format!("-{pid}")]).status();
+    let mut status = None;
+    while status.is_none() && since.elapsed() < std::time::Duration::from_secs(60) {
+        status = child.0.try_wait().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let status = status.expect("the service ends after Ctrl-C");
+    assert!(status.success(), "{status}:\n{logs}");
+}

@@ -10,7 +10,8 @@
 //! `GET /sleep/{ms}` sleeps that long in a worker process, then answers its pid. While the
 //! file named by `REFUSE_WORKERS_WHILE` exists, a worker process exits as it starts; the
 //! first worker process to find the file named by `HANG_ONE_WORKER` removes it and hangs
-//! in its set-up.
+//! in its set-up. With `SLOW_WORKER_START_MS` set, a worker process sleeps that long in
+//! `main` before it starts its runner (a program's own slow set-up).
 //!
 //! In the service process (not in workers) a driver dispatches `SCENARIO`
 //! (`route:id,route:id,...`) one event at a time, waiting for each to be settled or dead-
@@ -165,6 +166,10 @@ fn main() -> micro_framework::Result<()> {
         .is_some_and(|file| std::path::Path::new(&file).exists())
     {
         return Err(micro_framework::Error::Startup("worker start-up refused by the test".into()));
+    } else if let Some(ms) =
+        std::env::var("SLOW_WORKER_START_MS").ok().and_then(|ms| ms.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
     }
     Runner::new(collector, config.with_worker_mode(WorkerMode::Thread))
         .context(RunnerContext::new(workers).worker_mode(mode).metric_label("workers"))
