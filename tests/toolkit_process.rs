@@ -245,3 +245,23 @@ fn an_ignored_test_run_with_ignored_gets_its_worker_processes() {
     assert!(output.status.success(), "{}\n{printed}\n{logged}", output.status);
     assert!(printed.contains("1 passed"), "{printed}\n{logged}");
 }
+
+/// A test may start a helper service (thread mode: a fake of a service the one under test
+/// calls) before the process-mode service it tests: the worker processes, which run the test
+/// again, serve the process-mode service's routes, not the helper's.
+#[tokio::test]
+async fn a_process_mode_service_started_after_a_thread_mode_one_runs_its_own_routes() {
+    let helper_routes = vec![Route::new(boom).entrypoint(RPCListener::new())];
+    let helper =
+        TestService::start(helper_routes, test_config(&common::unique("helper"))).await.unwrap();
+    let config = test_config(&common::unique("procs_after"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let routes = vec![Route::new(pid).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config).await.unwrap();
+    let worker = service.hook("pid").unwrap().rpc::<u32>((), ()).await;
+    service.stop().await.unwrap();
+    helper.stop().await.unwrap();
+    let worker = worker.map_err(|error| error.to_string());
+    assert!(worker.as_ref().is_ok_and(|pid| *pid != std::process::id()), "{worker:?}");
+}

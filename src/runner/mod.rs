@@ -105,6 +105,16 @@ impl Runner {
         self
     }
 
+    /// Whether the service starts worker processes: a context with routes runs in a process
+    /// worker mode.
+    #[cfg(feature = "process")]
+    pub(crate) fn starts_workers(&self) -> bool {
+        self.contexts.iter().any(|context| {
+            let mode = context.worker_mode.unwrap_or(self.config.worker_mode);
+            mode.is_process() && !context.routes.is_empty()
+        })
+    }
+
     /// Provide `dependency` to every route that has none of the same output type.
     pub fn dependency<D: Dependency>(mut self, dependency: D) -> Self {
         dependencies::insert(&mut self.dependencies, dependencies::share(dependency));

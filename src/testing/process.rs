@@ -7,11 +7,20 @@ use std::ffi::OsString;
 
 use crate::pipeline::spawners::process::worker_socket;
 use crate::runner::Runner;
+use crate::testing::memory_test_config;
 
 /// In a worker process: serve calls with `runner`'s routes until the service closes the link,
 /// then exit the process (the rest of the test never runs there). Otherwise: have worker
 /// processes re-execute only the current test.
+///
+/// A service that starts no worker processes (a thread-mode helper the test starts before
+/// the process-mode service it tests) is not the one a worker serves: there it becomes a
+/// service with no routes on an in-process broker of its own, so that the test goes on to
+/// the start whose routes the worker serves, and touches no broker meanwhile.
 pub(crate) async fn prepare(runner: Runner) -> Runner {
+    if worker_socket().is_some() && !runner.starts_workers() {
+        return Runner::new(Vec::new(), memory_test_config("not-served-in-a-worker"));
+    }
     if worker_socket().is_some() {
         let code = match runner.run_until(std::future::pending()).await {
             Ok(()) => 0,
