@@ -728,3 +728,20 @@ fn ctrl_c_while_workers_start_stops_the_service_once_started() {
     let status = status.expect("the service ends after Ctrl-C");
     assert!(status.success(), "{status}:\n{logs}");
 }
+
+/// A start-up warning (here: TASK_TIME_LIMIT has no effect on the thread-mode context) is the
+/// service's to log, once: its worker processes, which plan the same routes, and every worker
+/// that replaces one (with MAX_TASKS_PER_CHILD=1, after each call) do not repeat it.
+#[test]
+fn start_up_warnings_are_logged_once_not_by_every_worker() {
+    let extra = [("TASK_TIME_LIMIT", "1"), ("MAX_TASKS_PER_CHILD", "1")];
+    let service = HttpService::start(&binary(), &extra, false);
+    let answer = service.get("/whoami/4", std::time::Duration::from_secs(15));
+    assert!(answer.is_ok_and(|(status, _)| status == 200));
+    // the replacement of the worker that answered is ready once the next call is answered
+    let answer = service.get("/whoami/5", std::time::Duration::from_secs(15));
+    assert!(answer.is_ok_and(|(status, _)| status == 200));
+    let logs = service.logs();
+    let warned = logs.matches("TASK_TIME_LIMIT (1s) has no effect").count();
+    assert_eq!(warned, 1, "{logs}");
+}

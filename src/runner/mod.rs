@@ -255,8 +255,11 @@ impl Runner {
     /// Validate the config and check every route, before touching the broker.
     fn prepare(self) -> Result<(Arc<Config>, Vec<RoutePlan>)> {
         self.config.validate()?;
-        for warning in self.config.warnings() {
-            tracing::warn!("{warning}");
+        // the service logs them; each of its worker processes (every replacement too) would again
+        if !in_worker_process() {
+            for warning in self.config.warnings() {
+                tracing::warn!("{warning}");
+            }
         }
         #[cfg(not(feature = "metrics"))]
         if self.config.enable_metrics {
@@ -397,7 +400,7 @@ fn plan_routes(
         }
         let pool = WorkerPool::new(size, mode, &label)
             .with_time_limit(context.time_limit.or(config.task_time_limit));
-        if !context.routes.is_empty() {
+        if !context.routes.is_empty() && !in_worker_process() {
             warn_time_limit_ignored(&pool, context.time_limit.is_some());
         }
         for mut route in context.routes {
@@ -430,6 +433,14 @@ fn plan_routes(
         );
     }
     Ok(plans)
+}
+
+/// Whether this process is a worker process of a service.
+fn in_worker_process() -> bool {
+    #[cfg(feature = "process")]
+    return worker_socket().is_some();
+    #[cfg(not(feature = "process"))]
+    false
 }
 
 /// Warns that the time limit of `pool` (from `RunnerContext::time_limit` when `from_context`,
