@@ -745,3 +745,25 @@ fn start_up_warnings_are_logged_once_not_by_every_worker() {
     let warned = logs.matches("TASK_TIME_LIMIT (1s) has no effect").count();
     assert_eq!(warned, 1, "{logs}");
 }
+
+/// A worker that dies while idle (the OOM killer, an operator) is noticed at once: it is
+/// waited for (no zombie is left) and replaced, without waiting for a call to find it dead.
+#[test]
+fn a_worker_that_dies_idle_is_reaped_and_replaced_without_a_call() {
+    let service = HttpService::start(&binary(), &[], false);
+    let workers = children(service.child.id());
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let _ = Command::new("kill").args(["-KILL", &workers[0].to_string()]).status();
+    let since = std::time::Instant::now();
+    let done = || {
+        let now = children(service.child.id());
+        stat(workers[0]).is_none() && now.len() == 2 && !now.contains(&workers[0])
+    };
+    while !done() && since.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let state = stat(workers[0]);
+    let now = children(service.child.id());
+    assert!(state.is_none(), "worker {} left as {state:?}; workers {now:?}", workers[0]);
+    assert_eq!(now.len(), 2, "not replaced: {now:?}\n{}", service.logs());
+}

@@ -25,12 +25,14 @@ pub(super) struct ControlLink {
     pub(super) metrics: Metrics,
     pub(super) replies: Weak<Sink>,
     pub(super) calls_socket: std::os::unix::net::UnixStream,
+    /// Called once the link has ended (its pool replaces a worker that died idle).
+    pub(super) ended: Box<dyn FnOnce() + Send>,
 }
 
 impl ControlLink {
     /// Do what the worker asks on its control link, until the link ends.
     pub(super) async fn serve(self, mut reader: FrameReader<OwnedReadHalf>) {
-        let ControlLink { transport, metrics, replies, calls_socket } = self;
+        let ControlLink { transport, metrics, replies, calls_socket, ended } = self;
         // Consumers opened for the worker and the ackers of what they forwarded: dropped
         // with this task when the worker goes, which hands unsettled messages back.
         let consumers = Consumers::default();
@@ -78,6 +80,7 @@ impl ControlLink {
         // its calls link shut down, a running call ends as crashed and an idle worker fails
         // the next call's write, and is replaced either way.
         let _ = calls_socket.shutdown(std::net::Shutdown::Both);
+        ended();
     }
 }
 
@@ -270,6 +273,7 @@ mod tests {
             metrics: Metrics::new().unwrap(),
             replies: Weak::new(),
             calls_socket: calls.try_clone().unwrap(),
+            ended: Box::new(|| {}),
         };
         let serving = tokio::spawn(link.serve(FrameReader::new(control.into_split().0)));
         let mut worker = FrameWriter::new(worker_control);
@@ -312,6 +316,7 @@ mod tests {
             metrics: Metrics::new().unwrap(),
             replies: Arc::downgrade(&replies),
             calls_socket: calls.into_std().unwrap(),
+            ended: Box::new(|| {}),
         };
         // the worker asks, then goes at once, and the pool with it
         drop(replies);

@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -74,6 +74,8 @@ struct Launcher {
     metrics: Metrics,
     /// The arguments of a worker process: `None` for the program's own.
     args: Option<Vec<OsString>>,
+    /// The pool its workers are for, told when one's control link ends.
+    pool: Weak<ProcessPool>,
 }
 
 impl Launcher {
@@ -87,11 +89,17 @@ impl Launcher {
         let Started { child, pid, calls, control, calls_socket } = started?;
         let (reader, writer) = control.into_split();
         let control = Arc::new(FrameSink::new(writer));
+        let pool = self.pool.clone();
         let link = ControlLink {
             transport: self.transport.clone(),
             metrics: self.metrics.clone(),
             replies: Arc::downgrade(&control),
             calls_socket,
+            ended: Box::new(move || {
+                if let Some(pool) = pool.upgrade() {
+                    pool.gone(pid);
+                }
+            }),
         };
         tokio::spawn(link.serve(FrameReader::new(reader)));
         tracing::debug!("worker process {pid} started");
@@ -254,12 +262,12 @@ impl ProcessPool {
         max_tasks: Option<u32>,
         args: Option<Vec<OsString>>,
     ) -> Result<Arc<Self>> {
-        let pool = Arc::new(ProcessPool {
+        let pool = Arc::new_cyclic(|pool| ProcessPool {
             idle: std::sync::Mutex::default(),
             ready: Semaphore::new(0),
             stopped: CancellationToken::new(),
             busy: TaskTracker::new(),
-            launcher: Launcher { transport, metrics, args },
+            launcher: Launcher { transport, metrics, args, pool: pool.clone() },
             size,
             time_limit,
             max_tasks,
@@ -291,6 +299,27 @@ impl ProcessPool {
         }
         idle.workers.push(worker);
         self.ready.add_permits(1);
+    }
+
+    /// The control link of worker `pid` ended: its process exited, or sent what cannot be
+    /// read. One that is idle died idle (the OOM killer, an operator): it is ended now (waited
+    /// for, so that no zombie is left) and replaced, rather than when a call finds it dead.
+    /// One lent to a call is that call's to replace.
+    fn gone(self: &Arc<Self>, pid: u32) {
+        let worker = {
+            let mut idle = self.idle();
+            let Some(at) = idle.workers.iter().position(|worker| worker.pid == pid) else {
+                return;
+            };
+            // Its permit goes with it. With none free, each idle worker is about to be taken
+            // by a call, this one too, which then finds it dead and replaces it.
+            let Ok(permit) = self.ready.try_acquire() else { return };
+            permit.forget();
+            idle.workers.swap_remove(at)
+        };
+        tracing::warn!("worker process {pid} died while idle; a new worker replaces it");
+        self.respawn();
+        tokio::spawn(self.busy.track_future(end(worker, false)));
     }
 
     /// Start a worker in the background, trying again until one starts or the pool is shut
