@@ -767,3 +767,45 @@ fn a_worker_that_dies_idle_is_reaped_and_replaced_without_a_call() {
     assert!(state.is_none(), "worker {} left as {state:?}; workers {now:?}", workers[0]);
     assert_eq!(now.len(), 2, "not replaced: {now:?}\n{}", service.logs());
 }
+
+/// A service killed while a worker process starts leaves no socket directory behind: the
+/// worker, which finds its service gone when it dials, removes it.
+#[test]
+fn a_service_killed_while_a_worker_starts_leaves_no_socket_directory() {
+    let tmpdir = std::env::temp_dir().join(common::unique("sockdir"));
+    std::fs::create_dir_all(&tmpdir).unwrap();
+    let name = common::unique("procsockdir");
+    let mut child = Supervised(
+        Command::new(binary())
+            .env("AMQP_URI", format!("memory://{name}"))
+            .env("SERVICE_NAME", &name)
+            .env("WORKER_MODE", "process")
+            .env("MAX_WORKERS", "1")
+            .env("SLOW_WORKER_START_MS", "1000")
+            .env("TMPDIR", &tmpdir)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("process_service starts (built by cargo test)"),
+    );
+    let since = std::time::Instant::now();
+    let mut workers = Vec::new();
+    while workers.is_empty() && since.elapsed() < std::time::Duration::from_secs(30) {
+        workers = children(child.0.id());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!workers.is_empty(), "no worker process started");
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    // the worker sleeps in its set-up, then dials a service that is gone, and exits
+    while workers.iter().any(|pid| alive(*pid))
+        && since.elapsed() < std::time::Duration::from_secs(60)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let left: Vec<_> =
+        std::fs::read_dir(&tmpdir).unwrap().flatten().map(|entry| entry.path()).collect();
+    let _ = std::fs::remove_dir_all(&tmpdir);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -14,7 +14,7 @@ use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use super::control::{ControlLink, Sink};
 use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Ready};
-use super::worker::WORKER_SOCKET_ENV;
+use super::worker::{SOCKET_DIR_PREFIX, WORKER_SOCKET_ENV};
 use crate::data::Outcome;
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
@@ -193,7 +193,8 @@ impl PrivateSocket {
     /// would be too long (a deep `TMPDIR`: macOS's own is about 50 bytes).
     fn under(base: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
-        let name = format!("mf-worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        let name =
+            format!("{SOCKET_DIR_PREFIX}{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
         let socket = |base: &Path| base.join(&name).join("sock");
         let path = match socket(base) {
             path if path.as_os_str().len() <= MAX_SOCKET_PATH => path,

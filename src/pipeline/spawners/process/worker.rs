@@ -32,6 +32,9 @@ use crate::transport::{
 /// The environment variable that makes a service binary a worker: the socket to dial.
 pub const WORKER_SOCKET_ENV: &str = "MF_WORKER_SOCKET";
 
+/// How the name of the directory of a worker's socket begins.
+pub(super) const SOCKET_DIR_PREFIX: &str = "mf-worker-";
+
 /// The socket to dial when this process is a worker.
 pub(crate) fn worker_socket() -> Option<String> {
     std::env::var(WORKER_SOCKET_ENV).ok().filter(|path| !path.is_empty())
@@ -255,8 +258,9 @@ impl WorkerLink {
                 Error::Startup(format!("worker cannot reach its service: {error}"))
             })
         };
-        let calls = dial().await?;
-        let control = dial().await?;
+        let dialed = async { Ok::<_, Error>((dial().await?, dial().await?)) }.await;
+        remove_socket(socket);
+        let (calls, control) = dialed?;
         Ok(WorkerLink::over(calls, control))
     }
 
@@ -325,6 +329,20 @@ impl WorkerLink {
         reading.abort();
         transport.link_ended();
         Ok(served?)
+    }
+}
+
+/// Remove the socket this worker dialed and its directory, once dialed or not: of no use any
+/// more either way, and a service killed while this worker started cannot remove them. Only
+/// a directory of a worker's socket, and only when empty.
+fn remove_socket(socket: &str) {
+    let socket = std::path::Path::new(socket);
+    let _ = std::fs::remove_file(socket);
+    let dir = socket.parent().filter(|dir| {
+        dir.file_name().is_some_and(|name| name.to_string_lossy().starts_with(SOCKET_DIR_PREFIX))
+    });
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
