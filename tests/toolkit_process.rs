@@ -265,3 +265,33 @@ async fn a_process_mode_service_started_after_a_thread_mode_one_runs_its_own_rou
     let worker = worker.map_err(|error| error.to_string());
     assert!(worker.as_ref().is_ok_and(|pid| *pid != std::process::id()), "{worker:?}");
 }
+
+fn other_pid() -> u32 {
+    std::process::id()
+}
+
+/// Two process-mode services in one test (one calls the other, say): the worker processes of
+/// each, which run the test again, serve their own service's routes.
+#[tokio::test]
+async fn two_process_mode_services_in_one_test_each_run_their_own_routes() {
+    let first_config = test_config(&common::unique("procs_first"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let first_routes = vec![Route::new(pid).entrypoint(RPCListener::new())];
+    let first = TestService::start(first_routes, first_config).await.unwrap();
+    let second_config = test_config(&common::unique("procs_second"))
+        .with_worker_mode(WorkerMode::GreedyProcess)
+        .with_max_workers(1);
+    let second_routes = vec![Route::new(other_pid).entrypoint(RPCListener::new())];
+    let second = TestService::start(second_routes, second_config).await.unwrap();
+    let in_first = first.hook("pid").unwrap().rpc::<u32>((), ()).await;
+    let in_second = second.hook("other_pid").unwrap().rpc::<u32>((), ()).await;
+    second.stop().await.unwrap();
+    first.stop().await.unwrap();
+    let (in_first, in_second) =
+        (in_first.map_err(|error| error.to_string()), in_second.map_err(|error| error.to_string()));
+    let ran_in_a_worker = |pid: &u32| *pid != std::process::id();
+    assert!(in_first.as_ref().is_ok_and(ran_in_a_worker), "{in_first:?}");
+    assert!(in_second.as_ref().is_ok_and(ran_in_a_worker), "{in_second:?}");
+    assert_ne!(in_first, in_second, "one worker process served both services");
+}
