@@ -1277,30 +1277,14 @@ async fn a_declaration_that_closes_the_connection_fails_no_publish_in_flight() {
             let burst = futures::stream::iter(publishes).buffer_unordered(100).collect();
             let burst: JoinHandle<Vec<_>> = tokio::spawn(burst);
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let bogus = ExchangeSpec {
-                kind: ExchangeKind::Custom("x-no-such-type".into()),
-                durable: false,
-                ..ExchangeSpec::topic(unique("bogus"))
-            };
-            let declared = t.declare_exchange(&bogus).await;
+            let declared = declare_a_bogus_exchange(&t).await;
             let failed: Vec<_> = burst.await.unwrap().into_iter().filter_map(Result::err).collect();
             rounds.push((round, declared, failed));
         }
         let reconnects = t.reconnects();
         let left = t.delete_queue(&queue).await.unwrap();
         t.close().await;
-        for (round, declared, failed) in rounds {
-            assert!(
-                matches!(declared, Err(TransportError::Broker { code: 503, .. })),
-                "{declared:?}"
-            );
-            assert!(
-                failed.is_empty(),
-                "round {round}: {} failed, first {:?}",
-                failed.len(),
-                failed[0]
-            );
-        }
+        only_the_declarations_failed(rounds);
         assert!(reconnects >= 1, "the connection was never closed");
         assert!(left >= 900, "{left} of 900 publishes in the queue");
     })
@@ -1480,48 +1464,8 @@ async fn operations_needing_a_channel_on_a_silent_connection_time_out() {
 /// rather than failing with the declaration's error.
 #[tokio::test]
 async fn a_declaration_that_closes_the_connection_fails_no_consume_starting() {
-    bounded(async {
-        let Some(_shared) = shared_broker().await else { return };
-        let t = Arc::new(connect(URI).await);
-        let queue = unique("hard-error-consumed-q");
-        t.declare_queue(&plain_queue(&queue)).await.unwrap();
-        let mut rounds = Vec::new();
-        for round in 0..3 {
-            let consumes: Vec<_> = (0..30)
-                .map(|_| {
-                    let (t, queue) = (t.clone(), queue.clone());
-                    tokio::spawn(async move { t.consume(&queue, prefetch(1)).await })
-                })
-                .collect();
-            let bogus = ExchangeSpec {
-                kind: ExchangeKind::Custom("x-no-such-type".into()),
-                durable: false,
-                ..ExchangeSpec::topic(unique("bogus"))
-            };
-            let declared = t.declare_exchange(&bogus).await;
-            let mut failed = Vec::new();
-            for consume in consumes {
-                match consume.await.unwrap() {
-                    Ok(consumer) => drop(consumer),
-                    Err(error) => failed.push(error),
-                }
-            }
-            rounds.push((round, declared, failed));
-        }
-        t.delete_queue(&queue).await.unwrap();
-        t.close().await;
-        for (round, declared, failed) in rounds {
-            assert!(
-                matches!(declared, Err(TransportError::Broker { code: 503, .. })),
-                "{declared:?}"
-            );
-            assert!(
-                failed.is_empty(),
-                "round {round}: {} failed, first {:?}",
-                failed.len(),
-                failed[0]
-            );
-        }
+    beside_declarations_that_close_the_connection("hard-error-consumed-q", |t, queue| async move {
+        t.consume(&queue, prefetch(1)).await.map(drop)
     })
     .await;
 }
@@ -1587,28 +1531,32 @@ async fn an_operation_waiting_for_a_refused_reconnection_names_the_refusal() {
 /// connection rather than failing with the declaration's error.
 #[tokio::test]
 async fn a_declaration_that_closes_the_connection_fails_no_get_in_flight() {
+    beside_declarations_that_close_the_connection("hard-error-got-q", |t, queue| async move {
+        t.get(&queue).await.map(drop)
+    })
+    .await;
+}
+
+/// `operation` on a queue of its own, 30 at once, in three rounds, each beside a declaration
+/// that makes RabbitMQ close the connection: none of them fails.
+async fn beside_declarations_that_close_the_connection<F, Fut>(prefix: &str, operation: F)
+where
+    F: Fn(Arc<RabbitMqTransport>, String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), TransportError>> + Send + 'static,
+{
     bounded(async {
         let Some(_shared) = shared_broker().await else { return };
         let t = Arc::new(connect(URI).await);
-        let queue = unique("hard-error-got-q");
+        let queue = unique(prefix);
         t.declare_queue(&plain_queue(&queue)).await.unwrap();
         let mut rounds = Vec::new();
         for round in 0..3 {
-            let gets: Vec<_> = (0..30)
-                .map(|_| {
-                    let (t, queue) = (t.clone(), queue.clone());
-                    tokio::spawn(async move { t.get(&queue).await.map(|_| ()) })
-                })
-                .collect();
-            let bogus = ExchangeSpec {
-                kind: ExchangeKind::Custom("x-no-such-type".into()),
-                durable: false,
-                ..ExchangeSpec::topic(unique("bogus"))
-            };
-            let declared = t.declare_exchange(&bogus).await;
+            let started: Vec<_> =
+                (0..30).map(|_| tokio::spawn(operation(t.clone(), queue.clone()))).collect();
+            let declared = declare_a_bogus_exchange(&t).await;
             let mut failed = Vec::new();
-            for get in gets {
-                if let Err(error) = get.await.unwrap() {
+            for operation in started {
+                if let Err(error) = operation.await.unwrap() {
                     failed.push(error);
                 }
             }
@@ -1616,18 +1564,28 @@ async fn a_declaration_that_closes_the_connection_fails_no_get_in_flight() {
         }
         t.delete_queue(&queue).await.unwrap();
         t.close().await;
-        for (round, declared, failed) in rounds {
-            assert!(
-                matches!(declared, Err(TransportError::Broker { code: 503, .. })),
-                "{declared:?}"
-            );
-            assert!(
-                failed.is_empty(),
-                "round {round}: {} failed, first {:?}",
-                failed.len(),
-                failed[0]
-            );
-        }
+        only_the_declarations_failed(rounds);
     })
     .await;
+}
+
+/// Declares an exchange of a type no plugin provides, which RabbitMQ answers by closing the
+/// whole connection (`503 COMMAND_INVALID`).
+async fn declare_a_bogus_exchange(t: &RabbitMqTransport) -> Result<(), TransportError> {
+    let bogus = ExchangeSpec {
+        kind: ExchangeKind::Custom("x-no-such-type".into()),
+        durable: false,
+        ..ExchangeSpec::topic(unique("bogus"))
+    };
+    t.declare_exchange(&bogus).await
+}
+
+/// Each round's declaration failed with the broker's `503`, and nothing beside it failed.
+fn only_the_declarations_failed(
+    rounds: Vec<(u32, Result<(), TransportError>, Vec<TransportError>)>,
+) {
+    for (round, declared, failed) in rounds {
+        assert!(matches!(declared, Err(TransportError::Broker { code: 503, .. })), "{declared:?}");
+        assert!(failed.is_empty(), "round {round}: {} failed, first {:?}", failed.len(), failed[0]);
+    }
 }
