@@ -228,7 +228,7 @@ impl RouteHandle {
 
     /// Wait for a worker slot; `None` when the service is stopping and the worker mode hands
     /// unstarted messages back, or when the stop has given up waiting for the calls
-    /// ([`RouteHandle::give_up`]).
+    /// (past `SHUTDOWN_TIMEOUT`).
     pub async fn acquire(&self) -> Option<WorkerPermit> {
         tokio::select! {
             biased;
