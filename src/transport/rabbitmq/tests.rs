@@ -708,10 +708,12 @@ async fn forced_close_scenario() {
 }
 
 /// A TCP proxy to the broker whose connections can be cut and refused, to simulate outages
-/// without touching the broker.
+/// without touching the broker, or go silent: bytes stop flowing both ways while the sockets
+/// stay open (a peer gone quiet, a firewall dropping packets).
 struct Proxy {
     port: u16,
     down: Arc<AtomicBool>,
+    silent: Arc<AtomicBool>,
     pipes: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -720,23 +722,23 @@ impl Proxy {
     async fn start() -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
+        let (down, silent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let pipes: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (flag, list) = (down.clone(), pipes.clone());
+        let (flag, quiet, list) = (down.clone(), silent.clone(), pipes.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 if flag.load(Ordering::SeqCst) {
                     continue;
                 }
-                let pipe = tokio::spawn(async move {
-                    if let Ok(mut upstream) = TcpStream::connect(BROKER).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                    }
-                });
-                list.lock().unwrap().push(pipe);
+                let Ok(upstream) = TcpStream::connect(BROKER).await else { continue };
+                let (client_read, client_write) = client.into_split();
+                let (upstream_read, upstream_write) = upstream.into_split();
+                let up = tokio::spawn(pipe(client_read, upstream_write, quiet.clone()));
+                let down = tokio::spawn(pipe(upstream_read, client_write, quiet.clone()));
+                list.lock().unwrap().extend([up, down]);
             }
         });
-        Proxy { port, down, pipes, accept }
+        Proxy { port, down, silent, pipes, accept }
     }
 
     fn cut(&self) {
@@ -750,9 +752,31 @@ impl Proxy {
         self.down.store(false, Ordering::SeqCst);
     }
 
+    fn silence(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+    }
+
     /// The broker's URI through the proxy.
     fn uri(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+/// Copy `from` to `to` until `silent` is set, then hold both open, passing nothing on.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    silent: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 65536];
+    while let Ok(read @ 1..) = from.read(&mut buffer).await {
+        if silent.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            break;
+        }
     }
 }
 
@@ -1347,71 +1371,6 @@ async fn a_publish_blocked_by_a_resource_alarm_times_out_naming_the_block() {
     .await;
 }
 
-/// A proxy whose connections can go silent: bytes stop flowing both ways, the sockets stay
-/// open (a peer gone quiet, a firewall dropping packets). Dropped, it closes them all.
-struct SilentProxy {
-    port: u16,
-    silent: Arc<AtomicBool>,
-    pipes: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl SilentProxy {
-    async fn start() -> SilentProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let silent = Arc::new(AtomicBool::new(false));
-        let pipes: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (flag, list) = (silent.clone(), pipes.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(upstream) = TcpStream::connect(BROKER).await else { continue };
-                let (client_read, client_write) = client.into_split();
-                let (upstream_read, upstream_write) = upstream.into_split();
-                let up = tokio::spawn(pipe(client_read, upstream_write, flag.clone()));
-                let down = tokio::spawn(pipe(upstream_read, client_write, flag.clone()));
-                list.lock().unwrap().extend([up, down]);
-            }
-        });
-        SilentProxy { port, silent, pipes, accept }
-    }
-
-    fn silence(&self) {
-        self.silent.store(true, Ordering::SeqCst);
-    }
-
-    fn uri(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-}
-
-/// Copy `from` to `to` until `silent` is set, then hold both open, passing nothing on.
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    silent: Arc<AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buffer = vec![0u8; 65536];
-    while let Ok(read @ 1..) = from.read(&mut buffer).await {
-        if silent.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-        if to.write_all(&buffer[..read]).await.is_err() {
-            break;
-        }
-    }
-}
-
-impl Drop for SilentProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for pipe in self.pipes.lock().unwrap().drain(..) {
-            pipe.abort();
-        }
-    }
-}
-
 /// On a connection gone silent (no heartbeats to notice it), every operation ends with
 /// `TimedOut` within the publish timeout, also those that must open a channel first: the
 /// first mandatory publish, a `basic.get`, a consume, a declaration, a `queue_info`.
@@ -1419,7 +1378,7 @@ impl Drop for SilentProxy {
 async fn operations_needing_a_channel_on_a_silent_connection_time_out() {
     bounded(async {
         let Some(_shared) = shared_broker().await else { return };
-        let proxy = SilentProxy::start().await;
+        let proxy = Proxy::start().await;
         let quick = RabbitMqOptions {
             heartbeat: 0,
             publish_timeout: Duration::from_secs(1),
