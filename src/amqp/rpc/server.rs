@@ -97,13 +97,9 @@ impl DeliveryHandler for RpcServer {
                 }
                 Ok(()) => {
                     let Some(permit) = route.acquire().await else {
-                        // given up, the connection is closing: the broker requeues it with it
-                        if !route.given_up() {
-                            // counted with copies, as this server's crash-loop guard counts
-                            let (transport, queue) = (route.transport(), &self.queue);
-                            hand_back_message(transport, queue, false, &message, &*acker, "RPC")
-                                .await;
-                        }
+                        // counted with copies, as this server's crash-loop guard counts
+                        hand_back_message(&route, &self.queue, false, &message, &*acker, "RPC")
+                            .await;
                         return;
                     };
                     let handled = route.handle_shared(permit, &message).await;

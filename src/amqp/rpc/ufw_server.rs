@@ -99,11 +99,8 @@ impl UfwRpcServer {
             return Some((Err(error), self.route_of(&message.routing_key), None));
         };
         let Some(permit) = route.acquire().await else {
-            // given up, the connection is closing: the broker requeues it with it
-            if !route.given_up() {
-                // counted with copies, as this server's crash-loop guard counts
-                hand_back_message(route.transport(), &queue, false, message, acker, "RPC").await;
-            }
+            // counted with copies, as this server's crash-loop guard counts
+            hand_back_message(&route, &queue, false, message, acker, "RPC").await;
             return None;
         };
         // The route reads the arguments as any RPC request's: `{"args", "kwargs"}`. The

@@ -47,11 +47,8 @@ impl DeliveryHandler for BackoffQueue {
         let route = &self.route;
         // The slot first: a retry handed back goes back as it came, still wrapped.
         let Some(permit) = route.acquire().await else {
-            // given up, the connection is closing: the broker requeues the message with it
-            if !route.given_up() {
-                let (transport, queue) = (route.transport(), &self.backoff_queue);
-                super::hand_back(transport, queue, self.quorum, delivery, route.name()).await;
-            }
+            let queue = &self.backoff_queue;
+            super::hand_back(route, queue, self.quorum, delivery, route.name()).await;
             return;
         };
         let meta = match delayed_message::unwrap(&mut delivery) {

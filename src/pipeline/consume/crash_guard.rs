@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::QueueSource;
 use crate::data::{Failure, FailureKind, HeaderValue, Headers, Message};
 use crate::pipeline::settle::copy_properties;
+use crate::pipeline::RouteHandle;
 use crate::transport::{
     Acker, Delivery, Limit, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
 };
@@ -102,28 +103,34 @@ fn redeliveries(headers: &Headers, redelivered: bool, quorum: bool) -> i64 {
 /// copy comes as a fresh delivery, which the crash-loop guard does not count, whereas a
 /// requeued delivery comes back marked redelivered, indistinguishable from one whose handling
 /// crashed. The copy goes to the tail of the queue. When it cannot be published, the delivery
-/// is requeued instead (and counted when it comes back).
+/// is requeued instead (and counted when it comes back). Once `route`'s service has given up
+/// waiting for its calls (a stop past `SHUTDOWN_TIMEOUT`), nothing is done: the connection is
+/// closing, and the broker requeues the delivery with it.
 pub(crate) async fn hand_back(
-    transport: &SharedTransport,
+    route: &RouteHandle,
     queue: &str,
     quorum: bool,
     delivery: Delivery,
     label: &str,
 ) {
     let (message, acker) = delivery.into_parts();
-    hand_back_message(transport, queue, quorum, &message, acker.as_ref(), label).await;
+    hand_back_message(route, queue, quorum, &message, acker.as_ref(), label).await;
 }
 
 /// [`hand_back`] for a delivery already taken apart: its `message`, settled with `acker`.
 pub(crate) async fn hand_back_message(
-    transport: &SharedTransport,
+    route: &RouteHandle,
     queue: &str,
     quorum: bool,
     message: &Message,
     acker: &dyn Acker,
     label: &str,
 ) {
+    if route.given_up() {
+        return;
+    }
     let count = redeliveries(&message.properties.headers, message.redelivered, quorum);
+    let transport = route.transport();
     let copied = copy_to_queue(transport, queue, message, count, message.redelivered).await;
     let settled = match copied {
         Ok(()) => acker.ack().await,

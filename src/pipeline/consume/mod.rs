@@ -266,11 +266,7 @@ impl DeliveryHandler for RouteQueue {
             Err(reason) => return self.refuse(delivery, Failure::bad_input(reason)).await,
         }
         let Some(permit) = route.acquire().await else {
-            // given up, the connection is closing: the broker requeues the message with it
-            if !route.given_up() {
-                hand_back(route.transport(), &self.queue, self.quorum, delivery, route.name())
-                    .await;
-            }
+            hand_back(route, &self.queue, self.quorum, delivery, route.name()).await;
             return;
         };
         let (handled, retries) = route.handle_counted(permit, &Arc::new(message)).await;
