@@ -230,11 +230,14 @@ impl RouteHandle {
     /// unstarted messages back, or when the stop has given up waiting for the calls
     /// (past `SHUTDOWN_TIMEOUT`).
     pub async fn acquire(&self) -> Option<WorkerPermit> {
-        tokio::select! {
+        // A free slot is taken without waiting on the give-up token (which would register
+        // with it on every call); the flag read after it refuses the slot once given up.
+        let permit = tokio::select! {
             biased;
-            _ = self.inner.given_up.cancelled() => None,
             permit = self.inner.pool.acquire(&self.inner.stopping) => permit,
-        }
+            _ = self.inner.given_up.cancelled() => None,
+        };
+        permit.filter(|_| !self.given_up())
     }
 
     /// Record that the service's stop waited `SHUTDOWN_TIMEOUT` for its calls and gave up:
