@@ -9,7 +9,8 @@
 //! MiB of stack in a release build and 256 to 320 MiB in a debug build, where std's default is
 //! 2 MiB (a 5,000-deep header aborted the process, again at every restart while it was
 //! queued). Every thread spawned without an explicit size takes `RUST_MIN_STACK`, read once at
-//! the first spawn, so it is set here, for lapin's thread and the tokio runtime's alike.
+//! the first spawn, so it is set here, for lapin's thread and the tokio runtime's alike, and
+//! removed once a first thread has fixed it: programs the process starts do not inherit it.
 //! Untouched stack pages cost address space, not memory.
 //!
 //! **Big buffers.** glibc's malloc serves a buffer over 128 KiB with its own mapping, but
@@ -35,13 +36,14 @@ const MMAP_THRESHOLD: i32 = 128 * 1024;
 #[ctor::ctor(unsafe)]
 fn process_defaults() {
     // Runs before `main`, while the process has one thread: nothing reads the environment
-    // concurrently, and no thread was spawned yet.
-    if std::env::var_os("RUST_MIN_STACK").is_none() {
-        std::env::set_var("RUST_MIN_STACK", THREAD_STACK_SIZE.to_string());
-    }
+    // concurrently (the thread `set_thread_stack_default` spawns has ended when it removes
+    // the variable), and no other thread was spawned yet.
     #[cfg(all(unix, feature = "process"))]
     if crate::pipeline::spawners::process::worker_socket().is_some() {
         catch_stop_signals();
+    }
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        set_thread_stack_default();
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none()
@@ -51,6 +53,20 @@ fn process_defaults() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         }
+    }
+}
+
+/// Give every thread spawned without an explicit size [`THREAD_STACK_SIZE`], without handing
+/// it to the programs the process starts: std reads `RUST_MIN_STACK` once, at the first
+/// spawn, and keeps the value, so a first thread spawned here fixes it, and the variable goes
+/// again (a program started later, a worker process included, would reserve that much for
+/// each of its own threads; a worker sets it for itself as this process did).
+fn set_thread_stack_default() {
+    std::env::set_var("RUST_MIN_STACK", THREAD_STACK_SIZE.to_string());
+    let first = std::thread::Builder::new().name("mf-stack-default".into()).spawn(|| {});
+    // Without a first thread (none could be spawned), the variable stays for the next spawn.
+    if first.is_ok_and(|thread| thread.join().is_ok()) {
+        std::env::remove_var("RUST_MIN_STACK");
     }
 }
 
@@ -73,5 +89,47 @@ fn catch_stop_signals() {
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(signal, &action, std::ptr::null_mut());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Whether the environment this process started with set `name` (what `/proc` shows is
+    /// the environment at `exec`, before any `set_var`).
+    #[cfg(target_os = "linux")]
+    fn started_with(name: &str) -> bool {
+        let environ = std::fs::read("/proc/self/environ").unwrap();
+        let prefix = format!("{name}=");
+        environ.split(|byte| *byte == 0).any(|entry| entry.starts_with(prefix.as_bytes()))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn programs_the_process_starts_do_not_inherit_its_stack_default() {
+        if started_with("RUST_MIN_STACK") {
+            eprintln!("skipped: the environment sets RUST_MIN_STACK, which children inherit");
+            return;
+        }
+        let output = std::process::Command::new("sh")
+            .args(["-c", "printf %s \"${RUST_MIN_STACK-unset}\""])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "unset");
+    }
+
+    /// Uses `depth` frames of 64 KiB of stack each.
+    fn deep(depth: usize) -> u8 {
+        let frame = std::hint::black_box([depth as u8; 64 * 1024]);
+        match depth {
+            0 => frame[0],
+            _ => deep(depth - 1).wrapping_add(frame[frame.len() - 1]),
+        }
+    }
+
+    #[test]
+    fn threads_spawned_without_a_size_get_the_deep_stack() {
+        // 16 MiB: eight times std's default of 2 MiB, which would overflow and abort
+        let sum = std::thread::spawn(|| deep(256)).join().unwrap();
+        std::hint::black_box(sum);
     }
 }
