@@ -52,6 +52,19 @@ impl BackOffData {
         BackOffData { retry_count, max_retries, last_error, last_retry }
     }
 
+    /// Write this state into `headers`, as [`BackOffData::from_headers`] reads it (a copy of
+    /// the message that is to come back at this attempt).
+    pub(crate) fn write_headers(&self, headers: &mut Headers) {
+        headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(self.retry_count)));
+        if let Some(at) = self.last_retry {
+            let seconds = at.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
+            headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(seconds));
+        }
+        if let Some(error) = &self.last_error {
+            headers.insert(HEADER_LAST_ERROR.into(), error.as_str().into());
+        }
+    }
+
     /// True while retries remain.
     pub fn can_retry(&self) -> bool {
         self.retry_count < self.max_retries
@@ -111,5 +124,18 @@ mod tests {
         assert_eq!((data.retry_count, data.last_retry), (u32::MAX, None));
         let negative = Headers::from([(HEADER_RETRY_COUNT.to_owned(), HeaderValue::Int(-5))]);
         assert_eq!(BackOffData::from_headers(&negative, 3).retry_count, 0);
+    }
+
+    #[test]
+    fn headers_written_read_back_the_same() {
+        let data = BackOffData {
+            retry_count: 2,
+            max_retries: 5,
+            last_error: Some("timed out".to_owned()),
+            last_retry: UNIX_EPOCH.checked_add(Duration::from_secs(1_700_000_000)),
+        };
+        let mut headers = Headers::new();
+        data.write_headers(&mut headers);
+        assert_eq!(BackOffData::from_headers(&headers, 5), data);
     }
 }

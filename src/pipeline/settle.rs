@@ -15,9 +15,7 @@ use crate::data::Message;
 use crate::error::{Error, Result};
 use crate::pipeline::consume::{mark_first_route, HEADER_REDELIVERED};
 use crate::pipeline::delayed_message::{self, RetryMeta};
-use crate::pipeline::retry::{
-    BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT,
-};
+use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;
 use crate::transport::{
     Delivery, HeaderValue, Headers, Limit, OutgoingMessage, Properties, PublishOptions, QueueSpec,
@@ -244,9 +242,13 @@ async fn schedule_retry(
     let now = clock::wall_now();
     let mut properties = copy_properties(&message.properties);
     let headers = &mut properties.headers;
-    headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(retry_count)));
-    headers.insert(HEADER_LAST_RETRY.into(), HeaderValue::Timestamp(seconds_since_epoch(now)));
-    headers.insert(HEADER_LAST_ERROR.into(), failure.full_message().into());
+    let next = BackOffData {
+        retry_count,
+        max_retries: 0,
+        last_error: Some(failure.full_message()),
+        last_retry: Some(now),
+    };
+    next.write_headers(headers);
     // The copy comes back through the default exchange (delay queues) or the backoff exchange
     // (the plugin): it carries the route it was first published with, which its handler reads
     // and its dead letter records.
