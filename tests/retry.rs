@@ -1205,3 +1205,193 @@ async fn without_a_queue_to_retry_from_an_async_backoff_failure_runs_the_callbac
     let expected = [("job".to_owned(), 0), ("callback after: the job failed".to_owned(), 0)];
     assert_eq!(journal.entries()[..2], expected);
 }
+
+// ---------------------------------------------------------------------------------------
+// A stop while a call waits between in-worker retries (`BackOff`).
+
+/// Fails its first attempt (retry 0); a later one answers the retry count it runs at.
+fn fails_first(Payload(_): Payload<Value>, retry: BackOffData) -> Result<u32, std::io::Error> {
+    match retry.retry_count {
+        0 => Err(std::io::Error::other("the first attempt failed")),
+        retries => Ok(retries),
+    }
+}
+
+fn fails_first_failed(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<VictimCalls>>) {
+    calls.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// A service whose `fails_first` route retries in the worker for an hour, for events of `shop`.
+fn waits_between_retries(shop: &str, called_back: &Arc<VictimCalls>) -> Vec<Route> {
+    vec![CallbackRoute::new(fails_first, fails_first_failed)
+        .entrypoint(EventListener::new(shop, "job"))
+        .backoff(BackOff::new(3, Duration::from_secs(3600)))
+        .dependency(Shared(called_back.clone()))]
+}
+
+/// Start `routes` with `config`, have an event of `shop` fail its first attempt, and stop the
+/// service while the call waits for its retry: the call makes no further attempt (the next
+/// would run after the stop returned, while the message is delivered again elsewhere), and the
+/// message is not settled (no callback, no dead letter) but goes back to its queue.
+async fn stop_while_waiting_for_a_retry(routes: Vec<Route>, config: &Config, shop: &str) {
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let route = service.route("fails_first").unwrap().clone();
+    service.dispatch(shop, "job", &json!({})).await.unwrap();
+    common::wait_until(|| route.stats().received_count() == 1, "the first attempt").await;
+    service.stop().await.unwrap();
+    let stats = route.stats();
+    let counts = (stats.failed_count(), stats.called_back_count());
+    assert_eq!(counts, (0, 0), "{}: (failed, called back)", config.amqp_uri);
+}
+
+/// A message whose call waits between in-worker retries when its service stops goes back to
+/// its queue, not counted as a crash, with the retry made: the next instance goes on counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_hands_back_an_event_waiting_between_in_worker_retries() {
+    for uri in broker_uris() {
+        let shop = unique("backoffstop");
+        // Without a redelivery allowed, a message that comes back counted as a crash is
+        // dead-lettered.
+        let config = config(&uri, "backoffstop")
+            .with_max_redeliveries(0)
+            .with_shutdown_timeout(Duration::from_secs(1));
+        let keeper = micro_framework::transport::connect(&config).await.unwrap();
+        let queue = format!("evt-{shop}-job--{}.fails_first", config.service_name);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let called_back = Arc::new(VictimCalls::default());
+        stop_while_waiting_for_a_retry(waits_between_retries(&shop, &called_back), &config, &shop)
+            .await;
+
+        // Without a retry policy: its first attempt here succeeds only if it goes on counting.
+        let routes = vec![Route::new(fails_first).entrypoint(EventListener::new(&shop, "job"))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        service.wait_for_route("fails_first", 1).await.unwrap();
+        let stats = service.route("fails_first").unwrap().stats();
+        let counts = (stats.succeeded_count(), stats.failed_count());
+        assert_eq!(counts, (1, 0), "{uri}: (succeeded, failed) on the next instance");
+        service.stop().await.unwrap();
+        let dlq = format!("{queue}.dlq");
+        let dead = micro_framework::testing::take_messages(keeper.as_ref(), &dlq).await.unwrap();
+        assert!(dead.is_empty(), "{uri}: nothing is dead-lettered");
+        let calls = called_back.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(calls, 0, "{uri}: the callback does not run");
+        keeper.close().await;
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+/// The same in a process mode, where the service makes the in-worker retries and sends each
+/// attempt to a worker process: the message is back in its queue, with the retry made.
+#[cfg(feature = "process")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_hands_back_an_event_waiting_between_in_worker_retries_in_a_process_mode() {
+    use micro_framework::config::WorkerMode;
+    use micro_framework::retry::HEADER_RETRY_COUNT;
+    // Everything up to `start` runs in the worker processes too, which build the same routes.
+    let shop = unique("backoffstopproc");
+    let config = micro_framework::testing::test_config(&unique("backoffstopproc"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1)
+        .with_shutdown_timeout(Duration::from_secs(1));
+    let keeper = micro_framework::transport::connect(&config).await.unwrap();
+    let queue = format!("evt-{shop}-job--{}.fails_first", config.service_name);
+    let called_back = Arc::new(VictimCalls::default());
+    stop_while_waiting_for_a_retry(waits_between_retries(&shop, &called_back), &config, &shop)
+        .await;
+    let back = micro_framework::testing::take_messages(keeper.as_ref(), &queue).await.unwrap();
+    assert_eq!(back.len(), 1, "the message is back in {queue}");
+    assert_eq!(header(&back[0], HEADER_RETRY_COUNT), &HeaderValue::Int(1), "{back:?}");
+    assert!(!back[0].redelivered, "handed back, not requeued: {back:?}");
+    let dlq = format!("{queue}.dlq");
+    let dead = micro_framework::testing::take_messages(keeper.as_ref(), &dlq).await.unwrap();
+    assert!(dead.is_empty(), "nothing is dead-lettered");
+    keeper.close().await;
+    common::cleanup(&config.amqp_uri, &[config.service_name.clone(), shop]).await;
+}
+
+/// Fails its first attempt (retry 0); a later one answers `n` and the retry count it runs at.
+fn add_retries(
+    micro_framework::amqp::rpc::Args((n,)): micro_framework::amqp::rpc::Args<(u32,)>,
+    retry: BackOffData,
+) -> Result<(u32, u32), std::io::Error> {
+    match retry.retry_count {
+        0 => Err(std::io::Error::other("the first attempt failed")),
+        retries => Ok((n, retries)),
+    }
+}
+
+/// An RPC request whose call waits between in-worker retries when the service stops is handed
+/// back unanswered, as it came, with the retry made: the next instance answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_hands_back_an_rpc_request_waiting_between_in_worker_retries() {
+    use micro_framework::amqp::entrypoints::RPCListener;
+    use micro_framework::amqp::rpc::Client;
+    use micro_framework::config::Protocol;
+    for uri in broker_uris() {
+        for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
+            let config = config(&uri, "backoffstoprpc")
+                .with_protocol(protocol)
+                .with_max_redeliveries(0)
+                .with_shutdown_timeout(Duration::from_secs(1));
+            let keeper = micro_framework::transport::connect(&config).await.unwrap();
+            let markers = [config.service_name.clone()];
+            let routes = vec![Route::new(add_retries)
+                .entrypoint(RPCListener::new())
+                .backoff(BackOff::new(3, Duration::from_secs(3600)))];
+            let service = TestService::start(routes, config.clone()).await.unwrap();
+            let route = service.route("add_retries").unwrap().clone();
+            let client = Arc::new(Client::connect(&config).await.unwrap());
+            let caller = client.clone();
+            let name = config.service_name.clone();
+            let call = tokio::spawn(async move {
+                caller.call::<(u32, u32)>(&name, "add_retries", [7], ()).await
+            });
+            common::wait_until(|| route.stats().received_count() == 1, "the first attempt").await;
+            service.stop().await.unwrap();
+
+            let routes = vec![Route::new(add_retries).entrypoint(RPCListener::new())];
+            let service = TestService::start(routes, config.clone()).await.unwrap();
+            let answer = call.await.unwrap();
+            assert_eq!(answer, Ok((7, 1)), "{protocol:?} {uri}: answered by the next instance");
+            service.stop().await.unwrap();
+            if let Ok(client) = Arc::try_unwrap(client) {
+                client.close().await;
+            }
+            keeper.close().await;
+            common::cleanup(&uri, &markers).await;
+        }
+    }
+}
+
+fn timed_retries(Dep(journal): Dep<Arc<Journal>>) -> Result<(), std::io::Error> {
+    journal.push("job", 0);
+    Err(std::io::Error::other("the job failed"))
+}
+
+/// A timer's run has no message to hand back: waiting between in-worker retries when the
+/// service stops, it ends failed at once with its last failure, saying why it was not retried;
+/// the callback does not run (a stop starts no call, and the retries were not exhausted).
+#[tokio::test]
+async fn a_timer_run_waiting_between_in_worker_retries_fails_at_a_stop() {
+    use micro_framework::entrypoints::TimeEntrypoint;
+    let uri = broker_uris().remove(0);
+    let journal = Arc::new(Journal::default());
+    let routes = vec![CallbackRoute::new(timed_retries, timed_job_failed)
+        .entrypoint(TimeEntrypoint::every(Duration::from_millis(20)))
+        .backoff(BackOff::new(3, Duration::from_secs(3600)))
+        .dependency(Shared(journal.clone()))];
+    let config = config(&uri, "timedstop").with_shutdown_timeout(Duration::from_secs(1));
+    let service = TestService::start(routes, config).await.unwrap();
+    let route = service.route("timed_retries").unwrap().clone();
+    let waiter = service.waiter("timed_retries").unwrap();
+    common::wait_until(|| !journal.entries().is_empty(), "the first attempt").await;
+    service.begin_stop();
+    let call = waiter.wait().await.unwrap();
+    let failure = call.result::<Value>().unwrap_err();
+    assert_eq!(failure.message, "the job failed");
+    assert!(failure.full_message().contains("not retried: the service is stopping"), "{failure:?}");
+    service.wait_stopped().await.unwrap();
+    let stats = route.stats();
+    assert_eq!((stats.failed_count(), stats.called_back_count()), (1, 0), "(failed, called back)");
+    assert_eq!(journal.entries(), [("job".to_owned(), 0)], "one attempt, no callback");
+}

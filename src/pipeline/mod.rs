@@ -7,6 +7,7 @@ pub(crate) mod consume;
 mod delayed_message;
 mod entrypoint;
 pub(crate) mod entrypoint_kind;
+mod interrupted;
 pub mod retry;
 mod route_handle;
 pub mod routes;
@@ -17,6 +18,7 @@ mod stats;
 
 pub use call_watch::FinishedCall;
 pub use entrypoint::Entrypoint;
+pub(crate) use interrupted::Ended;
 pub use route_handle::RouteHandle;
 pub(crate) use route_handle::ServiceEnv;
 pub use shared::{Serving, SharedExtension};

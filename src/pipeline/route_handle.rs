@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use super::call_watch::{CallWatch, FinishedCall};
 use super::entrypoint_kind::EntrypointInfo;
+use super::interrupted::{Ended, Interrupted};
 use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
 
@@ -263,28 +264,25 @@ impl RouteHandle {
     /// Handle a message in the slot `permit`: run the target; on a failure (not bad input)
     /// retry it as the route's backoff says (in the worker, or by asking the entrypoint to
     /// schedule it on the broker), and when no retry remains run the callback.
+    ///
+    /// A call waiting between in-worker retries (`BackOff`) when the service stops makes no
+    /// further attempt (in `greedy_*` modes: once the stop has waited `SHUTDOWN_TIMEOUT`): it
+    /// ends [`Handled::Failed`] with its last failure, whose last cause is `not retried: the
+    /// service is stopping`; the callback does not run.
     pub async fn handle(&self, permit: WorkerPermit, message: Message) -> Handled {
-        self.handle_shared(permit, &Arc::new(message)).await
+        self.handle_counted(permit, &Arc::new(message)).await.or_failed()
     }
 
-    /// [`RouteHandle::handle`] for an entrypoint that still needs the message once handled
-    /// (RPC replies to it): the calls share it, none copies it.
-    pub(crate) async fn handle_shared(
-        &self,
-        permit: WorkerPermit,
-        message: &Arc<Message>,
-    ) -> Handled {
-        self.handle_counted(permit, message).await.0
-    }
-
-    /// [`RouteHandle::handle_shared`], with the retries made before the last attempt: those
+    /// [`RouteHandle::handle`], and how many retries were made before the last attempt: those
     /// its headers count, plus those made in the worker (`BackOff`), which its dead letter
-    /// counts in its attempts.
+    /// counts in its attempts; or, when the service's stop cut the call short between
+    /// in-worker retries, [`Ended::Interrupted`], for an entrypoint with a queue to give the
+    /// message back. The message is shared with the entrypoint (RPC replies to it).
     pub(crate) async fn handle_counted(
         &self,
         permit: WorkerPermit,
         message: &Arc<Message>,
-    ) -> (Handled, u32) {
+    ) -> Ended {
         self.inner.stats.received();
         let (metrics, labels) =
             (&self.inner.metrics, (self.inner.pool.context(), self.metric_label()));
@@ -293,12 +291,17 @@ impl RouteHandle {
         metrics.call_started(series, self.inner.pool.available());
         let started = tokio::time::Instant::now();
         let mut running = RunningCall { route: self, series, permit: Some(permit), ended: None };
-        let (handled, retries) = self.handle_in_slot(message).await;
-        let failed = !matches!(handled, Handled::Succeeded(_));
+        let ended = self.handle_in_slot(message).await;
+        let failed = !matches!(ended, Ended::Handled(Handled::Succeeded(_), _));
         running.ended = Some((started.elapsed(), failed));
         drop(running);
-        self.inner.calls.finished(message, &handled);
-        (handled, retries)
+        match &ended {
+            Ended::Handled(handled, _) => self.inner.calls.finished(message, handled),
+            Ended::Interrupted(interrupted) => {
+                self.inner.calls.finished(message, &interrupted.failed())
+            }
+        }
+        ended
     }
 
     /// Receive the route's calls that finish from now on (what test waiters use).
@@ -306,14 +309,14 @@ impl RouteHandle {
         self.inner.calls.watch()
     }
 
-    async fn handle_in_slot(&self, message: &Arc<Message>) -> (Handled, u32) {
+    async fn handle_in_slot(&self, message: &Arc<Message>) -> Ended {
         let max_size = self.inner.config.max_message_size;
         if message.body.len() > max_size {
             let reason = format!(
                 "message of {} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)",
                 message.body.len()
             );
-            return (Handled::Failed(Failure::bad_input(reason)), 0);
+            return Ended::Handled(Handled::Failed(Failure::bad_input(reason)), 0);
         }
         let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
         let mut retry = BackOffData::from_headers(&message.properties.headers, max_retries);
@@ -336,11 +339,19 @@ impl RouteHandle {
                 if !self.retries_on_broker() {
                     break;
                 }
-                return (Handled::Retry { failure: failure.clone(), delay }, retry.retry_count);
+                let retry_on_broker = Handled::Retry { failure: failure.clone(), delay };
+                return Ended::Handled(retry_on_broker, retry.retry_count);
             }
             tracing::info!(route = self.name(), "retry {} in {delay:?}", retry.retry_count + 1);
             self.inner.metrics.retried(self.inner.pool.context(), self.metric_label());
-            tokio::time::sleep(delay).await;
+            if !self.wait_to_retry(delay).await {
+                tracing::info!(
+                    route = self.name(),
+                    "retry {} not made: the service is stopping",
+                    retry.retry_count + 1
+                );
+                return Ended::Interrupted(Interrupted::new(failure.clone(), &retry));
+            }
             retry.retry_count += 1;
             retry.last_error = Some(failure.full_message());
             retry.last_retry = Some(clock::wall_now());
@@ -350,7 +361,30 @@ impl RouteHandle {
             Ok(value) => Handled::Succeeded(value),
             Err(failure) => self.no_retry_remains(message, failure, &retry).await,
         };
-        (handled, retry.retry_count)
+        Ended::Handled(handled, retry.retry_count)
+    }
+
+    /// Wait `delay` before an in-worker retry: `false` when the service's stop cuts the wait
+    /// short. A next attempt would run while the stop waits for nothing useful, or, past
+    /// `SHUTDOWN_TIMEOUT`, after the stop returned, while the message goes back to its queue
+    /// to run again elsewhere. Modes that hand back what has not started cut it as the stop
+    /// begins; greedy modes, which finish what they received, once the stop gives up.
+    async fn wait_to_retry(&self, delay: std::time::Duration) -> bool {
+        let route = &self.inner;
+        let stop = match route.pool.mode().is_greedy() {
+            true => &route.given_up,
+            false => &route.stopping,
+        };
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// Whether a call of this route may end [`Ended::Interrupted`]: it retries in the worker.
+    pub(crate) fn retries_in_worker(&self) -> bool {
+        self.inner.backoff.as_ref().is_some_and(|policy| policy.mode == RetryMode::InWorker)
     }
 
     /// Handle, in the slot `permit`, a `message` whose last attempt failed with `failure` and

@@ -14,8 +14,10 @@ use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_lim
 use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
-use crate::pipeline::consume::{consume, hand_back_message, DeliveryHandler, QueueSource};
-use crate::pipeline::{RouteHandle, Serving, SharedExtension};
+use crate::pipeline::consume::{
+    consume, hand_back_interrupted, hand_back_message, DeliveryHandler, QueueSource,
+};
+use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::Delivery;
 
 /// The RPC routes of a service instance by method name, and the one consumer of their
@@ -102,7 +104,24 @@ impl DeliveryHandler for RpcServer {
                             .await;
                         return;
                     };
-                    let handled = route.handle_shared(permit, &message).await;
+                    let handled = match route.handle_counted(permit, &message).await {
+                        Ended::Handled(handled, _) => handled,
+                        Ended::Interrupted(interrupted) => {
+                            // unanswered: another instance answers it
+                            let (queue, acker) = (&self.queue, &*acker);
+                            hand_back_interrupted(
+                                &route,
+                                queue,
+                                false,
+                                &message,
+                                &interrupted,
+                                acker,
+                                "RPC",
+                            )
+                            .await;
+                            return;
+                        }
+                    };
                     let outcome = handled_outcome(&handled).map_err(RemoteException::from_failure);
                     (outcome, route, Some(handled))
                 }

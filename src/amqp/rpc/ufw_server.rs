@@ -15,8 +15,10 @@ use crate::amqp::rpc::ufw_wire::{answer_builtin, reply_body, target_detail, Remo
 use crate::amqp::rpc::wire::request_body;
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
-use crate::pipeline::consume::{consume, hand_back_message, DeliveryHandler, QueueSource};
-use crate::pipeline::{RouteHandle, Serving, SharedExtension};
+use crate::pipeline::consume::{
+    consume, hand_back_interrupted, hand_back_message, DeliveryHandler, QueueSource,
+};
+use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_size;
 use crate::transport::{Acker, Delivery};
 
@@ -103,17 +105,31 @@ impl UfwRpcServer {
             hand_back_message(&route, &queue, false, message, acker, "RPC").await;
             return None;
         };
+        // A request whose call the stop may cut short between in-worker retries (`BackOff`)
+        // goes back as it came, so it is kept: only for such routes, as it holds its body
+        // for the whole call.
+        let request_as_it_came = route.retries_in_worker().then(|| message.clone());
         // The route reads the arguments as any RPC request's: `{"args", "kwargs"}`. The
-        // message is not shared yet: its body is replaced, the rest is not copied. The new
-        // body is JSON whatever the request's content type said (the request was read as
-        // JSON regardless, as the Python original reads it): a `text/plain` type kept would
-        // make the route read it as one JSON string.
+        // message is not shared yet (unless kept above): its body is replaced, the rest is not
+        // copied. The new body is JSON whatever the request's content type said (the request
+        // was read as JSON regardless, as the Python original reads it): a `text/plain` type
+        // kept would make the route read it as one JSON string.
         let call = Arc::make_mut(message);
         call.body = request_body(request.args, request.kwargs);
         let json = json_properties();
         call.properties.content_type = json.content_type;
         call.properties.content_encoding = json.content_encoding;
-        let handled = route.handle_shared(permit, message).await;
+        let handled = match route.handle_counted(permit, message).await {
+            Ended::Handled(handled, _) => handled,
+            Ended::Interrupted(interrupted) => {
+                // unanswered, as it came: another instance answers it (only a route retrying
+                // in the worker is interrupted, and its request was kept)
+                let request = request_as_it_came.as_ref().unwrap_or(message);
+                hand_back_interrupted(&route, &queue, false, request, &interrupted, acker, "RPC")
+                    .await;
+                return None;
+            }
+        };
         let outcome = handled_outcome(&handled).map_err(RemoteError::from_failure);
         Some((outcome, route, Some(handled)))
     }

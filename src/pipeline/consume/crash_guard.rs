@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::QueueSource;
 use crate::data::{Failure, FailureKind, HeaderValue, Headers, Message};
+use crate::pipeline::interrupted::Interrupted;
 use crate::pipeline::settle::copy_properties;
 use crate::pipeline::RouteHandle;
 use crate::transport::{
@@ -145,6 +146,23 @@ pub(crate) async fn hand_back_message(
     if let Err(error) = settled {
         tracing::warn!(route = label, "cannot hand a message back: {error}");
     }
+}
+
+/// [`hand_back_message`] for a `message` whose call the stop cut short between in-worker
+/// retries: its copy carries the retry made (`x-mf-retry-count` and the rest, as a broker
+/// retry's copy does), so that the instance handling it next goes on counting.
+pub(crate) async fn hand_back_interrupted(
+    route: &RouteHandle,
+    queue: &str,
+    quorum: bool,
+    message: &Message,
+    interrupted: &Interrupted,
+    acker: &dyn Acker,
+    label: &str,
+) {
+    let mut marked = message.clone();
+    interrupted.mark(&mut marked.properties.headers);
+    hand_back_message(route, queue, quorum, &marked, acker, label).await;
 }
 
 /// Publish a redelivered message again straight to its queue with its `count`, then ack it.

@@ -17,14 +17,16 @@ use crate::data::{Failure, Handled, HeaderValue, Message, HEADER_RETRY_COUNT};
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::settle;
-use crate::pipeline::RouteHandle;
+use crate::pipeline::{Ended, RouteHandle};
 use crate::transport::{ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError};
 use backoff_queue::BackoffQueue;
 use crash_guard::HEADER_REDELIVERIES;
 use crash_guard::{
     check_crash_loop, count_redelivery, crash_pause, take_redelivered_mark, Checked, Guarded,
 };
-pub(crate) use crash_guard::{hand_back, hand_back_message, mark_first_route, HEADER_REDELIVERED};
+pub(crate) use crash_guard::{
+    hand_back, hand_back_interrupted, hand_back_message, mark_first_route, HEADER_REDELIVERED,
+};
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
@@ -269,7 +271,25 @@ impl DeliveryHandler for RouteQueue {
             hand_back(route, &self.queue, self.quorum, delivery, route.name()).await;
             return;
         };
-        let (handled, retries) = route.handle_counted(permit, &Arc::new(message)).await;
+        let message = Arc::new(message);
+        let (handled, retries) = match route.handle_counted(permit, &message).await {
+            Ended::Handled(handled, retries) => (handled, retries),
+            Ended::Interrupted(interrupted) => {
+                let (queue, acker) = (&self.queue, delivery.acker.as_ref());
+                let label = route.name();
+                hand_back_interrupted(
+                    route,
+                    queue,
+                    self.quorum,
+                    &message,
+                    &interrupted,
+                    acker,
+                    label,
+                )
+                .await;
+                return;
+            }
+        };
         let delivery = count_retries(delivery, &handled, retries);
         if let Some(done) =
             settle(route, &self.queue, delivery, &handled, &RetryMeta::default()).await

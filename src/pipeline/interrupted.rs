@@ -1,0 +1,68 @@
+//! A call cut short by the service's stop while it waited between in-worker retries
+//! (`BackOff`): [`Ended`] says whether a call ended so, and [`Interrupted`] what its entrypoint
+//! needs to give the message back (a queued message, an RPC request) or to fail it (a timer's
+//! run, an HTTP or WebSocket call, which have nothing to give back).
+
+use crate::clock;
+use crate::data::{BackOffData, Failure, Handled, Headers};
+
+/// Why an interrupted call was not retried, as its failure's last cause says.
+const NOT_RETRIED: &str = "not retried: the service is stopping";
+
+/// How a call in a worker slot ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// Handled, after this many retries (those its headers counted, and those made in the
+    /// worker).
+    Handled(Handled, u32),
+    /// Cut short between in-worker retries by the service's stop: nothing settled it.
+    Interrupted(Interrupted),
+}
+
+impl Ended {
+    /// How the call ended for an entrypoint that cannot give its message back: an
+    /// interrupted call failed.
+    pub(crate) fn or_failed(self) -> Handled {
+        match self {
+            Ended::Handled(handled, _) => handled,
+            Ended::Interrupted(interrupted) => interrupted.failed(),
+        }
+    }
+}
+
+/// A call whose attempt failed and whose next attempt, in the worker, the stop cut short.
+#[derive(Debug)]
+pub(crate) struct Interrupted {
+    /// The failure of the last attempt.
+    failure: Failure,
+    /// The retry state of the attempt that did not run: its message's copy carries it, so
+    /// that the instance handling it next goes on counting.
+    next: BackOffData,
+}
+
+impl Interrupted {
+    /// The call whose attempt at `retry` failed with `failure`, interrupted now.
+    pub(crate) fn new(failure: Failure, retry: &BackOffData) -> Self {
+        let next = BackOffData {
+            retry_count: retry.retry_count.saturating_add(1),
+            max_retries: retry.max_retries,
+            last_error: Some(failure.full_message()),
+            last_retry: Some(clock::wall_now()),
+        };
+        Interrupted { failure, next }
+    }
+
+    /// Write the retry state of the attempt that did not run into `headers` (a copy's), as a
+    /// broker retry's copy carries it.
+    pub(crate) fn mark(&self, headers: &mut Headers) {
+        self.next.write_headers(headers);
+    }
+
+    /// The call as failed, with its last failure and why it was not retried.
+    pub(crate) fn failed(&self) -> Handled {
+        let mut failure = self.failure.clone();
+        failure.retryable = false;
+        failure.causes.push(NOT_RETRIED.to_owned());
+        Handled::Failed(failure)
+    }
+}
