@@ -1395,3 +1395,36 @@ async fn a_timer_run_waiting_between_in_worker_retries_fails_at_a_stop() {
     assert_eq!((stats.failed_count(), stats.called_back_count()), (1, 0), "(failed, called back)");
     assert_eq!(journal.entries(), [("job".to_owned(), 0)], "one attempt, no callback");
 }
+
+/// In a greedy mode a call goes on retrying in the worker while the stop waits for the calls
+/// (it finishes what it received), and ends once the stop gives up on them: no attempt runs
+/// after the service stopped, also for a route without a queue (a timer), whose calls the
+/// stop leaves running past `SHUTDOWN_TIMEOUT`.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn a_greedy_service_ends_in_worker_retries_once_its_stop_gives_up() {
+    use micro_framework::config::WorkerMode;
+    use micro_framework::entrypoints::TimeEntrypoint;
+    let uri = broker_uris().remove(0);
+    let journal = Arc::new(Journal::default());
+    let routes = vec![Route::new(timed_retries)
+        .entrypoint(TimeEntrypoint::every(Duration::from_millis(20)))
+        .backoff(BackOff::new(3, Duration::from_secs(3600)))
+        .dependency(Shared(journal.clone()))];
+    let config = config(&uri, "greedytimedstop")
+        .with_worker_mode(WorkerMode::GreedyThread)
+        .with_shutdown_timeout(Duration::from_millis(200));
+    let service = TestService::start(routes, config).await.unwrap();
+    let metrics = service.service().metrics().clone();
+    common::wait_until(|| !journal.entries().is_empty(), "the first attempt").await;
+    service.stop().await.unwrap();
+    let running = || {
+        metrics.render().lines().any(|line| {
+            line.starts_with("tasks_number{")
+                && line.contains("route=\"timed_retries\"")
+                && !line.ends_with(" 0")
+        })
+    };
+    common::wait_until(|| !running(), "the call waiting for its retry to end").await;
+    assert_eq!(journal.entries(), [("job".to_owned(), 0)], "one attempt");
+}

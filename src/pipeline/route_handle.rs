@@ -74,7 +74,8 @@ pub(crate) struct ServiceEnv {
     pub config: Arc<Config>,
     pub transport: SharedTransport,
     pub stopping: CancellationToken,
-    /// Fires once a stop has waited `SHUTDOWN_TIMEOUT` for the calls: none may start after.
+    /// Fires once a stop has waited `SHUTDOWN_TIMEOUT` for the calls, or once every
+    /// entrypoint has ended: none may start after.
     pub given_up: CancellationToken,
     pub state: ServiceState,
     pub metrics: Metrics,

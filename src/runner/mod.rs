@@ -706,6 +706,10 @@ async fn supervise(
         env.stopping.cancel();
         first_error.get_or_insert(failure);
     }
+    // Every entrypoint has ended: the calls they left running past SHUTDOWN_TIMEOUT (a
+    // timer's run, which gives up on no queue) start nothing more, and a greedy mode's
+    // in-worker retries end.
+    env.given_up.cancel();
     tear_down(&dependencies).await;
     #[cfg(feature = "process")]
     for pool in &processes {
