@@ -217,6 +217,42 @@ async fn the_callback_runs_after_a_failure_and_failures_without_one_are_dead_let
     }
 }
 
+async fn hangs_when_told(Payload(hang): Payload<bool>) {
+    if hang {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[tokio::test]
+async fn an_async_call_past_its_time_limit_is_cancelled_in_a_thread_mode() {
+    let shop = common::unique("shop");
+    for uri in broker_uris() {
+        let config = config(&uri, "limited")
+            .with_worker_mode(WorkerMode::Thread)
+            .with_max_workers(1)
+            .with_task_time_limit(Some(Duration::from_millis(300)));
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = queue_of(&config.service_name, &shop, "paid", "hangs_when_told");
+        let routes =
+            vec![Route::new(hangs_when_told).entrypoint(EventListener::new(&shop, "paid"))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch(&shop, "paid", &json!(true)).await.unwrap();
+        service.dispatch(&shop, "paid", &json!(false)).await.unwrap();
+        // one slot: the second call runs once the first gave it up
+        service.wait_for_route("hangs_when_told", 2).await.unwrap();
+        let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+        assert_eq!(dead.len(), 1, "{uri}");
+        assert_eq!(dead[0].body, Bytes::from_static(b"true"));
+        assert_eq!(header(&dead[0], HEADER_ERROR_KIND), "timed_out");
+        assert_eq!(
+            header(&dead[0], HEADER_ERROR),
+            "call ran past its time limit of 300ms: cancelled"
+        );
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
 fn failing_callback(Payload(_): Payload<Value>, _failure: Failure) -> Result<(), String> {
     Err("callback broke too".into())
 }

@@ -37,16 +37,16 @@ async fn an_environment_variable_that_resembles_a_key_is_named_at_start_up() {
 
 #[tokio::test]
 async fn limits_of_worker_processes_in_a_thread_mode_are_named_at_start_up() {
-    // TASK_TIME_LIMIT and MAX_TASKS_PER_CHILD only act on worker processes: in a thread
-    // mode a call is never stopped, which a user relying on the limit must know
+    // MAX_TASKS_PER_CHILD only acts on worker processes, and TASK_TIME_LIMIT cannot stop a
+    // sync function in a thread mode, which a user relying on the limit must know
     start_with(&[("TASK_TIME_LIMIT", "5"), ("MAX_TASKS_PER_CHILD", "100")]).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     let logs = common::logs::logged();
     assert!(
         logs.contains(
-            "TASK_TIME_LIMIT (5s) has no effect on context 'default' in WORKER_MODE=thread: \
-             only a worker process can be stopped mid-call (WORKER_MODE=process or \
-             greedy_process)"
+            "TASK_TIME_LIMIT (5s) has no effect on the sync functions of context 'default' in \
+             WORKER_MODE=thread (routes noop): a thread cannot be stopped mid-call, only an \
+             async function (or, in WORKER_MODE=process or greedy_process, a worker process)"
         ),
         "{logs}"
     );
@@ -56,6 +56,24 @@ async fn limits_of_worker_processes_in_a_thread_mode_are_named_at_start_up() {
         ),
         "{logs}"
     );
+}
+
+async fn noop_async() {}
+
+#[tokio::test]
+async fn a_time_limit_that_cancels_every_function_of_a_thread_mode_is_not_warned_of() {
+    common::logs::capture(tracing::Level::WARN);
+    let uri = format!("memory://{}", unique("warnings"));
+    let config = Config::new(unique("unwarned")).with_amqp_uri(uri);
+    // a label of its own: the other tests of this binary log their warnings beside it
+    let label = unique("async_only").replace('-', "_");
+    let routes = vec![Route::new(noop_async).entrypoint(EventListener::new(unique("src"), "e"))];
+    let context =
+        RunnerContext::new(routes).time_limit(Duration::from_secs(5)).metric_label(&label);
+    let service = Runner::new(vec![], config).context(context).spawn().await.expect("it starts");
+    service.stop().await.unwrap();
+    let logs = common::logs::logged();
+    assert!(!logs.contains(&format!("context '{label}'")), "{logs}");
 }
 
 #[tokio::test]

@@ -198,8 +198,9 @@ pub struct Config {
     pub retry_delay: RetryDelay,
     /// `LOG_FORMAT`: `text` or `json` logs from `Runner::start`. Default: `text`.
     pub log_format: LogFormat,
-    /// `TASK_TIME_LIMIT`: seconds a call may run in the process worker modes before its
-    /// worker is killed and the call fails. Default: unset (no limit).
+    /// `TASK_TIME_LIMIT`: seconds a call may run before it fails as timed out: its worker is
+    /// killed in the process modes; in the thread modes an async call is cancelled, and a sync
+    /// one (which a thread cannot stop) runs on. Default: unset (no limit).
     pub task_time_limit: Option<Duration>,
     /// `MAX_REDELIVERIES`: how many times a message may come back unsettled (its worker or
     /// the service died while handling it) before it is dead-lettered as a crash loop.

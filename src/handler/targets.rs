@@ -183,6 +183,11 @@ pub trait Target<M>: Clone + Send + Sync + 'static {
     #[doc(hidden)]
     const CARRIES_RESPONSE: bool = false;
 
+    /// Whether the target is an `async fn`, which a time limit can cancel at an `.await`
+    /// (a sync one holds its thread to the end).
+    #[doc(hidden)]
+    const ASYNC: bool = false;
+
     /// Check at start-up that every parameter can be provided on the route.
     #[doc(hidden)]
     fn check(setup: &TargetSetup) -> Result<(), String>;
@@ -341,6 +346,7 @@ macro_rules! impl_target {
             $($param: FromContext,)*
         {
             const CARRIES_RESPONSE: bool = R::CARRIES_RESPONSE;
+            const ASYNC: bool = true;
 
             fn check(setup: &TargetSetup) -> Result<(), String> {
                 $($param::check(setup)?;)*
@@ -385,6 +391,8 @@ pub(crate) struct ErasedTarget {
     pub path: &'static str,
     pub check: fn(&TargetSetup) -> Result<(), String>,
     pub invoke: Arc<Invoke>,
+    /// Whether the function is an `async fn` (see [`Target::ASYNC`]).
+    pub asynchronous: bool,
     /// Whether the function returns an HTTP response (see [`IntoOutcome`]).
     #[cfg(feature = "http")]
     pub carries_response: bool,
@@ -396,6 +404,7 @@ impl ErasedTarget {
             path: type_name::<T>(),
             check: T::check,
             invoke: Arc::new(move |ctx| target.invoke(ctx)),
+            asynchronous: T::ASYNC,
             #[cfg(feature = "http")]
             carries_response: T::CARRIES_RESPONSE,
         }

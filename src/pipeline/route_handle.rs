@@ -480,14 +480,35 @@ impl RouteHandle {
             };
             return processes.call(call).await.map_err(|failure| self.filtered(failure));
         }
-        self.run_here(role, message, failure, retry).await
+        // In a thread mode only an async function can be stopped mid-call: dropped at an
+        // `.await`, as `tokio::time::timeout` drops it. A sync one holds its thread to the end.
+        let limit = self.inner.pool.time_limit();
+        let Some(limit) = limit.filter(|_| self.function(role).is_some_and(|f| f.asynchronous))
+        else {
+            return self.run_here(role, message, failure, retry).await;
+        };
+        match tokio::time::timeout(limit, self.run_here(role, message, failure, retry)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let message = format!("call ran past its time limit of {limit:?}: cancelled");
+                tracing::error!(route = self.name(), "{message}");
+                Err(self.filtered(Failure::new(FailureKind::TimedOut, message)))
+            }
+        }
     }
 
-    /// A failure of the worker process itself (it died, or ran past its time limit), made by
-    /// the pool and retryable as it is: like a panic, it has no error for the route's retry
-    /// filter to match, and with a filter it fails at once. (The worker filtered the
-    /// failures of the call.)
-    #[cfg(feature = "process")]
+    /// The function of the route that `role` names, if it has one.
+    fn function(&self, role: TargetRole) -> Option<&ErasedTarget> {
+        match role {
+            TargetRole::Target => Some(&self.inner.target),
+            TargetRole::Callback => self.inner.callback.as_ref(),
+        }
+    }
+
+    /// A failure of the call's worker itself (its process died, or the call ran past its
+    /// time limit), retryable as it is: like a panic, it has no error for the route's retry
+    /// filter to match, and with a filter it fails at once. (The call's own failures were
+    /// filtered where it ran.)
     fn filtered(&self, failure: Failure) -> Failure {
         match failure.kind {
             FailureKind::Crashed | FailureKind::TimedOut => {
@@ -535,12 +556,8 @@ impl RouteHandle {
         retry: BackOffData,
     ) -> Outcome {
         let route = &self.inner;
-        let target = match (role, &route.callback) {
-            (TargetRole::Target, _) => &route.target,
-            (TargetRole::Callback, Some(callback)) => callback,
-            (TargetRole::Callback, None) => {
-                return Err(Failure::new(FailureKind::Error, "route has no callback"));
-            }
+        let Some(target) = self.function(role) else {
+            return Err(Failure::new(FailureKind::Error, "route has no callback"));
         };
         let payload = translate(&route.translators, &message);
         if let (Err(reason), false) = (&payload, route.translators.is_empty()) {

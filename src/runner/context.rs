@@ -57,7 +57,9 @@ impl RunnerContext {
         self
     }
 
-    /// Kill a call running longer than `limit` (process modes; `TASK_TIME_LIMIT` otherwise).
+    /// Stop a call running longer than `limit`, in place of `TASK_TIME_LIMIT`: its worker is
+    /// killed in the process modes; in the thread modes an async call is cancelled, and a sync
+    /// one (which a thread cannot stop) runs on.
     pub fn time_limit(mut self, limit: Duration) -> Self {
         self.time_limit = Some(limit);
         self

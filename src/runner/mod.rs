@@ -401,7 +401,7 @@ fn plan_routes(
         let pool = WorkerPool::new(size, mode, &label)
             .with_time_limit(context.time_limit.or(config.task_time_limit));
         if !context.routes.is_empty() && !in_worker_process() {
-            warn_time_limit_ignored(&pool, context.time_limit.is_some());
+            warn_time_limit_ignored(&pool, &context.routes, context.time_limit.is_some());
         }
         for mut route in context.routes {
             if plans.iter().any(|plan| plan.route.name == route.name) {
@@ -444,16 +444,31 @@ fn in_worker_process() -> bool {
 }
 
 /// Warns that the time limit of `pool` (from `RunnerContext::time_limit` when `from_context`,
-/// else `TASK_TIME_LIMIT`) does nothing in a thread mode: only a worker process can be
-/// stopped mid-call, and a user relying on the limit must know that none is.
-fn warn_time_limit_ignored(pool: &WorkerPool, from_context: bool) {
+/// else `TASK_TIME_LIMIT`) does nothing to the sync functions of its `routes` in a thread mode:
+/// a thread cannot be stopped mid-call (an async function is cancelled, a worker process
+/// killed), and a user relying on the limit must know which calls it does not bound.
+fn warn_time_limit_ignored(pool: &WorkerPool, routes: &[Route], from_context: bool) {
     let mode = pool.mode();
     let Some(limit) = pool.time_limit().filter(|_| !mode.is_process()) else { return };
+    let sync: Vec<&str> = routes
+        .iter()
+        .filter(|route| {
+            std::iter::once(&route.target)
+                .chain(&route.callback)
+                .any(|function| !function.asynchronous)
+        })
+        .map(|route| route.name.as_str())
+        .collect();
+    if sync.is_empty() {
+        return;
+    }
     let source = if from_context { "RunnerContext::time_limit" } else { "TASK_TIME_LIMIT" };
     tracing::warn!(
-        "{source} ({limit:?}) has no effect on context '{}' in WORKER_MODE={mode}: only a worker \
-         process can be stopped mid-call (WORKER_MODE=process or greedy_process)",
-        pool.context()
+        "{source} ({limit:?}) has no effect on the sync functions of context '{}' in \
+         WORKER_MODE={mode} (routes {}): a thread cannot be stopped mid-call, only an async \
+         function (or, in WORKER_MODE=process or greedy_process, a worker process)",
+        pool.context(),
+        sync.join(", ")
     );
 }
 
