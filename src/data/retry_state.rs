@@ -10,6 +10,9 @@ pub const HEADER_RETRY_COUNT: &str = "x-mf-retry-count";
 pub const HEADER_LAST_RETRY: &str = "x-mf-last-retry";
 /// Header: the error that caused the last retry.
 pub const HEADER_LAST_ERROR: &str = "x-mf-last-error";
+/// Header of a retry copy: the queue it comes back to, whose consumer alone reads the retry
+/// state above as its own ([`keep_own_retry_state`]).
+pub(crate) const HEADER_RETRY_QUEUE: &str = "x-mf-retry-queue";
 
 /// The retry state of the current call: a target can behave differently on later attempts,
 /// and a callback can report how many were made.
@@ -35,7 +38,9 @@ pub struct BackOffData {
 
 impl BackOffData {
     /// Read the retry state of a message from its headers. The count is reconciled with
-    /// `x-death`: the broker's count of delay-queue passes wins if a header was lost.
+    /// `x-death`: the broker's count of passes through the delay queues `{queue}.delay-{ms}`
+    /// of the queue the state was made for (header `x-mf-retry-queue`) wins if a header was
+    /// lost; passes through other delay queues are not this state's.
     pub fn from_headers(headers: &Headers, max_retries: u32) -> Self {
         let counted = headers.get(HEADER_RETRY_COUNT).and_then(HeaderValue::as_i64).unwrap_or(0);
         let died = delay_passes(headers);
@@ -53,8 +58,10 @@ impl BackOffData {
     }
 
     /// Write this state into `headers`, as [`BackOffData::from_headers`] reads it (a copy of
-    /// the message that is to come back at this attempt).
-    pub(crate) fn write_headers(&self, headers: &mut Headers) {
+    /// the message that is to come back at this attempt), made for `queue`, the queue the copy
+    /// comes back to ([`HEADER_RETRY_QUEUE`]).
+    pub(crate) fn write_headers(&self, headers: &mut Headers, queue: &str) {
+        headers.insert(HEADER_RETRY_QUEUE.into(), queue.into());
         headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(self.retry_count)));
         if let Some(at) = self.last_retry {
             let seconds = at.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
@@ -71,18 +78,37 @@ impl BackOffData {
     }
 }
 
-/// How many times `x-death` says the message expired from a delay queue (`{queue}.delay-{ms}`).
+/// Remove from `headers` the retry state ([`HEADER_RETRY_COUNT`], [`HEADER_LAST_RETRY`],
+/// [`HEADER_LAST_ERROR`]) unless it was made for `queue`, the queue the message was consumed
+/// from: a copy that kept the headers of a message of another queue (its dead letter, a
+/// message a service published again elsewhere) starts its retries anew there.
+pub(crate) fn keep_own_retry_state(headers: &mut Headers, queue: &str) {
+    if headers.get(HEADER_RETRY_QUEUE).and_then(HeaderValue::as_str) == Some(queue) {
+        return;
+    }
+    for name in [HEADER_RETRY_QUEUE, HEADER_RETRY_COUNT, HEADER_LAST_RETRY, HEADER_LAST_ERROR] {
+        headers.remove(name);
+    }
+}
+
+/// How many times `x-death` says the message expired from a delay queue `{queue}.delay-{ms}`
+/// of the queue its retry state was made for ([`HEADER_RETRY_QUEUE`]).
 fn delay_passes(headers: &Headers) -> i64 {
+    let Some(queue) = headers.get(HEADER_RETRY_QUEUE).and_then(HeaderValue::as_str) else {
+        return 0;
+    };
     let Some(HeaderValue::Array(deaths)) = headers.get("x-death") else { return 0 };
+    let of_queue = |name: &str| {
+        let millis = name.strip_prefix(queue).and_then(|rest| rest.strip_prefix(".delay-"));
+        millis.is_some_and(|ms| !ms.is_empty() && ms.bytes().all(|byte| byte.is_ascii_digit()))
+    };
     deaths
         .iter()
         .filter_map(|death| match death {
             HeaderValue::Table(table) => Some(table),
             _ => None,
         })
-        .filter(|table| {
-            table.get("queue").and_then(HeaderValue::as_str).is_some_and(|q| q.contains(".delay-"))
-        })
+        .filter(|table| table.get("queue").and_then(HeaderValue::as_str).is_some_and(of_queue))
         .filter_map(|table| table.get("count").and_then(HeaderValue::as_i64))
         .fold(0, i64::saturating_add)
 }
@@ -99,6 +125,7 @@ mod tests {
         ]);
         let headers = Headers::from([
             (HEADER_RETRY_COUNT.to_owned(), HeaderValue::Int(1)),
+            (HEADER_RETRY_QUEUE.to_owned(), HeaderValue::from("work")),
             ("x-death".to_owned(), HeaderValue::Array(vec![HeaderValue::Table(death)])),
         ]);
         let data = BackOffData::from_headers(&headers, 3);
@@ -117,6 +144,7 @@ mod tests {
             ]))
         };
         let headers = Headers::from([
+            (HEADER_RETRY_QUEUE.to_owned(), HeaderValue::from("work")),
             ("x-death".to_owned(), HeaderValue::Array(vec![death(i64::MAX), death(i64::MAX)])),
             (HEADER_LAST_RETRY.to_owned(), HeaderValue::Timestamp(u64::MAX)),
         ]);
@@ -135,7 +163,53 @@ mod tests {
             last_retry: UNIX_EPOCH.checked_add(Duration::from_secs(1_700_000_000)),
         };
         let mut headers = Headers::new();
-        data.write_headers(&mut headers);
+        data.write_headers(&mut headers, "work");
         assert_eq!(BackOffData::from_headers(&headers, 5), data);
+        keep_own_retry_state(&mut headers, "work");
+        assert_eq!(BackOffData::from_headers(&headers, 5), data, "made for the queue named");
+    }
+
+    /// Passes through the delay queues of another queue (`work.dlq` consuming the dead
+    /// letters of `work`), or of a queue no header names, are not counted.
+    #[test]
+    fn only_the_delay_queues_of_the_state_s_queue_count() {
+        let death = |queue: &str, count| {
+            HeaderValue::Table(Headers::from([
+                ("queue".to_owned(), HeaderValue::from(queue)),
+                ("count".to_owned(), HeaderValue::Int(count)),
+            ]))
+        };
+        let deaths = ["work.delay-20", "work.dlq.delay-20", "work.delay-x", "work.delay-"];
+        let deaths = deaths.iter().zip([2, 1, 5, 5]).map(|(queue, count)| death(queue, count));
+        let mut headers =
+            Headers::from([("x-death".to_owned(), HeaderValue::Array(deaths.collect()))]);
+        assert_eq!(BackOffData::from_headers(&headers, 9).retry_count, 0, "no queue named");
+        for (queue, passes) in [("work", 2), ("work.dlq", 1), ("wor", 0)] {
+            headers.insert(HEADER_RETRY_QUEUE.into(), HeaderValue::from(queue));
+            assert_eq!(BackOffData::from_headers(&headers, 9).retry_count, passes, "{queue}");
+        }
+    }
+
+    #[test]
+    fn a_queue_keeps_only_the_retry_state_made_for_it() {
+        let state = Headers::from([
+            (HEADER_RETRY_QUEUE.to_owned(), HeaderValue::from("work")),
+            (HEADER_RETRY_COUNT.to_owned(), HeaderValue::Int(3)),
+            (HEADER_LAST_RETRY.to_owned(), HeaderValue::Timestamp(1)),
+            (HEADER_LAST_ERROR.to_owned(), HeaderValue::from("boom")),
+            ("x-custom".to_owned(), HeaderValue::from("kept")),
+        ]);
+        let mut own = state.clone();
+        keep_own_retry_state(&mut own, "work");
+        assert_eq!(own, state);
+        for queue in ["work.dlq", "elsewhere"] {
+            let mut foreign = state.clone();
+            keep_own_retry_state(&mut foreign, queue);
+            let kept = Headers::from([("x-custom".to_owned(), HeaderValue::from("kept"))]);
+            assert_eq!(foreign, kept, "{queue}");
+        }
+        let mut unnamed = Headers::from([(HEADER_RETRY_COUNT.to_owned(), HeaderValue::Int(3))]);
+        keep_own_retry_state(&mut unnamed, "work");
+        assert_eq!(unnamed, Headers::new(), "a count no queue owns");
     }
 }

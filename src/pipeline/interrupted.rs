@@ -52,10 +52,10 @@ impl Interrupted {
         Interrupted { failure, next }
     }
 
-    /// Write the retry state of the attempt that did not run into `headers` (a copy's), as a
-    /// broker retry's copy carries it.
-    pub(crate) fn mark(&self, headers: &mut Headers) {
-        self.next.write_headers(headers);
+    /// Write the retry state of the attempt that did not run into `headers` (a copy's that
+    /// goes back to `queue`), as a broker retry's copy carries it.
+    pub(crate) fn mark(&self, headers: &mut Headers, queue: &str) {
+        self.next.write_headers(headers, queue);
     }
 
     /// The call as failed, with its last failure and why it was not retried.

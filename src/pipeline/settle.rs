@@ -242,13 +242,18 @@ async fn schedule_retry(
     let now = clock::wall_now();
     let mut properties = copy_properties(&message.properties);
     let headers = &mut properties.headers;
+    // The queue the copy comes back to, whose consumer alone reads its retry state as its own.
+    let back_to = match route.config().retry_delay {
+        RetryDelay::DelayedMessagePlugin => delayed_message::backoff_queue(route),
+        RetryDelay::DelayQueues => None,
+    };
     let next = BackOffData {
         retry_count,
         max_retries: 0,
         last_error: Some(failure.full_message()),
         last_retry: Some(now),
     };
-    next.write_headers(headers);
+    next.write_headers(headers, back_to.as_deref().unwrap_or(queue));
     // The copy comes back through the default exchange (delay queues) or the backoff exchange
     // (the plugin): it carries the route it was first published with, which its handler reads
     // and its dead letter records.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::QueueSource;
-use crate::data::{Failure, FailureKind, HeaderValue, Headers, Message};
+use crate::data::{keep_own_retry_state, Failure, FailureKind, HeaderValue, Headers, Message};
 use crate::pipeline::interrupted::Interrupted;
 use crate::pipeline::settle::copy_properties;
 use crate::pipeline::RouteHandle;
@@ -57,13 +57,16 @@ pub(super) enum Checked {
 /// come back as fresh copies ([`hand_back`]). On a redelivery, the count is that of the
 /// copies ([`HEADER_REDELIVERIES`]) plus, from a `quorum` queue, the broker's own; from any
 /// other queue the message is published again (confirmed) straight to its queue with its count
-/// one higher ([`count_redelivery`]), then acked.
+/// one higher ([`count_redelivery`]), then acked. First the delivery is read as its queue's:
+/// the route it was first published with restored, a retry state made for another queue
+/// dropped.
 pub(super) fn check_crash_loop(
     source: &QueueSource,
     quorum: bool,
     mut delivery: Delivery,
 ) -> Checked {
     restore_first_route(&mut delivery);
+    keep_own_retry_state(&mut delivery.properties.headers, &source.queue);
     if !delivery.redelivered {
         return Checked::Guarded(Guarded::Handle(delivery));
     }
@@ -161,7 +164,7 @@ pub(crate) async fn hand_back_interrupted(
     label: &str,
 ) {
     let mut marked = message.clone();
-    interrupted.mark(&mut marked.properties.headers);
+    interrupted.mark(&mut marked.properties.headers, queue);
     hand_back_message(route, queue, quorum, &marked, acker, label).await;
 }
 
