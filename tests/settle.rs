@@ -13,7 +13,9 @@ use micro_framework::config::RetryDelay;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::retry::{AsyncBackOff, BackOffData};
-use micro_framework::testing::TestService;
+use micro_framework::settle::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ERROR_KIND};
+use micro_framework::testing::{take_messages, TestService};
+use micro_framework::transport::{HeaderValue, Headers, QueueSpec};
 use serde_json::{json, Value};
 
 /// The retry counts a route's target saw, in order.
@@ -37,6 +39,10 @@ fn flaky(
         true => Err(std::io::Error::other(format!("attempt {} failed", retry.retry_count))),
         false => Ok(()),
     }
+}
+
+fn header<'a>(message: &'a micro_framework::Message, key: &str) -> &'a HeaderValue {
+    message.properties.headers.get(key).unwrap_or(&HeaderValue::Void)
 }
 
 /// Each broker with the retry layouts it has: delay queues everywhere, and the delayed-message
@@ -78,6 +84,152 @@ async fn a_route_consuming_a_dead_letter_queue_makes_its_own_retries() {
         assert_eq!(first.entries(), [0, 1], "{uri} {layout:?}");
         assert_eq!(again.entries(), [0, 1, 2], "{uri} {layout:?}: the reprocessor's own retries");
         service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+/// Take the messages of `queue` once there are some (for up to 10 s).
+async fn wait_for_messages(service: &TestService, queue: &str) -> Vec<micro_framework::Message> {
+    for _ in 0..500 {
+        let messages = service.take_messages(queue).await.unwrap_or_default();
+        if !messages.is_empty() {
+            return messages;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no message came to {queue}");
+}
+
+/// A dead letter the broker refuses (a full `{queue}.dlq` that rejects publishes) leaves its
+/// message unsettled: it goes back to the queue it came from (the backoff queue, still wrapped,
+/// under the plugin layout) as an uncounted copy and fails again, with its retry count; once
+/// the dead-letter queue takes it, it is dead-lettered with its own failure, not as `crashed`.
+#[tokio::test]
+async fn a_refused_dead_letter_goes_back_uncounted_and_keeps_its_reason() {
+    for (uri, layout) in brokers_and_layouts() {
+        let shop = unique("dlqfull");
+        // With no redelivery allowed, one comeback counted as a crash refuses the message.
+        let config = config(&uri, "dlqfull").with_max_redeliveries(0).with_retry_delay(layout);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = format!("evt-{shop}-job--{}.flaky", config.service_name);
+        let dlq = format!("{queue}.dlq");
+        let journal = Arc::new(Journal::default());
+        let routes = vec![Route::new(flaky)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(20)))
+            .dependency(Shared(journal.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        let transport = service.transport();
+        transport.delete_queue(&dlq).await.unwrap();
+        let full = Headers::from([
+            ("x-max-length".to_owned(), HeaderValue::Int(0)),
+            ("x-overflow".to_owned(), HeaderValue::from("reject-publish")),
+        ]);
+        let full = QueueSpec { arguments: full, ..QueueSpec::durable(&dlq) };
+        transport.declare_queue(&full).await.unwrap();
+        service.dispatch(&shop, "job", &json!({})).await.unwrap();
+        let again = || journal.entries().len() >= 3;
+        common::wait_until(again, "the message to run again after its dead letter was refused")
+            .await;
+        // the service declares its dead-letter queue anew once it is gone
+        transport.delete_queue(&dlq).await.unwrap();
+        let dead = wait_for_messages(&service, &dlq).await;
+        let entries = journal.entries();
+        assert_eq!(entries[..2], [0, 1], "{uri} {layout:?}");
+        assert!(entries[2..].iter().all(|retry| *retry == 1), "{uri} {layout:?}: {entries:?}");
+        assert_eq!(dead.len(), 1, "{uri} {layout:?}");
+        let kind = header(&dead[0], HEADER_ERROR_KIND);
+        assert_eq!(kind, &HeaderValue::from("error"), "{uri} {layout:?}");
+        assert_eq!(header(&dead[0], HEADER_ERROR), &HeaderValue::from("attempt 1 failed"));
+        assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(2), "{uri} {layout:?}");
+        assert_eq!(header(&dead[0], "x-mf-redeliveries"), &HeaderValue::Void, "{uri}: uncounted");
+        assert_eq!(service.queue_len(&queue).await.unwrap(), 0, "{uri} {layout:?}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+/// A retry the broker does not take (its delay queue cannot be declared: a queue of that name
+/// is in the way) leaves its message unsettled: it goes back to its queue as an uncounted copy
+/// and runs again, and once the retry can be made, it is retried.
+#[tokio::test]
+async fn a_retry_that_cannot_be_scheduled_goes_back_uncounted() {
+    for uri in broker_uris() {
+        let shop = unique("delaystuck");
+        let config = config(&uri, "delaystuck").with_max_redeliveries(0);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = format!("evt-{shop}-job--{}.flaky", config.service_name);
+        let journal = Arc::new(Journal::default());
+        let routes = vec![Route::new(flaky)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(20)))
+            .dependency(Shared(journal.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        let transport = service.transport();
+        // declared without the delay queue's arguments, it cannot be declared with them
+        let in_the_way = QueueSpec::durable(format!("{queue}.delay-20"));
+        transport.declare_queue(&in_the_way).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "fail_until": 1 })).await.unwrap();
+        let again = || journal.entries().len() >= 2;
+        common::wait_until(again, "the message to run again after its retry was refused").await;
+        transport.delete_queue(&in_the_way.name).await.unwrap();
+        let flaky = service.route("flaky").unwrap().clone();
+        common::wait_until(|| flaky.stats().succeeded_count() == 1, "the retry").await;
+        let entries = journal.entries();
+        assert_eq!(entries.last(), Some(&1), "{uri}: retried once made: {entries:?}");
+        assert!(entries[..entries.len() - 1].iter().all(|retry| *retry == 0), "{entries:?}");
+        assert_eq!(service.queue_len(&format!("{queue}.dlq")).await.unwrap(), 0, "{uri}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+/// Fails once the test lets it go on.
+fn held_then_fails(Dep(probe): Dep<Arc<common::Probe>>) -> Result<(), std::io::Error> {
+    probe.enter(Value::Null);
+    probe.leave();
+    Err(std::io::Error::other("failed during the stop"))
+}
+
+fn gives_up(Dep(journal): Dep<Arc<Journal>>) {
+    journal.0.lock().unwrap().push(0);
+}
+
+/// A failure whose retry copy cannot be made runs the route's callback; when the service is
+/// stopping the callback cannot start, and the message goes back to its queue as the stop
+/// hands back unstarted ones: an uncounted copy, which the next start handles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_callback_a_stop_prevents_goes_back_uncounted() {
+    for uri in broker_uris() {
+        let shop = unique("cbstop");
+        let config = config(&uri, "cbstop").with_max_redeliveries(0);
+        let markers = [config.service_name.clone(), shop.clone()];
+        // A queue of 250 bytes: its dead-letter queue fits, its delay queue does not.
+        let short = format!("evt-{shop}---{}.held_then_fails", config.service_name).len();
+        let event = "e".repeat(250 - short);
+        let queue = format!("evt-{shop}-{event}--{}.held_then_fails", config.service_name);
+        let keeper = micro_framework::transport::connect(&config).await.unwrap();
+        let called_back = Arc::new(Journal::default());
+        let routes = |probe: &Arc<common::Probe>| {
+            vec![CallbackRoute::new(held_then_fails, gives_up)
+                .entrypoint(EventListener::new(&shop, &event))
+                .backoff(AsyncBackOff::new(2, Duration::from_millis(20)))
+                .dependency(Shared(probe.clone()))
+                .dependency(Shared(called_back.clone()))]
+        };
+        let probe = common::Probe::closed();
+        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        service.dispatch(&shop, &event, &json!({})).await.unwrap();
+        probe.wait_started(1).await;
+        service.begin_stop();
+        probe.open();
+        service.wait_stopped().await.unwrap();
+        assert!(called_back.entries().is_empty(), "{uri}: no callback during the stop");
+        let left = take_messages(keeper.as_ref(), &queue).await.unwrap();
+        assert_eq!(left.len(), 1, "{uri}: the message went back to {queue}");
+        assert!(!left[0].redelivered, "{uri}: handed back as a fresh copy, not requeued");
+        assert_eq!(header(&left[0], "x-mf-redeliveries"), &HeaderValue::Void, "{uri}");
+        keeper.close().await;
         common::cleanup(&uri, &markers).await;
     }
 }

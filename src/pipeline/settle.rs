@@ -2,18 +2,17 @@
 //!
 //! Nothing is acked before its outcome is settled. A message that nothing handled is
 //! published (confirmed) to `{queue}.dlq` with the reason in `x-mf-*` headers, then acked. If
-//! that publish fails, the message is handed back to its queue after a pause (never lost,
-//! never a hot loop).
+//! that publish (or a retry's) fails, the message goes back to the queue it came from after a
+//! pause (never lost, never a hot loop), as a copy the crash-loop guard does not count: its
+//! handling did not crash.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::clock;
 use crate::config::RetryDelay;
-use crate::data::Failure;
-use crate::data::Handled;
-use crate::data::Message;
+use crate::data::{Failure, FailureKind, Handled, Message};
 use crate::error::{Error, Result};
-use crate::pipeline::consume::{mark_first_route, HEADER_REDELIVERED};
+use crate::pipeline::consume::{hand_back_message, mark_first_route, HEADER_REDELIVERED};
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;
@@ -57,12 +56,25 @@ const DELAY_QUEUE_LEASE_MS: i64 = 60_000;
 /// ten years (`value_too_large`), and the lease outlasts the TTL.
 const MAX_DELAY_QUEUE_TTL: Duration = Duration::from_millis(315_360_000_000 - 60_000);
 
-/// Settle `delivery` of `queue` according to `handled`, and say how it ended: `handled`
-/// itself, a dead letter where a retry copy could not be made, or `None` when the message
-/// went back to its queue (its copy could not be published) and will come again. `meta` is
-/// the `_meta` its next wrapped retry carries on (see [`delayed_message`]).
+/// Where a delivery came from: where it goes back when it cannot be settled now.
+pub(crate) struct Origin<'a> {
+    /// The queue it was consumed from.
+    pub queue: &'a str,
+    /// Whether that queue is a quorum queue.
+    pub quorum: bool,
+    /// The message as it came, when its handler changed the delivery (a retry unwrapped);
+    /// `None` when the delivery is as it came.
+    pub original: Option<Message>,
+}
+
+/// Settle `delivery`, which came from `origin`, for the route's queue `queue` according to
+/// `handled`, and say how it ended: `handled` itself, a dead letter where a retry copy could
+/// not be made, or `None` when the message went back to `origin` (its copy could not be
+/// published, or its callback cannot start during a stop) and will come again. `meta` is the
+/// `_meta` its next wrapped retry carries on (see [`delayed_message`]).
 pub(crate) async fn settle(
     route: &RouteHandle,
+    origin: &Origin<'_>,
     queue: &str,
     delivery: Delivery,
     handled: &Handled,
@@ -76,7 +88,7 @@ pub(crate) async fn settle(
             let message = delivery.message();
             let published = dead_letter(route, queue, queue, &message, failure).await;
             let done = published.is_ok().then(|| handled.clone());
-            (ack_after(route, delivery, published, "dead-letter").await, done)
+            (ack_after(route, origin, delivery, failure, published, "dead-letter").await, done)
         }
         Handled::Retry { failure, delay } => {
             let message = delivery.message();
@@ -90,11 +102,11 @@ pub(crate) async fn settle(
                             .concat(),
                         ..failure.clone()
                     };
-                    return not_retried(route, queue, delivery, message, failure).await;
+                    return not_retried(route, origin, queue, delivery, message, failure).await;
                 }
                 Err(NotScheduled::Failed(error)) => {
                     let what = "schedule the retry of";
-                    (ack_after(route, delivery, Err(error), what).await, None)
+                    (ack_after(route, origin, delivery, failure, Err(error), what).await, None)
                 }
                 Ok(()) => (delivery.acker.ack().await, Some(handled.clone())),
             }
@@ -107,10 +119,11 @@ pub(crate) async fn settle(
 /// Settle a message whose retry copy could not be made, failed with `failure`: as after its
 /// last retry, the callback of a `CallbackRoute` runs (in a worker slot, as every call), and
 /// the message is acked, or dead-lettered if there is no callback or it failed. `None` when
-/// it went back to its queue: its dead letter could not be published, or the service is
-/// stopping and admits no more calls (it is then requeued, and counted as a redelivery).
+/// it went back to `origin`: its dead letter could not be published, or the service is
+/// stopping and admits no more calls (it goes back as a stop hands back unstarted messages).
 async fn not_retried(
     route: &RouteHandle,
+    origin: &Origin<'_>,
     queue: &str,
     delivery: Delivery,
     message: Message,
@@ -120,7 +133,7 @@ async fn not_retried(
         false => Handled::Failed(failure),
         true => {
             let Some(permit) = route.acquire().await else {
-                warn_if_unsettled(route, delivery.acker.nack(true).await);
+                give_back(route, origin, delivery).await;
                 return None;
             };
             route.no_retry_made(permit, message.clone(), failure).await
@@ -130,7 +143,7 @@ async fn not_retried(
         Handled::Failed(failure) => {
             let published = dead_letter(route, queue, queue, &message, failure).await;
             let done = published.is_ok().then(|| handled.clone());
-            (ack_after(route, delivery, published, "dead-letter").await, done)
+            (ack_after(route, origin, delivery, failure, published, "dead-letter").await, done)
         }
         _ => (delivery.acker.ack().await, Some(handled)),
     };
@@ -138,19 +151,21 @@ async fn not_retried(
     done
 }
 
-/// Settle a delivery of `from` that could not be read as the route's message: dead-lettered
-/// as it came to `{queue}.dlq` with `failure`, then acked; `None` when it went back to `from`.
+/// Settle a delivery of `origin` that could not be read as the route's message:
+/// dead-lettered as it came to `{queue}.dlq` with `failure`, then acked; `None` when it went
+/// back to `origin`.
 pub(crate) async fn dead_letter_unread(
     route: &RouteHandle,
+    origin: &Origin<'_>,
     queue: &str,
-    from: &str,
     delivery: Delivery,
     failure: Failure,
 ) -> Option<Handled> {
-    let published = dead_letter(route, queue, from, &delivery.message(), &failure).await;
-    let done = published.is_ok().then_some(Handled::Failed(failure));
-    warn_if_unsettled(route, ack_after(route, delivery, published, "dead-letter").await);
-    done
+    let published = dead_letter(route, queue, origin.queue, &delivery.message(), &failure).await;
+    let dead = published.is_ok();
+    let settled = ack_after(route, origin, delivery, &failure, published, "dead-letter").await;
+    warn_if_unsettled(route, settled);
+    dead.then_some(Handled::Failed(failure))
 }
 
 fn warn_if_unsettled(route: &RouteHandle, settled: Result<(), TransportError>) {
@@ -162,10 +177,17 @@ fn warn_if_unsettled(route: &RouteHandle, settled: Result<(), TransportError>) {
     }
 }
 
-/// Ack once `published` succeeded; otherwise hand the message back after a pause.
+/// Ack once `published` succeeded. Otherwise the message goes back to `origin` after a
+/// pause (cut short by a stop): as a copy the crash-loop guard does not count, as a stop hands
+/// back an unstarted message ([`hand_back_message`]), since its handling did not crash. It is
+/// requeued instead, and counted when it comes back, when that copy cannot be published, and
+/// when `failure` is a crash (the crash-loop guard refused it, or its worker died): counted,
+/// a refused message is refused again without running.
 async fn ack_after(
     route: &RouteHandle,
+    origin: &Origin<'_>,
     delivery: Delivery,
+    failure: &Failure,
     published: Result<(), TransportError>,
     what: &str,
 ) -> Result<(), TransportError> {
@@ -174,12 +196,29 @@ async fn ack_after(
         Err(error) => {
             tracing::error!(
                 route = route.name(),
-                "cannot {what} a failed message ({error}); it goes back to its queue"
+                "cannot {what} a failed message ({error}); it goes back to {}",
+                origin.queue
             );
-            tokio::time::sleep(REQUEUE_PAUSE).await;
-            delivery.acker.nack(true).await
+            tokio::select! {
+                _ = route.stopping().cancelled() => {}
+                _ = tokio::time::sleep(REQUEUE_PAUSE) => {}
+            }
+            if failure.kind == FailureKind::Crashed {
+                return delivery.acker.nack(true).await;
+            }
+            give_back(route, origin, delivery).await;
+            Ok(())
         }
     }
+}
+
+/// Give `delivery` back to `origin` as it came there, as a copy the crash-loop guard does not
+/// count ([`hand_back_message`]; requeued if the copy cannot be published).
+async fn give_back(route: &RouteHandle, origin: &Origin<'_>, delivery: Delivery) {
+    let (message, acker) = delivery.into_parts();
+    let message = origin.original.as_ref().unwrap_or(&message);
+    hand_back_message(route, origin.queue, origin.quorum, message, acker.as_ref(), route.name())
+        .await;
 }
 
 /// Declare what broker-side retries of `queue` need at start-up: under

@@ -5,9 +5,9 @@
 use async_trait::async_trait;
 
 use super::DeliveryHandler;
-use crate::data::{Failure, Handled};
+use crate::data::{Failure, Handled, Message};
 use crate::pipeline::delayed_message::{self, RetryMeta};
-use crate::pipeline::settle::{dead_letter_unread, settle};
+use crate::pipeline::settle::{dead_letter_unread, settle, Origin};
 use crate::pipeline::RouteHandle;
 use crate::transport::Delivery;
 
@@ -25,17 +25,41 @@ pub(crate) struct BackoffQueue {
 }
 
 impl BackoffQueue {
+    /// Where a delivery goes back when it cannot be settled now: to the backoff queue, as it
+    /// came there (`original`, still wrapped, when the delivery was unwrapped).
+    fn origin(&self, original: Option<Message>) -> Origin<'_> {
+        Origin { queue: &self.backoff_queue, quorum: self.quorum, original }
+    }
+
     /// Dead-letter a delivery that is not a retry in the layout, as it came.
     async fn refuse_unread(&self, delivery: Delivery, reason: String) -> Option<Handled> {
         let failure = Failure::bad_input(format!(
             "not an AsyncBackOff retry (fn_args, fn_kwargs, _meta) in {}: {reason}",
             self.backoff_queue
         ));
-        dead_letter_unread(&self.route, &self.queue, &self.backoff_queue, delivery, failure).await
+        self.dead_letter_as_it_came(delivery, failure).await
     }
 
-    async fn settle(&self, delivery: Delivery, handled: &Handled, meta: &RetryMeta) {
-        if let Some(done) = settle(&self.route, &self.queue, delivery, handled, meta).await {
+    /// Dead-letter a delivery as it came, with `failure`.
+    async fn dead_letter_as_it_came(
+        &self,
+        delivery: Delivery,
+        failure: Failure,
+    ) -> Option<Handled> {
+        dead_letter_unread(&self.route, &self.origin(None), &self.queue, delivery, failure).await
+    }
+
+    /// Settle an unwrapped retry, which came as `original`.
+    async fn settle(
+        &self,
+        original: Message,
+        delivery: Delivery,
+        handled: &Handled,
+        meta: &RetryMeta,
+    ) {
+        let origin = self.origin(Some(original));
+        if let Some(done) = settle(&self.route, &origin, &self.queue, delivery, handled, meta).await
+        {
             self.route.settled(&done);
         }
     }
@@ -51,6 +75,7 @@ impl DeliveryHandler for BackoffQueue {
             super::hand_back(route, queue, self.quorum, delivery, route.name()).await;
             return;
         };
+        let original = delivery.message();
         let meta = match delayed_message::unwrap(&mut delivery) {
             Ok(meta) => meta,
             Err(reason) => {
@@ -62,18 +87,17 @@ impl DeliveryHandler for BackoffQueue {
             }
         };
         let handled = route.handle(permit, delivery.message()).await;
-        self.settle(delivery, &handled, &meta).await;
+        self.settle(original, delivery, &handled, &meta).await;
     }
 
     /// Dead-letter the retry with the reason (unwrapped when it can be).
     async fn refuse(&self, mut delivery: Delivery, failure: Failure) {
+        let original = delivery.message();
         match delayed_message::unwrap(&mut delivery) {
-            Ok(meta) => self.settle(delivery, &Handled::Failed(failure), &meta).await,
+            Ok(meta) => self.settle(original, delivery, &Handled::Failed(failure), &meta).await,
             Err(_) => {
-                let (route, queue, from) = (&self.route, &self.queue, &self.backoff_queue);
-                if let Some(done) = dead_letter_unread(route, queue, from, delivery, failure).await
-                {
-                    route.settled(&done);
+                if let Some(done) = self.dead_letter_as_it_came(delivery, failure).await {
+                    self.route.settled(&done);
                 }
             }
         }

@@ -101,12 +101,13 @@ fn redeliveries(headers: &Headers, redelivered: bool, quorum: bool) -> i64 {
     copies.max(0).saturating_add(broker.max(0))
 }
 
-/// Give back to `queue` a delivery the service received but will not start (it is stopping):
-/// a copy with the count it came with ([`redeliveries`]; a `quorum` queue's count moves into
-/// the copy) is published (confirmed) straight to `queue`, then the delivery is acked. The
-/// copy comes as a fresh delivery, which the crash-loop guard does not count, whereas a
-/// requeued delivery comes back marked redelivered, indistinguishable from one whose handling
-/// crashed. The copy goes to the tail of the queue. When it cannot be published, the delivery
+/// Give back to `queue` a delivery the service received but will not start (it is stopping),
+/// or cannot settle now (its retry or dead letter could not be published): a copy with the
+/// count it came with ([`redeliveries`]; a `quorum` queue's count moves into the copy) is
+/// published (confirmed) straight to `queue`, then the delivery is acked. The copy comes as
+/// a fresh delivery, which the crash-loop guard does not count, whereas a requeued delivery
+/// comes back marked redelivered, indistinguishable from one whose handling crashed. The copy
+/// goes to the tail of the queue. When it cannot be published, the delivery
 /// is requeued instead (and counted when it comes back). Once `route`'s service has given up
 /// waiting for its calls (a stop past `SHUTDOWN_TIMEOUT`), nothing is done: the connection is
 /// closing, and the broker requeues the delivery with it.

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::data::{Failure, Handled, HeaderValue, Message, HEADER_RETRY_COUNT};
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
-use crate::pipeline::settle::settle;
+use crate::pipeline::settle::{settle, Origin};
 use crate::pipeline::{Ended, RouteHandle};
 use crate::transport::{ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError};
 use backoff_queue::BackoffQueue;
@@ -247,6 +247,16 @@ struct RouteQueue {
     accept: Accept,
 }
 
+impl RouteQueue {
+    async fn settle(&self, delivery: Delivery, handled: &Handled) {
+        let origin = Origin { queue: &self.queue, quorum: self.quorum, original: None };
+        let (route, meta) = (&self.route, &RetryMeta::default());
+        if let Some(done) = settle(route, &origin, &self.queue, delivery, handled, meta).await {
+            route.settled(&done);
+        }
+    }
+}
+
 #[async_trait]
 impl DeliveryHandler for RouteQueue {
     async fn handle(&self, delivery: Delivery) {
@@ -291,21 +301,12 @@ impl DeliveryHandler for RouteQueue {
             }
         };
         let delivery = count_retries(delivery, &handled, retries);
-        if let Some(done) =
-            settle(route, &self.queue, delivery, &handled, &RetryMeta::default()).await
-        {
-            route.settled(&done);
-        }
+        self.settle(delivery, &handled).await;
     }
 
     /// Dead-letter the message with the reason.
     async fn refuse(&self, delivery: Delivery, failure: Failure) {
-        let handled = Handled::Failed(failure);
-        if let Some(done) =
-            settle(&self.route, &self.queue, delivery, &handled, &RetryMeta::default()).await
-        {
-            self.route.settled(&done);
-        }
+        self.settle(delivery, &Handled::Failed(failure)).await;
     }
 
     fn quorum(&self) -> bool {
