@@ -72,6 +72,16 @@ impl BackOffData {
         }
     }
 
+    /// The retry state of the attempt after this one, which failed with `error` now.
+    pub(crate) fn next(&self, error: String) -> BackOffData {
+        BackOffData {
+            retry_count: self.retry_count.saturating_add(1),
+            max_retries: self.max_retries,
+            last_error: Some(error),
+            last_retry: Some(crate::clock::wall_now()),
+        }
+    }
+
     /// True while retries remain.
     pub fn can_retry(&self) -> bool {
         self.retry_count < self.max_retries

@@ -3,7 +3,6 @@
 //! needs to give the message back (a queued message, an RPC request) or to fail it (a timer's
 //! run, an HTTP or WebSocket call, which have nothing to give back).
 
-use crate::clock;
 use crate::data::{BackOffData, Failure, Handled, Headers};
 
 /// Why an interrupted call was not retried, as its failure's last cause says.
@@ -43,12 +42,7 @@ pub(crate) struct Interrupted {
 impl Interrupted {
     /// The call whose attempt at `retry` failed with `failure`, interrupted now.
     pub(crate) fn new(failure: Failure, retry: &BackOffData) -> Self {
-        let next = BackOffData {
-            retry_count: retry.retry_count.saturating_add(1),
-            max_retries: retry.max_retries,
-            last_error: Some(failure.full_message()),
-            last_retry: Some(clock::wall_now()),
-        };
+        let next = retry.next(failure.full_message());
         Interrupted { failure, next }
     }
 

@@ -2,15 +2,15 @@
 //!
 //! Nothing is acked before its outcome is settled. A message that nothing handled is
 //! published (confirmed) to `{queue}.dlq` with the reason in `x-mf-*` headers, then acked. If
-//! that publish (or a retry's) fails, the message goes back to the queue it came from after a
-//! pause (never lost, never a hot loop), as a copy the crash-loop guard does not count: its
-//! handling did not crash.
+//! that publish (or a retry's) fails, the message goes back after a pause (never lost, never a
+//! hot loop), as a copy the crash-loop guard does not count, since its handling did not crash:
+//! carrying its failure, to be dead-lettered again unrun, or the retry it is to run as.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::clock;
 use crate::config::RetryDelay;
-use crate::data::{Failure, FailureKind, Handled, Message};
+use crate::data::{Failure, Handled, Message};
 use crate::error::{Error, Result};
 use crate::pipeline::consume::{hand_back_message, mark_first_route, HEADER_REDELIVERED};
 use crate::pipeline::delayed_message::{self, RetryMeta};
@@ -47,6 +47,10 @@ pub const HEADER_ORIGINAL_USER_ID: &str = "x-mf-original-user-id";
 /// Header of a dead letter whose original headers did not fit in a frame beside the
 /// dead-letter headers: how many were dropped, and how big they made the frame.
 pub const HEADER_HEADERS_DROPPED: &str = "x-mf-headers-dropped";
+
+/// Header of a copy given back because its dead letter could not be published: the failure
+/// (JSON) it is dead-lettered with when it comes back, without running again.
+pub(crate) const HEADER_PENDING_DEAD_LETTER: &str = "x-mf-dead-letter-pending";
 
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
@@ -88,7 +92,8 @@ pub(crate) async fn settle(
             let message = delivery.message();
             let published = dead_letter(route, queue, queue, &message, failure).await;
             let done = published.is_ok().then(|| handled.clone());
-            (ack_after(route, origin, delivery, failure, published, "dead-letter").await, done)
+            let unsent = Unsent::DeadLetter(failure);
+            (ack_after(route, origin, queue, delivery, unsent, published).await, done)
         }
         Handled::Retry { failure, delay } => {
             let message = delivery.message();
@@ -105,8 +110,8 @@ pub(crate) async fn settle(
                     return not_retried(route, origin, queue, delivery, message, failure).await;
                 }
                 Err(NotScheduled::Failed(error)) => {
-                    let what = "schedule the retry of";
-                    (ack_after(route, origin, delivery, failure, Err(error), what).await, None)
+                    let unsent = Unsent::Retry(failure);
+                    (ack_after(route, origin, queue, delivery, unsent, Err(error)).await, None)
                 }
                 Ok(()) => (delivery.acker.ack().await, Some(handled.clone())),
             }
@@ -143,7 +148,8 @@ async fn not_retried(
         Handled::Failed(failure) => {
             let published = dead_letter(route, queue, queue, &message, failure).await;
             let done = published.is_ok().then(|| handled.clone());
-            (ack_after(route, origin, delivery, failure, published, "dead-letter").await, done)
+            let unsent = Unsent::DeadLetter(failure);
+            (ack_after(route, origin, queue, delivery, unsent, published).await, done)
         }
         _ => (delivery.acker.ack().await, Some(handled)),
     };
@@ -163,7 +169,8 @@ pub(crate) async fn dead_letter_unread(
 ) -> Option<Handled> {
     let published = dead_letter(route, queue, origin.queue, &delivery.message(), &failure).await;
     let dead = published.is_ok();
-    let settled = ack_after(route, origin, delivery, &failure, published, "dead-letter").await;
+    let unsent = Unsent::DeadLetter(&failure);
+    let settled = ack_after(route, origin, queue, delivery, unsent, published).await;
     warn_if_unsettled(route, settled);
     dead.then_some(Handled::Failed(failure))
 }
@@ -177,39 +184,62 @@ fn warn_if_unsettled(route: &RouteHandle, settled: Result<(), TransportError>) {
     }
 }
 
-/// Ack once `published` succeeded. Otherwise the message goes back to `origin` after a
-/// pause (cut short by a stop): as a copy the crash-loop guard does not count, as a stop hands
-/// back an unstarted message ([`hand_back_message`]), since its handling did not crash. It is
-/// requeued instead, and counted when it comes back, when that copy cannot be published, and
-/// when `failure` is a crash (the crash-loop guard refused it, or its worker died): counted,
-/// a refused message is refused again without running.
+/// What the settling of a delivery could not publish.
+#[derive(Clone, Copy)]
+enum Unsent<'f> {
+    /// Its dead letter, for this failure.
+    DeadLetter(&'f Failure),
+    /// The copy of its retry after this failure.
+    Retry(&'f Failure),
+}
+
+/// Ack once `published` succeeded. Otherwise, after a pause (cut short by a stop), the message
+/// goes back as a copy the crash-loop guard does not count ([`hand_back_message`]), since its
+/// handling did not crash (requeued instead, and counted when it comes back, when that copy
+/// cannot be published either):
+/// - an unsent dead letter: to `origin` as it came there, carrying its failure
+///   ([`HEADER_PENDING_DEAD_LETTER`]): when it comes back it is dead-lettered with it, without
+///   running again, so a dead-letter queue that refuses it for long runs no target again and
+///   again, nor counts it as a crash;
+/// - an unsent retry: to the route's `queue`, carrying the retry's state, as the retry itself
+///   comes back; retried so, a message the broker never takes a retry copy of still ends
+///   when its retries do.
 async fn ack_after(
     route: &RouteHandle,
     origin: &Origin<'_>,
+    queue: &str,
     delivery: Delivery,
-    failure: &Failure,
+    unsent: Unsent<'_>,
     published: Result<(), TransportError>,
-    what: &str,
 ) -> Result<(), TransportError> {
-    match published {
-        Ok(()) => delivery.acker.ack().await,
-        Err(error) => {
-            tracing::error!(
-                route = route.name(),
-                "cannot {what} a failed message ({error}); it goes back to {}",
-                origin.queue
-            );
-            tokio::select! {
-                _ = route.stopping().cancelled() => {}
-                _ = tokio::time::sleep(REQUEUE_PAUSE) => {}
-            }
-            if failure.kind == FailureKind::Crashed {
-                return delivery.acker.nack(true).await;
-            }
-            give_back(route, origin, delivery).await;
-            Ok(())
+    let Err(error) = published else { return delivery.acker.ack().await };
+    let (what, back_to) = match unsent {
+        Unsent::DeadLetter(_) => ("dead-letter", origin.queue),
+        Unsent::Retry(_) => ("schedule the retry of", queue),
+    };
+    tracing::error!(
+        route = route.name(),
+        "cannot {what} a failed message ({error}); it goes back to {back_to}"
+    );
+    tokio::select! {
+        _ = route.stopping().cancelled() => {}
+        _ = tokio::time::sleep(REQUEUE_PAUSE) => {}
+    }
+    let (message, acker) = delivery.into_parts();
+    let mut copy = match unsent {
+        Unsent::DeadLetter(_) => origin.original.clone().unwrap_or(message),
+        Unsent::Retry(_) => message,
+    };
+    let headers = &mut copy.properties.headers;
+    match unsent {
+        Unsent::DeadLetter(failure) => mark_pending_dead_letter(headers, failure),
+        Unsent::Retry(failure) => {
+            let retry = BackOffData::from_headers(headers, 0);
+            retry.next(failure.full_message()).write_headers(headers, queue);
         }
     }
+    hand_back_message(route, back_to, origin.quorum, &copy, acker.as_ref(), route.name()).await;
+    Ok(())
 }
 
 /// Give `delivery` back to `origin` as it came there, as a copy the crash-loop guard does not
@@ -219,6 +249,24 @@ async fn give_back(route: &RouteHandle, origin: &Origin<'_>, delivery: Delivery)
     let message = origin.original.as_ref().unwrap_or(&message);
     hand_back_message(route, origin.queue, origin.quorum, message, acker.as_ref(), route.name())
         .await;
+}
+
+/// Write into `headers` (a copy's, given back because its dead letter could not be published)
+/// the `failure` it is to be dead-lettered with when it comes back
+/// ([`take_pending_dead_letter`]).
+fn mark_pending_dead_letter(headers: &mut Headers, failure: &Failure) {
+    // A failure is plain data: it always serializes.
+    if let Ok(json) = serde_json::to_string(failure) {
+        headers.insert(HEADER_PENDING_DEAD_LETTER.into(), json.into());
+    }
+}
+
+/// The failure a delivery with these `headers` is to be dead-lettered with, without running,
+/// when it is a copy given back because its dead letter could not be published
+/// ([`HEADER_PENDING_DEAD_LETTER`], removed: its dead letter does not carry it).
+pub(crate) fn take_pending_dead_letter(headers: &mut Headers) -> Option<Failure> {
+    let pending = headers.remove(HEADER_PENDING_DEAD_LETTER)?;
+    pending.as_str().and_then(|json| serde_json::from_str(json).ok())
 }
 
 /// Declare what broker-side retries of `queue` need at start-up: under

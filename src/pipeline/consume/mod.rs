@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::data::{Failure, Handled, HeaderValue, Message, HEADER_RETRY_COUNT};
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
-use crate::pipeline::settle::{settle, Origin};
+use crate::pipeline::settle::{settle, take_pending_dead_letter, Origin};
 use crate::pipeline::{Ended, RouteHandle};
 use crate::transport::{ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError};
 use backoff_queue::BackoffQueue;
@@ -178,6 +178,10 @@ async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, deliver
     };
     match guarded {
         Guarded::Handle(mut delivery) => {
+            if let Some(failure) = take_pending_dead_letter(&mut delivery.properties.headers) {
+                // its dead letter could not be published: made again, the call not run again
+                return handler.refuse(delivery, failure).await;
+            }
             if delivery.properties.headers.contains_key(HEADER_REDELIVERIES) {
                 // A counted copy of a message that may have crashed the service: wait before
                 // running it again, so a crash loop is no hot loop and the ack of the message
