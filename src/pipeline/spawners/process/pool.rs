@@ -26,8 +26,14 @@ const RESPAWN_PAUSE: Duration = Duration::from_secs(1);
 
 /// One worker process and its two links. Dropping it closes them, and the worker exits.
 struct Worker {
-    pid: u32,
     child: Child,
+    links: Links,
+}
+
+/// What a call uses of a worker: its links. While the worker is lent to a call, its process
+/// stays with the pool, so that the shutdown can kill and wait for it.
+struct Links {
+    pid: u32,
     calls: CallLink,
     /// The control link's only strong reference (its tasks hold weak ones).
     control: Arc<Sink>,
@@ -103,7 +109,7 @@ impl Launcher {
         };
         tokio::spawn(link.serve(FrameReader::new(reader)));
         tracing::debug!("worker process {pid} started");
-        Ok(Worker { pid, child, calls, control, done: 0 })
+        Ok(Worker { child, links: Links { pid, calls, control, done: 0 } })
     }
 
     /// Start a worker process that dials `socket`, and wait until it is ready. The whole
@@ -225,9 +231,9 @@ pub struct ProcessPool {
     /// One permit per idle worker: a call waits here for one without holding a lock that
     /// [`ProcessPool::shutdown`] needs. Closed by the shutdown.
     ready: Semaphore,
-    /// Fired by the shutdown: the calls still running then are past `SHUTDOWN_TIMEOUT`.
+    /// Fired by the shutdown: a worker being started is given up on.
     stopped: CancellationToken,
-    /// Tracks the workers lent to calls, those being started or ended, so that the
+    /// Tracks the calls using workers, and the workers being started or ended, so that the
     /// shutdown returns once none is left.
     busy: TaskTracker,
     launcher: Launcher,
@@ -236,11 +242,14 @@ pub struct ProcessPool {
     max_tasks: Option<u32>,
 }
 
-/// The idle workers, and whether the pool is shut down (then no worker goes back to it and
-/// none is started).
+/// The idle workers, the processes of those lent to calls, and whether the pool is shut down
+/// (then no worker goes back to it and none is started).
 #[derive(Default)]
 struct Idle {
     workers: Vec<Worker>,
+    /// By pid. A call whose worker's process is no longer here was given up on by the
+    /// shutdown, which killed the process.
+    lent: Vec<(u32, Child)>,
     closed: bool,
 }
 
@@ -284,10 +293,14 @@ impl ProcessPool {
         self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// An idle worker, once there is one; `None` once the pool is shut down.
-    async fn take(&self) -> Option<Worker> {
+    /// The links of an idle worker, once there is one, whose process is now lent; `None` once
+    /// the pool is shut down.
+    async fn take(&self) -> Option<Links> {
         self.ready.acquire().await.ok()?.forget();
-        self.idle().workers.pop()
+        let mut idle = self.idle();
+        let Worker { child, links } = idle.workers.pop()?;
+        idle.lent.push((links.pid, child));
+        Some(links)
     }
 
     /// Make `worker` idle, or end it if the pool is shut down.
@@ -309,7 +322,7 @@ impl ProcessPool {
     fn gone(self: &Arc<Self>, pid: u32) {
         let worker = {
             let mut idle = self.idle();
-            let Some(at) = idle.workers.iter().position(|worker| worker.pid == pid) else {
+            let Some(at) = idle.workers.iter().position(|worker| worker.links.pid == pid) else {
                 return;
             };
             // Its permit goes with it. With none free, each idle worker is about to be taken
@@ -353,72 +366,55 @@ impl ProcessPool {
         // A worker that died while idle fails the write before anything reached it: the call
         // goes to another, as often as the pool has workers (plus a fresh one).
         let mut tries = 0;
-        let (mut worker, lent, busy) = loop {
-            let Some(mut worker) = self.take().await else {
+        let (mut links, lent, busy) = loop {
+            let Some(mut links) = self.take().await else {
                 // Shut down while this call waited for a worker: it never runs, and a failure
                 // would dead-letter its message; it waits until the service drops it, which
                 // hands the message back.
                 return std::future::pending().await;
             };
-            let lent = ReplaceOnDrop(Some(self));
+            let lent = ReplaceOnDrop(Some((self, links.pid)));
             let busy = self.busy.token();
-            let sent = tokio::select! {
-                sent = worker.calls.send(&call) => sent,
-                _ = self.stopped.cancelled() => {
-                    lent.disarm();
-                    return abandoned(worker, busy).await;
-                }
+            let error = match links.calls.send(&call).await {
+                Ok(()) => break (links, lent, busy),
+                Err(error) => error,
             };
-            match sent {
-                Ok(()) => break (worker, lent, busy),
-                Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
-                    lent.disarm();
-                    self.give_back(worker);
-                    let message = format!("the call cannot be sent to a worker process: {error}");
-                    return Err(Failure::new(FailureKind::Error, message));
-                }
-                Err(error) => {
-                    lent.disarm();
-                    let pid = worker.pid;
-                    let status = self.replace(worker, false).await;
-                    tracing::warn!(
-                        "worker process {pid} was gone before a call reached it ({error}, \
-                         {status}); a new worker replaces it and another takes the call"
-                    );
-                    tries += 1;
-                    if tries > self.size {
-                        let message = format!(
-                            "{tries} worker processes in a row were gone before the call \
-                             reached them"
-                        );
-                        return Err(Failure::new(FailureKind::Crashed, message));
-                    }
-                }
+            lent.disarm();
+            let Some(worker) = self.reclaim(links) else { return abandoned(busy).await };
+            if error.kind() == std::io::ErrorKind::InvalidData {
+                self.give_back(worker);
+                let message = format!("the call cannot be sent to a worker process: {error}");
+                return Err(Failure::new(FailureKind::Error, message));
+            }
+            let pid = worker.links.pid;
+            let status = self.replace(worker, false).await;
+            tracing::warn!(
+                "worker process {pid} was gone before a call reached it ({error}, {status}); a \
+                 new worker replaces it and another takes the call"
+            );
+            tries += 1;
+            if tries > self.size {
+                let message = format!(
+                    "{tries} worker processes in a row were gone before the call reached them"
+                );
+                return Err(Failure::new(FailureKind::Crashed, message));
             }
         };
-        let outcome = async {
-            match self.time_limit {
-                None => Ok(worker.calls.outcome().await),
-                Some(limit) => tokio::time::timeout(limit, worker.calls.outcome()).await,
-            }
-        };
-        let answer = tokio::select! {
-            answer = outcome => answer,
-            _ = self.stopped.cancelled() => {
-                lent.disarm();
-                return abandoned(worker, busy).await;
-            }
+        // No wait on the shutdown here (it would register with it on every call): the
+        // shutdown kills the worker of a call still running, which ends the wait below.
+        let answer = match self.time_limit {
+            None => Ok(links.calls.outcome().await),
+            Some(limit) => tokio::time::timeout(limit, links.calls.outcome()).await,
         };
         lent.disarm();
+        let Some(mut worker) = self.reclaim(links) else { return abandoned(busy).await };
+        let pid = worker.links.pid;
         match answer {
             Ok(Some(outcome)) => {
-                worker.done += 1;
-                if self.max_tasks.is_some_and(|max| worker.done >= max) {
-                    tracing::debug!(
-                        "worker process {} recycled after {} calls",
-                        worker.pid,
-                        worker.done
-                    );
+                worker.links.done += 1;
+                let done = worker.links.done;
+                if self.max_tasks.is_some_and(|max| done >= max) {
+                    tracing::debug!("worker process {pid} recycled after {done} calls");
                     self.respawn();
                     tokio::spawn(self.busy.track_future(end(worker, false)));
                 } else {
@@ -427,14 +423,12 @@ impl ProcessPool {
                 outcome
             }
             Ok(None) => {
-                let pid = worker.pid;
                 let status = self.replace(worker, false).await;
                 let message = format!("worker process {pid} died during the call ({status})");
                 tracing::error!("{message}; a new worker replaces it");
                 Err(Failure::new(FailureKind::Crashed, message))
             }
             Err(_) => {
-                let pid = worker.pid;
                 self.replace(worker, true).await;
                 let limit = self.time_limit.unwrap_or_default();
                 let message = format!(
@@ -444,6 +438,21 @@ impl ProcessPool {
                 Err(Failure::new(FailureKind::TimedOut, message))
             }
         }
+    }
+
+    /// The worker lent with `links`, back from its call; `None` if the shutdown killed it
+    /// meanwhile.
+    fn reclaim(&self, links: Links) -> Option<Worker> {
+        let child = self.lent_process(links.pid)?;
+        Some(Worker { child, links })
+    }
+
+    /// The process of the worker lent with `pid`, no longer lent; `None` if the shutdown
+    /// killed it meanwhile.
+    fn lent_process(&self, pid: u32) -> Option<Child> {
+        let mut idle = self.idle();
+        let at = idle.lent.iter().position(|(lent, _)| *lent == pid)?;
+        Some(idle.lent.swap_remove(at).1)
     }
 
     /// Start another worker in the background, then end `worker` (see [`end`]). Returns how
@@ -456,58 +465,65 @@ impl ProcessPool {
 
     /// Stop every idle worker (they exit when their socket closes), kill those whose calls
     /// still run (the service waited `SHUTDOWN_TIMEOUT` for them before), and start none any
-    /// more. Returns once each has exited.
+    /// more. Returns once each has exited, and each call that ran has ended.
     pub(crate) async fn shutdown(&self) {
-        let workers = {
+        let (workers, lent) = {
             let mut idle = self.idle();
             idle.closed = true;
-            std::mem::take(&mut idle.workers)
+            (std::mem::take(&mut idle.workers), std::mem::take(&mut idle.lent))
         };
         self.ready.close();
         self.stopped.cancel();
         self.busy.close();
-        futures::future::join_all(workers.into_iter().map(|worker| end(worker, false))).await;
+        let idle = futures::future::join_all(workers.into_iter().map(|worker| end(worker, false)));
+        let lent = futures::future::join_all(lent.into_iter().map(|(pid, child)| async move {
+            let status = exited(pid, child, true).await;
+            tracing::warn!("worker process {pid} still ran a call at shutdown: {status}");
+        }));
+        futures::future::join(idle, lent).await;
         self.busy.wait().await;
     }
 }
 
-/// A call still running when the service shut its workers down, past `SHUTDOWN_TIMEOUT`: its
-/// worker is killed, not left running, and then, as a call that waits for a worker at that
-/// point, it never settles, and its message goes back to the broker.
-async fn abandoned(worker: Worker, busy: TaskTrackerToken) -> Outcome {
-    let pid = worker.pid;
-    let status = end(worker, true).await;
-    tracing::warn!("worker process {pid} still ran a call at shutdown: {status}");
+/// A call whose worker the shutdown killed, past `SHUTDOWN_TIMEOUT`: as a call that waits for
+/// a worker at that point, it never settles, and its message goes back to the broker.
+async fn abandoned(busy: TaskTrackerToken) -> Outcome {
     drop(busy);
     std::future::pending().await
 }
 
 /// End `worker`: close its links, which ends it, killing it if `kill` or if it did not exit
 /// within 5 s. Returns how it ended.
-async fn end(mut worker: Worker, kill: bool) -> String {
-    drop((worker.calls, worker.control));
+async fn end(worker: Worker, kill: bool) -> String {
+    let Worker { child, links: Links { pid, calls, control, .. } } = worker;
+    drop((calls, control));
+    exited(pid, child, kill).await
+}
+
+/// Wait for worker process `pid` to exit, killing it first if `kill`, or if it did not exit
+/// within 5 s. Returns how it ended.
+async fn exited(pid: u32, mut child: Child, kill: bool) -> String {
     if kill {
-        let _ = worker.child.start_kill();
+        let _ = child.start_kill();
     }
-    match tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await {
+    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
         Ok(Ok(status)) => status.to_string(),
         Ok(Err(error)) => error.to_string(),
         Err(_) => {
             tracing::warn!(
-                "worker process {} did not exit in 5 s after its link closed; killed",
-                worker.pid
+                "worker process {pid} did not exit in 5 s after its link closed; killed"
             );
-            let _ = worker.child.start_kill();
+            let _ = child.start_kill();
             "did not exit, killed".to_owned()
         }
     }
 }
 
-/// Held by a call while it uses a worker. A call's future dropped then (its caller went
-/// away: an HTTP client that hung up) drops the worker too, which kills it, as it may be in
-/// the middle of the call or of a frame; this starts its replacement, on a task of its own
-/// since the call's future is gone.
-struct ReplaceOnDrop<'a>(Option<&'a Arc<ProcessPool>>);
+/// Held by a call while it uses worker `pid`. A call's future dropped then (its caller went
+/// away: an HTTP client that hung up) drops the worker's links, and this its process, which
+/// kills it, as it may be in the middle of the call or of a frame; and starts its
+/// replacement, on a task of its own since the call's future is gone.
+struct ReplaceOnDrop<'a>(Option<(&'a Arc<ProcessPool>, u32)>);
 
 impl ReplaceOnDrop<'_> {
     /// The call itself gives the worker back or replaces it.
@@ -518,10 +534,11 @@ impl ReplaceOnDrop<'_> {
 
 impl Drop for ReplaceOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some(pool) = self.0 {
+        if let Some((pool, pid)) = self.0 {
             tracing::warn!(
                 "a call ended by its caller while it ran: its worker is killed, replaced"
             );
+            drop(pool.lent_process(pid));
             pool.respawn();
         }
     }
@@ -572,7 +589,7 @@ mod tests {
     }
 
     fn idle_pids(pool: &ProcessPool) -> Vec<u32> {
-        pool.idle().workers.iter().map(|worker| worker.pid).collect()
+        pool.idle().workers.iter().map(|worker| worker.links.pid).collect()
     }
 
     /// A call's future dropped while a worker runs it (its caller gave up on it) kills that
@@ -613,6 +630,45 @@ mod tests {
         let next = tokio::time::timeout(WAIT, next_call.rpc::<u32>((), ()));
         let next = next.await.expect("a next call runs");
         assert!(next.as_ref().is_ok_and(|pid| idle.contains(pid)), "{next:?}, idle {idle:?}");
+        service.stop().await.unwrap();
+    }
+
+    /// A shutdown while a call still runs (past `SHUTDOWN_TIMEOUT`) kills the call's worker
+    /// and returns once it has exited; the call never settles (its message goes back).
+    #[tokio::test]
+    async fn a_shutdown_kills_the_worker_of_a_running_call_which_never_settles() {
+        use crate::data::{BackOffData, Message, TargetRole};
+        // Up to `start`, this runs in the worker processes too.
+        let config = memory_test_config("pool-shutdown")
+            .with_worker_mode(WorkerMode::Process)
+            .with_max_workers(1);
+        let routes = vec![Route::new(stuck).entrypoint(RPCListener::new())];
+        let service = TestService::start(routes, config).await.unwrap();
+        let pool = service.route("stuck").unwrap().pool().processes().unwrap().clone();
+        let marker = std::env::temp_dir().join(format!("mf-pool-stop-{}", uuid::Uuid::new_v4()));
+        let args = serde_json::json!({"args": [marker.to_string_lossy()], "kwargs": {}});
+        let message = Message::json(&args).unwrap();
+        let calling = pool.clone();
+        let call = tokio::spawn(async move {
+            let retry = BackOffData::from_headers(&message.properties.headers, 0);
+            let call = BorrowedCall {
+                route: "stuck",
+                role: TargetRole::Target,
+                message: &message,
+                failure: None,
+                retry: &retry,
+            };
+            calling.call(call).await
+        });
+        let ran_it = pid_in(&marker).await;
+        let _ = std::fs::remove_file(&marker);
+        tokio::time::timeout(WAIT, pool.shutdown()).await.expect("the shutdown ends");
+        let left = std::path::Path::new(&format!("/proc/{ran_it}")).exists();
+        // on this single-threaded runtime the call ran as far as it could meanwhile
+        call.abort();
+        let settled = call.await;
+        assert!(!left, "worker {ran_it}, which ran the call, is left after the shutdown");
+        assert!(settled.as_ref().is_err_and(|e| e.is_cancelled()), "settled: {settled:?}");
         service.stop().await.unwrap();
     }
 
