@@ -580,6 +580,34 @@ fn a_stop_while_a_call_waits_for_a_worker_ends_the_service() {
     assert!(waiting.join().unwrap().is_err(), "the waiting call never ran");
 }
 
+/// Workers can never start again (each exits as it starts: a set-up that fails, a program
+/// file replaced by an incompatible one): the service does not wait for them for ever,
+/// holding its calls' messages while it looks alive; it stops by itself with an error naming
+/// the cause, for its supervisor to restart it.
+#[test]
+fn a_service_whose_workers_can_never_start_again_stops_with_an_error() {
+    let refuse = std::env::temp_dir().join(common::unique("refuse-all-workers"));
+    let refuse_path = refuse.to_string_lossy().into_owned();
+    let extra = [
+        ("MAX_WORKERS", "1"),
+        ("MAX_TASKS_PER_CHILD", "1"),
+        ("SHUTDOWN_TIMEOUT", "1"),
+        ("REFUSE_WORKERS_WHILE", refuse_path.as_str()),
+    ];
+    let mut service = HttpService::start(&binary(), &extra, false);
+    std::fs::write(&refuse, b"").unwrap();
+    // the worker that answers it (if one started since the start's call) is recycled
+    let address = service.address;
+    std::thread::spawn(move || get(address, "/whoami/1", std::time::Duration::from_secs(60)));
+    let stopped = service.exits_within(std::time::Duration::from_secs(60));
+    let _ = std::fs::remove_file(&refuse);
+    let logs = service.logs();
+    assert!(stopped, "still running 60 s after its workers could no longer start:\n{logs}");
+    let status = service.child.wait().unwrap();
+    assert!(!status.success(), "{status}:\n{logs}");
+    assert!(logs.contains("WorkerProcess(\"cannot start a worker process ("), "{logs}");
+}
+
 /// Ctrl-C in a terminal signals the whole foreground process group, workers included: the
 /// service stops gracefully and its running call still finishes.
 #[test]

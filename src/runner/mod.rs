@@ -556,7 +556,7 @@ async fn start_routes(
     };
     let mut tasks = JoinSet::new();
     for (name, serving) in started.serving {
-        tasks.spawn(async move { (name.to_owned(), serving.await) });
+        tasks.spawn(async move { serving.await.map_err(|error| route_stopped(name, error)) });
     }
     let mut routes: BTreeMap<_, _> =
         started.idle.into_iter().map(|handle| (handle.name().to_owned(), handle)).collect();
@@ -564,7 +564,18 @@ async fn start_routes(
         routes.insert(handle.name().to_owned(), handle.clone());
         tasks.spawn(async move {
             let name = handle.name().to_owned();
-            (name, entrypoint.run(handle).await)
+            entrypoint.run(handle).await.map_err(|error| route_stopped(&name, error))
+        });
+    }
+    // a pool that can no longer start worker processes stops the service
+    #[cfg(feature = "process")]
+    for pool in &processes {
+        let (pool, stopping) = (pool.clone(), env.stopping.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                failure = pool.failed() => Err(failure),
+                _ = stopping.cancelled() => Ok(()),
+            }
         });
     }
     tracing::info!(
@@ -702,9 +713,14 @@ async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
     served
 }
 
-/// Wait for every entrypoint to end; an entrypoint failing stops the whole service.
+fn route_stopped(route: &str, error: Error) -> Error {
+    Error::RouteStopped { route: route.to_owned(), source: Box::new(error) }
+}
+
+/// Wait for every entrypoint to end; an entrypoint failing, or a pool of worker processes
+/// that can no longer start any, stops the whole service.
 async fn supervise(
-    mut tasks: JoinSet<(String, Result<()>)>,
+    mut tasks: JoinSet<Result<()>>,
     env: ServiceEnv,
     dependencies: Vec<SharedDependency>,
     #[cfg(feature = "process")] processes: Vec<Arc<ProcessPool>>,
@@ -713,8 +729,8 @@ async fn supervise(
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
         let failure = match joined {
-            Ok((_, Ok(()))) => continue,
-            Ok((route, Err(error))) => Error::RouteStopped { route, source: Box::new(error) },
+            Ok(Ok(())) => continue,
+            Ok(Err(failure)) => failure,
             Err(join) => Error::EntrypointPanicked(join.to_string()),
         };
         tracing::error!("{failure}; stopping the service");
@@ -822,7 +838,8 @@ impl RunningService {
         self.wait_finished().await
     }
 
-    /// Wait until the service stops by itself (an entrypoint failed) or is stopped.
+    /// Wait until the service stops by itself (an entrypoint failed, or its worker processes
+    /// could no longer be started) or is stopped.
     pub async fn wait_finished(&mut self) -> Result<()> {
         match self.supervisor.as_mut() {
             None => Ok(()),

@@ -23,6 +23,9 @@ use crate::transport::SharedTransport;
 
 const START_LIMIT: Duration = Duration::from_secs(30);
 const RESPAWN_PAUSE: Duration = Duration::from_secs(1);
+/// Starts of one worker that may fail in a row before the pool gives up (see
+/// [`ProcessPool::failed`]).
+const START_ATTEMPTS: u32 = 5;
 
 /// One worker process and its two links. Dropping it closes them, and the worker exits.
 struct Worker {
@@ -233,6 +236,10 @@ pub struct ProcessPool {
     ready: Semaphore,
     /// Fired by the shutdown: a worker being started is given up on.
     stopped: CancellationToken,
+    /// Why workers can no longer be started, once the pool gave up on them.
+    failure: std::sync::OnceLock<String>,
+    /// Fired once `failure` is set.
+    failed: CancellationToken,
     /// Tracks the calls using workers, and the workers being started or ended, so that the
     /// shutdown returns once none is left.
     busy: TaskTracker,
@@ -276,6 +283,8 @@ impl ProcessPool {
             idle: std::sync::Mutex::default(),
             ready: Semaphore::new(0),
             stopped: CancellationToken::new(),
+            failure: std::sync::OnceLock::new(),
+            failed: CancellationToken::new(),
             busy: TaskTracker::new(),
             launcher: Launcher { transport, metrics, args, pool: pool.clone() },
             size,
@@ -337,13 +346,14 @@ impl ProcessPool {
     }
 
     /// Start a worker in the background, trying again until one starts or the pool is shut
-    /// down.
+    /// down, or gives up after `START_ATTEMPTS` failed starts in a row.
     fn respawn(self: &Arc<Self>) {
         // a call's future dropped while the runtime shuts down has no runtime to start on
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let pool = self.clone();
         // tracked, so that the shutdown waits for a worker started meanwhile to end
         runtime.spawn(self.busy.track_future(async move {
+            let mut failures = 0;
             while !pool.idle().closed {
                 let launched = tokio::select! {
                     launched = pool.launcher.launch() => launched,
@@ -353,12 +363,35 @@ impl ProcessPool {
                 match launched {
                     Ok(new) => return pool.give_back(new),
                     Err(error) => {
+                        failures += 1;
+                        if failures == START_ATTEMPTS {
+                            return pool.give_up(format!(
+                                "cannot start a worker process ({failures} attempts in a row, \
+                                 the last: {error})"
+                            ));
+                        }
                         tracing::error!("cannot start a worker process: {error}; trying again");
                         tokio::time::sleep(RESPAWN_PAUSE).await;
                     }
                 }
             }
         }));
+    }
+
+    /// Give up on starting workers: the service is to stop (see [`ProcessPool::failed`]);
+    /// its supervisor logs why.
+    fn give_up(&self, failure: String) {
+        let _ = self.failure.set(failure);
+        self.failed.cancel();
+    }
+
+    /// Once workers can no longer be started (the program's set-up fails in every new one,
+    /// the process or file limit is reached): the pool would shrink to nothing and its calls
+    /// wait for a worker for ever, holding their messages, so the service stops, with this
+    /// error, for its supervisor to start it again; its calls' messages go back.
+    pub(crate) async fn failed(&self) -> Error {
+        self.failed.cancelled().await;
+        Error::WorkerProcess(self.failure.get().cloned().unwrap_or_default())
     }
 
     /// Run one call in a worker process: this task writes the call and reads its outcome.
