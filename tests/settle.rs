@@ -252,3 +252,65 @@ async fn a_message_whose_callback_a_stop_prevents_goes_back_uncounted() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+/// A dependency whose teardown at the stop closes what calls still running use (a pool, say),
+/// and takes its time: the calls it ends fail because of the stop, not because of their
+/// message, and settle before the connection closes.
+struct ClosedAtStop(tokio::sync::watch::Sender<bool>);
+
+#[micro_framework::async_trait]
+impl micro_framework::dependencies::Dependency for ClosedAtStop {
+    type Output = tokio::sync::watch::Receiver<bool>;
+
+    async fn get(
+        &self,
+        _: &micro_framework::WorkerContext,
+    ) -> Result<Self::Output, micro_framework::BoxError> {
+        Ok(self.0.subscribe())
+    }
+
+    async fn teardown(&self) {
+        let _ = self.0.send(true);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn uses_the_pool(
+    Dep(mut closed): Dep<tokio::sync::watch::Receiver<bool>>,
+    Dep(probe): Dep<Arc<common::Probe>>,
+) -> Result<(), String> {
+    probe.enter(json!("started"));
+    probe.leave();
+    let _ = closed.wait_for(|closed| *closed).await;
+    Err("the pool is closed".into())
+}
+
+/// A call still running when the stop gives up on it (past `SHUTDOWN_TIMEOUT`) and failing
+/// then, its dependencies torn down under it, is not dead-lettered: its message goes back to
+/// its queue with the connection, for the next start to handle.
+#[tokio::test]
+async fn a_call_failing_after_the_stop_gave_up_on_it_is_not_dead_lettered() {
+    for uri in broker_uris() {
+        let shop = unique("gaveup");
+        let config = config(&uri, "gaveup").with_shutdown_timeout(Duration::from_millis(200));
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = format!("evt-{shop}-job--{}.uses_the_pool", config.service_name);
+        let probe = common::Probe::new();
+        let routes = vec![Route::new(uses_the_pool)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .dependency(Shared(probe.clone()))];
+        let (closed, _) = tokio::sync::watch::channel(false);
+        let runner = Runner::new(routes, config.clone()).dependency(ClosedAtStop(closed));
+        let service = TestService::start_runner(runner, config.clone()).await.unwrap();
+        service.dispatch(&shop, "job", &json!({})).await.unwrap();
+        probe.wait_started(1).await;
+        service.stop().await.unwrap();
+        let observer = micro_framework::transport::connect(&config).await.unwrap();
+        let dead = take_messages(observer.as_ref(), &format!("{queue}.dlq")).await.unwrap();
+        let left = observer.queue_info(&queue).await.unwrap().message_count;
+        observer.close().await;
+        assert!(dead.is_empty(), "{uri}: dead-lettered for what the stop did: {dead:?}");
+        assert_eq!(left, 1, "{uri}: back in its queue");
+        common::cleanup(&uri, &markers).await;
+    }
+}

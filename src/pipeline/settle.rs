@@ -74,7 +74,8 @@ pub(crate) struct Origin<'a> {
 /// Settle `delivery`, which came from `origin`, for the route's queue `queue` according to
 /// `handled`, and say how it ended: `handled` itself, a dead letter where a retry copy could
 /// not be made, or `None` when the message went back to `origin` (its copy could not be
-/// published, or its callback cannot start during a stop) and will come again. `meta` is the
+/// published, or its callback cannot start during a stop) or is left to go back with the
+/// connection (it failed after the stop gave up on it) and will come again. `meta` is the
 /// `_meta` its next wrapped retry carries on (see [`delayed_message`]).
 pub(crate) async fn settle(
     route: &RouteHandle,
@@ -84,6 +85,18 @@ pub(crate) async fn settle(
     handled: &Handled,
     meta: &RetryMeta,
 ) -> Option<Handled> {
+    // Once the stop has given up on the calls (past SHUTDOWN_TIMEOUT) it tears down their
+    // dependencies: a failure now may be the stop's doing, not the message's. Unsettled, the
+    // message goes back to its queue with the connection, as those of the calls not ended.
+    let succeeded = matches!(handled, Handled::Succeeded(_) | Handled::CalledBack(_));
+    if route.given_up() && !succeeded {
+        tracing::warn!(
+            route = route.name(),
+            "a call failed after the stop gave up on it: its message goes back to {}",
+            origin.queue
+        );
+        return None;
+    }
     let (result, done) = match handled {
         Handled::Succeeded(_) | Handled::CalledBack(_) => {
             (delivery.acker.ack().await, Some(handled.clone()))
