@@ -314,3 +314,35 @@ async fn a_call_failing_after_the_stop_gave_up_on_it_is_not_dead_lettered() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+/// A dead letter does not carry the crash count of the queue it came from
+/// (`x-mf-redeliveries`, which a counted copy carries): a route consuming the dead-letter queue
+/// would take it for its own, waiting the crash pause before each such message and refusing
+/// it as `crashed` sooner.
+#[tokio::test]
+async fn a_dead_letter_leaves_the_crash_count_of_its_queue_behind() {
+    for uri in broker_uris() {
+        let shop = unique("counted");
+        let config = config(&uri, "counted");
+        let markers = [config.service_name.clone(), shop.clone()];
+        let dlq = format!("evt-{shop}-job--{}.flaky.dlq", config.service_name);
+        let journal = Arc::new(Journal::default());
+        let routes = vec![Route::new(flaky)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .dependency(Shared(journal.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        // as a copy counted once by the crash-loop guard comes back to its queue
+        let counted = Headers::from([("x-mf-redeliveries".to_owned(), HeaderValue::Int(1))]);
+        let properties =
+            micro_framework::transport::Properties { headers: counted, ..Default::default() };
+        let message = OutgoingMessage { body: "{}".into(), properties };
+        let exchange = format!("{shop}.events");
+        let transport = service.transport();
+        transport.publish(&exchange, "job", message, PublishOptions::default()).await.unwrap();
+        let dead = wait_for_messages(&service, &dlq).await;
+        assert_eq!(journal.entries(), [0], "{uri}");
+        assert_eq!(header(&dead[0], "x-mf-redeliveries"), &HeaderValue::Void, "{uri}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

@@ -12,7 +12,9 @@ use crate::clock;
 use crate::config::RetryDelay;
 use crate::data::{Failure, Handled, Message};
 use crate::error::{Error, Result};
-use crate::pipeline::consume::{hand_back_message, mark_first_route, HEADER_REDELIVERED};
+use crate::pipeline::consume::{
+    hand_back_message, mark_first_route, HEADER_REDELIVERED, HEADER_REDELIVERIES,
+};
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;
@@ -432,6 +434,9 @@ async fn dead_letter(
     failure: &Failure,
 ) -> Result<(), TransportError> {
     let mut properties = copy_properties(&message.properties);
+    // The crash count is that of the queue it came from: a route consuming the dead-letter
+    // queue would take it for its own.
+    properties.headers.remove(HEADER_REDELIVERIES);
     let reason = dead_letter_headers(route, from, message, failure);
     properties.headers.extend(reason.clone());
     let dlq = format!("{queue}.dlq");

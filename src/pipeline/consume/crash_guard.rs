@@ -15,7 +15,7 @@ use crate::transport::{
 
 /// Header: how many times a message came back unsettled, as counted on the copies the
 /// service publishes of it (quorum queues add their own count, `x-delivery-count`).
-pub(super) const HEADER_REDELIVERIES: &str = "x-mf-redeliveries";
+pub(crate) const HEADER_REDELIVERIES: &str = "x-mf-redeliveries";
 /// Header of a copy published straight to a queue (a counted redelivery, a hand-back, a
 /// retry): the exchange the message was first published to.
 const HEADER_FIRST_EXCHANGE: &str = "x-mf-redelivered-exchange";
