@@ -346,3 +346,35 @@ async fn a_dead_letter_leaves_the_crash_count_of_its_queue_behind() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+/// A retry comes back to its queue through the event filter's queue, but the filter took the
+/// message already: asked again, a filter that changed its mind (a flag turned off meanwhile)
+/// would have the retry acked unrun, the failed message gone without a dead letter.
+#[tokio::test]
+async fn a_retry_is_not_filtered_again() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for uri in broker_uris() {
+        let shop = unique("filtered");
+        let config = config(&uri, "filtered");
+        let markers = [config.service_name.clone(), shop.clone()];
+        let journal = Arc::new(Journal::default());
+        let open = Arc::new(AtomicBool::new(true));
+        let gate = open.clone();
+        // takes the first message it sees, and then none
+        let listener =
+            EventListener::new(&shop, "job").filter(move |_| gate.swap(false, Ordering::SeqCst));
+        let routes = vec![Route::new(flaky)
+            .entrypoint(listener)
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(20)))
+            .dependency(Shared(journal.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "fail_until": 1 })).await.unwrap();
+        let flaky = service.route("flaky").unwrap().clone();
+        let settled = || flaky.stats().succeeded_count() + flaky.stats().skipped_count() >= 1;
+        common::wait_until(settled, "the retry").await;
+        assert_eq!(journal.entries(), [0, 1], "{uri}: retried");
+        assert!(!open.load(Ordering::SeqCst));
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}

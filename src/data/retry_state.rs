@@ -88,12 +88,18 @@ impl BackOffData {
     }
 }
 
+/// Whether a message with `headers` is a retry made for `queue` (a copy that comes back to it
+/// to run again after a failure).
+pub(crate) fn is_retry_of(headers: &Headers, queue: &str) -> bool {
+    headers.get(HEADER_RETRY_QUEUE).and_then(HeaderValue::as_str) == Some(queue)
+}
+
 /// Remove from `headers` the retry state ([`HEADER_RETRY_COUNT`], [`HEADER_LAST_RETRY`],
 /// [`HEADER_LAST_ERROR`]) unless it was made for `queue`, the queue the message was consumed
 /// from: a copy that kept the headers of a message of another queue (its dead letter, a
 /// message a service published again elsewhere) starts its retries anew there.
 pub(crate) fn keep_own_retry_state(headers: &mut Headers, queue: &str) {
-    if headers.get(HEADER_RETRY_QUEUE).and_then(HeaderValue::as_str) == Some(queue) {
+    if is_retry_of(headers, queue) {
         return;
     }
     for name in [HEADER_RETRY_QUEUE, HEADER_RETRY_COUNT, HEADER_LAST_RETRY, HEADER_LAST_ERROR] {

@@ -91,7 +91,8 @@ impl EventListener {
     }
 
     /// Handle only events whose payload passes `filter`; others are acknowledged and skipped.
-    /// Payloads that cannot be decoded are not skipped: they are bad input.
+    /// Payloads that cannot be decoded are not skipped: they are bad input. The retry of an
+    /// event the filter took is not filtered again.
     pub fn filter(mut self, filter: impl Fn(&Value) -> bool + Send + Sync + 'static) -> Self {
         self.filter = Some(Arc::new(filter));
         self

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::data::{Failure, Handled, HeaderValue, Message, HEADER_RETRY_COUNT};
+use crate::data::{is_retry_of, Failure, Handled, HeaderValue, Message, HEADER_RETRY_COUNT};
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::{settle, take_pending_dead_letter, Origin};
@@ -269,7 +269,11 @@ impl DeliveryHandler for RouteQueue {
         // A body over MAX_MESSAGE_SIZE is not read, not even by the filter (which would skip it
         // unseen): the call refuses it, and it is dead-lettered whole.
         let readable = message.body.len() <= route.config().max_message_size;
-        let accepted = if readable { (self.accept)(&message) } else { Ok(true) };
+        // A retry of this queue's (its state kept for it by the crash-loop guard) was taken by
+        // the filter already: asked again, a filter that changed its mind would have it acked
+        // unrun, the failed message gone without a dead letter.
+        let retry = is_retry_of(&message.properties.headers, &self.queue);
+        let accepted = if readable && !retry { (self.accept)(&message) } else { Ok(true) };
         match accepted {
             Ok(true) => {}
             Ok(false) => {
