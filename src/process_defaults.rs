@@ -20,6 +20,9 @@
 //! threshold fixed at 128 KiB it went back to 17.5 MB. `MALLOC_MMAP_THRESHOLD_` (or
 //! `GLIBC_TUNABLES`) in the environment keeps the program's own choice.
 //!
+//! **A worker's watch on its service.** A worker exits once its service is gone (killed,
+//! say): watched from before `main`, as a worker may hang in the program's own set-up.
+//!
 //! **Stop signals of a worker process.** A worker ignores SIGINT and SIGTERM (its service
 //! stops it), but it first runs the program's `main` and set-up, where a Ctrl-C sent to the
 //! whole process group killed it, and with it the service's start or a worker's replacement.
@@ -53,6 +56,11 @@ fn process_defaults() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         }
+    }
+    // last: a thread that runs on, once the environment is set
+    #[cfg(all(unix, feature = "process"))]
+    if crate::pipeline::spawners::process::worker_socket().is_some() {
+        crate::pipeline::spawners::process::exit_when_orphaned();
     }
 }
 

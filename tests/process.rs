@@ -717,6 +717,46 @@ fn workers_start_when_the_temp_dirs_path_is_long() {
     assert!(answer.as_ref().is_ok_and(|(status, _)| *status == 200), "{answer:?}");
 }
 
+/// A service killed (SIGKILL: nothing of it runs on) while its workers are still in the
+/// program's own set-up (a connection that hangs, here a sleep of 10 min) leaves no worker
+/// behind: each watches its service from before `main`.
+#[test]
+fn workers_in_their_set_up_do_not_outlive_a_killed_service() {
+    let name = common::unique("procorphan");
+    let child = Command::new(binary())
+        .env("AMQP_URI", format!("memory://{name}"))
+        .env("SERVICE_NAME", &name)
+        .env("WORKER_MODE", "process")
+        .env("MAX_WORKERS", "1")
+        .env("SLOW_WORKER_START_MS", "600000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("process_service starts (built by cargo test)");
+    let mut child = Supervised(child);
+    let pid = child.0.id();
+    let since = std::time::Instant::now();
+    while children(pid).is_empty() && since.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // the first worker: the next start after it is ready
+    let workers = children(pid);
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    let since = std::time::Instant::now();
+    while workers.iter().any(|worker| alive(*worker))
+        && since.elapsed() < std::time::Duration::from_secs(20)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let left: Vec<_> = workers.iter().copied().filter(|worker| alive(*worker)).collect();
+    for worker in &left {
+        let _ = Command::new("kill").args(["-KILL", &worker.to_string()]).status();
+    }
+    assert!(left.is_empty(), "workers still running 20 s after their service was killed: {left:?}");
+}
+
 /// Ctrl-C while worker processes are still starting (in the program's own set-up, before
 /// their runner starts) stops the service once started, as any signal during a start does:
 /// the starting workers, which get the signal too, must not die of it and fail the start.

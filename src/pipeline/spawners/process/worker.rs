@@ -252,7 +252,6 @@ impl WorkerLink {
     /// connection for it, then the control link.
     pub(crate) async fn connect(socket: &str) -> Result<Self> {
         ignore_stop_signals();
-        exit_when_orphaned();
         let dial = || async {
             UnixStream::connect(socket).await.map_err(|error| {
                 Error::Startup(format!("worker cannot reach its service: {error}"))
@@ -366,12 +365,18 @@ const PARENT_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Exit once the service is gone (its process ended, even killed, so this one was handed to
 /// another parent), even while a call runs: the service enforces the time limit, and
-/// nobody waits for the call's outcome any more.
-fn exit_when_orphaned() {
+/// nobody waits for the call's outcome any more. Started before `main`, so that a worker
+/// still in the program's own set-up (a connection that hangs) does not outlive its service.
+pub(crate) fn exit_when_orphaned() {
     let service = std::os::unix::process::parent_id();
+    // the socket the worker has not dialed yet, whose folder nobody else would remove
+    let socket = worker_socket();
     let watching = std::thread::Builder::new().name("service-watch".into()).spawn(move || loop {
         std::thread::sleep(PARENT_CHECK);
         if std::os::unix::process::parent_id() != service {
+            if let Some(socket) = &socket {
+                remove_socket(socket);
+            }
             tracing::error!("the service (process {service}) is gone: this worker exits");
             std::process::exit(1);
         }
