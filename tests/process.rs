@@ -382,6 +382,9 @@ struct HttpService {
     child: std::process::Child,
     address: std::net::SocketAddr,
     log: PathBuf,
+    /// The service's `TMPDIR`, where its workers' sockets are: a worker killed here while it
+    /// starts (or before it is started) leaves its socket's folder, which this removes.
+    tmp: PathBuf,
 }
 
 impl Drop for HttpService {
@@ -392,6 +395,7 @@ impl Drop for HttpService {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }
 
@@ -403,6 +407,8 @@ impl HttpService {
         let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let name = common::unique("prochang");
         let log = std::env::temp_dir().join(format!("{name}.log"));
+        let tmp = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&tmp).unwrap();
         let mut command = Command::new(exe);
         command
             .env("AMQP_URI", format!("memory://{name}"))
@@ -410,6 +416,7 @@ impl HttpService {
             .env("WORKER_MODE", "process")
             .env("MAX_WORKERS", "2")
             .env("WEB_SERVER_ADDRESS", address.to_string())
+            .env("TMPDIR", &tmp)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
@@ -420,7 +427,7 @@ impl HttpService {
             command.process_group(0);
         }
         let child = command.spawn().expect("process_service starts (built by cargo test)");
-        let service = HttpService { child, address, log };
+        let service = HttpService { child, address, log, tmp };
         for _ in 0..400 {
             if service.get("/whoami/0", std::time::Duration::from_secs(5)).is_ok() {
                 return service;
