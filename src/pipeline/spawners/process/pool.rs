@@ -14,7 +14,7 @@ use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use super::control::{ControlLink, Sink};
 use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Ready};
-use super::worker::{SOCKET_DIR_PREFIX, WORKER_SOCKET_ENV};
+use super::worker::{SERVICE_PID_ENV, SOCKET_DIR_PREFIX, WORKER_SOCKET_ENV};
 use crate::data::Outcome;
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
@@ -133,10 +133,11 @@ impl Launcher {
         if let Some(name) = std::env::args_os().next() {
             command.arg0(name);
         }
-        let mut child =
-            command.args(args).env(WORKER_SOCKET_ENV, socket).kill_on_drop(true).spawn().map_err(
-                |error| Error::WorkerProcess(format!("cannot start a worker process: {error}")),
-            )?;
+        command.args(args).env(WORKER_SOCKET_ENV, socket);
+        command.env(SERVICE_PID_ENV, std::process::id().to_string());
+        let mut child = command.kill_on_drop(true).spawn().map_err(|error| {
+            Error::WorkerProcess(format!("cannot start a worker process: {error}"))
+        })?;
         let ready = async {
             // the worker dials its calls link first
             let (calls, _) = listener.accept().await?;

@@ -32,6 +32,10 @@ use crate::transport::{
 /// The environment variable that makes a service binary a worker: the socket to dial.
 pub const WORKER_SOCKET_ENV: &str = "MF_WORKER_SOCKET";
 
+/// The environment variable that gives a worker process the pid of its service: the
+/// service may be gone before the worker's watch starts, its parent then another.
+pub(super) const SERVICE_PID_ENV: &str = "MF_WORKER_SERVICE_PID";
+
 /// How the name of the directory of a worker's socket begins.
 pub(super) const SOCKET_DIR_PREFIX: &str = "mf-worker-";
 
@@ -368,7 +372,8 @@ const PARENT_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 /// nobody waits for the call's outcome any more. Started before `main`, so that a worker
 /// still in the program's own set-up (a connection that hangs) does not outlive its service.
 pub(crate) fn exit_when_orphaned() {
-    let service = std::os::unix::process::parent_id();
+    let named = std::env::var(SERVICE_PID_ENV).ok().and_then(|pid| pid.parse().ok());
+    let service = named.unwrap_or_else(std::os::unix::process::parent_id);
     // the socket the worker has not dialed yet, whose folder nobody else would remove
     let socket = worker_socket();
     let watching = std::thread::Builder::new().name("service-watch".into()).spawn(move || loop {
