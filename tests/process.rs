@@ -559,20 +559,46 @@ fn a_call_given_to_a_worker_that_died_idle_runs_in_another() {
     );
 }
 
+/// The flag file that makes a service's workers exit as they start ([`RefusingWorkers::start`]),
+/// removed when dropped.
+struct RefusingWorkers {
+    flag: std::path::PathBuf,
+}
+
+impl RefusingWorkers {
+    /// A service with one worker, recycled after `tasks_per_child` calls, whose stop gives up
+    /// after 1 s, and whose workers exit as they start once [`RefusingWorkers::refuse`] is
+    /// called.
+    fn start(tasks_per_child: &str) -> (HttpService, RefusingWorkers) {
+        let flag = std::env::temp_dir().join(common::unique("refuse-workers"));
+        let flag_path = flag.to_string_lossy().into_owned();
+        let extra = [
+            ("MAX_WORKERS", "1"),
+            ("MAX_TASKS_PER_CHILD", tasks_per_child),
+            ("SHUTDOWN_TIMEOUT", "1"),
+            ("REFUSE_WORKERS_WHILE", flag_path.as_str()),
+        ];
+        (HttpService::start(&binary(), &extra, false), RefusingWorkers { flag })
+    }
+
+    /// From now on, every worker exits as it starts.
+    fn refuse(&self) {
+        std::fs::write(&self.flag, b"").unwrap();
+    }
+}
+
+impl Drop for RefusingWorkers {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.flag);
+    }
+}
+
 /// A call waits for a worker that cannot start (the recycled one's replacement exits as it
 /// starts): a graceful stop still ends the service.
 #[test]
 fn a_stop_while_a_call_waits_for_a_worker_ends_the_service() {
-    let refuse = std::env::temp_dir().join(common::unique("refuse-workers"));
-    let refuse_path = refuse.to_string_lossy().into_owned();
-    let extra = [
-        ("MAX_WORKERS", "1"),
-        ("MAX_TASKS_PER_CHILD", "2"),
-        ("SHUTDOWN_TIMEOUT", "1"),
-        ("REFUSE_WORKERS_WHILE", refuse_path.as_str()),
-    ];
-    let mut service = HttpService::start(&binary(), &extra, false);
-    std::fs::write(&refuse, b"").unwrap();
+    let (mut service, workers) = RefusingWorkers::start("2");
+    workers.refuse();
     // the worker's second call (the first was the start's): its replacement cannot start
     let last = service.get("/whoami/1", std::time::Duration::from_secs(15));
     let address = service.address;
@@ -581,7 +607,6 @@ fn a_stop_while_a_call_waits_for_a_worker_ends_the_service() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let _ = Command::new("kill").args(["-TERM", &service.child.id().to_string()]).status();
     let stopped = service.exits_within(std::time::Duration::from_secs(20));
-    let _ = std::fs::remove_file(&refuse);
     assert!(last.is_ok_and(|(status, _)| status == 200));
     assert!(stopped, "still running 20 s after SIGTERM:\n{}", service.logs());
     assert!(waiting.join().unwrap().is_err(), "the waiting call never ran");
@@ -593,21 +618,12 @@ fn a_stop_while_a_call_waits_for_a_worker_ends_the_service() {
 /// the cause, for its supervisor to restart it.
 #[test]
 fn a_service_whose_workers_can_never_start_again_stops_with_an_error() {
-    let refuse = std::env::temp_dir().join(common::unique("refuse-all-workers"));
-    let refuse_path = refuse.to_string_lossy().into_owned();
-    let extra = [
-        ("MAX_WORKERS", "1"),
-        ("MAX_TASKS_PER_CHILD", "1"),
-        ("SHUTDOWN_TIMEOUT", "1"),
-        ("REFUSE_WORKERS_WHILE", refuse_path.as_str()),
-    ];
-    let mut service = HttpService::start(&binary(), &extra, false);
-    std::fs::write(&refuse, b"").unwrap();
+    let (mut service, workers) = RefusingWorkers::start("1");
+    workers.refuse();
     // the worker that answers it (if one started since the start's call) is recycled
     let address = service.address;
     std::thread::spawn(move || get(address, "/whoami/1", std::time::Duration::from_secs(60)));
     let stopped = service.exits_within(std::time::Duration::from_secs(60));
-    let _ = std::fs::remove_file(&refuse);
     let logs = service.logs();
     assert!(stopped, "still running 60 s after its workers could no longer start:\n{logs}");
     let status = service.child.wait().unwrap();

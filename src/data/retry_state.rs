@@ -72,13 +72,13 @@ impl BackOffData {
         }
     }
 
-    /// The retry state of the attempt after this one, which failed with `error` now.
-    pub(crate) fn next(&self, error: String) -> BackOffData {
+    /// The retry state of the attempt after this one, which failed with `error` at `at`.
+    pub(crate) fn next(&self, error: String, at: SystemTime) -> BackOffData {
         BackOffData {
             retry_count: self.retry_count.saturating_add(1),
             max_retries: self.max_retries,
             last_error: Some(error),
-            last_retry: Some(crate::clock::wall_now()),
+            last_retry: Some(at),
         }
     }
 

@@ -3,7 +3,7 @@
 //! needs to give the message back (a queued message, an RPC request) or to fail it (a timer's
 //! run, an HTTP or WebSocket call, which have nothing to give back).
 
-use crate::data::{BackOffData, Failure, Handled, Headers};
+use crate::data::{BackOffData, Failure, Handled};
 
 /// Why an interrupted call was not retried, as its failure's last cause says.
 const NOT_RETRIED: &str = "not retried: the service is stopping";
@@ -42,14 +42,13 @@ pub(crate) struct Interrupted {
 impl Interrupted {
     /// The call whose attempt at `retry` failed with `failure`, interrupted now.
     pub(crate) fn new(failure: Failure, retry: &BackOffData) -> Self {
-        let next = retry.next(failure.full_message());
+        let next = retry.next(failure.full_message(), crate::clock::wall_now());
         Interrupted { failure, next }
     }
 
-    /// Write the retry state of the attempt that did not run into `headers` (a copy's that
-    /// goes back to `queue`), as a broker retry's copy carries it.
-    pub(crate) fn mark(&self, headers: &mut Headers, queue: &str) {
-        self.next.write_headers(headers, queue);
+    /// The retry state of the attempt that did not run, which its message's copy carries.
+    pub(crate) fn next(&self) -> &BackOffData {
+        &self.next
     }
 
     /// The call as failed, with its last failure and why it was not retried.

@@ -6,6 +6,7 @@
 //! hot loop), as a copy the crash-loop guard does not count, since its handling did not crash:
 //! carrying its failure, to be dead-lettered again unrun, or the retry it is to run as.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::clock;
@@ -13,7 +14,8 @@ use crate::config::RetryDelay;
 use crate::data::{Failure, Handled, Message};
 use crate::error::{Error, Result};
 use crate::pipeline::consume::{
-    hand_back_message, mark_first_route, HEADER_REDELIVERED, HEADER_REDELIVERIES,
+    hand_back_as_retry, hand_back_message, mark_first_route, HEADER_REDELIVERED,
+    HEADER_REDELIVERIES,
 };
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::retry::BackOffData;
@@ -153,7 +155,7 @@ async fn not_retried(
         false => Handled::Failed(failure),
         true => {
             let Some(permit) = route.acquire().await else {
-                give_back(route, origin, delivery).await;
+                give_back(route, origin, delivery, None).await;
                 return None;
             };
             route.no_retry_made(permit, message.clone(), failure).await
@@ -240,29 +242,34 @@ async fn ack_after(
         _ = route.stopping().cancelled() => {}
         _ = tokio::time::sleep(REQUEUE_PAUSE) => {}
     }
-    let (message, acker) = delivery.into_parts();
-    let mut copy = match unsent {
-        Unsent::DeadLetter(_) => origin.original.clone().unwrap_or(message),
-        Unsent::Retry(_) => message,
-    };
-    let headers = &mut copy.properties.headers;
     match unsent {
-        Unsent::DeadLetter(failure) => mark_pending_dead_letter(headers, failure),
+        Unsent::DeadLetter(failure) => give_back(route, origin, delivery, Some(failure)).await,
         Unsent::Retry(failure) => {
-            let retry = BackOffData::from_headers(headers, 0);
-            retry.next(failure.full_message()).write_headers(headers, queue);
+            let (message, acker) = delivery.into_parts();
+            let retry = BackOffData::from_headers(&message.properties.headers, 0);
+            let next = retry.next(failure.full_message(), clock::wall_now());
+            let (quorum, acker) = (origin.quorum, acker.as_ref());
+            hand_back_as_retry(route, queue, quorum, &message, &next, acker, route.name()).await;
         }
     }
-    hand_back_message(route, back_to, origin.quorum, &copy, acker.as_ref(), route.name()).await;
     Ok(())
 }
 
 /// Give `delivery` back to `origin` as it came there, as a copy the crash-loop guard does not
-/// count ([`hand_back_message`]; requeued if the copy cannot be published).
-async fn give_back(route: &RouteHandle, origin: &Origin<'_>, delivery: Delivery) {
+/// count ([`hand_back_message`]; requeued if the copy cannot be published), carrying the
+/// failure it is to be dead-lettered with when it comes back, if any.
+async fn give_back(
+    route: &RouteHandle,
+    origin: &Origin<'_>,
+    delivery: Delivery,
+    pending_dead_letter: Option<&Failure>,
+) {
     let (message, acker) = delivery.into_parts();
-    let message = origin.original.as_ref().unwrap_or(&message);
-    hand_back_message(route, origin.queue, origin.quorum, message, acker.as_ref(), route.name())
+    let mut message = Cow::Borrowed(origin.original.as_ref().unwrap_or(&message));
+    if let Some(failure) = pending_dead_letter {
+        mark_pending_dead_letter(&mut message.to_mut().properties.headers, failure);
+    }
+    hand_back_message(route, origin.queue, origin.quorum, &message, acker.as_ref(), route.name())
         .await;
 }
 
@@ -339,21 +346,16 @@ async fn schedule_retry(
         RetryDelay::DelayedMessagePlugin => delayed_message::MAX_DELAY,
         RetryDelay::DelayQueues => MAX_DELAY_QUEUE_TTL,
     });
-    let retry_count =
-        BackOffData::from_headers(&message.properties.headers, 0).retry_count.saturating_add(1);
+    let retry = BackOffData::from_headers(&message.properties.headers, 0);
     let now = clock::wall_now();
+    let next = retry.next(failure.full_message(), now);
+    let retry_count = next.retry_count;
     let mut properties = copy_properties(&message.properties);
     let headers = &mut properties.headers;
     // The queue the copy comes back to, whose consumer alone reads its retry state as its own.
     let back_to = match route.config().retry_delay {
         RetryDelay::DelayedMessagePlugin => delayed_message::backoff_queue(route),
         RetryDelay::DelayQueues => None,
-    };
-    let next = BackOffData {
-        retry_count,
-        max_retries: 0,
-        last_error: Some(failure.full_message()),
-        last_retry: Some(now),
     };
     next.write_headers(headers, back_to.as_deref().unwrap_or(queue));
     // The copy comes back through the default exchange (delay queues) or the backoff exchange

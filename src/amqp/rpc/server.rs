@@ -15,7 +15,7 @@ use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_interrupted, hand_back_message, DeliveryHandler, QueueSource,
+    consume, hand_back_as_retry, hand_back_message, DeliveryHandler, QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::Delivery;
@@ -109,12 +109,12 @@ impl DeliveryHandler for RpcServer {
                         Ended::Interrupted(interrupted) => {
                             // unanswered: another instance answers it
                             let (queue, acker) = (&self.queue, &*acker);
-                            hand_back_interrupted(
+                            hand_back_as_retry(
                                 &route,
                                 queue,
                                 false,
                                 &message,
-                                &interrupted,
+                                interrupted.next(),
                                 acker,
                                 "RPC",
                             )

@@ -16,7 +16,7 @@ use crate::amqp::rpc::wire::request_body;
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_interrupted, hand_back_message, DeliveryHandler, QueueSource,
+    consume, hand_back_as_retry, hand_back_message, DeliveryHandler, QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_size;
@@ -125,8 +125,16 @@ impl UfwRpcServer {
                 // unanswered, as it came: another instance answers it (only a route retrying
                 // in the worker is interrupted, and its request was kept)
                 let request = request_as_it_came.as_ref().unwrap_or(message);
-                hand_back_interrupted(&route, &queue, false, request, &interrupted, acker, "RPC")
-                    .await;
+                hand_back_as_retry(
+                    &route,
+                    &queue,
+                    false,
+                    request,
+                    interrupted.next(),
+                    acker,
+                    "RPC",
+                )
+                .await;
                 return None;
             }
         };

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use super::QueueSource;
-use crate::data::{keep_own_retry_state, Failure, FailureKind, HeaderValue, Headers, Message};
-use crate::pipeline::interrupted::Interrupted;
+use crate::data::{
+    keep_own_retry_state, BackOffData, Failure, FailureKind, HeaderValue, Headers, Message,
+};
 use crate::pipeline::settle::copy_properties;
 use crate::pipeline::RouteHandle;
 use crate::transport::{
@@ -152,20 +153,22 @@ pub(crate) async fn hand_back_message(
     }
 }
 
-/// [`hand_back_message`] for a `message` whose call the stop cut short between in-worker
-/// retries: its copy carries the retry made (`x-mf-retry-count` and the rest, as a broker
-/// retry's copy does), so that the instance handling it next goes on counting.
-pub(crate) async fn hand_back_interrupted(
+/// [`hand_back_message`] for a `message` to come back to `queue` as the attempt `next`: a
+/// call the stop cut short between in-worker retries, or a retry whose copy the broker did
+/// not take. Its copy carries that retry state (`x-mf-retry-count` and the rest, as a broker
+/// retry's copy does), so that the instance handling it next goes on counting, and a message
+/// whose retries the broker never takes still ends when its retries do.
+pub(crate) async fn hand_back_as_retry(
     route: &RouteHandle,
     queue: &str,
     quorum: bool,
     message: &Message,
-    interrupted: &Interrupted,
+    next: &BackOffData,
     acker: &dyn Acker,
     label: &str,
 ) {
     let mut marked = message.clone();
-    interrupted.mark(&mut marked.properties.headers, queue);
+    next.write_headers(&mut marked.properties.headers, queue);
     hand_back_message(route, queue, quorum, &marked, acker, label).await;
 }
 

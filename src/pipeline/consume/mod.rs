@@ -24,7 +24,7 @@ use crash_guard::{
     check_crash_loop, count_redelivery, crash_pause, take_redelivered_mark, Checked, Guarded,
 };
 pub(crate) use crash_guard::{
-    hand_back, hand_back_interrupted, hand_back_message, mark_first_route, HEADER_REDELIVERED,
+    hand_back, hand_back_as_retry, hand_back_message, mark_first_route, HEADER_REDELIVERED,
     HEADER_REDELIVERIES,
 };
 
@@ -295,12 +295,12 @@ impl DeliveryHandler for RouteQueue {
             Ended::Interrupted(interrupted) => {
                 let (queue, acker) = (&self.queue, delivery.acker.as_ref());
                 let label = route.name();
-                hand_back_interrupted(
+                hand_back_as_retry(
                     route,
                     queue,
                     self.quorum,
                     &message,
-                    &interrupted,
+                    interrupted.next(),
                     acker,
                     label,
                 )
