@@ -631,6 +631,19 @@ async fn wait_disconnected(t: &RabbitMqTransport) {
     .expect("outage not detected within 10 s");
 }
 
+/// Wait until `t` has reconnected since it had made `before` reconnections: a link cut on the
+/// client's side only may be down for no longer than one reconnection takes, too short for
+/// [`wait_disconnected`]'s polls to see.
+async fn wait_reconnected(t: &RabbitMqTransport, before: u64) {
+    timeout(Duration::from_secs(20), async {
+        while t.reconnects() == before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("not reconnected within 20 s");
+}
+
 async fn wait_connected(t: &RabbitMqTransport) {
     timeout(Duration::from_secs(20), async {
         while !t.is_connected() {
@@ -1193,8 +1206,9 @@ async fn an_exclusive_queue_held_by_the_old_connection_is_declared_again() {
         };
         t.bind_queue(&binding).await.unwrap();
         let mut consumer = t.consume(&queue, prefetch(5)).await.unwrap();
+        let reconnects = t.reconnects();
         proxy.cut_client_side();
-        wait_disconnected(&t).await;
+        wait_reconnected(&t, reconnects).await;
         wait_connected(&t).await;
         // Published until one arrives: while the old connection lives, its queue takes them.
         let delivered = timeout(Duration::from_secs(60), async {
@@ -1244,8 +1258,9 @@ async fn an_exclusive_consumer_held_by_the_old_connection_resumes() {
         t.declare_queue(&plain_queue(&queue)).await.unwrap();
         let exclusive = ConsumeOptions { exclusive: true, ..prefetch(5) };
         let mut consumer = t.consume(&queue, exclusive).await.unwrap();
+        let reconnects = t.reconnects();
         proxy.cut_client_side();
-        wait_disconnected(&t).await;
+        wait_reconnected(&t, reconnects).await;
         wait_connected(&t).await;
         // Published until one arrives: while the old connection lives, its consumer holds them.
         let delivered = timeout(Duration::from_secs(60), async {
