@@ -353,9 +353,7 @@ impl RouteHandle {
                 );
                 return Ended::Interrupted(Interrupted::new(failure.clone(), &retry));
             }
-            retry.retry_count += 1;
-            retry.last_error = Some(failure.full_message());
-            retry.last_retry = Some(clock::wall_now());
+            retry = retry.next(failure.full_message(), clock::wall_now());
             outcome = self.run(TargetRole::Target, message, None, &retry).await;
         }
         let handled = match outcome {
