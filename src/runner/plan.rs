@@ -1,0 +1,143 @@
+//! Planning a start: each route checked, given its context's pool and the runner's shared
+//! dependencies, before anything touches the broker.
+
+use super::context::RunnerContext;
+use super::metric_labels::MetricLabels;
+use crate::config::{Config, MAX_WORKERS_LIMIT};
+use crate::data::TargetRole;
+use crate::error::{Error, Result};
+use crate::handler::dependencies::SharedDependency;
+use crate::handler::extract::TargetSetup;
+use crate::pipeline::routes::Route;
+#[cfg(feature = "process")]
+use crate::pipeline::spawners::process::worker_socket;
+use crate::pipeline::spawners::WorkerPool;
+
+/// A route checked and ready to start, with its pool.
+pub(super) struct RoutePlan {
+    pub route: Route,
+    pub pool: WorkerPool,
+    /// Whether its entrypoint starts (else the route is only set up).
+    pub started: bool,
+}
+
+/// Check each context's routes and give each its context's pool, with the runner's shared
+/// `dependencies` added where a route has none of the same type.
+pub(super) fn plan_routes(
+    contexts: Vec<RunnerContext>,
+    dependencies: &[SharedDependency],
+    config: &Config,
+) -> Result<Vec<RoutePlan>> {
+    let mut plans: Vec<RoutePlan> = Vec::new();
+    let mut labels = MetricLabels::default();
+    for context in contexts {
+        let mode = context.worker_mode.unwrap_or(config.worker_mode);
+        #[cfg(not(feature = "process"))]
+        if mode.is_process() {
+            return Err(Error::Startup(format!(
+                "WORKER_MODE={mode}, but micro-framework was built without the `process` \
+                 feature: enable the feature or use thread or greedy_thread"
+            )));
+        }
+        let size = context.max_workers.unwrap_or(config.max_workers);
+        if size == 0 || size > MAX_WORKERS_LIMIT {
+            return Err(Error::Startup(format!(
+                "a RunnerContext needs max_workers from 1 to {MAX_WORKERS_LIMIT}, got {size}"
+            )));
+        }
+        let label = context.metric_label.unwrap_or_else(|| {
+            if plans.is_empty() {
+                "default".to_owned()
+            } else {
+                format!("context_{}", plans.len())
+            }
+        });
+        if !context.routes.is_empty() {
+            labels.add_context(&label)?;
+        }
+        let pool = WorkerPool::new(size, mode, &label)
+            .with_time_limit(context.time_limit.or(config.task_time_limit));
+        if !context.routes.is_empty() && !in_worker_process() {
+            warn_time_limit_ignored(&pool, &context.routes, context.time_limit.is_some());
+        }
+        for mut route in context.routes {
+            if plans.iter().any(|plan| plan.route.name == route.name) {
+                return Err(Error::Startup(format!(
+                    "two routes are named '{}': give one another name with Route::name",
+                    route.name
+                )));
+            }
+            if route.entrypoint.is_none() {
+                return Err(Error::Startup(format!(
+                    "route '{}' has no entrypoint: add one with Route::entrypoint",
+                    route.name
+                )));
+            }
+            for dependency in dependencies {
+                if !route.dependencies.iter().any(|d| d.output_type() == dependency.output_type()) {
+                    route.dependencies.push(dependency.clone());
+                }
+            }
+            check_targets(&route)?;
+            labels.add_route(&label, &route.name, route.metric_label_for(config.protocol))?;
+            plans.push(RoutePlan { route, pool: pool.clone(), started: true });
+        }
+    }
+    let processes = plans.iter().any(|plan| plan.pool.mode().is_process());
+    if let (Some(tasks), false) = (config.max_tasks_per_child, processes) {
+        tracing::warn!(
+            "MAX_TASKS_PER_CHILD ({tasks}) has no effect: no context runs in a process worker mode"
+        );
+    }
+    Ok(plans)
+}
+
+/// Whether this process is a worker process of a service.
+pub(super) fn in_worker_process() -> bool {
+    #[cfg(feature = "process")]
+    return worker_socket().is_some();
+    #[cfg(not(feature = "process"))]
+    false
+}
+
+/// Warns that the time limit of `pool` (from `RunnerContext::time_limit` when `from_context`,
+/// else `TASK_TIME_LIMIT`) does nothing to the sync functions of its `routes` in a thread mode:
+/// a thread cannot be stopped mid-call (an async function is cancelled, a worker process
+/// killed), and a user relying on the limit must know which calls it does not bound.
+fn warn_time_limit_ignored(pool: &WorkerPool, routes: &[Route], from_context: bool) {
+    let mode = pool.mode();
+    let Some(limit) = pool.time_limit().filter(|_| !mode.is_process()) else { return };
+    let sync: Vec<&str> = routes
+        .iter()
+        .filter(|route| {
+            std::iter::once(&route.target)
+                .chain(&route.callback)
+                .any(|function| !function.asynchronous)
+        })
+        .map(|route| route.name.as_str())
+        .collect();
+    if sync.is_empty() {
+        return;
+    }
+    let source = if from_context { "RunnerContext::time_limit" } else { "TASK_TIME_LIMIT" };
+    tracing::warn!(
+        "{source} ({limit:?}) has no effect on the sync functions of context '{}' in \
+         WORKER_MODE={mode} (routes {}): a thread cannot be stopped mid-call, only an async \
+         function (or, in WORKER_MODE=process or greedy_process, a worker process)",
+        pool.context(),
+        sync.join(", ")
+    );
+}
+
+fn check_targets(route: &Route) -> Result<()> {
+    let provided: Vec<_> = route.dependencies.iter().map(|d| d.output_type()).collect();
+    let targets = std::iter::once((TargetRole::Target, &route.target))
+        .chain(route.callback.iter().map(|callback| (TargetRole::Callback, callback)));
+    for (role, target) in targets {
+        let setup = TargetSetup { route: route.name.clone(), role, provided: provided.clone() };
+        (target.check)(&setup).map_err(|reason| {
+            Error::Startup(format!("route '{}', function {}: {reason}", route.name, target.path))
+        })?;
+    }
+    Ok(())
+}

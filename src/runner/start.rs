@@ -1,0 +1,300 @@
+//! Starting a planned service: connecting (with retries), setting up dependencies, worker
+//! processes and entrypoints, undoing all of it when a step fails, then running the
+//! entrypoints under the supervisor.
+
+use std::collections::BTreeMap;
+#[cfg(feature = "process")]
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::plan::RoutePlan;
+use super::running::{supervise, RunningService};
+#[cfg(feature = "process")]
+use super::Runner;
+use crate::config::Config;
+#[cfg(feature = "process")]
+use crate::config::WorkerMode;
+use crate::error::{Error, Result};
+use crate::handler::dependencies::{set_up_all, tear_down, SharedDependency};
+#[cfg(feature = "process")]
+use crate::pipeline::spawners::process::{ProcessPool, WorkerLink};
+#[cfg(feature = "process")]
+use crate::pipeline::spawners::WorkerPool;
+use crate::pipeline::{RouteHandle, ServiceEnv, Serving};
+use crate::transport::SharedTransport;
+
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Connect, retrying with exponential backoff (1 s doubling to 30 s) while trying again can
+/// help, e.g. while the broker is unreachable (see
+/// [`TransportError::is_permanent`](crate::transport::TransportError::is_permanent)).
+/// Permanent errors (a bad URI, refused credentials, TLS refusals, unreadable TLS files) are
+/// returned at once.
+pub(super) async fn connect_retrying(config: &Config) -> Result<SharedTransport> {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match crate::transport::connect(config).await {
+            Err(error) if !error.is_permanent() => {
+                tracing::warn!(
+                    "broker unreachable at {} ({error}); trying again in {pause:?}",
+                    config.masked_amqp_uri()
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(CONNECT_RETRY_MAX);
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Start the planned routes on `transport`; on failure the transport is closed.
+pub(super) async fn start(
+    plans: Vec<RoutePlan>,
+    config: &Arc<Config>,
+    transport: SharedTransport,
+    worker_args: Option<Vec<std::ffi::OsString>>,
+) -> Result<RunningService> {
+    match start_routes(plans, config, transport.clone(), worker_args).await {
+        Ok(service) => Ok(service),
+        Err(error) => {
+            transport.close().await;
+            Err(error)
+        }
+    }
+}
+
+async fn start_routes(
+    plans: Vec<RoutePlan>,
+    config: &Arc<Config>,
+    transport: SharedTransport,
+    worker_args: Option<Vec<std::ffi::OsString>>,
+) -> Result<RunningService> {
+    let env = ServiceEnv::new(config.clone(), transport.clone())?;
+    let all_dependencies = set_up_dependencies(&plans, config).await?;
+    #[cfg(feature = "process")]
+    let processes = match start_processes(&plans, config, &env, worker_args).await {
+        Ok(processes) => processes,
+        Err(error) => {
+            tear_down(&all_dependencies).await;
+            return Err(error);
+        }
+    };
+    #[cfg(not(feature = "process"))]
+    let _ = worker_args;
+    // A start that fails midway undoes what it has done: a test (or a program) that goes on
+    // after the error keeps no dependency set up, no worker process, no shared state.
+    let abandon = || async {
+        env.state.clear();
+        #[cfg(feature = "process")]
+        for pool in &processes {
+            pool.shutdown().await;
+        }
+        tear_down(&all_dependencies).await;
+    };
+    let started = match set_up_routes(plans, &env).await {
+        Ok(started) => started,
+        Err(error) => {
+            abandon().await;
+            return Err(error);
+        }
+    };
+    let stopped = CancellationToken::new();
+    #[cfg(feature = "metrics")]
+    let metrics_address = match config.enable_metrics {
+        false => None,
+        true => {
+            let route_infos = started
+                .started
+                .iter()
+                .map(|(handle, entrypoint)| crate::metrics::status::RouteInfo {
+                    name: handle.name().to_owned(),
+                    context: handle.pool().context().to_owned(),
+                    metric_label: handle.metric_label().to_owned(),
+                    entrypoint: entrypoint.describe(),
+                    queue: entrypoint.queue(),
+                })
+                .collect();
+            let served = crate::metrics::server::serve(
+                config,
+                route_infos,
+                env.metrics.clone(),
+                transport.clone(),
+                env.stopping.clone(),
+                stopped.clone(),
+            )
+            .await;
+            match served {
+                Ok(address) => Some(address),
+                Err(error) => {
+                    abandon().await;
+                    return Err(error);
+                }
+            }
+        }
+    };
+    let mut tasks = JoinSet::new();
+    for (name, serving) in started.serving {
+        tasks.spawn(async move { serving.await.map_err(|error| route_stopped(name, error)) });
+    }
+    let mut routes: BTreeMap<_, _> =
+        started.idle.into_iter().map(|handle| (handle.name().to_owned(), handle)).collect();
+    for (handle, entrypoint) in started.started {
+        routes.insert(handle.name().to_owned(), handle.clone());
+        tasks.spawn(async move {
+            let name = handle.name().to_owned();
+            entrypoint.run(handle).await.map_err(|error| route_stopped(&name, error))
+        });
+    }
+    // a pool that can no longer start worker processes stops the service
+    #[cfg(feature = "process")]
+    for pool in &processes {
+        let (pool, stopping) = (pool.clone(), env.stopping.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                failure = pool.failed() => Err(failure),
+                _ = stopping.cancelled() => Ok(()),
+            }
+        });
+    }
+    tracing::info!(
+        "service {} started with {} route(s) on {}",
+        config.service_name,
+        routes.len(),
+        config.masked_amqp_uri()
+    );
+    let supervisor = tokio::spawn(supervise(
+        tasks,
+        env.clone(),
+        all_dependencies,
+        #[cfg(feature = "process")]
+        processes,
+        stopped.clone(),
+    ));
+    Ok(RunningService {
+        state: env.state.clone(),
+        stopping: env.stopping,
+        stopped,
+        routes,
+        transport,
+        #[cfg(feature = "metrics")]
+        metrics: env.metrics,
+        #[cfg(feature = "metrics")]
+        metrics_address,
+        supervisor: Some(supervisor),
+    })
+}
+
+/// Set up every route's entrypoint (unless it does not start), then start the shared
+/// extensions they made.
+async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp> {
+    let (mut started, mut idle) = (Vec::new(), Vec::new());
+    for RoutePlan { mut route, pool, started: starts } in plans {
+        env.metrics.context(pool.context(), pool.size(), pool.mode().as_str());
+        let Some(mut entrypoint) = route.entrypoint.take() else { continue };
+        let handle = RouteHandle::new(route, pool, env);
+        if !starts {
+            tracing::info!(route = handle.name(), "route ready without its entrypoint");
+            idle.push(handle);
+            continue;
+        }
+        entrypoint.setup(&handle).await?;
+        tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
+        started.push((handle, entrypoint));
+    }
+    let mut serving = Vec::new();
+    for (name, extension) in env.extensions.take() {
+        serving.push((name, extension.start().await?));
+    }
+    Ok(SetUp { started, idle, serving })
+}
+
+/// The routes set up with their entrypoints, those set up without, and what each started
+/// shared extension serves.
+struct SetUp {
+    started: Vec<(RouteHandle, Box<dyn crate::pipeline::Entrypoint>)>,
+    idle: Vec<RouteHandle>,
+    serving: Vec<(&'static str, Serving)>,
+}
+
+/// Set up every dependency of the planned routes once (a runner-level dependency is shared
+/// by routes), in route order; returns them for teardown.
+async fn set_up_dependencies(
+    plans: &[RoutePlan],
+    config: &Arc<Config>,
+) -> Result<Vec<SharedDependency>> {
+    let mut unique: Vec<SharedDependency> = Vec::new();
+    for dependency in plans.iter().flat_map(|plan| &plan.route.dependencies) {
+        if !unique.iter().any(|known| Arc::ptr_eq(known, dependency)) {
+            unique.push(dependency.clone());
+        }
+    }
+    set_up_all(unique, config).await
+}
+
+/// Start the worker processes of the process-mode contexts.
+#[cfg(feature = "process")]
+async fn start_processes(
+    plans: &[RoutePlan],
+    config: &Config,
+    env: &ServiceEnv,
+    worker_args: Option<Vec<std::ffi::OsString>>,
+) -> Result<Vec<Arc<ProcessPool>>> {
+    let mut started: Vec<Arc<ProcessPool>> = Vec::new();
+    for plan in plans {
+        let pool = &plan.pool;
+        if pool.mode().is_process() && pool.processes().is_none() {
+            tracing::info!("starting {} worker processes ({})", pool.size(), pool.context());
+            let processes = ProcessPool::start(
+                pool.size(),
+                env.transport.clone(),
+                env.metrics.clone(),
+                pool.time_limit(),
+                config.max_tasks_per_child,
+                worker_args.clone(),
+            )
+            .await;
+            let processes = match processes {
+                Ok(processes) => processes,
+                Err(error) => {
+                    for pool in &started {
+                        pool.shutdown().await;
+                    }
+                    return Err(error);
+                }
+            };
+            pool.set_processes(processes.clone());
+            started.push(processes);
+        }
+    }
+    Ok(started)
+}
+
+/// Serve calls as a worker process of the service at `socket`: set up the routes (not their
+/// entrypoints) and the dependencies, on a transport that goes through the service.
+#[cfg(feature = "process")]
+pub(super) async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
+    let (config, plans) = runner.prepare()?;
+    let link = WorkerLink::connect(socket).await?;
+    let env = ServiceEnv::new(config.clone(), link.transport())?;
+    #[cfg(feature = "metrics")]
+    env.metrics.record_rpc_calls_with(link.rpc_call_sink());
+    let mut routes = HashMap::new();
+    let set_up = set_up_dependencies(&plans, &config).await?;
+    for RoutePlan { mut route, pool, .. } in plans {
+        route.entrypoint = None;
+        let local = WorkerPool::new(1, WorkerMode::Thread, pool.context());
+        let handle = RouteHandle::new(route, local, &env);
+        routes.insert(handle.name().to_owned(), handle);
+    }
+    let served = link.serve(routes).await;
+    tear_down(&set_up).await;
+    served
+}
+
+fn route_stopped(route: &str, error: Error) -> Error {
+    Error::RouteStopped { route: route.to_owned(), source: Box::new(error) }
+}
