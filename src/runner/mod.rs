@@ -22,9 +22,9 @@ use start::{connect_retrying, start};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handler::dependencies::{self, Dependency, SharedDependency};
+use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::process::worker_socket;
-use crate::pipeline::routes::Route;
 use crate::pipeline::{RouteHandle, ServiceEnv};
 use crate::transport::topology::{Recorder, Topology};
 

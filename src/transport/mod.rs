@@ -4,6 +4,8 @@
 
 mod api;
 mod declarations;
+mod delivery;
+mod error;
 pub mod limits;
 pub mod memory;
 pub mod rabbitmq;
@@ -13,6 +15,8 @@ use std::sync::Arc;
 
 pub use crate::data::{HeaderValue, Headers, Properties};
 pub use api::*;
+pub use delivery::{Acker, Consumer, Delivery};
+pub use error::{ClosedPart, Limit, TransportError};
 
 use crate::config::Config;
 

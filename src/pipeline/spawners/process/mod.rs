@@ -15,6 +15,8 @@
 mod control;
 #[cfg(test)]
 mod fuzz;
+mod launcher;
+mod parent_transport;
 mod pool;
 mod protocol;
 mod worker;

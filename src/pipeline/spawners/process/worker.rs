@@ -7,27 +7,17 @@
 //! call's broker operations arrive while the call thread waits for them.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use async_trait::async_trait;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
 
-use super::protocol::{
-    CallRequest, ForwardedDelivery, FrameReader, FrameSink, FrameWriter, FromWorker, Ready,
-    Settlement, ToWorker, TransportAnswer, TransportOp,
-};
+use super::parent_transport::ParentTransport;
+use super::protocol::{CallRequest, FrameReader, FrameSink, FrameWriter, Ready, ToWorker};
 use crate::data::{Failure, FailureKind, Outcome};
 use crate::error::{Error, Result};
 use crate::handler::targets::run_sync_targets_here;
 use crate::pipeline::RouteHandle;
-use crate::transport::limits::check_header_values;
-use crate::transport::{
-    Acker, BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec,
-    OutgoingMessage, PublishOptions, QueueInfo, QueueSpec, Transport, TransportError,
-};
 
 /// The environment variable that makes a service binary a worker: the socket to dial.
 pub const WORKER_SOCKET_ENV: &str = "MF_WORKER_SOCKET";
@@ -42,204 +32,6 @@ pub(super) const SOCKET_DIR_PREFIX: &str = "mf-worker-";
 /// The socket to dial when this process is a worker.
 pub(crate) fn worker_socket() -> Option<String> {
     std::env::var(WORKER_SOCKET_ENV).ok().filter(|path| !path.is_empty())
-}
-
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<TransportAnswer, TransportError>>>>;
-
-type Consumers = Mutex<HashMap<u64, mpsc::Sender<Delivery>>>;
-
-/// The worker's end of the link, written by whichever task has a frame to send.
-type Sink = FrameSink<OwnedWriteHalf>;
-
-/// What a closed link means to a worker's broker operations.
-fn service_gone() -> TransportError {
-    TransportError::Closed {
-        what: ClosedPart::Transport,
-        reason: "the service of this worker went away".into(),
-    }
-}
-
-/// Send `frame` from where no task can wait for the link (a `Drop`, a metric recorded):
-/// on a task of its own.
-fn post(sink: &Arc<Sink>, frame: FromWorker) {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        let sink = sink.clone();
-        runtime.spawn(async move {
-            let _ = sink.send(&frame).await;
-        });
-    }
-}
-
-/// A transport that forwards every operation to the service over the worker socket.
-pub(crate) struct ParentTransport {
-    sink: Arc<Sink>,
-    pending: Arc<Pending>,
-    consumers: Arc<Consumers>,
-    next_id: AtomicU64,
-}
-
-impl std::fmt::Debug for ParentTransport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ParentTransport").field("connected", &!self.sink.is_closed()).finish()
-    }
-}
-
-/// Settles a delivery the service forwarded, by telling the service. Dropped unsettled, it
-/// hands the message back.
-struct ForwardedAcker {
-    delivery: u64,
-    sink: Arc<Sink>,
-    settled: std::sync::atomic::AtomicBool,
-}
-
-impl std::fmt::Debug for ForwardedAcker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ForwardedAcker").field("delivery", &self.delivery).finish()
-    }
-}
-
-impl ForwardedAcker {
-    async fn settle(&self, settlement: Settlement) -> Result<(), TransportError> {
-        if self.settled.swap(true, Ordering::SeqCst) {
-            return Err(TransportError::AlreadySettled);
-        }
-        let frame = FromWorker::Settle { delivery: self.delivery, settlement };
-        self.sink.send(&frame).await.map_err(|_| service_gone())
-    }
-}
-
-#[async_trait]
-impl Acker for ForwardedAcker {
-    async fn ack(&self) -> Result<(), TransportError> {
-        self.settle(Settlement::Ack).await
-    }
-
-    async fn nack(&self, requeue: bool) -> Result<(), TransportError> {
-        self.settle(Settlement::Nack { requeue }).await
-    }
-
-    async fn reject(&self, requeue: bool) -> Result<(), TransportError> {
-        self.settle(Settlement::Reject { requeue }).await
-    }
-}
-
-impl Drop for ForwardedAcker {
-    fn drop(&mut self) {
-        if !self.settled.swap(true, Ordering::SeqCst) {
-            let settlement = Settlement::Nack { requeue: true };
-            post(&self.sink, FromWorker::Settle { delivery: self.delivery, settlement });
-        }
-    }
-}
-
-impl ParentTransport {
-    async fn ask(&self, op: TransportOp) -> Result<TransportAnswer, TransportError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (answer, answered) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner).insert(id, answer);
-        let sent = self.sink.send(&FromWorker::Transport { id, op: Box::new(op) }).await;
-        if let Err(error) = sent {
-            self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-            return Err(match error.kind() {
-                std::io::ErrorKind::InvalidData => {
-                    TransportError::Internal(format!("cannot send to the service: {error}"))
-                }
-                _ => service_gone(),
-            });
-        }
-        answered.await.map_err(|_| service_gone())?
-    }
-}
-
-fn unexpected(answer: TransportAnswer) -> TransportError {
-    TransportError::Internal(format!("unexpected answer from the service: {answer:?}"))
-}
-
-#[async_trait]
-impl Transport for ParentTransport {
-    async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
-        self.ask(TransportOp::DeclareExchange(spec.clone())).await.map(|_| ())
-    }
-
-    async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
-        match self.ask(TransportOp::DeclareQueue(spec.clone())).await? {
-            TransportAnswer::Info(info) => Ok(info),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
-        match self.ask(TransportOp::QueueInfo(queue.to_owned())).await? {
-            TransportAnswer::Info(info) => Ok(info),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
-        self.ask(TransportOp::Bind(binding.clone())).await.map(|_| ())
-    }
-
-    async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
-        match self.ask(TransportOp::DeleteQueue(queue.to_owned())).await? {
-            TransportAnswer::Count(count) => Ok(count),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
-        self.ask(TransportOp::DeleteExchange(exchange.to_owned())).await.map(|_| ())
-    }
-
-    async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError> {
-        match self.ask(TransportOp::Purge(queue.to_owned())).await? {
-            TransportAnswer::Count(count) => Ok(count),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        message: OutgoingMessage,
-        options: PublishOptions,
-    ) -> Result<(), TransportError> {
-        // refused here, as the service's transport would: it cannot cross the link as JSON
-        check_header_values(&message.properties)?;
-        let op = TransportOp::Publish {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            message: Box::new(message),
-            options,
-        };
-        self.ask(op).await.map(|_| ())
-    }
-
-    async fn consume(
-        &self,
-        queue: &str,
-        options: ConsumeOptions,
-    ) -> Result<Consumer, TransportError> {
-        let op = TransportOp::Consume { queue: queue.to_owned(), options };
-        let TransportAnswer::Consuming { consumer } = self.ask(op).await? else {
-            return Err(TransportError::Internal("unexpected answer to a consume".into()));
-        };
-        let (deliveries, receiver) = mpsc::channel(256);
-        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).insert(consumer, deliveries);
-        let sink = self.sink.clone();
-        let tag = format!("worker-{consumer}");
-        Ok(Consumer::new(tag, receiver, move || post(&sink, FromWorker::Cancel { consumer })))
-    }
-
-    async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
-        Err(TransportError::Unsupported(format!("cannot get from {queue} in a worker process")))
-    }
-
-    fn is_connected(&self) -> bool {
-        !self.sink.is_closed()
-    }
-
-    async fn close(&self) {}
 }
 
 /// The two links to the service, once connected.
@@ -270,12 +62,7 @@ impl WorkerLink {
     /// The links over `calls` and `control`, connected to the service.
     fn over(calls: UnixStream, control: UnixStream) -> Self {
         let (reader, writer) = control.into_split();
-        let transport = Arc::new(ParentTransport {
-            sink: Arc::new(FrameSink::new(writer)),
-            pending: Arc::default(),
-            consumers: Arc::default(),
-            next_id: AtomicU64::new(0),
-        });
+        let transport = Arc::new(ParentTransport::new(FrameSink::new(writer)));
         WorkerLink { calls, control: FrameReader::new(reader), transport }
     }
 
@@ -288,16 +75,7 @@ impl WorkerLink {
     /// worker's own are not).
     #[cfg(feature = "metrics")]
     pub(crate) fn rpc_call_sink(&self) -> crate::metrics::RpcCallSink {
-        let sink = self.transport.sink.clone();
-        crate::metrics::RpcCallSink(Box::new(move |service, method, outcome, elapsed| {
-            let frame = FromWorker::RpcCall {
-                service: service.to_owned(),
-                method: method.to_owned(),
-                outcome: outcome.to_owned(),
-                elapsed,
-            };
-            post(&sink, frame);
-        }))
+        self.transport.rpc_call_sink()
     }
 
     /// Say ready, then run the calls the service sends until it hangs up.
@@ -473,40 +251,9 @@ async fn read_control(
             Err(error) => break Err(error),
         };
         match frame {
-            ToWorker::Delivery(forwarded) => {
-                let ForwardedDelivery { consumer, delivery, message } = *forwarded;
-                let sender = transport.consumer(consumer);
-                let acker = ForwardedAcker {
-                    delivery,
-                    sink: transport.sink.clone(),
-                    settled: false.into(),
-                };
-                let delivery = Delivery {
-                    exchange: message.exchange,
-                    routing_key: message.routing_key,
-                    redelivered: message.redelivered,
-                    body: message.body,
-                    properties: message.properties,
-                    acker: Box::new(acker),
-                };
-                if let Some(sender) = sender {
-                    let _ = sender.send(delivery).await;
-                }
-            }
-            ToWorker::ConsumerEnded { consumer } => {
-                transport
-                    .consumers
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&consumer);
-            }
-            ToWorker::TransportReply { id, result } => {
-                let waiter =
-                    transport.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(result);
-                }
-            }
+            ToWorker::Delivery(forwarded) => transport.deliver(*forwarded).await,
+            ToWorker::ConsumerEnded { consumer } => transport.consumer_ended(consumer),
+            ToWorker::TransportReply { id, result } => transport.answer(id, result),
         }
     };
     transport.link_ended();
@@ -517,24 +264,11 @@ async fn read_control(
     read
 }
 
-impl ParentTransport {
-    /// The service hung up: nothing sent from now on, every broker operation waiting for its
-    /// answer fails at once and every consumer ends, so that a call waiting on the broker
-    /// ends and the worker with it (rather than waiting for an answer that cannot come).
-    fn link_ended(&self) {
-        self.sink.close();
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner).clear();
-        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).clear();
-    }
-
-    fn consumer(&self, consumer: u64) -> Option<mpsc::Sender<Delivery>> {
-        self.consumers.lock().unwrap_or_else(PoisonError::into_inner).get(&consumer).cloned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::spawners::process::protocol::FromWorker;
+    use crate::transport::{Transport, TransportError};
 
     #[tokio::test]
     async fn a_broker_operation_waiting_when_the_service_hangs_up_fails_at_once() {
@@ -545,15 +279,11 @@ mod tests {
             tokio::spawn(read_control(control, transport.clone(), calls.into_std().unwrap()));
         let asking = transport.clone();
         let waiting = tokio::spawn(async move { asking.queue_info("q").await });
-        let sent = async {
-            while transport.pending.lock().unwrap().is_empty() {
-                tokio::task::yield_now().await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(5), sent)
-            .await
-            .expect("the operation is sent to the service");
-        drop(service_end);
+        let mut service = FrameReader::new(service_end);
+        let sent = tokio::time::timeout(std::time::Duration::from_secs(5), service.next());
+        let sent: Option<FromWorker> = sent.await.expect("the operation is sent").unwrap();
+        assert!(matches!(sent, Some(FromWorker::Transport { .. })), "{sent:?}");
+        drop(service);
         let answer = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
             .await
             .expect("the operation ends once the link does")
