@@ -1,267 +1,27 @@
-//! The worker pipeline: translate → provide dependencies → call the target → settle.
-//!
-//! Entrypoints hand each message to their route's [`RouteHandle`]: it waits for a worker slot
-//! ([`RouteHandle::acquire`]), runs the pipeline, and on a failure runs the callback of a
-//! `CallbackRoute` ([`RouteHandle::handle`]). The entrypoint then settles the message with its
-//! source (ack, dead-letter, reply) from the [`Handled`] it gets back.
+//! A call of a route: the target run (here, or in a worker process), retried in the worker
+//! or handed to the entrypoint to retry on the broker as the route's backoff says, then its
+//! callback when no retry remains.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::call_watch::{CallWatch, FinishedCall};
-use super::entrypoint_kind::EntrypointInfo;
-use super::interrupted::{Ended, Interrupted};
-use super::shared::{SharedExtension, SharedExtensions};
-use super::stats::RouteStats;
-
+use super::RouteHandle;
 use crate::clock;
-use crate::config::{Config, RetryDelay};
-use crate::data::CallContext;
-use crate::data::Message;
-use crate::data::{Failure, FailureKind, Handled, Outcome, TargetRole};
-use crate::handler::dependencies::{after_all, provide_all, SharedDependency};
+use crate::config::RetryDelay;
+use crate::data::{CallContext, Failure, FailureKind, Handled, Message, Outcome, TargetRole};
+use crate::handler::dependencies::{after_all, provide_all};
 use crate::handler::targets::{ErasedTarget, TargetError, TargetResult};
-use crate::handler::translators::{translate, MessageTranslator};
-use crate::handler::{ServiceState, WorkerContext};
-use crate::metrics::{Metrics, RouteSeries};
+use crate::handler::translators::translate;
+use crate::handler::WorkerContext;
+use crate::metrics::RouteSeries;
+use crate::pipeline::interrupted::{Ended, Interrupted};
 use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
-use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::process::BorrowedCall;
-use crate::pipeline::spawners::{WorkerPermit, WorkerPool};
-use crate::transport::{QueueSpec, SharedTransport};
-
-/// A running route, as its entrypoint sees it.
-#[derive(Clone, Debug)]
-pub struct RouteHandle {
-    inner: Arc<RouteRuntime>,
-}
-
-#[derive(Debug)]
-struct RouteRuntime {
-    service: Arc<str>,
-    name: Arc<str>,
-    /// The `route` label of its metrics.
-    metric_label: Arc<str>,
-    /// The route's entrypoint as tests see it (kept when the entrypoint is not started).
-    entrypoint: Option<EntrypointInfo>,
-    target: ErasedTarget,
-    callback: Option<ErasedTarget>,
-    translators: Vec<Arc<dyn MessageTranslator>>,
-    dependencies: Vec<SharedDependency>,
-    backoff: Option<BackOffPolicy>,
-    config: Arc<Config>,
-    transport: SharedTransport,
-    pool: WorkerPool,
-    stopping: CancellationToken,
-    given_up: CancellationToken,
-    stats: RouteStats,
-    calls: CallWatch,
-    state: ServiceState,
-    metrics: Metrics,
-    /// Its series of `metrics`, looked up on its first call.
-    series: OnceLock<RouteSeries>,
-    /// The route's dead-letter queue, once its entrypoint has declared it.
-    dead_letter_queue: OnceLock<QueueSpec>,
-    extensions: SharedExtensions,
-}
-
-/// What the routes of one service share.
-#[derive(Clone, Debug)]
-pub(crate) struct ServiceEnv {
-    pub config: Arc<Config>,
-    pub transport: SharedTransport,
-    pub stopping: CancellationToken,
-    /// Fires once a stop has waited `SHUTDOWN_TIMEOUT` for the calls, or once every
-    /// entrypoint has ended: none may start after.
-    pub given_up: CancellationToken,
-    pub state: ServiceState,
-    pub metrics: Metrics,
-    /// The shared extensions its routes made during set-up, for the runner to start.
-    pub extensions: SharedExtensions,
-}
-
-impl ServiceEnv {
-    pub(crate) fn new(config: Arc<Config>, transport: SharedTransport) -> crate::Result<Self> {
-        let metrics = Metrics::new()
-            .map_err(|error| crate::Error::Startup(format!("cannot create metrics: {error}")))?;
-        // In the service's state too, for what calls record (RPC client timings).
-        let state = ServiceState::default();
-        state.get_or_insert_with(|| metrics.clone());
-        Ok(ServiceEnv {
-            config,
-            transport,
-            stopping: CancellationToken::new(),
-            given_up: CancellationToken::new(),
-            state,
-            metrics,
-            extensions: SharedExtensions::default(),
-        })
-    }
-}
+use crate::pipeline::spawners::WorkerPermit;
 
 impl RouteHandle {
-    /// The running form of `route` (whose entrypoint the caller has taken) in `pool`.
-    pub(crate) fn new(route: Route, pool: WorkerPool, env: &ServiceEnv) -> Self {
-        RouteHandle {
-            inner: Arc::new(RouteRuntime {
-                service: env.config.service_name.as_str().into(),
-                name: route.name.as_str().into(),
-                metric_label: route.metric_label_for(env.config.protocol).into(),
-                entrypoint: route.entrypoint_info,
-                target: route.target,
-                callback: route.callback,
-                translators: route.translators,
-                dependencies: route.dependencies,
-                backoff: route.backoff,
-                config: env.config.clone(),
-                transport: env.transport.clone(),
-                pool,
-                stopping: env.stopping.clone(),
-                given_up: env.given_up.clone(),
-                stats: RouteStats::default(),
-                calls: CallWatch::default(),
-                state: env.state.clone(),
-                metrics: env.metrics.clone(),
-                series: OnceLock::new(),
-                dead_letter_queue: OnceLock::new(),
-                extensions: env.extensions.clone(),
-            }),
-        }
-    }
-
-    /// The service's shared extension of type `T`, made with `make` by the first route that
-    /// asks (during set-up). The runner starts and runs it once every route is set up.
-    pub fn shared_extension<T: SharedExtension>(&self, make: impl FnOnce() -> T) -> Arc<T> {
-        let mut made = self.inner.extensions.lock();
-        if let Some(extension) = self.inner.state.get::<T>() {
-            return extension;
-        }
-        let extension = self.inner.state.get_or_insert_with(make);
-        SharedExtensions::add(&mut made, extension.clone());
-        extension
-    }
-
-    /// The values shared by every route and call of this service instance.
-    pub fn service_state(&self) -> &ServiceState {
-        &self.inner.state
-    }
-
-    /// Record `dlq`, the route's dead-letter queue, which its entrypoint has declared: dead
-    /// letters declare it again when it is gone (deleted by hand, say), and before each one
-    /// when it has an `x-expires` lease, which a declaration renews.
-    pub(crate) fn set_dead_letter_queue(&self, dlq: QueueSpec) {
-        // A route is set up once: a second call would set the same queue.
-        let _ = self.inner.dead_letter_queue.set(dlq);
-    }
-
-    /// The route's dead-letter queue, if its entrypoint has one.
-    pub(crate) fn dead_letter_queue(&self) -> Option<&QueueSpec> {
-        self.inner.dead_letter_queue.get()
-    }
-
-    /// The route's name.
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
-    /// The `route` label of the route's metrics.
-    pub(crate) fn metric_label(&self) -> &str {
-        &self.inner.metric_label
-    }
-
-    /// Whether the route's target is declared to return an HTTP response.
-    #[cfg(feature = "http")]
-    pub(crate) fn target_carries_response(&self) -> bool {
-        self.inner.target.carries_response
-    }
-
-    /// The route's entrypoint, as test hooks see it; `None` for a route without one.
-    pub(crate) fn entrypoint(&self) -> Option<&EntrypointInfo> {
-        self.inner.entrypoint.as_ref()
-    }
-
-    /// The service's name.
-    pub fn service_name(&self) -> &str {
-        &self.inner.service
-    }
-
-    /// The service's configuration.
-    pub fn config(&self) -> &Arc<Config> {
-        &self.inner.config
-    }
-
-    /// The broker connection.
-    pub fn transport(&self) -> &SharedTransport {
-        &self.inner.transport
-    }
-
-    /// The worker pool this route runs in.
-    #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
-    pub(crate) fn pool(&self) -> &WorkerPool {
-        &self.inner.pool
-    }
-
-    /// Fires when the service begins to shut down.
-    pub fn stopping(&self) -> &CancellationToken {
-        &self.inner.stopping
-    }
-
-    /// The route's retry policy, if any.
-    pub fn backoff(&self) -> Option<&BackOffPolicy> {
-        self.inner.backoff.as_ref()
-    }
-
-    /// Counters of this route.
-    pub fn stats(&self) -> &RouteStats {
-        &self.inner.stats
-    }
-
-    /// How many unacknowledged messages a consumer of this route may hold: `PREFETCH_COUNT`,
-    /// or the pool's size.
-    pub fn prefetch(&self) -> u16 {
-        self.inner
-            .config
-            .prefetch_count
-            .unwrap_or_else(|| u16::try_from(self.inner.pool.size()).unwrap_or(u16::MAX))
-    }
-
-    /// Wait for a worker slot; `None` when the service is stopping and the worker mode hands
-    /// unstarted messages back, or when the stop has given up waiting for the calls
-    /// (past `SHUTDOWN_TIMEOUT`).
-    pub async fn acquire(&self) -> Option<WorkerPermit> {
-        // A free slot is taken without waiting on the give-up token (which would register
-        // with it on every call); the flag read after it refuses the slot once given up.
-        let permit = tokio::select! {
-            biased;
-            permit = self.inner.pool.acquire(&self.inner.stopping) => permit,
-            _ = self.inner.given_up.cancelled() => None,
-        };
-        permit.filter(|_| !self.given_up())
-    }
-
-    /// Record that the service's stop waited `SHUTDOWN_TIMEOUT` for its calls and gave up:
-    /// from now on no call of the service starts ([`RouteHandle::acquire`] is `None`, in
-    /// greedy modes too). A greedy mode's messages still waiting for a slot would otherwise
-    /// run once one is free, after the stop returned and while their messages go back to
-    /// their queues with the connection, to run again elsewhere.
-    pub(crate) fn give_up(&self) {
-        self.inner.given_up.cancel();
-    }
-
-    /// Whether the service's stop gave up waiting for its calls ([`RouteHandle::give_up`]).
-    pub(crate) fn given_up(&self) -> bool {
-        self.inner.given_up.is_cancelled()
-    }
-
-    /// A worker slot if one is free now: for entrypoints that refuse work when the pool is
-    /// full (HTTP, WebSocket) instead of waiting.
-    pub fn try_acquire(&self) -> Option<WorkerPermit> {
-        self.inner.pool.try_acquire(&self.inner.stopping)
-    }
-
     /// Handle a message in the slot `permit`: run the target; on a failure (not bad input)
     /// retry it as the route's backoff says (in the worker, or by asking the entrypoint to
     /// schedule it on the broker), and when no retry remains run the callback.
@@ -303,11 +63,6 @@ impl RouteHandle {
             }
         }
         ended
-    }
-
-    /// Receive the route's calls that finish from now on (what test waiters use).
-    pub(crate) fn watch_calls(&self) -> tokio::sync::broadcast::Receiver<FinishedCall> {
-        self.inner.calls.watch()
     }
 
     async fn handle_in_slot(&self, message: &Arc<Message>) -> Ended {
@@ -381,11 +136,6 @@ impl RouteHandle {
         }
     }
 
-    /// Whether a call of this route may end [`Ended::Interrupted`]: it retries in the worker.
-    pub(crate) fn retries_in_worker(&self) -> bool {
-        self.inner.backoff.as_ref().is_some_and(|policy| policy.mode == RetryMode::InWorker)
-    }
-
     /// Handle, in the slot `permit`, a `message` whose last attempt failed with `failure` and
     /// that will not be retried after all (its retry copy could not be made): its callback
     /// runs as after the last retry.
@@ -417,33 +167,6 @@ impl RouteHandle {
             Ok(_) => Handled::CalledBack(failure),
             Err(callback_failure) => Handled::Failed(callback_failure.of_callback_after(&failure)),
         }
-    }
-
-    /// Whether the route's entrypoint can schedule a broker retry (`AsyncBackOff`): it takes
-    /// a message from a queue, to publish again and come back to. A timer's firing, an RPC
-    /// request (answered), an HTTP or WebSocket call have none: for them no retry remains
-    /// after a failure. A route called without its entrypoint (a test hook) decides itself.
-    fn retries_on_broker(&self) -> bool {
-        self.inner.entrypoint.as_ref().is_none_or(|info| info.kind.dead_letters())
-    }
-
-    /// Whether the route has a callback (a `CallbackRoute`).
-    pub(crate) fn has_callback(&self) -> bool {
-        self.inner.callback.is_some()
-    }
-
-    /// Record that a message was settled (for counters and test waits).
-    pub fn settled(&self, handled: &Handled) {
-        self.inner.stats.settled(handled);
-        let (context, label) = (self.inner.pool.context(), self.metric_label());
-        // a route whose entrypoint never started is handed messages as from a queue
-        let queued = self.inner.entrypoint.as_ref().is_none_or(|info| info.kind.dead_letters());
-        self.inner.metrics.settled(context, label, self.name(), handled, queued);
-    }
-
-    /// Record that a message was acknowledged without a call (filtered out).
-    pub fn skipped(&self) {
-        self.inner.stats.skipped();
     }
 
     /// Run one function of the route on `message` once, as the attempt its headers say it
