@@ -82,6 +82,7 @@ mod substitute;
 mod tests;
 mod unknown_key;
 pub(crate) mod uri_list;
+mod validate;
 
 pub use error::{mask_uri, ConfigError};
 pub use modes::{LogFormat, Protocol, QueueType, RetryDelay, WorkerMode};
@@ -407,139 +408,6 @@ impl Config {
         vars: &impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         load::from_text(text, Format::Toml, "<toml>", vars)
-    }
-
-    /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace, no `://`
-    /// and no topic wildcard (`*`, `#`), `AMQP_URI` is an `amqp://`, `amqps://` or
-    /// `memory://` URI or a list of `amqp(s)://` URIs (none empty, same vhost, same
-    /// credentials), `RPC_EXCHANGE` is neither blank nor padded with whitespace,
-    /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
-    /// not 0 (and `MAX_WORKERS` at most [`MAX_WORKERS_LIMIT`], `HTTP_MAX_CONNECTIONS` at most
-    /// [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT` and `SHUTDOWN_TIMEOUT` are not zero, and the
-    /// HTTP and WebSocket timeouts are neither zero nor longer than [`MAX_PEER_TIMEOUT`].
-    /// Every `from_*` calls it; [`Config::new`] does not.
-    ///
-    /// # Errors
-    /// The first failing check, naming its key and value.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.service_name.is_empty() {
-            return Err(ConfigError::new("SERVICE_NAME", "", "is required"));
-        }
-        if self.service_name.chars().any(char::is_whitespace) {
-            return Err(ConfigError::new(
-                "SERVICE_NAME",
-                &self.service_name,
-                "must not contain whitespace",
-            ));
-        }
-        // A URI here is a mistake (most likely AMQP_URI's value) that would put its password
-        // in queue names, logs and every view of the config.
-        if self.service_name.contains("://") {
-            return Err(ConfigError::new(
-                "SERVICE_NAME",
-                &self.service_name,
-                "looks like a URI: a service name is a plain name such as `orders`",
-            ));
-        }
-        // The RPC queue is bound with `{SERVICE_NAME}.*`: a topic wildcard in the name would
-        // bind it to other services' requests (`*.*` takes every call on the exchange).
-        if self.service_name.contains(['*', '#']) {
-            return Err(ConfigError::new(
-                "SERVICE_NAME",
-                &self.service_name,
-                "must not contain `*` or `#`: the RPC queue is bound with `{SERVICE_NAME}.*`, so \
-                 the name would match other services' calls",
-            ));
-        }
-        amqp_uri::validate(&self.amqp_uri)?;
-        // "" names the default exchange, which cannot be declared (ACCESS_REFUSED at
-        // start-up, naming no key) and routes a request by queue name, so to no RPC queue.
-        if self.rpc_exchange.trim().is_empty() {
-            return Err(ConfigError::new(
-                "RPC_EXCHANGE",
-                &self.rpc_exchange,
-                "must not be empty (Nameko's is `nameko-rpc`)",
-            ));
-        }
-        // a stray space names another exchange than the peers': every call would end in
-        // UnknownService, with nothing to say why
-        if self.rpc_exchange.trim() != self.rpc_exchange {
-            return Err(ConfigError::new(
-                "RPC_EXCHANGE",
-                &self.rpc_exchange,
-                "must not start or end with whitespace",
-            ));
-        }
-        let at_least_one = [
-            ("MAX_WORKERS", self.max_workers == 0, ""),
-            ("MAX_MESSAGE_SIZE", self.max_message_size == 0, ""),
-            ("HTTP_MAX_CONNECTIONS", self.http_max_connections == 0, ""),
-            ("MAX_TASKS_PER_CHILD", self.max_tasks_per_child == Some(0), " (or unset: no limit)"),
-            ("PREFETCH_COUNT", self.prefetch_count == Some(0), " (or unset: MAX_WORKERS)"),
-        ];
-        for (key, is_zero, hint) in at_least_one {
-            if is_zero {
-                return Err(ConfigError::new(key, "0", format!("must be at least 1{hint}")));
-            }
-        }
-        let positive = [
-            ("RPC_TIMEOUT", Some(self.rpc_timeout), ""),
-            ("SHUTDOWN_TIMEOUT", Some(self.shutdown_timeout), ""),
-            ("TASK_TIME_LIMIT", self.task_time_limit, " (or unset: no limit)"),
-        ];
-        for (key, duration, hint) in positive {
-            if duration.is_some_and(|duration| duration.is_zero()) {
-                return Err(ConfigError::new(
-                    key,
-                    "0",
-                    format!("must be a positive, finite number of seconds{hint}"),
-                ));
-            }
-        }
-        if self.max_workers > MAX_WORKERS_LIMIT {
-            return Err(ConfigError::new(
-                "MAX_WORKERS",
-                self.max_workers.to_string(),
-                format!("must be at most {MAX_WORKERS_LIMIT}"),
-            ));
-        }
-        if self.http_max_connections > MAX_HTTP_CONNECTIONS {
-            return Err(ConfigError::new(
-                "HTTP_MAX_CONNECTIONS",
-                self.http_max_connections.to_string(),
-                format!("must be at most {MAX_HTTP_CONNECTIONS}"),
-            ));
-        }
-        self.validate_peer_timeouts()
-    }
-
-    /// Checks that the timeouts that close a silent peer's connection are positive and at
-    /// most [`MAX_PEER_TIMEOUT`]: a longer one protects nothing.
-    fn validate_peer_timeouts(&self) -> Result<(), ConfigError> {
-        let timeouts = [
-            ("HTTP_HEADER_READ_TIMEOUT", self.http_header_read_timeout),
-            ("HTTP_KEEP_ALIVE_TIMEOUT", self.http_keep_alive_timeout),
-            ("WEBSOCKET_IDLE_TIMEOUT", self.websocket_idle_timeout),
-        ];
-        for (key, duration) in timeouts {
-            let value = duration.as_secs_f64().to_string();
-            if duration.is_zero() {
-                return Err(ConfigError::new(
-                    key,
-                    value,
-                    "must be a positive, finite number of seconds",
-                ));
-            }
-            if duration > MAX_PEER_TIMEOUT {
-                let most = MAX_PEER_TIMEOUT.as_secs();
-                return Err(ConfigError::new(
-                    key,
-                    value,
-                    format!("must be at most {most} seconds (one day)"),
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// The AMQP prefetch count to use: `PREFETCH_COUNT`, or `MAX_WORKERS` (capped at 65535)
