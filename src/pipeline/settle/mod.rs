@@ -6,24 +6,25 @@
 //! hot loop), as a copy the crash-loop guard does not count, since its handling did not crash:
 //! carrying its failure, to be dead-lettered again unrun, or the retry it is to run as.
 
+mod dead_letter;
+mod retry_copy;
+
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use dead_letter::dead_letter;
+pub(crate) use retry_copy::declare_retry_topology;
+use retry_copy::{schedule_retry, NotScheduled};
 
 use crate::clock;
-use crate::config::RetryDelay;
 use crate::data::{Failure, Handled, Message};
-use crate::error::{Error, Result};
 use crate::pipeline::consume::{
     hand_back_as_retry, hand_back_message, mark_first_route, HEADER_REDELIVERED,
-    HEADER_REDELIVERIES,
 };
-use crate::pipeline::delayed_message::{self, RetryMeta};
+use crate::pipeline::delayed_message::RetryMeta;
 use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;
-use crate::transport::{
-    Delivery, HeaderValue, Headers, Limit, OutgoingMessage, Properties, PublishOptions, QueueSpec,
-    TransportError,
-};
+use crate::transport::{Delivery, Headers, Properties, TransportError};
 
 /// Header: the route that failed.
 pub const HEADER_ROUTE: &str = "x-mf-route";
@@ -57,12 +58,6 @@ pub const HEADER_HEADERS_DROPPED: &str = "x-mf-headers-dropped";
 pub(crate) const HEADER_PENDING_DEAD_LETTER: &str = "x-mf-dead-letter-pending";
 
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
-
-/// How long a delay queue's lease (`x-expires`) outlasts the delay of its messages, in ms.
-const DELAY_QUEUE_LEASE_MS: i64 = 60_000;
-/// The longest delay a delay queue holds a retry: RabbitMQ refuses a queue TTL or lease over
-/// ten years (`value_too_large`), and the lease outlasts the TTL.
-const MAX_DELAY_QUEUE_TTL: Duration = Duration::from_millis(315_360_000_000 - 60_000);
 
 /// Where a delivery came from: where it goes back when it cannot be settled now.
 pub(crate) struct Origin<'a> {
@@ -289,237 +284,6 @@ fn mark_pending_dead_letter(headers: &mut Headers, failure: &Failure) {
 pub(crate) fn take_pending_dead_letter(headers: &mut Headers) -> Option<Failure> {
     let pending = headers.remove(HEADER_PENDING_DEAD_LETTER)?;
     pending.as_str().and_then(|json| serde_json::from_str(json).ok())
-}
-
-/// Declare what broker-side retries of `queue` need at start-up: under
-/// `RETRY_DELAY=delayed_message_plugin`, the layout of [`delayed_message`] (a clear error
-/// when the plugin is missing). Delay queues need nothing yet.
-pub(crate) async fn declare_retry_topology(route: &RouteHandle, queue: &str) -> Result<()> {
-    let Some(backoff_queue) = delayed_message::backoff_queue(route) else { return Ok(()) };
-    delayed_message::declare(route).await.map_err(|error| {
-        // The broker's own words for a missing plugin; any other refusal (a backoff queue
-        // declared with other arguments, say) is not cured by the plugin.
-        Error::Startup(match error.to_string().contains("unknown exchange type") {
-            true => format!(
-                "RETRY_DELAY=delayed_message_plugin needs the rabbitmq_delayed_message_exchange \
-                 plugin on the broker ({error}); use RETRY_DELAY=delay_queues on stock RabbitMQ"
-            ),
-            false => format!(
-                "cannot declare the RETRY_DELAY=delayed_message_plugin retries of {queue} \
-                 (exchange {}, queue {backoff_queue}): {error}",
-                delayed_message::exchange(route).name
-            ),
-        })
-    })?;
-    tracing::info!(
-        route = route.name(),
-        "retries of messages from {queue} wait in {} and come back through {backoff_queue}",
-        delayed_message::exchange(route).name
-    );
-    Ok(())
-}
-
-/// Why a retry copy was not published.
-enum NotScheduled {
-    /// It cannot be made: the message is dead-lettered instead, for this reason.
-    Refused(String),
-    /// The broker did not take it: the message goes back to its queue.
-    Failed(TransportError),
-}
-
-/// Publish a copy of `message` to come back after `delay`: through the delay queue
-/// `{queue}.delay-{ms}`, whose per-queue TTL dead-letters it back to `queue` (declared before
-/// each use, which renews its `x-expires` lease, so an unused delay queue disappears by
-/// itself), or wrapped as [`delayed_message`] lays retries out (its topology declared again
-/// first, so a deleted backoff queue cannot swallow the retry), carrying `meta` on.
-async fn schedule_retry(
-    route: &RouteHandle,
-    queue: &str,
-    message: &Message,
-    failure: &Failure,
-    delay: Duration,
-    meta: &RetryMeta,
-) -> Result<(), NotScheduled> {
-    // A longer delay cannot be had: a delay queue with its TTL cannot be declared, and the
-    // plugin routes a message delayed longer than its timers reach at once.
-    let delay = delay.min(match route.config().retry_delay {
-        RetryDelay::DelayedMessagePlugin => delayed_message::MAX_DELAY,
-        RetryDelay::DelayQueues => MAX_DELAY_QUEUE_TTL,
-    });
-    let retry = BackOffData::from_headers(&message.properties.headers, 0);
-    let now = clock::wall_now();
-    let next = retry.next(failure.full_message(), now);
-    let retry_count = next.retry_count;
-    let mut properties = copy_properties(&message.properties);
-    let headers = &mut properties.headers;
-    // The queue the copy comes back to, whose consumer alone reads its retry state as its own.
-    let back_to = match route.config().retry_delay {
-        RetryDelay::DelayedMessagePlugin => delayed_message::backoff_queue(route),
-        RetryDelay::DelayQueues => None,
-    };
-    next.write_headers(headers, back_to.as_deref().unwrap_or(queue));
-    // The copy comes back through the default exchange (delay queues) or the backoff exchange
-    // (the plugin): it carries the route it was first published with, which its handler reads
-    // and its dead letter records.
-    mark_first_route(headers, &message.exchange, &message.routing_key);
-    let transport = route.transport();
-    let (exchange, routing_key, copy, mandatory) = match route.config().retry_delay {
-        RetryDelay::DelayedMessagePlugin => {
-            let copy =
-                delayed_message::wrapped_copy(message, properties, meta, retry_count, now, delay)
-                    .map_err(NotScheduled::Refused)?;
-            delayed_message::declare(route).await.map_err(not_scheduled)?;
-            // The plugin routes a delayed message only once due: a mandatory publish would
-            // always come back unroutable.
-            (
-                delayed_message::exchange(route).name,
-                delayed_message::routing_key(route),
-                copy,
-                false,
-            )
-        }
-        RetryDelay::DelayQueues => {
-            let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
-            let lease = millis.saturating_add(DELAY_QUEUE_LEASE_MS);
-            let delay_queue = QueueSpec {
-                arguments: Headers::from([
-                    ("x-message-ttl".to_owned(), HeaderValue::Int(millis)),
-                    ("x-dead-letter-exchange".to_owned(), HeaderValue::from("")),
-                    ("x-dead-letter-routing-key".to_owned(), HeaderValue::from(queue)),
-                    ("x-expires".to_owned(), HeaderValue::Int(lease)),
-                ]),
-                ..QueueSpec::durable(format!("{queue}.delay-{millis}"))
-            };
-            transport.declare_queue(&delay_queue).await.map_err(not_scheduled)?;
-            let copy = OutgoingMessage { body: message.body.clone(), properties };
-            (String::new(), delay_queue.name, copy, true)
-        }
-    };
-    tracing::info!(
-        route = route.name(),
-        "retry {retry_count} of a failed message in {delay:?}: {}",
-        failure.full_message()
-    );
-    let options = PublishOptions { mandatory };
-    transport.publish(&exchange, &routing_key, copy, options).await.map_err(not_scheduled)
-}
-
-/// Why the broker did not take a retry copy or what it waits in: for good when the same copy
-/// would fail again whatever the broker's state, and the message would only come back to fail
-/// again; otherwise for now.
-fn not_scheduled(error: TransportError) -> NotScheduled {
-    match error {
-        // A retry copy needs the original headers: without room for them, the message cannot
-        // come back as it was.
-        TransportError::LimitReached { what: Limit::HeaderSize, reason, .. } => {
-            NotScheduled::Refused(reason)
-        }
-        // A name AMQP cannot carry (a delay queue's, over 255 bytes): nothing was sent.
-        TransportError::Invalid(reason) => NotScheduled::Refused(reason),
-        error => NotScheduled::Failed(error),
-    }
-}
-
-fn seconds_since_epoch(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-/// Publish a copy of `message`, consumed from `from`, to `{queue}.dlq` with the failure in its
-/// headers. When the original headers leave no room in a frame for the dead-letter headers,
-/// the copy carries the dead-letter headers alone, and [`HEADER_HEADERS_DROPPED`] says what
-/// was dropped.
-async fn dead_letter(
-    route: &RouteHandle,
-    queue: &str,
-    from: &str,
-    message: &Message,
-    failure: &Failure,
-) -> Result<(), TransportError> {
-    let mut properties = copy_properties(&message.properties);
-    // The crash count is that of the queue it came from: a route consuming the dead-letter
-    // queue would take it for its own.
-    properties.headers.remove(HEADER_REDELIVERIES);
-    let reason = dead_letter_headers(route, from, message, failure);
-    properties.headers.extend(reason.clone());
-    let dlq = format!("{queue}.dlq");
-    tracing::warn!(
-        route = route.name(),
-        "message dead-lettered to {dlq}: {} ({})",
-        failure.full_message(),
-        failure.kind
-    );
-    let declared = route.dead_letter_queue();
-    if let Some(leased) = declared.filter(|dlq| dlq.arguments.contains_key("x-expires")) {
-        route.transport().declare_queue(leased).await?;
-    }
-    let copy = OutgoingMessage { body: message.body.clone(), properties };
-    let error = match publish_dead_letter(route, &dlq, copy).await {
-        Err(TransportError::LimitReached { what: Limit::HeaderSize, size, limit, .. }) => {
-            format!("{size} bytes, over the frame_max of {limit} bytes")
-        }
-        published => return published,
-    };
-    let dropped = format!(
-        "{} original headers dropped: with the dead-letter headers they made {error}",
-        message.properties.headers.len()
-    );
-    tracing::warn!(route = route.name(), "dead letter to {dlq}: {dropped}");
-    let mut properties = copy_properties(&message.properties);
-    properties.headers.retain(|name, _| name == HEADER_ORIGINAL_USER_ID);
-    properties.headers.extend(reason);
-    properties.headers.insert(HEADER_HEADERS_DROPPED.into(), dropped.into());
-    let minimal = OutgoingMessage { body: message.body.clone(), properties };
-    publish_dead_letter(route, &dlq, minimal).await
-}
-
-/// Publish `copy` to `dlq`, confirmed and mandatory. A dead-letter queue deleted while the
-/// service runs (by hand, say) is declared again, and the copy published once more: without
-/// it, every failure would go back to its queue and come again for ever.
-async fn publish_dead_letter(
-    route: &RouteHandle,
-    dlq: &str,
-    copy: OutgoingMessage,
-) -> Result<(), TransportError> {
-    let options = PublishOptions { mandatory: true };
-    let declared = route.dead_letter_queue().filter(|declared| declared.name == dlq);
-    match (route.transport().publish("", dlq, copy.clone(), options).await, declared) {
-        (Err(TransportError::Unroutable { .. }), Some(declared)) => {
-            tracing::warn!(
-                route = route.name(),
-                "dead-letter queue {dlq} was gone: declared again"
-            );
-            route.transport().declare_queue(declared).await?;
-            route.transport().publish("", dlq, copy, options).await
-        }
-        (published, _) => published,
-    }
-}
-
-/// The `x-mf-*` headers that say why and where from (`from`) a message was dead-lettered.
-fn dead_letter_headers(
-    route: &RouteHandle,
-    from: &str,
-    message: &Message,
-    failure: &Failure,
-) -> Headers {
-    let mut headers = Headers::new();
-    headers.insert(HEADER_ROUTE.into(), route.name().into());
-    headers.insert(HEADER_ERROR_KIND.into(), failure.kind.as_str().into());
-    headers.insert(HEADER_ERROR.into(), failure.full_message().into());
-    if !failure.error_type.is_empty() {
-        headers.insert(HEADER_ERROR_TYPE.into(), failure.error_type.clone().into());
-    }
-    headers.insert(
-        HEADER_FAILED_AT.into(),
-        HeaderValue::Timestamp(seconds_since_epoch(clock::wall_now())),
-    );
-    let retry_count = BackOffData::from_headers(&message.properties.headers, 0).retry_count;
-    let attempts = retry_count.saturating_add(1);
-    headers.insert(HEADER_ATTEMPTS.into(), HeaderValue::Int(i64::from(attempts)));
-    headers.insert(HEADER_ORIGINAL_QUEUE.into(), from.into());
-    headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), message.exchange.clone().into());
-    headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), message.routing_key.clone().into());
-    headers
 }
 
 /// The properties of a copy the service publishes of a message it received (a retry, a dead
