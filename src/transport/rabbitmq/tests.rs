@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{RwLock, RwLockReadGuard};
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
@@ -1177,21 +1177,64 @@ impl Drop for HalfProxy {
     }
 }
 
+/// A transport connected through a [`HalfProxy`], with the broker to itself (the tests cut
+/// the client's side only, leaving the broker a connection that only missed heartbeats end:
+/// 3 s here); `None` when the test is skipped (see [`broker_up`]).
+async fn behind_a_half_proxy(
+) -> Option<(RwLockWriteGuard<'static, ()>, HalfProxy, RabbitMqTransport)> {
+    if !broker_up().await {
+        return None;
+    }
+    let exclusive = BROKER_LOCK.write().await;
+    let proxy = HalfProxy::start().await;
+    let options = RabbitMqOptions { heartbeat: 3, ..options(&proxy.uri()) };
+    let t = RabbitMqTransport::connect(options).await.unwrap();
+    Some((exclusive, proxy, t))
+}
+
+/// Cut the client's side of `proxy` and wait until `t` has reconnected.
+async fn cut_client_side_and_reconnect(proxy: &HalfProxy, t: &RabbitMqTransport) {
+    let reconnects = t.reconnects();
+    proxy.cut_client_side();
+    wait_reconnected(t, reconnects).await;
+    wait_connected(t).await;
+}
+
+/// Publish to `exchange` with routing key `key` until `consumer` receives one, for up to
+/// 60 s: while the old connection lives, its queue or consumer takes them. The error says
+/// why none arrived, for the test to assert once it has cleaned up.
+async fn publish_until_one_arrives(
+    t: &RabbitMqTransport,
+    exchange: &str,
+    key: &str,
+    consumer: &mut Consumer,
+) -> Result<Delivery, &'static str> {
+    let delivered = timeout(Duration::from_secs(60), async {
+        loop {
+            let body = format!("after-{}", uuid::Uuid::new_v4().simple());
+            t.publish(exchange, key, message(&body, &body), PublishOptions::default())
+                .await
+                .unwrap();
+            if let Ok(delivery) = timeout(Duration::from_millis(500), consumer.next()).await {
+                break delivery;
+            }
+        }
+    })
+    .await;
+    match delivered {
+        Err(_) => Err("the consumer did not resume within 60 s"),
+        Ok(None) => Err("the consumer ended"),
+        Ok(Some(delivery)) => Ok(delivery),
+    }
+}
+
 /// The client sees the connection die before the broker does: the replay finds the exclusive
 /// queue still held by the old connection, declares it again once the broker drops that
 /// connection, and the consumer resumes on it.
 #[tokio::test]
 async fn an_exclusive_queue_held_by_the_old_connection_is_declared_again() {
     timeout(Duration::from_secs(120), async {
-        if !broker_up().await {
-            return;
-        }
-        let _exclusive = BROKER_LOCK.write().await;
-        let proxy = HalfProxy::start().await;
-        let t =
-            RabbitMqTransport::connect(RabbitMqOptions { heartbeat: 3, ..options(&proxy.uri()) })
-                .await
-                .unwrap();
+        let Some((_exclusive, proxy, t)) = behind_a_half_proxy().await else { return };
         let exchange = unique("reclaim-x");
         let queue = unique("reclaim-q");
         let topic = ExchangeSpec { durable: false, ..ExchangeSpec::topic(exchange.as_str()) };
@@ -1206,32 +1249,15 @@ async fn an_exclusive_queue_held_by_the_old_connection_is_declared_again() {
         };
         t.bind_queue(&binding).await.unwrap();
         let mut consumer = t.consume(&queue, prefetch(5)).await.unwrap();
-        let reconnects = t.reconnects();
-        proxy.cut_client_side();
-        wait_reconnected(&t, reconnects).await;
-        wait_connected(&t).await;
-        // Published until one arrives: while the old connection lives, its queue takes them.
-        let delivered = timeout(Duration::from_secs(60), async {
-            loop {
-                let body = format!("after-{}", uuid::Uuid::new_v4().simple());
-                t.publish(&exchange, "k", message(&body, &body), PublishOptions::default())
-                    .await
-                    .unwrap();
-                if let Ok(delivery) = timeout(Duration::from_millis(500), consumer.next()).await {
-                    break delivery;
-                }
-            }
-        })
-        .await;
+        cut_client_side_and_reconnect(&proxy, &t).await;
+        let delivered = publish_until_one_arrives(&t, &exchange, "k", &mut consumer).await;
         let info = t.queue_info(&queue).await;
         drop(consumer);
         let _ = t.delete_queue(&queue).await;
         let _ = t.delete_exchange(&exchange).await;
         t.close().await;
         drop(proxy);
-        let delivery = delivered.expect("the consumer did not resume within 60 s");
-        let delivery = delivery.expect("the consumer ended");
-        assert!(delivery.body.starts_with(b"after-"));
+        assert!(delivered.unwrap().body.starts_with(b"after-"));
         assert!(info.is_ok(), "the exclusive queue {queue} is gone: {info:?}");
     })
     .await
@@ -1245,43 +1271,18 @@ async fn an_exclusive_queue_held_by_the_old_connection_is_declared_again() {
 #[tokio::test]
 async fn an_exclusive_consumer_held_by_the_old_connection_resumes() {
     timeout(Duration::from_secs(120), async {
-        if !broker_up().await {
-            return;
-        }
-        let _exclusive = BROKER_LOCK.write().await;
-        let proxy = HalfProxy::start().await;
-        let t =
-            RabbitMqTransport::connect(RabbitMqOptions { heartbeat: 3, ..options(&proxy.uri()) })
-                .await
-                .unwrap();
+        let Some((_exclusive, proxy, t)) = behind_a_half_proxy().await else { return };
         let queue = unique("exclusive-consumer-q");
         t.declare_queue(&plain_queue(&queue)).await.unwrap();
         let exclusive = ConsumeOptions { exclusive: true, ..prefetch(5) };
         let mut consumer = t.consume(&queue, exclusive).await.unwrap();
-        let reconnects = t.reconnects();
-        proxy.cut_client_side();
-        wait_reconnected(&t, reconnects).await;
-        wait_connected(&t).await;
-        // Published until one arrives: while the old connection lives, its consumer holds them.
-        let delivered = timeout(Duration::from_secs(60), async {
-            loop {
-                let body = format!("after-{}", uuid::Uuid::new_v4().simple());
-                t.publish("", &queue, message(&body, &body), PublishOptions::default())
-                    .await
-                    .unwrap();
-                if let Ok(delivery) = timeout(Duration::from_millis(500), consumer.next()).await {
-                    break delivery;
-                }
-            }
-        })
-        .await;
+        cut_client_side_and_reconnect(&proxy, &t).await;
+        let delivered = publish_until_one_arrives(&t, "", &queue, &mut consumer).await;
         drop(consumer);
         let _ = t.delete_queue(&queue).await;
         t.close().await;
         drop(proxy);
-        let delivery = delivered.expect("the consumer did not resume within 60 s");
-        let delivery = delivery.expect("the consumer ended");
-        assert!(delivery.body.starts_with(b"after-"));
+        assert!(delivered.unwrap().body.starts_with(b"after-"));
     })
     .await
     .expect("test did not finish");
