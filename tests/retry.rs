@@ -575,6 +575,32 @@ fn victim(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<VictimCalls>>) {
     calls.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// The `hog` route: a `hog` event of `shop` holds a worker slot until `probe` opens, so that
+/// with one worker what comes next is received but cannot start.
+fn hog_route(shop: &str, probe: &Arc<common::Probe>) -> Route {
+    Route::new(hog).entrypoint(EventListener::new(shop, "hog")).dependency(Shared(probe.clone()))
+}
+
+/// The `victim` route: it counts in `calls` the `job` events of `shop` it runs.
+fn victim_route(shop: &str, calls: &Arc<VictimCalls>) -> Route {
+    Route::new(victim).entrypoint(EventListener::new(shop, "job")).dependency(Shared(calls.clone()))
+}
+
+/// Start `routes` (with [`hog_route`] among them) under `config`, and have a `hog` call of
+/// `shop` take the worker slot and hold it until `probe` opens: what the test sends next waits
+/// for that slot.
+async fn start_with_the_slot_held(
+    routes: Vec<Route>,
+    config: &Config,
+    shop: &str,
+    probe: &Arc<common::Probe>,
+) -> TestService {
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    service.dispatch(shop, "hog", &json!({})).await.unwrap();
+    probe.wait_started(1).await;
+    service
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
     use micro_framework::config::QueueType;
@@ -594,20 +620,10 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
         let calls = Arc::new(VictimCalls::default());
         let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
         let markers = [config.service_name.clone(), shop.clone()];
-        let routes = |probe: &Arc<common::Probe>| {
-            vec![
-                Route::new(hog)
-                    .entrypoint(EventListener::new(&shop, "hog"))
-                    .dependency(Shared(probe.clone())),
-                Route::new(victim)
-                    .entrypoint(EventListener::new(&shop, "job"))
-                    .dependency(Shared(calls.clone())),
-            ]
-        };
+        let routes =
+            |probe: &Arc<common::Probe>| vec![hog_route(&shop, probe), victim_route(&shop, &calls)];
         let probe = common::Probe::closed();
-        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
-        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
+        let service = start_with_the_slot_held(routes(&probe), &config, &shop, &probe).await;
         service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
         // The victim's message is received and waits for the one worker slot, which the hog
         // holds until the service stops: it is handed back unstarted.
@@ -649,17 +665,11 @@ async fn rpc_requests_handed_back_at_shutdown_are_not_counted_as_crashes() {
         let calls = Arc::new(VictimCalls::default());
         let markers = [config.service_name.clone(), shop.clone()];
         let routes = |probe: &Arc<common::Probe>| {
-            vec![
-                Route::new(hog)
-                    .entrypoint(EventListener::new(&shop, "hog"))
-                    .dependency(Shared(probe.clone())),
-                Route::new(answer).entrypoint(RPCListener::new()).dependency(Shared(calls.clone())),
-            ]
+            let answering = Route::new(answer).entrypoint(RPCListener::new());
+            vec![hog_route(&shop, probe), answering.dependency(Shared(calls.clone()))]
         };
         let probe = common::Probe::closed();
-        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
-        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
+        let service = start_with_the_slot_held(routes(&probe), &config, &shop, &probe).await;
         let client = Arc::new(Client::connect(&config).await.unwrap());
         let caller = client.clone();
         let name = config.service_name.clone();
@@ -744,9 +754,7 @@ async fn a_delivery_count_set_by_the_publisher_does_not_steer_the_crash_loop_gua
     let shop = unique("forged");
     let config = config(&uri, "forged").with_max_redeliveries(2);
     let calls = Arc::new(VictimCalls::default());
-    let routes = vec![Route::new(victim)
-        .entrypoint(EventListener::new(&shop, "job"))
-        .dependency(Shared(calls.clone()))];
+    let routes = vec![victim_route(&shop, &calls)];
     let service = TestService::start(routes, config.clone()).await.unwrap();
     let mut properties = micro_framework::data::json_properties();
     properties.headers.insert("x-delivery-count".into(), HeaderValue::Int(99));
@@ -886,20 +894,10 @@ async fn a_greedy_service_past_its_shutdown_timeout_starts_no_more_calls() {
         let keeper = micro_framework::transport::connect(&config).await.unwrap();
         let calls = Arc::new(VictimCalls::default());
         let markers = [config.service_name.clone(), shop.clone()];
-        let routes = |probe: &Arc<common::Probe>| {
-            vec![
-                Route::new(hog)
-                    .entrypoint(EventListener::new(&shop, "hog"))
-                    .dependency(Shared(probe.clone())),
-                Route::new(victim)
-                    .entrypoint(EventListener::new(&shop, "job"))
-                    .dependency(Shared(calls.clone())),
-            ]
-        };
+        let routes =
+            |probe: &Arc<common::Probe>| vec![hog_route(&shop, probe), victim_route(&shop, &calls)];
         let probe = common::Probe::closed();
-        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
-        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
+        let service = start_with_the_slot_held(routes(&probe), &config, &shop, &probe).await;
         service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
         // The victim's message is received and waits for the one worker slot, which the hog
         // holds past SHUTDOWN_TIMEOUT: the stop gives up on both, and their messages go back
