@@ -9,7 +9,7 @@ use common::{broker_uris, config, unique};
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
-use micro_framework::retry::{AsyncBackOff, BackOff, BackOffData};
+use micro_framework::retry::{AsyncBackOff, BackOff, BackOffData, BackOffPolicy};
 use micro_framework::settle::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ROUTE};
 use micro_framework::testing::TestService;
 use micro_framework::transport::{
@@ -51,18 +51,40 @@ fn header<'a>(message: &'a micro_framework::Message, key: &str) -> &'a HeaderVal
     message.properties.headers.get(key).unwrap_or(&HeaderValue::Void)
 }
 
+/// A started service whose `flaky` route takes the `job` events of a shop of its own.
+struct Flaky {
+    service: TestService,
+    /// What `flaky` saw, attempt by attempt.
+    journal: Arc<Journal>,
+    shop: String,
+    /// The route's queue, `evt-{shop}-job--{service}.flaky`.
+    queue: String,
+    /// The names `common::cleanup` removes after the test: the service's and the shop's.
+    markers: [String; 2],
+}
+
+/// Start a service of `config` whose `flaky` route, retried by `backoff`, takes the `job`
+/// events of a new shop and records its attempts in a journal of its own: the set-up of most
+/// tests here, which differ in the config, the backoff and what they send.
+async fn start_flaky(config: Config, backoff: BackOffPolicy) -> Flaky {
+    let journal = Arc::new(Journal::default());
+    let shop = unique("shop");
+    let queue = format!("evt-{shop}-job--{}.flaky", config.service_name);
+    let markers = [config.service_name.clone(), shop.clone()];
+    let routes = vec![Route::new(flaky)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .backoff(backoff)
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    Flaky { service, journal, shop, queue, markers }
+}
+
 #[tokio::test]
 async fn the_target_sees_attempts_in_order_and_the_worker_is_free_during_the_delay() {
     for uri in broker_uris() {
-        let journal = Arc::new(Journal::default());
-        let shop = unique("shop");
         let config = config(&uri, "retries").with_max_workers(1);
-        let markers = [config.service_name.clone(), shop.clone()];
-        let routes = vec![Route::new(flaky)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .backoff(AsyncBackOff::new(3, Duration::from_millis(300)))
-            .dependency(Shared(journal.clone()))];
-        let service = TestService::start(routes, config).await.unwrap();
+        let backoff = AsyncBackOff::new(3, Duration::from_millis(300));
+        let Flaky { service, journal, shop, markers, .. } = start_flaky(config, backoff).await;
         service.dispatch(&shop, "job", &json!({ "name": "a", "fail_until": 3 })).await.unwrap();
         service.wait_for_route("flaky", 1).await.unwrap(); // a's first attempt failed
                                                            // With one worker, b can only run now if a's delay does not hold the worker, and it
@@ -82,16 +104,9 @@ async fn the_target_sees_attempts_in_order_and_the_worker_is_free_during_the_del
 #[tokio::test]
 async fn exhausted_retries_go_to_the_dead_letter_queue_with_the_attempt_count() {
     for uri in broker_uris() {
-        let journal = Arc::new(Journal::default());
-        let shop = unique("shop");
-        let config = config(&uri, "exhaust");
-        let queue = format!("evt-{shop}-job--{}.flaky", config.service_name);
-        let markers = [config.service_name.clone(), shop.clone()];
-        let routes = vec![Route::new(flaky)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .backoff(AsyncBackOff::new(2, Duration::from_millis(20)))
-            .dependency(Shared(journal.clone()))];
-        let service = TestService::start(routes, config).await.unwrap();
+        let backoff = AsyncBackOff::new(2, Duration::from_millis(20));
+        let Flaky { service, journal, shop, queue, markers } =
+            start_flaky(config(&uri, "exhaust"), backoff).await;
         service.dispatch(&shop, "job", &json!({ "name": "doomed" })).await.unwrap();
         service.wait_for_route("flaky", 3).await.unwrap();
         let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
@@ -170,15 +185,9 @@ async fn the_callback_runs_after_the_last_retry() {
 #[tokio::test]
 async fn in_worker_backoff_retries_in_the_same_call() {
     for uri in broker_uris() {
-        let journal = Arc::new(Journal::default());
-        let shop = unique("shop");
-        let config = config(&uri, "inworker");
-        let markers = [config.service_name.clone(), shop.clone()];
-        let routes = vec![Route::new(flaky)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .backoff(BackOff::new(3, Duration::from_millis(5)))
-            .dependency(Shared(journal.clone()))];
-        let service = TestService::start(routes, config).await.unwrap();
+        let backoff = BackOff::new(3, Duration::from_millis(5));
+        let Flaky { service, journal, shop, markers, .. } =
+            start_flaky(config(&uri, "inworker"), backoff).await;
         service.dispatch(&shop, "job", &json!({ "name": "w", "fail_until": 2 })).await.unwrap();
         service.wait_for_route("flaky", 1).await.unwrap();
         let retries: Vec<u32> = journal.entries().iter().map(|(_, r)| *r).collect();
@@ -352,16 +361,10 @@ async fn under_the_delayed_message_plugin_retries_take_the_python_layout_then_de
     use micro_framework::config::RetryDelay;
     use micro_framework::settle::HEADER_ORIGINAL_QUEUE;
     let uri = plugin_broker();
-    let journal = Arc::new(Journal::default());
-    let shop = unique("shop");
     let config = config(&uri, "layout").with_retry_delay(RetryDelay::DelayedMessagePlugin);
     let service_name = config.service_name.clone();
-    let queue = format!("evt-{shop}-job--{service_name}.flaky");
-    let routes = vec![Route::new(flaky)
-        .entrypoint(EventListener::new(&shop, "job"))
-        .backoff(AsyncBackOff::new(2, Duration::from_millis(50)))
-        .dependency(Shared(journal.clone()))];
-    let service = TestService::start(routes, config).await.unwrap();
+    let backoff = AsyncBackOff::new(2, Duration::from_millis(50));
+    let Flaky { service, journal, shop, queue, .. } = start_flaky(config, backoff).await;
     let transport = service.transport();
     let exchange = format!("{service_name}_backoff");
     let as_direct = ExchangeSpec {
@@ -462,17 +465,10 @@ async fn malformed_retries_are_dead_lettered_with_the_reason_and_the_service_goe
     use micro_framework::config::RetryDelay;
     use micro_framework::settle::{HEADER_ERROR_KIND, HEADER_ORIGINAL_QUEUE};
     let uri = plugin_broker();
-    let journal = Arc::new(Journal::default());
-    let shop = unique("shop");
     let config = config(&uri, "malformed").with_retry_delay(RetryDelay::DelayedMessagePlugin);
-    let service_name = config.service_name.clone();
-    let queue = format!("evt-{shop}-job--{service_name}.flaky");
-    let backoff_queue = format!("{service_name}.flaky_backoff_queue");
-    let routes = vec![Route::new(flaky)
-        .entrypoint(EventListener::new(&shop, "job"))
-        .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
-        .dependency(Shared(journal.clone()))];
-    let service = TestService::start(routes, config).await.unwrap();
+    let backoff_queue = format!("{}.flaky_backoff_queue", config.service_name);
+    let backoff = AsyncBackOff::new(3, Duration::from_millis(20));
+    let Flaky { service, journal, queue, .. } = start_flaky(config, backoff).await;
 
     let malformed = [
         ("not json", "not valid JSON"),
@@ -928,15 +924,9 @@ async fn a_retry_delay_longer_than_the_broker_holds_waits_as_long_as_it_can() {
     let queues =
         broker_uris().into_iter().map(|uri| (uri, RetryDelay::DelayQueues, 11 * 365 * 86_400));
     for (uri, retry_delay, seconds) in std::iter::once(plugin).chain(queues) {
-        let journal = Arc::new(Journal::default());
-        let shop = unique("shop");
         let config = config(&uri, "longdelay").with_retry_delay(retry_delay);
-        let markers = [config.service_name.clone(), shop.clone()];
-        let routes = vec![Route::new(flaky)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .backoff(AsyncBackOff::new(3, Duration::from_secs(seconds)))
-            .dependency(Shared(journal.clone()))];
-        let service = TestService::start(routes, config).await.unwrap();
+        let backoff = AsyncBackOff::new(3, Duration::from_secs(seconds));
+        let Flaky { service, journal, shop, markers, .. } = start_flaky(config, backoff).await;
         service.dispatch(&shop, "job", &json!({ "name": "later" })).await.unwrap();
         common::wait_until(|| !journal.entries().is_empty(), "the first attempt").await;
         // Long enough for a retry routed at once, or a message requeued after its retry
@@ -953,16 +943,9 @@ async fn a_retry_delay_longer_than_the_broker_holds_waits_as_long_as_it_can() {
 #[tokio::test]
 async fn in_worker_retries_count_in_the_dead_letters_attempts() {
     for uri in broker_uris() {
-        let journal = Arc::new(Journal::default());
-        let shop = unique("shop");
-        let config = config(&uri, "inworkerdead");
-        let queue = format!("evt-{shop}-job--{}.flaky", config.service_name);
-        let markers = [config.service_name.clone(), shop.clone()];
-        let routes = vec![Route::new(flaky)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .backoff(BackOff::new(2, Duration::from_millis(5)))
-            .dependency(Shared(journal.clone()))];
-        let service = TestService::start(routes, config).await.unwrap();
+        let backoff = BackOff::new(2, Duration::from_millis(5));
+        let Flaky { service, journal, shop, queue, markers } =
+            start_flaky(config(&uri, "inworkerdead"), backoff).await;
         service.dispatch(&shop, "job", &json!({ "name": "doomed" })).await.unwrap();
         service.wait_for_route("flaky", 1).await.unwrap();
         assert_eq!(journal.entries().len(), 3, "the first attempt and two retries");
