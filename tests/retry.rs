@@ -526,25 +526,46 @@ async fn publish_binary_job(service: &TestService, shop: &str) {
     service.transport().publish(&format!("{shop}.events"), "job", binary, options).await.unwrap();
 }
 
-#[tokio::test]
-async fn a_body_the_python_layout_cannot_carry_is_dead_lettered_instead_of_retried() {
+/// Fails each call, recording it: whatever the message, it cannot read it.
+fn unreadable(Dep(journal): Dep<Arc<Journal>>) -> Result<(), std::io::Error> {
+    journal.push("call", 0);
+    Err(std::io::Error::other("cannot read it"))
+}
+
+/// A service that got a job whose body the plugin's retry layout cannot carry.
+struct BinaryJob {
+    service: TestService,
+    /// What `unreadable` (and a callback of the route) recorded.
+    journal: Arc<Journal>,
+    /// The route's queue, `evt-{shop}-job--{service}.unreadable`.
+    queue: String,
+}
+
+/// Under the delayed-message plugin's layout, start a service named after `name` whose `route`
+/// (of [`unreadable`], with or without a callback) takes the `job` events of a new shop with
+/// three broker retries, publish it a job of [`publish_binary_job`], and wait for its first
+/// call: what the test checks is what became of the failure.
+async fn a_binary_job_failed_by(route: Route, name: &str) -> BinaryJob {
     use micro_framework::config::RetryDelay;
-    fn unreadable(Dep(journal): Dep<Arc<Journal>>) -> Result<(), std::io::Error> {
-        journal.push("call", 0);
-        Err(std::io::Error::other("cannot read it"))
-    }
     let uri = plugin_broker();
     let journal = Arc::new(Journal::default());
     let shop = unique("shop");
-    let config = config(&uri, "binary").with_retry_delay(RetryDelay::DelayedMessagePlugin);
+    let config = config(&uri, name).with_retry_delay(RetryDelay::DelayedMessagePlugin);
     let queue = format!("evt-{shop}-job--{}.unreadable", config.service_name);
-    let routes = vec![Route::new(unreadable)
+    let routes = vec![route
         .entrypoint(EventListener::new(&shop, "job"))
         .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
         .dependency(Shared(journal.clone()))];
     let service = TestService::start(routes, config).await.unwrap();
     publish_binary_job(&service, &shop).await;
     service.wait_for_route("unreadable", 1).await.unwrap();
+    BinaryJob { service, journal, queue }
+}
+
+#[tokio::test]
+async fn a_body_the_python_layout_cannot_carry_is_dead_lettered_instead_of_retried() {
+    let BinaryJob { service, journal, queue } =
+        a_binary_job_failed_by(Route::new(unreadable), "binary").await;
     let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(&dead[0].body[..], &[0xff, 0x00, 0x01], "the body as it came");
@@ -796,26 +817,11 @@ async fn jittered_retries_wait_in_a_bounded_set_of_delay_queues() {
 
 #[tokio::test]
 async fn the_callback_runs_when_the_retry_copy_cannot_be_made() {
-    use micro_framework::config::RetryDelay;
-    fn unreadable(Dep(journal): Dep<Arc<Journal>>) -> Result<(), std::io::Error> {
-        journal.push("call", 0);
-        Err(std::io::Error::other("cannot read it"))
-    }
     fn give_up(failure: Failure, retry: BackOffData, Dep(journal): Dep<Arc<Journal>>) {
         journal.push(&format!("callback: {}", failure.full_message()), retry.retry_count);
     }
-    let uri = plugin_broker();
-    let journal = Arc::new(Journal::default());
-    let shop = unique("shop");
-    let config = config(&uri, "binarycb").with_retry_delay(RetryDelay::DelayedMessagePlugin);
-    let queue = format!("evt-{shop}-job--{}.unreadable", config.service_name);
-    let routes = vec![CallbackRoute::new(unreadable, give_up)
-        .entrypoint(EventListener::new(&shop, "job"))
-        .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
-        .dependency(Shared(journal.clone()))];
-    let service = TestService::start(routes, config).await.unwrap();
-    publish_binary_job(&service, &shop).await;
-    service.wait_for_route("unreadable", 1).await.unwrap();
+    let BinaryJob { service, journal, queue } =
+        a_binary_job_failed_by(CallbackRoute::new(unreadable, give_up), "binarycb").await;
     let entries = journal.entries();
     assert_eq!(entries.len(), 2, "one attempt, then the callback: {entries:?}");
     assert!(entries[1].0.starts_with("callback: cannot read it"), "{entries:?}");
