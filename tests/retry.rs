@@ -5,6 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::queues::event_with_a_250_byte_queue;
 use common::{broker_uris, config, unique};
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::dependencies::Shared;
@@ -1060,9 +1061,8 @@ async fn a_retry_whose_delay_queue_name_is_too_long_is_dead_lettered_saying_why(
         let config = config(&uri, "long").with_max_redeliveries(1);
         let markers = [config.service_name.clone(), shop.clone()];
         // A queue of 250 bytes: its dead-letter queue fits, its delay queue does not.
-        let short = format!("evt-{shop}---{}.always_fails", config.service_name).len();
-        let event = "e".repeat(250 - short);
-        let queue = format!("evt-{shop}-{event}--{}.always_fails", config.service_name);
+        let (event, queue) =
+            event_with_a_250_byte_queue(&shop, &config.service_name, "always_fails");
         let routes = vec![Route::new(always_fails)
             .entrypoint(EventListener::new(&shop, &event))
             .backoff(AsyncBackOff::new(2, Duration::from_millis(20)))];

@@ -7,6 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::queues::event_with_a_250_byte_queue;
 use common::{broker_uris, config, unique};
 use micro_framework::amqp::entrypoints::{EventListener, QueueListener};
 use micro_framework::config::RetryDelay;
@@ -224,9 +225,8 @@ async fn a_message_whose_callback_a_stop_prevents_goes_back_uncounted() {
         let config = config(&uri, "cbstop").with_max_redeliveries(0);
         let markers = [config.service_name.clone(), shop.clone()];
         // A queue of 250 bytes: its dead-letter queue fits, its delay queue does not.
-        let short = format!("evt-{shop}---{}.held_then_fails", config.service_name).len();
-        let event = "e".repeat(250 - short);
-        let queue = format!("evt-{shop}-{event}--{}.held_then_fails", config.service_name);
+        let (event, queue) =
+            event_with_a_250_byte_queue(&shop, &config.service_name, "held_then_fails");
         let keeper = micro_framework::transport::connect(&config).await.unwrap();
         let called_back = Arc::new(Journal::default());
         let routes = |probe: &Arc<common::Probe>| {

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod journaled;
 pub mod logs;
 pub mod peer;
+pub mod queues;
 pub mod tally;
 pub mod targets;
 
