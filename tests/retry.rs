@@ -619,6 +619,28 @@ async fn start_with_the_slot_held(
     service
 }
 
+/// A service whose one worker slot the hog holds while a `job` event for the victim waits.
+struct VictimWaiting {
+    service: TestService,
+    /// Keeps the in-process broker (and its queues) alive between the service's starts.
+    keeper: micro_framework::transport::SharedTransport,
+    /// Opens to let the hog finish.
+    probe: Arc<common::Probe>,
+    calls: Arc<VictimCalls>,
+}
+
+/// Start the hog and the victim of `shop` under `config` (of one worker), have the hog take the
+/// slot, and send the victim a `job` event, which is received but cannot start.
+async fn a_victim_waiting_for_the_slot(config: &Config, shop: &str) -> VictimWaiting {
+    let keeper = micro_framework::transport::connect(config).await.unwrap();
+    let calls = Arc::new(VictimCalls::default());
+    let probe = common::Probe::closed();
+    let routes = vec![hog_route(shop, &probe), victim_route(shop, &calls)];
+    let service = start_with_the_slot_held(routes, config, shop, &probe).await;
+    service.dispatch(shop, "job", &json!({ "id": 1 })).await.unwrap();
+    VictimWaiting { service, keeper, probe, calls }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
     use micro_framework::config::QueueType;
@@ -633,16 +655,10 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
             .with_max_workers(1)
             .with_max_redeliveries(0)
             .with_queue_type(queue_type);
-        // Keeps the in-process broker (and its queues) alive between the service's starts.
-        let keeper = micro_framework::transport::connect(&config).await.unwrap();
-        let calls = Arc::new(VictimCalls::default());
         let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
         let markers = [config.service_name.clone(), shop.clone()];
-        let routes =
-            |probe: &Arc<common::Probe>| vec![hog_route(&shop, probe), victim_route(&shop, &calls)];
-        let probe = common::Probe::closed();
-        let service = start_with_the_slot_held(routes(&probe), &config, &shop, &probe).await;
-        service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
+        let VictimWaiting { service, keeper, probe, calls } =
+            a_victim_waiting_for_the_slot(&config, &shop).await;
         // The victim's message is received and waits for the one worker slot, which the hog
         // holds until the service stops: it is handed back unstarted.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -652,7 +668,8 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
         service.wait_stopped().await.unwrap();
         assert_eq!(calls.0.load(Ordering::SeqCst), 0, "{queue_type:?}: the victim never ran");
 
-        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        let routes = vec![hog_route(&shop, &probe), victim_route(&shop, &calls)];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
         // The victim's call settles it (its stats count it), and so would a dead letter.
         service.wait_for_route("victim", 1).await.unwrap();
         service.stop().await.unwrap();
@@ -893,15 +910,9 @@ async fn a_greedy_service_past_its_shutdown_timeout_starts_no_more_calls() {
             .with_max_workers(1)
             .with_worker_mode(WorkerMode::GreedyThread)
             .with_shutdown_timeout(Duration::from_millis(500));
-        // Keeps the in-process broker (and its queues) alive between the service's starts.
-        let keeper = micro_framework::transport::connect(&config).await.unwrap();
-        let calls = Arc::new(VictimCalls::default());
         let markers = [config.service_name.clone(), shop.clone()];
-        let routes =
-            |probe: &Arc<common::Probe>| vec![hog_route(&shop, probe), victim_route(&shop, &calls)];
-        let probe = common::Probe::closed();
-        let service = start_with_the_slot_held(routes(&probe), &config, &shop, &probe).await;
-        service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
+        let VictimWaiting { service, keeper, probe, calls } =
+            a_victim_waiting_for_the_slot(&config, &shop).await;
         // The victim's message is received and waits for the one worker slot, which the hog
         // holds past SHUTDOWN_TIMEOUT: the stop gives up on both, and their messages go back
         // to their queues when the connection closes.
@@ -912,7 +923,8 @@ async fn a_greedy_service_past_its_shutdown_timeout_starts_no_more_calls() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(calls.0.load(Ordering::SeqCst), 0, "a call started after the stop returned");
 
-        let service = TestService::start(routes(&probe), config.clone()).await.unwrap();
+        let routes = vec![hog_route(&shop, &probe), victim_route(&shop, &calls)];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
         service.wait_for_route("victim", 1).await.unwrap();
         service.wait_for_route("hog", 1).await.unwrap();
         service.stop().await.unwrap();
