@@ -256,7 +256,9 @@ impl RouteHandle {
         self.inner.pool.try_acquire(&self.inner.stopping)
     }
 
-    /// Whether a call of this route may end [`Ended::Interrupted`]: it retries in the worker.
+    /// Whether a call of this route may end
+    /// [`Ended::Interrupted`](crate::pipeline::interrupted::Ended::Interrupted): it retries in
+    /// the worker.
     pub(crate) fn retries_in_worker(&self) -> bool {
         self.inner.backoff.as_ref().is_some_and(|policy| policy.mode == RetryMode::InWorker)
     }

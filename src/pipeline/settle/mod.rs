@@ -75,7 +75,8 @@ pub(crate) struct Origin<'a> {
 /// not be made, or `None` when the message went back to `origin` (its copy could not be
 /// published, or its callback cannot start during a stop) or is left to go back with the
 /// connection (it failed after the stop gave up on it) and will come again. `meta` is the
-/// `_meta` its next wrapped retry carries on (see [`delayed_message`]).
+/// `_meta` its next wrapped retry carries on (see
+/// [`delayed_message`](crate::pipeline::delayed_message)).
 pub(crate) async fn settle(
     route: &RouteHandle,
     origin: &Origin<'_>,

@@ -63,9 +63,8 @@ impl MemoryBroker {
     }
 
     /// Bound the memory its ready messages may take (default 256 MiB; bodies plus 256 bytes
-    /// a message): a publish beyond it fails with
-    /// [`TransportError::LimitReached`](crate::transport::TransportError::LimitReached)
-    /// and nothing is enqueued. `memory://NAME?max_bytes=N` sets it on connect.
+    /// a message): a publish beyond it fails with [`TransportError::LimitReached`] and
+    /// nothing is enqueued. `memory://NAME?max_bytes=N` sets it on connect.
     pub fn set_max_bytes(&self, max_bytes: u64) {
         self.with_state(|state| state.set_max_bytes(max_bytes));
     }
