@@ -740,30 +740,46 @@ fn workers_start_when_the_temp_dirs_path_is_long() {
     assert!(answer.as_ref().is_ok_and(|(status, _)| *status == 200), "{answer:?}");
 }
 
+/// The command of a one-worker process-mode service named `name` on an in-process broker of
+/// its own, whose workers sleep `start_ms` in the program's own set-up before their runner
+/// starts (the example's `SLOW_WORKER_START_MS`).
+fn slow_starting_service(name: &str, start_ms: &str) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .env("AMQP_URI", format!("memory://{name}"))
+        .env("SERVICE_NAME", name)
+        .env("WORKER_MODE", "process")
+        .env("MAX_WORKERS", "1")
+        .env("SLOW_WORKER_START_MS", start_ms);
+    command
+}
+
+/// The worker processes of the service `pid` once it has started one (within 30 s; none
+/// after that).
+fn first_workers(pid: u32) -> Vec<u32> {
+    let since = std::time::Instant::now();
+    let mut workers = children(pid);
+    while workers.is_empty() && since.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        workers = children(pid);
+    }
+    workers
+}
+
 /// A service killed (SIGKILL: nothing of it runs on) while its workers are still in the
 /// program's own set-up (a connection that hangs, here a sleep of 10 min) leaves no worker
 /// behind: each watches its service from before `main`.
 #[test]
 fn workers_in_their_set_up_do_not_outlive_a_killed_service() {
     let name = common::unique("procorphan");
-    let child = Command::new(binary())
-        .env("AMQP_URI", format!("memory://{name}"))
-        .env("SERVICE_NAME", &name)
-        .env("WORKER_MODE", "process")
-        .env("MAX_WORKERS", "1")
-        .env("SLOW_WORKER_START_MS", "600000")
+    let child = slow_starting_service(&name, "600000")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("process_service starts (built by cargo test)");
     let mut child = Supervised(child);
-    let pid = child.0.id();
-    let since = std::time::Instant::now();
-    while children(pid).is_empty() && since.elapsed() < std::time::Duration::from_secs(30) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
     // the first worker: the next start after it is ready
-    let workers = children(pid);
+    let workers = first_workers(child.0.id());
     assert_eq!(workers.len(), 1, "{workers:?}");
     let _ = child.0.kill();
     let _ = child.0.wait();
@@ -788,12 +804,7 @@ fn ctrl_c_while_workers_start_stops_the_service_once_started() {
     use std::os::unix::process::CommandExt;
     let name = common::unique("procsigstart");
     let log = std::env::temp_dir().join(format!("{name}.log"));
-    let child = Command::new(binary())
-        .env("AMQP_URI", format!("memory://{name}"))
-        .env("SERVICE_NAME", &name)
-        .env("WORKER_MODE", "process")
-        .env("MAX_WORKERS", "1")
-        .env("SLOW_WORKER_START_MS", "2000")
+    let child = slow_starting_service(&name, "2000")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
@@ -803,10 +814,7 @@ fn ctrl_c_while_workers_start_stops_the_service_once_started() {
     let mut child = Supervised(child);
     let pid = child.0.id();
     let since = std::time::Instant::now();
-    while children(pid).is_empty() && since.elapsed() < std::time::Duration::from_secs(30) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(!children(pid).is_empty(), "no worker process started");
+    assert!(!first_workers(pid).is_empty(), "no worker process started");
     // the worker sleeps in its set-up for 2 s: the terminal's Ctrl-C reaches it there
     let _ = Command::new("kill").args(["-INT", "--", &format!("-{pid}")]).status();
     let mut status = None;
@@ -867,12 +875,7 @@ fn a_service_killed_while_a_worker_starts_leaves_no_socket_directory() {
     std::fs::create_dir_all(&tmpdir).unwrap();
     let name = common::unique("procsockdir");
     let mut child = Supervised(
-        Command::new(binary())
-            .env("AMQP_URI", format!("memory://{name}"))
-            .env("SERVICE_NAME", &name)
-            .env("WORKER_MODE", "process")
-            .env("MAX_WORKERS", "1")
-            .env("SLOW_WORKER_START_MS", "1000")
+        slow_starting_service(&name, "1000")
             .env("TMPDIR", &tmpdir)
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
@@ -881,11 +884,7 @@ fn a_service_killed_while_a_worker_starts_leaves_no_socket_directory() {
             .expect("process_service starts (built by cargo test)"),
     );
     let since = std::time::Instant::now();
-    let mut workers = Vec::new();
-    while workers.is_empty() && since.elapsed() < std::time::Duration::from_secs(30) {
-        workers = children(child.0.id());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let workers = first_workers(child.0.id());
     assert!(!workers.is_empty(), "no worker process started");
     child.0.kill().unwrap();
     child.0.wait().unwrap();

@@ -1,6 +1,5 @@
-//! [`BackoffQueue`]: the consumer of a route's backoff queue (see
-//! [`delayed_message`]), which runs the retries that Python
-//! or Rust instances of the service scheduled there.
+//! [`BackoffQueue`]: the consumer of a route's backoff queue (see [`delayed_message`]), which
+//! runs the retries that Python or Rust instances of the service scheduled there.
 
 use async_trait::async_trait;
 
