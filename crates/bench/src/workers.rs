@@ -1,7 +1,8 @@
 //! Thread mode against process mode: the same no-op route drained in both, on one broker.
 //!
 //! The route is `fn noop` on `EventListener("bench_src", "work")`, `MAX_WORKERS` from the
-//! environment (default 4). A binary that measures it re-executes itself for its worker
+//! environment (default 4); each event is `{"n": i, "padding": "xx.."}` with `BODY_BYTES`
+//! bytes of padding (default 0). A binary that measures it re-executes itself for its worker
 //! processes, which call [`serve_worker`] first thing.
 
 use std::time::{Duration, Instant};
@@ -32,6 +33,15 @@ fn config_for(uri: &str, mode: WorkerMode) -> micro_framework::Result<Config> {
         ("WORKER_MODE".to_owned(), mode.as_str().to_owned()),
         ("MAX_WORKERS".to_owned(), workers),
     ])?)
+}
+
+/// How many bytes of padding each event carries (`BODY_BYTES`, default 0): the frames to
+/// a worker process grow with the body, so their format shows in the overhead.
+fn body_bytes() -> micro_framework::Result<usize> {
+    match std::env::var("BODY_BYTES") {
+        Ok(bytes) => bytes.parse().map_err(|e| Error::Startup(format!("BODY_BYTES: {e}"))),
+        Err(_) => Ok(0),
+    }
 }
 
 /// When this process is a worker process of a measured service: serve its calls (as
@@ -110,8 +120,9 @@ async fn drain(uri: &str, mode: WorkerMode, messages: u64) -> micro_framework::R
     transport.purge_queue(&queue.name).await?;
     let source = config.clone().with_service_name("bench_src".into());
     let producer = Producer::new(transport.clone(), &source);
+    let padding = "x".repeat(body_bytes()?);
     for i in 0..messages {
-        producer.dispatch("work", &i).await?;
+        producer.dispatch("work", &serde_json::json!({"n": i, "padding": padding})).await?;
     }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let service = tokio::spawn(runner(config).run_until(async {

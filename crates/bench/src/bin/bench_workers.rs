@@ -2,10 +2,11 @@
 //! `cargo run --release -p micro-framework-bench --bin bench_workers [-- MESSAGES]`.
 //!
 //! The same no-op route (`fn noop` on `EventListener("bench_src", "work")`, `MAX_WORKERS` from
-//! the environment, default 4) drains MESSAGES (default 2000) pre-filled events in `thread`
-//! and in `process` mode, on the in-process broker and on RabbitMQ (`AMQP_URI`, default
-//! `amqp://guest:guest@127.0.0.1:5672/`, skipped if unreachable), in one run. It prints calls
-//! per second and the per-call overhead of process mode (1/rate_process − 1/rate_thread),
+//! the environment, default 4; `BODY_BYTES` of padding in each event, default 0) drains
+//! MESSAGES (default 2000) pre-filled events in `thread` and in `process` mode, on the
+//! in-process broker and on RabbitMQ (`AMQP_URI`, default `amqp://guest:guest@127.0.0.1:5672/`,
+//! skipped if unreachable), in one run. It prints calls per second and the per-call overhead
+//! of process mode (1/rate_process − 1/rate_thread),
 //! then the CPU time per call in both modes (this process's from getrusage, the worker
 //! processes' from /proc; on RabbitMQ the broker's is not counted) and their difference.
 
