@@ -100,10 +100,10 @@ impl From<bool> for HeaderValue {
     }
 }
 
-/// A float as plain data: JSON (which carries a call to a worker process) has no NaN nor
-/// infinities, which AMQP peers may send (Python's `float("nan")`); serde_json writes them as
-/// `null`, which cannot be read back as a float, so the call could not reach the worker. They
-/// are written as the strings `"NaN"`, `"inf"` and `"-inf"` instead.
+/// A float as plain data: JSON has no NaN nor infinities, which AMQP peers may send (Python's
+/// `float("nan")`); serde_json writes them as `null`, which cannot be read back as a float, so
+/// a message with such a header would not survive a trip through JSON. They are written as the
+/// strings `"NaN"`, `"inf"` and `"-inf"` instead.
 mod any_float {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -175,14 +175,14 @@ pub struct Properties {
 mod tests {
     use super::*;
 
-    /// Through JSON, as a call goes to a worker process and back.
+    /// Through JSON, as a program may keep a message.
     fn through_json(value: &HeaderValue) -> HeaderValue {
         let json = serde_json::to_string(value).unwrap();
         serde_json::from_str(&json).unwrap_or_else(|error| panic!("{json}: {error}"))
     }
 
     #[test]
-    fn every_float_a_peer_can_send_crosses_to_a_worker_process() {
+    fn every_float_a_peer_can_send_survives_json() {
         for float in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0, 1.5, f64::MAX] {
             let HeaderValue::Float(read) = through_json(&HeaderValue::Float(float)) else {
                 panic!("{float} is no float any more")

@@ -5,10 +5,10 @@
 //! The workers are the service's own binary re-executed (no `fork()` of a multi-threaded
 //! process) with `MF_WORKER_SOCKET` set: the program's `main` runs again, including whatever
 //! it sets up before `Runner::start`, and `Runner::start` then serves calls from the service
-//! instead of consuming. Each worker has two Unix sockets to its service, carrying JSON frames
-//! each written in one piece and read through a buffer each end keeps: calls and outcomes on
-//! one (read by the calling task and by the worker's call thread themselves), and on the
-//! other the workers' broker traffic (a `Producer` dispatching, an RPC call), which the
+//! instead of consuming. Each worker has two Unix sockets to its service, carrying MessagePack
+//! frames each written in one piece and read through a buffer each end keeps: calls and
+//! outcomes on one (read by the calling task and by the worker's call thread themselves), and
+//! on the other the workers' broker traffic (a `Producer` dispatching, an RPC call), which the
 //! service does on their behalf, so dependencies work the same in a worker, on RabbitMQ and
 //! on the in-process broker.
 

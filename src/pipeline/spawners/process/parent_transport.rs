@@ -178,7 +178,7 @@ impl Transport for ParentTransport {
         message: OutgoingMessage,
         options: PublishOptions,
     ) -> Result<(), TransportError> {
-        // refused here, as the service's transport would: it cannot cross the link as JSON
+        // refused here, as the service's transport would, without a trip to the service
         check_header_values(&message.properties)?;
         let op = TransportOp::Publish {
             exchange: exchange.to_owned(),
