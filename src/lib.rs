@@ -89,8 +89,9 @@ pub use handler::{dependencies, extract, targets, translators};
 pub use pipeline::{retry, routes, settle, spawners};
 
 /// Entrypoints: what triggers a route. The [`Entrypoint`](pipeline::Entrypoint) trait, the
-/// timer; the AMQP, HTTP and WebSocket entrypoints live in [`amqp::entrypoints`], [`http`]
-/// and [`websocket`].
+/// timer; the AMQP entrypoints live in [`amqp::entrypoints`].
+#[cfg_attr(feature = "http", doc = "The HTTP ones are in [`http`].")]
+#[cfg_attr(feature = "websocket", doc = "The WebSocket ones are in [`websocket`].")]
 pub mod entrypoints {
     pub use crate::pipeline::Entrypoint;
     pub use crate::timer::{Schedule, TimeEntrypoint};

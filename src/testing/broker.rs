@@ -17,9 +17,20 @@ pub const TEST_AMQP_URI_ENV: &str = "TEST_AMQP_URI";
 ///   port 15672 of the broker's host unless `TEST_RABBITMQ_API` gives its base URL, e.g.
 ///   `http://127.0.0.1:15672`) with all permissions for the URI's user. The
 ///   [`TestService`](crate::testing::TestService)s started with the config delete it when the
-///   last of them stops or is dropped. Virtual hosts left by a crashed run are removed by
-///   [`remove_stale_vhosts`](crate::testing::remove_stale_vhosts), which the first call in
-///   each test process runs for those older than an hour.
+///   last of them stops or is dropped.
+///
+#[cfg_attr(
+    feature = "test-rabbitmq",
+    doc = concat!(
+        "Virtual hosts left by a crashed run are removed by ",
+        "[`remove_stale_vhosts`](crate::testing::remove_stale_vhosts), which the first call in ",
+        "each test process runs for those older than an hour."
+    )
+)]
+#[cfg_attr(
+    not(feature = "test-rabbitmq"),
+    doc = "Without the feature `test-rabbitmq`, a `TEST_AMQP_URI` that is set is an error."
+)]
 ///
 /// In a worker process of a process-mode test (see
 /// [`TestService::start`](crate::testing::TestService::start)) it only names an in-process
