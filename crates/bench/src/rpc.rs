@@ -145,6 +145,25 @@ where
     })
 }
 
+/// How many bytes of padding each call's argument carries (`PAYLOAD_BYTES`, default 0).
+pub fn payload_bytes() -> micro_framework::Result<usize> {
+    match std::env::var("PAYLOAD_BYTES") {
+        Ok(bytes) => bytes.parse().map_err(|e| Error::Startup(format!("PAYLOAD_BYTES: {e}"))),
+        Err(_) => Ok(0),
+    }
+}
+
+/// The argument of the `i`th call: `i`, or `[i, "xx.."]` with [`payload_bytes`] of padding
+/// (0 when it cannot be read: the binaries check it first).
+fn argument(i: usize) -> Value {
+    static PADDING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let padding = PADDING.get_or_init(|| "x".repeat(payload_bytes().unwrap_or(0)));
+    match padding.is_empty() {
+        true => json!(i),
+        false => json!([i, padding]),
+    }
+}
+
 /// A caller of `bench_rpc.echo`.
 #[derive(Clone)]
 enum Caller {
@@ -153,16 +172,17 @@ enum Caller {
 }
 
 impl Caller {
-    /// Call `service`'s `echo` with `i`.
+    /// Call `service`'s `echo` with `i` ([`argument`]).
     async fn echo(&self, service: &str, i: usize) -> micro_framework::Result<()> {
+        let sent = argument(i);
         let result = match self {
-            Caller::Bare(bare) => bare.call(service, i).await?,
+            Caller::Bare(bare) => bare.call(service, &sent).await?,
             Caller::Framework(client) => client
-                .call::<Value>(service, "echo", json!([i]), json!({}))
+                .call::<Value>(service, "echo", [&sent], json!({}))
                 .await
                 .map_err(|e| Error::Startup(e.to_string()))?,
         };
-        (result == json!(i)).then_some(()).ok_or_else(|| Error::Startup("wrong echo".into()))
+        (result == sent).then_some(()).ok_or_else(|| Error::Startup("wrong echo".into()))
     }
 }
 
@@ -572,13 +592,13 @@ impl BareCaller {
         Ok(BareCaller { channel, persistent, reply_to, pending })
     }
 
-    async fn call(&self, service: &str, i: usize) -> micro_framework::Result<Value> {
+    async fn call(&self, service: &str, argument: &Value) -> micro_framework::Result<Value> {
         let id = uuid::Uuid::new_v4().to_string();
         let (answer, answered) = oneshot::channel();
         if let Ok(mut pending) = self.pending.lock() {
             pending.insert(id.clone(), answer);
         }
-        let body = serde_json::to_vec(&json!({ "args": [i], "kwargs": {} }))?;
+        let body = serde_json::to_vec(&json!({ "args": [argument], "kwargs": {} }))?;
         let properties = BasicProperties::default()
             .with_correlation_id(id.as_str().into())
             .with_reply_to(self.reply_to.as_str().into())

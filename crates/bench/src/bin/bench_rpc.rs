@@ -40,13 +40,15 @@
 //! without `PAIRINGS`, the sequential round trips of bare lapin at both ends, bare lapin on
 //! the blocking pool and the framework's sync and async targets taken in turns, call by call,
 //! so that the machine's slow spells fall on all four alike. `CALLERS=N` sets how many
-//! callers call at once (16 unless set, as in `bench_table`).
+//! callers call at once (16 unless set, as in `bench_table`). `PAYLOAD_BYTES=N` makes each
+//! call's argument `[i, "xx.."]` with N bytes of padding, echoed back (the argument is `i`
+//! unless set).
 
 use micro_framework::prelude::*;
 use micro_framework::Error;
 use micro_framework_bench::rpc::{
-    find, pairings, percentile, round_trips, RoundTrips, ACKED_BARE, ASYNC_RESPONDER,
-    BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE, TRANSIENT_FRAMEWORK,
+    find, pairings, payload_bytes, percentile, round_trips, RoundTrips, ACKED_BARE,
+    ASYNC_RESPONDER, BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE, TRANSIENT_FRAMEWORK,
 };
 
 fn main() -> micro_framework::Result<()> {
@@ -54,6 +56,7 @@ fn main() -> micro_framework::Result<()> {
         Some(arg) => arg.parse().map_err(|e| Error::Startup(format!("CALLS: {e}")))?,
         None => 1000,
     };
+    payload_bytes()?;
     tokio::runtime::Runtime::new()?.block_on(bench(calls))
 }
 
