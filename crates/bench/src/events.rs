@@ -55,7 +55,8 @@ pub async fn measure(config: &Config, messages: usize) -> micro_framework::Resul
         _ => config.amqp_uri.clone(),
     };
     let prefetch = config.effective_prefetch();
-    let payload = serde_json::to_vec(&serde_json::json!({ "id": 1, "data": "x".repeat(100) }))?;
+    let padding = "x".repeat(crate::payload_bytes(100)?);
+    let payload = serde_json::to_vec(&serde_json::json!({ "id": 1, "data": padding }))?;
     println!(
         "bench_events: {ROUNDS} x {messages} events, prefetch/MAX_WORKERS {prefetch}, {IN_FLIGHT} publishes \
          in flight, broker {}",

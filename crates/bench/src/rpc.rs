@@ -145,19 +145,11 @@ where
     })
 }
 
-/// How many bytes of padding each call's argument carries (`PAYLOAD_BYTES`, default 0).
-pub fn payload_bytes() -> micro_framework::Result<usize> {
-    match std::env::var("PAYLOAD_BYTES") {
-        Ok(bytes) => bytes.parse().map_err(|e| Error::Startup(format!("PAYLOAD_BYTES: {e}"))),
-        Err(_) => Ok(0),
-    }
-}
-
-/// The argument of the `i`th call: `i`, or `[i, "xx.."]` with [`payload_bytes`] of padding
-/// (0 when it cannot be read: the binaries check it first).
+/// The argument of the `i`th call: `i`, or `[i, "xx.."]` with `PAYLOAD_BYTES` of padding
+/// (none when it cannot be read: the binaries check it first).
 fn argument(i: usize) -> Value {
     static PADDING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let padding = PADDING.get_or_init(|| "x".repeat(payload_bytes().unwrap_or(0)));
+    let padding = PADDING.get_or_init(|| "x".repeat(crate::payload_bytes(0).unwrap_or(0)));
     match padding.is_empty() {
         true => json!(i),
         false => json!([i, padding]),

@@ -1,7 +1,7 @@
 //! Thread mode against process mode: the same no-op route drained in both, on one broker.
 //!
 //! The route is `fn noop` on `EventListener("bench_src", "work")`, `MAX_WORKERS` from the
-//! environment (default 4); each event is `{"n": i, "padding": "xx.."}` with `BODY_BYTES`
+//! environment (default 4); each event is `{"n": i, "padding": "xx.."}` with `PAYLOAD_BYTES`
 //! bytes of padding (default 0). A binary that measures it re-executes itself for its worker
 //! processes, which call [`serve_worker`] first thing.
 
@@ -17,6 +17,7 @@ use micro_framework::transport::BindingSpec;
 use micro_framework::Error;
 
 use crate::cpu::{children_cpu, own_cpu};
+use crate::payload_bytes;
 
 fn noop() {}
 
@@ -33,15 +34,6 @@ fn config_for(uri: &str, mode: WorkerMode) -> micro_framework::Result<Config> {
         ("WORKER_MODE".to_owned(), mode.as_str().to_owned()),
         ("MAX_WORKERS".to_owned(), workers),
     ])?)
-}
-
-/// How many bytes of padding each event carries (`BODY_BYTES`, default 0): the frames to
-/// a worker process grow with the body, so their format shows in the overhead.
-fn body_bytes() -> micro_framework::Result<usize> {
-    match std::env::var("BODY_BYTES") {
-        Ok(bytes) => bytes.parse().map_err(|e| Error::Startup(format!("BODY_BYTES: {e}"))),
-        Err(_) => Ok(0),
-    }
 }
 
 /// When this process is a worker process of a measured service: serve its calls (as
@@ -120,7 +112,7 @@ async fn drain(uri: &str, mode: WorkerMode, messages: u64) -> micro_framework::R
     transport.purge_queue(&queue.name).await?;
     let source = config.clone().with_service_name("bench_src".into());
     let producer = Producer::new(transport.clone(), &source);
-    let padding = "x".repeat(body_bytes()?);
+    let padding = "x".repeat(payload_bytes(0)?);
     for i in 0..messages {
         producer.dispatch("work", &serde_json::json!({"n": i, "padding": padding})).await?;
     }

@@ -5,8 +5,9 @@
 //!   `EventListener("bench_src", "ping")` (queue `evt-bench_src-ping--bench_svc.noop`).
 //! - `cargo run --release -p micro-framework-bench --bin bench_events [-- bench [MESSAGES]]`:
 //!   against `AMQP_URI` (default `amqp://guest:guest@127.0.0.1:5672/`), in one run:
-//!   1. publish MESSAGES persistent JSON events with confirms, bare lapin vs [`Producer`],
-//!      three alternating rounds, best rate of each;
+//!   1. publish MESSAGES persistent JSON events with confirms (`{"id": 1, "data": "xx.."}`,
+//!      `PAYLOAD_BYTES` of padding, 100 unless set), bare lapin vs [`Producer`], three
+//!      alternating rounds, best rate of each;
 //!   2. drain all of them (3 × MESSAGES per queue): a bare lapin consumer (prefetch = `MAX_WORKERS`, ack each) vs the
 //!      `bench_svc` service with `MAX_WORKERS` from the environment.
 //!

@@ -47,8 +47,8 @@
 use micro_framework::prelude::*;
 use micro_framework::Error;
 use micro_framework_bench::rpc::{
-    find, pairings, payload_bytes, percentile, round_trips, RoundTrips, ACKED_BARE,
-    ASYNC_RESPONDER, BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE, TRANSIENT_FRAMEWORK,
+    find, pairings, percentile, round_trips, RoundTrips, ACKED_BARE, ASYNC_RESPONDER,
+    BLOCKING_BARE, CONCURRENT, PERSISTENT_BARE, TRANSIENT_FRAMEWORK,
 };
 
 fn main() -> micro_framework::Result<()> {
@@ -56,7 +56,7 @@ fn main() -> micro_framework::Result<()> {
         Some(arg) => arg.parse().map_err(|e| Error::Startup(format!("CALLS: {e}")))?,
         None => 1000,
     };
-    payload_bytes()?;
+    micro_framework_bench::payload_bytes(0)?;
     tokio::runtime::Runtime::new()?.block_on(bench(calls))
 }
 

@@ -2,7 +2,7 @@
 //! `cargo run --release -p micro-framework-bench --bin bench_workers [-- MESSAGES]`.
 //!
 //! The same no-op route (`fn noop` on `EventListener("bench_src", "work")`, `MAX_WORKERS` from
-//! the environment, default 4; `BODY_BYTES` of padding in each event, default 0) drains
+//! the environment, default 4; `PAYLOAD_BYTES` of padding in each event, default 0) drains
 //! MESSAGES (default 2000) pre-filled events in `thread` and in `process` mode, on the
 //! in-process broker and on RabbitMQ (`AMQP_URI`, default `amqp://guest:guest@127.0.0.1:5672/`,
 //! skipped if unreachable), in one run. It prints calls per second and the per-call overhead
