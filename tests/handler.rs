@@ -29,6 +29,50 @@ async fn a_panicking_translator_is_bad_input_not_a_lost_message() {
     assert!(failure.message.contains("translator #1 panicked: an order"), "{failure}");
 }
 
+#[derive(Debug, serde::Deserialize)]
+struct Order {
+    id: u64,
+    note: String,
+}
+
+fn order(Payload(order): Payload<Order>) -> Value {
+    json!([order.id, order.note])
+}
+
+#[tokio::test]
+async fn a_payload_read_straight_from_the_body_accepts_and_refuses_as_its_json_value_did() {
+    let call = |body: &'static [u8]| {
+        let message = Message { body: body.into(), ..Message::json(&()).unwrap() };
+        call_route(Route::new(order), memory_test_config("orders"), message)
+    };
+    let read = call(br#"{"id": 1, "note": "a"}"#).await.unwrap();
+    assert_eq!(read, json!([1, "a"]));
+    // a key given twice: the JSON value keeps the last, as Python's json does; the struct
+    // alone would refuse it
+    let twice = call(br#"{"id": 1, "note": "a", "id": 2}"#).await.unwrap();
+    assert_eq!(twice, json!([2, "a"]));
+    let misfit = call(br#"{"id": "one", "note": "a"}"#).await.unwrap_err();
+    assert_eq!(misfit.kind, FailureKind::BadInput);
+    assert!(
+        misfit.message.ends_with(r#"fit handler::Order: invalid type: string "one", expected u64"#),
+        "worded as from the value, with no position in the body: {misfit}"
+    );
+    let broken = call(b"{oops").await.unwrap_err();
+    assert!(broken.message.contains("body is not valid JSON"), "{broken}");
+}
+
+fn forward(Payload(raw): Payload<Box<serde_json::value::RawValue>>) -> String {
+    raw.get().to_owned()
+}
+
+#[tokio::test]
+async fn a_raw_payload_is_the_json_text_as_sent() {
+    let body = r#"{"b": 1,  "a": [2, 3]}"#;
+    let message = Message { body: body.as_bytes().to_vec().into(), ..Message::json(&()).unwrap() };
+    let outcome = call_route(Route::new(forward), memory_test_config("raw"), message).await;
+    assert_eq!(outcome.unwrap(), json!(body));
+}
+
 /// Writes what its dependency saw into a journal shared with the test.
 #[derive(Clone, Default)]
 struct Journal(Arc<Mutex<Vec<String>>>);

@@ -1,6 +1,6 @@
 //! [`WorkerContext`]: everything a call can draw its arguments from.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
@@ -22,7 +22,9 @@ pub struct WorkerContext {
     pub(crate) role: TargetRole,
     /// Shared with the entrypoint, which may still need it once handled (an RPC reply).
     pub(crate) message: Arc<Message>,
-    pub(crate) payload: Result<Value, String>,
+    /// Set before the call on a route with translators; otherwise decoded when first asked
+    /// for, so that a target that takes no payload costs no parse.
+    pub(crate) payload: OnceLock<Result<Value, String>>,
     pub(crate) call: CallContext,
     pub(crate) config: Arc<Config>,
     pub(crate) failure: Option<Failure>,
@@ -58,7 +60,12 @@ impl WorkerContext {
 
     /// The payload after decoding and translation, or why it could not be decoded.
     pub fn payload(&self) -> Result<&Value, &str> {
-        self.payload.as_ref().map_err(String::as_str)
+        self.payload.get_or_init(|| self.message.decode()).as_ref().map_err(String::as_str)
+    }
+
+    /// True once the payload is decoded (translated, or asked for).
+    pub(crate) fn payload_decoded(&self) -> bool {
+        self.payload.get().is_some()
     }
 
     /// Call ids and context data.

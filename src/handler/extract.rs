@@ -107,6 +107,15 @@ pub struct Payload<T>(pub T);
 
 impl<T: DeserializeOwned + Send + 'static> FromContext for Payload<T> {
     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+        // Straight from the body, with no JSON value built in between, unless the payload
+        // was decoded already (translated, or asked for). On any error the value's path
+        // below runs again, so that what is accepted and how a refusal reads stay the same
+        // (a struct given a key twice: a value keeps the last, the struct alone refuses it).
+        if !ctx.payload_decoded() {
+            if let Ok(payload) = ctx.message().decode_into::<T>() {
+                return Ok(Payload(payload));
+            }
+        }
         let value = ctx.payload().map_err(|reason| ExtractError::BadInput(reason.to_owned()))?;
         T::deserialize(value).map(Payload).map_err(|error| {
             ExtractError::BadInput(format!(

@@ -280,9 +280,10 @@ impl RouteHandle {
         let Some(target) = self.function(role) else {
             return Err(Failure::new(FailureKind::Error, "route has no callback"));
         };
-        let payload = translate(&route.translators, &message);
-        if let (Err(reason), false) = (&payload, route.translators.is_empty()) {
-            return Err(Failure::bad_input(reason.clone()));
+        let payload = std::sync::OnceLock::new();
+        if !route.translators.is_empty() {
+            let translated = translate(&route.translators, &message).map_err(Failure::bad_input)?;
+            let _ = payload.set(Ok(translated));
         }
         let mut ctx = WorkerContext {
             service: route.service.clone(),
