@@ -79,7 +79,17 @@ impl Link {
     /// Close the connection gracefully (bounded by `limit`), then mark the link dead.
     pub(crate) async fn close(&self, limit: Duration) {
         if self.connection.status().connected() {
-            let closing = self.connection.close(200, "closed by the application".into());
+            let closing = async {
+                // Channels dropped just before (a consumer that ended) close in lapin's
+                // background; a connection.close racing their close fails it, which lapin
+                // logs as a connection error at every stop. A channel opened and closed now
+                // goes through lapin's queue of commands after theirs, and its two round
+                // trips leave their closes the time to finish.
+                if let Ok(probe) = self.connection.create_channel().await {
+                    let _ = probe.close(200, "OK".into()).await;
+                }
+                self.connection.close(200, "closed by the application".into()).await
+            };
             let _ = tokio::time::timeout(limit, closing).await;
         }
         self.mark_dead();
