@@ -236,7 +236,9 @@ impl Publish<'_> {
         };
         let attempt = self.attempt(held, channel.clone(), deadline).await;
         if channel.status().connected() {
-            let _ = channel.close(200, "publish retried".into()).await;
+            // bounded as the publish is: a connection gone silent answers no close either
+            let closing = held.link.guard(channel.close(200, "publish retried".into()));
+            let _ = tokio::time::timeout_at(deadline, closing).await;
         }
         attempt
     }
