@@ -70,13 +70,7 @@ impl Message {
         match essence.as_str() {
             _ if self.body.is_empty() => T::deserialize(Value::Null).map_err(shape),
             "application/json" | "" => serde_json::from_slice(&self.body).map_err(|error| {
-                // Python's json refuses it too, but names it; serde's error says only "expected value"
-                let hint = if self.body.starts_with(b"\xef\xbb\xbf") {
-                    " (it starts with a UTF-8 byte-order mark, which JSON does not allow)"
-                } else {
-                    ""
-                };
-                format!("body is not valid JSON{hint}: {error}")
+                format!("body is not valid JSON{}: {error}", hint(&self.body, &error))
             }),
             "text/plain" => std::str::from_utf8(&self.body)
                 .map_err(|error| format!("text/plain body is not UTF-8: {error}"))
@@ -88,6 +82,29 @@ impl Message {
                 }),
             other => Err(format!("unsupported content type '{other}' (expected application/json)")),
         }
+    }
+}
+
+/// What serde's error does not say of a body that is not JSON, where a cause is known: its
+/// message says only "expected value".
+fn hint(body: &[u8], error: &serde_json::Error) -> &'static str {
+    // Python's json refuses a byte-order mark too, but names it
+    if body.starts_with(b"\xef\xbb\xbf") {
+        return " (it starts with a UTF-8 byte-order mark, which JSON does not allow)";
+    }
+    // Python's json writes a float that is no number this way unless told not to
+    // (`allow_nan=False`), and so do kombu's and Nameko's serializers
+    let at = body
+        .split(|byte| *byte == b'\n')
+        .nth(error.line().saturating_sub(1))
+        .and_then(|line| line.get(error.column().saturating_sub(1)..));
+    const NO_NUMBERS: [&[u8]; 3] = [b"NaN", b"Infinity", b"-Infinity"];
+    match at {
+        Some(rest) if NO_NUMBERS.iter().any(|token| rest.starts_with(token)) => {
+            " (NaN and Infinity, which Python's json writes for a float that is no number, are \
+             not JSON: send null or a string instead)"
+        }
+        _ => "",
     }
 }
 
@@ -135,6 +152,17 @@ mod tests {
         let mut binary = Message { body: Bytes::from_static(b"\x00"), ..Message::default() };
         binary.properties.content_type = Some("application/octet-stream".into());
         assert!(binary.decode().unwrap_err().contains("unsupported content type"));
+    }
+
+    #[test]
+    fn names_the_floats_python_writes_that_json_has_not() {
+        for body in [&b"{\"ratio\": NaN}"[..], b"[1,\n Infinity]", b"{\"x\": -Infinity}"] {
+            let message = Message { body: Bytes::copy_from_slice(body), ..Message::default() };
+            let refused = message.decode().unwrap_err();
+            assert!(refused.contains("NaN and Infinity, which Python's json writes"), "{refused}");
+        }
+        let other = Message { body: Bytes::from_static(b"{\"x\": Nope}"), ..Message::default() };
+        assert!(!other.decode().unwrap_err().contains("NaN"));
     }
 
     #[test]
