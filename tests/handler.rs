@@ -61,6 +61,29 @@ async fn a_payload_read_straight_from_the_body_accepts_and_refuses_as_its_json_v
     assert!(broken.message.contains("body is not valid JSON"), "{broken}");
 }
 
+#[tokio::test]
+async fn a_struct_payload_given_an_array_is_refused_where_serde_would_fill_it_by_position() {
+    let refused = |outcome: Outcome| {
+        let failure = outcome.unwrap_err();
+        assert_eq!(failure.kind, FailureKind::BadInput);
+        let expected =
+            "payload is an array, where handler::Order takes an object (its fields by name)";
+        assert!(failure.message.contains(expected), "{failure}");
+    };
+    let positional = Message::json(&json!([1, "a"])).unwrap();
+    let config = memory_test_config("orders");
+    refused(call_route(Route::new(order), config.clone(), positional.clone()).await);
+    // a translated payload too
+    let translated = Route::new(order).translator(|payload: Value| Ok::<_, String>(payload));
+    refused(call_route(translated, config.clone(), positional.clone()).await);
+    // what takes a sequence still does
+    fn pair(Payload((id, note)): Payload<(u64, String)>) -> Value {
+        json!([id, note])
+    }
+    let outcome = call_route(Route::new(pair), config, positional).await;
+    assert_eq!(outcome.unwrap(), json!([1, "a"]));
+}
+
 fn forward(Payload(raw): Payload<Box<serde_json::value::RawValue>>) -> String {
     raw.get().to_owned()
 }

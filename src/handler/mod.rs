@@ -5,6 +5,7 @@
 mod context;
 pub mod dependencies;
 pub mod extract;
+pub(crate) mod named_fields;
 mod state;
 pub mod targets;
 pub mod translators;

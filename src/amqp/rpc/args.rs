@@ -4,9 +4,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::amqp::rpc::binding::bind_struct;
-use crate::amqp::rpc::named_fields::has_named_fields;
 use crate::amqp::rpc::wire::request_arguments;
 use crate::handler::extract::{ExtractError, FromContext};
+use crate::handler::named_fields::has_named_fields;
 use crate::handler::WorkerContext;
 
 /// The arguments of an RPC request (`{"args": [...], "kwargs": {...}}`), deserialized into

@@ -37,7 +37,6 @@ mod client;
 mod error;
 #[cfg(test)]
 mod fuzz;
-mod named_fields;
 pub mod naming;
 mod pending;
 mod replies;
