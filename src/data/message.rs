@@ -99,12 +99,18 @@ fn hint(body: &[u8], error: &serde_json::Error) -> &'static str {
         .nth(error.line().saturating_sub(1))
         .and_then(|line| line.get(error.column().saturating_sub(1)..));
     const NO_NUMBERS: [&[u8]; 3] = [b"NaN", b"Infinity", b"-Infinity"];
-    match at {
-        Some(rest) if NO_NUMBERS.iter().any(|token| rest.starts_with(token)) => {
-            " (NaN and Infinity, which Python's json writes for a float that is no number, are \
-             not JSON: send null or a string instead)"
-        }
-        _ => "",
+    // a publisher that sent `str(value)` instead of `json.dumps(value)`
+    const PYTHON_REPR: [&[u8]; 4] = [b"'", b"True", b"False", b"None"];
+    let starts =
+        |tokens: &[&[u8]]| at.is_some_and(|rest| tokens.iter().any(|t| rest.starts_with(t)));
+    if starts(&NO_NUMBERS) {
+        " (NaN and Infinity, which Python's json writes for a float that is no number, are not \
+         JSON: send null or a string instead)"
+    } else if starts(&PYTHON_REPR) {
+        " (it reads as a Python value's repr, with quotes ' or True, False, None: publish \
+         json.dumps(value), not str(value))"
+    } else {
+        ""
     }
 }
 
@@ -162,7 +168,17 @@ mod tests {
             assert!(refused.contains("NaN and Infinity, which Python's json writes"), "{refused}");
         }
         let other = Message { body: Bytes::from_static(b"{\"x\": Nope}"), ..Message::default() };
-        assert!(!other.decode().unwrap_err().contains("NaN"));
+        let refused = other.decode().unwrap_err();
+        assert!(!refused.contains("NaN") && !refused.contains("repr"), "{refused}");
+    }
+
+    #[test]
+    fn names_a_python_repr_sent_for_json() {
+        for body in [&b"{'id': 1}"[..], b"{\"ok\": True}", b"[1, None]", b"{\"a\": 'x'}"] {
+            let message = Message { body: Bytes::copy_from_slice(body), ..Message::default() };
+            let refused = message.decode().unwrap_err();
+            assert!(refused.contains("json.dumps(value), not str(value)"), "{refused}");
+        }
     }
 
     #[test]
