@@ -735,8 +735,18 @@ fn workers_start_when_the_temp_dirs_path_is_long() {
     std::fs::create_dir_all(&long).unwrap();
     let long = Removed(long);
     let tmpdir = long.0.to_string_lossy().into_owned();
-    let service = HttpService::start(&binary(), &[("TMPDIR", tmpdir.as_str())], false);
+    let mut service = HttpService::start(&binary(), &[("TMPDIR", tmpdir.as_str())], false);
     let answer = service.get("/whoami/3", std::time::Duration::from_secs(15));
+    // Stopped gracefully, not killed as `HttpService` is when dropped: its workers' sockets
+    // are in folders of /tmp (the long TMPDIR cannot hold a socket's path), which only the
+    // service's own stop removes, and a kill would leave behind.
+    let _ = Command::new("kill").args(["-INT", &service.child.id().to_string()]).status();
+    let since = std::time::Instant::now();
+    while service.child.try_wait().is_ok_and(|status| status.is_none())
+        && since.elapsed() < std::time::Duration::from_secs(10)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(answer.as_ref().is_ok_and(|(status, _)| *status == 200), "{answer:?}");
 }
 
