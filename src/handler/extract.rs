@@ -114,17 +114,12 @@ impl<T: DeserializeOwned + Send + 'static> FromContext for Payload<T> {
         // (a struct given a key twice: a value keeps the last, the struct alone refuses it).
         if !ctx.payload_decoded() {
             if let Ok(payload) = ctx.message().decode_into::<T>() {
-                let body = ctx.message().body.trim_ascii_start();
-                return match body.starts_with(b"[") && has_named_fields::<T>() {
-                    true => Err(an_array_for_a_struct::<T>()),
-                    false => Ok(Payload(payload)),
-                };
+                let array = ctx.message().body.trim_ascii_start().starts_with(b"[");
+                return no_array_for_a_struct::<T>(array).map(|()| Payload(payload));
             }
         }
         let value = ctx.payload().map_err(|reason| ExtractError::BadInput(reason.to_owned()))?;
-        if value.is_array() && has_named_fields::<T>() {
-            return Err(an_array_for_a_struct::<T>());
-        }
+        no_array_for_a_struct::<T>(value.is_array())?;
         T::deserialize(value).map(Payload).map_err(|error| {
             ExtractError::BadInput(format!(
                 "payload does not fit {}: {error}",
@@ -137,11 +132,14 @@ impl<T: DeserializeOwned + Send + 'static> FromContext for Payload<T> {
 /// serde reads a struct's fields from an array by position; a publisher that sent one where
 /// an object was meant (another service's shape, a Python list) would fill the fields in
 /// whatever order the array had, so it is refused.
-fn an_array_for_a_struct<T>() -> ExtractError {
-    ExtractError::BadInput(format!(
-        "payload is an array, where {} takes an object (its fields by name)",
-        std::any::type_name::<T>()
-    ))
+fn no_array_for_a_struct<T: DeserializeOwned>(array: bool) -> Result<(), ExtractError> {
+    match array && has_named_fields::<T>() {
+        true => Err(ExtractError::BadInput(format!(
+            "payload is an array, where {} takes an object (its fields by name)",
+            std::any::type_name::<T>()
+        ))),
+        false => Ok(()),
+    }
 }
 
 /// The message's raw body.
