@@ -294,6 +294,39 @@ async fn a_message_that_keeps_crashing_its_service_is_dead_lettered() {
     }
 }
 
+/// A lost connection is no crash: the calls running then have their messages redelivered by
+/// the broker, and with `MAX_REDELIVERIES=0` they run again rather than being dead-lettered.
+#[tokio::test]
+async fn a_connection_lost_while_a_call_runs_does_not_count_against_max_redeliveries() {
+    use micro_framework::config::QueueType;
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("lossuser");
+    let uri = user.uri(&uri);
+    for queue_type in [QueueType::Classic, QueueType::Quorum] {
+        let shop = unique("shop");
+        let config = config(&uri, "loss").with_max_redeliveries(0).with_queue_type(queue_type);
+        let dlq = format!("evt-{shop}-job--{}.blocking.dlq", config.service_name);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let probe = common::Probe::closed();
+        // Opened however the test ends: a call left waiting would hold the runtime's end.
+        let _open = common::OpenOnDrop(probe.clone());
+        let routes = vec![Route::new(blocking)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
+        common::wait_until(|| probe.started() == 1, "the call to start").await;
+        user.close_connections();
+        common::wait_until(|| probe.started() == 2, "the redelivered message to run").await;
+        probe.open();
+        service.wait_for_route("blocking", 2).await.unwrap();
+        let dead = service.take_messages(&dlq).await.unwrap();
+        assert!(dead.is_empty(), "{queue_type:?}: dead-lettered as a crash: {dead:?}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
 #[tokio::test]
 async fn the_delayed_message_plugin_mechanism_says_clearly_when_the_plugin_is_missing() {
     use micro_framework::config::RetryDelay;

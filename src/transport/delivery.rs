@@ -24,6 +24,24 @@ pub trait Acker: Send + Sync + fmt::Debug {
     async fn nack(&self, requeue: bool) -> Result<(), TransportError>;
     /// Reject (single-message nack).
     async fn reject(&self, requeue: bool) -> Result<(), TransportError>;
+
+    /// `Some` when this delivery is the redelivery of one the broker took back because its
+    /// channel or connection was lost while it was in flight: a redelivery no handling of
+    /// the message caused. `None` otherwise, and from transports that cannot tell (the
+    /// default).
+    fn lost_in_flight(&self) -> Option<LostInFlight> {
+        None
+    }
+}
+
+/// What a transport knows of a delivery the broker took back when its channel or connection
+/// was lost, and delivered again ([`Acker::lost_in_flight`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostInFlight {
+    /// The queue's count of the message's deliveries (a quorum queue's `x-delivery-count`,
+    /// 0 when absent) on the delivery that was lost. The broker may count the loss on the
+    /// redelivery (RabbitMQ before 4.3 does); this is the count without it.
+    pub delivery_count_before: i64,
 }
 
 /// A message delivered to a consumer.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 pub use crate::data::{HeaderValue, Headers, Properties};
 pub use api::*;
-pub use delivery::{Acker, Consumer, Delivery};
+pub use delivery::{Acker, Consumer, Delivery, LostInFlight};
 pub use error::{ClosedPart, Limit, TransportError};
 
 use crate::config::Config;

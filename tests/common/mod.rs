@@ -204,6 +204,15 @@ where
     panic!("timed out waiting for a condition");
 }
 
+/// Opens its probe when dropped, so that a failing test's held calls end with it.
+pub struct OpenOnDrop(pub Arc<Probe>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 /// A RabbitMQ user with all permissions on `/`, deleted when dropped.
 pub struct TemporaryUser {
     pub name: String,

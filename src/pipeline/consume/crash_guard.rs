@@ -11,7 +11,8 @@ use crate::data::{
 use crate::pipeline::settle::copy_properties;
 use crate::pipeline::RouteHandle;
 use crate::transport::{
-    Acker, Delivery, Limit, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
+    Acker, Delivery, Limit, LostInFlight, OutgoingMessage, PublishOptions, SharedTransport,
+    TransportError,
 };
 
 /// Header: how many times a message came back unsettled, as counted on the copies the
@@ -48,7 +49,9 @@ pub(super) enum Guarded {
 
 pub(super) enum Checked {
     Guarded(Guarded),
-    /// Redelivered from a classic queue: to count (this many times) before it is handled.
+    /// Redelivered: published again as a copy that carries this count before it is handled
+    /// (from a classic queue, counted one more time; from a quorum queue that counted a lost
+    /// connection, the count it had before).
     Count(Delivery, i64),
 }
 
@@ -58,7 +61,9 @@ pub(super) enum Checked {
 /// come back as fresh copies ([`hand_back`]). On a redelivery, the count is that of the
 /// copies ([`HEADER_REDELIVERIES`]) plus, from a `quorum` queue, the broker's own; from any
 /// other queue the message is published again (confirmed) straight to its queue with its count
-/// one higher ([`count_redelivery`]), then acked. First the delivery is read as its queue's:
+/// one higher ([`count_redelivery`]), then acked. A redelivery the transport knows the broker
+/// made because the connection was lost while the message was in flight is not counted
+/// ([`returned_at_a_loss`]). First the delivery is read as its queue's:
 /// the route it was first published with restored, a retry state made for another queue
 /// dropped.
 pub(super) fn check_crash_loop(
@@ -70,6 +75,9 @@ pub(super) fn check_crash_loop(
     keep_own_retry_state(&mut delivery.properties.headers, &source.queue);
     if !delivery.redelivered {
         return Checked::Guarded(Guarded::Handle(delivery));
+    }
+    if let Some(lost) = delivery.acker.lost_in_flight() {
+        return returned_at_a_loss(quorum, delivery, lost);
     }
     let limit = i64::from(source.max_redeliveries);
     let counted = redeliveries(&delivery.properties.headers, delivery.redelivered, quorum);
@@ -89,6 +97,21 @@ pub(super) fn check_crash_loop(
         return Checked::Guarded(Guarded::Handle(delivery));
     }
     Checked::Count(delivery, count)
+}
+
+/// A redelivery the broker made because the delivery's connection (or channel) was lost
+/// while it was in flight, which this service saw: no handling of the message crashed, so it
+/// is not counted. From a quorum queue whose count of deliveries went up with the loss, a copy
+/// is published with the count the message had before it, as the broker's count cannot be
+/// taken back.
+fn returned_at_a_loss(quorum: bool, delivery: Delivery, lost: LostInFlight) -> Checked {
+    let headers = &delivery.properties.headers;
+    let broker = headers.get(HEADER_DELIVERY_COUNT).and_then(HeaderValue::as_i64).unwrap_or(0);
+    if !quorum || broker <= lost.delivery_count_before {
+        return Checked::Guarded(Guarded::Handle(delivery));
+    }
+    let copies = redeliveries(headers, false, false);
+    Checked::Count(delivery, copies.saturating_add(lost.delivery_count_before.max(0)))
 }
 
 /// How many times a message with `headers` came back unsettled so far: the count its copies
@@ -255,5 +278,70 @@ fn restore_first_route(delivery: &mut Delivery) {
         headers.remove(HEADER_FIRST_ROUTING_KEY);
         delivery.exchange = exchange;
         delivery.routing_key = routing_key;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+
+    /// The acker of a delivery the broker returned at a lost connection.
+    #[derive(Debug)]
+    struct Returned(LostInFlight);
+
+    #[async_trait]
+    impl Acker for Returned {
+        async fn ack(&self) -> Result<(), TransportError> {
+            Ok(())
+        }
+        async fn nack(&self, _: bool) -> Result<(), TransportError> {
+            Ok(())
+        }
+        async fn reject(&self, _: bool) -> Result<(), TransportError> {
+            Ok(())
+        }
+        fn lost_in_flight(&self) -> Option<LostInFlight> {
+            Some(self.0)
+        }
+    }
+
+    fn returned(before: i64, headers: &[(&str, i64)]) -> (Delivery, LostInFlight) {
+        let lost = LostInFlight { delivery_count_before: before };
+        let mut delivery = Delivery {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            redelivered: true,
+            body: bytes::Bytes::from_static(b"{}"),
+            properties: crate::data::Properties::default(),
+            acker: Box::new(Returned(lost)),
+        };
+        for (name, value) in headers {
+            delivery.properties.headers.insert((*name).into(), HeaderValue::Int(*value));
+        }
+        (delivery, lost)
+    }
+
+    #[test]
+    fn a_return_at_a_lost_connection_from_a_classic_queue_is_handled_uncounted() {
+        let (delivery, lost) = returned(0, &[(HEADER_REDELIVERIES, 2)]);
+        let checked = returned_at_a_loss(false, delivery, lost);
+        assert!(matches!(checked, Checked::Guarded(Guarded::Handle(_))));
+    }
+
+    #[test]
+    fn a_quorum_queues_count_of_the_loss_is_taken_back_in_a_copy() {
+        let (delivery, lost) = returned(1, &[(HEADER_REDELIVERIES, 2), (HEADER_DELIVERY_COUNT, 2)]);
+        match returned_at_a_loss(true, delivery, lost) {
+            Checked::Count(_, count) => assert_eq!(count, 3, "2 counted by copies, 1 by the queue"),
+            Checked::Guarded(_) => panic!("the queue counted the loss: a copy takes it back"),
+        }
+    }
+
+    #[test]
+    fn a_quorum_queue_that_did_not_count_the_loss_hands_it_on_as_it_is() {
+        let (delivery, lost) = returned(1, &[(HEADER_DELIVERY_COUNT, 1)]);
+        let checked = returned_at_a_loss(true, delivery, lost);
+        assert!(matches!(checked, Checked::Guarded(Guarded::Handle(_))));
     }
 }

@@ -18,6 +18,7 @@ use super::error::map_connect_error;
 use super::nodes::Nodes;
 use super::options::RabbitMqOptions;
 use super::replay::{reclaim, replay, Reclaims};
+use super::returns::Returns;
 use super::topology::Topology;
 use super::uri::{scrub, BrokerUri};
 use crate::transport::{ClosedPart, TransportError};
@@ -126,6 +127,8 @@ pub(crate) struct Shared {
     topology: Mutex<Topology>,
     /// The exclusive queues the previous connection still held at the last replay.
     pub(crate) reclaims: Reclaims,
+    /// The consumers' deliveries in flight, and those the broker took back at a channel's loss.
+    pub(crate) returns: Arc<Returns>,
     /// When the current link came up.
     linked_at: Mutex<Option<SystemTime>>,
     /// Reconnections so far. Counted apart from the link's generation, which reads 0 while
@@ -159,6 +162,7 @@ impl Shared {
             kick,
             topology,
             reclaims,
+            returns: Arc::default(),
             linked_at,
             reconnects,
             refused,

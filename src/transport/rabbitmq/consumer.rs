@@ -22,13 +22,20 @@ use super::connection::{Link, Shared};
 use super::convert::{from_basic_properties, short};
 use super::error::{is_fatal, is_soft, map_error, reply_code};
 use super::replay::lock_window;
+use super::returns::{Identity, Returns};
 use crate::clock::deadline_after;
-use crate::transport::{Acker, ClosedPart, ConsumeOptions, Consumer, Delivery, TransportError};
+use crate::data::HeaderValue;
+use crate::transport::{
+    Acker, ClosedPart, ConsumeOptions, Consumer, Delivery, LostInFlight, TransportError,
+};
 
 /// How many times a resume refused by the broker is retried before the consumer ends (not
 /// counting refusals while the transport declares the consumer's exclusive queue again, nor
 /// while the previous connection may still hold this exclusive consumer).
 const RESUME_REFUSALS: u32 = 5;
+
+/// The header in which a quorum queue counts a message's deliveries.
+const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// `403 ACCESS_REFUSED`: RabbitMQ's refusal of a consume on a queue in exclusive use.
 const ACCESS_REFUSED: u16 = 403;
@@ -42,6 +49,27 @@ pub(crate) struct RabbitAcker {
     channel: Arc<Channel>,
     /// The connection of the channel.
     link: Arc<Link>,
+    /// Where a consumer's delivery is recorded in flight; `None` for a `basic.get`'s.
+    tracked: Option<Tracked>,
+}
+
+/// A consumer's delivery in the transport's [`Returns`].
+#[derive(Debug)]
+struct Tracked {
+    returns: Arc<Returns>,
+    number: u64,
+    /// The broker took it back at a channel's loss before: this is its redelivery.
+    returned: Option<LostInFlight>,
+}
+
+impl Tracked {
+    fn settled(&self) {
+        self.returns.settled(self.number);
+    }
+
+    fn lost(&self) {
+        self.returns.lost(self.number);
+    }
 }
 
 enum Settle {
@@ -65,6 +93,12 @@ impl RabbitAcker {
                 self.link.guard(self.acker.reject(BasicRejectOptions { requeue })).await
             }
         };
+        if let Some(tracked) = &self.tracked {
+            match result {
+                Ok(true) => tracked.settled(),
+                Ok(false) | Err(_) => tracked.lost(),
+            }
+        }
         match result {
             Ok(true) => Ok(()),
             Ok(false) => Err(TransportError::Closed {
@@ -95,12 +129,27 @@ impl Acker for RabbitAcker {
     async fn reject(&self, requeue: bool) -> Result<(), TransportError> {
         self.settle(Settle::Reject(requeue)).await
     }
+
+    fn lost_in_flight(&self) -> Option<LostInFlight> {
+        self.tracked.as_ref().and_then(|tracked| tracked.returned)
+    }
 }
 
 impl Drop for RabbitAcker {
     fn drop(&mut self) {
-        if self.settled.load(Ordering::SeqCst) || !self.acker.usable() {
+        if self.settled.load(Ordering::SeqCst) {
             return;
+        }
+        if !self.acker.usable() {
+            // Its channel is gone: the broker took it back.
+            if let Some(tracked) = &self.tracked {
+                tracked.lost();
+            }
+            return;
+        }
+        // Handed back unsettled, as a crashed handling would: its redelivery counts.
+        if let Some(tracked) = &self.tracked {
+            tracked.settled();
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (acker, channel, link) =
@@ -114,23 +163,38 @@ impl Drop for RabbitAcker {
     }
 }
 
-/// Convert a lapin delivery; its acker keeps `channel` open until settled.
+/// Convert a lapin delivery; its acker keeps `channel` open until settled. A consumer's
+/// delivery of `queue` is recorded in flight in `returns` (`Some((returns, queue))`).
 pub(crate) fn to_delivery(
     delivery: lapin::message::Delivery,
     channel: &Arc<Channel>,
     link: &Arc<Link>,
+    consumed: Option<(&Arc<Returns>, &str)>,
 ) -> Delivery {
+    let body = Bytes::from(delivery.data);
+    let properties = from_basic_properties(&delivery.properties);
+    let tracked = consumed.map(|(returns, queue)| {
+        let ids = [&properties.message_id, &properties.correlation_id].map(Option::as_deref);
+        let (exchange, routing_key) = (delivery.exchange.as_str(), delivery.routing_key.as_str());
+        let identity = Identity::new(queue, exchange, routing_key, ids);
+        let on = (link.generation, channel.id());
+        let count = properties.headers.get(DELIVERY_COUNT).and_then(HeaderValue::as_i64);
+        let how = (delivery.redelivered, count.unwrap_or(0));
+        let (number, returned) = returns.received(on, identity, &body, how);
+        Tracked { returns: returns.clone(), number, returned }
+    });
     Delivery {
         exchange: delivery.exchange.to_string(),
         routing_key: delivery.routing_key.to_string(),
         redelivered: delivery.redelivered,
-        properties: from_basic_properties(&delivery.properties),
-        body: Bytes::from(delivery.data),
+        properties,
+        body,
         acker: Box::new(RabbitAcker {
             acker: delivery.acker,
             settled: AtomicBool::new(false),
             channel: channel.clone(),
             link: link.clone(),
+            tracked,
         }),
     }
 }
@@ -282,6 +346,9 @@ impl Feeder {
                 return Some(delivery);
             }
             let Subscription { link, channel, .. } = current.take()?;
+            if self.failed || !link.alive() || !channel.status().connected() {
+                self.shared.returns.channel_lost((link.generation, channel.id()));
+            }
             if self.cancel_sent || self.shared.is_closed() {
                 return None;
             }
@@ -313,7 +380,10 @@ impl Feeder {
             };
             match step {
                 Step::Item(item) => match *item {
-                    Some(Ok(delivery)) => return Some(to_delivery(delivery, channel, link)),
+                    Some(Ok(delivery)) => {
+                        let consumed = Some((&self.shared.returns, self.spec.queue.as_str()));
+                        return Some(to_delivery(delivery, channel, link, consumed));
+                    }
                     Some(Err(error)) => {
                         tracing::debug!(queue = %self.spec.queue, error = %map_error(&error), "consumer channel failed");
                         self.failed = true;

@@ -10,7 +10,8 @@
 //! declared again once the broker drops that connection (see `replay`). Publishes use a confirm channel and are retried across reconnects
 //! (at-least-once); deliveries received before a drop can no longer be settled
 //! ([`TransportError::Closed`] of the [channel](crate::transport::ClosedPart::Channel)): the
-//! broker has requeued them.
+//! broker has requeued them, and the redelivery of each to a consumer of this transport says
+//! so ([`Acker::lost_in_flight`](crate::transport::Acker::lost_in_flight)).
 
 mod channels;
 mod connection;
@@ -25,6 +26,7 @@ mod nodes;
 mod options;
 mod publisher;
 mod replay;
+mod returns;
 mod topology;
 mod uri;
 
@@ -245,8 +247,9 @@ impl Transport for RabbitMqTransport {
                 async move {
                     let options = BasicGetOptions { no_ack: false };
                     let message = held.channel.basic_get(name, options).await?;
-                    Ok(message
-                        .map(|m| consumer::to_delivery(m.delivery, &held.channel, &held.link)))
+                    Ok(message.map(|m| {
+                        consumer::to_delivery(m.delivery, &held.channel, &held.link, None)
+                    }))
                 }
             })
             .await?;

@@ -1,0 +1,255 @@
+//! The deliveries the broker takes back when their channel is lost, remembered so that their
+//! redeliveries can be told from those of a crashed handling.
+//!
+//! RabbitMQ requeues every unsettled delivery of a channel that closes, and delivers it again
+//! marked `redelivered`, exactly as it does a delivery whose consumer died handling it. A
+//! consume loop that counts redeliveries to stop a crash loop (`MAX_REDELIVERIES`) would count
+//! a lost connection against every message in flight at that moment. This transport saw the
+//! loss: it remembers what was in flight then, and marks the redelivery of each
+//! ([`Acker::lost_in_flight`](crate::transport::Acker::lost_in_flight)), with the count of
+//! deliveries a quorum queue had given the message before the loss, which the broker may
+//! count (RabbitMQ before 4.3 does).
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+
+use crate::transport::LostInFlight;
+
+/// How many returned deliveries are remembered at most: those the broker gave to another
+/// consumer (another instance of the service) are never seen again, and the oldest are
+/// forgotten first.
+const REMEMBERED: usize = 4096;
+
+/// Identifies a message across its deliveries: what the broker does not change when it
+/// delivers it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Identity(u64);
+
+impl Identity {
+    /// The identity of a message of `queue` with these fields; the body is hashed only when
+    /// the message is returned (rarely), so a delivery costs the hash of a few short strings.
+    pub(crate) fn new(
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        ids: [Option<&str>; 2],
+    ) -> Self {
+        let mut hasher = DefaultHasher::new();
+        (queue, exchange, routing_key, ids).hash(&mut hasher);
+        Identity(hasher.finish())
+    }
+
+    fn with_body(self, body: &[u8]) -> Self {
+        let mut hasher = DefaultHasher::new();
+        (self.0, body).hash(&mut hasher);
+        Identity(hasher.finish())
+    }
+}
+
+/// One delivery not settled yet: its channel and what identifies its message.
+#[derive(Debug)]
+struct InFlight {
+    /// The generation of the link and the number of the channel it came on.
+    channel: (u64, u16),
+    identity: Identity,
+    body: Bytes,
+    /// The queue's count of the message's deliveries it carried (`x-delivery-count`).
+    delivery_count: i64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next: u64,
+    in_flight: HashMap<u64, InFlight>,
+    /// The returned deliveries of each message still to come back, oldest first: the count
+    /// of deliveries each carried.
+    returned: HashMap<Identity, VecDeque<i64>>,
+    /// The returned deliveries in the order they were returned, for forgetting the oldest.
+    order: VecDeque<Identity>,
+}
+
+/// The ledger of one transport: deliveries in flight, and those the broker took back.
+#[derive(Debug, Default)]
+pub(crate) struct Returns {
+    state: Mutex<State>,
+}
+
+impl Returns {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Record a delivery received on `channel`, carrying the queue's `delivery_count` of its
+    /// message; the number it returns names it until it is settled. When it is the
+    /// redelivery of one the broker took back at a channel's loss (which is then no longer
+    /// waited for), what was lost comes with it.
+    pub(crate) fn received(
+        &self,
+        channel: (u64, u16),
+        identity: Identity,
+        body: &Bytes,
+        (redelivered, delivery_count): (bool, i64),
+    ) -> (u64, Option<LostInFlight>) {
+        let mut state = self.state();
+        let lost = match redelivered && !state.returned.is_empty() {
+            true => state.take_returned(identity.with_body(body)),
+            false => None,
+        };
+        state.next += 1;
+        let number = state.next;
+        let in_flight = InFlight { channel, identity, body: body.clone(), delivery_count };
+        state.in_flight.insert(number, in_flight);
+        (number, lost)
+    }
+
+    /// The delivery `number` was settled, or handed back by its consumer: its message does not
+    /// come back by a channel's loss.
+    pub(crate) fn settled(&self, number: u64) {
+        self.state().in_flight.remove(&number);
+    }
+
+    /// The delivery `number` could not be settled, its channel gone: the broker took it back.
+    pub(crate) fn lost(&self, number: u64) {
+        let mut state = self.state();
+        if let Some(in_flight) = state.in_flight.remove(&number) {
+            state.remember(in_flight);
+        }
+    }
+
+    /// `channel` is gone: the broker took back every delivery still in flight on it.
+    pub(crate) fn channel_lost(&self, channel: (u64, u16)) {
+        let mut state = self.state();
+        let mut lost: Vec<u64> = state
+            .in_flight
+            .iter()
+            .filter(|(_, in_flight)| in_flight.channel == channel)
+            .map(|(number, _)| *number)
+            .collect();
+        // Remembered in the order received, the oldest forgotten first.
+        lost.sort_unstable();
+        for number in lost {
+            if let Some(in_flight) = state.in_flight.remove(&number) {
+                state.remember(in_flight);
+            }
+        }
+    }
+}
+
+impl State {
+    fn remember(&mut self, in_flight: InFlight) {
+        let whole = in_flight.identity.with_body(&in_flight.body);
+        self.returned.entry(whole).or_default().push_back(in_flight.delivery_count);
+        self.order.push_back(whole);
+        while self.order.len() > REMEMBERED {
+            if let Some(oldest) = self.order.pop_front() {
+                self.forget_one(oldest);
+            }
+        }
+    }
+
+    /// The oldest returned delivery of the message `whole` not seen again, if any; it is now.
+    fn take_returned(&mut self, whole: Identity) -> Option<LostInFlight> {
+        let delivery_count_before = self.forget_one(whole)?;
+        if let Some(position) = self.order.iter().position(|identity| *identity == whole) {
+            self.order.remove(position);
+        }
+        Some(LostInFlight { delivery_count_before })
+    }
+
+    fn forget_one(&mut self, whole: Identity) -> Option<i64> {
+        let counts = self.returned.get_mut(&whole)?;
+        let oldest = counts.pop_front();
+        if counts.is_empty() {
+            self.returned.remove(&whole);
+        }
+        oldest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(id: &str) -> Identity {
+        Identity::new("q", "ex", "rk", [Some(id), None])
+    }
+
+    #[test]
+    fn a_delivery_in_flight_on_a_lost_channel_is_known_when_it_comes_back() {
+        let returns = Returns::default();
+        let body = Bytes::from_static(b"{}");
+        let (first, returned) = returns.received((1, 1), identity("a"), &body, (false, 0));
+        assert_eq!(returned, None);
+        returns.channel_lost((1, 1));
+        let (_, returned) = returns.received((2, 1), identity("a"), &body, (true, 1));
+        assert_eq!(
+            returned,
+            Some(LostInFlight { delivery_count_before: 0 }),
+            "the broker's return"
+        );
+        let (_, again) = returns.received((2, 1), identity("a"), &body, (true, 2));
+        assert_eq!(again, None, "one return is forgiven once");
+        returns.settled(first);
+    }
+
+    #[test]
+    fn a_settled_delivery_or_one_of_another_channel_is_not_returned() {
+        let returns = Returns::default();
+        let body = Bytes::from_static(b"x");
+        let (settled, _) = returns.received((1, 1), identity("a"), &body, (false, 0));
+        returns.settled(settled);
+        returns.received((1, 2), identity("b"), &body, (false, 0));
+        returns.channel_lost((1, 1));
+        assert!(returns.received((2, 1), identity("a"), &body, (true, 0)).1.is_none());
+        assert!(returns.received((2, 1), identity("b"), &body, (true, 0)).1.is_none());
+    }
+
+    #[test]
+    fn a_settle_that_failed_on_a_lost_channel_counts_as_returned() {
+        let returns = Returns::default();
+        let body = Bytes::from_static(b"x");
+        let (number, _) = returns.received((1, 1), identity("a"), &body, (true, 3));
+        returns.lost(number);
+        returns.channel_lost((1, 1));
+        let (_, lost) = returns.received((2, 1), identity("a"), &body, (true, 4));
+        assert_eq!(lost, Some(LostInFlight { delivery_count_before: 3 }));
+        assert_eq!(returns.received((2, 1), identity("a"), &body, (true, 5)).1, None, "once");
+    }
+
+    #[test]
+    fn a_different_body_or_a_fresh_delivery_is_not_the_return() {
+        let returns = Returns::default();
+        let (_, _) = returns.received((1, 1), identity("a"), &Bytes::from_static(b"1"), (false, 0));
+        returns.channel_lost((1, 1));
+        assert!(returns
+            .received((2, 1), identity("a"), &Bytes::from_static(b"2"), (true, 0))
+            .1
+            .is_none());
+        assert!(returns
+            .received((2, 1), identity("a"), &Bytes::from_static(b"1"), (false, 0))
+            .1
+            .is_none());
+        assert!(returns
+            .received((2, 1), identity("a"), &Bytes::from_static(b"1"), (true, 0))
+            .1
+            .is_some());
+    }
+
+    #[test]
+    fn the_oldest_returns_are_forgotten_past_the_bound() {
+        let returns = Returns::default();
+        let body = Bytes::from_static(b"x");
+        for n in 0..=REMEMBERED {
+            returns.received((1, 1), identity(&n.to_string()), &body, (false, 0));
+        }
+        returns.channel_lost((1, 1));
+        assert!(returns.received((2, 1), identity("0"), &body, (true, 0)).1.is_none(), "forgotten");
+        assert!(returns.received((2, 1), identity("1"), &body, (true, 0)).1.is_some());
+        let last = REMEMBERED.to_string();
+        assert!(returns.received((2, 1), identity(&last), &body, (true, 0)).1.is_some());
+    }
+}
