@@ -40,7 +40,7 @@ pub trait Acker: Send + Sync + fmt::Debug {
 pub struct LostInFlight {
     /// The queue's count of the message's deliveries (a quorum queue's `x-delivery-count`,
     /// 0 when absent) on the delivery that was lost. The broker may count the loss on the
-    /// redelivery (RabbitMQ before 4.3 does); this is the count without it.
+    /// redelivery (RabbitMQ 3.10 does); this is the count without it.
     pub delivery_count_before: i64,
 }
 

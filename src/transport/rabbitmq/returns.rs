@@ -8,7 +8,7 @@
 //! loss: it remembers what was in flight then, and marks the redelivery of each
 //! ([`Acker::lost_in_flight`](crate::transport::Acker::lost_in_flight)), with the count of
 //! deliveries a quorum queue had given the message before the loss, which the broker may
-//! count (RabbitMQ before 4.3 does).
+//! count (RabbitMQ 3.10 does).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};

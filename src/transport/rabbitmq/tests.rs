@@ -1638,7 +1638,7 @@ async fn the_redelivery_of_a_delivery_in_flight_at_a_lost_connection_is_marked_r
     let _exclusive = BROKER_LOCK.write().await;
     bounded(async {
         assert_eq!(returned_scenario(false).await, None);
-        // RabbitMQ before 4.3 counts the loss; the transport tells the count without it.
+        // RabbitMQ 3.10 counts the loss; the transport tells the count without it.
         let count = returned_scenario(true).await;
         eprintln!("a quorum queue's x-delivery-count after a lost connection: {count:?}");
     })
