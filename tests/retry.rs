@@ -308,8 +308,6 @@ async fn a_connection_lost_while_a_call_runs_does_not_count_against_max_redelive
         let dlq = format!("evt-{shop}-job--{}.blocking.dlq", config.service_name);
         let markers = [config.service_name.clone(), shop.clone()];
         let probe = common::Probe::closed();
-        // Opened however the test ends: a call left waiting would hold the runtime's end.
-        let _open = common::OpenOnDrop(probe.clone());
         let routes = vec![Route::new(blocking)
             .entrypoint(EventListener::new(&shop, "job"))
             .dependency(Shared(probe.clone()))];

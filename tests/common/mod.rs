@@ -66,6 +66,9 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
+/// The longest a [`Probe`] holds a call: longer than any test holds one.
+const GATE_LIMIT: Duration = Duration::from_secs(120);
+
 /// Counts calls, measures concurrency, and can hold calls until released.
 #[derive(Debug, Default)]
 pub struct Probe {
@@ -94,9 +97,14 @@ impl Probe {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
         self.seen.lock().unwrap().push(payload);
-        let mut open = self.gate.lock().unwrap();
-        while !*open {
-            open = self.opened.wait(open).unwrap();
+        // Bounded: a test that fails before it opens the gate would otherwise leave its calls
+        // waiting for ever, and its runtime's end (which waits for blocking calls) with them.
+        let gate = self.gate.lock().unwrap();
+        let (gate, waited) =
+            self.opened.wait_timeout_while(gate, GATE_LIMIT, |open| !*open).unwrap();
+        drop(gate);
+        if waited.timed_out() {
+            eprintln!("a probe's gate was not opened within {GATE_LIMIT:?}: the call goes on");
         }
     }
 
@@ -202,15 +210,6 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out waiting for a condition");
-}
-
-/// Opens its probe when dropped, so that a failing test's held calls end with it.
-pub struct OpenOnDrop(pub Arc<Probe>);
-
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.open();
-    }
 }
 
 /// A RabbitMQ user with all permissions on `/`, deleted when dropped.
