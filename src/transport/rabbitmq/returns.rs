@@ -9,6 +9,11 @@
 //! ([`Acker::lost_in_flight`](crate::transport::Acker::lost_in_flight)), with the count of
 //! deliveries a quorum queue had given the message before the loss, which the broker may
 //! count (RabbitMQ 3.10 does).
+//!
+//! Only the loss of a connection is forgiven so: the redelivery comes on a later one. A channel
+//! the broker closes on a live connection may be the message's doing: a handling that outlives
+//! RabbitMQ's `consumer_timeout` gets its channel closed, and forgiven, it would run again for
+//! ever.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
@@ -65,9 +70,9 @@ struct InFlight {
 struct State {
     next: u64,
     in_flight: HashMap<u64, InFlight>,
-    /// The returned deliveries of each message still to come back, oldest first: the count
-    /// of deliveries each carried.
-    returned: HashMap<Identity, VecDeque<i64>>,
+    /// The returned deliveries of each message still to come back, oldest first: the
+    /// generation of the link each was lost on, and the count of deliveries it carried.
+    returned: HashMap<Identity, VecDeque<(u64, i64)>>,
     /// The returned deliveries in the order they were returned, for forgetting the oldest.
     order: VecDeque<Identity>,
 }
@@ -96,7 +101,7 @@ impl Returns {
     ) -> (u64, Option<LostInFlight>) {
         let mut state = self.state();
         let lost = match redelivered && !state.returned.is_empty() {
-            true => state.take_returned(identity.with_body(body)),
+            true => state.take_returned(identity.with_body(body), channel.0),
             false => None,
         };
         state.next += 1;
@@ -142,7 +147,8 @@ impl Returns {
 impl State {
     fn remember(&mut self, in_flight: InFlight) {
         let whole = in_flight.identity.with_body(&in_flight.body);
-        self.returned.entry(whole).or_default().push_back(in_flight.delivery_count);
+        let lost = (in_flight.channel.0, in_flight.delivery_count);
+        self.returned.entry(whole).or_default().push_back(lost);
         self.order.push_back(whole);
         while self.order.len() > REMEMBERED {
             if let Some(oldest) = self.order.pop_front() {
@@ -151,16 +157,18 @@ impl State {
         }
     }
 
-    /// The oldest returned delivery of the message `whole` not seen again, if any; it is now.
-    fn take_returned(&mut self, whole: Identity) -> Option<LostInFlight> {
-        let delivery_count_before = self.forget_one(whole)?;
+    /// The oldest returned delivery of the message `whole` not seen again, if any, when it was
+    /// lost with its connection: received on the link of `generation`, a later one. It is seen
+    /// now.
+    fn take_returned(&mut self, whole: Identity, generation: u64) -> Option<LostInFlight> {
+        let (lost_on, delivery_count_before) = self.forget_one(whole)?;
         if let Some(position) = self.order.iter().position(|identity| *identity == whole) {
             self.order.remove(position);
         }
-        Some(LostInFlight { delivery_count_before })
+        (lost_on < generation).then_some(LostInFlight { delivery_count_before })
     }
 
-    fn forget_one(&mut self, whole: Identity) -> Option<i64> {
+    fn forget_one(&mut self, whole: Identity) -> Option<(u64, i64)> {
         let counts = self.returned.get_mut(&whole)?;
         let oldest = counts.pop_front();
         if counts.is_empty() {
@@ -237,6 +245,18 @@ mod tests {
             .received((2, 1), identity("a"), &Bytes::from_static(b"1"), (true, 0))
             .1
             .is_some());
+    }
+
+    #[test]
+    fn a_channel_closed_on_a_live_connection_is_not_forgiven() {
+        let returns = Returns::default();
+        let body = Bytes::from_static(b"x");
+        returns.received((1, 1), identity("a"), &body, (false, 0));
+        returns.channel_lost((1, 1));
+        assert_eq!(returns.received((1, 2), identity("a"), &body, (true, 1)).1, None);
+        returns.channel_lost((1, 2));
+        let (_, lost) = returns.received((2, 1), identity("a"), &body, (true, 2));
+        assert_eq!(lost, Some(LostInFlight { delivery_count_before: 1 }), "then the connection");
     }
 
     #[test]
