@@ -77,6 +77,10 @@ pub(super) fn check_crash_loop(
         return Checked::Guarded(Guarded::Handle(delivery));
     }
     if let Some(lost) = delivery.acker.lost_in_flight() {
+        tracing::debug!(
+            route = %source.label,
+            "redelivered: in flight when the connection was lost, not counted as a crash"
+        );
         return returned_at_a_loss(quorum, delivery, lost);
     }
     let limit = i64::from(source.max_redeliveries);
