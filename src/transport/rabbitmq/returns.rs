@@ -29,6 +29,11 @@ use crate::transport::LostInFlight;
 /// forgotten first.
 const REMEMBERED: usize = 4096;
 
+/// How many of a message's losses are forgiven at most: past them, a message that keeps
+/// bringing the connection down (a call that starves the runtime until heartbeats fail) counts
+/// as a crash again, and the crash-loop guard ends it.
+const FORGIVEN_AT_MOST: u32 = 5;
+
 /// Identifies a message across its deliveries: what the broker does not change when it
 /// delivers it again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,6 +80,10 @@ struct State {
     returned: HashMap<Identity, VecDeque<(u64, i64)>>,
     /// The returned deliveries in the order they were returned, for forgetting the oldest.
     order: VecDeque<Identity>,
+    /// How many losses of each message were forgiven, and the messages in the order of their
+    /// first (bounded as `order`).
+    forgiven: HashMap<Identity, u32>,
+    forgiven_order: VecDeque<Identity>,
 }
 
 /// The ledger of one transport: deliveries in flight, and those the broker took back.
@@ -165,7 +174,26 @@ impl State {
         if let Some(position) = self.order.iter().position(|identity| *identity == whole) {
             self.order.remove(position);
         }
-        (lost_on < generation).then_some(LostInFlight { delivery_count_before })
+        if lost_on >= generation || !self.forgive(whole) {
+            return None;
+        }
+        Some(LostInFlight { delivery_count_before })
+    }
+
+    /// Count one more forgiven loss of the message `whole`; false past [`FORGIVEN_AT_MOST`].
+    fn forgive(&mut self, whole: Identity) -> bool {
+        let times = self.forgiven.entry(whole).or_insert(0);
+        *times += 1;
+        let within = *times <= FORGIVEN_AT_MOST;
+        if *times == 1 {
+            self.forgiven_order.push_back(whole);
+            if self.forgiven_order.len() > REMEMBERED {
+                if let Some(oldest) = self.forgiven_order.pop_front() {
+                    self.forgiven.remove(&oldest);
+                }
+            }
+        }
+        within
     }
 
     fn forget_one(&mut self, whole: Identity) -> Option<(u64, i64)> {
@@ -257,6 +285,19 @@ mod tests {
         returns.channel_lost((1, 2));
         let (_, lost) = returns.received((2, 1), identity("a"), &body, (true, 2));
         assert_eq!(lost, Some(LostInFlight { delivery_count_before: 1 }), "then the connection");
+    }
+
+    #[test]
+    fn a_message_lost_again_and_again_is_forgiven_a_bounded_number_of_times() {
+        let returns = Returns::default();
+        let body = Bytes::from_static(b"x");
+        returns.received((1, 1), identity("a"), &body, (false, 0));
+        for generation in 1..=u64::from(FORGIVEN_AT_MOST) + 1 {
+            returns.channel_lost((generation, 1));
+            let (_, lost) = returns.received((generation + 1, 1), identity("a"), &body, (true, 0));
+            let forgiven = generation <= u64::from(FORGIVEN_AT_MOST);
+            assert_eq!(lost.is_some(), forgiven, "loss {generation}");
+        }
     }
 
     #[test]
