@@ -21,7 +21,7 @@ use micro_framework::transport::{
     BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
     TransportError,
 };
-use micro_framework::{CallContext, Message};
+use micro_framework::{CallContext, HeaderValue, Message};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -532,6 +532,29 @@ async fn one_reply_queue_per_caller_removed_when_the_caller_stops() {
     }
 }
 
+/// The headers with which the service's own copies (a hand-back, a counted redelivery, a
+/// retry) carry the route they were first published with count only on a message published
+/// straight to the queue: a request published to one method cannot be read as another's.
+#[tokio::test]
+async fn the_headers_of_a_copy_cannot_steer_a_request_to_another_method() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        let raw = RawCaller::new(client.transport(), &math).await;
+        let forged = Headers::from([
+            ("x-mf-redelivered-exchange".to_owned(), HeaderValue::from("nameko-rpc")),
+            ("x-mf-redelivered-routing-key".to_owned(), HeaderValue::from(format!("{math}.add"))),
+        ]);
+        let body = json_body(&json!({"args": [6, 7], "kwargs": {}}));
+        let reply = raw.request_with("mul", body, true, forged).await;
+        assert_eq!(reply["result"], json!(42), "run as mul, not add: {reply}");
+        raw.close().await;
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
 fn json_body(value: &Value) -> Bytes {
     Bytes::from(value.to_string())
 }
@@ -561,7 +584,19 @@ impl RawCaller {
 
     /// Publish `body` to `{service}.{method}`; with `reply`, wait for the reply and return it.
     async fn request(&self, method: &str, body: Bytes, reply: bool) -> Value {
+        self.request_with(method, body, reply, Headers::new()).await
+    }
+
+    /// [`RawCaller::request`] with these `headers`.
+    async fn request_with(
+        &self,
+        method: &str,
+        body: Bytes,
+        reply: bool,
+        headers: Headers,
+    ) -> Value {
         let mut message = Message::json(&Value::Null).unwrap();
+        message.properties.headers = headers;
         message.properties.correlation_id = Some("raw-1".into());
         if reply {
             message.properties.reply_to = Some(self.reply_to.clone());

@@ -76,6 +76,7 @@ impl UfwRpcServer {
             shutdown_timeout: config.shutdown_timeout,
             max_redeliveries: config.max_redeliveries,
             label: "RPC".into(),
+            retries_only: false,
         }
     }
 

@@ -71,7 +71,9 @@ pub(super) fn check_crash_loop(
     quorum: bool,
     mut delivery: Delivery,
 ) -> Checked {
-    restore_first_route(&mut delivery);
+    let copy_of_ours = source.retries_only
+        || (delivery.exchange.is_empty() && delivery.routing_key == *source.queue);
+    restore_first_route(&mut delivery, copy_of_ours);
     keep_own_retry_state(&mut delivery.properties.headers, &source.queue);
     if !delivery.redelivered {
         return Checked::Guarded(Guarded::Handle(delivery));
@@ -269,17 +271,17 @@ pub(super) fn take_redelivered_mark(delivery: &mut Delivery) {
 
 /// A copy came back by another route: give it back the exchange and routing key it was first
 /// published with, which handlers read (the RPC method, an event's name) and dead letters
-/// record.
-fn restore_first_route(delivery: &mut Delivery) {
+/// record, when it is a `copy_of_ours` (else those headers are only dropped).
+fn restore_first_route(delivery: &mut Delivery, copy_of_ours: bool) {
     let headers = &mut delivery.properties.headers;
-    let first = |headers: &Headers, name| {
-        headers.get(name).and_then(HeaderValue::as_str).map(str::to_owned)
-    };
-    if let (Some(exchange), Some(routing_key)) =
-        (first(headers, HEADER_FIRST_EXCHANGE), first(headers, HEADER_FIRST_ROUTING_KEY))
+    let exchange = headers.remove(HEADER_FIRST_EXCHANGE);
+    let routing_key = headers.remove(HEADER_FIRST_ROUTING_KEY);
+    if !copy_of_ours {
+        return;
+    }
+    if let (Some(HeaderValue::String(exchange)), Some(HeaderValue::String(routing_key))) =
+        (exchange, routing_key)
     {
-        headers.remove(HEADER_FIRST_EXCHANGE);
-        headers.remove(HEADER_FIRST_ROUTING_KEY);
         delivery.exchange = exchange;
         delivery.routing_key = routing_key;
     }
@@ -324,6 +326,20 @@ mod tests {
             delivery.properties.headers.insert((*name).into(), HeaderValue::Int(*value));
         }
         (delivery, lost)
+    }
+
+    #[test]
+    fn the_first_route_is_restored_only_on_a_copy_of_ours() {
+        for copy_of_ours in [true, false] {
+            let (mut delivery, _) = returned(0, &[]);
+            delivery.exchange = "nameko-rpc".into();
+            delivery.routing_key = "svc.mul".into();
+            mark_first_route(&mut delivery.properties.headers, "nameko-rpc", "svc.add");
+            restore_first_route(&mut delivery, copy_of_ours);
+            let expected = if copy_of_ours { "svc.add" } else { "svc.mul" };
+            assert_eq!(delivery.routing_key, expected);
+            assert!(delivery.properties.headers.is_empty(), "the headers are dropped either way");
+        }
     }
 
     #[test]

@@ -72,6 +72,13 @@ pub(crate) struct QueueSource {
     pub max_redeliveries: u32,
     /// The name used in logs (a route, or the RPC server).
     pub label: Arc<str>,
+    /// The queue receives nothing but retries (a route's backoff queue, through its delayed
+    /// exchange): the route a copy was first published with is restored from its headers
+    /// whatever exchange it came through. Elsewhere only from a copy published straight to
+    /// the queue, as the service publishes them: a publisher who may only reach the queue
+    /// through some exchange and routing key cannot steer which route its message is read as
+    /// (an RPC request's method) with those headers.
+    pub retries_only: bool,
 }
 
 /// Consume `source.queue` with `handler` until the service stops.
@@ -228,11 +235,13 @@ pub(crate) async fn serve_route(
         shutdown_timeout: route.config().shutdown_timeout,
         max_redeliveries: route.config().max_redeliveries,
         label: route.name().into(),
+        retries_only: false,
     };
     let Some(backoff_queue) = delayed_message::backoff_queue(&route) else {
         return consume(source, Arc::new(RouteQueue { route, queue, quorum, accept })).await;
     };
-    let retries = QueueSource { queue: backoff_queue.as_str().into(), ..source.clone() };
+    let retries =
+        QueueSource { queue: backoff_queue.as_str().into(), retries_only: true, ..source.clone() };
     let backoff = BackoffQueue {
         route: route.clone(),
         queue: queue.clone(),
