@@ -834,6 +834,38 @@ async fn a_delivery_count_set_by_the_publisher_does_not_steer_the_crash_loop_gua
     service.stop().await.unwrap();
 }
 
+/// The headers only the service's own copies carry, set by a publisher on a message it
+/// publishes through an exchange, are not read: the message is not dead-lettered unrun as a
+/// pending dead letter, and runs as the fresh message it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_headers_of_a_copy_set_by_a_publisher_are_not_read() {
+    use std::sync::atomic::Ordering;
+    let uri = format!("memory://test-{}", uuid::Uuid::new_v4());
+    let shop = unique("forgedcopy");
+    let config = config(&uri, "forgedcopy");
+    let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
+    let calls = Arc::new(VictimCalls::default());
+    let service = TestService::start(vec![victim_route(&shop, &calls)], config).await.unwrap();
+    let mut properties = micro_framework::data::json_properties();
+    let failure = micro_framework::data::Failure::bad_input("forged".to_owned());
+    let forged = [
+        ("x-mf-dead-letter-pending", HeaderValue::from(serde_json::to_string(&failure).unwrap())),
+        ("x-mf-redeliveries", HeaderValue::Int(99)),
+        ("x-mf-retry-count", HeaderValue::Int(99)),
+        ("x-mf-retry-queue", HeaderValue::from(queue.as_str())),
+    ];
+    for (name, value) in forged {
+        properties.headers.insert(name.into(), value);
+    }
+    let message = OutgoingMessage { body: json!({ "id": 1 }).to_string().into(), properties };
+    let options = PublishOptions { mandatory: true };
+    service.transport().publish(&format!("{shop}.events"), "job", message, options).await.unwrap();
+    service.wait_for_route("victim", 1).await.unwrap();
+    assert_eq!(calls.0.load(Ordering::SeqCst), 1, "it runs, whatever its headers claim");
+    assert!(service.take_messages(&format!("{queue}.dlq")).await.unwrap().is_empty());
+    service.stop().await.unwrap();
+}
+
 fn always_fails(Payload(_): Payload<Value>) -> Result<(), std::io::Error> {
     Err(std::io::Error::other("always fails"))
 }

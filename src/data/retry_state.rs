@@ -99,9 +99,13 @@ pub(crate) fn is_retry_of(headers: &Headers, queue: &str) -> bool {
 /// from: a copy that kept the headers of a message of another queue (its dead letter, a
 /// message a service published again elsewhere) starts its retries anew there.
 pub(crate) fn keep_own_retry_state(headers: &mut Headers, queue: &str) {
-    if is_retry_of(headers, queue) {
-        return;
+    if !is_retry_of(headers, queue) {
+        drop_retry_state(headers);
     }
+}
+
+/// Remove from `headers` any retry state ([`keep_own_retry_state`]).
+pub(crate) fn drop_retry_state(headers: &mut Headers) {
     for name in [HEADER_RETRY_QUEUE, HEADER_RETRY_COUNT, HEADER_LAST_RETRY, HEADER_LAST_ERROR] {
         headers.remove(name);
     }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use super::QueueSource;
 use crate::data::{
-    keep_own_retry_state, BackOffData, Failure, FailureKind, HeaderValue, Headers, Message,
+    drop_retry_state, keep_own_retry_state, BackOffData, Failure, FailureKind, HeaderValue,
+    Headers, Message,
 };
-use crate::pipeline::settle::copy_properties;
+use crate::pipeline::settle::{copy_properties, HEADER_PENDING_DEAD_LETTER};
 use crate::pipeline::RouteHandle;
 use crate::transport::{
     Acker, Delivery, Limit, LostInFlight, OutgoingMessage, PublishOptions, SharedTransport,
@@ -63,18 +64,14 @@ pub(super) enum Checked {
 /// other queue the message is published again (confirmed) straight to its queue with its count
 /// one higher ([`count_redelivery`]), then acked. A redelivery the transport knows the broker
 /// made because the connection was lost while the message was in flight is not counted
-/// ([`returned_at_a_loss`]). First the delivery is read as its queue's:
-/// the route it was first published with restored, a retry state made for another queue
-/// dropped.
+/// ([`returned_at_a_loss`]). First the delivery is read as its queue's
+/// ([`read_as_its_queues`]).
 pub(super) fn check_crash_loop(
     source: &QueueSource,
     quorum: bool,
     mut delivery: Delivery,
 ) -> Checked {
-    let copy_of_ours = source.retries_only
-        || (delivery.exchange.is_empty() && delivery.routing_key == *source.queue);
-    restore_first_route(&mut delivery, copy_of_ours);
-    keep_own_retry_state(&mut delivery.properties.headers, &source.queue);
+    read_as_its_queues(source, &mut delivery);
     if !delivery.redelivered {
         return Checked::Guarded(Guarded::Handle(delivery));
     }
@@ -267,6 +264,29 @@ pub(super) fn take_redelivered_mark(delivery: &mut Delivery) {
     if delivery.properties.headers.remove(HEADER_REDELIVERED).is_some() {
         delivery.redelivered = true;
     }
+}
+
+/// Read `delivery` as a message of `source`'s queue. The headers only the service's copies
+/// carry (the route a copy was first published with, its count of redeliveries, its mark as
+/// a redelivery, a pending dead letter, a retry state) are read only on a message published
+/// straight to the queue, as every copy comes back (delay queues included), or arriving on a
+/// queue of nothing but retries (`retries_only`); on any other they were set by its publisher
+/// and are dropped: it could otherwise have its message read as one of another route (an RPC
+/// request as another method's), skip a filter as a retry, retry less, or be dead-lettered
+/// unrun. Then the route it was first published with is restored, and a retry state made for
+/// another queue dropped.
+fn read_as_its_queues(source: &QueueSource, delivery: &mut Delivery) {
+    let copy_of_ours = source.retries_only
+        || (delivery.exchange.is_empty() && delivery.routing_key == *source.queue);
+    let headers = &mut delivery.properties.headers;
+    if !copy_of_ours {
+        for name in [HEADER_REDELIVERIES, HEADER_REDELIVERED, HEADER_PENDING_DEAD_LETTER] {
+            headers.remove(name);
+        }
+        drop_retry_state(headers);
+    }
+    restore_first_route(delivery, copy_of_ours);
+    keep_own_retry_state(&mut delivery.properties.headers, &source.queue);
 }
 
 /// A copy came back by another route: give it back the exchange and routing key it was first
