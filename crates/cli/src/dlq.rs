@@ -11,7 +11,10 @@ use std::process::ExitCode;
 
 use clap::Args;
 use micro_framework::logging::bounded;
-use micro_framework::settle::{HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_USER_ID};
+use micro_framework::settle::{
+    mark_first_route, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_ROUTING_KEY,
+    HEADER_ORIGINAL_USER_ID,
+};
 use micro_framework::transport::{
     Acker, Delivery, HeaderValue, OutgoingMessage, Properties, PublishOptions, SharedTransport,
     TransportError,
@@ -262,7 +265,14 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
             continue;
         };
         let original = original.to_owned();
-        let properties = replay_properties(&delivery.properties);
+        let mut properties = replay_properties(&delivery.properties);
+        let first = |name| delivery.properties.headers.get(name).and_then(HeaderValue::as_str);
+        if let (Some(exchange), Some(routing_key)) =
+            (first(HEADER_ORIGINAL_EXCHANGE), first(HEADER_ORIGINAL_ROUTING_KEY))
+        {
+            // its handler reads the route it was first published with, not its queue's name
+            mark_first_route(&mut properties.headers, exchange, routing_key);
+        }
         let message = OutgoingMessage { body: delivery.body.clone(), properties };
         let options = PublishOptions { mandatory: true };
         if let Err(error) = dead.transport.publish("", &original, message, options).await {

@@ -10,8 +10,9 @@ use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Args;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
+use micro_framework::settle::mark_first_route;
 use micro_framework::testing::TestService;
-use micro_framework::transport::HeaderValue;
+use micro_framework::transport::{HeaderValue, Headers};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -394,15 +395,23 @@ async fn dlq_body(uri: String, source: String, service: String, queue: String, d
     assert_eq!(bodies, [&json!({"id": 0}), &json!({"id": 1}), &json!({"id": 2})]);
     cli(Some(&uri), &["dlq", "show", &queue, "--index", "9"]).await.one_error_line(1, "no index 9");
 
-    // replay: back to the work queue, failure headers and counters removed
+    // replay: back to the work queue, failure headers and counters removed, the route it was
+    // first published with marked for its handler
     let run = cli(Some(&uri), &["dlq", "replay", &queue, "--limit", "2"]).await;
     assert!(run.ok().stdout.contains("replayed 2 of 2"), "{run:?}");
     assert_eq!(transport.queue_info(&queue).await.unwrap().message_count, 2);
+    let mut first_route = Headers::new();
+    mark_first_route(&mut first_route, &format!("{source}.events"), "paid");
     for id in 0..2 {
         let replayed = transport.get(&queue).await.unwrap().expect("a replayed message");
         assert_eq!(serde_json::from_slice::<Value>(&replayed.body).unwrap(), json!({"id": id}));
         let headers = &replayed.properties.headers;
-        assert!(headers.keys().all(|key| !key.starts_with("x-mf-")), "{headers:?}");
+        let framework: Headers = headers
+            .iter()
+            .filter(|(key, _)| key.starts_with("x-mf-"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(framework, first_route, "{headers:?}");
         assert!(!headers.contains_key("x-death"), "{headers:?}");
         assert_eq!(
             replayed.properties.content_type.as_deref(),

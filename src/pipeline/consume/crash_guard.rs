@@ -251,8 +251,20 @@ async fn copy_to_queue(
 
 /// Record in the `headers` of a copy that goes to its queue by another route (straight, or
 /// through a delay queue) the `exchange` and `routing_key` the message was first published
-/// with, for [`restore_first_route`].
-pub(crate) fn mark_first_route(headers: &mut Headers, exchange: &str, routing_key: &str) {
+/// with: its handler reads them as the message's, as the original's handler did. Read only on
+/// a message published straight to its queue (the default exchange) or arriving on a backoff
+/// queue.
+///
+/// ```
+/// use micro_framework::settle::mark_first_route;
+/// use micro_framework::Headers;
+///
+/// // a dead letter of the `paid` event of `shop`, published again straight to its queue
+/// let mut headers = Headers::new();
+/// mark_first_route(&mut headers, "shop.events", "paid");
+/// assert_eq!(headers.len(), 2);
+/// ```
+pub fn mark_first_route(headers: &mut Headers, exchange: &str, routing_key: &str) {
     headers.insert(HEADER_FIRST_EXCHANGE.into(), exchange.into());
     headers.insert(HEADER_FIRST_ROUTING_KEY.into(), routing_key.into());
 }

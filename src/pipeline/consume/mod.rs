@@ -20,12 +20,12 @@ use crate::pipeline::settle::{settle, take_pending_dead_letter, Origin};
 use crate::pipeline::{Ended, RouteHandle};
 use crate::transport::{ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError};
 use backoff_queue::BackoffQueue;
+pub use crash_guard::mark_first_route;
 use crash_guard::{
     check_crash_loop, count_redelivery, crash_pause, take_redelivered_mark, Checked, Guarded,
 };
 pub(crate) use crash_guard::{
-    hand_back, hand_back_as_retry, hand_back_message, mark_first_route, HEADER_REDELIVERED,
-    HEADER_REDELIVERIES,
+    hand_back, hand_back_as_retry, hand_back_message, HEADER_REDELIVERED, HEADER_REDELIVERIES,
 };
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);

@@ -18,9 +18,8 @@ use retry_copy::{schedule_retry, NotScheduled};
 
 use crate::clock;
 use crate::data::{Failure, Handled, Message};
-use crate::pipeline::consume::{
-    hand_back_as_retry, hand_back_message, mark_first_route, HEADER_REDELIVERED,
-};
+pub use crate::pipeline::consume::mark_first_route;
+use crate::pipeline::consume::{hand_back_as_retry, hand_back_message, HEADER_REDELIVERED};
 use crate::pipeline::delayed_message::RetryMeta;
 use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;
