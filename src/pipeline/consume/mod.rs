@@ -73,11 +73,12 @@ pub(crate) struct QueueSource {
     /// The name used in logs (a route, or the RPC server).
     pub label: Arc<str>,
     /// The queue receives nothing but retries (a route's backoff queue, through its delayed
-    /// exchange): the route a copy was first published with is restored from its headers
-    /// whatever exchange it came through. Elsewhere only from a copy published straight to
-    /// the queue, as the service publishes them: a publisher who may only reach the queue
-    /// through some exchange and routing key cannot steer which route its message is read as
-    /// (an RPC request's method) with those headers.
+    /// exchange): the headers only the service's copies carry (the route a copy was first
+    /// published with, its count, a pending dead letter, a retry state) are read whatever
+    /// exchange a delivery came through. Elsewhere only on one published straight to the
+    /// queue, as the service publishes its copies: a publisher who may only reach the queue
+    /// through some exchange and routing key cannot steer with those headers how its message
+    /// is read (an RPC request as another method's).
     pub retries_only: bool,
 }
 
