@@ -155,8 +155,10 @@ impl Drop for RabbitAcker {
             let (acker, channel, link) =
                 (self.acker.clone(), self.channel.clone(), self.link.clone());
             runtime.spawn(async move {
-                let options = BasicNackOptions { requeue: true, multiple: false };
-                let _ = link.guard(acker.nack(options)).await;
+                // A reject, not a nack: RabbitMQ 4.3 and later count a quorum queue's
+                // redelivery (`x-delivery-count`, which the crash-loop guard reads) after a
+                // `basic.reject`, and not after a `basic.nack`; earlier versions count both.
+                let _ = link.guard(acker.reject(BasicRejectOptions { requeue: true })).await;
                 drop(channel);
             });
         }
