@@ -741,12 +741,7 @@ fn workers_start_when_the_temp_dirs_path_is_long() {
     // are in folders of /tmp (the long TMPDIR cannot hold a socket's path), which only the
     // service's own stop removes, and a kill would leave behind.
     let _ = Command::new("kill").args(["-INT", &service.child.id().to_string()]).status();
-    let since = std::time::Instant::now();
-    while service.child.try_wait().is_ok_and(|status| status.is_none())
-        && since.elapsed() < std::time::Duration::from_secs(10)
-    {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    service.exits_within(std::time::Duration::from_secs(10));
     assert!(answer.as_ref().is_ok_and(|(status, _)| *status == 200), "{answer:?}");
 }
 
