@@ -348,13 +348,14 @@ impl Feeder {
                 return Some(delivery);
             }
             let Subscription { link, channel, .. } = current.take()?;
-            if self.failed || !link.alive() || !channel.status().connected() {
+            let channel_gone = self.failed || !link.alive() || !channel.status().connected();
+            if channel_gone {
                 self.shared.returns.channel_lost((link.generation, channel.id()));
             }
             if self.cancel_sent || self.shared.is_closed() {
                 return None;
             }
-            if !self.failed && link.alive() && channel.status().connected() {
+            if !channel_gone {
                 tracing::warn!(queue = %self.spec.queue, tag = %self.spec.tag, "consumer cancelled by the broker");
                 return None;
             }
