@@ -14,7 +14,7 @@ use micro_framework::retry::{AsyncBackOff, BackOff, BackOffData, BackOffPolicy};
 use micro_framework::settle::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ROUTE};
 use micro_framework::testing::TestService;
 use micro_framework::transport::{
-    BindingSpec, ExchangeKind, ExchangeSpec, HeaderValue, OutgoingMessage, PublishOptions,
+    BindingSpec, ExchangeKind, ExchangeSpec, HeaderValue, Headers, OutgoingMessage, PublishOptions,
     QueueSpec,
 };
 use serde_json::{json, Value};
@@ -813,25 +813,34 @@ async fn a_retried_event_keeps_its_exchange_and_routing_key_and_dead_letters_wit
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_count_set_by_the_publisher_does_not_steer_the_crash_loop_guard() {
+/// Start the `victim` route (`MAX_REDELIVERIES=2`), publish through its exchange a `job`
+/// carrying the headers `forged` makes for the route's queue, and check that it runs once, as
+/// the fresh message it is, and is not dead-lettered.
+async fn a_forged_job_runs_once(name: &str, forged: impl FnOnce(&str) -> Headers) {
     use std::sync::atomic::Ordering;
     let uri = format!("memory://test-{}", uuid::Uuid::new_v4());
-    let shop = unique("forged");
-    let config = config(&uri, "forged").with_max_redeliveries(2);
+    let shop = unique(name);
+    let config = config(&uri, name).with_max_redeliveries(2);
+    let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
     let calls = Arc::new(VictimCalls::default());
-    let routes = vec![victim_route(&shop, &calls)];
-    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let service = TestService::start(vec![victim_route(&shop, &calls)], config).await.unwrap();
     let mut properties = micro_framework::data::json_properties();
-    properties.headers.insert("x-delivery-count".into(), HeaderValue::Int(99));
-    let forged = OutgoingMessage { body: json!({ "id": 1 }).to_string().into(), properties };
+    properties.headers = forged(&queue);
+    let message = OutgoingMessage { body: json!({ "id": 1 }).to_string().into(), properties };
     let options = PublishOptions { mandatory: true };
-    service.transport().publish(&format!("{shop}.events"), "job", forged, options).await.unwrap();
+    service.transport().publish(&format!("{shop}.events"), "job", message, options).await.unwrap();
     service.wait_for_route("victim", 1).await.unwrap();
     assert_eq!(calls.0.load(Ordering::SeqCst), 1, "a fresh message runs, whatever it claims");
-    let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
     assert!(service.take_messages(&format!("{queue}.dlq")).await.unwrap().is_empty());
     service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_count_set_by_the_publisher_does_not_steer_the_crash_loop_guard() {
+    a_forged_job_runs_once("forged", |_| {
+        Headers::from([("x-delivery-count".to_owned(), HeaderValue::Int(99))])
+    })
+    .await;
 }
 
 /// The headers only the service's own copies carry, set by a publisher on a message it
@@ -839,31 +848,17 @@ async fn a_delivery_count_set_by_the_publisher_does_not_steer_the_crash_loop_gua
 /// pending dead letter, and runs as the fresh message it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_headers_of_a_copy_set_by_a_publisher_are_not_read() {
-    use std::sync::atomic::Ordering;
-    let uri = format!("memory://test-{}", uuid::Uuid::new_v4());
-    let shop = unique("forgedcopy");
-    let config = config(&uri, "forgedcopy");
-    let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
-    let calls = Arc::new(VictimCalls::default());
-    let service = TestService::start(vec![victim_route(&shop, &calls)], config).await.unwrap();
-    let mut properties = micro_framework::data::json_properties();
     let failure = micro_framework::data::Failure::bad_input("forged".to_owned());
-    let forged = [
-        ("x-mf-dead-letter-pending", HeaderValue::from(serde_json::to_string(&failure).unwrap())),
-        ("x-mf-redeliveries", HeaderValue::Int(99)),
-        ("x-mf-retry-count", HeaderValue::Int(99)),
-        ("x-mf-retry-queue", HeaderValue::from(queue.as_str())),
-    ];
-    for (name, value) in forged {
-        properties.headers.insert(name.into(), value);
-    }
-    let message = OutgoingMessage { body: json!({ "id": 1 }).to_string().into(), properties };
-    let options = PublishOptions { mandatory: true };
-    service.transport().publish(&format!("{shop}.events"), "job", message, options).await.unwrap();
-    service.wait_for_route("victim", 1).await.unwrap();
-    assert_eq!(calls.0.load(Ordering::SeqCst), 1, "it runs, whatever its headers claim");
-    assert!(service.take_messages(&format!("{queue}.dlq")).await.unwrap().is_empty());
-    service.stop().await.unwrap();
+    let pending = serde_json::to_string(&failure).unwrap();
+    a_forged_job_runs_once("forgedcopy", |queue| {
+        Headers::from([
+            ("x-mf-dead-letter-pending".to_owned(), HeaderValue::from(pending)),
+            ("x-mf-redeliveries".to_owned(), HeaderValue::Int(99)),
+            ("x-mf-retry-count".to_owned(), HeaderValue::Int(99)),
+            ("x-mf-retry-queue".to_owned(), HeaderValue::from(queue)),
+        ])
+    })
+    .await;
 }
 
 fn always_fails(Payload(_): Payload<Value>) -> Result<(), std::io::Error> {
