@@ -192,6 +192,100 @@ async fn a_panic_in_after_call_leaves_the_outcome_and_the_other_dependencies_alo
     assert_eq!(journal.entries(), ["open", "commit"]);
 }
 
+/// Hangs in `get` or in `after_call`, as a pool with no free connection or a stuck commit.
+struct Stuck {
+    in_get: bool,
+}
+
+#[micro_framework::async_trait]
+impl Dependency for Stuck {
+    type Output = Client;
+    async fn get(&self, _call: &WorkerContext) -> Result<Client, BoxError> {
+        if self.in_get {
+            std::future::pending::<()>().await;
+        }
+        Ok(Client)
+    }
+    async fn after_call(&self, _client: &Client, _outcome: &Outcome) {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn hangs(Payload(hang): Payload<bool>, Dep(_session): Dep<Session>) {
+    if hang {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn uses_both_async(Dep(_session): Dep<Session>, Dep(_client): Dep<Client>) {}
+
+/// Start `routes` (each on the event `paid` of a new source) in a thread mode with one worker
+/// and a time limit of 300 ms, dispatch `payloads` and wait for `calls` calls of `route`;
+/// the kinds of the dead letters of `route`, in order.
+async fn past_the_time_limit(routes: Vec<Route>, route: &str, payloads: &[Value]) -> Vec<String> {
+    use micro_framework::amqp::entrypoints::EventListener;
+    use micro_framework::config::WorkerMode;
+    use micro_framework::settle::HEADER_ERROR_KIND;
+    use micro_framework::testing::TestService;
+    use std::time::Duration;
+
+    let config = memory_test_config(&common::unique("limited"))
+        .with_worker_mode(WorkerMode::Thread)
+        .with_max_workers(1)
+        .with_task_time_limit(Some(Duration::from_millis(300)));
+    let shop = common::unique("shop");
+    let queue = format!("evt-{shop}-paid--{}.{route}", config.service_name);
+    let routes = routes
+        .into_iter()
+        .map(|route| route.entrypoint(EventListener::new(&shop, "paid")))
+        .collect();
+    let service = TestService::start(routes, config).await.unwrap();
+    for payload in payloads {
+        service.dispatch(&shop, "paid", payload).await.unwrap();
+    }
+    // one worker: each call after the first runs once the one before gave its slot up
+    service.wait_for_route(route, payloads.len() as u64).await.unwrap();
+    let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+    service.stop().await.unwrap();
+    let kind = |message: &Message| message.properties.headers.get(HEADER_ERROR_KIND).cloned();
+    dead.iter()
+        .map(|message| kind(message).and_then(|kind| kind.as_str().map(str::to_owned)).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_call_cut_short_by_its_time_limit_rolls_its_session_back() {
+    let journal = Journal::default();
+    let routes = vec![Route::new(hangs).dependency(Sessions(journal.clone()))];
+    let dead = past_the_time_limit(routes, "hangs", &[json!(true), json!(false)]).await;
+    assert_eq!(dead, ["timed_out"]);
+    // the session of the call cut short is rolled back, not left open
+    assert_eq!(journal.entries(), ["open", "roll back", "open", "commit"]);
+}
+
+#[tokio::test]
+async fn a_get_that_hangs_past_the_time_limit_lets_those_before_it_roll_back() {
+    let journal = Journal::default();
+    let route = Route::new(uses_both_async)
+        .dependency(Sessions(journal.clone()))
+        .dependency(Stuck { in_get: true });
+    let dead = past_the_time_limit(vec![route], "uses_both_async", &[json!(1), json!(2)]).await;
+    assert_eq!(dead, ["timed_out"; 2]);
+    assert_eq!(journal.entries(), ["open", "roll back", "open", "roll back"]);
+}
+
+#[tokio::test]
+async fn an_after_call_that_hangs_past_the_time_limit_frees_its_worker_and_fails_the_call() {
+    let journal = Journal::default();
+    let route = Route::new(uses_both_async)
+        .dependency(Sessions(journal.clone()))
+        .dependency(Stuck { in_get: false });
+    // a success whose commit is not known to have taken effect is not acked as one
+    let dead = past_the_time_limit(vec![route], "uses_both_async", &[json!(1), json!(2)]).await;
+    assert_eq!(dead, ["timed_out"; 2]);
+    assert_eq!(journal.entries(), ["open", "commit", "open", "commit"]);
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot save the order")]
 struct SaveError(#[source] std::io::Error);

@@ -218,21 +218,23 @@ pub(crate) async fn set_up_all(
     Ok(dependencies)
 }
 
-/// The values of `dependencies` for the call `ctx`, asked for in order. When one fails or
-/// panics, those that gave a value already see the call fail in `after_call`, as after any
-/// failed call: a session opened for the call is rolled back, never left open. The failure
-/// names the dependency, and is retryable when `retryable` says so of its error (none for a
-/// panic), as the route's retry policy says of a target's.
+/// Put the values of `dependencies` for the call `ctx` in `values`, asked for in order. When
+/// one fails or panics, those that gave a value already see the call fail in `after_call`, as
+/// after any failed call: a session opened for the call is rolled back, never left open. The
+/// failure names the dependency, and is retryable when `retryable` says so of its error (none
+/// for a panic), as the route's retry policy says of a target's. `values` is the caller's so
+/// that, when it drops this future midway (a call past its time limit), it still holds the
+/// values given so far, to tell them.
 pub(crate) async fn provide_all(
     dependencies: &[SharedDependency],
     ctx: &WorkerContext,
     retryable: impl Fn(Option<&(dyn std::error::Error + 'static)>) -> bool,
-) -> std::result::Result<DependencyValues, Failure> {
-    let mut values = DependencyValues::default();
+    values: &mut DependencyValues,
+) -> std::result::Result<(), Failure> {
     for dependency in dependencies {
         let name = dependency.name();
         // a panic here would end the task that holds the delivery, leaving it unsettled
-        let provided = AssertUnwindSafe(dependency.provide(ctx, &mut values)).catch_unwind().await;
+        let provided = AssertUnwindSafe(dependency.provide(ctx, values)).catch_unwind().await;
         let failure = match provided {
             Ok(Ok(())) => continue,
             Ok(Err(error)) => {
@@ -251,10 +253,10 @@ pub(crate) async fn provide_all(
                 )
             },
         };
-        after_all(dependencies, &values, &Err(failure.clone())).await;
+        after_all(dependencies, values, &Err(failure.clone())).await;
         return Err(failure);
     }
-    Ok(values)
+    Ok(())
 }
 
 /// Tell each of `dependencies` that gave a value in `values` the call's `outcome`, in order.

@@ -3,6 +3,7 @@
 //! callback when no retry remains.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::Instrument;
 
@@ -10,7 +11,7 @@ use super::RouteHandle;
 use crate::clock;
 use crate::config::RetryDelay;
 use crate::data::{CallContext, Failure, FailureKind, Handled, Message, Outcome, TargetRole};
-use crate::handler::dependencies::{after_all, provide_all};
+use crate::handler::dependencies::{after_all, provide_all, DependencyValues};
 use crate::handler::targets::{ErasedTarget, TargetError, TargetResult};
 use crate::handler::translators::translate;
 use crate::handler::WorkerContext;
@@ -204,18 +205,8 @@ impl RouteHandle {
         // In a thread mode only an async function can be stopped mid-call: dropped at an
         // `.await`, as `tokio::time::timeout` drops it. A sync one holds its thread to the end.
         let limit = self.inner.pool.time_limit();
-        let Some(limit) = limit.filter(|_| self.function(role).is_some_and(|f| f.asynchronous))
-        else {
-            return self.run_here(role, message, failure, retry).await;
-        };
-        match tokio::time::timeout(limit, self.run_here(role, message, failure, retry)).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                let message = format!("call ran past its time limit of {limit:?}: cancelled");
-                tracing::error!(route = self.name(), "{message}");
-                Err(self.filtered(Failure::new(FailureKind::TimedOut, message)))
-            }
-        }
+        let limit = limit.filter(|_| self.function(role).is_some_and(|f| f.asynchronous));
+        self.run_here(role, message, failure, retry, limit).await
     }
 
     /// The function of the route that `role` names, if it has one.
@@ -240,13 +231,15 @@ impl RouteHandle {
         }
     }
 
-    /// Run one function of the route in this process.
+    /// Run one function of the route in this process; with a `limit`, cancelled past it (see
+    /// [`TimeLimit`]).
     pub(crate) async fn run_here(
         &self,
         role: TargetRole,
         message: &Arc<Message>,
         failure: Option<Failure>,
         retry: &BackOffData,
+        limit: Option<Duration>,
     ) -> Outcome {
         let route = &self.inner;
         let call = CallContext::for_call(
@@ -263,7 +256,8 @@ impl RouteHandle {
             parent_call_id = call.parent_call_id().unwrap_or_default(),
             retry = retry.retry_count,
         );
-        self.run_pipeline(role, message.clone(), failure, call, retry.clone())
+        let limit = limit.map(TimeLimit::starting_now);
+        self.run_pipeline(role, message.clone(), failure, call, retry.clone(), limit)
             .instrument(span)
             .await
     }
@@ -275,6 +269,7 @@ impl RouteHandle {
         failure: Option<Failure>,
         call: CallContext,
         retry: BackOffData,
+        limit: Option<TimeLimit>,
     ) -> Outcome {
         let route = &self.inner;
         let Some(target) = self.function(role) else {
@@ -303,10 +298,21 @@ impl RouteHandle {
         let retryable = |error: Option<&(dyn std::error::Error + 'static)>| {
             route.backoff.as_ref().is_none_or(|policy| policy.accepts(error))
         };
-        let values = Arc::new(provide_all(&route.dependencies, &ctx, retryable).await?);
+        let mut values = DependencyValues::default();
+        let provided = provide_all(&route.dependencies, &ctx, retryable, &mut values);
+        match within(limit, provided).await {
+            Some(Ok(())) => {}
+            // a `get` that failed told the others itself; one cut short by the limit did not
+            Some(Err(failure)) => return Err(failure),
+            None => return self.tell(&values, Err(self.past(limit)), limit).await,
+        }
+        let values = Arc::new(values);
         ctx.dependencies = values.clone();
-        let outcome = into_outcome((target.invoke)(ctx).await, route.backoff.as_ref());
-        after_all(&route.dependencies, &values, &outcome).await;
+        let outcome = match within(limit, (target.invoke)(ctx)).await {
+            Some(result) => into_outcome(result, route.backoff.as_ref()),
+            None => Err(self.past(limit)),
+        };
+        let outcome = self.tell(&values, outcome, limit).await;
         match &outcome {
             Ok(_) => tracing::debug!("call succeeded"),
             Err(failure) => {
@@ -314,6 +320,61 @@ impl RouteHandle {
             }
         }
         outcome
+    }
+}
+
+impl RouteHandle {
+    /// The failure of a call cut short by its time limit (`limit` is set when one cut it).
+    fn past(&self, limit: Option<TimeLimit>) -> Failure {
+        let limit = limit.map(|limit| limit.length).unwrap_or_default();
+        let message = format!("call ran past its time limit of {limit:?}: cancelled");
+        tracing::error!(route = self.name(), "{message}");
+        self.filtered(Failure::new(FailureKind::TimedOut, message))
+    }
+
+    /// Tell the route's dependencies that gave `values` the call's `outcome`, and return it.
+    /// With a time limit the telling has a limit of the same length of its own, from now: a
+    /// call cut short still rolls its session back, and an `after_call` that hangs still
+    /// frees its worker. Past it the telling is cancelled: a call that succeeded then fails
+    /// `timed_out`, as whether its `after_call` (a commit, say) took effect is not known.
+    async fn tell(
+        &self,
+        values: &DependencyValues,
+        outcome: Outcome,
+        limit: Option<TimeLimit>,
+    ) -> Outcome {
+        let limit = limit.map(|limit| TimeLimit::starting_now(limit.length));
+        let told = within(limit, after_all(&self.inner.dependencies, values, &outcome)).await;
+        match (told, outcome) {
+            (Some(()), outcome) => outcome,
+            (None, Ok(_)) => Err(self.past(limit)),
+            (None, Err(failure)) => {
+                tracing::error!(route = self.name(), "after_call ran past the time limit");
+                Err(failure)
+            }
+        }
+    }
+}
+
+/// The time limit of one call (`TASK_TIME_LIMIT`, of an async function in a thread mode):
+/// its dependencies' `get` and the function itself must end by `deadline`.
+#[derive(Clone, Copy)]
+struct TimeLimit {
+    length: Duration,
+    deadline: tokio::time::Instant,
+}
+
+impl TimeLimit {
+    fn starting_now(length: Duration) -> Self {
+        TimeLimit { length, deadline: tokio::time::Instant::now() + length }
+    }
+}
+
+/// `future`'s output, or `None` when `limit` passed first (the future is then dropped).
+async fn within<F: std::future::Future>(limit: Option<TimeLimit>, future: F) -> Option<F::Output> {
+    match limit {
+        Some(limit) => tokio::time::timeout_at(limit.deadline, future).await.ok(),
+        None => Some(future.await),
     }
 }
 

@@ -99,8 +99,8 @@ impl WorkerPool {
         self
     }
 
-    /// The hard time limit of a call, if any (only process pools enforce it).
-    #[cfg_attr(not(feature = "process"), allow(dead_code))]
+    /// The time limit of a call, if any: a process pool kills the worker that overruns it; in
+    /// a thread mode an async call is cancelled.
     pub fn time_limit(&self) -> Option<Duration> {
         self.time_limit
     }
