@@ -97,17 +97,13 @@ const FIELDS: &[(&str, Field)] = &[
 ];
 
 impl Field {
-    /// The field of a top-level key of a file (everything but the `METRICS` section).
-    fn top_level(key: &str) -> Option<Field> {
-        FIELDS.iter().find(|(name, _)| *name == key).map(|(_, field)| *field)
-    }
-
-    /// The field of an environment variable: nested keys are joined with `_`.
-    fn from_env_name(name: &str) -> Option<Field> {
+    /// The field of a key as the environment spells it (the nested `METRICS` keys joined with
+    /// `_`), which a file's top level takes too.
+    fn from_flat_name(name: &str) -> Option<Field> {
         match name {
             "METRICS_HOST" => Some(Field::MetricsHost),
             "METRICS_PORT" => Some(Field::MetricsPort),
-            _ => Field::top_level(name),
+            _ => FIELDS.iter().find(|(key, _)| *key == name).map(|(_, field)| *field),
         }
     }
 }
@@ -267,7 +263,7 @@ pub(super) fn from_vars(
 ) -> Result<Config, ConfigError> {
     let mut config = Config::default();
     for (name, value) in vars {
-        if let Some(field) = Field::from_env_name(&name) {
+        if let Some(field) = Field::from_flat_name(&name) {
             apply(&mut config, field, &name, &Value::String(value))?;
         } else if let Some(key) = closest_key_within(&name, ENV_SIMILARITY, ENV_METRICS) {
             config.misspelt_env.0.push((name, key));
@@ -286,7 +282,7 @@ pub(super) fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
     for (name, value) in std::env::vars_os() {
         match (name.into_string(), value.into_string()) {
             (Ok(name), Ok(value)) => vars.push((name, value)),
-            (Ok(name), Err(value)) if Field::from_env_name(&name).is_some() => {
+            (Ok(name), Err(value)) if Field::from_flat_name(&name).is_some() => {
                 return Err(ConfigError::new(name, value.to_string_lossy(), "is not valid UTF-8"));
             }
             _ => {}
@@ -384,13 +380,16 @@ fn toml_to_json(value: toml::Value) -> Value {
 }
 
 /// Builds the configuration from a file's top-level mapping: known keys set their field,
-/// `METRICS` holds `HOST` and `PORT`, unknown keys go to [`Config::extra`].
+/// `METRICS` holds `HOST` and `PORT` (also taken spelt as in the environment,
+/// `METRICS_HOST` and `METRICS_PORT`, as the README's table gives both), unknown keys go to
+/// [`Config::extra`].
 fn from_map(map: Map<String, Value>) -> Result<Config, ConfigError> {
+    refuse_metrics_given_twice(&map)?;
     let mut config = Config::default();
     for (key, value) in map {
         if key == METRICS {
             apply_metrics(&mut config, &value)?;
-        } else if let Some(field) = Field::top_level(&key) {
+        } else if let Some(field) = Field::from_flat_name(&key) {
             apply(&mut config, field, &key, &value)?;
         } else {
             config.extra.insert(key, value);
@@ -398,6 +397,20 @@ fn from_map(map: Map<String, Value>) -> Result<Config, ConfigError> {
     }
     config.validate()?;
     Ok(config)
+}
+
+/// Refuse a file that gives a `METRICS` key both in the section and spelt as in the
+/// environment: which one wins would depend on the keys' order.
+fn refuse_metrics_given_twice(map: &Map<String, Value>) -> Result<(), ConfigError> {
+    let section = map.get(METRICS).and_then(Value::as_object);
+    for flat in ENV_METRICS {
+        let nested = flat.trim_start_matches("METRICS_");
+        if let (Some(value), Some(_)) = (map.get(*flat), section.and_then(|s| s.get(nested))) {
+            let reason = format!("given twice: also as {nested} in the {METRICS} mapping");
+            return Err(ConfigError::new(*flat, raw_text(value), reason));
+        }
+    }
+    Ok(())
 }
 
 /// Applies the `METRICS` section (`HOST`, `PORT`; null leaves the defaults).
@@ -443,7 +456,7 @@ const ENV_SIMILARITY: f64 = 0.8;
 
 /// The framework's key closest to `key`, when `key` looks like a misspelling of it.
 pub(super) fn closest_key(key: &str) -> Option<&'static str> {
-    closest_key_within(key, FILE_SIMILARITY, &[METRICS])
+    closest_key_within(key, FILE_SIMILARITY, &[METRICS, ENV_METRICS[0], ENV_METRICS[1]])
 }
 
 /// The framework's key closest to `key` (compared in upper case) among the top-level keys

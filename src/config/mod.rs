@@ -59,7 +59,7 @@
 //!
 //! Keys are UPPERCASE and matched exactly. In environment variables the nested keys are
 //! `METRICS_HOST` and `METRICS_PORT`; in files they sit in a `METRICS` mapping (`HOST`,
-//! `PORT`). Numbers may be given as strings and strings (ports, names) as numbers. Optional
+//! `PORT`), or at the top level spelt as in the environment (not both). Numbers may be given as strings and strings (ports, names) as numbers. Optional
 //! numbers (`MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT`) are unset when null or blank.
 //!
 //! Substitution works on the raw file text, comments included, and inserts values
@@ -387,8 +387,8 @@ impl Config {
     }
 
     /// Reads YAML text after substituting `${VAR}` and `${VAR:default}` with `vars`, then
-    /// validates it. Known keys set their field (nested `METRICS: {HOST, PORT}`); other
-    /// top-level keys go to [`Config::extra`].
+    /// validates it. Known keys set their field (nested `METRICS: {HOST, PORT}`, or
+    /// `METRICS_HOST` and `METRICS_PORT`); other top-level keys go to [`Config::extra`].
     ///
     /// # Errors
     /// As [`Config::from_file`]; syntax errors have the key `<yaml>`.

@@ -390,6 +390,30 @@ fn unknown_metrics_key_is_an_error() {
 }
 
 #[test]
+fn a_file_takes_the_metrics_keys_spelt_as_in_the_environment_too() {
+    let yaml = "SERVICE_NAME: s\nMETRICS_PORT: 9100\nMETRICS_HOST: 127.0.0.1\n";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    assert_eq!((config.metrics.host.as_str(), config.metrics.port), ("127.0.0.1", 9100));
+    assert!(config.extra.is_empty(), "{:?}", config.extra);
+    let toml = "SERVICE_NAME = 's'\nMETRICS_PORT = 9100\n";
+    assert_eq!(ok(Config::from_toml_str(toml, &no_env)).metrics.port, 9100);
+    // in both places, which one won would depend on the keys' order
+    let err = yaml_err("SERVICE_NAME: s\nMETRICS_PORT: 9100\nMETRICS:\n  PORT: 9200\n");
+    assert_eq!(
+        err.to_string(),
+        r#"invalid config METRICS_PORT="9100": given twice: also as PORT in the METRICS mapping"#
+    );
+    // each in one place is fine
+    let yaml = "SERVICE_NAME: s\nMETRICS_PORT: 9100\nMETRICS:\n  HOST: 127.0.0.1\n";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    assert_eq!((config.metrics.host.as_str(), config.metrics.port), ("127.0.0.1", 9100));
+    // a misspelling of the flat spelling is named
+    let config = ok(Config::from_yaml_str("SERVICE_NAME: s\nMETRICS_PROT: 9100\n", &no_env));
+    let warnings = config.warnings();
+    assert!(warnings.iter().any(|w| w.contains("did you mean METRICS_PORT?")), "{warnings:?}");
+}
+
+#[test]
 fn empty_or_non_mapping_documents() {
     assert_eq!(yaml_err("").key, "SERVICE_NAME");
     assert_eq!(err(Config::from_toml_str("", &no_env)).key, "SERVICE_NAME");
