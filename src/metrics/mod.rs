@@ -211,11 +211,10 @@ impl Metrics {
         series.received.inc();
     }
 
-    /// A call started; `available` slots remain in its context.
-    pub(crate) fn call_started(&self, series: &RouteSeries, available: usize) {
+    /// A call started.
+    pub(crate) fn call_started(&self, series: &RouteSeries) {
         series.running.inc();
         series.started.inc();
-        series.available.set(gauge(available));
     }
 
     /// A call of the route labelled `context`, `route` ended after `elapsed`, failed or not.

@@ -33,7 +33,7 @@ impl Metrics {
     pub(crate) fn received(&self, _series: &RouteSeries) {}
 
     /// Does nothing.
-    pub(crate) fn call_started(&self, _series: &RouteSeries, _available: usize) {}
+    pub(crate) fn call_started(&self, _series: &RouteSeries) {}
 
     /// Does nothing.
     pub(crate) fn call_finished(

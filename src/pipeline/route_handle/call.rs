@@ -50,7 +50,8 @@ impl RouteHandle {
             (&self.inner.metrics, (self.inner.pool.context(), self.metric_label()));
         let series = self.inner.series.get_or_init(|| metrics.route_series(labels.0, labels.1));
         metrics.received(series);
-        metrics.call_started(series, self.inner.pool.available());
+        metrics.call_started(series);
+        self.inner.pool.report_available(|free| metrics.available(series, free));
         let started = tokio::time::Instant::now();
         let mut running = RunningCall { route: self, series, permit: Some(permit), ended: None };
         let ended = self.handle_in_slot(message).await;
@@ -402,7 +403,7 @@ impl Drop for RunningCall<'_> {
             }
             None => route.metrics.call_dropped(series),
         }
-        route.metrics.available(series, route.pool.available());
+        route.pool.report_available(|free| route.metrics.available(series, free));
     }
 }
 

@@ -8,7 +8,7 @@
 pub mod process;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -73,6 +73,8 @@ pub(crate) struct WorkerPool {
     mode: WorkerMode,
     context: Arc<str>,
     time_limit: Option<Duration>,
+    /// Held while the free slots are read and reported (see [`WorkerPool::report_available`]).
+    reporting: Arc<Mutex<()>>,
     #[cfg(feature = "process")]
     processes: Arc<std::sync::OnceLock<Arc<process::ProcessPool>>>,
 }
@@ -88,6 +90,7 @@ impl WorkerPool {
             mode,
             context: context.into(),
             time_limit: None,
+            reporting: Arc::default(),
             #[cfg(feature = "process")]
             processes: Arc::default(),
         }
@@ -134,6 +137,15 @@ impl WorkerPool {
     /// Free slots now.
     pub fn available(&self) -> usize {
         self.slots.available_permits()
+    }
+
+    /// Hand the free slots now to `report` (a gauge's `set`), one report at a time. Calls
+    /// that start or end together each read the count and report it; unserialized, the one
+    /// that read first could report last, and a gauge would show a slot busy while all are
+    /// free, until the next call.
+    pub fn report_available(&self, report: impl FnOnce(usize)) {
+        let _one_at_a_time = self.reporting.lock().unwrap_or_else(PoisonError::into_inner);
+        report(self.available());
     }
 
     /// Whether a call holding one of the pool's slots is its only one, after a quiet spell
@@ -189,6 +201,34 @@ mod tests {
         let permit = greedy.acquire(&stopping).await;
         assert!(permit.is_some());
         assert_eq!(greedy.available(), 1);
+    }
+
+    #[test]
+    fn the_free_slots_reported_last_are_the_free_slots_now() {
+        use std::sync::mpsc::channel;
+        let (pool, stopping) =
+            (WorkerPool::new(2, WorkerMode::Thread, "test"), CancellationToken::new());
+        let held = pool.try_acquire(&stopping);
+        let reported = AtomicU64::new(u64::MAX);
+        let (read, was_read) = channel();
+        let (reported_after, was_reported_after) = channel();
+        std::thread::scope(|threads| {
+            // a call's report reads 1 free slot, then stalls before setting the gauge ...
+            let (pool, reported) = (&pool, &reported);
+            threads.spawn(move || {
+                pool.report_available(|free| {
+                    read.send(()).unwrap();
+                    let _ = was_reported_after.recv_timeout(Duration::from_millis(300));
+                    reported.store(free as u64, Ordering::SeqCst);
+                })
+            });
+            // ... while another call ends and reports 2: it must not be overwritten by the 1
+            was_read.recv().unwrap();
+            drop(held);
+            pool.report_available(|free| reported.store(free as u64, Ordering::SeqCst));
+            let _ = reported_after.send(()); // the stalled report may have given up waiting
+        });
+        assert_eq!(reported.load(Ordering::SeqCst), 2, "both slots are free");
     }
 
     #[test]
