@@ -21,7 +21,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,13 +31,14 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
-use tokio::time::Instant;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutBody;
 use tower_service::Service;
 
-use crate::clock::deadline_after;
+use self::activity::{Activity, Request};
+
+mod activity;
 
 /// The timeouts that close a silent client's connection.
 #[derive(Debug, Clone, Copy)]
@@ -95,122 +96,6 @@ pub(super) async fn serve_connection(
                 graceful = true;
             }
         }
-    }
-}
-
-/// What a connection is waiting for, and until when.
-#[derive(Debug, Clone, Copy)]
-enum Phase {
-    /// A request head, which must be complete by the deadline.
-    Head(Instant),
-    /// This many requests being handled: no deadline.
-    Busy(usize),
-    /// The first byte of the next request, which must come by the deadline.
-    Idle(Instant),
-}
-
-/// The phase of one connection, updated by its socket and its requests.
-#[derive(Debug)]
-struct Activity {
-    timeouts: Timeouts,
-    phase: Mutex<Phase>,
-    /// Wakes [`Activity::expired`] when the deadline changes.
-    changed: Notify,
-}
-
-impl Activity {
-    fn new(timeouts: Timeouts) -> Self {
-        let phase = Phase::Head(deadline_after(timeouts.header_read));
-        Activity { timeouts, phase: Mutex::new(phase), changed: Notify::new() }
-    }
-
-    fn phase(&self) -> MutexGuard<'_, Phase> {
-        self.phase.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn set(&self, phase: &mut Phase, next: Phase) {
-        *phase = next;
-        self.changed.notify_one();
-    }
-
-    /// Bytes came from the client: an idle connection is now reading a request head.
-    fn bytes_read(&self) {
-        let mut phase = self.phase();
-        if let Phase::Idle(_) = *phase {
-            self.set(&mut phase, Phase::Head(deadline_after(self.timeouts.header_read)));
-        }
-    }
-
-    /// Bytes went to the client: the keep-alive wait counts from the last of a response.
-    fn bytes_written(&self) {
-        let mut phase = self.phase();
-        if let Phase::Idle(_) = *phase {
-            self.set(&mut phase, Phase::Idle(deadline_after(self.timeouts.keep_alive)));
-        }
-    }
-
-    /// Resolves when the current deadline has passed, with what the client failed to do.
-    async fn expired(&self) -> &'static str {
-        loop {
-            let changed = self.changed.notified();
-            let phase = *self.phase();
-            let (until, why) = match phase {
-                Phase::Busy(_) => {
-                    changed.await;
-                    continue;
-                }
-                Phase::Head(until) => {
-                    (until, "no complete request head in HTTP_HEADER_READ_TIMEOUT")
-                }
-                Phase::Idle(until) => (until, "no new request in HTTP_KEEP_ALIVE_TIMEOUT"),
-            };
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep_until(until) => {
-                    // a byte may have come in meanwhile and set a later deadline
-                    if self.deadline_passed() {
-                        return why;
-                    }
-                }
-            }
-        }
-    }
-
-    fn deadline_passed(&self) -> bool {
-        match *self.phase() {
-            Phase::Busy(_) => false,
-            Phase::Head(until) | Phase::Idle(until) => until <= Instant::now(),
-        }
-    }
-}
-
-/// A request being handled on a connection; dropped once its response is handed to hyper
-/// (or the request is dropped), which starts the keep-alive wait when it was the last.
-struct Request(Arc<Activity>);
-
-impl Request {
-    fn begin(activity: Arc<Activity>) -> Self {
-        {
-            let mut phase = activity.phase();
-            let open = match *phase {
-                Phase::Busy(open) => open + 1,
-                Phase::Head(_) | Phase::Idle(_) => 1,
-            };
-            activity.set(&mut phase, Phase::Busy(open));
-        }
-        Request(activity)
-    }
-}
-
-impl Drop for Request {
-    fn drop(&mut self) {
-        let activity = &self.0;
-        let mut phase = activity.phase();
-        let next = match *phase {
-            Phase::Busy(open) if open > 1 => Phase::Busy(open - 1),
-            _ => Phase::Idle(deadline_after(activity.timeouts.keep_alive)),
-        };
-        activity.set(&mut phase, next);
     }
 }
 

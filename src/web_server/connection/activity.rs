@@ -1,0 +1,126 @@
+//! What one connection is doing (reading a request head, handling requests, idle between
+//! them) and the deadline that this allows it; see the [parent module](super) for the rules.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::Timeouts;
+use crate::clock::deadline_after;
+
+/// What a connection is waiting for, and until when.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// A request head, which must be complete by the deadline.
+    Head(Instant),
+    /// This many requests being handled: no deadline.
+    Busy(usize),
+    /// The first byte of the next request, which must come by the deadline.
+    Idle(Instant),
+}
+
+/// The phase of one connection, updated by its socket and its requests.
+#[derive(Debug)]
+pub(super) struct Activity {
+    timeouts: Timeouts,
+    phase: Mutex<Phase>,
+    /// Wakes [`Activity::expired`] when the deadline changes.
+    changed: Notify,
+}
+
+impl Activity {
+    pub(super) fn new(timeouts: Timeouts) -> Self {
+        let phase = Phase::Head(deadline_after(timeouts.header_read));
+        Activity { timeouts, phase: Mutex::new(phase), changed: Notify::new() }
+    }
+
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set(&self, phase: &mut Phase, next: Phase) {
+        *phase = next;
+        self.changed.notify_one();
+    }
+
+    /// Bytes came from the client: an idle connection is now reading a request head.
+    pub(super) fn bytes_read(&self) {
+        let mut phase = self.phase();
+        if let Phase::Idle(_) = *phase {
+            self.set(&mut phase, Phase::Head(deadline_after(self.timeouts.header_read)));
+        }
+    }
+
+    /// Bytes went to the client: the keep-alive wait counts from the last of a response.
+    pub(super) fn bytes_written(&self) {
+        let mut phase = self.phase();
+        if let Phase::Idle(_) = *phase {
+            self.set(&mut phase, Phase::Idle(deadline_after(self.timeouts.keep_alive)));
+        }
+    }
+
+    /// Resolves when the current deadline has passed, with what the client failed to do.
+    pub(super) async fn expired(&self) -> &'static str {
+        loop {
+            let changed = self.changed.notified();
+            let phase = *self.phase();
+            let (until, why) = match phase {
+                Phase::Busy(_) => {
+                    changed.await;
+                    continue;
+                }
+                Phase::Head(until) => {
+                    (until, "no complete request head in HTTP_HEADER_READ_TIMEOUT")
+                }
+                Phase::Idle(until) => (until, "no new request in HTTP_KEEP_ALIVE_TIMEOUT"),
+            };
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(until) => {
+                    // a byte may have come in meanwhile and set a later deadline
+                    if self.deadline_passed() {
+                        return why;
+                    }
+                }
+            }
+        }
+    }
+
+    fn deadline_passed(&self) -> bool {
+        match *self.phase() {
+            Phase::Busy(_) => false,
+            Phase::Head(until) | Phase::Idle(until) => until <= Instant::now(),
+        }
+    }
+}
+
+/// A request being handled on a connection; dropped once its response is handed to hyper
+/// (or the request is dropped), which starts the keep-alive wait when it was the last.
+pub(super) struct Request(Arc<Activity>);
+
+impl Request {
+    pub(super) fn begin(activity: Arc<Activity>) -> Self {
+        {
+            let mut phase = activity.phase();
+            let open = match *phase {
+                Phase::Busy(open) => open + 1,
+                Phase::Head(_) | Phase::Idle(_) => 1,
+            };
+            activity.set(&mut phase, Phase::Busy(open));
+        }
+        Request(activity)
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let mut phase = activity.phase();
+        let next = match *phase {
+            Phase::Busy(open) if open > 1 => Phase::Busy(open - 1),
+            _ => Phase::Idle(deadline_after(activity.timeouts.keep_alive)),
+        };
+        activity.set(&mut phase, next);
+    }
+}
