@@ -767,6 +767,97 @@ async fn stopping_waits_for_a_call_whose_client_hung_up() {
     assert_eq!(finished, 1, "the service stopped (its dependencies torn down) mid-call");
 }
 
+// ---------------------------------------------------------------- stopping with open connections
+
+/// A config whose `SHUTDOWN_TIMEOUT` (20 s) is far above [`STOP_BOUND`]: a stop that waits for
+/// a connection it should not wait for takes all of it.
+fn stopping_config(service: &str) -> Config {
+    http_config(service).with_shutdown_timeout(Duration::from_secs(20))
+}
+
+/// Longer than any stop that waits for nothing takes, even on a loaded machine.
+const STOP_BOUND: Duration = Duration::from_secs(10);
+
+/// How long the tests let the server read what they sent before they stop it.
+const READ_PAUSE: Duration = Duration::from_millis(200);
+
+#[tokio::test]
+async fn a_half_sent_request_head_does_not_hold_the_stop() {
+    let (service, base) = spawn(routes(), stopping_config("http_stop_half_head")).await;
+    // half a head on a fresh connection, and on one that was answered once (keep-alive)
+    let mut fresh = raw(&base).await;
+    fresh.write_all(b"GET /hello/x HTTP/1.1\r\nhost: test\r\n").await.unwrap();
+    let mut kept = raw(&base).await;
+    assert_eq!(get_on(&mut kept, "/hello/a").await.0, "HTTP/1.1 200 OK");
+    kept.write_all(b"GET /hello/y HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(READ_PAUSE).await;
+    let started = std::time::Instant::now();
+    service.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(took < STOP_BOUND, "the stop took {took:?} (SHUTDOWN_TIMEOUT 20 s)");
+    assert!(closed_within(&mut fresh, Duration::from_secs(1)).await, "the fresh one is closed");
+    assert!(closed_within(&mut kept, Duration::from_secs(1)).await, "the kept one is closed");
+}
+
+#[tokio::test]
+async fn a_request_in_progress_at_the_stop_gets_its_whole_response() {
+    let probe = Probe::closed();
+    let routes = vec![Route::new(gated)
+        .entrypoint(HttpEntrypoint::get("/gated"))
+        .dependency(Shared(probe.clone()))];
+    let (service, base) = spawn(routes, stopping_config("http_stop_running")).await;
+    let mut running = raw(&base).await;
+    running.write_all(b"GET /gated HTTP/1.1\r\nhost: test\r\n\r\n").await.unwrap();
+    probe.wait_started(1).await;
+    let mut half = raw(&base).await;
+    half.write_all(b"GET /gated HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(READ_PAUSE).await;
+    service.begin_stop();
+    // closed while the call still runs: the stop does not wait for the rest of its head
+    let half_closed = closed_within(&mut half, STOP_BOUND).await;
+    probe.open();
+    assert!(half_closed, "a connection with half a head is closed when the stop begins");
+    let answer = tokio::time::timeout(STOP_BOUND, read_response(&mut running));
+    let (status, body) = answer.await.expect("the running call is answered in time");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body, "\"finished\"");
+    assert!(closed_within(&mut running, STOP_BOUND).await, "then its connection is closed");
+    let mut service = service;
+    service.wait_finished().await.unwrap();
+    assert_eq!(probe.started(), 1);
+}
+
+/// A request whose head came before the stop is in progress even while its body is still
+/// arriving: it is answered, not cut. Its call had not started when the stop began, so it is
+/// refused as every call is from then on (`503`, the target never run).
+#[tokio::test]
+async fn a_request_whose_body_is_arriving_at_the_stop_is_answered_not_cut() {
+    let (service, base) = spawn(routes(), stopping_config("http_stop_body")).await;
+    let mut socket = raw(&base).await;
+    let body = br#"{"a": 1, "b": 2}"#;
+    let head = format!(
+        "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    // hyper sends `100 Continue` when the entrypoint starts reading the body: the head is in
+    let continued = tokio::time::timeout(STOP_BOUND, read_response(&mut socket));
+    assert_eq!(continued.await.expect("100 Continue in time").0, "HTTP/1.1 100 Continue");
+    let (first, rest) = body.split_at(body.len() / 2);
+    socket.write_all(first).await.unwrap();
+    service.begin_stop();
+    tokio::time::sleep(READ_PAUSE).await;
+    socket.write_all(rest).await.expect("the connection is still open");
+    let answer = tokio::time::timeout(STOP_BOUND, read_response(&mut socket));
+    let (status, body) = answer.await.expect("an answer in time");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+    assert!(body.contains("stopping"), "{body}");
+    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0, "no call made");
+    let mut service = service;
+    service.wait_finished().await.unwrap();
+}
+
 /// A port free now on the loopback interface.
 #[cfg(feature = "metrics")]
 fn free_port() -> u16 {

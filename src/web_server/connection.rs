@@ -17,6 +17,13 @@
 //! pauses for `HTTP_HEADER_READ_TIMEOUT` between two reads fails (tower-http's
 //! `TimeoutBody`, nginx's `client_body_timeout`): the request is answered 400 and the
 //! connection closed, so a half-sent body cannot hold it either.
+//!
+//! When the service stops, a connection waiting for a request head (none yet, or part of
+//! one) is closed at once, as it has no request to finish; hyper's graceful shutdown alone
+//! would wait for the rest of a head it has begun to read (until `HTTP_HEADER_READ_TIMEOUT`,
+//! longer than `SHUTDOWN_TIMEOUT`), so one slow client would hold every stop. A request
+//! whose head has arrived is in progress, its body still arriving or not: it is answered
+//! (within `SHUTDOWN_TIMEOUT`), then the connection closed.
 
 use std::io;
 use std::net::SocketAddr;
@@ -49,9 +56,9 @@ pub(super) struct Timeouts {
     pub keep_alive: Duration,
 }
 
-/// Serve one connection until it ends, its deadline passes or (once `stopping` fires) its
-/// running request is answered. `_slot` is its place under `HTTP_MAX_CONNECTIONS`, freed when
-/// the connection ends.
+/// Serve one connection until it ends, its deadline passes or `stopping` fires (then at once
+/// if it awaits a request head, else once its running request is answered). `_slot` is its
+/// place under `HTTP_MAX_CONNECTIONS`, freed when the connection ends.
 pub(super) async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -91,7 +98,15 @@ pub(super) async fn serve_connection(
                 return tracing::debug!("closing the HTTP connection of {peer}: {why}");
             }
             () = stopping.cancelled(), if !graceful => {
-                // an idle connection closes now, a busy one after its response
+                // No race with hyper: it hands a complete head over (`Request::begin`) in
+                // the same poll of `connection` that reads its last byte, in this task.
+                if activity.awaits_head() {
+                    return tracing::debug!(
+                        "closing the HTTP connection of {peer}: stopping, no request in progress"
+                    );
+                }
+                // hyper closes an idle connection now (one whose last response it is still
+                // writing, once written), a busy one after its response
                 connection.as_mut().graceful_shutdown();
                 graceful = true;
             }

@@ -47,9 +47,10 @@ impl WebLimits {
     }
 }
 
-/// Accept connections while a slot is free, until `stopping` fires; then let the open
-/// connections answer their running requests, and the `calls` run on in tasks of their own
-/// (those whose client hung up) end, at most `SHUTDOWN_TIMEOUT` in all.
+/// Accept connections while a slot is free, until `stopping` fires; then close the open
+/// connections that await a request head, let the others answer their running requests, and
+/// the `calls` run on in tasks of their own (those whose client hung up) end, at most
+/// `SHUTDOWN_TIMEOUT` in all.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,

@@ -60,6 +60,14 @@ impl Activity {
         }
     }
 
+    /// Whether the connection is waiting for a request head that hyper has not handed over
+    /// yet: from the accept, or from the first byte of its next request (not while a request
+    /// is handled, nor idle between requests). A stopping server closes such a connection at
+    /// once: it has no request to finish.
+    pub(super) fn awaits_head(&self) -> bool {
+        matches!(*self.phase(), Phase::Head(_))
+    }
+
     /// Resolves when the current deadline has passed, with what the client failed to do.
     pub(super) async fn expired(&self) -> &'static str {
         loop {
@@ -122,5 +130,35 @@ impl Drop for Request {
             _ => Phase::Idle(deadline_after(activity.timeouts.keep_alive)),
         };
         activity.set(&mut phase, next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn activity() -> Arc<Activity> {
+        let timeouts =
+            Timeouts { header_read: Duration::from_secs(60), keep_alive: Duration::from_secs(75) };
+        Arc::new(Activity::new(timeouts))
+    }
+
+    #[test]
+    fn a_connection_awaits_a_head_until_its_request_is_handled_and_from_the_next_byte_on() {
+        let activity = activity();
+        assert!(activity.awaits_head(), "from the accept, no byte yet");
+        activity.bytes_read();
+        assert!(activity.awaits_head(), "part of a head");
+        let request = Request::begin(activity.clone());
+        assert!(!activity.awaits_head(), "a request being handled");
+        activity.bytes_read();
+        assert!(!activity.awaits_head(), "a request whose body is arriving");
+        drop(request);
+        activity.bytes_written();
+        assert!(!activity.awaits_head(), "idle between requests");
+        activity.bytes_read();
+        assert!(activity.awaits_head(), "the first byte of the next request");
     }
 }
