@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::{broker_uris, cleanup, config, unique, wait_until, Probe};
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::config::WorkerMode;
 use micro_framework::dependencies::Shared;
 use micro_framework::http::{HttpEntrypoint, HttpRequest, Path, Query, Response};
 use micro_framework::prelude::*;
@@ -828,34 +829,50 @@ async fn a_request_in_progress_at_the_stop_gets_its_whole_response() {
 }
 
 /// A request whose head came before the stop is in progress even while its body is still
-/// arriving: it is answered, not cut. Its call had not started when the stop began, so it is
-/// refused as every call is from then on (`503`, the target never run).
+/// arriving: it is answered, not cut. No call starts once the stop began (modes that are not
+/// greedy), so it is refused at once (`503`, the target never run), not once its client has
+/// sent the rest; a greedy service runs what it received and reads the rest.
 #[tokio::test]
 async fn a_request_whose_body_is_arriving_at_the_stop_is_answered_not_cut() {
-    let (service, base) = spawn(routes(), stopping_config("http_stop_body")).await;
-    let mut socket = raw(&base).await;
-    let body = br#"{"a": 1, "b": 2}"#;
-    let head = format!(
-        "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nexpect: 100-continue\r\n\r\n",
-        body.len()
-    );
-    socket.write_all(head.as_bytes()).await.unwrap();
-    // hyper sends `100 Continue` when the entrypoint starts reading the body: the head is in
-    let continued = tokio::time::timeout(STOP_BOUND, read_response(&mut socket));
-    assert_eq!(continued.await.expect("100 Continue in time").0, "HTTP/1.1 100 Continue");
-    let (first, rest) = body.split_at(body.len() / 2);
-    socket.write_all(first).await.unwrap();
-    service.begin_stop();
-    tokio::time::sleep(READ_PAUSE).await;
-    socket.write_all(rest).await.expect("the connection is still open");
-    let answer = tokio::time::timeout(STOP_BOUND, read_response(&mut socket));
-    let (status, body) = answer.await.expect("an answer in time");
-    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
-    assert!(body.contains("stopping"), "{body}");
-    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0, "no call made");
-    let mut service = service;
-    service.wait_finished().await.unwrap();
+    for mode in [WorkerMode::Thread, WorkerMode::GreedyThread] {
+        let config = stopping_config("http_stop_body").with_worker_mode(mode);
+        let (service, base) = spawn(routes(), config).await;
+        let mut socket = raw(&base).await;
+        let body = br#"{"a": 1, "b": 2}"#;
+        let head = format!(
+            "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nexpect: 100-continue\r\n\r\n",
+            body.len()
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        // hyper sends `100 Continue` when the entrypoint starts reading the body: the head is in
+        let continued = tokio::time::timeout(STOP_BOUND, read_response(&mut socket));
+        assert_eq!(continued.await.expect("100 Continue in time").0, "HTTP/1.1 100 Continue");
+        let (first, rest) = body.split_at(body.len() / 2);
+        socket.write_all(first).await.unwrap();
+        tokio::time::sleep(READ_PAUSE).await;
+        service.begin_stop();
+        if mode.is_greedy() {
+            tokio::time::sleep(READ_PAUSE).await;
+            socket.write_all(rest).await.expect("the connection is still open");
+        }
+        // the rest is not sent (not greedy): the answer does not wait for it
+        let answer = tokio::time::timeout(STOP_BOUND, read_response(&mut socket));
+        let (status, body) = answer.await.expect("an answer in time");
+        let received = service.route("sum").unwrap().stats().received_count();
+        if mode.is_greedy() {
+            assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", r#"{"sum":3}"#));
+            assert_eq!(received, 1, "the call ran");
+        } else {
+            assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+            assert!(body.contains("stopping"), "{body}");
+            assert_eq!(received, 0, "no call made");
+        }
+        let mut service = service;
+        let started = std::time::Instant::now();
+        service.wait_finished().await.unwrap();
+        assert!(started.elapsed() < STOP_BOUND, "the stop took {:?}", started.elapsed());
+    }
 }
 
 /// A port free now on the loopback interface.

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, RawPathParamsRejection};
-use axum::extract::{DefaultBodyLimit, RawPathParams};
+use axum::extract::{DefaultBodyLimit, FromRequest, RawPathParams};
 use axum::http::{header, HeaderMap, Method, Request, StatusCode, Uri};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Extension, Router};
@@ -131,7 +131,7 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
               uri: Uri,
               headers: HeaderMap,
               params: Result<RawPathParams, RawPathParamsRejection>,
-              body: Result<Bytes, BytesRejection>| {
+              whole: Request<Body>| {
             let route = route.clone();
             let calls = calls.clone();
             async move {
@@ -139,6 +139,14 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                 let params = match params {
                     Ok(params) => params,
                     Err(rejection) => return params_refusal(&rejection),
+                };
+                // A body still arriving when the service stops would be read to its end (as
+                // slowly as its client sends it, holding the stop up) only to be refused
+                // then: it is refused at once.
+                let body = tokio::select! {
+                    biased;
+                    body = Bytes::from_request(whole, &()) => body,
+                    () = no_more_calls(&route) => return stopping(),
                 };
                 let body = match body {
                     Ok(body) => body,
@@ -149,6 +157,20 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
             }
         },
     )
+}
+
+/// Resolves once `route` starts no more calls: when the service stops, in the modes that
+/// are not greedy (a greedy one runs what it received); never in a greedy one.
+async fn no_more_calls(route: &RouteHandle) {
+    if route.pool().mode().is_greedy() {
+        std::future::pending::<()>().await;
+    }
+    route.stopping().cancelled().await;
+}
+
+/// The answer to a request no call will run for: the service is stopping.
+fn stopping() -> axum::response::Response {
+    refusal(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the service is stopping")
 }
 
 /// The answer to path parameters that cannot be read (not UTF-8 once percent-decoded).
@@ -223,7 +245,7 @@ async fn call(
     body: Bytes,
 ) -> axum::response::Response {
     let Some(permit) = route.acquire().await else {
-        return refusal(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the service is stopping");
+        return stopping();
     };
     let mut message = Message { body, ..Message::default() };
     message.properties.content_type =
