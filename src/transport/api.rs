@@ -186,7 +186,8 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         queue: &str,
         options: ConsumeOptions,
     ) -> Result<Consumer, TransportError>;
-    /// Fetch one message without a consumer (`basic.get`, manual ack).
+    /// Fetch one message without a consumer (`basic.get`, manual ack). A get that fails (of a
+    /// missing queue, say) leaves the deliveries of earlier gets settleable.
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError>;
     /// Declare `queue` again, with the bindings this transport gave it and the exchanges of
     /// those it declared, as this transport declared them: a queue deleted under its consumer

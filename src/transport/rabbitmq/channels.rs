@@ -23,6 +23,12 @@ pub(crate) struct Held {
     pub(crate) channel: Arc<Channel>,
 }
 
+impl AsRef<Held> for Held {
+    fn as_ref(&self) -> &Held {
+        self
+    }
+}
+
 impl Held {
     pub(crate) fn usable(&self, min_generation: u64) -> bool {
         self.link.generation >= min_generation
@@ -31,25 +37,33 @@ impl Held {
     }
 }
 
-/// A slot holding the current channel of one purpose (publishing, declarations, gets).
+/// Where [`run_on`] takes the channel of each attempt from.
+pub(crate) trait ChannelSource {
+    /// A channel and what goes with it.
+    type Taken: AsRef<Held> + Clone;
+
+    /// A usable channel on a link of at least `min_generation`, opened if needed.
+    async fn take(
+        &mut self,
+        shared: &Shared,
+        min_generation: u64,
+        deadline: Instant,
+    ) -> Result<Self::Taken, TransportError>;
+
+    /// Forget the channel [`ChannelSource::take`] gave last: an operation on it failed.
+    fn discard(&mut self);
+}
+
+/// A slot holding the current channel of one purpose (publishing, declarations).
 pub(crate) struct ChannelSlot {
     confirm: bool,
-    /// Its operations never make the broker close the connection (`basic.get`).
-    harmless: bool,
     current: Mutex<Option<Held>>,
 }
 
 impl ChannelSlot {
     /// An empty slot; `confirm` puts its channels in publisher-confirm mode.
     pub(crate) fn new(confirm: bool) -> Self {
-        ChannelSlot { confirm, harmless: false, current: Mutex::new(None) }
-    }
-
-    /// An empty slot for operations that never make the broker close the connection: one
-    /// that gets a hard error (another operation's, on the connection the broker closed) is
-    /// tried once more on the next connection.
-    pub(crate) fn harmless() -> Self {
-        ChannelSlot { confirm: false, harmless: true, current: Mutex::new(None) }
+        ChannelSlot { confirm, current: Mutex::new(None) }
     }
 
     /// A usable channel on a link of at least `min_generation`, opened if needed.
@@ -60,7 +74,9 @@ impl ChannelSlot {
         deadline: Instant,
     ) -> Result<Held, TransportError> {
         let mut slot = self.current.lock().await;
-        self.ensure(&mut slot, shared, min_generation, deadline).await
+        Current { confirm: self.confirm, slot: &mut slot }
+            .take(shared, min_generation, deadline)
+            .await
     }
 
     /// Drop `held` from the slot if it is still the current channel.
@@ -74,72 +90,103 @@ impl ChannelSlot {
         }
     }
 
-    async fn ensure(
-        &self,
-        slot: &mut Option<Held>,
-        shared: &Shared,
-        min_generation: u64,
-        deadline: Instant,
-    ) -> Result<Held, TransportError> {
-        if let Some(held) = slot.as_ref().filter(|held| held.usable(min_generation)) {
-            return Ok(held.clone());
-        }
-        *slot = None;
-        let held = open_held(shared, min_generation, deadline, self.confirm).await?;
-        *slot = Some(held.clone());
-        Ok(held)
-    }
-
-    /// Run `op` on this slot's channel, one operation at a time, within the publish timeout.
-    ///
-    /// A broker refusal (soft error) is returned as is and the channel is replaced for the next
-    /// operation; a lost connection waits for the reconnect and retries.
-    pub(crate) async fn run<T, F, Fut>(
-        &self,
-        shared: &Shared,
-        mut op: F,
-    ) -> Result<T, TransportError>
+    /// Run `op` on this slot's channel, one operation at a time (see [`run_on`]).
+    pub(crate) async fn run<T, F, Fut>(&self, shared: &Shared, op: F) -> Result<T, TransportError>
     where
         F: FnMut(Held) -> Fut,
         Fut: Future<Output = lapin::Result<T>>,
     {
         let deadline = deadline_after(shared.options.publish_timeout);
         let mut slot = self.current.lock().await;
-        let mut min_generation = 0;
-        let mut failures_while_connected = 0;
-        let mut closed_by_broker = false;
-        loop {
-            let held = self.ensure(&mut slot, shared, min_generation, deadline).await?;
-            let operation = held.link.guard(op(held.clone()));
-            let error = match tokio::time::timeout_at(deadline, operation).await {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) => error,
-                Err(_) => {
-                    *slot = None;
-                    return Err(no_answer(shared));
-                }
-            };
-            *slot = None;
-            let elsewhere = self.harmless && is_fatal(&error) && !held.link.alive();
-            if elsewhere && !closed_by_broker {
-                closed_by_broker = true;
-                shared.kick();
-                min_generation = held.link.generation + 1;
-                continue;
+        let mut current = Current { confirm: self.confirm, slot: &mut slot };
+        run_on(shared, &mut current, false, deadline, op).await
+    }
+}
+
+/// The locked content of a [`ChannelSlot`].
+struct Current<'a> {
+    confirm: bool,
+    slot: &'a mut Option<Held>,
+}
+
+impl ChannelSource for Current<'_> {
+    type Taken = Held;
+
+    async fn take(
+        &mut self,
+        shared: &Shared,
+        min_generation: u64,
+        deadline: Instant,
+    ) -> Result<Held, TransportError> {
+        if let Some(held) = self.slot.as_ref().filter(|held| held.usable(min_generation)) {
+            return Ok(held.clone());
+        }
+        *self.slot = None;
+        let held = open_held(shared, min_generation, deadline, self.confirm).await?;
+        *self.slot = Some(held.clone());
+        Ok(held)
+    }
+
+    fn discard(&mut self) {
+        *self.slot = None;
+    }
+}
+
+/// Run `op` on a channel of `source` by `deadline` (the publish timeout, counted from before
+/// the caller waited for its turn).
+///
+/// A broker refusal (soft error) is returned as is and the channel is discarded, so the next
+/// operation gets another; a lost connection waits for the reconnect and retries.
+/// `harmless` operations never make the broker close the connection (`basic.get`): one that
+/// gets a hard error (another operation's, on the connection the broker closed) is tried
+/// once more on the next connection.
+pub(crate) async fn run_on<S, T, F, Fut>(
+    shared: &Shared,
+    source: &mut S,
+    harmless: bool,
+    deadline: Instant,
+    mut op: F,
+) -> Result<T, TransportError>
+where
+    S: ChannelSource,
+    F: FnMut(S::Taken) -> Fut,
+    Fut: Future<Output = lapin::Result<T>>,
+{
+    let mut min_generation = 0;
+    let mut failures_while_connected = 0;
+    let mut closed_by_broker = false;
+    loop {
+        let taken = source.take(shared, min_generation, deadline).await?;
+        let held = taken.as_ref().clone();
+        let operation = held.link.guard(op(taken));
+        let error = match tokio::time::timeout_at(deadline, operation).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => error,
+            Err(_) => {
+                source.discard();
+                return Err(no_answer(shared));
             }
-            if is_soft(&error) || is_fatal(&error) {
-                shared.kick();
+        };
+        source.discard();
+        let elsewhere = harmless && is_fatal(&error) && !held.link.alive();
+        if elsewhere && !closed_by_broker {
+            closed_by_broker = true;
+            shared.kick();
+            min_generation = held.link.generation + 1;
+            continue;
+        }
+        if is_soft(&error) || is_fatal(&error) {
+            shared.kick();
+            return Err(map_error(&error));
+        }
+        if held.link.alive() {
+            failures_while_connected += 1;
+            if failures_while_connected > 1 {
                 return Err(map_error(&error));
             }
-            if held.link.alive() {
-                failures_while_connected += 1;
-                if failures_while_connected > 1 {
-                    return Err(map_error(&error));
-                }
-            } else {
-                shared.kick();
-                min_generation = held.link.generation + 1;
-            }
+        } else {
+            shared.kick();
+            min_generation = held.link.generation + 1;
         }
     }
 }

@@ -2,7 +2,7 @@
 //! after a reconnect, and the acker of their deliveries.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,6 +21,7 @@ use super::channels::no_answer;
 use super::connection::{Link, Shared};
 use super::convert::{from_basic_properties, short};
 use super::error::{is_fatal, is_soft, map_error, reply_code};
+use super::gets::Unsettled;
 use super::replay::lock_window;
 use super::returns::{Identity, Returns};
 use crate::clock::deadline_after;
@@ -45,12 +46,15 @@ const ACCESS_REFUSED: u16 = 403;
 pub(crate) struct RabbitAcker {
     acker: lapin::Acker,
     settled: AtomicBool,
-    /// Keeps the channel open while the delivery is unsettled.
-    channel: Arc<Channel>,
+    /// Keeps the channel open while the delivery is unsettled; let go once it is settled, so
+    /// that a channel nothing else uses closes with its last settlement.
+    channel: Mutex<Option<Arc<Channel>>>,
     /// The connection of the channel.
     link: Arc<Link>,
     /// Where a consumer's delivery is recorded in flight; `None` for a `basic.get`'s.
     tracked: Option<Tracked>,
+    /// The count of its channel's unsettled deliveries, for a `basic.get`'s.
+    unsettled: Option<Arc<Unsettled>>,
 }
 
 /// A consumer's delivery in the transport's [`Returns`].
@@ -93,6 +97,7 @@ impl RabbitAcker {
                 self.link.guard(self.acker.reject(BasicRejectOptions { requeue })).await
             }
         };
+        self.let_go();
         if let Some(tracked) = &self.tracked {
             match result {
                 Ok(true) => tracked.settled(),
@@ -112,6 +117,15 @@ impl RabbitAcker {
                     map_error(&error)
                 ),
             }),
+        }
+    }
+
+    /// Once the settlement is sent (or failed): the channel is no longer kept open for this
+    /// delivery, and a get may run on it again.
+    fn let_go(&self) {
+        drop(self.channel.lock().unwrap_or_else(PoisonError::into_inner).take());
+        if let Some(unsettled) = &self.unsettled {
+            unsettled.settled();
         }
     }
 }
@@ -145,46 +159,66 @@ impl Drop for RabbitAcker {
             if let Some(tracked) = &self.tracked {
                 tracked.lost();
             }
+            self.let_go();
             return;
         }
         // Handed back unsettled, as a crashed handling would: its redelivery counts.
         if let Some(tracked) = &self.tracked {
             tracked.settled();
         }
+        // Without a runtime nothing is sent: the delivery stays unsettled on its channel, which
+        // no get uses again (its count keeps it) and whose closing requeues it.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (acker, channel, link) =
-                (self.acker.clone(), self.channel.clone(), self.link.clone());
+            let channel = self.channel.get_mut().unwrap_or_else(PoisonError::into_inner).take();
+            let (acker, link, unsettled) =
+                (self.acker.clone(), self.link.clone(), self.unsettled.take());
             runtime.spawn(async move {
                 // A reject, not a nack: RabbitMQ 4.3 and later count a quorum queue's
                 // redelivery (`x-delivery-count`, which the crash-loop guard reads) after a
                 // `basic.reject`, and not after a `basic.nack`; earlier versions count both.
                 let _ = link.guard(acker.reject(BasicRejectOptions { requeue: true })).await;
                 drop(channel);
+                if let Some(unsettled) = unsettled {
+                    unsettled.settled();
+                }
             });
         }
     }
 }
 
-/// Convert a lapin delivery; its acker keeps `channel` open until settled. A consumer's
-/// delivery of `queue` is recorded in flight in `returns` (`Some((returns, queue))`).
+/// Where a delivery comes from.
+pub(crate) enum Origin<'a> {
+    /// A consumer of `queue`: the delivery is recorded in flight in `returns`.
+    Consumer { returns: &'a Arc<Returns>, queue: &'a str },
+    /// A `basic.get`: the delivery joins its channel's count of unsettled ones.
+    Get(&'a Arc<Unsettled>),
+}
+
+/// Convert a lapin delivery; its acker keeps `channel` open until settled.
 pub(crate) fn to_delivery(
     delivery: lapin::message::Delivery,
     channel: &Arc<Channel>,
     link: &Arc<Link>,
-    consumed: Option<(&Arc<Returns>, &str)>,
+    origin: Origin<'_>,
 ) -> Delivery {
     let body = Bytes::from(delivery.data);
     let properties = from_basic_properties(&delivery.properties);
-    let tracked = consumed.map(|(returns, queue)| {
-        let ids = [&properties.message_id, &properties.correlation_id].map(Option::as_deref);
-        let (exchange, routing_key) = (delivery.exchange.as_str(), delivery.routing_key.as_str());
-        let identity = Identity::new(queue, exchange, routing_key, ids);
-        let on = (link.generation, channel.id());
-        let count = properties.headers.get(DELIVERY_COUNT).and_then(HeaderValue::as_i64);
-        let how = (delivery.redelivered, count.unwrap_or(0));
-        let (number, returned) = returns.received(on, identity, &body, how);
-        Tracked { returns: returns.clone(), number, returned }
-    });
+    let (tracked, unsettled) = match origin {
+        Origin::Consumer { returns, queue } => {
+            let ids = [&properties.message_id, &properties.correlation_id].map(Option::as_deref);
+            let (exchange, key) = (delivery.exchange.as_str(), delivery.routing_key.as_str());
+            let identity = Identity::new(queue, exchange, key, ids);
+            let on = (link.generation, channel.id());
+            let count = properties.headers.get(DELIVERY_COUNT).and_then(HeaderValue::as_i64);
+            let how = (delivery.redelivered, count.unwrap_or(0));
+            let (number, returned) = returns.received(on, identity, &body, how);
+            (Some(Tracked { returns: returns.clone(), number, returned }), None)
+        }
+        Origin::Get(unsettled) => {
+            unsettled.fetched();
+            (None, Some(unsettled.clone()))
+        }
+    };
     Delivery {
         exchange: delivery.exchange.to_string(),
         routing_key: delivery.routing_key.to_string(),
@@ -194,9 +228,10 @@ pub(crate) fn to_delivery(
         acker: Box::new(RabbitAcker {
             acker: delivery.acker,
             settled: AtomicBool::new(false),
-            channel: channel.clone(),
+            channel: Mutex::new(Some(channel.clone())),
             link: link.clone(),
             tracked,
+            unsettled,
         }),
     }
 }
@@ -384,8 +419,9 @@ impl Feeder {
             match step {
                 Step::Item(item) => match *item {
                     Some(Ok(delivery)) => {
-                        let consumed = Some((&self.shared.returns, self.spec.queue.as_str()));
-                        return Some(to_delivery(delivery, channel, link, consumed));
+                        let returns = &self.shared.returns;
+                        let origin = Origin::Consumer { returns, queue: self.spec.queue.as_str() };
+                        return Some(to_delivery(delivery, channel, link, origin));
                     }
                     Some(Err(error)) => {
                         tracing::debug!(queue = %self.spec.queue, error = %map_error(&error), "consumer channel failed");

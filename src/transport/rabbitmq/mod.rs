@@ -12,6 +12,10 @@
 //! ([`TransportError::Closed`] of the [channel](crate::transport::ClosedPart::Channel)): the
 //! broker has requeued them, and the redelivery of each to a consumer of this transport says
 //! so ([`Acker::lost_in_flight`](crate::transport::Acker::lost_in_flight)).
+//!
+//! A `basic.get` runs on a channel that holds no unsettled delivery of an earlier get: the
+//! broker answers a get it refuses by closing its channel, which would take those back (see
+//! `gets`).
 
 mod channels;
 mod connection;
@@ -20,6 +24,7 @@ mod convert;
 mod error;
 #[cfg(test)]
 mod fuzz;
+mod gets;
 mod lease;
 mod mandatory;
 mod nodes;
@@ -38,14 +43,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use lapin::options::{
-    BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
+    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 
 use self::channels::ChannelSlot;
 use self::connection::{supervise, Shared};
 use self::convert::short;
+use self::gets::GetChannels;
 use self::mandatory::MandatoryChannel;
 pub use self::options::{RabbitMqOptions, TlsOptions};
 use self::topology::{apply, prepare, Declaration};
@@ -61,7 +66,7 @@ pub struct RabbitMqTransport {
     publisher: ChannelSlot,
     mandatory: MandatoryChannel,
     declarations: ChannelSlot,
-    gets: ChannelSlot,
+    gets: GetChannels,
 }
 
 impl RabbitMqTransport {
@@ -92,7 +97,7 @@ impl RabbitMqTransport {
             publisher: ChannelSlot::new(true),
             mandatory: MandatoryChannel::new(),
             declarations: ChannelSlot::new(false),
-            gets: ChannelSlot::harmless(),
+            gets: GetChannels::default(),
         })
     }
 
@@ -240,19 +245,7 @@ impl Transport for RabbitMqTransport {
 
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
         let name = short(queue, "queue name")?;
-        let got = self
-            .gets
-            .run(&self.shared, |held| {
-                let name = name.clone();
-                async move {
-                    let options = BasicGetOptions { no_ack: false };
-                    let message = held.channel.basic_get(name, options).await?;
-                    Ok(message.map(|m| {
-                        consumer::to_delivery(m.delivery, &held.channel, &held.link, None)
-                    }))
-                }
-            })
-            .await?;
+        let got = self.gets.get(&self.shared, name).await?;
         // `basic.get` renews the queue's `x-expires` lease at the broker.
         self.shared.topology().renew(queue);
         Ok(got)

@@ -15,6 +15,7 @@ use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use super::gets::MAX_HOLDING;
 use super::{RabbitMqOptions, RabbitMqTransport};
 use crate::transport::{
     BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeKind, ExchangeSpec, HeaderValue,
@@ -1643,4 +1644,98 @@ async fn the_redelivery_of_a_delivery_in_flight_at_a_lost_connection_is_marked_r
         eprintln!("a quorum queue's x-delivery-count after a lost connection: {count:?}");
     })
     .await;
+}
+
+/// A `basic.get` the broker refuses closes the channel it ran on, and RabbitMQ takes back
+/// every unsettled delivery of that channel: a get must never run on one that holds the
+/// deliveries of earlier gets, whatever the refusal (`404` of a missing queue, `405` of
+/// another connection's exclusive queue).
+#[tokio::test]
+async fn a_refused_get_leaves_the_deliveries_of_earlier_gets_settleable() {
+    let Some(_shared) = shared_broker().await else { return };
+    let t = connect(URI).await;
+    let other = connect(URI).await;
+    let queue = unique("held-get-q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    let locked = unique("held-get-excl");
+    other.declare_queue(&QueueSpec { exclusive: true, ..plain_queue(&locked) }).await.unwrap();
+    for body in ["acked", "requeued", "rejected"] {
+        publish(&t, &queue, body).await;
+    }
+    let acked = t.get(&queue).await.unwrap().expect("a message");
+    let requeued = t.get(&queue).await.unwrap().expect("a message");
+    let err = t.get(&unique("held-get-missing")).await;
+    assert!(matches!(err, Err(TransportError::NotFound(_))), "{err:?}");
+    let rejected = t.get(&queue).await.unwrap().expect("a message");
+    let err = t.get(&locked).await;
+    assert!(matches!(err, Err(TransportError::ResourceLocked(_))), "{err:?}");
+
+    acked.acker.ack().await.unwrap();
+    requeued.acker.nack(true).await.unwrap();
+    rejected.acker.reject(false).await.unwrap();
+    let back = t.get(&queue).await.unwrap().expect("the requeued message");
+    assert_eq!(back.body, Bytes::from_static(b"requeued"));
+    back.acker.ack().await.unwrap();
+    assert!(t.get(&queue).await.unwrap().is_none(), "a settled message came back");
+    t.delete_queue(&queue).await.unwrap();
+    other.close().await;
+    t.close().await;
+}
+
+/// The same when the refused get is of the held deliveries' own queue, deleted meanwhile.
+#[tokio::test]
+async fn a_get_of_a_queue_deleted_meanwhile_leaves_its_earlier_deliveries_settleable() {
+    let Some(_shared) = shared_broker().await else { return };
+    let t = connect(URI).await;
+    let queue = unique("deleted-get-q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    publish(&t, &queue, "held").await;
+    let held = t.get(&queue).await.unwrap().expect("a message");
+    let other = connect(URI).await;
+    other.delete_queue(&queue).await.unwrap();
+    other.close().await;
+    let err = t.get(&queue).await;
+    assert!(matches!(err, Err(TransportError::NotFound(_))), "{err:?}");
+    held.acker.ack().await.unwrap();
+    t.close().await;
+}
+
+/// A caller holding more deliveries than [`MAX_HOLDING`] channels keep them settleable through
+/// a refused get, without a channel per delivery; channels its settled deliveries no longer
+/// hold are closed, and a loop of gets each settled before the next runs on one channel.
+#[tokio::test]
+async fn gets_open_channels_only_while_deliveries_hold_them() {
+    let Some(_shared) = shared_broker().await else { return };
+    let t = connect(URI).await;
+    let queue = unique("holding-get-q");
+    t.declare_queue(&plain_queue(&queue)).await.unwrap();
+    let count = MAX_HOLDING + 8;
+    for i in 0..count {
+        publish(&t, &queue, &format!("m{i}")).await;
+    }
+    let mut held = Vec::new();
+    while let Some(delivery) = t.get(&queue).await.unwrap() {
+        held.push(delivery);
+    }
+    assert_eq!(held.len(), count);
+    assert_eq!(
+        t.gets.channels_open().await,
+        MAX_HOLDING,
+        "the deliveries past the bound share one"
+    );
+    let err = t.get(&unique("holding-get-missing")).await;
+    assert!(matches!(err, Err(TransportError::NotFound(_))), "{err:?}");
+    for delivery in held {
+        delivery.acker.ack().await.unwrap();
+    }
+    for i in 0..10 {
+        publish(&t, &queue, &format!("n{i}")).await;
+    }
+    while let Some(delivery) = t.get(&queue).await.unwrap() {
+        delivery.acker.ack().await.unwrap();
+        assert_eq!(t.gets.channels_open().await, 1);
+    }
+    assert_eq!(t.queue_info(&queue).await.unwrap().message_count, 0);
+    t.delete_queue(&queue).await.unwrap();
+    t.close().await;
 }
