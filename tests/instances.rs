@@ -114,6 +114,38 @@ async fn competing_instances_handle_each_event_once() {
     }
 }
 
+/// The micro-framework profile has service-pool handlers only: its broadcast and singleton
+/// handlers take Nameko's queues. Before, they took the service pool's queue, and two
+/// broadcast instances shared each event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_instances_each_handle_every_event_under_the_micro_framework_profile() {
+    use micro_framework::config::Protocol;
+    for uri in broker_uris() {
+        let config = common::config(&uri, "mf_bcast").with_protocol(Protocol::MicroFramework);
+        let source = unique("bcast_src");
+        let markers = [config.service_name.clone(), source.clone()];
+        let log = Log::default();
+        let mut instances = Vec::new();
+        for number in 0..2 {
+            let handler = HandlerType::Broadcast(Some(format!("instance{number}")));
+            let routes = vec![Route::new(record)
+                .entrypoint(EventListener::new(&source, "job").handler_type(handler))
+                .dependency(Shared(Instance { number, log: log.clone() }))];
+            instances.push(TestService::start(routes, config.clone()).await.unwrap());
+        }
+        for id in 0..EVENTS {
+            instances[0].dispatch(&source, "job", &json!(id)).await.unwrap();
+        }
+        log.wait_for(2 * EVENTS as usize).await;
+        assert!(log.per_id().values().all(|count| *count == 2), "{:?}", log.per_id());
+        assert_eq!(log.instances(), BTreeSet::from([0, 1]));
+        for instance in instances {
+            instance.stop().await.unwrap();
+        }
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn competing_instances_answer_each_rpc_call_once() {
     for uri in broker_uris() {

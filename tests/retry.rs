@@ -928,6 +928,56 @@ async fn an_anonymous_broadcast_listener_dead_letters_into_its_leased_queue() {
     }
 }
 
+fn odd_ones(Payload(payload): Payload<Value>, retry: BackOffData, Dep(journal): Dep<Arc<Journal>>) {
+    journal.push(payload["name"].as_str().unwrap_or_default(), retry.retry_count);
+}
+
+/// Singleton handlers share one queue, `evt-{source}-{event}`: a retry of one route comes back
+/// there, and another route may take it. It takes it as an event of its own: its filter asks
+/// and its retries start anew. Before, it ran it unfiltered, with the other's retry state.
+#[tokio::test]
+async fn a_retry_of_one_singleton_route_is_an_event_of_its_own_for_another() {
+    use micro_framework::amqp::naming::HandlerType;
+    for uri in broker_uris() {
+        let shop = unique("single");
+        let config = config(&uri, "single").with_max_workers(4);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let (failing, other) = (Arc::new(Journal::default()), Arc::new(Journal::default()));
+        let singleton = || EventListener::new(&shop, "job").handler_type(HandlerType::Singleton);
+        let odd = |payload: &Value| payload["odd"] == json!(true);
+        let routes = vec![
+            Route::new(flaky)
+                .entrypoint(singleton())
+                .backoff(AsyncBackOff::new(3, Duration::from_millis(20)))
+                .dependency(Shared(failing.clone())),
+            Route::new(odd_ones)
+                .entrypoint(singleton().filter(odd))
+                .dependency(Shared(other.clone())),
+        ];
+        let service = TestService::start(routes, config).await.unwrap();
+        for id in 0..8 {
+            let event = json!({ "name": format!("e{id}"), "odd": id % 2 == 1 });
+            service.dispatch(&shop, "job", &event).await.unwrap();
+        }
+        // every retry is made or taken by then (20 ms apart)
+        service.wait_for_route("flaky", 4).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let taken = other.entries();
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+        let names = |id: &[u32]| id.iter().map(|id| format!("e{id}")).collect::<Vec<_>>();
+        assert!(
+            taken.iter().all(|(name, _)| names(&[1, 3, 5, 7]).contains(name)),
+            "{uri}: the filter of the other route asks: {taken:?}"
+        );
+        assert!(
+            taken.iter().all(|(_, retry)| *retry == 0),
+            "{uri}: at its first attempt: {taken:?}"
+        );
+        assert!(failing.entries().iter().all(|(_, retry)| *retry <= 3), "{uri}");
+    }
+}
+
 #[tokio::test]
 async fn a_dead_letter_queue_deleted_while_the_service_runs_is_declared_again() {
     for uri in broker_uris() {

@@ -37,20 +37,20 @@ pub fn event_queue(
     method: &str,
 ) -> QueueSpec {
     let service = &config.service_name;
+    // The micro-framework has service-pool handlers only: the other handler types take
+    // Nameko's queues under its profile too (events come through the same exchange).
     match (config.protocol, handler) {
-        (Protocol::MicroFramework, _) => {
+        (Protocol::MicroFramework, HandlerType::ServicePool) => {
             work_queue(config, format!("{source}.{event}__{service}.{method}"))
         }
         (Protocol::Nameko, HandlerType::ServicePool) => {
             work_queue(config, format!("evt-{source}-{event}--{service}.{method}"))
         }
-        (Protocol::Nameko, HandlerType::Singleton) => {
-            work_queue(config, format!("evt-{source}-{event}"))
-        }
-        (Protocol::Nameko, HandlerType::Broadcast(Some(id))) => {
+        (_, HandlerType::Singleton) => work_queue(config, format!("evt-{source}-{event}")),
+        (_, HandlerType::Broadcast(Some(id))) => {
             work_queue(config, format!("evt-{source}-{event}--{service}.{method}-{id}"))
         }
-        (Protocol::Nameko, HandlerType::Broadcast(None)) => {
+        (_, HandlerType::Broadcast(None)) => {
             // 32 hex digits, as Nameko's `uuid.uuid4().hex`
             let id = uuid::Uuid::new_v4().simple();
             QueueSpec {
@@ -128,6 +128,15 @@ mod tests {
             "shop.paid__orders.on_paid"
         );
         assert!(event_exchange(&config, "shop").auto_delete);
+        // its profile has service-pool handlers only: the others take Nameko's queues
+        assert_eq!(
+            event_queue(&config, &HandlerType::Singleton, "shop", "paid", "m").name,
+            "evt-shop-paid"
+        );
+        let named = event_queue(&config, &broadcast, "shop", "paid", "m");
+        assert_eq!(named.name, "evt-shop-paid--orders.m-b1");
+        let anonymous = event_queue(&config, &HandlerType::Broadcast(None), "shop", "paid", "m");
+        assert!(anonymous.exclusive && anonymous.name.starts_with("evt-shop-paid--orders.m-"));
     }
 
     #[test]

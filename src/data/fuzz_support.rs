@@ -21,6 +21,8 @@ pub(crate) fn key() -> impl Strategy<Value = String> {
             "x-death",
             "x-mf-retry-count",
             "x-mf-last-retry",
+            "x-mf-retry-queue",
+            "x-mf-retry-route",
             "x-delivery-count",
             "queue",
             "count",

@@ -18,7 +18,9 @@ pub use failure::{Failure, FailureKind};
 pub use headers::{HeaderValue, Headers, Properties};
 pub use message::{json_properties, Message};
 pub use outcome::{Handled, Outcome, TargetRole};
-pub(crate) use retry_state::{drop_retry_state, is_retry_of, keep_own_retry_state};
+pub(crate) use retry_state::{
+    drop_retry_state, is_retry_of, is_retry_of_route, keep_own_retry_state,
+};
 pub use retry_state::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
 pub use text::{bounded, escape_wire_text, MAX_ERROR_TEXT};
 

@@ -13,6 +13,10 @@ pub const HEADER_LAST_ERROR: &str = "x-mf-last-error";
 /// Header of a retry copy: the queue it comes back to, whose consumer alone reads the retry
 /// state above as its own ([`keep_own_retry_state`]).
 pub(crate) const HEADER_RETRY_QUEUE: &str = "x-mf-retry-queue";
+/// Header of a retry copy: the route it is a retry of (`{service}.{route}`). On a queue that
+/// several routes share (Nameko's singleton handlers: every service's, on one event), another
+/// route that takes it takes it as an event of its own ([`is_retry_of_route`]).
+pub(crate) const HEADER_RETRY_ROUTE: &str = "x-mf-retry-route";
 
 /// The retry state of the current call: a target can behave differently on later attempts,
 /// and a callback can report how many were made.
@@ -59,9 +63,10 @@ impl BackOffData {
 
     /// Write this state into `headers`, as [`BackOffData::from_headers`] reads it (a copy of
     /// the message that is to come back at this attempt), made for `queue`, the queue the copy
-    /// comes back to ([`HEADER_RETRY_QUEUE`]).
-    pub(crate) fn write_headers(&self, headers: &mut Headers, queue: &str) {
+    /// comes back to ([`HEADER_RETRY_QUEUE`]), for `route` ([`HEADER_RETRY_ROUTE`]).
+    pub(crate) fn write_headers(&self, headers: &mut Headers, queue: &str, route: &str) {
         headers.insert(HEADER_RETRY_QUEUE.into(), queue.into());
+        headers.insert(HEADER_RETRY_ROUTE.into(), route.into());
         headers.insert(HEADER_RETRY_COUNT.into(), HeaderValue::Int(i64::from(self.retry_count)));
         if let Some(at) = self.last_retry {
             let seconds = at.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
@@ -94,6 +99,12 @@ pub(crate) fn is_retry_of(headers: &Headers, queue: &str) -> bool {
     headers.get(HEADER_RETRY_QUEUE).and_then(HeaderValue::as_str) == Some(queue)
 }
 
+/// Whether a retry made for a queue (see [`is_retry_of`]) is one of `route` (`{service}.{route}`):
+/// a copy that does not say (made before the header was) is taken as one.
+pub(crate) fn is_retry_of_route(headers: &Headers, route: &str) -> bool {
+    headers.get(HEADER_RETRY_ROUTE).and_then(HeaderValue::as_str).is_none_or(|of| of == route)
+}
+
 /// Remove from `headers` the retry state ([`HEADER_RETRY_COUNT`], [`HEADER_LAST_RETRY`],
 /// [`HEADER_LAST_ERROR`]) unless it was made for `queue`, the queue the message was consumed
 /// from: a copy that kept the headers of a message of another queue (its dead letter, a
@@ -106,7 +117,8 @@ pub(crate) fn keep_own_retry_state(headers: &mut Headers, queue: &str) {
 
 /// Remove from `headers` any retry state ([`keep_own_retry_state`]).
 pub(crate) fn drop_retry_state(headers: &mut Headers) {
-    for name in [HEADER_RETRY_QUEUE, HEADER_RETRY_COUNT, HEADER_LAST_RETRY, HEADER_LAST_ERROR] {
+    let state = [HEADER_RETRY_QUEUE, HEADER_RETRY_ROUTE, HEADER_RETRY_COUNT, HEADER_LAST_RETRY];
+    for name in state.into_iter().chain([HEADER_LAST_ERROR]) {
         headers.remove(name);
     }
 }
@@ -183,7 +195,7 @@ mod tests {
             last_retry: UNIX_EPOCH.checked_add(Duration::from_secs(1_700_000_000)),
         };
         let mut headers = Headers::new();
-        data.write_headers(&mut headers, "work");
+        data.write_headers(&mut headers, "work", "svc.work");
         assert_eq!(BackOffData::from_headers(&headers, 5), data);
         keep_own_retry_state(&mut headers, "work");
         assert_eq!(BackOffData::from_headers(&headers, 5), data, "made for the queue named");

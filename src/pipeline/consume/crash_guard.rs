@@ -194,7 +194,7 @@ pub(crate) async fn hand_back_as_retry(
     label: &str,
 ) {
     let mut marked = message.clone();
-    next.write_headers(&mut marked.properties.headers, queue);
+    next.write_headers(&mut marked.properties.headers, queue, &route.identity());
     hand_back_message(route, queue, quorum, &marked, acker, label).await;
 }
 

@@ -13,7 +13,10 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::data::{is_retry_of, Failure, Handled, HeaderValue, Message, HEADER_RETRY_COUNT};
+use crate::data::{
+    drop_retry_state, is_retry_of, is_retry_of_route, Failure, Handled, HeaderValue, Message,
+    HEADER_RETRY_COUNT,
+};
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::{settle, take_pending_dead_letter, Origin};
@@ -273,16 +276,24 @@ impl RouteQueue {
 
 #[async_trait]
 impl DeliveryHandler for RouteQueue {
-    async fn handle(&self, delivery: Delivery) {
+    async fn handle(&self, mut delivery: Delivery) {
         let route = &self.route;
+        let headers = &delivery.properties.headers;
+        let of_queue = is_retry_of(headers, &self.queue);
+        // A retry of another route of a queue that routes share (singleton handlers) is an
+        // event of this route's: its filter asks, and its retries start anew. Taken as this
+        // route's retry, it ran unfiltered, with the other's retry state.
+        let retry = of_queue && is_retry_of_route(headers, &route.identity());
+        if of_queue && !retry {
+            drop_retry_state(&mut delivery.properties.headers);
+        }
         let message = delivery.message();
         // A body over MAX_MESSAGE_SIZE is not read, not even by the filter (which would skip it
         // unseen): the call refuses it, and it is dead-lettered whole.
         let readable = message.body.len() <= route.config().max_message_size;
-        // A retry of this queue's (its state kept for it by the crash-loop guard) was taken by
+        // A retry of this route's (its state kept for it by the crash-loop guard) was taken by
         // the filter already: asked again, a filter that changed its mind would have it acked
         // unrun, the failed message gone without a dead letter.
-        let retry = is_retry_of(&message.properties.headers, &self.queue);
         let accepted = if readable && !retry { (self.accept)(&message) } else { Ok(true) };
         match accepted {
             Ok(true) => {}

@@ -161,6 +161,11 @@ impl RouteHandle {
         &self.inner.name
     }
 
+    /// The route among every service's: `{service}.{route}`, which its retry copies name.
+    pub(crate) fn identity(&self) -> String {
+        format!("{}.{}", self.service_name(), self.name())
+    }
+
     /// The `route` label of the route's metrics.
     pub(crate) fn metric_label(&self) -> &str {
         &self.inner.metric_label

@@ -87,7 +87,7 @@ pub(super) async fn schedule_retry(
         RetryDelay::DelayedMessagePlugin => delayed_message::backoff_queue(route),
         RetryDelay::DelayQueues => None,
     };
-    next.write_headers(headers, back_to.as_deref().unwrap_or(queue));
+    next.write_headers(headers, back_to.as_deref().unwrap_or(queue), &route.identity());
     // The copy comes back through the default exchange (delay queues) or the backoff exchange
     // (the plugin): it carries the route it was first published with, which its handler reads
     // and its dead letter records.
