@@ -166,6 +166,9 @@ mod tests {
         let failed = reply_body(&Err(error.clone()));
         assert_eq!(parse_reply(&failed).unwrap(), Err(error));
         assert!(parse_reply(b"{oops").is_err());
+        // what Python's `json` writes for `float("nan")`: refused, not read as something else
+        let unread = parse_reply(br#"{"result": NaN, "error": null}"#).unwrap_err();
+        assert!(unread.starts_with("unreadable RPC reply"), "{unread}");
     }
 
     #[test]
