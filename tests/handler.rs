@@ -76,6 +76,17 @@ async fn a_struct_payload_given_an_array_is_refused_where_serde_would_fill_it_by
     // a translated payload too
     let translated = Route::new(order).translator(|payload: Value| Ok::<_, String>(payload));
     refused(call_route(translated, config.clone(), positional.clone()).await);
+    // an optional struct too
+    fn maybe_order(Payload(order): Payload<Option<Order>>) -> Value {
+        json!(order.map(|order| order.id))
+    }
+    let failure = call_route(Route::new(maybe_order), config.clone(), positional.clone()).await;
+    let failure = failure.unwrap_err();
+    assert_eq!(failure.kind, FailureKind::BadInput);
+    assert!(failure.message.contains("is an array, where core::option::Option<"), "{failure}");
+    let null = Message::json(&Value::Null).unwrap();
+    let none = call_route(Route::new(maybe_order), config.clone(), null).await;
+    assert_eq!(none.unwrap(), Value::Null);
     // what takes a sequence still does
     fn pair(Payload((id, note)): Payload<(u64, String)>) -> Value {
         json!([id, note])

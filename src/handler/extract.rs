@@ -19,7 +19,7 @@ use crate::data::CallContext;
 use crate::data::Failure;
 use crate::data::Message;
 use crate::data::{BackOffData, TargetRole};
-use crate::handler::named_fields::has_named_fields;
+use crate::handler::named_fields::fills_named_fields;
 use crate::handler::WorkerContext;
 use crate::transport::Headers;
 
@@ -133,7 +133,7 @@ impl<T: DeserializeOwned + Send + 'static> FromContext for Payload<T> {
 /// an object was meant (another service's shape, a Python list) would fill the fields in
 /// whatever order the array had, so it is refused.
 fn no_array_for_a_struct<T: DeserializeOwned>(array: bool) -> Result<(), ExtractError> {
-    match array && has_named_fields::<T>() {
+    match array && fills_named_fields::<T>() {
         true => Err(ExtractError::BadInput(format!(
             "payload is an array, where {} takes an object (its fields by name)",
             std::any::type_name::<T>()
