@@ -1,6 +1,7 @@
 //! Size limits on what a service sends, checked before it reaches the broker: a body over
 //! `MAX_MESSAGE_SIZE` (RabbitMQ would close the channel on it), headers that do not fit in one
-//! frame (RabbitMQ would close the whole connection).
+//! frame (RabbitMQ would close the whole connection), a name or text property over the 255
+//! bytes of an AMQP short string (the AMQP client cannot even encode it).
 
 use crate::transport::{HeaderValue, Headers, Limit, Properties, TransportError};
 
@@ -47,26 +48,32 @@ pub fn check_size(
 pub(crate) fn content_header_frame_len(properties: &Properties) -> usize {
     const FRAME_OVERHEAD: usize = 8;
     const FIXED: usize = 2 + 2 + 8 + 2;
-    let short = |value: &Option<String>| value.as_ref().map_or(0, |text| 1 + text.len());
-    let texts = [
-        &properties.content_type,
-        &properties.content_encoding,
-        &properties.correlation_id,
-        &properties.reply_to,
-        &properties.expiration,
-        &properties.message_id,
-        &properties.kind,
-        &properties.user_id,
-        &properties.app_id,
-    ];
+    let short =
+        |(_, value): (&str, &Option<String>)| value.as_ref().map_or(0, |text| 1 + text.len());
     let headers = if properties.headers.is_empty() { 0 } else { table_len(&properties.headers) };
     FRAME_OVERHEAD
         + FIXED
-        + texts.into_iter().map(short).sum::<usize>()
+        + short_string_properties(properties).into_iter().map(short).sum::<usize>()
         + headers
         + usize::from(properties.delivery_mode.is_some())
         + usize::from(properties.priority.is_some())
         + properties.timestamp.map_or(0, |_| 8)
+}
+
+/// The properties AMQP sends as short strings, each with the name the transports give it in
+/// their errors (that of the field of [`Properties`]: `kind` is AMQP's `type`).
+fn short_string_properties(properties: &Properties) -> [(&'static str, &Option<String>); 9] {
+    [
+        ("content_type", &properties.content_type),
+        ("content_encoding", &properties.content_encoding),
+        ("correlation_id", &properties.correlation_id),
+        ("reply_to", &properties.reply_to),
+        ("expiration", &properties.expiration),
+        ("message_id", &properties.message_id),
+        ("kind", &properties.kind),
+        ("user_id", &properties.user_id),
+        ("app_id", &properties.app_id),
+    ]
 }
 
 fn table_len(headers: &Headers) -> usize {
@@ -142,4 +149,118 @@ fn check_header_size(properties: &Properties, frame_max: usize) -> Result<(), Tr
         });
     }
     Ok(())
+}
+
+/// The most bytes an AMQP short string holds: its length goes out in one byte.
+pub(crate) const MAX_SHORT_STRING: usize = 255;
+
+/// Refuse `value`, which AMQP sends as a short string (a name, a routing key, a consumer tag,
+/// a text property), when it is over [`MAX_SHORT_STRING`] bytes, with
+/// [`TransportError::Invalid`] naming the `field`: the AMQP client cannot encode it, so the
+/// RabbitMQ transport refuses it before sending, and the in-process broker refuses the same
+/// so that what works there works on RabbitMQ. Only the start of `value` is quoted, escaped
+/// (it may come from a peer, and end up in a log line).
+pub(crate) fn check_short_string(field: &str, value: &str) -> Result<(), TransportError> {
+    if value.len() <= MAX_SHORT_STRING {
+        return Ok(());
+    }
+    let start: String = value.chars().take(32).collect();
+    Err(TransportError::Invalid(format!(
+        "{field} of {} bytes (starting {start:?}): an AMQP short string holds at most \
+         {MAX_SHORT_STRING} bytes; not sent",
+        value.len()
+    )))
+}
+
+/// Refuse `properties` holding a short string AMQP cannot carry ([`check_short_string`]): a
+/// text property, or a header name at any depth (the names of a table nested in a header,
+/// or in an array of one, are short strings too).
+pub(crate) fn check_short_strings(properties: &Properties) -> Result<(), TransportError> {
+    for (field, value) in short_string_properties(properties) {
+        if let Some(text) = value {
+            check_short_string(field, text)?;
+        }
+    }
+    check_table_names("header name", &properties.headers)
+}
+
+/// Refuse a field table (headers, or the arguments of a declaration) with a name, at any
+/// depth, over [`MAX_SHORT_STRING`] bytes; `field` names its names in the error.
+pub(crate) fn check_table_names(field: &str, table: &Headers) -> Result<(), TransportError> {
+    for (name, value) in table {
+        check_short_string(field, name)?;
+        check_value_names(field, value)?;
+    }
+    Ok(())
+}
+
+fn check_value_names(field: &str, value: &HeaderValue) -> Result<(), TransportError> {
+    match value {
+        HeaderValue::Table(table) => check_table_names(field, table),
+        HeaderValue::Array(items) => {
+            items.iter().try_for_each(|item| check_value_names(field, item))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid_text(result: Result<(), TransportError>) -> String {
+        match result {
+            Err(TransportError::Invalid(text)) => text,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_short_string_holds_255_bytes_not_characters() {
+        assert!(check_short_string("routing key", &"k".repeat(255)).is_ok());
+        // 128 two-byte characters: 256 bytes
+        let text = invalid_text(check_short_string("routing key", &"é".repeat(128)));
+        let start = "é".repeat(32);
+        assert!(text.starts_with(&format!("routing key of 256 bytes (starting \"{start}\")")));
+        let forged = invalid_text(check_short_string("header name", &"\n".repeat(256)));
+        assert!(!forged.contains('\n'), "{forged}");
+        assert!(text.contains("at most 255 bytes"), "{text}");
+    }
+
+    #[test]
+    fn each_text_property_is_named_when_too_long() {
+        let long = Some("p".repeat(256));
+        let cases: [(&str, Properties); 3] = [
+            (
+                "correlation_id",
+                Properties { correlation_id: long.clone(), ..Properties::default() },
+            ),
+            ("kind", Properties { kind: long.clone(), ..Properties::default() }),
+            ("app_id", Properties { app_id: long, ..Properties::default() }),
+        ];
+        for (field, properties) in cases {
+            let text = invalid_text(check_short_strings(&properties));
+            assert!(text.starts_with(field), "{text}");
+        }
+    }
+
+    #[test]
+    fn header_names_are_checked_at_any_depth() {
+        let long = "h".repeat(256);
+        let inner = HeaderValue::Table(Headers::from([(long.clone(), HeaderValue::Int(1))]));
+        let in_array = HeaderValue::Array(vec![HeaderValue::Int(0), inner.clone()]);
+        for value in [inner, in_array] {
+            let properties = Properties {
+                headers: Headers::from([("outer".to_owned(), value)]),
+                ..Properties::default()
+            };
+            assert!(invalid_text(check_short_strings(&properties)).starts_with("header name"));
+        }
+        let fits = HeaderValue::Table(Headers::from([("h".repeat(255), HeaderValue::Int(1))]));
+        let properties = Properties {
+            headers: Headers::from([("h".repeat(255), fits)]),
+            ..Properties::default()
+        };
+        assert!(check_short_strings(&properties).is_ok());
+    }
 }

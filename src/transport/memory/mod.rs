@@ -48,12 +48,15 @@
 mod acker;
 mod arguments;
 mod broker;
+mod client_checks;
 mod dead_letter;
 mod delayed;
 #[cfg(test)]
 mod delayed_tests;
 mod queue;
 mod routing;
+#[cfg(test)]
+mod short_string_tests;
 mod state;
 #[cfg(test)]
 mod tests;

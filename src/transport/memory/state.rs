@@ -419,13 +419,6 @@ impl State {
         if spec.name.is_empty() {
             return Err(TransportError::Invalid("queue name must not be empty".to_owned()));
         }
-        // An AMQP short string: the RabbitMQ client refuses a longer name before sending it.
-        if spec.name.len() > 255 {
-            return Err(TransportError::Invalid(format!(
-                "queue name of {} bytes: an AMQP short string holds at most 255",
-                spec.name.len()
-            )));
-        }
         let owner = spec.exclusive.then_some(connection);
         if let Some(queue) = self.queues.get_mut(&spec.name) {
             if queue.owner != owner {

@@ -13,6 +13,7 @@ use crate::transport::{
 };
 
 use super::broker::MemoryBroker;
+use super::client_checks;
 use super::delayed::PLUGIN;
 use crate::transport::declarations::{Declaration, Declarations};
 use crate::transport::limits::{check_headers, RABBITMQ_FRAME_MAX};
@@ -107,6 +108,7 @@ impl MemoryTransport {
 impl Transport for MemoryTransport {
     async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError> {
         self.open()?;
+        client_checks::exchange(spec)?;
         self.broker.with_state(|state| state.declare_exchange(spec))?;
         self.declared().record(Declaration::Exchange(spec.clone()));
         Ok(())
@@ -114,6 +116,7 @@ impl Transport for MemoryTransport {
 
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError> {
         self.open()?;
+        client_checks::queue(spec)?;
         let info = self
             .broker
             .with_state(|state| state.declare_queue(self.connection, spec, Instant::now()))?;
@@ -125,11 +128,13 @@ impl Transport for MemoryTransport {
 
     async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
         self.open()?;
+        client_checks::queue_name(queue)?;
         self.broker.with_state(|state| state.queue_info(self.connection, queue, Instant::now()))
     }
 
     async fn bind_queue(&self, binding: &BindingSpec) -> Result<(), TransportError> {
         self.open()?;
+        client_checks::binding(binding)?;
         self.broker.with_state(|state| state.bind(self.connection, binding))?;
         let mut declared = self.declared();
         if declared.has_queue(&binding.queue) {
@@ -153,12 +158,14 @@ impl Transport for MemoryTransport {
 
     async fn delete_queue(&self, queue: &str) -> Result<u32, TransportError> {
         self.open()?;
+        client_checks::queue_name(queue)?;
         self.declared().remove_queue(queue);
         self.broker.with_state(|state| state.delete_queue(self.connection, queue))
     }
 
     async fn delete_exchange(&self, exchange: &str) -> Result<(), TransportError> {
         self.open()?;
+        client_checks::exchange_name(exchange)?;
         // forgotten with the bindings to it, as the RabbitMQ transport forgets them
         self.declared().remove_exchange(exchange);
         self.broker.with_state(|state| state.delete_exchange(exchange))
@@ -166,6 +173,7 @@ impl Transport for MemoryTransport {
 
     async fn purge_queue(&self, queue: &str) -> Result<u32, TransportError> {
         self.open()?;
+        client_checks::queue_name(queue)?;
         self.broker.with_state(|state| state.purge(self.connection, queue, Instant::now()))
     }
 
@@ -177,6 +185,7 @@ impl Transport for MemoryTransport {
         options: PublishOptions,
     ) -> Result<(), TransportError> {
         self.open()?;
+        client_checks::publish(exchange, routing_key, &message.properties)?;
         check_headers(&message.properties, RABBITMQ_FRAME_MAX)?;
         self.broker.with_state(|state| {
             state.publish(exchange, routing_key, message, options, Instant::now())
@@ -189,6 +198,8 @@ impl Transport for MemoryTransport {
         options: ConsumeOptions,
     ) -> Result<Consumer, TransportError> {
         self.open()?;
+        client_checks::queue_name(queue)?;
+        client_checks::consumer_tag(&options.consumer_tag)?;
         let now = Instant::now();
         let created =
             self.broker.with_state(|state| state.consume(self.connection, queue, &options, now))?;
@@ -203,6 +214,7 @@ impl Transport for MemoryTransport {
 
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, TransportError> {
         self.open()?;
+        client_checks::queue_name(queue)?;
         self.broker.with_state(|state| state.get(self.connection, queue, Instant::now()))
     }
 

@@ -6,10 +6,13 @@ use lapin::types::{
 use lapin::BasicProperties;
 
 use super::error::invalid;
+use crate::transport::limits::check_short_string;
 use crate::transport::{HeaderValue, Headers, Properties, TransportError};
 
-/// A short string (at most 255 bytes), or an error naming the field.
+/// A short string (at most 255 bytes), or an error naming the field: the check the
+/// in-process broker shares, so both refuse with the same words.
 pub(crate) fn short(value: &str, field: &str) -> Result<ShortString, TransportError> {
+    check_short_string(field, value)?;
     ShortString::try_new(value).map_err(|e| invalid(format!("{field}: {e}")))
 }
 
