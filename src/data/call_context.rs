@@ -10,6 +10,13 @@ use crate::data::headers::{HeaderValue, Headers};
 pub const HEADER_PREFIX: &str = "nameko.";
 const CALL_ID_STACK: &str = "call_id_stack";
 
+/// The most bytes a header name holds: AMQP sends it as a short string. A message with a
+/// longer one is refused whole (by the RabbitMQ client, and by `memory://` likewise).
+const MAX_HEADER_NAME: usize = 255;
+
+/// How much of an over-long key a warning quotes: enough to recognise it.
+const QUOTED_START: usize = 32;
+
 /// The context of one call: its id, the ids of the calls that led to it, and the context data
 /// (`auth_token`, `language`, `user_id`, `tenant`, ...) received with the message.
 ///
@@ -19,6 +26,10 @@ const CALL_ID_STACK: &str = "call_id_stack";
 /// context and never go out again: those starting with `x-` (`x-death`, `x-delay`,
 /// `x-delivery-count`, `x-mf-*`, ...) and RabbitMQ's `CC` and `BCC`. When a message holds a
 /// key both with and without the prefix, the prefixed header wins.
+///
+/// A key of more than 248 bytes stays context data but does not go out: `nameko.{key}` would
+/// be over the 255 bytes a header name holds, and the broker would refuse every message the
+/// call sends. [`CallContext::for_call`] warns of it, once for the call.
 ///
 /// ```
 /// use micro_framework::{CallContext, HeaderValue, Headers};
@@ -86,7 +97,26 @@ impl CallContext {
         if stack.len() > keep {
             stack.drain(..stack.len() - keep);
         }
-        CallContext { call_id, call_id_stack: stack, data }
+        let call = CallContext { call_id, call_id_stack: stack, data };
+        call.warn_of_keys_not_forwarded();
+        call
+    }
+
+    /// Warn, here rather than in [`outgoing_headers`](Self::outgoing_headers) (asked for by
+    /// each dependency that sends), so that a call warns once, of the context keys too long to
+    /// go out prefixed.
+    fn warn_of_keys_not_forwarded(&self) {
+        let left_out: Vec<String> =
+            self.data.keys().filter(|key| !forwardable(key)).map(|key| quoted(key)).collect();
+        if !left_out.is_empty() {
+            tracing::warn!(
+                call_id = %self.call_id,
+                keys = ?left_out,
+                "context headers not forwarded: as {HEADER_PREFIX}{{key}} their names would be \
+                 over the {MAX_HEADER_NAME} bytes an AMQP header name holds, and the broker \
+                 would refuse every message this call sends"
+            );
+        }
     }
 
     /// The id of the call that caused this one, if any.
@@ -96,11 +126,12 @@ impl CallContext {
     }
 
     /// The headers to send with a message caused by this call: `nameko.{key}` for each
-    /// context value and `nameko.call_id_stack`.
+    /// context value whose key fits (see [`CallContext`]) and `nameko.call_id_stack`.
     pub fn outgoing_headers(&self) -> Headers {
         let mut headers: Headers = self
             .data
             .iter()
+            .filter(|(key, _)| forwardable(key))
             .map(|(key, value)| (format!("{HEADER_PREFIX}{key}"), value.clone()))
             .collect();
         if !self.call_id_stack.is_empty() {
@@ -109,6 +140,17 @@ impl CallContext {
         }
         headers
     }
+}
+
+/// Whether the context key `key` can go out as `nameko.{key}`.
+fn forwardable(key: &str) -> bool {
+    HEADER_PREFIX.len() + key.len() <= MAX_HEADER_NAME
+}
+
+/// `key` for a log line: its start and its length, as a whole key may be 255 bytes.
+fn quoted(key: &str) -> String {
+    let start: String = key.chars().take(QUOTED_START).collect();
+    format!("{start}... ({} bytes)", key.len())
 }
 
 /// Whether a received header is context data: not one the broker or a framework set for
@@ -267,5 +309,83 @@ mod tests {
         let out = call.outgoing_headers();
         assert_eq!(out.len(), 1);
         assert!(out.contains_key("nameko.call_id_stack"));
+    }
+
+    /// Every warning logged while `run` runs.
+    fn warnings_of(run: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, run);
+        let bytes = logs.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogSink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A peer may send any header name up to the 255 bytes of an AMQP short string; one of
+    /// 249 bytes or more would go out as `nameko.{name}`, over 255, and the broker would
+    /// refuse every message of the call.
+    #[test]
+    fn a_key_too_long_to_go_out_prefixed_stays_context_but_is_not_forwarded() {
+        let fits = "f".repeat(255 - HEADER_PREFIX.len());
+        let over = "o".repeat(256 - HEADER_PREFIX.len());
+        let longest_legal = "l".repeat(255);
+        let headers = Headers::from([
+            (fits.clone(), text("fits")),
+            (over.clone(), text("over")),
+            (longest_legal.clone(), text("legal in, too long out")),
+            (format!("{HEADER_PREFIX}{}", "p".repeat(248)), text("prefixed")),
+            ("tenant".into(), text("acme")),
+        ]);
+        let call = CallContext::for_call(&headers, "svc", "m", 10);
+        assert_eq!(call.data.len(), 5, "the handler still reads every key");
+        let out = call.outgoing_headers();
+        assert!(out.keys().all(|name| name.len() <= 255), "{:?}", out.keys());
+        assert_eq!(out[&format!("{HEADER_PREFIX}{fits}")], text("fits"));
+        assert_eq!(out[&format!("{HEADER_PREFIX}{}", "p".repeat(248))], text("prefixed"));
+        assert_eq!(out["nameko.tenant"], text("acme"));
+        assert!(!out.contains_key(&format!("{HEADER_PREFIX}{over}")));
+        assert!(!out.contains_key(&format!("{HEADER_PREFIX}{longest_legal}")));
+        assert_eq!(out.len(), 4, "three keys and the stack: {:?}", out.keys());
+    }
+
+    #[test]
+    fn a_call_warns_once_of_the_keys_it_does_not_forward() {
+        let over = "o".repeat(249);
+        let headers = Headers::from([(over, text("v")), ("l".repeat(255), text("v"))]);
+        let logged = warnings_of(|| {
+            let call = CallContext::for_call(&headers, "svc", "m", 10);
+            // each dependency of the call asks for the headers: the warning is the call's
+            call.outgoing_headers();
+            call.outgoing_headers();
+        });
+        assert_eq!(logged.matches("WARN").count(), 1, "{logged}");
+        // each key named by its start and length, not in full
+        assert!(logged.contains(&format!("{}... (249 bytes)", "o".repeat(32))), "{logged}");
+        assert!(logged.contains(&format!("{}... (255 bytes)", "l".repeat(32))), "{logged}");
+        assert!(!logged.contains(&"o".repeat(33)), "{logged}");
+
+        let fitting = Headers::from([("f".repeat(248), text("v"))]);
+        let quiet = warnings_of(|| {
+            CallContext::for_call(&fitting, "svc", "m", 10).outgoing_headers();
+        });
+        assert_eq!(quiet, "");
     }
 }
