@@ -9,7 +9,8 @@ use micro_framework::logging::escape_wire_text;
 #[derive(Debug)]
 pub struct CliError {
     message: String,
-    /// The process exit code: 2 for bad input, 130 when interrupted, 1 for anything else.
+    /// The process exit code: 2 for bad input, 130 when interrupted, 1 for anything else, 0
+    /// when the reader of the output closed it.
     pub code: u8,
 }
 
@@ -27,6 +28,20 @@ impl CliError {
     /// Anything else (broker down, missing queue, unknown service, ...): exit code 1.
     pub fn failure(message: impl Into<String>) -> Self {
         CliError { message: mask_secrets(&message.into()), code: 1 }
+    }
+
+    /// The reader of the output went away (`dlq list q | head -2`): the command stops there,
+    /// without a word and with exit code 0. The reader took what it wanted; as `ls | head`
+    /// ends silently, an error line would only be noise, and an exit code other than 0 (the
+    /// 141 of a process killed by SIGPIPE) would fail a `set -o pipefail` script for what its
+    /// author asked for.
+    pub fn output_closed() -> Self {
+        CliError { message: String::new(), code: 0 }
+    }
+
+    /// True when nothing is to be said: the output was closed by its reader.
+    pub fn is_output_closed(&self) -> bool {
+        self.code == 0
     }
 }
 
@@ -48,8 +63,14 @@ impl fmt::Display for CliError {
 }
 
 impl From<std::io::Error> for CliError {
+    /// An output closed by its reader (`EPIPE`: Rust ignores SIGPIPE, so a write to a closed
+    /// pipe fails instead of ending the process) is no failure; any other I/O error is.
     fn from(error: std::io::Error) -> Self {
-        CliError::failure(error.to_string())
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            CliError::output_closed()
+        } else {
+            CliError::failure(error.to_string())
+        }
     }
 }
 
@@ -90,5 +111,15 @@ mod tests {
         assert_eq!(mask_secrets("no uri here"), "no uri here");
         assert_eq!(CliError::failure("a\n  b\n").to_string(), "a b");
         assert_eq!(CliError::failure("a\u{1b}[2J\rb").to_string(), "a\\u{1b}[2J\\rb");
+    }
+
+    #[test]
+    fn a_closed_output_is_no_failure() {
+        let closed = CliError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(closed.is_output_closed());
+        assert_eq!(closed.code, 0);
+        let full = CliError::from(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        assert!(!full.is_output_closed());
+        assert_eq!(full.code, 1);
     }
 }
