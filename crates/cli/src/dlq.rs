@@ -6,6 +6,8 @@
 //! as a failed delivery). Only what settles a message is held, not the message: each one is
 //! printed as it is read, so memory does not grow with the queue.
 
+mod body;
+
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
@@ -199,23 +201,16 @@ async fn show_letters(
     Ok(held.len())
 }
 
-/// A dead letter as JSON: where it was published, properties, headers and body (JSON when it
-/// is JSON, else text, else bytes).
+/// A dead letter as JSON: where it was published, properties, headers and body (see
+/// [`body::insert`]).
 fn describe(index: usize, delivery: &Delivery) -> Value {
-    let body =
-        serde_json::from_slice::<Value>(&delivery.body).unwrap_or_else(
-            |_| match std::str::from_utf8(&delivery.body) {
-                Ok(text) => Value::from(text),
-                Err(_) => delivery.body.iter().map(|byte| Value::from(*byte)).collect(),
-            },
-        );
     let mut described = Map::new();
     described.insert("index".into(), index.into());
     described.insert("exchange".into(), delivery.exchange.clone().into());
     described.insert("routing_key".into(), delivery.routing_key.clone().into());
     described.insert("properties".into(), properties_to_json(&delivery.properties).into());
     described.insert("headers".into(), table_to_json(&delivery.properties.headers).into());
-    described.insert("body".into(), body);
+    body::insert(&mut described, &delivery.body);
     Value::Object(described)
 }
 

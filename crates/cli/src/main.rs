@@ -6,6 +6,7 @@
 //! input, 130 for a call interrupted by Ctrl-C, 1 otherwise); credentials are masked
 //! everywhere.
 
+mod base64;
 mod broker;
 mod call;
 mod dlq;
@@ -119,7 +120,8 @@ Examples:
     /// The full dead letters (properties, headers, body) as JSON.
     #[command(after_help = "\
 Messages are read without being consumed: they stay in the queue, in order. Each is printed
-as it is read.
+as it is read, its body as JSON, text or base64, as body_encoding says (json, text, base64),
+with body_size in bytes.
 
 Examples:
   micro-framework dlq show evt-orders-order_paid--billing.charge --index 0
