@@ -1,12 +1,12 @@
 //! `dlq list|show|replay|purge`: the dead letters of a work queue, in `{queue}.dlq`.
 //!
-//! Reading does not consume: messages are fetched with `basic.get` and held unacknowledged
-//! until the command is done; then the connection is closed, so the broker hands them all
-//! back to the queue, in their order (no per-message requeue, which quorum queues would count
-//! as a failed delivery). Only what settles a message is held, not the message: each one is
-//! printed as it is read, so memory does not grow with the queue.
+//! `list` and `show` read without consuming: [`reader`] holds each message read and hands
+//! them all back, in order, when the command ends (on a quorum queue before RabbitMQ 4.3 that
+//! counts a delivery of each: see [`reader`]). A lost connection fails them, and a reader
+//! closing their output ends them quietly, the messages handed back all the same.
 
 mod body;
+mod reader;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -17,13 +17,10 @@ use micro_framework::settle::{
     mark_first_route, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_ROUTING_KEY,
     HEADER_ORIGINAL_USER_ID,
 };
-use micro_framework::transport::{
-    Acker, Delivery, HeaderValue, OutgoingMessage, Properties, PublishOptions, SharedTransport,
-    TransportError,
-};
+use micro_framework::transport::{HeaderValue, OutgoingMessage, Properties, PublishOptions};
 use serde_json::{Map, Value};
 
-use crate::broker;
+use self::reader::{lost_while_reading, DeadLetter, DeadLetters, HandBack};
 use crate::error::CliError;
 use crate::headers::{properties_to_json, table_to_json, DeadLetterSummary};
 use crate::{json, names, table};
@@ -67,84 +64,43 @@ pub struct ReplayArgs {
     limit: Option<usize>,
 }
 
-/// What settles the dead letters read so far, kept unsettled until the connection closes.
-type Held = Vec<Box<dyn Acker>>;
-
-/// A connection and the dead-letter queue it works on.
-struct DeadLetters {
-    transport: SharedTransport,
-    queue: String,
-    count: usize,
-}
-
-impl DeadLetters {
-    /// Check the name, connect and check that the dead-letter queue of `queue` exists.
-    async fn open(uri: &str, queue: &str) -> Result<Self, CliError> {
-        let queue = if queue.ends_with(".dlq") { queue.to_owned() } else { format!("{queue}.dlq") };
-        names::check("the dead-letter queue", &queue)?;
-        let config = broker::config(uri, None)?;
-        let transport = broker::connect(&config).await?;
-        match transport.queue_info(&queue).await {
-            Ok(info) => Ok(DeadLetters { transport, queue, count: info.message_count as usize }),
-            Err(error) => {
-                transport.close().await;
-                Err(match error {
-                    TransportError::NotFound(_) => {
-                        CliError::failure(format!("queue '{queue}' does not exist"))
-                    }
-                    other => CliError::failure(format!("cannot inspect '{queue}': {other}")),
-                })
-            }
-        }
-    }
-
-    /// The next dead letter, unsettled; `None` once none is left.
-    async fn next(&self) -> Result<Option<Delivery>, CliError> {
-        self.transport
-            .get(&self.queue)
-            .await
-            .map_err(|error| CliError::failure(format!("cannot read '{}': {error}", self.queue)))
-    }
-
-    /// Close the connection; the broker hands the `held` messages back to the queue, in
-    /// order (the ackers are dropped after the close: dropped before, each would requeue its
-    /// message on its own).
-    async fn close(self, held: Held) {
-        self.transport.close().await;
-        drop(held);
+/// End a read-only command: hand the messages back, then report, in this order of
+/// precedence, a closed output (quietly), a failure of the read, a connection lost after
+/// the last read (the output may be wrong: see [`lost_while_reading`]).
+async fn finish<T>(dead: DeadLetters, read: Result<T, CliError>) -> Result<T, CliError> {
+    let (queue, held) = (dead.queue().to_owned(), dead.held());
+    let handed_back = dead.close().await;
+    let read = read?;
+    match handed_back {
+        HandBack::InOrder => Ok(read),
+        HandBack::ByTheBroker => Err(lost_while_reading(&queue, held)),
     }
 }
 
 /// `dlq list`: a table of the dead letters, a row printed as each is read.
 pub async fn list(uri: &str, args: QueueArg) -> Result<ExitCode, CliError> {
-    let dead = DeadLetters::open(uri, &args.queue).await?;
-    let mut held = Held::new();
-    let listed = list_rows(&dead, &mut held).await;
-    let queue = dead.queue.clone();
-    dead.close(held).await;
-    if listed? == 0 {
+    let mut dead = DeadLetters::open(uri, &args.queue).await?;
+    let queue = dead.queue().to_owned();
+    let listed = list_rows(&mut dead).await;
+    if finish(dead, listed).await? == 0 {
         eprintln!("no dead letters in {queue}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Print the table (its header first, when there is a dead letter); how many rows.
-async fn list_rows(dead: &DeadLetters, held: &mut Held) -> Result<usize, CliError> {
+async fn list_rows(dead: &mut DeadLetters) -> Result<usize, CliError> {
     let mut widths = COLUMNS.map(|(_, width)| width);
-    widths[0] = widths[0].max(dead.count.saturating_sub(1).to_string().len());
+    widths[0] = widths[0].max(dead.count().saturating_sub(1).to_string().len());
     let mut stdout = std::io::stdout();
-    while let Some(delivery) = dead.next().await? {
-        let index = held.len();
-        if index == 0 {
+    while let Some(letter) = dead.read().await? {
+        if letter.index == 0 {
             let header = COLUMNS.map(|(name, _)| name.to_owned());
             stdout.write_all(table::line(&header, &widths).as_bytes())?;
         }
-        // the body goes now; the acker stays, so the message goes back to its place
-        let Delivery { properties, acker, .. } = delivery;
-        held.push(acker);
-        let summary = DeadLetterSummary::of(&properties.headers);
+        let summary = DeadLetterSummary::of(&letter.properties.headers);
         let row = [
-            index.to_string(),
+            letter.index.to_string(),
             table::cell(&summary.route, CELL_WIDTH),
             table::cell(&summary.kind, CELL_WIDTH),
             table::cell(&summary.error, ERROR_WIDTH),
@@ -153,17 +109,15 @@ async fn list_rows(dead: &DeadLetters, held: &mut Held) -> Result<usize, CliErro
         ];
         stdout.write_all(table::line(&row, &widths).as_bytes())?;
     }
-    Ok(held.len())
+    Ok(dead.held())
 }
 
 /// `dlq show`: the dead letters (or one) in full, as JSON, each printed as it is read.
 pub async fn show(uri: &str, args: ShowArgs) -> Result<ExitCode, CliError> {
-    let dead = DeadLetters::open(uri, &args.queue.queue).await?;
-    let mut held = Held::new();
-    let shown = show_letters(&dead, args.index, &mut held).await;
-    let queue = dead.queue.clone();
-    dead.close(held).await;
-    let found = shown?;
+    let mut dead = DeadLetters::open(uri, &args.queue.queue).await?;
+    let queue = dead.queue().to_owned();
+    let shown = show_letters(&mut dead, args.index).await;
+    let found = finish(dead, shown).await?;
     match args.index {
         Some(index) if index >= found => {
             Err(CliError::failure(format!("{queue} holds {found} dead letters: no index {index}")))
@@ -172,45 +126,43 @@ pub async fn show(uri: &str, args: ShowArgs) -> Result<ExitCode, CliError> {
     }
 }
 
-/// Print the dead letter at `index` (read up to it), or all as a JSON array; how many read.
-async fn show_letters(
-    dead: &DeadLetters,
-    index: Option<usize>,
-    held: &mut Held,
-) -> Result<usize, CliError> {
+/// Print the dead letter at `index`, or all as a JSON array; how many read.
+///
+/// The queue is read to its end even for one dead letter: a quorum queue delivers the
+/// messages handed back after those it holds never delivered, or handed back before them,
+/// so handing back the first few only would move them behind the rest.
+async fn show_letters(dead: &mut DeadLetters, index: Option<usize>) -> Result<usize, CliError> {
     let mut stdout = std::io::stdout();
-    while index.is_none_or(|wanted| held.len() <= wanted) {
-        let Some(delivery) = dead.next().await? else { break };
-        let read = held.len();
-        match index {
+    while let Some(letter) = dead.read().await? {
+        let read = letter.index;
+        // the JSON value is dropped before the text is written: one of them at a time
+        let text = match index {
             // an element of the array, indented as `serde_json` pretty-prints one
-            None => {
-                let open = if read == 0 { "[\n  " } else { ",\n  " };
-                write!(stdout, "{open}{}", json::pretty(&describe(read, &delivery), 1)?)?;
-            }
-            Some(wanted) if wanted == read => {
-                writeln!(stdout, "{}", json::pretty(&describe(read, &delivery), 0)?)?;
-            }
-            Some(_) => {}
+            None => json::pretty(&describe(letter), 1)?,
+            Some(wanted) if wanted == read => json::pretty(&describe(letter), 0)?,
+            Some(_) => continue,
+        };
+        match index {
+            None => write!(stdout, "{}{text}", if read == 0 { "[\n  " } else { ",\n  " })?,
+            Some(_) => writeln!(stdout, "{text}")?,
         }
-        held.push(delivery.acker);
     }
     if index.is_none() {
-        writeln!(stdout, "{}", if held.is_empty() { "[]" } else { "\n]" })?;
+        writeln!(stdout, "{}", if dead.held() == 0 { "[]" } else { "\n]" })?;
     }
-    Ok(held.len())
+    Ok(dead.held())
 }
 
 /// A dead letter as JSON: where it was published, properties, headers and body (see
 /// [`body::insert`]).
-fn describe(index: usize, delivery: &Delivery) -> Value {
+fn describe(letter: DeadLetter) -> Value {
     let mut described = Map::new();
-    described.insert("index".into(), index.into());
-    described.insert("exchange".into(), delivery.exchange.clone().into());
-    described.insert("routing_key".into(), delivery.routing_key.clone().into());
-    described.insert("properties".into(), properties_to_json(&delivery.properties).into());
-    described.insert("headers".into(), table_to_json(&delivery.properties.headers).into());
-    body::insert(&mut described, &delivery.body);
+    described.insert("index".into(), letter.index.into());
+    described.insert("exchange".into(), letter.exchange.into());
+    described.insert("routing_key".into(), letter.routing_key.into());
+    described.insert("properties".into(), properties_to_json(&letter.properties).into());
+    described.insert("headers".into(), table_to_json(&letter.properties.headers).into());
+    body::insert(&mut described, &letter.body);
     Value::Object(described)
 }
 
@@ -237,14 +189,14 @@ fn replay_properties(dead_letter: &Properties) -> Properties {
 
 /// `dlq replay`: publish each dead letter back to its original queue, then remove it.
 pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
-    let dead = DeadLetters::open(uri, &args.queue.queue).await?;
+    let mut dead = DeadLetters::open(uri, &args.queue.queue).await?;
     // only the messages there now: a replayed message that fails again is not replayed twice
-    let total = args.limit.map_or(dead.count, |limit| limit.min(dead.count));
+    let total = args.limit.map_or(dead.count(), |limit| limit.min(dead.count()));
     let progress = Progress::new(total);
-    let (mut replayed, mut orphans, mut held) = (0, 0, Held::new());
+    let (mut replayed, mut orphans) = (0, 0);
     let mut failure = None;
     for _ in 0..total {
-        let delivery = match dead.next().await {
+        let delivery = match dead.take().await {
             Ok(Some(delivery)) => delivery,
             Ok(None) => break,
             Err(error) => {
@@ -256,7 +208,7 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
             delivery.properties.headers.get(HEADER_ORIGINAL_QUEUE).and_then(HeaderValue::as_str)
         else {
             orphans += 1;
-            held.push(delivery.acker);
+            dead.hold(delivery.acker);
             continue;
         };
         let original = original.to_owned();
@@ -270,8 +222,8 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
         }
         let message = OutgoingMessage { body: delivery.body.clone(), properties };
         let options = PublishOptions { mandatory: true };
-        if let Err(error) = dead.transport.publish("", &original, message, options).await {
-            held.push(delivery.acker);
+        if let Err(error) = dead.transport().publish("", &original, message, options).await {
+            dead.hold(delivery.acker);
             // the name is from the wire: it may be anything, of any length
             let original = bounded(&original, names::MAX_SHORT_STRING);
             failure = Some(format!("cannot publish to '{original}': {error}"));
@@ -282,7 +234,7 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
                 "replayed a message to '{}' but cannot remove it from '{}' ({error}): \
                  it may be replayed twice",
                 bounded(&original, names::MAX_SHORT_STRING),
-                dead.queue
+                dead.queue()
             ));
             break;
         }
@@ -290,9 +242,11 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
         progress.update(replayed);
     }
     progress.finish(replayed);
-    let queue = dead.queue.clone();
-    dead.close(held).await;
-    println!("replayed {replayed} of {total} dead letters from {queue}");
+    let queue = dead.queue().to_owned();
+    // the dead letters left, if any, go back whichever way: nothing in the output depends on it
+    let _ = dead.close().await;
+    let reported =
+        writeln!(std::io::stdout(), "replayed {replayed} of {total} dead letters from {queue}");
     if let Some(failure) = failure {
         return Err(CliError::failure(format!("replay stopped after {replayed}: {failure}")));
     }
@@ -301,6 +255,7 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
             "{orphans} dead letters have no {HEADER_ORIGINAL_QUEUE} header and stay in {queue}"
         )));
     }
+    reported?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -340,12 +295,13 @@ impl Progress {
 /// `dlq purge`: remove every dead letter and print how many.
 pub async fn purge(uri: &str, args: QueueArg) -> Result<ExitCode, CliError> {
     let dead = DeadLetters::open(uri, &args.queue).await?;
-    let purged = dead.transport.purge_queue(&dead.queue).await;
-    let queue = dead.queue.clone();
-    dead.close(Held::new()).await;
+    let purged = dead.transport().purge_queue(dead.queue()).await;
+    let queue = dead.queue().to_owned();
+    // nothing held, nothing to hand back
+    let _ = dead.close().await;
     let purged =
         purged.map_err(|error| CliError::failure(format!("cannot purge '{queue}': {error}")))?;
-    println!("purged {purged} dead letters from {queue}");
+    writeln!(std::io::stdout(), "purged {purged} dead letters from {queue}")?;
     Ok(ExitCode::SUCCESS)
 }
 

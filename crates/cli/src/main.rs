@@ -111,7 +111,10 @@ enum DlqCommand {
     /// One line per dead letter: index, route, error kind, error, attempts, failed at.
     #[command(after_help = "\
 Messages are read without being consumed: they stay in the queue, in order. Each row is
-printed as its message is read; cells are cut and text from the wire is escaped.
+printed as its message is read; cells are cut and text from the wire is escaped. On a quorum
+queue, RabbitMQ before 4.3 counts each reading as a delivery of every message read, and drops
+a message past the queue's delivery-limit (a warning says so): replay or purge rather than
+list repeatedly. A connection lost while reading fails the command (exit 1).
 
 Examples:
   micro-framework dlq list evt-orders-order_paid--billing.charge
@@ -119,9 +122,10 @@ Examples:
     List(dlq::QueueArg),
     /// The full dead letters (properties, headers, body) as JSON.
     #[command(after_help = "\
-Messages are read without being consumed: they stay in the queue, in order. Each is printed
-as it is read, its body as JSON, text or base64, as body_encoding says (json, text, base64),
-with body_size in bytes.
+Messages are read without being consumed: they stay in the queue, in order (the queue is
+read to its end, --index too). Each is printed as it is read, its body as JSON, text or
+base64, as body_encoding says (json, text, base64), with body_size in bytes. Quorum
+queues count each reading as for `dlq list`.
 
 Examples:
   micro-framework dlq show evt-orders-order_paid--billing.charge --index 0

@@ -1,0 +1,406 @@
+//! How `dlq list` and `dlq show` read a dead-letter queue without consuming it: the messages
+//! go back in order, a quorum queue's counting of deliveries is warned of, a connection lost
+//! while reading fails the command, binary bodies are shown compactly, and a reader closing
+//! the output ends the command quietly. Without RabbitMQ the tests fail when `CI=true` and
+//! print `SKIPPED:` otherwise.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use micro_framework::amqp::naming::dead_letter_queue;
+use micro_framework::config::QueueType;
+use micro_framework::transport::{
+    HeaderValue, Headers, OutgoingMessage, Properties, PublishOptions, QueueSpec, SharedTransport,
+};
+use serde_json::Value;
+
+mod support;
+
+use support::*;
+
+/// Publish a dead letter straight into `dlq`, its error `letter-{n}`, its body `n`.
+async fn put_letter(transport: &SharedTransport, dlq: &str, n: usize) {
+    let mut headers = Headers::new();
+    headers.insert("x-mf-error".into(), HeaderValue::from(format!("letter-{n}")));
+    put(transport, dlq, headers, n.to_string().as_bytes()).await;
+}
+
+async fn put(transport: &SharedTransport, queue: &str, headers: Headers, body: &[u8]) {
+    let properties = Properties { headers, ..Properties::default() };
+    let message = OutgoingMessage { body: body.to_vec().into(), properties };
+    transport.publish("", queue, message, PublishOptions::default()).await.expect("published");
+}
+
+/// The dead-letter queue of `queue` as a service declares it with `QUEUE_TYPE=queue_type`.
+async fn declare_dlq(transport: &SharedTransport, uri: &str, queue: &str, queue_type: QueueType) {
+    let config = config(uri, "cli_tests").with_queue_type(queue_type);
+    transport.declare_queue(&dead_letter_queue(&config, queue)).await.expect("declared");
+}
+
+/// The bodies of `dlq show`, in the order it printed them.
+fn shown_bodies(run: &Run) -> Vec<Value> {
+    let shown: Value = serde_json::from_str(&run.ok().stdout).expect("JSON");
+    shown.as_array().expect("an array").iter().map(|letter| letter["body"].clone()).collect()
+}
+
+/// The `letter-N` of each row of `dlq list`, in the order it printed them.
+fn listed_letters(run: &Run) -> Vec<String> {
+    run.ok()
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|row| row.split_whitespace().find(|cell| cell.starts_with("letter-")).unwrap_or("?"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn letters(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|n| format!("letter-{n}")).collect()
+}
+
+fn numbers(range: std::ops::Range<usize>) -> Vec<Value> {
+    range.map(Value::from).collect()
+}
+
+/// What the test's own connection reads of `dlq`, in queue order (handed back at its close).
+async fn queue_order(uri: &str, dlq: &str) -> Vec<Value> {
+    let transport = connect(uri).await;
+    let mut bodies = Vec::new();
+    let mut held = Vec::new();
+    while let Some(delivery) = transport.get(dlq).await.expect("get") {
+        bodies.push(serde_json::from_slice(&delivery.body).expect("a number"));
+        held.push(delivery.acker);
+    }
+    transport.close().await;
+    drop(held);
+    bodies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_and_show_leave_the_queue_in_order() {
+    let Some(uri) = rabbitmq() else { return };
+    for queue_type in [QueueType::Classic, QueueType::Quorum] {
+        let queue = unique("cli_order");
+        let dlq = format!("{queue}.dlq");
+        let body = in_order_body(uri.clone(), queue, dlq.clone(), queue_type);
+        cleaned(&uri, vec![dlq], vec![], body).await;
+    }
+}
+
+async fn in_order_body(uri: String, queue: String, dlq: String, queue_type: QueueType) {
+    let transport = connect(&uri).await;
+    declare_dlq(&transport, &uri, &queue, queue_type).await;
+    for n in 0..5 {
+        put_letter(&transport, &dlq, n).await;
+    }
+    let what = format!("{queue_type:?} dead-letter queue");
+    for _ in 0..3 {
+        let listed = cli(Some(&uri), &["dlq", "list", &queue]).await;
+        assert_eq!(listed_letters(&listed), letters(0..5), "{what}: {listed:?}");
+        let shown = cli(Some(&uri), &["dlq", "show", &queue]).await;
+        assert_eq!(shown_bodies(&shown), numbers(0..5), "{what}: {shown:?}");
+        // part of the queue read and handed back, the rest not read at all
+        let one = cli(Some(&uri), &["dlq", "show", &queue, "--index", "2"]).await;
+        let one: Value = serde_json::from_str(&one.ok().stdout).expect("JSON");
+        assert_eq!(one["body"], 2, "{what}: {one}");
+    }
+    assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 5, "{what}");
+    assert_eq!(queue_order(&uri, &dlq).await, numbers(0..5), "{what}");
+    transport.close().await;
+}
+
+/// The warning of `dlq list`/`dlq show` on a quorum queue's counted deliveries.
+const COUNTING_WARNING: &str = "counts a delivery";
+
+fn warnings(run: &Run) -> usize {
+    run.stderr.lines().filter(|line| line.contains(COUNTING_WARNING)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_quorum_dlq_again_warns_that_it_counts_deliveries() {
+    let Some(uri) = rabbitmq() else { return };
+    let (quorum, classic) = (unique("cli_warn_quorum"), unique("cli_warn_classic"));
+    let queues = vec![format!("{quorum}.dlq"), format!("{classic}.dlq")];
+    cleaned(&uri, queues, vec![], warning_body(uri.clone(), quorum, classic)).await;
+}
+
+async fn warning_body(uri: String, quorum: String, classic: String) {
+    let transport = connect(&uri).await;
+    declare_dlq(&transport, &uri, &quorum, QueueType::Quorum).await;
+    declare_dlq(&transport, &uri, &classic, QueueType::Classic).await;
+    for n in 0..3 {
+        put_letter(&transport, &format!("{quorum}.dlq"), n).await;
+        put_letter(&transport, &format!("{classic}.dlq"), n).await;
+    }
+    // never delivered before: RabbitMQ 3.x writes x-delivery-count 0 (a warning), 4.x nothing
+    let first = cli(Some(&uri), &["dlq", "list", &quorum]).await;
+    assert!(warnings(first.ok()) <= 1, "{first:?}");
+    // handed back once: each message carries x-delivery-count now (RabbitMQ before 4.3)
+    for args in [&["dlq", "list", &quorum][..], &["dlq", "show", &quorum]] {
+        let again = cli(Some(&uri), args).await;
+        assert_eq!(warnings(again.ok()), 1, "{args:?}: {again:?}");
+        assert!(again.stderr.contains("delivery-limit"), "{again:?}");
+        assert!(again.stderr.starts_with("warning: "), "{again:?}");
+    }
+    for _ in 0..3 {
+        let run = cli(Some(&uri), &["dlq", "list", &classic]).await;
+        assert_eq!(warnings(run.ok()), 0, "{run:?}");
+        assert_eq!(run.stderr, "", "{run:?}");
+    }
+    transport.close().await;
+}
+
+fn management(method: &str, path: &str) -> String {
+    let output = std::process::Command::new("curl")
+        .args(["-s", "-u", "guest:guest", "-X", method])
+        .arg(format!("http://127.0.0.1:15672/api/{path}"))
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The broker's name of the connection whose client calls itself `connection_name`.
+fn connection_named(connection_name: &str) -> Option<String> {
+    let list: Value = serde_json::from_str(&management("GET", "connections")).ok()?;
+    list.as_array()?.iter().find_map(|connection| {
+        (connection["client_properties"]["connection_name"] == connection_name)
+            .then(|| connection["name"].as_str().map(str::to_owned))
+            .flatten()
+    })
+}
+
+fn percent_encoded(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// More rows than a pipe holds (64 KiB): a CLI nobody reads blocks on its output.
+const MANY: usize = 1500;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_while_reading_fails_the_command() {
+    let Some(uri) = rabbitmq() else { return };
+    if management("GET", "overview").is_empty() {
+        eprintln!("SKIPPED: no management API on 127.0.0.1:15672");
+        return;
+    }
+    for command in ["list", "show"] {
+        let queue = unique("cli_lost");
+        let dlq = format!("{queue}.dlq");
+        cleaned(&uri, vec![dlq.clone()], vec![], lost_body(uri.clone(), queue, dlq, command)).await;
+    }
+}
+
+async fn lost_body(uri: String, queue: String, dlq: String, command: &'static str) {
+    let transport = connect(&uri).await;
+    transport.declare_queue(&QueueSpec::durable(dlq.as_str())).await.unwrap();
+    for n in 0..MANY {
+        put_letter(&transport, &dlq, n).await;
+    }
+    // the connection is named after SERVICE_NAME: found by it in the management API
+    let service = unique("cli_lost_conn");
+    let mut child = std::process::Command::new(BIN)
+        .args(["dlq", command, &queue])
+        .env("AMQP_URI", &uri)
+        .env("SERVICE_NAME", &service)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // nobody reads its output yet: the CLI blocks once the pipe is full, mid-queue
+    let started = Instant::now();
+    let name = loop {
+        if let Some(name) = connection_named(&service) {
+            break name;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no CLI connection");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    management("DELETE", &format!("connections/{}", percent_encoded(&name)));
+    // the transport reconnects by itself meanwhile
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (stdout, stderr, status) = tokio::task::spawn_blocking(move || {
+        let mut stdout = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        (stdout, stderr, child.wait().unwrap())
+    })
+    .await
+    .unwrap();
+    let run = Run { code: status.code().unwrap_or(-1), stdout, stderr };
+    run.one_error_line(1, "connection to the broker was lost");
+    assert!(run.stderr.contains("run the command again"), "{}", run.stderr);
+    // what was printed stops short, and repeats nothing
+    let printed: Vec<String> = if command == "list" {
+        run.stdout.lines().skip(1).map(str::to_owned).collect()
+    } else {
+        run.stdout
+            .lines()
+            .filter(|line| line.starts_with("    \"index\""))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(printed.len() < MANY, "{} of {MANY} printed", printed.len());
+    for (n, line) in printed.iter().enumerate() {
+        let expected = if command == "list" { format!("letter-{n} ") } else { format!(": {n},") };
+        assert!(line.contains(&expected), "line {n}: {line}");
+    }
+    // nothing consumed
+    let started = Instant::now();
+    while transport.queue_info(&dlq).await.unwrap().message_count != MANY as u32 {
+        assert!(started.elapsed() < Duration::from_secs(10), "dead letters lost");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    transport.close().await;
+}
+
+/// Standard base64 decoding, enough for the test.
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bytes = Vec::with_capacity(text.len() / 4 * 3);
+    let (mut bits, mut count) = (0u32, 0);
+    for c in text.bytes().take_while(|c| *c != b'=') {
+        let value = ALPHABET.iter().position(|a| *a == c).expect("a base64 character");
+        bits = bits << 6 | u32::try_from(value).unwrap();
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            bytes.push((bits >> count) as u8);
+        }
+    }
+    bytes
+}
+
+/// A body of a few MiB that is not UTF-8 (every byte value, 0xff included).
+const BINARY_SIZE: usize = 3 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_show_prints_binary_bodies_as_base64_in_bounded_memory() {
+    let Some(uri) = rabbitmq() else { return };
+    let queue = unique("cli_binary");
+    let dlq = format!("{queue}.dlq");
+    cleaned(&uri, vec![dlq.clone()], vec![], binary_body(uri.clone(), queue, dlq)).await;
+}
+
+async fn binary_body(uri: String, queue: String, dlq: String) {
+    let transport = connect(&uri).await;
+    transport.declare_queue(&QueueSpec::durable(dlq.as_str())).await.unwrap();
+    let binary: Vec<u8> = (0..BINARY_SIZE).map(|n| (n % 251) as u8 ^ 0x80).collect();
+    assert!(std::str::from_utf8(&binary).is_err());
+    put(&transport, &dlq, Headers::new(), &binary).await;
+    put(&transport, &dlq, Headers::new(), b"plain text").await;
+    put(&transport, &dlq, Headers::new(), br#""a JSON string""#).await;
+
+    let (stdout, peak_kib) = tokio::task::spawn_blocking({
+        let (uri, queue) = (uri.clone(), queue.clone());
+        move || run_measured(&uri, &["dlq", "show", &queue, "--index", "0"])
+    })
+    .await
+    .unwrap();
+    assert!(
+        stdout.len() * 10 < binary.len() * 14,
+        "{} bytes printed for a body of {}",
+        stdout.len(),
+        binary.len()
+    );
+    // the body, its copy in base64 and the JSON that holds it, and the process itself
+    let peak_mib = peak_kib >> 10;
+    assert!(peak_mib < 64, "dlq show peaked at {peak_mib} MiB for a 3 MiB body");
+    let shown: Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(shown["body_encoding"], "base64", "{}", &stdout[..stdout.len().min(500)]);
+    assert_eq!(shown["body_size"], BINARY_SIZE, "{}", &stdout[..stdout.len().min(500)]);
+    assert!(base64_decode(shown["body"].as_str().expect("text")) == binary, "another body");
+
+    // text and JSON bodies say what they are: a JSON string is not a text body
+    let all = cli(Some(&uri), &["dlq", "show", &queue]).await;
+    let all: Value = serde_json::from_str(&all.ok().stdout).unwrap();
+    let encodings: Vec<&Value> =
+        all.as_array().unwrap().iter().map(|l| &l["body_encoding"]).collect();
+    assert_eq!(encodings, ["base64", "text", "json"]);
+    assert_eq!(all[1]["body"], "plain text");
+    assert_eq!(all[2]["body"], "a JSON string");
+    assert_eq!(all[2]["body_size"], 15);
+    transport.close().await;
+}
+
+/// Run the binary to its end; its stdout and its peak resident set (KiB, from `wait4`).
+// the child is reaped by wait4, which gives its own rusage (std's wait does not)
+#[allow(clippy::zombie_processes)]
+fn run_measured(uri: &str, args: &[&str]) -> (String, i64) {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .env("AMQP_URI", uri)
+        .env_remove("SERVICE_NAME")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        stdout.read_to_string(&mut text).map(|_| text)
+    });
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid, and wait4 reaps only our own child
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status}");
+    (reader.join().unwrap().unwrap(), usage.ru_maxrss)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_output_ends_dlq_list_and_show_quietly() {
+    let Some(uri) = rabbitmq() else { return };
+    let queue = unique("cli_head");
+    let dlq = format!("{queue}.dlq");
+    cleaned(&uri, vec![dlq.clone()], vec![], head_body(uri.clone(), queue, dlq)).await;
+}
+
+async fn head_body(uri: String, queue: String, dlq: String) {
+    let transport = connect(&uri).await;
+    transport.declare_queue(&QueueSpec::durable(dlq.as_str())).await.unwrap();
+    for n in 0..MANY {
+        put_letter(&transport, &dlq, n).await;
+    }
+    for command in ["list", "show"] {
+        // `micro-framework dlq list q | head -2`
+        let (cli_uri, cli_queue) = (uri.clone(), queue.clone());
+        let (head, stderr, status) = tokio::task::spawn_blocking(move || {
+            let mut child = std::process::Command::new(BIN)
+                .args(["dlq", command, &cli_queue])
+                .env("AMQP_URI", &cli_uri)
+                .env_remove("SERVICE_NAME")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let head: Vec<String> = BufReader::new(child.stdout.take().unwrap())
+                .lines()
+                .take(2)
+                .collect::<Result<_, _>>()
+                .unwrap();
+            // the reader is gone: the pipe is closed
+            let mut stderr = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            (head, stderr, child.wait().unwrap())
+        })
+        .await
+        .unwrap();
+        assert_eq!(head.len(), 2, "{command}: {head:?}");
+        assert_eq!(stderr, "", "{command}");
+        assert_eq!(status.code(), Some(0), "{command}: {status}");
+        // the messages read are back, in order
+        assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, MANY as u32);
+        let listed = cli(Some(&uri), &["dlq", "list", &queue]).await;
+        assert_eq!(listed_letters(&listed), letters(0..MANY), "after {command}");
+    }
+    transport.close().await;
+}
