@@ -14,8 +14,8 @@ use std::process::ExitCode;
 use clap::Args;
 use micro_framework::logging::bounded;
 use micro_framework::settle::{
-    mark_first_route, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_ROUTING_KEY,
-    HEADER_ORIGINAL_USER_ID,
+    mark_first_route, HEADER_HEADERS_DROPPED, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE,
+    HEADER_ORIGINAL_ROUTING_KEY, HEADER_ORIGINAL_USER_ID,
 };
 use micro_framework::transport::{HeaderValue, OutgoingMessage, Properties, PublishOptions};
 use serde_json::{Map, Value};
@@ -193,7 +193,7 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
     // only the messages there now: a replayed message that fails again is not replayed twice
     let total = args.limit.map_or(dead.count(), |limit| limit.min(dead.count()));
     let progress = Progress::new(total);
-    let (mut replayed, mut orphans) = (0, 0);
+    let (mut replayed, mut orphans, mut headless) = (0, 0, 0);
     let mut failure = None;
     for _ in 0..total {
         let delivery = match dead.take().await {
@@ -220,6 +220,7 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
             // its handler reads the route it was first published with, not its queue's name
             mark_first_route(&mut properties.headers, exchange, routing_key);
         }
+        let dropped_headers = delivery.properties.headers.contains_key(HEADER_HEADERS_DROPPED);
         let message = OutgoingMessage { body: delivery.body.clone(), properties };
         let options = PublishOptions { mandatory: true };
         if let Err(error) = dead.transport().publish("", &original, message, options).await {
@@ -239,12 +240,21 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
             break;
         }
         replayed += 1;
+        headless += usize::from(dropped_headers);
         progress.update(replayed);
     }
     progress.finish(replayed);
     let queue = dead.queue().to_owned();
     // the dead letters left, if any, go back whichever way: nothing in the output depends on it
     let _ = dead.close().await;
+    if headless > 0 {
+        // the framework dead-lettered these without their headers, which did not fit in a frame
+        // with its own: their handlers get the body and properties alone
+        eprintln!(
+            "warning: {headless} of the dead letters replayed had lost their original headers \
+             when dead-lettered ({HEADER_HEADERS_DROPPED}): they were replayed without them"
+        );
+    }
     let reported =
         writeln!(std::io::stdout(), "replayed {replayed} of {total} dead letters from {queue}");
     if let Some(failure) = failure {

@@ -509,6 +509,42 @@ async fn replay_body(uri: String, target: String, dlq: String) {
     transport.close().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_warns_of_dead_letters_that_lost_their_headers() {
+    let Some(uri) = rabbitmq() else { return };
+    let (target, dlq) = (unique("cli_target"), unique("cli_headless") + ".dlq");
+    let queues = vec![target.clone(), dlq.clone()];
+    cleaned(&uri, queues, vec![], headless_body(uri.clone(), target, dlq)).await;
+}
+
+async fn headless_body(uri: String, target: String, dlq: String) {
+    let transport = connect(&uri).await;
+    for name in [&target, &dlq] {
+        let spec = micro_framework::transport::QueueSpec::durable(name.as_str());
+        transport.declare_queue(&spec).await.unwrap();
+    }
+    for n in 0..3 {
+        let mut properties = micro_framework::transport::Properties::default();
+        properties.headers.insert("x-mf-original-queue".into(), HeaderValue::from(target.as_str()));
+        if n > 0 {
+            // as the framework marks a dead letter whose headers did not fit in a frame
+            let dropped = "12 original headers dropped: with the dead-letter headers they made \
+                           140000 bytes, over the frame_max of 131072 bytes";
+            properties.headers.insert("x-mf-headers-dropped".into(), HeaderValue::from(dropped));
+        }
+        let message = micro_framework::transport::OutgoingMessage { body: bytes_of(n), properties };
+        transport.publish("", &dlq, message, Default::default()).await.unwrap();
+    }
+    let run = cli(Some(&uri), &["dlq", "replay", &dlq]).await;
+    assert!(run.ok().stdout.contains("replayed 3 of 3"), "{run:?}");
+    let warnings: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(warnings.len(), 1, "{run:?}");
+    assert!(warnings[0].starts_with("warning: 2 of the dead letters replayed"), "{run:?}");
+    assert!(warnings[0].contains("x-mf-headers-dropped"), "{run:?}");
+    assert_eq!(transport.queue_info(&target).await.unwrap().message_count, 3);
+    transport.close().await;
+}
+
 fn bytes_of(n: usize) -> bytes::Bytes {
     bytes::Bytes::from(n.to_string())
 }
