@@ -6,7 +6,6 @@
 //! input, 130 for a call interrupted by Ctrl-C, 1 otherwise); credentials are masked
 //! everywhere.
 
-mod base64;
 mod broker;
 mod call;
 mod dlq;

@@ -3,7 +3,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::base64;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 
 /// Insert `body`, `body_encoding` and `body_size` into `described`:
 /// - `json`: a body that is JSON, as that JSON value;
@@ -19,7 +20,7 @@ pub fn insert(described: &mut Map<String, Value>, body: &[u8]) {
             Ok(text) => (Value::from(text), "text"),
             // base64: 4/3 of the body, where an array of byte values took ~10 bytes of output
             // and a 32-byte JSON value per byte of the body
-            Err(_) => (Value::from(base64::encode(body)), "base64"),
+            Err(_) => (Value::from(STANDARD.encode(body)), "base64"),
         },
     };
     described.insert("body".into(), value);
