@@ -8,11 +8,11 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use micro_framework::amqp::naming::dead_letter_queue;
 use micro_framework::config::QueueType;
-use micro_framework::transport::{
-    HeaderValue, Headers, OutgoingMessage, Properties, PublishOptions, QueueSpec, SharedTransport,
-};
+use micro_framework::transport::{HeaderValue, Headers, QueueSpec, SharedTransport};
 use serde_json::Value;
 
 mod support;
@@ -24,12 +24,6 @@ async fn put_letter(transport: &SharedTransport, dlq: &str, n: usize) {
     let mut headers = Headers::new();
     headers.insert("x-mf-error".into(), HeaderValue::from(format!("letter-{n}")));
     put(transport, dlq, headers, n.to_string().as_bytes()).await;
-}
-
-async fn put(transport: &SharedTransport, queue: &str, headers: Headers, body: &[u8]) {
-    let properties = Properties { headers, ..Properties::default() };
-    let message = OutgoingMessage { body: body.to_vec().into(), properties };
-    transport.publish("", queue, message, PublishOptions::default()).await.expect("published");
 }
 
 /// The dead-letter queue of `queue` as a service declares it with `QUEUE_TYPE=queue_type`.
@@ -261,23 +255,6 @@ async fn lost_body(uri: String, queue: String, dlq: String, command: &'static st
     transport.close().await;
 }
 
-/// Standard base64 decoding, enough for the test.
-fn base64_decode(text: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut bytes = Vec::with_capacity(text.len() / 4 * 3);
-    let (mut bits, mut count) = (0u32, 0);
-    for c in text.bytes().take_while(|c| *c != b'=') {
-        let value = ALPHABET.iter().position(|a| *a == c).expect("a base64 character");
-        bits = bits << 6 | u32::try_from(value).unwrap();
-        count += 6;
-        if count >= 8 {
-            count -= 8;
-            bytes.push((bits >> count) as u8);
-        }
-    }
-    bytes
-}
-
 /// A body of a few MiB that is not UTF-8 (every byte value, 0xff included).
 const BINARY_SIZE: usize = 3 << 20;
 
@@ -316,7 +293,8 @@ async fn binary_body(uri: String, queue: String, dlq: String) {
     let shown: Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(shown["body_encoding"], "base64", "{}", &stdout[..stdout.len().min(500)]);
     assert_eq!(shown["body_size"], BINARY_SIZE, "{}", &stdout[..stdout.len().min(500)]);
-    assert!(base64_decode(shown["body"].as_str().expect("text")) == binary, "another body");
+    let decoded = STANDARD.decode(shown["body"].as_str().expect("text")).expect("base64");
+    assert!(decoded == binary, "another body");
 
     // text and JSON bodies say what they are: a JSON string is not a text body
     let all = cli(Some(&uri), &["dlq", "show", &queue]).await;
@@ -328,32 +306,6 @@ async fn binary_body(uri: String, queue: String, dlq: String) {
     assert_eq!(all[2]["body"], "a JSON string");
     assert_eq!(all[2]["body_size"], 15);
     transport.close().await;
-}
-
-/// Run the binary to its end; its stdout and its peak resident set (KiB, from `wait4`).
-// the child is reaped by wait4, which gives its own rusage (std's wait does not)
-#[allow(clippy::zombie_processes)]
-fn run_measured(uri: &str, args: &[&str]) -> (String, i64) {
-    let mut child = std::process::Command::new(BIN)
-        .args(args)
-        .env("AMQP_URI", uri)
-        .env_remove("SERVICE_NAME")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).map(|_| text)
-    });
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid, and wait4 reaps only our own child
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status}");
-    (reader.join().unwrap().unwrap(), usage.ru_maxrss)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

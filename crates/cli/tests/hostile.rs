@@ -3,7 +3,6 @@
 //! over-long names on the command line, and dead letters published by another broker user.
 //! Without RabbitMQ the broker tests fail when `CI=true` and print `SKIPPED:` otherwise.
 
-use std::io::Read;
 use std::time::Duration;
 
 use micro_framework::amqp::entrypoints::RPCListener;
@@ -12,7 +11,7 @@ use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
 use micro_framework::transport::{
     BindingSpec, ExchangeKind, ExchangeSpec, HeaderValue, Headers, OutgoingMessage, Properties,
-    PublishOptions, QueueSpec, SharedTransport,
+    PublishOptions, QueueSpec,
 };
 use serde_json::Value;
 
@@ -45,13 +44,6 @@ fn assert_safe(what: &str, text: &str) {
     let found: Vec<String> =
         text.chars().filter(|c| is_unsafe(*c)).map(|c| format!("U+{:04X}", u32::from(c))).collect();
     assert!(found.is_empty(), "{what} holds {found:?}: {text:?}");
-}
-
-/// Publish a message straight into `queue` (default exchange).
-async fn put(transport: &SharedTransport, queue: &str, headers: Headers, body: &[u8]) {
-    let properties = Properties { headers, ..Properties::default() };
-    let message = OutgoingMessage { body: bytes::Bytes::copy_from_slice(body), properties };
-    transport.publish("", queue, message, PublishOptions::default()).await.expect("published");
 }
 
 fn text(value: &str) -> HeaderValue {
@@ -208,32 +200,6 @@ async fn big_body(uri: String, queue: String, dlq: String) {
     assert_eq!(again.ok().stdout, first);
 
     transport.close().await;
-}
-
-/// Run the binary to its end; its stdout and its peak resident set (KiB, from `wait4`).
-// the child is reaped by wait4, which gives its own rusage (std's wait does not)
-#[allow(clippy::zombie_processes)]
-fn run_measured(uri: &str, args: &[&str]) -> (String, i64) {
-    let mut child = std::process::Command::new(BIN)
-        .args(args)
-        .env("AMQP_URI", uri)
-        .env_remove("SERVICE_NAME")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).map(|_| text)
-    });
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid, and wait4 reaps only our own child
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status}");
-    (reader.join().unwrap().unwrap(), usage.ru_maxrss)
 }
 
 /// A name one byte over the 255 an AMQP short string holds.

@@ -6,8 +6,12 @@
 
 use std::time::Duration;
 
+use std::io::Read;
+
 use micro_framework::prelude::*;
-use micro_framework::transport::SharedTransport;
+use micro_framework::transport::{
+    Headers, OutgoingMessage, Properties, PublishOptions, SharedTransport,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_micro-framework");
 pub const DOWN_URI: &str = "amqp://guest:guest@127.0.0.1:1/";
@@ -125,4 +129,37 @@ pub async fn cleaned(
             Err(error) => panic!("{error}"),
         }
     }
+}
+
+/// Publish a message straight into `queue` (default exchange).
+pub async fn put(transport: &SharedTransport, queue: &str, headers: Headers, body: &[u8]) {
+    let properties = Properties { headers, ..Properties::default() };
+    let message = OutgoingMessage { body: bytes::Bytes::copy_from_slice(body), properties };
+    transport.publish("", queue, message, PublishOptions::default()).await.expect("published");
+}
+
+/// Run the binary to its end; its stdout and its peak resident set (KiB, from `wait4`).
+// the child is reaped by wait4, which gives its own rusage (std's wait does not)
+#[allow(clippy::zombie_processes)]
+pub fn run_measured(uri: &str, args: &[&str]) -> (String, i64) {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .env("AMQP_URI", uri)
+        .env_remove("SERVICE_NAME")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        stdout.read_to_string(&mut text).map(|_| text)
+    });
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid, and wait4 reaps only our own child
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status}");
+    (reader.join().unwrap().unwrap(), usage.ru_maxrss)
 }
