@@ -617,7 +617,9 @@ async fn dependencies_see_setup_each_call_its_outcome_and_teardown() {
     }
 
     let journal = Arc::new(Journal::default());
-    let config = config(&broker_uris()[0], "deps");
+    let uri = broker_uris().swap_remove(0);
+    let config = config(&uri, "deps");
+    let markers = [config.service_name.clone(), shop.clone()];
     let routes = vec![Route::new(uses).entrypoint(EventListener::new(&shop, "paid"))];
     let runner = Runner::new(routes, config.clone()).dependency(Tracked(journal.clone()));
     let service = TestService::start_runner(runner, config).await.unwrap();
@@ -626,6 +628,8 @@ async fn dependencies_see_setup_each_call_its_outcome_and_teardown() {
     service.dispatch(&shop, "paid", &false).await.unwrap();
     service.wait_for_route("uses", 2).await.unwrap();
     service.stop().await.unwrap();
+    // the first broker is RabbitMQ under TEST_AMQP_URI
+    common::cleanup(&uri, &markers).await;
     let entries = journal.0.lock().unwrap().clone();
     assert_eq!(
         entries,
