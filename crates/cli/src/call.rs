@@ -1,5 +1,6 @@
 //! `call`: call an RPC method with the standalone RPC client and print the result as JSON.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -69,12 +70,16 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
     };
     match outcome {
         Ok(result) => {
-            println!("{}", json::pretty(&result, 0)?);
+            writeln!(std::io::stdout(), "{}", json::pretty(&result, 0)?)?;
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => match remote_error(&error) {
             Some(described) => {
-                println!("{}", json::pretty(&json!({ "error": described }), 0)?);
+                writeln!(
+                    std::io::stdout(),
+                    "{}",
+                    json::pretty(&json!({ "error": described }), 0)?
+                )?;
                 Ok(ExitCode::FAILURE)
             }
             None => Err(local_error(service, error)),

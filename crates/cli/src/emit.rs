@@ -1,6 +1,7 @@
 //! `emit`: dispatch an event as another service would (Nameko's `dispatch_event`), and fail
 //! when no queue receives it.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use bytes::Bytes;
@@ -84,6 +85,6 @@ pub async fn run(uri: &str, args: EmitArgs) -> Result<ExitCode, CliError> {
         )),
         other => CliError::failure(format!("cannot dispatch the event: {other}")),
     })?;
-    println!("dispatched {event} to exchange {exchange} (confirmed)");
+    writeln!(std::io::stdout(), "dispatched {event} to exchange {exchange} (confirmed)")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
 //! `show-config`: the effective configuration of a service, secrets masked.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -26,6 +27,6 @@ pub fn run(file: Option<&Path>, format: Format) -> Result<ExitCode, CliError> {
         Format::Yaml => serde_yaml_ng::to_string(&masked)
             .map_err(|error| CliError::failure(format!("cannot write YAML: {error}")))?,
     };
-    print!("{text}");
+    write!(std::io::stdout(), "{text}")?;
     Ok(ExitCode::SUCCESS)
 }

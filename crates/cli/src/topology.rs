@@ -1,5 +1,6 @@
 //! `topology`: run a service binary with `MF_PRINT_TOPOLOGY=1` and show what it declares.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
@@ -99,9 +100,9 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
         ))
     })?;
     if args.json {
-        print!("{}", String::from_utf8_lossy(&output.stdout));
+        std::io::stdout().write_all(&output.stdout)?;
     } else {
-        print!("{}", render(&topology));
+        write!(std::io::stdout(), "{}", render(&topology))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -57,6 +57,31 @@ async fn every_subcommand_has_help_with_examples() {
     }
 }
 
+/// `micro-framework show-config | head -0`: the reader is gone before the command writes.
+/// It ends quietly with exit 0, as `dlq` does (`println!` panicked: "failed printing to
+/// stdout", exit 101).
+#[test]
+fn a_closed_output_ends_show_config_quietly() {
+    use std::os::fd::FromRawFd;
+    let mut ends = [0; 2];
+    // SAFETY: `pipe` fills the two descriptors; the read end is closed at once, the write end
+    // handed to the child's stdout, which owns it from then on
+    let stdout = unsafe {
+        assert_eq!(libc::pipe(ends.as_mut_ptr()), 0);
+        libc::close(ends[0]);
+        std::process::Stdio::from_raw_fd(ends[1])
+    };
+    let output = std::process::Command::new(BIN)
+        .arg("show-config")
+        .env("SERVICE_NAME", "closed_output")
+        .stdout(stdout)
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+}
+
 #[tokio::test]
 async fn bad_input_is_one_error_line_and_a_non_zero_exit() {
     cli(None, &["emit", "shop", "paid", "{oops"]).await.one_error_line(2, "not valid JSON");
