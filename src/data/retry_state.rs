@@ -117,8 +117,13 @@ pub(crate) fn keep_own_retry_state(headers: &mut Headers, queue: &str) {
 
 /// Remove from `headers` any retry state ([`keep_own_retry_state`]).
 pub(crate) fn drop_retry_state(headers: &mut Headers) {
-    let state = [HEADER_RETRY_QUEUE, HEADER_RETRY_ROUTE, HEADER_RETRY_COUNT, HEADER_LAST_RETRY];
-    for name in state.into_iter().chain([HEADER_LAST_ERROR]) {
+    for name in [
+        HEADER_RETRY_QUEUE,
+        HEADER_RETRY_ROUTE,
+        HEADER_RETRY_COUNT,
+        HEADER_LAST_RETRY,
+        HEADER_LAST_ERROR,
+    ] {
         headers.remove(name);
     }
 }

@@ -146,7 +146,7 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                 let body = tokio::select! {
                     biased;
                     body = Bytes::from_request(whole, &()) => body,
-                    () = no_more_calls(&route) => return stopping(),
+                    () = route.closed_to_new_calls() => return stopping(),
                 };
                 let body = match body {
                     Ok(body) => body,
@@ -157,15 +157,6 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
             }
         },
     )
-}
-
-/// Resolves once `route` starts no more calls: when the service stops, in the modes that
-/// are not greedy (a greedy one runs what it received); never in a greedy one.
-async fn no_more_calls(route: &RouteHandle) {
-    if route.pool().mode().is_greedy() {
-        std::future::pending::<()>().await;
-    }
-    route.stopping().cancelled().await;
 }
 
 /// The answer to a request no call will run for: the service is stopping.

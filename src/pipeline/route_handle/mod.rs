@@ -241,6 +241,13 @@ impl RouteHandle {
         permit.filter(|_| !self.given_up())
     }
 
+    /// Resolves once the route starts no new call ([`WorkerPool::closed_to_new_calls`]): an
+    /// entrypoint still reading a request can refuse it then, rather than read it to its end.
+    #[cfg(feature = "http")]
+    pub(crate) async fn closed_to_new_calls(&self) {
+        self.inner.pool.closed_to_new_calls(&self.inner.stopping).await;
+    }
+
     /// Record that the service's stop waited `SHUTDOWN_TIMEOUT` for its calls and gave up:
     /// from now on no call of the service starts ([`RouteHandle::acquire`] is `None`, in
     /// greedy modes too). A greedy mode's messages still waiting for a slot would otherwise

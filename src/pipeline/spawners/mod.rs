@@ -164,11 +164,20 @@ impl WorkerPool {
         } else {
             tokio::select! {
                 biased;
-                _ = stopping.cancelled() => None,
+                () = self.closed_to_new_calls(stopping) => None,
                 permit = slots.acquire_owned() => permit.ok(),
             }
         };
         permit.map(|permit| self.permit(permit))
+    }
+
+    /// Resolves once the pool admits no new call: when `stopping` fires, for a pool that is
+    /// not greedy; never for a greedy one, which runs what was received.
+    pub async fn closed_to_new_calls(&self, stopping: &CancellationToken) {
+        if self.mode.is_greedy() {
+            std::future::pending::<()>().await;
+        }
+        stopping.cancelled().await;
     }
 
     /// A free slot now, or `None` when every slot is busy or the service is stopping and
