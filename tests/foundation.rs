@@ -622,7 +622,7 @@ async fn dependencies_see_setup_each_call_its_outcome_and_teardown() {
     let markers = [config.service_name.clone(), shop.clone()];
     let routes = vec![Route::new(uses).entrypoint(EventListener::new(&shop, "paid"))];
     let runner = Runner::new(routes, config.clone()).dependency(Tracked(journal.clone()));
-    let service = TestService::start_runner(runner, config).await.unwrap();
+    let service = TestService::start_runner(runner).await.unwrap();
     service.dispatch(&shop, "paid", &true).await.unwrap();
     service.wait_for_route("uses", 1).await.unwrap();
     service.dispatch(&shop, "paid", &false).await.unwrap();
@@ -690,7 +690,7 @@ async fn a_runner_context_keeps_long_tasks_from_starving_other_routes() {
             .max_workers(1)
             .metric_label("slow"),
         );
-        let service = TestService::start_runner(runner, config).await.unwrap();
+        let service = TestService::start_runner(runner).await.unwrap();
         service.dispatch(&shop, "slow", &json!(1)).await.unwrap();
         blocked.wait_started(1).await;
         for i in 0..3 {

@@ -586,7 +586,7 @@ async fn scrape_labels(protocol: Protocol) -> String {
         RunnerContext::new(vec![on(Route::new(noop).name("slow"))]).metric_label("slow_context"),
     )
     .context(RunnerContext::new(vec![on(Route::new(noop).name("other"))]));
-    let service = TestService::start_runner(runner, config).await.unwrap();
+    let service = TestService::start_runner(runner).await.unwrap();
     let address = service.service().metrics_address().unwrap();
     service.dispatch(&shop, "go", &1).await.unwrap();
     for route in ["plain", "labelled", "called_back", "slow", "other"] {
@@ -642,8 +642,8 @@ async fn metric_labels_follow_the_python_original_under_the_micro_framework_prof
 async fn empty_and_shared_metric_labels_stop_the_start() {
     let uri = format!("memory://{}", unique("bad_labels"));
     let on = |route: Route| route.entrypoint(EventListener::new("shop", "go"));
-    let refusal = |runner: Runner, config: Config| async move {
-        match TestService::start_runner(runner, config).await {
+    let refusal = |runner: Runner| async move {
+        match TestService::start_runner(runner).await {
             Err(micro_framework::Error::Startup(reason)) => reason,
             Err(other) => panic!("expected a start-up error, got {other}"),
             Ok(_) => panic!("the service started"),
@@ -652,18 +652,18 @@ async fn empty_and_shared_metric_labels_stop_the_start() {
     for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
         let config = config(&uri, "bad_labels").with_protocol(protocol);
         let empty_route = Runner::new(vec![on(Route::new(noop).metric_label(""))], config.clone());
-        let reason = refusal(empty_route, config.clone()).await;
+        let reason = refusal(empty_route).await;
         assert!(reason.contains("route 'noop' has an empty metric_label"), "{reason}");
 
         let empty_context = Runner::new(vec![on(Route::new(noop))], config.clone())
             .context(RunnerContext::new(vec![on(Route::new(noop).name("b"))]).metric_label(" "));
-        let reason = refusal(empty_context, config.clone()).await;
+        let reason = refusal(empty_context).await;
         assert!(reason.contains("a RunnerContext has an empty metric_label"), "{reason}");
 
         let shared_context = Runner::new(vec![on(Route::new(noop))], config.clone()).context(
             RunnerContext::new(vec![on(Route::new(noop).name("b"))]).metric_label("default"),
         );
-        let reason = refusal(shared_context, config.clone()).await;
+        let reason = refusal(shared_context).await;
         assert!(reason.contains("two RunnerContexts have the metric_label 'default'"), "{reason}");
 
         // a label that another route of the context has by default
@@ -675,7 +675,7 @@ async fn empty_and_shared_metric_labels_stop_the_start() {
             vec![on(Route::new(noop).name("a")), on(Route::new(noop).metric_label(default_of_a))],
             config.clone(),
         );
-        let reason = refusal(shared_route, config.clone()).await;
+        let reason = refusal(shared_route).await;
         let expected = format!("routes 'a' and 'noop' have the same metric label '{default_of_a}'");
         assert!(reason.contains(&expected), "{reason}");
     }

@@ -285,7 +285,7 @@ mod testing {
         let runner = Runner::new(routes(), test_config("orders"))
             .dependency(events.clone())
             .dependency(rpc.clone());
-        let service = TestService::start_runner(runner, test_config("orders")).await.unwrap();
+        let service = TestService::start_runner(runner).await.unwrap();
 
         let total: i64 = service.hook("on_paid").unwrap().event(&json!({"id": 7})).await.unwrap();
         assert_eq!(total, 42);
@@ -304,7 +304,7 @@ mod testing {
         let rpc = FakeRpc::new();
         rpc.returns("prices", "quote", 5);
         let runner = Runner::new(routes(), test_config("orders")).dependency(rpc.clone());
-        let service = TestService::start_runner(runner, test_config("orders")).await.unwrap();
+        let service = TestService::start_runner(runner).await.unwrap();
 
         let second = service.waiter("on_paid").unwrap().matching(|order| order["id"] == 2);
         service.dispatch("shop", "paid", &json!({"id": 1})).await.unwrap();   // as service "shop"

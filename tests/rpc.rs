@@ -791,3 +791,48 @@ async fn a_greedy_rpc_service_past_its_shutdown_timeout_starts_no_more_calls() {
         }
     }
 }
+
+fn held(Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(json!(null));
+    probe.leave();
+}
+
+/// The request queue's one consumer holds as many requests as the pools of its methods have
+/// workers, each pool counted once: requests held past that only wait in this instance, where
+/// another could run them and a lost connection would hand them out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_consumer_holds_one_pools_worth_of_requests_however_many_methods_share_it() {
+    for uri in broker_uris() {
+        let probe = Probe::closed();
+        let service_config = config(&uri, "held").with_max_workers(2);
+        let service_name = service_config.service_name.clone();
+        let method = |name: &str| {
+            Route::new(held)
+                .name(name)
+                .entrypoint(RPCListener::new())
+                .dependency(Shared(probe.clone()))
+        };
+        // five methods in the service's pool of 2, one in a context of its own with 1 worker
+        let runner =
+            Runner::new((0..5).map(|i| method(&format!("m{i}"))).collect(), service_config)
+                .context(RunnerContext::new(vec![method("alone")]).max_workers(1));
+        let service = TestService::start_runner(runner).await.unwrap();
+        let client = Client::connect(&config(&uri, "caller")).await.unwrap();
+        let proxy = client.service(&service_name).timeout(Duration::from_secs(60));
+        let mut calls = Vec::new();
+        for _ in 0..12 {
+            calls.push(proxy.call_async("m0", (), json!({})).await.unwrap());
+        }
+        probe.wait_started(2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let queue = format!("rpc-{service_name}");
+        let ready = service.transport().queue_info(&queue).await.unwrap().message_count;
+        probe.open();
+        drop(calls);
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[service_name]).await;
+        // 2 running, 1 held for the context's pool: 3 taken from the queue
+        assert_eq!(ready, 9, "requests left in the queue on {uri}");
+    }
+}

@@ -301,7 +301,7 @@ async fn a_call_failing_after_the_stop_gave_up_on_it_is_not_dead_lettered() {
             .dependency(Shared(probe.clone()))];
         let (closed, _) = tokio::sync::watch::channel(false);
         let runner = Runner::new(routes, config.clone()).dependency(ClosedAtStop(closed));
-        let service = TestService::start_runner(runner, config.clone()).await.unwrap();
+        let service = TestService::start_runner(runner).await.unwrap();
         service.dispatch(&shop, "job", &json!({})).await.unwrap();
         probe.wait_started(1).await;
         service.stop().await.unwrap();

@@ -166,7 +166,7 @@ async fn runner_level_fakes_serve_every_route_and_a_route_fake_wins() {
                 .dependency(own.clone()),
         ];
         let runner = Runner::new(routes, config.clone()).dependency(shared.clone());
-        let service = TestService::start_runner(runner, config.clone()).await.unwrap();
+        let service = TestService::start_runner(runner).await.unwrap();
         for (event, route) in [("first", "first"), ("second", "second"), ("own", "own")] {
             service.dispatch(&source, event, &json!({"from": event})).await.unwrap();
             service.wait_for_route(route, 1).await.unwrap();
@@ -198,9 +198,7 @@ async fn sync_targets_use_the_fakes_in_both_thread_modes() {
             .dependency(price_list());
             let events = FakeProducer::new();
             let service =
-                TestService::start_runner(runner.dependency(events.clone()), config.clone())
-                    .await
-                    .unwrap();
+                TestService::start_runner(runner.dependency(events.clone())).await.unwrap();
             let order = json!({"id": 1, "items": ["pen", "pen", "lamp"]});
             service.dispatch(&source, "order_placed", &order).await.unwrap();
             service.wait_for_route("price_blocking", 1).await.unwrap();

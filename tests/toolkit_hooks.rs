@@ -223,6 +223,14 @@ async fn a_timer_hook_fires_the_route_with_the_time_as_the_timer_writes_it() {
     assert_eq!(hook.timer_at::<String>(at).await.unwrap(), "2023-11-14T22:13:20.123456");
     let now: String = hook.timer().await.unwrap();
     assert!(now.len() >= 19 && now.starts_with("20") && now.contains('T'), "{now}");
+    // a time a Python datetime cannot hold is refused, not a panic
+    let far = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
+    let refused = hook.timer_at::<String>(far).await.unwrap_err();
+    assert!(matches!(refused, HookError::Request { .. }), "{refused:?}");
+    assert!(refused.to_string().contains("years 1 to 9999"), "{refused}");
+    let ancient = SystemTime::UNIX_EPOCH - Duration::from_secs(62_200_000_000);
+    let refused = hook.timer_at::<String>(ancient).await.unwrap_err();
+    assert!(matches!(refused, HookError::Request { .. }), "{refused:?}");
     service.stop().await.unwrap();
 }
 

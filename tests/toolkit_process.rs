@@ -5,14 +5,13 @@
 
 mod common;
 
+use micro_framework::amqp::dependencies::Producer;
 #[cfg(feature = "metrics")]
 use micro_framework::amqp::dependencies::RpcProxy;
-#[cfg(feature = "metrics")]
-use micro_framework::amqp::entrypoints::EventListener;
-use micro_framework::amqp::entrypoints::RPCListener;
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::prelude::*;
 use micro_framework::testing::{test_config, TestService};
-use micro_framework::FailureKind;
+use micro_framework::{CallContext, FailureKind};
 
 fn pid() -> u32 {
     std::process::id()
@@ -294,4 +293,35 @@ async fn two_process_mode_services_in_one_test_each_run_their_own_routes() {
     assert!(in_first.as_ref().is_ok_and(ran_in_a_worker), "{in_first:?}");
     assert!(in_second.as_ref().is_ok_and(ran_in_a_worker), "{in_second:?}");
     assert_ne!(in_first, in_second, "one worker process served both services");
+}
+
+/// Dispatches an event as its service, and returns its call's id stack.
+async fn announce(call: CallContext, events: Producer) -> micro_framework::Result<Vec<String>> {
+    events.dispatch("announced", &"hello").await?;
+    Ok(call.call_id_stack)
+}
+
+fn on_announced(Payload(greeting): Payload<String>) -> String {
+    greeting
+}
+
+/// A test's unique service name is new in each worker's run of the test body: the worker
+/// runs its calls as the service that started it all the same.
+#[tokio::test]
+async fn a_worker_process_runs_its_calls_as_the_service_that_started_it() {
+    let config = test_config(&common::unique("announcer"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let name = config.service_name.clone();
+    let routes = vec![
+        Route::new(announce).entrypoint(RPCListener::new()),
+        Route::new(on_announced).entrypoint(EventListener::new(&name, "announced")),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    let waiter = service.waiter("on_announced").unwrap();
+    let stack: Vec<String> = service.hook("announce").unwrap().rpc((), ()).await.unwrap();
+    let heard = waiter.wait().await.map(|call| call.result::<String>());
+    service.stop().await.unwrap();
+    assert!(stack[0].starts_with(&format!("{name}.announce.")), "{stack:?}");
+    assert_eq!(heard.unwrap().unwrap(), "hello", "the event went to another exchange");
 }

@@ -58,6 +58,11 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// The config the runner was built with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// A runner for `routes`, all in one context sized by `MAX_WORKERS` and `WORKER_MODE`.
     pub fn new(routes: Vec<Route>, config: Config) -> Self {
         Runner {

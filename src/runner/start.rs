@@ -249,6 +249,7 @@ async fn start_processes(
         if pool.mode().is_process() && pool.processes().is_none() {
             tracing::info!("starting {} worker processes ({})", pool.size(), pool.context());
             let processes = ProcessPool::start(
+                &config.service_name,
                 pool.size(),
                 env.transport.clone(),
                 env.metrics.clone(),
@@ -277,7 +278,10 @@ async fn start_processes(
 /// entrypoints) and the dependencies, on a transport that goes through the service.
 #[cfg(feature = "process")]
 pub(super) async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
-    let (config, plans) = runner.prepare()?;
+    let (mut config, plans) = runner.prepare()?;
+    if let Some(service) = crate::pipeline::spawners::process::served_service_name() {
+        Arc::make_mut(&mut config).service_name = service;
+    }
     let link = WorkerLink::connect(socket).await?;
     let env = ServiceEnv::new(config.clone(), link.transport())?;
     #[cfg(feature = "metrics")]

@@ -1,7 +1,7 @@
 //! Where the services of tests run: a private in-process broker, or RabbitMQ when
 //! `TEST_AMQP_URI` is set (one switch for a whole test suite).
 
-use crate::config::Config;
+use crate::config::{Config, MetricsConfig};
 use crate::error::Result;
 
 /// The environment variable that moves [`test_config`] to RabbitMQ, e.g.
@@ -9,7 +9,9 @@ use crate::error::Result;
 pub const TEST_AMQP_URI_ENV: &str = "TEST_AMQP_URI";
 
 /// A config for `service` on a broker of its own, so tests can run in parallel with the same
-/// service and queue names:
+/// service and queue names. Its HTTP, WebSocket and metrics servers listen on ports the
+/// system picks, on the loopback address (see
+/// [`RunningService::web_address`](crate::RunningService::web_address) and the like):
 ///
 /// - by default a private in-process broker (`memory://test-{uuid}`);
 /// - with `TEST_AMQP_URI` set, a new virtual host (`mf-test-{time}-{uuid}`) of that RabbitMQ,
@@ -59,8 +61,22 @@ pub fn try_test_config(service: &str) -> Result<Config> {
 /// A config for `service` on a private in-process broker, whatever `TEST_AMQP_URI` says: for
 /// tests that need the in-process broker, e.g. those on tokio's paused clock.
 pub fn memory_test_config(service: &str) -> Config {
-    Config::new(service).with_amqp_uri(format!("memory://test-{}", uuid::Uuid::new_v4()))
+    on_loopback(Config::new(service))
+        .with_amqp_uri(format!("memory://test-{}", uuid::Uuid::new_v4()))
 }
+
+/// `config` with its servers on ports the system picks, on the loopback address: tests with
+/// HTTP or WebSocket routes then run in parallel, and reach no other machine.
+fn on_loopback(config: Config) -> Config {
+    let metrics = MetricsConfig { host: LOOPBACK.to_owned(), port: 0 };
+    config
+        .with_web_server_address(format!("{LOOPBACK}:0"))
+        .with_websocket_ip(LOOPBACK.to_owned())
+        .with_websocket_port(0)
+        .with_metrics(metrics)
+}
+
+const LOOPBACK: &str = "127.0.0.1";
 
 fn in_worker_process() -> bool {
     #[cfg(feature = "process")]
@@ -72,7 +88,7 @@ fn in_worker_process() -> bool {
 #[cfg(feature = "test-rabbitmq")]
 fn rabbitmq_config(service: &str, uri: &str) -> Result<Config> {
     let vhost_uri = super::vhost::create(uri)?;
-    Ok(Config::new(service).with_amqp_uri(vhost_uri))
+    Ok(on_loopback(Config::new(service)).with_amqp_uri(vhost_uri))
 }
 
 #[cfg(not(feature = "test-rabbitmq"))]

@@ -37,16 +37,12 @@ impl TestService {
     /// # });
     /// ```
     pub async fn start_only(routes: Vec<Route>, config: Config, enabled: &[&str]) -> Result<Self> {
-        Self::start_runner_only(Runner::new(routes, config.clone()), config, enabled).await
+        Self::start_runner_only(Runner::new(routes, config), enabled).await
     }
 
     /// [`TestService::start_only`] for a runner built by the test (see
     /// [`TestService::start_runner`]).
-    pub async fn start_runner_only(
-        runner: Runner,
-        config: Config,
-        enabled: &[&str],
-    ) -> Result<Self> {
-        Self::start_runner(runner.restrict_entrypoints(enabled), config).await
+    pub async fn start_runner_only(runner: Runner, enabled: &[&str]) -> Result<Self> {
+        Self::start_runner(runner.restrict_entrypoints(enabled)).await
     }
 }

@@ -25,14 +25,15 @@ pub struct TestService {
 impl TestService {
     /// Start `routes` with `config` (see [`test_config`](crate::testing::test_config)).
     pub async fn start(routes: Vec<Route>, config: Config) -> Result<Self> {
-        Self::start_runner(Runner::new(routes, config.clone()), config).await
+        Self::start_runner(Runner::new(routes, config)).await
     }
 
-    /// Start a runner built by the test (contexts, runner dependencies); `config` must be
-    /// the one the runner was built with.
-    pub async fn start_runner(runner: Runner, config: Config) -> Result<Self> {
+    /// Start a runner built by the test (contexts, runner dependencies), with the config it
+    /// was built with.
+    pub async fn start_runner(runner: Runner) -> Result<Self> {
         #[cfg(feature = "process")]
         let runner = crate::testing::process::prepare(runner).await;
+        let config = runner.config().clone();
         let _broker = BrokerLease::for_config(&config);
         Ok(TestService { service: runner.spawn().await?, config, _broker })
     }

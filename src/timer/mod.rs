@@ -6,4 +6,4 @@ mod fired_at;
 mod leadership;
 
 pub use entrypoint::{Schedule, TimeEntrypoint};
-pub(crate) use fired_at::tick_message;
+pub(crate) use fired_at::{python_datetime, tick_message};

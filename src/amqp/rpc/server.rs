@@ -49,11 +49,20 @@ impl RpcServer {
         self.methods().insert(route.name().to_owned(), route);
     }
 
-    /// The consumer's prefetch: `PREFETCH_COUNT` if set, else the sum of the routes' pool
-    /// sizes, so that no method's requests can take every slot of another's.
+    /// The consumer's prefetch: `PREFETCH_COUNT` if set, else the sum of the sizes of the
+    /// pools the methods run in, each counted once: requests held past the free slots only
+    /// wait in this instance, where another instance could have run them, and a lost
+    /// connection would redeliver them.
     fn prefetch(&self) -> u16 {
         self.service.config().prefetch_count.unwrap_or_else(|| {
-            self.methods().values().fold(0u16, |sum, route| sum.saturating_add(route.prefetch()))
+            let methods = self.methods();
+            let mut pools: Vec<&RouteHandle> = Vec::new();
+            for route in methods.values() {
+                if !pools.iter().any(|seen| seen.pool().is(route.pool())) {
+                    pools.push(route);
+                }
+            }
+            pools.iter().fold(0u16, |sum, route| sum.saturating_add(route.prefetch()))
         })
     }
 

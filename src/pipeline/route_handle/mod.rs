@@ -198,7 +198,6 @@ impl RouteHandle {
     }
 
     /// The worker pool this route runs in.
-    #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
     pub(crate) fn pool(&self) -> &WorkerPool {
         &self.inner.pool
     }

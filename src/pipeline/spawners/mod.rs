@@ -124,6 +124,11 @@ impl WorkerPool {
         &self.context
     }
 
+    /// Whether `other` is this pool (a clone of it), not another of the same size.
+    pub fn is(&self, other: &WorkerPool) -> bool {
+        Arc::ptr_eq(&self.slots, &other.slots)
+    }
+
     /// How many calls may run at once.
     pub fn size(&self) -> usize {
         self.size

@@ -151,7 +151,7 @@ impl EntrypointHook {
     /// fn order(Path(id): Path<u64>) -> serde_json::Value { serde_json::json!({"id": id}) }
     ///
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-    /// let config = test_config("orders").with_web_server_address("127.0.0.1:0".into());
+    /// let config = test_config("orders");
     /// let routes = vec![Route::new(order).entrypoint(HttpEntrypoint::get("/orders/{id}"))];
     /// let service = TestService::start(routes, config).await.unwrap();
     /// let hook = service.hook("order").unwrap();

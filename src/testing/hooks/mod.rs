@@ -164,7 +164,14 @@ impl EntrypointHook {
         let Some(EntrypointKind::Timer) = self.kind() else {
             return Err(self.wrong_entrypoint("a TimeEntrypoint"));
         };
-        let message = crate::timer::tick_message(fired_at.into());
+        let Some(fired_at) = crate::timer::python_datetime(fired_at) else {
+            let reason = format!(
+                "{fired_at:?} is outside the years 1 to 9999, which a timer's payload (a Python \
+                 datetime) can hold"
+            );
+            return Err(HookError::Request { route: self.route.name().to_owned(), reason });
+        };
+        let message = crate::timer::tick_message(fired_at);
         self.call(encoded(self.route.name(), message)?).await
     }
 

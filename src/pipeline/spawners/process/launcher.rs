@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 use super::control::{ControlLink, Sink};
 use super::pool::ProcessPool;
 use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Ready};
-use super::worker::{SERVICE_PID_ENV, SOCKET_DIR_PREFIX, WORKER_SOCKET_ENV};
+use super::worker::{SERVICE_NAME_ENV, SERVICE_PID_ENV, SOCKET_DIR_PREFIX, WORKER_SOCKET_ENV};
 use crate::data::Outcome;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -76,6 +76,8 @@ pub(super) struct Launcher {
     pub transport: SharedTransport,
     /// The service's metrics, where the RPC calls its workers' targets make are recorded.
     pub metrics: Metrics,
+    /// The name of the service, which its workers run as.
+    pub service: Arc<str>,
     /// The arguments of a worker process: `None` for the program's own.
     pub args: Option<Vec<OsString>>,
     /// The pool its workers are for, told when one's control link ends.
@@ -130,6 +132,7 @@ impl Launcher {
         }
         command.args(args).env(WORKER_SOCKET_ENV, socket);
         command.env(SERVICE_PID_ENV, std::process::id().to_string());
+        command.env(SERVICE_NAME_ENV, &*self.service);
         let mut child = command.kill_on_drop(true).spawn().map_err(|error| {
             Error::WorkerProcess(format!("cannot start a worker process: {error}"))
         })?;

@@ -67,8 +67,9 @@ impl std::fmt::Debug for ProcessPool {
 }
 
 impl ProcessPool {
-    /// Start `size` worker processes.
+    /// Start `size` worker processes of the service named `service`.
     pub(crate) async fn start(
+        service: &str,
         size: usize,
         transport: SharedTransport,
         metrics: Metrics,
@@ -83,7 +84,13 @@ impl ProcessPool {
             failure: std::sync::OnceLock::new(),
             failed: CancellationToken::new(),
             busy: TaskTracker::new(),
-            launcher: Launcher { transport, metrics, args, pool: pool.clone() },
+            launcher: Launcher {
+                transport,
+                metrics,
+                service: service.into(),
+                args,
+                pool: pool.clone(),
+            },
             size,
             time_limit,
             max_tasks,

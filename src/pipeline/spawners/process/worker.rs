@@ -26,12 +26,21 @@ pub const WORKER_SOCKET_ENV: &str = "MF_WORKER_SOCKET";
 /// service may be gone before the worker's watch starts, its parent then another.
 pub(super) const SERVICE_PID_ENV: &str = "MF_WORKER_SERVICE_PID";
 
+/// The environment variable that gives a worker process the name of its service: the
+/// worker's own set-up may name it otherwise (a test's unique name is new at every run).
+pub(super) const SERVICE_NAME_ENV: &str = "MF_WORKER_SERVICE_NAME";
+
 /// How the name of the directory of a worker's socket begins.
 pub(super) const SOCKET_DIR_PREFIX: &str = "mf-worker-";
 
 /// The socket to dial when this process is a worker.
 pub(crate) fn worker_socket() -> Option<String> {
     std::env::var(WORKER_SOCKET_ENV).ok().filter(|path| !path.is_empty())
+}
+
+/// The name of the service this worker process serves, as the service gave it.
+pub(crate) fn served_service_name() -> Option<String> {
+    std::env::var(SERVICE_NAME_ENV).ok().filter(|name| !name.is_empty())
 }
 
 /// The two links to the service, once connected.
