@@ -761,3 +761,79 @@ async fn an_event_whose_filter_panics_is_dead_lettered_once_as_bad_input() {
         common::cleanup(&uri, &[shop.clone(), config.service_name.clone()]).await;
     }
 }
+
+/// Fails every first attempt; records each attempt's `(id, retry_count)`.
+fn fails_first(
+    Payload(event): Payload<Value>,
+    retry: micro_framework::retry::BackOffData,
+    Dep(attempts): Dep<Arc<std::sync::Mutex<Vec<(u64, u32)>>>>,
+) -> Result<(), String> {
+    let id = event["id"].as_u64().unwrap_or(u64::MAX);
+    attempts.lock().unwrap().push((id, retry.retry_count));
+    match retry.retry_count {
+        0 => Err("the first attempt fails".into()),
+        _ => Ok(()),
+    }
+}
+
+/// Any publisher can set `x-death`, which RabbitMQ reads when a retry copy leaves its delay
+/// queue: one it cannot read crashed that queue, and the retries waiting in it were lost.
+#[tokio::test]
+async fn a_forged_x_death_loses_no_retry_of_any_event() {
+    for uri in broker_uris() {
+        let shop = unique("xdeath");
+        let config = config(&uri, &format!("hostile_{shop}"));
+        let queue = format!("evt-{shop}-job--{}.fails_first", config.service_name);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let attempts: Arc<std::sync::Mutex<Vec<(u64, u32)>>> = Arc::default();
+        let routes = vec![Route::new(fails_first)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(300)))
+            .dependency(Shared(attempts.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        for id in 0..3 {
+            service.dispatch(&shop, "job", &json!({ "id": id })).await.unwrap();
+        }
+        let table = |fields: Vec<(&str, HeaderValue)>| {
+            HeaderValue::Table(
+                fields.into_iter().map(|(key, value)| (key.to_owned(), value)).collect(),
+            )
+        };
+        let forged = [
+            (10, HeaderValue::Array(vec![HeaderValue::Int(1)])),
+            (
+                11,
+                HeaderValue::Array(vec![table(vec![
+                    ("queue", HeaderValue::from(format!("{queue}.delay-300"))),
+                    ("reason", HeaderValue::from("expired")),
+                    ("count", HeaderValue::from("many")),
+                ])]),
+            ),
+        ];
+        for (id, x_death) in forged {
+            let mut properties = micro_framework::data::json_properties();
+            properties.headers.insert("x-death".into(), x_death);
+            let body = json!({ "id": id }).to_string().into_bytes();
+            publish_raw(service.transport(), &shop, "job", body, properties).await.unwrap();
+        }
+        service.dispatch(&shop, "job", &json!({ "id": 3 })).await.unwrap();
+        let retried = || {
+            let attempts = attempts.lock().unwrap();
+            let mut ids: Vec<u64> =
+                attempts.iter().filter(|(_, retry)| *retry == 1).map(|(id, _)| *id).collect();
+            ids.sort_unstable();
+            ids
+        };
+        let all = vec![0, 1, 2, 3, 10, 11];
+        for _ in 0..100 {
+            if retried() == all {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seen = retried();
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+        assert_eq!(seen, all, "events whose retry never came, on {uri}");
+    }
+}

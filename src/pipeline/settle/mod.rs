@@ -23,7 +23,7 @@ use crate::pipeline::consume::{hand_back_as_retry, hand_back_message, HEADER_RED
 use crate::pipeline::delayed_message::RetryMeta;
 use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;
-use crate::transport::{Delivery, Headers, Properties, TransportError};
+use crate::transport::{Delivery, HeaderValue, Headers, Properties, TransportError};
 
 /// Header: the route that failed.
 pub const HEADER_ROUTE: &str = "x-mf-route";
@@ -278,6 +278,38 @@ fn mark_pending_dead_letter(headers: &mut Headers, failure: &Failure) {
     }
 }
 
+/// Keep in `headers` only the `x-death` entries shaped as RabbitMQ writes them. Any publisher
+/// can set `x-death`, and RabbitMQ reads it when it dead-letters the message (a retry copy
+/// leaving its delay queue): an entry that is no table, or a field of the wrong type, crashes
+/// the queue there, and every message waiting in it is lost.
+fn keep_well_formed_deaths(headers: &mut Headers) {
+    let Some(HeaderValue::Array(deaths)) = headers.remove("x-death") else { return };
+    let kept: Vec<HeaderValue> = deaths.into_iter().filter(is_well_formed_death).collect();
+    if !kept.is_empty() {
+        headers.insert("x-death".into(), HeaderValue::Array(kept));
+    }
+}
+
+/// An `x-death` entry with a `queue` and a `reason`, and each field RabbitMQ writes of the
+/// type it writes it with (others are left as they are: RabbitMQ does not read them).
+fn is_well_formed_death(death: &HeaderValue) -> bool {
+    let HeaderValue::Table(fields) = death else { return false };
+    let named = |key: &str| matches!(fields.get(key), Some(HeaderValue::String(_)));
+    let typed = |(key, value): (&String, &HeaderValue)| match (key.as_str(), value) {
+        ("queue" | "reason" | "exchange" | "original-expiration", value) => {
+            matches!(value, HeaderValue::String(_))
+        }
+        ("count", value) => matches!(value, HeaderValue::Int(count) if *count >= 0),
+        ("time", value) => matches!(value, HeaderValue::Timestamp(_)),
+        ("routing-keys", HeaderValue::Array(keys)) => {
+            keys.iter().all(|key| matches!(key, HeaderValue::String(_)))
+        }
+        ("routing-keys", _) => false,
+        _ => true,
+    };
+    named("queue") && named("reason") && fields.iter().all(typed)
+}
+
 /// The failure a delivery with these `headers` is to be dead-lettered with, without running,
 /// when it is a copy given back because its dead letter could not be published
 /// ([`HEADER_PENDING_DEAD_LETTER`], removed: its dead letter does not carry it).
@@ -292,10 +324,12 @@ pub(crate) fn take_pending_dead_letter(headers: &mut Headers) -> Option<Failure>
 /// should carry to another queue (where a publisher's value would be read as a count); and
 /// without the `user_id` property, which RabbitMQ accepts only from the user it names; its
 /// value moves to [`HEADER_ORIGINAL_USER_ID`]; and without the mark of a copy that stands in
-/// for a redelivery ([`HEADER_REDELIVERED`]), which only such a copy carries.
+/// for a redelivery ([`HEADER_REDELIVERED`]), which only such a copy carries; and with only
+/// the `x-death` entries RabbitMQ could have written ([`keep_well_formed_deaths`]).
 pub(crate) fn copy_properties(original: &Properties) -> Properties {
     let mut properties = original.clone();
     properties.expiration = None;
+    keep_well_formed_deaths(&mut properties.headers);
     properties.headers.remove("x-delivery-count");
     // a copy stands in for a redelivery only where it says so itself
     properties.headers.remove(HEADER_REDELIVERED);
@@ -303,4 +337,79 @@ pub(crate) fn copy_properties(original: &Properties) -> Properties {
         properties.headers.insert(HEADER_ORIGINAL_USER_ID.into(), user_id.into());
     }
     properties
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(fields: &[(&str, HeaderValue)]) -> HeaderValue {
+        HeaderValue::Table(
+            fields.iter().map(|(key, value)| ((*key).to_owned(), value.clone())).collect(),
+        )
+    }
+
+    fn death(queue: &str) -> Vec<(&'static str, HeaderValue)> {
+        vec![
+            ("queue", HeaderValue::from(queue)),
+            ("reason", HeaderValue::from("expired")),
+            ("count", HeaderValue::Int(2)),
+            ("exchange", HeaderValue::from("")),
+            ("routing-keys", HeaderValue::Array(vec![HeaderValue::from(queue)])),
+            ("time", HeaderValue::Timestamp(1_700_000_000)),
+            ("original-expiration", HeaderValue::from("100")),
+        ]
+    }
+
+    fn copied(x_death: HeaderValue) -> Option<HeaderValue> {
+        let mut properties = Properties::default();
+        properties.headers.insert("x-death".into(), x_death);
+        copy_properties(&properties).headers.remove("x-death")
+    }
+
+    #[test]
+    fn a_copy_keeps_the_x_death_entries_rabbitmq_writes() {
+        let good = table(&death("work.delay-100"));
+        let mut other = death("other");
+        other.push(("a-later-field", HeaderValue::Bool(true)));
+        let other = table(&other);
+        let both = HeaderValue::Array(vec![good.clone(), other.clone()]);
+        assert_eq!(copied(both.clone()), Some(both));
+    }
+
+    #[test]
+    fn a_copy_drops_the_x_death_entries_rabbitmq_would_crash_on() {
+        let good = table(&death("work.delay-100"));
+        let with = |key: &'static str, value: HeaderValue| {
+            let mut fields = death("work.delay-100");
+            fields.retain(|(name, _)| *name != key);
+            fields.push((key, value));
+            table(&fields)
+        };
+        let without = |key: &str| {
+            let mut fields = death("work.delay-100");
+            fields.retain(|(name, _)| *name != key);
+            table(&fields)
+        };
+        let malformed = [
+            HeaderValue::Int(1),
+            HeaderValue::from("expired"),
+            table(&[]),
+            without("queue"),
+            without("reason"),
+            with("queue", HeaderValue::Int(5)),
+            with("count", HeaderValue::from("many")),
+            with("count", HeaderValue::Int(-1)),
+            with("time", HeaderValue::from("now")),
+            with("routing-keys", HeaderValue::from("work")),
+            with("routing-keys", HeaderValue::Array(vec![HeaderValue::Int(1)])),
+        ];
+        for entry in malformed {
+            let kept = copied(HeaderValue::Array(vec![entry.clone(), good.clone()]));
+            assert_eq!(kept, Some(HeaderValue::Array(vec![good.clone()])), "{entry:?}");
+            assert_eq!(copied(HeaderValue::Array(vec![entry.clone()])), None, "{entry:?}");
+        }
+        assert_eq!(copied(HeaderValue::from("not a list")), None);
+        assert_eq!(copied(HeaderValue::Array(vec![])), None);
+    }
 }
