@@ -23,7 +23,7 @@ use common::peer::{prerequisites, Peer, NAMEKO, UFW};
 use common::unique;
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
-use micro_framework::amqp::rpc::Client;
+use micro_framework::amqp::rpc::{Args, Client};
 use micro_framework::config::Protocol;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
@@ -200,4 +200,87 @@ async fn migrate(script: &str, protocol: Protocol, stop_signal: &str) {
     Arc::try_unwrap(client).expect("no call left").close().await;
     producer_transport.close().await;
     common::cleanup(&uri, &[service, source]).await;
+}
+
+#[derive(Deserialize)]
+struct Slow {
+    x: Value,
+}
+
+/// Echoes `x` after `x.sleep` seconds, as the Python peers' `echo` does.
+async fn slow_echo(Args(Slow { x }): Args<Slow>) -> Value {
+    let seconds = x["sleep"].as_f64().unwrap_or(0.0);
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    x
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_instance_stopping_beside_a_nameko_one_hands_it_its_requests_intact() {
+    hand_back_beside_python(NAMEKO, Protocol::Nameko, "-TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_instance_stopping_beside_a_micro_framework_one_hands_it_its_requests_intact() {
+    hand_back_beside_python(UFW, Protocol::MicroFramework, "-KILL").await;
+}
+
+/// Step 3 of the guide, then the Rust instance stops first: the requests it holds unstarted
+/// go back to the queue as copies, which the Python instance must read as the requests they
+/// are (both find the method in the routing key: a copy sent straight to the queue had the
+/// queue's name there, and Nameko answered `MethodNotFound`, micro-framework stopped
+/// consuming).
+async fn hand_back_beside_python(script: &str, protocol: Protocol, stop_signal: &str) {
+    let Some((uri, python)) = prerequisites(script) else { return };
+    let service = unique("handback_svc");
+    let source = unique("handback_src");
+    let mut peer = Peer::spawn(
+        &python,
+        script,
+        &uri,
+        &["serve", "--service", &service, "--source", &source, "--event", "tick"],
+    );
+    peer.expect("ready").await;
+    let python_pid = peer.pid();
+    let python_lines = tokio::spawn(peer.lines_until_exit());
+    // one worker, holding up to ten requests: most of those it holds are unstarted at the stop
+    let config = Config::new(&service)
+        .with_amqp_uri(uri.clone())
+        .with_protocol(protocol)
+        .with_max_workers(1)
+        .with_prefetch_count(Some(10));
+    let routes = vec![Route::new(slow_echo).name("echo").entrypoint(RPCListener::new())];
+    let rust = TestService::start(routes, config).await.unwrap();
+    let caller = Config::new(unique("handback_caller")).with_amqp_uri(uri.clone());
+    let client = Arc::new(Client::connect(&caller.with_protocol(protocol)).await.unwrap());
+    let calls: Vec<_> = (0..20)
+        .map(|id| {
+            let (client, service) = (client.clone(), service.clone());
+            tokio::spawn(async move {
+                let x = json!({ "id": id, "sleep": 0.3 });
+                let reply: Result<Value, _> =
+                    client.service(&service).call("echo", [x.clone()], ()).await;
+                (x, reply)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    rust.stop().await.unwrap();
+    let mut wrong = Vec::new();
+    for call in calls {
+        let (x, reply) = call.await.unwrap();
+        if reply.as_ref().ok() != Some(&x) {
+            wrong.push(format!("{x} answered {reply:?}"));
+        }
+    }
+    let status = std::process::Command::new("kill")
+        .args([stop_signal, &python_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot signal the Python instance");
+    let lines = python_lines.await.unwrap();
+    let python_calls = lines.iter().filter(|line| line.get("rpc").is_some()).count();
+    Arc::try_unwrap(client).expect("no call left").close().await;
+    common::cleanup(&uri, &[service, source]).await;
+    assert!(wrong.is_empty(), "{} of 20 calls answered wrong: {wrong:#?}", wrong.len());
+    assert!(python_calls > 0, "the Python instance answered none: {lines:?}");
 }

@@ -15,7 +15,7 @@ use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_message, DeliveryHandler, QueueSource,
+    consume, hand_back_as_retry, hand_back_message, Copies, DeliveryHandler, QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::Delivery;
@@ -110,8 +110,15 @@ impl DeliveryHandler for RpcServer {
                 Ok(()) => {
                     let Some(permit) = route.acquire().await else {
                         // counted with copies, as this server's crash-loop guard counts
-                        hand_back_message(&route, &self.queue, false, &message, &*acker, "RPC")
-                            .await;
+                        hand_back_message(
+                            &route,
+                            &self.queue,
+                            Copies::ByRoute,
+                            &message,
+                            &*acker,
+                            "RPC",
+                        )
+                        .await;
                         return;
                     };
                     let handled = match route.handle_counted(permit, &message).await {
@@ -122,7 +129,7 @@ impl DeliveryHandler for RpcServer {
                             hand_back_as_retry(
                                 &route,
                                 queue,
-                                false,
+                                Copies::ByRoute,
                                 &message,
                                 interrupted.next(),
                                 acker,
@@ -161,6 +168,12 @@ impl DeliveryHandler for RpcServer {
         let body = nameko_reply(&route, &Err(RemoteException::from_failure(&failure)));
         reply_then_ack(&route, &message, acker, &route.config().rpc_exchange, body).await;
         route.settled(&Handled::Failed(failure));
+    }
+
+    /// Copies of a request go back by its route: a Python instance sharing the queue finds
+    /// its method in the routing key.
+    fn copies(&self) -> Copies {
+        Copies::ByRoute
     }
 
     fn give_up(&self) {

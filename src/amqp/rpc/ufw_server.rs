@@ -16,7 +16,7 @@ use crate::amqp::rpc::wire::request_body;
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_message, DeliveryHandler, QueueSource,
+    consume, hand_back_as_retry, hand_back_message, Copies, DeliveryHandler, QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_size;
@@ -103,7 +103,7 @@ impl UfwRpcServer {
         };
         let Some(permit) = route.acquire().await else {
             // counted with copies, as this server's crash-loop guard counts
-            hand_back_message(&route, &queue, false, message, acker, "RPC").await;
+            hand_back_message(&route, &queue, Copies::ByRoute, message, acker, "RPC").await;
             return None;
         };
         // A request whose call the stop may cut short between in-worker retries (`BackOff`)
@@ -129,7 +129,7 @@ impl UfwRpcServer {
                 hand_back_as_retry(
                     &route,
                     &queue,
-                    false,
+                    Copies::ByRoute,
                     request,
                     interrupted.next(),
                     acker,
@@ -203,6 +203,12 @@ impl DeliveryHandler for UfwRpcServer {
         let body = ufw_reply(&route, &Err(RemoteError::from_failure(&failure)));
         reply_then_ack(&route, &message, acker, UFW_RPC_EXCHANGE, body).await;
         route.settled(&Handled::Failed(failure));
+    }
+
+    /// Copies of a request go back by its route: a Python instance sharing the queue finds
+    /// its method in the routing key.
+    fn copies(&self) -> Copies {
+        Copies::ByRoute
     }
 
     fn give_up(&self) {

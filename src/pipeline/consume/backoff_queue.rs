@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use super::DeliveryHandler;
+use super::{Copies, DeliveryHandler};
 use crate::data::{Failure, Handled, Message};
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::{dead_letter_unread, settle, Origin};
@@ -71,7 +71,8 @@ impl DeliveryHandler for BackoffQueue {
         // The slot first: a retry handed back goes back as it came, still wrapped.
         let Some(permit) = route.acquire().await else {
             let queue = &self.backoff_queue;
-            super::hand_back(route, queue, self.quorum, delivery, route.name()).await;
+            let copies = Copies::Straight { quorum: self.quorum };
+            super::hand_back(route, queue, copies, delivery, route.name()).await;
             return;
         };
         let original = delivery.message();
@@ -102,8 +103,8 @@ impl DeliveryHandler for BackoffQueue {
         }
     }
 
-    fn quorum(&self) -> bool {
-        self.quorum
+    fn copies(&self) -> Copies {
+        Copies::Straight { quorum: self.quorum }
     }
 
     fn give_up(&self) {

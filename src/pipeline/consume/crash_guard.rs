@@ -32,7 +32,34 @@ const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
 /// would have told of the redelivery the copy replaces ([`take_redelivered_mark`]).
 pub(crate) const HEADER_REDELIVERED: &str = "x-mf-redelivered";
 
+/// Header of a copy that goes back to its queue by the route its message came by
+/// ([`Copies::ByRoute`]): the queue it is for, where it is read as a copy of the service's.
+const HEADER_COPY_FOR: &str = "x-mf-copy-for";
+
 const CRASH_PAUSE: Duration = Duration::from_secs(1);
+
+/// How the copies the service publishes of a queue's messages (hand-backs, counted
+/// redeliveries) go back to the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Copies {
+    /// Straight to the queue, through the default exchange. From a `quorum` queue, which
+    /// counts a message's deliveries itself (`x-delivery-count`), a copy carries that count.
+    Straight {
+        /// The queue is a quorum queue.
+        quorum: bool,
+    },
+    /// Through the exchange, with the routing key, that their message came by: for RPC
+    /// request queues, each the only queue bound to its routing keys. A Python instance of the
+    /// service may share the queue, and Nameko finds the method, micro-framework the target,
+    /// in the routing key, where a copy straight to the queue has the queue's name.
+    ByRoute,
+}
+
+impl Copies {
+    fn quorum(self) -> bool {
+        matches!(self, Copies::Straight { quorum: true })
+    }
+}
 
 pub(super) async fn crash_pause(source: &QueueSource) {
     tokio::select! {
@@ -68,10 +95,11 @@ pub(super) enum Checked {
 /// ([`read_as_its_queues`]).
 pub(super) fn check_crash_loop(
     source: &QueueSource,
-    quorum: bool,
+    copies: Copies,
     mut delivery: Delivery,
 ) -> Checked {
     read_as_its_queues(source, &mut delivery);
+    let quorum = copies.quorum();
     if !delivery.redelivered {
         return Checked::Guarded(Guarded::Handle(delivery));
     }
@@ -141,19 +169,19 @@ fn redeliveries(headers: &Headers, redelivered: bool, quorum: bool) -> i64 {
 pub(crate) async fn hand_back(
     route: &RouteHandle,
     queue: &str,
-    quorum: bool,
+    copies: Copies,
     delivery: Delivery,
     label: &str,
 ) {
     let (message, acker) = delivery.into_parts();
-    hand_back_message(route, queue, quorum, &message, acker.as_ref(), label).await;
+    hand_back_message(route, queue, copies, &message, acker.as_ref(), label).await;
 }
 
 /// [`hand_back`] for a delivery already taken apart: its `message`, settled with `acker`.
 pub(crate) async fn hand_back_message(
     route: &RouteHandle,
     queue: &str,
-    quorum: bool,
+    copies: Copies,
     message: &Message,
     acker: &dyn Acker,
     label: &str,
@@ -161,9 +189,9 @@ pub(crate) async fn hand_back_message(
     if route.given_up() {
         return;
     }
-    let count = redeliveries(&message.properties.headers, message.redelivered, quorum);
+    let count = redeliveries(&message.properties.headers, message.redelivered, copies.quorum());
     let transport = route.transport();
-    let copied = copy_to_queue(transport, queue, message, count, message.redelivered).await;
+    let copied = copy_to_queue(transport, queue, copies, message, count, message.redelivered).await;
     let settled = match copied {
         Ok(()) => acker.ack().await,
         Err(error) => {
@@ -187,7 +215,7 @@ pub(crate) async fn hand_back_message(
 pub(crate) async fn hand_back_as_retry(
     route: &RouteHandle,
     queue: &str,
-    quorum: bool,
+    copies: Copies,
     message: &Message,
     next: &BackOffData,
     acker: &dyn Acker,
@@ -195,16 +223,18 @@ pub(crate) async fn hand_back_as_retry(
 ) {
     let mut marked = message.clone();
     next.write_headers(&mut marked.properties.headers, queue, &route.identity());
-    hand_back_message(route, queue, quorum, &marked, acker, label).await;
+    hand_back_message(route, queue, copies, &marked, acker, label).await;
 }
 
-/// Publish a redelivered message again straight to its queue with its `count`, then ack it.
+/// Publish a redelivered message again to its queue with its `count`, then ack it.
 pub(super) async fn count_redelivery(
     source: &QueueSource,
+    copies: Copies,
     delivery: Delivery,
     count: i64,
 ) -> Guarded {
-    match copy_to_queue(&source.transport, &source.queue, &delivery.message(), count, true).await {
+    let message = delivery.message();
+    match copy_to_queue(&source.transport, &source.queue, copies, &message, count, true).await {
         Ok(()) => {}
         Err(TransportError::LimitReached { what: Limit::HeaderSize, reason, .. }) => {
             // Uncounted, a message that crashes the service would crash it for ever.
@@ -225,12 +255,15 @@ pub(super) async fn count_redelivery(
     Guarded::Counted
 }
 
-/// Publish (confirmed) a copy of `message` straight to `queue`, with its `count` of
-/// comebacks (none written when 0), the route it was first published with, and, when it
-/// stands in for a redelivery (`redelivered`), [`HEADER_REDELIVERED`].
+/// Publish (confirmed) a copy of `message` to `queue` as its `copies` go, with its `count` of
+/// comebacks (none written when 0), when it stands in for a redelivery (`redelivered`)
+/// [`HEADER_REDELIVERED`], and straight to the queue the route it was first published with;
+/// by its route, the queue it is for. (A message that came straight, by no route, goes back
+/// straight.)
 async fn copy_to_queue(
     transport: &SharedTransport,
     queue: &str,
+    copies: Copies,
     message: &Message,
     count: i64,
     redelivered: bool,
@@ -244,9 +277,15 @@ async fn copy_to_queue(
     if redelivered {
         headers.insert(HEADER_REDELIVERED.into(), HeaderValue::Bool(true));
     }
+    let options = PublishOptions { mandatory: true };
+    if copies == Copies::ByRoute && !message.exchange.is_empty() {
+        headers.insert(HEADER_COPY_FOR.into(), queue.into());
+        let copy = OutgoingMessage { body: message.body.clone(), properties };
+        return transport.publish(&message.exchange, &message.routing_key, copy, options).await;
+    }
     mark_first_route(headers, &message.exchange, &message.routing_key);
     let copy = OutgoingMessage { body: message.body.clone(), properties };
-    transport.publish("", queue, copy, PublishOptions { mandatory: true }).await
+    transport.publish("", queue, copy, options).await
 }
 
 /// Record in the `headers` of a copy that goes to its queue by another route (straight, or
@@ -285,13 +324,18 @@ pub(super) fn take_redelivered_mark(delivery: &mut Delivery) {
 /// queue of nothing but retries (`retries_only`); on any other they were set by its publisher
 /// and are dropped: it could otherwise have its message read as one of another route (an RPC
 /// request as another method's), skip a filter as a retry, retry less, or be dead-lettered
-/// unrun. Then the route it was first published with is restored, and a retry state made for
+/// unrun. A copy that came by its route, for this queue ([`Copies::ByRoute`]), keeps all but
+/// the route it was first published with: it came by that route, so a publisher who may use
+/// only that route steers nothing with them but its own message. Then the route a copy
+/// straight to the queue was first published with is restored, and a retry state made for
 /// another queue dropped.
 fn read_as_its_queues(source: &QueueSource, delivery: &mut Delivery) {
     let copy_of_ours = source.retries_only
         || (delivery.exchange.is_empty() && delivery.routing_key == *source.queue);
     let headers = &mut delivery.properties.headers;
-    if !copy_of_ours {
+    let copy_for = headers.remove(HEADER_COPY_FOR);
+    let copy_by_route = copy_for.as_ref().and_then(HeaderValue::as_str) == Some(&*source.queue);
+    if !copy_of_ours && !copy_by_route {
         for name in [HEADER_REDELIVERIES, HEADER_REDELIVERED, HEADER_PENDING_DEAD_LETTER] {
             headers.remove(name);
         }

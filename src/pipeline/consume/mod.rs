@@ -28,7 +28,8 @@ use crash_guard::{
     check_crash_loop, count_redelivery, crash_pause, take_redelivered_mark, Checked, Guarded,
 };
 pub(crate) use crash_guard::{
-    hand_back, hand_back_as_retry, hand_back_message, HEADER_REDELIVERED, HEADER_REDELIVERIES,
+    hand_back, hand_back_as_retry, hand_back_message, Copies, HEADER_REDELIVERED,
+    HEADER_REDELIVERIES,
 };
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
@@ -44,12 +45,13 @@ pub(crate) trait DeliveryHandler: Send + Sync + 'static {
     /// `MAX_REDELIVERIES` times: its handling may crash the worker or the service.
     async fn refuse(&self, delivery: Delivery, failure: Failure);
 
-    /// Whether the queue is a quorum queue, whose own count of a redelivered message's
-    /// deliveries (`x-delivery-count`) the crash-loop guard may trust. On any other queue
-    /// that header is whatever the publisher wrote, so the default (`false`) ignores it and
-    /// counts with copies, which works on every queue type.
-    fn quorum(&self) -> bool {
-        false
+    /// How copies of the queue's messages go back to it; and whether the queue is a quorum
+    /// queue, whose own count of a redelivered message's deliveries (`x-delivery-count`) the
+    /// crash-loop guard may trust. On any other queue that header is whatever the publisher
+    /// wrote, so the default (straight, not quorum) ignores it and counts with copies, which
+    /// works on every queue type.
+    fn copies(&self) -> Copies {
+        Copies::Straight { quorum: false }
     }
 
     /// Called once the stop has waited `SHUTDOWN_TIMEOUT` for the running calls: deliveries
@@ -181,10 +183,11 @@ async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option
 async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, delivery: Delivery) {
     // The rare paths are boxed: this future is moved into a task for every delivery, and
     // moving it copies all of it.
-    let guarded = match check_crash_loop(&source, handler.quorum(), delivery) {
+    let copies = handler.copies();
+    let guarded = match check_crash_loop(&source, copies, delivery) {
         Checked::Guarded(guarded) => guarded,
         Checked::Count(delivery, count) => {
-            Box::pin(count_redelivery(&source, delivery, count)).await
+            Box::pin(count_redelivery(&source, copies, delivery, count)).await
         }
     };
     match guarded {
@@ -307,7 +310,8 @@ impl DeliveryHandler for RouteQueue {
             Err(reason) => return self.refuse(delivery, Failure::bad_input(reason)).await,
         }
         let Some(permit) = route.acquire().await else {
-            hand_back(route, &self.queue, self.quorum, delivery, route.name()).await;
+            let copies = Copies::Straight { quorum: self.quorum };
+            hand_back(route, &self.queue, copies, delivery, route.name()).await;
             return;
         };
         let message = Arc::new(message);
@@ -319,7 +323,7 @@ impl DeliveryHandler for RouteQueue {
                 hand_back_as_retry(
                     route,
                     queue,
-                    self.quorum,
+                    Copies::Straight { quorum: self.quorum },
                     &message,
                     interrupted.next(),
                     acker,
@@ -338,8 +342,8 @@ impl DeliveryHandler for RouteQueue {
         self.settle(delivery, &Handled::Failed(failure)).await;
     }
 
-    fn quorum(&self) -> bool {
-        self.quorum
+    fn copies(&self) -> Copies {
+        Copies::Straight { quorum: self.quorum }
     }
 
     fn give_up(&self) {

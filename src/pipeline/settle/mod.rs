@@ -19,7 +19,7 @@ use retry_copy::{schedule_retry, NotScheduled};
 use crate::clock;
 use crate::data::{Failure, Handled, Message};
 pub use crate::pipeline::consume::mark_first_route;
-use crate::pipeline::consume::{hand_back_as_retry, hand_back_message, HEADER_REDELIVERED};
+use crate::pipeline::consume::{hand_back_as_retry, hand_back_message, Copies, HEADER_REDELIVERED};
 use crate::pipeline::delayed_message::RetryMeta;
 use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;
@@ -243,8 +243,8 @@ async fn ack_after(
             let (message, acker) = delivery.into_parts();
             let retry = BackOffData::from_headers(&message.properties.headers, 0);
             let next = retry.next(failure.full_message(), clock::wall_now());
-            let (quorum, acker) = (origin.quorum, acker.as_ref());
-            hand_back_as_retry(route, queue, quorum, &message, &next, acker, route.name()).await;
+            let (copies, acker) = (Copies::Straight { quorum: origin.quorum }, acker.as_ref());
+            hand_back_as_retry(route, queue, copies, &message, &next, acker, route.name()).await;
         }
     }
     Ok(())
@@ -264,8 +264,8 @@ async fn give_back(
     if let Some(failure) = pending_dead_letter {
         mark_pending_dead_letter(&mut message.to_mut().properties.headers, failure);
     }
-    hand_back_message(route, origin.queue, origin.quorum, &message, acker.as_ref(), route.name())
-        .await;
+    let copies = Copies::Straight { quorum: origin.quorum };
+    hand_back_message(route, origin.queue, copies, &message, acker.as_ref(), route.name()).await;
 }
 
 /// Write into `headers` (a copy's, given back because its dead letter could not be published)
