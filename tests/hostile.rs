@@ -762,11 +762,14 @@ async fn an_event_whose_filter_panics_is_dead_lettered_once_as_bad_input() {
     }
 }
 
+/// Each attempt's `(id, retry_count)`.
+type Attempts = Arc<std::sync::Mutex<Vec<(u64, u32)>>>;
+
 /// Fails every first attempt; records each attempt's `(id, retry_count)`.
 fn fails_first(
     Payload(event): Payload<Value>,
     retry: micro_framework::retry::BackOffData,
-    Dep(attempts): Dep<Arc<std::sync::Mutex<Vec<(u64, u32)>>>>,
+    Dep(attempts): Dep<Attempts>,
 ) -> Result<(), String> {
     let id = event["id"].as_u64().unwrap_or(u64::MAX);
     attempts.lock().unwrap().push((id, retry.retry_count));
@@ -785,7 +788,7 @@ async fn a_forged_x_death_loses_no_retry_of_any_event() {
         let config = config(&uri, &format!("hostile_{shop}"));
         let queue = format!("evt-{shop}-job--{}.fails_first", config.service_name);
         let markers = [config.service_name.clone(), shop.clone()];
-        let attempts: Arc<std::sync::Mutex<Vec<(u64, u32)>>> = Arc::default();
+        let attempts = Attempts::default();
         let routes = vec![Route::new(fails_first)
             .entrypoint(EventListener::new(&shop, "job"))
             .backoff(AsyncBackOff::new(1, Duration::from_millis(300)))
