@@ -436,3 +436,60 @@ async fn dependencies_are_torn_down_in_the_reverse_order_of_their_set_up() {
         assert_eq!(journal.lock().unwrap().clone(), expected, "the third fails: {third_fails}");
     }
 }
+
+#[derive(Clone)]
+struct Connection;
+
+/// A database that is down: every `get` fails.
+struct DownDatabase;
+
+#[micro_framework::async_trait]
+impl Dependency for DownDatabase {
+    type Output = Connection;
+    async fn get(&self, _call: &WorkerContext) -> Result<Connection, BoxError> {
+        Err("database down".into())
+    }
+}
+
+fn stores(Payload(_): Payload<Value>, Dep(_): Dep<Connection>) {}
+
+fn report(failure: micro_framework::Failure, Dep(reports): Dep<Arc<Mutex<Vec<String>>>>) {
+    reports.lock().unwrap().push(failure.message);
+}
+
+fn stores_the_failure(failure: micro_framework::Failure, Dep(_): Dep<Connection>) -> String {
+    failure.message
+}
+
+/// The callback that reports a database down runs while it is down: a dependency that fails
+/// for the callback gives it no value, and only a parameter asking for that value fails it.
+#[tokio::test]
+async fn a_callback_runs_when_a_dependency_it_does_not_take_fails() {
+    use micro_framework::testing::{HookError, TestService};
+    let reports: Arc<Mutex<Vec<String>>> = Arc::default();
+    let routes = vec![
+        CallbackRoute::new(stores, report)
+            .name("reported")
+            .entrypoint(micro_framework::amqp::entrypoints::EventListener::new("shop", "paid"))
+            .dependency(DownDatabase)
+            .dependency(Shared(reports.clone())),
+        CallbackRoute::new(stores, stores_the_failure)
+            .name("stored")
+            .entrypoint(micro_framework::amqp::entrypoints::EventListener::new("shop", "paid"))
+            .dependency(DownDatabase),
+    ];
+    let service = TestService::start(routes, memory_test_config("callbacks")).await.unwrap();
+    let reported = service.hook("reported").unwrap().event::<Value>(&json!({})).await;
+    assert!(matches!(&reported, Err(HookError::Failed { called_back: true, .. })), "{reported:?}");
+    let seen = reports.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].contains("DownDatabase failed: database down"), "{seen:?}");
+    // a callback that takes the missing value fails with the dependency's failure
+    let stored = service.hook("stored").unwrap().event::<Value>(&json!({})).await;
+    let Err(HookError::Failed { failure, called_back: false, .. }) = &stored else {
+        panic!("{stored:?}")
+    };
+    assert!(failure.message.contains("callback failed"), "{failure:?}");
+    assert!(failure.message.contains("DownDatabase failed: database down"), "{failure:?}");
+    service.stop().await.unwrap();
+}

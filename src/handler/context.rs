@@ -97,4 +97,10 @@ impl WorkerContext {
     pub fn dependency<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
         self.dependencies.get::<T>()
     }
+
+    /// Why the dependency of output `T` gave no value for this call, when it failed to (a
+    /// callback runs without it).
+    pub(crate) fn dependency_failure<T: 'static>(&self) -> Option<&str> {
+        self.dependencies.failure::<T>()
+    }
 }

@@ -38,8 +38,8 @@ use async_trait::async_trait;
 use futures::FutureExt;
 
 use crate::config::Config;
-use crate::data::BoxError;
 use crate::data::Outcome;
+use crate::data::{BoxError, TargetRole};
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
 use crate::handler::extract::{ExtractError, FromContext, TargetSetup};
@@ -93,7 +93,10 @@ impl<T> Deref for Dep<T> {
 impl<T: Clone + Send + Sync + 'static> FromContext for Dep<T> {
     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
         ctx.dependency::<T>().map(Dep).ok_or_else(|| {
-            ExtractError::Unavailable(format!("no dependency provides {}", type_name::<T>()))
+            ExtractError::Unavailable(match ctx.dependency_failure::<T>() {
+                Some(failure) => failure.to_owned(),
+                None => format!("no dependency provides {}", type_name::<T>()),
+            })
         })
     }
 
@@ -114,12 +117,19 @@ impl<T: Clone + Send + Sync + 'static> FromContext for Dep<T> {
 #[derive(Default)]
 pub struct DependencyValues {
     values: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    /// Why the dependencies that failed to give a value (for a callback) did not.
+    failures: HashMap<TypeId, String>,
 }
 
 impl DependencyValues {
     /// The value of type `T`, cloned.
     pub fn get<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
         self.values.get(&TypeId::of::<T>()).and_then(|value| value.downcast_ref::<T>()).cloned()
+    }
+
+    /// Why the dependency of output `T` gave no value for this call, if it failed to.
+    pub(crate) fn failure<T: 'static>(&self) -> Option<&str> {
+        self.failures.get(&TypeId::of::<T>()).map(String::as_str)
     }
 }
 
@@ -225,9 +235,14 @@ pub(crate) async fn set_up_all(
 /// for a panic), as the route's retry policy says of a target's. `values` is the caller's so
 /// that, when it drops this future midway (a call past its time limit), it still holds the
 /// values given so far, to tell them.
+///
+/// For a callback (`role`), a dependency that fails gives no value and the others go on: a
+/// callback that reports the failure of a database must run while that database is down, and
+/// only a parameter asking for the missing value fails it, with the dependency's failure.
 pub(crate) async fn provide_all(
     dependencies: &[SharedDependency],
     ctx: &WorkerContext,
+    role: TargetRole,
     retryable: impl Fn(Option<&(dyn std::error::Error + 'static)>) -> bool,
     values: &mut DependencyValues,
 ) -> std::result::Result<(), Failure> {
@@ -253,6 +268,11 @@ pub(crate) async fn provide_all(
                 )
             },
         };
+        if role == TargetRole::Callback {
+            tracing::warn!(route = ctx.route_name(), "for the callback: {}", failure.message);
+            values.failures.insert(dependency.output_type(), failure.message);
+            continue;
+        }
         after_all(dependencies, values, &Err(failure.clone())).await;
         return Err(failure);
     }

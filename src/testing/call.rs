@@ -64,7 +64,9 @@ async fn call_with_dependencies(
     let dependencies = match set_up_all(route.dependencies.clone(), config).await {
         Ok(dependencies) => dependencies,
         Err(Error::Dependency { name, source }) => {
-            return Err(crate::Failure::from_error(&source, &name))
+            let failure = crate::Failure::from_error(&source, &name);
+            let message = format!("dependency {name} failed to set up: {}", failure.message);
+            return Err(crate::Failure { message, ..failure });
         }
         Err(error) => {
             return Err(crate::Failure::new(crate::FailureKind::Error, error.to_string()))

@@ -300,7 +300,7 @@ impl RouteHandle {
             route.backoff.as_ref().is_none_or(|policy| policy.accepts(error))
         };
         let mut values = DependencyValues::default();
-        let provided = provide_all(&route.dependencies, &ctx, retryable, &mut values);
+        let provided = provide_all(&route.dependencies, &ctx, role, retryable, &mut values);
         match within(limit, provided).await {
             Some(Ok(())) => {}
             // a `get` that failed told the others itself; one cut short by the limit did not
