@@ -493,3 +493,30 @@ async fn a_callback_runs_when_a_dependency_it_does_not_take_fails() {
     assert!(failure.message.contains("DownDatabase failed: database down"), "{failure:?}");
     service.stop().await.unwrap();
 }
+
+/// A database that cannot be reached at set-up.
+struct UnreachableDatabase;
+
+#[micro_framework::async_trait]
+impl Dependency for UnreachableDatabase {
+    type Output = Connection;
+    async fn setup(&self, _setup: &micro_framework::dependencies::SetupContext) -> Result<(), BoxError> {
+        Err("the database is unreachable".into())
+    }
+    async fn get(&self, _call: &WorkerContext) -> Result<Connection, BoxError> {
+        Ok(Connection)
+    }
+}
+
+#[tokio::test]
+async fn a_call_alone_names_the_dependency_that_failed_to_set_up() {
+    let route = Route::new(stores).dependency(UnreachableDatabase);
+    let failure =
+        call_route(route, memory_test_config("alone"), Message::json(&json!({})).unwrap())
+            .await
+            .unwrap_err();
+    assert_eq!(
+        failure.message,
+        "dependency handler::UnreachableDatabase failed to set up: the database is unreachable"
+    );
+}
