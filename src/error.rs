@@ -45,8 +45,13 @@ pub enum Error {
     #[error("cannot block: {0}")]
     Blocking(String),
     /// No running route has this name.
-    #[error("no route named '{0}'")]
-    UnknownRoute(String),
+    #[error("no route named '{route}' (routes: {})", known.join(", "))]
+    UnknownRoute {
+        /// The name asked for.
+        route: String,
+        /// The names of the service's routes.
+        known: Vec<String>,
+    },
     /// A dependency failed in `setup`.
     #[error("dependency {name} failed to set up: {source}")]
     Dependency {

@@ -274,3 +274,17 @@ async fn an_event_listener_without_a_source_or_an_event_name_stops_the_start() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_route_with_an_empty_name_stops_the_start_saying_so() {
+    let uri = format!("memory://{}", unique("empty_name"));
+    for name in ["", "  "] {
+        let route = Route::new(noop).name(name).entrypoint(EventListener::new(unique("src"), "e"));
+        let error = Runner::new(vec![route], config(&uri, "nameless")).spawn().await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "cannot start: a route has an empty name: give it one with Route::name, or none for \
+             its function's name"
+        );
+    }
+}

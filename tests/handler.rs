@@ -500,7 +500,10 @@ struct UnreachableDatabase;
 #[micro_framework::async_trait]
 impl Dependency for UnreachableDatabase {
     type Output = Connection;
-    async fn setup(&self, _setup: &micro_framework::dependencies::SetupContext) -> Result<(), BoxError> {
+    async fn setup(
+        &self,
+        _setup: &micro_framework::dependencies::SetupContext,
+    ) -> Result<(), BoxError> {
         Err("the database is unreachable".into())
     }
     async fn get(&self, _call: &WorkerContext) -> Result<Connection, BoxError> {

@@ -117,3 +117,12 @@ async fn a_waiter_whose_service_stopped_while_held_by_the_test_says_so() {
     assert!(matches!(error, micro_framework::Error::Stopped(_)), "{error:?}");
     service.wait_stopped().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_wait_for_a_route_the_service_lacks_names_the_routes_it_has() {
+    let service = start().await;
+    let expected = "no route named 'on_payed' (routes: double, on_paid)";
+    assert_eq!(service.waiter("on_payed").unwrap_err().to_string(), expected);
+    assert_eq!(service.wait_for_route("on_payed", 1).await.unwrap_err().to_string(), expected);
+    service.stop().await.unwrap();
+}

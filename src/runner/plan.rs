@@ -61,6 +61,13 @@ pub(super) fn plan_routes(
             warn_time_limit_ignored(&pool, &context.routes, context.time_limit.is_some());
         }
         for mut route in context.routes {
+            if route.name.trim().is_empty() {
+                return Err(Error::Startup(
+                    "a route has an empty name: give it one with Route::name, or none for its \
+                     function's name"
+                        .into(),
+                ));
+            }
             if plans.iter().any(|plan| plan.route.name == route.name) {
                 return Err(Error::Startup(format!(
                     "two routes are named '{}': give one another name with Route::name",

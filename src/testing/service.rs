@@ -55,7 +55,10 @@ impl TestService {
 
     /// A running route.
     pub fn route(&self, name: &str) -> Result<&RouteHandle> {
-        self.service.route(name).ok_or_else(|| Error::UnknownRoute(name.to_owned()))
+        self.service.route(name).ok_or_else(|| Error::UnknownRoute {
+            route: name.to_owned(),
+            known: self.service.route_names().map(str::to_owned).collect(),
+        })
     }
 
     /// Dispatch an event as `source_service` would.
