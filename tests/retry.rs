@@ -1535,3 +1535,29 @@ async fn a_greedy_service_ends_in_worker_retries_once_its_stop_gives_up() {
     common::wait_until(|| !running(), "the call waiting for its retry to end").await;
     assert_eq!(journal.entries(), [("job".to_owned(), 0)], "one attempt");
 }
+
+/// Fails its first attempt; the retry returns how long before it its `last_retry` was.
+fn fails_then_tells_when(retry: BackOffData) -> Result<f64, String> {
+    match retry.last_retry {
+        None => Err("the first attempt fails".into()),
+        Some(last_retry) => {
+            Ok(std::time::SystemTime::now().duration_since(last_retry).unwrap().as_secs_f64())
+        }
+    }
+}
+
+/// `last_retry` is when the retry was scheduled, in the worker as on the broker: the retry
+/// runs a whole delay after it (it was stamped after the delay, a moment before the retry).
+#[tokio::test]
+async fn an_in_worker_retry_sees_when_it_was_scheduled() {
+    let routes = vec![Route::new(fails_then_tells_when)
+        .entrypoint(EventListener::new("shop", "paid"))
+        .backoff(BackOff::new(1, Duration::from_millis(1_500)))];
+    let config = micro_framework::testing::memory_test_config("stamped");
+    let service = TestService::start(routes, config).await.unwrap();
+    let hook = service.hook("fails_then_tells_when").unwrap();
+    let since: f64 = hook.event(&json!({})).await.unwrap();
+    service.stop().await.unwrap();
+    // a whole delay before the retry (stamped after the delay, it was a moment before)
+    assert!(since >= 1.0, "last_retry was {since} s before the retry");
+}

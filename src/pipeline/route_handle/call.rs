@@ -102,6 +102,8 @@ impl RouteHandle {
             }
             tracing::info!(route = self.name(), "retry {} in {delay:?}", retry.retry_count + 1);
             self.inner.metrics.retried(self.inner.pool.context(), self.metric_label());
+            // `last_retry` is when the retry was scheduled, as a broker retry stamps it
+            let scheduled = clock::wall_now();
             if !self.wait_to_retry(delay).await {
                 tracing::info!(
                     route = self.name(),
@@ -110,7 +112,7 @@ impl RouteHandle {
                 );
                 return Ended::Interrupted(Interrupted::new(failure.clone(), &retry));
             }
-            retry = retry.next(failure.full_message(), clock::wall_now());
+            retry = retry.next(failure.full_message(), scheduled);
             outcome = self.run(TargetRole::Target, message, None, &retry).await;
         }
         let handled = match outcome {
