@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -332,11 +333,28 @@ async fn calls_of_one_connection_run_concurrently_and_replies_carry_their_ids() 
 async fn oversized_frames_close_the_connection_with_1009() {
     let gate = Gate::default();
     let (service, address) = start(2, &gate).await;
+    // far over the limit too: the server stops reading at the frame's header, and the rest
+    // of the frame once reset the connection, destroying the close frame
+    for size in [MAX_FRAME_SIZE, 4 * MAX_FRAME_SIZE, 16 * MAX_FRAME_SIZE] {
+        let mut raw = Raw::connect(address).await;
+        let big = format!(r#"{{"command": "echo", "command_args": ["{}"]}}"#, "x".repeat(size));
+        raw.send(big).await;
+        assert_eq!(raw.closed().await, Some(CloseCode::Size), "a frame of {size} bytes");
+    }
+    // the server goes on
+    assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_the_connection_with_1007() {
+    let gate = Gate::default();
+    let (service, address) = start(2, &gate).await;
     let mut raw = Raw::connect(address).await;
-    let big =
-        format!(r#"{{"command": "echo", "command_args": ["{}"]}}"#, "x".repeat(MAX_FRAME_SIZE));
-    raw.send(big).await;
-    assert_eq!(raw.closed().await, Some(CloseCode::Size));
+    let not_utf8 = b"{\"command\": \"echo\", \"command_args\": [\"\xff\xfe\"]}".to_vec();
+    let frame = Frame::message(not_utf8, OpCode::Data(Data::Text), true);
+    raw.0.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(raw.closed().await, Some(CloseCode::Invalid));
     // the server goes on
     assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
     service.stop().await.unwrap();
@@ -536,6 +554,36 @@ async fn a_client_that_reads_no_reply_is_dropped_and_holds_up_no_stop() {
     assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
     // a stop waits up to SHUTDOWN_TIMEOUT (60 s) for connections: the stuck one is gone
     let stopped = tokio::time::timeout(Duration::from_secs(20), service.stop()).await;
+    assert!(stopped.is_ok(), "the stop waited for a client that reads nothing");
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn a_client_that_reads_no_reply_holds_up_no_stop_with_the_default_idle_timeout() {
+    // the default WEBSOCKET_IDLE_TIMEOUT (60 s): a send to the stuck client waited all of it,
+    // and the stop with it
+    let config = ws_config("wsstuckdefault", 4).with_shutdown_timeout(Duration::from_secs(60));
+    let routes = vec![
+        Route::new(big).entrypoint(WebSocketEntrypoint::new()),
+        Route::new(add).entrypoint(WebSocketEntrypoint::new()),
+    ];
+    let service = Runner::new(routes, config).spawn().await.unwrap();
+    let address = service.websocket_address().expect("the service listens");
+    // a tiny receive buffer, so that the replies it does not read fill the buffers soon
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(address).await.unwrap();
+    let (mut stuck, _) =
+        tokio_tungstenite::client_async(format!("ws://{address}"), stream).await.unwrap();
+    let frame = json!({"command": "big"}).to_string();
+    let asking = async {
+        while stuck.send(Message::text(frame.clone())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(4), asking).await;
+    assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), service.stop()).await;
     assert!(stopped.is_ok(), "the stop waited for a client that reads nothing");
     drop(stuck);
 }

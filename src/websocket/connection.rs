@@ -2,13 +2,16 @@
 //! when its call finishes. A client that sends no frame for `WEBSOCKET_IDLE_TIMEOUT` while
 //! none of its calls runs is closed (1000, "idle timeout"), and so is one that does not
 //! finish its handshake in that time (at most [`HANDSHAKE_TIMEOUT`]). One that takes no
-//! reply for as long (its buffers full, a send waiting) is dropped.
+//! reply for as long (its buffers full, a send waiting), or for [`CLOSE_WAIT`] once the
+//! service stops, is dropped. A frame too big is answered with 1009, text that is not UTF-8
+//! with 1007.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -35,6 +38,8 @@ enum End {
     Closed,
     /// The client sent a frame past the size limit: close with 1009 (too big).
     TooBig,
+    /// The client sent a text frame that is not UTF-8: close with 1007 (invalid data).
+    NotUtf8,
     /// The client sent nothing for `WEBSOCKET_IDLE_TIMEOUT`: close with 1000.
     Idle,
 }
@@ -79,7 +84,7 @@ pub(crate) async fn serve_client(
             Some(done) = calls.join_next() => {
                 idle_until = deadline_after(idle);
                 if let Some(reply) = finished(done) {
-                    if !send_within(&mut socket, reply, idle, peer).await {
+                    if !send_within(&mut socket, reply, idle, &stopping, peer).await {
                         break End::Closed;
                     }
                 }
@@ -94,6 +99,10 @@ pub(crate) async fn serve_client(
                         tracing::warn!("WebSocket client {peer} sent too much: {error}");
                         break End::TooBig;
                     }
+                    Some(Err(WsError::Utf8(error))) => {
+                        tracing::warn!("WebSocket client {peer} sent text that is not UTF-8: {error}");
+                        break End::NotUtf8;
+                    }
                     Some(Err(error)) => {
                         tracing::debug!("WebSocket client {peer} failed: {error}");
                         break End::Closed;
@@ -105,7 +114,7 @@ pub(crate) async fn serve_client(
                         calls.spawn(call.run());
                     }
                     Step::Reply(reply) => {
-                        if !send_within(&mut socket, reply, idle, peer).await {
+                        if !send_within(&mut socket, reply, idle, &stopping, peer).await {
                             break End::Closed;
                         }
                     }
@@ -118,7 +127,7 @@ pub(crate) async fn serve_client(
             }
         }
     };
-    finish(socket, calls, end, peer, idle).await;
+    finish(socket, calls, end, peer, idle, &stopping).await;
 }
 
 /// A second handle on `stream`'s socket (a duplicated descriptor), if one can be made.
@@ -138,7 +147,6 @@ fn spare_handle(_stream: &TcpStream) -> Option<TcpStream> {
 /// for a plain HTTP request, 400 for anything else that is no handshake), then close. Only
 /// for request errors: after an I/O error or a timeout there is no one to answer.
 async fn refuse_request(mut spare: TcpStream, error: &WsError) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::error::ProtocolError;
     let status = match error {
         WsError::Protocol(
@@ -155,35 +163,41 @@ async fn refuse_request(mut spare: TcpStream, error: &WsError) {
         body.len()
     );
     // a client that reads nothing cannot hold the task: bounded like a close
-    let answer = async {
-        spare.write_all(response.as_bytes()).await?;
-        spare.shutdown().await?;
-        // read what the client still sends: closing with unread bytes resets the
-        // connection, which can destroy the answer before the client reads it
-        let mut sink = [0u8; 1024];
-        while spare.read(&mut sink).await? > 0 {}
-        Ok::<(), std::io::Error>(())
-    };
-    let _ = tokio::time::timeout(CLOSE_WAIT, answer).await;
+    if let Ok(Ok(())) = tokio::time::timeout(CLOSE_WAIT, spare.write_all(response.as_bytes())).await
+    {
+        close_after_reading(&mut spare).await;
+    }
 }
 
-/// Send `reply` to the client within `limit`. A client that takes nothing for that long
-/// (it reads no reply, so its buffers and ours are full) would hold the send, and with it
-/// the connection, its task and its idle timer, without end: it is dropped instead.
+/// Send `reply` to the client within `limit`, or within [`CLOSE_WAIT`] once `stopping` fires.
+/// A client that takes nothing for that long (it reads no reply, so its buffers and ours are
+/// full) would hold the send, and with it the connection, its task, its idle timer and a
+/// graceful stop: it is dropped instead.
 async fn send_within(
     socket: &mut Socket,
     reply: String,
     limit: Duration,
+    stopping: &CancellationToken,
     peer: SocketAddr,
 ) -> bool {
-    match tokio::time::timeout(limit, socket.send(Message::text(reply))).await {
+    let send = socket.send(Message::text(reply));
+    tokio::pin!(send);
+    let until = deadline_after(limit);
+    let sent = tokio::select! {
+        sent = tokio::time::timeout_at(until, &mut send) => sent,
+        () = stopping.cancelled() => {
+            let until = until.min(deadline_after(CLOSE_WAIT));
+            tokio::time::timeout_at(until, &mut send).await
+        }
+    };
+    match sent {
         Ok(Ok(())) => true,
         Ok(Err(error)) => {
             tracing::debug!("cannot reply to WebSocket client {peer}: {error}");
             false
         }
         Err(_) => {
-            tracing::warn!("WebSocket client {peer} took no reply for {limit:?}: dropped");
+            tracing::warn!("WebSocket client {peer} took no reply in time: dropped");
             false
         }
     }
@@ -202,17 +216,19 @@ async fn finish(
     end: End,
     peer: SocketAddr,
     idle: Duration,
+    stopping: &CancellationToken,
 ) {
     let mut open = !matches!(end, End::Closed);
     while let Some(done) = calls.join_next().await {
         if let (Some(reply), true) = (finished(done), open) {
-            open = send_within(&mut socket, reply, idle, peer).await;
+            open = send_within(&mut socket, reply, idle, stopping, peer).await;
         }
     }
     let frame = match end {
         End::Closed => return tracing::debug!("WebSocket client {peer} left"),
         End::Stopping => CloseFrame { code: CloseCode::Away, reason: "service stopping".into() },
         End::TooBig => CloseFrame { code: CloseCode::Size, reason: "message too big".into() },
+        End::NotUtf8 => CloseFrame { code: CloseCode::Invalid, reason: "text not UTF-8".into() },
         End::Idle => CloseFrame { code: CloseCode::Normal, reason: "idle timeout".into() },
     };
     if !open {
@@ -225,8 +241,26 @@ async fn finish(
         }
         Err(_) => return tracing::debug!("WebSocket client {peer} took no close frame"),
     }
+    if matches!(end, End::TooBig | End::NotUtf8) {
+        // the rest of a frame too big is unread, and the WebSocket layer reads no more
+        // after a bad frame: read raw bytes, so that the close frame is not reset away
+        return close_after_reading(socket.get_mut()).await;
+    }
     // wait a little for the client's close frame, for a clean close
     let _ =
         tokio::time::timeout(CLOSE_WAIT, async { while let Some(Ok(_)) = socket.next().await {} })
             .await;
+}
+
+/// Close the write side of `stream`, then read and discard what the client still sends until
+/// it closes too, for at most [`CLOSE_WAIT`]. Closing a socket with unread bytes resets the
+/// connection, which can destroy what was last sent before the client reads it.
+async fn close_after_reading(stream: &mut TcpStream) {
+    let drain = async {
+        stream.shutdown().await?;
+        let mut sink = [0u8; 8192];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
 }
