@@ -456,6 +456,50 @@ async fn the_http_service_example_answers_hello_and_sum() {
 // ---------------------------------------------------------------- hostile peers
 
 /// A config with small peer timeouts, so that the tests see them fire.
+fn no_content_with_a_body() -> Response {
+    Response::status(204).json(json!({"ignored": true}))
+}
+
+fn not_modified_with_a_body() -> Response {
+    Response::status(304).header("etag", "\"v1\"").text("ignored")
+}
+
+#[tokio::test]
+async fn no_content_and_not_modified_answers_carry_no_body_length_or_type() {
+    // RFC 9110: no body in a 204 or a 304; `content-length: 7` went out without the body
+    let routes = vec![
+        Route::new(no_content_with_a_body).entrypoint(HttpEntrypoint::get("/204")),
+        Route::new(not_modified_with_a_body).entrypoint(HttpEntrypoint::get("/304")),
+        Route::new(hello).entrypoint(HttpEntrypoint::get("/hello/{name}")),
+    ];
+    let (service, base) = spawn(routes, http_config("http_nobody")).await;
+    let mut socket = raw(&base).await;
+    for (path, status) in [("/204", "HTTP/1.1 204"), ("/304", "HTTP/1.1 304")] {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut byte));
+            assert_eq!(read.await.expect("an answer in time").unwrap(), 1, "{head:?}");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with(&status.to_ascii_lowercase()), "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+        assert!(!head.contains("content-type"), "{head}");
+    }
+    assert_eq!(
+        client().get(format!("{base}/304")).send().await.unwrap().headers()["etag"],
+        "\"v1\""
+    );
+    // the connection is in step: the next answer is read whole
+    let (status, body) = get_on(&mut socket, "/hello/ada").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["hello"], "ada");
+    service.stop().await.unwrap();
+}
+
 fn hostile_config(service: &str, header_read: f64, keep_alive: f64) -> Config {
     http_config(service)
         .with_http_header_read_timeout(Duration::from_secs_f64(header_read))

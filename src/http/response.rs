@@ -18,7 +18,9 @@ use crate::handler::targets::{IntoOutcome, TargetError, TargetResult};
 /// JSON so that it can come back from a worker process).
 const RESPONSE_KEY: &str = "$micro_framework.http_response";
 
-/// An HTTP response with a status, headers and a JSON, text or empty body.
+/// An HTTP response with a status, headers and a JSON, text or empty body. A 204 or 304
+/// response goes out without a body or `content-type`, whatever body it was given: HTTP
+/// allows none there (RFC 9110).
 ///
 /// ```
 /// use micro_framework::http::Response;
@@ -93,7 +95,13 @@ impl Response {
             tracing::warn!("invalid HTTP status {}: answering 500", parts.status);
             StatusCode::INTERNAL_SERVER_ERROR
         });
-        let mut response = match parts.body {
+        // HTTP forbids a body (and so its length) in these: the client would read the body
+        // as the start of the next response, or hyper sends a length without the body
+        let body = match status {
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED => Body::Empty,
+            _ => parts.body,
+        };
+        let mut response = match body {
             Body::Empty => axum::response::Response::new(axum::body::Body::empty()),
             Body::Json(value) => json_response(&value),
             Body::Text(text) => {
@@ -221,6 +229,8 @@ fn json_response(value: &Value) -> axum::response::Response {
 
 #[cfg(test)]
 mod tests {
+    use axum::body::HttpBody;
+
     use super::*;
 
     fn handled(response: Response) -> Handled {
@@ -259,6 +269,15 @@ mod tests {
             respond_plain(&Handled::Failed(error)).status(),
             StatusCode::INTERNAL_SERVER_ERROR
         );
+    }
+
+    #[test]
+    fn no_content_and_not_modified_responses_drop_their_body() {
+        for status in [204, 304] {
+            let http = respond_with(Response::status(status).json(json!({"x": 1})));
+            assert!(http.headers().get(header::CONTENT_TYPE).is_none(), "{status}");
+            assert_eq!(http.body().size_hint().exact(), Some(0), "{status}");
+        }
     }
 
     #[test]
