@@ -180,10 +180,13 @@ fn uri_list(value: &Value) -> Result<String, String> {
 }
 
 /// A `host:port` listening address (the host may be a name, an IPv4 or a bracketed IPv6
-/// address).
+/// address). A bare port means every IPv4 interface, as Nameko reads it.
 fn address(value: &Value) -> Result<String, String> {
     let address = text(value)?;
-    let expected = || "expected host:port, e.g. 0.0.0.0:8000".to_string();
+    if let Ok(port) = address.trim().parse::<u16>() {
+        return Ok(format!("0.0.0.0:{port}"));
+    }
+    let expected = || "expected host:port or a port, e.g. 0.0.0.0:8000".to_string();
     let (host, port) = address.rsplit_once(':').ok_or_else(expected)?;
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(expected());

@@ -140,7 +140,8 @@ pub struct Config {
     pub websocket_ip: String,
     /// `WEBSOCKET_PORT`: the port the websocket server listens on. Default: 8765.
     pub websocket_port: u16,
-    /// `WEB_SERVER_ADDRESS`: where the HTTP entrypoints listen (`host:port`, Nameko's key).
+    /// `WEB_SERVER_ADDRESS`: where the HTTP entrypoints listen (`host:port`, Nameko's key; a
+    /// bare port, as Nameko takes it, is read as `0.0.0.0:port`).
     /// Default: `0.0.0.0:8000`.
     pub web_server_address: String,
     /// `HTTP_HEADER_READ_TIMEOUT`: how long an HTTP client has to send a whole request head,

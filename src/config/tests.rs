@@ -607,8 +607,8 @@ fn value_errors_name_key_and_value() {
             "0",
             "must be a positive, finite number of seconds (or unset: no limit)",
         ),
-        ("WEB_SERVER_ADDRESS", "8000", "expected host:port, e.g. 0.0.0.0:8000"),
-        ("WEB_SERVER_ADDRESS", "localhost:http", "expected host:port, e.g. 0.0.0.0:8000"),
+        ("WEB_SERVER_ADDRESS", "80000", "expected host:port or a port, e.g. 0.0.0.0:8000"),
+        ("WEB_SERVER_ADDRESS", "localhost:http", "expected host:port or a port, e.g. 0.0.0.0:8000"),
         ("MAX_MESSAGE_SIZE", "1e6", "expected a non-negative integer"),
         ("MAX_MESSAGE_SIZE", "0", "must be at least 1"),
         ("HTTP_HEADER_READ_TIMEOUT", "60s", "expected a number of seconds"),
@@ -621,6 +621,15 @@ fn value_errors_name_key_and_value() {
         let e = env_err(&[("SERVICE_NAME", "s"), (key, value)]);
         assert_eq!(e.to_string(), format!("invalid config {key}=\"{value}\": {reason}"));
     }
+}
+
+#[test]
+fn a_bare_web_server_port_listens_on_every_interface_as_in_nameko() {
+    let config =
+        ok(Config::from_vars(vars(&[("SERVICE_NAME", "s"), ("WEB_SERVER_ADDRESS", "8080")])));
+    assert_eq!(config.web_server_address, "0.0.0.0:8080");
+    let config = ok(Config::from_yaml_str("SERVICE_NAME: s\nWEB_SERVER_ADDRESS: 8081\n", &no_env));
+    assert_eq!(config.web_server_address, "0.0.0.0:8081");
 }
 
 #[test]
