@@ -9,7 +9,7 @@
 //! | `task_duration_seconds` | histogram (`_sum`, `_count` as the original's summary) | context, route |
 //! | `service_info` | gauge 1 with `max_workers`, `worker_mode` | context |
 //! | `available_workers` | gauge: free worker slots | context |
-//! | `messages_received_total` | counter: messages delivered to the route | context, route |
+//! | `messages_received_total` | counter: calls the route started (any entrypoint) | context, route |
 //! | `retries_total` | counter: retries scheduled or run | context, route |
 //! | `dead_lettered_total` | counter: messages sent to the dead-letter queue | context, route |
 //! | `broker_reconnects_total` | counter: reconnections to the broker | |
