@@ -958,3 +958,27 @@ async fn the_service_refuses_two_of_its_servers_on_one_port_naming_both_keys() {
 
 #[cfg(feature = "metrics")]
 fn noop_event() {}
+
+/// An answer far bigger than what the socket buffers between server and client hold.
+fn big_answer() -> Response {
+    Response::status(200).text("x".repeat(64 << 20))
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_does_not_hold_the_stop() {
+    let routes = vec![Route::new(big_answer).entrypoint(HttpEntrypoint::get("/big"))];
+    let (service, base) = spawn(routes, stopping_config("http_stop_unread")).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address = base.trim_start_matches("http://").parse().unwrap();
+    let mut reader = socket.connect(address).await.unwrap();
+    reader.write_all(b"GET /big HTTP/1.1\r\nhost: test\r\n\r\n").await.unwrap();
+    // the answer is handed to hyper, which writes what the buffers take, then waits
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = std::time::Instant::now();
+    service.stop().await.unwrap();
+    let took = started.elapsed();
+    // dropped 5 s after the last byte it took (was: the stop waited all of SHUTDOWN_TIMEOUT)
+    assert!(took < STOP_BOUND, "the stop took {took:?} (SHUTDOWN_TIMEOUT 20 s)");
+    drop(reader);
+}

@@ -23,7 +23,8 @@
 //! would wait for the rest of a head it has begun to read (until `HTTP_HEADER_READ_TIMEOUT`,
 //! longer than `SHUTDOWN_TIMEOUT`), so one slow client would hold every stop. A request
 //! whose head has arrived is in progress, its body still arriving or not: it is answered
-//! (within `SHUTDOWN_TIMEOUT`), then the connection closed.
+//! (within `SHUTDOWN_TIMEOUT`), then the connection closed; a client that takes no byte of
+//! that answer for a few seconds is dropped, not waited for until `HTTP_KEEP_ALIVE_TIMEOUT`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -108,6 +109,7 @@ pub(super) async fn serve_connection(
                 // hyper closes an idle connection now (one whose last response it is still
                 // writing, once written), a busy one after its response
                 connection.as_mut().graceful_shutdown();
+                activity.stopping();
                 graceful = true;
             }
         }

@@ -1,7 +1,9 @@
 //! What one connection is doing (reading a request head, handling requests, idle between
 //! them) and the deadline that this allows it; see the [parent module](super) for the rules.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -20,10 +22,18 @@ enum Phase {
     Idle(Instant),
 }
 
+/// Once the service stops, how long a connection may take no byte of its last response before
+/// it is dropped (else `HTTP_KEEP_ALIVE_TIMEOUT`): a client that stopped reading a long
+/// response would hold the stop until then, or until `SHUTDOWN_TIMEOUT`, while one that
+/// reads it, however slowly, renews the wait with each byte.
+const STOPPING_SEND_WAIT: Duration = Duration::from_secs(5);
+
 /// The phase of one connection, updated by its socket and its requests.
 #[derive(Debug)]
 pub(super) struct Activity {
     timeouts: Timeouts,
+    /// The service is stopping: the wait after a response is [`STOPPING_SEND_WAIT`].
+    stopping: AtomicBool,
     phase: Mutex<Phase>,
     /// Wakes [`Activity::expired`] when the deadline changes.
     changed: Notify,
@@ -32,7 +42,26 @@ pub(super) struct Activity {
 impl Activity {
     pub(super) fn new(timeouts: Timeouts) -> Self {
         let phase = Phase::Head(deadline_after(timeouts.header_read));
-        Activity { timeouts, phase: Mutex::new(phase), changed: Notify::new() }
+        let stopping = AtomicBool::new(false);
+        Activity { timeouts, stopping, phase: Mutex::new(phase), changed: Notify::new() }
+    }
+
+    /// The wait for the next request after the last byte of a response.
+    fn keep_alive(&self) -> Duration {
+        match self.stopping.load(Ordering::Relaxed) {
+            true => self.timeouts.keep_alive.min(STOPPING_SEND_WAIT),
+            false => self.timeouts.keep_alive,
+        }
+    }
+
+    /// The service is stopping: from now on a connection whose last response waits for its
+    /// client to read it is dropped [`STOPPING_SEND_WAIT`] after the last byte it took.
+    pub(super) fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let mut phase = self.phase();
+        if let Phase::Idle(until) = *phase {
+            self.set(&mut phase, Phase::Idle(until.min(deadline_after(self.keep_alive()))));
+        }
     }
 
     fn phase(&self) -> MutexGuard<'_, Phase> {
@@ -56,7 +85,7 @@ impl Activity {
     pub(super) fn bytes_written(&self) {
         let mut phase = self.phase();
         if let Phase::Idle(_) = *phase {
-            self.set(&mut phase, Phase::Idle(deadline_after(self.timeouts.keep_alive)));
+            self.set(&mut phase, Phase::Idle(deadline_after(self.keep_alive())));
         }
     }
 
@@ -127,7 +156,7 @@ impl Drop for Request {
         let mut phase = activity.phase();
         let next = match *phase {
             Phase::Busy(open) if open > 1 => Phase::Busy(open - 1),
-            _ => Phase::Idle(deadline_after(activity.timeouts.keep_alive)),
+            _ => Phase::Idle(deadline_after(activity.keep_alive())),
         };
         activity.set(&mut phase, next);
     }
