@@ -112,7 +112,11 @@ impl Metrics {
                 Opts::new("available_workers", "Number of workers available"),
                 &["context"],
             )?,
-            received: labelled("messages_received_total", "Messages delivered to a route", route)?,
+            received: labelled(
+                "messages_received_total",
+                "Calls a route started (any entrypoint)",
+                route,
+            )?,
             retries: labelled("retries_total", "Retries scheduled or run", route)?,
             dead_lettered: labelled(
                 "dead_lettered_total",
