@@ -75,20 +75,54 @@ async fn a_micro_framework_service_is_replaced_without_losing_anything() {
     migrate(UFW, Protocol::MicroFramework, "-KILL").await;
 }
 
+/// A Python instance (`script serve`) of a new service, whose events come from a new source.
+struct PythonInstance {
+    uri: String,
+    service: String,
+    source: String,
+    pid: u32,
+    lines: tokio::task::JoinHandle<Vec<Value>>,
+}
+
+impl PythonInstance {
+    /// Start one, its names made from `prefix`, and wait until it serves; `None` without the
+    /// Python peers.
+    async fn start(script: &str, prefix: &str) -> Option<Self> {
+        let (uri, python) = prerequisites(script)?;
+        let (service, source) =
+            (unique(&format!("{prefix}_svc")), unique(&format!("{prefix}_src")));
+        let mut peer = Peer::spawn(
+            &python,
+            script,
+            &uri,
+            &["serve", "--service", &service, "--source", &source, "--event", "tick"],
+        );
+        peer.expect("ready").await;
+        let pid = peer.pid();
+        let lines = tokio::spawn(peer.lines_until_exit());
+        Some(PythonInstance { uri, service, source, pid, lines })
+    }
+
+    /// Send it `signal` (`-TERM`, `-KILL`).
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot signal the Python instance");
+    }
+
+    /// What it printed, once it has exited.
+    async fn lines(self) -> Vec<Value> {
+        self.lines.await.unwrap()
+    }
+}
+
 /// Run the migration; `stop_signal` stops the Python instance.
 async fn migrate(script: &str, protocol: Protocol, stop_signal: &str) {
-    let Some((uri, python)) = prerequisites(script) else { return };
-    let service = unique("mig_svc");
-    let source = unique("mig_src");
-    let mut peer = Peer::spawn(
-        &python,
-        script,
-        &uri,
-        &["serve", "--service", &service, "--source", &source, "--event", "tick"],
-    );
-    peer.expect("ready").await;
-    let python_pid = peer.pid();
-    let python_lines = tokio::spawn(peer.lines_until_exit());
+    let Some(python) = PythonInstance::start(script, "mig").await else { return };
+    let (uri, service, source) =
+        (python.uri.clone(), python.service.clone(), python.source.clone());
 
     let source_config = Config::new(&source).with_amqp_uri(uri.clone()).with_protocol(protocol);
     let producer_transport = micro_framework::transport::connect(&source_config).await.unwrap();
@@ -107,11 +141,7 @@ async fn migrate(script: &str, protocol: Protocol, stop_signal: &str) {
             rust = Some(TestService::start(replacement(&source, &handled), config).await.unwrap());
         }
         if id == PYTHON_STOPS_AT {
-            let status = std::process::Command::new("kill")
-                .args([stop_signal, &python_pid.to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success(), "cannot signal the Python instance");
+            python.signal(stop_signal);
             stopped_python_at = Some(started.elapsed());
         }
         // around the stop, work that takes a while (the Python peers sleep on `sleep`), so
@@ -150,7 +180,7 @@ async fn migrate(script: &str, protocol: Protocol, stop_signal: &str) {
     }
 
     // what the Python instance handled (a graceful stop ends with a `stopped` line)
-    let lines = python_lines.await.unwrap();
+    let lines = python.lines().await;
     if stop_signal == "-TERM" {
         let stopped = lines.iter().find(|line| line.get("stopped").is_some());
         assert!(stopped.is_some(), "the Python instance printed no `stopped` line: {lines:?}");
@@ -230,18 +260,9 @@ async fn a_rust_instance_stopping_beside_a_micro_framework_one_hands_it_its_requ
 /// queue's name there, and Nameko answered `MethodNotFound`, micro-framework stopped
 /// consuming).
 async fn hand_back_beside_python(script: &str, protocol: Protocol, stop_signal: &str) {
-    let Some((uri, python)) = prerequisites(script) else { return };
-    let service = unique("handback_svc");
-    let source = unique("handback_src");
-    let mut peer = Peer::spawn(
-        &python,
-        script,
-        &uri,
-        &["serve", "--service", &service, "--source", &source, "--event", "tick"],
-    );
-    peer.expect("ready").await;
-    let python_pid = peer.pid();
-    let python_lines = tokio::spawn(peer.lines_until_exit());
+    let Some(python) = PythonInstance::start(script, "handback").await else { return };
+    let (uri, service, source) =
+        (python.uri.clone(), python.service.clone(), python.source.clone());
     // one worker, holding up to ten requests: most of those it holds are unstarted at the stop
     let config = Config::new(&service)
         .with_amqp_uri(uri.clone())
@@ -272,12 +293,8 @@ async fn hand_back_beside_python(script: &str, protocol: Protocol, stop_signal: 
             wrong.push(format!("{x} answered {reply:?}"));
         }
     }
-    let status = std::process::Command::new("kill")
-        .args([stop_signal, &python_pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "cannot signal the Python instance");
-    let lines = python_lines.await.unwrap();
+    python.signal(stop_signal);
+    let lines = python.lines().await;
     let python_calls = lines.iter().filter(|line| line.get("rpc").is_some()).count();
     Arc::try_unwrap(client).expect("no call left").close().await;
     common::cleanup(&uri, &[service, source]).await;
