@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::error::raw_text;
-use super::substitute::substitute;
+use super::substitute::substitute_values;
 use super::{Config, ConfigError};
 
 /// The section holding `HOST` and `PORT` of the metrics server in files.
@@ -317,19 +317,20 @@ impl Format {
     }
 }
 
-/// Substitutes `${VAR}` references in `text`, parses it as `format` and builds the
-/// configuration. Syntax errors name `origin` (a path, `<yaml>` or `<toml>`) as their key.
+/// Parses `text` as `format`, substitutes `${VAR}` references in its string values and
+/// builds the configuration. Syntax errors name `origin` (a path, `<yaml>` or `<toml>`) as
+/// their key.
 pub(super) fn from_text(
     text: &str,
     format: Format,
     origin: &str,
     vars: &impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let text = substitute(text, vars)?;
-    let document = match format {
-        Format::Yaml => parse_yaml(&text, origin)?,
-        Format::Toml => parse_toml(&text, origin)?,
+    let mut document = match format {
+        Format::Yaml => parse_yaml(text, origin)?,
+        Format::Toml => parse_toml(text, origin)?,
     };
+    substitute_values(&mut document, vars)?;
     let map = match document {
         Value::Object(map) => map,
         Value::Null => Map::new(),

@@ -29,7 +29,7 @@
 //! assert_eq!(config.metrics.port, 9100);
 //! assert!(config.extra.is_empty());
 //!
-//! // From YAML (or TOML) text, after `${VAR}` / `${VAR:default}` substitution.
+//! // From YAML (or TOML) text, with `${VAR}` / `${VAR:default}` substituted in its strings.
 //! let yaml = "
 //! SERVICE_NAME: orders
 //! AMQP_URI: ${AMQP_URI:amqp://guest:guest@rabbitmq:5672/}
@@ -372,7 +372,9 @@ impl Config {
     }
 
     /// Reads a `.yaml` / `.yml` or `.toml` file (chosen by extension), substituting
-    /// `${VAR}` and `${VAR:default}` from the process environment, then validates it.
+    /// `${VAR}` and `${VAR:default}` from the process environment in its string values (at
+    /// any depth, after parsing: comments are not read, and in TOML a reference is quoted,
+    /// `MAX_WORKERS = "${WORKERS:4}"`), then validates it.
     ///
     /// # Errors
     /// Another extension or an unreadable file (key: the path), a syntax error (key: the
@@ -387,8 +389,8 @@ impl Config {
         load::from_text(&text, format, &origin, &|name: &str| std::env::var(name).ok())
     }
 
-    /// Reads YAML text after substituting `${VAR}` and `${VAR:default}` with `vars`, then
-    /// validates it. Known keys set their field (nested `METRICS: {HOST, PORT}`, or
+    /// Reads YAML text, substituting `${VAR}` and `${VAR:default}` with `vars` in its string
+    /// values as [`Config::from_file`] does, then validates it. Known keys set their field (nested `METRICS: {HOST, PORT}`, or
     /// `METRICS_HOST` and `METRICS_PORT`); other top-level keys go to [`Config::extra`].
     ///
     /// # Errors

@@ -1,6 +1,36 @@
-//! `${VAR}` / `${VAR:default}` substitution in the raw text of configuration files.
+//! `${VAR}` / `${VAR:default}` substitution in the string values of parsed configuration
+//! files: never in their text, so a commented-out line is not read and a substituted value
+//! (holding `#`, `"` or a leading `*`) cannot change the document around it.
+
+use serde_json::Value;
 
 use super::ConfigError;
+
+/// Substitutes the references (see [`substitute`]) in every string of `value`, at any depth;
+/// mapping keys and other scalars are kept.
+///
+/// # Errors
+/// As [`substitute`].
+pub(super) fn substitute_values(
+    value: &mut Value,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match value {
+        Value::String(text) => *text = substitute(text, lookup)?,
+        Value::Array(items) => {
+            for item in items {
+                substitute_values(item, lookup)?;
+            }
+        }
+        Value::Object(entries) => {
+            for item in entries.values_mut() {
+                substitute_values(item, lookup)?;
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+    Ok(())
+}
 
 /// Replaces every `${NAME}` and `${NAME:default}` in `text` by `lookup(NAME)`, or by
 /// `default` when `lookup` returns `None`.
@@ -13,10 +43,7 @@ use super::ConfigError;
 /// # Errors
 /// `${NAME}` without default whose variable `lookup` does not know: the error's key is
 /// `NAME`.
-pub(super) fn substitute(
-    text: &str,
-    lookup: &impl Fn(&str) -> Option<String>,
-) -> Result<String, ConfigError> {
+fn substitute(text: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {

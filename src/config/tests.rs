@@ -461,13 +461,53 @@ fn substitution_in_yaml_and_toml() {
     assert_eq!(config.amqp_uri, "amqp://guest:guest@rabbit:5672/");
     assert_eq!(config.extra["COST"], json!("$5"));
 
-    let toml = "SERVICE_NAME = '${SVC}'\nMAX_WORKERS = ${WORKERS:2}\n\
+    let toml = "SERVICE_NAME = '${SVC}'\nMAX_WORKERS = '${WORKERS:2}'\n\
                 AMQP_URI = '${BROKER:amqp://guest:guest@rabbit:5672/}'\n";
     let config = ok(Config::from_toml_str(toml, &env));
     assert_eq!(
         (config.service_name.as_str(), config.max_workers, config.amqp_uri.as_str()),
         ("billing", 6, "amqp://guest:guest@rabbit:5672/")
     );
+}
+
+/// Values that would change the document had they been pasted into its text.
+fn hostile_env(name: &str) -> Option<String> {
+    match name {
+        "HASH_PW" => Some("pa #ss".to_string()),
+        "QUOTE_PW" => Some("pa\"ss".to_string()),
+        "STAR" => Some("*star".to_string()),
+        _ => None,
+    }
+}
+
+#[test]
+fn substitution_skips_comments() {
+    let yaml = "SERVICE_NAME: s\n# AMQP_URI: amqp://user:${RABBIT_PASSWORD}@host/\n";
+    assert_eq!(ok(Config::from_yaml_str(yaml, &no_env)).amqp_uri, Config::new("s").amqp_uri);
+    let toml = "SERVICE_NAME = 's'\n# AMQP_URI = 'amqp://user:${RABBIT_PASSWORD}@host/'\n";
+    assert_eq!(ok(Config::from_toml_str(toml, &no_env)).amqp_uri, Config::new("s").amqp_uri);
+}
+
+#[test]
+fn substituted_values_cannot_change_the_document() {
+    let yaml = "SERVICE_NAME: s\nNOTE: x${HASH_PW}\nSHOP: ${STAR}\n";
+    let config = ok(Config::from_yaml_str(yaml, &hostile_env));
+    assert_eq!(config.extra["NOTE"], json!("xpa #ss"));
+    assert_eq!(config.extra["SHOP"], json!("*star"));
+    let toml = "SERVICE_NAME = 's'\nAMQP_URI = \"amqp://user:${QUOTE_PW}@host/\"\n";
+    assert_eq!(ok(Config::from_toml_str(toml, &hostile_env)).amqp_uri, "amqp://user:pa\"ss@host/");
+    // nested values are substituted too, keys are not
+    let yaml = "SERVICE_NAME: s\nDB:\n  ${STAR}: [x, '${STAR}']\n";
+    let config = ok(Config::from_yaml_str(yaml, &hostile_env));
+    assert_eq!(config.extra["DB"], json!({"${STAR}": ["x", "*star"]}));
+}
+
+#[test]
+fn a_substituted_password_is_masked_whole_in_errors() {
+    // `#` must be written %23 in a URI: the whole value is refused, its password masked
+    let yaml = "SERVICE_NAME: s\nAMQP_URI: amqp://user:${HASH_PW}@host/\n";
+    let e = err(Config::from_yaml_str(yaml, &hostile_env));
+    assert_eq!((e.key.as_str(), e.value.as_str()), ("AMQP_URI", "amqp://user:***@host/"));
 }
 
 #[test]
@@ -517,7 +557,7 @@ fn from_file_by_extension() {
         assert_eq!((config.service_name.as_str(), config.max_workers), ("svc", 5), "{name}");
     }
     let file =
-        TempFile::new("d.toml", &format!("SERVICE_NAME = 'svc'\nMAX_WORKERS = ${{{UNSET}:5}}\n"));
+        TempFile::new("d.toml", &format!("SERVICE_NAME = 'svc'\nMAX_WORKERS = '${{{UNSET}:5}}'\n"));
     assert_eq!(ok(Config::from_file(&file.0)).max_workers, 5);
 }
 
