@@ -288,3 +288,18 @@ async fn a_route_with_an_empty_name_stops_the_start_saying_so() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_service_name_too_long_for_its_queue_names_is_named_with_the_route() {
+    // validation takes any length; the queue `evt-shop-paid--{SERVICE_NAME}.noop` is over
+    // AMQP's 255 bytes, which only the route's set-up finds
+    let uri = format!("memory://{}", unique("long_name"));
+    let long = unique(&"s".repeat(240));
+    let routes = vec![Route::new(noop).entrypoint(EventListener::new("shop", "paid"))];
+    let config = Config::new(long.as_str()).with_amqp_uri(uri);
+    let error = Runner::new(routes, config).spawn().await.unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, Error::Startup(_)), "{error:?}");
+    assert!(message.contains("route 'noop'"), "{message}");
+    assert!(message.contains(&format!("SERVICE_NAME ({} bytes)", long.len())), "{message}");
+}

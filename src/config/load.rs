@@ -237,7 +237,8 @@ fn boolean(value: &Value) -> Result<bool, String> {
 }
 
 /// A duration given as a number of seconds (fractions allowed), as a number or a string.
-/// Zero is accepted here and rejected by [`Config::validate`].
+/// Zero is accepted here and rejected by [`Config::validate`]; a positive value under a
+/// nanosecond, which a duration would round to zero, is refused here.
 fn seconds(value: &Value) -> Result<Duration, String> {
     let secs = match value {
         Value::Number(number) => number.as_f64(),
@@ -245,14 +246,19 @@ fn seconds(value: &Value) -> Result<Duration, String> {
         _ => None,
     }
     .ok_or_else(|| "expected a number of seconds".to_string())?;
-    Duration::try_from_secs_f64(secs).map_err(|_| {
+    let duration = Duration::try_from_secs_f64(secs).map_err(|_| {
         // positive and finite, yet more seconds than a duration holds
         if secs.is_finite() && secs > 0.0 {
             format!("must be at most {} seconds", u64::MAX)
         } else {
             "must be a positive, finite number of seconds".to_string()
         }
-    })
+    })?;
+    // refused here, where the value given is known: validation would see a zero duration
+    if duration.is_zero() && secs > 0.0 {
+        return Err("must be at least 0.000000001 seconds (one nanosecond)".to_string());
+    }
+    Ok(duration)
 }
 
 /// One of an enum's words (see [`super::modes`]).

@@ -647,6 +647,9 @@ fn value_errors_name_key_and_value() {
             "0",
             "must be a positive, finite number of seconds (or unset: no limit)",
         ),
+        // a duration would round it to 0: the value given is named, not "0"
+        ("TASK_TIME_LIMIT", "1e-12", "must be at least 0.000000001 seconds (one nanosecond)"),
+        ("RPC_TIMEOUT", "0.0000000001", "must be at least 0.000000001 seconds (one nanosecond)"),
         ("WEB_SERVER_ADDRESS", "80000", "expected host:port or a port, e.g. 0.0.0.0:8000"),
         ("WEB_SERVER_ADDRESS", "localhost:http", "expected host:port or a port, e.g. 0.0.0.0:8000"),
         ("MAX_MESSAGE_SIZE", "1e6", "expected a non-negative integer"),
@@ -786,6 +789,22 @@ fn validation_errors() {
     assert_eq!(Config::default().validate().map_err(|e| e.key), Err("SERVICE_NAME".to_string()));
     // Dots are allowed in service names.
     assert_eq!(Config::new("billing.v2").validate(), Ok(()));
+}
+
+#[test]
+fn a_client_certificate_and_its_key_go_together() {
+    let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_SSL_CERT_FILE", "/etc/ssl/client.pem")]);
+    assert_eq!(
+        e.to_string(),
+        r#"invalid config AMQP_SSL_CERT_FILE="/etc/ssl/client.pem": is set without AMQP_SSL_KEY_FILE: a client certificate needs its key (set both or neither)"#
+    );
+    let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_SSL_KEY_FILE", "/etc/ssl/client.key")]);
+    assert_eq!(
+        e.to_string(),
+        r#"invalid config AMQP_SSL_KEY_FILE="/etc/ssl/client.key": is set without AMQP_SSL_CERT_FILE: a client key needs its certificate (set both or neither)"#
+    );
+    let in_code = Config::new("s").with_amqp_ssl_cert_file(Some("/etc/ssl/client.pem".into()));
+    assert_eq!(in_code.validate().map_err(|e| e.key), Err("AMQP_SSL_CERT_FILE".to_string()));
 }
 
 #[test]

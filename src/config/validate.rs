@@ -12,8 +12,9 @@ impl Config {
     /// credentials), `RPC_EXCHANGE` is neither blank nor padded with whitespace,
     /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
     /// not 0 (and `MAX_WORKERS` at most [`MAX_WORKERS_LIMIT`], `HTTP_MAX_CONNECTIONS` at most
-    /// [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT` and `SHUTDOWN_TIMEOUT` are not zero, and the
-    /// HTTP and WebSocket timeouts are neither zero nor longer than [`MAX_PEER_TIMEOUT`].
+    /// [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT` and `SHUTDOWN_TIMEOUT` are not zero, the
+    /// HTTP and WebSocket timeouts are neither zero nor longer than [`MAX_PEER_TIMEOUT`], and
+    /// `AMQP_SSL_CERT_FILE` and `AMQP_SSL_KEY_FILE` are set together.
     /// Every `from_*` calls it; [`Config::new`] does not.
     ///
     /// # Errors
@@ -107,7 +108,28 @@ impl Config {
                 format!("must be at most {MAX_HTTP_CONNECTIONS}"),
             ));
         }
+        self.validate_client_certificate()?;
         self.validate_peer_timeouts()
+    }
+
+    /// Checks that `AMQP_SSL_CERT_FILE` and `AMQP_SSL_KEY_FILE` are set together: a client
+    /// certificate is of no use without its key, nor a key without its certificate.
+    fn validate_client_certificate(&self) -> Result<(), ConfigError> {
+        match (&self.amqp_ssl_cert_file, &self.amqp_ssl_key_file) {
+            (Some(cert), None) => Err(ConfigError::new(
+                "AMQP_SSL_CERT_FILE",
+                cert,
+                "is set without AMQP_SSL_KEY_FILE: a client certificate needs its key (set both \
+                 or neither)",
+            )),
+            (None, Some(key)) => Err(ConfigError::new(
+                "AMQP_SSL_KEY_FILE",
+                key,
+                "is set without AMQP_SSL_CERT_FILE: a client key needs its certificate (set \
+                 both or neither)",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Checks that the timeouts that close a silent peer's connection are positive and at

@@ -25,7 +25,7 @@ use crate::pipeline::spawners::process::{ProcessPool, WorkerLink};
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::WorkerPool;
 use crate::pipeline::{RouteHandle, ServiceEnv, Serving};
-use crate::transport::SharedTransport;
+use crate::transport::{SharedTransport, TransportError};
 
 const CONNECT_RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -201,7 +201,10 @@ async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp>
             idle.push(handle);
             continue;
         }
-        entrypoint.setup(&handle).await?;
+        entrypoint
+            .setup(&handle)
+            .await
+            .map_err(|error| refused_route_name(error, handle.name(), &env.config.service_name))?;
         tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
         started.push((handle, entrypoint));
     }
@@ -297,6 +300,20 @@ pub(super) async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> 
     let served = link.serve(routes).await;
     tear_down(&set_up).await;
     served
+}
+
+/// A route's set-up refused by the transport as a value AMQP cannot carry (a queue name over
+/// 255 bytes, mostly) becomes a start-up error naming the route and `SERVICE_NAME`: the
+/// transport's error names only the queue, and the names are made of both.
+fn refused_route_name(error: Error, route: &str, service_name: &str) -> Error {
+    match error {
+        Error::Transport(TransportError::Invalid(text)) => Error::Startup(format!(
+            "route '{route}': {text} (its names are made of SERVICE_NAME ({} bytes), the \
+             route's name and its entrypoint's arguments)",
+            service_name.len()
+        )),
+        other => other,
+    }
 }
 
 fn route_stopped(route: &str, error: Error) -> Error {

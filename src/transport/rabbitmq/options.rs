@@ -87,6 +87,20 @@ fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, TransportError> {
         .map_err(|e| TransportError::Tls(format!("cannot read {what} {}: {e}", path.display())))
 }
 
+/// The client certificate's field and its configuration key.
+const CLIENT_CERT: (&str, &str) = ("client_cert_file", "AMQP_SSL_CERT_FILE");
+/// The client key's field and its configuration key.
+const CLIENT_KEY: (&str, &str) = ("client_key_file", "AMQP_SSL_KEY_FILE");
+
+/// The error for a client certificate without its key, or a key without its certificate:
+/// `set` is given, `missing` is not.
+fn unpaired(set: (&str, &str), missing: (&str, &str)) -> TransportError {
+    TransportError::Tls(format!(
+        "{} ({}) is set without {} ({}): set both or neither",
+        set.0, set.1, missing.0, missing.1
+    ))
+}
+
 impl TlsOptions {
     /// Load the files into lapin's TLS configuration.
     pub(crate) fn load(&self) -> Result<OwnedTLSConfig, TransportError> {
@@ -103,11 +117,8 @@ impl TlsOptions {
                 key: read(key, "client key")?,
             }),
             (None, None) => None,
-            _ => {
-                return Err(TransportError::Tls(
-                    "client_cert_file and client_key_file go together".into(),
-                ))
-            }
+            (Some(_), None) => return Err(unpaired(CLIENT_CERT, CLIENT_KEY)),
+            (None, Some(_)) => return Err(unpaired(CLIENT_KEY, CLIENT_CERT)),
         };
         Ok(OwnedTLSConfig { identity, cert_chain })
     }
@@ -131,7 +142,15 @@ mod tests {
         let with_ca = TlsOptions { ca_file: Some(pem.clone()), ..TlsOptions::default() };
         assert!(with_ca.load().unwrap().cert_chain.unwrap().contains("BEGIN CERTIFICATE"));
         let half = TlsOptions { client_cert_file: Some(pem.clone()), ..TlsOptions::default() };
-        assert!(matches!(half.load(), Err(TransportError::Tls(_))));
+        assert_eq!(
+            half.load().unwrap_err().to_string(),
+            TransportError::Tls(
+                "client_cert_file (AMQP_SSL_CERT_FILE) is set without client_key_file \
+                 (AMQP_SSL_KEY_FILE): set both or neither"
+                    .into()
+            )
+            .to_string()
+        );
         let pair = TlsOptions {
             client_cert_file: Some(pem.clone()),
             client_key_file: Some(pem),
