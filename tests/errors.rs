@@ -258,6 +258,20 @@ async fn a_huge_max_workers_is_a_start_up_error_not_a_panic() {
 }
 
 #[tokio::test]
+async fn a_zero_context_time_limit_is_a_start_up_error() {
+    // as TASK_TIME_LIMIT=0 is refused: every async call would fail at once
+    let uri = format!("memory://{}", unique("zero_limit"));
+    let context = RunnerContext::new(listener_routes()).time_limit(Duration::ZERO);
+    let runner = Runner::new(Vec::new(), config(&uri, "zero_limit")).context(context);
+    let error = runner.spawn().await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "cannot start: a RunnerContext needs a time_limit above zero (leave it unset for \
+         TASK_TIME_LIMIT)"
+    );
+}
+
+#[tokio::test]
 async fn an_event_listener_without_a_source_or_an_event_name_stops_the_start() {
     // `{source}.events` of an empty source is `.events`, and an empty event name binds the
     // routing key "": such a listener would start and never receive an event

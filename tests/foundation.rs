@@ -253,6 +253,36 @@ async fn an_async_call_past_its_time_limit_is_cancelled_in_a_thread_mode() {
     }
 }
 
+#[tokio::test]
+async fn a_time_limit_too_long_for_the_clock_is_no_limit() {
+    // the deadline `now + limit` overflowed and every async call panicked
+    let shop = common::unique("shop");
+    for uri in broker_uris() {
+        let huge = Duration::from_secs_f64(1e19);
+        for (what, context_limit) in [("TASK_TIME_LIMIT", None), ("context", Some(Duration::MAX))] {
+            let config = config(&uri, "unlimited")
+                .with_worker_mode(WorkerMode::Thread)
+                .with_task_time_limit(Some(huge));
+            let markers = [config.service_name.clone(), shop.clone()];
+            let queue = queue_of(&config.service_name, &shop, "paid", "hangs_when_told");
+            let routes =
+                vec![Route::new(hangs_when_told).entrypoint(EventListener::new(&shop, "paid"))];
+            let context = match context_limit {
+                Some(limit) => RunnerContext::new(routes).time_limit(limit),
+                None => RunnerContext::new(routes),
+            };
+            let runner = Runner::new(Vec::new(), config).context(context);
+            let service = TestService::start_runner(runner).await.unwrap();
+            service.dispatch(&shop, "paid", &json!(false)).await.unwrap();
+            service.wait_for_route("hangs_when_told", 1).await.unwrap();
+            let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+            assert!(dead.is_empty(), "{uri} {what}: {:?}", header(&dead[0], HEADER_ERROR));
+            service.stop().await.unwrap();
+            common::cleanup(&uri, &markers).await;
+        }
+    }
+}
+
 fn failing_callback(Payload(_): Payload<Value>, _failure: Failure) -> Result<(), String> {
     Err("callback broke too".into())
 }

@@ -59,7 +59,8 @@ impl RunnerContext {
 
     /// Stop a call running longer than `limit`, in place of `TASK_TIME_LIMIT`: its worker is
     /// killed in the process modes; in the thread modes an async call is cancelled, and a sync
-    /// one (which a thread cannot stop) runs on.
+    /// one (which a thread cannot stop) runs on. A zero `limit` stops the start; a limit too
+    /// long for the clock (`Duration::MAX`) is no limit.
     pub fn time_limit(mut self, limit: Duration) -> Self {
         self.time_limit = Some(limit);
         self

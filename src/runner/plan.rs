@@ -45,6 +45,15 @@ pub(super) fn plan_routes(
                 "a RunnerContext needs max_workers from 1 to {MAX_WORKERS_LIMIT}, got {size}"
             )));
         }
+        // TASK_TIME_LIMIT=0 is refused by the configuration: a zero limit would fail every
+        // async call at once
+        if context.time_limit.is_some_and(|limit| limit.is_zero()) {
+            return Err(Error::Startup(
+                "a RunnerContext needs a time_limit above zero (leave it unset for \
+                 TASK_TIME_LIMIT)"
+                    .to_owned(),
+            ));
+        }
         let label = context.metric_label.unwrap_or_else(|| {
             if plans.is_empty() {
                 "default".to_owned()

@@ -369,7 +369,7 @@ struct TimeLimit {
 
 impl TimeLimit {
     fn starting_now(length: Duration) -> Self {
-        TimeLimit { length, deadline: tokio::time::Instant::now() + length }
+        TimeLimit { length, deadline: clock::deadline_after(length) }
     }
 }
 
