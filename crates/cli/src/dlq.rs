@@ -9,6 +9,7 @@ mod body;
 mod reader;
 
 use std::io::{IsTerminal, Write};
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -59,9 +60,9 @@ pub struct ShowArgs {
 pub struct ReplayArgs {
     #[command(flatten)]
     queue: QueueArg,
-    /// Replay at most N dead letters, the oldest first.
+    /// Replay at most N dead letters (at least 1), the oldest first.
     #[arg(long, value_name = "N")]
-    limit: Option<usize>,
+    limit: Option<NonZeroUsize>,
 }
 
 /// End a read-only command: hand the messages back, then report, in this order of
@@ -191,7 +192,7 @@ fn replay_properties(dead_letter: &Properties) -> Properties {
 pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
     let mut dead = DeadLetters::open(uri, &args.queue.queue).await?;
     // only the messages there now: a replayed message that fails again is not replayed twice
-    let total = args.limit.map_or(dead.count(), |limit| limit.min(dead.count()));
+    let total = args.limit.map_or(dead.count(), |limit| limit.get().min(dead.count()));
     let progress = Progress::new(total);
     let (mut replayed, mut orphans, mut headless) = (0, 0, 0);
     let mut failure = None;

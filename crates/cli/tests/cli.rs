@@ -278,6 +278,11 @@ async fn call_body(uri: String, math: String) {
     let reply: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(reply["error"]["exc_type"], "MethodNotFound", "{reply}");
     assert_eq!(reply["error"]["exc_args"], json!(["nope"]), "{reply}");
+    // word for word as the README's CLI section shows it
+    let readme = include_str!("../../../README.md");
+    let shown = readme.split("$ micro-framework call bench_rpc.nope\n").nth(1).unwrap();
+    let shown = &shown[..shown.find("\n$ ").unwrap() + 1];
+    assert_eq!(run.stdout, shown);
     let run = cli(Some(&uri), &["call", &method("add"), "--args", r#"["x", 1]"#]).await;
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stdout.contains("IncorrectSignature"), "{run:?}");
@@ -422,6 +427,11 @@ async fn dlq_body(uri: String, source: String, service: String, queue: String, d
 
     // replay: back to the work queue, failure headers and counters removed, the route it was
     // first published with marked for its handler
+    // --limit 0 would replay nothing and say "replayed 0 of 0" with dead letters there
+    let run = cli(Some(&uri), &["dlq", "replay", &queue, "--limit", "0"]).await;
+    run.one_error_line(2, "'--limit <N>'");
+    assert!(run.stdout.is_empty(), "{run:?}");
+    assert_eq!(transport.queue_info(&dlq).await.unwrap().message_count, 3);
     let run = cli(Some(&uri), &["dlq", "replay", &queue, "--limit", "2"]).await;
     assert!(run.ok().stdout.contains("replayed 2 of 2"), "{run:?}");
     assert_eq!(transport.queue_info(&queue).await.unwrap().message_count, 2);
