@@ -419,6 +419,44 @@ async fn http_targets_use_dependencies_like_any_target() {
     }
 }
 
+/// Set in the run of this test binary that [`refused_paths_print_no_panic_message`] starts.
+const REFUSED_PATHS_CHILD: &str = "MF_TEST_REFUSED_PATHS_CHILD";
+
+#[tokio::test]
+async fn refused_paths_print_no_panic_message() {
+    // axum's router panics on these; a caught panic still printed "thread ... panicked" on
+    // stderr, which only a process of its own shows
+    if std::env::var_os(REFUSED_PATHS_CHILD).is_some() {
+        let cases = [("/x/{id}", "/x/{name}"), ("/y/{id}", "/y/:id"), ("/z", "/z/*rest")];
+        for (index, (first, second)) in cases.into_iter().enumerate() {
+            let routes = vec![
+                Route::new(missing).name("a").entrypoint(HttpEntrypoint::get(first)),
+                Route::new(missing).name("b").entrypoint(HttpEntrypoint::get(second)),
+            ];
+            let config = http_config(&format!("http_refused_{index}"));
+            let error = Runner::new(routes, config).spawn().await.expect_err("start refused");
+            println!("refused: {error}");
+        }
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let output = std::process::Command::new(exe)
+        .args(["--exact", "refused_paths_print_no_panic_message", "--nocapture"])
+        .env(REFUSED_PATHS_CHILD, "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{stdout}{stderr}");
+    let refusals: Vec<&str> = stdout.lines().filter(|line| line.starts_with("refused: ")).collect();
+    assert_eq!(refusals.len(), 3, "{stdout}");
+    for (refusal, path) in refusals.iter().zip(["/x/{name}", "/y/:id", "/z/*rest"]) {
+        let expected = format!("refused: cannot start: route b: cannot serve HTTP GET {path}: ");
+        assert!(refusal.starts_with(&expected), "{refusal}");
+    }
+    assert!(!stderr.contains("panicked") && !stdout.contains("panicked"), "{stdout}{stderr}");
+}
+
 /// The `http_service` example, as the README runs it.
 #[tokio::test]
 async fn the_http_service_example_answers_hello_and_sum() {

@@ -36,6 +36,9 @@ struct SiteState {
     address: Option<SocketAddr>,
     router: Router,
     routes: Vec<(String, String, String)>,
+    /// The paths of `routes` as axum's router matches them, to find a conflict before axum
+    /// (which panics on it, its message on stderr even when caught).
+    paths: matchit::Router<()>,
 }
 
 impl WebSite {
@@ -69,6 +72,13 @@ impl WebSite {
                 "routes {other} and {route} both serve HTTP {method} {path}"
             )));
         }
+        // a second method on a known path joins its route; a new path must not conflict
+        if !state.routes.iter().any(|(_, known, _)| known == path) {
+            state
+                .paths
+                .insert(path, ())
+                .map_err(|conflict| refused(method, path, route, conflict))?;
+        }
         state.router = add_route(state.router.clone(), method, path, route, handler)?;
         state.routes.push((method.to_owned(), path.to_owned(), route.to_owned()));
         Ok(())
@@ -81,7 +91,9 @@ impl WebSite {
 }
 
 /// `router` serving `method path` with `handler` for the route `route`; a path axum refuses
-/// (it panics) is an error.
+/// is an error. Axum panics on such a path, and its panic message reaches stderr even when
+/// the panic is caught, so the paths it is known to refuse are refused first: a segment
+/// starting with `:` or `*` (axum 0.7's captures) here, a conflict in [`WebSite::add`].
 pub(super) fn add_route(
     router: Router,
     method: &str,
@@ -89,14 +101,24 @@ pub(super) fn add_route(
     route: &str,
     handler: MethodRouter,
 ) -> Result<Router> {
+    if path.split('/').any(|segment| segment.starts_with([':', '*'])) {
+        let reason = "a segment starts with `:` or `*`: captures are written `{name}` and \
+                      `{*rest}`";
+        return Err(refused(method, path, route, reason));
+    }
     std::panic::catch_unwind(AssertUnwindSafe(|| router.route(path, handler))).map_err(|panic| {
         let reason = panic
             .downcast_ref::<String>()
             .map(String::as_str)
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("rejected by the router");
-        Error::Startup(format!("route {route}: cannot serve HTTP {method} {path}: {reason}"))
+        refused(method, path, route, reason)
     })
+}
+
+/// The start-up error of a route whose path cannot be served, for `reason`.
+fn refused(method: &str, path: &str, route: &str, reason: impl std::fmt::Display) -> Error {
+    Error::Startup(format!("route {route}: cannot serve HTTP {method} {path}: {reason}"))
 }
 
 #[async_trait]
