@@ -402,3 +402,21 @@ fn every_readme_block_is_compiled_here() {
     }
     assert_eq!(blocks, 15, "the README's ```rust blocks, all compiled above");
 }
+
+#[test]
+fn the_cargo_features_table_lists_every_default_feature() {
+    let manifest = include_str!("../Cargo.toml");
+    let default = manifest
+        .lines()
+        .find_map(|line| line.strip_prefix("default = ["))
+        .expect("Cargo.toml has a default feature list");
+    let features: Vec<&str> =
+        default.trim_end_matches(']').split(',').map(|f| f.trim().trim_matches('"')).collect();
+    let readme = include_str!("../README.md");
+    let table = readme.split("### Cargo features").nth(1).expect("the README's features section");
+    let table = &table[..table.find("\n## ").unwrap_or(table.len())];
+    for feature in features {
+        let row = format!("| `{feature}` |");
+        assert!(table.contains(&row), "the README's Cargo features table lacks {row}");
+    }
+}

@@ -261,6 +261,21 @@ mod tests {
         assert_eq!(TimeEntrypoint::every(Duration::MAX).next_tick(now, &mut None), None);
     }
 
+    #[test]
+    fn a_cron_expression_is_evaluated_in_utc_and_refused_when_built() {
+        let at_three = TimeEntrypoint::cron("0 3 * * *")
+            .map(|timer| timer.next_tick(Instant::now(), &mut None));
+        let Ok(Some(Tick::OnTheWallClock(next))) = at_three else { panic!("{at_three:?}") };
+        assert_eq!((next.hour(), next.minute(), next.second()), (3, 0, 0), "{next}");
+        let refused =
+            TimeEntrypoint::cron("61 * * * *").map(drop).map_err(|error| error.to_string());
+        let Err(message) = refused else { panic!("a bad expression was taken") };
+        assert!(
+            message.starts_with("cannot start: invalid cron expression \"61 * * * *\""),
+            "{message}"
+        );
+    }
+
     /// A wall clock that reads tokio's clock, plus `step` once `after` has passed since
     /// `start`: a system clock stepped while the timer sleeps.
     fn stepped_clock(
