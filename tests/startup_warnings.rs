@@ -3,13 +3,22 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::unique;
+use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::amqp::rpc::Client;
 use micro_framework::prelude::*;
 
 fn noop() {}
+
+/// Calls `ping` on this very service: the service sets up a reply queue of its own.
+async fn ask(rpc: RpcProxy, config: Arc<Config>) -> Result<(), String> {
+    let service = rpc.service(config.service_name.clone());
+    service.call("ping", (), ()).await.map_err(|error| error.to_string())
+}
 
 /// Start and stop a service of one event route with `vars` as its environment.
 async fn start_with(vars: &[(&str, &str)]) {
@@ -107,12 +116,22 @@ async fn a_clean_stop_on_rabbitmq_logs_no_error() {
         let routes = vec![
             Route::new(noop).entrypoint(EventListener::new(source.clone(), "e")),
             Route::new(noop).name("ping").entrypoint(RPCListener::new()),
+            Route::new(ask).entrypoint(RPCListener::new()),
         ];
         let running = Runner::new(routes, config).spawn().await.expect("it starts");
+        // the service's own reply queue, set up by its call of itself, is deleted at the stop
+        let caller = Config::new(unique("quiet_caller")).with_amqp_uri(uri.clone());
+        let client = Client::connect(&caller).await.unwrap();
+        client.call::<()>(&service, "ask", (), ()).await.expect("ask calls ping");
+        client.close().await;
         running.stop().await.unwrap();
     }
     common::cleanup(&uri, &[service, source]).await;
     let logs = common::logs::logged();
     let errors: Vec<&str> = logs.lines().filter(|line| line.contains("ERROR")).collect();
     assert!(errors.is_empty(), "{errors:#?}");
+    // a reply queue deleted under its own consumer had the broker cancel the consumer
+    let cancelled: Vec<&str> =
+        logs.lines().filter(|line| line.contains("consumer cancelled by the broker")).collect();
+    assert!(cancelled.is_empty(), "{cancelled:#?}");
 }

@@ -10,6 +10,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::{reply_queue, ufw_reply_queue};
@@ -35,6 +36,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The least time between two probes of one reply queue: calls that time out by the thousand
 /// cost one probe, not one each.
 const PROBE_SPACING: Duration = Duration::from_secs(5);
+
+/// How long the caller's stop waits for a reply queue's consumer to end and the queue to be
+/// deleted, before it deletes the queue itself (the broker may be away).
+const END_WAIT: Duration = Duration::from_secs(5);
 
 /// What a reply carries: the result, or why there is none (a remote error, an unreadable
 /// reply).
@@ -146,6 +151,13 @@ impl ReplyListener {
             let slot = self.slot(protocol);
             let _starting = slot.starting.lock().await;
             for queue in slot.take_all() {
+                queue.stop_listening.cancel();
+                // Its consumer cancelled first, then the queue deleted (by the listener): a
+                // queue deleted under its consumer has the broker cancel the consumer, which
+                // the transport warns of as a consumer lost.
+                if tokio::time::timeout(END_WAIT, queue.listened.cancelled()).await.is_ok() {
+                    continue;
+                }
                 if let Err(error) = transport.delete_queue(&queue.name).await {
                     tracing::debug!("cannot delete the reply queue {}: {error}", queue.name);
                 }
@@ -175,6 +187,10 @@ pub(crate) struct ReplyQueue {
     /// Wakes the consumer of a retired queue (whose replies no longer arrive) to see whether
     /// calls still wait on it.
     retired: Notify,
+    /// Asks the consumer to end: the caller stops.
+    stop_listening: CancellationToken,
+    /// Cancelled once the consumer has ended and the queue was deleted.
+    listened: CancellationToken,
 }
 
 impl ReplyQueue {
@@ -221,6 +237,8 @@ impl ReplyQueue {
             exchange: exchange.name.clone(),
             next_probe: Mutex::default(),
             retired: Notify::new(),
+            stop_listening: CancellationToken::new(),
+            listened: CancellationToken::new(),
         });
         tokio::spawn(queue.clone().listen(consumer));
         Ok((queue, unfinished))
@@ -305,9 +323,16 @@ impl ReplyQueue {
         // the `Notify` on every reply
         let retired = self.retired.notified();
         tokio::pin!(retired);
+        let mut cancelled = false;
         loop {
             let delivery = tokio::select! {
                 delivery = consumer.next() => delivery,
+                () = self.stop_listening.cancelled(), if !cancelled => {
+                    // the replies already sent to the consumer still come, then it ends
+                    consumer.cancel();
+                    cancelled = true;
+                    continue;
+                }
                 Some(acked) = acks.next(), if !acks.is_empty() => {
                     warn_unacked(acked);
                     continue;
@@ -339,6 +364,7 @@ impl ReplyQueue {
                 tracing::debug!("cannot delete the ended reply queue {}: {error}", self.name);
             }
         }
+        self.listened.cancel();
     }
 
     /// Give the reply `delivery` to the call waiting for it, if one does.
