@@ -325,6 +325,40 @@ async fn a_connection_lost_while_a_call_runs_does_not_count_against_max_redelive
     }
 }
 
+/// Deliveries received and still waiting for a worker slot when the connection is lost are
+/// not run once a slot is free: the broker requeued them with the connection, and their
+/// redeliveries run (was: both ran, each message twice).
+#[tokio::test]
+async fn deliveries_waiting_for_a_slot_when_the_connection_is_lost_run_once() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("waituser");
+    let uri = user.uri(&uri);
+    let shop = unique("shop");
+    let config = config(&uri, "waiting").with_max_workers(1).with_prefetch_count(Some(4));
+    let markers = [config.service_name.clone(), shop.clone()];
+    let probe = common::Probe::closed();
+    let routes = vec![Route::new(blocking)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    for id in 0..3 {
+        service.dispatch(&shop, "job", &json!({ "id": id })).await.unwrap();
+    }
+    common::wait_until(|| probe.started() == 1, "the first call to start").await;
+    user.close_connections();
+    // the redeliveries wait for the slot behind the deliveries received before the loss
+    common::wait_until(|| service.transport().reconnects() > 0, "the reconnect").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    probe.open();
+    // the first call ran unacked (its ack lost with the connection): it runs again
+    common::wait_until(|| probe.started() >= 4, "the calls").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runs = probe.started();
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &markers).await;
+    assert_eq!(runs, 4, "the first message twice, the two others once each");
+}
+
 #[tokio::test]
 async fn the_delayed_message_plugin_mechanism_says_clearly_when_the_plugin_is_missing() {
     use micro_framework::config::RetryDelay;

@@ -32,6 +32,13 @@ pub trait Acker: Send + Sync + fmt::Debug {
     fn lost_in_flight(&self) -> Option<LostInFlight> {
         None
     }
+
+    /// True once this unsettled delivery's channel or connection is known lost: the broker
+    /// took the message back (it delivers it again, marked redelivered), and settling it can
+    /// only fail. False from transports that cannot tell (the default).
+    fn channel_lost(&self) -> bool {
+        false
+    }
 }
 
 /// What a transport knows of a delivery the broker took back when its channel or connection

@@ -15,7 +15,8 @@ use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_message, Copies, DeliveryHandler, QueueSource,
+    consume, hand_back_as_retry, hand_back_message, lost_while_waiting, Copies, DeliveryHandler,
+    QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::Delivery;
@@ -121,6 +122,9 @@ impl DeliveryHandler for RpcServer {
                         .await;
                         return;
                     };
+                    if lost_while_waiting(&*acker, "RPC") {
+                        return;
+                    }
                     let handled = match route.handle_counted(permit, &message).await {
                         Ended::Handled(handled, _) => handled,
                         Ended::Interrupted(interrupted) => {

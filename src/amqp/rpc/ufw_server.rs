@@ -16,7 +16,8 @@ use crate::amqp::rpc::wire::request_body;
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_message, Copies, DeliveryHandler, QueueSource,
+    consume, hand_back_as_retry, hand_back_message, lost_while_waiting, Copies, DeliveryHandler,
+    QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_size;
@@ -106,6 +107,9 @@ impl UfwRpcServer {
             hand_back_message(&route, &queue, Copies::ByRoute, message, acker, "RPC").await;
             return None;
         };
+        if lost_while_waiting(acker, "RPC") {
+            return None;
+        }
         // A request whose call the stop may cut short between in-worker retries (`BackOff`)
         // goes back as it came, so it is kept: only for such routes, as it holds its body
         // for the whole call.

@@ -75,6 +75,9 @@ impl DeliveryHandler for BackoffQueue {
             super::hand_back(route, queue, copies, delivery, route.name()).await;
             return;
         };
+        if super::lost_while_waiting(delivery.acker.as_ref(), route.name()) {
+            return;
+        }
         let original = delivery.message();
         let meta = match delayed_message::unwrap(&mut delivery) {
             Ok(meta) => meta,

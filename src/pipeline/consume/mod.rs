@@ -21,7 +21,9 @@ use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::{settle, take_pending_dead_letter, Origin};
 use crate::pipeline::{Ended, RouteHandle};
-use crate::transport::{ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError};
+use crate::transport::{
+    Acker, ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError,
+};
 use backoff_queue::BackoffQueue;
 pub use crash_guard::mark_first_route;
 use crash_guard::{
@@ -210,6 +212,17 @@ async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, deliver
     }
 }
 
+/// Whether a delivery settled by `acker`, which waited for a worker slot, lost its channel
+/// meanwhile: the broker requeued its message, and the redelivery runs it; run here too, it
+/// would run twice. It is dropped unsettled.
+pub(crate) fn lost_while_waiting(acker: &dyn Acker, label: &str) -> bool {
+    let lost = acker.channel_lost();
+    if lost {
+        tracing::debug!(route = label, "not run: its channel was lost while it waited for a slot");
+    }
+    lost
+}
+
 /// `delivery`, which failed for good after `retries` retries: with its count of retries as a
 /// retried message carries it (`x-mf-retry-count`), which its dead letter reads to count its
 /// attempts. Retries made in the worker (`BackOff`) are in no header of the delivery.
@@ -314,6 +327,9 @@ impl DeliveryHandler for RouteQueue {
             hand_back(route, &self.queue, copies, delivery, route.name()).await;
             return;
         };
+        if lost_while_waiting(delivery.acker.as_ref(), route.name()) {
+            return;
+        }
         let message = Arc::new(message);
         let (handled, retries) = match route.handle_counted(permit, &message).await {
             Ended::Handled(handled, retries) => (handled, retries),

@@ -120,6 +120,12 @@ impl RabbitAcker {
         }
     }
 
+    /// Its channel or connection is gone (the broker took the delivery back), or it was
+    /// settled.
+    fn gone(&self) -> bool {
+        !self.acker.usable() || !self.link.alive()
+    }
+
     /// Once the settlement is sent (or failed): the channel is no longer kept open for this
     /// delivery, and a get may run on it again.
     fn let_go(&self) {
@@ -147,6 +153,10 @@ impl Acker for RabbitAcker {
     fn lost_in_flight(&self) -> Option<LostInFlight> {
         self.tracked.as_ref().and_then(|tracked| tracked.returned)
     }
+
+    fn channel_lost(&self) -> bool {
+        !self.settled.load(Ordering::SeqCst) && self.gone()
+    }
 }
 
 impl Drop for RabbitAcker {
@@ -154,7 +164,7 @@ impl Drop for RabbitAcker {
         if self.settled.load(Ordering::SeqCst) {
             return;
         }
-        if !self.acker.usable() {
+        if self.gone() {
             // Its channel is gone: the broker took it back.
             if let Some(tracked) = &self.tracked {
                 tracked.lost();
