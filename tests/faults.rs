@@ -518,3 +518,65 @@ async fn an_rpc_reply_reaches_a_caller_that_saw_its_connection_drop_first() {
     common::cleanup(&uri, &[service_name, caller.service_name.clone()]).await;
     assert_eq!(answer.expect("the reply reached the call"), 42);
 }
+
+/// Begin an outage for `user`'s connections alone: the broker closes them and refuses the
+/// user (no permissions) until [`outage_ends`].
+fn outage_begins(user: &common::TemporaryUser) {
+    rabbitmqctl(&["clear_permissions", "-p", "/", &user.name]);
+    user.close_connections();
+}
+
+fn outage_ends(user: &common::TemporaryUser) {
+    rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"]);
+}
+
+/// The ids of the messages in `queue`, taken out of it.
+async fn ids_in_queue(uri: &str, queue: &str) -> Vec<u64> {
+    let config = Config::new("observer").with_amqp_uri(uri.to_owned());
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
+    let messages = micro_framework::testing::take_messages(&*transport, queue).await.unwrap();
+    transport.close().await;
+    let mut ids: Vec<u64> = messages
+        .iter()
+        .filter_map(|message| serde_json::from_slice::<Value>(&message.body).ok()?["id"].as_u64())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// A stop while the broker is away, the service holding messages it never started (one
+/// worker, four prefetched): the broker requeued them with the lost connection, so the stop
+/// publishes no copy of them (it published one once the broker was back, then failed to ack
+/// the original: each was queued twice), and waits for no reconnect to do so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_broker_outage_queues_each_unstarted_message_once() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let user = common::TemporaryUser::create("faultoutage");
+    let probe = Probe::closed();
+    let config = common::config(&user.uri(&uri), "faultoutage")
+        .with_max_workers(1)
+        .with_prefetch_count(Some(4))
+        .with_shutdown_timeout(Duration::from_secs(20));
+    let queue = format!("evt-fault_src-job--{}.record", config.service_name);
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new("fault_src", "job"))
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let producer = publisher(&uri).await;
+    for id in 0..4u64 {
+        producer.dispatch("job", &json!({ "id": id })).await.unwrap();
+    }
+    probe.wait_started(1).await;
+    outage_begins(&user);
+    wait_until(|| !service.transport().is_connected(), "the service to lose its connection").await;
+    let stop = tokio::spawn(service.stop());
+    // the unstarted messages are dealt with while the broker is away; then it is back
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    outage_ends(&user);
+    probe.open();
+    stop.await.unwrap().unwrap();
+    let in_queue = ids_in_queue(&uri, &queue).await;
+    delete_queues(&uri, &queue).await;
+    assert_eq!(in_queue, [0, 1, 2, 3], "each message once (the one that ran unacked)");
+}

@@ -163,7 +163,8 @@ fn redeliveries(headers: &Headers, redelivered: bool, quorum: bool) -> i64 {
 /// a fresh delivery, which the crash-loop guard does not count, whereas a requeued delivery
 /// comes back marked redelivered, indistinguishable from one whose handling crashed. The copy
 /// goes to the tail of the queue. When it cannot be published, the delivery
-/// is requeued instead (and counted when it comes back). Once `route`'s service has given up
+/// is requeued instead (and counted when it comes back). A delivery whose channel is lost is
+/// left as it is: the broker requeued it with the channel. Once `route`'s service has given up
 /// waiting for its calls (a stop past `SHUTDOWN_TIMEOUT`), nothing is done: the connection is
 /// closing, and the broker requeues the delivery with it.
 pub(crate) async fn hand_back(
@@ -187,6 +188,11 @@ pub(crate) async fn hand_back_message(
     label: &str,
 ) {
     if route.given_up() {
+        return;
+    }
+    if acker.channel_lost() {
+        // The broker requeued the message with its channel: a copy would queue it twice.
+        tracing::debug!(route = label, "not handed back: its channel is lost, which requeued it");
         return;
     }
     let count = redeliveries(&message.properties.headers, message.redelivered, copies.quorum());

@@ -1596,9 +1596,11 @@ async fn returned_scenario(quorum: bool) -> Option<i64> {
     assert_eq!(requeued.acker.lost_in_flight(), None, "a nack's requeue is no loss");
     let requeued_count =
         requeued.properties.headers.get("x-delivery-count").and_then(HeaderValue::as_i64);
+    assert!(!kept.acker.channel_lost(), "its connection lives");
     let before = t.reconnects();
     tokio::task::spawn_blocking(move || force_close(&name)).await.unwrap();
     wait_reconnected(&t, before).await;
+    assert!(kept.acker.channel_lost(), "its connection was lost");
     assert!(late.acker.ack().await.is_err(), "its channel is gone");
     let mut back = Vec::new();
     for _ in 0..3 {
