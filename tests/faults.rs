@@ -580,3 +580,74 @@ async fn a_stop_during_a_broker_outage_queues_each_unstarted_message_once() {
     delete_queues(&uri, &queue).await;
     assert_eq!(in_queue, [0, 1, 2, 3], "each message once (the one that ran unacked)");
 }
+
+/// A service with nothing to do, stopped while the broker is away, stops within its
+/// `SHUTDOWN_TIMEOUT` (2 s here), nothing running. Its consumer was cancelled by the broker
+/// (its queue deleted) just before the outage, so the service was consuming again, waiting
+/// for a connection (was: up to the publish timeout, 30 s, the stop unheard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_service_stopped_during_a_broker_outage_stops_promptly() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let user = common::TemporaryUser::create("faultidle");
+    let config =
+        common::config(&user.uri(&uri), "faultidle").with_shutdown_timeout(Duration::from_secs(2));
+    let queue = format!("evt-fault_src-job--{}.record", config.service_name);
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new("fault_src", "job"))
+        .dependency(Shared(Probe::new()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    delete_queues(&uri, &queue).await;
+    outage_begins(&user);
+    wait_until(|| !service.transport().is_connected(), "the service to lose its connection").await;
+    // the service tries to consume again every second since its consumer ended: the next
+    // try, without a connection, waits for one
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let started = std::time::Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), service.stop()).await;
+    let took = started.elapsed();
+    outage_ends(&user);
+    common::cleanup(&uri, &[queue]).await;
+    assert!(stopped.is_ok(), "the stop still waits after 20 s");
+    assert!(took < Duration::from_secs(8), "the stop took {took:?}");
+}
+
+/// A stop while the broker is away waits for the calls running, not for the broker: the
+/// messages it never started need no hand-back (the broker requeued them with the lost
+/// connection), so it ends once the running call does (was: each hand-back waited for the
+/// broker, the stop all of `SHUTDOWN_TIMEOUT`, then it warned of calls still running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_broker_outage_waits_for_the_running_calls_only() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let user = common::TemporaryUser::create("faultwait");
+    let probe = Probe::closed();
+    let config = common::config(&user.uri(&uri), "faultwait")
+        .with_max_workers(1)
+        .with_prefetch_count(Some(4))
+        .with_shutdown_timeout(Duration::from_secs(20));
+    let queue = format!("evt-fault_src-job--{}.record", config.service_name);
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new("fault_src", "job"))
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let producer = publisher(&uri).await;
+    for id in 0..4u64 {
+        producer.dispatch("job", &json!({ "id": id })).await.unwrap();
+    }
+    probe.wait_started(1).await;
+    outage_begins(&user);
+    wait_until(|| !service.transport().is_connected(), "the service to lose its connection").await;
+    let started = std::time::Instant::now();
+    let stop = tokio::spawn(service.stop());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    probe.open();
+    let stopped = tokio::time::timeout(Duration::from_secs(15), stop).await;
+    let took = started.elapsed();
+    outage_ends(&user);
+    let in_queue = ids_in_queue(&uri, &queue).await;
+    delete_queues(&uri, &queue).await;
+    assert!(stopped.is_ok(), "the stop still waits after 15 s");
+    assert!(took < Duration::from_secs(8), "the stop took {took:?}");
+    assert_eq!(in_queue, [0, 1, 2, 3], "every message back in its queue");
+}

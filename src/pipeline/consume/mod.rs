@@ -144,13 +144,12 @@ async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option
     // queue consumed without its bindings would receive nothing, and its consumer never end.
     let mut in_part = false;
     loop {
-        tokio::select! {
-            _ = source.stopping.cancelled() => return None,
-            _ = tokio::time::sleep(RECONSUME_PAUSE) => {}
-        }
+        until_stopping(source, tokio::time::sleep(RECONSUME_PAUSE)).await?;
         let gone = match in_part {
             true => TransportError::NotFound(format!("queue {queue} declared again in part")),
-            false => match source.transport.consume(queue, options.clone()).await {
+            false => match until_stopping(source, source.transport.consume(queue, options.clone()))
+                .await?
+            {
                 Ok(next) => return Some(next),
                 Err(error @ TransportError::NotFound(_)) => error,
                 Err(error) => {
@@ -159,11 +158,13 @@ async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option
                 }
             },
         };
-        match source.transport.declare_again(queue).await {
+        match until_stopping(source, source.transport.declare_again(queue)).await? {
             Ok(true) => {
                 in_part = false;
                 tracing::warn!(route = %label, "queue {queue} was deleted: declared again");
-                match source.transport.consume(queue, options.clone()).await {
+                match until_stopping(source, source.transport.consume(queue, options.clone()))
+                    .await?
+                {
                     Ok(next) => return Some(next),
                     Err(error) => {
                         tracing::error!(route = %label, "cannot consume {queue}: {error}")
@@ -179,6 +180,18 @@ async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option
                 );
             }
         }
+    }
+}
+
+/// What `operation` gives, or `None` once the service begins to stop: while the broker is
+/// away, the transport waits for it up to its publish timeout, which would hold the stop up.
+async fn until_stopping<T>(
+    source: &QueueSource,
+    operation: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        _ = source.stopping.cancelled() => None,
+        done = operation => Some(done),
     }
 }
 
