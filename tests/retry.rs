@@ -749,6 +749,46 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
     }
 }
 
+/// A greedy stop that gives up on its calls (past `SHUTDOWN_TIMEOUT`) hands back the
+/// messages still waiting for a worker slot as fresh copies, which no restart counts as
+/// crashes: with `MAX_REDELIVERIES=0`, the victim, which never ran, runs after the restart
+/// (was: left to go back with the connection, it came back redelivered and was dead-lettered
+/// as `crashed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_greedy_stop_gave_up_on_unstarted_are_not_counted_as_crashes() {
+    use micro_framework::config::WorkerMode;
+    use std::sync::atomic::Ordering;
+    for uri in broker_uris() {
+        let shop = unique("greedyback");
+        let config = config(&uri, "greedyback")
+            .with_max_workers(1)
+            .with_max_redeliveries(0)
+            .with_worker_mode(WorkerMode::GreedyThread)
+            .with_shutdown_timeout(Duration::from_millis(500));
+        let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let VictimWaiting { service, keeper, probe, calls } =
+            a_victim_waiting_for_the_slot(&config, &shop).await;
+        // The hog holds the one slot past SHUTDOWN_TIMEOUT: the stop gives up on it (its
+        // message goes back with the connection) and on the victim waiting for the slot.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        service.stop().await.unwrap();
+        probe.open();
+        assert_eq!(calls.0.load(Ordering::SeqCst), 0, "the victim never ran");
+
+        let routes = vec![hog_route(&shop, &probe), victim_route(&shop, &calls)];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        service.wait_for_route("victim", 1).await.unwrap();
+        service.stop().await.unwrap();
+        let dlq = format!("{queue}.dlq");
+        let dead = micro_framework::testing::take_messages(keeper.as_ref(), &dlq).await.unwrap();
+        keeper.close().await;
+        common::cleanup(&uri, &markers).await;
+        assert!(dead.is_empty(), "{uri}: a message that never ran is dead-lettered: {dead:?}");
+        assert_eq!(calls.0.load(Ordering::SeqCst), 1, "{uri}: handed back, it runs once");
+    }
+}
+
 fn answer(Dep(calls): Dep<Arc<VictimCalls>>) -> u64 {
     calls.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
 }

@@ -20,6 +20,6 @@ pub use call_watch::FinishedCall;
 pub use entrypoint::Entrypoint;
 pub(crate) use interrupted::Ended;
 pub use route_handle::RouteHandle;
-pub(crate) use route_handle::ServiceEnv;
+pub(crate) use route_handle::{ServiceEnv, Unstarted};
 pub use shared::{Serving, SharedExtension};
 pub use stats::RouteStats;

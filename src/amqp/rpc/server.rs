@@ -15,7 +15,7 @@ use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_message, lost_while_waiting, Copies, DeliveryHandler,
+    consume, hand_back_as_retry, hand_back_unstarted, lost_while_waiting, Copies, DeliveryHandler,
     QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
@@ -109,18 +109,16 @@ impl DeliveryHandler for RpcServer {
                     (Err(RemoteException::nameko("MalformedRequest", reason)), route, Some(handled))
                 }
                 Ok(()) => {
-                    let Some(permit) = route.acquire().await else {
-                        // counted with copies, as this server's crash-loop guard counts
-                        hand_back_message(
-                            &route,
-                            &self.queue,
-                            Copies::ByRoute,
-                            &message,
-                            &*acker,
-                            "RPC",
-                        )
-                        .await;
-                        return;
+                    let permit = match route.acquire_or_unstarted().await {
+                        Ok(permit) => permit,
+                        Err(unstarted) => {
+                            // counted with copies, as this server's crash-loop guard counts
+                            let (queue, copies) = (&self.queue, Copies::ByRoute);
+                            let acker = &*acker;
+                            hand_back_unstarted(&route, queue, copies, &message, acker, unstarted)
+                                .await;
+                            return;
+                        }
                     };
                     if lost_while_waiting(&*acker, "RPC") {
                         return;
@@ -180,8 +178,8 @@ impl DeliveryHandler for RpcServer {
         Copies::ByRoute
     }
 
-    fn give_up(&self) {
-        self.service.give_up();
+    async fn give_up(&self) {
+        self.service.give_up().await;
     }
 }
 

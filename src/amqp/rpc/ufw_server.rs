@@ -16,7 +16,7 @@ use crate::amqp::rpc::wire::request_body;
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_message, lost_while_waiting, Copies, DeliveryHandler,
+    consume, hand_back_as_retry, hand_back_unstarted, lost_while_waiting, Copies, DeliveryHandler,
     QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
@@ -102,10 +102,14 @@ impl UfwRpcServer {
             let error = RemoteError::target_does_not_exist(&request.command);
             return Some((Err(error), self.route_of(&message.routing_key), None));
         };
-        let Some(permit) = route.acquire().await else {
-            // counted with copies, as this server's crash-loop guard counts
-            hand_back_message(&route, &queue, Copies::ByRoute, message, acker, "RPC").await;
-            return None;
+        let permit = match route.acquire_or_unstarted().await {
+            Ok(permit) => permit,
+            Err(unstarted) => {
+                // counted with copies, as this server's crash-loop guard counts
+                let copies = Copies::ByRoute;
+                hand_back_unstarted(&route, &queue, copies, message, acker, unstarted).await;
+                return None;
+            }
         };
         if lost_while_waiting(acker, "RPC") {
             return None;
@@ -215,8 +219,8 @@ impl DeliveryHandler for UfwRpcServer {
         Copies::ByRoute
     }
 
-    fn give_up(&self) {
-        self.service.give_up();
+    async fn give_up(&self) {
+        self.service.give_up().await;
     }
 }
 

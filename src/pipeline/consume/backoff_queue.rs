@@ -69,11 +69,13 @@ impl DeliveryHandler for BackoffQueue {
     async fn handle(&self, mut delivery: Delivery) {
         let route = &self.route;
         // The slot first: a retry handed back goes back as it came, still wrapped.
-        let Some(permit) = route.acquire().await else {
-            let queue = &self.backoff_queue;
-            let copies = Copies::Straight { quorum: self.quorum };
-            super::hand_back(route, queue, copies, delivery, route.name()).await;
-            return;
+        let permit = match route.acquire_or_unstarted().await {
+            Ok(permit) => permit,
+            Err(unstarted) => {
+                let (queue, copies) =
+                    (&self.backoff_queue, Copies::Straight { quorum: self.quorum });
+                return super::hand_back(route, queue, copies, delivery, unstarted).await;
+            }
         };
         if super::lost_while_waiting(delivery.acker.as_ref(), route.name()) {
             return;
@@ -110,7 +112,7 @@ impl DeliveryHandler for BackoffQueue {
         Copies::Straight { quorum: self.quorum }
     }
 
-    fn give_up(&self) {
-        self.route.give_up();
+    async fn give_up(&self) {
+        self.route.give_up().await;
     }
 }

@@ -10,7 +10,7 @@ use crate::data::{
     Headers, Message,
 };
 use crate::pipeline::settle::{copy_properties, HEADER_PENDING_DEAD_LETTER};
-use crate::pipeline::RouteHandle;
+use crate::pipeline::{RouteHandle, Unstarted};
 use crate::transport::{
     Acker, Delivery, Limit, LostInFlight, OutgoingMessage, PublishOptions, SharedTransport,
     TransportError,
@@ -164,21 +164,36 @@ fn redeliveries(headers: &Headers, redelivered: bool, quorum: bool) -> i64 {
 /// comes back marked redelivered, indistinguishable from one whose handling crashed. The copy
 /// goes to the tail of the queue. When it cannot be published, the delivery
 /// is requeued instead (and counted when it comes back). A delivery whose channel is lost is
-/// left as it is: the broker requeued it with the channel. Once `route`'s service has given up
-/// waiting for its calls (a stop past `SHUTDOWN_TIMEOUT`), nothing is done: the connection is
-/// closing, and the broker requeues the delivery with it.
+/// left as it is: the broker requeued it with the channel. Also once the service has given up
+/// waiting for its calls (a stop past `SHUTDOWN_TIMEOUT`), which waits for it a little
+/// ([`Unstarted`]).
 pub(crate) async fn hand_back(
     route: &RouteHandle,
     queue: &str,
     copies: Copies,
     delivery: Delivery,
-    label: &str,
+    unstarted: Unstarted,
 ) {
     let (message, acker) = delivery.into_parts();
-    hand_back_message(route, queue, copies, &message, acker.as_ref(), label).await;
+    hand_back_unstarted(route, queue, copies, &message, acker.as_ref(), unstarted).await;
 }
 
 /// [`hand_back`] for a delivery already taken apart: its `message`, settled with `acker`.
+pub(crate) async fn hand_back_unstarted(
+    route: &RouteHandle,
+    queue: &str,
+    copies: Copies,
+    message: &Message,
+    acker: &dyn Acker,
+    _unstarted: Unstarted,
+) {
+    give_back(route.transport(), queue, copies, message, acker, route.name()).await;
+}
+
+/// [`hand_back_unstarted`] for a message whose call ran (cut short, or not settled), which
+/// is given back only while the service waits for its calls: once it has given up (a stop
+/// past `SHUTDOWN_TIMEOUT`), nothing is done, and the message goes back with the connection,
+/// as those of the calls still running.
 pub(crate) async fn hand_back_message(
     route: &RouteHandle,
     queue: &str,
@@ -187,16 +202,27 @@ pub(crate) async fn hand_back_message(
     acker: &dyn Acker,
     label: &str,
 ) {
-    if route.given_up() {
-        return;
+    if !route.given_up() {
+        give_back(route.transport(), queue, copies, message, acker, label).await;
     }
+}
+
+/// Publish a copy of `message` to `queue`, then ack it; requeue it if the copy cannot be
+/// published; nothing if its channel is lost.
+async fn give_back(
+    transport: &SharedTransport,
+    queue: &str,
+    copies: Copies,
+    message: &Message,
+    acker: &dyn Acker,
+    label: &str,
+) {
     if acker.channel_lost() {
         // The broker requeued the message with its channel: a copy would queue it twice.
         tracing::debug!(route = label, "not handed back: its channel is lost, which requeued it");
         return;
     }
     let count = redeliveries(&message.properties.headers, message.redelivered, copies.quorum());
-    let transport = route.transport();
     let copied = copy_to_queue(transport, queue, copies, message, count, message.redelivered).await;
     let settled = match copied {
         Ok(()) => acker.ack().await,

@@ -30,8 +30,8 @@ use crash_guard::{
     check_crash_loop, count_redelivery, crash_pause, take_redelivered_mark, Checked, Guarded,
 };
 pub(crate) use crash_guard::{
-    hand_back, hand_back_as_retry, hand_back_message, Copies, HEADER_REDELIVERED,
-    HEADER_REDELIVERIES,
+    hand_back, hand_back_as_retry, hand_back_message, hand_back_unstarted, Copies,
+    HEADER_REDELIVERED, HEADER_REDELIVERIES,
 };
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
@@ -57,9 +57,9 @@ pub(crate) trait DeliveryHandler: Send + Sync + 'static {
     }
 
     /// Called once the stop has waited `SHUTDOWN_TIMEOUT` for the running calls: deliveries
-    /// still waiting for a worker slot must not start (their messages go back to the queue
-    /// when the connection closes).
-    fn give_up(&self) {}
+    /// still waiting for a worker slot must not start; returns once they are handed back
+    /// (or after a short wait, past which they go back with the connection).
+    async fn give_up(&self) {}
 }
 
 /// Where and how to consume.
@@ -125,7 +125,7 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
     tasks.close();
     let limit = source.shutdown_timeout;
     if tokio::time::timeout(limit, tasks.wait()).await.is_err() {
-        handler.give_up();
+        handler.give_up().await;
         tracing::warn!(
             route = %label,
             "calls still running after SHUTDOWN_TIMEOUT ({limit:?}); their messages go back to {queue}"
@@ -335,10 +335,12 @@ impl DeliveryHandler for RouteQueue {
             }
             Err(reason) => return self.refuse(delivery, Failure::bad_input(reason)).await,
         }
-        let Some(permit) = route.acquire().await else {
-            let copies = Copies::Straight { quorum: self.quorum };
-            hand_back(route, &self.queue, copies, delivery, route.name()).await;
-            return;
+        let permit = match route.acquire_or_unstarted().await {
+            Ok(permit) => permit,
+            Err(unstarted) => {
+                let copies = Copies::Straight { quorum: self.quorum };
+                return hand_back(route, &self.queue, copies, delivery, unstarted).await;
+            }
         };
         if lost_while_waiting(delivery.acker.as_ref(), route.name()) {
             return;
@@ -375,7 +377,7 @@ impl DeliveryHandler for RouteQueue {
         Copies::Straight { quorum: self.quorum }
     }
 
-    fn give_up(&self) {
-        self.route.give_up();
+    async fn give_up(&self) {
+        self.route.give_up().await;
     }
 }

@@ -8,8 +8,11 @@
 mod call;
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
 
 use super::call_watch::{CallWatch, FinishedCall};
 use super::entrypoint_kind::EntrypointInfo;
@@ -51,6 +54,7 @@ struct RouteRuntime {
     pool: WorkerPool,
     stopping: CancellationToken,
     given_up: CancellationToken,
+    hand_backs: TaskTracker,
     stats: RouteStats,
     calls: CallWatch,
     state: ServiceState,
@@ -62,6 +66,17 @@ struct RouteRuntime {
     extensions: SharedExtensions,
 }
 
+/// How long a stop that gave up on its calls waits for the deliveries that never started to
+/// be handed back ([`RouteHandle::give_up`]).
+const HAND_BACK_WAIT: Duration = Duration::from_secs(2);
+
+/// A delivery that waited for a worker slot and got none (the service stops): to be handed
+/// back unstarted; the stop's give-up waits for it while this lives.
+#[derive(Debug)]
+pub(crate) struct Unstarted {
+    _hand_back: TaskTrackerToken,
+}
+
 /// What the routes of one service share.
 #[derive(Clone, Debug)]
 pub(crate) struct ServiceEnv {
@@ -71,6 +86,9 @@ pub(crate) struct ServiceEnv {
     /// Fires once a stop has waited `SHUTDOWN_TIMEOUT` for the calls, or once every
     /// entrypoint has ended: none may start after.
     pub given_up: CancellationToken,
+    /// The deliveries that waited for a worker slot and are handed back unstarted
+    /// ([`Unstarted`]), which the give-up waits for.
+    pub hand_backs: TaskTracker,
     pub state: ServiceState,
     pub metrics: Metrics,
     /// The shared extensions its routes made during set-up, for the runner to start.
@@ -89,6 +107,7 @@ impl ServiceEnv {
             transport,
             stopping: CancellationToken::new(),
             given_up: CancellationToken::new(),
+            hand_backs: TaskTracker::new(),
             state,
             metrics,
             extensions: SharedExtensions::default(),
@@ -115,6 +134,7 @@ impl RouteHandle {
                 pool,
                 stopping: env.stopping.clone(),
                 given_up: env.given_up.clone(),
+                hand_backs: env.hand_backs.clone(),
                 stats: RouteStats::default(),
                 calls: CallWatch::default(),
                 state: env.state.clone(),
@@ -252,8 +272,31 @@ impl RouteHandle {
     /// greedy modes too). A greedy mode's messages still waiting for a slot would otherwise
     /// run once one is free, after the stop returned and while their messages go back to
     /// their queues with the connection, to run again elsewhere.
-    pub(crate) fn give_up(&self) {
+    ///
+    /// The deliveries that were waiting for a slot are handed back unstarted, as fresh copies
+    /// the crash-loop guard does not count: waited for up to [`HAND_BACK_WAIT`], before the
+    /// connection closes. (Left to the connection, they came back redelivered, and were
+    /// counted as crashes although they never ran.)
+    pub(crate) async fn give_up(&self) {
         self.inner.given_up.cancel();
+        let hand_backs = &self.inner.hand_backs;
+        hand_backs.close();
+        if tokio::time::timeout(HAND_BACK_WAIT, hand_backs.wait()).await.is_err() {
+            tracing::warn!(
+                route = self.name(),
+                "messages that never started are not all handed back after {HAND_BACK_WAIT:?}: \
+                 the rest go back with the connection"
+            );
+        }
+    }
+
+    /// A worker slot, as [`RouteHandle::acquire`]; without one, the delivery that waited for
+    /// it is to be handed back unstarted, which the stop's give-up waits for while the
+    /// returned [`Unstarted`] lives.
+    pub(crate) async fn acquire_or_unstarted(&self) -> Result<WorkerPermit, Unstarted> {
+        // taken before the wait: the give-up, which ends the wait, finds it already counted
+        let unstarted = Unstarted { _hand_back: self.inner.hand_backs.token() };
+        self.acquire().await.ok_or(unstarted)
     }
 
     /// Whether the service's stop gave up waiting for its calls ([`RouteHandle::give_up`]).
