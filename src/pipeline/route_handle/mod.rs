@@ -270,13 +270,12 @@ impl RouteHandle {
     /// Record that the service's stop waited `SHUTDOWN_TIMEOUT` for its calls and gave up:
     /// from now on no call of the service starts ([`RouteHandle::acquire`] is `None`, in
     /// greedy modes too). A greedy mode's messages still waiting for a slot would otherwise
-    /// run once one is free, after the stop returned and while their messages go back to
-    /// their queues with the connection, to run again elsewhere.
+    /// run once one is free, after the stop returned, and again elsewhere.
     ///
-    /// The deliveries that were waiting for a slot are handed back unstarted, as fresh copies
-    /// the crash-loop guard does not count: waited for up to [`HAND_BACK_WAIT`], before the
-    /// connection closes. (Left to the connection, they came back redelivered, and were
-    /// counted as crashes although they never ran.)
+    /// Those deliveries are handed back unstarted, as fresh copies the crash-loop guard does
+    /// not count: waited for up to [`HAND_BACK_WAIT`], before the connection closes. (Left to
+    /// the connection, they came back redelivered, counted as crashes although they never
+    /// ran.)
     pub(crate) async fn give_up(&self) {
         self.inner.given_up.cancel();
         let hand_backs = &self.inner.hand_backs;
