@@ -38,7 +38,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const PROBE_SPACING: Duration = Duration::from_secs(5);
 
 /// How long the caller's stop waits for a reply queue's consumer to end and the queue to be
-/// deleted, before it deletes the queue itself (the broker may be away).
+/// deleted, then (connected) to delete it itself: the broker may be away, and the queue
+/// expires by itself (`x-expires`).
 const END_WAIT: Duration = Duration::from_secs(5);
 
 /// What a reply carries: the result, or why there is none (a remote error, an unreadable
@@ -145,7 +146,7 @@ impl ReplyListener {
     }
 
     /// Delete the reply queues made (the caller stops), retired ones that calls still wait on
-    /// included.
+    /// included: each consumer is cancelled, then its queue deleted, within [`END_WAIT`].
     pub(crate) async fn delete_queues(&self, transport: &SharedTransport) {
         for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
             let slot = self.slot(protocol);
@@ -158,8 +159,14 @@ impl ReplyListener {
                 if tokio::time::timeout(END_WAIT, queue.listened.cancelled()).await.is_ok() {
                     continue;
                 }
-                if let Err(error) = transport.delete_queue(&queue.name).await {
-                    tracing::debug!("cannot delete the reply queue {}: {error}", queue.name);
+                let deleted = match transport.is_connected() {
+                    true => tokio::time::timeout(END_WAIT, transport.delete_queue(&queue.name))
+                        .await
+                        .ok(),
+                    false => None,
+                };
+                if !matches!(deleted, Some(Ok(_))) {
+                    tracing::debug!("the reply queue {} is left to expire", queue.name);
                 }
             }
         }
