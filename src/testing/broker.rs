@@ -11,7 +11,7 @@ pub const TEST_AMQP_URI_ENV: &str = "TEST_AMQP_URI";
 /// A config for `service` on a broker of its own, so tests can run in parallel with the same
 /// service and queue names. Its HTTP, WebSocket and metrics servers listen on ports the
 /// system picks, on the loopback address (see
-/// [`RunningService::web_address`](crate::RunningService::web_address) and the like):
+/// the addresses [`RunningService`](crate::RunningService) gives):
 ///
 /// - by default a private in-process broker (`memory://test-{uuid}`);
 /// - with `TEST_AMQP_URI` set, a new virtual host (`mf-test-{time}-{uuid}`) of that RabbitMQ,
