@@ -544,17 +544,20 @@ async fn ids_in_queue(uri: &str, queue: &str) -> Vec<u64> {
     ids
 }
 
-/// A stop while the broker is away, the service holding messages it never started (one
-/// worker, four prefetched): the broker requeued them with the lost connection, so the stop
-/// publishes no copy of them (it published one once the broker was back, then failed to ack
-/// the original: each was queued twice), and waits for no reconnect to do so.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stop_during_a_broker_outage_queues_each_unstarted_message_once() {
-    let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
-    let user = common::TemporaryUser::create("faultoutage");
+/// A service whose broker is away (its user locked out, its connection closed), holding one
+/// running call (gated by `probe`) and three messages of `queue` it never started.
+struct Outage {
+    user: common::TemporaryUser,
+    probe: Arc<Probe>,
+    queue: String,
+    service: TestService,
+}
+
+/// [`Outage`], for a service named after `name`: one worker, four messages prefetched.
+async fn outage_with_unstarted_messages(uri: &str, name: &str) -> Outage {
+    let user = common::TemporaryUser::create(name);
     let probe = Probe::closed();
-    let config = common::config(&user.uri(&uri), "faultoutage")
+    let config = common::config(&user.uri(uri), name)
         .with_max_workers(1)
         .with_prefetch_count(Some(4))
         .with_shutdown_timeout(Duration::from_secs(20));
@@ -563,13 +566,26 @@ async fn a_stop_during_a_broker_outage_queues_each_unstarted_message_once() {
         .entrypoint(EventListener::new("fault_src", "job"))
         .dependency(Shared(probe.clone()))];
     let service = TestService::start(routes, config).await.unwrap();
-    let producer = publisher(&uri).await;
+    let producer = publisher(uri).await;
     for id in 0..4u64 {
         producer.dispatch("job", &json!({ "id": id })).await.unwrap();
     }
     probe.wait_started(1).await;
     outage_begins(&user);
     wait_until(|| !service.transport().is_connected(), "the service to lose its connection").await;
+    Outage { user, probe, queue, service }
+}
+
+/// A stop while the broker is away, the service holding messages it never started (one
+/// worker, four prefetched): the broker requeued them with the lost connection, so the stop
+/// publishes no copy of them (it published one once the broker was back, then failed to ack
+/// the original: each was queued twice), and waits for no reconnect to do so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_broker_outage_queues_each_unstarted_message_once() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let Outage { user, probe, queue, service } =
+        outage_with_unstarted_messages(&uri, "faultoutage").await;
     let stop = tokio::spawn(service.stop());
     // the unstarted messages are dealt with while the broker is away; then it is back
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -638,24 +654,8 @@ async fn an_idle_service_stopped_during_a_broker_outage_stops_promptly() {
 async fn a_stop_during_a_broker_outage_waits_for_the_running_calls_only() {
     let Some(uri) = rabbitmq_uri() else { return };
     let _serial = SERIAL.lock().await;
-    let user = common::TemporaryUser::create("faultwait");
-    let probe = Probe::closed();
-    let config = common::config(&user.uri(&uri), "faultwait")
-        .with_max_workers(1)
-        .with_prefetch_count(Some(4))
-        .with_shutdown_timeout(Duration::from_secs(20));
-    let queue = format!("evt-fault_src-job--{}.record", config.service_name);
-    let routes = vec![Route::new(record)
-        .entrypoint(EventListener::new("fault_src", "job"))
-        .dependency(Shared(probe.clone()))];
-    let service = TestService::start(routes, config).await.unwrap();
-    let producer = publisher(&uri).await;
-    for id in 0..4u64 {
-        producer.dispatch("job", &json!({ "id": id })).await.unwrap();
-    }
-    probe.wait_started(1).await;
-    outage_begins(&user);
-    wait_until(|| !service.transport().is_connected(), "the service to lose its connection").await;
+    let Outage { user, probe, queue, service } =
+        outage_with_unstarted_messages(&uri, "faultwait").await;
     let started = std::time::Instant::now();
     let stop = tokio::spawn(service.stop());
     tokio::time::sleep(Duration::from_millis(500)).await;
