@@ -368,3 +368,35 @@ async fn an_unused_queue_expires_on_the_test_clock() {
     assert!(matches!(gone, TransportError::NotFound(_)), "{gone:?}");
     transport.close().await;
 }
+
+/// Records when it runs; its first run takes 25 s, two and a half intervals.
+async fn long_first_run(Dep(calls): Dep<Arc<Calls>>) {
+    let first = calls.count() == 0;
+    calls.record(String::new());
+    if first {
+        tokio::time::sleep(Duration::from_secs(25)).await;
+    }
+}
+
+/// The README's timer rule: a run longer than the interval skips the ticks it covered, and
+/// the next run keeps to the interval's grid (Nameko fires as soon as the long run ends, 25 s
+/// after it began here, then once more for each tick it covered).
+#[tokio::test(start_paused = true)]
+async fn a_run_longer_than_its_interval_skips_the_ticks_it_covered_and_keeps_to_the_grid() {
+    let calls = Arc::new(Calls::default());
+    let routes = vec![Route::new(long_first_run)
+        .entrypoint(TimeEntrypoint::every(Duration::from_secs(10)))
+        .dependency(Shared(calls.clone()))];
+    let service = TestService::start(routes, memory_test_config("grid")).await.unwrap();
+    while calls.count() < 3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    service.stop().await.unwrap();
+    // the first run began on a tick and ended 25 s later, the ticks of 10 s and 20 s after
+    // it skipped: the next run comes on the tick 30 s after it, then every 10 s
+    let gaps = gaps(&calls.times()[..3]);
+    let expected = [Duration::from_secs(30), Duration::from_secs(10)];
+    for (gap, expected) in gaps.iter().zip(expected) {
+        assert!(gap.abs_diff(expected) <= MARGIN, "gaps {gaps:?}, expected 30 s then 10 s");
+    }
+}
