@@ -15,8 +15,7 @@ use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_unstarted, lost_while_waiting, Copies, DeliveryHandler,
-    QueueSource,
+    consume, hand_back_as_retry, slot_for, Copies, DeliveryHandler, QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::Delivery;
@@ -109,20 +108,10 @@ impl DeliveryHandler for RpcServer {
                     (Err(RemoteException::nameko("MalformedRequest", reason)), route, Some(handled))
                 }
                 Ok(()) => {
-                    let permit = match route.acquire_or_unstarted().await {
-                        Ok(permit) => permit,
-                        Err(unstarted) => {
-                            // counted with copies, as this server's crash-loop guard counts
-                            let (queue, copies) = (&self.queue, Copies::ByRoute);
-                            let acker = &*acker;
-                            hand_back_unstarted(&route, queue, copies, &message, acker, unstarted)
-                                .await;
-                            return;
-                        }
-                    };
-                    if lost_while_waiting(&*acker, "RPC") {
-                        return;
-                    }
+                    // handed back counted with copies, as this server's crash-loop guard counts
+                    let (queue, copies) = (&self.queue, Copies::ByRoute);
+                    let slot = slot_for(&route, queue, copies, &message, &*acker).await;
+                    let Some(permit) = slot else { return };
                     let handled = match route.handle_counted(permit, &message).await {
                         Ended::Handled(handled, _) => handled,
                         Ended::Interrupted(interrupted) => {

@@ -16,8 +16,7 @@ use crate::amqp::rpc::wire::request_body;
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_unstarted, lost_while_waiting, Copies, DeliveryHandler,
-    QueueSource,
+    consume, hand_back_as_retry, slot_for, Copies, DeliveryHandler, QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_size;
@@ -102,18 +101,8 @@ impl UfwRpcServer {
             let error = RemoteError::target_does_not_exist(&request.command);
             return Some((Err(error), self.route_of(&message.routing_key), None));
         };
-        let permit = match route.acquire_or_unstarted().await {
-            Ok(permit) => permit,
-            Err(unstarted) => {
-                // counted with copies, as this server's crash-loop guard counts
-                let copies = Copies::ByRoute;
-                hand_back_unstarted(&route, &queue, copies, message, acker, unstarted).await;
-                return None;
-            }
-        };
-        if lost_while_waiting(acker, "RPC") {
-            return None;
-        }
+        // handed back counted with copies, as this server's crash-loop guard counts
+        let permit = slot_for(&route, &queue, Copies::ByRoute, message, acker).await?;
         // A request whose call the stop may cut short between in-worker retries (`BackOff`)
         // goes back as it came, so it is kept: only for such routes, as it holds its body
         // for the whole call.

@@ -69,18 +69,12 @@ impl DeliveryHandler for BackoffQueue {
     async fn handle(&self, mut delivery: Delivery) {
         let route = &self.route;
         // The slot first: a retry handed back goes back as it came, still wrapped.
-        let permit = match route.acquire_or_unstarted().await {
-            Ok(permit) => permit,
-            Err(unstarted) => {
-                let (queue, copies) =
-                    (&self.backoff_queue, Copies::Straight { quorum: self.quorum });
-                return super::hand_back(route, queue, copies, delivery, unstarted).await;
-            }
-        };
-        if super::lost_while_waiting(delivery.acker.as_ref(), route.name()) {
-            return;
-        }
         let original = delivery.message();
+        let (queue, copies) = (&self.backoff_queue, Copies::Straight { quorum: self.quorum });
+        let acker = delivery.acker.as_ref();
+        let Some(permit) = super::slot_for(route, queue, copies, &original, acker).await else {
+            return;
+        };
         let meta = match delayed_message::unwrap(&mut delivery) {
             Ok(meta) => meta,
             Err(reason) => {

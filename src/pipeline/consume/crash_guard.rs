@@ -86,7 +86,7 @@ pub(super) enum Checked {
 /// Count the times a message came back unsettled (its worker or the service died while
 /// handling it) and refuse it past `MAX_REDELIVERIES`, so one poison message cannot
 /// crash-loop the service. A fresh delivery is never counted: messages handed back unstarted
-/// come back as fresh copies ([`hand_back`]). On a redelivery, the count is that of the
+/// come back as fresh copies ([`hand_back_unstarted`]). On a redelivery, the count is that of the
 /// copies ([`HEADER_REDELIVERIES`]) plus, from a `quorum` queue, the broker's own; from any
 /// other queue the message is published again (confirmed) straight to its queue with its count
 /// one higher ([`count_redelivery`]), then acked. A redelivery the transport knows the broker
@@ -156,7 +156,7 @@ fn redeliveries(headers: &Headers, redelivered: bool, quorum: bool) -> i64 {
     copies.max(0).saturating_add(broker.max(0))
 }
 
-/// Give back to `queue` a delivery the service received but will not start (it is stopping),
+/// Give back to `queue` a message the service received but will not start (it is stopping),
 /// or cannot settle now (its retry or dead letter could not be published): a copy with the
 /// count it came with ([`redeliveries`]; a `quorum` queue's count moves into the copy) is
 /// published (confirmed) straight to `queue`, then the delivery is acked. The copy comes as
@@ -166,19 +166,7 @@ fn redeliveries(headers: &Headers, redelivered: bool, quorum: bool) -> i64 {
 /// is requeued instead (and counted when it comes back). A delivery whose channel is lost is
 /// left as it is: the broker requeued it with the channel. Also once the service has given up
 /// waiting for its calls (a stop past `SHUTDOWN_TIMEOUT`), which waits for it a little
-/// ([`Unstarted`]).
-pub(crate) async fn hand_back(
-    route: &RouteHandle,
-    queue: &str,
-    copies: Copies,
-    delivery: Delivery,
-    unstarted: Unstarted,
-) {
-    let (message, acker) = delivery.into_parts();
-    hand_back_unstarted(route, queue, copies, &message, acker.as_ref(), unstarted).await;
-}
-
-/// [`hand_back`] for a delivery already taken apart: its `message`, settled with `acker`.
+/// ([`Unstarted`]). The message is settled with `acker`.
 pub(crate) async fn hand_back_unstarted(
     route: &RouteHandle,
     queue: &str,

@@ -20,6 +20,7 @@ use crate::data::{
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::{settle, take_pending_dead_letter, Origin};
+use crate::pipeline::spawners::WorkerPermit;
 use crate::pipeline::{Ended, RouteHandle};
 use crate::transport::{
     Acker, ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError,
@@ -27,11 +28,11 @@ use crate::transport::{
 use backoff_queue::BackoffQueue;
 pub use crash_guard::mark_first_route;
 use crash_guard::{
-    check_crash_loop, count_redelivery, crash_pause, take_redelivered_mark, Checked, Guarded,
+    check_crash_loop, count_redelivery, crash_pause, hand_back_unstarted, take_redelivered_mark,
+    Checked, Guarded,
 };
 pub(crate) use crash_guard::{
-    hand_back, hand_back_as_retry, hand_back_message, hand_back_unstarted, Copies,
-    HEADER_REDELIVERED, HEADER_REDELIVERIES,
+    hand_back_as_retry, hand_back_message, Copies, HEADER_REDELIVERED, HEADER_REDELIVERIES,
 };
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
@@ -225,15 +226,32 @@ async fn receive(source: QueueSource, handler: Arc<dyn DeliveryHandler>, deliver
     }
 }
 
-/// Whether a delivery settled by `acker`, which waited for a worker slot, lost its channel
-/// meanwhile: the broker requeued its message, and the redelivery runs it; run here too, it
-/// would run twice. It is dropped unsettled.
-pub(crate) fn lost_while_waiting(acker: &dyn Acker, label: &str) -> bool {
-    let lost = acker.channel_lost();
-    if lost {
-        tracing::debug!(route = label, "not run: its channel was lost while it waited for a slot");
+/// A worker slot of `route` for `message`, settled by `acker`, or `None` when it is not to run:
+/// the service stops (it is handed back to `queue` unstarted, as `copies` go), or its channel
+/// was lost while it waited (the broker requeued it, and its redelivery runs it; run here too,
+/// it would run twice: it is dropped unsettled).
+pub(crate) async fn slot_for(
+    route: &RouteHandle,
+    queue: &str,
+    copies: Copies,
+    message: &Message,
+    acker: &dyn Acker,
+) -> Option<WorkerPermit> {
+    let permit = match route.acquire_or_unstarted().await {
+        Ok(permit) => permit,
+        Err(unstarted) => {
+            hand_back_unstarted(route, queue, copies, message, acker, unstarted).await;
+            return None;
+        }
+    };
+    if acker.channel_lost() {
+        tracing::debug!(
+            route = route.name(),
+            "not run: its channel was lost while it waited for a slot"
+        );
+        return None;
     }
-    lost
+    Some(permit)
 }
 
 /// `delivery`, which failed for good after `retries` retries: with its count of retries as a
@@ -335,16 +353,11 @@ impl DeliveryHandler for RouteQueue {
             }
             Err(reason) => return self.refuse(delivery, Failure::bad_input(reason)).await,
         }
-        let permit = match route.acquire_or_unstarted().await {
-            Ok(permit) => permit,
-            Err(unstarted) => {
-                let copies = Copies::Straight { quorum: self.quorum };
-                return hand_back(route, &self.queue, copies, delivery, unstarted).await;
-            }
-        };
-        if lost_while_waiting(delivery.acker.as_ref(), route.name()) {
+        let copies = Copies::Straight { quorum: self.quorum };
+        let acker = delivery.acker.as_ref();
+        let Some(permit) = slot_for(route, &self.queue, copies, &message, acker).await else {
             return;
-        }
+        };
         let message = Arc::new(message);
         let (handled, retries) = match route.handle_counted(permit, &message).await {
             Ended::Handled(handled, retries) => (handled, retries),
