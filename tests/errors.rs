@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::journaled::{Fault, Journal, Journaled};
 use common::{config, rabbitmq_uri, unique};
+use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::amqp::rpc::RpcError;
 use micro_framework::entrypoints::Entrypoint;
 use micro_framework::prelude::*;
 use micro_framework::transport::{ClosedPart, TransportError};
@@ -305,15 +307,34 @@ async fn a_route_with_an_empty_name_stops_the_start_saying_so() {
 
 #[tokio::test]
 async fn a_service_name_too_long_for_its_queue_names_is_named_with_the_route() {
-    // validation takes any length; the queue `evt-shop-paid--{SERVICE_NAME}.noop` is over
-    // AMQP's 255 bytes, which only the route's set-up finds
+    // validation takes up to 208 bytes; with a long event type, the queue
+    // `evt-shop-{type}--{SERVICE_NAME}.noop` is over AMQP's 255 bytes, which only the route's
+    // set-up finds
     let uri = format!("memory://{}", unique("long_name"));
-    let long = unique(&"s".repeat(240));
-    let routes = vec![Route::new(noop).entrypoint(EventListener::new("shop", "paid"))];
+    let long = unique(&"s".repeat(160));
+    let event_type = "paid".repeat(20);
+    let routes = vec![Route::new(noop).entrypoint(EventListener::new("shop", event_type))];
     let config = Config::new(long.as_str()).with_amqp_uri(uri);
     let error = Runner::new(routes, config).spawn().await.unwrap_err();
     let message = error.to_string();
     assert!(matches!(error, Error::Startup(_)), "{error:?}");
     assert!(message.contains("route 'noop'"), "{message}");
     assert!(message.contains(&format!("SERVICE_NAME ({} bytes)", long.len())), "{message}");
+}
+
+#[tokio::test]
+async fn a_service_name_too_long_for_its_reply_queue_is_refused_by_the_config() {
+    // `rpc.reply-{SERVICE_NAME}-{uuid}` is 47 bytes longer than the name: a name of 209 bytes
+    // or more would make every call of an RpcProxy fail, long after the start
+    let uri = format!("memory://{}", unique("long_reply"));
+    async fn calls(rpc: RpcProxy) -> Result<(), RpcError> {
+        rpc.service("other").call::<()>("method", (), ()).await
+    }
+    let name = "s".repeat(209);
+    let routes = vec![Route::new(calls).entrypoint(EventListener::new("shop", "paid"))];
+    let config = Config::new(name.as_str()).with_amqp_uri(uri);
+    let error = Runner::new(routes, config).spawn().await.unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("SERVICE_NAME"), "{message}");
+    assert!(message.contains("at most 208 bytes"), "{message}");
 }

@@ -1152,3 +1152,12 @@ fn unknown_keys_are_named_with_the_key_they_resemble() {
         "not a micro-framework key (did you mean RPC_TIMEOUT?); it is kept for Config::get"
     );
 }
+
+#[test]
+fn a_service_name_too_long_for_a_reply_queue_is_refused() {
+    // `rpc.reply-{SERVICE_NAME}-{uuid}` must fit AMQP's 255 bytes
+    assert!(Config::new("s".repeat(208)).validate().is_ok());
+    let e = env_err(&[("SERVICE_NAME", &"s".repeat(209))]);
+    assert_eq!(e.key, "SERVICE_NAME");
+    assert!(e.reason.starts_with("is 209 bytes; must be at most 208 bytes"), "{}", e.reason);
+}

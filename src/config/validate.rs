@@ -5,11 +5,14 @@ use super::{
     amqp_uri, Config, ConfigError, MAX_HTTP_CONNECTIONS, MAX_PEER_TIMEOUT, MAX_WORKERS_LIMIT,
 };
 
+/// The longest `SERVICE_NAME`: 255 bytes less the 47 its reply queue name adds.
+const MAX_SERVICE_NAME_BYTES: usize = 255 - "rpc.reply--".len() - 36;
+
 impl Config {
-    /// Checks what the types cannot: `SERVICE_NAME` is set and has no whitespace, no `://`
-    /// and no topic wildcard (`*`, `#`), `AMQP_URI` is an `amqp://`, `amqps://` or
-    /// `memory://` URI or a list of `amqp(s)://` URIs (none empty, same vhost, same
-    /// credentials), `RPC_EXCHANGE` is neither blank nor padded with whitespace,
+    /// Checks what the types cannot: `SERVICE_NAME` is set, has no whitespace, no `://`, no
+    /// topic wildcard (`*`, `#`) and at most 208 bytes, `AMQP_URI` is an `amqp://`,
+    /// `amqps://` or `memory://` URI or a list of `amqp(s)://` URIs (none empty, same vhost,
+    /// same credentials), `RPC_EXCHANGE` is neither blank nor padded with whitespace,
     /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
     /// not 0 (and `MAX_WORKERS` at most [`MAX_WORKERS_LIMIT`], `HTTP_MAX_CONNECTIONS` at most
     /// [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT` and `SHUTDOWN_TIMEOUT` are not zero, the
@@ -47,6 +50,19 @@ impl Config {
                 &self.service_name,
                 "must not contain `*` or `#`: the RPC queue is bound with `{SERVICE_NAME}.*`, so \
                  the name would match other services' calls",
+            ));
+        }
+        // An RpcProxy's reply queue `rpc.reply-{SERVICE_NAME}-{uuid}` is 47 bytes longer than
+        // the name: past this, the service starts and every call it makes fails.
+        if self.service_name.len() > MAX_SERVICE_NAME_BYTES {
+            return Err(ConfigError::new(
+                "SERVICE_NAME",
+                &self.service_name,
+                format!(
+                    "is {} bytes; must be at most {MAX_SERVICE_NAME_BYTES} bytes: the reply queue \
+                     `rpc.reply-{{SERVICE_NAME}}-{{uuid}}` must fit AMQP's 255-byte names",
+                    self.service_name.len()
+                ),
             ));
         }
         amqp_uri::validate(&self.amqp_uri)?;
