@@ -10,7 +10,7 @@ use common::{config, rabbitmq_uri, unique};
 use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::amqp::rpc::RpcError;
-use micro_framework::entrypoints::Entrypoint;
+use micro_framework::entrypoints::{Entrypoint, TimeEntrypoint};
 use micro_framework::prelude::*;
 use micro_framework::transport::{ClosedPart, TransportError};
 use micro_framework::{Error, RouteHandle};
@@ -337,4 +337,71 @@ async fn a_service_name_too_long_for_its_reply_queue_is_refused_by_the_config() 
     let message = error.to_string();
     assert!(message.contains("SERVICE_NAME"), "{message}");
     assert!(message.contains("at most 208 bytes"), "{message}");
+}
+
+/// A vhost of its own, deleted on drop.
+struct Vhost(String);
+
+impl Vhost {
+    fn new(name: String) -> Vhost {
+        for args in [
+            vec!["add_vhost", &name],
+            vec!["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"],
+            vec!["set_vhost_limits", "-p", &name, r#"{"max-connections": 1}"#],
+        ] {
+            let out = std::process::Command::new("rabbitmqctl").args(&args).output().unwrap();
+            assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+        }
+        Vhost(name)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").args(["delete_vhost", &self.0]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vhost_connection_limit_reached_at_start_up_is_waited_for() {
+    // RabbitMQ refuses a connection over a vhost's (or user's) `max-connections` with
+    // `530 NOT_ALLOWED`, as it refuses a missing vhost, but the slot frees when another
+    // instance stops (a rolling deploy): the start tries again
+    let Some(uri) = rabbitmq_uri() else { return };
+    let address = uri.split('@').nth(1).unwrap().trim_end_matches('/').to_owned();
+    let vhost = Vhost::new(unique("limited"));
+    let uri = format!("amqp://guest:guest@{address}/{}", vhost.0);
+    let holder =
+        micro_framework::transport::connect(&Config::new("holder").with_amqp_uri(uri.clone()))
+            .await
+            .expect("the first connection takes the only slot");
+    let refused = micro_framework::transport::connect(&Config::new("s").with_amqp_uri(uri.clone()))
+        .await
+        .expect_err("no slot left");
+    assert!(matches!(refused, TransportError::Broker { code: 530, .. }), "{refused:?}");
+    assert!(!refused.is_permanent(), "{refused}");
+
+    let (ticked, first_tick) = tokio::sync::oneshot::channel();
+    let ticked = std::sync::Arc::new(std::sync::Mutex::new(Some(ticked)));
+    let tick = move || {
+        if let Some(ticked) = ticked.lock().unwrap().take() {
+            let _ = ticked.send(());
+        }
+    };
+    let routes = vec![Route::new(tick)
+        .name("tick")
+        .entrypoint(TimeEntrypoint::every(Duration::from_millis(100)))];
+    let config = Config::new(unique("limited")).with_amqp_uri(uri);
+    let run = tokio::spawn(Runner::new(routes, config).run_until(async {
+        let _ = first_tick.await;
+    }));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if run.is_finished() {
+        panic!("the start gave up: {:?}", run.await);
+    }
+    holder.close().await;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("started once the slot freed, ticked and stopped");
+    outcome.unwrap().expect("a clean stop");
 }

@@ -123,7 +123,8 @@ impl TransportError {
     /// [`ResourceLocked`](Self::ResourceLocked) (the holder may go away),
     /// [`Nacked`](Self::Nacked), [`LimitReached`](Self::LimitReached) of the in-process
     /// broker's memory or of pending calls (they drain), and [`Broker`](Self::Broker) replies
-    /// `320 CONNECTION_FORCED`, `506 RESOURCE_ERROR` and `541 INTERNAL_ERROR`. Everything
+    /// `320 CONNECTION_FORCED`, `506 RESOURCE_ERROR`, `541 INTERNAL_ERROR` and
+    /// `530 NOT_ALLOWED` for a vhost's or user's connection limit reached. Everything
     /// else is permanent, e.g. [`Authentication`](Self::Authentication),
     /// [`Tls`](Self::Tls), [`InvalidUri`](Self::InvalidUri), a message over
     /// `MAX_MESSAGE_SIZE`, or a transport [`Closed`](Self::Closed) by the application.
@@ -141,6 +142,9 @@ impl TransportError {
             | TransportError::ResourceLocked(_)
             | TransportError::Nacked => false,
             TransportError::LimitReached { what, .. } => what.is_permanent(),
+            TransportError::Broker { code: NOT_ALLOWED, text } => {
+                !text.contains(CONNECTION_LIMIT_REACHED)
+            }
             TransportError::Broker { code, .. } => {
                 !matches!(*code, CONNECTION_FORCED | RESOURCE_ERROR | INTERNAL_ERROR)
             }
@@ -166,6 +170,11 @@ const CONNECTION_FORCED: u16 = 320;
 const RESOURCE_ERROR: u16 = 506;
 /// `541 INTERNAL_ERROR`: the broker failed internally.
 const INTERNAL_ERROR: u16 = 541;
+/// `530 NOT_ALLOWED`: a vhost that does not exist (permanent), or a vhost's or user's
+/// `max-connections` reached (it frees when another connection closes).
+const NOT_ALLOWED: u16 = 530;
+/// How RabbitMQ's `530` names a `max-connections` limit: "connection limit (N) is reached".
+const CONNECTION_LIMIT_REACHED: &str = "connection limit";
 
 /// What a [`TransportError::Closed`] error says was closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -235,6 +244,12 @@ mod tests {
             broker(320),
             broker(506),
             broker(541),
+            TransportError::Broker {
+                code: 530,
+                text: "NOT_ALLOWED - access to vhost 'v' refused for user 'u': connection limit \
+                       (1) is reached"
+                    .into(),
+            },
         ];
         for error in retryable {
             assert!(!error.is_permanent(), "{error:?} can succeed when tried again");
