@@ -1161,3 +1161,25 @@ fn a_service_name_too_long_for_a_reply_queue_is_refused() {
     assert_eq!(e.key, "SERVICE_NAME");
     assert!(e.reason.starts_with("is 209 bytes; must be at most 208 bytes"), "{}", e.reason);
 }
+
+#[test]
+fn yaml_merge_keys_are_applied_as_pyyaml_applies_them() {
+    // per-environment files shared with the Python peers: `<<: *base`, keys of the mapping
+    // itself winning over the merged ones, at any depth
+    let yaml = "
+base: &base
+  MAX_WORKERS: 8
+  RPC_TIMEOUT: 5
+  METRICS: &metrics {HOST: 127.0.0.1, PORT: 9100}
+SERVICE_NAME: orders
+<<: *base
+RPC_TIMEOUT: 7
+METRICS:
+  <<: *metrics
+  PORT: 9200
+";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    assert_eq!((config.max_workers, config.rpc_timeout), (8, Duration::from_secs(7)));
+    assert_eq!((config.metrics.host.as_str(), config.metrics.port), ("127.0.0.1", 9200));
+    assert_eq!(config.unknown_keys().into_iter().map(|(key, _)| key).collect::<Vec<_>>(), ["base"]);
+}
