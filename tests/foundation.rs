@@ -608,6 +608,46 @@ async fn events_dispatched_by_a_target_carry_the_call_id_stack() {
 }
 
 #[tokio::test]
+async fn a_producer_whose_exchange_went_declares_it_again_and_sends() {
+    // `{service}.events` deleted by hand, or auto-deleted with its last binding
+    // (AUTO_DELETE_EVENT_EXCHANGES): the producer had it as declared for ever, and every
+    // dispatch failed with NOT_FOUND until the service restarted
+    for uri in broker_uris() {
+        let config = config(&uri, "regone");
+        let exchange = format!("{}.events", config.service_name);
+        let queue = common::unique("regone_q");
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
+        let producer =
+            micro_framework::amqp::dependencies::Producer::new(transport.clone(), &config);
+        producer.dispatch("e", &json!(1)).await.unwrap();
+        transport.delete_exchange(&exchange).await.unwrap();
+        for n in 2..5 {
+            producer.dispatch("e", &json!(n)).await.expect("declared again and sent");
+            if n == 2 {
+                let spec = micro_framework::transport::QueueSpec::durable(&queue);
+                transport.declare_queue(&spec).await.unwrap();
+                let binding = micro_framework::transport::BindingSpec {
+                    queue: queue.clone(),
+                    exchange: exchange.clone(),
+                    routing_key: "e".into(),
+                    arguments: Default::default(),
+                };
+                transport.bind_queue(&binding).await.unwrap();
+            }
+        }
+        let mut bodies = Vec::new();
+        while let Some(delivery) = transport.get(&queue).await.unwrap() {
+            bodies.push(String::from_utf8_lossy(&delivery.body).into_owned());
+            delivery.acker.ack().await.unwrap();
+        }
+        assert_eq!(bodies, ["3", "4"], "each dispatch after the binding, once");
+        transport.delete_queue(&queue).await.unwrap();
+        transport.delete_exchange(&exchange).await.unwrap();
+        transport.close().await;
+    }
+}
+
+#[tokio::test]
 async fn dependencies_see_setup_each_call_its_outcome_and_teardown() {
     let shop = common::unique("shop");
     use micro_framework::dependencies::{Dependency, SetupContext};

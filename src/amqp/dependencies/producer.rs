@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::WorkerContext;
 use crate::transport::limits::check_size;
-use crate::transport::{ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport};
+use crate::transport::{
+    ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport, TransportError,
+};
 
 /// One event on its way out: serialized, checked for size, with its headers.
 #[derive(Debug)]
@@ -48,6 +50,12 @@ impl DeclaredExchanges {
             set.insert(name.to_owned());
         }
     }
+
+    fn forget(&self, name: &str) {
+        if let Ok(mut set) = self.0.lock() {
+            set.remove(name);
+        }
+    }
 }
 
 /// Publishes events on the broker, declaring the exchange on first use.
@@ -60,18 +68,26 @@ struct BrokerSink {
 #[async_trait]
 impl EventSink for BrokerSink {
     async fn send(&self, event: OutgoingEvent<'_>) -> Result<()> {
-        if !self.declared.contains(&event.exchange.name) {
+        let exchange = &event.exchange.name;
+        if !self.declared.contains(exchange) {
             self.transport.declare_exchange(event.exchange).await?;
-            self.declared.insert(&event.exchange.name);
+            self.declared.insert(exchange);
         }
-        self.transport
-            .publish(
-                &event.exchange.name,
-                event.event_type,
-                event.message,
-                PublishOptions::default(),
-            )
-            .await?;
+        let publish = |message| {
+            self.transport.publish(exchange, event.event_type, message, PublishOptions::default())
+        };
+        match publish(event.message.clone()).await {
+            // The exchange went after it was declared (deleted by hand, or auto-deleted with
+            // its last binding): RabbitMQ refused the message unrouted, so declaring it again
+            // and sending once more cannot duplicate it.
+            Err(TransportError::NotFound(_)) => {
+                self.declared.forget(exchange);
+                self.transport.declare_exchange(event.exchange).await?;
+                self.declared.insert(exchange);
+                publish(event.message).await?;
+            }
+            other => other?,
+        }
         Ok(())
     }
 }
