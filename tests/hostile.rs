@@ -124,6 +124,35 @@ async fn an_error_quoting_a_200_kb_event_is_bounded_and_dead_lettered_once() {
 }
 
 #[tokio::test]
+async fn a_body_nested_deeper_than_128_levels_is_bad_input() {
+    // serde_json's guard against a stack overflow: the deep body is dead-lettered once, not
+    // retried, and the service goes on (a body 127 levels deep is read)
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
+        let markers = [shop.clone()];
+        let nest = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let properties = || Properties {
+            content_type: Some("application/json".into()),
+            ..Properties::default()
+        };
+        let transport = service.transport().clone();
+        publish_raw(&transport, &shop, "poison", nest(129).into_bytes(), properties())
+            .await
+            .unwrap();
+        let dead = dead_letters(&service, &dlq, 1).await;
+        let error = header(&dead[0], HEADER_ERROR).and_then(HeaderValue::as_str).unwrap();
+        assert!(error.contains("recursion limit exceeded"), "{uri}: {error}");
+        assert_eq!(bad_calls.count(), 0, "{uri}: never called, never retried");
+        publish_raw(&transport, &shop, "good", nest(127).into_bytes(), properties()).await.unwrap();
+        service.wait_for_route("good", 1).await.unwrap();
+        assert_eq!(good_calls.count(), 1, "{uri}");
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
 async fn headers_that_fill_a_frame_are_dead_lettered_without_them_and_say_so() {
     for uri in broker_uris() {
         let shop = unique("shop");
