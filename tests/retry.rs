@@ -15,7 +15,7 @@ use micro_framework::settle::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ROUTE};
 use micro_framework::testing::TestService;
 use micro_framework::transport::{
     BindingSpec, ExchangeKind, ExchangeSpec, HeaderValue, Headers, OutgoingMessage, PublishOptions,
-    QueueSpec,
+    QueueSpec, TransportError,
 };
 use serde_json::{json, Value};
 
@@ -115,6 +115,46 @@ async fn exhausted_retries_go_to_the_dead_letter_queue_with_the_attempt_count() 
         assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(3));
         assert_eq!(header(&dead[0], HEADER_ROUTE), &HeaderValue::from("flaky"));
         assert_eq!(header(&dead[0], HEADER_ERROR), &HeaderValue::from("attempt 2 failed"));
+        assert_eq!(journal.entries().len(), 3);
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+    }
+}
+
+#[tokio::test]
+async fn under_quorum_queues_retries_wait_in_a_quorum_delay_queue() {
+    // a classic delay queue lives on the one node it was declared through: with that node
+    // down, the retries waiting in it waited for it and those failing meanwhile could not be
+    // scheduled (each spent a retry at once); with the node removed, they were lost
+    use micro_framework::config::QueueType;
+    for uri in broker_uris() {
+        let config = config(&uri, "qdelay").with_queue_type(QueueType::Quorum);
+        let backoff = AsyncBackOff::new(2, Duration::from_millis(200));
+        let Flaky { service, journal, shop, queue, markers } = start_flaky(config, backoff).await;
+        service.dispatch(&shop, "job", &json!({ "name": "doomed" })).await.unwrap();
+        service.wait_for_route("flaky", 3).await.unwrap();
+        let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap();
+        assert_eq!(dead.len(), 1, "{uri}");
+        assert_eq!(header(&dead[0], HEADER_ATTEMPTS), &HeaderValue::Int(3), "{uri}");
+        let HeaderValue::Array(deaths) = header(&dead[0], "x-death") else {
+            panic!("{uri}: no x-death in {:?}", dead[0].properties.headers)
+        };
+        let delay_queue = format!("{queue}.quorum-delay-200");
+        let passes: Vec<(&str, i64)> = deaths
+            .iter()
+            .filter_map(|death| match death {
+                HeaderValue::Table(table) => Some((
+                    table.get("queue").and_then(HeaderValue::as_str).unwrap_or_default(),
+                    table.get("count").and_then(HeaderValue::as_i64).unwrap_or_default(),
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(passes, [(delay_queue.as_str(), 2)], "{uri}");
+        // declared with arguments: a plain durable declaration of it is refused
+        let plain = QueueSpec::durable(&delay_queue);
+        let refused = service.transport().declare_queue(&plain).await.unwrap_err();
+        assert!(matches!(refused, TransportError::PreconditionFailed(_)), "{uri}: {refused}");
         assert_eq!(journal.entries().len(), 3);
         service.stop().await.unwrap();
         common::cleanup(&uri, &markers).await;

@@ -129,14 +129,17 @@ pub(crate) fn drop_retry_state(headers: &mut Headers) {
 }
 
 /// How many times `x-death` says the message expired from a delay queue `{queue}.delay-{ms}`
-/// of the queue its retry state was made for ([`HEADER_RETRY_QUEUE`]).
+/// (or `{queue}.quorum-delay-{ms}`) of the queue its retry state was made for
+/// ([`HEADER_RETRY_QUEUE`]).
 fn delay_passes(headers: &Headers) -> i64 {
     let Some(queue) = headers.get(HEADER_RETRY_QUEUE).and_then(HeaderValue::as_str) else {
         return 0;
     };
     let Some(HeaderValue::Array(deaths)) = headers.get("x-death") else { return 0 };
     let of_queue = |name: &str| {
-        let millis = name.strip_prefix(queue).and_then(|rest| rest.strip_prefix(".delay-"));
+        let millis = name.strip_prefix(queue).and_then(|rest| {
+            rest.strip_prefix(".delay-").or_else(|| rest.strip_prefix(".quorum-delay-"))
+        });
         millis.is_some_and(|ms| !ms.is_empty() && ms.bytes().all(|byte| byte.is_ascii_digit()))
     };
     deaths
@@ -170,6 +173,27 @@ mod tests {
         assert!(data.can_retry());
         assert!(!BackOffData::from_headers(&headers, 2).can_retry());
         assert_eq!(BackOffData::from_headers(&Headers::new(), 3).retry_count, 0);
+    }
+
+    #[test]
+    fn the_passes_through_quorum_delay_queues_count_too() {
+        let death = |queue: &str, count| {
+            HeaderValue::Table(Headers::from([
+                ("queue".to_owned(), HeaderValue::from(queue)),
+                ("count".to_owned(), HeaderValue::Int(count)),
+            ]))
+        };
+        let deaths = vec![
+            death("work.quorum-delay-200", 2),
+            death("work.delay-100", 1),
+            death("work.quorum-delay-", 5),
+            death("other.quorum-delay-200", 7),
+        ];
+        let headers = Headers::from([
+            (HEADER_RETRY_QUEUE.to_owned(), HeaderValue::from("work")),
+            ("x-death".to_owned(), HeaderValue::Array(deaths)),
+        ]);
+        assert_eq!(BackOffData::from_headers(&headers, 9).retry_count, 3);
     }
 
     #[test]

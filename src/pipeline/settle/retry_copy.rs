@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{copy_properties, mark_first_route};
 use crate::clock;
-use crate::config::RetryDelay;
+use crate::config::{QueueType, RetryDelay};
 use crate::data::{Failure, Message};
 use crate::error::{Error, Result};
 use crate::pipeline::delayed_message::{self, RetryMeta};
@@ -110,16 +110,7 @@ pub(super) async fn schedule_retry(
         }
         RetryDelay::DelayQueues => {
             let millis = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX).max(1);
-            let lease = millis.saturating_add(DELAY_QUEUE_LEASE_MS);
-            let delay_queue = QueueSpec {
-                arguments: Headers::from([
-                    ("x-message-ttl".to_owned(), HeaderValue::Int(millis)),
-                    ("x-dead-letter-exchange".to_owned(), HeaderValue::from("")),
-                    ("x-dead-letter-routing-key".to_owned(), HeaderValue::from(queue)),
-                    ("x-expires".to_owned(), HeaderValue::Int(lease)),
-                ]),
-                ..QueueSpec::durable(format!("{queue}.delay-{millis}"))
-            };
+            let delay_queue = delay_queue(route.config().queue_type, queue, millis);
             transport.declare_queue(&delay_queue).await.map_err(not_scheduled)?;
             let copy = OutgoingMessage { body: message.body.clone(), properties };
             (String::new(), delay_queue.name, copy, true)
@@ -132,6 +123,37 @@ pub(super) async fn schedule_retry(
     );
     let options = PublishOptions { mandatory };
     transport.publish(&exchange, &routing_key, copy, options).await.map_err(not_scheduled)
+}
+
+/// The delay queue of `queue` for retries due in `millis`: its messages expire into `queue`
+/// through the default exchange, and the queue itself once unused for the delay and a lease.
+///
+/// Under `QUEUE_TYPE=quorum` it is a quorum queue too (another name, `{queue}.quorum-delay-{ms}`,
+/// so that a classic one left by an earlier version is no clash): a classic queue lives on the
+/// one node it was declared through, and with that node down the retries waiting in it would
+/// wait for it, those failing meanwhile could not be scheduled, and with the node removed for
+/// good they would be lost. Its expired messages are dead-lettered at least once (RabbitMQ's
+/// default for quorum queues is at most once), which needs `reject-publish`.
+fn delay_queue(queue_type: QueueType, queue: &str, millis: i64) -> QueueSpec {
+    let lease = millis.saturating_add(DELAY_QUEUE_LEASE_MS);
+    let mut arguments = Headers::from([
+        ("x-message-ttl".to_owned(), HeaderValue::Int(millis)),
+        ("x-dead-letter-exchange".to_owned(), HeaderValue::from("")),
+        ("x-dead-letter-routing-key".to_owned(), HeaderValue::from(queue)),
+        ("x-expires".to_owned(), HeaderValue::Int(lease)),
+    ]);
+    let name = match queue_type {
+        QueueType::Classic => format!("{queue}.delay-{millis}"),
+        QueueType::Quorum => {
+            arguments.extend([
+                ("x-queue-type".to_owned(), HeaderValue::from("quorum")),
+                ("x-dead-letter-strategy".to_owned(), HeaderValue::from("at-least-once")),
+                ("x-overflow".to_owned(), HeaderValue::from("reject-publish")),
+            ]);
+            format!("{queue}.quorum-delay-{millis}")
+        }
+    };
+    QueueSpec { arguments, ..QueueSpec::durable(name) }
 }
 
 /// Why the broker did not take a retry copy or what it waits in: for good when the same copy
