@@ -669,3 +669,117 @@ async fn a_stop_during_a_broker_outage_waits_for_the_running_calls_only() {
     assert!(took < Duration::from_secs(8), "the stop took {took:?}");
     assert_eq!(in_queue, [0, 1, 2, 3], "every message back in its queue");
 }
+
+/// A TCP proxy to the broker whose broker-to-client direction can be slowed to 16 KiB every
+/// 50 ms, and whose connections can be cut on both sides at once.
+struct SlowProxy {
+    address: std::net::SocketAddr,
+    slow: Arc<std::sync::atomic::AtomicBool>,
+    pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    async fn start(broker: std::net::SocketAddr) -> SlowProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (slow_too, pipes_too) = (slow.clone(), pipes.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::TcpStream::connect(broker).await else { continue };
+                let slow = slow_too.clone();
+                // One task per connection: aborted, it drops both sockets, and the broker and
+                // the client each see their connection closed.
+                let pipe = tokio::spawn(async move {
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+                    let up = tokio::io::copy(&mut client_read, &mut upstream_write);
+                    let down = async {
+                        let mut buffer = vec![0u8; 16 * 1024];
+                        while let Ok(read @ 1..) = upstream_read.read(&mut buffer).await {
+                            if client_write.write_all(&buffer[..read]).await.is_err() {
+                                break;
+                            }
+                            if slow.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        () = down => {}
+                    }
+                });
+                pipes_too.lock().unwrap().push(pipe);
+            }
+        });
+        SlowProxy { address, slow, pipes, accept }
+    }
+
+    fn cut(&self) {
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// A delivery the broker had sent when the connection was lost, but which never reached the
+/// service (4 MiB through a slow link), comes back `redelivered` as one a crash brought back
+/// would: the transport never saw it, so it could not know. The channel's prefetch bounds
+/// such deliveries, and their redeliveries on the next connection are not counted: with
+/// `MAX_REDELIVERIES=0` it runs once (was: dead-lettered `crashed`, never run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_cut_off_in_transit_by_a_lost_connection_runs_once_uncounted() {
+    use std::sync::atomic::Ordering;
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let broker = url::Url::parse(&uri).unwrap();
+    let broker_address =
+        format!("{}:{}", broker.host_str().unwrap(), broker.port().unwrap_or(5672));
+    let proxy = SlowProxy::start(broker_address.parse().unwrap()).await;
+    let mut service_uri = broker.clone();
+    service_uri.set_port(Some(proxy.address.port())).unwrap();
+    let shop = common::unique("transit");
+    let config = common::config(service_uri.as_str(), "transit")
+        .with_max_redeliveries(0)
+        .with_max_workers(1);
+    let dlq = format!("evt-{shop}-job--{}.record.dlq", config.service_name);
+    let markers = [config.service_name.clone(), shop.clone()];
+    let probe = Probe::new();
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let shop_config = Config::new(shop.clone()).with_amqp_uri(uri.clone());
+    let transport = micro_framework::transport::connect(&shop_config).await.unwrap();
+    let producer = Producer::new(transport.clone(), &shop_config);
+    proxy.slow.store(true, Ordering::SeqCst);
+    let pad = "z".repeat(4 * 1024 * 1024);
+    producer.dispatch("job", &json!({ "id": 7, "pad": pad })).await.unwrap();
+    // 4 MiB at 16 KiB per 50 ms take about 13 s: cut after 1 s, the message in transit
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(probe.seen.lock().unwrap().len(), 0, "still in transit at the cut");
+    proxy.slow.store(false, Ordering::SeqCst);
+    proxy.cut();
+    wait_until(|| service.transport().reconnects() > 0, "the reconnect").await;
+    wait_until(|| !probe.seen.lock().unwrap().is_empty(), "the message's run").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dead = service.take_messages(&dlq).await.unwrap();
+    assert!(dead.is_empty(), "dead-lettered unrun: {:?}", dead[0].properties.headers);
+    assert_eq!(unique_ids(&probe), HashSet::from([7]));
+    assert_eq!(probe.seen.lock().unwrap().len(), 1, "once");
+    transport.close().await;
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &markers).await;
+}

@@ -23,7 +23,7 @@ use super::convert::{from_basic_properties, short};
 use super::error::{is_fatal, is_soft, map_error, reply_code};
 use super::gets::Unsettled;
 use super::replay::lock_window;
-use super::returns::{Identity, Returns};
+use super::returns::{Identity, LostConsumer, Returns};
 use crate::clock::deadline_after;
 use crate::data::HeaderValue;
 use crate::transport::{
@@ -221,7 +221,7 @@ pub(crate) fn to_delivery(
             let on = (link.generation, channel.id());
             let count = properties.headers.get(DELIVERY_COUNT).and_then(HeaderValue::as_i64);
             let how = (delivery.redelivered, count.unwrap_or(0));
-            let (number, returned) = returns.received(on, identity, &body, how);
+            let (number, returned) = returns.received((on, queue), identity, &body, how);
             (Some(Tracked { returns: returns.clone(), number, returned }), None)
         }
         Origin::Get(unsettled) => {
@@ -395,7 +395,9 @@ impl Feeder {
             let Subscription { link, channel, .. } = current.take()?;
             let channel_gone = self.failed || !link.alive() || !channel.status().connected();
             if channel_gone {
-                self.shared.returns.channel_lost((link.generation, channel.id()));
+                let consumer =
+                    LostConsumer { queue: self.spec.queue.as_str(), prefetch: self.spec.prefetch };
+                self.shared.returns.channel_lost((link.generation, channel.id()), consumer);
             }
             if self.cancel_sent || self.shared.is_closed() {
                 return None;

@@ -10,6 +10,11 @@
 //! deliveries a quorum queue had given the message before the loss, which the broker may
 //! count (RabbitMQ 3.10 does).
 //!
+//! Deliveries the broker sent that never reached the consumer (still in the socket, or in
+//! lapin's buffer when the link died) were never recorded, so their redeliveries cannot be
+//! matched; but the channel's prefetch bounds them: that many, less those recorded in flight
+//! on it, redeliveries of its queue on a later connection are forgiven as well.
+//!
 //! Only the loss of a connection is forgiven so: the redelivery comes on a later one. A channel
 //! the broker closes on a live connection may be the message's doing: a handling that outlives
 //! RabbitMQ's `consumer_timeout` gets its channel closed, and forgiven, it would run again for
@@ -71,9 +76,29 @@ struct InFlight {
     delivery_count: i64,
 }
 
+/// Deliveries of a queue that may have been lost unseen with a connection: how many of its
+/// redeliveries are still forgiven, and the generation of the last link they were lost on.
+#[derive(Debug)]
+struct Unseen {
+    generation: u64,
+    remaining: usize,
+}
+
+/// The consumer of a lost channel, for bounding its unseen deliveries.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LostConsumer<'a> {
+    /// The queue it consumed.
+    pub queue: &'a str,
+    /// Its prefetch (0: no limit).
+    pub prefetch: u16,
+}
+
 #[derive(Debug, Default)]
 struct State {
     next: u64,
+    /// Per queue, the deliveries that may have been lost unseen (bounded by the queues
+    /// consumed).
+    unseen: HashMap<String, Unseen>,
     in_flight: HashMap<u64, InFlight>,
     /// The returned deliveries of each message still to come back, oldest first: the
     /// generation of the link each was lost on, and the count of deliveries it carried.
@@ -103,14 +128,20 @@ impl Returns {
     /// waited for), what was lost comes with it.
     pub(crate) fn received(
         &self,
-        channel: (u64, u16),
+        (channel, queue): ((u64, u16), &str),
         identity: Identity,
         body: &Bytes,
         (redelivered, delivery_count): (bool, i64),
     ) -> (u64, Option<LostInFlight>) {
         let mut state = self.state();
-        let lost = match redelivered && !state.returned.is_empty() {
-            true => state.take_returned(identity.with_body(body), channel.0),
+        let lost = match redelivered && !(state.returned.is_empty() && state.unseen.is_empty()) {
+            true => {
+                let whole = identity.with_body(body);
+                match state.returned.contains_key(&whole) {
+                    true => state.take_returned(whole, channel.0),
+                    false => state.take_unseen(whole, queue, channel.0, delivery_count),
+                }
+            }
             false => None,
         };
         state.next += 1;
@@ -134,8 +165,9 @@ impl Returns {
         }
     }
 
-    /// `channel` is gone: the broker took back every delivery still in flight on it.
-    pub(crate) fn channel_lost(&self, channel: (u64, u16)) {
+    /// `channel` of `consumer` is gone: the broker took back every delivery still in flight
+    /// on it, and those it had sent that never arrived.
+    pub(crate) fn channel_lost(&self, channel: (u64, u16), consumer: LostConsumer<'_>) {
         let mut state = self.state();
         let mut lost: Vec<u64> = state
             .in_flight
@@ -143,6 +175,19 @@ impl Returns {
             .filter(|(_, in_flight)| in_flight.channel == channel)
             .map(|(number, _)| *number)
             .collect();
+        let bound = match consumer.prefetch {
+            0 => REMEMBERED,
+            prefetch => usize::from(prefetch),
+        };
+        let unseen = bound.saturating_sub(lost.len());
+        if unseen > 0 {
+            let entry = state
+                .unseen
+                .entry(consumer.queue.to_owned())
+                .or_insert(Unseen { generation: channel.0, remaining: 0 });
+            entry.generation = entry.generation.max(channel.0);
+            entry.remaining = (entry.remaining + unseen).min(REMEMBERED);
+        }
         // Remembered in the order received, the oldest forgotten first.
         lost.sort_unstable();
         for number in lost {
@@ -180,6 +225,30 @@ impl State {
         Some(LostInFlight { delivery_count_before })
     }
 
+    /// A redelivery from `queue` that matches no recorded return, forgiven when it may be one
+    /// of those lost unseen on an earlier link than `generation`'s. The queue's count of
+    /// deliveries went up with the loss: one less is the count before it.
+    fn take_unseen(
+        &mut self,
+        whole: Identity,
+        queue: &str,
+        generation: u64,
+        delivery_count: i64,
+    ) -> Option<LostInFlight> {
+        let unseen = self.unseen.get_mut(queue)?;
+        if unseen.generation >= generation {
+            return None;
+        }
+        unseen.remaining -= 1;
+        if unseen.remaining == 0 {
+            self.unseen.remove(queue);
+        }
+        if !self.forgive(whole) {
+            return None;
+        }
+        Some(LostInFlight { delivery_count_before: delivery_count.saturating_sub(1).max(0) })
+    }
+
     /// Count one more forgiven loss of the message `whole`; false past [`FORGIVEN_AT_MOST`].
     fn forgive(&mut self, whole: Identity) -> bool {
         let times = self.forgiven.entry(whole).or_insert(0);
@@ -210,6 +279,10 @@ impl State {
 mod tests {
     use super::*;
 
+    /// The consumer of the lost channels of the tests of recorded deliveries: what it may have
+    /// lost unseen (tested apart) is of a queue these tests do not read.
+    const ONE: LostConsumer<'static> = LostConsumer { queue: "unread", prefetch: 1 };
+
     fn identity(id: &str) -> Identity {
         Identity::new("q", "ex", "rk", [Some(id), None])
     }
@@ -218,16 +291,16 @@ mod tests {
     fn a_delivery_in_flight_on_a_lost_channel_is_known_when_it_comes_back() {
         let returns = Returns::default();
         let body = Bytes::from_static(b"{}");
-        let (first, returned) = returns.received((1, 1), identity("a"), &body, (false, 0));
+        let (first, returned) = returns.received(((1, 1), "q"), identity("a"), &body, (false, 0));
         assert_eq!(returned, None);
-        returns.channel_lost((1, 1));
-        let (_, returned) = returns.received((2, 1), identity("a"), &body, (true, 1));
+        returns.channel_lost((1, 1), ONE);
+        let (_, returned) = returns.received(((2, 1), "q"), identity("a"), &body, (true, 1));
         assert_eq!(
             returned,
             Some(LostInFlight { delivery_count_before: 0 }),
             "the broker's return"
         );
-        let (_, again) = returns.received((2, 1), identity("a"), &body, (true, 2));
+        let (_, again) = returns.received(((2, 1), "q"), identity("a"), &body, (true, 2));
         assert_eq!(again, None, "one return is forgiven once");
         returns.settled(first);
     }
@@ -236,41 +309,46 @@ mod tests {
     fn a_settled_delivery_or_one_of_another_channel_is_not_returned() {
         let returns = Returns::default();
         let body = Bytes::from_static(b"x");
-        let (settled, _) = returns.received((1, 1), identity("a"), &body, (false, 0));
+        let (settled, _) = returns.received(((1, 1), "q"), identity("a"), &body, (false, 0));
         returns.settled(settled);
-        returns.received((1, 2), identity("b"), &body, (false, 0));
-        returns.channel_lost((1, 1));
-        assert!(returns.received((2, 1), identity("a"), &body, (true, 0)).1.is_none());
-        assert!(returns.received((2, 1), identity("b"), &body, (true, 0)).1.is_none());
+        returns.received(((1, 2), "q"), identity("b"), &body, (false, 0));
+        returns.channel_lost((1, 1), ONE);
+        assert!(returns.received(((2, 1), "q"), identity("a"), &body, (true, 0)).1.is_none());
+        assert!(returns.received(((2, 1), "q"), identity("b"), &body, (true, 0)).1.is_none());
     }
 
     #[test]
     fn a_settle_that_failed_on_a_lost_channel_counts_as_returned() {
         let returns = Returns::default();
         let body = Bytes::from_static(b"x");
-        let (number, _) = returns.received((1, 1), identity("a"), &body, (true, 3));
+        let (number, _) = returns.received(((1, 1), "q"), identity("a"), &body, (true, 3));
         returns.lost(number);
-        returns.channel_lost((1, 1));
-        let (_, lost) = returns.received((2, 1), identity("a"), &body, (true, 4));
+        returns.channel_lost((1, 1), ONE);
+        let (_, lost) = returns.received(((2, 1), "q"), identity("a"), &body, (true, 4));
         assert_eq!(lost, Some(LostInFlight { delivery_count_before: 3 }));
-        assert_eq!(returns.received((2, 1), identity("a"), &body, (true, 5)).1, None, "once");
+        assert_eq!(
+            returns.received(((2, 1), "q"), identity("a"), &body, (true, 5)).1,
+            None,
+            "once"
+        );
     }
 
     #[test]
     fn a_different_body_or_a_fresh_delivery_is_not_the_return() {
         let returns = Returns::default();
-        let (_, _) = returns.received((1, 1), identity("a"), &Bytes::from_static(b"1"), (false, 0));
-        returns.channel_lost((1, 1));
+        let (_, _) =
+            returns.received(((1, 1), "q"), identity("a"), &Bytes::from_static(b"1"), (false, 0));
+        returns.channel_lost((1, 1), ONE);
         assert!(returns
-            .received((2, 1), identity("a"), &Bytes::from_static(b"2"), (true, 0))
+            .received(((2, 1), "q"), identity("a"), &Bytes::from_static(b"2"), (true, 0))
             .1
             .is_none());
         assert!(returns
-            .received((2, 1), identity("a"), &Bytes::from_static(b"1"), (false, 0))
+            .received(((2, 1), "q"), identity("a"), &Bytes::from_static(b"1"), (false, 0))
             .1
             .is_none());
         assert!(returns
-            .received((2, 1), identity("a"), &Bytes::from_static(b"1"), (true, 0))
+            .received(((2, 1), "q"), identity("a"), &Bytes::from_static(b"1"), (true, 0))
             .1
             .is_some());
     }
@@ -279,11 +357,11 @@ mod tests {
     fn a_channel_closed_on_a_live_connection_is_not_forgiven() {
         let returns = Returns::default();
         let body = Bytes::from_static(b"x");
-        returns.received((1, 1), identity("a"), &body, (false, 0));
-        returns.channel_lost((1, 1));
-        assert_eq!(returns.received((1, 2), identity("a"), &body, (true, 1)).1, None);
-        returns.channel_lost((1, 2));
-        let (_, lost) = returns.received((2, 1), identity("a"), &body, (true, 2));
+        returns.received(((1, 1), "q"), identity("a"), &body, (false, 0));
+        returns.channel_lost((1, 1), ONE);
+        assert_eq!(returns.received(((1, 2), "q"), identity("a"), &body, (true, 1)).1, None);
+        returns.channel_lost((1, 2), ONE);
+        let (_, lost) = returns.received(((2, 1), "q"), identity("a"), &body, (true, 2));
         assert_eq!(lost, Some(LostInFlight { delivery_count_before: 1 }), "then the connection");
     }
 
@@ -291,10 +369,11 @@ mod tests {
     fn a_message_lost_again_and_again_is_forgiven_a_bounded_number_of_times() {
         let returns = Returns::default();
         let body = Bytes::from_static(b"x");
-        returns.received((1, 1), identity("a"), &body, (false, 0));
+        returns.received(((1, 1), "q"), identity("a"), &body, (false, 0));
         for generation in 1..=u64::from(FORGIVEN_AT_MOST) + 1 {
-            returns.channel_lost((generation, 1));
-            let (_, lost) = returns.received((generation + 1, 1), identity("a"), &body, (true, 0));
+            returns.channel_lost((generation, 1), ONE);
+            let (_, lost) =
+                returns.received(((generation + 1, 1), "q"), identity("a"), &body, (true, 0));
             let forgiven = generation <= u64::from(FORGIVEN_AT_MOST);
             assert_eq!(lost.is_some(), forgiven, "loss {generation}");
         }
@@ -305,12 +384,43 @@ mod tests {
         let returns = Returns::default();
         let body = Bytes::from_static(b"x");
         for n in 0..=REMEMBERED {
-            returns.received((1, 1), identity(&n.to_string()), &body, (false, 0));
+            returns.received(((1, 1), "q"), identity(&n.to_string()), &body, (false, 0));
         }
-        returns.channel_lost((1, 1));
-        assert!(returns.received((2, 1), identity("0"), &body, (true, 0)).1.is_none(), "forgotten");
-        assert!(returns.received((2, 1), identity("1"), &body, (true, 0)).1.is_some());
+        returns.channel_lost((1, 1), ONE);
+        assert!(
+            returns.received(((2, 1), "q"), identity("0"), &body, (true, 0)).1.is_none(),
+            "forgotten"
+        );
+        assert!(returns.received(((2, 1), "q"), identity("1"), &body, (true, 0)).1.is_some());
         let last = REMEMBERED.to_string();
-        assert!(returns.received((2, 1), identity(&last), &body, (true, 0)).1.is_some());
+        assert!(returns.received(((2, 1), "q"), identity(&last), &body, (true, 0)).1.is_some());
+    }
+
+    #[test]
+    fn deliveries_lost_unseen_are_forgiven_up_to_the_prefetch_less_those_recorded() {
+        let returns = Returns::default();
+        let body = Bytes::from_static(b"x");
+        returns.received(((1, 1), "q"), identity("seen"), &body, (false, 0));
+        // prefetch 3, one recorded: two more may have been on their way
+        returns.channel_lost((1, 1), LostConsumer { queue: "q", prefetch: 3 });
+        let redelivered =
+            |id: &str, count| returns.received(((2, 1), "q"), identity(id), &body, (true, count)).1;
+        assert_eq!(redelivered("seen", 1), Some(LostInFlight { delivery_count_before: 0 }));
+        assert_eq!(redelivered("u1", 3), Some(LostInFlight { delivery_count_before: 2 }));
+        assert_eq!(redelivered("u2", 0), Some(LostInFlight { delivery_count_before: 0 }));
+        assert_eq!(redelivered("u3", 0), None, "past the prefetch: a crash's comeback");
+    }
+
+    #[test]
+    fn unseen_deliveries_are_forgiven_only_on_a_later_connection_and_of_their_queue() {
+        let returns = Returns::default();
+        let body = Bytes::from_static(b"x");
+        returns.channel_lost((1, 1), LostConsumer { queue: "q", prefetch: 5 });
+        let on = |channel, queue| {
+            returns.received((channel, queue), identity("u"), &body, (true, 0)).1.is_some()
+        };
+        assert!(!on((1, 2), "q"), "a channel closed on a live connection");
+        assert!(!on((2, 1), "other"), "another queue");
+        assert!(on((2, 1), "q"));
     }
 }
