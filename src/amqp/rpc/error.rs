@@ -54,7 +54,8 @@ pub enum RpcError {
     /// The result does not fit the type asked for.
     #[error("unexpected result: {0}")]
     UnexpectedResult(String),
-    /// The reply could not be read.
+    /// The reply could not be read: not JSON, no JSON object, or holding neither a result
+    /// nor an error.
     #[error("invalid reply: {0}")]
     InvalidReply(String),
     /// The call cannot be made here (`call_blocking` outside a multi-threaded runtime).

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::amqp::rpc::RemoteException;
+use crate::amqp::rpc::{wire, RemoteException};
 use crate::data::{Failure, FailureKind};
 
 /// Where the Python original's own exceptions live; its clients rebuild the ones found there.
@@ -286,20 +286,25 @@ pub(crate) fn parse_reply(frame: &[u8]) -> Result<Result<Value, RemoteError>, St
     parse_frame(frame)
 }
 
+/// One reply frame, read as the Python original's client reads it (an `exception` that is
+/// truthy is raised, else `data` is returned), except that a frame holding neither, or no
+/// JSON object, is unreadable: the original always writes both, so it is some other message.
 fn parse_frame(frame: &[u8]) -> Result<Result<Value, RemoteError>, String> {
-    #[derive(Deserialize)]
-    struct Reply {
-        #[serde(default)]
-        data: Value,
-        #[serde(default)]
-        exception: Option<RemoteError>,
+    let unreadable = |reason: String| format!("unreadable reply ({reason}): {}", excerpt(frame));
+    let reply: Value =
+        serde_json::from_slice(frame).map_err(|error| unreadable(error.to_string()))?;
+    let Value::Object(mut reply) = reply else {
+        return Err(unreadable("not a JSON object".into()));
+    };
+    match reply.remove("exception") {
+        Some(error) if wire::truthy(&error) => serde_json::from_value(error)
+            .map(Err)
+            .map_err(|error| unreadable(format!("its exception: {error}"))),
+        _ => reply
+            .remove("data")
+            .map(Ok)
+            .ok_or_else(|| unreadable("neither data nor an exception".into())),
     }
-    let reply: Reply = serde_json::from_slice(frame)
-        .map_err(|error| format!("unreadable reply ({error}): {}", excerpt(frame)))?;
-    Ok(match reply.exception {
-        Some(error) => Err(error),
-        None => Ok(reply.data),
-    })
 }
 
 #[cfg(test)]
@@ -390,6 +395,19 @@ mod tests {
         assert_eq!(parse_reply(failed.to_string().as_bytes()).unwrap(), Err(error));
         assert_eq!(parse_reply(b"{\"data\": [1]}").unwrap(), Ok(json!([1])));
         assert!(parse_reply(b"nope").is_err());
+    }
+
+    #[test]
+    fn a_reply_frame_without_data_or_an_exception_is_invalid() {
+        // the Python original always writes both keys; a frame with neither (or one that is
+        // no object, which Python fails on) is some other message, not a successful `null`
+        for odd in [&br#"{}"#[..], br#"{"result": 1, "error": null}"#, b"[7, null]", b"7"] {
+            assert!(parse_reply(odd).is_err(), "{}", String::from_utf8_lossy(odd));
+        }
+        assert_eq!(parse_reply(br#"{"data": null, "exception": null}"#).unwrap(), Ok(Value::Null));
+        assert_eq!(parse_reply(br#"{"data": 2}"#).unwrap(), Ok(json!(2)));
+        let error = parse_reply(br#"{"exception": {"exception": "ValueError"}}"#).unwrap();
+        assert_eq!(error.unwrap_err().exception, "ValueError");
     }
 
     #[test]

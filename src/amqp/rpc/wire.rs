@@ -13,14 +13,19 @@ const NAMEKO_EXCEPTIONS: &str = "nameko.exceptions";
 /// nothing in it is ever evaluated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RemoteException {
-    /// The error's type name, e.g. `ValueError` or `MethodNotFound`.
+    /// The error's type name, e.g. `ValueError` or `MethodNotFound` (empty when a reply
+    /// lacks it: Nameko reads each field with `.get`).
+    #[serde(default)]
     pub exc_type: String,
-    /// The type's path, e.g. `builtins.ValueError` or `nameko.exceptions.MethodNotFound`.
+    /// The type's path, e.g. `builtins.ValueError` or `nameko.exceptions.MethodNotFound`
+    /// (empty when a reply lacks it).
+    #[serde(default)]
     pub exc_path: String,
     /// The error's arguments (Nameko: strings).
     #[serde(default)]
     pub exc_args: Vec<Value>,
-    /// The error's message (`str(exc)`).
+    /// The error's message (`str(exc)`; empty when a reply lacks it).
+    #[serde(default)]
     pub value: String,
 }
 
@@ -117,21 +122,36 @@ fn values_body(body: &impl Serialize) -> Bytes {
     Bytes::from(serde_json::to_vec(body).unwrap_or_default())
 }
 
-/// The outcome a reply body carries.
+/// The outcome a reply body carries, read as Nameko's proxy reads it: an error that is
+/// truthy (in Python's sense) is raised, else the `result` is returned. A body that is no
+/// JSON object, or holds neither, is unreadable: no successful `null`.
 pub(crate) fn parse_reply(body: &[u8]) -> Result<Result<Value, RemoteException>, String> {
-    #[derive(Deserialize)]
-    struct Reply {
-        #[serde(default)]
-        result: Value,
-        #[serde(default)]
-        error: Option<RemoteException>,
-    }
-    let reply: Reply =
+    let reply: Value =
         serde_json::from_slice(body).map_err(|error| format!("unreadable RPC reply: {error}"))?;
-    Ok(match reply.error {
-        Some(error) => Err(error),
-        None => Ok(reply.result),
-    })
+    let Value::Object(mut reply) = reply else {
+        return Err("unreadable RPC reply: not a JSON object".into());
+    };
+    match reply.remove("error") {
+        Some(error) if truthy(&error) => serde_json::from_value(error)
+            .map(Err)
+            .map_err(|error| format!("unreadable RPC reply: its error: {error}")),
+        _ => reply
+            .remove("result")
+            .map(Ok)
+            .ok_or_else(|| "unreadable RPC reply: it holds neither a result nor an error".into()),
+    }
+}
+
+/// Whether Python counts `value` as true: not `None`, `False`, zero or empty.
+pub(crate) fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(value) => *value,
+        Value::Number(number) => number.as_f64().is_some_and(|number| number != 0.0),
+        Value::String(text) => !text.is_empty(),
+        Value::Array(items) => !items.is_empty(),
+        Value::Object(fields) => !fields.is_empty(),
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +189,28 @@ mod tests {
         // what Python's `json` writes for `float("nan")`: refused, not read as something else
         let unread = parse_reply(br#"{"result": NaN, "error": null}"#).unwrap_err();
         assert!(unread.starts_with("unreadable RPC reply"), "{unread}");
+    }
+
+    #[test]
+    fn a_reply_without_a_result_or_an_error_is_invalid_and_what_nameko_reads_is_read() {
+        // Nameko's proxy reads `body.get('error')`, raises it if truthy, else returns
+        // `body['result']`: a reply lacking both, or not an object, is no successful `null`
+        for odd in [&br#"{}"#[..], br#"{"data": 1, "exception": null}"#, b"[7, null]", b"7"] {
+            assert!(parse_reply(odd).is_err(), "{}", String::from_utf8_lossy(odd));
+        }
+        assert_eq!(parse_reply(br#"{"result": null, "error": null}"#).unwrap(), Ok(Value::Null));
+        assert_eq!(parse_reply(br#"{"result": 4}"#).unwrap(), Ok(json!(4)));
+        // a falsy error is no error
+        assert_eq!(parse_reply(br#"{"result": 5, "error": {}}"#).unwrap(), Ok(json!(5)));
+        // Nameko builds a RemoteError from `.get`s: an error lacking `exc_path` is one
+        let remote =
+            parse_reply(br#"{"result": null, "error": {"exc_type": "ValueError", "value": "x"}}"#)
+                .unwrap()
+                .unwrap_err();
+        assert_eq!((remote.exc_type.as_str(), remote.exc_path.as_str()), ("ValueError", ""));
+        assert_eq!(remote.value, "x");
+        // an error that is no object cannot be rebuilt (Nameko fails on it too)
+        assert!(parse_reply(br#"{"result": null, "error": "boom"}"#).is_err());
     }
 
     #[test]
