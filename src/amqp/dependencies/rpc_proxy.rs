@@ -180,7 +180,9 @@ impl FromContext for RpcProxy {
         }
         let transport = ctx.transport().clone();
         let state = ctx.service_state();
-        let listener = state.get_or_insert_with(|| ReplyListener::new(ctx.service_name()));
+        let listener = state.get_or_insert_with(|| {
+            ReplyListener::new(ctx.service_name(), ctx.config().max_message_size)
+        });
         let mut caller =
             Caller::new(transport, listener, ctx.config(), ctx.call().outgoing_headers());
         if let Some(metrics) = state.get::<Metrics>() {

@@ -46,7 +46,7 @@ impl Client {
     pub async fn connect(config: &Config) -> Result<Client> {
         let config = config.clone().with_service_name(STANDALONE_SERVICE.to_owned());
         let transport = crate::transport::connect(&config).await?;
-        let listener = Arc::new(ReplyListener::new(STANDALONE_SERVICE));
+        let listener = Arc::new(ReplyListener::new(STANDALONE_SERVICE, config.max_message_size));
         let headers = call_headers(&Headers::new(), config.parent_calls_tracked);
         let caller = Arc::new(Caller::new(transport, listener, &config, headers));
         Ok(Client { caller, parent_calls_tracked: config.parent_calls_tracked })

@@ -52,6 +52,8 @@ pub(crate) type ReplyOutcome = Result<serde_json::Value, RpcError>;
 #[derive(Debug)]
 pub(crate) struct ReplyListener {
     service: String,
+    /// `MAX_MESSAGE_SIZE`: the largest reply read.
+    max_size: usize,
     nameko: QueueSlot,
     micro_framework: QueueSlot,
 }
@@ -103,10 +105,11 @@ impl QueueSlot {
 
 impl ReplyListener {
     /// A listener for `service`'s calls (queues `rpc.reply-{service}-{uuid}` and
-    /// `ufw-reply-{uuid}`).
-    pub(crate) fn new(service: &str) -> Self {
+    /// `ufw-reply-{uuid}`), reading replies of at most `max_size` bytes.
+    pub(crate) fn new(service: &str, max_size: usize) -> Self {
         ReplyListener {
             service: service.to_owned(),
+            max_size,
             nameko: QueueSlot::default(),
             micro_framework: QueueSlot::default(),
         }
@@ -137,7 +140,7 @@ impl ReplyListener {
             return Ok(queue);
         }
         let (queue, unfinished) =
-            ReplyQueue::start(transport, &self.service, protocol, exchange).await?;
+            ReplyQueue::start(transport, &self.service, self.max_size, protocol, exchange).await?;
         // no await from the end of the set-up to here: a caller that gives up meanwhile
         // cannot leave a queue that neither the guard nor the slot deletes
         slot.set_up(queue.clone());
@@ -179,6 +182,8 @@ pub(crate) struct ReplyQueue {
     name: String,
     routing_key: String,
     protocol: Protocol,
+    /// `MAX_MESSAGE_SIZE`: a bigger reply fails its call unread.
+    max_size: usize,
     /// Keyed by correlation id, shared with the call's [`RpcReply`](super::RpcReply).
     pending: Mutex<HashMap<Arc<str>, oneshot::Sender<ReplyOutcome>>>,
     /// Takes no more calls: retired, or its consumer ended.
@@ -204,6 +209,7 @@ impl ReplyQueue {
     async fn start(
         transport: &SharedTransport,
         service: &str,
+        max_size: usize,
         protocol: Protocol,
         exchange: &ExchangeSpec,
     ) -> Result<(Arc<ReplyQueue>, Unfinished), TransportError> {
@@ -238,6 +244,7 @@ impl ReplyQueue {
             name: spec.name.clone(),
             routing_key,
             protocol,
+            max_size,
             pending: Mutex::default(),
             closed: AtomicBool::new(false),
             transport: Arc::downgrade(transport),
@@ -307,8 +314,21 @@ impl ReplyQueue {
         self.closed.load(Ordering::Acquire) && self.pending().is_empty()
     }
 
-    /// What the reply `body` says, read as the queue's protocol writes replies.
+    /// What the reply `body` says, read as the queue's protocol writes replies; a body over
+    /// `MAX_MESSAGE_SIZE` is not read, as no other body received is.
     fn outcome(&self, body: &[u8]) -> ReplyOutcome {
+        if body.len() > self.max_size {
+            return Err(RpcError::Transport(TransportError::LimitReached {
+                what: Limit::MessageSize,
+                size: body.len() as u64,
+                limit: self.max_size as u64,
+                reason: format!(
+                    "RPC reply of {} bytes exceeds MAX_MESSAGE_SIZE ({} bytes); not read",
+                    body.len(),
+                    self.max_size
+                ),
+            }));
+        }
         match self.protocol {
             Protocol::Nameko => match wire::parse_reply(body) {
                 Ok(outcome) => outcome.map_err(RpcError::from),

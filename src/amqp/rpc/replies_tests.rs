@@ -14,7 +14,7 @@ use crate::amqp::entrypoints::RPCListener;
 use crate::amqp::rpc::{Args, Caller, ReplyListener, RpcBackend, RpcError, RpcRequest};
 use crate::config::{Config, Protocol};
 use crate::transport::{
-    BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers,
+    BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit,
     OutgoingMessage, PublishOptions, QueueInfo, QueueSpec, SharedTransport, Transport,
     TransportError,
 };
@@ -176,6 +176,10 @@ fn add(Args((a, b)): Args<(i64, i64)>) -> i64 {
     a + b
 }
 
+fn text(Args((len,)): Args<(usize,)>) -> String {
+    "x".repeat(len)
+}
+
 async fn slow(Args((millis,)): Args<(u64,)>) -> u64 {
     tokio::time::sleep(Duration::from_millis(millis)).await;
     millis
@@ -189,11 +193,12 @@ async fn rig() -> (RunningService, Arc<Muting>, Caller) {
     let routes = vec![
         Route::new(add).entrypoint(RPCListener::new()),
         Route::new(slow).entrypoint(RPCListener::new()),
+        Route::new(text).entrypoint(RPCListener::new()),
     ];
     let service = Runner::new(routes, config.clone()).spawn().await.unwrap();
     let muting = Muting::new(crate::transport::connect(&config).await.unwrap());
     let transport: SharedTransport = muting.clone();
-    let listener = Arc::new(ReplyListener::new("caller"));
+    let listener = Arc::new(ReplyListener::new("caller", config.max_message_size));
     let caller = Caller::new(transport, listener, &config, Headers::new());
     (service, muting, caller)
 }
@@ -413,7 +418,7 @@ async fn slow_rig(refuse: bool) -> (Arc<Muting>, Caller) {
     let stall = if refuse { Stall::Refuse } else { Stall::Hang };
     let slow = Arc::new(Muting { stall: Some(stall), ..Muting::fields(inner) });
     let transport: SharedTransport = slow.clone();
-    let listener = Arc::new(ReplyListener::new("caller"));
+    let listener = Arc::new(ReplyListener::new("caller", config.max_message_size));
     (slow, Caller::new(transport, listener, &config, Headers::new()))
 }
 
@@ -469,5 +474,32 @@ async fn a_closed_reply_queue_refuses_calls_and_the_next_call_uses_a_new_one() {
     let consumed = muting.consumed();
     assert_eq!(consumed.len(), 2, "a new reply queue: {consumed:?}");
     assert_ne!(consumed[1], old);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_over_max_message_size_fails_its_call_and_no_other() {
+    // MAX_MESSAGE_SIZE bounds the bodies a service receives, replies included: a reply bigger
+    // than the caller's limit is not read, and its call fails as an oversized message does
+    let (service, _muting, caller) = rig().await;
+    let listener = Arc::new(ReplyListener::new("caller", 1000));
+    let caller = Caller { listener, max_message_size: 1000, ..caller };
+    let long = Duration::from_secs(5);
+    let refused = call(&caller, "text", json!([5000]), long).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(RpcError::Transport(TransportError::LimitReached {
+                what: Limit::MessageSize,
+                limit: 1000,
+                ..
+            }))
+        ),
+        "{:?}",
+        refused.map(|text| text.to_string().len())
+    );
+    // the limit itself is a reply's size: a reply of exactly 1000 bytes is read
+    let fits = 1000 - br#"{"error":null,"result":""}"#.len();
+    assert_eq!(call(&caller, "text", json!([fits]), long).await, Ok(json!("x".repeat(fits))));
     service.stop().await.unwrap();
 }
