@@ -51,7 +51,7 @@ pub(super) async fn supervise(
         pool.shutdown().await;
     }
     if let Some(replies) = env.state.get::<crate::amqp::rpc::ReplyListener>() {
-        replies.delete_queues(&env.transport).await;
+        replies.close(&env.transport).await;
     }
     env.state.clear();
     env.transport.close().await;

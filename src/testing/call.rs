@@ -81,7 +81,7 @@ async fn call_with_dependencies(
             // As a service does when it stops: the reply queue of the target's RPC calls
             // would outlive the connection by its `x-expires` (5 min) on the caller's broker.
             if let Some(replies) = env.state.get::<ReplyListener>() {
-                replies.delete_queues(&env.transport).await;
+                replies.close(&env.transport).await;
             }
             env.state.clear();
             outcome

@@ -98,9 +98,10 @@ impl Client {
         &self.caller.transport
     }
 
-    /// Delete the reply queue and close the connection.
+    /// Delete the reply queues and close the connection. Calls still running fail, and set
+    /// up no new reply queue.
     pub async fn close(self) {
-        self.caller.listener.delete_queues(&self.caller.transport).await;
+        self.caller.listener.close(&self.caller.transport).await;
         self.caller.transport.close().await;
     }
 }

@@ -54,6 +54,8 @@ pub(crate) struct ReplyListener {
     service: String,
     /// `MAX_MESSAGE_SIZE`: the largest reply read.
     max_size: usize,
+    /// The caller stops: no queue is set up any more.
+    closed: AtomicBool,
     nameko: QueueSlot,
     micro_framework: QueueSlot,
 }
@@ -110,6 +112,7 @@ impl ReplyListener {
         ReplyListener {
             service: service.to_owned(),
             max_size,
+            closed: AtomicBool::new(false),
             nameko: QueueSlot::default(),
             micro_framework: QueueSlot::default(),
         }
@@ -139,6 +142,14 @@ impl ReplyListener {
         if let Some(queue) = slot.live() {
             return Ok(queue);
         }
+        // read under `starting`, which `close` takes after setting the flag: a queue set up
+        // after the caller deleted its own would be left, unconsumed, until it expires
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed {
+                what: ClosedPart::Transport,
+                reason: "the caller stops: no RPC reply queue is set up any more".into(),
+            });
+        }
         let (queue, unfinished) =
             ReplyQueue::start(transport, &self.service, self.max_size, protocol, exchange).await?;
         // no await from the end of the set-up to here: a caller that gives up meanwhile
@@ -148,9 +159,11 @@ impl ReplyListener {
         Ok(queue)
     }
 
-    /// Delete the reply queues made (the caller stops), retired ones that calls still wait on
-    /// included: each consumer is cancelled, then its queue deleted, within [`END_WAIT`].
-    pub(crate) async fn delete_queues(&self, transport: &SharedTransport) {
+    /// The caller stops: set up no more reply queues, and delete those made, retired ones
+    /// that calls still wait on included: each consumer is cancelled, then its queue deleted,
+    /// within [`END_WAIT`]. Calls still running fail.
+    pub(crate) async fn close(&self, transport: &SharedTransport) {
+        self.closed.store(true, Ordering::Release);
         for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
             let slot = self.slot(protocol);
             let _starting = slot.starting.lock().await;

@@ -357,7 +357,7 @@ async fn a_caller_that_stops_deletes_the_retired_queues_calls_still_wait_on() {
     let (waiting, consumed) =
         retire_with_a_call_waiting(&caller, &muting, Duration::from_secs(10)).await;
     assert!(!waiting.is_finished(), "a call still waits on the retired queue");
-    caller.listener.delete_queues(&caller.transport).await;
+    caller.listener.close(&caller.transport).await;
     for queue in [&old, &consumed[1]] {
         let gone = muting.inner.queue_info(queue).await;
         assert!(matches!(gone, Err(TransportError::NotFound(_))), "{queue}: {gone:?}");
@@ -435,7 +435,7 @@ async fn a_reply_queue_whose_set_up_was_abandoned_is_deleted() {
             tokio::time::timeout(Duration::from_millis(50), caller.call(request_to_nobody())).await;
         assert!(abandoned.is_err());
     }
-    caller.listener.delete_queues(&caller.transport).await;
+    caller.listener.close(&caller.transport).await;
     let declared = slow.declared_replies.lock().unwrap().clone();
     assert_eq!(declared.len(), 3);
     for queue in declared {
@@ -459,9 +459,10 @@ async fn a_closed_reply_queue_refuses_calls_and_the_next_call_uses_a_new_one() {
     let listener = &caller.listener;
     let queue =
         listener.queue(&caller.transport, Protocol::Nameko, &caller.exchange).await.unwrap();
-    // its queue deleted, the consumer ends: a call that fetched the queue before registers
-    // too late, and must be refused rather than sent with no reply to come
-    listener.delete_queues(&caller.transport).await;
+    // its queue deleted behind the caller's back, the consumer ends: a call that fetched the
+    // queue before registers too late, and must be refused rather than sent with no reply to
+    // come
+    muting.inner.delete_queue(&old).await.unwrap();
     let correlation_id: Arc<str> = "late-call".into();
     eventually("the refusal", || queue.expect(&correlation_id).is_err()).await;
     let refused = queue.expect(&correlation_id);
@@ -501,5 +502,25 @@ async fn a_reply_over_max_message_size_fails_its_call_and_no_other() {
     // the limit itself is a reply's size: a reply of exactly 1000 bytes is read
     let fits = 1000 - br#"{"error":null,"result":""}"#.len();
     assert_eq!(call(&caller, "text", json!([fits]), long).await, Ok(json!("x".repeat(fits))));
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_stopped_sets_up_no_new_reply_queue() {
+    // A call still running when its caller stops (a client closes, a service stops) must not
+    // set up a reply queue after the caller deleted its own: nothing would delete it, and it
+    // would stay, unconsumed, until it expires.
+    let (service, muting, caller, _old) = rig_with_a_reply_queue().await;
+    caller.listener.close(&caller.transport).await;
+    let refused = call(&caller, "add", json!([2, 3]), Duration::from_secs(5)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(RpcError::Transport(TransportError::Closed { what: ClosedPart::Transport, .. }))
+        ),
+        "{refused:?}"
+    );
+    let consumed = muting.consumed();
+    assert_eq!(consumed.len(), 1, "no new reply queue: {consumed:?}");
     service.stop().await.unwrap();
 }
