@@ -145,7 +145,8 @@ impl ServiceProxy {
         typed(self.backend.call(request).await?)
     }
 
-    /// Send the call now and await its [`RpcReply`] later.
+    /// Send the call now and await its [`RpcReply`] later. The call's timeout runs from
+    /// now: a request not confirmed within it fails with [`RpcError::Timeout`].
     pub async fn call_async(
         &self,
         method: &str,

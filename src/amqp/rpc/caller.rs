@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::{rpc_exchange, ufw_routing_key, ufw_rpc_exchange};
-use crate::amqp::rpc::pending::RpcReply;
+use crate::amqp::rpc::pending::{CallTime, RpcReply};
 use crate::amqp::rpc::replies::{ReplyListener, ReplyOutcome, ReplyQueue};
 use crate::amqp::rpc::request::{RpcBackend, RpcRequest};
 use crate::amqp::rpc::ufw_wire;
@@ -75,15 +75,19 @@ struct Outgoing {
     protocol: Protocol,
     service: Arc<str>,
     method: Arc<str>,
+    time: CallTime,
 }
 
 impl Caller {
-    /// Build the request's message, and its reply, registered on the reply queue.
+    /// Build the request's message, and its reply, registered on the reply queue; the call's
+    /// timeout runs from here, so it bounds the set-up of the reply queue too (a broker out
+    /// of reach would hold each call for the transport's own timeout, and the calls waiting
+    /// for the same set-up in turn), each waiting call keeping its own.
     async fn prepare(&self, request: RpcRequest) -> Result<(Outgoing, RpcReply), RpcError> {
+        let time = CallTime::start(request.timeout.unwrap_or(self.timeout));
         let protocol = request.protocol;
         let service: Arc<str> = request.service.as_str().into();
         let method: Arc<str> = request.method.as_str().into();
-        let timeout = request.timeout.unwrap_or(self.timeout);
         let ufw_exchange;
         let (exchange, routing_key) = match protocol {
             Protocol::Nameko => (&self.exchange, format!("{service}.{method}")),
@@ -96,21 +100,23 @@ impl Caller {
         let body = request.into_body(self.max_message_size)?;
         let correlation_id: Arc<str> =
             uuid::Uuid::new_v4().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).into();
-        let (queue, receiver) = self.register(protocol, exchange, &correlation_id).await?;
+        let registered = tokio::time::timeout_at(
+            time.deadline,
+            self.register(protocol, exchange, &correlation_id),
+        )
+        .await;
+        let Ok(registered) = registered else {
+            return Err(time.expired(&service, &method, self.metrics.as_ref()));
+        };
+        let (queue, receiver) = registered?;
         let mut properties = json_properties();
         properties.headers = self.headers.clone();
         properties.delivery_mode = Some(self.delivery_mode);
         properties.reply_to = Some(queue.routing_key().to_owned());
         properties.correlation_id = Some(correlation_id.to_string());
-        let reply = RpcReply::new(
-            service.clone(),
-            method.clone(),
-            timeout,
-            queue,
-            correlation_id,
-            receiver,
-        )
-        .recorded_in(self.metrics.clone());
+        let reply =
+            RpcReply::new(service.clone(), method.clone(), time, queue, correlation_id, receiver)
+                .recorded_in(self.metrics.clone());
         let outgoing = Outgoing {
             exchange: exchange.name.clone(),
             routing_key,
@@ -118,6 +124,7 @@ impl Caller {
             protocol,
             service,
             method,
+            time,
         };
         Ok((outgoing, reply))
     }
@@ -146,7 +153,7 @@ impl Caller {
 
     /// Publish the request (mandatory, confirmed).
     async fn publish(&self, outgoing: Outgoing) -> Result<(), RpcError> {
-        let Outgoing { exchange, routing_key, message, protocol, service, method } = outgoing;
+        let Outgoing { exchange, routing_key, message, protocol, service, method, .. } = outgoing;
         let options = PublishOptions { mandatory: true };
         match self.transport.publish(&exchange, &routing_key, message, options).await {
             Ok(()) => Ok(()),
@@ -178,7 +185,12 @@ impl RpcBackend for Caller {
     /// (micro-framework: one queue per target, so the service or the target is unknown).
     async fn send(&self, request: RpcRequest) -> Result<RpcReply, RpcError> {
         let (outgoing, reply) = self.prepare(request).await?;
-        self.publish(outgoing).await?;
+        let (time, service, method) =
+            (outgoing.time, outgoing.service.clone(), outgoing.method.clone());
+        match tokio::time::timeout_at(time.deadline, self.publish(outgoing)).await {
+            Ok(published) => published?,
+            Err(_) => return Err(time.expired(&service, &method, self.metrics.as_ref())),
+        }
         Ok(reply)
     }
 

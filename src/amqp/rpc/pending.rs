@@ -16,8 +16,8 @@ use crate::metrics::Metrics;
 use crate::transport::{ClosedPart, TransportError};
 
 /// An RPC call on its way: await it (or [`RpcReply::result`] for a typed result) to get the
-/// reply. The call's timeout runs from when it was sent. Dropping it abandons the call (a
-/// late reply is dropped).
+/// reply. The call's timeout runs from when the call started (the set-up of its reply queue
+/// and its publish included). Dropping it abandons the call (a late reply is dropped).
 #[derive(Debug)]
 pub struct RpcReply {
     // Shared with the request's publish, which names them if the request is unroutable.
@@ -56,17 +56,54 @@ impl Drop for Waiting {
     }
 }
 
+/// When a call started and when its `timeout` runs out: its timeout covers everything from
+/// its start (the set-up of the reply queue, the publish, the wait for the reply).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CallTime {
+    pub started: tokio::time::Instant,
+    pub timeout: Duration,
+    pub deadline: tokio::time::Instant,
+}
+
+impl CallTime {
+    /// A call starting now, with `timeout`.
+    pub(crate) fn start(timeout: Duration) -> Self {
+        CallTime {
+            started: tokio::time::Instant::now(),
+            timeout,
+            deadline: deadline_after(timeout),
+        }
+    }
+
+    /// The call's `Timeout` error, recorded in `metrics`.
+    pub(crate) fn expired(
+        &self,
+        service: &str,
+        method: &str,
+        metrics: Option<&Metrics>,
+    ) -> RpcError {
+        let error = RpcError::Timeout {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            after: self.timeout,
+        };
+        if let Some(metrics) = metrics {
+            metrics.rpc_call(service, method, error.kind(), self.started.elapsed());
+        }
+        error
+    }
+}
+
 impl RpcReply {
     pub(crate) fn new(
         service: Arc<str>,
         method: Arc<str>,
-        timeout: Duration,
+        time: CallTime,
         queue: Arc<ReplyQueue>,
         correlation_id: Arc<str>,
         receiver: oneshot::Receiver<ReplyOutcome>,
     ) -> Self {
-        let started = tokio::time::Instant::now();
-        let deadline = deadline_after(timeout);
+        let CallTime { started, timeout, deadline } = time;
         let waiting = Waiting { queue, correlation_id: correlation_id.clone() };
         RpcReply {
             service,

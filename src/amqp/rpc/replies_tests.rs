@@ -32,6 +32,8 @@ struct Muting {
     consumers: Mutex<Vec<(String, Arc<AtomicBool>)>>,
     probes: AtomicUsize,
     lose_probes: AtomicBool,
+    /// Publishes other than probes never finish, as with a broker out of reach.
+    hold_publishes: AtomicBool,
     /// What a consume of a reply queue does instead of consuming, if anything.
     stall: Option<Stall>,
     declared_replies: Mutex<Vec<String>>,
@@ -57,6 +59,7 @@ impl Muting {
             consumers: Mutex::default(),
             probes: AtomicUsize::new(0),
             lose_probes: AtomicBool::new(false),
+            hold_publishes: AtomicBool::new(false),
             stall: None,
             declared_replies: Mutex::default(),
         }
@@ -125,6 +128,8 @@ impl Transport for Muting {
             if self.lose_probes.load(Ordering::SeqCst) {
                 return Ok(());
             }
+        } else if self.hold_publishes.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
         }
         self.inner.publish(exchange, routing_key, message, options).await
     }
@@ -522,5 +527,65 @@ async fn a_caller_that_stopped_sets_up_no_new_reply_queue() {
     );
     let consumed = muting.consumed();
     assert_eq!(consumed.len(), 1, "no new reply queue: {consumed:?}");
+    service.stop().await.unwrap();
+}
+
+/// Whether `outcome` is the call's own timeout.
+fn timed_out(
+    outcome: &Result<Result<serde_json::Value, RpcError>, tokio::time::error::Elapsed>,
+) -> bool {
+    matches!(outcome, Ok(Err(RpcError::Timeout { .. })))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_keeps_to_its_timeout_while_its_reply_queue_is_set_up() {
+    // A call's timeout runs from when the call starts and covers the set-up of the reply
+    // queue: with a broker that does not answer, each of several first calls ends at its own
+    // timeout, not after the set-up's (30 s for each call before it on RabbitMQ).
+    let (_slow, caller) = slow_rig(false).await;
+    let caller = Arc::new(caller);
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let caller = caller.clone();
+            tokio::spawn(async move {
+                let request = RpcRequest::new(
+                    Protocol::Nameko,
+                    "nobody",
+                    "m",
+                    json!([]),
+                    (),
+                    Some(Duration::from_millis(300)),
+                )
+                .unwrap();
+                tokio::time::timeout(Duration::from_secs(10), caller.call(request)).await
+            })
+        })
+        .collect();
+    for call in calls {
+        let outcome = call.await.unwrap();
+        assert!(timed_out(&outcome), "{outcome:?}");
+    }
+    caller.listener.close(&caller.transport).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_sent_for_later_keeps_to_its_timeout_while_its_request_is_published() {
+    // `send` (call_async) returns once the request is confirmed: a publish that does not
+    // finish (a broker out of reach) ends at the call's timeout, not at the publish's own.
+    let (service, muting, caller, _queue) = rig_with_a_reply_queue().await;
+    muting.hold_publishes.store(true, Ordering::SeqCst);
+    let request = RpcRequest::new(
+        Protocol::Nameko,
+        "probed",
+        "add",
+        json!([1, 2]),
+        (),
+        Some(Duration::from_millis(300)),
+    )
+    .unwrap();
+    let sent = tokio::time::timeout(Duration::from_secs(10), caller.send(request)).await;
+    let outcome = sent.map(|sent| sent.map(|reply| json!(reply.correlation_id())));
+    assert!(timed_out(&outcome), "{outcome:?}");
+    muting.hold_publishes.store(false, Ordering::SeqCst);
     service.stop().await.unwrap();
 }
