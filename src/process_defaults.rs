@@ -42,6 +42,8 @@ fn process_defaults() {
     // concurrently (the thread `set_thread_stack_default` spawns has ended when it removes
     // the variable), and no other thread was spawned yet.
     #[cfg(all(unix, feature = "process"))]
+    crate::pipeline::spawners::process::claim_worker_environment();
+    #[cfg(all(unix, feature = "process"))]
     if crate::pipeline::spawners::process::worker_socket().is_some() {
         catch_stop_signals();
     }

@@ -325,3 +325,49 @@ async fn a_worker_process_runs_its_calls_as_the_service_that_started_it() {
     assert!(stack[0].starts_with(&format!("{name}.announce.")), "{stack:?}");
     assert_eq!(heard.unwrap().unwrap(), "hello", "the event went to another exchange");
 }
+
+/// Starts the `process_modes` example as a program of its own (in thread mode, on an
+/// in-process broker), stops it with SIGTERM after a second, and reports what it printed.
+fn starts_a_program() -> String {
+    let exe = std::env::current_exe().unwrap();
+    let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
+    let mut child = std::process::Command::new(examples.join("process_modes"))
+        .env("WORKER_MODE", "thread")
+        .env("SERVICE_NAME", common::unique("child"))
+        .env_remove("AMQP_URI")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cargo build --examples first");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let running = child.try_wait().unwrap().is_none();
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    format!(
+        "running after 1 s: {running}; {}; stderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A program a target starts from a worker process inherits the worker's environment: a
+/// micro-framework program took itself for a worker of the service (it exited at once,
+/// orphaned, having printed nothing, and ignored SIGTERM). It runs as itself.
+#[tokio::test]
+async fn a_program_a_target_starts_in_a_worker_process_runs_as_itself() {
+    let config = test_config(&common::unique("starter"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let routes = vec![Route::new(starts_a_program).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config).await.unwrap();
+    let report: String = service.hook("starts_a_program").unwrap().rpc((), ()).await.unwrap();
+    service.stop().await.unwrap();
+    assert!(report.starts_with("running after 1 s: true"), "{report}");
+    assert!(report.contains("process_demo running in process"), "{report}");
+    assert!(report.contains("process_demo stopped"), "stopped by SIGTERM: {report}");
+}

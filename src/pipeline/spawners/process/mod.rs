@@ -24,4 +24,6 @@ mod worker;
 pub(crate) use pool::ProcessPool;
 pub(crate) use protocol::BorrowedCall;
 pub use worker::WORKER_SOCKET_ENV;
-pub(crate) use worker::{exit_when_orphaned, served_service_name, worker_socket, WorkerLink};
+pub(crate) use worker::{
+    claim_worker_environment, exit_when_orphaned, served_service_name, worker_socket, WorkerLink,
+};

@@ -30,6 +30,29 @@ pub(super) const SERVICE_PID_ENV: &str = "MF_WORKER_SERVICE_PID";
 /// worker's own set-up may name it otherwise (a test's unique name is new at every run).
 pub(super) const SERVICE_NAME_ENV: &str = "MF_WORKER_SERVICE_NAME";
 
+/// The environment variable a worker process sets on itself, to its own pid, before `main`:
+/// a program it starts inherits its environment, and finds there a pid not its own.
+const WORKER_PID_ENV: &str = "MF_WORKER_PID";
+
+/// Before `main`, while the process has one thread: in a worker process, mark the worker's
+/// environment as its own; in a program that inherited it (started by a target running in a
+/// worker), remove it, so that the program runs as itself, not as a worker of the service
+/// (which exited at once, orphaned, and ignored SIGTERM).
+pub(crate) fn claim_worker_environment() {
+    if std::env::var_os(WORKER_SOCKET_ENV).is_none() {
+        return;
+    }
+    let own = std::process::id().to_string();
+    match std::env::var(WORKER_PID_ENV) {
+        Ok(pid) if pid != own => {
+            for name in [WORKER_SOCKET_ENV, SERVICE_PID_ENV, SERVICE_NAME_ENV, WORKER_PID_ENV] {
+                std::env::remove_var(name);
+            }
+        }
+        _ => std::env::set_var(WORKER_PID_ENV, own),
+    }
+}
+
 /// How the name of the directory of a worker's socket begins.
 pub(super) const SOCKET_DIR_PREFIX: &str = "mf-worker-";
 
