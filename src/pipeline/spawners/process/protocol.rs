@@ -211,6 +211,12 @@ impl<W> FrameWriter<W> {
         FrameWriter { writer, buffer: BytesMut::with_capacity(WRITE_BUFFER) }
     }
 
+    /// What was pushed and not written yet.
+    #[cfg(test)]
+    pub(crate) fn pushed(&self) -> &[u8] {
+        &self.buffer
+    }
+
     /// Add one frame: the body's length (4 bytes, big-endian), then the body. A frame that
     /// cannot be encoded leaves nothing behind.
     pub(crate) fn push<T: Serialize>(&mut self, frame: &T) -> std::io::Result<()> {

@@ -227,14 +227,23 @@ async fn run_call(request: CallRequest, routes: &HashMap<String, RouteHandle>) -
 
 /// Add `outcome` to what `writer` sends; one that cannot be encoded is sent as the failure
 /// that says so.
-fn push_outcome<W>(writer: &mut FrameWriter<W>, outcome: &Outcome) -> std::io::Result<()> {
+///
+/// An outcome that cannot be sent becomes a failure with no error of the call's for the
+/// route's retry filter to match, as a crash: retryable only where the route's backoff
+/// accepts such failures (`retries_unmatched`; with a filter it fails at once).
+fn push_outcome<W>(
+    writer: &mut FrameWriter<W>,
+    outcome: &Outcome,
+    retries_unmatched: bool,
+) -> std::io::Result<()> {
     match writer.push(outcome) {
         Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
-            let failure: Outcome = Err(Failure::new(
+            let mut failure = Failure::new(
                 FailureKind::Error,
                 format!("the call's outcome cannot be sent to the service: {error}"),
-            ));
-            writer.push(&failure)
+            );
+            failure.retryable &= retries_unmatched;
+            writer.push(&Err::<serde_json::Value, _>(failure))
         }
         pushed => pushed,
     }
@@ -249,11 +258,19 @@ fn serve_calls_blocking(
 ) -> std::io::Result<()> {
     let (mut reader, mut writer) = (FrameReader::new(calls), FrameWriter::new(calls));
     while let Some(request) = reader.next_blocking::<CallRequest>()? {
+        let retries_unmatched = retries_unmatched(&request, routes);
         let outcome = runtime.block_on(run_call(request, routes));
-        push_outcome(&mut writer, &outcome)?;
+        push_outcome(&mut writer, &outcome, retries_unmatched)?;
         writer.flush_blocking()?;
     }
     Ok(())
+}
+
+/// Whether the route of `request` retries a failure with no error to match (see
+/// [`push_outcome`]).
+fn retries_unmatched(request: &CallRequest, routes: &HashMap<String, RouteHandle>) -> bool {
+    let backoff = routes.get(&request.route).and_then(RouteHandle::backoff);
+    backoff.is_none_or(|policy| policy.accepts(None))
 }
 
 /// [`serve_calls_blocking`] on the runtime's thread, for a current-thread runtime.
@@ -264,8 +281,9 @@ async fn serve_calls(
     let (reader, writer) = calls.into_split();
     let (mut reader, mut writer) = (FrameReader::new(reader), FrameWriter::new(writer));
     while let Some(request) = reader.next::<CallRequest>().await? {
+        let retries_unmatched = retries_unmatched(&request, routes);
         let outcome = run_call(request, routes).await;
-        push_outcome(&mut writer, &outcome)?;
+        push_outcome(&mut writer, &outcome, retries_unmatched)?;
         writer.flush().await?;
     }
     Ok(())
@@ -347,6 +365,21 @@ mod tests {
         assert!(matches!(ended, Ok(None)), "{ended:?}");
         assert!(reading.await.unwrap().is_err());
         drop(calls);
+    }
+
+    #[test]
+    fn an_outcome_too_large_for_the_link_is_retryable_only_where_unmatched_failures_are() {
+        // the route's retry filter was applied where the call ran, to its own error; this
+        // failure is the link's, with no error to match (was: retried past the filter)
+        let too_large: Outcome = Ok(serde_json::Value::String("x".repeat(256 << 20)));
+        for retries_unmatched in [false, true] {
+            let mut writer = FrameWriter::new(());
+            push_outcome(&mut writer, &too_large, retries_unmatched).unwrap();
+            let sent: Outcome = rmp_serde::from_slice(&writer.pushed()[4..]).unwrap();
+            let failure = sent.unwrap_err();
+            assert!(failure.message.contains("cannot be sent to the service"), "{failure:?}");
+            assert_eq!(failure.retryable, retries_unmatched);
+        }
     }
 
     #[test]
