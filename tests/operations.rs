@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{broker_uris, config, http_get, unique};
-use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::prelude::*;
 use micro_framework::retry::AsyncBackOff;
 use micro_framework::testing::TestService;
@@ -174,7 +174,6 @@ async fn caller(
 
 #[tokio::test]
 async fn rpc_calls_made_are_counted_by_outcome() {
-    use micro_framework::amqp::entrypoints::RPCListener;
     for uri in broker_uris() {
         let shop = unique("shop");
         let config = config(&uri, "rpcmetrics");
@@ -415,7 +414,6 @@ async fn endless() {
 /// free again.
 #[tokio::test]
 async fn a_call_dropped_before_its_end_is_no_longer_counted_as_running() {
-    use micro_framework::amqp::entrypoints::RPCListener;
     let uri = format!("memory://{}", unique("dropped"));
     let routes = vec![Route::new(endless).entrypoint(RPCListener::new())];
     let service = TestService::start(routes, config(&uri, "dropped")).await.unwrap();
@@ -434,4 +432,57 @@ async fn a_call_dropped_before_its_end_is_no_longer_counted_as_running() {
     // the call's future was dropped mid-call
     assert_eq!(counts(), (Some(0.0), Some(3.0)), "{}", metrics.render());
     service.stop().await.unwrap();
+}
+
+/// A free port on loopback, for a server of the test to bind.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Liveness must not depend on the broker: a service that waits for an unreachable broker at
+/// start-up keeps running (it retries), and an orchestrator probing `/health/live` would
+/// restart it in a loop for the whole outage if the server came up only once connected.
+#[tokio::test]
+async fn health_live_answers_while_the_service_waits_for_an_unreachable_broker() {
+    let port = free_port();
+    // nothing listens on port 1: the start retries the broker until stopped
+    let config = Config::new(unique("waiting"))
+        .with_amqp_uri("amqp://guest:guest@127.0.0.1:1/".into())
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port });
+    let routes = vec![Route::new(checked).entrypoint(EventListener::new("shop", "paid"))];
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running =
+        tokio::spawn(Runner::new(routes, config).run_until(stop.clone().cancelled_owned()));
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let probe = |path: &'static str| tokio::task::spawn_blocking(move || http_get(address, path));
+    common::wait_until_async(|| async { probe("/health/live").await.unwrap().0 == 200 }).await;
+    let (ready, body) = probe("/health/ready").await.unwrap();
+    let (metrics_status, metrics) = probe("/metrics").await.unwrap();
+    let (status_page, _) = probe("/status.json").await.unwrap();
+    assert!(!running.is_finished(), "the service waits for the broker");
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    assert_eq!((ready, body.as_str()), (503, "starting\n"));
+    assert_eq!(metrics_status, 200);
+    assert!(metrics.lines().any(|line| line == "broker_connected 0"), "{metrics}");
+    assert_eq!(status_page, 503, "no routes to show yet");
+    // the stop released the port
+    common::wait_until_async(|| async { probe("/health/live").await.unwrap().0 == 0 }).await;
+}
+
+/// A metrics port in use stops the start before the broker is touched: the routes of an
+/// instance that is about to fail must not consume (and take messages) meanwhile.
+#[tokio::test]
+async fn a_metrics_port_in_use_stops_the_start_before_the_broker_is_touched() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    // an unreachable broker: only a start that binds first fails for the port
+    let config = Config::new(unique("port_taken"))
+        .with_amqp_uri("amqp://guest:guest@127.0.0.1:1/".into())
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port });
+    let routes = vec![Route::new(checked).entrypoint(EventListener::new("shop", "paid"))];
+    let error = Runner::new(routes, config).spawn().await.expect_err("the start fails");
+    assert!(error.to_string().contains("cannot serve metrics"), "{error}");
 }

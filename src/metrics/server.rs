@@ -1,16 +1,17 @@
 //! The HTTP server of the status page (`/`, `/status.json`), `/metrics`, `/health/live` and
 //! `/health/ready` (axum), with the same timeouts and connection cap as the HTTP routes'
-//! server. Read-only: every path answers `GET` alone.
+//! server. Read-only: every path answers `GET` alone. Bound before the service connects
+//! ([`bind`]), it serves the service once attached ([`MetricsServer::attach`]).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use super::page;
@@ -21,51 +22,61 @@ use crate::error::{Error, Result};
 use crate::transport::SharedTransport;
 use crate::web_server::{self, WebLimits};
 
-#[derive(Clone)]
 struct ServerState {
     metrics: Metrics,
+    show_failures: bool,
+    /// The service, once its routes are set up: until then only `/health/live` and
+    /// `/metrics` answer as they will, the rest say the service is starting.
+    service: OnceLock<Started>,
+}
+
+/// What the server reads from the started service.
+struct Started {
     transport: SharedTransport,
     stopping: CancellationToken,
     status: Arc<StatusSource>,
-    show_failures: bool,
 }
 
-/// Bind `METRICS_HOST:METRICS_PORT` (port 0 picks a free one) and serve until `stopped` fires.
-/// Returns the bound address.
-pub(crate) async fn serve(
-    config: &Config,
-    routes: Vec<RouteInfo>,
-    metrics: Metrics,
-    transport: SharedTransport,
-    stopping: CancellationToken,
+/// The metrics server, bound before the service connects to its broker: `/health/live`
+/// answers while the process runs, a start that waits for the broker included, and a port in
+/// use stops the start before anything consumes. The service is [attached](Self::attach)
+/// once its routes are set up.
+pub(crate) struct MetricsServer {
+    address: SocketAddr,
+    state: Arc<ServerState>,
+    service_name: String,
+    broker_uri: String,
     stopped: CancellationToken,
-) -> Result<SocketAddr> {
+    /// Stops the server when it is dropped unattached: the start failed or was given up.
+    unattached: DropGuard,
+}
+
+/// Bind `METRICS_HOST:METRICS_PORT` (port 0 picks a free one) and serve until the service's
+/// `stopped` token ([`MetricsServer::stopped`]) fires, or until the server is dropped
+/// unattached.
+pub(crate) async fn bind(config: &Config) -> Result<MetricsServer> {
     let (host, port) = (config.metrics.host.as_str(), config.metrics.port);
     let listener = tokio::net::TcpListener::bind((host, port)).await.map_err(|error| {
         Error::Startup(format!("cannot serve metrics on {host}:{port} (METRICS): {error}"))
     })?;
     let address = listener.local_addr()?;
-    let status = StatusSource::new(
-        config.service_name.clone(),
-        config.masked_amqp_uri(),
-        routes,
-        metrics.clone(),
-        transport.clone(),
-    );
-    tokio::spawn(sample(status.clone(), stopped.clone()));
+    let metrics = Metrics::new()
+        .map_err(|error| Error::Startup(format!("cannot create metrics: {error}")))?;
     let show_failures = config.status_show_failures;
+    let state = Arc::new(ServerState { metrics, show_failures, service: OnceLock::new() });
     let limits = WebLimits::from_config(config);
-    let state = Arc::new(ServerState { metrics, transport, stopping, status, show_failures });
     let app = Router::new()
         .route("/", get(status_page))
         .route("/status.json", get(status_json))
         .route("/metrics", get(metrics_text))
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready))
-        .with_state(state);
+        .with_state(state.clone());
+    let stopped = CancellationToken::new();
+    let serving = stopped.clone();
     tokio::spawn(async move {
         if let Err(error) =
-            web_server::serve(listener, app, limits, stopped, TaskTracker::new()).await
+            web_server::serve(listener, app, limits, serving, TaskTracker::new()).await
         {
             tracing::error!("metrics server failed: {error}");
         }
@@ -73,8 +84,52 @@ pub(crate) async fn serve(
     tracing::info!(
         "status on http://{address}/, metrics on /metrics, health on /health/live and /health/ready"
     );
-    Ok(address)
+    Ok(MetricsServer {
+        address,
+        state,
+        service_name: config.service_name.clone(),
+        broker_uri: config.masked_amqp_uri(),
+        unattached: stopped.clone().drop_guard(),
+        stopped,
+    })
 }
+
+impl MetricsServer {
+    /// The metrics the server renders, for the service to record into.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.state.metrics
+    }
+
+    /// The token that stops the server: the service cancels it once it has stopped.
+    pub(crate) fn stopped(&self) -> CancellationToken {
+        self.stopped.clone()
+    }
+
+    /// Serve the started service's `routes` from now on; returns the bound address.
+    pub(crate) fn attach(
+        self,
+        routes: Vec<RouteInfo>,
+        transport: SharedTransport,
+        stopping: CancellationToken,
+    ) -> SocketAddr {
+        let metrics = self.state.metrics.clone();
+        let status = StatusSource::new(
+            self.service_name,
+            self.broker_uri,
+            routes,
+            metrics,
+            transport.clone(),
+        );
+        tokio::spawn(sample(status.clone(), self.stopped.clone()));
+        // attached once: the server is consumed
+        let _ = self.state.service.set(Started { transport, stopping, status });
+        self.unattached.disarm();
+        self.address
+    }
+}
+
+/// What `/`, `/status.json` and `/health/ready` answer before the routes are set up.
+const STARTING: &str = "starting\n";
 
 /// Sample the status history until the service has stopped.
 async fn sample(status: Arc<StatusSource>, stopped: CancellationToken) {
@@ -87,41 +142,64 @@ async fn sample(status: Arc<StatusSource>, stopped: CancellationToken) {
     }
 }
 
-async fn status_page(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
-    let status = state.status.status(state.show_failures).await;
+async fn status_page(State(state): State<Arc<ServerState>>) -> Response {
+    let Some(service) = state.service.get() else { return starting() };
+    let status = service.status.status(state.show_failures).await;
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")],
         page::render(&status),
     )
+        .into_response()
 }
 
-async fn status_json(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
-    let status = state.status.status(state.show_failures).await;
+async fn status_json(State(state): State<Arc<ServerState>>) -> Response {
+    let Some(service) = state.service.get() else { return starting() };
+    let status = service.status.status(state.show_failures).await;
     let json = serde_json::to_string(&status).unwrap_or_else(|error| {
         serde_json::json!({ "error": format!("cannot encode the status: {error}") }).to_string()
     });
     ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], json)
+        .into_response()
+}
+
+/// 503 `starting`: the service has not set up its routes yet.
+fn starting() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::CACHE_CONTROL, "no-store")], STARTING)
+        .into_response()
 }
 
 async fn metrics_text(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
-    state.metrics.set_reconnects(state.transport.reconnects());
-    let ready = state.transport.is_connected() && !state.stopping.is_cancelled();
-    state.metrics.set_connected(ready);
-    state.metrics.set_broker_node(state.transport.broker_node().as_deref());
+    match state.service.get() {
+        Some(service) => {
+            let transport = &service.transport;
+            state.metrics.set_reconnects(transport.reconnects());
+            state
+                .metrics
+                .set_connected(transport.is_connected() && !service.stopping.is_cancelled());
+            state.metrics.set_broker_node(transport.broker_node().as_deref());
+        }
+        // not connected yet
+        None => state.metrics.set_connected(false),
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
-/// 200 `ready` while connected and not stopping, else 503 with the reason; a line
-/// `broker: host:port` names the RabbitMQ node in use.
+/// 200 `ready` while connected and not stopping, else 503 with the reason (`starting` until
+/// the service has connected and set up its routes); a line `broker: host:port` names the
+/// RabbitMQ node in use.
 async fn ready(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
-    let status = if state.transport.is_connected() && !state.stopping.is_cancelled() {
+    let Some(service) = state.service.get() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, STARTING.to_owned());
+    };
+    let (transport, stopping) = (&service.transport, &service.stopping);
+    let status = if transport.is_connected() && !stopping.is_cancelled() {
         (StatusCode::OK, "ready")
-    } else if state.stopping.is_cancelled() {
+    } else if stopping.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "stopping")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not connected to the broker")
     };
-    match state.transport.broker_node() {
+    match transport.broker_node() {
         Some(node) => (status.0, format!("{}\nbroker: {node}\n", status.1)),
         None => (status.0, format!("{}\n", status.1)),
     }
@@ -230,11 +308,9 @@ mod tests {
             queue: Some(queue),
         };
         let transport: SharedTransport = Arc::new(UnansweredLookups(broker.clone()));
-        let (stopping, stopped) = (CancellationToken::new(), CancellationToken::new());
-        let metrics = Metrics::new().unwrap();
-        let address = serve(&config, vec![route], metrics, transport, stopping, stopped.clone())
-            .await
-            .unwrap();
+        let server = bind(&config).await.unwrap();
+        let stopped = server.stopped();
+        let address = server.attach(vec![route], transport, CancellationToken::new());
         let http = reqwest::Client::new();
         let get = |path: &str| {
             let request = http.get(format!("http://{address}{path}")).send();

@@ -167,7 +167,7 @@ impl Runner {
     /// Run the service on the current runtime until SIGINT or SIGTERM, then stop it
     /// gracefully. A second signal exits the process at once. A broker that cannot be
     /// reached at start-up is tried again with backoff (each attempt logged) until it answers
-    /// or a signal arrives.
+    /// or a signal arrives; with `ENABLE_METRICS=true`, `/health/live` answers meanwhile.
     ///
     /// In process worker modes, the program's binary is started again for each worker
     /// process; there `run` serves calls from the service instead of consuming.
@@ -205,6 +205,9 @@ impl Runner {
             return start::serve_as_worker(self, &socket).await;
         }
         let (config, plans) = self.prepare()?;
+        // before connecting: `/health/live` answers while the broker is awaited
+        #[cfg(feature = "metrics")]
+        let metrics_server = start::bind_metrics(&config).await?;
         tokio::pin!(stop);
         let transport = tokio::select! {
             transport = connect_retrying(&config) => transport?,
@@ -213,7 +216,15 @@ impl Runner {
                 return Ok(());
             }
         };
-        let mut service = start(plans, &config, transport, None).await?;
+        let started = start(
+            plans,
+            &config,
+            transport,
+            None,
+            #[cfg(feature = "metrics")]
+            metrics_server,
+        );
+        let mut service = started.await?;
         tokio::select! {
             _ = &mut stop => {}
             result = service.wait_finished() => return result,
@@ -242,8 +253,19 @@ impl Runner {
                 plan.pool.mode()
             )));
         }
+        // a metrics port in use stops the start before the broker is touched
+        #[cfg(feature = "metrics")]
+        let metrics_server = start::bind_metrics(&config).await?;
         let transport = crate::transport::connect(&config).await?;
-        start(plans, &config, transport, worker_args).await
+        start(
+            plans,
+            &config,
+            transport,
+            worker_args,
+            #[cfg(feature = "metrics")]
+            metrics_server,
+        )
+        .await
     }
 
     /// Validate the config and check every route, before touching the broker.

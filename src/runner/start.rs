@@ -20,6 +20,8 @@ use crate::config::Config;
 use crate::config::WorkerMode;
 use crate::error::{Error, Result};
 use crate::handler::dependencies::{set_up_all, tear_down, SharedDependency};
+#[cfg(feature = "metrics")]
+use crate::metrics::server::MetricsServer;
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::process::{ProcessPool, WorkerLink};
 #[cfg(feature = "process")]
@@ -51,14 +53,34 @@ pub(super) async fn connect_retrying(config: &Config) -> Result<SharedTransport>
     }
 }
 
-/// Start the planned routes on `transport`; on failure the transport is closed.
+/// The metrics server when `ENABLE_METRICS=true`, bound before the service connects (see
+/// [`MetricsServer`]).
+#[cfg(feature = "metrics")]
+pub(super) async fn bind_metrics(config: &Config) -> Result<Option<MetricsServer>> {
+    match config.enable_metrics {
+        true => crate::metrics::server::bind(config).await.map(Some),
+        false => Ok(None),
+    }
+}
+
+/// Start the planned routes on `transport` (the service then attaches itself to
+/// `metrics_server`); on failure the transport is closed.
 pub(super) async fn start(
     plans: Vec<RoutePlan>,
     config: &Arc<Config>,
     transport: SharedTransport,
     worker_args: Option<Vec<std::ffi::OsString>>,
+    #[cfg(feature = "metrics")] metrics_server: Option<MetricsServer>,
 ) -> Result<RunningService> {
-    match start_routes(plans, config, transport.clone(), worker_args).await {
+    let started = start_routes(
+        plans,
+        config,
+        transport.clone(),
+        worker_args,
+        #[cfg(feature = "metrics")]
+        metrics_server,
+    );
+    match started.await {
         Ok(service) => Ok(service),
         Err(error) => {
             transport.close().await;
@@ -72,7 +94,17 @@ async fn start_routes(
     config: &Arc<Config>,
     transport: SharedTransport,
     worker_args: Option<Vec<std::ffi::OsString>>,
+    #[cfg(feature = "metrics")] metrics_server: Option<MetricsServer>,
 ) -> Result<RunningService> {
+    // the metrics server, bound already, renders what the service records
+    #[cfg(feature = "metrics")]
+    let env = match &metrics_server {
+        Some(server) => {
+            ServiceEnv::with_metrics(config.clone(), transport.clone(), server.metrics().clone())
+        }
+        None => ServiceEnv::new(config.clone(), transport.clone())?,
+    };
+    #[cfg(not(feature = "metrics"))]
     let env = ServiceEnv::new(config.clone(), transport.clone())?;
     let all_dependencies = set_up_dependencies(&plans, config).await?;
     #[cfg(feature = "process")]
@@ -102,40 +134,27 @@ async fn start_routes(
             return Err(error);
         }
     };
+    // the service's end stops its metrics server
+    #[cfg(feature = "metrics")]
+    let stopped =
+        metrics_server.as_ref().map_or_else(CancellationToken::new, MetricsServer::stopped);
+    #[cfg(not(feature = "metrics"))]
     let stopped = CancellationToken::new();
     #[cfg(feature = "metrics")]
-    let metrics_address = match config.enable_metrics {
-        false => None,
-        true => {
-            let route_infos = started
-                .started
-                .iter()
-                .map(|(handle, entrypoint)| crate::metrics::status::RouteInfo {
-                    name: handle.name().to_owned(),
-                    context: handle.pool().context().to_owned(),
-                    metric_label: handle.metric_label().to_owned(),
-                    entrypoint: entrypoint.describe(),
-                    queue: entrypoint.queue(),
-                })
-                .collect();
-            let served = crate::metrics::server::serve(
-                config,
-                route_infos,
-                env.metrics.clone(),
-                transport.clone(),
-                env.stopping.clone(),
-                stopped.clone(),
-            )
-            .await;
-            match served {
-                Ok(address) => Some(address),
-                Err(error) => {
-                    abandon().await;
-                    return Err(error);
-                }
-            }
-        }
-    };
+    let metrics_address = metrics_server.map(|server| {
+        let route_infos = started
+            .started
+            .iter()
+            .map(|(handle, entrypoint)| crate::metrics::status::RouteInfo {
+                name: handle.name().to_owned(),
+                context: handle.pool().context().to_owned(),
+                metric_label: handle.metric_label().to_owned(),
+                entrypoint: entrypoint.describe(),
+                queue: entrypoint.queue(),
+            })
+            .collect();
+        server.attach(route_infos, transport.clone(), env.stopping.clone())
+    });
     let mut tasks = JoinSet::new();
     for (name, serving) in started.serving {
         tasks.spawn(async move { serving.await.map_err(|error| route_stopped(name, error)) });

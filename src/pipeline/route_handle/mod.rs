@@ -99,10 +99,19 @@ impl ServiceEnv {
     pub(crate) fn new(config: Arc<Config>, transport: SharedTransport) -> crate::Result<Self> {
         let metrics = Metrics::new()
             .map_err(|error| crate::Error::Startup(format!("cannot create metrics: {error}")))?;
+        Ok(Self::with_metrics(config, transport, metrics))
+    }
+
+    /// The env of a service recording into `metrics` (those its metrics server renders).
+    pub(crate) fn with_metrics(
+        config: Arc<Config>,
+        transport: SharedTransport,
+        metrics: Metrics,
+    ) -> Self {
         // In the service's state too, for what calls record (RPC client timings).
         let state = ServiceState::default();
         state.get_or_insert_with(|| metrics.clone());
-        Ok(ServiceEnv {
+        ServiceEnv {
             config,
             transport,
             stopping: CancellationToken::new(),
@@ -111,7 +120,7 @@ impl ServiceEnv {
             state,
             metrics,
             extensions: SharedExtensions::default(),
-        })
+        }
     }
 }
 
