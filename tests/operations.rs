@@ -486,3 +486,32 @@ async fn a_metrics_port_in_use_stops_the_start_before_the_broker_is_touched() {
     let error = Runner::new(routes, config).spawn().await.expect_err("the start fails");
     assert!(error.to_string().contains("cannot serve metrics"), "{error}");
 }
+
+fn pong() -> &'static str {
+    "pong"
+}
+
+/// RPC routes answer their failures and never dead-letter: the status page must not look up
+/// a `rpc-{service}.dlq`, which does not exist on RabbitMQ, where each lookup logs a channel
+/// error (one per RPC route at every load of the page, which reloads itself every 5 s).
+#[tokio::test]
+async fn the_status_page_looks_up_no_dead_letter_queue_for_rpc_routes() {
+    let uri = format!("memory://{}", unique("rpc_status"));
+    let config = config(&uri, "rpc_status")
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    // were it looked up, the page would count its messages: 0
+    let broker = micro_framework::transport::connect(&config).await.unwrap();
+    let dlq = format!("rpc-{}.dlq", config.service_name);
+    broker.declare_queue(&micro_framework::transport::QueueSpec::durable(dlq)).await.unwrap();
+    let routes = vec![Route::new(pong).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config).await.unwrap();
+    let address = service.service().metrics_address().unwrap();
+    let (_, status) =
+        tokio::task::spawn_blocking(move || http_get(address, "/status.json")).await.unwrap();
+    service.stop().await.unwrap();
+    broker.close().await;
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["routes"][0]["name"], "pong", "{status}");
+    assert_eq!(status["routes"][0]["dead_letters_waiting"], Value::Null, "{status}");
+}

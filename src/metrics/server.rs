@@ -306,6 +306,7 @@ mod tests {
             metric_label: "on_paid".into(),
             entrypoint: "EventListener(shop.paid)".into(),
             queue: Some(queue),
+            dead_letters: true,
         };
         let transport: SharedTransport = Arc::new(UnansweredLookups(broker.clone()));
         let server = bind(&config).await.unwrap();

@@ -38,6 +38,9 @@ pub(crate) struct RouteInfo {
     pub entrypoint: String,
     /// The queue it consumes, if any.
     pub queue: Option<String>,
+    /// Whether its failures end in `{queue}.dlq` (events, work queues): an RPC route's are
+    /// replied, and it has no such queue to look up.
+    pub dead_letters: bool,
 }
 
 /// Everything the status page shows, as served at `/status.json`.
@@ -234,14 +237,17 @@ impl StatusSource {
     }
 
     /// Messages waiting in each route's dead-letter queue, in the order of the routes, as far
-    /// as the broker answers within [`DEAD_LETTERS_LOOKUP`]. Not asked while disconnected: a
+    /// as the broker answers within [`DEAD_LETTERS_LOOKUP`]. Not asked for routes that never
+    /// dead-letter: their queue does not exist, and RabbitMQ closes the channel of each lookup
+    /// of a missing queue, which lapin logs as an error. Not asked while disconnected: a
     /// broker operation waits for the reconnect (up to the publish timeout, 30 s), and the
     /// page would hang while the broker is away, when it is needed most, holding a connection
     /// slot of the metrics server meanwhile.
     async fn dead_letters_waiting(&self) -> Vec<Option<u32>> {
         let connected = self.transport.is_connected();
         let lookups = self.routes.iter().map(|route| async move {
-            let queue = format!("{}.dlq", route.queue.as_deref().filter(|_| connected)?);
+            let queue = route.queue.as_deref().filter(|_| connected && route.dead_letters)?;
+            let queue = format!("{queue}.dlq");
             let lookup =
                 tokio::time::timeout(DEAD_LETTERS_LOOKUP, self.transport.queue_info(&queue));
             lookup.await.ok()?.ok().map(|info| info.message_count)
