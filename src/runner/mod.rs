@@ -119,14 +119,16 @@ impl Runner {
     /// (filter with `RUST_LOG`) unless the program installed its own `tracing` subscriber.
     ///
     /// With `MF_PRINT_TOPOLOGY=1` in the environment it prints the exchanges, queues and
-    /// bindings the service declares as JSON on stdout and returns without serving (see
-    /// [`Runner::topology`]).
+    /// bindings the service declares as JSON on stdout, after a line
+    /// [`TOPOLOGY_MARKER`](crate::transport::topology::TOPOLOGY_MARKER), and returns without
+    /// serving (see [`Runner::topology`]).
     pub fn start(self) -> Result<()> {
         crate::logging::init(self.config.log_format);
         let runtime = runtime()?;
         if std::env::var("MF_PRINT_TOPOLOGY").is_ok_and(|value| value == "1") {
             let topology = runtime.block_on(self.topology())?;
-            println!("{}", serde_json::to_string_pretty(&topology)?);
+            let document = serde_json::to_string_pretty(&topology)?;
+            println!("{}\n{document}", crate::transport::topology::TOPOLOGY_MARKER);
             return Ok(());
         }
         let result = runtime.block_on(self.run());

@@ -1,7 +1,7 @@
 //! [`Topology`]: what a service declares (exchanges, queues, bindings), recorded by running
 //! its entrypoints' set-up against a private in-process broker. `MF_PRINT_TOPOLOGY=1` makes
-//! `Runner::start` print it as JSON instead of serving (the `micro-framework topology`
-//! command reads that).
+//! `Runner::start` print it as JSON, after the line [`TOPOLOGY_MARKER`], instead of serving
+//! (the `micro-framework topology` command reads that).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -12,6 +12,10 @@ use crate::transport::{
     BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, HeaderValue, OutgoingMessage,
     PublishOptions, QueueInfo, QueueSpec, SharedTransport, Transport, TransportError,
 };
+
+/// The line printed on stdout before the JSON document under `MF_PRINT_TOPOLOGY=1`: a reader
+/// takes the document that follows it, whatever the program printed before (a banner, say).
+pub const TOPOLOGY_MARKER: &str = "--- micro-framework topology ---";
 
 /// An exchange a service declares.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use micro_framework::logging::escape_wire_text;
+use micro_framework::transport::topology::TOPOLOGY_MARKER;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -93,18 +94,42 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
         let last = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("");
         return Err(CliError::failure(format!("'{shown}' failed ({}): {last}", output.status)));
     }
-    let topology: Topology = serde_json::from_slice(&output.stdout).map_err(|error| {
+    let (topology, document) = marked_document(&output.stdout).map_err(|error| {
         CliError::failure(format!(
             "'{shown}' did not print a topology document ({error}): is it built with a \
              micro-framework that supports MF_PRINT_TOPOLOGY?"
         ))
     })?;
     if args.json {
-        std::io::stdout().write_all(&output.stdout)?;
+        writeln!(std::io::stdout(), "{}", document.trim_end())?;
     } else {
         write!(std::io::stdout(), "{}", render(&topology))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The topology document that follows the runner's marker line on `stdout`, parsed and as
+/// printed: what the program printed before the marker (a banner, any JSON) or after the
+/// document is not read.
+fn marked_document(stdout: &[u8]) -> Result<(Topology, &str), String> {
+    let mut start = None;
+    let mut offset = 0;
+    for line in stdout.split_inclusive(|&byte| byte == b'\n') {
+        offset += line.len();
+        if line.trim_ascii_end() == TOPOLOGY_MARKER.as_bytes() {
+            start = Some(offset);
+            break;
+        }
+    }
+    let rest = &stdout[start.ok_or(format!("no line '{TOPOLOGY_MARKER}'"))?..];
+    let mut documents = serde_json::Deserializer::from_slice(rest).into_iter::<Topology>();
+    let topology = match documents.next() {
+        Some(parsed) => parsed.map_err(|error| error.to_string())?,
+        None => return Err(format!("nothing after the line '{TOPOLOGY_MARKER}'")),
+    };
+    let document =
+        std::str::from_utf8(&rest[..documents.byte_offset()]).map_err(|error| error.to_string())?;
+    Ok((topology, document.trim_start()))
 }
 
 fn yes_no(flag: bool) -> String {

@@ -700,3 +700,17 @@ async fn topology_runs_the_service_binary_and_prints_tables() {
     let run = cli(None, &["topology", "--timeout", "1", "sleep", "5"]).await;
     run.one_error_line(1, "printed no topology within 1s");
 }
+
+/// A service may print on stdout before its runner prints the topology (a banner, as
+/// `examples/rpc_service.rs` does), even a JSON document: the command finds the runner's.
+#[tokio::test]
+async fn topology_finds_the_document_after_what_the_service_printed_first() {
+    let fixture = fixture();
+    let binary = fixture.to_str().unwrap();
+    let script = format!("echo 'starting {{'; echo '{{\"service\": \"decoy\"}}'; exec '{binary}'");
+    let run = cli(Some(DOWN_URI), &["topology", "sh", "-c", &script]).await;
+    assert!(run.ok().stdout.contains("service topology_fixture"), "{run:?}");
+    let run = cli(Some(DOWN_URI), &["topology", "--json", "sh", "-c", &script]).await;
+    let document: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(document["service"], "topology_fixture");
+}
