@@ -9,6 +9,7 @@ mod running;
 mod signals;
 mod start;
 
+use std::io::Write;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -125,12 +126,6 @@ impl Runner {
     pub fn start(self) -> Result<()> {
         crate::logging::init(self.config.log_format);
         let runtime = runtime()?;
-        if std::env::var("MF_PRINT_TOPOLOGY").is_ok_and(|value| value == "1") {
-            let topology = runtime.block_on(self.topology())?;
-            let document = serde_json::to_string_pretty(&topology)?;
-            println!("{}\n{document}", crate::transport::topology::TOPOLOGY_MARKER);
-            return Ok(());
-        }
         let result = runtime.block_on(self.run());
         // A sync call still running past SHUTDOWN_TIMEOUT holds a blocking thread, and
         // dropping the runtime would wait for it without end (the task that listens for a
@@ -138,6 +133,18 @@ impl Runner {
         // back in its queue, so the call is left behind and the program goes on to exit.
         runtime.shutdown_background();
         result
+    }
+
+    /// Print the topology on stdout, after the line
+    /// [`TOPOLOGY_MARKER`](crate::transport::topology::TOPOLOGY_MARKER).
+    async fn print_topology(self) -> Result<()> {
+        let topology = self.topology().await?;
+        let document = serde_json::to_string_pretty(&topology)?;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{}\n{document}", crate::transport::topology::TOPOLOGY_MARKER)?;
+        // before a caller ends the process
+        stdout.flush()?;
+        Ok(())
     }
 
     /// What the service declares (exchanges, queues, bindings), found by setting up its
@@ -174,6 +181,9 @@ impl Runner {
     /// In process worker modes, the program's binary is started again for each worker
     /// process; there `run` serves calls from the service instead of consuming.
     ///
+    /// With `MF_PRINT_TOPOLOGY=1` it prints the topology and returns without serving, as
+    /// [`Runner::start`] does.
+    ///
     /// A sync call still running past `SHUTDOWN_TIMEOUT` keeps its thread: a runtime of the
     /// program's own waits for it when dropped, so end that runtime with
     /// [`shutdown_background`](tokio::runtime::Runtime::shutdown_background) or
@@ -201,7 +211,13 @@ impl Runner {
 
     /// Like [`Runner::run`], but stops gracefully when `stop` completes instead of on a
     /// signal (for programs that decide themselves when to stop; process modes included).
+    ///
+    /// With `MF_PRINT_TOPOLOGY=1` it prints the topology and returns without serving, as
+    /// [`Runner::start`] and [`Runner::run`] do.
     pub async fn run_until(self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        if topology_asked() {
+            return self.print_topology().await;
+        }
         #[cfg(feature = "process")]
         if let Some(socket) = worker_socket() {
             return start::serve_as_worker(self, &socket).await;
@@ -239,7 +255,22 @@ impl Runner {
     /// programs that run more than a service). Fails at once if the broker is unreachable.
     /// Process worker modes need [`Runner::start`] or [`Runner::run`] (the binary is started
     /// again as a worker): `spawn` refuses them.
+    ///
+    /// With `MF_PRINT_TOPOLOGY=1` it prints the topology (as [`Runner::start`] does) and ends
+    /// the process with status 0, without serving or touching the broker: there is no
+    /// service to hand back, and a program going on would serve with what it started next.
     pub async fn spawn(self) -> Result<RunningService> {
+        if topology_asked() {
+            self.print_topology().await?;
+            std::process::exit(0);
+        }
+        self.spawn_service().await
+    }
+
+    /// [`Runner::spawn`] without the `MF_PRINT_TOPOLOGY` check: for
+    /// [`TestService`](crate::testing::TestService), which a test harness runs, never the
+    /// `topology` command.
+    pub(crate) async fn spawn_service(self) -> Result<RunningService> {
         #[cfg(feature = "process")]
         let worker_args = self.worker_args.clone();
         #[cfg(not(feature = "process"))]
@@ -301,6 +332,11 @@ impl Runner {
         listeners::check(&config, &kinds)?;
         Ok((config, plans))
     }
+}
+
+/// Whether `MF_PRINT_TOPOLOGY=1` asks the runner to print the topology instead of serving.
+fn topology_asked() -> bool {
+    std::env::var("MF_PRINT_TOPOLOGY").is_ok_and(|value| value == "1")
 }
 
 /// Cancel `stop` at the first SIGINT or SIGTERM, and exit the process at the second.

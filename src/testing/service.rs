@@ -35,7 +35,7 @@ impl TestService {
         let runner = crate::testing::process::prepare(runner).await;
         let config = runner.config().clone();
         let _broker = BrokerLease::for_config(&config);
-        Ok(TestService { service: runner.spawn().await?, config, _broker })
+        Ok(TestService { service: runner.spawn_service().await?, config, _broker })
     }
 
     /// The broker connection of the service.

@@ -714,3 +714,18 @@ async fn topology_finds_the_document_after_what_the_service_printed_first() {
     let document: Value = serde_json::from_str(&run.ok().stdout).unwrap();
     assert_eq!(document["service"], "topology_fixture");
 }
+
+/// `MF_PRINT_TOPOLOGY=1` is honoured by every way to run a service, not `Runner::start`
+/// alone: a service started with `Runner::spawn` or `Runner::run_until` served for real
+/// (with the operator's AMQP_URI) until the command gave up on it.
+#[tokio::test]
+async fn topology_shows_services_started_with_spawn_or_run_until() {
+    let fixture = fixture();
+    let binary = fixture.to_str().unwrap();
+    for how in ["--spawn", "--run-until"] {
+        // no broker: only a service that does not connect answers
+        let run = cli(Some(DOWN_URI), &["topology", "--timeout", "10", binary, how]).await;
+        assert_eq!(run.code, 0, "{how}: {run:?}");
+        assert!(run.stdout.contains("rpc-topology_fixture"), "{how}: {run:?}");
+    }
+}
