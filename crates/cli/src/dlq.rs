@@ -245,6 +245,21 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
         progress.update(replayed);
     }
     progress.finish(replayed);
+    // A quorum queue delivers the messages handed back after those never read: with dead
+    // letters held (stopped early, orphans, a limit), the rest is read and held too, so that
+    // all go back in their order, as `list` and `show` leave them.
+    if dead.held() > 0 {
+        loop {
+            match dead.read().await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(error) => {
+                    failure.get_or_insert(error.to_string());
+                    break;
+                }
+            }
+        }
+    }
     let queue = dead.queue().to_owned();
     // the dead letters left, if any, go back whichever way: nothing in the output depends on it
     let _ = dead.close().await;

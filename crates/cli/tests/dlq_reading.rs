@@ -356,3 +356,53 @@ async fn head_body(uri: String, queue: String, dlq: String) {
     }
     transport.close().await;
 }
+
+/// A replay that stops early hands back the dead letters it holds (those it could not
+/// publish, or without an original queue): a quorum queue delivers messages handed back
+/// after those never read, so handing back the held ones alone moved them behind the rest,
+/// the oldest dead letters becoming the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_stops_early_leaves_the_queue_in_order() {
+    let Some(uri) = rabbitmq() else { return };
+    for queue_type in [QueueType::Classic, QueueType::Quorum] {
+        let queue = unique("cli_replay_order");
+        let queues = vec![queue.clone(), format!("{queue}.dlq")];
+        cleaned(&uri, queues, vec![], replay_order_body(uri.clone(), queue, queue_type)).await;
+    }
+}
+
+async fn replay_order_body(uri: String, queue: String, queue_type: QueueType) {
+    let transport = connect(&uri).await;
+    declare_dlq(&transport, &uri, &queue, queue_type).await;
+    transport.declare_queue(&QueueSpec::durable(queue.clone())).await.expect("declared");
+    let dlq = format!("{queue}.dlq");
+    let gone = unique("cli_replay_gone");
+    // letter-1 has no original queue, letter-3's is gone, the others go back to `queue`
+    for n in 0..6 {
+        let mut headers = Headers::new();
+        headers.insert("x-mf-error".into(), HeaderValue::from(format!("letter-{n}")));
+        let original = match n {
+            1 => None,
+            3 => Some(gone.as_str()),
+            _ => Some(queue.as_str()),
+        };
+        if let Some(original) = original {
+            headers.insert("x-mf-original-queue".into(), HeaderValue::from(original));
+        }
+        put(&transport, &dlq, headers, n.to_string().as_bytes()).await;
+    }
+    let what = format!("{queue_type:?} dead-letter queue");
+    // the limit reached with letter-1 held
+    let run = cli(Some(&uri), &["dlq", "replay", &queue, "--limit", "2"]).await;
+    assert_eq!(run.code, 1, "{what}: {run:?}");
+    let listed = cli(Some(&uri), &["dlq", "list", &queue]).await;
+    assert_eq!(listed_letters(&listed), letters(1..6), "{what}: {listed:?}");
+    // stopped at letter-3 with letter-1 held
+    let run = cli(Some(&uri), &["dlq", "replay", &queue]).await;
+    assert_eq!(run.code, 1, "{what}: {run:?}");
+    assert!(run.stderr.contains("replay stopped after 1"), "{what}: {run:?}");
+    let listed = cli(Some(&uri), &["dlq", "list", &queue]).await;
+    let expected = ["letter-1", "letter-3", "letter-4", "letter-5"];
+    assert_eq!(listed_letters(&listed), expected, "{what}: {listed:?}");
+    transport.close().await;
+}
