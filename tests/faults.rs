@@ -782,4 +782,32 @@ async fn a_delivery_cut_off_in_transit_by_a_lost_connection_runs_once_uncounted(
     transport.close().await;
     service.stop().await.unwrap();
     common::cleanup(&uri, &markers).await;
+
+/// README: `broker_node{node}` reads 0 for the node last in use while disconnected. A service
+/// scraped only once its connection is down (Prometheus may first scrape during an outage)
+/// had no such series: the node was recorded by scrapes made while connected.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn broker_node_reads_0_while_disconnected_without_a_scrape_while_connected() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("node_unscraped");
+    let config = common::config(&user.uri(&uri), "node_unscraped")
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let service_name = config.service_name.clone();
+    let routes = vec![Route::new(record)
+        .entrypoint(EventListener::new("fault_src", "job"))
+        .dependency(Shared(Probe::new()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let node = service.transport().broker_node().expect("connected to RabbitMQ");
+    let address = service.service().metrics_address().unwrap();
+    outage_begins(&user);
+    wait_until(|| !service.transport().is_connected(), "the service to lose its connection").await;
+    let (_, metrics) =
+        tokio::task::spawn_blocking(move || common::http_get(address, "/metrics")).await.unwrap();
+    outage_ends(&user);
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &[service_name]).await;
+    let line = format!("broker_node{{node=\"{node}\"}} 0");
+    assert!(metrics.lines().any(|l| l == line), "{line} missing in {metrics}");
 }

@@ -305,21 +305,16 @@ impl Metrics {
         self.connected.set(i64::from(connected));
     }
 
-    /// The broker node in use (read when scraped): its series reads 1; the previous node's
-    /// series is removed; while disconnected, the last node's series reads 0.
-    pub(crate) fn set_broker_node(&self, node: Option<&str>) {
+    /// The broker node last connected to (read when scraped): its series reads 1 while
+    /// `connected`, else 0; the previous node's series is removed.
+    pub(crate) fn set_broker_node(&self, node: Option<&str>, connected: bool) {
+        let Some(node) = node else { return };
         let mut last = self.last_node.lock().unwrap_or_else(PoisonError::into_inner);
-        match (node, last.as_deref()) {
-            (Some(node), previous) => {
-                if let Some(previous) = previous.filter(|previous| *previous != node) {
-                    let _ = self.node.remove_label_values(&[previous]);
-                }
-                self.node.with_label_values(&[node]).set(1);
-                *last = Some(node.to_owned());
-            }
-            (None, Some(previous)) => self.node.with_label_values(&[previous]).set(0),
-            (None, None) => {}
+        if let Some(previous) = last.as_deref().filter(|previous| *previous != node) {
+            let _ = self.node.remove_label_values(&[previous]);
         }
+        self.node.with_label_values(&[node]).set(i64::from(connected));
+        *last = Some(node.to_owned());
     }
 
     /// Set the reconnection count (read from the transport).

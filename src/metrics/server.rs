@@ -176,7 +176,11 @@ async fn metrics_text(State(state): State<Arc<ServerState>>) -> impl IntoRespons
             state
                 .metrics
                 .set_connected(transport.is_connected() && !service.stopping.is_cancelled());
-            state.metrics.set_broker_node(transport.broker_node().as_deref());
+            // the node last in use also while disconnected: a first scrape during an outage
+            // names the node lost
+            let in_use = transport.broker_node();
+            let node = in_use.clone().or_else(|| transport.last_broker_node());
+            state.metrics.set_broker_node(node.as_deref(), in_use.is_some());
         }
         // not connected yet
         None => state.metrics.set_connected(false),

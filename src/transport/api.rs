@@ -213,6 +213,12 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn broker_node(&self) -> Option<String> {
         None
     }
+    /// The broker node the transport was last connected to, as `host:port`, also while it
+    /// is not connected (for metrics to say which node was lost); `None` for a broker without
+    /// nodes.
+    fn last_broker_node(&self) -> Option<String> {
+        self.broker_node()
+    }
     /// Close the transport; consumers end and unsettled deliveries go back to their queues.
     async fn close(&self);
 }

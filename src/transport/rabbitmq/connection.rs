@@ -205,6 +205,12 @@ impl Shared {
         self.current().map(|_| self.nodes.current().node.clone())
     }
 
+    /// `host:port` of the node the link was last up to, also while it is down: the transport
+    /// exists once its first link is up, and only a link that opens changes the node in use.
+    pub(crate) fn last_node(&self) -> String {
+        self.nodes.current().node.clone()
+    }
+
     /// How many times the link was reopened after it dropped.
     pub(crate) fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)

@@ -267,6 +267,10 @@ impl Transport for RabbitMqTransport {
         self.shared.node()
     }
 
+    fn last_broker_node(&self) -> Option<String> {
+        Some(self.shared.last_node())
+    }
+
     async fn close(&self) {
         if let Some(link) = self.shared.close() {
             link.close(self.shared.options.connect_timeout).await;
