@@ -633,3 +633,35 @@ async fn a_plain_http_request_on_the_websocket_port_gets_an_http_error() {
     assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
     service.stop().await.unwrap();
 }
+
+/// The Python micro-framework exports `ws_active_connections`, the WebSocket connections
+/// open: dashboards ported from it read the gauge, which rises with each client connected and
+/// falls as each leaves.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn ws_active_connections_counts_the_open_websocket_connections() {
+    let gate = Gate::default();
+    let (service, address) = start(2, &gate).await;
+    let open = |service: &RunningService| {
+        let rendered = service.metrics().render();
+        rendered
+            .lines()
+            .find_map(|line| line.strip_prefix("ws_active_connections "))
+            .map(str::to_owned)
+    };
+    assert_eq!(open(&service).as_deref(), Some("0"));
+    let mut first = Raw::connect(address).await;
+    let mut second = Raw::connect(address).await;
+    // a reply on each: both handshakes are done and counted
+    for raw in [&mut first, &mut second] {
+        let reply = raw.call(json!({"command": "echo", "command_args": [1]})).await;
+        assert_eq!(reply["data"], json!([1]), "{reply}");
+    }
+    assert_eq!(open(&service).as_deref(), Some("2"));
+    first.0.close(None).await.unwrap();
+    second.0.close(None).await.unwrap();
+    drop((first, second));
+    wait_until(|| open(&service).as_deref() == Some("0"), "the connections to be counted closed")
+        .await;
+    service.stop().await.unwrap();
+}

@@ -17,6 +17,7 @@
 //! | `broker_node` | gauge: 1 for the RabbitMQ node in use (`host:port`), 0 for it while disconnected | node |
 //! | `rpc_calls_total` | counter: RPC calls made by the service's targets | service, method, outcome |
 //! | `rpc_call_duration_seconds` | histogram: their round trip | service, method |
+//! | `ws_active_connections` | gauge: WebSocket connections open (the Python original's) | |
 //!
 //! Served with `/health/live` and `/health/ready` by [`server`] when `ENABLE_METRICS=true`.
 
@@ -56,6 +57,7 @@ pub struct Metrics {
     rpc_duration: HistogramVec,
     connected: IntGauge,
     node: IntGaugeVec,
+    ws_connections: IntGauge,
     /// The `node` label last set in `node`.
     last_node: Arc<Mutex<Option<String>>>,
     /// Each context's pool: (size, worker mode).
@@ -141,6 +143,8 @@ impl Metrics {
                 Opts::new("broker_node", "1 for the broker node in use (host:port)"),
                 &["node"],
             )?,
+            // the Python original's name and help
+            ws_connections: IntGauge::new("ws_active_connections", "Number of Active Connections")?,
             last_node: Arc::default(),
             pools: Arc::default(),
             failures: Arc::default(),
@@ -162,6 +166,7 @@ impl Metrics {
         registry.register(Box::new(metrics.rpc_duration.clone()))?;
         registry.register(Box::new(metrics.connected.clone()))?;
         registry.register(Box::new(metrics.node.clone()))?;
+        registry.register(Box::new(metrics.ws_connections.clone()))?;
         Ok(metrics)
     }
 
@@ -317,6 +322,14 @@ impl Metrics {
         *last = Some(node.to_owned());
     }
 
+    /// A WebSocket connection opened (its handshake done): counted in `ws_active_connections`
+    /// until the value returned is dropped.
+    #[cfg(feature = "websocket")]
+    pub(crate) fn websocket_connection(&self) -> OpenConnection {
+        self.ws_connections.inc();
+        OpenConnection(self.ws_connections.clone())
+    }
+
     /// Set the reconnection count (read from the transport).
     pub(crate) fn set_reconnects(&self, total: u64) {
         let current = self.reconnects.get();
@@ -338,6 +351,18 @@ impl Metrics {
             Ok(()) => String::from_utf8_lossy(&buffer).into_owned(),
             Err(error) => format!("# cannot encode metrics: {error}\n"),
         }
+    }
+}
+
+/// An open WebSocket connection, counted in `ws_active_connections` while it lives.
+#[cfg(feature = "websocket")]
+#[derive(Debug)]
+pub(crate) struct OpenConnection(IntGauge);
+
+#[cfg(feature = "websocket")]
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

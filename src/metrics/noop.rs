@@ -65,6 +65,12 @@ impl Metrics {
     /// Does nothing.
     pub(crate) fn retried(&self, _context: &str, _route: &str) {}
 
+    /// Counts nothing.
+    #[cfg(feature = "websocket")]
+    pub(crate) fn websocket_connection(&self) -> OpenConnection {
+        OpenConnection
+    }
+
     /// Does nothing.
     pub(crate) fn rpc_call(
         &self,
@@ -79,3 +85,8 @@ impl Metrics {
 /// No series (built without the `metrics` feature).
 #[derive(Debug)]
 pub(crate) struct RouteSeries;
+
+/// No connection count (built without the `metrics` feature).
+#[cfg(feature = "websocket")]
+#[derive(Debug)]
+pub(crate) struct OpenConnection;

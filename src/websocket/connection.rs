@@ -21,6 +21,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::deadline_after;
+use crate::metrics::Metrics;
 use crate::websocket::dispatch::{dispatch, Step};
 use crate::websocket::registry::WsRegistry;
 use crate::websocket::{frame_limits, HANDSHAKE_TIMEOUT};
@@ -46,6 +47,7 @@ enum End {
 
 /// Serve the client at `peer` until it leaves, stays silent for `idle`, or `stopping` fires.
 pub(crate) async fn serve_client(
+    metrics: Metrics,
     registry: Arc<WsRegistry>,
     stream: TcpStream,
     peer: SocketAddr,
@@ -75,6 +77,7 @@ pub(crate) async fn serve_client(
         Err(_) => return tracing::debug!("WebSocket handshake with {peer} timed out"),
     };
     tracing::debug!("WebSocket client {peer} connected");
+    let _open = metrics.websocket_connection();
     let mut calls: JoinSet<String> = JoinSet::new();
     let mut idle_until = deadline_after(idle);
     let end = loop {

@@ -79,6 +79,7 @@ impl WebSocketServer {
                     Ok((stream, peer)) => {
                         let registry = self.registry.clone();
                         connections.spawn(serve_client(
+                            self.service.metrics().clone(),
                             registry,
                             stream,
                             peer,

@@ -226,6 +226,12 @@ impl RouteHandle {
         &self.inner.transport
     }
 
+    /// The service's metrics.
+    #[cfg(feature = "websocket")]
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
     /// The worker pool this route runs in.
     pub(crate) fn pool(&self) -> &WorkerPool {
         &self.inner.pool
