@@ -1,7 +1,7 @@
 //! The HTTP server of the status page (`/`, `/status.json`), `/metrics`, `/health/live` and
 //! `/health/ready` (axum), with the same timeouts and connection cap as the HTTP routes'
 //! server. Read-only: every path answers `GET` alone. Bound before the service connects
-//! ([`bind`]), it serves the service once attached ([`MetricsServer::attach`]).
+//! (`bind`), it serves the service once attached (`MetricsServer::attach`).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
