@@ -782,6 +782,7 @@ async fn a_delivery_cut_off_in_transit_by_a_lost_connection_runs_once_uncounted(
     transport.close().await;
     service.stop().await.unwrap();
     common::cleanup(&uri, &markers).await;
+}
 
 /// README: `broker_node{node}` reads 0 for the node last in use while disconnected. A service
 /// scraped only once its connection is down (Prometheus may first scrape during an outage)
