@@ -36,6 +36,29 @@ pub(super) fn unused_options(raw: &str) -> Vec<String> {
     unused
 }
 
+/// The RabbitMQ entries of `raw` (`amqp://`, `amqps://`), parsed.
+fn broker_entries(raw: &str) -> Vec<Url> {
+    let parsed = entries(raw).into_iter().filter_map(|entry| parse(entry).ok());
+    parsed.filter(|url| url.scheme() != "memory").collect()
+}
+
+/// Whether an entry of `raw` asks for heartbeats off: `?heartbeat=0`, or no `heartbeat`
+/// option where `AMQP_HEARTBEAT` (`key`) is 0.
+pub(super) fn asks_heartbeats_off(raw: &str, key: u16) -> bool {
+    broker_entries(raw).iter().any(|url| {
+        let option = url.query_pairs().find(|(name, _)| name == "heartbeat");
+        match option {
+            Some((_, value)) => value.trim() == "0",
+            None => key == 0,
+        }
+    })
+}
+
+/// Whether `raw` names a RabbitMQ node without TLS (`amqp://`).
+pub(super) fn has_plain_entries(raw: &str) -> bool {
+    broker_entries(raw).iter().any(|url| url.scheme() == "amqp")
+}
+
 /// Checks `raw`, the value of `AMQP_URI`. Errors name the offending entry by its number and
 /// show it with its password masked.
 pub(super) fn validate(raw: &str) -> Result<(), ConfigError> {

@@ -503,8 +503,9 @@ impl Config {
 
     /// What this configuration holds that nothing uses, one sentence each: the
     /// [unknown keys](Config::unknown_keys) of a file, the
-    /// [`AMQP_URI` options nothing reads](Config::unused_amqp_uri_options) and the
-    /// [environment variables that look misspelt](Config::misspelt_env_vars). The runner logs
+    /// [`AMQP_URI` options nothing reads](Config::unused_amqp_uri_options), the
+    /// [environment variables that look misspelt](Config::misspelt_env_vars), a heartbeat of
+    /// 0 (which does not turn heartbeats off here) and TLS files beside an `amqp://` URI. The runner logs
     /// each at start-up; `micro-framework show-config` prints them.
     ///
     /// ```
@@ -529,7 +530,23 @@ impl Config {
                  {key}?); it is ignored"
             )
         });
-        keys.chain(options).chain(variables).collect()
+        // lapin follows the broker's heartbeat when asked for none (py-amqp, under the
+        // Python peers, sends 0 and turns them off)
+        let heartbeat =
+            amqp_uri::asks_heartbeats_off(&self.amqp_uri, self.amqp_heartbeat).then(|| {
+                "AMQP_HEARTBEAT=0 (or ?heartbeat=0) does not turn heartbeats off here: the \
+                 broker's heartbeat is used instead (RabbitMQ's default is 60 s)"
+                    .to_owned()
+            });
+        let tls_files = [&self.amqp_ssl_ca_file, &self.amqp_ssl_cert_file, &self.amqp_ssl_key_file];
+        let unencrypted = (tls_files.iter().any(|file| file.is_some())
+            && amqp_uri::has_plain_entries(&self.amqp_uri))
+        .then(|| {
+            "AMQP_SSL_CA_FILE, AMQP_SSL_CERT_FILE and AMQP_SSL_KEY_FILE are used with amqps:// \
+             only: the amqp:// connection is not encrypted (TLS is amqps://)"
+                .to_owned()
+        });
+        keys.chain(options).chain(variables).chain(heartbeat).chain(unencrypted).collect()
     }
 
     /// Reads the extra key `key` (see [`Config::extra`]) as a `T`; `None` when absent.

@@ -1183,3 +1183,26 @@ METRICS:
     assert_eq!((config.metrics.host.as_str(), config.metrics.port), ("127.0.0.1", 9200));
     assert_eq!(config.unknown_keys().into_iter().map(|(key, _)| key).collect::<Vec<_>>(), ["base"]);
 }
+
+#[test]
+fn settings_that_do_not_do_what_they_say_are_warned_about() {
+    let warned = |config: Config| config.warnings().join("\n");
+    let off = "does not turn heartbeats off here";
+    assert!(warned(Config::new("s").with_amqp_heartbeat(0)).contains(off));
+    let in_uri = Config::new("s").with_amqp_uri("amqp://h/?heartbeat=0".into());
+    assert!(warned(in_uri).contains(off));
+    // the URI's option wins over the key, and the in-process broker has no heartbeat
+    let overridden =
+        Config::new("s").with_amqp_heartbeat(0).with_amqp_uri("amqp://h/?heartbeat=5".into());
+    assert!(!warned(overridden).contains(off));
+    let memory = Config::new("s").with_amqp_heartbeat(0).with_amqp_uri("memory://".into());
+    assert!(!warned(memory).contains(off));
+    assert_eq!(Config::new("s").warnings(), Vec::<String>::new());
+
+    let unencrypted = "the amqp:// connection is not encrypted";
+    let ca = || Some("/etc/mf/ca.pem".to_owned());
+    let plain = Config::new("s").with_amqp_ssl_ca_file(ca());
+    assert!(warned(plain).contains(unencrypted));
+    let tls = Config::new("s").with_amqp_ssl_ca_file(ca()).with_amqp_uri("amqps://h/".into());
+    assert!(!warned(tls).contains(unencrypted));
+}

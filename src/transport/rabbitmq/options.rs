@@ -28,7 +28,8 @@ pub struct RabbitMqOptions {
     /// Or the nodes of a cluster, as a comma-separated list of such URIs (a comma in a user
     /// name or password of a list is written `%2C`).
     pub uri: String,
-    /// Heartbeat interval in seconds (0 disables); the URI's `heartbeat` query wins.
+    /// Heartbeat interval in seconds; the URI's `heartbeat` query wins. 0 takes the broker's
+    /// (the AMQP client then follows it: heartbeats are off only where the broker's are).
     pub heartbeat: u16,
     /// Connection name shown by the management UI and `rabbitmqctl list_connections`.
     pub connection_name: Option<String>,
