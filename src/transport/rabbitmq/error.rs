@@ -72,6 +72,13 @@ pub(crate) fn map_error(error: &lapin::Error) -> TransportError {
         | ErrorKind::ParsingError(_) => TransportError::ConnectionLost(error.to_string()),
         ErrorKind::InvalidProtocolVersion(_) => TransportError::Unsupported(error.to_string()),
         ErrorKind::AuthProviderError(_) => TransportError::Authentication(error.to_string()),
+        // the service keeps a channel per consumer, one to publish, one for mandatory
+        // publishes and some for declarations: a small `channel_max` ends a route at run time
+        ErrorKind::ChannelsLimitReached => TransportError::Unsupported(format!(
+            "{error}: the connection's channel_max (AMQP_URI's ?channel_max=, or the broker's) \
+             is lower than the channels this service needs (one per consumer and a few more): \
+             raise it or leave it unset"
+        )),
         _ => TransportError::Internal(error.to_string()),
     }
 }
@@ -223,7 +230,10 @@ mod tests {
         ));
         let auth = ErrorKind::AuthProviderError("no token".into()).into();
         assert!(matches!(map_error(&auth), TransportError::Authentication(_)));
-        let other = ErrorKind::ChannelsLimitReached.into();
+        let channels = map_error(&ErrorKind::ChannelsLimitReached.into());
+        assert!(matches!(channels, TransportError::Unsupported(_)), "{channels:?}");
+        assert!(channels.to_string().contains("channel_max"), "{channels}");
+        let other = ErrorKind::FutureCompleted.into();
         assert!(matches!(map_error(&other), TransportError::Internal(_)));
         assert!(matches!(invalid("too long"), TransportError::Invalid(_)));
     }
