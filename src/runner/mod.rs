@@ -268,8 +268,8 @@ impl Runner {
     }
 
     /// [`Runner::spawn`] without the `MF_PRINT_TOPOLOGY` check: for
-    /// [`TestService`](crate::testing::TestService), which a test harness runs, never the
-    /// `topology` command.
+    /// the test toolkit's `TestService`, which a test harness runs, never the `topology`
+    /// command.
     pub(crate) async fn spawn_service(self) -> Result<RunningService> {
         #[cfg(feature = "process")]
         let worker_args = self.worker_args.clone();
