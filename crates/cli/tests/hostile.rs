@@ -210,9 +210,11 @@ fn over_long(len: usize) -> String {
 #[tokio::test]
 async fn over_long_names_are_usage_errors_before_connecting() {
     // the broker is down: a name checked before connecting gives exit code 2, not 1
+    // a source service whose exchange `{source}.events` would pass 255 bytes is refused as
+    // a SERVICE_NAME is, past 208 bytes (its reply queue's bound)
     let exchange = over_long(256 - ".events".len());
     let run = cli(Some(DOWN_URI), &["emit", &exchange, "paid", "{}"]).await;
-    run.one_error_line(2, "255 bytes");
+    run.one_error_line(2, "must be at most 208 bytes");
     let run = cli(Some(DOWN_URI), &["emit", "shop", &over_long(256), "{}"]).await;
     run.one_error_line(2, "255 bytes");
     cli(Some(DOWN_URI), &["emit", "shop", &over_long(255), "{}"])
