@@ -415,34 +415,37 @@ async fn a_second_signal_forces_the_exit_while_the_service_starts() {
 
 type UpstreamWriter = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
 
-/// A TCP proxy to the broker whose cut closes the client's side only: the broker keeps the
-/// old connection (and its exclusive consumers) until its heartbeat timeout, as when the
-/// client notices a network failure first.
-struct HalfProxy {
+/// A TCP proxy to the broker. A cut closes both sides of each connection, or the client's
+/// side only: the broker then keeps the old connection (and its exclusive consumers) until
+/// its heartbeat timeout, as when the client notices a network failure first. Its
+/// broker-to-client direction can be slowed to 16 KiB every 50 ms (`slow`).
+struct Proxy {
     address: std::net::SocketAddr,
+    slow: Arc<std::sync::atomic::AtomicBool>,
     held: Arc<std::sync::Mutex<Vec<UpstreamWriter>>>,
     pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
-impl HalfProxy {
-    async fn start(broker: std::net::SocketAddr) -> HalfProxy {
+impl Proxy {
+    async fn start(broker: std::net::SocketAddr) -> Proxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
+        let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let held: Arc<std::sync::Mutex<Vec<UpstreamWriter>>> = Arc::default();
         let pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (held_too, pipes_too) = (held.clone(), Arc::clone(&pipes));
+        let (slow_too, held_too, pipes_too) = (slow.clone(), held.clone(), Arc::clone(&pipes));
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(upstream) = tokio::net::TcpStream::connect(broker).await else { continue };
                 let (mut client_read, mut client_write) = client.into_split();
                 let (mut upstream_read, upstream_write) = upstream.into_split();
-                // The broker's side is kept open after a cut: it sees nothing happen.
+                // Held here too: a cut of the client's side leaves the broker's side open.
                 let writer = Arc::new(tokio::sync::Mutex::new(upstream_write));
                 let up = {
                     let writer = writer.clone();
                     tokio::spawn(async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buffer = vec![0u8; 65536];
                         while let Ok(read @ 1..) = client_read.read(&mut buffer).await {
                             if writer.lock().await.write_all(&buffer[..read]).await.is_err() {
@@ -451,28 +454,43 @@ impl HalfProxy {
                         }
                     })
                 };
+                let slow = slow_too.clone();
                 let down = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut upstream_read, &mut client_write).await;
+                    let mut buffer = vec![0u8; 16 * 1024];
+                    while let Ok(read @ 1..) = upstream_read.read(&mut buffer).await {
+                        if client_write.write_all(&buffer[..read]).await.is_err() {
+                            break;
+                        }
+                        if slow.load(std::sync::atomic::Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
                 });
                 pipes_too.lock().unwrap().extend([up, down]);
                 held_too.lock().unwrap().push(writer);
             }
         });
-        HalfProxy { address, held, pipes, accept }
+        Proxy { address, slow, held, pipes, accept }
     }
 
+    /// Close the client's side of every connection; the broker's stays open.
     fn cut_client_side(&self) {
         for pipe in self.pipes.lock().unwrap().drain(..) {
             pipe.abort();
         }
     }
+
+    /// Close both sides of every connection.
+    fn cut(&self) {
+        self.cut_client_side();
+        self.held.lock().unwrap().clear();
+    }
 }
 
-impl Drop for HalfProxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
-        self.cut_client_side();
+        self.cut();
         self.accept.abort();
-        self.held.lock().unwrap().clear();
     }
 }
 
@@ -494,7 +512,7 @@ async fn an_rpc_reply_reaches_a_caller_that_saw_its_connection_drop_first() {
     let service = TestService::start(routes, config).await.unwrap();
     let url = url::Url::parse(&uri).unwrap();
     let broker = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
-    let proxy = HalfProxy::start(broker.parse().unwrap()).await;
+    let proxy = Proxy::start(broker.parse().unwrap()).await;
     let mut caller_uri = url.clone();
     caller_uri.set_port(Some(proxy.address.port())).unwrap();
     let caller = Config::new(common::unique("halfcaller"))
@@ -670,70 +688,6 @@ async fn a_stop_during_a_broker_outage_waits_for_the_running_calls_only() {
     assert_eq!(in_queue, [0, 1, 2, 3], "every message back in its queue");
 }
 
-/// A TCP proxy to the broker whose broker-to-client direction can be slowed to 16 KiB every
-/// 50 ms, and whose connections can be cut on both sides at once.
-struct SlowProxy {
-    address: std::net::SocketAddr,
-    slow: Arc<std::sync::atomic::AtomicBool>,
-    pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl SlowProxy {
-    async fn start(broker: std::net::SocketAddr) -> SlowProxy {
-        use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (slow_too, pipes_too) = (slow.clone(), pipes.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(upstream) = tokio::net::TcpStream::connect(broker).await else { continue };
-                let slow = slow_too.clone();
-                // One task per connection: aborted, it drops both sockets, and the broker and
-                // the client each see their connection closed.
-                let pipe = tokio::spawn(async move {
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut upstream_read, mut upstream_write) = upstream.into_split();
-                    let up = tokio::io::copy(&mut client_read, &mut upstream_write);
-                    let down = async {
-                        let mut buffer = vec![0u8; 16 * 1024];
-                        while let Ok(read @ 1..) = upstream_read.read(&mut buffer).await {
-                            if client_write.write_all(&buffer[..read]).await.is_err() {
-                                break;
-                            }
-                            if slow.load(Ordering::SeqCst) {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        }
-                    };
-                    tokio::select! {
-                        _ = up => {}
-                        () = down => {}
-                    }
-                });
-                pipes_too.lock().unwrap().push(pipe);
-            }
-        });
-        SlowProxy { address, slow, pipes, accept }
-    }
-
-    fn cut(&self) {
-        for pipe in self.pipes.lock().unwrap().drain(..) {
-            pipe.abort();
-        }
-    }
-}
-
-impl Drop for SlowProxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
-}
-
 /// A delivery the broker had sent when the connection was lost, but which never reached the
 /// service (4 MiB through a slow link), comes back `redelivered` as one a crash brought back
 /// would: the transport never saw it, so it could not know. The channel's prefetch bounds
@@ -747,7 +701,7 @@ async fn a_delivery_cut_off_in_transit_by_a_lost_connection_runs_once_uncounted(
     let broker = url::Url::parse(&uri).unwrap();
     let broker_address =
         format!("{}:{}", broker.host_str().unwrap(), broker.port().unwrap_or(5672));
-    let proxy = SlowProxy::start(broker_address.parse().unwrap()).await;
+    let proxy = Proxy::start(broker_address.parse().unwrap()).await;
     let mut service_uri = broker.clone();
     service_uri.set_port(Some(proxy.address.port())).unwrap();
     let shop = common::unique("transit");
