@@ -171,6 +171,32 @@ pub struct Properties {
     pub app_id: Option<String>,
 }
 
+impl Properties {
+    /// The properties AMQP sends as short strings (at most 255 bytes each): each one's name as
+    /// AMQP spells it, as the field of `Properties` does (AMQP's `type` is `kind`), and its
+    /// value.
+    ///
+    /// ```
+    /// use micro_framework::transport::Properties;
+    /// let properties = Properties { kind: Some("order".into()), ..Properties::default() };
+    /// let set: Vec<_> = properties.short_strings().into_iter().filter(|(.., v)| v.is_some()).collect();
+    /// assert_eq!(set, [("type", "kind", &Some("order".to_owned()))]);
+    /// ```
+    pub fn short_strings(&self) -> [(&'static str, &'static str, &Option<String>); 9] {
+        [
+            ("content_type", "content_type", &self.content_type),
+            ("content_encoding", "content_encoding", &self.content_encoding),
+            ("correlation_id", "correlation_id", &self.correlation_id),
+            ("reply_to", "reply_to", &self.reply_to),
+            ("expiration", "expiration", &self.expiration),
+            ("message_id", "message_id", &self.message_id),
+            ("type", "kind", &self.kind),
+            ("user_id", "user_id", &self.user_id),
+            ("app_id", "app_id", &self.app_id),
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

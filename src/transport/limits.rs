@@ -48,32 +48,17 @@ pub fn check_size(
 pub(crate) fn content_header_frame_len(properties: &Properties) -> usize {
     const FRAME_OVERHEAD: usize = 8;
     const FIXED: usize = 2 + 2 + 8 + 2;
-    let short =
-        |(_, value): (&str, &Option<String>)| value.as_ref().map_or(0, |text| 1 + text.len());
+    let short = |(.., value): (&str, &str, &Option<String>)| {
+        value.as_ref().map_or(0, |text| 1 + text.len())
+    };
     let headers = if properties.headers.is_empty() { 0 } else { table_len(&properties.headers) };
     FRAME_OVERHEAD
         + FIXED
-        + short_string_properties(properties).into_iter().map(short).sum::<usize>()
+        + properties.short_strings().into_iter().map(short).sum::<usize>()
         + headers
         + usize::from(properties.delivery_mode.is_some())
         + usize::from(properties.priority.is_some())
         + properties.timestamp.map_or(0, |_| 8)
-}
-
-/// The properties AMQP sends as short strings, each with the name the transports give it in
-/// their errors (that of the field of [`Properties`]: `kind` is AMQP's `type`).
-fn short_string_properties(properties: &Properties) -> [(&'static str, &Option<String>); 9] {
-    [
-        ("content_type", &properties.content_type),
-        ("content_encoding", &properties.content_encoding),
-        ("correlation_id", &properties.correlation_id),
-        ("reply_to", &properties.reply_to),
-        ("expiration", &properties.expiration),
-        ("message_id", &properties.message_id),
-        ("kind", &properties.kind),
-        ("user_id", &properties.user_id),
-        ("app_id", &properties.app_id),
-    ]
 }
 
 fn table_len(headers: &Headers) -> usize {
@@ -176,7 +161,8 @@ pub(crate) fn check_short_string(field: &str, value: &str) -> Result<(), Transpo
 /// text property, or a header name at any depth (the names of a table nested in a header,
 /// or in an array of one, are short strings too).
 pub(crate) fn check_short_strings(properties: &Properties) -> Result<(), TransportError> {
-    for (field, value) in short_string_properties(properties) {
+    // named as the fields of `Properties` are
+    for (_, field, value) in properties.short_strings() {
         if let Some(text) = value {
             check_short_string(field, text)?;
         }

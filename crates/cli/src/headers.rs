@@ -30,20 +30,10 @@ pub fn table_to_json(table: &Headers) -> Map<String, Value> {
 
 /// The set properties of a message (headers apart) as a JSON object.
 pub fn properties_to_json(properties: &Properties) -> Map<String, Value> {
-    let texts = [
-        ("content_type", &properties.content_type),
-        ("content_encoding", &properties.content_encoding),
-        ("correlation_id", &properties.correlation_id),
-        ("reply_to", &properties.reply_to),
-        ("expiration", &properties.expiration),
-        ("message_id", &properties.message_id),
-        ("type", &properties.kind),
-        ("user_id", &properties.user_id),
-        ("app_id", &properties.app_id),
-    ];
-    let mut map: Map<String, Value> = texts
+    let mut map: Map<String, Value> = properties
+        .short_strings()
         .into_iter()
-        .filter_map(|(key, value)| Some((key.to_owned(), Value::from(value.clone()?))))
+        .filter_map(|(key, _, value)| Some((key.to_owned(), Value::from(value.clone()?))))
         .collect();
     if let Some(mode) = properties.delivery_mode {
         map.insert("delivery_mode".into(), mode.into());
