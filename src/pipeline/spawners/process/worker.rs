@@ -213,15 +213,15 @@ impl Drop for HangUpOnDrop {
     }
 }
 
-/// Run `request` here.
-async fn run_call(request: CallRequest, routes: &HashMap<String, RouteHandle>) -> Outcome {
-    let CallRequest { route, role, message, failure, retry } = request;
-    match routes.get(&route) {
+/// Run `request` here, on `route`: the route it names, if the worker has it.
+async fn run_call(request: CallRequest, route: Option<&RouteHandle>) -> Outcome {
+    let CallRequest { route: name, role, message, failure, retry } = request;
+    match route {
         Some(route) => {
             // the service kills this process past the call's time limit
             route.run_here(role, &Arc::new(message), failure, &retry, None).await
         }
-        None => Err(Failure::new(FailureKind::Error, format!("the worker has no route '{route}'"))),
+        None => Err(Failure::new(FailureKind::Error, format!("the worker has no route '{name}'"))),
     }
 }
 
@@ -230,11 +230,11 @@ async fn run_call(request: CallRequest, routes: &HashMap<String, RouteHandle>) -
 ///
 /// An outcome that cannot be sent becomes a failure with no error of the call's for the
 /// route's retry filter to match, as a crash: retryable only where the route's backoff
-/// accepts such failures (`retries_unmatched`; with a filter it fails at once).
+/// accepts such failures ([`retries_unmatched`]; with a filter it fails at once).
 fn push_outcome<W>(
     writer: &mut FrameWriter<W>,
     outcome: &Outcome,
-    retries_unmatched: bool,
+    retries_unmatched: impl FnOnce() -> bool,
 ) -> std::io::Result<()> {
     match writer.push(outcome) {
         Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
@@ -242,7 +242,7 @@ fn push_outcome<W>(
                 FailureKind::Error,
                 format!("the call's outcome cannot be sent to the service: {error}"),
             );
-            failure.retryable &= retries_unmatched;
+            failure.retryable = failure.retryable && retries_unmatched();
             writer.push(&Err::<serde_json::Value, _>(failure))
         }
         pushed => pushed,
@@ -258,19 +258,17 @@ fn serve_calls_blocking(
 ) -> std::io::Result<()> {
     let (mut reader, mut writer) = (FrameReader::new(calls), FrameWriter::new(calls));
     while let Some(request) = reader.next_blocking::<CallRequest>()? {
-        let retries_unmatched = retries_unmatched(&request, routes);
-        let outcome = runtime.block_on(run_call(request, routes));
-        push_outcome(&mut writer, &outcome, retries_unmatched)?;
+        let route = routes.get(&request.route);
+        let outcome = runtime.block_on(run_call(request, route));
+        push_outcome(&mut writer, &outcome, || retries_unmatched(route))?;
         writer.flush_blocking()?;
     }
     Ok(())
 }
 
-/// Whether the route of `request` retries a failure with no error to match (see
-/// [`push_outcome`]).
-fn retries_unmatched(request: &CallRequest, routes: &HashMap<String, RouteHandle>) -> bool {
-    let backoff = routes.get(&request.route).and_then(RouteHandle::backoff);
-    backoff.is_none_or(|policy| policy.accepts(None))
+/// Whether `route` retries a failure with no error to match (see [`push_outcome`]).
+fn retries_unmatched(route: Option<&RouteHandle>) -> bool {
+    route.and_then(RouteHandle::backoff).is_none_or(|policy| policy.accepts(None))
 }
 
 /// [`serve_calls_blocking`] on the runtime's thread, for a current-thread runtime.
@@ -281,9 +279,9 @@ async fn serve_calls(
     let (reader, writer) = calls.into_split();
     let (mut reader, mut writer) = (FrameReader::new(reader), FrameWriter::new(writer));
     while let Some(request) = reader.next::<CallRequest>().await? {
-        let retries_unmatched = retries_unmatched(&request, routes);
-        let outcome = run_call(request, routes).await;
-        push_outcome(&mut writer, &outcome, retries_unmatched)?;
+        let route = routes.get(&request.route);
+        let outcome = run_call(request, route).await;
+        push_outcome(&mut writer, &outcome, || retries_unmatched(route))?;
         writer.flush().await?;
     }
     Ok(())
@@ -374,7 +372,7 @@ mod tests {
         let too_large: Outcome = Ok(serde_json::Value::String("x".repeat(256 << 20)));
         for retries_unmatched in [false, true] {
             let mut writer = FrameWriter::new(());
-            push_outcome(&mut writer, &too_large, retries_unmatched).unwrap();
+            push_outcome(&mut writer, &too_large, || retries_unmatched).unwrap();
             let sent: Outcome = rmp_serde::from_slice(&writer.pushed()[4..]).unwrap();
             let failure = sent.unwrap_err();
             assert!(failure.message.contains("cannot be sent to the service"), "{failure:?}");
