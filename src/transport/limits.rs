@@ -29,14 +29,30 @@ pub fn check_size(
     len: usize,
     max: usize,
 ) -> Result<(), TransportError> {
+    refuse_oversized(what, len, max, "not sent")
+}
+
+/// [`check_size`] for a body received, which is then not read.
+pub(crate) fn check_received_size(
+    what: impl std::fmt::Display,
+    len: usize,
+    max: usize,
+) -> Result<(), TransportError> {
+    refuse_oversized(what, len, max, "not read")
+}
+
+fn refuse_oversized(
+    what: impl std::fmt::Display,
+    len: usize,
+    max: usize,
+    fate: &str,
+) -> Result<(), TransportError> {
     if len > max {
         return Err(TransportError::LimitReached {
             what: Limit::MessageSize,
             size: len as u64,
             limit: max as u64,
-            reason: format!(
-                "{what} of {len} bytes exceeds MAX_MESSAGE_SIZE ({max} bytes); not sent"
-            ),
+            reason: format!("{what} of {len} bytes exceeds MAX_MESSAGE_SIZE ({max} bytes); {fate}"),
         });
     }
     Ok(())

@@ -18,6 +18,7 @@ use crate::amqp::rpc::unfinished::Unfinished;
 use crate::amqp::rpc::{ufw_wire, wire};
 use crate::config::Protocol;
 use crate::data::json_properties;
+use crate::transport::limits::check_received_size;
 use crate::transport::{
     BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit,
     OutgoingMessage, PublishOptions, SharedTransport, Transport, TransportError,
@@ -330,18 +331,7 @@ impl ReplyQueue {
     /// What the reply `body` says, read as the queue's protocol writes replies; a body over
     /// `MAX_MESSAGE_SIZE` is not read, as no other body received is.
     fn outcome(&self, body: &[u8]) -> ReplyOutcome {
-        if body.len() > self.max_size {
-            return Err(RpcError::Transport(TransportError::LimitReached {
-                what: Limit::MessageSize,
-                size: body.len() as u64,
-                limit: self.max_size as u64,
-                reason: format!(
-                    "RPC reply of {} bytes exceeds MAX_MESSAGE_SIZE ({} bytes); not read",
-                    body.len(),
-                    self.max_size
-                ),
-            }));
-        }
+        check_received_size("RPC reply", body.len(), self.max_size)?;
         match self.protocol {
             Protocol::Nameko => match wire::parse_reply(body) {
                 Ok(outcome) => outcome.map_err(RpcError::from),
