@@ -789,6 +789,14 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
     }
 }
 
+/// A greedy-thread service of one worker whose stop gives up on its calls after 500 ms.
+fn greedy_one_worker(uri: &str, service: &str) -> Config {
+    config(uri, service)
+        .with_max_workers(1)
+        .with_worker_mode(micro_framework::config::WorkerMode::GreedyThread)
+        .with_shutdown_timeout(Duration::from_millis(500))
+}
+
 /// A greedy stop that gives up on its calls (past `SHUTDOWN_TIMEOUT`) hands back the
 /// messages still waiting for a worker slot as fresh copies, which no restart counts as
 /// crashes: with `MAX_REDELIVERIES=0`, the victim, which never ran, runs after the restart
@@ -796,15 +804,10 @@ async fn messages_handed_back_at_shutdown_are_not_counted_as_crashes() {
 /// as `crashed`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_a_greedy_stop_gave_up_on_unstarted_are_not_counted_as_crashes() {
-    use micro_framework::config::WorkerMode;
     use std::sync::atomic::Ordering;
     for uri in broker_uris() {
         let shop = unique("greedyback");
-        let config = config(&uri, "greedyback")
-            .with_max_workers(1)
-            .with_max_redeliveries(0)
-            .with_worker_mode(WorkerMode::GreedyThread)
-            .with_shutdown_timeout(Duration::from_millis(500));
+        let config = greedy_one_worker(&uri, "greedyback").with_max_redeliveries(0);
         let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
         let markers = [config.service_name.clone(), shop.clone()];
         let VictimWaiting { service, keeper, probe, calls } =
@@ -1124,14 +1127,10 @@ async fn a_dead_letter_queue_deleted_while_the_service_runs_is_declared_again() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_greedy_service_past_its_shutdown_timeout_starts_no_more_calls() {
-    use micro_framework::config::WorkerMode;
     use std::sync::atomic::Ordering;
     for uri in broker_uris() {
         let shop = unique("greedystop");
-        let config = config(&uri, "greedystop")
-            .with_max_workers(1)
-            .with_worker_mode(WorkerMode::GreedyThread)
-            .with_shutdown_timeout(Duration::from_millis(500));
+        let config = greedy_one_worker(&uri, "greedystop");
         let markers = [config.service_name.clone(), shop.clone()];
         let VictimWaiting { service, keeper, probe, calls } =
             a_victim_waiting_for_the_slot(&config, &shop).await;
