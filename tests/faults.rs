@@ -766,3 +766,74 @@ async fn broker_node_reads_0_while_disconnected_without_a_scrape_while_connected
     let line = format!("broker_node{{node=\"{node}\"}} 0");
     assert!(metrics.lines().any(|l| l == line), "{line} missing in {metrics}");
 }
+
+/// Waits at the probe's gate, then fails its first attempt (a retry, or the only one).
+fn fails_first_after_gate(
+    Payload(payload): Payload<Value>,
+    retry: micro_framework::retry::BackOffData,
+    Dep(probe): Dep<Arc<Probe>>,
+) -> Result<(), std::io::Error> {
+    probe.enter(json!({ "retry_count": retry.retry_count, "payload": payload }));
+    probe.leave();
+    match retry.retry_count {
+        0 => Err(std::io::Error::other("the first attempt fails")),
+        _ => Ok(()),
+    }
+}
+
+/// One message failing its first attempt while its connection is lost: the broker requeues it
+/// with its channel and delivers it again, so settling the failure too (a dead letter, a retry
+/// copy) would make the message exist twice.
+async fn fail_while_the_connection_is_lost(retries: u32) -> (Vec<u32>, usize) {
+    let uri = rabbitmq_uri().expect("RabbitMQ");
+    let user = common::TemporaryUser::create("lostfail");
+    let uri = user.uri(&uri);
+    let source = common::unique("lostfail_src");
+    let config = common::config(&uri, "lostfail").with_max_workers(1);
+    let dlq = format!("evt-{source}-job--{}.fails_first_after_gate.dlq", config.service_name);
+    let markers = [config.service_name.clone(), source.clone()];
+    let probe = Probe::closed();
+    let mut route = Route::new(fails_first_after_gate)
+        .entrypoint(EventListener::new(&source, "job"))
+        .dependency(Shared(probe.clone()));
+    if retries > 0 {
+        let backoff =
+            micro_framework::retry::AsyncBackOff::new(retries, Duration::from_millis(200));
+        route = route.backoff(backoff);
+    }
+    let service = TestService::start(vec![route], config).await.unwrap();
+    service.dispatch(&source, "job", &json!({ "id": 1 })).await.unwrap();
+    probe.wait_started(1).await;
+    user.close_connections();
+    wait_until(|| service.transport().reconnects() > 0, "the reconnect").await;
+    probe.open();
+    // the first run's failure, then its redelivery (uncounted), then any retry
+    wait_until(|| probe.started() >= 2 + u64::from(retries > 0), "the runs").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let dead = service.take_messages(&dlq).await.unwrap().len();
+    let runs: Vec<u32> = {
+        let seen = probe.seen.lock().unwrap();
+        seen.iter().map(|run| run["retry_count"].as_u64().unwrap() as u32).collect()
+    };
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &markers).await;
+    (runs, dead)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_whose_connection_was_lost_while_it_ran_is_dead_lettered_once() {
+    let Some(_) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let (runs, dead) = fail_while_the_connection_is_lost(0).await;
+    assert_eq!(runs, [0, 0], "run, then run again as redelivered");
+    assert_eq!(dead, 1, "one message, one dead letter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_connection_was_lost_while_it_ran_is_scheduled_once() {
+    let Some(_) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let (runs, dead) = fail_while_the_connection_is_lost(3).await;
+    assert_eq!(runs, [0, 0, 1], "one retry: its run lost with the connection forks no other");
+    assert_eq!(dead, 0);
+}

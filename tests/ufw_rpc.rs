@@ -172,6 +172,8 @@ async fn bad_requests_get_python_errors_and_are_acked() {
         assert_eq!(reply["exception"]["exception"], "RPCMalformedMessage", "{reply}");
         let reason = reply["exception"]["message"].as_str().unwrap();
         assert!(reason.contains("MAX_MESSAGE_SIZE"), "{reason}");
+        // received, so not read: "not sent" would send the caller looking at its own side
+        assert!(reason.ends_with("not read"), "{reason}");
 
         // a result whose reply (encoded twice) would exceed MAX_MESSAGE_SIZE: an error instead
         let empties = vec![""; 250_000];

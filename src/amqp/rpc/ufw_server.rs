@@ -19,7 +19,7 @@ use crate::pipeline::consume::{
     consume, hand_back_as_retry, slot_for, Copies, DeliveryHandler, QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
-use crate::transport::limits::check_size;
+use crate::transport::limits::check_received_size;
 use crate::transport::{Acker, Delivery};
 
 /// How many built-in command requests the instance takes at once (they are answered at once,
@@ -163,7 +163,7 @@ impl DeliveryHandler for UfwRpcServer {
         let (message, acker) = delivery.into_parts();
         let mut message = Arc::new(message);
         let max_size = self.service.config().max_message_size;
-        let request = match check_size("RPC request", message.body.len(), max_size) {
+        let request = match check_received_size("RPC request", message.body.len(), max_size) {
             Err(too_large) => Err(RemoteError::malformed(too_large.to_string())),
             Ok(()) => Request::parse(&message.body).map_err(|malformed| malformed.error),
         };

@@ -71,7 +71,8 @@ pub(super) async fn crash_pause(source: &QueueSource) {
 pub(super) enum Guarded {
     Handle(Delivery),
     Refuse(Delivery, Failure),
-    /// Published again with its count and acked: the copy is handled later.
+    /// Published again with its count and acked: the copy is handled later. Also a delivery
+    /// whose channel was lost before it could be counted, which the broker requeued.
     Counted,
 }
 
@@ -253,6 +254,11 @@ pub(super) async fn count_redelivery(
     delivery: Delivery,
     count: i64,
 ) -> Guarded {
+    if delivery.acker.channel_lost() {
+        // The broker requeued it with its channel: a counted copy would queue it twice.
+        tracing::debug!(route = %source.label, "not counted: its channel is lost, which requeued it");
+        return Guarded::Counted;
+    }
     let message = delivery.message();
     match copy_to_queue(&source.transport, &source.queue, copies, &message, count, true).await {
         Ok(()) => {}

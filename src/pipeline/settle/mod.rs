@@ -23,7 +23,7 @@ use crate::pipeline::consume::{hand_back_as_retry, hand_back_message, Copies, HE
 use crate::pipeline::delayed_message::RetryMeta;
 use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;
-use crate::transport::{Delivery, HeaderValue, Headers, Properties, TransportError};
+use crate::transport::{Acker, Delivery, HeaderValue, Headers, Properties, TransportError};
 
 /// Header: the route that failed.
 pub const HEADER_ROUTE: &str = "x-mf-route";
@@ -96,6 +96,9 @@ pub(crate) async fn settle(
         );
         return None;
     }
+    if !succeeded && left_to_come_again(route, origin, &*delivery.acker) {
+        return None;
+    }
     let (result, done) = match handled {
         Handled::Succeeded(_) | Handled::CalledBack(_) => {
             (delivery.acker.ack().await, Some(handled.clone()))
@@ -153,6 +156,9 @@ async fn not_retried(
                 give_back(route, origin, delivery, None).await;
                 return None;
             };
+            if left_to_come_again(route, origin, &*delivery.acker) {
+                return None;
+            }
             route.no_retry_made(permit, message.clone(), failure).await
         }
     };
@@ -179,12 +185,31 @@ pub(crate) async fn dead_letter_unread(
     delivery: Delivery,
     failure: Failure,
 ) -> Option<Handled> {
+    if left_to_come_again(route, origin, &*delivery.acker) {
+        return None;
+    }
     let published = dead_letter(route, queue, origin.queue, &delivery.message(), &failure).await;
     let dead = published.is_ok();
     let unsent = Unsent::DeadLetter(&failure);
     let settled = ack_after(route, origin, queue, delivery, unsent, published).await;
     warn_if_unsettled(route, settled);
     dead.then_some(Handled::Failed(failure))
+}
+
+/// Whether the delivery's channel was lost (a lost connection) while it was handled: the
+/// broker then requeued the message, to deliver it again uncounted, so a retry copy or a
+/// dead letter published now would make it exist twice.
+fn left_to_come_again(route: &RouteHandle, origin: &Origin<'_>, acker: &dyn Acker) -> bool {
+    let lost = acker.channel_lost();
+    if lost {
+        tracing::info!(
+            route = route.name(),
+            "a call failed after its channel was lost: the broker delivers its message again \
+             from {}, neither retried nor dead-lettered now",
+            origin.queue
+        );
+    }
+    lost
 }
 
 fn warn_if_unsettled(route: &RouteHandle, settled: Result<(), TransportError>) {
