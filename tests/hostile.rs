@@ -869,3 +869,55 @@ async fn a_forged_x_death_loses_no_retry_of_any_event() {
         assert_eq!(seen, all, "events whose retry never came, on {uri}");
     }
 }
+
+fn count(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<Calls>>) {
+    calls.0.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Publish, with py-amqp (which writes a short string's bytes as they are, as RabbitMQ
+/// carries them), one event `event` of `source` whose `message_id` is not UTF-8.
+fn publish_a_message_id_that_is_not_utf8(source: &str, event: &str) -> bool {
+    let Some(python) = common::peer::interop_python(common::peer::NAMEKO) else { return false };
+    let script = format!(
+        "import amqp\n\
+         c = amqp.Connection('127.0.0.1:5672', userid='guest', password='guest')\n\
+         c.connect()\n\
+         ch = c.channel()\n\
+         m = amqp.Message(b'{{}}', content_type='application/json', message_id=b'\\xff\\xfe')\n\
+         ch.basic_publish(m, exchange='{source}.events', routing_key='{event}')\n\
+         c.close()\n"
+    );
+    let out = std::process::Command::new(python).arg("-c").arg(&script).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    true
+}
+
+/// A message whose short-string property is not UTF-8 cannot be read by the AMQP client
+/// (nor by py-amqp): the connection drops, and RabbitMQ delivers it again first on the next.
+/// The service says so, and waits longer and longer between reconnects rather than
+/// reconnecting as fast as the broker answers (hundreds of times a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_amqp_client_cannot_read_is_named_and_costs_few_reconnects() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let source = unique("unreadable");
+    let calls = Arc::new(Calls::default());
+    let config = config(&uri, &format!("unreadable_{source}"));
+    let markers = [config.service_name.clone(), source.clone()];
+    let route =
+        Route::new(count).entrypoint(EventListener::new(&source, "any")).dependency(Shared(calls));
+    common::logs::capture(tracing::Level::WARN);
+    let service = TestService::start(vec![route], config).await.unwrap();
+    if !publish_a_message_id_that_is_not_utf8(&source, "any") {
+        service.stop().await.unwrap();
+        return;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let reconnects = service.transport().reconnects();
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &markers).await;
+    let logged = common::logs::logged();
+    assert!(logged.contains("cannot read a frame the broker sent"), "{logged}");
+    assert!(logged.contains("not UTF-8"), "{logged}");
+    // 0, 0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2 s between them: 8 in 6 s (several hundred before)
+    assert!((1..=20).contains(&reconnects), "{reconnects} reconnects in 6 s");
+}

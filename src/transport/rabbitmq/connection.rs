@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::error::map_connect_error;
+use super::losses::{log_loss, YoungLosses};
 use super::nodes::Nodes;
 use super::options::RabbitMqOptions;
 use super::replay::{reclaim, replay, Reclaims};
@@ -398,12 +399,16 @@ async fn open(
 
 /// Watch the link; when it drops, reconnect with exponential backoff until closed.
 pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
+    let mut young_losses = YoungLosses::default();
     loop {
+        let linked_at = Instant::now();
         let mut events = link.connection.events_listener();
+        let mut last_error = None;
         while link.alive() && !shared.is_closed() {
             tokio::select! {
                 event = events.next() => match event {
                     None => tokio::time::sleep(WATCH_INTERVAL).await,
+                    Some(lapin::Event::Error(error)) => last_error = Some(error),
                     Some(lapin::Event::ConnectionBlocked(reason)) => {
                         let uri = &shared.nodes.current().masked;
                         tracing::warn!(%uri, %reason, "the broker blocks publishing on this connection ({reason}): publishes wait until it unblocks or time out");
@@ -429,8 +434,20 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
             }
             up
         });
-        let lost = shared.nodes.current().masked.clone();
-        tracing::warn!(uri = %lost, "connection to the broker lost; reconnecting");
+        while let Some(Some(event)) = events.next().now_or_never() {
+            if let lapin::Event::Error(error) = event {
+                last_error = Some(error);
+            }
+        }
+        log_loss(&shared.nodes.current().masked, last_error.as_ref());
+        let pause = young_losses.pause_after(linked_at.elapsed(), &shared.options);
+        if !pause.is_zero() {
+            tracing::warn!(?pause, "the connections to the broker keep dropping soon after they are made: waiting before the next");
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shared.closed() => return,
+            }
+        }
         // The backoff grows per pass over every node: a dead node costs one attempt.
         let mut delay = shared.options.reconnect_min;
         let mut pass = 1u32;

@@ -26,6 +26,7 @@ mod error;
 mod fuzz;
 mod gets;
 mod lease;
+mod losses;
 mod mandatory;
 mod nodes;
 mod options;
