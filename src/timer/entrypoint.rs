@@ -211,12 +211,8 @@ impl Entrypoint for TimeEntrypoint {
             }
             route.settled(&handled);
             // Skip the ticks that passed while the run was going: runs never overlap.
-            let now = Instant::now();
-            while let Schedule::Every(interval) = &self.schedule {
-                match last.checked_add(*interval) {
-                    Some(next) if next <= now => last = next,
-                    _ => break,
-                }
+            if let Schedule::Every(interval) = &self.schedule {
+                last = last_tick_by(last, *interval, Instant::now());
             }
         }
     }
@@ -224,6 +220,15 @@ impl Entrypoint for TimeEntrypoint {
     fn kind(&self) -> EntrypointKind {
         EntrypointKind::Timer
     }
+}
+
+/// The last tick of the grid of `interval` from `last` that is not after `now`, found in one
+/// step: ticks of a nanosecond behind a run of a second are a billion, too many to step over.
+fn last_tick_by(last: Instant, interval: Duration, now: Instant) -> Instant {
+    let elapsed = now.saturating_duration_since(last).as_nanos();
+    let covered = elapsed - elapsed % interval.as_nanos().max(1);
+    let covered = Duration::from_nanos(u64::try_from(covered).unwrap_or(u64::MAX));
+    last.checked_add(covered).unwrap_or(last)
 }
 
 /// The outcome of a timer's run, or `None` when the service stops before the run starts (no
@@ -259,6 +264,22 @@ mod tests {
         let in_an_hour = Tick::At(now + Duration::from_secs(3600));
         assert_eq!(hourly.next_tick(now, &mut None), Some(in_an_hour));
         assert_eq!(TimeEntrypoint::every(Duration::MAX).next_tick(now, &mut None), None);
+    }
+
+    #[test]
+    fn the_ticks_a_run_covered_are_skipped_in_one_step_whatever_the_interval() {
+        let last = Instant::now();
+        let second = Duration::from_secs(1);
+        let now = last + Duration::from_millis(3_500);
+        assert_eq!(last_tick_by(last, second, now), last + Duration::from_secs(3));
+        assert_eq!(last_tick_by(last, second, last + Duration::from_millis(999)), last);
+        assert_eq!(last_tick_by(last, second, last), last);
+        // a nanosecond behind a run of a minute: 6e10 ticks, skipped at once
+        let minute_later = last + Duration::from_secs(60);
+        assert_eq!(last_tick_by(last, Duration::from_nanos(1), minute_later), minute_later);
+        let three_ns = Duration::from_nanos(3);
+        let later = last + Duration::from_nanos(10);
+        assert_eq!(last_tick_by(last, three_ns, later), last + Duration::from_nanos(9));
     }
 
     #[test]
