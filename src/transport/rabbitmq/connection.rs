@@ -387,13 +387,14 @@ async fn open(
     let runtime = lapin::runtime::default_runtime().map_err(|e| map_connect_error(&e, describe))?;
     let connect =
         Connection::connect_uri_with_config(uri.amqp.clone(), properties, tls.clone(), runtime);
-    match tokio::time::timeout(options.connect_timeout, connect).await {
+    // The URI's `connection_timeout` (milliseconds, as RabbitMQ's URI spec has it) is this
+    // node's; lapin's asynchronous connect does not read it.
+    let limit =
+        uri.amqp.query.connection_timeout.map_or(options.connect_timeout, Duration::from_millis);
+    match tokio::time::timeout(limit, connect).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(error)) => Err(map_connect_error(&error, describe)),
-        Err(_) => Err(TransportError::Unreachable(describe(format!(
-            "timed out after {:?}",
-            options.connect_timeout
-        )))),
+        Err(_) => Err(TransportError::Unreachable(describe(format!("timed out after {limit:?}")))),
     }
 }
 

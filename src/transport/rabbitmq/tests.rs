@@ -1389,6 +1389,28 @@ async fn a_publish_blocked_by_a_resource_alarm_times_out_naming_the_block() {
     .await;
 }
 
+/// A node that accepts the TCP connection and never answers is given up after the URI's
+/// `connection_timeout` (milliseconds), not the 10 s default.
+#[tokio::test]
+async fn the_uris_connection_timeout_bounds_a_connection_attempt() {
+    bounded(async {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = silent.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                sockets.push(socket);
+            }
+        });
+        let uri = format!("amqp://guest:guest@{address}/%2f?connection_timeout=300");
+        let refused = RabbitMqTransport::connect(RabbitMqOptions::new(uri)).await;
+        held.abort();
+        let Err(TransportError::Unreachable(why)) = refused else { panic!("{refused:?}") };
+        assert!(why.ends_with("timed out after 300ms"), "{why}");
+    })
+    .await;
+}
+
 /// On a connection gone silent (no heartbeats to notice it), every operation ends with
 /// `TimedOut` within the publish timeout, also those that must open a channel first: the
 /// first mandatory publish, a `basic.get`, a consume, a declaration, a `queue_info`.
