@@ -836,3 +836,19 @@ async fn the_request_consumer_holds_one_pools_worth_of_requests_however_many_met
         assert_eq!(ready, 9, "requests left in the queue on {uri}");
     }
 }
+
+/// A method named with a dot could never be called (Nameko's binding `{service}.*` matches
+/// one word): the start refuses it, where the service started and every call of it failed
+/// `UnknownService`.
+#[tokio::test]
+async fn a_method_named_with_a_dot_is_refused_at_start() {
+    for uri in broker_uris() {
+        let config = config(&uri, "dotted");
+        let name = config.service_name.clone();
+        let route = Route::new(add).name("orders.create").entrypoint(RPCListener::new());
+        let refused = TestService::start(vec![route], config).await.map(drop);
+        let Err(micro_framework::Error::Startup(why)) = refused else { panic!("{uri}: {refused:?}") };
+        assert!(why.contains("RPC method 'orders.create' could never be called"), "{why}");
+        common::cleanup(&uri, &[name]).await;
+    }
+}

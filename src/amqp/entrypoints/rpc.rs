@@ -11,7 +11,7 @@ use crate::amqp::rpc::ufw_wire::Request;
 use crate::amqp::rpc::{RpcServer, UfwRpcServer};
 use crate::config::{Config, Protocol};
 use crate::data::{json_properties, Headers, Message};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
@@ -100,6 +100,16 @@ impl Entrypoint for RPCListener {
         let transport = route.transport();
         let queue = match self.protocol.unwrap_or(config.protocol) {
             Protocol::Nameko => {
+                if route.name().contains('.') {
+                    // `{service}.*`, the queue's binding, matches one word after the service.
+                    return Err(Error::Startup(format!(
+                        "RPC method '{}' could never be called: Nameko routes a call to \
+                         `{{service}}.{{method}}` through the binding `{}.*`, which matches a \
+                         method name without a dot; name the route without one",
+                        route.name(),
+                        config.service_name
+                    )));
+                }
                 let queue = rpc_queue(config);
                 transport.declare_exchange(&rpc_exchange(config)).await?;
                 transport.declare_queue(&queue).await?;
