@@ -126,6 +126,15 @@ impl Queue {
         self.ready.insert(at, entry);
     }
 
+    /// Puts a message its consumer handed back where RabbitMQ 3.10 does: at its original
+    /// place in a classic queue, behind the messages never delivered in a quorum queue.
+    pub fn hand_back(&mut self, entry: Entry) {
+        match self.args.quorum {
+            true => self.push_back(entry),
+            false => self.requeue(entry),
+        }
+    }
+
     /// Removes the head message.
     pub fn pop_front(&mut self) -> Option<Entry> {
         let entry = self.ready.pop_front()?;
@@ -214,11 +223,12 @@ impl Queue {
         Some(slot)
     }
 
-    /// The headers of a delivery of `entry` from this queue (adds `x-delivery-count` on
-    /// quorum queues once the message has been handed back).
-    pub fn delivery_properties(&self, entry: &Entry) -> Properties {
+    /// The headers of a delivery of `entry` from this queue: a quorum queue adds
+    /// `x-delivery-count` to what a `basic.get` takes (`fetched`), and to a consumer's
+    /// delivery once the message has been handed back (RabbitMQ 3.10).
+    pub fn delivery_properties(&self, entry: &Entry, fetched: bool) -> Properties {
         let mut properties = entry.message.properties.clone();
-        if self.args.quorum && entry.delivery_count > 0 {
+        if self.args.quorum && (fetched || entry.delivery_count > 0) {
             properties.headers.insert(
                 "x-delivery-count".to_owned(),
                 HeaderValue::Int(i64::from(entry.delivery_count)),

@@ -170,15 +170,16 @@ impl Core {
         }
     }
 
-    /// A delivery of `entry` from `queue` with a fresh tag.
-    fn delivery(&mut self, queue: &Queue, entry: &Entry) -> (u64, Delivery) {
+    /// A delivery of `entry` from `queue` with a fresh tag, taken by a `basic.get` when
+    /// `fetched`.
+    fn delivery(&mut self, queue: &Queue, entry: &Entry, fetched: bool) -> (u64, Delivery) {
         let tag = self.next_id();
         let delivery = Delivery {
             exchange: entry.message.exchange.clone(),
             routing_key: entry.message.routing_key.clone(),
             redelivered: entry.redelivered,
             body: entry.message.body.clone(),
-            properties: queue.delivery_properties(entry),
+            properties: queue.delivery_properties(entry, fetched),
             acker: Box::new(MemoryAcker::new(self.broker.clone(), tag)),
         };
         (tag, delivery)
@@ -187,7 +188,7 @@ impl Core {
     /// Sends `entry` to the consumer at `index`; a consumer whose receiver is gone is
     /// detached and the message goes back to the queue.
     fn deliver(&mut self, queue: &mut Queue, index: usize, entry: Entry) {
-        let (tag, delivery) = self.delivery(queue, &entry);
+        let (tag, delivery) = self.delivery(queue, &entry, false);
         let slot = &mut queue.consumers[index];
         match slot.sender.try_send(delivery) {
             Ok(()) => {

@@ -912,7 +912,9 @@ async fn quorum_queue_counts_deliveries() {
     t.declare_queue(&queue_with("qq", &[("x-queue-type", "quorum".into())])).await.unwrap();
     publish(&t, "", "qq", "m").await;
     let first = get(&t, "qq").await;
-    assert_eq!(first.properties.headers.get("x-delivery-count"), None);
+    // RabbitMQ 3.10 adds the count to every basic.get of a quorum queue (a consumer's first
+    // delivery has none: quorum_queue_hands_back_behind_the_messages_never_delivered)
+    assert_eq!(first.properties.headers.get("x-delivery-count"), Some(&HeaderValue::Int(0)));
     first.acker.reject(true).await.unwrap();
     let second = get(&t, "qq").await;
     assert!(second.redelivered);
@@ -936,6 +938,40 @@ async fn quorum_queue_counts_deliveries() {
     publish(&t, "", "classic", "m").await;
     get(&t, "classic").await.acker.nack(true).await.unwrap();
     assert_eq!(get(&t, "classic").await.properties.headers.get("x-delivery-count"), None);
+}
+
+/// Checked on RabbitMQ 3.10: a message handed back to a quorum queue (nacked, rejected, or
+/// dropped unsettled) comes again after the messages never delivered, where a classic queue
+/// puts it back at its place; a consumer's first delivery carries no delivery count.
+#[tokio::test]
+async fn quorum_queue_hands_back_behind_the_messages_never_delivered() {
+    let (_broker, t) = setup();
+    declare(&t, "classic").await;
+    t.declare_queue(&queue_with("qq", &[("x-queue-type", "quorum".into())])).await.unwrap();
+    for queue in ["classic", "qq"] {
+        for body in ["m1", "m2", "m3", "m4"] {
+            publish(&t, "", queue, body).await;
+        }
+        let (m1, m2, m3) = (get(&t, queue).await, get(&t, queue).await, get(&t, queue).await);
+        m2.acker.nack(true).await.unwrap();
+        m1.acker.reject(true).await.unwrap();
+        drop(m3);
+        let mut read = Vec::new();
+        for _ in 0..4 {
+            let delivery = get(&t, queue).await;
+            read.push(String::from_utf8(delivery.body.to_vec()).unwrap());
+            delivery.acker.ack().await.unwrap();
+        }
+        match queue {
+            "classic" => assert_eq!(read, ["m1", "m2", "m3", "m4"]),
+            _ => assert_eq!(read, ["m4", "m2", "m1", "m3"]),
+        }
+    }
+    publish(&t, "", "qq", "fresh").await;
+    let mut consumer = t.consume("qq", prefetch(1)).await.unwrap();
+    let first = consumer.next().await.unwrap();
+    assert_eq!(first.properties.headers.get("x-delivery-count"), None);
+    first.acker.ack().await.unwrap();
 }
 
 #[tokio::test]

@@ -99,7 +99,7 @@ impl State {
         };
         let (queue_id, queue_name) = (queue.id, queue.spec.name.clone());
         let queue = self.queues.get(name).ok_or_else(|| not_found_queue(name))?;
-        let (tag, delivery) = self.core.delivery(queue, &entry);
+        let (tag, delivery) = self.core.delivery(queue, &entry, true);
         self.core.schedule(queue.deadline());
         self.core.unacked.insert(
             tag,
@@ -139,7 +139,7 @@ impl State {
                 if queue.args.quorum && over_limit {
                     discard(queue, entry, Reason::DeliveryLimit, dead);
                 } else {
-                    queue.requeue(entry);
+                    queue.hand_back(entry);
                 }
             }
         }
