@@ -1,6 +1,8 @@
 //! A queue's state: its declaration, parsed arguments, ready messages and consumers.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -9,6 +11,14 @@ use tokio::time::Instant;
 use crate::transport::{Delivery, HeaderValue, Properties, QueueSpec};
 
 use super::arguments::QueueArgs;
+
+/// What a ready message counts for besides its body, so empty messages count too.
+pub(super) const MESSAGE_OVERHEAD: u64 = 256;
+
+/// What the ready messages of every queue of a broker take (bodies and
+/// [`MESSAGE_OVERHEAD`] each), kept up to date by the queues: the broker's bound is checked on
+/// every publish, which adding the queues up would make cost more with every queue.
+pub(super) type ReadyBytes = Arc<AtomicU64>;
 
 /// A message as it sits in a queue.
 #[derive(Clone, Debug)]
@@ -57,6 +67,13 @@ pub(super) struct ConsumerSlot {
     pub sender: mpsc::Sender<Delivery>,
 }
 
+impl Drop for Queue {
+    /// A deleted queue's messages go with it.
+    fn drop(&mut self) {
+        self.broker_ready.fetch_sub(self.held(), Ordering::Relaxed);
+    }
+}
+
 impl ConsumerSlot {
     /// Whether it may receive one more delivery now.
     fn has_credit(&self) -> bool {
@@ -88,6 +105,8 @@ pub(super) struct Queue {
     pub had_consumer: bool,
     /// Last declare, get or consumer activity (for `x-expires`).
     pub last_used: Instant,
+    /// The broker's count, this queue's messages included.
+    broker_ready: ReadyBytes,
 }
 
 impl Queue {
@@ -98,6 +117,7 @@ impl Queue {
         args: QueueArgs,
         owner: Option<u64>,
         now: Instant,
+        broker_ready: ReadyBytes,
     ) -> Self {
         Queue {
             id,
@@ -110,18 +130,19 @@ impl Queue {
             cursor: 0,
             had_consumer: false,
             last_used: now,
+            broker_ready,
         }
     }
 
     /// Appends a ready message.
     pub fn push_back(&mut self, entry: Entry) {
-        self.ready_bytes += entry.message.body.len() as u64;
+        self.count_in(&entry);
         self.ready.push_back(entry);
     }
 
     /// Puts a handed-back message at its original place (by enqueue order).
     pub fn requeue(&mut self, entry: Entry) {
-        self.ready_bytes += entry.message.body.len() as u64;
+        self.count_in(&entry);
         let at = self.ready.partition_point(|other| other.seq < entry.seq);
         self.ready.insert(at, entry);
     }
@@ -138,13 +159,27 @@ impl Queue {
     /// Removes the head message.
     pub fn pop_front(&mut self) -> Option<Entry> {
         let entry = self.ready.pop_front()?;
-        self.ready_bytes -= entry.message.body.len() as u64;
+        let size = entry.message.body.len() as u64;
+        self.ready_bytes -= size;
+        self.broker_ready.fetch_sub(size + MESSAGE_OVERHEAD, Ordering::Relaxed);
         Some(entry)
+    }
+
+    fn count_in(&mut self, entry: &Entry) {
+        let size = entry.message.body.len() as u64;
+        self.ready_bytes += size;
+        self.broker_ready.fetch_add(size + MESSAGE_OVERHEAD, Ordering::Relaxed);
+    }
+
+    /// What its ready messages take, as the broker counts them.
+    fn held(&self) -> u64 {
+        self.ready_bytes + self.ready.len() as u64 * MESSAGE_OVERHEAD
     }
 
     /// Removes every ready message, returning how many there were.
     pub fn purge(&mut self) -> u32 {
         let count = self.ready.len();
+        self.broker_ready.fetch_sub(self.held(), Ordering::Relaxed);
         self.ready.clear();
         self.ready_bytes = 0;
         u32::try_from(count).unwrap_or(u32::MAX)

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::mem;
+use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use super::arguments::{self, QueueArgs};
 use super::broker::MemoryBroker;
 use super::dead_letter::Reason;
 use super::delayed::{self, HeldMessages};
-use super::queue::{Entry, Message, Queue};
+use super::queue::{Entry, Message, Queue, ReadyBytes, MESSAGE_OVERHEAD};
 use super::routing::{self, Binding, Exchange};
 
 mod consumers;
@@ -104,10 +105,9 @@ pub(super) struct State {
     delayed_message_plugin: bool,
     /// The messages its delayed exchanges hold.
     held: HeldMessages,
+    /// What the ready messages of its queues take.
+    ready: ReadyBytes,
 }
-
-/// What a ready message counts for besides its body, so empty messages count too.
-const MESSAGE_OVERHEAD: u64 = 256;
 
 /// The default bound of an in-process broker's ready messages.
 pub(super) const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
@@ -241,11 +241,7 @@ impl State {
     /// Refuse a message of `size` bytes routed to `copies` queues when the ready messages
     /// would take more than the broker's bound.
     fn check_room(&self, size: usize, copies: usize) -> Result<(), TransportError> {
-        let held: u64 = self
-            .queues
-            .values()
-            .map(|queue| queue.ready_bytes + queue.ready.len() as u64 * MESSAGE_OVERHEAD)
-            .sum::<u64>()
+        let held: u64 = self.ready.load(Ordering::Relaxed)
             + self.held.bytes()
             + self.held.len() as u64 * MESSAGE_OVERHEAD;
         let wanted = (size as u64 + MESSAGE_OVERHEAD) * copies as u64;
@@ -288,6 +284,7 @@ impl State {
             max_bytes: DEFAULT_MAX_BYTES,
             delayed_message_plugin: false,
             held: HeldMessages::default(),
+            ready: ReadyBytes::default(),
             queues: HashMap::new(),
             core: Core {
                 broker,
@@ -440,7 +437,7 @@ impl State {
         }
         let args = QueueArgs::parse(spec)?;
         let id = self.core.next_id();
-        let queue = Queue::new(id, spec.clone(), args, owner, now);
+        let queue = Queue::new(id, spec.clone(), args, owner, now, self.ready.clone());
         self.core.schedule(queue.deadline());
         self.queues.insert(spec.name.clone(), queue);
         Ok(QueueInfo::default())
@@ -504,8 +501,9 @@ impl State {
     /// Removes a queue, ending its consumers and dropping its bindings (auto-deleting
     /// exchanges left without bindings). Its unacknowledged deliveries settle as no-ops.
     pub(super) fn remove_queue(&mut self, name: &str) -> Option<u32> {
-        let queue = self.queues.remove(name)?;
-        self.core.garbage.senders.extend(queue.consumers.into_iter().map(|slot| slot.sender));
+        let mut queue = self.queues.remove(name)?;
+        let consumers = mem::take(&mut queue.consumers);
+        self.core.garbage.senders.extend(consumers.into_iter().map(|slot| slot.sender));
         let mut emptied = Vec::new();
         for (exchange_name, exchange) in &mut self.exchanges {
             let before = exchange.bindings.len();

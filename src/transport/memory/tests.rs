@@ -10,7 +10,7 @@ use futures::FutureExt;
 use super::{MemoryBroker, MemoryTransport};
 use crate::transport::{
     BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeKind, ExchangeSpec,
-    HeaderValue, Headers, OutgoingMessage, Properties, PublishOptions, QueueSpec, Transport,
+    HeaderValue, Headers, Limit, OutgoingMessage, Properties, PublishOptions, QueueSpec, Transport,
     TransportError,
 };
 
@@ -1047,4 +1047,34 @@ async fn a_delivery_limit_below_one_drops_a_message_at_its_first_requeue() {
         get(&t, &name).await.acker.reject(true).await.unwrap();
         assert_eq!(ready(&t, &name).await, 0, "limit {limit}");
     }
+}
+
+/// The bound on ready messages counts those of every queue, and frees what a message taken,
+/// a queue purged or a queue deleted held (it is kept as a running total, not added up over
+/// the queues on each publish).
+#[tokio::test]
+async fn the_memory_bound_counts_every_queue_and_frees_what_leaves() {
+    let (broker, t) = setup();
+    // room for three messages of 100 bytes (each counts 256 bytes more)
+    broker.set_max_bytes(3 * 356);
+    for queue in ["a", "b", "c"] {
+        declare(&t, queue).await;
+    }
+    let hundred = "x".repeat(100);
+    let full = |result: Result<(), TransportError>| {
+        matches!(result, Err(TransportError::LimitReached { what: Limit::BrokerMemory, .. }))
+    };
+    for queue in ["a", "b", "c"] {
+        t.publish("", queue, message(&hundred), PublishOptions::default()).await.unwrap();
+    }
+    assert!(full(t.publish("", "a", message(&hundred), PublishOptions::default()).await));
+    get(&t, "a").await.acker.ack().await.unwrap();
+    t.publish("", "a", message(&hundred), PublishOptions::default()).await.unwrap();
+    assert_eq!(t.purge_queue("b").await.unwrap(), 1);
+    t.publish("", "b", message(&hundred), PublishOptions::default()).await.unwrap();
+    assert!(full(t.publish("", "c", message(&hundred), PublishOptions::default()).await));
+    t.delete_queue("c").await.unwrap();
+    declare(&t, "c").await;
+    t.publish("", "c", message(&hundred), PublishOptions::default()).await.unwrap();
+    assert!(full(t.publish("", "c", message(&hundred), PublishOptions::default()).await));
 }

@@ -29,14 +29,18 @@ impl State {
                 arguments::queue_resource(name)
             )));
         }
-        let tag = if options.consumer_tag.is_empty() {
-            format!("amq.ctag-{}", uuid::Uuid::new_v4().simple())
-        } else {
-            options.consumer_tag.clone()
+        // A tag the broker makes is new; only one the caller chose can be in use already
+        // (looked up over every queue: skipped for the usual case, as a service with
+        // thousands of routes would pay it for each of its consumers).
+        let chosen = !options.consumer_tag.is_empty();
+        let tag = match chosen {
+            true => options.consumer_tag.clone(),
+            false => format!("amq.ctag-{}", uuid::Uuid::new_v4().simple()),
         };
-        let reused = self.queues.values().any(|queue| {
-            queue.consumers.iter().any(|slot| slot.connection == connection && slot.tag == tag)
-        });
+        let reused = chosen
+            && self.queues.values().any(|queue| {
+                queue.consumers.iter().any(|slot| slot.connection == connection && slot.tag == tag)
+            });
         if reused {
             return Err(TransportError::Broker {
                 code: 530,
