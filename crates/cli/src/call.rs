@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use micro_framework::amqp::rpc::{Client, RpcError};
+use micro_framework::config::Protocol;
 use serde_json::{json, Map, Value};
 
 use crate::broker;
@@ -73,7 +74,7 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
             writeln!(std::io::stdout(), "{}", json::pretty(&result, 0)?)?;
             Ok(ExitCode::SUCCESS)
         }
-        Err(error) => match remote_error(&error) {
+        Err(error) => match remote_error(&error, config.protocol) {
             Some(described) => {
                 writeln!(
                     std::io::stdout(),
@@ -102,19 +103,26 @@ fn seconds(value: f64) -> Result<Duration, CliError> {
         .ok_or_else(|| CliError::usage(format!("--timeout must be a positive number, got {value}")))
 }
 
-/// The error the service replied, as `{"exc_type", "value", "exc_path", "exc_args"}`.
-fn remote_error(error: &RpcError) -> Option<Map<String, Value>> {
-    let nameko = |exc_type: &str, value: &str| {
-        let path = format!("nameko.exceptions.{exc_type}");
+/// The error the service replied, as `{"exc_type", "value", "exc_path", "exc_args"}`, named
+/// as the service's `protocol` names it on the wire.
+fn remote_error(error: &RpcError, protocol: Protocol) -> Option<Map<String, Value>> {
+    let (module, not_found, malformed) = match protocol {
+        Protocol::Nameko => ("nameko.exceptions", "MethodNotFound", "MalformedRequest"),
+        Protocol::MicroFramework => {
+            ("micro_framework.exceptions", "RPCTargetDoesNotExist", "RPCMalformedMessage")
+        }
+    };
+    let named = |exc_type: &str, value: &str| {
+        let path = format!("{module}.{exc_type}");
         (exc_type.to_owned(), value.to_owned(), path, vec![Value::from(value)])
     };
     let (exc_type, value, exc_path, exc_args) = match error {
         RpcError::RemoteError { exc_type, value, exc_path, exc_args } => {
             (exc_type.clone(), value.clone(), exc_path.clone(), exc_args.clone())
         }
-        RpcError::MethodNotFound(value) => nameko("MethodNotFound", value),
-        RpcError::IncorrectSignature(value) => nameko("IncorrectSignature", value),
-        RpcError::MalformedRequest(value) => nameko("MalformedRequest", value),
+        RpcError::MethodNotFound(value) => named(not_found, value),
+        RpcError::IncorrectSignature(value) => named("IncorrectSignature", value),
+        RpcError::MalformedRequest(value) => named(malformed, value),
         _ => return None,
     };
     let mut described = Map::new();

@@ -296,6 +296,33 @@ async fn call_body(uri: String, math: String) {
     running.stop().await.unwrap();
 }
 
+/// Under the micro-framework protocol a missing target is the original's
+/// `RPCTargetDoesNotExist`, not Nameko's `MethodNotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_names_remote_errors_as_the_services_protocol_does() {
+    let Some(uri) = rabbitmq() else { return };
+    let math = unique("cli_ufw");
+    let queues = vec![format!("rpc-{math}-add"), format!("rpc-{math}-broadcast")];
+    cleaned(&uri, queues, vec![], ufw_call_body(uri.clone(), math)).await;
+}
+
+async fn ufw_call_body(uri: String, math: String) {
+    let routes = vec![Route::new(add).entrypoint(RPCListener::new())];
+    let service =
+        config(&uri, &math).with_protocol(micro_framework::config::Protocol::MicroFramework);
+    let running = TestService::start(routes, service).await.unwrap();
+    let protocol = [("PROTOCOL", "micro_framework")];
+    let run =
+        cli_env(Some(&uri), &["call", &format!("{math}.add"), "--args", "[1, 2]"], &protocol).await;
+    assert_eq!(run.ok().stdout.trim(), "3");
+    let run = cli_env(Some(&uri), &["call", &format!("{math}.nope")], &protocol).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    let reply: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(reply["error"]["exc_type"], "RPCTargetDoesNotExist", "{reply}");
+    assert_eq!(reply["error"]["exc_path"], "micro_framework.exceptions.RPCTargetDoesNotExist");
+    running.stop().await.unwrap();
+}
+
 async fn slower() -> &'static str {
     tokio::time::sleep(Duration::from_secs(5)).await;
     "later"
