@@ -385,6 +385,22 @@ async fn a_retry_filter_holds_for_every_failure_not_only_the_targets_errors() {
     assert_eq!(returns.load(Ordering::SeqCst), 1, "an unserializable value was retried");
 }
 
+/// anyhow turns an `anyhow::Error` into a `Box<dyn Error>` of its own wrapper, whose type is
+/// not the error it was made from and whose `source` skips that error: `retry_on::<E>()`
+/// finds `E` in an `anyhow::Error` only below a context, as the README says.
+#[test]
+fn retry_on_finds_an_error_in_an_anyhow_error_only_below_a_context() {
+    use micro_framework::retry::BackOff;
+    use std::time::Duration;
+
+    let filter = BackOff::new(1, Duration::from_millis(1)).retry_on::<std::io::Error>();
+    let boxed = |error: anyhow::Error| -> Box<dyn std::error::Error + Send + Sync> { error.into() };
+    let with_context = anyhow::Error::new(std::io::Error::other("disk")).context("reading");
+    assert!(filter.accepts(Some(&*boxed(with_context))));
+    let plain = anyhow::Error::new(std::io::Error::other("disk"));
+    assert!(!filter.accepts(Some(&*boxed(plain))));
+}
+
 fn attempt(retry: micro_framework::retry::BackOffData) -> Value {
     json!({ "retry_count": retry.retry_count, "max_retries": retry.max_retries })
 }
