@@ -285,6 +285,30 @@ async fn a_get_that_hangs_past_the_time_limit_lets_those_before_it_roll_back() {
     assert_eq!(journal.entries(), ["open", "roll back", "open", "roll back"]);
 }
 
+/// A sync function cannot be stopped mid-call, but its dependencies' `get`s are async and are
+/// held to the limit all the same (they hung for ever).
+#[tokio::test]
+async fn a_get_that_hangs_past_the_time_limit_before_a_sync_function_is_cut_short() {
+    let journal = Journal::default();
+    let route = Route::new(uses_both)
+        .dependency(Sessions(journal.clone()))
+        .dependency(Stuck { in_get: true });
+    let dead = past_the_time_limit(vec![route], "uses_both", &[json!(1), json!(2)]).await;
+    assert_eq!(dead, ["timed_out"; 2]);
+    assert_eq!(journal.entries(), ["open", "roll back", "open", "roll back"]);
+}
+
+#[tokio::test]
+async fn an_after_call_that_hangs_past_the_time_limit_after_a_sync_function_frees_its_worker() {
+    let journal = Journal::default();
+    let route = Route::new(uses_both)
+        .dependency(Sessions(journal.clone()))
+        .dependency(Stuck { in_get: false });
+    let dead = past_the_time_limit(vec![route], "uses_both", &[json!(1), json!(2)]).await;
+    assert_eq!(dead, ["timed_out"; 2]);
+    assert_eq!(journal.entries(), ["open", "commit", "open", "commit"]);
+}
+
 #[tokio::test]
 async fn an_after_call_that_hangs_past_the_time_limit_frees_its_worker_and_fails_the_call() {
     let journal = Journal::default();

@@ -847,7 +847,9 @@ async fn a_method_named_with_a_dot_is_refused_at_start() {
         let name = config.service_name.clone();
         let route = Route::new(add).name("orders.create").entrypoint(RPCListener::new());
         let refused = TestService::start(vec![route], config).await.map(drop);
-        let Err(micro_framework::Error::Startup(why)) = refused else { panic!("{uri}: {refused:?}") };
+        let Err(micro_framework::Error::Startup(why)) = refused else {
+            panic!("{uri}: {refused:?}")
+        };
         assert!(why.contains("RPC method 'orders.create' could never be called"), "{why}");
         common::cleanup(&uri, &[name]).await;
     }

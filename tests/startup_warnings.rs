@@ -54,9 +54,10 @@ async fn limits_of_worker_processes_in_a_thread_mode_are_named_at_start_up() {
     let logs = common::logs::logged();
     assert!(
         logs.contains(
-            "TASK_TIME_LIMIT (5s) has no effect on the sync functions of context 'default' in \
+            "TASK_TIME_LIMIT (5s) cannot stop the sync functions of context 'default' in \
              WORKER_MODE=thread (routes noop): a thread cannot be stopped mid-call, only an \
-             async function (or, in WORKER_MODE=process or greedy_process, a worker process)"
+             async function (or, in WORKER_MODE=process or greedy_process, a worker \
+             process); it holds their dependencies' get and after_call only"
         ),
         "{logs}"
     );

@@ -137,9 +137,10 @@ fn warn_time_limit_ignored(pool: &WorkerPool, routes: &[Route], from_context: bo
     }
     let source = if from_context { "RunnerContext::time_limit" } else { "TASK_TIME_LIMIT" };
     tracing::warn!(
-        "{source} ({limit:?}) has no effect on the sync functions of context '{}' in \
+        "{source} ({limit:?}) cannot stop the sync functions of context '{}' in \
          WORKER_MODE={mode} (routes {}): a thread cannot be stopped mid-call, only an async \
-         function (or, in WORKER_MODE=process or greedy_process, a worker process)",
+         function (or, in WORKER_MODE=process or greedy_process, a worker process); it \
+         holds their dependencies' get and after_call only",
         pool.context(),
         sync.join(", ")
     );

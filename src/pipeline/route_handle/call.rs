@@ -205,10 +205,7 @@ impl RouteHandle {
             };
             return processes.call(call).await.map_err(|failure| self.filtered(failure));
         }
-        // In a thread mode only an async function can be stopped mid-call: dropped at an
-        // `.await`, as `tokio::time::timeout` drops it. A sync one holds its thread to the end.
         let limit = self.inner.pool.time_limit();
-        let limit = limit.filter(|_| self.function(role).is_some_and(|f| f.asynchronous));
         self.run_here(role, message, failure, retry, limit).await
     }
 
@@ -311,7 +308,11 @@ impl RouteHandle {
         }
         let values = Arc::new(values);
         ctx.dependencies = values.clone();
-        let outcome = match within(limit, (target.invoke)(ctx)).await {
+        // In a thread mode only an async function can be stopped mid-call: dropped at an
+        // `.await`, as `tokio::time::timeout` drops it. A sync one holds its thread to the
+        // end (its dependencies' `get` and `after_call`, async, are held to the limit).
+        let function_limit = limit.filter(|_| target.asynchronous);
+        let outcome = match within(function_limit, (target.invoke)(ctx)).await {
             Some(result) => into_outcome(result, route.backoff.as_ref()),
             None => Err(self.past(limit)),
         };
@@ -359,8 +360,8 @@ impl RouteHandle {
     }
 }
 
-/// The time limit of one call (`TASK_TIME_LIMIT`, of an async function in a thread mode):
-/// its dependencies' `get` and the function itself must end by `deadline`.
+/// The time limit of one call in a thread mode (`TASK_TIME_LIMIT`): its dependencies' `get`
+/// and, for an async function, the function itself must end by `deadline`.
 #[derive(Clone, Copy)]
 struct TimeLimit {
     length: Duration,
