@@ -909,3 +909,39 @@ async fn a_cluster_wide_timer_fires_on_one_instance_and_fails_over() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+/// RabbitMQ routes a publish with each key of its `CC` and `BCC` headers too, through the same
+/// exchange, and removes `BCC` from what it delivers: the in-process broker does the same.
+#[tokio::test]
+async fn cc_and_bcc_route_a_publish_to_their_keys_too_and_bcc_is_not_delivered() {
+    use micro_framework::transport::{Headers, Properties, QueueSpec};
+    for uri in broker_uris() {
+        let marker = common::unique("cc");
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|n| format!("{marker}_{n}")).collect();
+        let transport = micro_framework::transport::connect(&config(&uri, "cc")).await.unwrap();
+        for name in &names {
+            transport.declare_queue(&QueueSpec::durable(name.clone())).await.unwrap();
+        }
+        let keys = |name: &str| HeaderValue::Array(vec![HeaderValue::from(name)]);
+        let headers = Headers::from([
+            ("CC".to_owned(), keys(&names[1])),
+            ("BCC".to_owned(), keys(&names[2])),
+        ]);
+        let properties = Properties { headers, ..Properties::default() };
+        let message = OutgoingMessage { body: Bytes::from("1"), properties };
+        transport.publish("", &names[0], message, PublishOptions::default()).await.unwrap();
+        for name in &names {
+            let delivery = transport.get(name).await.unwrap();
+            let delivery = delivery.unwrap_or_else(|| panic!("{uri}: nothing in {name}"));
+            let headers = &delivery.properties.headers;
+            assert_eq!(headers.get("CC"), Some(&keys(&names[1])), "{uri} {name}");
+            assert!(!headers.contains_key("BCC"), "{uri} {name}: {headers:?}");
+            delivery.acker.ack().await.unwrap();
+            assert_eq!(transport.queue_info(name).await.unwrap().message_count, 0, "{uri}");
+        }
+        for name in &names {
+            transport.delete_queue(name).await.unwrap();
+        }
+        transport.close().await;
+    }
+}

@@ -6,6 +6,7 @@ use crate::clock;
 use crate::transport::{HeaderValue, Headers};
 
 use super::queue::Message;
+use super::sender_selected;
 
 /// Why a message is dead-lettered (the `reason` of its `x-death` entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +38,8 @@ impl Reason {
 /// same queue and reason is counted up and moved to the front, a new one is prepended),
 /// sets the `x-first-death-*` headers once, moves a per-message `expiration` into the
 /// entry's `original-expiration`, and re-addresses the message to the dead-letter exchange
-/// and routing key (or its original routing key).
+/// and routing key (or its original routing keys, `CC` and `BCC` included; a dead-letter
+/// routing key replaces them all and removes the `CC` header).
 pub(super) fn dead_letter(
     message: &mut Message,
     queue: &str,
@@ -71,9 +73,11 @@ pub(super) fn dead_letter(
             table.insert("queue".to_owned(), queue.into());
             table.insert("time".to_owned(), HeaderValue::Timestamp(now));
             table.insert("exchange".to_owned(), message.exchange.as_str().into());
+            let cc = sender_selected::cc_routes(headers);
+            let keys = std::iter::once(message.routing_key.clone()).chain(cc);
             table.insert(
                 "routing-keys".to_owned(),
-                HeaderValue::Array(vec![message.routing_key.as_str().into()]),
+                HeaderValue::Array(keys.map(HeaderValue::String).collect()),
             );
             if let Some(expiration) = original_expiration {
                 table.insert("original-expiration".to_owned(), expiration.into());
@@ -92,7 +96,10 @@ pub(super) fn dead_letter(
     }
     message.exchange = exchange.to_owned();
     if let Some(key) = routing_key {
+        // re-addressed to one key: the `CC` and `BCC` keys route it no more
         message.routing_key = key.to_owned();
+        message.header_routes.clear();
+        sender_selected::remove_cc(headers);
     }
 }
 

@@ -177,6 +177,7 @@ mod tests {
         let message = |body: &'static str| Message {
             exchange: "d".into(),
             routing_key: "k".into(),
+            header_routes: Vec::new(),
             body: body.into(),
             properties: Default::default(),
         };

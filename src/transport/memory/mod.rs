@@ -3,8 +3,9 @@
 //!
 //! [`MemoryBroker`] holds exchanges (default, direct, fanout, topic, headers), queues
 //! (TTL, `x-expires`, dead-lettering with `x-death`, `x-max-length`, quorum delivery
-//! counts, exclusive and auto-delete queues) and unsettled deliveries. [`MemoryTransport`]
-//! is a connection to it and implements [`Transport`](crate::transport::Transport).
+//! counts, exclusive and auto-delete queues) and unsettled deliveries, and routes a message
+//! by its `CC` and `BCC` headers too, as RabbitMQ does. [`MemoryTransport`] is a connection
+//! to it and implements [`Transport`](crate::transport::Transport).
 //! `memory://` reaches the process-wide default broker, `memory://NAME` a named one.
 //!
 //! Like a stock RabbitMQ, it refuses the exchange type `x-delayed-message` unless the
@@ -55,6 +56,9 @@ mod delayed;
 mod delayed_tests;
 mod queue;
 mod routing;
+mod sender_selected;
+#[cfg(test)]
+mod sender_selected_tests;
 #[cfg(test)]
 mod short_string_tests;
 mod state;

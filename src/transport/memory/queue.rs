@@ -27,10 +27,22 @@ pub(super) struct Message {
     pub exchange: String,
     /// Routing key it was (last) published with.
     pub routing_key: String,
+    /// The keys of its `CC` and `BCC` headers when published, which route it besides
+    /// `routing_key` (kept for its dead-lettering, as RabbitMQ keeps them: `BCC` is gone
+    /// from its headers).
+    pub header_routes: Vec<String>,
     /// The body.
     pub body: Bytes,
     /// The properties.
     pub properties: Properties,
+}
+
+impl Message {
+    /// Every key it is routed with: its routing key, then those of its `CC` and `BCC`.
+    pub fn routing_keys(&self) -> Vec<&str> {
+        let header_routes = self.header_routes.iter().map(String::as_str);
+        std::iter::once(self.routing_key.as_str()).chain(header_routes).collect()
+    }
 }
 
 /// A message in a queue (ready or unacknowledged) with its per-queue bookkeeping.

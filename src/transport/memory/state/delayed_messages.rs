@@ -34,7 +34,7 @@ impl State {
             let by = held.by.clone();
             let message = held.released();
             let headers = &message.properties.headers;
-            let Ok(Routing { queues, held_by }) = self.route(&by, &message.routing_key, headers)
+            let Ok(Routing { queues, held_by }) = self.route(&by, &message.routing_keys(), headers)
             else {
                 continue;
             };

@@ -13,6 +13,7 @@ use crate::transport::memory::arguments::Overflow;
 use crate::transport::memory::dead_letter::{self, Reason};
 use crate::transport::memory::delayed;
 use crate::transport::memory::queue::{Entry, Message};
+use crate::transport::memory::sender_selected;
 
 /// Where a message goes: queues now, and delayed exchanges that hold it first.
 #[derive(Debug, Default)]
@@ -24,16 +25,22 @@ pub(super) struct Routing {
 }
 
 impl State {
-    /// Where a message goes (following alternate exchanges when no queue matched).
+    /// Where a message routed with `keys` goes (following alternate exchanges when no queue
+    /// matched any key).
     pub(super) fn route(
         &self,
         exchange: &str,
-        key: &str,
+        keys: &[&str],
         headers: &Headers,
     ) -> Result<Routing, TransportError> {
         if exchange.is_empty() {
-            let queues =
-                if self.queues.contains_key(key) { vec![key.to_owned()] } else { Vec::new() };
+            let mut queues: Vec<String> = keys
+                .iter()
+                .filter(|key| self.queues.contains_key(**key))
+                .map(|key| (*key).to_owned())
+                .collect();
+            queues.sort_unstable();
+            queues.dedup();
             return Ok(Routing { queues, held_by: Vec::new() });
         }
         let mut current =
@@ -49,7 +56,11 @@ impl State {
             };
             match held_for {
                 Some(delay) => held_by.push((name.to_owned(), delay)),
-                None => current.route(key, headers, &mut targets),
+                None => {
+                    for key in keys {
+                        current.route(key, headers, &mut targets);
+                    }
+                }
             }
             if !targets.is_empty() {
                 break;
@@ -126,18 +137,21 @@ impl State {
         now: Instant,
     ) -> Result<(), TransportError> {
         let expiration = parse_expiration(message.properties.expiration.as_deref())?;
+        let mut properties = message.properties;
+        let header_routes = sender_selected::take_header_routes(&mut properties.headers)?;
+        let message = Message {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            header_routes,
+            body: message.body,
+            properties,
+        };
         let Routing { queues: targets, held_by } =
-            self.route(exchange, routing_key, &message.properties.headers)?;
+            self.route(exchange, &message.routing_keys(), &message.properties.headers)?;
         let copies = targets.len() + held_by.len();
         if copies > 0 {
             self.check_room(message.body.len(), copies)?;
         }
-        let message = Message {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            body: message.body,
-            properties: message.properties,
-        };
         self.hold(&message, held_by, now);
         // A held message reaches no queue yet: like the plugin, a mandatory publish of it is
         // returned, although it is delivered once due.
@@ -223,7 +237,7 @@ impl State {
         let DeadLetter { queue, reason, mut message, exchange, routing_key } = letter;
         dead_letter::dead_letter(&mut message, &queue, reason, &exchange, routing_key.as_deref());
         let Ok(Routing { queues: mut targets, held_by }) =
-            self.route(&message.exchange, &message.routing_key, &message.properties.headers)
+            self.route(&message.exchange, &message.routing_keys(), &message.properties.headers)
         else {
             return;
         };
