@@ -14,7 +14,9 @@ use micro_framework::config::RetryDelay;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::retry::{AsyncBackOff, BackOffData};
-use micro_framework::settle::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ERROR_KIND};
+use micro_framework::settle::{
+    HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ERROR_KIND, HEADER_ORIGINAL_CC,
+};
 use micro_framework::testing::{take_messages, TestService};
 use micro_framework::transport::{
     HeaderValue, Headers, OutgoingMessage, PublishOptions, QueueSpec,
@@ -376,5 +378,68 @@ async fn a_retry_is_not_filtered_again() {
         assert!(!open.load(Ordering::SeqCst));
         service.stop().await.unwrap();
         common::cleanup(&uri, &markers).await;
+    }
+}
+
+/// Counts the calls of the route of a second work queue.
+#[derive(Default)]
+struct OtherQueueCalls(std::sync::atomic::AtomicU64);
+
+fn always_fails(Payload(_): Payload<Value>, Dep(journal): Dep<Arc<Journal>>) -> Result<(), String> {
+    journal.0.lock().unwrap().push(0);
+    Err("always fails".into())
+}
+
+fn counts(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<OtherQueueCalls>>) {
+    calls.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// RabbitMQ routes a publish to its routing key and to each key of its `CC` header (a sender
+/// fanning a job out to two work queues through the default exchange). A copy the service makes
+/// of the job (a retry, a dead letter) carries no `CC` (nor `BCC`), which would route it to the
+/// other queue again: the original `CC` is kept in `x-mf-original-cc` for operators.
+#[tokio::test]
+async fn a_failing_job_fanned_out_with_cc_is_not_copied_into_the_other_queue_again() {
+    for (uri, layout) in brokers_and_layouts() {
+        for retries in [Some(1), None] {
+            let marker = unique("fanned");
+            let (jobs, jobs2) = (format!("{marker}_jobs"), format!("{marker}_jobs2"));
+            let config = config(&uri, "fanned").with_retry_delay(layout);
+            let markers = [config.service_name.clone(), marker.clone()];
+            let (journal, others) =
+                (Arc::new(Journal::default()), Arc::new(OtherQueueCalls::default()));
+            let mut failing = Route::new(always_fails)
+                .entrypoint(QueueListener::new(&jobs))
+                .dependency(Shared(journal.clone()));
+            if let Some(retries) = retries {
+                failing = failing.backoff(AsyncBackOff::new(retries, Duration::from_millis(20)));
+            }
+            let routes = vec![
+                failing,
+                Route::new(counts)
+                    .entrypoint(QueueListener::new(&jobs2))
+                    .dependency(Shared(others.clone())),
+            ];
+            let service = TestService::start(routes, config).await.unwrap();
+            let cc = HeaderValue::Array(vec![HeaderValue::from(jobs2.as_str())]);
+            let headers = Headers::from([("CC".to_owned(), cc.clone())]);
+            let properties =
+                micro_framework::transport::Properties { headers, ..Default::default() };
+            let message = OutgoingMessage { body: "{}".into(), properties };
+            let transport = service.transport();
+            transport.publish("", &jobs, message, PublishOptions::default()).await.unwrap();
+
+            let dead = wait_for_messages(&service, &format!("{jobs}.dlq")).await;
+            // time for a copy routed to jobs2 to be handled there
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let what = format!("{uri} {layout:?} retries {retries:?}");
+            let attempts = usize::try_from(retries.unwrap_or(0)).unwrap() + 1;
+            assert_eq!(journal.entries().len(), attempts, "{what}");
+            assert_eq!(others.0.load(std::sync::atomic::Ordering::SeqCst), 1, "{what}");
+            assert_eq!(header(&dead[0], "CC"), &HeaderValue::Void, "{what}");
+            assert_eq!(header(&dead[0], HEADER_ORIGINAL_CC), &cc, "{what}");
+            service.stop().await.unwrap();
+            common::cleanup(&uri, &markers).await;
+        }
     }
 }

@@ -15,8 +15,9 @@ use std::process::ExitCode;
 use clap::Args;
 use micro_framework::logging::bounded;
 use micro_framework::settle::{
-    mark_first_route, HEADER_HEADERS_DROPPED, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE,
-    HEADER_ORIGINAL_ROUTING_KEY, HEADER_ORIGINAL_USER_ID,
+    mark_first_route, set_aside_routing_headers, HEADER_HEADERS_DROPPED, HEADER_ORIGINAL_CC,
+    HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_ROUTING_KEY,
+    HEADER_ORIGINAL_USER_ID,
 };
 use micro_framework::transport::{HeaderValue, OutgoingMessage, Properties, PublishOptions};
 use serde_json::{Map, Value};
@@ -168,20 +169,23 @@ fn describe(letter: DeadLetter) -> Value {
 }
 
 /// True for the headers a replay removes: the failure (`x-mf-*`, retry counters included)
-/// and the broker's dead-letter history. The original `user_id` stays: it says who sent it.
+/// and the broker's dead-letter history. The original `user_id` and `CC` stay: they say who
+/// sent it and to whom.
 fn is_failure_header(key: &str) -> bool {
-    (key.starts_with("x-mf-") && key != HEADER_ORIGINAL_USER_ID)
+    (key.starts_with("x-mf-") && key != HEADER_ORIGINAL_USER_ID && key != HEADER_ORIGINAL_CC)
         || key.starts_with("x-first-death-")
         || key.starts_with("x-last-death-")
         || key == "x-death"
         || key == "x-delivery-count"
 }
 
-/// The properties of the replayed copy of a dead letter: failure headers removed, and the
-/// `user_id` (which RabbitMQ would refuse from another user) moved to a header.
+/// The properties of the replayed copy of a dead letter: failure headers removed, the
+/// `user_id` (which RabbitMQ would refuse from another user) moved to a header, and the routing
+/// headers `CC` and `BCC` set aside (they would route the copy to other queues too).
 fn replay_properties(dead_letter: &Properties) -> Properties {
     let mut properties = dead_letter.clone();
     properties.headers.retain(|key, _| !is_failure_header(key));
+    set_aside_routing_headers(&mut properties.headers);
     if let Some(user_id) = properties.user_id.take() {
         properties.headers.insert(HEADER_ORIGINAL_USER_ID.into(), HeaderValue::from(user_id));
     }
@@ -340,7 +344,8 @@ mod tests {
         for key in ["x-mf-error", "x-mf-retry-count", "x-mf-redeliveries", "x-death"] {
             assert!(is_failure_header(key), "{key}");
         }
-        for key in ["nameko.call_id_stack", "x-custom", "x-mfa", HEADER_ORIGINAL_USER_ID] {
+        let kept = ["nameko.call_id_stack", "x-custom", "x-mfa"];
+        for key in kept.into_iter().chain([HEADER_ORIGINAL_USER_ID, HEADER_ORIGINAL_CC]) {
             assert!(!is_failure_header(key), "{key}");
         }
     }
@@ -354,6 +359,19 @@ mod tests {
         assert_eq!(copy.headers.get(HEADER_ORIGINAL_USER_ID), Some(&HeaderValue::from("alice")));
         assert!(!copy.headers.contains_key("x-mf-error"));
         // a copy of a copy keeps the first sender
+        assert_eq!(replay_properties(&copy).headers, copy.headers);
+    }
+
+    #[test]
+    fn replays_carry_no_cc_or_bcc_and_keep_the_original_cc() {
+        let cc = HeaderValue::Array(vec![HeaderValue::from("jobs2")]);
+        let mut dead_letter = Properties::default();
+        dead_letter.headers.insert("CC".into(), cc.clone());
+        dead_letter.headers.insert("BCC".into(), HeaderValue::Array(vec!["jobs3".into()]));
+        let copy = replay_properties(&dead_letter);
+        assert!(!copy.headers.contains_key("CC"), "{:?}", copy.headers);
+        assert!(!copy.headers.contains_key("BCC"), "{:?}", copy.headers);
+        assert_eq!(copy.headers.get(HEADER_ORIGINAL_CC), Some(&cc));
         assert_eq!(replay_properties(&copy).headers, copy.headers);
     }
 }

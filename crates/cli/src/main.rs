@@ -134,9 +134,10 @@ Examples:
     #[command(after_help = "\
 Each dead letter is published (confirmed) to the queue in its x-mf-original-queue header
 through the default exchange, without its failure headers (x-mf-* but
-x-mf-original-user-id) and retry counters, then removed from the dead-letter queue. A
-user_id property (which RabbitMQ refuses from another user) becomes the header
-x-mf-original-user-id. At most the messages present at the start are replayed.
+x-mf-original-user-id and x-mf-original-cc) and retry counters, then removed from the
+dead-letter queue. A user_id property (which RabbitMQ refuses from another user) becomes the
+header x-mf-original-user-id, a CC header (which would route the copy to more queues)
+x-mf-original-cc; BCC is dropped. At most the messages present at the start are replayed.
 
 Examples:
   micro-framework dlq replay evt-orders-order_paid--billing.charge

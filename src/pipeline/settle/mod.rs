@@ -48,6 +48,9 @@ pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-mf-original-routing-key";
 /// RabbitMQ accepts it only from the user it names). Any publisher can set a header, so,
 /// unlike the property, it proves nothing.
 pub const HEADER_ORIGINAL_USER_ID: &str = "x-mf-original-user-id";
+/// Header of a copy: the `CC` header of the message copied, RabbitMQ's list of further routing
+/// keys (kept in the message it delivers), which would route the copy to them again.
+pub const HEADER_ORIGINAL_CC: &str = "x-mf-original-cc";
 /// Header of a dead letter whose original headers did not fit in a frame beside the
 /// dead-letter headers: how many were dropped, and how big they made the frame.
 pub const HEADER_HEADERS_DROPPED: &str = "x-mf-headers-dropped";
@@ -349,11 +352,13 @@ pub(crate) fn take_pending_dead_letter(headers: &mut Headers) -> Option<Failure>
 /// should carry to another queue (where a publisher's value would be read as a count); and
 /// without the `user_id` property, which RabbitMQ accepts only from the user it names; its
 /// value moves to [`HEADER_ORIGINAL_USER_ID`]; and without the mark of a copy that stands in
-/// for a redelivery ([`HEADER_REDELIVERED`]), which only such a copy carries; and with only
-/// the `x-death` entries RabbitMQ could have written ([`keep_well_formed_deaths`]).
+/// for a redelivery ([`HEADER_REDELIVERED`]), which only such a copy carries; without the
+/// routing headers `CC` and `BCC` ([`set_aside_routing_headers`]); and with only the
+/// `x-death` entries RabbitMQ could have written ([`keep_well_formed_deaths`]).
 pub(crate) fn copy_properties(original: &Properties) -> Properties {
     let mut properties = original.clone();
     properties.expiration = None;
+    set_aside_routing_headers(&mut properties.headers);
     keep_well_formed_deaths(&mut properties.headers);
     properties.headers.remove("x-delivery-count");
     // a copy stands in for a redelivery only where it says so itself
@@ -362,6 +367,27 @@ pub(crate) fn copy_properties(original: &Properties) -> Properties {
         properties.headers.insert(HEADER_ORIGINAL_USER_ID.into(), user_id.into());
     }
     properties
+}
+
+/// Remove RabbitMQ's routing headers from the `headers` of a copy of a message: `CC`, moved to
+/// [`HEADER_ORIGINAL_CC`], and `BCC` (which RabbitMQ delivers to no one). RabbitMQ routes a
+/// publish to each key they list too: a copy carrying them would reach those queues again,
+/// which had the original already.
+///
+/// ```
+/// use micro_framework::settle::{set_aside_routing_headers, HEADER_ORIGINAL_CC};
+/// use micro_framework::{HeaderValue, Headers};
+///
+/// let jobs2 = HeaderValue::Array(vec!["jobs2".into()]);
+/// let mut headers = Headers::from([("CC".to_owned(), jobs2.clone())]);
+/// set_aside_routing_headers(&mut headers);
+/// assert_eq!(headers, Headers::from([(HEADER_ORIGINAL_CC.to_owned(), jobs2)]));
+/// ```
+pub fn set_aside_routing_headers(headers: &mut Headers) {
+    if let Some(cc) = headers.remove("CC") {
+        headers.insert(HEADER_ORIGINAL_CC.into(), cc);
+    }
+    headers.remove("BCC");
 }
 
 #[cfg(test)]
@@ -390,6 +416,20 @@ mod tests {
         let mut properties = Properties::default();
         properties.headers.insert("x-death".into(), x_death);
         copy_properties(&properties).headers.remove("x-death")
+    }
+
+    #[test]
+    fn a_copy_carries_no_cc_or_bcc_and_keeps_the_cc_for_operators() {
+        let cc = HeaderValue::Array(vec![HeaderValue::from("jobs2")]);
+        let mut properties = Properties::default();
+        properties.headers.insert("CC".into(), cc.clone());
+        properties.headers.insert("BCC".into(), HeaderValue::Array(vec!["jobs3".into()]));
+        let copy = copy_properties(&properties);
+        assert!(!copy.headers.contains_key("CC"), "{:?}", copy.headers);
+        assert!(!copy.headers.contains_key("BCC"), "{:?}", copy.headers);
+        assert_eq!(copy.headers.get(HEADER_ORIGINAL_CC), Some(&cc));
+        // a copy of a copy keeps the first CC
+        assert_eq!(copy_properties(&copy).headers, copy.headers);
     }
 
     #[test]
