@@ -21,6 +21,7 @@
 //!
 //! Served with `/health/live` and `/health/ready` by [`server`] when `ENABLE_METRICS=true`.
 
+mod history;
 mod page;
 mod rpc_targets;
 pub mod server;

@@ -3,13 +3,14 @@
 //! background (throughput and failures over the last 15 minutes, duration percentiles over
 //! the last 5).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use prometheus::core::Metric;
 use serde::Serialize;
 
+use super::history::{History, Totals};
 use super::Metrics;
 use crate::data::Failure;
 use crate::transport::SharedTransport;
@@ -153,18 +154,6 @@ pub struct RecentFailure {
     pub error: String,
 }
 
-/// The counters of one route at one time.
-#[derive(Debug, Clone, Default)]
-struct Counters {
-    calls: u64,
-    failures: u64,
-    /// (upper bound, cumulative count) of the duration histogram's finite buckets, then
-    /// (infinity, all observations).
-    buckets: Vec<(f64, u64)>,
-}
-
-type Snapshot = (SystemTime, BTreeMap<(String, String), Counters>);
-
 /// What the status needs besides the metrics: the routes, the history, the failures.
 #[derive(Debug)]
 pub(crate) struct StatusSource {
@@ -174,7 +163,7 @@ pub(crate) struct StatusSource {
     routes: Vec<RouteInfo>,
     metrics: Metrics,
     transport: SharedTransport,
-    history: Mutex<VecDeque<Snapshot>>,
+    history: Mutex<History>,
 }
 
 impl StatusSource {
@@ -186,7 +175,7 @@ impl StatusSource {
         transport: SharedTransport,
     ) -> Arc<Self> {
         let started_at = SystemTime::now();
-        let history = Mutex::new(VecDeque::with_capacity(SAMPLES + 1));
+        let history = Mutex::new(History::new(SAMPLES, PERCENTILE_WINDOW));
         Arc::new(StatusSource {
             service,
             broker_uri,
@@ -198,42 +187,40 @@ impl StatusSource {
         })
     }
 
-    fn history(&self) -> MutexGuard<'_, VecDeque<Snapshot>> {
+    fn history(&self) -> MutexGuard<'_, History> {
         self.history.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Record the counters now (every [`SAMPLE_EVERY`]).
     pub(crate) fn sample(&self) {
-        let snapshot = (SystemTime::now(), self.counters());
-        let mut history = self.history();
-        if history.len() == SAMPLES {
-            history.pop_front();
+        let mut totals = Vec::with_capacity(self.routes.len());
+        let mut buckets = Vec::new();
+        for route in &self.routes {
+            let (route_totals, route_buckets) = self.counters(route);
+            totals.push(route_totals);
+            buckets.extend(route_buckets.iter().map(|(_, count)| count));
         }
-        history.push_back(snapshot);
+        self.history().record(SystemTime::now(), totals, buckets);
     }
 
-    fn counters(&self) -> BTreeMap<(String, String), Counters> {
+    /// A route's calls and failures so far, and its duration histogram as (upper bound,
+    /// cumulative count) of its finite buckets, then (infinity, all observations).
+    fn counters(&self, route: &RouteInfo) -> (Totals, Vec<(f64, u64)>) {
         let metrics = &self.metrics;
-        self.routes
+        let labels = [route.context.as_str(), route.metric_label.as_str()];
+        let histogram = metrics.duration.with_label_values(&labels).metric();
+        let histogram = histogram.get_histogram();
+        let buckets = histogram
+            .get_bucket()
             .iter()
-            .map(|route| {
-                let labels = [route.context.as_str(), route.metric_label.as_str()];
-                let histogram = metrics.duration.with_label_values(&labels).metric();
-                let histogram = histogram.get_histogram();
-                let buckets = histogram
-                    .get_bucket()
-                    .iter()
-                    .map(|bucket| (bucket.upper_bound(), bucket.cumulative_count()))
-                    .chain(std::iter::once((f64::INFINITY, histogram.get_sample_count())))
-                    .collect();
-                let counters = Counters {
-                    calls: metrics.started.with_label_values(&labels).get(),
-                    failures: metrics.failed.with_label_values(&labels).get(),
-                    buckets,
-                };
-                ((route.context.clone(), route.name.clone()), counters)
-            })
-            .collect()
+            .map(|bucket| (bucket.upper_bound(), bucket.cumulative_count()))
+            .chain(std::iter::once((f64::INFINITY, histogram.get_sample_count())))
+            .collect();
+        let totals = Totals {
+            calls: metrics.started.with_label_values(&labels).get(),
+            failures: metrics.failed.with_label_values(&labels).get(),
+        };
+        (totals, buckets)
     }
 
     /// Messages waiting in each route's dead-letter queue, in the order of the routes, as far
@@ -258,28 +245,31 @@ impl StatusSource {
     /// The status now.
     pub(crate) async fn status(&self, show_failures: bool) -> Status {
         let now = SystemTime::now();
-        let current = self.counters();
-        let history: Vec<Snapshot> = self.history().iter().cloned().collect();
-        // The last sample at least a window old; none while the service is younger than the
-        // window, which then counts from the start.
-        let window_start = history
-            .iter()
-            .rev()
-            .find(|(at, _)| now.duration_since(*at).unwrap_or_default() >= PERCENTILE_WINDOW)
-            .map(|(_, counters)| counters);
+        let current: Vec<_> = self.routes.iter().map(|route| self.counters(route)).collect();
+        // cheap: the samples share their counters
+        let history = self.history().clone();
+        let window_start = history.window_start(now);
         let metrics = &self.metrics;
         let dead_letters = self.dead_letters_waiting().await;
         let mut routes = Vec::new();
-        for (route, dead_letters_waiting) in self.routes.iter().zip(dead_letters) {
-            let key = (route.context.clone(), route.name.clone());
+        for (index, ((route, (now_totals, now_buckets)), dead_letters_waiting)) in
+            self.routes.iter().zip(current).zip(dead_letters).enumerate()
+        {
             let labels = [route.context.as_str(), route.metric_label.as_str()];
-            let now_counters = current.get(&key).cloned().unwrap_or_default();
-            let since = window_start.and_then(|start| start.get(&key));
-            let recent = bucket_deltas(&now_counters.buckets, since.map(|c| c.buckets.as_slice()));
+            // a sample keeps the counts only: the bounds are the same in every one
+            let since: Option<Vec<(f64, u64)>> =
+                window_start.and_then(|start| start.buckets(index)).map(|counts| {
+                    now_buckets
+                        .iter()
+                        .map(|(bound, _)| *bound)
+                        .zip(counts.iter().copied())
+                        .collect()
+                });
+            let recent = bucket_deltas(&now_buckets, since.as_deref());
             let points = history
-                .iter()
-                .map(|(_, counters)| counters.get(&key).cloned().unwrap_or_default())
-                .chain(std::iter::once(now_counters.clone()))
+                .samples()
+                .map(|sample| sample.totals(index))
+                .chain(std::iter::once(now_totals))
                 .collect::<Vec<_>>();
             routes.push(RouteStatus {
                 name: route.name.clone(),
@@ -287,8 +277,8 @@ impl StatusSource {
                 entrypoint: route.entrypoint.clone(),
                 queue: route.queue.clone(),
                 dead_letters_waiting,
-                calls: now_counters.calls,
-                failures: now_counters.failures,
+                calls: now_totals.calls,
+                failures: now_totals.failures,
                 retries: metrics.retries.with_label_values(&labels).get(),
                 dead_lettered: metrics.dead_lettered.with_label_values(&labels).get(),
                 in_flight: u64::try_from(metrics.running.with_label_values(&labels).get())
@@ -401,6 +391,56 @@ mod tests {
         assert!((p95 - 0.75).abs() < 1e-9, "{p95}");
         assert_eq!(quantile(&[(0.1, 0), (f64::INFINITY, 0)], 0.5), None);
         assert_eq!(quantile(&[(0.1, 0), (f64::INFINITY, 4)], 0.5), Some(0.1));
+    }
+
+    fn route(name: &str) -> RouteInfo {
+        RouteInfo {
+            name: name.into(),
+            context: "default".into(),
+            metric_label: name.into(),
+            entrypoint: format!("Rpc({name})"),
+            queue: None,
+            dead_letters: false,
+        }
+    }
+
+    /// The history holds routes by their position: each route's chart and percentiles are
+    /// its own.
+    #[tokio::test]
+    async fn each_route_shows_its_own_history_and_percentiles() {
+        let name = format!("status-history-{}", uuid::Uuid::new_v4());
+        let config = crate::Config::new(name.as_str()).with_amqp_uri(format!("memory://{name}"));
+        let transport = crate::transport::connect(&config).await.unwrap();
+        let metrics = Metrics::new().unwrap();
+        let routes = vec![route("quick"), route("slow")];
+        let source = StatusSource::new(name, String::new(), routes, metrics.clone(), transport);
+        let call = |route: &str, seconds: f64, failed: bool| {
+            let series = metrics.route_series("default", route);
+            metrics.call_started(&series);
+            let elapsed = Duration::from_secs_f64(seconds);
+            metrics.call_finished(&series, ("default", route), elapsed, failed);
+        };
+        source.sample();
+        for _ in 0..3 {
+            call("slow", 2.0, false);
+        }
+        call("slow", 2.0, true);
+        source.sample();
+        call("quick", 0.004, false);
+        let status = source.status(false).await;
+        let shown = |index: usize| {
+            let route: &RouteStatus = &status.routes[index];
+            let history: Vec<_> = route.history.iter().map(|i| (i.calls, i.failures)).collect();
+            (route.name.as_str(), route.calls, route.failures, history, route.duration_p50)
+        };
+        let (name, calls, failures, history, p50) = shown(0);
+        assert_eq!((name, calls, failures), ("quick", 1, 0));
+        assert_eq!(history, vec![(0, 0), (1, 0)]);
+        assert!(p50.is_some_and(|p50| p50 <= 0.005), "{p50:?}");
+        let (name, calls, failures, history, p50) = shown(1);
+        assert_eq!((name, calls, failures), ("slow", 4, 1));
+        assert_eq!(history, vec![(4, 1), (0, 0)]);
+        assert!(p50.is_some_and(|p50| p50 > 1.0 && p50 <= 2.5), "{p50:?}");
     }
 
     #[test]
