@@ -9,9 +9,11 @@ use micro_framework::amqp::dependencies::Producer;
 #[cfg(feature = "metrics")]
 use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::dependencies::{Dependency, SetupContext};
 use micro_framework::prelude::*;
+use micro_framework::spawners::process::WORKER_SOCKET_ENV;
 use micro_framework::testing::{test_config, TestService};
-use micro_framework::{CallContext, FailureKind};
+use micro_framework::{BoxError, CallContext, FailureKind, WorkerContext};
 
 fn pid() -> u32 {
     std::process::id()
@@ -236,7 +238,7 @@ async fn an_ignored_process_mode_test() {
 fn an_ignored_test_run_with_ignored_gets_its_worker_processes() {
     let output = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["an_ignored_process_mode_test", "--exact", "--ignored", "--test-threads=1"])
-        .env_remove(micro_framework::spawners::process::WORKER_SOCKET_ENV)
+        .env_remove(WORKER_SOCKET_ENV)
         .output()
         .unwrap();
     let printed = String::from_utf8_lossy(&output.stdout);
@@ -370,4 +372,76 @@ async fn a_program_a_target_starts_in_a_worker_process_runs_as_itself() {
     assert!(report.starts_with("running after 1 s: true"), "{report}");
     assert!(report.contains("process_demo running in process"), "{report}");
     assert!(report.contains("process_demo stopped"), "stopped by SIGTERM: {report}");
+}
+
+/// Fails to set up in worker processes (a resource the service's own process holds: a port
+/// it bound, a lock file it took); with a flag file, only in those started once it exists.
+struct HeldByTheService(Option<std::path::PathBuf>);
+
+#[micro_framework::async_trait]
+impl Dependency for HeldByTheService {
+    type Output = u8;
+    async fn setup(&self, _setup: &SetupContext) -> Result<(), BoxError> {
+        let flagged = self.0.as_ref().is_none_or(|flag| flag.exists());
+        if std::env::var_os(WORKER_SOCKET_ENV).is_some() && flagged {
+            return Err("port 9464 is in use".into());
+        }
+        Ok(())
+    }
+    async fn get(&self, _call: &WorkerContext) -> Result<u8, BoxError> {
+        Ok(1)
+    }
+}
+
+fn uses_held(Dep(_): Dep<u8>) -> u32 {
+    std::process::id()
+}
+
+/// A dependency that fails to set up in a worker process fails the start with the error
+/// it fails with in the service's own process: naming the dependency and saying why (was: "a
+/// worker process did not say it was ready").
+#[tokio::test]
+async fn a_dependency_failing_to_set_up_in_a_worker_process_is_named_in_the_start_error() {
+    let config = test_config(&common::unique("held"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let routes = vec![Route::new(uses_held)
+        .entrypoint(RPCListener::new())
+        .dependency(HeldByTheService(None))];
+    let error = TestService::start(routes, config).await.unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, micro_framework::Error::Dependency { .. }), "{error:?}");
+    assert!(text.contains("HeldByTheService"), "the dependency is not named: {text}");
+    assert!(text.contains("port 9464 is in use"), "its error is not given: {text}");
+}
+
+/// The replacement of a recycled worker fails to set up a dependency (the resource was taken
+/// meanwhile), again and again: the service stops with an error that names the dependency
+/// and says why.
+#[tokio::test]
+async fn replacement_workers_failing_to_set_up_a_dependency_stop_the_service_naming_it() {
+    // the same file in the worker processes, which run this test again
+    const FLAG_ENV: &str = "TOOLKIT_PROCESS_HELD_FLAG";
+    if std::env::var_os(FLAG_ENV).is_none() {
+        std::env::set_var(FLAG_ENV, std::env::temp_dir().join(common::unique("held-flag")));
+    }
+    let flag = std::path::PathBuf::from(std::env::var_os(FLAG_ENV).unwrap());
+    let mut config = test_config(&common::unique("held_later"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    config.max_tasks_per_child = Some(1);
+    let held = HeldByTheService(Some(flag.clone()));
+    let routes = vec![Route::new(uses_held).entrypoint(RPCListener::new()).dependency(held)];
+    let service = TestService::start(routes, config).await.unwrap();
+    std::fs::write(&flag, b"").unwrap();
+    let ran: u32 = service.hook("uses_held").unwrap().rpc((), ()).await.unwrap();
+    assert_ne!(ran, std::process::id());
+    // the worker is recycled after that call, and no replacement can start
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), service.wait_stopped());
+    let stopped = stopped.await.expect("the service stops once no worker can start");
+    let _ = std::fs::remove_file(&flag);
+    let text = stopped.unwrap_err().to_string();
+    assert!(text.contains("cannot start a worker process"), "{text}");
+    assert!(text.contains("HeldByTheService"), "the dependency is not named: {text}");
+    assert!(text.contains("port 9464 is in use"), "its error is not given: {text}");
 }

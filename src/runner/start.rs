@@ -298,7 +298,8 @@ async fn start_processes(
 }
 
 /// Serve calls as a worker process of the service at `socket`: set up the routes (not their
-/// entrypoints) and the dependencies, on a transport that goes through the service.
+/// entrypoints) and the dependencies, on a transport that goes through the service. A
+/// worker that cannot serve tells the service why.
 #[cfg(feature = "process")]
 pub(super) async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
     let (mut config, plans) = runner.prepare()?;
@@ -306,20 +307,34 @@ pub(super) async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> 
         Arc::make_mut(&mut config).service_name = service;
     }
     let link = WorkerLink::connect(socket).await?;
+    let (routes, set_up) = match set_up_worker(plans, &config, &link).await {
+        Ok(set_up) => set_up,
+        Err(error) => return Err(link.refuse(error).await),
+    };
+    let served = link.serve(routes).await;
+    tear_down(&set_up).await;
+    served
+}
+
+/// A worker's routes, by name, and its dependencies, set up.
+#[cfg(feature = "process")]
+async fn set_up_worker(
+    plans: Vec<RoutePlan>,
+    config: &Arc<Config>,
+    link: &WorkerLink,
+) -> Result<(HashMap<String, RouteHandle>, Vec<SharedDependency>)> {
     let env = ServiceEnv::new(config.clone(), link.transport())?;
     #[cfg(feature = "metrics")]
     env.metrics.record_rpc_calls_with(link.rpc_call_sink());
+    let set_up = set_up_dependencies(&plans, config).await?;
     let mut routes = HashMap::new();
-    let set_up = set_up_dependencies(&plans, &config).await?;
     for RoutePlan { mut route, pool, .. } in plans {
         route.entrypoint = None;
         let local = WorkerPool::new(1, WorkerMode::Thread, pool.context());
         let handle = RouteHandle::new(route, local, &env);
         routes.insert(handle.name().to_owned(), handle);
     }
-    let served = link.serve(routes).await;
-    tear_down(&set_up).await;
-    served
+    Ok((routes, set_up))
 }
 
 /// A route's set-up refused by the transport as a value AMQP cannot carry (a queue name over

@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 
 use super::control::{ControlLink, Sink};
 use super::pool::ProcessPool;
-use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Ready};
+use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Greeting, Ready};
 use super::worker::{SERVICE_NAME_ENV, SERVICE_PID_ENV, SOCKET_DIR_PREFIX, WORKER_SOCKET_ENV};
 use crate::data::Outcome;
 use crate::error::{Error, Result};
@@ -21,6 +21,9 @@ use crate::transport::SharedTransport;
 
 /// How long a worker process may take to start, its program's own set-up included.
 const START_LIMIT: Duration = Duration::from_secs(30);
+/// How long a worker process that exited during its start-up is given to have its reason for
+/// not serving read: written before it exited, it is there already, unless it never dialed.
+const LAST_WORDS: Duration = Duration::from_millis(250);
 
 /// One worker process and its two links. Dropping it closes them, and the worker exits.
 pub(super) struct Worker {
@@ -145,21 +148,31 @@ impl Launcher {
             let (reader, writer) = UnixStream::from_std(calls)?.into_split();
             let mut calls =
                 CallLink { reader: FrameReader::new(reader), writer: FrameWriter::new(writer) };
-            let ready = calls.reader.next::<Ready>().await?;
-            Ok::<_, std::io::Error>(ready.map(|Ready { pid }| (pid, calls, control, calls_socket)))
+            let greeting = calls.reader.next::<Greeting>().await?;
+            Ok::<_, std::io::Error>(
+                greeting.map(|greeting| (greeting, calls, control, calls_socket)),
+            )
         };
+        tokio::pin!(ready);
         let ready = tokio::select! {
-            ready = tokio::time::timeout(START_LIMIT, ready) => ready,
+            ready = tokio::time::timeout(START_LIMIT, &mut ready) => ready,
             status = child.wait() => {
+                // a worker that could not serve said why before it exited
+                if let Ok(Ok(Some((Err(not_ready), ..)))) =
+                    tokio::time::timeout(LAST_WORDS, &mut ready).await
+                {
+                    return Err(not_ready.into());
+                }
                 let status = status.map_or_else(|error| error.to_string(), |s| s.to_string());
                 let message = format!("a worker process exited before it was ready ({status})");
                 return Err(Error::WorkerProcess(message));
             }
         };
         match ready {
-            Ok(Ok(Some((pid, calls, control, calls_socket)))) => {
+            Ok(Ok(Some((Ok(Ready { pid }), calls, control, calls_socket)))) => {
                 Ok(Started { child, pid, calls, control, calls_socket })
             }
+            Ok(Ok(Some((Err(not_ready), ..)))) => Err(not_ready.into()),
             Ok(Ok(None)) => {
                 Err(Error::WorkerProcess("a worker process did not say it was ready".into()))
             }

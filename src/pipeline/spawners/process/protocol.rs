@@ -23,6 +23,7 @@ use crate::data::BackOffData;
 use crate::data::Failure;
 use crate::data::Message;
 use crate::data::TargetRole;
+use crate::error::Error;
 use crate::transport::{
     BindingSpec, ConsumeOptions, ExchangeSpec, OutgoingMessage, PublishOptions, QueueInfo,
     QueueSpec, TransportError,
@@ -67,10 +68,50 @@ pub(crate) struct BorrowedCall<'a> {
     pub retry: &'a BackOffData,
 }
 
-/// The first frame a worker sends on its calls link.
+/// What a worker that can serve says.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Ready {
     pub pid: u32,
+}
+
+/// The first frame a worker sends on its calls link: ready, or why it cannot serve.
+pub(crate) type Greeting = Result<Ready, NotReady>;
+
+/// Why a worker cannot serve (its dependencies' set-up failed, mostly): told to the service,
+/// whose start, or replacement of a worker, then fails with the reason rather than with the
+/// link's end alone.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct NotReady {
+    pub pid: u32,
+    /// The dependency whose set-up failed, if that is what failed.
+    pub dependency: Option<String>,
+    pub reason: String,
+}
+
+impl NotReady {
+    /// What this worker process says of `error`.
+    pub(crate) fn from_error(error: &Error) -> Self {
+        let pid = std::process::id();
+        match error {
+            Error::Dependency { name, source } => {
+                NotReady { pid, dependency: Some(name.clone()), reason: source.to_string() }
+            }
+            other => NotReady { pid, dependency: None, reason: other.to_string() },
+        }
+    }
+}
+
+impl From<NotReady> for Error {
+    /// The error the service reports: a dependency's as in the service's own process.
+    fn from(NotReady { pid, dependency, reason }: NotReady) -> Self {
+        match dependency {
+            Some(name) => Error::Dependency {
+                name,
+                source: format!("{reason} (in worker process {pid})").into(),
+            },
+            None => Error::WorkerProcess(format!("worker process {pid} cannot serve: {reason}")),
+        }
+    }
 }
 
 /// From the service to a worker, on the control link.

@@ -13,7 +13,9 @@ use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 
 use super::parent_transport::ParentTransport;
-use super::protocol::{CallRequest, FrameReader, FrameSink, FrameWriter, Ready, ToWorker};
+use super::protocol::{
+    CallRequest, FrameReader, FrameSink, FrameWriter, Greeting, NotReady, Ready, ToWorker,
+};
 use crate::data::{Failure, FailureKind, Outcome};
 use crate::error::{Error, Result};
 use crate::handler::targets::run_sync_targets_here;
@@ -110,6 +112,22 @@ impl WorkerLink {
         self.transport.rpc_call_sink()
     }
 
+    /// Tell the service why this worker cannot serve, in place of saying ready, and log it:
+    /// the service's start, or its replacement of a worker, then fails with the reason.
+    /// Returns `error`.
+    pub(crate) async fn refuse(self, error: Error) -> Error {
+        tracing::error!("this worker process cannot serve: {error}");
+        let mut writer = FrameWriter::new(self.calls);
+        let told = match writer.push(&Greeting::Err(NotReady::from_error(&error))) {
+            Ok(()) => writer.flush().await,
+            Err(unencodable) => Err(unencodable),
+        };
+        if let Err(unsent) = told {
+            tracing::debug!("cannot tell the service why: {unsent}");
+        }
+        error
+    }
+
     /// Say ready, then run the calls the service sends until it hangs up.
     ///
     /// The calls run one at a time on a thread of their own, which reads each call, runs it
@@ -118,7 +136,7 @@ impl WorkerLink {
     pub(crate) async fn serve(self, routes: HashMap<String, RouteHandle>) -> Result<()> {
         let WorkerLink { mut calls, control, transport } = self;
         let mut ready = FrameWriter::new(&mut calls);
-        ready.push(&Ready { pid: std::process::id() })?;
+        ready.push(&Greeting::Ok(Ready { pid: std::process::id() }))?;
         ready.flush().await.map_err(|_| Error::Startup("service hung up".into()))?;
         let calls = calls.into_std()?;
         let _hang_up = HangUpOnDrop(calls.try_clone()?);
