@@ -13,7 +13,7 @@ use micro_framework::dependencies::{Dependency, SetupContext};
 use micro_framework::prelude::*;
 use micro_framework::spawners::process::WORKER_SOCKET_ENV;
 use micro_framework::testing::{test_config, TestService};
-use micro_framework::{BoxError, CallContext, FailureKind, WorkerContext};
+use micro_framework::{BoxError, CallContext, FailureKind, FromContext, WorkerContext};
 
 fn pid() -> u32 {
     std::process::id()
@@ -444,4 +444,69 @@ async fn replacement_workers_failing_to_set_up_a_dependency_stop_the_service_nam
     assert!(text.contains("cannot start a worker process"), "{text}");
     assert!(text.contains("HeldByTheService"), "the dependency is not named: {text}");
     assert!(text.contains("port 9464 is in use"), "its error is not given: {text}");
+}
+
+/// Keeps a producer made from its call's context and dispatches `flushed` with it when
+/// torn down (an outbox flushed at the stop).
+struct Outbox(std::sync::Mutex<Option<Producer>>);
+
+#[micro_framework::async_trait]
+impl Dependency for Outbox {
+    type Output = u16;
+    async fn get(&self, call: &WorkerContext) -> Result<u16, BoxError> {
+        let producer = Producer::from_context(call).map_err(|error| error.to_string())?;
+        *self.0.lock().unwrap() = Some(producer);
+        Ok(1)
+    }
+    async fn teardown(&self) {
+        let producer = self.0.lock().unwrap().take();
+        if let Some(producer) = producer {
+            if let Err(error) = producer.dispatch("flushed", &std::process::id()).await {
+                eprintln!("the outbox cannot flush in {}: {error}", std::process::id());
+            }
+        }
+    }
+}
+
+fn buffered(Dep(_): Dep<u16>) {}
+
+/// A dependency's teardown in a worker process uses the broker as in a thread mode (was: its
+/// broker operations waited for answers the service no longer sent, until the worker was
+/// killed 5 s later, and the event was lost).
+#[tokio::test]
+async fn a_dependency_torn_down_in_a_worker_process_can_still_dispatch() {
+    use micro_framework::transport::{BindingSpec, ExchangeSpec, Headers, QueueSpec};
+    let config = test_config(&common::unique("outbox"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let service_name = config.service_name.clone();
+    let routes = vec![Route::new(buffered)
+        .entrypoint(RPCListener::new())
+        .dependency(Outbox(Default::default()))];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let observer = micro_framework::transport::connect(&config).await.unwrap();
+    let exchange = format!("{service_name}.events");
+    observer.declare_exchange(&ExchangeSpec::topic(exchange.clone())).await.unwrap();
+    let captured = format!("{service_name}-captured");
+    observer.declare_queue(&QueueSpec::durable(captured.clone())).await.unwrap();
+    let binding = BindingSpec {
+        queue: captured.clone(),
+        exchange: exchange.clone(),
+        routing_key: "flushed".into(),
+        arguments: Headers::new(),
+    };
+    observer.bind_queue(&binding).await.unwrap();
+    service.hook("buffered").unwrap().rpc::<()>((), ()).await.unwrap();
+    let stopping = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(30), service.stop())
+        .await
+        .expect("the stop ends")
+        .unwrap();
+    let took = stopping.elapsed();
+    let flushed = micro_framework::testing::take_messages(observer.as_ref(), &captured).await;
+    let _ = observer.delete_queue(&captured).await;
+    let _ = observer.delete_exchange(&exchange).await;
+    observer.close().await;
+    assert_eq!(flushed.unwrap().len(), 1, "the worker's outbox was not flushed at teardown");
+    assert!(took < std::time::Duration::from_secs(4), "the stop took {took:?}");
 }

@@ -311,9 +311,7 @@ pub(super) async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> 
         Ok(set_up) => set_up,
         Err(error) => return Err(link.refuse(error).await),
     };
-    let served = link.serve(routes).await;
-    tear_down(&set_up).await;
-    served
+    link.serve(routes, tear_down(&set_up)).await
 }
 
 /// A worker's routes, by name, and its dependencies, set up.

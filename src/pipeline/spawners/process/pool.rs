@@ -329,12 +329,18 @@ async fn abandoned(busy: TaskTrackerToken) -> Outcome {
     std::future::pending().await
 }
 
-/// End `worker`: close its links, which ends it, killing it if `kill` or if it did not exit
-/// within 5 s. Returns how it ended.
+/// End `worker`: close its calls link, which ends it, killing it if `kill` or if it did not
+/// exit within 5 s. Returns how it ended.
+///
+/// Its control link stays open until it has exited: the worker tears its dependencies down
+/// as it ends, and their broker traffic (a last batch of events dispatched) still goes
+/// through the service.
 async fn end(worker: Worker, kill: bool) -> String {
     let Worker { child, links: Links { pid, calls, control, .. } } = worker;
-    drop((calls, control));
-    exited(pid, child, kill).await
+    drop(calls);
+    let status = exited(pid, child, kill).await;
+    drop(control);
+    status
 }
 
 /// Wait for worker process `pid` to exit, killing it first if `kill`, or if it did not exit

@@ -218,9 +218,15 @@ impl<W: AsyncWrite + Unpin> FrameSink<W> {
 
     /// Write `frame` now, with whatever an earlier, cancelled send left unwritten. A frame
     /// that cannot be encoded is refused (`InvalidData`) and the link stays usable; any
-    /// other error means the link is broken.
+    /// other error means the link is broken. Once it is closed, nothing is written
+    /// (`NotConnected`).
     pub(crate) async fn send<T: Serialize>(&self, frame: &T) -> std::io::Result<()> {
         let mut writer = self.writer.lock().await;
+        // nobody reads the other end any more: nothing sent would be answered
+        if self.is_closed() {
+            let ended = "the link has ended";
+            return Err(std::io::Error::new(std::io::ErrorKind::NotConnected, ended));
+        }
         writer.push(frame)?;
         let written = writer.flush().await;
         if written.is_err() {

@@ -128,38 +128,55 @@ impl WorkerLink {
         error
     }
 
-    /// Say ready, then run the calls the service sends until it hangs up.
+    /// Say ready, then run the calls the service sends until it hangs up their link; then run
+    /// `finish` (the teardown of the worker's dependencies) while the control link still
+    /// carries its broker traffic, which the service serves until this process exits.
     ///
     /// The calls run one at a time on a thread of their own, which reads each call, runs it
     /// (a sync target right there) and writes its outcome; a task on the runtime reads the
     /// control link meanwhile.
-    pub(crate) async fn serve(self, routes: HashMap<String, RouteHandle>) -> Result<()> {
+    pub(crate) async fn serve(
+        self,
+        routes: HashMap<String, RouteHandle>,
+        finish: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
         let WorkerLink { mut calls, control, transport } = self;
-        let mut ready = FrameWriter::new(&mut calls);
-        ready.push(&Greeting::Ok(Ready { pid: std::process::id() }))?;
-        ready.flush().await.map_err(|_| Error::Startup("service hung up".into()))?;
-        let calls = calls.into_std()?;
-        let _hang_up = HangUpOnDrop(calls.try_clone()?);
-        let reading = tokio::spawn(read_control(control, transport.clone(), calls.try_clone()?));
-        let runtime = tokio::runtime::Handle::current();
-        let served = match runtime.runtime_flavor() {
-            // sync targets cannot block a current-thread runtime's only thread
-            tokio::runtime::RuntimeFlavor::CurrentThread => {
-                serve_calls(UnixStream::from_std(calls)?, &routes).await
-            }
-            _ => {
-                calls.set_nonblocking(false)?;
-                tokio::task::spawn_blocking(move || {
-                    run_sync_targets_here(|| serve_calls_blocking(&calls, &routes, &runtime))
-                })
-                .await
-                .map_err(|error| Error::WorkerProcess(format!("the call thread failed: {error}")))?
-            }
-        };
-        // no call runs any more, so none waits for the control link
-        reading.abort();
+        let mut reading = None;
+        let served = async {
+            let mut ready = FrameWriter::new(&mut calls);
+            ready.push(&Greeting::Ok(Ready { pid: std::process::id() }))?;
+            ready.flush().await.map_err(|_| Error::Startup("service hung up".into()))?;
+            let calls = calls.into_std()?;
+            let _hang_up = HangUpOnDrop(calls.try_clone()?);
+            let control = read_control(control, transport.clone(), calls.try_clone()?);
+            reading = Some(tokio::spawn(control));
+            let runtime = tokio::runtime::Handle::current();
+            let served = match runtime.runtime_flavor() {
+                // sync targets cannot block a current-thread runtime's only thread
+                tokio::runtime::RuntimeFlavor::CurrentThread => {
+                    serve_calls(UnixStream::from_std(calls)?, &routes).await
+                }
+                _ => {
+                    calls.set_nonblocking(false)?;
+                    tokio::task::spawn_blocking(move || {
+                        run_sync_targets_here(|| serve_calls_blocking(&calls, &routes, &runtime))
+                    })
+                    .await
+                    .map_err(|error| {
+                        Error::WorkerProcess(format!("the call thread failed: {error}"))
+                    })?
+                }
+            };
+            Ok::<_, Error>(served?)
+        }
+        .await;
+        finish.await;
+        // no call and no teardown runs any more, so none waits for the control link
+        if let Some(reading) = reading {
+            reading.abort();
+        }
         transport.link_ended();
-        Ok(served?)
+        served
     }
 }
 
@@ -362,6 +379,26 @@ mod tests {
         assert!(!transport.is_connected());
     }
 
+    /// The service stopped writing to the control link but still reads it (as while it ends
+    /// a worker): a broker operation asked after that fails at once, rather than waiting for
+    /// an answer nobody sends.
+    #[tokio::test]
+    async fn a_broker_operation_asked_once_the_service_hung_up_fails_at_once() {
+        let (calls, _service_calls) = UnixStream::pair().unwrap();
+        let (worker_end, service_end) = UnixStream::pair().unwrap();
+        let WorkerLink { control, transport, calls } = WorkerLink::over(calls, worker_end);
+        let (_service_reads, service_writes) = service_end.into_split();
+        drop(service_writes);
+        let reading = read_control(control, transport.clone(), calls.into_std().unwrap());
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), reading).await;
+        assert!(matches!(read, Ok(Ok(()))), "the reader ends with the link: {read:?}");
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(5), transport.queue_info("q"))
+                .await
+                .expect("the operation fails at once");
+        assert!(matches!(answer, Err(TransportError::Closed { .. })), "{answer:?}");
+    }
+
     #[tokio::test]
     async fn a_frame_from_the_service_that_cannot_be_read_stops_the_worker() {
         let (calls, service_calls) = UnixStream::pair().unwrap();
@@ -410,7 +447,7 @@ mod tests {
             let (control, service_control) = UnixStream::pair().unwrap();
             (WorkerLink::over(calls, control), service_calls, service_control)
         });
-        let serving = runtime.spawn(link.serve(HashMap::new()));
+        let serving = runtime.spawn(link.serve(HashMap::new(), async {}));
         // the worker says ready, then its call thread waits in its blocking read
         let mut ready = [0u8; 1];
         let service_calls = service_calls.into_std().unwrap();
