@@ -833,7 +833,7 @@ fn ctrl_c_while_workers_start_stops_the_service_once_started() {
     assert!(status.success(), "{status}:\n{logs}");
 }
 
-/// A start-up warning (here: TASK_TIME_LIMIT has no effect on the thread-mode context) is the
+/// A start-up warning (here: TASK_TIME_LIMIT cannot stop the thread-mode context's functions) is the
 /// service's to log, once: its worker processes, which plan the same routes, and every worker
 /// that replaces one (with MAX_TASKS_PER_CHILD=1, after each call) do not repeat it.
 #[test]
@@ -846,7 +846,7 @@ fn start_up_warnings_are_logged_once_not_by_every_worker() {
     let answer = service.get("/whoami/5", std::time::Duration::from_secs(15));
     assert!(answer.is_ok_and(|(status, _)| status == 200));
     let logs = service.logs();
-    let warned = logs.matches("TASK_TIME_LIMIT (1s) has no effect").count();
+    let warned = logs.matches("TASK_TIME_LIMIT (1s) cannot stop").count();
     assert_eq!(warned, 1, "{logs}");
 }
 
