@@ -895,7 +895,7 @@ fn publish_a_message_id_that_is_not_utf8(source: &str, event: &str) -> bool {
 /// A message whose short-string property is not UTF-8 cannot be read by the AMQP client
 /// (nor by py-amqp): the connection drops, and RabbitMQ delivers it again first on the next.
 /// The service says so, and waits longer and longer between reconnects rather than
-/// reconnecting as fast as the broker answers (hundreds of times a second).
+/// reconnecting as fast as the broker answers (tens of times a second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_the_amqp_client_cannot_read_is_named_and_costs_few_reconnects() {
     let Some(uri) = common::rabbitmq_uri() else { return };
@@ -918,6 +918,6 @@ async fn a_message_the_amqp_client_cannot_read_is_named_and_costs_few_reconnects
     let logged = common::logs::logged();
     assert!(logged.contains("cannot read a frame the broker sent"), "{logged}");
     assert!(logged.contains("not UTF-8"), "{logged}");
-    // 0, 0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2 s between them: 8 in 6 s (several hundred before)
+    // 0, 0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2 s between them: 8 in 6 s (hundreds before)
     assert!((1..=20).contains(&reconnects), "{reconnects} reconnects in 6 s");
 }

@@ -1,7 +1,7 @@
 //! Lost links: why each was lost, for the log, and the pause before reconnecting when links
 //! keep dying young. A broker that drops every new connection at once (one message the AMQP
 //! client cannot read, first in a queue, is delivered again on each) would otherwise be
-//! reconnected to as fast as it answers, hundreds of times a second.
+//! reconnected to as fast as it answers, tens of times a second.
 
 use std::time::Duration;
 
