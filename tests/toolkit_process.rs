@@ -470,12 +470,13 @@ impl Dependency for Outbox {
 
 fn buffered(Dep(_): Dep<u16>) {}
 
+fn flushed(Payload(_pid): Payload<u32>) {}
+
 /// A dependency's teardown in a worker process uses the broker as in a thread mode (was: its
 /// broker operations waited for answers the service no longer sent, until the worker was
 /// killed 5 s later, and the event was lost).
 #[tokio::test]
 async fn a_dependency_torn_down_in_a_worker_process_can_still_dispatch() {
-    use micro_framework::transport::{BindingSpec, ExchangeSpec, Headers, QueueSpec};
     let config = test_config(&common::unique("outbox"))
         .with_worker_mode(WorkerMode::Process)
         .with_max_workers(1);
@@ -484,18 +485,15 @@ async fn a_dependency_torn_down_in_a_worker_process_can_still_dispatch() {
         .entrypoint(RPCListener::new())
         .dependency(Outbox(Default::default()))];
     let service = TestService::start(routes, config.clone()).await.unwrap();
-    let observer = micro_framework::transport::connect(&config).await.unwrap();
-    let exchange = format!("{service_name}.events");
-    observer.declare_exchange(&ExchangeSpec::topic(exchange.clone())).await.unwrap();
-    let captured = format!("{service_name}-captured");
-    observer.declare_queue(&QueueSpec::durable(captured.clone())).await.unwrap();
-    let binding = BindingSpec {
-        queue: captured.clone(),
-        exchange: exchange.clone(),
-        routing_key: "flushed".into(),
-        arguments: Headers::new(),
-    };
-    observer.bind_queue(&binding).await.unwrap();
+    // a service of its own on the same broker (its virtual host under TEST_AMQP_URI, which
+    // it keeps while it runs) listens to the event the outbox flushes at the stop
+    let observer = config
+        .clone()
+        .with_service_name(format!("{service_name}_observer"))
+        .with_worker_mode(WorkerMode::Thread);
+    let flushed =
+        Route::new(flushed).entrypoint(EventListener::new(service_name.clone(), "flushed"));
+    let observer = TestService::start(vec![flushed], observer).await.unwrap();
     service.hook("buffered").unwrap().rpc::<()>((), ()).await.unwrap();
     let stopping = std::time::Instant::now();
     tokio::time::timeout(std::time::Duration::from_secs(30), service.stop())
@@ -503,10 +501,12 @@ async fn a_dependency_torn_down_in_a_worker_process_can_still_dispatch() {
         .expect("the stop ends")
         .unwrap();
     let took = stopping.elapsed();
-    let flushed = micro_framework::testing::take_messages(observer.as_ref(), &captured).await;
-    let _ = observer.delete_queue(&captured).await;
-    let _ = observer.delete_exchange(&exchange).await;
-    observer.close().await;
-    assert_eq!(flushed.unwrap().len(), 1, "the worker's outbox was not flushed at teardown");
+    let seen = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        observer.wait_for_route("flushed", 1),
+    )
+    .await;
+    observer.stop().await.unwrap();
+    assert!(seen.is_ok_and(|seen| seen.is_ok()), "the worker's outbox was not flushed at teardown");
     assert!(took < std::time::Duration::from_secs(4), "the stop took {took:?}");
 }
