@@ -79,13 +79,6 @@ pub(super) struct ConsumerSlot {
     pub sender: mpsc::Sender<Delivery>,
 }
 
-impl Drop for Queue {
-    /// A deleted queue's messages go with it.
-    fn drop(&mut self) {
-        self.broker_ready.fetch_sub(self.held(), Ordering::Relaxed);
-    }
-}
-
 impl ConsumerSlot {
     /// Whether it may receive one more delivery now.
     fn has_credit(&self) -> bool {
@@ -282,5 +275,12 @@ impl Queue {
             );
         }
         properties
+    }
+}
+
+impl Drop for Queue {
+    /// A deleted queue's messages go with it.
+    fn drop(&mut self) {
+        self.broker_ready.fetch_sub(self.held(), Ordering::Relaxed);
     }
 }

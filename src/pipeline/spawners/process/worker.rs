@@ -117,12 +117,8 @@ impl WorkerLink {
     /// Returns `error`.
     pub(crate) async fn refuse(self, error: Error) -> Error {
         tracing::error!("this worker process cannot serve: {error}");
-        let mut writer = FrameWriter::new(self.calls);
-        let told = match writer.push(&Greeting::Err(NotReady::from_error(&error))) {
-            Ok(()) => writer.flush().await,
-            Err(unencodable) => Err(unencodable),
-        };
-        if let Err(unsent) = told {
+        let mut calls = self.calls;
+        if let Err(unsent) = greet(&mut calls, &Greeting::Err(NotReady::from_error(&error))).await {
             tracing::debug!("cannot tell the service why: {unsent}");
         }
         error
@@ -143,9 +139,10 @@ impl WorkerLink {
         let WorkerLink { mut calls, control, transport } = self;
         let mut reading = None;
         let served = async {
-            let mut ready = FrameWriter::new(&mut calls);
-            ready.push(&Greeting::Ok(Ready { pid: std::process::id() }))?;
-            ready.flush().await.map_err(|_| Error::Startup("service hung up".into()))?;
+            let ready = Greeting::Ok(Ready { pid: std::process::id() });
+            greet(&mut calls, &ready)
+                .await
+                .map_err(|_| Error::Startup("service hung up".into()))?;
             let calls = calls.into_std()?;
             let _hang_up = HangUpOnDrop(calls.try_clone()?);
             let control = read_control(control, transport.clone(), calls.try_clone()?);
@@ -178,6 +175,13 @@ impl WorkerLink {
         transport.link_ended();
         served
     }
+}
+
+/// Send the service the first frame of the calls link: ready, or why not.
+async fn greet(calls: &mut UnixStream, greeting: &Greeting) -> std::io::Result<()> {
+    let mut writer = FrameWriter::new(calls);
+    writer.push(greeting)?;
+    writer.flush().await
 }
 
 /// Remove the socket this worker dialed and its directory, once dialed or not: of no use any
