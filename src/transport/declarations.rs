@@ -4,6 +4,8 @@
 //!
 //! [`Transport::declare_again`]: crate::transport::Transport::declare_again
 
+use std::collections::{BTreeMap, HashMap};
+
 use crate::transport::{BindingSpec, ExchangeSpec, QueueSpec};
 
 /// One recorded declaration.
@@ -54,10 +56,37 @@ struct Entry {
     stamp: u64,
 }
 
+/// What names an entity, to find its declaration without a search: a service with thousands
+/// of routes records tens of thousands of declarations, each recording looking its entity up.
+/// Bindings that differ only in their arguments share a key.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum EntityKey {
+    Exchange(String),
+    Queue(String),
+    Binding { queue: String, exchange: String, routing_key: String },
+}
+
+impl EntityKey {
+    fn of(declaration: &Declaration) -> EntityKey {
+        match declaration {
+            Declaration::Exchange(x) => EntityKey::Exchange(x.name.clone()),
+            Declaration::Queue(q) => EntityKey::Queue(q.name.clone()),
+            Declaration::Binding(b) => EntityKey::Binding {
+                queue: b.queue.clone(),
+                exchange: b.exchange.clone(),
+                routing_key: b.routing_key.clone(),
+            },
+        }
+    }
+}
+
 /// The ordered record of a connection's declarations, one entry per entity.
 #[derive(Debug, Default)]
 pub(crate) struct Declarations {
-    entries: Vec<Entry>,
+    /// The entries by the stamp of their first recording: declaration order.
+    entries: BTreeMap<u64, Entry>,
+    /// Each entity's place in `entries` (several for bindings differing in arguments).
+    places: HashMap<EntityKey, Vec<u64>>,
     stamps: u64,
 }
 
@@ -66,16 +95,15 @@ impl Declarations {
     /// Returns the declaration it replaced, if any (to restore it if the broker refuses).
     pub(crate) fn record(&mut self, declaration: Declaration) -> Option<Declaration> {
         self.stamps += 1;
-        let entry = Entry { declaration, stamp: self.stamps };
-        let position =
-            self.entries.iter().position(|e| e.declaration.same_entity(&entry.declaration));
-        match position {
-            Some(i) => Some(std::mem::replace(&mut self.entries[i], entry).declaration),
-            None => {
-                self.entries.push(entry);
-                None
-            }
+        let stamp = self.stamps;
+        if let Some(place) = self.place_of(&declaration, Declaration::same_entity) {
+            let entry = self.entries.get_mut(&place)?;
+            entry.stamp = stamp;
+            return Some(std::mem::replace(&mut entry.declaration, declaration));
         }
+        self.places.entry(EntityKey::of(&declaration)).or_default().push(stamp);
+        self.entries.insert(stamp, Entry { declaration, stamp });
+        None
     }
 
     /// Undo [`Declarations::record`] after the broker refused the declaration. False when
@@ -85,48 +113,48 @@ impl Declarations {
         declaration: &Declaration,
         previous: Option<Declaration>,
     ) -> bool {
-        let Some(i) = self.entries.iter().position(|e| e.declaration == *declaration) else {
+        let Some(place) = self.place_of(declaration, |a, b| a == b) else {
             return false;
         };
-        match previous {
-            Some(previous) => self.entries[i].declaration = previous,
-            None => {
-                self.entries.remove(i);
-            }
+        match (previous, self.entries.get_mut(&place)) {
+            (Some(previous), Some(entry)) => entry.declaration = previous,
+            _ => self.remove(place),
         }
         true
     }
 
     /// Forget one declaration.
     pub(crate) fn forget(&mut self, declaration: &Declaration) {
-        self.entries.retain(|e| e.declaration != *declaration);
+        if let Some(place) = self.place_of(declaration, |a, b| a == b) {
+            self.remove(place);
+        }
     }
 
     /// True when `queue` is recorded.
     pub(crate) fn has_queue(&self, queue: &str) -> bool {
-        self.entries
-            .iter()
-            .any(|e| matches!(&e.declaration, Declaration::Queue(q) if q.name == queue))
+        self.places.contains_key(&EntityKey::Queue(queue.to_owned()))
     }
 
     /// True when `queue` is recorded with this stamp (not declared again since it was read).
     pub(crate) fn has_queue_stamped(&self, queue: &str, stamp: u64) -> bool {
-        self.entries.iter().any(|e| {
-            e.stamp == stamp && matches!(&e.declaration, Declaration::Queue(q) if q.name == queue)
-        })
+        let places = self.places.get(&EntityKey::Queue(queue.to_owned()));
+        places
+            .into_iter()
+            .flatten()
+            .any(|place| self.entries.get(place).is_some_and(|e| e.stamp == stamp))
     }
 
     /// Forget a deleted queue and its bindings.
     pub(crate) fn remove_queue(&mut self, queue: &str) {
-        self.entries.retain(|e| !e.declaration.of_queue(queue));
+        self.remove_where(|d| d.of_queue(queue));
     }
 
     /// Forget a deleted exchange and the bindings to it.
     pub(crate) fn remove_exchange(&mut self, exchange: &str) {
-        self.entries.retain(|e| match &e.declaration {
-            Declaration::Exchange(x) => x.name != exchange,
-            Declaration::Binding(b) => b.exchange != exchange,
-            Declaration::Queue(_) => true,
+        self.remove_where(|d| match d {
+            Declaration::Exchange(x) => x.name == exchange,
+            Declaration::Binding(b) => b.exchange == exchange,
+            Declaration::Queue(_) => false,
         });
     }
 
@@ -159,26 +187,65 @@ impl Declarations {
 
     /// Every recorded declaration with its stamp, in declaration order.
     pub(crate) fn stamped(&self) -> impl Iterator<Item = (&Declaration, u64)> {
-        self.entries.iter().map(|e| (&e.declaration, e.stamp))
+        self.entries.values().map(|e| (&e.declaration, e.stamp))
     }
 
     fn declarations(&self) -> impl Iterator<Item = &Declaration> {
-        self.entries.iter().map(|e| &e.declaration)
+        self.entries.values().map(|e| &e.declaration)
+    }
+
+    /// The place of the recorded declaration that `matches` the given one.
+    fn place_of(
+        &self,
+        declaration: &Declaration,
+        matches: impl Fn(&Declaration, &Declaration) -> bool,
+    ) -> Option<u64> {
+        let places = self.places.get(&EntityKey::of(declaration))?;
+        places.iter().copied().find(|place| {
+            self.entries.get(place).is_some_and(|e| matches(&e.declaration, declaration))
+        })
+    }
+
+    fn remove(&mut self, place: u64) {
+        let Some(entry) = self.entries.remove(&place) else {
+            return;
+        };
+        let key = EntityKey::of(&entry.declaration);
+        if let Some(places) = self.places.get_mut(&key) {
+            places.retain(|p| *p != place);
+            if places.is_empty() {
+                self.places.remove(&key);
+            }
+        }
+    }
+
+    /// Forget every declaration `doomed` selects (a scan: deletions are rare beside records).
+    fn remove_where(&mut self, doomed: impl Fn(&Declaration) -> bool) {
+        let places: Vec<u64> =
+            self.entries.iter().filter(|(_, e)| doomed(&e.declaration)).map(|(p, _)| *p).collect();
+        for place in places {
+            self.remove(place);
+        }
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::transport::{HeaderValue, Headers};
 
     /// A binding of `queue` to `exchange` with routing key `rk`.
     pub(crate) fn binding(queue: &str, exchange: &str) -> Declaration {
-        Declaration::Binding(BindingSpec {
+        Declaration::Binding(binding_spec(queue, exchange))
+    }
+
+    fn binding_spec(queue: &str, exchange: &str) -> BindingSpec {
+        BindingSpec {
             queue: queue.into(),
             exchange: exchange.into(),
             routing_key: "rk".into(),
             arguments: Default::default(),
-        })
+        }
     }
 
     fn queue(name: &str) -> Declaration {
@@ -236,6 +303,27 @@ pub(crate) mod tests {
         declarations.record(queue("q"));
         assert!(!declarations.has_queue_stamped("q", stamp));
         assert!(declarations.has_queue("q"));
+    }
+
+    #[test]
+    fn bindings_that_differ_in_arguments_are_recorded_apart() {
+        let mut declarations = Declarations::default();
+        let with = |value: &str| {
+            let mut arguments = Headers::new();
+            arguments.insert("x-match".into(), HeaderValue::from(value));
+            Declaration::Binding(BindingSpec { arguments, ..binding_spec("q", "ex") })
+        };
+        declarations.record(queue("q"));
+        declarations.record(with("all"));
+        declarations.record(with("any"));
+        assert_eq!(declarations.record(with("all")), Some(with("all")));
+        assert_eq!(all(&declarations), vec![queue("q"), with("all"), with("any")]);
+        declarations.forget(&with("all"));
+        assert_eq!(all(&declarations), vec![queue("q"), with("any")]);
+        assert!(declarations.restore(&with("any"), None));
+        declarations.remove_queue("q");
+        assert!(all(&declarations).is_empty());
+        assert!(declarations.places.is_empty(), "no place outlives its entry");
     }
 
     #[test]
