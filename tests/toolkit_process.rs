@@ -415,6 +415,30 @@ async fn a_dependency_failing_to_set_up_in_a_worker_process_is_named_in_the_star
     assert!(text.contains("port 9464 is in use"), "its error is not given: {text}");
 }
 
+/// A worker process sets up only the dependencies of its own context's routes: a
+/// thread-mode context's dependency that only one copy may hold (here, one that fails in a
+/// worker process) does not stop the start (was: every worker set up every route's
+/// dependencies, and the start failed naming it).
+#[tokio::test]
+async fn a_worker_process_sets_up_only_its_own_contexts_dependencies() {
+    let config = test_config(&common::unique("own_context"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let in_threads = RunnerContext::new(vec![Route::new(uses_held)
+        .entrypoint(RPCListener::new())
+        .dependency(HeldByTheService(None))])
+    .worker_mode(WorkerMode::Thread)
+    .metric_label("threads");
+    let runner = Runner::new(vec![Route::new(pid).entrypoint(RPCListener::new())], config)
+        .context(in_threads);
+    let service = TestService::start_runner(runner).await.unwrap();
+    let in_worker: u32 = service.hook("pid").unwrap().rpc((), ()).await.unwrap();
+    assert_ne!(in_worker, std::process::id(), "the process context's call ran in a worker");
+    let in_service: u32 = service.hook("uses_held").unwrap().rpc((), ()).await.unwrap();
+    assert_eq!(in_service, std::process::id(), "the thread context's call ran in the service");
+    service.stop().await.unwrap();
+}
+
 /// The replacement of a recycled worker fails to set up a dependency (the resource was taken
 /// meanwhile), again and again: the service stops with an error that names the dependency
 /// and says why.

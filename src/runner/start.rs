@@ -273,10 +273,9 @@ async fn start_processes(
             tracing::info!("starting {} worker processes ({})", pool.size(), pool.context());
             let processes = ProcessPool::start(
                 &config.service_name,
-                pool.size(),
+                pool,
                 env.transport.clone(),
                 env.metrics.clone(),
-                pool.time_limit(),
                 config.max_tasks_per_child,
                 worker_args.clone(),
             )
@@ -302,9 +301,15 @@ async fn start_processes(
 /// worker that cannot serve tells the service why.
 #[cfg(feature = "process")]
 pub(super) async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> {
-    let (mut config, plans) = runner.prepare()?;
+    let (mut config, mut plans) = runner.prepare()?;
     if let Some(service) = crate::pipeline::spawners::process::served_service_name() {
         Arc::make_mut(&mut config).service_name = service;
+    }
+    // Only the routes of the worker's own context: the others' dependencies would be set up
+    // in every worker for nothing, and one holding what a single copy may (a port, a lock
+    // file, a pool of connections sized for the service) would fail the start.
+    if let Some(context) = crate::pipeline::spawners::process::served_context() {
+        plans.retain(|plan| plan.pool.context() == context);
     }
     let link = WorkerLink::connect(socket).await?;
     let (routes, set_up) = match set_up_worker(plans, &config, &link).await {

@@ -13,7 +13,9 @@ use tokio::process::{Child, Command};
 use super::control::{ControlLink, Sink};
 use super::pool::ProcessPool;
 use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Greeting, Ready};
-use super::worker::{SERVICE_NAME_ENV, SERVICE_PID_ENV, SOCKET_DIR_PREFIX, WORKER_SOCKET_ENV};
+use super::worker::{
+    CONTEXT_ENV, SERVICE_NAME_ENV, SERVICE_PID_ENV, SOCKET_DIR_PREFIX, WORKER_SOCKET_ENV,
+};
 use crate::data::Outcome;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -81,6 +83,8 @@ pub(super) struct Launcher {
     pub metrics: Metrics,
     /// The name of the service, which its workers run as.
     pub service: Arc<str>,
+    /// The context whose calls its workers run: they set up only its routes' dependencies.
+    pub context: Arc<str>,
     /// The arguments of a worker process: `None` for the program's own.
     pub args: Option<Vec<OsString>>,
     /// The pool its workers are for, told when one's control link ends.
@@ -136,6 +140,7 @@ impl Launcher {
         command.args(args).env(WORKER_SOCKET_ENV, socket);
         command.env(SERVICE_PID_ENV, std::process::id().to_string());
         command.env(SERVICE_NAME_ENV, &*self.service);
+        command.env(CONTEXT_ENV, &*self.context);
         let mut child = command.kill_on_drop(true).spawn().map_err(|error| {
             Error::WorkerProcess(format!("cannot start a worker process: {error}"))
         })?;

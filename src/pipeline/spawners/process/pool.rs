@@ -15,6 +15,7 @@ use crate::data::Outcome;
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::pipeline::spawners::WorkerPool;
 use crate::transport::SharedTransport;
 
 const RESPAWN_PAUSE: Duration = Duration::from_secs(1);
@@ -67,16 +68,17 @@ impl std::fmt::Debug for ProcessPool {
 }
 
 impl ProcessPool {
-    /// Start `size` worker processes of the service named `service`.
+    /// Start the worker processes of `workers`, a process-mode context's pool, for the
+    /// service named `service`.
     pub(crate) async fn start(
         service: &str,
-        size: usize,
+        workers: &WorkerPool,
         transport: SharedTransport,
         metrics: Metrics,
-        time_limit: Option<Duration>,
         max_tasks: Option<u32>,
         args: Option<Vec<OsString>>,
     ) -> Result<Arc<Self>> {
+        let size = workers.size();
         let pool = Arc::new_cyclic(|pool| ProcessPool {
             idle: std::sync::Mutex::default(),
             ready: Semaphore::new(0),
@@ -88,11 +90,12 @@ impl ProcessPool {
                 transport,
                 metrics,
                 service: service.into(),
+                context: workers.context().into(),
                 args,
                 pool: pool.clone(),
             },
             size,
-            time_limit,
+            time_limit: workers.time_limit(),
             max_tasks,
         });
         for _ in 0..size {

@@ -32,6 +32,11 @@ pub(super) const SERVICE_PID_ENV: &str = "MF_WORKER_SERVICE_PID";
 /// worker's own set-up may name it otherwise (a test's unique name is new at every run).
 pub(super) const SERVICE_NAME_ENV: &str = "MF_WORKER_SERVICE_NAME";
 
+/// The environment variable that gives a worker process the context (its `metric_label`)
+/// whose calls it runs: the program declares every context, and a worker sets up only the
+/// routes of its own (another context's dependencies may hold what only one copy can).
+pub(super) const CONTEXT_ENV: &str = "MF_WORKER_CONTEXT";
+
 /// The environment variable a worker process sets on itself, to its own pid, before `main`:
 /// a program it starts inherits its environment, and finds there a pid not its own.
 const WORKER_PID_ENV: &str = "MF_WORKER_PID";
@@ -47,7 +52,9 @@ pub(crate) fn claim_worker_environment() {
     let own = std::process::id().to_string();
     match std::env::var(WORKER_PID_ENV) {
         Ok(pid) if pid != own => {
-            for name in [WORKER_SOCKET_ENV, SERVICE_PID_ENV, SERVICE_NAME_ENV, WORKER_PID_ENV] {
+            for name in
+                [WORKER_SOCKET_ENV, SERVICE_PID_ENV, SERVICE_NAME_ENV, CONTEXT_ENV, WORKER_PID_ENV]
+            {
                 std::env::remove_var(name);
             }
         }
@@ -66,6 +73,11 @@ pub(crate) fn worker_socket() -> Option<String> {
 /// The name of the service this worker process serves, as the service gave it.
 pub(crate) fn served_service_name() -> Option<String> {
     std::env::var(SERVICE_NAME_ENV).ok().filter(|name| !name.is_empty())
+}
+
+/// The context whose calls this worker process runs, as the service gave it.
+pub(crate) fn served_context() -> Option<String> {
+    std::env::var(CONTEXT_ENV).ok()
 }
 
 /// The two links to the service, once connected.
