@@ -97,8 +97,13 @@ impl Interval {
                 start.saturating_add(step.saturating_mul(index)).min(*max)
             }
             Interval::Exponential { start, factor, max } => {
-                let grown = start.as_secs_f64() * factor.powi(index.min(1000) as i32);
-                Duration::try_from_secs_f64(grown).unwrap_or(*max).min(*max)
+                // grows with every retry up to the cap (an infinite growth is the cap, a zero
+                // start stays zero)
+                let grown = start.as_secs_f64() * factor.powf(f64::from(index));
+                match start.is_zero() {
+                    true => Duration::ZERO,
+                    false => Duration::try_from_secs_f64(grown).unwrap_or(*max).min(*max),
+                }
             }
             Interval::Custom(IntervalFn(delay)) => delay(retry),
         };

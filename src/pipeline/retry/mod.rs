@@ -206,8 +206,11 @@ impl BackOffPolicy {
             return base;
         }
         let random = draw(f64::from(uuid::Uuid::new_v4().as_u128() as u32) / f64::from(u32::MAX));
-        let extra = base.as_secs_f64() * self.jitter * random;
-        Duration::from_millis(((base.as_secs_f64() + extra) * 1000.0) as u64)
+        // in whole milliseconds, as the interval is: through seconds in floating point, 1.001 s
+        // came back as 1000.999... ms, and the jitter that only adds took a millisecond off
+        let base = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
+        let extra = (base as f64 * self.jitter * random).round() as u64;
+        Duration::from_millis(base.saturating_add(extra))
     }
 }
 
@@ -247,6 +250,30 @@ mod tests {
         let base = Duration::from_millis(100);
         let policy = AsyncBackOff::new(1, base).jitter(f64::NAN);
         assert_eq!((policy.delay(1), policy.delay_in_steps(1)), (base, base));
+    }
+
+    #[test]
+    fn jitter_keeps_every_millisecond_of_the_interval() {
+        // a jitter whose extra is far below a millisecond: through seconds in floating point,
+        // 1001 ms came back as 1000
+        for ms in [1001, 1003, 1235, 2047, 123_457] {
+            let base = Duration::from_millis(ms);
+            let policy = AsyncBackOff::new(1, base).jitter(f64::MIN_POSITIVE);
+            let in_worker = BackOff::new(1, base).jitter(f64::MIN_POSITIVE);
+            assert_eq!((policy.delay(1), in_worker.delay(1)), (base, base), "{ms} ms");
+        }
+    }
+
+    #[test]
+    fn an_exponential_interval_grows_at_every_retry_up_to_its_cap() {
+        let hour = Duration::from_secs(3600);
+        // 1 ms * 1.001^10000 = 21.9 s (the exponent stopped at 1000: 2 ms)
+        let slow = Interval::exponential(Duration::from_millis(1), 1.001, hour);
+        assert_eq!(slow.delay(10_001), Duration::from_millis(21_916));
+        let fast = Interval::exponential(Duration::from_millis(1), 2.0, hour);
+        assert_eq!(fast.delay(u32::MAX), hour);
+        let from_zero = Interval::exponential(Duration::ZERO, 2.0, hour);
+        assert_eq!(from_zero.delay(u32::MAX), Duration::ZERO);
     }
 
     #[test]

@@ -95,16 +95,31 @@ impl Exchange {
     }
 }
 
-/// Whether a topic pattern (split into words) matches a routing key (split into words).
+/// Whether a topic pattern (split into words) matches a routing key (split into words), in
+/// time bounded by their product: a backtracking match took time exponential in the `#`s of
+/// a pattern, for a key any publisher chooses, under the broker's lock.
 pub(super) fn topic_matches<P: AsRef<str>>(pattern: &[P], key: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => key.is_empty(),
-        Some((word, rest)) => match word.as_ref() {
-            "#" => (0..=key.len()).any(|skip| topic_matches(rest, &key[skip..])),
-            "*" => !key.is_empty() && topic_matches(rest, &key[1..]),
-            literal => key.first() == Some(&literal) && topic_matches(rest, &key[1..]),
-        },
+    // matched[j]: the pattern's words so far match the key's first j words
+    let mut matched = vec![false; key.len() + 1];
+    matched[0] = true;
+    for word in pattern {
+        let word = word.as_ref();
+        let mut next = vec![false; key.len() + 1];
+        if word == "#" {
+            // zero or more words
+            let mut reached = false;
+            for (next, matched) in next.iter_mut().zip(&matched) {
+                reached |= *matched;
+                *next = reached;
+            }
+        } else {
+            for (j, key_word) in key.iter().enumerate() {
+                next[j + 1] = matched[j] && (word == "*" || *key_word == word);
+            }
+        }
+        matched = next;
     }
+    matched[key.len()]
 }
 
 /// Validates the `x-match` argument of a headers-exchange binding.
@@ -177,6 +192,21 @@ mod tests {
         assert!(!matches("*.*", "a"));
         assert!(matches("a.b", "a.b"));
         assert!(!matches("a.b", "a.bb"));
+    }
+
+    #[test]
+    fn a_pattern_of_many_hashes_is_matched_without_backtracking() {
+        // `#.a` ten times and a word the key lacks, against 60 words: a backtracking match
+        // did not end (any publisher chooses the key, and routing holds the broker's lock)
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pattern = format!("{}#.z", "#.a.".repeat(10));
+            let key = vec!["a"; 60].join(".");
+            let _ = done.send((matches(&pattern, &key), matches(&pattern, &format!("{key}.z"))));
+        });
+        let limit = std::time::Duration::from_secs(60);
+        let outcome = finished.recv_timeout(limit).expect("the match ended");
+        assert_eq!(outcome, (false, true));
     }
 
     #[test]
