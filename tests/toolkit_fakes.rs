@@ -183,6 +183,30 @@ async fn runner_level_fakes_serve_every_route_and_a_route_fake_wins() {
     }
 }
 
+/// A runner-level fake that every route's own dependency shadows reaches no route: the start
+/// warns, naming it and what to do (was: silent, and the test ran with the real dependency).
+#[tokio::test]
+async fn a_runner_level_fake_that_reaches_no_route_is_warned_of() {
+    common::logs::capture(tracing::Level::WARN);
+    let source = common::unique("source");
+    let route = Route::new(note)
+        .name("shadowed_everywhere")
+        .entrypoint(EventListener::new(&source, "e"))
+        .dependency(FakeProducer::new());
+    let runner = Runner::new(vec![route], test_config("shadowed")).dependency(FakeProducer::new());
+    let service = TestService::start_runner(runner).await.unwrap();
+    service.stop().await.unwrap();
+    let logs = common::logs::logged();
+    assert!(
+        logs.contains(
+            "::FakeProducer reaches no route: each route has its own dependency of the same \
+             output type, and a route's own is kept (replace it with Route::dependency on the \
+             route)"
+        ),
+        "{logs}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sync_targets_use_the_fakes_in_both_thread_modes() {
     for uri in broker_uris() {

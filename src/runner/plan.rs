@@ -30,6 +30,7 @@ pub(super) fn plan_routes(
 ) -> Result<Vec<RoutePlan>> {
     let mut plans: Vec<RoutePlan> = Vec::new();
     let mut labels = MetricLabels::default();
+    let mut given = vec![false; dependencies.len()];
     for context in contexts {
         let mode = context.worker_mode.unwrap_or(config.worker_mode);
         #[cfg(not(feature = "process"))]
@@ -89,9 +90,10 @@ pub(super) fn plan_routes(
                     route.name
                 )));
             }
-            for dependency in dependencies {
+            for (dependency, given) in dependencies.iter().zip(&mut given) {
                 if !route.dependencies.iter().any(|d| d.output_type() == dependency.output_type()) {
                     route.dependencies.push(dependency.clone());
+                    *given = true;
                 }
             }
             check_targets(&route)?;
@@ -99,6 +101,7 @@ pub(super) fn plan_routes(
             plans.push(RoutePlan { route, pool: pool.clone(), started: true });
         }
     }
+    warn_shadowed(dependencies, &given, &plans);
     let processes = plans.iter().any(|plan| plan.pool.mode().is_process());
     if let (Some(tasks), false) = (config.max_tasks_per_child, processes) {
         tracing::warn!(
@@ -106,6 +109,23 @@ pub(super) fn plan_routes(
         );
     }
     Ok(plans)
+}
+
+/// Warns of each runner-level dependency no route was given: every route has its own of the
+/// same output type, which it keeps. A test that swaps in a fake with `Runner::dependency` for
+/// a dependency its routes add themselves would otherwise run with the real one, unwarned.
+fn warn_shadowed(dependencies: &[SharedDependency], given: &[bool], plans: &[RoutePlan]) {
+    if plans.is_empty() || in_worker_process() {
+        return;
+    }
+    for (dependency, _) in dependencies.iter().zip(given).filter(|(_, given)| !**given) {
+        tracing::warn!(
+            "Runner::dependency {} reaches no route: each route has its own dependency of \
+             the same output type, and a route's own is kept (replace it with \
+             Route::dependency on the route)",
+            dependency.name()
+        );
+    }
 }
 
 /// Whether this process is a worker process of a service.
