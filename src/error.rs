@@ -8,7 +8,11 @@ pub use crate::data::BoxError;
 /// Errors that stop a service from starting or running, and errors of the framework's own
 /// calls. The variant says what happened; [`Error::Startup`] is only for a service that
 /// cannot start.
-#[derive(Debug, thiserror::Error)]
+///
+/// Its `Debug` is its message: a `main` returning [`Result`] prints a returned error with
+/// `Debug`, and an operator should read `invalid config WORKER_MODE="fibers": ...`, not the
+/// variant's fields. Match on the variant to tell errors apart.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The configuration is invalid.
@@ -73,6 +77,12 @@ pub enum Error {
     /// An operating-system error (signals, runtime).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// `Result` with the crate's [`Error`].

@@ -405,3 +405,24 @@ async fn a_vhost_connection_limit_reached_at_start_up_is_waited_for() {
         .expect("started once the slot freed, ticked and stopped");
     outcome.unwrap().expect("a clean stop");
 }
+
+/// A `main` returning `micro_framework::Result` prints a returned error as its message, as
+/// the README shows it (was: the derived `Debug`, `Config(ConfigError { key: ... })`).
+#[test]
+fn a_program_whose_main_returns_an_error_prints_its_message() {
+    let exe = std::env::current_exe().unwrap();
+    let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
+    let output = std::process::Command::new(examples.join("quickstart"))
+        .env("WORKER_MODE", "fibers")
+        .output()
+        .expect("cargo build --examples first");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "Error: invalid config WORKER_MODE=\"fibers\": expected one of thread, \
+             greedy_thread, process, greedy_process"
+        ),
+        "{stderr}"
+    );
+}
