@@ -190,3 +190,42 @@ async fn a_sync_target_calls_and_dispatches_blocking_under_a_plain_tokio_test() 
     assert_eq!(sum.map_err(|error| error.to_string()), Ok(42));
     service.stop().await.unwrap();
 }
+
+fn quiet() {}
+
+/// `Runner::run` on a program's own runtime (`#[tokio::main]`) logs as `Runner::start` does
+/// (was: nothing, and `LOG_FORMAT` did nothing). The test runs itself again as that program,
+/// which stops on the SIGINT it sends itself.
+#[test]
+fn runner_run_logs_as_runner_start_does() {
+    const AS_PROGRAM: &str = "LIFECYCLE_RUN_LOGS_PROGRAM";
+    if std::env::var_os(AS_PROGRAM).is_some() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let config = Config::new(common::unique("run_logs"))
+                .with_amqp_uri(format!("memory://{}", common::unique("run_logs")));
+            let routes = vec![Route::new(quiet)
+                .name("quiet_route")
+                .entrypoint(EventListener::new(common::unique("src"), "e"))];
+            tokio::spawn(async {
+                // a signal during the start stops the service once started
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let pid = std::process::id().to_string();
+                std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+            });
+            Runner::new(routes, config).run().await.unwrap();
+        });
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "runner_run_logs_as_runner_start_does", "--nocapture"])
+        .env(AS_PROGRAM, "1")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("route ready: "), "{stderr}");
+    assert!(stderr.contains("quiet_route"), "{stderr}");
+    assert!(stderr.contains("service stopped"), "{stderr}");
+}

@@ -182,7 +182,8 @@ impl Runner {
     /// process; there `run` serves calls from the service instead of consuming.
     ///
     /// With `MF_PRINT_TOPOLOGY=1` it prints the topology and returns without serving, as
-    /// [`Runner::start`] does.
+    /// [`Runner::start`] does. It logs as `start` does, unless the program installed its own
+    /// `tracing` subscriber.
     ///
     /// A sync call still running past `SHUTDOWN_TIMEOUT` keeps its thread: a runtime of the
     /// program's own waits for it when dropped, so end that runtime with
@@ -190,6 +191,7 @@ impl Runner {
     /// [`shutdown_timeout`](tokio::runtime::Runtime::shutdown_timeout), as
     /// [`Runner::start`] does.
     pub async fn run(self) -> Result<()> {
+        crate::logging::init(self.config.log_format);
         // a worker process ignores the stop signals: its service ends it
         #[cfg(feature = "process")]
         if worker_socket().is_some() {
