@@ -286,7 +286,7 @@ pub(super) fn from_vars(
 
 /// The process environment as UTF-8 pairs. Variables that are not UTF-8 are skipped, unless
 /// they are configuration keys, which is an error.
-pub(super) fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
+pub(crate) fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
     let mut vars = Vec::new();
     for (name, value) in std::env::vars_os() {
         match (name.into_string(), value.into_string()) {

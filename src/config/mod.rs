@@ -85,6 +85,7 @@ pub(crate) mod uri_list;
 mod validate;
 
 pub use error::{mask_uri, ConfigError};
+pub(crate) use load::process_env;
 pub use modes::{LogFormat, Protocol, QueueType, RetryDelay, WorkerMode};
 pub use unknown_key::UnknownKey;
 

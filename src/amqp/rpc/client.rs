@@ -10,7 +10,7 @@ use crate::amqp::rpc::caller::Caller;
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::STANDALONE_SERVICE;
 use crate::amqp::rpc::replies::ReplyListener;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::data::CallContext;
 use crate::error::Result;
 use crate::transport::{Headers, SharedTransport};
@@ -28,10 +28,14 @@ use crate::transport::{Headers, SharedTransport};
 /// use serde_json::{json, Value};
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// let client = Client::connect(&Config::from_env()?).await?;
+/// // AMQP_URI, RPC_EXCHANGE, RPC_TIMEOUT, ... from the environment; no SERVICE_NAME needed
+/// let client = Client::from_env().await?;
+/// // or from a config of your own:
+/// let other = Client::connect(&Config::new("unused").with_amqp_uri("amqp://mq/".into())).await?;
 /// let echoed: Value = client.call("bench_rpc", "echo", json!([{"a": 1}]), ()).await?;
 /// let sum: i64 = client.service("bench_rpc").call("add", (), json!({"a": 1, "b": 2})).await?;
 /// client.close().await;
+/// other.close().await;
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
@@ -50,6 +54,13 @@ impl Client {
         let headers = call_headers(&Headers::new(), config.parent_calls_tracked);
         let caller = Arc::new(Caller::new(transport, listener, &config, headers));
         Ok(Client { caller, parent_calls_tracked: config.parent_calls_tracked })
+    }
+
+    /// Connect with the configuration of the environment, as [`Config::from_env`] reads it,
+    /// but for `SERVICE_NAME`, which a client does not need: it calls as
+    /// `standalone_rpc_proxy`, as Nameko's `ClusterRpcProxy` does.
+    pub async fn from_env() -> Result<Client> {
+        Client::connect(&client_config(crate::config::process_env()?)?).await
     }
 
     /// Send `data` with every request as context, as Nameko's
@@ -106,9 +117,37 @@ impl Client {
     }
 }
 
+/// A client's configuration from `vars`, which need no `SERVICE_NAME`.
+fn client_config(mut vars: Vec<(String, String)>) -> Result<Config, ConfigError> {
+    if !vars.iter().any(|(name, _)| name == "SERVICE_NAME") {
+        vars.push(("SERVICE_NAME".into(), STANDALONE_SERVICE.into()));
+    }
+    Config::from_vars(vars)
+}
+
 /// The headers a standalone call sends: `data` as context, and a call-id stack ending with
 /// one id of this client's own, the same for all its calls (a Nameko proxy's worker context
 /// lives as long as the proxy).
 fn call_headers(data: &Headers, parent_calls_tracked: usize) -> Headers {
     CallContext::for_call(data, STANDALONE_SERVICE, "call", parent_calls_tracked).outgoing_headers()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect()
+    }
+
+    #[test]
+    fn a_clients_environment_needs_no_service_name() {
+        let config = client_config(vars(&[("RPC_TIMEOUT", "7")])).expect("no SERVICE_NAME needed");
+        assert_eq!(config.rpc_timeout, std::time::Duration::from_secs(7));
+        assert_eq!(config.service_name, STANDALONE_SERVICE);
+        let named = client_config(vars(&[("SERVICE_NAME", "orders")])).expect("valid");
+        assert_eq!(named.service_name, "orders");
+        let broken = client_config(vars(&[("RPC_TIMEOUT", "soon")])).unwrap_err();
+        assert_eq!(broken.key, "RPC_TIMEOUT");
+    }
 }
