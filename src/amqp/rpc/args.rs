@@ -70,7 +70,19 @@ pub(super) fn bind<T: DeserializeOwned>(
             Err(error) => Err(misfit(error)),
         }
     } else if args.is_empty() {
-        T::deserialize(Value::Object(kwargs.clone())).map_err(misfit)
+        T::deserialize(Value::Object(kwargs.clone())).map_err(|error| {
+            // a Python caller reads "expected a tuple" as nothing about its keywords
+            if error.to_string().starts_with("invalid type: map") {
+                let names: Vec<String> = kwargs.keys().map(|name| format!("'{name}'")).collect();
+                format!(
+                    "{method}() takes positional arguments only, got keyword arguments {} \
+                     (bind to a struct with named fields to take them)",
+                    names.join(", ")
+                )
+            } else {
+                misfit(error)
+            }
+        })
     } else {
         Err(format!(
             "{method}() takes positional or keyword arguments, not both (bind to a struct with \
@@ -116,6 +128,18 @@ mod tests {
         assert!(call::<Add>(json!(["x", 2]), json!({})).is_err());
         let greet: Greet = call(json!(["Ada"]), json!({})).unwrap();
         assert_eq!(greet, Greet { name: "Ada".into(), greeting: None });
+    }
+
+    #[test]
+    fn keyword_arguments_to_a_positional_signature_are_named() {
+        let refused = call::<(String, i64)>(json!([]), json!({"sku": "apple", "n": 2}));
+        assert_eq!(
+            refused.unwrap_err(),
+            "m() takes positional arguments only, got keyword arguments 'n', 'sku' (bind to a \
+             struct with named fields to take them)"
+        );
+        let map: Map<String, Value> = call(json!([]), json!({"sku": "apple"})).unwrap();
+        assert_eq!(map["sku"], "apple");
     }
 
     #[derive(Debug, Deserialize, PartialEq)]
