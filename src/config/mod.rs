@@ -503,7 +503,8 @@ impl Config {
     }
 
     /// What this configuration holds that nothing uses, one sentence each: the
-    /// [unknown keys](Config::unknown_keys) of a file, the
+    /// [unknown keys](Config::unknown_keys) of a file that look misspelt or are the Python
+    /// originals' (not an application's own keys, which [`Config::get`] reads), the
     /// [`AMQP_URI` options nothing reads](Config::unused_amqp_uri_options), the
     /// [environment variables that look misspelt](Config::misspelt_env_vars), a heartbeat of
     /// 0 (which does not turn heartbeats off here) and TLS files beside an `amqp://` URI. The runner logs
@@ -515,9 +516,11 @@ impl Config {
     /// assert_eq!(config.warnings().len(), 1);
     /// ```
     pub fn warnings(&self) -> Vec<String> {
+        // an application's own key is what Config::get is for: no warning at every start
         let keys = self
             .unknown_keys()
             .into_iter()
+            .filter(|(_, what)| *what != UnknownKey::Application)
             .map(|(key, what)| format!("config key {key} is {what}"));
         let options = self.unused_amqp_uri_options().into_iter().map(|option| {
             format!(

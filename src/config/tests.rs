@@ -1198,6 +1198,12 @@ fn settings_that_do_not_do_what_they_say_are_warned_about() {
     let memory = Config::new("s").with_amqp_heartbeat(0).with_amqp_uri("memory://".into());
     assert!(!warned(memory).contains(off));
     assert_eq!(Config::new("s").warnings(), Vec::<String>::new());
+    // an application's own key, read with Config::get, is not warned about at every start
+    let own = ok(Config::from_yaml_str("SERVICE_NAME: s\nINITIAL_STOCK: 5\n", &no_env));
+    assert_eq!(own.get::<u32>("INITIAL_STOCK").map(Result::ok), Some(Some(5)));
+    assert_eq!(own.warnings(), Vec::<String>::new());
+    let typo = ok(Config::from_yaml_str("SERVICE_NAME: s\nRPC_TIMOUT: 5\n", &no_env));
+    assert_eq!(typo.warnings().len(), 1);
 
     let unencrypted = "the amqp:// connection is not encrypted";
     let ca = || Some("/etc/mf/ca.pem".to_owned());
