@@ -1426,6 +1426,50 @@ async fn without_a_queue_to_retry_from_an_async_backoff_failure_runs_the_callbac
     assert_eq!(journal.entries()[..2], expected);
 }
 
+/// Hands its route one message at start-up, as the `Entrypoint` docs' example does, and
+/// keeps what the route made of it.
+struct Once(Arc<Mutex<Option<micro_framework::Handled>>>);
+
+#[micro_framework::async_trait]
+impl micro_framework::entrypoints::Entrypoint for Once {
+    fn describe(&self) -> String {
+        "Once".into()
+    }
+
+    async fn run(
+        self: Box<Self>,
+        route: micro_framework::RouteHandle,
+    ) -> micro_framework::Result<()> {
+        if let Some(permit) = route.acquire().await {
+            let handled = route.handle(permit, micro_framework::Message::default()).await;
+            route.settled(&handled);
+            *self.0.lock().unwrap() = Some(handled);
+        }
+        Ok(())
+    }
+}
+
+/// An entrypoint written outside the framework cannot publish a broker retry: its
+/// `AsyncBackOff` failure is final at once and the callback runs, as for a timer (was:
+/// `Handled::Retry`, which such an entrypoint cannot act on: the failure was neither retried
+/// nor called back).
+#[tokio::test]
+async fn an_entrypoint_of_ones_own_gets_no_broker_retry_and_its_callback_runs() {
+    let journal = Arc::new(Journal::default());
+    let handled = Arc::new(Mutex::new(None));
+    let routes = vec![CallbackRoute::new(timed_job, timed_job_failed)
+        .entrypoint(Once(handled.clone()))
+        .backoff(AsyncBackOff::new(2, Duration::from_millis(20)))
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config("memory://", "own_entrypoint")).await.unwrap();
+    service.wait_for_route("timed_job", 1).await.unwrap();
+    service.stop().await.unwrap();
+    let handled = handled.lock().unwrap().clone();
+    assert!(matches!(handled, Some(micro_framework::Handled::CalledBack(_))), "{handled:?}");
+    let expected = [("job".to_owned(), 0), ("callback after: the job failed".to_owned(), 0)];
+    assert_eq!(journal.entries(), expected);
+}
+
 // ---------------------------------------------------------------------------------------
 // A stop while a call waits between in-worker retries (`BackOff`).
 

@@ -2,7 +2,11 @@
 //! timers, HTTP, WebSocket) are built on this trait, as yours can be.
 //!
 //! An entrypoint declares what it needs in [`Entrypoint::setup`], then feeds messages to its
-//! route in [`Entrypoint::run`] until the route's `stopping()` token fires:
+//! route in [`Entrypoint::run`] until the route's `stopping()` token fires. What it gets back
+//! is how the message's handling ended, to settle its source as it sees fit: an entrypoint of
+//! yours has no broker retry (an `AsyncBackOff` failure is final at once and a
+//! `CallbackRoute`'s callback runs, as for a timer); in-worker `BackOff` retries work as
+//! anywhere.
 //!
 //! ```
 //! use micro_framework::entrypoints::Entrypoint;

@@ -38,16 +38,21 @@ pub enum EntrypointKind {
     WebSocket,
     /// The firings of a timer.
     Timer,
-    /// Any other entrypoint (a work queue, one written outside the framework).
+    /// A work queue's messages (`QueueListener`).
+    Queue,
+    /// An entrypoint written outside the framework.
     Other,
 }
 
 impl EntrypointKind {
-    /// Whether a failure the route cannot retry ends in its dead-letter queue: for messages
-    /// consumed from a queue (events, work queues). An RPC failure is replied, an HTTP or
-    /// WebSocket one answered, a timer's logged.
+    /// Whether a failure the route cannot retry ends in its dead-letter queue, and a broker
+    /// retry (`AsyncBackOff`) is published again: for messages the framework consumes from a
+    /// queue (events, work queues), which it settles. An RPC failure is replied, an HTTP or
+    /// WebSocket one answered, a timer's logged; an entrypoint written outside the framework
+    /// has no way to publish a retry or a dead letter, so its failures are final at once (the
+    /// callback runs), as a timer's.
     pub(crate) fn dead_letters(&self) -> bool {
-        matches!(self, EntrypointKind::Event { .. } | EntrypointKind::Other)
+        matches!(self, EntrypointKind::Event { .. } | EntrypointKind::Queue)
     }
 }
 
@@ -69,6 +74,7 @@ impl fmt::Debug for EntrypointKind {
             #[cfg(feature = "websocket")]
             EntrypointKind::WebSocket => f.write_str("WebSocket"),
             EntrypointKind::Timer => f.write_str("Timer"),
+            EntrypointKind::Queue => f.write_str("Queue"),
             EntrypointKind::Other => f.write_str("Other"),
         }
     }

@@ -9,6 +9,7 @@ use crate::amqp::naming::{dead_letter_queue, is_quorum, work_queue};
 use crate::data::Message;
 use crate::error::{Error, Result};
 use crate::pipeline::consume::serve_route;
+use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::settle::declare_retry_topology;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
@@ -188,6 +189,10 @@ impl Entrypoint for QueueListener {
         // counted as any queue can be, with copies.
         let quorum = !self.passive && is_quorum(&work_queue(route.config(), self.queue.clone()));
         serve_route(route, self.queue, quorum, Arc::new(|_: &Message| Ok(true))).await
+    }
+
+    fn kind(&self) -> EntrypointKind {
+        EntrypointKind::Queue
     }
 }
 
