@@ -29,6 +29,23 @@ async fn a_panicking_translator_is_bad_input_not_a_lost_message() {
     assert!(failure.message.contains("translator #1 panicked: an order"), "{failure}");
 }
 
+fn refuses(Payload(order): Payload<Value>) -> Result<(), micro_framework::Failure> {
+    Err(micro_framework::Failure::bad_input(format!("order {order} has no id")))
+}
+
+/// A `Failure` a target returns keeps its kind: `Failure::bad_input` is bad input, never
+/// retried (was: read as any error, kind `error`, retryable, its kind written into its
+/// message again).
+#[tokio::test]
+async fn a_failure_a_target_returns_keeps_its_kind() {
+    let route = Route::new(refuses)
+        .backoff(micro_framework::retry::AsyncBackOff::new(3, std::time::Duration::ZERO));
+    let message = Message::json(&json!({ "x": 1 })).unwrap();
+    let failure = call_route(route, memory_test_config("failure_kept"), message).await.unwrap_err();
+    let seen = (failure.kind, failure.retryable, failure.message.as_str());
+    assert_eq!(seen, (FailureKind::BadInput, false, r#"order {"x":1} has no id"#), "{failure:?}");
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct Order {
     id: u64,

@@ -427,9 +427,25 @@ fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcom
         TargetError::Extract(crate::handler::extract::ExtractError::Unavailable(reason)) => {
             judged(Failure::new(FailureKind::Error, reason), None)
         }
-        TargetError::Error { error, type_name } => {
-            judged(Failure::from_error(&error, type_name), Some(&*error))
-        }
+        // a Failure the target returned says itself what kind it is (bad input is never
+        // retried); only its error type is filled in when it names none
+        TargetError::Error { error, type_name } => match error.downcast_ref::<Failure>() {
+            Some(made) => {
+                let failure = Failure {
+                    error_type: match made.error_type.is_empty() {
+                        true => type_name.to_owned(),
+                        false => made.error_type.clone(),
+                    },
+                    causes: made.causes.clone(),
+                    ..Failure::new(made.kind, made.message.clone())
+                };
+                match failure.kind {
+                    FailureKind::BadInput => failure,
+                    _ => judged(failure, Some(&*error)),
+                }
+            }
+            None => judged(Failure::from_error(&error, type_name), Some(&*error)),
+        },
         TargetError::Panic(message) => {
             judged(Failure::new(FailureKind::Panic, format!("target panicked: {message}")), None)
         }
