@@ -46,9 +46,12 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connect to `config.amqp_uri`. The reply queue is declared on the first call.
+    /// Connect to `config.amqp_uri`. The reply queue is declared on the first call. A
+    /// config the runner would refuse (an empty `RPC_EXCHANGE`, a zero `RPC_TIMEOUT`) is
+    /// refused here too, before the broker is touched.
     pub async fn connect(config: &Config) -> Result<Client> {
         let config = config.clone().with_service_name(STANDALONE_SERVICE.to_owned());
+        config.validate()?;
         let transport = crate::transport::connect(&config).await?;
         let listener = Arc::new(ReplyListener::new(STANDALONE_SERVICE, config.max_message_size));
         let headers = call_headers(&Headers::new(), config.parent_calls_tracked);
@@ -138,6 +141,16 @@ mod tests {
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect()
+    }
+
+    #[tokio::test]
+    async fn a_config_the_runner_refuses_is_refused_before_connecting() {
+        let config = Config::new("unused").with_amqp_uri("memory://".into());
+        let error = Client::connect(&config.with_rpc_exchange(String::new())).await.unwrap_err();
+        assert!(
+            matches!(&error, crate::Error::Config(refused) if refused.key == "RPC_EXCHANGE"),
+            "{error}"
+        );
     }
 
     #[test]

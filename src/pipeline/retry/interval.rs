@@ -99,7 +99,8 @@ impl Interval {
             Interval::Exponential { start, factor, max } => {
                 // grows with every retry up to the cap (an infinite growth is the cap, a zero
                 // start stays zero)
-                let grown = start.as_secs_f64() * factor.powf(f64::from(index));
+                // the variant is public: a factor below 1 or no number (NaN) does not grow
+                let grown = start.as_secs_f64() * factor.max(1.0).powf(f64::from(index));
                 match start.is_zero() {
                     true => Duration::ZERO,
                     false => Duration::try_from_secs_f64(grown).unwrap_or(*max).min(*max),

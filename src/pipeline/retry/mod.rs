@@ -120,8 +120,7 @@ impl BackOffPolicy {
     /// Add up to `fraction` (0.0 to 1.0) of each delay at random; a fraction that is no number
     /// (NaN) adds nothing.
     pub fn jitter(mut self, fraction: f64) -> Self {
-        // NaN passes through `clamp` and would make every delay 0: retries without a pause
-        self.jitter = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
+        self.jitter = jitter_fraction(fraction);
         self
     }
 
@@ -202,15 +201,27 @@ impl BackOffPolicy {
     /// rounds it.
     fn jittered(&self, retry: u32, draw: impl Fn(f64) -> f64) -> Duration {
         let base = self.interval.delay(retry);
-        if self.jitter <= 0.0 {
+        // the field is public: what the setter refuses can be written to it directly
+        let jitter = jitter_fraction(self.jitter);
+        if jitter == 0.0 {
             return base;
         }
         let random = draw(f64::from(uuid::Uuid::new_v4().as_u128() as u32) / f64::from(u32::MAX));
         // in whole milliseconds, as the interval is: through seconds in floating point, 1.001 s
         // came back as 1000.999... ms, and the jitter that only adds took a millisecond off
         let base = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
-        let extra = (base as f64 * self.jitter * random).round() as u64;
+        let extra = (base as f64 * jitter * random).round() as u64;
         Duration::from_millis(base.saturating_add(extra))
+    }
+}
+
+/// A jitter as a fraction from 0.0 to 1.0: NaN passes through `clamp` and would make every
+/// delay 0, retries without a pause.
+fn jitter_fraction(fraction: f64) -> f64 {
+    if fraction.is_nan() {
+        0.0
+    } else {
+        fraction.clamp(0.0, 1.0)
     }
 }
 
@@ -250,6 +261,21 @@ mod tests {
         let base = Duration::from_millis(100);
         let policy = AsyncBackOff::new(1, base).jitter(f64::NAN);
         assert_eq!((policy.delay(1), policy.delay_in_steps(1)), (base, base));
+    }
+
+    #[test]
+    fn a_jitter_written_to_the_field_is_held_as_the_setter_holds_it() {
+        let base = Duration::from_secs(1);
+        let mut policy = AsyncBackOff::new(1, base);
+        policy.jitter = f64::NAN;
+        assert_eq!((policy.delay(1), policy.delay_in_steps(1)), (base, base));
+        policy.jitter = f64::INFINITY;
+        assert!(policy.delay(1) <= base * 2, "at most the whole delay added");
+        let mut interval = Interval::exponential(base, 2.0, Duration::from_secs(60));
+        if let Interval::Exponential { factor, .. } = &mut interval {
+            *factor = f64::NAN;
+        }
+        assert_eq!(interval.delay(3), base, "a factor that is no number does not grow");
     }
 
     #[test]
