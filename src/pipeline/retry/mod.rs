@@ -271,6 +271,9 @@ mod tests {
         assert_eq!((policy.delay(1), policy.delay_in_steps(1)), (base, base));
         policy.jitter = f64::INFINITY;
         assert!(policy.delay(1) <= base * 2, "at most the whole delay added");
+        let set = AsyncBackOff::new(1, base).jitter(5.0);
+        assert_eq!(set.jitter, 1.0, "the setter holds a fraction to 0.0..=1.0");
+        assert!((0..20).all(|_| set.delay(1) <= base * 2));
         let mut interval = Interval::exponential(base, 2.0, Duration::from_secs(60));
         if let Interval::Exponential { factor, .. } = &mut interval {
             *factor = f64::NAN;
