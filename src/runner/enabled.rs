@@ -20,11 +20,8 @@ impl EnabledEntrypoints {
         let EnabledEntrypoints::Only(names) = self else { return Ok(()) };
         for name in names {
             if !routes.clone().any(|route| route == name) {
-                let known: Vec<&str> = routes.collect();
-                return Err(Error::Startup(format!(
-                    "entrypoints restricted to route '{name}', which does not exist (routes: {})",
-                    known.join(", ")
-                )));
+                let known = routes.map(str::to_owned).collect();
+                return Err(Error::UnknownRoute { route: name.clone(), known });
             }
         }
         Ok(())
@@ -54,8 +51,12 @@ mod tests {
     #[test]
     fn unknown_names_are_refused_with_the_known_ones() {
         let only = EnabledEntrypoints::Only(vec!["paid".into(), "payed".into()]);
-        let error = only.check(["paid", "refunded"].into_iter()).unwrap_err().to_string();
-        assert!(error.contains("'payed', which does not exist"), "{error}");
-        assert!(error.contains("routes: paid, refunded"), "{error}");
+        let error = only.check(["paid", "refunded"].into_iter()).unwrap_err();
+        assert!(
+            matches!(&error, Error::UnknownRoute { route, known }
+                if route == "payed" && known == &["paid", "refunded"]),
+            "{error:?}"
+        );
+        assert_eq!(error.to_string(), "no route named 'payed' (routes: paid, refunded)");
     }
 }
