@@ -118,6 +118,20 @@ async fn a_waiter_whose_service_stopped_while_held_by_the_test_says_so() {
     service.wait_stopped().await.unwrap();
 }
 
+/// `wait_for_route` on a service that stopped says so at once, as a waiter does (was: it
+/// waited its whole limit and reported a timeout).
+#[tokio::test]
+async fn a_wait_for_a_route_of_a_stopped_service_says_so_rather_than_timing_out() {
+    let service = start().await;
+    service.begin_stop();
+    let waited = service.wait_for_route_within("on_paid", 1, Duration::from_secs(60)).await;
+    let error = waited.unwrap_err();
+    assert!(matches!(error, micro_framework::Error::Stopped(_)), "{error:?}");
+    let expected = "stopped: route 'on_paid' settled 0 of 1 messages before its service stopped";
+    assert_eq!(error.to_string(), expected);
+    service.wait_stopped().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_wait_for_a_route_the_service_lacks_names_the_routes_it_has() {
     let service = start().await;

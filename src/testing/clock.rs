@@ -71,11 +71,24 @@ impl TestService {
         limit: Duration,
     ) -> Result<()> {
         let stats = self.route(route)?.stats();
-        tokio::time::timeout(limit, stats.wait_settled(count)).await.map_err(|_| {
-            Error::Timeout(format!(
+        // a stopped service settles nothing more: waiting out the limit would only hide why
+        let stopped = self.service().stopped().clone();
+        let waited = tokio::time::timeout(limit, async {
+            tokio::select! {
+                () = stats.wait_settled(count) => true,
+                () = stopped.cancelled() => stats.settled_count() >= count,
+            }
+        });
+        match waited.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::Stopped(format!(
+                "route '{route}' settled {} of {count} messages before its service stopped",
+                stats.settled_count()
+            ))),
+            Err(_) => Err(Error::Timeout(format!(
                 "route '{route}' settled {} of {count} messages in {limit:?}",
                 stats.settled_count()
-            ))
-        })
+            ))),
+        }
     }
 }

@@ -94,7 +94,8 @@ impl TestService {
         self.service.wait_finished().await
     }
 
-    /// Begin a graceful stop and return the service, to inspect it while it stops.
+    /// Begin a graceful stop without waiting for it, to inspect the service while it stops;
+    /// [`TestService::wait_stopped`] waits for its end.
     pub fn begin_stop(&self) {
         self.service.begin_stop();
     }
