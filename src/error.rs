@@ -7,7 +7,7 @@ pub use crate::data::BoxError;
 
 /// Errors that stop a service from starting or running, and errors of the framework's own
 /// calls. The variant says what happened; [`Error::Startup`] is only for a service that
-/// cannot start.
+/// cannot be declared or started.
 ///
 /// Its `Debug` is its message: a `main` returning [`Result`] prints a returned error with
 /// `Debug`, and an operator should read `invalid config WORKER_MODE="fibers": ...`, not the
@@ -22,8 +22,9 @@ pub enum Error {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The service cannot start as declared (duplicate route names, unprovidable
-    /// parameters, missing entrypoints, an address in use, ...). Only returned while the
-    /// service starts.
+    /// parameters, missing entrypoints, an address in use, ...), or a part of it cannot be
+    /// declared (a cron expression that does not parse, a test's configuration that cannot
+    /// be made). Returned while a service is declared or starts, never once it runs.
     #[error("cannot start: {0}")]
     Startup(String),
     /// A route's entrypoint failed while the service ran; the service stopped.
