@@ -24,7 +24,7 @@
 mod history;
 mod page;
 mod rpc_targets;
-pub mod server;
+pub(crate) mod server;
 pub(crate) mod status;
 
 use std::collections::BTreeMap;
