@@ -73,7 +73,7 @@ pub fn work_queue(config: &Config, name: String) -> QueueSpec {
 }
 
 /// Whether `queue` is declared as a quorum queue.
-pub fn is_quorum(queue: &QueueSpec) -> bool {
+pub(crate) fn is_quorum(queue: &QueueSpec) -> bool {
     queue.arguments.get("x-queue-type").and_then(HeaderValue::as_str) == Some("quorum")
 }
 
@@ -83,7 +83,7 @@ pub fn dead_letter_queue(config: &Config, queue: &str) -> QueueSpec {
 }
 
 /// How long the dead-letter queue of an exclusive queue lasts past its last use.
-pub const EXCLUSIVE_DEAD_LETTER_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const EXCLUSIVE_DEAD_LETTER_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The dead-letter queue of `queue` ([`dead_letter_queue`]). That of an exclusive queue (an
 /// anonymous broadcast listener's, named anew at each start) has a lease, `x-expires` =
@@ -92,7 +92,7 @@ pub const EXCLUSIVE_DEAD_LETTER_LEASE: Duration = Duration::from_secs(7 * 24 * 3
 /// behind for ever. Each declaration renews the lease; the service declares it again before
 /// each dead letter it publishes there, so it lasts a week past the last one, long enough to
 /// read them.
-pub fn dead_letter_queue_of(config: &Config, queue: &QueueSpec) -> QueueSpec {
+pub(crate) fn dead_letter_queue_of(config: &Config, queue: &QueueSpec) -> QueueSpec {
     let mut dlq = dead_letter_queue(config, &queue.name);
     if queue.exclusive {
         let lease = i64::try_from(EXCLUSIVE_DEAD_LETTER_LEASE.as_millis()).unwrap_or(i64::MAX);

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::data::headers::{HeaderValue, Headers};
 
 /// Prefix of Nameko's context headers.
-pub const HEADER_PREFIX: &str = "nameko.";
+pub(crate) const HEADER_PREFIX: &str = "nameko.";
 const CALL_ID_STACK: &str = "call_id_stack";
 
 /// The most bytes a header name holds: AMQP sends it as a short string. A message with a

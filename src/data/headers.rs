@@ -182,6 +182,7 @@ impl Properties {
     /// let set: Vec<_> = properties.short_strings().into_iter().filter(|(.., v)| v.is_some()).collect();
     /// assert_eq!(set, [("type", "kind", &Some("order".to_owned()))]);
     /// ```
+    #[doc(hidden)] // for the workspace's CLI, not an API of its own
     pub fn short_strings(&self) -> [(&'static str, &'static str, &Option<String>); 9] {
         [
             ("content_type", "content_type", &self.content_type),

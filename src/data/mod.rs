@@ -12,7 +12,7 @@ mod outcome;
 mod retry_state;
 mod text;
 
-pub use call_context::{CallContext, HEADER_PREFIX};
+pub use call_context::CallContext;
 pub use extensions::Extensions;
 pub use failure::{Failure, FailureKind};
 pub use headers::{HeaderValue, Headers, Properties};

@@ -19,7 +19,7 @@
 //! | `rpc_call_duration_seconds` | histogram: their round trip | service, method |
 //! | `ws_active_connections` | gauge: WebSocket connections open (the Python original's) | |
 //!
-//! Served with `/health/live` and `/health/ready` by [`server`] when `ENABLE_METRICS=true`.
+//! Served with `/health/live` and `/health/ready` by its server when `ENABLE_METRICS=true`.
 
 mod history;
 mod page;

@@ -24,6 +24,7 @@ use crate::transport::{HeaderValue, Headers, Limit, Properties, TransportError};
 ///     "limit reached: event of 17 bytes exceeds MAX_MESSAGE_SIZE (16 bytes); not sent"
 /// );
 /// ```
+#[doc(hidden)] // for the workspace's CLI, not an API of its own
 pub fn check_size(
     what: impl std::fmt::Display,
     len: usize,

@@ -6,10 +6,10 @@ use crate::config::Config;
 use crate::transport::{BindingSpec, ExchangeSpec, HeaderValue, Headers, QueueSpec};
 
 /// How long an unused reply queue lives (`x-expires`, milliseconds), as Nameko declares it.
-pub const REPLY_QUEUE_EXPIRES_MS: i64 = 300_000;
+pub(crate) const REPLY_QUEUE_EXPIRES_MS: i64 = 300_000;
 
 /// The service name of standalone callers (Nameko's `ClusterRpcProxy`).
-pub const STANDALONE_SERVICE: &str = "standalone_rpc_proxy";
+pub(crate) const STANDALONE_SERVICE: &str = "standalone_rpc_proxy";
 
 /// The RPC exchange `RPC_EXCHANGE` (`nameko-rpc`): topic, durable.
 pub fn rpc_exchange(config: &Config) -> ExchangeSpec {
@@ -22,7 +22,7 @@ pub fn rpc_queue(config: &Config) -> QueueSpec {
 }
 
 /// The binding of the request queue: routing key `{service}.*`.
-pub fn rpc_binding(config: &Config) -> BindingSpec {
+pub(crate) fn rpc_binding(config: &Config) -> BindingSpec {
     BindingSpec {
         queue: rpc_queue(config).name,
         exchange: config.rpc_exchange.clone(),
@@ -40,7 +40,7 @@ pub fn rpc_binding(config: &Config) -> BindingSpec {
 /// ends its call in a timeout, as the call would while the broker is down. The caller consumes
 /// it with an exclusive consumer (no other connection can read it) and deletes it when it
 /// stops; `x-expires` removes it otherwise.
-pub fn reply_queue(service: &str, id: &str) -> QueueSpec {
+pub(crate) fn reply_queue(service: &str, id: &str) -> QueueSpec {
     let mut arguments = Headers::new();
     arguments.insert("x-expires".into(), HeaderValue::Int(REPLY_QUEUE_EXPIRES_MS));
     QueueSpec {
@@ -53,7 +53,7 @@ pub fn reply_queue(service: &str, id: &str) -> QueueSpec {
 }
 
 /// The Python micro-framework's RPC exchange (fixed there: `RPC_EXCHANGE` names Nameko's).
-pub const UFW_RPC_EXCHANGE: &str = "ufw-rpc";
+pub(crate) const UFW_RPC_EXCHANGE: &str = "ufw-rpc";
 
 /// How long an unused micro-framework reply queue lives (`x-expires`, ms: 12 hours).
 const UFW_REPLY_QUEUE_EXPIRES_MS: i64 = 43_200_000;
@@ -61,13 +61,13 @@ const UFW_REPLY_QUEUE_EXPIRES_MS: i64 = 43_200_000;
 const UFW_REPLY_MESSAGE_TTL_MS: i64 = 86_400_000;
 
 /// The micro-framework RPC exchange `ufw-rpc`: topic, durable.
-pub fn ufw_rpc_exchange() -> ExchangeSpec {
+pub(crate) fn ufw_rpc_exchange() -> ExchangeSpec {
     ExchangeSpec::topic(UFW_RPC_EXCHANGE)
 }
 
 /// The request queue of one micro-framework RPC target: `rpc-{service}-{target}`, durable,
 /// bound with `{service}.{target}`.
-pub fn ufw_target_queue(config: &Config, target: &str) -> (QueueSpec, BindingSpec) {
+pub(crate) fn ufw_target_queue(config: &Config, target: &str) -> (QueueSpec, BindingSpec) {
     let service = &config.service_name;
     ufw_bound_queue(config, format!("rpc-{service}-{target}"), format!("{service}.{target}"))
 }
@@ -75,7 +75,7 @@ pub fn ufw_target_queue(config: &Config, target: &str) -> (QueueSpec, BindingSpe
 /// The queue of a service's built-in commands (`__list_targets__`, `__get_target__`):
 /// `rpc-{service}-broadcast` bound with `{service}._broadcast.*`. Despite its name it is one
 /// queue that every instance of the service shares, as the Python original declares it.
-pub fn ufw_builtin_queue(config: &Config) -> (QueueSpec, BindingSpec) {
+pub(crate) fn ufw_builtin_queue(config: &Config) -> (QueueSpec, BindingSpec) {
     let service = &config.service_name;
     ufw_bound_queue(config, format!("rpc-{service}-broadcast"), format!("{service}._broadcast.*"))
 }
@@ -104,7 +104,7 @@ fn ufw_bound_queue(config: &Config, name: String, routing_key: String) -> (Queue
 /// The reply queue `ufw-reply-{id}` of a micro-framework caller, bound with its own name as
 /// routing key: durable, `x-message-ttl` a day, `x-expires` 12 hours, as the Python original
 /// declares it.
-pub fn ufw_reply_queue(id: &str) -> QueueSpec {
+pub(crate) fn ufw_reply_queue(id: &str) -> QueueSpec {
     let arguments = Headers::from([
         ("x-expires".to_owned(), HeaderValue::Int(UFW_REPLY_QUEUE_EXPIRES_MS)),
         ("x-message-ttl".to_owned(), HeaderValue::Int(UFW_REPLY_MESSAGE_TTL_MS)),

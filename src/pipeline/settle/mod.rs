@@ -383,6 +383,7 @@ pub(crate) fn copy_properties(original: &Properties) -> Properties {
 /// set_aside_routing_headers(&mut headers);
 /// assert_eq!(headers, Headers::from([(HEADER_ORIGINAL_CC.to_owned(), jobs2)]));
 /// ```
+#[doc(hidden)] // for the workspace's CLI, not an API of its own
 pub fn set_aside_routing_headers(headers: &mut Headers) {
     if let Some(cc) = headers.remove("CC") {
         headers.insert(HEADER_ORIGINAL_CC.into(), cc);

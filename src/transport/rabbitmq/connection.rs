@@ -194,6 +194,7 @@ impl Shared {
     }
 
     /// The generation of the last link announced.
+    #[cfg(test)]
     pub(crate) fn generation(&self) -> u64 {
         match &*self.state.borrow() {
             LinkState::Up(link) => link.generation,

@@ -103,7 +103,8 @@ impl RabbitMqTransport {
     }
 
     /// How many connections were opened so far (1, then +1 per reconnect).
-    pub fn connection_generation(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn connection_generation(&self) -> u64 {
         self.shared.generation()
     }
 
