@@ -534,3 +534,50 @@ async fn a_dependency_torn_down_in_a_worker_process_can_still_dispatch() {
     assert!(seen.is_ok_and(|seen| seen.is_ok()), "the worker's outbox was not flushed at teardown");
     assert!(took < std::time::Duration::from_secs(4), "the stop took {took:?}");
 }
+
+fn outlasts_the_stop() -> &'static str {
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    "done"
+}
+
+/// An HTTP call whose worker process a stop ends past `SHUTDOWN_TIMEOUT` is answered (`500`,
+/// kind `crashed`) when the stop ends it (was: its client waited with no answer for as long
+/// as the runtime lived; a WebSocket call, through the same `RouteHandle::handle`, had no
+/// reply and no close frame).
+#[cfg(feature = "http")]
+async fn check_an_http_call_a_stop_ends_is_answered(mode: WorkerMode) {
+    use micro_framework::http::HttpEntrypoint;
+    let config = test_config(&common::unique("ended_http"))
+        .with_worker_mode(mode)
+        .with_max_workers(1)
+        .with_web_server_address("127.0.0.1:0".to_owned())
+        .with_shutdown_timeout(std::time::Duration::from_secs(1));
+    let routes = vec![Route::new(outlasts_the_stop).entrypoint(HttpEntrypoint::get("/outlasts"))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let address = service.service().web_address().unwrap();
+    let request = tokio::spawn(reqwest::get(format!("http://{address}/outlasts")));
+    // the request has reached the route (and its call its worker) before the stop
+    let stats = service.route("outlasts_the_stop").unwrap().stats();
+    common::wait_until(|| stats.received_count() == 1, "the request").await;
+    service.stop().await.unwrap();
+    let limit = std::time::Duration::from_secs(30);
+    let response = tokio::time::timeout(limit, request).await.expect("answered").unwrap();
+    let response = response.expect("an answer, not a dropped connection");
+    assert_eq!(response.status(), 500);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "crashed", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("the service stopped while the call ran"), "{body}");
+}
+
+#[cfg(feature = "http")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_call_a_process_mode_stop_ends_is_answered() {
+    check_an_http_call_a_stop_ends_is_answered(WorkerMode::Process).await;
+}
+
+#[cfg(feature = "http")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_call_a_greedy_process_mode_stop_ends_is_answered() {
+    check_an_http_call_a_stop_ends_is_answered(WorkerMode::GreedyProcess).await;
+}

@@ -31,8 +31,21 @@ impl RouteHandle {
     /// further attempt (in `greedy_*` modes: once the stop has waited `SHUTDOWN_TIMEOUT`): it
     /// ends [`Handled::Failed`] with its last failure, whose last cause is `not retried: the
     /// service is stopping`; the callback does not run.
+    ///
+    /// In a process mode, a call still running when the stop ends its worker processes (past
+    /// `SHUTDOWN_TIMEOUT`) ends [`Handled::Failed`], kind `crashed`, so that an entrypoint
+    /// answering a client (HTTP, WebSocket) answers it rather than waiting for ever.
     pub async fn handle(&self, permit: WorkerPermit, message: Message) -> Handled {
-        self.handle_counted(permit, &Arc::new(message)).await.or_failed()
+        let message = Arc::new(message);
+        tokio::select! {
+            biased;
+            ended = self.handle_counted(permit, &message) => ended.or_failed(),
+            () = self.calls_abandoned() => Handled::Failed(Failure::new(
+                FailureKind::Crashed,
+                "the service stopped while the call ran: its worker process was ended past \
+                 SHUTDOWN_TIMEOUT",
+            )),
+        }
     }
 
     /// [`RouteHandle::handle`], and how many retries were made before the last attempt: those

@@ -313,6 +313,18 @@ impl RouteHandle {
         self.acquire().await.ok_or(unstarted)
     }
 
+    /// Completes once the route's calls still running can no longer end: in a process mode,
+    /// once the stop shuts its worker processes down (past `SHUTDOWN_TIMEOUT`; those still
+    /// running a call are killed, and a call waiting for one gets none). Never in a thread
+    /// mode, whose calls run to their end.
+    pub(crate) async fn calls_abandoned(&self) {
+        #[cfg(feature = "process")]
+        if let Some(processes) = self.inner.pool.processes() {
+            return processes.shut_down().await;
+        }
+        std::future::pending().await
+    }
+
     /// Whether the service's stop gave up waiting for its calls ([`RouteHandle::give_up`]).
     pub(crate) fn given_up(&self) -> bool {
         self.inner.given_up.is_cancelled()

@@ -303,6 +303,11 @@ impl ProcessPool {
         end(worker, kill).await
     }
 
+    /// Completes once [`ProcessPool::shutdown`] has begun: no call still running ends.
+    pub(crate) async fn shut_down(&self) {
+        self.stopped.cancelled().await
+    }
+
     /// Stop every idle worker (they exit when their socket closes), kill those whose calls
     /// still run (the service waited `SHUTDOWN_TIMEOUT` for them before), and start none any
     /// more. Returns once each has exited, and each call that ran has ended.
