@@ -172,6 +172,71 @@ async fn a_refused_dead_letter_goes_back_uncounted_and_is_made_again_without_a_n
     }
 }
 
+/// A dead letter refused while the service's user may not write (403 on every publish, the
+/// hand-back copy's too) holds its message unsettled and tries again, with pauses that grow:
+/// the target does not run again, the refusals are not logged once a second, and once the
+/// user may write again the message is dead-lettered once. Was: the hand-back copy refused,
+/// the message was requeued, came back without its pending dead letter, could not be counted
+/// either, and ran again, uncounted, once a second for as long as the refusal lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_refused_with_every_publish_holds_its_message_without_running_it_again() {
+    common::logs::capture(tracing::Level::ERROR);
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("mf_refused");
+    let shop = unique("refused");
+    let config = config(&user.uri(&uri), "refused").with_max_redeliveries(3);
+    let markers = [config.service_name.clone(), shop.clone()];
+    let service_name = config.service_name.clone();
+    let queue = format!("evt-{shop}-job--{service_name}.flaky");
+    let dlq = format!("{queue}.dlq");
+    let journal = Arc::new(Journal::default());
+    let routes = vec![Route::new(flaky)
+        .entrypoint(EventListener::new(&shop, "job"))
+        .dependency(Shared(journal.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let publisher =
+        micro_framework::transport::connect(&Config::new(unique("pub")).with_amqp_uri(uri.clone()))
+            .await
+            .unwrap();
+    user.permit(".*", "^$", ".*");
+    let job = OutgoingMessage { body: "{}".into(), properties: Default::default() };
+    let options = PublishOptions { mandatory: true };
+    publisher.publish(&format!("{shop}.events"), "job", job, options).await.unwrap();
+    common::wait_until(|| !journal.entries().is_empty(), "the first run").await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(journal.entries(), [0], "not run again while every publish is refused");
+    let logs = common::logs::logged();
+    let errors = logs.lines().filter(|line| line.contains(&service_name)).count();
+    assert!(errors <= 2, "{errors} error lines in 8 s:\n{logs}");
+    user.permit(".*", ".*", ".*");
+    let dead = wait_for_dead_letters(&*publisher, &dlq).await;
+    assert_eq!(dead.len(), 1, "one dead letter once the user may write again");
+    assert_eq!(header(&dead[0], HEADER_ERROR), &HeaderValue::from("attempt 0 failed"));
+    assert_eq!(header(&dead[0], "x-mf-redeliveries"), &HeaderValue::Void, "uncounted");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(take_messages(&*publisher, &dlq).await.unwrap().is_empty(), "only one");
+    assert!(take_messages(&*publisher, &queue).await.unwrap().is_empty(), "nothing left");
+    assert_eq!(journal.entries(), [0], "not run again once the dead letter was taken");
+    service.stop().await.unwrap();
+    publisher.close().await;
+    common::cleanup(&uri, &markers).await;
+}
+
+/// Take the messages of `queue` through `transport` once there are some (for up to 20 s).
+async fn wait_for_dead_letters(
+    transport: &dyn micro_framework::transport::Transport,
+    queue: &str,
+) -> Vec<micro_framework::Message> {
+    for _ in 0..200 {
+        let messages = take_messages(transport, queue).await.unwrap();
+        if !messages.is_empty() {
+            return messages;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no message came to {queue}");
+}
+
 /// A retry the broker does not take (its delay queue cannot be declared: a queue of that name
 /// is in the way) leaves its message unsettled: it goes back to its queue as an uncounted copy
 /// carrying the retry, and runs again as that retry; so a message the broker never takes a

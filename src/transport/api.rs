@@ -219,6 +219,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn last_broker_node(&self) -> Option<String> {
         self.broker_node()
     }
+    /// True while the broker blocks publishing on the transport's connection
+    /// (`connection.blocked`: a resource alarm). A publish sent meanwhile waits in the
+    /// connection and goes out once the alarm ends: one that timed out may still be taken,
+    /// so it is not to be published again, nor its message requeued. False from transports
+    /// that are never blocked (the default).
+    fn publishing_blocked(&self) -> bool {
+        false
+    }
     /// Close the transport; consumers end and unsettled deliveries go back to their queues.
     async fn close(&self);
 }

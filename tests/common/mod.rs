@@ -240,6 +240,11 @@ impl TemporaryUser {
         micro_framework::transport::connect(&config).await.expect("the user connects")
     }
 
+    /// Set this user's permissions on `/`: the `configure`, `write` and `read` patterns.
+    pub fn permit(&self, configure: &str, write: &str, read: &str) {
+        rabbitmqctl(&["set_permissions", "-p", "/", &self.name, configure, write, read]);
+    }
+
     /// Have the broker close every connection of this user.
     pub fn close_connections(&self) {
         rabbitmqctl(&["close_all_user_connections", &self.name, "closed by a test"]);

@@ -191,13 +191,29 @@ pub(crate) async fn hand_back_message(
     acker: &dyn Acker,
     label: &str,
 ) {
-    if !route.given_up() {
-        give_back(route.transport(), queue, copies, message, acker, label).await;
+    if let Err(error) = try_hand_back_message(route, queue, copies, message, acker, label).await {
+        requeue(acker, label, &error).await;
     }
 }
 
+/// [`hand_back_message`], but a message whose copy the broker refused is left unsettled,
+/// with the error: for a caller that holds it and tries again.
+pub(crate) async fn try_hand_back_message(
+    route: &RouteHandle,
+    queue: &str,
+    copies: Copies,
+    message: &Message,
+    acker: &dyn Acker,
+    label: &str,
+) -> Result<(), TransportError> {
+    if route.given_up() {
+        return Ok(());
+    }
+    copy_back(route.transport(), queue, copies, message, acker, label).await
+}
+
 /// Publish a copy of `message` to `queue`, then ack it; requeue it if the copy cannot be
-/// published; nothing if its channel is lost.
+/// published.
 async fn give_back(
     transport: &SharedTransport,
     queue: &str,
@@ -206,26 +222,79 @@ async fn give_back(
     acker: &dyn Acker,
     label: &str,
 ) {
+    if let Err(error) = copy_back(transport, queue, copies, message, acker, label).await {
+        requeue(acker, label, &error).await;
+    }
+}
+
+async fn requeue(acker: &dyn Acker, label: &str, error: &TransportError) {
+    tracing::warn!(route = label, "cannot hand a message back as a copy ({error}); requeued");
+    if let Err(error) = acker.nack(true).await {
+        tracing::warn!(route = label, "cannot hand a message back: {error}");
+    }
+}
+
+/// Publish a copy of `message` to `queue`, then ack it; the error of a copy not published,
+/// the delivery left unsettled. Nothing is done when its channel is lost (the broker requeued
+/// it), nor while the broker blocks publishing: a copy would wait in the connection and go
+/// out when the alarm ends, even after a stop that gave up on it closed the connection, which
+/// requeues the message too. Left unsettled, it goes back once, with its channel.
+async fn copy_back(
+    transport: &SharedTransport,
+    queue: &str,
+    copies: Copies,
+    message: &Message,
+    acker: &dyn Acker,
+    label: &str,
+) -> Result<(), TransportError> {
     if acker.channel_lost() {
         // The broker requeued the message with its channel: a copy would queue it twice.
         tracing::debug!(route = label, "not handed back: its channel is lost, which requeued it");
-        return;
+        return Ok(());
+    }
+    if transport.publishing_blocked() {
+        tracing::warn!(
+            route = label,
+            "not handed back as a copy: the broker blocks publishing (connection.blocked, a \
+             resource alarm); left unsettled, the message goes back to {queue} once, with its \
+             channel, marked redelivered"
+        );
+        return Ok(());
     }
     let count = redeliveries(&message.properties.headers, message.redelivered, copies.quorum());
-    let copied = copy_to_queue(transport, queue, copies, message, count, message.redelivered).await;
-    let settled = match copied {
-        Ok(()) => acker.ack().await,
-        Err(error) => {
-            tracing::warn!(
-                route = label,
-                "cannot hand a message back as a copy ({error}); requeued"
-            );
-            acker.nack(true).await
-        }
-    };
-    if let Err(error) = settled {
+    match copy_to_queue(transport, queue, copies, message, count, message.redelivered).await {
+        Ok(()) => {}
+        Err(error) if outcome_unknown(transport, &error) => tracing::warn!(
+            route = label,
+            "a message handed back to {queue} waits in the connection for the broker to \
+             unblock publishing ({error}); acked behind its copy, not requeued"
+        ),
+        Err(error) => return Err(error),
+    }
+    if let Err(error) = acker.ack().await {
         tracing::warn!(route = label, "cannot hand a message back: {error}");
     }
+    Ok(())
+}
+
+/// Whether a publish that failed with `error` may still be taken: it timed out while the
+/// broker blocks publishing (a resource alarm), and waits in the connection to go out once
+/// the alarm ends. Published again, or its message requeued, the message would exist twice;
+/// acked, the ack goes out behind it.
+pub(crate) fn outcome_unknown(transport: &SharedTransport, error: &TransportError) -> bool {
+    matches!(error, TransportError::TimedOut(_)) && transport.publishing_blocked()
+}
+
+/// `message`, to come back to `queue` as the attempt `next` ([`hand_back_as_retry`]).
+pub(crate) fn marked_as_retry(
+    route: &RouteHandle,
+    queue: &str,
+    message: &Message,
+    next: &BackOffData,
+) -> Message {
+    let mut marked = message.clone();
+    next.write_headers(&mut marked.properties.headers, queue, &route.identity());
+    marked
 }
 
 /// [`hand_back_message`] for a `message` to come back to `queue` as the attempt `next`: a
@@ -242,8 +311,7 @@ pub(crate) async fn hand_back_as_retry(
     acker: &dyn Acker,
     label: &str,
 ) {
-    let mut marked = message.clone();
-    next.write_headers(&mut marked.properties.headers, queue, &route.identity());
+    let marked = marked_as_retry(route, queue, message, next);
     hand_back_message(route, queue, copies, &marked, acker, label).await;
 }
 
@@ -269,6 +337,14 @@ pub(super) async fn count_redelivery(
                 format!("redelivered unsettled, and its redeliveries cannot be counted: {reason}"),
             );
             return Guarded::Refuse(delivery, failure);
+        }
+        Err(error) if outcome_unknown(&source.transport, &error) => {
+            // Handled now, it would run again when the copy goes out.
+            tracing::warn!(
+                route = %source.label,
+                "a counted redelivery waits in the connection for the broker to unblock \
+                 publishing ({error}); acked behind its copy"
+            );
         }
         Err(error) => {
             tracing::warn!(route = %source.label, "cannot count a redelivery ({error}); handling it");

@@ -32,7 +32,8 @@ use crash_guard::{
     Checked, Guarded,
 };
 pub(crate) use crash_guard::{
-    hand_back_as_retry, hand_back_message, Copies, HEADER_REDELIVERED, HEADER_REDELIVERIES,
+    hand_back_as_retry, hand_back_message, marked_as_retry, outcome_unknown, try_hand_back_message,
+    Copies, HEADER_REDELIVERED, HEADER_REDELIVERIES,
 };
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);

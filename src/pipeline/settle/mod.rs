@@ -9,7 +9,6 @@
 mod dead_letter;
 mod retry_copy;
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use dead_letter::dead_letter;
@@ -19,7 +18,10 @@ use retry_copy::{schedule_retry, NotScheduled};
 use crate::clock;
 use crate::data::{Failure, Handled, Message};
 pub use crate::pipeline::consume::mark_first_route;
-use crate::pipeline::consume::{hand_back_as_retry, hand_back_message, Copies, HEADER_REDELIVERED};
+use crate::pipeline::consume::{
+    hand_back_message, marked_as_retry, outcome_unknown, try_hand_back_message, Copies,
+    HEADER_REDELIVERED,
+};
 use crate::pipeline::delayed_message::RetryMeta;
 use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;
@@ -60,6 +62,10 @@ pub const HEADER_HEADERS_DROPPED: &str = "x-mf-headers-dropped";
 pub(crate) const HEADER_PENDING_DEAD_LETTER: &str = "x-mf-dead-letter-pending";
 
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+/// The longest pause between the attempts to settle a message held because the broker refuses
+/// both its dead letter (or retry) and its hand-back: short enough that it goes soon after
+/// the refusal ends.
+const HELD_PAUSE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Where a delivery came from: where it goes back when it cannot be settled now.
 pub(crate) struct Origin<'a> {
@@ -110,7 +116,7 @@ pub(crate) async fn settle(
             let message = delivery.message();
             let published = dead_letter(route, queue, queue, &message, failure).await;
             let done = published.is_ok().then(|| handled.clone());
-            let unsent = Unsent::DeadLetter(failure);
+            let unsent = Unsent::DeadLetter(failure, queue);
             (ack_after(route, origin, queue, delivery, unsent, published).await, done)
         }
         Handled::Retry { failure, delay } => {
@@ -156,7 +162,7 @@ async fn not_retried(
         false => Handled::Failed(failure),
         true => {
             let Some(permit) = route.acquire().await else {
-                give_back(route, origin, delivery, None).await;
+                give_back(route, origin, delivery).await;
                 return None;
             };
             if left_to_come_again(route, origin, &*delivery.acker) {
@@ -169,7 +175,7 @@ async fn not_retried(
         Handled::Failed(failure) => {
             let published = dead_letter(route, queue, queue, &message, failure).await;
             let done = published.is_ok().then(|| handled.clone());
-            let unsent = Unsent::DeadLetter(failure);
+            let unsent = Unsent::DeadLetter(failure, queue);
             (ack_after(route, origin, queue, delivery, unsent, published).await, done)
         }
         _ => (delivery.acker.ack().await, Some(handled)),
@@ -193,7 +199,7 @@ pub(crate) async fn dead_letter_unread(
     }
     let published = dead_letter(route, queue, origin.queue, &delivery.message(), &failure).await;
     let dead = published.is_ok();
-    let unsent = Unsent::DeadLetter(&failure);
+    let unsent = Unsent::DeadLetter(&failure, origin.queue);
     let settled = ack_after(route, origin, queue, delivery, unsent, published).await;
     warn_if_unsettled(route, settled);
     dead.then_some(Handled::Failed(failure))
@@ -227,16 +233,15 @@ fn warn_if_unsettled(route: &RouteHandle, settled: Result<(), TransportError>) {
 /// What the settling of a delivery could not publish.
 #[derive(Clone, Copy)]
 enum Unsent<'f> {
-    /// Its dead letter, for this failure.
-    DeadLetter(&'f Failure),
+    /// Its dead letter, for this failure, of a message consumed from this queue.
+    DeadLetter(&'f Failure, &'f str),
     /// The copy of its retry after this failure.
     Retry(&'f Failure),
 }
 
 /// Ack once `published` succeeded. Otherwise, after a pause (cut short by a stop), the message
 /// goes back as a copy the crash-loop guard does not count ([`hand_back_message`]), since its
-/// handling did not crash (requeued instead, and counted when it comes back, when that copy
-/// cannot be published either):
+/// handling did not crash:
 /// - an unsent dead letter: to `origin` as it came there, carrying its failure
 ///   ([`HEADER_PENDING_DEAD_LETTER`]): when it comes back it is dead-lettered with it, without
 ///   running again, so a dead-letter queue that refuses it for long runs no target again and
@@ -244,6 +249,11 @@ enum Unsent<'f> {
 /// - an unsent retry: to the route's `queue`, carrying the retry's state, as the retry itself
 ///   comes back; retried so, a message the broker never takes a retry copy of still ends
 ///   when its retries do.
+///
+/// When the broker refuses that copy too (no write permission, say), the message is held
+/// unsettled ([`hold`]): requeued, it would come back bare, and run again. A publish that
+/// timed out while the broker blocks publishing may still be taken ([`outcome_unknown`]):
+/// the message is acked behind it, neither copied again nor requeued.
 async fn ack_after(
     route: &RouteHandle,
     origin: &Origin<'_>,
@@ -254,46 +264,104 @@ async fn ack_after(
 ) -> Result<(), TransportError> {
     let Err(error) = published else { return delivery.acker.ack().await };
     let (what, back_to) = match unsent {
-        Unsent::DeadLetter(_) => ("dead-letter", origin.queue),
+        Unsent::DeadLetter(..) => ("dead-letter", origin.queue),
         Unsent::Retry(_) => ("schedule the retry of", queue),
     };
+    if outcome_unknown(route.transport(), &error) {
+        tracing::warn!(
+            route = route.name(),
+            "cannot {what} a failed message yet ({error}): its copy waits in the connection \
+             for the broker to unblock publishing; the message is acked behind it, not handed \
+             back (copied again, it would be handled twice)"
+        );
+        return delivery.acker.ack().await;
+    }
     tracing::error!(
         route = route.name(),
         "cannot {what} a failed message ({error}); it goes back to {back_to}"
     );
-    tokio::select! {
-        _ = route.stopping().cancelled() => {}
-        _ = tokio::time::sleep(REQUEUE_PAUSE) => {}
-    }
-    match unsent {
-        Unsent::DeadLetter(failure) => give_back(route, origin, delivery, Some(failure)).await,
+    let (message, acker) = delivery.into_parts();
+    let back = match unsent {
+        Unsent::DeadLetter(failure, _) => {
+            let mut back = origin.original.clone().unwrap_or_else(|| message.clone());
+            mark_pending_dead_letter(&mut back.properties.headers, failure);
+            back
+        }
         Unsent::Retry(failure) => {
-            let (message, acker) = delivery.into_parts();
             let retry = BackOffData::from_headers(&message.properties.headers, 0);
             let next = retry.next(failure.full_message(), clock::wall_now());
-            let (copies, acker) = (Copies::Straight { quorum: origin.quorum }, acker.as_ref());
-            hand_back_as_retry(route, queue, copies, &message, &next, acker, route.name()).await;
+            marked_as_retry(route, queue, &message, &next)
         }
+    };
+    let held = Held { back_to, copies: Copies::Straight { quorum: origin.quorum }, back, message };
+    hold(route, queue, unsent, &held, acker.as_ref()).await
+}
+
+/// A message whose dead letter or retry the broker did not take, to go back to `back_to` as
+/// `back`.
+struct Held<'a> {
+    back_to: &'a str,
+    copies: Copies,
+    back: Message,
+    /// The message as its dead letter is made of it.
+    message: Message,
+}
+
+/// Hand `held` back, after a pause; while the broker refuses its copy, hold it unsettled and
+/// try again after longer pauses (up to [`HELD_PAUSE_LIMIT`], each refusal logged once the
+/// number of attempts doubled), also its dead letter itself, until one is taken or the stop
+/// comes, which hands it back once more (requeued if refused again).
+async fn hold(
+    route: &RouteHandle,
+    queue: &str,
+    unsent: Unsent<'_>,
+    held: &Held<'_>,
+    acker: &dyn Acker,
+) -> Result<(), TransportError> {
+    let (name, back_to, copies, back) = (route.name(), held.back_to, held.copies, &held.back);
+    let mut pause = REQUEUE_PAUSE;
+    for attempt in 1u64.. {
+        tokio::select! {
+            _ = route.stopping().cancelled() => {
+                hand_back_message(route, back_to, copies, back, acker, name).await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let Err(refused) = try_hand_back_message(route, back_to, copies, back, acker, name).await
+        else {
+            return Ok(());
+        };
+        if let Unsent::DeadLetter(failure, from) = unsent {
+            match dead_letter(route, queue, from, &held.message, failure).await {
+                Ok(()) => return acker.ack().await,
+                Err(error) if outcome_unknown(route.transport(), &error) => {
+                    return acker.ack().await
+                }
+                Err(_) => {}
+            }
+        }
+        if attempt.is_power_of_two() {
+            tracing::warn!(
+                route = name,
+                "cannot hand a failed message back to {back_to} either ({refused}): held \
+                 unsettled, not run again, and tried again every {:?} or so ({attempt} \
+                 attempts)",
+                (pause * 2).min(HELD_PAUSE_LIMIT)
+            );
+        }
+        pause = (pause * 2).min(HELD_PAUSE_LIMIT);
     }
     Ok(())
 }
 
 /// Give `delivery` back to `origin` as it came there, as a copy the crash-loop guard does not
-/// count ([`hand_back_message`]; requeued if the copy cannot be published), carrying the
-/// failure it is to be dead-lettered with when it comes back, if any.
-async fn give_back(
-    route: &RouteHandle,
-    origin: &Origin<'_>,
-    delivery: Delivery,
-    pending_dead_letter: Option<&Failure>,
-) {
+/// count ([`hand_back_message`]; requeued if the copy cannot be published).
+async fn give_back(route: &RouteHandle, origin: &Origin<'_>, delivery: Delivery) {
     let (message, acker) = delivery.into_parts();
-    let mut message = Cow::Borrowed(origin.original.as_ref().unwrap_or(&message));
-    if let Some(failure) = pending_dead_letter {
-        mark_pending_dead_letter(&mut message.to_mut().properties.headers, failure);
-    }
+    let message = origin.original.as_ref().unwrap_or(&message);
     let copies = Copies::Straight { quorum: origin.quorum };
-    hand_back_message(route, origin.queue, copies, &message, acker.as_ref(), route.name()).await;
+    hand_back_message(route, origin.queue, copies, message, acker.as_ref(), route.name()).await;
 }
 
 /// Write into `headers` (a copy's, given back because its dead letter could not be published)

@@ -269,6 +269,10 @@ impl Transport for RabbitMqTransport {
         self.shared.node()
     }
 
+    fn publishing_blocked(&self) -> bool {
+        self.shared.current().is_some_and(|link| link.connection.status().blocked())
+    }
+
     fn last_broker_node(&self) -> Option<String> {
         Some(self.shared.last_node())
     }
