@@ -227,6 +227,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn publishing_blocked(&self) -> bool {
         false
     }
+    /// [`Transport::publishing_blocked`], found out by publishing, which alone tells: RabbitMQ
+    /// blocks a connection (and says so) only once it publishes during the alarm, and a
+    /// publish sent before the connection knows goes out when the alarm ends. The RabbitMQ
+    /// transport publishes a message no queue can take, and waits up to `within` for its
+    /// confirm or the block. The default asks [`Transport::publishing_blocked`].
+    async fn publishing_blocked_now(&self, _within: std::time::Duration) -> bool {
+        self.publishing_blocked()
+    }
     /// Close the transport; consumers end and unsettled deliveries go back to their queues.
     async fn close(&self);
 }

@@ -259,6 +259,10 @@ pub enum FaultKind {
     /// distribution links closed, so neither side can reconnect until the cookie is restored.
     /// With `cluster_partition_handling = pause_minority` the node pauses itself.
     Partitioned,
+    /// A memory alarm on the node (its high watermark set near 0): the broker blocks the
+    /// publishing connections of the whole cluster (`connection.blocked`); undone by setting
+    /// the watermark back to RabbitMQ's default, 0.4.
+    MemoryAlarm,
 }
 
 const PARTITION: &str = "Peers = [N || N <- rabbit_nodes:all(), N =/= node()], \
@@ -273,6 +277,7 @@ impl Fault {
         match kind {
             FaultKind::Stopped => ctl(node, &["stop_app"]),
             FaultKind::Partitioned => ctl(node, &["eval", PARTITION]),
+            FaultKind::MemoryAlarm => ctl(node, &["set_vm_memory_high_watermark", "0.0000001"]),
         };
         Fault { node, kind, undone: false }
     }
@@ -289,6 +294,7 @@ fn undo(node: usize, kind: FaultKind) -> Result<String, String> {
     match kind {
         FaultKind::Stopped => tool("ctl", node, &["start_app"]),
         FaultKind::Partitioned => tool("ctl", node, &["eval", HEAL]),
+        FaultKind::MemoryAlarm => tool("ctl", node, &["set_vm_memory_high_watermark", "0.4"]),
     }
 }
 

@@ -37,6 +37,10 @@ pub(crate) const HEADER_REDELIVERED: &str = "x-mf-redelivered";
 const HEADER_COPY_FOR: &str = "x-mf-copy-for";
 
 const CRASH_PAUSE: Duration = Duration::from_secs(1);
+/// How long a stop's hand-back waits to learn whether the broker blocks publishing
+/// ([`Transport::publishing_blocked_now`](crate::transport::Transport::publishing_blocked_now)):
+/// a broker that does not confirms a probe within milliseconds.
+const BLOCK_PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// How the copies the service publishes of a queue's messages (hand-backs, counted
 /// redeliveries) go back to the queue.
@@ -176,7 +180,14 @@ pub(crate) async fn hand_back_unstarted(
     acker: &dyn Acker,
     _unstarted: Unstarted,
 ) {
-    give_back(route.transport(), queue, copies, message, acker, route.name()).await;
+    let transport = route.transport();
+    // The copies of a stop are often the first publishes of an alarm, which the connection
+    // learns of only once it publishes: sent, they would go out when it ends, after the stop
+    // closed the connection, which requeues their messages too.
+    if transport.publishing_blocked_now(BLOCK_PROBE_WAIT).await {
+        return left_unsettled(route.name(), queue);
+    }
+    give_back(transport, queue, copies, message, acker, route.name()).await;
 }
 
 /// [`hand_back_unstarted`] for a message whose call ran (cut short, or not settled), which
@@ -253,12 +264,7 @@ async fn copy_back(
         return Ok(());
     }
     if transport.publishing_blocked() {
-        tracing::warn!(
-            route = label,
-            "not handed back as a copy: the broker blocks publishing (connection.blocked, a \
-             resource alarm); left unsettled, the message goes back to {queue} once, with its \
-             channel, marked redelivered"
-        );
+        left_unsettled(label, queue);
         return Ok(());
     }
     let count = redeliveries(&message.properties.headers, message.redelivered, copies.quorum());
@@ -275,6 +281,17 @@ async fn copy_back(
         tracing::warn!(route = label, "cannot hand a message back: {error}");
     }
     Ok(())
+}
+
+/// Say that a message to hand back to `queue` is left unsettled, as the broker blocks
+/// publishing.
+fn left_unsettled(label: &str, queue: &str) {
+    tracing::warn!(
+        route = label,
+        "not handed back as a copy: the broker blocks publishing (connection.blocked, a \
+         resource alarm); left unsettled, the message goes back to {queue} once, with its \
+         channel, marked redelivered"
+    );
 }
 
 /// Whether a publish that failed with `error` may still be taken: it timed out while the

@@ -41,6 +41,7 @@ mod tests;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{
@@ -60,6 +61,12 @@ use crate::transport::{
     BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage, PublishOptions,
     QueueInfo, QueueSpec, Transport, TransportError,
 };
+
+/// The queue the probe of [`Transport::publishing_blocked_now`] is published to: of the prefix
+/// `amq.`, which RabbitMQ keeps for queues it names itself, so that no queue takes it.
+const BLOCK_PROBE_QUEUE: &str = "amq.mf-blocked-probe";
+/// How often that probe looks whether the broker blocked the connection.
+const BLOCK_PROBE_POLL: Duration = Duration::from_millis(10);
 
 /// A [`Transport`] over a RabbitMQ connection that reconnects by itself.
 pub struct RabbitMqTransport {
@@ -271,6 +278,29 @@ impl Transport for RabbitMqTransport {
 
     fn publishing_blocked(&self) -> bool {
         self.shared.current().is_some_and(|link| link.connection.status().blocked())
+    }
+
+    async fn publishing_blocked_now(&self, within: Duration) -> bool {
+        if self.publishing_blocked() {
+            return true;
+        }
+        let probe = self.publish(
+            "",
+            BLOCK_PROBE_QUEUE,
+            OutgoingMessage::default(),
+            PublishOptions::default(),
+        );
+        let blocked = async {
+            while !self.publishing_blocked() {
+                tokio::time::sleep(BLOCK_PROBE_POLL).await;
+            }
+        };
+        tokio::select! {
+            _ = probe => {}
+            _ = blocked => {}
+            _ = tokio::time::sleep(within) => {}
+        }
+        self.publishing_blocked()
     }
 
     fn last_broker_node(&self) -> Option<String> {
