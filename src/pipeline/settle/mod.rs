@@ -319,8 +319,9 @@ async fn hold(
     acker: &dyn Acker,
 ) -> Result<(), TransportError> {
     let (name, back_to, copies, back) = (route.name(), held.back_to, held.copies, &held.back);
-    let mut pause = REQUEUE_PAUSE;
-    for attempt in 1u64.. {
+    let (mut pause, mut attempt) = (REQUEUE_PAUSE, 0u64);
+    loop {
+        attempt += 1;
         tokio::select! {
             _ = route.stopping().cancelled() => {
                 hand_back_message(route, back_to, copies, back, acker, name).await;
@@ -352,7 +353,6 @@ async fn hold(
         }
         pause = (pause * 2).min(HELD_PAUSE_LIMIT);
     }
-    Ok(())
 }
 
 /// Give `delivery` back to `origin` as it came there, as a copy the crash-loop guard does not
