@@ -280,6 +280,28 @@ async fn calls_time_out_and_late_replies_are_dropped() {
     }
 }
 
+/// Guards the deadline of a call (was never checked: a call failing only well after its
+/// timeout, with the same `after` reported, went unnoticed). A 1 s timeout fails the call
+/// within a generous bound, far below twice the timeout.
+#[tokio::test]
+async fn a_call_fails_when_its_timeout_runs_out() {
+    for uri in broker_uris() {
+        let (service, math, _) = start_math(&uri).await;
+        let caller = config(&uri, "caller").with_rpc_timeout(Duration::from_secs(1));
+        let client = Client::connect(&caller).await.unwrap();
+        // the reply queue is set up by a first call, outside the call timed
+        assert_eq!(client.call::<u64>(&math, "slow", [1], ()).await.unwrap(), 1);
+        let started = std::time::Instant::now();
+        let error = client.call::<u64>(&math, "slow", [2500], ()).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(error, RpcError::Timeout { .. }), "{uri}: {error:?}");
+        assert!(took < Duration::from_millis(1900), "{uri}: a 1 s timeout took {took:?}");
+        client.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
 // multi-threaded: `call_blocking` blocks a worker thread (as under `Runner::start`)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_calls_itself_from_async_and_sync_targets() {
