@@ -1718,3 +1718,36 @@ async fn an_in_worker_retry_sees_when_it_was_scheduled() {
     // a whole delay before the retry (stamped after the delay, it was a moment before)
     assert!(since >= 1.0, "last_retry was {since} s before the retry");
 }
+
+/// Guards the greedy stop's wait for in-worker retries (was never checked: cut as the stop
+/// began, not once it gave up, a retry due within `SHUTDOWN_TIMEOUT` did not run). A greedy
+/// service finishes what it received, retries included, while its stop waits.
+#[tokio::test]
+async fn a_greedy_stop_lets_an_in_worker_retry_run_within_shutdown_timeout() {
+    use micro_framework::config::WorkerMode;
+    for uri in broker_uris() {
+        let shop = unique("greedyretry");
+        let config = config(&uri, "greedyretry")
+            .with_worker_mode(WorkerMode::GreedyThread)
+            .with_shutdown_timeout(Duration::from_secs(10));
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = format!("evt-{shop}-job--{}.flaky", config.service_name);
+        let journal = Arc::new(Journal::default());
+        let routes = vec![Route::new(flaky)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(BackOff::new(1, Duration::from_millis(700)))
+            .dependency(Shared(journal.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        service.dispatch(&shop, "job", &json!({ "name": "job", "fail_until": 1 })).await.unwrap();
+        common::wait_until(|| !journal.entries().is_empty(), "the first attempt").await;
+        // the call now waits 700 ms for its retry; the stop waits up to 10 s for it
+        service.stop().await.unwrap();
+        let attempts = [("job".to_owned(), 0), ("job".to_owned(), 1)];
+        assert_eq!(journal.entries(), attempts, "{uri}: the retry ran");
+        let observer = micro_framework::transport::connect(&config).await.unwrap();
+        let left = observer.queue_info(&queue).await.unwrap().message_count;
+        observer.close().await;
+        assert_eq!(left, 0, "{uri}: settled, not handed back");
+        common::cleanup(&uri, &markers).await;
+    }
+}
