@@ -251,3 +251,42 @@ async fn an_oversized_event_is_dead_lettered_without_going_through_the_filter() 
         cleanup(&uri, &[source, service_name]).await;
     }
 }
+
+/// Guards the bound of `MAX_MESSAGE_SIZE` on what a service receives (was never checked at its
+/// edge): a body of exactly `MAX_MESSAGE_SIZE` bytes is handled, one byte more dead-lettered.
+#[tokio::test]
+async fn a_body_of_exactly_max_message_size_is_handled_and_one_byte_more_refused() {
+    for uri in broker_uris() {
+        let probe = Probe::new();
+        let source = unique("edge_source");
+        let config = config(&uri, "edge_sink").with_max_message_size(1024);
+        let service_name = config.service_name.clone();
+        let routes = vec![Route::new(record)
+            .entrypoint(EventListener::new(source.clone(), "data"))
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        // JSON strings of 1024 and 1025 bytes, quotes included
+        let (fits, over) = ("f".repeat(1022), "o".repeat(1023));
+        for text in [&fits, &over] {
+            let body = Bytes::from(json!(text).to_string());
+            let properties = micro_framework::data::json_properties();
+            let message = OutgoingMessage { body, properties };
+            let exchange = format!("{source}.events");
+            let transport = service.transport();
+            transport.publish(&exchange, "data", message, PublishOptions::default()).await.unwrap();
+        }
+        service.wait_for_route("record", 2).await.unwrap();
+        let seen = probe.seen.lock().unwrap().clone();
+        let sizes: Vec<usize> = seen.iter().map(|text| text.as_str().map_or(0, str::len)).collect();
+        assert_eq!(sizes, [fits.len()], "{uri}: the body that fits is handled");
+        let queue = format!("evt-{source}-data--{service_name}.record.dlq");
+        let dead = service.take_messages(&queue).await.unwrap();
+        assert_eq!(dead.len(), 1, "{uri}: the body one byte over is dead-lettered");
+        assert_eq!(dead[0].body.len(), 1025, "{uri}");
+        let reason = dead[0].properties.headers.get(HEADER_ERROR).and_then(HeaderValue::as_str);
+        let reason = reason.unwrap_or_default().to_owned();
+        assert!(reason.contains("message of 1025 bytes exceeds MAX_MESSAGE_SIZE"), "{reason}");
+        service.stop().await.unwrap();
+        cleanup(&uri, &[source, service_name]).await;
+    }
+}

@@ -791,6 +791,30 @@ fn validation_errors() {
     assert_eq!(Config::new("billing.v2").validate(), Ok(()));
 }
 
+/// Guards the edges of `MAX_WORKERS` and of the peer timeouts (was never checked: only values
+/// far over them were refused): the limit itself is accepted, one more refused.
+#[test]
+fn max_workers_and_peer_timeouts_are_accepted_up_to_their_limit_and_not_beyond() {
+    let at_most = Config::new("svc").with_max_workers(MAX_WORKERS_LIMIT);
+    assert_eq!(at_most.validate(), Ok(()));
+    let over = Config::new("svc").with_max_workers(MAX_WORKERS_LIMIT + 1);
+    assert_eq!(over.validate().map_err(|e| e.key), Err("MAX_WORKERS".to_owned()));
+    let one_nanosecond = Duration::from_nanos(1);
+    type Setter = fn(&mut Config, Duration);
+    let timeouts: [(&str, Setter); 3] = [
+        ("HTTP_HEADER_READ_TIMEOUT", |config, d| config.http_header_read_timeout = d),
+        ("HTTP_KEEP_ALIVE_TIMEOUT", |config, d| config.http_keep_alive_timeout = d),
+        ("WEBSOCKET_IDLE_TIMEOUT", |config, d| config.websocket_idle_timeout = d),
+    ];
+    for (key, set) in timeouts {
+        let mut config = Config::new("svc");
+        set(&mut config, MAX_PEER_TIMEOUT);
+        assert_eq!(config.validate(), Ok(()), "{key} at its limit");
+        set(&mut config, MAX_PEER_TIMEOUT + one_nanosecond);
+        assert_eq!(config.validate().map_err(|e| e.key), Err(key.to_owned()));
+    }
+}
+
 #[test]
 fn a_client_certificate_and_its_key_go_together() {
     let e = env_err(&[("SERVICE_NAME", "s"), ("AMQP_SSL_CERT_FILE", "/etc/ssl/client.pem")]);
