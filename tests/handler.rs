@@ -46,6 +46,22 @@ async fn a_failure_a_target_returns_keeps_its_kind() {
     assert_eq!(seen, (FailureKind::BadInput, false, r#"order {"x":1} has no id"#), "{failure:?}");
 }
 
+fn refuses_for_good() -> Result<(), micro_framework::Failure> {
+    let failure = micro_framework::Failure::new(FailureKind::Error, "the account is closed");
+    Err(micro_framework::Failure { retryable: false, ..failure })
+}
+
+/// A `Failure` its target says is not to be retried is not, whatever the backoff.
+#[tokio::test]
+async fn a_failure_a_target_says_is_not_retryable_is_not_retried() {
+    let route = Route::new(refuses_for_good)
+        .backoff(micro_framework::retry::AsyncBackOff::new(3, std::time::Duration::ZERO));
+    let message = Message::json(&json!({})).unwrap();
+    let failure = call_route(route, memory_test_config("not_retryable"), message).await;
+    let failure = failure.unwrap_err();
+    assert_eq!((failure.kind, failure.retryable), (FailureKind::Error, false), "{failure:?}");
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct Order {
     id: u64,

@@ -71,8 +71,12 @@ pub(super) fn bind<T: DeserializeOwned>(
         }
     } else if args.is_empty() {
         T::deserialize(Value::Object(kwargs.clone())).map_err(|error| {
-            // a Python caller reads "expected a tuple" as nothing about its keywords
-            if error.to_string().starts_with("invalid type: map") {
+            // a Python caller reads "expected a tuple" as nothing about its keywords; only a
+            // signature that refuses any map takes no keywords (an inner value's misfit can
+            // say "invalid type: map" too)
+            let takes_no_map = T::deserialize(Value::Object(Map::new()))
+                .is_err_and(|refused| refused.to_string().starts_with("invalid type: map"));
+            if takes_no_map {
                 let names: Vec<String> = kwargs.keys().map(|name| format!("'{name}'")).collect();
                 format!(
                     "{method}() takes positional arguments only, got keyword arguments {} \
@@ -140,6 +144,13 @@ mod tests {
         );
         let map: Map<String, Value> = call(json!([]), json!({"sku": "apple"})).unwrap();
         assert_eq!(map["sku"], "apple");
+        // a signature that takes keywords, one of them ill-typed: serde's misfit, not the above
+        let ill_typed = call::<std::collections::HashMap<String, Vec<i64>>>(
+            json!([]),
+            json!({"a": [1], "b": {"x": 1}}),
+        );
+        let misfit = ill_typed.unwrap_err();
+        assert!(misfit.starts_with("m(): invalid type: map, expected a sequence"), "{misfit}");
     }
 
     #[derive(Debug, Deserialize, PartialEq)]

@@ -247,9 +247,7 @@ async fn requeue(acker: &dyn Acker, label: &str, error: &TransportError) {
 
 /// Publish a copy of `message` to `queue`, then ack it; the error of a copy not published,
 /// the delivery left unsettled. Nothing is done when its channel is lost (the broker requeued
-/// it), nor while the broker blocks publishing: a copy would wait in the connection and go
-/// out when the alarm ends, even after a stop that gave up on it closed the connection, which
-/// requeues the message too. Left unsettled, it goes back once, with its channel.
+/// it).
 async fn copy_back(
     transport: &SharedTransport,
     queue: &str,
@@ -263,20 +261,8 @@ async fn copy_back(
         tracing::debug!(route = label, "not handed back: its channel is lost, which requeued it");
         return Ok(());
     }
-    if transport.publishing_blocked() {
-        left_unsettled(label, queue);
-        return Ok(());
-    }
     let count = redeliveries(&message.properties.headers, message.redelivered, copies.quorum());
-    match copy_to_queue(transport, queue, copies, message, count, message.redelivered).await {
-        Ok(()) => {}
-        Err(error) if outcome_unknown(transport, &error) => tracing::warn!(
-            route = label,
-            "a message handed back to {queue} waits in the connection for the broker to \
-             unblock publishing ({error}); acked behind its copy, not requeued"
-        ),
-        Err(error) => return Err(error),
-    }
+    copy_to_queue(transport, queue, copies, message, count, message.redelivered).await?;
     if let Err(error) = acker.ack().await {
         tracing::warn!(route = label, "cannot hand a message back: {error}");
     }
@@ -285,21 +271,13 @@ async fn copy_back(
 
 /// Say that a message to hand back to `queue` is left unsettled, as the broker blocks
 /// publishing.
-fn left_unsettled(label: &str, queue: &str) {
+pub(crate) fn left_unsettled(label: &str, queue: &str) {
     tracing::warn!(
         route = label,
         "not handed back as a copy: the broker blocks publishing (connection.blocked, a \
          resource alarm); left unsettled, the message goes back to {queue} once, with its \
          channel, marked redelivered"
     );
-}
-
-/// Whether a publish that failed with `error` may still be taken: it timed out while the
-/// broker blocks publishing (a resource alarm), and waits in the connection to go out once
-/// the alarm ends. Published again, or its message requeued, the message would exist twice;
-/// acked, the ack goes out behind it.
-pub(crate) fn outcome_unknown(transport: &SharedTransport, error: &TransportError) -> bool {
-    matches!(error, TransportError::TimedOut(_)) && transport.publishing_blocked()
 }
 
 /// `message`, to come back to `queue` as the attempt `next` ([`hand_back_as_retry`]).
@@ -354,14 +332,6 @@ pub(super) async fn count_redelivery(
                 format!("redelivered unsettled, and its redeliveries cannot be counted: {reason}"),
             );
             return Guarded::Refuse(delivery, failure);
-        }
-        Err(error) if outcome_unknown(&source.transport, &error) => {
-            // Handled now, it would run again when the copy goes out.
-            tracing::warn!(
-                route = %source.label,
-                "a counted redelivery waits in the connection for the broker to unblock \
-                 publishing ({error}); acked behind its copy"
-            );
         }
         Err(error) => {
             tracing::warn!(route = %source.label, "cannot count a redelivery ({error}); handling it");

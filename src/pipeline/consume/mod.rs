@@ -32,7 +32,7 @@ use crash_guard::{
     Checked, Guarded,
 };
 pub(crate) use crash_guard::{
-    hand_back_as_retry, hand_back_message, marked_as_retry, outcome_unknown, try_hand_back_message,
+    hand_back_as_retry, hand_back_message, left_unsettled, marked_as_retry, try_hand_back_message,
     Copies, HEADER_REDELIVERED, HEADER_REDELIVERIES,
 };
 

@@ -452,9 +452,10 @@ fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcom
                     causes: made.causes.clone(),
                     ..Failure::new(made.kind, made.message.clone())
                 };
-                match failure.kind {
-                    FailureKind::BadInput => failure,
-                    _ => judged(failure, Some(&*error)),
+                // bad input, or a failure its target says is not to be retried, is not
+                match failure.kind == FailureKind::BadInput || !made.retryable {
+                    true => Failure { retryable: false, ..failure },
+                    false => judged(failure, Some(&*error)),
                 }
             }
             None => judged(Failure::from_error(&error, type_name), Some(&*error)),

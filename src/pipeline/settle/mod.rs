@@ -19,7 +19,7 @@ use crate::clock;
 use crate::data::{Failure, Handled, Message};
 pub use crate::pipeline::consume::mark_first_route;
 use crate::pipeline::consume::{
-    hand_back_message, marked_as_retry, outcome_unknown, try_hand_back_message, Copies,
+    hand_back_message, left_unsettled, marked_as_retry, try_hand_back_message, Copies,
     HEADER_REDELIVERED,
 };
 use crate::pipeline::delayed_message::RetryMeta;
@@ -251,9 +251,11 @@ enum Unsent<'f> {
 ///   when its retries do.
 ///
 /// When the broker refuses that copy too (no write permission, say), the message is held
-/// unsettled ([`hold`]): requeued, it would come back bare, and run again. A publish that
-/// timed out while the broker blocks publishing may still be taken ([`outcome_unknown`]):
-/// the message is acked behind it, neither copied again nor requeued.
+/// unsettled ([`hold`]): requeued, it would come back bare, and run again. While the broker
+/// blocks publishing (a resource alarm), nothing more is published for it until the block
+/// ends: a publish that timed out meanwhile may still go out then, so the hand-back that
+/// follows may make the message exist twice (a duplicate, never a loss: acked behind a
+/// publish whose outcome is unknown, it would be lost if the broker refused that publish).
 async fn ack_after(
     route: &RouteHandle,
     origin: &Origin<'_>,
@@ -267,15 +269,6 @@ async fn ack_after(
         Unsent::DeadLetter(..) => ("dead-letter", origin.queue),
         Unsent::Retry(_) => ("schedule the retry of", queue),
     };
-    if outcome_unknown(route.transport(), &error) {
-        tracing::warn!(
-            route = route.name(),
-            "cannot {what} a failed message yet ({error}): its copy waits in the connection \
-             for the broker to unblock publishing; the message is acked behind it, not handed \
-             back (copied again, it would be handled twice)"
-        );
-        return delivery.acker.ack().await;
-    }
     tracing::error!(
         route = route.name(),
         "cannot {what} a failed message ({error}); it goes back to {back_to}"
@@ -310,7 +303,10 @@ struct Held<'a> {
 /// Hand `held` back, after a pause; while the broker refuses its copy, hold it unsettled and
 /// try again after longer pauses (up to [`HELD_PAUSE_LIMIT`], each refusal logged once the
 /// number of attempts doubled), also its dead letter itself, until one is taken or the stop
-/// comes, which hands it back once more (requeued if refused again).
+/// comes, which hands it back once more (requeued if refused again). While the broker blocks
+/// publishing nothing is tried (each try would wait in the connection, to go out with the
+/// others when the block ends), and a stop meanwhile leaves the message to go back with its
+/// channel.
 async fn hold(
     route: &RouteHandle,
     queue: &str,
@@ -324,22 +320,24 @@ async fn hold(
         attempt += 1;
         tokio::select! {
             _ = route.stopping().cancelled() => {
-                hand_back_message(route, back_to, copies, back, acker, name).await;
+                match route.transport().publishing_blocked() {
+                    true => left_unsettled(name, back_to),
+                    false => hand_back_message(route, back_to, copies, back, acker, name).await,
+                }
                 return Ok(());
             }
             _ = tokio::time::sleep(pause) => {}
+        }
+        if route.transport().publishing_blocked() {
+            continue;
         }
         let Err(refused) = try_hand_back_message(route, back_to, copies, back, acker, name).await
         else {
             return Ok(());
         };
         if let Unsent::DeadLetter(failure, from) = unsent {
-            match dead_letter(route, queue, from, &held.message, failure).await {
-                Ok(()) => return acker.ack().await,
-                Err(error) if outcome_unknown(route.transport(), &error) => {
-                    return acker.ack().await
-                }
-                Err(_) => {}
+            if dead_letter(route, queue, from, &held.message, failure).await.is_ok() {
+                return acker.ack().await;
             }
         }
         if attempt.is_power_of_two() {
