@@ -49,9 +49,12 @@ const EQUIVALENCE_ARGS: &[&str] = &[
     "x-expires",
     "x-max-length",
     "x-max-length-bytes",
+    "x-max-priority",
     "x-message-ttl",
     "x-overflow",
+    "x-queue-mode",
     "x-queue-type",
+    "x-queue-version",
     "x-single-active-consumer",
 ];
 
@@ -166,12 +169,36 @@ impl QueueArgs {
         let quorum = match string_arg(spec, "x-queue-type")?.as_deref() {
             None | Some("classic") => false,
             Some("quorum") => true,
+            Some("stream") => {
+                return Err(TransportError::Unsupported(
+                    "queue type 'stream' is not supported by the in-memory broker".to_owned(),
+                ))
+            }
+            // RabbitMQ 3.10 refuses an unknown type as an invalid argument
             Some(other) => {
-                return Err(TransportError::Unsupported(format!(
-                    "queue type '{other}' is not supported by the in-memory broker"
-                )))
+                return Err(invalid_arg(
+                    &spec.name,
+                    "x-queue-type",
+                    &format!("unsupported queue type '{other}'"),
+                ))
             }
         };
+        match string_arg(spec, "x-queue-mode")?.as_deref() {
+            None | Some("default" | "lazy") => {}
+            Some(other) => {
+                return Err(invalid_arg(
+                    &spec.name,
+                    "x-queue-mode",
+                    &format!("unknown value '{other}'"),
+                ))
+            }
+        }
+        if let Some(version) = int_arg(spec, "x-queue-version", 1)? {
+            if version > 2 {
+                let reason = format!("value {version} is not 1 or 2");
+                return Err(invalid_arg(&spec.name, "x-queue-version", &reason));
+            }
+        }
         let (refused, queue_type) = match quorum {
             true => (NOT_FOR_QUORUM, "rabbit_quorum_queue"),
             false => (NOT_FOR_CLASSIC, "rabbit_classic_queue"),
@@ -191,6 +218,8 @@ impl QueueArgs {
         let overflow = match string_arg(spec, "x-overflow")?.as_deref() {
             None | Some("drop-head") => Overflow::DropHead,
             Some("reject-publish") => Overflow::RejectPublish,
+            // a quorum queue of RabbitMQ 3.10 takes it as drop-head (with a warning in its log)
+            Some("reject-publish-dlx") if quorum => Overflow::DropHead,
             Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
             Some(other) => {
                 return Err(invalid_arg(

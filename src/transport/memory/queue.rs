@@ -206,10 +206,17 @@ impl Queue {
             || self.args.max_length_bytes.is_some_and(|max| self.ready_bytes > max)
     }
 
-    /// Whether one more message of `size` bytes would exceed the limits.
+    /// Whether one more message of `size` bytes is over the limits. A quorum queue of
+    /// RabbitMQ 3.10 takes the message that crosses a limit and refuses while it is over it;
+    /// a classic one refuses the message that would cross it.
     pub fn would_overflow(&self, size: usize) -> bool {
-        self.args.max_length.is_some_and(|max| self.ready.len() as u64 + 1 > max)
-            || self.args.max_length_bytes.is_some_and(|max| self.ready_bytes + size as u64 > max)
+        let (length, bytes) = (self.ready.len() as u64, self.ready_bytes);
+        let (length, bytes) = match self.args.quorum {
+            true => (length, bytes),
+            false => (length + 1, bytes + size as u64),
+        };
+        self.args.max_length.is_some_and(|max| length > max)
+            || self.args.max_length_bytes.is_some_and(|max| bytes > max)
     }
 
     /// When the queue expires for lack of use (`x-expires`), if it has no consumers.

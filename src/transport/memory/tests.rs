@@ -652,6 +652,58 @@ async fn max_length_drop_head_and_reject_publish() {
     assert_eq!(body(&get(&t, "strict").await), "kept");
 }
 
+#[tokio::test]
+async fn quorum_queues_overflow_as_rabbitmq_3_10_quorum_queues_do() {
+    let (_broker, t) = setup();
+    let quorum = |name: &str, overflow: &str, max: i64| {
+        queue_with(
+            name,
+            &[
+                ("x-queue-type", "quorum".into()),
+                ("x-max-length", HeaderValue::Int(max)),
+                ("x-overflow", overflow.into()),
+            ],
+        )
+    };
+    // reject-publish: the publish that crosses the limit is taken, the next refused
+    t.declare_queue(&quorum("strict", "reject-publish", 2)).await.unwrap();
+    let mut outcomes = Vec::new();
+    for body in ["1", "2", "3", "4"] {
+        outcomes.push(t.publish("", "strict", message(body), PublishOptions::default()).await);
+    }
+    assert_eq!(outcomes, [Ok(()), Ok(()), Ok(()), Err(TransportError::Nacked)]);
+    assert_eq!(ready(&t, "strict").await, 3);
+    // reject-publish-dlx is taken as drop-head: every publish taken, the oldest dropped
+    t.declare_queue(&quorum("dlx", "reject-publish-dlx", 1)).await.unwrap();
+    for body in ["1", "2", "3"] {
+        publish(&t, "", "dlx", body).await;
+    }
+    assert_eq!(body(&get(&t, "dlx").await), "3");
+}
+
+#[tokio::test]
+async fn queue_arguments_are_checked_and_compared_as_rabbitmq_3_10_does() {
+    let (_broker, t) = setup();
+    let refused = |args: &[(&str, HeaderValue)]| queue_with("checked", args);
+    for args in [
+        vec![("x-queue-type", HeaderValue::from("bogus"))],
+        vec![("x-queue-mode", HeaderValue::from("bogus"))],
+        vec![("x-queue-version", HeaderValue::Int(3))],
+    ] {
+        let declared = t.declare_queue(&refused(&args)).await;
+        assert!(matches!(declared, Err(TransportError::PreconditionFailed(_))), "{declared:?}");
+    }
+    t.declare_queue(&queue_with("lazy", &[("x-queue-mode", "lazy".into())])).await.unwrap();
+    let other = queue_with("lazy", &[("x-queue-mode", "default".into())]);
+    let declared = t.declare_queue(&other).await;
+    assert!(matches!(declared, Err(TransportError::PreconditionFailed(_))), "{declared:?}");
+    let v2 = queue_with("versioned", &[("x-queue-version", HeaderValue::Int(2))]);
+    t.declare_queue(&v2).await.unwrap();
+    let v1 = queue_with("versioned", &[("x-queue-version", HeaderValue::Int(1))]);
+    let declared = t.declare_queue(&v1).await;
+    assert!(matches!(declared, Err(TransportError::PreconditionFailed(_))), "{declared:?}");
+}
+
 // ----- declarations -----
 
 #[tokio::test]
