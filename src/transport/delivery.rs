@@ -141,7 +141,8 @@ impl Consumer {
     }
 
     /// Stop new deliveries. Deliveries already buffered are still yielded before the stream
-    /// ends.
+    /// ends: poll it to its end. (On RabbitMQ the broker is told when the stream is next
+    /// polled, or dropped; until then it goes on delivering up to the prefetch.)
     pub fn cancel(&mut self) {
         if let Some(cancel) = self.canceller.take() {
             cancel();
