@@ -18,8 +18,11 @@ use super::transport::MemoryTransport;
 pub(super) enum Settle {
     /// Done: remove it.
     Ack,
-    /// Hand it back to its queue.
+    /// Hand it back to its queue (a nack, a reject).
     Requeue,
+    /// Hand it back as its connection closed: a quorum queue of RabbitMQ 3.10 puts such
+    /// messages back in front, where a nack puts them behind.
+    Return,
     /// Dead-letter (reason `rejected`) or drop it.
     Discard,
 }

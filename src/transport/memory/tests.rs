@@ -1027,6 +1027,35 @@ async fn quorum_queue_hands_back_behind_the_messages_never_delivered() {
 }
 
 #[tokio::test]
+async fn quorum_queue_takes_back_in_front_what_a_closed_connection_held() {
+    let (broker, t) = setup();
+    t.declare_queue(&queue_with("qq", &[("x-queue-type", "quorum".into())])).await.unwrap();
+    for body in ["m1", "m2", "m3", "m4"] {
+        publish(&t, "", "qq", body).await;
+    }
+    let holder = broker.connect();
+    let (m1, m2) = (get(&holder, "qq").await, get(&holder, "qq").await);
+    holder.close().await;
+    drop((m1, m2));
+    let mut read = Vec::new();
+    for _ in 0..4 {
+        let delivery = get(&t, "qq").await;
+        let count = delivery.properties.headers.get("x-delivery-count").cloned();
+        read.push((String::from_utf8(delivery.body.to_vec()).unwrap(), count));
+        delivery.acker.ack().await.unwrap();
+    }
+    let once = Some(HeaderValue::Int(1));
+    let fresh = Some(HeaderValue::Int(0));
+    let expected = [
+        ("m1".to_owned(), once.clone()),
+        ("m2".to_owned(), once),
+        ("m3".to_owned(), fresh.clone()),
+        ("m4".to_owned(), fresh),
+    ];
+    assert_eq!(read, expected);
+}
+
+#[tokio::test]
 async fn uris_reach_shared_brokers() {
     let a = MemoryTransport::connect("memory://registry-test").unwrap();
     let b = MemoryTransport::connect("memory://registry-test").unwrap();

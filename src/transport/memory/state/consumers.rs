@@ -130,7 +130,7 @@ impl State {
         match how {
             Settle::Ack => {}
             Settle::Discard => discard(queue, entry, Reason::Rejected, dead),
-            Settle::Requeue => {
+            Settle::Requeue | Settle::Return => {
                 let mut entry = entry;
                 entry.redelivered = true;
                 if queue.args.quorum {
@@ -142,6 +142,8 @@ impl State {
                     .is_some_and(|limit| u64::from(entry.delivery_count) > limit);
                 if queue.args.quorum && over_limit {
                     discard(queue, entry, Reason::DeliveryLimit, dead);
+                } else if how == Settle::Return {
+                    queue.requeue(entry);
                 } else {
                     queue.hand_back(entry);
                 }
@@ -202,7 +204,7 @@ impl State {
         let mut dead = Vec::new();
         for tag in tags {
             if let Some(unacked) = self.core.unacked.remove(&tag) {
-                work.extend(self.hand_back(unacked, Settle::Requeue, &mut dead));
+                work.extend(self.hand_back(unacked, Settle::Return, &mut dead));
             }
         }
         for name in doomed {
