@@ -609,7 +609,12 @@ fn a_stop_while_a_call_waits_for_a_worker_ends_the_service() {
     let stopped = service.exits_within(std::time::Duration::from_secs(20));
     assert!(last.is_ok_and(|(status, _)| status == 200));
     assert!(stopped, "still running 20 s after SIGTERM:\n{}", service.logs());
-    assert!(waiting.join().unwrap().is_err(), "the waiting call never ran");
+    // answered as a crash once the stop ended the pool (or cut off), never run
+    let waited = waiting.join().unwrap();
+    assert!(
+        waited.as_ref().is_ok_and(|(status, _)| *status == 500) || waited.is_err(),
+        "{waited:?}"
+    );
 }
 
 /// Workers can never start again (each exits as it starts: a set-up that fails, a program
@@ -628,7 +633,7 @@ fn a_service_whose_workers_can_never_start_again_stops_with_an_error() {
     assert!(stopped, "still running 60 s after its workers could no longer start:\n{logs}");
     let status = service.child.wait().unwrap();
     assert!(!status.success(), "{status}:\n{logs}");
-    assert!(logs.contains("WorkerProcess(\"cannot start a worker process ("), "{logs}");
+    assert!(logs.contains("Error: cannot start a worker process ("), "{logs}");
 }
 
 /// Ctrl-C in a terminal signals the whole foreground process group, workers included: the

@@ -146,7 +146,8 @@ mod rpc {
 
         let routes = vec![Route::new(add).entrypoint(RPCListener::new())];   // method "add"
 
-        // Outside a service (Nameko's ClusterRpcProxy):
+        // Outside a service (Nameko's ClusterRpcProxy); Client::from_env() reads the environment
+        // as Config::from_env does, without SERVICE_NAME:
         let client = Client::connect(&config).await?;
         let sum: i64 = client.call("math", "add", (), json!({"a": 2, "b": 40})).await?;
         Ok(())

@@ -567,7 +567,7 @@ async fn check_an_http_call_a_stop_ends_is_answered(mode: WorkerMode) {
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"], "crashed", "{body}");
     let message = body["message"].as_str().unwrap();
-    assert!(message.contains("the service stopped while the call ran"), "{body}");
+    assert!(message.contains("the service stopped before the call ended"), "{body}");
 }
 
 #[cfg(feature = "http")]

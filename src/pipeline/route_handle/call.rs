@@ -42,8 +42,8 @@ impl RouteHandle {
             ended = self.handle_counted(permit, &message) => ended.or_failed(),
             () = self.calls_abandoned() => Handled::Failed(Failure::new(
                 FailureKind::Crashed,
-                "the service stopped while the call ran: its worker process was ended past \
-                 SHUTDOWN_TIMEOUT",
+                "the service stopped before the call ended: past SHUTDOWN_TIMEOUT its worker \
+                 processes are ended, and no worker runs a call any more",
             )),
         }
     }
