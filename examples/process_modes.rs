@@ -17,7 +17,7 @@ use std::time::Duration;
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::prelude::*;
-use micro_framework::spawners::process::WORKER_SOCKET_ENV;
+use micro_framework::spawners::process::is_worker_process;
 use serde::Deserialize;
 
 /// The payload of `job` events.
@@ -33,7 +33,7 @@ fn work(Payload(Job { job }): Payload<Job>) {
 }
 
 fn main() -> micro_framework::Result<()> {
-    let in_worker = std::env::var(WORKER_SOCKET_ENV).is_ok();
+    let in_worker = is_worker_process();
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
     if std::env::var("AMQP_URI").is_err() {
         if !in_worker {

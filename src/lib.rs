@@ -114,9 +114,10 @@ pub use runner::{Runner, RunnerContext, RunningService};
 
 /// The names most services need: `use micro_framework::prelude::*;`.
 pub mod prelude {
+    pub use crate::amqp::rpc::Args;
     pub use crate::config::{Config, WorkerMode};
     pub use crate::data::Failure;
-    pub use crate::handler::dependencies::Dep;
+    pub use crate::handler::dependencies::{Dep, Shared};
     pub use crate::handler::extract::{MessageHeaders, Payload, RawBody};
     pub use crate::handler::targets::Json;
     pub use crate::pipeline::routes::{CallbackRoute, Route};

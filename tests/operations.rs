@@ -515,3 +515,19 @@ async fn the_status_page_looks_up_no_dead_letter_queue_for_rpc_routes() {
     assert_eq!(status["routes"][0]["name"], "pong", "{status}");
     assert_eq!(status["routes"][0]["dead_letters_waiting"], Value::Null, "{status}");
 }
+
+/// A metric of one's own, made with the `prometheus` the crate re-exports and registered in
+/// the service's registry, is rendered with the service's.
+#[tokio::test]
+async fn a_metric_of_ones_own_is_rendered_with_the_services() {
+    use micro_framework::metrics::prometheus::{IntCounter, Opts};
+    let uri = format!("memory://{}", unique("own_metric"));
+    let routes = vec![Route::new(sleepy).entrypoint(RPCListener::new())];
+    let service = Runner::new(routes, config(&uri, "own_metric")).spawn().await.unwrap();
+    let orders = IntCounter::with_opts(Opts::new("orders_total", "orders taken")).unwrap();
+    service.metrics().registry().register(Box::new(orders.clone())).unwrap();
+    orders.inc_by(3);
+    let text = service.metrics().render();
+    assert_eq!(line_value(&text, "orders_total"), Some(3.0), "{text}");
+    service.stop().await.unwrap();
+}

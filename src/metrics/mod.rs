@@ -21,6 +21,10 @@
 //!
 //! Served with `/health/live` and `/health/ready` by its server when `ENABLE_METRICS=true`.
 
+/// The `prometheus` crate a service's registry ([`Metrics::registry`]) is of: metrics of
+/// your own registered there are made with it, whatever version your crate depends on.
+pub use prometheus;
+
 mod history;
 mod page;
 mod rpc_targets;

@@ -23,8 +23,8 @@ mod worker;
 
 pub(crate) use pool::ProcessPool;
 pub(crate) use protocol::BorrowedCall;
-pub use worker::WORKER_SOCKET_ENV;
 pub(crate) use worker::{
     claim_worker_environment, exit_when_orphaned, served_context, served_service_name,
     worker_socket, WorkerLink,
 };
+pub use worker::{is_worker_process, WORKER_SOCKET_ENV};

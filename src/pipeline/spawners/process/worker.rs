@@ -65,6 +65,20 @@ pub(crate) fn claim_worker_environment() {
 /// How the name of the directory of a worker's socket begins.
 pub(super) const SOCKET_DIR_PREFIX: &str = "mf-worker-";
 
+/// Whether this process is a worker process of a service (the program re-executed by
+/// `Runner::start` or `Runner::run` in a process worker mode): the program's own set-up runs
+/// there again up to the runner, so what only the service should do (print a banner, start a
+/// helper thread) can be skipped.
+///
+/// ```
+/// if !micro_framework::spawners::process::is_worker_process() {
+///     eprintln!("starting the service");
+/// }
+/// ```
+pub fn is_worker_process() -> bool {
+    worker_socket().is_some()
+}
+
 /// The socket to dial when this process is a worker.
 pub(crate) fn worker_socket() -> Option<String> {
     std::env::var(WORKER_SOCKET_ENV).ok().filter(|path| !path.is_empty())
