@@ -3,6 +3,8 @@
 
 use super::context::RunnerContext;
 use super::metric_labels::MetricLabels;
+use std::sync::Arc;
+
 use crate::config::{Config, MAX_WORKERS_LIMIT};
 use crate::data::TargetRole;
 use crate::error::{Error, Result};
@@ -10,7 +12,7 @@ use crate::handler::dependencies::SharedDependency;
 use crate::handler::extract::TargetSetup;
 use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
-use crate::pipeline::spawners::process::worker_socket;
+use crate::pipeline::spawners::process::is_worker_process;
 use crate::pipeline::spawners::WorkerPool;
 
 /// A route checked and ready to start, with its pool.
@@ -30,7 +32,6 @@ pub(super) fn plan_routes(
 ) -> Result<Vec<RoutePlan>> {
     let mut plans: Vec<RoutePlan> = Vec::new();
     let mut labels = MetricLabels::default();
-    let mut given = vec![false; dependencies.len()];
     for context in contexts {
         let mode = context.worker_mode.unwrap_or(config.worker_mode);
         #[cfg(not(feature = "process"))]
@@ -90,10 +91,9 @@ pub(super) fn plan_routes(
                     route.name
                 )));
             }
-            for (dependency, given) in dependencies.iter().zip(&mut given) {
+            for dependency in dependencies {
                 if !route.dependencies.iter().any(|d| d.output_type() == dependency.output_type()) {
                     route.dependencies.push(dependency.clone());
-                    *given = true;
                 }
             }
             check_targets(&route)?;
@@ -101,7 +101,7 @@ pub(super) fn plan_routes(
             plans.push(RoutePlan { route, pool: pool.clone(), started: true });
         }
     }
-    warn_shadowed(dependencies, &given, &plans);
+    warn_shadowed(dependencies, &plans);
     let processes = plans.iter().any(|plan| plan.pool.mode().is_process());
     if let (Some(tasks), false) = (config.max_tasks_per_child, processes) {
         tracing::warn!(
@@ -114,11 +114,17 @@ pub(super) fn plan_routes(
 /// Warns of each runner-level dependency no route was given: every route has its own of the
 /// same output type, which it keeps. A test that swaps in a fake with `Runner::dependency` for
 /// a dependency its routes add themselves would otherwise run with the real one, unwarned.
-fn warn_shadowed(dependencies: &[SharedDependency], given: &[bool], plans: &[RoutePlan]) {
+fn warn_shadowed(dependencies: &[SharedDependency], plans: &[RoutePlan]) {
     if plans.is_empty() || in_worker_process() {
         return;
     }
-    for (dependency, _) in dependencies.iter().zip(given).filter(|(_, given)| !**given) {
+    let given = |dependency: &SharedDependency| {
+        let route_has = |plan: &RoutePlan| {
+            plan.route.dependencies.iter().any(|given| Arc::ptr_eq(given, dependency))
+        };
+        plans.iter().any(route_has)
+    };
+    for dependency in dependencies.iter().filter(|dependency| !given(dependency)) {
         tracing::warn!(
             "Runner::dependency {} reaches no route: each route has its own dependency of \
              the same output type, and a route's own is kept (replace it with \
@@ -131,7 +137,7 @@ fn warn_shadowed(dependencies: &[SharedDependency], given: &[bool], plans: &[Rou
 /// Whether this process is a worker process of a service.
 pub(super) fn in_worker_process() -> bool {
     #[cfg(feature = "process")]
-    return worker_socket().is_some();
+    return is_worker_process();
     #[cfg(not(feature = "process"))]
     false
 }

@@ -221,9 +221,9 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     }
     /// True while the broker blocks publishing on the transport's connection
     /// (`connection.blocked`: a resource alarm). A publish sent meanwhile waits in the
-    /// connection and goes out once the alarm ends: one that timed out may still be taken,
-    /// so it is not to be published again, nor its message requeued. False from transports
-    /// that are never blocked (the default).
+    /// connection and goes out once the alarm ends, also one that timed out: what the broker
+    /// makes of it is unknown until then. False from transports that are never blocked (the
+    /// default).
     fn publishing_blocked(&self) -> bool {
         false
     }

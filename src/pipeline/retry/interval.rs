@@ -85,7 +85,7 @@ impl Interval {
 
     /// Exponential growth with a cap.
     pub fn exponential(start: Duration, factor: f64, max: Duration) -> Self {
-        Interval::Exponential { start, factor: factor.max(1.0), max }
+        Interval::Exponential { start, factor, max }
     }
 
     /// The delay before retry number `retry` (1-based), in whole milliseconds.
@@ -98,8 +98,8 @@ impl Interval {
             }
             Interval::Exponential { start, factor, max } => {
                 // grows with every retry up to the cap (an infinite growth is the cap, a zero
-                // start stays zero)
-                // the variant is public: a factor below 1 or no number (NaN) does not grow
+                // start stays zero); a factor below 1 or no number (NaN), which the public
+                // variant can hold, does not grow
                 let grown = start.as_secs_f64() * factor.max(1.0).powf(f64::from(index));
                 match start.is_zero() {
                     true => Duration::ZERO,

@@ -210,13 +210,11 @@ impl Queue {
     /// RabbitMQ 3.10 takes the message that crosses a limit and refuses while it is over it;
     /// a classic one refuses the message that would cross it.
     pub fn would_overflow(&self, size: usize) -> bool {
-        let (length, bytes) = (self.ready.len() as u64, self.ready_bytes);
-        let (length, bytes) = match self.args.quorum {
-            true => (length, bytes),
-            false => (length + 1, bytes + size as u64),
-        };
-        self.args.max_length.is_some_and(|max| length > max)
-            || self.args.max_length_bytes.is_some_and(|max| bytes > max)
+        if self.args.quorum {
+            return self.over_limit();
+        }
+        self.args.max_length.is_some_and(|max| self.ready.len() as u64 + 1 > max)
+            || self.args.max_length_bytes.is_some_and(|max| self.ready_bytes + size as u64 > max)
     }
 
     /// When the queue expires for lack of use (`x-expires`), if it has no consumers.
