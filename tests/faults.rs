@@ -537,6 +537,67 @@ async fn an_rpc_reply_reaches_a_caller_that_saw_its_connection_drop_first() {
     assert_eq!(answer.expect("the reply reached the call"), 42);
 }
 
+async fn answer_later(
+    micro_framework::amqp::rpc::Args((id, millis)): micro_framework::amqp::rpc::Args<(u64, u64)>,
+) -> u64 {
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    id
+}
+
+/// The same, with the default heartbeat (60 s) and `RPC_TIMEOUT` (30 s), and calls in
+/// flight: the broker would hold the old connection, and send it the replies to the old
+/// reply queue, past the calls' timeout. Within a second of its reconnection the caller sets
+/// up a new reply queue, bound with the old one's routing key too: the calls in flight get
+/// their replies through it, and a new call goes to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_of_a_caller_that_saw_its_connection_drop_first_are_answered_after_it_reconnects() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
+    let config = common::config(&uri, "replyhalf2").with_max_workers(32);
+    let service_name = config.service_name.clone();
+    let routes = vec![Route::new(answer_later).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config).await.unwrap();
+    let url = url::Url::parse(&uri).unwrap();
+    let broker = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
+    let proxy = Proxy::start(broker.parse().unwrap()).await;
+    let mut caller_uri = url.clone();
+    caller_uri.set_port(Some(proxy.address.port())).unwrap();
+    let caller = Config::new(common::unique("halfcaller")).with_amqp_uri(caller_uri.to_string());
+    let client = Arc::new(micro_framework::amqp::rpc::Client::connect(&caller).await.unwrap());
+    let _: u64 = client.call(&service_name, "answer_later", (0u64, 0u64), ()).await.unwrap();
+    let in_flight: Vec<_> = (1..=20u64)
+        .map(|id| {
+            let (client, service_name) = (client.clone(), service_name.clone());
+            tokio::spawn(async move {
+                let answer = client.call::<u64>(&service_name, "answer_later", (id, 2000u64), ());
+                (id, answer.await)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut_client_side();
+    wait_until(|| !client.transport().is_connected(), "the caller to see the loss").await;
+    wait_until(|| client.transport().is_connected(), "the caller to reconnect").await;
+    let reconnected = std::time::Instant::now();
+    let new_call = client.service(service_name.clone()).timeout(Duration::from_secs(5));
+    let new_answer = new_call.call::<u64>("answer_later", (100u64, 0u64), ()).await;
+    let new_call_took = reconnected.elapsed();
+    let mut answers = Vec::new();
+    for call in in_flight {
+        answers.push(call.await.unwrap());
+    }
+    if let Ok(client) = Arc::try_unwrap(client) {
+        client.close().await;
+    }
+    service.stop().await.unwrap();
+    drop(proxy);
+    common::cleanup(&uri, &[service_name, caller.service_name.clone()]).await;
+    assert_eq!(new_answer.expect("a new call after the reconnection"), 100, "{new_call_took:?}");
+    for (id, answer) in answers {
+        assert_eq!(answer.expect("answered 2 s after it started"), id);
+    }
+}
+
 /// Begin an outage for `user`'s connections alone: the broker closes them and refuses the
 /// user (no permissions) until [`outage_ends`].
 fn outage_begins(user: &common::TemporaryUser) {

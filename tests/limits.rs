@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{broker_uris, cleanup, config, unique, Probe};
@@ -214,6 +215,55 @@ async fn pending_rpc_calls_are_bounded() {
     assert!(refused.to_string().contains("wait for replies already; call refused"), "{refused}");
     waiting.truncate(10);
     assert!(silent.call_async("wait", (), ()).await.is_ok(), "room again once calls end");
+    client.close().await;
+}
+
+/// The bound is the caller's, across its reply queues: calls still waiting on a queue the
+/// caller retired (its reply path broken) count, beside those on the queue set up in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_call_bound_holds_across_the_reply_queues_of_a_caller() {
+    let uri = format!("memory://pending-retired-{}", uuid::Uuid::new_v4());
+    let transport = MemoryTransport::connect(&uri).unwrap();
+    let bind_silent = || micro_framework::transport::BindingSpec {
+        queue: "rpc-silent".into(),
+        exchange: "nameko-rpc".into(),
+        routing_key: "silent.*".into(),
+        arguments: Default::default(),
+    };
+    transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
+    transport.declare_queue(&QueueSpec::durable("rpc-silent")).await.unwrap();
+    transport.bind_queue(&bind_silent()).await.unwrap();
+    let config = Config::new("flooder")
+        .with_amqp_uri(uri.clone())
+        .with_rpc_timeout(Duration::from_secs(300));
+    let client = Client::connect(&config).await.unwrap();
+    let silent = client.service("silent");
+    let mut waiting = Vec::new();
+    for _ in 0..65_535 {
+        waiting.push(silent.call_async("wait", (), ()).await.expect("room for it"));
+    }
+    // the reply path breaks (the exchange declared again, the reply queue's binding gone),
+    // and a call that times out has the probe retire the queue
+    transport.delete_exchange("nameko-rpc").await.unwrap();
+    transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
+    transport.bind_queue(&bind_silent()).await.unwrap();
+    let short = silent.clone().timeout(Duration::from_millis(200));
+    assert!(matches!(short.call::<u64>("wait", (), ()).await, Err(RpcError::Timeout { .. })));
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    let mut more = Vec::new();
+    let refused = loop {
+        match silent.call_async("wait", (), ()).await {
+            Ok(reply) => more.push(reply),
+            Err(error) => break error,
+        }
+        assert!(more.len() <= 65_536, "no bound at all");
+    };
+    assert_eq!(waiting.len() + more.len(), 65_536, "{refused}");
+    assert!(matches!(
+        &refused,
+        RpcError::Transport(TransportError::LimitReached { what: Limit::PendingCalls, .. })
+    ));
+    drop((more, waiting));
     client.close().await;
 }
 

@@ -2,7 +2,7 @@
 //! reply to the call waiting for its correlation id.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -31,6 +31,10 @@ const REPLY_PREFETCH: u16 = 1000;
 /// to a service that does not answer ends in a clear error, not in unbounded memory.
 pub(crate) const MAX_PENDING_CALLS: usize = 65_536;
 
+/// How often a reply queue checks whether its connection reconnected, to hand its waiting
+/// calls over to a queue of the new connection.
+const RECONNECTION_WATCH: Duration = Duration::from_secs(1);
+
 /// How long a probe of the reply path may take before the path counts as broken.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -57,6 +61,9 @@ pub(crate) struct ReplyListener {
     max_size: usize,
     /// The caller stops: no queue is set up any more.
     closed: AtomicBool,
+    /// The calls waiting on every queue of the caller's (both protocols, retired queues
+    /// included), bounded by [`MAX_PENDING_CALLS`].
+    waiting: Arc<AtomicUsize>,
     nameko: QueueSlot,
     micro_framework: QueueSlot,
 }
@@ -73,10 +80,23 @@ struct QueueSlot {
 }
 
 impl QueueSlot {
-    /// The queue, unless none was set up yet or its consumer has ended.
-    fn live(&self) -> Option<Arc<ReplyQueue>> {
+    /// The queue, unless none was set up yet, its consumer has ended, or it was set up before
+    /// the connection's last reconnection, `reconnects` (see [`ReplyListener::queue`]).
+    fn live(&self, reconnects: u64) -> Option<Arc<ReplyQueue>> {
         let live = self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        live.as_ref().filter(|queue| !queue.closed.load(Ordering::Acquire)).cloned()
+        let usable = |queue: &&Arc<ReplyQueue>| {
+            !queue.closed.load(Ordering::Acquire) && queue.reconnects == reconnects
+        };
+        live.as_ref().filter(usable).cloned()
+    }
+
+    /// The queues of the slot that calls still wait on (the live one, if it has been
+    /// replaced in all but the slot, and those retired).
+    fn waited_on(&self) -> Vec<Arc<ReplyQueue>> {
+        let live = self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let replaced: Vec<_> = self.replaced().iter().filter_map(Weak::upgrade).collect();
+        let queues = live.into_iter().chain(replaced);
+        queues.filter(|queue| !queue.pending().is_empty()).collect()
     }
 
     fn replace(&self, queue: Option<Arc<ReplyQueue>>) -> Option<Arc<ReplyQueue>> {
@@ -114,6 +134,7 @@ impl ReplyListener {
             service: service.to_owned(),
             max_size,
             closed: AtomicBool::new(false),
+            waiting: Arc::default(),
             nameko: QueueSlot::default(),
             micro_framework: QueueSlot::default(),
         }
@@ -128,19 +149,29 @@ impl ReplyListener {
 
     /// The live reply queue of `protocol`, declared, bound to `exchange` and consumed if
     /// needed.
+    ///
+    /// A queue set up before the connection's last reconnection is retired, and a new one set
+    /// up, which is bound with the routing keys of the queues calls still wait on too, and
+    /// hands their replies over. When the client saw the connection's loss before the broker
+    /// did, the broker keeps the old connection's exclusive consumer of the old queue, and
+    /// sends that dead connection the replies to it, until it notices the loss (up to about
+    /// two heartbeats); calls sent meanwhile would wait for those replies until then, or
+    /// time out.
     pub(crate) async fn queue(
-        &self,
+        self: &Arc<Self>,
         transport: &SharedTransport,
         protocol: Protocol,
         exchange: &ExchangeSpec,
     ) -> Result<Arc<ReplyQueue>, TransportError> {
         let slot = self.slot(protocol);
-        if let Some(queue) = slot.live() {
+        let reconnects = transport.reconnects();
+        if let Some(queue) = slot.live(reconnects) {
             return Ok(queue);
         }
         let _starting = slot.starting.lock().await;
         // a call that waited here finds the queue the call before it set up
-        if let Some(queue) = slot.live() {
+        let reconnects = transport.reconnects();
+        if let Some(queue) = slot.live(reconnects) {
             return Ok(queue);
         }
         // read under `starting`, which `close` takes after setting the flag: a queue set up
@@ -151,8 +182,21 @@ impl ReplyListener {
                 reason: "the caller stops: no RPC reply queue is set up any more".into(),
             });
         }
-        let (queue, unfinished) =
-            ReplyQueue::start(transport, &self.service, self.max_size, protocol, exchange).await?;
+        let predecessors = slot.waited_on();
+        let setup = Setup {
+            listener: self,
+            service: &self.service,
+            max_size: self.max_size,
+            protocol,
+            exchange,
+            reconnects,
+            waiting: &self.waiting,
+            predecessors: &predecessors,
+        };
+        let (queue, unfinished) = ReplyQueue::start(transport, setup).await?;
+        for predecessor in &predecessors {
+            predecessor.retire();
+        }
         // no await from the end of the set-up to here: a caller that gives up meanwhile
         // cannot leave a queue that neither the guard nor the slot deletes
         slot.set_up(queue.clone());
@@ -190,6 +234,22 @@ impl ReplyListener {
     }
 }
 
+/// What a new reply queue is set up with.
+struct Setup<'a> {
+    listener: &'a Arc<ReplyListener>,
+    service: &'a str,
+    max_size: usize,
+    protocol: Protocol,
+    exchange: &'a ExchangeSpec,
+    /// The connection's reconnections when it is set up.
+    reconnects: u64,
+    /// The caller's count of waiting calls.
+    waiting: &'a Arc<AtomicUsize>,
+    /// The queues it takes over from: it is bound with their routing keys too, and hands
+    /// their calls' replies over.
+    predecessors: &'a [Arc<ReplyQueue>],
+}
+
 /// A consumed reply queue and the calls waiting on it.
 #[derive(Debug)]
 pub(crate) struct ReplyQueue {
@@ -198,8 +258,15 @@ pub(crate) struct ReplyQueue {
     protocol: Protocol,
     /// `MAX_MESSAGE_SIZE`: a bigger reply fails its call unread.
     max_size: usize,
+    /// The connection's reconnections when the queue was set up: after another, new calls
+    /// go to a new queue.
+    reconnects: u64,
     /// Keyed by correlation id, shared with the call's [`RpcReply`](super::RpcReply).
     pending: Mutex<HashMap<Arc<str>, oneshot::Sender<ReplyOutcome>>>,
+    /// The calls waiting on every queue of the caller's (see [`ReplyListener`]).
+    waiting: Arc<AtomicUsize>,
+    /// The queues set up before this one whose replies this one takes too.
+    predecessors: Vec<Weak<ReplyQueue>>,
     /// Takes no more calls: retired, or its consumer ended.
     closed: AtomicBool,
     /// The connection the queue was set up on (to probe and delete the queue), held weakly:
@@ -207,7 +274,12 @@ pub(crate) struct ReplyQueue {
     /// handle is dropped.
     transport: Weak<dyn Transport>,
     /// The exchange the queue is bound to.
-    exchange: String,
+    exchange: ExchangeSpec,
+    /// The caller's listener, which sets up the queue that takes over from this one after a
+    /// reconnection.
+    listener: Weak<ReplyListener>,
+    /// Whether that queue is being set up.
+    succeeding: AtomicBool,
     /// No probe starts before this instant.
     next_probe: Mutex<Option<Instant>>,
     /// Wakes the consumer of a retired queue (whose replies no longer arrive) to see whether
@@ -222,11 +294,18 @@ pub(crate) struct ReplyQueue {
 impl ReplyQueue {
     async fn start(
         transport: &SharedTransport,
-        service: &str,
-        max_size: usize,
-        protocol: Protocol,
-        exchange: &ExchangeSpec,
+        setup: Setup<'_>,
     ) -> Result<(Arc<ReplyQueue>, Unfinished), TransportError> {
+        let Setup {
+            listener,
+            service,
+            max_size,
+            protocol,
+            exchange,
+            reconnects,
+            waiting,
+            predecessors,
+        } = setup;
         let id = uuid::Uuid::new_v4().to_string();
         // Nameko binds its reply queue with the bare id, micro-framework with the queue's name
         let (spec, routing_key) = match protocol {
@@ -240,13 +319,16 @@ impl ReplyQueue {
         transport.declare_exchange(exchange).await?;
         let unfinished = Unfinished::new(transport, &spec.name);
         transport.declare_queue(&spec).await?;
-        let binding = BindingSpec {
-            queue: spec.name.clone(),
-            exchange: exchange.name.clone(),
-            routing_key: routing_key.clone(),
-            arguments: Headers::new(),
-        };
-        transport.bind_queue(&binding).await?;
+        let keys = std::iter::once(&routing_key).chain(predecessors.iter().map(|q| &q.routing_key));
+        for key in keys {
+            let binding = BindingSpec {
+                queue: spec.name.clone(),
+                exchange: exchange.name.clone(),
+                routing_key: key.clone(),
+                arguments: Headers::new(),
+            };
+            transport.bind_queue(&binding).await?;
+        }
         let options = ConsumeOptions {
             prefetch: REPLY_PREFETCH,
             exclusive: true,
@@ -259,10 +341,15 @@ impl ReplyQueue {
             routing_key,
             protocol,
             max_size,
+            reconnects,
             pending: Mutex::default(),
+            waiting: waiting.clone(),
+            predecessors: predecessors.iter().map(Arc::downgrade).collect(),
             closed: AtomicBool::new(false),
             transport: Arc::downgrade(transport),
-            exchange: exchange.name.clone(),
+            exchange: exchange.clone(),
+            listener: Arc::downgrade(listener),
+            succeeding: AtomicBool::new(false),
             next_probe: Mutex::default(),
             retired: Notify::new(),
             stop_listening: CancellationToken::new(),
@@ -299,28 +386,40 @@ impl ReplyQueue {
                 reason: format!("the reply queue {} takes no more calls", self.name),
             });
         }
-        if pending.len() >= MAX_PENDING_CALLS {
+        let waiting = self.waiting.load(Ordering::Acquire);
+        if waiting >= MAX_PENDING_CALLS {
             return Err(TransportError::LimitReached {
                 what: Limit::PendingCalls,
-                size: pending.len() as u64 + 1,
+                size: waiting as u64 + 1,
                 limit: MAX_PENDING_CALLS as u64,
                 reason: format!(
                     "{MAX_PENDING_CALLS} RPC calls of this service instance wait for replies already; call refused"
                 ),
             });
         }
-        pending.insert(correlation_id.clone(), sender);
+        if pending.insert(correlation_id.clone(), sender).is_none() {
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(receiver)
     }
 
     /// Stop waiting for the reply with `correlation_id` (timed out, or given up).
     pub(crate) fn forget(&self, correlation_id: &str) {
+        drop(self.take_waiting(correlation_id));
+    }
+
+    /// The call waiting for the reply with `correlation_id`, no longer waiting on the queue.
+    fn take_waiting(&self, correlation_id: &str) -> Option<oneshot::Sender<ReplyOutcome>> {
         let mut pending = self.pending();
-        pending.remove(correlation_id);
+        let sender = pending.remove(correlation_id);
+        if sender.is_some() {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
         if pending.is_empty() && self.closed.load(Ordering::Acquire) {
             // the last call waiting on a retired queue: its consumer may end
             self.retired.notify_one();
         }
+        sender
     }
 
     /// Whether the queue was retired (or its consumer ended) and no call waits on it.
@@ -353,10 +452,16 @@ impl ReplyQueue {
         // the `Notify` on every reply
         let retired = self.retired.notified();
         tokio::pin!(retired);
+        let mut reconnection_watch = tokio::time::interval(RECONNECTION_WATCH);
+        reconnection_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cancelled = false;
         loop {
             let delivery = tokio::select! {
                 delivery = consumer.next() => delivery,
+                _ = reconnection_watch.tick() => {
+                    self.hand_over_after_reconnection();
+                    continue;
+                }
                 () = self.stop_listening.cancelled(), if !cancelled => {
                     // the replies already sent to the consumer still come, then it ends
                     consumer.cancel();
@@ -397,13 +502,40 @@ impl ReplyQueue {
         self.listened.cancel();
     }
 
-    /// Give the reply `delivery` to the call waiting for it, if one does.
+    /// Once the connection has reconnected, have the queue set up that takes over this one's
+    /// waiting calls (see [`ReplyListener::queue`]), also when the caller makes no new call.
+    fn hand_over_after_reconnection(self: &Arc<Self>) {
+        let Some(transport) = self.transport.upgrade() else { return };
+        if transport.reconnects() == self.reconnects
+            || self.closed.load(Ordering::Acquire)
+            || self.pending().is_empty()
+        {
+            return;
+        }
+        let Some(listener) = self.listener.upgrade() else { return };
+        if self.succeeding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let queue = self.clone();
+        tokio::spawn(async move {
+            // retires this queue once the new one is up; tried again at the next watch if not
+            let set_up = listener.queue(&transport, queue.protocol, &queue.exchange).await;
+            if let Err(error) = set_up {
+                tracing::debug!("cannot set up a reply queue after a reconnection: {error}");
+            }
+            queue.succeeding.store(false, Ordering::Release);
+        });
+    }
+
+    /// Give the reply `delivery` to the call waiting for it, if one does, on this queue or on
+    /// one it took over from.
     fn hand_over(&self, delivery: &Delivery) {
-        let waiting = delivery
-            .properties
-            .correlation_id
-            .as_deref()
-            .and_then(|correlation_id| self.pending().remove(correlation_id));
+        let waiting = delivery.properties.correlation_id.as_deref().and_then(|correlation_id| {
+            self.take_waiting(correlation_id).or_else(|| {
+                let mut predecessors = self.predecessors.iter().filter_map(Weak::upgrade);
+                predecessors.find_map(|queue| queue.take_waiting(correlation_id))
+            })
+        });
         match waiting {
             Some(sender) => {
                 let _ = sender.send(self.outcome(&delivery.body));
@@ -438,7 +570,7 @@ impl ReplyQueue {
         let sent = tokio::time::timeout(
             PROBE_TIMEOUT,
             transport.publish(
-                &self.exchange,
+                &self.exchange.name,
                 &self.routing_key,
                 message,
                 PublishOptions::default(),
@@ -479,6 +611,7 @@ impl ReplyQueue {
     fn shut(&self) {
         let mut pending = self.pending();
         self.closed.store(true, Ordering::Release);
+        self.waiting.fetch_sub(pending.len(), Ordering::AcqRel);
         pending.clear();
     }
 
@@ -495,8 +628,15 @@ impl ReplyQueue {
 }
 
 /// A reply that could not be acked goes back to its queue; it is logged, not retried here.
+/// Its call has its reply: one whose channel closed comes again, and is dropped as a reply
+/// no call waits for, so that is no warning (a connection's loss would log one per reply in
+/// flight).
 fn warn_unacked(acked: Result<(), TransportError>) {
-    if let Err(error) = acked {
-        tracing::warn!("cannot ack an RPC reply: {error}");
+    match acked {
+        Ok(()) => {}
+        Err(error @ TransportError::Closed { .. }) => {
+            tracing::debug!("cannot ack an RPC reply, which comes again: {error}");
+        }
+        Err(error) => tracing::warn!("cannot ack an RPC reply: {error}"),
     }
 }
