@@ -531,3 +531,210 @@ async fn a_metric_of_ones_own_is_rendered_with_the_services() {
     assert_eq!(line_value(&text, "orders_total"), Some(3.0), "{text}");
     service.stop().await.unwrap();
 }
+
+fn as_text() -> String {
+    "not a number".into()
+}
+
+async fn answer_late() -> u32 {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    1
+}
+
+/// Calls `method` of `service` as the event says (`"service method"`): `big` sends an
+/// argument over `MAX_MESSAGE_SIZE`, `abandon` drops its reply unawaited.
+async fn calls_as_told(
+    Payload(what): Payload<String>,
+    rpc: micro_framework::amqp::dependencies::RpcProxy,
+) -> Result<(), String> {
+    let (service, method) = what.split_once(' ').unwrap_or_default();
+    let service = rpc.service(service).timeout(Duration::from_millis(300));
+    let failed = |error: micro_framework::amqp::rpc::RpcError| error.kind().to_owned();
+    match method {
+        "big" => service.call::<i64>("double", ["x".repeat(4096)], ()).await.map(drop),
+        "abandon" => service.call_async("answer_late", (), ()).await.map(drop),
+        method => service.call::<u32>(method, (), ()).await.map(drop),
+    }
+    .map_err(failed)
+}
+
+/// Each RPC call a target makes is counted once, whatever ends it: a request that cannot be
+/// sent (`transport`), a reply never awaited (`abandoned`), a timeout; a reply that does not
+/// fit the caller's type counts `ok` (the service answered it).
+#[tokio::test]
+async fn every_rpc_call_a_target_makes_is_counted_once_with_its_outcome() {
+    let shop = unique("shop");
+    let config = micro_framework::testing::test_config(&unique("rpcoutcomes"))
+        .with_max_message_size(1024)
+        .with_max_workers(4);
+    let name = config.service_name.clone();
+    let routes = vec![
+        Route::new(double).entrypoint(RPCListener::new()),
+        Route::new(as_text).entrypoint(RPCListener::new()),
+        Route::new(answer_late).entrypoint(RPCListener::new()),
+        Route::new(calls_as_told).entrypoint(EventListener::new(&shop, "go")),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    let mut failures = Vec::new();
+    for method in ["big", "abandon", "as_text", "answer_late"] {
+        let waiter = service.waiter("calls_as_told").unwrap();
+        service.dispatch(&shop, "go", &format!("{name} {method}")).await.unwrap();
+        failures.push(format!("{:?}", waiter.wait().await.unwrap().handled));
+    }
+    // the abandoned call's and the timed-out call's requests still run
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let text = service.service().metrics().render();
+    service.stop().await.unwrap();
+    let calls: Vec<&str> =
+        text.lines().filter(|line| line.starts_with("rpc_calls_total")).collect();
+    let expected = [
+        ("double", "transport"),
+        ("answer_late", "abandoned"),
+        ("as_text", "ok"),
+        ("answer_late", "timeout"),
+    ];
+    for (method, outcome) in expected {
+        let line = format!(
+            r#"rpc_calls_total{{method="{method}",outcome="{outcome}",service="{name}"}} 1"#
+        );
+        assert!(calls.contains(&line.as_str()), "{line} not in {calls:#?}\n{failures:#?}");
+    }
+    assert_eq!(calls.len(), expected.len(), "{calls:#?}");
+    assert!(failures[2].contains("unexpected_result"), "{failures:#?}");
+}
+
+fn flat_out_fails(Payload(_): Payload<Value>) -> Result<(), String> {
+    Err("always".into())
+}
+
+/// A broker retry whose delay queue the broker refuses goes back to the route's queue marked
+/// as the retry, and runs as one: it counts in `retries_total` as a retry scheduled does.
+#[tokio::test]
+async fn a_retry_handed_back_for_want_of_its_delay_queue_is_counted() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("retrycount");
+    let shop = unique("shop");
+    let config = config(&uri, "retrycount").with_amqp_uri(user.uri(&uri));
+    let markers = [config.service_name.clone(), shop.clone()];
+    let routes = vec![Route::new(flat_out_fails)
+        .entrypoint(EventListener::new(&shop, "go"))
+        .backoff(AsyncBackOff::new(2, Duration::from_millis(50)))];
+    let service = TestService::start(routes, config).await.unwrap();
+    // from now on no delay queue can be declared: each retry copy is refused
+    user.permit(r"^(?!.*\.delay-).*$", ".*", ".*");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    service.dispatch(&shop, "go", &json!({})).await.unwrap();
+    let labels = r#"{context="default",route="flat_out_fails"}"#;
+    let value = |name: &str| {
+        let text = service.service().metrics().render();
+        line_value(&text, &format!("{name}{labels}"))
+    };
+    common::wait_until(|| value("dead_lettered_total") == Some(1.0), "the dead letter").await;
+    let counts = ["messages_received_total", "failed_tasks_total", "retries_total"].map(value);
+    service.stop().await.unwrap();
+    drop(user);
+    common::cleanup(&uri, &markers).await;
+    assert_eq!(counts, [Some(3.0), Some(3.0), Some(2.0)]);
+}
+
+fn answers() -> u32 {
+    1
+}
+
+/// A malformed RPC request is refused before any call: listed among the status page's
+/// failures, counted in neither its calls nor its failures.
+#[tokio::test]
+async fn a_malformed_rpc_request_is_listed_but_is_no_call() {
+    use micro_framework::transport::{OutgoingMessage, Properties, PublishOptions};
+    let config = micro_framework::testing::test_config(&unique("malformed"))
+        .with_enable_metrics(true)
+        .with_status_show_failures(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let (name, exchange) = (config.service_name.clone(), config.rpc_exchange.clone());
+    let service =
+        TestService::start(vec![Route::new(answers).entrypoint(RPCListener::new())], config)
+            .await
+            .unwrap();
+    let address = service.service().metrics_address().unwrap();
+    let properties = Properties {
+        reply_to: Some(unique("reply")),
+        correlation_id: Some(unique("correlation")),
+        ..micro_framework::data::json_properties()
+    };
+    let request = OutgoingMessage { body: b"not json".to_vec().into(), properties };
+    let key = format!("{name}.answers");
+    service.transport().publish(&exchange, &key, request, PublishOptions::default()).await.unwrap();
+    let status = move || {
+        let (_, status) = http_get(address, "/status.json");
+        serde_json::from_str::<Value>(&status).unwrap()
+    };
+    let listed = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = status();
+            if status["recent_failures"].as_array().is_some_and(|failures| !failures.is_empty())
+                || std::time::Instant::now() > deadline
+            {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    service.stop().await.unwrap();
+    assert_eq!(listed["recent_failures"][0]["kind"], "bad_input", "{listed}");
+    let route = &listed["routes"][0];
+    assert_eq!(
+        (route["calls"].as_u64(), route["failures"].as_u64()),
+        (Some(0), Some(0)),
+        "{route}"
+    );
+}
+
+/// `LOG_FORMAT=json`: one object per line, with the call's span as `span` (and in `spans`).
+#[tokio::test]
+async fn a_json_log_line_carries_the_calls_span() {
+    let program = std::env::current_exe().unwrap();
+    let dir = program.parent().unwrap().parent().unwrap();
+    let retry_demo = dir.join("examples/retry_demo");
+    assert!(retry_demo.exists(), "run `cargo build --examples` first: {}", retry_demo.display());
+    // it serves until stopped: its lines are read until the first failed call's
+    let mut demo = tokio::process::Command::new(&retry_demo)
+        .env("LOG_FORMAT", "json")
+        .env("WORKER_MODE", "thread")
+        .env_remove("AMQP_URI")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = demo.stderr.take().unwrap();
+    let first_failure = async {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut seen = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let parsed = serde_json::from_str::<Value>(&line).ok();
+            let message = parsed.as_ref().and_then(|line| line["fields"]["message"].as_str());
+            if message.is_some_and(|message| message.starts_with("call failed")) {
+                return parsed.unwrap();
+            }
+            seen.push(line);
+        }
+        panic!("no JSON line of a failed call in:\n{}", seen.join("\n"))
+    };
+    let failed = tokio::time::timeout(Duration::from_secs(60), first_failure).await.unwrap();
+    demo.kill().await.unwrap();
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(failed["target"], "micro_framework::pipeline::route_handle::call");
+    let span = &failed["span"];
+    assert_eq!(
+        (span["name"].as_str(), span["service"].as_str()),
+        (Some("call"), Some("retry_demo"))
+    );
+    for field in ["route", "call_id", "parent_call_id", "retry"] {
+        assert!(span.get(field).is_some(), "{field} missing: {failed}");
+    }
+    assert_eq!(failed["spans"][0], *span);
+}

@@ -581,3 +581,34 @@ async fn an_http_call_a_process_mode_stop_ends_is_answered() {
 async fn an_http_call_a_greedy_process_mode_stop_ends_is_answered() {
     check_an_http_call_a_stop_ends_is_answered(WorkerMode::GreedyProcess).await;
 }
+
+async fn sleeps_on(Payload(_): Payload<serde_json::Value>) -> Result<(), String> {
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// A call killed past `TASK_TIME_LIMIT` is logged by the service, which alone sees it, in the
+/// call's span (its route and id, the id the worker logs the call under), and as failed.
+#[tokio::test]
+async fn a_call_its_worker_process_did_not_end_is_logged_in_its_span() {
+    common::logs::capture(tracing::Level::INFO);
+    let shop = common::unique("shop");
+    let config = test_config(&common::unique("killedlog"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1)
+        .with_task_time_limit(Some(std::time::Duration::from_millis(300)));
+    let routes = vec![Route::new(sleeps_on).entrypoint(EventListener::new(&shop, "go"))];
+    let service = TestService::start(routes, config).await.unwrap();
+    service.dispatch(&shop, "go", &serde_json::json!({})).await.unwrap();
+    let finished = service.waiter("sleeps_on").unwrap().wait().await.unwrap();
+    service.stop().await.unwrap();
+    assert!(format!("{:?}", finished.handled).contains("TimedOut"), "{finished:?}");
+    let logs = common::logs::logged();
+    let in_span = |text: &str| {
+        logs.lines().any(|line| {
+            line.contains(text) && line.contains("route=sleeps_on") && line.contains("call_id=")
+        })
+    };
+    assert!(in_span("ran past its time limit"), "{logs}");
+    assert!(in_span("call failed") && logs.contains("kind=timed_out"), "{logs}");
+}

@@ -69,6 +69,23 @@ impl CallContext {
         method: &str,
         parent_calls_tracked: usize,
     ) -> Self {
+        let call = Self::gathered(headers, parent_calls_tracked, Self::new_id(service, method));
+        call.warn_of_keys_not_forwarded();
+        call
+    }
+
+    /// A new call id of `service.method`: `{service}.{method}.{uuid4}`.
+    pub(crate) fn new_id(service: &str, method: &str) -> String {
+        format!("{service}.{method}.{}", Uuid::new_v4())
+    }
+
+    /// [`CallContext::for_call`] with the id `call_id`, without its warning: a worker
+    /// process's call has the id its service gave it.
+    pub(crate) fn gathered(
+        headers: &Headers,
+        parent_calls_tracked: usize,
+        call_id: String,
+    ) -> Self {
         let mut data = Headers::new();
         let mut stack = None;
         for (key, value) in headers {
@@ -91,21 +108,18 @@ impl CallContext {
             }
         }
         let mut stack = stack.unwrap_or_default();
-        let call_id = format!("{service}.{method}.{}", Uuid::new_v4());
         stack.push(call_id.clone());
         let keep = parent_calls_tracked.saturating_add(1);
         if stack.len() > keep {
             stack.drain(..stack.len() - keep);
         }
-        let call = CallContext { call_id, call_id_stack: stack, data };
-        call.warn_of_keys_not_forwarded();
-        call
+        CallContext { call_id, call_id_stack: stack, data }
     }
 
     /// Warn, here rather than in [`outgoing_headers`](Self::outgoing_headers) (asked for by
     /// each dependency that sends), so that a call warns once, of the context keys too long to
     /// go out prefixed.
-    fn warn_of_keys_not_forwarded(&self) {
+    pub(crate) fn warn_of_keys_not_forwarded(&self) {
         let left_out: Vec<String> =
             self.data.keys().filter(|key| !forwardable(key)).map(|key| quoted(key)).collect();
         if !left_out.is_empty() {

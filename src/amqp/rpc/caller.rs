@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::{rpc_exchange, ufw_routing_key, ufw_rpc_exchange};
-use crate::amqp::rpc::pending::{CallTime, RpcReply};
+use crate::amqp::rpc::pending::{CallRecord, CallTime, RpcReply};
 use crate::amqp::rpc::replies::{ReplyListener, ReplyOutcome, ReplyQueue};
 use crate::amqp::rpc::request::{RpcBackend, RpcRequest};
 use crate::amqp::rpc::ufw_wire;
@@ -97,7 +97,12 @@ impl Caller {
                 (&ufw_exchange, ufw_routing_key(&service, &method, builtin))
             }
         };
-        let body = request.into_body(self.max_message_size)?;
+        let record =
+            CallRecord::new(service.clone(), method.clone(), time.started, self.metrics.clone());
+        let body = match request.into_body(self.max_message_size) {
+            Ok(body) => body,
+            Err(error) => return Err(record.failed(error)),
+        };
         let correlation_id: Arc<str> =
             uuid::Uuid::new_v4().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).into();
         let registered = tokio::time::timeout_at(
@@ -105,18 +110,17 @@ impl Caller {
             self.register(protocol, exchange, &correlation_id),
         )
         .await;
-        let Ok(registered) = registered else {
-            return Err(time.expired(&service, &method, self.metrics.as_ref()));
+        let (queue, receiver) = match registered {
+            Ok(Ok(registered)) => registered,
+            Ok(Err(error)) => return Err(record.failed(error.into())),
+            Err(_) => return Err(record.failed(time.expired(&service, &method))),
         };
-        let (queue, receiver) = registered?;
         let mut properties = json_properties();
         properties.headers = self.headers.clone();
         properties.delivery_mode = Some(self.delivery_mode);
         properties.reply_to = Some(queue.routing_key().to_owned());
         properties.correlation_id = Some(correlation_id.to_string());
-        let reply =
-            RpcReply::new(service.clone(), method.clone(), time, queue, correlation_id, receiver)
-                .recorded_in(self.metrics.clone());
+        let reply = RpcReply::new(time, queue, correlation_id, receiver, record);
         let outgoing = Outgoing {
             exchange: exchange.name.clone(),
             routing_key,
@@ -157,18 +161,12 @@ impl Caller {
         let options = PublishOptions { mandatory: true };
         match self.transport.publish(&exchange, &routing_key, message, options).await {
             Ok(()) => Ok(()),
-            Err(TransportError::Unroutable { .. }) => {
-                let error = match protocol {
-                    Protocol::Nameko => RpcError::UnknownService(service.to_string()),
-                    Protocol::MicroFramework => RpcError::MethodNotFound(format!(
-                        "no queue takes {routing_key}: no service {service} serves {method}"
-                    )),
-                };
-                if let Some(metrics) = &self.metrics {
-                    metrics.rpc_call(&service, &method, error.kind(), Duration::ZERO);
-                }
-                Err(error)
-            }
+            Err(TransportError::Unroutable { .. }) => Err(match protocol {
+                Protocol::Nameko => RpcError::UnknownService(service.to_string()),
+                Protocol::MicroFramework => RpcError::MethodNotFound(format!(
+                    "no queue takes {routing_key}: no service {service} serves {method}"
+                )),
+            }),
             Err(error) => Err(error.into()),
         }
     }
@@ -187,11 +185,14 @@ impl RpcBackend for Caller {
         let (outgoing, reply) = self.prepare(request).await?;
         let (time, service, method) =
             (outgoing.time, outgoing.service.clone(), outgoing.method.clone());
-        match tokio::time::timeout_at(time.deadline, self.publish(outgoing)).await {
-            Ok(published) => published?,
-            Err(_) => return Err(time.expired(&service, &method, self.metrics.as_ref())),
+        let published = match tokio::time::timeout_at(time.deadline, self.publish(outgoing)).await {
+            Ok(published) => published,
+            Err(_) => Err(time.expired(&service, &method)),
+        };
+        match published {
+            Ok(()) => Ok(reply),
+            Err(error) => Err(reply.failed(error)),
         }
-        Ok(reply)
     }
 
     /// Publish the request and wait for its reply, whichever of the reply and the publish
@@ -202,14 +203,16 @@ impl RpcBackend for Caller {
     async fn call(&self, request: RpcRequest) -> Result<serde_json::Value, RpcError> {
         let (outgoing, reply) = self.prepare(request).await?;
         let publish = self.publish(outgoing);
-        let reply = reply.value();
+        let (reply, record) = reply.split();
         tokio::pin!(publish, reply);
-        tokio::select! {
-            published = &mut publish => {
-                published?;
-                reply.await
-            }
+        let result = tokio::select! {
+            published = &mut publish => match published {
+                Ok(()) => reply.await,
+                Err(error) => Err(error),
+            },
             replied = &mut reply => replied,
-        }
+        };
+        record.end(&result);
+        result
     }
 }

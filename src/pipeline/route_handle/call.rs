@@ -209,17 +209,40 @@ impl RouteHandle {
     ) -> Outcome {
         #[cfg(feature = "process")]
         if let Some(processes) = self.inner.pool.processes() {
+            // The service logs the call under the id its worker gives it, so that what only
+            // the service sees (a worker killed past the time limit, or dying) is logged with
+            // the call's route and id too.
+            let route = &self.inner;
+            let call_id = CallContext::new_id(&route.service, &route.name);
+            let headers = &message.properties.headers;
+            let context =
+                CallContext::gathered(headers, route.config.parent_calls_tracked, call_id);
             let call = BorrowedCall {
                 route: self.name(),
+                call_id: &context.call_id,
                 role,
                 message,
                 failure: failure.as_ref(),
                 retry,
             };
-            return processes.call(call).await.map_err(|failure| self.filtered(failure));
+            let span = self.call_span(&context, retry);
+            let outcome = processes.call(call).instrument(span).await;
+            return outcome.map_err(|failure| self.filtered(failure));
         }
         let limit = self.inner.pool.time_limit();
-        self.run_here(role, message, failure, retry, limit).await
+        self.run_here(role, message, failure, retry, None, limit).await
+    }
+
+    /// The span a call runs in.
+    fn call_span(&self, call: &CallContext, retry: &BackOffData) -> tracing::Span {
+        tracing::info_span!(
+            "call",
+            service = %self.inner.service,
+            route = %self.inner.name,
+            call_id = %call.call_id,
+            parent_call_id = call.parent_call_id().unwrap_or_default(),
+            retry = retry.retry_count,
+        )
     }
 
     /// The function of the route that `role` names, if it has one.
@@ -244,31 +267,23 @@ impl RouteHandle {
         }
     }
 
-    /// Run one function of the route in this process; with a `limit`, cancelled past it (see
-    /// [`TimeLimit`]).
+    /// Run one function of the route in this process, as the call `call_id` (a new one if
+    /// `None`); with a `limit`, cancelled past it (see [`TimeLimit`]).
     pub(crate) async fn run_here(
         &self,
         role: TargetRole,
         message: &Arc<Message>,
         failure: Option<Failure>,
         retry: &BackOffData,
+        call_id: Option<String>,
         limit: Option<Duration>,
     ) -> Outcome {
         let route = &self.inner;
-        let call = CallContext::for_call(
-            &message.properties.headers,
-            &route.service,
-            &route.name,
-            route.config.parent_calls_tracked,
-        );
-        let span = tracing::info_span!(
-            "call",
-            service = %route.service,
-            route = %route.name,
-            call_id = %call.call_id,
-            parent_call_id = call.parent_call_id().unwrap_or_default(),
-            retry = retry.retry_count,
-        );
+        let call_id = call_id.unwrap_or_else(|| CallContext::new_id(&route.service, &route.name));
+        let headers = &message.properties.headers;
+        let call = CallContext::gathered(headers, route.config.parent_calls_tracked, call_id);
+        call.warn_of_keys_not_forwarded();
+        let span = self.call_span(&call, retry);
         let limit = limit.map(TimeLimit::starting_now);
         self.run_pipeline(role, message.clone(), failure, call, retry.clone(), limit)
             .instrument(span)

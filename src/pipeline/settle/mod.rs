@@ -79,10 +79,12 @@ pub(crate) struct Origin<'a> {
 }
 
 /// Settle `delivery`, which came from `origin`, for the route's queue `queue` according to
-/// `handled`, and say how it ended: `handled` itself, a dead letter where a retry copy could
-/// not be made, or `None` when the message went back to `origin` (its copy could not be
-/// published, or its callback cannot start during a stop) or is left to go back with the
-/// connection (it failed after the stop gave up on it) and will come again. `meta` is the
+/// `handled`, and say how it ended: `handled` itself (a retry also when its copy could not be
+/// published and the message went back marked as the retry), a dead letter where a retry copy
+/// could not be made, or `None` when the message went back to `origin` as it came (its dead
+/// letter could not be published, or its callback cannot start during a stop) or is left to
+/// go back with the connection (it failed after the stop gave up on it) and will come again,
+/// to be counted then. `meta` is the
 /// `_meta` its next wrapped retry carries on (see
 /// [`delayed_message`](crate::pipeline::delayed_message)).
 pub(crate) async fn settle(
@@ -134,8 +136,11 @@ pub(crate) async fn settle(
                     return not_retried(route, origin, queue, delivery, message, failure).await;
                 }
                 Err(NotScheduled::Failed(error)) => {
+                    // Handed back marked as the retry (or, past a stop, left to come back as
+                    // it was): it runs again, so the retry counts, as one scheduled does.
                     let unsent = Unsent::Retry(failure);
-                    (ack_after(route, origin, queue, delivery, unsent, Err(error)).await, None)
+                    let result = ack_after(route, origin, queue, delivery, unsent, Err(error));
+                    (result.await, Some(handled.clone()))
                 }
                 Ok(()) => (delivery.acker.ack().await, Some(handled.clone())),
             }

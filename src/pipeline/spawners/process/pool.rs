@@ -224,7 +224,7 @@ impl ProcessPool {
             if error.kind() == std::io::ErrorKind::InvalidData {
                 self.give_back(worker);
                 let message = format!("the call cannot be sent to a worker process: {error}");
-                return Err(Failure::new(FailureKind::Error, message));
+                return Err(failed(FailureKind::Error, message));
             }
             let pid = worker.links.pid;
             let status = self.replace(worker, false).await;
@@ -237,7 +237,7 @@ impl ProcessPool {
                 let message = format!(
                     "{tries} worker processes in a row were gone before the call reached them"
                 );
-                return Err(Failure::new(FailureKind::Crashed, message));
+                return Err(failed(FailureKind::Crashed, message));
             }
         };
         // No wait on the shutdown here (it would register with it on every call): the
@@ -266,7 +266,7 @@ impl ProcessPool {
                 let status = self.replace(worker, false).await;
                 let message = format!("worker process {pid} died during the call ({status})");
                 tracing::error!("{message}; a new worker replaces it");
-                Err(Failure::new(FailureKind::Crashed, message))
+                Err(failed(FailureKind::Crashed, message))
             }
             Err(_) => {
                 self.replace(worker, true).await;
@@ -275,7 +275,7 @@ impl ProcessPool {
                     "call ran past its time limit of {limit:?}: worker process {pid} killed"
                 );
                 tracing::error!("{message}; a new worker replaces it");
-                Err(Failure::new(FailureKind::TimedOut, message))
+                Err(failed(FailureKind::TimedOut, message))
             }
         }
     }
@@ -328,6 +328,13 @@ impl ProcessPool {
         futures::future::join(idle, lent).await;
         self.busy.wait().await;
     }
+}
+
+/// A call's failure that the service, not its worker, saw: logged as the worker logs the
+/// others (in the call's span).
+fn failed(kind: FailureKind, message: String) -> Failure {
+    tracing::warn!(kind = %kind, "call failed: {message}");
+    Failure::new(kind, message)
 }
 
 /// A call whose worker the shutdown killed, past `SHUTDOWN_TIMEOUT`: as a call that waits for
@@ -502,6 +509,7 @@ mod tests {
             let retry = BackOffData::from_headers(&message.properties.headers, 0);
             let call = BorrowedCall {
                 route: "stuck",
+                call_id: "svc.stuck.1",
                 role: TargetRole::Target,
                 message: &message,
                 failure: None,

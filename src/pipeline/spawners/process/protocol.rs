@@ -51,6 +51,9 @@ const KEEP_BUFFER: usize = 1024 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct CallRequest {
     pub route: String,
+    /// The call's id, which the service logs the call under too (a worker killed by the
+    /// time limit, or dying, logs nothing of it).
+    pub call_id: String,
     pub role: TargetRole,
     pub message: Message,
     pub failure: Option<Failure>,
@@ -62,6 +65,7 @@ pub(crate) struct CallRequest {
 #[derive(Serialize)]
 pub(crate) struct BorrowedCall<'a> {
     pub route: &'a str,
+    pub call_id: &'a str,
     pub role: TargetRole,
     pub message: &'a Message,
     pub failure: Option<&'a Failure>,
@@ -533,6 +537,7 @@ mod tests {
         let retry = BackOffData { retry_count: 2, ..BackOffData::default() };
         let call = BorrowedCall {
             route: "route",
+            call_id: "svc.route.1",
             role: TargetRole::Callback,
             message: &message,
             failure: Some(&failure),
@@ -668,6 +673,7 @@ mod tests {
         }
         let call = BorrowedCall {
             route: "route",
+            call_id: "svc.route.2",
             role: TargetRole::Target,
             message: &message,
             failure: None,

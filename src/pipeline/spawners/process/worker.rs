@@ -280,11 +280,11 @@ impl Drop for HangUpOnDrop {
 
 /// Run `request` here, on `route`: the route it names, if the worker has it.
 async fn run_call(request: CallRequest, route: Option<&RouteHandle>) -> Outcome {
-    let CallRequest { route: name, role, message, failure, retry } = request;
+    let CallRequest { route: name, call_id, role, message, failure, retry } = request;
     match route {
         Some(route) => {
             // the service kills this process past the call's time limit
-            route.run_here(role, &Arc::new(message), failure, &retry, None).await
+            route.run_here(role, &Arc::new(message), failure, &retry, Some(call_id), None).await
         }
         None => Err(Failure::new(FailureKind::Error, format!("the worker has no route '{name}'"))),
     }
