@@ -68,7 +68,8 @@ pub(super) fn validate(raw: &str) -> Result<(), ConfigError> {
     }
     let entries = entries(raw);
     if entries.len() == 1 {
-        return parse(raw).map(drop).map_err(|reason| ConfigError::new(KEY, raw, reason.text("")));
+        parse(raw).map_err(|reason| ConfigError::new(KEY, raw, reason.text("")))?;
+        return no_zero_connection_timeout(raw);
     }
     // Every entry is checked to be there and to look like a URI before any is shown: with
     // a comma in a password, the first piece would show the start of the password.
@@ -97,7 +98,21 @@ pub(super) fn validate(raw: &str) -> Result<(), ConfigError> {
         })?;
         urls.push(url);
     }
-    same_cluster(&entries, &urls).map_err(|reason| ConfigError::new(KEY, raw, reason))
+    same_cluster(&entries, &urls).map_err(|reason| ConfigError::new(KEY, raw, reason))?;
+    no_zero_connection_timeout(raw)
+}
+
+/// Refuses `?connection_timeout=0`: every connection attempt would time out at once, the
+/// broker up or not, and the service wait for it for ever.
+fn no_zero_connection_timeout(raw: &str) -> Result<(), ConfigError> {
+    for url in broker_entries(raw) {
+        let timeout = url.query_pairs().find(|(name, _)| name == "connection_timeout");
+        if timeout.is_some_and(|(_, value)| value.trim().parse::<u64>() == Ok(0)) {
+            let reason = "connection_timeout=0: it must be at least 1 (milliseconds)";
+            return Err(ConfigError::new(KEY, raw, reason));
+        }
+    }
+    Ok(())
 }
 
 /// `entry`, masked, when showing it cannot show a piece of a password. An entry that does

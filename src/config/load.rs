@@ -18,6 +18,9 @@ const METRICS: &str = "METRICS";
 
 const U16: &str = "expected an integer from 0 to 65535";
 const U32: &str = "expected an integer from 0 to 4294967295";
+// keys that must be at least 1 (`Config::validate`) say so in their range too
+const POSITIVE_U16: &str = "expected an integer from 1 to 65535";
+const POSITIVE_U32: &str = "expected an integer from 1 to 4294967295";
 const USIZE: &str = "expected a non-negative integer";
 const BOOL: &str = "expected one of true, false, 1, 0, yes, no";
 
@@ -117,7 +120,7 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::MaxWorkers => uint(value, USIZE).map(|v| config.max_workers = v),
         Field::WorkerMode => choice(value).map(|v| config.worker_mode = v),
         Field::MaxTasksPerChild => {
-            optional(value, |v| uint(v, U32)).map(|v| config.max_tasks_per_child = v)
+            optional(value, |v| uint(v, POSITIVE_U32)).map(|v| config.max_tasks_per_child = v)
         }
         Field::EnableMetrics => boolean(value).map(|v| config.enable_metrics = v),
         Field::StatusShowFailures => boolean(value).map(|v| config.status_show_failures = v),
@@ -132,7 +135,7 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::WebsocketIdleTimeout => seconds(value).map(|v| config.websocket_idle_timeout = v),
         Field::MaxMessageSize => uint(value, USIZE).map(|v| config.max_message_size = v),
         Field::PrefetchCount => {
-            optional(value, |v| uint(v, U16)).map(|v| config.prefetch_count = v)
+            optional(value, |v| uint(v, POSITIVE_U16)).map(|v| config.prefetch_count = v)
         }
         Field::Protocol => choice(value).map(|v| config.protocol = v),
         Field::QueueType => choice(value).map(|v| config.queue_type = v),
@@ -182,7 +185,12 @@ fn uri_list(value: &Value) -> Result<String, String> {
 /// A `host:port` listening address (the host may be a name, an IPv4 or a bracketed IPv6
 /// address). A bare port means every IPv4 interface, as Nameko reads it.
 fn address(value: &Value) -> Result<String, String> {
-    let address = text(value)?;
+    bind_address(&text(value)?)
+}
+
+/// `address` (`WEB_SERVER_ADDRESS`) as `host:port`: a bare port, as Nameko takes it, is on
+/// every interface.
+pub(super) fn bind_address(address: &str) -> Result<String, String> {
     if let Ok(port) = address.trim().parse::<u16>() {
         return Ok(format!("0.0.0.0:{port}"));
     }
@@ -191,7 +199,7 @@ fn address(value: &Value) -> Result<String, String> {
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(expected());
     }
-    Ok(address)
+    Ok(address.to_owned())
 }
 
 /// A non-negative integer fitting `T`, as a number or a string; `expected` is the reason
@@ -468,6 +476,14 @@ const FILE_SIMILARITY: f64 = 0.75;
 /// other software too (`METRICS_PATH`, `NIX_SSL_CERT_FILE` are no misspellings).
 const ENV_SIMILARITY: f64 = 0.8;
 
+/// Keys this alike are a misspelling whatever their words (`MAXWORKERS`, `RPC_TIMOUT`).
+const CLOSE_SIMILARITY: f64 = 0.9;
+
+/// Otherwise a misspelling has a framework key's words but one, and that one alike
+/// (`AMQP_URL`, `MAX_WORKER`): `API_TIMEOUT`, `METRICS_PATH` or `RPC_TIMEOUT_MS` are keys of
+/// their own, not misspellings of `RPC_TIMEOUT`, `METRICS_PORT`.
+const WORD_SIMILARITY: f64 = 0.6;
+
 /// The framework's key closest to `key`, when `key` looks like a misspelling of it.
 pub(super) fn closest_key(key: &str) -> Option<&'static str> {
     closest_key_within(key, FILE_SIMILARITY, &[METRICS, ENV_METRICS[0], ENV_METRICS[1]])
@@ -475,7 +491,8 @@ pub(super) fn closest_key(key: &str) -> Option<&'static str> {
 
 /// The framework's key closest to `key` (compared in upper case) among the top-level keys
 /// and `nested` (how the source spells the `METRICS` keys), when their similarity is at
-/// least `similarity`; never `key` itself.
+/// least `similarity` and `key` looks like a misspelling of it ([`misspelt`]); never `key`
+/// itself.
 fn closest_key_within(key: &str, similarity: f64, nested: &[&'static str]) -> Option<&'static str> {
     let upper = key.to_uppercase();
     FIELDS
@@ -484,7 +501,27 @@ fn closest_key_within(key: &str, similarity: f64, nested: &[&'static str]) -> Op
         .chain(nested.iter().copied())
         .filter(|name| *name != key)
         .map(|name| (strsim::normalized_damerau_levenshtein(&upper, name), name))
-        .filter(|(alike, _)| *alike >= similarity)
+        .filter(|(alike, name)| *alike >= similarity && misspelt(&upper, name, *alike))
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, name)| name)
+}
+
+/// Whether `key` (upper case), `alike` to the framework's key `name`, is a misspelling of
+/// it: very close, or the same words but one that is close.
+fn misspelt(key: &str, name: &str, alike: f64) -> bool {
+    if alike >= CLOSE_SIMILARITY {
+        return true;
+    }
+    let (words, known): (Vec<&str>, Vec<&str>) =
+        (key.split('_').collect(), name.split('_').collect());
+    if words.len() != known.len() {
+        return false;
+    }
+    let mut differing = words.iter().zip(&known).filter(|(word, known)| word != known);
+    match (differing.next(), differing.next()) {
+        (Some((word, known)), None) => {
+            strsim::normalized_damerau_levenshtein(word, known) >= WORD_SIMILARITY
+        }
+        _ => false,
+    }
 }

@@ -420,6 +420,14 @@ impl Config {
         self.prefetch_count.unwrap_or_else(|| u16::try_from(self.max_workers).unwrap_or(u16::MAX))
     }
 
+    /// `WEB_SERVER_ADDRESS` as the `host:port` to bind: a bare port on every interface, as
+    /// from the environment (a config set in code may hold one too); as it is if
+    /// [`Config::validate`] would refuse it.
+    pub(crate) fn web_server_bind_address(&self) -> String {
+        load::bind_address(&self.web_server_address)
+            .unwrap_or_else(|_| self.web_server_address.clone())
+    }
+
     /// `AMQP_URI` with its password (of each entry) replaced by `***` (see [`mask_uri`]),
     /// for logs.
     pub fn masked_amqp_uri(&self) -> String {

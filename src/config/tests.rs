@@ -629,8 +629,8 @@ fn value_errors_name_key_and_value() {
         ("AMQP_HEARTBEAT", "70000", "expected an integer from 0 to 65535"),
         ("METRICS_PORT", "http", "expected an integer from 0 to 65535"),
         ("WEBSOCKET_PORT", "1.5", "expected an integer from 0 to 65535"),
-        ("MAX_TASKS_PER_CHILD", "5000000000", "expected an integer from 0 to 4294967295"),
-        ("PREFETCH_COUNT", "x", "expected an integer from 0 to 65535"),
+        ("MAX_TASKS_PER_CHILD", "5000000000", "expected an integer from 1 to 4294967295"),
+        ("PREFETCH_COUNT", "x", "expected an integer from 1 to 65535"),
         ("PARENT_CALLS_TRACKED", "ten", "expected a non-negative integer"),
         ("ENABLE_METRICS", "maybe", "expected one of true, false, 1, 0, yes, no"),
         ("AUTO_DELETE_EVENT_EXCHANGES", "2", "expected one of true, false, 1, 0, yes, no"),
@@ -1235,4 +1235,84 @@ fn settings_that_do_not_do_what_they_say_are_warned_about() {
     assert!(warned(plain).contains(unencrypted));
     let tls = Config::new("s").with_amqp_ssl_ca_file(ca()).with_amqp_uri("amqps://h/".into());
     assert!(!warned(tls).contains(unencrypted));
+}
+
+#[test]
+fn a_zero_connection_timeout_is_refused() {
+    // every attempt would time out at once, the broker up or not
+    for uri in [
+        "amqp://h/?connection_timeout=0",
+        "amqp://a/?connection_timeout=5,amqp://b/?connection_timeout=0",
+    ] {
+        let refused = ok_or_refusal(Config::new("s").with_amqp_uri(uri.into()));
+        assert_eq!(refused.key, "AMQP_URI", "{uri}");
+        assert!(refused.reason.contains("connection_timeout=0"), "{refused}");
+    }
+    assert!(Config::new("s")
+        .with_amqp_uri("amqp://h/?connection_timeout=1".into())
+        .validate()
+        .is_ok());
+}
+
+fn ok_or_refusal(config: Config) -> ConfigError {
+    config.validate().expect_err("refused")
+}
+
+#[test]
+fn keys_of_ones_own_are_not_taken_for_misspellings() {
+    let own = [
+        "API_TIMEOUT",
+        "MAX_CONNECTIONS",
+        "METRICS_PATH",
+        "WEBSOCKET_URL",
+        "RPC_TIMEOUT_MS",
+        "MAX_MESSAGES",
+    ];
+    let typos = [
+        ("AMQP_URL", "AMQP_URI"),
+        ("MAX_WORKER", "MAX_WORKERS"),
+        ("MAXWORKERS", "MAX_WORKERS"),
+        ("RPC_TIMOUT", "RPC_TIMEOUT"),
+        ("QUEUE_TYPES", "QUEUE_TYPE"),
+        ("LOG_FORMT", "LOG_FORMAT"),
+    ];
+    let file: String = own
+        .iter()
+        .chain(typos.iter().map(|(typo, _)| typo))
+        .map(|key| format!("{key}: 1\n"))
+        .collect();
+    let config = ok(Config::from_yaml_str(&format!("SERVICE_NAME: s\n{file}"), &no_env));
+    for key in own {
+        let kind =
+            config.unknown_keys().into_iter().find(|(name, _)| *name == key).map(|(_, kind)| kind);
+        assert_eq!(kind, Some(UnknownKey::Application), "{key}");
+    }
+    for (typo, key) in typos {
+        let kind =
+            config.unknown_keys().into_iter().find(|(name, _)| *name == typo).map(|(_, kind)| kind);
+        assert_eq!(kind, Some(UnknownKey::Resembles(key)), "{typo}");
+    }
+    let env: Vec<(&str, &str)> =
+        own.iter().map(|key| (*key, "1")).chain([("SERVICE_NAME", "s")]).collect();
+    assert_eq!(ok(Config::from_vars(vars(&env))).misspelt_env_vars(), []);
+}
+
+#[test]
+fn keys_that_must_be_at_least_one_say_so_in_their_range() {
+    for (key, value, range) in [
+        ("PREFETCH_COUNT", "65536", "from 1 to 65535"),
+        ("MAX_TASKS_PER_CHILD", "-1", "from 1 to 4294967295"),
+    ] {
+        let refused = env_err(&[("SERVICE_NAME", "s"), (key, value)]);
+        assert!(refused.reason.contains(range), "{refused}");
+    }
+}
+
+#[test]
+fn a_bare_web_server_port_set_in_code_is_on_every_interface() {
+    let config = Config::new("s").with_web_server_address("8081".into());
+    assert!(config.validate().is_ok());
+    assert_eq!(config.web_server_bind_address(), "0.0.0.0:8081");
+    let refused = ok_or_refusal(Config::new("s").with_web_server_address("nowhere".into()));
+    assert_eq!(refused.key, "WEB_SERVER_ADDRESS", "{refused}");
 }

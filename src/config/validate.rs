@@ -2,7 +2,7 @@
 //! value.
 
 use super::{
-    amqp_uri, Config, ConfigError, MAX_HTTP_CONNECTIONS, MAX_PEER_TIMEOUT, MAX_WORKERS_LIMIT,
+    amqp_uri, load, Config, ConfigError, MAX_HTTP_CONNECTIONS, MAX_PEER_TIMEOUT, MAX_WORKERS_LIMIT,
 };
 
 /// The longest `SERVICE_NAME`: 255 bytes less the 47 its reply queue name adds.
@@ -66,6 +66,9 @@ impl Config {
             ));
         }
         amqp_uri::validate(&self.amqp_uri)?;
+        if let Err(reason) = load::bind_address(&self.web_server_address) {
+            return Err(ConfigError::new("WEB_SERVER_ADDRESS", &self.web_server_address, reason));
+        }
         // "" names the default exchange, which cannot be declared (ACCESS_REFUSED at
         // start-up, naming no key) and routes a request by queue name, so to no RPC queue.
         if self.rpc_exchange.trim().is_empty() {

@@ -127,7 +127,7 @@ impl SharedExtension for WebSite {
     /// finish, those whose client hung up too (at most `SHUTDOWN_TIMEOUT`).
     async fn start(self: Arc<Self>) -> Result<Serving> {
         let config = self.service.config().clone();
-        let address = &config.web_server_address;
+        let address = &config.web_server_bind_address();
         let listener = std::net::TcpListener::bind(address)
             .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
             .and_then(tokio::net::TcpListener::from_std)

@@ -9,7 +9,7 @@ use crate::pipeline::entrypoint_kind::EntrypointKind;
 /// One server: the keys that place it, its host and port.
 struct Listener<'a> {
     keys: &'static str,
-    host: &'a str,
+    host: std::borrow::Cow<'a, str>,
     port: u16,
 }
 
@@ -17,7 +17,7 @@ impl Listener<'_> {
     /// Whether `self` and `other` cannot both bind: the same port (0 picks a free one) on
     /// the same host, or on hosts one of which is a wildcard covering the other.
     fn clashes_with(&self, other: &Listener<'_>) -> bool {
-        let (a, b) = (unbracketed(self.host), unbracketed(other.host));
+        let (a, b) = (unbracketed(&self.host), unbracketed(&other.host));
         // `::` is dual-stack on Linux: it takes the port on IPv4 too
         let covers = |wildcard: &str, host: &str| {
             wildcard == "::" || (wildcard == "0.0.0.0" && !host.contains(':'))
@@ -43,21 +43,22 @@ pub(super) fn check(config: &Config, kinds: &[EntrypointKind]) -> Result<()> {
     let mut listeners: Vec<Listener<'_>> = Vec::new();
     #[cfg(feature = "http")]
     if kinds.iter().any(|kind| matches!(kind, EntrypointKind::Http { .. })) {
-        // validate() checked the `host:port` shape
-        let address = config.web_server_address.rsplit_once(':');
-        if let Some((host, Ok(port))) = address.map(|(host, port)| (host, port.parse())) {
+        // validate() checked the shape: a port, or `host:port`
+        let address = config.web_server_bind_address();
+        if let Some((host, Ok(port))) = address.rsplit_once(':').map(|(h, p)| (h, p.parse())) {
+            let host = host.to_owned().into();
             listeners.push(Listener { keys: "WEB_SERVER_ADDRESS", host, port });
         }
     }
     #[cfg(feature = "websocket")]
     if kinds.iter().any(|kind| matches!(kind, EntrypointKind::WebSocket)) {
         let (host, port) = (config.websocket_ip.as_str(), config.websocket_port);
-        listeners.push(Listener { keys: "WEBSOCKET_IP, WEBSOCKET_PORT", host, port });
+        listeners.push(Listener { keys: "WEBSOCKET_IP, WEBSOCKET_PORT", host: host.into(), port });
     }
     #[cfg(feature = "metrics")]
     if config.enable_metrics {
         let (host, port) = (config.metrics.host.as_str(), config.metrics.port);
-        listeners.push(Listener { keys: "METRICS_HOST, METRICS_PORT", host, port });
+        listeners.push(Listener { keys: "METRICS_HOST, METRICS_PORT", host: host.into(), port });
     }
     for (index, first) in listeners.iter().enumerate() {
         if let Some(second) = listeners[index + 1..].iter().find(|other| first.clashes_with(other))
@@ -77,7 +78,7 @@ mod tests {
     use super::Listener;
 
     fn on(host: &str, port: u16) -> Listener<'_> {
-        Listener { keys: "K", host, port }
+        Listener { keys: "K", host: host.into(), port }
     }
 
     #[test]

@@ -120,11 +120,12 @@ impl Client {
     }
 }
 
-/// A client's configuration from `vars`, which need no `SERVICE_NAME`.
+/// A client's configuration from `vars`, which need no `SERVICE_NAME`: a client calls as
+/// [`STANDALONE_SERVICE`] whatever the environment's is (blank, or no valid service name,
+/// in a shell that set it for something else).
 fn client_config(mut vars: Vec<(String, String)>) -> Result<Config, ConfigError> {
-    if !vars.iter().any(|(name, _)| name == "SERVICE_NAME") {
-        vars.push(("SERVICE_NAME".into(), STANDALONE_SERVICE.into()));
-    }
+    vars.retain(|(name, _)| name != "SERVICE_NAME");
+    vars.push(("SERVICE_NAME".into(), STANDALONE_SERVICE.into()));
     Config::from_vars(vars)
 }
 
@@ -158,8 +159,11 @@ mod tests {
         let config = client_config(vars(&[("RPC_TIMEOUT", "7")])).expect("no SERVICE_NAME needed");
         assert_eq!(config.rpc_timeout, std::time::Duration::from_secs(7));
         assert_eq!(config.service_name, STANDALONE_SERVICE);
-        let named = client_config(vars(&[("SERVICE_NAME", "orders")])).expect("valid");
-        assert_eq!(named.service_name, "orders");
+        for name in ["orders", "", "  ", "my svc"] {
+            // the environment's name, valid or not, is not the client's
+            let named = client_config(vars(&[("SERVICE_NAME", name)])).expect("not read");
+            assert_eq!(named.service_name, STANDALONE_SERVICE, "{name:?}");
+        }
         let broken = client_config(vars(&[("RPC_TIMEOUT", "soon")])).unwrap_err();
         assert_eq!(broken.key, "RPC_TIMEOUT");
     }

@@ -173,7 +173,13 @@ pub(crate) fn parse_uri(uri: &str, heartbeat: u16) -> Result<BrokerUri, Transpor
             "frame_max" => query.frame_max = Some(query_number(&masked, "frame_max", value)?),
             "channel_max" => query.channel_max = Some(query_number(&masked, "channel_max", value)?),
             "connection_timeout" => {
-                query.connection_timeout = Some(query_number(&masked, "connection_timeout", value)?)
+                let timeout: u64 = query_number(&masked, "connection_timeout", value)?;
+                if timeout == 0 {
+                    // every attempt would time out at once, the broker up or not
+                    let reason = "connection_timeout=0: it must be at least 1 (milliseconds)";
+                    return Err(invalid(&masked, reason));
+                }
+                query.connection_timeout = Some(timeout);
             }
             _ => {}
         }
