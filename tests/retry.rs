@@ -1751,3 +1751,44 @@ async fn a_greedy_stop_lets_an_in_worker_retry_run_within_shutdown_timeout() {
         common::cleanup(&uri, &markers).await;
     }
 }
+
+type Seen = Arc<Mutex<Vec<i64>>>;
+
+async fn record_async(Payload(i): Payload<i64>, Dep(seen): Dep<Seen>) {
+    seen.lock().unwrap().push(i);
+    tokio::task::yield_now().await;
+}
+
+fn record_sync(Payload(i): Payload<i64>, Dep(seen): Dep<Seen>) {
+    seen.lock().unwrap().push(i);
+}
+
+/// With one worker and the default prefetch (one), a queue's events run in the order they
+/// came, async and sync targets alike (a larger prefetch promises no order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_worker_with_the_default_prefetch_runs_a_queue_in_order() {
+    for uri in broker_uris() {
+        for sync in [false, true] {
+            let shop = unique("inorder");
+            let seen: Seen = Arc::default();
+            let config = config(&uri, "inorder").with_max_workers(1);
+            let markers = [config.service_name.clone(), shop.clone()];
+            let (route, name) = match sync {
+                true => (Route::new(record_sync), "record_sync"),
+                false => (Route::new(record_async), "record_async"),
+            };
+            let route = route
+                .entrypoint(EventListener::new(&shop, "paid"))
+                .dependency(Shared(seen.clone()));
+            let service = TestService::start(vec![route], config).await.unwrap();
+            for i in 0..200 {
+                service.dispatch(&shop, "paid", &json!(i)).await.unwrap();
+            }
+            service.wait_for_route(name, 200).await.unwrap();
+            service.stop().await.unwrap();
+            common::cleanup(&uri, &markers).await;
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen, (0..200).collect::<Vec<_>>(), "{uri}, sync {sync}");
+        }
+    }
+}

@@ -110,6 +110,16 @@ impl Runner {
         })
     }
 
+    /// The calls the thread-mode contexts with routes may run at once, added up: each sync
+    /// call of theirs holds a thread of the runtime's blocking pool.
+    fn thread_mode_workers(&self) -> usize {
+        let contexts = self.contexts.iter().filter(|context| !context.routes.is_empty());
+        contexts
+            .filter(|context| !context.worker_mode.unwrap_or(self.config.worker_mode).is_process())
+            .map(|context| context.max_workers.unwrap_or(self.config.max_workers))
+            .fold(0, usize::saturating_add)
+    }
+
     /// Provide `dependency` to every route that has none of the same output type.
     pub fn dependency<D: Dependency>(mut self, dependency: D) -> Self {
         dependencies::insert(&mut self.dependencies, dependencies::share(dependency));
@@ -125,7 +135,7 @@ impl Runner {
     /// serving (see [`Runner::topology`]).
     pub fn start(self) -> Result<()> {
         crate::logging::init(self.config.log_format);
-        let runtime = runtime()?;
+        let runtime = runtime(self.thread_mode_workers())?;
         let result = runtime.block_on(self.run());
         // A sync call still running past SHUTDOWN_TIMEOUT holds a blocking thread, and
         // dropping the runtime would wait for it without end (the task that listens for a
@@ -360,18 +370,65 @@ async fn stop_on_signals(stop: CancellationToken) {
     }
 }
 
+/// Tokio's default size of a runtime's blocking pool.
+const DEFAULT_BLOCKING_THREADS: usize = 512;
+
 /// The runtime of [`Runner::start`]. A worker process runs one call at a time: one runtime
 /// thread reads its control link (and runs what the call spawns) and a call thread from the
 /// blocking pool reads the calls and runs them, sync targets included (so
 /// `dispatch_blocking` works), where the default of one runtime thread per core would cost
 /// every worker a thread, a stack and a malloc arena per core.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+///
+/// Its blocking pool holds, beside tokio's default of 512 threads (for blocking work of any
+/// kind), one for each sync call the thread-mode contexts may run at once, `sync_calls`:
+/// with the default alone, 512 sync calls running in one context would leave those of every
+/// other context waiting for a thread, and a `MAX_WORKERS` over 512 would not be reached.
+/// The threads are started as calls need them.
+fn runtime(sync_calls: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.max_blocking_threads(DEFAULT_BLOCKING_THREADS.saturating_add(sync_calls));
     #[cfg(feature = "process")]
     if worker_socket().is_some() && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         builder.worker_threads(1);
     }
     builder.enable_all().build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runtime_holds_a_thread_for_each_sync_call_beside_the_default() {
+        // more sync calls at once than tokio's default blocking pool holds
+        let calls = DEFAULT_BLOCKING_THREADS + 8;
+        let runtime = runtime(calls).unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(calls + 1));
+        let blocked: Vec<_> = (0..calls)
+            .map(|_| {
+                let barrier = barrier.clone();
+                runtime.spawn_blocking(move || drop(barrier.wait()))
+            })
+            .collect();
+        // ends only once every call runs at once
+        barrier.wait();
+        runtime.block_on(futures::future::try_join_all(blocked)).unwrap();
+        runtime.shutdown_background();
+    }
+
+    #[test]
+    fn the_sync_calls_of_thread_mode_contexts_are_added_up() {
+        let every_hour = std::time::Duration::from_secs(3600);
+        let route = || Route::new(|| 1).entrypoint(crate::timer::TimeEntrypoint::every(every_hour));
+        let config = Config::new("s").with_max_workers(600);
+        let runner = Runner::new(vec![route()], config)
+            .context(RunnerContext::new(vec![route()]).max_workers(50))
+            .context(RunnerContext::new(vec![]).max_workers(1000))
+            .context(
+                RunnerContext::new(vec![route()]).worker_mode(crate::config::WorkerMode::Process),
+            );
+        assert_eq!(runner.thread_mode_workers(), 650);
+    }
 }
 
 /// What a build without an optional feature refuses at start-up.
