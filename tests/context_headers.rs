@@ -233,3 +233,26 @@ async fn a_standalone_client_sends_a_call_id_stack_of_its_own_as_nameko_s_proxy_
         assert_eq!(calls[0].2[0], calls[1].2[0]);
     }
 }
+
+fn call_id_stack(call: micro_framework::CallContext) -> Vec<String> {
+    call.call_id_stack
+}
+
+/// A route's call keeps `PARENT_CALLS_TRACKED` parents of the stack it received, the last
+/// ones, and its own id.
+#[tokio::test]
+async fn a_routes_call_keeps_parent_calls_tracked_parents() {
+    use micro_framework::transport::HeaderValue;
+    let parents: Vec<HeaderValue> =
+        (0..6).map(|i| HeaderValue::from(format!("up.m.{i}"))).collect();
+    let mut message = Message::json(&serde_json::json!({})).unwrap();
+    message.properties.headers.insert("nameko.call_id_stack".into(), HeaderValue::Array(parents));
+    let config = micro_framework::testing::test_config("tracked").with_parent_calls_tracked(2);
+    let stack: Vec<String> = micro_framework::testing::worker(Route::new(call_id_stack))
+        .config(config)
+        .message(message)
+        .await
+        .unwrap();
+    assert_eq!(stack[..2], ["up.m.4", "up.m.5"]);
+    assert_eq!(stack.len(), 3, "{stack:?}");
+}

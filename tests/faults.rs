@@ -578,14 +578,15 @@ async fn calls_of_a_caller_that_saw_its_connection_drop_first_are_answered_after
     proxy.cut_client_side();
     wait_until(|| !client.transport().is_connected(), "the caller to see the loss").await;
     wait_until(|| client.transport().is_connected(), "the caller to reconnect").await;
-    let reconnected = std::time::Instant::now();
-    let new_call = client.service(service_name.clone()).timeout(Duration::from_secs(5));
-    let new_answer = new_call.call::<u64>("answer_later", (100u64, 0u64), ()).await;
-    let new_call_took = reconnected.elapsed();
+    // no new call first: the caller hands the calls over by itself
     let mut answers = Vec::new();
     for call in in_flight {
         answers.push(call.await.unwrap());
     }
+    let reconnected = std::time::Instant::now();
+    let new_call = client.service(service_name.clone()).timeout(Duration::from_secs(5));
+    let new_answer = new_call.call::<u64>("answer_later", (100u64, 0u64), ()).await;
+    let new_call_took = reconnected.elapsed();
     if let Ok(client) = Arc::try_unwrap(client) {
         client.close().await;
     }
@@ -596,6 +597,123 @@ async fn calls_of_a_caller_that_saw_its_connection_drop_first_are_answered_after
     for (id, answer) in answers {
         assert_eq!(answer.expect("answered 2 s after it started"), id);
     }
+}
+
+fn seven() -> u32 {
+    7
+}
+
+async fn relay(
+    micro_framework::amqp::rpc::Args((target,)): micro_framework::amqp::rpc::Args<(String,)>,
+    rpc: micro_framework::amqp::dependencies::RpcProxy,
+) -> Result<u32, String> {
+    rpc.service(target).call::<u32>("seven", (), ()).await.map_err(|error| error.to_string())
+}
+
+/// The names of the queues whose name holds `marker`.
+fn queues_named(marker: &str) -> Vec<String> {
+    let output = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let listed = String::from_utf8_lossy(&output.stdout).into_owned();
+    listed.lines().filter(|name| name.contains(marker)).map(str::to_owned).collect()
+}
+
+/// After each reconnection a caller sets up a new reply queue; the old one, which no call
+/// waits on, goes: one reply queue of the caller's at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_queue_replaced_after_a_reconnection_goes() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("replaced");
+    let target_config = common::config(&uri, "seven");
+    let target_name = target_config.service_name.clone();
+    let target_routes = vec![Route::new(seven).entrypoint(RPCListener::new())];
+    let target = TestService::start(target_routes, target_config).await.unwrap();
+    let caller_config = common::config(&uri, "relaying").with_amqp_uri(user.uri(&uri));
+    let caller_name = caller_config.service_name.clone();
+    let caller_routes = vec![Route::new(relay).entrypoint(RPCListener::new())];
+    let caller = TestService::start(caller_routes, caller_config).await.unwrap();
+    let relayed = || async {
+        let hook = caller.hook("relay").unwrap();
+        for _ in 0..50 {
+            if let Ok(answer) = hook.rpc::<u32>((target_name.clone(),), ()).await {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("the caller never relayed");
+    };
+    assert_eq!(relayed().await, 7);
+    let marker = format!("rpc.reply-{caller_name}-");
+    let mut counts = vec![queues_named(&marker).len()];
+    for _ in 0..2 {
+        let before = caller.transport().reconnects();
+        user.close_connections();
+        wait_until(|| caller.transport().reconnects() > before, "the reconnection").await;
+        wait_until(|| caller.transport().is_connected(), "the caller to reconnect").await;
+        assert_eq!(relayed().await, 7);
+        // the old queue goes once its consumer ends, a second or so after the replacement
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while queues_named(&marker).len() > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        counts.push(queues_named(&marker).len());
+    }
+    caller.stop().await.unwrap();
+    target.stop().await.unwrap();
+    common::cleanup(&uri, &[caller_name, target_name]).await;
+    drop(user);
+    assert_eq!(counts, [1, 1, 1]);
+}
+
+async fn relay_within_4s(
+    micro_framework::amqp::rpc::Args((target,)): micro_framework::amqp::rpc::Args<(String,)>,
+    rpc: micro_framework::amqp::dependencies::RpcProxy,
+) -> Result<u32, String> {
+    let target = rpc.service(target).timeout(Duration::from_secs(4));
+    target.call::<u32>("seven", (), ()).await.map_err(|error| format!("inner call: {error}"))
+}
+
+/// In a process mode a target's calls go through the service's connection, and their reply
+/// queue too: the service tells its workers of its reconnections, so that a worker's caller
+/// also sets up a new reply queue after one its side saw first.
+#[cfg(feature = "process")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_calls_through_a_new_reply_queue_after_its_service_reconnects() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let url = url::Url::parse(&uri).unwrap();
+    let broker = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
+    let proxy = Proxy::start(broker.parse().unwrap()).await;
+    let mut proxied = url.clone();
+    proxied.set_port(Some(proxy.address.port())).unwrap();
+    let config = common::config(&uri, "prelay")
+        .with_amqp_uri(proxied.to_string())
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(2);
+    let relay_name = config.service_name.clone();
+    let routes = vec![Route::new(relay_within_4s).entrypoint(RPCListener::new())];
+    // first: a worker process runs this test up to here, and serves this service
+    let service = TestService::start(routes, config).await.unwrap();
+    let _serial = SERIAL.lock().await;
+    let target_config = common::config(&uri, "pseven");
+    let target_name = target_config.service_name.clone();
+    let target_routes = vec![Route::new(seven).entrypoint(RPCListener::new())];
+    let target = TestService::start(target_routes, target_config).await.unwrap();
+    let hook = service.hook("relay_within_4s").unwrap();
+    let relayed = || hook.rpc::<u32>((target_name.clone(),), ());
+    assert_eq!(relayed().await.unwrap(), 7);
+    proxy.cut_client_side();
+    wait_until(|| !service.transport().is_connected(), "the service to see the loss").await;
+    wait_until(|| service.transport().is_connected(), "the service to reconnect").await;
+    // the workers are told within a second
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = relayed().await;
+    service.stop().await.unwrap();
+    target.stop().await.unwrap();
+    drop(proxy);
+    common::cleanup(&uri, &[relay_name, target_name]).await;
+    assert_eq!(after.expect("answered through a new reply queue"), 7);
 }
 
 /// Begin an outage for `user`'s connections alone: the broker closes them and refuses the

@@ -135,6 +135,15 @@ async fn the_topology_lists_what_a_service_declares_without_touching_the_broker(
     let queues: Vec<&str> = topology.queues.iter().map(|q| q.name.as_str()).collect();
     assert_eq!(queues, vec!["evt-shop-paid--orders.checked", "evt-shop-paid--orders.checked.dlq"]);
     assert_eq!(topology.bindings[0].routing_key, "paid");
+    assert!(!topology.exchanges[0].auto_delete);
+    // Nameko's option: the event exchanges a service declares go with their last binding
+    let config = Config::new("orders")
+        .with_amqp_uri("amqp://guest:guest@127.0.0.1:1/".into())
+        .with_auto_delete_event_exchanges(true);
+    let routes = vec![Route::new(checked).entrypoint(EventListener::new("shop", "paid"))];
+    let topology = Runner::new(routes, config).topology().await.unwrap();
+    assert_eq!(topology.exchanges[0].name, "shop.events");
+    assert!(topology.exchanges[0].auto_delete, "{:?}", topology.exchanges);
 }
 
 #[tokio::test]

@@ -587,8 +587,14 @@ async fn sleeps_on(Payload(_): Payload<serde_json::Value>) -> Result<(), String>
     Ok(())
 }
 
+/// Writes the id of its call to the file the event names, then runs past any time limit.
+async fn notes_its_id_then_sleeps(Payload(path): Payload<String>, call: CallContext) {
+    std::fs::write(path, &call.call_id).unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+}
+
 /// A call killed past `TASK_TIME_LIMIT` is logged by the service, which alone sees it, in the
-/// call's span (its route and id, the id the worker logs the call under), and as failed.
+/// call's span (its route, and the id it has in its worker), and as failed.
 #[tokio::test]
 async fn a_call_its_worker_process_did_not_end_is_logged_in_its_span() {
     common::logs::capture(tracing::Level::INFO);
@@ -597,18 +603,137 @@ async fn a_call_its_worker_process_did_not_end_is_logged_in_its_span() {
         .with_worker_mode(WorkerMode::Process)
         .with_max_workers(1)
         .with_task_time_limit(Some(std::time::Duration::from_millis(300)));
-    let routes = vec![Route::new(sleeps_on).entrypoint(EventListener::new(&shop, "go"))];
+    let routes =
+        vec![Route::new(notes_its_id_then_sleeps).entrypoint(EventListener::new(&shop, "go"))];
     let service = TestService::start(routes, config).await.unwrap();
-    service.dispatch(&shop, "go", &serde_json::json!({})).await.unwrap();
-    let finished = service.waiter("sleeps_on").unwrap().wait().await.unwrap();
+    let noted = std::env::temp_dir().join(common::unique("call-id"));
+    let waiter = service.waiter("notes_its_id_then_sleeps").unwrap();
+    service.dispatch(&shop, "go", &noted.display().to_string()).await.unwrap();
+    let finished = waiter.wait().await.unwrap();
     service.stop().await.unwrap();
+    let call_id = std::fs::read_to_string(&noted).unwrap();
+    std::fs::remove_file(&noted).unwrap();
     assert!(format!("{:?}", finished.handled).contains("TimedOut"), "{finished:?}");
     let logs = common::logs::logged();
     let in_span = |text: &str| {
-        logs.lines().any(|line| {
-            line.contains(text) && line.contains("route=sleeps_on") && line.contains("call_id=")
-        })
+        let route = "route=notes_its_id_then_sleeps";
+        let id = format!("call_id={call_id}");
+        logs.lines().any(|line| line.contains(text) && line.contains(route) && line.contains(&id))
     };
-    assert!(in_span("ran past its time limit"), "{logs}");
-    assert!(in_span("call failed") && logs.contains("kind=timed_out"), "{logs}");
+    assert!(in_span("ran past its time limit"), "{call_id}: {logs}");
+    assert!(in_span("call failed") && logs.contains("kind=timed_out"), "{call_id}: {logs}");
+}
+
+#[cfg(feature = "metrics")]
+fn fails_each_time(Payload(_): Payload<serde_json::Value>) -> Result<(), String> {
+    Err("always".into())
+}
+
+/// The route's counts after one message through `route` (named `name`) in `mode`.
+#[cfg(feature = "metrics")]
+async fn counts_after_one_message(mode: WorkerMode, route: Route, name: &str) -> Vec<Option<f64>> {
+    let shop = common::unique("shop");
+    let config = test_config(&common::unique("counts"))
+        .with_worker_mode(mode)
+        .with_max_workers(2)
+        .with_task_time_limit(Some(std::time::Duration::from_millis(300)));
+    let service =
+        TestService::start(vec![route.entrypoint(EventListener::new(&shop, "go"))], config)
+            .await
+            .unwrap();
+    service.dispatch(&shop, "go", &serde_json::json!({})).await.unwrap();
+    service.wait_for_route(name, 1).await.unwrap();
+    let text = service.service().metrics().render();
+    service.stop().await.unwrap();
+    let labels = format!(r#"{{context="default",route="{name}"}}"#);
+    let names = [
+        "messages_received_total",
+        "tasks_number_total",
+        "failed_tasks_total",
+        "retries_total",
+        "dead_lettered_total",
+        "tasks_number",
+    ];
+    let mut counts: Vec<Option<f64>> = names
+        .iter()
+        .map(|metric| {
+            let prefix = format!("{metric}{labels} ");
+            let line = text.lines().find(|line| line.starts_with(&prefix));
+            line.and_then(|line| line[prefix.len()..].parse().ok())
+        })
+        .collect();
+    let free =
+        text.lines().find_map(|line| line.strip_prefix(r#"available_workers{context="default"} "#));
+    counts.push(free.and_then(|free| free.parse().ok()));
+    counts
+}
+
+/// One message failing each time, retried twice in the worker: one call (a retry in the
+/// worker is not received again), failed and dead-lettered, nothing left in flight, every
+/// slot free; the same in each mode. (One service per test: process-mode tests run the
+/// test's body again in each worker, up to its service's start.)
+#[cfg(feature = "metrics")]
+async fn in_worker_retries_are_counted(mode: WorkerMode) {
+    let delay = std::time::Duration::from_millis(20);
+    let retried =
+        Route::new(fails_each_time).backoff(micro_framework::retry::BackOff::new(2, delay));
+    let counts = counts_after_one_message(mode, retried, "fails_each_time").await;
+    let [one, two] = [Some(1.0), Some(2.0)];
+    assert_eq!(counts, [one, one, one, two, one, Some(0.0), two], "{mode:?}");
+}
+
+/// One message cut short by the time limit: counted as in [`in_worker_retries_are_counted`],
+/// with no retry.
+#[cfg(feature = "metrics")]
+async fn time_limits_are_counted(mode: WorkerMode) {
+    let counts = counts_after_one_message(mode, Route::new(sleeps_on), "sleeps_on").await;
+    let [one, two] = [Some(1.0), Some(2.0)];
+    assert_eq!(counts, [one, one, one, None, one, Some(0.0), two], "{mode:?}");
+}
+
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn in_worker_retries_are_counted_in_thread_mode() {
+    in_worker_retries_are_counted(WorkerMode::Thread).await;
+}
+
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn in_worker_retries_are_counted_in_process_mode() {
+    in_worker_retries_are_counted(WorkerMode::Process).await;
+}
+
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn time_limits_are_counted_in_thread_mode() {
+    time_limits_are_counted(WorkerMode::Thread).await;
+}
+
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn time_limits_are_counted_in_process_mode() {
+    time_limits_are_counted(WorkerMode::Process).await;
+}
+
+/// Where the worker that runs the call is: its pid and the path of its socket.
+fn whereabouts() -> serde_json::Value {
+    serde_json::json!([std::process::id(), std::env::var(WORKER_SOCKET_ENV).unwrap_or_default()])
+}
+
+/// A stopped service leaves no worker process (not even a zombie: each is reaped), and no
+/// socket directory of a worker (each goes once its worker is connected).
+#[tokio::test]
+async fn a_process_mode_stop_leaves_no_worker_and_no_socket_behind() {
+    let config = test_config(&common::unique("leftovers"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let routes = vec![Route::new(whereabouts).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config).await.unwrap();
+    let (pid, socket): (u32, String) =
+        service.hook("whereabouts").unwrap().rpc((), ()).await.unwrap();
+    assert_ne!(pid, std::process::id());
+    let directory = std::path::Path::new(&socket).parent().unwrap().to_owned();
+    service.stop().await.unwrap();
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} left");
+    assert!(!directory.exists(), "{} left", directory.display());
 }

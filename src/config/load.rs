@@ -476,7 +476,8 @@ const FILE_SIMILARITY: f64 = 0.75;
 /// other software too (`METRICS_PATH`, `NIX_SSL_CERT_FILE` are no misspellings).
 const ENV_SIMILARITY: f64 = 0.8;
 
-/// Keys this alike are a misspelling whatever their words (`MAXWORKERS`, `RPC_TIMOUT`).
+/// Keys this alike are a misspelling whatever their words (`RPC_TIMOUT`), as are those with
+/// a framework key's letters but one, whatever their separators (`AMQPURI`, `AMQP-URI`).
 const CLOSE_SIMILARITY: f64 = 0.9;
 
 /// Otherwise a misspelling has a framework key's words but one, and that one alike
@@ -509,11 +510,14 @@ fn closest_key_within(key: &str, similarity: f64, nested: &[&'static str]) -> Op
 /// Whether `key` (upper case), `alike` to the framework's key `name`, is a misspelling of
 /// it: very close, or the same words but one that is close.
 fn misspelt(key: &str, name: &str, alike: f64) -> bool {
-    if alike >= CLOSE_SIMILARITY {
+    let squashed = |key: &str| key.replace(['_', '-'], "");
+    if alike >= CLOSE_SIMILARITY
+        || strsim::damerau_levenshtein(&squashed(key), &squashed(name)) <= 1
+    {
         return true;
     }
-    let (words, known): (Vec<&str>, Vec<&str>) =
-        (key.split('_').collect(), name.split('_').collect());
+    let words = |key: &str| key.split(['_', '-']).map(str::to_owned).collect::<Vec<_>>();
+    let (words, known) = (words(key), words(name));
     if words.len() != known.len() {
         return false;
     }

@@ -1275,6 +1275,8 @@ fn keys_of_ones_own_are_not_taken_for_misspellings() {
         ("RPC_TIMOUT", "RPC_TIMEOUT"),
         ("QUEUE_TYPES", "QUEUE_TYPE"),
         ("LOG_FORMT", "LOG_FORMAT"),
+        ("AMQPURI", "AMQP_URI"),
+        ("AMQP-URI", "AMQP_URI"),
     ];
     let file: String = own
         .iter()

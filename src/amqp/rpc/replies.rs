@@ -108,10 +108,12 @@ impl QueueSlot {
         self.replaced.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Set `queue` up in place of the one before, remembered while it lives (its consumer
-    /// and the calls waiting on it hold it).
+    /// Set `queue` up in place of the one before, which is retired (it ends once no call
+    /// waits on it, at once if none does) and remembered while it lives (its consumer and the
+    /// calls waiting on it hold it).
     fn set_up(&self, queue: Arc<ReplyQueue>) {
         if let Some(before) = self.replace(Some(queue)) {
+            before.retire();
             let mut replaced = self.replaced();
             replaced.retain(|queue| queue.strong_count() > 0);
             replaced.push(Arc::downgrade(&before));

@@ -27,31 +27,10 @@ pub(super) enum Settle {
     Discard,
 }
 
-/// The start of the names of tests' private brokers, which go with their last handle.
-const PRIVATE_PREFIX: &str = "test-";
-
-/// A broker in the registry of [`MemoryBroker::named`].
-enum Registered {
-    /// Kept for the rest of the process.
-    Shared(Arc<MemoryBroker>),
-    /// Kept while something holds it.
-    Private(Weak<MemoryBroker>),
-}
-
-impl Registered {
-    fn broker(&self) -> Option<Arc<MemoryBroker>> {
-        match self {
-            Registered::Shared(broker) => Some(broker.clone()),
-            Registered::Private(broker) => broker.upgrade(),
-        }
-    }
-}
-
 /// An in-process AMQP 0-9-1 broker (one vhost, `/`).
 ///
 /// Shared by every [`MemoryTransport`] connected to it. Brokers named through
-/// [`MemoryBroker::named`] (or `memory://NAME` URIs) live for the rest of the process, but
-/// tests' private ones (`memory://test-...`), which go with their last connection.
+/// [`MemoryBroker::named`] (or `memory://NAME` URIs) live for the rest of the process.
 ///
 /// Message TTLs, `x-expires` and delayed messages fire without consumers, from a timer task
 /// on the tokio runtime of the operation that set the first pending deadline (on a thread of
@@ -78,29 +57,12 @@ impl MemoryBroker {
         })
     }
 
-    /// The process-wide broker called `name` (`""` is the default broker), created on first
-    /// use. It lives for the rest of the process, but for the private brokers of tests
-    /// (names starting with `test-`, as `testing::test_config` makes them): one of those is
-    /// dropped with its last handle, so that a suite of many tests does not keep every
-    /// test's queues and messages.
+    /// The process-wide broker called `name` (`""` is the default broker), created on first use.
     pub fn named(name: &str) -> Arc<Self> {
-        static REGISTRY: OnceLock<Mutex<HashMap<String, Registered>>> = OnceLock::new();
+        static REGISTRY: OnceLock<Mutex<HashMap<String, Arc<MemoryBroker>>>> = OnceLock::new();
         let registry = REGISTRY.get_or_init(Mutex::default);
         let mut brokers = registry.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(broker) = brokers.get(name).and_then(Registered::broker) {
-            return broker;
-        }
-        let broker = MemoryBroker::new(name);
-        let registered = match name.starts_with(PRIVATE_PREFIX) {
-            true => {
-                // the dropped ones go as the new ones come
-                brokers.retain(|_, registered| registered.broker().is_some());
-                Registered::Private(Arc::downgrade(&broker))
-            }
-            false => Registered::Shared(broker.clone()),
-        };
-        brokers.insert(name.to_owned(), registered);
-        broker
+        brokers.entry(name.to_owned()).or_insert_with(|| MemoryBroker::new(name)).clone()
     }
 
     /// Bound the memory its ready messages may take (default 256 MiB; bodies plus 256 bytes

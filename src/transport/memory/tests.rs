@@ -1159,24 +1159,3 @@ async fn the_memory_bound_counts_every_queue_and_frees_what_leaves() {
     t.publish("", "c", message(&hundred), PublishOptions::default()).await.unwrap();
     assert!(full(t.publish("", "c", message(&hundred), PublishOptions::default()).await));
 }
-
-#[tokio::test]
-async fn a_tests_private_broker_goes_with_its_last_connection() {
-    let private = format!("memory://test-{}", uuid::Uuid::new_v4());
-    let shared = format!("memory://shared-{}", uuid::Uuid::new_v4());
-    for uri in [&private, &shared] {
-        let transport = MemoryTransport::connect(uri).unwrap();
-        transport.declare_queue(&QueueSpec::durable("kept")).await.unwrap();
-        transport.publish("", "kept", message("m"), PublishOptions::default()).await.unwrap();
-        let second = MemoryTransport::connect(uri).unwrap();
-        transport.close().await;
-        drop(transport);
-        // another connection holds the broker
-        assert_eq!(second.queue_info("kept").await.unwrap().message_count, 1, "{uri}");
-        second.close().await;
-    }
-    let again = |uri: &str| MemoryTransport::connect(uri).unwrap();
-    let (private, shared) = (again(&private), again(&shared));
-    assert!(matches!(private.queue_info("kept").await, Err(TransportError::NotFound(_))));
-    assert_eq!(shared.queue_info("kept").await.unwrap().message_count, 1);
-}

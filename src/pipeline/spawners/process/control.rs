@@ -33,6 +33,7 @@ impl ControlLink {
     /// Do what the worker asks on its control link, until the link ends.
     pub(super) async fn serve(self, mut reader: FrameReader<OwnedReadHalf>) {
         let ControlLink { transport, metrics, replies, calls_socket, ended } = self;
+        let reconnections = tokio::spawn(tell_reconnections(transport.clone(), replies.clone()));
         // Consumers opened for the worker and the ackers of what they forwarded: dropped
         // with this task when the worker goes, which hands unsettled messages back.
         let consumers = Consumers::default();
@@ -80,7 +81,32 @@ impl ControlLink {
         // its calls link shut down, a running call ends as crashed and an idle worker fails
         // the next call's write, and is replaced either way.
         let _ = calls_socket.shutdown(std::net::Shutdown::Both);
+        reconnections.abort();
         ended();
+    }
+}
+
+/// How often the service looks whether its connection reconnected, to tell a worker.
+const RECONNECTION_WATCH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tell the worker at `link` how many times `transport` reconnected, at once and whenever it
+/// changes, for as long as the link lives: a worker's RPC caller, whose reply queue the
+/// service consumes for it, sets up a new queue after a reconnection, as the service's own
+/// caller does.
+async fn tell_reconnections(transport: SharedTransport, link: Weak<Sink>) {
+    let mut told = 0;
+    let mut watch = tokio::time::interval(RECONNECTION_WATCH);
+    loop {
+        watch.tick().await;
+        let reconnects = transport.reconnects();
+        if reconnects == told {
+            continue;
+        }
+        let Some(link) = link.upgrade() else { return };
+        if link.send(&ToWorker::Reconnected { reconnects }).await.is_err() {
+            return;
+        }
+        told = reconnects;
     }
 }
 

@@ -50,6 +50,8 @@ pub(crate) struct ParentTransport {
     pending: Arc<Pending>,
     consumers: Arc<Consumers>,
     next_id: AtomicU64,
+    /// The service connection's reconnections, as it last told.
+    reconnects: AtomicU64,
 }
 
 impl std::fmt::Debug for ParentTransport {
@@ -213,6 +215,10 @@ impl Transport for ParentTransport {
         !self.sink.is_closed()
     }
 
+    fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Acquire)
+    }
+
     async fn close(&self) {}
 }
 
@@ -224,6 +230,7 @@ impl ParentTransport {
             pending: Arc::default(),
             consumers: Arc::default(),
             next_id: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
         }
     }
 
@@ -260,6 +267,11 @@ impl ParentTransport {
     }
 
     /// The service ended the consumer `consumer`: its stream ends.
+    /// The service's connection has reconnected `reconnects` times.
+    pub(super) fn reconnected(&self, reconnects: u64) {
+        self.reconnects.store(reconnects, Ordering::Release);
+    }
+
     pub(super) fn consumer_ended(&self, consumer: u64) {
         self.consumers.lock().unwrap_or_else(PoisonError::into_inner).remove(&consumer);
     }

@@ -131,6 +131,11 @@ pub(crate) enum ToWorker {
     ConsumerEnded {
         consumer: u64,
     },
+    /// How many times the service's connection reconnected, sent as it changes (a worker's
+    /// RPC caller then sets up a new reply queue, as the service's own does).
+    Reconnected {
+        reconnects: u64,
+    },
 }
 
 /// A delivery forwarded to a worker; the service keeps its acker until the worker settles.

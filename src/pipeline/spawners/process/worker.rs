@@ -369,6 +369,7 @@ async fn read_control(
         match frame {
             ToWorker::Delivery(forwarded) => transport.deliver(*forwarded).await,
             ToWorker::ConsumerEnded { consumer } => transport.consumer_ended(consumer),
+            ToWorker::Reconnected { reconnects } => transport.reconnected(reconnects),
             ToWorker::TransportReply { id, result } => transport.answer(id, result),
         }
     };
