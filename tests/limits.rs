@@ -267,6 +267,47 @@ async fn the_pending_call_bound_holds_across_the_reply_queues_of_a_caller() {
     client.close().await;
 }
 
+/// Calls failed because their reply queue went (deleted under its consumer) give their room
+/// back: the bound is not used up by calls that ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_failed_with_their_reply_queue_free_their_room() {
+    let uri = format!("memory://pending-freed-{}", uuid::Uuid::new_v4());
+    let transport = MemoryTransport::connect(&uri).unwrap();
+    transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
+    transport.declare_queue(&QueueSpec::durable("rpc-silent")).await.unwrap();
+    let binding = micro_framework::transport::BindingSpec {
+        queue: "rpc-silent".into(),
+        exchange: "nameko-rpc".into(),
+        routing_key: "silent.*".into(),
+        arguments: Default::default(),
+    };
+    transport.bind_queue(&binding).await.unwrap();
+    let config = Config::new("flooder")
+        .with_amqp_uri(uri.clone())
+        .with_rpc_timeout(Duration::from_secs(300));
+    let client = Client::connect(&config).await.unwrap();
+    let silent = client.service("silent");
+    let mut waiting = Vec::new();
+    for _ in 0..65_535 {
+        waiting.push(silent.call_async("wait", (), ()).await.expect("room for it"));
+    }
+    let request = transport.get("rpc-silent").await.unwrap().expect("a request");
+    let reply_to = request.properties.reply_to.clone().expect("reply_to");
+    transport.delete_queue(&format!("rpc.reply-standalone_rpc_proxy-{reply_to}")).await.unwrap();
+    let first = waiting.pop().unwrap();
+    let failed = tokio::time::timeout(Duration::from_secs(10), first.result::<u64>()).await;
+    assert!(
+        matches!(failed, Ok(Err(RpcError::Transport(TransportError::Closed { .. })))),
+        "{failed:?}"
+    );
+    drop(waiting);
+    for n in 0..1_000 {
+        let call = silent.call_async("wait", (), ()).await;
+        assert!(call.is_ok(), "call {n} after the queue went refused: {:?}", call.err());
+    }
+    client.close().await;
+}
+
 #[tokio::test]
 async fn an_oversized_event_is_dead_lettered_without_going_through_the_filter() {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -562,6 +562,10 @@ async fn calls_as_told(
     match method {
         "big" => service.call::<i64>("double", ["x".repeat(4096)], ()).await.map(drop),
         "abandon" => service.call_async("answer_late", (), ()).await.map(drop),
+        "nowhere" => {
+            let nowhere = rpc.service(format!("{}-nowhere", what.split(' ').next().unwrap_or("")));
+            nowhere.call_async("answer_late", (), ()).await.map(drop)
+        }
         method => service.call::<u32>(method, (), ()).await.map(drop),
     }
     .map_err(failed)
@@ -585,7 +589,7 @@ async fn every_rpc_call_a_target_makes_is_counted_once_with_its_outcome() {
     ];
     let service = TestService::start(routes, config).await.unwrap();
     let mut failures = Vec::new();
-    for method in ["big", "abandon", "as_text", "answer_late"] {
+    for method in ["big", "abandon", "as_text", "answer_late", "nowhere"] {
         let waiter = service.waiter("calls_as_told").unwrap();
         service.dispatch(&shop, "go", &format!("{name} {method}")).await.unwrap();
         failures.push(format!("{:?}", waiter.wait().await.unwrap().handled));
@@ -596,15 +600,18 @@ async fn every_rpc_call_a_target_makes_is_counted_once_with_its_outcome() {
     service.stop().await.unwrap();
     let calls: Vec<&str> =
         text.lines().filter(|line| line.starts_with("rpc_calls_total")).collect();
+    let nowhere = format!("{name}-nowhere");
     let expected = [
-        ("double", "transport"),
-        ("answer_late", "abandoned"),
-        ("as_text", "ok"),
-        ("answer_late", "timeout"),
+        ("double", "transport", &name),
+        ("answer_late", "abandoned", &name),
+        ("as_text", "ok", &name),
+        ("answer_late", "timeout", &name),
+        // sent with `call_async`, refused at once: counted with its error, not as abandoned
+        ("answer_late", "unknown_service", &nowhere),
     ];
-    for (method, outcome) in expected {
+    for (method, outcome, service) in expected {
         let line = format!(
-            r#"rpc_calls_total{{method="{method}",outcome="{outcome}",service="{name}"}} 1"#
+            r#"rpc_calls_total{{method="{method}",outcome="{outcome}",service="{service}"}} 1"#
         );
         assert!(calls.contains(&line.as_str()), "{line} not in {calls:#?}\n{failures:#?}");
     }

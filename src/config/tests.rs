@@ -1277,6 +1277,12 @@ fn keys_of_ones_own_are_not_taken_for_misspellings() {
         ("LOG_FORMT", "LOG_FORMAT"),
         ("AMQPURI", "AMQP_URI"),
         ("AMQP-URI", "AMQP_URI"),
+        // one word off, and that one close
+        ("LOG_FRMT", "LOG_FORMAT"),
+        ("MAX_WRKRS", "MAX_WORKERS"),
+        // a letter off, the separators aside
+        ("MAXWORKER", "MAX_WORKERS"),
+        ("AMQPURL", "AMQP_URI"),
     ];
     let file: String = own
         .iter()

@@ -64,6 +64,9 @@ pub(crate) struct ReplyListener {
     /// The calls waiting on every queue of the caller's (both protocols, retired queues
     /// included), bounded by [`MAX_PENDING_CALLS`].
     waiting: Arc<AtomicUsize>,
+    /// Ended reply queues whose deletion failed (their node away): a durable one would come
+    /// back with its node, holding replies no call waits for, until it expires.
+    undeleted: Mutex<Vec<String>>,
     nameko: QueueSlot,
     micro_framework: QueueSlot,
 }
@@ -137,9 +140,31 @@ impl ReplyListener {
             max_size,
             closed: AtomicBool::new(false),
             waiting: Arc::default(),
+            undeleted: Mutex::default(),
             nameko: QueueSlot::default(),
             micro_framework: QueueSlot::default(),
         }
+    }
+
+    fn undeleted(&self) -> MutexGuard<'_, Vec<String>> {
+        self.undeleted.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Delete the ended queues whose deletion failed, in the background; those that fail
+    /// again are kept for the next try.
+    fn delete_undeleted(self: &Arc<Self>, transport: &SharedTransport) {
+        let names = std::mem::take(&mut *self.undeleted());
+        if names.is_empty() {
+            return;
+        }
+        let (listener, transport) = (self.clone(), transport.clone());
+        tokio::spawn(async move {
+            for name in names {
+                if !gone(&transport.delete_queue(&name).await) {
+                    listener.undeleted().push(name);
+                }
+            }
+        });
     }
 
     fn slot(&self, protocol: Protocol) -> &QueueSlot {
@@ -195,14 +220,14 @@ impl ReplyListener {
             waiting: &self.waiting,
             predecessors: &predecessors,
         };
+        // the queues it takes over are retired: the one in the slot just below, the others
+        // when they were replaced
         let (queue, unfinished) = ReplyQueue::start(transport, setup).await?;
-        for predecessor in &predecessors {
-            predecessor.retire();
-        }
         // no await from the end of the set-up to here: a caller that gives up meanwhile
         // cannot leave a queue that neither the guard nor the slot deletes
         slot.set_up(queue.clone());
         unfinished.finish();
+        self.delete_undeleted(transport);
         Ok(queue)
     }
 
@@ -231,6 +256,15 @@ impl ReplyListener {
                 if !matches!(deleted, Some(Ok(_))) {
                     tracing::debug!("the reply queue {} is left to expire", queue.name);
                 }
+            }
+        }
+        let undeleted = std::mem::take(&mut *self.undeleted());
+        for name in undeleted.into_iter().filter(|_| transport.is_connected()) {
+            if !matches!(
+                tokio::time::timeout(END_WAIT, transport.delete_queue(&name)).await,
+                Ok(Ok(_))
+            ) {
+                tracing::debug!("the reply queue {name} is left to expire");
             }
         }
     }
@@ -490,30 +524,52 @@ impl ReplyQueue {
                 break;
             }
         }
-        self.shut();
+        match !cancelled && self.reconnected() && !self.drained() {
+            // Its consumer ended after a reconnection (the queue went with its node): the
+            // calls waiting on it are handed to the queue set up in its place, bound with
+            // this one's routing key, to end with their replies or their own timeouts.
+            true => {
+                self.retire();
+                self.set_up_successor();
+            }
+            false => self.shut(),
+        }
         while let Some(acked) = acks.next().await {
             warn_unacked(acked);
         }
         // No call uses the queue again. Deleted, it also leaves the declarations the
         // transport replays after a reconnect, which would set it up again with no consumer.
         if let Some(transport) = self.transport.upgrade() {
-            if let Err(error) = transport.delete_queue(&self.name).await {
+            let deleted = transport.delete_queue(&self.name).await;
+            if let (false, Err(error)) = (gone(&deleted), &deleted) {
                 tracing::debug!("cannot delete the ended reply queue {}: {error}", self.name);
+                // its node may be away: tried again after the next set-up, and at the close
+                if let Some(listener) = self.listener.upgrade() {
+                    listener.undeleted().push(self.name.clone());
+                }
             }
         }
         self.listened.cancel();
     }
 
+    /// Whether the connection reconnected since the queue was set up.
+    fn reconnected(&self) -> bool {
+        let transport = self.transport.upgrade();
+        transport.is_some_and(|transport| transport.reconnects() != self.reconnects)
+    }
+
     /// Once the connection has reconnected, have the queue set up that takes over this one's
     /// waiting calls (see [`ReplyListener::queue`]), also when the caller makes no new call.
     fn hand_over_after_reconnection(self: &Arc<Self>) {
-        let Some(transport) = self.transport.upgrade() else { return };
-        if transport.reconnects() == self.reconnects
-            || self.closed.load(Ordering::Acquire)
-            || self.pending().is_empty()
-        {
+        if !self.reconnected() || self.closed.load(Ordering::Acquire) || self.pending().is_empty() {
             return;
         }
+        self.set_up_successor();
+    }
+
+    /// Have the queue set up that takes over this one's waiting calls, in the background.
+    fn set_up_successor(self: &Arc<Self>) {
+        let Some(transport) = self.transport.upgrade() else { return };
         let Some(listener) = self.listener.upgrade() else { return };
         if self.succeeding.swap(true, Ordering::AcqRel) {
             return;
@@ -626,6 +682,17 @@ impl ReplyQueue {
         }
         *next = Some(now + PROBE_SPACING);
         true
+    }
+}
+
+/// Whether a queue whose deletion ended with `deleted` is gone: deleted, or not found, but
+/// for a durable queue whose node is away (RabbitMQ answers `404` for it, and it comes back
+/// with its node).
+fn gone<T>(deleted: &Result<T, TransportError>) -> bool {
+    match deleted {
+        Ok(_) => true,
+        Err(TransportError::NotFound(reason)) => !reason.contains("down or inaccessible"),
+        Err(_) => false,
     }
 }
 
