@@ -667,6 +667,7 @@ async fn a_reply_queue_replaced_after_a_reconnection_goes() {
     assert_eq!(counts, [1, 1, 1]);
 }
 
+#[cfg(feature = "process")]
 async fn relay_within_4s(
     micro_framework::amqp::rpc::Args((target,)): micro_framework::amqp::rpc::Args<(String,)>,
     rpc: micro_framework::amqp::dependencies::RpcProxy,

@@ -423,6 +423,7 @@ impl Config {
     /// `WEB_SERVER_ADDRESS` as the `host:port` to bind: a bare port on every interface, as
     /// from the environment (a config set in code may hold one too); as it is if
     /// [`Config::validate`] would refuse it.
+    #[cfg(feature = "http")]
     pub(crate) fn web_server_bind_address(&self) -> String {
         load::bind_address(&self.web_server_address)
             .unwrap_or_else(|_| self.web_server_address.clone())

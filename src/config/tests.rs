@@ -1320,6 +1320,7 @@ fn keys_that_must_be_at_least_one_say_so_in_their_range() {
 fn a_bare_web_server_port_set_in_code_is_on_every_interface() {
     let config = Config::new("s").with_web_server_address("8081".into());
     assert!(config.validate().is_ok());
+    #[cfg(feature = "http")]
     assert_eq!(config.web_server_bind_address(), "0.0.0.0:8081");
     let refused = ok_or_refusal(Config::new("s").with_web_server_address("nowhere".into()));
     assert_eq!(refused.key, "WEB_SERVER_ADDRESS", "{refused}");

@@ -407,7 +407,9 @@ mod tests {
         let blocked: Vec<_> = (0..calls)
             .map(|_| {
                 let barrier = barrier.clone();
-                runtime.spawn_blocking(move || drop(barrier.wait()))
+                runtime.spawn_blocking(move || {
+                    barrier.wait();
+                })
             })
             .collect();
         // ends only once every call runs at once
