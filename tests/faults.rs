@@ -473,6 +473,16 @@ impl Proxy {
         Proxy { address, slow, held, pipes, accept }
     }
 
+    /// A proxy to the broker of `uri`, and the URI that connects through it.
+    async fn in_front_of(uri: &str) -> (Proxy, url::Url) {
+        let url = url::Url::parse(uri).unwrap();
+        let broker = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
+        let proxy = Proxy::start(broker.parse().unwrap()).await;
+        let mut proxied = url.clone();
+        proxied.set_port(Some(proxy.address.port())).unwrap();
+        (proxy, proxied)
+    }
+
     /// Close the client's side of every connection; the broker's stays open.
     fn cut_client_side(&self) {
         for pipe in self.pipes.lock().unwrap().drain(..) {
@@ -510,11 +520,7 @@ async fn an_rpc_reply_reaches_a_caller_that_saw_its_connection_drop_first() {
         .entrypoint(micro_framework::amqp::entrypoints::RPCListener::new())
         .dependency(Shared(probe.clone()))];
     let service = TestService::start(routes, config).await.unwrap();
-    let url = url::Url::parse(&uri).unwrap();
-    let broker = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
-    let proxy = Proxy::start(broker.parse().unwrap()).await;
-    let mut caller_uri = url.clone();
-    caller_uri.set_port(Some(proxy.address.port())).unwrap();
+    let (proxy, caller_uri) = Proxy::in_front_of(&uri).await;
     let caller = Config::new(common::unique("halfcaller"))
         .with_amqp_uri(caller_uri.to_string())
         .with_amqp_heartbeat(3);
@@ -557,11 +563,7 @@ async fn calls_of_a_caller_that_saw_its_connection_drop_first_are_answered_after
     let service_name = config.service_name.clone();
     let routes = vec![Route::new(answer_later).entrypoint(RPCListener::new())];
     let service = TestService::start(routes, config).await.unwrap();
-    let url = url::Url::parse(&uri).unwrap();
-    let broker = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
-    let proxy = Proxy::start(broker.parse().unwrap()).await;
-    let mut caller_uri = url.clone();
-    caller_uri.set_port(Some(proxy.address.port())).unwrap();
+    let (proxy, caller_uri) = Proxy::in_front_of(&uri).await;
     let caller = Config::new(common::unique("halfcaller")).with_amqp_uri(caller_uri.to_string());
     let client = Arc::new(micro_framework::amqp::rpc::Client::connect(&caller).await.unwrap());
     let _: u64 = client.call(&service_name, "answer_later", (0u64, 0u64), ()).await.unwrap();
@@ -683,11 +685,7 @@ async fn relay_within_4s(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_calls_through_a_new_reply_queue_after_its_service_reconnects() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let url = url::Url::parse(&uri).unwrap();
-    let broker = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5672));
-    let proxy = Proxy::start(broker.parse().unwrap()).await;
-    let mut proxied = url.clone();
-    proxied.set_port(Some(proxy.address.port())).unwrap();
+    let (proxy, proxied) = Proxy::in_front_of(&uri).await;
     let config = common::config(&uri, "prelay")
         .with_amqp_uri(proxied.to_string())
         .with_worker_mode(WorkerMode::Process)

@@ -178,20 +178,30 @@ async fn the_in_process_broker_refuses_publishes_beyond_its_memory_bound() {
     assert!(bad.to_string().contains("invalid memory:// option max_bytes=lots"), "{bad}");
 }
 
-#[tokio::test]
-async fn pending_rpc_calls_are_bounded() {
-    let uri = format!("memory://pending-{}", uuid::Uuid::new_v4());
-    let transport = MemoryTransport::connect(&uri).unwrap();
-    // a "service" whose queue takes requests and never answers
-    transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
-    transport.declare_queue(&QueueSpec::durable("rpc-silent")).await.unwrap();
-    let binding = micro_framework::transport::BindingSpec {
+/// The binding of the queue of [`silent_service`].
+fn silent_binding() -> micro_framework::transport::BindingSpec {
+    micro_framework::transport::BindingSpec {
         queue: "rpc-silent".into(),
         exchange: "nameko-rpc".into(),
         routing_key: "silent.*".into(),
         arguments: Default::default(),
-    };
-    transport.bind_queue(&binding).await.unwrap();
+    }
+}
+
+/// A connection to the in-process broker at `uri`, where a "service" `silent` takes Nameko
+/// requests in its queue and never answers.
+async fn silent_service(uri: &str) -> MemoryTransport {
+    let transport = MemoryTransport::connect(uri).unwrap();
+    transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
+    transport.declare_queue(&QueueSpec::durable("rpc-silent")).await.unwrap();
+    transport.bind_queue(&silent_binding()).await.unwrap();
+    transport
+}
+
+#[tokio::test]
+async fn pending_rpc_calls_are_bounded() {
+    let uri = format!("memory://pending-{}", uuid::Uuid::new_v4());
+    let _silent = silent_service(&uri).await;
     let client = Client::connect(&Config::new("flooder").with_amqp_uri(uri.clone())).await.unwrap();
     let silent = client.service("silent");
     let mut waiting = Vec::new();
@@ -223,16 +233,7 @@ async fn pending_rpc_calls_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pending_call_bound_holds_across_the_reply_queues_of_a_caller() {
     let uri = format!("memory://pending-retired-{}", uuid::Uuid::new_v4());
-    let transport = MemoryTransport::connect(&uri).unwrap();
-    let bind_silent = || micro_framework::transport::BindingSpec {
-        queue: "rpc-silent".into(),
-        exchange: "nameko-rpc".into(),
-        routing_key: "silent.*".into(),
-        arguments: Default::default(),
-    };
-    transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
-    transport.declare_queue(&QueueSpec::durable("rpc-silent")).await.unwrap();
-    transport.bind_queue(&bind_silent()).await.unwrap();
+    let transport = silent_service(&uri).await;
     let config = Config::new("flooder")
         .with_amqp_uri(uri.clone())
         .with_rpc_timeout(Duration::from_secs(300));
@@ -246,7 +247,7 @@ async fn the_pending_call_bound_holds_across_the_reply_queues_of_a_caller() {
     // and a call that times out has the probe retire the queue
     transport.delete_exchange("nameko-rpc").await.unwrap();
     transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
-    transport.bind_queue(&bind_silent()).await.unwrap();
+    transport.bind_queue(&silent_binding()).await.unwrap();
     let short = silent.clone().timeout(Duration::from_millis(200));
     assert!(matches!(short.call::<u64>("wait", (), ()).await, Err(RpcError::Timeout { .. })));
     tokio::time::sleep(Duration::from_millis(2_600)).await;
@@ -272,16 +273,7 @@ async fn the_pending_call_bound_holds_across_the_reply_queues_of_a_caller() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_failed_with_their_reply_queue_free_their_room() {
     let uri = format!("memory://pending-freed-{}", uuid::Uuid::new_v4());
-    let transport = MemoryTransport::connect(&uri).unwrap();
-    transport.declare_exchange(&ExchangeSpec::topic("nameko-rpc")).await.unwrap();
-    transport.declare_queue(&QueueSpec::durable("rpc-silent")).await.unwrap();
-    let binding = micro_framework::transport::BindingSpec {
-        queue: "rpc-silent".into(),
-        exchange: "nameko-rpc".into(),
-        routing_key: "silent.*".into(),
-        arguments: Default::default(),
-    };
-    transport.bind_queue(&binding).await.unwrap();
+    let transport = silent_service(&uri).await;
     let config = Config::new("flooder")
         .with_amqp_uri(uri.clone())
         .with_rpc_timeout(Duration::from_secs(300));
