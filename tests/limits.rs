@@ -198,6 +198,20 @@ async fn silent_service(uri: &str) -> MemoryTransport {
     transport
 }
 
+/// A caller on `uri` with 65,535 calls waiting on [`silent_service`], one short of the bound.
+async fn flooded_caller(uri: &str) -> (Client, Vec<micro_framework::amqp::rpc::RpcReply>) {
+    let config = Config::new("flooder")
+        .with_amqp_uri(uri.to_owned())
+        .with_rpc_timeout(Duration::from_secs(300));
+    let client = Client::connect(&config).await.unwrap();
+    let silent = client.service("silent");
+    let mut waiting = Vec::new();
+    for _ in 0..65_535 {
+        waiting.push(silent.call_async("wait", (), ()).await.expect("room for it"));
+    }
+    (client, waiting)
+}
+
 #[tokio::test]
 async fn pending_rpc_calls_are_bounded() {
     let uri = format!("memory://pending-{}", uuid::Uuid::new_v4());
@@ -234,15 +248,8 @@ async fn pending_rpc_calls_are_bounded() {
 async fn the_pending_call_bound_holds_across_the_reply_queues_of_a_caller() {
     let uri = format!("memory://pending-retired-{}", uuid::Uuid::new_v4());
     let transport = silent_service(&uri).await;
-    let config = Config::new("flooder")
-        .with_amqp_uri(uri.clone())
-        .with_rpc_timeout(Duration::from_secs(300));
-    let client = Client::connect(&config).await.unwrap();
+    let (client, waiting) = flooded_caller(&uri).await;
     let silent = client.service("silent");
-    let mut waiting = Vec::new();
-    for _ in 0..65_535 {
-        waiting.push(silent.call_async("wait", (), ()).await.expect("room for it"));
-    }
     // the reply path breaks (the exchange declared again, the reply queue's binding gone),
     // and a call that times out has the probe retire the queue
     transport.delete_exchange("nameko-rpc").await.unwrap();
@@ -274,15 +281,8 @@ async fn the_pending_call_bound_holds_across_the_reply_queues_of_a_caller() {
 async fn calls_failed_with_their_reply_queue_free_their_room() {
     let uri = format!("memory://pending-freed-{}", uuid::Uuid::new_v4());
     let transport = silent_service(&uri).await;
-    let config = Config::new("flooder")
-        .with_amqp_uri(uri.clone())
-        .with_rpc_timeout(Duration::from_secs(300));
-    let client = Client::connect(&config).await.unwrap();
+    let (client, mut waiting) = flooded_caller(&uri).await;
     let silent = client.service("silent");
-    let mut waiting = Vec::new();
-    for _ in 0..65_535 {
-        waiting.push(silent.call_async("wait", (), ()).await.expect("room for it"));
-    }
     let request = transport.get("rpc-silent").await.unwrap().expect("a request");
     let reply_to = request.properties.reply_to.clone().expect("reply_to");
     transport.delete_queue(&format!("rpc.reply-standalone_rpc_proxy-{reply_to}")).await.unwrap();
