@@ -43,19 +43,42 @@ impl ConfigError {
         reason: impl AsRef<str>,
     ) -> ConfigError {
         let key = key.into();
-        let value = value.as_ref();
-        let value = if is_secret_key(&key) {
-            if value.is_empty() {
-                String::new()
-            } else {
-                MASK.to_string()
+        let raw = value.as_ref();
+        let reason = mask_text(reason.as_ref());
+        if is_secret_key(&key) {
+            let value = if raw.is_empty() { String::new() } else { MASK.to_string() };
+            let reason = mask_quoted(&reason, raw);
+            return ConfigError { key, value, reason };
+        }
+        let value = if key == "AMQP_URI" { mask_uri(raw) } else { mask_text(raw) };
+        ConfigError { key, value, reason }
+    }
+}
+
+/// `reason` with what it quotes (a deserializer's `string "..."` or `` integer `...` ``) and
+/// every occurrence of the secret `raw` masked: the reason of a secret's error must not show it.
+fn mask_quoted(reason: &str, raw: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut chars = reason.chars();
+    while let Some(c) = chars.next() {
+        if !matches!(c, '"' | '`') {
+            out.push(c);
+            continue;
+        }
+        let mut escaped = false;
+        for inner in chars.by_ref() {
+            if inner == c && !escaped {
+                break;
             }
-        } else if key == "AMQP_URI" {
-            mask_uri(value)
-        } else {
-            mask_text(value)
-        };
-        ConfigError { key, value, reason: mask_text(reason.as_ref()) }
+            escaped = c == '"' && inner == '\\' && !escaped;
+        }
+        out.push_str(MASK);
+    }
+    // shorter values would mask pieces of words; only a quote could show them
+    if raw.trim().len() < 4 {
+        out
+    } else {
+        out.replace(raw.trim(), MASK)
     }
 }
 
@@ -110,22 +133,40 @@ pub(super) fn is_secret_key(key: &str) -> bool {
     SECRET_MARKERS.iter().any(|marker| upper.contains(marker))
 }
 
-/// Applies [`mask_uri`] to every whitespace- or quote-delimited word of `text`.
+/// Masks the password of every URI in `text` (an error's reason, a value of free text).
+///
+/// A URI runs from its `//` to the next URI's: a password may hold quotes, spaces or `//`,
+/// so no character can be taken for its end but the `@` before its host. A piece with no `@`
+/// is joined to the next, which may hold the rest of its password; a text like `http://h/
+/// then amqp://u:p@h` is masked a little too much, never too little.
 pub(super) fn mask_text(text: &str) -> String {
-    if !text.contains("//") {
+    let starts: Vec<usize> =
+        text.match_indices("//").map(|(index, _)| index).filter(|&i| starts_uri(text, i)).collect();
+    let Some(&first) = starts.first() else {
         return text.to_string();
-    }
+    };
     let mut out = String::with_capacity(text.len());
-    let mut word_start = 0;
-    for (index, c) in text.char_indices() {
-        if c.is_whitespace() || matches!(c, '"' | '\'' | '`') {
-            out.push_str(&mask_uri(&text[word_start..index]));
-            out.push(c);
-            word_start = index + c.len_utf8();
+    out.push_str(&text[..first]);
+    let mut piece_start = first;
+    for (n, &start) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).copied().unwrap_or(text.len());
+        if end < text.len() && !text[start..end].contains('@') {
+            continue;
         }
+        out.push_str(&mask_uri(&text[piece_start..end]));
+        piece_start = end;
     }
-    out.push_str(&mask_uri(&text[word_start..]));
+    out.push_str(&mask_uri(&text[piece_start..]));
     out
+}
+
+/// Whether the `//` at `index` of `text` begins a URI's authority: after a scheme's `:`, or
+/// at the start of a word.
+fn starts_uri(text: &str, index: usize) -> bool {
+    text[..index]
+        .chars()
+        .next_back()
+        .is_none_or(|c| c == ':' || c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
 }
 
 /// A copy of `value` (found under `key`) with secrets masked: everything under a secret key
@@ -134,6 +175,8 @@ pub(super) fn mask_json(key: &str, value: &Value) -> Value {
     match value {
         Value::Null => Value::Null,
         _ if is_secret_key(key) => Value::String(MASK.to_string()),
+        // a broker's address given as a mapping may hold its password under any name
+        Value::Object(_) if key == "AMQP_URI" => Value::String(MASK.to_string()),
         Value::String(text) => Value::String(mask_text(text)),
         Value::Array(items) => {
             Value::Array(items.iter().map(|item| mask_json(key, item)).collect())
@@ -145,10 +188,11 @@ pub(super) fn mask_json(key: &str, value: &Value) -> Value {
     }
 }
 
-/// The text of a raw value as an error shows it: strings as they are, anything else as JSON.
-pub(super) fn raw_text(value: &Value) -> String {
+/// The text of a raw value under `key` as an error shows it: strings as they are (the error
+/// masks them), anything else as JSON with its secrets masked (see [`mask_json`]).
+pub(super) fn raw_text(key: &str, value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
-        other => other.to_string(),
+        other => mask_json(key, other).to_string(),
     }
 }

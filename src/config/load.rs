@@ -155,7 +155,7 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::AmqpSslCertFile => optional(value, text).map(|v| config.amqp_ssl_cert_file = v),
         Field::AmqpSslKeyFile => optional(value, text).map(|v| config.amqp_ssl_key_file = v),
     };
-    result.map_err(|reason| ConfigError::new(key, raw_text(value), reason))
+    result.map_err(|reason| ConfigError::new(key, raw_text(key, value), reason))
 }
 
 /// A string; numbers are taken as their decimal text.
@@ -429,7 +429,7 @@ fn refuse_metrics_given_twice(map: &Map<String, Value>) -> Result<(), ConfigErro
         let nested = flat.trim_start_matches("METRICS_");
         if let (Some(value), Some(_)) = (map.get(*flat), section.and_then(|s| s.get(nested))) {
             let reason = format!("given twice: also as {nested} in the {METRICS} mapping");
-            return Err(ConfigError::new(*flat, raw_text(value), reason));
+            return Err(ConfigError::new(*flat, raw_text(flat, value), reason));
         }
     }
     Ok(())
@@ -443,7 +443,7 @@ fn apply_metrics(config: &mut Config, section: &Value) -> Result<(), ConfigError
         other => {
             return Err(ConfigError::new(
                 METRICS,
-                raw_text(other),
+                raw_text(METRICS, other),
                 "expected a mapping with HOST and PORT",
             ))
         }
@@ -454,11 +454,12 @@ fn apply_metrics(config: &mut Config, section: &Value) -> Result<(), ConfigError
             "HOST" => Field::MetricsHost,
             "PORT" => Field::MetricsPort,
             _ => {
+                let shown = raw_text(&key, value);
                 return Err(ConfigError::new(
                     key,
-                    raw_text(value),
+                    shown,
                     "unknown key in METRICS: expected HOST or PORT",
-                ))
+                ));
             }
         };
         apply(config, field, &key, value)?;

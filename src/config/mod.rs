@@ -575,7 +575,7 @@ impl Config {
             Value::String(text) => serde_json::from_str(text).map_err(|_| err),
             _ => Err(err),
         });
-        Some(parsed.map_err(|err| ConfigError::new(key, raw_text(value), err.to_string())))
+        Some(parsed.map_err(|err| ConfigError::new(key, raw_text(key, value), err.to_string())))
     }
 
     /// The effective configuration with UPPERCASE keys as files spell them (`METRICS` a

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::error::mask_text;
 use super::*;
 
 /// No environment variables.
@@ -1084,6 +1085,58 @@ fn secrets_are_masked_in_errors() {
     assert!(matches!(&e, Some(Err(m)) if !m.contains("hunter2")), "{e:?}");
 
     assert_eq!(ConfigError::new("db_password", "", "is required").value, "");
+}
+
+#[test]
+fn a_secret_is_not_quoted_in_the_reason_of_its_error() {
+    let yaml = "SERVICE_NAME: s\nAPI_TOKEN: tok-9f8e7d6c5b\nDB_PASSWORD: [hunter2-secret]\n\
+                SHORT_SECRET: 'a\"b'\n";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    for (key, secret) in
+        [("API_TOKEN", "9f8e7d6c5b"), ("DB_PASSWORD", "hunter2-secret"), ("SHORT_SECRET", "a\\\"b")]
+    {
+        let error = config.get::<u64>(key).and_then(Result::err);
+        let shown =
+            format!("{error:?} {}", error.as_ref().map(ToString::to_string).unwrap_or_default());
+        assert!(error.is_some() && !shown.contains(secret), "{key}: {shown}");
+        // what was wrong is still said
+        assert!(shown.contains("expected u64"), "{key}: {shown}");
+    }
+}
+
+#[test]
+fn uri_passwords_with_quotes_spaces_or_slashes_are_masked_in_free_text() {
+    for password in
+        ["Zq7'kP2x9w", "Zq7\"kP2x9w", "Zq7`kP2x9w", "Zq7 kP2x9w", "Zq7//kP2x9w", "Zq7 //kP2x9w"]
+    {
+        for key in ["DATABASE_URL", "AMPQ_URI"] {
+            let text = format!("postgres://app:{password}@db:5432/app");
+            let mut config = ok(Config::from_yaml_str("SERVICE_NAME: s\n", &no_env));
+            config.extra.insert(key.to_string(), json!(text));
+            let shown = format!("{config:?} {}", json!(config.to_masked_map()));
+            assert!(!shown.contains("kP2x9w"), "{password:?} under {key}: {shown}");
+            assert!(shown.contains("postgres://app:***@db:5432/app"), "{password:?}: {shown}");
+        }
+        let reason = format!("invalid type: string \"amqp://u:{password}@h/\", expected u64");
+        let error = ConfigError::new("BROKER", "", &reason);
+        assert!(!error.reason.contains("kP2x9w"), "{password:?}: {}", error.reason);
+    }
+    // two URIs in one text: both masked; a text with no password is left as it is
+    let text = "from amqp://a:pw1@h1/ to amqp://b:pw2@h2/";
+    assert_eq!(mask_text(text), "from amqp://a:***@h1/ to amqp://b:***@h2/");
+    let plain = "see http://example.com/a//b and 'x@y'";
+    assert_eq!(mask_text(plain), plain);
+}
+
+#[test]
+fn an_amqp_uri_given_as_a_mapping_is_not_shown() {
+    let yaml = "SERVICE_NAME: s\nAMQP_URI:\n  host: mq\n  user: svc\n  pass: Zq7kP2x9w\n";
+    let error = Config::from_yaml_str(yaml, &no_env).unwrap_err();
+    assert!(!error.to_string().contains("Zq7kP2x9w"), "{error}");
+    assert!(error.to_string().contains("expected"), "{error}");
+    let yaml = "SERVICE_NAME: s\nAMQP_URI:\n  - {host: mq, pw: Zq7kP2x9w}\n";
+    let error = Config::from_yaml_str(yaml, &no_env).unwrap_err();
+    assert!(!error.to_string().contains("Zq7kP2x9w"), "{error}");
 }
 
 #[test]

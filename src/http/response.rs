@@ -126,7 +126,11 @@ impl Response {
                     response.headers_mut().insert(name.clone(), value);
                     named.push(name);
                 }
-                _ => tracing::warn!("invalid response header {name:?}: {value:?}; dropped"),
+                // its value may be a secret (a cookie, a token): only its length is logged
+                _ => tracing::warn!(
+                    "invalid response header {name:?} (a value of {} bytes); dropped",
+                    value.len()
+                ),
             }
         }
         response
@@ -284,6 +288,31 @@ mod tests {
     fn invalid_statuses_and_headers_do_not_panic() {
         let response = Response::status(42).header("bad name", "x").text("t");
         assert_eq!(respond_with(response).status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn a_dropped_header_is_logged_without_its_value() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let logger = tracing_subscriber::fmt().with_writer(move || writer.clone()).finish();
+        let cookie = "session=s3ss10n-T0ken; Path=/; \u{7f}";
+        let response = Response::status(200).header("set-cookie", cookie).text("t");
+        let answer = tracing::subscriber::with_default(logger, || respond_with(response));
+        assert!(answer.headers().get("set-cookie").is_none());
+        let logged = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("set-cookie") && logged.contains("dropped"), "{logged}");
+        assert!(!logged.contains("s3ss10n"), "{logged}");
     }
 
     #[test]

@@ -115,22 +115,26 @@ fn bad_uri(uri: &str, error: impl std::fmt::Display) -> Error {
     Error::Startup(format!("{} is not a broker URI ({error})", mask(uri)))
 }
 
+/// `uri` with its password masked, also when it does not parse (a password with a `/`).
 fn mask(uri: &str) -> String {
-    match Url::parse(uri) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("***"));
-            url.to_string()
-        }
-        _ => uri.to_owned(),
-    }
+    crate::config::mask_uri(uri)
 }
 
 /// RabbitMQ's management HTTP API, with the credentials of a broker URI.
-#[derive(Debug)]
 struct ManagementApi {
     base: Url,
     user: String,
+    /// `Basic` and the base64 of `user:password`: never shown.
     authorization: String,
+}
+
+impl std::fmt::Debug for ManagementApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagementApi")
+            .field("base", &mask(self.base.as_str()))
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ManagementApi {
@@ -139,7 +143,10 @@ impl ManagementApi {
         let host = broker.host_str().ok_or_else(|| bad_uri(uri, "no host"))?;
         let base = match std::env::var(TEST_RABBITMQ_API_ENV) {
             Ok(base) if !base.is_empty() => Url::parse(&base).map_err(|error| {
-                Error::Startup(format!("{TEST_RABBITMQ_API_ENV}={base} is not a URL ({error})"))
+                Error::Startup(format!(
+                    "{TEST_RABBITMQ_API_ENV}={} is not a URL ({error})",
+                    mask(&base)
+                ))
             })?,
             _ => Url::parse(&format!("http://{host}:{MANAGEMENT_PORT}"))
                 .map_err(|error| bad_uri(uri, error))?,
@@ -265,6 +272,20 @@ mod tests {
         assert_eq!(api.authorization, format!("Basic {expected}"));
         let url = api.url(&["permissions", "mf-test-1", "al@ice"]);
         assert_eq!(url.as_str(), "http://broker.local:15672/api/permissions/mf-test-1/al@ice");
+    }
+
+    #[test]
+    fn the_credentials_are_never_shown() {
+        let api = ManagementApi::for_broker("amqp://guest:hunter22@127.0.0.1:5672/").unwrap();
+        let shown = format!("{api:?}");
+        let basic = base64::engine::general_purpose::STANDARD.encode("guest:hunter22");
+        assert!(!shown.contains(&basic) && !shown.contains("hunter22"), "{shown}");
+        assert!(shown.contains("guest"), "{shown}");
+        // a `/` left unencoded in the password: the URI does not parse, and is still masked
+        let error = ManagementApi::for_broker("amqp://guest:gu/est-93xq@127.0.0.1:5672/")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is not a broker URI") && !error.contains("93xq"), "{error}");
     }
 
     #[test]
