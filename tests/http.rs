@@ -759,6 +759,112 @@ async fn clients_holding_every_slot_silently_do_not_lock_out_good_clients() {
     service.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_trickling_bodies_do_not_lock_out_good_clients() {
+    // a byte every 400 ms: each pause within HTTP_HEADER_READ_TIMEOUT (1 s), so a limit on
+    // pauses alone let them hold every slot as long as they liked (a good client waited
+    // 9.7 s behind three of them for 10 s)
+    let config = hostile_config("http_trickle", 1.0, 30.0).with_http_max_connections(3);
+    let (service, base) = spawn(routes(), config).await;
+    let mut holders = Vec::new();
+    for _ in 0..3 {
+        let mut socket = raw(&base).await;
+        let head = "POST /sum HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
+                    content-length: 100000\r\n\r\n";
+        socket.write_all(head.as_bytes()).await.unwrap();
+        holders.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            for _ in 0..50 {
+                if socket.write_all(b" ").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
+            (started.elapsed(), String::from_utf8_lossy(&answer).into_owned())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let good = std::time::Instant::now();
+    let response = client().post(format!("{base}/sum")).json(&json!({"a": 1, "b": 2})).send();
+    assert_eq!(response.await.expect("served").status(), 200);
+    let waited = good.elapsed();
+    for holder in holders {
+        let (held, answer) = holder.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("slower than 500 bytes/s"), "{answer}");
+        assert!(held < Duration::from_secs(10), "a trickled body held its slot {held:?}");
+    }
+    // the three are cut a little after 1 s (the grace, then under 500 bytes/s); the 20 s
+    // trickle they would have kept up is far off
+    assert!(waited < Duration::from_secs(8), "a good client waited {waited:?}");
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_arriving_slowly_but_steadily_is_read_whole() {
+    // 1,000 bytes a second, twice the lowest rate, for 3 s: past the grace of 1 s
+    let config = hostile_config("http_steady", 1.0, 30.0);
+    let (service, base) =
+        spawn(vec![Route::new(echo).entrypoint(HttpEntrypoint::post("/echo"))], config).await;
+    let mut socket = raw(&base).await;
+    let body = format!("\"{}\"", "x".repeat(2998));
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.as_bytes().chunks(100) {
+        socket.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, answer) = read_response(&mut socket).await;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{answer}");
+    assert_eq!(answer, body);
+    service.stop().await.unwrap();
+}
+
+fn gated_echo(RawBody(body): RawBody, Dep(probe): Dep<Arc<Probe>>) -> Value {
+    probe.enter(Value::Null);
+    probe.leave();
+    json!(body.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_worker_holds_no_body() {
+    // Bodies were read before the wait for a worker: 40 requests of 8 MiB waiting for one
+    // busy worker held 335 MB. Now a waiting request's body stays unread, in its socket: the
+    // client cannot send 32 MiB (more than the kernel buffers) until a worker takes it.
+    let probe = Probe::closed();
+    let config = http_config("http_pile").with_max_workers(1).with_max_message_size(64 << 20);
+    let routes = vec![Route::new(gated_echo)
+        .entrypoint(HttpEntrypoint::post("/body"))
+        .dependency(Shared(probe.clone()))];
+    let (service, base) = spawn(routes, config).await;
+    let busy = tokio::spawn(client().post(format!("{base}/body")).body("first").send());
+    probe.wait_started(1).await;
+    let body = vec![b'x'; 32 << 20];
+    let mut socket = raw(&base).await;
+    let head = format!("POST /body HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n", body.len());
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = socket.into_split();
+    let sent = tokio::spawn(async move { writer.write_all(&body).await.map(|()| writer) });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!sent.is_finished(), "the body of a request waiting for a worker was read");
+    probe.open();
+    assert_eq!(busy.await.unwrap().unwrap().status(), 200);
+    let _writer = sent.await.unwrap().expect("the body is read once a worker is free");
+    let mut answer = vec![0; 1024];
+    let read = reader.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(&(32 << 20).to_string()), "{answer}");
+    service.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_megabyte_body_that_does_not_fit_gets_a_short_400_stating_its_size() {
     let (service, base) = spawn(routes(), http_config("http_echo")).await;

@@ -16,6 +16,7 @@ use super::site::{add_route, WebSite};
 use crate::data::Message;
 use crate::error::{Error, Result};
 use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::spawners::WorkerPermit;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 
@@ -140,6 +141,12 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                     Ok(params) => params,
                     Err(rejection) => return params_refusal(&rejection),
                 };
+                // The worker's slot first, then the body: requests waiting for a worker hold
+                // no body, so their memory is bounded by MAX_WORKERS bodies, not by
+                // HTTP_MAX_CONNECTIONS of them (what tower's ConcurrencyLimit does too).
+                let Some(permit) = route.acquire().await else {
+                    return stopping();
+                };
                 // A body still arriving when the service stops would be read to its end (as
                 // slowly as its client sends it, holding the stop up) only to be refused
                 // then: it is refused at once.
@@ -153,7 +160,7 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                     Err(rejection) => return body_refusal(&rejection, &route),
                 };
                 let request = request(&method, &uri, &headers, &params);
-                call(route, calls, request, body).await
+                call(route, permit, calls, request, body).await
             }
         },
     )
@@ -228,16 +235,15 @@ fn request(method: &Method, uri: &Uri, headers: &HeaderMap, params: &RawPathPara
     }
 }
 
-/// Handle one request on `route`: wait for a worker, call (in a task of `calls`), answer.
+/// Handle one request on `route` with a worker's `permit`: call (in a task of `calls`),
+/// answer.
 async fn call(
     route: RouteHandle,
+    permit: WorkerPermit,
     calls: TaskTracker,
     request: HttpRequest,
     body: Bytes,
 ) -> axum::response::Response {
-    let Some(permit) = route.acquire().await else {
-        return stopping();
-    };
     let mut message = Message { body, ..Message::default() };
     message.properties.content_type =
         request.header(header::CONTENT_TYPE.as_str()).map(str::to_owned);

@@ -14,9 +14,9 @@
 //! - from that first byte, its head must arrive within `HTTP_HEADER_READ_TIMEOUT`.
 //!
 //! Past the deadline the connection is dropped, which closes the socket. A request body that
-//! pauses for `HTTP_HEADER_READ_TIMEOUT` between two reads fails (tower-http's
-//! `TimeoutBody`, nginx's `client_body_timeout`): the request is answered 400 and the
-//! connection closed, so a half-sent body cannot hold it either.
+//! pauses for `HTTP_HEADER_READ_TIMEOUT` between two reads, or trickles in slower than
+//! [`paced_body::MIN_BODY_RATE`], fails ([`PacedBody`]): the request is answered 400 and the
+//! connection closed, so a half-sent or trickled body cannot hold it either.
 //!
 //! When the service stops, a connection waiting for a request head (none yet, or part of
 //! one) is closed at once, as it has no request to finish; hyper's graceful shutdown alone
@@ -41,17 +41,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tower_http::timeout::TimeoutBody;
 use tower_service::Service;
 
 use self::activity::{Activity, Request};
+use self::paced_body::PacedBody;
 
 mod activity;
+pub(crate) mod paced_body;
 
 /// The timeouts that close a silent client's connection.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Timeouts {
-    /// `HTTP_HEADER_READ_TIMEOUT`, also the longest pause of a request body.
+    /// `HTTP_HEADER_READ_TIMEOUT`, also the longest pause of a request body (see
+    /// [`PacedBody`]).
     pub header_read: Duration,
     /// `HTTP_KEEP_ALIVE_TIMEOUT`.
     pub keep_alive: Duration,
@@ -74,7 +76,7 @@ pub(super) async fn serve_connection(
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let open = Request::begin(requests.clone());
         let mut router = router.clone();
-        let request = request.map(|body| TimeoutBody::new(timeouts.header_read, body));
+        let request = request.map(|body| PacedBody::new(body, timeouts.header_read));
         async move {
             let response = router.call(request).await;
             drop(open);
