@@ -32,6 +32,27 @@ pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
     now.checked_add(after).unwrap_or_else(|| now + FAR_AHEAD)
 }
 
+/// The pace of tokio's clock against real time, over a wait.
+pub(crate) struct Pace {
+    tokio: tokio::time::Instant,
+    real: std::time::Instant,
+}
+
+impl Pace {
+    /// Starts watching now.
+    pub(crate) fn start() -> Pace {
+        Pace { tokio: tokio::time::Instant::now(), real: std::time::Instant::now() }
+    }
+
+    /// Whether tokio's clock has run at least ten times as fast as real time since the start,
+    /// over at least a millisecond: a paused clock that a test advances, or that tokio
+    /// advances while the runtime idles. A running clock keeps real time.
+    pub(crate) fn ran_ahead(&self) -> bool {
+        let by_tokio = self.tokio.elapsed();
+        by_tokio >= Duration::from_millis(1) && self.real.elapsed() * 10 < by_tokio
+    }
+}
+
 /// The wall-clock time now, by tokio's clock.
 pub(crate) fn wall_now() -> SystemTime {
     wall_at(tokio::time::Instant::now())
@@ -97,6 +118,21 @@ mod tests {
         assert_eq!(wall_now().duration_since(start).ok(), Some(Duration::from_secs(3600)));
         let earlier = tokio::time::Instant::now() - Duration::from_secs(7200);
         assert_eq!(start.duration_since(wall_at(earlier)).ok(), Some(Duration::from_secs(3600)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_clock_runs_ahead_of_real_time() {
+        let pace = Pace::start();
+        assert!(!pace.ran_ahead(), "no time has passed");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(pace.ran_ahead());
+    }
+
+    #[tokio::test]
+    async fn a_running_clock_keeps_real_time() {
+        let pace = Pace::start();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!pace.ran_ahead());
     }
 
     #[tokio::test(start_paused = true)]

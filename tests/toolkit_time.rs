@@ -400,3 +400,76 @@ async fn a_run_longer_than_its_interval_skips_the_ticks_it_covered_and_keeps_to_
         assert!(gap.abs_diff(expected) <= MARGIN, "gaps {gaps:?}, expected 30 s then 10 s");
     }
 }
+
+async fn as_long_as_its_interval(Dep(calls): Dep<Arc<Calls>>) {
+    calls.record(String::new());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+}
+
+/// A run that ends on a tick has not outlasted it: the tick fires at once (as the Python
+/// micro-framework's timer does). The tick was skipped, which halved the rate: 5 runs in
+/// 105 s.
+#[tokio::test(start_paused = true)]
+async fn a_run_as_long_as_its_interval_is_followed_at_once_by_the_tick_it_ends_on() {
+    let calls = Arc::new(Calls::default());
+    let routes = vec![Route::new(as_long_as_its_interval)
+        .entrypoint(TimeEntrypoint::every(Duration::from_secs(10)))
+        .dependency(Shared(calls.clone()))];
+    let service = TestService::start(routes, memory_test_config(&common::unique("ends_on_tick")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(105)).await;
+    service.stop().await.unwrap();
+    let times = calls.times();
+    assert_eq!(times.len(), 10, "a run every 10 s from 10 s to 100 s");
+    assert!(gaps(&times).iter().all(|gap| about(*gap, Duration::from_secs(10))), "{times:?}");
+}
+
+/// A timer whose schedule has no further tick (an interval too long for the clock, as the
+/// documentation of `every` allows) leaves the service running: it stopped itself at once,
+/// `Runner::run` then returning `Ok` as if it had been asked to stop.
+#[tokio::test(start_paused = true)]
+async fn a_timer_without_a_further_tick_leaves_the_service_running() {
+    let calls = Arc::new(Calls::default());
+    let routes = vec![Route::new(tick)
+        .entrypoint(TimeEntrypoint::every(Duration::MAX))
+        .dependency(Shared(calls.clone()))];
+    let service =
+        TestService::start(routes, memory_test_config(&common::unique("never"))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(service.is_ready(), "the service stopped by itself");
+    service.stop().await.unwrap();
+    assert_eq!(calls.count(), 0);
+}
+
+#[tokio::test]
+async fn a_cron_expression_that_never_fires_is_refused_at_start() {
+    let route = Route::new(tick)
+        .entrypoint(TimeEntrypoint::cron("0 0 31 2 *").unwrap())
+        .dependency(Shared(Arc::new(Calls::default())));
+    let started = TestService::start(vec![route], memory_test_config(&common::unique("feb31")));
+    let error = started.await.map(drop).unwrap_err().to_string();
+    assert!(error.contains("\"0 0 31 2 *\" has no occurrence from now on"), "{error}");
+}
+
+/// A cron timer sleeps its whole wait on a paused clock: it woke each second of test time to
+/// look at the wall clock, so a month of a nightly cron took over a minute of real time
+/// (16.8 s a week). A generous bound: the month now takes milliseconds.
+#[tokio::test(start_paused = true)]
+async fn a_month_of_a_nightly_cron_passes_at_once_on_the_paused_clock() {
+    let calls = Arc::new(Calls::default());
+    let route = Route::new(tick)
+        .entrypoint(TimeEntrypoint::cron("0 3 * * *").unwrap())
+        .dependency(Shared(calls.clone()));
+    let service = TestService::start(vec![route], memory_test_config(&common::unique("nightly")))
+        .await
+        .unwrap();
+    let real = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(30 * 86_400)).await;
+    let took = real.elapsed();
+    service.stop().await.unwrap();
+    let payloads: Vec<NaiveDateTime> = calls.payloads().iter().map(|p| fired_at(p)).collect();
+    assert_eq!(payloads.len(), 30, "{payloads:?}");
+    assert!(payloads.iter().all(|at| (at.hour(), at.minute(), at.second()) == (3, 0, 0)));
+    assert!(took < Duration::from_secs(10), "a month of test time took {took:?}");
+}
