@@ -647,6 +647,119 @@ async fn a_producer_whose_exchange_went_declares_it_again_and_sends() {
     }
 }
 
+/// A queue bound to `exchange` (declared with `auto_delete`) with key `key`, as a peer made
+/// them.
+async fn peer_topology(
+    transport: &micro_framework::transport::SharedTransport,
+    exchange: &str,
+    auto_delete: bool,
+    queue: &str,
+    key: &str,
+) {
+    use micro_framework::transport::{BindingSpec, ExchangeSpec, QueueSpec};
+    let spec = ExchangeSpec { auto_delete, ..ExchangeSpec::topic(exchange) };
+    transport.declare_exchange(&spec).await.unwrap();
+    transport.declare_queue(&QueueSpec::durable(queue)).await.unwrap();
+    let binding = BindingSpec {
+        queue: queue.into(),
+        exchange: exchange.into(),
+        routing_key: key.into(),
+        arguments: Default::default(),
+    };
+    transport.bind_queue(&binding).await.unwrap();
+}
+
+async fn bodies_in(
+    transport: &micro_framework::transport::SharedTransport,
+    queue: &str,
+) -> Vec<String> {
+    let mut bodies = Vec::new();
+    while let Some(delivery) = transport.get(queue).await.unwrap() {
+        bodies.push(String::from_utf8_lossy(&delivery.body).into_owned());
+        delivery.acker.ack().await.unwrap();
+    }
+    bodies
+}
+
+#[tokio::test]
+async fn a_micro_framework_producer_sends_to_the_exchange_a_nameko_service_made() {
+    // micro-framework 2.1.1's producer never declares, so it sends to the exchange a Nameko
+    // service made (not auto-delete); this one declared it auto-delete first, and every
+    // dispatch failed: "inequivalent arg 'auto_delete'"
+    use micro_framework::amqp::dependencies::Producer;
+    use micro_framework::config::Protocol;
+    for uri in broker_uris() {
+        let config = config(&uri, "mfprod").with_protocol(Protocol::MicroFramework);
+        let exchange = format!("{}.events", config.service_name);
+        let queue = common::unique("mfprod_q");
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
+        peer_topology(&transport, &exchange, false, &queue, "paid").await;
+        let producer = Producer::new(transport.clone(), &config);
+        for n in 0..3 {
+            producer.dispatch("paid", &json!(n)).await.expect("sent");
+        }
+        assert_eq!(bodies_in(&transport, &queue).await, ["0", "1", "2"], "{uri}");
+        // a missing exchange is declared as micro-framework's listeners declare it
+        transport.delete_queue(&queue).await.unwrap();
+        transport.delete_exchange(&exchange).await.unwrap();
+        producer.dispatch("paid", &json!(3)).await.expect("declared, then sent");
+        peer_topology(&transport, &exchange, true, &queue, "paid").await;
+        producer.dispatch("paid", &json!(4)).await.unwrap();
+        assert_eq!(bodies_in(&transport, &queue).await, ["4"], "{uri}");
+        transport.delete_queue(&queue).await.unwrap();
+        transport.delete_exchange(&exchange).await.unwrap();
+        transport.close().await;
+    }
+}
+
+fn count_event(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(Value::Null);
+    probe.leave();
+}
+
+#[tokio::test]
+async fn declare_event_exchanges_false_takes_the_exchange_the_broker_holds() {
+    // Nameko's DECLARE_EVENT_EXCHANGES=False: the source's exchange, made auto-delete by a
+    // micro-framework peer, is used as it is; the start was refused ("inequivalent arg")
+    use micro_framework::amqp::dependencies::Producer;
+    for uri in broker_uris() {
+        let config = config(&uri, "nodecl").with_declare_event_exchanges(false);
+        let source = common::unique("nodecl_src");
+        let source_exchange = format!("{source}.events");
+        let keep = common::unique("nodecl_keep");
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
+        peer_topology(&transport, &source_exchange, true, &keep, "other").await;
+        let probe = Probe::new();
+        let route = Route::new(count_event)
+            .entrypoint(EventListener::new(&source, "paid"))
+            .dependency(Shared(probe.clone()));
+        let service = TestService::start(vec![route], config.clone()).await.expect("starts");
+        let message = OutgoingMessage { body: Bytes::from_static(b"{}"), ..Default::default() };
+        transport
+            .publish(&source_exchange, "paid", message, PublishOptions::default())
+            .await
+            .unwrap();
+        probe.wait_started(1).await;
+        service.stop().await.unwrap();
+        // its own exchange is not declared either: a dispatch to a missing one fails, saying why
+        let producer = Producer::new(transport.clone(), &config);
+        let error = producer.dispatch("e", &json!(1)).await.unwrap_err().to_string();
+        assert!(error.contains("DECLARE_EVENT_EXCHANGES is false"), "{uri}: {error}");
+        assert!(error.contains("the event was not sent"), "{uri}: {error}");
+        // and a listener whose source has no exchange fails its start
+        let missing = common::unique("nodecl_none");
+        let route = Route::new(count_event)
+            .entrypoint(EventListener::new(&missing, "paid"))
+            .dependency(Shared(probe.clone()));
+        let refused = TestService::start(vec![route], config.clone()).await.map(drop);
+        assert!(refused.is_err(), "{uri}: started with no exchange to bind to");
+        transport.delete_queue(&keep).await.unwrap();
+        transport.delete_exchange(&source_exchange).await.unwrap();
+        transport.close().await;
+        common::cleanup(&uri, &[config.service_name.clone(), source.clone(), missing]).await;
+    }
+}
+
 #[tokio::test]
 async fn dependencies_see_setup_each_call_its_outcome_and_teardown() {
     let shop = common::unique("shop");

@@ -49,6 +49,7 @@ enum Field {
     Protocol,
     QueueType,
     AutoDeleteEventExchanges,
+    DeclareEventExchanges,
     ParentCallsTracked,
     RpcExchange,
     RpcTimeout,
@@ -85,6 +86,7 @@ const FIELDS: &[(&str, Field)] = &[
     ("PROTOCOL", Field::Protocol),
     ("QUEUE_TYPE", Field::QueueType),
     ("AUTO_DELETE_EVENT_EXCHANGES", Field::AutoDeleteEventExchanges),
+    ("DECLARE_EVENT_EXCHANGES", Field::DeclareEventExchanges),
     ("PARENT_CALLS_TRACKED", Field::ParentCallsTracked),
     ("RPC_EXCHANGE", Field::RpcExchange),
     ("RPC_TIMEOUT", Field::RpcTimeout),
@@ -142,6 +144,7 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::AutoDeleteEventExchanges => {
             boolean(value).map(|v| config.auto_delete_event_exchanges = v)
         }
+        Field::DeclareEventExchanges => boolean(value).map(|v| config.declare_event_exchanges = v),
         Field::ParentCallsTracked => uint(value, USIZE).map(|v| config.parent_calls_tracked = v),
         Field::RpcExchange => text(value).map(|v| config.rpc_exchange = v),
         Field::RpcTimeout => seconds(value).map(|v| config.rpc_timeout = v),

@@ -178,6 +178,10 @@ pub struct Config {
     /// `AUTO_DELETE_EVENT_EXCHANGES`: whether event exchanges are declared auto-delete.
     /// Default: `false`.
     pub auto_delete_event_exchanges: bool,
+    /// `DECLARE_EVENT_EXCHANGES`: whether event exchanges are declared (Nameko's option);
+    /// `false` leaves them as the broker holds them, made by whoever made them. Default:
+    /// `true`.
+    pub declare_event_exchanges: bool,
     /// `PARENT_CALLS_TRACKED`: how many parent call ids are kept in a call-id stack.
     /// Default: 10.
     pub parent_calls_tracked: usize,
@@ -283,6 +287,7 @@ setters! {
     with_protocol => protocol: Protocol,
     with_queue_type => queue_type: QueueType,
     with_auto_delete_event_exchanges => auto_delete_event_exchanges: bool,
+    with_declare_event_exchanges => declare_event_exchanges: bool,
     with_parent_calls_tracked => parent_calls_tracked: usize,
     with_rpc_exchange => rpc_exchange: String,
     with_rpc_timeout => rpc_timeout: Duration,
@@ -328,6 +333,7 @@ impl Default for Config {
             protocol: Protocol::default(),
             queue_type: QueueType::default(),
             auto_delete_event_exchanges: false,
+            declare_event_exchanges: true,
             parent_calls_tracked: 10,
             rpc_exchange: "nameko-rpc".to_string(),
             rpc_timeout: Duration::from_secs(30),
@@ -611,6 +617,7 @@ impl Config {
             ("PROTOCOL", Value::from(self.protocol.as_str())),
             ("QUEUE_TYPE", Value::from(self.queue_type.as_str())),
             ("AUTO_DELETE_EVENT_EXCHANGES", Value::from(self.auto_delete_event_exchanges)),
+            ("DECLARE_EVENT_EXCHANGES", Value::from(self.declare_event_exchanges)),
             ("PARENT_CALLS_TRACKED", Value::from(self.parent_calls_tracked)),
             ("RPC_EXCHANGE", Value::from(self.rpc_exchange.as_str())),
             ("RPC_TIMEOUT", Value::from(self.rpc_timeout.as_secs_f64())),
@@ -656,6 +663,7 @@ impl fmt::Debug for Config {
             .field("protocol", &self.protocol)
             .field("queue_type", &self.queue_type)
             .field("auto_delete_event_exchanges", &self.auto_delete_event_exchanges)
+            .field("declare_event_exchanges", &self.declare_event_exchanges)
             .field("parent_calls_tracked", &self.parent_calls_tracked)
             .field("rpc_exchange", &self.rpc_exchange)
             .field("rpc_timeout", &self.rpc_timeout)

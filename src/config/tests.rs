@@ -64,6 +64,7 @@ fn everything_changed() -> Config {
         protocol: Protocol::MicroFramework,
         queue_type: QueueType::Quorum,
         auto_delete_event_exchanges: true,
+        declare_event_exchanges: false,
         parent_calls_tracked: 25,
         rpc_exchange: "my-rpc".to_string(),
         rpc_timeout: Duration::from_millis(2500),
@@ -104,6 +105,7 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("PROTOCOL", "micro_framework"),
     ("QUEUE_TYPE", "quorum"),
     ("AUTO_DELETE_EVENT_EXCHANGES", "TRUE"),
+    ("DECLARE_EVENT_EXCHANGES", "no"),
     ("PARENT_CALLS_TRACKED", "25"),
     ("RPC_EXCHANGE", "my-rpc"),
     ("RPC_TIMEOUT", "2.5"),
@@ -142,6 +144,7 @@ PREFETCH_COUNT: 20
 PROTOCOL: micro_framework
 QUEUE_TYPE: quorum
 AUTO_DELETE_EVENT_EXCHANGES: "yes"
+DECLARE_EVENT_EXCHANGES: false
 PARENT_CALLS_TRACKED: 25
 RPC_EXCHANGE: my-rpc
 RPC_TIMEOUT: 2.5
@@ -177,6 +180,7 @@ PREFETCH_COUNT = 20
 PROTOCOL = "micro_framework"
 QUEUE_TYPE = "quorum"
 AUTO_DELETE_EVENT_EXCHANGES = "1"
+DECLARE_EVENT_EXCHANGES = false
 PARENT_CALLS_TRACKED = 25
 RPC_EXCHANGE = "my-rpc"
 RPC_TIMEOUT = 2.5
@@ -635,6 +639,7 @@ fn value_errors_name_key_and_value() {
         ("PARENT_CALLS_TRACKED", "ten", "expected a non-negative integer"),
         ("ENABLE_METRICS", "maybe", "expected one of true, false, 1, 0, yes, no"),
         ("AUTO_DELETE_EVENT_EXCHANGES", "2", "expected one of true, false, 1, 0, yes, no"),
+        ("DECLARE_EVENT_EXCHANGES", "maybe", "expected one of true, false, 1, 0, yes, no"),
         ("RPC_TIMEOUT", "30s", "expected a number of seconds"),
         ("RPC_PERSISTENT_REQUESTS", "sometimes", "expected one of true, false, 1, 0, yes, no"),
         ("RPC_TIMEOUT", "-1", "must be a positive, finite number of seconds"),
@@ -1168,6 +1173,7 @@ fn masked_map_and_debug() {
         ("PROTOCOL", json!("micro_framework")),
         ("QUEUE_TYPE", json!("quorum")),
         ("AUTO_DELETE_EVENT_EXCHANGES", json!(true)),
+        ("DECLARE_EVENT_EXCHANGES", json!(false)),
         ("PARENT_CALLS_TRACKED", json!(25)),
         ("RPC_EXCHANGE", json!("my-rpc")),
         ("RPC_TIMEOUT", json!(2.5)),

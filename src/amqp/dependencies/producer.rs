@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::amqp::naming::event_exchange;
-use crate::config::Config;
+use crate::config::{Config, Protocol};
 use crate::data::json_properties;
 use crate::error::{Error, Result};
 use crate::handler::extract::{ExtractError, FromContext};
@@ -58,18 +58,42 @@ impl DeclaredExchanges {
     }
 }
 
-/// Publishes events on the broker, declaring the exchange on first use.
+/// When a [`BrokerSink`] declares its exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Declaring {
+    /// Before its first event, as Nameko's dispatcher does (an exchange made with other
+    /// flags then fails the dispatch, as it fails Nameko's), and again if it went.
+    First,
+    /// Only when it is missing, as micro-framework's producer, which never declares, meets an
+    /// exchange that any peer may have made (a Nameko service's, with other flags).
+    WhenMissing,
+    /// Never (`DECLARE_EVENT_EXCHANGES=false`): a missing exchange fails the dispatch.
+    Never,
+}
+
+impl Declaring {
+    fn of(config: &Config) -> Declaring {
+        match (config.declare_event_exchanges, config.protocol) {
+            (false, _) => Declaring::Never,
+            (true, Protocol::Nameko) => Declaring::First,
+            (true, Protocol::MicroFramework) => Declaring::WhenMissing,
+        }
+    }
+}
+
+/// Publishes events on the broker, declaring the exchange as [`Declaring`] says.
 #[derive(Debug)]
 struct BrokerSink {
     transport: SharedTransport,
     declared: Arc<DeclaredExchanges>,
+    declaring: Declaring,
 }
 
 #[async_trait]
 impl EventSink for BrokerSink {
     async fn send(&self, event: OutgoingEvent<'_>) -> Result<()> {
         let exchange = &event.exchange.name;
-        if !self.declared.contains(exchange) {
+        if self.declaring == Declaring::First && !self.declared.contains(exchange) {
             self.transport.declare_exchange(event.exchange).await?;
             self.declared.insert(exchange);
         }
@@ -77,9 +101,16 @@ impl EventSink for BrokerSink {
             self.transport.publish(exchange, event.event_type, message, PublishOptions::default())
         };
         match publish(event.message.clone()).await {
-            // The exchange went after it was declared (deleted by hand, or auto-deleted with
-            // its last binding): RabbitMQ refused the message unrouted, so declaring it again
-            // and sending once more cannot duplicate it.
+            Err(TransportError::NotFound(reason)) if self.declaring == Declaring::Never => {
+                return Err(TransportError::NotFound(format!(
+                    "{reason} (DECLARE_EVENT_EXCHANGES is false: {exchange} is not declared \
+                     here; the event was not sent)"
+                ))
+                .into());
+            }
+            // The exchange is missing, or went after it was declared (deleted by hand, or
+            // auto-deleted with its last binding): RabbitMQ refused the message unrouted, so
+            // declaring it and sending once more cannot duplicate it.
             Err(TransportError::NotFound(_)) => {
                 self.declared.forget(exchange);
                 self.transport.declare_exchange(event.exchange).await?;
@@ -92,8 +123,9 @@ impl EventSink for BrokerSink {
     }
 }
 
-/// Dispatches events of this service: exchange `{SERVICE_NAME}.events` (declared on first
-/// use), routing key = event name, persistent JSON body, publisher-confirmed. Inside a target
+/// Dispatches events of this service: exchange `{SERVICE_NAME}.events` (declared before the
+/// first event under the Nameko profile, only when missing under micro-framework's, never
+/// with `DECLARE_EVENT_EXCHANGES=false`), routing key = event name, persistent JSON body, publisher-confirmed. Inside a target
 /// it sends the call's context headers (`nameko.call_id_stack`, ...).
 ///
 /// A dependency whose `Output` is `Producer` (on the route or the runner) replaces the one
@@ -123,7 +155,8 @@ impl Producer {
     /// A producer outside any call: it dispatches as `config.service_name`, without context
     /// headers.
     pub fn new(transport: SharedTransport, config: &Config) -> Self {
-        let sink = BrokerSink { transport, declared: Arc::default() };
+        let declaring = Declaring::of(config);
+        let sink = BrokerSink { transport, declared: Arc::default(), declaring };
         Producer::with_sink(Arc::new(sink), config, &config.service_name, Headers::new())
     }
 
@@ -184,6 +217,7 @@ impl FromContext for Producer {
         let sink = BrokerSink {
             transport: ctx.transport().clone(),
             declared: ctx.service_state().get_or_default(),
+            declaring: Declaring::of(ctx.config()),
         };
         Ok(Producer::with_sink(
             Arc::new(sink),

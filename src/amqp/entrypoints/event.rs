@@ -141,7 +141,11 @@ impl Entrypoint for EventListener {
             &self.event_name,
             route.name(),
         ));
-        transport.declare_exchange(&exchange).await?;
+        // DECLARE_EVENT_EXCHANGES=false: the exchange is the one the broker holds (Nameko's
+        // `no_declare`), whatever its flags; a missing one fails the bind below
+        if config.declare_event_exchanges {
+            transport.declare_exchange(&exchange).await?;
+        }
         transport.declare_queue(&queue).await?;
         transport
             .bind_queue(&BindingSpec {
