@@ -62,8 +62,9 @@
 //! `PORT`), or at the top level spelt as in the environment (not both). Numbers may be given as strings and strings (ports, names) as numbers. Optional
 //! numbers (`MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT`) are unset when null or blank.
 //!
-//! Substitution works on the raw file text, comments included, and inserts values
-//! verbatim: quote references whose values may hold YAML syntax such as `: ` or ` #`.
+//! Substitution (`${VAR}`, `${VAR:default}`) works after parsing, in string values only:
+//! comments are not read, and a value cannot change the document's structure, whatever YAML
+//! syntax (`: `, ` #`) it holds. In TOML, references must be quoted, as any string.
 
 use std::collections::BTreeMap;
 use std::fmt;

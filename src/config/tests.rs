@@ -1134,6 +1134,23 @@ fn uri_passwords_with_quotes_spaces_or_slashes_are_masked_in_free_text() {
 }
 
 #[test]
+fn a_secret_nested_in_a_section_is_masked_in_the_error_of_get() {
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Database {
+        host: String,
+        port: u16,
+    }
+    let yaml = "SERVICE_NAME: s\nDATABASE: {host: db, password: hunter2-secret}\n";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    let error = config.get::<Database>("DATABASE").and_then(Result::err);
+    let shown =
+        format!("{error:?} {}", error.as_ref().map(ToString::to_string).unwrap_or_default());
+    assert!(error.is_some() && !shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("missing field `port`") && shown.contains("\"host\":\"db\""), "{shown}");
+}
+
+#[test]
 fn an_amqp_uri_given_as_a_mapping_is_not_shown() {
     let yaml = "SERVICE_NAME: s\nAMQP_URI:\n  host: mq\n  user: svc\n  pass: Zq7kP2x9w\n";
     let error = Config::from_yaml_str(yaml, &no_env).unwrap_err();

@@ -15,8 +15,10 @@ impl Config {
     /// same credentials), `RPC_EXCHANGE` is neither blank nor padded with whitespace,
     /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
     /// not 0 (and `MAX_WORKERS` at most [`MAX_WORKERS_LIMIT`], `HTTP_MAX_CONNECTIONS` at most
-    /// [`MAX_HTTP_CONNECTIONS`]), `RPC_TIMEOUT` and `SHUTDOWN_TIMEOUT` are not zero, the
-    /// HTTP and WebSocket timeouts are neither zero nor longer than [`MAX_PEER_TIMEOUT`], and
+    /// [`MAX_HTTP_CONNECTIONS`]), `MAX_MESSAGE_SIZE` is at least 1, `RPC_TIMEOUT` and
+    /// `SHUTDOWN_TIMEOUT` are not zero, `TASK_TIME_LIMIT` is unset or a positive, finite
+    /// number of seconds, `WEB_SERVER_ADDRESS` is `host:port` or a port, the HTTP and
+    /// WebSocket timeouts are neither zero nor longer than [`MAX_PEER_TIMEOUT`], and
     /// `AMQP_SSL_CERT_FILE` and `AMQP_SSL_KEY_FILE` are set together.
     /// Every `from_*` calls it; [`Config::new`] does not.
     ///
