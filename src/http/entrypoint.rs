@@ -10,13 +10,13 @@ use axum::{Extension, Router};
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
+use super::body_budget::BodyBudget;
 use super::request::{HttpRequest, EXTENSION};
 use super::response::{refusal, respond};
 use super::site::{add_route, WebSite};
 use crate::data::Message;
 use crate::error::{Error, Result};
 use crate::pipeline::entrypoint_kind::EntrypointKind;
-use crate::pipeline::spawners::WorkerPermit;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 
@@ -126,6 +126,7 @@ impl HttpEntrypoint {
 
 /// What serves `route` for the methods of `filter` on the site, its calls run in `calls`.
 fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> MethodRouter {
+    let budget = BodyBudget::of(&route);
     on(
         filter,
         move |method: Method,
@@ -135,17 +136,23 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
               whole: Request<Body>| {
             let route = route.clone();
             let calls = calls.clone();
+            let budget = budget.clone();
             async move {
                 // axum's own answers to these are plain text; every other error is JSON
                 let params = match params {
                     Ok(params) => params,
                     Err(rejection) => return params_refusal(&rejection),
                 };
-                // The worker's slot first, then the body: requests waiting for a worker hold
-                // no body, so their memory is bounded by MAX_WORKERS bodies, not by
-                // HTTP_MAX_CONNECTIONS of them (what tower's ConcurrencyLimit does too).
-                let Some(permit) = route.acquire().await else {
-                    return stopping();
+                // Room for the body before it is read, held until the answer: the bodies
+                // read, waiting for a worker or in a call stay within the route's budget,
+                // not HTTP_MAX_CONNECTIONS of MAX_MESSAGE_SIZE (40 of 8 MiB waiting for one
+                // worker held 335 MB). The worker is waited for after the body is read, so a
+                // client that leaves meanwhile is seen, and its request never runs; a slow
+                // upload holds room, not a worker that other routes and consumers need.
+                let room = tokio::select! {
+                    biased;
+                    room = budget.reserve(&headers) => room,
+                    () = route.closed_to_new_calls() => return stopping(),
                 };
                 // A body still arriving when the service stops would be read to its end (as
                 // slowly as its client sends it, holding the stop up) only to be refused
@@ -160,7 +167,9 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                     Err(rejection) => return body_refusal(&rejection, &route),
                 };
                 let request = request(&method, &uri, &headers, &params);
-                call(route, permit, calls, request, body).await
+                let answer = call(route, calls, request, body).await;
+                drop(room);
+                answer
             }
         },
     )
@@ -235,15 +244,16 @@ fn request(method: &Method, uri: &Uri, headers: &HeaderMap, params: &RawPathPara
     }
 }
 
-/// Handle one request on `route` with a worker's `permit`: call (in a task of `calls`),
-/// answer.
+/// Handle one request on `route`: wait for a worker, call (in a task of `calls`), answer.
 async fn call(
     route: RouteHandle,
-    permit: WorkerPermit,
     calls: TaskTracker,
     request: HttpRequest,
     body: Bytes,
 ) -> axum::response::Response {
+    let Some(permit) = route.acquire().await else {
+        return stopping();
+    };
     let mut message = Message { body, ..Message::default() };
     message.properties.content_type =
         request.header(header::CONTENT_TYPE.as_str()).map(str::to_owned);

@@ -26,6 +26,7 @@
 //! }
 //! ```
 
+mod body_budget;
 mod entrypoint;
 mod request;
 mod response;
