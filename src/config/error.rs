@@ -135,10 +135,14 @@ pub(super) fn is_secret_key(key: &str) -> bool {
 
 /// Masks the password of every URI in `text` (an error's reason, a value of free text).
 ///
-/// A URI runs from its `//` to the next URI's: a password may hold quotes, spaces or `//`,
-/// so no character can be taken for its end but the `@` before its host. A piece with no `@`
-/// is joined to the next, which may hold the rest of its password; a text like `http://h/
-/// then amqp://u:p@h` is masked a little too much, never too little.
+/// A URI begins at a scheme that begins a word (`amqp://`, after a space, a quote, `=` or
+/// the like) and runs to the next such URI: a password may hold quotes, spaces, `@` or `//`,
+/// so nothing in it but the last `@` before the host can end it. A piece with no `@` is
+/// joined to the next, which may hold the rest of its password. A URI whose first word is
+/// whole and has no password (`amqp://mq:5672/`, a port of digits, then a path) ends at that
+/// word, so the prose after it is left as it is; a text that has such a URI without a path
+/// and then an `@` (`amqp://mq:5672 is down, mail ops@corp`) is masked a little too much,
+/// never too little.
 pub(super) fn mask_text(text: &str) -> String {
     let starts: Vec<usize> =
         text.match_indices("//").map(|(index, _)| index).filter(|&i| starts_uri(text, i)).collect();
@@ -153,20 +157,53 @@ pub(super) fn mask_text(text: &str) -> String {
         if end < text.len() && !text[start..end].contains('@') {
             continue;
         }
-        out.push_str(&mask_uri(&text[piece_start..end]));
+        out.push_str(&mask_piece(&text[piece_start..end]));
         piece_start = end;
     }
-    out.push_str(&mask_uri(&text[piece_start..]));
+    out.push_str(&mask_piece(&text[piece_start..]));
     out
 }
 
-/// Whether the `//` at `index` of `text` begins a URI's authority: after a scheme's `:`, or
-/// at the start of a word.
+/// [`mask_uri`] of a piece of text that begins with a URI's `//`, but for the prose after a
+/// first word that is a whole URI without a password.
+fn mask_piece(piece: &str) -> String {
+    let word_end = piece
+        .char_indices()
+        .find(|&(_, c)| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+        .map_or(piece.len(), |(index, _)| index);
+    let word = &piece[..word_end];
+    let authority =
+        word.get(2..).and_then(|rest| rest.split_once('/')).map(|(authority, _)| authority);
+    let no_password = authority.is_some_and(|authority| {
+        !authority.contains('@')
+            && authority
+                .rsplit_once(':')
+                .is_none_or(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if word_end < piece.len() && no_password && !word.contains('@') {
+        piece.to_string()
+    } else {
+        mask_uri(piece)
+    }
+}
+
+/// Whether the `//` at `index` of `text` begins a URI's authority: at the start of the text,
+/// or after a scheme (`amqp:`) that begins a word. Any other `//` may be inside a password.
 fn starts_uri(text: &str, index: usize) -> bool {
-    text[..index]
-        .chars()
-        .next_back()
-        .is_none_or(|c| c == ':' || c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+    if index == 0 {
+        return true;
+    }
+    let Some(before) = text[..index].strip_suffix(':') else {
+        return false;
+    };
+    let scheme_start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
+        .map_or(0, |index| index + 1);
+    let scheme = &before[scheme_start..];
+    let begins_word = before[..scheme_start].chars().next_back().is_none_or(|c| {
+        c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '=' | '(' | '[' | '<' | ',' | ';')
+    });
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic()) && begins_word
 }
 
 /// A copy of `value` (found under `key`) with secrets masked: everything under a secret key

@@ -1131,6 +1131,18 @@ fn uri_passwords_with_quotes_spaces_or_slashes_are_masked_in_free_text() {
     assert_eq!(mask_text(text), "from amqp://a:***@h1/ to amqp://b:***@h2/");
     let plain = "see http://example.com/a//b and 'x@y'";
     assert_eq!(mask_text(plain), plain);
+    // prose after a whole URI without a password is left alone (it was masked to the `@`)
+    for prose in [
+        "broker amqp://mq:5672/ is down; mail ops@corp.example",
+        "see https://wiki.example:8443/runbook or page oncall@corp.example",
+    ] {
+        assert_eq!(mask_text(prose), prose);
+    }
+    // an `@` then `//`, `://` or a quote in a password: masked whole (its tail showed)
+    for password in ["p@ss //w0rdX", "p@ss://w0rdX", "p@ss\"//w0rdX", "p@ss '//w0rdX"] {
+        let masked = mask_text(&format!("amqp://svc:{password}@mq:5672/"));
+        assert_eq!(masked, "amqp://svc:***@mq:5672/", "{password:?}");
+    }
 }
 
 #[test]
