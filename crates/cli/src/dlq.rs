@@ -11,6 +11,8 @@ mod reader;
 use std::io::{IsTerminal, Write};
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::Args;
 use micro_framework::logging::bounded;
@@ -79,11 +81,51 @@ async fn finish<T>(dead: DeadLetters, read: Result<T, CliError>) -> Result<T, Cl
     }
 }
 
+/// Ctrl-C, caught so that a command ends cleanly: it is checked between dead letters, never
+/// in the middle of one (a replay finishes the copy and removal it began, so nothing is
+/// replayed twice), and the dead letters held are handed back in their order, as at a normal
+/// end (a process killed midway leaves the broker to return them channel by channel, which
+/// reorders a quorum queue). A second Ctrl-C exits at once.
+#[derive(Clone, Debug)]
+struct Interrupt(Arc<AtomicBool>);
+
+impl Interrupt {
+    fn watch() -> Interrupt {
+        let pressed = Arc::new(AtomicBool::new(false));
+        let set = pressed.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                set.store(true, Ordering::SeqCst);
+                eprintln!(
+                    "interrupted: handing the dead letters back in their order \
+                     (Ctrl-C again to quit at once, which may reorder a quorum queue)"
+                );
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+        Interrupt(pressed)
+    }
+
+    fn pressed(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Read the rest of the queue, holding it, so that [`DeadLetters::close`] hands every dead
+/// letter back in order (a quorum queue puts those handed back after those never read).
+async fn read_to_end(dead: &mut DeadLetters) -> Result<(), CliError> {
+    while dead.read().await?.is_some() {}
+    Ok(())
+}
+
 /// `dlq list`: a table of the dead letters, a row printed as each is read.
 pub async fn list(uri: &str, args: QueueArg) -> Result<ExitCode, CliError> {
+    let interrupt = Interrupt::watch();
     let mut dead = DeadLetters::open(uri, &args.queue).await?;
     let queue = dead.queue().to_owned();
-    let listed = list_rows(&mut dead).await;
+    let listed = list_rows(&mut dead, &interrupt).await;
     if finish(dead, listed).await? == 0 {
         eprintln!("no dead letters in {queue}");
     }
@@ -91,11 +133,20 @@ pub async fn list(uri: &str, args: QueueArg) -> Result<ExitCode, CliError> {
 }
 
 /// Print the table (its header first, when there is a dead letter); how many rows.
-async fn list_rows(dead: &mut DeadLetters) -> Result<usize, CliError> {
+async fn list_rows(dead: &mut DeadLetters, interrupt: &Interrupt) -> Result<usize, CliError> {
     let mut widths = COLUMNS.map(|(_, width)| width);
     widths[0] = widths[0].max(dead.count().saturating_sub(1).to_string().len());
     let mut stdout = std::io::stdout();
     while let Some(letter) = dead.read().await? {
+        if interrupt.pressed() {
+            let listed = letter.index;
+            read_to_end(dead).await?;
+            return Err(CliError::interrupted(format!(
+                "listed {listed} of {} dead letters; all are back in {} in their order",
+                dead.held(),
+                dead.queue()
+            )));
+        }
         if letter.index == 0 {
             let header = COLUMNS.map(|(name, _)| name.to_owned());
             stdout.write_all(table::line(&header, &widths).as_bytes())?;
@@ -116,9 +167,10 @@ async fn list_rows(dead: &mut DeadLetters) -> Result<usize, CliError> {
 
 /// `dlq show`: the dead letters (or one) in full, as JSON, each printed as it is read.
 pub async fn show(uri: &str, args: ShowArgs) -> Result<ExitCode, CliError> {
+    let interrupt = Interrupt::watch();
     let mut dead = DeadLetters::open(uri, &args.queue.queue).await?;
     let queue = dead.queue().to_owned();
-    let shown = show_letters(&mut dead, args.index).await;
+    let shown = show_letters(&mut dead, args.index, &interrupt).await;
     let found = finish(dead, shown).await?;
     match args.index {
         Some(index) if index >= found => {
@@ -133,10 +185,22 @@ pub async fn show(uri: &str, args: ShowArgs) -> Result<ExitCode, CliError> {
 /// The queue is read to its end even for one dead letter: a quorum queue delivers the
 /// messages handed back after those it holds never delivered, or handed back before them,
 /// so handing back the first few only would move them behind the rest.
-async fn show_letters(dead: &mut DeadLetters, index: Option<usize>) -> Result<usize, CliError> {
+async fn show_letters(
+    dead: &mut DeadLetters,
+    index: Option<usize>,
+    interrupt: &Interrupt,
+) -> Result<usize, CliError> {
     let mut stdout = std::io::stdout();
     while let Some(letter) = dead.read().await? {
         let read = letter.index;
+        if interrupt.pressed() {
+            read_to_end(dead).await?;
+            return Err(CliError::interrupted(format!(
+                "read {read} of {} dead letters; all are back in {} in their order",
+                dead.held(),
+                dead.queue()
+            )));
+        }
         // the JSON value is dropped before the text is written: one of them at a time
         let text = match index {
             // an element of the array, indented as `serde_json` pretty-prints one
@@ -194,6 +258,7 @@ fn replay_properties(dead_letter: &Properties) -> Properties {
 
 /// `dlq replay`: publish each dead letter back to its original queue, then remove it.
 pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
+    let interrupt = Interrupt::watch();
     let mut dead = DeadLetters::open(uri, &args.queue.queue).await?;
     // only the messages there now: a replayed message that fails again is not replayed twice
     let total = args.limit.map_or(dead.count(), |limit| limit.get().min(dead.count()));
@@ -201,6 +266,9 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
     let (mut replayed, mut orphans, mut headless) = (0, 0, 0);
     let mut failure = None;
     for _ in 0..total {
+        if interrupt.pressed() {
+            break;
+        }
         let delivery = match dead.take().await {
             Ok(Some(delivery)) => delivery,
             Ok(None) => break,
@@ -279,6 +347,12 @@ pub async fn replay(uri: &str, args: ReplayArgs) -> Result<ExitCode, CliError> {
         writeln!(std::io::stdout(), "replayed {replayed} of {total} dead letters from {queue}");
     if let Some(failure) = failure {
         return Err(CliError::failure(format!("replay stopped after {replayed}: {failure}")));
+    }
+    if interrupt.pressed() {
+        // each dead letter replayed was removed once its copy was confirmed: none twice
+        return Err(CliError::interrupted(format!(
+            "replayed {replayed} of {total}; the others stay in {queue}"
+        )));
     }
     if orphans > 0 {
         return Err(CliError::failure(format!(
