@@ -76,11 +76,10 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
         }
         Err(error) => match remote_error(&error, config.protocol) {
             Some(described) => {
-                writeln!(
-                    std::io::stdout(),
-                    "{}",
-                    json::pretty(&json!({ "error": described }), 0)?
-                )?;
+                // the call failed whether or not its reader still takes the output: a closed
+                // output must not turn it into a success (exit 0)
+                let text = json::pretty(&json!({ "error": described }), 0)?;
+                let _ = writeln!(std::io::stdout(), "{text}");
                 Ok(ExitCode::FAILURE)
             }
             None => Err(local_error(service, error)),

@@ -10,6 +10,7 @@ use micro_framework::amqp::naming::event_exchange;
 use micro_framework::data::json_properties;
 use micro_framework::transport::limits::check_size;
 use micro_framework::transport::{OutgoingMessage, PublishOptions, TransportError};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::broker;
@@ -47,7 +48,10 @@ pub async fn run(uri: &str, args: EmitArgs) -> Result<ExitCode, CliError> {
     } else {
         args.payload
     };
-    let payload = parse_json("the payload", &text)?;
+    // sent as written (checked to be JSON, not read into numbers): an integer wider than 64
+    // bits, which a Python peer reads exactly, stays that integer
+    let payload: Box<RawValue> = serde_json::from_str(&text)
+        .map_err(|error| CliError::usage(format!("the payload is not valid JSON: {error}")))?;
     if args.source.trim().is_empty() {
         return Err(CliError::usage("SOURCE_SERVICE is empty: name the service the event is from"));
     }
@@ -65,7 +69,7 @@ pub async fn run(uri: &str, args: EmitArgs) -> Result<ExitCode, CliError> {
     let exchange = event_exchange(&config, &args.source).name;
     names::check("the exchange", &exchange)?;
     names::check("the event name (routing key)", &args.event)?;
-    let body = Bytes::from(serde_json::to_vec(&payload)?);
+    let body = Bytes::copy_from_slice(payload.get().as_bytes());
     check_size(format_args!("event {}", args.event), body.len(), config.max_message_size)
         .map_err(|error| CliError::usage(error.to_string()))?;
     let message = OutgoingMessage { body, properties: json_properties() };

@@ -273,6 +273,17 @@ async fn call_body(uri: String, math: String) {
     let reply: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(reply["error"]["exc_type"], "Error", "{reply}");
     assert_eq!(reply["error"]["value"], "boom", "{reply}");
+    // its reader gone (`| true` under `set -o pipefail`): still a failure, exit 1
+    let mut closed = std::process::Command::new(BIN)
+        .args(["call", &method("fail")])
+        .env("AMQP_URI", &uri)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(closed.stdout.take());
+    let status = tokio::task::spawn_blocking(move || closed.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(1), "a failed call with its output closed");
     let run = cli(Some(&uri), &["call", &method("nope")]).await;
     assert_eq!(run.code, 1, "{run:?}");
     let reply: Value = serde_json::from_str(&run.stdout).unwrap();
@@ -755,4 +766,37 @@ async fn topology_shows_services_started_with_spawn_or_run_until() {
         assert_eq!(run.code, 0, "{how}: {run:?}");
         assert!(run.stdout.contains("rpc-topology_fixture"), "{how}: {run:?}");
     }
+}
+
+/// `emit` sends the payload as written: an integer wider than 64 bits, which a Python peer
+/// reads exactly, became `1.2345678901234568e+29`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_sends_the_payload_as_written() {
+    let Some(uri) = rabbitmq() else { return };
+    let source = unique("cli_wide");
+    let queue = unique("cli_wide_q");
+    let exchange = format!("{source}.events");
+    let (queues, exchanges) = (vec![queue.clone()], vec![exchange.clone()]);
+    let broker = uri.clone();
+    cleaned(&broker, queues, exchanges, async move {
+        use micro_framework::transport::{BindingSpec, ExchangeSpec, QueueSpec};
+        let transport = connect(&uri).await;
+        transport.declare_exchange(&ExchangeSpec::topic(&exchange)).await.unwrap();
+        transport.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
+        let binding = BindingSpec {
+            queue: queue.clone(),
+            exchange: exchange.clone(),
+            routing_key: "paid".into(),
+            arguments: Default::default(),
+        };
+        transport.bind_queue(&binding).await.unwrap();
+        let payload =
+            r#"{"id": 123456789012345678901234567890, "z": 1, "a": [18446744073709551616]}"#;
+        cli(Some(&uri), &["emit", &source, "paid", payload]).await.ok();
+        let delivery = transport.get(&queue).await.unwrap().expect("the event");
+        assert_eq!(String::from_utf8_lossy(&delivery.body), payload);
+        delivery.acker.ack().await.unwrap();
+        transport.close().await;
+    })
+    .await;
 }
