@@ -712,6 +712,27 @@ async fn a_micro_framework_producer_sends_to_the_exchange_a_nameko_service_made(
     }
 }
 
+#[tokio::test]
+async fn a_nameko_profile_producer_declares_its_exchange_first_as_nameko_does() {
+    // an exchange made with other flags fails the dispatch, as it fails Nameko's dispatcher,
+    // rather than the event going where Nameko's would not
+    use micro_framework::amqp::dependencies::Producer;
+    for uri in broker_uris() {
+        let config = config(&uri, "nkprod");
+        let exchange = format!("{}.events", config.service_name);
+        let queue = common::unique("nkprod_q");
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
+        peer_topology(&transport, &exchange, true, &queue, "paid").await;
+        let producer = Producer::new(transport.clone(), &config);
+        let error = producer.dispatch("paid", &json!(1)).await.unwrap_err().to_string();
+        assert!(error.contains("auto_delete"), "{uri}: {error}");
+        assert!(bodies_in(&transport, &queue).await.is_empty(), "{uri}");
+        transport.delete_queue(&queue).await.unwrap();
+        transport.delete_exchange(&exchange).await.unwrap();
+        transport.close().await;
+    }
+}
+
 fn count_event(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
     probe.enter(Value::Null);
     probe.leave();

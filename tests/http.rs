@@ -643,6 +643,7 @@ async fn a_half_sent_body_is_closed_after_the_header_read_timeout() {
     assert!(read.is_ok(), "{read:?}");
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("paused longer than HTTP_HEADER_READ_TIMEOUT (1 s)"), "{answer}");
     assert_eq!(service.route("sum").unwrap().stats().received_count(), 0, "no call made");
     service.stop().await.unwrap();
 }
@@ -824,6 +825,29 @@ async fn a_body_arriving_slowly_but_steadily_is_read_whole() {
     let (status, answer) = read_response(&mut socket).await;
     assert_eq!(status, "HTTP/1.1 200 OK", "{answer}");
     assert_eq!(answer, body);
+    service.stop().await.unwrap();
+}
+
+fn body_size(RawBody(body): RawBody) -> Value {
+    json!(body.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_starts_late_within_the_grace_is_read() {
+    // 300 bytes 0.8 s after the head, the rest 0.15 s later: behind the 500 bytes/s pace from
+    // the first read, within it once the grace (HTTP_HEADER_READ_TIMEOUT, 1 s) is counted
+    let routes = vec![Route::new(body_size).entrypoint(HttpEntrypoint::post("/size"))];
+    let (service, base) = spawn(routes, hostile_config("http_grace", 1.0, 30.0)).await;
+    let mut socket = raw(&base).await;
+    let head =
+        "POST /size HTTP/1.1\r\nhost: t\r\ncontent-length: 1000\r\nconnection: close\r\n\r\n";
+    socket.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    socket.write_all(&[b'x'; 300]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    socket.write_all(&[b'x'; 700]).await.unwrap();
+    let (status, body) = read_response(&mut socket).await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "1000"));
     service.stop().await.unwrap();
 }
 

@@ -71,7 +71,9 @@ async fn each_config_gets_its_own_virtual_host_deleted_when_the_service_stops() 
     assert!(!vhosts().contains(&first_vhost), "the stopped service's host is left");
     assert!(vhosts().contains(&second_vhost), "the running service's host is gone");
     drop(other);
-    assert!(!vhosts().contains(&second_vhost), "a dropped service's host is left");
+    // deleted once the dropped service has stopped
+    common::wait_until(|| !vhosts().contains(&second_vhost), "a dropped service's host to go")
+        .await;
 }
 
 #[tokio::test]

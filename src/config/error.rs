@@ -188,22 +188,26 @@ fn mask_piece(piece: &str) -> String {
 }
 
 /// Whether the `//` at `index` of `text` begins a URI's authority: at the start of the text,
-/// or after a scheme (`amqp:`) that begins a word. Any other `//` may be inside a password.
+/// after a scheme (`amqp:`) that begins a word, or at the start of a word (`dsn=//u:p@h/`)
+/// when a `user:...@` follows it in that word. Any other `//` may be inside a password.
 fn starts_uri(text: &str, index: usize) -> bool {
     if index == 0 {
         return true;
     }
+    let begins_word = |c: char| {
+        c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '=' | '(' | '[' | '<' | ',' | ';')
+    };
     let Some(before) = text[..index].strip_suffix(':') else {
-        return false;
+        let word = text[index + 2..].split(char::is_whitespace).next().unwrap_or_default();
+        let userinfo = word.find('@').is_some_and(|at| word[..at].contains(':'));
+        return userinfo && text[..index].chars().next_back().is_some_and(begins_word);
     };
     let scheme_start = before
         .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
         .map_or(0, |index| index + 1);
     let scheme = &before[scheme_start..];
-    let begins_word = before[..scheme_start].chars().next_back().is_none_or(|c| {
-        c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '=' | '(' | '[' | '<' | ',' | ';')
-    });
-    scheme.starts_with(|c: char| c.is_ascii_alphabetic()) && begins_word
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && before[..scheme_start].chars().next_back().is_none_or(begins_word)
 }
 
 /// A copy of `value` (found under `key`) with secrets masked: everything under a secret key

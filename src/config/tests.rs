@@ -225,6 +225,7 @@ fn defaults() {
     assert_eq!(config.protocol, Protocol::Nameko);
     assert_eq!(config.queue_type, QueueType::Classic);
     assert!(!config.auto_delete_event_exchanges);
+    assert!(config.declare_event_exchanges);
     assert_eq!(config.parent_calls_tracked, 10);
     assert_eq!(config.rpc_exchange, "nameko-rpc");
     assert_eq!(config.rpc_timeout, Duration::from_secs(30));
@@ -1107,6 +1108,12 @@ fn a_secret_is_not_quoted_in_the_reason_of_its_error() {
         // what was wrong is still said
         assert!(shown.contains("expected u64"), "{key}: {shown}");
     }
+    // a reason that names the secret bare, out of quotes
+    let error = ConfigError::new("API_TOKEN", "tok-123456", "cannot use tok-123456 here");
+    assert_eq!(error.reason, "cannot use *** here");
+    // a short one only where quoted: masking every `ab` would garble the words
+    let error = ConfigError::new("API_TOKEN", "ab", "invalid type: string \"ab\", about");
+    assert_eq!(error.reason, "invalid type: string ***, about");
 }
 
 #[test]
@@ -1137,6 +1144,12 @@ fn uri_passwords_with_quotes_spaces_or_slashes_are_masked_in_free_text() {
         "see https://wiki.example:8443/runbook or page oncall@corp.example",
     ] {
         assert_eq!(mask_text(prose), prose);
+    }
+    // a scheme-relative URI after punctuation (its password showed)
+    for text in
+        ["dsn=//app:PW@db:5432/app", "primary (//app:PW@db/x)", "<//app:PW@db/>", "a,//app:PW@db/"]
+    {
+        assert!(!mask_text(text).contains("PW"), "{text}: {}", mask_text(text));
     }
     // an `@` then `//`, `://` or a quote in a password: masked whole (its tail showed)
     for password in ["p@ss //w0rdX", "p@ss://w0rdX", "p@ss\"//w0rdX", "p@ss '//w0rdX"] {
