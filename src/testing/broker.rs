@@ -108,6 +108,23 @@ pub(crate) struct BrokerLease {
 }
 
 impl BrokerLease {
+    /// Let go of the share once `stopped` fires: now if it has (a stopped service), else in
+    /// the background (a service dropped while it stops; now without a runtime to wait in).
+    pub(crate) fn release_once(self, stopped: tokio_util::sync::CancellationToken) {
+        #[cfg(feature = "test-rabbitmq")]
+        if let (Some(_), false, Ok(runtime)) =
+            (&self._vhost, stopped.is_cancelled(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(async move {
+                stopped.cancelled().await;
+                // the host's deletion is a blocking HTTP request
+                let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+            });
+        }
+        #[cfg(not(feature = "test-rabbitmq"))]
+        let _ = stopped;
+    }
+
     pub(crate) fn for_config(config: &Config) -> Self {
         #[cfg(feature = "test-rabbitmq")]
         return BrokerLease { _vhost: super::vhost::claim(&config.amqp_uri) };

@@ -114,14 +114,6 @@ impl Drop for TestService {
         self.service.begin_stop();
         // Its RabbitMQ virtual host goes once it has stopped: deleted at once, the service
         // (its worker processes too) went on reconnecting to it for 30 s.
-        let lease = std::mem::take(&mut self._broker);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let stopped = self.service.stopped().clone();
-            runtime.spawn(async move {
-                stopped.cancelled().await;
-                // the deletion is a blocking HTTP request
-                let _ = tokio::task::spawn_blocking(move || drop(lease)).await;
-            });
-        }
+        std::mem::take(&mut self._broker).release_once(self.service.stopped().clone());
     }
 }
