@@ -125,8 +125,9 @@ impl EventSink for BrokerSink {
 
 /// Dispatches events of this service: exchange `{SERVICE_NAME}.events` (declared before the
 /// first event under the Nameko profile, only when missing under micro-framework's, never
-/// with `DECLARE_EVENT_EXCHANGES=false`), routing key = event name, persistent JSON body, publisher-confirmed. Inside a target
-/// it sends the call's context headers (`nameko.call_id_stack`, ...).
+/// with `DECLARE_EVENT_EXCHANGES=false`), routing key = event name, persistent JSON body,
+/// publisher-confirmed. Inside a target it sends the call's context headers
+/// (`nameko.call_id_stack`, ...).
 ///
 /// A dependency whose `Output` is `Producer` (on the route or the runner) replaces the one
 /// built from the broker, e.g. `testing::FakeProducer` in tests.
