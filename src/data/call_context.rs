@@ -197,6 +197,7 @@ fn entry_text(value: &HeaderValue) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::captured_logs::warnings_of;
 
     #[test]
     fn trims_stack_to_tracked_parents_plus_own() {
@@ -325,34 +326,6 @@ mod tests {
         assert!(out.contains_key("nameko.call_id_stack"));
     }
 
-    /// Every warning logged while `run` runs.
-    fn warnings_of(run: impl FnOnce()) -> String {
-        use std::sync::{Arc, Mutex};
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || LogSink(sink.clone()))
-            .finish();
-        tracing::subscriber::with_default(subscriber, run);
-        let bytes = logs.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
-    }
-
-    struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for LogSink {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A peer may send any header name up to the 255 bytes of an AMQP short string; one of
     /// 249 bytes or more would go out as `nameko.{name}`, over 255, and the broker would
     /// refuse every message of the call.
@@ -384,7 +357,7 @@ mod tests {
     fn a_call_warns_once_of_the_keys_it_does_not_forward() {
         let over = "o".repeat(249);
         let headers = Headers::from([(over, text("v")), ("l".repeat(255), text("v"))]);
-        let logged = warnings_of(|| {
+        let ((), logged) = warnings_of(|| {
             let call = CallContext::for_call(&headers, "svc", "m", 10);
             // each dependency of the call asks for the headers: the warning is the call's
             call.outgoing_headers();
@@ -397,7 +370,7 @@ mod tests {
         assert!(!logged.contains(&"o".repeat(33)), "{logged}");
 
         let fitting = Headers::from([("f".repeat(248), text("v"))]);
-        let quiet = warnings_of(|| {
+        let ((), quiet) = warnings_of(|| {
             CallContext::for_call(&fitting, "svc", "m", 10).outgoing_headers();
         });
         assert_eq!(quiet, "");

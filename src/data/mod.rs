@@ -2,6 +2,8 @@
 //! serializable (a call can run in another process) and imports nothing else of the crate.
 
 mod call_context;
+#[cfg(test)]
+pub(crate) mod captured_logs;
 mod extensions;
 mod failure;
 #[cfg(test)]

@@ -113,11 +113,21 @@ impl Interrupt {
     }
 }
 
-/// Read the rest of the queue, holding it, so that [`DeadLetters::close`] hands every dead
-/// letter back in order (a quorum queue puts those handed back after those never read).
-async fn read_to_end(dead: &mut DeadLetters) -> Result<(), CliError> {
-    while dead.read().await?.is_some() {}
-    Ok(())
+/// Ctrl-C during `list` or `show`, `done` (`listed 12`) so far: the rest of the queue read and
+/// held, so that [`DeadLetters::close`] hands every dead letter back in order (a quorum queue
+/// puts those handed back after those never read); the error that says how far it went.
+async fn stop_reading(dead: &mut DeadLetters, done: &str) -> CliError {
+    loop {
+        match dead.read().await {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(error) => return error,
+        }
+    }
+    let (total, queue) = (dead.held(), dead.queue());
+    CliError::interrupted(format!(
+        "{done} of {total} dead letters; all are back in {queue} in their order"
+    ))
 }
 
 /// `dlq list`: a table of the dead letters, a row printed as each is read.
@@ -139,13 +149,8 @@ async fn list_rows(dead: &mut DeadLetters, interrupt: &Interrupt) -> Result<usiz
     let mut stdout = std::io::stdout();
     while let Some(letter) = dead.read().await? {
         if interrupt.pressed() {
-            let listed = letter.index;
-            read_to_end(dead).await?;
-            return Err(CliError::interrupted(format!(
-                "listed {listed} of {} dead letters; all are back in {} in their order",
-                dead.held(),
-                dead.queue()
-            )));
+            let done = format!("listed {}", letter.index);
+            return Err(stop_reading(dead, &done).await);
         }
         if letter.index == 0 {
             let header = COLUMNS.map(|(name, _)| name.to_owned());
@@ -194,12 +199,7 @@ async fn show_letters(
     while let Some(letter) = dead.read().await? {
         let read = letter.index;
         if interrupt.pressed() {
-            read_to_end(dead).await?;
-            return Err(CliError::interrupted(format!(
-                "read {read} of {} dead letters; all are back in {} in their order",
-                dead.held(),
-                dead.queue()
-            )));
+            return Err(stop_reading(dead, &format!("read {read}")).await);
         }
         // the JSON value is dropped before the text is written: one of them at a time
         let text = match index {

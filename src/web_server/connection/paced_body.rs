@@ -3,9 +3,9 @@
 //! second once that timeout's grace has passed (Apache's `mod_reqtimeout` `MinRate`).
 //!
 //! A limit on pauses alone lets a client that sends a byte just before each one hold its
-//! connection, and a worker, for as long as it likes: with the defaults, years for a 16 MiB
-//! body. The clock starts when the body is first read, so a request that waits for a worker
-//! before its body is read is not cut for waiting.
+//! connection for as long as it likes: with the defaults, years for a 16 MiB body. The clock
+//! starts when the body is first read, so a request that waits, unread, for room in its
+//! route's body budget is not cut for waiting.
 
 use std::error::Error as StdError;
 use std::fmt;
