@@ -5,6 +5,10 @@ use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{ChildStderr, ChildStdout};
+use tokio::signal::unix::{signal, SignalKind};
+
 use clap::Args;
 use micro_framework::logging::escape_wire_text;
 use micro_framework::transport::topology::TOPOLOGY_MARKER;
@@ -71,30 +75,53 @@ struct Binding {
 /// Run the binary, read its topology and print it.
 pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
     let shown = args.binary.display().to_string();
-    let child = tokio::process::Command::new(&args.binary)
+    // Its own process group: whatever the binary starts (a wrapper script's service, a
+    // helper left in the background) is ended with it, and a helper holding the output open
+    // cannot hold the command up. Ctrl-C at a terminal then reaches this command alone,
+    // which ends the group itself.
+    // listened to before the binary starts, so that no Ctrl-C leaves its group running
+    let mut interrupts = signal(SignalKind::interrupt())?;
+    let mut child = tokio::process::Command::new(&args.binary)
         .args(&args.args)
         .env("MF_PRINT_TOPOLOGY", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|error| CliError::failure(format!("cannot run '{shown}': {error}")))?;
-    let output = tokio::time::timeout(Duration::from_secs(args.timeout), child.wait_with_output())
-        .await
-        .map_err(|_| {
-            CliError::failure(format!(
-                "'{shown}' printed no topology within {}s: is it built with a micro-framework \
-                 that supports MF_PRINT_TOPOLOGY?",
-                args.timeout
-            ))
-        })??;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("");
-        return Err(CliError::failure(format!("'{shown}' failed ({}): {last}", output.status)));
+    let group = ProcessGroup(child.id());
+    let stdout = child.stdout.take().map(|stdout| tokio::spawn(document_after_marker(stdout)));
+    let stderr = child.stderr.take().map(|stderr| tokio::spawn(last_line(stderr)));
+    let status = tokio::select! {
+        status = tokio::time::timeout(Duration::from_secs(args.timeout), child.wait()) => status,
+        _ = interrupts.recv() => {
+            group.end();
+            return Err(CliError::interrupted(format!("'{shown}' was ended")));
+        }
+    };
+    // ended before the output is read to its end: what the binary left behind holds it open
+    group.end();
+    let status = status.map_err(|_| {
+        CliError::failure(format!(
+            "'{shown}' printed no topology within {}s: is it built with a micro-framework \
+             that supports MF_PRINT_TOPOLOGY?",
+            args.timeout
+        ))
+    })??;
+    let stdout = match stdout {
+        Some(task) => task.await.map_err(std::io::Error::other)??,
+        None => Vec::new(),
+    };
+    if !status.success() {
+        let last = match stderr {
+            Some(task) => task.await.map_err(std::io::Error::other)??,
+            None => String::new(),
+        };
+        return Err(CliError::failure(format!("'{shown}' failed ({status}): {last}")));
     }
-    let (topology, document) = marked_document(&output.stdout).map_err(|error| {
+    let (topology, document) = marked_document(&stdout).map_err(|error| {
         CliError::failure(format!(
             "'{shown}' did not print a topology document ({error}): is it built with a \
              micro-framework that supports MF_PRINT_TOPOLOGY?"
@@ -106,6 +133,53 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
         write!(std::io::stdout(), "{}", render(&topology))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The process group of the binary run (its id is the binary's process id).
+struct ProcessGroup(Option<u32>);
+
+impl ProcessGroup {
+    /// Kill every process left in the group. Its id cannot name another group meanwhile:
+    /// Linux does not hand out a process id while a group of that id has a member.
+    fn end(&self) {
+        let Some(group) = self.0.and_then(|id| libc::pid_t::try_from(id).ok()) else { return };
+        // SAFETY: kill(2) takes plain integers; a group already gone gives ESRCH, ignored
+        unsafe {
+            libc::kill(-group, libc::SIGKILL);
+        }
+    }
+}
+
+/// The binary's output from the runner's marker line on (what comes before it, a banner or
+/// a service's logs however long, is not kept), read to its end.
+async fn document_after_marker(stdout: ChildStdout) -> std::io::Result<Vec<u8>> {
+    let mut reader = BufReader::new(stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(Vec::new());
+        }
+        if line.trim_ascii_end() == TOPOLOGY_MARKER.as_bytes() {
+            break;
+        }
+    }
+    let mut rest = line;
+    reader.read_to_end(&mut rest).await?;
+    Ok(rest)
+}
+
+/// The last line of the binary's error output that is not blank (the others are not kept).
+async fn last_line(stderr: ChildStderr) -> std::io::Result<String> {
+    let mut reader = BufReader::new(stderr);
+    let (mut line, mut last) = (Vec::new(), Vec::new());
+    while reader.read_until(b'\n', &mut line).await? > 0 {
+        if !line.trim_ascii().is_empty() {
+            std::mem::swap(&mut last, &mut line);
+        }
+        line.clear();
+    }
+    Ok(String::from_utf8_lossy(last.trim_ascii()).into_owned())
 }
 
 /// The topology document that follows the runner's marker line on `stdout`, parsed and as

@@ -753,6 +753,97 @@ async fn topology_finds_the_document_after_what_the_service_printed_first() {
     assert_eq!(document["service"], "topology_fixture");
 }
 
+/// Whether process `pid` still runs (a zombie nobody reaped yet does not).
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// The process id a script wrote to `file`, once written.
+async fn written_pid(file: &Path) -> String {
+    for _ in 0..500 {
+        if let Some(pid) = std::fs::read_to_string(file).ok().filter(|pid| pid.ends_with('\n')) {
+            return pid.trim().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} was never written", file.display());
+}
+
+/// Whether `pid` has ended within a few seconds (a killed process's parent may take a moment
+/// to reap it).
+async fn ends(pid: &str) -> bool {
+    for _ in 0..300 {
+        if !running(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// A service started through a wrapper script that does not `exec` it, and a helper the
+/// wrapper leaves in the background holding the output open: `topology` ends them all. It
+/// killed only the wrapper, and waited for the end of the output, which the helper held
+/// open, until its timeout.
+#[tokio::test]
+async fn topology_ends_what_the_binary_left_running() {
+    let fixture = fixture();
+    let binary = fixture.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("mf-topology-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // a helper in the background, then the service: the document comes, the helper is ended
+    let helper = dir.join("helper.pid");
+    let script = format!("sleep 300 & echo $! > '{}'; exec '{binary}'", helper.display());
+    let run = cli(Some(DOWN_URI), &["topology", "--timeout", "20", "sh", "-c", &script]).await;
+    assert!(run.ok().stdout.contains("service topology_fixture"), "{run:?}");
+    let pid = written_pid(&helper).await;
+    assert!(ends(&pid).await, "the helper {pid} runs on");
+
+    // a wrapper whose service never prints: the timeout ends the service too
+    let service = dir.join("service.pid");
+    let script = format!("sleep 300 & echo $! > '{}'; wait", service.display());
+    let run = cli(None, &["topology", "--timeout", "1", "sh", "-c", &script]).await;
+    run.one_error_line(1, "printed no topology within 1s");
+    let pid = written_pid(&service).await;
+    assert!(ends(&pid).await, "the service {pid} runs on");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Ctrl-C while `topology` waits for the binary ends the binary and all it started, and
+/// exits with 130. The binary runs in a process group of its own (so that it can be ended
+/// whole), which a terminal's Ctrl-C does not reach.
+#[tokio::test]
+async fn an_interrupted_topology_ends_the_binary_and_all_it_started() {
+    let dir = std::env::temp_dir().join(format!("mf-topology-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let service = dir.join("service.pid");
+    let script = format!("sleep 300 & echo $! > '{}'; wait", service.display());
+    let child = tokio::process::Command::new(BIN)
+        .args(["topology", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = written_pid(&service).await;
+    let cli_pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &cli_pid])
+        .status()
+        .unwrap()
+        .success());
+    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the command ends at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.starts_with("error: interrupted") && stderr.lines().count() == 1, "{stderr}");
+    assert!(ends(&pid).await, "the service {pid} runs on");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `MF_PRINT_TOPOLOGY=1` is honoured by every way to run a service, not `Runner::start`
 /// alone: a service started with `Runner::spawn` or `Runner::run_until` served for real
 /// (with the operator's AMQP_URI) until the command gave up on it.
