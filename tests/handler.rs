@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use micro_framework::dependencies::{Dependency, Shared};
@@ -60,6 +61,55 @@ async fn a_failure_a_target_says_is_not_retryable_is_not_retried() {
     let failure = call_route(route, memory_test_config("not_retryable"), message).await;
     let failure = failure.unwrap_err();
     assert_eq!((failure.kind, failure.retryable), (FailureKind::Error, false), "{failure:?}");
+}
+
+/// A dependency that refuses every call for good: an auth dependency that finds no token
+/// (`Failure::bad_input`), or one whose failure it says is not to be retried.
+struct Refusing {
+    gets: Arc<AtomicU32>,
+    bad_input: bool,
+}
+
+#[derive(Clone)]
+struct User;
+
+#[micro_framework::async_trait]
+impl Dependency for Refusing {
+    type Output = User;
+    async fn get(&self, _call: &WorkerContext) -> Result<User, BoxError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        let failure = match self.bad_input {
+            true => micro_framework::Failure::bad_input("no auth token in the message"),
+            false => micro_framework::Failure {
+                retryable: false,
+                ..micro_framework::Failure::new(FailureKind::Error, "account closed")
+            },
+        };
+        Err(Box::new(failure))
+    }
+}
+
+fn as_user(Dep(_user): Dep<User>) {}
+
+/// A `Failure` a dependency's `get` returns keeps its kind and says whether it is retried, as
+/// a target's does (it was read as any error: kind `error`, retried, its kind written into
+/// its message).
+#[tokio::test]
+async fn a_failure_a_dependency_returns_keeps_its_kind_and_is_not_retried() {
+    for (bad_input, kind) in [(true, FailureKind::BadInput), (false, FailureKind::Error)] {
+        let gets = Arc::new(AtomicU32::new(0));
+        let route = Route::new(as_user)
+            .dependency(Refusing { gets: gets.clone(), bad_input })
+            .backoff(micro_framework::retry::AsyncBackOff::new(3, std::time::Duration::ZERO));
+        let message = Message::json(&json!({})).unwrap();
+        let failure = call_route(route, memory_test_config("refusing"), message).await;
+        let failure = failure.unwrap_err();
+        assert_eq!((failure.kind, failure.retryable), (kind, false), "{failure:?}");
+        assert_eq!(gets.load(Ordering::SeqCst), 1);
+        let reason = if bad_input { "no auth token in the message" } else { "account closed" };
+        let message = format!("dependency {} failed: {reason}", std::any::type_name::<Refusing>());
+        assert_eq!(failure.message, message);
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]

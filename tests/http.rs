@@ -502,6 +502,64 @@ fn not_modified_with_a_body() -> Response {
     Response::status(304).header("etag", "\"v1\"").text("ignored")
 }
 
+/// An HTTP target whose response body has no JSON form (a map keyed by non-strings).
+fn created(Dep(_session): Dep<common::journaled::Session>) -> Response {
+    Response::status(201).json(std::collections::BTreeMap::from([(vec![1u8], 1u8)]))
+}
+
+/// The same value as a plain value (not a `Response`).
+fn created_plain(
+    Dep(_session): Dep<common::journaled::Session>,
+) -> Json<std::collections::BTreeMap<Vec<u8>, u8>> {
+    Json(std::collections::BTreeMap::from([(vec![1u8], 1u8)]))
+}
+
+/// An HTTP target answering with a status no HTTP response can have.
+fn bad_status(Dep(_session): Dep<common::journaled::Session>) -> Response {
+    Response::status(1000).json(json!({"ok": true}))
+}
+
+/// A response the service cannot send (its body has no JSON form, or its status is no
+/// HTTP status) fails its call as a plain value with no JSON form does: `500`
+/// `"unserializable"`, and the dependencies are told the call failed (a session rolls back).
+/// They were told it succeeded (committed), and a client told `500` that retried had the
+/// work done twice.
+#[tokio::test]
+async fn a_response_that_cannot_be_sent_fails_its_call() {
+    use common::journaled::{Journal, Sessions};
+    use micro_framework::testing::{memory_test_config, HttpCall, TestService};
+    let journal = Journal::default();
+    let routes = [("created", "/created"), ("created_plain", "/plain"), ("bad_status", "/bad")];
+    let routes: Vec<Route> =
+        [Route::new(created), Route::new(created_plain), Route::new(bad_status)]
+            .into_iter()
+            .zip(routes)
+            .map(|(route, (_, path))| {
+                route.entrypoint(HttpEntrypoint::post(path)).dependency(Sessions(journal.clone()))
+            })
+            .collect();
+    let service = TestService::start(routes, memory_test_config(&unique("http_unsent"))).await;
+    let service = service.unwrap();
+    for (route, path) in
+        [("created", "/created"), ("created_plain", "/plain"), ("bad_status", "/bad")]
+    {
+        let before = journal.lock().unwrap().len();
+        let response = service.hook(route).unwrap().http(HttpCall::post(path)).await.unwrap();
+        let told = journal.lock().unwrap()[before..].to_vec();
+        let body = response.json().unwrap_or(Value::Null);
+        assert_eq!(response.status, 500, "{route}: {body}");
+        assert_eq!(body["error"], "unserializable", "{route}: {body}");
+        assert_eq!(told, ["roll back"], "{route}");
+    }
+    let response = service.hook("bad_status").unwrap().http(HttpCall::post("/bad")).await;
+    let message = response.unwrap().json::<Value>().unwrap()["message"].clone();
+    assert_eq!(
+        message,
+        "return value cannot be serialized: invalid HTTP status 1000 (one is 100 to 999)"
+    );
+    service.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn no_content_and_not_modified_answers_carry_no_body_length_or_type() {
     // RFC 9110: no body in a 204 or a 304; `content-length: 7` went out without the body

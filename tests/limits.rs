@@ -78,18 +78,24 @@ fn echo(Args((x,)): Args<(Value,)>) -> Value {
     x
 }
 
-fn big(Args(()): Args<()>) -> String {
+fn big(Args(()): Args<()>, Dep(_session): Dep<common::journaled::Session>) -> String {
     "y".repeat(4000)
 }
 
+/// A request over `MAX_MESSAGE_SIZE` is refused; a result whose reply would be is replied as
+/// Nameko's `UnserializableValueError`, and its call failed for its dependencies (a session
+/// rolls back, as Nameko's `worker_result` sees that error; it committed).
 #[tokio::test]
 async fn rpc_requests_and_replies_over_the_limit_get_clear_errors() {
     for uri in broker_uris() {
         let config = config(&uri, "big_rpc").with_max_message_size(1024);
         let service_name = config.service_name.clone();
+        let journal = common::journaled::Journal::default();
         let routes = vec![
             Route::new(echo).entrypoint(RPCListener::new()),
-            Route::new(big).entrypoint(RPCListener::new()),
+            Route::new(big)
+                .entrypoint(RPCListener::new())
+                .dependency(common::journaled::Sessions(journal.clone())),
         ];
         let service = TestService::start(routes, config.clone()).await.unwrap();
         let client =
@@ -110,6 +116,7 @@ async fn rpc_requests_and_replies_over_the_limit_get_clear_errors() {
             }
             other => panic!("expected a remote error, got {other:?}"),
         }
+        assert_eq!(*journal.lock().unwrap(), ["roll back"]);
         let small: Value = client.call(&service_name, "echo", ("ok",), ()).await.unwrap();
         assert_eq!(small, json!("ok"));
 

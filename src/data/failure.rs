@@ -107,6 +107,27 @@ impl Failure {
         }
     }
 
+    /// The failure an error returned by a target or a dependency makes. A [`Failure`] returned
+    /// as the error says itself what it is: its kind, and whether it may be retried at all
+    /// (bad input never is); its error type is `error_type` when it names none. Any other
+    /// error is an [`FailureKind::Error`] of type `error_type`, with its source chain. A
+    /// retryable result is then for the route's retry policy to judge.
+    pub(crate) fn from_returned(error: &BoxError, error_type: &str) -> Self {
+        let Some(made) = error.downcast_ref::<Failure>() else {
+            return Failure::from_error(error, error_type);
+        };
+        let failure = Failure {
+            error_type: match made.error_type.is_empty() {
+                true => error_type.to_owned(),
+                false => made.error_type.clone(),
+            },
+            causes: made.causes.clone(),
+            ..Failure::new(made.kind, made.message.clone())
+        };
+        let retryable = failure.retryable && made.retryable;
+        Failure { retryable, ..failure }
+    }
+
     /// This failure of a route's callback, called back for `target`'s failure: its message
     /// also says why the target failed, causes included (the target's error alone may not
     /// say what went wrong), within the bound of a message.

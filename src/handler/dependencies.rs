@@ -231,8 +231,9 @@ pub(crate) async fn set_up_all(
 /// Put the values of `dependencies` for the call `ctx` in `values`, asked for in order. When
 /// one fails or panics, those that gave a value already see the call fail in `after_call`, as
 /// after any failed call: a session opened for the call is rolled back, never left open. The
-/// failure names the dependency, and is retryable when `retryable` says so of its error (none
-/// for a panic), as the route's retry policy says of a target's. `values` is the caller's so
+/// failure names the dependency; a [`Failure`] it returned keeps its kind. It is retryable when
+/// `retryable` says so of its error (none for a panic), as the route's retry policy says of a
+/// target's, unless a returned `Failure` says it is not (bad input never is). `values` is the caller's so
 /// that, when it drops this future midway (a call past its time limit), it still holds the
 /// values given so far, to tell them.
 ///
@@ -252,11 +253,12 @@ pub(crate) async fn provide_all(
         let provided = AssertUnwindSafe(dependency.provide(ctx, values)).catch_unwind().await;
         let failure = match provided {
             Ok(Ok(())) => continue,
+            // a Failure it returned keeps its kind, and is not retried when it says so
             Ok(Err(error)) => {
-                let failure = Failure::from_error(&error, name);
+                let failure = Failure::from_returned(&error, name);
                 Failure {
                     message: format!("dependency {name} failed: {}", failure.message),
-                    retryable: retryable(Some(&*error)),
+                    retryable: failure.retryable && retryable(Some(&*error)),
                     ..failure
                 }
             }

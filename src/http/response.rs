@@ -43,6 +43,10 @@ struct Parts {
     status: u16,
     headers: Vec<(String, String)>,
     body: Body,
+    /// Why the body given has no JSON form: the call then fails, as that of a plain value
+    /// with none does.
+    #[serde(skip)]
+    unserializable: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,17 +60,16 @@ enum Body {
 impl Response {
     /// An empty response with `status` (e.g. 204).
     pub fn status(status: u16) -> Response {
-        Response(Parts { status, headers: Vec::new(), body: Body::Empty })
+        Response(Parts { status, headers: Vec::new(), body: Body::Empty, unserializable: None })
     }
 
-    /// The body `value` as JSON. A value that cannot be serialized makes a 500 response.
+    /// The body `value` as JSON. A value that cannot be serialized fails the call (a 500
+    /// with kind `unserializable`, and the dependencies see a failure), as a plain value
+    /// returned without a `Response` does.
     pub fn json(mut self, value: impl Serialize) -> Response {
         match serde_json::to_value(value) {
             Ok(value) => self.0.body = Body::Json(value),
-            Err(error) => {
-                self.0.status = 500;
-                self.0.body = Body::Json(failure_body("Unserializable", &error.to_string()));
-            }
+            Err(error) => self.0.unserializable = Some(error.to_string()),
         }
         self
     }
@@ -91,10 +94,9 @@ impl Response {
 
     fn into_axum(self) -> axum::response::Response {
         let Response(parts) = self;
-        let status = StatusCode::from_u16(parts.status).unwrap_or_else(|_| {
-            tracing::warn!("invalid HTTP status {}: answering 500", parts.status);
-            StatusCode::INTERNAL_SERVER_ERROR
-        });
+        // a target's invalid status failed its call (`into_outcome`)
+        let status =
+            StatusCode::from_u16(parts.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         // HTTP forbids a body (and so its length) in these: the client would read the body
         // as the start of the next response, or hyper sends a length without the body
         let body = match status {
@@ -140,7 +142,16 @@ impl Response {
 impl IntoOutcome for Response {
     const CARRIES_RESPONSE: bool = true;
 
+    /// A response that cannot be sent fails the call before its dependencies are told
+    /// (a session is rolled back, not committed for a call answered 500).
     fn into_outcome(self) -> TargetResult {
+        if let Some(reason) = self.0.unserializable {
+            return Err(TargetError::Unserializable(reason));
+        }
+        if StatusCode::from_u16(self.0.status).is_err() {
+            let reason = format!("invalid HTTP status {} (one is 100 to 999)", self.0.status);
+            return Err(TargetError::Unserializable(reason));
+        }
         serde_json::to_value(&self.0)
             .map(|response| json!({ RESPONSE_KEY: response }))
             .map_err(|error| TargetError::Unserializable(error.to_string()))

@@ -3,9 +3,15 @@
 
 use std::fmt;
 
-use crate::config::Protocol;
+use serde_json::Value;
+
+use crate::config::{Config, Protocol};
 use crate::pipeline::consume::Accept;
 use crate::pipeline::Entrypoint;
+
+/// Whether the reply to a result fits in `MAX_MESSAGE_SIZE` under a wire format (the config's
+/// when `None`), else why not.
+pub(crate) type ReplyFits = fn(&Value, Option<Protocol>, &Config) -> Result<(), String>;
 
 /// What kind of entrypoint triggers a route, with what it takes to build the message that
 /// entrypoint hands its route.
@@ -24,6 +30,10 @@ pub enum EntrypointKind {
     Rpc {
         /// The wire format, when not the config's.
         protocol: Option<Protocol>,
+        /// Whether the reply to a result fits in `MAX_MESSAGE_SIZE` under that wire format,
+        /// else why not: a result that does not fails its call before the dependencies are
+        /// told, as one with no JSON form does.
+        reply_fits: ReplyFits,
     },
     /// HTTP requests for `method path`.
     #[cfg(feature = "http")]
@@ -64,7 +74,7 @@ impl fmt::Debug for EntrypointKind {
                 .field("source_service", source_service)
                 .field("event_name", event_name)
                 .finish_non_exhaustive(),
-            EntrypointKind::Rpc { protocol } => {
+            EntrypointKind::Rpc { protocol, .. } => {
                 f.debug_struct("Rpc").field("protocol", protocol).finish()
             }
             #[cfg(feature = "http")]

@@ -103,7 +103,7 @@ impl WorkerCall {
         let name = self.route.route_name();
         let (args, kwargs) = arguments(name, args, kwargs)?;
         let protocol = match self.kind() {
-            Some(EntrypointKind::Rpc { protocol }) => *protocol,
+            Some(EntrypointKind::Rpc { protocol, .. }) => *protocol,
             _ => None,
         };
         let message = rpc_request(&config, protocol, name, args, kwargs, Headers::new());

@@ -65,3 +65,25 @@ impl<T: Clone + Send + Sync + 'static> Dependency for Journaled<T> {
         assert_ne!(self.fault, Fault::TeardownPanics, "{} cannot tear down", self.name);
     }
 }
+
+/// A database session's stand-in: each call's `after_call` writes `commit` when the call
+/// succeeded, `roll back` when it failed.
+pub struct Sessions(pub Journal);
+
+/// What a target of a route with [`Sessions`] takes.
+#[derive(Clone, Debug)]
+pub struct Session;
+
+#[micro_framework::async_trait]
+impl Dependency for Sessions {
+    type Output = Session;
+
+    async fn get(&self, _call: &WorkerContext) -> Result<Session, BoxError> {
+        Ok(Session)
+    }
+
+    async fn after_call(&self, _session: &Session, outcome: &micro_framework::Outcome) {
+        let verdict = if outcome.is_ok() { "commit" } else { "roll back" };
+        self.0.lock().unwrap().push(verdict.to_owned());
+    }
+}

@@ -152,7 +152,7 @@ impl Entrypoint for RPCListener {
     }
 
     fn kind(&self) -> EntrypointKind {
-        EntrypointKind::Rpc { protocol: self.protocol }
+        EntrypointKind::Rpc { protocol: self.protocol, reply_fits: crate::amqp::rpc::reply_fits }
     }
 }
 

@@ -61,5 +61,6 @@ pub use wire::RemoteException;
 pub(crate) use caller::Caller;
 pub(crate) use replies::ReplyListener;
 pub(crate) use request::{call_arguments, RpcBackend, RpcRequest};
+pub(crate) use respond::reply_fits;
 pub(crate) use server::RpcServer;
 pub(crate) use ufw_server::UfwRpcServer;

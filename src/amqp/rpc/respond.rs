@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::config::{Config, Protocol};
 use crate::data::{json_properties, Failure, Handled, Message};
 use crate::pipeline::RouteHandle;
 use crate::transport::limits::check_size;
@@ -22,6 +23,50 @@ pub(crate) fn handled_outcome(handled: &Handled) -> Result<Value, &Failure> {
         Handled::CalledBack(failure)
         | Handled::Failed(failure)
         | Handled::Retry { failure, .. } => Err(failure),
+    }
+}
+
+/// Whether the reply to `result` under `protocol` (the config's when `None`) fits in
+/// `MAX_MESSAGE_SIZE`, else why not. Most results are far below the limit: their reply is
+/// written only when a bound of its size, which walks the value without writing it, is over.
+pub(crate) fn reply_fits(
+    result: &Value,
+    protocol: Option<Protocol>,
+    config: &Config,
+) -> Result<(), String> {
+    let max_size = config.max_message_size;
+    // a reply frame's bytes again as a JSON string (micro-framework's wire), each at most
+    // two bytes there; the frame's own keys and quotes in the 64
+    if json_size_bound(result).saturating_add(64).saturating_mul(2) <= max_size {
+        return Ok(());
+    }
+    let size = match protocol.unwrap_or(config.protocol) {
+        Protocol::Nameko => super::wire::reply_body(&Ok(result.clone())).len(),
+        Protocol::MicroFramework => super::ufw_wire::reply_body(&Ok(result.clone())).len(),
+    };
+    match size > max_size {
+        true => Err(format!("result of {size} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)")),
+        false => Ok(()),
+    }
+}
+
+/// At least as many bytes as `value` takes in JSON: a string's character at most six
+/// (`\u001f`), a number at most 24.
+fn json_size_bound(value: &Value) -> usize {
+    let items = |count: usize| count.saturating_add(2);
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(text) => text.len().saturating_mul(6).saturating_add(2),
+        Value::Array(values) => {
+            values.iter().map(json_size_bound).fold(items(values.len()), usize::saturating_add)
+        }
+        Value::Object(entries) => entries
+            .iter()
+            .map(|(key, value)| {
+                key.len().saturating_mul(6).saturating_add(3).saturating_add(json_size_bound(value))
+            })
+            .fold(items(entries.len()), usize::saturating_add),
     }
 }
 
@@ -98,4 +143,61 @@ async fn reply(
     properties.correlation_id = request.properties.correlation_id.clone();
     let message = OutgoingMessage { body, properties };
     route.transport().publish(exchange, reply_to, message, PublishOptions::default()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// The size of the reply to `result` under `protocol`.
+    fn reply_size(result: &Value, protocol: Protocol) -> usize {
+        match protocol {
+            Protocol::Nameko => super::super::wire::reply_body(&Ok(result.clone())).len(),
+            Protocol::MicroFramework => {
+                super::super::ufw_wire::reply_body(&Ok(result.clone())).len()
+            }
+        }
+    }
+
+    /// A result fits when its reply does, to the byte, under each wire format, whatever its
+    /// characters cost once escaped (once, or twice in micro-framework's string).
+    #[test]
+    fn a_result_fits_exactly_when_its_reply_does() {
+        let max_size = 1024;
+        for protocol in [Protocol::Nameko, Protocol::MicroFramework] {
+            let config = Config::new("s").with_max_message_size(max_size).with_protocol(protocol);
+            for piece in ["y", "\"", "\u{1}", "é", "\\"] {
+                let result = |count: usize| json!({ "key\u{2}": [1.5e300, piece.repeat(count)] });
+                let largest =
+                    (0..max_size).take_while(|&n| reply_size(&result(n), protocol) <= max_size);
+                let largest = largest.last().expect("an empty result fits");
+                assert_eq!(reply_fits(&result(largest), None, &config), Ok(()));
+                let over = reply_size(&result(largest + 1), protocol);
+                let refused = reply_fits(&result(largest + 1), None, &config);
+                let reason =
+                    format!("result of {over} bytes exceeds MAX_MESSAGE_SIZE (1024 bytes)");
+                assert_eq!(refused, Err(reason), "{protocol:?} {piece:?}");
+            }
+        }
+    }
+
+    /// The bound that skips writing a reply is never below what the value takes in JSON.
+    #[test]
+    fn the_size_bound_is_never_below_the_json() {
+        let values = [
+            json!(null),
+            json!(true),
+            json!(-1.2345678901234567e-308),
+            json!(i64::MIN),
+            json!(u64::MAX),
+            json!("\u{0}\u{1f}\"\\é"),
+            json!({ "\u{1}\"": [[], {}, [null, false, "x"]] }),
+        ];
+        for value in values {
+            let written = serde_json::to_vec(&value).unwrap().len();
+            assert!(json_size_bound(&value) >= written, "{value}");
+        }
+    }
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::Value;
 use tracing::Instrument;
 
 use super::RouteHandle;
@@ -16,6 +17,7 @@ use crate::handler::targets::{ErasedTarget, TargetError, TargetResult};
 use crate::handler::translators::translate;
 use crate::handler::WorkerContext;
 use crate::metrics::RouteSeries;
+use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::interrupted::{Ended, Interrupted};
 use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
 #[cfg(feature = "process")]
@@ -245,6 +247,21 @@ impl RouteHandle {
         )
     }
 
+    /// `value`, unless it is an RPC target's result whose reply would not fit in
+    /// `MAX_MESSAGE_SIZE`: such a call fails (as unserializable, which the caller is replied)
+    /// before its dependencies are told, so that a session is not committed for a call its
+    /// caller is told failed.
+    fn reply_fits(&self, role: TargetRole, value: Value) -> TargetResult {
+        let rpc = self.entrypoint().map(|entrypoint| &entrypoint.kind);
+        if let (TargetRole::Target, Some(EntrypointKind::Rpc { protocol, reply_fits })) =
+            (role, rpc)
+        {
+            reply_fits(&value, *protocol, &self.inner.config)
+                .map_err(TargetError::Unserializable)?;
+        }
+        Ok(value)
+    }
+
     /// The function of the route that `role` names, if it has one.
     fn function(&self, role: TargetRole) -> Option<&ErasedTarget> {
         match role {
@@ -341,7 +358,10 @@ impl RouteHandle {
         // end (its dependencies' `get` and `after_call`, async, are held to the limit).
         let function_limit = limit.filter(|_| target.asynchronous);
         let outcome = match within(function_limit, (target.invoke)(ctx)).await {
-            Some(result) => into_outcome(result, route.backoff.as_ref()),
+            Some(result) => into_outcome(
+                result.and_then(|value| self.reply_fits(role, value)),
+                route.backoff.as_ref(),
+            ),
             None => Err(self.past(limit)),
         };
         let outcome = self.tell(&values, outcome, limit).await;
@@ -455,26 +475,15 @@ fn into_outcome(result: TargetResult, backoff: Option<&BackOffPolicy>) -> Outcom
         TargetError::Extract(crate::handler::extract::ExtractError::Unavailable(reason)) => {
             judged(Failure::new(FailureKind::Error, reason), None)
         }
-        // a Failure the target returned says itself what kind it is (bad input is never
-        // retried); only its error type is filled in when it names none
-        TargetError::Error { error, type_name } => match error.downcast_ref::<Failure>() {
-            Some(made) => {
-                let failure = Failure {
-                    error_type: match made.error_type.is_empty() {
-                        true => type_name.to_owned(),
-                        false => made.error_type.clone(),
-                    },
-                    causes: made.causes.clone(),
-                    ..Failure::new(made.kind, made.message.clone())
-                };
-                // bad input, or a failure its target says is not to be retried, is not
-                match failure.kind == FailureKind::BadInput || !made.retryable {
-                    true => Failure { retryable: false, ..failure },
-                    false => judged(failure, Some(&*error)),
-                }
+        // a Failure the target returned says itself what kind it is, and whether it may be
+        // retried at all
+        TargetError::Error { error, type_name } => {
+            let failure = Failure::from_returned(&error, type_name);
+            match failure.retryable {
+                true => judged(failure, Some(&*error)),
+                false => failure,
             }
-            None => judged(Failure::from_error(&error, type_name), Some(&*error)),
-        },
+        }
         TargetError::Panic(message) => {
             judged(Failure::new(FailureKind::Panic, format!("target panicked: {message}")), None)
         }

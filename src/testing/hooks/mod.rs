@@ -123,7 +123,7 @@ impl EntrypointHook {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, HookError> {
-        let Some(EntrypointKind::Rpc { protocol }) = self.kind() else {
+        let Some(EntrypointKind::Rpc { protocol, .. }) = self.kind() else {
             return Err(self.wrong_entrypoint("an RPCListener"));
         };
         let (args, kwargs) = arguments(self.route.name(), args, kwargs)?;

@@ -223,8 +223,9 @@ impl ProcessPool {
             let Some(worker) = self.reclaim(links) else { return abandoned(busy).await };
             if error.kind() == std::io::ErrorKind::InvalidData {
                 self.give_back(worker);
+                // the same call would be refused again: no retry can send it
                 let message = format!("the call cannot be sent to a worker process: {error}");
-                return Err(failed(FailureKind::Error, message));
+                return Err(Failure { retryable: false, ..failed(FailureKind::Error, message) });
             }
             let pid = worker.links.pid;
             let status = self.replace(worker, false).await;
