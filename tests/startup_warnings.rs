@@ -87,6 +87,38 @@ async fn a_time_limit_that_cancels_every_function_of_a_thread_mode_is_not_warned
     assert!(!logs.contains(&format!("context '{label}'")), "{logs}");
 }
 
+fn fails_once_called() -> Result<(), String> {
+    Err("down".into())
+}
+
+/// An `AsyncBackOff` retries a message from a queue (events, work queues): on any other
+/// entrypoint it retries nothing, which a start-up warning says, naming the route (it passed
+/// unseen, a policy a user believed in that never ran). On an event route it is not warned of.
+#[tokio::test]
+async fn an_async_backoff_on_a_route_without_a_queue_is_named_at_start_up() {
+    use micro_framework::retry::AsyncBackOff;
+    common::logs::capture(tracing::Level::WARN);
+    let config = Config::new(unique("warned")).with_amqp_uri(format!("memory://{}", unique("w")));
+    let backoff = || AsyncBackOff::new(3, Duration::from_millis(10));
+    let (rpc, event) = (unique("rpc_retried"), unique("event_retried"));
+    let routes = vec![
+        Route::new(fails_once_called).name(&rpc).entrypoint(RPCListener::new()).backoff(backoff()),
+        Route::new(fails_once_called)
+            .name(&event)
+            .entrypoint(EventListener::new(unique("src"), "e"))
+            .backoff(backoff()),
+    ];
+    let service = Runner::new(routes, config).spawn().await.expect("it starts");
+    service.stop().await.unwrap();
+    let logs = common::logs::logged();
+    let warning = format!(
+        "route '{rpc}': its AsyncBackOff retries nothing, as RPCListener takes no message from \
+         a queue to publish again: its first failure is final (BackOff retries in the worker)"
+    );
+    assert!(logs.contains(&warning), "{logs}");
+    assert!(!logs.contains(&format!("route '{event}'")), "{logs}");
+}
+
 #[tokio::test]
 async fn an_amqp_uri_option_that_nothing_reads_is_named_at_start_up() {
     common::logs::capture(tracing::Level::WARN);

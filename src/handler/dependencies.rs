@@ -113,9 +113,10 @@ impl<T: Clone + Send + Sync + 'static> FromContext for Dep<T> {
     }
 }
 
-/// The values provided for one call, by type.
+/// The values provided for one call, by type (a target reads them through its parameters,
+/// [`WorkerContext::dependency`](crate::WorkerContext::dependency) otherwise).
 #[derive(Default)]
-pub struct DependencyValues {
+pub(crate) struct DependencyValues {
     values: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     /// Why the dependencies that failed to give a value (for a callback) did not.
     failures: HashMap<TypeId, String>,
@@ -123,7 +124,7 @@ pub struct DependencyValues {
 
 impl DependencyValues {
     /// The value of type `T`, cloned.
-    pub fn get<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+    pub(crate) fn get<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
         self.values.get(&TypeId::of::<T>()).and_then(|value| value.downcast_ref::<T>()).cloned()
     }
 

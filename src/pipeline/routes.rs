@@ -91,6 +91,9 @@ impl Route {
 
     /// Retry failures with this policy ([`AsyncBackOff`](crate::pipeline::retry::AsyncBackOff) or
     /// [`BackOff`](crate::pipeline::retry::BackOff)) before calling back or dead-lettering.
+    /// An `AsyncBackOff` retries only messages taken from a queue (events, work queues); on an
+    /// RPC, HTTP, WebSocket or timer route it retries nothing (the start-up warns of it): use
+    /// `BackOff` there.
     pub fn backoff(mut self, policy: BackOffPolicy) -> Self {
         self.backoff = Some(policy);
         self

@@ -10,6 +10,7 @@ use crate::data::TargetRole;
 use crate::error::{Error, Result};
 use crate::handler::dependencies::SharedDependency;
 use crate::handler::extract::TargetSetup;
+use crate::pipeline::retry::RetryMode;
 use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::process::is_worker_process;
@@ -91,6 +92,9 @@ pub(super) fn plan_routes(
                     route.name
                 )));
             }
+            if !in_worker_process() {
+                warn_broker_retry_ignored(&route);
+            }
             for dependency in dependencies {
                 if !route.dependencies.iter().any(|d| d.output_type() == dependency.output_type()) {
                     route.dependencies.push(dependency.clone());
@@ -132,6 +136,24 @@ fn warn_shadowed(dependencies: &[SharedDependency], plans: &[RoutePlan]) {
             dependency.name()
         );
     }
+}
+
+/// Warns of an `AsyncBackOff` on a route whose entrypoint takes no message from a queue (an
+/// RPC request is replied, an HTTP or WebSocket call answered, a timer's run logged, and an
+/// entrypoint written outside the framework cannot publish): there is no message to publish
+/// again, so its first failure is final, and a policy that retries nothing would otherwise
+/// pass unseen.
+fn warn_broker_retry_ignored(route: &Route) {
+    let (Some(policy), Some(entrypoint)) = (&route.backoff, &route.entrypoint) else { return };
+    if policy.mode != RetryMode::Broker || entrypoint.kind().dead_letters() {
+        return;
+    }
+    tracing::warn!(
+        "route '{}': its AsyncBackOff retries nothing, as {} takes no message from a queue to \
+         publish again: its first failure is final (BackOff retries in the worker)",
+        route.name,
+        entrypoint.describe()
+    );
 }
 
 /// Whether this process is a worker process of a service.

@@ -1,6 +1,7 @@
 //! Retries: [`AsyncBackOff`] schedules a failed message again on the broker after a delay
-//! (the worker is freed at once); [`BackOff`] retries inside the worker, for short transient
-//! errors. When no retry remains, a `CallbackRoute`'s callback runs, or the message goes to
+//! (the worker is freed at once), for routes that take their messages from a queue (events,
+//! work queues; elsewhere it retries nothing, and the start-up warns of it); [`BackOff`]
+//! retries inside the worker, on any route, for short transient errors. When no retry remains, a `CallbackRoute`'s callback runs, or the message goes to
 //! the dead-letter queue.
 //!
 //! ```
@@ -69,7 +70,9 @@ pub struct BackOffPolicy {
 /// Broker-side retries (the seed's `AsyncBackOff`): the failed message is published to a
 /// delay queue whose per-queue TTL dead-letters it back to the route's queue, or, under
 /// `RETRY_DELAY=delayed_message_plugin`, wrapped as the Python original wraps it to the
-/// plugin's exchange, from which the route's backoff queue gets it back.
+/// plugin's exchange, from which the route's backoff queue gets it back. Only a message taken
+/// from a queue can be published again: on an RPC, HTTP, WebSocket or timer route the first
+/// failure is final (the start-up warns of it; [`BackOff`] retries there).
 #[derive(Debug)]
 pub struct AsyncBackOff;
 
