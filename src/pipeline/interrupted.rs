@@ -1,9 +1,10 @@
 //! A call cut short by the service's stop while it waited between in-worker retries
-//! (`BackOff`): [`Ended`] says whether a call ended so, and [`Interrupted`] what its entrypoint
+//! (`BackOff`), or before it started: [`Ended`] says whether a call ended so, and [`Interrupted`] what its entrypoint
 //! needs to give the message back (a queued message, an RPC request) or to fail it (a timer's
 //! run, an HTTP or WebSocket call, which have nothing to give back).
 
-use crate::data::{BackOffData, Failure, Handled};
+use crate::data::{BackOffData, Failure, FailureKind, Handled};
+use crate::pipeline::route_handle::Unstarted;
 
 /// Why an interrupted call was not retried, as its failure's last cause says.
 const NOT_RETRIED: &str = "not retried: the service is stopping";
@@ -16,6 +17,9 @@ pub(crate) enum Ended {
     Handled(Handled, u32),
     /// Cut short between in-worker retries by the service's stop: nothing settled it.
     Interrupted(Interrupted),
+    /// Never started: in a process mode, the stop gave up while the call waited for a worker
+    /// process (one being replaced). Its message is to be handed back unstarted.
+    Unstarted(Unstarted),
 }
 
 impl Ended {
@@ -25,6 +29,11 @@ impl Ended {
         match self {
             Ended::Handled(handled, _) => handled,
             Ended::Interrupted(interrupted) => interrupted.failed(),
+            Ended::Unstarted(_) => Handled::Failed(Failure::new(
+                FailureKind::Crashed,
+                "the service stopped before a worker process took the call: past \
+                 SHUTDOWN_TIMEOUT no call starts",
+            )),
         }
     }
 }

@@ -15,7 +15,8 @@ use crate::amqp::rpc::wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, slot_for, Copies, DeliveryHandler, QueueSource,
+    consume, hand_back_as_retry, hand_back_unstarted, slot_for, Copies, DeliveryHandler,
+    QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::Delivery;
@@ -127,6 +128,13 @@ impl DeliveryHandler for RpcServer {
                                 "RPC",
                             )
                             .await;
+                            return;
+                        }
+                        Ended::Unstarted(unstarted) => {
+                            let (queue, acker) = (&self.queue, &*acker);
+                            let copies = Copies::ByRoute;
+                            hand_back_unstarted(&route, queue, copies, &message, acker, unstarted)
+                                .await;
                             return;
                         }
                     };

@@ -16,7 +16,8 @@ use crate::amqp::rpc::wire::request_body;
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
-    consume, hand_back_as_retry, slot_for, Copies, DeliveryHandler, QueueSource,
+    consume, hand_back_as_retry, hand_back_unstarted, slot_for, Copies, DeliveryHandler,
+    QueueSource,
 };
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_received_size;
@@ -103,10 +104,11 @@ impl UfwRpcServer {
         };
         // handed back counted with copies, as this server's crash-loop guard counts
         let permit = slot_for(&route, &queue, Copies::ByRoute, message, acker).await?;
-        // A request whose call the stop may cut short between in-worker retries (`BackOff`)
-        // goes back as it came, so it is kept: only for such routes, as it holds its body
-        // for the whole call.
-        let request_as_it_came = route.retries_in_worker().then(|| message.clone());
+        // A request whose call the stop may cut short between in-worker retries (`BackOff`),
+        // or before a worker process takes it, goes back as it came, so it is kept: only for
+        // such routes, as it holds its body for the whole call.
+        let cut_short = route.retries_in_worker() || route.runs_in_processes();
+        let request_as_it_came = cut_short.then(|| message.clone());
         // The route reads the arguments as any RPC request's: `{"args", "kwargs"}`. The
         // message is not shared yet (unless kept above): its body is replaced, the rest is not
         // copied. The new body is JSON whatever the request's content type said (the request
@@ -133,6 +135,12 @@ impl UfwRpcServer {
                     "RPC",
                 )
                 .await;
+                return None;
+            }
+            Ended::Unstarted(unstarted) => {
+                let request = request_as_it_came.as_ref().unwrap_or(message);
+                let copies = Copies::ByRoute;
+                hand_back_unstarted(&route, &queue, copies, request, acker, unstarted).await;
                 return None;
             }
         };

@@ -28,12 +28,11 @@ use crate::transport::{
 use backoff_queue::BackoffQueue;
 pub use crash_guard::mark_first_route;
 use crash_guard::{
-    check_crash_loop, count_redelivery, crash_pause, hand_back_unstarted, take_redelivered_mark,
-    Checked, Guarded,
+    check_crash_loop, count_redelivery, crash_pause, take_redelivered_mark, Checked, Guarded,
 };
 pub(crate) use crash_guard::{
-    hand_back_as_retry, hand_back_message, left_unsettled, marked_as_retry, try_hand_back_message,
-    Copies, HEADER_REDELIVERED, HEADER_REDELIVERIES,
+    hand_back_as_retry, hand_back_message, hand_back_unstarted, left_unsettled, marked_as_retry,
+    try_hand_back_message, Copies, HEADER_REDELIVERED, HEADER_REDELIVERIES,
 };
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);
@@ -376,6 +375,11 @@ impl DeliveryHandler for RouteQueue {
                 )
                 .await;
                 return;
+            }
+            Ended::Unstarted(unstarted) => {
+                let (queue, acker) = (&self.queue, delivery.acker.as_ref());
+                let copies = Copies::Straight { quorum: self.quorum };
+                return hand_back_unstarted(route, queue, copies, &message, acker, unstarted).await;
             }
         };
         let delivery = count_retries(delivery, &handled, retries);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::RouteHandle;
+use super::{RouteHandle, Unstarted};
 use crate::clock;
 use crate::config::RetryDelay;
 use crate::data::{CallContext, Failure, FailureKind, Handled, Message, Outcome, TargetRole};
@@ -21,7 +21,7 @@ use crate::pipeline::entrypoint_kind::EntrypointKind;
 use crate::pipeline::interrupted::{Ended, Interrupted};
 use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
 #[cfg(feature = "process")]
-use crate::pipeline::spawners::process::BorrowedCall;
+use crate::pipeline::spawners::process::{BorrowedCall, ProcessPool, Reserved};
 use crate::pipeline::spawners::WorkerPermit;
 
 impl RouteHandle {
@@ -71,13 +71,17 @@ impl RouteHandle {
         let mut running = RunningCall { route: self, series, permit: Some(permit), ended: None };
         let ended = self.handle_in_slot(message).await;
         let failed = !matches!(ended, Ended::Handled(Handled::Succeeded(_), _));
-        running.ended = Some((started.elapsed(), failed));
+        // a call that never started has no outcome or duration: dropped
+        if !matches!(ended, Ended::Unstarted(_)) {
+            running.ended = Some((started.elapsed(), failed));
+        }
         drop(running);
         match &ended {
             Ended::Handled(handled, _) => self.inner.calls.finished(message, handled),
             Ended::Interrupted(interrupted) => {
                 self.inner.calls.finished(message, &interrupted.failed())
             }
+            Ended::Unstarted(_) => {}
         }
         ended
     }
@@ -93,7 +97,10 @@ impl RouteHandle {
         }
         let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
         let mut retry = BackOffData::from_headers(&message.properties.headers, max_retries);
-        let mut outcome = self.run(TargetRole::Target, message, None, &retry).await;
+        let mut outcome = match self.first_attempt(message, &retry).await {
+            Ok(outcome) => outcome,
+            Err(unstarted) => return Ended::Unstarted(unstarted),
+        };
         while let (Err(failure), Some(policy)) = (&outcome, &self.inner.backoff) {
             if !failure.retryable || !retry.can_retry() {
                 break;
@@ -202,6 +209,33 @@ impl RouteHandle {
         self.run(role, &Arc::new(message), failure, &retry).await
     }
 
+    /// The target's first attempt on `message`. In a process mode it starts once a worker
+    /// process is free for it (one may be being replaced): [`Unstarted`] when the stop gives
+    /// up first, for the entrypoint to hand the message back as one that waited for a slot
+    /// (left waiting, it went back with the connection, counted as a crash that never ran).
+    async fn first_attempt(
+        &self,
+        message: &Arc<Message>,
+        retry: &BackOffData,
+    ) -> Result<Outcome, Unstarted> {
+        #[cfg(feature = "process")]
+        if let Some(processes) = self.inner.pool.processes() {
+            let unstarted = self.unstarted();
+            let reserved = tokio::select! {
+                biased;
+                reserved = processes.reserve() => reserved,
+                () = self.inner.given_up.cancelled() => None,
+            };
+            let Some(reserved) = reserved.filter(|_| !self.given_up()) else {
+                return Err(unstarted);
+            };
+            drop(unstarted);
+            let (role, call) = (TargetRole::Target, (message, None, retry));
+            return Ok(self.in_process(processes, role, call, Some(reserved)).await);
+        }
+        Ok(self.run(TargetRole::Target, message, None, retry).await)
+    }
+
     async fn run(
         &self,
         role: TargetRole,
@@ -211,28 +245,40 @@ impl RouteHandle {
     ) -> Outcome {
         #[cfg(feature = "process")]
         if let Some(processes) = self.inner.pool.processes() {
-            // The service logs the call under the id its worker gives it, so that what only
-            // the service sees (a worker killed past the time limit, or dying) is logged with
-            // the call's route and id too.
-            let route = &self.inner;
-            let call_id = CallContext::new_id(&route.service, &route.name);
-            let headers = &message.properties.headers;
-            let context =
-                CallContext::gathered(headers, route.config.parent_calls_tracked, call_id);
-            let call = BorrowedCall {
-                route: self.name(),
-                call_id: &context.call_id,
-                role,
-                message,
-                failure: failure.as_ref(),
-                retry,
-            };
-            let span = self.call_span(&context, retry);
-            let outcome = processes.call(call).instrument(span).await;
-            return outcome.map_err(|failure| self.filtered(failure));
+            return self.in_process(processes, role, (message, failure, retry), None).await;
         }
         let limit = self.inner.pool.time_limit();
         self.run_here(role, message, failure, retry, None, limit).await
+    }
+
+    /// Run one function of the route in a worker process of `processes` (the `reserved` one,
+    /// if given) on `(message, failure, retry)`.
+    #[cfg(feature = "process")]
+    async fn in_process(
+        &self,
+        processes: &Arc<ProcessPool>,
+        role: TargetRole,
+        (message, failure, retry): (&Arc<Message>, Option<Failure>, &BackOffData),
+        reserved: Option<Reserved<'_>>,
+    ) -> Outcome {
+        // The service logs the call under the id its worker gives it, so that what only the
+        // service sees (a worker killed past the time limit, or dying) is logged with the
+        // call's route and id too.
+        let route = &self.inner;
+        let call_id = CallContext::new_id(&route.service, &route.name);
+        let headers = &message.properties.headers;
+        let context = CallContext::gathered(headers, route.config.parent_calls_tracked, call_id);
+        let call = BorrowedCall {
+            route: self.name(),
+            call_id: &context.call_id,
+            role,
+            message,
+            failure: failure.as_ref(),
+            retry,
+        };
+        let span = self.call_span(&context, retry);
+        let outcome = processes.call(call, reserved).instrument(span).await;
+        outcome.map_err(|failure| self.filtered(failure))
     }
 
     /// The span a call runs in.

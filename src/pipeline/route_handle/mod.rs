@@ -309,8 +309,14 @@ impl RouteHandle {
     /// returned [`Unstarted`] lives.
     pub(crate) async fn acquire_or_unstarted(&self) -> Result<WorkerPermit, Unstarted> {
         // taken before the wait: the give-up, which ends the wait, finds it already counted
-        let unstarted = Unstarted { _hand_back: self.inner.hand_backs.token() };
+        let unstarted = self.unstarted();
         self.acquire().await.ok_or(unstarted)
+    }
+
+    /// A delivery about to wait for what its call needs to start: if it gets none, it is to
+    /// be handed back unstarted, which the stop's give-up waits for while this lives.
+    fn unstarted(&self) -> Unstarted {
+        Unstarted { _hand_back: self.inner.hand_backs.token() }
     }
 
     /// Completes once the route's calls still running can no longer end: in a process mode,
@@ -334,6 +340,12 @@ impl RouteHandle {
     /// full (HTTP, WebSocket) instead of waiting.
     pub fn try_acquire(&self) -> Option<WorkerPermit> {
         self.inner.pool.try_acquire(&self.inner.stopping)
+    }
+
+    /// Whether the route's calls run in worker processes: a call may then end
+    /// [`Ended::Unstarted`](crate::pipeline::interrupted::Ended::Unstarted).
+    pub(crate) fn runs_in_processes(&self) -> bool {
+        self.inner.pool.mode().is_process()
     }
 
     /// Whether a call of this route may end

@@ -41,6 +41,8 @@ pub(super) struct Links {
     /// The control link's only strong reference (its tasks hold weak ones).
     pub control: Arc<Sink>,
     pub done: u32,
+    /// When it said it was ready.
+    pub started: std::time::Instant,
 }
 
 /// The service's end of a worker's calls link: the calling task writes the call and reads
@@ -116,7 +118,8 @@ impl Launcher {
         };
         tokio::spawn(link.serve(FrameReader::new(reader)));
         tracing::debug!("worker process {pid} started");
-        Ok(Worker { child, links: Links { pid, calls, control, done: 0 } })
+        let started = std::time::Instant::now();
+        Ok(Worker { child, links: Links { pid, calls, control, done: 0, started } })
     }
 
     /// Start a worker process that dials `socket`, and wait until it is ready. The whole

@@ -21,7 +21,7 @@ mod pool;
 mod protocol;
 mod worker;
 
-pub(crate) use pool::ProcessPool;
+pub(crate) use pool::{ProcessPool, Reserved};
 pub(crate) use protocol::BorrowedCall;
 pub(crate) use worker::{
     claim_worker_environment, exit_when_orphaned, served_context, served_service_name,

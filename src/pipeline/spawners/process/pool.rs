@@ -1,11 +1,12 @@
 //! The service side: a pool of worker processes, each running one call at a time.
 
 use std::ffi::OsString;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::Child;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
@@ -20,8 +21,14 @@ use crate::transport::SharedTransport;
 
 const RESPAWN_PAUSE: Duration = Duration::from_secs(1);
 /// Starts of one worker that may fail in a row before the pool gives up (see
-/// [`ProcessPool::failed`]).
+/// [`ProcessPool::failed`]); also the early deaths in a row it takes before it gives up.
 const START_ATTEMPTS: u32 = 5;
+/// A worker that dies idle before any call within this time of its start died of its start
+/// (a dependency's set-up that dooms it, a background thread that aborts): as a failed start,
+/// it is replaced after [`RESPAWN_PAUSE`], and [`START_ATTEMPTS`] of them in a row with no
+/// call answered between make the pool give up. Replaced at once, such workers were started
+/// again as fast as the machine could, for ever, while the service looked ready.
+const EARLY_DEATH: Duration = Duration::from_secs(10);
 
 /// Worker processes of one runner context. A call takes an idle worker (the context's
 /// permits guarantee there is one, or one being started), runs there, and gives it back; a
@@ -38,6 +45,8 @@ pub struct ProcessPool {
     failure: std::sync::OnceLock<String>,
     /// Fired once `failure` is set.
     failed: CancellationToken,
+    /// Workers that died early ([`EARLY_DEATH`]) since a call was last answered.
+    early_deaths: AtomicU32,
     /// Tracks the calls using workers, and the workers being started or ended, so that the
     /// shutdown returns once none is left.
     busy: TaskTracker,
@@ -46,6 +55,10 @@ pub struct ProcessPool {
     time_limit: Option<Duration>,
     max_tasks: Option<u32>,
 }
+
+/// An idle worker of the pool kept for one call (its permit of `ready`): given back to the
+/// pool when dropped unused.
+pub(crate) struct Reserved<'a>(SemaphorePermit<'a>);
 
 /// The idle workers, the processes of those lent to calls, and whether the pool is shut down
 /// (then no worker goes back to it and none is started).
@@ -85,6 +98,7 @@ impl ProcessPool {
             stopped: CancellationToken::new(),
             failure: std::sync::OnceLock::new(),
             failed: CancellationToken::new(),
+            early_deaths: AtomicU32::new(0),
             busy: TaskTracker::new(),
             launcher: Launcher {
                 transport,
@@ -109,10 +123,20 @@ impl ProcessPool {
         self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The links of an idle worker, once there is one, whose process is now lent; `None` once
-    /// the pool is shut down.
-    async fn take(&self) -> Option<Links> {
-        self.ready.acquire().await.ok()?.forget();
+    /// An idle worker kept for a call, once there is one; `None` once the pool is shut down.
+    /// A call that holds one has a worker process to go to ([`ProcessPool::call`]).
+    pub(crate) async fn reserve(&self) -> Option<Reserved<'_>> {
+        self.ready.acquire().await.ok().map(Reserved)
+    }
+
+    /// The links of an idle worker, once there is one (at once with a `reserved` one), whose
+    /// process is now lent; `None` once the pool is shut down.
+    async fn take(&self, reserved: Option<Reserved<'_>>) -> Option<Links> {
+        let reserved = match reserved {
+            Some(reserved) => reserved,
+            None => self.reserve().await?,
+        };
+        reserved.0.forget();
         let mut idle = self.idle();
         let Worker { child, links } = idle.workers.pop()?;
         idle.lent.push((links.pid, child));
@@ -147,19 +171,47 @@ impl ProcessPool {
             permit.forget();
             idle.workers.swap_remove(at)
         };
-        tracing::warn!("worker process {pid} died while idle; a new worker replaces it");
-        self.respawn();
+        let lived = worker.links.started.elapsed();
+        let early = worker.links.done == 0 && lived < EARLY_DEATH;
+        match early {
+            true => tracing::warn!(
+                "worker process {pid} died while idle {lived:?} after its start, before any \
+                 call; a new worker replaces it in {RESPAWN_PAUSE:?}"
+            ),
+            false => {
+                tracing::warn!("worker process {pid} died while idle; a new worker replaces it")
+            }
+        }
+        self.respawn_after(early);
         tokio::spawn(self.busy.track_future(end(worker, false)));
     }
 
     /// Start a worker in the background, trying again until one starts or the pool is shut
     /// down, or gives up after `START_ATTEMPTS` failed starts in a row.
     fn respawn(self: &Arc<Self>) {
+        self.respawn_after(false);
+    }
+
+    /// [`ProcessPool::respawn`], for a worker that died `early` ([`EARLY_DEATH`]) or not.
+    fn respawn_after(self: &Arc<Self>, early: bool) {
         // a call's future dropped while the runtime shuts down has no runtime to start on
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let pool = self.clone();
         // tracked, so that the shutdown waits for a worker started meanwhile to end
         runtime.spawn(self.busy.track_future(async move {
+            if early {
+                let deaths = pool.early_deaths.fetch_add(1, Ordering::Relaxed) + 1;
+                if deaths >= START_ATTEMPTS {
+                    return pool.give_up(format!(
+                        "worker processes die right after they start ({deaths} in a row, idle, \
+                         before any call, within {EARLY_DEATH:?} of their start)"
+                    ));
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(RESPAWN_PAUSE) => {}
+                    () = pool.stopped.cancelled() => return,
+                }
+            }
             let mut failures = 0;
             while !pool.idle().closed {
                 let launched = tokio::select! {
@@ -201,13 +253,18 @@ impl ProcessPool {
         Error::WorkerProcess(self.failure.get().cloned().unwrap_or_default())
     }
 
-    /// Run one call in a worker process: this task writes the call and reads its outcome.
-    pub(crate) async fn call(self: &Arc<Self>, call: BorrowedCall<'_>) -> Outcome {
+    /// Run one call in a worker process (the `reserved` one first, if given): this task
+    /// writes the call and reads its outcome.
+    pub(crate) async fn call(
+        self: &Arc<Self>,
+        call: BorrowedCall<'_>,
+        mut reserved: Option<Reserved<'_>>,
+    ) -> Outcome {
         // A worker that died while idle fails the write before anything reached it: the call
         // goes to another, as often as the pool has workers (plus a fresh one).
         let mut tries = 0;
         let (mut links, lent, busy) = loop {
-            let Some(mut links) = self.take().await else {
+            let Some(mut links) = self.take(reserved.take()).await else {
                 // Shut down while this call waited for a worker: it never runs, and a failure
                 // would dead-letter its message; it waits until the service drops it, which
                 // hands the message back.
@@ -252,6 +309,7 @@ impl ProcessPool {
         let pid = worker.links.pid;
         match answer {
             Ok(Some(outcome)) => {
+                self.early_deaths.store(0, Ordering::Relaxed);
                 worker.links.done += 1;
                 let done = worker.links.done;
                 if self.max_tasks.is_some_and(|max| done >= max) {
@@ -516,7 +574,7 @@ mod tests {
                 failure: None,
                 retry: &retry,
             };
-            calling.call(call).await
+            calling.call(call, None).await
         });
         let ran_it = pid_in(&marker).await;
         let _ = std::fs::remove_file(&marker);

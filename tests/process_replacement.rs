@@ -1,0 +1,263 @@
+//! Worker processes being replaced: a call that waited for a replacement when the stop gave
+//! up goes back as an unstarted message does; workers that die right after their start are
+//! a crash loop, paced and given up on as failed starts are.
+#![cfg(feature = "process")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::dependencies::{Dependency, SetupContext};
+use micro_framework::prelude::*;
+use micro_framework::settle::{HEADER_ERROR, HEADER_ERROR_KIND};
+use micro_framework::spawners::process::is_worker_process;
+use micro_framework::testing::{test_config, TestService};
+use micro_framework::transport::HeaderValue;
+use micro_framework::{BoxError, WorkerContext};
+use serde_json::{json, Value};
+
+/// The file that, while it exists, makes the workers of `service` start slowly.
+fn armed_file(service: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("mf-replacement-slow-{service}"))
+}
+
+/// In a worker process started while its service's [`armed_file`] says `slow`, the set-up
+/// takes 5 s (a program whose own set-up is slow: the seed's `django.setup()`); while it says
+/// `fail`, the set-up fails (a database down), so that no replacement can start.
+struct SlowStartWhenArmed;
+
+#[micro_framework::async_trait]
+impl Dependency for SlowStartWhenArmed {
+    type Output = ();
+
+    async fn setup(&self, _: &SetupContext) -> Result<(), BoxError> {
+        let service = std::env::var("MF_WORKER_SERVICE_NAME").unwrap_or_default();
+        let armed = std::fs::read_to_string(armed_file(&service)).ok();
+        match armed.as_deref() {
+            Some("slow") if is_worker_process() => tokio::time::sleep(Duration::from_secs(5)).await,
+            Some("fail") if is_worker_process() => return Err("the database is down".into()),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn get(&self, _: &WorkerContext) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+fn aborts(Payload(_): Payload<Value>, _: Dep<()>) {
+    std::process::abort();
+}
+
+fn records(Payload(event): Payload<Value>, _: Dep<()>) {
+    let file = event["file"].as_str().unwrap();
+    std::fs::write(file, "ran").unwrap();
+}
+
+fn header<'a>(message: &'a micro_framework::Message, key: &str) -> &'a HeaderValue {
+    message.properties.headers.get(key).unwrap_or(&HeaderValue::Void)
+}
+
+/// A call waiting for the replacement of a worker that died (its slot taken, no worker
+/// process yet) when the stop gives up never ran: its message goes back as the stop hands
+/// back unstarted ones, a fresh copy the crash-loop guard does not count. It was left to the
+/// connection's close, came back redelivered, and was counted as a crash: with
+/// `MAX_REDELIVERIES=0` the next start dead-lettered it unrun. On the in-process broker (or
+/// `TEST_AMQP_URI`'s virtual host).
+#[tokio::test]
+async fn a_call_waiting_for_a_replacement_worker_at_the_stop_goes_back_uncounted() {
+    check_a_call_waiting_for_a_replacement_at_the_stop(test_config(&common::unique("killed_stop")))
+        .await;
+}
+
+/// On RabbitMQ, quorum queues (the broker's `x-delivery-count`).
+#[tokio::test]
+async fn on_rabbitmq_quorum_a_call_waiting_for_a_replacement_worker_at_the_stop_goes_back_uncounted(
+) {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let config = common::config(&uri, "killed_stop_q")
+        .with_queue_type(micro_framework::config::QueueType::Quorum);
+    check_a_call_waiting_for_a_replacement_at_the_stop(config).await;
+}
+
+/// The same when the replacement can never start (its set-up fails: a database down): after
+/// 5 attempts the service stops by itself, for its supervisor to restart it, and the call
+/// that waited for a worker goes back uncounted (a service restarted that often,
+/// `MAX_REDELIVERIES`, dead-lettered it as `crashed`, never having run it).
+#[tokio::test]
+async fn a_call_waiting_for_a_worker_that_can_never_start_goes_back_uncounted() {
+    let config = test_config(&common::unique("killed_never"));
+    check_a_call_waiting_for_a_replacement(config, "fail").await;
+}
+
+async fn check_a_call_waiting_for_a_replacement_at_the_stop(config: Config) {
+    check_a_call_waiting_for_a_replacement(config, "slow").await;
+}
+
+async fn check_a_call_waiting_for_a_replacement(config: Config, how: &str) {
+    let what = match how {
+        "fail" => "could not start",
+        _ => "was still starting",
+    };
+    let shop = common::unique("shop");
+    let config = config
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1)
+        .with_shutdown_timeout(Duration::from_secs(1));
+    let armed = armed_file(&config.service_name);
+    let keeper = micro_framework::transport::connect(&config).await.unwrap();
+    let queue = format!("evt-{shop}-record--{}.records", config.service_name);
+    let routes = vec![
+        Route::new(aborts)
+            .entrypoint(EventListener::new(&shop, "abort"))
+            .dependency(SlowStartWhenArmed),
+        Route::new(records)
+            .entrypoint(EventListener::new(&shop, "record"))
+            .dependency(SlowStartWhenArmed),
+    ];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    // From here on only the test's own process runs: replacements now start slowly.
+    std::fs::write(&armed, how).unwrap();
+    service.dispatch(&shop, "abort", &json!({})).await.unwrap();
+    service.wait_for_route("aborts", 1).await.unwrap();
+    // the worker died; its replacement takes 5 s to start. This call takes the free slot
+    // and waits for the replacement.
+    let ran = std::env::temp_dir().join(common::unique("mf-replacement-ran"));
+    service.dispatch(&shop, "record", &json!({"file": ran})).await.unwrap();
+    let stats = service.route("records").unwrap().stats();
+    common::wait_until(|| stats.received_count() == 1, "the call of records").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match how {
+        // the service stops by itself, with the error naming why workers cannot start
+        "fail" => {
+            let stopped = tokio::time::timeout(Duration::from_secs(30), service.wait_stopped());
+            let error = stopped.await.expect("the service stops by itself").unwrap_err();
+            assert!(error.to_string().contains("cannot start a worker process"), "{error}");
+        }
+        _ => service.stop().await.unwrap(),
+    }
+    let _ = std::fs::remove_file(&armed);
+    let never_ran = !ran.exists();
+    let _ = std::fs::remove_file(&ran);
+
+    assert!(never_ran, "the call ran before the stop: nothing to check");
+
+    // The next start of the service (here in thread mode, with MAX_REDELIVERIES=0): the
+    // message, which never ran, should run now.
+    let again = config.clone().with_worker_mode(WorkerMode::Thread).with_max_redeliveries(0);
+    let routes = vec![Route::new(records)
+        .entrypoint(EventListener::new(&shop, "record"))
+        .dependency(SlowStartWhenArmed)];
+    let service = TestService::start(routes, again).await.unwrap();
+    let dlq = format!("{queue}.dlq");
+    let since = std::time::Instant::now();
+    let mut dead = Vec::new();
+    while !ran.exists() && dead.is_empty() && since.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dead = micro_framework::testing::take_messages(keeper.as_ref(), &dlq).await.unwrap();
+    }
+    let ran_now = ran.exists();
+    let _ = std::fs::remove_file(&ran);
+    service.stop().await.unwrap();
+    keeper.close().await;
+    common::cleanup(&config.amqp_uri, &[config.service_name.clone(), shop]).await;
+    let described: Vec<_> = dead
+        .iter()
+        .map(|m| (header(m, HEADER_ERROR_KIND).clone(), header(m, HEADER_ERROR).clone()))
+        .collect();
+    assert!(
+        ran_now && dead.is_empty(),
+        "the message of a call that never reached a worker process (its replacement {what} \
+         when the service stopped) came back counted as a crash: with MAX_REDELIVERIES=0 the next \
+         start dead-lettered it without running it: ran {ran_now}, dead letters {described:?}"
+    );
+}
+
+/// In a worker process, its set-up starts a thread that aborts the worker 300 ms later (a
+/// background task of the dependency that dies), once the file `MF_TEST_DIE_SOON`
+/// names exists.
+struct DiesSoonAfterStart;
+
+#[micro_framework::async_trait]
+impl Dependency for DiesSoonAfterStart {
+    type Output = ();
+
+    async fn setup(&self, _: &SetupContext) -> Result<(), BoxError> {
+        let armed = std::env::var_os("MF_TEST_DIE_SOON")
+            .is_some_and(|file| std::path::Path::new(&file).exists());
+        if is_worker_process() && armed {
+            std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                std::process::abort();
+            });
+        }
+        Ok(())
+    }
+
+    async fn get(&self, _: &WorkerContext) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+fn pid(_: Dep<()>) -> u32 {
+    std::process::id()
+}
+
+/// The live children of this process started as workers of `service`.
+fn workers_of(service: &str) -> Vec<u32> {
+    let marker = format!("MF_WORKER_SERVICE_NAME={service}\0");
+    let mut workers = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let parent = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1));
+        if parent != Some(&std::process::id().to_string()) {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if String::from_utf8_lossy(&environ).contains(&marker) {
+            workers.push(pid);
+        }
+    }
+    workers
+}
+
+/// Workers that die 300 ms after each start, idle, are a crash loop as much as workers
+/// that cannot start: each is replaced after a second, and 5 in a row stop the service with
+/// an error for its supervisor. They were restarted at once, 52 in 8 s, for ever, while the
+/// service looked ready.
+#[tokio::test]
+async fn workers_dying_right_after_their_start_stop_the_service() {
+    let armed = std::env::temp_dir().join(common::unique("mf-replacement-armed"));
+    if !is_worker_process() {
+        std::env::set_var("MF_TEST_DIE_SOON", &armed);
+    }
+    let name = common::unique("dying_loop");
+    let config = test_config(&name).with_worker_mode(WorkerMode::Process).with_max_workers(2);
+    let routes =
+        vec![Route::new(pid).entrypoint(RPCListener::new()).dependency(DiesSoonAfterStart)];
+    let service = TestService::start(routes, config).await.unwrap();
+    // From here on only the test's own process runs: arm the workers started from now on.
+    std::fs::write(&armed, b"").unwrap();
+    // the first two workers were not armed: have them replaced by killing them
+    for worker in workers_of(&name) {
+        let _ = std::process::Command::new("kill").args(["-KILL", &worker.to_string()]).status();
+    }
+    let mut seen = HashSet::new();
+    let since = Instant::now();
+    while service.is_ready() {
+        seen.extend(workers_of(&name));
+        assert!(since.elapsed() < Duration::from_secs(30), "{} workers, still serving", seen.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(&armed);
+    let stopped = tokio::time::timeout(Duration::from_secs(30), service.wait_stopped());
+    let stopped = stopped.await.expect("the service stops by itself");
+    let error = stopped.expect_err("the service stops with an error");
+    assert!(error.to_string().contains("worker processes die right after they start"), "{error}");
+    // paced at a second: the two killed, then at most a few more
+    assert!(seen.len() <= 8, "{} worker processes started", seen.len());
+}
