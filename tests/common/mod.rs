@@ -6,6 +6,7 @@ pub mod journaled;
 pub mod logs;
 pub mod peer;
 pub mod queues;
+pub mod switch;
 pub mod tally;
 pub mod targets;
 

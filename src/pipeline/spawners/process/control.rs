@@ -2,10 +2,11 @@
 //! calls, done on the service's connection, and the deliveries of the consumers it opened.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use futures::StreamExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::sync::CancellationToken;
 
 use super::protocol::{
     ForwardedDelivery, FrameReader, FrameSink, FromWorker, Settlement, ToWorker, TransportAnswer,
@@ -37,29 +38,46 @@ impl ControlLink {
         // Consumers opened for the worker and the ackers of what they forwarded: dropped
         // with this task when the worker goes, which hands unsettled messages back.
         let consumers = Consumers::default();
+        // The operations under way, each given up on when its worker abandons it or the link
+        // ends (the worker died, or was killed with its call): a publish waiting for the
+        // broker to come back went out after its call had failed, which a thread mode, where
+        // the call's future is the publish, never does.
+        let link_ended = CancellationToken::new();
+        let under_way = Arc::new(UnderWay::default());
         while let Ok(Some(frame)) = reader.next::<FromWorker>().await {
             match frame {
                 FromWorker::Transport { id, op } => {
                     let (transport, replies) = (transport.clone(), replies.clone());
                     let consumers = consumers.clone();
+                    let abandoned = under_way.start(id, &link_ended);
+                    let under_way = under_way.clone();
                     tokio::spawn(async move {
-                        let result = match *op {
-                            TransportOp::Consume { queue, options } => {
-                                consumers.open(&transport, &queue, options, replies.clone()).await
-                            }
-                            TransportOp::DeclareQueue(spec) => {
-                                if spec.arguments.contains_key("x-expires") {
-                                    consumers.declared_temporary(&spec.name);
+                        let done = async {
+                            match *op {
+                                TransportOp::Consume { queue, options } => {
+                                    let replies = replies.clone();
+                                    consumers.open(&transport, &queue, options, replies).await
                                 }
-                                forward(&transport, TransportOp::DeclareQueue(spec)).await
+                                TransportOp::DeclareQueue(spec) => {
+                                    if spec.arguments.contains_key("x-expires") {
+                                        consumers.declared_temporary(&spec.name);
+                                    }
+                                    forward(&transport, TransportOp::DeclareQueue(spec)).await
+                                }
+                                op => forward(&transport, op).await,
                             }
-                            op => forward(&transport, op).await,
                         };
+                        let result = tokio::select! {
+                            result = done => result,
+                            () = abandoned.cancelled() => return,
+                        };
+                        under_way.end(id);
                         if let Some(link) = replies.upgrade() {
                             let _ = link.send(&ToWorker::TransportReply { id, result }).await;
                         }
                     });
                 }
+                FromWorker::Abandon { id } => under_way.abandon(id),
                 FromWorker::Settle { delivery, settlement } => {
                     consumers.settle(delivery, settlement).await;
                 }
@@ -82,7 +100,38 @@ impl ControlLink {
         // the next call's write, and is replaced either way.
         let _ = calls_socket.shutdown(std::net::Shutdown::Both);
         reconnections.abort();
+        link_ended.cancel();
         ended();
+    }
+}
+
+/// The broker operations of a worker under way, by id.
+#[derive(Default)]
+struct UnderWay(Mutex<HashMap<u64, CancellationToken>>);
+
+impl UnderWay {
+    fn ops(&self) -> MutexGuard<'_, HashMap<u64, CancellationToken>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Operation `id` starts: given up on when the returned token fires (abandoned, or the
+    /// link ended).
+    fn start(&self, id: u64, link_ended: &CancellationToken) -> CancellationToken {
+        let abandoned = link_ended.child_token();
+        self.ops().insert(id, abandoned.clone());
+        abandoned
+    }
+
+    /// Operation `id` is done: its answer goes to the worker.
+    fn end(&self, id: u64) {
+        self.ops().remove(&id);
+    }
+
+    /// The worker abandoned operation `id`: given up on, if still under way.
+    fn abandon(&self, id: u64) {
+        if let Some(abandoned) = self.ops().remove(&id) {
+            abandoned.cancel();
+        }
     }
 }
 

@@ -113,8 +113,10 @@ impl ParentTransport {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (answer, answered) = oneshot::channel();
         self.pending.lock().unwrap_or_else(PoisonError::into_inner).insert(id, answer);
+        let waiting = Waiting { transport: self, id: Some(id) };
         let sent = self.sink.send(&FromWorker::Transport { id, op: Box::new(op) }).await;
         if let Err(error) = sent {
+            waiting.answered();
             self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
             return Err(match error.kind() {
                 std::io::ErrorKind::InvalidData => {
@@ -123,7 +125,33 @@ impl ParentTransport {
                 _ => service_gone(),
             });
         }
-        answered.await.map_err(|_| service_gone())?
+        let answer = answered.await;
+        waiting.answered();
+        answer.map_err(|_| service_gone())?
+    }
+}
+
+/// A broker operation the worker waits for the answer to. Dropped before the answer (the
+/// call that asked was cut short: its time limit, its own timeout on an RPC call), it tells
+/// the service to give the operation up, so that it does not happen once the call is over.
+struct Waiting<'a> {
+    transport: &'a ParentTransport,
+    id: Option<u64>,
+}
+
+impl Waiting<'_> {
+    fn answered(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let transport = self.transport;
+            transport.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+            post(&transport.sink, FromWorker::Abandon { id });
+        }
     }
 }
 

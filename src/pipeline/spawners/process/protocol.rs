@@ -170,6 +170,11 @@ pub(crate) enum FromWorker {
     Cancel {
         consumer: u64,
     },
+    /// The worker no longer waits for the answer to the broker operation `id` (the call that
+    /// asked was cut short): not done yet, it is not done.
+    Abandon {
+        id: u64,
+    },
     /// An RPC call a target made, for the service's metrics (the ones served).
     RpcCall {
         service: String,
