@@ -1792,3 +1792,32 @@ async fn one_worker_with_the_default_prefetch_runs_a_queue_in_order() {
         }
     }
 }
+
+/// Dispatches an event over `MAX_MESSAGE_SIZE`: refused before it is sent, whatever the
+/// attempt (`TransportError::LimitReached`, permanent).
+async fn announces_too_much(
+    producer: micro_framework::amqp::dependencies::Producer,
+) -> Result<(), micro_framework::Error> {
+    producer.dispatch("announced", &"x".repeat(4096)).await
+}
+
+/// A policy without a filter retries every error, those that must fail the same way again
+/// included; the README's filter keeps the transport's permanent errors out of the retries.
+#[tokio::test]
+async fn a_filter_keeps_permanent_transport_errors_out_of_the_retries() {
+    use micro_framework::testing::{call_route, memory_test_config};
+    for filtered in [false, true] {
+        let mut policy = BackOff::new(2, Duration::ZERO);
+        if filtered {
+            policy = policy.retry_if(|error| {
+                !matches!(error.downcast_ref(), Some(micro_framework::Error::Transport(t)) if t.is_permanent())
+            });
+        }
+        let route = Route::new(announces_too_much).backoff(policy);
+        let config = memory_test_config(&unique("permanent")).with_max_message_size(1024);
+        let message = micro_framework::Message::json(&json!({})).unwrap();
+        let failure = call_route(route, config, message).await.unwrap_err();
+        assert!(failure.message.contains("MAX_MESSAGE_SIZE"), "{failure:?}");
+        assert_eq!(failure.retryable, !filtered, "{failure:?}");
+    }
+}
