@@ -252,6 +252,19 @@ async fn refusals_before_the_target_have_a_json_body_too() {
         }
     }
     assert_eq!(service.route("sum").unwrap().stats().received_count(), 0);
+    // each refusal of a route's request is counted by reason (404 and 405 have no route)
+    #[cfg(feature = "metrics")]
+    {
+        let metrics = service.metrics().render();
+        for (route, reason) in [("hello", "bad_input"), ("sum", "too_large")] {
+            let line = format!(
+                "requests_refused_total{{context=\"default\",reason=\"{reason}\",route=\"{route}\"}} 1"
+            );
+            assert!(metrics.lines().any(|l| l == line), "{line} not in {metrics}");
+        }
+        let refusals = metrics.lines().filter(|l| l.starts_with("requests_refused_total{"));
+        assert_eq!(refusals.count(), 2, "{metrics}");
+    }
     service.stop().await.unwrap();
 }
 
@@ -1217,6 +1230,12 @@ async fn a_request_whose_body_is_arriving_at_the_stop_is_answered_not_cut() {
             assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
             assert!(body.contains("stopping"), "{body}");
             assert_eq!(received, 0, "no call made");
+            #[cfg(feature = "metrics")]
+            {
+                let metrics = service.metrics().render();
+                let line = "requests_refused_total{context=\"default\",reason=\"stopping\",route=\"sum\"} 1";
+                assert!(metrics.lines().any(|l| l == line), "{line} not in {metrics}");
+            }
         }
         let mut service = service;
         let started = std::time::Instant::now();

@@ -292,6 +292,18 @@ async fn a_full_pool_refuses_calls_at_once_instead_of_queueing_them() {
     assert_eq!(first.await.unwrap().unwrap(), json!("first"));
     assert_eq!(patient.await.unwrap().unwrap(), 5);
     assert_eq!(client.call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    // the refusals are counted: the client's, the raw one, and the patient client's tries
+    #[cfg(feature = "metrics")]
+    {
+        let metrics = service.metrics().render();
+        let busy = metrics.lines().find(|line| {
+            line.starts_with("requests_refused_total{")
+                && line.contains("reason=\"busy\"")
+                && line.contains("route=\"add\"")
+        });
+        let count = busy.and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok());
+        assert!(count.is_some_and(|count| count >= 3), "{metrics}");
+    }
     service.stop().await.unwrap();
 }
 
@@ -326,6 +338,12 @@ async fn calls_of_one_connection_run_concurrently_and_replies_carry_their_ids() 
         ids.push(reply["id"].clone());
     }
     assert!(ids.contains(&json!("a")));
+    #[cfg(feature = "metrics")]
+    {
+        let metrics = service.metrics().render();
+        let line = "requests_refused_total{context=\"default\",reason=\"connection_limit\",route=\"add\"} 1";
+        assert!(metrics.lines().any(|l| l == line), "{line} not in {metrics}");
+    }
     service.stop().await.unwrap();
 }
 

@@ -141,7 +141,10 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                 // axum's own answers to these are plain text; every other error is JSON
                 let params = match params {
                     Ok(params) => params,
-                    Err(rejection) => return params_refusal(&rejection),
+                    Err(rejection) => {
+                        route.refused("bad_input");
+                        return params_refusal(&rejection);
+                    }
                 };
                 // Room for the body before it is read, held until the answer: the bodies
                 // read, waiting for a worker or in a call stay within the route's budget,
@@ -152,7 +155,7 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                 let room = tokio::select! {
                     biased;
                     room = budget.reserve(&headers) => room,
-                    () = route.closed_to_new_calls() => return stopping(),
+                    () = route.closed_to_new_calls() => return stopping(&route),
                 };
                 // A body still arriving when the service stops would be read to its end (as
                 // slowly as its client sends it, holding the stop up) only to be refused
@@ -160,7 +163,7 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                 let body = tokio::select! {
                     biased;
                     body = Bytes::from_request(whole, &()) => body,
-                    () = route.closed_to_new_calls() => return stopping(),
+                    () = route.closed_to_new_calls() => return stopping(&route),
                 };
                 let body = match body {
                     Ok(body) => body,
@@ -175,8 +178,9 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
     )
 }
 
-/// The answer to a request no call will run for: the service is stopping.
-fn stopping() -> axum::response::Response {
+/// The answer to a request for `route` no call will run for: the service is stopping.
+fn stopping(route: &RouteHandle) -> axum::response::Response {
+    route.refused("stopping");
     refusal(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the service is stopping")
 }
 
@@ -190,11 +194,15 @@ fn params_refusal(rejection: &RawPathParamsRejection) -> axum::response::Respons
 fn body_refusal(rejection: &BytesRejection, route: &RouteHandle) -> axum::response::Response {
     match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
+            route.refused("too_large");
             let limit = route.config().max_message_size;
             let message = format!("the request body is over MAX_MESSAGE_SIZE ({limit} bytes)");
             refusal(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message)
         }
-        status => refusal(status, "bad_input", &rejection.body_text()),
+        status => {
+            route.refused("bad_input");
+            refusal(status, "bad_input", &rejection.body_text())
+        }
     }
 }
 
@@ -252,7 +260,7 @@ async fn call(
     body: Bytes,
 ) -> axum::response::Response {
     let Some(permit) = route.acquire().await else {
-        return stopping();
+        return stopping(&route);
     };
     let mut message = Message { body, ..Message::default() };
     message.properties.content_type =

@@ -18,6 +18,7 @@
 //! | `rpc_calls_total` | counter: RPC calls made by the service's targets | service, method, outcome |
 //! | `rpc_call_duration_seconds` | histogram: their round trip | service, method |
 //! | `ws_active_connections` | gauge: WebSocket connections open (the Python original's) | |
+//! | `requests_refused_total` | counter: HTTP requests and WebSocket commands answered without a call (`too_large`, `bad_input`, `stopping`, `busy`, `connection_limit`) | context, route, reason |
 //!
 //! Served with `/health/live` and `/health/ready` by its server when `ENABLE_METRICS=true`.
 
@@ -63,6 +64,7 @@ pub struct Metrics {
     connected: IntGauge,
     node: IntGaugeVec,
     ws_connections: IntGauge,
+    refused: IntCounterVec,
     /// The `node` label last set in `node`.
     last_node: Arc<Mutex<Option<String>>>,
     /// Each context's pool: (size, worker mode).
@@ -150,6 +152,11 @@ impl Metrics {
             )?,
             // the Python original's name and help
             ws_connections: IntGauge::new("ws_active_connections", "Number of Active Connections")?,
+            refused: labelled(
+                "requests_refused_total",
+                "HTTP requests and WebSocket commands answered without a call, by reason",
+                &["context", "route", "reason"],
+            )?,
             last_node: Arc::default(),
             pools: Arc::default(),
             failures: Arc::default(),
@@ -172,6 +179,7 @@ impl Metrics {
         registry.register(Box::new(metrics.connected.clone()))?;
         registry.register(Box::new(metrics.node.clone()))?;
         registry.register(Box::new(metrics.ws_connections.clone()))?;
+        registry.register(Box::new(metrics.refused.clone()))?;
         Ok(metrics)
     }
 
@@ -333,6 +341,14 @@ impl Metrics {
     pub(crate) fn websocket_connection(&self) -> OpenConnection {
         self.ws_connections.inc();
         OpenConnection(self.ws_connections.clone())
+    }
+
+    /// A request for the route labelled `context`, `route` was answered without a call, for
+    /// `reason`: a client refused (a body too large, the service stopping, no worker free)
+    /// is an operator's sign as much as a failed call is.
+    #[cfg(any(feature = "http", feature = "websocket"))]
+    pub(crate) fn refused(&self, context: &str, route: &str, reason: &str) {
+        self.refused.with_label_values(&[context, route, reason]).inc();
     }
 
     /// Set the reconnection count (read from the transport).

@@ -66,6 +66,10 @@ impl Metrics {
     pub(crate) fn retried(&self, _context: &str, _route: &str) {}
 
     /// Counts nothing.
+    #[cfg(any(feature = "http", feature = "websocket"))]
+    pub(crate) fn refused(&self, _context: &str, _route: &str, _reason: &str) {}
+
+    /// Counts nothing.
     #[cfg(feature = "websocket")]
     pub(crate) fn websocket_connection(&self) -> OpenConnection {
         OpenConnection

@@ -61,18 +61,25 @@ pub(crate) fn dispatch(registry: &WsRegistry, frame: &[u8], in_flight: usize) ->
     }
     match registry.route(&request.command) {
         None => reply(Err(RemoteError::target_does_not_exist(&request.command))),
-        Some(_) if in_flight >= MAX_CALLS_PER_CONNECTION => reply(Err(refusal(format!(
-            "{MAX_CALLS_PER_CONNECTION} calls already running on this connection"
-        )))),
+        Some(route) if in_flight >= MAX_CALLS_PER_CONNECTION => {
+            route.refused("connection_limit");
+            reply(Err(refusal(format!(
+                "{MAX_CALLS_PER_CONNECTION} calls already running on this connection"
+            ))))
+        }
         Some(route) => match route.try_acquire() {
             None if route.stopping().is_cancelled() => {
+                route.refused("stopping");
                 reply(Err(refusal("the service is stopping".into())))
             }
-            None => reply(Err(refusal(format!(
-                "all {} workers of context '{}' are busy",
-                route.pool().size(),
-                route.pool().context()
-            )))),
+            None => {
+                route.refused("busy");
+                reply(Err(refusal(format!(
+                    "all {} workers of context '{}' are busy",
+                    route.pool().size(),
+                    route.pool().context()
+                ))))
+            }
             Some(permit) => Step::Call(Box::new(Call::new(route, permit, request))),
         },
     }

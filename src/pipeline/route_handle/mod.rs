@@ -226,6 +226,13 @@ impl RouteHandle {
         &self.inner.transport
     }
 
+    /// Count a request for the route answered without a call, for `reason` (a label of
+    /// `requests_refused_total`).
+    #[cfg(any(feature = "http", feature = "websocket"))]
+    pub(crate) fn refused(&self, reason: &str) {
+        self.inner.metrics.refused(self.inner.pool.context(), self.metric_label(), reason);
+    }
+
     /// The service's metrics.
     #[cfg(feature = "websocket")]
     pub(crate) fn metrics(&self) -> &Metrics {
