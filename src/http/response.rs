@@ -297,9 +297,20 @@ mod tests {
     }
 
     #[test]
-    fn invalid_statuses_and_headers_do_not_panic() {
-        let response = Response::status(42).header("bad name", "x").text("t");
-        assert_eq!(respond_with(response).status(), StatusCode::INTERNAL_SERVER_ERROR);
+    fn an_invalid_status_fails_the_call_and_an_invalid_header_is_dropped() {
+        for status in [0, 42, 99, 1000, u16::MAX] {
+            let refused = Response::status(status).text("t").into_outcome();
+            let reason = format!("invalid HTTP status {status} (one is 100 to 999)");
+            assert!(
+                matches!(&refused, Err(TargetError::Unserializable(said)) if *said == reason),
+                "{status}"
+            );
+        }
+        for status in [100, 999] {
+            assert!(Response::status(status).into_outcome().is_ok(), "{status}");
+        }
+        let response = Response::status(200).header("bad name", "x").text("t");
+        assert_eq!(respond_with(response).status(), StatusCode::OK);
     }
 
     #[test]
