@@ -53,10 +53,6 @@ async fn ws_emit(
     Ok(json!({ "sent": id }))
 }
 
-fn add(Args((a, b)): Args<(i64, i64)>) -> i64 {
-    a + b
-}
-
 /// `GET /ask`: calls `add(2, 40)` of the service named by the extra key `MATH`, 2 s timeout.
 async fn ask(rpc: RpcProxy, config: Arc<Config>) -> Result<i64, RpcError> {
     let math: String = config.get("MATH").unwrap().unwrap();
@@ -72,14 +68,46 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(90)).build().unwrap()
 }
 
-/// The listener of `source`'s `done` events, connected straight to the broker.
-async fn listener(uri: &str, source: &str) -> (TestService, Arc<Probe>) {
+/// Whether this is a worker process of the service under test: a process-mode test's body
+/// runs there too, up to the service's start, and must not start the peers again (a second
+/// math service there took requests the test's own did not count).
+fn in_a_worker() -> bool {
+    micro_framework::spawners::process::is_worker_process()
+}
+
+/// The listener of `source`'s `done` events, connected straight to the broker (none in a
+/// worker process).
+async fn listener(uri: &str, source: &str) -> (Option<TestService>, Arc<Probe>) {
     let probe = Probe::new();
+    if in_a_worker() {
+        return (None, probe);
+    }
     let routes = vec![Route::new(record)
         .entrypoint(EventListener::new(source, "done"))
         .dependency(Shared(probe.clone()))];
-    let service = TestService::start(routes, common::config(uri, "rev_listen")).await.unwrap();
-    (service, probe)
+    let service = TestService::start(routes, common::config(uri, "outage_listen")).await;
+    (Some(service.unwrap()), probe)
+}
+
+/// The math service the targets call (`add`, counting its runs), named the same in the worker
+/// processes, whose parent is this test's process; started in the test's own process only.
+async fn math_service(uri: &str, tag: &str) -> (Option<TestService>, String, Arc<Probe>) {
+    let pid = if in_a_worker() { std::os::unix::process::parent_id() } else { std::process::id() };
+    let math = Config::new(format!("outage_math_{tag}_{pid}")).with_amqp_uri(uri.to_owned());
+    let (name, probe) = (math.service_name.clone(), Probe::new());
+    if in_a_worker() {
+        return (None, name, probe);
+    }
+    let route = Route::new(counted_add)
+        .name("add")
+        .entrypoint(RPCListener::new())
+        .dependency(Shared(probe.clone()));
+    (Some(TestService::start(vec![route], math).await.unwrap()), name, probe)
+}
+
+/// Stop `service`, a peer started in the test's own process.
+async fn stop(service: Option<TestService>) {
+    service.expect("peers run in the test's own process").stop().await.unwrap();
 }
 
 /// An HTTP request whose target dispatches an event while the broker is away, the broker
@@ -90,7 +118,7 @@ async fn an_http_event_dispatched_during_an_outage_goes_out_once_the_broker_is_b
     let Some(uri) = rabbitmq_uri() else { return };
     let (switch, proxied) = Switch::in_front_of(&uri).await;
     let config =
-        common::config(&proxied, "rev_http_evt").with_web_server_address("127.0.0.1:0".into());
+        common::config(&proxied, "outage_http_evt").with_web_server_address("127.0.0.1:0".into());
     let name = config.service_name.clone();
     let (listen, probe) = listener(&uri, &name).await;
     let routes = vec![Route::new(emit).entrypoint(HttpEntrypoint::post("/emit/{id}"))];
@@ -123,7 +151,7 @@ async fn an_http_event_dispatched_during_an_outage_goes_out_once_the_broker_is_b
     tokio::time::sleep(Duration::from_secs(2)).await;
     let seen = ids(&probe);
     service.stop().await.unwrap();
-    listen.stop().await.unwrap();
+    stop(listen).await;
     common::cleanup(&uri, &[name]).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(after, 200);
@@ -137,14 +165,9 @@ async fn an_http_event_dispatched_during_an_outage_goes_out_once_the_broker_is_b
 async fn an_http_rpc_call_during_an_outage_fails_within_its_timeout_and_recovers() {
     let Some(uri) = rabbitmq_uri() else { return };
     let (switch, proxied) = Switch::in_front_of(&uri).await;
-    let math = common::config(&uri, "rev_math");
-    let math_name = math.service_name.clone();
-    let math_service =
-        TestService::start(vec![Route::new(add).entrypoint(RPCListener::new())], math)
-            .await
-            .unwrap();
+    let (math_service, math_name, _) = math_service(&uri, "http").await;
     let mut config =
-        common::config(&proxied, "rev_http_rpc").with_web_server_address("127.0.0.1:0".into());
+        common::config(&proxied, "outage_http_rpc").with_web_server_address("127.0.0.1:0".into());
     config.extra.insert("MATH".into(), json!(math_name));
     let name = config.service_name.clone();
     let routes = vec![Route::new(ask).entrypoint(HttpEntrypoint::get("/ask"))];
@@ -177,7 +200,7 @@ async fn an_http_rpc_call_during_an_outage_fails_within_its_timeout_and_recovers
     }
     eprintln!("after the outage: {after:?}");
     service.stop().await.unwrap();
-    math_service.stop().await.unwrap();
+    stop(math_service).await;
     common::cleanup(&uri, &[name, math_name]).await;
     assert_eq!(status, 500, "{body}");
     assert!(took < Duration::from_secs(5), "the call took {took:?} for a 2 s timeout");
@@ -210,13 +233,8 @@ async fn ws_call(
 async fn a_websocket_connection_open_across_an_outage_keeps_working() {
     let Some(uri) = rabbitmq_uri() else { return };
     let (switch, proxied) = Switch::in_front_of(&uri).await;
-    let math = common::config(&uri, "rev_wsmath");
-    let math_name = math.service_name.clone();
-    let math_service =
-        TestService::start(vec![Route::new(add).entrypoint(RPCListener::new())], math)
-            .await
-            .unwrap();
-    let mut config = common::config(&proxied, "rev_ws")
+    let (math_service, math_name, _) = math_service(&uri, "ws").await;
+    let mut config = common::config(&proxied, "outage_ws")
         .with_websocket_ip("127.0.0.1".into())
         .with_websocket_port(0);
     config.extra.insert("MATH".into(), json!(math_name));
@@ -270,8 +288,8 @@ async fn a_websocket_connection_open_across_an_outage_keeps_working() {
     eprintln!("asked {asked} in {ask_took:?}; emitted {emitted}; after {after:?}; {emit_after}");
     drop(socket);
     service.stop().await.unwrap();
-    listen.stop().await.unwrap();
-    math_service.stop().await.unwrap();
+    stop(listen).await;
+    stop(math_service).await;
     common::cleanup(&uri, &[name, math_name]).await;
     assert_eq!(asked["exception"]["exception"], "RpcError", "{asked}");
     assert!(ask_took < Duration::from_secs(5), "{ask_took:?}");
@@ -298,7 +316,7 @@ async fn tick(producer: Producer) -> Result<(), micro_framework::Error> {
 async fn a_timer_s_events_dispatched_across_an_outage_are_not_lost_silently() {
     let Some(uri) = rabbitmq_uri() else { return };
     let (switch, proxied) = Switch::in_front_of(&uri).await;
-    let config = common::config(&proxied, "rev_timer");
+    let config = common::config(&proxied, "outage_timer");
     let name = config.service_name.clone();
     let (listen, probe) = listener(&uri, &name).await;
     let routes = vec![Route::new(tick)
@@ -313,7 +331,7 @@ async fn a_timer_s_events_dispatched_across_an_outage_are_not_lost_silently() {
     service.stop().await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let seen = ids(&probe);
-    listen.stop().await.unwrap();
+    stop(listen).await;
     common::cleanup(&uri, &[name]).await;
     let runs = TIMER_RUNS.lock().unwrap().clone();
     eprintln!("runs {runs:?}; seen {seen:?}");
@@ -333,7 +351,7 @@ fn counted_add(Args((a, b)): Args<(i64, i64)>, Dep(runs): Dep<Arc<Probe>>) -> i6
     a + b
 }
 
-/// `GET /ask` of `rev_outage_process`, answered from a worker process in process mode.
+/// `GET /ask`, counted by the math service.
 async fn ask_counted(rpc: RpcProxy, config: Arc<Config>) -> Result<i64, RpcError> {
     ask(rpc, config).await
 }
@@ -346,19 +364,8 @@ async fn ask_counted(rpc: RpcProxy, config: Arc<Config>) -> Result<i64, RpcError
 async fn outage_scenario(mode: micro_framework::config::WorkerMode, tag: &str) {
     let Some(uri) = rabbitmq_uri() else { return };
     let (switch, proxied) = Switch::in_front_of(&uri).await;
-    // the same name in the worker processes (the test's body runs there up to the start):
-    // their parent is this test's process
-    let worker = std::env::var(micro_framework::spawners::process::WORKER_SOCKET_ENV).is_ok();
-    let pid = if worker { std::os::unix::process::parent_id() } else { std::process::id() };
-    let math = Config::new(format!("rev_cmath_{tag}_{pid}")).with_amqp_uri(uri.clone());
-    let math_name = math.service_name.clone();
-    let math_probe = Probe::new();
-    let math_route = Route::new(counted_add)
-        .name("add")
-        .entrypoint(RPCListener::new())
-        .dependency(Shared(math_probe.clone()));
-    let math_service = TestService::start(vec![math_route], math).await.unwrap();
-    let mut config = common::config(&proxied, &format!("rev_out_{tag}"))
+    let (math_service, math_name, math_probe) = math_service(&uri, &format!("c{tag}")).await;
+    let mut config = common::config(&proxied, &format!("outage_out_{tag}"))
         .with_web_server_address("127.0.0.1:0".into())
         .with_worker_mode(mode)
         .with_max_workers(2);
@@ -416,8 +423,8 @@ async fn outage_scenario(mode: micro_framework::config::WorkerMode, tag: &str) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let seen = ids(&probe);
     service.stop().await.unwrap();
-    listen.stop().await.unwrap();
-    math_service.stop().await.unwrap();
+    stop(listen).await;
+    stop(math_service).await;
     common::cleanup(&uri, &[name, math_name]).await;
     assert_eq!(status, 500, "{body}");
     assert!(took < Duration::from_secs(5), "the call took {took:?} for a 2 s timeout");
@@ -453,17 +460,8 @@ async fn ask_long(rpc: RpcProxy, config: Arc<Config>) -> Result<i64, RpcError> {
 async fn long_call_scenario(mode: micro_framework::config::WorkerMode, tag: &str) {
     let Some(uri) = rabbitmq_uri() else { return };
     let (switch, proxied) = Switch::in_front_of(&uri).await;
-    let worker = std::env::var(micro_framework::spawners::process::WORKER_SOCKET_ENV).is_ok();
-    let pid = if worker { std::os::unix::process::parent_id() } else { std::process::id() };
-    let math = Config::new(format!("rev_lmath_{tag}_{pid}")).with_amqp_uri(uri.clone());
-    let math_name = math.service_name.clone();
-    let math_probe = Probe::new();
-    let math_route = Route::new(counted_add)
-        .name("add")
-        .entrypoint(RPCListener::new())
-        .dependency(Shared(math_probe.clone()));
-    let math_service = TestService::start(vec![math_route], math).await.unwrap();
-    let mut config = common::config(&proxied, &format!("rev_long_{tag}"))
+    let (math_service, math_name, math_probe) = math_service(&uri, &format!("l{tag}")).await;
+    let mut config = common::config(&proxied, &format!("outage_long_{tag}"))
         .with_web_server_address("127.0.0.1:0".into())
         .with_worker_mode(mode)
         .with_max_workers(2);
@@ -492,7 +490,7 @@ async fn long_call_scenario(mode: micro_framework::config::WorkerMode, tag: &str
     tokio::time::sleep(Duration::from_secs(1)).await;
     let runs = math_probe.started() - runs_before;
     service.stop().await.unwrap();
-    math_service.stop().await.unwrap();
+    stop(math_service).await;
     common::cleanup(&uri, &[name, math_name]).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(runs, 1);
@@ -510,14 +508,12 @@ async fn process_mode_an_rpc_call_across_a_short_outage_is_answered() {
 async fn cut_short_scenario(mode: micro_framework::config::WorkerMode, tag: &str) {
     let Some(uri) = rabbitmq_uri() else { return };
     let (switch, proxied) = Switch::in_front_of(&uri).await;
-    let config = common::config(&proxied, &format!("rev_cut_{tag}"))
+    let config = common::config(&proxied, &format!("outage_cut_{tag}"))
         .with_web_server_address("127.0.0.1:0".into())
         .with_worker_mode(mode)
         .with_max_workers(2)
         .with_task_time_limit(Some(Duration::from_secs(2)));
     let name = config.service_name.clone();
-    // the listener listens to this service's events: in a worker process the service's
-    // name is the parent's, so the listener's source is not needed there
     let (listen, probe) = listener(&uri, &name).await;
     let routes = vec![Route::new(emit).entrypoint(HttpEntrypoint::post("/emit/{id}"))];
     let service = TestService::start(routes, config).await.unwrap();
@@ -538,7 +534,7 @@ async fn cut_short_scenario(mode: micro_framework::config::WorkerMode, tag: &str
     let seen = ids(&probe);
     eprintln!("[{tag}] events seen: {seen:?}");
     service.stop().await.unwrap();
-    listen.stop().await.unwrap();
+    stop(listen).await;
     common::cleanup(&uri, &[name]).await;
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("timed_out"), "{body}");

@@ -206,25 +206,6 @@ fn pid(_: Dep<()>) -> u32 {
     std::process::id()
 }
 
-/// The live children of this process started as workers of `service`.
-fn workers_of(service: &str) -> Vec<u32> {
-    let marker = format!("MF_WORKER_SERVICE_NAME={service}\0");
-    let mut workers = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let parent = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1));
-        if parent != Some(&std::process::id().to_string()) {
-            continue;
-        }
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        if String::from_utf8_lossy(&environ).contains(&marker) {
-            workers.push(pid);
-        }
-    }
-    workers
-}
-
 /// Workers that die 300 ms after each start, idle, are a crash loop as much as workers
 /// that cannot start: each is replaced after a second, and 5 in a row stop the service with
 /// an error for its supervisor. They were restarted at once, 52 in 8 s, for ever, while the
@@ -243,13 +224,13 @@ async fn workers_dying_right_after_their_start_stop_the_service() {
     // From here on only the test's own process runs: arm the workers started from now on.
     std::fs::write(&armed, b"").unwrap();
     // the first two workers were not armed: have them replaced by killing them
-    for worker in workers_of(&name) {
+    for worker in common::workers_of(&name) {
         let _ = std::process::Command::new("kill").args(["-KILL", &worker.to_string()]).status();
     }
     let mut seen = HashSet::new();
     let since = Instant::now();
     while service.is_ready() {
-        seen.extend(workers_of(&name));
+        seen.extend(common::workers_of(&name));
         assert!(since.elapsed() < Duration::from_secs(30), "{} workers, still serving", seen.len());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -738,25 +738,6 @@ async fn a_process_mode_stop_leaves_no_worker_and_no_socket_behind() {
     assert!(!directory.exists(), "{} left", directory.display());
 }
 
-/// The worker processes of `service`: children of this process started for it.
-fn workers_of(service: &str) -> Vec<u32> {
-    let marker = format!("MF_WORKER_SERVICE_NAME={service}\0");
-    let mut workers = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let parent = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1));
-        if parent != Some(&std::process::id().to_string()) {
-            continue;
-        }
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        if String::from_utf8_lossy(&environ).contains(&marker) {
-            workers.push(pid);
-        }
-    }
-    workers
-}
-
 /// A process-mode service dropped without `stop` ends its worker processes as a stopped one
 /// does: on RabbitMQ (`TEST_AMQP_URI`) its virtual host was deleted at the drop, while the
 /// service still stopped, and its workers could live on for 30 s.
@@ -767,10 +748,10 @@ async fn a_dropped_process_mode_service_leaves_no_worker_behind() {
     let routes = vec![Route::new(whereabouts).entrypoint(RPCListener::new())];
     let service = TestService::start(routes, config).await.unwrap();
     let _: (u32, String) = service.hook("whereabouts").unwrap().rpc((), ()).await.unwrap();
-    assert_eq!(workers_of(&name).len(), 2, "its two workers");
+    assert_eq!(common::workers_of(&name).len(), 2, "its two workers");
     drop(service);
     let gone = async {
-        while !workers_of(&name).is_empty() {
+        while !common::workers_of(&name).is_empty() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     };
@@ -778,6 +759,6 @@ async fn a_dropped_process_mode_service_leaves_no_worker_behind() {
     assert!(
         waited.is_ok(),
         "{:?} still run 10 s after their service was dropped",
-        workers_of(&name)
+        common::workers_of(&name)
     );
 }

@@ -267,3 +267,23 @@ fn rabbitmqctl(args: &[&str]) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The worker processes of `service`: children of this process started for it (found by the
+/// service name in their environment).
+pub fn workers_of(service: &str) -> Vec<u32> {
+    let marker = format!("MF_WORKER_SERVICE_NAME={service}\0");
+    let mut workers = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let parent = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1));
+        if parent != Some(&std::process::id().to_string()) {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if String::from_utf8_lossy(&environ).contains(&marker) {
+            workers.push(pid);
+        }
+    }
+    workers
+}
