@@ -242,3 +242,47 @@ async fn workers_dying_right_after_their_start_stop_the_service() {
     // paced at a second: the two killed, then at most a few more
     assert!(seen.len() <= 8, "{} worker processes started", seen.len());
 }
+
+fn own_pid() -> u32 {
+    std::process::id()
+}
+
+/// Idle workers SIGKILLed soon after their start (the OOM killer at a memory spike, or an
+/// operator) make the pool give up after 5: the warnings and the error the service stops
+/// with say how they died, so that an OOM kill can be told from a set-up that dooms them
+/// (they said neither).
+#[tokio::test]
+async fn the_error_of_a_pool_whose_idle_workers_keep_dying_says_how_they_died() {
+    common::logs::capture(tracing::Level::WARN);
+    let name = common::unique("oom_loop");
+    let config = test_config(&name).with_worker_mode(WorkerMode::Process).with_max_workers(1);
+    let routes = vec![Route::new(own_pid).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config).await.unwrap();
+    let mut killed = HashSet::new();
+    let since = Instant::now();
+    while service.is_ready() {
+        for worker in common::workers_of(&name) {
+            if killed.insert(worker) {
+                let pid = worker.to_string();
+                let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(40),
+            "{} killed, still serving",
+            killed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = tokio::time::timeout(Duration::from_secs(30), service.wait_stopped());
+    let error = stopped.await.expect("the service stops by itself").expect_err("with an error");
+    let error = error.to_string();
+    assert!(error.contains("the last: signal: 9 (SIGKILL)"), "{error}");
+    let logs = common::logs::logged();
+    // this test's workers (the other tests of the binary log beside it)
+    let ours = |line: &&str| killed.iter().any(|pid| line.contains(&format!("process {pid} ")));
+    let deaths: Vec<&str> =
+        logs.lines().filter(|line| line.contains("died while idle")).filter(ours).collect();
+    assert!(deaths.len() >= 5, "{logs}");
+    assert!(deaths.iter().all(|line| line.contains("(signal: 9 (SIGKILL))")), "{deaths:#?}");
+}

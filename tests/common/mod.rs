@@ -268,16 +268,18 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
-/// The worker processes of `service`: children of this process started for it (found by the
-/// service name in their environment).
+/// The live worker processes of `service`: children of this process started for it (found by
+/// the service name in their environment), zombies left out.
 pub fn workers_of(service: &str) -> Vec<u32> {
     let marker = format!("MF_WORKER_SERVICE_NAME={service}\0");
     let mut workers = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let parent = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1));
-        if parent != Some(&std::process::id().to_string()) {
+        // after the name: the state (a zombie's is `Z`, `X` once dead), then the parent
+        let mut fields = stat.rsplit(')').next().unwrap_or_default().split_whitespace();
+        let (state, parent) = (fields.next(), fields.next());
+        if parent != Some(&std::process::id().to_string()) || matches!(state, Some("Z" | "X")) {
             continue;
         }
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();

@@ -9,8 +9,8 @@ use micro_framework::logging::escape_wire_text;
 #[derive(Debug)]
 pub struct CliError {
     message: String,
-    /// The process exit code: 2 for bad input, 130 when interrupted, 1 for anything else, 0
-    /// when the reader of the output closed it.
+    /// The process exit code: 2 for bad input, 130 when interrupted (128 plus another
+    /// signal's number), 1 for anything else, 0 when the reader of the output closed it.
     pub code: u8,
 }
 
@@ -23,6 +23,13 @@ impl CliError {
     /// Interrupted by Ctrl-C (SIGINT): exit code 130, as a shell reports a command it ended.
     pub fn interrupted(message: impl Into<String>) -> Self {
         CliError { message: format!("interrupted: {}", mask_secrets(&message.into())), code: 130 }
+    }
+
+    /// Ended by the signal `name`, number `number` (other than SIGINT): exit code 128 plus
+    /// the number, as a shell reports a command the signal ended.
+    pub fn signalled(name: &str, number: u8, message: impl Into<String>) -> Self {
+        let message = format!("{name}: {}", mask_secrets(&message.into()));
+        CliError { message, code: 128 + number }
     }
 
     /// Anything else (broker down, missing queue, unknown service, ...): exit code 1.

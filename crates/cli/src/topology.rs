@@ -79,8 +79,12 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
     // helper left in the background) is ended with it, and a helper holding the output open
     // cannot hold the command up. Ctrl-C at a terminal then reaches this command alone,
     // which ends the group itself.
-    // listened to before the binary starts, so that no Ctrl-C leaves its group running
+    // listened to before the binary starts, so that no signal that ends this command (Ctrl-C,
+    // a supervisor's or `timeout`'s SIGTERM, a closed terminal's SIGHUP, none of which reaches
+    // the binary's own group) leaves that group running
     let mut interrupts = signal(SignalKind::interrupt())?;
+    let mut terminations = signal(SignalKind::terminate())?;
+    let mut hang_ups = signal(SignalKind::hangup())?;
     let mut child = tokio::process::Command::new(&args.binary)
         .args(&args.args)
         .env("MF_PRINT_TOPOLOGY", "1")
@@ -99,6 +103,14 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
         _ = interrupts.recv() => {
             group.end();
             return Err(CliError::interrupted(format!("'{shown}' was ended")));
+        }
+        _ = terminations.recv() => {
+            group.end();
+            return Err(CliError::signalled("SIGTERM", 15, format!("'{shown}' was ended")));
+        }
+        _ = hang_ups.recv() => {
+            group.end();
+            return Err(CliError::signalled("SIGHUP", 1, format!("'{shown}' was ended")));
         }
     };
     // ended before the output is read to its end: what the binary left behind holds it open

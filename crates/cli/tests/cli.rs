@@ -812,36 +812,41 @@ async fn topology_ends_what_the_binary_left_running() {
 }
 
 /// Ctrl-C while `topology` waits for the binary ends the binary and all it started, and
-/// exits with 130. The binary runs in a process group of its own (so that it can be ended
-/// whole), which a terminal's Ctrl-C does not reach.
+/// exits with 130; so do a supervisor's or `timeout`'s SIGTERM (143) and a closed terminal's
+/// SIGHUP (129). The binary runs in a process group of its own (so that it can be ended
+/// whole), which none of these reaches.
 #[tokio::test]
 async fn an_interrupted_topology_ends_the_binary_and_all_it_started() {
-    let dir = std::env::temp_dir().join(format!("mf-topology-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let service = dir.join("service.pid");
-    let script = format!("sleep 300 & echo $! > '{}'; wait", service.display());
-    let child = tokio::process::Command::new(BIN)
-        .args(["topology", "sh", "-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = written_pid(&service).await;
-    let cli_pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-INT", &cli_pid])
-        .status()
-        .unwrap()
-        .success());
-    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .expect("the command ends at once")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(130), "{stderr}");
-    assert!(stderr.starts_with("error: interrupted") && stderr.lines().count() == 1, "{stderr}");
-    assert!(ends(&pid).await, "the service {pid} runs on");
-    std::fs::remove_dir_all(&dir).unwrap();
+    for (signal, code, says) in [
+        ("INT", 130, "error: interrupted"),
+        ("TERM", 143, "error: SIGTERM"),
+        ("HUP", 129, "error: SIGHUP"),
+    ] {
+        let dir = std::env::temp_dir().join(format!("mf-topology-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let service = dir.join("service.pid");
+        let script = format!("sleep 300 & echo $! > '{}'; wait", service.display());
+        let child = tokio::process::Command::new(BIN)
+            .args(["topology", "sh", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = written_pid(&service).await;
+        let cli_pid = child.id().unwrap().to_string();
+        let flag = format!("-{signal}");
+        let sent = std::process::Command::new("kill").args([&flag, &cli_pid]).status();
+        assert!(sent.unwrap().success());
+        let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+            .await
+            .expect("the command ends at once")
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{signal}: {stderr}");
+        assert!(stderr.starts_with(says) && stderr.lines().count() == 1, "{signal}: {stderr}");
+        assert!(ends(&pid).await, "{signal}: the service {pid} runs on");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 /// `MF_PRINT_TOPOLOGY=1` is honoured by every way to run a service, not `Runner::start`

@@ -173,38 +173,45 @@ impl ProcessPool {
         };
         let lived = worker.links.started.elapsed();
         let early = worker.links.done == 0 && lived < EARLY_DEATH;
-        match early {
-            true => tracing::warn!(
-                "worker process {pid} died while idle {lived:?} after its start, before any \
-                 call; a new worker replaces it in {RESPAWN_PAUSE:?}"
-            ),
-            false => {
-                tracing::warn!("worker process {pid} died while idle; a new worker replaces it")
+        let pool = self.clone();
+        // waited for first: how it ended (an OOM kill, an abort, an exit code) goes in the
+        // warning, and in the error of a pool that gives up on such deaths
+        tokio::spawn(self.busy.track_future(async move {
+            let status = end(worker, false).await;
+            match early {
+                true => tracing::warn!(
+                    "worker process {pid} died while idle {lived:?} after its start, before \
+                     any call ({status}); a new worker replaces it in {RESPAWN_PAUSE:?}"
+                ),
+                false => tracing::warn!(
+                    "worker process {pid} died while idle ({status}); a new worker replaces it"
+                ),
             }
-        }
-        self.respawn_after(early);
-        tokio::spawn(self.busy.track_future(end(worker, false)));
+            pool.respawn_after(early.then_some(status));
+        }));
     }
 
     /// Start a worker in the background, trying again until one starts or the pool is shut
     /// down, or gives up after `START_ATTEMPTS` failed starts in a row.
     fn respawn(self: &Arc<Self>) {
-        self.respawn_after(false);
+        self.respawn_after(None);
     }
 
-    /// [`ProcessPool::respawn`], for a worker that died `early` ([`EARLY_DEATH`]) or not.
-    fn respawn_after(self: &Arc<Self>, early: bool) {
+    /// [`ProcessPool::respawn`], for a worker that died early ([`EARLY_DEATH`]), as
+    /// `early_death` says, or not.
+    fn respawn_after(self: &Arc<Self>, early_death: Option<String>) {
         // a call's future dropped while the runtime shuts down has no runtime to start on
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let pool = self.clone();
         // tracked, so that the shutdown waits for a worker started meanwhile to end
         runtime.spawn(self.busy.track_future(async move {
-            if early {
+            if let Some(status) = early_death {
                 let deaths = pool.early_deaths.fetch_add(1, Ordering::Relaxed) + 1;
                 if deaths >= START_ATTEMPTS {
                     return pool.give_up(format!(
                         "worker processes die right after they start ({deaths} in a row, idle, \
-                         before any call, within {EARLY_DEATH:?} of their start)"
+                         before any call, within {EARLY_DEATH:?} of their start; the last: \
+                         {status})"
                     ));
                 }
                 tokio::select! {
