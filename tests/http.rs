@@ -532,8 +532,13 @@ fn bad_status(Dep(_session): Dep<common::journaled::Session>) -> Response {
     Response::status(1000).json(json!({"ok": true}))
 }
 
-/// A response the service cannot send (its body has no JSON form, or its status is no
-/// HTTP status) fails its call as a plain value with no JSON form does: `500`
+/// An HTTP target answering with an informational status, which is no final answer.
+fn early_hints(Dep(_session): Dep<common::journaled::Session>) -> Response {
+    Response::status(103).text("hints")
+}
+
+/// A response the service cannot send (its body has no JSON form, or its status is no final
+/// HTTP status: over 999, or informational) fails its call as a plain value with no JSON form does: `500`
 /// `"unserializable"`, and the dependencies are told the call failed (a session rolls back).
 /// They were told it succeeded (committed), and a client told `500` that retried had the
 /// work done twice.
@@ -542,20 +547,28 @@ async fn a_response_that_cannot_be_sent_fails_its_call() {
     use common::journaled::{Journal, Sessions};
     use micro_framework::testing::{memory_test_config, HttpCall, TestService};
     let journal = Journal::default();
-    let routes = [("created", "/created"), ("created_plain", "/plain"), ("bad_status", "/bad")];
-    let routes: Vec<Route> =
-        [Route::new(created), Route::new(created_plain), Route::new(bad_status)]
-            .into_iter()
-            .zip(routes)
-            .map(|(route, (_, path))| {
-                route.entrypoint(HttpEntrypoint::post(path)).dependency(Sessions(journal.clone()))
-            })
-            .collect();
+    let paths = [
+        ("created", "/created"),
+        ("created_plain", "/plain"),
+        ("bad_status", "/bad"),
+        ("early_hints", "/hints"),
+    ];
+    let targets = [
+        Route::new(created),
+        Route::new(created_plain),
+        Route::new(bad_status),
+        Route::new(early_hints),
+    ];
+    let routes: Vec<Route> = targets
+        .into_iter()
+        .zip(paths)
+        .map(|(route, (_, path))| {
+            route.entrypoint(HttpEntrypoint::post(path)).dependency(Sessions(journal.clone()))
+        })
+        .collect();
     let service = TestService::start(routes, memory_test_config(&unique("http_unsent"))).await;
     let service = service.unwrap();
-    for (route, path) in
-        [("created", "/created"), ("created_plain", "/plain"), ("bad_status", "/bad")]
-    {
+    for (route, path) in paths {
         let before = journal.lock().unwrap().len();
         let response = service.hook(route).unwrap().http(HttpCall::post(path)).await.unwrap();
         let told = journal.lock().unwrap()[before..].to_vec();
@@ -566,10 +579,8 @@ async fn a_response_that_cannot_be_sent_fails_its_call() {
     }
     let response = service.hook("bad_status").unwrap().http(HttpCall::post("/bad")).await;
     let message = response.unwrap().json::<Value>().unwrap()["message"].clone();
-    assert_eq!(
-        message,
-        "return value cannot be serialized: invalid HTTP status 1000 (one is 100 to 999)"
-    );
+    let reason = "HTTP status 1000 cannot answer (one is 200 to 999)";
+    assert_eq!(message, format!("return value cannot be serialized: {reason}"));
     service.stop().await.unwrap();
 }
 

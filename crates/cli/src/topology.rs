@@ -3,11 +3,14 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{ChildStderr, ChildStdout};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use clap::Args;
 use micro_framework::logging::escape_wire_text;
@@ -72,19 +75,20 @@ struct Binding {
     routing_key: String,
 }
 
+/// How long the output is read after the binary has exited, when something outside its
+/// group (a daemon that left it) still holds the output open: what the binary printed is in
+/// the pipe by then.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+
 /// Run the binary, read its topology and print it.
 pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
     let shown = args.binary.display().to_string();
+    // Listened to before the binary starts, so that no signal that ends this command (Ctrl-C,
+    // a supervisor's or `timeout`'s SIGTERM, a closed terminal's SIGHUP, none of which
+    // reaches the binary's own group) leaves that group running.
+    let mut signals = Signals::listen()?;
     // Its own process group: whatever the binary starts (a wrapper script's service, a
-    // helper left in the background) is ended with it, and a helper holding the output open
-    // cannot hold the command up. Ctrl-C at a terminal then reaches this command alone,
-    // which ends the group itself.
-    // listened to before the binary starts, so that no signal that ends this command (Ctrl-C,
-    // a supervisor's or `timeout`'s SIGTERM, a closed terminal's SIGHUP, none of which reaches
-    // the binary's own group) leaves that group running
-    let mut interrupts = signal(SignalKind::interrupt())?;
-    let mut terminations = signal(SignalKind::terminate())?;
-    let mut hang_ups = signal(SignalKind::hangup())?;
+    // helper left in the background) is ended with it.
     let mut child = tokio::process::Command::new(&args.binary)
         .args(&args.args)
         .env("MF_PRINT_TOPOLOGY", "1")
@@ -96,24 +100,22 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
         .spawn()
         .map_err(|error| CliError::failure(format!("cannot run '{shown}': {error}")))?;
     let group = ProcessGroup(child.id());
-    let stdout = child.stdout.take().map(|stdout| tokio::spawn(document_after_marker(stdout)));
-    let stderr = child.stderr.take().map(|stderr| tokio::spawn(last_line(stderr)));
+    let printed = Arc::new(Mutex::new(Printed::default()));
+    let mut readers = JoinSet::new();
+    if let Some(stdout) = child.stdout.take() {
+        readers.spawn(document_after_marker(stdout, printed.clone()));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        readers.spawn(last_line(stderr, printed.clone()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let status = tokio::select! {
-        status = tokio::time::timeout(Duration::from_secs(args.timeout), child.wait()) => status,
-        _ = interrupts.recv() => {
+        status = tokio::time::timeout_at(deadline, child.wait()) => status,
+        signal = signals.next() => {
             group.end();
-            return Err(CliError::interrupted(format!("'{shown}' was ended")));
-        }
-        _ = terminations.recv() => {
-            group.end();
-            return Err(CliError::signalled("SIGTERM", 15, format!("'{shown}' was ended")));
-        }
-        _ = hang_ups.recv() => {
-            group.end();
-            return Err(CliError::signalled("SIGHUP", 1, format!("'{shown}' was ended")));
+            return Err(signal.ended(&shown));
         }
     };
-    // ended before the output is read to its end: what the binary left behind holds it open
     group.end();
     let status = status.map_err(|_| {
         CliError::failure(format!(
@@ -122,18 +124,27 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
             args.timeout
         ))
     })??;
-    let stdout = match stdout {
-        Some(task) => task.await.map_err(std::io::Error::other)??,
-        None => Vec::new(),
+    let read = async {
+        while let Some(done) = readers.join_next().await {
+            done.map_err(std::io::Error::other)??;
+        }
+        Ok::<(), std::io::Error>(())
     };
+    tokio::select! {
+        read = tokio::time::timeout_at(deadline.min(Instant::now() + OUTPUT_GRACE), read) => {
+            // past the grace, what was read is what the binary printed before it exited
+            if let Ok(read) = read {
+                read?;
+            }
+        }
+        signal = signals.next() => return Err(signal.ended(&shown)),
+    }
+    let printed = std::mem::take(&mut *printed.lock().unwrap_or_else(PoisonError::into_inner));
     if !status.success() {
-        let last = match stderr {
-            Some(task) => task.await.map_err(std::io::Error::other)??,
-            None => String::new(),
-        };
+        let last = String::from_utf8_lossy(printed.last_error_line.trim_ascii());
         return Err(CliError::failure(format!("'{shown}' failed ({status}): {last}")));
     }
-    let (topology, document) = marked_document(&stdout).map_err(|error| {
+    let (topology, document) = marked_document(&printed.document).map_err(|error| {
         CliError::failure(format!(
             "'{shown}' did not print a topology document ({error}): is it built with a \
              micro-framework that supports MF_PRINT_TOPOLOGY?"
@@ -145,6 +156,61 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
         write!(std::io::stdout(), "{}", render(&topology))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The signals that end this command, listened to.
+struct Signals {
+    interrupts: Signal,
+    terminations: Signal,
+    hang_ups: Signal,
+}
+
+/// A signal that ended this command.
+enum Ending {
+    Interrupt,
+    Termination,
+    HangUp,
+}
+
+impl Signals {
+    fn listen() -> std::io::Result<Signals> {
+        Ok(Signals {
+            interrupts: signal(SignalKind::interrupt())?,
+            terminations: signal(SignalKind::terminate())?,
+            hang_ups: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next one to come.
+    async fn next(&mut self) -> Ending {
+        tokio::select! {
+            _ = self.interrupts.recv() => Ending::Interrupt,
+            _ = self.terminations.recv() => Ending::Termination,
+            _ = self.hang_ups.recv() => Ending::HangUp,
+        }
+    }
+}
+
+impl Ending {
+    /// The error of this command ended so while it ran the binary `shown`: exit 130 for
+    /// Ctrl-C, 128 plus the signal's number for the others, as a shell reports them.
+    fn ended(self, shown: &str) -> CliError {
+        let message = format!("'{shown}' was ended");
+        match self {
+            Ending::Interrupt => CliError::interrupted(message),
+            Ending::Termination => CliError::signalled("SIGTERM", 15, message),
+            Ending::HangUp => CliError::signalled("SIGHUP", 1, message),
+        }
+    }
+}
+
+/// What the binary printed that the command reads.
+#[derive(Default)]
+struct Printed {
+    /// Its output from the runner's marker line on.
+    document: Vec<u8>,
+    /// The last line of its error output that is not blank.
+    last_error_line: Vec<u8>,
 }
 
 /// The process group of the binary run (its id is the binary's process id).
@@ -162,36 +228,45 @@ impl ProcessGroup {
     }
 }
 
-/// The binary's output from the runner's marker line on (what comes before it, a banner or
-/// a service's logs however long, is not kept), read to its end.
-async fn document_after_marker(stdout: ChildStdout) -> std::io::Result<Vec<u8>> {
+/// Read the binary's output into `printed` as it comes, from the runner's marker line on
+/// (what comes before it, a banner or a service's logs however long, is not kept).
+async fn document_after_marker(
+    stdout: ChildStdout,
+    printed: Arc<Mutex<Printed>>,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stdout);
     let mut line = Vec::new();
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line).await? == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         if line.trim_ascii_end() == TOPOLOGY_MARKER.as_bytes() {
             break;
         }
     }
-    let mut rest = line;
-    reader.read_to_end(&mut rest).await?;
-    Ok(rest)
+    let mut chunk = line;
+    loop {
+        printed.lock().unwrap_or_else(PoisonError::into_inner).document.extend_from_slice(&chunk);
+        chunk.clear();
+        if reader.read_buf(&mut chunk).await? == 0 {
+            return Ok(());
+        }
+    }
 }
 
-/// The last line of the binary's error output that is not blank (the others are not kept).
-async fn last_line(stderr: ChildStderr) -> std::io::Result<String> {
+/// Keep in `printed` the last line of the binary's error output that is not blank.
+async fn last_line(stderr: ChildStderr, printed: Arc<Mutex<Printed>>) -> std::io::Result<()> {
     let mut reader = BufReader::new(stderr);
-    let (mut line, mut last) = (Vec::new(), Vec::new());
+    let mut line = Vec::new();
     while reader.read_until(b'\n', &mut line).await? > 0 {
         if !line.trim_ascii().is_empty() {
-            std::mem::swap(&mut last, &mut line);
+            let mut printed = printed.lock().unwrap_or_else(PoisonError::into_inner);
+            std::mem::swap(&mut printed.last_error_line, &mut line);
         }
         line.clear();
     }
-    Ok(String::from_utf8_lossy(last.trim_ascii()).into_owned())
+    Ok(())
 }
 
 /// The topology document that follows the runner's marker line on `stdout`, parsed and as

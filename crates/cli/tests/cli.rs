@@ -785,7 +785,8 @@ async fn ends(pid: &str) -> bool {
 /// A service started through a wrapper script that does not `exec` it, and a helper the
 /// wrapper leaves in the background holding the output open: `topology` ends them all. It
 /// killed only the wrapper, and waited for the end of the output, which the helper held
-/// open, until its timeout.
+/// open, until its timeout. A daemon outside the group holding the output does not hold the
+/// command either.
 #[tokio::test]
 async fn topology_ends_what_the_binary_left_running() {
     let fixture = fixture();
@@ -800,6 +801,16 @@ async fn topology_ends_what_the_binary_left_running() {
     assert!(run.ok().stdout.contains("service topology_fixture"), "{run:?}");
     let pid = written_pid(&helper).await;
     assert!(ends(&pid).await, "the helper {pid} runs on");
+
+    // a daemon that left the group (`setsid`) holding the output: what the binary printed
+    // before it exited is read, and the command ends (it waited for the daemon's end, past
+    // its timeout)
+    let daemon = dir.join("daemon.pid");
+    let script = format!("setsid sleep 300 & echo $! > '{}'; exec '{binary}'", daemon.display());
+    let run = cli(Some(DOWN_URI), &["topology", "--timeout", "20", "sh", "-c", &script]).await;
+    let pid = written_pid(&daemon).await;
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+    assert!(run.ok().stdout.contains("service topology_fixture"), "{run:?}");
 
     // a wrapper whose service never prints: the timeout ends the service too
     let service = dir.join("service.pid");
