@@ -1318,3 +1318,41 @@ async fn a_client_that_stops_reading_its_answer_does_not_hold_the_stop() {
     assert!(took < STOP_BOUND, "the stop took {took:?} (SHUTDOWN_TIMEOUT 20 s)");
     drop(reader);
 }
+
+/// An auth dependency that finds no token: `Failure::bad_input` from its `get`.
+struct NoToken;
+
+#[derive(Clone)]
+struct Caller;
+
+#[micro_framework::async_trait]
+impl micro_framework::dependencies::Dependency for NoToken {
+    type Output = Caller;
+    async fn get(
+        &self,
+        _call: &micro_framework::WorkerContext,
+    ) -> Result<Caller, micro_framework::BoxError> {
+        Err(Box::new(micro_framework::Failure::bad_input("no auth token")))
+    }
+}
+
+fn as_caller(Dep(_caller): Dep<Caller>) -> Value {
+    json!({"ok": true})
+}
+
+/// A `Failure::bad_input` a dependency's `get` returns on an HTTP route is answered `400`
+/// `"bad_input"`, as a target's is; it was a `500` named after the dependency.
+#[tokio::test]
+async fn a_dependency_refusing_bad_input_on_an_http_route_answers_400() {
+    use micro_framework::testing::{memory_test_config, HttpCall, TestService};
+    let routes =
+        vec![Route::new(as_caller).entrypoint(HttpEntrypoint::get("/me")).dependency(NoToken)];
+    let service = TestService::start(routes, memory_test_config(&unique("http_dep400")));
+    let service = service.await.unwrap();
+    let response = service.hook("as_caller").unwrap().http(HttpCall::get("/me")).await.unwrap();
+    let body = response.json::<Value>().unwrap_or(Value::Null);
+    service.stop().await.unwrap();
+    assert_eq!(response.status, 400, "{body}");
+    assert_eq!(body["error"], "bad_input", "{body}");
+    assert!(body["message"].as_str().unwrap_or("").contains("no auth token"), "{body}");
+}
