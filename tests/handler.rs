@@ -646,3 +646,46 @@ async fn a_call_alone_names_the_dependency_that_failed_to_set_up() {
         "dependency handler::UnreachableDatabase failed to set up: the database is unreachable"
     );
 }
+
+fn declined(Payload(_payload): Payload<Value>) -> Result<(), micro_framework::Failure> {
+    let failure = micro_framework::Failure::new(FailureKind::Error, "card declined");
+    Err(micro_framework::Failure { error_type: "PaymentDeclined".into(), ..failure })
+}
+
+fn unnamed(Payload(_payload): Payload<Value>) -> Result<(), micro_framework::Failure> {
+    Err(micro_framework::Failure::new(FailureKind::Error, "no type named"))
+}
+
+/// The error type a returned `Failure` names is the one its dead letter and its RPC error
+/// carry (`x-error-type`, `exc_type`); one that names none gets the target's error type.
+#[tokio::test]
+async fn a_failure_a_target_returns_keeps_the_error_type_it_names() {
+    let message = || Message::json(&json!({})).unwrap();
+    let failure = call_route(Route::new(declined), memory_test_config("declined"), message()).await;
+    let failure = failure.unwrap_err();
+    assert_eq!(failure.error_type, "PaymentDeclined", "{failure:?}");
+    let failure = call_route(Route::new(unnamed), memory_test_config("unnamed"), message()).await;
+    let failure = failure.unwrap_err();
+    assert!(!failure.error_type.is_empty(), "no error type filled in: {failure:?}");
+    assert_ne!(failure.error_type, "PaymentDeclined");
+}
+
+fn bad_but_retryable(Payload(_payload): Payload<Value>) -> Result<(), micro_framework::Failure> {
+    Err(micro_framework::Failure {
+        retryable: true,
+        ..micro_framework::Failure::bad_input("no id in the order")
+    })
+}
+
+/// Bad input is never retried, even when the `Failure` says it may be (the field is public:
+/// `Failure { retryable: true, ..micro_framework::Failure::bad_input(..) }`), as the docs of `Failure::from_returned`
+/// and of `Failure::retryable` say.
+#[tokio::test]
+async fn bad_input_a_target_returns_is_never_retried() {
+    let route = Route::new(bad_but_retryable)
+        .backoff(micro_framework::retry::AsyncBackOff::new(3, std::time::Duration::ZERO));
+    let message = Message::json(&json!({})).unwrap();
+    let failure = call_route(route, memory_test_config("bad_retryable"), message).await;
+    let failure = failure.unwrap_err();
+    assert_eq!((failure.kind, failure.retryable), (FailureKind::BadInput, false), "{failure:?}");
+}

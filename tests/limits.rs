@@ -380,3 +380,39 @@ async fn a_body_of_exactly_max_message_size_is_handled_and_one_byte_more_refused
         cleanup(&uri, &[source, service_name]).await;
     }
 }
+
+/// 300 double quotes: 600 bytes as JSON (Nameko's reply fits in 1024), but the
+/// micro-framework wire writes the reply again as a JSON string, where each `\"` is `\\\"`:
+/// over 1200 bytes.
+fn quotes(Args(()): Args<()>, Dep(_session): Dep<common::journaled::Session>) -> String {
+    "\"".repeat(300)
+}
+
+/// A listener in the micro-framework wire (`RPCListener::protocol`) of a service whose
+/// config says Nameko: its reply is measured as it goes out, so a result whose reply does not
+/// fit fails the call (the session rolls back) and the caller is told it is unserializable.
+/// Measured in the config's format, it "fit", the session committed, and the caller was told
+/// the call failed all the same (the reply refused as too large when sent).
+#[tokio::test]
+async fn a_reply_too_large_in_the_listeners_own_wire_format_fails_the_call() {
+    let config = micro_framework::testing::memory_test_config(&common::unique("ufw_big"))
+        .with_max_message_size(1024);
+    assert_eq!(config.protocol, micro_framework::config::Protocol::Nameko);
+    let name = config.service_name.clone();
+    let journal = common::journaled::Journal::default();
+    let routes = vec![Route::new(quotes)
+        .entrypoint(RPCListener::new().protocol(micro_framework::config::Protocol::MicroFramework))
+        .dependency(common::journaled::Sessions(journal.clone()))];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let caller = config.clone().with_protocol(micro_framework::config::Protocol::MicroFramework);
+    let client = micro_framework::amqp::rpc::Client::connect(&caller).await.unwrap();
+    let answer = client.call::<Value>(&name, "quotes", (), ()).await;
+    client.close().await;
+    service.stop().await.unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    assert_eq!(
+        *journal.lock().unwrap(),
+        ["roll back"],
+        "the call whose reply could not be sent was committed: {answer:?}"
+    );
+}

@@ -168,3 +168,35 @@ async fn a_clean_stop_on_rabbitmq_logs_no_error() {
         logs.lines().filter(|line| line.contains("consumer cancelled by the broker")).collect();
     assert!(cancelled.is_empty(), "{cancelled:#?}");
 }
+
+/// A `BackOff` (in the worker) on an RPC route retries: the start-up must not tell the user
+/// "its AsyncBackOff retries nothing" of it. The `AsyncBackOff` route beside it is warned of,
+/// so that the logs were captured.
+#[tokio::test]
+async fn an_in_worker_backoff_on_an_rpc_route_is_not_warned_of() {
+    use micro_framework::retry::{AsyncBackOff, BackOff};
+    common::logs::capture(tracing::Level::WARN);
+    let config = Config::new(unique("warned")).with_amqp_uri(format!("memory://{}", unique("w")));
+    let (in_worker, broker) = (unique("rpc_in_worker"), unique("rpc_broker"));
+    let routes = vec![
+        Route::new(fails_once_called)
+            .name(&in_worker)
+            .entrypoint(RPCListener::new())
+            .backoff(BackOff::new(3, Duration::from_millis(10))),
+        Route::new(fails_once_called)
+            .name(&broker)
+            .entrypoint(RPCListener::new())
+            .backoff(AsyncBackOff::new(3, Duration::from_millis(10))),
+    ];
+    let service = Runner::new(routes, config).spawn().await.expect("it starts");
+    service.stop().await.unwrap();
+    let logs = common::logs::logged();
+    assert!(
+        logs.contains(&format!("route '{broker}': its AsyncBackOff retries nothing")),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains(&format!("route '{in_worker}'")),
+        "an in-worker BackOff was warned of as an AsyncBackOff that retries nothing: {logs}"
+    );
+}
