@@ -377,7 +377,6 @@ async fn the_status_page_answers_at_once_while_the_broker_is_away() {
     common::cleanup(&uri, &[shop]).await;
 }
 
-#[cfg(feature = "http")]
 async fn sleepy() -> &'static str {
     tokio::time::sleep(Duration::from_millis(500)).await;
     "slept"

@@ -18,36 +18,6 @@ use micro_framework::transport::HeaderValue;
 use micro_framework::{BoxError, WorkerContext};
 use serde_json::{json, Value};
 
-/// The file that, while it exists, makes the workers of `service` start slowly.
-fn armed_file(service: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("mf-replacement-slow-{service}"))
-}
-
-/// In a worker process started while its service's [`armed_file`] says `slow`, the set-up
-/// takes 5 s (a program whose own set-up is slow: the seed's `django.setup()`); while it says
-/// `fail`, the set-up fails (a database down), so that no replacement can start.
-struct SlowStartWhenArmed;
-
-#[micro_framework::async_trait]
-impl Dependency for SlowStartWhenArmed {
-    type Output = ();
-
-    async fn setup(&self, _: &SetupContext) -> Result<(), BoxError> {
-        let service = std::env::var("MF_WORKER_SERVICE_NAME").unwrap_or_default();
-        let armed = std::fs::read_to_string(armed_file(&service)).ok();
-        match armed.as_deref() {
-            Some("slow") if is_worker_process() => tokio::time::sleep(Duration::from_secs(5)).await,
-            Some("fail") if is_worker_process() => return Err("the database is down".into()),
-            _ => {}
-        }
-        Ok(())
-    }
-
-    async fn get(&self, _: &WorkerContext) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
-
 fn aborts(Payload(_): Payload<Value>, _: Dep<()>) {
     std::process::abort();
 }
@@ -107,16 +77,16 @@ async fn check_a_call_waiting_for_a_replacement(config: Config, how: &str) {
         .with_worker_mode(WorkerMode::Process)
         .with_max_workers(1)
         .with_shutdown_timeout(Duration::from_secs(1));
-    let armed = armed_file(&config.service_name);
+    let armed = common::replacement::armed_file(&config.service_name);
     let keeper = micro_framework::transport::connect(&config).await.unwrap();
     let queue = format!("evt-{shop}-record--{}.records", config.service_name);
     let routes = vec![
         Route::new(aborts)
             .entrypoint(EventListener::new(&shop, "abort"))
-            .dependency(SlowStartWhenArmed),
+            .dependency(common::replacement::SlowStartWhenArmed),
         Route::new(records)
             .entrypoint(EventListener::new(&shop, "record"))
-            .dependency(SlowStartWhenArmed),
+            .dependency(common::replacement::SlowStartWhenArmed),
     ];
     let service = TestService::start(routes, config.clone()).await.unwrap();
     // From here on only the test's own process runs: replacements now start slowly.
@@ -150,7 +120,7 @@ async fn check_a_call_waiting_for_a_replacement(config: Config, how: &str) {
     let again = config.clone().with_worker_mode(WorkerMode::Thread).with_max_redeliveries(0);
     let routes = vec![Route::new(records)
         .entrypoint(EventListener::new(&shop, "record"))
-        .dependency(SlowStartWhenArmed)];
+        .dependency(common::replacement::SlowStartWhenArmed)];
     let service = TestService::start(routes, again).await.unwrap();
     let dlq = format!("{queue}.dlq");
     let since = std::time::Instant::now();

@@ -13,11 +13,8 @@ use std::time::{Duration, Instant};
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::{Args, Client};
 use micro_framework::config::Protocol;
-use micro_framework::dependencies::{Dependency, SetupContext};
 use micro_framework::prelude::*;
-use micro_framework::spawners::process::is_worker_process;
 use micro_framework::testing::{test_config, TestService};
-use micro_framework::{BoxError, WorkerContext};
 
 fn pid() -> u32 {
     std::process::id()
@@ -142,32 +139,6 @@ async fn the_fifth_early_death_in_a_row_stops_the_service_and_each_is_replaced_a
     }
 }
 
-/// The file that, while it exists, makes the workers of `service` start slowly.
-fn armed_file(service: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("mf-edges-slow-{service}"))
-}
-
-/// In a worker process started while its service's [`armed_file`] exists, the set-up takes
-/// 5 s.
-struct SlowStartWhenArmed;
-
-#[micro_framework::async_trait]
-impl Dependency for SlowStartWhenArmed {
-    type Output = ();
-
-    async fn setup(&self, _: &SetupContext) -> Result<(), BoxError> {
-        let service = std::env::var("MF_WORKER_SERVICE_NAME").unwrap_or_default();
-        if is_worker_process() && armed_file(&service).exists() {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
-        Ok(())
-    }
-
-    async fn get(&self, _: &WorkerContext) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
-
 fn aborts(Args(()): Args<()>, _: Dep<()>) {
     std::process::abort();
 }
@@ -201,10 +172,14 @@ async fn check_an_rpc_request_waiting_for_a_replacement(protocol: Protocol) {
         .with_max_workers(1)
         .with_shutdown_timeout(Duration::from_secs(1));
     let name = config.service_name.clone();
-    let armed = armed_file(&name);
+    let armed = common::replacement::armed_file(&name);
     let routes = vec![
-        Route::new(aborts).entrypoint(RPCListener::new()).dependency(SlowStartWhenArmed),
-        Route::new(records).entrypoint(RPCListener::new()).dependency(SlowStartWhenArmed),
+        Route::new(aborts)
+            .entrypoint(RPCListener::new())
+            .dependency(common::replacement::SlowStartWhenArmed),
+        Route::new(records)
+            .entrypoint(RPCListener::new())
+            .dependency(common::replacement::SlowStartWhenArmed),
     ];
     let service = TestService::start(routes, config.clone()).await.unwrap();
     // From here on only the test's own process runs: replacements now start slowly.
@@ -229,6 +204,7 @@ async fn check_an_rpc_request_waiting_for_a_replacement(protocol: Protocol) {
     let stats = service.route("records").unwrap().stats();
     common::wait_until(|| stats.received_count() == 1, "the call of records").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    #[cfg(feature = "metrics")]
     let metrics = service.service().metrics().clone();
     service.stop().await.unwrap();
     let _ = std::fs::remove_file(&armed);
@@ -243,14 +219,13 @@ async fn check_an_rpc_request_waiting_for_a_replacement(protocol: Protocol) {
         let failed = failed.and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok());
         assert_eq!(failed.unwrap_or(0), 0, "the unstarted call counted as failed: {metrics}");
     }
-    #[cfg(not(feature = "metrics"))]
-    let _ = metrics;
     assert!(!ran.exists(), "the call ran before the stop: nothing to check");
 
     // the next start (thread mode) answers the request that never ran
     let again = config.clone().with_worker_mode(WorkerMode::Thread).with_max_redeliveries(0);
-    let routes =
-        vec![Route::new(records).entrypoint(RPCListener::new()).dependency(SlowStartWhenArmed)];
+    let routes = vec![Route::new(records)
+        .entrypoint(RPCListener::new())
+        .dependency(common::replacement::SlowStartWhenArmed)];
     let service = TestService::start(routes, again).await.unwrap();
     let answer = recording.await.unwrap();
     let ran_now = ran.exists();
@@ -290,14 +265,14 @@ async fn an_unstarted_event_handed_back_at_the_stop_reaches_no_other_subscriber(
         .with_worker_mode(WorkerMode::Process)
         .with_max_workers(1)
         .with_shutdown_timeout(Duration::from_secs(1));
-    let armed = armed_file(&config.service_name);
+    let armed = common::replacement::armed_file(&config.service_name);
     let routes = vec![
         Route::new(abort_event)
             .entrypoint(micro_framework::amqp::entrypoints::EventListener::new(&shop, "abort"))
-            .dependency(SlowStartWhenArmed),
+            .dependency(common::replacement::SlowStartWhenArmed),
         Route::new(record_event)
             .entrypoint(micro_framework::amqp::entrypoints::EventListener::new(&shop, "record"))
-            .dependency(SlowStartWhenArmed),
+            .dependency(common::replacement::SlowStartWhenArmed),
     ];
     let service = TestService::start(routes, config.clone()).await.unwrap();
     // From here on only the test's own process runs.

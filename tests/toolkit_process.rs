@@ -535,6 +535,7 @@ async fn a_dependency_torn_down_in_a_worker_process_can_still_dispatch() {
     assert!(took < std::time::Duration::from_secs(4), "the stop took {took:?}");
 }
 
+#[cfg(feature = "http")]
 fn outlasts_the_stop() -> &'static str {
     std::thread::sleep(std::time::Duration::from_secs(3));
     "done"
@@ -582,6 +583,7 @@ async fn an_http_call_a_greedy_process_mode_stop_ends_is_answered() {
     check_an_http_call_a_stop_ends_is_answered(WorkerMode::GreedyProcess).await;
 }
 
+#[cfg(feature = "http")]
 async fn sleeps_on(Payload(_): Payload<serde_json::Value>) -> Result<(), String> {
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     Ok(())

@@ -6,6 +6,8 @@ pub mod journaled;
 pub mod logs;
 pub mod peer;
 pub mod queues;
+#[cfg(feature = "process")]
+pub mod replacement;
 pub mod switch;
 pub mod tally;
 pub mod targets;
