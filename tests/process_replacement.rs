@@ -93,6 +93,8 @@ async fn check_a_call_waiting_for_a_replacement(config: Config, how: &str) {
     std::fs::write(&armed, how).unwrap();
     service.dispatch(&shop, "abort", &json!({})).await.unwrap();
     service.wait_for_route("aborts", 1).await.unwrap();
+    #[cfg(feature = "metrics")]
+    assert_eq!(replaced(&service, "died_in_call"), 1, "the worker that aborted is counted");
     // the worker died; its replacement takes 5 s to start. This call takes the free slot
     // and waits for the replacement.
     let ran = std::env::temp_dir().join(common::unique("mf-replacement-ran"));
@@ -213,6 +215,17 @@ async fn workers_dying_right_after_their_start_stop_the_service() {
     assert!(seen.len() <= 8, "{} worker processes started", seen.len());
 }
 
+/// How many worker processes of `service` were replaced for `reason`, as its metrics say.
+#[cfg(feature = "metrics")]
+fn replaced(service: &TestService, reason: &str) -> u64 {
+    let metrics = service.service().metrics().render();
+    let line = metrics.lines().find(|line| {
+        line.starts_with("worker_processes_replaced_total{")
+            && line.contains(&format!("reason=\"{reason}\""))
+    });
+    line.and_then(|line| line.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+}
+
 fn own_pid() -> u32 {
     std::process::id()
 }
@@ -244,10 +257,15 @@ async fn the_error_of_a_pool_whose_idle_workers_keep_dying_says_how_they_died() 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    #[cfg(feature = "metrics")]
+    let died_idle = replaced(&service, "died_idle");
     let stopped = tokio::time::timeout(Duration::from_secs(30), service.wait_stopped());
     let error = stopped.await.expect("the service stops by itself").expect_err("with an error");
     let error = error.to_string();
     assert!(error.contains("the last: signal: 9 (SIGKILL)"), "{error}");
+    // each death counted, also where no call failed
+    #[cfg(feature = "metrics")]
+    assert!(died_idle >= 5, "{died_idle} counted of {} killed", killed.len());
     let logs = common::logs::logged();
     // this test's workers (the other tests of the binary log beside it)
     let ours = |line: &&str| killed.iter().any(|pid| line.contains(&format!("process {pid} ")));
@@ -255,4 +273,41 @@ async fn the_error_of_a_pool_whose_idle_workers_keep_dying_says_how_they_died() 
         logs.lines().filter(|line| line.contains("died while idle")).filter(ours).collect();
     assert!(deaths.len() >= 5, "{logs}");
     assert!(deaths.iter().all(|line| line.contains("(signal: 9 (SIGKILL))")), "{deaths:#?}");
+}
+
+#[cfg(feature = "metrics")]
+fn quick() -> &'static str {
+    "done"
+}
+
+#[cfg(feature = "metrics")]
+fn stuck() -> &'static str {
+    std::thread::sleep(Duration::from_secs(30));
+    "late"
+}
+
+/// A worker recycled after `MAX_TASKS_PER_CHILD` calls, and one killed with its call past
+/// `TASK_TIME_LIMIT`, are counted in `worker_processes_replaced_total` by reason.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn replaced_workers_are_counted_by_reason() {
+    use micro_framework::amqp::rpc::Client;
+    let config = test_config(&common::unique("replaced"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1)
+        .with_max_tasks_per_child(Some(1))
+        .with_task_time_limit(Some(Duration::from_secs(1)));
+    let name = config.service_name.clone();
+    let routes = vec![
+        Route::new(quick).entrypoint(RPCListener::new()),
+        Route::new(stuck).entrypoint(RPCListener::new()),
+    ];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let client = Client::connect(&config).await.unwrap();
+    assert_eq!(client.call::<String>(&name, "quick", (), ()).await.unwrap(), "done");
+    assert!(client.call::<String>(&name, "stuck", (), ()).await.is_err(), "past its limit");
+    client.close().await;
+    let (recycled, timed_out) = (replaced(&service, "recycled"), replaced(&service, "time_limit"));
+    service.stop().await.unwrap();
+    assert_eq!((recycled, timed_out), (1, 1));
 }

@@ -18,6 +18,7 @@
 //! | `rpc_calls_total` | counter: RPC calls made by the service's targets | service, method, outcome |
 //! | `rpc_call_duration_seconds` | histogram: their round trip | service, method |
 //! | `ws_active_connections` | gauge: WebSocket connections open (the Python original's) | |
+//! | `worker_processes_replaced_total` | counter: worker processes replaced (`died_idle`, `died_in_call`, `time_limit`, `recycled`, `call_dropped`) | context, reason |
 //! | `requests_refused_total` | counter: HTTP requests and WebSocket commands answered without a call (`too_large`, `bad_input`, `stopping`, `busy`, `connection_limit`) | context, route, reason |
 //!
 //! Served with `/health/live` and `/health/ready` by its server when `ENABLE_METRICS=true`.
@@ -65,6 +66,7 @@ pub struct Metrics {
     node: IntGaugeVec,
     ws_connections: IntGauge,
     refused: IntCounterVec,
+    replaced: IntCounterVec,
     /// The `node` label last set in `node`.
     last_node: Arc<Mutex<Option<String>>>,
     /// Each context's pool: (size, worker mode).
@@ -157,6 +159,11 @@ impl Metrics {
                 "HTTP requests and WebSocket commands answered without a call, by reason",
                 &["context", "route", "reason"],
             )?,
+            replaced: labelled(
+                "worker_processes_replaced_total",
+                "Worker processes replaced, by reason",
+                &["context", "reason"],
+            )?,
             last_node: Arc::default(),
             pools: Arc::default(),
             failures: Arc::default(),
@@ -180,6 +187,7 @@ impl Metrics {
         registry.register(Box::new(metrics.node.clone()))?;
         registry.register(Box::new(metrics.ws_connections.clone()))?;
         registry.register(Box::new(metrics.refused.clone()))?;
+        registry.register(Box::new(metrics.replaced.clone()))?;
         Ok(metrics)
     }
 
@@ -349,6 +357,13 @@ impl Metrics {
     #[cfg(any(feature = "http", feature = "websocket"))]
     pub(crate) fn refused(&self, context: &str, route: &str, reason: &str) {
         self.refused.with_label_values(&[context, route, reason]).inc();
+    }
+
+    /// A worker process of `context` was replaced, for `reason`: an idle worker killed by
+    /// the OOM killer fails no call, and would otherwise show in no metric.
+    #[cfg(feature = "process")]
+    pub(crate) fn worker_replaced(&self, context: &str, reason: &str) {
+        self.replaced.with_label_values(&[context, reason]).inc();
     }
 
     /// Set the reconnection count (read from the transport).

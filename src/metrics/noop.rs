@@ -70,6 +70,10 @@ impl Metrics {
     pub(crate) fn refused(&self, _context: &str, _route: &str, _reason: &str) {}
 
     /// Counts nothing.
+    #[cfg(feature = "process")]
+    pub(crate) fn worker_replaced(&self, _context: &str, _reason: &str) {}
+
+    /// Counts nothing.
     #[cfg(feature = "websocket")]
     pub(crate) fn websocket_connection(&self) -> OpenConnection {
         OpenConnection

@@ -187,8 +187,14 @@ impl ProcessPool {
                     "worker process {pid} died while idle ({status}); a new worker replaces it"
                 ),
             }
+            pool.replaced("died_idle");
             pool.respawn_after(early.then_some(status));
         }));
+    }
+
+    /// Count a worker replaced for `reason` (`worker_processes_replaced_total`).
+    fn replaced(&self, reason: &str) {
+        self.launcher.metrics.worker_replaced(&self.launcher.context, reason);
     }
 
     /// Start a worker in the background, trying again until one starts or the pool is shut
@@ -293,6 +299,7 @@ impl ProcessPool {
             }
             let pid = worker.links.pid;
             let status = self.replace(worker, false).await;
+            self.replaced("died_idle");
             tracing::warn!(
                 "worker process {pid} was gone before a call reached it ({error}, {status}); a \
                  new worker replaces it and another takes the call"
@@ -321,6 +328,7 @@ impl ProcessPool {
                 let done = worker.links.done;
                 if self.max_tasks.is_some_and(|max| done >= max) {
                     tracing::debug!("worker process {pid} recycled after {done} calls");
+                    self.replaced("recycled");
                     self.respawn();
                     tokio::spawn(self.busy.track_future(end(worker, false)));
                 } else {
@@ -330,12 +338,14 @@ impl ProcessPool {
             }
             Ok(None) => {
                 let status = self.replace(worker, false).await;
+                self.replaced("died_in_call");
                 let message = format!("worker process {pid} died during the call ({status})");
                 tracing::error!("{message}; a new worker replaces it");
                 Err(failed(FailureKind::Crashed, message))
             }
             Err(_) => {
                 self.replace(worker, true).await;
+                self.replaced("time_limit");
                 let limit = self.time_limit.unwrap_or_default();
                 let message = format!(
                     "call ran past its time limit of {limit:?}: worker process {pid} killed"
@@ -463,6 +473,7 @@ impl Drop for ReplaceOnDrop<'_> {
                 "a call ended by its caller while it ran: its worker is killed, replaced"
             );
             drop(pool.lent_process(pid));
+            pool.replaced("call_dropped");
             pool.respawn();
         }
     }
