@@ -311,7 +311,8 @@ async fn tick(producer: Producer) -> Result<(), micro_framework::Error> {
 }
 
 /// A timer whose target dispatches an event each 300 ms, across a 4 s outage: every run that
-/// reported success has its event delivered (none lost while the target reported success).
+/// reported success has its event delivered (none lost while the target reported success;
+/// one in flight at the cut may come twice).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_timer_s_events_dispatched_across_an_outage_are_not_lost_silently() {
     let Some(uri) = rabbitmq_uri() else { return };
@@ -338,9 +339,8 @@ async fn a_timer_s_events_dispatched_across_an_outage_are_not_lost_silently() {
     let reported: Vec<u64> = runs.iter().filter(|(_, ok)| *ok).map(|(id, _)| *id).collect();
     let lost: Vec<u64> = reported.iter().copied().filter(|id| !seen.contains(id)).collect();
     assert!(lost.is_empty(), "reported sent but never arrived: {lost:?}");
-    let mut unique = seen.clone();
-    unique.dedup();
-    assert_eq!(unique, seen, "an event arrived twice");
+    // An id may come twice: a publish whose confirm the cut lost is sent again once the
+    // broker is back (at least once, as the README says of confirms lost with a channel).
 }
 
 /// `add`, counting its runs in the probe (in the test's own process: the math service runs
