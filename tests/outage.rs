@@ -68,6 +68,41 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(90)).build().unwrap()
 }
 
+/// The base URL of `service`'s HTTP server.
+fn base_of(service: &TestService) -> String {
+    format!("http://{}", service.service().web_address().unwrap())
+}
+
+/// Switch the broker off for `service`, once it has seen the outage.
+async fn cut(switch: &Switch, service: &TestService) {
+    switch.off();
+    wait_until(|| !service.is_ready(), "the service to see the outage").await;
+}
+
+/// `POST /emit/1` answered 200, and its event arrived.
+async fn first_event(http: &reqwest::Client, base: &str, probe: &Probe) {
+    let answer = http.post(format!("{base}/emit/1")).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    wait_until(|| ids(probe) == [1], "the first event").await;
+}
+
+/// `GET /ask` until it answers 200 (at most 20 s): each answer, with when it came.
+async fn ask_until_answered(
+    http: &reqwest::Client,
+    base: &str,
+) -> Vec<(reqwest::StatusCode, String, Duration)> {
+    let mut after = Vec::new();
+    let back = Instant::now();
+    loop {
+        let answer = http.get(format!("{base}/ask")).send().await.unwrap();
+        let status = answer.status();
+        after.push((status, answer.text().await.unwrap(), back.elapsed()));
+        if status == 200 || back.elapsed() > Duration::from_secs(20) {
+            return after;
+        }
+    }
+}
+
 /// Whether this is a worker process of the service under test: a process-mode test's body
 /// runs there too, up to the service's start, and must not start the peers again (a second
 /// math service there took requests the test's own did not count).
@@ -123,14 +158,11 @@ async fn an_http_event_dispatched_during_an_outage_goes_out_once_the_broker_is_b
     let (listen, probe) = listener(&uri, &name).await;
     let routes = vec![Route::new(emit).entrypoint(HttpEntrypoint::post("/emit/{id}"))];
     let service = TestService::start(routes, config).await.unwrap();
-    let base = format!("http://{}", service.service().web_address().unwrap());
+    let base = base_of(&service);
     let http = client();
-    let answer = http.post(format!("{base}/emit/1")).send().await.unwrap();
-    assert_eq!(answer.status(), 200);
-    wait_until(|| ids(&probe) == [1], "the first event").await;
+    first_event(&http, &base, &probe).await;
 
-    switch.off();
-    wait_until(|| !service.is_ready(), "the service to see the outage").await;
+    cut(&switch, &service).await;
     let started = Instant::now();
     let request = tokio::spawn({
         let http = http.clone();
@@ -172,14 +204,13 @@ async fn an_http_rpc_call_during_an_outage_fails_within_its_timeout_and_recovers
     let name = config.service_name.clone();
     let routes = vec![Route::new(ask).entrypoint(HttpEntrypoint::get("/ask"))];
     let service = TestService::start(routes, config).await.unwrap();
-    let base = format!("http://{}", service.service().web_address().unwrap());
+    let base = base_of(&service);
     let http = client();
     let answer = http.get(format!("{base}/ask")).send().await.unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.json::<Value>().await.unwrap(), json!(42));
 
-    switch.off();
-    wait_until(|| !service.is_ready(), "the service to see the outage").await;
+    cut(&switch, &service).await;
     let started = Instant::now();
     let answer = http.get(format!("{base}/ask")).send().await.unwrap();
     let took = started.elapsed();
@@ -188,16 +219,7 @@ async fn an_http_rpc_call_during_an_outage_fails_within_its_timeout_and_recovers
 
     switch.on();
     wait_until(|| service.is_ready(), "the service to reconnect").await;
-    let mut after = Vec::new();
-    let back = Instant::now();
-    loop {
-        let answer = http.get(format!("{base}/ask")).send().await.unwrap();
-        let status = answer.status();
-        after.push((status, answer.text().await.unwrap(), back.elapsed()));
-        if status == 200 || back.elapsed() > Duration::from_secs(20) {
-            break;
-        }
-    }
+    let after = ask_until_answered(&http, &base).await;
     eprintln!("after the outage: {after:?}");
     service.stop().await.unwrap();
     stop(math_service).await;
@@ -253,8 +275,7 @@ async fn a_websocket_connection_open_across_an_outage_keeps_working() {
     let reply = ws_call(&mut socket, json!({"command": "ws_ask"})).await;
     assert_eq!(reply["data"], json!(42), "{reply}");
 
-    switch.off();
-    wait_until(|| !service.is_ready(), "the service to see the outage").await;
+    cut(&switch, &service).await;
     let started = Instant::now();
     let asked = ws_call(&mut socket, json!({"command": "ws_ask"})).await;
     let ask_took = started.elapsed();
@@ -377,17 +398,14 @@ async fn outage_scenario(mode: micro_framework::config::WorkerMode, tag: &str) {
         Route::new(emit).entrypoint(HttpEntrypoint::post("/emit/{id}")),
     ];
     let service = TestService::start(routes, config).await.unwrap();
-    let base = format!("http://{}", service.service().web_address().unwrap());
+    let base = base_of(&service);
     let http = client();
     let answer = http.get(format!("{base}/ask")).send().await.unwrap();
     assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
-    let answer = http.post(format!("{base}/emit/1")).send().await.unwrap();
-    assert_eq!(answer.status(), 200);
-    wait_until(|| ids(&probe) == [1], "the first event").await;
+    first_event(&http, &base, &probe).await;
     let runs_before = math_probe.started();
 
-    switch.off();
-    wait_until(|| !service.is_ready(), "the service to see the outage").await;
+    cut(&switch, &service).await;
     let started = Instant::now();
     let answer = http.get(format!("{base}/ask")).send().await.unwrap();
     let took = started.elapsed();
@@ -409,16 +427,7 @@ async fn outage_scenario(mode: micro_framework::config::WorkerMode, tag: &str) {
     // let whatever was held back go out and be run
     tokio::time::sleep(Duration::from_secs(3)).await;
     let runs_after_outage = math_probe.started();
-    let mut after = Vec::new();
-    let back = Instant::now();
-    loop {
-        let answer = http.get(format!("{base}/ask")).send().await.unwrap();
-        let status = answer.status();
-        after.push((status, answer.text().await.unwrap(), back.elapsed()));
-        if status == 200 || back.elapsed() > Duration::from_secs(20) {
-            break;
-        }
-    }
+    let after = ask_until_answered(&http, &base).await;
     eprintln!("[{tag}] /ask after the outage: {after:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let seen = ids(&probe);
@@ -469,13 +478,12 @@ async fn long_call_scenario(mode: micro_framework::config::WorkerMode, tag: &str
     let name = config.service_name.clone();
     let routes = vec![Route::new(ask_long).entrypoint(HttpEntrypoint::get("/ask_long"))];
     let service = TestService::start(routes, config).await.unwrap();
-    let base = format!("http://{}", service.service().web_address().unwrap());
+    let base = base_of(&service);
     let http = client();
     let answer = http.get(format!("{base}/ask_long")).send().await.unwrap();
     assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
     let runs_before = math_probe.started();
-    switch.off();
-    wait_until(|| !service.is_ready(), "the service to see the outage").await;
+    cut(&switch, &service).await;
     let started = Instant::now();
     let asking = tokio::spawn({
         let (http, base) = (http.clone(), base.clone());
@@ -517,13 +525,10 @@ async fn cut_short_scenario(mode: micro_framework::config::WorkerMode, tag: &str
     let (listen, probe) = listener(&uri, &name).await;
     let routes = vec![Route::new(emit).entrypoint(HttpEntrypoint::post("/emit/{id}"))];
     let service = TestService::start(routes, config).await.unwrap();
-    let base = format!("http://{}", service.service().web_address().unwrap());
+    let base = base_of(&service);
     let http = client();
-    let answer = http.post(format!("{base}/emit/1")).send().await.unwrap();
-    assert_eq!(answer.status(), 200);
-    wait_until(|| ids(&probe) == [1], "the first event").await;
-    switch.off();
-    wait_until(|| !service.is_ready(), "the service to see the outage").await;
+    first_event(&http, &base, &probe).await;
+    cut(&switch, &service).await;
     let answer = http.post(format!("{base}/emit/2")).send().await.unwrap();
     let (status, body) = (answer.status(), answer.text().await.unwrap());
     eprintln!("[{tag}] /emit/2 during the outage: {status} {body}");
