@@ -563,6 +563,13 @@ mod tests {
         let next = tokio::time::timeout(WAIT, next_call.rpc::<u32>((), ()));
         let next = next.await.expect("a next call runs");
         assert!(next.as_ref().is_ok_and(|pid| idle.contains(pid)), "{next:?}, idle {idle:?}");
+        #[cfg(feature = "metrics")]
+        {
+            let counted = service.service().metrics().render();
+            let line =
+                "worker_processes_replaced_total{context=\"default\",reason=\"call_dropped\"} 1";
+            assert!(counted.lines().any(|counted| counted == line), "{counted}");
+        }
         service.stop().await.unwrap();
     }
 
