@@ -19,6 +19,9 @@ use micro_framework::config::Protocol;
 use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
+use micro_framework::transport::{
+    HeaderValue, Headers, OutgoingMessage, Properties, PublishOptions,
+};
 use micro_framework::CallContext;
 use serde_json::{json, Value};
 
@@ -300,6 +303,76 @@ async fn the_call_id_stack_survives_nameko_to_rust_to_nameko() {
     assert_eq!(stack[..1], origin[..]);
     assert!(stack[1].starts_with(&format!("{service_name}.relay.")), "{stack:?}");
     assert!(stack[2].starts_with(&format!("{listener}.handle.")), "{stack:?}");
+}
+
+/// Records the context data of each call.
+fn record_context(call: CallContext, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(json!(call.data.keys().collect::<Vec<_>>()));
+    probe.leave();
+}
+
+/// A Nameko handler forwards every header of its call on the events it dispatches, a
+/// broker's `x-death` and a Rust instance's retry headers too (as `nameko.x-death`, ...: a
+/// Rust retry copy of a queue the two share during a migration). The Rust listener
+/// downstream keeps the context and drops those: they are not context, and going out again
+/// on every message its call sends, they would travel down the whole chain.
+#[tokio::test]
+async fn headers_of_the_broker_a_nameko_handler_forwards_are_not_context_downstream() {
+    let Some((uri, python)) = prerequisites(NAMEKO) else { return };
+    let source = unique("nk_fwd_src");
+    let handler = unique("nk_fwd");
+    let probe = Probe::new();
+    let config = config(&uri, "rs_fwd_end");
+    let service_name = config.service_name.clone();
+    let routes = vec![Route::new(record_context)
+        .entrypoint(EventListener::new(handler.clone(), "relayed"))
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let mut nameko = Peer::spawn(
+        &python,
+        NAMEKO,
+        &uri,
+        &[
+            "listen",
+            "--service",
+            &handler,
+            "--source",
+            &source,
+            "--event",
+            "go",
+            "--relay",
+            "relayed",
+        ],
+    );
+    let ready = nameko.expect("ready").await;
+    let queue = ready["queue"].as_str().unwrap().to_owned();
+    let headers = Headers::from([
+        ("x-death".into(), HeaderValue::Array(vec![])),
+        ("x-mf-retry-count".into(), HeaderValue::Int(2)),
+        ("x-mf-last-error".into(), HeaderValue::from("timeout talking to the bank")),
+        ("nameko.tenant".into(), HeaderValue::from("acme")),
+    ]);
+    let mut properties = Properties::default();
+    properties.content_type = Some("application/json".into());
+    properties.headers = headers;
+    let message = OutgoingMessage { body: bytes::Bytes::from_static(b"[1]"), properties };
+    service.transport().publish("", &queue, message, PublishOptions::default()).await.unwrap();
+    let lines = nameko.finish().await;
+    let waited = service.wait_for_route("record_context", 1).await;
+    service.stop().await.unwrap();
+    clean_up(
+        &uri,
+        &[queue, format!("evt-{handler}-relayed--{service_name}.record_context")],
+        &[format!("{source}.events"), format!("{handler}.events")],
+    )
+    .await;
+    waited.unwrap();
+
+    let event = lines.iter().find(|line| line.get("payload").is_some()).unwrap();
+    // what Nameko forwards: every header of its call
+    assert_eq!(event["context_data"]["x-mf-retry-count"], json!(2), "{event}");
+    let seen = probe.seen.lock().unwrap().clone();
+    assert_eq!(seen, [json!(["tenant"])], "the context data of the Rust call");
 }
 
 // ---------------------------------------------------------------------------------------

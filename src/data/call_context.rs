@@ -24,7 +24,8 @@ const QUOTED_START: usize = 32;
 /// prefix stripped where present, and each key `k` goes out again as `nameko.k` on the
 /// messages the call publishes (events, RPC requests). Broker and framework headers are not
 /// context and never go out again: those starting with `x-` (`x-death`, `x-delay`,
-/// `x-delivery-count`, `x-mf-*`, ...) and RabbitMQ's `CC` and `BCC`. When a message holds a
+/// `x-delivery-count`, `x-mf-*`, ...) and RabbitMQ's `CC` and `BCC`, with the prefix too (a
+/// Nameko service forwards its call's `x-death` as `nameko.x-death`). When a message holds a
 /// key both with and without the prefix, the prefixed header wins.
 ///
 /// A key of more than 248 bytes stays context data but does not go out: `nameko.{key}` would
@@ -89,14 +90,13 @@ impl CallContext {
         let mut data = Headers::new();
         let mut stack = None;
         for (key, value) in headers {
-            if !is_context_header(key) {
-                continue;
-            }
             let (name, prefixed) = match key.strip_prefix(HEADER_PREFIX) {
                 Some(name) => (name, true),
                 None => (key.as_str(), false),
             };
-            if name.is_empty() {
+            // checked without the prefix, since Nameko forwards every header of its call,
+            // a broker's `x-death` too, as `nameko.x-death`
+            if name.is_empty() || !is_context_header(name) {
                 continue;
             }
             if name == CALL_ID_STACK {
@@ -294,6 +294,8 @@ mod tests {
             "BCC",
         ];
         let mut headers: Headers = foreign.iter().map(|key| (key.to_string(), text("v"))).collect();
+        // as a Nameko service forwards them: every header of its call, prefixed
+        headers.extend(foreign.iter().map(|key| (format!("nameko.{key}"), text("v"))));
         headers.insert("tenant".into(), text("acme"));
         let call = CallContext::for_call(&headers, "svc", "m", 10);
         assert_eq!(call.data, Headers::from([("tenant".into(), text("acme"))]));

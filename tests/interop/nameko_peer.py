@@ -11,6 +11,7 @@ Sub-commands (see tests/interop/README.md):
   dispatch   --service SRC --event EVT --payload JSON [--count N]
              [--call-id-stack a,b] [--delete-exchange]
   listen     --service SVC --source SRC --event EVT --count N [--keep-queue]
+             [--relay EVT2]
   rpc-serve  --service SVC [--count N]
   rpc-call   --service SVC --method M [--args JSON] [--kwargs JSON]
              [--call-id-stack a,b]
@@ -185,7 +186,7 @@ def cmd_dispatch(args, state):
 
 def cmd_listen(args, state):
     from nameko.containers import ServiceContainer
-    from nameko.events import event_handler
+    from nameko.events import EventDispatcher, event_handler
     from nameko.extensions import DependencyProvider
 
     done = eventlet.event.Event()
@@ -206,6 +207,9 @@ def cmd_listen(args, state):
                 "context_data": ctx.data,
             }
         )
+        if args.relay:
+            # as a Nameko service does, with every header of this call forwarded
+            self.dispatch(args.relay, payload)
         received.append(payload)
         state["received"] = len(received)
         if len(received) >= args.count and not done.ready():
@@ -217,6 +221,7 @@ def cmd_listen(args, state):
         {
             "name": args.service,
             "ctx": WorkerCtx(),
+            "dispatch": EventDispatcher(),
             "handle": event_handler(
                 args.source, args.event, reliable_delivery=not args.unreliable
             )(handle),
@@ -550,6 +555,7 @@ def build_parser():
     p.add_argument(
         "--unreliable", action="store_true", help="reliable_delivery=False (auto-delete queue)"
     )
+    p.add_argument("--relay", default="", help="dispatch each payload again as this event")
     p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("rpc-serve", parents=[common])
