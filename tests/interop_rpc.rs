@@ -233,6 +233,43 @@ async fn numbers_from_nameko_come_back_from_a_rust_service_unchanged() {
     assert_eq!(outcome["repr"], NUMBERS_REPR, "{outcome}");
 }
 
+/// Python integers past u64 arrive as floats, up to a float's range; one beyond it (10**400,
+/// which Python's json writes in full) cannot be read: the call is answered
+/// `IncorrectSignature` with a reason that says so.
+#[tokio::test]
+async fn integers_beyond_u64_from_nameko_arrive_as_floats_and_beyond_a_float_are_refused() {
+    let Some((uri, python)) = prerequisites(NAMEKO) else { return };
+    let config = config(&uri, "rs_big_numbers");
+    let service_name = config.service_name.clone();
+    let service = TestService::start(vec![Route::new(echo).entrypoint(RPCListener::new())], config)
+        .await
+        .unwrap();
+    let huge = format!("[1{}]", "0".repeat(400));
+    let mut outcomes = Vec::new();
+    for args in ["[18446744073709551616]", huge.as_str()] {
+        let argv = [
+            "rpc-call",
+            "--service",
+            &service_name,
+            "--method",
+            "echo",
+            "--args",
+            args,
+            "--result-repr",
+        ];
+        let lines = Peer::spawn(&python, NAMEKO, &uri, &argv).finish().await;
+        outcomes.push(lines.last().cloned().unwrap_or(Value::Null));
+    }
+    service.stop().await.unwrap();
+    delete_queue(&uri, &format!("rpc-{service_name}")).await;
+
+    assert_eq!(outcomes[0]["repr"], "1.8446744073709552e+19", "{}", outcomes[0]);
+    let refused = &outcomes[1]["error"];
+    assert_eq!(refused["exc_type"], "IncorrectSignature", "{refused}");
+    let reason = refused["value"].as_str().unwrap_or_default();
+    assert!(reason.contains("beyond a 64-bit float's range"), "{refused}");
+}
+
 #[tokio::test]
 async fn numbers_from_a_nameko_service_reach_a_rust_caller_unchanged() {
     let Some((uri, python)) = prerequisites(NAMEKO) else { return };

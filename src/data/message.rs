@@ -70,7 +70,15 @@ impl Message {
         match essence.as_str() {
             _ if self.body.is_empty() => T::deserialize(Value::Null).map_err(shape),
             "application/json" | "" => serde_json::from_slice(&self.body).map_err(|error| {
-                format!("body is not valid JSON{}: {error}", hint(&self.body, &error))
+                // valid JSON, which has no limit on numbers, but none that serde_json reads
+                if error.to_string().starts_with("number out of range") {
+                    format!(
+                        "body holds a number beyond a 64-bit float's range (a Python integer of \
+                         more than 308 digits), which is not read: send it as a string: {error}"
+                    )
+                } else {
+                    format!("body is not valid JSON{}: {error}", hint(&self.body, &error))
+                }
             }),
             "text/plain" => std::str::from_utf8(&self.body)
                 .map_err(|error| format!("text/plain body is not UTF-8: {error}"))
@@ -149,6 +157,19 @@ mod tests {
         assert_eq!(serde_json::from_str::<Message>(&json).unwrap(), message);
         let plain = serde_json::to_value(Message::default()).unwrap();
         assert!(plain.get("extensions").is_none(), "no extensions on broker messages");
+    }
+
+    #[test]
+    fn a_number_beyond_a_float_is_named_and_told_to_travel_as_a_string() {
+        // 2**64 still reads, as a float; 10**400 (Python writes it in full) reads as none
+        let big =
+            Message { body: Bytes::from_static(b"[18446744073709551616]"), ..Message::default() };
+        assert_eq!(big.decode().unwrap(), serde_json::json!([1.8446744073709552e19]));
+        let huge = format!("[1{}]", "0".repeat(400));
+        let huge = Message { body: Bytes::from(huge), ..Message::default() };
+        let error = huge.decode().unwrap_err();
+        assert!(error.starts_with("body holds a number beyond a 64-bit float's range"), "{error}");
+        assert!(error.contains("send it as a string"), "{error}");
     }
 
     #[test]
