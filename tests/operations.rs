@@ -524,6 +524,36 @@ async fn the_status_page_looks_up_no_dead_letter_queue_for_rpc_routes() {
     assert_eq!(status["routes"][0]["dead_letters_waiting"], Value::Null, "{status}");
 }
 
+/// The series of a Prometheus text: each sample's name and labels, without its value.
+fn series(metrics: &str) -> std::collections::BTreeSet<String> {
+    let samples = metrics.lines().filter(|line| !line.starts_with('#'));
+    samples.filter_map(|line| line.rsplit_once(' ')).map(|(series, _)| series.to_owned()).collect()
+}
+
+/// The status page changes nothing: reading it (and its history's sampling) adds no series
+/// to `/metrics`, where it added a `dead_lettered_total` and a `retries_total` at 0 for an
+/// RPC route, which never dead-letters, and the series of a route not called yet.
+#[tokio::test]
+async fn reading_the_status_page_adds_no_series_to_the_metrics() {
+    let uri = format!("memory://{}", unique("status_reads"));
+    let config = config(&uri, "status_reads")
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let routes = vec![Route::new(pong).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config).await.unwrap();
+    let address = service.service().metrics_address().unwrap();
+    let get = |path: &'static str| tokio::task::spawn_blocking(move || http_get(address, path));
+    let (_, before) = get("/metrics").await.unwrap();
+    let (status, page) = get("/status.json").await.unwrap();
+    let (_, after) = get("/metrics").await.unwrap();
+    service.stop().await.unwrap();
+    assert_eq!(status, 200);
+    let page: Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["routes"][0]["calls"], 0, "{page}");
+    let added: Vec<_> = series(&after).difference(&series(&before)).cloned().collect();
+    assert!(added.is_empty(), "series added by reading /status.json: {added:#?}");
+}
+
 /// A metric of one's own, made with the `prometheus` the crate re-exports and registered in
 /// the service's registry, is rendered with the service's.
 #[tokio::test]

@@ -7,7 +7,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use prometheus::core::Metric;
+use prometheus::core::Collector;
+use prometheus::proto;
 use serde::Serialize;
 
 use super::history::{History, Totals};
@@ -207,18 +208,26 @@ impl StatusSource {
     /// cumulative count) of its finite buckets, then (infinity, all observations).
     fn counters(&self, route: &RouteInfo) -> (Totals, Vec<(f64, u64)>) {
         let metrics = &self.metrics;
-        let labels = [route.context.as_str(), route.metric_label.as_str()];
-        let histogram = metrics.duration.with_label_values(&labels).metric();
-        let histogram = histogram.get_histogram();
-        let buckets = histogram
-            .get_bucket()
-            .iter()
-            .map(|bucket| (bucket.upper_bound(), bucket.cumulative_count()))
-            .chain(std::iter::once((f64::INFINITY, histogram.get_sample_count())))
-            .collect();
+        let buckets = match series_of(&metrics.duration, route) {
+            Some(series) => {
+                let histogram = series.get_histogram();
+                histogram
+                    .get_bucket()
+                    .iter()
+                    .map(|bucket| (bucket.upper_bound(), bucket.cumulative_count()))
+                    .chain(std::iter::once((f64::INFINITY, histogram.get_sample_count())))
+                    .collect()
+            }
+            // the bounds `HistogramOpts::new` gives every series, no call in any
+            None => prometheus::DEFAULT_BUCKETS
+                .iter()
+                .chain(std::iter::once(&f64::INFINITY))
+                .map(|bound| (*bound, 0))
+                .collect(),
+        };
         let totals = Totals {
-            calls: metrics.started.with_label_values(&labels).get(),
-            failures: metrics.failed.with_label_values(&labels).get(),
+            calls: count_of(&metrics.started, route),
+            failures: count_of(&metrics.failed, route),
         };
         (totals, buckets)
     }
@@ -255,7 +264,6 @@ impl StatusSource {
         for (index, ((route, (now_totals, now_buckets)), dead_letters_waiting)) in
             self.routes.iter().zip(current).zip(dead_letters).enumerate()
         {
-            let labels = [route.context.as_str(), route.metric_label.as_str()];
             // a sample keeps the counts only: the bounds are the same in every one
             let since: Option<Vec<(f64, u64)>> =
                 window_start.and_then(|start| start.buckets(index)).map(|counts| {
@@ -279,10 +287,10 @@ impl StatusSource {
                 dead_letters_waiting,
                 calls: now_totals.calls,
                 failures: now_totals.failures,
-                retries: metrics.retries.with_label_values(&labels).get(),
-                dead_lettered: metrics.dead_lettered.with_label_values(&labels).get(),
-                in_flight: u64::try_from(metrics.running.with_label_values(&labels).get())
-                    .unwrap_or(0),
+                retries: count_of(&metrics.retries, route),
+                dead_lettered: count_of(&metrics.dead_lettered, route),
+                in_flight: series_of(&metrics.running, route)
+                    .map_or(0, |series| series.get_gauge().get_value() as u64),
                 duration_p50: quantile(&recent, 0.5),
                 duration_p95: quantile(&recent, 0.95),
                 duration_p99: quantile(&recent, 0.99),
@@ -316,6 +324,24 @@ impl StatusSource {
 }
 
 /// Observations per bucket since `start` (cumulative counts of both).
+/// The series of `route` in `family`, read without creating it: `with_label_values` would
+/// add it, at 0, to `/metrics` (a `dead_lettered_total` for an RPC route that never
+/// dead-letters), where reading the status is to change nothing.
+fn series_of(family: &impl Collector, route: &RouteInfo) -> Option<proto::Metric> {
+    let labels = [("context", route.context.as_str()), ("route", route.metric_label.as_str())];
+    let matches = |series: &proto::Metric| {
+        labels.iter().all(|(name, value)| {
+            series.get_label().iter().any(|pair| pair.name() == *name && pair.value() == *value)
+        })
+    };
+    family.collect().into_iter().flat_map(|mut family| family.take_metric()).find(matches)
+}
+
+/// The count of a counter's series of `route`; 0 while it has none.
+fn count_of(family: &impl Collector, route: &RouteInfo) -> u64 {
+    series_of(family, route).map_or(0, |series| series.get_counter().get_value() as u64)
+}
+
 fn bucket_deltas(now: &[(f64, u64)], start: Option<&[(f64, u64)]>) -> Vec<(f64, u64)> {
     now.iter()
         .enumerate()
