@@ -554,6 +554,61 @@ async fn reading_the_status_page_adds_no_series_to_the_metrics() {
     assert!(added.is_empty(), "series added by reading /status.json: {added:#?}");
 }
 
+/// Fails its first attempt, then succeeds.
+fn fails_once(
+    Dep(attempts): Dep<std::sync::Arc<std::sync::atomic::AtomicU32>>,
+) -> Result<(), String> {
+    match attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+        0 => Err("the first attempt fails".into()),
+        _ => Ok(()),
+    }
+}
+
+fn always_fails() -> Result<(), String> {
+    Err("always".into())
+}
+
+/// Retries in the worker (`BackOff`) count in `retries_total` on every route, an RPC one too;
+/// a call counts in `failed_tasks_total` only if its last attempt fails, once.
+#[tokio::test]
+async fn retries_in_the_worker_are_counted_on_every_route_and_fail_a_call_only_at_its_end() {
+    use micro_framework::amqp::rpc::Client;
+    use micro_framework::dependencies::Shared;
+    use micro_framework::retry::BackOff;
+    let uri = format!("memory://{}", unique("worker_retries"));
+    let config = config(&uri, "worker_retries")
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let backoff = || BackOff::new(2, Duration::from_millis(10));
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let routes = vec![
+        Route::new(fails_once)
+            .entrypoint(RPCListener::new())
+            .backoff(backoff())
+            .dependency(Shared(attempts)),
+        Route::new(always_fails).entrypoint(RPCListener::new()).backoff(backoff()),
+    ];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let client = Client::connect(&config).await.unwrap();
+    let name = &config.service_name;
+    assert_eq!(client.call::<()>(name, "fails_once", (), ()).await, Ok(()));
+    assert!(client.call::<()>(name, "always_fails", (), ()).await.is_err());
+    client.close().await;
+    let text = service.service().metrics().render();
+    service.stop().await.unwrap();
+    let count = |metric: &str, route: &str| {
+        line_value(&text, &format!("{metric}{{context=\"default\",route=\"{route}\"}}"))
+    };
+    let counted = |route| {
+        let names = ["messages_received_total", "tasks_number_total", "retries_total"];
+        names.map(|metric| count(metric, route)).to_vec()
+    };
+    assert_eq!(counted("fails_once"), [Some(1.0), Some(1.0), Some(1.0)], "{text}");
+    assert_eq!(count("failed_tasks_total", "fails_once").unwrap_or(0.0), 0.0, "{text}");
+    assert_eq!(counted("always_fails"), [Some(1.0), Some(1.0), Some(2.0)], "{text}");
+    assert_eq!(count("failed_tasks_total", "always_fails"), Some(1.0), "{text}");
+}
+
 /// A metric of one's own, made with the `prometheus` the crate re-exports and registered in
 /// the service's registry, is rendered with the service's.
 #[tokio::test]

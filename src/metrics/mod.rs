@@ -5,12 +5,12 @@
 //! |---|---|---|
 //! | `tasks_number` | gauge: calls running now | context, route |
 //! | `tasks_number_total` | counter: calls started | context, route |
-//! | `failed_tasks_total` | counter: calls that failed (retried or not) | context, route |
+//! | `failed_tasks_total` | counter: calls whose last attempt failed (with `AsyncBackOff` each delivery is a call) | context, route |
 //! | `task_duration_seconds` | histogram (`_sum`, `_count` as the original's summary) | context, route |
 //! | `service_info` | gauge 1 with `max_workers`, `worker_mode` | context |
 //! | `available_workers` | gauge: free worker slots | context |
 //! | `messages_received_total` | counter: calls the route started (any entrypoint) | context, route |
-//! | `retries_total` | counter: retries scheduled or run | context, route |
+//! | `retries_total` | counter: retries scheduled (`AsyncBackOff`) or run in the worker (`BackOff`, any route) | context, route |
 //! | `dead_lettered_total` | counter: messages sent to the dead-letter queue | context, route |
 //! | `broker_reconnects_total` | counter: reconnections to the broker | |
 //! | `broker_connected` | gauge: 1 while connected to the broker and not stopping, else 0 | |

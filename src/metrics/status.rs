@@ -114,7 +114,7 @@ pub struct RouteStatus {
     pub dead_letters_waiting: Option<u32>,
     /// Calls started.
     pub calls: u64,
-    /// Calls that failed (retried or not).
+    /// Calls whose last attempt failed (with `AsyncBackOff` each delivery is a call).
     pub failures: u64,
     /// Retries scheduled or run.
     pub retries: u64,
