@@ -342,7 +342,9 @@ async fn set_up_worker(
 
 /// A route's set-up refused by the transport as a value AMQP cannot carry (a queue name over
 /// 255 bytes, mostly) becomes a start-up error naming the route and `SERVICE_NAME`: the
-/// transport's error names only the queue, and the names are made of both.
+/// transport's error names only the queue, and the names are made of both. A declaration
+/// refused for other arguments than the queue's names the route too, and says why it
+/// happens: most often a deploy that changed `QUEUE_TYPE`.
 fn refused_route_name(error: Error, route: &str, service_name: &str) -> Error {
     match error {
         Error::Transport(TransportError::Invalid(text)) => Error::Startup(format!(
@@ -350,6 +352,16 @@ fn refused_route_name(error: Error, route: &str, service_name: &str) -> Error {
              route's name and its entrypoint's arguments)",
             service_name.len()
         )),
+        Error::Transport(TransportError::PreconditionFailed(text))
+            if text.contains("inequivalent arg") =>
+        {
+            Error::Startup(format!(
+                "route '{route}': {text} (a queue or exchange keeps the arguments it was \
+                 declared with, by an earlier deploy or another service: a change of \
+                 QUEUE_TYPE or of a route's flags needs its queues drained and deleted first; \
+                 the README's \"Changing a queue's type\" says how)"
+            ))
+        }
         other => other,
     }
 }
