@@ -44,9 +44,10 @@ const BROKER_CONNECTED: &str = "broker_connected";
 
 /// Metrics the scrape below cannot show, each only after an event it does not cause: other
 /// tests see them (`tests/operations.rs`, `tests/http.rs`, `tests/process_replacement.rs`).
-const SHOWN_LATER: [(&str, &str); 3] = [
+const SHOWN_LATER: [(&str, &str); 4] = [
     ("broker_node", "on RabbitMQ"),
     ("requests_refused_total", "after an HTTP or WebSocket refusal"),
+    ("worker_processes", "in a process mode"),
     ("worker_processes_replaced_total", "after a worker process is replaced"),
 ];
 

@@ -286,6 +286,32 @@ fn stuck() -> &'static str {
     "late"
 }
 
+/// `worker_processes` counts the worker processes running: one killed is missing from it
+/// until its replacement runs (a slot of `available_workers` shows free all along: slots are
+/// not processes).
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn the_worker_processes_running_are_counted_while_one_is_replaced() {
+    let name = common::unique("processes_running");
+    let config = test_config(&name).with_worker_mode(WorkerMode::Process).with_max_workers(2);
+    let routes = vec![Route::new(own_pid).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config).await.unwrap();
+    let running = || {
+        let metrics = service.service().metrics().render();
+        let line = metrics.lines().find(|line| line.starts_with("worker_processes{"));
+        line.and_then(|line| line.rsplit(' ').next()?.parse::<u32>().ok())
+    };
+    assert_eq!(running(), Some(2));
+    let workers = common::workers_of(&name);
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let pid = workers[0].to_string();
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+    // killed within 10 s of its start, it is replaced after a pause of a second
+    common::wait_until(|| running() == Some(1), "the killed worker to be counted out").await;
+    common::wait_until(|| running() == Some(2), "its replacement to be counted").await;
+    service.stop().await.unwrap();
+}
+
 /// A worker recycled after `MAX_TASKS_PER_CHILD` calls, and one killed with its call past
 /// `TASK_TIME_LIMIT`, are counted in `worker_processes_replaced_total` by reason.
 #[cfg(feature = "metrics")]

@@ -18,6 +18,7 @@
 //! | `rpc_calls_total` | counter: RPC calls made by the service's targets | service, method, outcome |
 //! | `rpc_call_duration_seconds` | histogram: their round trip | service, method |
 //! | `ws_active_connections` | gauge: WebSocket connections open (the Python original's) | |
+//! | `worker_processes` | gauge: worker processes running, idle or in a call (process modes; fewer than `MAX_WORKERS` while some are being replaced) | context |
 //! | `worker_processes_replaced_total` | counter: worker processes replaced (`died_idle`, `died_in_call`, `time_limit`, `recycled`, `call_dropped`) | context, reason |
 //! | `requests_refused_total` | counter: HTTP requests and WebSocket commands answered without a call (`too_large`, `bad_input`, `stopping`, `busy`, `connection_limit`) | context, route, reason |
 //!
@@ -67,6 +68,7 @@ pub struct Metrics {
     ws_connections: IntGauge,
     refused: IntCounterVec,
     replaced: IntCounterVec,
+    processes: IntGaugeVec,
     /// The `node` label last set in `node`.
     last_node: Arc<Mutex<Option<String>>>,
     /// Each context's pool: (size, worker mode).
@@ -164,6 +166,10 @@ impl Metrics {
                 "Worker processes replaced, by reason",
                 &["context", "reason"],
             )?,
+            processes: IntGaugeVec::new(
+                Opts::new("worker_processes", "Worker processes running, idle or in a call"),
+                &["context"],
+            )?,
             last_node: Arc::default(),
             pools: Arc::default(),
             failures: Arc::default(),
@@ -188,6 +194,7 @@ impl Metrics {
         registry.register(Box::new(metrics.ws_connections.clone()))?;
         registry.register(Box::new(metrics.refused.clone()))?;
         registry.register(Box::new(metrics.replaced.clone()))?;
+        registry.register(Box::new(metrics.processes.clone()))?;
         Ok(metrics)
     }
 
@@ -209,12 +216,14 @@ impl Metrics {
                 let free = u64::try_from(self.available.with_label_values(&[context]).get())
                     .unwrap_or(0)
                     .min(max_workers);
+                let processes = status::series_labelled(&self.processes, &[("context", context)]);
                 PoolStatus {
                     context: context.clone(),
                     worker_mode: mode.clone(),
                     max_workers,
                     busy: max_workers - free,
                     free,
+                    processes: processes.map(|series| series.get_gauge().get_value() as u64),
                 }
             })
             .collect()
@@ -364,6 +373,13 @@ impl Metrics {
     #[cfg(feature = "process")]
     pub(crate) fn worker_replaced(&self, context: &str, reason: &str) {
         self.replaced.with_label_values(&[context, reason]).inc();
+    }
+
+    /// The worker processes of `context` running now: the free slots of `available_workers`
+    /// do not show a worker that died and is being replaced.
+    #[cfg(feature = "process")]
+    pub(crate) fn worker_processes(&self, context: &str, running: usize) {
+        self.processes.with_label_values(&[context]).set(gauge(running));
     }
 
     /// Set the reconnection count (read from the transport).

@@ -73,6 +73,10 @@ impl Metrics {
     #[cfg(feature = "process")]
     pub(crate) fn worker_replaced(&self, _context: &str, _reason: &str) {}
 
+    /// Does nothing.
+    #[cfg(feature = "process")]
+    pub(crate) fn worker_processes(&self, _context: &str, _running: usize) {}
+
     /// Counts nothing.
     #[cfg(feature = "websocket")]
     pub(crate) fn websocket_connection(&self) -> OpenConnection {

@@ -51,12 +51,14 @@ pub(crate) fn render(status: &Status) -> String {
     );
     page.push_str(
         "<h2>Workers</h2><div class=\"wrap\"><table><tr><th>context</th><th>mode</th>\
-         <th>busy</th><th>free</th><th>size</th></tr>",
+         <th>busy</th><th>free</th><th>size</th><th>processes</th></tr>",
     );
     for pool in &status.pools {
+        // only the process modes have processes of their own
+        let processes = pool.processes.map_or_else(|| "-".to_owned(), |count| count.to_string());
         let _ = write!(
             page,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{processes}</td></tr>",
             esc(&pool.context),
             esc(&pool.worker_mode),
             pool.busy,
@@ -201,6 +203,7 @@ mod tests {
                 max_workers: 3,
                 busy: 1,
                 free: 2,
+                processes: None,
             }],
             routes: vec![RouteStatus {
                 name: evil.into(),

@@ -96,6 +96,9 @@ pub struct PoolStatus {
     pub busy: u64,
     /// Free slots.
     pub free: u64,
+    /// Worker processes running, idle or in a call, in the process modes: fewer than
+    /// `max_workers` while some are being replaced (their slots count as free).
+    pub processes: Option<u64>,
 }
 
 /// One route.
@@ -329,6 +332,14 @@ impl StatusSource {
 /// dead-letters), where reading the status is to change nothing.
 fn series_of(family: &impl Collector, route: &RouteInfo) -> Option<proto::Metric> {
     let labels = [("context", route.context.as_str()), ("route", route.metric_label.as_str())];
+    series_labelled(family, &labels)
+}
+
+/// The series of `family` with `labels` (name, value), read without creating it.
+pub(super) fn series_labelled(
+    family: &impl Collector,
+    labels: &[(&str, &str)],
+) -> Option<proto::Metric> {
     let matches = |series: &proto::Metric| {
         labels.iter().all(|(name, value)| {
             series.get_label().iter().any(|pair| pair.name() == *name && pair.value() == *value)

@@ -123,6 +123,12 @@ impl ProcessPool {
         self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Count the worker processes running, idle or lent, after `idle` changed them.
+    fn count_processes(&self, idle: &Idle) {
+        let running = idle.workers.len() + idle.lent.len();
+        self.launcher.metrics.worker_processes(&self.launcher.context, running);
+    }
+
     /// An idle worker kept for a call, once there is one; `None` once the pool is shut down.
     /// A call that holds one has a worker process to go to ([`ProcessPool::call`]).
     pub(crate) async fn reserve(&self) -> Option<Reserved<'_>> {
@@ -152,6 +158,7 @@ impl ProcessPool {
             return;
         }
         idle.workers.push(worker);
+        self.count_processes(&idle);
         self.ready.add_permits(1);
     }
 
@@ -169,7 +176,9 @@ impl ProcessPool {
             // by a call, this one too, which then finds it dead and replaces it.
             let Ok(permit) = self.ready.try_acquire() else { return };
             permit.forget();
-            idle.workers.swap_remove(at)
+            let worker = idle.workers.swap_remove(at);
+            self.count_processes(&idle);
+            worker
         };
         let lived = worker.links.started.elapsed();
         let early = worker.links.done == 0 && lived < EARLY_DEATH;
@@ -368,7 +377,9 @@ impl ProcessPool {
     fn lent_process(&self, pid: u32) -> Option<Child> {
         let mut idle = self.idle();
         let at = idle.lent.iter().position(|(lent, _)| *lent == pid)?;
-        Some(idle.lent.swap_remove(at).1)
+        let (_, process) = idle.lent.swap_remove(at);
+        self.count_processes(&idle);
+        Some(process)
     }
 
     /// Start another worker in the background, then end `worker` (see [`end`]). Returns how
@@ -391,7 +402,9 @@ impl ProcessPool {
         let (workers, lent) = {
             let mut idle = self.idle();
             idle.closed = true;
-            (std::mem::take(&mut idle.workers), std::mem::take(&mut idle.lent))
+            let all = (std::mem::take(&mut idle.workers), std::mem::take(&mut idle.lent));
+            self.count_processes(&idle);
+            all
         };
         self.ready.close();
         self.stopped.cancel();
