@@ -609,6 +609,77 @@ async fn retries_in_the_worker_are_counted_on_every_route_and_fail_a_call_only_a
     assert_eq!(count("failed_tasks_total", "always_fails"), Some(1.0), "{text}");
 }
 
+fn known_http() -> &'static str {
+    "known"
+}
+
+fn known_rpc() -> u32 {
+    1
+}
+
+fn known_ws() -> u32 {
+    2
+}
+
+fn known_event(Payload(_): Payload<Value>) {}
+
+/// Names a peer or a client chooses (RPC methods, HTTP paths and methods, WebSocket commands,
+/// event types none of the routes serves) add no series: labels come from the routes, so a
+/// hostile client cannot grow `/metrics` without bound.
+#[cfg(all(feature = "http", feature = "websocket"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_a_peer_or_a_client_chooses_add_no_series() {
+    use micro_framework::amqp::rpc::Client;
+    use micro_framework::http::HttpEntrypoint;
+    use micro_framework::websocket::{WebSocketEntrypoint, WebSocketRpcClient};
+    let uri = format!("memory://{}", unique("named_by_peers"));
+    let shop = unique("shop");
+    let config = config(&uri, "named_by_peers")
+        .with_enable_metrics(true)
+        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 })
+        .with_web_server_address("127.0.0.1:0".into())
+        .with_websocket_ip("127.0.0.1".into())
+        .with_websocket_port(0);
+    let service_name = config.service_name.clone();
+    let routes = vec![
+        Route::new(known_http).entrypoint(HttpEntrypoint::get("/known")),
+        Route::new(known_rpc).entrypoint(RPCListener::new()),
+        Route::new(known_ws).entrypoint(WebSocketEntrypoint::new()),
+        Route::new(known_event).entrypoint(EventListener::new(&shop, "known")),
+    ];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let running = service.service();
+    let (web, ws) = (running.web_address().unwrap(), running.websocket_address().unwrap());
+    // one call of each route first, so that every series of the routes exists
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(format!("http://{web}/known")).send().await.unwrap().status(), 200);
+    let client = Client::connect(&config).await.unwrap();
+    assert_eq!(client.call::<u32>(&service_name, "known_rpc", (), ()).await, Ok(1));
+    let websocket =
+        WebSocketRpcClient::new(ws.ip().to_string(), ws.port()).timeout(Duration::from_secs(10));
+    assert_eq!(websocket.call::<u32>("known_ws", (), ()).await.unwrap(), 2);
+    service.dispatch(&shop, "known", &json!({})).await.unwrap();
+    service.wait_for_route("known_event", 1).await.unwrap();
+    let before = running.metrics().render();
+
+    for n in 0..5 {
+        let unknown = format!("unknown_{n}");
+        let answer = http.get(format!("http://{web}/{unknown}")).send().await.unwrap();
+        assert_eq!(answer.status(), 404);
+        let answer = http.post(format!("http://{web}/known")).body("x").send().await.unwrap();
+        assert_eq!(answer.status(), 405);
+        assert!(client.call::<Value>(&service_name, &unknown, (), ()).await.is_err());
+        assert!(websocket.call::<Value>(&unknown, (), ()).await.is_err());
+        service.dispatch(&shop, &unknown, &json!({})).await.unwrap();
+    }
+    let after = running.metrics().render();
+    client.close().await;
+    service.stop().await.unwrap();
+    let added: Vec<_> = series(&after).difference(&series(&before)).cloned().collect();
+    assert!(added.is_empty(), "series a client added by naming things: {added:#?}");
+    assert!(!after.contains("unknown_"), "{after}");
+}
+
 /// A metric of one's own, made with the `prometheus` the crate re-exports and registered in
 /// the service's registry, is rendered with the service's.
 #[tokio::test]
