@@ -352,9 +352,11 @@ async fn headers_of_the_broker_a_nameko_handler_forwards_are_not_context_downstr
         ("x-mf-last-error".into(), HeaderValue::from("timeout talking to the bank")),
         ("nameko.tenant".into(), HeaderValue::from("acme")),
     ]);
-    let mut properties = Properties::default();
-    properties.content_type = Some("application/json".into());
-    properties.headers = headers;
+    let properties = Properties {
+        content_type: Some("application/json".into()),
+        headers,
+        ..Properties::default()
+    };
     let message = OutgoingMessage { body: bytes::Bytes::from_static(b"[1]"), properties };
     service.transport().publish("", &queue, message, PublishOptions::default()).await.unwrap();
     let lines = nameko.finish().await;

@@ -387,7 +387,9 @@ async fn a_call_failing_after_the_stop_gave_up_on_it_is_not_dead_lettered() {
 /// A dead letter does not carry the crash count of the queue it came from
 /// (`x-mf-redeliveries`, which a counted copy carries): a route consuming the dead-letter queue
 /// would take it for its own, waiting the crash pause before each such message and refusing
-/// it as `crashed` sooner.
+/// it as `crashed` sooner. (A publisher's count, as here, is dropped as the message comes in;
+/// a counted copy's, which is read:
+/// `tests/settle_decisions.rs::edges::the_dead_letter_of_a_counted_copy_leaves_its_crash_count_behind`.)
 #[tokio::test]
 async fn a_dead_letter_leaves_the_crash_count_of_its_queue_behind() {
     for uri in broker_uris() {
@@ -527,11 +529,12 @@ fn json_message(body: &str) -> OutgoingMessage {
     OutgoingMessage { body: body.as_bytes().to_vec().into(), properties }
 }
 
-/// Guards the requeue of a message whose hand-back copy cannot be published (was never
-/// checked: a `nack` without requeue would drop it). The dead letter of `a` is refused (its
-/// dead-letter queue is full), so `a` goes back to its queue as a copy; that copy is refused
-/// too (the queue is full with `b`, waiting), so `a` is requeued. Once the dead-letter queue
-/// has room, both end there: `a` was never lost.
+/// A message whose dead letter and hand-back copy are both refused is not lost. The dead
+/// letter of `a` is refused (its dead-letter queue is full), so `a` goes back to its queue as
+/// a copy; that copy is refused too (the queue is full with `b`, waiting), so `a` is held.
+/// Once the dead-letter queue has room, both end there: `a` was never lost. (The requeue of a
+/// stop's refused hand-back, which this no longer reaches since such a message is held:
+/// `tests/settle_decisions.rs::edges::a_hand_back_copy_refused_at_a_stop_requeues_the_message`.)
 #[tokio::test]
 async fn a_message_whose_hand_back_copy_is_refused_is_requeued_not_lost() {
     for uri in broker_uris() {
