@@ -238,6 +238,29 @@ async fn an_interval_timer_of_one_minute_fires_once_a_minute_of_the_test_clock()
     eprintln!("10 minutes of a timer took {:?} of real time", real.elapsed());
 }
 
+async fn fired(Payload(fired_at): Payload<String>) -> String {
+    fired_at
+}
+
+/// A timer fired by hand (`hook.timer()`) fires at the test clock's time, as its own ticks
+/// do: a test of a nightly job that moves the clock a day and fires it saw the system
+/// clock's time, "yesterday".
+#[tokio::test(start_paused = true)]
+async fn a_timer_fired_by_hand_fires_at_the_test_clocks_time() {
+    let route = Route::new(fired).entrypoint(TimeEntrypoint::every(Duration::from_secs(3600)));
+    let config = memory_test_config(&common::unique("by_hand"));
+    let service = TestService::start(vec![route], config).await.unwrap();
+    let tick = service.waiter("fired").unwrap().timeout(Duration::from_secs(7200));
+    let by_timer: String = tick.wait().await.unwrap().result().unwrap();
+    tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+    let by_hand: String = service.hook("fired").unwrap().timer().await.unwrap();
+    service.stop().await.unwrap();
+    let (by_timer, by_hand) = (fired_at(&by_timer), fired_at(&by_hand));
+    let moved = (by_hand - by_timer).to_std().unwrap_or_default();
+    assert!(moved >= Duration::from_secs(24 * 3600), "{by_timer} then {by_hand}");
+    assert!(moved < Duration::from_secs(24 * 3600 + 60), "{by_timer} then {by_hand}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cron_timer_fires_on_each_occurrence_of_the_test_clock() {
     let calls = Arc::new(Calls::default());

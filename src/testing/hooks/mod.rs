@@ -150,9 +150,10 @@ impl EntrypointHook {
         self.call(crate::websocket::command_message(request)).await
     }
 
-    /// Fire a [`TimeEntrypoint`](crate::entrypoints::TimeEntrypoint)'s route now.
+    /// Fire a [`TimeEntrypoint`](crate::entrypoints::TimeEntrypoint)'s route now, by tokio's
+    /// clock as the timer's own ticks are: on a paused test clock, the time it was moved to.
     pub async fn timer<T: DeserializeOwned>(&self) -> Result<T, HookError> {
-        self.timer_at(SystemTime::now()).await
+        self.timer_at(crate::clock::wall_now()).await
     }
 
     /// Fire a [`TimeEntrypoint`](crate::entrypoints::TimeEntrypoint)'s route as at
