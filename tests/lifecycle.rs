@@ -229,3 +229,15 @@ fn runner_run_logs_as_runner_start_does() {
     assert!(stderr.contains("quiet_route"), "{stderr}");
     assert!(stderr.contains("service stopped"), "{stderr}");
 }
+
+/// `Runner::start` inside a tokio runtime (a `fn main` moved under `#[tokio::main]`) returns
+/// an error that says to await `Runner::run` there, where tokio panicked with "Cannot start a
+/// runtime from within a runtime", which names neither.
+#[tokio::test]
+async fn runner_start_inside_a_runtime_says_to_await_runner_run() {
+    let config = Config::new(common::unique("in_runtime"))
+        .with_amqp_uri(format!("memory://{}", common::unique("in_runtime")));
+    let routes = vec![Route::new(quiet).entrypoint(EventListener::new("src", "e"))];
+    let error = Runner::new(routes, config).start().unwrap_err();
+    assert!(error.to_string().contains("use `Runner::run(...).await` there"), "{error}");
+}

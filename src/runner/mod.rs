@@ -133,7 +133,17 @@ impl Runner {
     /// bindings the service declares as JSON on stdout, after a line
     /// [`TOPOLOGY_MARKER`](crate::transport::topology::TOPOLOGY_MARKER), and returns without
     /// serving (see [`Runner::topology`]).
+    ///
+    /// Inside a tokio runtime (`#[tokio::main]`), which cannot start another, it returns an
+    /// error saying to use [`Runner::run`]`.await` instead.
     pub fn start(self) -> Result<()> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::Startup(
+                "Runner::start runs the service on a tokio runtime of its own, which cannot \
+                 start inside this one (#[tokio::main]): use `Runner::run(...).await` there"
+                    .to_owned(),
+            ));
+        }
         crate::logging::init(self.config.log_format);
         let runtime = runtime(self.thread_mode_workers())?;
         let result = runtime.block_on(self.run());
