@@ -689,3 +689,41 @@ async fn bad_input_a_target_returns_is_never_retried() {
     let failure = failure.unwrap_err();
     assert_eq!((failure.kind, failure.retryable), (FailureKind::BadInput, false), "{failure:?}");
 }
+
+#[derive(serde::Serialize)]
+struct Quote {
+    price: u32,
+}
+
+fn quote_or_error(Payload(found): Payload<bool>) -> Result<Json<Quote>, String> {
+    match found {
+        true => Ok(Json(Quote { price: 7 })),
+        false => Err("no quote".into()),
+    }
+}
+
+fn quote_if_any(Payload(found): Payload<bool>) -> Option<Json<Quote>> {
+    found.then_some(Json(Quote { price: 7 }))
+}
+
+/// A struct of one's own is returned in `Json`, also inside a `Result` or an `Option` (which
+/// did not compile: `Json` was no serializable value).
+#[tokio::test]
+async fn a_struct_in_json_is_returned_inside_a_result_or_an_option() {
+    use micro_framework::amqp::entrypoints::EventListener;
+    let routes = vec![
+        Route::new(quote_or_error).entrypoint(EventListener::new("shop", "quote")),
+        Route::new(quote_if_any).entrypoint(EventListener::new("shop", "any")),
+    ];
+    let config = memory_test_config(&common::unique("json_in"));
+    let service = micro_framework::testing::TestService::start(routes, config).await.unwrap();
+    let call = |route: &'static str, found: bool| {
+        let hook = service.hook(route).unwrap();
+        async move { hook.event::<Value>(&json!(found)).await }
+    };
+    assert_eq!(call("quote_or_error", true).await.unwrap(), json!({"price": 7}));
+    assert!(call("quote_or_error", false).await.is_err());
+    assert_eq!(call("quote_if_any", true).await.unwrap(), json!({"price": 7}));
+    assert_eq!(call("quote_if_any", false).await.unwrap(), Value::Null);
+    service.stop().await.unwrap();
+}

@@ -96,9 +96,16 @@ impl<T: Serialize, E: Into<BoxError>> IntoOutcome for Result<T, E> {
     }
 }
 
-/// Any serializable value, as a target's return value (`Json(my_struct)`).
+/// Any serializable value, as a target's return value (`Json(my_struct)`), also inside a
+/// `Result`, an `Option` or a `Vec`, which it serializes as the value it holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Json<T>(pub T);
+
+impl<T: Serialize> Serialize for Json<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
 
 impl<T: Serialize> IntoOutcome for Json<T> {
     fn into_outcome(self) -> TargetResult {
@@ -176,7 +183,11 @@ impl<T: Serialize> IntoOutcome for BTreeMap<String, T> {
     label = "not a target",
     note = "a target is a `fn` or `async fn` of at most 12 parameters that each implement \
             `FromContext` (`Payload<T>`, `Dep<T>`, `Args<T>`, ...), returning a type that \
-            implements `IntoOutcome`: `()`, a serializable value, `Json<T>` or `Result<T, E>`"
+            implements `IntoOutcome`: `()`, `String`, a number, `Value`, a `Vec`, `Option` or \
+            map of serializable values, `Json<T>` for any other serializable `T` (a struct of \
+            yours), or a `Result` of those whose error converts into `BoxError` (`Send + Sync`)",
+    note = "an `async fn`'s future must be `Send`: hold no `std::sync::MutexGuard`, `Rc` or \
+            `RefCell` borrow across an `.await`"
 )]
 pub trait Target<M>: Clone + Send + Sync + 'static {
     /// Whether the target returns an HTTP response (see [`IntoOutcome`]).
