@@ -24,8 +24,10 @@ const QUOTED_START: usize = 32;
 /// prefix stripped where present, and each key `k` goes out again as `nameko.k` on the
 /// messages the call publishes (events, RPC requests). Broker and framework headers are not
 /// context and never go out again: those starting with `x-` (`x-death`, `x-delay`,
-/// `x-delivery-count`, `x-mf-*`, ...) and RabbitMQ's `CC` and `BCC`, with the prefix too (a
-/// Nameko service forwards its call's `x-death` as `nameko.x-death`). When a message holds a
+/// `x-delivery-count`, `x-mf-*`, ...) and RabbitMQ's `CC` and `BCC`. With the prefix (a
+/// Nameko service forwards its call's `x-death` as `nameko.x-death`), those the broker and
+/// the frameworks set are dropped, by name; another key starting with `x-`
+/// (`nameko.x-request-id`, a Nameko caller's) is context, as Nameko keeps it. When a message holds a
 /// key both with and without the prefix, the prefixed header wins.
 ///
 /// A key of more than 248 bytes stays context data but does not go out: `nameko.{key}` would
@@ -94,9 +96,11 @@ impl CallContext {
                 Some(name) => (name, true),
                 None => (key.as_str(), false),
             };
-            // checked without the prefix, since Nameko forwards every header of its call,
-            // a broker's `x-death` too, as `nameko.x-death`
-            if name.is_empty() || !is_context_header(name) {
+            let context = match prefixed {
+                true => !is_set_by_broker_or_framework(name),
+                false => is_context_header(name),
+            };
+            if name.is_empty() || !context {
                 continue;
             }
             if name == CALL_ID_STACK {
@@ -175,6 +179,20 @@ fn is_context_header(key: &str) -> bool {
         || key == "CC"
         || key == "BCC";
     !broker_or_framework
+}
+
+/// Whether `name`, received with the `nameko.` prefix, is a header the broker or a framework
+/// set for itself: a Nameko service forwards every header of its call, a broker's `x-death`
+/// too, as `nameko.x-death`. Only those names: a Nameko caller's own context key may start
+/// with `x-` (`nameko.x-request-id`), and Nameko keeps it.
+fn is_set_by_broker_or_framework(name: &str) -> bool {
+    const NAMES: [&str; 4] = ["x-death", "x-delay", "x-delivery-count", "x-received-from"];
+    const STARTS: [&str; 4] = ["x-first-death-", "x-last-death-", "x-shovelled", "x-mf-"];
+    let lower = name.to_ascii_lowercase();
+    name == "CC"
+        || name == "BCC"
+        || NAMES.contains(&lower.as_str())
+        || STARTS.iter().any(|start| lower.starts_with(start))
 }
 
 /// A call-id stack as senders encode it: an array of strings, or a lone string.
@@ -295,7 +313,9 @@ mod tests {
         ];
         let mut headers: Headers = foreign.iter().map(|key| (key.to_string(), text("v"))).collect();
         // as a Nameko service forwards them: every header of its call, prefixed
-        headers.extend(foreign.iter().map(|key| (format!("nameko.{key}"), text("v"))));
+        let set_for_themselves = foreign.iter().filter(|key| **key != "X-Custom");
+        headers.extend(set_for_themselves.map(|key| (format!("nameko.{key}"), text("v"))));
+        headers.insert("nameko.x-first-death-queue".into(), text("v"));
         headers.insert("tenant".into(), text("acme"));
         let call = CallContext::for_call(&headers, "svc", "m", 10);
         assert_eq!(call.data, Headers::from([("tenant".into(), text("acme"))]));
@@ -304,6 +324,19 @@ mod tests {
             assert!(!out.contains_key(&format!("nameko.{key}")), "{key} went out");
             assert!(!out.contains_key(key), "{key} went out");
         }
+    }
+
+    /// A Nameko caller's own context key may start with `x-`: Nameko sends it prefixed and
+    /// keeps it, and so does the chain here.
+    #[test]
+    fn a_callers_own_key_starting_with_x_stays_context_under_the_prefix() {
+        let headers = Headers::from([
+            ("nameko.x-request-id".into(), text("r-1")),
+            ("nameko.x-death".into(), HeaderValue::Array(vec![])),
+        ]);
+        let call = CallContext::for_call(&headers, "svc", "m", 10);
+        assert_eq!(call.data, Headers::from([("x-request-id".into(), text("r-1"))]));
+        assert_eq!(call.outgoing_headers()["nameko.x-request-id"], text("r-1"));
     }
 
     #[test]
