@@ -416,3 +416,144 @@ async fn a_reply_too_large_in_the_listeners_own_wire_format_fails_the_call() {
         "the call whose reply could not be sent was committed: {answer:?}"
     );
 }
+
+/// Numbers beyond a 64-bit float's range, which serde_json does not read (a Python integer of
+/// more than 308 digits): refused with a reason that says so and what to do.
+mod numbers_beyond_a_float {
+    use super::common;
+
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use common::{config, unique};
+    use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+    use micro_framework::amqp::rpc::Args;
+    use micro_framework::config::Protocol;
+    use micro_framework::prelude::*;
+    use micro_framework::testing::TestService;
+    use micro_framework::transport::{
+        BindingSpec, HeaderValue, Headers, OutgoingMessage, PublishOptions, QueueSpec,
+        SharedTransport,
+    };
+    use micro_framework::Message;
+    use serde_json::{json, Value};
+
+    fn echo(Args((value,)): Args<(Value,)>) -> Value {
+        value
+    }
+
+    /// Publish `body` as a Python micro-framework caller does, to `{service}.echo`, and return
+    /// the reply frame (decoded twice).
+    async fn ufw_request(transport: &SharedTransport, service: &str, body: Bytes) -> Value {
+        let queue = format!("ufw-reply-{service}-{}", uuid::Uuid::new_v4());
+        transport.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
+        let binding = BindingSpec {
+            queue: queue.clone(),
+            exchange: "ufw-rpc".into(),
+            routing_key: queue.clone(),
+            arguments: Headers::new(),
+        };
+        transport.bind_queue(&binding).await.unwrap();
+        let mut message = Message::json(&Value::Null).unwrap();
+        message.properties.correlation_id = Some("raw-1".into());
+        message.properties.reply_to = Some(queue.clone());
+        let outgoing = OutgoingMessage { body, properties: message.properties };
+        let key = format!("{service}.echo");
+        transport
+            .publish("ufw-rpc", &key, outgoing, PublishOptions { mandatory: true })
+            .await
+            .unwrap();
+        for _ in 0..1000 {
+            if let Some(delivery) = transport.get(&queue).await.unwrap() {
+                delivery.acker.ack().await.unwrap();
+                let encoded: Value = serde_json::from_slice(&delivery.body).unwrap();
+                let Value::String(frame) = encoded else { panic!("not encoded twice: {encoded}") };
+                transport.delete_queue(&queue).await.unwrap();
+                return serde_json::from_str(&frame).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no reply to the raw request");
+    }
+
+    /// Under `PROTOCOL=micro_framework` a request holding a number beyond a float's range (the
+    /// Python micro-framework's `json.dumps(10**400)`) is answered with a reason that says so and
+    /// what to do, where it said the body, valid JSON, was not JSON.
+    #[tokio::test]
+    async fn a_micro_framework_request_holding_a_number_beyond_a_float_is_told_so() {
+        let uri = format!("memory://{}", unique("ufw_big"));
+        let config = config(&uri, "ufw_big").with_protocol(Protocol::MicroFramework);
+        let name = config.service_name.clone();
+        let routes = vec![Route::new(echo).entrypoint(RPCListener::new())];
+        let service = TestService::start(routes, config).await.unwrap();
+        let huge = format!(
+            r#"{{"command": "echo", "command_args": [1{}], "command_kwargs": {{}}}}"#,
+            "0".repeat(400)
+        );
+        let reply = ufw_request(service.transport(), &name, Bytes::from(huge)).await;
+        // control: 2**64 is read, as a float
+        let big =
+            r#"{"command": "echo", "command_args": [18446744073709551616], "command_kwargs": {}}"#;
+        let control =
+            ufw_request(service.transport(), &name, Bytes::from_static(big.as_bytes())).await;
+        service.stop().await.unwrap();
+        assert_eq!(control["data"], json!(1.8446744073709552e19), "{control}");
+        let reason = reply["exception"]["message"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            reason.contains("beyond a 64-bit float's range") && reason.contains("as a string"),
+            "a micro-framework request holding 10**400 is not told why nor what to do \
+             (as a Nameko one now is): {reply}"
+        );
+        assert!(
+            !reason.contains("not JSON"),
+            "the body is valid JSON, but said not to be: {reason}"
+        );
+    }
+
+    fn takes_numbers(Payload(_): Payload<Value>) {}
+
+    /// An event holding a number beyond a float's range is dead-lettered as bad input, with a
+    /// reason that says so.
+    #[tokio::test]
+    async fn an_event_holding_a_number_beyond_a_float_is_dead_lettered_saying_so() {
+        use micro_framework::settle::{HEADER_ERROR, HEADER_ERROR_KIND};
+        let uri = format!("memory://{}", unique("evt_big"));
+        let shop = unique("big_shop");
+        let config = config(&uri, "evt_big");
+        let dlq = format!("evt-{shop}-go--{}.takes_numbers.dlq", config.service_name);
+        let routes = vec![Route::new(takes_numbers).entrypoint(EventListener::new(&shop, "go"))];
+        let service = TestService::start(routes, config).await.unwrap();
+        let properties = micro_framework::Properties {
+            content_type: Some("application/json".into()),
+            ..Default::default()
+        };
+        let body = Bytes::from(format!("[1{}]", "0".repeat(400)));
+        let message = OutgoingMessage { body, properties };
+        let exchange = format!("{shop}.events");
+        service
+            .transport()
+            .publish(&exchange, "go", message, PublishOptions::default())
+            .await
+            .unwrap();
+        let transport = service.transport().clone();
+        let mut dead = None;
+        for _ in 0..500 {
+            if let Some(delivery) = transport.get(&dlq).await.unwrap() {
+                delivery.acker.ack().await.unwrap();
+                dead = Some(delivery);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        service.stop().await.unwrap();
+        let dead = dead.expect("the event was not dead-lettered");
+        let headers = &dead.properties.headers;
+        assert_eq!(
+            headers.get(HEADER_ERROR_KIND),
+            Some(&HeaderValue::from("bad_input")),
+            "{headers:?}"
+        );
+        let error = format!("{:?}", headers.get(HEADER_ERROR));
+        assert!(error.contains("beyond a 64-bit float's range"), "{error}");
+    }
+}

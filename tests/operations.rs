@@ -909,3 +909,68 @@ async fn a_json_log_line_carries_the_calls_span() {
     }
     assert_eq!(failed["spans"][0], *span);
 }
+
+/// The worker processes on the status page: counted in a process mode, `null` in the others.
+mod processes_on_the_status_page {
+    use super::common;
+
+    use common::{config, unique};
+    use micro_framework::amqp::entrypoints::RPCListener;
+    use micro_framework::prelude::*;
+    use micro_framework::testing::TestService;
+    use serde_json::{json, Value};
+
+    fn pid() -> u32 {
+        std::process::id()
+    }
+
+    /// `/status.json`'s `pools [{..., processes}]` and the page's column: the worker processes
+    /// running in a process mode.
+    #[cfg(feature = "process")]
+    #[tokio::test]
+    async fn the_status_page_shows_the_worker_processes_of_a_process_mode() {
+        use micro_framework::config::{MetricsConfig, WorkerMode};
+        let name = unique("status_procs");
+        let config = micro_framework::testing::test_config(&name)
+            .with_worker_mode(WorkerMode::Process)
+            .with_max_workers(2)
+            .with_enable_metrics(true)
+            .with_metrics(MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+        let routes = vec![Route::new(pid).entrypoint(RPCListener::new())];
+        let service = TestService::start(routes, config).await.unwrap();
+        let address = service.service().metrics_address().unwrap();
+        let (_, status) =
+            tokio::task::spawn_blocking(move || common::http_get(address, "/status.json"))
+                .await
+                .unwrap();
+        let (_, page) =
+            tokio::task::spawn_blocking(move || common::http_get(address, "/")).await.unwrap();
+        service.stop().await.unwrap();
+        let status: Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(status["pools"][0]["processes"], json!(2), "{status}");
+        assert!(page.contains("<th>processes</th>"), "{page}");
+        assert!(page.contains("<td>2</td><td>2</td></tr>"), "size 2 and 2 processes: {page}");
+    }
+
+    /// And `null` outside the process modes.
+    #[tokio::test]
+    async fn the_status_page_shows_no_processes_in_the_thread_mode() {
+        use micro_framework::config::MetricsConfig;
+        let uri = format!("memory://{}", unique("status_thread"));
+        let config = config(&uri, "status_thread")
+            .with_enable_metrics(true)
+            .with_metrics(MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+        let routes = vec![Route::new(pid).entrypoint(RPCListener::new())];
+        let service = TestService::start(routes, config).await.unwrap();
+        let address = service.service().metrics_address().unwrap();
+        let (_, status) =
+            tokio::task::spawn_blocking(move || common::http_get(address, "/status.json"))
+                .await
+                .unwrap();
+        let metrics = service.service().metrics().render();
+        service.stop().await.unwrap();
+        let status: Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(status["pools"][0]["processes"], Value::Null, "{status}");
+        assert!(!metrics.contains("worker_processes{"), "{metrics}");
+    }
+}

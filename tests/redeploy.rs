@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{rabbitmq_uri, unique, Probe};
+use common::{config, rabbitmq_uri, unique, Probe};
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::{Client, RpcError};
@@ -111,4 +111,35 @@ async fn a_method_added_in_a_rolling_deploy_is_not_found_by_the_old_instances() 
     assert!(other.is_empty(), "{other:?}");
     // the broker takes turns between the two instances' consumers
     assert!(answered > 0 && not_found > 0, "{answered} answered, {not_found} not found");
+}
+
+fn handled(Payload(_): Payload<Value>) {}
+
+/// A deploy that changes a route's flags (`reliable_delivery`) on queues that exist does not
+/// start, its error naming the route, the queue and the argument (on the in-process broker,
+/// which refuses as RabbitMQ does).
+#[tokio::test]
+async fn a_deploy_that_turns_reliable_delivery_off_is_refused_naming_the_route() {
+    let uri = format!("memory://{}", unique("flags"));
+    let shop = unique("flags_shop");
+    let config = config(&uri, "flags");
+    let queue = format!("evt-{shop}-go--{}.handled", config.service_name);
+    let routes = |reliable: bool| {
+        vec![Route::new(handled)
+            .entrypoint(EventListener::new(&shop, "go").reliable_delivery(reliable))]
+    };
+    // the queue stays while the service is down: a keeper connection holds the broker
+    let keeper = micro_framework::transport::memory::MemoryTransport::connect(&uri).unwrap();
+    TestService::start(routes(true), config.clone()).await.unwrap().stop().await.unwrap();
+    let error = match TestService::start(routes(false), config).await {
+        Ok(service) => {
+            service.stop().await.unwrap();
+            panic!("a deploy with reliable_delivery(false) started on the durable queue")
+        }
+        Err(error) => error.to_string(),
+    };
+    drop(keeper);
+    for named in ["route 'handled'", queue.as_str(), "inequivalent arg", "drained and deleted"] {
+        assert!(error.contains(named), "the error does not say {named:?}: {error}");
+    }
 }

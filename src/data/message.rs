@@ -70,12 +70,8 @@ impl Message {
         match essence.as_str() {
             _ if self.body.is_empty() => T::deserialize(Value::Null).map_err(shape),
             "application/json" | "" => serde_json::from_slice(&self.body).map_err(|error| {
-                // valid JSON, which has no limit on numbers, but none that serde_json reads
-                if error.to_string().starts_with("number out of range") {
-                    format!(
-                        "body holds a number beyond a 64-bit float's range (a Python integer of \
-                         more than 308 digits), which is not read: send it as a string: {error}"
-                    )
+                if holds_a_number_beyond_a_float(&error) {
+                    format!("body {BEYOND_A_FLOAT}: {error}")
                 } else {
                     format!("body is not valid JSON{}: {error}", hint(&self.body, &error))
                 }
@@ -91,6 +87,16 @@ impl Message {
             other => Err(format!("unsupported content type '{other}' (expected application/json)")),
         }
     }
+}
+
+/// What a body holding a number serde_json cannot read is told.
+pub(crate) const BEYOND_A_FLOAT: &str = "holds a number beyond a 64-bit float's range (a Python \
+    integer of more than 308 digits), which is not read: send it as a string";
+
+/// Whether `error` is of valid JSON (which has no limit on numbers) holding a number beyond
+/// what serde_json reads.
+pub(crate) fn holds_a_number_beyond_a_float(error: &serde_json::Error) -> bool {
+    error.to_string().starts_with("number out of range")
 }
 
 /// What serde's error does not say of a body that is not JSON, where a cause is known: its

@@ -18,6 +18,7 @@ pub use call_context::CallContext;
 pub use extensions::Extensions;
 pub use failure::{Failure, FailureKind};
 pub use headers::{HeaderValue, Headers, Properties};
+pub(crate) use message::{holds_a_number_beyond_a_float, BEYOND_A_FLOAT};
 pub use message::{json_properties, Message};
 pub use outcome::{Handled, Outcome, TargetRole};
 pub(crate) use retry_state::{

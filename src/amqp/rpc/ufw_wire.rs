@@ -196,8 +196,12 @@ impl Request {
                 )),
             })
         };
-        let mut value: Value = serde_json::from_slice(frame)
-            .map_err(|error| malformed(None, format!("not JSON: {error}")))?;
+        let mut value: Value = serde_json::from_slice(frame).map_err(|error| {
+            match crate::data::holds_a_number_beyond_a_float(&error) {
+                true => malformed(None, format!("it {}: {error}", crate::data::BEYOND_A_FLOAT)),
+                false => malformed(None, format!("not JSON: {error}")),
+            }
+        })?;
         if let Value::String(inner) = &value {
             // the Python original's server also takes a request JSON-encoded twice
             value = serde_json::from_str(inner)
@@ -327,6 +331,12 @@ mod tests {
     #[test]
     fn malformed_frames_say_why() {
         let reason = |frame: &[u8]| Request::parse(frame).unwrap_err().error.message;
+        let huge = format!(r#"{{"command": "echo", "command_args": [1{}]}}"#, "0".repeat(400));
+        assert!(
+            reason(huge.as_bytes()).contains("send it as a string"),
+            "{}",
+            reason(huge.as_bytes())
+        );
         assert!(reason(b"{oops").contains("not JSON"));
         assert!(reason(b"[1]").contains("not a JSON object"));
         assert!(reason(br#"{"cmd": 1}"#).contains("no `command`"));
