@@ -3,7 +3,7 @@
 //! background (throughput and failures over the last 15 minutes, duration percentiles over
 //! the last 5).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -199,40 +199,13 @@ impl StatusSource {
     pub(crate) fn sample(&self) {
         let mut totals = Vec::with_capacity(self.routes.len());
         let mut buckets = Vec::new();
+        let read = Counters::read(&self.metrics);
         for route in &self.routes {
-            let (route_totals, route_buckets) = self.counters(route);
+            let (route_totals, route_buckets) = read.of(route);
             totals.push(route_totals);
             buckets.extend(route_buckets.iter().map(|(_, count)| count));
         }
         self.history().record(SystemTime::now(), totals, buckets);
-    }
-
-    /// A route's calls and failures so far, and its duration histogram as (upper bound,
-    /// cumulative count) of its finite buckets, then (infinity, all observations).
-    fn counters(&self, route: &RouteInfo) -> (Totals, Vec<(f64, u64)>) {
-        let metrics = &self.metrics;
-        let buckets = match series_of(&metrics.duration, route) {
-            Some(series) => {
-                let histogram = series.get_histogram();
-                histogram
-                    .get_bucket()
-                    .iter()
-                    .map(|bucket| (bucket.upper_bound(), bucket.cumulative_count()))
-                    .chain(std::iter::once((f64::INFINITY, histogram.get_sample_count())))
-                    .collect()
-            }
-            // the bounds `HistogramOpts::new` gives every series, no call in any
-            None => prometheus::DEFAULT_BUCKETS
-                .iter()
-                .chain(std::iter::once(&f64::INFINITY))
-                .map(|bound| (*bound, 0))
-                .collect(),
-        };
-        let totals = Totals {
-            calls: count_of(&metrics.started, route),
-            failures: count_of(&metrics.failed, route),
-        };
-        (totals, buckets)
     }
 
     /// Messages waiting in each route's dead-letter queue, in the order of the routes, as far
@@ -257,7 +230,11 @@ impl StatusSource {
     /// The status now.
     pub(crate) async fn status(&self, show_failures: bool) -> Status {
         let now = SystemTime::now();
-        let current: Vec<_> = self.routes.iter().map(|route| self.counters(route)).collect();
+        let read = Counters::read(&self.metrics);
+        let current: Vec<_> = self.routes.iter().map(|route| read.of(route)).collect();
+        let retries = BySeries::of(&self.metrics.retries);
+        let dead_lettered = BySeries::of(&self.metrics.dead_lettered);
+        let running = BySeries::of(&self.metrics.running);
         // cheap: the samples share their counters
         let history = self.history().clone();
         let window_start = history.window_start(now);
@@ -290,9 +267,10 @@ impl StatusSource {
                 dead_letters_waiting,
                 calls: now_totals.calls,
                 failures: now_totals.failures,
-                retries: count_of(&metrics.retries, route),
-                dead_lettered: count_of(&metrics.dead_lettered, route),
-                in_flight: series_of(&metrics.running, route)
+                retries: retries.count(route),
+                dead_lettered: dead_lettered.count(route),
+                in_flight: running
+                    .get(route)
                     .map_or(0, |series| series.get_gauge().get_value() as u64),
                 duration_p50: quantile(&recent, 0.5),
                 duration_p95: quantile(&recent, 0.95),
@@ -327,12 +305,77 @@ impl StatusSource {
 }
 
 /// Observations per bucket since `start` (cumulative counts of both).
-/// The series of `route` in `family`, read without creating it: `with_label_values` would
-/// add it, at 0, to `/metrics` (a `dead_lettered_total` for an RPC route that never
-/// dead-letters), where reading the status is to change nothing.
-fn series_of(family: &impl Collector, route: &RouteInfo) -> Option<proto::Metric> {
-    let labels = [("context", route.context.as_str()), ("route", route.metric_label.as_str())];
-    series_labelled(family, &labels)
+/// A family's series by their `context` and `route` labels, read once for all the routes,
+/// without creating any: `with_label_values` would add each it reads, at 0, to `/metrics` (a
+/// `dead_lettered_total` for an RPC route that never dead-letters), where reading the status
+/// is to change nothing.
+struct BySeries(HashMap<(String, String), proto::Metric>);
+
+impl BySeries {
+    fn of(family: &impl Collector) -> Self {
+        let mut by_route = HashMap::new();
+        for series in family.collect().into_iter().flat_map(|mut family| family.take_metric()) {
+            let label = |name: &str| {
+                let pair = series.get_label().iter().find(|pair| pair.name() == name);
+                pair.map(|pair| pair.value().to_owned())
+            };
+            if let (Some(context), Some(route)) = (label("context"), label("route")) {
+                by_route.insert((context, route), series);
+            }
+        }
+        BySeries(by_route)
+    }
+
+    fn get(&self, route: &RouteInfo) -> Option<&proto::Metric> {
+        self.0.get(&(route.context.clone(), route.metric_label.clone()))
+    }
+
+    /// The count of a counter's series of `route`; 0 while it has none.
+    fn count(&self, route: &RouteInfo) -> u64 {
+        self.get(route).map_or(0, |series| series.get_counter().get_value() as u64)
+    }
+}
+
+/// What the history samples of each route, read once for all of them.
+struct Counters {
+    started: BySeries,
+    failed: BySeries,
+    duration: BySeries,
+}
+
+impl Counters {
+    fn read(metrics: &Metrics) -> Self {
+        Counters {
+            started: BySeries::of(&metrics.started),
+            failed: BySeries::of(&metrics.failed),
+            duration: BySeries::of(&metrics.duration),
+        }
+    }
+
+    /// A route's calls and failures so far, and its duration histogram as (upper bound,
+    /// cumulative count) of its finite buckets, then (infinity, all observations).
+    fn of(&self, route: &RouteInfo) -> (Totals, Vec<(f64, u64)>) {
+        let buckets = match self.duration.get(route) {
+            Some(series) => {
+                let histogram = series.get_histogram();
+                histogram
+                    .get_bucket()
+                    .iter()
+                    .map(|bucket| (bucket.upper_bound(), bucket.cumulative_count()))
+                    .chain(std::iter::once((f64::INFINITY, histogram.get_sample_count())))
+                    .collect()
+            }
+            // the bounds `HistogramOpts::new` gives every series, no call in any
+            None => prometheus::DEFAULT_BUCKETS
+                .iter()
+                .chain(std::iter::once(&f64::INFINITY))
+                .map(|bound| (*bound, 0))
+                .collect(),
+        };
+        let totals =
+            Totals { calls: self.started.count(route), failures: self.failed.count(route) };
+        (totals, buckets)
+    }
 }
 
 /// The series of `family` with `labels` (name, value), read without creating it.
@@ -346,11 +389,6 @@ pub(super) fn series_labelled(
         })
     };
     family.collect().into_iter().flat_map(|mut family| family.take_metric()).find(matches)
-}
-
-/// The count of a counter's series of `route`; 0 while it has none.
-fn count_of(family: &impl Collector, route: &RouteInfo) -> u64 {
-    series_of(family, route).map_or(0, |series| series.get_counter().get_value() as u64)
 }
 
 fn bucket_deltas(now: &[(f64, u64)], start: Option<&[(f64, u64)]>) -> Vec<(f64, u64)> {
