@@ -241,3 +241,37 @@ async fn runner_start_inside_a_runtime_says_to_await_runner_run() {
     let error = Runner::new(routes, config).start().unwrap_err();
     assert!(error.to_string().contains("use `Runner::run(...).await` there"), "{error}");
 }
+
+/// Where tokio does start a runtime inside another, `Runner::start` runs: on a blocking
+/// thread of a runtime (`spawn_blocking`), and on a thread that only entered one
+/// (`Runtime::enter`). The test runs itself again as that program, with `MF_PRINT_TOPOLOGY=1`
+/// (its start prints the topology and returns without serving).
+#[test]
+fn runner_start_runs_where_tokio_starts_a_runtime_inside_another() {
+    const AS_PROGRAM: &str = "LIFECYCLE_START_ELSEWHERE_PROGRAM";
+    let runner = || {
+        let config = Config::new(common::unique("elsewhere"))
+            .with_amqp_uri(format!("memory://{}", common::unique("elsewhere")));
+        Runner::new(vec![Route::new(quiet).entrypoint(EventListener::new("src", "e"))], config)
+    };
+    if std::env::var_os(AS_PROGRAM).is_some() {
+        let other = tokio::runtime::Runtime::new().unwrap();
+        let blocking =
+            other.block_on(async { tokio::task::spawn_blocking(move || runner().start()).await });
+        blocking.unwrap().expect("start on a blocking thread");
+        let _entered = other.enter();
+        runner().start().expect("start under Runtime::enter");
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "runner_start_runs_where_tokio_starts_a_runtime_inside_another"])
+        .args(["--nocapture"])
+        .env(AS_PROGRAM, "1")
+        .env("MF_PRINT_TOPOLOGY", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let marker = micro_framework::transport::topology::TOPOLOGY_MARKER;
+    assert_eq!(stdout.matches(marker).count(), 2, "{stdout}");
+}

@@ -23,6 +23,7 @@ use start::{connect_retrying, start};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handler::dependencies::{self, Dependency, SharedDependency};
+use crate::handler::targets::panic_message;
 use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::process::worker_socket;
@@ -134,19 +135,25 @@ impl Runner {
     /// [`TOPOLOGY_MARKER`](crate::transport::topology::TOPOLOGY_MARKER), and returns without
     /// serving (see [`Runner::topology`]).
     ///
-    /// Inside a tokio runtime (`#[tokio::main]`), which cannot start another, it returns an
-    /// error saying to use [`Runner::run`]`.await` instead.
+    /// Inside a running tokio runtime (`#[tokio::main]`), where tokio refuses to start
+    /// another, it returns an error saying to use [`Runner::run`]`.await` instead.
     pub fn start(self) -> Result<()> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Error::Startup(
-                "Runner::start runs the service on a tokio runtime of its own, which cannot \
-                 start inside this one (#[tokio::main]): use `Runner::run(...).await` there"
-                    .to_owned(),
-            ));
-        }
         crate::logging::init(self.config.log_format);
         let runtime = runtime(self.thread_mode_workers())?;
-        let result = runtime.block_on(self.run());
+        // Tokio alone knows whether this thread drives a runtime (a blocking thread of one, or
+        // one that only entered one, may start another): it panics before running anything.
+        let run = std::panic::AssertUnwindSafe(|| runtime.block_on(self.run()));
+        let result = match std::panic::catch_unwind(run) {
+            Ok(result) => result,
+            Err(panic) if panic_message(&*panic).starts_with(RUNTIME_IN_RUNTIME) => {
+                Err(Error::Startup(
+                    "Runner::start runs the service on a tokio runtime of its own, which cannot \
+                     start inside this one (#[tokio::main]): use `Runner::run(...).await` there"
+                        .to_owned(),
+                ))
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
         // A sync call still running past SHUTDOWN_TIMEOUT holds a blocking thread, and
         // dropping the runtime would wait for it without end (the task that listens for a
         // second signal is gone by then). The service has stopped and the call's message is
@@ -382,6 +389,9 @@ async fn stop_on_signals(stop: CancellationToken) {
 
 /// Tokio's default size of a runtime's blocking pool.
 const DEFAULT_BLOCKING_THREADS: usize = 512;
+
+/// How tokio's panic at a runtime started inside a running one begins.
+const RUNTIME_IN_RUNTIME: &str = "Cannot start a runtime from within a runtime";
 
 /// The runtime of [`Runner::start`]. A worker process runs one call at a time: one runtime
 /// thread reads its control link (and runs what the call spawns) and a call thread from the
