@@ -48,7 +48,7 @@ const SHOWN_LATER: [(&str, &str); 4] = [
     ("broker_node", "on RabbitMQ"),
     ("requests_refused_total", "after an HTTP or WebSocket refusal"),
     ("worker_processes", "in a process mode"),
-    ("worker_processes_replaced_total", "after a worker process is replaced"),
+    ("worker_processes_replaced_total", "in a process mode"),
 ];
 
 /// Every metric the service can export: the table in `src/metrics/mod.rs`'s documentation.

@@ -302,6 +302,15 @@ async fn the_worker_processes_running_are_counted_while_one_is_replaced() {
         line.and_then(|line| line.rsplit(' ').next()?.parse::<u32>().ok())
     };
     assert_eq!(running(), Some(2));
+    // every reason's count is there at 0 from the start, where an alert's `increase()` sees
+    // the first replacement
+    let metrics = service.service().metrics().render();
+    let reasons = ["died_idle", "died_in_call", "time_limit", "recycled", "call_dropped"];
+    for reason in reasons {
+        let zero =
+            format!("worker_processes_replaced_total{{context=\"default\",reason=\"{reason}\"}} 0");
+        assert!(metrics.lines().any(|line| line == zero), "{zero}: {metrics}");
+    }
     let workers = common::workers_of(&name);
     assert_eq!(workers.len(), 2, "{workers:?}");
     let pid = workers[0].to_string();

@@ -375,6 +375,12 @@ impl Metrics {
         self.replaced.with_label_values(&[context, reason]).inc();
     }
 
+    /// The count of worker processes of `context` replaced for `reason`, shown at 0.
+    #[cfg(feature = "process")]
+    pub(crate) fn worker_replaced_never(&self, context: &str, reason: &str) {
+        self.replaced.with_label_values(&[context, reason]);
+    }
+
     /// The worker processes of `context` running now: the free slots of `available_workers`
     /// do not show a worker that died and is being replaced.
     #[cfg(feature = "process")]

@@ -77,6 +77,10 @@ impl Metrics {
     #[cfg(feature = "process")]
     pub(crate) fn worker_processes(&self, _context: &str, _running: usize) {}
 
+    /// Does nothing.
+    #[cfg(feature = "process")]
+    pub(crate) fn worker_replaced_never(&self, _context: &str, _reason: &str) {}
+
     /// Counts nothing.
     #[cfg(feature = "websocket")]
     pub(crate) fn websocket_connection(&self) -> OpenConnection {

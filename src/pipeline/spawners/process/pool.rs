@@ -56,6 +56,41 @@ pub struct ProcessPool {
     max_tasks: Option<u32>,
 }
 
+/// Why a worker process was replaced: the `reason` of `worker_processes_replaced_total`.
+#[derive(Clone, Copy, Debug)]
+enum Replaced {
+    /// It died idle (the OOM killer, an operator).
+    DiedIdle,
+    /// It died while it ran a call.
+    DiedInCall,
+    /// Killed with its call past `TASK_TIME_LIMIT`.
+    TimeLimit,
+    /// After `MAX_TASKS_PER_CHILD` calls.
+    Recycled,
+    /// Killed as its call's future was dropped while it ran.
+    CallDropped,
+}
+
+impl Replaced {
+    const ALL: [Replaced; 5] = [
+        Replaced::DiedIdle,
+        Replaced::DiedInCall,
+        Replaced::TimeLimit,
+        Replaced::Recycled,
+        Replaced::CallDropped,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Replaced::DiedIdle => "died_idle",
+            Replaced::DiedInCall => "died_in_call",
+            Replaced::TimeLimit => "time_limit",
+            Replaced::Recycled => "recycled",
+            Replaced::CallDropped => "call_dropped",
+        }
+    }
+}
+
 /// An idle worker of the pool kept for one call (its permit of `ready`): given back to the
 /// pool when dropped unused.
 pub(crate) struct Reserved<'a>(SemaphorePermit<'a>);
@@ -112,6 +147,11 @@ impl ProcessPool {
             time_limit: workers.time_limit(),
             max_tasks,
         });
+        // each reason's count at 0 from the start: one that appeared at its first count, at
+        // 1, would hide that count from `increase()`, which an alert on deaths reads
+        for reason in Replaced::ALL {
+            pool.launcher.metrics.worker_replaced_never(&pool.launcher.context, reason.label());
+        }
         for _ in 0..size {
             let worker = pool.launcher.launch().await?;
             pool.give_back(worker);
@@ -196,14 +236,14 @@ impl ProcessPool {
                     "worker process {pid} died while idle ({status}); a new worker replaces it"
                 ),
             }
-            pool.replaced("died_idle");
+            pool.replaced(Replaced::DiedIdle);
             pool.respawn_after(early.then_some(status));
         }));
     }
 
     /// Count a worker replaced for `reason` (`worker_processes_replaced_total`).
-    fn replaced(&self, reason: &str) {
-        self.launcher.metrics.worker_replaced(&self.launcher.context, reason);
+    fn replaced(&self, reason: Replaced) {
+        self.launcher.metrics.worker_replaced(&self.launcher.context, reason.label());
     }
 
     /// Start a worker in the background, trying again until one starts or the pool is shut
@@ -308,7 +348,7 @@ impl ProcessPool {
             }
             let pid = worker.links.pid;
             let status = self.replace(worker, false).await;
-            self.replaced("died_idle");
+            self.replaced(Replaced::DiedIdle);
             tracing::warn!(
                 "worker process {pid} was gone before a call reached it ({error}, {status}); a \
                  new worker replaces it and another takes the call"
@@ -337,7 +377,7 @@ impl ProcessPool {
                 let done = worker.links.done;
                 if self.max_tasks.is_some_and(|max| done >= max) {
                     tracing::debug!("worker process {pid} recycled after {done} calls");
-                    self.replaced("recycled");
+                    self.replaced(Replaced::Recycled);
                     self.respawn();
                     tokio::spawn(self.busy.track_future(end(worker, false)));
                 } else {
@@ -347,14 +387,14 @@ impl ProcessPool {
             }
             Ok(None) => {
                 let status = self.replace(worker, false).await;
-                self.replaced("died_in_call");
+                self.replaced(Replaced::DiedInCall);
                 let message = format!("worker process {pid} died during the call ({status})");
                 tracing::error!("{message}; a new worker replaces it");
                 Err(failed(FailureKind::Crashed, message))
             }
             Err(_) => {
                 self.replace(worker, true).await;
-                self.replaced("time_limit");
+                self.replaced(Replaced::TimeLimit);
                 let limit = self.time_limit.unwrap_or_default();
                 let message = format!(
                     "call ran past its time limit of {limit:?}: worker process {pid} killed"
@@ -486,7 +526,7 @@ impl Drop for ReplaceOnDrop<'_> {
                 "a call ended by its caller while it ran: its worker is killed, replaced"
             );
             drop(pool.lent_process(pid));
-            pool.replaced("call_dropped");
+            pool.replaced(Replaced::CallDropped);
             pool.respawn();
         }
     }
