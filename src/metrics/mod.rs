@@ -97,6 +97,18 @@ fn labelled(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, pr
     IntCounterVec::new(Opts::new(name, help), labels)
 }
 
+/// The count of a pool's worker processes running, idle or in a call (`worker_processes`).
+#[cfg(feature = "process")]
+#[derive(Clone, Debug)]
+pub(crate) struct ProcessCount(IntGauge);
+
+#[cfg(feature = "process")]
+impl ProcessCount {
+    pub(crate) fn set(&self, running: usize) {
+        self.0.set(gauge(running));
+    }
+}
+
 impl Metrics {
     /// A fresh set of metrics in a new registry.
     pub(crate) fn new() -> Result<Self, prometheus::Error> {
@@ -381,11 +393,11 @@ impl Metrics {
         self.replaced.with_label_values(&[context, reason]);
     }
 
-    /// The worker processes of `context` running now: the free slots of `available_workers`
-    /// do not show a worker that died and is being replaced.
+    /// The count of the worker processes of `context` running, looked up once for its pool:
+    /// the free slots of `available_workers` do not show a worker being replaced.
     #[cfg(feature = "process")]
-    pub(crate) fn worker_processes(&self, context: &str, running: usize) {
-        self.processes.with_label_values(&[context]).set(gauge(running));
+    pub(crate) fn worker_processes(&self, context: &str) -> ProcessCount {
+        ProcessCount(self.processes.with_label_values(&[context]))
     }
 
     /// Set the reconnection count (read from the transport).

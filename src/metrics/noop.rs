@@ -11,6 +11,17 @@ use std::time::Duration;
 
 use crate::data::Handled;
 
+/// Counts nothing (built without the `metrics` feature).
+#[cfg(feature = "process")]
+#[derive(Clone, Debug)]
+pub(crate) struct ProcessCount;
+
+#[cfg(feature = "process")]
+impl ProcessCount {
+    /// Does nothing.
+    pub(crate) fn set(&self, _running: usize) {}
+}
+
 /// Records nothing (built without the `metrics` feature).
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics;
@@ -73,9 +84,11 @@ impl Metrics {
     #[cfg(feature = "process")]
     pub(crate) fn worker_replaced(&self, _context: &str, _reason: &str) {}
 
-    /// Does nothing.
+    /// Counts nothing.
     #[cfg(feature = "process")]
-    pub(crate) fn worker_processes(&self, _context: &str, _running: usize) {}
+    pub(crate) fn worker_processes(&self, _context: &str) -> ProcessCount {
+        ProcessCount
+    }
 
     /// Does nothing.
     #[cfg(feature = "process")]

@@ -15,7 +15,7 @@ use super::protocol::BorrowedCall;
 use crate::data::Outcome;
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ProcessCount};
 use crate::pipeline::spawners::WorkerPool;
 use crate::transport::SharedTransport;
 
@@ -50,6 +50,8 @@ pub struct ProcessPool {
     /// Tracks the calls using workers, and the workers being started or ended, so that the
     /// shutdown returns once none is left.
     busy: TaskTracker,
+    /// `worker_processes` of this pool's context.
+    processes: ProcessCount,
     launcher: Launcher,
     size: usize,
     time_limit: Option<Duration>,
@@ -127,6 +129,7 @@ impl ProcessPool {
         args: Option<Vec<OsString>>,
     ) -> Result<Arc<Self>> {
         let size = workers.size();
+        let processes = metrics.worker_processes(workers.context());
         let pool = Arc::new_cyclic(|pool| ProcessPool {
             idle: std::sync::Mutex::default(),
             ready: Semaphore::new(0),
@@ -135,6 +138,7 @@ impl ProcessPool {
             failed: CancellationToken::new(),
             early_deaths: AtomicU32::new(0),
             busy: TaskTracker::new(),
+            processes,
             launcher: Launcher {
                 transport,
                 metrics,
@@ -165,8 +169,7 @@ impl ProcessPool {
 
     /// Count the worker processes running, idle or lent, after `idle` changed them.
     fn count_processes(&self, idle: &Idle) {
-        let running = idle.workers.len() + idle.lent.len();
-        self.launcher.metrics.worker_processes(&self.launcher.context, running);
+        self.processes.set(idle.workers.len() + idle.lent.len());
     }
 
     /// An idle worker kept for a call, once there is one; `None` once the pool is shut down.
