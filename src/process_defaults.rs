@@ -27,7 +27,8 @@
 //! stops it), but it first runs the program's `main` and set-up, where a Ctrl-C sent to the
 //! whole process group killed it, and with it the service's start or a worker's replacement.
 //! From its first instruction on, a worker catches them with a handler that does nothing
-//! (not `SIG_IGN`, which the programs it runs would inherit).
+//! (not `SIG_IGN`, which the programs it runs would inherit); until then, from its start, the
+//! service has them blocked for it, so that one sent before is caught too.
 
 /// The stack every thread gets by default: enough for the deepest header, with a margin.
 const THREAD_STACK_SIZE: usize = if cfg!(debug_assertions) { 512 << 20 } else { 128 << 20 };
@@ -99,6 +100,11 @@ fn catch_stop_signals() {
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(signal, &action, std::ptr::null_mut());
         }
+    }
+    // blocked by the service from the worker's start until now: one sent meanwhile is
+    // delivered here, to the handler that does nothing
+    if let Err(error) = crate::pipeline::spawners::process::stop_signals(libc::SIG_UNBLOCK) {
+        eprintln!("a worker process cannot unblock SIGINT and SIGTERM: {error}");
     }
 }
 

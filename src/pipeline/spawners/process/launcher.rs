@@ -144,6 +144,10 @@ impl Launcher {
         command.env(SERVICE_PID_ENV, std::process::id().to_string());
         command.env(SERVICE_NAME_ENV, &*self.service);
         command.env(CONTEXT_ENV, &*self.context);
+        // SAFETY: between `fork` and `exec` the closure makes async-signal-safe calls only.
+        unsafe {
+            command.pre_exec(|| super::worker::stop_signals(libc::SIG_BLOCK));
+        }
         let mut child = command.kill_on_drop(true).spawn().map_err(|error| {
             Error::WorkerProcess(format!("cannot start a worker process: {error}"))
         })?;

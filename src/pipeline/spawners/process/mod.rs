@@ -25,6 +25,6 @@ pub(crate) use pool::{ProcessPool, Reserved};
 pub(crate) use protocol::BorrowedCall;
 pub(crate) use worker::{
     claim_worker_environment, exit_when_orphaned, served_context, served_service_name,
-    worker_socket, WorkerLink,
+    stop_signals, worker_socket, WorkerLink,
 };
 pub use worker::{is_worker_process, WORKER_SOCKET_ENV};

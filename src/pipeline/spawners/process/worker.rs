@@ -224,6 +224,28 @@ fn remove_socket(socket: &str) {
     }
 }
 
+/// Block (`libc::SIG_BLOCK`) or unblock (`libc::SIG_UNBLOCK`) SIGINT and SIGTERM for the
+/// calling thread. A worker is started with them blocked (the mask survives `exec`): a Ctrl-C
+/// to the whole process group between its start and its first instruction, where it catches
+/// them, then waits instead of killing it, and is caught once they are unblocked.
+///
+/// Async-signal-safe (called between `fork` and `exec`).
+pub(crate) fn stop_signals(how: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: a zeroed sigset_t is a valid one to fill; the calls only read and write the set
+    // and this thread's mask.
+    let failed = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut()) != 0
+    };
+    match failed {
+        true => Err(std::io::Error::last_os_error()),
+        false => Ok(()),
+    }
+}
+
 /// Make SIGINT and SIGTERM do nothing here: sent to a whole process group (Ctrl-C in a
 /// terminal) or control group (systemd), they are meant for the service, which stops
 /// gracefully, letting the running calls finish, and then ends its workers by closing
