@@ -24,6 +24,16 @@ use micro_framework::transport::{
 use micro_framework::Message;
 use serde_json::{json, Value};
 
+/// Several of these tests are CPU-bound in a debug build (128 MiB of JSON through RabbitMQ, a
+/// header 26,000 levels deep, frames full of headers) and wait for their outcome within
+/// wall-clock limits: at most one test per core at a time, whatever `--test-threads` says (CI
+/// runs six at a time, which on 2 cores made the deep header's dead letter miss its 10 s).
+async fn cpu_slot() -> tokio::sync::SemaphorePermit<'static> {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(cores)).acquire().await.unwrap()
+}
+
 /// Counts the calls of a route.
 #[derive(Default)]
 struct Calls(AtomicU64);
@@ -98,6 +108,7 @@ async fn dead_letters(service: &TestService, queue: &str, count: u32) -> Vec<Mes
 
 #[tokio::test]
 async fn an_error_quoting_a_200_kb_event_is_bounded_and_dead_lettered_once() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let shop = unique("shop");
         let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
@@ -125,6 +136,7 @@ async fn an_error_quoting_a_200_kb_event_is_bounded_and_dead_lettered_once() {
 
 #[tokio::test]
 async fn a_body_nested_deeper_than_128_levels_is_bad_input() {
+    let _cpu = cpu_slot().await;
     // serde_json's guard against a stack overflow: the deep body is dead-lettered once, not
     // retried, and the service goes on (a body 127 levels deep is read)
     for uri in broker_uris() {
@@ -154,6 +166,7 @@ async fn a_body_nested_deeper_than_128_levels_is_bad_input() {
 
 #[tokio::test]
 async fn headers_that_fill_a_frame_are_dead_lettered_without_them_and_say_so() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let shop = unique("shop");
         let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
@@ -186,6 +199,7 @@ async fn headers_that_fill_a_frame_are_dead_lettered_without_them_and_say_so() {
 
 #[tokio::test]
 async fn a_retry_copy_that_cannot_fit_is_dead_lettered_at_once() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let shop = unique("shop");
         let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
@@ -222,6 +236,7 @@ async fn still_serving(service: TestService, good_calls: &Calls, uri: &str, shop
 
 #[tokio::test]
 async fn headers_too_big_for_a_frame_are_refused_before_the_broker_sees_them() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let shop = unique("shop");
         let (service, _, good_calls, _) = poison_and_good(&uri, &shop).await;
@@ -246,6 +261,7 @@ async fn headers_too_big_for_a_frame_are_refused_before_the_broker_sees_them() {
 
 #[tokio::test]
 async fn float_headers_that_are_no_number_are_refused_before_the_broker_sees_them() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let shop = unique("shop");
         let (service, _, good_calls, _) = poison_and_good(&uri, &shop).await;
@@ -266,6 +282,7 @@ async fn float_headers_that_are_no_number_are_refused_before_the_broker_sees_the
 
 #[tokio::test]
 async fn decimal_headers_keep_their_value_in_dead_letters() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let shop = unique("shop");
         let (service, _, _, dlq) = poison_and_good(&uri, &shop).await;
@@ -298,6 +315,7 @@ fn nested(depth: usize) -> HeaderValue {
 /// RabbitMQ only: the frame parser runs in lapin's thread.
 #[tokio::test]
 async fn a_header_nested_as_deep_as_a_frame_allows_crashes_nothing() {
+    let _cpu = cpu_slot().await;
     let Some(uri) = common::rabbitmq_uri() else { return };
     let shop = unique("shop");
     let (service, bad_calls, good_calls, dlq) = poison_and_good(&uri, &shop).await;
@@ -330,6 +348,7 @@ async fn a_header_nested_as_deep_as_a_frame_allows_crashes_nothing() {
 /// service's copies are published as another user.
 #[tokio::test]
 async fn a_message_carrying_its_publishers_user_id_is_settled_once() {
+    let _cpu = cpu_slot().await;
     let Some(uri) = common::rabbitmq_uri() else { return };
     let user = common::TemporaryUser::create("publisher");
     let shop = unique("shop");
@@ -431,6 +450,7 @@ async fn first_answer(client: &micro_framework::amqp::rpc::Client, service: &str
 /// its heap unless its mmap threshold is fixed).
 #[tokio::test]
 async fn big_rpc_requests_leave_no_memory_behind() {
+    let _cpu = cpu_slot().await;
     use micro_framework::amqp::rpc::Client;
     let Some(uri) = common::rabbitmq_uri() else { return };
     let example = RpcExample::start(&uri);
@@ -461,6 +481,7 @@ async fn big_rpc_requests_leave_no_memory_behind() {
 /// line, and an error quoting a 1 MB argument is bounded in the reply and in the log.
 #[tokio::test]
 async fn wire_text_cannot_forge_log_lines_and_echoes_are_bounded() {
+    let _cpu = cpu_slot().await;
     use micro_framework::amqp::rpc::{Client, RpcError};
     let Some(uri) = common::rabbitmq_uri() else { return };
     let example = RpcExample::start(&uri);
@@ -496,6 +517,7 @@ async fn wire_text_cannot_forge_log_lines_and_echoes_are_bounded() {
 #[cfg(feature = "metrics")]
 #[tokio::test]
 async fn broker_reconnects_total_counts_every_reconnect() {
+    let _cpu = cpu_slot().await;
     let Some(uri) = common::rabbitmq_uri() else { return };
     let user = common::TemporaryUser::create("reconnecting");
     let shop = unique("shop");
@@ -543,6 +565,7 @@ fn blocking(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<common::Probe>>) {
 /// which would let it crash the service for ever.
 #[tokio::test]
 async fn a_redelivery_that_cannot_be_counted_is_dead_lettered() {
+    let _cpu = cpu_slot().await;
     use micro_framework::settle::HEADER_ERROR_KIND;
     for uri in broker_uris() {
         let shop = unique("shop");
@@ -589,6 +612,7 @@ fn counted(Dep(calls): Dep<Arc<Calls>>) -> u64 {
 /// reply once its target ran, rather than requeued to run again for ever.
 #[tokio::test]
 async fn an_rpc_request_whose_reply_can_never_be_sent_runs_once() {
+    let _cpu = cpu_slot().await;
     use micro_framework::amqp::entrypoints::RPCListener;
     use micro_framework::transport::{BindingSpec, ExchangeSpec};
     for uri in broker_uris() {
@@ -678,6 +702,7 @@ async fn routed_once_bound(operator: &SharedTransport, shop: &str) {
 
 #[tokio::test]
 async fn a_queue_deleted_under_the_service_is_declared_again_with_its_binding() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let Consuming { service, config, shop, queue, calls, markers } =
             consuming(&uri, "qgone").await;
@@ -695,6 +720,7 @@ async fn a_queue_deleted_under_the_service_is_declared_again_with_its_binding() 
 
 #[tokio::test]
 async fn a_queue_deleted_with_its_exchange_is_declared_again_with_both_and_bound() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let Consuming { service, config, shop, queue, calls, markers } =
             consuming(&uri, "xgone").await;
@@ -713,6 +739,7 @@ async fn a_queue_deleted_with_its_exchange_is_declared_again_with_both_and_bound
 
 #[tokio::test]
 async fn a_queue_declared_again_whose_binding_fails_is_not_consumed_unbound() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let marker = unique("bgone");
         let config = config(&uri, "bgone");
@@ -755,6 +782,7 @@ async fn a_queue_declared_again_whose_binding_fails_is_not_consumed_unbound() {
 
 #[tokio::test]
 async fn an_event_whose_filter_panics_is_dead_lettered_once_as_bad_input() {
+    let _cpu = cpu_slot().await;
     use micro_framework::settle::HEADER_ERROR_KIND;
     for uri in broker_uris() {
         let shop = unique("filterpanic");
@@ -812,6 +840,7 @@ fn fails_first(
 /// queue: one it cannot read crashed that queue, and the retries waiting in it were lost.
 #[tokio::test]
 async fn a_forged_x_death_loses_no_retry_of_any_event() {
+    let _cpu = cpu_slot().await;
     for uri in broker_uris() {
         let shop = unique("xdeath");
         let config = config(&uri, &format!("hostile_{shop}"));
@@ -898,6 +927,7 @@ fn publish_a_message_id_that_is_not_utf8(source: &str, event: &str) -> bool {
 /// reconnecting as fast as the broker answers (tens of times a second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_the_amqp_client_cannot_read_is_named_and_costs_few_reconnects() {
+    let _cpu = cpu_slot().await;
     let Some(uri) = common::rabbitmq_uri() else { return };
     let source = unique("unreadable");
     let calls = Arc::new(Calls::default());
