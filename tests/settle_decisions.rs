@@ -5,6 +5,60 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::Probe;
+use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::dependencies::Shared;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
+use serde_json::{json, Value};
+
+/// A fresh in-process broker.
+fn memory_uri() -> String {
+    format!("memory://settle-decisions-{}", uuid::Uuid::new_v4())
+}
+
+/// The calls of a route.
+#[derive(Default)]
+struct Calls(AtomicU64);
+
+impl Calls {
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts its call.
+fn record(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<Calls>>) {
+    calls.0.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Holds its worker slot until its probe's gate opens.
+fn hog(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(Value::Null);
+    probe.leave();
+}
+
+/// A service of `config` (one worker slot) whose slot a call of `hog` holds, waiting at the
+/// probe's gate, beside `record` of `shop`'s event `job`, whose calls are counted.
+async fn one_slot_held(config: Config, shop: &str) -> (TestService, Arc<Probe>, Arc<Calls>) {
+    let (probe, calls) = (Probe::closed(), Arc::new(Calls::default()));
+    let routes = vec![
+        Route::new(hog)
+            .entrypoint(EventListener::new(shop, "hog"))
+            .dependency(Shared(probe.clone())),
+        Route::new(record)
+            .entrypoint(EventListener::new(shop, "job"))
+            .dependency(Shared(calls.clone())),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    service.dispatch(shop, "hog", &json!({})).await.unwrap();
+    probe.wait_started(1).await;
+    (service, probe, calls)
+}
+
 mod rpc_reply {
     //! The RPC server's reply-then-ack decision: a reply the broker refuses for now sends the
     //! request back to its queue (it is answered later); a reply refused for good acks the
@@ -130,13 +184,12 @@ mod retries_and_counts {
     //! through a stop's hand-back. On the in-process broker (the decisions are the core's).
 
     use super::common;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use super::memory_uri;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use common::{config, unique, Probe};
+    use common::{config, unique};
     use micro_framework::amqp::entrypoints::EventListener;
-    use micro_framework::dependencies::Shared;
     use micro_framework::prelude::*;
     use micro_framework::retry::{AsyncBackOff, BackOff, Interval};
     use micro_framework::testing::{take_messages, TestService};
@@ -144,10 +197,6 @@ mod retries_and_counts {
     use micro_framework::transport::{HeaderValue, OutgoingMessage, PublishOptions, Transport};
     use micro_framework::Message;
     use serde_json::{json, Value};
-
-    fn memory_uri() -> String {
-        format!("memory://settle-decisions-{}", uuid::Uuid::new_v4())
-    }
 
     fn always_fails(Payload(_): Payload<Value>) -> Result<(), std::io::Error> {
         Err(std::io::Error::other("always"))
@@ -220,18 +269,6 @@ mod retries_and_counts {
         service.stop().await.unwrap();
     }
 
-    fn hog(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
-        probe.enter(Value::Null);
-        probe.leave();
-    }
-
-    #[derive(Default)]
-    struct Calls(AtomicU64);
-
-    fn victim(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<Calls>>) {
-        calls.0.fetch_add(1, Ordering::SeqCst);
-    }
-
     /// A message that already came back unsettled twice (a counted copy, `x-mf-redeliveries: 2`)
     /// and is handed back unstarted by a stop goes back "with the count it had" (README, Crash
     /// loops): handed back with no count, a poison message whose service is stopped between its
@@ -241,20 +278,9 @@ mod retries_and_counts {
         let uri = memory_uri();
         let shop = unique("mutcnt");
         let config = config(&uri, "mutcnt").with_max_workers(1);
-        let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
+        let queue = format!("evt-{shop}-job--{}.record", config.service_name);
         let keeper = MemoryTransport::connect(&uri).unwrap();
-        let (probe, calls) = (Probe::closed(), Arc::new(Calls::default()));
-        let routes = vec![
-            Route::new(hog)
-                .entrypoint(EventListener::new(&shop, "hog"))
-                .dependency(Shared(probe.clone())),
-            Route::new(victim)
-                .entrypoint(EventListener::new(&shop, "job"))
-                .dependency(Shared(calls.clone())),
-        ];
-        let service = TestService::start(routes, config).await.unwrap();
-        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
+        let (service, probe, calls) = super::one_slot_held(config, &shop).await;
         // a counted copy, as the crash-loop guard publishes one: straight to the queue
         let mut message = Message::json(&json!({ "id": 1 })).unwrap();
         message.properties.headers.insert("x-mf-redeliveries".into(), HeaderValue::Int(2));
@@ -266,7 +292,7 @@ mod retries_and_counts {
         tokio::time::sleep(Duration::from_millis(200)).await;
         probe.open();
         service.wait_stopped().await.unwrap();
-        assert_eq!(calls.0.load(Ordering::SeqCst), 0, "the victim never ran");
+        assert_eq!(calls.count(), 0, "the waiting call never ran");
         let back = take_messages(&keeper, &queue).await.unwrap();
         assert_eq!(back.len(), 1, "handed back once: {back:?}");
         assert_eq!(
@@ -290,20 +316,9 @@ mod retries_and_counts {
         let config = config(&uri, "mutfdc")
             .with_max_workers(1)
             .with_queue_type(micro_framework::config::QueueType::Quorum);
-        let queue = format!("evt-{shop}-job--{}.victim", config.service_name);
+        let queue = format!("evt-{shop}-job--{}.record", config.service_name);
         let keeper = MemoryTransport::connect(&uri).unwrap();
-        let (probe, calls) = (Probe::closed(), Arc::new(Calls::default()));
-        let routes = vec![
-            Route::new(hog)
-                .entrypoint(EventListener::new(&shop, "hog"))
-                .dependency(Shared(probe.clone())),
-            Route::new(victim)
-                .entrypoint(EventListener::new(&shop, "job"))
-                .dependency(Shared(calls.clone())),
-        ];
-        let service = TestService::start(routes, config).await.unwrap();
-        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
+        let (service, probe, calls) = super::one_slot_held(config, &shop).await;
         let mut message = Message::json(&json!({ "id": 1 })).unwrap();
         message.properties.headers.insert("x-delivery-count".into(), HeaderValue::Int(9));
         let event = OutgoingMessage { body: message.body.clone(), properties: message.properties };
@@ -314,7 +329,7 @@ mod retries_and_counts {
         tokio::time::sleep(Duration::from_millis(200)).await;
         probe.open();
         service.wait_stopped().await.unwrap();
-        assert_eq!(calls.0.load(Ordering::SeqCst), 0, "the victim never ran");
+        assert_eq!(calls.count(), 0, "the waiting call never ran");
         let back = take_messages(&keeper, &queue).await.unwrap();
         assert_eq!(back.len(), 1, "handed back once: {back:?}");
         let headers = &back[0].properties.headers;
@@ -333,7 +348,8 @@ mod after_the_stop {
     //! were.
 
     use super::common;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use super::{record, Calls};
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     use common::{config, unique};
@@ -342,13 +358,6 @@ mod after_the_stop {
     use micro_framework::prelude::*;
     use micro_framework::testing::{take_messages, TestService};
     use serde_json::{json, Value};
-
-    #[derive(Default)]
-    struct Calls(AtomicU64);
-
-    fn record(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<Calls>>) {
-        calls.0.fetch_add(1, Ordering::SeqCst);
-    }
 
     /// "Decides whether a message is for the route; others are acked and skipped" (the rustdoc of
     /// `Accept`). Skipped but left unacked, the message counts as skipped and is out of the ready
@@ -376,7 +385,7 @@ mod after_the_stop {
             }
             let route = service.route("record").unwrap().clone();
             common::wait_until(|| route.stats().skipped_count() == 1, "the skip").await;
-            common::wait_until(|| calls.0.load(Ordering::SeqCst) == 1, "the call").await;
+            common::wait_until(|| calls.count() == 1, "the call").await;
             service.stop().await.unwrap();
             let left = take_messages(keeper.as_ref(), &queue).await.unwrap();
             assert!(
@@ -442,8 +451,7 @@ mod after_the_stop {
         let filler = OutgoingMessage { body: "filler".into(), properties: Default::default() };
         transport.publish("", &dlq, filler, PublishOptions::default()).await.unwrap();
         service.dispatch(&shop, "job", &json!({ "n": 1 })).await.unwrap();
-        common::wait_until(|| calls.0.load(Ordering::SeqCst) == 2, "the first run and its retry")
-            .await;
+        common::wait_until(|| calls.count() == 2, "the first run and its retry").await;
         // refused at least twice, then room for it
         tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
         let filler = service.take_messages(&dlq).await.unwrap();
@@ -457,7 +465,7 @@ mod after_the_stop {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         assert_eq!(dead.len(), 1, "one dead letter once the dead-letter queue has room");
-        assert_eq!(calls.0.load(Ordering::SeqCst), 2, "not run again");
+        assert_eq!(calls.count(), 2, "not run again");
         let headers = &dead[0].properties.headers;
         assert_eq!(
             headers.get(HEADER_ORIGINAL_QUEUE),
@@ -532,12 +540,12 @@ mod edges {
     //! hand-back copy refused at a stop requeues. On the in-process broker.
 
     use super::common;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use super::{memory_uri, record, Calls};
     use std::sync::Arc;
     use std::time::Duration;
 
     use bytes::Bytes;
-    use common::{config, unique, Probe};
+    use common::{config, unique};
     use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
     use micro_framework::amqp::rpc::Args;
     use micro_framework::dependencies::Shared;
@@ -549,17 +557,6 @@ mod edges {
     };
     use micro_framework::Message;
     use serde_json::{json, Value};
-
-    fn memory_uri() -> String {
-        format!("memory://settle-decisions-{}", uuid::Uuid::new_v4())
-    }
-
-    #[derive(Default)]
-    struct Calls(AtomicU64);
-
-    fn record(Payload(_): Payload<Value>, Dep(calls): Dep<Arc<Calls>>) {
-        calls.0.fetch_add(1, Ordering::SeqCst);
-    }
 
     /// A body of exactly `MAX_MESSAGE_SIZE` is within the limit (limits.rs: "a body of exactly
     /// `MAX_MESSAGE_SIZE` bytes is handled"), so the event filter reads it like any other: one
@@ -595,7 +592,7 @@ mod edges {
         .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
-            (calls.0.load(Ordering::SeqCst), route.stats().skipped_count()),
+            (calls.count(), route.stats().skipped_count()),
             (0, 1),
             "a body of exactly MAX_MESSAGE_SIZE passed by the filter that rejects every message, \
              and ran (calls, skipped)"
@@ -695,11 +692,6 @@ mod edges {
         service.stop().await.unwrap();
     }
 
-    fn hog(Payload(_): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
-        probe.enter(Value::Null);
-        probe.leave();
-    }
-
     /// A message waiting for a worker slot when the service stops is handed back as a copy; when
     /// the broker refuses that copy, "the message is requeued instead" (README, Crash loops).
     /// `settle.rs::a_message_whose_hand_back_copy_is_refused_is_requeued_not_lost`, which says it
@@ -713,18 +705,7 @@ mod edges {
         let config = config(&uri, "mutreq").with_max_workers(1);
         let queue = format!("evt-{shop}-job--{}.record", config.service_name);
         let keeper = MemoryTransport::connect(&uri).unwrap();
-        let (probe, calls) = (Probe::closed(), Arc::new(Calls::default()));
-        let routes = vec![
-            Route::new(hog)
-                .entrypoint(EventListener::new(&shop, "hog"))
-                .dependency(Shared(probe.clone())),
-            Route::new(record)
-                .entrypoint(EventListener::new(&shop, "job"))
-                .dependency(Shared(calls.clone())),
-        ];
-        let service = TestService::start(routes, config).await.unwrap();
-        service.dispatch(&shop, "hog", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
+        let (service, probe, calls) = super::one_slot_held(config, &shop).await;
         service.dispatch(&shop, "job", &json!({ "id": 1 })).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         // the hand-back copy is refused: no room
@@ -734,7 +715,7 @@ mod edges {
         probe.open();
         service.wait_stopped().await.unwrap();
         keeper.broker().set_max_bytes(256 * 1024 * 1024);
-        assert_eq!(calls.0.load(Ordering::SeqCst), 0, "never ran");
+        assert_eq!(calls.count(), 0, "never ran");
         let back = take_messages(&keeper, &queue).await.unwrap();
         assert_eq!(
             back.len(),
