@@ -346,3 +346,156 @@ async fn replaced_workers_are_counted_by_reason() {
     service.stop().await.unwrap();
     assert_eq!((recycled, timed_out), (1, 1));
 }
+
+/// The worker processes on the status page and in `worker_processes`, through a call, a death
+/// during a call and the stop.
+#[cfg(feature = "metrics")]
+mod processes_counted {
+    use super::common;
+
+    use std::time::Duration;
+
+    use common::http_get;
+    use micro_framework::amqp::entrypoints::RPCListener;
+    use micro_framework::amqp::rpc::Client;
+    use micro_framework::config::MetricsConfig;
+    use micro_framework::prelude::*;
+    use micro_framework::testing::{test_config, TestService};
+    use serde_json::Value;
+
+    /// Runs in a worker process for a second and a half.
+    fn slow() -> u32 {
+        std::thread::sleep(Duration::from_millis(1500));
+        1
+    }
+
+    async fn pool(address: std::net::SocketAddr) -> Value {
+        let (code, json) =
+            tokio::task::spawn_blocking(move || http_get(address, "/status.json")).await.unwrap();
+        assert_eq!(code, 200, "{json}");
+        let status: Value = serde_json::from_str(&json).unwrap();
+        status["pools"][0].clone()
+    }
+
+    fn gauge(metrics: &micro_framework::metrics::Metrics) -> Option<u64> {
+        let text = metrics.render();
+        let line = text.lines().find(|line| line.starts_with("worker_processes{"))?;
+        line.rsplit(' ').next()?.parse().ok()
+    }
+
+    /// The status page's pool: idle, 0 busy, 2 free, 2 processes; during a call, 1 busy, 1 free,
+    /// and still 2 processes (the one lent to the call runs); after the stop `worker_processes`
+    /// is 0 (the stop ends every worker).
+    #[tokio::test]
+    async fn the_status_pool_counts_busy_slots_and_running_processes_through_a_call_and_the_stop() {
+        let name = common::unique("pool_status");
+        let config = test_config(&name)
+            .with_worker_mode(WorkerMode::Process)
+            .with_max_workers(2)
+            .with_enable_metrics(true)
+            .with_metrics(MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+        let routes = vec![Route::new(slow).entrypoint(RPCListener::new())];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let address = service.service().metrics_address().expect("the metrics server listens");
+        let metrics = service.service().metrics().clone();
+
+        let idle = pool(address).await;
+        assert_eq!(idle["max_workers"], 2, "{idle}");
+        assert_eq!(
+            (idle["busy"].as_u64(), idle["free"].as_u64()),
+            (Some(0), Some(2)),
+            "idle: {idle}"
+        );
+        assert_eq!(idle["processes"].as_u64(), Some(2), "idle: the processes running: {idle}");
+
+        let client = Client::connect(&config).await.unwrap();
+        let call = {
+            let name = config.service_name.clone();
+            tokio::spawn(async move {
+                let answer = client.call::<u32>(&name, "slow", (), ()).await;
+                client.close().await;
+                answer
+            })
+        };
+        let mut during = Value::Null;
+        for _ in 0..100 {
+            during = pool(address).await;
+            if during["busy"].as_u64() == Some(1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            (during["busy"].as_u64(), during["free"].as_u64()),
+            (Some(1), Some(1)),
+            "during a call: {during}"
+        );
+        assert_eq!(
+            during["processes"].as_u64(),
+            Some(2),
+            "during a call the worker lent to it runs too: {during}"
+        );
+        assert_eq!(gauge(&metrics), Some(2), "worker_processes during a call");
+        assert_eq!(call.await.unwrap().unwrap(), 1);
+
+        service.stop().await.unwrap();
+        assert_eq!(
+            gauge(&metrics),
+            Some(0),
+            "worker_processes after the stop, which ended every worker process"
+        );
+    }
+
+    /// Writes its worker process's pid into `file`, then runs for three seconds.
+    fn slow_pid(
+        micro_framework::amqp::rpc::Args((file,)): micro_framework::amqp::rpc::Args<(String,)>,
+    ) -> u32 {
+        std::fs::write(&file, std::process::id().to_string()).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        std::process::id()
+    }
+
+    /// An idle worker killed while the other runs a call leaves 1 running (the lent one), not 0,
+    /// until its replacement starts (a second later: it died before any call, within 10 s of its
+    /// start).
+    #[tokio::test]
+    async fn an_idle_worker_killed_during_a_call_leaves_the_lent_one_counted() {
+        let name = common::unique("pool_lent");
+        let config = test_config(&name).with_worker_mode(WorkerMode::Process).with_max_workers(2);
+        let routes = vec![Route::new(slow_pid).entrypoint(RPCListener::new())];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let metrics = service.service().metrics().clone();
+        assert_eq!(gauge(&metrics), Some(2));
+
+        let file = std::env::temp_dir().join(format!("{name}.pid"));
+        let client = Client::connect(&config).await.unwrap();
+        let call = {
+            let (name, file) = (config.service_name.clone(), file.to_string_lossy().into_owned());
+            tokio::spawn(async move {
+                let answer = client.call::<u32>(&name, "slow_pid", (file,), ()).await;
+                client.close().await;
+                answer
+            })
+        };
+        common::wait_until(
+            || std::fs::read_to_string(&file).is_ok_and(|pid| !pid.is_empty()),
+            "the call to start",
+        )
+        .await;
+        let busy: u32 = std::fs::read_to_string(&file).unwrap().parse().unwrap();
+        let workers = common::workers_of(&name);
+        let idle = workers.iter().find(|pid| **pid != busy).expect("an idle worker").to_string();
+        let _ = std::process::Command::new("kill").args(["-KILL", &idle]).status();
+        common::wait_until(|| gauge(&metrics) != Some(2), "the killed worker to be counted out")
+            .await;
+        assert_eq!(
+            gauge(&metrics),
+            Some(1),
+            "worker_processes after the idle worker died while the other runs a call: the lent \
+             worker still runs"
+        );
+        assert_eq!(call.await.unwrap().unwrap(), busy);
+        let _ = std::fs::remove_file(&file);
+        service.stop().await.unwrap();
+    }
+}

@@ -339,6 +339,22 @@ mod tests {
         assert_eq!(call.outgoing_headers()["nameko.x-request-id"], text("r-1"));
     }
 
+    /// Also for a key read before its prefixed twin in the map's order (`auth` sorts before
+    /// `nameko.auth`; `tenant` after `nameko.tenant`, where the first read would win anyway).
+    #[test]
+    fn the_prefixed_header_wins_for_a_key_that_sorts_before_the_prefix() {
+        for key in ["auth", "lang", "a", "nameko"] {
+            let headers = Headers::from([
+                (key.to_owned(), text("bare")),
+                (format!("nameko.{key}"), text("prefixed")),
+            ]);
+            let call = CallContext::for_call(&headers, "svc", "m", 10);
+            assert_eq!(call.data.get(key), Some(&text("prefixed")), "{key}: {:?}", call.data);
+            let out = call.outgoing_headers();
+            assert_eq!(out.get(&format!("nameko.{key}")), Some(&text("prefixed")), "{out:?}");
+        }
+    }
+
     #[test]
     fn the_prefixed_header_wins_and_the_stack_is_never_data() {
         let headers = Headers::from([
