@@ -609,18 +609,22 @@ async fn retries_in_the_worker_are_counted_on_every_route_and_fail_a_call_only_a
     assert_eq!(count("failed_tasks_total", "always_fails"), Some(1.0), "{text}");
 }
 
+#[cfg(all(feature = "http", feature = "websocket"))]
 fn known_http() -> &'static str {
     "known"
 }
 
+#[cfg(all(feature = "http", feature = "websocket"))]
 fn known_rpc() -> u32 {
     1
 }
 
+#[cfg(all(feature = "http", feature = "websocket"))]
 fn known_ws() -> u32 {
     2
 }
 
+#[cfg(all(feature = "http", feature = "websocket"))]
 fn known_event(Payload(_): Payload<Value>) {}
 
 /// Names a peer or a client chooses (RPC methods, HTTP paths and methods, WebSocket commands,
@@ -918,7 +922,7 @@ mod processes_on_the_status_page {
     use micro_framework::amqp::entrypoints::RPCListener;
     use micro_framework::prelude::*;
     use micro_framework::testing::TestService;
-    use serde_json::{json, Value};
+    use serde_json::Value;
 
     fn pid() -> u32 {
         std::process::id()
@@ -947,7 +951,7 @@ mod processes_on_the_status_page {
             tokio::task::spawn_blocking(move || common::http_get(address, "/")).await.unwrap();
         service.stop().await.unwrap();
         let status: Value = serde_json::from_str(&status).unwrap();
-        assert_eq!(status["pools"][0]["processes"], json!(2), "{status}");
+        assert_eq!(status["pools"][0]["processes"], serde_json::json!(2), "{status}");
         assert!(page.contains("<th>processes</th>"), "{page}");
         assert!(page.contains("<td>2</td><td>2</td></tr>"), "size 2 and 2 processes: {page}");
     }
