@@ -188,7 +188,7 @@ async fn a_nameko_listener_reads_the_forwarded_headers_as_its_context_data() {
     let lines = peer.finish().await;
     let waited = service.wait_for_route("relay", 1).await;
     service.stop().await.unwrap();
-    common::cleanup(&uri, &[service_name.clone(), source]).await;
+    common::cleanup(&uri, &[service_name.clone(), source, listener.clone()]).await;
     waited.unwrap();
 
     let event = lines.iter().find(|line| line.get("payload").is_some()).unwrap();

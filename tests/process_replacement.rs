@@ -498,4 +498,55 @@ mod processes_counted {
         let _ = std::fs::remove_file(&file);
         service.stop().await.unwrap();
     }
+
+    fn quick() -> u32 {
+        7
+    }
+
+    /// A worker recycled after `MAX_TASKS_PER_CHILD` calls is no longer counted once its call is
+    /// taken back, until its replacement starts: with one worker, `worker_processes` reads 0 for
+    /// the moment the replacement takes to start (it would go on counting the recycled worker for
+    /// as long as a replacement could not start).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recycled_worker_is_counted_out_until_its_replacement_starts() {
+        let name = common::unique("pool_recycled");
+        let config = test_config(&name)
+            .with_worker_mode(WorkerMode::Process)
+            .with_max_workers(1)
+            .with_max_tasks_per_child(Some(1));
+        let routes = vec![Route::new(quick).entrypoint(RPCListener::new())];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let metrics = service.service().metrics().clone();
+        assert_eq!(gauge(&metrics), Some(1));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (metrics, stop) = (metrics.clone(), stop.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut seen = std::collections::BTreeSet::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    seen.extend(gauge(&metrics));
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                seen
+            })
+        };
+        let client = Client::connect(&config).await.unwrap();
+        assert_eq!(client.call::<u32>(&config.service_name, "quick", (), ()).await.unwrap(), 7);
+        client.close().await;
+        common::wait_until(
+            || metrics.render().contains("reason=\"recycled\"} 1"),
+            "the worker to be recycled",
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let seen = watcher.await.unwrap();
+        assert!(
+            seen.contains(&0),
+            "worker_processes never read 0 between the recycled worker's call and its \
+             replacement's start: {seen:?}"
+        );
+        assert_eq!(gauge(&metrics), Some(1), "the replacement is counted");
+        service.stop().await.unwrap();
+    }
 }

@@ -724,3 +724,135 @@ mod edges {
         );
     }
 }
+
+/// The consume loop: a counted copy's crash pause, and the deliveries buffered at a stop.
+mod consume_loop {
+    use super::common;
+
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use common::{config, unique};
+    use micro_framework::amqp::entrypoints::EventListener;
+    use micro_framework::dependencies::Shared;
+    use micro_framework::prelude::*;
+    use micro_framework::testing::TestService;
+    use micro_framework::transport::memory::MemoryTransport;
+    use micro_framework::transport::{HeaderValue, OutgoingMessage, PublishOptions, Transport};
+    use micro_framework::Message;
+    use serde_json::{json, Value};
+
+    #[derive(Default)]
+    struct Runs(Mutex<Vec<(i64, Instant)>>);
+
+    fn record(Payload(payload): Payload<Value>, Dep(runs): Dep<Arc<Runs>>) {
+        let id = payload["id"].as_i64().unwrap_or(-1);
+        runs.0.lock().unwrap().push((id, Instant::now()));
+    }
+
+    /// "A counted copy waits 1 s before it runs again, so a crash loop is no hot loop" (README,
+    /// Crash loops): a counted copy (`x-mf-redeliveries: 1`, published straight to its queue as
+    /// the crash-loop guard publishes it) runs a second after it arrives, not at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_counted_copy_waits_its_crash_pause_before_it_runs() {
+        let uri = format!("memory://settle-decisions-{}", uuid::Uuid::new_v4());
+        let shop = unique("pause");
+        let config = config(&uri, "pause");
+        let queue = format!("evt-{shop}-job--{}.record", config.service_name);
+        let runs = Arc::new(Runs::default());
+        let routes = vec![Route::new(record)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .dependency(Shared(runs.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        let raw = MemoryTransport::connect(&uri).unwrap();
+        let publish = |id: i64, counted: bool| {
+            let raw = &raw;
+            let queue = queue.clone();
+            async move {
+                let mut message = Message::json(&json!({ "id": id })).unwrap();
+                if counted {
+                    message
+                        .properties
+                        .headers
+                        .insert("x-mf-redeliveries".into(), HeaderValue::Int(1));
+                }
+                let copy =
+                    OutgoingMessage { body: message.body.clone(), properties: message.properties };
+                raw.publish("", &queue, copy, PublishOptions { mandatory: true }).await.unwrap();
+                Instant::now()
+            }
+        };
+        let ran_after = |id: i64, sent: Instant| {
+            let runs = runs.clone();
+            async move {
+                for _ in 0..500 {
+                    if let Some((_, at)) = runs.0.lock().unwrap().iter().find(|(run, _)| *run == id)
+                    {
+                        return at.duration_since(sent);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("message {id} never ran");
+            }
+        };
+        let sent = publish(1, false).await;
+        // a fresh message first: the route consumes
+        ran_after(1, sent).await;
+        let sent = publish(2, true).await;
+        let counted = ran_after(2, sent).await;
+        assert!(
+            counted >= Duration::from_millis(900),
+            "a counted copy (x-mf-redeliveries: 1) ran {counted:?} after it arrived: no crash pause \
+             (README: \"A counted copy waits 1 s before it runs again\")"
+        );
+        service.stop().await.unwrap();
+    }
+
+    /// Deliveries still buffered in the consumer when the stop begins (published, and the stop
+    /// begun, before the consume loop ran again: a current-thread runtime) are still handed to the
+    /// handler, which hands them back as fresh copies, none marked redelivered nor counted: dropped
+    /// unsettled, they would come back with the connection's close marked redelivered, each to be
+    /// counted as a crash at the next start (dead-lettered `crashed`, unrun, under
+    /// `MAX_REDELIVERIES=0`).
+    #[tokio::test]
+    async fn deliveries_buffered_at_the_stop_go_back_uncounted() {
+        let uri = format!("memory://settle-decisions-{}", uuid::Uuid::new_v4());
+        let shop = unique("drain");
+        let config = config(&uri, "drain");
+        let queue = format!("evt-{shop}-job--{}.record", config.service_name);
+        let runs = Arc::new(Runs::default());
+        let routes = vec![Route::new(record)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .dependency(Shared(runs.clone()))];
+        let service = TestService::start(routes, config).await.unwrap();
+        let raw = MemoryTransport::connect(&uri).unwrap();
+        let burst = 10;
+        for id in 0..burst {
+            let message = Message::json(&json!({ "id": id })).unwrap();
+            let copy =
+                OutgoingMessage { body: message.body.clone(), properties: message.properties };
+            raw.publish("", &queue, copy, PublishOptions { mandatory: true }).await.unwrap();
+        }
+        service.begin_stop();
+        service.wait_stopped().await.unwrap();
+        let ran = runs.0.lock().unwrap().len();
+        let back = micro_framework::testing::take_messages(&raw, &queue).await.unwrap();
+        let redelivered: Vec<_> = back
+            .iter()
+            .filter(|message| {
+                message.redelivered
+                    || message.properties.headers.contains_key("x-mf-redelivered")
+                    || message.properties.headers.contains_key("x-mf-redeliveries")
+            })
+            .map(|message| String::from_utf8_lossy(&message.body).into_owned())
+            .collect();
+        assert_eq!(ran + back.len(), burst as usize, "ran {ran}, back {}", back.len());
+        assert!(
+            redelivered.is_empty(),
+            "{} of {} messages buffered at the stop came back marked redelivered (left unsettled \
+             to the connection's close, to be counted as crashes): {redelivered:?}",
+            redelivered.len(),
+            back.len()
+        );
+    }
+}
