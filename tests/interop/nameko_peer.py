@@ -221,12 +221,14 @@ def cmd_listen(args, state):
         {
             "name": args.service,
             "ctx": WorkerCtx(),
-            "dispatch": EventDispatcher(),
             "handle": event_handler(
                 args.source, args.event, reliable_delivery=not args.unreliable
             )(handle),
         },
     )
+    if args.relay:
+        # only then: Nameko's dispatcher declares the service's own exchange, `{service}.events`
+        service_cls.dispatch = EventDispatcher()
     queue = "evt-{}-{}--{}.handle".format(args.source, args.event, args.service)
     exchange = "{}.events".format(args.source)
 
