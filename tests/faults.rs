@@ -9,7 +9,7 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{rabbitmq_uri, wait_until, wait_until_async, Probe};
+use common::{rabbitmq_uri, wait_until, wait_until_async, MetricsOnAnyPort, Probe};
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::dependencies::Shared;
@@ -17,7 +17,9 @@ use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
 use serde_json::{json, Value};
 
-/// Fault tests disturb the broker for everyone: one at a time.
+/// Fault tests disturb the broker for everyone: one at a time. Those that only close their own
+/// user's connections take it too: another one may have stopped the broker, and `rabbitmqctl`
+/// then fails to create their user.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn record(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
@@ -295,9 +297,7 @@ async fn the_service_exits_after_shutdown_timeout_with_a_sync_call_still_running
 async fn readiness_flips_while_the_broker_is_away_and_back_after_reconnect() {
     let Some(uri) = rabbitmq_uri() else { return };
     let _serial = SERIAL.lock().await;
-    let config = common::config(&uri, "faultready")
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let config = common::config(&uri, "faultready").with_metrics_on_any_port();
     let queue = format!("evt-fault_src-job--{}.record", config.service_name);
     let probe = Probe::new();
     let routes = vec![Route::new(record)
@@ -627,6 +627,7 @@ fn queues_named(marker: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_queue_replaced_after_a_reconnection_goes() {
     let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
     let user = common::TemporaryUser::create("replaced");
     let target_config = common::config(&uri, "seven");
     let target_name = target_config.service_name.clone();
@@ -923,10 +924,9 @@ async fn a_delivery_cut_off_in_transit_by_a_lost_connection_runs_once_uncounted(
 #[tokio::test]
 async fn broker_node_reads_0_while_disconnected_without_a_scrape_while_connected() {
     let Some(uri) = rabbitmq_uri() else { return };
+    let _serial = SERIAL.lock().await;
     let user = common::TemporaryUser::create("node_unscraped");
-    let config = common::config(&user.uri(&uri), "node_unscraped")
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let config = common::config(&user.uri(&uri), "node_unscraped").with_metrics_on_any_port();
     let service_name = config.service_name.clone();
     let routes = vec![Route::new(record)
         .entrypoint(EventListener::new("fault_src", "job"))

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{broker_uris, config, unique};
+use common::{broker_uris, config, unique, MetricsOnAnyPort};
 use micro_framework::amqp::entrypoints::{EventListener, QueueListener};
 use micro_framework::dependencies::Shared;
 use micro_framework::logging::MAX_ERROR_TEXT;
@@ -522,12 +522,7 @@ async fn broker_reconnects_total_counts_every_reconnect() {
     let user = common::TemporaryUser::create("reconnecting");
     let shop = unique("shop");
     let (service, _, good_calls, _) = {
-        let config = config(&user.uri(&uri), &format!("hostile_{shop}"))
-            .with_enable_metrics(true)
-            .with_metrics(micro_framework::config::MetricsConfig {
-                host: "127.0.0.1".into(),
-                port: 0,
-            });
+        let config = config(&user.uri(&uri), &format!("hostile_{shop}")).with_metrics_on_any_port();
         let calls = Arc::new(Calls::default());
         let routes = vec![Route::new(good)
             .entrypoint(EventListener::new(&shop, "good"))

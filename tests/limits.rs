@@ -425,55 +425,18 @@ mod numbers_beyond_a_float {
     use std::time::Duration;
 
     use bytes::Bytes;
+    use common::ufw_caller::UfwCaller;
     use common::{config, unique};
     use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
     use micro_framework::amqp::rpc::Args;
     use micro_framework::config::Protocol;
     use micro_framework::prelude::*;
     use micro_framework::testing::TestService;
-    use micro_framework::transport::{
-        BindingSpec, HeaderValue, Headers, OutgoingMessage, PublishOptions, QueueSpec,
-        SharedTransport,
-    };
-    use micro_framework::Message;
+    use micro_framework::transport::{HeaderValue, OutgoingMessage, PublishOptions};
     use serde_json::{json, Value};
 
     fn echo(Args((value,)): Args<(Value,)>) -> Value {
         value
-    }
-
-    /// Publish `body` as a Python micro-framework caller does, to `{service}.echo`, and return
-    /// the reply frame (decoded twice).
-    async fn ufw_request(transport: &SharedTransport, service: &str, body: Bytes) -> Value {
-        let queue = format!("ufw-reply-{service}-{}", uuid::Uuid::new_v4());
-        transport.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
-        let binding = BindingSpec {
-            queue: queue.clone(),
-            exchange: "ufw-rpc".into(),
-            routing_key: queue.clone(),
-            arguments: Headers::new(),
-        };
-        transport.bind_queue(&binding).await.unwrap();
-        let mut message = Message::json(&Value::Null).unwrap();
-        message.properties.correlation_id = Some("raw-1".into());
-        message.properties.reply_to = Some(queue.clone());
-        let outgoing = OutgoingMessage { body, properties: message.properties };
-        let key = format!("{service}.echo");
-        transport
-            .publish("ufw-rpc", &key, outgoing, PublishOptions { mandatory: true })
-            .await
-            .unwrap();
-        for _ in 0..1000 {
-            if let Some(delivery) = transport.get(&queue).await.unwrap() {
-                delivery.acker.ack().await.unwrap();
-                let encoded: Value = serde_json::from_slice(&delivery.body).unwrap();
-                let Value::String(frame) = encoded else { panic!("not encoded twice: {encoded}") };
-                transport.delete_queue(&queue).await.unwrap();
-                return serde_json::from_str(&frame).unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("no reply to the raw request");
     }
 
     /// Under `PROTOCOL=micro_framework` a request holding a number beyond a float's range (the
@@ -490,12 +453,13 @@ mod numbers_beyond_a_float {
             r#"{{"command": "echo", "command_args": [1{}], "command_kwargs": {{}}}}"#,
             "0".repeat(400)
         );
-        let reply = ufw_request(service.transport(), &name, Bytes::from(huge)).await;
+        let caller = UfwCaller::new(service.transport(), &name).await;
+        let reply = caller.request("echo", Bytes::from(huge)).await;
         // control: 2**64 is read, as a float
         let big =
             r#"{"command": "echo", "command_args": [18446744073709551616], "command_kwargs": {}}"#;
-        let control =
-            ufw_request(service.transport(), &name, Bytes::from_static(big.as_bytes())).await;
+        let control = caller.request("echo", Bytes::from_static(big.as_bytes())).await;
+        caller.close().await;
         service.stop().await.unwrap();
         assert_eq!(control["data"], json!(1.8446744073709552e19), "{control}");
         let reason = reply["exception"]["message"].as_str().unwrap_or_default().to_owned();

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{config, http_get, unique};
+use common::{config, http_get, unique, MetricsOnAnyPort};
 use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Args;
@@ -414,8 +414,7 @@ async fn the_alerts_and_the_dashboard_use_only_metrics_the_service_exports() {
     // RPC call, fails, is retried once and is dead-lettered: every labelled series exists.
     let shop = unique("shop");
     let config = config(&format!("memory://{}", unique("monitoring")), "monitoring")
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+        .with_metrics_on_any_port();
     let service_name = config.service_name.clone();
     let routes = vec![
         Route::new(double).entrypoint(RPCListener::new()),
@@ -599,8 +598,7 @@ async fn scrape_labels(protocol: Protocol) -> String {
     let shop = unique("labels");
     let config = config(&format!("memory://{}", unique("labels")), "labels")
         .with_protocol(protocol)
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+        .with_metrics_on_any_port();
     let on = |route: Route| route.entrypoint(EventListener::new(&shop, "go"));
     let runner = Runner::new(
         vec![

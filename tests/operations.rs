@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{broker_uris, config, http_get, unique};
+use common::{broker_uris, config, http_get, unique, MetricsOnAnyPort};
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::prelude::*;
 use micro_framework::retry::AsyncBackOff;
@@ -31,9 +31,7 @@ fn line_value(metrics: &str, prefix: &str) -> Option<f64> {
 async fn metrics_count_known_traffic_and_health_endpoints_answer() {
     for uri in broker_uris() {
         let shop = unique("shop");
-        let config = config(&uri, "metrics").with_enable_metrics(true).with_metrics(
-            micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 },
-        );
+        let config = config(&uri, "metrics").with_metrics_on_any_port();
         let markers = [config.service_name.clone(), shop.clone()];
         let routes = vec![Route::new(checked)
             .entrypoint(EventListener::new(&shop, "job"))
@@ -90,9 +88,7 @@ async fn health_and_metrics_name_the_broker_node_in_use() {
                 (format!("{dead}, {uri}"), Some(node))
             }
         };
-        let mut config = config(&uri, "node").with_amqp_uri(list).with_enable_metrics(true);
-        config.metrics =
-            micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 };
+        let config = config(&uri, "node").with_amqp_uri(list).with_metrics_on_any_port();
         let markers = [config.service_name.clone(), shop.clone()];
         let routes = vec![Route::new(checked).entrypoint(EventListener::new(&shop, "job"))];
         let service = TestService::start(routes, config).await.unwrap();
@@ -214,8 +210,7 @@ async fn rpc_calls_made_are_counted_by_outcome() {
 async fn the_metrics_server_closes_silent_clients() {
     use tokio::io::AsyncReadExt;
     let config = config(&format!("memory://{}", unique("metrics")), "metrics_hostile")
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 })
+        .with_metrics_on_any_port()
         .with_http_header_read_timeout(Duration::from_secs(1))
         .with_http_max_connections(2);
     let routes = vec![Route::new(checked).entrypoint(EventListener::new("nowhere", "job"))];
@@ -246,8 +241,7 @@ fn noted(Payload(payload): Payload<Value>) -> Result<(), String> {
 
 async fn status_service(uri: &str, shop: &str, show_failures: bool) -> TestService {
     let config = config(uri, &format!("status_{shop}"))
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 })
+        .with_metrics_on_any_port()
         .with_status_show_failures(show_failures);
     let routes = vec![Route::new(noted).entrypoint(EventListener::new(shop, "job"))];
     TestService::start(routes, config).await.unwrap()
@@ -505,9 +499,7 @@ fn pong() -> &'static str {
 #[tokio::test]
 async fn the_status_page_looks_up_no_dead_letter_queue_for_rpc_routes() {
     let uri = format!("memory://{}", unique("rpc_status"));
-    let config = config(&uri, "rpc_status")
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let config = config(&uri, "rpc_status").with_metrics_on_any_port();
     // were it looked up, the page would count its messages: 0
     let broker = micro_framework::transport::connect(&config).await.unwrap();
     let dlq = format!("rpc-{}.dlq", config.service_name);
@@ -536,9 +528,7 @@ fn series(metrics: &str) -> std::collections::BTreeSet<String> {
 #[tokio::test]
 async fn reading_the_status_page_adds_no_series_to_the_metrics() {
     let uri = format!("memory://{}", unique("status_reads"));
-    let config = config(&uri, "status_reads")
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let config = config(&uri, "status_reads").with_metrics_on_any_port();
     let routes = vec![Route::new(pong).entrypoint(RPCListener::new())];
     let service = TestService::start(routes, config).await.unwrap();
     let address = service.service().metrics_address().unwrap();
@@ -576,9 +566,7 @@ async fn retries_in_the_worker_are_counted_on_every_route_and_fail_a_call_only_a
     use micro_framework::dependencies::Shared;
     use micro_framework::retry::BackOff;
     let uri = format!("memory://{}", unique("worker_retries"));
-    let config = config(&uri, "worker_retries")
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let config = config(&uri, "worker_retries").with_metrics_on_any_port();
     let backoff = || BackOff::new(2, Duration::from_millis(10));
     let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let routes = vec![
@@ -639,8 +627,7 @@ async fn names_a_peer_or_a_client_chooses_add_no_series() {
     let uri = format!("memory://{}", unique("named_by_peers"));
     let shop = unique("shop");
     let config = config(&uri, "named_by_peers")
-        .with_enable_metrics(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 })
+        .with_metrics_on_any_port()
         .with_web_server_address("127.0.0.1:0".into())
         .with_websocket_ip("127.0.0.1".into())
         .with_websocket_port(0);
@@ -822,9 +809,8 @@ fn answers() -> u32 {
 async fn a_malformed_rpc_request_is_listed_but_is_no_call() {
     use micro_framework::transport::{OutgoingMessage, Properties, PublishOptions};
     let config = micro_framework::testing::test_config(&unique("malformed"))
-        .with_enable_metrics(true)
-        .with_status_show_failures(true)
-        .with_metrics(micro_framework::config::MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+        .with_metrics_on_any_port()
+        .with_status_show_failures(true);
     let (name, exchange) = (config.service_name.clone(), config.rpc_exchange.clone());
     let service =
         TestService::start(vec![Route::new(answers).entrypoint(RPCListener::new())], config)
@@ -918,7 +904,7 @@ async fn a_json_log_line_carries_the_calls_span() {
 mod processes_on_the_status_page {
     use super::common;
 
-    use common::{config, unique};
+    use common::{config, unique, MetricsOnAnyPort};
     use micro_framework::amqp::entrypoints::RPCListener;
     use micro_framework::prelude::*;
     use micro_framework::testing::TestService;
@@ -933,13 +919,12 @@ mod processes_on_the_status_page {
     #[cfg(feature = "process")]
     #[tokio::test]
     async fn the_status_page_shows_the_worker_processes_of_a_process_mode() {
-        use micro_framework::config::{MetricsConfig, WorkerMode};
+        use micro_framework::config::WorkerMode;
         let name = unique("status_procs");
         let config = micro_framework::testing::test_config(&name)
             .with_worker_mode(WorkerMode::Process)
             .with_max_workers(2)
-            .with_enable_metrics(true)
-            .with_metrics(MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+            .with_metrics_on_any_port();
         let routes = vec![Route::new(pid).entrypoint(RPCListener::new())];
         let service = TestService::start(routes, config).await.unwrap();
         let address = service.service().metrics_address().unwrap();
@@ -959,11 +944,8 @@ mod processes_on_the_status_page {
     /// And `null` outside the process modes.
     #[tokio::test]
     async fn the_status_page_shows_no_processes_in_the_thread_mode() {
-        use micro_framework::config::MetricsConfig;
         let uri = format!("memory://{}", unique("status_thread"));
-        let config = config(&uri, "status_thread")
-            .with_enable_metrics(true)
-            .with_metrics(MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+        let config = config(&uri, "status_thread").with_metrics_on_any_port();
         let routes = vec![Route::new(pid).entrypoint(RPCListener::new())];
         let service = TestService::start(routes, config).await.unwrap();
         let address = service.service().metrics_address().unwrap();

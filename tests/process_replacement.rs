@@ -355,10 +355,9 @@ mod processes_counted {
 
     use std::time::Duration;
 
-    use common::http_get;
+    use common::{http_get, MetricsOnAnyPort};
     use micro_framework::amqp::entrypoints::RPCListener;
     use micro_framework::amqp::rpc::Client;
-    use micro_framework::config::MetricsConfig;
     use micro_framework::prelude::*;
     use micro_framework::testing::{test_config, TestService};
     use serde_json::Value;
@@ -392,8 +391,7 @@ mod processes_counted {
         let config = test_config(&name)
             .with_worker_mode(WorkerMode::Process)
             .with_max_workers(2)
-            .with_enable_metrics(true)
-            .with_metrics(MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+            .with_metrics_on_any_port();
         let routes = vec![Route::new(slow).entrypoint(RPCListener::new())];
         let service = TestService::start(routes, config.clone()).await.unwrap();
         let address = service.service().metrics_address().expect("the metrics server listens");

@@ -8,8 +8,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::MetricsOnAnyPort;
 use micro_framework::amqp::entrypoints::EventListener;
-use micro_framework::config::MetricsConfig;
 use micro_framework::prelude::*;
 use serde_json::Value;
 
@@ -62,9 +62,7 @@ fn routes(count: usize, source: &str) -> Vec<Route> {
 async fn the_status_history_of_an_idle_service_with_many_routes_stays_small() {
     const ROUTES: usize = 2000;
     let uri = format!("memory://{}", common::unique("statushistory"));
-    let config = common::config(&uri, "statushistory")
-        .with_enable_metrics(true)
-        .with_metrics(MetricsConfig { host: "127.0.0.1".into(), port: 0 });
+    let config = common::config(&uri, "statushistory").with_metrics_on_any_port();
     let source = common::unique("statushistorysrc");
     let service = Runner::new(routes(ROUTES, &source), config).spawn().await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -8,16 +8,13 @@ use common::targets::{add, echo};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::ufw_caller::UfwCaller;
 use common::{broker_uris, config};
 use micro_framework::amqp::entrypoints::RPCListener;
 use micro_framework::amqp::rpc::{Args, Client, RpcError};
 use micro_framework::config::Protocol;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
-use micro_framework::transport::{
-    BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
-};
-use micro_framework::{Message, Properties};
 use serde_json::{json, Value};
 
 fn fail(Args(()): Args<()>) -> Result<(), std::io::Error> {
@@ -144,7 +141,7 @@ async fn one_service_answers_both_protocols() {
 async fn bad_requests_get_python_errors_and_are_acked() {
     for uri in broker_uris() {
         let (service, math) = start(&uri).await;
-        let raw = RawCaller::new(service.transport(), &math).await;
+        let raw = UfwCaller::new(service.transport(), &math).await;
         let python_request = |body: Value| Bytes::from(body.to_string());
 
         // what the Python original's client sends, and the same JSON-encoded twice
@@ -204,7 +201,7 @@ async fn bad_requests_get_python_errors_and_are_acked() {
 async fn requests_are_read_as_json_whatever_their_content_type() {
     for uri in broker_uris() {
         let (service, math) = start(&uri).await;
-        let raw = RawCaller::new(service.transport(), &math).await;
+        let raw = UfwCaller::new(service.transport(), &math).await;
         let request = br#"{"command": "add", "command_args": [1], "command_kwargs": {"b": 2}}"#;
         // the Python original's server reads any of these (kombu decodes text and raw bytes,
         // its RPC manager parses the string as JSON)
@@ -219,65 +216,5 @@ async fn requests_are_read_as_json_whatever_their_content_type() {
         raw.close().await;
         service.stop().await.unwrap();
         common::cleanup(&uri, &[math]).await;
-    }
-}
-
-/// Sends hand-made requests as a Python micro-framework caller would, and reads the replies.
-struct RawCaller {
-    transport: SharedTransport,
-    service: String,
-    queue: String,
-}
-
-impl RawCaller {
-    async fn new(transport: &SharedTransport, service: &str) -> RawCaller {
-        let queue = format!("ufw-reply-{service}-{}", uuid::Uuid::new_v4());
-        transport.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
-        let binding = BindingSpec {
-            queue: queue.clone(),
-            exchange: "ufw-rpc".into(),
-            routing_key: queue.clone(),
-            arguments: Headers::new(),
-        };
-        transport.bind_queue(&binding).await.unwrap();
-        RawCaller { transport: transport.clone(), service: service.to_owned(), queue }
-    }
-
-    /// Publish `body` to `{service}.{target}` and return the reply frame (decoded twice, as
-    /// the Python original's client reads it).
-    async fn request(&self, target: &str, body: Bytes) -> Value {
-        self.request_with(target, body, |_| {}).await
-    }
-
-    /// [`RawCaller::request`] with the request's properties changed by `change` first.
-    async fn request_with(
-        &self,
-        target: &str,
-        body: Bytes,
-        change: impl FnOnce(&mut Properties),
-    ) -> Value {
-        let mut message = Message::json(&Value::Null).unwrap();
-        message.properties.correlation_id = Some("raw-1".into());
-        message.properties.reply_to = Some(self.queue.clone());
-        change(&mut message.properties);
-        let outgoing = OutgoingMessage { body, properties: message.properties };
-        let routing_key = format!("{}.{target}", self.service);
-        let options = PublishOptions { mandatory: true };
-        self.transport.publish("ufw-rpc", &routing_key, outgoing, options).await.unwrap();
-        for _ in 0..1000 {
-            if let Some(delivery) = self.transport.get(&self.queue).await.unwrap() {
-                delivery.acker.ack().await.unwrap();
-                assert_eq!(delivery.properties.correlation_id.as_deref(), Some("raw-1"));
-                let encoded: Value = serde_json::from_slice(&delivery.body).unwrap();
-                let Value::String(frame) = encoded else { panic!("not encoded twice: {encoded}") };
-                return serde_json::from_str(&frame).unwrap();
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("no reply to the raw request");
-    }
-
-    async fn close(&self) {
-        self.transport.delete_queue(&self.queue).await.unwrap();
     }
 }

@@ -304,7 +304,6 @@ impl StatusSource {
     }
 }
 
-/// Observations per bucket since `start` (cumulative counts of both).
 /// A family's series by their `context` and `route` labels, read once for all the routes,
 /// without creating any: `with_label_values` would add each it reads, at 0, to `/metrics` (a
 /// `dead_lettered_total` for an RPC route that never dead-letters), where reading the status
@@ -391,6 +390,7 @@ pub(super) fn series_labelled(
     family.collect().into_iter().flat_map(|mut family| family.take_metric()).find(matches)
 }
 
+/// Observations per bucket since `start` (cumulative counts of both).
 fn bucket_deltas(now: &[(f64, u64)], start: Option<&[(f64, u64)]>) -> Vec<(f64, u64)> {
     now.iter()
         .enumerate()
@@ -516,6 +516,25 @@ mod tests {
         assert_eq!((name, calls, failures), ("slow", 4, 1));
         assert_eq!(history, vec![(4, 1), (0, 0)]);
         assert!(p50.is_some_and(|p50| p50 > 1.0 && p50 <= 2.5), "{p50:?}");
+    }
+
+    /// A route without a call yet has no histogram series: it reads the bounds every series
+    /// gets, at 0, so that each route's buckets sit at the same place in a sample (the
+    /// history finds a route's buckets by its position).
+    #[test]
+    fn a_route_without_calls_reads_the_bounds_of_one_with_calls_at_zero() {
+        let metrics = Metrics::new().unwrap();
+        let series = metrics.route_series("default", "busy");
+        metrics.call_started(&series);
+        metrics.call_finished(&series, ("default", "busy"), Duration::from_millis(3), false);
+        let read = Counters::read(&metrics);
+        let (_, busy) = read.of(&route("busy"));
+        let (idle_totals, idle) = read.of(&route("idle"));
+        assert_eq!(idle_totals, Totals::default());
+        let bounds = |buckets: &[(f64, u64)]| buckets.iter().map(|(b, _)| *b).collect::<Vec<_>>();
+        assert_eq!(bounds(&idle), bounds(&busy));
+        assert!(idle.iter().all(|(_, count)| *count == 0), "{idle:?}");
+        assert_eq!(busy.last(), Some(&(f64::INFINITY, 1)));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod replacement;
 pub mod switch;
 pub mod tally;
 pub mod targets;
+pub mod ufw_caller;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -62,6 +63,22 @@ pub fn rabbitmq_uri() -> Option<String> {
 /// A config for a uniquely named service (so queues never collide between tests).
 pub fn config(uri: &str, service: &str) -> Config {
     Config::new(unique(service)).with_amqp_uri(uri.to_owned())
+}
+
+/// A test's metrics server: on, on a free loopback port.
+pub trait MetricsOnAnyPort {
+    /// The metrics server on, on a free loopback port (`Service::metrics_address` tells
+    /// which).
+    fn with_metrics_on_any_port(self) -> Self;
+}
+
+impl MetricsOnAnyPort for Config {
+    fn with_metrics_on_any_port(self) -> Self {
+        self.with_enable_metrics(true).with_metrics(micro_framework::config::MetricsConfig {
+            host: "127.0.0.1".into(),
+            port: 0,
+        })
+    }
 }
 
 /// `prefix` with a random suffix: exchange and service names that no other test shares.
