@@ -305,6 +305,24 @@ async fn a_route_with_an_empty_name_stops_the_start_saying_so() {
     }
 }
 
+/// A Nameko method can carry `@rpc` and `@event_handler` at once; a route has one entrypoint,
+/// and a second one given kept only the last, silently: the first never triggered.
+#[tokio::test]
+async fn a_route_given_two_entrypoints_stops_the_start_saying_so() {
+    let uri = format!("memory://{}", unique("two_entrypoints"));
+    let route = Route::new(noop).entrypoint(EventListener::new("shop", "paid")).entrypoint(
+        micro_framework::amqp::entrypoints::RPCListener::new(),
+    );
+    let error = Runner::new(vec![route], config(&uri, "twice")).spawn().await.unwrap_err();
+    assert!(matches!(error, Error::Startup(_)), "{error:?}");
+    assert_eq!(
+        error.to_string(),
+        "cannot start: route 'noop' was given 2 entrypoints (EventListener(shop.paid), then \
+         RPCListener): a route has one; for a target triggered in several ways, add a route for \
+         each, with a name of its own (Route::name)"
+    );
+}
+
 #[tokio::test]
 async fn a_service_name_too_long_for_its_queue_names_is_named_with_the_route() {
     // validation takes up to 208 bytes; with a long event type, the queue

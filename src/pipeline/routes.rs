@@ -38,6 +38,9 @@ pub struct Route {
     pub(crate) target: ErasedTarget,
     pub(crate) callback: Option<ErasedTarget>,
     pub(crate) entrypoint: Option<Box<dyn Entrypoint>>,
+    /// The entrypoints given before the last one, described: a route has one, and the
+    /// start refuses a route given more (a Nameko user would expect each to trigger it).
+    pub(crate) entrypoints_before: Vec<String>,
     /// What the entrypoint is, kept once the entrypoint is taken to be set up and run.
     pub(crate) entrypoint_info: Option<EntrypointInfo>,
     pub(crate) translators: Vec<Arc<dyn MessageTranslator>>,
@@ -55,6 +58,7 @@ impl Route {
             target,
             callback: None,
             entrypoint: None,
+            entrypoints_before: Vec::new(),
             entrypoint_info: None,
             translators: Vec::new(),
             dependencies: Vec::new(),
@@ -69,8 +73,13 @@ impl Route {
         self
     }
 
-    /// Set what triggers the route.
+    /// Set what triggers the route. A route has one entrypoint: for a target triggered in
+    /// two ways, add two routes (each with a name of its own); a route given two stops the
+    /// start.
     pub fn entrypoint(mut self, entrypoint: impl Entrypoint) -> Self {
+        if let Some(before) = self.entrypoint.take() {
+            self.entrypoints_before.push(before.describe());
+        }
         self.entrypoint_info = Some(EntrypointInfo::of(&entrypoint));
         self.entrypoint = Some(Box::new(entrypoint));
         self

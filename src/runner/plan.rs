@@ -92,6 +92,17 @@ pub(super) fn plan_routes(
                     route.name
                 )));
             }
+            if !route.entrypoints_before.is_empty() {
+                return Err(Error::Startup(format!(
+                    "route '{}' was given {} entrypoints ({}, then {}): a route has one; for a \
+                     target triggered in several ways, add a route for each, with a name of \
+                     its own (Route::name)",
+                    route.name,
+                    route.entrypoints_before.len() + 1,
+                    route.entrypoints_before.join(", "),
+                    route.describe_entrypoint(),
+                )));
+            }
             if !in_worker_process() {
                 warn_broker_retry_ignored(&route);
             }
