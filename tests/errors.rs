@@ -310,9 +310,9 @@ async fn a_route_with_an_empty_name_stops_the_start_saying_so() {
 #[tokio::test]
 async fn a_route_given_two_entrypoints_stops_the_start_saying_so() {
     let uri = format!("memory://{}", unique("two_entrypoints"));
-    let route = Route::new(noop).entrypoint(EventListener::new("shop", "paid")).entrypoint(
-        micro_framework::amqp::entrypoints::RPCListener::new(),
-    );
+    let route = Route::new(noop)
+        .entrypoint(EventListener::new("shop", "paid"))
+        .entrypoint(micro_framework::amqp::entrypoints::RPCListener::new());
     let error = Runner::new(vec![route], config(&uri, "twice")).spawn().await.unwrap_err();
     assert!(matches!(error, Error::Startup(_)), "{error:?}");
     assert_eq!(

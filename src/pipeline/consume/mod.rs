@@ -136,50 +136,32 @@ pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandle
 }
 
 /// A new consumer of `source.queue`, tried every [`RECONSUME_PAUSE`] until one starts;
-/// `None` once stopping. A queue deleted under the service (by hand, say) is declared again
-/// with its bindings, as the service declared it, as Nameko's consumers do; one it did not
-/// declare (taken passively) is waited for.
+/// `None` once stopping. A queue the service declared is declared again with its bindings
+/// first (a no-op while it exists), as Nameko's consumers do: one deleted under the service
+/// (by hand, say) comes back as the service declared it, and is not consumed while missing
+/// (the broker's refusal closes a channel, which the client logs as an error although
+/// nothing failed). One it did not declare (taken passively) is waited for.
 async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option<Consumer> {
     let (queue, label) = (&source.queue, &source.label);
-    // Declared again in part (a binding refused): declared again before it is consumed, as a
-    // queue consumed without its bindings would receive nothing, and its consumer never end.
-    let mut in_part = false;
     loop {
         until_stopping(source, tokio::time::sleep(RECONSUME_PAUSE)).await?;
-        let gone = match in_part {
-            true => TransportError::NotFound(format!("queue {queue} declared again in part")),
-            false => match until_stopping(source, source.transport.consume(queue, options.clone()))
-                .await?
-            {
-                Ok(next) => return Some(next),
-                Err(error @ TransportError::NotFound(_)) => error,
-                Err(error) => {
-                    tracing::error!(route = %label, "cannot consume {queue}: {error}");
-                    continue;
-                }
-            },
-        };
         match until_stopping(source, source.transport.declare_again(queue)).await? {
-            Ok(true) => {
-                in_part = false;
-                tracing::warn!(route = %label, "queue {queue} was deleted: declared again");
-                match until_stopping(source, source.transport.consume(queue, options.clone()))
-                    .await?
-                {
-                    Ok(next) => return Some(next),
-                    Err(error) => {
-                        tracing::error!(route = %label, "cannot consume {queue}: {error}")
-                    }
-                }
+            Ok(true) => tracing::warn!(
+                route = %label,
+                "queue {queue} declared again with its bindings (deleted, if the broker \
+                 cancelled its consumer)"
+            ),
+            Ok(false) => {}
+            // Declared in part (a binding refused): not consumed, as a queue consumed without
+            // its bindings would receive nothing, and its consumer never end.
+            Err(error) => {
+                tracing::error!(route = %label, "cannot declare {queue} again: {error}");
+                continue;
             }
-            Ok(false) => tracing::error!(route = %label, "cannot consume {queue}: {gone}"),
-            Err(again) => {
-                in_part = true;
-                tracing::error!(
-                    route = %label,
-                    "cannot consume {queue} ({gone}), nor declare it again: {again}"
-                );
-            }
+        }
+        match until_stopping(source, source.transport.consume(queue, options.clone())).await? {
+            Ok(next) => return Some(next),
+            Err(error) => tracing::error!(route = %label, "cannot consume {queue}: {error}"),
         }
     }
 }
