@@ -93,6 +93,7 @@ pub use pipeline::{retry, routes, settle, spawners};
 #[cfg_attr(feature = "http", doc = "The HTTP ones are in [`http`].")]
 #[cfg_attr(feature = "websocket", doc = "The WebSocket ones are in [`websocket`].")]
 pub mod entrypoints {
+    pub use crate::pipeline::entrypoint_kind::EntrypointKind;
     pub use crate::pipeline::Entrypoint;
     pub use crate::timer::{Schedule, TimeEntrypoint};
 }

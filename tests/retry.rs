@@ -1449,6 +1449,88 @@ impl micro_framework::entrypoints::Entrypoint for Once {
     }
 }
 
+/// An entrypoint of one's own that wraps one of the framework's (logging around it, say):
+/// forwarding `Entrypoint::kind`, as the trait's docs show, keeps what the kind decides. Its
+/// return type could not be named outside the crate: a wrapper had the default, and its
+/// route lost its `AsyncBackOff` retries (the first failure dead-lettered) and its hooks.
+mod a_wrapped_entrypoint {
+    use super::common;
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use micro_framework::amqp::entrypoints::EventListener;
+    use micro_framework::entrypoints::{Entrypoint, EntrypointKind};
+    use micro_framework::prelude::*;
+    use micro_framework::retry::AsyncBackOff;
+    use micro_framework::testing::TestService;
+    use micro_framework::RouteHandle;
+    use serde_json::{json, Value};
+
+    /// Delegates everything to the entrypoint it wraps.
+    struct Logged<E>(E);
+
+    #[micro_framework::async_trait]
+    impl<E: Entrypoint> Entrypoint for Logged<E> {
+        fn describe(&self) -> String {
+            format!("Logged({})", self.0.describe())
+        }
+        fn queue(&self) -> Option<String> {
+            self.0.queue()
+        }
+        async fn setup(&mut self, route: &RouteHandle) -> micro_framework::Result<()> {
+            self.0.setup(route).await
+        }
+        async fn run(self: Box<Self>, route: RouteHandle) -> micro_framework::Result<()> {
+            Box::new(self.0).run(route).await
+        }
+        fn kind(&self) -> EntrypointKind {
+            self.0.kind()
+        }
+    }
+
+    fn charge(
+        Payload(_): Payload<Value>,
+        Dep(attempts): Dep<Arc<AtomicUsize>>,
+    ) -> Result<(), String> {
+        attempts.fetch_add(1, Ordering::SeqCst);
+        Err("the bank is down".into())
+    }
+
+    #[tokio::test]
+    async fn keeps_its_async_backoff() {
+        let uri = format!("memory://{}", common::unique("wrapped"));
+        let shop = common::unique("shop");
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let route = Route::new(charge)
+            .entrypoint(Logged(EventListener::new(&shop, "paid")))
+            .backoff(AsyncBackOff::new(2, Duration::from_millis(10)))
+            .dependency(Shared(attempts.clone()));
+        let config = common::config(&uri, "billing");
+        let dlq = format!("evt-{shop}-paid--{}.charge.dlq", config.service_name);
+        let service = TestService::start(vec![route], config).await.unwrap();
+        service.dispatch(&shop, "paid", &json!({"id": 1})).await.unwrap();
+        let dead_lettered = || async { service.queue_len(&dlq).await.unwrap_or(0) == 1 };
+        common::wait_until_async(dead_lettered).await;
+        service.stop().await.unwrap();
+        assert_eq!(attempts.load(Ordering::SeqCst), 3, "the first attempt and 2 retries");
+    }
+
+    #[tokio::test]
+    async fn can_be_hooked_as_an_event_route() {
+        fn echo(Payload(payload): Payload<Value>) -> Value {
+            payload
+        }
+        let uri = format!("memory://{}", common::unique("wrapped_hook"));
+        let route = Route::new(echo).entrypoint(Logged(EventListener::new("shop", "paid")));
+        let service = TestService::start(vec![route], common::config(&uri, "echo")).await.unwrap();
+        let result = service.hook("echo").unwrap().event::<Value>(&json!({"id": 1})).await;
+        service.stop().await.unwrap();
+        assert_eq!(result.unwrap(), json!({"id": 1}));
+    }
+}
+
 /// An entrypoint written outside the framework cannot publish a broker retry: its
 /// `AsyncBackOff` failure is final at once and the callback runs, as for a timer (was:
 /// `Handled::Retry`, which such an entrypoint cannot act on: the failure was neither retried

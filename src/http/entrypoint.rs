@@ -16,7 +16,7 @@ use super::response::{refusal, respond};
 use super::site::{add_route, WebSite};
 use crate::data::Message;
 use crate::error::{Error, Result};
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 
@@ -106,7 +106,7 @@ impl Entrypoint for HttpEntrypoint {
     }
 
     fn kind(&self) -> EntrypointKind {
-        EntrypointKind::Http { method: self.method.clone(), path: self.path.clone() }
+        EntrypointKind(Kind::Http { method: self.method.clone(), path: self.path.clone() })
     }
 }
 

@@ -34,7 +34,7 @@
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::RouteHandle;
 
 /// What triggers a route.
@@ -59,10 +59,41 @@ pub trait Entrypoint: Send + Sync + 'static {
     /// mode says (hand unstarted messages back, or finish them) and return.
     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()>;
 
-    /// What kind of entrypoint this is, for test hooks to hand the route what it would. The
-    /// framework's entrypoints say; the routes of others take raw messages.
-    #[doc(hidden)]
+    /// What kind of entrypoint this is: the framework reads it to retry a failure through
+    /// the broker and dead-letter it (events, work queues), and for test hooks to hand the
+    /// route what the entrypoint would. By default, none of the framework's: failures are
+    /// final at once, and hooks hand the route raw messages. An entrypoint wrapping one of
+    /// the framework's returns the wrapped one's:
+    ///
+    /// ```
+    /// use micro_framework::entrypoints::{Entrypoint, EntrypointKind};
+    /// use micro_framework::{async_trait, Result, RouteHandle};
+    ///
+    /// /// Logs when its entrypoint stops.
+    /// struct Logged<E>(E);
+    ///
+    /// #[async_trait]
+    /// impl<E: Entrypoint> Entrypoint for Logged<E> {
+    ///     fn describe(&self) -> String {
+    ///         format!("Logged({})", self.0.describe())
+    ///     }
+    ///     fn queue(&self) -> Option<String> {
+    ///         self.0.queue()
+    ///     }
+    ///     async fn setup(&mut self, route: &RouteHandle) -> Result<()> {
+    ///         self.0.setup(route).await
+    ///     }
+    ///     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
+    ///         let stopped = Box::new(self.0).run(route).await;
+    ///         eprintln!("stopped: {stopped:?}");
+    ///         stopped
+    ///     }
+    ///     fn kind(&self) -> EntrypointKind {
+    ///         self.0.kind()
+    ///     }
+    /// }
+    /// ```
     fn kind(&self) -> EntrypointKind {
-        EntrypointKind::Other
+        EntrypointKind(Kind::Other)
     }
 }

@@ -13,10 +13,17 @@ use crate::pipeline::Entrypoint;
 /// when `None`), else why not.
 pub(crate) type ReplyFits = fn(&Value, Option<Protocol>, &Config) -> Result<(), String>;
 
+/// What kind of entrypoint triggers a route, as the framework reads it: whether a failure
+/// is retried through the broker and dead-lettered, what a test hook hands the route, what
+/// the status page shows. Opaque: an entrypoint of one's own returns
+/// [`Entrypoint::kind`]'s default, or, wrapping one of the framework's, the wrapped one's.
+#[derive(Clone, Debug)]
+pub struct EntrypointKind(pub(crate) Kind);
+
 /// What kind of entrypoint triggers a route, with what it takes to build the message that
 /// entrypoint hands its route.
 #[derive(Clone)]
-pub enum EntrypointKind {
+pub(crate) enum Kind {
     /// Events `event_name` of `source_service`, passed through the listener's filter.
     Event {
         /// The service dispatching the events.
@@ -54,7 +61,7 @@ pub enum EntrypointKind {
     Other,
 }
 
-impl EntrypointKind {
+impl Kind {
     /// Whether a failure the route cannot retry ends in its dead-letter queue, and a broker
     /// retry (`AsyncBackOff`) is published again: for messages the framework consumes from a
     /// queue (events, work queues), which it settles. An RPC failure is replied, an HTTP or
@@ -62,30 +69,30 @@ impl EntrypointKind {
     /// has no way to publish a retry or a dead letter, so its failures are final at once (the
     /// callback runs), as a timer's.
     pub(crate) fn dead_letters(&self) -> bool {
-        matches!(self, EntrypointKind::Event { .. } | EntrypointKind::Queue)
+        matches!(self, Kind::Event { .. } | Kind::Queue)
     }
 }
 
-impl fmt::Debug for EntrypointKind {
+impl fmt::Debug for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EntrypointKind::Event { source_service, event_name, .. } => f
+            Kind::Event { source_service, event_name, .. } => f
                 .debug_struct("Event")
                 .field("source_service", source_service)
                 .field("event_name", event_name)
                 .finish_non_exhaustive(),
-            EntrypointKind::Rpc { protocol, .. } => {
+            Kind::Rpc { protocol, .. } => {
                 f.debug_struct("Rpc").field("protocol", protocol).finish()
             }
             #[cfg(feature = "http")]
-            EntrypointKind::Http { method, path } => {
+            Kind::Http { method, path } => {
                 f.debug_struct("Http").field("method", method).field("path", path).finish()
             }
             #[cfg(feature = "websocket")]
-            EntrypointKind::WebSocket => f.write_str("WebSocket"),
-            EntrypointKind::Timer => f.write_str("Timer"),
-            EntrypointKind::Queue => f.write_str("Queue"),
-            EntrypointKind::Other => f.write_str("Other"),
+            Kind::WebSocket => f.write_str("WebSocket"),
+            Kind::Timer => f.write_str("Timer"),
+            Kind::Queue => f.write_str("Queue"),
+            Kind::Other => f.write_str("Other"),
         }
     }
 }
@@ -96,12 +103,12 @@ pub(crate) struct EntrypointInfo {
     /// What [`Entrypoint::describe`] says, e.g. `EventListener(shop.paid)`.
     pub description: String,
     /// Its kind.
-    pub kind: EntrypointKind,
+    pub kind: Kind,
 }
 
 impl EntrypointInfo {
     /// The description and kind of `entrypoint`.
     pub(crate) fn of(entrypoint: &dyn Entrypoint) -> Self {
-        EntrypointInfo { description: entrypoint.describe(), kind: entrypoint.kind() }
+        EntrypointInfo { description: entrypoint.describe(), kind: entrypoint.kind().0 }
     }
 }

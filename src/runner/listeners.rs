@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::Kind;
 
 /// One server: the keys that place it, its host and port.
 struct Listener<'a> {
@@ -39,10 +39,10 @@ fn unbracketed(host: &str) -> &str {
     not(all(feature = "http", feature = "websocket", feature = "metrics")),
     allow(unused_mut, unused_variables)
 )]
-pub(super) fn check(config: &Config, kinds: &[EntrypointKind]) -> Result<()> {
+pub(super) fn check(config: &Config, kinds: &[Kind]) -> Result<()> {
     let mut listeners: Vec<Listener<'_>> = Vec::new();
     #[cfg(feature = "http")]
-    if kinds.iter().any(|kind| matches!(kind, EntrypointKind::Http { .. })) {
+    if kinds.iter().any(|kind| matches!(kind, Kind::Http { .. })) {
         // validate() checked the shape: a port, or `host:port`
         let address = config.web_server_bind_address();
         if let Some((host, Ok(port))) = address.rsplit_once(':').map(|(h, p)| (h, p.parse())) {
@@ -51,7 +51,7 @@ pub(super) fn check(config: &Config, kinds: &[EntrypointKind]) -> Result<()> {
         }
     }
     #[cfg(feature = "websocket")]
-    if kinds.iter().any(|kind| matches!(kind, EntrypointKind::WebSocket)) {
+    if kinds.iter().any(|kind| matches!(kind, Kind::WebSocket)) {
         let (host, port) = (config.websocket_ip.as_str(), config.websocket_port);
         listeners.push(Listener { keys: "WEBSOCKET_IP, WEBSOCKET_PORT", host: host.into(), port });
     }

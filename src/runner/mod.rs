@@ -356,7 +356,7 @@ impl Runner {
         let kinds: Vec<_> = plans
             .iter()
             .filter(|plan| plan.started)
-            .filter_map(|plan| plan.route.entrypoint.as_ref().map(|entrypoint| entrypoint.kind()))
+            .filter_map(|plan| plan.route.entrypoint.as_ref().map(|entrypoint| entrypoint.kind().0))
             .collect();
         listeners::check(&config, &kinds)?;
         Ok((config, plans))

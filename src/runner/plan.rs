@@ -156,7 +156,7 @@ fn warn_shadowed(dependencies: &[SharedDependency], plans: &[RoutePlan]) {
 /// pass unseen.
 fn warn_broker_retry_ignored(route: &Route) {
     let (Some(policy), Some(entrypoint)) = (&route.backoff, &route.entrypoint) else { return };
-    if policy.mode != RetryMode::Broker || entrypoint.kind().dead_letters() {
+    if policy.mode != RetryMode::Broker || entrypoint.kind().0.dead_letters() {
         return;
     }
     tracing::warn!(

@@ -151,7 +151,7 @@ async fn start_routes(
                 metric_label: handle.metric_label().to_owned(),
                 entrypoint: entrypoint.describe(),
                 queue: entrypoint.queue(),
-                dead_letters: entrypoint.kind().dead_letters(),
+                dead_letters: entrypoint.kind().0.dead_letters(),
             })
             .collect();
         server.attach(route_infos, transport.clone(), env.stopping.clone())

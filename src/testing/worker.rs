@@ -8,7 +8,7 @@ use crate::amqp::entrypoints::{event_delivery, rpc_request};
 use crate::config::Config;
 use crate::data::{Headers, Message};
 use crate::handler::dependencies::{Dependency, Shared};
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::Kind;
 use crate::pipeline::routes::Route;
 use crate::testing::hooks::{arguments, encoded, typed};
 use crate::testing::{call_route, test_config, HookError};
@@ -82,7 +82,7 @@ impl WorkerCall {
         let config = self.call_config();
         let name = self.route.route_name();
         let message = match self.kind() {
-            Some(EntrypointKind::Event { source_service, event_name, .. }) => {
+            Some(Kind::Event { source_service, event_name, .. }) => {
                 event_delivery(&config, source_service, event_name, payload, Headers::new())
             }
             _ => Message::json(payload),
@@ -103,7 +103,7 @@ impl WorkerCall {
         let name = self.route.route_name();
         let (args, kwargs) = arguments(name, args, kwargs)?;
         let protocol = match self.kind() {
-            Some(EntrypointKind::Rpc { protocol, .. }) => *protocol,
+            Some(Kind::Rpc { protocol, .. }) => *protocol,
             _ => None,
         };
         let message = rpc_request(&config, protocol, name, args, kwargs, Headers::new());
@@ -126,7 +126,7 @@ impl WorkerCall {
         self.config.get_or_insert_with(|| test_config("worker")).clone()
     }
 
-    fn kind(&self) -> Option<&EntrypointKind> {
+    fn kind(&self) -> Option<&Kind> {
         self.route.entrypoint_info.as_ref().map(|entrypoint| &entrypoint.kind)
     }
 }

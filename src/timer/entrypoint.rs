@@ -14,7 +14,7 @@ use super::leadership::Leadership;
 use crate::clock;
 use crate::data::Handled;
 use crate::error::{Error, Result};
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 
@@ -240,7 +240,7 @@ impl Entrypoint for TimeEntrypoint {
     }
 
     fn kind(&self) -> EntrypointKind {
-        EntrypointKind::Timer
+        EntrypointKind(Kind::Timer)
     }
 }
 

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 use crate::websocket::server::WebSocketServer;
@@ -61,6 +61,6 @@ impl Entrypoint for WebSocketEntrypoint {
     }
 
     fn kind(&self) -> EntrypointKind {
-        EntrypointKind::WebSocket
+        EntrypointKind(Kind::WebSocket)
     }
 }

@@ -15,7 +15,7 @@ use crate::data::{Headers, Message};
 use crate::error::Result;
 use crate::handler::targets::panic_message;
 use crate::pipeline::consume::{serve_route, Accept};
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::settle::declare_retry_topology;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
@@ -179,11 +179,11 @@ impl Entrypoint for EventListener {
     }
 
     fn kind(&self) -> EntrypointKind {
-        EntrypointKind::Event {
+        EntrypointKind(Kind::Event {
             source_service: self.source_service.clone(),
             event_name: self.event_name.clone(),
             accept: self.accept(),
-        }
+        })
     }
 }
 

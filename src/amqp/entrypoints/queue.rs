@@ -9,7 +9,7 @@ use crate::amqp::naming::{dead_letter_queue, is_quorum, work_queue};
 use crate::data::Message;
 use crate::error::{Error, Result};
 use crate::pipeline::consume::serve_route;
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::settle::declare_retry_topology;
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
@@ -192,7 +192,7 @@ impl Entrypoint for QueueListener {
     }
 
     fn kind(&self) -> EntrypointKind {
-        EntrypointKind::Queue
+        EntrypointKind(Kind::Queue)
     }
 }
 

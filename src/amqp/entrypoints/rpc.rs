@@ -12,7 +12,7 @@ use crate::amqp::rpc::{RpcServer, UfwRpcServer};
 use crate::config::{Config, Protocol};
 use crate::data::{json_properties, Headers, Message};
 use crate::error::{Error, Result};
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::Entrypoint;
 use crate::pipeline::RouteHandle;
 
@@ -152,7 +152,10 @@ impl Entrypoint for RPCListener {
     }
 
     fn kind(&self) -> EntrypointKind {
-        EntrypointKind::Rpc { protocol: self.protocol, reply_fits: crate::amqp::rpc::reply_fits }
+        EntrypointKind(Kind::Rpc {
+            protocol: self.protocol,
+            reply_fits: crate::amqp::rpc::reply_fits,
+        })
     }
 }
 

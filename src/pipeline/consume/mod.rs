@@ -22,9 +22,7 @@ use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::{settle, take_pending_dead_letter, Origin};
 use crate::pipeline::spawners::WorkerPermit;
 use crate::pipeline::{Ended, RouteHandle};
-use crate::transport::{
-    Acker, ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError,
-};
+use crate::transport::{Acker, ConsumeOptions, Consumer, Delivery, SharedTransport};
 use backoff_queue::BackoffQueue;
 pub use crash_guard::mark_first_route;
 use crash_guard::{

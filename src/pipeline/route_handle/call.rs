@@ -17,7 +17,7 @@ use crate::handler::targets::{ErasedTarget, TargetError, TargetResult};
 use crate::handler::translators::translate;
 use crate::handler::WorkerContext;
 use crate::metrics::RouteSeries;
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::Kind;
 use crate::pipeline::interrupted::{Ended, Interrupted};
 use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
 #[cfg(feature = "process")]
@@ -299,9 +299,7 @@ impl RouteHandle {
     /// caller is told failed.
     fn reply_fits(&self, role: TargetRole, value: Value) -> TargetResult {
         let rpc = self.entrypoint().map(|entrypoint| &entrypoint.kind);
-        if let (TargetRole::Target, Some(EntrypointKind::Rpc { protocol, reply_fits })) =
-            (role, rpc)
-        {
+        if let (TargetRole::Target, Some(Kind::Rpc { protocol, reply_fits })) = (role, rpc) {
             reply_fits(&value, *protocol, &self.inner.config)
                 .map_err(TargetError::Unserializable)?;
         }

@@ -5,7 +5,7 @@ use axum::body::{Body, Bytes};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::Kind;
 use crate::testing::{EntrypointHook, HookError};
 
 /// An HTTP request for [`EntrypointHook::http`].
@@ -164,7 +164,7 @@ impl EntrypointHook {
     /// ```
     pub async fn http(&self, request: HttpCall) -> Result<HttpResponse, HookError> {
         let route = self.route.name().to_owned();
-        let Some(EntrypointKind::Http { method, path }) = self.kind() else {
+        let Some(Kind::Http { method, path }) = self.kind() else {
             return Err(self.wrong_entrypoint("an HttpEntrypoint"));
         };
         let asked = format!("{} {}", request.method, request.uri);

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::amqp::entrypoints::{event_delivery, rpc_request};
 use crate::data::{Failure, Handled, HeaderValue, Headers, Message};
-use crate::pipeline::entrypoint_kind::EntrypointKind;
+use crate::pipeline::entrypoint_kind::Kind;
 use crate::pipeline::RouteHandle;
 use crate::testing::TestService;
 
@@ -93,7 +93,7 @@ impl EntrypointHook {
         &self,
         payload: &(impl Serialize + ?Sized),
     ) -> Result<T, HookError> {
-        let Some(EntrypointKind::Event { source_service, event_name, accept }) = self.kind() else {
+        let Some(Kind::Event { source_service, event_name, accept }) = self.kind() else {
             return Err(self.wrong_entrypoint("an EventListener"));
         };
         let config = self.route.config();
@@ -123,7 +123,7 @@ impl EntrypointHook {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, HookError> {
-        let Some(EntrypointKind::Rpc { protocol, .. }) = self.kind() else {
+        let Some(Kind::Rpc { protocol, .. }) = self.kind() else {
             return Err(self.wrong_entrypoint("an RPCListener"));
         };
         let (args, kwargs) = arguments(self.route.name(), args, kwargs)?;
@@ -141,7 +141,7 @@ impl EntrypointHook {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, HookError> {
-        let Some(EntrypointKind::WebSocket) = self.kind() else {
+        let Some(Kind::WebSocket) = self.kind() else {
             return Err(self.wrong_entrypoint("a WebSocketEntrypoint"));
         };
         let (args, kwargs) = arguments(self.route.name(), args, kwargs)?;
@@ -162,7 +162,7 @@ impl EntrypointHook {
         &self,
         fired_at: SystemTime,
     ) -> Result<T, HookError> {
-        let Some(EntrypointKind::Timer) = self.kind() else {
+        let Some(Kind::Timer) = self.kind() else {
             return Err(self.wrong_entrypoint("a TimeEntrypoint"));
         };
         let Some(fired_at) = crate::timer::python_datetime(fired_at) else {
@@ -183,7 +183,7 @@ impl EntrypointHook {
     }
 
     /// The route's entrypoint kind.
-    fn kind(&self) -> Option<&EntrypointKind> {
+    fn kind(&self) -> Option<&Kind> {
         self.route.entrypoint().map(|entrypoint| &entrypoint.kind)
     }
 
