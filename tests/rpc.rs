@@ -887,3 +887,88 @@ async fn a_method_named_with_a_dot_is_refused_at_start() {
         common::cleanup(&uri, &[name]).await;
     }
 }
+
+/// An RPC call failing after the stop gave up on it (past `SHUTDOWN_TIMEOUT`), because the
+/// stop tore its dependencies down (here the reply listener of the `RpcProxy` it waits on):
+/// the request goes back to its queue unanswered, as an event's message does, under each
+/// profile and thread mode. Was: replied with the stop's own error ("the reply queue's
+/// consumer ended") and acked, or replied and requeued, to run again, by a race.
+mod a_call_failing_after_the_give_up {
+    use super::common;
+
+    use std::time::Duration;
+
+    use micro_framework::amqp::entrypoints::RPCListener;
+    use micro_framework::amqp::rpc::{Args, Client, RpcError};
+    use micro_framework::config::{Protocol, WorkerMode};
+    use micro_framework::prelude::*;
+    use micro_framework::testing::TestService;
+
+    async fn slow(Args((millis,)): Args<(u64,)>) -> u64 {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+        millis
+    }
+
+    async fn relay(
+        Args((target,)): Args<(String,)>,
+        rpc: micro_framework::amqp::dependencies::RpcProxy,
+    ) -> Result<u64, String> {
+        let target = rpc.service(target).timeout(Duration::from_secs(30));
+        target.call::<u64>("slow", (6000,), ()).await.map_err(|error| error.to_string())
+    }
+
+    async fn goes_back_unanswered(protocol: Protocol, mode: WorkerMode) {
+        for uri in common::broker_uris() {
+            let target_config = common::config(&uri, "slow_target").with_protocol(protocol);
+            let target_name = target_config.service_name.clone();
+            let routes = vec![Route::new(slow).entrypoint(RPCListener::new())];
+            let target = TestService::start(routes, target_config).await.unwrap();
+            let relay_config = common::config(&uri, "relay")
+                .with_protocol(protocol)
+                .with_worker_mode(mode)
+                .with_shutdown_timeout(Duration::from_secs(1));
+            let relay_name = relay_config.service_name.clone();
+            let routes = vec![Route::new(relay).entrypoint(RPCListener::new())];
+            let relay_service = TestService::start(routes, relay_config).await.unwrap();
+            let caller = Config::new("caller")
+                .with_amqp_uri(uri.clone())
+                .with_protocol(protocol)
+                .with_rpc_timeout(Duration::from_secs(4));
+            let client = Client::connect(&caller).await.unwrap();
+            let proxy = client.service(relay_name.as_str());
+            let name = target_name.clone();
+            let call = tokio::spawn(async move { proxy.call::<u64>("relay", (name,), ()).await });
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            relay_service.stop().await.unwrap();
+            let answer = call.await.unwrap();
+            let queue = match protocol {
+                Protocol::Nameko => format!("rpc-{relay_name}"),
+                Protocol::MicroFramework => format!("rpc-{relay_name}-relay"),
+            };
+            let observer = micro_framework::transport::connect(&caller).await.unwrap();
+            let back = observer.queue_info(&queue).await.unwrap().message_count;
+            observer.close().await;
+            client.close().await;
+            target.stop().await.unwrap();
+            common::cleanup(&uri, &[target_name, relay_name]).await;
+            let case = format!("{uri} {protocol:?} {mode:?}");
+            assert!(matches!(answer, Err(RpcError::Timeout { .. })), "{case}: {answer:?}");
+            assert_eq!(back, 1, "{case}: the request is back in {queue}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn goes_back_unanswered_in_the_thread_mode() {
+        goes_back_unanswered(Protocol::Nameko, WorkerMode::Thread).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn goes_back_unanswered_in_the_greedy_thread_mode() {
+        goes_back_unanswered(Protocol::Nameko, WorkerMode::GreedyThread).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn goes_back_unanswered_under_the_micro_framework_profile() {
+        goes_back_unanswered(Protocol::MicroFramework, WorkerMode::GreedyThread).await;
+    }
+}

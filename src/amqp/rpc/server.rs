@@ -143,6 +143,12 @@ impl DeliveryHandler for RpcServer {
                 }
             },
         };
+        if handled
+            .as_ref()
+            .is_some_and(|handled| route.failed_after_giving_up(handled, &self.queue))
+        {
+            return;
+        }
         if let Err(error) = &outcome {
             tracing::warn!(
                 route = route.name(),

@@ -82,7 +82,7 @@ impl UfwRpcServer {
     }
 
     /// Answer `request` (a built-in command, or a call of a target run in a worker slot);
-    /// `None` when the request went back to its queue (the service is stopping).
+    /// `None` when the request goes back to its queue (the service is stopping).
     async fn answer(
         &self,
         request: Request,
@@ -144,6 +144,9 @@ impl UfwRpcServer {
                 return None;
             }
         };
+        if route.failed_after_giving_up(&handled, &queue) {
+            return None;
+        }
         let outcome = handled_outcome(&handled).map_err(RemoteError::from_failure);
         Some((outcome, route, Some(handled)))
     }

@@ -343,6 +343,22 @@ impl RouteHandle {
         self.inner.given_up.is_cancelled()
     }
 
+    /// Whether `handled` failed after the stop gave up on the calls (past `SHUTDOWN_TIMEOUT`):
+    /// the stop tears their dependencies down, so the failure may be its doing, not the
+    /// message's. Such a message is left unsettled: it goes back to its queue with the
+    /// connection, as those of the calls not ended, and is neither dead-lettered, retried nor
+    /// answered (an RPC caller would be told the stop's error for a call that runs again).
+    pub(crate) fn failed_after_giving_up(&self, handled: &Handled, queue: &str) -> bool {
+        let failed = !matches!(handled, Handled::Succeeded(_) | Handled::CalledBack(_));
+        if failed && self.given_up() {
+            tracing::warn!(
+                route = self.name(),
+                "a call failed after the stop gave up on it: its message goes back to {queue}"
+            );
+        }
+        failed && self.given_up()
+    }
+
     /// A worker slot if one is free now: for entrypoints that refuse work when the pool is
     /// full (HTTP, WebSocket) instead of waiting.
     pub fn try_acquire(&self) -> Option<WorkerPermit> {

@@ -95,18 +95,10 @@ pub(crate) async fn settle(
     handled: &Handled,
     meta: &RetryMeta,
 ) -> Option<Handled> {
-    // Once the stop has given up on the calls (past SHUTDOWN_TIMEOUT) it tears down their
-    // dependencies: a failure now may be the stop's doing, not the message's. Unsettled, the
-    // message goes back to its queue with the connection, as those of the calls not ended.
-    let succeeded = matches!(handled, Handled::Succeeded(_) | Handled::CalledBack(_));
-    if route.given_up() && !succeeded {
-        tracing::warn!(
-            route = route.name(),
-            "a call failed after the stop gave up on it: its message goes back to {}",
-            origin.queue
-        );
+    if route.failed_after_giving_up(handled, origin.queue) {
         return None;
     }
+    let succeeded = matches!(handled, Handled::Succeeded(_) | Handled::CalledBack(_));
     if !succeeded && left_to_come_again(route, origin, &*delivery.acker) {
         return None;
     }
