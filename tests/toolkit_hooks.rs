@@ -528,3 +528,22 @@ async fn the_worker_factory_calls_a_target_with_chosen_dependencies() {
     let mistyped = worker(Route::new(add)).rpc::<String>([1, 2], ()).await.unwrap_err();
     assert!(matches!(mistyped, HookError::Result { .. }), "{mistyped}");
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot save order")]
+struct SaveError(#[source] std::io::Error);
+
+fn save(Payload(_): Payload<Value>) -> Result<(), SaveError> {
+    Err(SaveError(std::io::Error::other("disk full")))
+}
+
+/// A hook's error, shown as a test reports it (`?`, `unwrap`), says what went wrong: the
+/// target's error and its causes (it showed "route 'save' failed: error: cannot save order").
+#[tokio::test]
+async fn a_hooks_error_shows_the_causes_of_the_targets_error() {
+    let route = Route::new(save).entrypoint(EventListener::new("shop", "paid"));
+    let service = TestService::start(vec![route], test_config(&unique("orders"))).await.unwrap();
+    let error = service.hook("save").unwrap().event::<Value>(&json!({"id": 1})).await.unwrap_err();
+    service.stop().await.unwrap();
+    assert_eq!(error.to_string(), "route 'save' failed: error: cannot save order: disk full");
+}

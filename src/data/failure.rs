@@ -49,7 +49,9 @@ impl fmt::Display for FailureKind {
     }
 }
 
-/// Why a call failed. Callback targets receive it as an argument.
+/// Why a call failed. Callback targets receive it as an argument. Shown as its kind, its
+/// message and its causes ([`Failure::full_message`]): the message alone may not say what went
+/// wrong.
 ///
 /// ```
 /// use micro_framework::{Failure, FailureKind};
@@ -57,8 +59,7 @@ impl fmt::Display for FailureKind {
 /// assert_eq!(failure.kind, FailureKind::BadInput);
 /// assert_eq!(failure.to_string(), "bad_input: body is not valid JSON");
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
-#[error("{kind}: {message}")]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     /// The kind of failure.
     pub kind: FailureKind,
@@ -150,6 +151,15 @@ impl Failure {
     }
 }
 
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.full_message())
+    }
+}
+
+/// Its causes are kept as text, in the message shown: none is a source of its own.
+impl std::error::Error for Failure {}
+
 /// Room for the note [`bounded`] appends to a cut text ("… (truncated: N bytes in all)").
 const CUT_NOTE: usize = 64;
 
@@ -181,6 +191,16 @@ mod tests {
         assert_eq!(failure.kind, FailureKind::Error);
         assert_eq!(failure.causes, vec!["disk full".to_owned()]);
         assert_eq!(failure.full_message(), "cannot save order: disk full");
+    }
+
+    /// What a callback printing `{failure}` shows: the causes too (it showed "error: cannot
+    /// save order", without the "disk full" that said what went wrong).
+    #[test]
+    fn shown_with_its_causes() {
+        let error: BoxError = Box::new(SaveError(std::io::Error::other("disk full")));
+        let failure = Failure::from_error(&error, "SaveError");
+        assert_eq!(failure.to_string(), "error: cannot save order: disk full");
+        assert_eq!(Failure::bad_input("not JSON").to_string(), "bad_input: not JSON");
     }
 
     #[test]
