@@ -17,8 +17,11 @@ pub enum TargetRole {
 /// The outcome of one call: the target's return value, or why it failed.
 pub type Outcome = Result<Value, Failure>;
 
-/// How a message's handling ended, for the entrypoint to settle it.
+/// How a message's handling ended, for the entrypoint to settle it. Non-exhaustive: an
+/// entrypoint of one's own matching on it keeps a `_` arm, so that a new way to end is not a
+/// breaking change.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Handled {
     /// The target succeeded with this value.
     Succeeded(Value),
