@@ -169,7 +169,7 @@ mod rpc_micro_framework {
     async fn example(rpc: RpcProxy) -> Result<i64, RpcError> {
         use micro_framework::config::Protocol;
 
-        // serve `add` to micro-framework callers (and `add` to Nameko callers as before)
+        // serve `add` to Nameko callers, and the same function as `add_ufw` to micro-framework ones
         let routes = vec![
             Route::new(add).entrypoint(RPCListener::new()),
             Route::new(add).name("add_ufw").entrypoint(RPCListener::new().protocol(Protocol::MicroFramework)),
