@@ -1903,3 +1903,158 @@ async fn a_filter_keeps_permanent_transport_errors_out_of_the_retries() {
         assert_eq!(failure.retryable, !filtered, "{failure:?}");
     }
 }
+
+/// A retry whose delay ends while its route's queue is full under a policy's `max-length` with
+/// `overflow: reject-publish` (RabbitMQ only; each policy matches this test's queue only, and
+/// is cleared on drop). The README's known limit of classic delay queues, and the way out.
+mod a_retry_coming_back_to_a_full_queue {
+    use super::common;
+
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use common::{config, unique, Probe};
+    use micro_framework::amqp::entrypoints::EventListener;
+    use micro_framework::config::QueueType;
+    use micro_framework::dependencies::Shared;
+    use micro_framework::prelude::*;
+    use micro_framework::retry::{AsyncBackOff, BackOffData};
+    use micro_framework::testing::TestService;
+    use serde_json::{json, Value};
+
+    /// Quorum delay queues dead-letter at least once: the retry waits for room, and runs.
+    #[tokio::test]
+    async fn waits_for_room_under_quorum_queues() {
+        let Some((retried, _)) = retry_into_a_full_queue(QueueType::Quorum).await else { return };
+        assert!(retried, "the retry did not run");
+    }
+
+    /// A classic delay queue dead-letters at most once: the broker drops the retry (no run,
+    /// no dead letter). Should RabbitMQ keep it one day, this fails, and the README's limit
+    /// goes.
+    #[tokio::test]
+    async fn is_dropped_by_the_broker_from_a_classic_delay_queue() {
+        let Some(seen) = retry_into_a_full_queue(QueueType::Classic).await else { return };
+        assert_eq!(seen, (false, 0), "(retried, dead letters)");
+    }
+
+    /// A policy of this test's, cleared when dropped.
+    struct Policy(String);
+
+    impl Policy {
+        fn set(pattern: &str, definition: &str) -> Policy {
+            let name = unique("retry_policy");
+            let output = std::process::Command::new("rabbitmqctl")
+                .args([
+                    "set_policy",
+                    &name,
+                    pattern,
+                    definition,
+                    "--apply-to",
+                    "queues",
+                    "--priority",
+                    "100",
+                ])
+                .output()
+                .expect("rabbitmqctl runs");
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            Policy(name)
+        }
+    }
+
+    impl Drop for Policy {
+        fn drop(&mut self) {
+            let _ =
+                std::process::Command::new("rabbitmqctl").args(["clear_policy", &self.0]).output();
+        }
+    }
+
+    /// What the target saw: (payload "name", retry count).
+    #[derive(Default)]
+    struct Journal(Mutex<Vec<(String, u32)>>);
+
+    /// `fail` fails on its first attempt; `block` waits for the probe's gate; the others succeed.
+    fn job(
+        Payload(payload): Payload<Value>,
+        retry: BackOffData,
+        Dep(journal): Dep<Arc<Journal>>,
+        Dep(probe): Dep<Arc<Probe>>,
+    ) -> Result<(), std::io::Error> {
+        let name = payload["name"].as_str().unwrap_or_default().to_owned();
+        journal.0.lock().unwrap().push((name.clone(), retry.retry_count));
+        match name.as_str() {
+            "fail" if retry.retry_count == 0 => Err(std::io::Error::other("first attempt fails")),
+            "block" => {
+                probe.enter(payload.clone());
+                probe.leave();
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// (the retry ran again, dead letters) of a message whose retry's delay ended while its
+    /// route's queue was full.
+    async fn retry_into_a_full_queue(queue_type: QueueType) -> Option<(bool, usize)> {
+        let uri = common::rabbitmq_uri()?;
+        let shop = unique("fullshop");
+        let config = config(&uri, "fullsvc")
+            .with_max_workers(1)
+            .with_prefetch_count(Some(1))
+            .with_queue_type(queue_type);
+        let queue = format!("evt-{shop}-job--{}.job", config.service_name);
+        let markers = [config.service_name.clone(), shop.clone()];
+        let journal = Arc::new(Journal::default());
+        let probe = Probe::closed();
+        let routes = vec![Route::new(job)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(2, Duration::from_millis(2000)))
+            .dependency(Shared(journal.clone()))
+            .dependency(Shared(probe.clone()))];
+        let service = TestService::start(routes, config.clone()).await.unwrap();
+        let _policy = Policy::set(
+            &format!("^{}$", regex_escape(&queue)),
+            r#"{"max-length": 1, "overflow": "reject-publish"}"#,
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await; // the policy applies
+
+        service.dispatch(&shop, "job", &json!({"name": "fail"})).await.unwrap();
+        common::wait_until(|| journal.0.lock().unwrap().len() >= 1, "the first attempt").await;
+        // the worker busy, then one message ready: the queue is full
+        service.dispatch(&shop, "job", &json!({"name": "block"})).await.unwrap();
+        probe.wait_started(1).await;
+        service.dispatch(&shop, "job", &json!({"name": "filler"})).await.unwrap();
+        // the retry's delay (2 s) ends while the queue is full
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        probe.open();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+
+        let seen = journal.0.lock().unwrap().clone();
+        let dead = service.take_messages(&format!("{queue}.dlq")).await.unwrap_or_default();
+        let delay_queues: Vec<String> = std::process::Command::new("rabbitmqctl")
+            .args(["list_queues", "-q", "--no-table-headers", "name", "messages"])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(&queue))
+            .map(str::to_owned)
+            .collect();
+        eprintln!("attempts: {seen:?}\ndead letters: {}\nqueues: {delay_queues:?}", dead.len());
+        drop(_policy);
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &markers).await;
+        let retried = seen.iter().any(|(name, retry)| name == "fail" && *retry == 1);
+        Some((retried, dead.len()))
+    }
+
+    fn regex_escape(text: &str) -> String {
+        text.chars()
+            .flat_map(|c| match c {
+                '.' | '-' | '$' | '^' | '*' | '+' | '?' | '(' | ')' | '[' | ']' | '{' | '}'
+                | '|' | '\\' => vec!['\\', c],
+                _ => vec![c],
+            })
+            .collect()
+    }
+}
