@@ -377,6 +377,56 @@ async fn headers_of_the_broker_a_nameko_handler_forwards_are_not_context_downstr
     assert_eq!(seen, [json!(["tenant"])], "the context data of the Rust call");
 }
 
+/// Reads the payload's Python-typed values as text (see [`PythonTypes`]).
+fn record_python_types(Payload(values): Payload<PythonTypes>, Dep(probe): Dep<Arc<Probe>>) {
+    probe.enter(serde_json::to_value(values).unwrap());
+    probe.leave();
+}
+
+/// What a listener of `record_python_types` on `source`/`paid` got from a Python producer
+/// that `dispatch`ed with `--python-types` (`peer`), with the reasons of any dead letter.
+async fn python_types_through(
+    uri: &str,
+    python: &std::path::Path,
+    peer: &str,
+    config: Config,
+    source: &str,
+    queue: &str,
+) -> (Vec<Value>, Vec<String>) {
+    let probe = Probe::new();
+    let routes = vec![Route::new(record_python_types)
+        .entrypoint(EventListener::new(source, "paid"))
+        .dependency(Shared(probe.clone()))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let argv =
+        ["dispatch", "--service", source, "--event", "paid", "--payload", "{}", "--python-types"];
+    Peer::spawn(python, peer, uri, &argv).finish().await;
+    let waited = service.wait_for_route("record_python_types", 1).await;
+    let dead = service.take_messages(&format!("{queue}.dlq")).await;
+    service.stop().await.unwrap();
+    waited.unwrap();
+    let reasons = dead
+        .unwrap()
+        .iter()
+        .map(|m| format!("{:?}", m.properties.headers.get("x-mf-error")))
+        .collect();
+    let seen = probe.seen.lock().unwrap().clone();
+    (seen, reasons)
+}
+
+/// kombu (5.3 and later) writes a `datetime`, `date`, `time`, `Decimal`, `UUID` or `bytes` as
+/// `{"__type__": T, "__value__": V}`: a Rust listener reading them as text gets the text.
+#[tokio::test]
+async fn dates_decimals_uuids_and_bytes_from_a_nameko_dispatcher_reach_a_rust_listener_as_text() {
+    let Some((uri, python)) = prerequisites(NAMEKO) else { return };
+    let source = unique("nk_typed_src");
+    let config = config(&uri, "rs_nk_typed");
+    let queue = format!("evt-{source}-paid--{}.record_python_types", config.service_name);
+    let (seen, dead) = python_types_through(&uri, &python, NAMEKO, config, &source, &queue).await;
+    clean_up(&uri, &[queue], &[format!("{source}.events")]).await;
+    assert_eq!(seen, [python_types_as_text()], "dead-lettered instead: {dead:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // micro-framework 2.1.1
 
@@ -465,4 +515,17 @@ async fn a_rust_producer_reaches_a_micro_framework_listener() {
         lines.iter().filter_map(|line| line.get("payload").cloned()).collect();
     payloads.sort_by_key(|payload| payload["i"].as_u64());
     assert_eq!(payloads, [sample_payload(0), sample_payload(1)], "{lines:?}");
+}
+
+/// micro-framework's producers publish with kombu's JSON encoder too (see the Nameko test).
+#[tokio::test]
+async fn dates_decimals_uuids_and_bytes_from_a_micro_framework_producer_reach_a_rust_listener_as_text(
+) {
+    let Some((uri, python)) = prerequisites(UFW) else { return };
+    let source = unique("ufw_typed_src");
+    let config = ufw_config(&uri, "rs_ufw_typed");
+    let queue = format!("{source}.paid__{}.record_python_types", config.service_name);
+    let (seen, dead) = python_types_through(&uri, &python, UFW, config, &source, &queue).await;
+    clean_up(&uri, &[queue], &[]).await;
+    assert_eq!(seen, [python_types_as_text()], "dead-lettered instead: {dead:?}");
 }

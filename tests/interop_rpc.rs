@@ -354,3 +354,26 @@ async fn a_missing_service_behind_a_nameko_service_is_a_remote_error_not_unknown
         other => panic!("expected a RemoteError, got {other:?}"),
     }
 }
+
+/// Echoes the Python-typed keyword arguments it reads as text (see [`PythonTypes`]).
+fn python_types(Args(values): Args<PythonTypes>) -> Value {
+    serde_json::to_value(values).unwrap()
+}
+
+/// A Nameko caller's `datetime`, `date`, `time`, `Decimal`, `UUID` and `bytes` arguments
+/// (kombu's `{"__type__": T, "__value__": V}` envelopes) reach a Rust target as text.
+#[tokio::test]
+async fn dates_decimals_uuids_and_bytes_from_a_nameko_caller_reach_a_rust_target_as_text() {
+    let Some((uri, python)) = prerequisites(NAMEKO) else { return };
+    let config = config(&uri, "rs_rpc_typed");
+    let service_name = config.service_name.clone();
+    let routes = vec![Route::new(python_types).entrypoint(RPCListener::new())];
+    let service = TestService::start(routes, config).await.unwrap();
+    let argv = ["rpc-call", "--service", &service_name, "--method", "python_types"];
+    let lines = Peer::spawn(&python, NAMEKO, &uri, &[&argv[..], &["--python-types"]].concat())
+        .finish()
+        .await;
+    service.stop().await.unwrap();
+    delete_queue(&uri, &format!("rpc-{service_name}")).await;
+    assert_eq!(lines.last(), Some(&json!({ "result": python_types_as_text() })), "{lines:?}");
+}

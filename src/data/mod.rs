@@ -9,6 +9,7 @@ mod failure;
 #[cfg(test)]
 pub(crate) mod fuzz_support;
 mod headers;
+mod kombu_types;
 mod message;
 mod outcome;
 mod retry_state;
@@ -18,6 +19,7 @@ pub use call_context::CallContext;
 pub use extensions::Extensions;
 pub use failure::{Failure, FailureKind};
 pub use headers::{HeaderValue, Headers, Properties};
+pub(crate) use kombu_types::{kombu_types_as_text, may_hold_kombu_types};
 pub(crate) use message::{holds_a_number_beyond_a_float, BEYOND_A_FLOAT};
 pub use message::{json_properties, Message};
 pub use outcome::{Handled, Outcome, TargetRole};

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::data::CallContext;
 use crate::data::Failure;
 use crate::data::Message;
+use crate::data::{kombu_types_as_text, may_hold_kombu_types};
 use crate::data::{BackOffData, TargetRole};
 use crate::handler::named_fields::fills_named_fields;
 use crate::handler::WorkerContext;
@@ -97,6 +98,10 @@ pub trait FromContext: Sized + Send + 'static {
 
 /// The payload, deserialized into `T` (use `serde_json::Value` to take anything).
 ///
+/// A value kombu (5.3 and later) wrote as a typed envelope, `{"__type__": "datetime",
+/// "__value__": "2026-01-02T03:04:05"}` (a Python `datetime`, `date`, `time`, `Decimal`,
+/// `UUID` or `bytes`), reads as its text (`"2026-01-02T03:04:05"`).
+///
 /// ```
 /// use micro_framework::Payload;
 /// #[derive(serde::Deserialize)]
@@ -112,15 +117,17 @@ impl<T: DeserializeOwned + Send + 'static> FromContext for Payload<T> {
         // was decoded already (translated, or asked for). On any error the value's path
         // below runs again, so that what is accepted and how a refusal reads stay the same
         // (a struct given a key twice: a value keeps the last, the struct alone refuses it).
-        if !ctx.payload_decoded() {
+        // A body with kombu's typed envelopes takes the value's path, where they read as text.
+        let body = &ctx.message().body;
+        if !ctx.payload_decoded() && !may_hold_kombu_types(body) {
             if let Ok(payload) = ctx.message().decode_into::<T>() {
-                let array = ctx.message().body.trim_ascii_start().starts_with(b"[");
+                let array = body.trim_ascii_start().starts_with(b"[");
                 return no_array_for_a_struct::<T>(array).map(|()| Payload(payload));
             }
         }
         let value = ctx.payload().map_err(|reason| ExtractError::BadInput(reason.to_owned()))?;
         no_array_for_a_struct::<T>(value.is_array())?;
-        T::deserialize(value).map(Payload).map_err(|error| {
+        T::deserialize(&*kombu_types_as_text(body, value)).map(Payload).map_err(|error| {
             ExtractError::BadInput(format!(
                 "payload does not fit {}: {error}",
                 std::any::type_name::<T>()

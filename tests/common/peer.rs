@@ -175,3 +175,30 @@ impl Drop for Peer {
         }
     }
 }
+
+/// What the peers' `--python-types` adds (a datetime, date, time, Decimal, UUID and two
+/// bytes, which kombu writes as `{"__type__", "__value__"}` envelopes), read as text.
+#[derive(Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct PythonTypes {
+    pub at: String,
+    pub day: String,
+    pub clock: String,
+    pub amount: String,
+    pub id: String,
+    pub text: String,
+    pub blob: String,
+}
+
+/// The text each value of `--python-types` must arrive as: Python's `isoformat()` and `str()`
+/// of it; the bytes as kombu writes them (UTF-8 text, else base64).
+pub fn python_types_as_text() -> Value {
+    serde_json::json!({
+        "at": "2026-01-02T03:04:05.123456",
+        "day": "2026-01-02",
+        "clock": "03:04:05",
+        "amount": "10.50",
+        "id": "12345678-1234-5678-1234-567812345678",
+        "text": "hi",
+        "blob": "/w==",
+    })
+}

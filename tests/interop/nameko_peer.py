@@ -9,12 +9,12 @@ with exit code 0, after ``--timeout`` seconds with exit code 3 and a
 Sub-commands (see tests/interop/README.md):
 
   dispatch   --service SRC --event EVT --payload JSON [--count N]
-             [--call-id-stack a,b] [--delete-exchange]
+             [--call-id-stack a,b] [--delete-exchange] [--python-types]
   listen     --service SVC --source SRC --event EVT --count N [--keep-queue]
              [--relay EVT2]
   rpc-serve  --service SVC [--count N]
   rpc-call   --service SVC --method M [--args JSON] [--kwargs JSON]
-             [--call-id-stack a,b]
+             [--call-id-stack a,b] [--python-types]
   serve      --service SVC --source SRC --event EVT [--stop-timeout S]
 
 ``dispatch`` runs a real ServiceContainer named SRC whose entrypoint uses
@@ -130,12 +130,33 @@ def nameko_config(uri):
 # dispatch
 
 
+def with_python_types(payload):
+    """``payload`` (an object) plus one value of each type kombu's JSON encoder writes as
+    a ``{"__type__": T, "__value__": V}`` envelope (``--python-types``)."""
+    import datetime
+    import decimal
+    import uuid
+
+    return dict(
+        payload,
+        at=datetime.datetime(2026, 1, 2, 3, 4, 5, 123456),
+        day=datetime.date(2026, 1, 2),
+        clock=datetime.time(3, 4, 5),
+        amount=decimal.Decimal("10.50"),
+        id=uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        text=b"hi",
+        blob=b"\xff",
+    )
+
+
 def cmd_dispatch(args, state):
     from nameko.containers import ServiceContainer
     from nameko.events import EventDispatcher
     from nameko.testing.services import dummy, entrypoint_hook
 
     payload = json.loads(args.payload)
+    if args.python_types:
+        payload = with_python_types(payload)
     sent_stacks = []
 
     from nameko.extensions import DependencyProvider
@@ -349,6 +370,8 @@ def cmd_rpc_call(args, state):
 
     call_args = json.loads(args.args)
     call_kwargs = json.loads(args.kwargs)
+    if args.python_types:
+        call_kwargs = with_python_types(call_kwargs)
     context_data = {}
     parent = split_stack(args.call_id_stack)
     if parent:
@@ -546,6 +569,8 @@ def build_parser():
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--call-id-stack", default="", help="comma-separated parent call ids")
     p.add_argument("--delete-exchange", action="store_true")
+    p.add_argument("--python-types", action="store_true", help="add a datetime, date, time, "
+                   "Decimal, UUID and bytes to the payload (an object)")
     p.set_defaults(func=cmd_dispatch)
 
     p = sub.add_parser("listen", parents=[common])
@@ -573,6 +598,8 @@ def build_parser():
     p.add_argument("--kwargs", default="{}")
     p.add_argument("--call-id-stack", default="")
     p.add_argument("--result-repr", action="store_true", help="also print repr(result)")
+    p.add_argument("--python-types", action="store_true", help="add a datetime, date, time, "
+                   "Decimal, UUID and bytes to the keyword arguments")
     p.set_defaults(func=cmd_rpc_call)
 
     p = sub.add_parser("serve", parents=[common])

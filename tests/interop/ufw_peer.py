@@ -9,7 +9,7 @@ with exit code 0, after ``--timeout`` seconds with exit code 3 and a
 Sub-commands (see tests/interop/README.md):
 
   dispatch --service SRC --event EVT --payload JSON [--count N]
-           [--delete-exchange]
+           [--delete-exchange] [--python-types]
   listen   --service SVC --source SRC --event EVT --count N [--target handle]
            [--keep-queue]
   ws-call  --url ws://HOST:PORT --calls '[[COMMAND, ARGS, KWARGS], ...]'
@@ -169,11 +169,32 @@ def delete_entities(uri, queues=(), exchanges=()):
 # dispatch
 
 
+def with_python_types(payload):
+    """``payload`` (an object) plus one value of each type kombu's JSON encoder writes as
+    a ``{"__type__": T, "__value__": V}`` envelope (``--python-types``)."""
+    import datetime
+    import decimal
+    import uuid
+
+    return dict(
+        payload,
+        at=datetime.datetime(2026, 1, 2, 3, 4, 5, 123456),
+        day=datetime.date(2026, 1, 2),
+        clock=datetime.time(3, 4, 5),
+        amount=decimal.Decimal("10.50"),
+        id=uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        text=b"hi",
+        blob=b"\xff",
+    )
+
+
 def cmd_dispatch(args, state):
     from micro_framework import get_dependency_standalone_sync
     from micro_framework.amqp.dependencies import Producer
 
     payload = json.loads(args.payload)
+    if args.python_types:
+        payload = with_python_types(payload)
     dispatch = get_dependency_standalone_sync(
         Producer(service_name=args.service),
         AMQP_URI=args.uri,
@@ -1023,6 +1044,8 @@ def build_parser():
     p.add_argument("--payload", required=True, help="JSON value")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--delete-exchange", action="store_true")
+    p.add_argument("--python-types", action="store_true", help="add a datetime, date, time, "
+                   "Decimal, UUID and bytes to the payload (an object)")
     p.set_defaults(func=cmd_dispatch)
 
     p = sub.add_parser("listen", parents=[common])

@@ -17,7 +17,9 @@ use crate::{json, names};
 /// Arguments of `call`.
 #[derive(Debug, Args)]
 pub struct CallArgs {
-    /// The method to call, as `service.method`.
+    /// The method to call, as `service.method`: under `PROTOCOL=micro_framework` the service
+    /// is up to the first dot (`orders.Calc.add` calls `Calc.add` of `orders`), under Nameko's
+    /// the method is after the last one.
     #[arg(value_name = "SERVICE.METHOD")]
     pub target: String,
     /// Positional arguments, a JSON array.
@@ -33,13 +35,6 @@ pub struct CallArgs {
 
 /// Make the call; exit code 1 with the error as JSON when the method failed remotely.
 pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
-    let (service, method) = args
-        .target
-        .rsplit_once('.')
-        .filter(|(service, method)| !service.is_empty() && !method.is_empty())
-        .ok_or_else(|| {
-            CliError::usage(format!("expected SERVICE.METHOD, got '{}'", args.target))
-        })?;
     let Value::Array(positional) = parse_json("--args", &args.args)? else {
         return Err(CliError::usage("--args must be a JSON array, e.g. '[1, 2]'"));
     };
@@ -50,6 +45,7 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
     // the routing key of the request is SERVICE.METHOD itself
     names::check("SERVICE.METHOD (the routing key)", &args.target)?;
     let config = broker::config(uri, None)?;
+    let (service, method) = split_target(&args.target, config.protocol)?;
     names::check("RPC_EXCHANGE", &config.rpc_exchange)?;
     let client = Client::connect(&config).await.map_err(|error| match error {
         micro_framework::Error::Transport(error) => broker::connect_error(uri, error),
@@ -85,6 +81,20 @@ pub async fn run(uri: &str, args: CallArgs) -> Result<ExitCode, CliError> {
             None => Err(local_error(service, error)),
         },
     }
+}
+
+/// `SERVICE.METHOD` as the service and the method, split where the service's `protocol`
+/// splits its routing key: micro-framework's server takes all after the first dot as the
+/// target (a class method's is `Class.method`); a Nameko method, a Python name, has no dot,
+/// where its service name may have one (its binding `{service}.*` still matches).
+fn split_target(target: &str, protocol: Protocol) -> Result<(&str, &str), CliError> {
+    let split = match protocol {
+        Protocol::Nameko => target.rsplit_once('.'),
+        Protocol::MicroFramework => target.split_once('.'),
+    };
+    split
+        .filter(|(service, method)| !service.is_empty() && !method.is_empty())
+        .ok_or_else(|| CliError::usage(format!("expected SERVICE.METHOD, got '{target}'")))
 }
 
 /// A positive number of seconds as a duration.
@@ -143,5 +153,21 @@ fn local_error(service: &str, error: RpcError) -> CliError {
             after.as_secs_f64()
         )),
         other => CliError::failure(format!("the call failed: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_splits_where_its_protocol_routes_it() {
+        let ufw = split_target("orders.Calc.add", Protocol::MicroFramework).unwrap();
+        assert_eq!(ufw, ("orders", "Calc.add"));
+        assert_eq!(split_target("eu.orders.add", Protocol::Nameko).unwrap(), ("eu.orders", "add"));
+        for bad in ["orders", ".add", "orders."] {
+            assert!(split_target(bad, Protocol::MicroFramework).is_err(), "{bad}");
+            assert!(split_target(bad, Protocol::Nameko).is_err(), "{bad}");
+        }
     }
 }

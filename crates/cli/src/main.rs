@@ -139,6 +139,11 @@ dead-letter queue. A user_id property (which RabbitMQ refuses from another user)
 header x-mf-original-user-id, a CC header (which would route the copy to more queues)
 x-mf-original-cc; BCC is dropped. At most the messages present at the start are replayed.
 
+A Python micro-framework (2.1.1) instance consuming that queue finds no handler for such a
+copy (it looks handlers up by the delivery's exchange and routing key) and acks it
+unhandled: the message is lost. Stop the micro-framework instances of the queue before
+replaying, or replay once only Rust services consume it. Nameko handlers take the copies.
+
 Examples:
   micro-framework dlq replay evt-orders-order_paid--billing.charge
   micro-framework dlq replay evt-orders-order_paid--billing.charge.dlq --limit 10")]

@@ -334,6 +334,29 @@ async fn ufw_call_body(uri: String, math: String) {
     running.stop().await.unwrap();
 }
 
+/// A micro-framework class-method target is `Class.method` (its target id) and its server
+/// takes all after the first dot of the routing key as the target: `SERVICE.Class.method`
+/// splits at the first dot under that protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_reaches_a_class_method_target_of_a_micro_framework_service() {
+    let Some(uri) = rabbitmq() else { return };
+    let math = unique("cli_cls");
+    let queues = vec![format!("rpc-{math}-Calc.add"), format!("rpc-{math}-broadcast")];
+    cleaned(&uri, queues, vec![], class_method_body(uri.clone(), math)).await;
+}
+
+async fn class_method_body(uri: String, math: String) {
+    let routes = vec![Route::new(add).name("Calc.add").entrypoint(RPCListener::new())];
+    let service =
+        config(&uri, &math).with_protocol(micro_framework::config::Protocol::MicroFramework);
+    let running = TestService::start(routes, service).await.unwrap();
+    let protocol = [("PROTOCOL", "micro_framework")];
+    let target = format!("{math}.Calc.add");
+    let run = cli_env(Some(&uri), &["call", &target, "--args", "[1, 2]"], &protocol).await;
+    running.stop().await.unwrap();
+    assert_eq!(run.ok().stdout.trim(), "3");
+}
+
 async fn slower() -> &'static str {
     tokio::time::sleep(Duration::from_secs(5)).await;
     "later"

@@ -5,12 +5,15 @@ use serde_json::{Map, Value};
 
 use crate::amqp::rpc::binding::bind_struct;
 use crate::amqp::rpc::wire::request_arguments;
+use crate::data::kombu_types_as_text;
 use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::named_fields::has_named_fields;
 use crate::handler::WorkerContext;
 
 /// The arguments of an RPC request (`{"args": [...], "kwargs": {...}}`), deserialized into
-/// `T`. Arguments that do not fit are bad input, replied as `IncorrectSignature`.
+/// `T`. Arguments that do not fit are bad input, replied as `IncorrectSignature`. A value a
+/// Nameko caller's kombu wrote as a typed envelope (a Python `datetime`, `date`, `time`,
+/// `Decimal`, `UUID` or `bytes`) reads as its text, as in [`Payload`](crate::Payload).
 ///
 /// - A struct with named fields (`#[derive(Deserialize)]`) binds like a Python signature:
 ///   positional arguments fill the fields in declaration order (fields with
@@ -44,7 +47,8 @@ pub struct Args<T>(pub T);
 impl<T: DeserializeOwned + Send + 'static> FromContext for Args<T> {
     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
         let payload = ctx.payload().map_err(|reason| ExtractError::BadInput(reason.to_owned()))?;
-        let (args, kwargs) = request_arguments(payload).ok_or_else(|| {
+        let payload = kombu_types_as_text(&ctx.message().body, payload);
+        let (args, kwargs) = request_arguments(&payload).ok_or_else(|| {
             ExtractError::BadInput(
                 "not an RPC request: expected {\"args\": [...], \"kwargs\": {...}}".into(),
             )
