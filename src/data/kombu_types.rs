@@ -29,7 +29,7 @@ pub(crate) fn kombu_types_as_text<'v>(body: &[u8], value: &'v Value) -> Cow<'v, 
 
 /// Whether `body` may hold an envelope (the marker, byte for byte).
 pub(crate) fn may_hold_kombu_types(body: &[u8]) -> bool {
-    body.windows(MARKER.len()).any(|window| window == MARKER)
+    memchr::memmem::find(body, MARKER).is_some()
 }
 
 /// Replace each envelope in `value` by its text; any other object is left as it is.
