@@ -917,7 +917,15 @@ mod a_call_failing_after_the_give_up {
         target.call::<u64>("slow", (6000,), ()).await.map_err(|error| error.to_string())
     }
 
+    fn relay_failed(_failure: Failure) {}
+
     async fn goes_back_unanswered(protocol: Protocol, mode: WorkerMode) {
+        goes_back_unanswered_with(protocol, mode, false).await;
+        // a callback route's callback is not run with the stop's error either
+        goes_back_unanswered_with(protocol, mode, true).await;
+    }
+
+    async fn goes_back_unanswered_with(protocol: Protocol, mode: WorkerMode, callback: bool) {
         for uri in common::broker_uris() {
             let target_config = common::config(&uri, "slow_target").with_protocol(protocol);
             let target_name = target_config.service_name.clone();
@@ -928,7 +936,11 @@ mod a_call_failing_after_the_give_up {
                 .with_worker_mode(mode)
                 .with_shutdown_timeout(Duration::from_secs(1));
             let relay_name = relay_config.service_name.clone();
-            let routes = vec![Route::new(relay).entrypoint(RPCListener::new())];
+            let route = match callback {
+                true => CallbackRoute::new(relay, relay_failed),
+                false => Route::new(relay),
+            };
+            let routes = vec![route.entrypoint(RPCListener::new())];
             let relay_service = TestService::start(routes, relay_config).await.unwrap();
             let caller = Config::new("caller")
                 .with_amqp_uri(uri.clone())
@@ -951,7 +963,7 @@ mod a_call_failing_after_the_give_up {
             client.close().await;
             target.stop().await.unwrap();
             common::cleanup(&uri, &[target_name, relay_name]).await;
-            let case = format!("{uri} {protocol:?} {mode:?}");
+            let case = format!("{uri} {protocol:?} {mode:?} callback: {callback}");
             assert!(matches!(answer, Err(RpcError::Timeout { .. })), "{case}: {answer:?}");
             assert_eq!(back, 1, "{case}: the request is back in {queue}");
         }

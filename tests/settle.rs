@@ -354,18 +354,38 @@ async fn uses_the_pool(
     Err("the pool is closed".into())
 }
 
+fn pool_failed(_failure: Failure, Dep(probe): Dep<Arc<common::Probe>>) {
+    probe.enter(json!("called back"));
+    probe.leave();
+}
+
 /// A call still running when the stop gives up on it (past `SHUTDOWN_TIMEOUT`) and failing
 /// then, its dependencies torn down under it, is not dead-lettered: its message goes back to
 /// its queue with the connection, for the next start to handle.
 #[tokio::test]
 async fn a_call_failing_after_the_stop_gave_up_on_it_is_not_dead_lettered() {
+    fails_after_the_give_up(false).await;
+}
+
+/// Nor called back: the callback would be told the stop's error, and the message acked
+/// (`Handled::CalledBack` counted as an end).
+#[tokio::test]
+async fn a_call_failing_after_the_stop_gave_up_on_it_is_not_called_back() {
+    fails_after_the_give_up(true).await;
+}
+
+async fn fails_after_the_give_up(callback: bool) {
     for uri in broker_uris() {
         let shop = unique("gaveup");
         let config = config(&uri, "gaveup").with_shutdown_timeout(Duration::from_millis(200));
         let markers = [config.service_name.clone(), shop.clone()];
         let queue = format!("evt-{shop}-job--{}.uses_the_pool", config.service_name);
         let probe = common::Probe::new();
-        let routes = vec![Route::new(uses_the_pool)
+        let route = match callback {
+            true => CallbackRoute::new(uses_the_pool, pool_failed),
+            false => Route::new(uses_the_pool),
+        };
+        let routes = vec![route
             .entrypoint(EventListener::new(&shop, "job"))
             .dependency(Shared(probe.clone()))];
         let (closed, _) = tokio::sync::watch::channel(false);
@@ -380,6 +400,8 @@ async fn a_call_failing_after_the_stop_gave_up_on_it_is_not_dead_lettered() {
         observer.close().await;
         assert!(dead.is_empty(), "{uri}: dead-lettered for what the stop did: {dead:?}");
         assert_eq!(left, 1, "{uri}: back in its queue");
+        let calls = probe.started.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(calls, 1, "{uri}: the callback ran, with the stop's error");
         common::cleanup(&uri, &markers).await;
     }
 }

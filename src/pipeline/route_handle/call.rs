@@ -180,13 +180,17 @@ impl RouteHandle {
 
     /// The end of a message whose handling failed with `failure` and that no retry remains
     /// for: the callback of a `CallbackRoute` runs (never for bad input); else it failed.
+    /// Not once the stop gave up on the calls: it tore their dependencies down, so the failure
+    /// may be its doing, and the callback would be told the stop's error for a message that
+    /// goes back to run again.
     async fn no_retry_remains(
         &self,
         message: &Arc<Message>,
         failure: Failure,
         retry: &BackOffData,
     ) -> Handled {
-        if failure.kind == FailureKind::BadInput || self.inner.callback.is_none() {
+        let no_callback = self.inner.callback.is_none() || self.given_up();
+        if failure.kind == FailureKind::BadInput || no_callback {
             return Handled::Failed(failure);
         }
         match self.run(TargetRole::Callback, message, Some(failure.clone()), retry).await {
