@@ -739,6 +739,42 @@ async fn a_queue_deleted_with_its_exchange_is_declared_again_with_both_and_bound
     }
 }
 
+/// A queue deleted, then declared again by another with other arguments (not durable) before
+/// the service's recovery: the service's own declaration is refused (406), and it consumes the
+/// queue as it is (it stopped consuming it for good, the refusal logged each second).
+#[tokio::test]
+async fn a_queue_declared_again_by_another_with_other_arguments_is_consumed_again() {
+    let _cpu = cpu_slot().await;
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let marker = unique("redeclared");
+    let config = config(&uri, "redeclared");
+    let markers = [config.service_name.clone(), marker.clone()];
+    let queue = format!("{marker}-q");
+    let calls = Arc::new(Calls::default());
+    let routes = vec![Route::new(good)
+        .entrypoint(QueueListener::new(queue.clone()))
+        .dependency(Shared(calls.clone()))];
+    let service = TestService::start(routes, config.clone()).await.unwrap();
+    let operator = micro_framework::transport::connect(&config).await.unwrap();
+    let job = || OutgoingMessage {
+        body: b"{}".to_vec().into(),
+        properties: micro_framework::data::json_properties(),
+    };
+    operator.publish("", &queue, job(), PublishOptions::default()).await.unwrap();
+    service.wait_for_route("good", 1).await.unwrap();
+    operator.delete_queue(&queue).await.unwrap();
+    let spec = micro_framework::transport::QueueSpec {
+        durable: false,
+        ..micro_framework::transport::QueueSpec::durable(queue.clone())
+    };
+    operator.declare_queue(&spec).await.unwrap();
+    operator.publish("", &queue, job(), PublishOptions::default()).await.unwrap();
+    common::wait_until(|| calls.count() >= 2, "the queue consumed as it is").await;
+    operator.close().await;
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &markers).await;
+}
+
 #[tokio::test]
 async fn a_queue_declared_again_whose_binding_fails_is_not_consumed_unbound() {
     let _cpu = cpu_slot().await;

@@ -22,7 +22,9 @@ use crate::pipeline::delayed_message::{self, RetryMeta};
 use crate::pipeline::settle::{settle, take_pending_dead_letter, Origin};
 use crate::pipeline::spawners::WorkerPermit;
 use crate::pipeline::{Ended, RouteHandle};
-use crate::transport::{Acker, ConsumeOptions, Consumer, Delivery, SharedTransport};
+use crate::transport::{
+    Acker, ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError,
+};
 use backoff_queue::BackoffQueue;
 pub use crash_guard::mark_first_route;
 use crash_guard::{
@@ -150,6 +152,13 @@ async fn consume_again(source: &QueueSource, options: &ConsumeOptions) -> Option
                  cancelled its consumer)"
             ),
             Ok(false) => {}
+            // Declared again by another with other arguments (a queue type moved, say): it
+            // exists, and is consumed as it is.
+            Err(error @ TransportError::PreconditionFailed(_)) => tracing::warn!(
+                route = %label,
+                "cannot declare {queue} again as the service declares it ({error}): consuming \
+                 it as it is"
+            ),
             // Declared in part (a binding refused): not consumed, as a queue consumed without
             // its bindings would receive nothing, and its consumer never end.
             Err(error) => {
