@@ -164,12 +164,13 @@ impl Tick {
 #[async_trait]
 impl Entrypoint for TimeEntrypoint {
     fn describe(&self) -> String {
-        match &self.schedule {
-            Schedule::Every(interval) if self.cluster_wide => {
-                format!("TimeEntrypoint(every {interval:?}, cluster-wide)")
-            }
-            Schedule::Every(interval) => format!("TimeEntrypoint(every {interval:?})"),
-            Schedule::Cron(cron) => format!("TimeEntrypoint(cron {})", cron.pattern),
+        let schedule = match &self.schedule {
+            Schedule::Every(interval) => format!("every {interval:?}"),
+            Schedule::Cron(cron) => format!("cron {}", cron.pattern),
+        };
+        match self.cluster_wide {
+            true => format!("TimeEntrypoint({schedule}, cluster-wide)"),
+            false => format!("TimeEntrypoint({schedule})"),
         }
     }
 
@@ -281,6 +282,19 @@ async fn finish(route: &RouteHandle, run: JoinHandle<Option<Handled>>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The description (the status page's entrypoint, the "route ready" log line) says when a
+    /// timer fires on one instance only, whatever its schedule (a cron timer did not: two
+    /// instances looked as though each fired the nightly job).
+    #[test]
+    fn a_cluster_wide_timer_says_so_whatever_its_schedule() {
+        let every = TimeEntrypoint::every(Duration::from_secs(60));
+        assert_eq!(every.describe(), "TimeEntrypoint(every 60s)");
+        assert_eq!(every.cluster_wide().describe(), "TimeEntrypoint(every 60s, cluster-wide)");
+        let Ok(cron) = TimeEntrypoint::cron("0 3 * * *") else { panic!("a cron expression") };
+        assert_eq!(cron.describe(), "TimeEntrypoint(cron 0 3 * * *)");
+        assert_eq!(cron.cluster_wide().describe(), "TimeEntrypoint(cron 0 3 * * *, cluster-wide)");
+    }
 
     #[test]
     fn an_interval_too_long_for_the_clock_never_ticks() {
