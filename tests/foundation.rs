@@ -1044,6 +1044,56 @@ async fn a_cluster_wide_timer_fires_on_one_instance_and_fails_over() {
     }
 }
 
+/// A leader whose lock queue goes while it stays connected (an operator or a policy deletes
+/// it) gives up leadership: one instance fires after, not the old leader and a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lock_queue_is_deleted_gives_up_leadership_so_one_instance_fires() {
+    use std::sync::atomic::AtomicU64;
+    async fn tick(Dep(count): Dep<Arc<AtomicU64>>) {
+        count.fetch_add(1, Ordering::SeqCst);
+    }
+    const TICK: Duration = Duration::from_millis(50);
+    type Instances = [(TestService, Arc<AtomicU64>)];
+    fn counts(instances: &Instances) -> Vec<u64> {
+        instances.iter().map(|(_, count)| count.load(Ordering::SeqCst)).collect()
+    }
+    /// How often each instance fires in the next `window`.
+    async fn firings(instances: &Instances, window: Duration) -> Vec<u64> {
+        let before = counts(instances);
+        tokio::time::sleep(window).await;
+        counts(instances).iter().zip(before).map(|(after, before)| after - before).collect()
+    }
+    for uri in broker_uris() {
+        let config = config(&uri, "lock_lost");
+        let service = config.service_name.clone();
+        let mut instances = Vec::new();
+        for _ in 0..2 {
+            let count = Arc::new(AtomicU64::new(0));
+            let routes = vec![Route::new(tick)
+                .entrypoint(TimeEntrypoint::every(TICK).cluster_wide())
+                .dependency(Shared(count.clone()))];
+            let started = TestService::start(routes, config.clone()).await.unwrap();
+            instances.push((started, count));
+        }
+        wait_until(|| counts(&instances).iter().sum::<u64>() >= 4, "four ticks").await;
+        let fired = firings(&instances, TICK * 10).await;
+        let leaders: Vec<usize> = (0..2).filter(|&i| fired[i] > 0).collect();
+        assert_eq!(leaders.len(), 1, "{uri}: one leader before: {fired:?}");
+        // The lock queue goes while the leader stays connected: its own connection deletes it.
+        let lock = format!("timer-{service}-tick.lock");
+        instances[leaders[0]].0.transport().delete_queue(&lock).await.unwrap();
+        tokio::time::sleep(TICK * 10).await;
+        let fired = firings(&instances, TICK * 20).await;
+        for (instance, _) in instances {
+            instance.stop().await.unwrap();
+        }
+        common::cleanup(&uri, &[service]).await;
+        let firing: Vec<usize> = (0..2).filter(|&i| fired[i] > 0).collect();
+        assert_eq!(firing.len(), 1, "{uri}: one instance fires after the lock went: {fired:?}");
+        assert!(fired[firing[0]] <= 21, "{uri}: at most once a tick: {fired:?}");
+    }
+}
+
 /// RabbitMQ routes a publish with each key of its `CC` and `BCC` headers too, through the same
 /// exchange, and removes `BCC` from what it delivers: the in-process broker does the same.
 #[tokio::test]

@@ -178,6 +178,23 @@ async fn a_struct_payload_given_an_array_is_refused_where_serde_would_fill_it_by
     assert_eq!(outcome.unwrap(), json!([1, "a"]));
 }
 
+/// A struct refuses an array read straight from the body whatever whitespace JSON allows
+/// before it (a pretty-printer's newline, a hand-written publisher's spaces).
+#[tokio::test]
+async fn a_struct_payload_given_an_array_after_whitespace_is_refused_too() {
+    for body in ["[1, \"a\"]", " [1, \"a\"]", "\n\t[1, \"a\"]", "\r\n  [1,\"a\"]"] {
+        let message =
+            Message { body: body.as_bytes().to_vec().into(), ..Message::json(&()).unwrap() };
+        let outcome = call_route(Route::new(order), memory_test_config("orders"), message).await;
+        let failure = match outcome {
+            Ok(value) => panic!("{body:?}: filled by position: {value}"),
+            Err(failure) => failure,
+        };
+        assert_eq!(failure.kind, FailureKind::BadInput, "{body:?}: {failure}");
+        assert!(failure.message.contains("payload is an array"), "{body:?}: {failure}");
+    }
+}
+
 fn forward(Payload(raw): Payload<Box<serde_json::value::RawValue>>) -> String {
     raw.get().to_owned()
 }

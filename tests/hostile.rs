@@ -19,7 +19,7 @@ use micro_framework::settle::{HEADER_ERROR, HEADER_HEADERS_DROPPED, HEADER_ORIGI
 use micro_framework::testing::TestService;
 use micro_framework::transport::{
     ExchangeSpec, HeaderValue, Headers, Limit, OutgoingMessage, Properties, PublishOptions,
-    SharedTransport, TransportError,
+    QueueSpec, SharedTransport, TransportError,
 };
 use micro_framework::Message;
 use serde_json::{json, Value};
@@ -259,6 +259,42 @@ async fn headers_too_big_for_a_frame_are_refused_before_the_broker_sees_them() {
     }
 }
 
+/// Headers whose content header frame is exactly `frame_max` (131,072 bytes) fill one frame
+/// and fit: they are sent, and delivered whole (a byte more is refused, as above).
+#[tokio::test]
+async fn headers_that_fill_a_frame_exactly_are_sent_and_delivered() {
+    let _cpu = cpu_slot().await;
+    for uri in broker_uris() {
+        let queue = unique("full_frame");
+        let transport = micro_framework::transport::connect(&config(&uri, "full_frame")).await;
+        let transport = transport.unwrap();
+        transport.declare_queue(&QueueSpec::durable(queue.clone())).await.unwrap();
+        let properties = filling_properties(131_072);
+        let message = OutgoingMessage { body: b"{}".to_vec().into(), properties };
+        let sent = transport.publish("", &queue, message, PublishOptions::default()).await;
+        let mut got = None;
+        for _ in 0..100 {
+            if sent.is_err() {
+                break;
+            }
+            got = transport.get(&queue).await.unwrap();
+            if got.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        transport.delete_queue(&queue).await.unwrap();
+        transport.close().await;
+        assert!(sent.is_ok(), "{uri}: a frame of exactly frame_max refused: {sent:?}");
+        let got = got.expect("the message delivered");
+        let padding = got.properties.headers.get("padding");
+        assert!(
+            matches!(padding, Some(HeaderValue::String(text)) if text.len() == 131_032),
+            "{uri}: the header delivered whole"
+        );
+    }
+}
+
 #[tokio::test]
 async fn float_headers_that_are_no_number_are_refused_before_the_broker_sees_them() {
     let _cpu = cpu_slot().await;
@@ -276,6 +312,26 @@ async fn float_headers_that_are_no_number_are_refused_before_the_broker_sees_the
             );
         }
         // RabbitMQ would have closed the whole connection (541) on such a double
+        still_serving(service, &good_calls, &uri, &shop).await;
+    }
+}
+
+/// A float that is no number nested in a table header is refused as one at the top or in an
+/// array is: RabbitMQ cannot read it there either, and would close the whole connection.
+#[tokio::test]
+async fn a_float_that_is_no_number_inside_a_table_header_is_refused() {
+    let _cpu = cpu_slot().await;
+    for uri in broker_uris() {
+        let shop = unique("shop");
+        let (service, _, good_calls, _) = poison_and_good(&uri, &shop).await;
+        let table = Headers::from([("ratio".to_owned(), HeaderValue::Float(f64::NAN))]);
+        let mut properties = micro_framework::data::json_properties();
+        properties.headers.insert("x-stats".into(), HeaderValue::Table(table));
+        let refused = publish_raw(service.transport(), &shop, "good", vec![], properties).await;
+        assert!(
+            matches!(&refused, Err(TransportError::Invalid(reason)) if reason.contains("x-stats")),
+            "{uri}: {refused:?}"
+        );
         still_serving(service, &good_calls, &uri, &shop).await;
     }
 }

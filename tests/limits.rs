@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{broker_uris, cleanup, config, unique, Probe};
-use micro_framework::amqp::dependencies::Producer;
+use micro_framework::amqp::dependencies::{Producer, ServiceProxy};
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::{Args, Client, RpcError};
 use micro_framework::dependencies::Shared;
@@ -307,6 +307,35 @@ async fn calls_failed_with_their_reply_queue_free_their_room() {
     client.close().await;
 }
 
+/// Calls failed because their reply queue went give their room back to calls then held at
+/// the same time, not only to calls that end at once: ten held together are all taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_failed_with_their_reply_queue_give_their_room_back_to_calls_held_together() {
+    let uri = format!("memory://pending-held-{}", uuid::Uuid::new_v4());
+    let transport = silent_service(&uri).await;
+    let (client, mut waiting) = flooded_caller(&uri).await;
+    let silent = client.service("silent");
+    // the reply queue goes: its consumer ends, and the calls waiting on it fail
+    let request = transport.get("rpc-silent").await.unwrap().expect("a request");
+    let reply_to = request.properties.reply_to.clone().expect("reply_to");
+    transport.delete_queue(&format!("rpc.reply-standalone_rpc_proxy-{reply_to}")).await.unwrap();
+    let first = waiting.pop().unwrap();
+    let failed = tokio::time::timeout(Duration::from_secs(10), first.result::<u64>()).await;
+    assert!(
+        matches!(failed, Ok(Err(RpcError::Transport(TransportError::Closed { .. })))),
+        "{failed:?}"
+    );
+    drop(waiting);
+    let mut held = Vec::new();
+    for n in 0..10 {
+        let call = silent.call_async("wait", (), ()).await;
+        assert!(call.is_ok(), "call {n} held with {} others refused: {:?}", held.len(), call.err());
+        held.push(call.unwrap());
+    }
+    drop(held);
+    client.close().await;
+}
+
 #[tokio::test]
 async fn an_oversized_event_is_dead_lettered_without_going_through_the_filter() {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -379,6 +408,38 @@ async fn a_body_of_exactly_max_message_size_is_handled_and_one_byte_more_refused
         service.stop().await.unwrap();
         cleanup(&uri, &[source, service_name]).await;
     }
+}
+
+/// The size of the request of `silent.wait(text)` when the caller refuses it as over its
+/// `MAX_MESSAGE_SIZE` of 1024 bytes; `None` when it is sent.
+async fn refused_size(silent: &ServiceProxy, text: &str) -> Option<u64> {
+    match silent.call_async("wait", (text,), ()).await {
+        Ok(_) => None,
+        Err(RpcError::Transport(TransportError::LimitReached {
+            what: Limit::MessageSize,
+            size,
+            limit: 1024,
+            ..
+        })) => Some(size),
+        Err(other) => panic!("{other:?}"),
+    }
+}
+
+/// The bound of `MAX_MESSAGE_SIZE` on what a caller sends is "at most" too: an RPC request of
+/// exactly `MAX_MESSAGE_SIZE` bytes is sent, one byte more refused.
+#[tokio::test]
+async fn an_rpc_request_of_exactly_max_message_size_is_sent_and_one_byte_more_refused() {
+    let uri = format!("memory://request-edge-{}", uuid::Uuid::new_v4());
+    let _silent = silent_service(&uri).await;
+    let config = Config::new("sizer").with_amqp_uri(uri.clone()).with_max_message_size(1024);
+    let client = Client::connect(&config).await.unwrap();
+    let silent = client.service("silent");
+    // the size of the request of a 2000-byte argument tells the size of its envelope
+    let over = refused_size(&silent, &"x".repeat(2000)).await.expect("2000 bytes refused");
+    let fits = 2000 - usize::try_from(over - 1024).unwrap();
+    assert_eq!(refused_size(&silent, &"x".repeat(fits + 1)).await, Some(1025));
+    assert_eq!(refused_size(&silent, &"x".repeat(fits)).await, None, "1024 bytes refused");
+    client.close().await;
 }
 
 /// 300 double quotes: 600 bytes as JSON (Nameko's reply fits in 1024), but the

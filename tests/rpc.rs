@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{broker_uris, config, Probe};
+use common::{broker_uris, config, unique, Probe};
 use micro_framework::amqp::dependencies::RpcProxy;
 use micro_framework::amqp::entrypoints::RPCListener;
 use micro_framework::amqp::rpc::{Args, Client, RpcError};
@@ -18,8 +18,8 @@ use micro_framework::prelude::*;
 use micro_framework::retry::{AsyncBackOff, BackOff};
 use micro_framework::testing::TestService;
 use micro_framework::transport::{
-    BindingSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
-    TransportError,
+    BindingSpec, ExchangeSpec, Headers, OutgoingMessage, PublishOptions, QueueSpec,
+    SharedTransport, TransportError,
 };
 use micro_framework::{CallContext, HeaderValue, Message};
 use serde::Deserialize;
@@ -683,6 +683,84 @@ async fn a_reply_queue_that_replies_no_longer_reach_is_replaced_after_a_timeout(
     client.close().await;
     service.stop().await.unwrap();
     common::cleanup(&uri, &[math]).await;
+}
+
+/// The next request in `queue`, taken: its `reply_to` and `correlation_id`.
+async fn next_request(transport: &SharedTransport, queue: &str) -> (String, String) {
+    for _ in 0..250 {
+        if let Some(request) = transport.get(queue).await.unwrap() {
+            let properties = &request.properties;
+            let reply_to = properties.reply_to.clone().expect("reply_to");
+            let correlation_id = properties.correlation_id.clone().expect("correlation_id");
+            request.acker.ack().await.unwrap();
+            return (reply_to, correlation_id);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no request reached {queue}");
+}
+
+/// A call still waiting on a reply queue the caller retired (its replies stopped reaching it)
+/// gets its reply through the queue set up in its place, bound with the retired queue's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_a_call_on_a_retired_reply_queue_reaches_it_through_the_new_queue() {
+    for uri in broker_uris() {
+        let exchange = unique("retired_rpc");
+        let service = unique("by_hand");
+        let queue = format!("rpc-{service}");
+        let binding = BindingSpec {
+            queue: queue.clone(),
+            exchange: exchange.clone(),
+            routing_key: format!("{service}.*"),
+            arguments: Headers::new(),
+        };
+        // the "service" answers by hand, on a connection of its own
+        let transport = micro_framework::transport::connect(&config(&uri, "by_hand")).await;
+        let transport = transport.unwrap();
+        transport.declare_exchange(&ExchangeSpec::topic(exchange.clone())).await.unwrap();
+        transport.declare_queue(&QueueSpec::durable(queue.clone())).await.unwrap();
+        transport.bind_queue(&binding).await.unwrap();
+        let caller = config(&uri, "caller").with_rpc_exchange(exchange.clone());
+        let client = Client::connect(&caller).await.unwrap();
+        let proxy = client.service(service.clone()).timeout(Duration::from_secs(30));
+        // a call that waits on the first reply queue
+        let waiting = proxy.call_async("slow", (), ()).await.unwrap();
+        let (old_key, correlation_id) = next_request(&transport, &queue).await;
+
+        // the reply path breaks: the exchange declared again, the reply queue's binding gone
+        transport.delete_exchange(&exchange).await.unwrap();
+        transport.declare_exchange(&ExchangeSpec::topic(exchange.clone())).await.unwrap();
+        transport.bind_queue(&binding).await.unwrap();
+        let probe = OutgoingMessage { body: Bytes::from_static(b"{}"), ..Default::default() };
+        let options = PublishOptions { mandatory: true };
+        let routed = transport.publish(&exchange, &old_key, probe, options).await;
+        assert!(routed.is_err(), "{uri}: the reply path is broken: {routed:?}");
+        // a call that times out has the probe find it out and retire the queue (2 s); a call
+        // still waits on it, so it stays
+        let short = proxy.clone().timeout(Duration::from_millis(200));
+        let timed_out = short.call::<Value>("slow", (), ()).await;
+        assert!(matches!(timed_out, Err(RpcError::Timeout { .. })), "{uri}: {timed_out:?}");
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        // the next call sets up a new reply queue
+        let next = proxy.call_async("slow", (), ()).await.unwrap();
+        let _ = next_request(&transport, &queue).await; // the short call's
+        let (new_key, _) = next_request(&transport, &queue).await;
+        assert_ne!(new_key, old_key, "{uri}: a new reply queue");
+
+        // the service answers the first call now, to the reply_to it was given
+        let mut properties = micro_framework::data::json_properties();
+        properties.correlation_id = Some(correlation_id);
+        let body = json_body(&json!({"result": 42, "error": null}));
+        let reply = OutgoingMessage { body, properties };
+        transport.publish(&exchange, &old_key, reply, PublishOptions::default()).await.unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), waiting.result::<u64>()).await;
+
+        drop(next);
+        client.close().await;
+        transport.close().await;
+        common::cleanup(&uri, &[exchange, service]).await;
+        assert!(matches!(answered, Ok(Ok(42))), "{uri}: {answered:?}");
+    }
 }
 
 /// A reply queue whose consumer ended for good (here the queue was deleted behind the

@@ -110,6 +110,22 @@ async fn targets_answer_micro_framework_callers() {
     }
 }
 
+/// `list_targets` is a micro-framework command: under the Nameko protocol it fails at once
+/// with `MethodNotFound` naming the protocol to use, sending no request.
+#[tokio::test]
+async fn list_targets_under_the_nameko_protocol_says_to_switch_protocol() {
+    for uri in broker_uris() {
+        let client = Client::connect(&config(&uri, "lister")).await.unwrap();
+        let listed = client.service(common::unique("nobody")).list_targets().await;
+        assert!(
+            matches!(&listed, Err(RpcError::MethodNotFound(reason))
+                if reason.contains("Protocol::MicroFramework")),
+            "{uri}: {listed:?}"
+        );
+        client.close().await;
+    }
+}
+
 #[tokio::test]
 async fn one_service_answers_both_protocols() {
     for uri in broker_uris() {
