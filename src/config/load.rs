@@ -343,18 +343,20 @@ pub(super) fn from_text(
     origin: &str,
     vars: &impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let mut document = match format {
+    let document = match format {
         Format::Yaml => parse_yaml(text, origin)?,
         Format::Toml => parse_toml(text, origin)?,
     };
-    substitute_values(&mut document, vars)?;
-    let map = match document {
+    let mut map = match document {
         Value::Object(map) => map,
         Value::Null => Map::new(),
         _ => {
             return Err(ConfigError::new(origin, "", "expected a mapping of keys at the top level"))
         }
     };
+    for (key, value) in map.iter_mut() {
+        substitute_values(value, key, vars)?;
+    }
     from_map(map)
 }
 
