@@ -344,7 +344,7 @@ pub(super) fn from_text(
     vars: &impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
     let document = match format {
-        Format::Yaml => parse_yaml(text, origin)?,
+        Format::Yaml => super::yaml::parse(text, origin)?,
         Format::Toml => parse_toml(text, origin)?,
     };
     let mut map = match document {
@@ -358,15 +358,6 @@ pub(super) fn from_text(
         substitute_values(value, key, vars)?;
     }
     from_map(map)
-}
-
-/// Parses YAML text into a JSON value, with merge keys (`<<: *base`) applied as PyYAML
-/// applies them: files shared with the Python peers use them for per-environment settings.
-fn parse_yaml(text: &str, origin: &str) -> Result<Value, ConfigError> {
-    let refused = |err: serde_yaml_ng::Error| ConfigError::new(origin, "", err.to_string());
-    let mut document: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(refused)?;
-    document.apply_merge().map_err(refused)?;
-    serde_json::to_value(document).map_err(|err| ConfigError::new(origin, "", err.to_string()))
 }
 
 /// Parses TOML text into a JSON value. The error gives the parser's message and position,

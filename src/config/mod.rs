@@ -84,6 +84,7 @@ mod tests;
 mod unknown_key;
 pub(crate) mod uri_list;
 mod validate;
+mod yaml;
 
 pub use error::{mask_uri, ConfigError};
 pub(crate) use load::process_env;
