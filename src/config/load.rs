@@ -311,6 +311,19 @@ pub(crate) fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
     Ok(vars)
 }
 
+/// The process environment's variable `name`, for a `${NAME}` of a file. One set but not
+/// UTF-8 is refused, not taken as unset (which would take its default silently); its value,
+/// often a password, is not shown.
+pub(super) fn process_var(name: &str) -> Result<Option<String>, ConfigError> {
+    match std::env::var(name) {
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(ConfigError::new(name, "", "is not valid UTF-8 (used in config file)"))
+        }
+    }
+}
+
 /// The format of a configuration file.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Format {
@@ -341,7 +354,7 @@ pub(super) fn from_text(
     text: &str,
     format: Format,
     origin: &str,
-    vars: &impl Fn(&str) -> Option<String>,
+    vars: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
 ) -> Result<Config, ConfigError> {
     let document = match format {
         Format::Yaml => super::yaml::parse(text, origin)?,

@@ -14,7 +14,7 @@ use super::ConfigError;
 pub(super) fn substitute_values(
     value: &mut Value,
     key: &str,
-    lookup: &impl Fn(&str) -> Option<String>,
+    lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
 ) -> Result<(), ConfigError> {
     match value {
         Value::String(text) => *text = substitute(text, key, lookup)?,
@@ -44,12 +44,13 @@ pub(super) fn substitute_values(
 /// lone `$`, `${` not followed by a name, `${not a name}`) is kept as is.
 ///
 /// # Errors
-/// `${NAME}` without default whose variable `lookup` does not know: the error's key is
-/// `NAME`. A reference without its closing `}`: the error's key is `key`.
+/// `lookup`'s error (a variable set but not UTF-8); `${NAME}` without default whose
+/// variable `lookup` does not know: the error's key is `NAME`. A reference without its
+/// closing `}`: the error's key is `key`.
 fn substitute(
     text: &str,
     key: &str,
-    lookup: &impl Fn(&str) -> Option<String>,
+    lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
 ) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -83,9 +84,9 @@ fn resolve(
     name: &str,
     default: Option<&str>,
     key: &str,
-    lookup: &impl Fn(&str) -> Option<String>,
+    lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
 ) -> Result<String, ConfigError> {
-    match (lookup(name), default) {
+    match (lookup(name)?, default) {
         (Some(value), _) => Ok(value),
         (None, Some(default)) => substitute(default, key, lookup),
         (None, None) => {
@@ -153,13 +154,14 @@ fn is_variable_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::substitute;
+    use crate::config::ConfigError;
 
-    fn lookup(name: &str) -> Option<String> {
-        match name {
+    fn lookup(name: &str) -> Result<Option<String>, ConfigError> {
+        Ok(match name {
             "HOST" => Some("rabbit".to_string()),
             "EMPTY" => Some(String::new()),
             _ => None,
-        }
+        })
     }
 
     fn run(text: &str) -> String {
