@@ -356,21 +356,26 @@ pub(super) fn from_text(
     origin: &str,
     vars: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
 ) -> Result<Config, ConfigError> {
-    let document = match format {
-        Format::Yaml => super::yaml::parse(text, origin)?,
-        Format::Toml => parse_toml(text, origin)?,
-    };
-    let mut map = match document {
-        Value::Object(map) => map,
-        Value::Null => Map::new(),
-        _ => {
-            return Err(ConfigError::new(origin, "", "expected a mapping of keys at the top level"))
+    let map = match format {
+        Format::Yaml => top_level(super::yaml::parse(text, origin, vars)?, origin)?,
+        Format::Toml => {
+            let mut map = top_level(parse_toml(text, origin)?, origin)?;
+            for (key, value) in map.iter_mut() {
+                substitute_values(value, key, vars)?;
+            }
+            map
         }
     };
-    for (key, value) in map.iter_mut() {
-        substitute_values(value, key, vars)?;
-    }
     from_map(map)
+}
+
+/// The mapping at the top level of a document (an empty document is an empty mapping).
+fn top_level(document: Value, origin: &str) -> Result<Map<String, Value>, ConfigError> {
+    match document {
+        Value::Object(map) => Ok(map),
+        Value::Null => Ok(Map::new()),
+        _ => Err(ConfigError::new(origin, "", "expected a mapping of keys at the top level")),
+    }
 }
 
 /// Parses TOML text into a JSON value. The error gives the parser's message and position,

@@ -47,7 +47,7 @@ pub(super) fn substitute_values(
 /// `lookup`'s error (a variable set but not UTF-8); `${NAME}` without default whose
 /// variable `lookup` does not know: the error's key is `NAME`. A reference without its
 /// closing `}`: the error's key is `key`.
-fn substitute(
+pub(super) fn substitute(
     text: &str,
     key: &str,
     lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
