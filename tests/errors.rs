@@ -97,7 +97,7 @@ async fn refused_credentials_stop_the_start_at_once() {
 
 #[tokio::test]
 async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
-    // a valid URI (the configuration accepts it) with an option the transport cannot use
+    // an option the transport cannot use: refused with the configuration, naming the key
     let bad_uri = Config::new(unique("bad_uri"))
         .with_amqp_uri("amqp://guest:guest@127.0.0.1:1/?heartbeat=often".into());
     let stop = tokio::time::sleep(Duration::from_secs(60));
@@ -108,7 +108,7 @@ async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
     .await
     .expect("start-up must fail, not retry");
     let error = outcome.expect_err("refused");
-    assert!(matches!(error, Error::Transport(TransportError::InvalidUri(_))), "{error:?}");
+    assert!(matches!(&error, Error::Config(e) if e.key == "AMQP_URI"), "{error:?}");
 
     // nothing listens on that port: an unreadable CA file is refused before connecting
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -124,6 +124,29 @@ async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
     .expect("start-up must fail, not retry");
     let error = outcome.expect_err("refused");
     assert!(matches!(error, Error::Transport(TransportError::Tls(_))), "{error:?}");
+}
+
+/// What validation (so the start and `show-config`) accepts, the connect takes: the
+/// in-process broker's scheme in any case and after blanks; a URI the transport would refuse
+/// (no host, a bad option, a frame_max below AMQP's minimum, port 0) is refused up front,
+/// naming `AMQP_URI`.
+#[tokio::test]
+async fn amqp_uris_the_config_accepts_are_uris_the_transport_takes() {
+    for uri in [" memory://validated-alike", "MEMORY://validated-alike"] {
+        let config = Config::new("s").with_amqp_uri(uri.to_owned());
+        assert_eq!(config.validate(), Ok(()), "{uri:?}");
+        let transport = micro_framework::transport::connect(&config).await;
+        transport.unwrap_or_else(|error| panic!("{uri:?}: {error}")).close().await;
+    }
+    for uri in [
+        "amqp://",
+        "amqp://guest:guest@127.0.0.1:5672/?heartbeat=abc",
+        "amqp://guest:guest@127.0.0.1:5672/?frame_max=1",
+        "amqp://guest:guest@127.0.0.1:0/",
+    ] {
+        let refused = Config::new("s").with_amqp_uri(uri.to_owned()).validate();
+        assert_eq!(refused.map_err(|error| error.key), Err("AMQP_URI".to_owned()), "{uri:?}");
+    }
 }
 
 #[tokio::test]
@@ -310,9 +333,9 @@ async fn a_route_with_an_empty_name_stops_the_start_saying_so() {
 #[tokio::test]
 async fn a_route_given_two_entrypoints_stops_the_start_saying_so() {
     let uri = format!("memory://{}", unique("two_entrypoints"));
-    let route = Route::new(noop).entrypoint(EventListener::new("shop", "paid")).entrypoint(
-        micro_framework::amqp::entrypoints::RPCListener::new(),
-    );
+    let route = Route::new(noop)
+        .entrypoint(EventListener::new("shop", "paid"))
+        .entrypoint(micro_framework::amqp::entrypoints::RPCListener::new());
     let error = Runner::new(vec![route], config(&uri, "twice")).spawn().await.unwrap_err();
     assert!(matches!(error, Error::Startup(_)), "{error:?}");
     assert_eq!(

@@ -927,7 +927,7 @@ fn an_empty_rpc_exchange_is_refused() {
 
 #[test]
 fn amqp_uri_validation() {
-    for uri in ["amqp://localhost", "amqps://u:p@h:5671/v", "memory://", "amqp://"] {
+    for uri in ["amqp://localhost", "amqps://u:p@h:5671/v", "memory://", " MEMORY://x"] {
         assert_eq!(Config::new("s").with_amqp_uri(uri.to_string()).validate(), Ok(()));
     }
     let expected = "expected an amqp://, amqps:// or memory:// URI";
@@ -1454,6 +1454,22 @@ fn a_zero_connection_timeout_is_refused() {
         .with_amqp_uri("amqp://h/?connection_timeout=1".into())
         .validate()
         .is_ok());
+}
+
+#[test]
+fn amqp_uris_the_transport_would_refuse_are_refused_naming_the_key() {
+    for (uri, reason) in [
+        ("amqp://", "has no host: write the broker's, e.g. amqp://localhost/"),
+        ("amqp://u:p@h/?heartbeat=abc", "bad heartbeat 'abc'"),
+        ("amqp://u:p@h/?frame_max=1", "frame_max 1 is below AMQP's minimum of 4096"),
+        ("amqp://u:p@h:0/", "port 0: expected a port from 1 to 65535"),
+        ("amqp://a/,amqp://b/?heartbeat=x", "entry 2 of AMQP_URI: bad heartbeat 'x'"),
+    ] {
+        let refused = ok_or_refusal(Config::new("s").with_amqp_uri(uri.into()));
+        assert_eq!((refused.key.as_str(), refused.reason.as_str()), ("AMQP_URI", reason));
+    }
+    let smallest = Config::new("s").with_amqp_uri("amqp://h/?frame_max=4096".into());
+    assert_eq!(smallest.validate(), Ok(()));
 }
 
 fn ok_or_refusal(config: Config) -> ConfigError {
