@@ -126,6 +126,31 @@ async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
     assert!(matches!(error, Error::Transport(TransportError::Tls(_))), "{error:?}");
 }
 
+/// A CA file that holds no certificate (here a key, a swapped file) stops the start at once,
+/// naming the key and the file: it was taken as no CA, and the handshake failed later with
+/// `UnknownIssuer`, as if the broker's certificate were wrong.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn a_ca_file_without_a_certificate_stops_the_start_naming_it() {
+    let path = std::env::temp_dir().join(format!("{}.pem", unique("ca_is_a_key")));
+    std::fs::write(&path, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = Config::new(unique("ca_is_a_key"))
+        .with_amqp_uri(format!("amqps://guest:guest@127.0.0.1:{port}/"))
+        .with_amqp_ssl_ca_file(Some(path.display().to_string()));
+    let stop = tokio::time::sleep(Duration::from_secs(60));
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        Runner::new(listener_routes(), config).run_until(stop),
+    )
+    .await
+    .expect("start-up must fail, not retry");
+    std::fs::remove_file(&path).ok();
+    let error = outcome.expect_err("refused");
+    let expected = format!("AMQP_SSL_CA_FILE {} holds no certificate (PEM)", path.display());
+    assert!(error.to_string().contains(&expected), "{error}");
+}
+
 /// What validation (so the start and `show-config`) accepts, the connect takes: the
 /// in-process broker's scheme in any case and after blanks; a URI the transport would refuse
 /// (no host, a bad option, a frame_max below AMQP's minimum, port 0) is refused up front,
