@@ -97,7 +97,7 @@ async fn refused_credentials_stop_the_start_at_once() {
 
 #[tokio::test]
 async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
-    // a valid URI (the configuration accepts it) with an option the transport cannot use
+    // an option the transport cannot use: refused with the configuration, naming the key
     let bad_uri = Config::new(unique("bad_uri"))
         .with_amqp_uri("amqp://guest:guest@127.0.0.1:1/?heartbeat=often".into());
     let stop = tokio::time::sleep(Duration::from_secs(60));
@@ -108,7 +108,7 @@ async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
     .await
     .expect("start-up must fail, not retry");
     let error = outcome.expect_err("refused");
-    assert!(matches!(error, Error::Transport(TransportError::InvalidUri(_))), "{error:?}");
+    assert!(matches!(&error, Error::Config(e) if e.key == "AMQP_URI"), "{error:?}");
 
     // nothing listens on that port: an unreadable CA file is refused before connecting
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -124,6 +124,54 @@ async fn a_bad_uri_or_tls_file_stops_the_start_at_once() {
     .expect("start-up must fail, not retry");
     let error = outcome.expect_err("refused");
     assert!(matches!(error, Error::Transport(TransportError::Tls(_))), "{error:?}");
+}
+
+/// A CA file that holds no certificate (here a key, a swapped file) stops the start at once,
+/// naming the key and the file: it was taken as no CA, and the handshake failed later with
+/// `UnknownIssuer`, as if the broker's certificate were wrong.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn a_ca_file_without_a_certificate_stops_the_start_naming_it() {
+    let path = std::env::temp_dir().join(format!("{}.pem", unique("ca_is_a_key")));
+    std::fs::write(&path, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = Config::new(unique("ca_is_a_key"))
+        .with_amqp_uri(format!("amqps://guest:guest@127.0.0.1:{port}/"))
+        .with_amqp_ssl_ca_file(Some(path.display().to_string()));
+    let stop = tokio::time::sleep(Duration::from_secs(60));
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        Runner::new(listener_routes(), config).run_until(stop),
+    )
+    .await
+    .expect("start-up must fail, not retry");
+    std::fs::remove_file(&path).ok();
+    let error = outcome.expect_err("refused");
+    let expected = format!("AMQP_SSL_CA_FILE {} holds no certificate (PEM)", path.display());
+    assert!(error.to_string().contains(&expected), "{error}");
+}
+
+/// What validation (so the start and `show-config`) accepts, the connect takes: the
+/// in-process broker's scheme in any case and after blanks; a URI the transport would refuse
+/// (no host, a bad option, a frame_max below AMQP's minimum, port 0) is refused up front,
+/// naming `AMQP_URI`.
+#[tokio::test]
+async fn amqp_uris_the_config_accepts_are_uris_the_transport_takes() {
+    for uri in [" memory://validated-alike", "MEMORY://validated-alike"] {
+        let config = Config::new("s").with_amqp_uri(uri.to_owned());
+        assert_eq!(config.validate(), Ok(()), "{uri:?}");
+        let transport = micro_framework::transport::connect(&config).await;
+        transport.unwrap_or_else(|error| panic!("{uri:?}: {error}")).close().await;
+    }
+    for uri in [
+        "amqp://",
+        "amqp://guest:guest@127.0.0.1:5672/?heartbeat=abc",
+        "amqp://guest:guest@127.0.0.1:5672/?frame_max=1",
+        "amqp://guest:guest@127.0.0.1:0/",
+    ] {
+        let refused = Config::new("s").with_amqp_uri(uri.to_owned()).validate();
+        assert_eq!(refused.map_err(|error| error.key), Err("AMQP_URI".to_owned()), "{uri:?}");
+    }
 }
 
 #[tokio::test]

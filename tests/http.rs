@@ -1285,6 +1285,18 @@ async fn the_service_refuses_two_of_its_servers_on_one_port_naming_both_keys() {
     let config = config.with_web_server_address(format!("127.0.0.1:{port}"));
     let error = Runner::new(routes(), config.clone()).spawn().await.unwrap_err();
     assert!(error.to_string().contains("give one of them another port"), "{error}");
+    // one address spelt as a name and as the address the name resolves to first (the one a
+    // bind takes) clashes too
+    let named = MetricsConfig { host: "localhost".into(), port };
+    let resolved = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", port))
+        .expect("localhost resolves")
+        .next()
+        .expect("an address");
+    let spelt_twice =
+        config.clone().with_metrics(named).with_web_server_address(resolved.to_string());
+    let error = Runner::new(routes(), spelt_twice).spawn().await.unwrap_err();
+    assert!(error.to_string().contains("WEB_SERVER_ADDRESS"), "{error}");
+    assert!(error.to_string().contains("give one of them another port"), "{error}");
     // no HTTP route, no HTTP server: metrics alone on the port start
     let config = config.with_web_server_address(format!("0.0.0.0:{port}"));
     let alone = vec![Route::new(noop_event).entrypoint(EventListener::new(unique("src"), "e"))];

@@ -1,6 +1,9 @@
 //! Validation of `AMQP_URI`: one broker URI, or a comma-separated list of the nodes of one
 //! RabbitMQ cluster (same vhost, same credentials).
 
+use std::num::{IntErrorKind, ParseIntError};
+use std::str::FromStr;
+
 use percent_encoding::percent_decode_str;
 use url::Url;
 
@@ -12,10 +15,13 @@ const KEY: &str = "AMQP_URI";
 /// The URI schemes `AMQP_URI` may use (`memory` is the in-process test broker).
 const SCHEMES: [&str; 3] = ["amqp", "amqps", "memory"];
 
+/// The start of an in-process broker's URI.
+const MEMORY: &str = "memory://";
+
 const EXPECTED: &str = "expected an amqp://, amqps:// or memory:// URI";
 
 /// The query options of an `amqp://` or `amqps://` URI that the RabbitMQ transport reads
-/// (`transport::rabbitmq::uri`); any other is named at start-up.
+/// ([`read_broker`]); any other is named at start-up.
 pub(crate) const READ_OPTIONS: [&str; 4] =
     ["heartbeat", "frame_max", "channel_max", "connection_timeout"];
 
@@ -69,7 +75,7 @@ pub(super) fn validate(raw: &str) -> Result<(), ConfigError> {
     let entries = entries(raw);
     if entries.len() == 1 {
         parse(raw).map_err(|reason| ConfigError::new(KEY, raw, reason.text("")))?;
-        return no_zero_connection_timeout(raw);
+        return readable_by_the_transport(raw);
     }
     // Every entry is checked to be there and to look like a URI before any is shown: with
     // a comma in a password, the first piece would show the start of the password.
@@ -99,20 +105,138 @@ pub(super) fn validate(raw: &str) -> Result<(), ConfigError> {
         urls.push(url);
     }
     same_cluster(&entries, &urls).map_err(|reason| ConfigError::new(KEY, raw, reason))?;
-    no_zero_connection_timeout(raw)
+    readable_by_the_transport(raw)
 }
 
-/// Refuses `?connection_timeout=0`: every connection attempt would time out at once, the
-/// broker up or not, and the service wait for it for ever.
-fn no_zero_connection_timeout(raw: &str) -> Result<(), ConfigError> {
-    for url in broker_entries(raw) {
-        let timeout = url.query_pairs().find(|(name, _)| name == "connection_timeout");
-        if timeout.is_some_and(|(_, value)| value.trim().parse::<u64>() == Ok(0)) {
-            let reason = "connection_timeout=0: it must be at least 1 (milliseconds)";
+/// Refuses what the RabbitMQ transport would refuse at connect ([`read_broker`]: no host,
+/// port 0, a bad option), so that the start and `show-config` name `AMQP_URI` at once.
+fn readable_by_the_transport(raw: &str) -> Result<(), ConfigError> {
+    let entries = entries(raw);
+    for (index, entry) in entries.iter().enumerate() {
+        if memory_uri(entry).is_some() {
+            continue;
+        }
+        if let Err(why) = read_broker(entry) {
+            let reason = match entries.len() {
+                1 => why,
+                _ => format!("entry {} of {KEY}: {why}", index + 1),
+            };
             return Err(ConfigError::new(KEY, raw, reason));
         }
     }
     Ok(())
+}
+
+/// `uri` as `memory://...` when its scheme is `memory` in any case, blanks around it
+/// removed: the in-process broker's URI as validation reads it.
+pub(crate) fn memory_uri(uri: &str) -> Option<String> {
+    let uri = uri.trim();
+    let (scheme, rest) = (uri.get(..MEMORY.len())?, uri.get(MEMORY.len()..)?);
+    scheme.eq_ignore_ascii_case(MEMORY).then(|| format!("{MEMORY}{rest}"))
+}
+
+/// An `amqp://` or `amqps://` URI as the RabbitMQ transport connects to it.
+pub(crate) struct Broker {
+    /// `amqps://`.
+    pub(crate) tls: bool,
+    /// The host, without the brackets of an IPv6 address.
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// Decoded; `guest` when absent.
+    pub(crate) username: String,
+    /// Decoded; `guest` when absent.
+    pub(crate) password: String,
+    /// Decoded; `/` for an empty path.
+    pub(crate) vhost: String,
+    pub(crate) heartbeat: Option<u16>,
+    pub(crate) frame_max: Option<u32>,
+    pub(crate) channel_max: Option<u16>,
+    /// Milliseconds, at least 1.
+    pub(crate) connection_timeout: Option<u64>,
+}
+
+/// AMQP's smallest `frame_max` (0-9-1, 4.2.3): a broker refuses a connection proposing less.
+const MIN_FRAME_MAX: u32 = 4096;
+
+/// Reads one `amqp://` or `amqps://` URI; the reason it cannot be connected to otherwise.
+/// Validation and the transport both read it here, so neither accepts what the other
+/// refuses.
+pub(crate) fn read_broker(uri: &str) -> Result<Broker, String> {
+    let url = Url::parse(uri).map_err(|err| err.to_string())?;
+    let tls = match url.scheme() {
+        "amqp" => false,
+        "amqps" => true,
+        other => return Err(format!("unsupported scheme '{other}'")),
+    };
+    let host = match url.host_str() {
+        Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']'),
+        _ => return Err("has no host: write the broker's, e.g. amqp://localhost/".to_owned()),
+    };
+    let port = url.port().unwrap_or(if tls { 5671 } else { 5672 });
+    if port == 0 {
+        return Err("port 0: expected a port from 1 to 65535".to_owned());
+    }
+    let path = url.path().strip_prefix('/').unwrap_or(url.path());
+    let vhost = if path.is_empty() { "/".to_owned() } else { decode(path) };
+    if vhost.len() > 255 {
+        // AMQP sends it as a short string; lapin would panic on a longer one.
+        return Err(format!("vhost of {} bytes (AMQP allows at most 255 bytes)", vhost.len()));
+    }
+    let (username, password) = credentials(&url);
+    let mut broker = Broker {
+        tls,
+        host: host.to_owned(),
+        port,
+        username,
+        password,
+        vhost,
+        heartbeat: None,
+        frame_max: None,
+        channel_max: None,
+        connection_timeout: None,
+    };
+    read_options(&url, &mut broker)?;
+    Ok(broker)
+}
+
+/// Reads the options of [`READ_OPTIONS`] from the query of `url` into `broker`.
+fn read_options(url: &Url, broker: &mut Broker) -> Result<(), String> {
+    for (key, value) in url.query_pairs() {
+        let value = value.as_ref();
+        match key.as_ref() {
+            "heartbeat" => broker.heartbeat = Some(number("heartbeat", value)?),
+            "frame_max" => {
+                let frame_max = number("frame_max", value)?;
+                if (1..MIN_FRAME_MAX).contains(&frame_max) {
+                    return Err(format!(
+                        "frame_max {frame_max} is below AMQP's minimum of {MIN_FRAME_MAX}"
+                    ));
+                }
+                broker.frame_max = Some(frame_max);
+            }
+            "channel_max" => broker.channel_max = Some(number("channel_max", value)?),
+            "connection_timeout" => {
+                let timeout = number("connection_timeout", value)?;
+                if timeout == 0 {
+                    // every attempt would time out at once, the broker up or not
+                    return Err("connection_timeout=0: it must be at least 1 (milliseconds)".into());
+                }
+                broker.connection_timeout = Some(timeout);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The number `value` of the query option `what`. Too large for its field is an error: 0
+/// means "off" (heartbeat) or "no limit" (frame_max, channel_max) in AMQP, so it must not
+/// stand in for a number too big to send.
+fn number<T: FromStr<Err = ParseIntError>>(what: &str, value: &str) -> Result<T, String> {
+    value.parse::<T>().map_err(|error| match error.kind() {
+        IntErrorKind::PosOverflow => format!("{what} {value} is too large for AMQP ({error})"),
+        _ => format!("bad {what} '{value}'"),
+    })
 }
 
 /// `entry`, masked, when showing it cannot show a piece of a password. An entry that does

@@ -311,6 +311,19 @@ pub(crate) fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
     Ok(vars)
 }
 
+/// The process environment's variable `name`, for a `${NAME}` of a file. One set but not
+/// UTF-8 is refused, not taken as unset (which would take its default silently); its value,
+/// often a password, is not shown.
+pub(super) fn process_var(name: &str) -> Result<Option<String>, ConfigError> {
+    match std::env::var(name) {
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(ConfigError::new(name, "", "is not valid UTF-8 (used in config file)"))
+        }
+    }
+}
+
 /// The format of a configuration file.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Format {
@@ -341,30 +354,28 @@ pub(super) fn from_text(
     text: &str,
     format: Format,
     origin: &str,
-    vars: &impl Fn(&str) -> Option<String>,
+    vars: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
 ) -> Result<Config, ConfigError> {
-    let mut document = match format {
-        Format::Yaml => parse_yaml(text, origin)?,
-        Format::Toml => parse_toml(text, origin)?,
-    };
-    substitute_values(&mut document, vars)?;
-    let map = match document {
-        Value::Object(map) => map,
-        Value::Null => Map::new(),
-        _ => {
-            return Err(ConfigError::new(origin, "", "expected a mapping of keys at the top level"))
+    let map = match format {
+        Format::Yaml => top_level(super::yaml::parse(text, origin, vars)?, origin)?,
+        Format::Toml => {
+            let mut map = top_level(parse_toml(text, origin)?, origin)?;
+            for (key, value) in map.iter_mut() {
+                substitute_values(value, key, vars)?;
+            }
+            map
         }
     };
     from_map(map)
 }
 
-/// Parses YAML text into a JSON value, with merge keys (`<<: *base`) applied as PyYAML
-/// applies them: files shared with the Python peers use them for per-environment settings.
-fn parse_yaml(text: &str, origin: &str) -> Result<Value, ConfigError> {
-    let refused = |err: serde_yaml_ng::Error| ConfigError::new(origin, "", err.to_string());
-    let mut document: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(refused)?;
-    document.apply_merge().map_err(refused)?;
-    serde_json::to_value(document).map_err(|err| ConfigError::new(origin, "", err.to_string()))
+/// The mapping at the top level of a document (an empty document is an empty mapping).
+fn top_level(document: Value, origin: &str) -> Result<Map<String, Value>, ConfigError> {
+    match document {
+        Value::Object(map) => Ok(map),
+        Value::Null => Ok(Map::new()),
+        _ => Err(ConfigError::new(origin, "", "expected a mapping of keys at the top level")),
+    }
 }
 
 /// Parses TOML text into a JSON value. The error gives the parser's message and position,

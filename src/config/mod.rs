@@ -84,6 +84,7 @@ mod tests;
 mod unknown_key;
 pub(crate) mod uri_list;
 mod validate;
+mod yaml;
 
 pub use error::{mask_uri, ConfigError};
 pub(crate) use load::process_env;
@@ -386,15 +387,16 @@ impl Config {
     ///
     /// # Errors
     /// Another extension or an unreadable file (key: the path), a syntax error (key: the
-    /// path), an unset variable without default (key: the variable), a value that does not
-    /// parse, or a configuration that fails [`Config::validate`].
+    /// path), an unset variable without default or a variable that is not UTF-8 (key: the
+    /// variable), a value that does not parse, or a configuration that fails
+    /// [`Config::validate`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let format = Format::of(path)?;
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|err| ConfigError::new(&origin, "", format!("cannot read file: {err}")))?;
-        load::from_text(&text, format, &origin, &|name: &str| std::env::var(name).ok())
+        load::from_text(&text, format, &origin, &load::process_var)
     }
 
     /// Reads YAML text, substituting `${VAR}` and `${VAR:default}` with `vars` in its string
@@ -407,7 +409,7 @@ impl Config {
         text: &str,
         vars: &impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        load::from_text(text, Format::Yaml, "<yaml>", vars)
+        load::from_text(text, Format::Yaml, "<yaml>", &|name: &str| Ok(vars(name)))
     }
 
     /// Reads TOML text like [`Config::from_yaml_str`] (`METRICS` is a table).
@@ -418,7 +420,7 @@ impl Config {
         text: &str,
         vars: &impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        load::from_text(text, Format::Toml, "<toml>", vars)
+        load::from_text(text, Format::Toml, "<toml>", &|name: &str| Ok(vars(name)))
     }
 
     /// The AMQP prefetch count to use: `PREFETCH_COUNT`, or `MAX_WORKERS` (capped at 65535)

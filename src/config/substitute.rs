@@ -6,25 +6,26 @@ use serde_json::Value;
 
 use super::ConfigError;
 
-/// Substitutes the references (see [`substitute`]) in every string of `value`, at any depth;
-/// mapping keys and other scalars are kept.
+/// Substitutes the references (see [`substitute`]) in every string of `value`, found under
+/// `key`, at any depth; mapping keys and other scalars are kept.
 ///
 /// # Errors
-/// As [`substitute`].
+/// As [`substitute`]; an entry of a nested mapping is named `KEY.NAME`.
 pub(super) fn substitute_values(
     value: &mut Value,
-    lookup: &impl Fn(&str) -> Option<String>,
+    key: &str,
+    lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
 ) -> Result<(), ConfigError> {
     match value {
-        Value::String(text) => *text = substitute(text, lookup)?,
+        Value::String(text) => *text = substitute(text, key, lookup)?,
         Value::Array(items) => {
             for item in items {
-                substitute_values(item, lookup)?;
+                substitute_values(item, key, lookup)?;
             }
         }
         Value::Object(entries) => {
-            for item in entries.values_mut() {
-                substitute_values(item, lookup)?;
+            for (name, item) in entries.iter_mut() {
+                substitute_values(item, &format!("{key}.{name}"), lookup)?;
             }
         }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
@@ -32,53 +33,115 @@ pub(super) fn substitute_values(
     Ok(())
 }
 
-/// Replaces every `${NAME}` and `${NAME:default}` in `text` by `lookup(NAME)`, or by
-/// `default` when `lookup` returns `None`.
+/// Replaces every `${NAME}` and `${NAME:default}` in `text` (the value of `key`) by
+/// `lookup(NAME)`, or by `default` when `lookup` returns `None`.
 ///
 /// `NAME` is an ASCII letter or `_` followed by letters, digits and `_`. The default runs
-/// from the first `:` to the next `}`, so it may contain `:` but not `}`; references do not
-/// nest. A variable that is set but empty gives the empty string, not the default. Text that
-/// is not such a reference (a lone `$`, `${` without `}`, `${not a name}`) is kept as is.
+/// from the first `:` to the `}` that closes the reference, braces inside it matched in
+/// pairs, so it may hold `:` and references of its own (`${A:${B:x}}`), substituted when the
+/// default is used, as Nameko (with its `regex` module) reads them. A variable that is set
+/// but empty gives the empty string, not the default. Text that is not such a reference (a
+/// lone `$`, `${` not followed by a name, `${not a name}`) is kept as is.
 ///
 /// # Errors
-/// `${NAME}` without default whose variable `lookup` does not know: the error's key is
-/// `NAME`.
-fn substitute(text: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+/// `lookup`'s error (a variable set but not UTF-8); `${NAME}` without default whose
+/// variable `lookup` does not know: the error's key is `NAME`. A reference without its
+/// closing `}`: the error's key is `key`.
+pub(super) fn substitute(
+    text: &str,
+    key: &str,
+    lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
+) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let Some((name, default, consumed)) = reference(after) else {
-            out.push_str("${");
-            rest = after;
-            continue;
-        };
-        match (lookup(name), default) {
-            (Some(value), _) => out.push_str(&value),
-            (None, Some(default)) => out.push_str(default),
-            (None, None) => {
-                let reason =
-                    format!("environment variable {name} is not set (used in config file)");
-                return Err(ConfigError::new(name, "", reason));
+        match reference(after) {
+            Reference::Not => {
+                out.push_str("${");
+                rest = after;
+            }
+            Reference::Unclosed => {
+                let reason = "has a `${` without its closing `}`: a reference is ${VAR} or \
+                              ${VAR:default}, with the braces of a default in pairs";
+                return Err(ConfigError::new(key, text, reason));
+            }
+            Reference::Found { name, default, length } => {
+                out.push_str(&resolve(name, default, key, lookup)?);
+                rest = &after[length..];
             }
         }
-        rest = &after[consumed..];
     }
     out.push_str(rest);
     Ok(out)
 }
 
-/// Parses `NAME}` or `NAME:default}` at the start of `text` (just after `${`): the name,
-/// the default and how many bytes the reference takes.
-fn reference(text: &str) -> Option<(&str, Option<&str>, usize)> {
-    let end = text.find('}')?;
-    let inner = &text[..end];
-    let (name, default) = match inner.split_once(':') {
-        Some((name, default)) => (name, Some(default)),
-        None => (inner, None),
-    };
-    is_variable_name(name).then_some((name, default, end + 1))
+/// The value of the reference to `name`: the variable's, else its default, itself
+/// substituted (read only when used, so an unset variable in the default of a set one is no
+/// error).
+fn resolve(
+    name: &str,
+    default: Option<&str>,
+    key: &str,
+    lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
+) -> Result<String, ConfigError> {
+    match (lookup(name)?, default) {
+        (Some(value), _) => Ok(value),
+        (None, Some(default)) => substitute(default, key, lookup),
+        (None, None) => {
+            let reason = format!("environment variable {name} is not set (used in config file)");
+            Err(ConfigError::new(name, "", reason))
+        }
+    }
+}
+
+/// What follows a `${`.
+enum Reference<'a> {
+    /// No variable name: the text is kept as is.
+    Not,
+    /// A name, then no closing `}`.
+    Unclosed,
+    /// `NAME}` or `NAME:default}`, taking `length` bytes.
+    Found { name: &'a str, default: Option<&'a str>, length: usize },
+}
+
+/// Parses `NAME}` or `NAME:default}` at the start of `text` (just after `${`).
+fn reference(text: &str) -> Reference<'_> {
+    let name_end =
+        text.find(|c: char| !(c == '_' || c.is_ascii_alphanumeric())).unwrap_or(text.len());
+    let name = &text[..name_end];
+    if !is_variable_name(name) {
+        return Reference::Not;
+    }
+    let after_name = &text[name_end..];
+    match after_name.chars().next() {
+        Some('}') => Reference::Found { name, default: None, length: name_end + 1 },
+        Some(':') => match closing_brace(&after_name[1..]) {
+            Some(end) => Reference::Found {
+                name,
+                default: Some(&after_name[1..1 + end]),
+                length: name_end + end + 2,
+            },
+            None => Reference::Unclosed,
+        },
+        None => Reference::Unclosed,
+        Some(_) => Reference::Not,
+    }
+}
+
+/// Where the `}` that ends a default is in `text`, the `{` and `}` before it in pairs.
+fn closing_brace(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (index, c) in text.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => return Some(index),
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Whether `name` can name an environment variable in a reference.
@@ -91,17 +154,18 @@ fn is_variable_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::substitute;
+    use crate::config::ConfigError;
 
-    fn lookup(name: &str) -> Option<String> {
-        match name {
+    fn lookup(name: &str) -> Result<Option<String>, ConfigError> {
+        Ok(match name {
             "HOST" => Some("rabbit".to_string()),
             "EMPTY" => Some(String::new()),
             _ => None,
-        }
+        })
     }
 
     fn run(text: &str) -> String {
-        match substitute(text, &lookup) {
+        match substitute(text, "KEY", &lookup) {
             Ok(out) => out,
             Err(err) => panic!("substitution of {text:?} failed: {err}"),
         }
@@ -133,7 +197,7 @@ mod tests {
 
     #[test]
     fn unset_variable_without_default_is_an_error() {
-        let err = substitute("a: ${NOPE}", &lookup).err();
+        let err = substitute("a: ${NOPE}", "KEY", &lookup).err();
         let err = err.map(|err| (err.key.clone(), err.to_string()));
         assert_eq!(
             err,

@@ -529,6 +529,37 @@ fn unset_variable_without_default() {
     }
 }
 
+#[test]
+fn a_nested_reference_takes_its_inner_default_as_nameko_reads_it() {
+    let yaml = "SERVICE_NAME: ${NAME:${DEFAULT_NAME:orders}}\n";
+    assert_eq!(ok(Config::from_yaml_str(yaml, &no_env)).service_name, "orders");
+    let yaml = "SERVICE_NAME: ${NAME:${SVC:orders}}\n";
+    assert_eq!(ok(Config::from_yaml_str(yaml, &env)).service_name, "billing");
+    // the default of a set variable is not read: its unset reference is no error
+    let yaml = "SERVICE_NAME: ${SVC:${NOT_SET}}\n";
+    assert_eq!(ok(Config::from_yaml_str(yaml, &env)).service_name, "billing");
+    let toml = "SERVICE_NAME = 's'\nSHOP_URL = '${SHOP_URL:http://${SHOP_HOST:shop}:80/}'\n\
+                SHOP_JSON = '${SHOP_JSON:{\"a\": {\"b\": 1}}}'\n";
+    let config = ok(Config::from_toml_str(toml, &no_env));
+    assert_eq!(config.extra["SHOP_URL"], json!("http://shop:80/"));
+    // braces in a default are matched, as Nameko matches them
+    assert_eq!(config.extra["SHOP_JSON"], json!("{\"a\": {\"b\": 1}}"));
+}
+
+#[test]
+fn an_unclosed_reference_is_refused_naming_its_key() {
+    for yaml in [
+        "SERVICE_NAME: s\nSHOP_URL: '${SHOP_URL:http://${SHOP_HOST:shop}:80/'\n",
+        "SERVICE_NAME: s\nSHOP_URL: 'http://${SHOP_HOST'\n",
+    ] {
+        let e = yaml_err(yaml);
+        assert_eq!(e.key, "SHOP_URL", "{yaml}");
+        assert!(e.reason.contains("`${` without its closing `}`"), "{e}");
+    }
+    let e = yaml_err("SERVICE_NAME: s\nDB:\n  HOSTS: ['${DB_HOST:{a}']\n");
+    assert_eq!(e.key, "DB.HOSTS");
+}
+
 // ---------------------------------------------------------------- from_file
 
 /// A file in the temporary directory, removed on drop.
@@ -589,6 +620,26 @@ fn from_file_errors() {
     let e = err(Config::from_file(&file.0));
     assert_eq!(e.key, UNSET);
     assert_eq!(e.reason, format!("environment variable {UNSET} is not set (used in config file)"));
+}
+
+/// A variable set but not UTF-8 is no unset variable: it is refused, as `Config::from_env`
+/// refuses a configuration variable, and its value (maybe a password) is not shown.
+#[cfg(unix)]
+#[test]
+fn a_substituted_variable_that_is_not_utf8_is_refused_naming_it() {
+    use std::os::unix::ffi::OsStrExt;
+    let name = format!("CONFIG_SCRATCH_NOT_UTF8_{}", std::process::id());
+    std::env::set_var(&name, std::ffi::OsStr::from_bytes(b"s3cr\xffet"));
+    let with_default =
+        TempFile::new("i.yaml", &format!("SERVICE_NAME: s\nSHOP_PASSWORD: ${{{name}:guest}}\n"));
+    let plain = TempFile::new("j.yaml", &format!("SERVICE_NAME: s\nSHOP_PASSWORD: ${{{name}}}\n"));
+    let results = [Config::from_file(&with_default.0), Config::from_file(&plain.0)];
+    std::env::remove_var(&name);
+    for result in results {
+        let e = err(result);
+        assert_eq!((e.key.as_str(), e.value.as_str()), (name.as_str(), ""));
+        assert_eq!(e.reason, "is not valid UTF-8 (used in config file)");
+    }
 }
 
 // ---------------------------------------------------------------- parse errors
@@ -876,7 +927,7 @@ fn an_empty_rpc_exchange_is_refused() {
 
 #[test]
 fn amqp_uri_validation() {
-    for uri in ["amqp://localhost", "amqps://u:p@h:5671/v", "memory://", "amqp://"] {
+    for uri in ["amqp://localhost", "amqps://u:p@h:5671/v", "memory://", " MEMORY://x"] {
         assert_eq!(Config::new("s").with_amqp_uri(uri.to_string()).validate(), Ok(()));
     }
     let expected = "expected an amqp://, amqps:// or memory:// URI";
@@ -1288,6 +1339,56 @@ fn a_service_name_too_long_for_a_reply_queue_is_refused() {
 }
 
 #[test]
+fn yaml_non_finite_numbers_are_refused_naming_key_and_value() {
+    for (key, value, shown) in [
+        ("TASK_TIME_LIMIT", "-.inf", "-inf"),
+        ("TASK_TIME_LIMIT", ".nan", "NaN"),
+        ("PREFETCH_COUNT", ".nan", "NaN"),
+        ("MAX_TASKS_PER_CHILD", ".inf", "inf"),
+        ("RPC_TIMEOUT", ".inf", "inf"),
+    ] {
+        let e = yaml_err(&format!("SERVICE_NAME: s\n{key}: {value}\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), (key, shown), "{e}");
+    }
+    // an application's key keeps it as text, as from TOML
+    let config = ok(Config::from_yaml_str("SERVICE_NAME: s\nSHOP_RATIO: -.inf\n", &no_env));
+    assert_eq!(config.extra["SHOP_RATIO"], json!("-inf"));
+}
+
+#[test]
+fn nameko_env_var_tags_are_applied_as_nameko_applies_them() {
+    let yaml = "SERVICE_NAME: s
+AMQP_URI: !env_var \"amqp://${RABBIT_USER:guest}:guest@localhost:5672/\"
+SHOP_WORKERS: !env_var \"${SHOP_WORKERS:4}\"
+SHOP_FLAG: !env_var \"${SHOP_FLAG:true}\"
+SHOP_RAW_FLAG: !raw_env_var \"${SHOP_FLAG:true}\"
+SHOP_PLAIN: !env_var '4'
+SHOP_LIST: [!env_var '${SVC}']
+";
+    let config = ok(Config::from_yaml_str(yaml, &env));
+    assert_eq!(config.amqp_uri, "amqp://guest:guest@localhost:5672/");
+    // `!env_var` parses what substitution gives as YAML; `!raw_env_var` keeps a string
+    assert_eq!(config.extra["SHOP_WORKERS"], json!(4));
+    assert_eq!(config.extra["SHOP_FLAG"], json!(true));
+    assert_eq!(config.extra["SHOP_RAW_FLAG"], json!("true"));
+    // no reference: Nameko keeps the text as it is
+    assert_eq!(config.extra["SHOP_PLAIN"], json!("4"));
+    assert_eq!(config.extra["SHOP_LIST"], json!(["billing"]));
+}
+
+#[test]
+fn other_yaml_tags_are_refused_naming_key_and_tag() {
+    let e = yaml_err("SERVICE_NAME: s\nSHOP_TOKEN: !vault secret/shop\n");
+    assert_eq!(e.key, "SHOP_TOKEN");
+    assert!(e.reason.contains("!vault") && e.reason.contains("!env_var"), "{e}");
+    let e = yaml_err("SERVICE_NAME: s\nDB:\n  HOST: !host x\n");
+    assert_eq!(e.key, "DB.HOST");
+    let e = yaml_err("SERVICE_NAME: s\nSHOP: !env_var {a: 1}\n");
+    assert_eq!(e.key, "SHOP");
+    assert!(e.reason.contains("!env_var"), "{e}");
+}
+
+#[test]
 fn yaml_merge_keys_are_applied_as_pyyaml_applies_them() {
     // per-environment files shared with the Python peers: `<<: *base`, keys of the mapping
     // itself winning over the merged ones, at any depth
@@ -1353,6 +1454,22 @@ fn a_zero_connection_timeout_is_refused() {
         .with_amqp_uri("amqp://h/?connection_timeout=1".into())
         .validate()
         .is_ok());
+}
+
+#[test]
+fn amqp_uris_the_transport_would_refuse_are_refused_naming_the_key() {
+    for (uri, reason) in [
+        ("amqp://", "has no host: write the broker's, e.g. amqp://localhost/"),
+        ("amqp://u:p@h/?heartbeat=abc", "bad heartbeat 'abc'"),
+        ("amqp://u:p@h/?frame_max=1", "frame_max 1 is below AMQP's minimum of 4096"),
+        ("amqp://u:p@h:0/", "port 0: expected a port from 1 to 65535"),
+        ("amqp://a/,amqp://b/?heartbeat=x", "entry 2 of AMQP_URI: bad heartbeat 'x'"),
+    ] {
+        let refused = ok_or_refusal(Config::new("s").with_amqp_uri(uri.into()));
+        assert_eq!((refused.key.as_str(), refused.reason.as_str()), ("AMQP_URI", reason));
+    }
+    let smallest = Config::new("s").with_amqp_uri("amqp://h/?frame_max=4096".into());
+    assert_eq!(smallest.validate(), Ok(()));
 }
 
 fn ok_or_refusal(config: Config) -> ConfigError {

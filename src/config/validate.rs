@@ -12,7 +12,8 @@ impl Config {
     /// Checks what the types cannot: `SERVICE_NAME` is set, has no whitespace, no `://`, no
     /// topic wildcard (`*`, `#`) and at most 208 bytes, `AMQP_URI` is an `amqp://`,
     /// `amqps://` or `memory://` URI or a list of `amqp(s)://` URIs (none empty, same vhost,
-    /// same credentials), `RPC_EXCHANGE` is neither blank nor padded with whitespace,
+    /// same credentials), each `amqp(s)://` one read as the transport reads it (a host, a
+    /// port other than 0, numeric options, `frame_max` at least 4096), `RPC_EXCHANGE` is neither blank nor padded with whitespace,
     /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
     /// not 0 (and `MAX_WORKERS` at most [`MAX_WORKERS_LIMIT`], `HTTP_MAX_CONNECTIONS` at most
     /// [`MAX_HTTP_CONNECTIONS`]), `MAX_MESSAGE_SIZE` is at least 1, `RPC_TIMEOUT` and

@@ -2,6 +2,8 @@
 //! on one port: the second would fail to bind with only "Address already in use", as if
 //! another process held the port (HTTP and metrics both default to port 8000).
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
+
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pipeline::entrypoint_kind::Kind;
@@ -15,17 +17,31 @@ struct Listener<'a> {
 
 impl Listener<'_> {
     /// Whether `self` and `other` cannot both bind: the same port (0 picks a free one) on
-    /// the same host, or on hosts one of which is a wildcard covering the other.
+    /// the same address, or on addresses one of which is a wildcard covering the other. A
+    /// host is compared as the address it resolves to first, the one a bind tries first
+    /// (`localhost` is `127.0.0.1` here); hosts that do not resolve are compared as written,
+    /// their bind failing with its own error.
     fn clashes_with(&self, other: &Listener<'_>) -> bool {
-        let (a, b) = (unbracketed(&self.host), unbracketed(&other.host));
-        // `::` is dual-stack on Linux: it takes the port on IPv4 too
-        let covers = |wildcard: &str, host: &str| {
-            wildcard == "::" || (wildcard == "0.0.0.0" && !host.contains(':'))
-        };
-        self.port != 0
-            && self.port == other.port
-            && (a.eq_ignore_ascii_case(b) || covers(a, b) || covers(b, a))
+        if self.port == 0 || self.port != other.port {
+            return false;
+        }
+        match (self.address(), other.address()) {
+            (Some(a), Some(b)) => a == b || covers(a, b) || covers(b, a),
+            _ => unbracketed(&self.host).eq_ignore_ascii_case(unbracketed(&other.host)),
+        }
     }
+
+    /// The first address the host resolves to, if it resolves.
+    fn address(&self) -> Option<IpAddr> {
+        let mut addresses = (unbracketed(&self.host), self.port).to_socket_addrs().ok()?;
+        addresses.next().map(|address| address.ip())
+    }
+}
+
+/// Whether a server on `wildcard` takes the port on `address` too: `0.0.0.0` on every IPv4
+/// address, `::` on every address (it is dual-stack on Linux).
+fn covers(wildcard: IpAddr, address: IpAddr) -> bool {
+    wildcard == Ipv6Addr::UNSPECIFIED || (wildcard == Ipv4Addr::UNSPECIFIED && address.is_ipv4())
 }
 
 /// `host` without the brackets of an IPv6 address (`[::1]` is `::1`).
@@ -91,5 +107,19 @@ mod tests {
         assert!(!on("0.0.0.0", 0).clashes_with(&on("0.0.0.0", 0)), "0 picks a free port");
         assert!(!on("127.0.0.1", 8000).clashes_with(&on("10.0.0.5", 8000)));
         assert!(!on("0.0.0.0", 8000).clashes_with(&on("::1", 8000)), "other families");
+    }
+
+    #[test]
+    fn a_host_name_clashes_with_the_address_a_bind_takes_for_it() {
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 8000))
+            .expect("localhost resolves")
+            .next()
+            .expect("an address");
+        let address = resolved.ip().to_string();
+        assert!(on("localhost", 8000).clashes_with(&on(&address, 8000)), "{address}");
+        assert!(on(&address, 8000).clashes_with(&on("LOCALHOST", 8000)), "{address}");
+        // a host that does not resolve is left to the bind's error, but for its own spelling
+        assert!(!on("nowhere.invalid", 8000).clashes_with(&on("127.0.0.1", 8000)));
+        assert!(on("nowhere.invalid", 8000).clashes_with(&on("NOWHERE.invalid", 8000)));
     }
 }

@@ -18,15 +18,17 @@ pub use api::*;
 pub use delivery::{Acker, Consumer, Delivery, LostInFlight};
 pub use error::{ClosedPart, Limit, TransportError};
 
+use crate::config::amqp_uri::memory_uri;
 use crate::config::Config;
 
 /// Connect to the broker `config.amqp_uri` names: `memory://[name]` is the in-process
-/// broker; `amqp://` and `amqps://` are RabbitMQ (heartbeat `AMQP_HEARTBEAT`, TLS files
-/// `AMQP_SSL_*`, the connection named after the service).
+/// broker (the scheme in any case, as validation reads it); `amqp://` and `amqps://` are
+/// RabbitMQ (heartbeat `AMQP_HEARTBEAT`, TLS files `AMQP_SSL_*`, the connection named after
+/// the service).
 pub async fn connect(config: &Config) -> Result<SharedTransport, TransportError> {
     let uri = config.amqp_uri.as_str();
-    if uri.starts_with("memory://") {
-        return Ok(Arc::new(memory::MemoryTransport::connect(uri)?));
+    if let Some(memory) = memory_uri(uri) {
+        return Ok(Arc::new(memory::MemoryTransport::connect(&memory)?));
     }
     let mut options = rabbitmq::RabbitMqOptions::new(uri);
     options.heartbeat = config.amqp_heartbeat;

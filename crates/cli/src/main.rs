@@ -21,7 +21,8 @@ mod topology;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::error::CliError;
 
@@ -176,7 +177,7 @@ pub enum Format {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(error) if !error.use_stderr() => {
             // --help and --version
@@ -198,6 +199,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// The command line, and whether `--uri` is on it (not taken from `AMQP_URI` or the
+/// default): `show-config` shows the configuration's own `AMQP_URI` otherwise.
+fn parse() -> Result<(Cli, bool), clap::Error> {
+    let matches = Cli::command().try_get_matches()?;
+    let uri_given = matches.value_source("uri") == Some(ValueSource::CommandLine);
+    Ok((Cli::from_arg_matches(&matches)?, uri_given))
+}
+
 /// A clap error on one line: the lines before its usage, joined.
 fn one_line(rendered: &str) -> String {
     let lines: Vec<&str> = rendered
@@ -213,7 +222,7 @@ fn one_line(rendered: &str) -> String {
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode, CliError> {
+fn run((cli, uri_given): (Cli, bool)) -> Result<ExitCode, CliError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -231,7 +240,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Command::Dlq(DlqCommand::Show(args)) => dlq::show(&uri, args).await,
             Command::Dlq(DlqCommand::Replay(args)) => dlq::replay(&uri, args).await,
             Command::Dlq(DlqCommand::Purge(args)) => dlq::purge(&uri, args).await,
-            Command::ShowConfig(args) => show_config::run(args.file.as_deref(), args.format),
+            Command::ShowConfig(args) => {
+                let given = uri_given.then_some(uri.as_str());
+                show_config::run(args.file.as_deref(), given, args.format)
+            }
             Command::Topology(args) => topology::run(args).await,
         }
     });

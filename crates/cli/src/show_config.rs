@@ -10,13 +10,21 @@ use crate::error::CliError;
 use crate::Format;
 
 /// Load the configuration from `file` (after `${VAR}` substitution) or from the environment,
-/// and print it with secrets masked.
-pub fn run(file: Option<&Path>, format: Format) -> Result<ExitCode, CliError> {
-    let config = match file {
+/// with `uri` (`--uri`, when given) as its `AMQP_URI`, and print it with secrets masked.
+pub fn run(file: Option<&Path>, uri: Option<&str>, format: Format) -> Result<ExitCode, CliError> {
+    let loaded = match file {
         Some(path) => Config::from_file(path),
         None => Config::from_env(),
-    }
-    .map_err(|error| CliError::usage(error.to_string()))?;
+    };
+    let config = loaded
+        .and_then(|config| match uri {
+            Some(uri) => {
+                let config = config.with_amqp_uri(uri.to_owned());
+                config.validate().map(|()| config)
+            }
+            None => Ok(config),
+        })
+        .map_err(|error| CliError::usage(error.to_string()))?;
     // what a service would warn about at start-up: this is where an operator checks
     for warning in config.warnings() {
         eprintln!("warning: {warning}");

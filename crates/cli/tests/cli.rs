@@ -645,6 +645,36 @@ fn bytes_of(n: usize) -> bytes::Bytes {
     bytes::Bytes::from(n.to_string())
 }
 
+/// `--uri` is the broker of every command: `show-config` shows it as `AMQP_URI` (it showed
+/// the environment's or the default, and took any `--uri` with exit 0), over the
+/// environment's and a file's, and refuses one the service would refuse.
+#[tokio::test]
+async fn show_config_shows_the_uri_it_is_given() {
+    let given = "amqp://ops:secret@prod-mq:5672/prod";
+    let env = [("SERVICE_NAME", "orders")];
+    for args in [&["--uri", given, "show-config"][..], &["show-config", "--uri", given]] {
+        let run = cli_env(Some("amqp://u:pw@h:5672/"), args, &env).await;
+        let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+        assert_eq!(shown["AMQP_URI"], "amqp://ops:***@prod-mq:5672/prod", "{args:?}");
+    }
+    let dir = std::env::temp_dir().join(unique("cli_config_uri"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("service.yaml");
+    std::fs::write(&file, "SERVICE_NAME: billing\nAMQP_URI: amqp://u:pw@file-mq:5672/\n").unwrap();
+    let path = file.to_str().unwrap();
+    let run = cli_env(None, &["--uri", given, "show-config", "--file", path], &[]).await;
+    let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(shown["AMQP_URI"], "amqp://ops:***@prod-mq:5672/prod");
+    // without --uri, the file's, whatever AMQP_URI the environment holds
+    let run = cli_env(Some("amqp://u:pw@h:5672/"), &["show-config", "--file", path], &[]).await;
+    let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(shown["AMQP_URI"], "amqp://u:***@file-mq:5672/");
+    std::fs::remove_dir_all(&dir).ok();
+    cli_env(None, &["--uri", "not a uri", "show-config"], &env)
+        .await
+        .one_error_line(2, "invalid config AMQP_URI=\"not a uri\"");
+}
+
 #[tokio::test]
 async fn show_config_prints_the_effective_configuration_masked() {
     let dir = std::env::temp_dir().join(unique("cli_config"));

@@ -1,7 +1,7 @@
 //! Settings of the RabbitMQ transport.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
@@ -83,11 +83,13 @@ impl fmt::Debug for RabbitMqOptions {
 }
 
 /// Read a TLS file; a file that cannot be read is a [`TransportError::Tls`] error.
-fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, TransportError> {
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, TransportError> {
     std::fs::read(path)
         .map_err(|e| TransportError::Tls(format!("cannot read {what} {}: {e}", path.display())))
 }
 
+/// The CA file's configuration key.
+const CA_FILE: &str = "AMQP_SSL_CA_FILE";
 /// The client certificate's field and its configuration key.
 const CLIENT_CERT: (&str, &str) = ("client_cert_file", "AMQP_SSL_CERT_FILE");
 /// The client key's field and its configuration key.
@@ -102,26 +104,75 @@ fn unpaired(set: (&str, &str), missing: (&str, &str)) -> TransportError {
     ))
 }
 
+/// What a TLS file must hold.
+#[derive(Clone, Copy)]
+enum Holds {
+    Certificate,
+    PrivateKey,
+}
+
+/// Why the PEM text `pem` of the file `path`, set by `key`, is of no use: it holds no item
+/// of the kind `holds` (a CA file with the CA's key, a certificate and key swapped), or is
+/// not PEM. Checked at load: the TLS stack would report no key or file (`no items found`),
+/// or take a CA file without a certificate as no CA at all (`UnknownIssuer`).
+#[cfg(feature = "tls")]
+fn unusable(pem: &[u8], holds: Holds, key: &str, path: &Path) -> Option<String> {
+    use rustls::pki_types::pem::{Error, PemObject};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (found, what) = match holds {
+        Holds::Certificate => (CertificateDer::from_pem_slice(pem).map(drop), "certificate"),
+        Holds::PrivateKey => (PrivateKeyDer::from_pem_slice(pem).map(drop), "private key"),
+    };
+    let why = match found.err()? {
+        Error::NoItemsFound => format!("holds no {what} (PEM)"),
+        other => format!("is not a PEM {what} ({other})"),
+    };
+    Some(format!("{key} {} {why}", path.display()))
+}
+
+/// Reads the TLS file `path` (set by `key`), refusing one that holds no `holds`.
+fn read_pem(path: &Path, what: &str, holds: Holds, key: &str) -> Result<Vec<u8>, TransportError> {
+    let pem = read(path, what)?;
+    #[cfg(feature = "tls")]
+    if let Some(why) = unusable(&pem, holds, key, path) {
+        return Err(TransportError::Tls(why));
+    }
+    #[cfg(not(feature = "tls"))]
+    let _ = (holds, key); // amqps:// is refused without TLS: the files are never used
+    Ok(pem)
+}
+
 impl TlsOptions {
     /// Load the files into lapin's TLS configuration.
     pub(crate) fn load(&self) -> Result<OwnedTLSConfig, TransportError> {
         let cert_chain = match &self.ca_file {
             Some(path) => Some(
-                String::from_utf8(read(path, "CA file")?)
+                String::from_utf8(read_pem(path, "CA file", Holds::Certificate, CA_FILE)?)
                     .map_err(|_| TransportError::Tls("CA file is not PEM text".into()))?,
             ),
             None => None,
         };
         let identity = match (&self.client_cert_file, &self.client_key_file) {
-            (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
-                pem: read(cert, "client certificate")?,
-                key: read(key, "client key")?,
-            }),
+            (Some(cert), Some(key)) => Some(identity(cert, key)?),
             (None, None) => None,
             (Some(_), None) => return Err(unpaired(CLIENT_CERT, CLIENT_KEY)),
             (None, Some(_)) => return Err(unpaired(CLIENT_KEY, CLIENT_CERT)),
         };
         Ok(OwnedTLSConfig { identity, cert_chain })
+    }
+}
+
+/// The client certificate and key. When neither holds what it should, both are named: they
+/// are most likely swapped.
+fn identity(cert: &Path, key: &Path) -> Result<OwnedIdentity, TransportError> {
+    let pem = read_pem(cert, "client certificate", Holds::Certificate, CLIENT_CERT.1);
+    let key = read_pem(key, "client key", Holds::PrivateKey, CLIENT_KEY.1);
+    match (pem, key) {
+        (Ok(pem), Ok(key)) => Ok(OwnedIdentity::PKCS8 { pem, key }),
+        (Err(TransportError::Tls(cert)), Err(TransportError::Tls(key))) => {
+            Err(TransportError::Tls(format!("{cert}; {key}: are the two files swapped?")))
+        }
+        (Err(error), _) | (_, Err(error)) => Err(error),
     }
 }
 
@@ -136,13 +187,11 @@ mod tests {
             TlsOptions { ca_file: Some("/nonexistent/ca.pem".into()), ..TlsOptions::default() };
         assert!(matches!(missing.load(), Err(TransportError::Tls(_))));
         assert!(missing.load().unwrap_err().is_permanent());
-        let dir = std::env::temp_dir().join(format!("tls-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pem = dir.join("ca.pem");
-        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n").unwrap();
-        let with_ca = TlsOptions { ca_file: Some(pem.clone()), ..TlsOptions::default() };
+        let files = Files::new();
+        let with_ca = TlsOptions { ca_file: Some(files.cert.clone()), ..TlsOptions::default() };
         assert!(with_ca.load().unwrap().cert_chain.unwrap().contains("BEGIN CERTIFICATE"));
-        let half = TlsOptions { client_cert_file: Some(pem.clone()), ..TlsOptions::default() };
+        let half =
+            TlsOptions { client_cert_file: Some(files.cert.clone()), ..TlsOptions::default() };
         assert_eq!(
             half.load().unwrap_err().to_string(),
             TransportError::Tls(
@@ -153,12 +202,76 @@ mod tests {
             .to_string()
         );
         let pair = TlsOptions {
-            client_cert_file: Some(pem.clone()),
-            client_key_file: Some(pem),
+            client_cert_file: Some(files.cert.clone()),
+            client_key_file: Some(files.key.clone()),
             ..TlsOptions::default()
         };
         assert!(matches!(pair.load().unwrap().identity, Some(OwnedIdentity::PKCS8 { .. })));
-        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A self-signed certificate and its key, PEM, in a directory removed on drop.
+    struct Files {
+        cert: PathBuf,
+        key: PathBuf,
+    }
+
+    impl Files {
+        fn new() -> Files {
+            let dir = std::env::temp_dir().join(format!("tls-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            std::fs::write(&cert, made.cert.pem()).unwrap();
+            std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+            Files { cert, key }
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            if let Some(dir) = self.cert.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_naming_key_and_path() {
+        let files = Files::new();
+        let options = TlsOptions { ca_file: Some(files.key.clone()), ..TlsOptions::default() };
+        let error = options.load().unwrap_err();
+        let expected =
+            format!("AMQP_SSL_CA_FILE {} holds no certificate (PEM)", files.key.display());
+        assert_eq!(error.to_string(), TransportError::Tls(expected).to_string());
+        assert!(error.is_permanent());
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_client_certificate_and_key_swapped_or_wrong_are_refused_naming_keys_and_paths() {
+        let files = Files::new();
+        let (cert, key) = (files.cert.display(), files.key.display());
+        let swapped = TlsOptions {
+            client_cert_file: Some(files.key.clone()),
+            client_key_file: Some(files.cert.clone()),
+            ..TlsOptions::default()
+        };
+        let expected = format!(
+            "AMQP_SSL_CERT_FILE {key} holds no certificate (PEM); AMQP_SSL_KEY_FILE {cert} holds \
+             no private key (PEM): are the two files swapped?"
+        );
+        let error = swapped.load().unwrap_err();
+        assert_eq!(error.to_string(), TransportError::Tls(expected).to_string());
+        assert!(error.is_permanent());
+        // one file wrong: that one named
+        let two_certs = TlsOptions { client_key_file: Some(files.cert.clone()), ..swapped };
+        let two_certs = TlsOptions { client_cert_file: Some(files.cert.clone()), ..two_certs };
+        let expected = format!("AMQP_SSL_KEY_FILE {cert} holds no private key (PEM)");
+        assert_eq!(
+            two_certs.load().unwrap_err().to_string(),
+            TransportError::Tls(expected).to_string()
+        );
     }
 
     #[test]

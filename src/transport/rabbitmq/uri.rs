@@ -1,13 +1,10 @@
 //! AMQP URI parsing and password masking.
 
-use std::num::{IntErrorKind, ParseIntError};
-use std::str::FromStr;
-
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
-use url::Url;
 
 use crate::transport::TransportError;
 
+use crate::config::amqp_uri::read_broker;
 pub use crate::config::mask_uri;
 use crate::config::uri_list::entries;
 
@@ -64,27 +61,6 @@ pub(crate) fn refuse_tls(uri: &BrokerUri) -> Result<(), TransportError> {
     }
 }
 
-/// Percent-decode one URI component (`+` stays a `+`).
-fn decode(part: &str) -> String {
-    let bytes = part.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Parse one URI or a comma-separated list of them (the nodes of a cluster; see
 /// [`crate::config::Config::amqp_uris`]), each as [`parse_uri`] does.
 pub(crate) fn parse_uris(uris: &str, heartbeat: u16) -> Result<Vec<BrokerUri>, TransportError> {
@@ -114,89 +90,32 @@ pub(crate) fn parse_uris(uris: &str, heartbeat: u16) -> Result<Vec<BrokerUri>, T
     entries.into_iter().enumerate().map(parse).collect()
 }
 
-/// The number `value` of the query option `what`. Too large for its field is an error: 0
-/// means "off" (heartbeat) or "no limit" (frame_max, channel_max) in AMQP, so it must not
-/// stand in for a number too big to send.
-fn query_number<T: FromStr<Err = ParseIntError>>(
-    masked: &str,
-    what: &str,
-    value: &str,
-) -> Result<T, TransportError> {
-    value.parse::<T>().map_err(|error| match error.kind() {
-        IntErrorKind::PosOverflow => {
-            invalid(masked, format!("{what} {value} is too large for AMQP ({error})"))
-        }
-        _ => invalid(masked, format!("bad {what} '{value}'")),
-    })
-}
-
-/// Parse `amqp://user:pass@host:port/vhost?heartbeat=N`. The vhost is percent-decoded
-/// (`%2f` is `/`); an empty path means `/`. `heartbeat` from the query wins over `heartbeat`;
-/// `frame_max` from the query over [`DEFAULT_FRAME_MAX`].
+/// Parse `amqp://user:pass@host:port/vhost?heartbeat=N` as validation reads it
+/// ([`read_broker`]). `heartbeat` from the query wins over `heartbeat`; `frame_max` from the
+/// query over [`DEFAULT_FRAME_MAX`].
 pub(crate) fn parse_uri(uri: &str, heartbeat: u16) -> Result<BrokerUri, TransportError> {
     let masked = mask_uri(uri);
-    let url = Url::parse(uri).map_err(|e| invalid(&masked, e))?;
-    let scheme = match url.scheme() {
-        "amqp" => AMQPScheme::AMQP,
-        "amqps" => AMQPScheme::AMQPS,
-        other => return Err(invalid(&masked, format!("unsupported scheme '{other}'"))),
-    };
-    let host = match url.host_str() {
-        Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']'),
-        _ => return Err(invalid(&masked, "missing host")),
-    };
-    let port = url.port().unwrap_or(match scheme {
-        AMQPScheme::AMQP => 5672,
-        AMQPScheme::AMQPS => 5671,
-    });
-    let username = match url.username() {
-        "" => "guest".to_owned(),
-        name => decode(name),
-    };
-    let password = url.password().map_or_else(|| "guest".to_owned(), decode);
-    let path = url.path().strip_prefix('/').unwrap_or(url.path());
-    let vhost = if path.is_empty() { "/".to_owned() } else { decode(path) };
-    if vhost.len() > 255 {
-        // AMQP sends it as a short string; lapin would panic on a longer one.
-        let reason = format!("vhost of {} bytes (AMQP allows at most 255 bytes)", vhost.len());
-        return Err(invalid(&masked, reason));
-    }
-    let mut query = AMQPQueryString {
-        heartbeat: Some(heartbeat),
-        frame_max: Some(DEFAULT_FRAME_MAX),
+    let broker = read_broker(uri).map_err(|why| invalid(&masked, why))?;
+    let query = AMQPQueryString {
+        heartbeat: Some(broker.heartbeat.unwrap_or(heartbeat)),
+        frame_max: Some(broker.frame_max.unwrap_or(DEFAULT_FRAME_MAX)),
+        channel_max: broker.channel_max,
+        connection_timeout: broker.connection_timeout,
         ..AMQPQueryString::default()
     };
-    for (key, value) in url.query_pairs() {
-        let value = value.as_ref();
-        match key.as_ref() {
-            "heartbeat" => query.heartbeat = Some(query_number(&masked, "heartbeat", value)?),
-            "frame_max" => query.frame_max = Some(query_number(&masked, "frame_max", value)?),
-            "channel_max" => query.channel_max = Some(query_number(&masked, "channel_max", value)?),
-            "connection_timeout" => {
-                let timeout: u64 = query_number(&masked, "connection_timeout", value)?;
-                if timeout == 0 {
-                    // every attempt would time out at once, the broker up or not
-                    let reason = "connection_timeout=0: it must be at least 1 (milliseconds)";
-                    return Err(invalid(&masked, reason));
-                }
-                query.connection_timeout = Some(timeout);
-            }
-            _ => {}
-        }
-    }
-    let amqp = AMQPUri {
-        scheme,
-        authority: AMQPAuthority {
-            userinfo: AMQPUserInfo { username, password },
-            host: host.to_owned(),
-            port,
-        },
-        vhost,
-        query,
+    let node = match broker.host.contains(':') {
+        true => format!("[{}]:{}", broker.host, broker.port),
+        false => format!("{}:{}", broker.host, broker.port),
     };
-    let node = match host.contains(':') {
-        true => format!("[{host}]:{port}"),
-        false => format!("{host}:{port}"),
+    let amqp = AMQPUri {
+        scheme: if broker.tls { AMQPScheme::AMQPS } else { AMQPScheme::AMQP },
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo { username: broker.username, password: broker.password },
+            host: broker.host,
+            port: broker.port,
+        },
+        vhost: broker.vhost,
+        query,
     };
     Ok(BrokerUri { amqp, masked, node })
 }
