@@ -52,6 +52,24 @@ pub(super) fn substitute(
     key: &str,
     lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
 ) -> Result<String, ConfigError> {
+    substitute_nested(text, key, lookup, 0)
+}
+
+/// References nested deeper than this in defaults are refused: each level is a call, and a
+/// value nested without end would overflow the stack.
+const MAX_NESTING: usize = 16;
+
+/// [`substitute`] of `text`, itself the default of `nesting` references.
+fn substitute_nested(
+    text: &str,
+    key: &str,
+    lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
+    nesting: usize,
+) -> Result<String, ConfigError> {
+    if nesting > MAX_NESTING {
+        let reason = format!("nests references more than {MAX_NESTING} deep in their defaults");
+        return Err(ConfigError::new(key, text, reason));
+    }
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -68,7 +86,7 @@ pub(super) fn substitute(
                 return Err(ConfigError::new(key, text, reason));
             }
             Reference::Found { name, default, length } => {
-                out.push_str(&resolve(name, default, key, lookup)?);
+                out.push_str(&resolve(name, default, key, lookup, nesting)?);
                 rest = &after[length..];
             }
         }
@@ -85,10 +103,11 @@ fn resolve(
     default: Option<&str>,
     key: &str,
     lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
+    nesting: usize,
 ) -> Result<String, ConfigError> {
     match (lookup(name)?, default) {
         (Some(value), _) => Ok(value),
-        (None, Some(default)) => substitute(default, key, lookup),
+        (None, Some(default)) => substitute_nested(default, key, lookup, nesting + 1),
         (None, None) => {
             let reason = format!("environment variable {name} is not set (used in config file)");
             Err(ConfigError::new(name, "", reason))

@@ -546,6 +546,20 @@ fn a_nested_reference_takes_its_inner_default_as_nameko_reads_it() {
     assert_eq!(config.extra["SHOP_JSON"], json!("{\"a\": {\"b\": 1}}"));
 }
 
+/// A nesting without end would overflow the stack: refused past 16 levels, naming the key.
+#[test]
+fn references_nested_too_deep_are_refused_naming_the_key() {
+    let nested = |levels: usize| {
+        let value = format!("{}x{}", "${V:".repeat(levels), "}".repeat(levels));
+        format!("SERVICE_NAME: s\nSHOP_URL: '{value}'\n")
+    };
+    let config = ok(Config::from_yaml_str(&nested(16), &no_env));
+    assert_eq!(config.extra["SHOP_URL"], json!("x"));
+    let e = yaml_err(&nested(100_000));
+    assert_eq!(e.key, "SHOP_URL");
+    assert!(e.reason.contains("more than 16 deep"), "{e}");
+}
+
 #[test]
 fn an_unclosed_reference_is_refused_naming_its_key() {
     for yaml in [

@@ -118,8 +118,5 @@ mod tests {
         let address = resolved.ip().to_string();
         assert!(on("localhost", 8000).clashes_with(&on(&address, 8000)), "{address}");
         assert!(on(&address, 8000).clashes_with(&on("LOCALHOST", 8000)), "{address}");
-        // a host that does not resolve is left to the bind's error, but for its own spelling
-        assert!(!on("nowhere.invalid", 8000).clashes_with(&on("127.0.0.1", 8000)));
-        assert!(on("nowhere.invalid", 8000).clashes_with(&on("NOWHERE.invalid", 8000)));
     }
 }

@@ -31,7 +31,8 @@ pub fn config_of(uri: &str, service: Option<&str>) -> Result<Config, ConfigError
     let config = Config::from_vars(vars)?;
     // an in-process broker lives and dies with its process: the CLI would open a new, empty
     // one and report the service's queues and exchanges as missing
-    if config.amqp_uris().iter().any(|uri| uri.starts_with("memory:")) {
+    let in_process = |uri: &&str| uri.trim_start().to_ascii_lowercase().starts_with("memory:");
+    if config.amqp_uris().iter().any(in_process) {
         return Err(ConfigError::new(
             "AMQP_URI",
             uri,

@@ -147,6 +147,10 @@ async fn an_in_process_broker_is_refused_by_the_broker_commands() {
     ] {
         cli(Some("memory://orders"), args).await.one_error_line(2, "in-process broker");
     }
+    // in any case, as a service reads it
+    cli(Some("MEMORY://orders"), &["emit", "shop", "paid", "{}"])
+        .await
+        .one_error_line(2, "in-process broker");
     // show-config only reads it
     let env = [("SERVICE_NAME", "orders")];
     cli_env(Some("memory://orders"), &["show-config"], &env).await.ok();
