@@ -9,7 +9,9 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{rabbitmq_uri, wait_until, wait_until_async, MetricsOnAnyPort, Probe};
+#[cfg(feature = "metrics")]
+use common::MetricsOnAnyPort;
+use common::{rabbitmq_uri, wait_until, wait_until_async, Probe};
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::dependencies::Shared;

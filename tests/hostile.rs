@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{broker_uris, config, unique, MetricsOnAnyPort};
+#[cfg(feature = "metrics")]
+use common::MetricsOnAnyPort;
+use common::{broker_uris, config, unique};
 use micro_framework::amqp::entrypoints::{EventListener, QueueListener};
 use micro_framework::dependencies::Shared;
 use micro_framework::logging::MAX_ERROR_TEXT;
