@@ -22,7 +22,7 @@ const U32: &str = "expected an integer from 0 to 4294967295";
 const POSITIVE_U16: &str = "expected an integer from 1 to 65535";
 const POSITIVE_U32: &str = "expected an integer from 1 to 4294967295";
 const USIZE: &str = "expected a non-negative integer";
-const BOOL: &str = "expected one of true, false, 1, 0, yes, no";
+const BOOL: &str = "expected one of true, false, 1, 0, yes, no, on, off";
 
 /// A known configuration key.
 #[derive(Debug, Clone, Copy)]
@@ -228,7 +228,8 @@ fn optional<T>(
     }
 }
 
-/// A boolean: `true`/`false`, `1`/`0` or `yes`/`no` (strings case-insensitive).
+/// A boolean: `true`/`false`, `1`/`0`, `yes`/`no` or `on`/`off` (strings case-insensitive;
+/// PyYAML reads the last two pairs as booleans in files shared with the Python peers).
 fn boolean(value: &Value) -> Result<bool, String> {
     let flag = match value {
         Value::Bool(flag) => Some(*flag),
@@ -238,8 +239,8 @@ fn boolean(value: &Value) -> Result<bool, String> {
             _ => None,
         },
         Value::String(text) => match text.trim().to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" => Some(true),
-            "false" | "0" | "no" => Some(false),
+            "true" | "1" | "yes" | "on" => Some(true),
+            "false" | "0" | "no" | "off" => Some(false),
             _ => None,
         },
         _ => None,

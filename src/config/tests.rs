@@ -703,11 +703,15 @@ fn value_errors_name_key_and_value() {
         ("MAX_TASKS_PER_CHILD", "5000000000", "expected an integer from 1 to 4294967295"),
         ("PREFETCH_COUNT", "x", "expected an integer from 1 to 65535"),
         ("PARENT_CALLS_TRACKED", "ten", "expected a non-negative integer"),
-        ("ENABLE_METRICS", "maybe", "expected one of true, false, 1, 0, yes, no"),
-        ("AUTO_DELETE_EVENT_EXCHANGES", "2", "expected one of true, false, 1, 0, yes, no"),
-        ("DECLARE_EVENT_EXCHANGES", "maybe", "expected one of true, false, 1, 0, yes, no"),
+        ("ENABLE_METRICS", "maybe", "expected one of true, false, 1, 0, yes, no, on, off"),
+        ("AUTO_DELETE_EVENT_EXCHANGES", "2", "expected one of true, false, 1, 0, yes, no, on, off"),
+        ("DECLARE_EVENT_EXCHANGES", "maybe", "expected one of true, false, 1, 0, yes, no, on, off"),
         ("RPC_TIMEOUT", "30s", "expected a number of seconds"),
-        ("RPC_PERSISTENT_REQUESTS", "sometimes", "expected one of true, false, 1, 0, yes, no"),
+        (
+            "RPC_PERSISTENT_REQUESTS",
+            "sometimes",
+            "expected one of true, false, 1, 0, yes, no, on, off",
+        ),
         ("RPC_TIMEOUT", "-1", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "inf", "must be a positive, finite number of seconds"),
         ("SHUTDOWN_TIMEOUT", "NaN", "must be a positive, finite number of seconds"),
@@ -757,7 +761,7 @@ fn file_value_errors_use_the_file_key() {
     let e = yaml_err("SERVICE_NAME: s\nENABLE_METRICS: [1]\n");
     assert_eq!(
         e.to_string(),
-        r#"invalid config ENABLE_METRICS="[1]": expected one of true, false, 1, 0, yes, no"#
+        r#"invalid config ENABLE_METRICS="[1]": expected one of true, false, 1, 0, yes, no, on, off"#
     );
     let e = yaml_err("SERVICE_NAME: [s]\n");
     assert_eq!(e.to_string(), r#"invalid config SERVICE_NAME="["s"]": expected a string"#);
@@ -1422,6 +1426,31 @@ METRICS:
     assert_eq!((config.max_workers, config.rpc_timeout), (8, Duration::from_secs(7)));
     assert_eq!((config.metrics.host.as_str(), config.metrics.port), ("127.0.0.1", 9200));
     assert_eq!(config.unknown_keys().into_iter().map(|(key, _)| key).collect::<Vec<_>>(), ["base"]);
+}
+
+/// A chain of merges (`production` merges `base`, the file merges `production`) and a list of
+/// sources apply as PyYAML applies them: the base's keys arrived, and no `<<` key was left.
+#[test]
+fn chained_yaml_merge_keys_apply_as_pyyaml_applies_them() {
+    let yaml = "
+base: &base {MAX_WORKERS: 8, RPC_TIMEOUT: 5}
+production: &production
+  <<: *base
+  RPC_TIMEOUT: 9
+debug: &debug {ENABLE_METRICS: true, MAX_WORKERS: 2}
+SERVICE_NAME: orders
+<<: [*production, *debug]
+";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    let set = (config.max_workers, config.rpc_timeout, config.enable_metrics);
+    assert_eq!(set, (8, Duration::from_secs(9), true));
+    assert!(!config.extra.contains_key("<<"), "{:?}", config.extra);
+    // PyYAML's booleans `on`/`off`, as Nameko's files hold them
+    let yaml = "SERVICE_NAME: s\nENABLE_METRICS: on\nRPC_PERSISTENT_REQUESTS: 'Off'\n";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    assert!(config.enable_metrics && !config.rpc_persistent_requests);
+    let e = yaml_err("SERVICE_NAME: s\n<<: 5\n");
+    assert!(e.reason.contains("a merge key (<<) takes a mapping"), "{e}");
 }
 
 #[test]

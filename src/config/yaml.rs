@@ -28,11 +28,55 @@ pub(super) fn parse(
     let lookup: Lookup = Some(lookup);
     let refused = |err: serde_yaml_ng::Error| ConfigError::new(origin, "", err.to_string());
     let mut document: Yaml = serde_yaml_ng::from_str(text).map_err(refused)?;
-    document.apply_merge().map_err(refused)?;
+    merge_bottom_up(&mut document, origin)?;
     match document {
         Yaml::Mapping(mapping) => mapping_to_json(mapping, "", lookup).map(Value::Object),
         other => to_json(other, origin, lookup),
     }
+}
+
+/// Applies the merge keys of `value` as PyYAML does: a mapping's own keys win over those it
+/// merges, an earlier source of `<<: [*a, *b]` over a later one, and a source's own merge
+/// keys are applied before it is merged (serde's `apply_merge` copied a source's `<<` in as an
+/// ordinary key, so a chain `production <- base` lost what `base` set).
+fn merge_bottom_up(value: &mut Yaml, origin: &str) -> Result<(), ConfigError> {
+    match value {
+        Yaml::Mapping(mapping) => {
+            for (_, entry) in mapping.iter_mut() {
+                merge_bottom_up(entry, origin)?;
+            }
+            let Some(merged) = mapping.remove("<<") else { return Ok(()) };
+            let sources = match merged {
+                Yaml::Mapping(source) => vec![source],
+                Yaml::Sequence(items) => items
+                    .into_iter()
+                    .map(|item| match item {
+                        Yaml::Mapping(source) => Ok(source),
+                        _ => Err(()),
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(|()| not_a_merge_source(origin))?,
+                _ => return Err(not_a_merge_source(origin)),
+            };
+            for (name, entry) in sources.into_iter().flatten() {
+                if !mapping.contains_key(&name) {
+                    mapping.insert(name, entry);
+                }
+            }
+        }
+        Yaml::Sequence(items) => {
+            for item in items {
+                merge_bottom_up(item, origin)?;
+            }
+        }
+        Yaml::Tagged(tagged) => merge_bottom_up(&mut tagged.value, origin)?,
+        Yaml::Null | Yaml::Bool(_) | Yaml::Number(_) | Yaml::String(_) => {}
+    }
+    Ok(())
+}
+
+fn not_a_merge_source(origin: &str) -> ConfigError {
+    ConfigError::new(origin, "", "a merge key (<<) takes a mapping or a list of mappings")
 }
 
 /// `value`, found under `key`, as JSON. A non-finite float becomes its text (`inf`, `NaN`), as
