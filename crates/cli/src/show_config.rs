@@ -12,19 +12,19 @@ use crate::Format;
 /// Load the configuration from `file` (after `${VAR}` substitution) or from the environment,
 /// with `uri` (`--uri`, when given) as its `AMQP_URI`, and print it with secrets masked.
 pub fn run(file: Option<&Path>, uri: Option<&str>, format: Format) -> Result<ExitCode, CliError> {
-    let loaded = match file {
-        Some(path) => Config::from_file(path),
-        None => Config::from_env(),
-    };
-    let config = loaded
-        .and_then(|config| match uri {
+    let loaded = match (file, uri) {
+        (Some(path), uri) => Config::from_file(path).and_then(|config| match uri {
             Some(uri) => {
                 let config = config.with_amqp_uri(uri.to_owned());
                 config.validate().map(|()| config)
             }
             None => Ok(config),
-        })
-        .map_err(|error| CliError::usage(error.to_string()))?;
+        }),
+        // the environment's AMQP_URI replaced before it is read: it is not the one shown
+        (None, Some(uri)) => Config::from_vars(environment_with_uri(uri)),
+        (None, None) => Config::from_env(),
+    };
+    let config = loaded.map_err(|error| CliError::usage(error.to_string()))?;
     // what a service would warn about at start-up: this is where an operator checks
     for warning in config.warnings() {
         eprintln!("warning: {warning}");
@@ -37,4 +37,18 @@ pub fn run(file: Option<&Path>, uri: Option<&str>, format: Format) -> Result<Exi
     };
     write!(std::io::stdout(), "{text}")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The process environment with `uri` as its `AMQP_URI`. A variable whose name or value is
+/// not UTF-8 is left out: `Config::from_env` refuses one it reads, which the service's start
+/// shows.
+fn environment_with_uri(uri: &str) -> Vec<(String, String)> {
+    let utf8 = |(name, value): (std::ffi::OsString, std::ffi::OsString)| {
+        Some((name.into_string().ok()?, value.into_string().ok()?))
+    };
+    std::env::vars_os()
+        .filter_map(utf8)
+        .filter(|(name, _)| name != "AMQP_URI")
+        .chain(std::iter::once(("AMQP_URI".to_owned(), uri.to_owned())))
+        .collect()
 }

@@ -661,6 +661,11 @@ async fn show_config_shows_the_uri_it_is_given() {
         let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
         assert_eq!(shown["AMQP_URI"], "amqp://ops:***@prod-mq:5672/prod", "{args:?}");
     }
+    // the environment's, replaced, is not read: a refused one did not stop it
+    let args = ["--uri", given, "show-config"];
+    let run = cli_env(Some("amqp://h/?heartbeat=abc"), &args, &env).await;
+    let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(shown["AMQP_URI"], "amqp://ops:***@prod-mq:5672/prod");
     let dir = std::env::temp_dir().join(unique("cli_config_uri"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("service.yaml");
