@@ -282,13 +282,11 @@ async fn the_pending_call_bound_holds_across_the_reply_queues_of_a_caller() {
     client.close().await;
 }
 
-/// Calls failed because their reply queue went (deleted under its consumer) give their room
-/// back: the bound is not used up by calls that ended.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_failed_with_their_reply_queue_free_their_room() {
-    let uri = format!("memory://pending-freed-{}", uuid::Uuid::new_v4());
-    let transport = silent_service(&uri).await;
-    let (client, mut waiting) = flooded_caller(&uri).await;
+/// A caller with `MAX_PENDING_CALLS` calls waiting on a silent service, whose reply queue then
+/// went (deleted under its consumer): the calls waiting on it failed, `Closed`.
+async fn flooded_caller_whose_reply_queue_went(uri: &str) -> (Client, ServiceProxy) {
+    let transport = silent_service(uri).await;
+    let (client, mut waiting) = flooded_caller(uri).await;
     let silent = client.service("silent");
     let request = transport.get("rpc-silent").await.unwrap().expect("a request");
     let reply_to = request.properties.reply_to.clone().expect("reply_to");
@@ -299,7 +297,15 @@ async fn calls_failed_with_their_reply_queue_free_their_room() {
         matches!(failed, Ok(Err(RpcError::Transport(TransportError::Closed { .. })))),
         "{failed:?}"
     );
-    drop(waiting);
+    (client, silent)
+}
+
+/// Calls failed because their reply queue went (deleted under its consumer) give their room
+/// back: the bound is not used up by calls that ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_failed_with_their_reply_queue_free_their_room() {
+    let uri = format!("memory://pending-freed-{}", uuid::Uuid::new_v4());
+    let (client, silent) = flooded_caller_whose_reply_queue_went(&uri).await;
     for n in 0..1_000 {
         let call = silent.call_async("wait", (), ()).await;
         assert!(call.is_ok(), "call {n} after the queue went refused: {:?}", call.err());
@@ -312,20 +318,7 @@ async fn calls_failed_with_their_reply_queue_free_their_room() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_failed_with_their_reply_queue_give_their_room_back_to_calls_held_together() {
     let uri = format!("memory://pending-held-{}", uuid::Uuid::new_v4());
-    let transport = silent_service(&uri).await;
-    let (client, mut waiting) = flooded_caller(&uri).await;
-    let silent = client.service("silent");
-    // the reply queue goes: its consumer ends, and the calls waiting on it fail
-    let request = transport.get("rpc-silent").await.unwrap().expect("a request");
-    let reply_to = request.properties.reply_to.clone().expect("reply_to");
-    transport.delete_queue(&format!("rpc.reply-standalone_rpc_proxy-{reply_to}")).await.unwrap();
-    let first = waiting.pop().unwrap();
-    let failed = tokio::time::timeout(Duration::from_secs(10), first.result::<u64>()).await;
-    assert!(
-        matches!(failed, Ok(Err(RpcError::Transport(TransportError::Closed { .. })))),
-        "{failed:?}"
-    );
-    drop(waiting);
+    let (client, silent) = flooded_caller_whose_reply_queue_went(&uri).await;
     let mut held = Vec::new();
     for n in 0..10 {
         let call = silent.call_async("wait", (), ()).await;
