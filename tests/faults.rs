@@ -19,10 +19,10 @@ use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
 use serde_json::{json, Value};
 
-/// Fault tests disturb the broker for everyone: one at a time. Those that only close their own
-/// user's connections take it too: another one may have stopped the broker, and `rabbitmqctl`
-/// then fails to create their user.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Fault tests disturb the broker for everyone: one at a time (`write`). Those that only close
+/// their own user's connections may run together (`read`), but not beside one of the others:
+/// it may have stopped the broker, and `rabbitmqctl` then fails to create their user.
+static SERIAL: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 fn record(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
     probe.enter(payload);
@@ -56,7 +56,7 @@ async fn delete_queues(uri: &str, queue: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_every_connection_mid_stream_loses_nothing() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let probe = Probe::new();
     let config = common::config(&uri, "faultconn");
     let queue = format!("evt-fault_src-job--{}.record", config.service_name);
@@ -142,7 +142,7 @@ async fn wait_queue_ready(uri: &str, queue: &str) {
 /// fifth is recorded, restart it, and check that every id was recorded.
 async fn interrupt_mid_stream(mode: &str, interruption: &str) {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let dir = std::env::temp_dir().join(format!("mf-fault-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("record.txt");
@@ -269,7 +269,7 @@ async fn unfinished_call_is_back(uri: &str, queue: &str, dir: PathBuf) {
 #[tokio::test]
 async fn a_second_signal_forces_the_exit_while_calls_run() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let (mut child, queue, dir) =
         recorder_in_a_long_call(&uri, "faultforce", &[("WORK_MS", "20000")]).await;
     signal(&child, "TERM");
@@ -284,7 +284,7 @@ async fn a_second_signal_forces_the_exit_while_calls_run() {
 #[tokio::test]
 async fn the_service_exits_after_shutdown_timeout_with_a_sync_call_still_running() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let env = [("WORK_MS", "60000"), ("SHUTDOWN_TIMEOUT", "1")];
     let (mut child, queue, dir) = recorder_in_a_long_call(&uri, "faulttimeout", &env).await;
     signal(&child, "TERM");
@@ -298,7 +298,7 @@ async fn the_service_exits_after_shutdown_timeout_with_a_sync_call_still_running
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_flips_while_the_broker_is_away_and_back_after_reconnect() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let config = common::config(&uri, "faultready").with_metrics_on_any_port();
     let queue = format!("evt-fault_src-job--{}.record", config.service_name);
     let probe = Probe::new();
@@ -346,7 +346,7 @@ fn slow_answer(Dep(probe): Dep<Arc<Probe>>) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rpc_reply_sent_while_the_caller_is_disconnected_still_arrives() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     // The caller logs in as its own user, so its connection alone can be closed and kept
     // out (no permissions) while the service replies.
     let user = common::unique("mf_caller");
@@ -514,7 +514,7 @@ impl Drop for Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rpc_reply_reaches_a_caller_that_saw_its_connection_drop_first() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let probe = Probe::closed();
     let config = common::config(&uri, "replyhalf");
     let service_name = config.service_name.clone();
@@ -560,7 +560,7 @@ async fn answer_later(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_of_a_caller_that_saw_its_connection_drop_first_are_answered_after_it_reconnects() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let config = common::config(&uri, "replyhalf2").with_max_workers(32);
     let service_name = config.service_name.clone();
     let routes = vec![Route::new(answer_later).entrypoint(RPCListener::new())];
@@ -629,7 +629,7 @@ fn queues_named(marker: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_queue_replaced_after_a_reconnection_goes() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.read().await;
     let user = common::TemporaryUser::create("replaced");
     let target_config = common::config(&uri, "seven");
     let target_name = target_config.service_name.clone();
@@ -697,7 +697,7 @@ async fn a_worker_process_calls_through_a_new_reply_queue_after_its_service_reco
     let routes = vec![Route::new(relay_within_4s).entrypoint(RPCListener::new())];
     // first: a worker process runs this test up to here, and serves this service
     let service = TestService::start(routes, config).await.unwrap();
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let target_config = common::config(&uri, "pseven");
     let target_name = target_config.service_name.clone();
     let target_routes = vec![Route::new(seven).entrypoint(RPCListener::new())];
@@ -782,7 +782,7 @@ async fn outage_with_unstarted_messages(uri: &str, name: &str) -> Outage {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_a_broker_outage_queues_each_unstarted_message_once() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let Outage { user, probe, queue, service } =
         outage_with_unstarted_messages(&uri, "faultoutage").await;
     let stop = tokio::spawn(service.stop());
@@ -812,7 +812,7 @@ async fn ask(rpc: micro_framework::amqp::dependencies::RpcProxy, config: Arc<Con
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_service_stopped_during_a_broker_outage_stops_promptly() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let user = common::TemporaryUser::create("faultidle");
     let config =
         common::config(&user.uri(&uri), "faultidle").with_shutdown_timeout(Duration::from_secs(2));
@@ -852,7 +852,7 @@ async fn an_idle_service_stopped_during_a_broker_outage_stops_promptly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_a_broker_outage_waits_for_the_running_calls_only() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let Outage { user, probe, queue, service } =
         outage_with_unstarted_messages(&uri, "faultwait").await;
     let started = std::time::Instant::now();
@@ -878,7 +878,7 @@ async fn a_stop_during_a_broker_outage_waits_for_the_running_calls_only() {
 async fn a_delivery_cut_off_in_transit_by_a_lost_connection_runs_once_uncounted() {
     use std::sync::atomic::Ordering;
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let broker = url::Url::parse(&uri).unwrap();
     let broker_address =
         format!("{}:{}", broker.host_str().unwrap(), broker.port().unwrap_or(5672));
@@ -926,7 +926,7 @@ async fn a_delivery_cut_off_in_transit_by_a_lost_connection_runs_once_uncounted(
 #[tokio::test]
 async fn broker_node_reads_0_while_disconnected_without_a_scrape_while_connected() {
     let Some(uri) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.read().await;
     let user = common::TemporaryUser::create("node_unscraped");
     let config = common::config(&user.uri(&uri), "node_unscraped").with_metrics_on_any_port();
     let service_name = config.service_name.clone();
@@ -1003,7 +1003,7 @@ async fn fail_while_the_connection_is_lost(retries: u32) -> (Vec<u32>, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_whose_connection_was_lost_while_it_ran_is_dead_lettered_once() {
     let Some(_) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let (runs, dead) = fail_while_the_connection_is_lost(0).await;
     assert_eq!(runs, [0, 0], "run, then run again as redelivered");
     assert_eq!(dead, 1, "one message, one dead letter");
@@ -1012,7 +1012,7 @@ async fn a_failure_whose_connection_was_lost_while_it_ran_is_dead_lettered_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_whose_connection_was_lost_while_it_ran_is_scheduled_once() {
     let Some(_) = rabbitmq_uri() else { return };
-    let _serial = SERIAL.lock().await;
+    let _serial = SERIAL.write().await;
     let (runs, dead) = fail_while_the_connection_is_lost(3).await;
     assert_eq!(runs, [0, 0, 1], "one retry: its run lost with the connection forks no other");
     assert_eq!(dead, 0);

@@ -997,13 +997,7 @@ mod a_call_failing_after_the_give_up {
 
     fn relay_failed(_failure: Failure) {}
 
-    async fn goes_back_unanswered(protocol: Protocol, mode: WorkerMode) {
-        goes_back_unanswered_with(protocol, mode, false).await;
-        // a callback route's callback is not run with the stop's error either
-        goes_back_unanswered_with(protocol, mode, true).await;
-    }
-
-    async fn goes_back_unanswered_with(protocol: Protocol, mode: WorkerMode, callback: bool) {
+    async fn goes_back_unanswered(protocol: Protocol, mode: WorkerMode, callback: bool) {
         for uri in common::broker_uris() {
             let target_config = common::config(&uri, "slow_target").with_protocol(protocol);
             let target_name = target_config.service_name.clone();
@@ -1023,7 +1017,7 @@ mod a_call_failing_after_the_give_up {
             let caller = Config::new("caller")
                 .with_amqp_uri(uri.clone())
                 .with_protocol(protocol)
-                .with_rpc_timeout(Duration::from_secs(4));
+                .with_rpc_timeout(Duration::from_secs(3));
             let client = Client::connect(&caller).await.unwrap();
             let proxy = client.service(relay_name.as_str());
             let name = target_name.clone();
@@ -1049,16 +1043,27 @@ mod a_call_failing_after_the_give_up {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn goes_back_unanswered_in_the_thread_mode() {
-        goes_back_unanswered(Protocol::Nameko, WorkerMode::Thread).await;
+        goes_back_unanswered(Protocol::Nameko, WorkerMode::Thread, false).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn goes_back_unanswered_in_the_greedy_thread_mode() {
-        goes_back_unanswered(Protocol::Nameko, WorkerMode::GreedyThread).await;
+        goes_back_unanswered(Protocol::Nameko, WorkerMode::GreedyThread, false).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn goes_back_unanswered_under_the_micro_framework_profile() {
-        goes_back_unanswered(Protocol::MicroFramework, WorkerMode::GreedyThread).await;
+        goes_back_unanswered(Protocol::MicroFramework, WorkerMode::GreedyThread, false).await;
+    }
+
+    /// A callback route's callback is not run with the stop's error either.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn goes_back_unanswered_from_a_callback_route() {
+        goes_back_unanswered(Protocol::Nameko, WorkerMode::Thread, true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn goes_back_unanswered_from_a_callback_route_under_the_micro_framework_profile() {
+        goes_back_unanswered(Protocol::MicroFramework, WorkerMode::GreedyThread, true).await;
     }
 }
