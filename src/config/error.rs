@@ -197,10 +197,14 @@ fn starts_uri(text: &str, index: usize) -> bool {
     let begins_word = |c: char| {
         c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '=' | '(' | '[' | '<' | ',' | ';')
     };
+    // `//user:password@`: a password, masked whatever precedes it (a typo before a scheme,
+    // `~amqp://`, `0amqp://`, makes it no URI, but the password is one)
+    let word = text[index + 2..].split(char::is_whitespace).next().unwrap_or_default();
+    if word.find('@').is_some_and(|at| word[..at].contains(':')) {
+        return true;
+    }
     let Some(before) = text[..index].strip_suffix(':') else {
-        let word = text[index + 2..].split(char::is_whitespace).next().unwrap_or_default();
-        let userinfo = word.find('@').is_some_and(|at| word[..at].contains(':'));
-        return userinfo && text[..index].chars().next_back().is_some_and(begins_word);
+        return false;
     };
     let scheme_start = before
         .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))

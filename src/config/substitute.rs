@@ -68,7 +68,7 @@ fn substitute_nested(
 ) -> Result<String, ConfigError> {
     if nesting > MAX_NESTING {
         let reason = format!("nests references more than {MAX_NESTING} deep in their defaults");
-        return Err(ConfigError::new(key, text, reason));
+        return Err(ConfigError::new(key, "", reason));
     }
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -83,7 +83,7 @@ fn substitute_nested(
             Reference::Unclosed => {
                 let reason = "has a `${` without its closing `}`: a reference is ${VAR} or \
                               ${VAR:default}, with the braces of a default in pairs";
-                return Err(ConfigError::new(key, text, reason));
+                return Err(ConfigError::new(key, "", reason));
             }
             Reference::Found { name, default, length } => {
                 out.push_str(&resolve(name, default, key, lookup, nesting)?);

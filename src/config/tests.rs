@@ -569,9 +569,16 @@ fn an_unclosed_reference_is_refused_naming_its_key() {
         let e = yaml_err(yaml);
         assert_eq!(e.key, "SHOP_URL", "{yaml}");
         assert!(e.reason.contains("`${` without its closing `}`"), "{e}");
+        // the text is not shown: it may hold a password (a URI's)
+        assert!(!e.to_string().contains("http://"), "{e}");
     }
     let e = yaml_err("SERVICE_NAME: s\nDB:\n  HOSTS: ['${DB_HOST:{a}']\n");
     assert_eq!(e.key, "DB.HOSTS");
+    // nor a password after a scheme that is none (a typo), where a number was expected
+    for yaml in ["MAX_WORKERS: 0amqp://u:Secret-77@h/\n", "MAX_WORKERS: ~amqp://u:Secret-77@h/\n"] {
+        let e = yaml_err(yaml);
+        assert!(!e.to_string().contains("Secret-77"), "{e}");
+    }
 }
 
 // ---------------------------------------------------------------- from_file
