@@ -55,7 +55,7 @@
 //! this process or a worker process), retries as the backoff says, and returns a [`Handled`]
 //! that the loop settles: ack, a delayed retry copy, or a confirmed dead letter then ack.
 //! Parts shared by several entrypoints of a service (the RPC consumer, the HTTP and WebSocket
-//! servers) are [`SharedExtension`](pipeline::SharedExtension)s owned by that service
+//! servers) are [`SharedExtension`](entrypoints::SharedExtension)s owned by that service
 //! instance.
 #![deny(missing_docs)]
 
@@ -64,7 +64,7 @@ mod clock;
 pub mod config;
 pub mod data;
 mod error;
-pub mod handler;
+mod handler;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod logging;
@@ -74,7 +74,7 @@ pub mod metrics;
 #[cfg(not(feature = "metrics"))]
 #[path = "metrics/noop.rs"]
 mod metrics;
-pub mod pipeline;
+mod pipeline;
 mod process_defaults;
 pub mod runner;
 pub mod testing;
@@ -88,13 +88,13 @@ pub mod websocket;
 pub use handler::{dependencies, extract, targets, translators};
 pub use pipeline::{retry, routes, settle, spawners};
 
-/// Entrypoints: what triggers a route. The [`Entrypoint`](pipeline::Entrypoint) trait, the
+/// Entrypoints: what triggers a route. The [`Entrypoint`](entrypoints::Entrypoint) trait, the
 /// timer; the AMQP entrypoints live in [`amqp::entrypoints`].
 #[cfg_attr(feature = "http", doc = "The HTTP ones are in [`http`].")]
 #[cfg_attr(feature = "websocket", doc = "The WebSocket ones are in [`websocket`].")]
 pub mod entrypoints {
     pub use crate::pipeline::entrypoint_kind::EntrypointKind;
-    pub use crate::pipeline::Entrypoint;
+    pub use crate::pipeline::{Entrypoint, Serving, SharedExtension};
     pub use crate::timer::{Schedule, TimeEntrypoint};
 }
 
@@ -108,9 +108,9 @@ pub use error::{Error, Result};
 pub use handler::dependencies::Dep;
 pub use handler::extract::{ExtractError, FromContext, MessageHeaders, Payload, RawBody};
 pub use handler::targets::Json;
-pub use handler::WorkerContext;
+pub use handler::{ServiceState, WorkerContext};
 pub use pipeline::routes::{CallbackRoute, Route};
-pub use pipeline::RouteHandle;
+pub use pipeline::{RouteHandle, RouteStats};
 pub use runner::{Runner, RunnerContext, RunningService};
 
 /// The names most services need: `use micro_framework::prelude::*;`.

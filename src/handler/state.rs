@@ -17,7 +17,7 @@ type Values = HashMap<TypeId, Arc<dyn Any + Send + Sync>>;
 ///
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
-/// use micro_framework::handler::ServiceState;
+/// use micro_framework::ServiceState;
 ///
 /// #[derive(Default)]
 /// struct Calls(AtomicU64);
