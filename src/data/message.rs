@@ -89,6 +89,24 @@ impl Message {
     }
 }
 
+/// What a body holding a lone surrogate is told: the JSON is well-formed, and serde's message
+/// ("unexpected end of hex escape") points elsewhere.
+pub(crate) const LONE_SURROGATE: &str =
+    " (it holds a lone UTF-16 surrogate, an escape \\ud800 to \\udfff \
+    without its pair, which Python strings allow and Unicode text does not: send valid text)";
+
+/// Whether serde's `error` reading `body` comes from a lone surrogate: serde names only the
+/// escape it stopped at, and the body holds one in the `\\ud800`-`\\udfff` range.
+pub(crate) fn holds_a_lone_surrogate(body: &[u8], error: &serde_json::Error) -> bool {
+    let message = error.to_string();
+    (message.contains("surrogate") || message.contains("end of hex escape"))
+        && memchr::memmem::find_iter(body, b"\\u").any(|at| {
+            body.get(at + 2..at + 4).is_some_and(|hex| {
+                hex[0].eq_ignore_ascii_case(&b'd') && b"89abcdefABCDEF".contains(&hex[1])
+            })
+        })
+}
+
 /// What a body holding a number serde_json cannot read is told.
 pub(crate) const BEYOND_A_FLOAT: &str = "holds a number beyond a 64-bit float's range (a Python \
     integer of more than 308 digits), which is not read: send it as a string";
@@ -105,6 +123,9 @@ fn hint(body: &[u8], error: &serde_json::Error) -> &'static str {
     // Python's json refuses a byte-order mark too, but names it
     if body.starts_with(b"\xef\xbb\xbf") {
         return " (it starts with a UTF-8 byte-order mark, which JSON does not allow)";
+    }
+    if holds_a_lone_surrogate(body, error) {
+        return LONE_SURROGATE;
     }
     // Python's json writes a float that is no number this way unless told not to
     // (`allow_nan=False`), and so do kombu's and Nameko's serializers
@@ -197,6 +218,20 @@ mod tests {
         let other = Message { body: Bytes::from_static(b"{\"x\": Nope}"), ..Message::default() };
         let refused = other.decode().unwrap_err();
         assert!(!refused.contains("NaN") && !refused.contains("repr"), "{refused}");
+    }
+
+    #[test]
+    fn names_a_lone_surrogate_which_python_strings_allow() {
+        for body in [&br#"["a\ud800b"]"#[..], br#"{"x": "\udc00"}"#, br#"["\uD83D\u0041"]"#] {
+            let message = Message { body: Bytes::copy_from_slice(body), ..Message::default() };
+            let refused = message.decode().unwrap_err();
+            assert!(refused.contains("lone UTF-16 surrogate"), "{refused}");
+        }
+        let paired = Message::json(&"\u{1F600}").unwrap();
+        assert!(paired.decode().is_ok());
+        let truncated = Message { body: Bytes::from_static(br#"["\u12"]"#), ..Message::default() };
+        let refused = truncated.decode().unwrap_err();
+        assert!(!refused.contains("surrogate"), "{refused}");
     }
 
     #[test]
