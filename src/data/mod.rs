@@ -21,7 +21,7 @@ pub use failure::{Failure, FailureKind};
 pub use headers::{HeaderValue, Headers, Properties};
 pub(crate) use kombu_types::{kombu_types_as_text, may_hold_kombu_types};
 pub(crate) use message::{holds_a_number_beyond_a_float, BEYOND_A_FLOAT};
-pub use message::{json_properties, Message};
+pub use message::{json_properties, DecodeError, Message};
 pub use outcome::{Handled, Outcome, TargetRole};
 pub(crate) use retry_state::{
     drop_retry_state, is_retry_of, is_retry_of_route, keep_own_retry_state,

@@ -42,7 +42,7 @@ use crate::data::Outcome;
 use crate::data::{BoxError, TargetRole};
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
-use crate::handler::extract::{ExtractError, FromContext, TargetSetup};
+use crate::handler::extract::{ExtractError, FromContext, SetupError, TargetSetup};
 use crate::handler::targets::panic_message;
 use crate::handler::WorkerContext;
 
@@ -100,15 +100,15 @@ impl<T: Clone + Send + Sync + 'static> FromContext for Dep<T> {
         })
     }
 
-    fn check(setup: &TargetSetup) -> Result<(), String> {
+    fn check(setup: &TargetSetup) -> Result<(), SetupError> {
         if setup.provides(TypeId::of::<T>()) {
             Ok(())
         } else {
-            Err(format!(
+            Err(SetupError::new(format!(
                 "parameter Dep<{}> cannot be provided: add a dependency whose Output is that type \
                  with Route::dependency or Runner::dependency",
                 type_name::<T>()
-            ))
+            )))
         }
     }
 }
