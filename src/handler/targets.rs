@@ -97,7 +97,8 @@ impl<T: Serialize, E: Into<BoxError>> IntoOutcome for Result<T, E> {
 }
 
 /// Any serializable value, as a target's return value (`Json(my_struct)`), also inside a
-/// `Result`, an `Option` or a `Vec`, which it serializes as the value it holds.
+/// `Result`, an `Option` or a `Vec`, which it serializes as the value it holds (see
+/// [`RunningService`](crate::RunningService)'s example).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Json<T>(pub T);
 
