@@ -11,7 +11,19 @@ pub use crate::data::BoxError;
 ///
 /// Its `Debug` is its message: a `main` returning [`Result`] prints a returned error with
 /// `Debug`, and an operator should read `invalid config WORKER_MODE="fibers": ...`, not the
-/// variant's fields. Match on the variant to tell errors apart.
+/// variant's fields. Match on the variant to tell errors apart:
+///
+/// ```
+/// use micro_framework::{Config, Error};
+///
+/// fn load() -> micro_framework::Result<Config> {
+///     Ok(Config::from_vars([("WORKER_MODE".to_owned(), "fibers".to_owned())])?)
+/// }
+///
+/// let error = load().unwrap_err();
+/// assert!(matches!(error, Error::Config(_)));
+/// assert!(error.to_string().contains("WORKER_MODE"), "{error}");
+/// ```
 #[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

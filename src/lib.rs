@@ -101,12 +101,14 @@ pub mod entrypoints {
 pub use async_trait::async_trait;
 pub use config::Config;
 pub use data::{
-    BoxError, CallContext, Extensions, Failure, FailureKind, Handled, HeaderValue, Headers,
-    Message, Outcome, Properties, TargetRole,
+    BoxError, CallContext, DecodeError, Extensions, Failure, FailureKind, Handled, HeaderValue,
+    Headers, Message, Outcome, Properties, TargetRole,
 };
 pub use error::{Error, Result};
 pub use handler::dependencies::Dep;
-pub use handler::extract::{ExtractError, FromContext, MessageHeaders, Payload, RawBody};
+pub use handler::extract::{
+    ExtractError, FromContext, MessageHeaders, Payload, RawBody, SetupError,
+};
 pub use handler::targets::Json;
 pub use handler::{ServiceState, WorkerContext};
 pub use pipeline::routes::{CallbackRoute, Route};

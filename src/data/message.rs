@@ -46,54 +46,97 @@ impl Message {
     }
 
     /// Decode the body as JSON (an empty body is `null`; `text/plain` is a JSON string).
-    pub fn decode(&self) -> Result<Value, String> {
+    ///
+    /// ```
+    /// use micro_framework::{DecodeError, Message};
+    /// let mut message = Message::json(&[1, 2]).unwrap();
+    /// assert_eq!(message.decode(), Ok(serde_json::json!([1, 2])));
+    /// message.body = "{oops".into();
+    /// assert!(matches!(message.decode(), Err(DecodeError::NotJson { .. })));
+    /// ```
+    pub fn decode(&self) -> Result<Value, DecodeError> {
         self.decode_into()
     }
 
     /// Decode the body as [`decode`](Message::decode) does, straight into `T`: checking a
     /// body's shape with `T` made of [`IgnoredAny`](serde::de::IgnoredAny) copies nothing.
-    pub(crate) fn decode_into<T: DeserializeOwned>(&self) -> Result<T, String> {
+    pub(crate) fn decode_into<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
         let content_type = self.properties.content_type.as_deref().unwrap_or("application/json");
         // media types are case-insensitive (`Application/JSON` is JSON)
         let essence =
             content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-        let shape = |error: serde_json::Error| format!("body does not fit: {error}");
+        let shape = |error: serde_json::Error| DecodeError::DoesNotFit(error.to_string());
         // kombu compresses a body when its publisher asks (`compression='zlib'`) and says so in
         // this header; read as JSON, such a body gives only a parse error at its first byte
         if let Some(compression) = self.properties.headers.get("compression") {
             let compression = compression.as_str().unwrap_or("?");
-            return Err(format!(
-                "body is compressed ({compression}, kombu's `compression` header), which is not \
-                 read: publish it uncompressed"
-            ));
+            return Err(DecodeError::Compressed(compression.to_owned()));
         }
         match essence.as_str() {
             _ if self.body.is_empty() => T::deserialize(Value::Null).map_err(shape),
             "application/json" | "" => serde_json::from_slice(&self.body).map_err(|error| {
                 if holds_a_number_beyond_a_float(&error) {
-                    format!("body {BEYOND_A_FLOAT}: {error}")
+                    DecodeError::NumberBeyondAFloat(error.to_string())
                 } else {
-                    format!("body is not valid JSON{}: {error}", hint(&self.body, &error))
+                    DecodeError::NotJson {
+                        hint: hint(&self.body, &error),
+                        error: error.to_string(),
+                    }
                 }
             }),
-            "text/plain" => std::str::from_utf8(&self.body)
-                .map_err(|error| format!("text/plain body is not UTF-8: {error}"))
-                .and_then(|text| {
+            "text/plain" => {
+                std::str::from_utf8(&self.body).map_err(DecodeError::NotUtf8).and_then(|text| {
                     T::deserialize(serde::de::value::StrDeserializer::<serde_json::Error>::new(
                         text,
                     ))
                     .map_err(shape)
-                }),
-            other => Err(format!("unsupported content type '{other}' (expected application/json)")),
+                })
+            }
+            other => Err(DecodeError::UnsupportedContentType(other.to_owned())),
         }
     }
+}
+
+/// Why a message's body could not be decoded ([`Message::decode`]): bad input, which a
+/// route dead-letters and never retries.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// kombu compressed the body (the compression its `compression` header names), which is
+    /// not read.
+    #[error(
+        "body is compressed ({0}, kombu's `compression` header), which is not read: publish it \
+         uncompressed"
+    )]
+    Compressed(String),
+    /// The body is not JSON.
+    #[error("body is not valid JSON{}: {error}", hint.map(|hint| format!(" ({hint})")).unwrap_or_default())]
+    NotJson {
+        /// What the JSON parser said.
+        error: String,
+        /// The likely cause, where one is known (a byte-order mark, Python's `NaN`, a
+        /// Python value's repr).
+        hint: Option<&'static str>,
+    },
+    /// The body is JSON holding a number beyond a 64-bit float's range, which is not read.
+    #[error("body {beyond}: {0}", beyond = BEYOND_A_FLOAT)]
+    NumberBeyondAFloat(String),
+    /// A `text/plain` body that is not UTF-8.
+    #[error("text/plain body is not UTF-8: {0}")]
+    NotUtf8(#[source] std::str::Utf8Error),
+    /// The body does not fit the type it is decoded into.
+    #[error("body does not fit: {0}")]
+    DoesNotFit(String),
+    /// A content type other than JSON or plain text.
+    #[error("unsupported content type '{0}' (expected application/json)")]
+    UnsupportedContentType(String),
 }
 
 /// What a body holding a lone surrogate is told: the JSON is well-formed, and serde's message
 /// ("unexpected end of hex escape") points elsewhere.
 pub(crate) const LONE_SURROGATE: &str =
-    " (it holds a lone UTF-16 surrogate, an escape \\ud800 to \\udfff \
-    without its pair, which Python strings allow and Unicode text does not: send valid text)";
+    "it holds a lone UTF-16 surrogate, an escape \\ud800 to \\udfff without its pair, which \
+     Python strings allow and Unicode text does not: send valid text";
 
 /// Whether serde's `error` reading `body` comes from a lone surrogate: serde names only the
 /// escape it stopped at, and the body holds one in the `\\ud800`-`\\udfff` range.
@@ -119,13 +162,13 @@ pub(crate) fn holds_a_number_beyond_a_float(error: &serde_json::Error) -> bool {
 
 /// What serde's error does not say of a body that is not JSON, where a cause is known: its
 /// message says only "expected value".
-fn hint(body: &[u8], error: &serde_json::Error) -> &'static str {
+fn hint(body: &[u8], error: &serde_json::Error) -> Option<&'static str> {
     // Python's json refuses a byte-order mark too, but names it
     if body.starts_with(b"\xef\xbb\xbf") {
-        return " (it starts with a UTF-8 byte-order mark, which JSON does not allow)";
+        return Some("it starts with a UTF-8 byte-order mark, which JSON does not allow");
     }
     if holds_a_lone_surrogate(body, error) {
-        return LONE_SURROGATE;
+        return Some(LONE_SURROGATE);
     }
     // Python's json writes a float that is no number this way unless told not to
     // (`allow_nan=False`), and so do kombu's and Nameko's serializers
@@ -139,13 +182,17 @@ fn hint(body: &[u8], error: &serde_json::Error) -> &'static str {
     let starts =
         |tokens: &[&[u8]]| at.is_some_and(|rest| tokens.iter().any(|t| rest.starts_with(t)));
     if starts(&NO_NUMBERS) {
-        " (NaN and Infinity, which Python's json writes for a float that is no number, are not \
-         JSON: send null or a string instead)"
+        Some(
+            "NaN and Infinity, which Python's json writes for a float that is no number, are \
+             not JSON: send null or a string instead",
+        )
     } else if starts(&PYTHON_REPR) {
-        " (it reads as a Python value's repr, with quotes ' or True, False, None: publish \
-         json.dumps(value), not str(value))"
+        Some(
+            "it reads as a Python value's repr, with quotes ' or True, False, None: publish \
+             json.dumps(value), not str(value)",
+        )
     } else {
-        ""
+        None
     }
 }
 
@@ -194,7 +241,7 @@ mod tests {
         assert_eq!(big.decode().unwrap(), serde_json::json!([1.8446744073709552e19]));
         let huge = format!("[1{}]", "0".repeat(400));
         let huge = Message { body: Bytes::from(huge), ..Message::default() };
-        let error = huge.decode().unwrap_err();
+        let error = huge.decode().unwrap_err().to_string();
         assert!(error.starts_with("body holds a number beyond a 64-bit float's range"), "{error}");
         assert!(error.contains("send it as a string"), "{error}");
     }
@@ -202,21 +249,21 @@ mod tests {
     #[test]
     fn refuses_bad_json_and_unknown_content_types() {
         let bad = Message { body: Bytes::from_static(b"{oops"), ..Message::default() };
-        assert!(bad.decode().unwrap_err().contains("not valid JSON"));
+        assert!(bad.decode().unwrap_err().to_string().contains("not valid JSON"));
         let mut binary = Message { body: Bytes::from_static(b"\x00"), ..Message::default() };
         binary.properties.content_type = Some("application/octet-stream".into());
-        assert!(binary.decode().unwrap_err().contains("unsupported content type"));
+        assert!(binary.decode().unwrap_err().to_string().contains("unsupported content type"));
     }
 
     #[test]
     fn names_the_floats_python_writes_that_json_has_not() {
         for body in [&b"{\"ratio\": NaN}"[..], b"[1,\n Infinity]", b"{\"x\": -Infinity}"] {
             let message = Message { body: Bytes::copy_from_slice(body), ..Message::default() };
-            let refused = message.decode().unwrap_err();
+            let refused = message.decode().unwrap_err().to_string();
             assert!(refused.contains("NaN and Infinity, which Python's json writes"), "{refused}");
         }
         let other = Message { body: Bytes::from_static(b"{\"x\": Nope}"), ..Message::default() };
-        let refused = other.decode().unwrap_err();
+        let refused = other.decode().unwrap_err().to_string();
         assert!(!refused.contains("NaN") && !refused.contains("repr"), "{refused}");
     }
 
@@ -224,13 +271,13 @@ mod tests {
     fn names_a_lone_surrogate_which_python_strings_allow() {
         for body in [&br#"["a\ud800b"]"#[..], br#"{"x": "\udc00"}"#, br#"["\uD83D\u0041"]"#] {
             let message = Message { body: Bytes::copy_from_slice(body), ..Message::default() };
-            let refused = message.decode().unwrap_err();
+            let refused = message.decode().unwrap_err().to_string();
             assert!(refused.contains("lone UTF-16 surrogate"), "{refused}");
         }
         let paired = Message::json(&"\u{1F600}").unwrap();
         assert!(paired.decode().is_ok());
         let truncated = Message { body: Bytes::from_static(br#"["\u12"]"#), ..Message::default() };
-        let refused = truncated.decode().unwrap_err();
+        let refused = truncated.decode().unwrap_err().to_string();
         assert!(!refused.contains("surrogate"), "{refused}");
     }
 
@@ -238,7 +285,7 @@ mod tests {
     fn names_a_python_repr_sent_for_json() {
         for body in [&b"{'id': 1}"[..], b"{\"ok\": True}", b"[1, None]", b"{\"a\": 'x'}"] {
             let message = Message { body: Bytes::copy_from_slice(body), ..Message::default() };
-            let refused = message.decode().unwrap_err();
+            let refused = message.decode().unwrap_err().to_string();
             assert!(refused.contains("json.dumps(value), not str(value)"), "{refused}");
         }
     }
@@ -247,10 +294,10 @@ mod tests {
     fn names_compressed_bodies_and_byte_order_marks() {
         let mut zipped = Message::json(&1).unwrap();
         zipped.properties.headers.insert("compression".into(), "application/x-gzip".into());
-        let refused = zipped.decode().unwrap_err();
+        let refused = zipped.decode().unwrap_err().to_string();
         assert!(refused.contains("compressed (application/x-gzip"), "{refused}");
         let marked = Message { body: Bytes::from_static(b"\xef\xbb\xbf{}"), ..Message::default() };
-        let refused = marked.decode().unwrap_err();
+        let refused = marked.decode().unwrap_err().to_string();
         assert!(
             refused.contains("not valid JSON (it starts with a UTF-8 byte-order mark"),
             "{refused}"

@@ -7,7 +7,7 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::data::BackOffData;
 use crate::data::CallContext;
-use crate::data::Message;
+use crate::data::{DecodeError, Message};
 use crate::data::{Failure, TargetRole};
 use crate::handler::dependencies::DependencyValues;
 use crate::handler::ServiceState;
@@ -24,7 +24,7 @@ pub struct WorkerContext {
     pub(crate) message: Arc<Message>,
     /// Set before the call on a route with translators; otherwise decoded when first asked
     /// for, so that a target that takes no payload costs no parse.
-    pub(crate) payload: OnceLock<Result<Value, String>>,
+    pub(crate) payload: OnceLock<Result<Value, DecodeError>>,
     pub(crate) call: CallContext,
     pub(crate) config: Arc<Config>,
     pub(crate) failure: Option<Failure>,
@@ -59,8 +59,8 @@ impl WorkerContext {
     }
 
     /// The payload after decoding and translation, or why it could not be decoded.
-    pub fn payload(&self) -> Result<&Value, &str> {
-        self.payload.get_or_init(|| self.message.decode()).as_ref().map_err(String::as_str)
+    pub fn payload(&self) -> Result<&Value, &DecodeError> {
+        self.payload.get_or_init(|| self.message.decode()).as_ref()
     }
 
     /// True once the payload is decoded (translated, or asked for).

@@ -1,31 +1,7 @@
 //! Dependencies: values provided to each call (a database session, an API client, ...),
 //! with a life cycle around the service and around each call.
 //!
-//! ```
-//! use micro_framework::prelude::*;
-//! use micro_framework::dependencies::{Dependency, Dep};
-//! use micro_framework::{BoxError, WorkerContext};
-//!
-//! #[derive(Clone)]
-//! struct Greeter(String);
-//!
-//! struct GreeterDependency;
-//!
-//! #[micro_framework::async_trait]
-//! impl Dependency for GreeterDependency {
-//!     type Output = Greeter;
-//!     async fn get(&self, call: &WorkerContext) -> Result<Greeter, BoxError> {
-//!         Ok(Greeter(format!("hello from {}", call.route_name())))
-//!     }
-//! }
-//!
-//! fn greet(Dep(greeter): Dep<Greeter>) -> String {
-//!     greeter.0
-//! }
-//!
-//! let route = Route::new(greet).dependency(GreeterDependency);
-//! assert_eq!(route.route_name(), "greet");
-//! ```
+//! See [`Dependency`] for an example; [`Shared`] gives every call a clone of one value.
 
 use std::any::{type_name, Any, TypeId};
 use std::collections::HashMap;
@@ -42,7 +18,7 @@ use crate::data::Outcome;
 use crate::data::{BoxError, TargetRole};
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
-use crate::handler::extract::{ExtractError, FromContext, TargetSetup};
+use crate::handler::extract::{ExtractError, FromContext, SetupError, TargetSetup};
 use crate::handler::targets::panic_message;
 use crate::handler::WorkerContext;
 
@@ -58,6 +34,32 @@ pub struct SetupContext {
 /// A dependency: set up once when the service starts, asked for a value before each call
 /// (the target receives it through [`Dep<Output>`]), told the call's outcome afterwards
 /// (commit or roll back), and torn down when the service stops.
+///
+/// ```
+/// use micro_framework::prelude::*;
+/// use micro_framework::dependencies::{Dependency, Dep};
+/// use micro_framework::{BoxError, WorkerContext};
+///
+/// #[derive(Clone)]
+/// struct Greeter(String);
+///
+/// struct GreeterDependency;
+///
+/// #[micro_framework::async_trait]
+/// impl Dependency for GreeterDependency {
+///     type Output = Greeter;
+///     async fn get(&self, call: &WorkerContext) -> Result<Greeter, BoxError> {
+///         Ok(Greeter(format!("hello from {}", call.route_name())))
+///     }
+/// }
+///
+/// fn greet(Dep(greeter): Dep<Greeter>) -> String {
+///     greeter.0
+/// }
+///
+/// let route = Route::new(greet).dependency(GreeterDependency);
+/// assert_eq!(route.route_name(), "greet");
+/// ```
 #[async_trait]
 pub trait Dependency: Send + Sync + 'static {
     /// The value a target receives.
@@ -79,7 +81,9 @@ pub trait Dependency: Send + Sync + 'static {
     async fn teardown(&self) {}
 }
 
-/// Extractor of the value a [`Dependency`] with `Output = T` provided for the call.
+/// Extractor of the value a [`Dependency`] with `Output = T` provided for the call (see
+/// [`Dependency`]'s example). A service whose route has no such dependency (its own or the
+/// runner's) does not start.
 #[derive(Clone, Debug)]
 pub struct Dep<T>(pub T);
 
@@ -100,15 +104,15 @@ impl<T: Clone + Send + Sync + 'static> FromContext for Dep<T> {
         })
     }
 
-    fn check(setup: &TargetSetup) -> Result<(), String> {
+    fn check(setup: &TargetSetup) -> Result<(), SetupError> {
         if setup.provides(TypeId::of::<T>()) {
             Ok(())
         } else {
-            Err(format!(
+            Err(SetupError::new(format!(
                 "parameter Dep<{}> cannot be provided: add a dependency whose Output is that type \
                  with Route::dependency or Runner::dependency",
                 type_name::<T>()
-            ))
+            )))
         }
     }
 }

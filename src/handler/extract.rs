@@ -36,6 +36,60 @@ pub enum ExtractError {
     Unavailable(String),
 }
 
+/// Why a parameter can never be provided on a route ([`FromContext::check`]): the service
+/// does not start.
+///
+/// ```
+/// use micro_framework::extract::TargetSetup;
+/// use micro_framework::{ExtractError, FromContext, SetupError, TargetRole, WorkerContext};
+///
+/// /// What failed, as text: a callback's parameter.
+/// struct Reason(String);
+///
+/// impl FromContext for Reason {
+///     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
+///         let failure = ctx.failure().ok_or(ExtractError::Unavailable("not called back".into()))?;
+///         Ok(Reason(failure.to_string()))
+///     }
+///
+///     fn check(setup: &TargetSetup) -> Result<(), SetupError> {
+///         match setup.role {
+///             TargetRole::Callback => Ok(()),
+///             TargetRole::Target => Err(SetupError::new("Reason is only given to a callback")),
+///         }
+///     }
+/// }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct SetupError {
+    reason: String,
+}
+
+impl SetupError {
+    /// An error that says why.
+    pub fn new(reason: impl Into<String>) -> Self {
+        SetupError { reason: reason.into() }
+    }
+
+    /// Why the parameter cannot be provided.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl From<String> for SetupError {
+    fn from(reason: String) -> Self {
+        SetupError { reason }
+    }
+}
+
+impl From<&str> for SetupError {
+    fn from(reason: &str) -> Self {
+        SetupError::new(reason)
+    }
+}
+
 /// What [`FromContext::check`] sees of the route when the service starts.
 #[derive(Clone, Debug)]
 pub struct TargetSetup {
@@ -90,8 +144,9 @@ pub trait FromContext: Sized + Send + 'static {
     /// Take the value from the context of a call.
     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError>;
 
-    /// Whether the value can ever be provided on this route; checked at start-up.
-    fn check(_setup: &TargetSetup) -> Result<(), String> {
+    /// Whether the value can ever be provided on this route; checked at start-up, where an
+    /// error stops the service (see [`SetupError`]).
+    fn check(_setup: &TargetSetup) -> Result<(), SetupError> {
         Ok(())
     }
 }
@@ -125,7 +180,7 @@ impl<T: DeserializeOwned + Send + 'static> FromContext for Payload<T> {
                 return no_array_for_a_struct::<T>(array).map(|()| Payload(payload));
             }
         }
-        let value = ctx.payload().map_err(|reason| ExtractError::BadInput(reason.to_owned()))?;
+        let value = ctx.payload().map_err(|error| ExtractError::BadInput(error.to_string()))?;
         no_array_for_a_struct::<T>(value.is_array())?;
         T::deserialize(&*kombu_types_as_text(body, value)).map(Payload).map_err(|error| {
             ExtractError::BadInput(format!(
@@ -200,7 +255,7 @@ impl FromContext for Failure {
             .ok_or_else(|| ExtractError::Unavailable("no failure: not called back".into()))
     }
 
-    fn check(setup: &TargetSetup) -> Result<(), String> {
+    fn check(setup: &TargetSetup) -> Result<(), SetupError> {
         match setup.role {
             TargetRole::Callback => Ok(()),
             TargetRole::Target => {

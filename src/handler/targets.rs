@@ -33,7 +33,7 @@ use serde_json::Value;
 use tokio::runtime::RuntimeFlavor;
 
 use crate::data::BoxError;
-use crate::handler::extract::{ExtractError, FromContext, TargetSetup};
+use crate::handler::extract::{ExtractError, FromContext, SetupError, TargetSetup};
 use crate::handler::WorkerContext;
 
 /// How a target's call ended, before it becomes an [`Outcome`](crate::data::Outcome).
@@ -97,7 +97,8 @@ impl<T: Serialize, E: Into<BoxError>> IntoOutcome for Result<T, E> {
 }
 
 /// Any serializable value, as a target's return value (`Json(my_struct)`), also inside a
-/// `Result`, an `Option` or a `Vec`, which it serializes as the value it holds.
+/// `Result`, an `Option` or a `Vec`, which it serializes as the value it holds (see
+/// [`RunningService`](crate::RunningService)'s example).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Json<T>(pub T);
 
@@ -201,7 +202,7 @@ pub trait Target<M>: Clone + Send + Sync + 'static {
 
     /// Check at start-up that every parameter can be provided on the route.
     #[doc(hidden)]
-    fn check(setup: &TargetSetup) -> Result<(), String>;
+    fn check(setup: &TargetSetup) -> Result<(), SetupError>;
     /// Run the target with arguments extracted from `ctx`.
     #[doc(hidden)]
     fn invoke(&self, ctx: WorkerContext) -> BoxFuture<'static, TargetResult>;
@@ -330,7 +331,7 @@ macro_rules! impl_target {
         {
             const CARRIES_RESPONSE: bool = R::CARRIES_RESPONSE;
 
-            fn check(setup: &TargetSetup) -> Result<(), String> {
+            fn check(setup: &TargetSetup) -> Result<(), SetupError> {
                 $($param::check(setup)?;)*
                 Ok(())
             }
@@ -359,7 +360,7 @@ macro_rules! impl_target {
             const CARRIES_RESPONSE: bool = R::CARRIES_RESPONSE;
             const ASYNC: bool = true;
 
-            fn check(setup: &TargetSetup) -> Result<(), String> {
+            fn check(setup: &TargetSetup) -> Result<(), SetupError> {
                 $($param::check(setup)?;)*
                 Ok(())
             }
@@ -400,7 +401,7 @@ type Invoke = dyn Fn(WorkerContext) -> BoxFuture<'static, TargetResult> + Send +
 pub(crate) struct ErasedTarget {
     /// The function's path, e.g. `my_service::tasks::test`.
     pub path: &'static str,
-    pub check: fn(&TargetSetup) -> Result<(), String>,
+    pub check: fn(&TargetSetup) -> Result<(), SetupError>,
     pub invoke: Arc<Invoke>,
     /// Whether the function is an `async fn` (see [`Target::ASYNC`]).
     pub asynchronous: bool,

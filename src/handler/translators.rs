@@ -68,7 +68,7 @@ pub(crate) fn translate(
     translators: &[std::sync::Arc<dyn MessageTranslator>],
     message: &Message,
 ) -> Result<Value, String> {
-    let mut payload = message.decode()?;
+    let mut payload = message.decode().map_err(|error| error.to_string())?;
     for (index, translator) in translators.iter().enumerate() {
         let translated =
             std::panic::catch_unwind(AssertUnwindSafe(|| translator.translate(payload, message)));

@@ -32,7 +32,41 @@ use crate::pipeline::entrypoint_kind::EntrypointInfo;
 use crate::pipeline::retry::BackOffPolicy;
 use crate::pipeline::Entrypoint;
 
-/// A target function with the entrypoint that triggers it.
+/// A target function with the entrypoint that triggers it, and what its calls need: a name,
+/// translators, dependencies and a retry policy. Here a target that fails its first attempt
+/// is retried in the worker by [`BackOff`](crate::pipeline::retry::BackOff):
+///
+/// ```
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use micro_framework::amqp::entrypoints::EventListener;
+/// use micro_framework::dependencies::Shared;
+/// use micro_framework::prelude::*;
+/// use micro_framework::retry::BackOff;
+/// use micro_framework::testing::{test_config, TestService};
+///
+/// fn charge(
+///     Payload(cents): Payload<u32>,
+///     Dep(tries): Dep<Arc<AtomicU32>>,
+/// ) -> Result<u32, String> {
+///     match tries.fetch_add(1, Ordering::Relaxed) {
+///         0 => Err("card reader busy".into()),
+///         _ => Ok(cents),
+///     }
+/// }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let route = Route::new(charge)
+///     .entrypoint(EventListener::new("shop", "paid"))
+///     .dependency(Shared(Arc::new(AtomicU32::new(0))))
+///     .backoff(BackOff::new(1, Duration::from_millis(10)));
+/// let service = TestService::start(vec![route], test_config("billing")).await.unwrap();
+/// let charged: u32 = service.hook("charge").unwrap().event(&7).await.unwrap();
+/// assert_eq!(charged, 7);
+/// service.stop().await.unwrap();
+/// # });
+/// ```
 pub struct Route {
     pub(crate) name: String,
     pub(crate) target: ErasedTarget,
@@ -163,7 +197,30 @@ impl fmt::Debug for Route {
 }
 
 /// A route whose `callback` runs when the target fails and no retry remains. The callback
-/// can take the same parameters as a target, plus the [`Failure`](crate::Failure).
+/// can take the same parameters as a target, plus the [`Failure`](crate::Failure). Here the
+/// broker redelivers a failed event twice, 5 s apart
+/// ([`AsyncBackOff`](crate::pipeline::retry::AsyncBackOff)), before `refund` runs:
+///
+/// ```
+/// use std::time::Duration;
+/// use micro_framework::amqp::entrypoints::EventListener;
+/// use micro_framework::prelude::*;
+/// use micro_framework::retry::AsyncBackOff;
+/// use serde_json::Value;
+///
+/// fn charge(Payload(order): Payload<Value>) -> Result<(), String> {
+///     Err(format!("card declined for {order}"))
+/// }
+///
+/// fn refund(Payload(order): Payload<Value>, failure: Failure) {
+///     eprintln!("refunding {order}: {failure}");
+/// }
+///
+/// let route: Route = CallbackRoute::new(charge, refund)
+///     .entrypoint(EventListener::new("shop", "paid"))
+///     .backoff(AsyncBackOff::new(2, Duration::from_secs(5)));
+/// assert_eq!(route.route_name(), "charge");
+/// ```
 #[derive(Debug)]
 pub struct CallbackRoute;
 

@@ -60,7 +60,35 @@ pub(super) async fn supervise(
     first_error.map_or(Ok(()), Err)
 }
 
-/// A service started with [`Runner::spawn`](super::Runner::spawn).
+/// A service started with [`Runner::spawn`](super::Runner::spawn), which returns once every
+/// route is set up; it runs on the caller's runtime until [`stop`](RunningService::stop).
+///
+/// ```
+/// use micro_framework::amqp::entrypoints::RPCListener;
+/// use micro_framework::amqp::rpc::Client;
+/// use micro_framework::prelude::*;
+/// use serde_json::{json, Value};
+///
+/// #[derive(serde::Serialize)]
+/// struct Health { ok: bool }
+///
+/// fn health() -> Json<Health> {
+///     Json(Health { ok: true })
+/// }
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = Config::new("status").with_amqp_uri("memory://doc-running-service".into());
+/// let routes = vec![Route::new(health).entrypoint(RPCListener::new())];
+/// let service = Runner::new(routes, config.clone()).spawn().await?;
+/// assert!(service.is_ready());
+///
+/// let client = Client::connect(&config).await?;
+/// let reply: Value = client.call("status", "health", json!([]), json!({})).await?;
+/// assert_eq!(reply, json!({"ok": true}));
+/// client.close().await;
+/// service.stop().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct RunningService {
     #[cfg_attr(not(any(feature = "http", feature = "websocket")), allow(dead_code))]

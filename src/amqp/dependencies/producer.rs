@@ -132,7 +132,7 @@ impl EventSink for BrokerSink {
 /// A dependency whose `Output` is `Producer` (on the route or the runner) replaces the one
 /// built from the broker, e.g. `testing::FakeProducer` in tests.
 ///
-/// ```no_run
+/// ```
 /// use micro_framework::amqp::dependencies::Producer;
 /// use serde_json::json;
 ///

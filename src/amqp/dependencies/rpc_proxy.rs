@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 /// A dependency whose `Output` is `RpcProxy` (on the route or the runner) replaces the one
 /// built from the broker, e.g. `testing::FakeRpc` in tests.
 ///
-/// ```no_run
+/// ```
 /// use micro_framework::amqp::dependencies::RpcProxy;
 /// use micro_framework::amqp::rpc::RpcError;
 /// use serde_json::json;
@@ -101,7 +101,7 @@ impl ServiceProxy {
     /// Call in `protocol`'s wire format instead of the config's `PROTOCOL`, e.g. a Python
     /// micro-framework service from a service that speaks Nameko.
     ///
-    /// ```no_run
+    /// ```
     /// use micro_framework::amqp::dependencies::RpcProxy;
     /// use micro_framework::amqp::rpc::RpcError;
     /// use micro_framework::config::Protocol;

@@ -46,7 +46,7 @@ pub struct Args<T>(pub T);
 
 impl<T: DeserializeOwned + Send + 'static> FromContext for Args<T> {
     fn from_context(ctx: &WorkerContext) -> Result<Self, ExtractError> {
-        let payload = ctx.payload().map_err(|reason| ExtractError::BadInput(reason.to_owned()))?;
+        let payload = ctx.payload().map_err(|error| ExtractError::BadInput(error.to_string()))?;
         let payload = kombu_types_as_text(&ctx.message().body, payload);
         let (args, kwargs) = request_arguments(&payload).ok_or_else(|| {
             ExtractError::BadInput(

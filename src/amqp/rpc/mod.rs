@@ -7,7 +7,7 @@
 //!   standalone [`Client`] anywhere else. Errors are values ([`RpcError`]); a remote error is
 //!   only described, never evaluated.
 //!
-//! ```no_run
+//! ```
 //! use micro_framework::prelude::*;
 //! use micro_framework::amqp::entrypoints::RPCListener;
 //! use micro_framework::amqp::rpc::{Args, Client};
@@ -18,11 +18,13 @@
 //!
 //! fn add(Args(Add { a, b }): Args<Add>) -> i64 { a + b }
 //!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = "memory://doc-rpc"; // or amqp://guest:guest@localhost:5672/
 //! let routes = vec![Route::new(add).entrypoint(RPCListener::new())];
-//! let service = Runner::new(routes, Config::new("math")).spawn().await?;
+//! let config = Config::new("math").with_amqp_uri(broker.into());
+//! let service = Runner::new(routes, config).spawn().await?;
 //!
-//! let client = Client::connect(&Config::new("caller")).await?;
+//! let client = Client::connect(&Config::new("caller").with_amqp_uri(broker.into())).await?;
 //! let sum: i64 = client.call("math", "add", json!([1]), json!({"b": 2})).await?;
 //! assert_eq!(sum, 3);
 //! client.close().await;

@@ -200,7 +200,7 @@ fn well_formed(message: &Message, max_size: usize) -> std::result::Result<(), St
     if message.decode_into::<RequestShape>().is_ok() {
         return Ok(());
     }
-    message.decode_into::<IgnoredAny>()?;
+    message.decode_into::<IgnoredAny>().map_err(|error| error.to_string())?;
     Err("Message missing `args` or `kwargs`".to_owned())
 }
 

@@ -127,8 +127,11 @@ fn values_body(body: &impl Serialize) -> Bytes {
 /// JSON object, or holds neither, is unreadable: no successful `null`.
 pub(crate) fn parse_reply(body: &[u8]) -> Result<Result<Value, RemoteException>, String> {
     let reply: Value = serde_json::from_slice(body).map_err(|error| {
-        let hint = if holds_a_lone_surrogate(body, &error) { LONE_SURROGATE } else { "" };
-        format!("unreadable RPC reply{hint}: {error}")
+        if holds_a_lone_surrogate(body, &error) {
+            format!("unreadable RPC reply ({LONE_SURROGATE}): {error}")
+        } else {
+            format!("unreadable RPC reply: {error}")
+        }
     })?;
     let Value::Object(mut reply) = reply else {
         return Err("unreadable RPC reply: not a JSON object".into());

@@ -51,7 +51,7 @@ struct WrappedOut<'a> {
 
 /// Read a wrapped retry; the error says what does not fit the layout.
 pub(crate) fn unwrap(message: &Message) -> Result<Unwrapped, String> {
-    let wrapped: WrappedIn = message.decode_into()?;
+    let wrapped: WrappedIn = message.decode_into().map_err(|error| error.to_string())?;
     let [payload]: [Box<RawValue>; 1] = wrapped.fn_args.try_into().map_err(|args: Vec<_>| {
         format!("fn_args holds {} values; a route takes one payload", args.len())
     })?;
@@ -91,7 +91,7 @@ fn read_backoff(raw: &RawValue) -> Result<(Option<u32>, Option<SystemTime>), Str
 /// as a JSON string; an empty body as `null`. Other bodies cannot be wrapped.
 pub(crate) fn payload_of(message: &Message) -> Result<Box<RawValue>, String> {
     message.decode_into::<Box<RawValue>>().or_else(|_| {
-        let value = message.decode()?;
+        let value = message.decode().map_err(|error| error.to_string())?;
         serde_json::value::to_raw_value(&value).map_err(|error| error.to_string())
     })
 }

@@ -73,6 +73,8 @@ pub struct BackOffPolicy {
 /// plugin's exchange, from which the route's backoff queue gets it back. Only a message taken
 /// from a queue can be published again: on an RPC, HTTP, WebSocket or timer route the first
 /// failure is final (the start-up warns of it; [`BackOff`] retries there).
+///
+/// See [`CallbackRoute`](crate::CallbackRoute)'s example.
 #[derive(Debug)]
 pub struct AsyncBackOff;
 
@@ -86,6 +88,8 @@ impl AsyncBackOff {
 }
 
 /// In-worker retries: the worker sleeps `interval` and calls the target again.
+///
+/// See [`Route`](crate::Route)'s example.
 #[derive(Debug)]
 pub struct BackOff;
 
