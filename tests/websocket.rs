@@ -652,6 +652,31 @@ async fn a_plain_http_request_on_the_websocket_port_gets_an_http_error() {
     service.stop().await.unwrap();
 }
 
+/// RFC 6455 §4.2.2 and §4.4: a handshake of a version the server does not speak is refused
+/// with the versions it speaks (`sec-websocket-version: 13`), so that a client can retry.
+#[tokio::test]
+async fn a_handshake_of_another_version_is_told_the_version_the_server_speaks() {
+    let gate = Gate::default();
+    let (service, address) = start(2, &gate).await;
+    for version in ["sec-websocket-version: 8\r\n", ""] {
+        let mut socket = TcpStream::connect(address).await.unwrap();
+        let request = format!(
+            "GET / HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{version}\r\n"
+        );
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer));
+        assert!(matches!(read.await, Ok(Ok(_))), "the connection is closed after the answer");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{version:?}: {answer:?}");
+        assert!(answer.contains("\r\nsec-websocket-version: 13\r\n"), "{version:?}: {answer:?}");
+        assert!(answer.contains("\r\nupgrade: websocket\r\n"), "{version:?}: {answer:?}");
+    }
+    assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    service.stop().await.unwrap();
+}
+
 /// The Python micro-framework exports `ws_active_connections`, the WebSocket connections
 /// open: dashboards ported from it read the gauge, which rises with each client connected and
 /// falls as each leaves.

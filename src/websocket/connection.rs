@@ -147,8 +147,9 @@ fn spare_handle(_stream: &TcpStream) -> Option<TcpStream> {
 }
 
 /// Answer a request that failed the WebSocket handshake with an HTTP error saying why (426
-/// for a plain HTTP request, 400 for anything else that is no handshake), then close. Only
-/// for request errors: after an I/O error or a timeout there is no one to answer.
+/// for a plain HTTP request, or for a handshake of a version other than 13, which is named so
+/// that the client can retry with it; 400 for anything else that is no handshake), then
+/// close. Only for request errors: after an I/O error or a timeout there is no one to answer.
 async fn refuse_request(mut spare: TcpStream, error: &WsError) {
     use tokio_tungstenite::tungstenite::error::ProtocolError;
     let status = match error {
@@ -156,6 +157,10 @@ async fn refuse_request(mut spare: TcpStream, error: &WsError) {
             ProtocolError::MissingConnectionUpgradeHeader
             | ProtocolError::MissingUpgradeWebSocketHeader,
         ) => "426 Upgrade Required\r\nupgrade: websocket",
+        // tungstenite's error for a missing version and for any version but 13 alike
+        WsError::Protocol(ProtocolError::MissingSecWebSocketVersionHeader) => {
+            "426 Upgrade Required\r\nupgrade: websocket\r\nsec-websocket-version: 13"
+        }
         WsError::Protocol(_) | WsError::HttpFormat(_) | WsError::Http(_) => "400 Bad Request",
         _ => return,
     };
