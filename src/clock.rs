@@ -28,8 +28,13 @@ const FAR_AHEAD: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// timeout of `Duration::MAX`, say, meaning "no limit") gives a year from now rather than
 /// a panic.
 pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
-    let now = tokio::time::Instant::now();
-    now.checked_add(after).unwrap_or_else(|| now + FAR_AHEAD)
+    deadline_from(tokio::time::Instant::now(), after)
+}
+
+/// The instant `after` from `start`, or a year from it when `after` is too long for the
+/// clock (see [`deadline_after`]).
+pub(crate) fn deadline_from(start: tokio::time::Instant, after: Duration) -> tokio::time::Instant {
+    start.checked_add(after).unwrap_or_else(|| start + FAR_AHEAD)
 }
 
 /// The pace of tokio's clock against real time, over a wait.

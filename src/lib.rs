@@ -80,7 +80,7 @@ pub mod runner;
 pub mod testing;
 pub mod timer;
 pub mod transport;
-#[cfg(any(feature = "http", feature = "metrics"))]
+#[cfg(any(feature = "http", feature = "metrics", feature = "websocket"))]
 mod web_server;
 #[cfg(feature = "websocket")]
 pub mod websocket;

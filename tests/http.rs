@@ -310,6 +310,31 @@ async fn bodies_over_max_message_size_are_413() {
     service.stop().await.unwrap();
 }
 
+/// A body announced over MAX_MESSAGE_SIZE by its `content-length` is refused at once with
+/// 413, before any of it is sent: with `expect: 100-continue` (what curl sends for a body over
+/// 1 MiB) the client is not told to send it (`100 Continue`), and without it no answer waits
+/// for the body (until HTTP_HEADER_READ_TIMEOUT, then a 400) while it holds room in its
+/// route's body budget.
+#[tokio::test]
+async fn a_body_announced_over_the_limit_is_refused_before_it_is_sent() {
+    let config = hostile_config("http_announced", 30.0, 30.0).with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    for expect in ["expect: 100-continue\r\n", ""] {
+        let mut socket = raw(&base).await;
+        let head = format!(
+            "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+             content-length: 10000000\r\n{expect}\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(3), read_response(&mut socket));
+        let (status, body) = answer.await.expect("an answer before the body is sent");
+        assert!(status.starts_with("HTTP/1.1 413"), "{expect:?}: {status} {body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"], "too_large");
+    }
+    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0);
+    service.stop().await.unwrap();
+}
+
 fn gated(Dep(probe): Dep<Arc<Probe>>) -> Value {
     probe.enter(Value::Null);
     probe.leave();

@@ -545,6 +545,45 @@ async fn idle_connections_are_closed_after_the_idle_timeout_while_active_ones_st
     service.stop().await.unwrap();
 }
 
+/// A client's idle time counts from its last byte, not its last whole message: one that sends
+/// a message in fragments, one every 300 ms over 3 s, against an idle timeout of 1 s, is
+/// answered (it was closed as idle). Control frames may come between fragments.
+#[tokio::test]
+async fn a_client_sending_the_fragments_of_one_message_slowly_is_not_idle() {
+    let gate = Gate::default();
+    let config = ws_config("wsfragments", 2).with_websocket_idle_timeout(Duration::from_secs(1));
+    let (service, address) = start_with(config, &gate).await;
+    let fragment = |data: &[u8], opcode, is_final| {
+        Message::Frame(Frame::message(data.to_vec(), opcode, is_final))
+    };
+    let request = json!({"command": "echo", "command_args": ["é".repeat(10)]}).to_string();
+    let bytes = request.as_bytes();
+
+    // at once, a ping between the fragments, split inside a two-byte 'é' (text is checked
+    // on the whole message)
+    let mut quick = Raw::connect(address).await;
+    let (first, rest) = bytes.split_at(bytes.len() / 2 + 1);
+    quick.0.send(fragment(first, OpCode::Data(Data::Text), false)).await.unwrap();
+    quick.0.send(Message::Ping(b"p".to_vec().into())).await.unwrap();
+    quick.0.send(fragment(rest, OpCode::Data(Data::Continue), true)).await.unwrap();
+    assert_eq!(quick.recv().await["data"], json!(["é".repeat(10)]));
+
+    // slowly
+    let mut slow = Raw::connect(address).await;
+    let chunks: Vec<&[u8]> = bytes.chunks(bytes.len().div_ceil(10)).collect();
+    for (index, chunk) in chunks.iter().enumerate() {
+        let opcode = match index {
+            0 => OpCode::Data(Data::Text),
+            _ => OpCode::Data(Data::Continue),
+        };
+        let sent = slow.0.send(fragment(chunk, opcode, index == chunks.len() - 1)).await;
+        assert!(sent.is_ok(), "fragment {index} refused: {sent:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(slow.recv().await["data"], json!(["é".repeat(10)]));
+    service.stop().await.unwrap();
+}
+
 fn big() -> String {
     "x".repeat(900 * 1024)
 }
@@ -606,6 +645,58 @@ async fn a_client_that_reads_no_reply_holds_up_no_stop_with_the_default_idle_tim
     drop(stuck);
 }
 
+/// A client that reads a large reply steadily gets all of it, however long sending it takes:
+/// only one that takes no byte of it for WEBSOCKET_IDLE_TIMEOUT is dropped (it was cut once
+/// the send had taken that long), as an HTTP client reading a long response is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reading_a_large_reply_steadily_gets_all_of_it() {
+    let config = ws_config("wsslowreader", 2).with_websocket_idle_timeout(Duration::from_secs(1));
+    let routes = vec![Route::new(repeat).entrypoint(WebSocketEntrypoint::new())];
+    let service = Runner::new(routes, config).spawn().await.unwrap();
+    let address = service.websocket_address().expect("the service listens");
+    // a plain socket, read at the pace the test chooses
+    let mut socket = TcpStream::connect(address).await.unwrap();
+    let handshake = format!(
+        "GET / HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    );
+    socket.write_all(handshake.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        socket.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let size: usize = 24 << 20;
+    let request = json!({"command": "repeat", "command_args": [size]}).to_string();
+    // a final text frame, masked with a zero mask, of less than 126 bytes
+    let mut frame = vec![0x81u8, 0x80 | u8::try_from(request.len()).unwrap(), 0, 0, 0, 0];
+    frame.extend_from_slice(request.as_bytes());
+    socket.write_all(&frame).await.unwrap();
+    // about 6 MB a second: the reply takes about 4 s to read, four idle timeouts
+    let expected = size + r#"{"data":"","exception":null}"#.len() + 10; // and the frame's header
+    let mut received: usize = 0;
+    let mut buffer = vec![0u8; 64 * 1024];
+    let started = std::time::Instant::now();
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buffer)).await {
+            Err(_) => break "silent for 5 s",
+            Ok(Ok(0)) => break "closed by the server",
+            Ok(Err(_)) => break "reset by the server",
+            Ok(Ok(read)) => received += read,
+        }
+        if received >= expected {
+            break "whole";
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let elapsed = started.elapsed();
+    service.stop().await.unwrap();
+    assert_eq!(ended, "whole", "{received} of {expected} bytes in {elapsed:?}, then {ended}");
+    assert!(elapsed > Duration::from_secs(2), "read in {elapsed:?}: too fast to test the timeout");
+}
+
 #[tokio::test]
 async fn a_silent_socket_on_the_websocket_port_is_closed_after_the_idle_timeout() {
     let gate = Gate::default();
@@ -647,6 +738,31 @@ async fn a_plain_http_request_on_the_websocket_port_gets_an_http_error() {
         assert!(answer.starts_with(status), "{request:?}: {answer:?}");
         assert!(answer.contains("connection: close\r\n"), "{answer:?}");
         assert!(answer.contains("this port serves WebSocket connections"), "{answer:?}");
+    }
+    assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
+    service.stop().await.unwrap();
+}
+
+/// RFC 6455 §4.2.2 and §4.4: a handshake of a version the server does not speak is refused
+/// with the versions it speaks (`sec-websocket-version: 13`), so that a client can retry.
+#[tokio::test]
+async fn a_handshake_of_another_version_is_told_the_version_the_server_speaks() {
+    let gate = Gate::default();
+    let (service, address) = start(2, &gate).await;
+    for version in ["sec-websocket-version: 8\r\n", ""] {
+        let mut socket = TcpStream::connect(address).await.unwrap();
+        let request = format!(
+            "GET / HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{version}\r\n"
+        );
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer));
+        assert!(matches!(read.await, Ok(Ok(_))), "the connection is closed after the answer");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{version:?}: {answer:?}");
+        assert!(answer.contains("\r\nsec-websocket-version: 13\r\n"), "{version:?}: {answer:?}");
+        assert!(answer.contains("\r\nupgrade: websocket\r\n"), "{version:?}: {answer:?}");
     }
     assert_eq!(client(address).call::<i64>("add", (1, 2), ()).await.unwrap(), 3);
     service.stop().await.unwrap();

@@ -161,9 +161,9 @@ pub struct Config {
     /// `HTTP_MAX_CONNECTIONS`: how many HTTP connections are served at once; more wait,
     /// unaccepted, until one closes. From 1 to 1048576. Default: 1024.
     pub http_max_connections: usize,
-    /// `WEBSOCKET_IDLE_TIMEOUT`: how long a WebSocket connection may go without a frame from
-    /// its client (and without a call running) before it is closed; also bounds the
-    /// handshake. Positive, at most a day. Given in seconds (fractions allowed). Default: 60 s
+    /// `WEBSOCKET_IDLE_TIMEOUT`: how long a WebSocket connection may go without a byte from
+    /// its client (and without a call running or a reply being sent) before it is closed, and
+    /// a reply without a byte taken before its client is dropped; also bounds the handshake. Positive, at most a day. Given in seconds (fractions allowed). Default: 60 s
     /// (nginx's `proxy_read_timeout`).
     pub websocket_idle_timeout: Duration,
     /// `MAX_MESSAGE_SIZE`: the largest message body, in bytes, a service accepts (AMQP

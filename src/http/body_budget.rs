@@ -31,24 +31,35 @@ impl BodyBudget {
         BodyBudget { bytes: Arc::new(Semaphore::new(bytes)), body_limit }
     }
 
+    /// Whether `headers` announce a body over `MAX_MESSAGE_SIZE` (by its `content-length`),
+    /// which is refused before it is read.
+    pub(super) fn announces_too_much(&self, headers: &HeaderMap) -> bool {
+        announced_length(headers).is_some_and(|length| length > self.body_limit)
+    }
+
     /// Wait for room for the body `headers` announce: its `content-length`, or
     /// `MAX_MESSAGE_SIZE` for a body of unknown length (chunked); none for a request without
     /// a body. `None` when it needs no room.
     pub(super) async fn reserve(&self, headers: &HeaderMap) -> Option<OwnedSemaphorePermit> {
-        let announced = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|length| length.to_str().ok()?.trim().parse::<usize>().ok());
-        let size = match announced {
+        let size = match announced_length(headers) {
             Some(length) => length.min(self.body_limit),
             None if headers.contains_key(header::TRANSFER_ENCODING) => self.body_limit,
             None => 0,
         };
-        // a body larger than the limit is refused before it is read, and `u32` is the most a
-        // semaphore hands out at once (a limit over 4 GiB takes that much)
+        // a body announced larger than the limit is refused before this (see
+        // `announces_too_much`), and `u32` is the most a semaphore hands out at once (a limit
+        // over 4 GiB takes that much)
         let size = u32::try_from(size).unwrap_or(u32::MAX);
         if size == 0 {
             return None;
         }
         self.bytes.clone().acquire_many_owned(size).await.ok()
     }
+}
+
+/// The body length `headers` announce in `content-length`, if any.
+fn announced_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.trim().parse::<usize>().ok())
 }

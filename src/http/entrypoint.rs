@@ -27,7 +27,7 @@ use crate::pipeline::RouteHandle;
 /// body as [`Payload<T>`](crate::Payload), [`HttpRequest`] (method, headers, ...) and any
 /// dependency. A call waits for a free worker like any other (the pool bounds how many run
 /// at once); while the service stops, new requests get 503. Bodies over `MAX_MESSAGE_SIZE`
-/// get 413.
+/// get 413, before they are read when their `content-length` says so.
 ///
 /// ```
 /// use micro_framework::prelude::*;
@@ -146,6 +146,12 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                         return params_refusal(&rejection);
                     }
                 };
+                // A body announced over the limit is refused before any of it is read: its
+                // client is not told to send it (`100 Continue`), nor does it hold room in
+                // the budget while it comes.
+                if budget.announces_too_much(&headers) {
+                    return too_large(&route);
+                }
                 // Room for the body before it is read, held until the answer: the bodies
                 // read, waiting for a worker or in a call stay within the route's budget,
                 // not HTTP_MAX_CONNECTIONS of MAX_MESSAGE_SIZE (40 of 8 MiB waiting for one
@@ -193,17 +199,20 @@ fn params_refusal(rejection: &RawPathParamsRejection) -> axum::response::Respons
 /// The answer to a body that cannot be read: over `MAX_MESSAGE_SIZE` (413), or cut short.
 fn body_refusal(rejection: &BytesRejection, route: &RouteHandle) -> axum::response::Response {
     match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            route.refused("too_large");
-            let limit = route.config().max_message_size;
-            let message = format!("the request body is over MAX_MESSAGE_SIZE ({limit} bytes)");
-            refusal(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message)
-        }
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(route),
         status => {
             route.refused("bad_input");
             refusal(status, "bad_input", &rejection.body_text())
         }
     }
+}
+
+/// The answer to a body over `MAX_MESSAGE_SIZE`, announced or read.
+fn too_large(route: &RouteHandle) -> axum::response::Response {
+    route.refused("too_large");
+    let limit = route.config().max_message_size;
+    let message = format!("the request body is over MAX_MESSAGE_SIZE ({limit} bytes)");
+    refusal(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message)
 }
 
 /// Marks the answer to a request that is not for the route (another path or method).

@@ -1,32 +1,35 @@
 //! One client connection: read request frames, run their calls concurrently, send each reply
-//! when its call finishes. A client that sends no frame for `WEBSOCKET_IDLE_TIMEOUT` while
+//! when its call finishes. A client that sends no byte for `WEBSOCKET_IDLE_TIMEOUT` while
 //! none of its calls runs is closed (1000, "idle timeout"), and so is one that does not
-//! finish its handshake in that time (at most [`HANDSHAKE_TIMEOUT`]). One that takes no
-//! reply for as long (its buffers full, a send waiting), or for [`CLOSE_WAIT`] once the
-//! service stops, is dropped. A frame too big is answered with 1009, text that is not UTF-8
-//! with 1007.
+//! finish its handshake in that time (at most [`HANDSHAKE_TIMEOUT`]). One that takes no byte
+//! of a reply for as long (its buffers full, a send waiting), or that has not taken all of it
+//! [`CLOSE_WAIT`] after the service stops, is dropped. A frame too big is answered with 1009,
+//! text that is not UTF-8 with 1007.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::deadline_after;
+use crate::clock::{deadline_after, deadline_from};
 use crate::metrics::Metrics;
+use crate::web_server::Watched;
 use crate::websocket::dispatch::{dispatch, Step};
 use crate::websocket::registry::WsRegistry;
+use crate::websocket::traffic::Traffic;
 use crate::websocket::{frame_limits, HANDSHAKE_TIMEOUT};
 
-type Socket = WebSocketStream<TcpStream>;
+type Socket = WebSocketStream<Watched<Traffic>>;
 
 /// How long a closing connection waits for the client to answer its close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -41,7 +44,7 @@ enum End {
     TooBig,
     /// The client sent a text frame that is not UTF-8: close with 1007 (invalid data).
     NotUtf8,
-    /// The client sent nothing for `WEBSOCKET_IDLE_TIMEOUT`: close with 1000.
+    /// The client sent no byte for `WEBSOCKET_IDLE_TIMEOUT`: close with 1000.
     Idle,
 }
 
@@ -57,6 +60,8 @@ pub(crate) async fn serve_client(
     // the handshake takes the stream: a second handle answers a request that is no
     // WebSocket handshake, which otherwise got an empty reply
     let spare = spare_handle(&stream);
+    let traffic = Arc::new(Traffic::new());
+    let stream = Watched::new(stream, traffic.clone());
     let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(frame_limits()));
     let handshake = tokio::select! {
         _ = stopping.cancelled() => return,
@@ -79,21 +84,24 @@ pub(crate) async fn serve_client(
     tracing::debug!("WebSocket client {peer} connected");
     let _open = metrics.websocket_connection();
     let mut calls: JoinSet<String> = JoinSet::new();
-    let mut idle_until = deadline_after(idle);
+    // The client is idle from the later of its last byte (part of a frame counts) and the end
+    // of the last call it waited for, its reply sent.
+    let mut quiet_since = Instant::now();
+    let idle_until =
+        |quiet_since: Instant| deadline_from(traffic.last_read().max(quiet_since), idle);
     let end = loop {
         tokio::select! {
             biased;
             _ = stopping.cancelled() => break End::Stopping,
             Some(done) = calls.join_next() => {
-                idle_until = deadline_after(idle);
                 if let Some(reply) = finished(done) {
-                    if !send_within(&mut socket, reply, idle, &stopping, peer).await {
+                    if !send_within(&mut socket, &traffic, reply, idle, &stopping, peer).await {
                         break End::Closed;
                     }
                 }
+                quiet_since = Instant::now();
             }
             message = socket.next() => {
-                idle_until = deadline_after(idle);
                 let frame = match message {
                     Some(Ok(Message::Text(text))) => text.into(),
                     Some(Ok(Message::Binary(bytes))) => bytes,
@@ -117,20 +125,24 @@ pub(crate) async fn serve_client(
                         calls.spawn(call.run());
                     }
                     Step::Reply(reply) => {
-                        if !send_within(&mut socket, reply, idle, &stopping, peer).await {
+                        if !send_within(&mut socket, &traffic, reply, idle, &stopping, peer).await {
                             break End::Closed;
                         }
+                        quiet_since = Instant::now();
                     }
                 }
             }
             // a client waiting for a long call is not idle
-            () = tokio::time::sleep_until(idle_until), if calls.is_empty() => {
-                tracing::debug!("WebSocket client {peer} idle for {idle:?}: closing");
-                break End::Idle;
+            () = tokio::time::sleep_until(idle_until(quiet_since)), if calls.is_empty() => {
+                // bytes that came meanwhile moved the deadline: wait for the new one
+                if idle_until(quiet_since) <= Instant::now() {
+                    tracing::debug!("WebSocket client {peer} idle for {idle:?}: closing");
+                    break End::Idle;
+                }
             }
         }
     };
-    finish(socket, calls, end, peer, idle, &stopping).await;
+    finish(socket, &traffic, calls, end, peer, idle, &stopping).await;
 }
 
 /// A second handle on `stream`'s socket (a duplicated descriptor), if one can be made.
@@ -147,8 +159,9 @@ fn spare_handle(_stream: &TcpStream) -> Option<TcpStream> {
 }
 
 /// Answer a request that failed the WebSocket handshake with an HTTP error saying why (426
-/// for a plain HTTP request, 400 for anything else that is no handshake), then close. Only
-/// for request errors: after an I/O error or a timeout there is no one to answer.
+/// for a plain HTTP request, or for a handshake of a version other than 13, which is named so
+/// that the client can retry with it; 400 for anything else that is no handshake), then
+/// close. Only for request errors: after an I/O error or a timeout there is no one to answer.
 async fn refuse_request(mut spare: TcpStream, error: &WsError) {
     use tokio_tungstenite::tungstenite::error::ProtocolError;
     let status = match error {
@@ -156,6 +169,10 @@ async fn refuse_request(mut spare: TcpStream, error: &WsError) {
             ProtocolError::MissingConnectionUpgradeHeader
             | ProtocolError::MissingUpgradeWebSocketHeader,
         ) => "426 Upgrade Required\r\nupgrade: websocket",
+        // tungstenite's error for a missing version and for any version but 13 alike
+        WsError::Protocol(ProtocolError::MissingSecWebSocketVersionHeader) => {
+            "426 Upgrade Required\r\nupgrade: websocket\r\nsec-websocket-version: 13"
+        }
         WsError::Protocol(_) | WsError::HttpFormat(_) | WsError::Http(_) => "400 Bad Request",
         _ => return,
     };
@@ -172,12 +189,14 @@ async fn refuse_request(mut spare: TcpStream, error: &WsError) {
     }
 }
 
-/// Send `reply` to the client within `limit`, or within [`CLOSE_WAIT`] once `stopping` fires.
-/// A client that takes nothing for that long (it reads no reply, so its buffers and ours are
-/// full) would hold the send, and with it the connection, its task, its idle timer and a
-/// graceful stop: it is dropped instead.
+/// Send `reply` to the client while it takes a byte of it at least every `limit` (as
+/// `traffic` sees), and within [`CLOSE_WAIT`] once `stopping` fires. A client that takes
+/// nothing for that long (it reads no reply, so its buffers and ours are full) would hold the
+/// send, and with it the connection, its task, its idle timer and a graceful stop: it is
+/// dropped instead. One that reads a large reply steadily gets all of it.
 async fn send_within(
     socket: &mut Socket,
+    traffic: &Traffic,
     reply: String,
     limit: Duration,
     stopping: &CancellationToken,
@@ -185,21 +204,33 @@ async fn send_within(
 ) -> bool {
     let send = socket.send(Message::text(reply));
     tokio::pin!(send);
-    let until = deadline_after(limit);
-    let sent = tokio::select! {
-        sent = tokio::time::timeout_at(until, &mut send) => sent,
-        () = stopping.cancelled() => {
-            let until = until.min(deadline_after(CLOSE_WAIT));
-            tokio::time::timeout_at(until, &mut send).await
+    let started = Instant::now();
+    let until = || deadline_from(traffic.last_written().max(started), limit);
+    // once the service stops, the send's end is fixed: CLOSE_WAIT from then at most
+    let mut stop_until: Option<Instant> = None;
+    let sent = loop {
+        let deadline = stop_until.map_or_else(until, |stop| until().min(stop));
+        tokio::select! {
+            sent = &mut send => break Some(sent),
+            () = stopping.cancelled(), if stop_until.is_none() => {
+                stop_until = Some(deadline_after(CLOSE_WAIT));
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                // bytes written meanwhile moved the deadline: wait for the new one
+                let deadline = stop_until.map_or_else(until, |stop| until().min(stop));
+                if deadline <= Instant::now() {
+                    break None;
+                }
+            }
         }
     };
     match sent {
-        Ok(Ok(())) => true,
-        Ok(Err(error)) => {
+        Some(Ok(())) => true,
+        Some(Err(error)) => {
             tracing::debug!("cannot reply to WebSocket client {peer}: {error}");
             false
         }
-        Err(_) => {
+        None => {
             tracing::warn!("WebSocket client {peer} took no reply in time: dropped");
             false
         }
@@ -215,6 +246,7 @@ fn finished(done: Result<String, tokio::task::JoinError>) -> Option<String> {
 /// reply to them while the connection is open, then close it.
 async fn finish(
     mut socket: Socket,
+    traffic: &Traffic,
     mut calls: JoinSet<String>,
     end: End,
     peer: SocketAddr,
@@ -224,7 +256,7 @@ async fn finish(
     let mut open = !matches!(end, End::Closed);
     while let Some(done) = calls.join_next().await {
         if let (Some(reply), true) = (finished(done), open) {
-            open = send_within(&mut socket, reply, idle, stopping, peer).await;
+            open = send_within(&mut socket, traffic, reply, idle, stopping, peer).await;
         }
     }
     let frame = match end {
@@ -258,7 +290,7 @@ async fn finish(
 /// Close the write side of `stream`, then read and discard what the client still sends until
 /// it closes too, for at most [`CLOSE_WAIT`]. Closing a socket with unread bytes resets the
 /// connection, which can destroy what was last sent before the client reads it.
-async fn close_after_reading(stream: &mut TcpStream) {
+async fn close_after_reading(stream: &mut (impl AsyncRead + AsyncWrite + Unpin)) {
     let drain = async {
         stream.shutdown().await?;
         let mut sink = [0u8; 8192];

@@ -55,9 +55,10 @@
 //! Limits: a request frame of at most 1 MiB (the Python server's default; a larger one closes
 //! the connection with 1009; replies are not bounded there, and `WebSocketRpcClient` reads
 //! them up to 64 MiB, [`MAX_REPLY_SIZE`]), at most 32 calls running per connection, a call
-//! only when a worker of the route's pool is free at once. A client that sends no frame (pings count) for
-//! `WEBSOCKET_IDLE_TIMEOUT` (default 60 s) while none of its calls runs is closed with 1000
-//! ("idle timeout"); the handshake must be done within 10 s, or that timeout if shorter. On
+//! only when a worker of the route's pool is free at once. A client that sends no byte (pings
+//! and fragments count) for `WEBSOCKET_IDLE_TIMEOUT` (default 60 s) while none of its calls
+//! runs is closed with 1000 ("idle timeout"), and one that takes no byte of a reply for as
+//! long is dropped; the handshake must be done within 10 s, or that timeout if shorter. On
 //! shutdown the server stops accepting connections and reading frames, lets running calls
 //! finish (up to `SHUTDOWN_TIMEOUT`) and reply, then closes each connection with 1001. Every frame read is started or refused at once, so
 //! nothing received waits unstarted: `thread` and `greedy_thread` stop alike.
@@ -96,6 +97,7 @@ mod entrypoint;
 mod error;
 mod registry;
 mod server;
+mod traffic;
 
 use std::time::Duration;
 

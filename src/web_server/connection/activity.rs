@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::Timeouts;
 use crate::clock::deadline_after;
+use crate::web_server::Watcher;
 
 /// What a connection is waiting for, and until when.
 #[derive(Debug, Clone, Copy)]
@@ -73,22 +74,6 @@ impl Activity {
         self.changed.notify_one();
     }
 
-    /// Bytes came from the client: an idle connection is now reading a request head.
-    pub(super) fn bytes_read(&self) {
-        let mut phase = self.phase();
-        if let Phase::Idle(_) = *phase {
-            self.set(&mut phase, Phase::Head(deadline_after(self.timeouts.header_read)));
-        }
-    }
-
-    /// Bytes went to the client: the keep-alive wait counts from the last of a response.
-    pub(super) fn bytes_written(&self) {
-        let mut phase = self.phase();
-        if let Phase::Idle(_) = *phase {
-            self.set(&mut phase, Phase::Idle(deadline_after(self.keep_alive())));
-        }
-    }
-
     /// Whether the connection is waiting for a request head that hyper has not handed over
     /// yet: from the accept, or from the first byte of its next request (not while a request
     /// is handled, nor idle between requests). A stopping server closes such a connection at
@@ -128,6 +113,24 @@ impl Activity {
         match *self.phase() {
             Phase::Busy(_) => false,
             Phase::Head(until) | Phase::Idle(until) => until <= Instant::now(),
+        }
+    }
+}
+
+impl Watcher for Activity {
+    /// Bytes came from the client: an idle connection is now reading a request head.
+    fn bytes_read(&self) {
+        let mut phase = self.phase();
+        if let Phase::Idle(_) = *phase {
+            self.set(&mut phase, Phase::Head(deadline_after(self.timeouts.header_read)));
+        }
+    }
+
+    /// Bytes went to the client: the keep-alive wait counts from the last of a response.
+    fn bytes_written(&self) {
+        let mut phase = self.phase();
+        if let Phase::Idle(_) = *phase {
+            self.set(&mut phase, Phase::Idle(deadline_after(self.keep_alive())));
         }
     }
 }
