@@ -492,3 +492,305 @@ fn a_program_whose_main_returns_an_error_prints_its_message() {
         "{stderr}"
     );
 }
+
+/// The configuration's reading, `AMQP_URI` checks and secret masking: cases the suite let
+/// change unnoticed (each names the change it catches).
+mod configuration {
+    use micro_framework::config::{Config, ConfigError};
+    use serde_json::json;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn yaml(text: &str) -> Config {
+        Config::from_yaml_str(text, &no_env).unwrap_or_else(|error| panic!("{text}: {error}"))
+    }
+
+    // ------------------------------------------------------------------------------ YAML
+
+    /// PyYAML applies a merge key wherever a mapping is, a mapping in a list too (a list of
+    /// per-node settings sharing a base). Mutant: the items of a sequence not walked.
+    #[test]
+    fn a_merge_key_in_a_mapping_inside_a_list_is_applied() {
+        let config = yaml(
+            "SERVICE_NAME: s\nbase: &base {port: 5432, user: app}\nSHOP_DBS:\n  - <<: *base\n    \
+             host: a\n  - {<<: *base, host: b, port: 6432}\n",
+        );
+        assert_eq!(
+            config.extra["SHOP_DBS"],
+            json!([
+                {"host": "a", "port": 5432, "user": "app"},
+                {"host": "b", "port": 6432, "user": "app"},
+            ])
+        );
+    }
+
+    /// PyYAML refuses a merge list holding anything but mappings ("expected a mapping for
+    /// merging"). Mutant: such an item skipped, the file accepted.
+    #[test]
+    fn a_merge_list_holding_a_scalar_is_refused() {
+        let text = "SERVICE_NAME: s\nbase: &base {MAX_WORKERS: 3}\n<<: [*base, 5]\n";
+        let error = Config::from_yaml_str(text, &no_env).unwrap_err();
+        assert!(error.reason.contains("a merge key (<<) takes a mapping"), "{error}");
+    }
+
+    /// `!env_var` reads what substitution gives as YAML, and substitutes no further: a
+    /// variable's value holding `${...}` is kept as it is (Nameko's `yaml.safe_load` of the
+    /// substituted text knows no references). Mutant: the value substituted again.
+    #[test]
+    fn the_value_of_an_env_var_tag_is_not_substituted_again() {
+        let vars = |name: &str| match name {
+            "SHOP_TEMPLATE" => Some("x${OTHER:y}".to_owned()),
+            _ => None,
+        };
+        let text = "SERVICE_NAME: s\nSHOP_TEMPLATE: !env_var \"${SHOP_TEMPLATE}\"\n";
+        let config = Config::from_yaml_str(text, &vars).unwrap();
+        assert_eq!(config.extra["SHOP_TEMPLATE"], json!("x${OTHER:y}"));
+    }
+
+    /// `!env_var` with no value is Nameko's empty string (its scalar is `''`, no reference in
+    /// it). Mutant: read as the text `null`.
+    #[test]
+    fn an_empty_env_var_tag_is_the_empty_string() {
+        let config = yaml("SERVICE_NAME: s\nSHOP_EMPTY: !env_var\nSHOP_RAW: !raw_env_var\n");
+        assert_eq!(config.extra["SHOP_EMPTY"], json!(""));
+        assert_eq!(config.extra["SHOP_RAW"], json!(""));
+    }
+
+    /// An integer above `i64::MAX` stays that integer. Mutant: read as a float (rounded).
+    #[test]
+    fn an_integer_above_i64_max_is_kept_exact() {
+        let config = yaml("SERVICE_NAME: s\nSHOP_BIG: 18446744073709551615\n");
+        assert_eq!(config.extra["SHOP_BIG"], json!(u64::MAX));
+        assert_eq!(config.get::<u64>("SHOP_BIG").unwrap().unwrap(), u64::MAX);
+    }
+
+    /// A mapping key may be a number or a boolean (as documented), read as its text.
+    /// Mutants: a number key, or a boolean key, refused.
+    #[test]
+    fn number_and_boolean_mapping_keys_read_as_their_text() {
+        let config = yaml("SERVICE_NAME: s\nSHOP_CODES: {1: one, 2.5: half, true: yes_}\n");
+        assert_eq!(config.extra["SHOP_CODES"], json!({"1": "one", "2.5": "half", "true": "yes_"}));
+    }
+
+    // ------------------------------------------------------------------------------ substitution
+
+    /// In TOML, references in the strings of an array are substituted too. Mutant: arrays
+    /// skipped.
+    #[test]
+    fn references_in_a_toml_array_are_substituted() {
+        let vars = |name: &str| (name == "SHOP_HOST").then(|| "h1".to_owned());
+        let toml = "SERVICE_NAME = 's'\nSHOP_HOSTS = ['${SHOP_HOST}', '${SHOP_OTHER:h2}']\n";
+        let config = Config::from_toml_str(toml, &vars).unwrap();
+        assert_eq!(config.extra["SHOP_HOSTS"], json!(["h1", "h2"]));
+    }
+
+    /// An unclosed reference in a TOML table's entry names the entry `TABLE.KEY`, as from YAML.
+    /// Mutant: named after the table only.
+    #[test]
+    fn an_unclosed_reference_in_a_toml_table_names_the_entry() {
+        let toml = "SERVICE_NAME = 's'\n[DB]\nURL = '${DB_URL'\n";
+        let error = Config::from_toml_str(toml, &no_env).unwrap_err();
+        assert_eq!(error.key, "DB.URL", "{error}");
+        let yaml = "SERVICE_NAME: s\nDB:\n  URL: '${DB_URL'\n";
+        assert_eq!(Config::from_yaml_str(yaml, &no_env).unwrap_err().key, "DB.URL");
+    }
+
+    // ------------------------------------------------------------------------------ AMQP_URI
+
+    fn with_uri(uri: &str) -> Result<(), ConfigError> {
+        Config::new("s").with_amqp_uri(uri.to_owned()).validate()
+    }
+
+    /// AMQP's short string holds a 255-byte vhost. Mutant: `>=` for `>`, refused.
+    #[test]
+    fn a_vhost_of_255_bytes_is_accepted_and_256_refused() {
+        let at_limit = format!("amqp://u:p@h/{}", "v".repeat(255));
+        with_uri(&at_limit).unwrap();
+        let over = format!("amqp://u:p@h/{}", "v".repeat(256));
+        assert!(with_uri(&over).unwrap_err().reason.contains("vhost of 256 bytes"));
+    }
+
+    /// `frame_max=0` is AMQP's "no limit" (the code says so); 4096 is the minimum, allowed.
+    /// Mutants: the range of refused values starting at 0, or ending at 4096 included.
+    #[test]
+    fn frame_max_zero_and_4096_are_accepted() {
+        with_uri("amqp://u:p@h/?frame_max=0").unwrap();
+        with_uri("amqp://u:p@h/?frame_max=4096").unwrap();
+        let error = with_uri("amqp://u:p@h/?frame_max=4095").unwrap_err();
+        assert!(error.reason.contains("below AMQP's minimum"), "{error}");
+    }
+
+    /// A number too large for its AMQP field says so (not "bad heartbeat"). Mutant: the
+    /// overflow case dropped.
+    #[test]
+    fn an_option_too_large_for_amqp_says_so() {
+        let error = with_uri("amqp://u:p@h/?heartbeat=70000").unwrap_err();
+        assert!(error.reason.contains("heartbeat 70000 is too large for AMQP"), "{error}");
+    }
+
+    /// An unknown option named in two entries is warned about once. Mutant: named twice.
+    #[test]
+    fn an_unused_option_is_named_once() {
+        let config = Config::new("s")
+            .with_amqp_uri("amqp://u:p@a/?ssl=1,amqp://u:p@b/?ssl=1&x=2".to_owned());
+        assert_eq!(config.unused_amqp_uri_options(), ["ssl", "x"]);
+    }
+
+    /// The hint about an unencoded delimiter in the password is given when one comes before the
+    /// last `@`, whatever `@` comes before it. Mutant: the first `@` looked at.
+    #[test]
+    fn an_unencoded_slash_after_an_at_in_the_password_gets_the_hint() {
+        let error = with_uri("amqp://u:p@[ss/w@h/").unwrap_err();
+        assert!(error.reason.contains("written %2F"), "{error}");
+    }
+
+    // ------------------------------------------------------------------------------ masking
+
+    /// A URI after `=`, `(`, `[`, `<`, `,`, `;`, or a quote begins a word: its password is
+    /// masked even when it holds a space (which ends the `user:password@` word).
+    /// Mutants: each of these characters dropped from those that begin a word.
+    #[test]
+    fn a_uri_after_punctuation_with_a_space_in_its_password_is_masked() {
+        for before in ["=", "(", "[", "<", ",", ";", "\"", "'", "`", " "] {
+            let reason = format!("cannot read url{before}amqp://svc:Zq7 kP2x9w@mq:5672/ here");
+            let error = ConfigError::new("BROKER", "", &reason);
+            assert!(!error.reason.contains("Zq7"), "after {before:?}: {}", error.reason);
+            assert!(!error.reason.contains("kP2x9w"), "after {before:?}: {}", error.reason);
+        }
+    }
+
+    /// A scheme with `+`, `.` or `-` (`amqp+ssl`, `x.y`) is a scheme. Mutant: `+` ends it.
+    #[test]
+    fn a_uri_with_a_plus_in_its_scheme_and_a_space_in_its_password_is_masked() {
+        let error = ConfigError::new("BROKER", "", "see amqp+ssl://svc:Zq7 kP2x9w@mq/ now");
+        assert!(!error.reason.contains("kP2x9w"), "{}", error.reason);
+    }
+
+    /// A secret of four characters named bare in a reason is masked (the code masks from 4 on).
+    /// Mutant: `<=` for `<`, shown.
+    #[test]
+    fn a_four_character_secret_named_bare_is_masked() {
+        let error = ConfigError::new("API_TOKEN", "k9Zq", "cannot use k9Zq here");
+        assert_eq!(error.reason, "cannot use *** here");
+    }
+
+    /// A quoted secret ending in a backslash (escaped as `\\`) is masked, and what the reason
+    /// says after it is kept. Mutant: an escaped backslash taken to escape the closing quote.
+    #[test]
+    fn a_quoted_secret_ending_in_a_backslash_keeps_the_rest_of_the_reason() {
+        let text = "SERVICE_NAME: s\nAPI_TOKEN: 'ab\\'\n";
+        let config = yaml(text);
+        let error = config.get::<u64>("API_TOKEN").unwrap().unwrap_err();
+        assert!(error.reason.contains("expected u64"), "{error}");
+        assert!(!error.reason.contains("ab\\"), "{error}");
+    }
+
+    // ------------------------------------------------------------------------------ connecting
+
+    /// `amqp://` without a port is 5672, and without a password logs in as `guest` (the
+    /// transport reads the URI through the same code as validation). Mutants: the default ports
+    /// of `amqp` and `amqps` swapped; an absent password read as empty.
+    #[tokio::test]
+    async fn an_amqp_uri_without_port_or_password_connects_to_5672_as_guest() {
+        let Some(uri) = super::rabbitmq_uri() else { return };
+        // the URIs below name the default port and user, so only the suite's default broker
+        // answers them
+        if uri != "amqp://guest:guest@127.0.0.1:5672/" {
+            eprintln!("SKIPPED: needs RabbitMQ at 127.0.0.1:5672 with guest, the suite's is {uri}");
+            return;
+        }
+        for uri in ["amqp://guest:guest@127.0.0.1/", "amqp://guest@127.0.0.1:5672/"] {
+            let config = Config::new("s").with_amqp_uri(uri.to_owned());
+            let connecting = micro_framework::transport::connect(&config);
+            let connected =
+                tokio::time::timeout(std::time::Duration::from_secs(10), connecting).await;
+            match connected {
+                Ok(Ok(transport)) => transport.close().await,
+                Ok(Err(error)) => panic!("{uri}: {error}"),
+                Err(_) => panic!("{uri}: not connected within 10 s"),
+            }
+        }
+    }
+
+    /// An IPv6 host is connected to without the brackets of the URI. Mutant: the brackets kept,
+    /// `[::1]` never resolved.
+    #[tokio::test]
+    async fn an_ipv6_broker_address_in_brackets_is_connected_to() {
+        let listener = match tokio::net::TcpListener::bind("[::1]:0").await {
+            Ok(listener) => listener,
+            Err(error) => {
+                // skipped even under CI: a container may have no IPv6 loopback at all, which no
+                // setting of the suite's can give it
+                eprintln!("SKIPPED: no IPv6 loopback: {error}");
+                return;
+            }
+        };
+        let port = listener.local_addr().unwrap().port();
+        let uri = format!("amqp://guest:guest@[::1]:{port}/?connection_timeout=3000");
+        let config = Config::new("s").with_amqp_uri(uri);
+        config.validate().unwrap();
+        let connecting =
+            tokio::spawn(
+                async move { micro_framework::transport::connect(&config).await.map(drop) },
+            );
+        let accepted =
+            tokio::time::timeout(std::time::Duration::from_secs(5), listener.accept()).await;
+        connecting.abort();
+        assert!(matches!(accepted, Ok(Ok(_))), "no connection came to [::1]:{port}: {accepted:?}");
+    }
+
+    /// A scheme-relative URI at the very start of a text (`//user:password@host`, as a value
+    /// cut before its `:`) is a URI even when its password holds a space. Mutant: the start of
+    /// the text not taken for a URI's start.
+    #[test]
+    fn a_scheme_relative_uri_at_the_start_with_a_space_in_its_password_is_masked() {
+        let error = ConfigError::new("DATABASE_URL", "//app:Zq7 kP2x9w@db:5432/app", "is refused");
+        assert!(!error.value.contains("Zq7") && !error.value.contains("kP2x9w"), "{}", error.value);
+    }
+
+    /// A password holding a space and then a scheme (`Zq7 amqp://kP2x9w`) is masked whole: the
+    /// piece before the inner scheme has no `@`, so it runs on to the next. Mutant: each piece
+    /// ended at the next scheme, both halves of the password shown.
+    #[test]
+    fn a_password_holding_a_space_and_a_scheme_is_masked_whole() {
+        let error = ConfigError::new("BROKER", "", "cannot reach amqp://svc:Zq7 amqp://kP2x9w@mq/");
+        assert_eq!(error.reason, "cannot reach amqp://svc:***@mq/");
+    }
+
+    /// A first word `//user:xyz/...` whose "port" is not digits holds a password: the text is
+    /// masked. Mutant: any `host:anything/` taken for a whole URI without a password, the rest
+    /// of the text left as it is.
+    #[test]
+    fn a_password_with_a_slash_and_a_space_is_masked() {
+        let error = ConfigError::new("BROKER", "", "cannot reach amqp://svc:Zq7/kP2 x9w@mq/ now");
+        assert!(!error.reason.contains("Zq7") && !error.reason.contains("x9w"), "{}", error.reason);
+    }
+
+    /// Nor is a first word taken for a whole URI without a password when it holds an `@` after
+    /// a `/` (a password of digits, a `/`, an `@`, then a space). Mutant: the `@` of the word
+    /// not looked at.
+    #[test]
+    fn a_password_of_digits_slash_at_and_space_is_masked() {
+        let error = ConfigError::new("BROKER", "", "cannot reach amqp://svc:5678/Zq7@kP2 x9w@mq/");
+        assert!(!error.reason.contains("Zq7") && !error.reason.contains("x9w"), "{}", error.reason);
+    }
+
+    /// A `//user:password@` is masked whatever precedes it (a typo before a scheme, `~amqp://`,
+    /// `0postgres://`), a password holding a blank too: the scheme that begins with a digit or
+    /// `~` was no scheme, the `user:pass` word had no `@`, and the whole password was shown.
+    #[test]
+    fn a_typo_before_the_scheme_does_not_show_a_password_with_a_space() {
+        for value in ["~amqp://svc:Zq7 kP2x9w@mq/", "0postgres://app:Zq7 kP2x9w@db/app"] {
+            let error = ConfigError::new("DATABASE_URL", value, "is refused");
+            assert!(!error.value.contains("Zq7"), "{value}: {}", error.value);
+            assert!(!error.value.contains("kP2x9w"), "{value}: {}", error.value);
+            // and as the configuration shows it (`Debug`, `to_masked_map`, `show-config`)
+            let mut config = Config::new("s");
+            config.extra.insert("DATABASE_URL".to_owned(), json!(value));
+            let shown = format!("{config:?} {}", json!(config.to_masked_map()));
+            assert!(!shown.contains("kP2x9w"), "{value}: {shown}");
+        }
+    }
+}

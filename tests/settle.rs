@@ -406,6 +406,83 @@ async fn fails_after_the_give_up(callback: bool) {
     }
 }
 
+/// A call of a route with an `AsyncBackOff` failing after the give-up is not retried: the
+/// stop's error is no reason to schedule a retry copy (and ack the message) for a call that
+/// goes back to run again. Mutant: a `Handled::Retry` counted as an end, the copy published.
+#[tokio::test]
+async fn a_call_failing_after_the_give_up_is_not_scheduled_for_a_broker_retry() {
+    for uri in broker_uris() {
+        let shop = unique("mut7retry");
+        let config = config(&uri, "mut7retry").with_shutdown_timeout(Duration::from_millis(200));
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = format!("evt-{shop}-job--{}.uses_the_pool", config.service_name);
+        let probe = common::Probe::new();
+        let routes = vec![Route::new(uses_the_pool)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(3, Duration::from_secs(3600)))
+            .dependency(Shared(probe.clone()))];
+        let (closed, _) = tokio::sync::watch::channel(false);
+        let runner = Runner::new(routes, config.clone()).dependency(ClosedAtStop(closed));
+        let service = TestService::start_runner(runner).await.unwrap();
+        service.dispatch(&shop, "job", &json!({})).await.unwrap();
+        probe.wait_started(1).await;
+        service.stop().await.unwrap();
+        let observer = micro_framework::transport::connect(&config).await.unwrap();
+        let left = take_messages(observer.as_ref(), &queue).await;
+        let dead = take_messages(observer.as_ref(), &format!("{queue}.dlq")).await;
+        observer.close().await;
+        common::cleanup(&uri, &markers).await;
+        let (left, dead) = (left.unwrap(), dead.unwrap_or_default());
+        assert!(dead.is_empty(), "{uri}: dead-lettered: {dead:?}");
+        assert_eq!(left.len(), 1, "{uri}: the message is not back in its queue: {left:?}");
+        let retry_count = left[0].properties.headers.get("x-mf-retry-count");
+        assert!(retry_count.is_none(), "{uri}: a retry copy, not the message: {left:?}");
+    }
+}
+
+fn fails_at_once() -> Result<(), String> {
+    Err("refused".into())
+}
+
+async fn handles_it_until_the_stop(
+    _failure: Failure,
+    Dep(mut closed): Dep<tokio::sync::watch::Receiver<bool>>,
+    Dep(probe): Dep<Arc<common::Probe>>,
+) {
+    probe.enter(json!("called back"));
+    probe.leave();
+    let _ = closed.wait_for(|closed| *closed).await;
+}
+
+/// A callback that ends well after the give-up handled the failure (`Handled::CalledBack`):
+/// its message is acked as a call succeeding then is, not left to run target and callback
+/// again. Mutant: `CalledBack` counted as a failure, the message left to go back.
+#[tokio::test]
+async fn a_callback_ending_well_after_the_give_up_is_acked() {
+    for uri in broker_uris() {
+        let shop = unique("mut7cb");
+        let config = config(&uri, "mut7cb").with_shutdown_timeout(Duration::from_millis(200));
+        let markers = [config.service_name.clone(), shop.clone()];
+        let queue = format!("evt-{shop}-job--{}.fails_at_once", config.service_name);
+        let probe = common::Probe::new();
+        let routes = vec![CallbackRoute::new(fails_at_once, handles_it_until_the_stop)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .dependency(Shared(probe.clone()))];
+        let (closed, _) = tokio::sync::watch::channel(false);
+        let runner = Runner::new(routes, config.clone()).dependency(ClosedAtStop(closed));
+        let service = TestService::start_runner(runner).await.unwrap();
+        service.dispatch(&shop, "job", &json!({})).await.unwrap();
+        probe.wait_started(1).await;
+        service.stop().await.unwrap();
+        let observer = micro_framework::transport::connect(&config).await.unwrap();
+        let left = take_messages(observer.as_ref(), &queue).await;
+        observer.close().await;
+        common::cleanup(&uri, &markers).await;
+        let left = left.unwrap();
+        assert!(left.is_empty(), "{uri}: handled by its callback, yet back: {left:?}");
+    }
+}
+
 /// A dead letter does not carry the crash count of the queue it came from
 /// (`x-mf-redeliveries`, which a counted copy carries): a route consuming the dead-letter queue
 /// would take it for its own, waiting the crash pause before each such message and refusing

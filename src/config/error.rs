@@ -189,7 +189,8 @@ fn mask_piece(piece: &str) -> String {
 
 /// Whether the `//` at `index` of `text` begins a URI's authority: at the start of the text,
 /// after a scheme (`amqp:`) that begins a word, or at the start of a word (`dsn=//u:p@h/`)
-/// when a `user:...@` follows it in that word. Any other `//` may be inside a password.
+/// when a `user:...@` follows it in that word, or after any `:` when a `user:` word follows
+/// it and an `@` comes later. Any other `//` may be inside a password.
 fn starts_uri(text: &str, index: usize) -> bool {
     if index == 0 {
         return true;
@@ -206,6 +207,16 @@ fn starts_uri(text: &str, index: usize) -> bool {
     let Some(before) = text[..index].strip_suffix(':') else {
         return false;
     };
+    // `?://user:pass word@`: a first word without `@` with a `:` before any `/`, and an `@`
+    // further on, may be a password holding a blank; masked whatever the scheme looks like (a
+    // typo, `~amqp`, `0postgres`), as masking a little too much is better than showing a
+    // password
+    if !word.contains('@')
+        && word.find(':').is_some_and(|colon| !word[..colon].contains('/'))
+        && text[index + 2..].contains('@')
+    {
+        return true;
+    }
     let scheme_start = before
         .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
         .map_or(0, |index| index + 1);

@@ -123,6 +123,27 @@ mod tests {
         }
     }
 
+    /// `str(uuid.UUID(hex=...))` is lowercase whatever the case of the hex kombu was given.
+    /// Mutant: the hex kept in its case.
+    #[test]
+    fn a_uuid_envelope_with_uppercase_hex_reads_as_the_lowercase_text() {
+        let body = r#"{"id": {"__type__": "uuid", "__value__": {"hex": "ABCDEF0123456789ABCDEF0123456789"}}}"#;
+        assert_eq!(read(body), json!({"id": "abcdef01-2345-6789-abcd-ef0123456789"}));
+    }
+
+    /// A `hex` that is not 32 digits is no UUID kombu writes: the object is left as it is.
+    /// Mutant: the length not checked (a 31-digit hex read as a malformed UUID text, a shorter
+    /// one panicking on its slices).
+    #[test]
+    fn a_uuid_envelope_whose_hex_is_not_32_digits_is_left_as_it_is() {
+        for hex in
+            ["ABCDEF0123456789ABCDEF012345678", "abcdef0123456789abcdef01234567890", "abcdef01"]
+        {
+            let payload = json!({"id": {"__type__": "uuid", "__value__": {"hex": hex}}});
+            assert_eq!(read(&payload.to_string()), payload, "{hex}");
+        }
+    }
+
     #[test]
     fn only_a_body_with_the_marker_is_walked() {
         let body = br#"{"id": 1, "note": "a __type__"}"#;

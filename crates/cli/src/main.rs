@@ -50,8 +50,10 @@ struct Cli {
 /// Where the broker is.
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
-    /// The broker [default: amqp://guest:***@127.0.0.1:5672/]. Other settings (RPC_EXCHANGE,
-    /// RPC_TIMEOUT, PROTOCOL, AMQP_SSL_*, ...) come from the environment as for a service.
+    /// The broker of emit, call and dlq [default: amqp://guest:***@127.0.0.1:5672/]; their
+    /// other settings (RPC_EXCHANGE, RPC_TIMEOUT, PROTOCOL, AMQP_SSL_*, ...) come from the
+    /// environment as for a service. For show-config, given on the command line, it replaces
+    /// the AMQP_URI of the file or the environment.
     #[arg(
         long,
         global = true,
@@ -87,8 +89,12 @@ Examples:
     Dlq(DlqCommand),
     /// Show the effective configuration of a service (file or environment), secrets masked.
     #[command(after_help = "\
-Without --file the configuration is read from the environment (SERVICE_NAME is required).
-${VAR} and ${VAR:default} in a file are substituted from the environment.
+Without --file the configuration is read from the environment as a service reads it
+(SERVICE_NAME is required; AMQP_URI defaults to amqp://guest:***@localhost:5672/, as for a
+service). With --file it is the file's, not the environment's: only ${VAR} and
+${VAR:default} in the file are substituted from the environment. --uri on the command line
+replaces the AMQP_URI of either (checked as a service checks it); AMQP_URI in the
+environment does not replace a file's.
 
 Examples:
   SERVICE_NAME=orders micro-framework show-config

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{ChildStderr, ChildStdout};
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -27,7 +28,8 @@ pub struct TopologyArgs {
     /// Print the service's JSON document as is instead of tables.
     #[arg(long)]
     json: bool,
-    /// Seconds to wait for the binary to print its topology.
+    /// Seconds to wait for the binary to print its topology; the binary and all it started
+    /// are ended once it is printed, or then.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     timeout: u64,
     /// The service binary (built with micro-framework).
@@ -101,29 +103,42 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
         .map_err(|error| CliError::failure(format!("cannot run '{shown}': {error}")))?;
     let group = ProcessGroup(child.id());
     let printed = Arc::new(Mutex::new(Printed::default()));
+    let complete = Arc::new(Notify::new());
     let mut readers = JoinSet::new();
     if let Some(stdout) = child.stdout.take() {
-        readers.spawn(document_after_marker(stdout, printed.clone()));
+        readers.spawn(document_after_marker(stdout, printed.clone(), complete.clone()));
     }
     if let Some(stderr) = child.stderr.take() {
         readers.spawn(last_line(stderr, printed.clone()));
     }
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    // The document, once read, is all the command needs: a wrapper that goes on after its
+    // service printed it (a restart loop's pause, a cleanup step) is not waited for.
     let status = tokio::select! {
-        status = tokio::time::timeout_at(deadline, child.wait()) => status,
+        status = child.wait() => Some(status),
+        () = complete.notified() => None,
+        () = tokio::time::sleep_until(deadline) => None,
         signal = signals.next() => {
             group.end();
             return Err(signal.ended(&shown));
         }
     };
     group.end();
-    let status = status.map_err(|_| {
-        CliError::failure(format!(
-            "'{shown}' printed no topology within {}s: is it built with a micro-framework \
-             that supports MF_PRINT_TOPOLOGY?",
-            args.timeout
-        ))
-    })??;
+    let status = match status {
+        Some(status) => status?,
+        None => {
+            let printed = printed.lock().unwrap_or_else(PoisonError::into_inner);
+            // a document read as the timeout came is used too
+            return match marked_document(&printed.document) {
+                Ok((topology, document)) => show(&topology, document, args.json),
+                Err(_) => Err(CliError::failure(format!(
+                    "'{shown}' printed no topology within {}s: is it built with a \
+                     micro-framework that supports MF_PRINT_TOPOLOGY?",
+                    args.timeout
+                ))),
+            };
+        }
+    };
     let read = async {
         while let Some(done) = readers.join_next().await {
             done.map_err(std::io::Error::other)??;
@@ -150,10 +165,15 @@ pub async fn run(args: TopologyArgs) -> Result<ExitCode, CliError> {
              micro-framework that supports MF_PRINT_TOPOLOGY?"
         ))
     })?;
-    if args.json {
+    show(&topology, document, args.json)
+}
+
+/// Print `topology`: its `document` as printed with `json`, else tables.
+fn show(topology: &Topology, document: &str, json: bool) -> Result<ExitCode, CliError> {
+    if json {
         writeln!(std::io::stdout(), "{}", document.trim_end())?;
     } else {
-        write!(std::io::stdout(), "{}", render(&topology))?;
+        write!(std::io::stdout(), "{}", render(topology))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -229,10 +249,12 @@ impl ProcessGroup {
 }
 
 /// Read the binary's output into `printed` as it comes, from the runner's marker line on
-/// (what comes before it, a banner or a service's logs however long, is not kept).
+/// (what comes before it, a banner or a service's logs however long, is not kept), until the
+/// document after the marker is whole: then `complete` is notified.
 async fn document_after_marker(
     stdout: ChildStdout,
     printed: Arc<Mutex<Printed>>,
+    complete: Arc<Notify>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stdout);
     let mut line = Vec::new();
@@ -247,7 +269,15 @@ async fn document_after_marker(
     }
     let mut chunk = line;
     loop {
-        printed.lock().unwrap_or_else(PoisonError::into_inner).document.extend_from_slice(&chunk);
+        {
+            let mut printed = printed.lock().unwrap_or_else(PoisonError::into_inner);
+            printed.document.extend_from_slice(&chunk);
+            if marked_document(&printed.document).is_ok() {
+                // a permit kept if nobody waits yet
+                complete.notify_one();
+                return Ok(());
+            }
+        }
         chunk.clear();
         if reader.read_buf(&mut chunk).await? == 0 {
             return Ok(());

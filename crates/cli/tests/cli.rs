@@ -884,6 +884,21 @@ async fn topology_ends_what_the_binary_left_running() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A wrapper that goes on after its service printed the document (a restart loop's pause, a
+/// cleanup step): the command prints the document once read and ends the wrapper. It waited
+/// for the wrapper's exit and, at its timeout, said the binary printed no topology.
+#[tokio::test]
+async fn topology_of_a_wrapper_that_goes_on_after_the_document_is_read() {
+    let fixture = fixture();
+    let binary = fixture.to_str().unwrap();
+    let script = format!("'{binary}'; sleep 20");
+    let started = std::time::Instant::now();
+    let run = cli(Some(DOWN_URI), &["topology", "--timeout", "5", "sh", "-c", &script]).await;
+    let took = started.elapsed();
+    assert!(run.ok().stdout.contains("service topology_fixture"), "after {took:?}: {run:?}");
+    assert!(took < Duration::from_secs(5), "it waited for the timeout: {took:?}");
+}
+
 /// Ctrl-C while `topology` waits for the binary ends the binary and all it started, and
 /// exits with 130; so do a supervisor's or `timeout`'s SIGTERM (143) and a closed terminal's
 /// SIGHUP (129). The binary runs in a process group of its own (so that it can be ended
