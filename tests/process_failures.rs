@@ -189,3 +189,78 @@ async fn a_call_too_large_for_the_worker_link_is_not_retried() {
     let error = error.as_str().unwrap_or_default();
     assert!(error.contains("cannot be sent to a worker process: frame too large"), "{error}");
 }
+
+/// A database session: commits when told the call succeeded, rolls back otherwise; notes
+/// what it was told in its file, a line each.
+struct Session(std::path::PathBuf);
+
+#[micro_framework::async_trait]
+impl Dependency for Session {
+    type Output = u8;
+    async fn get(&self, _call: &WorkerContext) -> Result<u8, BoxError> {
+        Ok(1)
+    }
+    async fn after_call(&self, _value: &u8, outcome: &micro_framework::Outcome) {
+        use std::io::Write;
+        let told = match outcome {
+            Ok(_) => "commit".to_owned(),
+            Err(failure) => format!("rollback {}", failure.kind),
+        };
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.0).unwrap();
+        file.write_all(format!("{told}\n").as_bytes()).unwrap();
+    }
+}
+
+/// Saves in its session, and returns a report of 257 MiB: over the worker link's 256 MiB
+/// frames.
+fn big_report(Dep(_session): Dep<u8>, Payload(_job): Payload<Value>) -> String {
+    "x".repeat(257 << 20)
+}
+
+/// Run `big_report` once in `mode` (one retry in the worker); the call's result and what
+/// its session was told.
+async fn big_outcome(mode: WorkerMode) -> (Result<(), String>, Vec<String>) {
+    // Everything up to `start` also runs in each worker process: the session's file is the
+    // one the test named, in its environment, which the workers inherit.
+    let session_env = format!("PROCESS_FAILURES_BIG_SESSION_{mode:?}");
+    if std::env::var_os(&session_env).is_none() {
+        std::env::set_var(&session_env, std::env::temp_dir().join(common::unique("bigsession")));
+    }
+    let path = std::path::PathBuf::from(std::env::var_os(&session_env).unwrap());
+    let config =
+        test_config(&common::unique("bigoutcome")).with_worker_mode(mode).with_max_workers(1);
+    let routes = vec![Route::new(big_report)
+        .entrypoint(EventListener::new(common::unique("bigshop"), "job"))
+        .dependency(Session(path.clone()))
+        .backoff(BackOff::new(1, Duration::from_millis(1)))];
+    let service = TestService::start(routes, config).await.unwrap();
+    let hook = service.hook("big_report").unwrap();
+    let called = hook.event::<serde::de::IgnoredAny>(&json!({"id": 1})).await;
+    service.stop().await.unwrap();
+    let told = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    let called = called.map(|_| ()).map_err(|error| error.to_string());
+    eprintln!("{mode:?}: call {called:?}, session told {told:?}");
+    (called, told.lines().map(str::to_owned).collect())
+}
+
+/// In a thread the report is the call's value, and the session commits it.
+#[tokio::test]
+async fn a_big_outcome_in_a_thread_commits_its_session() {
+    let (called, told) = big_outcome(WorkerMode::Thread).await;
+    assert_eq!(called, Ok(()));
+    assert_eq!(told, ["commit"]);
+}
+
+/// An outcome too large for the worker link fails the call before its dependencies are told,
+/// as an RPC result over `MAX_MESSAGE_SIZE` does: the session rolls back each attempt (was:
+/// the value was found too large only once they were told, and each attempt committed for a
+/// call then dead-lettered). Like a crash, the failure has no error to match: retried here,
+/// as the route has no retry filter.
+#[tokio::test]
+async fn an_outcome_too_large_for_the_worker_link_fails_before_its_dependencies_are_told() {
+    let (called, told) = big_outcome(WorkerMode::Process).await;
+    let error = called.unwrap_err();
+    assert!(error.contains("the call's outcome cannot be sent to the service"), "{error}");
+    assert_eq!(told, ["rollback error", "rollback error"]);
+}

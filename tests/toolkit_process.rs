@@ -439,6 +439,94 @@ async fn a_worker_process_sets_up_only_its_own_contexts_dependencies() {
     service.stop().await.unwrap();
 }
 
+/// Where a dependency is set up, noted in the file `SET_UPS_ENV` names (the same in the
+/// worker processes, which run the test again): its name and the process's id, a line each.
+const SET_UPS_ENV: &str = "TOOLKIT_PROCESS_SET_UPS";
+
+fn note_set_up(name: &str) -> Result<(), BoxError> {
+    use std::io::Write;
+    let path = std::env::var_os(SET_UPS_ENV).ok_or("no file to note the set-up in")?;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    file.write_all(format!("{name} {}\n", std::process::id()).as_bytes())?;
+    Ok(())
+}
+
+/// A pool of connections, for the process-mode route alone.
+struct Pool;
+
+#[micro_framework::async_trait]
+impl Dependency for Pool {
+    type Output = u32;
+    async fn setup(&self, _setup: &SetupContext) -> Result<(), BoxError> {
+        note_set_up("pool")
+    }
+    async fn get(&self, _call: &WorkerContext) -> Result<u32, BoxError> {
+        Ok(std::process::id())
+    }
+}
+
+/// A cache every route of the runner shares, thread-mode and process-mode alike.
+struct Cache;
+
+#[micro_framework::async_trait]
+impl Dependency for Cache {
+    type Output = u16;
+    async fn setup(&self, _setup: &SetupContext) -> Result<(), BoxError> {
+        note_set_up("cache")
+    }
+    async fn get(&self, _call: &WorkerContext) -> Result<u16, BoxError> {
+        Ok(1)
+    }
+}
+
+fn uses_pool(Dep(pid): Dep<u32>, Dep(_cache): Dep<u16>) -> u32 {
+    pid
+}
+
+fn uses_cache(Dep(_cache): Dep<u16>) -> u32 {
+    std::process::id()
+}
+
+/// The service's own process sets up only the dependencies of the routes whose calls it runs:
+/// a process-mode route's are set up in its worker processes alone (was: in the service too,
+/// where no call uses them, so that one binding a fixed port made every worker fail to
+/// start); one it shares with a thread-mode route is set up there for that route.
+#[tokio::test]
+async fn the_service_process_sets_up_only_the_dependencies_of_its_thread_mode_routes() {
+    if std::env::var_os(SET_UPS_ENV).is_none() {
+        std::env::set_var(SET_UPS_ENV, std::env::temp_dir().join(common::unique("set-ups")));
+    }
+    let path = std::path::PathBuf::from(std::env::var_os(SET_UPS_ENV).unwrap());
+    let config = test_config(&common::unique("set_ups"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(2);
+    let in_threads =
+        RunnerContext::new(vec![Route::new(uses_cache).entrypoint(RPCListener::new())])
+            .worker_mode(WorkerMode::Thread)
+            .metric_label("threads");
+    let routes = vec![Route::new(uses_pool).entrypoint(RPCListener::new()).dependency(Pool)];
+    let runner = Runner::new(routes, config).context(in_threads).dependency(Cache);
+    let service = TestService::start_runner(runner).await.unwrap();
+    let in_worker: u32 = service.hook("uses_pool").unwrap().rpc((), ()).await.unwrap();
+    let in_service: u32 = service.hook("uses_cache").unwrap().rpc((), ()).await.unwrap();
+    service.stop().await.unwrap();
+    let noted = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    let here = std::process::id();
+    assert_ne!(in_worker, here, "the process-mode call ran in a worker");
+    assert_eq!(in_service, here, "the thread-mode call ran in the service");
+    let mut set_up: Vec<(&str, bool)> = noted
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(name, pid)| (name, pid == here.to_string()))
+        .collect();
+    set_up.sort_unstable();
+    // each of the 2 workers sets up both; the service the thread-mode route's cache alone
+    let expected =
+        [("cache", false), ("cache", false), ("cache", true), ("pool", false), ("pool", false)];
+    assert_eq!(set_up, expected, "(name, in the service's process): {noted}");
+}
+
 /// The replacement of a recycled worker fails to set up a dependency (the resource was taken
 /// meanwhile), again and again: the service stops with an error that names the dependency
 /// and says why.

@@ -106,7 +106,12 @@ async fn start_routes(
     };
     #[cfg(not(feature = "metrics"))]
     let env = ServiceEnv::new(config.clone(), transport.clone())?;
-    let all_dependencies = set_up_dependencies(&plans, config).await?;
+    // Only those of the routes whose calls run in this process: a process-mode route's run in
+    // its worker processes, which set its dependencies up themselves. Here no call would use
+    // them, and one holding what only one copy may (a port, a lock file) would make every
+    // worker fail to start. One shared with a thread-mode route is set up for that route.
+    let in_this_process = plans.iter().filter(|plan| !plan.pool.mode().is_process());
+    let all_dependencies = set_up_dependencies(in_this_process, config).await?;
     #[cfg(feature = "process")]
     let processes = match start_processes(&plans, config, &env, worker_args).await {
         Ok(processes) => processes,
@@ -243,14 +248,14 @@ struct SetUp {
     serving: Vec<(&'static str, Serving)>,
 }
 
-/// Set up every dependency of the planned routes once (a runner-level dependency is shared
+/// Set up once each dependency of the routes of `plans` (a runner-level dependency is shared
 /// by routes), in route order; returns them for teardown.
 async fn set_up_dependencies(
-    plans: &[RoutePlan],
+    plans: impl IntoIterator<Item = &RoutePlan>,
     config: &Arc<Config>,
 ) -> Result<Vec<SharedDependency>> {
     let mut unique: Vec<SharedDependency> = Vec::new();
-    for dependency in plans.iter().flat_map(|plan| &plan.route.dependencies) {
+    for dependency in plans.into_iter().flat_map(|plan| &plan.route.dependencies) {
         if !unique.iter().any(|known| Arc::ptr_eq(known, dependency)) {
             unique.push(dependency.clone());
         }

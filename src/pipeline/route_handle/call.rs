@@ -24,6 +24,11 @@ use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
 use crate::pipeline::spawners::process::{BorrowedCall, ProcessPool, Reserved};
 use crate::pipeline::spawners::WorkerPermit;
 
+/// How a worker process encodes the value of the call it runs for the link to its service,
+/// before the call's dependencies are told (see [`RouteHandle::run_here`]); an error says why
+/// the link cannot carry it.
+pub(crate) type EncodeValue<'a> = dyn FnMut(&Value) -> std::io::Result<()> + Send + 'a;
+
 impl RouteHandle {
     /// Handle a message in the slot `permit`: run the target; on a failure (not bad input)
     /// retry it as the route's backoff says (in the worker, or by asking the entrypoint to
@@ -252,7 +257,7 @@ impl RouteHandle {
             return self.in_process(processes, role, (message, failure, retry), None).await;
         }
         let limit = self.inner.pool.time_limit();
-        self.run_here(role, message, failure, retry, None, limit).await
+        self.run_here(role, message, failure, retry, (None, limit), None).await
     }
 
     /// Run one function of the route in a worker process of `processes` (the `reserved` one,
@@ -310,6 +315,20 @@ impl RouteHandle {
         Ok(value)
     }
 
+    /// `value`, once `encode` has encoded it for a worker's link to its service; a value the
+    /// link cannot carry (its frames hold 256 MiB) fails the call, kind `error`. That failure
+    /// has no error of the call's for the route's retry filter to match, as a crash: it is
+    /// retryable only where the route's backoff accepts such failures.
+    fn encoded(&self, value: Value, encode: &mut EncodeValue<'_>) -> Outcome {
+        match encode(&value) {
+            Ok(()) => Ok(value),
+            Err(error) => {
+                let message = format!("the call's outcome cannot be sent to the service: {error}");
+                Err(self.unmatched(Failure::new(FailureKind::Error, message)))
+            }
+        }
+    }
+
     /// The function of the route that `role` names, if it has one.
     fn function(&self, role: TargetRole) -> Option<&ErasedTarget> {
         match role {
@@ -324,24 +343,33 @@ impl RouteHandle {
     /// filtered where it ran.)
     fn filtered(&self, failure: Failure) -> Failure {
         match failure.kind {
-            FailureKind::Crashed | FailureKind::TimedOut => {
-                let accepts = self.inner.backoff.as_ref().is_none_or(|policy| policy.accepts(None));
-                Failure { retryable: failure.retryable && accepts, ..failure }
-            }
+            FailureKind::Crashed | FailureKind::TimedOut => self.unmatched(failure),
             _ => failure,
         }
     }
 
+    /// `failure`, which has no error for the route's retry filter to match: retryable only
+    /// where the route's backoff accepts such failures.
+    fn unmatched(&self, failure: Failure) -> Failure {
+        let accepts = self.inner.backoff.as_ref().is_none_or(|policy| policy.accepts(None));
+        Failure { retryable: failure.retryable && accepts, ..failure }
+    }
+
     /// Run one function of the route in this process, as the call `call_id` (a new one if
     /// `None`); with a `limit`, cancelled past it (see [`TimeLimit`]).
+    ///
+    /// In a worker process, `encode` encodes the function's value for the link to the service
+    /// before the dependencies are told the outcome: a value the link cannot carry fails the
+    /// call they are told of (a session is not committed for a call that then fails), and
+    /// the value is encoded once, where it was checked.
     pub(crate) async fn run_here(
         &self,
         role: TargetRole,
         message: &Arc<Message>,
         failure: Option<Failure>,
         retry: &BackOffData,
-        call_id: Option<String>,
-        limit: Option<Duration>,
+        (call_id, limit): (Option<String>, Option<Duration>),
+        encode: Option<&mut EncodeValue<'_>>,
     ) -> Outcome {
         let route = &self.inner;
         let call_id = call_id.unwrap_or_else(|| CallContext::new_id(&route.service, &route.name));
@@ -350,7 +378,7 @@ impl RouteHandle {
         call.warn_of_keys_not_forwarded();
         let span = self.call_span(&call, retry);
         let limit = limit.map(TimeLimit::starting_now);
-        self.run_pipeline(role, message.clone(), failure, call, retry.clone(), limit)
+        self.run_pipeline(role, message.clone(), failure, call, (retry.clone(), limit), encode)
             .instrument(span)
             .await
     }
@@ -361,8 +389,8 @@ impl RouteHandle {
         message: Arc<Message>,
         failure: Option<Failure>,
         call: CallContext,
-        retry: BackOffData,
-        limit: Option<TimeLimit>,
+        (retry, limit): (BackOffData, Option<TimeLimit>),
+        encode: Option<&mut EncodeValue<'_>>,
     ) -> Outcome {
         let route = &self.inner;
         let Some(target) = self.function(role) else {
@@ -411,6 +439,10 @@ impl RouteHandle {
                 route.backoff.as_ref(),
             ),
             None => Err(self.past(limit)),
+        };
+        let outcome = match (outcome, encode) {
+            (Ok(value), Some(encode)) => self.encoded(value, encode),
+            (outcome, _) => outcome,
         };
         let outcome = self.tell(&values, outcome, limit).await;
         match &outcome {

@@ -278,6 +278,16 @@ impl<W> FrameWriter<W> {
         &self.buffer
     }
 
+    /// Where the next frame pushed will begin: what [`FrameWriter::truncate_to`] takes.
+    pub(crate) fn mark(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// Drop the frames pushed since `mark` (not written yet: no flush came between).
+    pub(crate) fn truncate_to(&mut self, mark: usize) {
+        self.buffer.truncate(mark);
+    }
+
     /// Add one frame: the body's length (4 bytes, big-endian), then the body. A frame that
     /// cannot be encoded leaves nothing behind.
     pub(crate) fn push<T: Serialize>(&mut self, frame: &T) -> std::io::Result<()> {

@@ -300,20 +300,46 @@ impl Drop for HangUpOnDrop {
     }
 }
 
-/// Run `request` here, on `route`: the route it names, if the worker has it.
-async fn run_call(request: CallRequest, route: Option<&RouteHandle>) -> Outcome {
+/// Run `request` here, on `route` (the route it names, if the worker has it), and add its
+/// outcome to what `writer` sends. The function's value is encoded into `writer` before the
+/// call's dependencies are told (see [`RouteHandle::run_here`]): a value the link cannot
+/// carry fails the call they are told of, where it failed after a session was committed, and
+/// a value that fits is encoded once.
+async fn run_call<W: Send>(
+    request: CallRequest,
+    route: Option<&RouteHandle>,
+    writer: &mut FrameWriter<W>,
+) -> std::io::Result<()> {
     let CallRequest { route: name, call_id, role, message, failure, retry } = request;
-    match route {
-        Some(route) => {
-            // the service kills this process past the call's time limit
-            route.run_here(role, &Arc::new(message), failure, &retry, Some(call_id), None).await
+    let Some(route) = route else {
+        let failure = Failure::new(FailureKind::Error, format!("the worker has no route '{name}'"));
+        return push_outcome(writer, &Err(failure), || retries_unmatched(None));
+    };
+    let mark = writer.mark();
+    let mut encoded = false;
+    let mut encode = |value: &serde_json::Value| {
+        // the bytes of the `Outcome` `Ok(value)`, as the service reads it
+        writer.push(&Ok::<_, &Failure>(value))?;
+        encoded = true;
+        Ok(())
+    };
+    // the service kills this process past the call's time limit
+    let message = Arc::new(message);
+    let call = (Some(call_id), None);
+    let outcome = route.run_here(role, &message, failure, &retry, call, Some(&mut encode)).await;
+    match outcome {
+        Ok(_) if encoded => Ok(()),
+        outcome => {
+            // a value encoded, then failed by its dependencies, goes as that failure
+            writer.truncate_to(mark);
+            push_outcome(writer, &outcome, || retries_unmatched(Some(route)))
         }
-        None => Err(Failure::new(FailureKind::Error, format!("the worker has no route '{name}'"))),
     }
 }
 
-/// Add `outcome` to what `writer` sends; one that cannot be encoded is sent as the failure
-/// that says so.
+/// Add `outcome` to what `writer` sends; one that cannot be encoded (a failure whose message
+/// alone is too large: a value is checked before the dependencies are told) is sent as the
+/// failure that says so.
 ///
 /// An outcome that cannot be sent becomes a failure with no error of the call's for the
 /// route's retry filter to match, as a crash: retryable only where the route's backoff
@@ -346,8 +372,7 @@ fn serve_calls_blocking(
     let (mut reader, mut writer) = (FrameReader::new(calls), FrameWriter::new(calls));
     while let Some(request) = reader.next_blocking::<CallRequest>()? {
         let route = routes.get(&request.route);
-        let outcome = runtime.block_on(run_call(request, route));
-        push_outcome(&mut writer, &outcome, || retries_unmatched(route))?;
+        runtime.block_on(run_call(request, route, &mut writer))?;
         writer.flush_blocking()?;
     }
     Ok(())
@@ -367,8 +392,7 @@ async fn serve_calls(
     let (mut reader, mut writer) = (FrameReader::new(reader), FrameWriter::new(writer));
     while let Some(request) = reader.next::<CallRequest>().await? {
         let route = routes.get(&request.route);
-        let outcome = run_call(request, route).await;
-        push_outcome(&mut writer, &outcome, || retries_unmatched(route))?;
+        run_call(request, route, &mut writer).await?;
         writer.flush().await?;
     }
     Ok(())
