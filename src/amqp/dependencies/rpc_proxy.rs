@@ -6,9 +6,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::amqp::rpc::ufw_wire::LIST_TARGETS;
 use crate::amqp::rpc::{typed, Caller, ReplyListener, RpcBackend, RpcError, RpcReply, RpcRequest};
 use crate::config::Protocol;
+use crate::data::ufw_wire::LIST_TARGETS;
 use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::WorkerContext;
 use crate::metrics::Metrics;

@@ -11,7 +11,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_limit};
-use crate::amqp::rpc::wire::{reply_body, RemoteException};
+use crate::data::nameko_wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{

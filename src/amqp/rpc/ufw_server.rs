@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use crate::amqp::rpc::naming::UFW_RPC_EXCHANGE;
 use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_limit};
-use crate::amqp::rpc::ufw_wire::{answer_builtin, reply_body, target_detail, RemoteError, Request};
-use crate::amqp::rpc::wire::request_body;
+use crate::data::nameko_wire::request_body;
+use crate::data::ufw_wire::{answer_builtin, reply_body, target_detail, RemoteError, Request};
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
 use crate::pipeline::consume::{
