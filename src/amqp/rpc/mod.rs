@@ -45,6 +45,7 @@ mod replies_tests;
 mod request;
 mod respond;
 mod server;
+pub(crate) mod service_proxy;
 mod ufw_server;
 mod unfinished;
 

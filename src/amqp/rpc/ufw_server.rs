@@ -15,10 +15,8 @@ use crate::data::nameko_wire::request_body;
 use crate::data::ufw_wire::{answer_builtin, reply_body, target_detail, RemoteError, Request};
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
-use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_unstarted, slot_for, Copies, DeliveryHandler,
-    QueueSource,
-};
+use crate::pipeline::consume::{consume, slot_for, DeliveryHandler, QueueSource};
+use crate::pipeline::settle::{hand_back_as_retry, hand_back_unstarted, Copies};
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_received_size;
 use crate::transport::{Acker, Delivery};
