@@ -36,17 +36,23 @@
 //!
 //! # Architecture
 //!
-//! Each layer is a module that imports only the layers below it:
+//! Each layer is a module that imports only the layers below it (unit tests aside), none of
+//! its own row:
 //!
 //! ```text
+//! testing                        helpers to run, call, wait for and fake
 //! runner                         Runner, RunningService, the state a service instance owns
-//! amqp · timer · http · websocket   protocols and entrypoints
+//! amqp · timer · http · websocket · process_defaults
+//!                                protocols and entrypoints; defaults set before `main`
 //! pipeline                       Route, Entrypoint, RouteHandle, SharedExtension, the consume
 //!                                loop, worker pools and processes, retries, settlement
-//! handler                        extractors, targets, dependencies, translators, WorkerContext
-//! metrics · error
-//! transport                      the Transport trait, memory://, RabbitMQ; Consumer is a Stream
-//! config · data                  Config; Message, Headers, Failure, CallContext, Outcome
+//! handler · metrics              extractors, targets, dependencies, translators,
+//!                                WorkerContext; counters and their server
+//! web_server                     the HTTP servers' connections
+//! error                          the crate's Error
+//! transport · logging            the Transport trait, memory://, RabbitMQ; Consumer is a Stream
+//! config · data · clock          Config; Message, Headers, Failure, CallContext, Outcome, the
+//!                                RPC bodies; the wall clock
 //! ```
 //!
 //! One message goes from its transport's [`Consumer`](transport::Consumer) stream through the

@@ -61,11 +61,11 @@ fn envelope_text(map: &Map<String, Value>) -> Option<String> {
 /// `str(uuid.UUID(hex=...))` of kombu's `{"hex": "<32 hex digits>"}`: lowercase, 8-4-4-4-12.
 fn uuid_text(fields: &Map<String, Value>) -> Option<String> {
     let hex = fields.get("hex")?.as_str()?;
-    if fields.len() != 1 || hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    // 32 characters: only the simple form parses (the others are longer), as kombu writes it
+    if fields.len() != 1 || hex.len() != 32 {
         return None;
     }
-    let hex = hex.to_ascii_lowercase();
-    Some(format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]))
+    uuid::Uuid::try_parse(hex).ok().map(|uuid| uuid.hyphenated().to_string())
 }
 
 #[cfg(test)]
@@ -77,6 +77,17 @@ mod tests {
     fn read(body: &str) -> Value {
         let value: Value = serde_json::from_str(body).unwrap();
         kombu_types_as_text(body.as_bytes(), &value).into_owned()
+    }
+
+    #[test]
+    fn a_uuid_is_read_from_32_hex_digits_only_and_written_lowercase() {
+        let text = |hex: &str| uuid_text(json!({ "hex": hex }).as_object().unwrap());
+        let upper = "ABCDEF0123456789ABCDEF0123456789";
+        assert_eq!(text(upper).as_deref(), Some("abcdef01-2345-6789-abcd-ef0123456789"));
+        assert_eq!(text("g2345678123456781234567812345678"), None);
+        assert_eq!(text("1234567-1234-1234-1234-123456789"), None);
+        assert_eq!(text("12345678-1234-1234-1234-123456789012"), None);
+        assert_eq!(text("+2345678123456781234567812345678"), None);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Plain data: what a message is, what a call knows and how it ended. Everything here is
+//! Plain data: what a message is, what a call knows and how it ended, and the RPC bodies of
+//! Nameko and the micro-framework (shared by the AMQP and WebSocket RPC). Everything here is
 //! serializable (a call can run in another process) and imports nothing else of the crate.
 
 mod call_context;
@@ -11,9 +12,11 @@ pub(crate) mod fuzz_support;
 mod headers;
 mod kombu_types;
 mod message;
+pub(crate) mod nameko_wire;
 mod outcome;
 mod retry_state;
 mod text;
+pub(crate) mod ufw_wire;
 
 pub use call_context::CallContext;
 pub use extensions::Extensions;

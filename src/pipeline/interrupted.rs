@@ -4,10 +4,24 @@
 //! run, an HTTP or WebSocket call, which have nothing to give back).
 
 use crate::data::{BackOffData, Failure, FailureKind, Handled};
-use crate::pipeline::route_handle::Unstarted;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// Why an interrupted call was not retried, as its failure's last cause says.
 const NOT_RETRIED: &str = "not retried: the service is stopping";
+
+/// A delivery that waited for a worker slot and got none (the service stops): to be handed
+/// back unstarted; the stop's give-up waits for it while this lives.
+#[derive(Debug)]
+pub(crate) struct Unstarted {
+    _hand_back: TaskTrackerToken,
+}
+
+impl Unstarted {
+    /// An unstarted delivery holding `hand_back`, a token of the stop's give-up.
+    pub(crate) fn new(hand_back: TaskTrackerToken) -> Self {
+        Unstarted { _hand_back: hand_back }
+    }
+}
 
 /// How a call in a worker slot ended.
 #[derive(Debug)]

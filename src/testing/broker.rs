@@ -3,10 +3,7 @@
 
 use crate::config::{Config, MetricsConfig};
 use crate::error::Result;
-
-/// The environment variable that moves [`test_config`] to RabbitMQ, e.g.
-/// `TEST_AMQP_URI=amqp://guest:guest@127.0.0.1:5672/`.
-pub const TEST_AMQP_URI_ENV: &str = "TEST_AMQP_URI";
+use crate::testing::broker_env::TEST_AMQP_URI_ENV;
 
 /// A config for `service` on a broker of its own, so tests can run in parallel with the same
 /// service and queue names. Its HTTP, WebSocket and metrics servers listen on ports the

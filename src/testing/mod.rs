@@ -24,6 +24,7 @@
 //! ```
 
 mod broker;
+mod broker_env;
 mod call;
 mod clock;
 mod fakes;
@@ -40,7 +41,8 @@ mod worker;
 use std::time::Duration;
 
 pub use crate::pipeline::FinishedCall;
-pub use broker::{memory_test_config, test_config, try_test_config, TEST_AMQP_URI_ENV};
+pub use broker::{memory_test_config, test_config, try_test_config};
+pub use broker_env::TEST_AMQP_URI_ENV;
 pub use call::{call_route, take_messages};
 pub use fakes::{DispatchedEvent, FakeProducer, FakeRpc, RecordedCall};
 pub use hooks::{EntrypointHook, HookError};

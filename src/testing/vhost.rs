@@ -97,8 +97,9 @@ pub(crate) fn claim(uri: &str) -> Option<Arc<TestVhost>> {
 /// deleted. [`test_config`](crate::testing::test_config) runs it once per process with one
 /// hour; run it by hand with a shorter age when no tests are running.
 pub fn remove_stale_vhosts(max_age: Duration) -> Result<usize> {
-    let uri = std::env::var(super::broker::TEST_AMQP_URI_ENV)
-        .map_err(|_| Error::Startup(format!("{} is not set", super::broker::TEST_AMQP_URI_ENV)))?;
+    let uri = std::env::var(super::broker_env::TEST_AMQP_URI_ENV).map_err(|_| {
+        Error::Startup(format!("{} is not set", super::broker_env::TEST_AMQP_URI_ENV))
+    })?;
     ManagementApi::for_broker(&uri)?.remove_stale(max_age)
 }
 
@@ -196,7 +197,7 @@ impl ManagementApi {
             Err(ureq::Error::Status(401, _)) => Err(fail(format!(
                 "user '{}' refused (the credentials of {} must be an administrator's)",
                 self.user,
-                super::broker::TEST_AMQP_URI_ENV
+                super::broker_env::TEST_AMQP_URI_ENV
             ))),
             Err(ureq::Error::Status(404, _)) if segments == ["overview"] => Err(fail(
                 "not found: is this the management API? Enable the plugin \

@@ -10,9 +10,9 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::amqp::rpc::call_arguments;
-use crate::amqp::rpc::ufw_wire::{parse_reply, request_frame, RemoteError};
 use crate::clock::deadline_after;
+use crate::data::nameko_wire::call_arguments;
+use crate::data::ufw_wire::{parse_reply, request_frame, RemoteError};
 use crate::data::BoxError;
 use crate::handler::dependencies::Dependency;
 use crate::handler::WorkerContext;

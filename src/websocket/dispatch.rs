@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::amqp::rpc::ufw_wire::{answer_builtin, reply_frame, RemoteError, Request};
+use crate::data::ufw_wire::{answer_builtin, reply_frame, RemoteError, Request};
 use crate::data::Handled;
 use crate::data::{json_properties, Message};
 use crate::pipeline::spawners::WorkerPermit;

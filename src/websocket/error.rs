@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::amqp::rpc::ufw_wire::RemoteError;
+use crate::data::ufw_wire::RemoteError;
 
 /// Why a [`WebSocketRpcClient`](crate::websocket::WebSocketRpcClient) call did not return a
 /// result. The Python original's own errors have their variants; any other remote error is

@@ -103,7 +103,7 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-pub use crate::amqp::rpc::RemoteError;
+pub use crate::data::ufw_wire::RemoteError;
 pub use client::{WebSocketRpcClient, DEFAULT_TIMEOUT};
 pub use entrypoint::WebSocketEntrypoint;
 pub use error::WebSocketRpcError;

@@ -5,7 +5,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde_json::Value;
 
-use crate::amqp::rpc::ufw_wire::target_detail;
+use crate::data::ufw_wire::target_detail;
 
 use crate::pipeline::RouteHandle;
 

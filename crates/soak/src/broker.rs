@@ -4,6 +4,8 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use percent_encoding::percent_decode_str;
+
 use micro_framework::transport::SharedTransport;
 
 /// Run `rabbitmqctl args` (async); Ok(stdout) when it succeeded.
@@ -99,7 +101,7 @@ impl SoakUser {
     pub async fn create(base_uri: &str, name: &str) -> Result<SoakUser, String> {
         let mut url = url::Url::parse(base_uri).map_err(|e| format!("AMQP_URI: {e}"))?;
         let path = url.path().trim_start_matches('/');
-        let vhost = match percent_decode(path) {
+        let vhost = match percent_decode_str(path).decode_utf8_lossy().into_owned() {
             vhost if vhost.is_empty() => "/".to_owned(),
             vhost => vhost,
         };
@@ -137,26 +139,6 @@ impl SoakUser {
             println!("broker: cannot delete user {}: {error}", self.name);
         }
     }
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|hex| std::str::from_utf8(hex).ok());
-        match (bytes[i], hex.and_then(|hex| u8::from_str_radix(hex, 16).ok())) {
-            (b'%', Some(byte)) => {
-                decoded.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                decoded.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 /// Whether the soak's user exists (to check the clean-up).

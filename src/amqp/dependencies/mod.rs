@@ -3,6 +3,7 @@
 mod producer;
 mod rpc_proxy;
 
+pub use crate::amqp::rpc::service_proxy::ServiceProxy;
 pub use producer::Producer;
 pub(crate) use producer::{EventSink, OutgoingEvent};
-pub use rpc_proxy::{RpcProxy, ServiceProxy};
+pub use rpc_proxy::RpcProxy;

@@ -7,9 +7,9 @@ use crate::amqp::rpc::naming::{
     rpc_binding, rpc_exchange, rpc_queue, ufw_builtin_queue, ufw_rpc_exchange, ufw_target_queue,
     UFW_RPC_EXCHANGE,
 };
-use crate::amqp::rpc::ufw_wire::Request;
 use crate::amqp::rpc::{RpcServer, UfwRpcServer};
 use crate::config::{Config, Protocol};
+use crate::data::ufw_wire::Request;
 use crate::data::{json_properties, Headers, Message};
 use crate::error::{Error, Result};
 use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};

@@ -4,8 +4,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::amqp::rpc::binding::bind_struct;
-use crate::amqp::rpc::wire::request_arguments;
 use crate::data::kombu_types_as_text;
+use crate::data::nameko_wire::request_arguments;
 use crate::handler::extract::{ExtractError, FromContext};
 use crate::handler::named_fields::has_named_fields;
 use crate::handler::WorkerContext;

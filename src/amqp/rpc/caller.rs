@@ -11,9 +11,9 @@ use crate::amqp::rpc::naming::{rpc_exchange, ufw_routing_key, ufw_rpc_exchange};
 use crate::amqp::rpc::pending::{CallRecord, CallTime, RpcReply};
 use crate::amqp::rpc::replies::{ReplyListener, ReplyOutcome, ReplyQueue};
 use crate::amqp::rpc::request::{RpcBackend, RpcRequest};
-use crate::amqp::rpc::ufw_wire;
 use crate::config::{Config, Protocol};
 use crate::data::json_properties;
+use crate::data::ufw_wire;
 use crate::metrics::Metrics;
 use crate::transport::{
     ClosedPart, ExchangeSpec, Headers, OutgoingMessage, PublishOptions, SharedTransport,

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::amqp::dependencies::ServiceProxy;
 use crate::amqp::rpc::caller::Caller;
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::STANDALONE_SERVICE;
 use crate::amqp::rpc::replies::ReplyListener;
+use crate::amqp::rpc::service_proxy::ServiceProxy;
 use crate::config::{Config, ConfigError};
 use crate::data::CallContext;
 use crate::error::Result;

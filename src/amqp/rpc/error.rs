@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::amqp::rpc::ufw_wire::RemoteError;
-use crate::amqp::rpc::wire::RemoteException;
+use crate::data::nameko_wire::RemoteException;
+use crate::data::ufw_wire::RemoteError;
 use crate::transport::TransportError;
 
 /// Why an RPC call did not return a result. Remote errors are only described: nothing in a
@@ -123,5 +123,32 @@ impl From<RemoteError> for RpcError {
             value: error.message,
             exc_args: error.args,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_errors_become_rpc_errors_without_evaluating_anything() {
+        let unknown = RemoteError::target_does_not_exist("nope");
+        assert!(matches!(RpcError::from(unknown), RpcError::MethodNotFound(_)));
+        let malformed = RemoteError::malformed("bad");
+        assert!(matches!(RpcError::from(malformed), RpcError::MalformedRequest(_)));
+        let builtin = RemoteError::builtin("ValueError", "bad 1");
+        let RpcError::RemoteError { exc_type, exc_path, value, .. } = RpcError::from(builtin)
+        else {
+            panic!("not a remote error")
+        };
+        assert_eq!(
+            (exc_type.as_str(), exc_path.as_str(), value.as_str()),
+            ("ValueError", "builtins.ValueError", "bad 1")
+        );
+        // a class of the caller's own code is described, not looked up
+        let custom =
+            RemoteError { module: Some("os".into()), ..RemoteError::builtin("system", "rm -rf") };
+        let RpcError::RemoteError { exc_path, .. } = RpcError::from(custom) else { panic!() };
+        assert_eq!(exc_path, "os.system");
     }
 }

@@ -6,8 +6,8 @@ use serde_json::{json, Map, Value};
 
 use super::args::bind;
 use super::error::RpcError;
-use super::wire::{parse_reply, request_arguments, truthy, RemoteException};
 use crate::data::fuzz_support::config;
+use crate::data::nameko_wire::{parse_reply, request_arguments, truthy, RemoteException};
 use crate::data::{Failure, FailureKind};
 
 /// Any JSON value, nested a few levels.

@@ -47,22 +47,21 @@ mod replies_tests;
 mod request;
 mod respond;
 mod server;
+pub(crate) mod service_proxy;
 mod ufw_server;
-pub(crate) mod ufw_wire;
 mod unfinished;
-mod wire;
 
+pub use crate::data::nameko_wire::RemoteException;
+pub use crate::data::ufw_wire::RemoteError;
 pub use args::Args;
 pub use client::Client;
 pub use error::RpcError;
 pub(crate) use pending::typed;
 pub use pending::RpcReply;
-pub use ufw_wire::RemoteError;
-pub use wire::RemoteException;
 
 pub(crate) use caller::Caller;
 pub(crate) use replies::ReplyListener;
-pub(crate) use request::{call_arguments, RpcBackend, RpcRequest};
+pub(crate) use request::{RpcBackend, RpcRequest};
 pub(crate) use respond::reply_fits;
 pub(crate) use server::RpcServer;
 pub(crate) use ufw_server::UfwRpcServer;

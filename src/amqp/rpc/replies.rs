@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::{reply_queue, ufw_reply_queue};
 use crate::amqp::rpc::unfinished::Unfinished;
-use crate::amqp::rpc::{ufw_wire, wire};
 use crate::config::Protocol;
 use crate::data::json_properties;
+use crate::data::{nameko_wire, ufw_wire};
 use crate::transport::limits::check_received_size;
 use crate::transport::{
     BindingSpec, ClosedPart, ConsumeOptions, Consumer, Delivery, ExchangeSpec, Headers, Limit,
@@ -468,7 +468,7 @@ impl ReplyQueue {
     fn outcome(&self, body: &[u8]) -> ReplyOutcome {
         check_received_size("RPC reply", body.len(), self.max_size)?;
         match self.protocol {
-            Protocol::Nameko => match wire::parse_reply(body) {
+            Protocol::Nameko => match nameko_wire::parse_reply(body) {
                 Ok(outcome) => outcome.map_err(RpcError::from),
                 Err(unreadable) => Err(RpcError::InvalidReply(unreadable)),
             },

@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::pending::RpcReply;
-use crate::amqp::rpc::{ufw_wire, wire};
 use crate::config::Protocol;
+use crate::data::{nameko_wire, ufw_wire};
 use crate::transport::limits::check_size;
 
 /// A call of `service.method(*args, **kwargs)` in `protocol`'s wire format.
@@ -38,7 +38,8 @@ impl RpcRequest {
         kwargs: impl Serialize,
         timeout: Option<Duration>,
     ) -> Result<Self, RpcError> {
-        let (args, kwargs) = call_arguments(args, kwargs).map_err(RpcError::InvalidArguments)?;
+        let (args, kwargs) =
+            nameko_wire::call_arguments(args, kwargs).map_err(RpcError::InvalidArguments)?;
         Ok(RpcRequest {
             protocol,
             service: service.to_owned(),
@@ -53,35 +54,12 @@ impl RpcRequest {
     pub(crate) fn into_body(self, max_size: usize) -> Result<Bytes, RpcError> {
         let RpcRequest { protocol, service, method, args, kwargs, .. } = self;
         let body = match protocol {
-            Protocol::Nameko => wire::request_body(args, kwargs),
+            Protocol::Nameko => nameko_wire::request_body(args, kwargs),
             Protocol::MicroFramework => ufw_wire::request_body(&method, args, kwargs),
         };
         check_size(format_args!("RPC request {service}.{method}"), body.len(), max_size)?;
         Ok(body)
     }
-}
-
-/// A call's positional and keyword arguments as JSON: `args` must serialize to a list and
-/// `kwargs` to a map (`()` and `null` stand for none); the error says why not. What every
-/// caller (RPC, WebSocket, test hooks) checks before building a request.
-pub(crate) fn call_arguments(
-    args: impl Serialize,
-    kwargs: impl Serialize,
-) -> Result<(Vec<Value>, Map<String, Value>), String> {
-    let json = |what: &str, value: Result<Value, serde_json::Error>| {
-        value.map_err(|error| format!("{what} cannot be serialized: {error}"))
-    };
-    let args = match json("args", serde_json::to_value(args))? {
-        Value::Null => Vec::new(),
-        Value::Array(args) => args,
-        other => return Err(format!("args must be a list, got {other}")),
-    };
-    let kwargs = match json("kwargs", serde_json::to_value(kwargs))? {
-        Value::Null => Map::new(),
-        Value::Object(kwargs) => kwargs,
-        other => return Err(format!("kwargs must be a map, got {other}")),
-    };
-    Ok((args, kwargs))
 }
 
 /// Sends requests and hands back their replies.

@@ -41,8 +41,8 @@ pub(crate) fn reply_fits(
         return Ok(());
     }
     let size = match protocol.unwrap_or(config.protocol) {
-        Protocol::Nameko => super::wire::reply_body(&Ok(result.clone())).len(),
-        Protocol::MicroFramework => super::ufw_wire::reply_body(&Ok(result.clone())).len(),
+        Protocol::Nameko => crate::data::nameko_wire::reply_body(&Ok(result.clone())).len(),
+        Protocol::MicroFramework => crate::data::ufw_wire::reply_body(&Ok(result.clone())).len(),
     };
     match size > max_size {
         true => Err(format!("result of {size} bytes exceeds MAX_MESSAGE_SIZE ({max_size} bytes)")),
@@ -154,9 +154,9 @@ mod tests {
     /// The size of the reply to `result` under `protocol`.
     fn reply_size(result: &Value, protocol: Protocol) -> usize {
         match protocol {
-            Protocol::Nameko => super::super::wire::reply_body(&Ok(result.clone())).len(),
+            Protocol::Nameko => crate::data::nameko_wire::reply_body(&Ok(result.clone())).len(),
             Protocol::MicroFramework => {
-                super::super::ufw_wire::reply_body(&Ok(result.clone())).len()
+                crate::data::ufw_wire::reply_body(&Ok(result.clone())).len()
             }
         }
     }

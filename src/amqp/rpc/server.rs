@@ -11,13 +11,11 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_limit};
-use crate::amqp::rpc::wire::{reply_body, RemoteException};
+use crate::data::nameko_wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
-use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_unstarted, slot_for, Copies, DeliveryHandler,
-    QueueSource,
-};
+use crate::pipeline::consume::{consume, slot_for, DeliveryHandler, QueueSource};
+use crate::pipeline::settle::{hand_back_as_retry, hand_back_unstarted, Copies};
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::Delivery;
 

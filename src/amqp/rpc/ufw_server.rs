@@ -11,14 +11,12 @@ use serde_json::Value;
 
 use crate::amqp::rpc::naming::UFW_RPC_EXCHANGE;
 use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_limit};
-use crate::amqp::rpc::ufw_wire::{answer_builtin, reply_body, target_detail, RemoteError, Request};
-use crate::amqp::rpc::wire::request_body;
+use crate::data::nameko_wire::request_body;
+use crate::data::ufw_wire::{answer_builtin, reply_body, target_detail, RemoteError, Request};
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
 use crate::error::Result;
-use crate::pipeline::consume::{
-    consume, hand_back_as_retry, hand_back_unstarted, slot_for, Copies, DeliveryHandler,
-    QueueSource,
-};
+use crate::pipeline::consume::{consume, slot_for, DeliveryHandler, QueueSource};
+use crate::pipeline::settle::{hand_back_as_retry, hand_back_unstarted, Copies};
 use crate::pipeline::{Ended, RouteHandle, Serving, SharedExtension};
 use crate::transport::limits::check_received_size;
 use crate::transport::{Acker, Delivery};

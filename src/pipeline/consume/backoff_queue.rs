@@ -3,9 +3,10 @@
 
 use async_trait::async_trait;
 
-use super::{Copies, DeliveryHandler};
+use super::DeliveryHandler;
 use crate::data::{Failure, Handled, Message};
 use crate::pipeline::delayed_message::{self, RetryMeta};
+use crate::pipeline::settle::Copies;
 use crate::pipeline::settle::{dead_letter_unread, settle, Origin};
 use crate::pipeline::RouteHandle;
 use crate::transport::Delivery;

@@ -19,20 +19,18 @@ use crate::data::{
 };
 use crate::error::Result;
 use crate::pipeline::delayed_message::{self, RetryMeta};
-use crate::pipeline::settle::{settle, take_pending_dead_letter, Origin};
+use crate::pipeline::settle::{
+    hand_back_as_retry, hand_back_unstarted, settle, take_pending_dead_letter, Copies, Origin,
+    HEADER_REDELIVERIES,
+};
 use crate::pipeline::spawners::WorkerPermit;
 use crate::pipeline::{Ended, RouteHandle};
 use crate::transport::{
     Acker, ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError,
 };
 use backoff_queue::BackoffQueue;
-pub use crash_guard::mark_first_route;
 use crash_guard::{
     check_crash_loop, count_redelivery, crash_pause, take_redelivered_mark, Checked, Guarded,
-};
-pub(crate) use crash_guard::{
-    hand_back_as_retry, hand_back_message, hand_back_unstarted, left_unsettled, marked_as_retry,
-    try_hand_back_message, Copies, HEADER_REDELIVERED, HEADER_REDELIVERIES,
 };
 
 const RECONSUME_PAUSE: Duration = Duration::from_secs(1);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::{RouteHandle, Unstarted};
+use super::RouteHandle;
 use crate::clock;
 use crate::config::RetryDelay;
 use crate::data::{CallContext, Failure, FailureKind, Handled, Message, Outcome, TargetRole};
@@ -18,7 +18,7 @@ use crate::handler::translators::translate;
 use crate::handler::WorkerContext;
 use crate::metrics::RouteSeries;
 use crate::pipeline::entrypoint_kind::Kind;
-use crate::pipeline::interrupted::{Ended, Interrupted};
+use crate::pipeline::interrupted::{Ended, Interrupted, Unstarted};
 use crate::pipeline::retry::{BackOffData, BackOffPolicy, RetryMode};
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::process::{BorrowedCall, ProcessPool, Reserved};

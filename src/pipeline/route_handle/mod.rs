@@ -11,7 +11,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
 use super::call_watch::{CallWatch, FinishedCall};
@@ -25,6 +24,7 @@ use crate::handler::targets::ErasedTarget;
 use crate::handler::translators::MessageTranslator;
 use crate::handler::ServiceState;
 use crate::metrics::{Metrics, RouteSeries};
+use crate::pipeline::interrupted::Unstarted;
 use crate::pipeline::retry::{BackOffPolicy, RetryMode};
 use crate::pipeline::routes::Route;
 use crate::pipeline::spawners::{WorkerPermit, WorkerPool};
@@ -69,13 +69,6 @@ struct RouteRuntime {
 /// How long a stop that gave up on its calls waits for the deliveries that never started to
 /// be handed back ([`RouteHandle::give_up`]).
 const HAND_BACK_WAIT: Duration = Duration::from_secs(2);
-
-/// A delivery that waited for a worker slot and got none (the service stops): to be handed
-/// back unstarted; the stop's give-up waits for it while this lives.
-#[derive(Debug)]
-pub(crate) struct Unstarted {
-    _hand_back: TaskTrackerToken,
-}
 
 /// What the routes of one service share.
 #[derive(Clone, Debug)]
@@ -323,7 +316,7 @@ impl RouteHandle {
     /// A delivery about to wait for what its call needs to start: if it gets none, it is to
     /// be handed back unstarted, which the stop's give-up waits for while this lives.
     fn unstarted(&self) -> Unstarted {
-        Unstarted { _hand_back: self.inner.hand_backs.token() }
+        Unstarted::new(self.inner.hand_backs.token())
     }
 
     /// Completes once the route's calls still running can no longer end: in a process mode,

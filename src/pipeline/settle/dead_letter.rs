@@ -10,8 +10,8 @@ use super::{
 };
 use crate::clock;
 use crate::data::{Failure, Message};
-use crate::pipeline::consume::HEADER_REDELIVERIES;
 use crate::pipeline::retry::BackOffData;
+use crate::pipeline::settle::HEADER_REDELIVERIES;
 use crate::pipeline::RouteHandle;
 use crate::transport::{
     HeaderValue, Headers, Limit, OutgoingMessage, PublishOptions, TransportError,

@@ -7,21 +7,24 @@
 //! carrying its failure, to be dead-lettered again unrun, or the retry it is to run as.
 
 mod dead_letter;
+mod hand_back;
 mod retry_copy;
 
 use std::time::Duration;
 
 use dead_letter::dead_letter;
+pub use hand_back::mark_first_route;
+pub(crate) use hand_back::{
+    copy_to_queue, hand_back_as_retry, hand_back_unstarted, redeliveries, Copies, HEADER_COPY_FOR,
+    HEADER_DELIVERY_COUNT, HEADER_FIRST_EXCHANGE, HEADER_FIRST_ROUTING_KEY, HEADER_REDELIVERED,
+    HEADER_REDELIVERIES,
+};
+use hand_back::{hand_back_message, left_unsettled, marked_as_retry, try_hand_back_message};
 pub(crate) use retry_copy::declare_retry_topology;
 use retry_copy::{schedule_retry, NotScheduled};
 
 use crate::clock;
 use crate::data::{Failure, Handled, Message};
-pub use crate::pipeline::consume::mark_first_route;
-use crate::pipeline::consume::{
-    hand_back_message, left_unsettled, marked_as_retry, try_hand_back_message, Copies,
-    HEADER_REDELIVERED,
-};
 use crate::pipeline::delayed_message::RetryMeta;
 use crate::pipeline::retry::BackOffData;
 use crate::pipeline::RouteHandle;

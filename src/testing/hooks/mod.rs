@@ -146,7 +146,7 @@ impl EntrypointHook {
         };
         let (args, kwargs) = arguments(self.route.name(), args, kwargs)?;
         let command = self.route.name().to_owned();
-        let request = crate::amqp::rpc::ufw_wire::Request { id: None, command, args, kwargs };
+        let request = crate::data::ufw_wire::Request { id: None, command, args, kwargs };
         self.call(crate::websocket::command_message(request)).await
     }
 

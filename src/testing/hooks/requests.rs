@@ -4,7 +4,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::amqp::rpc::call_arguments;
+use crate::data::nameko_wire::call_arguments;
 use crate::data::Message;
 use crate::testing::HookError;
 

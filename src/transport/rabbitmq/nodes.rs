@@ -2,14 +2,9 @@
 //! per transport so that the instances of a service spread over a cluster's nodes, then tried
 //! in order, round-robin, starting after the node that failed.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::uri::BrokerUri;
-
-/// Transports made in this process so far: part of the default seed, so that transports made
-/// in the same instant still get different orders.
-static TRANSPORTS: AtomicU64 = AtomicU64::new(0);
 
 /// The nodes, in this transport's order, and which one is in use.
 pub(crate) struct Nodes {
@@ -59,32 +54,16 @@ impl Nodes {
     }
 }
 
-/// A seed that differs between processes and between the transports of one process.
+/// A seed that differs between processes and between the transports of one process: drawn
+/// from fastrand's thread-local generator, which is seeded randomly per thread.
 pub(crate) fn default_seed() -> u64 {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let count = TRANSPORTS.fetch_add(1, Ordering::Relaxed);
-    (nanos as u64) ^ (u64::from(std::process::id()) << 32) ^ count.wrapping_mul(GOLDEN)
+    fastrand::u64(..)
 }
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// SplitMix64: a tiny generator, good enough to spread instances over nodes.
-fn split_mix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(GOLDEN);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The indices `0..count` in the order of a Fisher-Yates shuffle seeded with `seed`.
+/// The indices `0..count` shuffled by a generator seeded with `seed`: one seed, one order.
 fn shuffled(count: usize, seed: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..count).collect();
-    let mut state = seed;
-    for i in (1..count).rev() {
-        let j = (split_mix(&mut state) % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
+    fastrand::Rng::with_seed(seed).shuffle(&mut order);
     order
 }
 

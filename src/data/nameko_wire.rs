@@ -1,4 +1,4 @@
-//! The bodies of RPC requests and replies, and errors as they travel in replies.
+//! Nameko's RPC bodies: requests, replies, and errors as they travel in replies.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -79,6 +79,29 @@ fn rust_type_path(type_name: &str) -> Option<String> {
     let base = type_name.split('<').next().unwrap_or_default().trim_start_matches('&').trim();
     let base = base.strip_prefix("dyn ").unwrap_or(base);
     (!base.is_empty()).then(|| base.replace("::", "."))
+}
+
+/// A call's positional and keyword arguments as JSON: `args` must serialize to a list and
+/// `kwargs` to a map (`()` and `null` stand for none); the error says why not. What every
+/// caller (RPC, WebSocket, test hooks) checks before building a request.
+pub(crate) fn call_arguments(
+    args: impl Serialize,
+    kwargs: impl Serialize,
+) -> Result<(Vec<Value>, Map<String, Value>), String> {
+    let json = |what: &str, value: Result<Value, serde_json::Error>| {
+        value.map_err(|error| format!("{what} cannot be serialized: {error}"))
+    };
+    let args = match json("args", serde_json::to_value(args))? {
+        Value::Null => Vec::new(),
+        Value::Array(args) => args,
+        other => return Err(format!("args must be a list, got {other}")),
+    };
+    let kwargs = match json("kwargs", serde_json::to_value(kwargs))? {
+        Value::Null => Map::new(),
+        Value::Object(kwargs) => kwargs,
+        other => return Err(format!("kwargs must be a map, got {other}")),
+    };
+    Ok((args, kwargs))
 }
 
 /// The positional and keyword arguments of a request payload, if it is one.

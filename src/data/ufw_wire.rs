@@ -6,7 +6,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::amqp::rpc::{wire, RemoteException};
+use crate::data::nameko_wire::{self, RemoteException};
 use crate::data::{Failure, FailureKind};
 
 /// Where the Python original's own exceptions live; its clients rebuild the ones found there.
@@ -232,11 +232,11 @@ impl Request {
 
 impl Request {
     /// The message a route handles for this request: its arguments as an RPC payload
-    /// `{"args": [...], "kwargs": {...}}` (what [`Args`](crate::amqp::rpc::Args) reads), with
+    /// `{"args": [...], "kwargs": {...}}` (what `amqp::rpc::Args` reads), with
     /// `properties`, and the command as routing key.
     pub(crate) fn into_message(self, properties: crate::data::Properties) -> crate::data::Message {
         crate::data::Message {
-            body: crate::amqp::rpc::wire::request_body(self.args, self.kwargs),
+            body: crate::data::nameko_wire::request_body(self.args, self.kwargs),
             properties,
             routing_key: self.command,
             ..crate::data::Message::default()
@@ -301,7 +301,7 @@ fn parse_frame(frame: &[u8]) -> Result<Result<Value, RemoteError>, String> {
         return Err(unreadable("not a JSON object".into()));
     };
     match reply.remove("exception") {
-        Some(error) if wire::truthy(&error) => serde_json::from_value(error)
+        Some(error) if nameko_wire::truthy(&error) => serde_json::from_value(error)
             .map(Err)
             .map_err(|error| unreadable(format!("its exception: {error}"))),
         _ => reply
@@ -448,28 +448,5 @@ mod tests {
         assert!(parse_reply(br#""not json""#).is_err());
         let request = Value::String(request_frame("add", vec![json!(1)], Map::new()));
         assert_eq!(Request::parse(request.to_string().as_bytes()).unwrap().command, "add");
-    }
-
-    #[test]
-    fn python_errors_become_rpc_errors_without_evaluating_anything() {
-        use crate::amqp::rpc::RpcError;
-        let unknown = RemoteError::target_does_not_exist("nope");
-        assert!(matches!(RpcError::from(unknown), RpcError::MethodNotFound(_)));
-        let malformed = RemoteError::malformed("bad");
-        assert!(matches!(RpcError::from(malformed), RpcError::MalformedRequest(_)));
-        let builtin = RemoteError::builtin("ValueError", "bad 1");
-        let RpcError::RemoteError { exc_type, exc_path, value, .. } = RpcError::from(builtin)
-        else {
-            panic!("not a remote error")
-        };
-        assert_eq!(
-            (exc_type.as_str(), exc_path.as_str(), value.as_str()),
-            ("ValueError", "builtins.ValueError", "bad 1")
-        );
-        // a class of the caller's own code is described, not looked up
-        let custom =
-            RemoteError { module: Some("os".into()), ..RemoteError::builtin("system", "rm -rf") };
-        let RpcError::RemoteError { exc_path, .. } = RpcError::from(custom) else { panic!() };
-        assert_eq!(exc_path, "os.system");
     }
 }
