@@ -40,7 +40,7 @@ pub(super) enum Checked {
 /// Count the times a message came back unsettled (its worker or the service died while
 /// handling it) and refuse it past `MAX_REDELIVERIES`, so one poison message cannot
 /// crash-loop the service. A fresh delivery is never counted: messages handed back unstarted
-/// come back as fresh copies ([`hand_back_unstarted`]). On a redelivery, the count is that of the
+/// come back as fresh copies ([`hand_back_unstarted`](crate::pipeline::settle::hand_back_unstarted)). On a redelivery, the count is that of the
 /// copies ([`HEADER_REDELIVERIES`]) plus, from a `quorum` queue, the broker's own; from any
 /// other queue the message is published again (confirmed) straight to its queue with its count
 /// one higher ([`count_redelivery`]), then acked. A redelivery the transport knows the broker

@@ -23,7 +23,7 @@ pub(crate) const HEADER_FIRST_ROUTING_KEY: &str = "x-mf-redelivered-routing-key"
 pub(crate) const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
 /// Header of a copy published straight to its queue in place of a redelivery (a counted one,
 /// or the hand-back of one): its handler is told the message is redelivered, as the broker
-/// would have told of the redelivery the copy replaces ([`take_redelivered_mark`]).
+/// would have told of the redelivery the copy replaces (`consume::take_redelivered_mark`).
 pub(crate) const HEADER_REDELIVERED: &str = "x-mf-redelivered";
 
 /// Header of a copy that goes back to its queue by the route its message came by
