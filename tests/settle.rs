@@ -376,34 +376,48 @@ async fn a_call_failing_after_the_stop_gave_up_on_it_is_not_called_back() {
 
 async fn fails_after_the_give_up(callback: bool) {
     for uri in broker_uris() {
-        let shop = unique("gaveup");
-        let config = config(&uri, "gaveup").with_shutdown_timeout(Duration::from_millis(200));
-        let markers = [config.service_name.clone(), shop.clone()];
-        let queue = format!("evt-{shop}-job--{}.uses_the_pool", config.service_name);
         let probe = common::Probe::new();
         let route = match callback {
             true => CallbackRoute::new(uses_the_pool, pool_failed),
             false => Route::new(uses_the_pool),
         };
-        let routes = vec![route
-            .entrypoint(EventListener::new(&shop, "job"))
-            .dependency(Shared(probe.clone()))];
-        let (closed, _) = tokio::sync::watch::channel(false);
-        let runner = Runner::new(routes, config.clone()).dependency(ClosedAtStop(closed));
-        let service = TestService::start_runner(runner).await.unwrap();
-        service.dispatch(&shop, "job", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
-        service.stop().await.unwrap();
-        let observer = micro_framework::transport::connect(&config).await.unwrap();
-        let dead = take_messages(observer.as_ref(), &format!("{queue}.dlq")).await.unwrap();
-        let left = observer.queue_info(&queue).await.unwrap().message_count;
-        observer.close().await;
+        let (left, dead) = past_the_give_up(&uri, "gaveup", route, "uses_the_pool", &probe).await;
         assert!(dead.is_empty(), "{uri}: dead-lettered for what the stop did: {dead:?}");
-        assert_eq!(left, 1, "{uri}: back in its queue");
+        assert_eq!(left.len(), 1, "{uri}: back in its queue");
         let calls = probe.started.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(calls, 1, "{uri}: the callback ran, with the stop's error");
-        common::cleanup(&uri, &markers).await;
     }
+}
+
+/// What a stop past `SHUTDOWN_TIMEOUT` (200 ms) leaves of one event that `route` (its target
+/// named `target`) was handling when the stop gave up on it: the messages back in the route's
+/// queue, and those in its dead-letter queue. The route's functions wait on `ClosedAtStop`,
+/// which the stop's teardown closes, after the give-up; each tells `probe` it started.
+async fn past_the_give_up(
+    uri: &str,
+    name: &str,
+    route: Route,
+    target: &str,
+    probe: &Arc<common::Probe>,
+) -> (Vec<micro_framework::Message>, Vec<micro_framework::Message>) {
+    let shop = unique(name);
+    let config = config(uri, name).with_shutdown_timeout(Duration::from_millis(200));
+    let markers = [config.service_name.clone(), shop.clone()];
+    let queue = format!("evt-{shop}-job--{}.{target}", config.service_name);
+    let routes =
+        vec![route.entrypoint(EventListener::new(&shop, "job")).dependency(Shared(probe.clone()))];
+    let (closed, _) = tokio::sync::watch::channel(false);
+    let runner = Runner::new(routes, config.clone()).dependency(ClosedAtStop(closed));
+    let service = TestService::start_runner(runner).await.unwrap();
+    service.dispatch(&shop, "job", &json!({})).await.unwrap();
+    probe.wait_started(1).await;
+    service.stop().await.unwrap();
+    let observer = micro_framework::transport::connect(&config).await.unwrap();
+    let left = take_messages(observer.as_ref(), &queue).await;
+    let dead = take_messages(observer.as_ref(), &format!("{queue}.dlq")).await;
+    observer.close().await;
+    common::cleanup(uri, &markers).await;
+    (left.unwrap(), dead.unwrap_or_default())
 }
 
 /// A call of a route with an `AsyncBackOff` failing after the give-up is not retried: the
@@ -412,27 +426,11 @@ async fn fails_after_the_give_up(callback: bool) {
 #[tokio::test]
 async fn a_call_failing_after_the_give_up_is_not_scheduled_for_a_broker_retry() {
     for uri in broker_uris() {
-        let shop = unique("mut7retry");
-        let config = config(&uri, "mut7retry").with_shutdown_timeout(Duration::from_millis(200));
-        let markers = [config.service_name.clone(), shop.clone()];
-        let queue = format!("evt-{shop}-job--{}.uses_the_pool", config.service_name);
         let probe = common::Probe::new();
-        let routes = vec![Route::new(uses_the_pool)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .backoff(AsyncBackOff::new(3, Duration::from_secs(3600)))
-            .dependency(Shared(probe.clone()))];
-        let (closed, _) = tokio::sync::watch::channel(false);
-        let runner = Runner::new(routes, config.clone()).dependency(ClosedAtStop(closed));
-        let service = TestService::start_runner(runner).await.unwrap();
-        service.dispatch(&shop, "job", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
-        service.stop().await.unwrap();
-        let observer = micro_framework::transport::connect(&config).await.unwrap();
-        let left = take_messages(observer.as_ref(), &queue).await;
-        let dead = take_messages(observer.as_ref(), &format!("{queue}.dlq")).await;
-        observer.close().await;
-        common::cleanup(&uri, &markers).await;
-        let (left, dead) = (left.unwrap(), dead.unwrap_or_default());
+        let route =
+            Route::new(uses_the_pool).backoff(AsyncBackOff::new(3, Duration::from_secs(3600)));
+        let (left, dead) =
+            past_the_give_up(&uri, "mut7retry", route, "uses_the_pool", &probe).await;
         assert!(dead.is_empty(), "{uri}: dead-lettered: {dead:?}");
         assert_eq!(left.len(), 1, "{uri}: the message is not back in its queue: {left:?}");
         let retry_count = left[0].properties.headers.get("x-mf-retry-count");
@@ -460,25 +458,9 @@ async fn handles_it_until_the_stop(
 #[tokio::test]
 async fn a_callback_ending_well_after_the_give_up_is_acked() {
     for uri in broker_uris() {
-        let shop = unique("mut7cb");
-        let config = config(&uri, "mut7cb").with_shutdown_timeout(Duration::from_millis(200));
-        let markers = [config.service_name.clone(), shop.clone()];
-        let queue = format!("evt-{shop}-job--{}.fails_at_once", config.service_name);
         let probe = common::Probe::new();
-        let routes = vec![CallbackRoute::new(fails_at_once, handles_it_until_the_stop)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .dependency(Shared(probe.clone()))];
-        let (closed, _) = tokio::sync::watch::channel(false);
-        let runner = Runner::new(routes, config.clone()).dependency(ClosedAtStop(closed));
-        let service = TestService::start_runner(runner).await.unwrap();
-        service.dispatch(&shop, "job", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
-        service.stop().await.unwrap();
-        let observer = micro_framework::transport::connect(&config).await.unwrap();
-        let left = take_messages(observer.as_ref(), &queue).await;
-        observer.close().await;
-        common::cleanup(&uri, &markers).await;
-        let left = left.unwrap();
+        let route = CallbackRoute::new(fails_at_once, handles_it_until_the_stop);
+        let (left, _) = past_the_give_up(&uri, "mut7cb", route, "fails_at_once", &probe).await;
         assert!(left.is_empty(), "{uri}: handled by its callback, yet back: {left:?}");
     }
 }
@@ -812,25 +794,10 @@ async fn finishes_at_stop(
 #[tokio::test]
 async fn a_call_succeeding_after_the_stop_gave_up_on_it_is_acked() {
     for uri in broker_uris() {
-        let shop = unique("gaveupok");
-        let config = config(&uri, "gaveupok").with_shutdown_timeout(Duration::from_millis(200));
-        let markers = [config.service_name.clone(), shop.clone()];
-        let queue = format!("evt-{shop}-job--{}.finishes_at_stop", config.service_name);
         let probe = common::Probe::new();
-        let routes = vec![Route::new(finishes_at_stop)
-            .entrypoint(EventListener::new(&shop, "job"))
-            .dependency(Shared(probe.clone()))];
-        let (closed, _) = tokio::sync::watch::channel(false);
-        let runner = Runner::new(routes, config.clone()).dependency(ClosedAtStop(closed));
-        let service = TestService::start_runner(runner).await.unwrap();
-        service.dispatch(&shop, "job", &json!({})).await.unwrap();
-        probe.wait_started(1).await;
-        service.stop().await.unwrap();
-        let observer = micro_framework::transport::connect(&config).await.unwrap();
-        let left = take_messages(observer.as_ref(), &queue).await.unwrap();
-        observer.close().await;
+        let route = Route::new(finishes_at_stop);
+        let (left, _) = past_the_give_up(&uri, "gaveupok", route, "finishes_at_stop", &probe).await;
         assert!(left.is_empty(), "{uri}: a call that succeeded goes back to run again: {left:?}");
-        common::cleanup(&uri, &markers).await;
     }
 }
 
