@@ -528,6 +528,27 @@ mod numbers_beyond_a_float {
         );
     }
 
+    /// Under `PROTOCOL=micro_framework` a request holding a lone surrogate (the Python
+    /// micro-framework's `json.dumps("a\ud800b")`, well-formed JSON) is answered
+    /// `RPCMalformedMessage` with a reason naming it, where serde's own says only "unexpected
+    /// end of hex escape".
+    #[tokio::test]
+    async fn a_micro_framework_request_holding_a_lone_surrogate_is_told_so() {
+        let uri = format!("memory://{}", unique("ufw_surrogate"));
+        let config = config(&uri, "ufw_surrogate").with_protocol(Protocol::MicroFramework);
+        let name = config.service_name.clone();
+        let routes = vec![Route::new(echo).entrypoint(RPCListener::new())];
+        let service = TestService::start(routes, config).await.unwrap();
+        let caller = UfwCaller::new(service.transport(), &name).await;
+        let body = r#"{"command": "echo", "command_args": ["a\ud800b"], "command_kwargs": {}}"#;
+        let reply = caller.request("echo", Bytes::from_static(body.as_bytes())).await;
+        caller.close().await;
+        service.stop().await.unwrap();
+        assert_eq!(reply["exception"]["exception"], json!("RPCMalformedMessage"), "{reply}");
+        let reason = reply["exception"]["message"].as_str().unwrap_or_default();
+        assert!(reason.contains("lone UTF-16 surrogate"), "{reply}");
+    }
+
     fn takes_numbers(Payload(_): Payload<Value>) {}
 
     /// An event holding a number beyond a float's range is dead-lettered as bad input, with a

@@ -74,16 +74,8 @@ impl Message {
         }
         match essence.as_str() {
             _ if self.body.is_empty() => T::deserialize(Value::Null).map_err(shape),
-            "application/json" | "" => serde_json::from_slice(&self.body).map_err(|error| {
-                if holds_a_number_beyond_a_float(&error) {
-                    DecodeError::NumberBeyondAFloat(error.to_string())
-                } else {
-                    DecodeError::NotJson {
-                        hint: hint(&self.body, &error),
-                        error: error.to_string(),
-                    }
-                }
-            }),
+            "application/json" | "" => serde_json::from_slice(&self.body)
+                .map_err(|error| DecodeError::of_json(&self.body, &error)),
             "text/plain" => {
                 std::str::from_utf8(&self.body).map_err(DecodeError::NotUtf8).and_then(|text| {
                     T::deserialize(serde::de::value::StrDeserializer::<serde_json::Error>::new(
@@ -132,15 +124,27 @@ pub enum DecodeError {
     UnsupportedContentType(String),
 }
 
+impl DecodeError {
+    /// Why `body`, which serde read as JSON with `error`, is not read: with its likely cause
+    /// where one is known, as serde's message names none.
+    pub(crate) fn of_json(body: &[u8], error: &serde_json::Error) -> DecodeError {
+        if holds_a_number_beyond_a_float(error) {
+            DecodeError::NumberBeyondAFloat(error.to_string())
+        } else {
+            DecodeError::NotJson { hint: hint(body, error), error: error.to_string() }
+        }
+    }
+}
+
 /// What a body holding a lone surrogate is told: the JSON is well-formed, and serde's message
 /// ("unexpected end of hex escape") points elsewhere.
-pub(crate) const LONE_SURROGATE: &str =
+const LONE_SURROGATE: &str =
     "it holds a lone UTF-16 surrogate, an escape \\ud800 to \\udfff without its pair, which \
      Python strings allow and Unicode text does not: send valid text";
 
 /// Whether serde's `error` reading `body` comes from a lone surrogate: serde names only the
 /// escape it stopped at, and the body holds one in the `\\ud800`-`\\udfff` range.
-pub(crate) fn holds_a_lone_surrogate(body: &[u8], error: &serde_json::Error) -> bool {
+fn holds_a_lone_surrogate(body: &[u8], error: &serde_json::Error) -> bool {
     let message = error.to_string();
     (message.contains("surrogate") || message.contains("end of hex escape"))
         && memchr::memmem::find_iter(body, b"\\u").any(|at| {
@@ -151,12 +155,12 @@ pub(crate) fn holds_a_lone_surrogate(body: &[u8], error: &serde_json::Error) -> 
 }
 
 /// What a body holding a number serde_json cannot read is told.
-pub(crate) const BEYOND_A_FLOAT: &str = "holds a number beyond a 64-bit float's range (a Python \
+const BEYOND_A_FLOAT: &str = "holds a number beyond a 64-bit float's range (a Python \
     integer of more than 308 digits), which is not read: send it as a string";
 
 /// Whether `error` is of valid JSON (which has no limit on numbers) holding a number beyond
 /// what serde_json reads.
-pub(crate) fn holds_a_number_beyond_a_float(error: &serde_json::Error) -> bool {
+fn holds_a_number_beyond_a_float(error: &serde_json::Error) -> bool {
     error.to_string().starts_with("number out of range")
 }
 

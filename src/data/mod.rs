@@ -23,9 +23,6 @@ pub use extensions::Extensions;
 pub use failure::{Failure, FailureKind};
 pub use headers::{HeaderValue, Headers, Properties};
 pub(crate) use kombu_types::{kombu_types_as_text, may_hold_kombu_types};
-pub(crate) use message::{
-    holds_a_lone_surrogate, holds_a_number_beyond_a_float, BEYOND_A_FLOAT, LONE_SURROGATE,
-};
 pub use message::{json_properties, DecodeError, Message};
 pub use outcome::{Handled, Outcome, TargetRole};
 pub(crate) use retry_state::{

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::data::{holds_a_lone_surrogate, Failure, FailureKind, LONE_SURROGATE};
+use crate::data::{DecodeError, Failure, FailureKind};
 
 /// Where Nameko's own exceptions live; callers rebuild the ones registered there.
 const NAMEKO_EXCEPTIONS: &str = "nameko.exceptions";
@@ -149,13 +149,8 @@ fn values_body(body: &impl Serialize) -> Bytes {
 /// truthy (in Python's sense) is raised, else the `result` is returned. A body that is no
 /// JSON object, or holds neither, is unreadable: no successful `null`.
 pub(crate) fn parse_reply(body: &[u8]) -> Result<Result<Value, RemoteException>, String> {
-    let reply: Value = serde_json::from_slice(body).map_err(|error| {
-        if holds_a_lone_surrogate(body, &error) {
-            format!("unreadable RPC reply ({LONE_SURROGATE}): {error}")
-        } else {
-            format!("unreadable RPC reply: {error}")
-        }
-    })?;
+    let reply: Value = serde_json::from_slice(body)
+        .map_err(|error| format!("unreadable RPC reply: {}", DecodeError::of_json(body, &error)))?;
     let Value::Object(mut reply) = reply else {
         return Err("unreadable RPC reply: not a JSON object".into());
     };
@@ -217,6 +212,11 @@ mod tests {
         // what Python's `json` writes for `float("nan")`: refused, not read as something else
         let unread = parse_reply(br#"{"result": NaN, "error": null}"#).unwrap_err();
         assert!(unread.starts_with("unreadable RPC reply"), "{unread}");
+        assert!(unread.contains("NaN and Infinity"), "the cause named: {unread}");
+        // what a Nameko service returning 10**400 sends: Python's json writes it in full
+        let huge = format!(r#"{{"result": 1{}, "error": null}}"#, "0".repeat(400));
+        let unread = parse_reply(huge.as_bytes()).unwrap_err();
+        assert!(unread.contains("beyond a 64-bit float's range"), "{unread}");
         // what a Nameko service returning "a\ud800b" sends: Python strings hold lone surrogates
         let unread = parse_reply(br#"{"result": "a\ud800b", "error": null}"#).unwrap_err();
         assert!(unread.contains("lone UTF-16 surrogate"), "{unread}");

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::data::nameko_wire::{self, RemoteException};
-use crate::data::{Failure, FailureKind};
+use crate::data::{DecodeError, Failure, FailureKind};
 
 /// Where the Python original's own exceptions live; its clients rebuild the ones found there.
 const FRAMEWORK_EXCEPTIONS: &str = "micro_framework.exceptions";
@@ -196,16 +196,14 @@ impl Request {
                 )),
             })
         };
-        let mut value: Value = serde_json::from_slice(frame).map_err(|error| {
-            match crate::data::holds_a_number_beyond_a_float(&error) {
-                true => malformed(None, format!("it {}: {error}", crate::data::BEYOND_A_FLOAT)),
-                false => malformed(None, format!("not JSON: {error}")),
-            }
-        })?;
+        let mut value: Value = serde_json::from_slice(frame)
+            .map_err(|error| malformed(None, DecodeError::of_json(frame, &error).to_string()))?;
         if let Value::String(inner) = &value {
             // the Python original's server also takes a request JSON-encoded twice
-            value = serde_json::from_str(inner)
-                .map_err(|error| malformed(None, format!("a string that is not JSON: {error}")))?;
+            value = serde_json::from_str(inner).map_err(|error| {
+                let why = DecodeError::of_json(inner.as_bytes(), &error);
+                malformed(None, format!("a JSON string whose {why}"))
+            })?;
         }
         let Value::Object(mut object) = value else {
             return Err(malformed(None, "not a JSON object".into()));
@@ -295,8 +293,8 @@ pub(crate) fn parse_reply(frame: &[u8]) -> Result<Result<Value, RemoteError>, St
 /// JSON object, is unreadable: the original always writes both, so it is some other message.
 fn parse_frame(frame: &[u8]) -> Result<Result<Value, RemoteError>, String> {
     let unreadable = |reason: String| format!("unreadable reply ({reason}): {}", excerpt(frame));
-    let reply: Value =
-        serde_json::from_slice(frame).map_err(|error| unreadable(error.to_string()))?;
+    let reply: Value = serde_json::from_slice(frame)
+        .map_err(|error| unreadable(DecodeError::of_json(frame, &error).to_string()))?;
     let Value::Object(mut reply) = reply else {
         return Err(unreadable("not a JSON object".into()));
     };
@@ -329,6 +327,27 @@ mod tests {
     }
 
     #[test]
+    fn frames_holding_a_lone_surrogate_or_a_number_beyond_a_float_say_so_at_either_level() {
+        // what Python's json writes for "a\ud800b", in a request, one JSON-encoded twice
+        // (which the Python original's server takes too), and a reply
+        let request = br#"{"command": "echo", "command_args": ["a\ud800b"]}"#;
+        let twice = Value::String(String::from_utf8(request.to_vec()).unwrap()).to_string();
+        for frame in [&request[..], twice.as_bytes()] {
+            let reason = Request::parse(frame).unwrap_err().error.message;
+            assert!(reason.contains("lone UTF-16 surrogate"), "{reason}");
+        }
+        let huge = format!(r#"{{"command": "echo", "command_args": [1{}]}}"#, "0".repeat(400));
+        let reason = Request::parse(Value::String(huge).to_string().as_bytes()).unwrap_err();
+        assert!(reason.error.message.contains("send it as a string"), "{}", reason.error.message);
+        let reply = br#"{"data": "a\ud800b", "exception": null}"#;
+        let wrapped = Value::String(String::from_utf8(reply.to_vec()).unwrap()).to_string();
+        for frame in [&reply[..], wrapped.as_bytes()] {
+            let unread = parse_reply(frame).unwrap_err();
+            assert!(unread.contains("lone UTF-16 surrogate"), "{unread}");
+        }
+    }
+
+    #[test]
     fn malformed_frames_say_why() {
         let reason = |frame: &[u8]| Request::parse(frame).unwrap_err().error.message;
         let huge = format!(r#"{{"command": "echo", "command_args": [1{}]}}"#, "0".repeat(400));
@@ -337,7 +356,7 @@ mod tests {
             "{}",
             reason(huge.as_bytes())
         );
-        assert!(reason(b"{oops").contains("not JSON"));
+        assert!(reason(b"{oops").contains("not valid JSON"));
         assert!(reason(b"[1]").contains("not a JSON object"));
         assert!(reason(br#"{"cmd": 1}"#).contains("no `command`"));
         assert!(reason(br#"{"command": 1}"#).contains("not a string"));
