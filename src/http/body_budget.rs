@@ -31,31 +31,33 @@ impl BodyBudget {
         BodyBudget { bytes: Arc::new(Semaphore::new(bytes)), body_limit }
     }
 
-    /// Whether `headers` announce a body over `MAX_MESSAGE_SIZE` (by its `content-length`),
-    /// which is refused before it is read.
-    pub(super) fn announces_too_much(&self, headers: &HeaderMap) -> bool {
-        announced_length(headers).is_some_and(|length| length > self.body_limit)
+    /// The room the body `headers` announce needs: its `content-length`, or
+    /// `MAX_MESSAGE_SIZE` for a body of unknown length (chunked); none for a request without
+    /// a body. `Err` for a `content-length` over `MAX_MESSAGE_SIZE`, which is refused before
+    /// the body is read.
+    pub(super) fn room_for(&self, headers: &HeaderMap) -> Result<usize, TooLarge> {
+        match announced_length(headers) {
+            Some(length) if length > self.body_limit => Err(TooLarge),
+            Some(length) => Ok(length),
+            None if headers.contains_key(header::TRANSFER_ENCODING) => Ok(self.body_limit),
+            None => Ok(0),
+        }
     }
 
-    /// Wait for room for the body `headers` announce: its `content-length`, or
-    /// `MAX_MESSAGE_SIZE` for a body of unknown length (chunked); none for a request without
-    /// a body. `None` when it needs no room.
-    pub(super) async fn reserve(&self, headers: &HeaderMap) -> Option<OwnedSemaphorePermit> {
-        let size = match announced_length(headers) {
-            Some(length) => length.min(self.body_limit),
-            None if headers.contains_key(header::TRANSFER_ENCODING) => self.body_limit,
-            None => 0,
-        };
-        // a body announced larger than the limit is refused before this (see
-        // `announces_too_much`), and `u32` is the most a semaphore hands out at once (a limit
-        // over 4 GiB takes that much)
-        let size = u32::try_from(size).unwrap_or(u32::MAX);
-        if size == 0 {
+    /// Wait for `bytes` of room (from [`BodyBudget::room_for`]); `None` when it needs none.
+    pub(super) async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        // `u32` is the most a semaphore hands out at once (a limit over 4 GiB takes that much)
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        if bytes == 0 {
             return None;
         }
-        self.bytes.clone().acquire_many_owned(size).await.ok()
+        self.bytes.clone().acquire_many_owned(bytes).await.ok()
     }
 }
+
+/// A body announced over `MAX_MESSAGE_SIZE`.
+#[derive(Debug)]
+pub(super) struct TooLarge;
 
 /// The body length `headers` announce in `content-length`, if any.
 fn announced_length(headers: &HeaderMap) -> Option<usize> {

@@ -149,9 +149,9 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                 // A body announced over the limit is refused before any of it is read: its
                 // client is not told to send it (`100 Continue`), nor does it hold room in
                 // the budget while it comes.
-                if budget.announces_too_much(&headers) {
+                let Ok(body_room) = budget.room_for(&headers) else {
                     return too_large(&route);
-                }
+                };
                 // Room for the body before it is read, held until the answer: the bodies
                 // read, waiting for a worker or in a call stay within the route's budget,
                 // not HTTP_MAX_CONNECTIONS of MAX_MESSAGE_SIZE (40 of 8 MiB waiting for one
@@ -160,7 +160,7 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                 // upload holds room, not a worker that other routes and consumers need.
                 let room = tokio::select! {
                     biased;
-                    room = budget.reserve(&headers) => room,
+                    room = budget.reserve(body_room) => room,
                     () = route.closed_to_new_calls() => return stopping(&route),
                 };
                 // A body still arriving when the service stops would be read to its end (as
