@@ -29,6 +29,22 @@ use crate::pipeline::spawners::WorkerPermit;
 /// the link cannot carry it.
 pub(crate) type EncodeValue<'a> = dyn FnMut(&Value) -> std::io::Result<()> + Send + 'a;
 
+/// One run of one of a route's functions: which one, on what message, after what failure (a
+/// callback's), at which retry.
+pub(crate) struct Attempt<'a> {
+    pub role: TargetRole,
+    pub message: &'a Arc<Message>,
+    pub failure: Option<Failure>,
+    pub retry: &'a BackOffData,
+}
+
+impl<'a> Attempt<'a> {
+    /// The target's run on `message` at `retry`.
+    fn of_target(message: &'a Arc<Message>, retry: &'a BackOffData) -> Self {
+        Attempt { role: TargetRole::Target, message, failure: None, retry }
+    }
+}
+
 impl RouteHandle {
     /// Handle a message in the slot `permit`: run the target; on a failure (not bad input)
     /// retry it as the route's backoff says (in the worker, or by asking the entrypoint to
@@ -140,7 +156,7 @@ impl RouteHandle {
                 return Ended::Interrupted(Interrupted::new(failure.clone(), &retry));
             }
             retry = retry.next(failure.full_message(), scheduled);
-            outcome = self.run(TargetRole::Target, message, None, &retry).await;
+            outcome = self.run(Attempt::of_target(message, &retry)).await;
         }
         let handled = match outcome {
             Ok(value) => Handled::Succeeded(value),
@@ -198,7 +214,9 @@ impl RouteHandle {
         if failure.kind == FailureKind::BadInput || no_callback {
             return Handled::Failed(failure);
         }
-        match self.run(TargetRole::Callback, message, Some(failure.clone()), retry).await {
+        let callback =
+            Attempt { role: TargetRole::Callback, message, failure: Some(failure.clone()), retry };
+        match self.run(callback).await {
             Ok(_) => Handled::CalledBack(failure),
             Err(callback_failure) => Handled::Failed(callback_failure.of_callback_after(&failure)),
         }
@@ -215,7 +233,7 @@ impl RouteHandle {
     ) -> Outcome {
         let max_retries = self.inner.backoff.as_ref().map_or(0, |policy| policy.max_retries);
         let retry = BackOffData::from_headers(&message.properties.headers, max_retries);
-        self.run(role, &Arc::new(message), failure, &retry).await
+        self.run(Attempt { role, message: &Arc::new(message), failure, retry: &retry }).await
     }
 
     /// The target's first attempt on `message`. In a process mode it starts once a worker
@@ -239,37 +257,30 @@ impl RouteHandle {
                 return Err(unstarted);
             };
             drop(unstarted);
-            let (role, call) = (TargetRole::Target, (message, None, retry));
-            return Ok(self.in_process(processes, role, call, Some(reserved)).await);
+            let attempt = Attempt::of_target(message, retry);
+            return Ok(self.in_process(processes, attempt, Some(reserved)).await);
         }
-        Ok(self.run(TargetRole::Target, message, None, retry).await)
+        Ok(self.run(Attempt::of_target(message, retry)).await)
     }
 
-    async fn run(
-        &self,
-        role: TargetRole,
-        message: &Arc<Message>,
-        failure: Option<Failure>,
-        retry: &BackOffData,
-    ) -> Outcome {
+    async fn run(&self, attempt: Attempt<'_>) -> Outcome {
         #[cfg(feature = "process")]
         if let Some(processes) = self.inner.pool.processes() {
-            return self.in_process(processes, role, (message, failure, retry), None).await;
+            return self.in_process(processes, attempt, None).await;
         }
         let limit = self.inner.pool.time_limit();
-        self.run_here(role, message, failure, retry, (None, limit), None).await
+        self.run_here(attempt, None, limit, None).await
     }
 
-    /// Run one function of the route in a worker process of `processes` (the `reserved` one,
-    /// if given) on `(message, failure, retry)`.
+    /// Make `attempt` in a worker process of `processes` (the `reserved` one, if given).
     #[cfg(feature = "process")]
     async fn in_process(
         &self,
         processes: &Arc<ProcessPool>,
-        role: TargetRole,
-        (message, failure, retry): (&Arc<Message>, Option<Failure>, &BackOffData),
+        attempt: Attempt<'_>,
         reserved: Option<Reserved<'_>>,
     ) -> Outcome {
+        let Attempt { role, message, failure, retry } = attempt;
         // The service logs the call under the id its worker gives it, so that what only the
         // service sees (a worker killed past the time limit, or dying) is logged with the
         // call's route and id too.
@@ -355,8 +366,8 @@ impl RouteHandle {
         Failure { retryable: failure.retryable && accepts, ..failure }
     }
 
-    /// Run one function of the route in this process, as the call `call_id` (a new one if
-    /// `None`); with a `limit`, cancelled past it (see [`TimeLimit`]).
+    /// Make `attempt` in this process, as the call `call_id` (a new one if `None`); with a
+    /// `limit`, cancelled past it (see [`TimeLimit`]).
     ///
     /// In a worker process, `encode` encodes the function's value for the link to the service
     /// before the dependencies are told the outcome: a value the link cannot carry fails the
@@ -364,34 +375,30 @@ impl RouteHandle {
     /// the value is encoded once, where it was checked.
     pub(crate) async fn run_here(
         &self,
-        role: TargetRole,
-        message: &Arc<Message>,
-        failure: Option<Failure>,
-        retry: &BackOffData,
-        (call_id, limit): (Option<String>, Option<Duration>),
+        attempt: Attempt<'_>,
+        call_id: Option<String>,
+        limit: Option<Duration>,
         encode: Option<&mut EncodeValue<'_>>,
     ) -> Outcome {
         let route = &self.inner;
         let call_id = call_id.unwrap_or_else(|| CallContext::new_id(&route.service, &route.name));
-        let headers = &message.properties.headers;
+        let headers = &attempt.message.properties.headers;
         let call = CallContext::gathered(headers, route.config.parent_calls_tracked, call_id);
         call.warn_of_keys_not_forwarded();
-        let span = self.call_span(&call, retry);
+        let span = self.call_span(&call, attempt.retry);
         let limit = limit.map(TimeLimit::starting_now);
-        self.run_pipeline(role, message.clone(), failure, call, (retry.clone(), limit), encode)
-            .instrument(span)
-            .await
+        self.run_pipeline(attempt, call, limit, encode).instrument(span).await
     }
 
     async fn run_pipeline(
         &self,
-        role: TargetRole,
-        message: Arc<Message>,
-        failure: Option<Failure>,
+        attempt: Attempt<'_>,
         call: CallContext,
-        (retry, limit): (BackOffData, Option<TimeLimit>),
+        limit: Option<TimeLimit>,
         encode: Option<&mut EncodeValue<'_>>,
     ) -> Outcome {
+        let Attempt { role, message, failure, retry } = attempt;
+        let (message, retry) = (message.clone(), retry.clone());
         let route = &self.inner;
         let Some(target) = self.function(role) else {
             return Err(Failure::new(FailureKind::Error, "route has no callback"));

@@ -7,6 +7,8 @@
 
 mod call;
 
+pub(crate) use call::Attempt;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 

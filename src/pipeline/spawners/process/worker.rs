@@ -19,7 +19,7 @@ use super::protocol::{
 use crate::data::{Failure, FailureKind, Outcome};
 use crate::error::{Error, Result};
 use crate::handler::targets::run_sync_targets_here;
-use crate::pipeline::RouteHandle;
+use crate::pipeline::{Attempt, RouteHandle};
 
 /// The environment variable that makes a service binary a worker: the socket to dial.
 pub const WORKER_SOCKET_ENV: &str = "MF_WORKER_SOCKET";
@@ -325,8 +325,8 @@ async fn run_call<W: Send>(
     };
     // the service kills this process past the call's time limit
     let message = Arc::new(message);
-    let call = (Some(call_id), None);
-    let outcome = route.run_here(role, &message, failure, &retry, call, Some(&mut encode)).await;
+    let attempt = Attempt { role, message: &message, failure, retry: &retry };
+    let outcome = route.run_here(attempt, Some(call_id), None, Some(&mut encode)).await;
     match outcome {
         Ok(_) if encoded => Ok(()),
         outcome => {
