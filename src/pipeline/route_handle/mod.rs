@@ -7,6 +7,7 @@
 
 mod call;
 
+#[cfg(feature = "process")]
 pub(crate) use call::Attempt;
 
 use std::sync::{Arc, OnceLock};
