@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::targets::{add, echo};
+use common::targets::{add, echo, EchoArgs};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,6 @@ use micro_framework::dependencies::Shared;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
 use micro_framework::{CallContext, HeaderValue};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Barrier;
 
@@ -55,13 +54,8 @@ fn fail() -> Result<(), ValueError> {
     Err(ValueError("boom".into()))
 }
 
-#[derive(Deserialize)]
-struct FailArgs {
-    x: Value,
-}
-
 /// `fail(x)` as `ufw_peer.py rpc-serve`'s: `ValueError("bad {x}")`.
-fn fail_with(Args(FailArgs { x }): Args<FailArgs>) -> Result<(), ValueError> {
+fn fail_with(Args(EchoArgs { x }): Args<EchoArgs>) -> Result<(), ValueError> {
     let shown = x.as_str().map_or_else(|| x.to_string(), str::to_owned);
     Err(ValueError(format!("bad {shown}")))
 }
@@ -80,20 +74,15 @@ impl std::error::Error for NotAllInFlight {}
 /// Returns `x` once `GATHERED` calls of it are running at once: each reply proves the caller
 /// had them all in flight before it read any.
 async fn gather(
-    Args(EchoX { x }): Args<EchoX>,
+    Args(EchoArgs { x }): Args<EchoArgs>,
     Dep(barrier): Dep<Arc<Barrier>>,
 ) -> Result<Value, NotAllInFlight> {
     tokio::time::timeout(GATHER_LIMIT, barrier.wait()).await.map_err(|_| NotAllInFlight)?;
     Ok(x)
 }
 
-#[derive(Deserialize)]
-struct EchoX {
-    x: Value,
-}
-
 /// Records the argument of a call that nobody waits for.
-fn note(Args(EchoX { x }): Args<EchoX>, Dep(probe): Dep<Arc<Probe>>) {
+fn note(Args(EchoArgs { x }): Args<EchoArgs>, Dep(probe): Dep<Arc<Probe>>) {
     probe.enter(x);
     probe.leave();
 }
