@@ -15,6 +15,11 @@ Sub-commands (see tests/interop/README.md):
   rpc-serve  --service SVC [--count N]
   rpc-call   --service SVC --method M [--args JSON] [--kwargs JSON]
              [--call-id-stack a,b] [--python-types]
+  rpc-call-async --service SVC --calls '[[M, ARGS, KWARGS], ...]'
+  standalone-dispatch --service SRC --event EVT --payload JSON [--count N]
+             [--options JSON]
+  shell      --service SVC --method M [--args JSON] [--kwargs JSON]
+             --source SRC --event EVT --payload JSON
   serve      --service SVC --source SRC --event EVT [--stop-timeout S]
 
 ``dispatch`` runs a real ServiceContainer named SRC whose entrypoint uses
@@ -401,6 +406,129 @@ def cmd_rpc_call(args, state):
     return 0
 
 
+def cmd_rpc_call_async(args, state):
+    """Several calls in flight at once through ``ClusterRpcProxy``'s ``call_async``, their
+    replies read in the reverse order of sending."""
+    from nameko.exceptions import RemoteError
+    from nameko.standalone.rpc import ClusterRpcProxy
+
+    calls = json.loads(args.calls)
+    cluster = ClusterRpcProxy(nameko_config(args.uri), timeout=max(args.timeout - 2, 1))
+    with cluster as proxy:
+        service = getattr(proxy, args.service)
+        replies = [
+            getattr(service, method).call_async(*call_args, **call_kwargs)
+            for method, call_args, call_kwargs in calls
+        ]
+        emit({"sent": len(replies)})
+        for index in reversed(range(len(replies))):
+            line = {"index": index, "method": calls[index][0]}
+            try:
+                line["result"] = replies[index].result()
+            except RemoteError as exc:
+                error = {"class": "RemoteError", "exc_type": exc.exc_type, "value": exc.value}
+                line["error"] = error
+            except Exception as exc:  # MethodNotFound, RpcTimeout... rebuilt locally
+                name = type(exc).__name__
+                line["error"] = {"class": name, "exc_type": name, "value": str(exc)}
+            emit(line)
+            state["read"] = len(replies) - index
+    # the reply queue has x-expires 300000; remove it now rather than in 5 min
+    reply_queue = getattr(getattr(cluster._reply_listener, "queue", None), "name", None)
+    if reply_queue:
+        delete_entities(args.uri, queues=[reply_queue])
+    emit({"done": True, "calls": len(replies)})
+    return 0
+
+
+# --------------------------------------------------------------------------
+# standalone-dispatch / shell: Nameko's own tools for callers
+
+
+def cmd_standalone_dispatch(args, state):
+    """``nameko.standalone.events.event_dispatcher(config, **OPTIONS)``, as is."""
+    from nameko.standalone.events import event_dispatcher
+
+    payload = json.loads(args.payload)
+    options = json.loads(args.options)
+    dispatch = event_dispatcher(nameko_config(args.uri), **options)
+    sent = 0
+    for i in range(args.count):
+        try:
+            dispatch(args.service, args.event, payload)
+        except Exception as exc:  # UndeliverableMessage for mandatory and unroutable
+            emit({"index": i, "error": {"exc_type": type(exc).__name__, "value": str(exc)}})
+            continue
+        sent += 1
+        state["dispatched"] = sent
+        emit({"sent": i})
+    emit({"dispatched": sent})
+    return 0
+
+
+SHELL_MARK = "@peer "
+
+
+def shell_script(args):
+    """What ``shell`` types into ``nameko shell``: one statement a line (it is interactive),
+    each result printed as a marked JSON line among the prompts."""
+    call_args = json.loads(args.args)
+    call_kwargs = json.loads(args.kwargs)
+    payload = json.loads(args.payload)
+    return "\n".join(
+        [
+            "import json",
+            "out = lambda obj: print({!r} + json.dumps(obj, sort_keys=True))".format(SHELL_MARK),
+            'out({"reply_queue": n.rpc._reply_listener.queue.name})',
+            'out({{"result": n.rpc.{}.{}(*{!r}, **{!r})}})'.format(
+                args.service, args.method, call_args, call_kwargs
+            ),
+            "n.dispatch_event({!r}, {!r}, {!r})".format(args.source, args.event, payload),
+            'out({"dispatched": True})',
+            "n.disconnect()",
+            "",
+        ]
+    )
+
+
+def cmd_shell(args, state):
+    """``nameko shell --config FILE`` (the CLI, a YAML file with AMQP_URI) with a script on
+    stdin that calls ``n.rpc.SVC.METHOD(...)`` and ``n.dispatch_event(SRC, EVT, PAYLOAD)``."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    cli = os.path.join(os.path.dirname(sys.executable), "nameko")
+    with tempfile.TemporaryDirectory() as directory:
+        config = os.path.join(directory, "config.yaml")
+        with open(config, "w") as file:
+            yaml.safe_dump(nameko_config(args.uri), file)
+        shell = subprocess.run(
+            [cli, "shell", "--config", config],
+            input=shell_script(args),
+            capture_output=True,
+            text=True,
+            timeout=max(args.timeout - 2, 1),
+        )
+    lines = [
+        json.loads(line.split(SHELL_MARK, 1)[1])
+        for line in shell.stdout.splitlines()
+        if SHELL_MARK in line
+    ]
+    # the proxy's reply queue has x-expires 300000; remove it now rather than in 5 min
+    for line in lines:
+        if "reply_queue" in line:
+            delete_entities(args.uri, queues=[line["reply_queue"]])
+    for line in lines:
+        emit(line)
+    if shell.returncode != 0:
+        sys.stderr.write(shell.stderr)
+        raise RuntimeError("nameko shell exited with {}".format(shell.returncode))
+    emit({"shell_exit": shell.returncode})
+    return 0
+
+
 # --------------------------------------------------------------------------
 # serve: a long-running service instance (zero-downtime migration tests)
 
@@ -601,6 +729,29 @@ def build_parser():
     p.add_argument("--python-types", action="store_true", help="add a datetime, date, time, "
                    "Decimal, UUID and bytes to the keyword arguments")
     p.set_defaults(func=cmd_rpc_call)
+
+    p = sub.add_parser("rpc-call-async", parents=[common])
+    p.add_argument("--service", required=True)
+    p.add_argument("--calls", required=True, help="JSON [[METHOD, ARGS, KWARGS], ...]")
+    p.set_defaults(func=cmd_rpc_call_async)
+
+    p = sub.add_parser("standalone-dispatch", parents=[common])
+    p.add_argument("--service", required=True, help="source service name")
+    p.add_argument("--event", required=True)
+    p.add_argument("--payload", required=True, help="JSON value")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--options", default="{}", help="JSON keyword arguments of event_dispatcher")
+    p.set_defaults(func=cmd_standalone_dispatch)
+
+    p = sub.add_parser("shell", parents=[common])
+    p.add_argument("--service", required=True, help="the service n.rpc calls")
+    p.add_argument("--method", required=True)
+    p.add_argument("--args", default="[]")
+    p.add_argument("--kwargs", default="{}")
+    p.add_argument("--source", required=True, help="the source n.dispatch_event claims")
+    p.add_argument("--event", required=True)
+    p.add_argument("--payload", required=True, help="JSON value")
+    p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("serve", parents=[common])
     p.add_argument("--service", required=True, help="this service's name")

@@ -18,6 +18,8 @@ Sub-commands (see tests/interop/README.md):
   rpc-call  --service SVC --target T [--args JSON] [--kwargs JSON]
             [--repeat N] [--call-timeout S]
   rpc-list  --service SVC [--call-timeout S]
+  rpc-client --service SVC [--calls '[[T, ARGS, KWARGS], ...]'] [--discover]
+             [--get-target T] [--send '[T, ARGS, KWARGS]'] [--call-timeout S]
   serve     --service SVC --source SRC --event EVT [--max-workers N]
             [--stop-timeout S]
   backoff-retry   --service SVC --target T --payload JSON --meta JSON
@@ -50,7 +52,8 @@ count acks so the peer can stop after the N-th event was acked).
 
 ``rpc-serve`` runs a real ``Runner`` with ``Route(f, entrypoint=RPCListener())``
 per target; ``rpc-call``/``rpc-list`` call through the package's own AMQP RPC
-client (``standalone.Client``'s ``RPCSystemProxyProvider``). ``serve`` is a
+client (``standalone.Client``'s ``RPCSystemProxyProvider``); ``rpc-client`` through the
+proxies its users call (``RPCService``, ``RPCTarget.call_async``). ``serve`` is a
 long-running instance (event handler + RPC) for zero-downtime migration
 tests: SIGTERM stops it the package's own way and keeps its queues.
 """
@@ -885,6 +888,56 @@ def cmd_rpc_list(args, state):
     return _with_rpc_client(args, state, body)
 
 
+def _future_line(future, timeout):
+    """``{"result"}`` or ``{"error"}`` of a call's ``Future`` (the package's async API sets the
+    rebuilt exception on it); ``{"error", "raised": true}`` if it is not done in time."""
+    import concurrent.futures
+
+    try:
+        return {"result": future.result(timeout=timeout)}
+    except concurrent.futures.TimeoutError as exc:
+        return {"error": _exception_fields(exc), "raised": True}
+    except Exception as exc:
+        return {"error": _exception_fields(exc)}
+
+
+def cmd_rpc_client(args, state):
+    """The package's caller API as its users call it, in this order:
+    ``RPCService.discover_targets()``, ``RPCClient.get_target_async``,
+    ``RPCTarget.call_async`` for every call at once (futures read in reverse order) and
+    ``call_target(..., _wait_response=False)``."""
+    calls = json.loads(args.calls)
+
+    def body(client):
+        service = getattr(client.client.amqp_rpc, args.service)
+        if args.discover:
+            service.discover_targets()  # __list_targets__, one RPCTarget per target
+            emit({"discovered": sorted(target.target_id for target in service.targets)})
+        if args.get_target:
+            detail = _future_line(
+                service._client.get_target_async(args.get_target), args.call_timeout
+            )
+            emit({"get_target": args.get_target, **detail})
+        futures = [
+            getattr(service, target).call_async(*call_args, **call_kwargs)
+            for target, call_args, call_kwargs in calls
+        ]
+        emit({"sent": len(futures)})
+        for index in reversed(range(len(futures))):
+            line = {"index": index, "target": calls[index][0]}
+            line.update(_future_line(futures[index], args.call_timeout))
+            emit(line)
+            state["read"] = len(futures) - index
+        if args.send:
+            target, call_args, call_kwargs = json.loads(args.send)
+            service._client.call_target(target, *call_args, _wait_response=False, **call_kwargs)
+            emit({"sent_without_reply": target})
+        emit({"done": True, "calls": len(futures)})
+        return 0
+
+    return _with_rpc_client(args, state, body)
+
+
 # --------------------------------------------------------------------------
 # serve: a long-running service instance (zero-downtime migration tests)
 
@@ -1090,6 +1143,17 @@ def build_parser():
     p.add_argument("--call-timeout", type=float, default=10.0)
     p.add_argument("--caller", default="ufw-peer-caller", help="SERVICE_NAME of the caller")
     p.set_defaults(func=cmd_rpc_list)
+
+    p = sub.add_parser("rpc-client", parents=[common])
+    p.add_argument("--service", required=True, help="the called service")
+    p.add_argument("--calls", default="[]", help="JSON [[TARGET, ARGS, KWARGS], ...]")
+    p.add_argument("--discover", action="store_true", help="discover_targets() first")
+    p.add_argument("--get-target", default="", help="get_target_async(T) before the calls")
+    p.add_argument("--send", default="", help="JSON [TARGET, ARGS, KWARGS]: call_target "
+                   "with _wait_response=False, last")
+    p.add_argument("--call-timeout", type=float, default=10.0)
+    p.add_argument("--caller", default="ufw-peer-caller", help="SERVICE_NAME of the caller")
+    p.set_defaults(func=cmd_rpc_client)
 
     p = sub.add_parser("serve", parents=[common])
     p.add_argument("--service", required=True, help="this service's name")
