@@ -95,6 +95,7 @@ mod connection;
 mod dispatch;
 mod entrypoint;
 mod error;
+mod origin;
 mod registry;
 mod server;
 mod traffic;
