@@ -13,6 +13,7 @@ mod websocket {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use crate::common::peer::{interop_python, Peer, UFW};
     use crate::common::{logs, unique};
     use futures::{SinkExt, StreamExt};
     use micro_framework::config::{Config, ConfigError};
@@ -26,6 +27,8 @@ mod websocket {
     use tokio_tungstenite::tungstenite::http::HeaderValue;
     use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+    /// The Python client touches no broker; `Peer::spawn` passes a URI all the same.
+    const UNUSED_URI: &str = "amqp://guest:guest@127.0.0.1:5672/";
     const APP: &str = "https://app.example.com";
     const DEV: &str = "http://localhost:3000";
 
@@ -159,8 +162,8 @@ mod websocket {
         service.stop().await.unwrap();
     }
 
-    /// Browsers always send `Origin`; other clients (`WebSocketRpcClient`, the Python client,
-    /// scripts) need not, and are taken whatever the list.
+    /// Browsers always send `Origin`; other clients (`WebSocketRpcClient`, scripts) need not,
+    /// and are taken whatever the list.
     #[tokio::test]
     async fn a_handshake_without_an_origin_is_taken_when_origins_are_listed() {
         let (service, address, calls) = start(config(&[APP])).await;
@@ -182,6 +185,34 @@ mod websocket {
                 assert!(reply.is_ok(), "{origins:?} {origin}: {reply:?}");
             }
             assert_eq!(calls.load(Ordering::SeqCst), 2);
+            service.stop().await.unwrap();
+        }
+    }
+
+    /// The Python micro-framework's client (`WSConnection`, on websocket-client) sends
+    /// `Origin: http://{host}:{port}` of the URL it connects to: with origins listed, it is
+    /// refused until that origin is listed too. Mutant: no origin check (the first call is
+    /// answered).
+    #[tokio::test]
+    async fn the_python_client_sends_the_origin_of_its_url_which_must_be_listed() {
+        let Some(python) = interop_python(UFW) else { return };
+        // a free port, known before the start: the origin to list names it
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("ws://127.0.0.1:{port}");
+        let own = format!("http://127.0.0.1:{port}");
+        for (origins, answered) in [(vec![APP], false), (vec![APP, own.as_str()], true)] {
+            let (service, _, calls) = start(config(&origins).with_websocket_port(port)).await;
+            let args = ["ws-call", "--url", &url, "--calls", r#"[["count", [], {}]]"#];
+            let lines = Peer::spawn(&python, UFW, UNUSED_URI, &args).finish().await;
+            let line = lines.iter().find(|line| line["command"] == "count").unwrap();
+            if answered {
+                assert_eq!(line["result"], 1, "{origins:?}: {line}");
+            } else {
+                assert_eq!(line["raised"], true, "{origins:?}: {line}");
+                let error = line["error"]["str"].as_str().unwrap_or_default();
+                assert!(error.contains("403"), "{line}");
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), usize::from(answered), "{origins:?}");
             service.stop().await.unwrap();
         }
     }
@@ -255,6 +286,9 @@ mod websocket {
             assert_eq!(error.key, "WEBSOCKET_ALLOWED_ORIGINS", "{value}");
             assert!(error.reason.contains(reason), "{value}: {error}");
         }
+        // a password put in an entry by mistake is masked, as everywhere in errors
+        let error = env("https://ops:Secret-77@app.example.com").unwrap_err();
+        assert!(!error.to_string().contains("Secret-77"), "{error}");
         let error = env("https://app.example.com, https://b.example/app").unwrap_err();
         assert_eq!(
             error.to_string(),

@@ -128,7 +128,7 @@ mod cross_site {
 
     fn sum(Payload(terms): Payload<Value>) -> Value { json!({ "sum": terms }) }
 
-    fn route() -> Route {
+    fn declare() {
         use micro_framework::http::HttpEntrypoint;
         use micro_framework::translators::MessageTranslator;
         use micro_framework::{BoxError, Message};
@@ -150,7 +150,6 @@ mod cross_site {
         }
 
         let route = Route::new(sum).entrypoint(HttpEntrypoint::post("/sum")).translator(JsonOnly);
-        route
     }
 }
 

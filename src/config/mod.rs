@@ -147,8 +147,9 @@ pub struct Config {
     /// `WEBSOCKET_ALLOWED_ORIGINS`: the origins (`https://app.example.com`,
     /// `scheme://host[:port]`) whose web pages may open a WebSocket connection; a handshake
     /// with another `Origin` header is refused with `403`, one without any (not a browser's) is
-    /// taken. Compared as browsers write the header: scheme and host in any case, the default
-    /// port left out. Empty, or `*` alone: any origin, as the Python original takes. From the
+    /// taken (the Python client sends `http://{host}:{port}` of the URL it calls: list it).
+    /// Compared as browsers write the header: scheme and host in any case, the default port
+    /// left out. Empty, or `*` alone: any origin, as the Python original takes. From the
     /// environment, a comma-separated list. Default: empty.
     pub websocket_allowed_origins: Vec<String>,
     /// `WEB_SERVER_ADDRESS`: where the HTTP entrypoints listen (`host:port`, Nameko's key; a

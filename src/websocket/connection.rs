@@ -16,7 +16,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -27,7 +26,7 @@ use crate::clock::{deadline_after, deadline_from};
 use crate::metrics::Metrics;
 use crate::web_server::Watched;
 use crate::websocket::dispatch::{dispatch, Step};
-use crate::websocket::origin::{forbidden, OriginPolicy};
+use crate::websocket::origin::{OriginCheck, OriginPolicy};
 use crate::websocket::registry::WsRegistry;
 use crate::websocket::traffic::Traffic;
 use crate::websocket::{frame_limits, HANDSHAKE_TIMEOUT};
@@ -67,18 +66,7 @@ pub(crate) async fn serve_client(
     let spare = spare_handle(&stream);
     let traffic = Arc::new(Traffic::new());
     let stream = Watched::new(stream, traffic.clone());
-    let check_origin = |request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        let Some(origin) = origins.refused(request) else {
-            return Ok(response);
-        };
-        tracing::warn!(
-            "WebSocket handshake from {peer} refused: origin {origin:?} is not in \
-             WEBSOCKET_ALLOWED_ORIGINS"
-        );
-        // a handshake names no command yet: counted under no context and no route
-        metrics.refused("", "", "origin");
-        Err(forbidden())
-    };
+    let check_origin = OriginCheck { policy: &origins, metrics: &metrics, peer };
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_origin, Some(frame_limits()));
     let handshake = tokio::select! {

@@ -4,12 +4,16 @@
 //! always adds is the only sign of the page's site, so the check is the server's.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request, Response as Accepted,
+};
 use tokio_tungstenite::tungstenite::http::{header, HeaderValue, Response, StatusCode};
 
 use crate::config::origins::{serialize, ANY_ORIGIN};
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// What a refused handshake is answered, with `403`.
 const FORBIDDEN_BODY: &str =
@@ -35,7 +39,7 @@ impl OriginPolicy {
     }
 
     /// The `Origin` of `request` that is not allowed, as sent, if there is one. A handshake
-    /// without the header is taken: browsers always send it, other clients (the Python one,
+    /// without the header is taken: browsers always send it, other clients (this crate's,
     /// scripts) need not, and a page cannot remove it.
     pub(super) fn refused(&self, request: &Request) -> Option<String> {
         let OriginPolicy::Only(allowed) = self else {
@@ -50,9 +54,33 @@ impl OriginPolicy {
     }
 }
 
+/// The handshake check of the connection of `peer`: one from an origin `policy` does not allow
+/// is refused, logged and counted.
+pub(super) struct OriginCheck<'a> {
+    pub(super) policy: &'a OriginPolicy,
+    pub(super) metrics: &'a Metrics,
+    pub(super) peer: SocketAddr,
+}
+
+impl Callback for OriginCheck<'_> {
+    fn on_request(self, request: &Request, response: Accepted) -> Result<Accepted, ErrorResponse> {
+        let Some(origin) = self.policy.refused(request) else {
+            return Ok(response);
+        };
+        tracing::warn!(
+            "WebSocket handshake from {} refused: origin {origin:?} is not in \
+             WEBSOCKET_ALLOWED_ORIGINS",
+            self.peer
+        );
+        // a handshake names no command yet: counted under no context and no route
+        self.metrics.refused("", "", "origin");
+        Err(forbidden())
+    }
+}
+
 /// The answer to a handshake from an origin not allowed: `403`, the reason as text, and the
 /// connection closed.
-pub(super) fn forbidden() -> ErrorResponse {
+fn forbidden() -> ErrorResponse {
     let mut response = Response::new(Some(FORBIDDEN_BODY.to_owned()));
     *response.status_mut() = StatusCode::FORBIDDEN;
     let headers = response.headers_mut();
