@@ -841,7 +841,7 @@ proptest! {
                 "ENABLE_METRICS", "METRICS_PORT", "PREFETCH_COUNT", "RPC_TIMEOUT",
                 "SHUTDOWN_TIMEOUT", "TASK_TIME_LIMIT", "MAX_REDELIVERIES", "PROTOCOL", "QUEUE_TYPE",
                 "HTTP_HEADER_READ_TIMEOUT", "HTTP_KEEP_ALIVE_TIMEOUT", "HTTP_MAX_CONNECTIONS",
-                "WEBSOCKET_IDLE_TIMEOUT",
+                "WEBSOCKET_IDLE_TIMEOUT", "WEBSOCKET_ALLOWED_ORIGINS",
             ]),
             prop_oneof![
                 ".{0,10}",

@@ -122,6 +122,38 @@ mod http {
 }
 
 #[rustfmt::skip]
+mod cross_site {
+    use micro_framework::prelude::*;
+    use serde_json::{json, Value};
+
+    fn sum(Payload(terms): Payload<Value>) -> Value { json!({ "sum": terms }) }
+
+    fn declare() {
+        use micro_framework::http::HttpEntrypoint;
+        use micro_framework::translators::MessageTranslator;
+        use micro_framework::{BoxError, Message};
+
+        /// Refuses (`400`) a body not declared JSON: a page of another site cannot declare it without
+        /// a CORS preflight, which the service never grants.
+        struct JsonOnly;
+
+        impl MessageTranslator for JsonOnly {
+            fn translate(&self, payload: Value, message: &Message) -> Result<Value, BoxError> {
+                let declared = message.properties.content_type.as_deref().unwrap_or_default();
+                let media = declared.split(';').next().unwrap_or_default().trim();
+                if media.eq_ignore_ascii_case("application/json") {
+                    Ok(payload)
+                } else {
+                    Err(format!("expected content-type: application/json, got {declared:?}").into())
+                }
+            }
+        }
+
+        let route = Route::new(sum).entrypoint(HttpEntrypoint::post("/sum")).translator(JsonOnly);
+    }
+}
+
+#[rustfmt::skip]
 mod rpc {
     use micro_framework::prelude::*;
     use serde_json::json;
@@ -401,7 +433,7 @@ fn every_readme_block_is_compiled_here() {
         blocks += 1;
         rest = &body[end..];
     }
-    assert_eq!(blocks, 15, "the README's ```rust blocks, all compiled above");
+    assert_eq!(blocks, 16, "the README's ```rust blocks, all compiled above");
 }
 
 #[test]

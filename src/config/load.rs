@@ -39,6 +39,7 @@ enum Field {
     MetricsPort,
     WebsocketIp,
     WebsocketPort,
+    WebsocketAllowedOrigins,
     WebServerAddress,
     HttpHeaderReadTimeout,
     HttpKeepAliveTimeout,
@@ -76,6 +77,7 @@ const FIELDS: &[(&str, Field)] = &[
     ("STATUS_SHOW_FAILURES", Field::StatusShowFailures),
     ("WEBSOCKET_IP", Field::WebsocketIp),
     ("WEBSOCKET_PORT", Field::WebsocketPort),
+    ("WEBSOCKET_ALLOWED_ORIGINS", Field::WebsocketAllowedOrigins),
     ("WEB_SERVER_ADDRESS", Field::WebServerAddress),
     ("HTTP_HEADER_READ_TIMEOUT", Field::HttpHeaderReadTimeout),
     ("HTTP_KEEP_ALIVE_TIMEOUT", Field::HttpKeepAliveTimeout),
@@ -130,6 +132,9 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::MetricsPort => uint(value, U16).map(|v| config.metrics.port = v),
         Field::WebsocketIp => text(value).map(|v| config.websocket_ip = v),
         Field::WebsocketPort => uint(value, U16).map(|v| config.websocket_port = v),
+        Field::WebsocketAllowedOrigins => {
+            origin_list(value).map(|v| config.websocket_allowed_origins = v)
+        }
         Field::WebServerAddress => address(value).map(|v| config.web_server_address = v),
         Field::HttpHeaderReadTimeout => seconds(value).map(|v| config.http_header_read_timeout = v),
         Field::HttpKeepAliveTimeout => seconds(value).map(|v| config.http_keep_alive_timeout = v),
@@ -182,6 +187,22 @@ fn uri_list(value: &Value) -> Result<String, String> {
             Ok(uris.join(","))
         }
         other => text(other),
+    }
+}
+
+/// `WEBSOCKET_ALLOWED_ORIGINS`: a list of strings, or one string of comma-separated entries
+/// (as the environment gives it); null or a blank string is the empty list (any origin).
+/// [`Config::validate`] checks each entry.
+fn origin_list(value: &Value) -> Result<Vec<String>, String> {
+    let expected = || "expected a list of origins (strings)".to_string();
+    match value {
+        Value::Null => Ok(Vec::new()),
+        Value::String(text) if text.trim().is_empty() => Ok(Vec::new()),
+        Value::String(text) => Ok(text.split(',').map(|entry| entry.trim().to_owned()).collect()),
+        Value::Array(items) => {
+            items.iter().map(|item| item.as_str().map(str::to_owned).ok_or_else(expected)).collect()
+        }
+        _ => Err(expected()),
     }
 }
 

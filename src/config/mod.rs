@@ -78,6 +78,7 @@ pub(crate) mod amqp_uri;
 mod error;
 mod load;
 mod modes;
+pub(crate) mod origins;
 mod substitute;
 #[cfg(test)]
 mod tests;
@@ -143,6 +144,14 @@ pub struct Config {
     pub websocket_ip: String,
     /// `WEBSOCKET_PORT`: the port the websocket server listens on. Default: 8765.
     pub websocket_port: u16,
+    /// `WEBSOCKET_ALLOWED_ORIGINS`: the origins (`https://app.example.com`,
+    /// `scheme://host[:port]`) whose web pages may open a WebSocket connection; a handshake
+    /// with another `Origin` header is refused with `403`, one without any (not a browser's) is
+    /// taken (the Python client sends `http://{host}:{port}` of the URL it calls: list it).
+    /// Compared as browsers write the header: scheme and host in any case, the default port
+    /// left out. Empty, or `*` alone: any origin, as the Python original takes. From the
+    /// environment, a comma-separated list. Default: empty.
+    pub websocket_allowed_origins: Vec<String>,
     /// `WEB_SERVER_ADDRESS`: where the HTTP entrypoints listen (`host:port`, Nameko's key; a
     /// bare port, as Nameko takes it, is read as `0.0.0.0:port`).
     /// Default: `0.0.0.0:8000`.
@@ -279,6 +288,7 @@ setters! {
     with_metrics => metrics: MetricsConfig,
     with_websocket_ip => websocket_ip: String,
     with_websocket_port => websocket_port: u16,
+    with_websocket_allowed_origins => websocket_allowed_origins: Vec<String>,
     with_web_server_address => web_server_address: String,
     with_http_header_read_timeout => http_header_read_timeout: Duration,
     with_http_keep_alive_timeout => http_keep_alive_timeout: Duration,
@@ -325,6 +335,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             websocket_ip: "0.0.0.0".to_string(),
             websocket_port: 8765,
+            websocket_allowed_origins: Vec::new(),
             web_server_address: "0.0.0.0:8000".to_string(),
             http_header_read_timeout: Duration::from_secs(60),
             http_keep_alive_timeout: Duration::from_secs(75),
@@ -610,6 +621,7 @@ impl Config {
             ("METRICS", metrics),
             ("WEBSOCKET_IP", Value::from(self.websocket_ip.as_str())),
             ("WEBSOCKET_PORT", Value::from(self.websocket_port)),
+            ("WEBSOCKET_ALLOWED_ORIGINS", Value::from(self.websocket_allowed_origins.clone())),
             ("WEB_SERVER_ADDRESS", Value::from(self.web_server_address.as_str())),
             ("HTTP_HEADER_READ_TIMEOUT", Value::from(self.http_header_read_timeout.as_secs_f64())),
             ("HTTP_KEEP_ALIVE_TIMEOUT", Value::from(self.http_keep_alive_timeout.as_secs_f64())),
@@ -656,6 +668,7 @@ impl fmt::Debug for Config {
             .field("metrics", &self.metrics)
             .field("websocket_ip", &self.websocket_ip)
             .field("websocket_port", &self.websocket_port)
+            .field("websocket_allowed_origins", &self.websocket_allowed_origins)
             .field("web_server_address", &self.web_server_address)
             .field("http_header_read_timeout", &self.http_header_read_timeout)
             .field("http_keep_alive_timeout", &self.http_keep_alive_timeout)

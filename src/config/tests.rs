@@ -54,6 +54,10 @@ fn everything_changed() -> Config {
         metrics: MetricsConfig { host: "127.0.0.1".to_string(), port: 9100 },
         websocket_ip: "127.0.0.2".to_string(),
         websocket_port: 9000,
+        websocket_allowed_origins: vec![
+            "https://app.example.com".to_string(),
+            "http://localhost:3000".to_string(),
+        ],
         web_server_address: "127.0.0.1:8080".to_string(),
         http_header_read_timeout: Duration::from_secs(10),
         http_keep_alive_timeout: Duration::from_millis(2500),
@@ -95,6 +99,7 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("METRICS_PORT", "9100"),
     ("WEBSOCKET_IP", "127.0.0.2"),
     ("WEBSOCKET_PORT", "9000"),
+    ("WEBSOCKET_ALLOWED_ORIGINS", "https://app.example.com, http://localhost:3000"),
     ("WEB_SERVER_ADDRESS", "127.0.0.1:8080"),
     ("HTTP_HEADER_READ_TIMEOUT", "10"),
     ("HTTP_KEEP_ALIVE_TIMEOUT", "2.5"),
@@ -134,6 +139,7 @@ METRICS:
   PORT: "9100"
 WEBSOCKET_IP: 127.0.0.2
 WEBSOCKET_PORT: 9000
+WEBSOCKET_ALLOWED_ORIGINS: [https://app.example.com, "http://localhost:3000"]
 WEB_SERVER_ADDRESS: 127.0.0.1:8080
 HTTP_HEADER_READ_TIMEOUT: 10
 HTTP_KEEP_ALIVE_TIMEOUT: "2.5"
@@ -170,6 +176,7 @@ ENABLE_METRICS = true
 STATUS_SHOW_FAILURES = true
 WEBSOCKET_IP = "127.0.0.2"
 WEBSOCKET_PORT = 9000
+WEBSOCKET_ALLOWED_ORIGINS = ["https://app.example.com", "http://localhost:3000"]
 WEB_SERVER_ADDRESS = "127.0.0.1:8080"
 HTTP_HEADER_READ_TIMEOUT = 10
 HTTP_KEEP_ALIVE_TIMEOUT = 2.5
@@ -214,6 +221,7 @@ fn defaults() {
     assert_eq!(config.metrics, MetricsConfig { host: "0.0.0.0".to_string(), port: 8000 });
     assert_eq!(config.websocket_ip, "0.0.0.0");
     assert_eq!(config.websocket_port, 8765);
+    assert!(config.websocket_allowed_origins.is_empty());
     assert_eq!(config.web_server_address, "0.0.0.0:8000");
     assert_eq!(config.http_header_read_timeout, Duration::from_secs(60));
     assert_eq!(config.http_keep_alive_timeout, Duration::from_secs(75));
@@ -1281,6 +1289,7 @@ fn masked_map_and_debug() {
         ("METRICS", json!({"HOST": "127.0.0.1", "PORT": 9100})),
         ("WEBSOCKET_IP", json!("127.0.0.2")),
         ("WEBSOCKET_PORT", json!(9000)),
+        ("WEBSOCKET_ALLOWED_ORIGINS", json!(["https://app.example.com", "http://localhost:3000"])),
         ("WEB_SERVER_ADDRESS", json!("127.0.0.1:8080")),
         ("HTTP_HEADER_READ_TIMEOUT", json!(10.0)),
         ("HTTP_KEEP_ALIVE_TIMEOUT", json!(2.5)),

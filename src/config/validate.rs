@@ -2,7 +2,8 @@
 //! value.
 
 use super::{
-    amqp_uri, load, Config, ConfigError, MAX_HTTP_CONNECTIONS, MAX_PEER_TIMEOUT, MAX_WORKERS_LIMIT,
+    amqp_uri, load, origins, Config, ConfigError, MAX_HTTP_CONNECTIONS, MAX_PEER_TIMEOUT,
+    MAX_WORKERS_LIMIT,
 };
 
 /// The longest `SERVICE_NAME`: 255 bytes less the 47 its reply queue name adds.
@@ -19,7 +20,9 @@ impl Config {
     /// [`MAX_HTTP_CONNECTIONS`]), `MAX_MESSAGE_SIZE` is at least 1, `RPC_TIMEOUT` and
     /// `SHUTDOWN_TIMEOUT` are not zero, `TASK_TIME_LIMIT` is unset or a positive, finite
     /// number of seconds, `WEB_SERVER_ADDRESS` is `host:port` or a port, the HTTP and
-    /// WebSocket timeouts are neither zero nor longer than [`MAX_PEER_TIMEOUT`], and
+    /// WebSocket timeouts are neither zero nor longer than [`MAX_PEER_TIMEOUT`],
+    /// `WEBSOCKET_ALLOWED_ORIGINS` holds `http(s)://host[:port]` origins (no path, query,
+    /// wildcard or empty entry) or `*` alone, and
     /// `AMQP_SSL_CERT_FILE` and `AMQP_SSL_KEY_FILE` are set together.
     /// Every `from_*` calls it; [`Config::new`] does not.
     ///
@@ -130,6 +133,7 @@ impl Config {
                 format!("must be at most {MAX_HTTP_CONNECTIONS}"),
             ));
         }
+        origins::validate(&self.websocket_allowed_origins)?;
         self.validate_client_certificate()?;
         self.validate_peer_timeouts()
     }

@@ -20,7 +20,7 @@
 //! | `ws_active_connections` | gauge: WebSocket connections open (the Python original's) | |
 //! | `worker_processes` | gauge: worker processes running, idle or in a call (process modes; fewer than `MAX_WORKERS` while some are being replaced) | context |
 //! | `worker_processes_replaced_total` | counter: worker processes replaced (`died_idle`, `died_in_call`, `time_limit`, `recycled`, `call_dropped`) | context, reason |
-//! | `requests_refused_total` | counter: HTTP requests and WebSocket commands answered without a call (`too_large`, `bad_input`, `stopping`, `busy`, `connection_limit`) | context, route, reason |
+//! | `requests_refused_total` | counter: HTTP requests and WebSocket commands answered without a call (`too_large`, `bad_input`, `stopping`, `busy`, `connection_limit`), and WebSocket handshakes from an origin not allowed (`origin`, with empty context and route) | context, route, reason |
 //!
 //! Served with `/health/live` and `/health/ready` by its server when `ENABLE_METRICS=true`.
 
@@ -170,7 +170,7 @@ impl Metrics {
             ws_connections: IntGauge::new("ws_active_connections", "Number of Active Connections")?,
             refused: labelled(
                 "requests_refused_total",
-                "HTTP requests and WebSocket commands answered without a call, by reason",
+                "HTTP requests, WebSocket commands and handshakes answered without a call, by reason",
                 &["context", "route", "reason"],
             )?,
             replaced: labelled(
@@ -374,7 +374,8 @@ impl Metrics {
 
     /// A request for the route labelled `context`, `route` was answered without a call, for
     /// `reason`: a client refused (a body too large, the service stopping, no worker free)
-    /// is an operator's sign as much as a failed call is.
+    /// is an operator's sign as much as a failed call is. A WebSocket handshake refused, which
+    /// names no route yet, is counted with both labels empty.
     #[cfg(any(feature = "http", feature = "websocket"))]
     pub(crate) fn refused(&self, context: &str, route: &str, reason: &str) {
         self.refused.with_label_values(&[context, route, reason]).inc();

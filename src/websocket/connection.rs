@@ -4,7 +4,8 @@
 //! finish its handshake in that time (at most [`HANDSHAKE_TIMEOUT`]). One that takes no byte
 //! of a reply for as long (its buffers full, a send waiting), or that has not taken all of it
 //! [`CLOSE_WAIT`] after the service stops, is dropped. A frame too big is answered with 1009,
-//! text that is not UTF-8 with 1007.
+//! text that is not UTF-8 with 1007. A handshake from a web page whose origin is not allowed
+//! (`WEBSOCKET_ALLOWED_ORIGINS`) is answered `403` and closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::clock::{deadline_after, deadline_from};
 use crate::metrics::Metrics;
 use crate::web_server::Watched;
 use crate::websocket::dispatch::{dispatch, Step};
+use crate::websocket::origin::{OriginCheck, OriginPolicy};
 use crate::websocket::registry::WsRegistry;
 use crate::websocket::traffic::Traffic;
 use crate::websocket::{frame_limits, HANDSHAKE_TIMEOUT};
@@ -48,10 +50,12 @@ enum End {
     Idle,
 }
 
-/// Serve the client at `peer` until it leaves, stays silent for `idle`, or `stopping` fires.
+/// Serve the client at `peer` until it leaves, stays silent for `idle`, or `stopping` fires;
+/// refuse its handshake if its `Origin` is not one `origins` allows.
 pub(crate) async fn serve_client(
     metrics: Metrics,
     registry: Arc<WsRegistry>,
+    origins: Arc<OriginPolicy>,
     stream: TcpStream,
     peer: SocketAddr,
     idle: Duration,
@@ -62,7 +66,9 @@ pub(crate) async fn serve_client(
     let spare = spare_handle(&stream);
     let traffic = Arc::new(Traffic::new());
     let stream = Watched::new(stream, traffic.clone());
-    let handshake = tokio_tungstenite::accept_async_with_config(stream, Some(frame_limits()));
+    let check_origin = OriginCheck { policy: &origins, metrics: &metrics, peer };
+    let handshake =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check_origin, Some(frame_limits()));
     let handshake = tokio::select! {
         _ = stopping.cancelled() => return,
         handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT.min(idle), handshake) => handshake,
@@ -162,9 +168,12 @@ fn spare_handle(_stream: &TcpStream) -> Option<TcpStream> {
 /// for a plain HTTP request, or for a handshake of a version other than 13, which is named so
 /// that the client can retry with it; 400 for anything else that is no handshake), then
 /// close. Only for request errors: after an I/O error or a timeout there is no one to answer.
+/// A handshake the origin check refused was answered already: it is only closed.
 async fn refuse_request(mut spare: TcpStream, error: &WsError) {
     use tokio_tungstenite::tungstenite::error::ProtocolError;
     let status = match error {
+        // the server's own refusal (the origin check's `403`), which tungstenite sent
+        WsError::Http(_) => return close_after_reading(&mut spare).await,
         WsError::Protocol(
             ProtocolError::MissingConnectionUpgradeHeader
             | ProtocolError::MissingUpgradeWebSocketHeader,
@@ -173,7 +182,7 @@ async fn refuse_request(mut spare: TcpStream, error: &WsError) {
         WsError::Protocol(ProtocolError::MissingSecWebSocketVersionHeader) => {
             "426 Upgrade Required\r\nupgrade: websocket\r\nsec-websocket-version: 13"
         }
-        WsError::Protocol(_) | WsError::HttpFormat(_) | WsError::Http(_) => "400 Bad Request",
+        WsError::Protocol(_) | WsError::HttpFormat(_) => "400 Bad Request",
         _ => return,
     };
     let body = format!("this port serves WebSocket connections only: {error}\n");

@@ -47,6 +47,11 @@
 //! a client that sends several calls on one connection may add an `"id"` (any JSON value) to
 //! each request: the reply carries it back.
 //!
+//! Origins: a handshake whose `Origin` header (which browsers add, naming the site of the page
+//! opening the connection) is not in `WEBSOCKET_ALLOWED_ORIGINS` is answered `403` and closed,
+//! no command read; one without the header, and any when the key is unset (the Python
+//! server's behaviour), is taken.
+//!
 //! Differences from the Python server, all on bad input: a frame that is JSON but not a
 //! request gets an `RPCMalformedMessage` reply (Python's handler raises and drops the
 //! connection); `command_args` must be a list (Python unpacks any iterable); a command never
@@ -95,6 +100,7 @@ mod connection;
 mod dispatch;
 mod entrypoint;
 mod error;
+mod origin;
 mod registry;
 mod server;
 mod traffic;

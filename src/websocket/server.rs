@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::{Error, Result};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::websocket::connection::serve_client;
+use crate::websocket::origin::OriginPolicy;
 use crate::websocket::registry::WsRegistry;
 
 /// How long to wait after a failed `accept` (out of file descriptors, say) before the next.
@@ -70,6 +71,7 @@ impl WebSocketServer {
     async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<()> {
         let stopping = self.service.stopping().clone();
         let idle = self.service.config().websocket_idle_timeout;
+        let origins = Arc::new(OriginPolicy::of(self.service.config()));
         let connections = TaskTracker::new();
         loop {
             tokio::select! {
@@ -81,6 +83,7 @@ impl WebSocketServer {
                         connections.spawn(serve_client(
                             self.service.metrics().clone(),
                             registry,
+                            origins.clone(),
                             stream,
                             peer,
                             idle,

@@ -479,9 +479,13 @@ def cmd_ws_call(args, state):
 
     connection = WSConnection(args.url, args.call_timeout)
     for command, call_args, call_kwargs in json.loads(args.calls):
-        reply = connection.send_and_receive(
-            format_rpc_command(command, *call_args, **call_kwargs)
-        )
+        try:
+            reply = connection.send_and_receive(
+                format_rpc_command(command, *call_args, **call_kwargs)
+            )
+        except Exception as exc:  # no reply: the handshake refused (a 403), the server gone
+            emit({"command": command, "error": _exception_fields(exc), "raised": True})
+            continue
         result = parse_rpc_response(reply)
         line = {"command": command, "raw": json.loads(reply)}
         if isinstance(result, Exception):
