@@ -335,6 +335,78 @@ async fn a_body_announced_over_the_limit_is_refused_before_it_is_sent() {
     service.stop().await.unwrap();
 }
 
+/// Far more than the socket buffers between a client and the server absorb: a client
+/// sending it is still writing when a server that stopped reading it answers.
+const UPLOAD: usize = 8 << 20;
+
+/// Sends `head` then `body`, whole, before reading anything (as a client busy sending its
+/// request reads no answer yet), then ends its side and reads everything the server sends;
+/// the error that cut it short, if any.
+async fn upload_then_read(base: &str, head: &str, body: &[u8]) -> Result<String, String> {
+    let mut socket = raw(base).await;
+    socket
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|error| format!("sending the head: {error}"))?;
+    socket.write_all(body).await.map_err(|error| format!("sending the body: {error}"))?;
+    socket.shutdown().await.map_err(|error| format!("ending the request: {error}"))?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer));
+    match read.await {
+        Ok(Ok(_)) => Ok(String::from_utf8_lossy(&answer).into_owned()),
+        Ok(Err(error)) => Err(format!("reading the answer: {error}")),
+        Err(_) => Err("no end of the answer in 10 s".into()),
+    }
+}
+
+/// The server reads and discards the rest of a body it answered 413 without reading (was:
+/// it closed the socket with the upload unread, Linux answered the client's next bytes with
+/// a reset, and the client, still writing, got "broken pipe" or "connection reset" instead
+/// of the answer).
+#[tokio::test]
+async fn a_client_still_sending_a_body_announced_over_the_limit_reads_its_413() {
+    let config = http_config("http_linger_announced").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let head = format!(
+        "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+         content-length: {UPLOAD}\r\n\r\n"
+    );
+    let body = vec![b' '; UPLOAD];
+    for attempt in 0..5 {
+        let answer = upload_then_read(&base, &head, &body).await;
+        let answer = answer.unwrap_or_else(|error| panic!("attempt {attempt}: {error}"));
+        assert!(answer.starts_with("HTTP/1.1 413"), "attempt {attempt}: {answer}");
+        assert!(answer.contains("\"too_large\""), "attempt {attempt}: {answer}");
+    }
+    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0);
+    service.stop().await.unwrap();
+}
+
+/// The same for a chunked body, answered 413 once `MAX_MESSAGE_SIZE` of it is read.
+#[tokio::test]
+async fn a_client_still_sending_a_chunked_body_over_the_limit_reads_its_413() {
+    let config = http_config("http_linger_chunked").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let head = "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+                transfer-encoding: chunked\r\n\r\n";
+    let chunk = 64 << 10;
+    let mut body = Vec::with_capacity(UPLOAD + 1024);
+    for _ in 0..UPLOAD / chunk {
+        body.extend_from_slice(format!("{chunk:x}\r\n").as_bytes());
+        body.resize(body.len() + chunk, b' ');
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    for attempt in 0..5 {
+        let answer = upload_then_read(&base, head, &body).await;
+        let answer = answer.unwrap_or_else(|error| panic!("attempt {attempt}: {error}"));
+        assert!(answer.starts_with("HTTP/1.1 413"), "attempt {attempt}: {answer}");
+        assert!(answer.contains("\"too_large\""), "attempt {attempt}: {answer}");
+    }
+    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0);
+    service.stop().await.unwrap();
+}
+
 fn gated(Dep(probe): Dep<Arc<Probe>>) -> Value {
     probe.enter(Value::Null);
     probe.leave();
