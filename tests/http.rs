@@ -16,7 +16,7 @@ use micro_framework::prelude::*;
 use micro_framework::{Error, RunningService};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A config serving HTTP on a free loopback port, on a private in-process broker.
@@ -407,6 +407,56 @@ async fn a_client_still_sending_a_chunked_body_over_the_limit_reads_its_413() {
     service.stop().await.unwrap();
 }
 
+/// Sends a request head announcing a body over a 1024-byte limit, reads its 413, then sends
+/// a kilobyte every `every` until its socket fails; how long after the answer it failed.
+async fn send_for_ever_after_the_413(base: &str, every: Duration) -> Duration {
+    let (mut reader, mut writer) = raw(base).await.into_split();
+    let head = "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+                content-length: 1000000000\r\n\r\n";
+    writer.write_all(head.as_bytes()).await.unwrap();
+    let (status, _) = read_response(&mut reader).await;
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    let answered = tokio::time::Instant::now();
+    while writer.write_all(&[b' '; 1024]).await.is_ok() {
+        tokio::time::sleep(every).await;
+    }
+    answered.elapsed()
+}
+
+/// A client that sends for ever is left after 30 s (nginx's `lingering_time`), then closed,
+/// which its next bytes see (the test clock is paused: this takes milliseconds).
+#[tokio::test(start_paused = true)]
+async fn a_client_sending_for_ever_after_its_413_is_cut_after_the_lingering_time() {
+    let config = http_config("http_linger_for_ever").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let cut = send_for_ever_after_the_413(&base, Duration::from_secs(1)).await;
+    // lingering from about the answer (hyper ends the connection at the latest when the
+    // next bytes come), the server closes at 30 s; the client sends once more, is answered a
+    // reset, and a write a second or two later fails
+    assert!(cut >= Duration::from_secs(30), "cut after {cut:?}");
+    assert!(cut <= Duration::from_secs(35), "cut after {cut:?}");
+    service.stop().await.unwrap();
+}
+
+/// A stop does not wait for a lingering connection: it is closed at once.
+#[tokio::test]
+async fn a_lingering_connection_does_not_hold_the_stop() {
+    let config = stopping_config("http_linger_stop").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let sending =
+        tokio::spawn(
+            async move { send_for_ever_after_the_413(&base, Duration::from_millis(50)).await },
+        );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!sending.is_finished(), "lingering");
+    let started = std::time::Instant::now();
+    service.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(took < STOP_BOUND, "the stop took {took:?} (SHUTDOWN_TIMEOUT 20 s)");
+    let cut = tokio::time::timeout(STOP_BOUND, sending).await;
+    assert!(cut.is_ok(), "the lingering connection is closed by the stop");
+}
+
 fn gated(Dep(probe): Dep<Arc<Probe>>) -> Value {
     probe.enter(Value::Null);
     probe.leave();
@@ -738,7 +788,7 @@ async fn get_on(socket: &mut TcpStream, path: &str) -> (String, String) {
 }
 
 /// Reads one response with a `content-length` body.
-async fn read_response(socket: &mut TcpStream) -> (String, String) {
+async fn read_response(socket: &mut (impl AsyncRead + Unpin)) -> (String, String) {
     let mut received = Vec::new();
     let mut buffer = [0u8; 4096];
     loop {

@@ -19,7 +19,7 @@
 //! connection closed, so a half-sent or trickled body cannot hold it either.
 //!
 //! A connection hyper closes after a response that left part of its request body unread (a
-//! `413`) lingers ([`linger`]): its write side shut, it reads and discards what its client
+//! `413`) lingers ([`mod@linger`]): its write side shut, it reads and discards what its client
 //! still sends, for a bounded time, so that the client sees the answer rather than a reset.
 //! It keeps its place under `HTTP_MAX_CONNECTIONS` meanwhile (it holds a socket, and a
 //! client that sends for ever must not get one more connection with each `413`), but no room

@@ -36,7 +36,7 @@ pub(super) struct Activity {
     /// The service is stopping: the wait after a response is [`STOPPING_SEND_WAIT`].
     stopping: AtomicBool,
     /// The last request's body was dropped before its end: its client may still be sending
-    /// it, so the connection lingers when it closes (see [`super::linger`]).
+    /// it, so the connection lingers when it closes (see [`mod@super::linger`]).
     body_left_unread: AtomicBool,
     phase: Mutex<Phase>,
     /// Wakes [`Activity::expired`] when the deadline changes.
