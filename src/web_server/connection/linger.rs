@@ -6,7 +6,9 @@
 //! Closing a socket with received bytes unread makes Linux answer with a reset, and a client
 //! still writing its body (it reads no answer before it has sent it) then gets "broken pipe"
 //! or "connection reset" instead of the `413` waiting for it. nginx's `lingering_close` does
-//! the same, with the same times.
+//! the same, with the same times: its defaults, which clients have met for years, and that
+//! bound what a lingering client costs (a socket and its place under
+//! `HTTP_MAX_CONNECTIONS`, no budget nor worker) without a setting of their own.
 
 use std::time::Duration;
 
@@ -19,12 +21,12 @@ use crate::clock::deadline_after;
 /// The longest pause of a lingering client (nginx's `lingering_timeout`): a client that has
 /// read its answer closes at once, and one still sending writes as fast as the network lets
 /// it, so a pause this long means it is gone, or waits for nothing.
-pub(super) const LINGER_PAUSE: Duration = Duration::from_secs(5);
+const LINGER_PAUSE: Duration = Duration::from_secs(5);
 
-/// The longest linger (nginx's `lingering_time`): what the rest of an upload takes even on a
-/// slow link (the rest of a 48 MiB upload from a client at 2 MB/s), while a client that sends
-/// for ever holds its place under `HTTP_MAX_CONNECTIONS` no longer than this.
-pub(super) const LINGER_TOTAL: Duration = Duration::from_secs(30);
+/// The longest linger (nginx's `lingering_time`): the rest of a large upload arrives within
+/// it even on a slow link (48 MiB at 2 MB/s takes 25 s), while a client that sends for ever
+/// holds its place under `HTTP_MAX_CONNECTIONS` no longer than this.
+const LINGER_TOTAL: Duration = Duration::from_secs(30);
 
 /// What is read at a time, and thrown away.
 const DISCARD_BUFFER: usize = 16 << 10;
