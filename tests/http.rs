@@ -16,7 +16,7 @@ use micro_framework::prelude::*;
 use micro_framework::{Error, RunningService};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A config serving HTTP on a free loopback port, on a private in-process broker.
@@ -333,6 +333,137 @@ async fn a_body_announced_over_the_limit_is_refused_before_it_is_sent() {
     }
     assert_eq!(service.route("sum").unwrap().stats().received_count(), 0);
     service.stop().await.unwrap();
+}
+
+/// Far more than the socket buffers between a client and the server absorb: a client
+/// sending it is still writing when a server that stopped reading it answers.
+const UPLOAD: usize = 8 << 20;
+
+/// Sends `head` then `body`, whole, before reading anything (as a client busy sending its
+/// request reads no answer yet), then ends its side and reads everything the server sends;
+/// the error that cut it short, if any.
+async fn upload_then_read(base: &str, head: &str, body: &[u8]) -> Result<String, String> {
+    let mut socket = raw(base).await;
+    socket
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|error| format!("sending the head: {error}"))?;
+    socket.write_all(body).await.map_err(|error| format!("sending the body: {error}"))?;
+    socket.shutdown().await.map_err(|error| format!("ending the request: {error}"))?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer));
+    match read.await {
+        Ok(Ok(_)) => Ok(String::from_utf8_lossy(&answer).into_owned()),
+        Ok(Err(error)) => Err(format!("reading the answer: {error}")),
+        Err(_) => Err("no end of the answer in 10 s".into()),
+    }
+}
+
+/// The server reads and discards the rest of a body it answered 413 without reading (was:
+/// it closed the socket with the upload unread, Linux answered the client's next bytes with
+/// a reset, and the client, still writing, got "broken pipe" or "connection reset" instead
+/// of the answer).
+#[tokio::test]
+async fn a_client_still_sending_a_body_announced_over_the_limit_reads_its_413() {
+    let config = http_config("http_linger_announced").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let head = format!(
+        "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+         content-length: {UPLOAD}\r\n\r\n"
+    );
+    let body = vec![b' '; UPLOAD];
+    for attempt in 0..5 {
+        let answer = upload_then_read(&base, &head, &body).await;
+        let answer = answer.unwrap_or_else(|error| panic!("attempt {attempt}: {error}"));
+        assert!(answer.starts_with("HTTP/1.1 413"), "attempt {attempt}: {answer}");
+        assert!(answer.contains("\"too_large\""), "attempt {attempt}: {answer}");
+    }
+    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0);
+    service.stop().await.unwrap();
+}
+
+/// The same for a chunked body, answered 413 once `MAX_MESSAGE_SIZE` of it is read.
+#[tokio::test]
+async fn a_client_still_sending_a_chunked_body_over_the_limit_reads_its_413() {
+    let config = http_config("http_linger_chunked").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let head = "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+                transfer-encoding: chunked\r\n\r\n";
+    let chunk = 64 << 10;
+    let mut body = Vec::with_capacity(UPLOAD + 1024);
+    for _ in 0..UPLOAD / chunk {
+        body.extend_from_slice(format!("{chunk:x}\r\n").as_bytes());
+        body.resize(body.len() + chunk, b' ');
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    for attempt in 0..5 {
+        let answer = upload_then_read(&base, head, &body).await;
+        let answer = answer.unwrap_or_else(|error| panic!("attempt {attempt}: {error}"));
+        assert!(answer.starts_with("HTTP/1.1 413"), "attempt {attempt}: {answer}");
+        assert!(answer.contains("\"too_large\""), "attempt {attempt}: {answer}");
+    }
+    assert_eq!(service.route("sum").unwrap().stats().received_count(), 0);
+    service.stop().await.unwrap();
+}
+
+/// How long [`send_for_ever_after_the_413`] sends before it gives up.
+const GIVE_UP: Duration = Duration::from_secs(120);
+
+/// Sends a request head announcing a body over a 1024-byte limit, reads its 413, then sends
+/// a kilobyte every `every` until its socket fails (for at most two minutes); how long after
+/// the answer it failed.
+///
+/// Each kilobyte leaves at once (no Nagle delay, which waits for an acknowledgement in real
+/// time, so for seconds of a paused test clock): on loopback it is in the server's socket
+/// when the write returns, before the test clock moves on.
+async fn send_for_ever_after_the_413(base: &str, every: Duration) -> Duration {
+    let socket = raw(base).await;
+    socket.set_nodelay(true).unwrap();
+    let (mut reader, mut writer) = socket.into_split();
+    let head = "POST /sum HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+                content-length: 1000000000\r\n\r\n";
+    writer.write_all(head.as_bytes()).await.unwrap();
+    let (status, _) = read_response(&mut reader).await;
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    let answered = tokio::time::Instant::now();
+    while writer.write_all(&[b' '; 1024]).await.is_ok() && answered.elapsed() < GIVE_UP {
+        tokio::time::sleep(every).await;
+    }
+    answered.elapsed()
+}
+
+/// A client that sends for ever is left after 30 s (nginx's `lingering_time`), then closed,
+/// which its next bytes see (the test clock is paused: this takes milliseconds).
+#[tokio::test(start_paused = true)]
+async fn a_client_sending_for_ever_after_its_413_is_cut_after_the_lingering_time() {
+    let config = http_config("http_linger_for_ever").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let cut = send_for_ever_after_the_413(&base, Duration::from_secs(1)).await;
+    // lingering from the answer, the server closes at 30 s (not after a 5 s pause: a byte
+    // comes every second); the client's write at it, or the next one, fails
+    assert!(cut >= Duration::from_secs(30), "cut after {cut:?}");
+    assert!(cut <= Duration::from_secs(31), "cut after {cut:?}");
+    service.stop().await.unwrap();
+}
+
+/// A stop does not wait for a lingering connection: it is closed at once.
+#[tokio::test]
+async fn a_lingering_connection_does_not_hold_the_stop() {
+    let config = stopping_config("http_linger_stop").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let sending =
+        tokio::spawn(
+            async move { send_for_ever_after_the_413(&base, Duration::from_millis(50)).await },
+        );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!sending.is_finished(), "lingering");
+    let started = std::time::Instant::now();
+    service.stop().await.unwrap();
+    let took = started.elapsed();
+    assert!(took < STOP_BOUND, "the stop took {took:?} (SHUTDOWN_TIMEOUT 20 s)");
+    let cut = tokio::time::timeout(STOP_BOUND, sending).await;
+    assert!(cut.is_ok(), "the lingering connection is closed by the stop");
 }
 
 fn gated(Dep(probe): Dep<Arc<Probe>>) -> Value {
@@ -666,7 +797,7 @@ async fn get_on(socket: &mut TcpStream, path: &str) -> (String, String) {
 }
 
 /// Reads one response with a `content-length` body.
-async fn read_response(socket: &mut TcpStream) -> (String, String) {
+async fn read_response(socket: &mut (impl AsyncRead + Unpin)) -> (String, String) {
     let mut received = Vec::new();
     let mut buffer = [0u8; 4096];
     loop {

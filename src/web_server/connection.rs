@@ -18,6 +18,13 @@
 //! [`paced_body::MIN_BODY_RATE`], fails ([`PacedBody`]): the request is answered 400 and the
 //! connection closed, so a half-sent or trickled body cannot hold it either.
 //!
+//! A connection hyper closes after a response that left part of its request body unread (a
+//! `413`) lingers ([`mod@linger`]): its write side shut, it reads and discards what its client
+//! still sends, for a bounded time, so that the client sees the answer rather than a reset.
+//! It keeps its place under `HTTP_MAX_CONNECTIONS` meanwhile (it holds a socket, and a
+//! client that sends for ever must not get one more connection with each `413`), but no room
+//! in its route's body budget nor a worker: the request was answered.
+//!
 //! When the service stops, a connection waiting for a request head (none yet, or part of
 //! one) is closed at once, as it has no request to finish; hyper's graceful shutdown alone
 //! would wait for the rest of a head it has begun to read (until `HTTP_HEADER_READ_TIMEOUT`,
@@ -25,6 +32,7 @@
 //! whose head has arrived is in progress, its body still arriving or not: it is answered
 //! (within `SHUTDOWN_TIMEOUT`), then the connection closed; a client that takes no byte of
 //! that answer for a few seconds is dropped, not waited for until `HTTP_KEEP_ALIVE_TIMEOUT`.
+//! A lingering connection is closed at once: its request has been answered.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,10 +48,12 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use self::activity::{Activity, Request};
+use self::linger::linger;
 use self::paced_body::PacedBody;
 use super::Watched;
 
 mod activity;
+mod linger;
 pub(crate) mod paced_body;
 
 /// The timeouts that close a silent client's connection.
@@ -57,8 +67,9 @@ pub(super) struct Timeouts {
 }
 
 /// Serve one connection until it ends, its deadline passes or `stopping` fires (then at once
-/// if it awaits a request head, else once its running request is answered). `_slot` is its
-/// place under `HTTP_MAX_CONNECTIONS`, freed when the connection ends.
+/// if it awaits a request head, else once its running request is answered); linger if it
+/// ends with a request body unread. `_slot` is its place under `HTTP_MAX_CONNECTIONS`, freed
+/// when the connection (and its linger) ends.
 pub(super) async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -73,7 +84,8 @@ pub(super) async fn serve_connection(
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let open = Request::begin(requests.clone());
         let mut router = router.clone();
-        let request = request.map(|body| PacedBody::new(body, timeouts.header_read));
+        let activity = requests.clone();
+        let request = request.map(|body| PacedBody::new(body, timeouts.header_read, activity));
         async move {
             let response = router.call(request).await;
             drop(open);
@@ -83,17 +95,12 @@ pub(super) async fn serve_connection(
     let mut builder = http1::Builder::new();
     // Activity does it (see the module documentation); hyper's would also need a timer.
     builder.header_read_timeout(None).keep_alive(true);
-    let connection = builder.serve_connection(io, service);
-    tokio::pin!(connection);
+    // Unpin (hyper boxes the service's futures), so it can be taken apart once it has ended
+    let mut connection = builder.serve_connection(io, service);
     let mut graceful = false;
-    loop {
+    let served = loop {
         tokio::select! {
-            served = connection.as_mut() => {
-                if let Err(error) = served {
-                    tracing::debug!("HTTP connection of {peer} failed: {error}");
-                }
-                return;
-            }
+            served = &mut connection => break served,
             why = activity.expired() => {
                 return tracing::debug!("closing the HTTP connection of {peer}: {why}");
             }
@@ -107,10 +114,20 @@ pub(super) async fn serve_connection(
                 }
                 // hyper closes an idle connection now (one whose last response it is still
                 // writing, once written), a busy one after its response
-                connection.as_mut().graceful_shutdown();
+                std::pin::Pin::new(&mut connection).graceful_shutdown();
                 activity.stopping();
                 graceful = true;
             }
         }
+    };
+    match served {
+        Err(error) => tracing::debug!("HTTP connection of {peer} failed: {error}"),
+        // hyper has flushed the response and shut the socket's write side
+        Ok(()) if activity.left_a_body_unread() => {
+            let socket = connection.into_parts().io.into_inner();
+            let ended = linger(socket, &stopping).await;
+            tracing::debug!("closing the HTTP connection of {peer} after lingering: {ended:?}");
+        }
+        Ok(()) => {}
     }
 }

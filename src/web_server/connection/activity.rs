@@ -35,6 +35,9 @@ pub(super) struct Activity {
     timeouts: Timeouts,
     /// The service is stopping: the wait after a response is [`STOPPING_SEND_WAIT`].
     stopping: AtomicBool,
+    /// The last request's body was dropped before its end: its client may still be sending
+    /// it, so the connection lingers when it closes (see [`mod@super::linger`]).
+    body_left_unread: AtomicBool,
     phase: Mutex<Phase>,
     /// Wakes [`Activity::expired`] when the deadline changes.
     changed: Notify,
@@ -43,8 +46,13 @@ pub(super) struct Activity {
 impl Activity {
     pub(super) fn new(timeouts: Timeouts) -> Self {
         let phase = Phase::Head(deadline_after(timeouts.header_read));
-        let stopping = AtomicBool::new(false);
-        Activity { timeouts, stopping, phase: Mutex::new(phase), changed: Notify::new() }
+        Activity {
+            timeouts,
+            stopping: AtomicBool::new(false),
+            body_left_unread: AtomicBool::new(false),
+            phase: Mutex::new(phase),
+            changed: Notify::new(),
+        }
     }
 
     /// The wait for the next request after the last byte of a response.
@@ -63,6 +71,16 @@ impl Activity {
         if let Phase::Idle(until) = *phase {
             self.set(&mut phase, Phase::Idle(until.min(deadline_after(self.keep_alive()))));
         }
+    }
+
+    /// A request body was dropped before its end (answered without it, or with part of it).
+    pub(super) fn body_left_unread(&self) {
+        self.body_left_unread.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the last request's body was left unread: its client may still be sending it.
+    pub(super) fn left_a_body_unread(&self) -> bool {
+        self.body_left_unread.load(Ordering::Relaxed)
     }
 
     fn phase(&self) -> MutexGuard<'_, Phase> {
@@ -141,6 +159,8 @@ pub(super) struct Request(Arc<Activity>);
 
 impl Request {
     pub(super) fn begin(activity: Arc<Activity>) -> Self {
+        // hyper reads a request only once the last one's body is read or dropped
+        activity.body_left_unread.store(false, Ordering::Relaxed);
         {
             let mut phase = activity.phase();
             let open = match *phase {
@@ -192,5 +212,17 @@ mod tests {
         assert!(!activity.awaits_head(), "idle between requests");
         activity.bytes_read();
         assert!(activity.awaits_head(), "the first byte of the next request");
+    }
+
+    #[test]
+    fn a_body_left_unread_is_the_last_requests_only() {
+        let activity = activity();
+        assert!(!activity.left_a_body_unread());
+        let request = Request::begin(activity.clone());
+        activity.body_left_unread();
+        drop(request);
+        assert!(activity.left_a_body_unread(), "after its answer");
+        let _next = Request::begin(activity.clone());
+        assert!(!activity.left_a_body_unread(), "hyper drained it before it read the next");
     }
 }

@@ -6,17 +6,23 @@
 //! connection for as long as it likes: with the defaults, years for a 16 MiB body. The clock
 //! starts when the body is first read, so a request that waits, unread, for room in its
 //! route's body budget is not cut for waiting.
+//!
+//! A body dropped before its end (answered `413` unread, or with part of it read) tells the
+//! connection's [`Activity`], so that the connection lingers when it closes.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
+
+use super::activity::Activity;
 
 /// The slowest average rate a request body may arrive at, in bytes a second, after the grace
 /// of one `HTTP_HEADER_READ_TIMEOUT`.
@@ -29,6 +35,10 @@ pub(super) struct PacedBody {
     pause: Duration,
     /// Armed at the first read.
     clock: Option<Clock>,
+    /// The body has ended, or failed: none of it is left for its client to send.
+    ended: bool,
+    /// Told when the body is dropped before its end.
+    activity: Arc<Activity>,
 }
 
 struct Clock {
@@ -47,8 +57,8 @@ impl Clock {
 }
 
 impl PacedBody {
-    pub(super) fn new(inner: Incoming, pause: Duration) -> PacedBody {
-        PacedBody { inner, pause, clock: None }
+    pub(super) fn new(inner: Incoming, pause: Duration, activity: Arc<Activity>) -> PacedBody {
+        PacedBody { inner, pause, clock: None, ended: false, activity }
     }
 }
 
@@ -101,9 +111,14 @@ impl Body for PacedBody {
                 clock.deadline.as_mut().reset(deadline);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(other) => Poll::Ready(other.map(|ended| ended.map_err(Into::into))),
+            Poll::Ready(other) => {
+                this.ended = true;
+                Poll::Ready(other.map(|ended| ended.map_err(Into::into)))
+            }
             Poll::Pending => match clock.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => {
+                    // a client this slow is not waited for: no linger
+                    this.ended = true;
                     let paused = Instant::now() >= clock.last_frame + pause;
                     Poll::Ready(Some(Err(Box::new(TooSlow { paused, pause }))))
                 }
@@ -118,5 +133,13 @@ impl Body for PacedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for PacedBody {
+    fn drop(&mut self) {
+        if !self.ended && !self.inner.is_end_stream() {
+            self.activity.body_left_unread();
+        }
     }
 }
