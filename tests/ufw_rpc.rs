@@ -213,6 +213,29 @@ async fn bad_requests_get_python_errors_and_are_acked() {
     }
 }
 
+/// As the Python original's server, a request without a `correlation_id` is run and acked
+/// with no reply: its caller could not tell whose reply it is.
+#[tokio::test]
+async fn a_request_without_a_correlation_id_runs_and_is_acked_without_a_reply() {
+    for uri in broker_uris() {
+        let (service, math) = start(&uri).await;
+        let raw = UfwCaller::new(service.transport(), &math).await;
+        let request = json!({"command": "echo", "command_args": [1], "command_kwargs": {}});
+        let body = Bytes::from(request.to_string());
+        raw.send_with("echo", body, |properties| properties.correlation_id = None).await;
+        // a route counts a request settled once its reply, if any, is confirmed
+        service.wait_for_route("echo", 1).await.unwrap();
+        assert_eq!(service.queue_len(raw.reply_queue()).await.unwrap(), 0, "no reply on {uri}");
+        assert_eq!(service.queue_len(&format!("rpc-{math}-echo")).await.unwrap(), 0, "acked");
+        // the same caller, with a correlation id, is answered
+        let reply = raw.request("echo", Bytes::from(request.to_string())).await;
+        assert_eq!(reply["data"], json!(1), "{reply}");
+        raw.close().await;
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}
+
 #[tokio::test]
 async fn requests_are_read_as_json_whatever_their_content_type() {
     for uri in broker_uris() {

@@ -44,14 +44,7 @@ impl UfwCaller {
         body: Bytes,
         change: impl FnOnce(&mut Properties),
     ) -> Value {
-        let mut message = Message::json(&Value::Null).unwrap();
-        message.properties.correlation_id = Some("raw-1".into());
-        message.properties.reply_to = Some(self.queue.clone());
-        change(&mut message.properties);
-        let outgoing = OutgoingMessage { body, properties: message.properties };
-        let routing_key = format!("{}.{target}", self.service);
-        let options = PublishOptions { mandatory: true };
-        self.transport.publish("ufw-rpc", &routing_key, outgoing, options).await.unwrap();
+        self.send_with(target, body, change).await;
         for _ in 0..1000 {
             if let Some(delivery) = self.transport.get(&self.queue).await.unwrap() {
                 delivery.acker.ack().await.unwrap();
@@ -63,6 +56,24 @@ impl UfwCaller {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("no reply to the raw request");
+    }
+
+    /// Publish `body` to `{service}.{target}`, with the request's properties (a correlation
+    /// id, this caller's reply queue) changed by `change` first; wait for no reply.
+    pub async fn send_with(&self, target: &str, body: Bytes, change: impl FnOnce(&mut Properties)) {
+        let mut message = Message::json(&Value::Null).unwrap();
+        message.properties.correlation_id = Some("raw-1".into());
+        message.properties.reply_to = Some(self.queue.clone());
+        change(&mut message.properties);
+        let outgoing = OutgoingMessage { body, properties: message.properties };
+        let routing_key = format!("{}.{target}", self.service);
+        let options = PublishOptions { mandatory: true };
+        self.transport.publish("ufw-rpc", &routing_key, outgoing, options).await.unwrap();
+    }
+
+    /// The queue the replies come to.
+    pub fn reply_queue(&self) -> &str {
+        &self.queue
     }
 
     /// Deletes the reply queue.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::amqp::rpc::naming::UFW_RPC_EXCHANGE;
 use crate::config::{Config, Protocol};
 use crate::data::{json_properties, Failure, Handled, Message};
 use crate::pipeline::RouteHandle;
@@ -90,19 +91,20 @@ pub(crate) fn within_size_limit(
     }
 }
 
-/// Publish `body` (confirmed) to `exchange` with the request's `reply_to` as routing key and
-/// its correlation id, then ack the request. A request without `reply_to` is acked without a
-/// reply. A reply that fails for good is not sent (the request is acked: requeued, it would
+/// Publish `body` (confirmed) to the RPC exchange of `protocol` with the request's `reply_to`
+/// as routing key and its correlation id, then ack the request. A request without `reply_to`
+/// (or under micro-framework's protocol, without a correlation id, as its Python server
+/// answers only a request with both) is acked without a reply. A reply that fails for good is not sent (the request is acked: requeued, it would
 /// come back for ever); one that may succeed later sends the request back to its queue after
 /// a pause.
 pub(crate) async fn reply_then_ack(
     route: &RouteHandle,
     request: &Message,
     acker: Box<dyn Acker>,
-    exchange: &str,
+    protocol: Protocol,
     body: Bytes,
 ) {
-    let settled = match reply(route, request, exchange, body).await {
+    let settled = match reply(route, request, protocol, body).await {
         Ok(()) => acker.ack().await,
         Err(error) if error.is_permanent() => {
             tracing::error!(
@@ -128,19 +130,27 @@ pub(crate) async fn reply_then_ack(
 async fn reply(
     route: &RouteHandle,
     request: &Message,
-    exchange: &str,
+    protocol: Protocol,
     body: Bytes,
 ) -> Result<(), TransportError> {
-    let Some(reply_to) = request.properties.reply_to.as_deref() else {
+    let correlation_id = &request.properties.correlation_id;
+    let (exchange, address) = match protocol {
+        Protocol::Nameko => (&route.config().rpc_exchange[..], "reply_to"),
+        Protocol::MicroFramework => (UFW_RPC_EXCHANGE, "reply_to and correlation_id"),
+    };
+    let reply_to = request.properties.reply_to.as_deref();
+    let Some(reply_to) =
+        reply_to.filter(|_| protocol == Protocol::Nameko || correlation_id.is_some())
+    else {
         tracing::info!(
             route = route.name(),
-            "RPC request {} without reply_to: handled, no reply sent",
+            "RPC request {} without {address}: handled, no reply sent",
             request.routing_key
         );
         return Ok(());
     };
     let mut properties = json_properties();
-    properties.correlation_id = request.properties.correlation_id.clone();
+    properties.correlation_id = correlation_id.clone();
     let message = OutgoingMessage { body, properties };
     route.transport().publish(exchange, reply_to, message, PublishOptions::default()).await
 }

@@ -11,6 +11,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_limit};
+use crate::config::Protocol;
 use crate::data::nameko_wire::{reply_body, RemoteException};
 use crate::data::{Failure, Handled, Message};
 use crate::error::Result;
@@ -156,7 +157,7 @@ impl DeliveryHandler for RpcServer {
             );
         }
         let body = nameko_reply(&route, &outcome);
-        reply_then_ack(&route, &message, acker, &route.config().rpc_exchange, body).await;
+        reply_then_ack(&route, &message, acker, Protocol::Nameko, body).await;
         if let Some(handled) = handled {
             route.settled(&handled);
         }
@@ -169,7 +170,7 @@ impl DeliveryHandler for RpcServer {
         let route = route.unwrap_or_else(|| self.service.clone());
         tracing::error!(route = route.name(), "RPC {method} refused: {}", failure.message);
         let body = nameko_reply(&route, &Err(RemoteException::from_failure(&failure)));
-        reply_then_ack(&route, &message, acker, &route.config().rpc_exchange, body).await;
+        reply_then_ack(&route, &message, acker, Protocol::Nameko, body).await;
         route.settled(&Handled::Failed(failure));
     }
 

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::amqp::rpc::naming::UFW_RPC_EXCHANGE;
 use crate::amqp::rpc::respond::{handled_outcome, reply_then_ack, within_size_limit};
+use crate::config::Protocol;
 use crate::data::nameko_wire::request_body;
 use crate::data::ufw_wire::{answer_builtin, reply_body, target_detail, RemoteError, Request};
 use crate::data::{json_properties, Failure, FailureKind, Handled, Message};
@@ -190,7 +190,7 @@ impl DeliveryHandler for UfwRpcServer {
             tracing::warn!(route = route.name(), "RPC {} failed: {error}", message.routing_key);
         }
         let body = ufw_reply(&route, &outcome);
-        reply_then_ack(&route, &message, acker, UFW_RPC_EXCHANGE, body).await;
+        reply_then_ack(&route, &message, acker, Protocol::MicroFramework, body).await;
         if let Some(handled) = handled {
             route.settled(&handled);
         }
@@ -207,7 +207,7 @@ impl DeliveryHandler for UfwRpcServer {
             failure.message
         );
         let body = ufw_reply(&route, &Err(RemoteError::from_failure(&failure)));
-        reply_then_ack(&route, &message, acker, UFW_RPC_EXCHANGE, body).await;
+        reply_then_ack(&route, &message, acker, Protocol::MicroFramework, body).await;
         route.settled(&Handled::Failed(failure));
     }
 
