@@ -382,6 +382,53 @@ async fn a_client_still_sending_a_body_announced_over_the_limit_reads_its_413() 
     service.stop().await.unwrap();
 }
 
+/// One answer's head and body, read as they come (its `content-length`), the connection
+/// left open; `None` if it ends first.
+async fn read_answer(socket: &mut TcpStream) -> Option<String> {
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&received).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end].lines().find_map(|line| {
+                let line = line.to_ascii_lowercase();
+                line.strip_prefix("content-length: ").and_then(|value| value.trim().parse().ok())
+            });
+            if received.len() >= end + 4 + length.unwrap_or(0) {
+                return Some(text);
+            }
+        }
+        match socket.read(&mut buffer).await {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => received.extend_from_slice(&buffer[..read]),
+        }
+    }
+}
+
+/// An answer sent before its request's body is read (a `413`, a `404`, a `405`: hyper then
+/// closes the connection and it lingers) says `connection: close`, as a server answering
+/// before the whole body should: else a keep-alive client may send its next request on the
+/// connection, to be read and thrown away by the linger, and get no answer.
+#[tokio::test]
+async fn an_answer_sent_before_the_body_is_read_says_the_connection_closes() {
+    let config = http_config("http_linger_close").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    for (line, status) in [("POST /sum", "413"), ("POST /nowhere", "404"), ("PUT /sum", "405")] {
+        let mut socket = raw(&base).await;
+        let head = format!(
+            "{line} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+             content-length: {UPLOAD}\r\n\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut socket));
+        let answer = answer.await.expect("an answer in time").expect("an answer");
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{line}: {answer}");
+        let head = answer.to_ascii_lowercase();
+        assert!(head.contains("\r\nconnection: close\r\n"), "{line}: {answer}");
+    }
+    service.stop().await.unwrap();
+}
+
 /// The same for a chunked body, answered 413 once `MAX_MESSAGE_SIZE` of it is read.
 #[tokio::test]
 async fn a_client_still_sending_a_chunked_body_over_the_limit_reads_its_413() {

@@ -38,6 +38,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::{header, HeaderValue};
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -85,9 +86,20 @@ pub(super) async fn serve_connection(
         let open = Request::begin(requests.clone());
         let mut router = router.clone();
         let activity = requests.clone();
+        let answered = requests.clone();
         let request = request.map(|body| PacedBody::new(body, timeouts.header_read, activity));
         async move {
-            let response = router.call(request).await;
+            let mut response = router.call(request).await;
+            // Answered with its body left unread (a `413`, a `404`), the connection closes
+            // (hyper closes it unless the rest had arrived already) and lingers: the answer
+            // says so, as a server answering before the whole body should, so that a client
+            // does not send its next request on it, to be read and thrown away.
+            if answered.left_a_body_unread() {
+                if let Ok(response) = &mut response {
+                    let close = HeaderValue::from_static("close");
+                    response.headers_mut().insert(header::CONNECTION, close);
+                }
+            }
             drop(open);
             response
         }
