@@ -217,6 +217,32 @@ mod websocket {
         }
     }
 
+    /// On port 80 or 443 the Python client's `Origin` names no port, whatever the URL's
+    /// scheme (websocket-client leaves them out): for a service on 443 (as behind a TLS
+    /// proxy) the origin to list is `http://127.0.0.1`, not `http://127.0.0.1:443`.
+    #[tokio::test]
+    async fn the_python_client_on_port_443_sends_its_origin_without_the_port() {
+        let Some(python) = interop_python(UFW) else { return };
+        if let Err(error) = std::net::TcpListener::bind("127.0.0.1:443") {
+            assert!(!crate::common::peer::is_ci(), "port 443 cannot be bound: {error}");
+            eprintln!("SKIPPED: port 443 cannot be bound here ({error})");
+            return;
+        }
+        for (origin, answered) in [("http://127.0.0.1:443", false), ("http://127.0.0.1", true)] {
+            let (service, _, calls) = start(config(&[origin]).with_websocket_port(443)).await;
+            let args =
+                ["ws-call", "--url", "ws://127.0.0.1:443", "--calls", r#"[["count", [], {}]]"#];
+            let lines = Peer::spawn(&python, UFW, UNUSED_URI, &args).finish().await;
+            service.stop().await.unwrap();
+            let line = lines.iter().find(|line| line["command"] == "count").unwrap();
+            match answered {
+                true => assert_eq!(line["result"], 1, "{origin}: {line}"),
+                false => assert_eq!(line["raised"], true, "{origin}: {line}"),
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), usize::from(answered), "{origin}");
+        }
+    }
+
     fn env(value: &str) -> Result<Config, ConfigError> {
         let vars = [("SERVICE_NAME", "s"), ("WEBSOCKET_ALLOWED_ORIGINS", value)];
         Config::from_vars(vars.map(|(name, value)| (name.to_owned(), value.to_owned())))

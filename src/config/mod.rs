@@ -147,7 +147,8 @@ pub struct Config {
     /// `WEBSOCKET_ALLOWED_ORIGINS`: the origins (`https://app.example.com`,
     /// `scheme://host[:port]`) whose web pages may open a WebSocket connection; a handshake
     /// with another `Origin` header is refused with `403`, one without any (not a browser's) is
-    /// taken (the Python client sends `http://{host}:{port}` of the URL it calls: list it).
+    /// taken (the Python client sends `http://{host}:{port}` of the URL it calls, `http`
+    /// whatever its scheme and no port for 80 or 443: list it).
     /// Compared as browsers write the header: scheme and host in any case, the default port
     /// left out. Empty, or `*` alone: any origin, as the Python original takes. From the
     /// environment, a comma-separated list. Default: empty.
