@@ -469,4 +469,43 @@ mod http {
         assert_eq!(guarded.load(Ordering::SeqCst), 1);
         service.stop().await.unwrap();
     }
+
+    fn decoded(Payload(_body): Payload<Value>, Dep(calls): Dep<Arc<AtomicUsize>>) -> usize {
+        calls.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn raw(RawBody(_body): RawBody, Dep(calls): Dep<Arc<AtomicUsize>>) -> usize {
+        calls.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// A form body, which a page of another site posts without a preflight: a target decoding
+    /// the body (`Payload`) refuses it with `400`, one taking it raw runs it.
+    #[tokio::test]
+    async fn a_form_body_is_refused_by_a_payload_target_and_reaches_a_raw_body_one() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let routes = vec![
+            Route::new(decoded)
+                .entrypoint(HttpEntrypoint::post("/decoded"))
+                .dependency(Shared(calls.clone())),
+            Route::new(raw)
+                .entrypoint(HttpEntrypoint::post("/raw"))
+                .dependency(Shared(calls.clone())),
+        ];
+        let config = Config::new(unique("formbody"))
+            .with_amqp_uri(format!("memory://{}", unique("formbody")))
+            .with_web_server_address("127.0.0.1:0".into());
+        let service = Runner::new(routes, config).spawn().await.unwrap();
+        let base = format!("http://{}", service.web_address().unwrap());
+        let mut statuses = Vec::new();
+        for path in ["/decoded", "/raw"] {
+            let form = client()
+                .post(format!("{base}{path}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("a=2&b=3");
+            statuses.push((path, form.send().await.unwrap().status().as_u16()));
+        }
+        service.stop().await.unwrap();
+        assert_eq!(statuses, [("/decoded", 400), ("/raw", 200)]);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the raw target's call only");
+    }
 }
