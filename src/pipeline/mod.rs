@@ -19,9 +19,9 @@ mod stats;
 pub use call_watch::FinishedCall;
 pub use entrypoint::Entrypoint;
 pub(crate) use interrupted::{Ended, Unstarted};
-pub use route_handle::RouteHandle;
 #[cfg(feature = "process")]
 pub(crate) use route_handle::Attempt;
+pub use route_handle::RouteHandle;
 pub(crate) use route_handle::ServiceEnv;
 pub use shared::{Serving, SharedExtension};
 pub use stats::RouteStats;
