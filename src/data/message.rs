@@ -293,6 +293,17 @@ mod tests {
         assert!(!refused.contains("surrogate"), "{refused}");
     }
 
+    /// Hex digits are read in either case (Java's and .NET's encoders write `\uDBFF`): a lone
+    /// surrogate whose second digit is an upper-case letter is named too.
+    #[test]
+    fn names_a_lone_surrogate_written_in_upper_case_hex() {
+        for body in [&br#"["\uDBFFx"]"#[..], br#"{"x": "\uDC00"}"#, br#"["a\udAff"]"#] {
+            let message = Message { body: Bytes::copy_from_slice(body), ..Message::default() };
+            let refused = message.decode().unwrap_err().to_string();
+            assert!(refused.contains("lone UTF-16 surrogate"), "{refused}");
+        }
+    }
+
     #[test]
     fn names_a_python_repr_sent_for_json() {
         for body in [&b"{'id': 1}"[..], b"{\"ok\": True}", b"[1, None]", b"{\"a\": 'x'}"] {
