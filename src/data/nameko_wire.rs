@@ -233,7 +233,9 @@ mod tests {
         }
         let error = parse_reply(br#"{"result": "\uDC00", "error": null}"#).unwrap_err();
         assert!(
-            error.starts_with("unreadable RPC reply (it holds a lone UTF-16 surrogate"),
+            error.starts_with(
+                "unreadable RPC reply: body is not valid JSON (it holds a lone UTF-16 surrogate"
+            ),
             "{error}"
         );
     }
