@@ -121,7 +121,10 @@ pub enum DecodeError {
     #[error("body does not fit: {0}")]
     DoesNotFit(String),
     /// A content type other than JSON or plain text.
-    #[error("unsupported content type '{0}' (expected application/json)")]
+    #[error(
+        "unsupported content type '{0}' (expected application/json, application/*+json or \
+         text/plain)"
+    )]
     UnsupportedContentType(String),
 }
 
@@ -264,7 +267,9 @@ mod tests {
         assert!(bad.decode().unwrap_err().to_string().contains("not valid JSON"));
         let mut binary = Message { body: Bytes::from_static(b"\x00"), ..Message::default() };
         binary.properties.content_type = Some("application/octet-stream".into());
-        assert!(binary.decode().unwrap_err().to_string().contains("unsupported content type"));
+        let refused = binary.decode().unwrap_err().to_string();
+        assert!(refused.contains("unsupported content type"), "{refused}");
+        assert!(refused.contains("application/*+json or text/plain)"), "what is read: {refused}");
     }
 
     #[test]
