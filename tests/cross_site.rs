@@ -1,8 +1,9 @@
 //! Requests a web page of another site makes through its visitor's browser, which reaches a
 //! service on localhost or an intranet: WebSocket handshakes, refused unless their origin is
 //! in `WEBSOCKET_ALLOWED_ORIGINS` (with how the key is read and what the configuration
-//! refuses), and HTTP simple requests, which need no preflight, with the translator the README
-//! shows to refuse them. In-process broker: no broker traffic.
+//! refuses), and HTTP simple requests, which need no preflight, refused by
+//! `HTTP_REQUIRE_JSON_CONTENT_TYPE` or by the translator the README shows. In-process broker:
+//! no broker traffic.
 
 mod common;
 
@@ -350,6 +351,8 @@ mod http {
     use micro_framework::{BoxError, Message, RunningService};
     use serde::Deserialize;
     use serde_json::{json, Value};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     /// Refuses (`400`) a body not declared JSON: a page of another site cannot declare it without
     /// a CORS preflight, which the service never grants.
@@ -378,11 +381,27 @@ mod http {
         json!({ "sum": a + b })
     }
 
-    /// `POST /open` as the README's HTTP example, `POST /guarded` with [`JsonOnly`]; each
-    /// counts its calls.
-    async fn start() -> (RunningService, String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    /// Takes no body: a request without one is not concerned by a required content type.
+    fn tally(Dep(calls): Dep<Arc<AtomicUsize>>) -> usize {
+        calls.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// `POST /open` as the README's HTTP example, `POST /guarded` with [`JsonOnly`], `GET` and
+    /// `POST /tally` without a body (counted with `/open`'s calls), `HTTP_REQUIRE_JSON_CONTENT_TYPE`
+    /// as `require_json`; each counts its calls.
+    async fn start_with(
+        require_json: bool,
+    ) -> (RunningService, String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let (open, guarded) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let routes = vec![
+            Route::new(tally)
+                .name("tally")
+                .entrypoint(HttpEntrypoint::get("/tally"))
+                .dependency(Shared(open.clone())),
+            Route::new(tally)
+                .name("post_tally")
+                .entrypoint(HttpEntrypoint::post("/tally"))
+                .dependency(Shared(open.clone())),
             Route::new(sum)
                 .name("open")
                 .entrypoint(HttpEntrypoint::post("/open"))
@@ -395,17 +414,55 @@ mod http {
         ];
         let config = Config::new(unique("crosssite"))
             .with_amqp_uri(format!("memory://{}", unique("crosssite")))
-            .with_web_server_address("127.0.0.1:0".into());
+            .with_web_server_address("127.0.0.1:0".into())
+            .with_http_require_json_content_type(require_json);
         let service = Runner::new(routes, config).spawn().await.unwrap();
         let address = service.web_address().expect("HTTP served");
         (service, format!("http://{address}"), open, guarded)
+    }
+
+    /// [`start_with`] the default configuration (no content type required).
+    async fn start() -> (RunningService, String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        start_with(false).await
+    }
+
+    /// The count of `requests_refused_total` for `reason`, as scraped.
+    #[cfg(feature = "metrics")]
+    fn refused(service: &RunningService, reason: &str) -> u64 {
+        let rendered = service.metrics().render();
+        let line = rendered.lines().find(|line| {
+            line.starts_with("requests_refused_total{")
+                && line.contains(&format!("reason=\"{reason}\""))
+        });
+        line.and_then(|line| line.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+    }
+
+    /// Send `head` (a request head without its body) on a connection of its own and read the
+    /// answer until the server closes the connection or 10 s pass.
+    async fn answer_to_head(base: &str, head: &str) -> String {
+        let address = base.trim_start_matches("http://");
+        let mut socket = TcpStream::connect(address).await.unwrap();
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buffer = [0; 4096];
+        // the answer is whole once its JSON body (the last bytes) ends
+        while !answer.ends_with(b"}") {
+            let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut buffer));
+            match read.await {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(read)) => answer.extend_from_slice(&buffer[..read]),
+                Ok(Err(error)) => panic!("{error}"),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
     }
 
     fn client() -> reqwest::Client {
         reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap()
     }
 
-    /// What the README's security note says a page of another site can do: a body with no
+    /// What the README's security note says a page of another site can do (with
+    /// `HTTP_REQUIRE_JSON_CONTENT_TYPE` off, the default): a body with no
     /// content type (a `fetch` of a `Blob` without a type, no preflight) is read as JSON and
     /// runs its call; `text/plain` (a `fetch` of a string) is read as a string; a preflight,
     /// which a JSON content type needs, is answered `405` without CORS headers, and no answer
@@ -507,5 +564,87 @@ mod http {
         service.stop().await.unwrap();
         assert_eq!(statuses, [("/decoded", 400), ("/raw", 200)]);
         assert_eq!(calls.load(Ordering::SeqCst), 1, "the raw target's call only");
+    }
+
+    /// With `HTTP_REQUIRE_JSON_CONTENT_TYPE`, the simple requests a page of another site can
+    /// send without a preflight (a body without content type, `text/plain`, form-encoded) are
+    /// answered `415` in the service's JSON error shape and run no call; each refusal is counted
+    /// with its reason. Mutant: no check (each runs, or gets 400 as a string).
+    #[tokio::test]
+    async fn with_json_required_a_body_not_declared_json_is_refused_with_415_and_runs_no_call() {
+        let (service, base, open, _) = start_with(true).await;
+        let http = client();
+        let body = r#"{"a": 2, "b": 3}"#;
+        let origin = "https://evil.example";
+        let types = [None, Some("text/plain"), Some("application/x-www-form-urlencoded")];
+        for content_type in types {
+            let mut request = http.post(format!("{base}/open")).header("origin", origin).body(body);
+            if let Some(content_type) = content_type {
+                request = request.header("content-type", content_type);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 415, "{content_type:?}");
+            let answer: Value = response.json().await.unwrap();
+            assert_eq!(answer["error"], "unsupported_media_type", "{answer}");
+            let message = answer["message"].as_str().unwrap_or_default();
+            assert!(message.contains("HTTP_REQUIRE_JSON_CONTENT_TYPE"), "{answer}");
+            let quoted = content_type.map_or("none".to_owned(), |declared| format!("{declared:?}"));
+            assert!(message.contains(&quoted), "{content_type:?}: {answer}");
+        }
+        assert_eq!(open.load(Ordering::SeqCst), 0, "no refused body ran its call");
+        #[cfg(feature = "metrics")]
+        assert_eq!(refused(&service, "unsupported_media_type"), types.len() as u64);
+        service.stop().await.unwrap();
+    }
+
+    /// The refusal comes before the body is read: a request announcing a body (by
+    /// `content-length` or chunked) is answered from its head alone, its body never sent.
+    /// Mutant: the check after the body is read (no answer comes while the body is awaited).
+    #[tokio::test]
+    async fn with_json_required_the_refusal_comes_before_the_body_is_read() {
+        let (service, base, open, _) = start_with(true).await;
+        let host = base.trim_start_matches("http://");
+        for announced in ["content-length: 16", "transfer-encoding: chunked"] {
+            let head = format!(
+                "POST /open HTTP/1.1\r\nhost: {host}\r\ncontent-type: text/plain\r\n{announced}\r\n\r\n"
+            );
+            let answer = answer_to_head(&base, &head).await;
+            assert!(answer.starts_with("HTTP/1.1 415 Unsupported Media Type\r\n"), "{answer:?}");
+            assert!(answer.contains(r#""error":"unsupported_media_type""#), "{answer:?}");
+        }
+        assert_eq!(open.load(Ordering::SeqCst), 0);
+        service.stop().await.unwrap();
+    }
+
+    /// With `HTTP_REQUIRE_JSON_CONTENT_TYPE`, bodies declared JSON (`application/json`, any
+    /// `application/*+json`, parameters and case as they come) run, as do requests without a
+    /// body (`GET`, a `POST` with none, an empty body). Mutants: a check that refuses too
+    /// much; `application/*+json` bodies not read as JSON (`400` unsupported content type).
+    #[tokio::test]
+    async fn with_json_required_json_bodies_and_requests_without_a_body_run() {
+        let (service, base, open, _) = start_with(true).await;
+        let http = client();
+        let body = r#"{"a": 2, "b": 3}"#;
+        for content_type in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/vnd.api+json; charset=utf-8",
+        ] {
+            let request = http.post(format!("{base}/open")).header("content-type", content_type);
+            let response = request.body(body).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{content_type}");
+            assert_eq!(response.json::<Value>().await.unwrap(), json!({"sum": 5}));
+        }
+        let response = http.get(format!("{base}/tally")).send().await.unwrap();
+        assert_eq!(response.json::<Value>().await.unwrap(), json!(4), "GET without a body");
+        let response = http.post(format!("{base}/tally")).send().await.unwrap();
+        assert_eq!(response.json::<Value>().await.unwrap(), json!(5), "POST without a body");
+        let empty = http.post(format!("{base}/tally")).header("content-type", "text/plain");
+        let response = empty.body("").send().await.unwrap();
+        assert_eq!(response.json::<Value>().await.unwrap(), json!(6), "an empty text/plain body");
+        assert_eq!(open.load(Ordering::SeqCst), 6);
+        #[cfg(feature = "metrics")]
+        assert_eq!(refused(&service, "unsupported_media_type"), 0);
+        service.stop().await.unwrap();
     }
 }

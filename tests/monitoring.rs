@@ -1,7 +1,8 @@
 //! The alert rules (`deploy/prometheus/alerts.yml`) and the Grafana dashboard
 //! (`deploy/grafana/micro-framework.json`) shipped with the service: every metric their PromQL
 //! names is one a running service exports, the dashboard shows every metric the service
-//! exports, and the rules pass their `promtool` unit tests (`alerts_test.yml`).
+//! exports, the rules pass their `promtool` unit tests (`alerts_test.yml`), and the panel of
+//! refused requests shows the refusals that name no context or route.
 #![cfg(feature = "metrics")]
 
 mod common;
@@ -705,4 +706,90 @@ async fn empty_and_shared_metric_labels_stop_the_start() {
         let expected = format!("routes 'a' and 'noop' have the same metric label '{default_of_a}'");
         assert!(reason.contains(&expected), "{reason}");
     }
+}
+
+/// A `promtool test rules` file, removed when dropped.
+struct PromtoolTest(PathBuf);
+
+impl PromtoolTest {
+    fn write(test: &Json) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.yml", unique("mf_dashboard_test")));
+        std::fs::write(&path, serde_yaml_ng::to_string(test).unwrap()).unwrap();
+        PromtoolTest(path)
+    }
+}
+
+impl Drop for PromtoolTest {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The "Requests refused" panel shows WebSocket handshakes refused for their origin, counted
+/// with empty `context` and `route`, which no value of those variables matches: its queries,
+/// with the variables as Grafana expands "All" (an alternation of the values they list) are
+/// evaluated by promtool over a route's refusals, another context's and the handshakes'.
+/// Mutant: the panel's one query filtering on `$context` and `$route` (no `origin` series).
+#[test]
+fn the_requests_refused_panel_shows_handshakes_refused_for_their_origin() {
+    let Some(promtool) = promtool() else { return };
+    let dashboard: Json = serde_json::from_str(&read(DASHBOARD)).expect("dashboard is JSON");
+    let panel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|panel| panel["title"] == "Requests refused")
+        .expect("a Requests refused panel");
+    let queries: Vec<String> = panel["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|target| {
+            let expr = target["expr"].as_str().expect("a query");
+            let expanded = expr
+                .replace("$__rate_interval", "5m")
+                .replace("$job", "(orders)")
+                .replace("$instance", "(a:9464)")
+                .replace("$context", "(default)")
+                .replace("$route", "(checkout)");
+            format!("({expanded})")
+        })
+        .collect();
+    // the panel's series, whichever of its queries gives each
+    let shown = format!("sum by (reason) ({})", queries.join(" or "));
+    let refused = |labels: &str| {
+        format!("requests_refused_total{{job=\"orders\", instance=\"a:9464\", {labels}}}")
+    };
+    let test = serde_json::json!({
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                // one a second
+                {
+                    "series": refused(r#"context="default", route="checkout", reason="too_large""#),
+                    "values": "0+60x10",
+                },
+                // another context, not selected: not shown
+                {
+                    "series": refused(r#"context="other", route="report", reason="busy""#),
+                    "values": "0+60x10",
+                },
+                // two a second, named by no context or route
+                { "series": refused(r#"context="", route="", reason="origin""#), "values": "0+120x10" },
+            ],
+            "promql_expr_test": [{
+                "expr": shown,
+                "eval_time": "10m",
+                "exp_samples": [
+                    { "labels": r#"{reason="origin"}"#, "value": 2 },
+                    { "labels": r#"{reason="too_large"}"#, "value": 1 },
+                ],
+            }],
+        }],
+    });
+    let file = PromtoolTest::write(&test);
+    let tested = run_promtool(promtool, &["test", "rules"], &file.0);
+    assert!(tested.contains("SUCCESS"), "{tested}");
 }

@@ -44,6 +44,7 @@ enum Field {
     HttpHeaderReadTimeout,
     HttpKeepAliveTimeout,
     HttpMaxConnections,
+    HttpRequireJsonContentType,
     WebsocketIdleTimeout,
     MaxMessageSize,
     PrefetchCount,
@@ -82,6 +83,7 @@ const FIELDS: &[(&str, Field)] = &[
     ("HTTP_HEADER_READ_TIMEOUT", Field::HttpHeaderReadTimeout),
     ("HTTP_KEEP_ALIVE_TIMEOUT", Field::HttpKeepAliveTimeout),
     ("HTTP_MAX_CONNECTIONS", Field::HttpMaxConnections),
+    ("HTTP_REQUIRE_JSON_CONTENT_TYPE", Field::HttpRequireJsonContentType),
     ("WEBSOCKET_IDLE_TIMEOUT", Field::WebsocketIdleTimeout),
     ("MAX_MESSAGE_SIZE", Field::MaxMessageSize),
     ("PREFETCH_COUNT", Field::PrefetchCount),
@@ -139,6 +141,9 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
         Field::HttpHeaderReadTimeout => seconds(value).map(|v| config.http_header_read_timeout = v),
         Field::HttpKeepAliveTimeout => seconds(value).map(|v| config.http_keep_alive_timeout = v),
         Field::HttpMaxConnections => uint(value, USIZE).map(|v| config.http_max_connections = v),
+        Field::HttpRequireJsonContentType => {
+            boolean(value).map(|v| config.http_require_json_content_type = v)
+        }
         Field::WebsocketIdleTimeout => seconds(value).map(|v| config.websocket_idle_timeout = v),
         Field::MaxMessageSize => uint(value, USIZE).map(|v| config.max_message_size = v),
         Field::PrefetchCount => {

@@ -171,6 +171,14 @@ pub struct Config {
     /// `HTTP_MAX_CONNECTIONS`: how many HTTP connections are served at once; more wait,
     /// unaccepted, until one closes. From 1 to 1048576. Default: 1024.
     pub http_max_connections: usize,
+    /// `HTTP_REQUIRE_JSON_CONTENT_TYPE`: whether an HTTP request with a body (a
+    /// `content-length` above 0, or a `transfer-encoding`) must declare it JSON
+    /// (`application/json` or `application/*+json`, parameters allowed); another
+    /// `Content-Type`, or none, is answered `415` before the body is read. A web page of any
+    /// site can send a body without a JSON content type with no CORS preflight, so `true`
+    /// keeps browsers of other sites from calling JSON routes. Default: `false` (a body
+    /// without a content type is read as JSON, as the Python peers read it).
+    pub http_require_json_content_type: bool,
     /// `WEBSOCKET_IDLE_TIMEOUT`: how long a WebSocket connection may go without a byte from
     /// its client (and without a call running or a reply being sent) before it is closed, and
     /// a reply without a byte taken before its client is dropped; also bounds the handshake. Positive, at most a day. Given in seconds (fractions allowed). Default: 60 s
@@ -294,6 +302,7 @@ setters! {
     with_http_header_read_timeout => http_header_read_timeout: Duration,
     with_http_keep_alive_timeout => http_keep_alive_timeout: Duration,
     with_http_max_connections => http_max_connections: usize,
+    with_http_require_json_content_type => http_require_json_content_type: bool,
     with_websocket_idle_timeout => websocket_idle_timeout: Duration,
     with_max_message_size => max_message_size: usize,
     with_prefetch_count => prefetch_count: Option<u16>,
@@ -341,6 +350,7 @@ impl Default for Config {
             http_header_read_timeout: Duration::from_secs(60),
             http_keep_alive_timeout: Duration::from_secs(75),
             http_max_connections: 1024,
+            http_require_json_content_type: false,
             websocket_idle_timeout: Duration::from_secs(60),
             max_message_size: 16 * 1024 * 1024,
             prefetch_count: None,
@@ -627,6 +637,7 @@ impl Config {
             ("HTTP_HEADER_READ_TIMEOUT", Value::from(self.http_header_read_timeout.as_secs_f64())),
             ("HTTP_KEEP_ALIVE_TIMEOUT", Value::from(self.http_keep_alive_timeout.as_secs_f64())),
             ("HTTP_MAX_CONNECTIONS", Value::from(self.http_max_connections)),
+            ("HTTP_REQUIRE_JSON_CONTENT_TYPE", Value::from(self.http_require_json_content_type)),
             ("WEBSOCKET_IDLE_TIMEOUT", Value::from(self.websocket_idle_timeout.as_secs_f64())),
             ("MAX_MESSAGE_SIZE", Value::from(self.max_message_size)),
             ("PREFETCH_COUNT", Value::from(self.effective_prefetch())),
@@ -674,6 +685,7 @@ impl fmt::Debug for Config {
             .field("http_header_read_timeout", &self.http_header_read_timeout)
             .field("http_keep_alive_timeout", &self.http_keep_alive_timeout)
             .field("http_max_connections", &self.http_max_connections)
+            .field("http_require_json_content_type", &self.http_require_json_content_type)
             .field("websocket_idle_timeout", &self.websocket_idle_timeout)
             .field("max_message_size", &self.max_message_size)
             .field("prefetch_count", &self.prefetch_count)

@@ -62,6 +62,7 @@ fn everything_changed() -> Config {
         http_header_read_timeout: Duration::from_secs(10),
         http_keep_alive_timeout: Duration::from_millis(2500),
         http_max_connections: 64,
+        http_require_json_content_type: true,
         websocket_idle_timeout: Duration::from_secs(90),
         max_message_size: 1048576,
         prefetch_count: Some(20),
@@ -104,6 +105,7 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("HTTP_HEADER_READ_TIMEOUT", "10"),
     ("HTTP_KEEP_ALIVE_TIMEOUT", "2.5"),
     ("HTTP_MAX_CONNECTIONS", "64"),
+    ("HTTP_REQUIRE_JSON_CONTENT_TYPE", "yes"),
     ("WEBSOCKET_IDLE_TIMEOUT", "90"),
     ("MAX_MESSAGE_SIZE", "1048576"),
     ("PREFETCH_COUNT", "20"),
@@ -144,6 +146,7 @@ WEB_SERVER_ADDRESS: 127.0.0.1:8080
 HTTP_HEADER_READ_TIMEOUT: 10
 HTTP_KEEP_ALIVE_TIMEOUT: "2.5"
 HTTP_MAX_CONNECTIONS: 64
+HTTP_REQUIRE_JSON_CONTENT_TYPE: true
 WEBSOCKET_IDLE_TIMEOUT: 90
 MAX_MESSAGE_SIZE: 1048576
 PREFETCH_COUNT: 20
@@ -181,6 +184,7 @@ WEB_SERVER_ADDRESS = "127.0.0.1:8080"
 HTTP_HEADER_READ_TIMEOUT = 10
 HTTP_KEEP_ALIVE_TIMEOUT = 2.5
 HTTP_MAX_CONNECTIONS = "64"
+HTTP_REQUIRE_JSON_CONTENT_TYPE = true
 WEBSOCKET_IDLE_TIMEOUT = 90
 MAX_MESSAGE_SIZE = 1048576
 PREFETCH_COUNT = 20
@@ -226,6 +230,7 @@ fn defaults() {
     assert_eq!(config.http_header_read_timeout, Duration::from_secs(60));
     assert_eq!(config.http_keep_alive_timeout, Duration::from_secs(75));
     assert_eq!(config.http_max_connections, 1024);
+    assert!(!config.http_require_json_content_type);
     assert_eq!(config.websocket_idle_timeout, Duration::from_secs(60));
     assert_eq!(config.max_message_size, 16 * 1024 * 1024);
     assert_eq!(config.prefetch_count, None);
@@ -750,6 +755,11 @@ fn value_errors_name_key_and_value() {
         ("WEBSOCKET_IDLE_TIMEOUT", "inf", "must be a positive, finite number of seconds"),
         ("HTTP_MAX_CONNECTIONS", "-1", "expected a non-negative integer"),
         ("HTTP_MAX_CONNECTIONS", "many", "expected a non-negative integer"),
+        (
+            "HTTP_REQUIRE_JSON_CONTENT_TYPE",
+            "json",
+            "expected one of true, false, 1, 0, yes, no, on, off",
+        ),
     ];
     for (key, value, reason) in cases {
         let e = env_err(&[("SERVICE_NAME", "s"), (key, value)]);
@@ -1294,6 +1304,7 @@ fn masked_map_and_debug() {
         ("HTTP_HEADER_READ_TIMEOUT", json!(10.0)),
         ("HTTP_KEEP_ALIVE_TIMEOUT", json!(2.5)),
         ("HTTP_MAX_CONNECTIONS", json!(64)),
+        ("HTTP_REQUIRE_JSON_CONTENT_TYPE", json!(true)),
         ("WEBSOCKET_IDLE_TIMEOUT", json!(90.0)),
         ("MAX_MESSAGE_SIZE", json!(1048576)),
         ("PREFETCH_COUNT", json!(20)),

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::data::extensions::Extensions;
 use crate::data::headers::Properties;
+use crate::data::media_type;
 
 /// One incoming message: its body and AMQP properties plus where it came from.
 ///
@@ -62,9 +63,7 @@ impl Message {
     /// body's shape with `T` made of [`IgnoredAny`](serde::de::IgnoredAny) copies nothing.
     pub(crate) fn decode_into<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
         let content_type = self.properties.content_type.as_deref().unwrap_or("application/json");
-        // media types are case-insensitive (`Application/JSON` is JSON)
-        let essence =
-            content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        let essence = media_type::essence(content_type);
         let shape = |error: serde_json::Error| DecodeError::DoesNotFit(error.to_string());
         // kombu compresses a body when its publisher asks (`compression='zlib'`) and says so in
         // this header; read as JSON, such a body gives only a parse error at its first byte
@@ -74,8 +73,10 @@ impl Message {
         }
         match essence.as_str() {
             _ if self.body.is_empty() => T::deserialize(Value::Null).map_err(shape),
-            "application/json" | "" => serde_json::from_slice(&self.body)
-                .map_err(|error| DecodeError::of_json(&self.body, &error)),
+            json if json.is_empty() || media_type::is_json(json) => {
+                serde_json::from_slice(&self.body)
+                    .map_err(|error| DecodeError::of_json(&self.body, &error))
+            }
             "text/plain" => {
                 std::str::from_utf8(&self.body).map_err(DecodeError::NotUtf8).and_then(|text| {
                     T::deserialize(serde::de::value::StrDeserializer::<serde_json::Error>::new(
@@ -120,7 +121,10 @@ pub enum DecodeError {
     #[error("body does not fit: {0}")]
     DoesNotFit(String),
     /// A content type other than JSON or plain text.
-    #[error("unsupported content type '{0}' (expected application/json)")]
+    #[error(
+        "unsupported content type '{0}' (expected application/json, application/*+json or \
+         text/plain)"
+    )]
     UnsupportedContentType(String),
 }
 
@@ -251,12 +255,21 @@ mod tests {
     }
 
     #[test]
+    fn reads_json_suffixed_content_types_as_json() {
+        let mut message = Message::json(&[1, 2]).unwrap();
+        message.properties.content_type = Some("application/vnd.api+json; charset=utf-8".into());
+        assert_eq!(message.decode(), Ok(serde_json::json!([1, 2])));
+    }
+
+    #[test]
     fn refuses_bad_json_and_unknown_content_types() {
         let bad = Message { body: Bytes::from_static(b"{oops"), ..Message::default() };
         assert!(bad.decode().unwrap_err().to_string().contains("not valid JSON"));
         let mut binary = Message { body: Bytes::from_static(b"\x00"), ..Message::default() };
         binary.properties.content_type = Some("application/octet-stream".into());
-        assert!(binary.decode().unwrap_err().to_string().contains("unsupported content type"));
+        let refused = binary.decode().unwrap_err().to_string();
+        assert!(refused.contains("unsupported content type"), "{refused}");
+        assert!(refused.contains("application/*+json or text/plain)"), "what is read: {refused}");
     }
 
     #[test]
@@ -283,6 +296,17 @@ mod tests {
         let truncated = Message { body: Bytes::from_static(br#"["\u12"]"#), ..Message::default() };
         let refused = truncated.decode().unwrap_err().to_string();
         assert!(!refused.contains("surrogate"), "{refused}");
+    }
+
+    /// Hex digits are read in either case (Java's and .NET's encoders write `\uDBFF`): a lone
+    /// surrogate whose second digit is an upper-case letter is named too.
+    #[test]
+    fn names_a_lone_surrogate_written_in_upper_case_hex() {
+        for body in [&br#"["\uDBFFx"]"#[..], br#"{"x": "\uDC00"}"#, br#"["a\udAff"]"#] {
+            let message = Message { body: Bytes::copy_from_slice(body), ..Message::default() };
+            let refused = message.decode().unwrap_err().to_string();
+            assert!(refused.contains("lone UTF-16 surrogate"), "{refused}");
+        }
     }
 
     #[test]

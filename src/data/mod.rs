@@ -11,6 +11,7 @@ mod failure;
 pub(crate) mod fuzz_support;
 mod headers;
 mod kombu_types;
+pub(crate) mod media_type;
 mod message;
 pub(crate) mod nameko_wire;
 mod outcome;

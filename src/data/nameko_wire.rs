@@ -222,6 +222,24 @@ mod tests {
         assert!(unread.contains("lone UTF-16 surrogate"), "{unread}");
     }
 
+    /// Only a reply holding a lone surrogate is told of one: any other unreadable reply is
+    /// told what the parser said, with no hint pointing elsewhere.
+    #[test]
+    fn an_unreadable_reply_is_told_of_a_surrogate_only_when_it_holds_one() {
+        for unreadable in [&b"{oops"[..], br#"{"result": NaN, "error": null}"#, br#"["\u12"]"#] {
+            let error = parse_reply(unreadable).unwrap_err();
+            assert!(error.starts_with("unreadable RPC reply: "), "{error}");
+            assert!(!error.contains("surrogate"), "{error}");
+        }
+        let error = parse_reply(br#"{"result": "\uDC00", "error": null}"#).unwrap_err();
+        assert!(
+            error.starts_with(
+                "unreadable RPC reply: body is not valid JSON (it holds a lone UTF-16 surrogate"
+            ),
+            "{error}"
+        );
+    }
+
     #[test]
     fn a_reply_without_a_result_or_an_error_is_invalid_and_what_nameko_reads_is_read() {
         // Nameko's proxy reads `body.get('error')`, raises it if truthy, else returns

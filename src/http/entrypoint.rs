@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use super::body_budget::BodyBudget;
+use super::media_type;
 use super::request::{HttpRequest, EXTENSION};
 use super::response::{refusal, respond};
 use super::site::{add_route, WebSite};
@@ -27,7 +28,8 @@ use crate::pipeline::RouteHandle;
 /// body as [`Payload<T>`](crate::Payload), [`HttpRequest`] (method, headers, ...) and any
 /// dependency. A call waits for a free worker like any other (the pool bounds how many run
 /// at once); while the service stops, new requests get 503. Bodies over `MAX_MESSAGE_SIZE`
-/// get 413, before they are read when their `content-length` says so.
+/// get 413, before they are read when their `content-length` says so; with
+/// `HTTP_REQUIRE_JSON_CONTENT_TYPE`, a body not declared JSON gets 415 before it is read.
 ///
 /// ```
 /// use micro_framework::prelude::*;
@@ -152,6 +154,16 @@ fn handler(route: RouteHandle, filter: MethodFilter, calls: TaskTracker) -> Meth
                 let Ok(body_room) = budget.room_for(&headers) else {
                     return too_large(&route);
                 };
+                // A body not declared JSON, which a page of any site can send without a
+                // preflight, is refused as early when JSON is required; a request without a
+                // body (needing no room) is not concerned.
+                let carries_body = body_room > 0;
+                if carries_body
+                    && route.config().http_require_json_content_type
+                    && !media_type::declares_json(&headers)
+                {
+                    return unsupported_media_type(&route, &headers);
+                }
                 // Room for the body before it is read, held until the answer: the bodies
                 // read, waiting for a worker or in a call stay within the route's budget,
                 // not HTTP_MAX_CONNECTIONS of MAX_MESSAGE_SIZE (40 of 8 MiB waiting for one
@@ -213,6 +225,17 @@ fn too_large(route: &RouteHandle) -> axum::response::Response {
     let limit = route.config().max_message_size;
     let message = format!("the request body is over MAX_MESSAGE_SIZE ({limit} bytes)");
     refusal(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message)
+}
+
+/// The answer to a body not declared JSON under `HTTP_REQUIRE_JSON_CONTENT_TYPE`.
+fn unsupported_media_type(route: &RouteHandle, headers: &HeaderMap) -> axum::response::Response {
+    route.refused("unsupported_media_type");
+    let message = format!(
+        "the request body must be declared JSON (content-type: application/json), not {} \
+         (HTTP_REQUIRE_JSON_CONTENT_TYPE)",
+        media_type::declared(headers)
+    );
+    refusal(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", &message)
 }
 
 /// Marks the answer to a request that is not for the route (another path or method).

@@ -28,6 +28,7 @@
 
 mod body_budget;
 mod entrypoint;
+mod media_type;
 mod request;
 mod response;
 mod site;
