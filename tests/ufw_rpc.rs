@@ -213,19 +213,24 @@ async fn bad_requests_get_python_errors_and_are_acked() {
     }
 }
 
-/// As the Python original's server, a request without a `correlation_id` is run and acked
-/// with no reply: its caller could not tell whose reply it is.
+/// As the Python original's server, a request without a `correlation_id` (or an empty one)
+/// is run and acked with no reply: its caller could not tell whose reply it is.
 #[tokio::test]
 async fn a_request_without_a_correlation_id_runs_and_is_acked_without_a_reply() {
     for uri in broker_uris() {
         let (service, math) = start(&uri).await;
         let raw = UfwCaller::new(service.transport(), &math).await;
         let request = json!({"command": "echo", "command_args": [1], "command_kwargs": {}});
-        let body = Bytes::from(request.to_string());
-        raw.send_with("echo", body, |properties| properties.correlation_id = None).await;
-        // a route counts a request settled once its reply, if any, is confirmed
-        service.wait_for_route("echo", 1).await.unwrap();
-        assert_eq!(service.queue_len(raw.reply_queue()).await.unwrap(), 0, "no reply on {uri}");
+        // none, or an empty one, which the Python server takes for none
+        for (sent, correlation_id) in [(1, None), (2, Some(String::new()))] {
+            let body = Bytes::from(request.to_string());
+            let id = correlation_id.clone();
+            raw.send_with("echo", body, |properties| properties.correlation_id = id).await;
+            // a route counts a request settled once its reply, if any, is confirmed
+            service.wait_for_route("echo", sent).await.unwrap();
+            let replies = service.queue_len(raw.reply_queue()).await.unwrap();
+            assert_eq!(replies, 0, "no reply to {correlation_id:?} on {uri}");
+        }
         assert_eq!(service.queue_len(&format!("rpc-{math}-echo")).await.unwrap(), 0, "acked");
         // the same caller, with a correlation id, is answered
         let reply = raw.request("echo", Bytes::from(request.to_string())).await;

@@ -138,10 +138,12 @@ async fn reply(
         Protocol::Nameko => (&route.config().rpc_exchange[..], "reply_to"),
         Protocol::MicroFramework => (UFW_RPC_EXCHANGE, "reply_to and correlation_id"),
     };
+    // the Python server tests both for truth: an empty one is none
+    let given = |property: &Option<String>| property.as_deref().is_some_and(|p| !p.is_empty());
+    let answered = protocol == Protocol::Nameko
+        || (given(&request.properties.reply_to) && given(correlation_id));
     let reply_to = request.properties.reply_to.as_deref();
-    let Some(reply_to) =
-        reply_to.filter(|_| protocol == Protocol::Nameko || correlation_id.is_some())
-    else {
+    let Some(reply_to) = reply_to.filter(|_| answered) else {
         tracing::info!(
             route = route.name(),
             "RPC request {} without {address}: handled, no reply sent",
