@@ -1067,3 +1067,39 @@ mod a_call_failing_after_the_give_up {
         goes_back_unanswered(Protocol::MicroFramework, WorkerMode::GreedyThread, true).await;
     }
 }
+
+/// A Nameko request without a `correlation_id` is answered, as Nameko's own server answers it
+/// (its `Responder` publishes to `reply_to` whatever the id); only micro-framework's profile
+/// needs one (`tests/ufw_rpc.rs`).
+#[tokio::test]
+async fn a_nameko_request_without_a_correlation_id_is_answered() {
+    for uri in broker_uris() {
+        let config = config(&uri, "nk_no_corr");
+        let service_name = config.service_name.clone();
+        let routes = vec![Route::new(echo).entrypoint(RPCListener::new())];
+        let service = TestService::start(routes, config).await.unwrap();
+        let transport = service.transport();
+        let queue = format!("rpc.reply-{service_name}");
+        transport.declare_queue(&QueueSpec::durable(&queue)).await.unwrap();
+        let binding = BindingSpec {
+            queue: queue.clone(),
+            exchange: "nameko-rpc".into(),
+            routing_key: queue.clone(),
+            arguments: Headers::new(),
+        };
+        transport.bind_queue(&binding).await.unwrap();
+        let mut properties = Message::json(&Value::Null).unwrap().properties;
+        properties.reply_to = Some(queue.clone());
+        properties.correlation_id = None;
+        let body = Bytes::from(json!({"args": [1], "kwargs": {}}).to_string());
+        let request = OutgoingMessage { body, properties };
+        let key = format!("{service_name}.echo");
+        transport.publish("nameko-rpc", &key, request, PublishOptions::default()).await.unwrap();
+        service.wait_for_route("echo", 1).await.unwrap();
+        let replies = service.queue_len(&queue).await.unwrap();
+        transport.delete_queue(&queue).await.unwrap();
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[service_name]).await;
+        assert_eq!(replies, 1, "the reply on {uri}");
+    }
+}
