@@ -382,6 +382,21 @@ async fn a_client_still_sending_a_body_announced_over_the_limit_reads_its_413() 
     service.stop().await.unwrap();
 }
 
+/// A client still sending a request head over hyper's limits when hyper answers it `431`
+/// reads that answer too: the server lingers after hyper's own answers as after its routes'.
+#[tokio::test]
+async fn a_client_still_sending_a_head_over_the_limits_reads_its_431() {
+    let config = http_config("http_linger_head").with_max_message_size(1024);
+    let (service, base) = spawn(routes(), config).await;
+    let head = format!("GET /hello HTTP/1.1\r\nhost: test\r\nx-big: {}", "a".repeat(UPLOAD));
+    for attempt in 0..5 {
+        let answer = upload_then_read(&base, &head, b"\r\n\r\n").await;
+        let answer = answer.unwrap_or_else(|error| panic!("attempt {attempt}: {error}"));
+        assert!(answer.starts_with("HTTP/1.1 431"), "attempt {attempt}: {answer}");
+    }
+    service.stop().await.unwrap();
+}
+
 /// One answer's head and body, read as they come (its `content-length`), the connection
 /// left open; `None` if it ends first.
 async fn read_answer(socket: &mut TcpStream) -> Option<String> {

@@ -43,6 +43,7 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -133,6 +134,16 @@ pub(super) async fn serve_connection(
         }
     };
     match served {
+        // hyper answered a head it could not parse (`400`, `431` over its limits) itself: its
+        // client may still be sending the rest, which lingering lets it read the answer past
+        Err(error) if error.is_parse() || error.is_parse_too_large() => {
+            tracing::debug!("HTTP connection of {peer} sent an unreadable head: {error}");
+            let mut socket = connection.into_parts().io.into_inner();
+            if socket.shutdown().await.is_ok() {
+                let ended = linger(socket, &stopping).await;
+                tracing::debug!("closing the HTTP connection of {peer} after lingering: {ended:?}");
+            }
+        }
         Err(error) => tracing::debug!("HTTP connection of {peer} failed: {error}"),
         // hyper has flushed the response and shut the socket's write side
         Ok(()) if activity.left_a_body_unread() => {
