@@ -133,24 +133,25 @@ pub(super) async fn serve_connection(
             }
         }
     };
-    match served {
+    let lingers = match served {
         // hyper answered a head it could not parse (`400`, `431` over its limits) itself: its
-        // client may still be sending the rest, which lingering lets it read the answer past
+        // client may still be sending the rest
         Err(error) if error.is_parse() || error.is_parse_too_large() => {
             tracing::debug!("HTTP connection of {peer} sent an unreadable head: {error}");
-            let mut socket = connection.into_parts().io.into_inner();
-            if socket.shutdown().await.is_ok() {
-                let ended = linger(socket, &stopping).await;
-                tracing::debug!("closing the HTTP connection of {peer} after lingering: {ended:?}");
-            }
+            true
         }
-        Err(error) => tracing::debug!("HTTP connection of {peer} failed: {error}"),
-        // hyper has flushed the response and shut the socket's write side
-        Ok(()) if activity.left_a_body_unread() => {
-            let socket = connection.into_parts().io.into_inner();
-            let ended = linger(socket, &stopping).await;
-            tracing::debug!("closing the HTTP connection of {peer} after lingering: {ended:?}");
+        Err(error) => {
+            tracing::debug!("HTTP connection of {peer} failed: {error}");
+            false
         }
-        Ok(()) => {}
+        Ok(()) => activity.left_a_body_unread(),
+    };
+    if lingers {
+        let mut socket = connection.into_parts().io.into_inner();
+        // hyper shut the write side after a response it served, not after its own answer to
+        // an unreadable head; a socket that cannot be shut ends the linger at its first read
+        let _ = socket.shutdown().await;
+        let ended = linger(socket, &stopping).await;
+        tracing::debug!("closing the HTTP connection of {peer} after lingering: {ended:?}");
     }
 }
