@@ -264,3 +264,34 @@ async fn an_outcome_too_large_for_the_worker_link_fails_before_its_dependencies_
     assert!(error.contains("the call's outcome cannot be sent to the service"), "{error}");
     assert_eq!(told, ["rollback error", "rollback error"]);
 }
+
+/// A route whose backoff retries I/O errors alone: the value too large for the link is no
+/// such error, and the call fails at once, its session told once (rolled back). Mutant: the
+/// failure left retryable whatever the filter, the call run again.
+#[tokio::test]
+async fn a_value_too_large_for_the_worker_link_is_not_retried_past_a_retry_filter() {
+    // Everything up to `start` also runs in each worker process: the session's file is the
+    // one the test named, in its environment, which the workers inherit.
+    let session_env = "PROCESS_FAILURES_BIG_SESSION_FILTERED";
+    if std::env::var_os(session_env).is_none() {
+        std::env::set_var(session_env, std::env::temp_dir().join(common::unique("bigsession")));
+    }
+    let path = std::path::PathBuf::from(std::env::var_os(session_env).unwrap());
+    let config = test_config(&common::unique("bigfiltered"))
+        .with_worker_mode(WorkerMode::Process)
+        .with_max_workers(1);
+    let backoff = BackOff::new(1, Duration::from_millis(1)).retry_on::<std::io::Error>();
+    let routes = vec![Route::new(big_report)
+        .entrypoint(EventListener::new(common::unique("bigshop"), "job"))
+        .dependency(Session(path.clone()))
+        .backoff(backoff)];
+    let service = TestService::start(routes, config).await.unwrap();
+    let hook = service.hook("big_report").unwrap();
+    let called = hook.event::<serde::de::IgnoredAny>(&json!({"id": 1})).await;
+    service.stop().await.unwrap();
+    let told = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    let error = called.map(|_| ()).unwrap_err().to_string();
+    assert!(error.contains("the call's outcome cannot be sent to the service"), "{error}");
+    assert_eq!(told.lines().collect::<Vec<_>>(), ["rollback error"]);
+}
