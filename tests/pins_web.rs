@@ -71,7 +71,6 @@ mod websocket {
     use micro_framework::websocket::WebSocketEntrypoint;
     use micro_framework::RunningService;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
     use tokio::time::Instant;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -150,28 +149,14 @@ mod websocket {
     fn a_reply_read_steadily_is_sent_whole_however_long_it_takes() {
         on_paused_clock(|| async {
             let (service, address) = start("pins_ws_steady").await;
-            let mut socket = TcpStream::connect(address).await.unwrap();
-            let handshake = format!(
-                "GET / HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
-                 sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
-            );
-            socket.write_all(handshake.as_bytes()).await.unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                socket.read_exact(&mut byte).await.unwrap();
-                head.push(byte[0]);
-            }
-            assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+            let mut socket = crate::common::raw_ws::open(address).await;
             let size: usize = 16 << 20;
             let request = serde_json::json!({"command": "repeat", "command_args": [size]});
-            let request = request.to_string();
-            // a final text frame, masked with a zero mask, of less than 126 bytes
-            let mut frame = vec![0x81u8, 0x80 | u8::try_from(request.len()).unwrap(), 0, 0, 0, 0];
-            frame.extend_from_slice(request.as_bytes());
-            socket.write_all(&frame).await.unwrap();
-            // the reply's frame header (10 bytes) and its JSON around the string
-            let expected = size + r#"{"data":"","exception":null}"#.len() + 10;
+            socket
+                .write_all(&crate::common::raw_ws::text_frame(&request.to_string()))
+                .await
+                .unwrap();
+            let expected = crate::common::raw_ws::repeat_reply_len(size);
             let mut received = 0;
             let mut buffer = vec![0u8; 64 * 1024];
             let started = Instant::now();

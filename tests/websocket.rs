@@ -655,27 +655,12 @@ async fn a_client_reading_a_large_reply_steadily_gets_all_of_it() {
     let service = Runner::new(routes, config).spawn().await.unwrap();
     let address = service.websocket_address().expect("the service listens");
     // a plain socket, read at the pace the test chooses
-    let mut socket = TcpStream::connect(address).await.unwrap();
-    let handshake = format!(
-        "GET / HTTP/1.1\r\nhost: {address}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
-         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
-    );
-    socket.write_all(handshake.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        socket.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let mut socket = common::raw_ws::open(address).await;
     let size: usize = 24 << 20;
     let request = json!({"command": "repeat", "command_args": [size]}).to_string();
-    // a final text frame, masked with a zero mask, of less than 126 bytes
-    let mut frame = vec![0x81u8, 0x80 | u8::try_from(request.len()).unwrap(), 0, 0, 0, 0];
-    frame.extend_from_slice(request.as_bytes());
-    socket.write_all(&frame).await.unwrap();
+    socket.write_all(&common::raw_ws::text_frame(&request)).await.unwrap();
     // about 6 MB a second: the reply takes about 4 s to read, four idle timeouts
-    let expected = size + r#"{"data":"","exception":null}"#.len() + 10; // and the frame's header
+    let expected = common::raw_ws::repeat_reply_len(size);
     let mut received: usize = 0;
     let mut buffer = vec![0u8; 64 * 1024];
     let started = std::time::Instant::now();

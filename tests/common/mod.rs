@@ -6,6 +6,7 @@ pub mod journaled;
 pub mod logs;
 pub mod peer;
 pub mod queues;
+pub mod raw_ws;
 #[cfg(feature = "process")]
 pub mod replacement;
 pub mod switch;
