@@ -110,8 +110,8 @@ pub(crate) async fn hand_back_message(
     acker: &dyn Acker,
     label: &str,
 ) {
-    if let Err(error) = try_hand_back_message(route, queue, copies, message, acker, label).await {
-        requeue(acker, label, &error).await;
+    if !route.given_up() {
+        give_back(route.transport(), queue, copies, message, acker, label).await;
     }
 }
 
