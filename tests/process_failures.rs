@@ -9,7 +9,7 @@ use std::time::Duration;
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::dependencies::Dependency;
 use micro_framework::prelude::*;
-use micro_framework::retry::{AsyncBackOff, BackOff};
+use micro_framework::retry::{AsyncBackOff, BackOff, BackOffPolicy};
 use micro_framework::settle::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ERROR_KIND};
 use micro_framework::testing::{test_config, TestService};
 use micro_framework::transport::HeaderValue;
@@ -220,9 +220,18 @@ fn big_report(Dep(_session): Dep<u8>, Payload(_job): Payload<Value>) -> String {
 /// Run `big_report` once in `mode` (one retry in the worker); the call's result and what
 /// its session was told.
 async fn big_outcome(mode: WorkerMode) -> (Result<(), String>, Vec<String>) {
+    big_outcome_with(mode, BackOff::new(1, Duration::from_millis(1)), &format!("{mode:?}")).await
+}
+
+/// [`big_outcome`] with `backoff`; `test` names the test's session file.
+async fn big_outcome_with(
+    mode: WorkerMode,
+    backoff: BackOffPolicy,
+    test: &str,
+) -> (Result<(), String>, Vec<String>) {
     // Everything up to `start` also runs in each worker process: the session's file is the
     // one the test named, in its environment, which the workers inherit.
-    let session_env = format!("PROCESS_FAILURES_BIG_SESSION_{mode:?}");
+    let session_env = format!("PROCESS_FAILURES_BIG_SESSION_{test}");
     if std::env::var_os(&session_env).is_none() {
         std::env::set_var(&session_env, std::env::temp_dir().join(common::unique("bigsession")));
     }
@@ -232,7 +241,7 @@ async fn big_outcome(mode: WorkerMode) -> (Result<(), String>, Vec<String>) {
     let routes = vec![Route::new(big_report)
         .entrypoint(EventListener::new(common::unique("bigshop"), "job"))
         .dependency(Session(path.clone()))
-        .backoff(BackOff::new(1, Duration::from_millis(1)))];
+        .backoff(backoff)];
     let service = TestService::start(routes, config).await.unwrap();
     let hook = service.hook("big_report").unwrap();
     let called = hook.event::<serde::de::IgnoredAny>(&json!({"id": 1})).await;
@@ -270,28 +279,9 @@ async fn an_outcome_too_large_for_the_worker_link_fails_before_its_dependencies_
 /// failure left retryable whatever the filter, the call run again.
 #[tokio::test]
 async fn a_value_too_large_for_the_worker_link_is_not_retried_past_a_retry_filter() {
-    // Everything up to `start` also runs in each worker process: the session's file is the
-    // one the test named, in its environment, which the workers inherit.
-    let session_env = "PROCESS_FAILURES_BIG_SESSION_FILTERED";
-    if std::env::var_os(session_env).is_none() {
-        std::env::set_var(session_env, std::env::temp_dir().join(common::unique("bigsession")));
-    }
-    let path = std::path::PathBuf::from(std::env::var_os(session_env).unwrap());
-    let config = test_config(&common::unique("bigfiltered"))
-        .with_worker_mode(WorkerMode::Process)
-        .with_max_workers(1);
     let backoff = BackOff::new(1, Duration::from_millis(1)).retry_on::<std::io::Error>();
-    let routes = vec![Route::new(big_report)
-        .entrypoint(EventListener::new(common::unique("bigshop"), "job"))
-        .dependency(Session(path.clone()))
-        .backoff(backoff)];
-    let service = TestService::start(routes, config).await.unwrap();
-    let hook = service.hook("big_report").unwrap();
-    let called = hook.event::<serde::de::IgnoredAny>(&json!({"id": 1})).await;
-    service.stop().await.unwrap();
-    let told = std::fs::read_to_string(&path).unwrap_or_default();
-    let _ = std::fs::remove_file(&path);
-    let error = called.map(|_| ()).unwrap_err().to_string();
+    let (called, told) = big_outcome_with(WorkerMode::Process, backoff, "FILTERED").await;
+    let error = called.unwrap_err();
     assert!(error.contains("the call's outcome cannot be sent to the service"), "{error}");
-    assert_eq!(told.lines().collect::<Vec<_>>(), ["rollback error"]);
+    assert_eq!(told, ["rollback error"]);
 }
