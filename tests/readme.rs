@@ -453,3 +453,67 @@ fn the_cargo_features_table_lists_every_default_feature() {
         assert!(table.contains(&row), "the README's Cargo features table lacks {row}");
     }
 }
+
+/// A version as three numbers, so that 1.89 sorts after 1.9 and equals 1.89.0.
+fn version_of(text: &str) -> [u64; 3] {
+    let mut numbers = [0; 3];
+    for (number, part) in numbers.iter_mut().zip(text.split('.')) {
+        *number = part.parse().expect("a version of numbers");
+    }
+    numbers
+}
+
+/// The `rust-version` every manifest of the workspace declares is one that each locked
+/// dependency (built for this host, dev-dependencies included) accepts, and the one the
+/// README names: a dependency updated to need a newer compiler fails here, not on a user's
+/// older toolchain.
+#[test]
+fn the_declared_rust_version_covers_every_locked_dependency() {
+    let rustc = std::process::Command::new("rustc").arg("-vV").output().expect("rustc runs");
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV names its host");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let output = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--locked", "--offline", "--filter-platform"])
+        .arg(&host)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let members: Vec<&str> = metadata["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    let resolved: Vec<&str> = metadata["resolve"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| node["id"].as_str().unwrap())
+        .collect();
+    let packages = metadata["packages"].as_array().unwrap();
+    let declared: Vec<&str> = packages
+        .iter()
+        .filter(|package| members.contains(&package["id"].as_str().unwrap()))
+        .map(|package| package["rust_version"].as_str().expect("each member declares one"))
+        .collect();
+    assert_eq!(declared.len(), members.len());
+    assert!(declared.windows(2).all(|pair| pair[0] == pair[1]), "one version: {declared:?}");
+    let declared = declared[0];
+    for package in packages.iter().filter(|p| resolved.contains(&p["id"].as_str().unwrap())) {
+        if let Some(needed) = package["rust_version"].as_str() {
+            assert!(
+                version_of(needed) <= version_of(declared),
+                "{} {} needs Rust {needed}, over the declared {declared}",
+                package["name"],
+                package["version"]
+            );
+        }
+    }
+    let named = format!("Rust {} or newer", declared.trim_end_matches(".0"));
+    assert!(include_str!("../README.md").contains(&named), "the README says {named:?}");
+}

@@ -375,7 +375,8 @@ impl Progress {
     }
 
     fn update(&self, done: usize) {
-        if self.total < PROGRESS_EVERY || done % PROGRESS_EVERY != 0 || done == self.total {
+        if self.total < PROGRESS_EVERY || !done.is_multiple_of(PROGRESS_EVERY) || done == self.total
+        {
             return;
         }
         let mut stderr = std::io::stderr().lock();

@@ -279,7 +279,7 @@ impl MixedRouting {
     fn publish(&self, i: usize) -> impl Future<Output = (bool, Result<(), TransportError>)> {
         let (t, exchange) = (self.t.clone(), self.exchange.clone());
         async move {
-            let routed = i % 3 != 0;
+            let routed = !i.is_multiple_of(3);
             let key = if routed { "routed" } else { "nowhere" };
             let mut outgoing = message(&i.to_string(), &i.to_string());
             outgoing.properties.delivery_mode = Some(2);
