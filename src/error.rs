@@ -9,9 +9,15 @@ pub use crate::data::BoxError;
 /// calls. The variant says what happened; [`Error::Startup`] is only for a service that
 /// cannot be declared or started.
 ///
-/// Its `Debug` is its message: a `main` returning [`Result`] prints a returned error with
-/// `Debug`, and an operator should read `invalid config WORKER_MODE="fibers": ...`, not the
-/// variant's fields. Match on the variant to tell errors apart:
+/// An error that wraps another ([`Error::RouteStopped`], [`Error::Dependency`],
+/// [`Error::Encode`]) says what failed in its own message and returns the error it wraps from
+/// [`source`](std::error::Error::source), as the Rust API guidelines ask: a reporter that walks
+/// the sources (`anyhow`'s `{:#}` and `{:?}`, `eyre`) shows each once.
+///
+/// Its `Debug` is its message followed by its sources' (`route 'paid' stopped: closed: ...`):
+/// a `main` returning [`Result`] prints a returned error with `Debug`, and an operator should
+/// read `invalid config WORKER_MODE="fibers": ...`, not the variant's fields. Match on the
+/// variant to tell errors apart:
 ///
 /// ```
 /// use micro_framework::{Config, Error};
@@ -40,7 +46,7 @@ pub enum Error {
     #[error("cannot start: {0}")]
     Startup(String),
     /// A route's entrypoint failed while the service ran; the service stopped.
-    #[error("route '{route}' stopped: {source}")]
+    #[error("route '{route}' stopped")]
     RouteStopped {
         /// The route's name.
         route: String,
@@ -70,7 +76,7 @@ pub enum Error {
         known: Vec<String>,
     },
     /// A dependency failed in `setup`.
-    #[error("dependency {name} failed to set up: {source}")]
+    #[error("dependency {name} failed to set up")]
     Dependency {
         /// The dependency's type name.
         name: String,
@@ -78,7 +84,7 @@ pub enum Error {
         source: BoxError,
     },
     /// An event or message could not be encoded.
-    #[error("cannot encode message: {0}")]
+    #[error("cannot encode message")]
     Encode(#[from] serde_json::Error),
     /// A wait in a test helper or client ran out of time.
     #[error("timed out: {0}")]
@@ -94,7 +100,24 @@ pub enum Error {
 
 impl std::fmt::Debug for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(self, f)
+        std::fmt::Display::fmt(&Chain(self), f)
+    }
+}
+
+/// An error followed by the messages of its sources, `outer: inner: innermost`, as `anyhow`'s
+/// `{:#}` shows one: what the framework's logs print of an error, whose own message does not
+/// repeat its source's.
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(error) = source {
+            write!(f, ": {error}")?;
+            source = error.source();
+        }
+        Ok(())
     }
 }
 

@@ -60,7 +60,8 @@ async fn a_route_failing_at_run_time_is_not_a_start_up_error() {
         ),
         "{source:?}"
     );
-    assert_eq!(error.to_string(), "route 'noop' stopped: closed: the queue was deleted");
+    // the cause is the error's source, shown by its `Debug` (tests/error_reports.rs)
+    assert_eq!(format!("{error:?}"), "route 'noop' stopped: closed: the queue was deleted");
 
     let routes = vec![Route::new(noop).entrypoint(Failing { panic: true })];
     let mut service =
@@ -252,7 +253,7 @@ async fn a_start_that_fails_tears_down_the_dependencies_it_set_up() {
     // a dependency fails to set up: the one set up before it is torn down
     let route = tracked_route(&journal, true, EventListener::new("shop", "paid"));
     let error = TestService::start(vec![route], config.clone()).await.unwrap_err();
-    assert!(error.to_string().contains("second cannot start"), "{error}");
+    assert!(format!("{error:?}").contains("second cannot start"), "{error:?}");
     let seen = std::mem::take(&mut *journal.lock().unwrap());
     assert_eq!(seen, ["setup first", "setup second", "teardown first"]);
 

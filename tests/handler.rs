@@ -566,7 +566,9 @@ async fn dependencies_are_torn_down_in_the_reverse_order_of_their_set_up() {
         let started = TestService::start(vec![route], memory_test_config("lifecycle")).await;
         match started {
             Ok(service) => service.stop().await.unwrap(),
-            Err(error) => assert!(third_fails && error.to_string().contains("broken cannot start")),
+            Err(error) => {
+                assert!(third_fails && format!("{error:?}").contains("broken cannot start"))
+            }
         }
         let mut expected = vec!["setup pool", "setup cache"];
         if third_fails {

@@ -105,7 +105,7 @@ async fn a_dependency_panicking_in_setup_fails_the_start_and_undoes_it() {
     let config = micro_framework::testing::memory_test_config(&common::unique("setup"));
     let route = fragile_route(&journal, Fault::None, Fault::SetupPanics);
     let error = TestService::start(vec![route], config).await.unwrap_err();
-    assert!(error.to_string().contains("second cannot set up"), "{error}");
+    assert!(format!("{error:?}").contains("second cannot set up"), "{error:?}");
     let seen = journal.lock().unwrap().clone();
     assert_eq!(seen, ["setup first", "setup second", "teardown first"]);
 }

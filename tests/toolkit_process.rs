@@ -409,7 +409,8 @@ async fn a_dependency_failing_to_set_up_in_a_worker_process_is_named_in_the_star
         .entrypoint(RPCListener::new())
         .dependency(HeldByTheService(None))];
     let error = TestService::start(routes, config).await.unwrap_err();
-    let text = error.to_string();
+    // its message and its source's, as `Debug` (and `main`, and a chain reporter) shows them
+    let text = format!("{error:?}");
     assert!(matches!(error, micro_framework::Error::Dependency { .. }), "{error:?}");
     assert!(text.contains("HeldByTheService"), "the dependency is not named: {text}");
     assert!(text.contains("port 9464 is in use"), "its error is not given: {text}");

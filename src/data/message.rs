@@ -114,9 +114,11 @@ pub enum DecodeError {
     /// The body is JSON holding a number beyond a 64-bit float's range, which is not read.
     #[error("body {beyond}: {0}", beyond = BEYOND_A_FLOAT)]
     NumberBeyondAFloat(String),
-    /// A `text/plain` body that is not UTF-8.
+    /// A `text/plain` body that is not UTF-8. Where it is not is said in the message, which
+    /// is the bad input's reason a dead letter or an error reply carries, so it is no
+    /// [`source`](std::error::Error::source) too (a chain reporter would show it twice).
     #[error("text/plain body is not UTF-8: {0}")]
-    NotUtf8(#[source] std::str::Utf8Error),
+    NotUtf8(std::str::Utf8Error),
     /// The body does not fit the type it is decoded into.
     #[error("body does not fit: {0}")]
     DoesNotFit(String),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
+use crate::error::{Chain, Error, Result};
 use crate::handler::dependencies::{tear_down, SharedDependency};
 use crate::handler::ServiceState;
 #[cfg(feature = "metrics")]
@@ -37,7 +37,8 @@ pub(super) async fn supervise(
             Ok(Err(failure)) => failure,
             Err(join) => Error::EntrypointPanicked(join.to_string()),
         };
-        tracing::error!("{failure}; stopping the service");
+        // with its causes: a route's error says which route stopped, its source why
+        tracing::error!("{}; stopping the service", Chain(&failure));
         env.stopping.cancel();
         first_error.get_or_insert(failure);
     }

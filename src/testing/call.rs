@@ -6,7 +6,7 @@ use crate::amqp::rpc::ReplyListener;
 use crate::config::Config;
 use crate::data::Message;
 use crate::data::{Outcome, TargetRole};
-use crate::error::{Error, Result};
+use crate::error::{Chain, Error, Result};
 use crate::handler::dependencies::{set_up_all, tear_down};
 use crate::pipeline::routes::Route;
 use crate::pipeline::spawners::WorkerPool;
@@ -69,7 +69,8 @@ async fn call_with_dependencies(
             return Err(crate::Failure { message, ..failure });
         }
         Err(error) => {
-            return Err(crate::Failure::new(crate::FailureKind::Error, error.to_string()))
+            let message = Chain(&error).to_string();
+            return Err(crate::Failure::new(crate::FailureKind::Error, message));
         }
     };
     let pool = WorkerPool::new(config.max_workers, config.worker_mode, "default");

@@ -42,7 +42,8 @@ pub(crate) async fn prepare(runner: Runner) -> Runner {
         let code = match runner.run_until(std::future::pending()).await {
             Ok(()) => 0,
             Err(error) => {
-                eprintln!("worker process {}: {error}", std::process::id());
+                // `Debug`: the message and its causes
+                eprintln!("worker process {}: {error:?}", std::process::id());
                 1
             }
         };

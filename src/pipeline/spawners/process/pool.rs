@@ -14,7 +14,7 @@ use super::launcher::{Launcher, Links, Worker};
 use super::protocol::BorrowedCall;
 use crate::data::Outcome;
 use crate::data::{Failure, FailureKind};
-use crate::error::{Error, Result};
+use crate::error::{Chain, Error, Result};
 use crate::metrics::{Metrics, ProcessCount};
 use crate::pipeline::spawners::WorkerPool;
 use crate::transport::SharedTransport;
@@ -287,6 +287,8 @@ impl ProcessPool {
                 match launched {
                     Ok(new) => return pool.give_back(new),
                     Err(error) => {
+                        // a dependency's error says which failed, its source why
+                        let error = Chain(&error).to_string();
                         failures += 1;
                         if failures == START_ATTEMPTS {
                             return pool.give_up(format!(

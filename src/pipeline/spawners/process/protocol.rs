@@ -23,7 +23,7 @@ use crate::data::BackOffData;
 use crate::data::Failure;
 use crate::data::Message;
 use crate::data::TargetRole;
-use crate::error::Error;
+use crate::error::{Chain, Error};
 use crate::transport::{
     BindingSpec, ConsumeOptions, ExchangeSpec, OutgoingMessage, PublishOptions, QueueInfo,
     QueueSpec, TransportError,
@@ -93,14 +93,16 @@ pub(crate) struct NotReady {
 }
 
 impl NotReady {
-    /// What this worker process says of `error`.
+    /// What this worker process says of `error`, its causes included: the text is all the
+    /// service gets of it.
     pub(crate) fn from_error(error: &Error) -> Self {
         let pid = std::process::id();
         match error {
             Error::Dependency { name, source } => {
-                NotReady { pid, dependency: Some(name.clone()), reason: source.to_string() }
+                let reason = Chain(source.as_ref()).to_string();
+                NotReady { pid, dependency: Some(name.clone()), reason }
             }
-            other => NotReady { pid, dependency: None, reason: other.to_string() },
+            other => NotReady { pid, dependency: None, reason: Chain(other).to_string() },
         }
     }
 }

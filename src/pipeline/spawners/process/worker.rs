@@ -17,7 +17,7 @@ use super::protocol::{
     CallRequest, FrameReader, FrameSink, FrameWriter, Greeting, NotReady, Ready, ToWorker,
 };
 use crate::data::{Failure, FailureKind, Outcome};
-use crate::error::{Error, Result};
+use crate::error::{Chain, Error, Result};
 use crate::handler::targets::run_sync_targets_here;
 use crate::pipeline::{Attempt, RouteHandle};
 
@@ -142,7 +142,7 @@ impl WorkerLink {
     /// the service's start, or its replacement of a worker, then fails with the reason.
     /// Returns `error`.
     pub(crate) async fn refuse(self, error: Error) -> Error {
-        tracing::error!("this worker process cannot serve: {error}");
+        tracing::error!("this worker process cannot serve: {}", Chain(&error));
         let mut calls = self.calls;
         if let Err(unsent) = greet(&mut calls, &Greeting::Err(NotReady::from_error(&error))).await {
             tracing::debug!("cannot tell the service why: {unsent}");
