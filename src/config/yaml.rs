@@ -105,7 +105,16 @@ fn to_json(value: Yaml, key: &str, lookup: Lookup) -> Result<Value, ConfigError>
 fn tagged_to_json(tagged: TaggedValue, key: &str, lookup: Lookup) -> Result<Value, ConfigError> {
     let raw = tagged.tag == "raw_env_var";
     let (Some(lookup), true) = (lookup, raw || tagged.tag == "env_var") else {
-        let reason = format!("YAML tag {} is not supported: {TAGS}", tagged.tag);
+        // the parser keeps the non-specific tag `!` as `!` and prints it `!!`, which reads
+        // as YAML's core tags (`!!int`, `!!str`), read here
+        let reason = if tagged.tag == "!" {
+            format!(
+                "the non-specific YAML tag ! is not supported (YAML 1.2 reads `! 5` as text, \
+                 PyYAML as the number): remove it, or quote the value for text; {TAGS}"
+            )
+        } else {
+            format!("YAML tag {} is not supported: {TAGS}", tagged.tag)
+        };
         return Err(ConfigError::new(key, "", reason));
     };
     let text = match tagged.value {
