@@ -477,6 +477,37 @@ async fn unprovidable_parameters_and_duplicate_names_are_refused_at_start() {
 }
 
 #[tokio::test]
+async fn args_where_no_message_is_a_call_stops_the_start_naming_the_entrypoint() {
+    // an event's payload and a timer's firing carry no call arguments: every call would fail
+    fn positional(Args((n,)): Args<(i64,)>) -> i64 {
+        n
+    }
+    fn on_failure(Args(_): Args<Value>, _failure: Failure) {}
+    fn payload(Payload(_): Payload<Value>) {}
+    for uri in broker_uris() {
+        let start = |route: Route| TestService::start(vec![route], config(&uri, "args"));
+        let listener = || EventListener::new("shop", "paid");
+
+        let error = start(Route::new(positional).entrypoint(listener())).await.unwrap_err();
+        assert!(matches!(error, Error::Startup(_)), "{error:?}");
+        let error = error.to_string();
+        assert!(error.starts_with("cannot start: route 'positional', function "), "{error}");
+        let expected = "::positional: Args<T> takes the arguments of an RPC request or a \
+                        WebSocket call, and EventListener(shop.paid) hands its route no call: \
+                        take its payload with Payload<T>";
+        assert!(error.ends_with(expected), "{error}");
+
+        let timer = TimeEntrypoint::every(Duration::from_secs(60));
+        let error = start(Route::new(positional).entrypoint(timer)).await.unwrap_err();
+        assert!(error.to_string().contains("TimeEntrypoint"), "{error}");
+
+        let callback = CallbackRoute::new(payload, on_failure).entrypoint(listener());
+        let error = start(callback).await.unwrap_err();
+        assert!(error.to_string().contains("Args<T> takes the arguments"), "{error}");
+    }
+}
+
+#[tokio::test]
 async fn the_timer_fires_again_after_a_failing_run_and_runs_never_overlap() {
     let probe = Probe::new();
     async fn tick(Dep(probe): Dep<Arc<Probe>>) -> Result<(), String> {

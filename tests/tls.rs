@@ -1,7 +1,8 @@
 //! TLS to RabbitMQ with a private CA. The test makes the CA and the certificates (rcgen),
 //! starts TLS listeners on the running node (`rabbit_networking:start_ssl_listener` through
 //! `rabbitmqctl eval`) on free loopback ports, and stops them at the end. Needs RabbitMQ
-//! (under `CI=true` an unreachable broker fails the test) and `rabbitmqctl`.
+//! (under `CI=true` an unreachable broker fails the test), `rabbitmqctl`, and `openssl` for
+//! the client keys in PKCS#1 and SEC1.
 #![cfg(feature = "tls")]
 
 mod common;
@@ -24,6 +25,8 @@ use serde_json::{json, Value};
 /// The certificates of one test, in a directory the rabbitmq user can read.
 struct Pki {
     dir: PathBuf,
+    /// The CA that signed the server's and the client's certificates.
+    ca: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Pki {
@@ -34,14 +37,13 @@ impl Pki {
         let dir = Path::new("/tmp").join(format!("mf-tls-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let pki = Pki { dir };
-        let ca = certificate_authority("micro-framework test CA");
-        pki.write("ca.pem", &ca.pem());
+        let pki = Pki { dir, ca: certificate_authority("micro-framework test CA") };
+        pki.write("ca.pem", &pki.ca.pem());
         let names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
-        let (server, server_key) = signed(names, "localhost", &ca);
+        let (server, server_key) = signed(names, "localhost", &pki.ca);
         pki.write("server.pem", &server);
         pki.write("server.key", &server_key);
-        let (client, client_key) = signed(vec![], "guest", &ca);
+        let (client, client_key) = signed(vec![], "guest", &pki.ca);
         pki.write("client.pem", &client);
         pki.write("client.key", &client_key);
         pki.write("other-ca.pem", &certificate_authority("unrelated CA").pem());
@@ -266,6 +268,69 @@ async fn mutual_tls_needs_the_client_certificate() {
         .with_amqp_ssl_cert_file(Some(pki.path("client.pem")))
         .with_amqp_ssl_key_file(Some(pki.path("client.key")));
     event_round_trip(mutual).await;
+}
+
+/// `openssl ARGS` in `dir`, which must succeed.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command runs (this test makes its client keys with it)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "openssl {}: {stderr}", args.join(" "));
+}
+
+/// A client key written by `openssl` as `{name}.key` in the form a user's tooling leaves it
+/// (the commands `make` write it, and `{name}.p8`, its PKCS#8 form, for rcgen), and a client
+/// certificate `{name}.pem` for it signed by the test's CA.
+fn openssl_client(pki: &Pki, name: &str, make: &[&[&str]]) {
+    for args in make {
+        openssl(&pki.dir, args);
+    }
+    let pkcs8 = std::fs::read_to_string(pki.dir.join(format!("{name}.p8"))).unwrap();
+    let key = KeyPair::from_pem(&pkcs8).unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "guest");
+    pki.write(&format!("{name}.pem"), &params.signed_by(&key, &pki.ca).unwrap().pem());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_takes_pkcs1_and_sec1_keys_as_openssl_writes_them() {
+    if rabbitmq_uri().is_none() {
+        return;
+    }
+    let pki = Pki::new();
+    let listener = Listener::start(&pki, true);
+
+    // (file name, how openssl makes it, the PEM label it must carry)
+    let rsa: &[&[&str]] = &[
+        &["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "rsa.p8"],
+        &["rsa", "-in", "rsa.p8", "-traditional", "-out", "rsa.key"],
+    ];
+    // `openssl ecparam -genkey` writes an EC PARAMETERS block before the key
+    let ec_with_parameters: &[&[&str]] = &[
+        &["ecparam", "-name", "prime256v1", "-genkey", "-out", "ecparam.key"],
+        &["pkey", "-in", "ecparam.key", "-out", "ecparam.p8"],
+    ];
+    let ec: &[&[&str]] = &[
+        &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384", "-out", "ec.p8"],
+        &["ec", "-in", "ec.p8", "-out", "ec.key"],
+    ];
+    let cases = [
+        ("rsa", rsa, "-----BEGIN RSA PRIVATE KEY-----"),
+        ("ecparam", ec_with_parameters, "-----BEGIN EC PARAMETERS-----"),
+        ("ec", ec, "-----BEGIN EC PRIVATE KEY-----"),
+    ];
+    for (name, make, label) in cases {
+        openssl_client(&pki, name, make);
+        let key = std::fs::read_to_string(pki.dir.join(format!("{name}.key"))).unwrap();
+        assert!(key.starts_with(label), "{name}.key is not in the form tested: {key:.40}");
+        let config = tls_config(&listener, &format!("tls_{name}"), Some(pki.path("ca.pem")))
+            .with_amqp_ssl_cert_file(Some(pki.path(&format!("{name}.pem"))))
+            .with_amqp_ssl_key_file(Some(pki.path(&format!("{name}.key"))));
+        event_round_trip(config).await;
+    }
 }
 
 #[test]

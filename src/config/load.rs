@@ -383,16 +383,35 @@ pub(super) fn from_text(
     origin: &str,
     vars: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
 ) -> Result<Config, ConfigError> {
-    let map = match format {
-        Format::Yaml => top_level(super::yaml::parse(text, origin, vars)?, origin)?,
+    from_text_replacing(text, format, origin, vars, None)
+}
+
+/// [`from_text`], with `replaced`, a top-level key and its value, in place of the text's: the
+/// text's value of that key is neither substituted nor checked.
+pub(super) fn from_text_replacing(
+    text: &str,
+    format: Format,
+    origin: &str,
+    vars: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
+    replaced: Option<(&str, &str)>,
+) -> Result<Config, ConfigError> {
+    let left_out = replaced.map(|(key, _)| key);
+    let mut map = match format {
+        Format::Yaml => top_level(super::yaml::parse(text, origin, vars, left_out)?, origin)?,
         Format::Toml => {
             let mut map = top_level(parse_toml(text, origin)?, origin)?;
+            if let Some(key) = left_out {
+                map.remove(key);
+            }
             for (key, value) in map.iter_mut() {
                 substitute_values(value, key, vars)?;
             }
             map
         }
     };
+    if let Some((key, value)) = replaced {
+        map.insert(key.to_owned(), Value::String(value.to_owned()));
+    }
     from_map(map)
 }
 

@@ -413,12 +413,33 @@ impl Config {
     /// variable), a value that does not parse, or a configuration that fails
     /// [`Config::validate`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
-        let path = path.as_ref();
+        Config::from_file_replacing(path.as_ref(), None)
+    }
+
+    /// [`Config::from_file`] with `uri` as its `AMQP_URI`: the file's is not read (it may
+    /// name a variable set only where the service runs), as `show-config --uri` does not
+    /// read the environment's.
+    ///
+    /// # Errors
+    /// As [`Config::from_file`], with `uri` checked in place of the file's.
+    #[doc(hidden)] // for the workspace's CLI, not an API of its own
+    pub fn from_file_with_amqp_uri(
+        path: impl AsRef<Path>,
+        uri: &str,
+    ) -> Result<Config, ConfigError> {
+        Config::from_file_replacing(path.as_ref(), Some(("AMQP_URI", uri)))
+    }
+
+    /// Reads the file `path`, with `replaced` (a key and its value) in place of its own.
+    fn from_file_replacing(
+        path: &Path,
+        replaced: Option<(&str, &str)>,
+    ) -> Result<Config, ConfigError> {
         let format = Format::of(path)?;
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|err| ConfigError::new(&origin, "", format!("cannot read file: {err}")))?;
-        load::from_text(&text, format, &origin, &load::process_var)
+        load::from_text_replacing(&text, format, &origin, &load::process_var, replaced)
     }
 
     /// Reads YAML text, substituting `${VAR}` and `${VAR:default}` with `vars` in its string

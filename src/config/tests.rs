@@ -1431,6 +1431,38 @@ fn other_yaml_tags_are_refused_naming_key_and_tag() {
     let e = yaml_err("SERVICE_NAME: s\nSHOP: !env_var {a: 1}\n");
     assert_eq!(e.key, "SHOP");
     assert!(e.reason.contains("!env_var"), "{e}");
+    // the non-specific tag is named as written (the parser prints it `!!`, a core tag's
+    // prefix): YAML 1.2 reads `! 5` as text where PyYAML reads the number 5
+    for value in ["! 5", "! '5'", "! [1]"] {
+        let e = yaml_err(&format!("SERVICE_NAME: s\nSHOP_RATE: {value}\n"));
+        assert_eq!(e.key, "SHOP_RATE");
+        assert!(e.reason.starts_with("the non-specific YAML tag ! is not supported"), "{e}");
+        assert!(!e.reason.contains("!!"), "{e}");
+    }
+    // YAML's core tags are read
+    let yaml = "SERVICE_NAME: s\nSHOP_COUNT: !!int 5\nSHOP_CODE: !!str 5\n";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    assert_eq!((&config.extra["SHOP_COUNT"], &config.extra["SHOP_CODE"]), (&json!(5), &json!("5")));
+}
+
+#[test]
+fn yaml_integers_wider_than_64_bits_are_refused_naming_key_and_line() {
+    // PyYAML reads any integer (a Python int); a JSON value here holds 64 bits: the file is
+    // refused naming the key and its place, never read as a rounded float
+    let yaml = "SERVICE_NAME: s\nSHOP_SEED: 123456789012345678901234567890\n";
+    let e = yaml_err(yaml);
+    assert_eq!(e.key, "<yaml>");
+    assert!(e.reason.contains("SHOP_SEED") && e.reason.contains("line 2 column 12"), "{e}");
+    assert!(e.reason.contains("123456789012345678901234567890"), "{e}");
+    // quoted, it is text, as under PyYAML
+    let yaml = "SERVICE_NAME: s\nSHOP_SEED: '123456789012345678901234567890'\n";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    assert_eq!(config.extra["SHOP_SEED"], json!("123456789012345678901234567890"));
+    // the widest integers that fit are kept exactly
+    let yaml = "SERVICE_NAME: s\nSHOP_MAX: 18446744073709551615\nSHOP_MIN: -9223372036854775808\n";
+    let config = ok(Config::from_yaml_str(yaml, &no_env));
+    assert_eq!(config.extra["SHOP_MAX"], json!(u64::MAX));
+    assert_eq!(config.extra["SHOP_MIN"], json!(i64::MIN));
 }
 
 #[test]

@@ -20,15 +20,20 @@ const TAGS: &str = "the tags read are Nameko's !env_var and !raw_env_var";
 /// Parses YAML text into a JSON value, with merge keys (`<<: *base`) applied as PyYAML
 /// applies them: files shared with the Python peers use them for per-environment settings.
 /// Errors about the whole document name `origin`; references are substituted with `lookup`.
+/// The top-level key `left_out`, when given, is left out unread (merged in or not).
 pub(super) fn parse(
     text: &str,
     origin: &str,
     lookup: &impl Fn(&str) -> Result<Option<String>, ConfigError>,
+    left_out: Option<&str>,
 ) -> Result<Value, ConfigError> {
     let lookup: Lookup = Some(lookup);
     let refused = |err: serde_yaml_ng::Error| ConfigError::new(origin, "", err.to_string());
     let mut document: Yaml = serde_yaml_ng::from_str(text).map_err(refused)?;
     merge_bottom_up(&mut document, origin)?;
+    if let (Some(key), Yaml::Mapping(mapping)) = (left_out, &mut document) {
+        mapping.remove(key);
+    }
     match document {
         Yaml::Mapping(mapping) => mapping_to_json(mapping, "", lookup).map(Value::Object),
         other => to_json(other, origin, lookup),
@@ -105,7 +110,16 @@ fn to_json(value: Yaml, key: &str, lookup: Lookup) -> Result<Value, ConfigError>
 fn tagged_to_json(tagged: TaggedValue, key: &str, lookup: Lookup) -> Result<Value, ConfigError> {
     let raw = tagged.tag == "raw_env_var";
     let (Some(lookup), true) = (lookup, raw || tagged.tag == "env_var") else {
-        let reason = format!("YAML tag {} is not supported: {TAGS}", tagged.tag);
+        // the parser keeps the non-specific tag `!` as `!` and prints it `!!`, which reads
+        // as YAML's core tags (`!!int`, `!!str`), read here
+        let reason = if tagged.tag == "!" {
+            format!(
+                "the non-specific YAML tag ! is not supported (YAML 1.2 reads `! 5` as text, \
+                 PyYAML as the number): remove it, or quote the value for text; {TAGS}"
+            )
+        } else {
+            format!("YAML tag {} is not supported: {TAGS}", tagged.tag)
+        };
         return Err(ConfigError::new(key, "", reason));
     };
     let text = match tagged.value {

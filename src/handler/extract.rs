@@ -98,6 +98,9 @@ pub struct TargetSetup {
     /// Whether the checked function is the route's target or its callback.
     pub role: TargetRole,
     pub(crate) provided: Vec<TypeId>,
+    /// The entrypoint, described, when what it hands the route is never a call with
+    /// arguments (an event's payload, a timer's firing): `Args` is refused there.
+    pub(crate) no_call_arguments: Option<String>,
 }
 
 impl TargetSetup {

@@ -71,6 +71,14 @@ impl Kind {
     pub(crate) fn dead_letters(&self) -> bool {
         matches!(self, Kind::Event { .. } | Kind::Queue)
     }
+
+    /// Whether what the entrypoint hands its route is never a call with arguments: an
+    /// event's payload (Nameko and micro-framework call an event handler with the payload),
+    /// a timer's firing. A work queue's messages may be (a task's `args` and `kwargs`), as
+    /// may those of an entrypoint written outside the framework.
+    pub(crate) fn never_a_call(&self) -> bool {
+        matches!(self, Kind::Event { .. } | Kind::Timer)
+    }
 }
 
 impl fmt::Debug for Kind {

@@ -207,10 +207,20 @@ fn warn_time_limit_ignored(pool: &WorkerPool, routes: &[Route], from_context: bo
 
 fn check_targets(route: &Route) -> Result<()> {
     let provided: Vec<_> = route.dependencies.iter().map(|d| d.output_type()).collect();
+    let no_call_arguments = route
+        .entrypoint_info
+        .as_ref()
+        .filter(|info| info.kind.never_a_call())
+        .map(|info| info.description.clone());
     let targets = std::iter::once((TargetRole::Target, &route.target))
         .chain(route.callback.iter().map(|callback| (TargetRole::Callback, callback)));
     for (role, target) in targets {
-        let setup = TargetSetup { route: route.name.clone(), role, provided: provided.clone() };
+        let setup = TargetSetup {
+            route: route.name.clone(),
+            role,
+            provided: provided.clone(),
+            no_call_arguments: no_call_arguments.clone(),
+        };
         (target.check)(&setup).map_err(|reason| {
             Error::Startup(format!("route '{}', function {}: {reason}", route.name, target.path))
         })?;

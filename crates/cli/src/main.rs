@@ -93,8 +93,8 @@ Without --file the configuration is read from the environment as a service reads
 (SERVICE_NAME is required; AMQP_URI defaults to amqp://guest:***@localhost:5672/, as for a
 service). With --file it is the file's, not the environment's: only ${VAR} and
 ${VAR:default} in the file are substituted from the environment. --uri on the command line
-replaces the AMQP_URI of either (checked as a service checks it); AMQP_URI in the
-environment does not replace a file's.
+replaces the AMQP_URI of either, which is then not read (the given one is checked as a
+service checks it); AMQP_URI in the environment does not replace a file's.
 
 Examples:
   SERVICE_NAME=orders micro-framework show-config

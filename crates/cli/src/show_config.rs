@@ -13,13 +13,9 @@ use crate::Format;
 /// with `uri` (`--uri`, when given) as its `AMQP_URI`, and print it with secrets masked.
 pub fn run(file: Option<&Path>, uri: Option<&str>, format: Format) -> Result<ExitCode, CliError> {
     let loaded = match (file, uri) {
-        (Some(path), uri) => Config::from_file(path).and_then(|config| match uri {
-            Some(uri) => {
-                let config = config.with_amqp_uri(uri.to_owned());
-                config.validate().map(|()| config)
-            }
-            None => Ok(config),
-        }),
+        // the file's AMQP_URI, replaced, is not read, as the environment's below
+        (Some(path), Some(uri)) => Config::from_file_with_amqp_uri(path, uri),
+        (Some(path), None) => Config::from_file(path),
         // the environment's AMQP_URI replaced before it is read: it is not the one shown
         (None, Some(uri)) => Config::from_vars(environment_with_uri(uri)),
         (None, None) => Config::from_env(),

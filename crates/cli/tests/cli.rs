@@ -685,6 +685,47 @@ async fn show_config_shows_the_uri_it_is_given() {
 }
 
 #[tokio::test]
+async fn show_config_with_a_uri_does_not_read_the_files() {
+    // --uri replaces a file's AMQP_URI as it replaces the environment's: unread, so one that
+    // names a variable set only where the service runs, or one refused, does not stop it
+    let given = "amqp://ops:secret@prod-mq:5672/prod";
+    let dir = std::env::temp_dir().join(unique("cli_config_unread"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = [
+        ("unset.yaml", "SERVICE_NAME: billing\nAMQP_URI: ${CLI_TEST_UNSET_BROKER}\n"),
+        ("refused.yaml", "SERVICE_NAME: billing\nAMQP_URI: amqp://\n"),
+        ("merged.yaml", "base: &base\n  AMQP_URI: amqp://\nSERVICE_NAME: billing\n<<: *base\n"),
+        ("unset.toml", "SERVICE_NAME = \"billing\"\nAMQP_URI = \"${CLI_TEST_UNSET_BROKER}\"\n"),
+    ];
+    for (name, text) in files {
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        let path = file.to_str().unwrap();
+        let run = cli_env(None, &["--uri", given, "show-config", "--file", path], &[]).await;
+        let shown: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+        assert_eq!(shown["AMQP_URI"], "amqp://ops:***@prod-mq:5672/prod", "{name}");
+        assert_eq!(shown["SERVICE_NAME"], "billing", "{name}");
+        // without --uri, the file's is read, as a service reads it
+        let run = cli_env(None, &["show-config", "--file", path], &[]).await;
+        assert_eq!(run.code, 2, "{name}: {run:?}");
+    }
+    // the rest of the file is read and checked as a service reads it, and the given URI too
+    let file = dir.join("workers.yaml");
+    std::fs::write(&file, "SERVICE_NAME: billing\nAMQP_URI: amqp://\nMAX_WORKERS: x\n").unwrap();
+    let path = file.to_str().unwrap();
+    cli_env(None, &["--uri", given, "show-config", "--file", path], &[])
+        .await
+        .one_error_line(2, "invalid config MAX_WORKERS=\"x\"");
+    let file = dir.join("good.yaml");
+    std::fs::write(&file, "SERVICE_NAME: billing\n").unwrap();
+    let path = file.to_str().unwrap();
+    cli_env(None, &["--uri", "amqp://", "show-config", "--file", path], &[])
+        .await
+        .one_error_line(2, "invalid config AMQP_URI=\"amqp://\"");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
 async fn show_config_prints_the_effective_configuration_masked() {
     let dir = std::env::temp_dir().join(unique("cli_config"));
     std::fs::create_dir_all(&dir).unwrap();

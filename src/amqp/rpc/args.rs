@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use crate::amqp::rpc::binding::bind_struct;
 use crate::data::kombu_types_as_text;
 use crate::data::nameko_wire::request_arguments;
-use crate::handler::extract::{ExtractError, FromContext};
+use crate::handler::extract::{ExtractError, FromContext, SetupError, TargetSetup};
 use crate::handler::named_fields::has_named_fields;
 use crate::handler::WorkerContext;
 
@@ -26,7 +26,10 @@ use crate::handler::WorkerContext;
 ///   arguments (a JSON object) when no positional one is; mixing both does not fit.
 ///   `Args<()>` accepts no argument at all.
 ///
-/// A target without `Args` ignores the request's arguments.
+/// A target without `Args` ignores the request's arguments. On an `EventListener` or a
+/// timer, whose messages are no calls, `Args` stops the start (take the payload with
+/// [`Payload`](crate::Payload)); a `QueueListener`'s messages may be calls (a task's `args`
+/// and `kwargs`), so it is taken there.
 ///
 /// ```
 /// use micro_framework::amqp::rpc::Args;
@@ -54,6 +57,18 @@ impl<T: DeserializeOwned + Send + 'static> FromContext for Args<T> {
             )
         })?;
         bind(ctx.route_name(), args, kwargs).map(Args).map_err(ExtractError::BadInput)
+    }
+
+    /// Refused where no message is a call: every event (or timer firing) would fail as bad
+    /// input, an event ending in the dead-letter queue, with a service that starts fine.
+    fn check(setup: &TargetSetup) -> Result<(), SetupError> {
+        match &setup.no_call_arguments {
+            Some(entrypoint) => Err(SetupError::new(format!(
+                "Args<T> takes the arguments of an RPC request or a WebSocket call, and \
+                 {entrypoint} hands its route no call: take its payload with Payload<T>"
+            ))),
+            None => Ok(()),
+        }
     }
 }
 

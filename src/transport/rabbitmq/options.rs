@@ -17,7 +17,7 @@ pub struct TlsOptions {
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate, for mutual TLS (needs `client_key_file`).
     pub client_cert_file: Option<PathBuf>,
-    /// PEM (PKCS#8) private key of `client_cert_file`.
+    /// PEM private key of `client_cert_file` (PKCS#8, PKCS#1 or SEC1, unencrypted).
     pub client_key_file: Option<PathBuf>,
 }
 
@@ -123,11 +123,27 @@ fn unusable(pem: &[u8], holds: Holds, key: &str, path: &Path) -> Option<String> 
         Holds::Certificate => (CertificateDer::from_pem_slice(pem).map(drop), "certificate"),
         Holds::PrivateKey => (PrivateKeyDer::from_pem_slice(pem).map(drop), "private key"),
     };
-    let why = match found.err()? {
+    let error = found.err()?;
+    let why = match error {
+        _ if matches!(holds, Holds::PrivateKey) && encrypted(pem) => format!(
+            "holds an encrypted private key, and no passphrase is read: decrypt it \
+             (openssl pkey -in {0} -out {0}.plain)",
+            path.display()
+        ),
         Error::NoItemsFound => format!("holds no {what} (PEM)"),
         other => format!("is not a PEM {what} ({other})"),
     };
     Some(format!("{key} {} {why}", path.display()))
+}
+
+/// Whether the PEM text `pem` holds an encrypted key: PKCS#8's `ENCRYPTED PRIVATE KEY`, or a
+/// PKCS#1 or SEC1 key with OpenSSL's `Proc-Type: 4,ENCRYPTED` header. The TLS stack skips
+/// the first as an unknown item and fails to decode the second: both read as "no key".
+#[cfg(feature = "tls")]
+fn encrypted(pem: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(pem);
+    text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || text.contains("Proc-Type: 4,ENCRYPTED")
 }
 
 /// Reads the TLS file `path` (set by `key`), refusing one that holds no `holds`.
@@ -272,6 +288,37 @@ mod tests {
             two_certs.load().unwrap_err().to_string(),
             TransportError::Tls(expected).to_string()
         );
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn an_encrypted_client_key_is_refused_saying_so() {
+        let files = Files::new();
+        let dir = files.key.parent().unwrap().to_owned();
+        // as `openssl genpkey -aes256` and `openssl ec -aes256` write them (the bytes are
+        // not read past the labels and headers)
+        let pkcs8 = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqG\n\
+                     -----END ENCRYPTED PRIVATE KEY-----\n";
+        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
+                    DEK-Info: AES-256-CBC,94FDF2B1B27BB5CC416645B11749CA50\n\n\
+                    MIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqG\n-----END EC PRIVATE KEY-----\n";
+        for (name, text) in [("pkcs8.key", pkcs8), ("sec1.key", sec1)] {
+            let key = dir.join(name);
+            std::fs::write(&key, text).unwrap();
+            let options = TlsOptions {
+                client_cert_file: Some(files.cert.clone()),
+                client_key_file: Some(key.clone()),
+                ..TlsOptions::default()
+            };
+            let expected = format!(
+                "AMQP_SSL_KEY_FILE {0} holds an encrypted private key, and no passphrase is \
+                 read: decrypt it (openssl pkey -in {0} -out {0}.plain)",
+                key.display()
+            );
+            let error = options.load().unwrap_err();
+            assert_eq!(error.to_string(), TransportError::Tls(expected).to_string());
+            assert!(error.is_permanent());
+        }
     }
 
     #[test]
