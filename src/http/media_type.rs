@@ -104,7 +104,8 @@ mod fuzz {
             "[ \t]{0,2}",
             essence,
             "[ \t]{0,2}",
-            "(;[ \t]?[a-z]{0,7}(=[a-zA-Z0-9/+\"=;,-]{0,24})?){0,3}",
+            // parameters, some naming a JSON type (a page may write any)
+            "([;,][ \t]?[a-z]{0,7}(=([a-zA-Z0-9/+\"=;,-]{0,24}|application/json))?){0,3}",
         )
             .prop_map(|(before, essence, after, parameters)| {
                 format!("{before}{essence}{after}{parameters}")
