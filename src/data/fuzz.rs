@@ -158,7 +158,11 @@ fn number() -> impl Strategy<Value = String> {
     let fraction = prop_oneof![Just(String::new()), "\\.[0-9]{1,20}"];
     let exponent = prop_oneof![
         Just(String::new()),
-        (prop::sample::select(vec!["e", "E", "e+", "e-"]), 0u32..400)
+        (
+            prop::sample::select(vec!["e", "E", "e+", "e-"]),
+            // exponents beyond any integer type, and with leading zeros
+            prop_oneof![(0u32..400).prop_map(|n| n.to_string()), "0{0,3}[0-9]{1,24}"],
+        )
             .prop_map(|(e, n)| format!("{e}{n}")),
     ];
     let edge = prop::sample::select(vec![
