@@ -61,6 +61,30 @@ pub(crate) fn origin_text() -> impl Strategy<Value = String> {
     (scheme, host(), port).prop_map(|(scheme, host, port)| format!("{scheme}://{host}{port}"))
 }
 
+/// An AMQP URI as operators write them: a user and password (which may hold any character
+/// but the list separator, percent-encoded or not), a host, a port, a virtual host, options.
+fn amqp_uri() -> impl Strategy<Value = String> {
+    let scheme = prop::sample::select(vec!["amqp", "amqps", "AMQP"]);
+    let user =
+        prop::option::of(("[a-z]{0,4}", prop::option::of("[a-zA-Z0-9~!$&'()*+;=%:.-]{0,8}")));
+    let port = prop::option::of(any::<u16>());
+    let vhost = prop::option::of("[a-z%/2F]{0,6}");
+    let query = prop::option::of("[a-z_]{1,8}=[0-9]{1,3}");
+    (scheme, user, host(), port, vhost, query).prop_map(
+        |(scheme, user, host, port, vhost, query)| {
+            let user = match user {
+                None => String::new(),
+                Some((name, None)) => format!("{name}@"),
+                Some((name, Some(password))) => format!("{name}:{password}@"),
+            };
+            let port = port.map(|port| format!(":{port}")).unwrap_or_default();
+            let vhost = vhost.map(|vhost| format!("/{vhost}")).unwrap_or_default();
+            let query = query.map(|query| format!("?{query}")).unwrap_or_default();
+            format!("{scheme}://{user}{host}{port}{vhost}{query}")
+        },
+    )
+}
+
 /// The origin of `text` as browsers serialize it (the reference), if it is a URL.
 fn reference(text: &str) -> Option<String> {
     Url::parse(text).ok().map(|url| url.origin().ascii_serialization())
@@ -171,6 +195,19 @@ proptest! {
             }
             Err(reason) => prop_assert!(!reason.is_empty(), "{}", given),
         }
+    }
+
+    #[test]
+    fn a_list_of_broker_uris_reads_back_as_written(
+        uris in prop::collection::vec(amqp_uri(), 1..4),
+        password in "[a-z]{0,3},[a-z,]{0,3}",
+    ) {
+        let config = Config::new("svc").with_amqp_uris(uris.clone());
+        prop_assert_eq!(config.amqp_uris(), uris.iter().map(String::as_str).collect::<Vec<_>>());
+        // one URI alone may keep a comma in its password
+        let one = format!("amqp://user:{password}@localhost/");
+        let alone = Config::new("svc").with_amqp_uri(one.clone());
+        prop_assert_eq!(alone.amqp_uris(), vec![one.as_str()]);
     }
 
     #[test]
