@@ -5,7 +5,8 @@
 //!
 //! Case counts come from `PROPTEST_CASES` (default 256; the end-to-end properties run a
 //! fraction of it). Longer runs: `PROPTEST_CASES=100000 cargo test --release --test fuzz`.
-//! Crate-private decoders (RPC wire, process frames, URIs, AMQP tables) are fuzzed by
+//! Crate-private decoders (RPC wire of both profiles, process frames, URIs, AMQP tables,
+//! media types, origins, configuration values) are fuzzed by
 //! `cargo test --lib fuzz`.
 
 use std::sync::OnceLock;
@@ -30,6 +31,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+mod common;
 
 // ---------------------------------------------------------------------------------------------
 // Shared strategies and helpers
@@ -227,6 +230,64 @@ fn payloads_that_do_not_fit_are_bad_input() {
         Ok(())
     });
     result.unwrap();
+}
+
+/// Random documents as Python's json writes them (through kombu, as Nameko publishes; and
+/// indented), each holding a float that is no number, a lone surrogate or an integer beyond
+/// a float: a seeded batch of 300, made by the peers' interpreter (a fraction of a second).
+const PYTHON_BODIES: &str = r#"
+import json, random, sys
+from kombu.utils.json import dumps
+rng = random.Random(int(sys.argv[1]))
+def text():
+    return ''.join(rng.choice('ab\u00e9\u65e5\U0001F600"\\\n') for _ in range(rng.randrange(4)))
+def leaf():
+    return rng.choice([None, True, rng.randrange(-10**6, 10**6), rng.random() * 1e6, text()])
+def document(special, depth=0):
+    if depth == 3 or rng.random() < 0.3:
+        return special
+    siblings = [leaf() for _ in range(rng.randrange(3))]
+    at = rng.randrange(len(siblings) + 1)
+    siblings.insert(at, document(special, depth + 1))
+    if rng.random() < 0.5:
+        return siblings
+    return {text() + str(i): value for i, value in enumerate(siblings)}
+for _ in range(300):
+    kind = rng.choice(['nan', 'surrogate', 'huge'])
+    if kind == 'nan':
+        special = rng.choice([float('nan'), float('inf'), float('-inf')])
+    elif kind == 'surrogate':
+        special = text() + chr(rng.randrange(0xd800, 0xe000)) + text()
+    else:
+        special = rng.choice([1, -1]) * 10 ** rng.randrange(309, 400) + rng.randrange(10**6)
+    value = document(special)
+    body = dumps(value) if rng.random() < 0.5 else json.dumps(value, indent=rng.choice([None, 2]))
+    assert json.loads(body) is not None or value is None
+    print(json.dumps([kind, body]))
+"#;
+
+#[test]
+fn what_pythons_json_writes_and_json_has_not_is_named() {
+    let Some(python) = common::peer::interop_python(common::peer::NAMEKO) else { return };
+    let seed = std::process::id().to_string();
+    let output = std::process::Command::new(python)
+        .args(["-c", PYTHON_BODIES, &seed])
+        .output()
+        .expect("the peers' Python runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines = String::from_utf8(output.stdout).expect("ASCII lines");
+    for line in lines.lines() {
+        let (kind, body): (String, String) = serde_json::from_str(line).expect("a line");
+        let message = Message { body: Bytes::from(body.clone()), ..Message::json(&()).unwrap() };
+        let refused = message.decode().expect_err(&body).to_string();
+        let named = match kind.as_str() {
+            "nan" => "NaN and Infinity, which Python's json writes",
+            "surrogate" => "lone UTF-16 surrogate",
+            _ => "body holds a number beyond a 64-bit float's range",
+        };
+        assert!(refused.contains(named), "seed {seed}, {kind}: {body}\n{refused}");
+    }
+    assert_eq!(lines.lines().count(), 300);
 }
 
 // ---------------------------------------------------------------------------------------------

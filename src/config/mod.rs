@@ -76,6 +76,8 @@ use serde_json::Value;
 
 pub(crate) mod amqp_uri;
 mod error;
+#[cfg(test)]
+pub(crate) mod fuzz;
 mod load;
 mod modes;
 pub(crate) mod origins;

@@ -8,6 +8,8 @@ pub(crate) mod captured_logs;
 mod extensions;
 mod failure;
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 pub(crate) mod fuzz_support;
 mod headers;
 mod kombu_types;

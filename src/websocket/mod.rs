@@ -100,6 +100,8 @@ mod connection;
 mod dispatch;
 mod entrypoint;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod origin;
 mod registry;
 mod server;
