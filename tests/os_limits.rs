@@ -1,0 +1,114 @@
+//! A service under the operating system's limits, as an operator running it in a container
+//! meets them: the `http_service` example (metrics on) started with a low file descriptor
+//! limit (`RLIMIT_NOFILE`, `ulimit -n`), then held by more connections than it may open.
+//! Run `cargo build --examples` first.
+#![cfg(all(unix, feature = "http", feature = "metrics"))]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The `http_service` example, started with a soft and a hard `RLIMIT_NOFILE`, its HTTP
+/// routes and its metrics server on free loopback ports, its log in a file; killed when
+/// dropped.
+struct Limited {
+    child: std::process::Child,
+    http: SocketAddr,
+    metrics: SocketAddr,
+    log: PathBuf,
+}
+
+impl Limited {
+    fn start(soft: u64, hard: u64) -> Limited {
+        let exe = std::env::current_exe().unwrap();
+        let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
+        let example = examples.join("http_service");
+        assert!(example.exists(), "run `cargo build --examples` first: {}", example.display());
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (http, metrics) = (free(), free());
+        let log = std::env::temp_dir().join(format!("{}.log", common::unique("os_limits")));
+        let mut command = std::process::Command::new(example);
+        command
+            .env_remove("AMQP_URI")
+            .env_remove("RUST_LOG")
+            .env("WEB_SERVER_ADDRESS", http.to_string())
+            .env("ENABLE_METRICS", "true")
+            .env("METRICS_HOST", "127.0.0.1")
+            .env("METRICS_PORT", metrics.port().to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        // SAFETY: setrlimit is async-signal-safe
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: soft as _, rlim_max: hard as _ };
+                match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+        let child = command.spawn().unwrap();
+        let limited = Limited { child, http, metrics, log };
+        let started = Instant::now();
+        while get(limited.metrics, "/health/live", Duration::from_secs(1)) != Some(200) {
+            assert!(started.elapsed() < Duration::from_secs(20), "{}", limited.logged());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        limited
+    }
+
+    /// `count` connections to the HTTP routes' port, which send nothing.
+    fn hold(&self, count: usize) -> Vec<TcpStream> {
+        (0..count).map(|_| TcpStream::connect(self.http).unwrap()).collect()
+    }
+
+    fn logged(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Limited {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The status of a `GET path`, or `None` if no answer came within `limit`.
+fn get(address: SocketAddr, path: &str, limit: Duration) -> Option<u16> {
+    let mut stream = TcpStream::connect_timeout(&address, limit).ok()?;
+    stream.set_read_timeout(Some(limit)).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut head = [0; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Out of file descriptors, the accept loop neither spins nor floods the log: it warns once
+/// (naming the limit to raise), not ten times a second, and serves again once descriptors
+/// are freed, saying so.
+#[test]
+fn out_of_file_descriptors_the_http_server_warns_now_and_then_and_recovers() {
+    let service = Limited::start(48, 48);
+    let held = service.hold(80);
+    std::thread::sleep(Duration::from_secs(3));
+    let logged = service.logged();
+    let warnings: Vec<&str> =
+        logged.lines().filter(|line| line.contains("cannot accept an HTTP connection")).collect();
+    assert!(!warnings.is_empty(), "{logged}");
+    assert!(warnings.len() <= 2, "{} warnings in 3 s:\n{logged}", warnings.len());
+    assert!(warnings[0].contains("ulimit -n"), "{logged}");
+    drop(held);
+    let started = Instant::now();
+    while get(service.http, "/hello/ada", Duration::from_secs(1)) != Some(200) {
+        assert!(started.elapsed() < Duration::from_secs(5), "{}", service.logged());
+    }
+    let logged = service.logged();
+    assert!(logged.contains("accepted an HTTP connection again"), "{logged}");
+}
