@@ -112,3 +112,35 @@ fn out_of_file_descriptors_the_http_server_warns_now_and_then_and_recovers() {
     let logged = service.logged();
     assert!(logged.contains("accepted an HTTP connection again"), "{logged}");
 }
+
+/// A container's usual limit, a soft limit of 1024 under a far higher hard one (Docker 25+,
+/// containerd 2, systemd), is below `HTTP_MAX_CONNECTIONS` (1024) plus the service's own
+/// descriptors: the connections would use them all before the cap engages, and
+/// `/health/live` (a liveness probe restarting the service), broker reconnects and worker
+/// processes with them. The service raises its soft limit to the hard one at start, as Go
+/// programs do.
+#[test]
+fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_connections() {
+    let service = Limited::start(48, 4096);
+    let held = service.hold(120);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        get(service.metrics, "/health/live", Duration::from_secs(2)),
+        Some(200),
+        "{}",
+        service.logged()
+    );
+    assert_eq!(get(service.http, "/hello/ada", Duration::from_secs(2)), Some(200));
+    drop(held);
+}
+
+/// A hard limit below `HTTP_MAX_CONNECTIONS` plus the service's own descriptors is named at
+/// start, with what to do.
+#[test]
+fn a_file_limit_too_low_for_http_max_connections_is_named_at_start() {
+    let service = Limited::start(48, 48);
+    let logged = service.logged();
+    let warning = logged.lines().find(|line| line.contains("RLIMIT_NOFILE"));
+    let warning = warning.unwrap_or_else(|| panic!("no warning:\n{logged}"));
+    assert!(warning.contains("48") && warning.contains("HTTP_MAX_CONNECTIONS (1024)"), "{warning}");
+}
