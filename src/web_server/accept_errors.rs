@@ -22,12 +22,16 @@ pub(crate) struct AcceptErrors {
     failed: u64,
     /// Failed since the last warning.
     unlogged: u64,
+    /// Kept across accepted connections: a server at its limit accepts one connection each
+    /// time another closes, and fails again right after.
     last_warning: Option<Instant>,
+    /// Whether an accepted connection was logged since the last warning: once is enough.
+    recovery_logged: bool,
 }
 
 impl AcceptErrors {
     pub(crate) fn new(what: &'static str) -> Self {
-        AcceptErrors { what, failed: 0, unlogged: 0, last_warning: None }
+        AcceptErrors { what, failed: 0, unlogged: 0, last_warning: None, recovery_logged: false }
     }
 
     /// `accept` failed with `error`: warn, unless a warning was given in the last
@@ -56,17 +60,19 @@ impl AcceptErrors {
             );
             self.last_warning = Some(now);
             self.unlogged = 0;
+            self.recovery_logged = false;
         }
         tokio::time::sleep(PAUSE).await;
     }
 
-    /// A connection was accepted: say so if `accept` failed before it.
+    /// A connection was accepted: say so, once after a warning, if `accept` failed before.
     pub(crate) fn accepted(&mut self) {
-        if self.failed > 0 {
+        if self.failed > 0 && !self.recovery_logged {
             let (what, failed) = (self.what, self.failed);
             tracing::info!("accepted {what} again, after {failed} failed accepts");
-            *self = AcceptErrors::new(what);
+            self.recovery_logged = true;
         }
+        self.failed = 0;
     }
 }
 
@@ -101,6 +107,19 @@ mod tests {
         errors.failed(io::Error::from_raw_os_error(24)).await;
         assert_eq!((errors.failed, errors.unlogged), (4, 0), "warned again");
         errors.accepted();
-        assert_eq!((errors.failed, errors.last_warning), (0, None));
+        assert_eq!((errors.failed, errors.recovery_logged), (0, true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_at_its_limit_accepting_and_failing_in_turn_warns_once_per_period() {
+        let mut errors = AcceptErrors::new("a test connection");
+        errors.failed(io::Error::from_raw_os_error(24)).await;
+        let warned = errors.last_warning;
+        for _ in 0..10 {
+            errors.accepted();
+            errors.failed(io::Error::from_raw_os_error(24)).await;
+        }
+        assert_eq!((errors.last_warning, errors.unlogged), (warned, 10));
+        assert!(errors.recovery_logged, "logged once");
     }
 }
