@@ -24,6 +24,11 @@ struct Limited {
 
 impl Limited {
     fn start(soft: u64, hard: u64) -> Limited {
+        Limited::start_with(soft, hard, &[])
+    }
+
+    /// [`Limited::start`], with `vars` in its environment.
+    fn start_with(soft: u64, hard: u64, vars: &[(&str, &str)]) -> Limited {
         let exe = std::env::current_exe().unwrap();
         let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
         let example = examples.join("http_service");
@@ -40,7 +45,8 @@ impl Limited {
             .env("METRICS_HOST", "127.0.0.1")
             .env("METRICS_PORT", metrics.port().to_string())
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+            .stderr(std::fs::File::create(&log).unwrap())
+            .envs(vars.iter().copied());
         // SAFETY: setrlimit is async-signal-safe
         unsafe {
             command.pre_exec(move || {
@@ -143,4 +149,28 @@ fn a_file_limit_too_low_for_http_max_connections_is_named_at_start() {
     let warning = logged.lines().find(|line| line.contains("RLIMIT_NOFILE"));
     let warning = warning.unwrap_or_else(|| panic!("no warning:\n{logged}"));
     assert!(warning.contains("48") && warning.contains("HTTP_MAX_CONNECTIONS (1024)"), "{warning}");
+}
+
+/// A broker connection lost while the process is out of file descriptors is made again once
+/// one is free, and nothing panics: lapin's I/O thread drops its socket outside any tokio
+/// runtime, where async-compat built a global runtime of its own at that first drop, which
+/// failed out of descriptors and left it poisoned, every later connection's end panicking too.
+#[test]
+fn a_broker_connection_lost_out_of_file_descriptors_comes_back_without_a_panic() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("os_limits");
+    let service = Limited::start_with(48, 48, &[("AMQP_URI", &user.uri(&uri))]);
+    let held = service.hold(80);
+    std::thread::sleep(Duration::from_millis(500));
+    user.close_connections();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(held);
+    let started = Instant::now();
+    while !service.logged().contains("generation=2") {
+        assert!(started.elapsed() < Duration::from_secs(10), "{}", service.logged());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let logged = service.logged();
+    assert!(!logged.contains("panicked"), "{logged}");
 }
