@@ -123,11 +123,29 @@ fn out_of_file_descriptors_the_http_server_warns_now_and_then_and_recovers() {
 /// containerd 2, systemd), is below `HTTP_MAX_CONNECTIONS` (1024) plus the service's own
 /// descriptors: the connections would use them all before the cap engages, and
 /// `/health/live` (a liveness probe restarting the service), broker reconnects and worker
-/// processes with them. The service raises its soft limit to the hard one at start, as Go
-/// programs do.
+/// processes with them. The service raises its soft limit towards the hard one at start, as
+/// Go programs do, but not past 65,536 (the default `HTTP_MAX_CONNECTIONS` needs far less).
 #[test]
 fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_connections() {
-    let service = Limited::start(48, 4096);
+    // this process's own hard limit: only a privileged one may raise it
+    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+    let hard = u64::try_from(own.rlim_max).unwrap();
+    if hard < 4096 {
+        eprintln!("SKIPPED: this test needs a hard RLIMIT_NOFILE of 4096 at least, not {hard}");
+        return;
+    }
+    let service = Limited::start(48, hard);
+    if cfg!(target_os = "linux") {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", service.child.id()));
+        let limits = limits.unwrap();
+        let open_files = limits.lines().find(|line| line.starts_with("Max open files"));
+        let open_files: Vec<&str> = open_files.unwrap().split_whitespace().collect();
+        let expected = [hard.min(65_536).to_string(), hard.to_string()];
+        assert_eq!(open_files[3..5], expected, "{limits}");
+    }
     let held = service.hold(120);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
