@@ -4,6 +4,7 @@ mod context;
 mod enabled;
 mod listeners;
 mod metric_labels;
+mod open_files;
 mod plan;
 mod running;
 mod signals;
@@ -359,6 +360,10 @@ impl Runner {
             .filter_map(|plan| plan.route.entrypoint.as_ref().map(|entrypoint| entrypoint.kind().0))
             .collect();
         listeners::check(&config, &kinds)?;
+        // a worker process inherits the raised limit, and its service warns
+        if !in_worker_process() {
+            open_files::raise_and_check(&config, &kinds);
+        }
         Ok((config, plans))
     }
 }

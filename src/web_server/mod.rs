@@ -9,12 +9,15 @@
 //! The WebSocket server's connections are watched by the same socket, [`Watched`]: its idle
 //! timeout counts from a client's last byte too.
 
+mod accept_errors;
 #[cfg(any(feature = "http", feature = "metrics"))]
 mod connection;
 #[cfg(any(feature = "http", feature = "metrics"))]
 mod server;
 mod watched;
 
+#[cfg(feature = "websocket")]
+pub(crate) use accept_errors::AcceptErrors;
 #[cfg(any(feature = "http", feature = "metrics"))]
 pub(crate) use server::{serve, WebLimits};
 pub(crate) use watched::{Watched, Watcher};

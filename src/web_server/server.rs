@@ -9,12 +9,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::accept_errors::AcceptErrors;
 use super::connection::{serve_connection, Timeouts};
 use crate::config::Config;
 use crate::error::Result;
-
-/// How long to wait after a failed `accept` (out of file descriptors, say) before the next.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// What one server allows its clients.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +52,7 @@ pub(crate) async fn serve(
     // validate() keeps it far below MAX_PERMITS, past which Semaphore::new panics
     let slots = Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS)));
     let connections = TaskTracker::new();
+    let mut accept_errors = AcceptErrors::new("an HTTP connection");
     loop {
         let slot = tokio::select! {
             biased;
@@ -67,10 +66,12 @@ pub(crate) async fn serve(
             biased;
             () = stopping.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    accept_errors.accepted();
+                    accepted
+                }
                 Err(error) => {
-                    tracing::warn!("cannot accept an HTTP connection: {error}");
-                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    accept_errors.failed(error).await;
                     continue;
                 }
             },

@@ -4,19 +4,16 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
+use crate::web_server::AcceptErrors;
 use crate::websocket::connection::serve_client;
 use crate::websocket::origin::OriginPolicy;
 use crate::websocket::registry::WsRegistry;
-
-/// How long to wait after a failed `accept` (out of file descriptors, say) before the next.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// The WebSocket server of one service instance and the commands it serves.
 #[derive(Debug)]
@@ -73,12 +70,14 @@ impl WebSocketServer {
         let idle = self.service.config().websocket_idle_timeout;
         let origins = Arc::new(OriginPolicy::of(self.service.config()));
         let connections = TaskTracker::new();
+        let mut accept_errors = AcceptErrors::new("a WebSocket connection");
         loop {
             tokio::select! {
                 biased;
                 _ = stopping.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        accept_errors.accepted();
                         let registry = self.registry.clone();
                         connections.spawn(serve_client(
                             self.service.metrics().clone(),
@@ -90,10 +89,7 @@ impl WebSocketServer {
                             stopping.clone(),
                         ));
                     }
-                    Err(error) => {
-                        tracing::warn!("cannot accept a WebSocket connection: {error}");
-                        tokio::time::sleep(ACCEPT_PAUSE).await;
-                    }
+                    Err(error) => accept_errors.failed(error).await,
                 }
             }
         }

@@ -378,6 +378,7 @@ async fn open(
     uri: &BrokerUri,
     tls: &OwnedTLSConfig,
 ) -> Result<Connection, TransportError> {
+    super::compat_runtime::build();
     let mut properties = ConnectionProperties::default();
     if let Some(name) = &options.connection_name {
         properties = properties.with_connection_name(name.as_str().into());

@@ -18,6 +18,7 @@
 //! `gets`).
 
 mod channels;
+mod compat_runtime;
 mod connection;
 mod consumer;
 mod convert;

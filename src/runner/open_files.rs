@@ -1,0 +1,77 @@
+//! The process's limit on open files (`RLIMIT_NOFILE`), at start: its soft limit raised
+//! towards the hard one (to 65,536, or what `HTTP_MAX_CONNECTIONS` needs), and a limit still
+//! too low for `HTTP_MAX_CONNECTIONS` named.
+//!
+//! Containers commonly start a process with a soft limit of 1024 under a far higher hard one
+//! (Docker 25+, containerd 2, systemd's default): below the default `HTTP_MAX_CONNECTIONS`
+//! (1024) plus the descriptors the service holds itself, so its connections would use every
+//! descriptor before the cap engages, and `/health/live`, broker reconnects and worker
+//! processes could no longer get one. The soft limit is only a default that a process may
+//! raise itself up to the hard one, as Go's runtime does at every start.
+
+use crate::config::Config;
+use crate::pipeline::entrypoint_kind::Kind;
+
+/// Descriptors a service holds besides its HTTP connections (listeners, broker connections,
+/// worker processes' links, the runtime's own), with room to spare.
+const OWN_DESCRIPTORS: u64 = 64;
+
+/// How far the soft limit is raised at least (if the hard one allows): a common server
+/// limit. Not to the hard one whatever it is: a container's can be a billion, and a program
+/// a target starts (inheriting the limit) may close every descriptor up to it one by one.
+const ENOUGH: u64 = 65_536;
+
+/// Raise the soft limit towards the hard one (to [`ENOUGH`], or more if
+/// `HTTP_MAX_CONNECTIONS` needs it); then, if the service serves HTTP (routes among the
+/// entrypoints' `kinds`, or metrics), warn when the limit leaves no room for
+/// `HTTP_MAX_CONNECTIONS`.
+pub(super) fn raise_and_check(config: &Config, kinds: &[Kind]) {
+    #[cfg(feature = "http")]
+    let http_routes = kinds.iter().any(|kind| matches!(kind, Kind::Http { .. }));
+    #[cfg(not(feature = "http"))]
+    let http_routes = {
+        let _ = kinds;
+        false
+    };
+    let serves_http = http_routes || config.enable_metrics;
+    #[cfg(unix)]
+    {
+        let connections = config.http_max_connections as u64;
+        let needed = connections.saturating_add(OWN_DESCRIPTORS);
+        let Some(soft) = raise(ENOUGH.max(needed)) else { return };
+        if serves_http && soft < needed {
+            tracing::warn!(
+                "this process may open at most {soft} files (RLIMIT_NOFILE, `ulimit -n`), too \
+                 few for HTTP_MAX_CONNECTIONS ({connections}) plus its own: out of \
+                 descriptors it cannot accept connections (/health/live included), reconnect \
+                 to the broker or start worker processes; raise the limit (`docker run \
+                 --ulimit nofile=N`, LimitNOFILE=) or lower HTTP_MAX_CONNECTIONS"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = serves_http;
+}
+
+/// The soft limit, raised to `wanted` (or to the hard one if lower) if it can be; `None` if
+/// it cannot be read.
+#[cfg(unix)]
+#[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+fn raise(wanted: u64) -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    let wanted = libc::rlim_t::try_from(wanted).unwrap_or(libc::rlim_t::MAX).min(limit.rlim_max);
+    if limit.rlim_cur < wanted {
+        let raised = libc::rlimit { rlim_cur: wanted, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads the struct it is given. It fails where the hard limit
+        // is unlimited yet the kernel caps files per process (macOS): the soft limit stays.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::debug!("RLIMIT_NOFILE raised from {} to {wanted}", limit.rlim_cur);
+            limit = raised;
+        }
+    }
+    Some(u64::try_from(limit.rlim_cur).unwrap_or(u64::MAX))
+}

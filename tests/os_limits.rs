@@ -1,0 +1,194 @@
+//! A service under the operating system's limits, as an operator running it in a container
+//! meets them: the `http_service` example (metrics on) started with a low file descriptor
+//! limit (`RLIMIT_NOFILE`, `ulimit -n`), then held by more connections than it may open.
+//! Run `cargo build --examples` first.
+#![cfg(all(unix, feature = "http", feature = "metrics"))]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The `http_service` example, started with a soft and a hard `RLIMIT_NOFILE`, its HTTP
+/// routes and its metrics server on free loopback ports, its log in a file; killed when
+/// dropped.
+struct Limited {
+    child: std::process::Child,
+    http: SocketAddr,
+    metrics: SocketAddr,
+    log: PathBuf,
+}
+
+impl Limited {
+    fn start(soft: u64, hard: u64) -> Limited {
+        Limited::start_with(soft, hard, &[])
+    }
+
+    /// [`Limited::start`], with `vars` in its environment.
+    fn start_with(soft: u64, hard: u64, vars: &[(&str, &str)]) -> Limited {
+        let exe = std::env::current_exe().unwrap();
+        let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
+        let example = examples.join("http_service");
+        assert!(example.exists(), "run `cargo build --examples` first: {}", example.display());
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (http, metrics) = (free(), free());
+        let log = std::env::temp_dir().join(format!("{}.log", common::unique("os_limits")));
+        let mut command = std::process::Command::new(example);
+        command
+            .env_remove("AMQP_URI")
+            .env_remove("RUST_LOG")
+            .env("WEB_SERVER_ADDRESS", http.to_string())
+            .env("ENABLE_METRICS", "true")
+            .env("METRICS_HOST", "127.0.0.1")
+            .env("METRICS_PORT", metrics.port().to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .envs(vars.iter().copied());
+        // SAFETY: setrlimit is async-signal-safe
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: soft as _, rlim_max: hard as _ };
+                match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+        let child = command.spawn().unwrap();
+        let limited = Limited { child, http, metrics, log };
+        let started = Instant::now();
+        while get(limited.metrics, "/health/live", Duration::from_secs(1)) != Some(200) {
+            assert!(started.elapsed() < Duration::from_secs(20), "{}", limited.logged());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        limited
+    }
+
+    /// `count` connections to the HTTP routes' port, which send nothing.
+    fn hold(&self, count: usize) -> Vec<TcpStream> {
+        (0..count).map(|_| TcpStream::connect(self.http).unwrap()).collect()
+    }
+
+    fn logged(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Limited {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The status of a `GET path`, or `None` if no answer came within `limit`.
+fn get(address: SocketAddr, path: &str, limit: Duration) -> Option<u16> {
+    let mut stream = TcpStream::connect_timeout(&address, limit).ok()?;
+    stream.set_read_timeout(Some(limit)).ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut head = [0; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Out of file descriptors, the accept loop neither spins nor floods the log: it warns once
+/// (naming the limit to raise), not ten times a second, and serves again once descriptors
+/// are freed, saying so.
+#[test]
+fn out_of_file_descriptors_the_http_server_warns_now_and_then_and_recovers() {
+    let service = Limited::start(48, 48);
+    let held = service.hold(80);
+    std::thread::sleep(Duration::from_secs(3));
+    let logged = service.logged();
+    let warnings: Vec<&str> =
+        logged.lines().filter(|line| line.contains("cannot accept an HTTP connection")).collect();
+    assert!(!warnings.is_empty(), "{logged}");
+    assert!(warnings.len() <= 2, "{} warnings in 3 s:\n{logged}", warnings.len());
+    assert!(warnings[0].contains("ulimit -n"), "{logged}");
+    drop(held);
+    let started = Instant::now();
+    while get(service.http, "/hello/ada", Duration::from_secs(1)) != Some(200) {
+        assert!(started.elapsed() < Duration::from_secs(5), "{}", service.logged());
+    }
+    let logged = service.logged();
+    assert!(logged.contains("accepted an HTTP connection again"), "{logged}");
+}
+
+/// A container's usual limit, a soft limit of 1024 under a far higher hard one (Docker 25+,
+/// containerd 2, systemd), is below `HTTP_MAX_CONNECTIONS` (1024) plus the service's own
+/// descriptors: the connections would use them all before the cap engages, and
+/// `/health/live` (a liveness probe restarting the service), broker reconnects and worker
+/// processes with them. The service raises its soft limit towards the hard one at start, as
+/// Go programs do, but not past 65,536 (the default `HTTP_MAX_CONNECTIONS` needs far less).
+#[test]
+fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_connections() {
+    // this process's own hard limit: only a privileged one may raise it
+    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+    let hard = u64::try_from(own.rlim_max).unwrap();
+    if hard < 4096 {
+        eprintln!("SKIPPED: this test needs a hard RLIMIT_NOFILE of 4096 at least, not {hard}");
+        return;
+    }
+    let service = Limited::start(48, hard);
+    if cfg!(target_os = "linux") {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", service.child.id()));
+        let limits = limits.unwrap();
+        let open_files = limits.lines().find(|line| line.starts_with("Max open files"));
+        let open_files: Vec<&str> = open_files.unwrap().split_whitespace().collect();
+        let expected = [hard.min(65_536).to_string(), hard.to_string()];
+        assert_eq!(open_files[3..5], expected, "{limits}");
+    }
+    let held = service.hold(120);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        get(service.metrics, "/health/live", Duration::from_secs(2)),
+        Some(200),
+        "{}",
+        service.logged()
+    );
+    assert_eq!(get(service.http, "/hello/ada", Duration::from_secs(2)), Some(200));
+    drop(held);
+}
+
+/// A hard limit below `HTTP_MAX_CONNECTIONS` plus the service's own descriptors is named at
+/// start, with what to do.
+#[test]
+fn a_file_limit_too_low_for_http_max_connections_is_named_at_start() {
+    let service = Limited::start(48, 48);
+    let logged = service.logged();
+    let warning = logged.lines().find(|line| line.contains("RLIMIT_NOFILE"));
+    let warning = warning.unwrap_or_else(|| panic!("no warning:\n{logged}"));
+    assert!(warning.contains("48") && warning.contains("HTTP_MAX_CONNECTIONS (1024)"), "{warning}");
+}
+
+/// A broker connection lost while the process is out of file descriptors is made again once
+/// one is free, and nothing panics: lapin's I/O thread drops its socket outside any tokio
+/// runtime, where async-compat built a global runtime of its own at that first drop, which
+/// failed out of descriptors and left it poisoned, every later connection's end panicking too.
+#[test]
+fn a_broker_connection_lost_out_of_file_descriptors_comes_back_without_a_panic() {
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("os_limits");
+    let service = Limited::start_with(48, 48, &[("AMQP_URI", &user.uri(&uri))]);
+    let held = service.hold(80);
+    std::thread::sleep(Duration::from_millis(500));
+    user.close_connections();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(held);
+    let started = Instant::now();
+    while !service.logged().contains("generation=2") {
+        assert!(started.elapsed() < Duration::from_secs(10), "{}", service.logged());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let logged = service.logged();
+    assert!(!logged.contains("panicked"), "{logged}");
+}
