@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{broker_uris, config, rabbitmq_uri};
-use micro_framework::amqp::entrypoints::RPCListener;
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Client;
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
@@ -108,4 +108,60 @@ async fn a_runtime_dropped_under_a_call_closes_the_clients_connection() {
     .await;
     service.stop().await.unwrap();
     common::cleanup(&uri, &[name, queue]).await;
+}
+
+fn quiet() {}
+
+/// A program that awaits `Runner::run` (two of them, one signal stopping both) keeps the
+/// signals once they have returned: a handler of its own then hears the next SIGINT, where
+/// the runners' watchers, left waiting for a second signal, ended the process with status
+/// 130 at once. Nor is SIGINT's default action back: with no handler left, the program is
+/// not ended by it. The test runs itself again as that program, which signals itself.
+#[test]
+fn signals_after_runner_run_returned_are_the_programs_own() {
+    const AS_PROGRAM: &str = "EMBEDDING_SIGNALS_PROGRAM";
+    if std::env::var_os(AS_PROGRAM).is_some() {
+        let interrupt = || {
+            let pid = std::process::id().to_string();
+            std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        };
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let runner = || {
+                let name = common::unique("signals");
+                let config = Config::new(&name).with_amqp_uri(format!("memory://{name}"));
+                let route = Route::new(quiet).entrypoint(EventListener::new("src", "e"));
+                Runner::new(vec![route], config)
+            };
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                interrupt();
+            });
+            let (first, second) = tokio::join!(runner().run(), runner().run());
+            first.unwrap();
+            second.unwrap();
+            // the program's own handler, for what it does after its services
+            let own = tokio::spawn(tokio::signal::ctrl_c());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            interrupt();
+            tokio::time::timeout(Duration::from_secs(10), own).await.unwrap().unwrap().unwrap();
+            println!("own handler ran");
+            // no listener left: a runner does not give SIGINT its default action back
+            interrupt();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            println!("not ended by SIGINT");
+        });
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "signals_after_runner_run_returned_are_the_programs_own"])
+        .args(["--nocapture"])
+        .env(AS_PROGRAM, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}\n{stdout}\n{stderr}", output.status);
+    assert!(stdout.contains("own handler ran"), "{stdout}");
+    assert!(stdout.contains("not ended by SIGINT"), "{stdout}");
 }

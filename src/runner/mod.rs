@@ -230,11 +230,11 @@ impl Runner {
         // exits at once, where both went unheard until the start ended.
         let stop = CancellationToken::new();
         let watcher = tokio::spawn(stop_on_signals(stop.clone()));
-        let result = self.run_until(stop.clone().cancelled_owned()).await;
-        if !stop.is_cancelled() {
-            // stopped by itself: no signal to wait for any more
-            watcher.abort();
-        }
+        let result = self.run_until(stop.cancelled_owned()).await;
+        // Stopped (by a signal or by itself): the signals are the program's again. Left
+        // waiting for a second one, the watcher ended the process at the next, on the
+        // program's runtime, whatever the program did after its service.
+        watcher.abort();
         result
     }
 
