@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{broker_uris, config, rabbitmq_uri};
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
-use micro_framework::amqp::rpc::Client;
+use micro_framework::amqp::rpc::{Client, RpcError};
 use micro_framework::prelude::*;
 use micro_framework::testing::TestService;
 use micro_framework::transport::TransportError;
@@ -164,4 +164,212 @@ fn signals_after_runner_run_returned_are_the_programs_own() {
     assert!(output.status.success(), "{:?}\n{stdout}\n{stderr}", output.status);
     assert!(stdout.contains("own handler ran"), "{stdout}");
     assert!(stdout.contains("not ended by SIGINT"), "{stdout}");
+}
+
+fn answer() -> u32 {
+    1
+}
+
+/// The calls `render` counts for route `answer` in `tasks_number_total`.
+fn answered(render: &str) -> u64 {
+    let line = render
+        .lines()
+        .find(|line| line.starts_with("tasks_number_total{") && line.contains("route=\"answer\""));
+    line.and_then(|line| line.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+}
+
+/// Two instances of one service in one process, each with its metrics server: each counts
+/// its own calls only (no registry shared between them), and one stopping leaves the other
+/// serving and counting.
+#[tokio::test]
+async fn two_instances_in_one_process_keep_their_own_metrics_and_outlive_each_other() {
+    use common::MetricsOnAnyPort;
+    for uri in broker_uris() {
+        let config = config(&uri, "twins").with_metrics_on_any_port();
+        let name = config.service_name.clone();
+        let start = || {
+            let routes = vec![Route::new(answer).entrypoint(RPCListener::new())];
+            Runner::new(routes, config.clone()).spawn()
+        };
+        let (first, second) = (start().await.unwrap(), start().await.unwrap());
+        assert_ne!(first.metrics_address(), second.metrics_address());
+        let client = Client::connect(&config).await.unwrap();
+        for _ in 0..20 {
+            let one: u32 = client.call(&name, "answer", (), ()).await.unwrap();
+            assert_eq!(one, 1);
+        }
+        let scrape = |service: &micro_framework::RunningService| {
+            let address = service.metrics_address().unwrap();
+            tokio::task::spawn_blocking(move || common::http_get(address, "/metrics").1)
+        };
+        let (by_first, by_second) = (scrape(&first).await.unwrap(), scrape(&second).await.unwrap());
+        let counts = (answered(&by_first), answered(&by_second));
+        assert_eq!(counts.0 + counts.1, 20, "{uri}: {counts:?}");
+        assert_eq!(counts.0, answered(&first.metrics().render()), "{uri}");
+        first.stop().await.unwrap();
+        for _ in 0..5 {
+            let one: u32 = client.call(&name, "answer", (), ()).await.unwrap();
+            assert_eq!(one, 1);
+        }
+        let after = answered(&scrape(&second).await.unwrap());
+        assert_eq!(after, counts.1 + 5, "{uri}");
+        client.close().await;
+        second.stop().await.unwrap();
+        common::cleanup(&uri, &[name]).await;
+    }
+}
+
+/// Holds its call for a second.
+async fn held(Payload(_): Payload<serde_json::Value>) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// A runtime dropped (not stopped) under a service's running call: no panic, no hang, and
+/// the message comes back to the next instance (at-least-once), since it was never acked.
+#[tokio::test]
+async fn a_runtime_dropped_under_a_running_call_hands_its_message_to_the_next_instance() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let config = config(&uri, "dropped");
+    let (name, shop) = (config.service_name.clone(), common::unique("shop"));
+    let routes = |shop: &str| vec![Route::new(held).entrypoint(EventListener::new(shop, "go"))];
+    let (first_config, first_shop) = (config.clone(), shop.clone());
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let service = Runner::new(routes(&first_shop), first_config.clone()).spawn().await;
+            let service = service.unwrap();
+            let source = first_config.clone().with_service_name(first_shop.clone());
+            let producer = micro_framework::amqp::dependencies::Producer::new(
+                service.transport().clone(),
+                &source,
+            );
+            producer.dispatch("go", &serde_json::json!({"n": 1})).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // not stopped: the runtime is dropped under the service and its call
+            drop(service);
+        });
+        drop(runtime);
+    })
+    .await
+    .unwrap();
+    let service = TestService::start(routes(&shop), config).await.unwrap();
+    service.wait_for_route("held", 1).await.unwrap();
+    service.stop().await.unwrap();
+    common::cleanup(&uri, &[name, shop]).await;
+}
+
+/// A config built in code takes nothing from the environment, whatever it holds: the
+/// program's `AMQP_URI`, `MAX_WORKERS`, `SERVICE_NAME` or `WORKER_MODE` (of another tool,
+/// or invalid here) change neither the runner's nor the client's. The test runs itself
+/// again with such an environment.
+#[test]
+fn a_config_built_in_code_ignores_the_environment() {
+    const AS_PROGRAM: &str = "EMBEDDING_ENV_PROGRAM";
+    if std::env::var_os(AS_PROGRAM).is_some() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let name = common::unique("in_code");
+            let config = Config::new(&name).with_amqp_uri(format!("memory://{name}"));
+            let routes = vec![Route::new(answer).entrypoint(RPCListener::new())];
+            let service = Runner::new(routes, config.clone()).spawn().await.unwrap();
+            let client = Client::connect(&config).await.unwrap();
+            let one: u32 = client.call(&name, "answer", (), ()).await.unwrap();
+            assert_eq!(one, 1);
+            client.close().await;
+            service.stop().await.unwrap();
+            println!("served from code");
+        });
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_config_built_in_code_ignores_the_environment", "--nocapture"])
+        .env(AS_PROGRAM, "1")
+        .env("AMQP_URI", "amqp://nobody:secret@127.0.0.1:1/")
+        .env("MAX_WORKERS", "many")
+        .env("SERVICE_NAME", "not a name")
+        .env("WORKER_MODE", "fibers")
+        .env("RPC_TIMEOUT", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("served from code"), "{stdout}");
+}
+
+fn b_answer() -> u32 {
+    2
+}
+
+/// Two runners in one program, one of them in a process mode: its worker processes run the
+/// program's `main` again, where both runners are started, and still each service answers
+/// its own calls (the other runner serves nothing in the workers). The test runs itself
+/// again as that program, which calls both and stops them.
+#[test]
+fn two_runners_in_one_program_one_in_a_process_mode_both_answer() {
+    const AS_PROGRAM: &str = "EMBEDDING_TWO_PROCESS_PROGRAM";
+    if std::env::var_os(AS_PROGRAM).is_some() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let var = |name| std::env::var(name).unwrap();
+            let (uri, a, b) = (var("TWO_URI"), var("TWO_A"), var("TWO_B"));
+            let process = micro_framework::config::WorkerMode::Process;
+            let a_config = Config::new(&a).with_amqp_uri(uri.clone()).with_worker_mode(process);
+            let b_config = Config::new(&b).with_amqp_uri(uri);
+            let a_routes = vec![Route::new(answer).entrypoint(RPCListener::new())];
+            let b_routes = vec![Route::new(b_answer).entrypoint(RPCListener::new())];
+            let stop = tokio_util::sync::CancellationToken::new();
+            let calls = async {
+                // the program's own work, which its worker processes skip
+                if micro_framework::spawners::process::is_worker_process() {
+                    return;
+                }
+                let client = Client::connect(&a_config).await.unwrap();
+                let call = |service: &str, method: &'static str| {
+                    let proxy = client.service(service).timeout(Duration::from_secs(20));
+                    async move {
+                        // until the service has started
+                        for _ in 0..200 {
+                            match proxy.call::<u32>(method, (), ()).await {
+                                Err(RpcError::UnknownService(_)) => {
+                                    tokio::time::sleep(Duration::from_millis(50)).await
+                                }
+                                answered => return answered,
+                            }
+                        }
+                        proxy.call::<u32>(method, (), ()).await
+                    }
+                };
+                let (one, two) = tokio::join!(call(&a, "answer"), call(&b, "b_answer"));
+                println!("answered {} {}", one.unwrap(), two.unwrap());
+                client.close().await;
+                stop.cancel();
+            };
+            let (served_a, served_b, ()) = tokio::join!(
+                Runner::new(a_routes, a_config.clone()).run_until(stop.clone().cancelled_owned()),
+                Runner::new(b_routes, b_config).run_until(stop.clone().cancelled_owned()),
+                calls
+            );
+            served_a.unwrap();
+            served_b.unwrap();
+        });
+        return;
+    }
+    let Some(uri) = rabbitmq_uri() else { return };
+    let (a, b) = (common::unique("proc_a"), common::unique("proc_b"));
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "two_runners_in_one_program_one_in_a_process_mode_both_answer"])
+        .arg("--nocapture")
+        .env(AS_PROGRAM, "1")
+        .env("TWO_URI", &uri)
+        .env("TWO_A", &a)
+        .env("TWO_B", &b)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::cleanup(&uri, &[a, b]));
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("answered 1 2"), "{stdout}\n{stderr}");
 }
