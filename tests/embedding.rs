@@ -440,3 +440,37 @@ async fn a_failed_start_releases_its_ports_for_the_next_try() {
         service.stop().await.unwrap();
     }
 }
+
+/// The logger of `Runner::start` and `Runner::run` writes no message whole: lapin's warning
+/// for each message the broker returns as unroutable (an RPC call to a service that is not
+/// there) held the request's headers and body, at every such call. The test runs itself
+/// again as a program that logs as a runner does and calls a missing service.
+#[test]
+fn a_call_to_a_missing_service_logs_no_message_whole() {
+    const AS_PROGRAM: &str = "EMBEDDING_RETURNED_PROGRAM";
+    if std::env::var_os(AS_PROGRAM).is_some() {
+        micro_framework::logging::init(Default::default());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let uri = std::env::var("RETURNED_URI").unwrap();
+            let client = Client::connect(&Config::new("x").with_amqp_uri(uri)).await.unwrap();
+            let missing = common::unique("missing");
+            let called: Result<u32, _> = client.call(&missing, "m", ["secret"], ()).await;
+            assert!(matches!(called, Err(RpcError::UnknownService(_))), "{called:?}");
+            client.close().await;
+        });
+        return;
+    }
+    let Some(uri) = rabbitmq_uri() else { return };
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_call_to_a_missing_service_logs_no_message_whole", "--nocapture"])
+        .env(AS_PROGRAM, "1")
+        .env("RETURNED_URI", &uri)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("returned us a message"), "{stderr}");
+    assert!(!stderr.contains("data: ["), "{stderr}");
+}
