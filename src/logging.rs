@@ -21,6 +21,7 @@ pub use crate::data::{bounded, escape_wire_text, MAX_ERROR_TEXT};
 /// `NO_COLOR` set: a file or a log collector gets plain text.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = quiet_returned_messages(filter, std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = match format {
         LogFormat::Text => {
@@ -31,6 +32,23 @@ pub fn init(format: LogFormat) {
             builder.with_writer(io::stderr).json().with_current_span(true).try_init()
         }
     };
+}
+
+/// Where lapin logs, at `WARN`, every message the broker returned as unroutable.
+const RETURNED_MESSAGES: &str = "lapin::returned_messages";
+
+/// `filter` without lapin's warning about each returned message, unless `rust_log` names
+/// its target: the warning holds the whole message, headers and body (an RPC request to a
+/// service that is not there: its arguments), where the logs never hold either; the
+/// transport reports the return itself (an RPC call fails with `UnknownService`).
+fn quiet_returned_messages(filter: EnvFilter, rust_log: Option<&str>) -> EnvFilter {
+    if rust_log.is_some_and(|directives| directives.contains(RETURNED_MESSAGES)) {
+        return filter;
+    }
+    match format!("{RETURNED_MESSAGES}=error").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
 }
 
 /// Colours on a terminal unless `NO_COLOR` is set to anything but nothing (no-color.org).
@@ -98,6 +116,15 @@ mod tests {
         // with colours the formatter's own sequences stay (it escapes the events' texts)
         let coloured = escape_event(b"\x1b[32mINFO\x1b[0m key a\nb\n", true);
         assert_eq!(coloured, "\x1b[32mINFO\x1b[0m key a\\nb\n");
+    }
+
+    #[test]
+    fn returned_messages_are_quiet_unless_rust_log_names_them() {
+        let quiet = quiet_returned_messages(EnvFilter::new("info"), Some("info"));
+        assert!(quiet.to_string().contains("lapin::returned_messages=error"), "{quiet}");
+        let named = "info,lapin::returned_messages=warn";
+        let kept = quiet_returned_messages(EnvFilter::new(named), Some(named));
+        assert!(!kept.to_string().contains("=error"), "{kept}");
     }
 
     #[test]

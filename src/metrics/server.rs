@@ -47,6 +47,8 @@ pub(crate) struct MetricsServer {
     service_name: String,
     broker_uri: String,
     stopped: CancellationToken,
+    /// The task serving: ends once `stopped` fires, its port free again.
+    serving: tokio::task::JoinHandle<()>,
     /// Stops the server when it is dropped unattached: the start failed or was given up.
     unattached: DropGuard,
 }
@@ -74,7 +76,7 @@ pub(crate) async fn bind(config: &Config) -> Result<MetricsServer> {
         .with_state(state.clone());
     let stopped = CancellationToken::new();
     let serving = stopped.clone();
-    tokio::spawn(async move {
+    let serving = tokio::spawn(async move {
         if let Err(error) =
             web_server::serve(listener, app, limits, serving, TaskTracker::new()).await
         {
@@ -91,6 +93,7 @@ pub(crate) async fn bind(config: &Config) -> Result<MetricsServer> {
         broker_uri: config.masked_amqp_uri(),
         unattached: stopped.clone().drop_guard(),
         stopped,
+        serving,
     })
 }
 
@@ -103,6 +106,14 @@ impl MetricsServer {
     /// The token that stops the server: the service cancels it once it has stopped.
     pub(crate) fn stopped(&self) -> CancellationToken {
         self.stopped.clone()
+    }
+
+    /// Stop serving, unattached (the start failed or was given up), and return once the port
+    /// is free: dropped, the server let it go only when its task next ran, after the start's
+    /// error had returned, and a program trying the start again at once found the port in use.
+    pub(crate) async fn close(self) {
+        self.stopped.cancel();
+        let _ = self.serving.await;
     }
 
     /// Serve the started service's `routes` from now on; returns the bound address.

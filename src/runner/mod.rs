@@ -231,11 +231,11 @@ impl Runner {
         // exits at once, where both went unheard until the start ended.
         let stop = CancellationToken::new();
         let watcher = tokio::spawn(stop_on_signals(stop.clone()));
-        let result = self.run_until(stop.clone().cancelled_owned()).await;
-        if !stop.is_cancelled() {
-            // stopped by itself: no signal to wait for any more
-            watcher.abort();
-        }
+        let result = self.run_until(stop.cancelled_owned()).await;
+        // Stopped (by a signal or by itself): the signals are the program's again. Left
+        // waiting for a second one, the watcher ended the process at the next, on the
+        // program's runtime, whatever the program did after its service.
+        watcher.abort();
         result
     }
 
@@ -257,11 +257,20 @@ impl Runner {
         #[cfg(feature = "metrics")]
         let metrics_server = start::bind_metrics(&config).await?;
         tokio::pin!(stop);
-        let transport = tokio::select! {
-            transport = connect_retrying(&config) => transport?,
+        let connected = tokio::select! {
+            transport = connect_retrying(&config) => transport.map(Some),
             _ = &mut stop => {
                 tracing::info!("stopped before the broker answered: not started");
-                return Ok(());
+                Ok(None)
+            }
+        };
+        let transport = match connected {
+            Ok(Some(transport)) => transport,
+            // not started: the metrics port is free when this returns
+            given_up => {
+                #[cfg(feature = "metrics")]
+                start::close_metrics(metrics_server).await;
+                return given_up.map(|_| ());
             }
         };
         let started = start(
@@ -319,7 +328,15 @@ impl Runner {
         // a metrics port in use stops the start before the broker is touched
         #[cfg(feature = "metrics")]
         let metrics_server = start::bind_metrics(&config).await?;
-        let transport = crate::transport::connect(&config).await?;
+        let transport = match crate::transport::connect(&config).await {
+            Ok(transport) => transport,
+            Err(error) => {
+                // the metrics port is free when the error returns
+                #[cfg(feature = "metrics")]
+                start::close_metrics(metrics_server).await;
+                return Err(error.into());
+            }
+        };
         start(
             plans,
             &config,

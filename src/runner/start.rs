@@ -72,20 +72,34 @@ pub(super) async fn start(
     worker_args: Option<Vec<std::ffi::OsString>>,
     #[cfg(feature = "metrics")] metrics_server: Option<MetricsServer>,
 ) -> Result<RunningService> {
+    #[cfg(feature = "metrics")]
+    let mut metrics_server = metrics_server;
     let started = start_routes(
         plans,
         config,
         transport.clone(),
         worker_args,
         #[cfg(feature = "metrics")]
-        metrics_server,
+        &mut metrics_server,
     );
     match started.await {
         Ok(service) => Ok(service),
         Err(error) => {
+            // its port free when the error returns, for a program that tries again
+            #[cfg(feature = "metrics")]
+            close_metrics(metrics_server).await;
             transport.close().await;
             Err(error)
         }
+    }
+}
+
+/// Stop the metrics server of a start that failed or was given up, and wait until its port
+/// is free.
+#[cfg(feature = "metrics")]
+pub(super) async fn close_metrics(server: Option<MetricsServer>) {
+    if let Some(server) = server {
+        server.close().await;
     }
 }
 
@@ -94,11 +108,12 @@ async fn start_routes(
     config: &Arc<Config>,
     transport: SharedTransport,
     worker_args: Option<Vec<std::ffi::OsString>>,
-    #[cfg(feature = "metrics")] metrics_server: Option<MetricsServer>,
+    // taken once the service has started: on an error the caller closes it
+    #[cfg(feature = "metrics")] metrics_server: &mut Option<MetricsServer>,
 ) -> Result<RunningService> {
     // the metrics server, bound already, renders what the service records
     #[cfg(feature = "metrics")]
-    let env = match &metrics_server {
+    let env = match &*metrics_server {
         Some(server) => {
             ServiceEnv::with_metrics(config.clone(), transport.clone(), server.metrics().clone())
         }
@@ -146,7 +161,7 @@ async fn start_routes(
     #[cfg(not(feature = "metrics"))]
     let stopped = CancellationToken::new();
     #[cfg(feature = "metrics")]
-    let metrics_address = metrics_server.map(|server| {
+    let metrics_address = metrics_server.take().map(|server| {
         let route_infos = started
             .started
             .iter()

@@ -36,6 +36,10 @@ pub(crate) struct Caller {
     /// The requests' delivery mode: 2 (persistent) or 1 (transient), from
     /// `RPC_PERSISTENT_REQUESTS`.
     pub delivery_mode: u8,
+    /// A standalone client's: closes its connection and reply queues once the last handle
+    /// of the client (its clones, its service proxies) is dropped. `None` for a service's
+    /// calls, whose stop closes them.
+    pub _closer: Option<Arc<CloseOnDrop>>,
 }
 
 impl Caller {
@@ -57,6 +61,7 @@ impl Caller {
             metrics: None,
             max_message_size: config.max_message_size,
             delivery_mode: if config.rpc_persistent_requests { 2 } else { 1 },
+            _closer: None,
         }
     }
 
@@ -64,6 +69,38 @@ impl Caller {
     pub(crate) fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+}
+
+/// Closes a standalone caller's reply queues and connection when dropped, as
+/// [`Client::close`](crate::amqp::rpc::Client::close) does: a client dropped without `close`
+/// left its reply queue on the broker until `x-expires` removed it (5 minutes), one for each
+/// client a program made and dropped. The close runs on the runtime the client connected on;
+/// with that runtime gone, the queue is left to expire.
+#[derive(Debug)]
+pub(crate) struct CloseOnDrop {
+    transport: SharedTransport,
+    listener: Arc<ReplyListener>,
+    /// `None` when connected outside a tokio runtime (an in-process broker needs none).
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl CloseOnDrop {
+    /// Closes `listener`'s queues and `transport` on the current runtime once dropped.
+    pub(crate) fn new(transport: SharedTransport, listener: Arc<ReplyListener>) -> Self {
+        CloseOnDrop { transport, listener, runtime: tokio::runtime::Handle::try_current().ok() }
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let Some(runtime) = &self.runtime else { return };
+        let (transport, listener) = (self.transport.clone(), self.listener.clone());
+        // a runtime that is shutting down drops the task unrun: the queue expires
+        drop(runtime.spawn(async move {
+            listener.close(&transport).await;
+            transport.close().await;
+        }));
     }
 }
 

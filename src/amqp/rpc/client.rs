@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::amqp::rpc::caller::Caller;
+use crate::amqp::rpc::caller::{Caller, CloseOnDrop};
 use crate::amqp::rpc::error::RpcError;
 use crate::amqp::rpc::naming::STANDALONE_SERVICE;
 use crate::amqp::rpc::replies::ReplyListener;
@@ -55,7 +55,9 @@ impl Client {
         let transport = crate::transport::connect(&config).await?;
         let listener = Arc::new(ReplyListener::new(STANDALONE_SERVICE, config.max_message_size));
         let headers = call_headers(&Headers::new(), config.parent_calls_tracked);
-        let caller = Arc::new(Caller::new(transport, listener, &config, headers));
+        let _closer = Some(Arc::new(CloseOnDrop::new(transport.clone(), listener.clone())));
+        let caller =
+            Arc::new(Caller { _closer, ..Caller::new(transport, listener, &config, headers) });
         Ok(Client { caller, parent_calls_tracked: config.parent_calls_tracked })
     }
 
@@ -114,6 +116,11 @@ impl Client {
 
     /// Delete the reply queues and close the connection. Calls still running fail, and set
     /// up no new reply queue.
+    ///
+    /// A client dropped without `close` does the same in the background, on the runtime it
+    /// connected on, once the [`ServiceProxy`]s taken from it (and the clients
+    /// [`context_data`](Client::context_data) made of it) are dropped too; dropped with that
+    /// runtime, it leaves its reply queue to `x-expires` (5 minutes).
     pub async fn close(self) {
         self.caller.listener.close(&self.caller.transport).await;
         self.caller.transport.close().await;
