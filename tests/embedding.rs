@@ -1,5 +1,6 @@
 //! micro-framework embedded in a bigger program: clients dropped without `close`, runtimes
 //! dropped under a service or a call, two services in one process.
+#![cfg(all(feature = "http", feature = "metrics"))]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! (`eyre` alike), or any loop over `source()`. Each message shows once: an error says its
 //! source in its own message or returns it from `source()`, never both (the Rust API
 //! guidelines, C-GOOD-ERR). Every error is made by a real failure where that is cheap.
+#![cfg(feature = "websocket")]
 
 #[path = "common/logs.rs"]
 mod logs;
