@@ -158,6 +158,34 @@ fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_c
     drop(held);
 }
 
+/// An `HTTP_MAX_CONNECTIONS` that needs more than 65,536 descriptors raises the soft limit
+/// that far (its connections plus the service's own 64), where the hard limit allows; where it
+/// does not, the limit reached is named at start.
+#[test]
+fn the_soft_file_limit_is_raised_as_far_as_http_max_connections_needs() {
+    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+    let hard = u64::try_from(own.rlim_max).unwrap();
+    if hard < 4096 {
+        eprintln!("SKIPPED: this test needs a hard RLIMIT_NOFILE of 4096 at least, not {hard}");
+        return;
+    }
+    let needed = 70_000 + 64;
+    let service = Limited::start_with(48, hard, &[("HTTP_MAX_CONNECTIONS", "70000")]);
+    if cfg!(target_os = "linux") {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", service.child.id()));
+        let limits = limits.unwrap();
+        let open_files = limits.lines().find(|line| line.starts_with("Max open files"));
+        let open_files: Vec<&str> = open_files.unwrap().split_whitespace().collect();
+        assert_eq!(open_files[3], hard.min(needed).to_string(), "{limits}");
+    }
+    let logged = service.logged();
+    let warned = logged.contains("too few for HTTP_MAX_CONNECTIONS (70000)");
+    assert_eq!(warned, hard < needed, "hard limit {hard}:\n{logged}");
+}
+
 /// A hard limit below `HTTP_MAX_CONNECTIONS` plus the service's own descriptors is named at
 /// start, with what to do.
 #[test]
