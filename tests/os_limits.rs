@@ -158,6 +158,34 @@ fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_c
     drop(held);
 }
 
+/// An `HTTP_MAX_CONNECTIONS` that needs more than 65,536 descriptors raises the soft limit
+/// that far (its connections plus the service's own 64), where the hard limit allows; where it
+/// does not, the limit reached is named at start.
+#[test]
+fn the_soft_file_limit_is_raised_as_far_as_http_max_connections_needs() {
+    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+    let hard = u64::try_from(own.rlim_max).unwrap();
+    if hard < 4096 {
+        eprintln!("SKIPPED: this test needs a hard RLIMIT_NOFILE of 4096 at least, not {hard}");
+        return;
+    }
+    let needed = 70_000 + 64;
+    let service = Limited::start_with(48, hard, &[("HTTP_MAX_CONNECTIONS", "70000")]);
+    if cfg!(target_os = "linux") {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", service.child.id()));
+        let limits = limits.unwrap();
+        let open_files = limits.lines().find(|line| line.starts_with("Max open files"));
+        let open_files: Vec<&str> = open_files.unwrap().split_whitespace().collect();
+        assert_eq!(open_files[3], hard.min(needed).to_string(), "{limits}");
+    }
+    let logged = service.logged();
+    let warned = logged.contains("too few for HTTP_MAX_CONNECTIONS (70000)");
+    assert_eq!(warned, hard < needed, "hard limit {hard}:\n{logged}");
+}
+
 /// A hard limit below `HTTP_MAX_CONNECTIONS` plus the service's own descriptors is named at
 /// start, with what to do.
 #[test]
@@ -191,4 +219,45 @@ fn a_broker_connection_lost_out_of_file_descriptors_comes_back_without_a_panic()
     std::thread::sleep(Duration::from_millis(500));
     let logged = service.logged();
     assert!(!logged.contains("panicked"), "{logged}");
+}
+
+/// The soft `RLIMIT_NOFILE` of a program a target starts: `ulimit -Sn`.
+fn soft_limit_of_a_child() -> Result<String, String> {
+    let output = std::process::Command::new("sh").args(["-c", "ulimit -Sn"]).output();
+    let output = output.map_err(|error| error.to_string())?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The raised limit is the process's own, not the servers': a program a target starts
+/// inherits it, as the README says (a worker process does too). This test's own process is
+/// set just below the limit the service raises it to, as a container starts a process below
+/// its hard limit, then a service starts in it.
+#[tokio::test]
+async fn programs_the_targets_start_inherit_the_raised_soft_limit() {
+    use micro_framework::amqp::entrypoints::RPCListener;
+    use micro_framework::prelude::*;
+    use micro_framework::testing::{memory_test_config, TestService};
+
+    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+    let hard = u64::try_from(own.rlim_max).unwrap();
+    // what the service raises it to: 65,536 (HTTP_MAX_CONNECTIONS at its default needs less)
+    let raised = hard.min(65_536);
+    if raised < 1024 {
+        eprintln!("SKIPPED: this test needs a hard RLIMIT_NOFILE of 1024 at least, not {hard}");
+        return;
+    }
+    let below = libc::rlimit { rlim_cur: (raised - 1) as _, rlim_max: own.rlim_max };
+    // SAFETY: setrlimit reads the struct it is given; lowered by one, no test here runs short
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &below) }, 0);
+    assert_eq!(soft_limit_of_a_child().unwrap(), (raised - 1).to_string(), "set below");
+
+    let route = Route::new(soft_limit_of_a_child).entrypoint(RPCListener::new());
+    let config = memory_test_config(&common::unique("os_limits_child"));
+    let service = TestService::start(vec![route], config).await.unwrap();
+    let seen: String = service.hook("soft_limit_of_a_child").unwrap().rpc((), ()).await.unwrap();
+    assert_eq!(seen, raised.to_string());
+    service.stop().await.unwrap();
 }

@@ -166,7 +166,7 @@ async fn connect(uri: &str, names: &Names) -> Result<Rig, String> {
     let collector = Runner::new(routes, config.clone().with_max_workers(4))
         .spawn()
         .await
-        .map_err(|error| format!("cannot start the collector: {error}"))?;
+        .map_err(|error| format!("cannot start the collector: {error:?}"))?;
     let transport = micro_framework::transport::connect(&config)
         .await
         .map_err(|error| format!("cannot connect: {error}"))?;
@@ -407,7 +407,8 @@ async fn report_and_clean_up(
     let summary = rig.tracker.summary();
     let Rig { collector, transport, client, .. } = rig;
     if let Err(error) = collector.stop().await {
-        println!("collector: {error}");
+        // `Debug`: the message and its causes (a stopped route says why only in its source)
+        println!("collector: {error:?}");
     }
     client.close().await;
     let cleaned = broker::clean_up(&transport, &marker).await;

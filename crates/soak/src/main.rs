@@ -181,7 +181,8 @@ fn main() -> ExitCode {
         Mode::Service { role, names, dir } => match services::serve(role, &names, &dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("service {}: {error}", names.service(role));
+                // `Debug`: a route that stopped says why only in its source
+                eprintln!("service {}: {error:?}", names.service(role));
                 ExitCode::FAILURE
             }
         },
