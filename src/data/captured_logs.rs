@@ -4,12 +4,7 @@ use std::sync::{Arc, Mutex};
 
 /// What `run` returns, and every warning (and error) it logged, as plain text lines.
 pub(crate) fn warnings_of<R>(run: impl FnOnce() -> R) -> (R, String) {
-    logs_of(tracing::Level::WARN, run)
-}
-
-/// What `run` returns, and every log at `level` and above, as plain text lines.
-pub(crate) fn logs_of<R>(level: tracing::Level, run: impl FnOnce() -> R) -> (R, String) {
-    let captured = Captured::start(level);
+    let captured = Captured::start(tracing::Level::WARN);
     let returned = run();
     (returned, captured.logged())
 }
