@@ -113,6 +113,57 @@ async fn a_dependency_failing_to_set_up_is_reported_with_its_error_once() {
     assert_eq!(reported(error), whole);
 }
 
+/// Refuses, for a reason of its own: an error two sources deep under the framework's.
+#[derive(Debug)]
+struct PoolRefused(std::io::Error);
+
+impl std::fmt::Display for PoolRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the pool refused a connection")
+    }
+}
+
+impl StdError for PoolRefused {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Cannot be set up: its pool refuses, because the database refuses.
+struct Refusing;
+
+#[micro_framework::async_trait]
+impl Dependency for Refusing {
+    type Output = ();
+    async fn setup(&self, _setup: &SetupContext) -> Result<(), BoxError> {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused by db");
+        Err(Box::new(PoolRefused(refused)))
+    }
+    async fn get(&self, _call: &WorkerContext) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// Every cause of a chain deeper than one shows, in order, in the error's `Debug` and in a
+/// test call's failure (`call_route`), not only the first.
+#[tokio::test]
+async fn every_cause_of_a_deeper_chain_is_reported_once_in_order() {
+    let whole = "dependency error_reports::Refusing failed to set up: the pool refused a \
+                 connection: refused by db";
+    let route =
+        Route::new(noop).entrypoint(EventListener::new("shop", "paid")).dependency(Refusing);
+    let error = TestService::start(vec![route], memory_test_config("dependency_chain"))
+        .await
+        .expect_err("the dependency cannot be set up");
+    assert_eq!(format!("{error:?}"), whole);
+    assert_eq!(reported(error), whole);
+
+    let route = Route::new(noop).dependency(Refusing);
+    let config = memory_test_config("dependency_chain_call");
+    let failure = call_route(route, config, Message::json(&json!({})).unwrap()).await.unwrap_err();
+    assert_eq!(failure.full_message(), whole);
+}
+
 async fn dispatches_a_map_with_tuple_keys(producer: Producer) -> micro_framework::Result<()> {
     producer.dispatch("odd", &HashMap::from([((1, 2), 3)])).await
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{broker_uris, config, wait_until, Probe};
-use micro_framework::amqp::entrypoints::EventListener;
+use micro_framework::amqp::entrypoints::{EventListener, QueueListener};
 use micro_framework::config::WorkerMode;
 use micro_framework::dependencies::Shared;
 use micro_framework::entrypoints::TimeEntrypoint;
@@ -504,6 +504,18 @@ async fn args_where_no_message_is_a_call_stops_the_start_naming_the_entrypoint()
         let callback = CallbackRoute::new(payload, on_failure).entrypoint(listener());
         let error = start(callback).await.unwrap_err();
         assert!(error.to_string().contains("Args<T> takes the arguments"), "{error}");
+
+        // a work queue's messages may be calls (a task's `args` and `kwargs`): taken there
+        let config = config(&uri, "args_queue");
+        let queue = format!("{}-tasks", config.service_name);
+        let route = Route::new(positional).entrypoint(QueueListener::new(queue.clone()));
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
+        let service = TestService::start(vec![route], config).await.expect("Args on a queue");
+        service.stop().await.unwrap();
+        for name in [queue.clone(), format!("{queue}.dlq")] {
+            transport.delete_queue(&name).await.unwrap();
+        }
+        transport.close().await;
     }
 }
 
@@ -966,7 +978,6 @@ async fn a_test_can_replace_a_dependency_and_call_a_route_directly() {
 
 #[tokio::test]
 async fn a_queue_listener_consumes_a_named_queue_and_its_bindings() {
-    use micro_framework::amqp::entrypoints::QueueListener;
     use micro_framework::transport::ExchangeSpec;
     for uri in broker_uris() {
         let probe = Probe::new();

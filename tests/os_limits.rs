@@ -29,10 +29,7 @@ impl Limited {
 
     /// [`Limited::start`], with `vars` in its environment.
     fn start_with(soft: u64, hard: u64, vars: &[(&str, &str)]) -> Limited {
-        let exe = std::env::current_exe().unwrap();
-        let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
-        let example = examples.join("http_service");
-        assert!(example.exists(), "run `cargo build --examples` first: {}", example.display());
+        let example = example("http_service");
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let (http, metrics) = (free(), free());
         let log = std::env::temp_dir().join(format!("{}.log", common::unique("os_limits")));
@@ -47,16 +44,7 @@ impl Limited {
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .envs(vars.iter().copied());
-        // SAFETY: setrlimit is async-signal-safe
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit { rlim_cur: soft as _, rlim_max: hard as _ };
-                match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                }
-            });
-        }
+        with_file_limit(&mut command, soft, hard);
         let child = command.spawn().unwrap();
         let limited = Limited { child, http, metrics, log };
         let started = Instant::now();
@@ -78,6 +66,55 @@ impl Limited {
 }
 
 impl Drop for Limited {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The example `name`, built.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
+    let example = examples.join(name);
+    assert!(example.exists(), "run `cargo build --examples` first: {}", example.display());
+    example
+}
+
+/// `command` to start with a soft and a hard `RLIMIT_NOFILE`.
+fn with_file_limit(command: &mut std::process::Command, soft: u64, hard: u64) {
+    // SAFETY: setrlimit is async-signal-safe
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: soft as _, rlim_max: hard as _ };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+}
+
+/// An example started with `command`, its log (stderr) in a file; killed when dropped.
+struct Started {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Started {
+    fn spawn(mut command: std::process::Command) -> Started {
+        let log = std::env::temp_dir().join(format!("{}.log", common::unique("os_limits")));
+        command.stderr(std::fs::File::create(&log).unwrap());
+        Started { child: command.spawn().unwrap(), log }
+    }
+
+    fn logged(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Started {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -119,6 +156,45 @@ fn out_of_file_descriptors_the_http_server_warns_now_and_then_and_recovers() {
     assert!(logged.contains("accepted an HTTP connection again"), "{logged}");
 }
 
+/// The WebSocket server's accept loop out of file descriptors, as the HTTP server's: one
+/// warning naming the limit, not ten a second, and serving again once descriptors are freed.
+#[test]
+fn out_of_file_descriptors_the_websocket_server_warns_now_and_then_and_recovers() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut command = std::process::Command::new(example("websocket_service"));
+    command
+        .arg("--serve")
+        .env_remove("AMQP_URI")
+        .env_remove("RUST_LOG")
+        .env_remove("ENABLE_METRICS")
+        .env("WEBSOCKET_IP", "127.0.0.1")
+        .env("WEBSOCKET_PORT", free.port().to_string())
+        .stdout(std::process::Stdio::null());
+    with_file_limit(&mut command, 48, 48);
+    let service = Started::spawn(command);
+    let logged = || service.logged();
+    let started = Instant::now();
+    while !logged().contains("serving ws://") {
+        assert!(started.elapsed() < Duration::from_secs(20), "{}", logged());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let held: Vec<TcpStream> = (0..80).map(|_| TcpStream::connect(free).unwrap()).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let all = logged();
+    let warnings: Vec<&str> =
+        all.lines().filter(|line| line.contains("cannot accept a WebSocket connection")).collect();
+    assert!(!warnings.is_empty(), "{all}");
+    assert!(warnings.len() <= 2, "{} warnings in 3 s:\n{all}", warnings.len());
+    assert!(warnings[0].contains("ulimit -n"), "{all}");
+    drop(held);
+    let started = Instant::now();
+    while !logged().contains("accepted a WebSocket connection again") {
+        assert!(started.elapsed() < Duration::from_secs(5), "{}", logged());
+        drop(TcpStream::connect_timeout(&free, Duration::from_secs(1)));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A container's usual limit, a soft limit of 1024 under a far higher hard one (Docker 25+,
 /// containerd 2, systemd), is below `HTTP_MAX_CONNECTIONS` (1024) plus the service's own
 /// descriptors: the connections would use them all before the cap engages, and
@@ -146,6 +222,9 @@ fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_c
         let expected = [hard.min(65_536).to_string(), hard.to_string()];
         assert_eq!(open_files[3..5], expected, "{limits}");
     }
+    // raised far enough: nothing to warn of
+    let logged = service.logged();
+    assert!(!logged.contains("RLIMIT_NOFILE"), "{logged}");
     let held = service.hold(120);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -195,6 +274,42 @@ fn a_file_limit_too_low_for_http_max_connections_is_named_at_start() {
     let warning = logged.lines().find(|line| line.contains("RLIMIT_NOFILE"));
     let warning = warning.unwrap_or_else(|| panic!("no warning:\n{logged}"));
     assert!(warning.contains("48") && warning.contains("HTTP_MAX_CONNECTIONS (1024)"), "{warning}");
+    // the limit needed: HTTP_MAX_CONNECTIONS (1024) plus the service's own 64
+    let service = Limited::start(1087, 1087);
+    let logged = service.logged();
+    assert!(logged.contains("at most 1087 files (RLIMIT_NOFILE"), "{logged}");
+    let service = Limited::start(1088, 1088);
+    let logged = service.logged();
+    assert!(!logged.contains("RLIMIT_NOFILE"), "{logged}");
+}
+
+/// A service that serves no HTTP (no HTTP route, metrics off) is not warned about
+/// `HTTP_MAX_CONNECTIONS`, whatever its file limit; with its metrics server on, it is.
+#[test]
+fn only_a_service_serving_http_is_warned_of_its_file_limit() {
+    use std::io::BufRead;
+    for metrics in [false, true] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut command = std::process::Command::new(example("timer_service"));
+        command
+            .env_remove("AMQP_URI")
+            .env_remove("RUST_LOG")
+            .env("ENABLE_METRICS", metrics.to_string())
+            .env("METRICS_HOST", "127.0.0.1")
+            .env("METRICS_PORT", port.to_string())
+            .stdout(std::process::Stdio::piped());
+        with_file_limit(&mut command, 48, 48);
+        let mut service = Started::spawn(command);
+        // its first timer run: started
+        let mut stdout = std::io::BufReader::new(service.child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.starts_with("report:") {
+            line.clear();
+            assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "it ended: {}", service.logged());
+        }
+        let logged = service.logged();
+        assert_eq!(logged.contains("HTTP_MAX_CONNECTIONS (1024)"), metrics, "{logged}");
+    }
 }
 
 /// A broker connection lost while the process is out of file descriptors is made again once

@@ -93,9 +93,11 @@ fn out_of_descriptors(error: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::captured_logs::Captured;
 
     #[tokio::test(start_paused = true)]
     async fn a_failing_accept_is_paused_after_and_counted_until_one_succeeds() {
+        let logs = Captured::start(tracing::Level::INFO);
         let mut errors = AcceptErrors::new("a test connection");
         let started = Instant::now();
         for _ in 0..3 {
@@ -108,10 +110,21 @@ mod tests {
         assert_eq!((errors.failed, errors.unlogged), (4, 0), "warned again");
         errors.accepted();
         assert_eq!((errors.failed, errors.recovery_logged), (0, true));
+        let logged = logs.logged();
+        let warnings: Vec<&str> = logged.lines().filter(|line| line.contains(" WARN ")).collect();
+        assert_eq!(warnings.len(), 2, "{logged}");
+        assert!(warnings[0].contains("cannot accept a test connection: "), "{logged}");
+        assert!(warnings[0].contains("out of file descriptors"), "{logged}");
+        assert!(!warnings[0].contains("more failed"), "{logged}");
+        assert!(warnings[1].contains("(2 more failed since the last warning)"), "{logged}");
+        assert!(logged.contains("accepted a test connection again, after 4 failed accepts"));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_server_at_its_limit_accepting_and_failing_in_turn_warns_once_per_period() {
+        // captured throughout: a log macro first reached on a thread without a subscriber
+        // would be cached as never enabled, for every test of this binary (tracing-core)
+        let logs = Captured::start(tracing::Level::INFO);
         let mut errors = AcceptErrors::new("a test connection");
         errors.failed(io::Error::from_raw_os_error(24)).await;
         let warned = errors.last_warning;
@@ -121,5 +134,29 @@ mod tests {
         }
         assert_eq!((errors.last_warning, errors.unlogged), (warned, 10));
         assert!(errors.recovery_logged, "logged once");
+        let logged = logs.logged();
+        assert_eq!(logged.matches("accepted a test connection again").count(), 1, "{logged}");
+        // the next warning's period logs the recovery again
+        tokio::time::advance(WARN_EVERY).await;
+        errors.failed(io::Error::from_raw_os_error(24)).await;
+        assert_ne!(errors.last_warning, warned, "warned again");
+        assert!(!errors.recovery_logged, "to be logged after this warning");
+    }
+
+    #[test]
+    fn an_accept_that_never_failed_is_no_recovery() {
+        let mut errors = AcceptErrors::new("a test connection");
+        errors.accepted();
+        assert_eq!((errors.failed, errors.recovery_logged), (0, false));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_process_or_the_system_out_of_descriptors_is_told_from_other_failures() {
+        for (code, out) in [(libc::EMFILE, true), (libc::ENFILE, true), (libc::ECONNABORTED, false)]
+        {
+            assert_eq!(out_of_descriptors(&io::Error::from_raw_os_error(code)), out, "{code}");
+        }
+        assert!(!out_of_descriptors(&io::Error::other("no OS error")));
     }
 }

@@ -695,6 +695,11 @@ async fn show_config_with_a_uri_does_not_read_the_files() {
         ("unset.yaml", "SERVICE_NAME: billing\nAMQP_URI: ${CLI_TEST_UNSET_BROKER}\n"),
         ("refused.yaml", "SERVICE_NAME: billing\nAMQP_URI: amqp://\n"),
         ("merged.yaml", "base: &base\n  AMQP_URI: amqp://\nSERVICE_NAME: billing\n<<: *base\n"),
+        // merged in from a mapping written in place, held by no other key
+        (
+            "merged_unset.yaml",
+            "SERVICE_NAME: billing\n<<: {AMQP_URI: '${CLI_TEST_UNSET_BROKER}'}\n",
+        ),
         ("unset.toml", "SERVICE_NAME = \"billing\"\nAMQP_URI = \"${CLI_TEST_UNSET_BROKER}\"\n"),
     ];
     for (name, text) in files {

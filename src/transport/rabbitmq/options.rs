@@ -318,6 +318,12 @@ mod tests {
             let error = options.load().unwrap_err();
             assert_eq!(error.to_string(), TransportError::Tls(expected).to_string());
             assert!(error.is_permanent());
+            // given for a certificate, it is refused as no certificate, not as a key
+            let options = TlsOptions { ca_file: Some(key.clone()), ..TlsOptions::default() };
+            let error = options.load().unwrap_err().to_string();
+            let named = format!("AMQP_SSL_CA_FILE {} ", key.display());
+            assert!(error.contains(&named) && error.contains("certificate"), "{error}");
+            assert!(!error.contains("encrypted private key"), "{error}");
         }
     }
 
