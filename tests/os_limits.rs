@@ -48,7 +48,9 @@ impl Limited {
         let child = command.spawn().unwrap();
         let limited = Limited { child, http, metrics, log };
         let started = Instant::now();
-        while get(limited.metrics, "/health/live", Duration::from_secs(1)) != Some(200) {
+        // ready, not live: live answers once the metrics port is bound, before the broker
+        // connect and the HTTP routes' listener, which `hold` would then find closed
+        while get(limited.metrics, "/health/ready", Duration::from_secs(1)) != Some(200) {
             assert!(started.elapsed() < Duration::from_secs(20), "{}", limited.logged());
             std::thread::sleep(Duration::from_millis(50));
         }
