@@ -197,6 +197,29 @@ fn out_of_file_descriptors_the_websocket_server_warns_now_and_then_and_recovers(
     }
 }
 
+/// The soft and hard limits on open files of the process `pid`, as Linux shows them.
+fn open_files_limits(pid: u32) -> [String; 2] {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files = limits.lines().find(|line| line.starts_with("Max open files")).unwrap();
+    let words: Vec<&str> = open_files.split_whitespace().collect();
+    [words[3].to_owned(), words[4].to_owned()]
+}
+
+/// This process's hard `RLIMIT_NOFILE` (only a privileged process may raise it), if it is
+/// 4096 at least, as the tests raising a service's soft limit need; `None`, said, if not.
+fn own_hard_limit() -> Option<u64> {
+    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
+    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+    let hard = u64::try_from(own.rlim_max).unwrap();
+    if hard < 4096 {
+        eprintln!("SKIPPED: this test needs a hard RLIMIT_NOFILE of 4096 at least, not {hard}");
+        return None;
+    }
+    Some(hard)
+}
+
 /// A container's usual limit, a soft limit of 1024 under a far higher hard one (Docker 25+,
 /// containerd 2, systemd), is below `HTTP_MAX_CONNECTIONS` (1024) plus the service's own
 /// descriptors: the connections would use them all before the cap engages, and
@@ -205,24 +228,11 @@ fn out_of_file_descriptors_the_websocket_server_warns_now_and_then_and_recovers(
 /// Go programs do, but not past 65,536 (the default `HTTP_MAX_CONNECTIONS` needs far less).
 #[test]
 fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_connections() {
-    // this process's own hard limit: only a privileged one may raise it
-    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes the struct it is given
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
-    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
-    let hard = u64::try_from(own.rlim_max).unwrap();
-    if hard < 4096 {
-        eprintln!("SKIPPED: this test needs a hard RLIMIT_NOFILE of 4096 at least, not {hard}");
-        return;
-    }
+    let Some(hard) = own_hard_limit() else { return };
     let service = Limited::start(48, hard);
     if cfg!(target_os = "linux") {
-        let limits = std::fs::read_to_string(format!("/proc/{}/limits", service.child.id()));
-        let limits = limits.unwrap();
-        let open_files = limits.lines().find(|line| line.starts_with("Max open files"));
-        let open_files: Vec<&str> = open_files.unwrap().split_whitespace().collect();
         let expected = [hard.min(65_536).to_string(), hard.to_string()];
-        assert_eq!(open_files[3..5], expected, "{limits}");
+        assert_eq!(open_files_limits(service.child.id()), expected);
     }
     // raised far enough: nothing to warn of
     let logged = service.logged();
@@ -244,23 +254,11 @@ fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_c
 /// does not, the limit reached is named at start.
 #[test]
 fn the_soft_file_limit_is_raised_as_far_as_http_max_connections_needs() {
-    let mut own = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes the struct it is given
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut own) }, 0);
-    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
-    let hard = u64::try_from(own.rlim_max).unwrap();
-    if hard < 4096 {
-        eprintln!("SKIPPED: this test needs a hard RLIMIT_NOFILE of 4096 at least, not {hard}");
-        return;
-    }
+    let Some(hard) = own_hard_limit() else { return };
     let needed = 70_000 + 64;
     let service = Limited::start_with(48, hard, &[("HTTP_MAX_CONNECTIONS", "70000")]);
     if cfg!(target_os = "linux") {
-        let limits = std::fs::read_to_string(format!("/proc/{}/limits", service.child.id()));
-        let limits = limits.unwrap();
-        let open_files = limits.lines().find(|line| line.starts_with("Max open files"));
-        let open_files: Vec<&str> = open_files.unwrap().split_whitespace().collect();
-        assert_eq!(open_files[3], hard.min(needed).to_string(), "{limits}");
+        assert_eq!(open_files_limits(service.child.id())[0], hard.min(needed).to_string());
     }
     let logged = service.logged();
     let warned = logged.contains("too few for HTTP_MAX_CONNECTIONS (70000)");

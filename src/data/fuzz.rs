@@ -6,7 +6,7 @@ use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 
-use crate::data::fuzz_support::config;
+use crate::data::fuzz_support::{self, config};
 use crate::data::media_type::{essence, is_json};
 use crate::data::ufw_wire::{
     parse_reply, reply_body, reply_frame, request_frame, RemoteError, Request,
@@ -80,23 +80,9 @@ fn content_type() -> impl Strategy<Value = String> {
     prop_oneof![4 => built, 1 => ".{0,24}"]
 }
 
-/// Any JSON value, nested a few levels, its strings any text (escapes and non-ASCII too).
+/// Any JSON value, nested a few levels.
 fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_map(Value::from),
-        ".{0,12}".prop_map(Value::from),
-    ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
-        prop_oneof![
-            vec(inner.clone(), 0..4).prop_map(Value::Array),
-            btree_map(".{0,6}", inner, 0..4)
-                .prop_map(|map| Value::Object(map.into_iter().collect())),
-        ]
-    })
+    fuzz_support::json_value(".{0,6}".boxed())
 }
 
 /// A string standing where a token is put into a document's text.

@@ -59,3 +59,24 @@ pub(crate) fn header_value() -> impl Strategy<Value = HeaderValue> {
 pub(crate) fn headers() -> impl Strategy<Value = Headers> {
     btree_map(key(), header_value(), 0..6)
 }
+
+/// Any JSON value, nested a few levels, its strings any text (escapes and non-ASCII too), the
+/// keys of its objects from `keys`.
+pub(crate) fn json_value(keys: BoxedStrategy<String>) -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        ".{0,12}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 32, 5, move |inner| {
+        prop_oneof![
+            vec(inner.clone(), 0..5).prop_map(Value::Array),
+            btree_map(keys.clone(), inner, 0..5)
+                .prop_map(|map| Value::Object(map.into_iter().collect())),
+        ]
+    })
+}
