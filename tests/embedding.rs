@@ -302,9 +302,16 @@ fn hello() -> &'static str {
     "hello"
 }
 
-/// A free loopback port (free when this returns).
+/// A loopback port free when this returns, below Linux's ephemeral range (32768-60999): the
+/// test binds it again and again, and a port of that range may meanwhile become the local
+/// port of an outgoing connection (another test's), which refuses the bind ("in use").
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = fastrand::u16(20_000..32_768);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A program that tries its start again (the broker not up yet, an exchange not declared
