@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 /// routes and its metrics server on free loopback ports, its log in a file; killed when
 /// dropped.
 struct Limited {
-    child: std::process::Child,
+    started: Started,
     http: SocketAddr,
     metrics: SocketAddr,
-    log: PathBuf,
 }
 
 impl Limited {
@@ -32,7 +31,6 @@ impl Limited {
         let example = example("http_service");
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let (http, metrics) = (free(), free());
-        let log = std::env::temp_dir().join(format!("{}.log", common::unique("os_limits")));
         let mut command = std::process::Command::new(example);
         command
             .env_remove("AMQP_URI")
@@ -42,11 +40,9 @@ impl Limited {
             .env("METRICS_HOST", "127.0.0.1")
             .env("METRICS_PORT", metrics.port().to_string())
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
             .envs(vars.iter().copied());
         with_file_limit(&mut command, soft, hard);
-        let child = command.spawn().unwrap();
-        let limited = Limited { child, http, metrics, log };
+        let limited = Limited { started: Started::spawn(command), http, metrics };
         let started = Instant::now();
         // ready, not live: live answers once the metrics port is bound, before the broker
         // connect and the HTTP routes' listener, which `hold` would then find closed
@@ -63,15 +59,7 @@ impl Limited {
     }
 
     fn logged(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
+        self.started.logged()
     }
 }
 
@@ -232,7 +220,7 @@ fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_c
     let service = Limited::start(48, hard);
     if cfg!(target_os = "linux") {
         let expected = [hard.min(65_536).to_string(), hard.to_string()];
-        assert_eq!(open_files_limits(service.child.id()), expected);
+        assert_eq!(open_files_limits(service.started.child.id()), expected);
     }
     // raised far enough: nothing to warn of
     let logged = service.logged();
@@ -258,7 +246,7 @@ fn the_soft_file_limit_is_raised_as_far_as_http_max_connections_needs() {
     let needed = 70_000 + 64;
     let service = Limited::start_with(48, hard, &[("HTTP_MAX_CONNECTIONS", "70000")]);
     if cfg!(target_os = "linux") {
-        assert_eq!(open_files_limits(service.child.id())[0], hard.min(needed).to_string());
+        assert_eq!(open_files_limits(service.started.child.id())[0], hard.min(needed).to_string());
     }
     let logged = service.logged();
     let warned = logged.contains("too few for HTTP_MAX_CONNECTIONS (70000)");
