@@ -4,6 +4,8 @@
 //! guidelines, C-GOOD-ERR). Every error is made by a real failure where that is cheap.
 #![cfg(feature = "websocket")]
 
+#[path = "common/failing.rs"]
+mod failing;
 #[path = "common/logs.rs"]
 mod logs;
 
@@ -11,17 +13,16 @@ use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::time::Duration;
 
+use failing::Failing;
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::EventListener;
 use micro_framework::amqp::rpc::Client;
 use micro_framework::dependencies::{Dependency, SetupContext};
-use micro_framework::entrypoints::Entrypoint;
 use micro_framework::prelude::*;
 use micro_framework::testing::{call_route, memory_test_config, FakeProducer, TestService};
-use micro_framework::transport::{ClosedPart, TransportError};
 use micro_framework::websocket::WebSocketRpcClient;
+use micro_framework::WorkerContext;
 use micro_framework::{BoxError, DecodeError, Error, ExtractError, Message, SetupError};
-use micro_framework::{RouteHandle, WorkerContext};
 use serde_json::{json, Value};
 
 /// `error` as `anyhow` reports it on one line (`{:#}`), once checked that no message of its
@@ -44,31 +45,13 @@ fn reported<E: StdError + Send + Sync + 'static>(error: E) -> String {
 
 fn noop() {}
 
-/// Fails once the service runs, as an entrypoint whose queue was deleted.
-struct Failing;
-
-#[micro_framework::async_trait]
-impl Entrypoint for Failing {
-    fn describe(&self) -> String {
-        "Failing".into()
-    }
-
-    async fn run(self: Box<Self>, _route: RouteHandle) -> micro_framework::Result<()> {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        Err(Error::Transport(TransportError::Closed {
-            what: ClosedPart::Consumer,
-            reason: "the queue was deleted".into(),
-        }))
-    }
-}
-
 /// A route that stops the service is reported with its cause once (it showed twice: `route
 /// 'noop' stopped: closed: the queue was deleted: closed: the queue was deleted`); its `Debug`,
 /// what a `main` returning the error prints, and the service's log line keep the cause.
 #[tokio::test]
 async fn a_route_stopping_the_service_is_reported_with_its_cause_once() {
     logs::capture(tracing::Level::ERROR);
-    let routes = vec![Route::new(noop).entrypoint(Failing)];
+    let routes = vec![Route::new(noop).entrypoint(Failing { panic: false })];
     let config = memory_test_config("route_stops");
     let mut service = Runner::new(routes, config).spawn().await.expect("it starts");
     let error = tokio::time::timeout(Duration::from_secs(10), service.wait_finished())

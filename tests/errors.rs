@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::failing::Failing;
 use common::journaled::{Fault, Journal, Journaled};
 use common::{config, rabbitmq_uri, unique};
 use micro_framework::amqp::dependencies::RpcProxy;
@@ -16,29 +17,6 @@ use micro_framework::transport::{ClosedPart, TransportError};
 use micro_framework::{Error, RouteHandle};
 
 fn noop() {}
-
-/// Fails (or panics) once the service runs.
-struct Failing {
-    panic: bool,
-}
-
-#[micro_framework::async_trait]
-impl Entrypoint for Failing {
-    fn describe(&self) -> String {
-        "Failing".into()
-    }
-
-    async fn run(self: Box<Self>, _route: RouteHandle) -> micro_framework::Result<()> {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if self.panic {
-            panic!("entrypoint gave up");
-        }
-        Err(Error::Transport(TransportError::Closed {
-            what: ClosedPart::Consumer,
-            reason: "the queue was deleted".into(),
-        }))
-    }
-}
 
 #[tokio::test]
 async fn a_route_failing_at_run_time_is_not_a_start_up_error() {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod failing;
 pub mod journaled;
 pub mod logs;
 pub mod peer;
