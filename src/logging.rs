@@ -18,11 +18,16 @@ pub use crate::data::{bounded, escape_wire_text, MAX_ERROR_TEXT};
 /// forge a line: in readable lines every control or invisible formatting character is
 /// escaped (see [`escape_wire_text`]), so one event is always one line; JSON lines escape
 /// control characters anyway. Readable lines are coloured only on a terminal, and never with
-/// `NO_COLOR` set: a file or a log collector gets plain text.
+/// `NO_COLOR` set: a file or a log collector gets plain text. Lines that cannot be written
+/// (stderr closed) are dropped, and the service goes on.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let filter = quiet_returned_messages(filter, std::env::var("RUST_LOG").ok().as_deref());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // A log line that cannot be written (stderr a pipe whose reader is gone: a log shipper
+    // restarted, `| tee` killed) is dropped. tracing-subscriber would report it with
+    // `eprintln!`, which panics on that same stderr: in whatever thread or task logged, the
+    // signal watcher's included, so a SIGTERM no longer stopped the service.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => {
             let colours = colours(io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));

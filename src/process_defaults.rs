@@ -104,7 +104,12 @@ fn catch_stop_signals() {
     // blocked by the service from the worker's start until now: one sent meanwhile is
     // delivered here, to the handler that does nothing
     if let Err(error) = crate::pipeline::spawners::process::stop_signals(libc::SIG_UNBLOCK) {
-        eprintln!("a worker process cannot unblock SIGINT and SIGTERM: {error}");
+        use std::io::Write as _;
+        // not `eprintln!`, which panics when stderr is closed
+        let _ = writeln!(
+            std::io::stderr(),
+            "a worker process cannot unblock SIGINT and SIGTERM: {error}"
+        );
     }
 }
 
