@@ -1,0 +1,93 @@
+//! Services far bigger than the examples: more consumers than the connection has channels,
+//! hundreds of routes.
+
+mod common;
+
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::amqp::rpc::Client;
+use micro_framework::config::Protocol;
+use micro_framework::prelude::*;
+use micro_framework::testing::TestService;
+use micro_framework::transport::TransportError;
+
+use common::{cleanup, rabbitmq_uri, unique};
+
+fn noop() {}
+
+fn one() -> i64 {
+    1
+}
+
+/// Six event listeners, two micro-framework RPC targets (and their built-in commands) and
+/// three Nameko RPC methods: ten consumers, each on a channel of its own, a channel for
+/// declarations and one for publishing: twelve channels.
+fn routes(source: &str) -> Vec<Route> {
+    let mut routes: Vec<Route> = (0..6)
+        .map(|i| {
+            Route::new(noop).name(format!("on_{i}")).entrypoint(EventListener::new(source, "e"))
+        })
+        .collect();
+    for i in 0..2 {
+        let listener = RPCListener::new().protocol(Protocol::MicroFramework);
+        routes.push(Route::new(one).name(format!("target_{i}")).entrypoint(listener));
+    }
+    for i in 0..3 {
+        routes.push(Route::new(one).name(format!("method_{i}")).entrypoint(RPCListener::new()));
+    }
+    routes
+}
+
+/// A service whose consumers need more channels than its connection allows is refused at
+/// start, before it declares anything, by an error naming the limit and what to raise. It
+/// started, reported itself ready, and then stopped, route after route failing to open its
+/// consumer's channel (a RabbitMQ service with more than 2047 event routes did so).
+#[tokio::test]
+async fn more_consumers_than_channel_max_stop_the_start_naming_the_limit() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let source = unique("wide_src");
+    let config = common::config(&format!("{uri}?channel_max=11"), "wide");
+    let service = config.service_name.clone();
+    let started = TestService::start(routes(&source), config.clone()).await;
+    let Err(error) = started else { panic!("started with 11 channels for 12") };
+    let text = error.to_string();
+    assert!(matches!(error, micro_framework::Error::Startup(_)), "{error:?}");
+    assert!(text.contains("at least 12 AMQP channels"), "{text}");
+    assert!(text.contains("connection allows 11"), "{text}");
+    assert!(text.contains("channel_max (rabbitmq.conf)"), "{text}");
+
+    // refused before the first declaration
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
+    let queue = format!("evt-{source}-e--{service}.on_0");
+    let missing = transport.queue_info(&queue).await.expect_err("not declared");
+    assert!(matches!(missing, TransportError::NotFound(_)), "{missing:?}");
+    transport.close().await;
+    cleanup(&uri, &[source, service]).await;
+}
+
+/// The same routes start when the connection allows the twelve channels, and each serves:
+/// the check refuses no service that fits.
+#[tokio::test]
+async fn as_many_consumers_as_channel_max_allows_start_and_serve() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let source = unique("fit_src");
+    let config = common::config(&format!("{uri}?channel_max=12"), "fit");
+    let name = config.service_name.clone();
+    let service = TestService::start(routes(&source), config.clone()).await.expect("fits");
+    service.dispatch(&source, "e", &1).await.unwrap();
+    for i in 0..6 {
+        service.wait_for_route(&format!("on_{i}"), 1).await.unwrap();
+    }
+    let client = Client::connect(&Config::new("caller").with_amqp_uri(uri.clone())).await.unwrap();
+    for i in 0..3 {
+        let answer: i64 = client.call(&name, &format!("method_{i}"), (), ()).await.unwrap();
+        assert_eq!(answer, 1);
+    }
+    for i in 0..2 {
+        let proxy = client.service(&name).protocol(Protocol::MicroFramework);
+        let answer: i64 = proxy.call(&format!("target_{i}"), (), ()).await.unwrap();
+        assert_eq!(answer, 1);
+    }
+    client.close().await;
+    service.stop().await.unwrap();
+    cleanup(&uri, &[source, name]).await;
+}
