@@ -7,7 +7,7 @@ use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Client;
 use micro_framework::config::Protocol;
 use micro_framework::prelude::*;
-use micro_framework::testing::TestService;
+use micro_framework::testing::{memory_test_config, TestService};
 use micro_framework::transport::TransportError;
 
 use common::{cleanup, rabbitmq_uri, unique};
@@ -90,4 +90,25 @@ async fn as_many_consumers_as_channel_max_allows_start_and_serve() {
     client.close().await;
     service.stop().await.unwrap();
     cleanup(&uri, &[source, name]).await;
+}
+
+/// A test asking a service of 300 routes for one it lacks gets an error naming the 20 routes
+/// closest to the name asked for, the nearest first, and how many there are: it listed all
+/// 300 (a 3000-route service's error was 25 kB long).
+#[tokio::test]
+async fn an_unknown_route_of_a_big_service_is_named_with_the_closest_routes() {
+    let routes = (0..300)
+        .map(|i| Route::new(noop).name(format!("on_{i}")).entrypoint(EventListener::new("s", "e")))
+        .collect();
+    let service = TestService::start(routes, memory_test_config("big")).await.unwrap();
+    let Err(unknown) = service.route("on_1000") else { panic!("no route on_1000") };
+    let text = unknown.to_string();
+    assert!(
+        text.starts_with("no route named 'on_1000' (300 routes, the closest: on_100, "),
+        "{text}"
+    );
+    assert_eq!(text.matches("on_").count(), 21, "the name asked and 20 routes: {text}");
+    let Err(unknown) = service.hook("on_1000") else { panic!("no route on_1000") };
+    assert_eq!(unknown.to_string(), text);
+    service.stop().await.unwrap();
 }
