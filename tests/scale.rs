@@ -7,6 +7,7 @@ use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Client;
 use micro_framework::config::Protocol;
 use micro_framework::prelude::*;
+use micro_framework::retry::AsyncBackOff;
 use micro_framework::testing::{memory_test_config, TestService};
 use micro_framework::transport::TransportError;
 
@@ -110,5 +111,36 @@ async fn an_unknown_route_of_a_big_service_is_named_with_the_closest_routes() {
     assert_eq!(text.matches("on_").count(), 21, "the name asked and 20 routes: {text}");
     let Err(unknown) = service.hook("on_1000") else { panic!("no route on_1000") };
     assert_eq!(unknown.to_string(), text);
+    service.stop().await.unwrap();
+}
+
+/// A route whose retries would wait in a delay queue `{queue}.delay-{ms}` over the 255 bytes
+/// of an AMQP name stops the start, naming the route: it started, and every failure went to
+/// its dead letters at once, "not retried". One whose delay queue fits starts.
+#[tokio::test]
+async fn a_route_whose_delay_queue_name_is_too_long_stops_the_start() {
+    // `evt-shop-{event}--long.retried`: 250 bytes (its `.dlq` fits), and 262 with
+    // `.delay-10000`
+    let retried = |event: String| {
+        let backoff = AsyncBackOff::new(3, std::time::Duration::from_secs(10));
+        Route::new(noop)
+            .name("retried")
+            .entrypoint(EventListener::new("shop", event))
+            .backoff(backoff)
+    };
+    let config = memory_test_config("long");
+    let Err(error) = TestService::start(vec![retried("e".repeat(227))], config).await else {
+        panic!("started with a delay queue of 262 bytes")
+    };
+    let text = error.to_string();
+    assert!(matches!(error, micro_framework::Error::Startup(_)), "{error:?}");
+    assert!(text.contains("route 'retried'"), "{text}");
+    assert!(text.contains("delay queue of 262 bytes (..."), "{text}");
+    assert!(text.contains("--long.retried.delay-10000)"), "{text}");
+
+    // 240 bytes: `.delay-10000` makes 252
+    let service = TestService::start(vec![retried("e".repeat(217))], memory_test_config("long"))
+        .await
+        .expect("its delay queue fits");
     service.stop().await.unwrap();
 }
