@@ -5,6 +5,23 @@ use crate::transport::TransportError;
 
 pub use crate::data::BoxError;
 
+/// How many route names an unknown route's error lists.
+const LISTED_ROUTES: usize = 20;
+
+/// The routes an unknown route's error names: each of a service of up to [`LISTED_ROUTES`];
+/// of a bigger one, how many there are and the names closest to the one asked for (the whole
+/// list of a service of thousands of routes made an error of tens of kilobytes, the likely
+/// name lost in it).
+pub(crate) fn known_routes(asked: &str, known: &[String]) -> String {
+    if known.len() <= LISTED_ROUTES {
+        return format!("routes: {}", known.join(", "));
+    }
+    let mut closest: Vec<&str> = known.iter().map(String::as_str).collect();
+    closest.sort_by_cached_key(|name| (strsim::damerau_levenshtein(asked, name), *name));
+    closest.truncate(LISTED_ROUTES);
+    format!("{} routes, the closest: {}", known.len(), closest.join(", "))
+}
+
 /// Errors that stop a service from starting or running, and errors of the framework's own
 /// calls. The variant says what happened; [`Error::Startup`] is only for a service that
 /// cannot be declared or started.
@@ -68,7 +85,7 @@ pub enum Error {
     #[error("cannot block: {0}")]
     Blocking(String),
     /// No running route has this name.
-    #[error("no route named '{route}' (routes: {})", known.join(", "))]
+    #[error("no route named '{route}' ({})", known_routes(route, known))]
     UnknownRoute {
         /// The name asked for.
         route: String,

@@ -293,15 +293,25 @@ async fn a_message_whose_callback_a_stop_prevents_goes_back_uncounted() {
         let shop = unique("cbstop");
         let config = config(&uri, "cbstop").with_max_redeliveries(0);
         let markers = [config.service_name.clone(), shop.clone()];
-        // A queue of 250 bytes: its dead-letter queue fits, its delay queue does not.
-        let (event, queue) =
+        // A queue of 247 bytes: its dead-letter queue fits, and so does its delay queue for
+        // the first delay asked (`.delay-1`, by the start, which refuses a route whose first
+        // retry cannot be made), not that of the retry (`.delay-20`).
+        let (event, _) =
             event_with_a_250_byte_queue(&shop, &config.service_name, "held_then_fails");
+        let event = event[3..].to_owned();
+        let queue = format!("evt-{shop}-{event}--{}.held_then_fails", config.service_name);
         let keeper = micro_framework::transport::connect(&config).await.unwrap();
         let called_back = Arc::new(Journal::default());
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let routes = |probe: &Arc<common::Probe>| {
+            let asked = asked.clone();
+            let later_longer = micro_framework::retry::Interval::custom(move |_| {
+                let again = asked.swap(true, std::sync::atomic::Ordering::SeqCst);
+                Duration::from_millis(if again { 20 } else { 1 })
+            });
             vec![CallbackRoute::new(held_then_fails, gives_up)
                 .entrypoint(EventListener::new(&shop, &event))
-                .backoff(AsyncBackOff::new(2, Duration::from_millis(20)))
+                .backoff(AsyncBackOff::new(2, Duration::from_millis(20)).interval(later_longer))
                 .dependency(Shared(probe.clone()))
                 .dependency(Shared(called_back.clone()))]
         };

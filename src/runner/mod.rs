@@ -1,5 +1,6 @@
 //! The [`Runner`]: starts a service from its routes and config, and stops it gracefully.
 
+mod channels;
 mod context;
 mod enabled;
 mod listeners;

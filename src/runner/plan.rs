@@ -3,6 +3,7 @@
 
 use super::context::RunnerContext;
 use super::metric_labels::MetricLabels;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::config::{Config, MAX_WORKERS_LIMIT};
@@ -32,6 +33,8 @@ pub(super) fn plan_routes(
     config: &Config,
 ) -> Result<Vec<RoutePlan>> {
     let mut plans: Vec<RoutePlan> = Vec::new();
+    // looked up per route: a scan of the plans made thousands of routes quadratic to plan
+    let mut names: HashSet<String> = HashSet::new();
     let mut labels = MetricLabels::default();
     for context in contexts {
         let mode = context.worker_mode.unwrap_or(config.worker_mode);
@@ -80,7 +83,7 @@ pub(super) fn plan_routes(
                         .into(),
                 ));
             }
-            if plans.iter().any(|plan| plan.route.name == route.name) {
+            if !names.insert(route.name.clone()) {
                 return Err(Error::Startup(format!(
                     "two routes are named '{}': give one another name with Route::name",
                     route.name

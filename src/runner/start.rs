@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::channels::check_channel_limit;
 use super::plan::RoutePlan;
 use super::running::{supervise, RunningService};
 #[cfg(feature = "process")]
@@ -111,6 +112,8 @@ async fn start_routes(
     // taken once the service has started: on an error the caller closes it
     #[cfg(feature = "metrics")] metrics_server: &mut Option<MetricsServer>,
 ) -> Result<RunningService> {
+    // before anything is declared: a start that cannot open every consumer fails here
+    check_channel_limit(&plans, config, transport.as_ref())?;
     // the metrics server, bound already, renders what the service records
     #[cfg(feature = "metrics")]
     let env = match &*metrics_server {

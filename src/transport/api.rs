@@ -200,6 +200,12 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     }
     /// True while the transport is connected to its broker (used for readiness).
     fn is_connected(&self) -> bool;
+    /// How many channels its connection may have open at once (AMQP's `channel_max`, as
+    /// negotiated with the broker); `None` while it is not connected, and for a transport
+    /// without channels (the default).
+    fn channel_limit(&self) -> Option<usize> {
+        None
+    }
     /// How many times the transport reconnected to its broker.
     fn reconnects(&self) -> u64 {
         0

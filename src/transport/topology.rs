@@ -3,6 +3,8 @@
 //! `Runner::start` print it as JSON, after the line [`TOPOLOGY_MARKER`], instead of serving
 //! (the `micro-framework topology` command reads that).
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -46,7 +48,7 @@ pub struct QueueEntry {
 }
 
 /// A binding a service declares.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct BindingEntry {
     /// The queue.
     pub queue: String,
@@ -88,13 +90,26 @@ fn json(value: &HeaderValue) -> serde_json::Value {
     }
 }
 
-/// Add `entry` to `list`, or replace in place the entry it declares again (`same`): the
+/// Where each listed entry is, by what names it: a recorder looks an entry up per declaration,
+/// and a scan of the lists made recording thousands of routes take time quadratic in their
+/// number.
+#[derive(Debug, Default)]
+struct Places {
+    exchanges: HashMap<String, usize>,
+    queues: HashMap<String, usize>,
+    bindings: HashMap<BindingEntry, usize>,
+}
+
+/// Add `entry` to `list` under `key`, or replace in place the entry it declares again: the
 /// routes of a service declare what they share each (`nameko-rpc`, the one RPC request queue),
 /// and the broker holds it once.
-fn once<T>(list: &mut Vec<T>, entry: T, same: impl Fn(&T, &T) -> bool) {
-    match list.iter_mut().find(|listed| same(listed, &entry)) {
+fn once<K: Hash + Eq, T>(list: &mut Vec<T>, places: &mut HashMap<K, usize>, key: K, entry: T) {
+    match places.get(&key).and_then(|&place| list.get_mut(place)) {
         Some(listed) => *listed = entry,
-        None => list.push(entry),
+        None => {
+            places.insert(key, list.len());
+            list.push(entry);
+        }
     }
 }
 
@@ -102,20 +117,20 @@ fn once<T>(list: &mut Vec<T>, entry: T, same: impl Fn(&T, &T) -> bool) {
 #[derive(Debug)]
 pub(crate) struct Recorder {
     inner: SharedTransport,
-    topology: Arc<Mutex<Topology>>,
+    topology: Arc<Mutex<(Topology, Places)>>,
 }
 
 impl Recorder {
     pub(crate) fn new(inner: SharedTransport, service: &str) -> Self {
         let topology = Topology { service: service.to_owned(), ..Topology::default() };
-        Recorder { inner, topology: Arc::new(Mutex::new(topology)) }
+        Recorder { inner, topology: Arc::new(Mutex::new((topology, Places::default()))) }
     }
 
     pub(crate) fn topology(&self) -> Topology {
-        self.record(|topology| topology.clone())
+        self.record(|(topology, _)| topology.clone())
     }
 
-    fn record<R>(&self, f: impl FnOnce(&mut Topology) -> R) -> R {
+    fn record<R>(&self, f: impl FnOnce(&mut (Topology, Places)) -> R) -> R {
         f(&mut self.topology.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
@@ -130,7 +145,9 @@ impl Transport for Recorder {
             durable: spec.durable,
             auto_delete: spec.auto_delete,
         };
-        self.record(|t| once(&mut t.exchanges, entry, |a, b| a.name == b.name));
+        self.record(|(t, places)| {
+            once(&mut t.exchanges, &mut places.exchanges, entry.name.clone(), entry)
+        });
         Ok(())
     }
 
@@ -143,7 +160,9 @@ impl Transport for Recorder {
             auto_delete: spec.auto_delete,
             arguments: spec.arguments.iter().map(|(k, v)| (k.clone(), json(v))).collect(),
         };
-        self.record(|t| once(&mut t.queues, entry, |a, b| a.name == b.name));
+        self.record(|(t, places)| {
+            once(&mut t.queues, &mut places.queues, entry.name.clone(), entry)
+        });
         Ok(info)
     }
 
@@ -158,7 +177,9 @@ impl Transport for Recorder {
             exchange: binding.exchange.clone(),
             routing_key: binding.routing_key.clone(),
         };
-        self.record(|t| once(&mut t.bindings, entry, |a, b| a == b));
+        self.record(|(t, places)| {
+            once(&mut t.bindings, &mut places.bindings, entry.clone(), entry)
+        });
         Ok(())
     }
 

@@ -9,8 +9,9 @@ use crate::config::{QueueType, RetryDelay};
 use crate::data::{Failure, Message};
 use crate::error::{Error, Result};
 use crate::pipeline::delayed_message::{self, RetryMeta};
-use crate::pipeline::retry::BackOffData;
+use crate::pipeline::retry::{BackOffData, RetryMode};
 use crate::pipeline::RouteHandle;
+use crate::transport::limits::MAX_SHORT_STRING;
 use crate::transport::{
     HeaderValue, Headers, Limit, OutgoingMessage, PublishOptions, QueueSpec, TransportError,
 };
@@ -23,8 +24,9 @@ const MAX_DELAY_QUEUE_TTL: Duration = Duration::from_millis(315_360_000_000 - 60
 
 /// Declare what broker-side retries of `queue` need at start-up: under
 /// `RETRY_DELAY=delayed_message_plugin`, the layout of [`delayed_message`] (a clear error
-/// when the plugin is missing). Delay queues need nothing yet.
+/// when the plugin is missing). Delay queues need nothing yet, but their names must fit.
 pub(crate) async fn declare_retry_topology(route: &RouteHandle, queue: &str) -> Result<()> {
+    check_delay_queue_name(route, queue)?;
     let Some(backoff_queue) = delayed_message::backoff_queue(route) else { return Ok(()) };
     delayed_message::declare(route).await.map_err(|error| {
         // The broker's own words for a missing plugin; any other refusal (a backoff queue
@@ -47,6 +49,39 @@ pub(crate) async fn declare_retry_topology(route: &RouteHandle, queue: &str) -> 
         delayed_message::exchange(route).name
     );
     Ok(())
+}
+
+/// Refuse a route whose first retry's delay queue (`{queue}.delay-{ms}`, declared only when a
+/// message fails) would be over the 255 bytes of an AMQP name: none of its failures could be
+/// retried, each going to its callback or dead letters at once. The jitter only lengthens the
+/// delay, so the first delay without it names the shortest queue the first retry may take.
+fn check_delay_queue_name(route: &RouteHandle, queue: &str) -> Result<()> {
+    let Some(policy) = route.backoff() else { return Ok(()) };
+    let delay_queues = route.config().retry_delay == RetryDelay::DelayQueues;
+    if policy.mode != RetryMode::Broker || policy.max_retries == 0 || !delay_queues {
+        return Ok(());
+    }
+    // an `Interval::custom` that panics is reported when a retry asks for its delay
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| policy.interval.delay(1)));
+    let Ok(first) = first else { return Ok(()) };
+    let millis = i64::try_from(first.min(MAX_DELAY_QUEUE_TTL).as_millis()).unwrap_or(i64::MAX);
+    let name = delay_queue(route.config().queue_type, queue, millis.max(1)).name;
+    if name.len() <= MAX_SHORT_STRING {
+        return Ok(());
+    }
+    // the name's end, where the delay is (its start is the route's queue, named already)
+    let tail = (name.len().saturating_sub(40)..name.len())
+        .find(|&at| name.is_char_boundary(at))
+        .map_or("", |at| &name[at..]);
+    Err(Error::Startup(format!(
+        "route '{}': its retries would wait in a delay queue of {} bytes (...{tail}), over the \
+         {MAX_SHORT_STRING} bytes of an AMQP name, so no failure could be retried (the queue's \
+         name is made of SERVICE_NAME ({} bytes), the route's name and its entrypoint's \
+         arguments): shorten one, or use RETRY_DELAY=delayed_message_plugin",
+        route.name(),
+        name.len(),
+        route.service_name().len(),
+    )))
 }
 
 /// Why a retry copy was not published.

@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::data::{bounded, Failure, Handled, MAX_ERROR_TEXT};
+use crate::error::known_routes;
 
 /// Why a call made through an [`EntrypointHook`](crate::testing::EntrypointHook) or a
 /// [`WorkerCall`](crate::testing::WorkerCall) brought no result back.
@@ -35,7 +36,7 @@ use crate::data::{bounded, Failure, Handled, MAX_ERROR_TEXT};
 #[non_exhaustive]
 pub enum HookError {
     /// The service has no route of this name.
-    #[error("no route named '{route}' (routes: {})", known.join(", "))]
+    #[error("no route named '{route}' ({})", known_routes(route, known))]
     UnknownRoute {
         /// The name asked for.
         route: String,

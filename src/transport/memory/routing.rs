@@ -1,5 +1,7 @@
 //! Exchanges, their bindings and how they match routing keys and headers.
 
+use std::collections::HashSet;
+
 use crate::transport::{ExchangeKind, ExchangeSpec, HeaderValue, Headers, TransportError};
 
 /// A declared exchange and its queue bindings.
@@ -9,6 +11,10 @@ pub(super) struct Exchange {
     pub spec: ExchangeSpec,
     /// Queue bindings, in declaration order.
     pub bindings: Vec<Binding>,
+    /// The queue and key of each binding: a binding is looked for among those of its queue
+    /// and key only, where a scan of all of them made declaring thousands of routes on one
+    /// exchange take time quadratic in their number.
+    pairs: HashSet<(String, String)>,
     /// Whether it ever had a binding (auto-delete only fires after the first one).
     pub had_binding: bool,
     /// For an `x-delayed-message` exchange, the kind it routes like (its `x-delayed-type`).
@@ -68,7 +74,31 @@ impl Exchange {
     /// A new exchange without bindings, declared as `spec` (its kind normalised), routing
     /// like `delayed` when it is an `x-delayed-message` exchange.
     pub fn new(spec: ExchangeSpec, delayed: Option<ExchangeKind>) -> Self {
-        Exchange { spec, bindings: Vec::new(), had_binding: false, delayed }
+        Exchange { spec, bindings: Vec::new(), pairs: HashSet::new(), had_binding: false, delayed }
+    }
+
+    /// Bind `queue` with `key` and `arguments`, unless it is bound so already.
+    pub fn bind(&mut self, queue: &str, key: &str, arguments: &Headers) {
+        let pair = (queue.to_owned(), key.to_owned());
+        // the same queue and key again (or bound with other arguments, on a headers
+        // exchange): rare, so the scan
+        let same = |existing: &Binding| {
+            existing.queue == queue && existing.key == key && existing.arguments == *arguments
+        };
+        if self.pairs.contains(&pair) && self.bindings.iter().any(same) {
+            return;
+        }
+        self.pairs.insert(pair);
+        self.bindings.push(Binding::new(queue, key, arguments.clone()));
+        self.had_binding = true;
+    }
+
+    /// Drop the bindings of `queue`; true if it had any.
+    pub fn unbind_queue(&mut self, queue: &str) -> bool {
+        let before = self.bindings.len();
+        self.bindings.retain(|binding| binding.queue != queue);
+        self.pairs.retain(|(bound, _)| bound != queue);
+        self.bindings.len() != before
     }
 
     /// The kind its bindings match like.

@@ -22,7 +22,7 @@ use super::broker::MemoryBroker;
 use super::dead_letter::Reason;
 use super::delayed::{self, HeldMessages};
 use super::queue::{Entry, Message, Queue, ReadyBytes, MESSAGE_OVERHEAD};
-use super::routing::{self, Binding, Exchange};
+use super::routing::{self, Exchange};
 
 mod consumers;
 mod delayed_messages;
@@ -473,19 +473,7 @@ impl State {
         if *exchange.routes_like() == ExchangeKind::Headers {
             routing::check_x_match(&binding.arguments)?;
         }
-        let exists = exchange.bindings.iter().any(|existing| {
-            existing.queue == binding.queue
-                && existing.key == binding.routing_key
-                && existing.arguments == binding.arguments
-        });
-        if !exists {
-            exchange.bindings.push(Binding::new(
-                &binding.queue,
-                &binding.routing_key,
-                binding.arguments.clone(),
-            ));
-            exchange.had_binding = true;
-        }
+        exchange.bind(&binding.queue, &binding.routing_key, &binding.arguments);
         Ok(())
     }
 
@@ -506,9 +494,7 @@ impl State {
         self.core.garbage.senders.extend(consumers.into_iter().map(|slot| slot.sender));
         let mut emptied = Vec::new();
         for (exchange_name, exchange) in &mut self.exchanges {
-            let before = exchange.bindings.len();
-            exchange.bindings.retain(|binding| binding.queue != name);
-            if exchange.bindings.len() != before
+            if exchange.unbind_queue(name)
                 && exchange.bindings.is_empty()
                 && exchange.spec.auto_delete
             {

@@ -235,6 +235,36 @@ async fn headers_exchange_and_alternate_exchange() {
     assert_eq!(ready(&t, "unrouted").await, 1);
 }
 
+/// Bindings are looked up by queue and key: one differing in its arguments only is another
+/// binding (a headers exchange routes by either), and those of a deleted queue are gone, so
+/// a queue declared again under the name is bound anew.
+#[tokio::test]
+async fn bindings_of_one_queue_and_key_differ_by_their_arguments_and_go_with_their_queue() {
+    let (_broker, t) = setup();
+    t.declare_exchange(&exchange("hdr", ExchangeKind::Headers)).await.unwrap();
+    declare(&t, "docs").await;
+    for format in ["pdf", "txt", "pdf"] {
+        let arguments = Headers::from([("format".to_owned(), HeaderValue::from(format))]);
+        t.bind_queue(&BindingSpec { arguments, ..binding("docs", "hdr", "") }).await.unwrap();
+    }
+    for format in ["pdf", "txt", "odt"] {
+        let mut doc = message(format);
+        doc.properties.headers.insert("format".into(), format.into());
+        t.publish("hdr", "", doc, PublishOptions::default()).await.unwrap();
+    }
+    assert_eq!(ready(&t, "docs").await, 2, "pdf and txt, once each");
+
+    t.declare_exchange(&exchange("direct", ExchangeKind::Direct)).await.unwrap();
+    t.bind_queue(&binding("docs", "direct", "k")).await.unwrap();
+    t.delete_queue("docs").await.unwrap();
+    declare(&t, "docs").await;
+    publish(&t, "direct", "k", "unbound").await;
+    assert_eq!(ready(&t, "docs").await, 0, "its bindings went with the queue");
+    t.bind_queue(&binding("docs", "direct", "k")).await.unwrap();
+    publish(&t, "direct", "k", "bound again").await;
+    assert_eq!(ready(&t, "docs").await, 1);
+}
+
 // ----- consumers -----
 
 #[tokio::test]

@@ -73,11 +73,13 @@ pub(crate) fn map_error(error: &lapin::Error) -> TransportError {
         ErrorKind::InvalidProtocolVersion(_) => TransportError::Unsupported(error.to_string()),
         ErrorKind::AuthProviderError(_) => TransportError::Authentication(error.to_string()),
         // the service keeps a channel per consumer, one to publish, one for mandatory
-        // publishes and some for declarations: a small `channel_max` ends a route at run time
+        // publishes and some for declarations: the start refuses routes whose consumers
+        // cannot all have one, and this ends a route that needs one more at run time
         ErrorKind::ChannelsLimitReached => TransportError::Unsupported(format!(
-            "{error}: the connection's channel_max (AMQP_URI's ?channel_max=, or the broker's) \
-             is lower than the channels this service needs (one per consumer and a few more): \
-             raise it or leave it unset"
+            "{error}: the connection's channel_max (the lower of the broker's, 2047 by default \
+             on RabbitMQ, and AMQP_URI's ?channel_max=) is lower than the channels this service \
+             needs (one per consumer and a few more): raise RabbitMQ's channel_max \
+             (rabbitmq.conf) and AMQP_URI's if set, or split the routes among services"
         )),
         _ => TransportError::Internal(error.to_string()),
     }

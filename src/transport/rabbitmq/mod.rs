@@ -265,6 +265,11 @@ impl Transport for RabbitMqTransport {
         self.shared.current().is_some()
     }
 
+    fn channel_limit(&self) -> Option<usize> {
+        let link = self.shared.current()?;
+        Some(usize::from(link.connection.configuration().channel_max()))
+    }
+
     fn reconnects(&self) -> u64 {
         self.shared.reconnects()
     }

@@ -1,0 +1,146 @@
+//! Services far bigger than the examples: more consumers than the connection has channels,
+//! hundreds of routes.
+
+mod common;
+
+use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::amqp::rpc::Client;
+use micro_framework::config::Protocol;
+use micro_framework::prelude::*;
+use micro_framework::retry::AsyncBackOff;
+use micro_framework::testing::{memory_test_config, TestService};
+use micro_framework::transport::TransportError;
+
+use common::{cleanup, rabbitmq_uri, unique};
+
+fn noop() {}
+
+fn one() -> i64 {
+    1
+}
+
+/// Six event listeners, two micro-framework RPC targets (and their built-in commands) and
+/// three Nameko RPC methods: ten consumers, each on a channel of its own, a channel for
+/// declarations and one for publishing: twelve channels.
+fn routes(source: &str) -> Vec<Route> {
+    let mut routes: Vec<Route> = (0..6)
+        .map(|i| {
+            Route::new(noop).name(format!("on_{i}")).entrypoint(EventListener::new(source, "e"))
+        })
+        .collect();
+    for i in 0..2 {
+        let listener = RPCListener::new().protocol(Protocol::MicroFramework);
+        routes.push(Route::new(one).name(format!("target_{i}")).entrypoint(listener));
+    }
+    for i in 0..3 {
+        routes.push(Route::new(one).name(format!("method_{i}")).entrypoint(RPCListener::new()));
+    }
+    routes
+}
+
+/// A service whose consumers need more channels than its connection allows is refused at
+/// start, before it declares anything, by an error naming the limit and what to raise. It
+/// started, reported itself ready, and then stopped, route after route failing to open its
+/// consumer's channel (a RabbitMQ service with more than 2047 event routes did so).
+#[tokio::test]
+async fn more_consumers_than_channel_max_stop_the_start_naming_the_limit() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let source = unique("wide_src");
+    let config = common::config(&format!("{uri}?channel_max=11"), "wide");
+    let service = config.service_name.clone();
+    let started = TestService::start(routes(&source), config.clone()).await;
+    let Err(error) = started else { panic!("started with 11 channels for 12") };
+    let text = error.to_string();
+    assert!(matches!(error, micro_framework::Error::Startup(_)), "{error:?}");
+    assert!(text.contains("at least 12 AMQP channels"), "{text}");
+    assert!(text.contains("connection allows 11"), "{text}");
+    assert!(text.contains("channel_max (rabbitmq.conf)"), "{text}");
+
+    // refused before the first declaration
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
+    let queue = format!("evt-{source}-e--{service}.on_0");
+    let missing = transport.queue_info(&queue).await.expect_err("not declared");
+    assert!(matches!(missing, TransportError::NotFound(_)), "{missing:?}");
+    transport.close().await;
+    cleanup(&uri, &[source, service]).await;
+}
+
+/// The same routes start when the connection allows the twelve channels, and each serves:
+/// the check refuses no service that fits.
+#[tokio::test]
+async fn as_many_consumers_as_channel_max_allows_start_and_serve() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let source = unique("fit_src");
+    let config = common::config(&format!("{uri}?channel_max=12"), "fit");
+    let name = config.service_name.clone();
+    let service = TestService::start(routes(&source), config.clone()).await.expect("fits");
+    service.dispatch(&source, "e", &1).await.unwrap();
+    for i in 0..6 {
+        service.wait_for_route(&format!("on_{i}"), 1).await.unwrap();
+    }
+    let client = Client::connect(&Config::new("caller").with_amqp_uri(uri.clone())).await.unwrap();
+    for i in 0..3 {
+        let answer: i64 = client.call(&name, &format!("method_{i}"), (), ()).await.unwrap();
+        assert_eq!(answer, 1);
+    }
+    for i in 0..2 {
+        let proxy = client.service(&name).protocol(Protocol::MicroFramework);
+        let answer: i64 = proxy.call(&format!("target_{i}"), (), ()).await.unwrap();
+        assert_eq!(answer, 1);
+    }
+    client.close().await;
+    service.stop().await.unwrap();
+    cleanup(&uri, &[source, name]).await;
+}
+
+/// A test asking a service of 300 routes for one it lacks gets an error naming the 20 routes
+/// closest to the name asked for, the nearest first, and how many there are: it listed all
+/// 300 (a 3000-route service's error was 25 kB long).
+#[tokio::test]
+async fn an_unknown_route_of_a_big_service_is_named_with_the_closest_routes() {
+    let routes = (0..300)
+        .map(|i| Route::new(noop).name(format!("on_{i}")).entrypoint(EventListener::new("s", "e")))
+        .collect();
+    let service = TestService::start(routes, memory_test_config("big")).await.unwrap();
+    let Err(unknown) = service.route("on_1000") else { panic!("no route on_1000") };
+    let text = unknown.to_string();
+    assert!(
+        text.starts_with("no route named 'on_1000' (300 routes, the closest: on_100, "),
+        "{text}"
+    );
+    assert_eq!(text.matches("on_").count(), 21, "the name asked and 20 routes: {text}");
+    let Err(unknown) = service.hook("on_1000") else { panic!("no route on_1000") };
+    assert_eq!(unknown.to_string(), text);
+    service.stop().await.unwrap();
+}
+
+/// A route whose retries would wait in a delay queue `{queue}.delay-{ms}` over the 255 bytes
+/// of an AMQP name stops the start, naming the route: it started, and every failure went to
+/// its dead letters at once, "not retried". One whose delay queue fits starts.
+#[tokio::test]
+async fn a_route_whose_delay_queue_name_is_too_long_stops_the_start() {
+    // `evt-shop-{event}--long.retried`: 250 bytes (its `.dlq` fits), and 262 with
+    // `.delay-10000`
+    let retried = |event: String| {
+        let backoff = AsyncBackOff::new(3, std::time::Duration::from_secs(10));
+        Route::new(noop)
+            .name("retried")
+            .entrypoint(EventListener::new("shop", event))
+            .backoff(backoff)
+    };
+    let config = memory_test_config("long");
+    let Err(error) = TestService::start(vec![retried("e".repeat(227))], config).await else {
+        panic!("started with a delay queue of 262 bytes")
+    };
+    let text = error.to_string();
+    assert!(matches!(error, micro_framework::Error::Startup(_)), "{error:?}");
+    assert!(text.contains("route 'retried'"), "{text}");
+    assert!(text.contains("delay queue of 262 bytes (..."), "{text}");
+    assert!(text.contains("--long.retried.delay-10000)"), "{text}");
+
+    // 240 bytes: `.delay-10000` makes 252
+    let service = TestService::start(vec![retried("e".repeat(217))], memory_test_config("long"))
+        .await
+        .expect("its delay queue fits");
+    service.stop().await.unwrap();
+}
