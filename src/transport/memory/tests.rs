@@ -928,19 +928,34 @@ fn ttls_fire_where_no_runtime_is_current() {
 #[test]
 fn pending_deadlines_outlive_the_runtime_that_set_them() {
     let (_broker, t) = setup();
+    let mut published = 0;
     for (queue, then) in [("unpolled", Duration::ZERO), ("sleeping", Duration::from_millis(5))] {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            declare(&t, "expired").await;
-            t.declare_queue(&expiring_into(queue, 50, "expired")).await.unwrap();
-            publish(&t, "", queue, queue).await;
-            // the timer task has run and sleeps until the TTL, or has not run yet
-            tokio::time::sleep(then).await;
-        });
-        drop(runtime);
-        assert_eq!(futures::executor::block_on(ready(&t, queue)), 1);
+        // The message must still wait when its runtime is dropped, or the drop proves nothing:
+        // a thread descheduled past the TTL (a loaded machine) sees it expired already, and
+        // tries again, on a queue of its own, with the TTL doubled.
+        let mut ttl = 50;
+        loop {
+            let queue = format!("{queue}-{ttl}");
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                declare(&t, "expired").await;
+                t.declare_queue(&expiring_into(&queue, ttl, "expired")).await.unwrap();
+                publish(&t, "", &queue, &queue).await;
+                // the timer task has run and sleeps until the TTL, or has not run yet
+                tokio::time::sleep(then).await;
+            });
+            drop(runtime);
+            published += 1;
+            if futures::executor::block_on(ready(&t, &queue)) == 1 {
+                break;
+            }
+            // the last TTL, 800 ms, still expires within the 2 s waited below
+            assert!(ttl < 800, "expired before a TTL of {ttl} ms was over, every time");
+            ttl *= 2;
+        }
     }
-    wait_ready_without_runtime(&t, "expired", 2);
+    wait_ready_without_runtime(&t, "expired", published);
 }
 
 #[tokio::test]
