@@ -42,7 +42,7 @@ impl Captured {
 /// Registered for the life of the test binary, before any capture: with a capture alone,
 /// `tracing` asks only the current thread's subscriber for a log line's interest when it first
 /// reaches that line, and a thread with none caches "never" for every thread (a capture's
-/// warning then lost while a test beside it reached the same line: tokio-rs/tracing#3611).
+/// warning then lost while a test beside it reached the same line; a `tracing-core` bug).
 /// With two subscribers registered it asks every live one, whichever thread gets there first.
 static SECOND_DISPATCH: OnceLock<Dispatch> = OnceLock::new();
 
