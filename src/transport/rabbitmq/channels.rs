@@ -168,6 +168,9 @@ where
             }
         };
         source.discard();
+        if is_soft(&error) {
+            held.link.channel_refused();
+        }
         let elsewhere = harmless && is_fatal(&error) && !held.link.alive();
         if elsewhere && !closed_by_broker {
             closed_by_broker = true;
@@ -205,14 +208,32 @@ pub(crate) async fn open_held(
         let opened = tokio::time::timeout_at(deadline, link.guard(open_channel(&link, confirm)));
         match opened.await.map_err(|_| no_answer(shared))? {
             Ok(channel) => return Ok(Held { link, channel: Arc::new(channel) }),
-            Err(error) if link.alive() => return Err(map_error(&error)),
-            Err(_) => {
+            Err(error) if link.alive() && !link.had_channels_refused() => {
+                return Err(map_error(&error))
+            }
+            Err(error) => {
+                if link.alive() {
+                    // lapin numbers channels in turn up to channel_max, then again from 1: a
+                    // number whose channel the broker closed fails every open, with that
+                    // channel's old error, and is lost (a cluster-wide timer's follower, one
+                    // per tick, ran out of channels within channel_max ticks). Only a new
+                    // connection has them all again.
+                    tracing::warn!(
+                        error = %map_error(&error),
+                        "a channel cannot be opened on a connection whose channels the broker \
+                         closed before: reconnecting"
+                    );
+                    link.close(CLOSE_LIMIT).await;
+                }
                 shared.kick();
                 min_generation = link.generation + 1;
             }
         }
     }
 }
+
+/// How long closing a connection whose channels ran out may take.
+const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The error of an operation the broker did not answer within the publish timeout.
 pub(crate) fn no_answer(shared: &Shared) -> TransportError {

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -38,11 +38,27 @@ pub(crate) struct Link {
     pub(crate) generation: u64,
     /// Set once the supervisor saw the connection die (or the transport closed).
     dead: watch::Sender<bool>,
+    /// The broker closed a channel of this connection over an operation it refused. lapin
+    /// never lets the number of such a channel be opened again: its frames are discarded for
+    /// the connection's life, and an open on it fails and holds the number for good.
+    refused_channels: AtomicBool,
 }
 
 impl Link {
     fn new(connection: Connection, generation: u64) -> Self {
-        Link { connection, generation, dead: watch::Sender::new(false) }
+        let (dead, refused_channels) = (watch::Sender::new(false), AtomicBool::new(false));
+        Link { connection, generation, dead, refused_channels }
+    }
+
+    /// The broker closed a channel of this link (a soft error).
+    pub(crate) fn channel_refused(&self) {
+        self.refused_channels.store(true, Ordering::Relaxed);
+    }
+
+    /// True once the broker closed a channel of this link: a failed channel open may be one
+    /// on a number lapin no longer lets open (see [`Link::channel_refused`]).
+    pub(crate) fn had_channels_refused(&self) -> bool {
+        self.refused_channels.load(Ordering::Relaxed)
     }
 
     /// True while lapin considers the connection open and the supervisor has not seen it die.

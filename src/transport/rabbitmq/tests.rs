@@ -1772,3 +1772,25 @@ async fn gets_open_channels_only_while_deliveries_hold_them() {
     t.delete_queue(&queue).await.unwrap();
     t.close().await;
 }
+
+/// lapin never opens again a channel number whose channel the broker closed over a refused
+/// operation: once its numbers wrap, every open on such a number failed with that channel's
+/// old error and kept the number, until no channel could be opened on the connection (a
+/// cluster-wide timer's follower, refused its lock at every tick, got there within 2 x 2047
+/// ticks). The transport reconnects instead; each refusal keeps its own error.
+#[tokio::test]
+async fn refused_operations_do_not_use_up_the_channels_of_a_connection() {
+    let Some(_broker) = shared_broker().await else { return };
+    let transport = connect(&format!("{URI}?channel_max=8")).await;
+    let missing = unique("never-declared");
+    for attempt in 0..30 {
+        match transport.queue_info(&missing).await {
+            Err(TransportError::NotFound(_)) => {}
+            other => panic!("attempt {attempt}: {other:?}"),
+        }
+    }
+    let queue = unique("after-refusals");
+    transport.declare_queue(&plain_queue(&queue)).await.unwrap();
+    transport.delete_queue(&queue).await.unwrap();
+    transport.close().await;
+}
