@@ -3,24 +3,16 @@
 //! whose reading end is closed once it started. Run `cargo build --examples` first.
 #![cfg(unix)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The example `name`, built.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
-    let example = examples.join(name);
-    assert!(example.exists(), "run `cargo build --examples` first: {}", example.display());
-    example
-}
 
 /// `rpc_service` started with `vars`, once its log says it started, its stderr's reading
 /// end closed.
 fn started_then_log_pipe_closed(vars: &[(&str, &str)]) -> Child {
-    let mut child = Command::new(example("rpc_service"))
+    let mut child = Command::new(common::example("rpc_service"))
         .env_remove("AMQP_URI")
         .env_remove("RUST_LOG")
         .env_remove("LOG_FORMAT")

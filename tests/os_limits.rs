@@ -28,7 +28,7 @@ impl Limited {
 
     /// [`Limited::start`], with `vars` in its environment.
     fn start_with(soft: u64, hard: u64, vars: &[(&str, &str)]) -> Limited {
-        let example = example("http_service");
+        let example = common::example("http_service");
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let (http, metrics) = (free(), free());
         let mut command = std::process::Command::new(example);
@@ -61,15 +61,6 @@ impl Limited {
     fn logged(&self) -> String {
         self.started.logged()
     }
-}
-
-/// The example `name`, built.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
-    let example = examples.join(name);
-    assert!(example.exists(), "run `cargo build --examples` first: {}", example.display());
-    example
 }
 
 /// `command` to start with a soft and a hard `RLIMIT_NOFILE`.
@@ -151,7 +142,7 @@ fn out_of_file_descriptors_the_http_server_warns_now_and_then_and_recovers() {
 #[test]
 fn out_of_file_descriptors_the_websocket_server_warns_now_and_then_and_recovers() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut command = std::process::Command::new(example("websocket_service"));
+    let mut command = std::process::Command::new(common::example("websocket_service"));
     command
         .arg("--serve")
         .env_remove("AMQP_URI")
@@ -278,7 +269,7 @@ fn only_a_service_serving_http_is_warned_of_its_file_limit() {
     use std::io::BufRead;
     for metrics in [false, true] {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut command = std::process::Command::new(example("timer_service"));
+        let mut command = std::process::Command::new(common::example("timer_service"));
         command
             .env_remove("AMQP_URI")
             .env_remove("RUST_LOG")

@@ -310,3 +310,12 @@ pub fn workers_of(service: &str) -> Vec<u32> {
     }
     workers
 }
+
+/// The example `name`, built (`cargo build --examples`), beside the running test binary.
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let examples = exe.parent().and_then(std::path::Path::parent).unwrap().join("examples");
+    let example = examples.join(name);
+    assert!(example.exists(), "run `cargo build --examples` first: {}", example.display());
+    example
+}
