@@ -1086,6 +1086,44 @@ async fn a_cluster_wide_timer_fires_on_one_instance_and_fails_over() {
     }
 }
 
+/// A follower of a cluster-wide timer, refused the leader's lock queue at every tick, uses up
+/// its connection's channels and reconnects (a few channels here): it still takes over once
+/// the leader stops, and leaves nothing on the broker when it stops.
+#[tokio::test]
+async fn a_follower_that_reconnected_takes_over_and_leaves_no_lock_queue() {
+    use micro_framework::transport::TransportError;
+    use std::sync::atomic::AtomicU64;
+    async fn tick(Dep(count): Dep<Arc<AtomicU64>>) {
+        count.fetch_add(1, Ordering::SeqCst);
+    }
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let config = config(&uri, "follower");
+    let service = config.service_name.clone();
+    let start = |config: Config| async move {
+        let count = Arc::new(AtomicU64::new(0));
+        let routes = vec![Route::new(tick)
+            .entrypoint(TimeEntrypoint::every(Duration::from_millis(40)).cluster_wide())
+            .dependency(Shared(count.clone()))];
+        (TestService::start(routes, config).await.unwrap(), count)
+    };
+    let (leader, led) = start(config.clone()).await;
+    wait_until(|| led.load(Ordering::SeqCst) > 0, "the first instance leads").await;
+    let separator = if uri.contains('?') { '&' } else { '?' };
+    let few_channels = format!("{uri}{separator}channel_max=8");
+    let (follower, followed) = start(config.clone().with_amqp_uri(few_channels)).await;
+    wait_until(|| follower.transport().reconnects() > 0, "the follower reconnects").await;
+    assert_eq!(followed.load(Ordering::SeqCst), 0, "the follower never fired while led");
+    leader.stop().await.unwrap();
+    wait_until(|| followed.load(Ordering::SeqCst) > 0, "the follower takes over").await;
+    follower.stop().await.unwrap();
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
+    let lock = format!("timer-{service}-tick.lock");
+    let left = transport.queue_info(&lock).await;
+    transport.close().await;
+    common::cleanup(&uri, &[service]).await;
+    assert!(matches!(left, Err(TransportError::NotFound(_))), "the lock queue is gone: {left:?}");
+}
+
 /// A leader whose lock queue goes while it stays connected (an operator or a policy deletes
 /// it) gives up leadership: one instance fires after, not the old leader and a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,36 +91,19 @@ pub(crate) struct Declarations {
 }
 
 impl Declarations {
-    /// Record a declaration; a redeclaration of the same entity replaces the old one in place.
-    /// Returns the declaration it replaced, if any (to restore it if the broker refuses).
-    pub(crate) fn record(&mut self, declaration: Declaration) -> Option<Declaration> {
+    /// Record a declaration the broker accepted; a redeclaration of the same entity replaces
+    /// the old one in place.
+    pub(crate) fn record(&mut self, declaration: Declaration) {
         self.stamps += 1;
         let stamp = self.stamps;
-        if let Some(place) = self.place_of(&declaration, Declaration::same_entity) {
-            let entry = self.entries.get_mut(&place)?;
+        let place = self.place_of(&declaration, Declaration::same_entity);
+        if let Some(entry) = place.and_then(|place| self.entries.get_mut(&place)) {
             entry.stamp = stamp;
-            return Some(std::mem::replace(&mut entry.declaration, declaration));
+            entry.declaration = declaration;
+            return;
         }
         self.places.entry(EntityKey::of(&declaration)).or_default().push(stamp);
         self.entries.insert(stamp, Entry { declaration, stamp });
-        None
-    }
-
-    /// Undo [`Declarations::record`] after the broker refused the declaration. False when
-    /// the declaration is no longer recorded (replaced or forgotten meanwhile): nothing to undo.
-    pub(crate) fn restore(
-        &mut self,
-        declaration: &Declaration,
-        previous: Option<Declaration>,
-    ) -> bool {
-        let Some(place) = self.place_of(declaration, |a, b| a == b) else {
-            return false;
-        };
-        match (previous, self.entries.get_mut(&place)) {
-            (Some(previous), Some(entry)) => entry.declaration = previous,
-            _ => self.remove(place),
-        }
-        true
     }
 
     /// Forget one declaration.
@@ -266,8 +249,8 @@ pub(crate) mod tests {
         declarations.record(exchange("ex"));
         declarations.record(queue("q"));
         declarations.record(binding("q", "ex"));
-        assert!(declarations.record(binding("q", "ex")).is_some());
-        assert_eq!(all(&declarations).len(), 3);
+        declarations.record(binding("q", "ex"));
+        assert_eq!(all(&declarations).len(), 3, "a redeclaration replaces the first");
         declarations.remove_queue("q");
         assert_eq!(all(&declarations), vec![exchange("ex")]);
         declarations.record(binding("q2", "ex"));
@@ -276,22 +259,6 @@ pub(crate) mod tests {
         declarations.record(binding("q3", "ex3"));
         declarations.forget(&binding("q3", "ex3"));
         assert!(all(&declarations).is_empty());
-    }
-
-    #[test]
-    fn restore_undoes_a_refused_declaration() {
-        let mut declarations = Declarations::default();
-        let original = queue("q");
-        declarations.record(original.clone());
-        let other = Declaration::Queue(QueueSpec { durable: false, ..QueueSpec::durable("q") });
-        let previous = declarations.record(other.clone());
-        assert!(declarations.restore(&other, previous));
-        assert_eq!(all(&declarations), vec![original.clone()]);
-        let fresh = queue("new");
-        let previous = declarations.record(fresh.clone());
-        assert!(declarations.restore(&fresh, previous));
-        assert_eq!(all(&declarations), vec![original.clone()]);
-        assert!(!declarations.restore(&fresh, None), "no longer recorded");
     }
 
     #[test]
@@ -316,11 +283,11 @@ pub(crate) mod tests {
         declarations.record(queue("q"));
         declarations.record(with("all"));
         declarations.record(with("any"));
-        assert_eq!(declarations.record(with("all")), Some(with("all")));
+        declarations.record(with("all"));
         assert_eq!(all(&declarations), vec![queue("q"), with("all"), with("any")]);
         declarations.forget(&with("all"));
         assert_eq!(all(&declarations), vec![queue("q"), with("any")]);
-        assert!(declarations.restore(&with("any"), None));
+        declarations.forget(&with("any"));
         declarations.remove_queue("q");
         assert!(all(&declarations).is_empty());
         assert!(declarations.places.is_empty(), "no place outlives its entry");

@@ -1,9 +1,9 @@
 //! The RabbitMQ transport, on lapin.
 //!
 //! One connection, supervised: when it drops, it is reopened with exponential backoff, the
-//! exchanges, queues and bindings declared through the transport are declared again in order,
-//! and every consumer that was not cancelled resumes on a fresh channel, feeding the same
-//! [`Consumer`]. Queues the broker deletes by itself are not brought back: an `x-expires`
+//! exchanges, queues and bindings the broker accepted through the transport are declared
+//! again in order, and every consumer that was not cancelled resumes on a fresh channel,
+//! feeding the same [`Consumer`]. Queues the broker deletes by itself are not brought back: an `x-expires`
 //! queue leaves the record once its lease ran out without a consumer of this transport, and
 //! a shared auto-delete queue no consumer of this transport holds is only checked (and
 //! forgotten when gone). An exclusive queue the old connection still holds at the broker is
@@ -116,23 +116,33 @@ impl RabbitMqTransport {
         self.shared.generation()
     }
 
+    /// Declare on the broker, then record the declaration for the replay after a reconnect: a
+    /// declaration the broker refuses is never replayed (recorded first, a refused exclusive
+    /// queue was replayed by a reconnect during its refusal, as if this transport held it).
     async fn declare(
         &self,
         declaration: Declaration,
     ) -> Result<Option<lapin::Queue>, TransportError> {
         let (prepared, arguments) = prepare(&declaration)?;
-        let previous = self.shared.topology().record(declaration.clone());
-        let result = self
-            .declarations
-            .run(&self.shared, |held| {
-                let (prepared, arguments) = (prepared.clone(), arguments.clone());
-                async move { apply(&held.channel, prepared, arguments).await }
-            })
-            .await;
-        if result.is_err() {
-            self.shared.topology().restore(&declaration, previous);
+        loop {
+            let (declared, link) = self
+                .declarations
+                .run(&self.shared, |held| {
+                    let (prepared, arguments) = (prepared.clone(), arguments.clone());
+                    async move {
+                        let declared = apply(&held.channel, prepared, arguments).await?;
+                        Ok((declared, held.link))
+                    }
+                })
+                .await?;
+            self.shared.topology().record(declaration.clone());
+            // The supervisor marks a link dead before the next link's replay reads the record:
+            // a link still alive once recorded means any later replay has the declaration.
+            // Otherwise that replay may have missed it (an exclusive queue gone with the link).
+            if link.alive() {
+                return Ok(declared);
+            }
         }
-        result
     }
 }
 

@@ -1794,3 +1794,39 @@ async fn refused_operations_do_not_use_up_the_channels_of_a_connection() {
     transport.delete_queue(&queue).await.unwrap();
     transport.close().await;
 }
+
+/// A declaration is recorded for the replay after a reconnect only once the broker accepted
+/// it. A cluster-wide timer's follower, refused the leader's exclusive lock queue at every
+/// tick, reconnected within such a refusal (its channels used up, see above): its replay
+/// declared the lock queue it never held, took the refusal for its previous connection still
+/// holding the queue, and set out to reclaim it.
+#[tokio::test]
+async fn a_declaration_the_broker_refuses_is_not_replayed() {
+    let Some(_broker) = shared_broker().await else { return };
+    let leader = connect(URI).await;
+    let lock = QueueSpec { exclusive: true, ..plain_queue(&unique("lock")) };
+    leader.declare_queue(&lock).await.unwrap();
+    // A reclaim waits `reconnect_min` before its first attempt: it stays pending meanwhile.
+    let options = RabbitMqOptions {
+        reconnect_min: Duration::from_secs(60),
+        reconnect_max: Duration::from_secs(60),
+        ..options(&format!("{URI}?channel_max=8"))
+    };
+    let follower = RabbitMqTransport::connect(options).await.unwrap();
+    for attempt in 0..30 {
+        match follower.declare_queue(&lock).await {
+            Err(TransportError::ResourceLocked(_)) => {}
+            other => panic!("attempt {attempt}: {other:?}"),
+        }
+        if follower.reconnects() > 0 {
+            break;
+        }
+    }
+    assert_eq!(follower.reconnects(), 1, "the refusals used up the channels: a reconnect");
+    let reclaimed = follower.shared.reclaims.pending(&lock.name);
+    assert!(!reclaimed, "the replay declared the queue the broker refused");
+    // Once the leader is gone, the follower takes the queue over.
+    leader.close().await;
+    follower.declare_queue(&lock).await.unwrap();
+    follower.close().await;
+}

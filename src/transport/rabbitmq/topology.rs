@@ -33,31 +33,15 @@ pub(crate) struct Topology {
 }
 
 impl Topology {
-    /// Record a declaration; a redeclaration of the same entity replaces the old one in place.
-    /// Returns the declaration it replaced, if any (to restore it if the broker refuses).
-    /// Queues whose `x-expires` lease ran out leave the record first: the broker deleted them.
-    pub(crate) fn record(&mut self, declaration: Declaration) -> Option<Declaration> {
+    /// Record a declaration the broker accepted; a redeclaration of the same entity replaces
+    /// the old one in place. Queues whose `x-expires` lease ran out leave the record first:
+    /// the broker deleted them.
+    pub(crate) fn record(&mut self, declaration: Declaration) {
         self.prune(Instant::now());
         if let Some(spec) = declaration.queue() {
             self.usage.declared(spec);
         }
-        self.declarations.record(declaration)
-    }
-
-    /// Undo [`Topology::record`] after the broker refused the declaration.
-    pub(crate) fn restore(&mut self, declaration: &Declaration, previous: Option<Declaration>) {
-        let usage = match &previous {
-            Some(previous) => previous.queue().map(|spec| (spec.clone(), true)),
-            None => declaration.queue().map(|spec| (spec.clone(), false)),
-        };
-        if !self.declarations.restore(declaration, previous) {
-            return;
-        }
-        match usage {
-            Some((spec, true)) => self.usage.declared(&spec),
-            Some((spec, false)) => self.usage.forget(&spec.name),
-            None => {}
-        }
+        self.declarations.record(declaration);
     }
 
     /// Forget one declaration (one the broker rejects on replay).
