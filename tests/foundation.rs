@@ -1086,11 +1086,12 @@ async fn a_cluster_wide_timer_fires_on_one_instance_and_fails_over() {
     }
 }
 
-/// A follower of a cluster-wide timer, refused the leader's lock queue at every tick, uses up
-/// its connection's channels and reconnects (a few channels here): it still takes over once
-/// the leader stops, and leaves nothing on the broker when it stops.
+/// A follower of a cluster-wide timer does nothing at a tick: on a connection of a few
+/// channels it never runs out of them (a follower refused a lock at every tick closed a
+/// channel each time, and reconnected when they ran out). It takes over once the leader
+/// stops, and leaves nothing on the broker when it stops.
 #[tokio::test]
-async fn a_follower_that_reconnected_takes_over_and_leaves_no_lock_queue() {
+async fn a_follower_keeps_its_connection_takes_over_and_leaves_no_leadership_queue() {
     use micro_framework::transport::TransportError;
     use std::sync::atomic::AtomicU64;
     async fn tick(Dep(count): Dep<Arc<AtomicU64>>) {
@@ -1111,23 +1112,82 @@ async fn a_follower_that_reconnected_takes_over_and_leaves_no_lock_queue() {
     let separator = if uri.contains('?') { '&' } else { '?' };
     let few_channels = format!("{uri}{separator}channel_max=8");
     let (follower, followed) = start(config.clone().with_amqp_uri(few_channels)).await;
-    wait_until(|| follower.transport().reconnects() > 0, "the follower reconnects").await;
+    // Forty ticks: a follower refused at every tick ran out of its 8 channels within 16.
+    let led_before = led.load(Ordering::SeqCst);
+    wait_until(|| led.load(Ordering::SeqCst) >= led_before + 40, "forty ticks").await;
+    assert_eq!(follower.transport().reconnects(), 0, "the follower kept its connection");
     assert_eq!(followed.load(Ordering::SeqCst), 0, "the follower never fired while led");
     leader.stop().await.unwrap();
     wait_until(|| followed.load(Ordering::SeqCst) > 0, "the follower takes over").await;
     follower.stop().await.unwrap();
     let transport = micro_framework::transport::connect(&config).await.unwrap();
-    let lock = format!("timer-{service}-tick.lock");
-    let left = transport.queue_info(&lock).await;
+    let queue = format!("timer-{service}-tick.leadership");
+    let left = transport.queue_info(&queue).await;
     transport.close().await;
     common::cleanup(&uri, &[service]).await;
-    assert!(matches!(left, Err(TransportError::NotFound(_))), "the lock queue is gone: {left:?}");
+    assert!(matches!(left, Err(TransportError::NotFound(_))), "its queue is gone: {left:?}");
 }
 
-/// A leader whose lock queue goes while it stays connected (an operator or a policy deletes
-/// it) gives up leadership: one instance fires after, not the old leader and a new one.
+/// The broker closes the connection of a cluster-wide timer's leader: the follower takes over
+/// and the old leader, back, follows; when the successor stops, the old leader leads again,
+/// and when its connection is closed once more, alone (the broker then deleted the queue with
+/// its last consumer), it leads again after reconnecting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_whose_lock_queue_is_deleted_gives_up_leadership_so_one_instance_fires() {
+async fn leadership_passes_on_when_the_broker_closes_the_leaders_connection() {
+    use std::sync::atomic::AtomicU64;
+    async fn tick(Dep(count): Dep<Arc<AtomicU64>>) {
+        count.fetch_add(1, Ordering::SeqCst);
+    }
+    const TICK: Duration = Duration::from_millis(40);
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let config = config(&uri, "handover");
+    let service = config.service_name.clone();
+    let users = [common::TemporaryUser::create("lead_a"), common::TemporaryUser::create("lead_b")];
+    let (mut services, mut counts) = (Vec::new(), Vec::new());
+    for user in &users {
+        let count = Arc::new(AtomicU64::new(0));
+        let routes = vec![Route::new(tick)
+            .entrypoint(TimeEntrypoint::every(TICK).cluster_wide())
+            .dependency(Shared(count.clone()))];
+        let config = config.clone().with_amqp_uri(user.uri(&uri));
+        services.push(Some(TestService::start(routes, config).await.unwrap()));
+        counts.push(count);
+    }
+    let transports: Vec<_> =
+        services.iter().map(|s| s.as_ref().unwrap().transport().clone()).collect();
+    let count = |i: usize| counts[i].load(Ordering::SeqCst);
+    let transport = |i: usize| &transports[i];
+    wait_until(|| count(0) + count(1) >= 3, "three ticks").await;
+    let leader = if count(0) > 0 { 0 } else { 1 };
+    let follower = 1 - leader;
+    assert_eq!(count(follower), 0, "one instance fires");
+
+    users[leader].close_connections();
+    wait_until(|| count(follower) > 0, "the follower takes over").await;
+    wait_until(|| transport(leader).reconnects() > 0, "the old leader reconnects").await;
+    let (old, new) = (count(leader), count(follower));
+    wait_until(|| count(follower) >= new + 20, "twenty ticks").await;
+    assert_eq!(count(leader), old, "the old leader follows once back");
+
+    services[follower].take().unwrap().stop().await.unwrap();
+    let old = count(leader);
+    wait_until(|| count(leader) > old, "the old leader leads again").await;
+
+    let reconnects = transport(leader).reconnects();
+    users[leader].close_connections();
+    wait_until(|| transport(leader).reconnects() > reconnects, "it reconnects").await;
+    let old = count(leader);
+    wait_until(|| count(leader) >= old + 3, "alone, it leads after reconnecting").await;
+    services[leader].take().unwrap().stop().await.unwrap();
+    drop(transports);
+    common::cleanup(&uri, &[service]).await;
+}
+
+/// A leader whose leadership queue goes while it stays connected (an operator or a policy
+/// deletes it) gives up leadership: one instance fires after, not the old leader and a new
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_queue_is_deleted_gives_up_leadership_so_one_instance_fires() {
     use std::sync::atomic::AtomicU64;
     async fn tick(Dep(count): Dep<Arc<AtomicU64>>) {
         count.fetch_add(1, Ordering::SeqCst);
@@ -1159,9 +1219,9 @@ async fn a_leader_whose_lock_queue_is_deleted_gives_up_leadership_so_one_instanc
         let fired = firings(&instances, TICK * 10).await;
         let leaders: Vec<usize> = (0..2).filter(|&i| fired[i] > 0).collect();
         assert_eq!(leaders.len(), 1, "{uri}: one leader before: {fired:?}");
-        // The lock queue goes while the leader stays connected: its own connection deletes it.
-        let lock = format!("timer-{service}-tick.lock");
-        instances[leaders[0]].0.transport().delete_queue(&lock).await.unwrap();
+        // The queue goes while the leader stays connected: its own connection deletes it.
+        let queue = format!("timer-{service}-tick.leadership");
+        instances[leaders[0]].0.transport().delete_queue(&queue).await.unwrap();
         tokio::time::sleep(TICK * 10).await;
         let fired = firings(&instances, TICK * 20).await;
         for (instance, _) in instances {
@@ -1169,7 +1229,7 @@ async fn a_leader_whose_lock_queue_is_deleted_gives_up_leadership_so_one_instanc
         }
         common::cleanup(&uri, &[service]).await;
         let firing: Vec<usize> = (0..2).filter(|&i| fired[i] > 0).collect();
-        assert_eq!(firing.len(), 1, "{uri}: one instance fires after the lock went: {fired:?}");
+        assert_eq!(firing.len(), 1, "{uri}: one instance fires after the queue went: {fired:?}");
         assert!(fired[firing[0]] <= 21, "{uri}: at most once a tick: {fired:?}");
     }
 }
