@@ -68,12 +68,12 @@ impl TimeEntrypoint {
     }
 
     /// Fire each tick on one instance of the service only (the Python original and Nameko
-    /// fire on every instance). Each instance consumes the queue
-    /// `timer-{service}-{route}.leadership`, which the broker delivers to one consumer at a
-    /// time (`x-single-active-consumer`), and the one holding its token leads; when it stops
-    /// or dies, or its connection or its broker node goes away, the broker hands the token
-    /// to another one, which fires from its next tick. An instance that is not connected
-    /// never fires: it cannot know whether another one leads.
+    /// fire on every instance). The instance whose connection owns the exclusive queue
+    /// `timer-{service}-{route}.lock` leads; when it stops or dies, or its connection or
+    /// its broker node goes away, another one takes over at its next tick. A follower claims
+    /// the queue only once an empty message published to it comes back unroutable, so it is
+    /// not refused at every tick. An instance that is not connected never fires: it cannot
+    /// know whether another one leads.
     pub fn cluster_wide(mut self) -> Self {
         self.cluster_wide = true;
         self
@@ -195,13 +195,6 @@ impl Entrypoint for TimeEntrypoint {
 
     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
         let mut leadership = self.cluster_wide.then(|| Leadership::of(&route));
-        if let Some(leadership) = &mut leadership {
-            // Claimed before the first tick, which it would miss waiting for the token.
-            tokio::select! {
-                _ = route.stopping().cancelled() => return Ok(()),
-                _ = leadership.lead(&route) => {}
-            }
-        }
         let mut last = Instant::now();
         let mut last_occurrence = None;
         loop {
@@ -220,7 +213,12 @@ impl Entrypoint for TimeEntrypoint {
                 last = due;
             }
             if let Some(leadership) = &mut leadership {
-                if !leadership.lead(&route).await {
+                // a follower's check publishes, which an alarm may hold up to its timeout
+                let leads = tokio::select! {
+                    _ = route.stopping().cancelled() => return Ok(()),
+                    leads = leadership.lead(&route) => leads,
+                };
+                if !leads {
                     continue;
                 }
             }

@@ -1,163 +1,149 @@
-//! Cluster-wide leadership for timers: a token in a queue that the broker delivers to one
-//! consumer at a time.
+//! Cluster-wide leadership for timers: the instance whose connection owns an exclusive queue
+//! leads. The broker deletes that queue with the connection, also when the connection's node
+//! stops or dies, so another instance, on any node, takes over.
 //!
-//! Every instance consumes the queue `timer-{service}-{route}.leadership`, declared with
-//! `x-single-active-consumer`, and puts a token in it when it claims; the instance holding a
-//! token leads. When the leader stops, or its connection or its broker node goes away, the
-//! broker hands the token back and delivers it to the next consumer, on any node. A follower
-//! does nothing at a tick: it is never refused (a refused operation closes its channel, and
-//! a claim refused at every tick cost each tick a channel and an error line). The queue is
-//! transient and auto-deleted: the broker deletes it with its last consumer, or when its
-//! node stops, and each instance then claims again.
-
-use std::time::Duration;
+//! A follower claims the queue only once it is gone: at each tick it publishes an empty
+//! message to it (mandatory), which the broker returns when no such queue exists. Claiming
+//! at every tick had the broker refuse each claim (`405`) and close a channel for it: an
+//! error line per tick, and a reconnection whenever the connection's channel numbers ran out
+//! (lapin never opens a channel number the broker closed again). The leader removes what
+//! the followers sent.
+//!
+//! That check cannot tell the queue held by another instance from the queue held by this
+//! instance's own connection, which declares it again after a reconnect: so an instance that
+//! loses leadership deletes the queue (refused when another instance holds it), which also
+//! ends its transport's record of it.
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 
-use crate::data::HeaderValue;
 use crate::pipeline::RouteHandle;
 use crate::transport::{
-    ConsumeOptions, Consumer, Delivery, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
+    ConsumeOptions, Consumer, OutgoingMessage, PublishOptions, QueueSpec, TransportError,
 };
 
-/// How long a fresh claim waits for the token: the broker delivers it at once to an instance
-/// whose turn it is, and a first tick missed for lack of it would be a cron's whole period.
-const FIRST_TOKEN_WAIT: Duration = Duration::from_millis(500);
+/// How many followers' messages the leader's consumer takes between two ticks; more wait in
+/// the queue for the next ones.
+const PREFETCH: u16 = 64;
 
 /// An instance's claim to lead one route across the cluster.
 pub(crate) struct Leadership {
     queue: QueueSpec,
-    claim: Option<Claim>,
+    held: Option<Held>,
+    /// Leadership was lost, and the queue this instance's connection may hold is not yet
+    /// deleted.
+    release: bool,
 }
 
-/// A consumer of the leadership queue, and the token it holds while this instance leads.
-struct Claim {
+/// Leadership held: the consumer of the lock queue, and the connection it was taken on.
+struct Held {
     /// Ends if the broker deletes the queue or cancels the consumer.
     consumer: Consumer,
-    /// The transport's reconnection count when this instance last put a token in the queue;
-    /// `None` until it has. After a reconnection the queue may be a new, empty one.
-    tokened_at: Option<u64>,
-    /// The token while this instance leads, with the transport's reconnection count when it
-    /// arrived: a token of an earlier connection went back to the queue with it.
-    token: Option<(Delivery, u64)>,
+    /// The transport's reconnection count when leadership was taken.
+    reconnects: u64,
 }
 
 impl Leadership {
-    /// Leadership of `route`, through the queue `timer-{service}-{route}.leadership`.
+    /// Leadership of `route`: the exclusive queue `timer-{service}-{route}.lock`.
     pub(crate) fn of(route: &RouteHandle) -> Self {
-        let name = format!("timer-{}-{}.leadership", route.service_name(), route.name());
-        let mut queue = QueueSpec { durable: false, auto_delete: true, ..QueueSpec::durable(name) };
-        queue.arguments.insert("x-single-active-consumer".to_owned(), HeaderValue::Bool(true));
-        Leadership { queue, claim: None }
+        let name = format!("timer-{}-{}.lock", route.service_name(), route.name());
+        let queue = QueueSpec { durable: false, exclusive: true, ..QueueSpec::durable(name) };
+        Leadership { queue, held: None, release: false }
     }
 
-    /// True when this instance leads: it holds the token on its current connection. While
-    /// disconnected it never leads: another instance may have taken over.
+    /// True when this instance leads: it holds the lock queue on its current connection, or
+    /// just took it. While disconnected it never leads: another instance may have taken over.
     pub(crate) async fn lead(&mut self, route: &RouteHandle) -> bool {
         let transport = route.transport();
-        if let Some(claim) = &mut self.claim {
-            if !claim.take_deliveries(route) {
-                if claim.token.is_some() {
-                    tracing::warn!(route = route.name(), "timer leadership lost: its queue went");
-                }
-                self.claim = None;
+        if let Some(held) = &mut self.held {
+            let ended = held.remove_followers_messages();
+            let same_connection =
+                transport.is_connected() && transport.reconnects() == held.reconnects;
+            if same_connection && !ended {
+                return true;
             }
+            tracing::warn!(route = route.name(), "timer leadership lost");
+            self.held = None;
+            self.release = true;
         }
         if !transport.is_connected() {
             return false;
         }
-        if self.claim.is_none() && !self.claim(route).await {
+        if self.release {
+            // Never awaited while disconnected: it would wait for the connection.
+            if let Err(error) = transport.delete_queue(&self.queue.name).await {
+                tracing::debug!(route = route.name(), "lock queue not deleted: {error}");
+            }
+            self.release = false;
+        }
+        if held_elsewhere(route, &self.queue.name).await {
             return false;
         }
-        let Some(claim) = &mut self.claim else { return false };
-        if claim.tokened_at != Some(transport.reconnects()) {
-            claim.put_token(route, &self.queue.name).await;
-        }
-        if claim.token.as_ref().is_some_and(|token| stale(token, transport)) {
-            tracing::warn!(route = route.name(), "timer leadership lost with the connection");
-            claim.token = None;
-        }
-        claim.token.is_some()
-    }
-
-    /// Declares the queue and consumes it; waits briefly for the token, which comes at once
-    /// when it is this instance's turn.
-    /// False when the broker refused.
-    async fn claim(&mut self, route: &RouteHandle) -> bool {
-        let transport = route.transport();
-        if let Err(error) = transport.declare_queue(&self.queue).await {
-            tracing::warn!(route = route.name(), "cannot declare {}: {error}", self.queue.name);
-            return false;
-        }
-        // Two: a token beyond the one held is delivered, and removed (`take_deliveries`).
-        let options = ConsumeOptions { prefetch: 2, exclusive: false, consumer_tag: String::new() };
-        let consumer = match transport.consume(&self.queue.name, options).await {
-            Ok(consumer) => consumer,
+        let reconnects = transport.reconnects();
+        match transport.declare_queue(&self.queue).await {
+            Ok(_) => {}
+            // another instance took it since
+            Err(TransportError::ResourceLocked(_)) => return false,
             Err(error) => {
-                tracing::warn!(route = route.name(), "cannot claim timer leadership: {error}");
+                tracing::warn!(route = route.name(), "cannot declare {}: {error}", self.queue.name);
                 return false;
             }
-        };
-        let claim = self.claim.insert(Claim { consumer, tokened_at: None, token: None });
-        claim.put_token(route, &self.queue.name).await;
-        if let Ok(Some(delivery)) =
-            tokio::time::timeout(FIRST_TOKEN_WAIT, claim.consumer.next()).await
-        {
-            claim.keep(delivery, route);
         }
-        true
+        // Not exclusive: the queue is, and a consumer of a previous claim may still be there.
+        let options =
+            ConsumeOptions { prefetch: PREFETCH, exclusive: false, consumer_tag: "".into() };
+        match transport.consume(&self.queue.name, options).await {
+            Ok(consumer) => {
+                tracing::info!(route = route.name(), "this instance now leads the timer");
+                self.held = Some(Held { consumer, reconnects });
+                true
+            }
+            Err(error) => {
+                tracing::warn!(route = route.name(), "cannot claim timer leadership: {error}");
+                self.release = true;
+                false
+            }
+        }
     }
 }
 
-impl Claim {
-    /// Takes what the queue delivered without waiting: the first token is kept, any other is
-    /// removed (every claim adds one). False once the consumer ended.
-    fn take_deliveries(&mut self, route: &RouteHandle) -> bool {
+/// True unless the lock `queue` is known gone: an empty message published to it (mandatory)
+/// came back unroutable. True too when that cannot be told (publishing blocked or failing):
+/// this instance then does not fire, as when disconnected.
+async fn held_elsewhere(route: &RouteHandle, queue: &str) -> bool {
+    let transport = route.transport();
+    if transport.publishing_blocked() {
+        return true;
+    }
+    let message = OutgoingMessage { body: Bytes::new(), properties: Default::default() };
+    let options = PublishOptions { mandatory: true };
+    match transport.publish("", queue, message, options).await {
+        Ok(()) => true,
+        Err(TransportError::Unroutable { .. }) => false,
+        Err(error) => {
+            tracing::warn!(
+                route = route.name(),
+                "cannot tell whether another instance leads the timer: {error}"
+            );
+            true
+        }
+    }
+}
+
+impl Held {
+    /// Acknowledges the followers' messages delivered so far, without waiting. True once the
+    /// consumer ended: the queue is gone, or the broker cancelled it.
+    fn remove_followers_messages(&mut self) -> bool {
         loop {
             match self.consumer.next().now_or_never() {
-                None => return true,
-                Some(None) => return false,
-                Some(Some(delivery)) => self.keep(delivery, route),
+                None => return false,
+                Some(None) => return true,
+                Some(Some(delivery)) => {
+                    // Not awaited in line: a lost acknowledgement only hands the message
+                    // back, to be removed at the next tick.
+                    tokio::spawn(async move { delivery.acker.ack().await });
+                }
             }
         }
     }
-
-    /// Keeps `delivery` as the token unless a live one is held; removes it otherwise.
-    fn keep(&mut self, delivery: Delivery, route: &RouteHandle) {
-        let transport = route.transport();
-        if self.token.as_ref().is_some_and(|token| !stale(token, transport)) {
-            // Settled in the background: a lost acknowledgement only leaves the extra token
-            // in the queue, to be removed at the next delivery.
-            tokio::spawn(async move { delivery.acker.ack().await });
-        } else {
-            tracing::info!(route = route.name(), "this instance now leads the timer");
-            self.token = Some((delivery, transport.reconnects()));
-        }
-    }
-
-    /// Puts a token in the queue (a claim's own, or one after a reconnection, when the queue
-    /// may have been deleted and declared again empty).
-    async fn put_token(&mut self, route: &RouteHandle, queue: &str) {
-        let transport = route.transport();
-        let reconnects = transport.reconnects();
-        let token = OutgoingMessage { body: Bytes::new(), properties: Default::default() };
-        // Mandatory: a queue deleted meanwhile fails it, and the next tick puts it again.
-        let options = PublishOptions { mandatory: true };
-        match transport.publish("", queue, token, options).await {
-            Ok(()) => self.tokened_at = Some(reconnects),
-            Err(error) => {
-                tracing::warn!(
-                    route = route.name(),
-                    "cannot put the timer's leadership token: {error}"
-                )
-            }
-        }
-    }
-}
-
-/// True when `token` came on an earlier connection, or its channel is gone: the broker took
-/// it back and may have given it to another instance.
-fn stale((token, reconnects): &(Delivery, u64), transport: &SharedTransport) -> bool {
-    *reconnects != transport.reconnects() || token.acker.channel_lost()
 }
