@@ -635,6 +635,7 @@ impl RawCaller {
                 delivery.acker.ack().await.unwrap();
                 assert_eq!(delivery.properties.correlation_id.as_deref(), Some("raw-1"));
                 assert_eq!(delivery.properties.content_type.as_deref(), Some("application/json"));
+                assert_eq!(delivery.properties.delivery_mode, Some(1), "a transient reply");
                 return serde_json::from_slice(&delivery.body).unwrap();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -31,13 +31,11 @@ pub(crate) fn rpc_binding(config: &Config) -> BindingSpec {
     }
 }
 
-/// The reply queue `rpc.reply-{service}-{id}` of a caller, with `x-expires: 300000`: not
-/// exclusive, as Nameko declares it, so replies sent while the caller's connection is down
-/// wait for it to come back. Unlike Nameko's it is not durable: RabbitMQ writes a persistent
-/// message routed to a durable queue to disk and confirms it only then (or once it is acked),
-/// which cost the broker more CPU than the rest of the call and made the replying service wait
-/// for the caller's ack before it could ack the request. A reply lost with a broker restart
-/// ends its call in a timeout, as the call would while the broker is down. The caller consumes
+/// The reply queue `rpc.reply-{service}-{id}` of a caller, with `x-expires: 300000`, durable
+/// and not exclusive, as Nameko declares it: replies sent while the caller's connection is
+/// down wait for it to come back, and RabbitMQ 4.3 and later refuse by default a queue both
+/// transient and shared (`transient_nonexcl_queues`, closing the connection). The replies
+/// themselves are transient (see `respond`), so none is written to disk. The caller consumes
 /// it with an exclusive consumer (no other connection can read it) and deletes it when it
 /// stops; `x-expires` removes it otherwise.
 pub(crate) fn reply_queue(service: &str, id: &str) -> QueueSpec {
@@ -45,7 +43,7 @@ pub(crate) fn reply_queue(service: &str, id: &str) -> QueueSpec {
     arguments.insert("x-expires".into(), HeaderValue::Int(REPLY_QUEUE_EXPIRES_MS));
     QueueSpec {
         name: format!("rpc.reply-{service}-{id}"),
-        durable: false,
+        durable: true,
         exclusive: false,
         auto_delete: false,
         arguments,
@@ -126,7 +124,8 @@ mod tests {
         assert_eq!(rpc_binding(&config).routing_key, "math.*");
         let reply = reply_queue(STANDALONE_SERVICE, "abc");
         assert_eq!(reply.name, "rpc.reply-standalone_rpc_proxy-abc");
-        assert!(!reply.durable && !reply.exclusive && !reply.auto_delete, "kept on disk by no one");
+        // a transient queue must be exclusive on RabbitMQ 4.3 and later
+        assert!(reply.durable && !reply.exclusive && !reply.auto_delete, "Nameko's flags");
         assert_eq!(reply.arguments.get("x-expires"), Some(&HeaderValue::Int(300_000)));
     }
 

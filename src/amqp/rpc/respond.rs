@@ -153,6 +153,14 @@ async fn reply(
     };
     let mut properties = json_properties();
     properties.correlation_id = correlation_id.clone();
+    if protocol == Protocol::Nameko {
+        // Transient: RabbitMQ confirms a persistent message routed to a durable queue (every
+        // Nameko reply queue, this framework's too) only once it is on disk or acked, which
+        // cost the broker more CPU than the rest of the call and held the request's ack until
+        // the caller acked the reply. A reply lost with a broker restart ends its call in a
+        // timeout, as the call would while the broker is down.
+        properties.delivery_mode = Some(1);
+    }
     let message = OutgoingMessage { body, properties };
     route.transport().publish(exchange, reply_to, message, PublishOptions::default()).await
 }
