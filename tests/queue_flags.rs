@@ -31,19 +31,21 @@ fn handled() {}
 /// Each queue of the broker's `/` virtual host: its name, and whether it is durable and
 /// whether exclusive.
 fn queues() -> Vec<(String, bool, bool)> {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "--no-table-headers", "name", "durable", "exclusive"])
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split('\t');
-            let (name, durable, exclusive) = (fields.next()?, fields.next()?, fields.next()?);
-            Some((name.to_owned(), durable == "true", exclusive == "true"))
-        })
-        .collect()
+    common::rabbitmqctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "durable",
+        "exclusive",
+    ])
+    .lines()
+    .filter_map(|line| {
+        let mut fields = line.split('\t');
+        let (name, durable, exclusive) = (fields.next()?, fields.next()?, fields.next()?);
+        Some((name.to_owned(), durable == "true", exclusive == "true"))
+    })
+    .collect()
 }
 
 /// A service with every kind of queue (event handlers reliable, unreliable, broadcast and

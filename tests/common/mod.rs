@@ -279,7 +279,8 @@ impl Drop for TemporaryUser {
     }
 }
 
-fn rabbitmqctl(args: &[&str]) {
+/// `rabbitmqctl ARGS` on the local node, which must succeed; what it printed.
+pub fn rabbitmqctl(args: &[&str]) -> String {
     let output =
         std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs");
     assert!(
@@ -287,6 +288,7 @@ fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// The live worker processes of `service`: children of this process started for it (found by
