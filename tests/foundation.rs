@@ -1189,9 +1189,8 @@ async fn leadership_passes_on_when_the_broker_closes_the_leaders_connection() {
     common::cleanup(&uri, &[service]).await;
 }
 
-/// A leader whose lock queue goes while it stays connected (an operator or a policy
-/// deletes it) gives up leadership: one instance fires after, not the old leader and a new
-/// one.
+/// A leader whose lock queue goes while it stays connected (an operator or a policy deletes
+/// it) gives up leadership: one instance fires after, not the old leader and a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_lock_queue_is_deleted_gives_up_leadership_so_one_instance_fires() {
     use std::sync::atomic::AtomicU64;
@@ -1225,9 +1224,9 @@ async fn a_leader_whose_lock_queue_is_deleted_gives_up_leadership_so_one_instanc
         let fired = firings(&instances, TICK * 10).await;
         let leaders: Vec<usize> = (0..2).filter(|&i| fired[i] > 0).collect();
         assert_eq!(leaders.len(), 1, "{uri}: one leader before: {fired:?}");
-        // The queue goes while the leader stays connected: its own connection deletes it.
-        let queue = format!("timer-{service}-tick.lock");
-        instances[leaders[0]].0.transport().delete_queue(&queue).await.unwrap();
+        // The lock queue goes while the leader stays connected: its own connection deletes it.
+        let lock = format!("timer-{service}-tick.lock");
+        instances[leaders[0]].0.transport().delete_queue(&lock).await.unwrap();
         tokio::time::sleep(TICK * 10).await;
         let fired = firings(&instances, TICK * 20).await;
         for (instance, _) in instances {
@@ -1235,7 +1234,7 @@ async fn a_leader_whose_lock_queue_is_deleted_gives_up_leadership_so_one_instanc
         }
         common::cleanup(&uri, &[service]).await;
         let firing: Vec<usize> = (0..2).filter(|&i| fired[i] > 0).collect();
-        assert_eq!(firing.len(), 1, "{uri}: one instance fires after the queue went: {fired:?}");
+        assert_eq!(firing.len(), 1, "{uri}: one instance fires after the lock went: {fired:?}");
         assert!(fired[firing[0]] <= 21, "{uri}: at most once a tick: {fired:?}");
     }
 }
