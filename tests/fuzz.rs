@@ -903,6 +903,7 @@ proptest! {
                 "SHUTDOWN_TIMEOUT", "TASK_TIME_LIMIT", "MAX_REDELIVERIES", "PROTOCOL", "QUEUE_TYPE",
                 "HTTP_HEADER_READ_TIMEOUT", "HTTP_KEEP_ALIVE_TIMEOUT", "HTTP_MAX_CONNECTIONS",
                 "WEBSOCKET_IDLE_TIMEOUT", "WEBSOCKET_ALLOWED_ORIGINS", "HTTP_REQUIRE_JSON_CONTENT_TYPE",
+                "WEBSOCKET_MAX_CONNECTIONS",
             ]),
             prop_oneof![
                 ".{0,10}",

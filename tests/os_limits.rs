@@ -291,6 +291,49 @@ fn only_a_service_serving_http_is_warned_of_its_file_limit() {
     }
 }
 
+/// A WebSocket service's limit counts `WEBSOCKET_MAX_CONNECTIONS` and the 64 handshakes it
+/// may be refusing past them (`503`), besides its own 64: named at start when too low, with
+/// `HTTP_MAX_CONNECTIONS` beside it once its metrics server serves HTTP too.
+#[test]
+fn a_file_limit_too_low_for_websocket_max_connections_is_named_at_start() {
+    let start = |limit: u64, metrics: bool| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let metrics_port =
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut command = std::process::Command::new(common::example("websocket_service"));
+        command
+            .arg("--serve")
+            .env_remove("AMQP_URI")
+            .env_remove("RUST_LOG")
+            .env("WEBSOCKET_IP", "127.0.0.1")
+            .env("WEBSOCKET_PORT", port.to_string())
+            .env("ENABLE_METRICS", metrics.to_string())
+            .env("METRICS_HOST", "127.0.0.1")
+            .env("METRICS_PORT", metrics_port.to_string())
+            .stdout(std::process::Stdio::null());
+        with_file_limit(&mut command, limit, limit);
+        let service = Started::spawn(command);
+        let started = Instant::now();
+        while !service.logged().contains("serving WebSocket commands on") {
+            assert!(started.elapsed() < Duration::from_secs(20), "{}", service.logged());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        service.logged()
+    };
+    let logged = start(48, false);
+    let warning = logged.lines().find(|line| line.contains("RLIMIT_NOFILE"));
+    let warning = warning.unwrap_or_else(|| panic!("no warning:\n{logged}"));
+    assert!(warning.contains("too few for WEBSOCKET_MAX_CONNECTIONS (1024) plus"), "{warning}");
+    assert!(!warning.contains("HTTP_MAX_CONNECTIONS"), "{warning}");
+    let logged = start(48, true);
+    let both = "too few for HTTP_MAX_CONNECTIONS (1024) and WEBSOCKET_MAX_CONNECTIONS (1024) plus";
+    assert!(logged.contains(both), "{logged}");
+    // the limit needed: 1024 connections, 64 refusals and the service's own 64
+    assert!(start(1151, false).contains("at most 1151 files (RLIMIT_NOFILE"));
+    let logged = start(1152, false);
+    assert!(!logged.contains("RLIMIT_NOFILE"), "{logged}");
+}
+
 /// A broker connection lost while the process is out of file descriptors is made again once
 /// one is free, and nothing panics: lapin's I/O thread drops its socket outside any tokio
 /// runtime, where async-compat built a global runtime of its own at that first drop, which

@@ -784,3 +784,51 @@ async fn ws_active_connections_counts_the_open_websocket_connections() {
         .await;
     service.stop().await.unwrap();
 }
+
+/// `WEBSOCKET_MAX_CONNECTIONS` connections are open at once, handshakes included: the next
+/// handshake is answered `503` with the reason (a connection left waiting unaccepted, as an
+/// HTTP one is, could wait for hours behind long-lived clients), the client reads it as
+/// `MaxConnectionsReached` and retries when told to, and a connection that closes frees its
+/// slot.
+#[tokio::test]
+async fn websocket_max_connections_are_open_at_once_and_the_next_handshake_is_told_503() {
+    let gate = Gate::default();
+    let config = ws_config("wsmaxconn", 2).with_websocket_max_connections(2);
+    let (service, address) = start_with(config, &gate).await;
+    let mut first = Raw::connect(address).await;
+    // a socket that has not finished its handshake holds a slot too
+    let mut silent = TcpStream::connect(address).await.unwrap();
+    assert_eq!(first.call(json!({"command": "add", "command_args": [1, 2]})).await["data"], 3);
+
+    let refused = tokio_tungstenite::connect_async(format!("ws://{address}")).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(response)) = refused else {
+        panic!("a third handshake is refused: {refused:?}");
+    };
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
+    assert!(body.contains("WEBSOCKET_MAX_CONNECTIONS"), "{body:?}");
+    let error = client(address).call::<i64>("add", (1, 2), ()).await.unwrap_err();
+    let WebSocketRpcError::MaxConnectionsReached(message) = &error else {
+        panic!("a full server is MaxConnectionsReached to the client: {error:?}");
+    };
+    assert!(message.contains("503") && message.contains("WEBSOCKET_MAX_CONNECTIONS"), "{message}");
+    #[cfg(feature = "metrics")]
+    {
+        let rendered = service.metrics().render();
+        let refusals = r#"requests_refused_total{context="",reason="max_connections",route=""} 2"#;
+        assert!(rendered.contains(refusals), "{rendered}");
+    }
+
+    // the connections open are served on; a slot freed serves the next
+    assert_eq!(first.call(json!({"command": "add", "command_args": [2, 2]})).await["data"], 4);
+    let retrying = client(address).retry_when_full(Duration::from_millis(50));
+    let retried = tokio::spawn(async move { retrying.call::<i64>("add", (3, 4), ()).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    silent.shutdown().await.unwrap();
+    drop(silent);
+    assert_eq!(retried.await.unwrap().unwrap(), 7);
+    first.0.close(None).await.unwrap();
+    drop(first);
+    service.stop().await.unwrap();
+}

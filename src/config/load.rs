@@ -46,6 +46,7 @@ enum Field {
     HttpMaxConnections,
     HttpRequireJsonContentType,
     WebsocketIdleTimeout,
+    WebsocketMaxConnections,
     MaxMessageSize,
     PrefetchCount,
     Protocol,
@@ -85,6 +86,7 @@ const FIELDS: &[(&str, Field)] = &[
     ("HTTP_MAX_CONNECTIONS", Field::HttpMaxConnections),
     ("HTTP_REQUIRE_JSON_CONTENT_TYPE", Field::HttpRequireJsonContentType),
     ("WEBSOCKET_IDLE_TIMEOUT", Field::WebsocketIdleTimeout),
+    ("WEBSOCKET_MAX_CONNECTIONS", Field::WebsocketMaxConnections),
     ("MAX_MESSAGE_SIZE", Field::MaxMessageSize),
     ("PREFETCH_COUNT", Field::PrefetchCount),
     ("PROTOCOL", Field::Protocol),
@@ -145,6 +147,9 @@ fn apply(config: &mut Config, field: Field, key: &str, value: &Value) -> Result<
             boolean(value).map(|v| config.http_require_json_content_type = v)
         }
         Field::WebsocketIdleTimeout => seconds(value).map(|v| config.websocket_idle_timeout = v),
+        Field::WebsocketMaxConnections => {
+            uint(value, USIZE).map(|v| config.websocket_max_connections = v)
+        }
         Field::MaxMessageSize => uint(value, USIZE).map(|v| config.max_message_size = v),
         Field::PrefetchCount => {
             optional(value, |v| uint(v, POSITIVE_U16)).map(|v| config.prefetch_count = v)

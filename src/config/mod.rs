@@ -97,8 +97,9 @@ pub use unknown_key::UnknownKey;
 use error::{mask_json, raw_text};
 use load::Format;
 
-/// The largest `HTTP_MAX_CONNECTIONS`: Linux's default `fs.nr_open`, the most file
-/// descriptors a process may ever hold, so no process could serve more.
+/// The largest `HTTP_MAX_CONNECTIONS` and `WEBSOCKET_MAX_CONNECTIONS`: Linux's default
+/// `fs.nr_open`, the most file descriptors a process may ever hold, so no process could serve
+/// more.
 pub const MAX_HTTP_CONNECTIONS: usize = 1 << 20;
 
 /// The largest `MAX_WORKERS` (and `RunnerContext::max_workers`): far above any pool a
@@ -186,6 +187,10 @@ pub struct Config {
     /// a reply without a byte taken before its client is dropped; also bounds the handshake. Positive, at most a day. Given in seconds (fractions allowed). Default: 60 s
     /// (nginx's `proxy_read_timeout`).
     pub websocket_idle_timeout: Duration,
+    /// `WEBSOCKET_MAX_CONNECTIONS`: how many WebSocket connections are open at once,
+    /// handshakes included; the handshake of the next one is answered `503 Service
+    /// Unavailable` until one closes. From 1 to 1048576. Default: 1024.
+    pub websocket_max_connections: usize,
     /// `MAX_MESSAGE_SIZE`: the largest message body, in bytes, a service accepts (AMQP
     /// deliveries, HTTP bodies, WebSocket frames) or publishes; at least 1. Default: 16 MiB,
     /// RabbitMQ 4's own limit.
@@ -306,6 +311,7 @@ setters! {
     with_http_max_connections => http_max_connections: usize,
     with_http_require_json_content_type => http_require_json_content_type: bool,
     with_websocket_idle_timeout => websocket_idle_timeout: Duration,
+    with_websocket_max_connections => websocket_max_connections: usize,
     with_max_message_size => max_message_size: usize,
     with_prefetch_count => prefetch_count: Option<u16>,
     with_protocol => protocol: Protocol,
@@ -354,6 +360,7 @@ impl Default for Config {
             http_max_connections: 1024,
             http_require_json_content_type: false,
             websocket_idle_timeout: Duration::from_secs(60),
+            websocket_max_connections: 1024,
             max_message_size: 16 * 1024 * 1024,
             prefetch_count: None,
             protocol: Protocol::default(),
@@ -662,6 +669,7 @@ impl Config {
             ("HTTP_MAX_CONNECTIONS", Value::from(self.http_max_connections)),
             ("HTTP_REQUIRE_JSON_CONTENT_TYPE", Value::from(self.http_require_json_content_type)),
             ("WEBSOCKET_IDLE_TIMEOUT", Value::from(self.websocket_idle_timeout.as_secs_f64())),
+            ("WEBSOCKET_MAX_CONNECTIONS", Value::from(self.websocket_max_connections)),
             ("MAX_MESSAGE_SIZE", Value::from(self.max_message_size)),
             ("PREFETCH_COUNT", Value::from(self.effective_prefetch())),
             ("PROTOCOL", Value::from(self.protocol.as_str())),
@@ -710,6 +718,7 @@ impl fmt::Debug for Config {
             .field("http_max_connections", &self.http_max_connections)
             .field("http_require_json_content_type", &self.http_require_json_content_type)
             .field("websocket_idle_timeout", &self.websocket_idle_timeout)
+            .field("websocket_max_connections", &self.websocket_max_connections)
             .field("max_message_size", &self.max_message_size)
             .field("prefetch_count", &self.prefetch_count)
             .field("protocol", &self.protocol)

@@ -64,6 +64,7 @@ fn everything_changed() -> Config {
         http_max_connections: 64,
         http_require_json_content_type: true,
         websocket_idle_timeout: Duration::from_secs(90),
+        websocket_max_connections: 32,
         max_message_size: 1048576,
         prefetch_count: Some(20),
         protocol: Protocol::MicroFramework,
@@ -107,6 +108,7 @@ const ALL_ENV: &[(&str, &str)] = &[
     ("HTTP_MAX_CONNECTIONS", "64"),
     ("HTTP_REQUIRE_JSON_CONTENT_TYPE", "yes"),
     ("WEBSOCKET_IDLE_TIMEOUT", "90"),
+    ("WEBSOCKET_MAX_CONNECTIONS", "32"),
     ("MAX_MESSAGE_SIZE", "1048576"),
     ("PREFETCH_COUNT", "20"),
     ("PROTOCOL", "micro_framework"),
@@ -148,6 +150,7 @@ HTTP_KEEP_ALIVE_TIMEOUT: "2.5"
 HTTP_MAX_CONNECTIONS: 64
 HTTP_REQUIRE_JSON_CONTENT_TYPE: true
 WEBSOCKET_IDLE_TIMEOUT: 90
+WEBSOCKET_MAX_CONNECTIONS: 32
 MAX_MESSAGE_SIZE: 1048576
 PREFETCH_COUNT: 20
 PROTOCOL: micro_framework
@@ -186,6 +189,7 @@ HTTP_KEEP_ALIVE_TIMEOUT = 2.5
 HTTP_MAX_CONNECTIONS = "64"
 HTTP_REQUIRE_JSON_CONTENT_TYPE = true
 WEBSOCKET_IDLE_TIMEOUT = 90
+WEBSOCKET_MAX_CONNECTIONS = 32
 MAX_MESSAGE_SIZE = 1048576
 PREFETCH_COUNT = 20
 PROTOCOL = "micro_framework"
@@ -232,6 +236,7 @@ fn defaults() {
     assert_eq!(config.http_max_connections, 1024);
     assert!(!config.http_require_json_content_type);
     assert_eq!(config.websocket_idle_timeout, Duration::from_secs(60));
+    assert_eq!(config.websocket_max_connections, 1024);
     assert_eq!(config.max_message_size, 16 * 1024 * 1024);
     assert_eq!(config.prefetch_count, None);
     assert_eq!(config.effective_prefetch(), 3);
@@ -755,6 +760,7 @@ fn value_errors_name_key_and_value() {
         ("WEBSOCKET_IDLE_TIMEOUT", "inf", "must be a positive, finite number of seconds"),
         ("HTTP_MAX_CONNECTIONS", "-1", "expected a non-negative integer"),
         ("HTTP_MAX_CONNECTIONS", "many", "expected a non-negative integer"),
+        ("WEBSOCKET_MAX_CONNECTIONS", "1.5", "expected a non-negative integer"),
         (
             "HTTP_REQUIRE_JSON_CONTENT_TYPE",
             "json",
@@ -868,6 +874,16 @@ fn validation_errors() {
             "HTTP_MAX_CONNECTIONS",
             "1048577",
             r#"invalid config HTTP_MAX_CONNECTIONS="1048577": must be at most 1048576"#,
+        ),
+        (
+            "WEBSOCKET_MAX_CONNECTIONS",
+            "0",
+            r#"invalid config WEBSOCKET_MAX_CONNECTIONS="0": must be at least 1"#,
+        ),
+        (
+            "WEBSOCKET_MAX_CONNECTIONS",
+            "1048577",
+            r#"invalid config WEBSOCKET_MAX_CONNECTIONS="1048577": must be at most 1048576"#,
         ),
         (
             "SERVICE_NAME",
@@ -1306,6 +1322,7 @@ fn masked_map_and_debug() {
         ("HTTP_MAX_CONNECTIONS", json!(64)),
         ("HTTP_REQUIRE_JSON_CONTENT_TYPE", json!(true)),
         ("WEBSOCKET_IDLE_TIMEOUT", json!(90.0)),
+        ("WEBSOCKET_MAX_CONNECTIONS", json!(32)),
         ("MAX_MESSAGE_SIZE", json!(1048576)),
         ("PREFETCH_COUNT", json!(20)),
         ("PROTOCOL", json!("micro_framework")),

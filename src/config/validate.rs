@@ -15,9 +15,9 @@ impl Config {
     /// `amqps://` or `memory://` URI or a list of `amqp(s)://` URIs (none empty, same vhost,
     /// same credentials), each `amqp(s)://` one read as the transport reads it (a host, a
     /// port other than 0, numeric options, `frame_max` at least 4096), `RPC_EXCHANGE` is neither blank nor padded with whitespace,
-    /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT` and `HTTP_MAX_CONNECTIONS` are
-    /// not 0 (and `MAX_WORKERS` at most [`MAX_WORKERS_LIMIT`], `HTTP_MAX_CONNECTIONS` at most
-    /// [`MAX_HTTP_CONNECTIONS`]), `MAX_MESSAGE_SIZE` is at least 1, `RPC_TIMEOUT` and
+    /// `MAX_WORKERS`, `MAX_TASKS_PER_CHILD`, `PREFETCH_COUNT`, `HTTP_MAX_CONNECTIONS` and
+    /// `WEBSOCKET_MAX_CONNECTIONS` are not 0 (and `MAX_WORKERS` at most
+    /// [`MAX_WORKERS_LIMIT`], the two connection caps at most [`MAX_HTTP_CONNECTIONS`]), `MAX_MESSAGE_SIZE` is at least 1, `RPC_TIMEOUT` and
     /// `SHUTDOWN_TIMEOUT` are not zero, `TASK_TIME_LIMIT` is unset or a positive, finite
     /// number of seconds, `WEB_SERVER_ADDRESS` is `host:port` or a port, the HTTP and
     /// WebSocket timeouts are neither zero nor longer than [`MAX_PEER_TIMEOUT`],
@@ -97,6 +97,7 @@ impl Config {
             ("MAX_WORKERS", self.max_workers == 0, ""),
             ("MAX_MESSAGE_SIZE", self.max_message_size == 0, ""),
             ("HTTP_MAX_CONNECTIONS", self.http_max_connections == 0, ""),
+            ("WEBSOCKET_MAX_CONNECTIONS", self.websocket_max_connections == 0, ""),
             ("MAX_TASKS_PER_CHILD", self.max_tasks_per_child == Some(0), " (or unset: no limit)"),
             ("PREFETCH_COUNT", self.prefetch_count == Some(0), " (or unset: MAX_WORKERS)"),
         ];
@@ -126,12 +127,18 @@ impl Config {
                 format!("must be at most {MAX_WORKERS_LIMIT}"),
             ));
         }
-        if self.http_max_connections > MAX_HTTP_CONNECTIONS {
-            return Err(ConfigError::new(
-                "HTTP_MAX_CONNECTIONS",
-                self.http_max_connections.to_string(),
-                format!("must be at most {MAX_HTTP_CONNECTIONS}"),
-            ));
+        let connections = [
+            ("HTTP_MAX_CONNECTIONS", self.http_max_connections),
+            ("WEBSOCKET_MAX_CONNECTIONS", self.websocket_max_connections),
+        ];
+        for (key, connections) in connections {
+            if connections > MAX_HTTP_CONNECTIONS {
+                return Err(ConfigError::new(
+                    key,
+                    connections.to_string(),
+                    format!("must be at most {MAX_HTTP_CONNECTIONS}"),
+                ));
+            }
         }
         origins::validate(&self.websocket_allowed_origins)?;
         self.validate_client_certificate()?;

@@ -1,6 +1,6 @@
 //! The process's limit on open files (`RLIMIT_NOFILE`), at start: its soft limit raised
-//! towards the hard one (to 65,536, or what `HTTP_MAX_CONNECTIONS` needs), and a limit still
-//! too low for `HTTP_MAX_CONNECTIONS` named.
+//! towards the hard one (to 65,536, or what `HTTP_MAX_CONNECTIONS` and
+//! `WEBSOCKET_MAX_CONNECTIONS` need), and a limit still too low for them named.
 //!
 //! Containers commonly start a process with a soft limit of 1024 under a far higher hard one
 //! (Docker 25+, containerd 2, systemd's default): below the default `HTTP_MAX_CONNECTIONS`
@@ -12,8 +12,8 @@
 use crate::config::Config;
 use crate::pipeline::entrypoint_kind::Kind;
 
-/// Descriptors a service holds besides its HTTP connections (listeners, broker connections,
-/// worker processes' links, the runtime's own), with room to spare.
+/// Descriptors a service holds besides its HTTP and WebSocket connections (listeners, broker
+/// connections, worker processes' links, the runtime's own), with room to spare.
 const OWN_DESCRIPTORS: u64 = 64;
 
 /// How far the soft limit is raised at least (if the hard one allows): a common server
@@ -21,36 +21,55 @@ const OWN_DESCRIPTORS: u64 = 64;
 /// a target starts (inheriting the limit) may close every descriptor up to it one by one.
 const ENOUGH: u64 = 65_536;
 
-/// Raise the soft limit towards the hard one (to [`ENOUGH`], or more if
-/// `HTTP_MAX_CONNECTIONS` needs it); then, if the service serves HTTP (routes among the
-/// entrypoints' `kinds`, or metrics), warn when the limit leaves no room for
-/// `HTTP_MAX_CONNECTIONS`.
+/// Raise the soft limit towards the hard one (to [`ENOUGH`], or more if the connection caps
+/// of the servers the service runs need it: `HTTP_MAX_CONNECTIONS` with HTTP routes among the
+/// entrypoints' `kinds` or metrics on, `WEBSOCKET_MAX_CONNECTIONS` with WebSocket routes);
+/// then warn when the limit leaves no room for them.
 pub(super) fn raise_and_check(config: &Config, kinds: &[Kind]) {
     #[cfg(feature = "http")]
     let http_routes = kinds.iter().any(|kind| matches!(kind, Kind::Http { .. }));
     #[cfg(not(feature = "http"))]
-    let http_routes = {
-        let _ = kinds;
-        false
-    };
-    let serves_http = http_routes || config.enable_metrics;
+    let http_routes = false;
+    #[cfg(feature = "websocket")]
+    let websocket_routes = kinds.iter().any(|kind| matches!(kind, Kind::WebSocket));
+    #[cfg(not(feature = "websocket"))]
+    let websocket_routes = false;
+    // a WebSocket server answers a few connections past its cap (`503`) as well
+    #[cfg(feature = "websocket")]
+    let refusals = if websocket_routes { crate::websocket::REFUSING } else { 0 };
+    #[cfg(not(feature = "websocket"))]
+    let refusals = 0;
+    let _ = kinds; // read only with the features
+    let caps = [
+        (http_routes || config.enable_metrics, "HTTP_MAX_CONNECTIONS", config.http_max_connections),
+        (websocket_routes, "WEBSOCKET_MAX_CONNECTIONS", config.websocket_max_connections),
+    ];
+    let served: Vec<(&str, usize)> =
+        caps.into_iter().filter(|(serves, ..)| *serves).map(|(_, key, cap)| (key, cap)).collect();
     #[cfg(unix)]
     {
-        let connections = config.http_max_connections as u64;
-        let needed = connections.saturating_add(OWN_DESCRIPTORS);
+        let needed = served
+            .iter()
+            .fold(OWN_DESCRIPTORS.saturating_add(refusals as u64), |needed, (_, cap)| {
+                needed.saturating_add(*cap as u64)
+            });
         let Some(soft) = raise(ENOUGH.max(needed)) else { return };
-        if serves_http && soft < needed {
+        if !served.is_empty() && soft < needed {
+            let caps: Vec<String> =
+                served.iter().map(|(key, cap)| format!("{key} ({cap})")).collect();
+            let keys: Vec<&str> = served.iter().map(|(key, _)| *key).collect();
             tracing::warn!(
                 "this process may open at most {soft} files (RLIMIT_NOFILE, `ulimit -n`), too \
-                 few for HTTP_MAX_CONNECTIONS ({connections}) plus its own: out of \
-                 descriptors it cannot accept connections (/health/live included), reconnect \
-                 to the broker or start worker processes; raise the limit (`docker run \
-                 --ulimit nofile=N`, LimitNOFILE=) or lower HTTP_MAX_CONNECTIONS"
+                 few for {} plus its own: out of descriptors it cannot accept connections \
+                 (/health/live included), reconnect to the broker or start worker processes; \
+                 raise the limit (`docker run --ulimit nofile=N`, LimitNOFILE=) or lower {}",
+                caps.join(" and "),
+                keys.join(" or ")
             );
         }
     }
     #[cfg(not(unix))]
-    let _ = serves_http;
+    let _ = (served, refusals);
 }
 
 /// The soft limit, raised to `wanted` (or to the hard one if lower) if it can be; `None` if

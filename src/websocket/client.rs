@@ -8,7 +8,8 @@ use futures::{SinkExt, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::clock::deadline_after;
 use crate::data::nameko_wire::call_arguments;
@@ -85,9 +86,11 @@ impl WebSocketRpcClient {
         self
     }
 
-    /// When the server has no free worker (`MaxConnectionsReached`), try again every
-    /// `interval` until the timeout, on a new connection each time, as the Python client does
-    /// (every 0.5 s; useful behind a load balancer). By default the refusal is returned.
+    /// When the server has no free worker (`MaxConnectionsReached`), or refuses the
+    /// connection because it holds `WEBSOCKET_MAX_CONNECTIONS` already (`503`, returned as
+    /// `MaxConnectionsReached` too), try again every `interval` until the timeout, on a new
+    /// connection each time, as the Python client does (every 0.5 s; useful behind a load
+    /// balancer). By default the refusal is returned.
     pub fn retry_when_full(mut self, interval: Duration) -> Self {
         self.retry_interval = Some(interval);
         self
@@ -107,26 +110,30 @@ impl WebSocketRpcClient {
         let frame = request_frame(command, args, kwargs);
         let deadline = deadline_after(self.timeout);
         loop {
-            let reply = tokio::time::timeout_at(deadline, self.exchange(&frame)).await.map_err(
-                |_| WebSocketRpcError::Timeout {
-                    command: command.to_owned(),
-                    url: self.url.clone(),
-                    after: self.timeout,
-                },
-            )??;
-            match (reply, self.retry_interval) {
-                (Ok(data), _) => {
+            let outcome =
+                tokio::time::timeout_at(deadline, self.exchange(&frame)).await.map_err(|_| {
+                    WebSocketRpcError::Timeout {
+                        command: command.to_owned(),
+                        url: self.url.clone(),
+                        after: self.timeout,
+                    }
+                })?;
+            let error = match outcome {
+                Ok(Ok(data)) => {
                     return serde_json::from_value(data)
                         .map_err(|error| WebSocketRpcError::UnexpectedResult(error.to_string()))
                 }
-                (Err(error), Some(interval))
-                    if error.is_framework("MaxConnectionsReached")
-                        && deadline_after(interval) < deadline =>
+                Ok(Err(remote)) => WebSocketRpcError::from(remote),
+                Err(error) => error,
+            };
+            match (error, self.retry_interval) {
+                (WebSocketRpcError::MaxConnectionsReached(why), Some(interval))
+                    if deadline_after(interval) < deadline =>
                 {
-                    tracing::debug!("{} has no free worker for {command}: trying again", self.url);
+                    tracing::debug!("{} cannot take {command} now ({why}): trying again", self.url);
                     tokio::time::sleep(interval).await;
                 }
-                (Err(error), _) => return Err(error.into()),
+                (error, _) => return Err(error),
             }
         }
     }
@@ -152,12 +159,7 @@ impl WebSocketRpcClient {
         let (mut socket, _) =
             tokio_tungstenite::connect_async_with_config(&self.url, Some(client_limits()), true)
                 .await
-                .map_err(|error| {
-                    WebSocketRpcError::Connection(format!(
-                        "cannot connect to {}: {error}",
-                        self.url
-                    ))
-                })?;
+                .map_err(|error| self.not_connected(error))?;
         socket.send(Message::text(frame)).await.map_err(|error| lost(error.to_string()))?;
         let reply = loop {
             match socket.next().await {
@@ -176,6 +178,27 @@ impl WebSocketRpcClient {
             tracing::debug!("cannot close the connection to {}: {error}", self.url);
         }
         reply.map_err(WebSocketRpcError::InvalidReply)
+    }
+}
+
+impl WebSocketRpcClient {
+    /// Why the connection could not be made: a server with every connection slot taken
+    /// answers its handshake `503`, which means what `MaxConnectionsReached` means (come back
+    /// later, or try elsewhere).
+    fn not_connected(&self, error: WsError) -> WebSocketRpcError {
+        match error {
+            WsError::Http(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                let body = response.body().as_deref().map(String::from_utf8_lossy);
+                let why = body.as_deref().map_or("", str::trim);
+                WebSocketRpcError::MaxConnectionsReached(format!(
+                    "{} refused the connection (503 Service Unavailable): {why}",
+                    self.url
+                ))
+            }
+            error => {
+                WebSocketRpcError::Connection(format!("cannot connect to {}: {error}", self.url))
+            }
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //! of a reply for as long (its buffers full, a send waiting), or that has not taken all of it
 //! [`CLOSE_WAIT`] after the service stops, is dropped. A frame too big is answered with 1009,
 //! text that is not UTF-8 with 1007. A handshake from a web page whose origin is not allowed
-//! (`WEBSOCKET_ALLOWED_ORIGINS`) is answered `403` and closed.
+//! (`WEBSOCKET_ALLOWED_ORIGINS`) is answered `403` and closed, and one that came while every
+//! slot was taken (`WEBSOCKET_MAX_CONNECTIONS`) `503`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{deadline_after, deadline_from};
 use crate::metrics::Metrics;
 use crate::web_server::Watched;
+use crate::websocket::admission::Admission;
 use crate::websocket::dispatch::{dispatch, Step};
-use crate::websocket::origin::{OriginCheck, OriginPolicy};
+use crate::websocket::handshake::HandshakeCheck;
+use crate::websocket::origin::OriginPolicy;
 use crate::websocket::registry::WsRegistry;
 use crate::websocket::traffic::Traffic;
 use crate::websocket::{frame_limits, HANDSHAKE_TIMEOUT};
@@ -51,11 +54,14 @@ enum End {
 }
 
 /// Serve the client at `peer` until it leaves, stays silent for `idle`, or `stopping` fires;
-/// refuse its handshake if its `Origin` is not one `origins` allows.
+/// refuse its handshake if its `admission` is a refusal, or if its `Origin` is not one
+/// `origins` allows. The admission's slot is held until then.
+#[allow(clippy::too_many_arguments)] // one call site, each argument a different concept
 pub(crate) async fn serve_client(
     metrics: Metrics,
     registry: Arc<WsRegistry>,
     origins: Arc<OriginPolicy>,
+    admission: Admission,
     stream: TcpStream,
     peer: SocketAddr,
     idle: Duration,
@@ -66,9 +72,10 @@ pub(crate) async fn serve_client(
     let spare = spare_handle(&stream);
     let traffic = Arc::new(Traffic::new());
     let stream = Watched::new(stream, traffic.clone());
-    let check_origin = OriginCheck { policy: &origins, metrics: &metrics, peer };
+    let busy = admission.is_refused();
+    let check = HandshakeCheck { origins: &origins, busy, metrics: &metrics, peer };
     let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check_origin, Some(frame_limits()));
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(frame_limits()));
     let handshake = tokio::select! {
         _ = stopping.cancelled() => return,
         handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT.min(idle), handshake) => handshake,
@@ -168,11 +175,11 @@ fn spare_handle(_stream: &TcpStream) -> Option<TcpStream> {
 /// for a plain HTTP request, or for a handshake of a version other than 13, which is named so
 /// that the client can retry with it; 400 for anything else that is no handshake), then
 /// close. Only for request errors: after an I/O error or a timeout there is no one to answer.
-/// A handshake the origin check refused was answered already: it is only closed.
+/// A handshake the handshake check refused was answered already: it is only closed.
 async fn refuse_request(mut spare: TcpStream, error: &WsError) {
     use tokio_tungstenite::tungstenite::error::ProtocolError;
     let status = match error {
-        // the server's own refusal (the origin check's `403`), which tungstenite sent
+        // the server's own refusal (the handshake check's `403` or `503`), which tungstenite sent
         WsError::Http(_) => return close_after_reading(&mut spare).await,
         WsError::Protocol(
             ProtocolError::MissingConnectionUpgradeHeader

@@ -16,8 +16,9 @@ pub enum WebSocketRpcError {
     /// The server could not read the request (`RPCMalformedMessage`).
     #[error("{0}")]
     MalformedMessage(String),
-    /// No worker was free to take the call (`MaxConnectionsReached`): try again later or
-    /// elsewhere.
+    /// No worker was free to take the call (`MaxConnectionsReached`), or the server refused
+    /// the connection, holding `WEBSOCKET_MAX_CONNECTIONS` already (`503`): try again later
+    /// or elsewhere.
     #[error("{0}")]
     MaxConnectionsReached(String),
     /// The command failed; the error as the server described it (arguments that do not fit

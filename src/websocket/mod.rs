@@ -60,7 +60,9 @@
 //! Limits: a request frame of at most 1 MiB (the Python server's default; a larger one closes
 //! the connection with 1009; replies are not bounded there, and `WebSocketRpcClient` reads
 //! them up to 64 MiB, [`MAX_REPLY_SIZE`]), at most 32 calls running per connection, a call
-//! only when a worker of the route's pool is free at once. A client that sends no byte (pings
+//! only when a worker of the route's pool is free at once, at most `WEBSOCKET_MAX_CONNECTIONS`
+//! connections open at once (default 1024; the next handshake is answered `503 Service
+//! Unavailable`, which the client returns as `MaxConnectionsReached`). A client that sends no byte (pings
 //! and fragments count) for `WEBSOCKET_IDLE_TIMEOUT` (default 60 s) while none of its calls
 //! runs is closed with 1000 ("idle timeout"), and one that takes no byte of a reply for as
 //! long is dropped; the handshake must be done within 10 s, or that timeout if shorter. On
@@ -95,6 +97,7 @@
 //! # Ok(()) }
 //! ```
 
+mod admission;
 mod client;
 mod connection;
 mod dispatch;
@@ -102,6 +105,7 @@ mod entrypoint;
 mod error;
 #[cfg(test)]
 mod fuzz;
+mod handshake;
 mod origin;
 mod registry;
 mod server;
@@ -116,6 +120,7 @@ pub use client::{WebSocketRpcClient, DEFAULT_TIMEOUT};
 pub use entrypoint::WebSocketEntrypoint;
 pub use error::WebSocketRpcError;
 
+pub(crate) use admission::REFUSING;
 pub(crate) use dispatch::command_message;
 pub(crate) use server::WebSocketServer;
 

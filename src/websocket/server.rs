@@ -1,6 +1,7 @@
 //! [`WebSocketServer`]: the WebSocket server of a service instance, shared by its WebSocket
-//! routes: it listens once every route is set up, accepts connections until the service stops,
-//! then lets every connection finish its calls.
+//! routes: it listens once every route is set up, accepts connections (at most
+//! `WEBSOCKET_MAX_CONNECTIONS` served at once) until the service stops, then lets every
+//! connection finish its calls.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::{Error, Result};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::web_server::AcceptErrors;
+use crate::websocket::admission::Admissions;
 use crate::websocket::connection::serve_client;
 use crate::websocket::origin::OriginPolicy;
 use crate::websocket::registry::WsRegistry;
@@ -70,28 +72,41 @@ impl WebSocketServer {
         let idle = self.service.config().websocket_idle_timeout;
         let origins = Arc::new(OriginPolicy::of(self.service.config()));
         let connections = TaskTracker::new();
+        let mut admissions = Admissions::new(self.service.config().websocket_max_connections);
         let mut accept_errors = AcceptErrors::new("a WebSocket connection");
         loop {
-            tokio::select! {
+            let admission = tokio::select! {
+                biased;
+                _ = stopping.cancelled() => break,
+                admission = admissions.next() => match admission {
+                    Ok(admission) => admission,
+                    Err(_) => break, // the semaphores are never closed
+                },
+            };
+            let (stream, peer) = tokio::select! {
                 biased;
                 _ = stopping.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
+                    Ok(accepted) => {
                         accept_errors.accepted();
-                        let registry = self.registry.clone();
-                        connections.spawn(serve_client(
-                            self.service.metrics().clone(),
-                            registry,
-                            origins.clone(),
-                            stream,
-                            peer,
-                            idle,
-                            stopping.clone(),
-                        ));
+                        accepted
                     }
-                    Err(error) => accept_errors.failed(error).await,
-                }
-            }
+                    Err(error) => {
+                        accept_errors.failed(error).await;
+                        continue;
+                    }
+                },
+            };
+            connections.spawn(serve_client(
+                self.service.metrics().clone(),
+                self.registry.clone(),
+                origins.clone(),
+                admissions.decide(admission, peer),
+                stream,
+                peer,
+                idle,
+                stopping.clone(),
+            ));
         }
         drop(listener);
         connections.close();
