@@ -149,12 +149,9 @@ impl DeliveryHandler for RpcServer {
             return;
         }
         if let Err(error) = &outcome {
-            tracing::warn!(
-                route = route.name(),
-                "RPC {method} failed: {} {}",
-                error.exc_type,
-                error.value
-            );
+            // an unknown method has no route: the route answering for the service is not it
+            let route = if handled.is_some() { route.name() } else { "" };
+            tracing::warn!(route, "RPC {method} failed: {} {}", error.exc_type, error.value);
         }
         let body = nameko_reply(&route, &outcome);
         reply_then_ack(&route, &message, acker, Protocol::Nameko, body).await;
@@ -167,8 +164,9 @@ impl DeliveryHandler for RpcServer {
     async fn refuse(&self, delivery: Delivery, failure: Failure) {
         let (message, acker) = delivery.into_parts();
         let (method, route) = self.route_of(&message.routing_key);
+        let log_route = route.as_ref().map_or("", RouteHandle::name).to_owned();
         let route = route.unwrap_or_else(|| self.service.clone());
-        tracing::error!(route = route.name(), "RPC {method} refused: {}", failure.message);
+        tracing::error!(route = log_route, "RPC {method} refused: {}", failure.message);
         let body = nameko_reply(&route, &Err(RemoteException::from_failure(&failure)));
         reply_then_ack(&route, &message, acker, Protocol::Nameko, body).await;
         route.settled(&Handled::Failed(failure));
@@ -220,4 +218,45 @@ fn nameko_reply(
     within_size_limit(route, reply_body(outcome), |reason| {
         reply_body(&Err(RemoteException::nameko("UnserializableValueError", reason)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::amqp::entrypoints::RPCListener;
+    use crate::amqp::rpc::{Args, Client, RpcError};
+    use crate::config::Config;
+    use crate::data::captured_logs::Captured;
+    use crate::{Route, Runner};
+
+    fn add(Args((a, b)): Args<(i64, i64)>) -> i64 {
+        a + b
+    }
+
+    /// A request for a method the service does not have is answered `MethodNotFound` and
+    /// logged under no route: it was logged under the service's first route, whose
+    /// operators would look for a fault in it.
+    #[tokio::test]
+    async fn an_unknown_method_is_logged_under_no_route() {
+        let logs = Captured::start(tracing::Level::WARN);
+        let uri = format!("memory://unknown-method-{}", uuid::Uuid::new_v4());
+        let config = Config::new("unknowns").with_amqp_uri(uri);
+        let routes = vec![Route::new(add).entrypoint(RPCListener::new())];
+        let service = Runner::new(routes, config.clone()).spawn().await.unwrap();
+        let client = Client::connect(&config).await.unwrap();
+        let missing = client.call::<i64>("unknowns", "nope", (), ()).await;
+        assert!(matches!(missing, Err(RpcError::MethodNotFound(_))), "{missing:?}");
+        let failing = client.call::<i64>("unknowns", "add", ("one", 2), ()).await;
+        assert!(failing.is_err(), "{failing:?}");
+        client.close().await;
+        service.stop().await.unwrap();
+        let logged = logs.logged();
+        let line = |text: &str| {
+            let found = logged.lines().find(|line| line.contains(text));
+            found.unwrap_or_else(|| panic!("no {text:?} in:\n{logged}")).to_owned()
+        };
+        let unknown = line("RPC nope failed: MethodNotFound");
+        assert!(unknown.contains(r#"route="""#) && !unknown.contains("add"), "{unknown}");
+        // a known method's failure keeps its route
+        assert!(line("RPC add failed").contains(r#"route="add""#), "{logged}");
+    }
 }

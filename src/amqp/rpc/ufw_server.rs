@@ -55,14 +55,22 @@ impl UfwRpcServer {
         self.targets().get(target).map(|(route, _)| route.clone())
     }
 
-    /// The route a request is about: the target its routing key `{service}.{target}` names,
-    /// else the service's (for logs and counts of requests no target takes).
-    fn route_of(&self, routing_key: &str) -> RouteHandle {
+    /// The target a request's routing key `{service}.{target}` names, if the service has it.
+    fn named_route(&self, routing_key: &str) -> Option<RouteHandle> {
         let prefix = format!("{}.", self.service.service_name());
-        routing_key
-            .strip_prefix(&prefix)
-            .and_then(|target| self.route(target))
-            .unwrap_or_else(|| self.service.clone())
+        routing_key.strip_prefix(&prefix).and_then(|target| self.route(target))
+    }
+
+    /// The route a request is about: the target its routing key names, else the service's
+    /// (for counts of requests no target takes).
+    fn route_of(&self, routing_key: &str) -> RouteHandle {
+        self.named_route(routing_key).unwrap_or_else(|| self.service.clone())
+    }
+
+    /// The route a request is logged under: the target its routing key names, else none (a
+    /// built-in command's); not the service's, which is another target.
+    fn log_route(&self, routing_key: &str) -> String {
+        self.named_route(routing_key).map(|route| route.name().to_owned()).unwrap_or_default()
     }
 
     fn source(&self, queue: &str, prefetch: u16) -> QueueSource {
@@ -187,7 +195,8 @@ impl DeliveryHandler for UfwRpcServer {
             },
         };
         if let Err(error) = &outcome {
-            tracing::warn!(route = route.name(), "RPC {} failed: {error}", message.routing_key);
+            let route = self.log_route(&message.routing_key);
+            tracing::warn!(route, "RPC {} failed: {error}", message.routing_key);
         }
         let body = ufw_reply(&route, &outcome);
         reply_then_ack(&route, &message, acker, Protocol::MicroFramework, body).await;
@@ -201,7 +210,7 @@ impl DeliveryHandler for UfwRpcServer {
         let (message, acker) = delivery.into_parts();
         let route = self.route_of(&message.routing_key);
         tracing::error!(
-            route = route.name(),
+            route = self.log_route(&message.routing_key),
             "RPC {} refused: {}",
             message.routing_key,
             failure.message
@@ -228,4 +237,46 @@ fn ufw_reply(route: &RouteHandle, outcome: &std::result::Result<Value, RemoteErr
         let failure = Failure::new(FailureKind::Unserializable, reason);
         reply_body(&Err(RemoteError::from_failure(&failure)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::amqp::entrypoints::RPCListener;
+    use crate::amqp::rpc::{Args, Client};
+    use crate::config::{Config, Protocol};
+    use crate::data::captured_logs::Captured;
+    use crate::{Route, Runner};
+
+    fn add(Args((a, b)): Args<(i64, i64)>) -> i64 {
+        a + b
+    }
+
+    /// A built-in command's failure is logged under no route: it was logged under the
+    /// service's first target, which had nothing to do with it.
+    #[tokio::test]
+    async fn a_builtin_commands_failure_is_logged_under_no_route() {
+        let logs = Captured::start(tracing::Level::WARN);
+        let uri = format!("memory://ufw-builtin-{}", uuid::Uuid::new_v4());
+        let config =
+            Config::new("ufwlogs").with_amqp_uri(uri).with_protocol(Protocol::MicroFramework);
+        let routes = vec![Route::new(add).entrypoint(RPCListener::new())];
+        let service = Runner::new(routes, config.clone()).spawn().await.unwrap();
+        let client = Client::connect(&config).await.unwrap();
+        let proxy = client.service("ufwlogs");
+        let missing = proxy.call::<serde_json::Value>("__get_target__", ["nope"], ()).await;
+        assert!(missing.is_err(), "{missing:?}");
+        let failing = proxy.call::<i64>("add", ("one", 2), ()).await;
+        assert!(failing.is_err(), "{failing:?}");
+        client.close().await;
+        service.stop().await.unwrap();
+        let logged = logs.logged();
+        let line = |text: &str| {
+            let found = logged.lines().find(|line| line.contains(text));
+            found.unwrap_or_else(|| panic!("no {text:?} in:\n{logged}")).to_owned()
+        };
+        let builtin = line("nope");
+        assert!(builtin.contains(r#"route="""#) && !builtin.contains("add"), "{builtin}");
+        // a target's failure keeps its route
+        assert!(line("RPC ufwlogs.add failed").contains(r#"route="add""#), "{logged}");
+    }
 }
