@@ -11,7 +11,7 @@ use std::time::Duration;
 
 #[cfg(feature = "metrics")]
 use common::MetricsOnAnyPort;
-use common::{rabbitmq_uri, wait_until, wait_until_async, Probe};
+use common::{rabbitmq_uri, rabbitmqctl, wait_until, wait_until_async, Probe};
 use micro_framework::amqp::dependencies::Producer;
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::dependencies::Shared;
@@ -31,11 +31,6 @@ fn record(Payload(payload): Payload<Value>, Dep(probe): Dep<Arc<Probe>>) {
 
 fn unique_ids(probe: &Probe) -> HashSet<u64> {
     probe.seen.lock().unwrap().iter().filter_map(|v| v["id"].as_u64()).collect()
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl").args(args).status().expect("rabbitmqctl runs");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
 async fn publisher(uri: &str) -> Producer {
@@ -624,11 +619,7 @@ async fn relay(
 
 /// The names of the queues whose name holds `marker`.
 fn queues_named(marker: &str) -> Vec<String> {
-    let output = Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "--no-table-headers", "name"])
-        .output()
-        .expect("rabbitmqctl runs");
-    let listed = String::from_utf8_lossy(&output.stdout).into_owned();
+    let listed = common::rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name"]);
     listed.lines().filter(|name| name.contains(marker)).map(str::to_owned).collect()
 }
 

@@ -139,11 +139,7 @@ fn calls_run_in_other_processes_and_failures_cost_one_call() {
 
 /// The queues on the local RabbitMQ whose names start with `prefix`.
 fn queues_named(prefix: &str) -> Vec<String> {
-    let output = Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "--no-table-headers", "name"])
-        .output()
-        .expect("rabbitmqctl runs");
-    let names = String::from_utf8_lossy(&output.stdout).into_owned();
+    let names = common::rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name"]);
     names
         .lines()
         .map(str::trim)
