@@ -20,7 +20,7 @@
 //! | `ws_active_connections` | gauge: WebSocket connections open (the Python original's) | |
 //! | `worker_processes` | gauge: worker processes running, idle or in a call (process modes; fewer than `MAX_WORKERS` while some are being replaced) | context |
 //! | `worker_processes_replaced_total` | counter: worker processes replaced (`died_idle`, `died_in_call`, `time_limit`, `recycled`, `call_dropped`) | context, reason |
-//! | `requests_refused_total` | counter: HTTP requests and WebSocket commands answered without a call (`too_large`, `unsupported_media_type`, `bad_input`, `stopping`, `busy`, `connection_limit`), and WebSocket handshakes from an origin not allowed (`origin`, with empty context and route) | context, route, reason |
+//! | `requests_refused_total` | counter: HTTP requests and WebSocket commands answered without a call (`too_large`, `unsupported_media_type`, `bad_input`, `stopping`, `busy`, `connection_limit`), and WebSocket handshakes from an origin not allowed (`origin`) or past `WEBSOCKET_MAX_CONNECTIONS` (`max_connections`), with empty context and route | context, route, reason |
 //!
 //! Served with `/health/live` and `/health/ready` by its server when `ENABLE_METRICS=true`.
 
