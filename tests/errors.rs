@@ -773,3 +773,65 @@ mod configuration {
         }
     }
 }
+
+/// Two routes the naming rules give one queue are refused at start, naming both, before the
+/// second declares or binds anything: a route named `on_paid.dlq` would consume route
+/// `on_paid`'s dead letters, and its binding would send its events into them for good; two
+/// singleton handlers of `c` from `a-b` and of `b-c` from `a` would share `evt-a-b-c`, each
+/// taking the other's events. A `QueueListener` reading another route's dead letters on
+/// purpose starts.
+#[tokio::test]
+async fn routes_the_naming_rules_give_one_queue_stop_the_start_naming_both() {
+    use micro_framework::amqp::dependencies::Producer;
+    use micro_framework::amqp::entrypoints::QueueListener;
+    use micro_framework::amqp::naming::HandlerType;
+    for uri in common::broker_uris() {
+        let shop = unique("shop");
+        let service = config(&uri, "claims");
+        let queue = format!("evt-{shop}-paid--{}.on_paid", service.service_name);
+        let routes = vec![
+            Route::new(noop).name("on_paid").entrypoint(EventListener::new(&shop, "paid")),
+            Route::new(noop).name("on_paid.dlq").entrypoint(EventListener::new(&shop, "paid")),
+        ];
+        let error = Runner::new(routes, service.clone()).spawn().await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "cannot start: route 'on_paid.dlq' and route 'on_paid' name the same queue \
+                 \"{queue}.dlq\": one would consume the dead letters of the other as its own \
+                 messages; rename one of them (Route::name)"
+            ),
+            "{uri}"
+        );
+        // the refused route bound nothing: an event goes to the first route's queue only
+        let transport = micro_framework::transport::connect(&service).await.unwrap();
+        let source = Config::new(shop.clone()).with_amqp_uri(uri.clone());
+        Producer::new(transport.clone(), &source).dispatch("paid", &1).await.unwrap();
+        assert_eq!(transport.queue_info(&queue).await.unwrap().message_count, 1, "{uri}");
+        let dead_letters = transport.queue_info(&format!("{queue}.dlq")).await.unwrap();
+        assert_eq!(dead_letters.message_count, 0, "{uri}");
+
+        let (a_b, a) = (format!("{shop}-b"), shop.clone());
+        let routes = vec![
+            Route::new(noop)
+                .name("first")
+                .entrypoint(EventListener::new(&a_b, "c").handler_type(HandlerType::Singleton)),
+            Route::new(noop)
+                .name("second")
+                .entrypoint(EventListener::new(&a, "b-c").handler_type(HandlerType::Singleton)),
+        ];
+        let error = Runner::new(routes, service.clone()).spawn().await.unwrap_err().to_string();
+        let shared = format!("\"evt-{shop}-b-c\": both would consume it");
+        assert!(error.contains("route 'second' and route 'first'"), "{error}");
+        assert!(error.contains(&shared), "{error}");
+
+        let routes = vec![
+            Route::new(noop).name("on_paid").entrypoint(EventListener::new(&shop, "paid")),
+            Route::new(noop).name("replay").entrypoint(QueueListener::new(format!("{queue}.dlq"))),
+        ];
+        let started = Runner::new(routes, service.clone()).spawn().await.expect("it starts");
+        started.stop().await.unwrap();
+        transport.close().await;
+        common::cleanup(&uri, &[shop]).await;
+    }
+}

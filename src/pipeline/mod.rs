@@ -8,6 +8,7 @@ mod delayed_message;
 mod entrypoint;
 pub(crate) mod entrypoint_kind;
 mod interrupted;
+mod queue_claims;
 pub mod retry;
 mod route_handle;
 pub mod routes;
@@ -19,6 +20,7 @@ mod stats;
 pub use call_watch::FinishedCall;
 pub use entrypoint::Entrypoint;
 pub(crate) use interrupted::{Ended, Unstarted};
+pub(crate) use queue_claims::RouteQueues;
 #[cfg(feature = "process")]
 pub(crate) use route_handle::Attempt;
 pub use route_handle::RouteHandle;

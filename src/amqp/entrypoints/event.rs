@@ -18,7 +18,7 @@ use crate::pipeline::consume::{serve_route, Accept};
 use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::settle::declare_retry_topology;
 use crate::pipeline::Entrypoint;
-use crate::pipeline::RouteHandle;
+use crate::pipeline::{RouteHandle, RouteQueues};
 use crate::transport::{BindingSpec, QueueSpec};
 
 type PayloadFilter = Arc<dyn Fn(&Value) -> bool + Send + Sync>;
@@ -141,6 +141,9 @@ impl Entrypoint for EventListener {
             &self.event_name,
             route.name(),
         ));
+        let dlq = dead_letter_queue_of(config, &queue);
+        let queues = RouteQueues { consumes: &queue.name, named: false, dead_letters: &dlq.name };
+        route.claim_queues(queues)?;
         // DECLARE_EVENT_EXCHANGES=false: the exchange is the one the broker holds (Nameko's
         // `no_declare`), whatever its flags; a missing one fails the bind below
         if config.declare_event_exchanges {
@@ -155,7 +158,6 @@ impl Entrypoint for EventListener {
                 arguments: Default::default(),
             })
             .await?;
-        let dlq = dead_letter_queue_of(config, &queue);
         transport.declare_queue(&dlq).await?;
         route.set_dead_letter_queue(dlq);
         declare_retry_topology(route, &queue.name).await?;

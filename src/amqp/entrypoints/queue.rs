@@ -12,7 +12,7 @@ use crate::pipeline::consume::serve_route;
 use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::settle::declare_retry_topology;
 use crate::pipeline::Entrypoint;
-use crate::pipeline::RouteHandle;
+use crate::pipeline::{RouteHandle, RouteQueues};
 use crate::transport::{BindingSpec, ExchangeKind, ExchangeSpec, Headers};
 
 /// Handles the messages of a named queue, declared durable (or only checked, with
@@ -158,6 +158,9 @@ impl Entrypoint for QueueListener {
             )));
         }
         let exchange = self.exchange_to_declare()?;
+        let dlq = dead_letter_queue(route.config(), &self.queue);
+        let queues = RouteQueues { consumes: &self.queue, named: true, dead_letters: &dlq.name };
+        route.claim_queues(queues)?;
         let transport = route.transport();
         // kombu's order: the exchange, the queue, then the binding
         if let Some(exchange) = &exchange {
@@ -177,7 +180,6 @@ impl Entrypoint for QueueListener {
             };
             transport.bind_queue(&binding).await?;
         }
-        let dlq = dead_letter_queue(route.config(), &self.queue);
         transport.declare_queue(&dlq).await?;
         route.set_dead_letter_queue(dlq);
         declare_retry_topology(route, &self.queue).await?;

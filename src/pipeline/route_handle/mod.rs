@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::call_watch::{CallWatch, FinishedCall};
 use super::entrypoint_kind::EntrypointInfo;
+use super::queue_claims::{QueueClaims, RouteQueues};
 use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
 use crate::config::Config;
@@ -67,6 +68,7 @@ struct RouteRuntime {
     /// The route's dead-letter queue, once its entrypoint has declared it.
     dead_letter_queue: OnceLock<QueueSpec>,
     extensions: SharedExtensions,
+    queue_claims: QueueClaims,
 }
 
 /// How long a stop that gave up on its calls waits for the deliveries that never started to
@@ -89,6 +91,8 @@ pub(crate) struct ServiceEnv {
     pub metrics: Metrics,
     /// The shared extensions its routes made during set-up, for the runner to start.
     pub extensions: SharedExtensions,
+    /// The queues its routes consume and dead-letter to, claimed as each is set up.
+    pub queue_claims: QueueClaims,
 }
 
 impl ServiceEnv {
@@ -116,6 +120,7 @@ impl ServiceEnv {
             state,
             metrics,
             extensions: SharedExtensions::default(),
+            queue_claims: QueueClaims::default(),
         }
     }
 }
@@ -147,6 +152,7 @@ impl RouteHandle {
                 series: OnceLock::new(),
                 dead_letter_queue: OnceLock::new(),
                 extensions: env.extensions.clone(),
+                queue_claims: env.queue_claims.clone(),
             }),
         }
     }
@@ -166,6 +172,14 @@ impl RouteHandle {
     /// The values shared by every route and call of this service instance.
     pub fn service_state(&self) -> &ServiceState {
         &self.inner.state
+    }
+
+    /// Claim `queues` for the route, before its entrypoint declares them: refused when another
+    /// route of the service consumes one of them, or dead-letters to the one it would consume
+    /// (the naming rules can give two routes one name).
+    pub(crate) fn claim_queues(&self, queues: RouteQueues<'_>) -> crate::Result<()> {
+        let claimed = self.inner.queue_claims.claim(self.name(), queues);
+        claimed.map_err(crate::Error::Startup)
     }
 
     /// Record `dlq`, the route's dead-letter queue, which its entrypoint has declared: dead
