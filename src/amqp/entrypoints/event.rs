@@ -142,7 +142,9 @@ impl Entrypoint for EventListener {
             route.name(),
         ));
         let dlq = dead_letter_queue_of(config, &queue);
-        let queues = RouteQueues { consumes: &queue.name, named: false, dead_letters: &dlq.name };
+        let events = format!("{} events of {}", self.event_name, self.source_service);
+        let named_for = Some(events.as_str());
+        let queues = RouteQueues { consumes: &queue.name, named_for, dead_letters: &dlq.name };
         route.claim_queues(queues)?;
         // DECLARE_EVENT_EXCHANGES=false: the exchange is the one the broker holds (Nameko's
         // `no_declare`), whatever its flags; a missing one fails the bind below

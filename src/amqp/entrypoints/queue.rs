@@ -159,7 +159,8 @@ impl Entrypoint for QueueListener {
         }
         let exchange = self.exchange_to_declare()?;
         let dlq = dead_letter_queue(route.config(), &self.queue);
-        let queues = RouteQueues { consumes: &self.queue, named: true, dead_letters: &dlq.name };
+        let queues =
+            RouteQueues { consumes: &self.queue, named_for: None, dead_letters: &dlq.name };
         route.claim_queues(queues)?;
         let transport = route.transport();
         // kombu's order: the exchange, the queue, then the binding
