@@ -144,3 +144,45 @@ async fn a_route_whose_delay_queue_name_is_too_long_stops_the_start() {
         .expect("its delay queue fits");
     service.stop().await.unwrap();
 }
+
+/// A service is ready (its start returns, `/health/ready` answers 200) only once each of its
+/// consumers has subscribed: with 300 routes the start returned while their consumers
+/// subscribed one by one behind it (2.6 s with 2,000 routes), and a rolling deploy could stop
+/// the instance it replaced with the queues left unconsumed meanwhile.
+#[tokio::test]
+async fn a_big_service_is_ready_once_every_queue_has_its_consumer() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let source = unique("ready_src");
+    let config = common::config(&uri, "ready");
+    let service_name = config.service_name.clone();
+    let mut routes: Vec<Route> = (0..300)
+        .map(|i| {
+            Route::new(noop).name(format!("on_{i}")).entrypoint(EventListener::new(&source, "e"))
+        })
+        .collect();
+    routes.push(Route::new(one).name("method").entrypoint(RPCListener::new()));
+    let listener = RPCListener::new().protocol(Protocol::MicroFramework);
+    routes.push(Route::new(one).name("target").entrypoint(listener));
+    let service = Runner::new(routes, config.clone()).spawn().await.expect("it starts");
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
+    // the last routes first: the consumers subscribed in about the routes' order
+    let mut queues: Vec<String> =
+        (0..300).rev().map(|i| format!("evt-{source}-e--{service_name}.on_{i}")).collect();
+    queues.insert(0, format!("rpc-{service_name}-target"));
+    queues.insert(0, format!("rpc-{service_name}-broadcast"));
+    queues.insert(0, format!("rpc-{service_name}"));
+    let mut unconsumed = Vec::new();
+    for queue in &queues {
+        if transport.queue_info(queue).await.unwrap().consumer_count == 0 {
+            unconsumed.push(queue.clone());
+        }
+    }
+    assert!(
+        unconsumed.is_empty(),
+        "{} queues without a consumer: {unconsumed:?}",
+        unconsumed.len()
+    );
+    transport.close().await;
+    service.stop().await.unwrap();
+    cleanup(&uri, &[source, service_name]).await;
+}

@@ -16,6 +16,7 @@ pub mod settle;
 mod shared;
 pub mod spawners;
 mod stats;
+mod subscriptions;
 
 pub use call_watch::FinishedCall;
 pub use entrypoint::Entrypoint;
@@ -27,3 +28,4 @@ pub use route_handle::RouteHandle;
 pub(crate) use route_handle::ServiceEnv;
 pub use shared::{Serving, SharedExtension};
 pub use stats::RouteStats;
+pub(crate) use subscriptions::Subscribing;

@@ -164,21 +164,18 @@ async fn start_routes(
     #[cfg(not(feature = "metrics"))]
     let stopped = CancellationToken::new();
     #[cfg(feature = "metrics")]
-    let metrics_address = metrics_server.take().map(|server| {
-        let route_infos = started
-            .started
-            .iter()
-            .map(|(handle, entrypoint)| crate::metrics::status::RouteInfo {
-                name: handle.name().to_owned(),
-                context: handle.pool().context().to_owned(),
-                metric_label: handle.metric_label().to_owned(),
-                entrypoint: entrypoint.describe(),
-                queue: entrypoint.queue(),
-                dead_letters: entrypoint.kind().0.dead_letters(),
-            })
-            .collect();
-        server.attach(route_infos, transport.clone(), env.stopping.clone())
-    });
+    let route_infos: Vec<_> = started
+        .started
+        .iter()
+        .map(|(handle, entrypoint)| crate::metrics::status::RouteInfo {
+            name: handle.name().to_owned(),
+            context: handle.pool().context().to_owned(),
+            metric_label: handle.metric_label().to_owned(),
+            entrypoint: entrypoint.describe(),
+            queue: entrypoint.queue(),
+            dead_letters: entrypoint.kind().0.dead_letters(),
+        })
+        .collect();
     let mut tasks = JoinSet::new();
     for (name, serving) in started.serving {
         tasks.spawn(async move { serving.await.map_err(|error| route_stopped(name, error)) });
@@ -189,7 +186,10 @@ async fn start_routes(
         routes.insert(handle.name().to_owned(), handle.clone());
         tasks.spawn(async move {
             let name = handle.name().to_owned();
-            entrypoint.run(handle).await.map_err(|error| route_stopped(&name, error))
+            let ran = entrypoint.run(handle.clone()).await;
+            // a route that ended before its consumer subscribed holds up no start
+            drop(handle.take_subscribing());
+            ran.map_err(|error| route_stopped(&name, error))
         });
     }
     // a pool that can no longer start worker processes stops the service
@@ -203,12 +203,6 @@ async fn start_routes(
             }
         });
     }
-    tracing::info!(
-        "service {} started with {} route(s) on {}",
-        config.service_name,
-        routes.len(),
-        config.masked_amqp_uri()
-    );
     let supervisor = tokio::spawn(supervise(
         tasks,
         env.clone(),
@@ -217,6 +211,21 @@ async fn start_routes(
         processes,
         stopped.clone(),
     ));
+    // ready once every consumer has subscribed (a route failing meanwhile stops the service)
+    tokio::select! {
+        () = env.subscriptions.all_subscribed() => {}
+        () = env.stopping.cancelled() => {}
+    }
+    #[cfg(feature = "metrics")]
+    let metrics_address = metrics_server
+        .take()
+        .map(|server| server.attach(route_infos, transport.clone(), env.stopping.clone()));
+    tracing::info!(
+        "service {} started with {} route(s) on {}",
+        config.service_name,
+        routes.len(),
+        config.masked_amqp_uri()
+    );
     Ok(RunningService {
         state: env.state.clone(),
         stopping: env.stopping,

@@ -171,6 +171,7 @@ impl Entrypoint for EventListener {
         );
         self.quorum = is_quorum(&queue);
         self.queue = Some(queue.name);
+        route.will_subscribe();
         Ok(())
     }
 

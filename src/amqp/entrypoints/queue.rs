@@ -184,6 +184,7 @@ impl Entrypoint for QueueListener {
         transport.declare_queue(&dlq).await?;
         route.set_dead_letter_queue(dlq);
         declare_retry_topology(route, &self.queue).await?;
+        route.will_subscribe();
         Ok(())
     }
 

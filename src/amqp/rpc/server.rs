@@ -86,6 +86,7 @@ impl SharedExtension for RpcServer {
             max_redeliveries: config.max_redeliveries,
             label: "RPC".into(),
             retries_only: false,
+            subscribing: self.service.subscribing(),
         };
         Ok(Box::pin(consume(source, self.clone())))
     }

@@ -84,6 +84,7 @@ impl UfwRpcServer {
             max_redeliveries: config.max_redeliveries,
             label: "RPC".into(),
             retries_only: false,
+            subscribing: self.service.subscribing(),
         }
     }
 

@@ -24,7 +24,7 @@ use crate::pipeline::settle::{
     HEADER_REDELIVERIES,
 };
 use crate::pipeline::spawners::WorkerPermit;
-use crate::pipeline::{Ended, RouteHandle};
+use crate::pipeline::{Ended, RouteHandle, Subscribing};
 use crate::transport::{
     Acker, ConsumeOptions, Consumer, Delivery, SharedTransport, TransportError,
 };
@@ -86,6 +86,8 @@ pub(crate) struct QueueSource {
     /// through some exchange and routing key cannot steer with those headers how its message
     /// is read (an RPC request as another method's).
     pub retries_only: bool,
+    /// Held until the first subscription is made (or has failed): the service's start waits.
+    pub subscribing: Option<Subscribing>,
 }
 
 /// Consume `source.queue` with `handler` until the service stops.
@@ -94,11 +96,16 @@ pub(crate) struct QueueSource {
 /// handler (which hands unstarted ones back in `thread` modes, or handles them in `greedy_*`
 /// modes); running handlers get `SHUTDOWN_TIMEOUT` to finish (past it, unsettled messages go
 /// back to the queue when the connection closes).
-pub(crate) async fn consume(source: QueueSource, handler: Arc<dyn DeliveryHandler>) -> Result<()> {
+pub(crate) async fn consume(
+    mut source: QueueSource,
+    handler: Arc<dyn DeliveryHandler>,
+) -> Result<()> {
+    let subscribing = source.subscribing.take();
     let options = ConsumeOptions { prefetch: source.prefetch, ..ConsumeOptions::default() };
     let (queue, label) = (&source.queue, &source.label);
     let tasks = TaskTracker::new();
     let mut consumer = source.transport.consume(queue, options.clone()).await?;
+    drop(subscribing);
     loop {
         tokio::select! {
             biased;
@@ -274,6 +281,7 @@ pub(crate) async fn serve_route(
         max_redeliveries: route.config().max_redeliveries,
         label: route.name().into(),
         retries_only: false,
+        subscribing: route.take_subscribing(),
     };
     let Some(backoff_queue) = delayed_message::backoff_queue(&route) else {
         return consume(source, Arc::new(RouteQueue { route, queue, quorum, accept })).await;

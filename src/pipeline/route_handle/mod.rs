@@ -10,7 +10,7 @@ mod call;
 #[cfg(feature = "process")]
 pub(crate) use call::Attempt;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,7 @@ use super::entrypoint_kind::EntrypointInfo;
 use super::queue_claims::{QueueClaims, RouteQueues};
 use super::shared::{SharedExtension, SharedExtensions};
 use super::stats::RouteStats;
+use super::subscriptions::{Subscribing, Subscriptions};
 use crate::config::Config;
 use crate::data::Handled;
 use crate::handler::dependencies::SharedDependency;
@@ -69,6 +70,9 @@ struct RouteRuntime {
     dead_letter_queue: OnceLock<QueueSpec>,
     extensions: SharedExtensions,
     queue_claims: QueueClaims,
+    subscriptions: Subscriptions,
+    /// Held from its set-up until its consumer has subscribed (a route that consumes).
+    subscribing: Mutex<Option<Subscribing>>,
 }
 
 /// How long a stop that gave up on its calls waits for the deliveries that never started to
@@ -93,6 +97,8 @@ pub(crate) struct ServiceEnv {
     pub extensions: SharedExtensions,
     /// The queues its routes consume and dead-letter to, claimed as each is set up.
     pub queue_claims: QueueClaims,
+    /// Its consumers that have not subscribed yet, which the start waits for.
+    pub subscriptions: Subscriptions,
 }
 
 impl ServiceEnv {
@@ -121,6 +127,7 @@ impl ServiceEnv {
             metrics,
             extensions: SharedExtensions::default(),
             queue_claims: QueueClaims::default(),
+            subscriptions: Subscriptions::default(),
         }
     }
 }
@@ -153,6 +160,8 @@ impl RouteHandle {
                 dead_letter_queue: OnceLock::new(),
                 extensions: env.extensions.clone(),
                 queue_claims: env.queue_claims.clone(),
+                subscriptions: env.subscriptions.clone(),
+                subscribing: Mutex::new(None),
             }),
         }
     }
@@ -180,6 +189,28 @@ impl RouteHandle {
     pub(crate) fn claim_queues(&self, queues: RouteQueues<'_>) -> crate::Result<()> {
         let claimed = self.inner.queue_claims.claim(self.name(), queues);
         claimed.map_err(crate::Error::Startup)
+    }
+
+    /// What a consumer of the service made during its start holds until it has subscribed,
+    /// so that the start waits for it (`None` once the start has stopped waiting).
+    pub(crate) fn subscribing(&self) -> Option<Subscribing> {
+        self.inner.subscriptions.subscribing()
+    }
+
+    /// The route consumes a queue once it runs: the start waits until it has subscribed.
+    /// Called at its set-up; [`RouteHandle::take_subscribing`] hands the hold to its consumer.
+    pub(crate) fn will_subscribe(&self) {
+        *self.subscribing_slot() = self.subscribing();
+    }
+
+    /// The hold [`RouteHandle::will_subscribe`] made, for the route's consumer; also taken
+    /// (and dropped) when the route's run ends, however it ends.
+    pub(crate) fn take_subscribing(&self) -> Option<Subscribing> {
+        self.subscribing_slot().take()
+    }
+
+    fn subscribing_slot(&self) -> std::sync::MutexGuard<'_, Option<Subscribing>> {
+        self.inner.subscribing.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Record `dlq`, the route's dead-letter queue, which its entrypoint has declared: dead
