@@ -47,6 +47,8 @@ mod replies_tests;
 mod request;
 mod respond;
 mod server;
+#[cfg(test)]
+mod server_logs_tests;
 pub(crate) mod service_proxy;
 mod ufw_server;
 mod unfinished;
