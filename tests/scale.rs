@@ -186,3 +186,50 @@ async fn a_big_service_is_ready_once_every_queue_has_its_consumer() {
     service.stop().await.unwrap();
     cleanup(&uri, &[source, service_name]).await;
 }
+
+/// A caller that gives up on a start (a timeout around `Runner::spawn`) leaves no route
+/// running: the start now waits after its routes began to consume, and a start dropped there
+/// stops them. Given up at each point of the start in turn (1 ms later each time) until one
+/// start ends in time, no queue keeps a consumer.
+#[tokio::test]
+async fn a_start_given_up_by_its_caller_leaves_no_consumer_behind() {
+    let Some(uri) = rabbitmq_uri() else { return };
+    let source = unique("given_up_src");
+    let config = common::config(&uri, "given_up");
+    let service_name = config.service_name.clone();
+    let routes = || -> Vec<Route> {
+        (0..30)
+            .map(|i| {
+                let listener = EventListener::new(&source, "e");
+                Route::new(noop).name(format!("on_{i}")).entrypoint(listener)
+            })
+            .collect()
+    };
+    let queues: Vec<String> =
+        (0..30).map(|i| format!("evt-{source}-e--{service_name}.on_{i}")).collect();
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
+    let mut given_up = 0;
+    for millis in 0.. {
+        let limit = std::time::Duration::from_millis(millis);
+        let spawned = tokio::time::timeout(limit, Runner::new(routes(), config.clone()).spawn());
+        let Ok(started) = spawned.await else {
+            given_up += 1;
+            common::wait_until_async(|| async {
+                for queue in &queues {
+                    let info = transport.queue_info(queue).await;
+                    if info.is_ok_and(|info| info.consumer_count > 0) {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await;
+            continue;
+        };
+        started.expect("it starts").stop().await.unwrap();
+        break;
+    }
+    assert!(given_up > 0, "no start was given up");
+    transport.close().await;
+    cleanup(&uri, &[source, service_name]).await;
+}

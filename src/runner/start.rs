@@ -211,11 +211,15 @@ async fn start_routes(
         processes,
         stopped.clone(),
     ));
-    // ready once every consumer has subscribed (a route failing meanwhile stops the service)
+    // Ready once every consumer has subscribed (a route failing meanwhile stops the service).
+    // The routes run already: a caller that gives up on the start here (a timeout around
+    // `spawn`) would leave them running with no handle to stop them, so that stops them.
+    let given_up = env.stopping.clone().drop_guard();
     tokio::select! {
         () = env.subscriptions.all_subscribed() => {}
         () = env.stopping.cancelled() => {}
     }
+    given_up.disarm();
     #[cfg(feature = "metrics")]
     let metrics_address = metrics_server
         .take()
