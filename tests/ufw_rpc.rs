@@ -262,3 +262,28 @@ async fn requests_are_read_as_json_whatever_their_content_type() {
         common::cleanup(&uri, &[math]).await;
     }
 }
+
+/// A malformed request to the built-ins' queue is answered `RPCMalformedMessage` and counted
+/// under no route: it was counted as a failure of the service's first target (its stats, the
+/// status page's failures), which had nothing to do with it. One to a target still counts
+/// for that target.
+#[tokio::test]
+async fn a_malformed_request_to_the_builtins_counts_for_no_target() {
+    for uri in broker_uris() {
+        let (service, math) = start(&uri).await;
+        let raw = UfwCaller::new(service.transport(), &math).await;
+        let reply = raw.request("_broadcast.__list_targets__", Bytes::from_static(b"{oops")).await;
+        assert_eq!(reply["exception"]["exception"], "RPCMalformedMessage", "{reply}");
+        let reply = raw.request("add", Bytes::from_static(b"{oops")).await;
+        assert_eq!(reply["exception"]["exception"], "RPCMalformedMessage", "{reply}");
+        service.wait_for_route("add", 1).await.unwrap();
+        // a request is settled just after its reply is sent: let a second count come, if any
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (route, expected) in [("add", 1), ("echo", 0), ("fail", 0), ("slow", 0)] {
+            let failed = service.route(route).unwrap().stats().failed_count();
+            assert_eq!(failed, expected, "{uri}: failures counted for route {route}");
+        }
+        service.stop().await.unwrap();
+        common::cleanup(&uri, &[math]).await;
+    }
+}

@@ -61,8 +61,8 @@ impl UfwRpcServer {
         routing_key.strip_prefix(&prefix).and_then(|target| self.route(target))
     }
 
-    /// The route a request is about: the target its routing key names, else the service's
-    /// (for counts of requests no target takes).
+    /// The route a request is answered through: the target its routing key names, else the
+    /// service's.
     fn route_of(&self, routing_key: &str) -> RouteHandle {
         self.named_route(routing_key).unwrap_or_else(|| self.service.clone())
     }
@@ -186,10 +186,15 @@ impl DeliveryHandler for UfwRpcServer {
             Ok(()) => Request::parse(&message.body).map_err(|malformed| malformed.error),
         };
         let (outcome, route, handled) = match request {
-            Err(error) => {
-                let handled = Handled::Failed(Failure::bad_input(error.message.clone()));
-                (Err(error), self.route_of(&message.routing_key), Some(handled))
-            }
+            // counted for the target its routing key names; one that names none (the
+            // built-ins' queue) is answered, counted under no route, as an unknown method is
+            Err(error) => match self.named_route(&message.routing_key) {
+                Some(route) => {
+                    let handled = Handled::Failed(Failure::bad_input(error.message.clone()));
+                    (Err(error), route, Some(handled))
+                }
+                None => (Err(error), self.service.clone(), None),
+            },
             Ok(request) => match self.answer(request, &mut message, &*acker).await {
                 Some(answer) => answer,
                 None => return,
@@ -218,7 +223,10 @@ impl DeliveryHandler for UfwRpcServer {
         );
         let body = ufw_reply(&route, &Err(RemoteError::from_failure(&failure)));
         reply_then_ack(&route, &message, acker, Protocol::MicroFramework, body).await;
-        route.settled(&Handled::Failed(failure));
+        // counted for the target the request names, as a request handled
+        if self.named_route(&message.routing_key).is_some() {
+            route.settled(&Handled::Failed(failure));
+        }
     }
 
     /// Copies of a request go back by its route: a Python instance sharing the queue finds
