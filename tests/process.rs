@@ -905,3 +905,42 @@ fn a_service_killed_while_a_worker_starts_leaves_no_socket_directory() {
     let _ = std::fs::remove_dir_all(&tmpdir);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A program that starts another `Runner` before its process-mode service's: in each worker
+/// process (the program started again) that one takes the worker's part. The worker now
+/// finds that its routes are not the service's context's and says so, and the service's start
+/// fails with that message; the workers died and were replaced in a loop while the service
+/// never started.
+#[test]
+fn another_runner_before_a_process_mode_service_fails_its_start_saying_so() {
+    let service = common::unique("two_runners");
+    let log_file = std::env::temp_dir().join(format!("{service}.log"));
+    let mut child = Command::new(binary())
+        .env("AMQP_URI", format!("memory://{service}"))
+        .env("SERVICE_NAME", &service)
+        .env("WORKER_MODE", "process")
+        .env("MAX_WORKERS", "2")
+        .env("OTHER_RUNNER_FIRST", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log_file).unwrap()))
+        .spawn()
+        .expect("process_service starts (built by cargo test)");
+    let deadline = std::time::Instant::now() + SCENARIO_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let logs = std::fs::read_to_string(&log_file).unwrap_or_default();
+            panic!("the service neither started nor failed: {logs}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let logs = std::fs::read_to_string(&log_file).unwrap();
+    std::fs::remove_file(&log_file).unwrap();
+    assert!(!status.success(), "{logs}");
+    assert!(logs.contains("found another Runner than the service's"), "{logs}");
+    assert!(logs.contains("other_echo"), "the other Runner's routes named: {logs}");
+}

@@ -24,7 +24,7 @@ use crate::handler::dependencies::{set_up_all, tear_down, SharedDependency};
 #[cfg(feature = "metrics")]
 use crate::metrics::server::MetricsServer;
 #[cfg(feature = "process")]
-use crate::pipeline::spawners::process::{ProcessPool, WorkerLink};
+use crate::pipeline::spawners::process::{routes_digest, served_routes, ProcessPool, WorkerLink};
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::WorkerPool;
 use crate::pipeline::{RouteHandle, ServiceEnv, Serving};
@@ -307,9 +307,12 @@ async fn start_processes(
         let pool = &plan.pool;
         if pool.mode().is_process() && pool.processes().is_none() {
             tracing::info!("starting {} worker processes ({})", pool.size(), pool.context());
+            let routes = plans.iter().filter(|other| other.pool.context() == pool.context());
+            let routes = routes_digest(routes.map(|plan| plan.route.name.as_str()));
             let processes = ProcessPool::start(
                 &config.service_name,
                 pool,
+                &routes,
                 env.transport.clone(),
                 env.metrics.clone(),
                 config.max_tasks_per_child,
@@ -344,10 +347,25 @@ pub(super) async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> 
     // Only the routes of the worker's own context: the others' dependencies would be set up
     // in every worker for nothing, and one holding what a single copy may (a port, a lock
     // file, a pool of connections sized for the service) would fail the start.
-    if let Some(context) = crate::pipeline::spawners::process::served_context() {
+    // named if this Runner turns out not to be the service's
+    let some: Vec<String> = plans.iter().take(5).map(|plan| plan.route.name.clone()).collect();
+    let context = crate::pipeline::spawners::process::served_context();
+    if let Some(context) = &context {
         plans.retain(|plan| plan.pool.context() == context);
     }
     let link = WorkerLink::connect(socket).await?;
+    let names = plans.iter().map(|plan| plan.route.name.as_str());
+    if served_routes().is_some_and(|digest| digest != routes_digest(names)) {
+        let error = Error::Startup(format!(
+            "a worker process of context {:?} found another Runner than the service's (its \
+             routes: {some:?}): the program's main runs again in each worker process, and \
+             the first Runner it starts takes the worker's part; a program that runs a service \
+             in a process mode must start no other Runner before it (run each service as a \
+             program of its own)",
+            context.unwrap_or_default()
+        ));
+        return Err(link.refuse(error).await);
+    }
     let (routes, set_up) = match set_up_worker(plans, &config, &link).await {
         Ok(set_up) => set_up,
         Err(error) => return Err(link.refuse(error).await),

@@ -160,6 +160,20 @@ fn main() -> micro_framework::Result<()> {
         Route::new(echo).entrypoint(RPCListener::new()),
         Route::new(abort_rpc).entrypoint(RPCListener::new()),
     ];
+    if std::env::var_os("OTHER_RUNNER_FIRST").is_some() {
+        // A second service in the program, started first: in the service process it serves
+        // beside the one below; in a worker process it is the first Runner, which takes the
+        // worker's part (had it started on a thread, it would have raced the one below).
+        let other = config.clone().with_service_name(format!("{service}_other"));
+        let routes = vec![Route::new(echo).name("other_echo").entrypoint(RPCListener::new())];
+        let runner = Runner::new(routes, other.with_worker_mode(WorkerMode::Thread));
+        if std::env::var(WORKER_SOCKET_ENV).is_ok() {
+            let refused = runner.start();
+            eprintln!("the other Runner in a worker process: {refused:?}");
+        } else {
+            std::thread::spawn(move || runner.start());
+        }
+    }
     if std::env::var(WORKER_SOCKET_ENV).is_err() {
         drive(config.clone());
     } else if std::env::var_os("REFUSE_WORKERS_WHILE")

@@ -14,7 +14,8 @@ use super::control::{ControlLink, Sink};
 use super::pool::ProcessPool;
 use super::protocol::{BorrowedCall, FrameReader, FrameSink, FrameWriter, Greeting, Ready};
 use super::worker::{
-    CONTEXT_ENV, SERVICE_NAME_ENV, SERVICE_PID_ENV, SOCKET_DIR_PREFIX, WORKER_SOCKET_ENV,
+    CONTEXT_ENV, ROUTES_ENV, SERVICE_NAME_ENV, SERVICE_PID_ENV, SOCKET_DIR_PREFIX,
+    WORKER_SOCKET_ENV,
 };
 use crate::data::Outcome;
 use crate::error::{Error, Result};
@@ -87,6 +88,8 @@ pub(super) struct Launcher {
     pub service: Arc<str>,
     /// The context whose calls its workers run: they set up only its routes' dependencies.
     pub context: Arc<str>,
+    /// The digest of that context's route names, which a worker checks its own against.
+    pub routes: Arc<str>,
     /// The arguments of a worker process: `None` for the program's own.
     pub args: Option<Vec<OsString>>,
     /// The pool its workers are for, told when one's control link ends.
@@ -144,6 +147,7 @@ impl Launcher {
         command.env(SERVICE_PID_ENV, std::process::id().to_string());
         command.env(SERVICE_NAME_ENV, &*self.service);
         command.env(CONTEXT_ENV, &*self.context);
+        command.env(ROUTES_ENV, &*self.routes);
         // SAFETY: between `fork` and `exec` the closure makes async-signal-safe calls only.
         unsafe {
             command.pre_exec(|| super::worker::stop_signals(libc::SIG_BLOCK));

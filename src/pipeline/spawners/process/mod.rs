@@ -24,7 +24,7 @@ mod worker;
 pub(crate) use pool::{ProcessPool, Reserved};
 pub(crate) use protocol::BorrowedCall;
 pub(crate) use worker::{
-    claim_worker_environment, exit_when_orphaned, served_context, served_service_name,
-    stop_signals, worker_socket, WorkerLink,
+    claim_worker_environment, exit_when_orphaned, routes_digest, served_context, served_routes,
+    served_service_name, stop_signals, worker_socket, WorkerLink,
 };
 pub use worker::{is_worker_process, WORKER_SOCKET_ENV};

@@ -123,6 +123,7 @@ impl ProcessPool {
     pub(crate) async fn start(
         service: &str,
         workers: &WorkerPool,
+        routes: &str,
         transport: SharedTransport,
         metrics: Metrics,
         max_tasks: Option<u32>,
@@ -144,6 +145,7 @@ impl ProcessPool {
                 metrics,
                 service: service.into(),
                 context: workers.context().into(),
+                routes: routes.into(),
                 args,
                 pool: pool.clone(),
             },

@@ -37,6 +37,11 @@ pub(super) const SERVICE_NAME_ENV: &str = "MF_WORKER_SERVICE_NAME";
 /// routes of its own (another context's dependencies may hold what only one copy can).
 pub(super) const CONTEXT_ENV: &str = "MF_WORKER_CONTEXT";
 
+/// The environment variable that gives a worker process a digest of its context's route
+/// names ([`routes_digest`]): the program's `main` runs again in a worker, and a program that
+/// started another `Runner` before the service's would have that one take the worker's part.
+pub(super) const ROUTES_ENV: &str = "MF_WORKER_ROUTES";
+
 /// The environment variable a worker process sets on itself, to its own pid, before `main`:
 /// a program it starts inherits its environment, and finds there a pid not its own.
 const WORKER_PID_ENV: &str = "MF_WORKER_PID";
@@ -53,7 +58,9 @@ pub(crate) fn claim_worker_environment() {
     match std::env::var(WORKER_PID_ENV) {
         Ok(pid) if pid != own => {
             for name in
-                [WORKER_SOCKET_ENV, SERVICE_PID_ENV, SERVICE_NAME_ENV, CONTEXT_ENV, WORKER_PID_ENV]
+                [WORKER_SOCKET_ENV, SERVICE_PID_ENV, SERVICE_NAME_ENV, CONTEXT_ENV, ROUTES_ENV]
+                    .into_iter()
+                    .chain([WORKER_PID_ENV])
             {
                 std::env::remove_var(name);
             }
@@ -92,6 +99,25 @@ pub(crate) fn served_service_name() -> Option<String> {
 /// The context whose calls this worker process runs, as the service gave it.
 pub(crate) fn served_context() -> Option<String> {
     std::env::var(CONTEXT_ENV).ok()
+}
+
+/// The digest of the route names of the context this worker process runs, as the service
+/// gave it ([`routes_digest`]).
+pub(crate) fn served_routes() -> Option<String> {
+    std::env::var(ROUTES_ENV).ok().filter(|digest| !digest.is_empty())
+}
+
+/// A digest of route `names`, in any order: the same in a service and in its workers, which
+/// are the same program. A digest, not the names: an environment variable holds at most
+/// 128 KiB on Linux, fewer than the names of a few thousand routes.
+pub(crate) fn routes_digest<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut names: Vec<&str> = names.into_iter().collect();
+    names.sort_unstable();
+    // the std hasher with its fixed keys: one program computes the same digest everywhere
+    let mut hasher = std::hash::DefaultHasher::new();
+    names.hash(&mut hasher);
+    format!("{}-{:016x}", names.len(), hasher.finish())
 }
 
 /// The two links to the service, once connected.
