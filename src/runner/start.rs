@@ -163,19 +163,22 @@ async fn start_routes(
         metrics_server.as_ref().map_or_else(CancellationToken::new, MetricsServer::stopped);
     #[cfg(not(feature = "metrics"))]
     let stopped = CancellationToken::new();
+    // what the status page shows, taken before the entrypoints go to their tasks
     #[cfg(feature = "metrics")]
-    let route_infos: Vec<_> = started
-        .started
-        .iter()
-        .map(|(handle, entrypoint)| crate::metrics::status::RouteInfo {
-            name: handle.name().to_owned(),
-            context: handle.pool().context().to_owned(),
-            metric_label: handle.metric_label().to_owned(),
-            entrypoint: entrypoint.describe(),
-            queue: entrypoint.queue(),
-            dead_letters: entrypoint.kind().0.dead_letters(),
-        })
-        .collect();
+    let route_infos: Option<Vec<_>> = metrics_server.as_ref().map(|_| {
+        started
+            .started
+            .iter()
+            .map(|(handle, entrypoint)| crate::metrics::status::RouteInfo {
+                name: handle.name().to_owned(),
+                context: handle.pool().context().to_owned(),
+                metric_label: handle.metric_label().to_owned(),
+                entrypoint: entrypoint.describe(),
+                queue: entrypoint.queue(),
+                dead_letters: entrypoint.kind().0.dead_letters(),
+            })
+            .collect()
+    });
     let mut tasks = JoinSet::new();
     for (name, serving) in started.serving {
         tasks.spawn(async move { serving.await.map_err(|error| route_stopped(name, error)) });
@@ -221,9 +224,10 @@ async fn start_routes(
     }
     given_up.disarm();
     #[cfg(feature = "metrics")]
-    let metrics_address = metrics_server
-        .take()
-        .map(|server| server.attach(route_infos, transport.clone(), env.stopping.clone()));
+    let metrics_address = metrics_server.take().map(|server| {
+        let route_infos = route_infos.unwrap_or_default();
+        server.attach(route_infos, transport.clone(), env.stopping.clone())
+    });
     tracing::info!(
         "service {} started with {} route(s) on {}",
         config.service_name,
@@ -344,11 +348,11 @@ pub(super) async fn serve_as_worker(runner: Runner, socket: &str) -> Result<()> 
     if let Some(service) = crate::pipeline::spawners::process::served_service_name() {
         Arc::make_mut(&mut config).service_name = service;
     }
+    // named if this Runner turns out not to be the service's
+    let some: Vec<String> = plans.iter().take(5).map(|plan| plan.route.name.clone()).collect();
     // Only the routes of the worker's own context: the others' dependencies would be set up
     // in every worker for nothing, and one holding what a single copy may (a port, a lock
     // file, a pool of connections sized for the service) would fail the start.
-    // named if this Runner turns out not to be the service's
-    let some: Vec<String> = plans.iter().take(5).map(|plan| plan.route.name.clone()).collect();
     let context = crate::pipeline::spawners::process::served_context();
     if let Some(context) = &context {
         plans.retain(|plan| plan.pool.context() == context);

@@ -53,27 +53,37 @@ enum End {
     Idle,
 }
 
-/// Serve the client at `peer` until it leaves, stays silent for `idle`, or `stopping` fires;
-/// refuse its handshake if its `admission` is a refusal, or if its `Origin` is not one
-/// `origins` allows. The admission's slot is held until then.
-#[allow(clippy::too_many_arguments)] // one call site, each argument a different concept
+/// What every connection of one server is served with.
+pub(crate) struct ClientTerms {
+    pub(crate) metrics: Metrics,
+    /// The commands served.
+    pub(crate) registry: Arc<WsRegistry>,
+    /// The web pages' origins whose handshakes are taken.
+    pub(crate) origins: OriginPolicy,
+    /// `WEBSOCKET_IDLE_TIMEOUT`.
+    pub(crate) idle: Duration,
+    /// Fires when the service begins to stop.
+    pub(crate) stopping: CancellationToken,
+}
+
+/// Serve the client at `peer` until it leaves, stays silent for `terms.idle`, or the service
+/// stops; refuse its handshake if its `admission` is a refusal, or if its `Origin` is not one
+/// `terms.origins` allows. The admission's slot is held until then.
 pub(crate) async fn serve_client(
-    metrics: Metrics,
-    registry: Arc<WsRegistry>,
-    origins: Arc<OriginPolicy>,
+    terms: Arc<ClientTerms>,
     admission: Admission,
     stream: TcpStream,
     peer: SocketAddr,
-    idle: Duration,
-    stopping: CancellationToken,
 ) {
+    let ClientTerms { metrics, registry, origins, idle, stopping } = &*terms;
+    let idle = *idle;
     // the handshake takes the stream: a second handle answers a request that is no
     // WebSocket handshake, which otherwise got an empty reply
     let spare = spare_handle(&stream);
     let traffic = Arc::new(Traffic::new());
     let stream = Watched::new(stream, traffic.clone());
     let busy = admission.is_refused();
-    let check = HandshakeCheck { origins: &origins, busy, metrics: &metrics, peer };
+    let check = HandshakeCheck { origins, busy, metrics, peer };
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(frame_limits()));
     let handshake = tokio::select! {
@@ -108,7 +118,7 @@ pub(crate) async fn serve_client(
             _ = stopping.cancelled() => break End::Stopping,
             Some(done) = calls.join_next() => {
                 if let Some(reply) = finished(done) {
-                    if !send_within(&mut socket, &traffic, reply, idle, &stopping, peer).await {
+                    if !send_within(&mut socket, &traffic, reply, idle, stopping, peer).await {
                         break End::Closed;
                     }
                 }
@@ -133,12 +143,12 @@ pub(crate) async fn serve_client(
                     }
                     None => break End::Closed,
                 };
-                match dispatch(&registry, &frame, calls.len()) {
+                match dispatch(registry, &frame, calls.len()) {
                     Step::Call(call) => {
                         calls.spawn(call.run());
                     }
                     Step::Reply(reply) => {
-                        if !send_within(&mut socket, &traffic, reply, idle, &stopping, peer).await {
+                        if !send_within(&mut socket, &traffic, reply, idle, stopping, peer).await {
                             break End::Closed;
                         }
                         quiet_since = Instant::now();
@@ -155,7 +165,7 @@ pub(crate) async fn serve_client(
             }
         }
     };
-    finish(socket, &traffic, calls, end, peer, idle, &stopping).await;
+    finish(socket, &traffic, calls, end, peer, idle, stopping).await;
 }
 
 /// A second handle on `stream`'s socket (a duplicated descriptor), if one can be made.

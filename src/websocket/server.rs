@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::pipeline::{RouteHandle, Serving, SharedExtension};
 use crate::web_server::AcceptErrors;
 use crate::websocket::admission::Admissions;
-use crate::websocket::connection::serve_client;
+use crate::websocket::connection::{serve_client, ClientTerms};
 use crate::websocket::origin::OriginPolicy;
 use crate::websocket::registry::WsRegistry;
 
@@ -69,8 +69,13 @@ impl SharedExtension for WebSocketServer {
 impl WebSocketServer {
     async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<()> {
         let stopping = self.service.stopping().clone();
-        let idle = self.service.config().websocket_idle_timeout;
-        let origins = Arc::new(OriginPolicy::of(self.service.config()));
+        let terms = Arc::new(ClientTerms {
+            metrics: self.service.metrics().clone(),
+            registry: self.registry.clone(),
+            origins: OriginPolicy::of(self.service.config()),
+            idle: self.service.config().websocket_idle_timeout,
+            stopping: stopping.clone(),
+        });
         let connections = TaskTracker::new();
         let mut admissions = Admissions::new(self.service.config().websocket_max_connections);
         let mut accept_errors = AcceptErrors::new("a WebSocket connection");
@@ -97,16 +102,8 @@ impl WebSocketServer {
                     }
                 },
             };
-            connections.spawn(serve_client(
-                self.service.metrics().clone(),
-                self.registry.clone(),
-                origins.clone(),
-                admissions.decide(admission, peer),
-                stream,
-                peer,
-                idle,
-                stopping.clone(),
-            ));
+            let admission = admissions.decide(admission, peer);
+            connections.spawn(serve_client(terms.clone(), admission, stream, peer));
         }
         drop(listener);
         connections.close();

@@ -164,10 +164,10 @@ impl DeliveryHandler for RpcServer {
     /// A request that keeps crashing the service is answered with an error and not run.
     async fn refuse(&self, delivery: Delivery, failure: Failure) {
         let (message, acker) = delivery.into_parts();
-        let (method, route) = self.route_of(&message.routing_key);
-        let log_route = route.as_ref().map_or("", RouteHandle::name).to_owned();
-        let route = route.unwrap_or_else(|| self.service.clone());
+        let (method, named) = self.route_of(&message.routing_key);
+        let log_route = named.as_ref().map_or("", RouteHandle::name);
         tracing::error!(route = log_route, "RPC {method} refused: {}", failure.message);
+        let route = named.unwrap_or_else(|| self.service.clone());
         let body = nameko_reply(&route, &Err(RemoteException::from_failure(&failure)));
         reply_then_ack(&route, &message, acker, Protocol::Nameko, body).await;
         route.settled(&Handled::Failed(failure));

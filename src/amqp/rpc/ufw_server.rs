@@ -214,17 +214,19 @@ impl DeliveryHandler for UfwRpcServer {
     /// A request that keeps crashing the service is answered with an error and not run.
     async fn refuse(&self, delivery: Delivery, failure: Failure) {
         let (message, acker) = delivery.into_parts();
-        let route = self.route_of(&message.routing_key);
+        let named = self.named_route(&message.routing_key);
+        let log_route = named.as_ref().map_or("", RouteHandle::name);
         tracing::error!(
-            route = self.log_route(&message.routing_key),
+            route = log_route,
             "RPC {} refused: {}",
             message.routing_key,
             failure.message
         );
-        let body = ufw_reply(&route, &Err(RemoteError::from_failure(&failure)));
-        reply_then_ack(&route, &message, acker, Protocol::MicroFramework, body).await;
+        let route = named.as_ref().unwrap_or(&self.service);
+        let body = ufw_reply(route, &Err(RemoteError::from_failure(&failure)));
+        reply_then_ack(route, &message, acker, Protocol::MicroFramework, body).await;
         // counted for the target the request names, as a request handled
-        if self.named_route(&message.routing_key).is_some() {
+        if let Some(route) = &named {
             route.settled(&Handled::Failed(failure));
         }
     }

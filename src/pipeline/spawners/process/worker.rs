@@ -57,11 +57,15 @@ pub(crate) fn claim_worker_environment() {
     let own = std::process::id().to_string();
     match std::env::var(WORKER_PID_ENV) {
         Ok(pid) if pid != own => {
-            for name in
-                [WORKER_SOCKET_ENV, SERVICE_PID_ENV, SERVICE_NAME_ENV, CONTEXT_ENV, ROUTES_ENV]
-                    .into_iter()
-                    .chain([WORKER_PID_ENV])
-            {
+            let names = [
+                WORKER_SOCKET_ENV,
+                SERVICE_PID_ENV,
+                SERVICE_NAME_ENV,
+                CONTEXT_ENV,
+                ROUTES_ENV,
+                WORKER_PID_ENV,
+            ];
+            for name in names {
                 std::env::remove_var(name);
             }
         }
