@@ -434,7 +434,9 @@ async fn the_alerts_and_the_dashboard_use_only_metrics_the_service_exports() {
             tokio::task::spawn_blocking(move || http_get(address, "/metrics")).await.unwrap();
         assert_eq!(status, 200);
         text = body;
-        if text.contains("dead_lettered_total{") {
+        // exported at 0 from the start: wait for the count
+        if text.lines().any(|line| line.starts_with("dead_lettered_total{") && line.ends_with(" 1"))
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

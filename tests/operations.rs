@@ -960,3 +960,60 @@ mod processes_on_the_status_page {
         assert!(!metrics.contains("worker_processes{"), "{metrics}");
     }
 }
+
+fn logged(Payload(_): Payload<Value>) {}
+
+fn quiet() {}
+
+/// Each route's counters are exported at 0 from the start, before its first call: a counter
+/// that appeared at its first count, at 1, hid that count from `increase()` and `rate()`, so
+/// an alert on a route's first failures stayed silent. Only the counters a route can move:
+/// retries where it has a policy that retries there, dead letters where it consumes a queue.
+#[tokio::test]
+async fn route_counters_are_exported_at_zero_from_the_start() {
+    use micro_framework::retry::BackOff;
+    let uri = format!("memory://{}", unique("counters_at_zero"));
+    let shop = unique("shop");
+    let config = config(&uri, "counters_at_zero");
+    let routes = vec![
+        Route::new(checked)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(10))),
+        Route::new(logged).entrypoint(EventListener::new(&shop, "note")),
+        Route::new(always_fails)
+            .entrypoint(RPCListener::new())
+            .backoff(BackOff::new(1, Duration::from_millis(10))),
+        // an AsyncBackOff retries nothing on an RPC route (the start warns of it)
+        Route::new(quiet)
+            .entrypoint(RPCListener::new())
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(10))),
+    ];
+    let service = TestService::start(routes, config).await.unwrap();
+    let text = service.service().metrics().render();
+    let count = |text: &str, metric: &str, route: &str| {
+        line_value(text, &format!("{metric}{{context=\"default\",route=\"{route}\"}}"))
+    };
+    let metrics = [
+        "messages_received_total",
+        "tasks_number_total",
+        "task_duration_seconds_count",
+        "failed_tasks_total",
+        "retries_total",
+        "dead_lettered_total",
+    ];
+    let exported = |route| metrics.map(|metric| count(&text, metric, route));
+    let (zero, none) = (Some(0.0), None);
+    assert_eq!(exported("checked"), [zero, zero, zero, zero, zero, zero], "{text}");
+    assert_eq!(exported("logged"), [zero, zero, zero, zero, none, zero], "{text}");
+    assert_eq!(exported("always_fails"), [zero, zero, zero, zero, zero, none], "{text}");
+    assert_eq!(exported("quiet"), [zero, zero, zero, zero, none, none], "{text}");
+
+    // the first failure is an increase of a series that was there
+    service.dispatch(&shop, "job", &json!({ "ok": false })).await.unwrap();
+    service.wait_for_route("checked", 2).await.unwrap();
+    let text = service.service().metrics().render();
+    service.stop().await.unwrap();
+    let counted = ["failed_tasks_total", "retries_total", "dead_lettered_total"]
+        .map(|metric| count(&text, metric, "checked"));
+    assert_eq!(counted, [Some(2.0), Some(1.0), Some(1.0)], "{text}");
+}

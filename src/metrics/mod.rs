@@ -257,6 +257,28 @@ impl Metrics {
         }
     }
 
+    /// [`Metrics::route_series`] for a route the service starts, with its failures counted at
+    /// 0 from the start: its retries if it has a retry policy (`retried`), its dead letters
+    /// if it consumes a queue (`queued`). A counter that appeared at its first count, at 1,
+    /// would hide that count from `increase()` and `rate()`, which alerts read.
+    pub(crate) fn route_started(
+        &self,
+        context: &str,
+        route: &str,
+        retried: bool,
+        queued: bool,
+    ) -> RouteSeries {
+        let labels = [context, route];
+        self.failed.with_label_values(&labels);
+        if retried {
+            self.retries.with_label_values(&labels);
+        }
+        if queued {
+            self.dead_lettered.with_label_values(&labels);
+        }
+        self.route_series(context, route)
+    }
+
     /// A message was delivered to a route.
     pub(crate) fn received(&self, series: &RouteSeries) {
         series.received.inc();

@@ -40,6 +40,17 @@ impl Metrics {
         RouteSeries
     }
 
+    /// Nothing to look up.
+    pub(crate) fn route_started(
+        &self,
+        _context: &str,
+        _route: &str,
+        _retried: bool,
+        _queued: bool,
+    ) -> RouteSeries {
+        RouteSeries
+    }
+
     /// Does nothing.
     pub(crate) fn received(&self, _series: &RouteSeries) {}
 

@@ -266,6 +266,7 @@ async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp>
             .await
             .map_err(|error| refused_route_name(error, handle.name(), &env.config.service_name))?;
         tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
+        handle.export_series();
         started.push((handle, entrypoint));
     }
     let mut serving = Vec::new();

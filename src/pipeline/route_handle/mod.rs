@@ -432,6 +432,16 @@ impl RouteHandle {
         self.inner.callback.is_some()
     }
 
+    /// Export the route's series in `/metrics` from the start, each at 0, before its first
+    /// call: alerts read the first failure as a count's increase.
+    pub(crate) fn export_series(&self) {
+        let (metrics, context, label) =
+            (&self.inner.metrics, self.inner.pool.context(), self.metric_label());
+        let queued = self.retries_on_broker();
+        let retried = self.retries_in_worker() || (queued && self.inner.backoff.is_some());
+        self.inner.series.get_or_init(|| metrics.route_started(context, label, retried, queued));
+    }
+
     /// Record that a message was settled (for counters and test waits).
     pub fn settled(&self, handled: &Handled) {
         self.inner.stats.settled(handled);
