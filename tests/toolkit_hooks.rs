@@ -547,3 +547,27 @@ async fn a_hooks_error_shows_the_causes_of_the_targets_error() {
     service.stop().await.unwrap();
     assert_eq!(error.to_string(), "route 'save' failed: error: cannot save order: disk full");
 }
+
+/// A hook's call counts as the route's, as one its entrypoint took: in `wait_for_route`'s
+/// settled count, in a waiter and in the route's metrics.
+#[tokio::test]
+async fn a_hook_call_counts_as_a_call_of_its_route() {
+    let routes = vec![Route::new(paid_amount).entrypoint(EventListener::new("shop", "paid"))];
+    let service = TestService::start(routes, config("orders")).await.unwrap();
+    let waiter = service.waiter("paid_amount").unwrap();
+    let hook = service.hook("paid_amount").unwrap();
+    assert_eq!(hook.event::<f64>(&json!({"amount": 2.5})).await.unwrap(), 2.5);
+    let call = waiter.wait().await.unwrap();
+    assert_eq!(call.result::<f64>().unwrap(), 2.5);
+    let hook = service.hook("paid_amount").unwrap();
+    assert_eq!(hook.event::<f64>(&json!({"amount": 1})).await.unwrap(), 1.0);
+    let limit = Duration::from_secs(2);
+    service.wait_for_route_within("paid_amount", 2, limit).await.unwrap();
+    #[cfg(feature = "metrics")]
+    {
+        let metrics = service.service().metrics().render();
+        let started = r#"tasks_number_total{context="default",route="paid_amount"} 2"#;
+        assert!(metrics.lines().any(|line| line == started), "{metrics}");
+    }
+    service.stop().await.unwrap();
+}
