@@ -287,3 +287,48 @@ async fn a_malformed_request_to_the_builtins_counts_for_no_target() {
         common::cleanup(&uri, &[math]).await;
     }
 }
+
+/// A request to the built-ins' queue that came back unsettled past `MAX_REDELIVERIES` (as if
+/// it crashed the service) is refused with an answer, counted under no route: not as a
+/// failure of the service's first target.
+#[tokio::test]
+async fn a_request_to_the_builtins_refused_as_a_crash_counts_for_no_target() {
+    for uri in broker_uris() {
+        let config = config(&uri, "ufw_refused")
+            .with_protocol(Protocol::MicroFramework)
+            .with_max_redeliveries(0);
+        let math = config.service_name.clone();
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
+        // the service declares its queues, then stops: they stay (durable)
+        let service = TestService::start(routes(RPCListener::new), config.clone()).await.unwrap();
+        service.stop().await.unwrap();
+        let raw = UfwCaller::new(&transport, &math).await;
+        raw.send_with("_broadcast.__list_targets__", Bytes::from_static(b"{oops"), |_| {}).await;
+        let queue = format!("rpc-{math}-broadcast");
+        let mut delivery = None;
+        for _ in 0..500 {
+            delivery = transport.get(&queue).await.unwrap();
+            if delivery.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // back to its queue unsettled, redelivered: a crash, for the next consumer
+        delivery.expect("the request in its queue").acker.reject(true).await.unwrap();
+
+        let service = TestService::start(routes(RPCListener::new), config).await.unwrap();
+        let reply = raw.reply().await;
+        assert!(reply["exception"].is_object(), "{uri}: {reply}");
+        assert!(reply.to_string().contains("MAX_REDELIVERIES=0"), "{uri}: {reply}");
+        // a request is settled just after its reply is sent: let a count come, if any
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for route in ["add", "echo", "fail", "slow"] {
+            let failed = service.route(route).unwrap().stats().failed_count();
+            assert_eq!(failed, 0, "{uri}: failures counted for route {route}");
+        }
+        service.stop().await.unwrap();
+        raw.close().await;
+        transport.close().await;
+        common::cleanup(&uri, &[math]).await;
+    }
+}

@@ -45,6 +45,11 @@ impl UfwCaller {
         change: impl FnOnce(&mut Properties),
     ) -> Value {
         self.send_with(target, body, change).await;
+        self.reply().await
+    }
+
+    /// The next reply frame (decoded twice, as the Python original's client reads it).
+    pub async fn reply(&self) -> Value {
         for _ in 0..1000 {
             if let Some(delivery) = self.transport.get(&self.queue).await.unwrap() {
                 delivery.acker.ack().await.unwrap();
