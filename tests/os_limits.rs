@@ -229,12 +229,13 @@ fn a_soft_file_limit_below_the_hard_one_is_raised_so_health_answers_under_many_c
 }
 
 /// An `HTTP_MAX_CONNECTIONS` that needs more than 65,536 descriptors raises the soft limit
-/// that far (its connections plus the service's own 64), where the hard limit allows; where it
-/// does not, the limit reached is named at start.
+/// that far (its connections on each of the two servers, HTTP routes and metrics, plus the
+/// service's own 64), where the hard limit allows; where it does not, the limit reached is
+/// named at start.
 #[test]
 fn the_soft_file_limit_is_raised_as_far_as_http_max_connections_needs() {
     let Some(hard) = own_hard_limit() else { return };
-    let needed = 70_000 + 64;
+    let needed = 2 * 70_000 + 64;
     let service = Limited::start_with(48, hard, &[("HTTP_MAX_CONNECTIONS", "70000")]);
     if cfg!(target_os = "linux") {
         assert_eq!(open_files_limits(service.started.child.id())[0], hard.min(needed).to_string());
@@ -244,20 +245,22 @@ fn the_soft_file_limit_is_raised_as_far_as_http_max_connections_needs() {
     assert_eq!(warned, hard < needed, "hard limit {hard}:\n{logged}");
 }
 
-/// A hard limit below `HTTP_MAX_CONNECTIONS` plus the service's own descriptors is named at
-/// start, with what to do.
+/// A hard limit below `HTTP_MAX_CONNECTIONS` on each server that serves HTTP (the HTTP
+/// routes' and the metrics server: each takes that many connections) plus the service's own
+/// descriptors is named at start, with what to do.
 #[test]
 fn a_file_limit_too_low_for_http_max_connections_is_named_at_start() {
     let service = Limited::start(48, 48);
     let logged = service.logged();
     let warning = logged.lines().find(|line| line.contains("RLIMIT_NOFILE"));
     let warning = warning.unwrap_or_else(|| panic!("no warning:\n{logged}"));
-    assert!(warning.contains("48") && warning.contains("HTTP_MAX_CONNECTIONS (1024)"), "{warning}");
-    // the limit needed: HTTP_MAX_CONNECTIONS (1024) plus the service's own 64
-    let service = Limited::start(1087, 1087);
+    let each = "HTTP_MAX_CONNECTIONS (1024) on each of the HTTP and metrics servers";
+    assert!(warning.contains("48") && warning.contains(each), "{warning}");
+    // the limit needed: HTTP_MAX_CONNECTIONS (1024) twice plus the service's own 64
+    let service = Limited::start(2111, 2111);
     let logged = service.logged();
-    assert!(logged.contains("at most 1087 files (RLIMIT_NOFILE"), "{logged}");
-    let service = Limited::start(1088, 1088);
+    assert!(logged.contains("at most 2111 files (RLIMIT_NOFILE"), "{logged}");
+    let service = Limited::start(2112, 2112);
     let logged = service.logged();
     assert!(!logged.contains("RLIMIT_NOFILE"), "{logged}");
 }
@@ -297,27 +300,7 @@ fn only_a_service_serving_http_is_warned_of_its_file_limit() {
 #[test]
 fn a_file_limit_too_low_for_websocket_max_connections_is_named_at_start() {
     let start = |limit: u64, metrics: bool| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let metrics_port =
-            std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut command = std::process::Command::new(common::example("websocket_service"));
-        command
-            .arg("--serve")
-            .env_remove("AMQP_URI")
-            .env_remove("RUST_LOG")
-            .env("WEBSOCKET_IP", "127.0.0.1")
-            .env("WEBSOCKET_PORT", port.to_string())
-            .env("ENABLE_METRICS", metrics.to_string())
-            .env("METRICS_HOST", "127.0.0.1")
-            .env("METRICS_PORT", metrics_port.to_string())
-            .stdout(std::process::Stdio::null());
-        with_file_limit(&mut command, limit, limit);
-        let service = Started::spawn(command);
-        let started = Instant::now();
-        while !service.logged().contains("serving WebSocket commands on") {
-            assert!(started.elapsed() < Duration::from_secs(20), "{}", service.logged());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (service, _) = websocket_service(limit, &[("ENABLE_METRICS", &metrics.to_string())]);
         service.logged()
     };
     let logged = start(48, false);
@@ -332,6 +315,73 @@ fn a_file_limit_too_low_for_websocket_max_connections_is_named_at_start() {
     assert!(start(1151, false).contains("at most 1151 files (RLIMIT_NOFILE"));
     let logged = start(1152, false);
     assert!(!logged.contains("RLIMIT_NOFILE"), "{logged}");
+}
+
+/// The `websocket_service` example serving on a free loopback port with `vars` (its metrics
+/// server, if they turn it on, on another), under a file limit of `limit`, once it serves.
+fn websocket_service(limit: u64, vars: &[(&str, &str)]) -> (Started, SocketAddr) {
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (address, metrics) = (free(), free());
+    let mut command = std::process::Command::new(common::example("websocket_service"));
+    command
+        .arg("--serve")
+        .env_remove("AMQP_URI")
+        .env_remove("RUST_LOG")
+        .env("WEBSOCKET_IP", "127.0.0.1")
+        .env("WEBSOCKET_PORT", address.port().to_string())
+        .env("METRICS_HOST", "127.0.0.1")
+        .env("METRICS_PORT", metrics.port().to_string())
+        .envs(vars.iter().copied())
+        .stdout(std::process::Stdio::null());
+    with_file_limit(&mut command, limit, limit);
+    let service = Started::spawn(command);
+    let started = Instant::now();
+    while !service.logged().contains("serving WebSocket commands on") {
+        assert!(started.elapsed() < Duration::from_secs(20), "{}", service.logged());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (service, address)
+}
+
+/// The descriptors process `pid` holds, once their count stops changing (its accept loop
+/// has taken what it takes).
+fn settled_descriptors(pid: u32) -> usize {
+    let count = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let mut last = count();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        match count() {
+            now if now == last => return now,
+            now => last = now,
+        }
+    }
+}
+
+/// A flood of WebSocket connections that send nothing holds one descriptor each, the slots'
+/// and the refusals' alike: at most `WEBSOCKET_MAX_CONNECTIONS` plus 64, within the limit
+/// the start finds enough. A handshake's second handle on its socket (to answer a request
+/// that is no handshake) held two, so such a flood ran a process the start had found a
+/// limit enough for out of descriptors.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_flood_of_silent_websocket_connections_holds_one_descriptor_each() {
+    let cap = 16;
+    // what the start counts: the cap, 64 refusals, 64 of its own
+    let limit = cap + 64 + 64;
+    let vars = [("WEBSOCKET_MAX_CONNECTIONS", "16"), ("ENABLE_METRICS", "false")];
+    let (service, address) = websocket_service(limit as u64, &vars);
+    assert!(!service.logged().contains("RLIMIT_NOFILE"), "{}", service.logged());
+    let pid = service.child.id();
+    let before = settled_descriptors(pid);
+    // the slots and the refusals, and more that wait in the listen backlog
+    let flood: Vec<_> = (0..cap + 64 + 20).map(|_| TcpStream::connect(address).unwrap()).collect();
+    let during = settled_descriptors(pid);
+    drop(flood);
+    let logged = service.logged();
+    assert!(!logged.contains("out of file descriptors"), "{logged}");
+    let held = during - before;
+    assert!(held <= cap + 64, "a flood holds {held} descriptors ({before} -> {during})");
+    assert!(held >= cap, "the slots are taken: {held} descriptors ({before} -> {during})");
 }
 
 /// A broker connection lost while the process is out of file descriptors is made again once

@@ -22,8 +22,9 @@ const OWN_DESCRIPTORS: u64 = 64;
 const ENOUGH: u64 = 65_536;
 
 /// Raise the soft limit towards the hard one (to [`ENOUGH`], or more if the connection caps
-/// of the servers the service runs need it: `HTTP_MAX_CONNECTIONS` with HTTP routes among the
-/// entrypoints' `kinds` or metrics on, `WEBSOCKET_MAX_CONNECTIONS` with WebSocket routes);
+/// of the servers the service runs need it: `HTTP_MAX_CONNECTIONS` for the HTTP routes' server
+/// (with HTTP routes among the entrypoints' `kinds`) and for the metrics server (metrics on),
+/// `WEBSOCKET_MAX_CONNECTIONS` with WebSocket routes);
 /// then warn when the limit leaves no room for them.
 pub(super) fn raise_and_check(config: &Config, kinds: &[Kind]) {
     #[cfg(feature = "http")]
@@ -40,24 +41,36 @@ pub(super) fn raise_and_check(config: &Config, kinds: &[Kind]) {
     #[cfg(not(feature = "websocket"))]
     let refusals = 0;
     let _ = kinds; // read only with the features
+                   // the HTTP routes' server and the metrics server each take HTTP_MAX_CONNECTIONS
+    let http_servers = usize::from(http_routes) + usize::from(config.enable_metrics);
     let caps = [
-        (http_routes || config.enable_metrics, "HTTP_MAX_CONNECTIONS", config.http_max_connections),
-        (websocket_routes, "WEBSOCKET_MAX_CONNECTIONS", config.websocket_max_connections),
+        (http_servers, "HTTP_MAX_CONNECTIONS", config.http_max_connections),
+        (
+            usize::from(websocket_routes),
+            "WEBSOCKET_MAX_CONNECTIONS",
+            config.websocket_max_connections,
+        ),
     ];
-    let served: Vec<(&str, usize)> =
-        caps.into_iter().filter(|(serves, ..)| *serves).map(|(_, key, cap)| (key, cap)).collect();
+    let served: Vec<(usize, &str, usize)> =
+        caps.into_iter().filter(|(servers, ..)| *servers > 0).collect();
     #[cfg(unix)]
     {
-        let needed = served
-            .iter()
-            .fold(OWN_DESCRIPTORS.saturating_add(refusals as u64), |needed, (_, cap)| {
-                needed.saturating_add(*cap as u64)
-            });
+        let needed = served.iter().fold(
+            OWN_DESCRIPTORS.saturating_add(refusals as u64),
+            |needed, (servers, _, cap)| {
+                needed.saturating_add((*servers as u64).saturating_mul(*cap as u64))
+            },
+        );
         let Some(soft) = raise(ENOUGH.max(needed)) else { return };
         if !served.is_empty() && soft < needed {
-            let caps: Vec<String> =
-                served.iter().map(|(key, cap)| format!("{key} ({cap})")).collect();
-            let keys: Vec<&str> = served.iter().map(|(key, _)| *key).collect();
+            let caps: Vec<String> = served
+                .iter()
+                .map(|(servers, key, cap)| match servers {
+                    1 => format!("{key} ({cap})"),
+                    _ => format!("{key} ({cap}) on each of the HTTP and metrics servers"),
+                })
+                .collect();
+            let keys: Vec<&str> = served.iter().map(|(_, key, _)| *key).collect();
             tracing::warn!(
                 "this process may open at most {soft} files (RLIMIT_NOFILE, `ulimit -n`), too \
                  few for {} plus its own: out of descriptors it cannot accept connections \

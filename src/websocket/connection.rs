@@ -34,7 +34,9 @@ use crate::websocket::registry::WsRegistry;
 use crate::websocket::traffic::Traffic;
 use crate::websocket::{frame_limits, HANDSHAKE_TIMEOUT};
 
-type Socket = WebSocketStream<Watched<Traffic>>;
+/// The handshake borrows the stream, so that a request it fails is answered on the stream:
+/// a connection holds one descriptor, also while it is refused.
+type Socket<'a> = WebSocketStream<&'a mut Watched<Traffic>>;
 
 /// How long a closing connection waits for the client to answer its close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -77,29 +79,20 @@ pub(crate) async fn serve_client(
 ) {
     let ClientTerms { metrics, registry, origins, idle, stopping } = &*terms;
     let idle = *idle;
-    // the handshake takes the stream: a second handle answers a request that is no
-    // WebSocket handshake, which otherwise got an empty reply
-    let spare = spare_handle(&stream);
     let traffic = Arc::new(Traffic::new());
-    let stream = Watched::new(stream, traffic.clone());
+    let mut stream = Watched::new(stream, traffic.clone());
     let busy = admission.is_refused();
     let check = HandshakeCheck { origins, busy, metrics, peer };
     let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(frame_limits()));
+        tokio_tungstenite::accept_hdr_async_with_config(&mut stream, check, Some(frame_limits()));
     let handshake = tokio::select! {
         _ = stopping.cancelled() => return,
         handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT.min(idle), handshake) => handshake,
     };
     let mut socket = match handshake {
-        Ok(Ok(socket)) => {
-            // the socket closes when both handles are gone: keep only the connection's
-            drop(spare);
-            socket
-        }
+        Ok(Ok(socket)) => socket,
         Ok(Err(error)) => {
-            if let Some(spare) = spare {
-                refuse_request(spare, &error).await;
-            }
+            refuse_request(&mut stream, &error).await;
             return tracing::debug!("WebSocket handshake with {peer} failed: {error}");
         }
         Err(_) => return tracing::debug!("WebSocket handshake with {peer} timed out"),
@@ -168,29 +161,16 @@ pub(crate) async fn serve_client(
     finish(socket, &traffic, calls, end, peer, idle, stopping).await;
 }
 
-/// A second handle on `stream`'s socket (a duplicated descriptor), if one can be made.
-#[cfg(unix)]
-fn spare_handle(stream: &TcpStream) -> Option<TcpStream> {
-    use std::os::fd::AsFd;
-    let descriptor = stream.as_fd().try_clone_to_owned().ok()?;
-    TcpStream::from_std(std::net::TcpStream::from(descriptor)).ok()
-}
-
-#[cfg(not(unix))]
-fn spare_handle(_stream: &TcpStream) -> Option<TcpStream> {
-    None
-}
-
 /// Answer a request that failed the WebSocket handshake with an HTTP error saying why (426
 /// for a plain HTTP request, or for a handshake of a version other than 13, which is named so
 /// that the client can retry with it; 400 for anything else that is no handshake), then
 /// close. Only for request errors: after an I/O error or a timeout there is no one to answer.
 /// A handshake the handshake check refused was answered already: it is only closed.
-async fn refuse_request(mut spare: TcpStream, error: &WsError) {
+async fn refuse_request(stream: &mut Watched<Traffic>, error: &WsError) {
     use tokio_tungstenite::tungstenite::error::ProtocolError;
     let status = match error {
         // the server's own refusal (the handshake check's `403` or `503`), which tungstenite sent
-        WsError::Http(_) => return close_after_reading(&mut spare).await,
+        WsError::Http(_) => return close_after_reading(stream).await,
         WsError::Protocol(
             ProtocolError::MissingConnectionUpgradeHeader
             | ProtocolError::MissingUpgradeWebSocketHeader,
@@ -209,9 +189,10 @@ async fn refuse_request(mut spare: TcpStream, error: &WsError) {
         body.len()
     );
     // a client that reads nothing cannot hold the task: bounded like a close
-    if let Ok(Ok(())) = tokio::time::timeout(CLOSE_WAIT, spare.write_all(response.as_bytes())).await
+    if let Ok(Ok(())) =
+        tokio::time::timeout(CLOSE_WAIT, stream.write_all(response.as_bytes())).await
     {
-        close_after_reading(&mut spare).await;
+        close_after_reading(stream).await;
     }
 }
 
@@ -221,7 +202,7 @@ async fn refuse_request(mut spare: TcpStream, error: &WsError) {
 /// send, and with it the connection, its task, its idle timer and a graceful stop: it is
 /// dropped instead. One that reads a large reply steadily gets all of it.
 async fn send_within(
-    socket: &mut Socket,
+    socket: &mut Socket<'_>,
     traffic: &Traffic,
     reply: String,
     limit: Duration,
@@ -271,7 +252,7 @@ fn finished(done: Result<String, tokio::task::JoinError>) -> Option<String> {
 /// Let the running calls finish (never abort them: they may have started side effects),
 /// reply to them while the connection is open, then close it.
 async fn finish(
-    mut socket: Socket,
+    mut socket: Socket<'_>,
     traffic: &Traffic,
     mut calls: JoinSet<String>,
     end: End,
