@@ -832,3 +832,188 @@ async fn websocket_max_connections_are_open_at_once_and_the_next_handshake_is_to
     drop(first);
     service.stop().await.unwrap();
 }
+
+/// A handshake's outcome: the connection, or the HTTP status it was refused with.
+async fn handshake(address: SocketAddr) -> Result<Raw, u16> {
+    let connecting = tokio_tungstenite::connect_async(format!("ws://{address}"));
+    match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        Ok(Ok((socket, _))) => Ok(Raw(socket)),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
+            Err(response.status().as_u16())
+        }
+        Ok(Err(error)) => panic!("handshake failed: {error}"),
+        Err(_) => panic!("no answer to the handshake in 10 s"),
+    }
+}
+
+/// Whether a handshake is served within `limit`, trying again while it is told `503`.
+async fn served_within(address: SocketAddr, limit: Duration) -> bool {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        match handshake(address).await {
+            Ok(mut served) => {
+                let _ = served.0.close(None).await;
+                return true;
+            }
+            Err(503) if tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(503) => return false,
+            Err(status) => panic!("refused with {status}"),
+        }
+    }
+}
+
+/// Each way a connection ends frees its slot of `WEBSOCKET_MAX_CONNECTIONS`: a client served
+/// that closes, a reset in the middle of the handshake, a target that panics, the idle
+/// timeout, a frame too big. And the first handshake once a slot is free is served, not told
+/// `503` by a refusal the accept loop took while every slot was held.
+#[tokio::test]
+async fn every_way_a_connection_ends_frees_its_slot() {
+    let gate = Gate::default();
+    let config = ws_config("wsslots", 2)
+        .with_websocket_max_connections(1)
+        .with_websocket_idle_timeout(Duration::from_millis(500));
+    let (service, address) = start_with(config, &gate).await;
+    let free = Duration::from_secs(5);
+    for round in 0..3 {
+        let mut served = handshake(address).await.unwrap();
+        let reply = served.call(json!({"command": "add", "command_args": [round, 1]})).await;
+        assert_eq!(reply["data"], round + 1);
+        assert_eq!(handshake(address).await.err(), Some(503), "round {round}: one slot");
+        served.0.close(None).await.unwrap();
+        while served.0.next().await.is_some() {}
+        drop(served);
+        // the slot is free once the server has seen the close
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let next = handshake(address).await;
+        assert!(next.is_ok(), "round {round}: the freed slot serves the next: {:?}", next.err());
+    }
+
+    let mut half = TcpStream::connect(address).await.unwrap();
+    half.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    #[allow(deprecated)] // a linger of 0 is the point: a reset, not a close
+    half.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(half);
+    assert!(served_within(address, free).await, "after a reset mid-handshake");
+
+    let mut panicking = handshake(address).await.unwrap();
+    let reply = panicking.call(json!({"command": "panics"})).await;
+    assert!(reply["exception"].is_object(), "{reply}");
+    drop(panicking);
+    assert!(served_within(address, free).await, "after a target's panic");
+
+    let idle = handshake(address).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(served_within(address, free).await, "after the idle timeout");
+    drop(idle);
+
+    let mut too_big = handshake(address).await.unwrap();
+    let _ = too_big.0.send(Message::text("x".repeat(2 * MAX_FRAME_SIZE))).await;
+    drop(too_big);
+    assert!(served_within(address, free).await, "after a frame too big");
+    service.stop().await.unwrap();
+}
+
+/// Handshakes at once past the cap: exactly the cap is served, every other one told `503`,
+/// round after round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_at_once_past_the_cap_are_served_up_to_it_and_the_rest_told_503() {
+    let gate = Gate::default();
+    let cap = 8;
+    let config = ws_config("wsburst", 2).with_websocket_max_connections(cap);
+    let (service, address) = start_with(config, &gate).await;
+    for round in 0..3 {
+        let tries: Vec<_> = (0..60).map(|_| tokio::spawn(handshake(address))).collect();
+        let (mut served, mut refused) = (Vec::new(), 0);
+        for outcome in futures::future::join_all(tries).await {
+            match outcome.unwrap() {
+                Ok(socket) => served.push(socket),
+                Err(503) => refused += 1,
+                Err(status) => panic!("refused with {status}"),
+            }
+        }
+        assert_eq!((served.len(), refused), (cap, 60 - cap), "round {round}");
+        for mut socket in served {
+            socket.0.close(None).await.unwrap();
+            while socket.0.next().await.is_some() {}
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    service.stop().await.unwrap();
+}
+
+/// Under `retry_when_full`, a server that stays full ends the call with
+/// `MaxConnectionsReached` once the client's timeout is reached; without it the `503` is the
+/// answer at once. Only a `503` is `MaxConnectionsReached`: another refusal of the handshake
+/// (a proxy's `404`) is a connection error, not retried.
+#[tokio::test]
+async fn retry_when_full_gives_up_at_the_timeout_and_retries_only_a_503() {
+    let gate = Gate::default();
+    let config = ws_config("wsfull", 2).with_websocket_max_connections(1);
+    let (service, address) = start_with(config, &gate).await;
+    let _slot = handshake(address).await.unwrap();
+    let retrying =
+        client(address).timeout(Duration::from_secs(2)).retry_when_full(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let error = retrying.call::<i64>("add", (1, 2), ()).await.unwrap_err();
+    assert!(matches!(error, WebSocketRpcError::MaxConnectionsReached(_)), "{error:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "retried: {:?}", started.elapsed());
+    let error = client(address).call::<i64>("add", (1, 2), ()).await.unwrap_err();
+    assert!(matches!(error, WebSocketRpcError::MaxConnectionsReached(_)), "{error:?}");
+    service.stop().await.unwrap();
+
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = proxy.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = proxy.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !request.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => request.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                let answer =
+                    "HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let retrying = client(address)
+        .timeout(Duration::from_secs(30))
+        .retry_when_full(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let error = retrying.call::<i64>("add", (1, 2), ()).await.unwrap_err();
+    assert!(matches!(error, WebSocketRpcError::Connection(_)), "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "not retried: {:?}", started.elapsed());
+}
+
+/// A stop while every slot and every refusal is held by silent clients, and more wait in the
+/// backlog, ends once the call running is answered: nothing of the admission holds it.
+#[tokio::test]
+async fn a_stop_with_every_slot_and_refusal_held_ends_and_answers_the_running_call() {
+    let gate = Gate::default();
+    let config = ws_config("wsstopfull", 2).with_websocket_max_connections(2);
+    let (service, address) = start_with(config, &gate).await;
+    let mut calling = handshake(address).await.unwrap();
+    calling
+        .send(json!({"command": "hold", "command_args": [5], "correlation_id": "held"}).to_string())
+        .await;
+    gate.wait_started(1).await;
+    let mut silent = Vec::new();
+    for _ in 0..1 + 64 + 10 {
+        silent.push(TcpStream::connect(address).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(service.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.open();
+    let reply = calling.recv().await;
+    assert_eq!(reply["data"], 5, "{reply}");
+    tokio::time::timeout(Duration::from_secs(30), stopping).await.unwrap().unwrap().unwrap();
+    drop(silent);
+}
