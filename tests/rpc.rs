@@ -1104,3 +1104,58 @@ async fn a_nameko_request_without_a_correlation_id_is_answered() {
         assert_eq!(replies, 1, "the reply on {uri}");
     }
 }
+
+/// A Nameko-wire request for a method the service does not have, refused as a crash (it came
+/// back unsettled past `MAX_REDELIVERIES`), is answered and counted under no route, as its
+/// `MethodNotFound` is: it was counted as a failure of the service's first RPC route.
+#[tokio::test]
+async fn a_request_for_an_unknown_method_refused_as_a_crash_counts_for_no_route() {
+    for uri in broker_uris() {
+        let config = config(&uri, "refused_unknown").with_max_redeliveries(0);
+        let name = config.service_name.clone();
+        let transport = micro_framework::transport::connect(&config).await.unwrap();
+        let routes = || {
+            vec![
+                Route::new(add).entrypoint(RPCListener::new()),
+                Route::new(echo).entrypoint(RPCListener::new()),
+            ]
+        };
+        // the service declares its request queue, then stops: it stays (durable)
+        TestService::start(routes(), config.clone()).await.unwrap().stop().await.unwrap();
+        let request = OutgoingMessage {
+            body: Bytes::from_static(br#"{"args": [], "kwargs": {}}"#),
+            properties: Default::default(),
+        };
+        let routing_key = format!("{name}.nope");
+        let options = PublishOptions::default();
+        transport.publish(&config.rpc_exchange, &routing_key, request, options).await.unwrap();
+        let queue = format!("rpc-{name}");
+        let mut delivery = None;
+        for _ in 0..500 {
+            delivery = transport.get(&queue).await.unwrap();
+            if delivery.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // back to its queue unsettled, redelivered: a crash, for the next consumer
+        delivery.expect("the request in its queue").acker.nack(true).await.unwrap();
+
+        let service = TestService::start(routes(), config).await.unwrap();
+        for _ in 0..500 {
+            if transport.queue_info(&queue).await.unwrap().message_count == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // a request is settled just after its reply is sent: let a count come, if any
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for route in ["add", "echo"] {
+            let failed = service.route(route).unwrap().stats().failed_count();
+            assert_eq!(failed, 0, "{uri}: the refused request counted for route {route}");
+        }
+        service.stop().await.unwrap();
+        transport.close().await;
+        common::cleanup(&uri, &[name]).await;
+    }
+}

@@ -332,3 +332,25 @@ async fn a_request_to_the_builtins_refused_as_a_crash_counts_for_no_target() {
         common::cleanup(&uri, &[math]).await;
     }
 }
+
+/// A target's command that comes by the built-ins' queue (`{service}._broadcast.add`, which
+/// takes any command, as the Python original's does) is run, counted and logged under the
+/// target: its failure was logged with an empty route.
+#[tokio::test]
+async fn a_targets_failure_by_the_builtins_queue_is_logged_under_its_route() {
+    common::logs::capture(tracing::Level::WARN);
+    let uri = format!("memory://{}", common::unique("ufw_logs"));
+    let (service, math) = start(&uri).await;
+    let raw = UfwCaller::new(service.transport(), &math).await;
+    let body = br#"{"command": "add", "command_args": ["one", 2], "command_kwargs": {}}"#;
+    let reply = raw.request("_broadcast.add", Bytes::from_static(body)).await;
+    assert!(reply["exception"].is_object(), "the call failed: {reply}");
+    service.wait_for_route("add", 1).await.unwrap();
+    assert_eq!(service.route("add").unwrap().stats().failed_count(), 1);
+    service.stop().await.unwrap();
+    let logged = common::logs::logged();
+    let failed = format!("RPC {math}._broadcast.add failed");
+    let line = logged.lines().find(|line| line.contains(&failed));
+    let line = line.unwrap_or_else(|| panic!("no failure logged in:\n{logged}"));
+    assert!(line.contains(r#"route="add""#), "logged under its route: {line}");
+}

@@ -167,10 +167,14 @@ impl DeliveryHandler for RpcServer {
         let (method, named) = self.route_of(&message.routing_key);
         let log_route = named.as_ref().map_or("", RouteHandle::name);
         tracing::error!(route = log_route, "RPC {method} refused: {}", failure.message);
-        let route = named.unwrap_or_else(|| self.service.clone());
-        let body = nameko_reply(&route, &Err(RemoteException::from_failure(&failure)));
-        reply_then_ack(&route, &message, acker, Protocol::Nameko, body).await;
-        route.settled(&Handled::Failed(failure));
+        let route = named.as_ref().unwrap_or(&self.service);
+        let body = nameko_reply(route, &Err(RemoteException::from_failure(&failure)));
+        reply_then_ack(route, &message, acker, Protocol::Nameko, body).await;
+        // counted for the method's route; one no route has is counted under none, as its
+        // request is when it is not refused
+        if let Some(route) = &named {
+            route.settled(&Handled::Failed(failure));
+        }
     }
 
     /// Copies of a request go back by its route: a Python instance sharing the queue finds

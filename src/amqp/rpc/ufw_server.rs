@@ -67,12 +67,6 @@ impl UfwRpcServer {
         self.named_route(routing_key).unwrap_or_else(|| self.service.clone())
     }
 
-    /// The route a request is logged under: the target its routing key names, else none (a
-    /// built-in command's); not the service's, which is another target.
-    fn log_route(&self, routing_key: &str) -> String {
-        self.named_route(routing_key).map(|route| route.name().to_owned()).unwrap_or_default()
-    }
-
     fn source(&self, queue: &str, prefetch: u16) -> QueueSource {
         let config = self.service.config();
         QueueSource {
@@ -201,7 +195,9 @@ impl DeliveryHandler for UfwRpcServer {
             },
         };
         if let Err(error) = &outcome {
-            let route = self.log_route(&message.routing_key);
+            // under the route that took the request (a target's command may come by the
+            // built-ins' queue too), or none
+            let route = if handled.is_some() { route.name() } else { "" };
             tracing::warn!(route, "RPC {} failed: {error}", message.routing_key);
         }
         let body = ufw_reply(&route, &outcome);
