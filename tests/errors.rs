@@ -825,6 +825,20 @@ async fn routes_the_naming_rules_give_one_queue_stop_the_start_naming_both() {
         assert!(error.contains("route 'second' and route 'first'"), "{error}");
         assert!(error.contains(&shared), "{error}");
 
+        // a broadcast handler with an identifier, and a handler of the service's pool: both
+        // are to get every event, in one queue each would get some
+        let broadcast = HandlerType::Broadcast(Some("log".into()));
+        let routes = vec![
+            Route::new(noop)
+                .name("audit")
+                .entrypoint(EventListener::new(&shop, "paid").handler_type(broadcast)),
+            Route::new(noop).name("audit-log").entrypoint(EventListener::new(&shop, "paid")),
+        ];
+        let error = Runner::new(routes, service.clone()).spawn().await.unwrap_err().to_string();
+        let shared = format!("\"evt-{shop}-paid--{}.audit-log\"", service.service_name);
+        assert!(error.contains("route 'audit-log' and route 'audit'"), "{error}");
+        assert!(error.contains(&shared) && error.contains("route audit's paid events"), "{error}");
+
         let routes = vec![
             Route::new(noop).name("on_paid").entrypoint(EventListener::new(&shop, "paid")),
             Route::new(noop).name("replay").entrypoint(QueueListener::new(format!("{queue}.dlq"))),

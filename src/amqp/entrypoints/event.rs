@@ -142,7 +142,13 @@ impl Entrypoint for EventListener {
             route.name(),
         ));
         let dlq = dead_letter_queue_of(config, &queue);
+        // singleton handlers of one event share its queue on purpose; any other handler's
+        // queue is its route's own
         let events = format!("{} events of {}", self.event_name, self.source_service);
+        let events = match self.handler_type {
+            HandlerType::Singleton => events,
+            _ => format!("route {}'s {events}", route.name()),
+        };
         let named_for = Some(events.as_str());
         let queues = RouteQueues { consumes: &queue.name, named_for, dead_letters: &dlq.name };
         route.claim_queues(queues)?;
