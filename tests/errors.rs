@@ -849,3 +849,44 @@ async fn routes_the_naming_rules_give_one_queue_stop_the_start_naming_both() {
         common::cleanup(&uri, &[shop]).await;
     }
 }
+
+/// A consumer refused while the service starts (its queue in exclusive use by another
+/// connection) fails the start with the route's error: the start returned a service that
+/// never consumed and was already stopping, logged `started` and answered ready.
+#[tokio::test]
+async fn a_consumer_refused_during_the_start_fails_the_start() {
+    use micro_framework::amqp::entrypoints::QueueListener;
+    use micro_framework::transport::{ConsumeOptions, QueueSpec};
+    for uri in common::broker_uris() {
+        let service = config(&uri, "exclusive");
+        let jobs = unique("jobs");
+        let other = micro_framework::transport::connect(&service).await.unwrap();
+        other.declare_queue(&QueueSpec::durable(jobs.clone())).await.unwrap();
+        let options = ConsumeOptions { exclusive: true, ..ConsumeOptions::default() };
+        let exclusive = other.consume(&jobs, options).await.unwrap();
+        let routes =
+            vec![Route::new(noop).name("work").entrypoint(QueueListener::new(jobs.clone()))];
+        let started = Runner::new(routes, service.clone()).spawn().await;
+        let error = match started {
+            Err(error) => error,
+            Ok(running) => {
+                let ready = running.is_ready();
+                let _ = running.stop().await;
+                panic!("{uri}: the start returned a service (ready: {ready})");
+            }
+        };
+        let mut message = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            message += &format!(": {cause}");
+            source = cause.source();
+        }
+        assert!(message.contains("route 'work' stopped"), "{uri}: {message}");
+        assert!(message.contains("exclusive"), "{uri}: {message}");
+        drop(exclusive);
+        for queue in [jobs.clone(), format!("{jobs}.dlq")] {
+            other.delete_queue(&queue).await.unwrap();
+        }
+        other.close().await;
+    }
+}

@@ -223,6 +223,15 @@ async fn start_routes(
         () = env.stopping.cancelled() => {}
     }
     given_up.disarm();
+    // a route that failed meanwhile (a consumer refused, a queue in exclusive use) stopped
+    // the service: the start fails with its error, not returning a service already stopping
+    if env.stopping.is_cancelled() {
+        return Err(match supervisor.await {
+            Ok(Err(error)) => error,
+            Ok(Ok(())) => Error::Startup("the service stopped while it started".into()),
+            Err(join) => Error::SupervisorFailed(join.to_string()),
+        });
+    }
     #[cfg(feature = "metrics")]
     let metrics_address = metrics_server.take().map(|server| {
         let route_infos = route_infos.unwrap_or_default();
