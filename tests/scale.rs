@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
 use micro_framework::amqp::rpc::Client;
 use micro_framework::config::Protocol;
@@ -232,4 +234,61 @@ async fn a_start_given_up_by_its_caller_leaves_no_consumer_behind() {
     assert!(given_up > 0, "no start was given up");
     transport.close().await;
     cleanup(&uri, &[source, service_name]).await;
+}
+
+static TICKS: AtomicU64 = AtomicU64::new(0);
+
+fn tick() {
+    TICKS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// After a reconnection the service is ready again only once each consumer has subscribed
+/// again (each does by itself, one by one): `/health/ready` answered 200 as soon as the
+/// connection was back, while up to 133 of 300 queues had no consumer yet. A cluster-wide
+/// timer's lock consumer, read only at its ticks before, subscribes again at once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reconnection_the_service_is_ready_once_every_queue_has_its_consumer_again() {
+    use common::MetricsOnAnyPort;
+    use micro_framework::entrypoints::TimeEntrypoint;
+    let Some(uri) = rabbitmq_uri() else { return };
+    let user = common::TemporaryUser::create("ready_again");
+    let source = unique("ready_again_src");
+    let config = common::config(&uri, "ready_again")
+        .with_amqp_uri(user.uri(&uri))
+        .with_metrics_on_any_port();
+    let service_name = config.service_name.clone();
+    let mut routes: Vec<Route> = (0..300)
+        .map(|i| {
+            Route::new(noop).name(format!("on_{i}")).entrypoint(EventListener::new(&source, "e"))
+        })
+        .collect();
+    let every = TimeEntrypoint::every(std::time::Duration::from_millis(300)).cluster_wide();
+    routes.push(Route::new(tick).entrypoint(every));
+    let service = Runner::new(routes, config).spawn().await.expect("it starts");
+    let address = service.metrics_address().unwrap();
+    let checker = micro_framework::transport::connect(&common::config(&uri, "checker")).await;
+    let checker = checker.unwrap();
+    // leading: it ran
+    common::wait_until(|| TICKS.load(Ordering::SeqCst) > 0, "the timer to run").await;
+    let queues: Vec<String> =
+        (0..300).rev().map(|i| format!("evt-{source}-e--{service_name}.on_{i}")).collect();
+    user.close_connections();
+    common::wait_until(|| !service.is_ready(), "the service to see the loss").await;
+    common::wait_until(|| service.is_ready(), "the service to be ready again").await;
+    let (status, body) =
+        tokio::task::spawn_blocking(move || common::http_get(address, "/health/ready"))
+            .await
+            .unwrap();
+    let mut unconsumed = 0;
+    for queue in &queues {
+        if checker.queue_info(queue).await.unwrap().consumer_count == 0 {
+            unconsumed += 1;
+        }
+    }
+    checker.close().await;
+    service.stop().await.unwrap();
+    cleanup(&uri, &[source, service_name]).await;
+    drop(user);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(unconsumed, 0, "ready while {unconsumed} of 300 queues had no consumer");
 }

@@ -199,20 +199,22 @@ async fn metrics_text(State(state): State<Arc<ServerState>>) -> impl IntoRespons
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
-/// 200 `ready` while connected and not stopping, else 503 with the reason (`starting` until
-/// the service has connected and set up its routes); a line `broker: host:port` names the
-/// RabbitMQ node in use.
+/// 200 `ready` while connected, every consumer subscribed and not stopping, else 503 with the
+/// reason (`starting` until the service has connected and set up its routes); a line
+/// `broker: host:port` names the RabbitMQ node in use.
 async fn ready(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
     let Some(service) = state.service.get() else {
         return (StatusCode::SERVICE_UNAVAILABLE, STARTING.to_owned());
     };
     let (transport, stopping) = (&service.transport, &service.stopping);
-    let status = if transport.is_connected() && !stopping.is_cancelled() {
-        (StatusCode::OK, "ready")
-    } else if stopping.is_cancelled() {
+    let status = if stopping.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "stopping")
-    } else {
+    } else if !transport.is_connected() {
         (StatusCode::SERVICE_UNAVAILABLE, "not connected to the broker")
+    } else if !transport.consumers_subscribed() {
+        (StatusCode::SERVICE_UNAVAILABLE, "consumers subscribing again after a reconnect")
+    } else {
+        (StatusCode::OK, "ready")
     };
     match transport.broker_node() {
         Some(node) => (status.0, format!("{}\nbroker: {node}\n", status.1)),

@@ -122,10 +122,13 @@ impl RunningService {
         &self.transport
     }
 
-    /// Ready to work: connected to the broker (consumers resume by themselves after a
-    /// reconnect) and not stopping.
+    /// Ready to work: connected to the broker, each consumer subscribed (after a reconnect
+    /// each subscribes again by itself) and not stopping.
     pub fn is_ready(&self) -> bool {
-        self.transport.is_connected() && !self.stopping.is_cancelled()
+        let transport = &self.transport;
+        transport.is_connected()
+            && transport.consumers_subscribed()
+            && !self.stopping.is_cancelled()
     }
 
     /// The service's metrics (feature `metrics`).

@@ -14,8 +14,12 @@
 //! loses leadership deletes the queue (refused when another instance holds it), which also
 //! ends its transport's record of it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::pipeline::RouteHandle;
 use crate::transport::{
@@ -35,10 +39,14 @@ pub(crate) struct Leadership {
     release: bool,
 }
 
-/// Leadership held: the consumer of the lock queue, and the connection it was taken on.
+/// Leadership held: the task consuming the lock queue, and the connection it was taken on.
 struct Held {
-    /// Ends if the broker deletes the queue or cancels the consumer.
-    consumer: Consumer,
+    /// Acknowledges the followers' messages as they come, so that the consumer is read
+    /// between ticks too: after a reconnect it subscribes again at once, as the service's
+    /// readiness waits for every consumer to. Dropped with leadership, its consumer with it.
+    _task: AbortOnDropHandle<()>,
+    /// Set once the consumer ended: the queue is gone, or the broker cancelled it.
+    ended: Arc<AtomicBool>,
     /// The transport's reconnection count when leadership was taken.
     reconnects: u64,
 }
@@ -56,7 +64,7 @@ impl Leadership {
     pub(crate) async fn lead(&mut self, route: &RouteHandle) -> bool {
         let transport = route.transport();
         if let Some(held) = &mut self.held {
-            let ended = held.remove_followers_messages();
+            let ended = held.ended.load(Ordering::Acquire);
             let same_connection =
                 transport.is_connected() && transport.reconnects() == held.reconnects;
             if same_connection && !ended {
@@ -95,7 +103,7 @@ impl Leadership {
         match transport.consume(&self.queue.name, options).await {
             Ok(consumer) => {
                 tracing::info!(route = route.name(), "this instance now leads the timer");
-                self.held = Some(Held { consumer, reconnects });
+                self.held = Some(Held::consuming(consumer, reconnects));
                 true
             }
             Err(error) => {
@@ -131,19 +139,22 @@ async fn held_elsewhere(route: &RouteHandle, queue: &str) -> bool {
 }
 
 impl Held {
-    /// Acknowledges the followers' messages delivered so far, without waiting. True once the
-    /// consumer ended: the queue is gone, or the broker cancelled it.
-    fn remove_followers_messages(&mut self) -> bool {
-        loop {
-            match self.consumer.next().now_or_never() {
-                None => return false,
-                Some(None) => return true,
-                Some(Some(delivery)) => {
-                    // Not awaited in line: a lost acknowledgement only hands the message
-                    // back, to be removed at the next tick.
-                    tokio::spawn(async move { delivery.acker.ack().await });
+    /// Leadership held by `consumer` of the lock queue, taken after `reconnects`.
+    fn consuming(mut consumer: Consumer, reconnects: u64) -> Held {
+        let ended = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let ended = ended.clone();
+            async move {
+                while let Some(delivery) = consumer.next().await {
+                    // a lost acknowledgement only hands the follower's message back, to be
+                    // removed again
+                    if let Err(error) = delivery.acker.ack().await {
+                        tracing::debug!("a follower's message not acknowledged: {error}");
+                    }
                 }
+                ended.store(true, Ordering::Release);
             }
-        }
+        });
+        Held { _task: AbortOnDropHandle::new(task), ended, reconnects }
     }
 }

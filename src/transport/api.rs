@@ -200,6 +200,12 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     }
     /// True while the transport is connected to its broker (used for readiness).
     fn is_connected(&self) -> bool;
+    /// False while a consumer of the transport has not subscribed again since the last
+    /// reconnect (each does when it is next read), its queue without a consumer meanwhile;
+    /// used for readiness with [`Transport::is_connected`]. True by default.
+    fn consumers_subscribed(&self) -> bool {
+        true
+    }
     /// How many channels its connection may have open at once (AMQP's `channel_max`, as
     /// negotiated with the broker); `None` while it is not connected, and for a transport
     /// without channels (the default).

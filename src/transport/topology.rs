@@ -221,6 +221,10 @@ impl Transport for Recorder {
         self.inner.is_connected()
     }
 
+    fn consumers_subscribed(&self) -> bool {
+        self.inner.consumers_subscribed()
+    }
+
     async fn close(&self) {
         self.inner.close().await
     }

@@ -14,6 +14,7 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use super::consumer_links::ConsumerLinks;
 use super::error::map_connect_error;
 use super::losses::{log_loss, YoungLosses};
 use super::nodes::Nodes;
@@ -153,6 +154,8 @@ pub(crate) struct Shared {
     reconnects: AtomicU64,
     /// Why the last pass of reconnection attempts failed, while the link is down.
     refused: Mutex<Option<String>>,
+    /// The link each consumer is subscribed on.
+    pub(crate) consumer_links: ConsumerLinks,
 }
 
 impl fmt::Debug for Shared {
@@ -183,6 +186,7 @@ impl Shared {
             linked_at,
             reconnects,
             refused,
+            consumer_links: ConsumerLinks::default(),
         }
     }
 

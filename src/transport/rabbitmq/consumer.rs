@@ -336,8 +336,9 @@ pub(crate) async fn start(
     let tag = spec.tag.to_string();
     // Counted until the feeder drops (see its `Drop`).
     shared.topology().consumer_started(queue);
+    let id = shared.consumer_links.subscribed(link.generation);
     let subscription = Subscription { link, channel, stream };
-    let feeder = Feeder { shared, spec, cancelled, cancel_sent: false, failed: false };
+    let feeder = Feeder { shared, spec, id, cancelled, cancel_sent: false, failed: false };
     // The state is boxed: `unfold` moves it in and out of its future on every delivery.
     let deliveries =
         futures::stream::unfold(Box::new((feeder, Some(subscription))), |mut state| async move {
@@ -363,6 +364,8 @@ struct Subscription {
 struct Feeder {
     shared: Arc<Shared>,
     spec: ConsumerSpec,
+    /// Its entry in the transport's [`ConsumerLinks`](super::consumer_links::ConsumerLinks).
+    id: u64,
     cancelled: watch::Receiver<bool>,
     cancel_sent: bool,
     /// The current subscription's channel failed.
@@ -373,6 +376,7 @@ impl Drop for Feeder {
     fn drop(&mut self) {
         // The queue is no longer in use by this consumer: its `x-expires` lease runs again.
         self.shared.topology().consumer_ended(self.spec.queue.as_str());
+        self.shared.consumer_links.ended(self.id);
     }
 }
 
@@ -387,6 +391,16 @@ impl Feeder {
     /// The next delivery, resuming the subscription after a reconnect; `None` once the
     /// consumer ends (cancelled, closed, or given up by the broker).
     async fn next(&mut self, current: &mut Option<Subscription>) -> Option<Delivery> {
+        let next = self.next_or_end(current).await;
+        if next.is_none() {
+            // ended, though its stream may be kept a while: it subscribes no more
+            self.shared.consumer_links.ended(self.id);
+        }
+        next
+    }
+
+    /// [`Feeder::next`], before the end is recorded.
+    async fn next_or_end(&mut self, current: &mut Option<Subscription>) -> Option<Delivery> {
         loop {
             let subscription = current.as_mut()?;
             if let Some(delivery) = self.forward(subscription).await {
@@ -407,6 +421,7 @@ impl Feeder {
                 return None;
             }
             let (link, channel, stream) = self.resume(&link).await?;
+            self.shared.consumer_links.resumed(self.id, link.generation);
             tracing::info!(queue = %self.spec.queue, tag = %self.spec.tag, generation = link.generation, "consumer resumed");
             self.failed = false;
             *current = Some(Subscription { link, channel, stream });

@@ -21,6 +21,7 @@ mod channels;
 mod compat_runtime;
 mod connection;
 mod consumer;
+mod consumer_links;
 mod convert;
 mod error;
 #[cfg(test)]
@@ -273,6 +274,11 @@ impl Transport for RabbitMqTransport {
 
     fn is_connected(&self) -> bool {
         self.shared.current().is_some()
+    }
+
+    fn consumers_subscribed(&self) -> bool {
+        let current = self.shared.current();
+        current.is_some_and(|link| self.shared.consumer_links.all_on(link.generation))
     }
 
     fn channel_limit(&self) -> Option<usize> {
