@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use micro_framework::amqp::entrypoints::{EventListener, RPCListener};
+use micro_framework::amqp::entrypoints::{EventListener, QueueListener, RPCListener};
 use micro_framework::amqp::rpc::Client;
 use micro_framework::config::Protocol;
 use micro_framework::prelude::*;
@@ -184,6 +184,22 @@ async fn a_big_service_is_ready_once_every_queue_has_its_consumer() {
         "{} queues without a consumer: {unconsumed:?}",
         unconsumed.len()
     );
+    service.stop().await.unwrap();
+
+    // work queues alike
+    let routes = (0..300).map(|i| {
+        let queue = QueueListener::new(format!("{source}-jobs-{i}"));
+        Route::new(noop).name(format!("job_{i}")).entrypoint(queue)
+    });
+    let service = Runner::new(routes.collect(), config).spawn().await.expect("it starts");
+    let mut unconsumed = 0;
+    for i in (0..300).rev() {
+        let queue = format!("{source}-jobs-{i}");
+        if transport.queue_info(&queue).await.unwrap().consumer_count == 0 {
+            unconsumed += 1;
+        }
+    }
+    assert_eq!(unconsumed, 0, "work queues without a consumer");
     transport.close().await;
     service.stop().await.unwrap();
     cleanup(&uri, &[source, service_name]).await;
