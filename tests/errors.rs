@@ -839,6 +839,20 @@ async fn routes_the_naming_rules_give_one_queue_stop_the_start_naming_both() {
         assert!(error.contains("route 'audit-log' and route 'audit'"), "{error}");
         assert!(error.contains(&shared) && error.contains("route audit's paid events"), "{error}");
 
+        // singleton handlers of one event share its queue only as declared alike
+        let unreliable = EventListener::new(&shop, "paid")
+            .handler_type(HandlerType::Singleton)
+            .reliable_delivery(false);
+        let routes = vec![
+            Route::new(noop)
+                .name("one")
+                .entrypoint(EventListener::new(&shop, "paid").handler_type(HandlerType::Singleton)),
+            Route::new(noop).name("two").entrypoint(unreliable),
+        ];
+        let error = Runner::new(routes, service.clone()).spawn().await.unwrap_err().to_string();
+        assert!(error.contains("route 'two' and route 'one'"), "{error}");
+        assert!(error.contains("without reliable delivery"), "{error}");
+
         let routes = vec![
             Route::new(noop).name("on_paid").entrypoint(EventListener::new(&shop, "paid")),
             Route::new(noop).name("replay").entrypoint(QueueListener::new(format!("{queue}.dlq"))),

@@ -145,8 +145,10 @@ impl Entrypoint for EventListener {
         // singleton handlers of one event share its queue on purpose; any other handler's
         // queue is its route's own
         let events = format!("{} events of {}", self.event_name, self.source_service);
-        let events = match self.handler_type {
-            HandlerType::Singleton => events,
+        let events = match (&self.handler_type, self.reliable_delivery) {
+            (HandlerType::Singleton, true) => events,
+            // declared with other flags: the second declaration would be refused
+            (HandlerType::Singleton, false) => format!("{events} without reliable delivery"),
             _ => format!("route {}'s {events}", route.name()),
         };
         let named_for = Some(events.as_str());
