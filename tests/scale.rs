@@ -3,6 +3,7 @@
 
 mod common;
 
+#[cfg(feature = "metrics")]
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use micro_framework::amqp::entrypoints::{EventListener, QueueListener, RPCListener};
@@ -252,8 +253,10 @@ async fn a_start_given_up_by_its_caller_leaves_no_consumer_behind() {
     cleanup(&uri, &[source, service_name]).await;
 }
 
+#[cfg(feature = "metrics")]
 static TICKS: AtomicU64 = AtomicU64::new(0);
 
+#[cfg(feature = "metrics")]
 fn tick() {
     TICKS.fetch_add(1, Ordering::SeqCst);
 }
@@ -262,6 +265,7 @@ fn tick() {
 /// again (each does by itself, one by one): `/health/ready` answered 200 as soon as the
 /// connection was back, while up to 133 of 300 queues had no consumer yet. A cluster-wide
 /// timer's lock consumer, read only at its ticks before, subscribes again at once too.
+#[cfg(feature = "metrics")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reconnection_the_service_is_ready_once_every_queue_has_its_consumer_again() {
     use common::MetricsOnAnyPort;
