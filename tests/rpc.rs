@@ -1130,16 +1130,8 @@ async fn a_request_for_an_unknown_method_refused_as_a_crash_counts_for_no_route(
         let options = PublishOptions::default();
         transport.publish(&config.rpc_exchange, &routing_key, request, options).await.unwrap();
         let queue = format!("rpc-{name}");
-        let mut delivery = None;
-        for _ in 0..500 {
-            delivery = transport.get(&queue).await.unwrap();
-            if delivery.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         // back to its queue unsettled, redelivered: a crash, for the next consumer
-        delivery.expect("the request in its queue").acker.nack(true).await.unwrap();
+        common::queues::put_back_redelivered(&transport, &queue).await;
 
         let service = TestService::start(routes(), config).await.unwrap();
         for _ in 0..500 {

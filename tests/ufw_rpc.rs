@@ -305,16 +305,8 @@ async fn a_request_to_the_builtins_refused_as_a_crash_counts_for_no_target() {
         let raw = UfwCaller::new(&transport, &math).await;
         raw.send_with("_broadcast.__list_targets__", Bytes::from_static(b"{oops"), |_| {}).await;
         let queue = format!("rpc-{math}-broadcast");
-        let mut delivery = None;
-        for _ in 0..500 {
-            delivery = transport.get(&queue).await.unwrap();
-            if delivery.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         // back to its queue unsettled, redelivered: a crash, for the next consumer
-        delivery.expect("the request in its queue").acker.reject(true).await.unwrap();
+        common::queues::put_back_redelivered(&transport, &queue).await;
 
         let service = TestService::start(routes(RPCListener::new), config).await.unwrap();
         let reply = raw.reply().await;
