@@ -16,6 +16,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -23,12 +24,15 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::pipeline::RouteHandle;
 use crate::transport::{
-    ConsumeOptions, Consumer, OutgoingMessage, PublishOptions, QueueSpec, TransportError,
+    ConsumeOptions, Consumer, OutgoingMessage, PublishOptions, QueueSpec, SharedTransport,
+    TransportError,
 };
 
-/// How many followers' messages the leader's consumer takes between two ticks; more wait in
-/// the queue for the next ones.
+/// How many followers' messages the leader's consumer takes before it has acknowledged them.
 const PREFETCH: u16 = 64;
+
+/// How often the leader's consumer checks whether its connection was made again.
+const RECONNECT_CHECK: Duration = Duration::from_millis(250);
 
 /// An instance's claim to lead one route across the cluster.
 pub(crate) struct Leadership {
@@ -41,9 +45,10 @@ pub(crate) struct Leadership {
 
 /// Leadership held: the task consuming the lock queue, and the connection it was taken on.
 struct Held {
-    /// Acknowledges the followers' messages as they come, so that the consumer is read
-    /// between ticks too: after a reconnect it subscribes again at once, as the service's
-    /// readiness waits for every consumer to. Dropped with leadership, its consumer with it.
+    /// Acknowledges the followers' messages as they come, and ends soon after a
+    /// reconnection: a consumer read only at the ticks held the service's readiness, which
+    /// waits for every consumer to subscribe again, until the next tick. Dropped with
+    /// leadership, its consumer with it.
     _task: AbortOnDropHandle<()>,
     /// Set once the consumer ended: the queue is gone, or the broker cancelled it.
     ended: Arc<AtomicBool>,
@@ -103,7 +108,7 @@ impl Leadership {
         match transport.consume(&self.queue.name, options).await {
             Ok(consumer) => {
                 tracing::info!(route = route.name(), "this instance now leads the timer");
-                self.held = Some(Held::consuming(consumer, reconnects));
+                self.held = Some(Held::consuming(consumer, transport.clone(), reconnects));
                 true
             }
             Err(error) => {
@@ -140,16 +145,30 @@ async fn held_elsewhere(route: &RouteHandle, queue: &str) -> bool {
 
 impl Held {
     /// Leadership held by `consumer` of the lock queue, taken after `reconnects`.
-    fn consuming(mut consumer: Consumer, reconnects: u64) -> Held {
+    fn consuming(mut consumer: Consumer, transport: SharedTransport, reconnects: u64) -> Held {
         let ended = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn({
             let ended = ended.clone();
             async move {
-                while let Some(delivery) = consumer.next().await {
-                    // a lost acknowledgement only hands the follower's message back, to be
-                    // removed again
-                    if let Err(error) = delivery.acker.ack().await {
-                        tracing::debug!("a follower's message not acknowledged: {error}");
+                // Leadership ends with the connection it was taken on: the consumer is
+                // dropped soon after a reconnection, not subscribed again to a queue another
+                // instance may hold by then (where it would wait, the service not ready).
+                let mut check = tokio::time::interval(RECONNECT_CHECK);
+                loop {
+                    tokio::select! {
+                        delivery = consumer.next() => {
+                            let Some(delivery) = delivery else { break };
+                            // a lost acknowledgement only hands the follower's message back,
+                            // to be removed again
+                            if let Err(error) = delivery.acker.ack().await {
+                                tracing::debug!("a follower's message not acknowledged: {error}");
+                            }
+                        }
+                        _ = check.tick() => {
+                            if transport.reconnects() != reconnects {
+                                break;
+                            }
+                        }
                     }
                 }
                 ended.store(true, Ordering::Release);

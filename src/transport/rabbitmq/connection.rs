@@ -155,7 +155,7 @@ pub(crate) struct Shared {
     /// Why the last pass of reconnection attempts failed, while the link is down.
     refused: Mutex<Option<String>>,
     /// The link each consumer is subscribed on.
-    pub(crate) consumer_links: ConsumerLinks,
+    pub(crate) consumer_links: Arc<ConsumerLinks>,
 }
 
 impl fmt::Debug for Shared {
@@ -186,7 +186,7 @@ impl Shared {
             linked_at,
             reconnects,
             refused,
-            consumer_links: ConsumerLinks::default(),
+            consumer_links: Arc::default(),
         }
     }
 

@@ -336,7 +336,9 @@ pub(crate) async fn start(
     let tag = spec.tag.to_string();
     // Counted until the feeder drops (see its `Drop`).
     shared.topology().consumer_started(queue);
-    let id = shared.consumer_links.subscribed(link.generation);
+    // removed once the consumer is dropped or cancelled
+    let entry = shared.consumer_links.subscribed(link.generation);
+    let id = entry.id;
     let subscription = Subscription { link, channel, stream };
     let feeder = Feeder { shared, spec, id, cancelled, cancel_sent: false, failed: false };
     // The state is boxed: `unfold` moves it in and out of its future on every delivery.
@@ -349,6 +351,7 @@ pub(crate) async fn start(
     // Dropping the consumer drops lapin's, which cancels it at the broker.
     Ok(Consumer::from_stream(tag, deliveries, move || {
         let _ = cancel.send(true);
+        drop(entry);
     }))
 }
 
@@ -376,7 +379,6 @@ impl Drop for Feeder {
     fn drop(&mut self) {
         // The queue is no longer in use by this consumer: its `x-expires` lease runs again.
         self.shared.topology().consumer_ended(self.spec.queue.as_str());
-        self.shared.consumer_links.ended(self.id);
     }
 }
 
@@ -392,9 +394,10 @@ impl Feeder {
     /// consumer ends (cancelled, closed, or given up by the broker).
     async fn next(&mut self, current: &mut Option<Subscription>) -> Option<Delivery> {
         let next = self.next_or_end(current).await;
-        if next.is_none() {
-            // ended, though its stream may be kept a while: it subscribes no more
-            self.shared.consumer_links.ended(self.id);
+        if next.is_none() && !self.cancel_sent && !self.shared.is_closed() {
+            // ended by itself (refused, cancelled by the broker): its queue has no consumer
+            // while its owner keeps it (a route trying to consume again)
+            self.shared.consumer_links.unsubscribed(self.id);
         }
         next
     }
