@@ -14,6 +14,11 @@ use micro_framework::testing::TestService;
 use micro_framework::transport::TransportError;
 use micro_framework::Message;
 
+/// Held by the tests that start a process and by the one that binds the same ports again and
+/// again: a process being started holds a copy of every descriptor of this one until it runs
+/// its program, a listener just closed here included, whose port is then still in use.
+static SPAWNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The routing key of the caller's reply queue.
 fn reply_to(message: Message) -> Option<String> {
     message.properties.reply_to
@@ -154,12 +159,14 @@ fn signals_after_runner_run_returned_are_the_programs_own() {
         });
         return;
     }
+    let spawning = SPAWNING.blocking_lock();
     let output = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "signals_after_runner_run_returned_are_the_programs_own"])
         .args(["--nocapture"])
         .env(AS_PROGRAM, "1")
         .output()
         .unwrap();
+    drop(spawning);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{:?}\n{stdout}\n{stderr}", output.status);
@@ -282,6 +289,7 @@ fn a_config_built_in_code_ignores_the_environment() {
         });
         return;
     }
+    let spawning = SPAWNING.blocking_lock();
     let output = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "a_config_built_in_code_ignores_the_environment", "--nocapture"])
         .env(AS_PROGRAM, "1")
@@ -292,6 +300,7 @@ fn a_config_built_in_code_ignores_the_environment() {
         .env("RPC_TIMEOUT", "0")
         .output()
         .unwrap();
+    drop(spawning);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
@@ -320,6 +329,7 @@ fn free_port() -> u16 {
 /// its service again.
 #[tokio::test]
 async fn a_failed_start_releases_its_ports_for_the_next_try() {
+    let _no_process_starting = SPAWNING.lock().await;
     let uri = format!("memory://{}", common::unique("retry_start"));
     let (web, metrics) = (free_port(), free_port());
     let shop = common::unique("shop");
@@ -385,6 +395,7 @@ fn a_call_to_a_missing_service_logs_no_message_whole() {
         return;
     }
     let Some(uri) = rabbitmq_uri() else { return };
+    let spawning = SPAWNING.blocking_lock();
     let output = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "a_call_to_a_missing_service_logs_no_message_whole", "--nocapture"])
         .env(AS_PROGRAM, "1")
@@ -392,6 +403,7 @@ fn a_call_to_a_missing_service_logs_no_message_whole() {
         .env("RUST_LOG", "info")
         .output()
         .unwrap();
+    drop(spawning);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(!stderr.contains("returned us a message"), "{stderr}");
