@@ -313,65 +313,41 @@ async fn after_a_reconnection_the_service_is_ready_once_every_queue_has_its_cons
     assert_eq!(unconsumed, 0, "ready while {unconsumed} of 300 queues had no consumer");
 }
 
-/// A route whose consumer the broker will not take back after a reconnection (the service's
-/// user may no longer read its queue) keeps the service not ready while it tries again: the
-/// transport forgot a consumer once it gave up resuming it, and the service said it was
-/// ready with that queue unconsumed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_route_whose_consumer_cannot_subscribe_again_keeps_the_service_not_ready() {
-    use micro_framework::amqp::entrypoints::QueueListener;
-    let Some(uri) = rabbitmq_uri() else { return };
-    let user = common::TemporaryUser::create("ready_refused");
-    let queue = unique("ready_refused_jobs");
-    let config = common::config(&uri, "ready_refused").with_amqp_uri(user.uri(&uri));
-    let service_name = config.service_name.clone();
-    let routes = vec![Route::new(noop).name("job").entrypoint(QueueListener::new(&queue))];
-    let service = Runner::new(routes, config).spawn().await.expect("it starts");
-    let checker = micro_framework::transport::connect(&common::config(&uri, "checker")).await;
-    let checker = checker.unwrap();
-    assert!(service.is_ready());
-    // the user may declare the queue again, no longer read it; then its connection drops
-    user.permit(".*", ".*", "^$");
-    user.close_connections();
-    common::wait_until(|| !service.is_ready(), "the service to see the loss").await;
-    // the transport gives up resuming after a few refusals (2 to 3 s); the route tries again
-    let mut ready_unconsumed = 0;
-    for _ in 0..60 {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        if service.is_ready() && checker.queue_info(&queue).await.unwrap().consumer_count == 0 {
-            ready_unconsumed += 1;
-        }
-    }
-    service.stop().await.unwrap();
-    for name in [queue.clone(), format!("{queue}.dlq")] {
-        let _ = checker.delete_queue(&name).await;
-    }
-    checker.close().await;
-    cleanup(&uri, &[queue.clone(), service_name]).await;
-    drop(user);
-    assert_eq!(ready_unconsumed, 0, "ready at {ready_unconsumed} of 60 checks, {queue} unconsumed");
+/// What breaks a route's consumer in the readiness tests below.
+enum ConsumerFault {
+    /// The service's user may declare the queue, no longer read it; its connection drops.
+    ReadRefusedAfterAReconnection,
+    /// The user may no longer declare the queue, which is deleted.
+    QueueDeletedNotDeclarable,
 }
 
-/// Likewise without a reconnection: a consumer the broker cancels (its queue deleted) that
-/// the route cannot make again (the user may no longer declare the queue) keeps the service
-/// not ready while the route tries again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_route_whose_queue_is_deleted_and_cannot_be_declared_again_keeps_the_service_not_ready() {
+/// How many of `checks` checks 100 ms apart found a service of one `QueueListener` route
+/// ready while its queue had no consumer, after `fault`.
+async fn ready_while_unconsumed(prefix: &str, fault: ConsumerFault, checks: u32) -> (u32, String) {
     use micro_framework::amqp::entrypoints::QueueListener;
-    let Some(uri) = rabbitmq_uri() else { return };
-    let user = common::TemporaryUser::create("ready_deleted");
-    let queue = unique("ready_deleted_jobs");
-    let config = common::config(&uri, "ready_deleted").with_amqp_uri(user.uri(&uri));
+    let Some(uri) = rabbitmq_uri() else { return (0, String::new()) };
+    let user = common::TemporaryUser::create(prefix);
+    let queue = unique(&format!("{prefix}_jobs"));
+    let config = common::config(&uri, prefix).with_amqp_uri(user.uri(&uri));
     let service_name = config.service_name.clone();
     let routes = vec![Route::new(noop).name("job").entrypoint(QueueListener::new(&queue))];
     let service = Runner::new(routes, config).spawn().await.expect("it starts");
     let checker = micro_framework::transport::connect(&common::config(&uri, "checker")).await;
     let checker = checker.unwrap();
     assert!(service.is_ready());
-    user.permit("^$", ".*", ".*");
-    checker.delete_queue(&queue).await.unwrap();
+    match fault {
+        ConsumerFault::ReadRefusedAfterAReconnection => {
+            user.permit(".*", ".*", "^$");
+            user.close_connections();
+            common::wait_until(|| !service.is_ready(), "the service to see the loss").await;
+        }
+        ConsumerFault::QueueDeletedNotDeclarable => {
+            user.permit("^$", ".*", ".*");
+            checker.delete_queue(&queue).await.unwrap();
+        }
+    }
     let mut ready_unconsumed = 0;
-    for _ in 0..30 {
+    for _ in 0..checks {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let unconsumed = checker.queue_info(&queue).await.map_or(true, |q| q.consumer_count == 0);
         if service.is_ready() && unconsumed {
@@ -385,5 +361,26 @@ async fn a_route_whose_queue_is_deleted_and_cannot_be_declared_again_keeps_the_s
     checker.close().await;
     cleanup(&uri, &[queue.clone(), service_name]).await;
     drop(user);
+    (ready_unconsumed, queue)
+}
+
+/// A route whose consumer the broker will not take back after a reconnection (the service's
+/// user may no longer read its queue) keeps the service not ready while it tries again: the
+/// transport forgot a consumer once it gave up resuming it (after a few refusals, 2 to 3 s),
+/// and the service said it was ready with that queue unconsumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_whose_consumer_cannot_subscribe_again_keeps_the_service_not_ready() {
+    let fault = ConsumerFault::ReadRefusedAfterAReconnection;
+    let (ready_unconsumed, queue) = ready_while_unconsumed("ready_refused", fault, 60).await;
+    assert_eq!(ready_unconsumed, 0, "ready at {ready_unconsumed} of 60 checks, {queue} unconsumed");
+}
+
+/// Likewise without a reconnection: a consumer the broker cancels (its queue deleted) that
+/// the route cannot make again (the user may no longer declare the queue) keeps the service
+/// not ready while the route tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_whose_queue_is_deleted_and_cannot_be_declared_again_keeps_the_service_not_ready() {
+    let fault = ConsumerFault::QueueDeletedNotDeclarable;
+    let (ready_unconsumed, queue) = ready_while_unconsumed("ready_deleted", fault, 30).await;
     assert_eq!(ready_unconsumed, 0, "ready at {ready_unconsumed} of 30 checks, {queue} unconsumed");
 }

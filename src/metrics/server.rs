@@ -207,14 +207,10 @@ async fn ready(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
         return (StatusCode::SERVICE_UNAVAILABLE, STARTING.to_owned());
     };
     let (transport, stopping) = (&service.transport, &service.stopping);
-    let status = if stopping.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "stopping")
-    } else if !transport.is_connected() {
-        (StatusCode::SERVICE_UNAVAILABLE, "not connected to the broker")
-    } else if !transport.consumers_subscribed() {
-        (StatusCode::SERVICE_UNAVAILABLE, "consumers subscribing again after a reconnect")
-    } else {
-        (StatusCode::OK, "ready")
+    let status = match crate::transport::not_ready(transport.as_ref()) {
+        _ if stopping.is_cancelled() => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
+        None => (StatusCode::OK, "ready"),
     };
     match transport.broker_node() {
         Some(node) => (status.0, format!("{}\nbroker: {node}\n", status.1)),

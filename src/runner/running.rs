@@ -125,9 +125,7 @@ impl RunningService {
     /// Ready to work: connected to the broker, each consumer subscribed (after a reconnect
     /// each subscribes again by itself) and not stopping.
     pub fn is_ready(&self) -> bool {
-        let transport = &self.transport;
-        transport.is_connected()
-            && transport.consumers_subscribed()
+        crate::transport::not_ready(self.transport.as_ref()).is_none()
             && !self.stopping.is_cancelled()
     }
 

@@ -14,8 +14,6 @@
 //! loses leadership deletes the queue (refused when another instance holds it), which also
 //! ends its transport's record of it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,9 +47,9 @@ struct Held {
     /// reconnection: a consumer read only at the ticks held the service's readiness, which
     /// waits for every consumer to subscribe again, until the next tick. Dropped with
     /// leadership, its consumer with it.
-    _task: AbortOnDropHandle<()>,
-    /// Set once the consumer ended: the queue is gone, or the broker cancelled it.
-    ended: Arc<AtomicBool>,
+    /// Finished once the consumer ended (the queue is gone, or the broker cancelled it) or
+    /// the connection was made again.
+    task: AbortOnDropHandle<()>,
     /// The transport's reconnection count when leadership was taken.
     reconnects: u64,
 }
@@ -69,7 +67,7 @@ impl Leadership {
     pub(crate) async fn lead(&mut self, route: &RouteHandle) -> bool {
         let transport = route.transport();
         if let Some(held) = &mut self.held {
-            let ended = held.ended.load(Ordering::Acquire);
+            let ended = held.task.is_finished();
             let same_connection =
                 transport.is_connected() && transport.reconnects() == held.reconnects;
             if same_connection && !ended {
@@ -146,34 +144,29 @@ async fn held_elsewhere(route: &RouteHandle, queue: &str) -> bool {
 impl Held {
     /// Leadership held by `consumer` of the lock queue, taken after `reconnects`.
     fn consuming(mut consumer: Consumer, transport: SharedTransport, reconnects: u64) -> Held {
-        let ended = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn({
-            let ended = ended.clone();
-            async move {
-                // Leadership ends with the connection it was taken on: the consumer is
-                // dropped soon after a reconnection, not subscribed again to a queue another
-                // instance may hold by then (where it would wait, the service not ready).
-                let mut check = tokio::time::interval(RECONNECT_CHECK);
-                loop {
-                    tokio::select! {
-                        delivery = consumer.next() => {
-                            let Some(delivery) = delivery else { break };
-                            // a lost acknowledgement only hands the follower's message back,
-                            // to be removed again
-                            if let Err(error) = delivery.acker.ack().await {
-                                tracing::debug!("a follower's message not acknowledged: {error}");
-                            }
+        let task = tokio::spawn(async move {
+            // Leadership ends with the connection it was taken on: the consumer is
+            // dropped soon after a reconnection, not subscribed again to a queue another
+            // instance may hold by then (where it would wait, the service not ready).
+            let mut check = tokio::time::interval(RECONNECT_CHECK);
+            loop {
+                tokio::select! {
+                    delivery = consumer.next() => {
+                        let Some(delivery) = delivery else { break };
+                        // a lost acknowledgement only hands the follower's message back,
+                        // to be removed again
+                        if let Err(error) = delivery.acker.ack().await {
+                            tracing::debug!("a follower's message not acknowledged: {error}");
                         }
-                        _ = check.tick() => {
-                            if transport.reconnects() != reconnects {
-                                break;
-                            }
+                    }
+                    _ = check.tick() => {
+                        if transport.reconnects() != reconnects {
+                            break;
                         }
                     }
                 }
-                ended.store(true, Ordering::Release);
             }
         });
-        Held { _task: AbortOnDropHandle::new(task), ended, reconnects }
+        Held { task: AbortOnDropHandle::new(task), reconnects }
     }
 }

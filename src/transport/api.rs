@@ -253,3 +253,15 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
 /// A shared handle to a transport.
 pub type SharedTransport = Arc<dyn Transport>;
+
+/// Why `transport` is not ready for a service's work, if it is not: not connected, or a
+/// consumer not subscribed again since a reconnect.
+pub(crate) fn not_ready(transport: &dyn Transport) -> Option<&'static str> {
+    if !transport.is_connected() {
+        Some("not connected to the broker")
+    } else if !transport.consumers_subscribed() {
+        Some("consumers subscribing again after a reconnect")
+    } else {
+        None
+    }
+}
