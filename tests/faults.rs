@@ -303,7 +303,8 @@ async fn readiness_flips_while_the_broker_is_away_and_back_after_reconnect() {
     let service = TestService::start(routes, config).await.unwrap();
     let address = service.service().metrics_address().unwrap();
     let ready = move || common::http_get(address, "/health/ready").0;
-    assert_eq!(tokio::task::spawn_blocking(ready).await.unwrap(), 200);
+    let (status, body) = common::http_get(address, "/health/ready");
+    assert_eq!(status, 200, "{body}");
 
     rabbitmqctl(&["stop_app"]);
     let mut seen_unready = false;
