@@ -1017,3 +1017,29 @@ async fn route_counters_are_exported_at_zero_from_the_start() {
         .map(|metric| count(&text, metric, "checked"));
     assert_eq!(counted, [Some(2.0), Some(1.0), Some(1.0)], "{text}");
 }
+
+/// A route a test starts without its entrypoint (`TestService::start_only`) is called through
+/// its hook, and a hook's call counts as its route's: its counters are exported at 0 from
+/// the start too, as handed messages from a queue (its retries and dead letters counted).
+#[tokio::test]
+async fn a_route_started_without_its_entrypoint_exports_its_counters_at_zero_too() {
+    let uri = format!("memory://{}", unique("idle_at_zero"));
+    let shop = unique("shop");
+    let routes = vec![
+        Route::new(checked)
+            .entrypoint(EventListener::new(&shop, "job"))
+            .backoff(AsyncBackOff::new(1, Duration::from_millis(10))),
+        Route::new(logged).entrypoint(EventListener::new(&shop, "note")),
+    ];
+    let service =
+        TestService::start_only(routes, config(&uri, "idle_at_zero"), &["logged"]).await.unwrap();
+    let text = service.service().metrics().render();
+    service.stop().await.unwrap();
+    let count = |metric: &str| {
+        line_value(&text, &format!("{metric}{{context=\"default\",route=\"checked\"}}"))
+    };
+    let exported =
+        ["tasks_number_total", "failed_tasks_total", "retries_total", "dead_lettered_total"]
+            .map(count);
+    assert_eq!(exported, [Some(0.0); 4], "{text}");
+}

@@ -267,6 +267,7 @@ async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp>
         let handle = RouteHandle::new(route, pool, env);
         if !starts {
             tracing::info!(route = handle.name(), "route ready without its entrypoint");
+            handle.export_series();
             idle.push(handle);
             continue;
         }

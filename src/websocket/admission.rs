@@ -95,8 +95,8 @@ impl Admissions {
                 unlogged => format!(" ({unlogged} more refused since the last warning)"),
             };
             tracing::warn!(
-                "WebSocket connection from {peer} refused with 503: WEBSOCKET_MAX_CONNECTIONS \
-                 ({}) connections are open{more}; warning at most every {WARN_EVERY:?}",
+                "WebSocket connection from {peer} refused: WEBSOCKET_MAX_CONNECTIONS ({}) \
+                 connections are open{more}; warning at most every {WARN_EVERY:?}",
                 self.max_connections
             );
             self.last_warning = Some(now);
