@@ -8,7 +8,7 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
-pub use crate::data::{bounded, escape_wire_text, MAX_ERROR_TEXT};
+pub use crate::data::text::{bounded, escape_wire_text, MAX_ERROR_TEXT};
 
 /// Install a stderr logger filtered by `RUST_LOG` (default `info`): readable lines, or one
 /// JSON object per line (with the `call` span's service, route and call ids) for

@@ -18,7 +18,7 @@ mod message;
 pub(crate) mod nameko_wire;
 mod outcome;
 mod retry_state;
-mod text;
+pub(crate) mod text;
 pub(crate) mod ufw_wire;
 
 pub use call_context::CallContext;
@@ -32,7 +32,8 @@ pub(crate) use retry_state::{
     drop_retry_state, is_retry_of, is_retry_of_route, keep_own_retry_state,
 };
 pub use retry_state::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
-pub use text::{bounded, escape_wire_text, MAX_ERROR_TEXT};
+// public as `logging::*`, where a program looks for them (`escape_wire_text` too)
+pub(crate) use text::{bounded, MAX_ERROR_TEXT};
 
 /// A boxed error, as targets and dependencies return them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -16,7 +16,6 @@ pub const MAX_ERROR_TEXT: usize = 4096;
 /// assert_eq!(bounded("short", 16), "short");
 /// assert_eq!(bounded(&"x".repeat(100), 10), "xxxxxxxxxx… (truncated: 100 bytes in all)");
 /// ```
-#[doc(hidden)] // for the workspace's CLI, not an API of its own
 pub fn bounded(text: &str, limit: usize) -> Cow<'_, str> {
     if text.len() <= limit {
         return Cow::Borrowed(text);
@@ -40,7 +39,6 @@ pub fn bounded(text: &str, limit: usize) -> Cow<'_, str> {
 /// assert_eq!(escape_wire_text("\u{1b}]0;title\u{7}"), "\\u{1b}]0;title\\u{7}");
 /// assert_eq!(escape_wire_text("abc\u{202e}fed"), "abc\\u{202e}fed");
 /// ```
-#[doc(hidden)] // for the workspace's CLI, not an API of its own
 pub fn escape_wire_text(text: &str) -> Cow<'_, str> {
     if !text.chars().any(needs_escape) {
         return Cow::Borrowed(text);

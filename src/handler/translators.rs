@@ -48,7 +48,7 @@ where
 }
 
 /// Decodes a payload that is a JSON document inside a string (as some publishers double
-/// encode); other payloads pass unchanged. The seed's `JSONTranslator`.
+/// encode); other payloads pass unchanged. The Python micro-framework's `JSONTranslator`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct JsonTranslator;
 

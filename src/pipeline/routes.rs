@@ -226,7 +226,7 @@ pub struct CallbackRoute;
 
 impl CallbackRoute {
     /// A route calling `target`, and `callback` when `target` fails for good.
-    // A constructor of `Route`, named after the seed's class.
+    // A constructor of `Route`, named after the Python micro-framework's class.
     #[allow(clippy::new_ret_no_self)]
     pub fn new<T: Target<M>, M, C: Target<N>, N>(target: T, callback: C) -> Route {
         let mut route = Route::new(target);

@@ -428,7 +428,7 @@ fn refused_route_name(error: Error, route: &str, service_name: &str) -> Error {
                 "route '{route}': {text} (a queue or exchange keeps the arguments it was \
                  declared with, by an earlier deploy or another service: a change of \
                  QUEUE_TYPE or of a route's flags needs its queues drained and deleted first; \
-                 the README's \"Changing a queue's type\" says how)"
+                 micro-framework's README, \"Changing a queue's type\", says how)"
             ))
         }
         other => other,

@@ -6,8 +6,11 @@ use serde::{Deserialize, Serialize};
 /// Errors of the transport layer.
 ///
 /// The variant says what happened; the message it carries is for people (credentials
-/// masked) and is never read by the framework to decide anything. Use
-/// [`TransportError::is_permanent`] to decide whether trying again can help.
+/// masked). Use [`TransportError::is_permanent`] to decide whether trying again can help.
+/// The framework reads a broker's reply text only where RabbitMQ gives one reply code to
+/// several causes, in RabbitMQ's own words (which the in-process broker uses too): `530`
+/// for a connection limit reached, `404` for a queue whose node is down, `406` for a
+/// declaration's inequivalent arguments, `503` for an unknown exchange type.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum TransportError {

@@ -184,7 +184,7 @@ impl Caller {
         loop {
             attempts += 1;
             let queue = self.listener.queue(&self.transport, protocol, exchange).await?;
-            match queue.expect(correlation_id) {
+            match queue.await_reply(correlation_id) {
                 Ok(receiver) => return Ok((queue, receiver)),
                 Err(TransportError::Closed { what: ClosedPart::Consumer, .. }) if attempts < 2 => {}
                 Err(error) => return Err(error),

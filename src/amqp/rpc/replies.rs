@@ -408,7 +408,7 @@ impl ReplyQueue {
     /// Refused when the queue takes no more calls (retired, or its consumer ended: a
     /// [`TransportError::Closed`] error, for the caller to register on the live queue
     /// instead), or when [`MAX_PENDING_CALLS`] calls wait already.
-    pub(crate) fn expect(
+    pub(crate) fn await_reply(
         &self,
         correlation_id: &Arc<str>,
     ) -> Result<oneshot::Receiver<ReplyOutcome>, TransportError> {
@@ -620,7 +620,7 @@ impl ReplyQueue {
             return;
         }
         let correlation_id: Arc<str> = format!("probe-{}", uuid::Uuid::new_v4()).into();
-        let Ok(receiver) = self.expect(&correlation_id) else { return };
+        let Ok(receiver) = self.await_reply(&correlation_id) else { return };
         let mut properties = json_properties();
         properties.correlation_id = Some(correlation_id.to_string());
         properties.delivery_mode = Some(1);
@@ -658,7 +658,7 @@ impl ReplyQueue {
 
     /// Take no more calls, and let the consumer end once the waiting ones have.
     fn retire(&self) {
-        // under the lock `expect` reads the flag with
+        // under the lock `await_reply` reads the flag with
         let _pending = self.pending();
         self.closed.store(true, Ordering::Release);
         self.retired.notify_one();

@@ -469,8 +469,8 @@ async fn a_closed_reply_queue_refuses_calls_and_the_next_call_uses_a_new_one() {
     // come
     muting.inner.delete_queue(&old).await.unwrap();
     let correlation_id: Arc<str> = "late-call".into();
-    eventually("the refusal", || queue.expect(&correlation_id).is_err()).await;
-    let refused = queue.expect(&correlation_id);
+    eventually("the refusal", || queue.await_reply(&correlation_id).is_err()).await;
+    let refused = queue.await_reply(&correlation_id);
     assert!(
         matches!(refused, Err(TransportError::Closed { what: ClosedPart::Consumer, .. })),
         "{refused:?}"

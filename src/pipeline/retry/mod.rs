@@ -11,8 +11,9 @@
 //!
 //! fn charge() -> Result<(), std::io::Error> { Ok(()) }
 //!
-//! // 5 retries after the first attempt, 10 s apart, on the broker (the seed's example).
-//! let seed = AsyncBackOff::new(5, Duration::from_millis(10_000));
+//! // 5 retries after the first attempt, 10 s apart, on the broker (the Python original's
+//! // example).
+//! let on_the_broker = AsyncBackOff::new(5, Duration::from_millis(10_000));
 //! // Exponential delays, only for I/O errors anywhere in the error's source chain.
 //! let io_only = AsyncBackOff::new(8, Duration::from_millis(100))
 //!     .interval(Interval::exponential(Duration::from_millis(100), 2.0, Duration::from_secs(60)))
@@ -67,7 +68,7 @@ pub struct BackOffPolicy {
     filters: Vec<ErrorTest>,
 }
 
-/// Broker-side retries (the seed's `AsyncBackOff`): the failed message is published to a
+/// Broker-side retries (the Python micro-framework's `AsyncBackOff`): the failed message is published to a
 /// delay queue whose per-queue TTL dead-letters it back to the route's queue, or, under
 /// `RETRY_DELAY=delayed_message_plugin`, wrapped as the Python original wraps it to the
 /// plugin's exchange, from which the route's backoff queue gets it back. Only a message taken
@@ -80,7 +81,7 @@ pub struct AsyncBackOff;
 
 impl AsyncBackOff {
     /// `max_retries` retries after the first attempt, `interval` apart.
-    // A constructor of `BackOffPolicy`, named after the seed's class.
+    // A constructor of `BackOffPolicy`, named after the Python micro-framework's class.
     #[allow(clippy::new_ret_no_self)]
     pub fn new(max_retries: u32, interval: Duration) -> BackOffPolicy {
         BackOffPolicy::new(max_retries, interval, RetryMode::Broker)

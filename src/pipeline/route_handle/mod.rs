@@ -374,7 +374,7 @@ impl RouteHandle {
     pub(crate) async fn calls_abandoned(&self) {
         #[cfg(feature = "process")]
         if let Some(processes) = self.inner.pool.processes() {
-            return processes.shut_down().await;
+            return processes.shutdown_begun().await;
         }
         std::future::pending().await
     }

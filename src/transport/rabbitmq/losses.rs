@@ -47,7 +47,7 @@ pub(super) fn log_loss(uri: &str, error: Option<&lapin::Error>) {
                 "connection to the broker lost: the AMQP client cannot read a frame the broker \
                  sent ({error}), most likely a message with a property, header name or routing \
                  key that is not UTF-8; RabbitMQ delivers it again on the next connection (see \
-                 the README's Limits for how to remove it); reconnecting"
+                 micro-framework's README, Limits, for how to remove it); reconnecting"
             );
         }
         Some(error) => {

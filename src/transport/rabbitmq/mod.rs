@@ -58,7 +58,6 @@ use self::gets::GetChannels;
 use self::mandatory::MandatoryChannel;
 pub use self::options::{RabbitMqOptions, TlsOptions};
 use self::topology::{apply, prepare, Declaration};
-pub use self::uri::mask_uri;
 use crate::transport::{
     BindingSpec, ConsumeOptions, Consumer, Delivery, ExchangeSpec, OutgoingMessage, PublishOptions,
     QueueInfo, QueueSpec, Transport, TransportError,

@@ -5,7 +5,7 @@ use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserIn
 use crate::transport::TransportError;
 
 use crate::config::amqp_uri::read_broker;
-pub use crate::config::mask_uri;
+pub(crate) use crate::config::mask_uri;
 use crate::config::uri_list::entries;
 
 /// The `frame_max` proposed to the broker when the URI sets none (`?frame_max=N` proposes

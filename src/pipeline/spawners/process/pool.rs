@@ -438,7 +438,7 @@ impl ProcessPool {
     }
 
     /// Completes once [`ProcessPool::shutdown`] has begun: no call still running ends.
-    pub(crate) async fn shut_down(&self) {
+    pub(crate) async fn shutdown_begun(&self) {
         self.stopped.cancelled().await
     }
 
