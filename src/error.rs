@@ -24,7 +24,7 @@ pub(crate) fn known_routes(asked: &str, known: &[String]) -> String {
 
 /// Errors that stop a service from starting or running, and errors of the framework's own
 /// calls. The variant says what happened; [`Error::Startup`] is only for a service that
-/// cannot be declared or started.
+/// cannot be declared or started, for a reason no other variant names.
 ///
 /// An error that wraps another ([`Error::RouteStopped`], [`Error::Dependency`],
 /// [`Error::Encode`]) says what failed in its own message and returns the error it wraps from
@@ -62,6 +62,21 @@ pub enum Error {
     /// be made). Returned while a service is declared or starts, never once it runs.
     #[error("cannot start: {0}")]
     Startup(String),
+    /// A server of the service cannot listen on its address, which its configuration keys
+    /// set: the address is in use (`source.kind()` is `AddrInUse`), not one of this host's,
+    /// or not allowed. Returned while the service starts, before the broker is touched.
+    #[error("cannot start: cannot {what} on {address} ({keys})")]
+    Listen {
+        /// What the server does: `serve metrics`, `serve HTTP`, `listen for WebSocket
+        /// connections`.
+        what: &'static str,
+        /// The address it was to listen on, as configured.
+        address: String,
+        /// The configuration keys that set the address.
+        keys: &'static str,
+        /// Why it cannot.
+        source: std::io::Error,
+    },
     /// A route's entrypoint failed while the service ran; the service stopped.
     #[error("route '{route}' stopped")]
     RouteStopped {

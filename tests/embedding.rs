@@ -350,12 +350,18 @@ async fn a_failed_start_releases_its_ports_for_the_next_try() {
     let waiting = config.clone().with_declare_event_exchanges(false);
     for attempt in 0..2 {
         let error = Runner::new(routes(), waiting.clone()).spawn().await.unwrap_err();
-        assert!(!error.to_string().contains("in use"), "attempt {attempt}: {error}");
+        assert!(
+            !matches!(error, micro_framework::Error::Listen { .. }),
+            "attempt {attempt}: {error:?}"
+        );
     }
     let unreachable = config.clone().with_amqp_uri("amqp://127.0.0.1:1/".into());
     for attempt in 0..2 {
         let error = Runner::new(routes(), unreachable.clone()).spawn().await.unwrap_err();
-        assert!(!error.to_string().contains("in use"), "attempt {attempt}: {error}");
+        assert!(
+            !matches!(error, micro_framework::Error::Listen { .. }),
+            "attempt {attempt}: {error:?}"
+        );
     }
     // a run given up before the broker answered
     for attempt in 0..2 {

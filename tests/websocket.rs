@@ -467,12 +467,15 @@ async fn an_address_in_use_stops_the_start_and_a_failed_start_frees_its_port() {
     let taken = ws_config("wstaken", 1).with_websocket_port(address.port());
     let routes = vec![Route::new(add).entrypoint(WebSocketEntrypoint::new())];
     let error = Runner::new(routes, taken.clone()).spawn().await.unwrap_err();
-    let Error::Startup(message) = &error else { panic!("expected a start-up error: {error}") };
+    let Error::Listen { source, .. } = &error else { panic!("expected a listen error: {error}") };
+    assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse, "{error:?}");
+    let message = format!("{error:?}");
     assert!(
         message.contains(&format!(
             "cannot listen for WebSocket connections on 127.0.0.1:{}",
             address.port()
-        )) && message.contains("WEBSOCKET_PORT"),
+        )) && message.contains("WEBSOCKET_PORT")
+            && message.contains("in use"),
         "{message}"
     );
     // the topology is read without listening

@@ -131,10 +131,11 @@ impl SharedExtension for WebSite {
         let listener = std::net::TcpListener::bind(address)
             .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
             .and_then(tokio::net::TcpListener::from_std)
-            .map_err(|error| {
-                Error::Startup(format!(
-                    "cannot serve HTTP on {address} (WEB_SERVER_ADDRESS): {error}"
-                ))
+            .map_err(|source| Error::Listen {
+                what: "serve HTTP",
+                address: address.clone(),
+                keys: "WEB_SERVER_ADDRESS",
+                source,
             })?;
         let router = {
             let mut state = self.state();

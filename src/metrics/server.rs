@@ -58,9 +58,13 @@ pub(crate) struct MetricsServer {
 /// unattached.
 pub(crate) async fn bind(config: &Config) -> Result<MetricsServer> {
     let (host, port) = (config.metrics.host.as_str(), config.metrics.port);
-    let listener = tokio::net::TcpListener::bind((host, port)).await.map_err(|error| {
-        Error::Startup(format!("cannot serve metrics on {host}:{port} (METRICS): {error}"))
-    })?;
+    let listener =
+        tokio::net::TcpListener::bind((host, port)).await.map_err(|source| Error::Listen {
+            what: "serve metrics",
+            address: format!("{host}:{port}"),
+            keys: "METRICS_HOST, METRICS_PORT",
+            source,
+        })?;
     let address = listener.local_addr()?;
     let metrics = Metrics::new()
         .map_err(|error| Error::Startup(format!("cannot create metrics: {error}")))?;

@@ -50,11 +50,11 @@ impl SharedExtension for WebSocketServer {
     async fn start(self: Arc<Self>) -> Result<Serving> {
         let config = self.service.config();
         let (ip, port) = (config.websocket_ip.as_str(), config.websocket_port);
-        let cannot = |error: std::io::Error| {
-            Error::Startup(format!(
-                "cannot listen for WebSocket connections on {ip}:{port} \
-                 (WEBSOCKET_IP, WEBSOCKET_PORT): {error}"
-            ))
+        let cannot = |source| Error::Listen {
+            what: "listen for WebSocket connections",
+            address: format!("{ip}:{port}"),
+            keys: "WEBSOCKET_IP, WEBSOCKET_PORT",
+            source,
         };
         let listener = std::net::TcpListener::bind((ip, port)).map_err(cannot)?;
         listener.set_nonblocking(true).map_err(cannot)?;
