@@ -1239,6 +1239,276 @@ async fn a_leader_whose_lock_queue_is_deleted_gives_up_leadership_so_one_instanc
     }
 }
 
+/// One instance of a cluster-wide timer in the tests below: how often it fired, and whether
+/// its runs are held (a run that goes on, as a long job does: its timer asks nothing of its
+/// leadership until the run ends).
+struct HeldTicks {
+    fired: std::sync::atomic::AtomicU64,
+    hold: tokio::sync::watch::Sender<bool>,
+}
+
+async fn held_tick(Dep(ticks): Dep<Arc<HeldTicks>>) {
+    ticks.fired.fetch_add(1, Ordering::SeqCst);
+    let _ = ticks.hold.subscribe().wait_for(|hold| !*hold).await;
+}
+
+/// Two instances of a service with a cluster-wide timer (every `tick`), each reaching the
+/// broker through a switch of its own, metrics on; `config` is the service's, its URI
+/// RabbitMQ's. The leader's run is held, then its switch is cut: the broker drops its
+/// connection (and the lock queue with it) at once, and it cannot reconnect before the
+/// follower took the lock; then it is switched on again, and has reconnected when this
+/// returns. Returns the instances, their ticks, the switches, the leader's index.
+async fn take_over_while_the_leader_is_away(
+    config: &Config,
+    tick: Duration,
+) -> (Vec<TestService>, Vec<Arc<HeldTicks>>, Vec<common::switch::Switch>, usize) {
+    use common::switch::Switch;
+    let (mut services, mut ticks, mut switches) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let (switch, proxied) = Switch::in_front_of(&config.amqp_uri).await;
+        let hold = tokio::sync::watch::Sender::new(false);
+        let instance = Arc::new(HeldTicks { fired: Default::default(), hold });
+        let routes = vec![Route::new(held_tick)
+            .name("tick")
+            .entrypoint(TimeEntrypoint::every(tick).cluster_wide())
+            .dependency(Shared(instance.clone()))];
+        let config = config.clone().with_amqp_uri(proxied);
+        services.push(TestService::start(routes, config).await.unwrap());
+        ticks.push(instance);
+        switches.push(switch);
+    }
+    let fired = |i: usize| ticks[i].fired.load(Ordering::SeqCst);
+    wait_until(|| fired(0) + fired(1) >= 3, "three ticks").await;
+    let leader = if fired(0) > 0 { 0 } else { 1 };
+    let follower = 1 - leader;
+    assert_eq!(fired(follower), 0, "one instance fires");
+    // The leader's next run is held: from then on only its lock consumer's own task can tell
+    // that its leadership ended with its connection.
+    ticks[leader].hold.send_replace(true);
+    let before = fired(leader);
+    wait_until(|| fired(leader) > before, "the leader's held run").await;
+    // Away until the follower holds the lock queue: the leader's reconnection finds it
+    // held by another connection (refused, `405`), which its transport takes for a queue of
+    // its own previous connection still held at the broker, and reclaims.
+    switches[leader].off();
+    wait_until(|| fired(follower) > 0, "the follower to take over").await;
+    switches[leader].on();
+    let transport = services[leader].transport().clone();
+    wait_until(|| transport.reconnects() > 0, "the old leader to reconnect").await;
+    (services, ticks, switches, leader)
+}
+
+/// The broker loses a cluster-wide timer's leader while a run of it goes on (a long job), and
+/// the follower takes the lock queue before the old leader is back. Once back, the old leader
+/// is ready again (`is_ready`, `/health/ready`) within seconds, though its timer asks nothing
+/// of its leadership until the run ends: its lock consumer, subscribing again to the queue
+/// the follower now holds, would wait as for a queue its own previous connection still held
+/// (a reclaim, up to three heartbeats), the instance not ready all along. After it, one
+/// instance fires per tick, and nothing is left on the broker once both stop.
+#[cfg(feature = "metrics")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_leader_is_ready_again_once_back_though_the_follower_took_the_lock_meanwhile() {
+    use common::MetricsOnAnyPort;
+    use micro_framework::transport::TransportError;
+    const TICK: Duration = Duration::from_millis(100);
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let config = config(&uri, "away").with_metrics_on_any_port();
+    let service = config.service_name.clone();
+    let (services, ticks, switches, leader) =
+        take_over_while_the_leader_is_away(&config, TICK).await;
+    let follower = 1 - leader;
+    let fired = |i: usize| ticks[i].fired.load(Ordering::SeqCst);
+
+    // (a) both ready again, the old leader's run still held
+    wait_until(|| services.iter().all(TestService::is_ready), "both instances to be ready").await;
+    for (i, instance) in services.iter().enumerate() {
+        let address = instance.service().metrics_address().expect("metrics on");
+        let (status, body) =
+            tokio::task::spawn_blocking(move || common::http_get(address, "/health/ready"))
+                .await
+                .unwrap();
+        assert_eq!(status, 200, "instance {i} (leader: {leader}): {body}");
+    }
+
+    // (b) once the old leader's run ends, it follows: one instance fires, once a tick
+    ticks[leader].hold.send_replace(false);
+    let settled = fired(follower) + 5;
+    wait_until(|| fired(follower) >= settled, "five more ticks of the new leader").await;
+    let before = [fired(0), fired(1)];
+    tokio::time::sleep(TICK * 30).await;
+    let stretch = [fired(0) - before[0], fired(1) - before[1]];
+
+    // (c) nothing left on the broker once both stop
+    for instance in services {
+        instance.stop().await.unwrap();
+    }
+    drop(switches);
+    let mut left = Vec::new();
+    for what in ["list_queues", "list_exchanges"] {
+        let names = common::rabbitmqctl(&[what, "-q", "--no-table-headers", "name"]);
+        left.extend(
+            names.lines().filter(|name| name.contains(service.as_str())).map(str::to_owned),
+        );
+    }
+    let left = left.join(", ");
+    let transport = micro_framework::transport::connect(&config).await.unwrap();
+    let lock = transport.queue_info(&format!("timer-{service}-tick.lock")).await;
+    transport.close().await;
+    common::cleanup(&uri, &[service]).await;
+
+    assert_eq!(stretch[leader], 0, "the old leader fires no more: {stretch:?}");
+    // thirty ticks: at most one run each (and one more at the edges)
+    assert!((1..=32).contains(&stretch[follower]), "the new leader fires once a tick: {stretch:?}");
+    assert!(left.is_empty(), "left on the broker: {left}");
+    assert!(matches!(lock, Err(TransportError::NotFound(_))), "the lock queue is gone: {lock:?}");
+}
+
+/// A leader that lost the lock queue to the follower while it was away does not take the
+/// queue for one its previous connection still holds: its transport replays the lock queue's
+/// declaration on reconnecting (refused: the follower holds it), then declares it again and
+/// again in the background (each refusal closes a channel, whose number lapin never opens
+/// again) for three heartbeats, and logs an ERROR that it gives up and the queue's consumers
+/// end, until its timer next asks for leadership (a long run here; a timer whose interval
+/// outlasts three heartbeats, 185 s by default, likewise). Heartbeats of 2 s: 11 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_leader_does_not_reclaim_the_lock_queue_the_follower_took() {
+    const TICK: Duration = Duration::from_millis(100);
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    common::logs::capture(tracing::Level::WARN);
+    let separator = if uri.contains('?') { '&' } else { '?' };
+    let config = config(&format!("{uri}{separator}heartbeat=2"), "reclaim");
+    let service = config.service_name.clone();
+    let (services, ticks, switches, leader) =
+        take_over_while_the_leader_is_away(&config, TICK).await;
+    // the reclaim's window (three heartbeats and 5 s) and a margin, the old leader's run held
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    ticks[leader].hold.send_replace(false);
+    let lock = format!("timer-{service}-tick.lock");
+    let logged = common::logs::logged();
+    let about_the_lock: Vec<&str> = logged.lines().filter(|line| line.contains(&lock)).collect();
+    for instance in services {
+        instance.stop().await.unwrap();
+    }
+    drop(switches);
+    common::cleanup(&uri, &[service]).await;
+    // The reconnection itself may meet the follower's queue once or twice (the replay of the
+    // declaration, the consumer's resume): refusals beyond are the reclaim's.
+    let refused = about_the_lock.iter().filter(|line| line.contains("RESOURCE_LOCKED")).count();
+    let given_up: Vec<&&str> =
+        about_the_lock.iter().filter(|line| line.contains("ERROR micro_framework")).collect();
+    assert!(given_up.is_empty(), "{given_up:#?} ({refused} refusals naming the lock)");
+    assert!(refused <= 2, "{refused} refusals naming the lock: {about_the_lock:#?}");
+}
+
+/// The consequence for firing: the follower that took over stops (a rolling deploy) while the
+/// old leader's run still goes on; the old leader's transport, still reclaiming, declares the
+/// lock queue again, on a connection whose instance does not know it leads. A new instance
+/// then never fires: its check finds the lock queue held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_instance_leads_once_the_instance_that_took_over_stops() {
+    use micro_framework::transport::TransportError;
+    const TICK: Duration = Duration::from_millis(100);
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let config = config(&uri, "redeploy");
+    let service = config.service_name.clone();
+    let (mut services, ticks, switches, leader) =
+        take_over_while_the_leader_is_away(&config, TICK).await;
+    services.remove(1 - leader).stop().await.unwrap();
+    let old_leader = services.pop().unwrap();
+    // Up to two reclaim attempts (5 s apart at most) for the lock queue to come back, if it
+    // does (it must not).
+    let checker = micro_framework::transport::connect(&config).await.unwrap();
+    let lock = format!("timer-{service}-tick.lock");
+    for _ in 0..100 {
+        let info = checker.queue_info(&lock).await;
+        if !matches!(info, Err(TransportError::NotFound(_))) {
+            break;
+        }
+        tokio::time::sleep(TICK).await;
+    }
+    let came_back = !matches!(checker.queue_info(&lock).await, Err(TransportError::NotFound(_)));
+    checker.close().await;
+    let hold = tokio::sync::watch::Sender::new(false);
+    let new = Arc::new(HeldTicks { fired: Default::default(), hold });
+    let routes = vec![Route::new(held_tick)
+        .name("tick")
+        .entrypoint(TimeEntrypoint::every(TICK).cluster_wide())
+        .dependency(Shared(new.clone()))];
+    let new_instance = TestService::start(routes, config.clone()).await.unwrap();
+    // thirty ticks of the new instance
+    let mut fired = false;
+    for _ in 0..30 {
+        tokio::time::sleep(TICK).await;
+        if new.fired.load(Ordering::SeqCst) > 0 {
+            fired = true;
+            break;
+        }
+    }
+    ticks[leader].hold.send_replace(false);
+    new_instance.stop().await.unwrap();
+    old_leader.stop().await.unwrap();
+    drop(switches);
+    common::cleanup(&uri, &[service]).await;
+    assert!(fired, "the new instance never fired (the lock queue came back: {came_back})");
+}
+
+/// A leader that stops lets another instance lead at its next tick: its timer stops at once,
+/// and so must its hold on the lock queue. The queue went only with the connection, which
+/// closes once every other route has finished its calls (up to `SHUTDOWN_TIMEOUT`, 30 s by
+/// default) and the dependencies are torn down: meanwhile no instance fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_leads_while_the_leader_is_still_stopping() {
+    use micro_framework::amqp::entrypoints::QueueListener;
+    const TICK: Duration = Duration::from_millis(100);
+    let Some(uri) = common::rabbitmq_uri() else { return };
+    let config = config(&uri, "stopping");
+    let service = config.service_name.clone();
+    let jobs = common::unique("stopping_jobs");
+    let instance = || {
+        let hold = tokio::sync::watch::Sender::new(false);
+        Arc::new(HeldTicks { fired: Default::default(), hold })
+    };
+    let timer = |ticks: &Arc<HeldTicks>| {
+        Route::new(held_tick)
+            .name("tick")
+            .entrypoint(TimeEntrypoint::every(TICK).cluster_wide())
+            .dependency(Shared(ticks.clone()))
+    };
+    // the leader: the timer, and a route whose call goes on while the leader stops
+    let (led, job) = (instance(), instance());
+    job.hold.send_replace(true);
+    let busy = Route::new(held_tick)
+        .name("job")
+        .entrypoint(QueueListener::new(&jobs))
+        .dependency(Shared(job.clone()));
+    let leader = TestService::start(vec![timer(&led), busy], config.clone()).await.unwrap();
+    wait_until(|| led.fired.load(Ordering::SeqCst) > 0, "the first instance to lead").await;
+    let followed = instance();
+    let follower = TestService::start(vec![timer(&followed)], config.clone()).await.unwrap();
+    tokio::time::sleep(TICK * 5).await;
+    assert_eq!(followed.fired.load(Ordering::SeqCst), 0, "one instance fires");
+    let message = OutgoingMessage { body: Bytes::from("1"), properties: Default::default() };
+    leader.transport().publish("", &jobs, message, PublishOptions::default()).await.unwrap();
+    wait_until(|| job.fired.load(Ordering::SeqCst) > 0, "the job to start").await;
+
+    leader.begin_stop();
+    // thirty ticks of the follower while the leader finishes its job
+    let mut took_over = false;
+    for _ in 0..30 {
+        tokio::time::sleep(TICK).await;
+        if followed.fired.load(Ordering::SeqCst) > 0 {
+            took_over = true;
+            break;
+        }
+    }
+    job.hold.send_replace(false);
+    leader.wait_stopped().await.unwrap();
+    wait_until(|| followed.fired.load(Ordering::SeqCst) > 0, "the follower to lead").await;
+    follower.stop().await.unwrap();
+    common::cleanup(&uri, &[service, jobs]).await;
+    assert!(took_over, "no instance fired for thirty ticks while the leader was stopping");
+}
+
 /// RabbitMQ routes a publish with each key of its `CC` and `BCC` headers too, through the same
 /// exchange, and removes `BCC` from what it delivers: the in-process broker does the same.
 #[tokio::test]

@@ -195,6 +195,22 @@ impl Entrypoint for TimeEntrypoint {
 
     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
         let mut leadership = self.cluster_wide.then(|| Leadership::of(&route));
+        let ran = self.fire(&route, &mut leadership).await;
+        if let Some(leadership) = &mut leadership {
+            leadership.resign(&route).await;
+        }
+        ran
+    }
+
+    fn kind(&self) -> EntrypointKind {
+        EntrypointKind(Kind::Timer)
+    }
+}
+
+impl TimeEntrypoint {
+    /// Fire at each tick (where this instance leads, for a cluster-wide timer) until the
+    /// service stops.
+    async fn fire(&self, route: &RouteHandle, leadership: &mut Option<Leadership>) -> Result<()> {
         let mut last = Instant::now();
         let mut last_occurrence = None;
         loop {
@@ -212,11 +228,11 @@ impl Entrypoint for TimeEntrypoint {
             if let Tick::At(due) = due {
                 last = due;
             }
-            if let Some(leadership) = &mut leadership {
+            if let Some(leadership) = leadership.as_mut() {
                 // a follower's check publishes, which an alarm may hold up to its timeout
                 let leads = tokio::select! {
                     _ = route.stopping().cancelled() => return Ok(()),
-                    leads = leadership.lead(&route) => leads,
+                    leads = leadership.lead(route) => leads,
                 };
                 if !leads {
                     continue;
@@ -231,7 +247,7 @@ impl Entrypoint for TimeEntrypoint {
                     Some(route.handle(permit, message).await)
                 }
             });
-            let Some(handled) = finish(&route, run).await? else { return Ok(()) };
+            let Some(handled) = finish(route, run).await? else { return Ok(()) };
             if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {
                 tracing::error!(
                     route = route.name(),
@@ -245,10 +261,6 @@ impl Entrypoint for TimeEntrypoint {
                 last = last_tick_by(last, *interval, Instant::now());
             }
         }
-    }
-
-    fn kind(&self) -> EntrypointKind {
-        EntrypointKind(Kind::Timer)
     }
 }
 

@@ -9,10 +9,13 @@
 //! (lapin never opens a channel number the broker closed again). The leader removes what
 //! the followers sent.
 //!
-//! That check cannot tell the queue held by another instance from the queue held by this
-//! instance's own connection, which declares it again after a reconnect: so an instance that
-//! loses leadership deletes the queue (refused when another instance holds it), which also
-//! ends its transport's record of it.
+//! The queue is declared for the connection only, not again after a reconnect: another
+//! instance may hold it by then, and a queue declared again would take the lock back on a
+//! connection whose instance no longer knows it leads (no instance fired, the others finding
+//! the queue held). An instance that loses leadership deletes the queue (refused when another
+//! instance holds it) in case its connection holds it still, and a leader that stops deletes
+//! it at once, rather than holding it until its connection closes after its other routes'
+//! calls.
 
 use std::time::Duration;
 
@@ -29,8 +32,8 @@ use crate::transport::{
 /// How many followers' messages the leader's consumer takes before it has acknowledged them.
 const PREFETCH: u16 = 64;
 
-/// How often the leader's consumer checks whether its connection was made again.
-const RECONNECT_CHECK: Duration = Duration::from_millis(250);
+/// How often the leader's consumer checks whether its connection was lost.
+const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
 /// An instance's claim to lead one route across the cluster.
 pub(crate) struct Leadership {
@@ -43,12 +46,11 @@ pub(crate) struct Leadership {
 
 /// Leadership held: the task consuming the lock queue, and the connection it was taken on.
 struct Held {
-    /// Acknowledges the followers' messages as they come, and ends soon after a
-    /// reconnection: a consumer read only at the ticks held the service's readiness, which
-    /// waits for every consumer to subscribe again, until the next tick. Dropped with
-    /// leadership, its consumer with it.
-    /// Finished once the consumer ended (the queue is gone, or the broker cancelled it) or
-    /// the connection was made again.
+    /// Acknowledges the followers' messages as they come, and ends soon after the
+    /// connection's loss: a consumer read only at the ticks held the service's readiness,
+    /// which waits for every consumer to subscribe again, until the next tick. Dropped with
+    /// leadership, its consumer with it. Finished once the consumer ended (the queue is gone,
+    /// or the broker cancelled it) or the connection was lost.
     task: AbortOnDropHandle<()>,
     /// The transport's reconnection count when leadership was taken.
     reconnects: u64,
@@ -91,7 +93,7 @@ impl Leadership {
             return false;
         }
         let reconnects = transport.reconnects();
-        match transport.declare_queue(&self.queue).await {
+        match transport.declare_queue_for_connection(&self.queue).await {
             Ok(_) => {}
             // another instance took it since
             Err(TransportError::ResourceLocked(_)) => return false,
@@ -114,6 +116,20 @@ impl Leadership {
                 self.release = true;
                 false
             }
+        }
+    }
+}
+
+impl Leadership {
+    /// The route ends (the service stops): leadership, held, is given up at once, so that
+    /// another instance leads from its next tick, not once this service's connection closes.
+    pub(crate) async fn resign(&mut self, route: &RouteHandle) {
+        let transport = route.transport();
+        if self.held.take().is_none() || !transport.is_connected() {
+            return;
+        }
+        if let Err(error) = transport.delete_queue(&self.queue.name).await {
+            tracing::debug!(route = route.name(), "lock queue not deleted: {error}");
         }
     }
 }
@@ -146,9 +162,9 @@ impl Held {
     fn consuming(mut consumer: Consumer, transport: SharedTransport, reconnects: u64) -> Held {
         let task = tokio::spawn(async move {
             // Leadership ends with the connection it was taken on: the consumer is
-            // dropped soon after a reconnection, not subscribed again to a queue another
-            // instance may hold by then (where it would wait, the service not ready).
-            let mut check = tokio::time::interval(RECONNECT_CHECK);
+            // dropped soon after the connection's loss, not subscribed again to a queue
+            // another instance may hold by then (where it would wait, the service not ready).
+            let mut check = tokio::time::interval(CONNECTION_CHECK);
             loop {
                 tokio::select! {
                     delivery = consumer.next() => {
@@ -160,7 +176,7 @@ impl Held {
                         }
                     }
                     _ = check.tick() => {
-                        if transport.reconnects() != reconnects {
+                        if !transport.is_connected() || transport.reconnects() != reconnects {
                             break;
                         }
                     }

@@ -162,6 +162,17 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     async fn declare_exchange(&self, spec: &ExchangeSpec) -> Result<(), TransportError>;
     /// Declare a queue; fails with `PreconditionFailed` if it exists with other flags or arguments.
     async fn declare_queue(&self, spec: &QueueSpec) -> Result<QueueInfo, TransportError>;
+    /// Declare a queue for the current connection only: unlike [`Transport::declare_queue`]'s,
+    /// it is not declared again after a reconnect. For an exclusive queue whose holder
+    /// matters, as a lock another instance takes once the connection holding it is gone: a
+    /// queue declared again would take the lock back on a connection that no longer knows
+    /// it holds it. A transport that never reconnects declares it as any other.
+    async fn declare_queue_for_connection(
+        &self,
+        spec: &QueueSpec,
+    ) -> Result<QueueInfo, TransportError> {
+        self.declare_queue(spec).await
+    }
     /// Counters of an existing queue (passive declare); `NotFound` if it does not exist.
     async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError>;
     /// Bind a queue to an exchange.

@@ -495,6 +495,9 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
         let announced = shared.state.send_if_modified(|state| {
             let down = matches!(state, LinkState::Down);
             if down {
+                // counted before the link is seen: a reader that sees it connected sees the
+                // reconnection (a timer's leadership, taken on the lost link, ends with it)
+                shared.reconnects.fetch_add(1, Ordering::Relaxed);
                 *state = LinkState::Up(link.clone());
             }
             down
@@ -505,7 +508,6 @@ pub(crate) async fn supervise(shared: Arc<Shared>, mut link: Arc<Link>) {
         }
         shared.linked_now();
         shared.set_refused(None);
-        shared.reconnects.fetch_add(1, Ordering::Relaxed);
         if !locked.is_empty() {
             tokio::spawn(reclaim(shared.clone(), link.clone(), locked));
         }

@@ -179,6 +179,31 @@ impl Transport for RabbitMqTransport {
         Ok(queue.as_ref().map(queue_info).unwrap_or_default())
     }
 
+    async fn declare_queue_for_connection(
+        &self,
+        spec: &QueueSpec,
+    ) -> Result<QueueInfo, TransportError> {
+        let (prepared, arguments) = prepare(&Declaration::Queue(spec.clone()))?;
+        let (declared, link) = self
+            .declarations
+            .run(&self.shared, |held| {
+                let (prepared, arguments) = (prepared.clone(), arguments.clone());
+                async move {
+                    let declared = apply(&held.channel, prepared, arguments).await?;
+                    Ok((declared, held.link))
+                }
+            })
+            .await?;
+        // declared on a connection already lost: the queue went with it
+        if !link.alive() {
+            return Err(TransportError::ConnectionLost(format!(
+                "the connection was lost as {} was declared",
+                spec.name
+            )));
+        }
+        Ok(declared.as_ref().map(queue_info).unwrap_or_default())
+    }
+
     async fn queue_info(&self, queue: &str) -> Result<QueueInfo, TransportError> {
         let name = short(queue, "queue name")?;
         let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
