@@ -14,7 +14,8 @@ use crate::handler::ServiceState;
 use crate::transport::SharedTransport;
 
 /// The context of one call, from which extractors ([`crate::FromContext`]) take the target's
-/// arguments.
+/// arguments: an extractor of your own reads it (the call's payload, headers, context data
+/// and configuration), as [`crate::FromContext`]'s example shows.
 #[derive(Debug)]
 pub struct WorkerContext {
     pub(crate) service: Arc<str>,

@@ -48,6 +48,28 @@ use self::status::{FailureLog, PoolStatus, RecentFailure};
 use crate::data::Handled;
 
 /// The metrics of one service, in their own registry (several services can share a process).
+///
+/// A metric of your own, made with the re-exported [`prometheus`] and registered in the
+/// service's registry, is served with the service's at `/metrics`:
+///
+/// ```
+/// use micro_framework::amqp::entrypoints::RPCListener;
+/// use micro_framework::metrics::prometheus::{IntCounter, Opts};
+/// use micro_framework::prelude::*;
+/// use micro_framework::testing::test_config;
+///
+/// fn take_order() -> u32 { 1 }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let routes = vec![Route::new(take_order).entrypoint(RPCListener::new())];
+/// let service = Runner::new(routes, test_config("orders")).spawn().await.unwrap();
+/// let orders = IntCounter::with_opts(Opts::new("orders_total", "orders taken")).unwrap();
+/// service.metrics().registry().register(Box::new(orders.clone())).unwrap();
+/// orders.inc();
+/// assert!(service.metrics().render().contains("orders_total 1"));
+/// service.stop().await.unwrap();
+/// # });
+/// ```
 #[derive(Clone, Debug)]
 pub struct Metrics {
     registry: Registry,
