@@ -66,6 +66,7 @@ pub enum Error {
     /// set: the address is in use (`source.kind()` is `AddrInUse`), not one of this host's,
     /// or not allowed. Returned while the service starts, before the broker is touched.
     #[error("cannot start: cannot {what} on {address} ({keys})")]
+    #[non_exhaustive]
     Listen {
         /// What the server does: `serve metrics`, `serve HTTP`, `listen for WebSocket
         /// connections`.

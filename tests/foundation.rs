@@ -1245,11 +1245,19 @@ async fn a_leader_whose_lock_queue_is_deleted_gives_up_leadership_so_one_instanc
 struct HeldTicks {
     fired: std::sync::atomic::AtomicU64,
     hold: tokio::sync::watch::Sender<bool>,
+    /// A run found `hold` set, and waits (or waited) for its release.
+    held: std::sync::atomic::AtomicBool,
 }
 
 async fn held_tick(Dep(ticks): Dep<Arc<HeldTicks>>) {
     ticks.fired.fetch_add(1, Ordering::SeqCst);
-    let _ = ticks.hold.subscribe().wait_for(|hold| !*hold).await;
+    let released = |hold: &bool| {
+        if *hold {
+            ticks.held.store(true, Ordering::SeqCst);
+        }
+        !*hold
+    };
+    let _ = ticks.hold.subscribe().wait_for(released).await;
 }
 
 /// Two instances of a service with a cluster-wide timer (every `tick`), each reaching the
@@ -1267,7 +1275,8 @@ async fn take_over_while_the_leader_is_away(
     for _ in 0..2 {
         let (switch, proxied) = Switch::in_front_of(&config.amqp_uri).await;
         let hold = tokio::sync::watch::Sender::new(false);
-        let instance = Arc::new(HeldTicks { fired: Default::default(), hold });
+        let instance =
+            Arc::new(HeldTicks { fired: Default::default(), hold, held: Default::default() });
         let routes = vec![Route::new(held_tick)
             .name("tick")
             .entrypoint(TimeEntrypoint::every(tick).cluster_wide())
@@ -1285,8 +1294,8 @@ async fn take_over_while_the_leader_is_away(
     // The leader's next run is held: from then on only its lock consumer's own task can tell
     // that its leadership ended with its connection.
     ticks[leader].hold.send_replace(true);
-    let before = fired(leader);
-    wait_until(|| fired(leader) > before, "the leader's held run").await;
+    let held = || ticks[leader].held.load(Ordering::SeqCst);
+    wait_until(held, "the leader's held run").await;
     // Away until the follower holds the lock queue: the leader's reconnection finds it
     // held by another connection (refused, `405`), which its transport takes for a queue of
     // its own previous connection still held at the broker, and reclaims.
@@ -1419,17 +1428,18 @@ async fn a_new_instance_leads_once_the_instance_that_took_over_stops() {
     // does (it must not).
     let checker = micro_framework::transport::connect(&config).await.unwrap();
     let lock = format!("timer-{service}-tick.lock");
-    for _ in 0..100 {
+    // (each check the broker refuses closes a channel: every half second is enough)
+    for _ in 0..20 {
         let info = checker.queue_info(&lock).await;
         if !matches!(info, Err(TransportError::NotFound(_))) {
             break;
         }
-        tokio::time::sleep(TICK).await;
+        tokio::time::sleep(TICK * 5).await;
     }
     let came_back = !matches!(checker.queue_info(&lock).await, Err(TransportError::NotFound(_)));
     checker.close().await;
     let hold = tokio::sync::watch::Sender::new(false);
-    let new = Arc::new(HeldTicks { fired: Default::default(), hold });
+    let new = Arc::new(HeldTicks { fired: Default::default(), hold, held: Default::default() });
     let routes = vec![Route::new(held_tick)
         .name("tick")
         .entrypoint(TimeEntrypoint::every(TICK).cluster_wide())
@@ -1466,7 +1476,7 @@ async fn another_instance_leads_while_the_leader_is_still_stopping() {
     let jobs = common::unique("stopping_jobs");
     let instance = || {
         let hold = tokio::sync::watch::Sender::new(false);
-        Arc::new(HeldTicks { fired: Default::default(), hold })
+        Arc::new(HeldTicks { fired: Default::default(), hold, held: Default::default() })
     };
     let timer = |ticks: &Arc<HeldTicks>| {
         Route::new(held_tick)

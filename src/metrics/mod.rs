@@ -56,17 +56,18 @@ use crate::data::Handled;
 /// use micro_framework::amqp::entrypoints::RPCListener;
 /// use micro_framework::metrics::prometheus::{IntCounter, Opts};
 /// use micro_framework::prelude::*;
-/// use micro_framework::testing::test_config;
+/// use micro_framework::testing::{test_config, TestService};
 ///
 /// fn take_order() -> u32 { 1 }
 ///
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// let routes = vec![Route::new(take_order).entrypoint(RPCListener::new())];
-/// let service = Runner::new(routes, test_config("orders")).spawn().await.unwrap();
+/// let service = TestService::start(routes, test_config("orders")).await.unwrap();
+/// let metrics = service.service().metrics();
 /// let orders = IntCounter::with_opts(Opts::new("orders_total", "orders taken")).unwrap();
-/// service.metrics().registry().register(Box::new(orders.clone())).unwrap();
+/// metrics.registry().register(Box::new(orders.clone())).unwrap();
 /// orders.inc();
-/// assert!(service.metrics().render().contains("orders_total 1"));
+/// assert!(metrics.render().contains("orders_total 1"));
 /// service.stop().await.unwrap();
 /// # });
 /// ```

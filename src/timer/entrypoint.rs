@@ -247,7 +247,12 @@ impl TimeEntrypoint {
                     Some(route.handle(permit, message).await)
                 }
             });
-            let Some(handled) = finish(route, run).await? else { return Ok(()) };
+            let Some(handled) = finish(route, run).await? else {
+                // a run left going (or none started): the lock stays with the connection,
+                // so that no other instance's run overlaps one still going here
+                *leadership = None;
+                return Ok(());
+            };
             if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {
                 tracing::error!(
                     route = route.name(),

@@ -35,12 +35,17 @@ const PREFETCH: u16 = 64;
 /// How often the leader's consumer checks whether its connection was lost.
 const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
+/// How long a stopping leader waits for its lock queue's deletion: the connection's close, a
+/// moment later, deletes the queue anyway, so the stop is not held up for it.
+const RESIGN_WAIT: Duration = Duration::from_secs(2);
+
 /// An instance's claim to lead one route across the cluster.
 pub(crate) struct Leadership {
     queue: QueueSpec,
     held: Option<Held>,
-    /// Leadership was lost, and the queue this instance's connection may hold is not yet
-    /// deleted.
+    /// This instance's connection may hold the queue, though it does not lead (leadership
+    /// lost, or a claim that did not end with a consumer): it is deleted before the next
+    /// claim, or when the route ends.
     release: bool,
 }
 
@@ -94,7 +99,9 @@ impl Leadership {
         }
         let reconnects = transport.reconnects();
         match transport.declare_queue_for_connection(&self.queue).await {
-            Ok(_) => {}
+            // held by this connection from now on, until a consumer of it leads (a claim cut
+            // short by the stop leaves it to `resign`)
+            Ok(_) => self.release = true,
             // another instance took it since
             Err(TransportError::ResourceLocked(_)) => return false,
             Err(error) => {
@@ -109,11 +116,11 @@ impl Leadership {
             Ok(consumer) => {
                 tracing::info!(route = route.name(), "this instance now leads the timer");
                 self.held = Some(Held::consuming(consumer, transport.clone(), reconnects));
+                self.release = false;
                 true
             }
             Err(error) => {
                 tracing::warn!(route = route.name(), "cannot claim timer leadership: {error}");
-                self.release = true;
                 false
             }
         }
@@ -121,15 +128,25 @@ impl Leadership {
 }
 
 impl Leadership {
-    /// The route ends (the service stops): leadership, held, is given up at once, so that
-    /// another instance leads from its next tick, not once this service's connection closes.
+    /// The route ends (the service stops): the lock queue this instance's connection holds
+    /// is deleted at once, so that another instance leads from its next tick, not once this
+    /// service's connection closes. Not while disconnected or blocked by an alarm (the broker
+    /// would not read the deletion), and for at most [`RESIGN_WAIT`].
     pub(crate) async fn resign(&mut self, route: &RouteHandle) {
         let transport = route.transport();
-        if self.held.take().is_none() || !transport.is_connected() {
+        let holds = self.held.take().is_some() || self.release;
+        if !holds || !transport.is_connected() || transport.publishing_blocked() {
             return;
         }
-        if let Err(error) = transport.delete_queue(&self.queue.name).await {
-            tracing::debug!(route = route.name(), "lock queue not deleted: {error}");
+        let deleted = tokio::time::timeout(RESIGN_WAIT, transport.delete_queue(&self.queue.name));
+        match deleted.await {
+            Ok(Ok(_)) => self.release = false,
+            Ok(Err(error)) => {
+                tracing::debug!(route = route.name(), "lock queue not deleted: {error}")
+            }
+            Err(_) => {
+                tracing::debug!(route = route.name(), "lock queue not deleted in {RESIGN_WAIT:?}")
+            }
         }
     }
 }

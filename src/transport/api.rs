@@ -166,7 +166,8 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// it is not declared again after a reconnect. For an exclusive queue whose holder
     /// matters, as a lock another instance takes once the connection holding it is gone: a
     /// queue declared again would take the lock back on a connection that no longer knows
-    /// it holds it. A transport that never reconnects declares it as any other.
+    /// it holds it. A transport that never reconnects declares it as any other; so does a
+    /// worker process's, whose operations its service's transport makes (and records).
     async fn declare_queue_for_connection(
         &self,
         spec: &QueueSpec,
