@@ -26,9 +26,9 @@ use lapin::Channel;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use super::acker::{to_delivery, Origin};
 use super::channels::{open_held, run_on, ChannelSource, Held};
 use super::connection::{Link, Shared};
-use super::consumer::{to_delivery, Origin};
 use crate::clock::deadline_after;
 use crate::transport::{Delivery, TransportError};
 

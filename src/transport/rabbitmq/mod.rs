@@ -17,6 +17,7 @@
 //! broker answers a get it refuses by closing its channel, which would take those back (see
 //! `gets`).
 
+mod acker;
 mod channels;
 mod compat_runtime;
 mod connection;
