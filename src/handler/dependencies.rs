@@ -19,7 +19,7 @@ use crate::data::{BoxError, TargetRole};
 use crate::data::{Failure, FailureKind};
 use crate::error::{Error, Result};
 use crate::handler::extract::{ExtractError, FromContext, SetupError, TargetSetup};
-use crate::handler::targets::panic_message;
+use crate::handler::outcome::panic_message;
 use crate::handler::WorkerContext;
 
 /// What a dependency's `setup` sees.

@@ -2,10 +2,12 @@
 //! parameters are extractors ([`extract::FromContext`]) taken from a [`WorkerContext`];
 //! dependencies provide values around each call; translators reshape the payload first.
 
+pub(crate) mod blocking;
 mod context;
 pub mod dependencies;
 pub mod extract;
 pub(crate) mod named_fields;
+pub(crate) mod outcome;
 mod state;
 pub mod targets;
 pub mod translators;

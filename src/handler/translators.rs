@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::data::BoxError;
 use crate::data::Message;
-use crate::handler::targets::panic_message;
+use crate::handler::outcome::panic_message;
 
 /// Transforms a payload.
 pub trait MessageTranslator: Send + Sync + 'static {

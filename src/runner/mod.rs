@@ -25,7 +25,7 @@ use start::{connect_retrying, start};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::handler::dependencies::{self, Dependency, SharedDependency};
-use crate::handler::targets::panic_message;
+use crate::handler::outcome::panic_message;
 use crate::pipeline::routes::Route;
 #[cfg(feature = "process")]
 use crate::pipeline::spawners::process::worker_socket;

@@ -147,7 +147,7 @@ impl WebSocketRpcClient {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, WebSocketRpcError> {
-        crate::handler::targets::block_on("call_blocking", self.call(command, args, kwargs))
+        crate::handler::blocking::block_on("call_blocking", self.call(command, args, kwargs))
             .map_err(WebSocketRpcError::Unavailable)?
     }
 

@@ -203,7 +203,7 @@ impl Producer {
         event_type: &str,
         payload: &T,
     ) -> Result<()> {
-        crate::handler::targets::block_on("dispatch_blocking", self.dispatch(event_type, payload))
+        crate::handler::blocking::block_on("dispatch_blocking", self.dispatch(event_type, payload))
             .map_err(Error::Blocking)?
     }
 }

@@ -13,7 +13,7 @@ use crate::amqp::naming::{
 use crate::config::Config;
 use crate::data::{Headers, Message};
 use crate::error::Result;
-use crate::handler::targets::panic_message;
+use crate::handler::outcome::panic_message;
 use crate::pipeline::consume::{serve_route, Accept};
 use crate::pipeline::entrypoint_kind::{EntrypointKind, Kind};
 use crate::pipeline::settle::declare_retry_topology;

@@ -107,7 +107,7 @@ impl ServiceProxy {
         args: impl Serialize,
         kwargs: impl Serialize,
     ) -> Result<T, RpcError> {
-        crate::handler::targets::block_on("call_blocking", self.call(method, args, kwargs))
+        crate::handler::blocking::block_on("call_blocking", self.call(method, args, kwargs))
             .map_err(RpcError::Unavailable)?
     }
 }

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::data::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
-use crate::handler::targets::panic_message;
+use crate::handler::outcome::panic_message;
 pub use interval::{Interval, IntervalFn};
 
 type ErrorTest = Arc<dyn Fn(&(dyn StdError + 'static)) -> bool + Send + Sync>;

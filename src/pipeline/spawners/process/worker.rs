@@ -18,7 +18,7 @@ use super::protocol::{
 };
 use crate::data::{Failure, FailureKind, Outcome};
 use crate::error::{Chain, Error, Result};
-use crate::handler::targets::run_sync_targets_here;
+use crate::handler::blocking::run_sync_targets_here;
 use crate::pipeline::{Attempt, RouteHandle};
 
 /// The environment variable that makes a service binary a worker: the socket to dial.
