@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::error::raw_text;
+use super::misspelling::{self, ENV_SIMILARITY, FILE_SIMILARITY};
 use super::substitute::substitute_values;
 use super::{Config, ConfigError};
 
@@ -535,63 +536,14 @@ fn apply_metrics(config: &mut Config, section: &Value) -> Result<(), ConfigError
 /// The `METRICS` keys as environment variables spell them.
 const ENV_METRICS: &[&str] = &["METRICS_HOST", "METRICS_PORT"];
 
-/// How alike a file's key must be to a framework key to be named its misspelling.
-const FILE_SIMILARITY: f64 = 0.75;
-
-/// The same for an environment variable: higher, as the environment holds the variables of
-/// other software too (`METRICS_PATH`, `NIX_SSL_CERT_FILE` are no misspellings).
-const ENV_SIMILARITY: f64 = 0.8;
-
-/// Keys this alike are a misspelling whatever their words (`RPC_TIMOUT`), as are those with
-/// a framework key's letters but one, whatever their separators (`AMQPURI`, `AMQP-URI`).
-const CLOSE_SIMILARITY: f64 = 0.9;
-
-/// Otherwise a misspelling has a framework key's words but one, and that one alike
-/// (`AMQP_URL`, `MAX_WORKER`): `API_TIMEOUT`, `METRICS_PATH` or `RPC_TIMEOUT_MS` are keys of
-/// their own, not misspellings of `RPC_TIMEOUT`, `METRICS_PORT`.
-const WORD_SIMILARITY: f64 = 0.6;
-
 /// The framework's key closest to `key`, when `key` looks like a misspelling of it.
 pub(super) fn closest_key(key: &str) -> Option<&'static str> {
     closest_key_within(key, FILE_SIMILARITY, &[METRICS, ENV_METRICS[0], ENV_METRICS[1]])
 }
 
-/// The framework's key closest to `key` (compared in upper case) among the top-level keys
-/// and `nested` (how the source spells the `METRICS` keys), when their similarity is at
-/// least `similarity` and `key` looks like a misspelling of it ([`misspelt`]); never `key`
-/// itself.
+/// The framework's key closest to `key` ([`misspelling::closest`]) among the top-level keys
+/// and `nested` (how the source spells the `METRICS` keys).
 fn closest_key_within(key: &str, similarity: f64, nested: &[&'static str]) -> Option<&'static str> {
-    let upper = key.to_uppercase();
-    FIELDS
-        .iter()
-        .map(|(name, _)| *name)
-        .chain(nested.iter().copied())
-        .filter(|name| *name != key)
-        .map(|name| (strsim::normalized_damerau_levenshtein(&upper, name), name))
-        .filter(|(alike, name)| *alike >= similarity && misspelt(&upper, name, *alike))
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, name)| name)
-}
-
-/// Whether `key` (upper case), `alike` to the framework's key `name`, is a misspelling of
-/// it: very close, or the same words but one that is close.
-fn misspelt(key: &str, name: &str, alike: f64) -> bool {
-    let squashed = |key: &str| key.replace(['_', '-'], "");
-    if alike >= CLOSE_SIMILARITY
-        || strsim::damerau_levenshtein(&squashed(key), &squashed(name)) <= 1
-    {
-        return true;
-    }
-    let words = |key: &str| key.split(['_', '-']).map(str::to_owned).collect::<Vec<_>>();
-    let (words, known) = (words(key), words(name));
-    if words.len() != known.len() {
-        return false;
-    }
-    let mut differing = words.iter().zip(&known).filter(|(word, known)| word != known);
-    match (differing.next(), differing.next()) {
-        (Some((word, known)), None) => {
-            strsim::normalized_damerau_levenshtein(word, known) >= WORD_SIMILARITY
-        }
-        _ => false,
-    }
+    let known = FIELDS.iter().map(|(name, _)| *name).chain(nested.iter().copied());
+    misspelling::closest(key, similarity, known)
 }

@@ -79,6 +79,7 @@ mod error;
 #[cfg(test)]
 pub(crate) mod fuzz;
 mod load;
+mod misspelling;
 mod modes;
 pub(crate) mod origins;
 mod substitute;
