@@ -28,8 +28,10 @@
 /// your own registered there are made with it, whatever version your crate depends on.
 pub use prometheus;
 
+mod failure_log;
 mod history;
 mod page;
+mod quantile;
 mod rpc_targets;
 pub(crate) mod server;
 pub(crate) mod status;
@@ -43,8 +45,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use self::failure_log::FailureLog;
 use self::rpc_targets::RpcTargets;
-use self::status::{FailureLog, PoolStatus, RecentFailure};
+use self::status::{PoolStatus, RecentFailure};
 use crate::data::Handled;
 
 /// The metrics of one service, in their own registry (several services can share a process).

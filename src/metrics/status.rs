@@ -3,7 +3,7 @@
 //! background (throughput and failures over the last 15 minutes, duration percentiles over
 //! the last 5).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -12,8 +12,8 @@ use prometheus::proto;
 use serde::Serialize;
 
 use super::history::{History, Totals};
+use super::quantile::{bucket_deltas, quantile};
 use super::Metrics;
-use crate::data::Failure;
 use crate::transport::SharedTransport;
 
 /// How often the history is sampled.
@@ -24,8 +24,6 @@ const SAMPLES: usize = 90;
 const PERCENTILE_WINDOW: Duration = Duration::from_secs(300);
 /// How long the status waits for the broker to count the dead letters waiting.
 const DEAD_LETTERS_LOOKUP: Duration = Duration::from_secs(2);
-/// Recent failures kept, when they are shown at all.
-const RECENT_FAILURES: usize = 20;
 
 /// A route as the status shows it.
 #[derive(Clone, Debug)]
@@ -390,83 +388,14 @@ pub(super) fn series_labelled(
     family.collect().into_iter().flat_map(|mut family| family.take_metric()).find(matches)
 }
 
-/// Observations per bucket since `start` (cumulative counts of both).
-fn bucket_deltas(now: &[(f64, u64)], start: Option<&[(f64, u64)]>) -> Vec<(f64, u64)> {
-    now.iter()
-        .enumerate()
-        .map(|(i, (bound, count))| {
-            let before = start.and_then(|start| start.get(i)).map_or(0, |(_, count)| *count);
-            (*bound, count.saturating_sub(before))
-        })
-        .collect()
-}
-
-/// The `q` quantile of cumulative `buckets`, interpolated in its bucket as Prometheus's
-/// `histogram_quantile` does; `None` without observations.
-fn quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
-    let total = buckets.last().map(|(_, count)| *count)?;
-    if total == 0 {
-        return None;
-    }
-    let rank = q * total as f64;
-    let mut lower = (0.0, 0u64);
-    for &(bound, count) in buckets {
-        if count as f64 >= rank {
-            if bound.is_infinite() {
-                // Above the last finite bound: that bound is the best estimate, as
-                // Prometheus says.
-                return Some(lower.0);
-            }
-            let in_bucket = (count - lower.1) as f64;
-            let fraction = if in_bucket > 0.0 { (rank - lower.1 as f64) / in_bucket } else { 1.0 };
-            return Some(lower.0 + (bound - lower.0) * fraction);
-        }
-        lower = (bound, count);
-    }
-    Some(lower.0)
-}
-
-fn rfc3339(at: SystemTime) -> String {
+/// `at` in RFC 3339, to the second, in UTC.
+pub(super) fn rfc3339(at: SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-/// Failures kept for the status page, newest last.
-#[derive(Debug, Default)]
-pub(crate) struct FailureLog(Mutex<VecDeque<RecentFailure>>);
-
-impl FailureLog {
-    pub(crate) fn record(&self, route: &str, failure: &Failure) {
-        let mut log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if log.len() == RECENT_FAILURES {
-            log.pop_front();
-        }
-        log.push_back(RecentFailure {
-            route: route.to_owned(),
-            at: rfc3339(SystemTime::now()),
-            kind: failure.kind.as_str().to_owned(),
-            error: failure.full_message(),
-        });
-    }
-
-    pub(crate) fn newest_first(&self) -> Vec<RecentFailure> {
-        let log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        log.iter().rev().cloned().collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantiles_interpolate_in_their_bucket() {
-        let buckets = [(0.1, 50), (0.5, 90), (1.0, 100), (f64::INFINITY, 100)];
-        assert_eq!(quantile(&buckets, 0.5), Some(0.1));
-        let p95 = quantile(&buckets, 0.95).unwrap();
-        assert!((p95 - 0.75).abs() < 1e-9, "{p95}");
-        assert_eq!(quantile(&[(0.1, 0), (f64::INFINITY, 0)], 0.5), None);
-        assert_eq!(quantile(&[(0.1, 0), (f64::INFINITY, 4)], 0.5), Some(0.1));
-    }
 
     fn route(name: &str) -> RouteInfo {
         RouteInfo {
@@ -535,12 +464,5 @@ mod tests {
         assert_eq!(bounds(&idle), bounds(&busy));
         assert!(idle.iter().all(|(_, count)| *count == 0), "{idle:?}");
         assert_eq!(busy.last(), Some(&(f64::INFINITY, 1)));
-    }
-
-    #[test]
-    fn deltas_count_what_came_since() {
-        let deltas = bucket_deltas(&[(0.1, 5), (1.0, 9)], Some(&[(0.1, 2), (1.0, 3)]));
-        assert_eq!(deltas, vec![(0.1, 3), (1.0, 6)]);
-        assert_eq!(bucket_deltas(&[(0.1, 5)], None), vec![(0.1, 5)]);
     }
 }
