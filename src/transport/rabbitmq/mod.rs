@@ -124,18 +124,8 @@ impl RabbitMqTransport {
         &self,
         declaration: Declaration,
     ) -> Result<Option<lapin::Queue>, TransportError> {
-        let (prepared, arguments) = prepare(&declaration)?;
         loop {
-            let (declared, link) = self
-                .declarations
-                .run(&self.shared, |held| {
-                    let (prepared, arguments) = (prepared.clone(), arguments.clone());
-                    async move {
-                        let declared = apply(&held.channel, prepared, arguments).await?;
-                        Ok((declared, held.link))
-                    }
-                })
-                .await?;
+            let (declared, link) = self.declare_on_a_link(&declaration).await?;
             self.shared.topology().record(declaration.clone());
             // The supervisor marks a link dead before the next link's replay reads the record:
             // a link still alive once recorded means any later replay has the declaration.
@@ -144,6 +134,23 @@ impl RabbitMqTransport {
                 return Ok(declared);
             }
         }
+    }
+
+    /// Declare on the broker, unrecorded, and say on which link.
+    async fn declare_on_a_link(
+        &self,
+        declaration: &Declaration,
+    ) -> Result<(Option<lapin::Queue>, Arc<connection::Link>), TransportError> {
+        let (prepared, arguments) = prepare(declaration)?;
+        self.declarations
+            .run(&self.shared, |held| {
+                let (prepared, arguments) = (prepared.clone(), arguments.clone());
+                async move {
+                    let declared = apply(&held.channel, prepared, arguments).await?;
+                    Ok((declared, held.link))
+                }
+            })
+            .await
     }
 }
 
@@ -184,17 +191,7 @@ impl Transport for RabbitMqTransport {
         &self,
         spec: &QueueSpec,
     ) -> Result<QueueInfo, TransportError> {
-        let (prepared, arguments) = prepare(&Declaration::Queue(spec.clone()))?;
-        let (declared, link) = self
-            .declarations
-            .run(&self.shared, |held| {
-                let (prepared, arguments) = (prepared.clone(), arguments.clone());
-                async move {
-                    let declared = apply(&held.channel, prepared, arguments).await?;
-                    Ok((declared, held.link))
-                }
-            })
-            .await?;
+        let (declared, link) = self.declare_on_a_link(&Declaration::Queue(spec.clone())).await?;
         // declared on a connection already lost: the queue went with it
         if !link.alive() {
             return Err(TransportError::ConnectionLost(format!(
