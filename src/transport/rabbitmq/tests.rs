@@ -1525,6 +1525,39 @@ async fn an_operation_waiting_for_a_refused_reconnection_names_the_refusal() {
     .await;
 }
 
+/// A queue declared for the connection only is not declared again after a reconnect, where
+/// one declared as usual is: a timer's lock, declared again, took the lock back on a
+/// connection whose instance no longer knew it led.
+#[tokio::test]
+async fn a_queue_declared_for_the_connection_only_is_not_declared_again_after_a_reconnect() {
+    bounded(async {
+        if !broker_up().await {
+            return;
+        }
+        let user = TestUser::create();
+        let t = RabbitMqTransport::connect(options(&user.uri())).await.unwrap();
+        let kept = QueueSpec { exclusive: true, ..plain_queue(&unique("kept")) };
+        let lock = QueueSpec { exclusive: true, ..plain_queue(&unique("lock")) };
+        t.declare_queue(&kept).await.unwrap();
+        t.declare_queue_for_connection(&lock).await.unwrap();
+        rabbitmqctl(&["close_all_user_connections", &user.0, "transport test"]);
+        timeout(Duration::from_secs(10), async {
+            while !(t.reconnects() == 1 && t.is_connected()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("reconnected");
+        let kept_again = t.queue_info(&kept.name).await;
+        let lock_again = t.queue_info(&lock.name).await;
+        t.close().await;
+        drop(user);
+        assert!(kept_again.is_ok(), "{kept_again:?}");
+        assert!(matches!(lock_again, Err(TransportError::NotFound(_))), "{lock_again:?}");
+    })
+    .await;
+}
+
 /// The same for `basic.get`s in flight when a declaration makes RabbitMQ close the
 /// connection: a get never causes such an error, and each is made again on the next
 /// connection rather than failing with the declaration's error.
