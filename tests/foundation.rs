@@ -1249,6 +1249,21 @@ struct HeldTicks {
     held: std::sync::atomic::AtomicBool,
 }
 
+impl HeldTicks {
+    fn new() -> Arc<HeldTicks> {
+        let hold = tokio::sync::watch::Sender::new(false);
+        Arc::new(HeldTicks { fired: Default::default(), hold, held: Default::default() })
+    }
+
+    /// The route `tick`: a cluster-wide timer firing every `tick` into these ticks.
+    fn timer(self: &Arc<Self>, tick: Duration) -> Route {
+        Route::new(held_tick)
+            .name("tick")
+            .entrypoint(TimeEntrypoint::every(tick).cluster_wide())
+            .dependency(Shared(self.clone()))
+    }
+}
+
 async fn held_tick(Dep(ticks): Dep<Arc<HeldTicks>>) {
     ticks.fired.fetch_add(1, Ordering::SeqCst);
     let released = |hold: &bool| {
@@ -1274,13 +1289,8 @@ async fn take_over_while_the_leader_is_away(
     let (mut services, mut ticks, mut switches) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..2 {
         let (switch, proxied) = Switch::in_front_of(&config.amqp_uri).await;
-        let hold = tokio::sync::watch::Sender::new(false);
-        let instance =
-            Arc::new(HeldTicks { fired: Default::default(), hold, held: Default::default() });
-        let routes = vec![Route::new(held_tick)
-            .name("tick")
-            .entrypoint(TimeEntrypoint::every(tick).cluster_wide())
-            .dependency(Shared(instance.clone()))];
+        let instance = HeldTicks::new();
+        let routes = vec![instance.timer(tick)];
         let config = config.clone().with_amqp_uri(proxied);
         services.push(TestService::start(routes, config).await.unwrap());
         ticks.push(instance);
@@ -1438,13 +1448,8 @@ async fn a_new_instance_leads_once_the_instance_that_took_over_stops() {
     }
     let came_back = !matches!(checker.queue_info(&lock).await, Err(TransportError::NotFound(_)));
     checker.close().await;
-    let hold = tokio::sync::watch::Sender::new(false);
-    let new = Arc::new(HeldTicks { fired: Default::default(), hold, held: Default::default() });
-    let routes = vec![Route::new(held_tick)
-        .name("tick")
-        .entrypoint(TimeEntrypoint::every(TICK).cluster_wide())
-        .dependency(Shared(new.clone()))];
-    let new_instance = TestService::start(routes, config.clone()).await.unwrap();
+    let new = HeldTicks::new();
+    let new_instance = TestService::start(vec![new.timer(TICK)], config.clone()).await.unwrap();
     // thirty ticks of the new instance
     let mut fired = false;
     for _ in 0..30 {
@@ -1474,27 +1479,17 @@ async fn another_instance_leads_while_the_leader_is_still_stopping() {
     let config = config(&uri, "stopping");
     let service = config.service_name.clone();
     let jobs = common::unique("stopping_jobs");
-    let instance = || {
-        let hold = tokio::sync::watch::Sender::new(false);
-        Arc::new(HeldTicks { fired: Default::default(), hold, held: Default::default() })
-    };
-    let timer = |ticks: &Arc<HeldTicks>| {
-        Route::new(held_tick)
-            .name("tick")
-            .entrypoint(TimeEntrypoint::every(TICK).cluster_wide())
-            .dependency(Shared(ticks.clone()))
-    };
     // the leader: the timer, and a route whose call goes on while the leader stops
-    let (led, job) = (instance(), instance());
+    let (led, job) = (HeldTicks::new(), HeldTicks::new());
     job.hold.send_replace(true);
     let busy = Route::new(held_tick)
         .name("job")
         .entrypoint(QueueListener::new(&jobs))
         .dependency(Shared(job.clone()));
-    let leader = TestService::start(vec![timer(&led), busy], config.clone()).await.unwrap();
+    let leader = TestService::start(vec![led.timer(TICK), busy], config.clone()).await.unwrap();
     wait_until(|| led.fired.load(Ordering::SeqCst) > 0, "the first instance to lead").await;
-    let followed = instance();
-    let follower = TestService::start(vec![timer(&followed)], config.clone()).await.unwrap();
+    let followed = HeldTicks::new();
+    let follower = TestService::start(vec![followed.timer(TICK)], config.clone()).await.unwrap();
     tokio::time::sleep(TICK * 5).await;
     assert_eq!(followed.fired.load(Ordering::SeqCst), 0, "one instance fires");
     let message = OutgoingMessage { body: Bytes::from("1"), properties: Default::default() };

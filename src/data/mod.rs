@@ -32,7 +32,7 @@ pub(crate) use retry_state::{
     drop_retry_state, is_retry_of, is_retry_of_route, keep_own_retry_state,
 };
 pub use retry_state::{BackOffData, HEADER_LAST_ERROR, HEADER_LAST_RETRY, HEADER_RETRY_COUNT};
-// public as `logging::*`, where a program looks for them (`escape_wire_text` too)
+// public, with `escape_wire_text`, as `logging::*`, where a program looks for them
 pub(crate) use text::{bounded, MAX_ERROR_TEXT};
 
 /// A boxed error, as targets and dependencies return them.

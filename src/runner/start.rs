@@ -265,9 +265,9 @@ async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp>
         env.metrics.context(pool.context(), pool.size(), pool.mode().as_str());
         let Some(mut entrypoint) = route.entrypoint.take() else { continue };
         let handle = RouteHandle::new(route, pool, env);
+        handle.export_series();
         if !starts {
             tracing::info!(route = handle.name(), "route ready without its entrypoint");
-            handle.export_series();
             idle.push(handle);
             continue;
         }
@@ -276,7 +276,6 @@ async fn set_up_routes(plans: Vec<RoutePlan>, env: &ServiceEnv) -> Result<SetUp>
             .await
             .map_err(|error| refused_route_name(error, handle.name(), &env.config.service_name))?;
         tracing::info!(route = handle.name(), "route ready: {}", entrypoint.describe());
-        handle.export_series();
         started.push((handle, entrypoint));
     }
     let mut serving = Vec::new();

@@ -94,6 +94,66 @@ impl TimeEntrypoint {
         Ok(TimeEntrypoint { schedule: Schedule::Cron(Box::new(cron)), cluster_wide: false })
     }
 
+    /// Fire at each tick (where this instance leads, for a cluster-wide timer) until the
+    /// service stops.
+    async fn fire(&self, route: &RouteHandle, leadership: &mut Option<Leadership>) -> Result<()> {
+        let mut last = Instant::now();
+        let mut last_occurrence = None;
+        loop {
+            let Some(due) = self.next_tick(last, &mut last_occurrence) else {
+                // the service goes on (its other routes, or a timer left for later): only the
+                // stop ends the route, as it ends any other
+                tracing::info!(route = route.name(), "schedule has no further tick");
+                route.stopping().cancelled().await;
+                return Ok(());
+            };
+            tokio::select! {
+                _ = route.stopping().cancelled() => return Ok(()),
+                _ = due.wait(wall_now, false) => {}
+            }
+            if let Tick::At(due) = due {
+                last = due;
+            }
+            if let Some(leadership) = leadership.as_mut() {
+                // a follower's check publishes, which an alarm may hold up to its timeout
+                let leads = tokio::select! {
+                    _ = route.stopping().cancelled() => return Ok(()),
+                    leads = leadership.lead(route) => leads,
+                };
+                if !leads {
+                    continue;
+                }
+            }
+            let message = tick_message(clock::wall_now().into())?;
+            // the wait for a worker slot too: a greedy pool's may never come free
+            let run = tokio::spawn({
+                let route = route.clone();
+                async move {
+                    let permit = route.acquire().await?;
+                    Some(route.handle(permit, message).await)
+                }
+            });
+            let Some(handled) = finish(route, run).await? else {
+                // a run left going (or none started): the lock stays with the connection,
+                // so that no other instance's run overlaps one still going here
+                *leadership = None;
+                return Ok(());
+            };
+            if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {
+                tracing::error!(
+                    route = route.name(),
+                    "timer run failed: {}",
+                    failure.full_message()
+                );
+            }
+            route.settled(&handled);
+            // Skip the ticks that passed while the run was going: runs never overlap.
+            if let Schedule::Every(interval) = &self.schedule {
+                last = last_tick_by(last, *interval, Instant::now());
+            }
+        }
+    }
+
     /// When the tick after `last` is due; `None` when the schedule has no future tick. A
     /// cron tick is the occurrence after now and after `last_occurrence` (so an occurrence
     /// fires once however early the clock wakes the timer), which it updates. The search
@@ -196,7 +256,7 @@ impl Entrypoint for TimeEntrypoint {
     async fn run(self: Box<Self>, route: RouteHandle) -> Result<()> {
         let mut leadership = self.cluster_wide.then(|| Leadership::of(&route));
         let ran = self.fire(&route, &mut leadership).await;
-        if let Some(leadership) = &mut leadership {
+        if let Some(leadership) = leadership {
             leadership.resign(&route).await;
         }
         ran
@@ -204,68 +264,6 @@ impl Entrypoint for TimeEntrypoint {
 
     fn kind(&self) -> EntrypointKind {
         EntrypointKind(Kind::Timer)
-    }
-}
-
-impl TimeEntrypoint {
-    /// Fire at each tick (where this instance leads, for a cluster-wide timer) until the
-    /// service stops.
-    async fn fire(&self, route: &RouteHandle, leadership: &mut Option<Leadership>) -> Result<()> {
-        let mut last = Instant::now();
-        let mut last_occurrence = None;
-        loop {
-            let Some(due) = self.next_tick(last, &mut last_occurrence) else {
-                // the service goes on (its other routes, or a timer left for later): only the
-                // stop ends the route, as it ends any other
-                tracing::info!(route = route.name(), "schedule has no further tick");
-                route.stopping().cancelled().await;
-                return Ok(());
-            };
-            tokio::select! {
-                _ = route.stopping().cancelled() => return Ok(()),
-                _ = due.wait(wall_now, false) => {}
-            }
-            if let Tick::At(due) = due {
-                last = due;
-            }
-            if let Some(leadership) = leadership.as_mut() {
-                // a follower's check publishes, which an alarm may hold up to its timeout
-                let leads = tokio::select! {
-                    _ = route.stopping().cancelled() => return Ok(()),
-                    leads = leadership.lead(route) => leads,
-                };
-                if !leads {
-                    continue;
-                }
-            }
-            let message = tick_message(clock::wall_now().into())?;
-            // the wait for a worker slot too: a greedy pool's may never come free
-            let run = tokio::spawn({
-                let route = route.clone();
-                async move {
-                    let permit = route.acquire().await?;
-                    Some(route.handle(permit, message).await)
-                }
-            });
-            let Some(handled) = finish(route, run).await? else {
-                // a run left going (or none started): the lock stays with the connection,
-                // so that no other instance's run overlaps one still going here
-                *leadership = None;
-                return Ok(());
-            };
-            if let Handled::Failed(failure) | Handled::Retry { failure, .. } = &handled {
-                tracing::error!(
-                    route = route.name(),
-                    "timer run failed: {}",
-                    failure.full_message()
-                );
-            }
-            route.settled(&handled);
-            // Skip the ticks that passed while the run was going: runs never overlap.
-            if let Schedule::Every(interval) = &self.schedule {
-                last = last_tick_by(last, *interval, Instant::now());
-            }
-        }
     }
 }
 

@@ -74,10 +74,7 @@ impl Leadership {
     pub(crate) async fn lead(&mut self, route: &RouteHandle) -> bool {
         let transport = route.transport();
         if let Some(held) = &mut self.held {
-            let ended = held.task.is_finished();
-            let same_connection =
-                transport.is_connected() && transport.reconnects() == held.reconnects;
-            if same_connection && !ended {
+            if !held.task.is_finished() && on_connection(transport, held.reconnects) {
                 return true;
             }
             tracing::warn!(route = route.name(), "timer leadership lost");
@@ -125,22 +122,20 @@ impl Leadership {
             }
         }
     }
-}
 
-impl Leadership {
     /// The route ends (the service stops): the lock queue this instance's connection holds
     /// is deleted at once, so that another instance leads from its next tick, not once this
     /// service's connection closes. Not while disconnected or blocked by an alarm (the broker
     /// would not read the deletion), and for at most [`RESIGN_WAIT`].
-    pub(crate) async fn resign(&mut self, route: &RouteHandle) {
+    pub(crate) async fn resign(self, route: &RouteHandle) {
         let transport = route.transport();
-        let holds = self.held.take().is_some() || self.release;
+        let holds = self.held.is_some() || self.release;
         if !holds || !transport.is_connected() || transport.publishing_blocked() {
             return;
         }
         let deleted = tokio::time::timeout(RESIGN_WAIT, transport.delete_queue(&self.queue.name));
         match deleted.await {
-            Ok(Ok(_)) => self.release = false,
+            Ok(Ok(_)) => {}
             Ok(Err(error)) => {
                 tracing::debug!(route = route.name(), "lock queue not deleted: {error}")
             }
@@ -149,6 +144,12 @@ impl Leadership {
             }
         }
     }
+}
+
+/// Whether `transport` is still on the connection it had after `reconnects` reconnections:
+/// leadership taken on a connection ends with it.
+fn on_connection(transport: &SharedTransport, reconnects: u64) -> bool {
+    transport.is_connected() && transport.reconnects() == reconnects
 }
 
 /// True unless the lock `queue` is known gone: an empty message published to it (mandatory)
@@ -193,7 +194,7 @@ impl Held {
                         }
                     }
                     _ = check.tick() => {
-                        if !transport.is_connected() || transport.reconnects() != reconnects {
+                        if !on_connection(&transport, reconnects) {
                             break;
                         }
                     }
